@@ -1,0 +1,187 @@
+//! Checkpoint loading: a Hugging Face model directory (`config.json`, `model.safetensors` or a
+//! sharded `model.safetensors.index.json`), read by tensor name into f32.
+//!
+//! Layers ask for the tensors they need, by name and expected shape; nothing else is read, so an
+//! expert node holding 4 of 256 experts maps the files but touches only those 4 experts' bytes.
+
+pub mod safetensors;
+pub mod fp8;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+pub use safetensors::{Dtype, SafetensorsFile, SafetensorsWriter, TensorInfo};
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name to index in `files`.
+    index: HashMap<String, usize>,
+    /// FP8 block size (rows, cols) from `quantization_config.weight_block_size`.
+    fp8_block: (usize, usize),
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let bad = |message: String| ModelError::Safetensors {
+                path: index_path.clone(),
+                message,
+            };
+            let json: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+            let mut shard_ids: HashMap<String, usize> = HashMap::new();
+            for (name, shard) in map {
+                let shard = shard
+                    .as_str()
+                    .ok_or_else(|| bad(format!("weight_map entry for {name} is not a file name")))?;
+                if shard.contains('/') || shard.contains("..") {
+                    return Err(bad(format!("shard name {shard:?} must be a plain file name")));
+                }
+                let id = match shard_ids.get(shard) {
+                    Some(id) => *id,
+                    None => {
+                        files.push(SafetensorsFile::open(&dir.join(shard))?);
+                        shard_ids.insert(shard.to_string(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                if files[id].info(name).is_none() {
+                    return Err(bad(format!("{name} is mapped to {shard} but that shard does not hold it")));
+                }
+                index.insert(name.clone(), id);
+            }
+        } else if single.exists() {
+            let file = SafetensorsFile::open(&single)?;
+            for name in file.names() {
+                index.insert(name.to_string(), 0);
+            }
+            files.push(file);
+        } else {
+            return Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json exists",
+                ),
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+            fp8_block: read_fp8_block(dir),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).and_then(|&i| self.files[i].info(name))
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Loads a tensor as f32, checking its shape. FP8 weights are dequantised with their
+    /// `weight_scale_inv` companion.
+    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let Some(&file_id) = self.index.get(name) else {
+            return Err(ModelError::MissingTensor {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+            });
+        };
+        let file = &self.files[file_id];
+        let info = file.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+        })?;
+        if info.shape != expected {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        let bytes = file.bytes(info);
+        match info.dtype {
+            Dtype::F32 => Ok(bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()),
+            Dtype::BF16 => Ok(bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()),
+            Dtype::F16 => Ok(bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()),
+            Dtype::F8E4M3 => {
+                if expected.len() != 2 {
+                    return Err(ModelError::UnsupportedDtype {
+                        name: name.to_string(),
+                        dtype: "F8_E4M3 (only 2-D weights with block scales)".into(),
+                    });
+                }
+                let scale_name = format!("{name}_scale_inv");
+                let (rows, cols) = (expected[0], expected[1]);
+                let (br, bc) = self.fp8_block;
+                let scale_shape = [rows.div_ceil(br), cols.div_ceil(bc)];
+                let scales = self.load_f32(&scale_name, &scale_shape)?;
+                Ok(fp8::dequantize_blocks(bytes, rows, cols, &scales, (br, bc)))
+            }
+            other => Err(ModelError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: other.name().to_string(),
+            }),
+        }
+    }
+
+    /// Loads an optional tensor: `Ok(None)` when absent.
+    pub fn load_f32_opt(&self, name: &str, expected: &[usize]) -> Result<Option<Vec<f32>>> {
+        if self.contains(name) {
+            self.load_f32(name, expected).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn read_fp8_block(dir: &Path) -> (usize, usize) {
+    let default = (128, 128);
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return default;
+    };
+    let Ok(json) = serde_json::from_str::<Value>(&text) else {
+        return default;
+    };
+    let block = json
+        .get("quantization_config")
+        .and_then(|q| q.get("weight_block_size"))
+        .and_then(Value::as_array);
+    match block.map(|b| b.iter().filter_map(Value::as_u64).collect::<Vec<_>>()) {
+        Some(b) if b.len() == 2 && b[0] > 0 && b[1] > 0 => (b[0] as usize, b[1] as usize),
+        _ => default,
+    }
+}

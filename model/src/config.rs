@@ -1,0 +1,531 @@
+//! Typed model configuration, read from a Hugging Face `config.json`.
+//!
+//! The hub files differ per family (`num_experts` vs `n_routed_experts` vs `num_local_experts`,
+//! `rope_scaling` vs the newer `rope_parameters`); everything is normalised here into one
+//! [`ModelConfig`] so that the layers never look at raw JSON.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// The model families the engine implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    DeepseekV3,
+    Qwen3Moe,
+    Mixtral,
+}
+
+impl Family {
+    pub fn from_model_type(model_type: &str) -> Result<Self> {
+        match model_type {
+            "deepseek_v3" => Ok(Family::DeepseekV3),
+            "qwen3_moe" => Ok(Family::Qwen3Moe),
+            "mixtral" => Ok(Family::Mixtral),
+            other => Err(ModelError::UnsupportedModelType(other.to_string())),
+        }
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::DeepseekV3 => "deepseek_v3",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Mixtral => "mixtral",
+        }
+    }
+}
+
+/// Attention flavour of a family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttentionConfig {
+    /// Grouped-query attention (Qwen3-MoE, Mixtral); `qk_norm` is Qwen3's per-head RMSNorm.
+    Gqa {
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        qk_norm: bool,
+    },
+    /// DeepSeek's Multi-head Latent Attention.
+    Mla {
+        num_heads: usize,
+        q_lora_rank: Option<usize>,
+        kv_lora_rank: usize,
+        qk_nope_head_dim: usize,
+        qk_rope_head_dim: usize,
+        v_head_dim: usize,
+        /// Rotary dims are stored interleaved (pairs `2i, 2i+1`) and must be de-interleaved first.
+        rope_interleave: bool,
+    },
+}
+
+impl AttentionConfig {
+    pub fn num_heads(&self) -> usize {
+        match self {
+            AttentionConfig::Gqa { num_heads, .. } | AttentionConfig::Mla { num_heads, .. } => {
+                *num_heads
+            }
+        }
+    }
+}
+
+/// Rotary position embedding scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        attention_factor: Option<f64>,
+        truncate: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// Number of rotated dimensions per head.
+    pub dim: usize,
+    pub scaling: RopeScaling,
+}
+
+/// How a MoE gate turns router logits into (expert, weight) choices.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gating {
+    /// Softmax over all experts, top-k, optionally renormalised (Qwen3-MoE, Mixtral).
+    SoftmaxTopK { norm_topk_prob: bool },
+    /// DeepSeek-V3: sigmoid scores, `e_score_correction_bias` for selection only,
+    /// group-limited top-k, optional renormalisation, then `routed_scaling_factor`.
+    SigmoidGroupLimited {
+        n_group: usize,
+        topk_group: usize,
+        norm_topk_prob: bool,
+        routed_scaling_factor: f32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub intermediate_size: usize,
+    pub n_shared_experts: usize,
+    pub gating: Gating,
+}
+
+/// Everything the engine needs to know about a checkpoint's architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub num_layers: usize,
+    pub rms_norm_eps: f32,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub tie_word_embeddings: bool,
+    pub attention: AttentionConfig,
+    pub rope: RopeConfig,
+    /// Intermediate size of the dense MLP layers.
+    pub dense_intermediate_size: usize,
+    pub moe: MoeConfig,
+    /// `moe_layers[i]` is true when layer `i` is a MoE layer, false when it is a dense MLP.
+    pub moe_layers: Vec<bool>,
+}
+
+/// Fields as they appear in hub `config.json` files; every family-specific key is optional.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    hidden_size: usize,
+    vocab_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    // MoE, by family
+    num_experts: Option<usize>,
+    num_local_experts: Option<usize>,
+    n_routed_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    n_shared_experts: Option<usize>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    first_k_dense_replace: Option<usize>,
+    moe_layer_freq: Option<usize>,
+    scoring_func: Option<String>,
+    topk_method: Option<String>,
+    // MLA
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    rope_interleave: Option<bool>,
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        Self::from_json_str(&text, &path)
+    }
+
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let bad = |message: String| ModelError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // Check model_type first so that an unknown family is reported as such, not as a missing key.
+        let model_type = value
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("missing \"model_type\"".into()))?;
+        let family = Family::from_model_type(model_type)?;
+        let raw: RawConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        raw.into_config(family).map_err(bad)
+    }
+}
+
+fn require<T>(value: Option<T>, key: &str) -> std::result::Result<T, String> {
+    value.ok_or_else(|| format!("missing \"{key}\""))
+}
+
+fn token_ids(value: &Option<Value>) -> std::result::Result<Vec<u32>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|n| vec![n])
+            .ok_or_else(|| format!("bad token id {n}")),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| format!("bad token id {v}"))
+            })
+            .collect(),
+        Some(other) => Err(format!("bad token id {other}")),
+    }
+}
+
+impl RawConfig {
+    fn into_config(self, family: Family) -> std::result::Result<ModelConfig, String> {
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(format!("hidden_act {act:?} is not supported (only \"silu\")"));
+            }
+        }
+        if self.num_attention_heads == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return Err("hidden_size, vocab_size and num_attention_heads must be positive".into());
+        }
+        let num_heads = self.num_attention_heads;
+        let num_layers = self.num_hidden_layers;
+        let (attention, rope_dim) = match family {
+            Family::DeepseekV3 => {
+                let qk_rope = require(self.qk_rope_head_dim, "qk_rope_head_dim")?;
+                if qk_rope % 2 != 0 {
+                    return Err("qk_rope_head_dim must be even".into());
+                }
+                (
+                    AttentionConfig::Mla {
+                        num_heads,
+                        q_lora_rank: self.q_lora_rank,
+                        kv_lora_rank: require(self.kv_lora_rank, "kv_lora_rank")?,
+                        qk_nope_head_dim: require(self.qk_nope_head_dim, "qk_nope_head_dim")?,
+                        qk_rope_head_dim: qk_rope,
+                        v_head_dim: require(self.v_head_dim, "v_head_dim")?,
+                        rope_interleave: self.rope_interleave.unwrap_or(true),
+                    },
+                    qk_rope,
+                )
+            }
+            Family::Qwen3Moe | Family::Mixtral => {
+                let head_dim = self.head_dim.unwrap_or(self.hidden_size / num_heads);
+                let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
+                if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+                    return Err(format!(
+                        "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+                    ));
+                }
+                if head_dim % 2 != 0 {
+                    return Err("head_dim must be even".into());
+                }
+                (
+                    AttentionConfig::Gqa {
+                        num_heads,
+                        num_kv_heads,
+                        head_dim,
+                        qk_norm: family == Family::Qwen3Moe,
+                    },
+                    head_dim,
+                )
+            }
+        };
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
+        let rope = self.rope_config(rope_dim, max_position_embeddings)?;
+
+        let num_experts = match family {
+            Family::DeepseekV3 => require(self.n_routed_experts, "n_routed_experts")?,
+            Family::Qwen3Moe => require(self.num_experts, "num_experts")?,
+            Family::Mixtral => require(self.num_local_experts, "num_local_experts")?,
+        };
+        let top_k = require(self.num_experts_per_tok, "num_experts_per_tok")?;
+        if top_k == 0 || top_k > num_experts {
+            return Err(format!(
+                "num_experts_per_tok {top_k} must be between 1 and the number of experts {num_experts}"
+            ));
+        }
+        let dense_intermediate_size = require(self.intermediate_size, "intermediate_size")?;
+        let (gating, moe_intermediate, n_shared, moe_layers) = match family {
+            Family::DeepseekV3 => {
+                if let Some(f) = &self.scoring_func {
+                    if f != "sigmoid" {
+                        return Err(format!("scoring_func {f:?} is not supported (only \"sigmoid\")"));
+                    }
+                }
+                if let Some(m) = &self.topk_method {
+                    if m != "noaux_tc" {
+                        return Err(format!("topk_method {m:?} is not supported (only \"noaux_tc\")"));
+                    }
+                }
+                let n_group = self.n_group.unwrap_or(1).max(1);
+                let topk_group = self.topk_group.unwrap_or(n_group);
+                if num_experts % n_group != 0 || topk_group > n_group || topk_group == 0 {
+                    return Err(format!(
+                        "n_group {n_group} / topk_group {topk_group} do not fit {num_experts} experts"
+                    ));
+                }
+                if num_experts / n_group < 2 {
+                    return Err("each expert group needs at least 2 experts".into());
+                }
+                let first_dense = self.first_k_dense_replace.unwrap_or(0);
+                let freq = self.moe_layer_freq.unwrap_or(1).max(1);
+                let layers = (0..num_layers)
+                    .map(|i| i >= first_dense && i % freq == 0)
+                    .collect();
+                (
+                    Gating::SigmoidGroupLimited {
+                        n_group,
+                        topk_group,
+                        norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
+                        routed_scaling_factor: self.routed_scaling_factor.unwrap_or(1.0) as f32,
+                    },
+                    require(self.moe_intermediate_size, "moe_intermediate_size")?,
+                    self.n_shared_experts.unwrap_or(0),
+                    layers,
+                )
+            }
+            Family::Qwen3Moe => {
+                let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+                let only_mlp = self.mlp_only_layers.clone().unwrap_or_default();
+                let layers = (0..num_layers)
+                    .map(|i| !only_mlp.contains(&i) && (i + 1) % step == 0)
+                    .collect();
+                (
+                    Gating::SoftmaxTopK {
+                        norm_topk_prob: self.norm_topk_prob.unwrap_or(false),
+                    },
+                    require(self.moe_intermediate_size, "moe_intermediate_size")?,
+                    0,
+                    layers,
+                )
+            }
+            Family::Mixtral => (
+                Gating::SoftmaxTopK {
+                    norm_topk_prob: true,
+                },
+                dense_intermediate_size,
+                0,
+                vec![true; num_layers],
+            ),
+        };
+        Ok(ModelConfig {
+            family,
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            num_layers,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6) as f32,
+            max_position_embeddings,
+            bos_token_id: token_ids(&self.bos_token_id)?.first().copied(),
+            eos_token_ids: token_ids(&self.eos_token_id)?,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            attention,
+            rope,
+            dense_intermediate_size,
+            moe: MoeConfig {
+                num_experts,
+                top_k,
+                intermediate_size: moe_intermediate,
+                n_shared_experts: n_shared,
+                gating,
+            },
+            moe_layers,
+        })
+    }
+
+    /// Accepts both `rope_theta` + `rope_scaling` and transformers 5's `rope_parameters`.
+    fn rope_config(&self, dim: usize, max_pos: usize) -> std::result::Result<RopeConfig, String> {
+        let params = self
+            .rope_parameters
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(self.rope_scaling.as_ref().filter(|v| !v.is_null()));
+        let get = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_f64);
+        let theta = self
+            .rope_theta
+            .or_else(|| get("rope_theta"))
+            .unwrap_or(10000.0);
+        let kind = params
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: get("factor").ok_or("linear rope scaling needs \"factor\"")?,
+            },
+            "yarn" => {
+                let mut factor = get("factor").ok_or("yarn rope scaling needs \"factor\"")?;
+                // As transformers does: when the original length is given, the factor is the
+                // ratio of the extended to the original context.
+                let original = match get("original_max_position_embeddings") {
+                    Some(orig) if orig > 0.0 => {
+                        factor = max_pos as f64 / orig;
+                        orig as usize
+                    }
+                    _ => max_pos,
+                };
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: get("beta_fast").unwrap_or(32.0),
+                    beta_slow: get("beta_slow").unwrap_or(1.0),
+                    mscale: get("mscale"),
+                    mscale_all_dim: get("mscale_all_dim"),
+                    attention_factor: get("attention_factor"),
+                    truncate: params
+                        .and_then(|p| p.get("truncate"))
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true),
+                }
+            }
+            other => return Err(format!("rope scaling type {other:?} is not supported")),
+        };
+        Ok(RopeConfig { theta, dim, scaling })
+    }
+}
+
+/// YaRN's magnitude correction `0.1 * m * ln(s) + 1`.
+pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl ModelConfig {
+    /// Softmax scale of attention scores, including DeepSeek's YaRN correction.
+    pub fn softmax_scale(&self) -> f32 {
+        match &self.attention {
+            AttentionConfig::Gqa { head_dim, .. } => (*head_dim as f64).powf(-0.5) as f32,
+            AttentionConfig::Mla {
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                ..
+            } => {
+                let mut scale = ((qk_nope_head_dim + qk_rope_head_dim) as f64).powf(-0.5);
+                if let RopeScaling::Yarn {
+                    factor,
+                    mscale_all_dim: Some(m),
+                    ..
+                } = self.rope.scaling
+                {
+                    if m != 0.0 {
+                        let ms = yarn_get_mscale(factor, m);
+                        scale *= ms * ms;
+                    }
+                }
+                scale as f32
+            }
+        }
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.moe_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// Layers that are MoE layers, in order.
+    pub fn moe_layer_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.num_layers).filter(|&l| self.is_moe_layer(l))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(json, Path::new("config.json"))
+    }
+
+    #[test]
+    fn unknown_model_type_is_named() {
+        let err = parse(r#"{"model_type":"llama","hidden_size":8}"#).unwrap_err();
+        assert!(matches!(err, ModelError::UnsupportedModelType(ref t) if t == "llama"));
+        assert!(err.to_string().contains("llama"));
+    }
+
+    #[test]
+    fn rope_parameters_form_is_accepted() {
+        let cfg = parse(
+            r#"{"model_type":"mixtral","hidden_size":64,"vocab_size":10,"num_hidden_layers":1,
+            "num_attention_heads":4,"num_key_value_heads":2,"intermediate_size":8,
+            "num_local_experts":4,"num_experts_per_tok":2,
+            "rope_parameters":{"rope_type":"default","rope_theta":1000000.0}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.rope.theta, 1e6);
+        assert_eq!(cfg.rope.scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let err = parse(
+            r#"{"model_type":"mixtral","hidden_size":64,"vocab_size":10,"num_hidden_layers":1,
+            "num_attention_heads":4,"intermediate_size":8,"num_experts_per_tok":2}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("num_local_experts"), "{err}");
+    }
+}

@@ -1,0 +1,211 @@
+//! [`DenseModel`]: everything but the routed experts — embeddings, attention with the KV cache,
+//! norms, dense MLPs, the MoE gate, shared experts, the final norm and lm_head. This is what the
+//! router runs; routed experts are reached through an [`ExpertBackend`].
+
+use crate::backend::{ops, PackedMatrix};
+use crate::batch::BatchLayout;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::experts::ExpertBackend;
+use crate::families;
+use crate::kv_cache::{LayerCache, SequenceCache};
+use crate::layers::attention::Attention;
+use crate::layers::gate::MoeGate;
+use crate::layers::mlp::Mlp;
+use crate::layers::rope::Rope;
+use crate::routes::{combine, ExpertRoutes};
+
+/// The feed-forward half of a decoder layer.
+#[derive(Debug)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe {
+        gate: MoeGate,
+        /// Shared experts, fused as one MLP of width `moe_intermediate * n_shared_experts`.
+        shared: Option<Mlp>,
+    },
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    input_norm: Vec<f32>,
+    attention: Attention,
+    post_attention_norm: Vec<f32>,
+    ffn: FeedForward,
+}
+
+pub struct DenseModel {
+    config: ModelConfig,
+    /// `[vocab, hidden]`, row-major (looked up, never multiplied).
+    embed: Vec<f32>,
+    layers: Vec<DecoderLayer>,
+    final_norm: Vec<f32>,
+    lm_head: PackedMatrix,
+    rope: Rope,
+}
+
+/// What a step needs from each sequence: its cache and new tokens.
+pub struct StepSequence<'a> {
+    pub cache: &'a mut SequenceCache,
+    pub tokens: &'a [u32],
+    /// Return logits for every new token (prefill scoring), not just the last one.
+    pub all_logits: bool,
+}
+
+impl DenseModel {
+    pub fn load(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
+        let h = config.hidden_size;
+        let v = config.vocab_size;
+        let embed = ckpt.load_f32("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let p = families::layer_prefix(layer);
+            let ffn = if config.is_moe_layer(layer) {
+                let names = families::moe_names(config, layer);
+                let gate = MoeGate::load(ckpt, &names.gate, names.correction_bias.as_deref(), &config.moe, h)?;
+                let shared = match &names.shared {
+                    Some(n) => Some(Mlp::load(ckpt, n, h, config.moe.intermediate_size * config.moe.n_shared_experts)?),
+                    None => None,
+                };
+                FeedForward::Moe { gate, shared }
+            } else {
+                FeedForward::Dense(Mlp::load(ckpt, &families::dense_mlp_names(layer), h, config.dense_intermediate_size)?)
+            };
+            layers.push(DecoderLayer {
+                input_norm: ckpt.load_f32(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attention: families::load_attention(ckpt, config, layer)?,
+                post_attention_norm: ckpt.load_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                ffn,
+            });
+        }
+        let final_norm = ckpt.load_f32("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            PackedMatrix::from_rows(&embed, v, h)
+        } else {
+            PackedMatrix::from_rows(&ckpt.load_f32("lm_head.weight", &[v, h])?, v, h)
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope: Rope::new(&config.rope),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Checks a step's inputs before any state changes.
+    pub fn validate(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
+        for s in seqs {
+            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.config.vocab_size,
+                });
+            }
+            let len = s.cache.len + s.tokens.len();
+            if len > self.config.max_position_embeddings {
+                return Err(ModelError::SequenceTooLong {
+                    len,
+                    max: self.config.max_position_embeddings,
+                });
+            }
+            if s.cache.layers.len() != self.config.num_layers {
+                return Err(ModelError::InvalidRequest("sequence cache belongs to another model".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one batched step. Returns, per sequence, logits `[n, vocab]` for its last new token
+    /// (or for all new tokens when `all_logits`). Every row's result is independent of the
+    /// other rows in the step.
+    pub fn forward(&self, seqs: &mut [StepSequence<'_>], experts: &dyn ExpertBackend) -> Result<Vec<Vec<f32>>> {
+        self.validate(seqs)?;
+        let h = self.config.hidden_size;
+        let eps = self.config.rms_norm_eps;
+        let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
+        let rows = layout.num_rows();
+        let rope = self.rope.table(&layout.row_pos);
+
+        let mut hidden = Vec::with_capacity(rows * h);
+        for s in seqs.iter() {
+            for &t in s.tokens {
+                hidden.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+            }
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = ops::rms_norm(&hidden, &layer.input_norm, eps);
+            let mut caches: Vec<&mut LayerCache> = seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            let attn = layer.attention.forward(&normed, &layout, &rope, &mut caches);
+            add_in_place(&mut hidden, &attn);
+            let normed = ops::rms_norm(&hidden, &layer.post_attention_norm, eps);
+            let ffn_out = match &layer.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&normed, rows),
+                FeedForward::Moe { gate, shared } => {
+                    let routes = gate.route(&normed, rows);
+                    self.moe_combine(l, &normed, &routes, shared.as_ref(), experts)?
+                }
+            };
+            add_in_place(&mut hidden, &ffn_out);
+        }
+        for s in seqs.iter_mut() {
+            s.cache.len += s.tokens.len();
+        }
+
+        // Final norm and lm_head only for the rows whose logits are wanted.
+        let mut wanted = Vec::new();
+        for (s, span) in seqs.iter().zip(&layout.seqs) {
+            let first = if s.all_logits { span.first_row } else { span.first_row + span.len - 1 };
+            wanted.extend(first..span.first_row + span.len);
+        }
+        let mut selected = Vec::with_capacity(wanted.len() * h);
+        for &r in &wanted {
+            selected.extend_from_slice(&hidden[r * h..(r + 1) * h]);
+        }
+        ops::rms_norm_rows(&mut selected, &self.final_norm, eps);
+        let logits = self.lm_head.matmul(&selected, wanted.len());
+        let vocab = self.config.vocab_size;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for s in seqs.iter() {
+            let n = if s.all_logits { s.tokens.len() } else { 1 };
+            out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
+            offset += n;
+        }
+        Ok(out)
+    }
+
+    /// Routed experts through the backend, shared experts here, summed in canonical order.
+    fn moe_combine(
+        &self,
+        layer: usize,
+        normed: &[f32],
+        routes: &ExpertRoutes,
+        shared: Option<&Mlp>,
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<f32>> {
+        let rows = routes.rows();
+        let (pair_out, shared_out) = rayon::join(
+            || experts.run_experts(layer, normed, routes),
+            || shared.map(|m| m.forward(normed, rows)),
+        );
+        Ok(combine(routes, &pair_out?, shared_out.as_deref(), self.config.hidden_size))
+    }
+
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.config.num_layers)
+    }
+}
+
+fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}

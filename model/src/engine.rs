@@ -1,0 +1,205 @@
+//! The offline engine: a [`DenseModel`] plus an [`ExpertSet`] holding every expert, a
+//! tokenizer, and a generation loop that batches many requests into each step.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::backend::ops;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::dense::{DenseModel, StepSequence};
+use crate::error::{ModelError, Result};
+use crate::experts::ExpertSet;
+use crate::kv_cache::SequenceCache;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub input_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep generating past EOS.
+    pub ignore_eos: bool,
+    /// Keep the full logits that produced each output token.
+    pub emit_logits: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Length,
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOutput {
+    pub input_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    /// Log-softmax of each chosen token under the raw logits.
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+    pub step_logits: Option<Vec<Vec<f32>>>,
+}
+
+pub struct Engine {
+    config: ModelConfig,
+    dense: DenseModel,
+    experts: ExpertSet,
+    tokenizer: Tokenizer,
+    eos_ids: Vec<u32>,
+}
+
+impl Engine {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let dense = DenseModel::load(&ckpt, &config)?;
+        let experts = ExpertSet::load_all(&ckpt, &config)?;
+        let mut eos_ids = config.eos_token_ids.clone();
+        if let Some(eos) = tokenizer.eos_id() {
+            if !eos_ids.contains(&eos) {
+                eos_ids.push(eos);
+            }
+        }
+        Ok(Self {
+            config,
+            dense,
+            experts,
+            tokenizer,
+            eos_ids,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn dense(&self) -> &DenseModel {
+        &self.dense
+    }
+
+    pub fn experts(&self) -> &ExpertSet {
+        &self.experts
+    }
+
+    pub fn new_cache(&self) -> SequenceCache {
+        self.dense.new_cache()
+    }
+
+    /// One batched forward step over the given sequences (see [`DenseModel::forward`]).
+    pub fn step(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.dense.forward(seqs, &self.experts)
+    }
+
+    /// Logits at every position of a prompt, `[len, vocab]`.
+    pub fn prompt_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache();
+        let mut seqs = [StepSequence {
+            cache: &mut cache,
+            tokens: ids,
+            all_logits: true,
+        }];
+        Ok(self.step(&mut seqs)?.remove(0))
+    }
+
+    pub fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        if req.input_ids.is_empty() {
+            return Err(ModelError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&id) = req.input_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab_size: self.config.vocab_size,
+            });
+        }
+        if req.input_ids.len() > self.config.max_position_embeddings {
+            return Err(ModelError::SequenceTooLong {
+                len: req.input_ids.len(),
+                max: self.config.max_position_embeddings,
+            });
+        }
+        req.sampling.validate()
+    }
+
+    pub fn generate(&self, req: &GenerateRequest) -> Result<GenerateOutput> {
+        let mut out = self.generate_batch(std::slice::from_ref(req))?;
+        Ok(out.remove(0))
+    }
+
+    /// Generates for several requests at once: one prefill step for all prompts, then decode
+    /// steps over the requests still running. Each request's tokens are what it would get alone.
+    pub fn generate_batch(&self, reqs: &[GenerateRequest]) -> Result<Vec<GenerateOutput>> {
+        for r in reqs {
+            self.validate(r)?;
+        }
+        let mut states: Vec<SeqState> = reqs
+            .iter()
+            .map(|r| SeqState {
+                cache: self.new_cache(),
+                sampler: Sampler::new(r.sampling.clone()),
+                pending: r.input_ids.clone(),
+                out: GenerateOutput {
+                    input_ids: r.input_ids.clone(),
+                    output_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    finish_reason: FinishReason::Length,
+                    step_logits: r.emit_logits.then(Vec::new),
+                },
+                done: r.max_new_tokens == 0,
+            })
+            .collect();
+        loop {
+            let active: Vec<usize> = (0..states.len()).filter(|&i| !states[i].done).collect();
+            if active.is_empty() {
+                break;
+            }
+            let logits = {
+                let mut step: Vec<StepSequence<'_>> = Vec::with_capacity(active.len());
+                for state in states.iter_mut().filter(|s| !s.done) {
+                    step.push(StepSequence {
+                        cache: &mut state.cache,
+                        tokens: &state.pending,
+                        all_logits: false,
+                    });
+                }
+                self.step(&mut step)?
+            };
+            for (&i, logits) in active.iter().zip(logits) {
+                let req = &reqs[i];
+                let state = &mut states[i];
+                let token = state.sampler.sample(&logits);
+                state.out.logprobs.push(ops::log_softmax_at(&logits, token as usize));
+                state.out.output_ids.push(token);
+                if let Some(all) = state.out.step_logits.as_mut() {
+                    all.push(logits);
+                }
+                state.pending = vec![token];
+                if !req.ignore_eos && self.eos_ids.contains(&token) {
+                    state.out.finish_reason = FinishReason::Stop;
+                    state.done = true;
+                } else if state.out.output_ids.len() >= req.max_new_tokens
+                    || state.cache.len >= self.config.max_position_embeddings
+                {
+                    state.done = true;
+                }
+            }
+        }
+        Ok(states.into_iter().map(|s| s.out).collect())
+    }
+}
+
+struct SeqState {
+    cache: SequenceCache,
+    sampler: Sampler,
+    /// Tokens to feed at the next step (the prompt, then each sampled token).
+    pending: Vec<u32>,
+    out: GenerateOutput,
+    done: bool,
+}

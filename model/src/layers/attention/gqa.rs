@@ -1,0 +1,131 @@
+//! Grouped-query attention with optional per-head q/k RMSNorm (Qwen3).
+
+use rayon::prelude::*;
+
+use crate::backend::{ops, PackedMatrix};
+use crate::batch::BatchLayout;
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::layers::rope::{apply_rope, RopeTable};
+
+#[derive(Debug)]
+pub struct GqaAttention {
+    /// q, k and v projections stacked: `[(heads + 2 * kv_heads) * head_dim, hidden]`.
+    qkv: PackedMatrix,
+    o: PackedMatrix,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    eps: f32,
+}
+
+impl GqaAttention {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        qk_norm: bool,
+        scale: f32,
+        eps: f32,
+    ) -> Result<Self> {
+        let q = ckpt.load_f32(&format!("{prefix}.q_proj.weight"), &[heads * head_dim, hidden])?;
+        let k = ckpt.load_f32(&format!("{prefix}.k_proj.weight"), &[kv_heads * head_dim, hidden])?;
+        let v = ckpt.load_f32(&format!("{prefix}.v_proj.weight"), &[kv_heads * head_dim, hidden])?;
+        let o = ckpt.load_f32(&format!("{prefix}.o_proj.weight"), &[hidden, heads * head_dim])?;
+        let (q_norm, k_norm) = if qk_norm {
+            (
+                Some(ckpt.load_f32(&format!("{prefix}.q_norm.weight"), &[head_dim])?),
+                Some(ckpt.load_f32(&format!("{prefix}.k_norm.weight"), &[head_dim])?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            qkv: PackedMatrix::from_stacked(&[&q, &k, &v], hidden),
+            o: PackedMatrix::from_rows(&o, hidden, heads * head_dim),
+            q_norm,
+            k_norm,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            eps,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &[f32],
+        layout: &BatchLayout,
+        rope: &RopeTable,
+        caches: &mut [&mut LayerCache],
+    ) -> Vec<f32> {
+        let rows = layout.num_rows();
+        let d = self.head_dim;
+        let q_width = self.heads * d;
+        let kv_width = self.kv_heads * d;
+        let qkv_width = q_width + 2 * kv_width;
+        let mut qkv = self.qkv.matmul(x, rows);
+        for (r, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
+            let (cos, sin) = rope.row(r);
+            let (q, kv) = row.split_at_mut(q_width);
+            let k = &mut kv[..kv_width];
+            for head in q.chunks_exact_mut(d) {
+                if let Some(w) = &self.q_norm {
+                    ops::rms_norm_rows(head, w, self.eps);
+                }
+                apply_rope(head, cos, sin, false);
+            }
+            for head in k.chunks_exact_mut(d) {
+                if let Some(w) = &self.k_norm {
+                    ops::rms_norm_rows(head, w, self.eps);
+                }
+                apply_rope(head, cos, sin, false);
+            }
+        }
+        for (s, span) in layout.seqs.iter().enumerate() {
+            let cache = &mut *caches[s];
+            for r in span.first_row..span.first_row + span.len {
+                let row = &qkv[r * qkv_width..(r + 1) * qkv_width];
+                cache.keys.extend_from_slice(&row[q_width..q_width + kv_width]);
+                cache.values.extend_from_slice(&row[q_width + kv_width..]);
+            }
+        }
+        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
+        let mut out = vec![0.0f32; rows * q_width];
+        let attend = |(r, out_row): (usize, &mut [f32])| {
+            let cache = caches[layout.row_seq[r]];
+            let visible = layout.row_pos[r] + 1;
+            let q = &qkv[r * qkv_width..r * qkv_width + q_width];
+            let mut scores = vec![0.0f32; visible];
+            let group = self.heads / self.kv_heads;
+            for h in 0..self.heads {
+                let kvh = h / group;
+                let qh = &q[h * d..(h + 1) * d];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let k = &cache.keys[j * kv_width + kvh * d..][..d];
+                    *score = ops::dot(qh, k) * self.scale;
+                }
+                ops::softmax_in_place(&mut scores);
+                let oh = &mut out_row[h * d..(h + 1) * d];
+                for (j, &p) in scores.iter().enumerate() {
+                    ops::axpy(oh, p, &cache.values[j * kv_width + kvh * d..][..d]);
+                }
+            }
+        };
+        if super::parallel_rows(layout) {
+            out.par_chunks_mut(q_width).enumerate().for_each(attend);
+        } else {
+            out.chunks_mut(q_width).enumerate().for_each(attend);
+        }
+        self.o.matmul(&out, rows)
+    }
+}

@@ -1,0 +1,236 @@
+//! DeepSeek's Multi-head Latent Attention, computed in the "absorbed" form for every token:
+//! the cache holds only the normalised latent `c` and the rotated shared rope key, and
+//! `q_nope . (W_uk c) = (W_uk^T q_nope) . c`, `out = W_uv (sum_j p_j c_j)`.
+//! Same mathematics as transformers' expanded form; a 576-float cache row on DeepSeek-V3.
+
+use rayon::prelude::*;
+
+use crate::backend::{ops, PackedMatrix};
+use crate::batch::BatchLayout;
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::layers::rope::{apply_rope, RopeTable};
+
+/// Shapes of one MLA layer.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaShape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+}
+
+#[derive(Debug)]
+pub struct MlaAttention {
+    shape: MlaShape,
+    /// Projections of the hidden state: `[q_a; kv_a]` stacked when q is low-rank, else `[q; kv_a]`.
+    input_proj: PackedMatrix,
+    q_a_norm: Option<Vec<f32>>,
+    q_b: Option<PackedMatrix>,
+    kv_a_norm: Vec<f32>,
+    /// Per head, `W_uk^T` as a `[kv_lora, nope]` matrix: maps q_nope into latent space.
+    uk_t: Vec<PackedMatrix>,
+    /// Per head, `W_uv` as `[v, kv_lora]`.
+    uv: Vec<PackedMatrix>,
+    o: PackedMatrix,
+    interleaved: bool,
+    scale: f32,
+    eps: f32,
+}
+
+impl MlaAttention {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        shape: MlaShape,
+        interleaved: bool,
+        scale: f32,
+        eps: f32,
+    ) -> Result<Self> {
+        let MlaShape {
+            hidden,
+            heads,
+            q_lora_rank,
+            kv_lora_rank,
+            nope,
+            rope,
+            v,
+        } = shape;
+        let q_head = nope + rope;
+        let kv_a = ckpt.load_f32(
+            &format!("{prefix}.kv_a_proj_with_mqa.weight"),
+            &[kv_lora_rank + rope, hidden],
+        )?;
+        let (input_proj, q_a_norm, q_b) = match q_lora_rank {
+            Some(rank) => {
+                let q_a = ckpt.load_f32(&format!("{prefix}.q_a_proj.weight"), &[rank, hidden])?;
+                let norm = ckpt.load_f32(&format!("{prefix}.q_a_layernorm.weight"), &[rank])?;
+                let q_b = ckpt.load_f32(&format!("{prefix}.q_b_proj.weight"), &[heads * q_head, rank])?;
+                (
+                    PackedMatrix::from_stacked(&[&q_a, &kv_a], hidden),
+                    Some(norm),
+                    Some(PackedMatrix::from_rows(&q_b, heads * q_head, rank)),
+                )
+            }
+            None => {
+                let q = ckpt.load_f32(&format!("{prefix}.q_proj.weight"), &[heads * q_head, hidden])?;
+                (PackedMatrix::from_stacked(&[&q, &kv_a], hidden), None, None)
+            }
+        };
+        let kv_a_norm = ckpt.load_f32(&format!("{prefix}.kv_a_layernorm.weight"), &[kv_lora_rank])?;
+        let kv_b = ckpt.load_f32(
+            &format!("{prefix}.kv_b_proj.weight"),
+            &[heads * (nope + v), kv_lora_rank],
+        )?;
+        let mut uk_t = Vec::with_capacity(heads);
+        let mut uv = Vec::with_capacity(heads);
+        for h in 0..heads {
+            let base = h * (nope + v) * kv_lora_rank;
+            let uk = &kv_b[base..base + nope * kv_lora_rank];
+            let mut t = vec![0.0f32; kv_lora_rank * nope];
+            for i in 0..nope {
+                for c in 0..kv_lora_rank {
+                    t[c * nope + i] = uk[i * kv_lora_rank + c];
+                }
+            }
+            uk_t.push(PackedMatrix::from_rows(&t, kv_lora_rank, nope));
+            let w_uv = &kv_b[base + nope * kv_lora_rank..base + (nope + v) * kv_lora_rank];
+            uv.push(PackedMatrix::from_rows(w_uv, v, kv_lora_rank));
+        }
+        let o = ckpt.load_f32(&format!("{prefix}.o_proj.weight"), &[hidden, heads * v])?;
+        Ok(Self {
+            shape,
+            input_proj,
+            q_a_norm,
+            q_b,
+            kv_a_norm,
+            uk_t,
+            uv,
+            o: PackedMatrix::from_rows(&o, hidden, heads * v),
+            interleaved,
+            scale,
+            eps,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &[f32],
+        layout: &BatchLayout,
+        rope_table: &RopeTable,
+        caches: &mut [&mut LayerCache],
+    ) -> Vec<f32> {
+        let MlaShape {
+            heads,
+            kv_lora_rank: lora,
+            nope,
+            rope,
+            v,
+            ..
+        } = self.shape;
+        let rows = layout.num_rows();
+        let q_head = nope + rope;
+        let proj = self.input_proj.matmul(x, rows);
+        let proj_width = self.input_proj.rows();
+        let q_in_width = proj_width - lora - rope;
+
+        // Queries.
+        let mut q = match (&self.q_b, &self.q_a_norm) {
+            (Some(q_b), Some(norm)) => {
+                let mut q_a = Vec::with_capacity(rows * q_in_width);
+                for row in proj.chunks_exact(proj_width) {
+                    q_a.extend_from_slice(&row[..q_in_width]);
+                }
+                ops::rms_norm_rows(&mut q_a, norm, self.eps);
+                q_b.matmul(&q_a, rows)
+            }
+            _ => {
+                let mut q = Vec::with_capacity(rows * q_in_width);
+                for row in proj.chunks_exact(proj_width) {
+                    q.extend_from_slice(&row[..q_in_width]);
+                }
+                q
+            }
+        };
+        for (r, row) in q.chunks_exact_mut(heads * q_head).enumerate() {
+            let (cos, sin) = rope_table.row(r);
+            for head in row.chunks_exact_mut(q_head) {
+                apply_rope(&mut head[nope..], cos, sin, self.interleaved);
+            }
+        }
+
+        // Append this step's latents and rope keys to each sequence's cache.
+        for (s, span) in layout.seqs.iter().enumerate() {
+            let cache = &mut *caches[s];
+            for r in span.first_row..span.first_row + span.len {
+                let row = &proj[r * proj_width + q_in_width..(r + 1) * proj_width];
+                let start = cache.values.len();
+                cache.values.extend_from_slice(&row[..lora]);
+                ops::rms_norm_rows(&mut cache.values[start..], &self.kv_a_norm, self.eps);
+                let start = cache.keys.len();
+                cache.keys.extend_from_slice(&row[lora..]);
+                let (cos, sin) = rope_table.row(r);
+                apply_rope(&mut cache.keys[start..], cos, sin, self.interleaved);
+            }
+        }
+
+        // Absorb W_uk into the queries: q_lat[h] = [rows, lora].
+        let q_lat: Vec<Vec<f32>> = (0..heads)
+            .map(|h| {
+                let mut q_nope = Vec::with_capacity(rows * nope);
+                for row in q.chunks_exact(heads * q_head) {
+                    q_nope.extend_from_slice(&row[h * q_head..h * q_head + nope]);
+                }
+                self.uk_t[h].matmul(&q_nope, rows)
+            })
+            .collect();
+
+        // Attention in latent space; ctx[h] = [rows, lora].
+        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
+        let mut ctx = vec![0.0f32; rows * heads * lora];
+        let attend = |(r, ctx_row): (usize, &mut [f32])| {
+            let cache = caches[layout.row_seq[r]];
+            let visible = layout.row_pos[r] + 1;
+            let mut scores = vec![0.0f32; visible];
+            for h in 0..heads {
+                let ql = &q_lat[h][r * lora..(r + 1) * lora];
+                let qr = &q[r * heads * q_head + h * q_head + nope..][..rope];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let c = &cache.values[j * lora..(j + 1) * lora];
+                    let kr = &cache.keys[j * rope..(j + 1) * rope];
+                    *score = (ops::dot(ql, c) + ops::dot(qr, kr)) * self.scale;
+                }
+                ops::softmax_in_place(&mut scores);
+                let out = &mut ctx_row[h * lora..(h + 1) * lora];
+                for (j, &p) in scores.iter().enumerate() {
+                    ops::axpy(out, p, &cache.values[j * lora..(j + 1) * lora]);
+                }
+            }
+        };
+        if super::parallel_rows(layout) {
+            ctx.par_chunks_mut(heads * lora).enumerate().for_each(attend);
+        } else {
+            ctx.chunks_mut(heads * lora).enumerate().for_each(attend);
+        }
+
+        // Up-project values per head and concatenate heads.
+        let mut attn = vec![0.0f32; rows * heads * v];
+        let mut ctx_h = Vec::with_capacity(rows * lora);
+        for h in 0..heads {
+            ctx_h.clear();
+            for row in ctx.chunks_exact(heads * lora) {
+                ctx_h.extend_from_slice(&row[h * lora..(h + 1) * lora]);
+            }
+            let out_h = self.uv[h].matmul(&ctx_h, rows);
+            for r in 0..rows {
+                attn[r * heads * v + h * v..r * heads * v + (h + 1) * v]
+                    .copy_from_slice(&out_h[r * v..(r + 1) * v]);
+            }
+        }
+        self.o.matmul(&attn, rows)
+    }
+}

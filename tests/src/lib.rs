@@ -1,0 +1,101 @@
+//! Shared helpers for the workspace integration tests: fixture paths and golden data.
+
+use std::path::{Path, PathBuf};
+
+use moe_model::checkpoint::SafetensorsFile;
+use serde_json::Value;
+
+pub const FIXTURES: [&str; 3] = ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"];
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// One golden case: prompt, ids and transformers' logits.
+pub struct GoldenCase {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub output_logprobs: Vec<f32>,
+    pub step_top2_margin: Vec<f32>,
+    pub text: String,
+    /// `[prompt_len, vocab]`.
+    pub prefill_logits: Vec<f32>,
+    /// `[24, vocab]`.
+    pub step_logits: Vec<f32>,
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn tensor(file: &SafetensorsFile, name: &str) -> Vec<f32> {
+    let info = file.info(name).unwrap_or_else(|| panic!("{name} missing from golden.safetensors"));
+    file.bytes(info)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn golden_cases(fixture: &str) -> Vec<GoldenCase> {
+    let dir = fixture_dir(fixture);
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let logits = SafetensorsFile::open(&dir.join("golden.safetensors")).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| GoldenCase {
+            prompt: c["prompt"].as_str().unwrap().to_string(),
+            input_ids: u32s(&c["input_ids"]),
+            output_ids: u32s(&c["output_ids"]),
+            output_logprobs: f32s(&c["output_logprobs"]),
+            step_top2_margin: f32s(&c["step_top2_margin"]),
+            text: c["text"].as_str().unwrap_or_default().to_string(),
+            prefill_logits: tensor(&logits, &format!("case{i}.prefill_logits")),
+            step_logits: tensor(&logits, &format!("case{i}.step_logits")),
+        })
+        .collect()
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Number of leading steps whose tokens must match: up to and including the first near-tie.
+pub fn steps_to_compare(margins: &[f32]) -> usize {
+    margins
+        .iter()
+        .position(|&m| m < 0.002)
+        .map(|i| i + 1)
+        .unwrap_or(margins.len())
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("moe-test-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
