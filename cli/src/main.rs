@@ -1,1 +1,48 @@
-fn main(){}
+//! `moe`: the command line of the MoE serving cluster. Each subcommand lives in its own module
+//! under `commands/`.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moe", version, about = "Mixture-of-Experts inference: offline engine and tools")]
+struct Cli {
+    /// Worker threads for the math (default: all cores).
+    #[arg(long, global = true, env = "MOE_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate tokens from a prompt with the offline engine.
+    Generate(commands::generate::GenerateArgs),
+    /// Write a random checkpoint in the Hugging Face hub layout.
+    GenCheckpoint(commands::gen_checkpoint::GenCheckpointArgs),
+    /// Measure offline prefill and decode throughput and latency.
+    Bench(commands::bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        rayon_threads(threads)?;
+    }
+    match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::GenCheckpoint(args) => commands::gen_checkpoint::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    }
+}
+
+fn rayon_threads(threads: usize) -> anyhow::Result<()> {
+    moe_model::backend::set_threads(threads).map_err(|e| anyhow::anyhow!("cannot set {threads} threads: {e}"))
+}

@@ -1,1 +1,152 @@
-fn main(){}
+//! `cargo bench -p moe-model --bench kernels`: GFLOP/s of the expert FFN at DeepSeek-like
+//! shapes, the whole ExpertSet on a routed batch, and a decode step of the `small` preset.
+//!
+//! A plain harness (no criterion): each case runs a warm-up, then repeats until it has run for
+//! about a second, and reports the median. Output: one line per case, and with `--json` (or
+//! `MOE_BENCH_JSON=1`) a JSON line that `docs/bench/compare.py` reads.
+
+use std::time::Instant;
+
+use moe_model::backend::PackedMatrix;
+use moe_model::checkpoint::{Checkpoint, SafetensorsWriter};
+use moe_model::config::ModelConfig;
+use moe_model::experts::{ExpertBackend, ExpertSet};
+use moe_model::layers::mlp::Mlp;
+use moe_model::routes::ExpertRoutes;
+use moe_model::sampling::Rng;
+
+fn random(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 0.05).collect()
+}
+
+/// Median seconds per call of `f`.
+fn time<F: FnMut()>(mut f: F) -> f64 {
+    f();
+    let mut samples = Vec::new();
+    let budget = Instant::now();
+    while samples.len() < 5 || (budget.elapsed().as_secs_f64() < 1.0 && samples.len() < 1000) {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn main() {
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let json = std::env::args().any(|a| a == "--json") || std::env::var("MOE_BENCH_JSON").is_ok();
+    let wants = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    let mut rng = Rng::seeded(1);
+    let mut results = Vec::new();
+    let (hidden, inter) = (2048, 1408);
+
+    for tokens in [64usize, 1] {
+        let name = format!("gemm_{tokens}x{hidden}x{inter}");
+        if wants(&name) {
+            let w = PackedMatrix::from_rows(&random(inter * hidden, &mut rng), inter, hidden);
+            let a = random(tokens * hidden, &mut rng);
+            let mut c = vec![0.0f32; tokens * inter];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            results.push((name, s, 2.0 * (tokens * hidden * inter) as f64));
+        }
+        let name = format!("expert_ffn_{tokens}x{hidden}x{inter}");
+        if wants(&name) {
+            let mlp = Mlp::from_weights(
+                &random(inter * hidden, &mut rng),
+                &random(inter * hidden, &mut rng),
+                &random(hidden * inter, &mut rng),
+                hidden,
+                inter,
+            );
+            let x = random(tokens * hidden, &mut rng);
+            let s = time(|| {
+                std::hint::black_box(mlp.forward(&x, tokens));
+            });
+            results.push((name, s, 2.0 * 3.0 * (tokens * hidden * inter) as f64));
+        }
+    }
+
+    let name = "expert_set_256tok_64exp_top6".to_string();
+    if wants(&name) {
+        // DeepSeek small-preset experts (hidden 1024, moe_intermediate 256) on one MoE layer.
+        let (h, i, experts, top_k, tokens) = (1024usize, 256usize, 64usize, 6usize, 256usize);
+        let dir = std::env::temp_dir().join(format!("moe-bench-experts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = serde_json::json!({
+            "model_type": "qwen3_moe", "hidden_size": h, "intermediate_size": 4 * h,
+            "moe_intermediate_size": i, "num_hidden_layers": 1, "num_attention_heads": 8,
+            "num_key_value_heads": 8, "num_experts": experts, "num_experts_per_tok": top_k, "vocab_size": 16
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let mut writer = SafetensorsWriter::default();
+        for e in 0..experts {
+            let p = format!("model.layers.0.mlp.experts.{e}");
+            writer.add_f32(format!("{p}.gate_proj.weight"), vec![i, h], &random(i * h, &mut rng));
+            writer.add_f32(format!("{p}.up_proj.weight"), vec![i, h], &random(i * h, &mut rng));
+            writer.add_f32(format!("{p}.down_proj.weight"), vec![h, i], &random(h * i, &mut rng));
+        }
+        writer.write(&dir.join("model.safetensors")).unwrap();
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let set = ExpertSet::load_all(&ckpt, &cfg).unwrap();
+        let rows = random(tokens * h, &mut rng);
+        let mut routes = ExpertRoutes::with_capacity(tokens, tokens * top_k);
+        for _ in 0..tokens {
+            let mut chosen: Vec<(u32, f32)> = Vec::new();
+            while chosen.len() < top_k {
+                let e = (rng.next_u64() % experts as u64) as u32;
+                if !chosen.iter().any(|c| c.0 == e) {
+                    chosen.push((e, 1.0 / top_k as f32));
+                }
+            }
+            routes.push_row(&mut chosen);
+        }
+        let s = time(|| {
+            std::hint::black_box(set.run_experts(0, &rows, &routes).unwrap());
+        });
+        results.push((name, s, 2.0 * 3.0 * (tokens * top_k * h * i) as f64));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    if wants("decode_step_small") {
+        if let Ok(model) = std::env::var("MOE_BENCH_SMALL") {
+            // A checkpoint written by `moe gen-checkpoint --arch deepseek_v3 --preset small`.
+            let engine = moe_model::Engine::load(std::path::Path::new(&model)).unwrap();
+            for batch in [1usize, 32] {
+                let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
+                let prompt: Vec<u32> = (0..16).map(|t| t as u32 + 3).collect();
+                for cache in caches.iter_mut() {
+                    let mut step = [moe_model::dense::StepSequence { cache, tokens: &prompt, all_logits: false }];
+                    engine.step(&mut step).unwrap();
+                }
+                let token = [7u32];
+                let s = time(|| {
+                    let mut step: Vec<_> = caches
+                        .iter_mut()
+                        .map(|cache| moe_model::dense::StepSequence { cache, tokens: &token, all_logits: false })
+                        .collect();
+                    std::hint::black_box(engine.step(&mut step).unwrap());
+                });
+                results.push((format!("decode_step_small_batch{batch}"), s, batch as f64));
+            }
+        } else {
+            eprintln!("decode_step_small: set MOE_BENCH_SMALL to a small-preset checkpoint directory to run it");
+        }
+    }
+
+    for (name, secs, work) in &results {
+        if name.starts_with("decode_step") {
+            println!("{name:<34} {:>9.3} ms/step {:>9.1} tok/s", secs * 1e3, work / secs);
+        } else {
+            println!("{name:<34} {:>9.3} ms {:>9.1} GFLOP/s", secs * 1e3, work / secs / 1e9);
+        }
+    }
+    if json {
+        let items: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(name, secs, work)| serde_json::json!({"name": name, "seconds": secs, "work": work}))
+            .collect();
+        println!("{}", serde_json::Value::Array(items));
+    }
+}

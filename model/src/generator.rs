@@ -1,1 +1,280 @@
+//! Random checkpoints in the Hugging Face hub layout (`moe gen-checkpoint`): a `config.json`,
+//! safetensors weights (sharded above 2 GiB, with `model.safetensors.index.json`), and the
+//! bundled 512-token byte-level BPE tokenizer. Benchmarks and scale tests use these shapes.
 
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::checkpoint::SafetensorsWriter;
+use crate::config::{AttentionConfig, Family, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::families;
+use crate::layers::mlp::MlpNames;
+use crate::sampling::Rng;
+
+const TOKENIZER_JSON: &str = include_str!("../assets/tokenizer.json");
+const TOKENIZER_CONFIG: &str = include_str!("../assets/tokenizer_config.json");
+/// Shards are cut at this size, as the hub's `save_pretrained` does at its default 5 GB.
+const SHARD_BYTES: usize = 2 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    Tiny,
+    Small,
+    Medium,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    Bf16,
+}
+
+/// The hub `config.json` of a preset.
+pub fn preset_config(family: Family, preset: Preset) -> Value {
+    match (family, preset) {
+        (Family::DeepseekV3, p) => {
+            // (hidden, intermediate, moe_inter, layers, heads, experts, top_k, n_group, topk_group,
+            //  q_lora, kv_lora, rope, nope, v, max_pos, original_max_pos)
+            let (h, i, mi, l, nh, e, k, g, tg, ql, kvl, r, n, v, mp, omp) = match p {
+                Preset::Tiny => (64, 128, 32, 3, 4, 16, 4, 4, 2, 48, 32, 8, 16, 16, 1024, 256),
+                Preset::Small => (1024, 2816, 256, 8, 16, 64, 6, 8, 4, 384, 256, 32, 64, 64, 4096, 1024),
+                Preset::Medium => (2048, 5632, 1408, 6, 16, 64, 6, 8, 4, 768, 512, 64, 128, 128, 4096, 1024),
+            };
+            json!({
+                "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                "hidden_size": h, "intermediate_size": i, "moe_intermediate_size": mi,
+                "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nh,
+                "n_routed_experts": e, "n_shared_experts": 1, "num_experts_per_tok": k,
+                "n_group": g, "topk_group": tg, "first_k_dense_replace": 1, "norm_topk_prob": true,
+                "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                "q_lora_rank": ql, "kv_lora_rank": kvl, "qk_rope_head_dim": r, "qk_nope_head_dim": n,
+                "v_head_dim": v, "qk_head_dim": r + n, "head_dim": r, "rope_interleave": true,
+                "max_position_embeddings": mp, "rope_theta": 10000.0,
+                "rope_scaling": {"type": "yarn", "factor": (mp / omp) as f64, "original_max_position_embeddings": omp,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+                "rms_norm_eps": 1e-6, "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1,
+                "hidden_act": "silu", "tie_word_embeddings": false, "attention_bias": false
+            })
+        }
+        (Family::Qwen3Moe, p) => {
+            let (h, i, mi, l, nh, kv, hd, e, k) = match p {
+                Preset::Tiny => (64, 128, 32, 3, 4, 2, 16, 16, 4),
+                Preset::Small => (1024, 2816, 256, 8, 16, 4, 64, 64, 8),
+                Preset::Medium => (2048, 6144, 768, 12, 32, 4, 128, 128, 8),
+            };
+            json!({
+                "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                "hidden_size": h, "intermediate_size": i, "moe_intermediate_size": mi,
+                "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": kv, "head_dim": hd,
+                "num_experts": e, "num_experts_per_tok": k, "norm_topk_prob": true,
+                "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "max_position_embeddings": 4096, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+                "tie_word_embeddings": false, "attention_bias": false
+            })
+        }
+        (Family::Mixtral, p) => {
+            let (h, i, l, nh, kv, e) = match p {
+                Preset::Tiny => (64, 48, 2, 4, 2, 8),
+                Preset::Small => (1024, 1792, 8, 16, 4, 8),
+                Preset::Medium => (2048, 3584, 8, 16, 4, 8),
+            };
+            json!({
+                "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "hidden_size": h, "intermediate_size": i, "num_hidden_layers": l,
+                "num_attention_heads": nh, "num_key_value_heads": kv,
+                "num_local_experts": e, "num_experts_per_tok": 2,
+                "max_position_embeddings": 4096, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
+                "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+                "tie_word_embeddings": false
+            })
+        }
+    }
+}
+
+/// How a tensor is initialised.
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    /// RMSNorm weight: around 1.
+    Norm,
+    /// Selection bias: small.
+    Bias,
+    /// Uniform with standard deviation `gain / sqrt(fan_in)`.
+    Linear { gain: f32 },
+}
+
+/// Every tensor of a config: name, shape, init.
+fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let h = config.hidden_size;
+    let lin = Init::Linear { gain: 1.0 };
+    let mut specs = vec![
+        ("model.embed_tokens.weight".to_string(), vec![config.vocab_size, h], Init::Linear { gain: (h as f32).sqrt() }),
+        ("model.norm.weight".to_string(), vec![h], Init::Norm),
+        ("lm_head.weight".to_string(), vec![config.vocab_size, h], Init::Linear { gain: 3.0 }),
+    ];
+    let mlp = |specs: &mut Vec<(String, Vec<usize>, Init)>, n: MlpNames, inter: usize| {
+        specs.push((n.gate, vec![inter, h], lin));
+        specs.push((n.up, vec![inter, h], lin));
+        specs.push((n.down, vec![h, inter], lin));
+    };
+    for layer in 0..config.num_layers {
+        let p = families::layer_prefix(layer);
+        let a = format!("{p}.self_attn");
+        specs.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
+        specs.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Norm));
+        match config.attention {
+            AttentionConfig::Gqa {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                qk_norm,
+            } => {
+                specs.push((format!("{a}.q_proj.weight"), vec![num_heads * head_dim, h], lin));
+                specs.push((format!("{a}.k_proj.weight"), vec![num_kv_heads * head_dim, h], lin));
+                specs.push((format!("{a}.v_proj.weight"), vec![num_kv_heads * head_dim, h], lin));
+                specs.push((format!("{a}.o_proj.weight"), vec![h, num_heads * head_dim], lin));
+                if qk_norm {
+                    specs.push((format!("{a}.q_norm.weight"), vec![head_dim], Init::Norm));
+                    specs.push((format!("{a}.k_norm.weight"), vec![head_dim], Init::Norm));
+                }
+            }
+            AttentionConfig::Mla {
+                num_heads,
+                q_lora_rank,
+                kv_lora_rank,
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                v_head_dim,
+                ..
+            } => {
+                let q_head = qk_nope_head_dim + qk_rope_head_dim;
+                match q_lora_rank {
+                    Some(r) => {
+                        specs.push((format!("{a}.q_a_proj.weight"), vec![r, h], lin));
+                        specs.push((format!("{a}.q_a_layernorm.weight"), vec![r], Init::Norm));
+                        specs.push((format!("{a}.q_b_proj.weight"), vec![num_heads * q_head, r], lin));
+                    }
+                    None => specs.push((format!("{a}.q_proj.weight"), vec![num_heads * q_head, h], lin)),
+                }
+                specs.push((format!("{a}.kv_a_proj_with_mqa.weight"), vec![kv_lora_rank + qk_rope_head_dim, h], lin));
+                specs.push((format!("{a}.kv_a_layernorm.weight"), vec![kv_lora_rank], Init::Norm));
+                specs.push((
+                    format!("{a}.kv_b_proj.weight"),
+                    vec![num_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank],
+                    lin,
+                ));
+                specs.push((format!("{a}.o_proj.weight"), vec![h, num_heads * v_head_dim], lin));
+            }
+        }
+        if config.is_moe_layer(layer) {
+            let names = families::moe_names(config, layer);
+            specs.push((names.gate, vec![config.moe.num_experts, h], Init::Linear { gain: 2.0 }));
+            if let Some(bias) = names.correction_bias {
+                specs.push((bias, vec![config.moe.num_experts], Init::Bias));
+            }
+            if let Some(shared) = names.shared {
+                mlp(&mut specs, shared, config.moe.intermediate_size * config.moe.n_shared_experts);
+            }
+            for e in 0..config.moe.num_experts {
+                mlp(&mut specs, families::expert_names(config.family, layer, e), config.moe.intermediate_size);
+            }
+        } else {
+            mlp(&mut specs, families::dense_mlp_names(layer), config.dense_intermediate_size);
+        }
+    }
+    specs
+}
+
+fn init_values(rng: &mut Rng, shape: &[usize], init: Init) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let uniform = |rng: &mut Rng| (rng.next_f64() * 2.0 - 1.0) as f32;
+    match init {
+        Init::Norm => (0..n).map(|_| 1.0 + 0.1 * uniform(rng)).collect(),
+        Init::Bias => (0..n).map(|_| 0.05 * uniform(rng)).collect(),
+        Init::Linear { gain } => {
+            let fan_in = *shape.last().unwrap_or(&1) as f32;
+            let a = gain * 3f32.sqrt() / fan_in.sqrt();
+            (0..n).map(|_| a * uniform(rng)).collect()
+        }
+    }
+}
+
+/// Parameter count of a config (what `gen-checkpoint` reports).
+pub fn parameter_count(config: &ModelConfig) -> usize {
+    tensor_specs(config).iter().map(|(_, s, _)| s.iter().product::<usize>()).sum()
+}
+
+/// Writes a random checkpoint for `family`/`preset` into `out`; returns its parameter count.
+pub fn write_checkpoint(family: Family, preset: Preset, out: &Path, seed: u64, dtype: WeightDtype) -> Result<usize> {
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    let config_json = preset_config(family, preset);
+    let config_text = serde_json::to_string_pretty(&config_json).map_err(|e| ModelError::InvalidRequest(e.to_string()))?;
+    let config = ModelConfig::from_json_str(&config_text, &out.join("config.json"))?;
+    let write = |name: &str, text: &str| {
+        let path = out.join(name);
+        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))
+    };
+    write("config.json", &config_text)?;
+    write("tokenizer.json", TOKENIZER_JSON)?;
+    write("tokenizer_config.json", TOKENIZER_CONFIG)?;
+    let _ = std::fs::remove_file(out.join("model.safetensors"));
+    let _ = std::fs::remove_file(out.join("model.safetensors.index.json"));
+
+    let specs = tensor_specs(&config);
+    let mut rng = Rng::seeded(seed);
+    let bytes_per = match dtype {
+        WeightDtype::F32 => 4,
+        WeightDtype::Bf16 => 2,
+    };
+    let total_bytes: usize = specs.iter().map(|(_, s, _)| s.iter().product::<usize>() * bytes_per).sum();
+    let num_shards = total_bytes.div_ceil(SHARD_BYTES).max(1);
+    let mut shard = SafetensorsWriter::default();
+    let mut shard_index = 0;
+    let mut weight_map = serde_json::Map::new();
+    let mut count = 0;
+    let shard_name = |i: usize| {
+        if num_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, num_shards)
+        }
+    };
+    for (name, shape, init) in specs {
+        let values = init_values(&mut rng, &shape, init);
+        count += values.len();
+        weight_map.insert(name.clone(), Value::String(shard_name(shard_index)));
+        match dtype {
+            WeightDtype::F32 => shard.add_f32(name, shape, &values),
+            WeightDtype::Bf16 => shard.add_bf16(name, shape, &values),
+        }
+        if num_shards > 1 && shard.total_bytes() >= SHARD_BYTES && shard_index + 1 < num_shards {
+            std::mem::take(&mut shard).write(&out.join(shard_name(shard_index)))?;
+            shard_index += 1;
+        }
+    }
+    shard.write(&out.join(shard_name(shard_index)))?;
+    if num_shards > 1 {
+        let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
+        write("model.safetensors.index.json", &index.to_string())?;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_deepseek_preset_has_391m_parameters() {
+        let text = preset_config(Family::DeepseekV3, Preset::Small).to_string();
+        let config = ModelConfig::from_json_str(&text, Path::new("config.json")).unwrap();
+        let n = parameter_count(&config);
+        assert!((390_000_000..392_000_000).contains(&n), "{n}");
+        let text = preset_config(Family::DeepseekV3, Preset::Medium).to_string();
+        let config = ModelConfig::from_json_str(&text, Path::new("config.json")).unwrap();
+        let n = parameter_count(&config);
+        assert!((2_500_000_000..3_500_000_000).contains(&n), "{n}");
+    }
+}

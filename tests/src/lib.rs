@@ -99,3 +99,28 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// One tensor as stored: name, dtype, shape, raw bytes.
+pub type RawTensor = (String, moe_model::checkpoint::Dtype, Vec<usize>, Vec<u8>);
+
+/// Copies a fixture directory to `dst`, rewriting its safetensors through `edit`, which returns
+/// the tensors to store in place of each one (none to drop it, several to add companions).
+/// Config and tokenizer files are copied as they are.
+pub fn rewrite_fixture(fixture: &str, dst: &Path, mut edit: impl FnMut(RawTensor) -> Vec<RawTensor>) {
+    let src = fixture_dir(fixture);
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(name), dst.join(name)).unwrap();
+    }
+    let file = SafetensorsFile::open(&src.join("model.safetensors")).unwrap();
+    let mut names: Vec<String> = file.names().map(str::to_string).collect();
+    names.sort();
+    let mut writer = moe_model::checkpoint::SafetensorsWriter::default();
+    for name in names {
+        let info = file.info(&name).unwrap().clone();
+        let raw = (name, info.dtype, info.shape.clone(), file.bytes(&info).to_vec());
+        for (n, d, s, b) in edit(raw) {
+            writer.add(n, d, s, b);
+        }
+    }
+    writer.write(&dst.join("model.safetensors")).unwrap();
+}

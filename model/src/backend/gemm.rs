@@ -152,7 +152,7 @@ struct Tile {
 unsafe fn micro_tile(mr: usize, t: &Tile) {
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2_available() {
+        if super::has_avx2_fma() {
             match mr {
                 6 => return x86::tile::<6>(t),
                 5 => return x86::tile::<5>(t),
@@ -164,13 +164,6 @@ unsafe fn micro_tile(mr: usize, t: &Tile) {
         }
     }
     portable_tile(mr, t)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2_available() -> bool {
-    use std::sync::OnceLock;
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 /// The same FMA chain as the SIMD path, one element at a time.

@@ -67,31 +67,52 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
-/// Dot product with a fixed left-to-right FMA chain (the attention kernels rely on its order).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Runs `$body` compiled for AVX2+FMA when the CPU has it (so `mul_add` is one instruction),
+/// else compiled for the baseline (where `mul_add` is a libm call: slow, bitwise the same).
+macro_rules! fma_dispatch {
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        #[inline]
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) -> $ret { body($($arg),*) }
+                if crate::backend::has_avx2_fma() {
+                    // SAFETY: the features were detected at run time.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+fma_dispatch!(dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent lanes, then a fixed tree: vectorises and stays order-deterministic.
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut lanes = [0.0f32; 8];
-    let chunks = a.len() / 8;
+    let chunks = n / 8;
     for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
         for l in 0..8 {
-            lanes[l] = a[c * 8 + l].mul_add(b[c * 8 + l], lanes[l]);
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
         }
     }
     let mut tail = 0.0f32;
-    for i in chunks * 8..a.len() {
+    for i in chunks * 8..n {
         tail = a[i].mul_add(b[i], tail);
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
-}
+});
 
-/// `acc += w * x`, element-wise.
-#[inline]
-pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+fma_dispatch!(axpy(acc: &mut [f32], w: f32, x: &[f32]) -> () {
     for (a, v) in acc.iter_mut().zip(x) {
         *a = w.mul_add(*v, *a);
     }
-}
+});
 
 #[cfg(test)]
 mod tests {

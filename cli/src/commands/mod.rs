@@ -1,0 +1,3 @@
+pub mod bench;
+pub mod gen_checkpoint;
+pub mod generate;
