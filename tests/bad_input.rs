@@ -16,13 +16,22 @@ const DROPPED: &str = "model.layers.1.self_attn.kv_b_proj.weight";
 #[test]
 fn missing_tensor_is_named_with_its_shape() {
     let dir = TempDir::new("missing");
-    rewrite_fixture(FIXTURES[0], dir.path(), |t| if t.0 == DROPPED { vec![] } else { vec![t] });
+    rewrite_fixture(FIXTURES[0], dir.path(), |t| {
+        if t.0 == DROPPED {
+            vec![]
+        } else {
+            vec![t]
+        }
+    });
     let err = load_err(dir.path());
     assert!(
         matches!(&err, ModelError::MissingTensor { name, expected } if name == DROPPED && expected == &vec![128, 32]),
         "{err:?}"
     );
-    assert!(err.to_string().contains(DROPPED) && err.to_string().contains("[128, 32]"), "{err}");
+    assert!(
+        err.to_string().contains(DROPPED) && err.to_string().contains("[128, 32]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -38,7 +47,10 @@ fn misshaped_tensor_is_named_with_both_shapes() {
     let err = load_err(dir.path());
     let msg = err.to_string();
     assert!(matches!(err, ModelError::TensorShape { .. }), "{err:?}");
-    assert!(msg.contains("q_proj") && msg.contains("[32, 128]") && msg.contains("[64, 64]"), "{msg}");
+    assert!(
+        msg.contains("q_proj") && msg.contains("[32, 128]") && msg.contains("[64, 64]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -46,9 +58,16 @@ fn unsupported_model_type_is_named() {
     let dir = TempDir::new("arch");
     rewrite_fixture(FIXTURES[2], dir.path(), |t| vec![t]);
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), cfg.replace("\"mixtral\"", "\"gpt_oss\"")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"mixtral\"", "\"gpt_oss\""),
+    )
+    .unwrap();
     let err = load_err(dir.path());
-    assert!(matches!(&err, ModelError::UnsupportedModelType(t) if t == "gpt_oss"), "{err:?}");
+    assert!(
+        matches!(&err, ModelError::UnsupportedModelType(t) if t == "gpt_oss"),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("gpt_oss"));
 }
 
@@ -90,7 +109,10 @@ fn truncated_safetensors_is_reported() {
     for keep in [bytes.len() - 1, bytes.len() / 2, 100, 4] {
         std::fs::write(&path, &bytes[..keep]).unwrap();
         let err = load_err(dir.path());
-        assert!(matches!(err, ModelError::Safetensors { .. }), "{keep}: {err:?}");
+        assert!(
+            matches!(err, ModelError::Safetensors { .. }),
+            "{keep}: {err:?}"
+        );
         assert!(err.to_string().contains("model.safetensors"), "{err}");
     }
 }
@@ -116,14 +138,42 @@ fn bad_requests_are_rejected_before_any_work() {
         emit_logits: false,
     };
     let err = engine.generate(&req(vec![0, 5, 512])).unwrap_err();
-    assert!(matches!(err, ModelError::TokenOutOfRange { id: 512, vocab_size: 512 }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ModelError::TokenOutOfRange {
+                id: 512,
+                vocab_size: 512
+            }
+        ),
+        "{err:?}"
+    );
     let err = engine.generate(&req(vec![3; 1025])).unwrap_err();
-    assert!(matches!(err, ModelError::SequenceTooLong { len: 1025, max: 1024 }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ModelError::SequenceTooLong {
+                len: 1025,
+                max: 1024
+            }
+        ),
+        "{err:?}"
+    );
     let err = engine.generate(&req(vec![])).unwrap_err();
     assert!(matches!(err, ModelError::InvalidRequest(_)), "{err:?}");
     let mut bad_temp = req(vec![0, 5]);
     bad_temp.sampling.temperature = f32::NAN;
-    assert!(matches!(engine.generate(&bad_temp), Err(ModelError::InvalidRequest(_))));
+    assert!(matches!(
+        engine.generate(&bad_temp),
+        Err(ModelError::InvalidRequest(_))
+    ));
     // The engine still serves after rejecting.
-    assert_eq!(engine.generate(&req(vec![0, 5, 7])).unwrap().output_ids.len(), 4);
+    assert_eq!(
+        engine
+            .generate(&req(vec![0, 5, 7]))
+            .unwrap()
+            .output_ids
+            .len(),
+        4
+    );
 }

@@ -23,16 +23,29 @@ fn fixture_prompts_batched_equal_alone() {
         let engine = Engine::load(&fixture_dir(fixture)).unwrap();
         let cases = golden_cases(fixture);
         let lengths: Vec<usize> = cases.iter().map(|c| c.input_ids.len()).collect();
-        assert!(lengths.windows(2).any(|w| w[0] != w[1]), "{fixture}: want prompts of different lengths");
-        let requests: Vec<GenerateRequest> = cases.iter().map(|c| request(&c.input_ids, 16)).collect();
+        assert!(
+            lengths.windows(2).any(|w| w[0] != w[1]),
+            "{fixture}: want prompts of different lengths"
+        );
+        let requests: Vec<GenerateRequest> =
+            cases.iter().map(|c| request(&c.input_ids, 16)).collect();
         let batched = engine.generate_batch(&requests).unwrap();
         for (i, req) in requests.iter().enumerate() {
             let alone = engine.generate(req).unwrap();
-            assert_eq!(batched[i].output_ids, alone.output_ids, "{fixture} case {i}: ids differ in a batch");
-            let (b, a) = (batched[i].step_logits.as_ref().unwrap(), alone.step_logits.as_ref().unwrap());
+            assert_eq!(
+                batched[i].output_ids, alone.output_ids,
+                "{fixture} case {i}: ids differ in a batch"
+            );
+            let (b, a) = (
+                batched[i].step_logits.as_ref().unwrap(),
+                alone.step_logits.as_ref().unwrap(),
+            );
             for step in 0..a.len() {
                 let diff = max_abs_diff(&b[step], &a[step]);
-                assert!(diff <= TOLERANCE, "{fixture} case {i} step {step}: batched logits differ by {diff}");
+                assert!(
+                    diff <= TOLERANCE,
+                    "{fixture} case {i} step {step}: batched logits differ by {diff}"
+                );
             }
         }
     }
@@ -43,7 +56,11 @@ fn prefill_mixed_with_decodes_equals_alone() {
     for fixture in FIXTURES {
         let engine = Engine::load(&fixture_dir(fixture)).unwrap();
         let cases = golden_cases(fixture);
-        let (a_ids, b_ids, c_ids) = (&cases[0].input_ids, &cases[1].input_ids, &cases[2].input_ids);
+        let (a_ids, b_ids, c_ids) = (
+            &cases[0].input_ids,
+            &cases[1].input_ids,
+            &cases[2].input_ids,
+        );
 
         // Reference: each sequence alone.
         let a_alone = engine.generate(&request(a_ids, 4)).unwrap();
@@ -57,8 +74,16 @@ fn prefill_mixed_with_decodes_equals_alone() {
         let mut c = engine.new_cache();
         let first = {
             let mut step = [
-                StepSequence { cache: &mut a, tokens: a_ids, all_logits: false },
-                StepSequence { cache: &mut b, tokens: b_ids, all_logits: false },
+                StepSequence {
+                    cache: &mut a,
+                    tokens: a_ids,
+                    all_logits: false,
+                },
+                StepSequence {
+                    cache: &mut b,
+                    tokens: b_ids,
+                    all_logits: false,
+                },
             ];
             engine.step(&mut step).unwrap()
         };
@@ -67,18 +92,39 @@ fn prefill_mixed_with_decodes_equals_alone() {
         let (ta, tb) = ([a_alone.output_ids[0]], [b_alone.output_ids[0]]);
         let mixed = {
             let mut step = [
-                StepSequence { cache: &mut a, tokens: &ta, all_logits: false },
-                StepSequence { cache: &mut c, tokens: c_ids, all_logits: true },
-                StepSequence { cache: &mut b, tokens: &tb, all_logits: false },
+                StepSequence {
+                    cache: &mut a,
+                    tokens: &ta,
+                    all_logits: false,
+                },
+                StepSequence {
+                    cache: &mut c,
+                    tokens: c_ids,
+                    all_logits: true,
+                },
+                StepSequence {
+                    cache: &mut b,
+                    tokens: &tb,
+                    all_logits: false,
+                },
             ];
             engine.step(&mut step).unwrap()
         };
         let diff_a = max_abs_diff(&mixed[0], &a_alone.step_logits.as_ref().unwrap()[1]);
         let diff_c = max_abs_diff(&mixed[1], &c_alone);
         let diff_b = max_abs_diff(&mixed[2], &b_alone.step_logits.as_ref().unwrap()[1]);
-        assert!(diff_a <= TOLERANCE, "{fixture}: decode logits of A differ by {diff_a} next to a prefill");
-        assert!(diff_b <= TOLERANCE, "{fixture}: decode logits of B differ by {diff_b} next to a prefill");
-        assert!(diff_c <= TOLERANCE, "{fixture}: prefill logits of C differ by {diff_c} next to decodes");
+        assert!(
+            diff_a <= TOLERANCE,
+            "{fixture}: decode logits of A differ by {diff_a} next to a prefill"
+        );
+        assert!(
+            diff_b <= TOLERANCE,
+            "{fixture}: decode logits of B differ by {diff_b} next to a prefill"
+        );
+        assert!(
+            diff_c <= TOLERANCE,
+            "{fixture}: prefill logits of C differ by {diff_c} next to decodes"
+        );
         assert_eq!(a.len, a_ids.len() + 1);
         assert_eq!(c.len, c_ids.len());
     }

@@ -7,12 +7,17 @@ use moe_model::Engine;
 use moe_tests::{fixture_dir, golden_cases, rewrite_fixture, RawTensor, TempDir, FIXTURES};
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn prompt_logits(dir: &std::path::Path) -> Vec<f32> {
     let engine = Engine::load(dir).unwrap();
-    engine.prompt_logits(&golden_cases(FIXTURES[0])[0].input_ids).unwrap()
+    engine
+        .prompt_logits(&golden_cases(FIXTURES[0])[0].input_ids)
+        .unwrap()
 }
 
 #[test]
@@ -29,16 +34,33 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     for (i, name) in names.iter().enumerate() {
         let info = file.info(name).unwrap();
         let shard = i % 2;
-        shards[shard].add(name.clone(), info.dtype, info.shape.clone(), file.bytes(info).to_vec());
-        map.insert(name.clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+        shards[shard].add(
+            name.clone(),
+            info.dtype,
+            info.shape.clone(),
+            file.bytes(info).to_vec(),
+        );
+        map.insert(
+            name.clone(),
+            format!("model-0000{}-of-00002.safetensors", shard + 1).into(),
+        );
     }
     drop(file);
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     for (i, shard) in shards.into_iter().enumerate() {
-        shard.write(&dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1))).unwrap();
+        shard
+            .write(
+                &dir.path()
+                    .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            )
+            .unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     assert_eq!(prompt_logits(dir.path()), single);
 }
 
@@ -46,7 +68,10 @@ fn sharded_checkpoint_loads_like_a_single_file() {
 fn f16_weights_load_and_compute_in_f32() {
     let dir = TempDir::new("f16");
     rewrite_fixture(FIXTURES[0], dir.path(), |(n, _, s, b)| {
-        let halves = f32s(&b).iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let halves = f32s(&b)
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
         vec![(n, Dtype::F16, s, halves)]
     });
     let reference = prompt_logits(&fixture_dir(FIXTURES[0]));
@@ -84,7 +109,12 @@ fn quantize(t: RawTensor) -> Vec<RawTensor> {
     let scale_bytes = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
     vec![
         (name.clone(), Dtype::F8E4M3, shape, q),
-        (format!("{name}_scale_inv"), Dtype::F32, vec![br, bc], scale_bytes),
+        (
+            format!("{name}_scale_inv"),
+            Dtype::F32,
+            vec![br, bc],
+            scale_bytes,
+        ),
     ]
 }
 
@@ -94,7 +124,8 @@ fn fp8_block_scaled_checkpoint_dequantises_exactly() {
     let fp8_dir = TempDir::new("fp8");
     rewrite_fixture(FIXTURES[0], fp8_dir.path(), quantize);
     let cfg_path = fp8_dir.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     // The config declares the block size, as DeepSeek's quantization_config does.
     cfg["quantization_config"] = serde_json::json!({
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]
@@ -120,12 +151,25 @@ fn fp8_block_scaled_checkpoint_dequantises_exactly() {
             .enumerate()
             .map(|(i, &b)| e4m3_to_f32(b) * scales[(i / cols / BLOCK) * bc + (i % cols) / BLOCK])
             .collect();
-        vec![(name, Dtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())]
+        vec![(
+            name,
+            Dtype::F32,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )]
     };
     let deq_dir = TempDir::new("fp8-deq");
     rewrite_fixture(FIXTURES[0], deq_dir.path(), dequantised);
 
     let fp8 = prompt_logits(fp8_dir.path());
-    assert_eq!(fp8, prompt_logits(deq_dir.path()), "FP8 load must equal loading its dequantised f32 weights");
-    assert_ne!(fp8, prompt_logits(&fixture_dir(FIXTURES[0])), "the checkpoint should really be quantised");
+    assert_eq!(
+        fp8,
+        prompt_logits(deq_dir.path()),
+        "FP8 load must equal loading its dequantised f32 weights"
+    );
+    assert_ne!(
+        fp8,
+        prompt_logits(&fixture_dir(FIXTURES[0])),
+        "the checkpoint should really be quantised"
+    );
 }

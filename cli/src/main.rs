@@ -6,7 +6,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "moe", version, about = "Mixture-of-Experts inference: offline engine and tools")]
+#[command(
+    name = "moe",
+    version,
+    about = "Mixture-of-Experts inference: offline engine and tools"
+)]
 struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, global = true, env = "MOE_THREADS")]
@@ -28,7 +32,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -44,5 +49,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn rayon_threads(threads: usize) -> anyhow::Result<()> {
-    moe_model::backend::set_threads(threads).map_err(|e| anyhow::anyhow!("cannot set {threads} threads: {e}"))
+    moe_model::backend::set_threads(threads)
+        .map_err(|e| anyhow::anyhow!("cannot set {threads} threads: {e}"))
 }

@@ -8,18 +8,30 @@ use moe_tests::{fixture_dir, golden_cases, steps_to_compare, TempDir, FIXTURES};
 use serde_json::Value;
 
 fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe")).args(args).env("MOE_THREADS", "2").output().expect("moe runs")
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .env("MOE_THREADS", "2")
+        .output()
+        .expect("moe runs")
 }
 
 fn last_json_line(out: &Output) -> Value {
-    assert!(out.status.success(), "moe failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "moe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
     let line = stdout.lines().last().expect("some output");
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -28,18 +40,43 @@ fn generate_json_matches_golden_on_every_fixture() {
         let dir = fixture_dir(fixture);
         let case = &golden_cases(fixture)[1];
         let out = moe(&[
-            "generate", "--model", dir.to_str().unwrap(), "--prompt", &case.prompt,
-            "--max-new-tokens", "24", "--ignore-eos", "--json",
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            &case.prompt,
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
         ]);
         let json = last_json_line(&out);
-        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
-        for key in ["input_ids", "output_ids", "logprobs", "text", "finish_reason"] {
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for key in [
+            "input_ids",
+            "output_ids",
+            "logprobs",
+            "text",
+            "finish_reason",
+        ] {
             assert!(keys.contains(&key), "{fixture}: missing {key} in {keys:?}");
         }
-        assert!(!keys.contains(&"step_logits"), "step_logits only with --emit-logits");
+        assert!(
+            !keys.contains(&"step_logits"),
+            "step_logits only with --emit-logits"
+        );
         assert_eq!(ids(&json["input_ids"]), case.input_ids, "{fixture}");
         let n = steps_to_compare(&case.step_top2_margin);
-        assert_eq!(ids(&json["output_ids"])[..n], case.output_ids[..n], "{fixture}");
+        assert_eq!(
+            ids(&json["output_ids"])[..n],
+            case.output_ids[..n],
+            "{fixture}"
+        );
         assert_eq!(json["logprobs"].as_array().unwrap().len(), 24);
         assert_eq!(json["finish_reason"], "length");
         if n == 24 {
@@ -54,14 +91,27 @@ fn generate_emits_logits_and_accepts_input_ids() {
     let case = &golden_cases(FIXTURES[0])[0];
     let id_list: Vec<String> = case.input_ids.iter().map(u32::to_string).collect();
     let out = moe(&[
-        "generate", "--model", dir.to_str().unwrap(), "--input-ids", &id_list.join(","),
-        "--max-new-tokens", "3", "--ignore-eos", "--json", "--emit-logits",
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input-ids",
+        &id_list.join(","),
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+        "--json",
+        "--emit-logits",
     ]);
     let json = last_json_line(&out);
     let logits = json["step_logits"].as_array().unwrap();
     assert_eq!(logits.len(), 3);
     for (step, row) in logits.iter().enumerate() {
-        let row: Vec<f32> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let row: Vec<f32> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let golden = &case.step_logits[step * 512..(step + 1) * 512];
         assert!(moe_tests::max_abs_diff(&row, golden) <= 2e-3, "step {step}");
     }
@@ -71,7 +121,16 @@ fn generate_emits_logits_and_accepts_input_ids() {
 fn generate_without_json_prints_text() {
     let dir = fixture_dir(FIXTURES[1]);
     let case = &golden_cases(FIXTURES[1])[0];
-    let out = moe(&["generate", "--model", dir.to_str().unwrap(), "--prompt", &case.prompt, "--max-new-tokens", "24", "--ignore-eos"]);
+    let out = moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &case.prompt,
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+    ]);
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     if steps_to_compare(&case.step_top2_margin) == 24 {
@@ -86,8 +145,23 @@ fn seeded_sampling_is_reproducible_from_the_command_line() {
     let dir = fixture_dir(FIXTURES[2]);
     let run = |seed: &str| {
         let out = moe(&[
-            "generate", "--model", dir.to_str().unwrap(), "--prompt", "Hello", "--max-new-tokens", "16",
-            "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", seed, "--ignore-eos", "--json",
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
         ]);
         ids(&last_json_line(&out)["output_ids"])
     };
@@ -98,39 +172,87 @@ fn seeded_sampling_is_reproducible_from_the_command_line() {
 #[test]
 fn errors_exit_nonzero_with_a_message_and_no_panic() {
     let tmp = TempDir::new("cli-bad");
-    let out = moe(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt", "x", "--json"]);
+    let out = moe(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--json",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("config.json"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     let dir = fixture_dir(FIXTURES[0]);
-    let out = moe(&["generate", "--model", dir.to_str().unwrap(), "--input-ids", "0,9999", "--json"]);
+    let out = moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input-ids",
+        "0,9999",
+        "--json",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("9999") && stderr.contains("512"), "{stderr}");
+    assert!(
+        stderr.contains("9999") && stderr.contains("512"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn gen_checkpoint_writes_loadable_checkpoints() {
-    for (arch, dtype) in [("deepseek_v3", "f32"), ("qwen3_moe", "f32"), ("mixtral", "bf16")] {
+    for (arch, dtype) in [
+        ("deepseek_v3", "f32"),
+        ("qwen3_moe", "f32"),
+        ("mixtral", "bf16"),
+    ] {
         let tmp = TempDir::new(arch);
         let out_dir = tmp.path().join("ckpt");
         let out = moe(&[
-            "gen-checkpoint", "--arch", arch, "--preset", "tiny", "--out", out_dir.to_str().unwrap(),
-            "--seed", "3", "--dtype", dtype,
+            "gen-checkpoint",
+            "--arch",
+            arch,
+            "--preset",
+            "tiny",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--dtype",
+            dtype,
         ]);
-        assert!(out.status.success(), "{arch}: {}", String::from_utf8_lossy(&out.stderr));
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(
+            out.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             assert!(out_dir.join(f).exists(), "{arch}: {f} missing");
         }
         let json = last_json_line(&moe(&[
-            "generate", "--model", out_dir.to_str().unwrap(), "--prompt", "Hello world", "--max-new-tokens", "5",
-            "--ignore-eos", "--json",
+            "generate",
+            "--model",
+            out_dir.to_str().unwrap(),
+            "--prompt",
+            "Hello world",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--json",
         ]));
         assert_eq!(json["output_ids"].as_array().unwrap().len(), 5, "{arch}");
-        let config: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(config["model_type"], arch);
     }
 }
@@ -139,7 +261,16 @@ fn gen_checkpoint_writes_loadable_checkpoints() {
 fn bench_reports_json() {
     let dir = fixture_dir(FIXTURES[0]);
     let json = last_json_line(&moe(&[
-        "bench", "--model", dir.to_str().unwrap(), "--batch", "1,4", "--prompt-len", "8", "--gen", "4", "--json",
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--batch",
+        "1,4",
+        "--prompt-len",
+        "8",
+        "--gen",
+        "4",
+        "--json",
     ]));
     let results = json["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);

@@ -16,7 +16,9 @@ use moe_model::routes::ExpertRoutes;
 use moe_model::sampling::Rng;
 
 fn random(n: usize, rng: &mut Rng) -> Vec<f32> {
-    (0..n).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 0.05).collect()
+    (0..n)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 0.05)
+        .collect()
 }
 
 /// Median seconds per call of `f`.
@@ -34,6 +36,11 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
 }
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without `--bench`: nothing to measure.
+        println!("kernels: run with `cargo bench -p moe-model --bench kernels`");
+        return;
+    }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let json = std::env::args().any(|a| a == "--json") || std::env::var("MOE_BENCH_JSON").is_ok();
     let wants = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
@@ -82,9 +89,21 @@ fn main() {
         let mut writer = SafetensorsWriter::default();
         for e in 0..experts {
             let p = format!("model.layers.0.mlp.experts.{e}");
-            writer.add_f32(format!("{p}.gate_proj.weight"), vec![i, h], &random(i * h, &mut rng));
-            writer.add_f32(format!("{p}.up_proj.weight"), vec![i, h], &random(i * h, &mut rng));
-            writer.add_f32(format!("{p}.down_proj.weight"), vec![h, i], &random(h * i, &mut rng));
+            writer.add_f32(
+                format!("{p}.gate_proj.weight"),
+                vec![i, h],
+                &random(i * h, &mut rng),
+            );
+            writer.add_f32(
+                format!("{p}.up_proj.weight"),
+                vec![i, h],
+                &random(i * h, &mut rng),
+            );
+            writer.add_f32(
+                format!("{p}.down_proj.weight"),
+                vec![h, i],
+                &random(h * i, &mut rng),
+            );
         }
         writer.write(&dir.join("model.safetensors")).unwrap();
         let cfg = ModelConfig::from_dir(&dir).unwrap();
@@ -117,14 +136,22 @@ fn main() {
                 let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
                 let prompt: Vec<u32> = (0..16).map(|t| t as u32 + 3).collect();
                 for cache in caches.iter_mut() {
-                    let mut step = [moe_model::dense::StepSequence { cache, tokens: &prompt, all_logits: false }];
+                    let mut step = [moe_model::dense::StepSequence {
+                        cache,
+                        tokens: &prompt,
+                        all_logits: false,
+                    }];
                     engine.step(&mut step).unwrap();
                 }
                 let token = [7u32];
                 let s = time(|| {
                     let mut step: Vec<_> = caches
                         .iter_mut()
-                        .map(|cache| moe_model::dense::StepSequence { cache, tokens: &token, all_logits: false })
+                        .map(|cache| moe_model::dense::StepSequence {
+                            cache,
+                            tokens: &token,
+                            all_logits: false,
+                        })
                         .collect();
                     std::hint::black_box(engine.step(&mut step).unwrap());
                 });
@@ -137,9 +164,17 @@ fn main() {
 
     for (name, secs, work) in &results {
         if name.starts_with("decode_step") {
-            println!("{name:<34} {:>9.3} ms/step {:>9.1} tok/s", secs * 1e3, work / secs);
+            println!(
+                "{name:<34} {:>9.3} ms/step {:>9.1} tok/s",
+                secs * 1e3,
+                work / secs
+            );
         } else {
-            println!("{name:<34} {:>9.3} ms {:>9.1} GFLOP/s", secs * 1e3, work / secs / 1e9);
+            println!(
+                "{name:<34} {:>9.3} ms {:>9.1} GFLOP/s",
+                secs * 1e3,
+                work / secs / 1e9
+            );
         }
     }
     if json {

@@ -242,7 +242,9 @@ impl RawConfig {
     fn into_config(self, family: Family) -> std::result::Result<ModelConfig, String> {
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(format!("hidden_act {act:?} is not supported (only \"silu\")"));
+                return Err(format!(
+                    "hidden_act {act:?} is not supported (only \"silu\")"
+                ));
             }
         }
         if self.num_attention_heads == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
@@ -253,7 +255,7 @@ impl RawConfig {
         let (attention, rope_dim) = match family {
             Family::DeepseekV3 => {
                 let qk_rope = require(self.qk_rope_head_dim, "qk_rope_head_dim")?;
-                if qk_rope % 2 != 0 {
+                if !qk_rope.is_multiple_of(2) {
                     return Err("qk_rope_head_dim must be even".into());
                 }
                 (
@@ -272,12 +274,12 @@ impl RawConfig {
             Family::Qwen3Moe | Family::Mixtral => {
                 let head_dim = self.head_dim.unwrap_or(self.hidden_size / num_heads);
                 let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
-                if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+                if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
                     return Err(format!(
                         "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
                     ));
                 }
-                if head_dim % 2 != 0 {
+                if !head_dim.is_multiple_of(2) {
                     return Err("head_dim must be even".into());
                 }
                 (
@@ -310,17 +312,21 @@ impl RawConfig {
             Family::DeepseekV3 => {
                 if let Some(f) = &self.scoring_func {
                     if f != "sigmoid" {
-                        return Err(format!("scoring_func {f:?} is not supported (only \"sigmoid\")"));
+                        return Err(format!(
+                            "scoring_func {f:?} is not supported (only \"sigmoid\")"
+                        ));
                     }
                 }
                 if let Some(m) = &self.topk_method {
                     if m != "noaux_tc" {
-                        return Err(format!("topk_method {m:?} is not supported (only \"noaux_tc\")"));
+                        return Err(format!(
+                            "topk_method {m:?} is not supported (only \"noaux_tc\")"
+                        ));
                     }
                 }
                 let n_group = self.n_group.unwrap_or(1).max(1);
                 let topk_group = self.topk_group.unwrap_or(n_group);
-                if num_experts % n_group != 0 || topk_group > n_group || topk_group == 0 {
+                if !num_experts.is_multiple_of(n_group) || topk_group > n_group || topk_group == 0 {
                     return Err(format!(
                         "n_group {n_group} / topk_group {topk_group} do not fit {num_experts} experts"
                     ));
@@ -441,7 +447,11 @@ impl RawConfig {
             }
             other => return Err(format!("rope scaling type {other:?} is not supported")),
         };
-        Ok(RopeConfig { theta, dim, scaling })
+        Ok(RopeConfig {
+            theta,
+            dim,
+            scaling,
+        })
     }
 }
 

@@ -63,19 +63,36 @@ impl DenseModel {
             let p = families::layer_prefix(layer);
             let ffn = if config.is_moe_layer(layer) {
                 let names = families::moe_names(config, layer);
-                let gate = MoeGate::load(ckpt, &names.gate, names.correction_bias.as_deref(), &config.moe, h)?;
+                let gate = MoeGate::load(
+                    ckpt,
+                    &names.gate,
+                    names.correction_bias.as_deref(),
+                    &config.moe,
+                    h,
+                )?;
                 let shared = match &names.shared {
-                    Some(n) => Some(Mlp::load(ckpt, n, h, config.moe.intermediate_size * config.moe.n_shared_experts)?),
+                    Some(n) => Some(Mlp::load(
+                        ckpt,
+                        n,
+                        h,
+                        config.moe.intermediate_size * config.moe.n_shared_experts,
+                    )?),
                     None => None,
                 };
                 FeedForward::Moe { gate, shared }
             } else {
-                FeedForward::Dense(Mlp::load(ckpt, &families::dense_mlp_names(layer), h, config.dense_intermediate_size)?)
+                FeedForward::Dense(Mlp::load(
+                    ckpt,
+                    &families::dense_mlp_names(layer),
+                    h,
+                    config.dense_intermediate_size,
+                )?)
             };
             layers.push(DecoderLayer {
                 input_norm: ckpt.load_f32(&format!("{p}.input_layernorm.weight"), &[h])?,
                 attention: families::load_attention(ckpt, config, layer)?,
-                post_attention_norm: ckpt.load_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_norm: ckpt
+                    .load_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 ffn,
             });
         }
@@ -102,7 +119,11 @@ impl DenseModel {
     /// Checks a step's inputs before any state changes.
     pub fn validate(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
         for s in seqs {
-            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            if let Some(&id) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
                 return Err(ModelError::TokenOutOfRange {
                     id,
                     vocab_size: self.config.vocab_size,
@@ -116,7 +137,9 @@ impl DenseModel {
                 });
             }
             if s.cache.layers.len() != self.config.num_layers {
-                return Err(ModelError::InvalidRequest("sequence cache belongs to another model".into()));
+                return Err(ModelError::InvalidRequest(
+                    "sequence cache belongs to another model".into(),
+                ));
             }
         }
         Ok(())
@@ -125,7 +148,11 @@ impl DenseModel {
     /// Runs one batched step. Returns, per sequence, logits `[n, vocab]` for its last new token
     /// (or for all new tokens when `all_logits`). Every row's result is independent of the
     /// other rows in the step.
-    pub fn forward(&self, seqs: &mut [StepSequence<'_>], experts: &dyn ExpertBackend) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>> {
         self.validate(seqs)?;
         let h = self.config.hidden_size;
         let eps = self.config.rms_norm_eps;
@@ -142,8 +169,11 @@ impl DenseModel {
 
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = ops::rms_norm(&hidden, &layer.input_norm, eps);
-            let mut caches: Vec<&mut LayerCache> = seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
-            let attn = layer.attention.forward(&normed, &layout, &rope, &mut caches);
+            let mut caches: Vec<&mut LayerCache> =
+                seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            let attn = layer
+                .attention
+                .forward(&normed, &layout, &rope, &mut caches);
             add_in_place(&mut hidden, &attn);
             let normed = ops::rms_norm(&hidden, &layer.post_attention_norm, eps);
             let ffn_out = match &layer.ffn {
@@ -162,7 +192,11 @@ impl DenseModel {
         // Final norm and lm_head only for the rows whose logits are wanted.
         let mut wanted = Vec::new();
         for (s, span) in seqs.iter().zip(&layout.seqs) {
-            let first = if s.all_logits { span.first_row } else { span.first_row + span.len - 1 };
+            let first = if s.all_logits {
+                span.first_row
+            } else {
+                span.first_row + span.len - 1
+            };
             wanted.extend(first..span.first_row + span.len);
         }
         let mut selected = Vec::with_capacity(wanted.len() * h);
@@ -196,7 +230,12 @@ impl DenseModel {
             || experts.run_experts(layer, normed, routes),
             || shared.map(|m| m.forward(normed, rows)),
         );
-        Ok(combine(routes, &pair_out?, shared_out.as_deref(), self.config.hidden_size))
+        Ok(combine(
+            routes,
+            &pair_out?,
+            shared_out.as_deref(),
+            self.config.hidden_size,
+        ))
     }
 
     pub fn new_cache(&self) -> SequenceCache {

@@ -113,7 +113,11 @@ impl Engine {
         if req.input_ids.is_empty() {
             return Err(ModelError::InvalidRequest("the prompt is empty".into()));
         }
-        if let Some(&id) = req.input_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&id) = req
+            .input_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(ModelError::TokenOutOfRange {
                 id,
                 vocab_size: self.config.vocab_size,
@@ -175,7 +179,10 @@ impl Engine {
                 let req = &reqs[i];
                 let state = &mut states[i];
                 let token = state.sampler.sample(&logits);
-                state.out.logprobs.push(ops::log_softmax_at(&logits, token as usize));
+                state
+                    .out
+                    .logprobs
+                    .push(ops::log_softmax_at(&logits, token as usize));
                 state.out.output_ids.push(token);
                 if let Some(all) = state.out.step_logits.as_mut() {
                     all.push(logits);

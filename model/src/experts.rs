@@ -29,7 +29,11 @@ pub struct ExpertSet {
 
 impl ExpertSet {
     /// Loads the given `(layer, expert)` pairs, reading only their tensors.
-    pub fn load(ckpt: &Checkpoint, config: &ModelConfig, which: impl IntoIterator<Item = (usize, usize)>) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        which: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Self> {
         let hidden = config.hidden_size;
         let inter = config.moe.intermediate_size;
         let wanted: Vec<(usize, usize)> = which.into_iter().collect();
@@ -79,6 +83,12 @@ impl ExpertSet {
     }
 }
 
+/// One expert's rows: `(pair index, row index)` of each, and the expert's output rows.
+struct GroupOutput {
+    members: Vec<(usize, usize)>,
+    out: Vec<f32>,
+}
+
 impl ExpertBackend for ExpertSet {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
         let hidden = self.hidden;
@@ -98,16 +108,16 @@ impl ExpertBackend for ExpertSet {
         }
         let mut work = Vec::with_capacity(groups.len());
         for (expert, members) in groups {
-            let mlp = self
-                .experts
-                .get(&(layer, expert as usize))
-                .ok_or(ModelError::ExpertNotLoaded {
-                    layer,
-                    expert: expert as usize,
-                })?;
+            let mlp =
+                self.experts
+                    .get(&(layer, expert as usize))
+                    .ok_or(ModelError::ExpertNotLoaded {
+                        layer,
+                        expert: expert as usize,
+                    })?;
             work.push((mlp, members));
         }
-        let results: Vec<(Vec<(usize, usize)>, Vec<f32>)> = work
+        let results: Vec<GroupOutput> = work
             .into_par_iter()
             .map(|(mlp, members)| {
                 let mut gathered = Vec::with_capacity(members.len() * hidden);
@@ -115,11 +125,11 @@ impl ExpertBackend for ExpertSet {
                     gathered.extend_from_slice(&rows[r * hidden..(r + 1) * hidden]);
                 }
                 let out = mlp.forward(&gathered, members.len());
-                (members, out)
+                GroupOutput { members, out }
             })
             .collect();
         let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
-        for (members, out) in results {
+        for GroupOutput { members, out } in results {
             for (i, &(p, _)) in members.iter().enumerate() {
                 let w = routes.weights[p];
                 let dst = &mut pair_out[p * hidden..(p + 1) * hidden];

@@ -39,8 +39,12 @@ pub fn preset_config(family: Family, preset: Preset) -> Value {
             //  q_lora, kv_lora, rope, nope, v, max_pos, original_max_pos)
             let (h, i, mi, l, nh, e, k, g, tg, ql, kvl, r, n, v, mp, omp) = match p {
                 Preset::Tiny => (64, 128, 32, 3, 4, 16, 4, 4, 2, 48, 32, 8, 16, 16, 1024, 256),
-                Preset::Small => (1024, 2816, 256, 8, 16, 64, 6, 8, 4, 384, 256, 32, 64, 64, 4096, 1024),
-                Preset::Medium => (2048, 5632, 1408, 6, 16, 64, 6, 8, 4, 768, 512, 64, 128, 128, 4096, 1024),
+                Preset::Small => (
+                    1024, 2816, 256, 8, 16, 64, 6, 8, 4, 384, 256, 32, 64, 64, 4096, 1024,
+                ),
+                Preset::Medium => (
+                    2048, 5632, 1408, 6, 16, 64, 6, 8, 4, 768, 512, 64, 128, 128, 4096, 1024,
+                ),
             };
             json!({
                 "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
@@ -110,9 +114,19 @@ fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     let h = config.hidden_size;
     let lin = Init::Linear { gain: 1.0 };
     let mut specs = vec![
-        ("model.embed_tokens.weight".to_string(), vec![config.vocab_size, h], Init::Linear { gain: (h as f32).sqrt() }),
+        (
+            "model.embed_tokens.weight".to_string(),
+            vec![config.vocab_size, h],
+            Init::Linear {
+                gain: (h as f32).sqrt(),
+            },
+        ),
         ("model.norm.weight".to_string(), vec![h], Init::Norm),
-        ("lm_head.weight".to_string(), vec![config.vocab_size, h], Init::Linear { gain: 3.0 }),
+        (
+            "lm_head.weight".to_string(),
+            vec![config.vocab_size, h],
+            Init::Linear { gain: 3.0 },
+        ),
     ];
     let mlp = |specs: &mut Vec<(String, Vec<usize>, Init)>, n: MlpNames, inter: usize| {
         specs.push((n.gate, vec![inter, h], lin));
@@ -123,7 +137,11 @@ fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         let p = families::layer_prefix(layer);
         let a = format!("{p}.self_attn");
         specs.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
-        specs.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Norm));
+        specs.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Init::Norm,
+        ));
         match config.attention {
             AttentionConfig::Gqa {
                 num_heads,
@@ -131,10 +149,26 @@ fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                 head_dim,
                 qk_norm,
             } => {
-                specs.push((format!("{a}.q_proj.weight"), vec![num_heads * head_dim, h], lin));
-                specs.push((format!("{a}.k_proj.weight"), vec![num_kv_heads * head_dim, h], lin));
-                specs.push((format!("{a}.v_proj.weight"), vec![num_kv_heads * head_dim, h], lin));
-                specs.push((format!("{a}.o_proj.weight"), vec![h, num_heads * head_dim], lin));
+                specs.push((
+                    format!("{a}.q_proj.weight"),
+                    vec![num_heads * head_dim, h],
+                    lin,
+                ));
+                specs.push((
+                    format!("{a}.k_proj.weight"),
+                    vec![num_kv_heads * head_dim, h],
+                    lin,
+                ));
+                specs.push((
+                    format!("{a}.v_proj.weight"),
+                    vec![num_kv_heads * head_dim, h],
+                    lin,
+                ));
+                specs.push((
+                    format!("{a}.o_proj.weight"),
+                    vec![h, num_heads * head_dim],
+                    lin,
+                ));
                 if qk_norm {
                     specs.push((format!("{a}.q_norm.weight"), vec![head_dim], Init::Norm));
                     specs.push((format!("{a}.k_norm.weight"), vec![head_dim], Init::Norm));
@@ -154,34 +188,70 @@ fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                     Some(r) => {
                         specs.push((format!("{a}.q_a_proj.weight"), vec![r, h], lin));
                         specs.push((format!("{a}.q_a_layernorm.weight"), vec![r], Init::Norm));
-                        specs.push((format!("{a}.q_b_proj.weight"), vec![num_heads * q_head, r], lin));
+                        specs.push((
+                            format!("{a}.q_b_proj.weight"),
+                            vec![num_heads * q_head, r],
+                            lin,
+                        ));
                     }
-                    None => specs.push((format!("{a}.q_proj.weight"), vec![num_heads * q_head, h], lin)),
+                    None => specs.push((
+                        format!("{a}.q_proj.weight"),
+                        vec![num_heads * q_head, h],
+                        lin,
+                    )),
                 }
-                specs.push((format!("{a}.kv_a_proj_with_mqa.weight"), vec![kv_lora_rank + qk_rope_head_dim, h], lin));
-                specs.push((format!("{a}.kv_a_layernorm.weight"), vec![kv_lora_rank], Init::Norm));
+                specs.push((
+                    format!("{a}.kv_a_proj_with_mqa.weight"),
+                    vec![kv_lora_rank + qk_rope_head_dim, h],
+                    lin,
+                ));
+                specs.push((
+                    format!("{a}.kv_a_layernorm.weight"),
+                    vec![kv_lora_rank],
+                    Init::Norm,
+                ));
                 specs.push((
                     format!("{a}.kv_b_proj.weight"),
                     vec![num_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank],
                     lin,
                 ));
-                specs.push((format!("{a}.o_proj.weight"), vec![h, num_heads * v_head_dim], lin));
+                specs.push((
+                    format!("{a}.o_proj.weight"),
+                    vec![h, num_heads * v_head_dim],
+                    lin,
+                ));
             }
         }
         if config.is_moe_layer(layer) {
             let names = families::moe_names(config, layer);
-            specs.push((names.gate, vec![config.moe.num_experts, h], Init::Linear { gain: 2.0 }));
+            specs.push((
+                names.gate,
+                vec![config.moe.num_experts, h],
+                Init::Linear { gain: 2.0 },
+            ));
             if let Some(bias) = names.correction_bias {
                 specs.push((bias, vec![config.moe.num_experts], Init::Bias));
             }
             if let Some(shared) = names.shared {
-                mlp(&mut specs, shared, config.moe.intermediate_size * config.moe.n_shared_experts);
+                mlp(
+                    &mut specs,
+                    shared,
+                    config.moe.intermediate_size * config.moe.n_shared_experts,
+                );
             }
             for e in 0..config.moe.num_experts {
-                mlp(&mut specs, families::expert_names(config.family, layer, e), config.moe.intermediate_size);
+                mlp(
+                    &mut specs,
+                    families::expert_names(config.family, layer, e),
+                    config.moe.intermediate_size,
+                );
             }
         } else {
-            mlp(&mut specs, families::dense_mlp_names(layer), config.dense_intermediate_size);
+            mlp(
+                &mut specs,
+                families::dense_mlp_names(layer),
+                config.dense_intermediate_size,
+            );
         }
     }
     specs
@@ -203,14 +273,24 @@ fn init_values(rng: &mut Rng, shape: &[usize], init: Init) -> Vec<f32> {
 
 /// Parameter count of a config (what `gen-checkpoint` reports).
 pub fn parameter_count(config: &ModelConfig) -> usize {
-    tensor_specs(config).iter().map(|(_, s, _)| s.iter().product::<usize>()).sum()
+    tensor_specs(config)
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum()
 }
 
 /// Writes a random checkpoint for `family`/`preset` into `out`; returns its parameter count.
-pub fn write_checkpoint(family: Family, preset: Preset, out: &Path, seed: u64, dtype: WeightDtype) -> Result<usize> {
+pub fn write_checkpoint(
+    family: Family,
+    preset: Preset,
+    out: &Path,
+    seed: u64,
+    dtype: WeightDtype,
+) -> Result<usize> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let config_json = preset_config(family, preset);
-    let config_text = serde_json::to_string_pretty(&config_json).map_err(|e| ModelError::InvalidRequest(e.to_string()))?;
+    let config_text = serde_json::to_string_pretty(&config_json)
+        .map_err(|e| ModelError::InvalidRequest(e.to_string()))?;
     let config = ModelConfig::from_json_str(&config_text, &out.join("config.json"))?;
     let write = |name: &str, text: &str| {
         let path = out.join(name);
@@ -228,7 +308,10 @@ pub fn write_checkpoint(family: Family, preset: Preset, out: &Path, seed: u64, d
         WeightDtype::F32 => 4,
         WeightDtype::Bf16 => 2,
     };
-    let total_bytes: usize = specs.iter().map(|(_, s, _)| s.iter().product::<usize>() * bytes_per).sum();
+    let total_bytes: usize = specs
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>() * bytes_per)
+        .sum();
     let num_shards = total_bytes.div_ceil(SHARD_BYTES).max(1);
     let mut shard = SafetensorsWriter::default();
     let mut shard_index = 0;

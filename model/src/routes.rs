@@ -50,12 +50,20 @@ impl ExpertRoutes {
 /// Sums each row's weighted expert outputs in pair order (ascending expert id), starting from
 /// zero, then adds the shared experts' output: exactly the order transformers uses, and the one
 /// every placement of experts must reproduce.
-pub fn combine(routes: &ExpertRoutes, pair_outputs: &[f32], shared: Option<&[f32]>, hidden: usize) -> Vec<f32> {
+pub fn combine(
+    routes: &ExpertRoutes,
+    pair_outputs: &[f32],
+    shared: Option<&[f32]>,
+    hidden: usize,
+) -> Vec<f32> {
     let rows = routes.rows();
     let mut out = vec![0.0f32; rows * hidden];
     for (r, row) in out.chunks_exact_mut(hidden).enumerate() {
         for p in routes.row_pairs(r) {
-            for (o, v) in row.iter_mut().zip(&pair_outputs[p * hidden..(p + 1) * hidden]) {
+            for (o, v) in row
+                .iter_mut()
+                .zip(&pair_outputs[p * hidden..(p + 1) * hidden])
+            {
                 *o += v;
             }
         }

@@ -35,7 +35,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::InvalidRequest(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(ModelError::InvalidRequest(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -101,7 +104,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = params.seed.map(Rng::seeded).unwrap_or_else(Rng::from_entropy);
+        let rng = params
+            .seed
+            .map(Rng::seeded)
+            .unwrap_or_else(Rng::from_entropy);
         Self { params, rng }
     }
 

@@ -28,7 +28,10 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(ModelError::Tokenizer(format!("{} does not exist", path.display())));
+            return Err(ModelError::Tokenizer(format!(
+                "{} does not exist",
+                path.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
@@ -38,12 +41,16 @@ impl Tokenizer {
                 .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", config_path.display())))?,
             Err(_) => Value::Null,
         };
-        let id_of = |key: &str| special_token_content(&config, key).and_then(|t| inner.token_to_id(&t));
+        let id_of =
+            |key: &str| special_token_content(&config, key).and_then(|t| inner.token_to_id(&t));
         Ok(Self {
             add_bos: config.get("add_bos_token").and_then(Value::as_bool),
             bos_id: id_of("bos_token"),
             eos_id: id_of("eos_token"),
-            chat_template: config.get("chat_template").and_then(Value::as_str).map(str::to_string),
+            chat_template: config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             inner,
         })
     }

@@ -8,7 +8,9 @@ use serde_json::Value;
 pub const FIXTURES: [&str; 3] = ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// One golden case: prompt, ids and transformers' logits.
@@ -26,15 +28,25 @@ pub struct GoldenCase {
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn tensor(file: &SafetensorsFile, name: &str) -> Vec<f32> {
-    let info = file.info(name).unwrap_or_else(|| panic!("{name} missing from golden.safetensors"));
+    let info = file
+        .info(name)
+        .unwrap_or_else(|| panic!("{name} missing from golden.safetensors"));
     file.bytes(info)
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -43,7 +55,8 @@ fn tensor(file: &SafetensorsFile, name: &str) -> Vec<f32> {
 
 pub fn golden_cases(fixture: &str) -> Vec<GoldenCase> {
     let dir = fixture_dir(fixture);
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let logits = SafetensorsFile::open(&dir.join("golden.safetensors")).unwrap();
     json["cases"]
         .as_array()
@@ -66,7 +79,10 @@ pub fn golden_cases(fixture: &str) -> Vec<GoldenCase> {
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Number of leading steps whose tokens must match: up to and including the first near-tie.
@@ -83,7 +99,10 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let dir = std::env::temp_dir().join(format!("moe-test-{tag}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -106,7 +125,11 @@ pub type RawTensor = (String, moe_model::checkpoint::Dtype, Vec<usize>, Vec<u8>)
 /// Copies a fixture directory to `dst`, rewriting its safetensors through `edit`, which returns
 /// the tensors to store in place of each one (none to drop it, several to add companions).
 /// Config and tokenizer files are copied as they are.
-pub fn rewrite_fixture(fixture: &str, dst: &Path, mut edit: impl FnMut(RawTensor) -> Vec<RawTensor>) {
+pub fn rewrite_fixture(
+    fixture: &str,
+    dst: &Path,
+    mut edit: impl FnMut(RawTensor) -> Vec<RawTensor>,
+) {
     let src = fixture_dir(fixture);
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(name), dst.join(name)).unwrap();
@@ -117,7 +140,12 @@ pub fn rewrite_fixture(fixture: &str, dst: &Path, mut edit: impl FnMut(RawTensor
     let mut writer = moe_model::checkpoint::SafetensorsWriter::default();
     for name in names {
         let info = file.info(&name).unwrap().clone();
-        let raw = (name, info.dtype, info.shape.clone(), file.bytes(&info).to_vec());
+        let raw = (
+            name,
+            info.dtype,
+            info.shape.clone(),
+            file.bytes(&info).to_vec(),
+        );
         for (n, d, s, b) in edit(raw) {
             writer.add(n, d, s, b);
         }

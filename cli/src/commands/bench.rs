@@ -71,7 +71,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for &batch in &args.batch {
         let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|_| (0..args.prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect())
+            .map(|_| {
+                (0..args.prompt_len)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect()
+            })
             .collect();
         let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
         let start = Instant::now();
@@ -133,7 +137,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("{} ({}), {} threads", report.model, report.model_type, report.threads);
+        println!(
+            "{} ({}), {} threads",
+            report.model, report.model_type, report.threads
+        );
         println!("batch  prefill tok/s  TTFT ms  decode tok/s  ITL p50/p90/p99 ms");
         for r in &report.results {
             println!(

@@ -13,7 +13,11 @@ pub struct GenerateArgs {
     #[arg(long, env = "MOE_MODEL")]
     model: PathBuf,
     /// Prompt text, tokenized with the checkpoint's tokenizer.
-    #[arg(long, conflicts_with = "input_ids", required_unless_present = "input_ids")]
+    #[arg(
+        long,
+        conflicts_with = "input_ids",
+        required_unless_present = "input_ids"
+    )]
     prompt: Option<String>,
     /// Prompt token ids, comma-separated (e.g. 0,5,7).
     #[arg(long, value_delimiter = ',')]
@@ -52,7 +56,8 @@ struct GenerateJson<'a> {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let engine = Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let engine =
+        Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let input_ids = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => engine.tokenizer().encode_prompt(text)?,
         (None, Some(ids)) => ids.clone(),

@@ -35,7 +35,11 @@ impl std::fmt::Debug for PackedMatrix {
 impl PackedMatrix {
     /// Packs a row-major `[n, k]` weight (`weight.len() == n * k`).
     pub fn from_rows(weight: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(weight.len(), n * k, "weight length does not match its shape");
+        assert_eq!(
+            weight.len(),
+            n * k,
+            "weight length does not match its shape"
+        );
         let num_panels = n.div_ceil(NR);
         let mut panels = vec![0.0f32; num_panels * k * NR];
         for p in 0..num_panels {
@@ -240,7 +244,9 @@ mod tests {
         let mut s = seed;
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -250,7 +256,9 @@ mod tests {
         let mut c = vec![0.0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k).map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64).sum::<f64>() as f32;
+                c[i * n + j] = (0..k)
+                    .map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         c
@@ -258,7 +266,13 @@ mod tests {
 
     #[test]
     fn matches_reference_on_ragged_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (7, 17, 5), (13, 33, 300), (6, 16, 256), (1, 40, 513)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 5),
+            (13, 33, 300),
+            (6, 16, 256),
+            (1, 40, 513),
+        ] {
             let a = pseudo_random(m * k, 1);
             let w = pseudo_random(n * k, 2);
             let c = PackedMatrix::from_rows(&w, n, k).matmul(&a, m);

@@ -4,8 +4,8 @@
 //! Layers ask for the tensors they need, by name and expected shape; nothing else is read, so an
 //! expert node holding 4 of 256 experts maps the files but touches only those 4 experts' bytes.
 
-pub mod safetensors;
 pub mod fp8;
+pub mod safetensors;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,8 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let bad = |message: String| ModelError::Safetensors {
                 path: index_path.clone(),
                 message,
@@ -44,11 +45,13 @@ impl Checkpoint {
                 .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
             let mut shard_ids: HashMap<String, usize> = HashMap::new();
             for (name, shard) in map {
-                let shard = shard
-                    .as_str()
-                    .ok_or_else(|| bad(format!("weight_map entry for {name} is not a file name")))?;
+                let shard = shard.as_str().ok_or_else(|| {
+                    bad(format!("weight_map entry for {name} is not a file name"))
+                })?;
                 if shard.contains('/') || shard.contains("..") {
-                    return Err(bad(format!("shard name {shard:?} must be a plain file name")));
+                    return Err(bad(format!(
+                        "shard name {shard:?} must be a plain file name"
+                    )));
                 }
                 let id = match shard_ids.get(shard) {
                     Some(id) => *id,
@@ -59,7 +62,9 @@ impl Checkpoint {
                     }
                 };
                 if files[id].info(name).is_none() {
-                    return Err(bad(format!("{name} is mapped to {shard} but that shard does not hold it")));
+                    return Err(bad(format!(
+                        "{name} is mapped to {shard} but that shard does not hold it"
+                    )));
                 }
                 index.insert(name.clone(), id);
             }

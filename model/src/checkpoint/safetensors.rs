@@ -98,13 +98,18 @@ pub struct Header {
 /// Errors are plain messages; the caller adds the path.
 pub fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     if bytes.len() < 8 {
-        return Err(format!("file is {} bytes, shorter than the 8-byte header length", bytes.len()));
+        return Err(format!(
+            "file is {} bytes, shorter than the 8-byte header length",
+            bytes.len()
+        ));
     }
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&bytes[..8]);
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_BYTES {
-        return Err(format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"));
+        return Err(format!(
+            "header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
+        ));
     }
     let header_end = 8usize
         .checked_add(header_len as usize)
@@ -233,7 +238,13 @@ pub struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
-    pub fn add(&mut self, name: impl Into<String>, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    ) {
         self.entries.push((name.into(), dtype, shape, bytes));
     }
 
@@ -280,7 +291,8 @@ impl SafetensorsWriter {
         let file = File::create(path).map_err(|e| ModelError::io(path, e))?;
         let mut out = std::io::BufWriter::new(file);
         let io = |e| ModelError::io(path, e);
-        out.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(&(header_bytes.len() as u64).to_le_bytes())
+            .map_err(io)?;
         out.write_all(&header_bytes).map_err(io)?;
         for (_, _, _, bytes) in &self.entries {
             out.write_all(bytes).map_err(io)?;
@@ -303,7 +315,10 @@ mod tests {
     #[test]
     fn rejects_short_and_truncated_files() {
         assert!(parse_header(&[1, 2, 3]).unwrap_err().contains("shorter"));
-        let mut bytes = file_with_header(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]);
+        let mut bytes = file_with_header(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
         assert!(parse_header(&bytes).is_ok());
         bytes.truncate(bytes.len() - 1);
         assert!(parse_header(&bytes).unwrap_err().contains("truncated"));
@@ -323,7 +338,10 @@ mod tests {
             r#"{"a":"#,
         ];
         for case in cases {
-            assert!(parse_header(&file_with_header(case, &[0; 8])).is_err(), "{case}");
+            assert!(
+                parse_header(&file_with_header(case, &[0; 8])).is_err(),
+                "{case}"
+            );
         }
     }
 }

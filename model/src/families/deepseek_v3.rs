@@ -18,12 +18,16 @@ pub fn moe_names(config: &ModelConfig, layer: usize) -> MoeNames {
     MoeNames {
         gate: format!("{p}.mlp.gate.weight"),
         correction_bias: Some(format!("{p}.mlp.gate.e_score_correction_bias")),
-        shared: (config.moe.n_shared_experts > 0).then(|| MlpNames::proj(&format!("{p}.mlp.shared_experts"))),
+        shared: (config.moe.n_shared_experts > 0)
+            .then(|| MlpNames::proj(&format!("{p}.mlp.shared_experts"))),
     }
 }
 
 pub fn load_attention(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Attention> {
-    let AttentionConfig::Mla { rope_interleave, .. } = config.attention else {
+    let AttentionConfig::Mla {
+        rope_interleave, ..
+    } = config.attention
+    else {
         return Err(ModelError::Config {
             path: ckpt.dir().join("config.json"),
             message: "deepseek_v3 needs MLA attention settings".into(),

@@ -5,7 +5,10 @@ use super::{layer_prefix, MoeNames};
 use crate::layers::mlp::MlpNames;
 
 pub fn expert_names(layer: usize, expert: usize) -> MlpNames {
-    MlpNames::mixtral(&format!("{}.block_sparse_moe.experts.{expert}", layer_prefix(layer)))
+    MlpNames::mixtral(&format!(
+        "{}.block_sparse_moe.experts.{expert}",
+        layer_prefix(layer)
+    ))
 }
 
 pub fn moe_names(layer: usize) -> MoeNames {

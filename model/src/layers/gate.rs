@@ -18,7 +18,13 @@ pub struct MoeGate {
 }
 
 impl MoeGate {
-    pub fn load(ckpt: &Checkpoint, weight_name: &str, bias_name: Option<&str>, moe: &MoeConfig, hidden: usize) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        weight_name: &str,
+        bias_name: Option<&str>,
+        moe: &MoeConfig,
+        hidden: usize,
+    ) -> Result<Self> {
         let weight = ckpt.load_f32(weight_name, &[moe.num_experts, hidden])?;
         let correction_bias = match bias_name {
             Some(name) => Some(ckpt.load_f32(name, &[moe.num_experts])?),

@@ -42,14 +42,25 @@ impl MlpNames {
 }
 
 impl Mlp {
-    pub fn load(ckpt: &Checkpoint, names: &MlpNames, hidden: usize, intermediate: usize) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        names: &MlpNames,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
         let gate = ckpt.load_f32(&names.gate, &[intermediate, hidden])?;
         let up = ckpt.load_f32(&names.up, &[intermediate, hidden])?;
         let down = ckpt.load_f32(&names.down, &[hidden, intermediate])?;
         Ok(Self::from_weights(&gate, &up, &down, hidden, intermediate))
     }
 
-    pub fn from_weights(gate: &[f32], up: &[f32], down: &[f32], hidden: usize, intermediate: usize) -> Self {
+    pub fn from_weights(
+        gate: &[f32],
+        up: &[f32],
+        down: &[f32],
+        hidden: usize,
+        intermediate: usize,
+    ) -> Self {
         Self {
             gate_up: PackedMatrix::from_stacked(&[gate, up], hidden),
             down: PackedMatrix::from_rows(down, hidden, intermediate),

@@ -49,12 +49,13 @@ impl Rope {
                 attention_factor,
                 truncate,
             } => {
-                let attention = attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
-                    (Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => {
-                        yarn_get_mscale(*factor, *m) / yarn_get_mscale(*factor, *a)
-                    }
-                    _ => yarn_get_mscale(*factor, 1.0),
-                });
+                let attention =
+                    attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
+                        (Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => {
+                            yarn_get_mscale(*factor, *m) / yarn_get_mscale(*factor, *a)
+                        }
+                        _ => yarn_get_mscale(*factor, 1.0),
+                    });
                 let correction_dim = |rotations: f64| {
                     (dim as f64
                         * (*original_max_position_embeddings as f64

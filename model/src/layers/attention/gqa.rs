@@ -36,10 +36,22 @@ impl GqaAttention {
         scale: f32,
         eps: f32,
     ) -> Result<Self> {
-        let q = ckpt.load_f32(&format!("{prefix}.q_proj.weight"), &[heads * head_dim, hidden])?;
-        let k = ckpt.load_f32(&format!("{prefix}.k_proj.weight"), &[kv_heads * head_dim, hidden])?;
-        let v = ckpt.load_f32(&format!("{prefix}.v_proj.weight"), &[kv_heads * head_dim, hidden])?;
-        let o = ckpt.load_f32(&format!("{prefix}.o_proj.weight"), &[hidden, heads * head_dim])?;
+        let q = ckpt.load_f32(
+            &format!("{prefix}.q_proj.weight"),
+            &[heads * head_dim, hidden],
+        )?;
+        let k = ckpt.load_f32(
+            &format!("{prefix}.k_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+        )?;
+        let v = ckpt.load_f32(
+            &format!("{prefix}.v_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+        )?;
+        let o = ckpt.load_f32(
+            &format!("{prefix}.o_proj.weight"),
+            &[hidden, heads * head_dim],
+        )?;
         let (q_norm, k_norm) = if qk_norm {
             (
                 Some(ckpt.load_f32(&format!("{prefix}.q_norm.weight"), &[head_dim])?),
@@ -95,7 +107,9 @@ impl GqaAttention {
             let cache = &mut *caches[s];
             for r in span.first_row..span.first_row + span.len {
                 let row = &qkv[r * qkv_width..(r + 1) * qkv_width];
-                cache.keys.extend_from_slice(&row[q_width..q_width + kv_width]);
+                cache
+                    .keys
+                    .extend_from_slice(&row[q_width..q_width + kv_width]);
                 cache.values.extend_from_slice(&row[q_width + kv_width..]);
             }
         }

@@ -69,7 +69,10 @@ impl MlaAttention {
             Some(rank) => {
                 let q_a = ckpt.load_f32(&format!("{prefix}.q_a_proj.weight"), &[rank, hidden])?;
                 let norm = ckpt.load_f32(&format!("{prefix}.q_a_layernorm.weight"), &[rank])?;
-                let q_b = ckpt.load_f32(&format!("{prefix}.q_b_proj.weight"), &[heads * q_head, rank])?;
+                let q_b = ckpt.load_f32(
+                    &format!("{prefix}.q_b_proj.weight"),
+                    &[heads * q_head, rank],
+                )?;
                 (
                     PackedMatrix::from_stacked(&[&q_a, &kv_a], hidden),
                     Some(norm),
@@ -77,11 +80,15 @@ impl MlaAttention {
                 )
             }
             None => {
-                let q = ckpt.load_f32(&format!("{prefix}.q_proj.weight"), &[heads * q_head, hidden])?;
+                let q = ckpt.load_f32(
+                    &format!("{prefix}.q_proj.weight"),
+                    &[heads * q_head, hidden],
+                )?;
                 (PackedMatrix::from_stacked(&[&q, &kv_a], hidden), None, None)
             }
         };
-        let kv_a_norm = ckpt.load_f32(&format!("{prefix}.kv_a_layernorm.weight"), &[kv_lora_rank])?;
+        let kv_a_norm =
+            ckpt.load_f32(&format!("{prefix}.kv_a_layernorm.weight"), &[kv_lora_rank])?;
         let kv_b = ckpt.load_f32(
             &format!("{prefix}.kv_b_proj.weight"),
             &[heads * (nope + v), kv_lora_rank],
@@ -212,7 +219,9 @@ impl MlaAttention {
             }
         };
         if super::parallel_rows(layout) {
-            ctx.par_chunks_mut(heads * lora).enumerate().for_each(attend);
+            ctx.par_chunks_mut(heads * lora)
+                .enumerate()
+                .for_each(attend);
         } else {
             ctx.chunks_mut(heads * lora).enumerate().for_each(attend);
         }
