@@ -74,10 +74,36 @@ fn main() {
         }
     }
 
-    let name = "expert_set_256tok_64exp_top6".to_string();
-    if wants(&name) {
-        // DeepSeek small-preset experts (hidden 1024, moe_intermediate 256) on one MoE layer.
-        let (h, i, experts, top_k, tokens) = (1024usize, 256usize, 64usize, 6usize, 256usize);
+    // The router's dense GEMMs at decode batch sizes (small preset's o_proj shape).
+    for tokens in [1usize, 8, 32, 64, 128] {
+        let name = format!("gemm_{tokens}x1024x1024");
+        if wants(&name) {
+            let w = PackedMatrix::from_rows(&random(1024 * 1024, &mut rng), 1024, 1024);
+            let a = random(tokens * 1024, &mut rng);
+            let mut c = vec![0.0f32; tokens * 1024];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            results.push((name, s, 2.0 * (tokens * 1024 * 1024) as f64));
+        }
+    }
+
+    // Weight streaming from DRAM: a 512 MiB matrix times 1 and 4 rows (memory-bound, far above L3).
+    for tokens in [1usize, 4] {
+        let name = format!("stream_{tokens}x8192x16384");
+        if wants(&name) {
+            let (n, k) = (16384usize, 8192usize);
+            let w = PackedMatrix::from_rows(&random(n * k, &mut rng), n, k);
+            let a = random(tokens * k, &mut rng);
+            let mut c = vec![0.0f32; tokens * n];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            // Work reported as bytes of weights streamed.
+            results.push((name, s, (n * k * 4) as f64));
+        }
+    }
+
+    if wants("expert_set") {
+        // DeepSeek small-preset experts (hidden 1024, moe_intermediate 256) on one MoE layer:
+        // 256 tokens (a prefill chunk) and 32 tokens (a batch-32 decode step).
+        let (h, i, experts, top_k) = (1024usize, 256usize, 64usize, 6usize);
         let dir = std::env::temp_dir().join(format!("moe-bench-experts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = serde_json::json!({
@@ -89,42 +115,32 @@ fn main() {
         let mut writer = SafetensorsWriter::default();
         for e in 0..experts {
             let p = format!("model.layers.0.mlp.experts.{e}");
-            writer.add_f32(
-                format!("{p}.gate_proj.weight"),
-                vec![i, h],
-                &random(i * h, &mut rng),
-            );
-            writer.add_f32(
-                format!("{p}.up_proj.weight"),
-                vec![i, h],
-                &random(i * h, &mut rng),
-            );
-            writer.add_f32(
-                format!("{p}.down_proj.weight"),
-                vec![h, i],
-                &random(h * i, &mut rng),
-            );
+            writer.add_f32(format!("{p}.gate_proj.weight"), vec![i, h], &random(i * h, &mut rng));
+            writer.add_f32(format!("{p}.up_proj.weight"), vec![i, h], &random(i * h, &mut rng));
+            writer.add_f32(format!("{p}.down_proj.weight"), vec![h, i], &random(h * i, &mut rng));
         }
         writer.write(&dir.join("model.safetensors")).unwrap();
         let cfg = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
         let set = ExpertSet::load_all(&ckpt, &cfg).unwrap();
-        let rows = random(tokens * h, &mut rng);
-        let mut routes = ExpertRoutes::with_capacity(tokens, tokens * top_k);
-        for _ in 0..tokens {
-            let mut chosen: Vec<(u32, f32)> = Vec::new();
-            while chosen.len() < top_k {
-                let e = (rng.next_u64() % experts as u64) as u32;
-                if !chosen.iter().any(|c| c.0 == e) {
-                    chosen.push((e, 1.0 / top_k as f32));
+        for tokens in [256usize, 32] {
+            let rows = random(tokens * h, &mut rng);
+            let mut routes = ExpertRoutes::with_capacity(tokens, tokens * top_k);
+            for _ in 0..tokens {
+                let mut chosen: Vec<(u32, f32)> = Vec::new();
+                while chosen.len() < top_k {
+                    let e = (rng.next_u64() % experts as u64) as u32;
+                    if !chosen.iter().any(|c| c.0 == e) {
+                        chosen.push((e, 1.0 / top_k as f32));
+                    }
                 }
+                routes.push_row(&mut chosen);
             }
-            routes.push_row(&mut chosen);
+            let s = time(|| {
+                std::hint::black_box(set.run_experts(0, &rows, &routes).unwrap());
+            });
+            results.push((format!("expert_set_{tokens}tok_64exp_top6"), s, 2.0 * 3.0 * (tokens * top_k * h * i) as f64));
         }
-        let s = time(|| {
-            std::hint::black_box(set.run_experts(0, &rows, &routes).unwrap());
-        });
-        results.push((name, s, 2.0 * 3.0 * (tokens * top_k * h * i) as f64));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -163,7 +179,9 @@ fn main() {
     }
 
     for (name, secs, work) in &results {
-        if name.starts_with("decode_step") {
+        if name.starts_with("stream") {
+            println!("{name:<34} {:>9.3} ms {:>9.1} GB/s of weights", secs * 1e3, work / secs / 1e9);
+        } else if name.starts_with("decode_step") {
             println!(
                 "{name:<34} {:>9.3} ms/step {:>9.1} tok/s",
                 secs * 1e3,

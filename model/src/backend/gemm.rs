@@ -15,6 +15,10 @@ pub const NR: usize = 16;
 const MR: usize = 6;
 /// K block: a `KC x NR` slice of a panel (16 KiB) stays in L1 while all row tiles use it.
 const KC: usize = 256;
+/// Floats of A kept hot per row block (384 KiB of a 512 KiB L2).
+const A_SLAB_FLOATS: usize = 96 * 1024;
+/// Row blocks never go below this: splitting small batches costs more fork-joins than it saves.
+const MIN_ROW_BLOCK: usize = 132;
 /// Below this many multiply-adds a GEMM runs on the calling thread (fork-join costs more).
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -82,8 +86,21 @@ impl PackedMatrix {
         c
     }
 
+    /// Like [`Self::matmul`] but on the calling thread only: for callers that already run many
+    /// small GEMMs in parallel (per head, per expert). Bitwise the same result.
+    pub fn matmul_serial(&self, a: &[f32], m: usize) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * self.n];
+        self.product(a, m, &mut c, false);
+        c
+    }
+
     /// Writes `a * W^T` into `c` (`[m, n]`), overwriting it.
     pub fn matmul_into(&self, a: &[f32], m: usize, c: &mut [f32]) {
+        let parallel = m * self.n * self.k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1;
+        self.product(a, m, c, parallel);
+    }
+
+    fn product(&self, a: &[f32], m: usize, c: &mut [f32], parallel: bool) {
         assert_eq!(a.len(), m * self.k, "input length does not match [m, k]");
         assert_eq!(c.len(), m * self.n, "output length does not match [m, n]");
         if m == 0 || self.n == 0 {
@@ -91,19 +108,28 @@ impl PackedMatrix {
         }
         let num_panels = self.n.div_ceil(NR);
         let out = OutPtr(c.as_mut_ptr());
-        let run = |p: usize| {
-            // SAFETY: panel p writes only columns [p*NR, p*NR+NR) of c, disjoint across panels.
-            unsafe { self.panel_product(p, a, m, out) }
-        };
-        if m * self.n * self.k < PARALLEL_MIN_WORK || rayon::current_num_threads() == 1 {
-            (0..num_panels).for_each(run);
-        } else {
-            (0..num_panels).into_par_iter().for_each(run);
+        // Row blocks small enough that their [rows, k] slab of A stays in L2 while every panel
+        // passes over it.
+        let block = (A_SLAB_FLOATS / self.k.max(1)).max(MIN_ROW_BLOCK) / MR * MR;
+        let mut m0 = 0;
+        while m0 < m {
+            let rows = block.min(m - m0);
+            let run = |p: usize| {
+                // SAFETY: panel p writes only columns [p*NR, p*NR+NR) of rows m0..m0+rows of c,
+                // disjoint across panels.
+                unsafe { self.panel_product(p, a, m0, rows, out) }
+            };
+            if parallel {
+                (0..num_panels).into_par_iter().with_min_len(2).for_each(run);
+            } else {
+                (0..num_panels).for_each(run);
+            }
+            m0 += rows;
         }
     }
 
-    /// Computes columns of panel `p` for all `m` rows.
-    unsafe fn panel_product(&self, p: usize, a: &[f32], m: usize, c: OutPtr) {
+    /// Computes columns of panel `p` for rows `first..first + rows`.
+    unsafe fn panel_product(&self, p: usize, a: &[f32], first: usize, rows: usize, c: OutPtr) {
         let k = self.k;
         let n = self.n;
         let cols = NR.min(n - p * NR);
@@ -112,9 +138,9 @@ impl PackedMatrix {
         while k0 < k {
             let kc = KC.min(k - k0);
             let accumulate = k0 > 0;
-            let mut m0 = 0;
-            while m0 < m {
-                let mr = MR.min(m - m0);
+            let mut m0 = first;
+            while m0 < first + rows {
+                let mr = MR.min(first + rows - m0);
                 let tile = Tile {
                     a: a.as_ptr().add(m0 * k + k0),
                     lda: k,

@@ -187,12 +187,13 @@ impl MlaAttention {
 
         // Absorb W_uk into the queries: q_lat[h] = [rows, lora].
         let q_lat: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
             .map(|h| {
                 let mut q_nope = Vec::with_capacity(rows * nope);
                 for row in q.chunks_exact(heads * q_head) {
                     q_nope.extend_from_slice(&row[h * q_head..h * q_head + nope]);
                 }
-                self.uk_t[h].matmul(&q_nope, rows)
+                self.uk_t[h].matmul_serial(&q_nope, rows)
             })
             .collect();
 
@@ -227,17 +228,20 @@ impl MlaAttention {
         }
 
         // Up-project values per head and concatenate heads.
+        let per_head: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let mut ctx_h = Vec::with_capacity(rows * lora);
+                for row in ctx.chunks_exact(heads * lora) {
+                    ctx_h.extend_from_slice(&row[h * lora..(h + 1) * lora]);
+                }
+                self.uv[h].matmul_serial(&ctx_h, rows)
+            })
+            .collect();
         let mut attn = vec![0.0f32; rows * heads * v];
-        let mut ctx_h = Vec::with_capacity(rows * lora);
-        for h in 0..heads {
-            ctx_h.clear();
-            for row in ctx.chunks_exact(heads * lora) {
-                ctx_h.extend_from_slice(&row[h * lora..(h + 1) * lora]);
-            }
-            let out_h = self.uv[h].matmul(&ctx_h, rows);
+        for (h, out_h) in per_head.iter().enumerate() {
             for r in 0..rows {
-                attn[r * heads * v + h * v..r * heads * v + (h + 1) * v]
-                    .copy_from_slice(&out_h[r * v..(r + 1) * v]);
+                attn[r * heads * v + h * v..r * heads * v + (h + 1) * v].copy_from_slice(&out_h[r * v..(r + 1) * v]);
             }
         }
         self.o.matmul(&attn, rows)
