@@ -1,0 +1,20 @@
+//! `moe-cluster`: what the router and the expert nodes share.
+//!
+//! - [`keys`] is the etcd key layout under `/moe/<cluster>/`.
+//! - [`membership`] registers a node (or router) under a lease kept alive by one task, and
+//!   lists/watches the registered nodes.
+//! - [`placement`] is the expert placement: which node holds which `(layer, expert)`, under a
+//!   monotonically increasing epoch, planned by the router and written in a guarded transaction.
+//! - [`frames`] encodes and validates the data-plane messages (`DispatchBatch`,
+//!   `CombineBatch`): tensors as little-endian bytes, every length checked before use.
+
+pub mod error;
+pub mod frames;
+pub mod keys;
+pub mod membership;
+pub mod placement;
+
+pub use error::ClusterError;
+pub use keys::ClusterKeys;
+pub use membership::{NodeRecord, NodeRegistration, NodeState};
+pub use placement::{Placement, PlacementStore};

@@ -1,0 +1,13 @@
+//! `moe-proto`: the cluster's gRPC contracts, generated from `proto/moe/v1/*.proto`.
+//!
+//! - `Inference` (public): Generate (server streaming), Tokenize, ModelInfo.
+//! - `Admin` (operators): ClusterStatus, Drain.
+//! - `ExpertData` (internal): the router-to-expert-node data plane, one bidirectional stream
+//!   per (router, node), tensors as little-endian bytes.
+
+pub mod v1 {
+    tonic::include_proto!("moe.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moe_descriptor");
