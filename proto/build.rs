@@ -3,7 +3,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["moe/v1/inference.proto", "moe/v1/admin.proto", "moe/v1/expert.proto"];
+    let protos = [
+        "moe/v1/inference.proto",
+        "moe/v1/admin.proto",
+        "moe/v1/expert.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("moe_descriptor.bin"))
         // Tensor payloads stay as reference-counted bytes: no copy when decoding.

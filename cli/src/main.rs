@@ -27,6 +27,10 @@ enum Command {
     GenCheckpoint(commands::gen_checkpoint::GenCheckpointArgs),
     /// Measure offline prefill and decode throughput and latency.
     Bench(commands::bench::BenchArgs),
+    /// Show a router's cluster status (placement, nodes, experts).
+    Status(commands::status::StatusArgs),
+    /// Start etcd, a router and N expert nodes locally; stop them all on Ctrl-C.
+    Up(commands::up::UpArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +49,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => commands::generate::run(args),
         Command::GenCheckpoint(args) => commands::gen_checkpoint::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Status(args) => commands::status::run(args),
+        Command::Up(args) => commands::up::run(args),
     }
 }
 

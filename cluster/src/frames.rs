@@ -24,11 +24,17 @@ fn u32_bytes(values: &[u32]) -> Bytes {
 }
 
 fn read_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn read_u32(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Where a dispatch sits in the step loop.
@@ -41,7 +47,12 @@ pub struct DispatchTag {
 }
 
 /// Encodes rows `[rows, hidden]` and their routes (local expert ids per row).
-pub fn encode_dispatch(tag: DispatchTag, hidden: usize, rows: &[f32], routes: &ExpertRoutes) -> DispatchBatch {
+pub fn encode_dispatch(
+    tag: DispatchTag,
+    hidden: usize,
+    rows: &[f32],
+    routes: &ExpertRoutes,
+) -> DispatchBatch {
     DispatchBatch {
         epoch: tag.epoch,
         step: tag.step,
@@ -66,7 +77,10 @@ pub struct DecodedDispatch {
 }
 
 /// Validates and decodes a dispatch; `max_hidden` bounds the row width a node accepts.
-pub fn decode_dispatch(batch: &DispatchBatch, max_hidden: usize) -> Result<DecodedDispatch, ClusterError> {
+pub fn decode_dispatch(
+    batch: &DispatchBatch,
+    max_hidden: usize,
+) -> Result<DecodedDispatch, ClusterError> {
     let bad = |m: String| ClusterError::Frame(m);
     let hidden = batch.hidden as usize;
     let rows = batch.rows as usize;
@@ -84,7 +98,11 @@ pub fn decode_dispatch(batch: &DispatchBatch, max_hidden: usize) -> Result<Decod
         )));
     }
     if batch.pair_offsets.len() != (rows + 1) * 4 {
-        return Err(bad(format!("pair_offsets has {} bytes, want {}", batch.pair_offsets.len(), (rows + 1) * 4)));
+        return Err(bad(format!(
+            "pair_offsets has {} bytes, want {}",
+            batch.pair_offsets.len(),
+            (rows + 1) * 4
+        )));
     }
     let offsets = read_u32(&batch.pair_offsets);
     if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[0] > w[1]) {
@@ -141,11 +159,23 @@ pub fn combine_error(tag: DispatchTag, message: String) -> CombineBatch {
 }
 
 /// Validates a combine against what was dispatched and returns `[pairs, hidden]`.
-pub fn decode_combine(batch: &CombineBatch, tag: DispatchTag, pairs: usize, hidden: usize) -> Result<Vec<f32>, ClusterError> {
+pub fn decode_combine(
+    batch: &CombineBatch,
+    tag: DispatchTag,
+    pairs: usize,
+    hidden: usize,
+) -> Result<Vec<f32>, ClusterError> {
     if !batch.error.is_empty() {
-        return Err(ClusterError::Frame(format!("node refused the batch: {}", batch.error)));
+        return Err(ClusterError::Frame(format!(
+            "node refused the batch: {}",
+            batch.error
+        )));
     }
-    if batch.epoch != tag.epoch || batch.step != tag.step || batch.layer != tag.layer || batch.micro_batch != tag.micro_batch {
+    if batch.epoch != tag.epoch
+        || batch.step != tag.step
+        || batch.layer != tag.layer
+        || batch.micro_batch != tag.micro_batch
+    {
         return Err(ClusterError::Frame(format!(
             "combine for epoch {} step {} layer {} answers dispatch epoch {} step {} layer {}",
             batch.epoch, batch.step, batch.layer, tag.epoch, tag.step, tag.layer
@@ -172,7 +202,12 @@ mod tests {
         ((0..8).map(|v| v as f32).collect(), routes)
     }
 
-    const TAG: DispatchTag = DispatchTag { epoch: 2, step: 9, layer: 1, micro_batch: 0 };
+    const TAG: DispatchTag = DispatchTag {
+        epoch: 2,
+        step: 9,
+        layer: 1,
+        micro_batch: 0,
+    };
 
     #[test]
     fn dispatch_round_trips() {

@@ -40,7 +40,9 @@ impl ClusterKeys {
 
     /// Node id from a key under `nodes/` or `ready/`.
     pub fn node_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix("nodes/").or_else(|| rest.strip_prefix("ready/")))
+        key.strip_prefix(&self.prefix).and_then(|rest| {
+            rest.strip_prefix("nodes/")
+                .or_else(|| rest.strip_prefix("ready/"))
+        })
     }
 }

@@ -11,6 +11,7 @@
 pub mod error;
 pub mod frames;
 pub mod keys;
+pub mod local;
 pub mod membership;
 pub mod placement;
 

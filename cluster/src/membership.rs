@@ -78,7 +78,9 @@ impl NodeRegistration {
         let lease = grant_and_put(&mut client, &keys, &node_id, &published, ttl).await?;
         let (updates, rx) = watch::channel(published);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(keep_registered(client, keys, node_id, ttl, lease, rx, stop_rx));
+        let task = tokio::spawn(keep_registered(
+            client, keys, node_id, ttl, lease, rx, stop_rx,
+        ));
         Ok(Self {
             updates,
             stop: Some(stop_tx),
@@ -121,7 +123,10 @@ async fn grant_and_put(
     published: &Published,
     ttl: Duration,
 ) -> Result<i64, ClusterError> {
-    let lease = client.lease_grant(ttl.as_secs().max(1) as i64, None).await?.id();
+    let lease = client
+        .lease_grant(ttl.as_secs().max(1) as i64, None)
+        .await?
+        .id();
     put_published(client, keys, node_id, published, lease).await?;
     Ok(lease)
 }
@@ -138,11 +143,19 @@ async fn put_published(
         message: e.to_string(),
     })?;
     client
-        .put(keys.node(node_id), value, Some(PutOptions::new().with_lease(lease)))
+        .put(
+            keys.node(node_id),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
         .await?;
     if let Some(epoch) = published.ready_epoch {
         client
-            .put(keys.ready(node_id), epoch.to_string(), Some(PutOptions::new().with_lease(lease)))
+            .put(
+                keys.ready(node_id),
+                epoch.to_string(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
             .await?;
     }
     Ok(())
@@ -212,13 +225,20 @@ pub struct Membership {
 }
 
 /// Reads every node record and ready key.
-pub async fn list_nodes(client: &mut Client, keys: &ClusterKeys) -> Result<Membership, ClusterError> {
+pub async fn list_nodes(
+    client: &mut Client,
+    keys: &ClusterKeys,
+) -> Result<Membership, ClusterError> {
     let mut membership = Membership::default();
-    let resp = client.get(keys.nodes(), Some(GetOptions::new().with_prefix())).await?;
+    let resp = client
+        .get(keys.nodes(), Some(GetOptions::new().with_prefix()))
+        .await?;
     membership.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     for kv in resp.kvs() {
         let key = kv.key_str().unwrap_or_default();
-        let Some(id) = keys.node_id_of(key) else { continue };
+        let Some(id) = keys.node_id_of(key) else {
+            continue;
+        };
         match serde_json::from_slice::<NodeRecord>(kv.value()) {
             Ok(record) => {
                 membership.nodes.insert(id.to_string(), record);
@@ -226,7 +246,9 @@ pub async fn list_nodes(client: &mut Client, keys: &ClusterKeys) -> Result<Membe
             Err(e) => tracing::warn!(key, error = %e, "ignoring malformed node record"),
         }
     }
-    let resp = client.get(keys.ready_prefix(), Some(GetOptions::new().with_prefix())).await?;
+    let resp = client
+        .get(keys.ready_prefix(), Some(GetOptions::new().with_prefix()))
+        .await?;
     for kv in resp.kvs() {
         let key = kv.key_str().unwrap_or_default();
         let (Some(id), Some(epoch)) = (

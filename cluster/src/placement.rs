@@ -49,7 +49,8 @@ impl Placement {
         }
         let ids: Vec<&String> = nodes.keys().collect();
         let n = ids.len();
-        let mut assigned: BTreeMap<&String, Vec<ExpertId>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+        let mut assigned: BTreeMap<&String, Vec<ExpertId>> =
+            ids.iter().map(|id| (*id, Vec::new())).collect();
         let previous_owner: HashMap<ExpertId, &String> = previous
             .map(|p| {
                 p.nodes
@@ -71,10 +72,16 @@ impl Placement {
             let mut homeless = Vec::new();
             for expert in 0..num_experts {
                 let key = (layer as u32, expert as u32);
-                match previous_owner.get(&key).and_then(|owner| ids.iter().find(|id| **id == *owner)) {
+                match previous_owner
+                    .get(&key)
+                    .and_then(|owner| ids.iter().find(|id| **id == *owner))
+                {
                     Some(owner) if count[owner] < quota[owner] => {
                         *count.get_mut(owner).expect("owner is a live node") += 1;
-                        assigned.get_mut(owner).expect("owner is a live node").push(key);
+                        assigned
+                            .get_mut(owner)
+                            .expect("owner is a live node")
+                            .push(key);
                     }
                     _ => homeless.push(key),
                 }
@@ -123,7 +130,10 @@ impl Placement {
     }
 
     pub fn experts_of(&self, node_id: &str) -> &[ExpertId] {
-        self.nodes.get(node_id).map(|a| a.experts.as_slice()).unwrap_or(&[])
+        self.nodes
+            .get(node_id)
+            .map(|a| a.experts.as_slice())
+            .unwrap_or(&[])
     }
 
     /// Number of experts that move (are loaded somewhere new) going from `self` to `next`.
@@ -132,7 +142,10 @@ impl Placement {
             .iter()
             .map(|(id, a)| {
                 let before = self.experts_of(id);
-                a.experts.iter().filter(|e| before.binary_search(e).is_err()).count()
+                a.experts
+                    .iter()
+                    .filter(|e| before.binary_search(e).is_err())
+                    .count()
             })
             .sum()
     }
@@ -175,24 +188,33 @@ impl PlacementStore {
         match resp.kvs().first() {
             None => Ok((None, 0)),
             Some(kv) => {
-                let placement = serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Record {
-                    key,
-                    message: e.to_string(),
-                })?;
+                let placement =
+                    serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Record {
+                        key,
+                        message: e.to_string(),
+                    })?;
                 Ok((Some(placement), kv.mod_revision()))
             }
         }
     }
 
     /// Writes `placement` only if the key is still at `expected_revision` (0: absent).
-    pub async fn write(&mut self, placement: &Placement, expected_revision: i64) -> Result<(), ClusterError> {
+    pub async fn write(
+        &mut self,
+        placement: &Placement,
+        expected_revision: i64,
+    ) -> Result<(), ClusterError> {
         let key = self.keys.placement();
         let value = serde_json::to_vec(placement).map_err(|e| ClusterError::Record {
             key: key.clone(),
             message: e.to_string(),
         })?;
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expected_revision)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected_revision,
+            )])
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self.client.txn(txn).await?;
         if resp.succeeded() {
@@ -208,7 +230,9 @@ mod tests {
     use super::*;
 
     fn nodes(ids: &[&str]) -> BTreeMap<String, String> {
-        ids.iter().map(|id| (id.to_string(), format!("{id}:1"))).collect()
+        ids.iter()
+            .map(|id| (id.to_string(), format!("{id}:1")))
+            .collect()
     }
 
     #[test]
@@ -216,7 +240,7 @@ mod tests {
         let p = Placement::plan(1, "f", &[1, 2], 16, &nodes(&["a", "b", "c"]), None).unwrap();
         let owners = p.owners();
         assert_eq!(owners.len(), 32);
-        for (_, a) in &p.nodes {
+        for a in p.nodes.values() {
             for layer in [1u32, 2] {
                 let n = a.experts.iter().filter(|e| e.0 == layer).count();
                 assert!(n == 5 || n == 6, "{n}");
@@ -227,7 +251,8 @@ mod tests {
     #[test]
     fn adding_a_node_moves_only_its_share() {
         let before = Placement::plan(1, "f", &[1], 16, &nodes(&["a", "b"]), None).unwrap();
-        let after = Placement::plan(2, "f", &[1], 16, &nodes(&["a", "b", "c"]), Some(&before)).unwrap();
+        let after =
+            Placement::plan(2, "f", &[1], 16, &nodes(&["a", "b", "c"]), Some(&before)).unwrap();
         assert_eq!(before.moves_to(&after), after.experts_of("c").len());
         assert_eq!(after.owners().len(), 16);
         let removed = Placement::plan(3, "f", &[1], 16, &nodes(&["a", "c"]), Some(&after)).unwrap();

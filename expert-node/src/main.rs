@@ -1,1 +1,146 @@
-fn main(){}
+//! `moe-expert-node`: holds the routed experts the placement assigns to it and runs them for
+//! the routers over the data plane.
+//!
+//! - [`args`]: the command line (every flag also a `MOE_*` variable).
+//! - [`served`]: the experts loaded for the epochs this node serves.
+//! - [`follower`]: follows the placement in etcd, loads exactly the assigned experts, reports
+//!   readiness.
+//! - [`data_plane`]: the `ExpertData.Exchange` stream handler.
+
+mod args;
+mod data_plane;
+mod follower;
+mod served;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use moe_cluster::{ClusterKeys, NodeRecord, NodeRegistration, NodeState};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::ModelConfig;
+use moe_proto::v1::expert_data_server::ExpertDataServer;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = args::Args::parse();
+    if let Some(threads) = args.threads {
+        moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
+    }
+    let config = ModelConfig::from_dir(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let names: Vec<&str> = ckpt.tensor_names().collect();
+    let fingerprint = moe_cluster::placement::fingerprint(&args.model, &names);
+    drop(names);
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", local.port()));
+
+    let served = Arc::new(served::ServedExperts::new());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<ExpertDataServer<data_plane::DataPlane>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let data_plane = data_plane::DataPlane::new(Arc::clone(&served), config.hidden_size);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                ExpertDataServer::new(data_plane).max_decoding_message_size(args.max_message_bytes),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = server_shutdown.wait_for(|s| *s).await;
+                },
+            ),
+    );
+    tracing::info!(%node_id, %address, "data plane listening");
+
+    let keys = ClusterKeys::new(&args.cluster);
+    let record = NodeRecord {
+        address: address.clone(),
+        device: "cpu".into(),
+        memory_bytes: args.memory_bytes,
+        state: NodeState::Joining,
+        fingerprint: fingerprint.clone(),
+    };
+    let registration = NodeRegistration::start(
+        args.etcd.clone(),
+        keys.clone(),
+        node_id.clone(),
+        record,
+        Duration::from_secs(args.lease_ttl_secs),
+    )
+    .await
+    .context("registering in etcd")?;
+    let registration = Arc::new(registration);
+
+    let follower = tokio::spawn(follower::follow_placement(follower::FollowerContext {
+        endpoints: args.etcd.clone(),
+        keys,
+        node_id: node_id.clone(),
+        fingerprint,
+        model_dir: args.model.clone(),
+        config,
+        served,
+        registration: Arc::clone(&registration),
+        health,
+        poll: Duration::from_millis(args.poll_ms),
+    }));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    registration.set_state(NodeState::Draining);
+    follower.abort();
+    let _ = shutdown_tx.send(true);
+    if let Ok(registration) = Arc::try_unwrap(registration) {
+        registration.shutdown().await;
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

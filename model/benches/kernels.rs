@@ -115,9 +115,21 @@ fn main() {
         let mut writer = SafetensorsWriter::default();
         for e in 0..experts {
             let p = format!("model.layers.0.mlp.experts.{e}");
-            writer.add_f32(format!("{p}.gate_proj.weight"), vec![i, h], &random(i * h, &mut rng));
-            writer.add_f32(format!("{p}.up_proj.weight"), vec![i, h], &random(i * h, &mut rng));
-            writer.add_f32(format!("{p}.down_proj.weight"), vec![h, i], &random(h * i, &mut rng));
+            writer.add_f32(
+                format!("{p}.gate_proj.weight"),
+                vec![i, h],
+                &random(i * h, &mut rng),
+            );
+            writer.add_f32(
+                format!("{p}.up_proj.weight"),
+                vec![i, h],
+                &random(i * h, &mut rng),
+            );
+            writer.add_f32(
+                format!("{p}.down_proj.weight"),
+                vec![h, i],
+                &random(h * i, &mut rng),
+            );
         }
         writer.write(&dir.join("model.safetensors")).unwrap();
         let cfg = ModelConfig::from_dir(&dir).unwrap();
@@ -139,7 +151,11 @@ fn main() {
             let s = time(|| {
                 std::hint::black_box(set.run_experts(0, &rows, &routes).unwrap());
             });
-            results.push((format!("expert_set_{tokens}tok_64exp_top6"), s, 2.0 * 3.0 * (tokens * top_k * h * i) as f64));
+            results.push((
+                format!("expert_set_{tokens}tok_64exp_top6"),
+                s,
+                2.0 * 3.0 * (tokens * top_k * h * i) as f64,
+            ));
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -180,7 +196,11 @@ fn main() {
 
     for (name, secs, work) in &results {
         if name.starts_with("stream") {
-            println!("{name:<34} {:>9.3} ms {:>9.1} GB/s of weights", secs * 1e3, work / secs / 1e9);
+            println!(
+                "{name:<34} {:>9.3} ms {:>9.1} GB/s of weights",
+                secs * 1e3,
+                work / secs / 1e9
+            );
         } else if name.starts_with("decode_step") {
             println!(
                 "{name:<34} {:>9.3} ms/step {:>9.1} tok/s",

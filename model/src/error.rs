@@ -35,6 +35,8 @@ pub enum ModelError {
     SequenceTooLong { len: usize, max: usize },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("expert backend: {0}")]
+    ExpertBackend(String),
     #[error("expert ({layer}, {expert}) is not held by this ExpertSet")]
     ExpertNotLoaded { layer: usize, expert: usize },
 }

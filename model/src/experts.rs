@@ -5,6 +5,7 @@
 //! all its rows, and one weighted output row comes back per (row, expert) pair, in pair order.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -22,9 +23,13 @@ pub trait ExpertBackend: Sync {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>>;
 }
 
+/// `(layer, expert)`.
+pub type ExpertKey = (usize, usize);
+
 pub struct ExpertSet {
     hidden: usize,
-    experts: BTreeMap<(usize, usize), Mlp>,
+    /// Shared so that a new placement epoch can keep the experts it shares with the old one.
+    experts: BTreeMap<(usize, usize), Arc<Mlp>>,
 }
 
 impl ExpertSet {
@@ -42,11 +47,11 @@ impl ExpertSet {
                 return Err(ModelError::ExpertNotLoaded { layer, expert });
             }
         }
-        let loaded: Vec<Result<((usize, usize), Mlp)>> = wanted
+        let loaded: Vec<Result<(ExpertKey, Arc<Mlp>)>> = wanted
             .par_iter()
             .map(|&(layer, expert)| {
                 let names = families::expert_names(config.family, layer, expert);
-                Mlp::load(ckpt, &names, hidden, inter).map(|m| ((layer, expert), m))
+                Mlp::load(ckpt, &names, hidden, inter).map(|m| ((layer, expert), Arc::new(m)))
             })
             .collect();
         let experts = loaded.into_iter().collect::<Result<BTreeMap<_, _>>>()?;
@@ -62,6 +67,36 @@ impl ExpertSet {
         Self::load(ckpt, config, all)
     }
 
+    /// A set holding exactly `wanted`: experts already held here are shared, the others are
+    /// read from the checkpoint.
+    pub fn with_experts(
+        &self,
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        wanted: &[(usize, usize)],
+    ) -> Result<Self> {
+        let missing: Vec<(usize, usize)> = wanted
+            .iter()
+            .copied()
+            .filter(|id| !self.experts.contains_key(id))
+            .collect();
+        let mut loaded = Self::load(ckpt, config, missing)?;
+        for id in wanted {
+            if let Some(mlp) = self.experts.get(id) {
+                loaded.experts.insert(*id, Arc::clone(mlp));
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// An empty set for a model of this hidden size.
+    pub fn empty(hidden: usize) -> Self {
+        Self {
+            hidden,
+            experts: BTreeMap::new(),
+        }
+    }
+
     pub fn contains(&self, layer: usize, expert: usize) -> bool {
         self.experts.contains_key(&(layer, expert))
     }
@@ -75,7 +110,7 @@ impl ExpertSet {
     }
 
     pub fn bytes(&self) -> usize {
-        self.experts.values().map(Mlp::bytes).sum()
+        self.experts.values().map(|m| m.bytes()).sum()
     }
 
     pub fn ids(&self) -> impl Iterator<Item = (usize, usize)> + '_ {

@@ -29,6 +29,27 @@ impl SequenceCache {
         }
     }
 
+    /// Remembers the current size so that a step that fails half-way can be undone.
+    pub fn mark(&self) -> CacheMark {
+        CacheMark {
+            len: self.len,
+            sizes: self
+                .layers
+                .iter()
+                .map(|l| (l.keys.len(), l.values.len()))
+                .collect(),
+        }
+    }
+
+    /// Drops whatever was appended after `mark`.
+    pub fn rollback(&mut self, mark: &CacheMark) {
+        for (layer, &(k, v)) in self.layers.iter_mut().zip(&mark.sizes) {
+            layer.keys.truncate(k);
+            layer.values.truncate(v);
+        }
+        self.len = mark.len;
+    }
+
     /// Bytes held, for accounting.
     pub fn bytes(&self) -> usize {
         self.layers
@@ -36,4 +57,11 @@ impl SequenceCache {
             .map(|l| (l.keys.capacity() + l.values.capacity()) * 4)
             .sum()
     }
+}
+
+/// Sizes of a [`SequenceCache`] at some point, see [`SequenceCache::mark`].
+#[derive(Debug, Clone)]
+pub struct CacheMark {
+    len: usize,
+    sizes: Vec<(usize, usize)>,
 }

@@ -1,1 +1,182 @@
-fn main(){}
+//! `moe-router`: serves a MoE model. It runs the dense part (embeddings, attention and its KV
+//! cache, norms, gates, shared experts, lm_head) and dispatches each MoE layer's tokens to the
+//! expert nodes of the current placement.
+//!
+//! - [`args`]: command line.
+//! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
+//!   [`dispatch`] (data plane) is the request path.
+//! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
+//! - [`server`]: the Inference and Admin gRPC services.
+
+mod args;
+mod cluster_view;
+mod detokenize;
+mod dispatch;
+mod kv_blocks;
+mod planner;
+mod scheduler;
+mod server;
+mod validation;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use moe_model::checkpoint::Checkpoint;
+use moe_model::config::AttentionConfig;
+use moe_model::dense::DenseModel;
+use moe_model::tokenizer::Tokenizer;
+use moe_model::ModelConfig;
+use moe_proto::v1::admin_server::AdminServer;
+use moe_proto::v1::inference_server::InferenceServer;
+
+use crate::cluster_view::ClusterView;
+use crate::kv_blocks::KvBlocks;
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
+
+/// Largest data-plane message either side accepts.
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+fn kv_bytes_per_token(config: &ModelConfig) -> usize {
+    let per_layer = match config.attention {
+        AttentionConfig::Gqa {
+            num_kv_heads,
+            head_dim,
+            ..
+        } => 2 * num_kv_heads * head_dim,
+        AttentionConfig::Mla {
+            kv_lora_rank,
+            qk_rope_head_dim,
+            ..
+        } => kv_lora_rank + qk_rope_head_dim,
+    };
+    per_layer * config.num_layers * 4
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = args::Args::parse();
+    if let Some(threads) = args.threads {
+        moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
+    }
+    // The async runtime is small: the math runs on the scheduler thread and the rayon pool.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args, runtime.handle().clone()))
+}
+
+async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
+    let config = ModelConfig::from_dir(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let tokenizer = Arc::new(Tokenizer::from_dir(&args.model)?);
+    let ckpt = Checkpoint::open(&args.model)?;
+    let names: Vec<&str> = ckpt.tensor_names().collect();
+    let fingerprint = moe_cluster::placement::fingerprint(&args.model, &names);
+    drop(names);
+    let dense = Arc::new(DenseModel::load(&ckpt, &config)?);
+    drop(ckpt);
+    let mut eos_ids = config.eos_token_ids.clone();
+    if let Some(eos) = tokenizer.eos_id() {
+        if !eos_ids.contains(&eos) {
+            eos_ids.push(eos);
+        }
+    }
+
+    let view = Arc::new(ClusterView::default());
+    let stats = Arc::new(SchedulerStats::default());
+    let kv = Arc::new(KvBlocks::new(
+        args.kv_cache_bytes,
+        kv_bytes_per_token(&config),
+        args.kv_block_tokens,
+    ));
+    let (submit_tx, submit_rx) = tokio::sync::mpsc::channel(args.max_waiting.max(1));
+    let scheduler = Scheduler {
+        dense: Arc::clone(&dense),
+        experts: dispatch::RemoteExperts::new(
+            Arc::clone(&view),
+            handle.clone(),
+            config.hidden_size,
+            Duration::from_millis(args.dispatch_timeout_ms),
+        ),
+        tokenizer: Arc::clone(&tokenizer),
+        kv: Arc::clone(&kv),
+        stats: Arc::clone(&stats),
+        config: SchedulerConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: args.max_running,
+        },
+        eos_ids: eos_ids.clone(),
+    };
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler.run(submit_rx))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<InferenceServer<server::inference::InferenceService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let inference = server::inference::InferenceService {
+        config: config.clone(),
+        model_dir: args.model.display().to_string(),
+        tokenizer,
+        submissions: submit_tx,
+        stats: Arc::clone(&stats),
+        view: Arc::clone(&view),
+        max_waiting: args.max_waiting,
+        limits: validation::RequestLimits::default(),
+        eos_ids,
+    };
+    let admin = server::admin::AdminService {
+        cluster: args.cluster.clone(),
+        view: Arc::clone(&view),
+        stats,
+        kv,
+    };
+
+    tokio::spawn(planner::run_planner(planner::PlannerContext {
+        endpoints: args.etcd.clone(),
+        keys: moe_cluster::ClusterKeys::new(&args.cluster),
+        fingerprint,
+        moe_layers: config.moe_layer_indices().collect(),
+        num_experts: config.moe.num_experts,
+        view,
+        health,
+        poll: Duration::from_millis(args.poll_ms),
+        max_message_bytes: MAX_MESSAGE_BYTES,
+    }));
+
+    let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    // Printed on stdout so that scripts and tests can find a port picked with :0.
+    println!("moe-router listening on {}", listener.local_addr()?);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(inference))
+        .add_service(AdminServer::new(admin))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
+        .await?;
+    Ok(())
+}

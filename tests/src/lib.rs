@@ -1,5 +1,7 @@
 //! Shared helpers for the workspace integration tests: fixture paths and golden data.
 
+pub mod harness;
+
 use std::path::{Path, PathBuf};
 
 use moe_model::checkpoint::SafetensorsFile;

@@ -7,57 +7,71 @@ use clap::Args;
 use moe_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
 use serde::Serialize;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (Hugging Face layout).
-    #[arg(long, env = "MOE_MODEL")]
-    model: PathBuf,
+    /// Checkpoint directory (Hugging Face layout), for the offline engine.
+    #[arg(long, env = "MOE_MODEL", required_unless_present = "router")]
+    model: Option<PathBuf>,
+    /// A router's gRPC address (host:port): generate on the cluster instead of offline.
+    #[arg(long, env = "MOE_ROUTER", conflicts_with = "model")]
+    router: Option<String>,
     /// Prompt text, tokenized with the checkpoint's tokenizer.
     #[arg(
         long,
         conflicts_with = "input_ids",
         required_unless_present = "input_ids"
     )]
-    prompt: Option<String>,
+    pub prompt: Option<String>,
     /// Prompt token ids, comma-separated (e.g. 0,5,7).
     #[arg(long, value_delimiter = ',')]
-    input_ids: Option<Vec<u32>>,
+    pub input_ids: Option<Vec<u32>>,
     #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
+    pub max_new_tokens: usize,
     /// 0 means greedy.
     #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    pub temperature: f32,
     #[arg(long)]
-    top_k: Option<usize>,
+    pub top_k: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    pub top_p: f32,
     #[arg(long)]
-    seed: Option<u64>,
+    pub seed: Option<u64>,
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
-    ignore_eos: bool,
+    pub ignore_eos: bool,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// With --json, add the full-vocabulary logits of every step.
     #[arg(long)]
-    emit_logits: bool,
+    pub emit_logits: bool,
+    /// Stop strings (cluster only), repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
 }
 
 #[derive(Serialize)]
-struct GenerateJson<'a> {
-    input_ids: &'a [u32],
-    output_ids: &'a [u32],
-    logprobs: &'a [f32],
-    text: String,
-    finish_reason: FinishReason,
+pub struct GenerateJson<'a> {
+    pub input_ids: &'a [u32],
+    pub output_ids: &'a [u32],
+    pub logprobs: &'a [f32],
+    pub text: String,
+    pub finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Option::is_none")]
-    step_logits: Option<&'a [Vec<f32>]>,
+    pub step_logits: Option<&'a [Vec<f32>]>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let engine =
-        Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(router) = args.router.clone() {
+        return super::remote::generate(&router, args);
+    }
+    let Some(model) = args.model.clone() else {
+        bail!("give --model or --router")
+    };
+    if !args.stop.is_empty() {
+        bail!("--stop is supported with --router only");
+    }
+    let engine = Engine::load(&model).with_context(|| format!("loading {}", model.display()))?;
     let input_ids = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => engine.tokenizer().encode_prompt(text)?,
         (None, Some(ids)) => ids.clone(),

@@ -1,3 +1,6 @@
 pub mod bench;
 pub mod gen_checkpoint;
 pub mod generate;
+pub mod remote;
+pub mod status;
+pub mod up;

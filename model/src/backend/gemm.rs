@@ -120,7 +120,10 @@ impl PackedMatrix {
                 unsafe { self.panel_product(p, a, m0, rows, out) }
             };
             if parallel {
-                (0..num_panels).into_par_iter().with_min_len(2).for_each(run);
+                (0..num_panels)
+                    .into_par_iter()
+                    .with_min_len(2)
+                    .for_each(run);
             } else {
                 (0..num_panels).for_each(run);
             }

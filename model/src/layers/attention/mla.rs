@@ -241,7 +241,8 @@ impl MlaAttention {
         let mut attn = vec![0.0f32; rows * heads * v];
         for (h, out_h) in per_head.iter().enumerate() {
             for r in 0..rows {
-                attn[r * heads * v + h * v..r * heads * v + (h + 1) * v].copy_from_slice(&out_h[r * v..(r + 1) * v]);
+                attn[r * heads * v + h * v..r * heads * v + (h + 1) * v]
+                    .copy_from_slice(&out_h[r * v..(r + 1) * v]);
             }
         }
         self.o.matmul(&attn, rows)

@@ -1,0 +1,73 @@
+//! `moe status --router ADDR [--json]`: the Admin ClusterStatus.
+
+use anyhow::Context;
+use clap::Args;
+use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::ClusterStatusRequest;
+use serde_json::json;
+
+use super::remote::{endpoint, runtime};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The router's gRPC address.
+    #[arg(long, env = "MOE_ROUTER")]
+    router: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let status = runtime()?.block_on(async {
+        let mut client = AdminClient::connect(endpoint(&args.router))
+            .await
+            .with_context(|| format!("connecting to {}", args.router))?;
+        client
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))
+    })?;
+    if args.json {
+        let nodes: Vec<_> = status
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node_id": n.node_id, "address": n.address, "state": n.state, "ready_epoch": n.ready_epoch,
+                    "experts": n.experts.iter().map(|e| json!({"layer": e.layer, "expert": e.expert, "tokens": e.tokens})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let out = json!({
+            "cluster": status.cluster, "serving_epoch": status.serving_epoch, "latest_epoch": status.latest_epoch,
+            "requests_running": status.requests_running, "requests_waiting": status.requests_waiting,
+            "kv_blocks_used": status.kv_blocks_used, "kv_blocks_total": status.kv_blocks_total, "nodes": nodes,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "cluster {}  serving epoch {} (latest {})  requests running {} waiting {}  KV blocks {}/{}",
+        status.cluster,
+        status.serving_epoch,
+        status.latest_epoch,
+        status.requests_running,
+        status.requests_waiting,
+        status.kv_blocks_used,
+        status.kv_blocks_total
+    );
+    for n in &status.nodes {
+        let tokens: u64 = n.experts.iter().map(|e| e.tokens).sum();
+        println!(
+            "  {:<16} {:<22} {:<9} ready@{}  {} experts  {} tokens dispatched",
+            n.node_id,
+            n.address,
+            n.state,
+            n.ready_epoch,
+            n.experts.len(),
+            tokens
+        );
+    }
+    Ok(())
+}

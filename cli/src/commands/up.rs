@@ -1,0 +1,91 @@
+//! `moe up --model DIR --nodes N`: etcd (from PATH), a router and N expert nodes as child
+//! processes on free loopback ports; prints the endpoint; stops them all on Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use moe_cluster::local::{LocalCluster, LocalClusterSpec};
+use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::ClusterStatusRequest;
+
+use super::remote::{endpoint, runtime};
+
+#[derive(Args)]
+pub struct UpArgs {
+    #[arg(long, env = "MOE_MODEL")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    #[arg(long, env = "MOE_CLUSTER", default_value = "local")]
+    cluster: String,
+    /// Show the children's logs.
+    #[arg(long)]
+    logs: bool,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        bail!(
+            "{} not found next to moe; build the workspace binaries (cargo build --release --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn find_in_path(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.exists())
+        })
+        .with_context(|| format!("{name} is not on PATH (Debian: apt-get install etcd-server)"))
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let cluster = LocalCluster::start(LocalClusterSpec {
+        etcd_bin: find_in_path("etcd")?,
+        router_bin: sibling("moe-router")?,
+        node_bin: sibling("moe-expert-node")?,
+        model: args.model.clone(),
+        nodes: args.nodes,
+        cluster: args.cluster.clone(),
+        router_args: Vec::new(),
+        node_args: Vec::new(),
+        show_logs: args.logs,
+    })
+    .context("starting the local cluster")?;
+    let rt = runtime()?;
+    let addr = cluster.router_addr.clone();
+    let epoch = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(mut client) = AdminClient::connect(endpoint(&addr)).await {
+                if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await {
+                    let epoch = status.into_inner().serving_epoch;
+                    if epoch > 0 {
+                        return Ok(epoch);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the cluster did not become ready within 120 s")
+    })?;
+    println!(
+        "router {addr} (etcd {}, {} nodes, placement epoch {epoch})",
+        cluster.etcd_url, args.nodes
+    );
+    println!("try: moe generate --router {addr} --prompt \"Hello\" --max-new-tokens 16");
+    println!("Ctrl-C stops everything.");
+    rt.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    drop(cluster);
+    Ok(())
+}

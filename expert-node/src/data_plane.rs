@@ -1,0 +1,98 @@
+//! `ExpertData.Exchange`: for each `DispatchBatch` on the stream, validate it, run the experts
+//! on the math threads, and answer with the `CombineBatch` in the same order.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use moe_cluster::frames::{self, DispatchTag};
+use moe_model::experts::ExpertBackend;
+use moe_proto::v1::expert_data_server::ExpertData;
+use moe_proto::v1::{CombineBatch, DispatchBatch};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::served::ServedExperts;
+
+pub struct DataPlane {
+    served: Arc<ServedExperts>,
+    hidden: usize,
+}
+
+impl DataPlane {
+    pub fn new(served: Arc<ServedExperts>, hidden: usize) -> Self {
+        Self { served, hidden }
+    }
+}
+
+type CombineStream = Pin<Box<dyn Stream<Item = Result<CombineBatch, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExpertData for DataPlane {
+    type ExchangeStream = CombineStream;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<DispatchBatch>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let served = Arc::clone(&self.served);
+        let hidden = self.hidden;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let batch = match message {
+                    Ok(b) => b,
+                    Err(status) => {
+                        tracing::debug!(%status, "dispatch stream ended");
+                        return;
+                    }
+                };
+                let reply = run_batch(&served, hidden, batch).await;
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// One batch: a malformed frame fails the stream (the peer is broken); a batch for an epoch or
+/// expert this node does not hold is answered with an error so the router can re-plan.
+async fn run_batch(
+    served: &Arc<ServedExperts>,
+    hidden: usize,
+    batch: DispatchBatch,
+) -> Result<CombineBatch, Status> {
+    let decoded = frames::decode_dispatch(&batch, hidden)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if decoded.hidden != hidden {
+        return Err(Status::invalid_argument(format!(
+            "hidden {} but this model has {hidden}",
+            decoded.hidden
+        )));
+    }
+    let tag: DispatchTag = decoded.tag;
+    let Some(set) = served.for_epoch(tag.epoch) else {
+        return Ok(frames::combine_error(
+            tag,
+            format!(
+                "FAILED_PRECONDITION: epoch {} is not served here (serving {:?})",
+                tag.epoch,
+                served.epochs()
+            ),
+        ));
+    };
+    let pairs = decoded.routes.pairs();
+    let result = tokio::task::spawn_blocking(move || {
+        set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("expert task failed: {e}")))?;
+    Ok(match result {
+        Ok(outputs) => frames::encode_combine(tag, pairs, &outputs),
+        Err(e) => frames::combine_error(tag, e.to_string()),
+    })
+}

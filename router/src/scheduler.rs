@@ -1,0 +1,273 @@
+//! Continuous batching: one thread owns every running sequence and runs the model step loop.
+//!
+//! Each step takes one token from every decoding sequence, then fills the rest of the token
+//! budget with prefill chunks, so a long prompt never stalls running decodes. New requests join
+//! at the next step when their KV blocks can be reserved; finished or abandoned ones leave at
+//! once and free their blocks.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use moe_model::backend::ops;
+use moe_model::dense::{DenseModel, StepSequence};
+use moe_model::kv_cache::SequenceCache;
+use moe_model::sampling::Sampler;
+use moe_model::tokenizer::Tokenizer;
+use moe_proto::v1::{GenerateResponse, Usage};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::detokenize::IncrementalText;
+use crate::dispatch::RemoteExperts;
+use crate::kv_blocks::{KvBlocks, KvReservation};
+use crate::validation::ValidRequest;
+
+pub type ResponseSender = mpsc::Sender<Result<GenerateResponse, Status>>;
+
+/// A validated request and where to stream its answer.
+pub struct Submission {
+    pub request: ValidRequest,
+    pub responses: ResponseSender,
+}
+
+/// Gauges shared with the API and Admin services.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+}
+
+pub struct SchedulerConfig {
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+}
+
+struct Sequence {
+    request: ValidRequest,
+    responses: ResponseSender,
+    cache: SequenceCache,
+    /// Prompt tokens already fed to the model.
+    prefilled: usize,
+    output: Vec<u32>,
+    sampler: Sampler,
+    text: IncrementalText,
+    _blocks: KvReservation,
+}
+
+pub struct Scheduler {
+    pub dense: Arc<DenseModel>,
+    pub experts: RemoteExperts,
+    pub tokenizer: Arc<Tokenizer>,
+    pub kv: Arc<KvBlocks>,
+    pub stats: Arc<SchedulerStats>,
+    pub config: SchedulerConfig,
+    pub eos_ids: Vec<u32>,
+}
+
+impl Scheduler {
+    /// Runs until the submission channel closes.
+    pub fn run(self, mut submissions: mpsc::Receiver<Submission>) {
+        let mut waiting: VecDeque<Submission> = VecDeque::new();
+        let mut running: Vec<Sequence> = Vec::new();
+        loop {
+            // Block only when there is nothing to do.
+            if running.is_empty() && waiting.is_empty() {
+                self.stats.waiting.store(0, Ordering::Relaxed);
+                self.stats.running.store(0, Ordering::Relaxed);
+                match submissions.blocking_recv() {
+                    Some(s) => waiting.push_back(s),
+                    None => return,
+                }
+            }
+            while let Ok(s) = submissions.try_recv() {
+                waiting.push_back(s);
+            }
+            running.retain(|s| !s.responses.is_closed());
+            waiting.retain(|s| !s.responses.is_closed());
+            self.admit(&mut waiting, &mut running);
+            self.stats.waiting.store(waiting.len(), Ordering::Relaxed);
+            self.stats.running.store(running.len(), Ordering::Relaxed);
+            if running.is_empty() {
+                if !waiting.is_empty() {
+                    // Blocks are held by nobody and the head still does not fit: refuse it.
+                    if let Some(s) = waiting.pop_front() {
+                        let _ = s.responses.try_send(Err(Status::resource_exhausted(
+                            "the request needs more KV cache than the router's whole budget",
+                        )));
+                    }
+                }
+                continue;
+            }
+            self.step(&mut running);
+        }
+    }
+
+    fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
+        while running.len() < self.config.max_running {
+            let Some(front) = waiting.front() else { break };
+            let tokens = front.request.input_ids.len() + front.request.max_new_tokens;
+            let Some(blocks) = self.kv.reserve(tokens) else {
+                break;
+            };
+            let Some(s) = waiting.pop_front() else { break };
+            running.push(Sequence {
+                sampler: Sampler::new(s.request.sampling.clone()),
+                request: s.request,
+                responses: s.responses,
+                cache: self.dense.new_cache(),
+                prefilled: 0,
+                output: Vec::new(),
+                text: IncrementalText::default(),
+                _blocks: blocks,
+            });
+        }
+    }
+
+    /// One model step over the running sequences.
+    fn step(&self, running: &mut Vec<Sequence>) {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        // (index in running, tokens fed this step, sample after it)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
+        for (i, s) in running.iter().enumerate() {
+            if s.prefilled == s.request.input_ids.len() && budget > 0 {
+                plan.push((i, 1, true));
+                budget -= 1;
+            }
+        }
+        for (i, s) in running.iter().enumerate() {
+            let remaining = s.request.input_ids.len() - s.prefilled;
+            if remaining > 0 && budget > 0 {
+                let chunk = remaining.min(budget);
+                plan.push((i, chunk, chunk == remaining));
+                budget -= chunk;
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        self.experts.next_step();
+        let logits = {
+            let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
+            for &(i, n, _) in &plan {
+                let s = &running[i];
+                feeds.push(if s.prefilled < s.request.input_ids.len() {
+                    s.request.input_ids[s.prefilled..s.prefilled + n].to_vec()
+                } else {
+                    vec![*s
+                        .output
+                        .last()
+                        .expect("a decoding sequence has sampled a token")]
+                });
+            }
+            let mut chosen: Vec<Option<&mut Sequence>> = running.iter_mut().map(Some).collect();
+            let mut step: Vec<StepSequence<'_>> = Vec::with_capacity(plan.len());
+            for (k, &(i, _, _)) in plan.iter().enumerate() {
+                let s = chosen[i]
+                    .take()
+                    .expect("each sequence appears once in a step");
+                step.push(StepSequence {
+                    cache: &mut s.cache,
+                    tokens: &feeds[k],
+                    all_logits: false,
+                });
+            }
+            self.dense.forward(&mut step, &self.experts)
+        };
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                // Caches were rolled back; the requests of this step cannot continue on this
+                // placement. (Re-running the step on a new placement is the elastic-cluster work.)
+                tracing::error!(error = %e, "step failed");
+                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                for &i in &failed {
+                    let _ = running[i]
+                        .responses
+                        .try_send(Err(Status::unavailable(format!(
+                            "expert dispatch failed: {e}"
+                        ))));
+                }
+                let mut index = 0;
+                running.retain(|_| {
+                    let keep = !failed.contains(&index);
+                    index += 1;
+                    keep
+                });
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (k, &(i, n, sample)) in plan.iter().enumerate() {
+            let s = &mut running[i];
+            if s.prefilled < s.request.input_ids.len() {
+                s.prefilled += n;
+            }
+            if !sample {
+                continue;
+            }
+            let row = &logits[k];
+            let token = s.sampler.sample(row);
+            s.output.push(token);
+            if self.emit(s, token, row) {
+                finished.push(i);
+            }
+        }
+        let mut index = 0;
+        running.retain(|_| {
+            let keep = !finished.contains(&index);
+            index += 1;
+            keep
+        });
+    }
+
+    /// Streams the new token; returns true when the sequence is finished.
+    fn emit(&self, s: &mut Sequence, token: u32, logits: &[f32]) -> bool {
+        let logprob = s
+            .request
+            .logprobs
+            .then(|| ops::log_softmax_at(logits, token as usize));
+        let mut piece = s.text.push(&self.tokenizer, &s.output);
+        let mut finish = None;
+        if !s.request.ignore_eos && self.eos_ids.contains(&token) {
+            finish = Some("stop");
+        }
+        if let Some(at) = first_stop(&s.text.text, &s.request.stop) {
+            // The stop string and anything after it are not returned.
+            piece = s.text.take_until(at.max(s.text.emitted()));
+            finish = Some("stop");
+        }
+        if finish.is_none()
+            && (s.output.len() >= s.request.max_new_tokens
+                || s.cache.len >= self.dense.config().max_position_embeddings)
+        {
+            finish = Some("length");
+        }
+        if finish == Some("length")
+            || (finish == Some("stop") && first_stop(&s.text.text, &s.request.stop).is_none())
+        {
+            piece.push_str(&s.text.take_until(s.text.text.len()));
+        }
+        let response = GenerateResponse {
+            token_ids: vec![token],
+            text: piece,
+            logprobs: logprob.into_iter().collect(),
+            finish_reason: finish.unwrap_or_default().to_string(),
+            usage: finish.map(|_| Usage {
+                prompt_tokens: s.request.input_ids.len() as u32,
+                completion_tokens: s.output.len() as u32,
+            }),
+        };
+        // The channel holds a whole answer (sized at submission), so it is never full: an error
+        // means the client went away, and the sequence is dropped with its cache.
+        if s.responses.try_send(Ok(response)).is_err() {
+            return true;
+        }
+        finish.is_some()
+    }
+}
+
+/// Byte offset of the earliest stop string in `text`.
+fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}

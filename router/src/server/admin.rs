@@ -1,0 +1,117 @@
+//! `moe.v1.Admin`: cluster status and node drains.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use moe_proto::v1::admin_server::Admin;
+use moe_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse, ExpertRef, NodeStatus,
+};
+use tonic::{Request, Response, Status};
+
+use crate::cluster_view::ClusterView;
+use crate::kv_blocks::KvBlocks;
+use crate::scheduler::SchedulerStats;
+
+pub struct AdminService {
+    pub cluster: String,
+    pub view: Arc<ClusterView>,
+    pub stats: Arc<SchedulerStats>,
+    pub kv: Arc<KvBlocks>,
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let membership = self.view.membership();
+        let latest = self.view.latest();
+        let serving = self.view.serving();
+        let placement = serving.as_ref().map(|s| &s.placement).or(latest.as_ref());
+        let mut ids: Vec<String> = membership.nodes.keys().cloned().collect();
+        if let Some(p) = placement {
+            for id in p.nodes.keys() {
+                if !ids.contains(id) {
+                    ids.push(id.clone());
+                }
+            }
+        }
+        ids.sort();
+        let nodes = ids
+            .into_iter()
+            .map(|id| {
+                let record = membership.nodes.get(&id);
+                let experts = placement
+                    .map(|p| {
+                        p.experts_of(&id)
+                            .iter()
+                            .map(|&(layer, expert)| ExpertRef {
+                                layer,
+                                expert,
+                                tokens: self.view.expert_tokens((layer, expert)),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let link = serving
+                    .as_ref()
+                    .and_then(|s| s.links.iter().find(|l| l.node_id == id));
+                let counter =
+                    |f: fn(&crate::dispatch::NodeLink) -> u64| link.map(|l| f(l)).unwrap_or(0);
+                NodeStatus {
+                    dispatched_rows: counter(|l| l.rows_sent.load(Ordering::Relaxed)),
+                    dispatched_pairs: counter(|l| l.pairs_sent.load(Ordering::Relaxed)),
+                    address: record
+                        .map(|r| r.address.clone())
+                        .or_else(|| {
+                            placement.and_then(|p| p.nodes.get(&id).map(|a| a.address.clone()))
+                        })
+                        .unwrap_or_default(),
+                    state: record
+                        .map(|r| r.state.as_str())
+                        .unwrap_or("gone")
+                        .to_string(),
+                    ready_epoch: membership.ready.get(&id).copied().unwrap_or(0),
+                    node_id: id,
+                    experts,
+                }
+            })
+            .collect();
+        Ok(Response::new(ClusterStatusResponse {
+            cluster: self.cluster.clone(),
+            serving_epoch: serving.as_ref().map(|s| s.placement.epoch).unwrap_or(0),
+            latest_epoch: latest.map(|p| p.epoch).unwrap_or(0),
+            nodes,
+            requests_running: self.stats.running.load(Ordering::Relaxed) as u32,
+            requests_waiting: self.stats.waiting.load(Ordering::Relaxed) as u32,
+            kv_blocks_used: self.kv.used() as u64,
+            kv_blocks_total: self.kv.total() as u64,
+        }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let node_id = request.into_inner().node_id;
+        if !self.view.membership().nodes.contains_key(&node_id) {
+            return Err(Status::not_found(format!("no live node {node_id:?}")));
+        }
+        self.view.drain(&node_id);
+        // The planner writes the next epoch within a poll interval.
+        let before = self.view.latest().map(|p| p.epoch).unwrap_or(0);
+        for _ in 0..100 {
+            if let Some(p) = self.view.latest() {
+                if p.epoch > before && !p.nodes.contains_key(&node_id) {
+                    return Ok(Response::new(DrainResponse { epoch: p.epoch }));
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Err(Status::deadline_exceeded(
+            "the planner did not write an epoch without the node in time",
+        ))
+    }
+}

@@ -1,0 +1,4 @@
+//! gRPC handlers, one file per service.
+
+pub mod admin;
+pub mod inference;

@@ -1,0 +1,123 @@
+//! Every check on a Generate request, before anything is queued. Each failure names the field.
+
+use moe_model::tokenizer::Tokenizer;
+use moe_model::{ModelConfig, SamplingParams};
+use moe_proto::v1::GenerateRequest;
+use tonic::Status;
+
+/// Limits that bound what one request may cost.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    pub max_stop_strings: usize,
+    pub max_stop_len: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_stop_strings: 16,
+            max_stop_len: 256,
+        }
+    }
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub input_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub logprobs: bool,
+}
+
+pub fn validate(
+    req: GenerateRequest,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    limits: &RequestLimits,
+) -> Result<ValidRequest, Status> {
+    let input_ids = match (&req.prompt, req.input_ids.is_empty()) {
+        (Some(_), false) => {
+            return Err(Status::invalid_argument(
+                "give exactly one of prompt or input_ids, not both",
+            ))
+        }
+        (None, true) => {
+            return Err(Status::invalid_argument(
+                "give exactly one of prompt or input_ids",
+            ))
+        }
+        (Some(text), true) => {
+            if text.is_empty() {
+                return Err(Status::invalid_argument("prompt is empty"));
+            }
+            tokenizer
+                .encode_prompt(text)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+        }
+        (None, false) => req.input_ids.clone(),
+    };
+    if let Some(&id) = input_ids.iter().find(|&&t| t as usize >= config.vocab_size) {
+        return Err(Status::invalid_argument(format!(
+            "input_ids: token id {id} is out of range (vocab_size {})",
+            config.vocab_size
+        )));
+    }
+    let max_new = req.max_new_tokens as usize;
+    if max_new == 0 {
+        return Err(Status::invalid_argument(
+            "max_new_tokens must be at least 1",
+        ));
+    }
+    let max_pos = config.max_position_embeddings;
+    if input_ids.len() + max_new > max_pos {
+        return Err(Status::invalid_argument(format!(
+            "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings ({max_pos})",
+            input_ids.len()
+        )));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(Status::invalid_argument(format!(
+            "temperature must be >= 0, got {temperature}"
+        )));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(Status::invalid_argument(format!(
+            "top_p must be in (0, 1], got {top_p}"
+        )));
+    }
+    if req.stop.len() > limits.max_stop_strings {
+        return Err(Status::invalid_argument(format!(
+            "at most {} stop strings",
+            limits.max_stop_strings
+        )));
+    }
+    if let Some(s) = req
+        .stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > limits.max_stop_len)
+    {
+        return Err(Status::invalid_argument(format!(
+            "stop strings must be 1 to {} bytes, got {} bytes",
+            limits.max_stop_len,
+            s.len()
+        )));
+    }
+    Ok(ValidRequest {
+        input_ids,
+        max_new_tokens: max_new,
+        sampling: SamplingParams {
+            temperature,
+            top_k: req.top_k.map(|k| k as usize).filter(|&k| k > 0),
+            top_p,
+            seed: req.seed,
+        },
+        stop: req.stop,
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs,
+    })
+}

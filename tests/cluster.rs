@@ -1,0 +1,96 @@
+//! The cluster with real processes (etcd, router, expert nodes) answers exactly like the offline
+//! engine, whatever the number of nodes and whatever else is in the batch.
+
+use moe_cluster::local::LocalCluster;
+use moe_model::{Engine, GenerateRequest, SamplingParams};
+use moe_tests::harness::{self, generate, greedy, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+
+fn offline(engine: &Engine, ids: &[u32], n: usize) -> moe_model::GenerateOutput {
+    engine
+        .generate(&GenerateRequest {
+            input_ids: ids.to_vec(),
+            max_new_tokens: n,
+            sampling: SamplingParams::default(),
+            ignore_eos: true,
+            emit_logits: false,
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixture_on_one_two_and_three_nodes_matches_offline() {
+    for fixture in FIXTURES {
+        let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+        let cases = golden_cases(fixture);
+        let expected: Vec<_> = cases
+            .iter()
+            .map(|c| offline(&engine, &c.input_ids, 24))
+            .collect();
+        for nodes in 1..=3 {
+            let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), nodes)).unwrap();
+            let status = wait_serving(&cluster, nodes).await;
+            let placed: usize = status.nodes.iter().map(|n| n.experts.len()).sum();
+            let cfg = engine.config();
+            assert_eq!(
+                placed,
+                cfg.moe_layer_indices().count() * cfg.moe.num_experts,
+                "{fixture}: every expert placed once"
+            );
+            let mut client = harness::inference(&cluster).await;
+            for (i, case) in cases.iter().enumerate() {
+                let got = generate(&mut client, greedy(&case.input_ids, 24))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    got.ids, expected[i].output_ids,
+                    "{fixture} on {nodes} nodes, case {i}"
+                );
+                assert_eq!(
+                    got.logprobs, expected[i].logprobs,
+                    "{fixture} on {nodes} nodes, case {i}: logprobs not bitwise equal"
+                );
+                assert_eq!(got.finish_reason, "length");
+                assert_eq!(
+                    (got.prompt_tokens, got.completion_tokens),
+                    (case.input_ids.len() as u32, 24)
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_streams_equal_each_alone() {
+    let fixture = FIXTURES[1];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cases = golden_cases(fixture);
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let requests: Vec<(Vec<u32>, usize)> = (0..16)
+        .map(|i| {
+            let case = &cases[i % cases.len()];
+            let prompt_len = case.input_ids.len() - (i / cases.len());
+            (case.input_ids[..prompt_len].to_vec(), 8 + 3 * i)
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for (ids, n) in requests.clone() {
+        let mut client = harness::inference(&cluster).await;
+        tasks.push(tokio::spawn(async move {
+            generate(&mut client, greedy(&ids, n as u32)).await.unwrap()
+        }));
+    }
+    for (task, (ids, n)) in tasks.into_iter().zip(requests) {
+        let got = task.await.unwrap();
+        let alone = offline(&engine, &ids, n);
+        assert_eq!(got.ids, alone.output_ids);
+        assert_eq!(got.logprobs, alone.logprobs);
+    }
+    let status = harness::status(&cluster).await;
+    assert_eq!(status.requests_running, 0);
+    assert_eq!(
+        status.kv_blocks_used, 0,
+        "finished requests free their KV blocks"
+    );
+}

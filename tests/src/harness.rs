@@ -1,0 +1,148 @@
+//! Starts real clusters for the process-level tests: etcd from PATH, and the `moe-router` and
+//! `moe-expert-node` binaries cargo built next to the test executables.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use moe_cluster::local::{LocalCluster, LocalClusterSpec};
+use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, GenerateRequest};
+use tonic::transport::Channel;
+
+/// `target/<profile>/` of the running test.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, as the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("etcd"))
+                .find(|p| p.exists())
+        })
+        .expect("etcd is not on PATH (apt-get install etcd-server; .ci/run does it)")
+}
+
+pub fn spec(model: PathBuf, nodes: usize) -> LocalClusterSpec {
+    LocalClusterSpec {
+        etcd_bin: etcd_binary(),
+        router_bin: binary("moe-router"),
+        node_bin: binary("moe-expert-node"),
+        model,
+        nodes,
+        cluster: "test".into(),
+        router_args: vec!["--poll-ms".into(), "100".into()],
+        node_args: vec![
+            "--poll-ms".into(),
+            "100".into(),
+            "--threads".into(),
+            "1".into(),
+        ],
+        show_logs: std::env::var_os("MOE_TEST_LOGS").is_some(),
+    }
+}
+
+pub async fn inference(cluster: &LocalCluster) -> InferenceClient<Channel> {
+    InferenceClient::connect(format!("http://{}", cluster.router_addr))
+        .await
+        .expect("router reachable")
+}
+
+pub async fn status(cluster: &LocalCluster) -> ClusterStatusResponse {
+    let mut admin = AdminClient::connect(format!("http://{}", cluster.router_addr))
+        .await
+        .expect("router reachable");
+    admin
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Waits until the router serves an epoch with `nodes` nodes; returns that status.
+pub async fn wait_serving(cluster: &LocalCluster, nodes: usize) -> ClusterStatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(cluster).await;
+        let placed = s.nodes.iter().filter(|n| !n.experts.is_empty()).count();
+        if s.serving_epoch > 0 && s.serving_epoch == s.latest_epoch && placed == nodes {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster not serving on {nodes} nodes in time: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A greedy request for `ids`.
+pub fn greedy(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: None,
+        input_ids: ids.to_vec(),
+        max_new_tokens,
+        temperature: Some(0.0),
+        top_p: None,
+        top_k: None,
+        seed: None,
+        stop: vec![],
+        ignore_eos: true,
+        logprobs: true,
+    }
+}
+
+/// What a Generate stream returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Streamed {
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub pieces: Vec<String>,
+    pub finish_reason: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+pub async fn generate(
+    client: &mut InferenceClient<Channel>,
+    req: GenerateRequest,
+) -> Result<Streamed, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Streamed {
+        ids: vec![],
+        logprobs: vec![],
+        pieces: vec![],
+        finish_reason: String::new(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    while let Some(msg) = stream.message().await? {
+        out.ids.extend(&msg.token_ids);
+        out.logprobs.extend(&msg.logprobs);
+        out.pieces.push(msg.text);
+        if !msg.finish_reason.is_empty() {
+            out.finish_reason = msg.finish_reason;
+        }
+        if let Some(u) = msg.usage {
+            out.prompt_tokens = u.prompt_tokens;
+            out.completion_tokens = u.completion_tokens;
+        }
+    }
+    Ok(out)
+}
