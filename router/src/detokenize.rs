@@ -11,14 +11,22 @@ pub struct IncrementalText {
 }
 
 impl IncrementalText {
-    /// Re-decodes `ids` and returns the new final piece (empty while the tail is an incomplete
-    /// character, which decodes to U+FFFD).
-    pub fn push(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> String {
+    /// Re-decodes the whole output (ids) so that multi-token characters come out whole.
+    pub fn update(&mut self, tokenizer: &Tokenizer, ids: &[u32]) {
         self.text = tokenizer.decode(ids).unwrap_or_default();
+    }
+
+    /// The next final piece, keeping back the last `hold_back` bytes (a stop string may still
+    /// be completing there) and nothing while the tail is an incomplete character (U+FFFD).
+    pub fn pending(&mut self, hold_back: usize) -> String {
         if self.text.ends_with('\u{FFFD}') {
             return String::new();
         }
-        self.take_until(self.text.len())
+        let mut end = self.text.len().saturating_sub(hold_back);
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.take_until(end)
     }
 
     /// Emits whatever is left up to byte `end` (used at the end and at stop strings).
@@ -33,8 +41,23 @@ impl IncrementalText {
         self.emitted = end;
         piece
     }
+}
 
-    pub fn emitted(&self) -> usize {
-        self.emitted
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_back_and_never_splits_characters() {
+        let mut t = IncrementalText {
+            text: "abc딥".into(),
+            ..Default::default()
+        };
+        assert_eq!(t.pending(2), "abc");
+        t.text.push('\u{FFFD}');
+        assert_eq!(t.pending(0), "");
+        t.text = "abc딥x".into();
+        assert_eq!(t.pending(0), "딥x");
+        assert_eq!(t.take_until(2), "");
     }
 }

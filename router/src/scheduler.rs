@@ -227,26 +227,28 @@ impl Scheduler {
             .request
             .logprobs
             .then(|| ops::log_softmax_at(logits, token as usize));
-        let mut piece = s.text.push(&self.tokenizer, &s.output);
+        s.text.update(&self.tokenizer, &s.output);
         let mut finish = None;
-        if !s.request.ignore_eos && self.eos_ids.contains(&token) {
-            finish = Some("stop");
-        }
+        let piece;
         if let Some(at) = first_stop(&s.text.text, &s.request.stop) {
             // The stop string and anything after it are not returned.
-            piece = s.text.take_until(at.max(s.text.emitted()));
+            piece = s.text.take_until(at);
             finish = Some("stop");
-        }
-        if finish.is_none()
-            && (s.output.len() >= s.request.max_new_tokens
-                || s.cache.len >= self.dense.config().max_position_embeddings)
-        {
-            finish = Some("length");
-        }
-        if finish == Some("length")
-            || (finish == Some("stop") && first_stop(&s.text.text, &s.request.stop).is_none())
-        {
-            piece.push_str(&s.text.take_until(s.text.text.len()));
+        } else {
+            if !s.request.ignore_eos && self.eos_ids.contains(&token) {
+                finish = Some("stop");
+            } else if s.output.len() >= s.request.max_new_tokens
+                || s.cache.len >= self.dense.config().max_position_embeddings
+            {
+                finish = Some("length");
+            }
+            piece = if finish.is_some() {
+                s.text.take_until(s.text.text.len())
+            } else {
+                // Keep back what could still become the start of a stop string.
+                let hold = s.request.stop.iter().map(|x| x.len()).max().unwrap_or(1) - 1;
+                s.text.pending(hold)
+            };
         }
         let response = GenerateResponse {
             token_ids: vec![token],

@@ -1,0 +1,371 @@
+//! The router's public API with real clients: Python grpcio and the standard health checker,
+//! every bad input with its status code, queue limits, disconnects, streaming text, and what
+//! crosses the data plane.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use moe_cluster::local::LocalCluster;
+use moe_model::Engine;
+use moe_proto::v1::GenerateRequest;
+use moe_tests::harness::{self, generate, greedy, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use serde_json::Value;
+use tonic::Code;
+
+fn python(args: &[&str]) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("output")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_and_health_checks() {
+    let fixture = FIXTURES[0];
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 0)).unwrap();
+    // No expert node yet: no placement, so not serving.
+    let health = python(&["health", &cluster.router_addr]);
+    assert_eq!(health["overall"], "NOT_SERVING");
+    assert_eq!(health["inference"], "NOT_SERVING");
+    cluster.add_node().unwrap();
+    wait_serving(&cluster, 1).await;
+    let health = python(&["health", &cluster.router_addr]);
+    assert_eq!(health["overall"], "SERVING");
+    assert_eq!(health["inference"], "SERVING");
+
+    let case = &golden_cases(fixture)[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let spec = serde_json::json!({"prompt": case.prompt, "max_new_tokens": 24});
+    let got = python(&["generate", &cluster.router_addr, &spec.to_string()]);
+    let ids: Vec<u32> = got["output_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let offline = engine
+        .generate(&moe_model::GenerateRequest {
+            input_ids: case.input_ids.clone(),
+            max_new_tokens: 24,
+            sampling: Default::default(),
+            ignore_eos: true,
+            emit_logits: false,
+        })
+        .unwrap();
+    assert_eq!(ids, offline.output_ids);
+    let logprobs: Vec<f32> = got["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    for (a, b) in logprobs.iter().zip(&offline.logprobs) {
+        assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+    }
+    assert_eq!(got["finish_reason"], "length");
+    assert_eq!(got["usage"], serde_json::json!([case.input_ids.len(), 24]));
+    assert_eq!(got["model_type"], "deepseek_v3");
+}
+
+fn request() -> GenerateRequest {
+    greedy(&[0, 5, 7, 9], 4)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_statuses_and_cost_nothing() {
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(FIXTURES[1]), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let cases: Vec<(&str, GenerateRequest, &str)> = vec![
+        (
+            "empty prompt",
+            GenerateRequest {
+                prompt: Some(String::new()),
+                input_ids: vec![],
+                ..request()
+            },
+            "empty",
+        ),
+        (
+            "both",
+            GenerateRequest {
+                prompt: Some("hi".into()),
+                ..request()
+            },
+            "not both",
+        ),
+        (
+            "neither",
+            GenerateRequest {
+                input_ids: vec![],
+                ..request()
+            },
+            "exactly one",
+        ),
+        (
+            "token id",
+            GenerateRequest {
+                input_ids: vec![0, 512],
+                ..request()
+            },
+            "512",
+        ),
+        (
+            "zero tokens",
+            GenerateRequest {
+                max_new_tokens: 0,
+                ..request()
+            },
+            "max_new_tokens",
+        ),
+        (
+            "too long",
+            GenerateRequest {
+                max_new_tokens: 1021,
+                ..request()
+            },
+            "max_position_embeddings",
+        ),
+        (
+            "temperature",
+            GenerateRequest {
+                temperature: Some(-0.5),
+                ..request()
+            },
+            "temperature",
+        ),
+        (
+            "top_p zero",
+            GenerateRequest {
+                top_p: Some(0.0),
+                ..request()
+            },
+            "top_p",
+        ),
+        (
+            "top_p above one",
+            GenerateRequest {
+                top_p: Some(1.5),
+                ..request()
+            },
+            "top_p",
+        ),
+    ];
+    for (name, req, needle) in cases {
+        let err = generate(&mut client, req).await.expect_err(name);
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert!(
+            err.message().contains(needle),
+            "{name}: {:?} should mention {needle:?}",
+            err.message()
+        );
+    }
+    // The server still answers normally.
+    let ok = generate(&mut client, request()).await.unwrap();
+    assert_eq!(ok.ids.len(), 4);
+    let status = harness::status(&cluster).await;
+    assert_eq!(status.kv_blocks_used, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_are_ignored() {
+    use prost::Message;
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(FIXTURES[1]), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    // A newer client's request: an extra field 99 the router does not know.
+    let mut bytes = request().encode_to_vec();
+    bytes.extend_from_slice(&[0x98, 0x06, 0x01]); // field 99, varint 1
+    let decoded = GenerateRequest::decode(bytes.as_slice()).unwrap();
+    let mut client = harness::inference(&cluster).await;
+    assert_eq!(generate(&mut client, decoded).await.unwrap().ids.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_with_resource_exhausted() {
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 1);
+    spec.router_args
+        .extend(["--max-running", "1", "--max-waiting", "1"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = harness::inference(&cluster).await;
+        tasks.push(tokio::spawn(async move {
+            generate(&mut client, greedy(&[0, 5, 7], 200)).await
+        }));
+    }
+    let mut exhausted = 0;
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.ids.len(), 200);
+                served += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(
+        exhausted > 0,
+        "8 requests against 1 running + 1 waiting must refuse some"
+    );
+    assert!(served > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_slot_and_cache() {
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(FIXTURES[0]), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let mut stream = client
+        .generate(greedy(&[0, 5, 7], 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    let during = harness::status(&cluster).await;
+    assert!(
+        during.kv_blocks_used > 0 && during.requests_running == 1,
+        "{during:?}"
+    );
+    drop(stream);
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = harness::status(&cluster).await;
+        if s.kv_blocks_used == 0 && s.requests_running == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks not freed after disconnect: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_korean_text_is_never_broken_utf8() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let case = &golden_cases(fixture)[1];
+    assert!(case.prompt.starts_with('딥'));
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let mut client = harness::inference(&cluster).await;
+    let req = GenerateRequest {
+        prompt: Some(case.prompt.clone()),
+        input_ids: vec![],
+        ..greedy(&[], 24)
+    };
+    let got = generate(&mut client, req).await.unwrap();
+    let full = engine.tokenizer().decode(&got.ids).unwrap();
+    assert_eq!(got.pieces.concat(), full);
+    assert_eq!(got.prompt_tokens as usize, case.input_ids.len());
+}
+
+/// A two-character ASCII stop string whose prefix decodes cleanly (lossy U+FFFD renderings of
+/// partial byte sequences may differ mid-stream, so they make a poor oracle).
+fn clean_stop(text: &str) -> Option<(String, usize)> {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    for w in chars.windows(2).skip(2) {
+        let (at, a) = w[0];
+        let b = w[1].1;
+        if a.is_ascii_alphanumeric()
+            && b.is_ascii_alphanumeric()
+            && !text[..at].contains('\u{FFFD}')
+        {
+            let stop: String = [a, b].iter().collect();
+            if text.find(&stop) == Some(at) {
+                return Some((stop, at));
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_end_the_text_before_them() {
+    let fixture = FIXTURES[2];
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let mut checked = 0;
+    for case in golden_cases(fixture) {
+        let full = generate(&mut client, greedy(&case.input_ids, 24))
+            .await
+            .unwrap();
+        let text = full.pieces.concat();
+        let Some((stop, cut)) = clean_stop(&text) else {
+            continue;
+        };
+        let req = GenerateRequest {
+            stop: vec![stop.clone()],
+            ..greedy(&case.input_ids, 24)
+        };
+        let got = generate(&mut client, req).await.unwrap();
+        assert_eq!(got.finish_reason, "stop", "stop {stop:?} in {text:?}");
+        assert_eq!(got.pieces.concat(), text[..cut], "stop {stop:?}");
+        assert!(got.ids.len() < 24);
+        checked += 1;
+    }
+    assert!(checked > 0, "no case had a usable stop string");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_hold_disjoint_slices_and_tokens_cross_once_per_node() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cfg = engine.config();
+    let moe_layers = cfg.moe_layer_indices().count() as u64;
+    for nodes in [1usize, 3] {
+        let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), nodes)).unwrap();
+        let status = wait_serving(&cluster, nodes).await;
+        let mut all: Vec<(u32, u32)> = status
+            .nodes
+            .iter()
+            .flat_map(|n| n.experts.iter().map(|e| (e.layer, e.expert)))
+            .collect();
+        let total = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), total, "an expert is held by two nodes");
+        assert_eq!(total as u64, moe_layers * cfg.moe.num_experts as u64);
+        let mut client = harness::inference(&cluster).await;
+        let ids = &golden_cases(fixture)[0].input_ids;
+        generate(&mut client, greedy(ids, 8)).await.unwrap();
+        let tokens = (ids.len() + 7) as u64; // prompt rows plus 7 decode steps feed the model
+        let s = harness::status(&cluster).await;
+        let rows: u64 = s.nodes.iter().map(|n| n.dispatched_rows).sum();
+        let pairs: u64 = s.nodes.iter().map(|n| n.dispatched_pairs).sum();
+        assert_eq!(pairs, tokens * moe_layers * cfg.moe.top_k as u64);
+        if nodes == 1 {
+            // All of a token's experts are on one node: it crosses the wire once per layer.
+            assert_eq!(rows, tokens * moe_layers);
+        } else {
+            assert!(
+                rows < pairs && rows >= tokens * moe_layers,
+                "rows {rows} pairs {pairs}"
+            );
+        }
+        let counted: u64 = s
+            .nodes
+            .iter()
+            .flat_map(|n| n.experts.iter().map(|e| e.tokens))
+            .sum();
+        assert_eq!(counted, pairs);
+    }
+}
