@@ -15,48 +15,52 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    #[arg(long, env = "MOE_MODEL")]
-    model: PathBuf,
+    /// Checkpoint directory, for the offline engine.
+    #[arg(long, env = "MOE_MODEL", required_unless_present = "router")]
+    model: Option<PathBuf>,
+    /// A router's gRPC address: measure the cluster instead (B concurrent streams).
+    #[arg(long, env = "MOE_ROUTER", conflicts_with = "model")]
+    router: Option<String>,
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    batch: Vec<usize>,
+    pub batch: Vec<usize>,
     #[arg(long, default_value_t = 128)]
-    prompt_len: usize,
+    pub prompt_len: usize,
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64)]
-    gen: usize,
+    pub gen: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Serialize)]
-struct Percentiles {
-    p50: f64,
-    p90: f64,
-    p99: f64,
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
 }
 
 #[derive(Serialize)]
-struct BatchResult {
-    batch: usize,
-    prompt_len: usize,
-    gen: usize,
-    prefill_tok_s: f64,
-    time_to_first_token_ms: f64,
-    decode_tok_s: f64,
-    inter_token_latency_ms: Percentiles,
+pub struct BatchResult {
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub gen: usize,
+    pub prefill_tok_s: f64,
+    pub time_to_first_token_ms: f64,
+    pub decode_tok_s: f64,
+    pub inter_token_latency_ms: Percentiles,
 }
 
 #[derive(Serialize)]
-struct BenchReport {
-    model: String,
-    model_type: &'static str,
-    threads: usize,
-    results: Vec<BatchResult>,
+pub struct BenchReport {
+    pub model: String,
+    pub model_type: String,
+    pub threads: usize,
+    pub results: Vec<BatchResult>,
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -65,7 +69,14 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let engine = Engine::load(&args.model)?;
+    if let Some(router) = args.router.clone() {
+        let report = super::bench_remote::run(&router, &args)?;
+        return print(&report, args.json);
+    }
+    let Some(model) = args.model.clone() else {
+        anyhow::bail!("give --model or --router")
+    };
+    let engine = Engine::load(&model)?;
     let vocab = engine.config().vocab_size as u64;
     let mut rng = Rng::seeded(42);
     let mut results = Vec::new();
@@ -129,13 +140,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
     }
     let report = BenchReport {
-        model: args.model.display().to_string(),
-        model_type: engine.config().family.model_type(),
+        model: model.display().to_string(),
+        model_type: engine.config().family.model_type().to_string(),
         threads: rayon::current_num_threads(),
         results,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    print(&report, args.json)
+}
+
+fn print(report: &BenchReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
     } else {
         println!(
             "{} ({}), {} threads",

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_remote;
 pub mod gen_checkpoint;
 pub mod generate;
 pub mod remote;

@@ -1,0 +1,77 @@
+//! `moe generate --router`, `moe status` and `moe bench --router` against a real local cluster.
+
+use std::process::Command;
+
+use moe_cluster::local::LocalCluster;
+use moe_tests::harness::{self, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use serde_json::Value;
+
+fn moe(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .output()
+        .expect("moe runs");
+    assert!(
+        out.status.success(),
+        "moe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("output")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_generate_prints_the_offline_json_and_status_lists_nodes() {
+    let fixture = FIXTURES[0];
+    let dir = fixture_dir(fixture);
+    let cluster = LocalCluster::start(harness::spec(dir.clone(), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let case = &golden_cases(fixture)[2];
+    let common = [
+        "--prompt",
+        case.prompt.as_str(),
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ];
+    let remote = moe(&[
+        &["generate", "--router", cluster.router_addr.as_str()][..],
+        &common[..],
+    ]
+    .concat());
+    let offline = moe(&[
+        &["generate", "--model", dir.to_str().unwrap()][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(remote, offline, "same JSON over the cluster as offline");
+
+    let status = moe(&["status", "--router", &cluster.router_addr, "--json"]);
+    assert!(status["serving_epoch"].as_u64().unwrap() >= 1);
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    for n in nodes {
+        assert_eq!(n["state"], "ready");
+        assert!(!n["experts"].as_array().unwrap().is_empty());
+    }
+
+    let bench = moe(&[
+        "bench",
+        "--router",
+        &cluster.router_addr,
+        "--batch",
+        "1,4",
+        "--prompt-len",
+        "8",
+        "--gen",
+        "4",
+        "--json",
+    ]);
+    let results = bench["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert!(results
+        .iter()
+        .all(|r| r["decode_tok_s"].as_f64().unwrap() > 0.0));
+}
