@@ -34,13 +34,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    moe_cluster::config::init_logging("warn");
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         rayon_threads(threads)?;

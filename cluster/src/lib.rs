@@ -8,6 +8,7 @@
 //! - [`frames`] encodes and validates the data-plane messages (`DispatchBatch`,
 //!   `CombineBatch`): tensors as little-endian bytes, every length checked before use.
 
+pub mod config;
 pub mod error;
 pub mod frames;
 pub mod keys;
@@ -15,6 +16,7 @@ pub mod local;
 pub mod membership;
 pub mod placement;
 
+pub use config::EtcdArgs;
 pub use error::ClusterError;
 pub use keys::ClusterKeys;
 pub use membership::{NodeRecord, NodeRegistration, NodeState};

@@ -20,25 +20,14 @@ pub struct Args {
     /// Address to advertise instead of the bound one (behind NAT or in containers).
     #[arg(long, env = "MOE_ADVERTISE")]
     pub advertise: Option<String>,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "MOE_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd: Vec<String>,
-    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
-    pub cluster: String,
+    #[command(flatten)]
+    pub etcd: moe_cluster::EtcdArgs,
     /// Unique id of this node (default: `node-<port>`).
     #[arg(long, env = "MOE_NODE_ID")]
     pub node_id: Option<String>,
     /// TTL of the membership lease: a dead node disappears this long after its last keep-alive.
     #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 3)]
     pub lease_ttl_secs: u64,
-    /// Interval at which the placement is re-read besides the watch.
-    #[arg(long, env = "MOE_POLL_MS", default_value_t = 200)]
-    pub poll_ms: u64,
     /// Memory offered for experts, in bytes (advertised to the planner).
     #[arg(long, env = "MOE_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,

@@ -24,13 +24,7 @@ use moe_proto::v1::expert_data_server::ExpertDataServer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    moe_cluster::config::init_logging("info");
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
@@ -80,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     );
     tracing::info!(%node_id, %address, "data plane listening");
 
-    let keys = ClusterKeys::new(&args.cluster);
+    let keys = ClusterKeys::new(&args.etcd.cluster);
     let record = NodeRecord {
         address: address.clone(),
         device: "cpu".into(),
@@ -89,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         fingerprint: fingerprint.clone(),
     };
     let registration = NodeRegistration::start(
-        args.etcd.clone(),
+        args.etcd.etcd.clone(),
         keys.clone(),
         node_id.clone(),
         record,
@@ -100,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let registration = Arc::new(registration);
 
     let follower = tokio::spawn(follower::follow_placement(follower::FollowerContext {
-        endpoints: args.etcd.clone(),
+        endpoints: args.etcd.etcd.clone(),
         keys,
         node_id: node_id.clone(),
         fingerprint,
@@ -109,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         served,
         registration: Arc::clone(&registration),
         health,
-        poll: Duration::from_millis(args.poll_ms),
+        poll: Duration::from_millis(args.etcd.poll_ms),
     }));
 
     shutdown_signal().await;

@@ -17,16 +17,8 @@ pub struct Args {
     /// Public gRPC address (Inference, Admin, health, reflection); port 0 picks a free port.
     #[arg(long, env = "MOE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: String,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "MOE_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd: Vec<String>,
-    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
-    pub cluster: String,
+    #[command(flatten)]
+    pub etcd: moe_cluster::EtcdArgs,
     /// Tokens processed per step (decodes first, then prefill chunks).
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,
@@ -45,9 +37,6 @@ pub struct Args {
     /// Deadline for one dispatch round trip to the expert nodes.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
     pub dispatch_timeout_ms: u64,
-    /// Interval at which membership and placement are re-read.
-    #[arg(long, env = "MOE_POLL_MS", default_value_t = 200)]
-    pub poll_ms: u64,
     /// Math threads (default: all cores).
     #[arg(long, env = "MOE_THREADS")]
     pub threads: Option<usize>,

@@ -55,13 +55,7 @@ fn kv_bytes_per_token(config: &ModelConfig) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    moe_cluster::config::init_logging("info");
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
@@ -143,21 +137,21 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         eos_ids,
     };
     let admin = server::admin::AdminService {
-        cluster: args.cluster.clone(),
+        cluster: args.etcd.cluster.clone(),
         view: Arc::clone(&view),
         stats,
         kv,
     };
 
     tokio::spawn(planner::run_planner(planner::PlannerContext {
-        endpoints: args.etcd.clone(),
-        keys: moe_cluster::ClusterKeys::new(&args.cluster),
+        endpoints: args.etcd.etcd.clone(),
+        keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
         fingerprint,
         moe_layers: config.moe_layer_indices().collect(),
         num_experts: config.moe.num_experts,
         view,
         health,
-        poll: Duration::from_millis(args.poll_ms),
+        poll: Duration::from_millis(args.etcd.poll_ms),
         max_message_bytes: MAX_MESSAGE_BYTES,
     }));
 

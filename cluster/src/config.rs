@@ -1,0 +1,33 @@
+//! Settings every cluster process shares: where etcd is, which cluster, how often to re-read it,
+//! and the logging setup. Flattened into each binary's clap struct.
+
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "MOE_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+    /// Cluster name: the etcd prefix `/moe/<cluster>/`.
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Interval at which membership and placement are re-read.
+    #[arg(long, env = "MOE_POLL_MS", default_value_t = 200)]
+    pub poll_ms: u64,
+}
+
+/// Logs to stderr, filtered by `MOE_LOG` (default `default_filter`).
+pub fn init_logging(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
