@@ -94,3 +94,31 @@ async fn sixteen_concurrent_streams_equal_each_alone() {
         "finished requests free their KV blocks"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_beside_running_decodes_is_exact() {
+    // A 7-token step budget: every prompt is split over several steps, next to other
+    // sequences' decode tokens, and still gives exactly the offline tokens.
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cases = golden_cases(fixture);
+    let mut spec = harness::spec(fixture_dir(fixture), 2);
+    spec.router_args
+        .extend(["--max-batch-tokens", "7"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    let mut tasks = Vec::new();
+    for case in &cases {
+        let mut client = harness::inference(&cluster).await;
+        let ids = case.input_ids.clone();
+        tasks.push(tokio::spawn(async move {
+            generate(&mut client, greedy(&ids, 12)).await.unwrap()
+        }));
+    }
+    for (task, case) in tasks.into_iter().zip(&cases) {
+        let got = task.await.unwrap();
+        let alone = offline(&engine, &case.input_ids, 12);
+        assert_eq!(got.ids, alone.output_ids);
+        assert_eq!(got.logprobs, alone.logprobs);
+    }
+}

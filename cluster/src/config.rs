@@ -31,3 +31,9 @@ pub fn init_logging(default_filter: &str) {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Accepted connections of a gRPC server, with Nagle's algorithm off: the data plane sends small
+/// frames back and forth, and Nagle plus delayed ACKs would add up to 40 ms to each round trip.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}

@@ -143,6 +143,7 @@ pub fn encode_combine(tag: DispatchTag, pairs: usize, outputs: &[f32]) -> Combin
         pairs: pairs as u32,
         outputs: f32_bytes(outputs),
         error: String::new(),
+        compute_micros: 0,
     }
 }
 
@@ -155,6 +156,7 @@ pub fn combine_error(tag: DispatchTag, message: String) -> CombineBatch {
         pairs: 0,
         outputs: Bytes::new(),
         error: message,
+        compute_micros: 0,
     }
 }
 

@@ -65,12 +65,9 @@ async fn main() -> anyhow::Result<()> {
             .add_service(
                 ExpertDataServer::new(data_plane).max_decoding_message_size(args.max_message_bytes),
             )
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = server_shutdown.wait_for(|s| *s).await;
-                },
-            ),
+            .serve_with_incoming_shutdown(moe_cluster::config::incoming(listener), async move {
+                let _ = server_shutdown.wait_for(|s| *s).await;
+            }),
     );
     tracing::info!(%node_id, %address, "data plane listening");
 

@@ -39,8 +39,20 @@ impl ServingPlacement {
     }
 }
 
+/// Where MoE-layer time goes, in nanoseconds (see the Admin proto).
+#[derive(Default, Debug)]
+pub struct LayerTimes {
+    pub calls: AtomicU64,
+    pub encode_nanos: AtomicU64,
+    pub wait_nanos: AtomicU64,
+    /// The slowest node's compute per layer call (what the wait could not be shorter than).
+    pub compute_nanos: AtomicU64,
+    pub combine_nanos: AtomicU64,
+}
+
 #[derive(Default)]
 pub struct ClusterView {
+    pub layer_times: LayerTimes,
     serving: RwLock<Option<Arc<ServingPlacement>>>,
     latest: RwLock<Option<Placement>>,
     membership: RwLock<Membership>,

@@ -95,9 +95,13 @@ async fn open(
     uri: &str,
     max_message_bytes: usize,
 ) -> std::result::Result<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>), String> {
-    let mut client = ExpertDataClient::connect(uri.to_string())
-        .await
+    let channel = tonic::transport::Endpoint::from_shared(uri.to_string())
         .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = ExpertDataClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let (tx, rx) = mpsc::channel(4);
@@ -149,6 +153,7 @@ struct NodeShare {
 impl ExpertBackend for RemoteExperts {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
         let hidden = self.hidden;
+        let started = std::time::Instant::now();
         let serving = self
             .view
             .serving()
@@ -228,6 +233,7 @@ impl ExpertBackend for RemoteExperts {
             waits.push((node, rx));
         }
         let timeout = self.timeout;
+        let encoded = std::time::Instant::now();
         let replies = self.runtime.block_on(async move {
             let mut replies = Vec::with_capacity(waits.len());
             for (node, rx) in waits {
@@ -240,6 +246,8 @@ impl ExpertBackend for RemoteExperts {
             }
             replies
         });
+        let answered = std::time::Instant::now();
+        let mut slowest_compute = 0u64;
         let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
         for (node, reply) in replies {
             let link = &serving.links[node];
@@ -247,6 +255,7 @@ impl ExpertBackend for RemoteExperts {
                 .map_err(|e| ModelError::ExpertBackend(format!("node {}: {e}", link.node_id)))?;
             link.bytes_received
                 .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
+            slowest_compute = slowest_compute.max(combine.compute_micros * 1000);
             let share = &shares[node];
             let outputs = frames::decode_combine(&combine, tag, share.routes.pairs(), hidden)
                 .map_err(|e| ModelError::ExpertBackend(format!("node {}: {e}", link.node_id)))?;
@@ -255,6 +264,23 @@ impl ExpertBackend for RemoteExperts {
                     .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
             }
         }
+        let times = &self.view.layer_times;
+        let nanos =
+            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_nanos() as u64;
+        times.calls.fetch_add(1, Ordering::Relaxed);
+        times
+            .encode_nanos
+            .fetch_add(nanos(started, encoded), Ordering::Relaxed);
+        times
+            .wait_nanos
+            .fetch_add(nanos(encoded, answered), Ordering::Relaxed);
+        times
+            .compute_nanos
+            .fetch_add(slowest_compute, Ordering::Relaxed);
+        times.combine_nanos.fetch_add(
+            nanos(answered, std::time::Instant::now()),
+            Ordering::Relaxed,
+        );
         Ok(pair_out)
     }
 }

@@ -165,12 +165,9 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         .add_service(reflection)
         .add_service(InferenceServer::new(inference))
         .add_service(AdminServer::new(admin))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
+        .serve_with_incoming_shutdown(moe_cluster::config::incoming(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
         .await?;
     Ok(())
 }

@@ -43,6 +43,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "cluster": status.cluster, "serving_epoch": status.serving_epoch, "latest_epoch": status.latest_epoch,
             "requests_running": status.requests_running, "requests_waiting": status.requests_waiting,
             "kv_blocks_used": status.kv_blocks_used, "kv_blocks_total": status.kv_blocks_total, "nodes": nodes,
+            "moe_layer_calls": status.moe_layer_calls, "dispatch_encode_seconds": status.dispatch_encode_seconds,
+            "dispatch_wait_seconds": status.dispatch_wait_seconds, "expert_compute_seconds": status.expert_compute_seconds,
+            "combine_seconds": status.combine_seconds,
         });
         println!("{out}");
         return Ok(());
@@ -57,6 +60,17 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.kv_blocks_used,
         status.kv_blocks_total
     );
+    if status.moe_layer_calls > 0 {
+        let per = |s: f64| s * 1e3 / status.moe_layer_calls as f64;
+        println!(
+            "  per MoE layer: encode {:.3} ms, wait {:.3} ms (expert compute {:.3} ms), combine {:.3} ms over {} calls",
+            per(status.dispatch_encode_seconds),
+            per(status.dispatch_wait_seconds),
+            per(status.expert_compute_seconds),
+            per(status.combine_seconds),
+            status.moe_layer_calls
+        );
+    }
     for n in &status.nodes {
         let tokens: u64 = n.experts.iter().map(|e| e.tokens).sum();
         println!(

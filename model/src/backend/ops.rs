@@ -70,7 +70,8 @@ pub fn argmax(x: &[f32]) -> usize {
 /// Runs `$body` compiled for AVX2+FMA when the CPU has it (so `mul_add` is one instruction),
 /// else compiled for the baseline (where `mul_add` is a libm call: slow, bitwise the same).
 macro_rules! fma_dispatch {
-    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+    ($(#[$meta:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$meta])*
         #[inline]
         pub fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
@@ -89,7 +90,32 @@ macro_rules! fma_dispatch {
     };
 }
 
-fma_dispatch!(dot(a: &[f32], b: &[f32]) -> f32 {
+fma_dispatch!(dot(a: &[f32], b: &[f32]) -> f32 { dot_inline(a, b) });
+
+fma_dispatch!(
+    /// `out[j] = dot(q, rows[j * stride + offset..][..q.len()])` for every j: the attention
+    /// scores of one head, with the whole loop compiled for the CPU's FMA.
+    dot_rows(q: &[f32], rows: &[f32], stride: usize, offset: usize, out: &mut [f32]) -> () {
+    let width = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_inline(q, &rows[j * stride + offset..j * stride + offset + width]);
+    }
+});
+
+fma_dispatch!(
+    /// `out += sum_j weights[j] * rows[j * stride + offset..][..out.len()]`, rows in ascending j.
+    accumulate_rows(weights: &[f32], rows: &[f32], stride: usize, offset: usize, out: &mut [f32]) -> () {
+    let width = out.len();
+    for (j, &w) in weights.iter().enumerate() {
+        let row = &rows[j * stride + offset..j * stride + offset + width];
+        for (a, v) in out.iter_mut().zip(row) {
+            *a = w.mul_add(*v, *a);
+        }
+    }
+});
+
+#[inline(always)]
+fn dot_inline(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent lanes, then a fixed tree: vectorises and stays order-deterministic.
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -105,8 +131,10 @@ fma_dispatch!(dot(a: &[f32], b: &[f32]) -> f32 {
     for i in chunks * 8..n {
         tail = a[i].mul_add(b[i], tail);
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
-});
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
+}
 
 fma_dispatch!(axpy(acc: &mut [f32], w: f32, x: &[f32]) -> () {
     for (a, v) in acc.iter_mut().zip(x) {

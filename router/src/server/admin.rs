@@ -13,6 +13,10 @@ use crate::cluster_view::ClusterView;
 use crate::kv_blocks::KvBlocks;
 use crate::scheduler::SchedulerStats;
 
+fn seconds(nanos: &std::sync::atomic::AtomicU64) -> f64 {
+    nanos.load(Ordering::Relaxed) as f64 / 1e9
+}
+
 pub struct AdminService {
     pub cluster: String,
     pub view: Arc<ClusterView>,
@@ -88,6 +92,11 @@ impl Admin for AdminService {
             requests_waiting: self.stats.waiting.load(Ordering::Relaxed) as u32,
             kv_blocks_used: self.kv.used() as u64,
             kv_blocks_total: self.kv.total() as u64,
+            moe_layer_calls: self.view.layer_times.calls.load(Ordering::Relaxed),
+            dispatch_encode_seconds: seconds(&self.view.layer_times.encode_nanos),
+            dispatch_wait_seconds: seconds(&self.view.layer_times.wait_nanos),
+            expert_compute_seconds: seconds(&self.view.layer_times.compute_nanos),
+            combine_seconds: seconds(&self.view.layer_times.combine_nanos),
         }))
     }
 

@@ -124,15 +124,13 @@ impl GqaAttention {
             for h in 0..self.heads {
                 let kvh = h / group;
                 let qh = &q[h * d..(h + 1) * d];
-                for (j, score) in scores.iter_mut().enumerate() {
-                    let k = &cache.keys[j * kv_width + kvh * d..][..d];
-                    *score = ops::dot(qh, k) * self.scale;
+                ops::dot_rows(qh, &cache.keys, kv_width, kvh * d, &mut scores);
+                for score in scores.iter_mut() {
+                    *score *= self.scale;
                 }
                 ops::softmax_in_place(&mut scores);
                 let oh = &mut out_row[h * d..(h + 1) * d];
-                for (j, &p) in scores.iter().enumerate() {
-                    ops::axpy(oh, p, &cache.values[j * kv_width + kvh * d..][..d]);
-                }
+                ops::accumulate_rows(&scores, &cache.values, kv_width, kvh * d, oh);
             }
         };
         if super::parallel_rows(layout) {

@@ -204,19 +204,18 @@ impl MlaAttention {
             let cache = caches[layout.row_seq[r]];
             let visible = layout.row_pos[r] + 1;
             let mut scores = vec![0.0f32; visible];
+            let mut rope_scores = vec![0.0f32; visible];
             for h in 0..heads {
                 let ql = &q_lat[h][r * lora..(r + 1) * lora];
                 let qr = &q[r * heads * q_head + h * q_head + nope..][..rope];
-                for (j, score) in scores.iter_mut().enumerate() {
-                    let c = &cache.values[j * lora..(j + 1) * lora];
-                    let kr = &cache.keys[j * rope..(j + 1) * rope];
-                    *score = (ops::dot(ql, c) + ops::dot(qr, kr)) * self.scale;
+                ops::dot_rows(ql, &cache.values, lora, 0, &mut scores);
+                ops::dot_rows(qr, &cache.keys, rope, 0, &mut rope_scores);
+                for (score, r) in scores.iter_mut().zip(&rope_scores) {
+                    *score = (*score + r) * self.scale;
                 }
                 ops::softmax_in_place(&mut scores);
                 let out = &mut ctx_row[h * lora..(h + 1) * lora];
-                for (j, &p) in scores.iter().enumerate() {
-                    ops::axpy(out, p, &cache.values[j * lora..(j + 1) * lora]);
-                }
+                ops::accumulate_rows(&scores, &cache.values, lora, 0, out);
             }
         };
         if super::parallel_rows(layout) {
