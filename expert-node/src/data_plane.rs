@@ -86,13 +86,18 @@ async fn run_batch(
         ));
     };
     let pairs = decoded.routes.pairs();
-    let result = tokio::task::spawn_blocking(move || {
-        set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes)
+    let (result, micros) = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        let result = set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes);
+        (result, start.elapsed().as_micros() as u64)
     })
     .await
     .map_err(|e| Status::internal(format!("expert task failed: {e}")))?;
     Ok(match result {
-        Ok(outputs) => frames::encode_combine(tag, pairs, &outputs),
+        Ok(outputs) => CombineBatch {
+            compute_micros: micros,
+            ..frames::encode_combine(tag, pairs, &outputs)
+        },
         Err(e) => frames::combine_error(tag, e.to_string()),
     })
 }
