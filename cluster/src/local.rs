@@ -42,31 +42,41 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_for_port(port: u16, timeout: Duration) -> std::io::Result<()> {
+/// Waits until `port` accepts connections; false if `child` exits first or time runs out.
+fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
+            return true;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("nothing listens on port {port}"),
-    ))
+    false
 }
 
-impl LocalCluster {
-    pub fn start(spec: LocalClusterSpec) -> std::io::Result<Self> {
+/// Starts a throwaway etcd on free ports. A port picked free can be taken by someone else
+/// before etcd binds it (tests start clusters in parallel), so a failed start is retried on
+/// new ports.
+fn start_etcd(bin: &Path) -> std::io::Result<(Child, PathBuf, String)> {
+    let mut last = String::new();
+    for _ in 0..5 {
         let client_port = free_port()?;
         let peer_port = free_port()?;
-        let etcd_dir =
-            std::env::temp_dir().join(format!("moe-etcd-{}-{client_port}", std::process::id()));
-        std::fs::create_dir_all(&etcd_dir)?;
+        if client_port == peer_port {
+            continue;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "moe-etcd-{}-{client_port}-{peer_port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let etcd = Command::new(&spec.etcd_bin)
-            .args(["--data-dir", &etcd_dir.display().to_string()])
+        let mut etcd = Command::new(bin)
+            .args(["--data-dir", &dir.display().to_string()])
             .args([
                 "--listen-client-urls",
                 &client_url,
@@ -83,6 +93,20 @@ impl LocalCluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        if wait_for_port(client_port, &mut etcd, Duration::from_secs(30)) {
+            return Ok((etcd, dir, client_url));
+        }
+        let _ = etcd.kill();
+        let _ = etcd.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        last = format!("etcd did not start on ports {client_port}/{peer_port}");
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, last))
+}
+
+impl LocalCluster {
+    pub fn start(spec: LocalClusterSpec) -> std::io::Result<Self> {
+        let (etcd, etcd_dir, client_url) = start_etcd(&spec.etcd_bin)?;
         let mut cluster = LocalCluster {
             etcd,
             etcd_dir,
@@ -92,7 +116,6 @@ impl LocalCluster {
             router_addr: String::new(),
             spec,
         };
-        wait_for_port(client_port, Duration::from_secs(20))?;
         for _ in 0..cluster.spec.nodes {
             cluster.add_node()?;
         }
