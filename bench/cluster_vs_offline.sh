@@ -11,7 +11,7 @@ echo "== offline"
 "$bin/moe" bench --model "$model" "${args[@]}"
 echo "== cluster, $nodes nodes"
 log=$(mktemp)
-"$bin/moe" up --model "$model" --nodes "$nodes" > "$log" 2>&1 &
+"$bin/moe" up --model "$model" --nodes "$nodes" ${NODE_THREADS:+--node-threads "$NODE_THREADS"} > "$log" 2>&1 &
 up=$!
 trap 'kill -INT $up 2>/dev/null; wait $up 2>/dev/null; rm -f "$log"' EXIT
 for _ in $(seq 1 600); do

@@ -23,6 +23,9 @@ pub struct UpArgs {
     /// Show the children's logs.
     #[arg(long)]
     logs: bool,
+    /// Math threads per expert node (co-located nodes share the machine's cores).
+    #[arg(long)]
+    node_threads: Option<usize>,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -56,7 +59,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         nodes: args.nodes,
         cluster: args.cluster.clone(),
         router_args: Vec::new(),
-        node_args: Vec::new(),
+        node_args: args
+            .node_threads
+            .map(|t| vec!["--threads".to_string(), t.to_string()])
+            .unwrap_or_default(),
         show_logs: args.logs,
     })
     .context("starting the local cluster")?;
