@@ -31,6 +31,10 @@ enum Command {
     Status(commands::status::StatusArgs),
     /// Start etcd, a router and N expert nodes locally; stop them all on Ctrl-C.
     Up(commands::up::UpArgs),
+    /// Drain an expert node: re-place its experts, then let it exit.
+    Drain(commands::drain::DrainArgs),
+    /// Kill, restart and drain nodes of a local cluster under checked load; report losses.
+    Chaos(commands::chaos::ChaosArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +49,8 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::run(args),
         Command::Status(args) => commands::status::run(args),
         Command::Up(args) => commands::up::run(args),
+        Command::Drain(args) => commands::drain::run(args),
+        Command::Chaos(args) => commands::chaos::run(args),
     }
 }
 

@@ -37,3 +37,42 @@ pub fn init_logging(default_filter: &str) {
 pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
+
+/// Deadline for reaching etcd and for each unary etcd call: an etcd that vanished costs a
+/// bounded wait, never a hung planner or follower.
+pub const ETCD_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An etcd client whose unary calls time out (do not use it for long-lived streams).
+pub async fn connect_etcd(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(2))
+        .with_timeout(ETCD_CALL_TIMEOUT);
+    etcd_client::Client::connect(endpoints, Some(options)).await
+}
+
+/// Logs an etcd outage once when it starts and once when it ends, instead of at every retry.
+#[derive(Debug, Default)]
+pub struct EtcdOutage {
+    since: Option<std::time::Instant>,
+}
+
+impl EtcdOutage {
+    pub fn failed(&mut self, who: &str, error: &dyn std::fmt::Display) {
+        if self.since.is_none() {
+            tracing::warn!(who, %error, "etcd unreachable; serving the last placement, retrying");
+            self.since = Some(std::time::Instant::now());
+        } else {
+            tracing::debug!(who, %error, "etcd still unreachable");
+        }
+    }
+
+    pub fn ok(&mut self, who: &str) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(who, down_for = ?since.elapsed(), "etcd reachable again");
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.since.is_some()
+    }
+}

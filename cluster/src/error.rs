@@ -10,6 +10,8 @@ pub enum ClusterError {
     Frame(String),
     #[error("placement conflict: another planner wrote epoch {0} first")]
     PlacementConflict(u64),
+    #[error("etcd did not answer in time")]
+    Timeout,
     #[error("no live expert nodes to place experts on")]
     NoNodes,
 }

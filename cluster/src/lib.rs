@@ -1,8 +1,9 @@
 //! `moe-cluster`: what the router and the expert nodes share.
 //!
 //! - [`keys`] is the etcd key layout under `/moe/<cluster>/`.
-//! - [`membership`] registers a node (or router) under a lease kept alive by one task, and
-//!   lists/watches the registered nodes.
+//! - [`lease`] keeps one lease alive with the keys a process publishes on it (and the planner
+//!   election); [`membership`] builds node and router registrations on it and reads the
+//!   cluster's live members, drain requests and suspect reports in one snapshot.
 //! - [`placement`] is the expert placement: which node holds which `(layer, expert)`, under a
 //!   monotonically increasing epoch, planned by the router and written in a guarded transaction.
 //! - [`frames`] encodes and validates the data-plane messages (`DispatchBatch`,
@@ -12,6 +13,8 @@ pub mod config;
 pub mod error;
 pub mod frames;
 pub mod keys;
+pub mod lease;
+pub mod load;
 pub mod local;
 pub mod membership;
 pub mod placement;
@@ -19,5 +22,5 @@ pub mod placement;
 pub use config::EtcdArgs;
 pub use error::ClusterError;
 pub use keys::ClusterKeys;
-pub use membership::{NodeRecord, NodeRegistration, NodeState};
+pub use membership::{NodeRecord, NodeRegistration, NodeState, RouterRecord, RouterRegistration};
 pub use placement::{Placement, PlacementStore};

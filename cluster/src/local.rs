@@ -27,13 +27,13 @@ pub struct LocalClusterSpec {
 
 pub struct LocalCluster {
     spec: LocalClusterSpec,
-    etcd: Child,
-    etcd_dir: PathBuf,
+    etcd: EtcdProcess,
     pub etcd_url: String,
     /// `(node id, process)`; `None` once killed.
     nodes: Vec<(String, Option<Child>)>,
-    router: Child,
-    /// The router's gRPC `host:port`.
+    /// `(gRPC address, process)`; `None` once killed.
+    routers: Vec<(String, Option<Child>)>,
+    /// The first router's gRPC `host:port`.
     pub router_addr: String,
 }
 
@@ -57,25 +57,20 @@ fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> bool {
     false
 }
 
-/// Starts a throwaway etcd on free ports. A port picked free can be taken by someone else
-/// before etcd binds it (tests start clusters in parallel), so a failed start is retried on
-/// new ports.
-fn start_etcd(bin: &Path) -> std::io::Result<(Child, PathBuf, String)> {
-    let mut last = String::new();
-    for _ in 0..5 {
-        let client_port = free_port()?;
-        let peer_port = free_port()?;
-        if client_port == peer_port {
-            continue;
-        }
-        let dir = std::env::temp_dir().join(format!(
-            "moe-etcd-{}-{client_port}-{peer_port}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir)?;
+/// A throwaway etcd: its ports and data directory survive a stop, so it can be restarted
+/// with its data (the etcd-outage tests).
+struct EtcdProcess {
+    child: Option<Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl EtcdProcess {
+    fn spawn(bin: &Path, dir: &Path, client_port: u16, peer_port: u16) -> std::io::Result<Child> {
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let mut etcd = Command::new(bin)
+        Command::new(bin)
             .args(["--data-dir", &dir.display().to_string()])
             .args([
                 "--listen-client-urls",
@@ -92,64 +87,150 @@ fn start_etcd(bin: &Path) -> std::io::Result<(Child, PathBuf, String)> {
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()?;
-        if wait_for_port(client_port, &mut etcd, Duration::from_secs(30)) {
-            return Ok((etcd, dir, client_url));
-        }
-        let _ = etcd.kill();
-        let _ = etcd.wait();
-        let _ = std::fs::remove_dir_all(&dir);
-        last = format!("etcd did not start on ports {client_port}/{peer_port}");
+            .spawn()
     }
-    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, last))
+
+    /// Starts etcd on free ports. A port picked free can be taken by someone else before etcd
+    /// binds it (tests start clusters in parallel), so a failed start is retried on new ports.
+    fn start(bin: &Path) -> std::io::Result<Self> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let client_port = free_port()?;
+            let peer_port = free_port()?;
+            if client_port == peer_port {
+                continue;
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "moe-etcd-{}-{client_port}-{peer_port}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir)?;
+            let mut etcd = Self::spawn(bin, &dir, client_port, peer_port)?;
+            if wait_for_port(client_port, &mut etcd, Duration::from_secs(30)) {
+                return Ok(Self {
+                    child: Some(etcd),
+                    dir,
+                    client_port,
+                    peer_port,
+                });
+            }
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+            last = format!("etcd did not start on ports {client_port}/{peer_port}");
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, last))
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self, bin: &Path) -> std::io::Result<()> {
+        self.stop();
+        let mut etcd = Self::spawn(bin, &self.dir, self.client_port, self.peer_port)?;
+        if !wait_for_port(self.client_port, &mut etcd, Duration::from_secs(30)) {
+            return Err(std::io::Error::other("etcd did not restart"));
+        }
+        self.child = Some(etcd);
+        Ok(())
+    }
+}
+
+/// Sends SIGTERM (the polite stop every node treats as a drain).
+pub fn terminate(pid: u32) {
+    #[cfg(unix)]
+    // SAFETY: kill(2) with a pid of a child we own and a valid signal number.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+/// Starts a router and reads the address it printed.
+fn start_router(spec: &LocalClusterSpec, etcd_url: &str, extra: &[String]) -> std::io::Result<(Child, String)> {
+    let mut router = Command::new(&spec.router_bin)
+        .args(["--model", &spec.model.display().to_string()])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--etcd",
+            etcd_url,
+            "--cluster",
+            &spec.cluster,
+        ])
+        .args(&spec.router_args)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(if spec.show_logs {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()?;
+    let stdout = router
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("router has no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("moe-router listening on ")
+        .ok_or_else(|| std::io::Error::other(format!("unexpected router output {line:?}")))?;
+    Ok((router, addr.to_string()))
 }
 
 impl LocalCluster {
     pub fn start(spec: LocalClusterSpec) -> std::io::Result<Self> {
-        let (etcd, etcd_dir, client_url) = start_etcd(&spec.etcd_bin)?;
+        let etcd = EtcdProcess::start(&spec.etcd_bin)?;
         let mut cluster = LocalCluster {
+            etcd_url: etcd.url(),
             etcd,
-            etcd_dir,
-            etcd_url: client_url,
             nodes: Vec::new(),
-            router: Command::new("true").spawn()?,
+            routers: Vec::new(),
             router_addr: String::new(),
             spec,
         };
         for _ in 0..cluster.spec.nodes {
             cluster.add_node()?;
         }
-        let mut router = Command::new(&cluster.spec.router_bin)
-            .args(["--model", &cluster.spec.model.display().to_string()])
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--etcd",
-                &cluster.etcd_url,
-                "--cluster",
-                &cluster.spec.cluster,
-            ])
-            .args(&cluster.spec.router_args)
-            .stdout(Stdio::piped())
-            .stderr(if cluster.spec.show_logs {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()?;
-        let stdout = router
-            .stdout
-            .take()
-            .ok_or_else(|| std::io::Error::other("router has no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("moe-router listening on ")
-            .ok_or_else(|| std::io::Error::other(format!("unexpected router output {line:?}")))?;
-        cluster.router_addr = addr.to_string();
-        cluster.router = router;
+        cluster.router_addr = cluster.add_router(&[])?;
         Ok(cluster)
+    }
+
+    /// Starts one more router on the same etcd and nodes (data-parallel attention); returns
+    /// its gRPC address.
+    pub fn add_router(&mut self, extra_args: &[String]) -> std::io::Result<String> {
+        let (child, addr) = start_router(&self.spec, &self.etcd_url, extra_args)?;
+        self.routers.push((addr.clone(), Some(child)));
+        Ok(addr)
+    }
+
+    /// SIGKILLs the router listening on `addr`.
+    pub fn kill_router(&mut self, addr: &str) {
+        if let Some((_, slot)) = self.routers.iter_mut().find(|r| r.0 == addr) {
+            if let Some(mut child) = slot.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Stops etcd (SIGKILL); [`LocalCluster::restart_etcd`] brings it back with its data.
+    pub fn stop_etcd(&mut self) {
+        self.etcd.stop();
+    }
+
+    pub fn restart_etcd(&mut self) -> std::io::Result<()> {
+        let bin = self.spec.etcd_bin.clone();
+        self.etcd.restart(&bin)
     }
 
     /// Starts one more expert node; returns its id.
@@ -197,7 +278,49 @@ impl LocalCluster {
     }
 
     pub fn router_pid(&self) -> u32 {
-        self.router.id()
+        self.routers
+            .first()
+            .and_then(|r| r.1.as_ref())
+            .map(|c| c.id())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERMs a node (it drains, then exits by itself).
+    pub fn terminate_node(&mut self, node_id: &str) {
+        if let Some(pid) = self.node_pid(node_id) {
+            terminate(pid);
+        }
+    }
+
+    /// Waits up to `timeout` for a node to exit; its exit code, once it has.
+    pub fn wait_node_exit(&mut self, node_id: &str, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        let (_, slot) = self.nodes.iter_mut().find(|n| n.0 == node_id)?;
+        let child = slot.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                *slot = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Forgets nodes that exited by themselves (after a drain); returns their ids.
+    pub fn reap_nodes(&mut self) -> Vec<String> {
+        let mut gone = Vec::new();
+        for (id, slot) in self.nodes.iter_mut() {
+            if let Some(child) = slot.as_mut() {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    *slot = None;
+                    gone.push(id.clone());
+                }
+            }
+        }
+        gone
     }
 
     /// SIGKILLs a node.
@@ -217,16 +340,13 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        let _ = self.router.kill();
-        let _ = self.router.wait();
-        for (_, child) in self.nodes.iter_mut() {
+        for (_, child) in self.routers.iter_mut().chain(self.nodes.iter_mut()) {
             if let Some(mut c) = child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
-        let _ = self.etcd.kill();
-        let _ = self.etcd.wait();
-        let _ = std::fs::remove_dir_all(&self.etcd_dir);
+        self.etcd.stop();
+        let _ = std::fs::remove_dir_all(&self.etcd.dir);
     }
 }

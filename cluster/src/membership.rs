@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, GetOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::error::ClusterError;
 use crate::keys::ClusterKeys;
+use crate::lease::LeasedKeys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -42,21 +41,19 @@ pub struct NodeRecord {
     pub state: NodeState,
     /// Fingerprint of the checkpoint it serves; nodes of another model are not placed.
     pub fingerprint: String,
+    /// Random per process start: a suspect report names the instance it saw fail, so a node
+    /// restarted under the same id is not held suspect for its predecessor's crash.
+    #[serde(default)]
+    pub instance: String,
 }
 
-/// What the registration task publishes: the record and the ready epoch.
-#[derive(Debug, Clone, PartialEq)]
-struct Published {
-    record: NodeRecord,
-    ready_epoch: Option<u64>,
-}
-
-/// A live registration: dropping it (or calling [`NodeRegistration::shutdown`]) revokes the
-/// lease so the node's keys vanish at once.
+/// A node's registration: its record and ready epoch on its own lease. Dropping it (or
+/// [`NodeRegistration::shutdown`]) revokes the lease so the node's keys vanish at once.
 pub struct NodeRegistration {
-    updates: watch::Sender<Published>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    leased: LeasedKeys,
+    keys: ClusterKeys,
+    node_id: String,
+    record: std::sync::Mutex<NodeRecord>,
 }
 
 impl NodeRegistration {
@@ -69,195 +66,240 @@ impl NodeRegistration {
         record: NodeRecord,
         ttl: Duration,
     ) -> Result<Self, ClusterError> {
-        let mut client = Client::connect(&endpoints, None).await?;
-        let published = Published {
-            record,
-            ready_epoch: None,
-        };
-        // The first registration happens before returning, so callers know they are visible.
-        let lease = grant_and_put(&mut client, &keys, &node_id, &published, ttl).await?;
-        let (updates, rx) = watch::channel(published);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(keep_registered(
-            client, keys, node_id, ttl, lease, rx, stop_rx,
-        ));
+        let mut initial = BTreeMap::new();
+        initial.insert(keys.node(&node_id), encode(&keys.node(&node_id), &record)?);
+        let leased = LeasedKeys::start(&endpoints, ttl, initial).await?;
         Ok(Self {
-            updates,
-            stop: Some(stop_tx),
-            task: Some(task),
+            leased,
+            keys,
+            node_id,
+            record: std::sync::Mutex::new(record),
         })
     }
 
     pub fn set_state(&self, state: NodeState) {
-        self.updates.send_modify(|p| p.record.state = state);
+        let Ok(mut record) = self.record.lock() else {
+            return;
+        };
+        record.state = state;
+        let key = self.keys.node(&self.node_id);
+        if let Ok(value) = encode(&key, &*record) {
+            self.leased.set(key, value);
+        }
     }
 
     /// Announces that the experts of `epoch` are loaded.
     pub fn set_ready_epoch(&self, epoch: u64) {
-        self.updates.send_modify(|p| p.ready_epoch = Some(epoch));
+        self.leased
+            .set(self.keys.ready(&self.node_id), epoch.to_string().into_bytes());
     }
 
     /// Revokes the lease and waits for the task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn shutdown(self) {
+        self.leased.shutdown().await;
     }
 }
 
-impl Drop for NodeRegistration {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-async fn grant_and_put(
-    client: &mut Client,
-    keys: &ClusterKeys,
-    node_id: &str,
-    published: &Published,
-    ttl: Duration,
-) -> Result<i64, ClusterError> {
-    let lease = client
-        .lease_grant(ttl.as_secs().max(1) as i64, None)
-        .await?
-        .id();
-    put_published(client, keys, node_id, published, lease).await?;
-    Ok(lease)
-}
-
-async fn put_published(
-    client: &mut Client,
-    keys: &ClusterKeys,
-    node_id: &str,
-    published: &Published,
-    lease: i64,
-) -> Result<(), ClusterError> {
-    let value = serde_json::to_vec(&published.record).map_err(|e| ClusterError::Record {
-        key: keys.node(node_id),
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, ClusterError> {
+    serde_json::to_vec(value).map_err(|e| ClusterError::Record {
+        key: key.to_string(),
         message: e.to_string(),
-    })?;
-    client
-        .put(
-            keys.node(node_id),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
-    if let Some(epoch) = published.ready_epoch {
-        client
-            .put(
-                keys.ready(node_id),
-                epoch.to_string(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
-    }
-    Ok(())
+    })
 }
 
-/// Owns the lease: keep-alives every TTL/3, re-puts on change, re-registers after expiry.
-async fn keep_registered(
-    mut client: Client,
+/// What a router publishes about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    /// Its public gRPC address.
+    pub address: String,
+    /// The placement epoch it dispatches on (0 before the first).
+    pub serving_epoch: u64,
+}
+
+/// A router's registration: its record, its suspect reports and its planner campaign, on its
+/// own lease.
+pub struct RouterRegistration {
+    leased: LeasedKeys,
     keys: ClusterKeys,
-    node_id: String,
-    ttl: Duration,
-    mut lease: i64,
-    mut updates: watch::Receiver<Published>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let interval = (ttl / 3).max(Duration::from_millis(100));
-    let mut keeper = client.lease_keep_alive(lease).await.ok();
-    loop {
-        tokio::select! {
-            _ = &mut stop => {
-                let _ = client.lease_revoke(lease).await;
-                return;
-            }
-            changed = updates.changed() => {
-                if changed.is_err() {
-                    let _ = client.lease_revoke(lease).await;
-                    return;
-                }
-                let published = updates.borrow_and_update().clone();
-                if let Err(e) = put_published(&mut client, &keys, &node_id, &published, lease).await {
-                    tracing::warn!(error = %e, "could not update node record; will retry");
-                    keeper = None;
-                }
-            }
-            _ = tokio::time::sleep(interval) => {
-                let alive = match keeper.as_mut() {
-                    Some((k, stream)) => match k.keep_alive().await {
-                        Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
-                        Err(_) => false,
-                    },
-                    None => false,
-                };
-                if !alive {
-                    // Lease lost (expired or etcd restarted): register again with a new one.
-                    let published = updates.borrow().clone();
-                    match grant_and_put(&mut client, &keys, &node_id, &published, ttl).await {
-                        Ok(new_lease) => {
-                            lease = new_lease;
-                            keeper = client.lease_keep_alive(lease).await.ok();
-                            tracing::info!(node_id, "re-registered in etcd");
-                        }
-                        Err(e) => tracing::warn!(error = %e, "etcd unreachable; retrying"),
-                    }
-                }
-            }
+    router_id: String,
+    address: String,
+}
+
+impl RouterRegistration {
+    pub async fn start(
+        endpoints: &[String],
+        keys: ClusterKeys,
+        router_id: String,
+        address: String,
+        ttl: Duration,
+    ) -> Result<Self, ClusterError> {
+        let record = RouterRecord {
+            address: address.clone(),
+            serving_epoch: 0,
+        };
+        let mut initial = BTreeMap::new();
+        let key = keys.router(&router_id);
+        initial.insert(key.clone(), encode(&key, &record)?);
+        let leased = LeasedKeys::start(endpoints, ttl, initial).await?;
+        leased.campaign(keys.planner(), router_id.clone());
+        Ok(Self {
+            leased,
+            keys,
+            router_id,
+            address,
+        })
+    }
+
+    pub fn router_id(&self) -> &str {
+        &self.router_id
+    }
+
+    /// Whether this router holds the planner key.
+    pub fn is_planner(&self) -> bool {
+        self.leased.is_leader()
+    }
+
+    pub fn set_serving_epoch(&self, epoch: u64) {
+        let key = self.keys.router(&self.router_id);
+        let record = RouterRecord {
+            address: self.address.clone(),
+            serving_epoch: epoch,
+        };
+        if let Ok(value) = encode(&key, &record) {
+            self.leased.set(key, value);
         }
     }
+
+    /// Publishes exactly these suspect reports: `(node id, node instance)`.
+    pub fn set_suspects(&self, suspects: &[(String, String)]) {
+        let prefix = self.keys.suspects();
+        let wanted: BTreeMap<String, Vec<u8>> = suspects
+            .iter()
+            .map(|(node, instance)| {
+                (
+                    self.keys.suspect(node, &self.router_id),
+                    instance.clone().into_bytes(),
+                )
+            })
+            .collect();
+        for key in self.leased.keys() {
+            if key.starts_with(&prefix) && !wanted.contains_key(&key) {
+                self.leased.remove(&key);
+            }
+        }
+        for (key, value) in wanted {
+            self.leased.set(key, value);
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.leased.shutdown().await;
+    }
 }
 
-/// A snapshot of the registered nodes and their ready epochs.
+/// A snapshot of the cluster's live processes and requests.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Membership {
     pub nodes: BTreeMap<String, NodeRecord>,
     pub ready: BTreeMap<String, u64>,
+    pub routers: BTreeMap<String, RouterRecord>,
+    /// Router id holding the planner key, if any.
+    pub planner: Option<String>,
+    /// Nodes an operator asked to drain.
+    pub drains: Vec<String>,
+    /// Node id to the instances some router reported failing.
+    pub suspects: BTreeMap<String, Vec<String>>,
     /// etcd revision of the snapshot.
     pub revision: i64,
 }
 
-/// Reads every node record and ready key.
+impl Membership {
+    /// Whether some router reported this node's current instance failing.
+    pub fn is_suspect(&self, node_id: &str) -> bool {
+        let instance = self.nodes.get(node_id).map(|r| r.instance.as_str());
+        self.suspects
+            .get(node_id)
+            .is_some_and(|reported| reported.iter().any(|i| Some(i.as_str()) == instance))
+    }
+
+    /// The lowest epoch any live router still dispatches on (None without routers).
+    pub fn min_router_epoch(&self) -> Option<u64> {
+        self.routers.values().map(|r| r.serving_epoch).min()
+    }
+}
+
+/// Reads every node, router, readiness, drain and suspect key in one snapshot.
 pub async fn list_nodes(
     client: &mut Client,
     keys: &ClusterKeys,
 ) -> Result<Membership, ClusterError> {
     let mut membership = Membership::default();
     let resp = client
-        .get(keys.nodes(), Some(GetOptions::new().with_prefix()))
+        .get(keys.root(), Some(GetOptions::new().with_prefix()))
         .await?;
     membership.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let (nodes, ready, routers, drains, suspects, planner) = (
+        keys.nodes(),
+        keys.ready_prefix(),
+        keys.routers(),
+        keys.drains(),
+        keys.suspects(),
+        keys.planner(),
+    );
     for kv in resp.kvs() {
         let key = kv.key_str().unwrap_or_default();
-        let Some(id) = keys.node_id_of(key) else {
-            continue;
-        };
-        match serde_json::from_slice::<NodeRecord>(kv.value()) {
-            Ok(record) => {
-                membership.nodes.insert(id.to_string(), record);
+        if key == planner {
+            membership.planner = kv.value_str().ok().map(str::to_string);
+        } else if let Some(id) = keys.id_under(&nodes, key) {
+            match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                Ok(record) => {
+                    membership.nodes.insert(id.to_string(), record);
+                }
+                Err(e) => tracing::warn!(key, error = %e, "ignoring malformed node record"),
             }
-            Err(e) => tracing::warn!(key, error = %e, "ignoring malformed node record"),
+        } else if let Some(id) = keys.id_under(&ready, key) {
+            if let Some(epoch) = kv.value_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+                membership.ready.insert(id.to_string(), epoch);
+            }
+        } else if let Some(id) = keys.id_under(&routers, key) {
+            match serde_json::from_slice::<RouterRecord>(kv.value()) {
+                Ok(record) => {
+                    membership.routers.insert(id.to_string(), record);
+                }
+                Err(e) => tracing::warn!(key, error = %e, "ignoring malformed router record"),
+            }
+        } else if let Some(id) = keys.id_under(&drains, key) {
+            membership.drains.push(id.to_string());
+        } else if let Some(id) = keys.id_under(&suspects, key) {
+            if let Ok(instance) = kv.value_str() {
+                membership
+                    .suspects
+                    .entry(id.to_string())
+                    .or_default()
+                    .push(instance.to_string());
+            }
         }
     }
-    let resp = client
-        .get(keys.ready_prefix(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    for kv in resp.kvs() {
-        let key = kv.key_str().unwrap_or_default();
-        let (Some(id), Some(epoch)) = (
-            keys.node_id_of(key),
-            kv.value_str().ok().and_then(|v| v.parse::<u64>().ok()),
-        ) else {
-            continue;
-        };
-        membership.ready.insert(id.to_string(), epoch);
-    }
     Ok(membership)
+}
+
+/// Asks that `node_id` leave the cluster: the planner places nothing on it and the node exits
+/// once every router has moved past it.
+pub async fn request_drain(
+    client: &mut Client,
+    keys: &ClusterKeys,
+    node_id: &str,
+) -> Result<(), ClusterError> {
+    client.put(keys.drain(node_id), "", None).await?;
+    Ok(())
+}
+
+/// Forgets drain requests for nodes that are gone.
+pub async fn clear_drain(
+    client: &mut Client,
+    keys: &ClusterKeys,
+    node_id: &str,
+) -> Result<(), ClusterError> {
+    client.delete(keys.drain(node_id), None).await?;
+    Ok(())
 }

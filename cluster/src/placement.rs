@@ -51,14 +51,18 @@ impl Placement {
         let n = ids.len();
         let mut assigned: BTreeMap<&String, Vec<ExpertId>> =
             ids.iter().map(|id| (*id, Vec::new())).collect();
-        let previous_owner: HashMap<ExpertId, &String> = previous
-            .map(|p| {
-                p.nodes
-                    .iter()
-                    .flat_map(|(id, a)| a.experts.iter().map(move |e| (*e, id)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Every node that held the expert before, in id order: the first one with room keeps
+        // it; the others keep their replicas.
+        let mut previous_holders: HashMap<ExpertId, Vec<&String>> = HashMap::new();
+        if let Some(p) = previous {
+            for (id, a) in &p.nodes {
+                if let Some(live) = ids.iter().find(|n| **n == id) {
+                    for e in &a.experts {
+                        previous_holders.entry(*e).or_default().push(*live);
+                    }
+                }
+            }
+        }
         for &layer in moe_layers {
             // Shares of this layer: the first `extra` nodes (by id) take one more.
             let base = num_experts / n;
@@ -72,18 +76,16 @@ impl Placement {
             let mut homeless = Vec::new();
             for expert in 0..num_experts {
                 let key = (layer as u32, expert as u32);
-                match previous_owner
-                    .get(&key)
-                    .and_then(|owner| ids.iter().find(|id| **id == *owner))
-                {
-                    Some(owner) if count[owner] < quota[owner] => {
+                let holders = previous_holders.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                match holders.iter().find(|owner| count[*owner] < quota[*owner]) {
+                    Some(owner) => {
                         *count.get_mut(owner).expect("owner is a live node") += 1;
                         assigned
                             .get_mut(owner)
                             .expect("owner is a live node")
                             .push(key);
                     }
-                    _ => homeless.push(key),
+                    None => homeless.push(key),
                 }
             }
             for key in homeless {
@@ -96,6 +98,17 @@ impl Placement {
                     .expect("quotas add up to the number of experts");
                 *count.get_mut(target).expect("live node") += 1;
                 assigned.get_mut(target).expect("live node").push(key);
+            }
+        }
+        // Replicas on surviving nodes stay where they are (a rebalance placed them for a reason).
+        for (key, holders) in previous_holders.iter().filter(|(_, h)| h.len() > 1) {
+            let mut copies = 1;
+            for holder in holders {
+                let experts = assigned.get_mut(holder).expect("live node");
+                if copies < holders.len() && !experts.contains(key) {
+                    experts.push(*key);
+                    copies += 1;
+                }
             }
         }
         let nodes = assigned
@@ -118,15 +131,123 @@ impl Placement {
         })
     }
 
-    /// For each expert, the node that serves it (the first, by id, when replicated).
-    pub fn owners(&self) -> HashMap<ExpertId, &str> {
-        let mut owners = HashMap::new();
+    /// For each expert, the nodes that hold it, in id order (more than one when replicated).
+    pub fn holders(&self) -> HashMap<ExpertId, Vec<&str>> {
+        let mut holders: HashMap<ExpertId, Vec<&str>> = HashMap::new();
         for (id, a) in &self.nodes {
             for e in &a.experts {
-                owners.entry(*e).or_insert(id.as_str());
+                holders.entry(*e).or_default().push(id.as_str());
             }
         }
-        owners
+        holders
+    }
+
+    /// Number of extra copies of experts, over all layers.
+    pub fn replica_count(&self) -> usize {
+        self.holders().values().map(|h| h.len() - 1).sum()
+    }
+
+    /// Expected imbalance if every expert's `load` (tokens in a window) is split evenly over its
+    /// replicas, as dispatch does: see [`imbalance_ratio`].
+    pub fn expected_imbalance(&self, load: &HashMap<ExpertId, u64>) -> f64 {
+        let mut per_layer: BTreeMap<u32, BTreeMap<&str, f64>> = BTreeMap::new();
+        for (expert, nodes) in self.holders() {
+            let share = load.get(&expert).copied().unwrap_or(0) as f64 / nodes.len() as f64;
+            let layer = per_layer
+                .entry(expert.0)
+                .or_insert_with(|| self.nodes.keys().map(|id| (id.as_str(), 0.0)).collect());
+            for node in nodes {
+                *layer.entry(node).or_default() += share;
+            }
+        }
+        imbalance_ratio(per_layer.values().map(|l| l.values().copied().collect()))
+    }
+
+    /// Plans the next epoch with `redundant_per_layer` extra copies of each layer's hottest
+    /// experts, placed to even out the expected load (as DeepSeek's EPLB does). Every
+    /// non-replica assignment of `self` stays, so only the new replicas are loaded.
+    pub fn rebalance(
+        &self,
+        epoch: u64,
+        load: &HashMap<ExpertId, u64>,
+        redundant_per_layer: usize,
+    ) -> Placement {
+        // Start from one copy of each expert: its first holder by id.
+        let mut nodes: BTreeMap<String, NodeAssignment> = self
+            .nodes
+            .iter()
+            .map(|(id, a)| {
+                (
+                    id.clone(),
+                    NodeAssignment {
+                        address: a.address.clone(),
+                        experts: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let mut layers: BTreeMap<u32, Vec<ExpertId>> = BTreeMap::new();
+        for (expert, holders) in self.holders() {
+            if let Some(first) = holders.first() {
+                if let Some(a) = nodes.get_mut(*first) {
+                    a.experts.push(expert);
+                }
+            }
+            layers.entry(expert.0).or_default().push(expert);
+        }
+        let node_count = nodes.len();
+        for (_, mut experts) in layers {
+            experts.sort_unstable();
+            let heat = |e: &ExpertId| load.get(e).copied().unwrap_or(0) as f64;
+            let mut copies: HashMap<ExpertId, usize> = experts.iter().map(|e| (*e, 1)).collect();
+            // Give each extra copy to the expert with the most load per copy.
+            for _ in 0..redundant_per_layer {
+                let Some(hottest) = experts
+                    .iter()
+                    .filter(|e| copies[e] < node_count && heat(e) > 0.0)
+                    .max_by(|a, b| {
+                        (heat(a) / copies[a] as f64)
+                            .total_cmp(&(heat(b) / copies[b] as f64))
+                            .then(b.cmp(a))
+                    })
+                    .copied()
+                else {
+                    break;
+                };
+                *copies.get_mut(&hottest).expect("expert of this layer") += 1;
+            }
+            // Per-node load of this layer with one copy each, then place extra copies hottest
+            // first on the least-loaded node that lacks the expert.
+            let mut node_load: BTreeMap<String, f64> =
+                nodes.keys().map(|id| (id.clone(), 0.0)).collect();
+            for (id, a) in &nodes {
+                for e in a.experts.iter().filter(|e| e.0 == experts[0].0) {
+                    *node_load.get_mut(id).expect("node") += heat(e) / copies[e] as f64;
+                }
+            }
+            let mut extra: Vec<ExpertId> = experts.iter().filter(|e| copies[e] > 1).copied().collect();
+            extra.sort_by(|a, b| (heat(b) / copies[b] as f64).total_cmp(&(heat(a) / copies[a] as f64)).then(a.cmp(b)));
+            for e in extra {
+                for _ in 1..copies[&e] {
+                    let target = node_load
+                        .iter()
+                        .filter(|(id, _)| !nodes[*id].experts.contains(&e))
+                        .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
+                        .map(|(id, _)| id.clone());
+                    let Some(target) = target else { break };
+                    nodes.get_mut(&target).expect("node").experts.push(e);
+                    *node_load.get_mut(&target).expect("node") += heat(&e) / copies[&e] as f64;
+                }
+            }
+        }
+        for a in nodes.values_mut() {
+            a.experts.sort_unstable();
+        }
+        Placement {
+            epoch,
+            fingerprint: self.fingerprint.clone(),
+            nodes,
+        }
     }
 
     pub fn experts_of(&self, node_id: &str) -> &[ExpertId] {
@@ -148,6 +269,25 @@ impl Placement {
                     .count()
             })
             .sum()
+    }
+}
+
+/// Σ over layers of the busiest node's load / Σ over layers of the mean node load. Every MoE
+/// layer waits for its slowest node, so this is how much longer layers take than with a
+/// perfect spread (1.0 = even). Each item is one layer's per-node loads; 0 without load.
+pub fn imbalance_ratio(layers: impl IntoIterator<Item = Vec<f64>>) -> f64 {
+    let (mut busiest, mut mean) = (0.0, 0.0);
+    for loads in layers {
+        if loads.is_empty() {
+            continue;
+        }
+        busiest += loads.iter().copied().fold(0.0, f64::max);
+        mean += loads.iter().sum::<f64>() / loads.len() as f64;
+    }
+    if mean > 0.0 {
+        busiest / mean
+    } else {
+        0.0
     }
 }
 
@@ -198,23 +338,29 @@ impl PlacementStore {
         }
     }
 
-    /// Writes `placement` only if the key is still at `expected_revision` (0: absent).
+    /// Writes `placement` only if the key is still at `expected_revision` (0: absent) and, with
+    /// `planner`, only while that router id holds the planner key.
     pub async fn write(
         &mut self,
         placement: &Placement,
         expected_revision: i64,
+        planner: Option<&str>,
     ) -> Result<(), ClusterError> {
         let key = self.keys.placement();
         let value = serde_json::to_vec(placement).map_err(|e| ClusterError::Record {
             key: key.clone(),
             message: e.to_string(),
         })?;
+        let mut guards = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            expected_revision,
+        )];
+        if let Some(id) = planner {
+            guards.push(Compare::value(self.keys.planner(), CompareOp::Equal, id));
+        }
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected_revision,
-            )])
+            .when(guards)
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self.client.txn(txn).await?;
         if resp.succeeded() {
@@ -238,8 +384,9 @@ mod tests {
     #[test]
     fn every_expert_is_placed_evenly() {
         let p = Placement::plan(1, "f", &[1, 2], 16, &nodes(&["a", "b", "c"]), None).unwrap();
-        let owners = p.owners();
+        let owners = p.holders();
         assert_eq!(owners.len(), 32);
+        assert_eq!(p.replica_count(), 0);
         for a in p.nodes.values() {
             for layer in [1u32, 2] {
                 let n = a.experts.iter().filter(|e| e.0 == layer).count();
@@ -254,8 +401,29 @@ mod tests {
         let after =
             Placement::plan(2, "f", &[1], 16, &nodes(&["a", "b", "c"]), Some(&before)).unwrap();
         assert_eq!(before.moves_to(&after), after.experts_of("c").len());
-        assert_eq!(after.owners().len(), 16);
+        assert_eq!(after.holders().len(), 16);
         let removed = Placement::plan(3, "f", &[1], 16, &nodes(&["a", "c"]), Some(&after)).unwrap();
         assert_eq!(after.moves_to(&removed), after.experts_of("b").len());
+    }
+
+    #[test]
+    fn rebalance_replicates_hot_experts_and_evens_the_load() {
+        let before = Placement::plan(1, "f", &[1], 8, &nodes(&["a", "b"]), None).unwrap();
+        // Experts 0 and 2 (both on a) take almost all the tokens.
+        let load: HashMap<ExpertId, u64> = (0..8u32)
+            .map(|e| ((1, e), if e == 0 || e == 2 { 1000 } else { 10 }))
+            .collect();
+        let imbalance = |p: &Placement| p.expected_imbalance(&load);
+        assert!(before.experts_of("a").contains(&(1, 0)) && before.experts_of("a").contains(&(1, 2)));
+        let after = before.rebalance(2, &load, 2);
+        assert_eq!(after.replica_count(), 2);
+        assert!(after.experts_of("b").contains(&(1, 0)) && after.experts_of("b").contains(&(1, 2)));
+        assert!(imbalance(&before) > 1.9, "{}", imbalance(&before));
+        assert!(imbalance(&after) < 1.1, "{}", imbalance(&after));
+        assert_eq!(before.moves_to(&after), 2, "only the new replicas are loaded");
+        // A membership change keeps the replicas of surviving nodes.
+        let grown = Placement::plan(3, "f", &[1], 8, &nodes(&["a", "b", "c"]), Some(&after)).unwrap();
+        assert_eq!(grown.holders().len(), 8);
+        assert!(grown.replica_count() >= 1);
     }
 }

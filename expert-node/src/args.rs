@@ -34,6 +34,10 @@ pub struct Args {
     /// Largest accepted data-plane message.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
     pub max_message_bytes: usize,
+    /// On SIGTERM or a drain request, how long to wait for the routers to move off this node
+    /// before leaving anyway.
+    #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
+    pub drain_timeout_secs: u64,
     /// Math threads (default: all cores).
     #[arg(long, env = "MOE_THREADS")]
     pub threads: Option<usize>,

@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         memory_bytes: args.memory_bytes,
         state: NodeState::Joining,
         fingerprint: fingerprint.clone(),
+        instance: instance_id(),
     };
     let registration = NodeRegistration::start(
         args.etcd.etcd.clone(),
@@ -90,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
     .context("registering in etcd")?;
     let registration = Arc::new(registration);
 
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(follower::NodeProgress::default());
     let follower = tokio::spawn(follower::follow_placement(follower::FollowerContext {
         endpoints: args.etcd.etcd.clone(),
         keys,
@@ -101,11 +103,24 @@ async fn main() -> anyhow::Result<()> {
         registration: Arc::clone(&registration),
         health,
         poll: Duration::from_millis(args.etcd.poll_ms),
+        progress: progress_tx,
     }));
 
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    // SIGTERM or an operator's drain: leave only once no router can send work here any more.
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!(%node_id, "signal received: draining"),
+        _ = progress.wait_for(|p| p.drain_requested) => tracing::info!(%node_id, "drain requested: draining"),
+    }
     registration.set_state(NodeState::Draining);
+    let drain_timeout = Duration::from_secs(args.drain_timeout_secs);
+    let started = std::time::Instant::now();
+    tokio::select! {
+        done = tokio::time::timeout(drain_timeout, progress.wait_for(|p| p.can_leave())) => match done {
+            Ok(Ok(p)) => tracing::info!(%node_id, epoch = p.latest_epoch, took = ?started.elapsed(), "drained: no router dispatches here any more"),
+            _ => tracing::warn!(%node_id, timeout = ?drain_timeout, "drain did not complete in time (last node, or etcd down); leaving anyway"),
+        },
+        _ = shutdown_signal() => tracing::warn!(%node_id, "second signal: leaving without waiting"),
+    }
     follower.abort();
     let _ = shutdown_tx.send(true);
     if let Ok(registration) = Arc::try_unwrap(registration) {
@@ -113,6 +128,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = server.await;
     Ok(())
+}
+
+/// A random id for this process start (see `NodeRecord::instance`).
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }
 
 async fn shutdown_signal() {

@@ -1,15 +1,18 @@
 //! The experts this node holds, per placement epoch it serves.
 //!
-//! A node serves the newest epoch it has loaded and the one before it, so routers still on the
-//! previous epoch keep working while they switch; experts shared by both are held once.
+//! A node serves the newest epoch it has loaded and older ones some router may still dispatch
+//! on, so routers keep working while they switch; experts shared by epochs are held once.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use moe_model::experts::ExpertSet;
 
+/// Epochs held at most: bounds memory if a router lags far behind.
+const MAX_EPOCHS: usize = 4;
+
 pub struct ServedExperts {
-    /// Epoch to the experts assigned in it (at most two epochs).
+    /// Epoch to the experts assigned in it.
     epochs: RwLock<BTreeMap<u64, Arc<ExpertSet>>>,
 }
 
@@ -31,14 +34,22 @@ impl ServedExperts {
         epochs.iter().next_back().map(|(e, s)| (*e, Arc::clone(s)))
     }
 
-    /// Starts serving `epoch`; keeps only the previous newest epoch besides it.
+    /// Starts serving `epoch`, besides at most [`MAX_EPOCHS`] - 1 older ones.
     pub fn install(&self, epoch: u64, set: Arc<ExpertSet>) {
         if let Ok(mut epochs) = self.epochs.write() {
             epochs.insert(epoch, set);
-            while epochs.len() > 2 {
+            while epochs.len() > MAX_EPOCHS {
                 let oldest = *epochs.keys().next().expect("non-empty");
                 epochs.remove(&oldest);
             }
+        }
+    }
+
+    /// Drops epochs older than `epoch` (no router serves them any more), keeping the newest.
+    pub fn release_before(&self, epoch: u64) {
+        if let Ok(mut epochs) = self.epochs.write() {
+            let newest = epochs.keys().next_back().copied();
+            epochs.retain(|e, _| *e >= epoch || Some(*e) == newest);
         }
     }
 

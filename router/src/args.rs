@@ -34,9 +34,39 @@ pub struct Args {
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,
-    /// Deadline for one dispatch round trip to the expert nodes.
-    #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
+    /// Deadline for one dispatch round trip to a node; a miss makes the node suspect.
+    #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
     pub dispatch_timeout_ms: u64,
+    /// How long requests wait for the cluster to recover (a new placement after a node
+    /// failed, or a first placement) before they fail with UNAVAILABLE.
+    #[arg(long, env = "MOE_RECOVERY_TIMEOUT_MS", default_value_t = 60_000)]
+    pub recovery_timeout_ms: u64,
+    /// Unique id of this router among the routers sharing the nodes (default: `router-<port>`).
+    #[arg(long, env = "MOE_ROUTER_ID")]
+    pub router_id: Option<String>,
+    /// TTL of the router's lease, which also holds the planner election.
+    #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 3)]
+    pub lease_ttl_secs: u64,
+    /// How long a node whose dispatch failed is kept out of placements (unless it restarts or
+    /// its lease ends first).
+    #[arg(long, env = "MOE_SUSPECT_TTL_SECS", default_value_t = 30)]
+    pub suspect_ttl_secs: u64,
+    /// After reconnecting to etcd, nodes missing from it keep their experts this long (they
+    /// are re-registering).
+    #[arg(long, env = "MOE_MEMBERSHIP_GRACE_MS", default_value_t = 5_000)]
+    pub membership_grace_ms: u64,
+    /// Rebalance when max node load / mean node load over a window exceeds this (0: never).
+    #[arg(long, env = "MOE_REBALANCE_THRESHOLD", default_value_t = 1.5)]
+    pub rebalance_threshold: f64,
+    /// Load window over which the imbalance is measured.
+    #[arg(long, env = "MOE_REBALANCE_WINDOW_MS", default_value_t = 30_000)]
+    pub rebalance_window_ms: u64,
+    /// Fewest (token, expert) pairs in a window for it to count.
+    #[arg(long, env = "MOE_REBALANCE_MIN_PAIRS", default_value_t = 2_000)]
+    pub rebalance_min_pairs: u64,
+    /// Extra copies of hot experts per MoE layer a rebalance may place (default: experts / 8).
+    #[arg(long, env = "MOE_REDUNDANT_EXPERTS")]
+    pub redundant_experts: Option<usize>,
     /// Math threads (default: all cores).
     #[arg(long, env = "MOE_THREADS")]
     pub threads: Option<usize>,

@@ -3,8 +3,11 @@
 //! loop and the Admin service read it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use moe_cluster::membership::Membership;
 use moe_cluster::placement::{ExpertId, Placement};
@@ -14,8 +17,8 @@ use crate::dispatch::NodeLink;
 /// A placement ready to dispatch on.
 pub struct ServingPlacement {
     pub placement: Placement,
-    /// Expert to the index of its node in `links`.
-    pub owners: HashMap<ExpertId, usize>,
+    /// Expert to the indices of the nodes in `links` that hold it (several when replicated).
+    pub holders: HashMap<ExpertId, Vec<usize>>,
     pub links: Vec<Arc<NodeLink>>,
 }
 
@@ -26,14 +29,19 @@ impl ServingPlacement {
             .enumerate()
             .map(|(i, l)| (l.node_id.as_str(), i))
             .collect();
-        let owners = placement
-            .owners()
+        let holders = placement
+            .holders()
             .into_iter()
-            .filter_map(|(e, node)| index.get(node).map(|&i| (e, i)))
+            .map(|(e, nodes)| {
+                let mut at: Vec<usize> = nodes.iter().filter_map(|n| index.get(n).copied()).collect();
+                at.sort_unstable();
+                (e, at)
+            })
+            .filter(|(_, at)| !at.is_empty())
             .collect();
         Self {
             placement,
-            owners,
+            holders,
             links,
         }
     }
@@ -58,8 +66,22 @@ pub struct ClusterView {
     membership: RwLock<Membership>,
     /// Tokens dispatched per `(layer, expert)` since start.
     expert_tokens: RwLock<BTreeMap<ExpertId, Arc<AtomicU64>>>,
-    /// Nodes an operator asked to drain.
-    drained: RwLock<Vec<String>>,
+    /// Nodes whose data plane failed here: node id to (instance, when). The planner leaves
+    /// them out of the next epoch until their lease ends, they restart, or the report expires.
+    suspects: Mutex<HashMap<String, (String, Instant)>>,
+    /// Wakes the planner at once (a node failed, an operator asked for a drain).
+    pub wake_planner: Notify,
+    /// Wakes dispatches waiting for a new serving epoch.
+    pub epoch_changed: Notify,
+    /// This router's id and whether it is the elected planner.
+    pub router_id: String,
+    pub is_planner: AtomicBool,
+    pub planner_id: RwLock<Option<String>>,
+    /// max node load / mean node load over the last load window, times 1000 (0: no traffic).
+    pub imbalance_milli: AtomicU64,
+    pub rebalances: AtomicU64,
+    /// MoE layers that had to be re-dispatched after a node failed.
+    pub layer_retries: AtomicU64,
 }
 
 impl ClusterView {
@@ -71,6 +93,7 @@ impl ClusterView {
         if let Ok(mut s) = self.serving.write() {
             *s = Some(Arc::new(serving));
         }
+        self.epoch_changed.notify_waiters();
     }
 
     pub fn latest(&self) -> Option<Placement> {
@@ -121,15 +144,69 @@ impl ClusterView {
             .unwrap_or(0)
     }
 
-    pub fn drain(&self, node_id: &str) {
-        if let Ok(mut d) = self.drained.write() {
-            if !d.iter().any(|n| n == node_id) {
-                d.push(node_id.to_string());
-            }
+    pub fn new(router_id: String) -> Self {
+        Self {
+            router_id,
+            ..Self::default()
         }
     }
 
-    pub fn drained(&self) -> Vec<String> {
-        self.drained.read().map(|d| d.clone()).unwrap_or_default()
+    /// Reports a node whose data plane failed; returns true the first time.
+    pub fn suspect(&self, node_id: &str, reason: &str) -> bool {
+        let instance = self
+            .membership()
+            .nodes
+            .get(node_id)
+            .map(|r| r.instance.clone())
+            .unwrap_or_default();
+        let Ok(mut suspects) = self.suspects.lock() else {
+            return false;
+        };
+        let fresh = !suspects.contains_key(node_id);
+        if fresh {
+            tracing::warn!(node_id, instance, reason, "node suspect: its data plane failed");
+        }
+        suspects.insert(node_id.to_string(), (instance, Instant::now()));
+        drop(suspects);
+        self.wake_planner.notify_one();
+        fresh
+    }
+
+    /// Current suspects `(node id, instance)`, dropping reports older than `ttl` and those for
+    /// nodes that left or restarted.
+    pub fn suspects(&self, ttl: Duration, membership: &Membership) -> Vec<(String, String)> {
+        let Ok(mut suspects) = self.suspects.lock() else {
+            return Vec::new();
+        };
+        suspects.retain(|id, (instance, since)| {
+            since.elapsed() < ttl
+                && membership
+                    .nodes
+                    .get(id)
+                    .is_some_and(|r| r.instance == *instance)
+        });
+        suspects
+            .iter()
+            .map(|(id, (instance, _))| (id.clone(), instance.clone()))
+            .collect()
+    }
+
+    pub fn is_suspect(&self, node_id: &str) -> bool {
+        self.suspects
+            .lock()
+            .map(|s| s.contains_key(node_id))
+            .unwrap_or(false)
+    }
+
+    /// Dispatched-token counts per expert since start (the planner diffs them into windows).
+    pub fn expert_token_counts(&self) -> HashMap<ExpertId, u64> {
+        self.expert_tokens
+            .read()
+            .map(|m| m.iter().map(|(e, c)| (*e, c.load(Ordering::Relaxed))).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn imbalance(&self) -> f64 {
+        self.imbalance_milli.load(Ordering::Relaxed) as f64 / 1000.0
     }
 }

@@ -4,10 +4,17 @@
 //! with the CSR list of those experts; the nodes answer one weighted row per pair, and the rows
 //! are put back in the layer's global pair order, so the dense model combines them exactly as
 //! the offline engine does (ascending expert id, then shared experts).
+//!
+//! When a node fails mid-layer (stream broken, timeout, bad answer) it is reported suspect, the
+//! planner makes an epoch without it, and only the pairs that node had are sent again under the
+//! new epoch. Expert math is batch-invariant, so the layer's output is the same bit for bit
+//! whichever node computed each pair. With replicated experts each pair goes to the replica on
+//! the node with the fewest pairs so far in this layer.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moe_cluster::frames::{self, DispatchTag};
 use moe_model::experts::ExpertBackend;
@@ -17,7 +24,7 @@ use moe_proto::v1::expert_data_client::ExpertDataClient;
 use moe_proto::v1::{CombineBatch, DispatchBatch};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cluster_view::ClusterView;
+use crate::cluster_view::{ClusterView, ServingPlacement};
 
 type Reply = oneshot::Sender<std::result::Result<CombineBatch, String>>;
 
@@ -31,10 +38,19 @@ pub struct NodeLink {
     pub bytes_received: AtomicU64,
     pub rows_sent: AtomicU64,
     pub pairs_sent: AtomicU64,
+    /// Pairs sent per MoE layer (for the per-layer imbalance), updated once per dispatch.
+    pairs_per_layer: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
 
 impl NodeLink {
-    pub fn connect(node_id: String, address: String, max_message_bytes: usize) -> Arc<Self> {
+    /// A link whose round trips fail after `timeout` (the stream is then reopened), so a hung
+    /// node costs one timeout, never a hung step.
+    pub fn connect(
+        node_id: String,
+        address: String,
+        max_message_bytes: usize,
+        timeout: Duration,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(16);
         let link = Arc::new(Self {
             node_id,
@@ -44,9 +60,26 @@ impl NodeLink {
             bytes_received: AtomicU64::new(0),
             rows_sent: AtomicU64::new(0),
             pairs_sent: AtomicU64::new(0),
+            pairs_per_layer: Default::default(),
         });
-        tokio::spawn(run_link(address, rx, max_message_bytes));
+        tokio::spawn(run_link(address, rx, max_message_bytes, timeout));
         link
+    }
+}
+
+impl NodeLink {
+    pub fn pairs_by_layer(&self) -> BTreeMap<u32, u64> {
+        self.pairs_per_layer
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    fn count_pairs(&self, layer: u32, pairs: u64) {
+        self.pairs_sent.fetch_add(pairs, Ordering::Relaxed);
+        if let Ok(mut m) = self.pairs_per_layer.lock() {
+            *m.entry(layer).or_default() += pairs;
+        }
     }
 }
 
@@ -54,14 +87,19 @@ async fn run_link(
     address: String,
     mut requests: mpsc::Receiver<(DispatchBatch, Reply)>,
     max_message_bytes: usize,
+    timeout: Duration,
 ) {
     let uri = format!("http://{address}");
     let mut stream: Option<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>)> = None;
     while let Some((batch, reply)) = requests.recv().await {
         if stream.is_none() {
-            match open(&uri, max_message_bytes).await {
-                Ok(s) => stream = Some(s),
-                Err(e) => {
+            match tokio::time::timeout(timeout, open(&uri, max_message_bytes)).await {
+                Ok(Ok(s)) => stream = Some(s),
+                Err(_) => {
+                    let _ = reply.send(Err(format!("cannot reach {address} within {timeout:?}")));
+                    continue;
+                }
+                Ok(Err(e)) => {
                     let _ = reply.send(Err(format!("cannot reach {address}: {e}")));
                     continue;
                 }
@@ -75,17 +113,22 @@ async fn run_link(
             let _ = reply.send(Err(format!("stream to {address} closed")));
             continue;
         }
-        match inbound.message().await {
-            Ok(Some(combine)) => {
+        match tokio::time::timeout(timeout, inbound.message()).await {
+            Ok(Ok(Some(combine))) => {
                 let _ = reply.send(Ok(combine));
             }
-            Ok(None) => {
+            Ok(Ok(None)) => {
                 stream = None;
                 let _ = reply.send(Err(format!("{address} closed the stream")));
             }
-            Err(status) => {
+            Ok(Err(status)) => {
                 stream = None;
                 let _ = reply.send(Err(format!("{address}: {status}")));
+            }
+            Err(_) => {
+                // The answer may still come; a fresh stream keeps later ones in order.
+                stream = None;
+                let _ = reply.send(Err(format!("{address}: no answer within {timeout:?}")));
             }
         }
     }
@@ -117,7 +160,8 @@ pub struct RemoteExperts {
     pub view: Arc<ClusterView>,
     pub runtime: tokio::runtime::Handle,
     pub hidden: usize,
-    pub timeout: Duration,
+    /// How long one layer may wait for a placement that works before failing the step.
+    pub recovery_timeout: Duration,
     step: AtomicU64,
 }
 
@@ -126,13 +170,13 @@ impl RemoteExperts {
         view: Arc<ClusterView>,
         runtime: tokio::runtime::Handle,
         hidden: usize,
-        timeout: Duration,
+        recovery_timeout: Duration,
     ) -> Self {
         Self {
             view,
             runtime,
             hidden,
-            timeout,
+            recovery_timeout,
             step: AtomicU64::new(0),
         }
     }
@@ -140,6 +184,36 @@ impl RemoteExperts {
     /// Called once per model step, so dispatches carry the step number.
     pub fn next_step(&self) {
         self.step.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The serving placement, newer than `after` when given; waits for it until `deadline`.
+    fn wait_serving(
+        &self,
+        after: Option<u64>,
+        deadline: Instant,
+    ) -> Result<Arc<ServingPlacement>> {
+        loop {
+            if let Some(s) = self.view.serving() {
+                if after.is_none_or(|e| s.placement.epoch > e) {
+                    return Ok(s);
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ModelError::ExpertBackend(match after {
+                    Some(e) => format!(
+                        "no placement replaced epoch {e} within {:?}",
+                        self.recovery_timeout
+                    ),
+                    None => "no placement is ready yet".into(),
+                }));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            let changed = &self.view.epoch_changed;
+            self.runtime.block_on(async {
+                let _ = tokio::time::timeout(wait, changed.notified()).await;
+            });
+        }
     }
 }
 
@@ -150,14 +224,30 @@ struct NodeShare {
     global_pairs: Vec<usize>,
 }
 
-impl ExpertBackend for RemoteExperts {
-    fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
+/// What one dispatch round left undone.
+struct Attempt {
+    /// Global pair indices whose node failed (to send again under a newer epoch).
+    failed: Vec<usize>,
+    /// The slowest node's own expert compute, in nanoseconds.
+    slowest_compute: u64,
+    encoded: Instant,
+    answered: Instant,
+    placed: Instant,
+}
+
+impl RemoteExperts {
+    /// Sends the `pending` pairs of a layer to the nodes of `serving`, writes the answers into
+    /// `pair_out`, and returns the pairs whose node failed.
+    fn dispatch_once(
+        &self,
+        serving: &ServingPlacement,
+        layer: usize,
+        rows: &[f32],
+        routes: &ExpertRoutes,
+        pending: &[bool],
+        pair_out: &mut [f32],
+    ) -> Attempt {
         let hidden = self.hidden;
-        let started = std::time::Instant::now();
-        let serving = self
-            .view
-            .serving()
-            .ok_or_else(|| ModelError::ExpertBackend("no placement is ready yet".into()))?;
         let n_nodes = serving.links.len();
         let mut shares: Vec<NodeShare> = (0..n_nodes)
             .map(|_| NodeShare {
@@ -166,20 +256,38 @@ impl ExpertBackend for RemoteExperts {
                 global_pairs: Vec::new(),
             })
             .collect();
+        let mut failed = Vec::new();
+        let mut node_pairs = vec![0usize; n_nodes];
         let mut choices: Vec<Vec<(u32, f32, usize)>> = vec![Vec::new(); n_nodes];
         for r in 0..routes.rows() {
             for c in choices.iter_mut() {
                 c.clear();
             }
-            for p in routes.row_pairs(r) {
+            for p in routes.row_pairs(r).filter(|&p| pending[p]) {
                 let expert = routes.experts[p];
-                let node = *serving.owners.get(&(layer as u32, expert)).ok_or_else(|| {
-                    ModelError::ExpertBackend(format!(
-                        "expert ({layer}, {expert}) has no node in epoch {}",
-                        serving.placement.epoch
-                    ))
-                })?;
-                choices[node].push((expert, routes.weights[p], p));
+                let holders = serving
+                    .holders
+                    .get(&(layer as u32, expert))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                // The least-loaded replica, avoiding nodes already reported failing.
+                let node = holders
+                    .iter()
+                    .copied()
+                    .min_by_key(|&n| {
+                        (
+                            self.view.is_suspect(&serving.links[n].node_id),
+                            node_pairs[n],
+                            n,
+                        )
+                    });
+                match node {
+                    Some(node) => {
+                        node_pairs[node] += 1;
+                        choices[node].push((expert, routes.weights[p], p));
+                    }
+                    None => failed.push(p),
+                }
             }
             for (node, chosen) in choices.iter().enumerate() {
                 if chosen.is_empty() {
@@ -195,11 +303,6 @@ impl ExpertBackend for RemoteExperts {
                 // push_row sorts by expert id; chosen is already ascending (routes are), so the
                 // global pair indices line up.
                 share.global_pairs.extend(chosen.iter().map(|&(_, _, p)| p));
-            }
-        }
-        for r in 0..routes.rows() {
-            for p in routes.row_pairs(r) {
-                self.view.count_tokens((layer as u32, routes.experts[p]), 1);
             }
         }
         let tag = DispatchTag {
@@ -224,63 +327,124 @@ impl ExpertBackend for RemoteExperts {
             );
             link.rows_sent
                 .fetch_add(share.routes.rows() as u64, Ordering::Relaxed);
-            link.pairs_sent
-                .fetch_add(share.routes.pairs() as u64, Ordering::Relaxed);
+            link.count_pairs(layer as u32, share.routes.pairs() as u64);
             let (tx, rx) = oneshot::channel();
-            link.requests.try_send((batch, tx)).map_err(|e| {
-                ModelError::ExpertBackend(format!("link to {} is not accepting: {e}", link.node_id))
-            })?;
-            waits.push((node, rx));
+            match link.requests.try_send((batch, tx)) {
+                Ok(()) => waits.push((node, rx)),
+                Err(e) => {
+                    self.view
+                        .suspect(&link.node_id, &format!("link not accepting: {e}"));
+                    failed.extend_from_slice(&share.global_pairs);
+                }
+            }
         }
-        let timeout = self.timeout;
-        let encoded = std::time::Instant::now();
+        let encoded = Instant::now();
+        // The link bounds each round trip; this outer bound only guards a vanished link task.
+        let guard = self.recovery_timeout;
         let replies = self.runtime.block_on(async move {
             let mut replies = Vec::with_capacity(waits.len());
             for (node, rx) in waits {
-                let reply = match tokio::time::timeout(timeout, rx).await {
+                let reply = match tokio::time::timeout(guard, rx).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(_)) => Err("link task ended".to_string()),
-                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                    Err(_) => Err(format!("no answer within {guard:?}")),
                 };
                 replies.push((node, reply));
             }
             replies
         });
-        let answered = std::time::Instant::now();
+        let answered = Instant::now();
         let mut slowest_compute = 0u64;
-        let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
         for (node, reply) in replies {
             let link = &serving.links[node];
-            let combine = reply
-                .map_err(|e| ModelError::ExpertBackend(format!("node {}: {e}", link.node_id)))?;
-            link.bytes_received
-                .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
-            slowest_compute = slowest_compute.max(combine.compute_micros * 1000);
             let share = &shares[node];
-            let outputs = frames::decode_combine(&combine, tag, share.routes.pairs(), hidden)
-                .map_err(|e| ModelError::ExpertBackend(format!("node {}: {e}", link.node_id)))?;
-            for (i, &p) in share.global_pairs.iter().enumerate() {
-                pair_out[p * hidden..(p + 1) * hidden]
-                    .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
+            let outputs = reply.and_then(|combine| {
+                link.bytes_received
+                    .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
+                slowest_compute = slowest_compute.max(combine.compute_micros * 1000);
+                frames::decode_combine(&combine, tag, share.routes.pairs(), hidden)
+                    .map_err(|e| e.to_string())
+            });
+            match outputs {
+                Ok(outputs) => {
+                    for (i, &p) in share.global_pairs.iter().enumerate() {
+                        pair_out[p * hidden..(p + 1) * hidden]
+                            .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
+                    }
+                }
+                Err(e) => {
+                    // A node that no longer serves this epoch is not broken: this router is
+                    // behind and will find the newer epoch. Anything else is a failed node.
+                    if !e.contains("FAILED_PRECONDITION") {
+                        self.view.suspect(&link.node_id, &e);
+                    }
+                    tracing::warn!(node_id = %link.node_id, epoch = tag.epoch, layer, error = %e, "dispatch failed");
+                    failed.extend_from_slice(&share.global_pairs);
+                }
             }
         }
+        Attempt {
+            failed,
+            slowest_compute,
+            encoded,
+            answered,
+            placed: Instant::now(),
+        }
+    }
+}
+
+impl ExpertBackend for RemoteExperts {
+    fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
+        let hidden = self.hidden;
+        let started = Instant::now();
+        let deadline = started + self.recovery_timeout;
+        for r in 0..routes.rows() {
+            for p in routes.row_pairs(r) {
+                self.view.count_tokens((layer as u32, routes.experts[p]), 1);
+            }
+        }
+        let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
+        let mut pending = vec![true; routes.pairs()];
+        let mut failed_epoch: Option<u64> = None;
         let times = &self.view.layer_times;
-        let nanos =
-            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_nanos() as u64;
+        let nanos = |a: Instant, b: Instant| b.duration_since(a).as_nanos() as u64;
+        loop {
+            let serving = self.wait_serving(failed_epoch, deadline)?;
+            let attempt_start = Instant::now();
+            let attempt =
+                self.dispatch_once(&serving, layer, rows, routes, &pending, &mut pair_out);
+            times
+                .encode_nanos
+                .fetch_add(nanos(attempt_start, attempt.encoded), Ordering::Relaxed);
+            times.wait_nanos.fetch_add(
+                nanos(attempt.encoded, attempt.answered),
+                Ordering::Relaxed,
+            );
+            times
+                .compute_nanos
+                .fetch_add(attempt.slowest_compute, Ordering::Relaxed);
+            times.combine_nanos.fetch_add(
+                nanos(attempt.answered, attempt.placed),
+                Ordering::Relaxed,
+            );
+            if attempt.failed.is_empty() {
+                break;
+            }
+            pending.iter_mut().for_each(|p| *p = false);
+            for &p in &attempt.failed {
+                pending[p] = true;
+            }
+            let epoch = serving.placement.epoch;
+            tracing::warn!(
+                layer,
+                epoch,
+                pairs = attempt.failed.len(),
+                "layer interrupted; re-dispatching the failed pairs on the next epoch"
+            );
+            self.view.layer_retries.fetch_add(1, Ordering::Relaxed);
+            failed_epoch = Some(epoch);
+        }
         times.calls.fetch_add(1, Ordering::Relaxed);
-        times
-            .encode_nanos
-            .fetch_add(nanos(started, encoded), Ordering::Relaxed);
-        times
-            .wait_nanos
-            .fetch_add(nanos(encoded, answered), Ordering::Relaxed);
-        times
-            .compute_nanos
-            .fetch_add(slowest_compute, Ordering::Relaxed);
-        times.combine_nanos.fetch_add(
-            nanos(answered, std::time::Instant::now()),
-            Ordering::Relaxed,
-        );
         Ok(pair_out)
     }
 }

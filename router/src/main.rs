@@ -85,7 +85,15 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         }
     }
 
-    let view = Arc::new(ClusterView::default());
+    let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    let local = listener.local_addr()?;
+    let router_id = args
+        .router_id
+        .clone()
+        .unwrap_or_else(|| format!("router-{}", local.port()));
+    let view = Arc::new(ClusterView::new(router_id));
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
         args.kv_cache_bytes,
@@ -99,7 +107,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             Arc::clone(&view),
             handle.clone(),
             config.hidden_size,
-            Duration::from_millis(args.dispatch_timeout_ms),
+            Duration::from_millis(args.recovery_timeout_ms),
         ),
         tokenizer: Arc::clone(&tokenizer),
         kv: Arc::clone(&kv),
@@ -107,8 +115,10 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         config: SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
+            recovery_timeout: Duration::from_millis(args.recovery_timeout_ms),
         },
         eos_ids: eos_ids.clone(),
+        stalled_since: Default::default(),
     };
     std::thread::Builder::new()
         .name("scheduler".into())
@@ -138,6 +148,8 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     };
     let admin = server::admin::AdminService {
         cluster: args.etcd.cluster.clone(),
+        endpoints: args.etcd.etcd.clone(),
+        keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
         view: Arc::clone(&view),
         stats,
         kv,
@@ -146,20 +158,30 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     tokio::spawn(planner::run_planner(planner::PlannerContext {
         endpoints: args.etcd.etcd.clone(),
         keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
+        router_address: local.to_string(),
         fingerprint,
         moe_layers: config.moe_layer_indices().collect(),
         num_experts: config.moe.num_experts,
         view,
         health,
         poll: Duration::from_millis(args.etcd.poll_ms),
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        suspect_ttl: Duration::from_secs(args.suspect_ttl_secs),
+        membership_grace: Duration::from_millis(args.membership_grace_ms),
+        dispatch_timeout: Duration::from_millis(args.dispatch_timeout_ms),
         max_message_bytes: MAX_MESSAGE_BYTES,
+        rebalance: planner::RebalancePolicy {
+            threshold: args.rebalance_threshold,
+            window: Duration::from_millis(args.rebalance_window_ms),
+            min_pairs: args.rebalance_min_pairs,
+            redundant_per_layer: args
+                .redundant_experts
+                .unwrap_or((config.moe.num_experts / 8).max(1)),
+        },
     }));
 
-    let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
-        .await
-        .with_context(|| format!("binding {}", args.grpc_listen))?;
     // Printed on stdout so that scripts and tests can find a port picked with :0.
-    println!("moe-router listening on {}", listener.local_addr()?);
+    println!("moe-router listening on {local}");
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

@@ -7,13 +7,16 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
 use moe_model::dense::{DenseModel, StepSequence};
 use moe_model::kv_cache::SequenceCache;
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
+use moe_model::ModelError;
 use moe_proto::v1::{GenerateResponse, Usage};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -41,6 +44,9 @@ pub struct SchedulerStats {
 pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     pub max_running: usize,
+    /// How long steps may keep failing on the cluster (no placement, nodes failing) before the
+    /// requests in them are failed; until then they are retried, caches rolled back.
+    pub recovery_timeout: Duration,
 }
 
 struct Sequence {
@@ -63,6 +69,8 @@ pub struct Scheduler {
     pub stats: Arc<SchedulerStats>,
     pub config: SchedulerConfig,
     pub eos_ids: Vec<u32>,
+    /// Since when steps have been failing, if they are.
+    pub stalled_since: Cell<Option<Instant>>,
 }
 
 impl Scheduler {
@@ -175,11 +183,25 @@ impl Scheduler {
             self.dense.forward(&mut step, &self.experts)
         };
         let logits = match logits {
-            Ok(l) => l,
+            Ok(l) => {
+                if let Some(since) = self.stalled_since.take() {
+                    tracing::info!(stalled_for = ?since.elapsed(), "steps succeed again");
+                }
+                l
+            }
             Err(e) => {
-                // Caches were rolled back; the requests of this step cannot continue on this
-                // placement. (Re-running the step on a new placement is the elastic-cluster work.)
-                tracing::error!(error = %e, "step failed");
+                // Caches were rolled back, so the step can run again once the cluster recovers
+                // (a new epoch without the failed node): the requests just wait.
+                let since = *self.stalled_since.get().get_or_insert_with(Instant::now);
+                self.stalled_since.set(Some(since));
+                let retryable = matches!(e, ModelError::ExpertBackend(_));
+                if retryable && since.elapsed() < self.config.recovery_timeout {
+                    tracing::warn!(error = %e, "step failed; retrying it");
+                    std::thread::sleep(Duration::from_millis(20));
+                    return;
+                }
+                tracing::error!(error = %e, stalled_for = ?since.elapsed(), "step failed; failing its requests");
+                self.stalled_since.set(None);
                 let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 for &i in &failed {
                     let _ = running[i]

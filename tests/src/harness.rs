@@ -146,3 +146,64 @@ pub async fn generate(
     }
     Ok(out)
 }
+
+/// Greedy answers of the offline engine for `requests` (prompt, new tokens).
+pub fn expected_answers(
+    engine: &moe_model::Engine,
+    requests: &[(Vec<u32>, u32)],
+) -> Vec<moe_cluster::load::ExpectedAnswer> {
+    requests
+        .iter()
+        .map(|(ids, n)| {
+            let out = engine
+                .generate(&moe_model::GenerateRequest {
+                    input_ids: ids.clone(),
+                    max_new_tokens: *n as usize,
+                    sampling: moe_model::SamplingParams::default(),
+                    ignore_eos: true,
+                    emit_logits: false,
+                })
+                .expect("offline generation");
+            moe_cluster::load::ExpectedAnswer {
+                input_ids: ids.clone(),
+                max_new_tokens: *n,
+                output_ids: out.output_ids,
+            }
+        })
+        .collect()
+}
+
+/// Polls the router at `addr` until `ready` holds for its status, or panics after `timeout`.
+pub async fn wait_status(
+    addr: &str,
+    timeout: Duration,
+    what: &str,
+    ready: impl Fn(&ClusterStatusResponse) -> bool,
+) -> ClusterStatusResponse {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut admin) = AdminClient::connect(format!("http://{addr}")).await {
+            if let Ok(s) = admin.cluster_status(ClusterStatusRequest {}).await {
+                let s = s.into_inner();
+                if ready(&s) {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "{what}: not reached in {timeout:?}: {s:?}");
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: router {addr} unreachable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Node ids holding experts in the serving placement of `s` (which equals the latest).
+pub fn serving_nodes(s: &ClusterStatusResponse) -> Vec<String> {
+    if s.serving_epoch == 0 || s.serving_epoch != s.latest_epoch {
+        return vec![];
+    }
+    s.nodes
+        .iter()
+        .filter(|n| !n.experts.is_empty())
+        .map(|n| n.node_id.clone())
+        .collect()
+}

@@ -1,5 +1,7 @@
 pub mod bench;
 pub mod bench_remote;
+pub mod chaos;
+pub mod drain;
 pub mod gen_checkpoint;
 pub mod generate;
 pub mod remote;

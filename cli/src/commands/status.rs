@@ -35,6 +35,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map(|n| {
                 json!({
                     "node_id": n.node_id, "address": n.address, "state": n.state, "ready_epoch": n.ready_epoch,
+                    "dispatched_rows": n.dispatched_rows, "dispatched_pairs": n.dispatched_pairs,
                     "experts": n.experts.iter().map(|e| json!({"layer": e.layer, "expert": e.expert, "tokens": e.tokens})).collect::<Vec<_>>(),
                 })
             })
@@ -46,6 +47,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "moe_layer_calls": status.moe_layer_calls, "dispatch_encode_seconds": status.dispatch_encode_seconds,
             "dispatch_wait_seconds": status.dispatch_wait_seconds, "expert_compute_seconds": status.expert_compute_seconds,
             "combine_seconds": status.combine_seconds,
+            "router_id": status.router_id, "planner_id": status.planner_id, "is_planner": status.is_planner,
+            "imbalance_ratio": status.imbalance_ratio, "rebalances": status.rebalances,
+            "replicas": status.replicas, "layer_retries": status.layer_retries,
         });
         println!("{out}");
         return Ok(());
@@ -59,6 +63,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.requests_waiting,
         status.kv_blocks_used,
         status.kv_blocks_total
+    );
+    println!(
+        "  router {}{}  planner {}  imbalance {:.3}  rebalances {}  replicas {}  re-dispatched layers {}",
+        status.router_id,
+        if status.is_planner { " (planner)" } else { "" },
+        if status.planner_id.is_empty() { "-" } else { &status.planner_id },
+        status.imbalance_ratio,
+        status.rebalances,
+        status.replicas,
+        status.layer_retries
     );
     if status.moe_layer_calls > 0 {
         let per = |s: f64| s * 1e3 / status.moe_layer_calls as f64;

@@ -28,7 +28,7 @@ pub struct UpArgs {
     node_threads: Option<usize>,
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !path.exists() {
@@ -40,7 +40,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn find_in_path(name: &str) -> anyhow::Result<PathBuf> {
+pub fn find_in_path(name: &str) -> anyhow::Result<PathBuf> {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)

@@ -19,6 +19,8 @@ fn seconds(nanos: &std::sync::atomic::AtomicU64) -> f64 {
 
 pub struct AdminService {
     pub cluster: String,
+    pub endpoints: Vec<String>,
+    pub keys: moe_cluster::ClusterKeys,
     pub view: Arc<ClusterView>,
     pub stats: Arc<SchedulerStats>,
     pub kv: Arc<KvBlocks>,
@@ -73,10 +75,16 @@ impl Admin for AdminService {
                             placement.and_then(|p| p.nodes.get(&id).map(|a| a.address.clone()))
                         })
                         .unwrap_or_default(),
-                    state: record
-                        .map(|r| r.state.as_str())
-                        .unwrap_or("gone")
-                        .to_string(),
+                    state: if record.is_some()
+                        && (self.view.is_suspect(&id) || membership.is_suspect(&id))
+                    {
+                        "suspect".to_string()
+                    } else {
+                        record
+                            .map(|r| r.state.as_str())
+                            .unwrap_or("gone")
+                            .to_string()
+                    },
                     ready_epoch: membership.ready.get(&id).copied().unwrap_or(0),
                     node_id: id,
                     experts,
@@ -97,6 +105,22 @@ impl Admin for AdminService {
             dispatch_wait_seconds: seconds(&self.view.layer_times.wait_nanos),
             expert_compute_seconds: seconds(&self.view.layer_times.compute_nanos),
             combine_seconds: seconds(&self.view.layer_times.combine_nanos),
+            router_id: self.view.router_id.clone(),
+            planner_id: self
+                .view
+                .planner_id
+                .read()
+                .ok()
+                .and_then(|p| p.clone())
+                .unwrap_or_default(),
+            is_planner: self.view.is_planner.load(Ordering::Relaxed),
+            imbalance_ratio: self.view.imbalance(),
+            rebalances: self.view.rebalances.load(Ordering::Relaxed),
+            replicas: serving
+                .as_ref()
+                .map(|s| s.placement.replica_count() as u64)
+                .unwrap_or(0),
+            layer_retries: self.view.layer_retries.load(Ordering::Relaxed),
         }))
     }
 
@@ -108,10 +132,17 @@ impl Admin for AdminService {
         if !self.view.membership().nodes.contains_key(&node_id) {
             return Err(Status::not_found(format!("no live node {node_id:?}")));
         }
-        self.view.drain(&node_id);
+        let mut client = moe_cluster::config::connect_etcd(&self.endpoints)
+            .await
+            .map_err(|e| Status::unavailable(format!("etcd unreachable: {e}")))?;
+        moe_cluster::membership::request_drain(&mut client, &self.keys, &node_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        tracing::info!(node_id, "drain requested");
+        self.view.wake_planner.notify_one();
         // The planner writes the next epoch within a poll interval.
         let before = self.view.latest().map(|p| p.epoch).unwrap_or(0);
-        for _ in 0..100 {
+        for _ in 0..200 {
             if let Some(p) = self.view.latest() {
                 if p.epoch > before && !p.nodes.contains_key(&node_id) {
                     return Ok(Response::new(DrainResponse { epoch: p.epoch }));

@@ -1,0 +1,34 @@
+//! `moe drain --router ADDR NODE_ID`: Admin Drain. The planner writes an epoch without the node
+//! and the node exits once every router serves it; prints that epoch.
+
+use clap::Args;
+use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::DrainRequest;
+
+use super::remote::{endpoint, runtime};
+
+#[derive(Args)]
+pub struct DrainArgs {
+    /// The router's gRPC address.
+    #[arg(long, env = "MOE_ROUTER")]
+    router: String,
+    /// The node to drain.
+    node_id: String,
+}
+
+pub fn run(args: DrainArgs) -> anyhow::Result<()> {
+    let epoch = runtime()?.block_on(async {
+        let mut client = AdminClient::connect(endpoint(&args.router))
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.router))?;
+        client
+            .drain(DrainRequest {
+                node_id: args.node_id.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().epoch)
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))
+    })?;
+    println!("{} drained: placement epoch {epoch} leaves it out", args.node_id);
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! A checking load generator: workers send greedy requests whose answers are known (from the
+//! offline engine) to one or more routers, and count every request that failed or came back
+//! with other tokens. The elastic-cluster tests and `moe chaos` drive the cluster with it while
+//! they kill, add and drain nodes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::GenerateRequest;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+/// A request and the tokens it must produce.
+#[derive(Debug, Clone)]
+pub struct ExpectedAnswer {
+    pub input_ids: Vec<u32>,
+    pub max_new_tokens: u32,
+    pub output_ids: Vec<u32>,
+}
+
+/// Counters, readable while the load runs.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    pub sent: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub mismatched: AtomicU64,
+    pub tokens: AtomicU64,
+    /// When each token arrived, in order (to find stalls).
+    pub token_times: Mutex<Vec<Instant>>,
+    /// The first few failures and mismatches, for the report.
+    pub problems: Mutex<Vec<String>>,
+}
+
+/// What a load run did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub mismatched: u64,
+    pub tokens: u64,
+    pub problems: Vec<String>,
+}
+
+impl LoadProgress {
+    pub fn report(&self) -> LoadReport {
+        LoadReport {
+            sent: self.sent.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            mismatched: self.mismatched.load(Ordering::Relaxed),
+            tokens: self.tokens.load(Ordering::Relaxed),
+            problems: self.problems.lock().map(|p| p.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The longest wait for a token (across all streams) that began in `[from, to]`.
+    pub fn longest_stall(&self, from: Instant, to: Instant) -> Option<Duration> {
+        let times = self.token_times.lock().ok()?;
+        let mut longest = None;
+        for pair in times.windows(2) {
+            if pair[0] >= from && pair[0] <= to {
+                let gap = pair[1].duration_since(pair[0]);
+                if longest.is_none_or(|l| gap > l) {
+                    longest = Some(gap);
+                }
+            }
+        }
+        longest
+    }
+
+    /// The first token that arrived after `at`.
+    pub fn first_token_after(&self, at: Instant) -> Option<Instant> {
+        let times = self.token_times.lock().ok()?;
+        times.iter().copied().find(|t| *t > at)
+    }
+
+    fn problem(&self, what: String) {
+        if let Ok(mut p) = self.problems.lock() {
+            if p.len() < 10 {
+                p.push(what);
+            }
+        }
+    }
+}
+
+/// Running workers; [`GreedyLoad::stop`] lets each finish its current request.
+pub struct GreedyLoad {
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+    pub progress: Arc<LoadProgress>,
+}
+
+impl GreedyLoad {
+    /// Starts `workers` workers; worker `w` sends to `routers[w % len]`, cycling through
+    /// `answers` from a different offset each. `rounds` bounds the requests per worker.
+    pub fn start(
+        routers: Vec<String>,
+        answers: Arc<Vec<ExpectedAnswer>>,
+        workers: usize,
+        rounds: Option<usize>,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(LoadProgress::default());
+        let workers = (0..workers)
+            .map(|w| {
+                let router = routers[w % routers.len().max(1)].clone();
+                tokio::spawn(worker(
+                    router,
+                    Arc::clone(&answers),
+                    w,
+                    rounds,
+                    Arc::clone(&stop),
+                    Arc::clone(&progress),
+                ))
+            })
+            .collect();
+        Self {
+            stop,
+            workers,
+            progress,
+        }
+    }
+
+    /// Waits until every worker finished its rounds (or was stopped).
+    pub async fn finish(self) -> LoadReport {
+        for w in self.workers {
+            let _ = w.await;
+        }
+        self.progress.report()
+    }
+
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.finish().await
+    }
+}
+
+async fn worker(
+    router: String,
+    answers: Arc<Vec<ExpectedAnswer>>,
+    index: usize,
+    rounds: Option<usize>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<LoadProgress>,
+) {
+    let mut i = index;
+    let mut done = 0;
+    while !stop.load(Ordering::Relaxed) && rounds.is_none_or(|r| done < r) && !answers.is_empty() {
+        let answer = &answers[i % answers.len()];
+        i += 1;
+        done += 1;
+        progress.sent.fetch_add(1, Ordering::Relaxed);
+        match one_request(&router, answer, &progress).await {
+            Ok(ids) if ids == answer.output_ids => {
+                progress.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(ids) => {
+                progress.mismatched.fetch_add(1, Ordering::Relaxed);
+                progress.problem(format!(
+                    "mismatch for {:?}: got {ids:?}, expected {:?}",
+                    answer.input_ids, answer.output_ids
+                ));
+            }
+            Err(e) => {
+                progress.failed.fetch_add(1, Ordering::Relaxed);
+                progress.problem(format!("request to {router} failed: {e}"));
+            }
+        }
+    }
+}
+
+async fn one_request(
+    router: &str,
+    answer: &ExpectedAnswer,
+    progress: &LoadProgress,
+) -> Result<Vec<u32>, String> {
+    let mut client = InferenceClient::connect(format!("http://{router}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = GenerateRequest {
+        prompt: None,
+        input_ids: answer.input_ids.clone(),
+        max_new_tokens: answer.max_new_tokens,
+        temperature: Some(0.0),
+        top_p: None,
+        top_k: None,
+        seed: None,
+        stop: vec![],
+        ignore_eos: true,
+        logprobs: false,
+    };
+    let mut stream = client
+        .generate(request)
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(msg) = stream.message().await.map_err(|s| s.to_string())? {
+        let now = Instant::now();
+        progress
+            .tokens
+            .fetch_add(msg.token_ids.len() as u64, Ordering::Relaxed);
+        if let Ok(mut t) = progress.token_times.lock() {
+            t.extend(std::iter::repeat_n(now, msg.token_ids.len()));
+        }
+        ids.extend(msg.token_ids);
+    }
+    Ok(ids)
+}

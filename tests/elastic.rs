@@ -1,0 +1,264 @@
+//! Elastic expert nodes with real processes: a node killed mid-stream, nodes added and drained
+//! while requests stream, etcd restarted, hot experts replicated, the planner router killed.
+//! In every case no request fails and every answer equals the offline engine's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_cluster::load::GreedyLoad;
+use moe_cluster::local::LocalCluster;
+use moe_model::Engine;
+use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::DrainRequest;
+use moe_tests::harness::{self, expected_answers, serving_nodes, wait_serving, wait_status};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+
+/// Requests built from a fixture's golden prompts: `count` of them, `new_tokens` each, with
+/// prompts shortened a little per round so they differ.
+fn requests(fixture: &str, count: usize, new_tokens: u32) -> Vec<(Vec<u32>, u32)> {
+    let cases = golden_cases(fixture);
+    (0..count)
+        .map(|i| {
+            let case = &cases[i % cases.len()];
+            let len = case.input_ids.len().saturating_sub(i / cases.len()).max(1);
+            (case.input_ids[..len].to_vec(), new_tokens)
+        })
+        .collect()
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_request_and_changes_no_token() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let answers = Arc::new(expected_answers(&engine, &requests(fixture, 16, 64)));
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 3)).unwrap();
+    let before = wait_serving(&cluster, 3).await;
+    let victim = serving_nodes(&before)[1].clone();
+
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], Arc::clone(&answers), 16, Some(1));
+    // Kill once every stream is under way and none has finished.
+    let deadline = Instant::now() + MINUTE;
+    while load.progress.tokens.load(std::sync::atomic::Ordering::Relaxed) < 16 * 4 {
+        assert!(Instant::now() < deadline, "streams did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let killed_at = Instant::now();
+    cluster.kill_node(&victim);
+    let completed_at_kill = load.progress.completed.load(std::sync::atomic::Ordering::Relaxed);
+    let progress = Arc::clone(&load.progress);
+    let report = tokio::time::timeout(2 * MINUTE, load.finish()).await.expect("requests finish");
+
+    assert_eq!(report.sent, 16);
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    assert_eq!(report.completed, 16);
+    assert!(completed_at_kill < 16, "the kill happened mid-stream");
+    let after = wait_status(&cluster.router_addr, MINUTE, "epoch without the victim", |s| {
+        let nodes = serving_nodes(s);
+        !nodes.is_empty() && !nodes.contains(&victim)
+    })
+    .await;
+    assert!(after.serving_epoch > before.serving_epoch);
+    assert!(after.layer_retries >= 1, "a layer was re-dispatched: {after:?}");
+    eprintln!(
+        "SIGKILL -> serving epoch {} on {:?}; first token after the kill {:?} later; longest token stall {:?}",
+        after.serving_epoch,
+        serving_nodes(&after),
+        progress.first_token_after(killed_at).map(|t| t - killed_at),
+        progress.longest_stall(killed_at, killed_at + MINUTE),
+    );
+}
+
+async fn drain(router: &str, node_id: &str) -> u64 {
+    let mut admin = AdminClient::connect(format!("http://{router}")).await.unwrap();
+    admin
+        .drain(DrainRequest {
+            node_id: node_id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_up_twice_then_drain_while_streaming() {
+    let fixture = FIXTURES[1];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let answers = Arc::new(expected_answers(&engine, &requests(fixture, 12, 24)));
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    let first = wait_serving(&cluster, 1).await;
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 4, None);
+    let mut epochs = vec![first.serving_epoch];
+    for n in 2..=3 {
+        let id = cluster.add_node().unwrap();
+        let s = wait_status(&cluster.router_addr, MINUTE, "scale up", |s| {
+            serving_nodes(s).len() == n && serving_nodes(s).contains(&id)
+        })
+        .await;
+        epochs.push(s.serving_epoch);
+    }
+    let leaving = cluster.node_ids()[0].clone();
+    let drain_epoch = drain(&cluster.router_addr, &leaving).await;
+    let code = tokio::task::block_in_place(|| cluster.wait_node_exit(&leaving, MINUTE));
+    assert_eq!(code, Some(0), "a drained node exits 0 once the routers moved off it");
+    let s = wait_status(&cluster.router_addr, MINUTE, "drained", |s| {
+        serving_nodes(s).len() == 2 && !serving_nodes(s).contains(&leaving)
+    })
+    .await;
+    assert!(s.serving_epoch >= drain_epoch);
+    epochs.push(s.serving_epoch);
+    // Keep streaming a little on the final placement.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.stop().await;
+    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "epochs advance: {epochs:?}");
+    assert!(report.completed >= 8, "{report:?}");
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    let mut expected_nodes = cluster.node_ids();
+    expected_nodes.sort();
+    assert_eq!(serving_nodes(&s), expected_nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_node_before_it_exits() {
+    let fixture = FIXTURES[2];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let answers = Arc::new(expected_answers(&engine, &requests(fixture, 6, 16)));
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leaving = cluster.node_ids()[1].clone();
+    cluster.terminate_node(&leaving);
+    let code = tokio::task::block_in_place(|| cluster.wait_node_exit(&leaving, MINUTE));
+    assert_eq!(code, Some(0));
+    // The node only left after the router served an epoch without it.
+    let s = harness::status(&cluster).await;
+    assert!(!serving_nodes(&s).contains(&leaving), "{s:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    assert!(report.completed > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_longer_than_the_lease_ttl_loses_nothing() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let answers = Arc::new(expected_answers(&engine, &requests(fixture, 8, 16)));
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    let before = wait_serving(&cluster, 2).await;
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.stop_etcd();
+    let during_start = load.progress.completed.load(std::sync::atomic::Ordering::Relaxed);
+    // The nodes' lease TTL is 3 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = load.progress.completed.load(std::sync::atomic::Ordering::Relaxed) - during_start;
+    assert!(during > 0, "requests kept completing while etcd was down");
+    tokio::task::block_in_place(|| cluster.restart_etcd()).unwrap();
+    // Nodes register again, and a new node can still join.
+    let id = cluster.add_node().unwrap();
+    let after = wait_status(&cluster.router_addr, MINUTE, "join after the outage", |s| {
+        serving_nodes(s).len() == 3
+            && serving_nodes(s).contains(&id)
+            && s.nodes.iter().all(|n| n.state == "ready")
+    })
+    .await;
+    assert!(after.serving_epoch > before.serving_epoch);
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    eprintln!("completed during the 5 s etcd outage: {during}; in all {}", report.completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planner_router_killed_hands_planning_to_the_other() {
+    let fixture = FIXTURES[1];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let answers = Arc::new(expected_answers(&engine, &requests(fixture, 8, 16)));
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let second = cluster.add_router(&[]).unwrap();
+    let routers = [cluster.router_addr.clone(), second.clone()];
+    for r in &routers {
+        wait_status(r, MINUTE, "both routers serve", |s| serving_nodes(s).len() == 2 && !s.planner_id.is_empty()).await;
+    }
+    // Both serve correctly at once.
+    let report = GreedyLoad::start(routers.to_vec(), Arc::clone(&answers), 4, Some(2)).finish().await;
+    assert_eq!((report.failed, report.mismatched), (0, 0), "{:?}", report.problems);
+    assert_eq!(report.completed, 8);
+
+    let first = harness::status(&cluster).await;
+    let (planner, follower) = if first.is_planner {
+        (routers[0].clone(), routers[1].clone())
+    } else {
+        (routers[1].clone(), routers[0].clone())
+    };
+    let killed_at = Instant::now();
+    cluster.kill_router(&planner);
+    // The router lease TTL is 3 s: the other router takes over within it (plus a keep-alive).
+    let s = wait_status(&follower, Duration::from_secs(10), "planner handover", |s| s.is_planner).await;
+    let handover = killed_at.elapsed();
+    assert!(handover < Duration::from_secs(6), "handover took {handover:?}");
+    assert_eq!(s.planner_id, s.router_id);
+    // The new planner plans: a new node joins.
+    let id = cluster.add_node().unwrap();
+    wait_status(&follower, MINUTE, "new planner places a new node", |s| {
+        serving_nodes(s).len() == 3 && serving_nodes(s).contains(&id)
+    })
+    .await;
+    let report = GreedyLoad::start(vec![follower.clone()], answers, 2, Some(4)).finish().await;
+    assert_eq!((report.failed, report.mismatched), (0, 0), "{:?}", report.problems);
+    eprintln!("planner handover after SIGKILL: {handover:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    // One prompt of a repeated token, over and over: the same few experts get most tokens.
+    let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
+    let answers = Arc::new(expected_answers(&engine, &skewed));
+    // 4 hot experts per layer (top-4 of one token) cannot spread evenly over 3 nodes.
+    let mut spec = harness::spec(fixture_dir(fixture), 3);
+    spec.router_args.extend(
+        [
+            "--rebalance-threshold",
+            "1.15",
+            "--rebalance-window-ms",
+            "1500",
+            "--rebalance-min-pairs",
+            "500",
+            "--redundant-experts",
+            "4",
+        ]
+        .map(String::from),
+    );
+    let cluster = LocalCluster::start(spec).unwrap();
+    let first = wait_serving(&cluster, 3).await;
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
+    let measured = wait_status(&cluster.router_addr, MINUTE, "a measured window", |s| s.imbalance_ratio > 0.0).await;
+    let before = measured.imbalance_ratio;
+    let rebalanced = wait_status(&cluster.router_addr, MINUTE, "a rebalance", |s| {
+        s.rebalances >= 1 && s.serving_epoch == s.latest_epoch && s.replicas > 0
+    })
+    .await;
+    assert!(rebalanced.serving_epoch > first.serving_epoch);
+    // Two full windows on the new placement.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let after = harness::status(&cluster).await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    eprintln!(
+        "imbalance before {before:.3}, after {:.3}; {} replicas; epoch {} -> {}",
+        after.imbalance_ratio, after.replicas, first.serving_epoch, after.serving_epoch
+    );
+    assert!(before > 1.15, "the skewed load is imbalanced: {before}");
+    assert!(after.imbalance_ratio < before, "{} !< {before}", after.imbalance_ratio);
+}
