@@ -75,3 +75,73 @@ async fn remote_generate_prints_the_offline_json_and_status_lists_nodes() {
         .iter()
         .all(|r| r["decode_tok_s"].as_f64().unwrap() > 0.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_command_removes_a_node_and_refuses_unknown_ones() {
+    let fixture = FIXTURES[1];
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let leaving = cluster.node_ids()[0].clone();
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["drain", "--router", &cluster.router_addr, &leaving])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch"));
+    let code = tokio::task::block_in_place(|| {
+        cluster.wait_node_exit(&leaving, std::time::Duration::from_secs(60))
+    });
+    assert_eq!(code, Some(0));
+    let status = moe(&["status", "--router", &cluster.router_addr, "--json"]);
+    let placed: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["experts"].as_array().unwrap().is_empty())
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(placed, vec![cluster.node_ids()[0].as_str()]);
+    assert!(status["imbalance_ratio"].is_number());
+    assert_eq!(status["is_planner"], true);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["drain", "--router", &cluster.router_addr, "no-such-node"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no live node") && err.contains("no-such-node"), "{err}");
+}
+
+#[test]
+fn chaos_soak_loses_no_request_and_changes_no_token() {
+    let dir = fixture_dir(FIXTURES[0]);
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args([
+            "chaos",
+            "--model",
+            dir.to_str().unwrap(),
+            "--duration-secs",
+            "20",
+            "--interval-ms",
+            "1500",
+        ])
+        .output()
+        .expect("moe chaos runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["mismatched"], 0, "{report}");
+    assert!(report["completed"].as_u64().unwrap() > 0);
+    assert_eq!(report["sent"], report["completed"]);
+    let actions: u64 = ["kills", "terminations", "drains"]
+        .iter()
+        .map(|k| report[k].as_u64().unwrap())
+        .sum();
+    assert!(actions >= 3, "{report}");
+}

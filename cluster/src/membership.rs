@@ -77,10 +77,15 @@ impl NodeRegistration {
         })
     }
 
+    /// Publishes the node's state. Draining is final: a node that started leaving never
+    /// becomes placeable again (it would be re-planned while it is on its way out).
     pub fn set_state(&self, state: NodeState) {
         let Ok(mut record) = self.record.lock() else {
             return;
         };
+        if record.state == NodeState::Draining {
+            return;
+        }
         record.state = state;
         let key = self.keys.node(&self.node_id);
         if let Ok(value) = encode(&key, &*record) {

@@ -115,9 +115,7 @@ async fn follow_once(
                     ctx.served.install(placement.epoch, Arc::new(set));
                     *loaded_epoch = placement.epoch;
                     ctx.registration.set_ready_epoch(*loaded_epoch);
-                    if !ctx.progress.borrow().drain_requested {
-                        ctx.registration.set_state(NodeState::Ready);
-                    }
+                    ctx.registration.set_state(NodeState::Ready);
                     ctx.health
                         .set_serving::<ExpertDataServer<DataPlane>>()
                         .await;
