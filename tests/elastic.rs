@@ -37,31 +37,54 @@ async fn sigkill_mid_stream_loses_no_request_and_changes_no_token() {
     let before = wait_serving(&cluster, 3).await;
     let victim = serving_nodes(&before)[1].clone();
 
-    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], Arc::clone(&answers), 16, Some(1));
+    let load = GreedyLoad::start(
+        vec![cluster.router_addr.clone()],
+        Arc::clone(&answers),
+        16,
+        Some(1),
+    );
     // Kill once every stream is under way and none has finished.
     let deadline = Instant::now() + MINUTE;
-    while load.progress.tokens.load(std::sync::atomic::Ordering::Relaxed) < 16 * 4 {
+    while load
+        .progress
+        .tokens
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 16 * 4
+    {
         assert!(Instant::now() < deadline, "streams did not start");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let killed_at = Instant::now();
     cluster.kill_node(&victim);
-    let completed_at_kill = load.progress.completed.load(std::sync::atomic::Ordering::Relaxed);
+    let completed_at_kill = load
+        .progress
+        .completed
+        .load(std::sync::atomic::Ordering::Relaxed);
     let progress = Arc::clone(&load.progress);
-    let report = tokio::time::timeout(2 * MINUTE, load.finish()).await.expect("requests finish");
+    let report = tokio::time::timeout(2 * MINUTE, load.finish())
+        .await
+        .expect("requests finish");
 
     assert_eq!(report.sent, 16);
     assert_eq!(report.failed, 0, "{:?}", report.problems);
     assert_eq!(report.mismatched, 0, "{:?}", report.problems);
     assert_eq!(report.completed, 16);
     assert!(completed_at_kill < 16, "the kill happened mid-stream");
-    let after = wait_status(&cluster.router_addr, MINUTE, "epoch without the victim", |s| {
-        let nodes = serving_nodes(s);
-        !nodes.is_empty() && !nodes.contains(&victim)
-    })
+    let after = wait_status(
+        &cluster.router_addr,
+        MINUTE,
+        "epoch without the victim",
+        |s| {
+            let nodes = serving_nodes(s);
+            !nodes.is_empty() && !nodes.contains(&victim)
+        },
+    )
     .await;
     assert!(after.serving_epoch > before.serving_epoch);
-    assert!(after.layer_retries >= 1, "a layer was re-dispatched: {after:?}");
+    assert!(
+        after.layer_retries >= 1,
+        "a layer was re-dispatched: {after:?}"
+    );
     eprintln!(
         "SIGKILL -> serving epoch {} on {:?}; first token after the kill {:?} later; longest token stall {:?}",
         after.serving_epoch,
@@ -72,7 +95,9 @@ async fn sigkill_mid_stream_loses_no_request_and_changes_no_token() {
 }
 
 async fn drain(router: &str, node_id: &str) -> u64 {
-    let mut admin = AdminClient::connect(format!("http://{router}")).await.unwrap();
+    let mut admin = AdminClient::connect(format!("http://{router}"))
+        .await
+        .unwrap();
     admin
         .drain(DrainRequest {
             node_id: node_id.to_string(),
@@ -103,7 +128,11 @@ async fn scale_up_twice_then_drain_while_streaming() {
     let leaving = cluster.node_ids()[0].clone();
     let drain_epoch = drain(&cluster.router_addr, &leaving).await;
     let code = tokio::task::block_in_place(|| cluster.wait_node_exit(&leaving, MINUTE));
-    assert_eq!(code, Some(0), "a drained node exits 0 once the routers moved off it");
+    assert_eq!(
+        code,
+        Some(0),
+        "a drained node exits 0 once the routers moved off it"
+    );
     let s = wait_status(&cluster.router_addr, MINUTE, "drained", |s| {
         serving_nodes(s).len() == 2 && !serving_nodes(s).contains(&leaving)
     })
@@ -113,7 +142,10 @@ async fn scale_up_twice_then_drain_while_streaming() {
     // Keep streaming a little on the final placement.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.stop().await;
-    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "epochs advance: {epochs:?}");
+    assert!(
+        epochs.windows(2).all(|w| w[0] < w[1]),
+        "epochs advance: {epochs:?}"
+    );
     assert!(report.completed >= 8, "{report:?}");
     assert_eq!(report.failed, 0, "{:?}", report.problems);
     assert_eq!(report.mismatched, 0, "{:?}", report.problems);
@@ -155,10 +187,17 @@ async fn etcd_outage_longer_than_the_lease_ttl_loses_nothing() {
     let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.stop_etcd();
-    let during_start = load.progress.completed.load(std::sync::atomic::Ordering::Relaxed);
+    let during_start = load
+        .progress
+        .completed
+        .load(std::sync::atomic::Ordering::Relaxed);
     // The nodes' lease TTL is 3 s.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let during = load.progress.completed.load(std::sync::atomic::Ordering::Relaxed) - during_start;
+    let during = load
+        .progress
+        .completed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - during_start;
     assert!(during > 0, "requests kept completing while etcd was down");
     tokio::task::block_in_place(|| cluster.restart_etcd()).unwrap();
     // Nodes register again, and a new node can still join.
@@ -173,7 +212,10 @@ async fn etcd_outage_longer_than_the_lease_ttl_loses_nothing() {
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.problems);
     assert_eq!(report.mismatched, 0, "{:?}", report.problems);
-    eprintln!("completed during the 5 s etcd outage: {during}; in all {}", report.completed);
+    eprintln!(
+        "completed during the 5 s etcd outage: {during}; in all {}",
+        report.completed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,11 +228,21 @@ async fn planner_router_killed_hands_planning_to_the_other() {
     let second = cluster.add_router(&[]).unwrap();
     let routers = [cluster.router_addr.clone(), second.clone()];
     for r in &routers {
-        wait_status(r, MINUTE, "both routers serve", |s| serving_nodes(s).len() == 2 && !s.planner_id.is_empty()).await;
+        wait_status(r, MINUTE, "both routers serve", |s| {
+            serving_nodes(s).len() == 2 && !s.planner_id.is_empty()
+        })
+        .await;
     }
     // Both serve correctly at once.
-    let report = GreedyLoad::start(routers.to_vec(), Arc::clone(&answers), 4, Some(2)).finish().await;
-    assert_eq!((report.failed, report.mismatched), (0, 0), "{:?}", report.problems);
+    let report = GreedyLoad::start(routers.to_vec(), Arc::clone(&answers), 4, Some(2))
+        .finish()
+        .await;
+    assert_eq!(
+        (report.failed, report.mismatched),
+        (0, 0),
+        "{:?}",
+        report.problems
+    );
     assert_eq!(report.completed, 8);
 
     let first = harness::status(&cluster).await;
@@ -202,9 +254,18 @@ async fn planner_router_killed_hands_planning_to_the_other() {
     let killed_at = Instant::now();
     cluster.kill_router(&planner);
     // The router lease TTL is 3 s: the other router takes over within it (plus a keep-alive).
-    let s = wait_status(&follower, Duration::from_secs(10), "planner handover", |s| s.is_planner).await;
+    let s = wait_status(
+        &follower,
+        Duration::from_secs(10),
+        "planner handover",
+        |s| s.is_planner,
+    )
+    .await;
     let handover = killed_at.elapsed();
-    assert!(handover < Duration::from_secs(6), "handover took {handover:?}");
+    assert!(
+        handover < Duration::from_secs(6),
+        "handover took {handover:?}"
+    );
     assert_eq!(s.planner_id, s.router_id);
     // The new planner plans: a new node joins.
     let id = cluster.add_node().unwrap();
@@ -212,8 +273,15 @@ async fn planner_router_killed_hands_planning_to_the_other() {
         serving_nodes(s).len() == 3 && serving_nodes(s).contains(&id)
     })
     .await;
-    let report = GreedyLoad::start(vec![follower.clone()], answers, 2, Some(4)).finish().await;
-    assert_eq!((report.failed, report.mismatched), (0, 0), "{:?}", report.problems);
+    let report = GreedyLoad::start(vec![follower.clone()], answers, 2, Some(4))
+        .finish()
+        .await;
+    assert_eq!(
+        (report.failed, report.mismatched),
+        (0, 0),
+        "{:?}",
+        report.problems
+    );
     eprintln!("planner handover after SIGKILL: {handover:?}");
 }
 
@@ -242,7 +310,10 @@ async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
     let cluster = LocalCluster::start(spec).unwrap();
     let first = wait_serving(&cluster, 3).await;
     let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
-    let measured = wait_status(&cluster.router_addr, MINUTE, "a measured window", |s| s.imbalance_ratio > 0.0).await;
+    let measured = wait_status(&cluster.router_addr, MINUTE, "a measured window", |s| {
+        s.imbalance_ratio > 0.0
+    })
+    .await;
     let before = measured.imbalance_ratio;
     let rebalanced = wait_status(&cluster.router_addr, MINUTE, "a rebalance", |s| {
         s.rebalances >= 1 && s.serving_epoch == s.latest_epoch && s.replicas > 0
@@ -260,5 +331,9 @@ async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
         after.imbalance_ratio, after.replicas, first.serving_epoch, after.serving_epoch
     );
     assert!(before > 1.15, "the skewed load is imbalanced: {before}");
-    assert!(after.imbalance_ratio < before, "{} !< {before}", after.imbalance_ratio);
+    assert!(
+        after.imbalance_ratio < before,
+        "{} !< {before}",
+        after.imbalance_ratio
+    );
 }

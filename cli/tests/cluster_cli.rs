@@ -86,7 +86,11 @@ async fn drain_command_removes_a_node_and_refuses_unknown_ones() {
         .args(["drain", "--router", &cluster.router_addr, &leaving])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("epoch"));
     let code = tokio::task::block_in_place(|| {
         cluster.wait_node_exit(&leaving, std::time::Duration::from_secs(60))
@@ -110,7 +114,10 @@ async fn drain_command_removes_a_node_and_refuses_unknown_ones() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no live node") && err.contains("no-such-node"), "{err}");
+    assert!(
+        err.contains("no live node") && err.contains("no-such-node"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -103,7 +103,10 @@ mod tests {
     #[test]
     fn ids_under_prefixes() {
         let k = ClusterKeys::new("c");
-        assert_eq!(k.id_under(&k.suspects(), &k.suspect("n1", "r1")), Some("n1"));
+        assert_eq!(
+            k.id_under(&k.suspects(), &k.suspect("n1", "r1")),
+            Some("n1")
+        );
         assert_eq!(k.id_under(&k.routers(), &k.router("r1")), Some("r1"));
         assert_eq!(k.id_under(&k.drains(), &k.node("n1")), None);
         assert_eq!(k.id_under(&k.drains(), "/moe/c/drain/"), None);

@@ -75,7 +75,8 @@ impl LeasedKeys {
 
     /// Deletes `key` if this lease put it.
     pub fn remove(&self, key: &str) {
-        self.wanted.send_if_modified(|w| w.values.remove(key).is_some());
+        self.wanted
+            .send_if_modified(|w| w.values.remove(key).is_some());
     }
 
     /// Keys this lease currently publishes.

@@ -154,7 +154,11 @@ pub fn terminate(pid: u32) {
 }
 
 /// Starts a router and reads the address it printed.
-fn start_router(spec: &LocalClusterSpec, etcd_url: &str, extra: &[String]) -> std::io::Result<(Child, String)> {
+fn start_router(
+    spec: &LocalClusterSpec,
+    etcd_url: &str,
+    extra: &[String],
+) -> std::io::Result<(Child, String)> {
     let mut router = Command::new(&spec.router_bin)
         .args(["--model", &spec.model.display().to_string()])
         .args([

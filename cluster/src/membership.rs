@@ -95,8 +95,10 @@ impl NodeRegistration {
 
     /// Announces that the experts of `epoch` are loaded.
     pub fn set_ready_epoch(&self, epoch: u64) {
-        self.leased
-            .set(self.keys.ready(&self.node_id), epoch.to_string().into_bytes());
+        self.leased.set(
+            self.keys.ready(&self.node_id),
+            epoch.to_string().into_bytes(),
+        );
     }
 
     /// Revokes the lease and waits for the task to end.

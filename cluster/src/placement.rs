@@ -225,8 +225,13 @@ impl Placement {
                     *node_load.get_mut(id).expect("node") += heat(e) / copies[e] as f64;
                 }
             }
-            let mut extra: Vec<ExpertId> = experts.iter().filter(|e| copies[e] > 1).copied().collect();
-            extra.sort_by(|a, b| (heat(b) / copies[b] as f64).total_cmp(&(heat(a) / copies[a] as f64)).then(a.cmp(b)));
+            let mut extra: Vec<ExpertId> =
+                experts.iter().filter(|e| copies[e] > 1).copied().collect();
+            extra.sort_by(|a, b| {
+                (heat(b) / copies[b] as f64)
+                    .total_cmp(&(heat(a) / copies[a] as f64))
+                    .then(a.cmp(b))
+            });
             for e in extra {
                 for _ in 1..copies[&e] {
                     let target = node_load
@@ -414,15 +419,22 @@ mod tests {
             .map(|e| ((1, e), if e == 0 || e == 2 { 1000 } else { 10 }))
             .collect();
         let imbalance = |p: &Placement| p.expected_imbalance(&load);
-        assert!(before.experts_of("a").contains(&(1, 0)) && before.experts_of("a").contains(&(1, 2)));
+        assert!(
+            before.experts_of("a").contains(&(1, 0)) && before.experts_of("a").contains(&(1, 2))
+        );
         let after = before.rebalance(2, &load, 2);
         assert_eq!(after.replica_count(), 2);
         assert!(after.experts_of("b").contains(&(1, 0)) && after.experts_of("b").contains(&(1, 2)));
         assert!(imbalance(&before) > 1.9, "{}", imbalance(&before));
         assert!(imbalance(&after) < 1.1, "{}", imbalance(&after));
-        assert_eq!(before.moves_to(&after), 2, "only the new replicas are loaded");
+        assert_eq!(
+            before.moves_to(&after),
+            2,
+            "only the new replicas are loaded"
+        );
         // A membership change keeps the replicas of surviving nodes.
-        let grown = Placement::plan(3, "f", &[1], 8, &nodes(&["a", "b", "c"]), Some(&after)).unwrap();
+        let grown =
+            Placement::plan(3, "f", &[1], 8, &nodes(&["a", "b", "c"]), Some(&after)).unwrap();
         assert_eq!(grown.holders().len(), 8);
         assert!(grown.replica_count() >= 1);
     }

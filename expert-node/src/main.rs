@@ -91,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
     .context("registering in etcd")?;
     let registration = Arc::new(registration);
 
-    let (progress_tx, mut progress) = tokio::sync::watch::channel(follower::NodeProgress::default());
+    let (progress_tx, mut progress) =
+        tokio::sync::watch::channel(follower::NodeProgress::default());
     let follower = tokio::spawn(follower::follow_placement(follower::FollowerContext {
         endpoints: args.etcd.etcd.clone(),
         keys,

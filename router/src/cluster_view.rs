@@ -33,7 +33,8 @@ impl ServingPlacement {
             .holders()
             .into_iter()
             .map(|(e, nodes)| {
-                let mut at: Vec<usize> = nodes.iter().filter_map(|n| index.get(n).copied()).collect();
+                let mut at: Vec<usize> =
+                    nodes.iter().filter_map(|n| index.get(n).copied()).collect();
                 at.sort_unstable();
                 (e, at)
             })
@@ -164,7 +165,12 @@ impl ClusterView {
         };
         let fresh = !suspects.contains_key(node_id);
         if fresh {
-            tracing::warn!(node_id, instance, reason, "node suspect: its data plane failed");
+            tracing::warn!(
+                node_id,
+                instance,
+                reason,
+                "node suspect: its data plane failed"
+            );
         }
         suspects.insert(node_id.to_string(), (instance, Instant::now()));
         drop(suspects);
@@ -202,7 +208,11 @@ impl ClusterView {
     pub fn expert_token_counts(&self) -> HashMap<ExpertId, u64> {
         self.expert_tokens
             .read()
-            .map(|m| m.iter().map(|(e, c)| (*e, c.load(Ordering::Relaxed))).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(e, c)| (*e, c.load(Ordering::Relaxed)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -187,11 +187,7 @@ impl RemoteExperts {
     }
 
     /// The serving placement, newer than `after` when given; waits for it until `deadline`.
-    fn wait_serving(
-        &self,
-        after: Option<u64>,
-        deadline: Instant,
-    ) -> Result<Arc<ServingPlacement>> {
+    fn wait_serving(&self, after: Option<u64>, deadline: Instant) -> Result<Arc<ServingPlacement>> {
         loop {
             if let Some(s) = self.view.serving() {
                 if after.is_none_or(|e| s.placement.epoch > e) {
@@ -258,6 +254,11 @@ impl RemoteExperts {
             .collect();
         let mut failed = Vec::new();
         let mut node_pairs = vec![0usize; n_nodes];
+        let suspect: Vec<bool> = serving
+            .links
+            .iter()
+            .map(|l| self.view.is_suspect(&l.node_id))
+            .collect();
         let mut choices: Vec<Vec<(u32, f32, usize)>> = vec![Vec::new(); n_nodes];
         for r in 0..routes.rows() {
             for c in choices.iter_mut() {
@@ -271,16 +272,13 @@ impl RemoteExperts {
                     .map(Vec::as_slice)
                     .unwrap_or(&[]);
                 // The least-loaded replica, avoiding nodes already reported failing.
-                let node = holders
-                    .iter()
-                    .copied()
-                    .min_by_key(|&n| {
-                        (
-                            self.view.is_suspect(&serving.links[n].node_id),
-                            node_pairs[n],
-                            n,
-                        )
-                    });
+                let node = match holders {
+                    [only] => Some(*only),
+                    _ => holders
+                        .iter()
+                        .copied()
+                        .min_by_key(|&n| (suspect[n], node_pairs[n], n)),
+                };
                 match node {
                     Some(node) => {
                         node_pairs[node] += 1;
@@ -398,10 +396,12 @@ impl ExpertBackend for RemoteExperts {
         let hidden = self.hidden;
         let started = Instant::now();
         let deadline = started + self.recovery_timeout;
-        for r in 0..routes.rows() {
-            for p in routes.row_pairs(r) {
-                self.view.count_tokens((layer as u32, routes.experts[p]), 1);
-            }
+        let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
+        for &expert in &routes.experts {
+            *per_expert.entry(expert).or_default() += 1;
+        }
+        for (expert, tokens) in per_expert {
+            self.view.count_tokens((layer as u32, expert), tokens);
         }
         let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
         let mut pending = vec![true; routes.pairs()];
@@ -416,17 +416,15 @@ impl ExpertBackend for RemoteExperts {
             times
                 .encode_nanos
                 .fetch_add(nanos(attempt_start, attempt.encoded), Ordering::Relaxed);
-            times.wait_nanos.fetch_add(
-                nanos(attempt.encoded, attempt.answered),
-                Ordering::Relaxed,
-            );
+            times
+                .wait_nanos
+                .fetch_add(nanos(attempt.encoded, attempt.answered), Ordering::Relaxed);
             times
                 .compute_nanos
                 .fetch_add(attempt.slowest_compute, Ordering::Relaxed);
-            times.combine_nanos.fetch_add(
-                nanos(attempt.answered, attempt.placed),
-                Ordering::Relaxed,
-            );
+            times
+                .combine_nanos
+                .fetch_add(nanos(attempt.answered, attempt.placed), Ordering::Relaxed);
             if attempt.failed.is_empty() {
                 break;
             }

@@ -177,7 +177,11 @@ impl Planner {
             .collect();
         let mut per_layer: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
         let mut total = 0u64;
-        for layer in now.keys().map(|(l, _)| *l).collect::<std::collections::BTreeSet<_>>() {
+        for layer in now
+            .keys()
+            .map(|(l, _)| *l)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             let loads = serving_nodes
                 .iter()
                 .map(|id| {
@@ -205,7 +209,12 @@ impl Planner {
         let counts = self.ctx.view.expert_token_counts();
         let window_load: HashMap<ExpertId, u64> = counts
             .iter()
-            .map(|(e, c)| (*e, c - self.window.experts.get(e).copied().unwrap_or(0).min(*c)))
+            .map(|(e, c)| {
+                (
+                    *e,
+                    c - self.window.experts.get(e).copied().unwrap_or(0).min(*c),
+                )
+            })
             .collect();
         self.window.experts = counts;
         self.pending_load = Some((ratio, window_load));
@@ -410,7 +419,9 @@ fn eligible(
                 && r.state != NodeState::Draining
                 && !membership.drains.contains(id)
                 && !membership.is_suspect(id)
-                && !local_suspects.iter().any(|(s, i)| s == *id && *i == r.instance)
+                && !local_suspects
+                    .iter()
+                    .any(|(s, i)| s == *id && *i == r.instance)
         })
         .map(|(id, r)| (id.clone(), r.address.clone()))
         .collect()

@@ -5,9 +5,9 @@
 //! at the next step when their KV blocks can be reserved; finished or abandoned ones leave at
 //! once and free their blocks.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -188,10 +188,16 @@ pub async fn wait_status(
                 if ready(&s) {
                     return s;
                 }
-                assert!(Instant::now() < deadline, "{what}: not reached in {timeout:?}: {s:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: not reached in {timeout:?}: {s:?}"
+                );
             }
         }
-        assert!(Instant::now() < deadline, "{what}: router {addr} unreachable");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: router {addr} unreachable"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -76,7 +76,10 @@ pub fn run(router: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 .fold(0.0, f64::max);
             // Decode throughput once every stream is decoding: the router interleaves chunked
             // prefills with decodes, so earlier tokens overlap other requests' prefill.
-            let decoded: usize = all.iter().map(|t| t.iter().filter(|&&x| x > last_first).count()).sum();
+            let decoded: usize = all
+                .iter()
+                .map(|t| t.iter().filter(|&&x| x > last_first).count())
+                .sum();
             let mut gaps: Vec<f64> = all
                 .iter()
                 .flat_map(|t| t.windows(2).map(|w| (w[1] - w[0]) * 1e3))

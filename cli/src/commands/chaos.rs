@@ -52,11 +52,10 @@ pub struct ChaosArgs {
     logs: bool,
 }
 
-
 /// Random prompts and the offline engine's greedy answers to them.
 fn expected_answers(args: &ChaosArgs, rng: &mut Rng) -> anyhow::Result<Vec<ExpectedAnswer>> {
-    let engine = Engine::load(&args.model)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let engine =
+        Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let vocab = engine.config().vocab_size as u64;
     (0..args.prompts)
         .map(|_| {
@@ -120,7 +119,12 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.duration_secs);
     let mut actions = Actions::default();
     let (report, longest_stall) = rt.block_on(async {
-        let load = GreedyLoad::start(vec![router.clone()], Arc::clone(&answers), args.workers, None);
+        let load = GreedyLoad::start(
+            vec![router.clone()],
+            Arc::clone(&answers),
+            args.workers,
+            None,
+        );
         while started.elapsed() < duration {
             let pause = args.interval_ms / 2 + rng.next_u64() % args.interval_ms.max(1);
             tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -139,12 +143,18 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 0 => {
                     cluster.kill_node(&victim);
                     actions.kills += 1;
-                    eprintln!("[{:>6.1}s] SIGKILL {victim}", started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "[{:>6.1}s] SIGKILL {victim}",
+                        started.elapsed().as_secs_f64()
+                    );
                 }
                 1 => {
                     cluster.terminate_node(&victim);
                     actions.terminations += 1;
-                    eprintln!("[{:>6.1}s] SIGTERM {victim}", started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "[{:>6.1}s] SIGTERM {victim}",
+                        started.elapsed().as_secs_f64()
+                    );
                 }
                 _ => {
                     let mut admin = AdminClient::connect(endpoint(&router)).await?;

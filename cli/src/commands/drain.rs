@@ -29,6 +29,9 @@ pub fn run(args: DrainArgs) -> anyhow::Result<()> {
             .map(|r| r.into_inner().epoch)
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))
     })?;
-    println!("{} drained: placement epoch {epoch} leaves it out", args.node_id);
+    println!(
+        "{} drained: placement epoch {epoch} leaves it out",
+        args.node_id
+    );
     Ok(())
 }

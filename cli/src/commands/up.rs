@@ -88,8 +88,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.etcd_url, args.nodes
     );
     println!("try: moe generate --router {addr} --prompt \"Hello\" --max-new-tokens 16");
-    println!("Ctrl-C stops everything.");
+    println!("Ctrl-C (or SIGTERM) stops everything.");
+    // Ctrl-C or SIGTERM: stop every child (dropping the cluster), never leave them behind.
     rt.block_on(async {
+        #[cfg(unix)]
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     });
     drop(cluster);
