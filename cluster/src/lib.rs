@@ -18,6 +18,7 @@ pub mod load;
 pub mod local;
 pub mod membership;
 pub mod placement;
+pub mod watch;
 
 pub use config::EtcdArgs;
 pub use error::ClusterError;

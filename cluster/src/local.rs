@@ -27,7 +27,7 @@ pub struct LocalClusterSpec {
 
 pub struct LocalCluster {
     spec: LocalClusterSpec,
-    etcd: EtcdProcess,
+    etcd: LocalEtcd,
     pub etcd_url: String,
     /// `(node id, process)`; `None` once killed.
     nodes: Vec<(String, Option<Child>)>,
@@ -58,15 +58,15 @@ fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> bool {
 }
 
 /// A throwaway etcd: its ports and data directory survive a stop, so it can be restarted
-/// with its data (the etcd-outage tests).
-struct EtcdProcess {
+/// with its data (the etcd-outage tests). Dropping it stops it and removes its data.
+pub struct LocalEtcd {
     child: Option<Child>,
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
 }
 
-impl EtcdProcess {
+impl LocalEtcd {
     fn spawn(bin: &Path, dir: &Path, client_port: u16, peer_port: u16) -> std::io::Result<Child> {
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -92,7 +92,7 @@ impl EtcdProcess {
 
     /// Starts etcd on free ports. A port picked free can be taken by someone else before etcd
     /// binds it (tests start clusters in parallel), so a failed start is retried on new ports.
-    fn start(bin: &Path) -> std::io::Result<Self> {
+    pub fn start(bin: &Path) -> std::io::Result<Self> {
         let mut last = String::new();
         for _ in 0..5 {
             let client_port = free_port()?;
@@ -122,18 +122,18 @@ impl EtcdProcess {
         Err(std::io::Error::new(std::io::ErrorKind::TimedOut, last))
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    fn restart(&mut self, bin: &Path) -> std::io::Result<()> {
+    pub fn restart(&mut self, bin: &Path) -> std::io::Result<()> {
         self.stop();
         let mut etcd = Self::spawn(bin, &self.dir, self.client_port, self.peer_port)?;
         if !wait_for_port(self.client_port, &mut etcd, Duration::from_secs(30)) {
@@ -193,7 +193,7 @@ fn start_router(
 
 impl LocalCluster {
     pub fn start(spec: LocalClusterSpec) -> std::io::Result<Self> {
-        let etcd = EtcdProcess::start(&spec.etcd_bin)?;
+        let etcd = LocalEtcd::start(&spec.etcd_bin)?;
         let mut cluster = LocalCluster {
             etcd_url: etcd.url(),
             etcd,
@@ -350,7 +350,12 @@ impl Drop for LocalCluster {
                 let _ = c.wait();
             }
         }
-        self.etcd.stop();
-        let _ = std::fs::remove_dir_all(&self.etcd.dir);
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -62,6 +62,8 @@ pub async fn follow_placement(ctx: FollowerContext) {
     let mut client: Option<Client> = None;
     let mut loaded_epoch = 0u64;
     let mut outage = moe_cluster::config::EtcdOutage::default();
+    let changes =
+        moe_cluster::watch::spawn_change_waker(ctx.endpoints.clone(), ctx.keys.root().to_string());
     loop {
         if client.is_none() {
             match moe_cluster::config::connect_etcd(&ctx.endpoints).await {
@@ -78,7 +80,12 @@ pub async fn follow_placement(ctx: FollowerContext) {
                 }
             }
         }
-        tokio::time::sleep(ctx.poll).await;
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.poll) => {}
+            _ = changes.notified() => {}
+        }
+        // Coalesce bursts of changes (several keys of one transition) into one round.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

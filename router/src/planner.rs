@@ -83,6 +83,9 @@ struct Planner {
     pending_load: Option<(f64, HashMap<ExpertId, u64>)>,
 }
 
+/// Pause after a wake-up, so that a burst of etcd events costs one round.
+const COALESCE: Duration = Duration::from_millis(5);
+
 pub async fn run_planner(ctx: PlannerContext) {
     let window = LoadWindow {
         started: Instant::now(),
@@ -101,13 +104,20 @@ pub async fn run_planner(ctx: PlannerContext) {
         outage: Default::default(),
         pending_load: None,
     };
+    let changes = moe_cluster::watch::spawn_change_waker(
+        planner.ctx.endpoints.clone(),
+        planner.ctx.keys.root().to_string(),
+    );
     loop {
         planner.round().await;
         let view = Arc::clone(&planner.ctx.view);
         tokio::select! {
             _ = tokio::time::sleep(planner.ctx.poll) => {}
             _ = view.wake_planner.notified() => {}
+            _ = changes.notified() => {}
         }
+        // Coalesce bursts of changes (several keys of one transition) into one round.
+        tokio::time::sleep(COALESCE).await;
     }
 }
 
