@@ -182,6 +182,7 @@ async fn one_request(
         .await
         .map_err(|e| e.to_string())?;
     let request = GenerateRequest {
+        top_logprobs: None,
         prompt: None,
         input_ids: answer.input_ids.clone(),
         max_new_tokens: answer.max_new_tokens,

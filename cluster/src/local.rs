@@ -35,6 +35,8 @@ pub struct LocalCluster {
     routers: Vec<(String, Option<Child>)>,
     /// The first router's gRPC `host:port`.
     pub router_addr: String,
+    /// The first router's HTTP `host:port`, when started with `--http-listen`.
+    pub router_http_addr: Option<String>,
 }
 
 /// A free loopback port (bound then released).
@@ -158,7 +160,7 @@ fn start_router(
     spec: &LocalClusterSpec,
     etcd_url: &str,
     extra: &[String],
-) -> std::io::Result<(Child, String)> {
+) -> std::io::Result<(Child, String, Option<String>)> {
     let mut router = Command::new(&spec.router_bin)
         .args(["--model", &spec.model.display().to_string()])
         .args([
@@ -182,13 +184,24 @@ fn start_router(
         .stdout
         .take()
         .ok_or_else(|| std::io::Error::other("router has no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("moe-router listening on ")
-        .ok_or_else(|| std::io::Error::other(format!("unexpected router output {line:?}")))?;
-    Ok((router, addr.to_string()))
+    // An HTTP line (with `--http-listen`) comes first, then the gRPC one.
+    let mut reader = BufReader::new(stdout);
+    let mut http = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("router exited before listening"));
+        }
+        if let Some(addr) = line.trim().strip_prefix("moe-router http listening on ") {
+            http = Some(addr.to_string());
+            continue;
+        }
+        let addr = line
+            .trim()
+            .strip_prefix("moe-router listening on ")
+            .ok_or_else(|| std::io::Error::other(format!("unexpected router output {line:?}")))?;
+        return Ok((router, addr.to_string(), http));
+    }
 }
 
 impl LocalCluster {
@@ -200,6 +213,7 @@ impl LocalCluster {
             nodes: Vec::new(),
             routers: Vec::new(),
             router_addr: String::new(),
+            router_http_addr: None,
             spec,
         };
         for _ in 0..cluster.spec.nodes {
@@ -212,8 +226,11 @@ impl LocalCluster {
     /// Starts one more router on the same etcd and nodes (data-parallel attention); returns
     /// its gRPC address.
     pub fn add_router(&mut self, extra_args: &[String]) -> std::io::Result<String> {
-        let (child, addr) = start_router(&self.spec, &self.etcd_url, extra_args)?;
+        let (child, addr, http) = start_router(&self.spec, &self.etcd_url, extra_args)?;
         self.routers.push((addr.clone(), Some(child)));
+        if self.router_http_addr.is_none() {
+            self.router_http_addr = http;
+        }
         Ok(addr)
     }
 

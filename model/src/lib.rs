@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod dense;

@@ -74,6 +74,30 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes text exactly as written: no special tokens added (what transformers does with a
+    /// rendered chat template, which writes its own).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(format!("cannot encode: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of one token, special tokens included (for logprobs listings).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// The BOS and EOS tokens' text, for chat templates.
+    pub fn bos_token(&self) -> Option<String> {
+        self.bos_id.and_then(|id| self.inner.id_to_token(id))
+    }
+
+    pub fn eos_token(&self) -> Option<String> {
+        self.eos_id.and_then(|id| self.inner.id_to_token(id))
+    }
+
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

@@ -17,6 +17,13 @@ pub struct Args {
     /// Public gRPC address (Inference, Admin, health, reflection); port 0 picks a free port.
     #[arg(long, env = "MOE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: String,
+    /// OpenAI-compatible HTTP address (`/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+    /// `/health`); off unless given. Port 0 picks a free port.
+    #[arg(long, env = "MOE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Model name for the HTTP API (default: the checkpoint directory's name).
+    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     /// Tokens processed per step (decodes first, then prefill chunks).

@@ -8,10 +8,12 @@
 //! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
 //! - [`server`]: the Inference and Admin gRPC services.
 
+mod admission;
 mod args;
 mod cluster_view;
 mod detokenize;
 mod dispatch;
+mod http;
 mod kv_blocks;
 mod planner;
 mod scheduler;
@@ -135,15 +137,57 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let inference = server::inference::InferenceService {
+    let admission = Arc::new(admission::Admission {
         config: config.clone(),
-        model_dir: args.model.display().to_string(),
-        tokenizer,
+        tokenizer: Arc::clone(&tokenizer),
         submissions: submit_tx,
         stats: Arc::clone(&stats),
         view: Arc::clone(&view),
         max_waiting: args.max_waiting,
         limits: validation::RequestLimits::default(),
+    });
+    if let Some(http_addr) = &args.http_listen {
+        let chat_template = match tokenizer.chat_template() {
+            Some(source) => Some(moe_model::chat_template::ChatTemplate::new(
+                source,
+                tokenizer.bos_token().as_deref(),
+                tokenizer.eos_token().as_deref(),
+            )?),
+            None => None,
+        };
+        let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+            args.model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let state = Arc::new(http::HttpState::new(
+            Arc::clone(&admission),
+            Arc::clone(&tokenizer),
+            chat_template,
+            model_name,
+            config.max_position_embeddings,
+            Arc::clone(&view),
+        ));
+        let http_listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .with_context(|| format!("binding {http_addr}"))?;
+        // Printed before the gRPC line, which scripts wait for last.
+        println!(
+            "moe-router http listening on {}",
+            http_listener.local_addr()?
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(http_listener, http::app(state)).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
+    let inference = server::inference::InferenceService {
+        config: config.clone(),
+        model_dir: args.model.display().to_string(),
+        tokenizer,
+        admission,
         eos_ids,
     };
     let admin = server::admin::AdminService {

@@ -17,7 +17,7 @@ use moe_model::kv_cache::SequenceCache;
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelError;
-use moe_proto::v1::{GenerateResponse, Usage};
+use moe_proto::v1::{GenerateResponse, TopLogprobs, Usage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -249,6 +249,8 @@ impl Scheduler {
             .request
             .logprobs
             .then(|| ops::log_softmax_at(logits, token as usize));
+        let top =
+            (s.request.top_logprobs > 0).then(|| top_logprobs(logits, s.request.top_logprobs));
         s.text.update(&self.tokenizer, &s.output);
         let mut finish = None;
         let piece;
@@ -281,6 +283,7 @@ impl Scheduler {
                 prompt_tokens: s.request.input_ids.len() as u32,
                 completion_tokens: s.output.len() as u32,
             }),
+            top_logprobs: top.into_iter().collect(),
         };
         // The channel holds a whole answer (sized at submission), so it is never full: an error
         // means the client went away, and the sequence is dropped with its cache.
@@ -288,6 +291,31 @@ impl Scheduler {
             return true;
         }
         finish.is_some()
+    }
+}
+
+/// The `k` most likely tokens and their log-probabilities, most likely first (ties by id).
+fn top_logprobs(logits: &[f32], k: usize) -> TopLogprobs {
+    // The same arithmetic as the chosen token's logprob, so the two agree bit for bit.
+    let log_sum = ops::log_sum_exp(logits);
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(ids.len());
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k, order);
+        ids.truncate(k);
+    }
+    ids.sort_by(order);
+    TopLogprobs {
+        logprobs: ids
+            .iter()
+            .map(|&i| (logits[i as usize] as f64 - log_sum) as f32)
+            .collect(),
+        token_ids: ids,
     }
 }
 

@@ -30,7 +30,12 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub logprobs: bool,
+    /// Alternatives returned per token (0: none).
+    pub top_logprobs: usize,
 }
+
+/// Most alternatives a request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 pub fn validate(
     req: GenerateRequest,
@@ -107,6 +112,12 @@ pub fn validate(
             s.len()
         )));
     }
+    let top_logprobs = req.top_logprobs.unwrap_or(0);
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(Status::invalid_argument(format!(
+            "top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {top_logprobs}"
+        )));
+    }
     Ok(ValidRequest {
         input_ids,
         max_new_tokens: max_new,
@@ -118,6 +129,7 @@ pub fn validate(
         },
         stop: req.stop,
         ignore_eos: req.ignore_eos,
-        logprobs: req.logprobs,
+        logprobs: req.logprobs || top_logprobs > 0,
+        top_logprobs: top_logprobs as usize,
     })
 }

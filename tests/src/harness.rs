@@ -95,6 +95,7 @@ pub async fn wait_serving(cluster: &LocalCluster, nodes: usize) -> ClusterStatus
 /// A greedy request for `ids`.
 pub fn greedy(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
+        top_logprobs: None,
         prompt: None,
         input_ids: ids.to_vec(),
         max_new_tokens,

@@ -51,6 +51,7 @@ pub fn run(router: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
                     .map(|_| (rng.next_u64() % info.vocab_size as u64) as u32)
                     .collect();
                 let req = GenerateRequest {
+                    top_logprobs: None,
                     prompt: None,
                     input_ids: ids,
                     max_new_tokens: args.gen as u32,

@@ -39,6 +39,7 @@ pub fn generate(router: &str, args: GenerateArgs) -> anyhow::Result<()> {
             (None, None) => bail!("give --prompt or --input-ids"),
         };
         let request = GenerateRequest {
+            top_logprobs: None,
             prompt: None,
             input_ids: input_ids.clone(),
             max_new_tokens: args.max_new_tokens as u32,

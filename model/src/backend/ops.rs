@@ -51,9 +51,13 @@ pub fn softmax_in_place(x: &mut [f32]) {
 
 /// `log_softmax(x)[index]`, accumulated in f64 for a stable reported logprob.
 pub fn log_softmax_at(x: &[f32], index: usize) -> f32 {
+    (x[index] as f64 - log_sum_exp(x)) as f32
+}
+
+/// log Σ exp(x), in f64; `x[i] - log_sum_exp(x)` is what [`log_softmax_at`] returns.
+pub fn log_sum_exp(x: &[f32]) -> f64 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    (x[index] as f64 - lse) as f32
+    x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max
 }
 
 /// Index of the largest value; the lowest index wins ties (as torch's argmax does).

@@ -1,7 +1,6 @@
 //! `moe.v1.Inference`: Generate (streamed), Tokenize, ModelInfo.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use moe_model::tokenizer::Tokenizer;
@@ -11,23 +10,16 @@ use moe_proto::v1::{
     GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest,
     TokenizeResponse,
 };
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::cluster_view::ClusterView;
-use crate::scheduler::{SchedulerStats, Submission};
-use crate::validation::{validate, RequestLimits};
+use crate::admission::Admission;
 
 pub struct InferenceService {
     pub config: ModelConfig,
     pub model_dir: String,
     pub tokenizer: Arc<Tokenizer>,
-    pub submissions: mpsc::Sender<Submission>,
-    pub stats: Arc<SchedulerStats>,
-    pub view: Arc<ClusterView>,
-    pub max_waiting: usize,
-    pub limits: RequestLimits,
+    pub admission: Arc<Admission>,
     pub eos_ids: Vec<u32>,
 }
 
@@ -41,33 +33,9 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let valid = validate(
-            request.into_inner(),
-            &self.config,
-            &self.tokenizer,
-            &self.limits,
-        )?;
-        if self.view.serving().is_none() {
-            return Err(Status::unavailable("no expert placement is ready yet"));
-        }
-        if self.stats.waiting.load(Ordering::Relaxed) >= self.max_waiting {
-            return Err(Status::resource_exhausted(format!(
-                "{} requests are already waiting (the limit)",
-                self.max_waiting
-            )));
-        }
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        // Room for every message of the answer, so the step loop never waits on a slow reader.
-        let (tx, rx) = mpsc::channel(valid.max_new_tokens + 2);
-        self.submissions
-            .send(Submission {
-                request: valid,
-                responses: tx,
-            })
-            .await
-            .map_err(|_| Status::unavailable("the scheduler has stopped"))?;
+        let answers = self.admission.submit(request.into_inner()).await?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(answers),
         )))
     }
 

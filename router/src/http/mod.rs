@@ -1,0 +1,362 @@
+//! The OpenAI-compatible HTTP API (`--http-listen`): `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions` (both streamed as server-sent events ending in `data: [DONE]`,
+//! or whole), and `GET /health`. Requests go through the same admission, scheduler and
+//! detokenizer as the gRPC API, so the same request gives the same tokens on both.
+
+mod answers;
+pub mod openai;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use moe_model::chat_template::{ChatMessage, ChatTemplate};
+use moe_model::tokenizer::Tokenizer;
+use moe_proto::v1::GenerateRequest;
+use serde::de::DeserializeOwned;
+
+use crate::admission::Admission;
+use crate::cluster_view::ClusterView;
+use openai::{
+    ChatRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, ModelCard, ModelList, Prompt,
+};
+
+pub struct HttpState {
+    pub admission: Arc<Admission>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    pub model_name: String,
+    pub max_model_len: usize,
+    pub view: Arc<ClusterView>,
+    pub created: u64,
+    next_id: AtomicU64,
+}
+
+impl HttpState {
+    pub fn new(
+        admission: Arc<Admission>,
+        tokenizer: Arc<Tokenizer>,
+        chat_template: Option<ChatTemplate>,
+        model_name: String,
+        max_model_len: usize,
+        view: Arc<ClusterView>,
+    ) -> Self {
+        Self {
+            admission,
+            tokenizer,
+            chat_template,
+            model_name,
+            max_model_len,
+            view,
+            created: unix_now(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    fn request_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", self.created)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub fn app(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error in OpenAI's shape, with the HTTP status that goes with it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(status: tonic::Status) -> Self {
+        use tonic::Code;
+        let (http, kind) = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
+            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        };
+        Self {
+            status: http,
+            kind,
+            message: status.message().to_string(),
+            param: None,
+        }
+    }
+}
+
+impl ApiError {
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param.map(str::to_string),
+                code: None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "invalid_request_error",
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "not_found_error",
+        message: "no such route".into(),
+        param: None,
+    }
+}
+
+async fn health(State(state): State<Arc<HttpState>>) -> Response {
+    if state.view.serving().is_some() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no expert placement is ready yet",
+        )
+            .into_response()
+    }
+}
+
+async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "moe-cluster",
+            max_model_len: state.max_model_len,
+        }],
+    })
+}
+
+fn check_model(state: &HttpState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !m.is_empty() && *m != state.model_name => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found_error",
+            message: format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                state.model_name
+            ),
+            param: Some("model"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_n(n: Option<u32>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(n) => Err(ApiError::invalid(
+            format!("only n = 1 is supported, got {n}"),
+            "n",
+        )),
+    }
+}
+
+fn seed(seed: Option<i64>) -> Result<Option<u64>, ApiError> {
+    seed.map(|s| u64::try_from(s).map_err(|_| ApiError::invalid("seed must be >= 0", "seed")))
+        .transpose()
+}
+
+fn top_k(k: Option<i64>) -> Option<u32> {
+    k.filter(|&k| k > 0).map(|k| k.min(u32::MAX as i64) as u32)
+}
+
+async fn completions(
+    State(state): State<Arc<HttpState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body)?;
+    check_model(&state, &req.model)?;
+    check_n(req.n)?;
+    if req.echo {
+        return Err(ApiError::invalid("echo is not supported", "echo"));
+    }
+    let (prompt, input_ids) = match req.prompt {
+        Prompt::Text(t) => (Some(t), vec![]),
+        Prompt::Ids(ids) => (None, ids),
+        Prompt::Texts(mut v) if v.len() == 1 => (v.pop(), vec![]),
+        Prompt::IdLists(mut v) if v.len() == 1 => (None, v.pop().unwrap_or_default()),
+        _ => {
+            return Err(ApiError::invalid(
+                "batched prompts are not supported: send one prompt per request",
+                "prompt",
+            ))
+        }
+    };
+    let generate = GenerateRequest {
+        prompt,
+        input_ids,
+        max_new_tokens: req.max_tokens.unwrap_or(16),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: top_k(req.top_k),
+        seed: seed(req.seed)?,
+        stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs.is_some(),
+        top_logprobs: req.logprobs.filter(|&k| k > 0),
+    };
+    let answers = state.admission.submit(generate).await?;
+    let id = state.request_id("cmpl");
+    let want_logprobs = req.logprobs.is_some();
+    if req.stream {
+        Ok(answers::stream_completion(state, answers, id, want_logprobs).into_response())
+    } else {
+        Ok(
+            Json(answers::whole_completion(&state, answers, id, want_logprobs).await?)
+                .into_response(),
+        )
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Arc<HttpState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body)?;
+    check_model(&state, &req.model)?;
+    check_n(req.n)?;
+    let template = state.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            "this model has no chat template: use /v1/completions",
+            "messages",
+        )
+    })?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty", "messages"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!("content parts of type `{kind}` are not supported"),
+                                "messages",
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage {
+            role: m.role,
+            content,
+        });
+    }
+    let rendered = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+    // As transformers' apply_chat_template: the template writes any special tokens itself.
+    let input_ids = state
+        .tokenizer
+        .encode_raw(&rendered)
+        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+    if input_ids.is_empty() {
+        return Err(ApiError::invalid(
+            "the rendered conversation is empty",
+            "messages",
+        ));
+    }
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or_else(|| state.max_model_len.saturating_sub(input_ids.len()).max(1) as u32);
+    if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs needs logprobs = true",
+            "top_logprobs",
+        ));
+    }
+    let generate = GenerateRequest {
+        prompt: None,
+        input_ids,
+        max_new_tokens: max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: top_k(req.top_k),
+        seed: seed(req.seed)?,
+        stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs,
+        top_logprobs: req.top_logprobs.filter(|&k| k > 0),
+    };
+    let answers = state.admission.submit(generate).await?;
+    let id = state.request_id("chatcmpl");
+    if req.stream {
+        Ok(answers::stream_chat(state, answers, id, req.logprobs).into_response())
+    } else {
+        Ok(Json(answers::whole_chat(&state, answers, id, req.logprobs).await?).into_response())
+    }
+}

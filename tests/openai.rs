@@ -1,0 +1,170 @@
+//! The OpenAI-compatible HTTP API with the official `openai` Python client: a completion, a
+//! streamed chat completion and logprobs requests give the offline engine's tokens; errors
+//! come back in OpenAI's shape with the right status. And the chat template renders exactly as
+//! transformers' `apply_chat_template`.
+
+use std::process::Command;
+
+use moe_cluster::local::LocalCluster;
+use moe_model::chat_template::{ChatMessage, ChatTemplate};
+use moe_model::tokenizer::Tokenizer;
+use moe_model::Engine;
+use moe_tests::harness::{self, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use serde_json::{json, Value};
+
+fn msg(role: &str, content: &str) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+fn template(tokenizer: &Tokenizer) -> ChatTemplate {
+    ChatTemplate::new(
+        tokenizer
+            .chat_template()
+            .expect("the fixture has a chat template"),
+        tokenizer.bos_token().as_deref(),
+        tokenizer.eos_token().as_deref(),
+    )
+    .unwrap()
+}
+
+/// transformers 4.57 `AutoTokenizer.from_pretrained("tests/fixtures/deepseek-v3-tiny")`,
+/// `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` and with
+/// `tokenize=True` (no BOS: the template would write it), computed once.
+const THREE_MESSAGES: &str =
+    "<|system|>\nYou are terse.\n<|user|>\nName a prime.\n<|assistant|>\nSeven.\n<|assistant|>\n";
+const FOUR_MESSAGE_IDS: [u32; 75] = [
+    30, 94, 85, 91, 336, 71, 79, 94, 32, 201, 399, 462, 259, 263, 274, 16, 201, 30, 94, 87, 85,
+    263, 94, 32, 201, 48, 350, 71, 262, 281, 296, 79, 71, 16, 201, 30, 94, 448, 85, 272, 86, 405,
+    94, 32, 201, 53, 71, 88, 268, 16, 201, 30, 94, 87, 85, 263, 94, 32, 201, 35, 80, 81, 374, 33,
+    201, 30, 94, 448, 85, 272, 86, 405, 94, 32, 201,
+];
+
+#[test]
+fn chat_template_renders_as_transformers_does() {
+    let tokenizer = Tokenizer::from_dir(&fixture_dir(FIXTURES[0])).unwrap();
+    let t = template(&tokenizer);
+    let three = [
+        msg("system", "You are terse."),
+        msg("user", "Name a prime."),
+        msg("assistant", "Seven."),
+    ];
+    assert_eq!(t.render(&three, true).unwrap(), THREE_MESSAGES);
+    let mut four = three.to_vec();
+    four.push(msg("user", "Another?"));
+    let rendered = t.render(&four, true).unwrap();
+    assert_eq!(tokenizer.encode_raw(&rendered).unwrap(), FOUR_MESSAGE_IDS);
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_client_gets_the_offline_tokens() {
+    let fixture = FIXTURES[0];
+    let dir = fixture_dir(fixture);
+    let engine = Engine::load(&dir).unwrap();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let mut spec = harness::spec(dir.clone(), 2);
+    spec.router_args.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--served-model-name",
+            "tiny-ds",
+        ]
+        .map(String::from),
+    );
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    let http = cluster
+        .router_http_addr
+        .clone()
+        .expect("HTTP address printed");
+
+    let case = &golden_cases(fixture)[1];
+    let messages = vec![msg("system", "You are terse."), msg("user", &case.prompt)];
+    let n = 12;
+    let offline = |ids: &[u32]| {
+        engine
+            .generate(&moe_model::GenerateRequest {
+                input_ids: ids.to_vec(),
+                max_new_tokens: n,
+                sampling: Default::default(),
+                ignore_eos: true,
+                emit_logits: false,
+            })
+            .unwrap()
+    };
+    let completion = offline(&case.input_ids);
+    let chat_ids = tokenizer
+        .encode_raw(&template(&tokenizer).render(&messages, true).unwrap())
+        .unwrap();
+    let chat = offline(&chat_ids);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
+    let request = json!({"prompt": case.prompt, "messages": messages, "max_tokens": n});
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &http, "tiny-ds", &request.to_string()])
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+
+    assert_eq!(got["models"], json!(["tiny-ds"]));
+    assert_eq!(
+        got["completion"]["text"],
+        tokenizer.decode(&completion.output_ids).unwrap()
+    );
+    assert_eq!(got["completion"]["finish_reason"], "length");
+    let p = case.input_ids.len() as u64;
+    assert_eq!(got["completion"]["usage"], json!([p, n, p + n as u64]));
+    assert_eq!(got["completion_logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(floats(&got["completion_logprobs"]), completion.logprobs);
+
+    let chat_text = tokenizer.decode(&chat.output_ids).unwrap();
+    assert_eq!(got["chat_stream"]["text"], chat_text);
+    assert_eq!(got["chat_stream"]["finish_reason"], "length");
+    assert_eq!(got["chat_stream"]["usage"], json!([chat_ids.len(), n]));
+    assert_eq!(got["chat_logprobs"]["text"], chat_text);
+    assert_eq!(floats(&got["chat_logprobs"]["logprobs"]), chat.logprobs);
+    for (top, chosen) in got["chat_logprobs"]["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&chat.logprobs)
+    {
+        let top = floats(top);
+        assert_eq!(top.len(), 3);
+        assert!(
+            top.windows(2).all(|w| w[0] >= w[1]),
+            "most likely first: {top:?}"
+        );
+        assert_eq!(top[0], *chosen, "greedy picks the most likely token");
+    }
+
+    assert_eq!(got["errors"]["n"], json!([400, "invalid_request_error"]));
+    assert_eq!(got["errors"]["model"], json!([404, "not_found_error"]));
+    assert_eq!(got["errors"]["temperature"][0], 400);
+    assert!(got["errors"]["temperature"][1]
+        .as_str()
+        .unwrap()
+        .contains("temperature"));
+}
