@@ -24,6 +24,20 @@ pub struct Args {
     /// Model name for the HTTP API (default: the checkpoint directory's name).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// File of API keys (one per line): the Inference and Admin gRPC services and the HTTP API
+    /// then require `Authorization: Bearer <key>` (health checks stay open).
+    #[arg(long, env = "MOE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Longest prompt accepted, in tokens (default: the model's context length).
+    #[arg(long, env = "MOE_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Deadline for one request from admission to its last token; past it the request ends
+    /// with DEADLINE_EXCEEDED (HTTP 504) and frees its KV cache.
+    #[arg(long, env = "MOE_REQUEST_TIMEOUT_MS", default_value_t = 600_000)]
+    pub request_timeout_ms: u64,
+    /// Concurrent gRPC streams per client connection.
+    #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_streams_per_connection: u32,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     /// Tokens processed per step (decodes first, then prefill chunks).

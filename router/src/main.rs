@@ -9,6 +9,7 @@
 //! - [`server`]: the Inference and Admin gRPC services.
 
 mod admission;
+mod api_keys;
 mod args;
 mod cluster_view;
 mod detokenize;
@@ -137,6 +138,10 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let api_keys = match &args.api_key_file {
+        Some(path) => api_keys::ApiKeys::from_file(path)?,
+        None => api_keys::ApiKeys::default(),
+    };
     let admission = Arc::new(admission::Admission {
         config: config.clone(),
         tokenizer: Arc::clone(&tokenizer),
@@ -144,7 +149,13 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         stats: Arc::clone(&stats),
         view: Arc::clone(&view),
         max_waiting: args.max_waiting,
-        limits: validation::RequestLimits::default(),
+        limits: validation::RequestLimits {
+            max_prompt_tokens: args
+                .max_prompt_tokens
+                .unwrap_or(config.max_position_embeddings),
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            ..Default::default()
+        },
     });
     if let Some(http_addr) = &args.http_listen {
         let chat_template = match tokenizer.chat_template() {
@@ -168,6 +179,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             model_name,
             config.max_position_embeddings,
             Arc::clone(&view),
+            api_keys.clone(),
         ));
         let http_listener = tokio::net::TcpListener::bind(http_addr)
             .await
@@ -226,11 +238,17 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
 
     // Printed on stdout so that scripts and tests can find a port picked with :0.
     println!("moe-router listening on {local}");
+    let (inference_keys, admin_keys) = (api_keys.clone(), api_keys);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(args.max_streams_per_connection))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServer::new(inference))
-        .add_service(AdminServer::new(admin))
+        .add_service(InferenceServer::with_interceptor(inference, move |r| {
+            inference_keys.intercept(r)
+        }))
+        .add_service(AdminServer::with_interceptor(admin, move |r| {
+            admin_keys.intercept(r)
+        }))
         .serve_with_incoming_shutdown(moe_cluster::config::incoming(listener), async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -91,8 +91,8 @@ impl Scheduler {
             while let Ok(s) = submissions.try_recv() {
                 waiting.push_back(s);
             }
-            running.retain(|s| !s.responses.is_closed());
-            waiting.retain(|s| !s.responses.is_closed());
+            running.retain(|s| !s.responses.is_closed() && !expired(&s.request, &s.responses));
+            waiting.retain(|s| !s.responses.is_closed() && !expired(&s.request, &s.responses));
             self.admit(&mut waiting, &mut running);
             self.stats.waiting.store(waiting.len(), Ordering::Relaxed);
             self.stats.running.store(running.len(), Ordering::Relaxed);
@@ -292,6 +292,17 @@ impl Scheduler {
         }
         finish.is_some()
     }
+}
+
+/// Ends a request past its deadline (telling the client); true when it did.
+fn expired(request: &ValidRequest, responses: &ResponseSender) -> bool {
+    if Instant::now() < request.deadline {
+        return false;
+    }
+    let _ = responses.try_send(Err(Status::deadline_exceeded(
+        "the request ran past its deadline (--request-timeout-ms)",
+    )));
+    true
 }
 
 /// The `k` most likely tokens and their log-probabilities, most likely first (ties by id).

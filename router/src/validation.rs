@@ -2,6 +2,8 @@
 
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{ModelConfig, SamplingParams};
+use std::time::{Duration, Instant};
+
 use moe_proto::v1::GenerateRequest;
 use tonic::Status;
 
@@ -10,6 +12,10 @@ use tonic::Status;
 pub struct RequestLimits {
     pub max_stop_strings: usize,
     pub max_stop_len: usize,
+    /// Longest prompt, in tokens.
+    pub max_prompt_tokens: usize,
+    /// Admission to last token.
+    pub request_timeout: Duration,
 }
 
 impl Default for RequestLimits {
@@ -17,6 +23,8 @@ impl Default for RequestLimits {
         Self {
             max_stop_strings: 16,
             max_stop_len: 256,
+            max_prompt_tokens: usize::MAX,
+            request_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -32,6 +40,8 @@ pub struct ValidRequest {
     pub logprobs: bool,
     /// Alternatives returned per token (0: none).
     pub top_logprobs: usize,
+    /// Past this the request ends with DEADLINE_EXCEEDED.
+    pub deadline: Instant,
 }
 
 /// Most alternatives a request may ask for per token (OpenAI's limit).
@@ -64,6 +74,13 @@ pub fn validate(
         }
         (None, false) => req.input_ids.clone(),
     };
+    if input_ids.len() > limits.max_prompt_tokens {
+        return Err(Status::invalid_argument(format!(
+            "prompt has {} tokens; the limit is {}",
+            input_ids.len(),
+            limits.max_prompt_tokens
+        )));
+    }
     if let Some(&id) = input_ids.iter().find(|&&t| t as usize >= config.vocab_size) {
         return Err(Status::invalid_argument(format!(
             "input_ids: token id {id} is out of range (vocab_size {})",
@@ -131,5 +148,6 @@ pub fn validate(
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,
+        deadline: Instant::now() + limits.request_timeout,
     })
 }

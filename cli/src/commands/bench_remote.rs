@@ -18,7 +18,7 @@ async fn one_stream(
     start: Instant,
 ) -> anyhow::Result<Vec<f64>> {
     let mut stream = client
-        .generate(req)
+        .generate(super::remote::with_key(req))
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
         .into_inner();

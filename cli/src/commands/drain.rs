@@ -22,9 +22,9 @@ pub fn run(args: DrainArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.router))?;
         client
-            .drain(DrainRequest {
+            .drain(super::remote::with_key(DrainRequest {
                 node_id: args.node_id.clone(),
-            })
+            }))
             .await
             .map(|r| r.into_inner().epoch)
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))

@@ -21,6 +21,18 @@ pub fn endpoint(router: &str) -> String {
     }
 }
 
+/// A request carrying `MOE_API_KEY` as a bearer token, for routers started with
+/// `--api-key-file`.
+pub fn with_key<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(key) = std::env::var("MOE_API_KEY") {
+        if let Ok(value) = format!("Bearer {key}").parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+    }
+    request
+}
+
 pub fn generate(router: &str, args: GenerateArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = InferenceClient::connect(endpoint(router))
@@ -29,7 +41,7 @@ pub fn generate(router: &str, args: GenerateArgs) -> anyhow::Result<()> {
         let input_ids = match (&args.prompt, &args.input_ids) {
             (Some(text), _) => {
                 client
-                    .tokenize(TokenizeRequest { text: text.clone() })
+                    .tokenize(with_key(TokenizeRequest { text: text.clone() }))
                     .await
                     .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
                     .into_inner()
@@ -52,7 +64,7 @@ pub fn generate(router: &str, args: GenerateArgs) -> anyhow::Result<()> {
             logprobs: true,
         };
         let mut stream = client
-            .generate(request)
+            .generate(with_key(request))
             .await
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
             .into_inner();

@@ -23,7 +23,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("connecting to {}", args.router))?;
         client
-            .cluster_status(ClusterStatusRequest {})
+            .cluster_status(super::remote::with_key(ClusterStatusRequest {}))
             .await
             .map(|r| r.into_inner())
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,6 +23,7 @@ use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
 
 use crate::admission::Admission;
+use crate::api_keys::ApiKeys;
 use crate::cluster_view::ClusterView;
 use openai::{
     ChatRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, ModelCard, ModelList, Prompt,
@@ -35,6 +37,7 @@ pub struct HttpState {
     pub max_model_len: usize,
     pub view: Arc<ClusterView>,
     pub created: u64,
+    api_keys: ApiKeys,
     next_id: AtomicU64,
 }
 
@@ -46,6 +49,7 @@ impl HttpState {
         model_name: String,
         max_model_len: usize,
         view: Arc<ClusterView>,
+        api_keys: ApiKeys,
     ) -> Self {
         Self {
             admission,
@@ -55,6 +59,7 @@ impl HttpState {
             max_model_len,
             view,
             created: unix_now(),
+            api_keys,
             next_id: AtomicU64::new(0),
         }
     }
@@ -76,14 +81,40 @@ fn unix_now() -> u64 {
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 pub fn app(state: Arc<HttpState>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/health", get(health))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_key,
+        ));
+    api.route("/health", get(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// 401 in OpenAI's shape unless the request carries a valid key (when keys are on).
+async fn require_key(
+    State(state): State<Arc<HttpState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if state.api_keys.allows(header) {
+        return next.run(request).await;
+    }
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "authentication_error",
+        message: "a valid API key is required: `Authorization: Bearer <key>`".into(),
+        param: None,
+    }
+    .into_response()
 }
 
 /// An error in OpenAI's shape, with the HTTP status that goes with it.
