@@ -8,47 +8,12 @@ use moe_cluster::local::LocalCluster;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::ClusterStatusRequest;
-use moe_tests::harness::{self, greedy};
+use moe_tests::harness::{self, greedy, http};
 use moe_tests::{fixture_dir, golden_cases, TempDir, FIXTURES};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const KEY: &str = "test-key-0123456789";
-
-/// One HTTP/1.1 request over a fresh connection: (status, body).
-async fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: &[u8],
-) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    // A server may answer (and close) before reading a body it refuses.
-    let _ = stream.write_all(body).await;
-    let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn error_type(body: &str) -> String {
     serde_json::from_str::<Value>(body)

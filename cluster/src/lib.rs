@@ -17,6 +17,7 @@ pub mod lease;
 pub mod load;
 pub mod local;
 pub mod membership;
+pub mod metrics;
 pub mod placement;
 pub mod watch;
 

@@ -28,6 +28,9 @@ pub struct Args {
     /// TTL of the membership lease: a dead node disappears this long after its last keep-alive.
     #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 3)]
     pub lease_ttl_secs: u64,
+    /// Prometheus `/metrics` address (off unless given).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Memory offered for experts, in bytes (advertised to the planner).
     #[arg(long, env = "MOE_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,

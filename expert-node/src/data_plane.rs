@@ -2,6 +2,7 @@
 //! on the math threads, and answer with the `CombineBatch` in the same order.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use moe_cluster::frames::{self, DispatchTag};
@@ -11,16 +12,22 @@ use moe_proto::v1::{CombineBatch, DispatchBatch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::NodeMetrics;
 use crate::served::ServedExperts;
 
 pub struct DataPlane {
     served: Arc<ServedExperts>,
     hidden: usize,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl DataPlane {
-    pub fn new(served: Arc<ServedExperts>, hidden: usize) -> Self {
-        Self { served, hidden }
+    pub fn new(served: Arc<ServedExperts>, hidden: usize, metrics: Arc<NodeMetrics>) -> Self {
+        Self {
+            served,
+            hidden,
+            metrics,
+        }
     }
 }
 
@@ -36,6 +43,7 @@ impl ExpertData for DataPlane {
     ) -> Result<Response<Self::ExchangeStream>, Status> {
         let mut inbound = request.into_inner();
         let served = Arc::clone(&self.served);
+        let metrics = Arc::clone(&self.metrics);
         let hidden = self.hidden;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -47,7 +55,7 @@ impl ExpertData for DataPlane {
                         return;
                     }
                 };
-                let reply = run_batch(&served, hidden, batch).await;
+                let reply = run_batch(&served, hidden, batch, &metrics).await;
                 if tx.send(reply).await.is_err() {
                     return;
                 }
@@ -65,9 +73,12 @@ async fn run_batch(
     served: &Arc<ServedExperts>,
     hidden: usize,
     batch: DispatchBatch,
+    metrics: &NodeMetrics,
 ) -> Result<CombineBatch, Status> {
-    let decoded = frames::decode_dispatch(&batch, hidden)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let decoded = frames::decode_dispatch(&batch, hidden).map_err(|e| {
+        metrics.refused.fetch_add(1, Ordering::Relaxed);
+        Status::invalid_argument(e.to_string())
+    })?;
     if decoded.hidden != hidden {
         return Err(Status::invalid_argument(format!(
             "hidden {} but this model has {hidden}",
@@ -76,6 +87,7 @@ async fn run_batch(
     }
     let tag: DispatchTag = decoded.tag;
     let Some(set) = served.for_epoch(tag.epoch) else {
+        metrics.refused.fetch_add(1, Ordering::Relaxed);
         return Ok(frames::combine_error(
             tag,
             format!(
@@ -86,6 +98,7 @@ async fn run_batch(
         ));
     };
     let pairs = decoded.routes.pairs();
+    let decoded_rows = decoded.routes.rows();
     let (result, micros) = tokio::task::spawn_blocking(move || {
         let start = std::time::Instant::now();
         let result = set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes);
@@ -93,11 +106,20 @@ async fn run_batch(
     })
     .await
     .map_err(|e| Status::internal(format!("expert task failed: {e}")))?;
+    metrics.batches.fetch_add(1, Ordering::Relaxed);
+    metrics
+        .rows
+        .fetch_add(decoded_rows as u64, Ordering::Relaxed);
+    metrics.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
+    metrics.compute.observe(micros as f64 / 1e6);
     Ok(match result {
         Ok(outputs) => CombineBatch {
             compute_micros: micros,
             ..frames::encode_combine(tag, pairs, &outputs)
         },
-        Err(e) => frames::combine_error(tag, e.to_string()),
+        Err(e) => {
+            metrics.refused.fetch_add(1, Ordering::Relaxed);
+            frames::combine_error(tag, e.to_string())
+        }
     })
 }

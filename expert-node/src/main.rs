@@ -10,6 +10,7 @@
 mod args;
 mod data_plane;
 mod follower;
+mod metrics;
 mod served;
 
 use std::sync::Arc;
@@ -55,7 +56,20 @@ async fn main() -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let data_plane = data_plane::DataPlane::new(Arc::clone(&served), config.hidden_size);
+    let node_metrics = Arc::new(metrics::NodeMetrics::default());
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
+        tokio::spawn(metrics::serve(
+            listener,
+            Arc::clone(&node_metrics),
+            Arc::clone(&served),
+        ));
+    }
+    let data_plane =
+        data_plane::DataPlane::new(Arc::clone(&served), config.hidden_size, node_metrics);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut server_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(

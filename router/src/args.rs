@@ -21,6 +21,9 @@ pub struct Args {
     /// `/health`); off unless given. Port 0 picks a free port.
     #[arg(long, env = "MOE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Prometheus `/metrics` on its own address (it is also on the HTTP API port).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Model name for the HTTP API (default: the checkpoint directory's name).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,

@@ -38,6 +38,8 @@ pub struct NodeLink {
     pub bytes_received: AtomicU64,
     pub rows_sent: AtomicU64,
     pub pairs_sent: AtomicU64,
+    /// Dispatch-to-combine time of each round trip.
+    pub round_trip: moe_cluster::metrics::Histogram,
     /// Pairs sent per MoE layer (for the per-layer imbalance), updated once per dispatch.
     pairs_per_layer: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
@@ -61,8 +63,10 @@ impl NodeLink {
             rows_sent: AtomicU64::new(0),
             pairs_sent: AtomicU64::new(0),
             pairs_per_layer: Default::default(),
+            round_trip: moe_cluster::metrics::Histogram::new(moe_cluster::metrics::LATENCY_BUCKETS),
         });
-        tokio::spawn(run_link(address, rx, max_message_bytes, timeout));
+        let weak = Arc::downgrade(&link);
+        tokio::spawn(run_link(address, rx, max_message_bytes, timeout, weak));
         link
     }
 }
@@ -88,6 +92,7 @@ async fn run_link(
     mut requests: mpsc::Receiver<(DispatchBatch, Reply)>,
     max_message_bytes: usize,
     timeout: Duration,
+    link: std::sync::Weak<NodeLink>,
 ) {
     let uri = format!("http://{address}");
     let mut stream: Option<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>)> = None;
@@ -108,6 +113,7 @@ async fn run_link(
         let Some((out, inbound)) = stream.as_mut() else {
             continue;
         };
+        let sent_at = Instant::now();
         if out.send(batch).await.is_err() {
             stream = None;
             let _ = reply.send(Err(format!("stream to {address} closed")));
@@ -115,6 +121,9 @@ async fn run_link(
         }
         match tokio::time::timeout(timeout, inbound.message()).await {
             Ok(Ok(Some(combine))) => {
+                if let Some(link) = link.upgrade() {
+                    link.round_trip.observe(sent_at.elapsed().as_secs_f64());
+                }
                 let _ = reply.send(Ok(combine));
             }
             Ok(Ok(None)) => {

@@ -16,6 +16,7 @@ mod detokenize;
 mod dispatch;
 mod http;
 mod kv_blocks;
+mod metrics;
 mod planner;
 mod scheduler;
 mod server;
@@ -103,6 +104,13 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         kv_bytes_per_token(&config),
         args.kv_block_tokens,
     ));
+    let request_metrics = Arc::new(metrics::RequestMetrics::default());
+    let router_metrics = Arc::new(metrics::RouterMetrics {
+        requests: Arc::clone(&request_metrics),
+        view: Arc::clone(&view),
+        stats: Arc::clone(&stats),
+        kv: Arc::clone(&kv),
+    });
     let (submit_tx, submit_rx) = tokio::sync::mpsc::channel(args.max_waiting.max(1));
     let scheduler = Scheduler {
         dense: Arc::clone(&dense),
@@ -122,6 +130,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         },
         eos_ids: eos_ids.clone(),
         stalled_since: Default::default(),
+        metrics: request_metrics,
     };
     std::thread::Builder::new()
         .name("scheduler".into())
@@ -172,15 +181,18 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         });
-        let state = Arc::new(http::HttpState::new(
-            Arc::clone(&admission),
-            Arc::clone(&tokenizer),
+        let state = Arc::new(http::HttpState {
+            admission: Arc::clone(&admission),
+            tokenizer: Arc::clone(&tokenizer),
             chat_template,
             model_name,
-            config.max_position_embeddings,
-            Arc::clone(&view),
-            api_keys.clone(),
-        ));
+            max_model_len: config.max_position_embeddings,
+            view: Arc::clone(&view),
+            created: http::unix_now(),
+            api_keys: api_keys.clone(),
+            metrics: Arc::clone(&router_metrics),
+            next_id: Default::default(),
+        });
         let http_listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("binding {http_addr}"))?;
@@ -192,6 +204,18 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         tokio::spawn(async move {
             if let Err(e) = axum::serve(http_listener, http::app(state)).await {
                 tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
+        let app = http::metrics_app(Arc::clone(&router_metrics));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server stopped");
             }
         });
     }

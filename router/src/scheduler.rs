@@ -24,6 +24,7 @@ use tonic::Status;
 use crate::detokenize::IncrementalText;
 use crate::dispatch::RemoteExperts;
 use crate::kv_blocks::{KvBlocks, KvReservation};
+use crate::metrics::{Outcome, RequestMetrics};
 use crate::validation::ValidRequest;
 
 pub type ResponseSender = mpsc::Sender<Result<GenerateResponse, Status>>;
@@ -58,6 +59,8 @@ struct Sequence {
     output: Vec<u32>,
     sampler: Sampler,
     text: IncrementalText,
+    /// When the last token went out (for inter-token latency).
+    last_token_at: Option<Instant>,
     _blocks: KvReservation,
 }
 
@@ -71,6 +74,7 @@ pub struct Scheduler {
     pub eos_ids: Vec<u32>,
     /// Since when steps have been failing, if they are.
     pub stalled_since: Cell<Option<Instant>>,
+    pub metrics: Arc<RequestMetrics>,
 }
 
 impl Scheduler {
@@ -91,8 +95,20 @@ impl Scheduler {
             while let Ok(s) = submissions.try_recv() {
                 waiting.push_back(s);
             }
-            running.retain(|s| !s.responses.is_closed() && !expired(&s.request, &s.responses));
-            waiting.retain(|s| !s.responses.is_closed() && !expired(&s.request, &s.responses));
+            let metrics = &self.metrics;
+            let keep = |request: &ValidRequest, responses: &ResponseSender| {
+                if responses.is_closed() {
+                    metrics.finished(Outcome::Cancelled);
+                    false
+                } else if expired(request, responses) {
+                    metrics.finished(Outcome::Deadline);
+                    false
+                } else {
+                    true
+                }
+            };
+            running.retain(|s| keep(&s.request, &s.responses));
+            waiting.retain(|s| keep(&s.request, &s.responses));
             self.admit(&mut waiting, &mut running);
             self.stats.waiting.store(waiting.len(), Ordering::Relaxed);
             self.stats.running.store(running.len(), Ordering::Relaxed);
@@ -119,6 +135,9 @@ impl Scheduler {
                 break;
             };
             let Some(s) = waiting.pop_front() else { break };
+            self.metrics
+                .prompt_tokens
+                .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
             running.push(Sequence {
                 sampler: Sampler::new(s.request.sampling.clone()),
                 request: s.request,
@@ -127,6 +146,7 @@ impl Scheduler {
                 prefilled: 0,
                 output: Vec::new(),
                 text: IncrementalText::default(),
+                last_token_at: None,
                 _blocks: blocks,
             });
         }
@@ -155,6 +175,9 @@ impl Scheduler {
             return;
         }
         self.experts.next_step();
+        self.metrics
+            .step_tokens
+            .observe(plan.iter().map(|p| p.1).sum::<usize>() as f64);
         let logits = {
             let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
             for &(i, n, _) in &plan {
@@ -204,6 +227,7 @@ impl Scheduler {
                 self.stalled_since.set(None);
                 let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 for &i in &failed {
+                    self.metrics.finished(Outcome::Error);
                     let _ = running[i]
                         .responses
                         .try_send(Err(Status::unavailable(format!(
@@ -285,10 +309,30 @@ impl Scheduler {
             }),
             top_logprobs: top.into_iter().collect(),
         };
+        let now = Instant::now();
+        let m = &self.metrics;
+        match s.last_token_at {
+            None => m
+                .time_to_first_token
+                .observe((now - s.request.received).as_secs_f64()),
+            Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        m.generation_tokens.fetch_add(1, Ordering::Relaxed);
         // The channel holds a whole answer (sized at submission), so it is never full: an error
         // means the client went away, and the sequence is dropped with its cache.
         if s.responses.try_send(Ok(response)).is_err() {
+            m.finished(Outcome::Cancelled);
             return true;
+        }
+        if let Some(reason) = finish {
+            m.e2e_latency
+                .observe((now - s.request.received).as_secs_f64());
+            m.finished(if reason == "stop" {
+                Outcome::Stop
+            } else {
+                Outcome::Length
+            });
         }
         finish.is_some()
     }

@@ -40,7 +40,8 @@ pub struct ValidRequest {
     pub logprobs: bool,
     /// Alternatives returned per token (0: none).
     pub top_logprobs: usize,
-    /// Past this the request ends with DEADLINE_EXCEEDED.
+    /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
+    pub received: Instant,
     pub deadline: Instant,
 }
 
@@ -148,6 +149,7 @@ pub fn validate(
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,
+        received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
     })
 }

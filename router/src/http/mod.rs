@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use crate::admission::Admission;
 use crate::api_keys::ApiKeys;
 use crate::cluster_view::ClusterView;
+use crate::metrics::RouterMetrics;
 use openai::{
     ChatRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, ModelCard, ModelList, Prompt,
 };
@@ -36,41 +37,22 @@ pub struct HttpState {
     pub model_name: String,
     pub max_model_len: usize,
     pub view: Arc<ClusterView>,
+    /// Unix time the server started (the model card's `created`).
     pub created: u64,
-    api_keys: ApiKeys,
-    next_id: AtomicU64,
+    pub api_keys: ApiKeys,
+    pub metrics: Arc<RouterMetrics>,
+    /// Numbers the response ids.
+    pub next_id: AtomicU64,
 }
 
 impl HttpState {
-    pub fn new(
-        admission: Arc<Admission>,
-        tokenizer: Arc<Tokenizer>,
-        chat_template: Option<ChatTemplate>,
-        model_name: String,
-        max_model_len: usize,
-        view: Arc<ClusterView>,
-        api_keys: ApiKeys,
-    ) -> Self {
-        Self {
-            admission,
-            tokenizer,
-            chat_template,
-            model_name,
-            max_model_len,
-            view,
-            created: unix_now(),
-            api_keys,
-            next_id: AtomicU64::new(0),
-        }
-    }
-
     fn request_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:x}{n:06x}", self.created)
     }
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -90,6 +72,7 @@ pub fn app(state: Arc<HttpState>) -> Router {
             require_key,
         ));
     api.route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -195,6 +178,32 @@ async fn not_found() -> ApiError {
         message: "no such route".into(),
         param: None,
     }
+}
+
+/// Only `/metrics`, for `--metrics-listen`.
+pub fn metrics_app(metrics: Arc<RouterMetrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move { prometheus_text(metrics.render()) }
+        }),
+    )
+}
+
+fn prometheus_text(body: String) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    prometheus_text(state.metrics.render())
 }
 
 async fn health(State(state): State<Arc<HttpState>>) -> Response {

@@ -1,0 +1,134 @@
+//! The node's Prometheus metrics (`--metrics-listen`): expert batches run, their rows, pairs
+//! and compute time, refused batches, and the experts and epoch it holds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use moe_cluster::metrics::{family, sample, Histogram, LATENCY_BUCKETS};
+
+use crate::served::ServedExperts;
+
+#[derive(Debug)]
+pub struct NodeMetrics {
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+    pub pairs: AtomicU64,
+    /// Batches answered with an error (epoch not served, malformed, expert failure).
+    pub refused: AtomicU64,
+    pub compute: Histogram,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self {
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            pairs: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            compute: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl NodeMetrics {
+    pub fn render(&self, served: &ServedExperts) -> String {
+        let mut out = String::with_capacity(2048);
+        for (name, help, v) in [
+            (
+                "moe_node_expert_batches_total",
+                "Dispatch batches computed.",
+                &self.batches,
+            ),
+            (
+                "moe_node_expert_rows_total",
+                "Token rows received.",
+                &self.rows,
+            ),
+            (
+                "moe_node_expert_pairs_total",
+                "(token, expert) pairs computed.",
+                &self.pairs,
+            ),
+            (
+                "moe_node_refused_batches_total",
+                "Batches answered with an error.",
+                &self.refused,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            sample(&mut out, name, "", v.load(Ordering::Relaxed));
+        }
+        family(
+            &mut out,
+            "moe_node_expert_compute_seconds",
+            "histogram",
+            "Expert math per batch.",
+        );
+        self.compute
+            .render(&mut out, "moe_node_expert_compute_seconds", "");
+        let latest = served.latest();
+        family(
+            &mut out,
+            "moe_node_experts_loaded",
+            "gauge",
+            "Experts of the newest epoch loaded here.",
+        );
+        sample(
+            &mut out,
+            "moe_node_experts_loaded",
+            "",
+            latest.as_ref().map(|(_, s)| s.len()).unwrap_or(0),
+        );
+        family(
+            &mut out,
+            "moe_node_ready_epoch",
+            "gauge",
+            "Newest placement epoch loaded.",
+        );
+        sample(
+            &mut out,
+            "moe_node_ready_epoch",
+            "",
+            latest.map(|(e, _)| e).unwrap_or(0),
+        );
+        family(
+            &mut out,
+            "moe_node_epochs_served",
+            "gauge",
+            "Placement epochs this node still serves.",
+        );
+        sample(
+            &mut out,
+            "moe_node_epochs_served",
+            "",
+            served.epochs().len(),
+        );
+        out
+    }
+}
+
+/// Serves `/metrics` on `listener` until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<NodeMetrics>,
+    served: Arc<ServedExperts>,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = metrics.render(&served);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}

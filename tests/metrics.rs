@@ -1,0 +1,103 @@
+//! `/metrics` on the router (HTTP API port and `--metrics-listen`) and on a node count exactly
+//! the traffic sent.
+
+use moe_cluster::local::{free_port, LocalCluster};
+use moe_tests::harness::{self, generate, greedy, http, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+
+/// The value of the sample `name` (with its labels, exactly as exposed).
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_and_node_metrics_count_the_requests() {
+    let fixture = FIXTURES[1];
+    let router_metrics = format!("127.0.0.1:{}", free_port().unwrap());
+    let node_metrics = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut spec = harness::spec(fixture_dir(fixture), 1);
+    spec.router_args.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &router_metrics,
+        ]
+        .map(String::from),
+    );
+    spec.node_args
+        .extend(["--metrics-listen", &node_metrics].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http_addr = cluster.router_http_addr.clone().unwrap();
+
+    let cases = golden_cases(fixture);
+    let mut client = harness::inference(&cluster).await;
+    let mut prompt_tokens = 0;
+    for case in &cases[..3] {
+        prompt_tokens += case.input_ids.len();
+        let out = generate(&mut client, greedy(&case.input_ids, 5))
+            .await
+            .unwrap();
+        assert_eq!(out.ids.len(), 5);
+    }
+
+    let (status, text) = http(&http_addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(status, 200);
+    let (status, separate) = http(&router_metrics, "GET", "/metrics", None, b"").await;
+    assert_eq!(status, 200);
+    assert!(separate.contains("# TYPE moe_requests_total counter"));
+    assert_eq!(
+        value(&text, "moe_requests_total{finish_reason=\"length\"}"),
+        3.0
+    );
+    assert_eq!(
+        value(&text, "moe_requests_total{finish_reason=\"error\"}"),
+        0.0
+    );
+    assert_eq!(value(&text, "moe_generation_tokens_total"), 15.0);
+    assert_eq!(
+        value(&text, "moe_prompt_tokens_total"),
+        prompt_tokens as f64
+    );
+    assert_eq!(value(&text, "moe_time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(value(&text, "moe_inter_token_latency_seconds_count"), 12.0);
+    assert_eq!(value(&text, "moe_e2e_request_latency_seconds_count"), 3.0);
+    assert_eq!(value(&text, "moe_requests_running"), 0.0);
+    assert_eq!(value(&text, "moe_kv_cache_blocks_used"), 0.0);
+    assert!(value(&text, "moe_placement_epoch") >= 1.0);
+    assert_eq!(value(&text, "moe_live_nodes"), 1.0);
+    assert_eq!(value(&text, "moe_is_planner"), 1.0);
+    let node = &cluster.node_ids()[0];
+    let pairs = value(&text, &format!("moe_node_pairs_total{{node=\"{node}\"}}"));
+    assert!(pairs > 0.0);
+    assert!(
+        value(
+            &text,
+            &format!("moe_dispatch_round_trip_seconds_count{{node=\"{node}\"}}")
+        ) > 0.0
+    );
+    let expert_tokens: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("moe_expert_tokens_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        expert_tokens, pairs,
+        "every dispatched pair is counted once per expert"
+    );
+
+    let (status, node_text) = http(&node_metrics, "GET", "/metrics", None, b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        value(&node_text, "moe_node_expert_pairs_total"),
+        pairs,
+        "the node saw what the router sent"
+    );
+    assert!(value(&node_text, "moe_node_expert_batches_total") > 0.0);
+    assert_eq!(value(&node_text, "moe_node_refused_batches_total"), 0.0);
+    assert!(value(&node_text, "moe_node_ready_epoch") >= 1.0);
+}
