@@ -100,4 +100,34 @@ async fn router_and_node_metrics_count_the_requests() {
     assert!(value(&node_text, "moe_node_expert_batches_total") > 0.0);
     assert_eq!(value(&node_text, "moe_node_refused_batches_total"), 0.0);
     assert!(value(&node_text, "moe_node_ready_epoch") >= 1.0);
+
+    // Every metric the Grafana dashboard queries is one the router or a node exports.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ops/grafana/dashboard.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("valid JSON");
+    let exported = format!("{text}{node_text}");
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("moe_") {
+                    continue;
+                }
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    exported.contains(&format!("# TYPE {family} ")),
+                    "the dashboard queries {word}, which nothing exports"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 20, "{queried}");
 }
