@@ -1,26 +1,4 @@
-//! `moe-router`: serves a MoE model. It runs the dense part (embeddings, attention and its KV
-//! cache, norms, gates, shared experts, lm_head) and dispatches each MoE layer's tokens to the
-//! expert nodes of the current placement.
-//!
-//! - [`args`]: command line.
-//! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
-//!   [`dispatch`] (data plane) is the request path.
-//! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
-//! - [`server`]: the Inference and Admin gRPC services.
-
-mod admission;
-mod api_keys;
-mod args;
-mod cluster_view;
-mod detokenize;
-mod dispatch;
-mod http;
-mod kv_blocks;
-mod metrics;
-mod planner;
-mod scheduler;
-mod server;
-mod validation;
+//! `moe-router`: the binary. The pieces live in the `moe_router` library (see its docs).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +13,10 @@ use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
 use moe_proto::v1::inference_server::InferenceServer;
 
-use crate::cluster_view::ClusterView;
-use crate::kv_blocks::KvBlocks;
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
+use moe_router::cluster_view::ClusterView;
+use moe_router::kv_blocks::KvBlocks;
+use moe_router::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
+use moe_router::{admission, api_keys, args, dispatch, http, metrics, planner, server, validation};
 
 /// Largest data-plane message either side accepts.
 const MAX_MESSAGE_BYTES: usize = 256 << 20;

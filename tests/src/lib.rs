@@ -1,5 +1,6 @@
 //! Shared helpers for the workspace integration tests: fixture paths and golden data.
 
+pub mod fuzz;
 pub mod harness;
 
 use std::path::{Path, PathBuf};

@@ -162,7 +162,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError {
         status: StatusCode::BAD_REQUEST,
         kind: "invalid_request_error",
@@ -231,15 +231,12 @@ async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
     })
 }
 
-fn check_model(state: &HttpState, model: &Option<String>) -> Result<(), ApiError> {
+fn check_model(served_model: &str, model: &Option<String>) -> Result<(), ApiError> {
     match model {
-        Some(m) if !m.is_empty() && *m != state.model_name => Err(ApiError {
+        Some(m) if !m.is_empty() && m != served_model => Err(ApiError {
             status: StatusCode::NOT_FOUND,
             kind: "not_found_error",
-            message: format!(
-                "the model `{m}` does not exist; this server serves `{}`",
-                state.model_name
-            ),
+            message: format!("the model `{m}` does not exist; this server serves `{served_model}`"),
             param: Some("model"),
         }),
         _ => Ok(()),
@@ -265,12 +262,19 @@ fn top_k(k: Option<i64>) -> Option<u32> {
     k.filter(|&k| k > 0).map(|k| k.min(u32::MAX as i64) as u32)
 }
 
-async fn completions(
-    State(state): State<Arc<HttpState>>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body)?;
-    check_model(&state, &req.model)?;
+/// A request body turned into the generic request, before admission.
+#[derive(Debug)]
+pub struct Parsed {
+    pub generate: GenerateRequest,
+    pub stream: bool,
+    pub logprobs: bool,
+}
+
+/// Parses and checks a `/v1/completions` body (everything but admission): pure, so it can be
+/// fuzzed.
+pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    check_model(served_model, &req.model)?;
     check_n(req.n)?;
     if req.echo {
         return Err(ApiError::invalid("echo is not supported", "echo"));
@@ -287,40 +291,55 @@ async fn completions(
             ))
         }
     };
-    let generate = GenerateRequest {
-        prompt,
-        input_ids,
-        max_new_tokens: req.max_tokens.unwrap_or(16),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: top_k(req.top_k),
-        seed: seed(req.seed)?,
-        stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
-        ignore_eos: req.ignore_eos,
+    Ok(Parsed {
+        generate: GenerateRequest {
+            prompt,
+            input_ids,
+            max_new_tokens: req.max_tokens.unwrap_or(16),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: top_k(req.top_k),
+            seed: seed(req.seed)?,
+            stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs.is_some(),
+            top_logprobs: req.logprobs.filter(|&k| k > 0),
+        },
+        stream: req.stream,
         logprobs: req.logprobs.is_some(),
-        top_logprobs: req.logprobs.filter(|&k| k > 0),
-    };
-    let answers = state.admission.submit(generate).await?;
+    })
+}
+
+async fn completions(
+    State(state): State<Arc<HttpState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let parsed = parse_completion(&body, &state.model_name)?;
+    let answers = state.admission.submit(parsed.generate).await?;
     let id = state.request_id("cmpl");
-    let want_logprobs = req.logprobs.is_some();
-    if req.stream {
-        Ok(answers::stream_completion(state, answers, id, want_logprobs).into_response())
+    if parsed.stream {
+        Ok(answers::stream_completion(state, answers, id, parsed.logprobs).into_response())
     } else {
         Ok(
-            Json(answers::whole_completion(&state, answers, id, want_logprobs).await?)
+            Json(answers::whole_completion(&state, answers, id, parsed.logprobs).await?)
                 .into_response(),
         )
     }
 }
 
-async fn chat_completions(
-    State(state): State<Arc<HttpState>>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&body)?;
-    check_model(&state, &req.model)?;
+/// Parses and checks a `/v1/chat/completions` body and renders its messages (everything but
+/// admission): pure, so it can be fuzzed.
+pub fn parse_chat(
+    body: &[u8],
+    served_model: &str,
+    template: Option<&ChatTemplate>,
+    tokenizer: &Tokenizer,
+    max_model_len: usize,
+) -> Result<Parsed, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    check_model(served_model, &req.model)?;
     check_n(req.n)?;
-    let template = state.chat_template.as_ref().ok_or_else(|| {
+    let template = template.ok_or_else(|| {
         ApiError::invalid(
             "this model has no chat template: use /v1/completions",
             "messages",
@@ -359,8 +378,7 @@ async fn chat_completions(
         .render(&messages, true)
         .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
     // As transformers' apply_chat_template: the template writes any special tokens itself.
-    let input_ids = state
-        .tokenizer
+    let input_ids = tokenizer
         .encode_raw(&rendered)
         .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
     if input_ids.is_empty() {
@@ -372,31 +390,48 @@ async fn chat_completions(
     let max_tokens = req
         .max_completion_tokens
         .or(req.max_tokens)
-        .unwrap_or_else(|| state.max_model_len.saturating_sub(input_ids.len()).max(1) as u32);
+        .unwrap_or_else(|| max_model_len.saturating_sub(input_ids.len()).max(1) as u32);
     if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
         return Err(ApiError::invalid(
             "top_logprobs needs logprobs = true",
             "top_logprobs",
         ));
     }
-    let generate = GenerateRequest {
-        prompt: None,
-        input_ids,
-        max_new_tokens: max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: top_k(req.top_k),
-        seed: seed(req.seed)?,
-        stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
-        ignore_eos: req.ignore_eos,
+    Ok(Parsed {
+        generate: GenerateRequest {
+            prompt: None,
+            input_ids,
+            max_new_tokens: max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: top_k(req.top_k),
+            seed: seed(req.seed)?,
+            stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs.filter(|&k| k > 0),
+        },
+        stream: req.stream,
         logprobs: req.logprobs,
-        top_logprobs: req.top_logprobs.filter(|&k| k > 0),
-    };
-    let answers = state.admission.submit(generate).await?;
+    })
+}
+
+async fn chat_completions(
+    State(state): State<Arc<HttpState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let parsed = parse_chat(
+        &body,
+        &state.model_name,
+        state.chat_template.as_ref(),
+        &state.tokenizer,
+        state.max_model_len,
+    )?;
+    let answers = state.admission.submit(parsed.generate).await?;
     let id = state.request_id("chatcmpl");
-    if req.stream {
-        Ok(answers::stream_chat(state, answers, id, req.logprobs).into_response())
+    if parsed.stream {
+        Ok(answers::stream_chat(state, answers, id, parsed.logprobs).into_response())
     } else {
-        Ok(Json(answers::whole_chat(&state, answers, id, req.logprobs).await?).into_response())
+        Ok(Json(answers::whole_chat(&state, answers, id, parsed.logprobs).await?).into_response())
     }
 }

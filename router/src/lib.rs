@@ -1,0 +1,23 @@
+//! `moe-router`: serves a MoE model. It runs the dense part (embeddings, attention and its KV
+//! cache, norms, gates, shared experts, lm_head) and dispatches each MoE layer's tokens to the
+//! expert nodes of the current placement.
+//!
+//! - [`args`]: command line.
+//! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
+//!   [`dispatch`] (data plane) is the request path.
+//! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
+//! - [`server`]: the Inference and Admin gRPC services.
+
+pub mod admission;
+pub mod api_keys;
+pub mod args;
+pub mod cluster_view;
+pub mod detokenize;
+pub mod dispatch;
+pub mod http;
+pub mod kv_blocks;
+pub mod metrics;
+pub mod planner;
+pub mod scheduler;
+pub mod server;
+pub mod validation;
