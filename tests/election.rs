@@ -25,7 +25,7 @@ async fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_planner_at_a_time_and_only_it_commits() {
     let etcd = LocalEtcd::start(&etcd_binary()).unwrap();
-    let endpoints = vec![etcd.url()];
+    let endpoints = moe_cluster::EtcdConnection::plain(vec![etcd.url()]);
     let keys = ClusterKeys::new("election");
     let ttl = Duration::from_secs(2);
     let a = LeasedKeys::start(&endpoints, ttl, BTreeMap::new())
@@ -41,7 +41,7 @@ async fn one_planner_at_a_time_and_only_it_commits() {
     assert!(a.is_leader() && !b.is_leader(), "exactly one planner");
 
     let nodes: BTreeMap<String, String> = [("n1".to_string(), "127.0.0.1:1".to_string())].into();
-    let client = moe_cluster::config::connect_etcd(&endpoints).await.unwrap();
+    let client = endpoints.connect().await.unwrap();
     let mut store = PlacementStore::new(client, keys.clone());
     let p1 = Placement::plan(1, "f", &[1], 4, &nodes, None).unwrap();
     assert!(

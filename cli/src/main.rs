@@ -15,6 +15,8 @@ struct Cli {
     /// Worker threads for the math (default: all cores).
     #[arg(long, global = true, env = "MOE_THREADS")]
     threads: Option<usize>,
+    #[command(flatten)]
+    tls: commands::remote::RouterTls,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +42,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     moe_cluster::config::init_logging("warn");
     let cli = Cli::parse();
+    commands::remote::set_tls(cli.tls);
     if let Some(threads) = cli.threads {
         rayon_threads(threads)?;
     }

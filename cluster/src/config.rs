@@ -1,6 +1,8 @@
 //! Settings every cluster process shares: where etcd is, which cluster, how often to re-read it,
 //! and the logging setup. Flattened into each binary's clap struct.
 
+use std::path::PathBuf;
+
 use clap::Args;
 
 #[derive(Args, Debug, Clone)]
@@ -19,6 +21,143 @@ pub struct EtcdArgs {
     /// Interval at which membership and placement are re-read.
     #[arg(long, env = "MOE_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
+    /// CA (PEM) that signed etcd's server certificate: talk to etcd over TLS
+    /// (`http://` endpoints become `https://`).
+    #[arg(long, env = "MOE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd servers started with `--client-cert-auth`.
+    #[arg(long, env = "MOE_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long, env = "MOE_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user, for clusters with authentication enabled.
+    #[arg(long, env = "MOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password (first line). The variable `MOE_ETCD_PASSWORD`
+    /// may hold it instead; it is never taken from the command line, where `ps` would show it.
+    #[arg(long, env = "MOE_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// Reads the TLS files and the password once, at start-up.
+    pub fn connection(&self) -> Result<EtcdConnection, EtcdSettingsError> {
+        let identity = crate::tls::identity_from_flags(
+            self.etcd_cert.as_deref(),
+            self.etcd_key.as_deref(),
+            ("--etcd-cert", "--etcd-key"),
+        )?;
+        let tls = crate::tls::client_tls(self.etcd_ca.as_deref(), identity)?;
+        let password = match &self.etcd_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| EtcdSettingsError::Password {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            None => std::env::var("MOE_ETCD_PASSWORD").ok(),
+        };
+        let user = match (&self.etcd_user, password) {
+            (Some(user), Some(password)) => Some((user.clone(), password)),
+            (Some(_), None) => return Err(EtcdSettingsError::NoPassword),
+            (None, _) => None,
+        };
+        let mut endpoints = self.etcd.clone();
+        if tls.is_some() {
+            for endpoint in &mut endpoints {
+                *endpoint = match endpoint.strip_prefix("http://") {
+                    Some(rest) => format!("https://{rest}"),
+                    None if !endpoint.contains("://") => format!("https://{endpoint}"),
+                    None => endpoint.clone(),
+                };
+            }
+        }
+        Ok(EtcdConnection {
+            endpoints,
+            tls,
+            user,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdSettingsError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("reading the etcd password from {path}: {source}")]
+    Password {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--etcd-user needs a password: --etcd-password-file or MOE_ETCD_PASSWORD")]
+    NoPassword,
+}
+
+/// How to reach etcd: endpoints, TLS, user. Cheap to clone; the password never prints.
+#[derive(Clone)]
+pub struct EtcdConnection {
+    endpoints: Vec<String>,
+    tls: Option<etcd_client::TlsOptions>,
+    user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConnection")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+impl EtcdConnection {
+    /// Plaintext, no authentication (tests and local clusters).
+    pub fn plain(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            tls: None,
+            user: None,
+        }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn options(&self) -> etcd_client::ConnectOptions {
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(2));
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &self.user {
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        options
+    }
+
+    /// A client whose unary calls time out (do not use it for long-lived streams).
+    pub async fn connect(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect(
+            &self.endpoints,
+            Some(self.options().with_timeout(ETCD_CALL_TIMEOUT)),
+        )
+        .await
+    }
+
+    /// A client without a request timeout, for watches and lease keep-alive streams.
+    pub async fn connect_for_streams(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect(&self.endpoints, Some(self.options())).await
+    }
 }
 
 /// Logs to stderr, filtered by `MOE_LOG` (default `default_filter`).
@@ -41,14 +180,6 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 /// Deadline for reaching etcd and for each unary etcd call: an etcd that vanished costs a
 /// bounded wait, never a hung planner or follower.
 pub const ETCD_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// An etcd client whose unary calls time out (do not use it for long-lived streams).
-pub async fn connect_etcd(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(std::time::Duration::from_secs(2))
-        .with_timeout(ETCD_CALL_TIMEOUT);
-    etcd_client::Client::connect(endpoints, Some(options)).await
-}
 
 /// Logs an etcd outage once when it starts and once when it ends, instead of at every retry.
 #[derive(Debug, Default)]
@@ -74,5 +205,58 @@ impl EtcdOutage {
 
     pub fn is_down(&self) -> bool {
         self.since.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    fn args(flags: &[&str]) -> EtcdArgs {
+        let mut argv = vec!["test"];
+        argv.extend_from_slice(flags);
+        Cli::try_parse_from(argv).unwrap().etcd
+    }
+
+    #[test]
+    fn plaintext_by_default_and_password_never_printed() {
+        let dir = std::env::temp_dir().join(format!("moe-etcd-args-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("password");
+        std::fs::write(&password, "hunter2\nignored second line\n").unwrap();
+        let connection = args(&[
+            "--etcd",
+            "http://a:2379,b:2379",
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            password.to_str().unwrap(),
+        ])
+        .connection()
+        .unwrap();
+        assert_eq!(connection.endpoints(), ["http://a:2379", "b:2379"]);
+        assert_eq!(connection.user.as_ref().unwrap().1, "hunter2");
+        assert!(!format!("{connection:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_user_without_password_and_missing_files_are_errors() {
+        if std::env::var_os("MOE_ETCD_PASSWORD").is_none() {
+            let err = args(&["--etcd-user", "root"]).connection().unwrap_err();
+            assert!(matches!(err, EtcdSettingsError::NoPassword), "{err}");
+        }
+        let err = args(&["--etcd-ca", "/nonexistent/ca.pem"])
+            .connection()
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let err = args(&["--etcd-cert", "/x.pem"]).connection().unwrap_err();
+        assert!(err.to_string().contains("--etcd-key"), "{err}");
     }
 }

@@ -36,13 +36,11 @@ impl LeasedKeys {
     /// Grants a lease of `ttl`, puts `initial` on it and keeps it alive. The first put happens
     /// before returning, so callers know they are visible.
     pub async fn start(
-        endpoints: &[String],
+        etcd: &crate::config::EtcdConnection,
         ttl: Duration,
         initial: BTreeMap<String, Vec<u8>>,
     ) -> Result<Self, ClusterError> {
-        let options =
-            etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
-        let mut client = Client::connect(endpoints, Some(options)).await?;
+        let mut client = etcd.connect_for_streams().await?;
         let wanted = Wanted {
             values: initial,
             campaign: None,

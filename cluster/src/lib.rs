@@ -19,9 +19,10 @@ pub mod local;
 pub mod membership;
 pub mod metrics;
 pub mod placement;
+pub mod tls;
 pub mod watch;
 
-pub use config::EtcdArgs;
+pub use config::{EtcdArgs, EtcdConnection};
 pub use error::ClusterError;
 pub use keys::ClusterKeys;
 pub use membership::{NodeRecord, NodeRegistration, NodeState, RouterRecord, RouterRegistration};

@@ -23,6 +23,17 @@ pub struct LocalClusterSpec {
     pub node_args: Vec<String>,
     /// Inherit the children's stderr (logs) instead of discarding it.
     pub show_logs: bool,
+    /// Serve etcd over TLS (router and nodes then need `--etcd-ca` among their args).
+    pub etcd_tls: Option<EtcdServerTls>,
+}
+
+/// etcd's server certificate, and the CA its clients' certificates must come from
+/// (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 pub struct LocalCluster {
@@ -66,13 +77,29 @@ pub struct LocalEtcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdServerTls>,
 }
 
 impl LocalEtcd {
-    fn spawn(bin: &Path, dir: &Path, client_port: u16, peer_port: u16) -> std::io::Result<Child> {
-        let client_url = format!("http://127.0.0.1:{client_port}");
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<&EtcdServerTls>,
+    ) -> std::io::Result<Child> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        Command::new(bin)
+        let mut command = Command::new(bin);
+        if let Some(tls) = tls {
+            command
+                .args(["--cert-file", &tls.cert.display().to_string()])
+                .args(["--key-file", &tls.key.display().to_string()])
+                .args(["--trusted-ca-file", &tls.client_ca.display().to_string()])
+                .arg("--client-cert-auth");
+        }
+        command
             .args(["--data-dir", &dir.display().to_string()])
             .args([
                 "--listen-client-urls",
@@ -95,6 +122,11 @@ impl LocalEtcd {
     /// Starts etcd on free ports. A port picked free can be taken by someone else before etcd
     /// binds it (tests start clusters in parallel), so a failed start is retried on new ports.
     pub fn start(bin: &Path) -> std::io::Result<Self> {
+        Self::start_with(bin, None)
+    }
+
+    /// Like [`LocalEtcd::start`], over TLS when `tls` is given.
+    pub fn start_with(bin: &Path, tls: Option<&EtcdServerTls>) -> std::io::Result<Self> {
         let mut last = String::new();
         for _ in 0..5 {
             let client_port = free_port()?;
@@ -107,13 +139,14 @@ impl LocalEtcd {
                 std::process::id()
             ));
             std::fs::create_dir_all(&dir)?;
-            let mut etcd = Self::spawn(bin, &dir, client_port, peer_port)?;
+            let mut etcd = Self::spawn(bin, &dir, client_port, peer_port, tls)?;
             if wait_for_port(client_port, &mut etcd, Duration::from_secs(30)) {
                 return Ok(Self {
                     child: Some(etcd),
                     dir,
                     client_port,
                     peer_port,
+                    tls: tls.cloned(),
                 });
             }
             let _ = etcd.kill();
@@ -125,7 +158,8 @@ impl LocalEtcd {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn stop(&mut self) {
@@ -137,7 +171,13 @@ impl LocalEtcd {
 
     pub fn restart(&mut self, bin: &Path) -> std::io::Result<()> {
         self.stop();
-        let mut etcd = Self::spawn(bin, &self.dir, self.client_port, self.peer_port)?;
+        let mut etcd = Self::spawn(
+            bin,
+            &self.dir,
+            self.client_port,
+            self.peer_port,
+            self.tls.as_ref(),
+        )?;
         if !wait_for_port(self.client_port, &mut etcd, Duration::from_secs(30)) {
             return Err(std::io::Error::other("etcd did not restart"));
         }
@@ -206,7 +246,13 @@ fn start_router(
 
 impl LocalCluster {
     pub fn start(spec: LocalClusterSpec) -> std::io::Result<Self> {
-        let etcd = LocalEtcd::start(&spec.etcd_bin)?;
+        let etcd = LocalEtcd::start_with(&spec.etcd_bin, spec.etcd_tls.as_ref())?;
+        Self::start_on(spec, etcd)
+    }
+
+    /// Starts the nodes and the router on an etcd already running (one the caller prepared,
+    /// e.g. with authentication enabled).
+    pub fn start_on(spec: LocalClusterSpec, etcd: LocalEtcd) -> std::io::Result<Self> {
         let mut cluster = LocalCluster {
             etcd_url: etcd.url(),
             etcd,

@@ -60,7 +60,7 @@ impl NodeRegistration {
     /// Registers `record` under `nodes/<node_id>` with a lease of `ttl` and keeps it alive.
     /// If etcd becomes unreachable the task keeps retrying and re-registers when it returns.
     pub async fn start(
-        endpoints: Vec<String>,
+        etcd: crate::config::EtcdConnection,
         keys: ClusterKeys,
         node_id: String,
         record: NodeRecord,
@@ -68,7 +68,7 @@ impl NodeRegistration {
     ) -> Result<Self, ClusterError> {
         let mut initial = BTreeMap::new();
         initial.insert(keys.node(&node_id), encode(&keys.node(&node_id), &record)?);
-        let leased = LeasedKeys::start(&endpoints, ttl, initial).await?;
+        let leased = LeasedKeys::start(&etcd, ttl, initial).await?;
         Ok(Self {
             leased,
             keys,
@@ -134,7 +134,7 @@ pub struct RouterRegistration {
 
 impl RouterRegistration {
     pub async fn start(
-        endpoints: &[String],
+        etcd: &crate::config::EtcdConnection,
         keys: ClusterKeys,
         router_id: String,
         address: String,
@@ -147,7 +147,7 @@ impl RouterRegistration {
         let mut initial = BTreeMap::new();
         let key = keys.router(&router_id);
         initial.insert(key.clone(), encode(&key, &record)?);
-        let leased = LeasedKeys::start(endpoints, ttl, initial).await?;
+        let leased = LeasedKeys::start(etcd, ttl, initial).await?;
         leased.campaign(keys.planner(), router_id.clone());
         Ok(Self {
             leased,

@@ -6,28 +6,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, WatchOptions};
+use etcd_client::WatchOptions;
 use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 
 /// Starts a task that watches `prefix` and notifies the returned handle on every change. It
 /// re-creates the watch (after a second) whenever etcd goes away.
-pub fn spawn_change_waker(endpoints: Vec<String>, prefix: String) -> Arc<Notify> {
+pub fn spawn_change_waker(etcd: crate::config::EtcdConnection, prefix: String) -> Arc<Notify> {
     let changes = Arc::new(Notify::new());
     let notify = Arc::clone(&changes);
     tokio::spawn(async move {
         loop {
-            watch_until_broken(&endpoints, &prefix, &notify).await;
+            watch_until_broken(&etcd, &prefix, &notify).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
     changes
 }
 
-async fn watch_until_broken(endpoints: &[String], prefix: &str, notify: &Notify) {
+async fn watch_until_broken(etcd: &crate::config::EtcdConnection, prefix: &str, notify: &Notify) {
     // No request timeout on this client: it would cut the watch stream.
-    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
-    let Ok(mut client) = Client::connect(endpoints, Some(options)).await else {
+    let Ok(mut client) = etcd.connect_for_streams().await else {
         return;
     };
     let Ok(mut stream) = client

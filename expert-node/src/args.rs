@@ -22,6 +22,8 @@ pub struct Args {
     pub advertise: Option<String>,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
+    #[command(flatten)]
+    pub cluster_tls: moe_cluster::tls::ClusterTlsArgs,
     /// Unique id of this node (default: `node-<port>`).
     #[arg(long, env = "MOE_NODE_ID")]
     pub node_id: Option<String>,

@@ -45,7 +45,7 @@ impl NodeProgress {
 }
 
 pub struct FollowerContext {
-    pub endpoints: Vec<String>,
+    pub etcd: moe_cluster::EtcdConnection,
     pub keys: ClusterKeys,
     pub node_id: String,
     pub fingerprint: String,
@@ -63,10 +63,10 @@ pub async fn follow_placement(ctx: FollowerContext) {
     let mut loaded_epoch = 0u64;
     let mut outage = moe_cluster::config::EtcdOutage::default();
     let changes =
-        moe_cluster::watch::spawn_change_waker(ctx.endpoints.clone(), ctx.keys.root().to_string());
+        moe_cluster::watch::spawn_change_waker(ctx.etcd.clone(), ctx.keys.root().to_string());
     loop {
         if client.is_none() {
-            match moe_cluster::config::connect_etcd(&ctx.endpoints).await {
+            match ctx.etcd.connect().await {
                 Ok(c) => client = Some(c),
                 Err(e) => outage.failed("follower", &e),
             }

@@ -30,6 +30,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
     }
+    let cluster_tls = args.cluster_tls.load()?;
+    let etcd = args.etcd.connection()?;
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let ckpt = Checkpoint::open(&args.model)?;
@@ -72,8 +74,14 @@ async fn main() -> anyhow::Result<()> {
         data_plane::DataPlane::new(Arc::clone(&served), config.hidden_size, node_metrics);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut server_shutdown = shutdown_rx.clone();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cluster_tls {
+        // Only holders of a cluster-CA certificate get past the handshake.
+        server = server.tls_config(tls.server())?;
+    }
+    tracing::info!(data_plane_tls = cluster_tls.is_some(), "TLS settings");
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
@@ -94,21 +102,40 @@ async fn main() -> anyhow::Result<()> {
         fingerprint: fingerprint.clone(),
         instance: instance_id(),
     };
-    let registration = NodeRegistration::start(
-        args.etcd.etcd.clone(),
-        keys.clone(),
-        node_id.clone(),
-        record,
-        Duration::from_secs(args.lease_ttl_secs),
-    )
-    .await
-    .context("registering in etcd")?;
+    // etcd may not be up yet (containers start in any order) or be briefly overloaded: keep
+    // trying, logging the outage once, until it answers or the process is told to stop.
+    let mut outage = moe_cluster::config::EtcdOutage::default();
+    let registration = loop {
+        let attempt = NodeRegistration::start(
+            etcd.clone(),
+            keys.clone(),
+            node_id.clone(),
+            record.clone(),
+            Duration::from_secs(args.lease_ttl_secs),
+        );
+        tokio::select! {
+            registered = attempt => match registered {
+                Ok(r) => {
+                    outage.ok("registration");
+                    break r;
+                }
+                Err(e) => outage.failed("registration", &e),
+            },
+            _ = shutdown_signal() => {
+                tracing::info!(%node_id, "signal received before registering: leaving");
+                let _ = shutdown_tx.send(true);
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let registration = Arc::new(registration);
 
     let (progress_tx, mut progress) =
         tokio::sync::watch::channel(follower::NodeProgress::default());
     let follower = tokio::spawn(follower::follow_placement(follower::FollowerContext {
-        endpoints: args.etcd.etcd.clone(),
+        etcd,
         keys,
         node_id: node_id.clone(),
         fingerprint,

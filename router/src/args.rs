@@ -43,6 +43,10 @@ pub struct Args {
     pub max_streams_per_connection: u32,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
+    #[command(flatten)]
+    pub public_tls: moe_cluster::tls::PublicTlsArgs,
+    #[command(flatten)]
+    pub cluster_tls: moe_cluster::tls::ClusterTlsArgs,
     /// Tokens processed per step (decodes first, then prefill chunks).
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,

@@ -28,6 +28,16 @@ use crate::cluster_view::{ClusterView, ServingPlacement};
 
 type Reply = oneshot::Sender<std::result::Result<CombineBatch, String>>;
 
+/// How the router reaches expert nodes.
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    pub max_message_bytes: usize,
+    /// A round trip (or connecting) longer than this fails and the stream is reopened.
+    pub timeout: Duration,
+    /// Mutual TLS with the cluster CA; `None` for a plaintext data plane.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
 /// One long-lived `Exchange` stream to a node, owned by a task; requests are answered in order.
 pub struct NodeLink {
     pub node_id: String,
@@ -47,12 +57,7 @@ pub struct NodeLink {
 impl NodeLink {
     /// A link whose round trips fail after `timeout` (the stream is then reopened), so a hung
     /// node costs one timeout, never a hung step.
-    pub fn connect(
-        node_id: String,
-        address: String,
-        max_message_bytes: usize,
-        timeout: Duration,
-    ) -> Arc<Self> {
+    pub fn connect(node_id: String, address: String, settings: &LinkSettings) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(16);
         let link = Arc::new(Self {
             node_id,
@@ -66,7 +71,7 @@ impl NodeLink {
             round_trip: moe_cluster::metrics::Histogram::new(moe_cluster::metrics::LATENCY_BUCKETS),
         });
         let weak = Arc::downgrade(&link);
-        tokio::spawn(run_link(address, rx, max_message_bytes, timeout, weak));
+        tokio::spawn(run_link(address, rx, settings.clone(), weak));
         link
     }
 }
@@ -90,15 +95,20 @@ impl NodeLink {
 async fn run_link(
     address: String,
     mut requests: mpsc::Receiver<(DispatchBatch, Reply)>,
-    max_message_bytes: usize,
-    timeout: Duration,
+    settings: LinkSettings,
     link: std::sync::Weak<NodeLink>,
 ) {
-    let uri = format!("http://{address}");
+    let timeout = settings.timeout;
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let uri = format!("{scheme}://{address}");
     let mut stream: Option<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>)> = None;
     while let Some((batch, reply)) = requests.recv().await {
         if stream.is_none() {
-            match tokio::time::timeout(timeout, open(&uri, max_message_bytes)).await {
+            match tokio::time::timeout(timeout, open(&uri, &settings)).await {
                 Ok(Ok(s)) => stream = Some(s),
                 Err(_) => {
                     let _ = reply.send(Err(format!("cannot reach {address} within {timeout:?}")));
@@ -145,14 +155,18 @@ async fn run_link(
 
 async fn open(
     uri: &str,
-    max_message_bytes: usize,
+    settings: &LinkSettings,
 ) -> std::result::Result<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>), String> {
-    let channel = tonic::transport::Endpoint::from_shared(uri.to_string())
+    let max_message_bytes = settings.max_message_bytes;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(uri.to_string())
         .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+        .tcp_nodelay(true);
+    if let Some(tls) = &settings.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| e.to_string())?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let mut client = ExpertDataClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);

@@ -52,6 +52,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
+    let public_tls = args.public_tls.load()?;
+    let cluster_tls = args.cluster_tls.load()?;
+    let etcd = args.etcd.connection()?;
+    let http_tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let tokenizer = Arc::new(Tokenizer::from_dir(&args.model)?);
@@ -180,11 +184,12 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             "moe-router http listening on {}",
             http_listener.local_addr()?
         );
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(http_listener, http::app(state)).await {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
-        });
+        tokio::spawn(serve_http(
+            http_listener,
+            http::app(state),
+            http_tls.clone(),
+            "HTTP",
+        ));
     }
     if let Some(addr) = &args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -192,11 +197,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
         let app = http::metrics_app(Arc::clone(&router_metrics));
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
+        tokio::spawn(serve_http(listener, app, http_tls.clone(), "metrics"));
     }
     let inference = server::inference::InferenceService {
         config: config.clone(),
@@ -207,7 +208,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     };
     let admin = server::admin::AdminService {
         cluster: args.etcd.cluster.clone(),
-        endpoints: args.etcd.etcd.clone(),
+        etcd: etcd.clone(),
         keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
         view: Arc::clone(&view),
         stats,
@@ -215,7 +216,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     };
 
     tokio::spawn(planner::run_planner(planner::PlannerContext {
-        endpoints: args.etcd.etcd.clone(),
+        etcd,
         keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
         router_address: local.to_string(),
         fingerprint,
@@ -227,8 +228,11 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         suspect_ttl: Duration::from_secs(args.suspect_ttl_secs),
         membership_grace: Duration::from_millis(args.membership_grace_ms),
-        dispatch_timeout: Duration::from_millis(args.dispatch_timeout_ms),
-        max_message_bytes: MAX_MESSAGE_BYTES,
+        links: dispatch::LinkSettings {
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            timeout: Duration::from_millis(args.dispatch_timeout_ms),
+            tls: cluster_tls.as_ref().map(|t| t.client()),
+        },
         rebalance: planner::RebalancePolicy {
             threshold: args.rebalance_threshold,
             window: Duration::from_millis(args.rebalance_window_ms),
@@ -240,9 +244,18 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     }));
 
     // Printed on stdout so that scripts and tests can find a port picked with :0.
+    tracing::info!(
+        public_tls = public_tls.is_some(),
+        data_plane_tls = cluster_tls.is_some(),
+        "TLS settings"
+    );
     println!("moe-router listening on {local}");
     let (inference_keys, admin_keys) = (api_keys.clone(), api_keys);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &public_tls {
+        server = server.tls_config(tls.grpc())?;
+    }
+    server
         .max_concurrent_streams(Some(args.max_streams_per_connection))
         .add_service(health_service)
         .add_service(reflection)
@@ -257,4 +270,23 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         })
         .await?;
     Ok(())
+}
+
+/// Serves `app` on `listener`, over TLS when `tls` is given.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    what: &'static str,
+) {
+    let served = match tls {
+        Some(config) => match http::tls_listener::TlsListener::new(listener, config) {
+            Ok(listener) => axum::serve(listener, app).await,
+            Err(e) => Err(e),
+        },
+        None => axum::serve(listener, app).await,
+    };
+    if let Err(e) = served {
+        tracing::error!(error = %e, server = what, "server stopped");
+    }
 }

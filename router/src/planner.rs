@@ -42,7 +42,7 @@ pub struct RebalancePolicy {
 }
 
 pub struct PlannerContext {
-    pub endpoints: Vec<String>,
+    pub etcd: moe_cluster::EtcdConnection,
     pub keys: ClusterKeys,
     pub router_address: String,
     pub fingerprint: String,
@@ -56,8 +56,7 @@ pub struct PlannerContext {
     pub suspect_ttl: Duration,
     /// After (re)connecting to etcd, nodes missing from it are kept this long.
     pub membership_grace: Duration,
-    pub dispatch_timeout: Duration,
-    pub max_message_bytes: usize,
+    pub links: crate::dispatch::LinkSettings,
     pub rebalance: RebalancePolicy,
 }
 
@@ -105,7 +104,7 @@ pub async fn run_planner(ctx: PlannerContext) {
         pending_load: None,
     };
     let changes = moe_cluster::watch::spawn_change_waker(
-        planner.ctx.endpoints.clone(),
+        planner.ctx.etcd.clone(),
         planner.ctx.keys.root().to_string(),
     );
     loop {
@@ -124,7 +123,7 @@ pub async fn run_planner(ctx: PlannerContext) {
 impl Planner {
     async fn round(&mut self) {
         if self.client.is_none() {
-            match moe_cluster::config::connect_etcd(&self.ctx.endpoints).await {
+            match self.ctx.etcd.connect().await {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
                     self.outage.failed("planner", &e);
@@ -134,7 +133,7 @@ impl Planner {
         }
         if self.registration.is_none() && self.client.is_some() {
             match RouterRegistration::start(
-                &self.ctx.endpoints,
+                &self.ctx.etcd,
                 self.ctx.keys.clone(),
                 self.ctx.view.router_id.clone(),
                 self.ctx.router_address.clone(),
@@ -379,12 +378,7 @@ impl Planner {
             let link = match self.links.get(id) {
                 Some(l) if l.address == assignment.address => Arc::clone(l),
                 _ => {
-                    let l = NodeLink::connect(
-                        id.clone(),
-                        assignment.address.clone(),
-                        ctx.max_message_bytes,
-                        ctx.dispatch_timeout,
-                    );
+                    let l = NodeLink::connect(id.clone(), assignment.address.clone(), &ctx.links);
                     self.links.insert(id.clone(), Arc::clone(&l));
                     l
                 }

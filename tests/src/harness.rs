@@ -55,6 +55,7 @@ pub fn spec(model: PathBuf, nodes: usize) -> LocalClusterSpec {
             "1".into(),
         ],
         show_logs: std::env::var_os("MOE_TEST_LOGS").is_some(),
+        etcd_tls: None,
     }
 }
 

@@ -9,7 +9,7 @@ use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{GenerateRequest, ModelInfoRequest};
 
 use super::bench::{percentile, BatchResult, BenchArgs, BenchReport, Percentiles};
-use super::remote::{endpoint, runtime};
+use super::remote::runtime;
 
 /// Arrival time (seconds from the batch start) of each streamed token of one request.
 async fn one_stream(
@@ -37,8 +37,9 @@ async fn one_stream(
 
 pub fn run(router: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
     runtime()?.block_on(async {
-        let mut client = InferenceClient::connect(endpoint(router))
+        let mut client = super::remote::channel(router)
             .await
+            .map(InferenceClient::new)
             .with_context(|| format!("connecting to {router}"))?;
         let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
         let mut rng = Rng::seeded(42);

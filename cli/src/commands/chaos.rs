@@ -106,6 +106,7 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
             args.node_threads.to_string(),
         ],
         show_logs: args.logs,
+        etcd_tls: None,
     })
     .context("starting the local cluster")?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -5,7 +5,7 @@ use clap::Args;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::DrainRequest;
 
-use super::remote::{endpoint, runtime};
+use super::remote::runtime;
 
 #[derive(Args)]
 pub struct DrainArgs {
@@ -18,8 +18,9 @@ pub struct DrainArgs {
 
 pub fn run(args: DrainArgs) -> anyhow::Result<()> {
     let epoch = runtime()?.block_on(async {
-        let mut client = AdminClient::connect(endpoint(&args.router))
+        let mut client = super::remote::channel(&args.router)
             .await
+            .map(AdminClient::new)
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.router))?;
         client
             .drain(super::remote::with_key(DrainRequest {

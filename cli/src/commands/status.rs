@@ -6,7 +6,7 @@ use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::ClusterStatusRequest;
 use serde_json::json;
 
-use super::remote::{endpoint, runtime};
+use super::remote::runtime;
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -19,8 +19,9 @@ pub struct StatusArgs {
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let status = runtime()?.block_on(async {
-        let mut client = AdminClient::connect(endpoint(&args.router))
+        let mut client = super::remote::channel(&args.router)
             .await
+            .map(AdminClient::new)
             .with_context(|| format!("connecting to {}", args.router))?;
         client
             .cluster_status(super::remote::with_key(ClusterStatusRequest {}))

@@ -64,6 +64,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             .map(|t| vec!["--threads".to_string(), t.to_string()])
             .unwrap_or_default(),
         show_logs: args.logs,
+        etcd_tls: None,
     })
     .context("starting the local cluster")?;
     let rt = runtime()?;

@@ -5,6 +5,7 @@
 
 mod answers;
 pub mod openai;
+pub mod tls_listener;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -19,7 +19,7 @@ fn seconds(nanos: &std::sync::atomic::AtomicU64) -> f64 {
 
 pub struct AdminService {
     pub cluster: String,
-    pub endpoints: Vec<String>,
+    pub etcd: moe_cluster::EtcdConnection,
     pub keys: moe_cluster::ClusterKeys,
     pub view: Arc<ClusterView>,
     pub stats: Arc<SchedulerStats>,
@@ -132,7 +132,9 @@ impl Admin for AdminService {
         if !self.view.membership().nodes.contains_key(&node_id) {
             return Err(Status::not_found(format!("no live node {node_id:?}")));
         }
-        let mut client = moe_cluster::config::connect_etcd(&self.endpoints)
+        let mut client = self
+            .etcd
+            .connect()
             .await
             .map_err(|e| Status::unavailable(format!("etcd unreachable: {e}")))?;
         moe_cluster::membership::request_drain(&mut client, &self.keys, &node_id)
