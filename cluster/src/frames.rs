@@ -64,6 +64,7 @@ pub fn encode_dispatch(
         pair_offsets: u32_bytes(&routes.offsets),
         pair_experts: u32_bytes(&routes.experts),
         pair_weights: f32_bytes(&routes.weights),
+        traceparent: String::new(),
     }
 }
 

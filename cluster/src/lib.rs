@@ -19,6 +19,7 @@ pub mod local;
 pub mod membership;
 pub mod metrics;
 pub mod placement;
+pub mod telemetry;
 pub mod tls;
 pub mod watch;
 

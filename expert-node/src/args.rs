@@ -23,6 +23,8 @@ pub struct Args {
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]
+    pub telemetry: moe_cluster::telemetry::TelemetryArgs,
+    #[command(flatten)]
     pub cluster_tls: moe_cluster::tls::ClusterTlsArgs,
     /// Unique id of this node (default: `node-<port>`).
     #[arg(long, env = "MOE_NODE_ID")]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use moe_cluster::frames::{self, DispatchTag};
 use moe_model::experts::ExpertBackend;
+use moe_model::routes::ExpertRoutes;
 use moe_proto::v1::expert_data_server::ExpertData;
 use moe_proto::v1::{CombineBatch, DispatchBatch};
 use tokio_stream::{Stream, StreamExt};
@@ -99,7 +100,9 @@ async fn run_batch(
     };
     let pairs = decoded.routes.pairs();
     let decoded_rows = decoded.routes.rows();
+    let span = expert_batch_span(&batch.traceparent, tag, &decoded.routes);
     let (result, micros) = tokio::task::spawn_blocking(move || {
+        let _in_batch = span.enter();
         let start = std::time::Instant::now();
         let result = set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes);
         (result, start.elapsed().as_micros() as u64)
@@ -122,4 +125,27 @@ async fn run_batch(
             frames::combine_error(tag, e.to_string())
         }
     })
+}
+
+/// The span of a traced dispatch: a child of the router's dispatch span named in the batch.
+fn expert_batch_span(traceparent: &str, tag: DispatchTag, routes: &ExpertRoutes) -> tracing::Span {
+    if traceparent.is_empty() || !moe_cluster::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let mut experts = routes.experts.clone();
+    experts.sort_unstable();
+    experts.dedup();
+    let span = tracing::info_span!(
+        target: "moe_expert_node",
+        "expert_batch",
+        otel.kind = "server",
+        layer = tag.layer as u64,
+        epoch = tag.epoch,
+        step = tag.step,
+        rows = routes.rows() as u64,
+        pairs = routes.pairs() as u64,
+        experts = experts.len() as u64,
+    );
+    moe_cluster::telemetry::set_remote_parent(&span, Some(traceparent), None);
+    span
 }

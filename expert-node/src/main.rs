@@ -25,7 +25,6 @@ use moe_proto::v1::expert_data_server::ExpertDataServer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    moe_cluster::config::init_logging("info");
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
@@ -48,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| format!("node-{}", local.port()));
+    let telemetry =
+        moe_cluster::telemetry::init("moe-expert-node", &node_id, &args.telemetry, "info")?;
 
     let served = Arc::new(served::ServedExperts::new());
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -169,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         registration.shutdown().await;
     }
     let _ = server.await;
+    telemetry.flush();
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::cluster_view::ClusterView;
+use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
 use crate::validation::{validate, RequestLimits};
 
@@ -24,11 +25,18 @@ pub struct Admission {
     pub view: Arc<ClusterView>,
     pub max_waiting: usize,
     pub limits: RequestLimits,
+    /// The served model name (trace attributes).
+    pub model_name: String,
 }
 
 impl Admission {
-    pub async fn submit(&self, request: GenerateRequest) -> Result<Answers, Status> {
+    pub async fn submit(
+        &self,
+        request: GenerateRequest,
+        origin: TraceOrigin,
+    ) -> Result<Answers, Status> {
         let valid = validate(request, &self.config, &self.tokenizer, &self.limits)?;
+        let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if self.view.serving().is_none() {
             return Err(Status::unavailable("no expert placement is ready yet"));
         }
@@ -45,6 +53,7 @@ impl Admission {
             .send(Submission {
                 request: valid,
                 responses: tx,
+                trace,
             })
             .await
             .map_err(|_| Status::unavailable("the scheduler has stopped"))?;

@@ -44,6 +44,8 @@ pub struct Args {
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]
+    pub telemetry: moe_cluster::telemetry::TelemetryArgs,
+    #[command(flatten)]
     pub public_tls: moe_cluster::tls::PublicTlsArgs,
     #[command(flatten)]
     pub cluster_tls: moe_cluster::tls::ClusterTlsArgs,

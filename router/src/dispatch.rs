@@ -186,6 +186,9 @@ pub struct RemoteExperts {
     /// How long one layer may wait for a placement that works before failing the step.
     pub recovery_timeout: Duration,
     step: AtomicU64,
+    /// The current step's span; MoE layers run on the math threads, so it is passed, not
+    /// inherited.
+    step_span: std::sync::Mutex<tracing::Span>,
 }
 
 impl RemoteExperts {
@@ -201,12 +204,31 @@ impl RemoteExperts {
             hidden,
             recovery_timeout,
             step: AtomicU64::new(0),
+            step_span: std::sync::Mutex::new(tracing::Span::none()),
         }
     }
 
-    /// Called once per model step, so dispatches carry the step number.
-    pub fn next_step(&self) {
+    /// Called once per model step, so dispatches carry the step number; `span` is the step's
+    /// (disabled when the step is not traced).
+    pub fn next_step(&self, span: tracing::Span) {
         self.step.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut current) = self.step_span.lock() {
+            *current = span;
+        }
+    }
+
+    /// The step's forward is done: its span may close.
+    pub fn end_step(&self) {
+        if let Ok(mut current) = self.step_span.lock() {
+            *current = tracing::Span::none();
+        }
+    }
+
+    fn step_span(&self) -> tracing::Span {
+        self.step_span
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| tracing::Span::none())
     }
 
     /// The serving placement, newer than `after` when given; waits for it until `deadline`.
@@ -243,6 +265,14 @@ struct NodeShare {
     global_pairs: Vec<usize>,
 }
 
+/// One MoE layer's tokens, their routes and the layer's span.
+struct LayerInput<'a> {
+    layer: usize,
+    rows: &'a [f32],
+    routes: &'a ExpertRoutes,
+    span: &'a tracing::Span,
+}
+
 /// What one dispatch round left undone.
 struct Attempt {
     /// Global pair indices whose node failed (to send again under a newer epoch).
@@ -260,12 +290,16 @@ impl RemoteExperts {
     fn dispatch_once(
         &self,
         serving: &ServingPlacement,
-        layer: usize,
-        rows: &[f32],
-        routes: &ExpertRoutes,
+        input: &LayerInput<'_>,
         pending: &[bool],
         pair_out: &mut [f32],
     ) -> Attempt {
+        let &LayerInput {
+            layer,
+            rows,
+            routes,
+            span: layer_span,
+        } = input;
         let hidden = self.hidden;
         let n_nodes = serving.links.len();
         let mut shares: Vec<NodeShare> = (0..n_nodes)
@@ -333,12 +367,29 @@ impl RemoteExperts {
             micro_batch: 0,
         };
         let mut waits = Vec::new();
+        let mut node_spans: Vec<tracing::Span> = vec![tracing::Span::none(); n_nodes];
         for (node, share) in shares.iter().enumerate() {
             if share.routes.rows() == 0 {
                 continue;
             }
-            let batch = frames::encode_dispatch(tag, hidden, &share.rows, &share.routes);
+            let mut batch = frames::encode_dispatch(tag, hidden, &share.rows, &share.routes);
             let link = Arc::clone(&serving.links[node]);
+            if !layer_span.is_none() {
+                let span = tracing::info_span!(
+                    target: "moe_router",
+                    parent: layer_span,
+                    "dispatch",
+                    otel.kind = "client",
+                    otel.status_code = tracing::field::Empty,
+                    node_compute_us = tracing::field::Empty,
+                    node_id = %link.node_id,
+                    epoch = tag.epoch,
+                    rows = share.routes.rows() as u64,
+                    pairs = share.routes.pairs() as u64,
+                );
+                batch.traceparent = moe_cluster::telemetry::traceparent(&span).unwrap_or_default();
+                node_spans[node] = span;
+            }
             link.bytes_sent.fetch_add(
                 (batch.hidden_states.len()
                     + batch.pair_offsets.len()
@@ -383,6 +434,7 @@ impl RemoteExperts {
                 link.bytes_received
                     .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
                 slowest_compute = slowest_compute.max(combine.compute_micros * 1000);
+                node_spans[node].record("node_compute_us", combine.compute_micros);
                 frames::decode_combine(&combine, tag, share.routes.pairs(), hidden)
                     .map_err(|e| e.to_string())
             });
@@ -394,6 +446,7 @@ impl RemoteExperts {
                     }
                 }
                 Err(e) => {
+                    node_spans[node].record("otel.status_code", "ERROR");
                     // A node that no longer serves this epoch is not broken: this router is
                     // behind and will find the newer epoch. Anything else is a failed node.
                     if !e.contains("FAILED_PRECONDITION") {
@@ -426,6 +479,21 @@ impl ExpertBackend for RemoteExperts {
         for (expert, tokens) in per_expert {
             self.view.count_tokens((layer as u32, expert), tokens);
         }
+        let step_span = self.step_span();
+        let layer_span = if step_span.is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                target: "moe_router",
+                parent: &step_span,
+                "moe_layer",
+                layer = layer as u64,
+                tokens = routes.rows() as u64,
+                pairs = routes.pairs() as u64,
+                retries = tracing::field::Empty,
+            )
+        };
+        let mut retries = 0u64;
         let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
         let mut pending = vec![true; routes.pairs()];
         let mut failed_epoch: Option<u64> = None;
@@ -434,8 +502,13 @@ impl ExpertBackend for RemoteExperts {
         loop {
             let serving = self.wait_serving(failed_epoch, deadline)?;
             let attempt_start = Instant::now();
-            let attempt =
-                self.dispatch_once(&serving, layer, rows, routes, &pending, &mut pair_out);
+            let input = LayerInput {
+                layer,
+                rows,
+                routes,
+                span: &layer_span,
+            };
+            let attempt = self.dispatch_once(&serving, &input, &pending, &mut pair_out);
             times
                 .encode_nanos
                 .fetch_add(nanos(attempt_start, attempt.encoded), Ordering::Relaxed);
@@ -463,6 +536,8 @@ impl ExpertBackend for RemoteExperts {
                 "layer interrupted; re-dispatching the failed pairs on the next epoch"
             );
             self.view.layer_retries.fetch_add(1, Ordering::Relaxed);
+            retries += 1;
+            layer_span.record("retries", retries);
             failed_epoch = Some(epoch);
         }
         times.calls.fetch_add(1, Ordering::Relaxed);

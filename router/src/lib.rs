@@ -6,7 +6,8 @@
 //! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
 //!   [`dispatch`] (data plane) is the request path.
 //! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
-//! - [`server`]: the Inference and Admin gRPC services.
+//! - [`server`]: the Inference and Admin gRPC services; [`http`]: the OpenAI-compatible API.
+//! - [`request_trace`]: a request's OpenTelemetry spans.
 
 pub mod admission;
 pub mod api_keys;
@@ -18,6 +19,7 @@ pub mod http;
 pub mod kv_blocks;
 pub mod metrics;
 pub mod planner;
+pub mod request_trace;
 pub mod scheduler;
 pub mod server;
 pub mod validation;

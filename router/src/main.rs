@@ -38,7 +38,6 @@ fn kv_bytes_per_token(config: &ModelConfig) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
-    moe_cluster::config::init_logging("info");
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
@@ -56,6 +55,17 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     let cluster_tls = args.cluster_tls.load()?;
     let etcd = args.etcd.connection()?;
     let http_tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
+    // Bound first: the router id (a trace resource attribute) may come from the port.
+    let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    let local = listener.local_addr()?;
+    let router_id = args
+        .router_id
+        .clone()
+        .unwrap_or_else(|| format!("router-{}", local.port()));
+    let telemetry =
+        moe_cluster::telemetry::init("moe-router", &router_id, &args.telemetry, "info")?;
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let tokenizer = Arc::new(Tokenizer::from_dir(&args.model)?);
@@ -72,14 +82,6 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
-        .await
-        .with_context(|| format!("binding {}", args.grpc_listen))?;
-    let local = listener.local_addr()?;
-    let router_id = args
-        .router_id
-        .clone()
-        .unwrap_or_else(|| format!("router-{}", local.port()));
     let view = Arc::new(ClusterView::new(router_id));
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
@@ -134,7 +136,14 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         Some(path) => api_keys::ApiKeys::from_file(path)?,
         None => api_keys::ApiKeys::default(),
     };
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        args.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
     let admission = Arc::new(admission::Admission {
+        model_name: model_name.clone(),
         config: config.clone(),
         tokenizer: Arc::clone(&tokenizer),
         submissions: submit_tx,
@@ -158,17 +167,11 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             )?),
             None => None,
         };
-        let model_name = args.served_model_name.clone().unwrap_or_else(|| {
-            args.model
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        });
         let state = Arc::new(http::HttpState {
             admission: Arc::clone(&admission),
             tokenizer: Arc::clone(&tokenizer),
             chat_template,
-            model_name,
+            model_name: model_name.clone(),
             max_model_len: config.max_position_embeddings,
             view: Arc::clone(&view),
             created: http::unix_now(),
@@ -266,9 +269,10 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             admin_keys.intercept(r)
         }))
         .serve_with_incoming_shutdown(moe_cluster::config::incoming(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
         })
         .await?;
+    telemetry.flush();
     Ok(())
 }
 
@@ -289,4 +293,20 @@ async fn serve_http(
     if let Err(e) = served {
         tracing::error!(error = %e, server = what, "server stopped");
     }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

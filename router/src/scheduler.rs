@@ -25,7 +25,11 @@ use crate::detokenize::IncrementalText;
 use crate::dispatch::RemoteExperts;
 use crate::kv_blocks::{KvBlocks, KvReservation};
 use crate::metrics::{Outcome, RequestMetrics};
+use crate::request_trace::RequestTrace;
 use crate::validation::ValidRequest;
+
+/// Links from a step span to the other requests of its batch, at most.
+const MAX_STEP_LINKS: usize = 64;
 
 pub type ResponseSender = mpsc::Sender<Result<GenerateResponse, Status>>;
 
@@ -33,6 +37,7 @@ pub type ResponseSender = mpsc::Sender<Result<GenerateResponse, Status>>;
 pub struct Submission {
     pub request: ValidRequest,
     pub responses: ResponseSender,
+    pub trace: RequestTrace,
 }
 
 /// Gauges shared with the API and Admin services.
@@ -61,6 +66,7 @@ struct Sequence {
     text: IncrementalText,
     /// When the last token went out (for inter-token latency).
     last_token_at: Option<Instant>,
+    trace: RequestTrace,
     _blocks: KvReservation,
 }
 
@@ -96,29 +102,35 @@ impl Scheduler {
                 waiting.push_back(s);
             }
             let metrics = &self.metrics;
-            let keep = |request: &ValidRequest, responses: &ResponseSender| {
-                if responses.is_closed() {
-                    metrics.finished(Outcome::Cancelled);
-                    false
-                } else if expired(request, responses) {
-                    metrics.finished(Outcome::Deadline);
-                    false
-                } else {
-                    true
-                }
-            };
-            running.retain(|s| keep(&s.request, &s.responses));
-            waiting.retain(|s| keep(&s.request, &s.responses));
+            let keep =
+                |request: &ValidRequest, responses: &ResponseSender, trace: &mut RequestTrace| {
+                    if responses.is_closed() {
+                        metrics.finished(Outcome::Cancelled);
+                        trace.failed("cancelled by the client");
+                        false
+                    } else if expired(request, responses) {
+                        metrics.finished(Outcome::Deadline);
+                        trace.failed("deadline exceeded");
+                        false
+                    } else {
+                        true
+                    }
+                };
+            running.retain_mut(|s| keep(&s.request, &s.responses, &mut s.trace));
+            waiting.retain_mut(|s| keep(&s.request, &s.responses, &mut s.trace));
             self.admit(&mut waiting, &mut running);
             self.stats.waiting.store(waiting.len(), Ordering::Relaxed);
             self.stats.running.store(running.len(), Ordering::Relaxed);
             if running.is_empty() {
                 if !waiting.is_empty() {
                     // Blocks are held by nobody and the head still does not fit: refuse it.
-                    if let Some(s) = waiting.pop_front() {
-                        let _ = s.responses.try_send(Err(Status::resource_exhausted(
-                            "the request needs more KV cache than the router's whole budget",
-                        )));
+                    if let Some(mut s) = waiting.pop_front() {
+                        let message =
+                            "the request needs more KV cache than the router's whole budget";
+                        s.trace.failed(message);
+                        let _ = s
+                            .responses
+                            .try_send(Err(Status::resource_exhausted(message)));
                     }
                 }
                 continue;
@@ -134,7 +146,10 @@ impl Scheduler {
             let Some(blocks) = self.kv.reserve(tokens) else {
                 break;
             };
-            let Some(s) = waiting.pop_front() else { break };
+            let Some(mut s) = waiting.pop_front() else {
+                break;
+            };
+            s.trace.scheduled(s.request.input_ids.len());
             self.metrics
                 .prompt_tokens
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
@@ -147,6 +162,7 @@ impl Scheduler {
                 output: Vec::new(),
                 text: IncrementalText::default(),
                 last_token_at: None,
+                trace: s.trace,
                 _blocks: blocks,
             });
         }
@@ -174,7 +190,9 @@ impl Scheduler {
         if plan.is_empty() {
             return;
         }
-        self.experts.next_step();
+        let step_span = self.step_span(running, &plan);
+        let _in_step = step_span.enter();
+        self.experts.next_step(step_span.clone());
         self.metrics
             .step_tokens
             .observe(plan.iter().map(|p| p.1).sum::<usize>() as f64);
@@ -203,7 +221,9 @@ impl Scheduler {
                     all_logits: false,
                 });
             }
-            self.dense.forward(&mut step, &self.experts)
+            let logits = self.dense.forward(&mut step, &self.experts);
+            self.experts.end_step();
+            logits
         };
         let logits = match logits {
             Ok(l) => {
@@ -228,6 +248,9 @@ impl Scheduler {
                 let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 for &i in &failed {
                     self.metrics.finished(Outcome::Error);
+                    running[i]
+                        .trace
+                        .failed(&format!("expert dispatch failed: {e}"));
                     let _ = running[i]
                         .responses
                         .try_send(Err(Status::unavailable(format!(
@@ -265,6 +288,31 @@ impl Scheduler {
             index += 1;
             keep
         });
+    }
+
+    /// A `step` span for a sampled step (else a disabled one): the child of the first request
+    /// in the batch, linked to the others, so each request's trace reaches the step.
+    fn step_span(&self, running: &[Sequence], plan: &[(usize, usize, bool)]) -> tracing::Span {
+        if !moe_cluster::telemetry::sample_step() {
+            return tracing::Span::none();
+        }
+        let tokens: usize = plan.iter().map(|p| p.1).sum();
+        let decodes = plan
+            .iter()
+            .filter(|&&(i, _, _)| running[i].prefilled == running[i].request.input_ids.len())
+            .count();
+        let span = tracing::info_span!(
+            target: "moe_router",
+            parent: running[plan[0].0].trace.span(),
+            "step",
+            batch_size = plan.len() as u64,
+            tokens = tokens as u64,
+            decode_sequences = decodes as u64,
+        );
+        for &(i, _, _) in plan.iter().skip(1).take(MAX_STEP_LINKS) {
+            moe_cluster::telemetry::add_link(&span, running[i].trace.span());
+        }
+        span
     }
 
     /// Streams the new token; returns true when the sequence is finished.
@@ -323,9 +371,14 @@ impl Scheduler {
         // means the client went away, and the sequence is dropped with its cache.
         if s.responses.try_send(Ok(response)).is_err() {
             m.finished(Outcome::Cancelled);
+            s.trace.failed("cancelled by the client");
             return true;
         }
+        if s.output.len() == 1 {
+            s.trace.first_token();
+        }
         if let Some(reason) = finish {
+            s.trace.finished(reason, s.output.len());
             m.e2e_latency
                 .observe((now - s.request.received).as_secs_f64());
             m.finished(if reason == "stop" {

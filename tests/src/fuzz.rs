@@ -58,6 +58,7 @@ pub fn dispatch_frame(data: &[u8]) {
         pair_offsets: Bytes::copy_from_slice(offsets),
         pair_experts: Bytes::copy_from_slice(experts),
         pair_weights: Bytes::copy_from_slice(weights),
+        traceparent: String::new(),
     };
     if let Ok(decoded) = frames::decode_dispatch(&batch, 8) {
         // What passed validation must be consistent.

@@ -2,6 +2,7 @@
 
 pub mod fuzz;
 pub mod harness;
+pub mod otlp;
 
 use std::path::{Path, PathBuf};
 

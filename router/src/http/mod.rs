@@ -27,6 +27,7 @@ use crate::admission::Admission;
 use crate::api_keys::ApiKeys;
 use crate::cluster_view::ClusterView;
 use crate::metrics::RouterMetrics;
+use crate::request_trace::TraceOrigin;
 use openai::{
     ChatRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, ModelCard, ModelList, Prompt,
 };
@@ -313,10 +314,12 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, ApiEr
 
 async fn completions(
     State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let parsed = parse_completion(&body, &state.model_name)?;
-    let answers = state.admission.submit(parsed.generate).await?;
+    let origin = TraceOrigin::from_http(&headers, "text_completion");
+    let answers = state.admission.submit(parsed.generate, origin).await?;
     let id = state.request_id("cmpl");
     if parsed.stream {
         Ok(answers::stream_completion(state, answers, id, parsed.logprobs).into_response())
@@ -419,6 +422,7 @@ pub fn parse_chat(
 
 async fn chat_completions(
     State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let parsed = parse_chat(
@@ -428,7 +432,8 @@ async fn chat_completions(
         &state.tokenizer,
         state.max_model_len,
     )?;
-    let answers = state.admission.submit(parsed.generate).await?;
+    let origin = TraceOrigin::from_http(&headers, "chat");
+    let answers = state.admission.submit(parsed.generate, origin).await?;
     let id = state.request_id("chatcmpl");
     if parsed.stream {
         Ok(answers::stream_chat(state, answers, id, parsed.logprobs).into_response())

@@ -1,5 +1,6 @@
 //! `moe.v1.Inference`: Generate (streamed), Tokenize, ModelInfo.
 
+use crate::request_trace::TraceOrigin;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -33,7 +34,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let answers = self.admission.submit(request.into_inner()).await?;
+        let origin = TraceOrigin::from_grpc(request.metadata(), "text_completion");
+        let answers = self.admission.submit(request.into_inner(), origin).await?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(answers),
         )))
