@@ -177,3 +177,25 @@ fn bad_requests_are_rejected_before_any_work() {
         4
     );
 }
+
+/// `--device cuda:N` on a machine or build without CUDA: both binaries exit with an error that
+/// names the device, before opening any port, and never panic.
+#[test]
+fn a_gpu_that_is_not_there_is_a_clear_error() {
+    for binary in ["moe-router", "moe-expert-node"] {
+        let out = std::process::Command::new(moe_tests::harness::binary(binary))
+            .args(["--model", &fixture_dir(FIXTURES[0]).display().to_string()])
+            .args(["--device", "cuda:0", "--etcd", "http://127.0.0.1:1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{binary} started without a GPU");
+        assert!(stderr.contains("cuda:0"), "{binary}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{binary}: {stderr}");
+        let bad = std::process::Command::new(moe_tests::harness::binary(binary))
+            .args(["--model", "x", "--device", "tpu:1"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N"));
+    }
+}

@@ -51,7 +51,10 @@ fn start_prometheus(router: &str, node: &str) -> Prometheus {
     let addr = format!("127.0.0.1:{}", free_port().unwrap());
     let child = Command::new(prometheus_binary())
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address={addr}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

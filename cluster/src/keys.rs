@@ -53,6 +53,12 @@ impl ClusterKeys {
         format!("{}routers/{router_id}", self.prefix)
     }
 
+    /// The `ncclUniqueId` a router made for its communicator of `epoch` with that epoch's
+    /// nodes (on the router's lease; nodes read it to join with `ncclCommInitRank`).
+    pub fn nccl_id(&self, epoch: u64, router_id: &str) -> String {
+        format!("{}nccl/{epoch}/{router_id}", self.prefix)
+    }
+
     /// The elected planner's router id (created if absent, on the planner's lease).
     pub fn planner(&self) -> String {
         format!("{}planner", self.prefix)

@@ -9,6 +9,7 @@
 //! - [`frames`] encodes and validates the data-plane messages (`DispatchBatch`,
 //!   `CombineBatch`): tensors as little-endian bytes, every length checked before use.
 
+pub mod collective;
 pub mod config;
 pub mod error;
 pub mod frames;

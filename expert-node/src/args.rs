@@ -20,6 +20,9 @@ pub struct Args {
     /// Address to advertise instead of the bound one (behind NAT or in containers).
     #[arg(long, env = "MOE_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Where the math runs: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    pub device: moe_model::device::Device,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]

@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
     }
+    args.device.open_for_serving()?;
     let cluster_tls = args.cluster_tls.load()?;
     let etcd = args.etcd.connection()?;
     let config = ModelConfig::from_dir(&args.model)
@@ -97,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
     let keys = ClusterKeys::new(&args.etcd.cluster);
     let record = NodeRecord {
         address: address.clone(),
-        device: "cpu".into(),
+        device: args.device.to_string(),
         memory_bytes: args.memory_bytes,
         state: NodeState::Joining,
         fingerprint: fingerprint.clone(),

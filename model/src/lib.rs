@@ -19,6 +19,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod dense;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod experts;

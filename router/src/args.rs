@@ -41,6 +41,9 @@ pub struct Args {
     /// Concurrent gRPC streams per client connection.
     #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
     pub max_streams_per_connection: u32,
+    /// Where the math runs: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    pub device: moe_model::device::Device,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]

@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
+    args.device.open_for_serving()?;
     let public_tls = args.public_tls.load()?;
     let cluster_tls = args.cluster_tls.load()?;
     let etcd = args.etcd.connection()?;

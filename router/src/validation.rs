@@ -153,3 +153,44 @@ pub fn validate(
         deadline: Instant::now() + limits.request_timeout,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> (ModelConfig, Tokenizer) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny");
+        (
+            ModelConfig::from_dir(&dir).expect("fixture config"),
+            Tokenizer::from_dir(&dir).expect("fixture tokenizer"),
+        )
+    }
+
+    fn request(stop: Vec<String>) -> GenerateRequest {
+        GenerateRequest {
+            input_ids: vec![0, 5, 7],
+            max_new_tokens: 4,
+            stop,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stop_string_limits_are_enforced_by_name() {
+        let (config, tokenizer) = fixture();
+        let limits = RequestLimits::default();
+        let check = |stop: Vec<String>| {
+            validate(request(stop), &config, &tokenizer, &limits).map(|_| ())
+        };
+        assert!(check(vec!["a".into(); 16]).is_ok());
+        let err = check(vec!["a".into(); 17]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("at most 16 stop strings"), "{err:?}");
+        assert!(check(vec!["x".repeat(256)]).is_ok());
+        let err = check(vec!["x".repeat(257)]).unwrap_err();
+        assert!(err.message().contains("1 to 256 bytes, got 257"), "{err:?}");
+        let err = check(vec![String::new()]).unwrap_err();
+        assert!(err.message().contains("got 0 bytes"), "{err:?}");
+    }
+}

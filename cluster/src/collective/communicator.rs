@@ -1,0 +1,346 @@
+//! The seam between the data plane and NCCL, and the bound on every collective.
+//!
+//! NCCL queues a group of sends and receives on a CUDA stream and returns at once; a peer that
+//! died leaves that work pending forever. So every exchange here is posted, then polled until
+//! it completes or its deadline passes, and on a deadline (or an asynchronous NCCL error) the
+//! communicator is aborted (`ncclCommAbort`), which frees the stream; the caller reports the
+//! node suspect and re-plans, as for a broken gRPC stream.
+
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommError {
+    #[error("collective did not complete within {0:?}; communicator aborted")]
+    Timeout(Duration),
+    #[error("communicator failed: {0}")]
+    Failed(String),
+    #[error("communicator was aborted")]
+    Aborted,
+    #[error("rank {rank} is not in a communicator of {size}")]
+    BadRank { rank: usize, size: usize },
+}
+
+/// One group of point-to-point transfers (an all-to-all is one group).
+#[derive(Debug, Clone, Default)]
+pub struct Pending<B> {
+    /// `(peer rank, buffer)` to send.
+    pub sends: Vec<(usize, B)>,
+    /// `(peer rank, length)` to receive.
+    pub recvs: Vec<(usize, usize)>,
+}
+
+pub trait Communicator: Send {
+    /// Host bytes for the in-memory fake; device buffers for NCCL.
+    type Buffer;
+
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Queues the group; returns without waiting for it.
+    fn post(&mut self, group: Pending<Self::Buffer>) -> Result<(), CommError>;
+    /// `Some(received buffers, in the order of the group's recvs)` once the posted group is
+    /// done; `Err` when the communicator failed.
+    fn poll(&mut self) -> Result<Option<Vec<Self::Buffer>>, CommError>;
+    /// Tears the communicator down without waiting for peers.
+    fn abort(&mut self);
+}
+
+/// Posts `group` and waits for it at most `timeout`; aborts the communicator on a timeout or
+/// an error, so a dead peer costs one timeout, never a hung router.
+pub fn run_bounded<C: Communicator + ?Sized>(
+    comm: &mut C,
+    group: Pending<C::Buffer>,
+    timeout: Duration,
+) -> Result<Vec<C::Buffer>, CommError> {
+    let size = comm.size();
+    let bad = group
+        .sends
+        .iter()
+        .map(|(r, _)| *r)
+        .chain(group.recvs.iter().map(|(r, _)| *r))
+        .find(|&r| r >= size || r == comm.rank());
+    if let Some(rank) = bad {
+        return Err(CommError::BadRank { rank, size });
+    }
+    let deadline = Instant::now() + timeout;
+    if let Err(e) = comm.post(group) {
+        comm.abort();
+        return Err(e);
+    }
+    // Spin briefly (an exchange usually completes within microseconds on NVLink), then back
+    // off so that a slow peer does not burn a core.
+    let mut pause = Duration::from_micros(5);
+    loop {
+        match comm.poll() {
+            Ok(Some(received)) => return Ok(received),
+            Ok(None) if Instant::now() >= deadline => {
+                comm.abort();
+                return Err(CommError::Timeout(timeout));
+            }
+            Ok(None) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(1));
+            }
+            Err(e) => {
+                comm.abort();
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// An in-memory communicator group for tests: ranks exchange through shared mailboxes, and a
+/// rank can be made to die (it never answers again).
+pub mod fake {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::{Arc, Mutex};
+
+    use super::{CommError, Communicator, Pending};
+
+    type Mailboxes = Arc<Mutex<HashMap<(usize, usize), VecDeque<Vec<u8>>>>>;
+
+    pub struct FakeComm {
+        rank: usize,
+        size: usize,
+        boxes: Mailboxes,
+        dead: Arc<Mutex<Vec<bool>>>,
+        posted: Option<Vec<(usize, usize)>>,
+        pub aborted: bool,
+    }
+
+    /// `size` ranks sharing mailboxes; the second value kills ranks (`dead[r] = true`).
+    pub fn group(size: usize) -> (Vec<FakeComm>, Arc<Mutex<Vec<bool>>>) {
+        let boxes: Mailboxes = Default::default();
+        let dead = Arc::new(Mutex::new(vec![false; size]));
+        let comms = (0..size)
+            .map(|rank| FakeComm {
+                rank,
+                size,
+                boxes: Arc::clone(&boxes),
+                dead: Arc::clone(&dead),
+                posted: None,
+                aborted: false,
+            })
+            .collect();
+        (comms, dead)
+    }
+
+    impl Communicator for FakeComm {
+        type Buffer = Vec<u8>;
+
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn size(&self) -> usize {
+            self.size
+        }
+
+        fn post(&mut self, group: Pending<Vec<u8>>) -> Result<(), CommError> {
+            if self.aborted {
+                return Err(CommError::Aborted);
+            }
+            let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
+            let mut boxes = self
+                .boxes
+                .lock()
+                .map_err(|_| CommError::Failed("poisoned".into()))?;
+            for (peer, bytes) in group.sends {
+                // A dead peer's mailbox is never read; the send is lost, as on a real link.
+                if !dead[peer] {
+                    boxes.entry((self.rank, peer)).or_default().push_back(bytes);
+                }
+            }
+            self.posted = Some(group.recvs);
+            Ok(())
+        }
+
+        fn poll(&mut self) -> Result<Option<Vec<Vec<u8>>>, CommError> {
+            if self.aborted {
+                return Err(CommError::Aborted);
+            }
+            let Some(recvs) = &self.posted else {
+                return Ok(Some(Vec::new()));
+            };
+            let mut boxes = self
+                .boxes
+                .lock()
+                .map_err(|_| CommError::Failed("poisoned".into()))?;
+            let ready = recvs.iter().all(|(peer, _)| {
+                boxes
+                    .get(&(*peer, self.rank))
+                    .is_some_and(|q| !q.is_empty())
+            });
+            if !ready {
+                return Ok(None);
+            }
+            let mut out = Vec::with_capacity(recvs.len());
+            for (peer, len) in recvs {
+                let bytes = boxes
+                    .get_mut(&(*peer, self.rank))
+                    .and_then(|q| q.pop_front())
+                    .unwrap_or_default();
+                if bytes.len() != *len {
+                    return Err(CommError::Failed(format!(
+                        "rank {peer} sent {} bytes, {len} expected",
+                        bytes.len()
+                    )));
+                }
+                out.push(bytes);
+            }
+            self.posted = None;
+            Ok(Some(out))
+        }
+
+        fn abort(&mut self) {
+            self.aborted = true;
+            self.posted = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::group;
+    use super::*;
+    use crate::collective::plan::{ExchangePlan, PeerCounts};
+
+    /// The router (rank 0) sends counts, then rows, to two nodes, which answer one output row
+    /// per pair: the whole layer's protocol over the fake.
+    #[test]
+    fn counts_then_all_to_all_then_combine() {
+        let (mut comms, _) = group(3);
+        let mut nodes = comms.split_off(1);
+        let mut router = comms.pop().unwrap();
+        let hidden = 2;
+        let counts = [
+            PeerCounts { rows: 2, pairs: 3 },
+            PeerCounts { rows: 1, pairs: 2 },
+        ];
+        let plan = ExchangePlan::new(&counts, hidden, 4);
+        let rows: Vec<u8> = (0..plan.hidden_bytes as u8).collect();
+
+        let timeout = Duration::from_secs(1);
+        let sends = plan
+            .peers
+            .iter()
+            .map(|p| (p.rank, p.counts.encode().to_vec()))
+            .collect();
+        run_bounded(
+            &mut router,
+            Pending {
+                sends,
+                recvs: vec![],
+            },
+            timeout,
+        )
+        .unwrap();
+        let mut got_counts = Vec::new();
+        for node in &mut nodes {
+            let got = run_bounded(
+                node,
+                Pending {
+                    sends: vec![],
+                    recvs: vec![(0, 8)],
+                },
+                timeout,
+            )
+            .unwrap();
+            let bytes: [u8; 8] = got[0].as_slice().try_into().unwrap();
+            got_counts.push(PeerCounts::decode(&bytes, 1024).unwrap());
+        }
+        assert_eq!(got_counts, counts);
+
+        let sends = plan
+            .peers
+            .iter()
+            .map(|p| (p.rank, rows[p.hidden.clone()].to_vec()))
+            .collect();
+        run_bounded(
+            &mut router,
+            Pending {
+                sends,
+                recvs: vec![],
+            },
+            timeout,
+        )
+        .unwrap();
+        for (node, c) in nodes.iter_mut().zip(counts) {
+            let len = c.rows as usize * hidden * 4;
+            let got = run_bounded(
+                node,
+                Pending {
+                    sends: vec![],
+                    recvs: vec![(0, len)],
+                },
+                timeout,
+            )
+            .unwrap();
+            assert_eq!(got[0].len(), len);
+            // Answer: one output row per pair.
+            let out = vec![node.rank() as u8; c.pairs as usize * hidden * 4];
+            run_bounded(
+                node,
+                Pending {
+                    sends: vec![(0, out)],
+                    recvs: vec![],
+                },
+                timeout,
+            )
+            .unwrap();
+        }
+        let recvs = plan
+            .peers
+            .iter()
+            .map(|p| (p.rank, p.outputs.len()))
+            .collect();
+        let outputs = run_bounded(
+            &mut router,
+            Pending {
+                sends: vec![],
+                recvs,
+            },
+            timeout,
+        )
+        .unwrap();
+        assert_eq!(outputs[0], vec![1u8; 24]);
+        assert_eq!(outputs[1], vec![2u8; 16]);
+    }
+
+    #[test]
+    fn a_dead_peer_costs_one_timeout_and_aborts_the_communicator() {
+        let (mut comms, dead) = group(3);
+        dead.lock().unwrap()[2] = true;
+        let router = &mut comms[0];
+        let started = Instant::now();
+        let err = run_bounded(
+            router,
+            Pending {
+                sends: vec![(1, vec![0; 8]), (2, vec![0; 8])],
+                recvs: vec![(2, 8)],
+            },
+            Duration::from_millis(50),
+        )
+        .unwrap_err();
+        assert_eq!(err, CommError::Timeout(Duration::from_millis(50)));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(router.aborted);
+        // An aborted communicator refuses further work instead of hanging.
+        let again = run_bounded(router, Pending::default(), Duration::from_millis(50));
+        assert_eq!(again.unwrap_err(), CommError::Aborted);
+    }
+
+    #[test]
+    fn ranks_outside_the_communicator_are_refused() {
+        let (mut comms, _) = group(2);
+        let err = run_bounded(
+            &mut comms[0],
+            Pending {
+                sends: vec![(5, vec![1])],
+                recvs: vec![],
+            },
+            Duration::from_millis(10),
+        )
+        .unwrap_err();
+        assert_eq!(err, CommError::BadRank { rank: 5, size: 2 });
+    }
+}
