@@ -180,9 +180,8 @@ mod tests {
     fn stop_string_limits_are_enforced_by_name() {
         let (config, tokenizer) = fixture();
         let limits = RequestLimits::default();
-        let check = |stop: Vec<String>| {
-            validate(request(stop), &config, &tokenizer, &limits).map(|_| ())
-        };
+        let check =
+            |stop: Vec<String>| validate(request(stop), &config, &tokenizer, &limits).map(|_| ());
         assert!(check(vec!["a".into(); 16]).is_ok());
         let err = check(vec!["a".into(); 17]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
