@@ -184,3 +184,124 @@ async fn api_keys_and_limits() {
     .await;
     assert_eq!(s, 200);
 }
+
+/// A copy of `fixture` whose chat template refuses a system message with `raise_exception`,
+/// as Mistral's and Gemma's templates do.
+fn fixture_with_raising_template(fixture: &str) -> TempDir {
+    let dir = TempDir::new("raising-template");
+    for entry in std::fs::read_dir(fixture_dir(fixture)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = json!(
+        "{% for m in messages %}{% if m['role'] == 'system' %}\
+         {{ raise_exception('System role not supported') }}{% endif %}\
+         <|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}\
+         {% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    dir
+}
+
+/// The gRPC message limit, the per-connection stream limit and a raising chat template over
+/// HTTP: each refused or queued as docs/security.md says, the server serving others after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_size_stream_limit_and_raising_template() {
+    let fixture = FIXTURES[0];
+    let checkpoint = fixture_with_raising_template(fixture);
+    let mut spec = harness::spec(checkpoint.path().to_path_buf(), 1);
+    spec.router_args.extend([
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+        "--max-streams-per-connection".into(),
+        "1".into(),
+        "--served-model-name".into(),
+        "deepseek-v3-tiny".into(),
+    ]);
+    let cluster = LocalCluster::start(spec).unwrap();
+    harness::wait_serving(&cluster, 1).await;
+    let http_addr = cluster.router_http_addr.clone().unwrap();
+
+    // A template that raises: 400 with its message; the same chat without the system message
+    // is served.
+    let chat = |messages: Value| {
+        json!({"model": "deepseek-v3-tiny", "messages": messages, "max_tokens": 3}).to_string()
+    };
+    let refused = chat(json!([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"}
+    ]));
+    let (s, b) = http(
+        &http_addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        refused.as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(error_type(&b), "invalid_request_error");
+    assert!(b.contains("System role not supported"), "{b}");
+    let served = chat(json!([{"role": "user", "content": "hello"}]));
+    let (s, b) = http(
+        &http_addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        served.as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+
+    // gRPC messages above tonic's 4 MiB default are refused before any work (tonic answers
+    // OUT_OF_RANGE where gRPC's C core says RESOURCE_EXHAUSTED).
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.router_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = InferenceClient::new(channel.clone());
+    let mut huge = greedy(&[], 1);
+    huge.prompt = Some("x".repeat(5 << 20));
+    let err = client.generate(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("decoded message length too large"),
+        "{err:?}"
+    );
+
+    // One stream per connection: a second Generate on the same connection waits while the
+    // first is open (HTTP/2 flow control) instead of failing, and runs once it closes; a
+    // second connection is not held up meanwhile.
+    let ids = golden_cases(fixture)[0].input_ids[..6].to_vec();
+    let mut first = client
+        .generate(greedy(&ids, 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.message().await.unwrap().is_some());
+    let mut queued = InferenceClient::new(channel.clone());
+    let queued_ids = ids.clone();
+    let second =
+        tokio::spawn(async move { harness::generate(&mut queued, greedy(&queued_ids, 2)).await });
+    let mut other_connection = harness::inference(&cluster).await;
+    let elsewhere = harness::generate(&mut other_connection, greedy(&ids, 2))
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.ids.len(), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "a second stream ran while the connection's only stream was open"
+    );
+    drop(first);
+    let queued = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the queued stream ran once the first closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(queued.ids, elsewhere.ids);
+}

@@ -37,6 +37,8 @@ enum Command {
     Drain(commands::drain::DrainArgs),
     /// Kill, restart and drain nodes of a local cluster under checked load; report losses.
     Chaos(commands::chaos::ChaosArgs),
+    /// Measure expert-FFN TFLOP/s on a GPU (DeepSeek-V3 shapes) against a dense GEMM.
+    GpuBench(commands::gpu_bench::GpuBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => commands::up::run(args),
         Command::Drain(args) => commands::drain::run(args),
         Command::Chaos(args) => commands::chaos::run(args),
+        Command::GpuBench(args) => commands::gpu_bench::run(args),
     }
 }
 

@@ -13,7 +13,7 @@ use moe_cluster::membership::list_nodes;
 use moe_cluster::placement::PlacementStore;
 use moe_cluster::{ClusterKeys, NodeRegistration, NodeState};
 use moe_model::checkpoint::Checkpoint;
-use moe_model::experts::ExpertSet;
+use moe_model::experts::{ExpertDevice, ExpertSet};
 use moe_model::ModelConfig;
 use moe_proto::v1::expert_data_server::ExpertDataServer;
 use tonic_health::server::HealthReporter;
@@ -51,6 +51,8 @@ pub struct FollowerContext {
     pub fingerprint: String,
     pub model_dir: PathBuf,
     pub config: ModelConfig,
+    /// Where loaded experts live (the CPU or this node's GPU).
+    pub device: ExpertDevice,
     pub served: Arc<ServedExperts>,
     pub registration: Arc<NodeRegistration>,
     pub health: HealthReporter,
@@ -158,9 +160,10 @@ async fn load(ctx: &FollowerContext, wanted: &[(usize, usize)]) -> anyhow::Resul
     let previous = ctx.served.latest().map(|(_, s)| s);
     let hidden = ctx.config.hidden_size;
     let wanted = wanted.to_vec();
+    let device = ctx.device.clone();
     let set = tokio::task::spawn_blocking(move || -> moe_model::Result<ExpertSet> {
         let ckpt = Checkpoint::open(&dir)?;
-        let base = previous.unwrap_or_else(|| Arc::new(ExpertSet::empty(hidden)));
+        let base = previous.unwrap_or_else(|| Arc::new(ExpertSet::empty_on(hidden, device)));
         base.with_experts(&ckpt, &config, &wanted)
     })
     .await??;

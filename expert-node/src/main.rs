@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
     }
-    args.device.open_for_serving()?;
+    let expert_device = args.device.open_experts(args.gpu_dtype)?;
     let cluster_tls = args.cluster_tls.load()?;
     let etcd = args.etcd.connection()?;
     let config = ModelConfig::from_dir(&args.model)
@@ -143,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         fingerprint,
         model_dir: args.model.clone(),
         config,
+        device: expert_device,
         served,
         registration: Arc::clone(&registration),
         health,

@@ -26,10 +26,41 @@ pub enum DeviceError {
     #[error("--device {device}: {message}")]
     Cuda { device: Device, message: String },
     #[error(
-        "--device {device} ({name}) was found, but the CUDA model backend is not part of this \
-         build yet; run with --device cpu"
+        "--device {device} ({name}) was found, but the router's dense part (attention, KV cache) \
+         has no CUDA backend yet; run the router with --device cpu (expert nodes can use the GPU)"
     )]
     BackendMissing { device: Device, name: String },
+    #[error("unknown GPU dtype {0:?}: expected bf16 or f32")]
+    UnknownDtype(String),
+}
+
+/// The dtype of expert weights and GEMM inputs on a GPU (accumulation is f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuDtype {
+    #[default]
+    Bf16,
+    F32,
+}
+
+impl fmt::Display for GpuDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GpuDtype::Bf16 => "bf16",
+            GpuDtype::F32 => "f32",
+        })
+    }
+}
+
+impl FromStr for GpuDtype {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" => Ok(GpuDtype::Bf16),
+            "f32" | "float32" => Ok(GpuDtype::F32),
+            _ => Err(DeviceError::UnknownDtype(s.to_string())),
+        }
+    }
 }
 
 impl fmt::Display for Device {
@@ -78,7 +109,23 @@ impl Device {
         }
     }
 
-    /// Opens the device for serving: the CPU, or an error saying why a GPU cannot be used.
+    /// Opens the device for routed experts (expert nodes, the offline engine): the CPU, or the
+    /// GPU with its kernels compiled, or an error saying why that GPU cannot be used.
+    pub fn open_experts(
+        self,
+        dtype: GpuDtype,
+    ) -> Result<crate::experts::ExpertDevice, DeviceError> {
+        match self {
+            Device::Cpu => Ok(crate::experts::ExpertDevice::Cpu),
+            Device::Cuda(ordinal) => {
+                self.probe()?;
+                open_gpu(self, ordinal, dtype)
+            }
+        }
+    }
+
+    /// Opens the device for the router's dense part: the CPU, or an error saying why a GPU
+    /// cannot be used (the dense part has no CUDA backend yet).
     pub fn open_for_serving(self) -> Result<DeviceInfo, DeviceError> {
         let info = self.probe()?;
         match self {
@@ -89,6 +136,29 @@ impl Device {
             }),
         }
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(
+    device: Device,
+    _ordinal: usize,
+    _dtype: GpuDtype,
+) -> Result<crate::experts::ExpertDevice, DeviceError> {
+    Err(DeviceError::NotCompiled(device))
+}
+
+#[cfg(feature = "cuda")]
+fn open_gpu(
+    device: Device,
+    ordinal: usize,
+    dtype: GpuDtype,
+) -> Result<crate::experts::ExpertDevice, DeviceError> {
+    crate::gpu::GpuContext::open(ordinal, dtype)
+        .map(crate::experts::ExpertDevice::Gpu)
+        .map_err(|e| DeviceError::Cuda {
+            device,
+            message: e.to_string(),
+        })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -139,6 +209,12 @@ mod tests {
             Err(DeviceError::Unknown(_))
         ));
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        assert_eq!("BF16".parse(), Ok(GpuDtype::Bf16));
+        assert_eq!("f32".parse(), Ok(GpuDtype::F32));
+        assert!(matches!(
+            "fp8".parse::<GpuDtype>(),
+            Err(DeviceError::UnknownDtype(_))
+        ));
     }
 
     /// On a machine without a GPU (CI), asking for one is a clear error, with or without the
@@ -160,6 +236,13 @@ mod tests {
         };
         assert!(expected, "{err}");
         let msg = Device::Cuda(7).open_for_serving().unwrap_err().to_string();
+        assert!(msg.contains("cuda:7"), "{msg}");
+        assert!(Device::Cpu.open_experts(GpuDtype::Bf16).is_ok());
+        let msg = Device::Cuda(7)
+            .open_experts(GpuDtype::Bf16)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(msg.contains("cuda:7"), "{msg}");
     }
 }

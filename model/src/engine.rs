@@ -10,7 +10,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::dense::{DenseModel, StepSequence};
 use crate::error::{ModelError, Result};
-use crate::experts::ExpertSet;
+use crate::experts::{ExpertDevice, ExpertSet};
 use crate::kv_cache::SequenceCache;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -53,11 +53,16 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, &ExpertDevice::Cpu)
+    }
+
+    /// Loads with the routed experts on `experts_on` (the dense part stays on the CPU).
+    pub fn load_on(dir: &Path, experts_on: &ExpertDevice) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let dense = DenseModel::load(&ckpt, &config)?;
-        let experts = ExpertSet::load_all(&ckpt, &config)?;
+        let experts = ExpertSet::load_all_on(&ckpt, &config, experts_on)?;
         let mut eos_ids = config.eos_token_ids.clone();
         if let Some(eos) = tokenizer.eos_id() {
             if !eos_ids.contains(&eos) {

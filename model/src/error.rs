@@ -37,6 +37,8 @@ pub enum ModelError {
     InvalidRequest(String),
     #[error("expert backend: {0}")]
     ExpertBackend(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("expert ({layer}, {expert}) is not held by this ExpertSet")]
     ExpertNotLoaded { layer: usize, expert: usize },
 }

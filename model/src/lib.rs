@@ -12,6 +12,8 @@
 //! - [`engine::Engine`] puts both in one process with a tokenizer and a batched generation
 //!   loop; [`sampling`] picks tokens; [`generator`] writes random checkpoints for tests and
 //!   benchmarks.
+//! - [`device`] picks where the math runs; with the `cuda` feature, `gpu` runs routed experts
+//!   on a GPU (cuBLAS, NVRTC kernels).
 
 pub mod backend;
 pub mod batch;
@@ -25,6 +27,8 @@ pub mod error;
 pub mod experts;
 pub mod families;
 pub mod generator;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv_cache;
 pub mod layers;
 pub mod routes;
@@ -32,6 +36,9 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use config::{Family, ModelConfig};
+/// The CUDA bindings the GPU path is built on, for the crates above (NCCL lives in `cluster`).
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use engine::{Engine, FinishReason, GenerateOutput, GenerateRequest};
 pub use error::{ModelError, Result};
 pub use sampling::SamplingParams;

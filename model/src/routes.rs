@@ -75,3 +75,97 @@ pub fn combine(
     }
     out
 }
+
+/// One expert's contiguous run of slots in an [`ExpertRuns`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertRun {
+    pub expert: u32,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// A routed batch in expert order: slot `s` carries row `row_of_slot[s]` for pair
+/// `pair_of_slot[s]`, and each expert's slots form one run, so each expert runs one GEMM over
+/// all its rows (CPU and GPU alike). Within a run, slots follow pair order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpertRuns {
+    pub row_of_slot: Vec<u32>,
+    pub pair_of_slot: Vec<u32>,
+    pub runs: Vec<ExpertRun>,
+}
+
+impl ExpertRuns {
+    pub fn from_routes(routes: &ExpertRoutes) -> Self {
+        let mut slots: Vec<(u32, u32, u32)> = Vec::with_capacity(routes.pairs());
+        for r in 0..routes.rows() {
+            for p in routes.row_pairs(r) {
+                slots.push((routes.experts[p], p as u32, r as u32));
+            }
+        }
+        // Pairs are already in row order; a stable sort by expert keeps pair order in a run.
+        slots.sort_by_key(|&(expert, _, _)| expert);
+        let mut runs: Vec<ExpertRun> = Vec::new();
+        for (s, &(expert, _, _)) in slots.iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if run.expert == expert => run.len += 1,
+                _ => runs.push(ExpertRun {
+                    expert,
+                    start: s,
+                    len: 1,
+                }),
+            }
+        }
+        Self {
+            row_of_slot: slots.iter().map(|s| s.2).collect(),
+            pair_of_slot: slots.iter().map(|s| s.1).collect(),
+            runs,
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.row_of_slot.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_each_expert_once_in_pair_order() {
+        let mut routes = ExpertRoutes::with_capacity(3, 6);
+        routes.push_row(&mut [(5, 0.5), (1, 0.5)]);
+        routes.push_row(&mut [(1, 0.3), (2, 0.7)]);
+        routes.push_row(&mut [(5, 1.0)]);
+        let plan = ExpertRuns::from_routes(&routes);
+        let experts: Vec<u32> = plan.runs.iter().map(|r| r.expert).collect();
+        assert_eq!(experts, [1, 2, 5]);
+        assert_eq!(
+            plan.runs[0],
+            ExpertRun {
+                expert: 1,
+                start: 0,
+                len: 2
+            }
+        );
+        assert_eq!(
+            plan.runs[2],
+            ExpertRun {
+                expert: 5,
+                start: 3,
+                len: 2
+            }
+        );
+        // Expert 1 serves pair 0 (row 0) then pair 2 (row 1); expert 5 pairs 1 (row 0), 4 (row 2).
+        assert_eq!(plan.pair_of_slot, [0, 2, 3, 1, 4]);
+        assert_eq!(plan.row_of_slot, [0, 1, 1, 0, 2]);
+        assert_eq!(plan.slots(), routes.pairs());
+    }
+
+    #[test]
+    fn an_empty_batch_has_no_runs() {
+        let plan = ExpertRuns::from_routes(&ExpertRoutes::with_capacity(0, 0));
+        assert!(plan.runs.is_empty());
+        assert_eq!(plan.slots(), 0);
+    }
+}

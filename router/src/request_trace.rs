@@ -19,11 +19,17 @@ pub struct TraceOrigin {
 
 impl TraceOrigin {
     pub fn from_grpc(metadata: &tonic::metadata::MetadataMap, operation: &'static str) -> Self {
-        Self::from_headers(|key| metadata.get(key).and_then(|v| v.to_str().ok()), operation)
+        Self::from_headers(
+            |key| metadata.get(key).and_then(|v| v.to_str().ok()),
+            operation,
+        )
     }
 
     pub fn from_http(headers: &axum::http::HeaderMap, operation: &'static str) -> Self {
-        Self::from_headers(|key| headers.get(key).and_then(|v| v.to_str().ok()), operation)
+        Self::from_headers(
+            |key| headers.get(key).and_then(|v| v.to_str().ok()),
+            operation,
+        )
     }
 
     fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>, operation: &'static str) -> Self {

@@ -4,6 +4,7 @@ pub mod chaos;
 pub mod drain;
 pub mod gen_checkpoint;
 pub mod generate;
+pub mod gpu_bench;
 pub mod remote;
 pub mod status;
 pub mod up;

@@ -57,7 +57,7 @@ pub fn run_bounded<C: Communicator + ?Sized>(
         .iter()
         .map(|(r, _)| *r)
         .chain(group.recvs.iter().map(|(r, _)| *r))
-        .find(|&r| r >= size || r == comm.rank());
+        .find(|&r| r >= size);
     if let Some(rank) = bad {
         return Err(CommError::BadRank { rank, size });
     }
@@ -327,6 +327,23 @@ mod tests {
         // An aborted communicator refuses further work instead of hanging.
         let again = run_bounded(router, Pending::default(), Duration::from_millis(50));
         assert_eq!(again.unwrap_err(), CommError::Aborted);
+    }
+
+    /// NCCL allows a rank to send to itself inside a group (a one-rank communicator's
+    /// all-to-all is exactly that); the bounded wait must too.
+    #[test]
+    fn a_rank_can_exchange_with_itself() {
+        let (mut comms, _) = group(1);
+        let received = run_bounded(
+            &mut comms[0],
+            Pending {
+                sends: vec![(0, vec![1, 2, 3])],
+                recvs: vec![(0, 3)],
+            },
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        assert_eq!(received, vec![vec![1, 2, 3]]);
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //!   and the deadline that turns a dead peer into an abort instead of a hang.
 //! - [`epochs`]: which communicator serves which epoch; new epoch, new communicator; old ones
 //!   are aborted once no dispatch can use them.
+//! - `nccl` (`--features cuda`): the NCCL communicator itself, non-blocking and abortable.
 
 pub mod communicator;
 pub mod epochs;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod plan;
 
 pub use communicator::{run_bounded, CommError, Communicator, Pending};

@@ -441,3 +441,34 @@ async fn chat_completions(
         Ok(Json(answers::whole_chat(&state, answers, id, parsed.logprobs).await?).into_response())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizer() -> Tokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny");
+        Tokenizer::from_dir(&dir).expect("fixture tokenizer")
+    }
+
+    #[test]
+    fn chat_on_a_checkpoint_without_a_template_is_a_400_pointing_at_completions() {
+        let tokenizer = fixture_tokenizer();
+        let body = br#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#;
+        let Err(err) = parse_chat(body, "m", None, &tokenizer, 1024) else {
+            panic!("a chat request without a template was accepted");
+        };
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.kind, "invalid_request_error");
+        assert_eq!(err.param, Some("messages"));
+        assert!(err.message.contains("/v1/completions"), "{}", err.message);
+        let template = ChatTemplate::new(
+            tokenizer.chat_template().expect("the fixture has one"),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(parse_chat(body, "m", Some(&template), &tokenizer, 1024).is_ok());
+    }
+}

@@ -1,0 +1,101 @@
+//! `moe gpu-bench`: expert-FFN TFLOP/s on a GPU at DeepSeek-V3 shapes, against one large
+//! dense GEMM measured in the same run (the roofline). Needs a build with `--features cuda`.
+
+use clap::Args;
+use moe_model::device::{Device, GpuDtype};
+
+#[derive(Args, Clone)]
+pub struct GpuBenchArgs {
+    /// The GPU to measure.
+    #[arg(long, env = "MOE_DEVICE", default_value = "cuda:0")]
+    pub device: Device,
+    /// Dtype of weights and GEMM inputs.
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
+    pub gpu_dtype: GpuDtype,
+    /// Token counts to measure (each routed to top-k of the experts).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,8192")]
+    pub tokens: Vec<usize>,
+    #[arg(long, default_value_t = 7168)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub intermediate: usize,
+    #[arg(long, default_value_t = 256)]
+    pub experts: usize,
+    #[arg(long, default_value_t = 8)]
+    pub top_k: usize,
+    /// Side of the square dense GEMM that gives the roofline.
+    #[arg(long, default_value_t = 8192)]
+    pub roofline_size: usize,
+    /// Timed runs per figure (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: GpuBenchArgs) -> anyhow::Result<()> {
+    anyhow::bail!("moe gpu-bench needs a build with --features cuda")
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
+    use moe_model::experts::ExpertDevice;
+    use moe_model::gpu::bench::{dense_gemm, expert_ffn, FfnShape};
+
+    let Device::Cuda(_) = args.device else {
+        anyhow::bail!("--device must be a GPU (cuda:N)")
+    };
+    let ExpertDevice::Gpu(ctx) = args.device.open_experts(args.gpu_dtype)? else {
+        anyhow::bail!("{} did not open as a GPU", args.device)
+    };
+    let shape = FfnShape {
+        hidden: args.hidden,
+        intermediate: args.intermediate,
+        experts: args.experts,
+        top_k: args.top_k,
+    };
+    let roofline = dense_gemm(&ctx, args.roofline_size, args.iters)?;
+    let figures = expert_ffn(&ctx, shape, &args.tokens, args.iters, roofline.tflops)?;
+    if args.json {
+        let json = serde_json::json!({
+            "device": args.device.to_string(),
+            "name": ctx.name(),
+            "dtype": args.gpu_dtype.to_string(),
+            "shape": shape,
+            "roofline": roofline,
+            "expert_ffn": figures,
+        });
+        println!("{json}");
+        return Ok(());
+    }
+    println!(
+        "{} ({}), {}: dense GEMM {n}x{n}x{n}: {:.1} TFLOP/s ({:.2} ms)",
+        args.device,
+        ctx.name(),
+        args.gpu_dtype,
+        roofline.tflops,
+        roofline.ms,
+        n = roofline.m
+    );
+    println!(
+        "expert FFN, hidden {} x intermediate {}, {} experts, top-{}:",
+        shape.hidden, shape.intermediate, shape.experts, shape.top_k
+    );
+    println!(
+        "{:>8} {:>8} {:>10} {:>10} {:>12}",
+        "tokens", "pairs", "ms", "TFLOP/s", "of roofline"
+    );
+    for f in &figures {
+        println!(
+            "{:>8} {:>8} {:>10.3} {:>10.1} {:>11.0}%",
+            f.tokens,
+            f.pairs,
+            f.ms,
+            f.tflops,
+            f.of_roofline * 100.0
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! The NCCL [`Communicator`] (`--features cuda`): one rank per process, the all-to-all as one
+//! group of `ncclSend`/`ncclRecv` on the process's stream.
+//!
+//! Communicators are created non-blocking (`ncclConfig_t.blocking = 0`), so neither joining
+//! nor a collective can hang the caller: both are polled (`ncclCommGetAsyncError`, a CUDA
+//! event) under [`super::run_bounded`]'s deadline, and a dead peer ends in `ncclCommAbort`.
+//! cudarc's own `Comm` is not used because its `Drop` aborts with a panic on failure and
+//! its constructor blocks.
+
+use std::ffi::CStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_model::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use moe_model::cudarc::nccl::sys::{self, ncclResult_t};
+
+use super::communicator::{CommError, Communicator, Pending};
+
+/// `NCCL_CONFIG_MAGIC` from nccl.h.
+const CONFIG_MAGIC: u32 = 0xcafe_beef;
+/// `NCCL_CONFIG_UNDEF_INT`: "use NCCL's default".
+const UNDEF: i32 = i32::MIN;
+
+/// Bytes of an `ncclUniqueId` (what the router publishes in etcd for an epoch).
+pub const UNIQUE_ID_BYTES: usize = 128;
+
+fn library_present() -> Result<(), CommError> {
+    // SAFETY: only tries to open the shared libraries.
+    let present =
+        unsafe { moe_model::cudarc::driver::sys::is_culib_present() && sys::is_culib_present() };
+    if present {
+        Ok(())
+    } else {
+        Err(CommError::Failed(
+            "libnccl or libcuda could not be loaded (put them on LD_LIBRARY_PATH)".into(),
+        ))
+    }
+}
+
+fn describe(result: ncclResult_t) -> String {
+    // SAFETY: ncclGetErrorString returns a static string for every result code.
+    let text = unsafe { CStr::from_ptr(sys::ncclGetErrorString(result)) };
+    format!("{result:?}: {}", text.to_string_lossy())
+}
+
+/// `Ok` for success and for "in progress" (non-blocking communicators), else the error.
+fn check(result: ncclResult_t, what: &str) -> Result<(), CommError> {
+    match result {
+        ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(()),
+        other => Err(CommError::Failed(format!("{what}: {}", describe(other)))),
+    }
+}
+
+/// A fresh `ncclUniqueId` (made by the epoch's rank 0, the router).
+pub fn new_unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CommError> {
+    library_present()?;
+    // SAFETY: ncclGetUniqueId writes the id it is given.
+    let mut id = sys::ncclUniqueId {
+        internal: [0; UNIQUE_ID_BYTES],
+    };
+    check(unsafe { sys::ncclGetUniqueId(&mut id) }, "ncclGetUniqueId")?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// What a posted group still owns until it completes.
+struct InFlight {
+    done: CudaEvent,
+    received: Vec<CudaSlice<u8>>,
+    /// Kept alive until NCCL has read them.
+    _sent: Vec<CudaSlice<u8>>,
+}
+
+pub struct NcclCommunicator {
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    size: usize,
+    in_flight: Option<InFlight>,
+    aborted: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
+// concurrent, which `&mut self` guarantees; the CUDA objects it holds are Send.
+unsafe impl Send for NcclCommunicator {}
+
+impl NcclCommunicator {
+    /// Joins the communicator `id` as `rank` of `size`, waiting at most `timeout` for the
+    /// other ranks; on a timeout the half-made communicator is aborted.
+    pub fn join(
+        stream: Arc<CudaStream>,
+        id: &[u8; UNIQUE_ID_BYTES],
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
+        if rank >= size {
+            return Err(CommError::BadRank { rank, size });
+        }
+        library_present()?;
+        let mut version = 0;
+        // SAFETY: writes one int.
+        check(
+            unsafe { sys::ncclGetVersion(&mut version) },
+            "ncclGetVersion",
+        )?;
+        let mut config = sys::ncclConfig_t {
+            size: std::mem::size_of::<sys::ncclConfig_t>(),
+            magic: CONFIG_MAGIC,
+            version: version as u32,
+            blocking: 0,
+            cgaClusterSize: UNDEF,
+            minCTAs: UNDEF,
+            maxCTAs: UNDEF,
+            netName: std::ptr::null(),
+            splitShare: UNDEF,
+            trafficClass: UNDEF,
+            commName: std::ptr::null(),
+            collnetEnable: UNDEF,
+            CTAPolicy: UNDEF,
+            shrinkShare: UNDEF,
+            nvlsCTAs: UNDEF,
+            nChannelsPerNetPeer: UNDEF,
+            nvlinkCentricSched: UNDEF,
+            graphUsageMode: UNDEF,
+            maxP2pPeers: UNDEF,
+            numRmaCtx: UNDEF,
+        };
+        let unique = sys::ncclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| CommError::Failed(format!("CUDA: {e}")))?;
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` and `config` outlive the call; NCCL copies the config.
+        let started = unsafe {
+            sys::ncclCommInitRankConfig(&mut comm, size as i32, unique, rank as i32, &mut config)
+        };
+        check(started, "ncclCommInitRankConfig")?;
+        let mut joined = Self {
+            comm,
+            stream,
+            rank,
+            size,
+            in_flight: None,
+            aborted: false,
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match joined.async_state()? {
+                ncclResult_t::ncclSuccess => return Ok(joined),
+                _ if Instant::now() >= deadline => {
+                    joined.abort();
+                    return Err(CommError::Timeout(timeout));
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// `ncclSuccess`, `ncclInProgress`, or the communicator's asynchronous error as `Err`.
+    fn async_state(&mut self) -> Result<ncclResult_t, CommError> {
+        if self.aborted {
+            return Err(CommError::Aborted);
+        }
+        let mut state = ncclResult_t::ncclSuccess;
+        // SAFETY: `comm` is live (not aborted); writes one result.
+        check(
+            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) },
+            "ncclCommGetAsyncError",
+        )?;
+        match state {
+            ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress => Ok(state),
+            other => Err(CommError::Failed(describe(other))),
+        }
+    }
+
+    /// A device buffer of `len` bytes for a send (callers fill it, e.g. with packed rows).
+    pub fn alloc(&self, len: usize) -> Result<CudaSlice<u8>, CommError> {
+        self.stream
+            .alloc_zeros::<u8>(len.max(1))
+            .map_err(|e| CommError::Failed(format!("CUDA: {e}")))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl Communicator for NcclCommunicator {
+    type Buffer = CudaSlice<u8>;
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn post(&mut self, group: Pending<CudaSlice<u8>>) -> Result<(), CommError> {
+        if self.aborted {
+            return Err(CommError::Aborted);
+        }
+        let cuda =
+            |e: moe_model::cudarc::driver::DriverError| CommError::Failed(format!("CUDA: {e}"));
+        let mut received = Vec::with_capacity(group.recvs.len());
+        for &(_, len) in &group.recvs {
+            received.push(self.stream.alloc_zeros::<u8>(len.max(1)).map_err(cuda)?);
+        }
+        let stream = self.stream.cu_stream() as sys::cudaStream_t;
+        // SAFETY: every buffer is a live device allocation of at least the length passed, and
+        // they are kept in `in_flight` until the event recorded after the group completes.
+        unsafe {
+            check(sys::ncclGroupStart(), "ncclGroupStart")?;
+            for (peer, buffer) in &group.sends {
+                let (ptr, _record) = buffer.device_ptr(&self.stream);
+                check(
+                    sys::ncclSend(
+                        ptr as *const _,
+                        buffer.len(),
+                        sys::ncclDataType_t::ncclUint8,
+                        *peer as i32,
+                        self.comm,
+                        stream,
+                    ),
+                    "ncclSend",
+                )?;
+            }
+            for ((peer, len), buffer) in group.recvs.iter().zip(received.iter_mut()) {
+                let (ptr, _record) = buffer.device_ptr_mut(&self.stream);
+                check(
+                    sys::ncclRecv(
+                        ptr as *mut _,
+                        *len,
+                        sys::ncclDataType_t::ncclUint8,
+                        *peer as i32,
+                        self.comm,
+                        stream,
+                    ),
+                    "ncclRecv",
+                )?;
+            }
+            check(sys::ncclGroupEnd(), "ncclGroupEnd")?;
+        }
+        let done = self.stream.record_event(None).map_err(cuda)?;
+        self.in_flight = Some(InFlight {
+            done,
+            received,
+            _sent: group.sends.into_iter().map(|(_, b)| b).collect(),
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<Option<Vec<CudaSlice<u8>>>, CommError> {
+        self.async_state()?;
+        let Some(in_flight) = &self.in_flight else {
+            return Ok(Some(Vec::new()));
+        };
+        let complete = in_flight
+            .done
+            .try_is_complete()
+            .map_err(|e| CommError::Failed(format!("CUDA: {e}")))?;
+        if !complete {
+            return Ok(None);
+        }
+        Ok(self.in_flight.take().map(|f| f.received))
+    }
+
+    fn abort(&mut self) {
+        if !self.aborted {
+            self.aborted = true;
+            // SAFETY: `comm` is live; abort frees it without waiting for peers.
+            let result = unsafe { sys::ncclCommAbort(self.comm) };
+            if result != ncclResult_t::ncclSuccess {
+                tracing::warn!(error = %describe(result), "ncclCommAbort");
+            }
+            // Buffers of an aborted group are freed with the stream's pending work dropped.
+            self.in_flight = None;
+        }
+    }
+}
+
+impl Drop for NcclCommunicator {
+    fn drop(&mut self) {
+        if self.aborted {
+            return;
+        }
+        if self.in_flight.is_some() {
+            self.abort();
+            return;
+        }
+        // SAFETY: `comm` is live and idle; finalize flushes, destroy frees.
+        unsafe {
+            let _ = sys::ncclCommFinalize(self.comm);
+            let _ = sys::ncclCommDestroy(self.comm);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::run_bounded;
+    use moe_model::cudarc::driver::CudaContext;
+
+    /// A one-rank communicator's all-to-all (send to and receive from itself) carries the
+    /// bytes through NCCL and back. Needs a GPU and libnccl: run by `ops/gpu-check.sh`.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libnccl (ops/gpu-check.sh runs it)"]
+    fn one_rank_round_trip() {
+        let ctx = CudaContext::new(0).expect("GPU 0");
+        let stream = ctx.new_stream().expect("stream");
+        let id = new_unique_id().expect("unique id");
+        let mut comm =
+            NcclCommunicator::join(Arc::clone(&stream), &id, 0, 1, Duration::from_secs(30))
+                .expect("join");
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let send = stream.clone_htod(&payload).expect("upload");
+        let received = run_bounded(
+            &mut comm,
+            Pending {
+                sends: vec![(0, send)],
+                recvs: vec![(0, payload.len())],
+            },
+            Duration::from_secs(30),
+        )
+        .expect("exchange");
+        let back = stream.clone_dtoh(&received[0]).expect("download");
+        stream.synchronize().expect("sync");
+        assert_eq!(back, payload);
+        println!("nccl one-rank round trip: {} bytes ok", payload.len());
+    }
+}

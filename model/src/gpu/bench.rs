@@ -1,0 +1,181 @@
+//! Expert-FFN throughput on the GPU, against one large dense GEMM measured in the same run
+//! (the roofline: about 790 TFLOP/s bf16 on an H200).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::context::{GpuContext, GpuError};
+use super::expert_ffn::{fill_uniform_f32, gemm_rows, run_grouped, GpuBuffer, GpuMlp};
+use crate::routes::{ExpertRoutes, ExpertRuns};
+
+/// The MoE layer shape being measured.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FfnShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub experts: usize,
+    pub top_k: usize,
+}
+
+impl FfnShape {
+    /// DeepSeek-V3/R1: hidden 7168, moe_intermediate 2048, 256 routed experts, top-8.
+    pub const DEEPSEEK_V3: FfnShape = FfnShape {
+        hidden: 7168,
+        intermediate: 2048,
+        experts: 256,
+        top_k: 8,
+    };
+
+    /// Floating-point operations of one routed (token, expert) pair: gate+up and down.
+    pub fn flops_per_pair(&self) -> f64 {
+        6.0 * self.hidden as f64 * self.intermediate as f64
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FfnFigure {
+    pub tokens: usize,
+    pub pairs: usize,
+    pub ms: f64,
+    pub tflops: f64,
+    /// `tflops` over the dense GEMM's.
+    pub of_roofline: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmFigure {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ms: f64,
+    pub tflops: f64,
+}
+
+/// Times `f` (which queues GPU work) over `iters` runs after one warm-up; milliseconds per run.
+fn time_ms(
+    ctx: &GpuContext,
+    iters: usize,
+    mut f: impl FnMut() -> Result<(), GpuError>,
+) -> Result<f64, GpuError> {
+    f()?;
+    ctx.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    ctx.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+}
+
+/// One `[m, k] x [k, n]` GEMM in the context's dtype with f32 output.
+pub fn dense_gemm(ctx: &GpuContext, size: usize, iters: usize) -> Result<GemmFigure, GpuError> {
+    let _serial = ctx.lock()?;
+    let mut w = GpuBuffer::zeros(ctx, size * size)?;
+    let mut x = GpuBuffer::zeros(ctx, size * size)?;
+    w.fill_uniform(ctx, 1, 0.01)?;
+    x.fill_uniform(ctx, 2, 0.01)?;
+    let mut c = ctx.stream().alloc_zeros::<f32>(size * size)?;
+    let ms = time_ms(ctx, iters, || {
+        gemm_rows(ctx, &w, &x, 0, &mut c, 0, size, size, size)
+    })?;
+    let flops = 2.0 * (size as f64).powi(3);
+    Ok(GemmFigure {
+        m: size,
+        n: size,
+        k: size,
+        ms,
+        tflops: flops / (ms * 1e-3) / 1e12,
+    })
+}
+
+/// Uniform random top-k routing (distinct experts per token), reproducible from `seed`.
+pub fn random_routes(tokens: usize, shape: &FfnShape, seed: u64) -> ExpertRoutes {
+    let mut state = seed.max(1);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let k = shape.top_k.min(shape.experts);
+    let mut routes = ExpertRoutes::with_capacity(tokens, tokens * k);
+    let mut choices = Vec::with_capacity(k);
+    for _ in 0..tokens {
+        choices.clear();
+        while choices.len() < k {
+            let e = (next() % shape.experts as u64) as u32;
+            if !choices.iter().any(|&(c, _)| c == e) {
+                choices.push((e, 1.0 / k as f32));
+            }
+        }
+        routes.push_row(&mut choices);
+    }
+    routes
+}
+
+/// Expert-FFN TFLOP/s of one MoE layer (all `shape.experts` experts on this GPU, random
+/// weights) at each token count, rows already on the device (the data plane delivers them
+/// there), routing and weights uploaded in the timed region.
+pub fn expert_ffn(
+    ctx: &GpuContext,
+    shape: FfnShape,
+    token_counts: &[usize],
+    iters: usize,
+    roofline_tflops: f64,
+) -> Result<Vec<FfnFigure>, GpuError> {
+    let _serial = ctx.lock()?;
+    let experts: Vec<GpuMlp> = (0..shape.experts)
+        .map(|e| GpuMlp::random(ctx, shape.hidden, shape.intermediate, e as u32 + 7))
+        .collect::<Result<_, _>>()?;
+    let mut figures = Vec::new();
+    for &tokens in token_counts {
+        let routes = random_routes(tokens, &shape, 0x5eed + tokens as u64);
+        let plan = ExpertRuns::from_routes(&routes);
+        let held: Vec<&GpuMlp> = plan
+            .runs
+            .iter()
+            .map(|r| &experts[r.expert as usize])
+            .collect();
+        let mut device_rows = ctx.stream().alloc_zeros::<f32>(tokens * shape.hidden)?;
+        fill_uniform_f32(ctx, &mut device_rows, 3, 1.0)?;
+        let ms = time_ms(ctx, iters, || {
+            run_grouped(ctx, &held, &device_rows, &plan, &routes.weights).map(drop)
+        })?;
+        let tflops = routes.pairs() as f64 * shape.flops_per_pair() / (ms * 1e-3) / 1e12;
+        figures.push(FfnFigure {
+            tokens,
+            pairs: routes.pairs(),
+            ms,
+            tflops,
+            of_roofline: tflops / roofline_tflops,
+        });
+    }
+    Ok(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_routes_pick_distinct_experts_with_equal_weights() {
+        let shape = FfnShape::DEEPSEEK_V3;
+        let routes = random_routes(100, &shape, 1);
+        assert_eq!(routes.rows(), 100);
+        assert_eq!(routes.pairs(), 800);
+        for r in 0..routes.rows() {
+            let experts = &routes.experts[routes.row_pairs(r)];
+            assert!(experts.windows(2).all(|w| w[0] < w[1]), "{experts:?}");
+            assert!(experts.iter().all(|&e| (e as usize) < shape.experts));
+        }
+        assert!(routes.weights.iter().all(|&w| w == 0.125));
+        assert_eq!(random_routes(100, &shape, 1), routes);
+    }
+
+    #[test]
+    fn deepseek_pair_flops() {
+        // 2 * 7168 * 4096 (gate+up) + 2 * 2048 * 7168 (down)
+        assert_eq!(FfnShape::DEEPSEEK_V3.flops_per_pair(), 88_080_384.0);
+    }
+}

@@ -1,0 +1,129 @@
+//! The process's GPU: context, stream, cuBLAS handle and compiled kernels.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaStream};
+
+use super::kernels::Kernels;
+use crate::device::{Device, GpuDtype};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("{0} could not be loaded (put the CUDA libraries on LD_LIBRARY_PATH)")]
+    MissingLibrary(&'static str),
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("NVRTC could not compile the kernels: {0}")]
+    Compile(String),
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl From<GpuError> for crate::ModelError {
+    fn from(e: GpuError) -> Self {
+        crate::ModelError::Gpu(e.to_string())
+    }
+}
+
+pub struct GpuContext {
+    device: Device,
+    name: String,
+    dtype: GpuDtype,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
+    /// the work of one stream runs in order anyway.
+    serial: Mutex<()>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("device", &self.device)
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+/// Whether the CUDA libraries the backend calls can be loaded (the driver is checked by
+/// [`Device::probe`]).
+pub fn check_libraries() -> Result<(), GpuError> {
+    // SAFETY: these only try to open the shared libraries; nothing is called yet.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Err(GpuError::MissingLibrary("libcuda"));
+        }
+        if !cudarc::cublas::sys::is_culib_present() {
+            return Err(GpuError::MissingLibrary("libcublas"));
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return Err(GpuError::MissingLibrary("libnvrtc"));
+        }
+    }
+    Ok(())
+}
+
+impl GpuContext {
+    /// Opens GPU `ordinal`, creates its stream and cuBLAS handle and compiles the kernels.
+    pub fn open(ordinal: usize, dtype: GpuDtype) -> Result<Arc<Self>, GpuError> {
+        check_libraries()?;
+        let ctx = CudaContext::new(ordinal)?;
+        let name = ctx.name()?;
+        let stream = ctx.new_stream()?;
+        let blas = CudaBlas::new(Arc::clone(&stream))?;
+        let kernels = Kernels::compile(&ctx, ctx.compute_capability()?)?;
+        tracing::info!(device = %Device::Cuda(ordinal), %name, %dtype, "GPU backend ready");
+        Ok(Arc::new(Self {
+            device: Device::Cuda(ordinal),
+            name,
+            dtype,
+            stream,
+            blas,
+            kernels,
+            serial: Mutex::new(()),
+        }))
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dtype(&self) -> GpuDtype {
+        self.dtype
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// Exclusive use of the stream and cuBLAS handle for one batch, with the context made
+    /// current on this thread (cuBLAS uses the thread's current context; a tokio blocking
+    /// thread has none, or another GPU's).
+    pub fn lock(&self) -> Result<MutexGuard<'_, ()>, GpuError> {
+        let guard = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        self.stream.context().bind_to_thread()?;
+        Ok(guard)
+    }
+
+    /// Waits for all queued work; errors of earlier asynchronous work surface here.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(self.stream.synchronize()?)
+    }
+}

@@ -1,0 +1,132 @@
+//! The NVRTC-compiled kernels and their launch shapes.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+use super::context::GpuError;
+
+/// Kept in the repository and compiled for the device's own architecture at start-up.
+pub const SOURCE: &str = include_str!("kernels.cu");
+
+pub struct Kernels {
+    pub gather_rows_bf16: CudaFunction,
+    pub gather_rows_f32: CudaFunction,
+    pub silu_mul_bf16: CudaFunction,
+    pub silu_mul_f32: CudaFunction,
+    pub scatter_weighted: CudaFunction,
+    pub fill_uniform_bf16: CudaFunction,
+    pub fill_uniform_f32: CudaFunction,
+}
+
+/// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
+pub const KERNEL_NAMES: [&str; 7] = [
+    "gather_rows_bf16",
+    "gather_rows_f32",
+    "silu_mul_bf16",
+    "silu_mul_f32",
+    "scatter_weighted",
+    "fill_uniform_bf16",
+    "fill_uniform_f32",
+];
+
+/// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
+pub fn compile_ptx(capability: (i32, i32)) -> Result<Ptx, GpuError> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(GpuError::MissingLibrary("libnvrtc"));
+    }
+    let (major, minor) = capability;
+    let options = CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        name: Some("moe_kernels.cu".into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(SOURCE, options).map_err(|e| GpuError::Compile(e.to_string()))
+}
+
+impl Kernels {
+    pub fn compile(ctx: &Arc<CudaContext>, capability: (i32, i32)) -> Result<Self, GpuError> {
+        let module = ctx.load_module(compile_ptx(capability)?).map_err(|e| {
+            if format!("{e:?}").contains("UNSUPPORTED_PTX_VERSION") {
+                GpuError::Compile(format!(
+                    "{e}: libnvrtc is newer than the driver; put the NVRTC of the driver's CUDA \
+                     version first on LD_LIBRARY_PATH"
+                ))
+            } else {
+                GpuError::Driver(e)
+            }
+        })?;
+        let f = |name: &str| module.load_function(name);
+        Ok(Self {
+            gather_rows_bf16: f("gather_rows_bf16")?,
+            gather_rows_f32: f("gather_rows_f32")?,
+            silu_mul_bf16: f("silu_mul_bf16")?,
+            silu_mul_f32: f("silu_mul_f32")?,
+            scatter_weighted: f("scatter_weighted")?,
+            fill_uniform_bf16: f("fill_uniform_bf16")?,
+            fill_uniform_f32: f("fill_uniform_f32")?,
+        })
+    }
+}
+
+/// Threads per block of the grid-stride kernels.
+const BLOCK: u32 = 256;
+/// Enough blocks to fill any current GPU; the kernels stride over the rest.
+const MAX_BLOCKS: usize = 65_536;
+
+/// Launch shape of a grid-stride kernel over `total` elements.
+pub fn grid(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Kernel arguments are `int`; refuses sizes that do not fit instead of wrapping.
+pub fn as_int(value: usize, what: &str) -> Result<i32, GpuError> {
+    i32::try_from(value).map_err(|_| GpuError::Shape(format!("{what} = {value} exceeds i32")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC runs without a GPU, so the kernel source is checked wherever libnvrtc is: CI
+    /// installs it (pip `nvidia-cuda-nvrtc`) and sets `MOE_REQUIRE_NVRTC=1`, so there a missing
+    /// library fails the test instead of skipping it.
+    #[test]
+    fn kernels_compile_for_hopper_and_ampere() {
+        if std::env::var_os("MOE_REQUIRE_NVRTC").is_none()
+            // SAFETY: only tries to open the library.
+            && !unsafe { cudarc::nvrtc::sys::is_culib_present() }
+        {
+            eprintln!("libnvrtc not found; skipped (set MOE_REQUIRE_NVRTC=1 to require it)");
+            return;
+        }
+        for capability in [(9, 0), (8, 0)] {
+            let ptx = compile_ptx(capability).unwrap_or_else(|e| panic!("{capability:?}: {e}"));
+            let text = ptx.to_src();
+            for name in KERNEL_NAMES {
+                assert!(
+                    text.contains(&format!(".entry {name}(")),
+                    "{name} missing from the PTX for {capability:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn launch_shapes_cover_every_element_within_the_grid_limit() {
+        assert_eq!(grid(0).grid_dim.0, 1);
+        assert_eq!(grid(256).grid_dim.0, 1);
+        assert_eq!(grid(257).grid_dim.0, 2);
+        // DeepSeek-V3 at 8192 tokens x top-8: 65536 x 7168 elements, strided by the kernels.
+        assert_eq!(grid(65_536 * 7168).grid_dim.0, MAX_BLOCKS as u32);
+        assert!(as_int(usize::MAX, "x").is_err());
+        assert_eq!(as_int(7168, "hidden").unwrap(), 7168);
+    }
+}
