@@ -202,6 +202,12 @@ impl ExpertSet {
         &self.device
     }
 
+    /// Adds a CPU expert built in a test.
+    #[cfg(test)]
+    pub(crate) fn insert_cpu(&mut self, id: ExpertKey, mlp: Mlp) {
+        self.experts.insert(id, Arc::new(HeldExpert::Cpu(mlp)));
+    }
+
     pub fn contains(&self, layer: usize, expert: usize) -> bool {
         self.experts.contains_key(&(layer, expert))
     }

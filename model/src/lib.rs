@@ -29,6 +29,7 @@ pub mod families;
 pub mod generator;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod grouped_ffn;
 pub mod kv_cache;
 pub mod layers;
 pub mod routes;

@@ -6,7 +6,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::context::{GpuContext, GpuError};
-use super::expert_ffn::{fill_uniform_f32, gemm_rows, run_grouped, GpuBuffer, GpuMlp};
+use super::expert_ffn::{fill_uniform_f32, run_grouped_on_device, CudaOps, GpuBuffer, GpuMlp};
+use crate::grouped_ffn::{ColumnMajorGemm, FfnOps};
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
 /// The MoE layer shape being measured.
@@ -76,9 +77,9 @@ pub fn dense_gemm(ctx: &GpuContext, size: usize, iters: usize) -> Result<GemmFig
     w.fill_uniform(ctx, 1, 0.01)?;
     x.fill_uniform(ctx, 2, 0.01)?;
     let mut c = ctx.stream().alloc_zeros::<f32>(size * size)?;
-    let ms = time_ms(ctx, iters, || {
-        gemm_rows(ctx, &w, &x, 0, &mut c, 0, size, size, size)
-    })?;
+    let ops = CudaOps { ctx };
+    let shape = ColumnMajorGemm::rows_times_weights(size, size, size);
+    let ms = time_ms(ctx, iters, || ops.gemm(&shape, &w, 0, &x, 0, &mut c, 0))?;
     let flops = 2.0 * (size as f64).powi(3);
     Ok(GemmFigure {
         m: size,
@@ -140,7 +141,7 @@ pub fn expert_ffn(
         let mut device_rows = ctx.stream().alloc_zeros::<f32>(tokens * shape.hidden)?;
         fill_uniform_f32(ctx, &mut device_rows, 3, 1.0)?;
         let ms = time_ms(ctx, iters, || {
-            run_grouped(ctx, &held, &device_rows, &plan, &routes.weights).map(drop)
+            run_grouped_on_device(ctx, &held, &device_rows, &plan, &routes.weights).map(drop)
         })?;
         let tflops = routes.pairs() as f64 * shape.flops_per_pair() / (ms * 1e-3) / 1e12;
         figures.push(FfnFigure {

@@ -1,10 +1,7 @@
-//! Routed experts on the GPU: weights uploaded once, and the grouped FFN
-//! `down(silu(gate(x)) * up(x))` with one cuBLAS GEMM per expert for gate+up and one for down.
-//!
-//! A batch goes: rows (f32) -> gathered into expert order in the GEMM dtype -> gate+up GEMMs
-//! (f32 out) -> SiLU-and-multiply (GEMM dtype) -> down GEMMs (f32 out) -> scattered back to
-//! pair order, each row times its routing weight. Everything between upload and download
-//! stays on the device.
+//! Routed experts on the GPU: weights uploaded once, and the primitive steps of the grouped
+//! FFN (`crate::grouped_ffn`) on the device: one cuBLAS GEMM per expert for gate+up and one
+//! for down, the NVRTC kernels for the rest. Everything between upload and download stays on
+//! the device.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg};
@@ -12,6 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelA
 use super::context::{GpuContext, GpuError};
 use super::kernels::{as_int, grid};
 use crate::device::GpuDtype;
+use crate::grouped_ffn::{run_grouped, ColumnMajorGemm, ExpertMatrices, FfnOps, GroupedShapeError};
 use crate::routes::ExpertRuns;
 
 /// A device buffer in the GEMM dtype (bf16 held as its bits).
@@ -201,204 +199,249 @@ impl GpuMlp {
     }
 }
 
-/// `c[rows, n_out] = x[rows, k] · w[n_out, k]ᵀ`, all row-major, `c` in f32, from element
-/// offsets into the three buffers. In cuBLAS's column-major terms that is
-/// `cᵀ[n_out, rows] = op_T(w as [k, n_out]) · xᵀ[k, rows]`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_rows(
-    ctx: &GpuContext,
-    w: &GpuBuffer,
-    x: &GpuBuffer,
-    x_offset: usize,
-    c: &mut CudaSlice<f32>,
-    c_offset: usize,
-    rows: usize,
-    n_out: usize,
-    k: usize,
-) -> Result<(), GpuError> {
-    if rows == 0 {
-        return Ok(());
-    }
-    let stream = ctx.stream();
-    let (m, n, k) = (as_int(n_out, "n")?, as_int(rows, "rows")?, as_int(k, "k")?);
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let w_ptr = w.address(stream, 0);
-    let x_ptr = x.address(stream, x_offset);
-    let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
-    // Inputs and output must agree on the compute type: f32 accumulation either way; f32
-    // inputs keep COMPUTE_32F (no TF32), bf16 inputs use the tensor cores.
-    // SAFETY: the three addresses point into live buffers large enough for the shapes above
-    // (checked by the callers), and the work is queued on the handle's own stream.
-    unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *ctx.blas().handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            m,
-            n,
-            k,
-            (&alpha) as *const f32 as *const _,
-            w_ptr as *const _,
-            w.data_type(),
-            k,
-            x_ptr as *const _,
-            x.data_type(),
-            k,
-            (&beta) as *const f32 as *const _,
-            c_ptr as *mut _,
-            cudaDataType::CUDA_R_32F,
-            m,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )?;
-    }
-    Ok(())
+/// The grouped FFN's primitive steps on this GPU: cuBLAS for the GEMMs, the NVRTC kernels
+/// for the rest. The orchestration is [`crate::grouped_ffn::run_grouped`], shared with (and
+/// tested through) a host reference.
+pub struct CudaOps<'a> {
+    pub ctx: &'a GpuContext,
 }
 
-/// Runs a routed batch on the device. `rows` is `[n_rows, hidden]` f32 on the device,
-/// `plan` the batch in expert order with `experts[i]` serving `plan.runs[i]`, `weights` one
-/// routing weight per pair. Returns `[pairs, hidden]` f32: each pair's output times its weight.
-pub fn run_grouped(
+impl From<GroupedShapeError> for GpuError {
+    fn from(e: GroupedShapeError) -> Self {
+        GpuError::Shape(e.to_string())
+    }
+}
+
+impl FfnOps for CudaOps<'_> {
+    type Act = GpuBuffer;
+    type F32 = CudaSlice<f32>;
+    type Index = CudaSlice<u32>;
+    type Error = GpuError;
+
+    fn f32_len(&self, buffer: &CudaSlice<f32>) -> usize {
+        buffer.len()
+    }
+
+    fn upload_index(&self, values: &[u32]) -> Result<CudaSlice<u32>, GpuError> {
+        if values.is_empty() {
+            return Ok(self.ctx.stream().alloc_zeros::<u32>(1)?);
+        }
+        Ok(self.ctx.stream().clone_htod(values)?)
+    }
+
+    fn upload_f32(&self, values: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
+        if values.is_empty() {
+            return Ok(self.ctx.stream().alloc_zeros::<f32>(1)?);
+        }
+        Ok(self.ctx.stream().clone_htod(values)?)
+    }
+
+    fn zeros_act(&self, len: usize) -> Result<GpuBuffer, GpuError> {
+        GpuBuffer::zeros(self.ctx, len)
+    }
+
+    fn zeros_f32(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
+        Ok(self.ctx.stream().alloc_zeros::<f32>(len.max(1))?)
+    }
+
+    fn gather(
+        &self,
+        rows: &CudaSlice<f32>,
+        index: &CudaSlice<u32>,
+        out: &mut GpuBuffer,
+        slots: usize,
+        hidden: usize,
+    ) -> Result<(), GpuError> {
+        let (stream, kernels) = (self.ctx.stream(), self.ctx.kernels());
+        let (slots_i, hidden_i) = (as_int(slots, "slots")?, as_int(hidden, "hidden")?);
+        if slots * hidden == 0 {
+            return Ok(());
+        }
+        // SAFETY: run_grouped checked every index against `rows`; `out` holds slots * hidden.
+        unsafe {
+            match out {
+                GpuBuffer::Bf16(out) => stream
+                    .launch_builder(&kernels.gather_rows_bf16)
+                    .arg(rows)
+                    .arg(index)
+                    .arg(out)
+                    .arg(&slots_i)
+                    .arg(&hidden_i)
+                    .launch(grid(slots * hidden))?,
+                GpuBuffer::F32(out) => stream
+                    .launch_builder(&kernels.gather_rows_f32)
+                    .arg(rows)
+                    .arg(index)
+                    .arg(out)
+                    .arg(&slots_i)
+                    .arg(&hidden_i)
+                    .launch(grid(slots * hidden))?,
+            };
+        }
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        g: &ColumnMajorGemm,
+        a: &GpuBuffer,
+        a_offset: usize,
+        b: &GpuBuffer,
+        b_offset: usize,
+        c: &mut CudaSlice<f32>,
+        c_offset: usize,
+    ) -> Result<(), GpuError> {
+        let (a_len, b_len, c_len) = g.extents();
+        if a_offset + a_len > a.len() || b_offset + b_len > b.len() || c_offset + c_len > c.len() {
+            return Err(GpuError::Shape(format!(
+                "GEMM {g:?} from offsets {a_offset}/{b_offset}/{c_offset} overruns buffers of \
+                 {}/{}/{}",
+                a.len(),
+                b.len(),
+                c.len()
+            )));
+        }
+        let stream = self.ctx.stream();
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let a_ptr = a.address(stream, a_offset);
+        let b_ptr = b.address(stream, b_offset);
+        let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
+        // f32 accumulation either way: f32 inputs keep COMPUTE_32F (no TF32), bf16 inputs run
+        // on the tensor cores.
+        // SAFETY: the extents were checked against the live buffers above, and the work is
+        // queued on the handle's own stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.ctx.blas().handle(),
+                op(g.transpose_a),
+                op(g.transpose_b),
+                as_int(g.m, "m")?,
+                as_int(g.n, "n")?,
+                as_int(g.k, "k")?,
+                (&alpha) as *const f32 as *const _,
+                a_ptr as *const _,
+                a.data_type(),
+                as_int(g.lda, "lda")?,
+                b_ptr as *const _,
+                b.data_type(),
+                as_int(g.ldb, "ldb")?,
+                (&beta) as *const f32 as *const _,
+                c_ptr as *mut _,
+                cudaDataType::CUDA_R_32F,
+                as_int(g.ldc, "ldc")?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<f32>,
+        act: &mut GpuBuffer,
+        slots: usize,
+        inter: usize,
+    ) -> Result<(), GpuError> {
+        let (stream, kernels) = (self.ctx.stream(), self.ctx.kernels());
+        let (slots_i, inter_i) = (as_int(slots, "slots")?, as_int(inter, "intermediate")?);
+        if slots * inter == 0 {
+            return Ok(());
+        }
+        // SAFETY: `gate_up` holds slots * 2 * inter, `act` slots * inter (run_grouped).
+        unsafe {
+            match act {
+                GpuBuffer::Bf16(out) => stream
+                    .launch_builder(&kernels.silu_mul_bf16)
+                    .arg(gate_up)
+                    .arg(out)
+                    .arg(&slots_i)
+                    .arg(&inter_i)
+                    .launch(grid(slots * inter))?,
+                GpuBuffer::F32(out) => stream
+                    .launch_builder(&kernels.silu_mul_f32)
+                    .arg(gate_up)
+                    .arg(out)
+                    .arg(&slots_i)
+                    .arg(&inter_i)
+                    .launch(grid(slots * inter))?,
+            };
+        }
+        Ok(())
+    }
+
+    fn scatter_weighted(
+        &self,
+        out: &CudaSlice<f32>,
+        pair: &CudaSlice<u32>,
+        weight: &CudaSlice<f32>,
+        pair_out: &mut CudaSlice<f32>,
+        slots: usize,
+        hidden: usize,
+    ) -> Result<(), GpuError> {
+        let (slots_i, hidden_i) = (as_int(slots, "slots")?, as_int(hidden, "hidden")?);
+        if slots * hidden == 0 {
+            return Ok(());
+        }
+        // SAFETY: run_grouped checked every pair index against the pair count.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().scatter_weighted)
+                .arg(out)
+                .arg(pair)
+                .arg(weight)
+                .arg(pair_out)
+                .arg(&slots_i)
+                .arg(&hidden_i)
+                .launch(grid(slots * hidden))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a routed batch whose rows are already on the device (see
+/// [`crate::grouped_ffn::run_grouped`]); `experts[i]` serves `plan.runs[i]`.
+pub fn run_grouped_on_device(
     ctx: &GpuContext,
     experts: &[&GpuMlp],
     rows: &CudaSlice<f32>,
     plan: &ExpertRuns,
     weights: &[f32],
 ) -> Result<CudaSlice<f32>, GpuError> {
-    let stream = ctx.stream();
-    let kernels = ctx.kernels();
     let Some(first) = experts.first() else {
-        return Ok(stream.alloc_zeros::<f32>(1)?);
+        return Ok(ctx.stream().alloc_zeros::<f32>(1)?);
     };
     let (hidden, inter) = (first.hidden, first.intermediate);
-    if experts.len() != plan.runs.len()
-        || experts
-            .iter()
-            .any(|e| e.hidden != hidden || e.intermediate != inter)
+    if experts
+        .iter()
+        .any(|e| e.hidden != hidden || e.intermediate != inter)
     {
-        return Err(GpuError::Shape(format!(
-            "{} experts for {} runs, or experts of different shapes",
-            experts.len(),
-            plan.runs.len()
-        )));
+        return Err(GpuError::Shape("experts of different shapes".into()));
     }
-    let slots = plan.slots();
-    let pairs = weights.len();
-    if plan.pair_of_slot.len() != slots
-        || plan.pair_of_slot.iter().any(|&p| p as usize >= pairs)
-        || rows.len() < hidden
-        || plan
-            .row_of_slot
-            .iter()
-            .any(|&r| (r as usize + 1) * hidden > rows.len())
-    {
-        return Err(GpuError::Shape(format!(
-            "batch plan of {slots} slots does not fit {} rows and {pairs} pairs",
-            rows.len() / hidden.max(1)
-        )));
-    }
-    let (slots_i, hidden_i, inter_i) = (
-        as_int(slots, "slots")?,
-        as_int(hidden, "hidden")?,
-        as_int(inter, "intermediate")?,
-    );
-    let row_of_slot = stream.clone_htod(&plan.row_of_slot)?;
-    let pair_of_slot = stream.clone_htod(&plan.pair_of_slot)?;
-    let pair_weights = stream.clone_htod(weights)?;
-
-    // 1. Rows into expert order, in the GEMM dtype.
-    let mut x = GpuBuffer::zeros(ctx, slots * hidden)?;
-    // SAFETY: every index was checked against `rows` above; `x` holds `slots * hidden`.
-    unsafe {
-        match &mut x {
-            GpuBuffer::Bf16(out) => stream
-                .launch_builder(&kernels.gather_rows_bf16)
-                .arg(rows)
-                .arg(&row_of_slot)
-                .arg(out)
-                .arg(&slots_i)
-                .arg(&hidden_i)
-                .launch(grid(slots * hidden))?,
-            GpuBuffer::F32(out) => stream
-                .launch_builder(&kernels.gather_rows_f32)
-                .arg(rows)
-                .arg(&row_of_slot)
-                .arg(out)
-                .arg(&slots_i)
-                .arg(&hidden_i)
-                .launch(grid(slots * hidden))?,
-        };
-    }
-
-    // 2. gate+up: one GEMM per expert over its run of slots.
-    let mut gate_up = stream.alloc_zeros::<f32>((slots * 2 * inter).max(1))?;
-    for (run, expert) in plan.runs.iter().zip(experts) {
-        gemm_rows(
-            ctx,
-            &expert.gate_up,
-            &x,
-            run.start * hidden,
-            &mut gate_up,
-            run.start * 2 * inter,
-            run.len,
-            2 * inter,
-            hidden,
-        )?;
-    }
-
-    // 3. SiLU(gate) * up, back in the GEMM dtype.
-    let mut act = GpuBuffer::zeros(ctx, slots * inter)?;
-    // SAFETY: `gate_up` holds `slots * 2 * inter`, `act` `slots * inter`.
-    unsafe {
-        match &mut act {
-            GpuBuffer::Bf16(out) => stream
-                .launch_builder(&kernels.silu_mul_bf16)
-                .arg(&gate_up)
-                .arg(out)
-                .arg(&slots_i)
-                .arg(&inter_i)
-                .launch(grid(slots * inter))?,
-            GpuBuffer::F32(out) => stream
-                .launch_builder(&kernels.silu_mul_f32)
-                .arg(&gate_up)
-                .arg(out)
-                .arg(&slots_i)
-                .arg(&inter_i)
-                .launch(grid(slots * inter))?,
-        };
-    }
-
-    // 4. down: one GEMM per expert.
-    let mut out = stream.alloc_zeros::<f32>((slots * hidden).max(1))?;
-    for (run, expert) in plan.runs.iter().zip(experts) {
-        gemm_rows(
-            ctx,
-            &expert.down,
-            &act,
-            run.start * inter,
-            &mut out,
-            run.start * hidden,
-            run.len,
-            hidden,
-            inter,
-        )?;
-    }
-
-    // 5. Back to pair order, times the routing weights.
-    let mut pair_out = stream.alloc_zeros::<f32>((pairs * hidden).max(1))?;
-    // SAFETY: every pair index was checked against `pairs` above.
-    unsafe {
-        stream
-            .launch_builder(&kernels.scatter_weighted)
-            .arg(&out)
-            .arg(&pair_of_slot)
-            .arg(&pair_weights)
-            .arg(&mut pair_out)
-            .arg(&slots_i)
-            .arg(&hidden_i)
-            .launch(grid(slots * hidden))?;
-    }
-    Ok(pair_out)
+    let matrices: Vec<ExpertMatrices<'_, GpuBuffer>> = experts
+        .iter()
+        .map(|e| ExpertMatrices {
+            gate_up: &e.gate_up,
+            down: &e.down,
+        })
+        .collect();
+    run_grouped(
+        &CudaOps { ctx },
+        &matrices,
+        rows,
+        plan,
+        weights,
+        hidden,
+        inter,
+    )
 }
 
 /// Host-side entry: uploads `rows`, runs the batch, downloads `[pairs, hidden]`.
@@ -413,7 +456,7 @@ pub fn run_from_host(
     let _serial = ctx.lock()?;
     let stream = ctx.stream();
     let device_rows = stream.clone_htod(rows)?;
-    let pair_out = run_grouped(ctx, experts, &device_rows, plan, weights)?;
+    let pair_out = run_grouped_on_device(ctx, experts, &device_rows, plan, weights)?;
     let mut host = stream.clone_dtoh(&pair_out)?;
     stream.synchronize()?;
     host.truncate(weights.len() * hidden);

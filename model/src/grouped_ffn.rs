@@ -1,0 +1,427 @@
+//! The grouped expert FFN as a sequence of primitive steps, written once over [`FfnOps`]: the
+//! GPU implements the steps with cuBLAS and NVRTC kernels (`gpu::expert_ffn`), and the tests
+//! below with a host reference that follows cuBLAS's column-major definition to the letter.
+//! So the orchestration (slot offsets, GEMM shapes and leading dimensions, the order of
+//! steps) is checked on every machine, and only the primitives need a GPU to be checked.
+//!
+//! A batch goes: rows (f32) -> gathered into expert order in the GEMM dtype -> per expert one
+//! gate+up GEMM (f32 out) -> SiLU(gate) * up (GEMM dtype) -> per expert one down GEMM (f32 out)
+//! -> scattered back to pair order, each row times its routing weight.
+
+use crate::routes::ExpertRuns;
+
+/// One GEMM in cuBLAS's terms: column-major `C[m, n] = op(A)[m, k] · op(B)[k, n]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnMajorGemm {
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+impl ColumnMajorGemm {
+    /// `c[rows, n_out] = x[rows, k] · w[n_out, k]ᵀ` with all three row-major (A = w, B = x):
+    /// a row-major matrix is its transpose in column-major, so this is
+    /// `cᵀ[n_out, rows] = op_T(w stored as [k, n_out]) · xᵀ[k, rows]`.
+    pub fn rows_times_weights(rows: usize, n_out: usize, k: usize) -> Self {
+        Self {
+            transpose_a: true,
+            transpose_b: false,
+            m: n_out,
+            n: rows,
+            k,
+            lda: k,
+            ldb: k,
+            ldc: n_out,
+        }
+    }
+
+    /// Elements of A, B and C the call touches from their offsets.
+    pub fn extents(&self) -> (usize, usize, usize) {
+        let a_cols = if self.transpose_a { self.m } else { self.k };
+        let b_cols = if self.transpose_b { self.k } else { self.n };
+        (self.lda * a_cols, self.ldb * b_cols, self.ldc * self.n)
+    }
+}
+
+/// The primitive steps, on some device. Buffers are element-addressed.
+pub trait FfnOps {
+    /// A buffer in the GEMM dtype (bf16 or f32 on a GPU).
+    type Act;
+    type F32;
+    type Index;
+    type Error;
+
+    fn f32_len(&self, buffer: &Self::F32) -> usize;
+    fn upload_index(&self, values: &[u32]) -> Result<Self::Index, Self::Error>;
+    fn upload_f32(&self, values: &[f32]) -> Result<Self::F32, Self::Error>;
+    fn zeros_act(&self, len: usize) -> Result<Self::Act, Self::Error>;
+    fn zeros_f32(&self, len: usize) -> Result<Self::F32, Self::Error>;
+    /// `out[s, :] = rows[index[s], :]`, converted to the GEMM dtype.
+    fn gather(
+        &self,
+        rows: &Self::F32,
+        index: &Self::Index,
+        out: &mut Self::Act,
+        slots: usize,
+        hidden: usize,
+    ) -> Result<(), Self::Error>;
+    /// `C = op(A) · op(B)` from element offsets into A, B and C (alpha 1, beta 0).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        shape: &ColumnMajorGemm,
+        a: &Self::Act,
+        a_offset: usize,
+        b: &Self::Act,
+        b_offset: usize,
+        c: &mut Self::F32,
+        c_offset: usize,
+    ) -> Result<(), Self::Error>;
+    /// `act[s, j] = silu(gate_up[s, j]) * gate_up[s, inter + j]`.
+    fn silu_mul(
+        &self,
+        gate_up: &Self::F32,
+        act: &mut Self::Act,
+        slots: usize,
+        inter: usize,
+    ) -> Result<(), Self::Error>;
+    /// `pair_out[pair[s], :] = out[s, :] * weight[pair[s]]`.
+    fn scatter_weighted(
+        &self,
+        out: &Self::F32,
+        pair: &Self::Index,
+        weight: &Self::F32,
+        pair_out: &mut Self::F32,
+        slots: usize,
+        hidden: usize,
+    ) -> Result<(), Self::Error>;
+}
+
+/// One expert's matrices: `gate_up` `[2 * inter, hidden]` (gate rows then up rows) and `down`
+/// `[hidden, inter]`, row-major.
+pub struct ExpertMatrices<'a, A> {
+    pub gate_up: &'a A,
+    pub down: &'a A,
+}
+
+/// What [`run_grouped`] refuses before touching a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("grouped FFN: {0}")]
+pub struct GroupedShapeError(pub String);
+
+/// Runs one routed batch: `rows` is `[n_rows, hidden]`, `plan` the batch in expert order with
+/// `experts[i]` serving `plan.runs[i]`, `weights` one routing weight per pair. Returns
+/// `[pairs, hidden]` (at least one element): each pair's output times its weight.
+pub fn run_grouped<O: FfnOps>(
+    ops: &O,
+    experts: &[ExpertMatrices<'_, O::Act>],
+    rows: &O::F32,
+    plan: &ExpertRuns,
+    weights: &[f32],
+    hidden: usize,
+    inter: usize,
+) -> Result<O::F32, O::Error>
+where
+    O::Error: From<GroupedShapeError>,
+{
+    let slots = plan.slots();
+    let pairs = weights.len();
+    let n_rows = ops.f32_len(rows) / hidden.max(1);
+    let shape_error = |m: String| O::Error::from(GroupedShapeError(m));
+    if experts.len() != plan.runs.len() {
+        return Err(shape_error(format!(
+            "{} experts for {} runs",
+            experts.len(),
+            plan.runs.len()
+        )));
+    }
+    if plan.pair_of_slot.len() != slots
+        || plan.runs.iter().map(|r| r.len).sum::<usize>() != slots
+        || plan.pair_of_slot.iter().any(|&p| p as usize >= pairs)
+        || plan.row_of_slot.iter().any(|&r| r as usize >= n_rows)
+    {
+        return Err(shape_error(format!(
+            "a plan of {slots} slots does not fit {n_rows} rows and {pairs} pairs"
+        )));
+    }
+    let row_of_slot = ops.upload_index(&plan.row_of_slot)?;
+    let pair_of_slot = ops.upload_index(&plan.pair_of_slot)?;
+    let pair_weights = ops.upload_f32(weights)?;
+
+    let mut x = ops.zeros_act(slots * hidden)?;
+    ops.gather(rows, &row_of_slot, &mut x, slots, hidden)?;
+
+    let mut gate_up = ops.zeros_f32(slots * 2 * inter)?;
+    for (run, expert) in plan.runs.iter().zip(experts) {
+        if run.len > 0 {
+            let shape = ColumnMajorGemm::rows_times_weights(run.len, 2 * inter, hidden);
+            let (x_at, out_at) = (run.start * hidden, run.start * 2 * inter);
+            ops.gemm(&shape, expert.gate_up, 0, &x, x_at, &mut gate_up, out_at)?;
+        }
+    }
+
+    let mut act = ops.zeros_act(slots * inter)?;
+    ops.silu_mul(&gate_up, &mut act, slots, inter)?;
+
+    let mut out = ops.zeros_f32(slots * hidden)?;
+    for (run, expert) in plan.runs.iter().zip(experts) {
+        if run.len > 0 {
+            let shape = ColumnMajorGemm::rows_times_weights(run.len, hidden, inter);
+            let (act_at, out_at) = (run.start * inter, run.start * hidden);
+            ops.gemm(&shape, expert.down, 0, &act, act_at, &mut out, out_at)?;
+        }
+    }
+
+    let mut pair_out = ops.zeros_f32(pairs * hidden)?;
+    ops.scatter_weighted(
+        &out,
+        &pair_of_slot,
+        &pair_weights,
+        &mut pair_out,
+        slots,
+        hidden,
+    )?;
+    Ok(pair_out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ops;
+    use crate::experts::{ExpertBackend, ExpertSet};
+    use crate::layers::mlp::Mlp;
+    use crate::routes::ExpertRoutes;
+
+    /// The host reference: plain vectors, and `gemm` exactly as cuBLAS defines it
+    /// (column-major, `op` by the transpose flags, leading dimensions honoured).
+    struct HostOps;
+
+    impl FfnOps for HostOps {
+        type Act = Vec<f32>;
+        type F32 = Vec<f32>;
+        type Index = Vec<u32>;
+        type Error = GroupedShapeError;
+
+        fn f32_len(&self, buffer: &Vec<f32>) -> usize {
+            buffer.len()
+        }
+        fn upload_index(&self, values: &[u32]) -> Result<Vec<u32>, Self::Error> {
+            Ok(values.to_vec())
+        }
+        fn upload_f32(&self, values: &[f32]) -> Result<Vec<f32>, Self::Error> {
+            Ok(values.to_vec())
+        }
+        fn zeros_act(&self, len: usize) -> Result<Vec<f32>, Self::Error> {
+            Ok(vec![0.0; len])
+        }
+        fn zeros_f32(&self, len: usize) -> Result<Vec<f32>, Self::Error> {
+            Ok(vec![0.0; len])
+        }
+        fn gather(
+            &self,
+            rows: &Vec<f32>,
+            index: &Vec<u32>,
+            out: &mut Vec<f32>,
+            slots: usize,
+            hidden: usize,
+        ) -> Result<(), Self::Error> {
+            for s in 0..slots {
+                let r = index[s] as usize;
+                out[s * hidden..(s + 1) * hidden]
+                    .copy_from_slice(&rows[r * hidden..(r + 1) * hidden]);
+            }
+            Ok(())
+        }
+        fn gemm(
+            &self,
+            g: &ColumnMajorGemm,
+            a: &Vec<f32>,
+            a_offset: usize,
+            b: &Vec<f32>,
+            b_offset: usize,
+            c: &mut Vec<f32>,
+            c_offset: usize,
+        ) -> Result<(), Self::Error> {
+            let (a_len, b_len, c_len) = g.extents();
+            assert!(a_offset + a_len <= a.len(), "A out of bounds");
+            assert!(b_offset + b_len <= b.len(), "B out of bounds");
+            assert!(c_offset + c_len <= c.len(), "C out of bounds");
+            // Column-major element (i, j) of a matrix with leading dimension ld: i + j * ld.
+            let op_a = |i: usize, l: usize| {
+                if g.transpose_a {
+                    a[a_offset + l + i * g.lda]
+                } else {
+                    a[a_offset + i + l * g.lda]
+                }
+            };
+            let op_b = |l: usize, j: usize| {
+                if g.transpose_b {
+                    b[b_offset + j + l * g.ldb]
+                } else {
+                    b[b_offset + l + j * g.ldb]
+                }
+            };
+            for j in 0..g.n {
+                for i in 0..g.m {
+                    let mut acc = 0.0f64;
+                    for l in 0..g.k {
+                        acc += op_a(i, l) as f64 * op_b(l, j) as f64;
+                    }
+                    c[c_offset + i + j * g.ldc] = acc as f32;
+                }
+            }
+            Ok(())
+        }
+        fn silu_mul(
+            &self,
+            gate_up: &Vec<f32>,
+            act: &mut Vec<f32>,
+            slots: usize,
+            inter: usize,
+        ) -> Result<(), Self::Error> {
+            let done = ops::silu_and_mul(&gate_up[..slots * 2 * inter], inter);
+            act[..done.len()].copy_from_slice(&done);
+            Ok(())
+        }
+        fn scatter_weighted(
+            &self,
+            out: &Vec<f32>,
+            pair: &Vec<u32>,
+            weight: &Vec<f32>,
+            pair_out: &mut Vec<f32>,
+            slots: usize,
+            hidden: usize,
+        ) -> Result<(), Self::Error> {
+            for s in 0..slots {
+                let p = pair[s] as usize;
+                for c in 0..hidden {
+                    pair_out[p * hidden + c] = out[s * hidden + c] * weight[p];
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.max(1);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_times_weights_is_x_times_w_transposed() {
+        let (rows, n_out, k) = (3, 5, 4);
+        let w = pseudo_random(n_out * k, 1);
+        let x = pseudo_random(rows * k, 2);
+        let mut c = vec![0.0; rows * n_out];
+        let shape = ColumnMajorGemm::rows_times_weights(rows, n_out, k);
+        HostOps.gemm(&shape, &w, 0, &x, 0, &mut c, 0).unwrap();
+        for r in 0..rows {
+            for o in 0..n_out {
+                let want: f32 = (0..k).map(|l| x[r * k + l] * w[o * k + l]).sum();
+                assert!((c[r * n_out + o] - want).abs() < 1e-6, "({r}, {o})");
+            }
+        }
+    }
+
+    /// The grouped orchestration over the reference primitives gives what the CPU expert set
+    /// gives (itself checked against transformers by the golden tests).
+    #[test]
+    fn grouped_run_matches_the_cpu_expert_set() {
+        let (hidden, inter, experts) = (16, 8, 5);
+        let weights: Vec<[Vec<f32>; 3]> = (0..experts)
+            .map(|e| {
+                let seed = 10 + 3 * e as u64;
+                [
+                    pseudo_random(inter * hidden, seed),
+                    pseudo_random(inter * hidden, seed + 1),
+                    pseudo_random(hidden * inter, seed + 2),
+                ]
+            })
+            .collect();
+        let mut set = ExpertSet::empty(hidden);
+        for (e, [gate, up, down]) in weights.iter().enumerate() {
+            set.insert_cpu((0, e), Mlp::from_weights(gate, up, down, hidden, inter));
+        }
+        let rows = 7;
+        let x = pseudo_random(rows * hidden, 99);
+        let mut routes = ExpertRoutes::with_capacity(rows, rows * 2);
+        for r in 0..rows {
+            // Expert 3 gets no rows; expert 0 gets several.
+            let e1 = [0, 1, 4, 0, 2, 0, 4][r];
+            let e2 = [2, 0, 1, 4, 0, 1, 2][r];
+            routes.push_row(&mut [(e1, 0.25 + r as f32 * 0.1), (e2, 0.5)]);
+        }
+        let cpu = set.run_experts(0, &x, &routes).unwrap();
+
+        let plan = ExpertRuns::from_routes(&routes);
+        let stacked: Vec<(Vec<f32>, &Vec<f32>)> = weights
+            .iter()
+            .map(|[gate, up, down]| ([gate.as_slice(), up.as_slice()].concat(), down))
+            .collect();
+        let matrices: Vec<ExpertMatrices<'_, Vec<f32>>> = plan
+            .runs
+            .iter()
+            .map(|run| {
+                let (gate_up, down) = &stacked[run.expert as usize];
+                ExpertMatrices { gate_up, down }
+            })
+            .collect();
+        let grouped = run_grouped(
+            &HostOps,
+            &matrices,
+            &x,
+            &plan,
+            &routes.weights,
+            hidden,
+            inter,
+        )
+        .unwrap();
+        assert_eq!(grouped.len(), cpu.len());
+        let diff = grouped
+            .iter()
+            .zip(&cpu)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "grouped vs CPU: {diff}");
+    }
+
+    #[test]
+    fn plans_that_do_not_fit_are_refused() {
+        let mut routes = ExpertRoutes::with_capacity(1, 1);
+        routes.push_row(&mut [(0, 1.0)]);
+        let plan = ExpertRuns::from_routes(&routes);
+        let w = vec![0.0; 8];
+        let matrices = [ExpertMatrices {
+            gate_up: &w,
+            down: &w,
+        }];
+        // One row of width 2 is needed; none given.
+        let err = run_grouped(&HostOps, &matrices, &vec![], &plan, &routes.weights, 2, 2);
+        assert!(err.is_err());
+        // Two experts for one run.
+        let two = [
+            ExpertMatrices {
+                gate_up: &w,
+                down: &w,
+            },
+            ExpertMatrices {
+                gate_up: &w,
+                down: &w,
+            },
+        ];
+        let err = run_grouped(&HostOps, &two, &vec![0.0; 2], &plan, &routes.weights, 2, 2);
+        assert!(err.is_err());
+    }
+}
