@@ -3,19 +3,21 @@
 # CUDA 13). Two steps, because a GPU machine may have no Rust toolchain:
 #
 #   ops/gpu-check.sh prepare   on any x86-64 build machine (no GPU needed): builds what the
-#                              check runs with --features cuda, stripped, into .gpu-bin/
-#                              (git-ignored; carry it to the GPU machine).
+#                              check runs with --features cuda (and this machine's etcd),
+#                              stripped and gzipped, into .gpu-bin/ (git-ignored, ~30 MB;
+#                              carry it to the GPU machine).
 #   ops/gpu-check.sh           on the GPU machine, from the repository root: runs the checks
 #                              and prints a summary. Without .gpu-bin/ it prepares first
 #                              (needs cargo there).
 #
-# Checks, each bounded by a timeout (about 4 minutes in all on an H200):
+# Checks, each bounded by a timeout (the bounds add up to under 8 minutes):
 #   1. the device unit tests of moe-model with the cuda feature;
 #   2. the engine's golden tests with the routed experts on cuda:0 (NVRTC kernels + cuBLAS):
 #      f32 within 2e-3, bf16 within 2e-2;
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens;
-#   4. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv);
-#   5. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
+#   4. a local cluster (etcd, a CPU router, 2 expert nodes on cuda:0) gives the golden tokens;
+#   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv);
+#   6. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM.
 # Not covered here: the router's dense part on the GPU (not written) and the NCCL transport
 # inside a running cluster (the gRPC data plane carries GPU nodes' rows today).
@@ -27,11 +29,14 @@ prepare() {
   set -e
   rm -rf "$BIN"
   mkdir -p "$BIN"
-  cargo build --release --features cuda -p moe-cli --bin moe
-  cp target/release/moe "$BIN/moe"
+  cargo build --release --features cuda -p moe-cli -p moe-router -p moe-expert-node --bins
+  cp target/release/moe target/release/moe-router target/release/moe-expert-node "$BIN/"
+  # The GPU machine has no etcd; the cluster check starts this one.
+  cp "$(command -v etcd)" "$BIN/etcd"
   # Test executables: cargo prints their paths in its JSON messages.
   local exe
-  for spec in "moe-tests --test golden:golden" "moe-model --lib:model-lib" "moe-cluster --lib:cluster-lib"; do
+  for spec in "moe-tests --test golden:golden" "moe-tests --test gpu_cluster:gpu-cluster" \
+    "moe-model --lib:model-lib" "moe-cluster --lib:cluster-lib"; do
     exe=$(cargo test --release --features cuda -p ${spec%%:*} --no-run --message-format=json 2>/dev/null |
       python3 -c 'import json,sys
 for line in sys.stdin:
@@ -40,7 +45,8 @@ for line in sys.stdin:
         print(m["executable"])' | tail -1)
     cp "$exe" "$BIN/${spec##*:}"
   done
-  strip "$BIN"/*
+  strip "$BIN"/* 2>/dev/null || true
+  gzip -9 "$BIN"/*
   ls -la "$BIN"
   echo "prepared $BIN/ ($(du -sh "$BIN" | cut -f1)); carry it to the GPU machine"
   set +e
@@ -50,10 +56,15 @@ if [ "${1:-}" = prepare ]; then
   prepare
   exit
 fi
-if [ ! -x "$BIN/moe" ]; then
+if [ ! -e "$BIN/moe.gz" ]; then
   command -v cargo >/dev/null || { echo "no $BIN/ and no cargo: run 'ops/gpu-check.sh prepare' on a build machine"; exit 2; }
   prepare
 fi
+UNPACKED=/tmp/moe-gpu-bin
+rm -rf "$UNPACKED" && mkdir -p "$UNPACKED"
+for f in "$BIN"/*.gz; do gunzip -c "$f" >"$UNPACKED/$(basename "$f" .gz)"; done
+chmod +x "$UNPACKED"/*
+export PATH="$UNPACKED:$PATH" MOE_BIN_DIR="$UNPACKED"
 
 # cudarc opens libcublas.so.13, libnvrtc.so.13 and libnccl.so (unversioned: NCCL's soname is
 # libnccl.so.2, which cudarc does not try). PyTorch's cu13 wheels carry all three; link them
@@ -74,7 +85,7 @@ for dir in ${nvidia_dir:+$(find "$nvidia_dir" -name 'lib*.so*' -printf '%h\n' | 
 done
 export LD_LIBRARY_PATH="$LIBS:${LD_LIBRARY_PATH:-}"
 export MOE_FIXTURES_DIR="$PWD/tests/fixtures"
-export RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0 BIN
+export RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0 UNPACKED
 
 summary=()
 note() { summary+=("$1"); echo "== $1"; }
@@ -98,26 +109,27 @@ check() { # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/nvidia-smi: /' || true
 ls "$LIBS"
 
-check "device unit tests (cuda feature)" 60 "$BIN/model-lib" device gpu routes
-check "golden tests, experts on cuda:0, f32 (2e-3)" 120 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$BIN/golden" --test-threads=1 --nocapture
-check "golden tests, experts on cuda:0, bf16 (2e-2)" 120 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16 "$BIN/golden" --test-threads=1 --nocapture
+check "device unit tests (cuda feature)" 30 "$UNPACKED/model-lib" device gpu routes
+check "golden tests, experts on cuda:0, f32 (2e-3)" 90 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, experts on cuda:0, bf16 (2e-2)" 90 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16 "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail
   local model=tests/fixtures/deepseek-v3-tiny cpu gpu
-  cpu=$("$BIN/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
-  gpu=$("$BIN/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 | tail -1)
+  cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
+  gpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 | tail -1)
   echo "cpu: $cpu"
   echo "gpu: $gpu"
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["output_ids"])')" = \
     "$(echo "$gpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["output_ids"])')" ]
 }
-check "moe generate --device cuda:0 = cpu tokens" 60 same_tokens
-check "NCCL one-rank round trip" 60 "$BIN/cluster-lib" --ignored one_rank_round_trip --nocapture
+check "moe generate --device cuda:0 = cpu tokens" 45 same_tokens
+check "cluster with 2 expert nodes on cuda:0 = golden tokens" 100 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
+check "NCCL one-rank round trip" 45 "$UNPACKED/cluster-lib" --ignored one_rank_round_trip --nocapture
 
 bench() {
   set -eo pipefail
-  "$BIN/moe" gpu-bench --json | tee /tmp/gpu-bench.json
+  "$UNPACKED/moe" gpu-bench --json | tee /tmp/gpu-bench.json
   [ -n "${OUT:-}" ] && cp /tmp/gpu-bench.json "$OUT/" 2>/dev/null
   python3 - <<'EOF'
 import json
@@ -127,7 +139,7 @@ for f in r["expert_ffn"]:
     print(f"  {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM")
 EOF
 }
-check "expert-FFN benchmark (moe gpu-bench)" 240 bench
+check "expert-FFN benchmark (moe gpu-bench)" 150 bench
 
 echo
 echo "== summary"

@@ -70,10 +70,22 @@ pub trait FfnOps {
         slots: usize,
         hidden: usize,
     ) -> Result<(), Self::Error>;
-    /// `C = op(A) · op(B)` from element offsets into A, B and C (alpha 1, beta 0).
+    /// Lets the GEMMs that follow run concurrently with each other (after the work queued so
+    /// far); a device with one queue does nothing.
+    fn fork(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// Waits (on the device) for the GEMMs since [`FfnOps::fork`].
+    fn join(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// `C = op(A) · op(B)` from element offsets into A, B and C (alpha 1, beta 0), on `lane`
+    /// (GEMMs of different lanes between a fork and a join may run at once; they never share
+    /// an output range).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
+        lane: usize,
         shape: &ColumnMajorGemm,
         a: &Self::Act,
         a_offset: usize,
@@ -157,25 +169,38 @@ where
     ops.gather(rows, &row_of_slot, &mut x, slots, hidden)?;
 
     let mut gate_up = ops.zeros_f32(slots * 2 * inter)?;
-    for (run, expert) in plan.runs.iter().zip(experts) {
+    ops.fork()?;
+    for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
         if run.len > 0 {
             let shape = ColumnMajorGemm::rows_times_weights(run.len, 2 * inter, hidden);
             let (x_at, out_at) = (run.start * hidden, run.start * 2 * inter);
-            ops.gemm(&shape, expert.gate_up, 0, &x, x_at, &mut gate_up, out_at)?;
+            ops.gemm(
+                lane,
+                &shape,
+                expert.gate_up,
+                0,
+                &x,
+                x_at,
+                &mut gate_up,
+                out_at,
+            )?;
         }
     }
+    ops.join()?;
 
     let mut act = ops.zeros_act(slots * inter)?;
     ops.silu_mul(&gate_up, &mut act, slots, inter)?;
 
     let mut out = ops.zeros_f32(slots * hidden)?;
-    for (run, expert) in plan.runs.iter().zip(experts) {
+    ops.fork()?;
+    for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
         if run.len > 0 {
             let shape = ColumnMajorGemm::rows_times_weights(run.len, hidden, inter);
             let (act_at, out_at) = (run.start * inter, run.start * hidden);
-            ops.gemm(&shape, expert.down, 0, &act, act_at, &mut out, out_at)?;
+            ops.gemm(lane, &shape, expert.down, 0, &act, act_at, &mut out, out_at)?;
         }
     }
+    ops.join()?;
 
     let mut pair_out = ops.zeros_f32(pairs * hidden)?;
     ops.scatter_weighted(
@@ -239,6 +264,7 @@ mod tests {
         }
         fn gemm(
             &self,
+            _lane: usize,
             g: &ColumnMajorGemm,
             a: &Vec<f32>,
             a_offset: usize,
@@ -326,7 +352,7 @@ mod tests {
         let x = pseudo_random(rows * k, 2);
         let mut c = vec![0.0; rows * n_out];
         let shape = ColumnMajorGemm::rows_times_weights(rows, n_out, k);
-        HostOps.gemm(&shape, &w, 0, &x, 0, &mut c, 0).unwrap();
+        HostOps.gemm(0, &shape, &w, 0, &x, 0, &mut c, 0).unwrap();
         for r in 0..rows {
             for o in 0..n_out {
                 let want: f32 = (0..k).map(|l| x[r * k + l] * w[o * k + l]).sum();

@@ -19,8 +19,13 @@ pub fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// A workspace binary: next to the test executable, or in `MOE_BIN_DIR` (binaries built on
+/// one machine and run on another, as `ops/gpu-check.sh` does).
 pub fn binary(name: &str) -> PathBuf {
-    let path = target_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let dir = std::env::var_os("MOE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(target_dir);
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (`cargo build --workspace --bins`, as the README's test command does)",

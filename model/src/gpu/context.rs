@@ -28,12 +28,24 @@ impl From<GpuError> for crate::ModelError {
     }
 }
 
+/// Streams (each with its own cuBLAS handle) that the per-expert GEMMs of one batch are spread
+/// over: one expert's GEMM is too small to fill an H200 (256 rows x 4096 outputs is 32 tiles
+/// for 132 SMs), so several run at once.
+pub const GEMM_LANES: usize = 4;
+
+/// A side stream and the cuBLAS handle bound to it.
+pub struct GemmLane {
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+}
+
 pub struct GpuContext {
     device: Device,
     name: String,
     dtype: GpuDtype,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    lanes: Vec<GemmLane>,
     kernels: Kernels,
     /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
     /// the work of one stream runs in order anyway.
@@ -76,6 +88,13 @@ impl GpuContext {
         let name = ctx.name()?;
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(Arc::clone(&stream))?;
+        let lanes = (0..GEMM_LANES)
+            .map(|_| {
+                let stream = ctx.new_stream()?;
+                let blas = CudaBlas::new(Arc::clone(&stream))?;
+                Ok(GemmLane { stream, blas })
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
         let kernels = Kernels::compile(&ctx, ctx.compute_capability()?)?;
         tracing::info!(device = %Device::Cuda(ordinal), %name, %dtype, "GPU backend ready");
         Ok(Arc::new(Self {
@@ -84,6 +103,7 @@ impl GpuContext {
             dtype,
             stream,
             blas,
+            lanes,
             kernels,
             serial: Mutex::new(()),
         }))
@@ -107,6 +127,26 @@ impl GpuContext {
 
     pub(crate) fn blas(&self) -> &CudaBlas {
         &self.blas
+    }
+
+    pub(crate) fn lanes(&self) -> &[GemmLane] {
+        &self.lanes
+    }
+
+    /// Makes every lane wait for the work queued so far on the main stream.
+    pub(crate) fn fork_lanes(&self) -> Result<(), GpuError> {
+        for lane in &self.lanes {
+            lane.stream.join(&self.stream)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the main stream wait for everything queued on the lanes.
+    pub(crate) fn join_lanes(&self) -> Result<(), GpuError> {
+        for lane in &self.lanes {
+            self.stream.join(&lane.stream)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {

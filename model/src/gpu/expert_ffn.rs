@@ -281,8 +281,17 @@ impl FfnOps for CudaOps<'_> {
         Ok(())
     }
 
+    fn fork(&self) -> Result<(), GpuError> {
+        self.ctx.fork_lanes()
+    }
+
+    fn join(&self) -> Result<(), GpuError> {
+        self.ctx.join_lanes()
+    }
+
     fn gemm(
         &self,
+        lane: usize,
         g: &ColumnMajorGemm,
         a: &GpuBuffer,
         a_offset: usize,
@@ -301,7 +310,14 @@ impl FfnOps for CudaOps<'_> {
                 c.len()
             )));
         }
+        // Pointers are taken on the main stream (where the buffers live); the lane's stream
+        // is ordered after it by `fork` and before its later work by `join`.
         let stream = self.ctx.stream();
+        let lanes = self.ctx.lanes();
+        let handle = match lanes.get(lane % lanes.len().max(1)) {
+            Some(l) => *l.blas.handle(),
+            None => *self.ctx.blas().handle(),
+        };
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -319,7 +335,7 @@ impl FfnOps for CudaOps<'_> {
         // queued on the handle's own stream.
         unsafe {
             cudarc::cublas::result::gemm_ex(
-                *self.ctx.blas().handle(),
+                handle,
                 op(g.transpose_a),
                 op(g.transpose_b),
                 as_int(g.m, "m")?,

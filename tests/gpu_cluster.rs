@@ -1,0 +1,44 @@
+//! A cluster whose expert nodes run their experts on a GPU (`--device cuda:0`, f32) answers
+//! with transformers' golden tokens, as the CPU cluster does. The router stays on the CPU; the
+//! rows reach the nodes over the gRPC data plane.
+//!
+//! Needs an NVIDIA GPU and a `--features cuda` build of `moe-expert-node`, so it is ignored by
+//! default; `ops/gpu-check.sh` runs it (`MOE_BIN_DIR` points at the binaries it carries).
+
+use moe_cluster::local::LocalCluster;
+use moe_tests::harness::{self, greedy, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, steps_to_compare_at, FIXTURES};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an NVIDIA GPU and a cuda build of moe-expert-node (ops/gpu-check.sh runs it)"]
+async fn gpu_expert_nodes_give_the_golden_tokens() {
+    // `MOE_TEST_DEVICE=cpu` runs the same test on CPU nodes (to check the test itself).
+    let device = std::env::var("MOE_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    for fixture in FIXTURES {
+        let mut spec = harness::spec(fixture_dir(fixture), 2);
+        spec.node_args.extend([
+            "--device".into(),
+            device.clone(),
+            "--gpu-dtype".into(),
+            "f32".into(),
+        ]);
+        let cluster = LocalCluster::start(spec).expect("cluster with GPU nodes starts");
+        wait_serving(&cluster, 2).await;
+        let mut client = harness::inference(&cluster).await;
+        for (i, case) in golden_cases(fixture).iter().enumerate() {
+            let n = case.output_ids.len();
+            let got = harness::generate(&mut client, greedy(&case.input_ids, n as u32))
+                .await
+                .unwrap_or_else(|e| panic!("{fixture} case {i}: {e}"));
+            // f32 on the GPU is held to the CPU's 2e-3; tokens must agree up to the first step
+            // whose top-2 margin is within twice that.
+            let agree = steps_to_compare_at(&case.step_top2_margin, 4e-3);
+            assert_eq!(
+                got.ids[..agree],
+                case.output_ids[..agree],
+                "{fixture} case {i}: GPU nodes' tokens differ within the first {agree} steps"
+            );
+        }
+        println!("{fixture}: expert nodes on {device} gave the golden tokens");
+    }
+}
