@@ -42,6 +42,10 @@ pub trait Communicator: Send {
     fn poll(&mut self) -> Result<Option<Vec<Self::Buffer>>, CommError>;
     /// Tears the communicator down without waiting for peers.
     fn abort(&mut self);
+    /// A transfer buffer holding `bytes` (host memory for the fake, device memory for NCCL).
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buffer, CommError>;
+    /// The bytes of a received buffer.
+    fn download(&self, buffer: &Self::Buffer) -> Result<Vec<u8>, CommError>;
 }
 
 /// Posts `group` and waits for it at most `timeout`; aborts the communicator on a timeout or
@@ -194,6 +198,14 @@ pub mod fake {
         fn abort(&mut self) {
             self.aborted = true;
             self.posted = None;
+        }
+
+        fn upload(&self, bytes: &[u8]) -> Result<Vec<u8>, CommError> {
+            Ok(bytes.to_vec())
+        }
+
+        fn download(&self, buffer: &Vec<u8>) -> Result<Vec<u8>, CommError> {
+            Ok(buffer.clone())
         }
     }
 }

@@ -9,12 +9,15 @@
 //! - [`plan`]: counts and byte layouts of one layer's exchange (what goes to and from each rank).
 //! - [`communicator`]: the [`Communicator`] seam (NCCL on a GPU, an in-memory fake in tests)
 //!   and the deadline that turns a dead peer into an abort instead of a hang.
+//! - [`exchange`]: one layer's protocol on both sides (headers, rows and routes, outputs),
+//!   checked end to end over the in-memory fake with real expert math.
 //! - [`epochs`]: which communicator serves which epoch; new epoch, new communicator; old ones
 //!   are aborted once no dispatch can use them.
 //! - `nccl` (`--features cuda`): the NCCL communicator itself, non-blocking and abortable.
 
 pub mod communicator;
 pub mod epochs;
+pub mod exchange;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod plan;

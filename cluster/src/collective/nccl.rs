@@ -268,6 +268,19 @@ impl Communicator for NcclCommunicator {
         Ok(self.in_flight.take().map(|f| f.received))
     }
 
+    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
+        if bytes.is_empty() {
+            return self.alloc(1);
+        }
+        self.stream.clone_htod(bytes).map_err(Self::cuda)
+    }
+
+    fn download(&self, buffer: &CudaSlice<u8>) -> Result<Vec<u8>, CommError> {
+        let bytes = self.stream.clone_dtoh(buffer).map_err(Self::cuda)?;
+        self.stream.synchronize().map_err(Self::cuda)?;
+        Ok(bytes)
+    }
+
     fn abort(&mut self) {
         if !self.aborted {
             self.aborted = true;
@@ -279,6 +292,12 @@ impl Communicator for NcclCommunicator {
             // Buffers of an aborted group are freed with the stream's pending work dropped.
             self.in_flight = None;
         }
+    }
+}
+
+impl NcclCommunicator {
+    fn cuda(e: moe_model::cudarc::driver::DriverError) -> CommError {
+        CommError::Failed(format!("CUDA: {e}"))
     }
 }
 

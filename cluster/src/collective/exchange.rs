@@ -1,0 +1,555 @@
+//! One MoE layer's all-to-all over a [`Communicator`], both sides: the router's
+//! [`dispatch_layer`] and a node's [`serve_layer`]. Three groups per layer:
+//!
+//! 1. headers: the router sends every node of the epoch a [`LayerHeader`] (layer, rows,
+//!    pairs), idle nodes included, so that each node knows whether data follows;
+//! 2. data: to each node with rows, its rows (f32) and routes (CSR offsets, experts, weights),
+//!    laid out by [`ExchangePlan`];
+//! 3. outputs: each such node sends back one weighted output row per pair, in pair order.
+//!
+//! Every wait on the router is bounded ([`run_bounded`]: a dead node costs one timeout and an
+//! aborted communicator, then the router re-plans). A node waits for headers as long as its
+//! epoch lives, then bounds the rest of the layer the same way.
+
+use std::time::{Duration, Instant};
+
+use moe_model::experts::ExpertBackend;
+use moe_model::routes::ExpertRoutes;
+
+use super::communicator::{run_bounded, CommError, Communicator, Pending};
+use super::plan::{ExchangePlan, PeerCounts, PlanError};
+
+/// Bytes of a [`LayerHeader`] on the wire.
+pub const HEADER_BYTES: usize = 12;
+/// Rows and outputs travel as f32.
+const ELEM_BYTES: usize = 4;
+
+/// What the router tells a node before each layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerHeader {
+    pub layer: u32,
+    pub counts: PeerCounts,
+}
+
+impl LayerHeader {
+    pub fn encode(self) -> [u8; HEADER_BYTES] {
+        let mut out = [0u8; HEADER_BYTES];
+        out[..4].copy_from_slice(&self.layer.to_le_bytes());
+        out[4..].copy_from_slice(&self.counts.encode());
+        out
+    }
+
+    pub fn decode(bytes: &[u8], max_rows: u32) -> Result<Self, ExchangeError> {
+        let bytes: &[u8; HEADER_BYTES] = bytes
+            .try_into()
+            .map_err(|_| ExchangeError::Malformed(format!("a header of {} bytes", bytes.len())))?;
+        let layer = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let mut counts = [0u8; 8];
+        counts.copy_from_slice(&bytes[4..]);
+        let counts = PeerCounts::decode(&counts, max_rows)?;
+        Ok(Self { layer, counts })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExchangeError {
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("malformed exchange: {0}")]
+    Malformed(String),
+    #[error("experts: {0}")]
+    Experts(String),
+    #[error("the epoch ended while waiting for the router")]
+    Stopped,
+}
+
+/// What the router sends one node in one layer: its rows and their routes (row indices
+/// relative to these rows).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeShare {
+    pub rows: Vec<f32>,
+    pub routes: ExpertRoutes,
+}
+
+fn f32_bytes(values: &[f32]) -> impl Iterator<Item = u8> + '_ {
+    values.iter().flat_map(|v| v.to_le_bytes())
+}
+
+fn u32_bytes(values: &[u32]) -> impl Iterator<Item = u8> + '_ {
+    values.iter().flat_map(|v| v.to_le_bytes())
+}
+
+fn read_u32s(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn read_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The router's side of one layer. `shares[i]` goes to rank `i + 1` (every node of the epoch,
+/// idle ones with no rows). Returns each node's `[pairs, hidden]` outputs, in `shares` order
+/// (empty for idle nodes).
+pub fn dispatch_layer<C: Communicator>(
+    comm: &mut C,
+    layer: u32,
+    shares: &[NodeShare],
+    hidden: usize,
+    timeout: Duration,
+) -> Result<Vec<Vec<f32>>, ExchangeError> {
+    if shares.len() + 1 != comm.size() {
+        return Err(ExchangeError::Malformed(format!(
+            "{} shares for a communicator of {} ranks",
+            shares.len(),
+            comm.size()
+        )));
+    }
+    let mut counts = Vec::with_capacity(shares.len());
+    for share in shares {
+        let rows = share.routes.rows();
+        if share.rows.len() != rows * hidden || share.routes.pairs() < rows {
+            return Err(ExchangeError::Malformed(format!(
+                "a share of {} values for {rows} rows of {hidden} and {} pairs",
+                share.rows.len(),
+                share.routes.pairs()
+            )));
+        }
+        counts.push(PeerCounts {
+            rows: rows as u32,
+            pairs: share.routes.pairs() as u32,
+        });
+    }
+    let plan = ExchangePlan::new(&counts, hidden, ELEM_BYTES);
+
+    // 1. Headers, to every node.
+    let mut headers = Vec::with_capacity(shares.len());
+    for (i, &c) in counts.iter().enumerate() {
+        let header = LayerHeader { layer, counts: c }.encode();
+        headers.push((i + 1, comm.upload(&header)?));
+    }
+    run_bounded(
+        comm,
+        Pending {
+            sends: headers,
+            recvs: vec![],
+        },
+        timeout,
+    )?;
+
+    // 2. Rows and routes, to the nodes with rows.
+    let mut sends = Vec::with_capacity(2 * plan.peers.len());
+    for peer in &plan.peers {
+        let share = &shares[peer.rank - 1];
+        let rows: Vec<u8> = f32_bytes(&share.rows).collect();
+        let mut routes: Vec<u8> = Vec::with_capacity(peer.weights.end - peer.offsets.start);
+        routes.extend(u32_bytes(&share.routes.offsets));
+        routes.extend(u32_bytes(&share.routes.experts));
+        routes.extend(f32_bytes(&share.routes.weights));
+        sends.push((peer.rank, comm.upload(&rows)?));
+        sends.push((peer.rank, comm.upload(&routes)?));
+    }
+    run_bounded(
+        comm,
+        Pending {
+            sends,
+            recvs: vec![],
+        },
+        timeout,
+    )?;
+
+    // 3. Outputs back.
+    let recvs = plan
+        .peers
+        .iter()
+        .map(|p| (p.rank, p.outputs.len()))
+        .collect();
+    let received = run_bounded(
+        comm,
+        Pending {
+            sends: vec![],
+            recvs,
+        },
+        timeout,
+    )?;
+    let mut outputs = vec![Vec::new(); shares.len()];
+    for (peer, buffer) in plan.peers.iter().zip(received) {
+        outputs[peer.rank - 1] = read_f32s(&comm.download(&buffer)?);
+    }
+    Ok(outputs)
+}
+
+/// What a node did for one header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The router had nothing for this node in this layer.
+    Idle {
+        layer: u32,
+    },
+    Ran {
+        layer: u32,
+        rows: u32,
+        pairs: u32,
+    },
+}
+
+/// A node's side of one layer: waits for the router's header while `keep_waiting()` holds
+/// (the epoch is live), then receives its rows and routes, runs `experts` and sends the
+/// outputs back, each step bounded by `timeout`. On a stop or an error the communicator is
+/// aborted (a router waiting on this node then times out and re-plans).
+pub fn serve_layer<C: Communicator>(
+    comm: &mut C,
+    experts: &dyn ExpertBackend,
+    hidden: usize,
+    max_rows: u32,
+    keep_waiting: impl Fn() -> bool,
+    timeout: Duration,
+) -> Result<Served, ExchangeError> {
+    comm.post(Pending {
+        sends: vec![],
+        recvs: vec![(0, HEADER_BYTES)],
+    })?;
+    let header = loop {
+        if let Some(mut got) = comm.poll()? {
+            let buffer = got.pop().ok_or(CommError::Failed("no header".into()))?;
+            break LayerHeader::decode(&comm.download(&buffer)?, max_rows);
+        }
+        if !keep_waiting() {
+            comm.abort();
+            return Err(ExchangeError::Stopped);
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    };
+    let header = match header {
+        Ok(h) => h,
+        Err(e) => {
+            comm.abort();
+            return Err(e);
+        }
+    };
+    let (rows, pairs) = (header.counts.rows as usize, header.counts.pairs as usize);
+    if rows == 0 {
+        return Ok(Served::Idle {
+            layer: header.layer,
+        });
+    }
+    let plan = ExchangePlan::new(&[header.counts], hidden, ELEM_BYTES);
+    let peer = &plan.peers[0];
+    let received = run_bounded(
+        comm,
+        Pending {
+            sends: vec![],
+            recvs: vec![(0, peer.hidden.len()), (0, plan.route_bytes)],
+        },
+        timeout,
+    )?;
+    let (Some(row_bytes), Some(route_bytes)) = (received.first(), received.get(1)) else {
+        comm.abort();
+        return Err(ExchangeError::Malformed("missing rows or routes".into()));
+    };
+    let row_values = read_f32s(&comm.download(row_bytes)?);
+    let route_bytes = comm.download(route_bytes)?;
+    let routes = match decode_routes(&route_bytes, rows, pairs) {
+        Ok(r) => r,
+        Err(e) => {
+            comm.abort();
+            return Err(e);
+        }
+    };
+    let started = Instant::now();
+    let outputs = match experts.run_experts(header.layer as usize, &row_values, &routes) {
+        Ok(o) if o.len() == pairs * hidden => o,
+        Ok(o) => {
+            comm.abort();
+            return Err(ExchangeError::Experts(format!(
+                "{} output values for {pairs} pairs of {hidden}",
+                o.len()
+            )));
+        }
+        Err(e) => {
+            comm.abort();
+            return Err(ExchangeError::Experts(e.to_string()));
+        }
+    };
+    let out: Vec<u8> = f32_bytes(&outputs).collect();
+    let send = comm.upload(&out)?;
+    run_bounded(
+        comm,
+        Pending {
+            sends: vec![(0, send)],
+            recvs: vec![],
+        },
+        timeout.saturating_sub(started.elapsed()).max(timeout / 2),
+    )?;
+    Ok(Served::Ran {
+        layer: header.layer,
+        rows: header.counts.rows,
+        pairs: header.counts.pairs,
+    })
+}
+
+/// Routes as laid out by [`dispatch_layer`], checked: offsets start at 0, never decrease, give
+/// every row at least one pair and end at `pairs`.
+fn decode_routes(bytes: &[u8], rows: usize, pairs: usize) -> Result<ExpertRoutes, ExchangeError> {
+    let expected = 4 * (rows + 1) + 8 * pairs;
+    if bytes.len() != expected {
+        return Err(ExchangeError::Malformed(format!(
+            "{} bytes of routes, {expected} expected",
+            bytes.len()
+        )));
+    }
+    let (offsets, rest) = bytes.split_at(4 * (rows + 1));
+    let (experts, weights) = rest.split_at(4 * pairs);
+    let offsets = read_u32s(offsets);
+    let valid = offsets.first() == Some(&0)
+        && offsets.last() == Some(&(pairs as u32))
+        && offsets.windows(2).all(|w| w[0] < w[1]);
+    if !valid {
+        return Err(ExchangeError::Malformed(
+            "route offsets must start at 0, grow by at least 1 per row and end at the pair count"
+                .into(),
+        ));
+    }
+    Ok(ExpertRoutes {
+        offsets,
+        experts: read_u32s(experts),
+        weights: read_f32s(weights),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use moe_model::checkpoint::Checkpoint;
+    use moe_model::experts::ExpertSet;
+    use moe_model::ModelConfig;
+
+    use super::super::communicator::fake::group;
+    use super::*;
+
+    fn fixture() -> (Checkpoint, ModelConfig) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-moe-tiny");
+        (
+            Checkpoint::open(&dir).unwrap(),
+            ModelConfig::from_dir(&dir).unwrap(),
+        )
+    }
+
+    fn rows(n: usize, hidden: usize, seed: u32) -> Vec<f32> {
+        (0..n * hidden)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// The router splits a batch between two nodes holding disjoint halves of a layer's
+    /// experts; every pair's output comes back equal to running all experts in one process.
+    #[test]
+    fn a_layer_over_the_fake_communicator_matches_one_process() {
+        let (ckpt, config) = fixture();
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().unwrap();
+        let experts = config.moe.num_experts;
+        let all = ExpertSet::load(&ckpt, &config, (0..experts).map(|e| (layer, e))).unwrap();
+        let halves = [
+            ExpertSet::load(&ckpt, &config, (0..experts / 2).map(|e| (layer, e))).unwrap(),
+            ExpertSet::load(&ckpt, &config, (experts / 2..experts).map(|e| (layer, e))).unwrap(),
+        ];
+        // Three rows; row 1 uses only the first half's experts, so node 2 gets two rows.
+        let x = rows(3, hidden, 7);
+        let choices: [Vec<(u32, f32)>; 3] = [
+            vec![(0, 0.6), (experts as u32 - 1, 0.4)],
+            vec![(1, 1.0)],
+            vec![(2, 0.3), (experts as u32 / 2, 0.7)],
+        ];
+        let mut routes = ExpertRoutes::with_capacity(3, 5);
+        for c in &choices {
+            routes.push_row(&mut c.clone());
+        }
+        let want = all.run_experts(layer, &x, &routes).unwrap();
+
+        // Split by owner: node 1 holds experts < half, node 2 the rest.
+        let owner = |e: u32| usize::from(e as usize >= experts / 2);
+        let mut shares = vec![NodeShare::default(), NodeShare::default()];
+        let mut back: Vec<Vec<usize>> = vec![vec![], vec![]]; // node -> global pair index
+        for (share, node) in shares.iter_mut().zip(0..) {
+            share.routes = ExpertRoutes::with_capacity(3, 5);
+            for r in 0..routes.rows() {
+                let mut mine: Vec<(u32, f32)> = routes
+                    .row_pairs(r)
+                    .filter(|&p| owner(routes.experts[p]) == node)
+                    .map(|p| (routes.experts[p], routes.weights[p]))
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                share
+                    .rows
+                    .extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+                back[node].extend(
+                    routes
+                        .row_pairs(r)
+                        .filter(|&p| owner(routes.experts[p]) == node),
+                );
+                share.routes.push_row(&mut mine);
+            }
+        }
+
+        let (mut comms, _) = group(3);
+        let mut nodes = comms.split_off(1);
+        let mut router = comms.pop().unwrap();
+        let timeout = Duration::from_secs(10);
+        let handles: Vec<_> = nodes
+            .drain(..)
+            .zip(halves)
+            .map(|(mut comm, set)| {
+                std::thread::spawn(move || {
+                    serve_layer(&mut comm, &set, hidden, 1024, || true, timeout)
+                })
+            })
+            .collect();
+        let outputs = dispatch_layer(&mut router, layer as u32, &shares, hidden, timeout).unwrap();
+        let served: Vec<Served> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(
+            served,
+            [
+                Served::Ran {
+                    layer: layer as u32,
+                    rows: 3,
+                    pairs: 3
+                },
+                Served::Ran {
+                    layer: layer as u32,
+                    rows: 2,
+                    pairs: 2
+                },
+            ]
+        );
+        for (node, out) in outputs.iter().enumerate() {
+            for (i, &p) in back[node].iter().enumerate() {
+                assert_eq!(
+                    out[i * hidden..(i + 1) * hidden],
+                    want[p * hidden..(p + 1) * hidden],
+                    "pair {p} from node {}",
+                    node + 1
+                );
+            }
+        }
+    }
+
+    /// A node with nothing to do gets only its header; a node that stopped answering costs
+    /// the router one timeout and an aborted communicator, never a hang.
+    #[test]
+    fn idle_nodes_get_a_header_and_a_dead_node_times_out() {
+        let (ckpt, config) = fixture();
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().unwrap();
+        let set = ExpertSet::load(&ckpt, &config, [(layer, 0)]).unwrap();
+        let mut routes = ExpertRoutes::with_capacity(1, 1);
+        routes.push_row(&mut [(0, 1.0)]);
+        let busy = NodeShare {
+            rows: rows(1, hidden, 1),
+            routes,
+        };
+
+        let (mut comms, dead) = group(3);
+        let mut nodes = comms.split_off(1);
+        let mut router = comms.pop().unwrap();
+        let mut idle_node = nodes.remove(0);
+        let idle = std::thread::spawn(move || {
+            serve_layer(
+                &mut idle_node,
+                &ExpertSet::empty(hidden),
+                hidden,
+                1024,
+                || true,
+                Duration::from_secs(5),
+            )
+        });
+        dead.lock().unwrap()[2] = true;
+        let started = Instant::now();
+        let err = dispatch_layer(
+            &mut router,
+            layer as u32,
+            &[NodeShare::default(), busy],
+            hidden,
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ExchangeError::Comm(CommError::Timeout(Duration::from_millis(200)))
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(router.aborted);
+        assert_eq!(
+            idle.join().unwrap().unwrap(),
+            Served::Idle {
+                layer: layer as u32
+            }
+        );
+        drop(set);
+    }
+
+    /// A node waiting for a header leaves when its epoch ends.
+    #[test]
+    fn a_waiting_node_stops_with_its_epoch() {
+        let (mut comms, _) = group(2);
+        let mut node = comms.pop().unwrap();
+        let live = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&live);
+        let waiting = std::thread::spawn(move || {
+            serve_layer(
+                &mut node,
+                &ExpertSet::empty(4),
+                4,
+                1024,
+                || flag.load(Ordering::Relaxed),
+                Duration::from_secs(1),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        live.store(false, Ordering::Relaxed);
+        assert_eq!(waiting.join().unwrap(), Err(ExchangeError::Stopped));
+    }
+
+    #[test]
+    fn headers_and_routes_are_checked() {
+        let h = LayerHeader {
+            layer: 3,
+            counts: PeerCounts { rows: 2, pairs: 5 },
+        };
+        assert_eq!(LayerHeader::decode(&h.encode(), 16), Ok(h));
+        assert!(LayerHeader::decode(&h.encode(), 1).is_err());
+        assert!(LayerHeader::decode(&h.encode()[..8], 16).is_err());
+        let idle = LayerHeader {
+            layer: 1,
+            counts: PeerCounts::default(),
+        };
+        assert_eq!(LayerHeader::decode(&idle.encode(), 16), Ok(idle));
+
+        let mut good = Vec::new();
+        good.extend(u32_bytes(&[0, 1, 3]));
+        good.extend(u32_bytes(&[4, 1, 2]));
+        good.extend(f32_bytes(&[1.0, 0.5, 0.5]));
+        assert!(decode_routes(&good, 2, 3).is_ok());
+        assert!(decode_routes(&good[..good.len() - 1], 2, 3).is_err());
+        let mut empty_row = Vec::new();
+        empty_row.extend(u32_bytes(&[0, 0, 3]));
+        empty_row.extend(u32_bytes(&[4, 1, 2]));
+        empty_row.extend(f32_bytes(&[1.0, 0.5, 0.5]));
+        assert!(decode_routes(&empty_row, 2, 3).is_err());
+    }
+}
