@@ -64,7 +64,9 @@ pub fn new_unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CommError> {
 
 /// What a posted group still owns until it completes.
 struct InFlight {
-    done: CudaEvent,
+    /// Recorded once NCCL has finished enqueueing the group (a non-blocking communicator may
+    /// still be enqueueing when `ncclGroupEnd` returns `ncclInProgress`).
+    done: Option<CudaEvent>,
     received: Vec<CudaSlice<u8>>,
     /// Kept alive until NCCL has read them.
     _sent: Vec<CudaSlice<u8>>,
@@ -203,8 +205,7 @@ impl Communicator for NcclCommunicator {
         if self.aborted {
             return Err(CommError::Aborted);
         }
-        let cuda =
-            |e: moe_model::cudarc::driver::DriverError| CommError::Failed(format!("CUDA: {e}"));
+        let cuda = Self::cuda;
         let mut received = Vec::with_capacity(group.recvs.len());
         for &(_, len) in &group.recvs {
             received.push(self.stream.alloc_zeros::<u8>(len.max(1)).map_err(cuda)?);
@@ -244,9 +245,8 @@ impl Communicator for NcclCommunicator {
             }
             check(sys::ncclGroupEnd(), "ncclGroupEnd")?;
         }
-        let done = self.stream.record_event(None).map_err(cuda)?;
         self.in_flight = Some(InFlight {
-            done,
+            done: None,
             received,
             _sent: group.sends.into_iter().map(|(_, b)| b).collect(),
         });
@@ -254,14 +254,20 @@ impl Communicator for NcclCommunicator {
     }
 
     fn poll(&mut self) -> Result<Option<Vec<CudaSlice<u8>>>, CommError> {
-        self.async_state()?;
-        let Some(in_flight) = &self.in_flight else {
+        let state = self.async_state()?;
+        let stream = Arc::clone(&self.stream);
+        let Some(in_flight) = &mut self.in_flight else {
             return Ok(Some(Vec::new()));
         };
-        let complete = in_flight
-            .done
-            .try_is_complete()
-            .map_err(|e| CommError::Failed(format!("CUDA: {e}")))?;
+        let done = match &in_flight.done {
+            Some(done) => done,
+            // Still being enqueued: the event must come after NCCL's work on the stream.
+            None if state == ncclResult_t::ncclInProgress => return Ok(None),
+            None => in_flight
+                .done
+                .insert(stream.record_event(None).map_err(Self::cuda)?),
+        };
+        let complete = done.try_is_complete().map_err(Self::cuda)?;
         if !complete {
             return Ok(None);
         }
@@ -302,19 +308,10 @@ impl NcclCommunicator {
 }
 
 impl Drop for NcclCommunicator {
+    /// Abort, not finalize + destroy: on a non-blocking communicator those two must be polled
+    /// to completion, and a retired epoch's peers may be gone; abort frees everything at once.
     fn drop(&mut self) {
-        if self.aborted {
-            return;
-        }
-        if self.in_flight.is_some() {
-            self.abort();
-            return;
-        }
-        // SAFETY: `comm` is live and idle; finalize flushes, destroy frees.
-        unsafe {
-            let _ = sys::ncclCommFinalize(self.comm);
-            let _ = sys::ncclCommDestroy(self.comm);
-        }
+        self.abort();
     }
 }
 
