@@ -23,6 +23,10 @@ pub struct GpuBenchArgs {
     pub experts: usize,
     #[arg(long, default_value_t = 8)]
     pub top_k: usize,
+    /// Streams the per-expert GEMMs are spread over: each count is measured at the largest
+    /// token count, the default one at every token count.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub lanes: Vec<usize>,
     /// Side of the square dense GEMM that gives the roofline.
     #[arg(long, default_value_t = 8192)]
     pub roofline_size: usize,
@@ -57,7 +61,17 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
         top_k: args.top_k,
     };
     let roofline = dense_gemm(&ctx, args.roofline_size, args.iters)?;
-    let figures = expert_ffn(&ctx, shape, &args.tokens, args.iters, roofline.tflops)?;
+    let default_lanes = moe_model::gpu::context::GEMM_LANES;
+    let mut cases: Vec<(usize, usize)> = args.tokens.iter().map(|&t| (default_lanes, t)).collect();
+    if let Some(&largest) = args.tokens.iter().max() {
+        cases.extend(
+            args.lanes
+                .iter()
+                .filter(|&&l| l != default_lanes)
+                .map(|&l| (l, largest)),
+        );
+    }
+    let figures = expert_ffn(&ctx, shape, &cases, args.iters, roofline.tflops)?;
     if args.json {
         let json = serde_json::json!({
             "device": args.device.to_string(),

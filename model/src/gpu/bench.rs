@@ -36,6 +36,8 @@ impl FfnShape {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FfnFigure {
+    /// Streams the per-expert GEMMs were spread over.
+    pub lanes: usize,
     pub tokens: usize,
     pub pairs: usize,
     pub ms: f64,
@@ -122,10 +124,11 @@ pub fn random_routes(tokens: usize, shape: &FfnShape, seed: u64) -> ExpertRoutes
 /// Expert-FFN TFLOP/s of one MoE layer (all `shape.experts` experts on this GPU, random
 /// weights) at each token count, rows already on the device (the data plane delivers them
 /// there), routing and weights uploaded in the timed region.
+/// Each `(lanes, tokens)` in `cases` is measured once, in order.
 pub fn expert_ffn(
     ctx: &GpuContext,
     shape: FfnShape,
-    token_counts: &[usize],
+    cases: &[(usize, usize)],
     iters: usize,
     roofline_tflops: f64,
 ) -> Result<Vec<FfnFigure>, GpuError> {
@@ -134,7 +137,8 @@ pub fn expert_ffn(
         .map(|e| GpuMlp::random(ctx, shape.hidden, shape.intermediate, e as u32 + 7))
         .collect::<Result<_, _>>()?;
     let mut figures = Vec::new();
-    for &tokens in token_counts {
+    for &(lanes, tokens) in cases {
+        ctx.set_gemm_lanes(lanes);
         let routes = random_routes(tokens, &shape, 0x5eed + tokens as u64);
         let plan = ExpertRuns::from_routes(&routes);
         let held: Vec<&GpuMlp> = plan
@@ -149,6 +153,7 @@ pub fn expert_ffn(
         })?;
         let tflops = routes.pairs() as f64 * shape.flops_per_pair() / (ms * 1e-3) / 1e12;
         figures.push(FfnFigure {
+            lanes,
             tokens,
             pairs: routes.pairs(),
             ms,
@@ -156,6 +161,7 @@ pub fn expert_ffn(
             of_roofline: tflops / roofline_tflops,
         });
     }
+    ctx.set_gemm_lanes(super::context::GEMM_LANES);
     Ok(figures)
 }
 

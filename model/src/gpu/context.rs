@@ -1,5 +1,6 @@
 //! The process's GPU: context, stream, cuBLAS handle and compiled kernels.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
@@ -29,9 +30,11 @@ impl From<GpuError> for crate::ModelError {
 }
 
 /// Streams (each with its own cuBLAS handle) that the per-expert GEMMs of one batch are spread
-/// over: one expert's GEMM is too small to fill an H200 (256 rows x 4096 outputs is 32 tiles
-/// for 132 SMs), so several run at once.
+/// over by default: one expert's GEMM is too small to fill an H200 (256 rows x 4096 outputs is
+/// 32 tiles for 132 SMs), so several run at once.
 pub const GEMM_LANES: usize = 4;
+/// Lanes created (the benchmark sweeps up to this many).
+pub const MAX_GEMM_LANES: usize = 16;
 
 /// A side stream and the cuBLAS handle bound to it.
 pub struct GemmLane {
@@ -46,6 +49,7 @@ pub struct GpuContext {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     lanes: Vec<GemmLane>,
+    lanes_in_use: AtomicUsize,
     kernels: Kernels,
     /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
     /// the work of one stream runs in order anyway.
@@ -88,7 +92,7 @@ impl GpuContext {
         let name = ctx.name()?;
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(Arc::clone(&stream))?;
-        let lanes = (0..GEMM_LANES)
+        let lanes = (0..MAX_GEMM_LANES)
             .map(|_| {
                 let stream = ctx.new_stream()?;
                 let blas = CudaBlas::new(Arc::clone(&stream))?;
@@ -104,6 +108,7 @@ impl GpuContext {
             stream,
             blas,
             lanes,
+            lanes_in_use: AtomicUsize::new(GEMM_LANES),
             kernels,
             serial: Mutex::new(()),
         }))
@@ -129,13 +134,24 @@ impl GpuContext {
         &self.blas
     }
 
+    /// The lanes GEMMs are spread over now.
     pub(crate) fn lanes(&self) -> &[GemmLane] {
-        &self.lanes
+        let n = self
+            .lanes_in_use
+            .load(Ordering::Relaxed)
+            .clamp(1, self.lanes.len());
+        &self.lanes[..n]
+    }
+
+    /// Spreads the GEMMs of later batches over `n` lanes (1 to [`MAX_GEMM_LANES`]).
+    pub fn set_gemm_lanes(&self, n: usize) {
+        self.lanes_in_use
+            .store(n.clamp(1, MAX_GEMM_LANES), Ordering::Relaxed);
     }
 
     /// Makes every lane wait for the work queued so far on the main stream.
     pub(crate) fn fork_lanes(&self) -> Result<(), GpuError> {
-        for lane in &self.lanes {
+        for lane in self.lanes() {
             lane.stream.join(&self.stream)?;
         }
         Ok(())
@@ -143,7 +159,7 @@ impl GpuContext {
 
     /// Makes the main stream wait for everything queued on the lanes.
     pub(crate) fn join_lanes(&self) -> Result<(), GpuError> {
-        for lane in &self.lanes {
+        for lane in self.lanes() {
             self.stream.join(&lane.stream)?;
         }
         Ok(())
