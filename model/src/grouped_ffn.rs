@@ -59,8 +59,11 @@ pub trait FfnOps {
     fn f32_len(&self, buffer: &Self::F32) -> usize;
     fn upload_index(&self, values: &[u32]) -> Result<Self::Index, Self::Error>;
     fn upload_f32(&self, values: &[f32]) -> Result<Self::F32, Self::Error>;
-    fn zeros_act(&self, len: usize) -> Result<Self::Act, Self::Error>;
-    fn zeros_f32(&self, len: usize) -> Result<Self::F32, Self::Error>;
+    /// A buffer of `len` elements that the next step writes in full before anything reads
+    /// it: its contents are unspecified (uninitialised on a GPU; NaN in the host reference, so
+    /// a step that misses an element shows).
+    fn scratch_act(&self, len: usize) -> Result<Self::Act, Self::Error>;
+    fn scratch_f32(&self, len: usize) -> Result<Self::F32, Self::Error>;
     /// `out[s, :] = rows[index[s], :]`, converted to the GEMM dtype.
     fn gather(
         &self,
@@ -153,6 +156,7 @@ where
         )));
     }
     if plan.pair_of_slot.len() != slots
+        || slots != pairs
         || plan.runs.iter().map(|r| r.len).sum::<usize>() != slots
         || plan.pair_of_slot.iter().any(|&p| p as usize >= pairs)
         || plan.row_of_slot.iter().any(|&r| r as usize >= n_rows)
@@ -165,10 +169,10 @@ where
     let pair_of_slot = ops.upload_index(&plan.pair_of_slot)?;
     let pair_weights = ops.upload_f32(weights)?;
 
-    let mut x = ops.zeros_act(slots * hidden)?;
+    let mut x = ops.scratch_act(slots * hidden)?;
     ops.gather(rows, &row_of_slot, &mut x, slots, hidden)?;
 
-    let mut gate_up = ops.zeros_f32(slots * 2 * inter)?;
+    let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
     ops.fork()?;
     for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
         if run.len > 0 {
@@ -188,10 +192,10 @@ where
     }
     ops.join()?;
 
-    let mut act = ops.zeros_act(slots * inter)?;
+    let mut act = ops.scratch_act(slots * inter)?;
     ops.silu_mul(&gate_up, &mut act, slots, inter)?;
 
-    let mut out = ops.zeros_f32(slots * hidden)?;
+    let mut out = ops.scratch_f32(slots * hidden)?;
     ops.fork()?;
     for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
         if run.len > 0 {
@@ -202,7 +206,7 @@ where
     }
     ops.join()?;
 
-    let mut pair_out = ops.zeros_f32(pairs * hidden)?;
+    let mut pair_out = ops.scratch_f32(pairs * hidden)?;
     ops.scatter_weighted(
         &out,
         &pair_of_slot,
@@ -241,11 +245,11 @@ mod tests {
         fn upload_f32(&self, values: &[f32]) -> Result<Vec<f32>, Self::Error> {
             Ok(values.to_vec())
         }
-        fn zeros_act(&self, len: usize) -> Result<Vec<f32>, Self::Error> {
-            Ok(vec![0.0; len])
+        fn scratch_act(&self, len: usize) -> Result<Vec<f32>, Self::Error> {
+            Ok(vec![f32::NAN; len])
         }
-        fn zeros_f32(&self, len: usize) -> Result<Vec<f32>, Self::Error> {
-            Ok(vec![0.0; len])
+        fn scratch_f32(&self, len: usize) -> Result<Vec<f32>, Self::Error> {
+            Ok(vec![f32::NAN; len])
         }
         fn gather(
             &self,

@@ -236,12 +236,21 @@ impl FfnOps for CudaOps<'_> {
         Ok(self.ctx.stream().clone_htod(values)?)
     }
 
-    fn zeros_act(&self, len: usize) -> Result<GpuBuffer, GpuError> {
-        GpuBuffer::zeros(self.ctx, len)
+    fn scratch_act(&self, len: usize) -> Result<GpuBuffer, GpuError> {
+        let stream = self.ctx.stream();
+        // SAFETY: run_grouped writes every element before reading it (the host reference
+        // fills scratch with NaN to prove it).
+        Ok(unsafe {
+            match self.ctx.dtype() {
+                GpuDtype::Bf16 => GpuBuffer::Bf16(stream.alloc::<u16>(len.max(1))?),
+                GpuDtype::F32 => GpuBuffer::F32(stream.alloc::<f32>(len.max(1))?),
+            }
+        })
     }
 
-    fn zeros_f32(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
-        Ok(self.ctx.stream().alloc_zeros::<f32>(len.max(1))?)
+    fn scratch_f32(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
+        // SAFETY: as for scratch_act.
+        Ok(unsafe { self.ctx.stream().alloc::<f32>(len.max(1))? })
     }
 
     fn gather(
