@@ -42,6 +42,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    moe_model::backend::keep_freed_memory();
     moe_cluster::config::init_logging("warn");
     let cli = Cli::parse();
     commands::remote::set_tls(cli.tls);

@@ -25,6 +25,7 @@ use moe_proto::v1::expert_data_server::ExpertDataServer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    moe_model::backend::keep_freed_memory();
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;

@@ -38,6 +38,7 @@ fn kv_bytes_per_token(config: &ModelConfig) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    moe_model::backend::keep_freed_memory();
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;
