@@ -155,9 +155,15 @@ where
             plan.runs.len()
         )));
     }
+    let mut next_slot = 0;
+    let runs_tile_the_slots = plan.runs.iter().all(|r| {
+        let contiguous = r.start == next_slot;
+        next_slot = r.start + r.len;
+        contiguous
+    }) && next_slot == slots;
     if plan.pair_of_slot.len() != slots
         || slots != pairs
-        || plan.runs.iter().map(|r| r.len).sum::<usize>() != slots
+        || !runs_tile_the_slots
         || plan.pair_of_slot.iter().any(|&p| p as usize >= pairs)
         || plan.row_of_slot.iter().any(|&r| r as usize >= n_rows)
     {
@@ -453,5 +459,29 @@ mod tests {
         ];
         let err = run_grouped(&HostOps, &two, &vec![0.0; 2], &plan, &routes.weights, 2, 2);
         assert!(err.is_err());
+        // A run that does not start where the previous one ended.
+        let mut gap = plan.clone();
+        gap.runs[0].start = 1;
+        let err = run_grouped(
+            &HostOps,
+            &matrices,
+            &vec![0.0; 2],
+            &gap,
+            &routes.weights,
+            2,
+            2,
+        );
+        assert!(err.is_err());
+        // The well-formed plan runs.
+        assert!(run_grouped(
+            &HostOps,
+            &matrices,
+            &vec![0.0; 2],
+            &plan,
+            &routes.weights,
+            2,
+            2
+        )
+        .is_ok());
     }
 }
