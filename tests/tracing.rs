@@ -50,6 +50,40 @@ fn named<'a>(spans: &'a [ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
     spans.iter().filter(|s| s.name == name).collect()
 }
 
+/// The nodes' `expert_batch` spans with their router-side parents (named `parent_name`, a
+/// child of the `moe_layer` span of the same layer); both nodes must be among them.
+fn node_batches<'a>(
+    spans: &'a [ReceivedSpan],
+    by_id: &BTreeMap<&str, &'a ReceivedSpan>,
+    parent_name: &str,
+) -> Vec<(&'a ReceivedSpan, &'a ReceivedSpan)> {
+    let batches = named(spans, "expert_batch");
+    assert!(!batches.is_empty());
+    let mut nodes = BTreeSet::new();
+    let mut pairs = Vec::with_capacity(batches.len());
+    for b in batches {
+        assert_eq!(b.service, "moe-expert-node");
+        let parent = *by_id
+            .get(b.parent_span_id.as_str())
+            .unwrap_or_else(|| panic!("expert_batch parent {} not received", b.parent_span_id));
+        assert_eq!(parent.name, parent_name);
+        assert_eq!(parent.service, "moe-router");
+        let layer_span = by_id[parent.parent_span_id.as_str()];
+        assert_eq!(layer_span.name, "moe_layer");
+        assert_eq!(
+            b.attributes.get("layer"),
+            layer_span.attributes.get("layer")
+        );
+        nodes.insert(b.instance.clone());
+        pairs.push((b, parent));
+    }
+    assert_eq!(
+        nodes,
+        BTreeSet::from(["node-0".to_string(), "node-1".to_string()])
+    );
+    pairs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_is_one_trace_across_router_and_nodes() {
     let (collector, sink) = start_receiver().await.unwrap();
@@ -167,29 +201,9 @@ async fn one_request_is_one_trace_across_router_and_nodes() {
         .all(|l| by_id[l.parent_span_id.as_str()].name == "step"));
 
     // Node spans: children of the router's dispatch spans, from both nodes.
-    let batches: Vec<_> = named(&spans, "expert_batch");
-    assert!(!batches.is_empty());
-    let mut nodes = BTreeSet::new();
-    for b in &batches {
-        assert_eq!(b.service, "moe-expert-node");
-        let parent = by_id
-            .get(b.parent_span_id.as_str())
-            .unwrap_or_else(|| panic!("expert_batch parent {} not received", b.parent_span_id));
-        assert_eq!(parent.name, "dispatch");
-        assert_eq!(parent.service, "moe-router");
-        assert_eq!(parent.attributes.get("node_id"), Some(&b.instance));
-        assert_eq!(
-            b.attributes.get("layer"),
-            by_id[parent.parent_span_id.as_str()]
-                .attributes
-                .get("layer")
-        );
-        nodes.insert(b.instance.clone());
+    for (batch, parent) in node_batches(&spans, &by_id, "dispatch") {
+        assert_eq!(parent.attributes.get("node_id"), Some(&batch.instance));
     }
-    assert_eq!(
-        nodes,
-        BTreeSet::from(["node-0".to_string(), "node-1".to_string()])
-    );
 
     // Without a traceparent the request span is a root of a new trace.
     let before: BTreeSet<String> = sink.spans().iter().map(|s| s.span_id.clone()).collect();
@@ -234,4 +248,57 @@ async fn one_request_is_one_trace_across_router_and_nodes() {
     assert_eq!(root.parent_span_id, http_parent);
     assert_eq!(root.name, "text_completion tiny-ds");
     drop(cluster);
+}
+
+/// Over the per-epoch TCP collective the trace is the same shape: the nodes' `expert_batch`
+/// spans are children of the router's `collective_exchange` span of their layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collective_layers_are_traced_into_the_nodes() {
+    let (collector, sink) = start_receiver().await.unwrap();
+    let endpoint = format!("http://{collector}");
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 2);
+    let tracing_flags = ["--otlp-endpoint", &endpoint, "--trace-step-ratio", "1"].map(String::from);
+    spec.router_args.extend(tracing_flags.iter().cloned());
+    spec.router_args
+        .extend(["--transport", "tcp"].map(String::from));
+    spec.node_args.extend(tracing_flags.iter().cloned());
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    harness::wait_status(
+        &cluster.router_addr,
+        Duration::from_secs(60),
+        "collective formed",
+        |s| s.serving_transport == "tcp",
+    )
+    .await;
+
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let case = &golden_cases(FIXTURES[0])[0];
+    let mut client = harness::inference(&cluster).await;
+    let mut request = tonic::Request::new(greedy(&case.input_ids, 3));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{CLIENT_SPAN}-01").parse().unwrap(),
+    );
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+
+    let spans = wait_for_trace(&sink, |t| t == trace).await;
+    let by_id: BTreeMap<&str, &ReceivedSpan> =
+        spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    assert!(
+        named(&spans, "dispatch").is_empty(),
+        "no gRPC dispatch once the collective serves"
+    );
+    let exchanges = named(&spans, "collective_exchange");
+    assert!(!exchanges.is_empty());
+    for x in &exchanges {
+        assert_eq!(
+            x.attributes.get("transport").map(String::as_str),
+            Some("tcp")
+        );
+        assert_eq!(by_id[x.parent_span_id.as_str()].name, "moe_layer");
+    }
+    node_batches(&spans, &by_id, "collective_exchange");
 }

@@ -120,19 +120,19 @@ async fn drain_command_removes_a_node_and_refuses_unknown_ones() {
     );
 }
 
-#[test]
-fn chaos_soak_loses_no_request_and_changes_no_token() {
+/// Runs `moe chaos` on the DeepSeek fixture with `extra` flags; checks that nothing failed or
+/// differed from the offline engine and returns the report.
+fn chaos_report(extra: &[&str]) -> Value {
     let dir = fixture_dir(FIXTURES[0]);
     let out = Command::new(env!("CARGO_BIN_EXE_moe"))
         .args([
             "chaos",
             "--model",
             dir.to_str().unwrap(),
-            "--duration-secs",
-            "20",
             "--interval-ms",
             "1500",
         ])
+        .args(extra)
         .output()
         .expect("moe chaos runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -146,9 +146,26 @@ fn chaos_soak_loses_no_request_and_changes_no_token() {
     assert_eq!(report["mismatched"], 0, "{report}");
     assert!(report["completed"].as_u64().unwrap() > 0);
     assert_eq!(report["sent"], report["completed"]);
+    report
+}
+
+#[test]
+fn chaos_soak_loses_no_request_and_changes_no_token() {
+    let report = chaos_report(&["--duration-secs", "20"]);
     let actions: u64 = ["kills", "terminations", "drains"]
         .iter()
         .map(|k| report[k].as_u64().unwrap())
         .sum();
     assert!(actions >= 3, "{report}");
+}
+
+/// The same soak with the layers over a TCP collective per epoch: every kill breaks a
+/// collective, the layer goes over gRPC, the next epoch forms a new one; nothing is lost.
+#[test]
+fn chaos_soak_over_the_tcp_collective() {
+    let report = chaos_report(&["--duration-secs", "15", "--transport", "tcp"]);
+    assert!(
+        report["collective_layers"].as_u64().unwrap() > 0,
+        "layers went over the collective: {report}"
+    );
 }

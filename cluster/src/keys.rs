@@ -53,10 +53,15 @@ impl ClusterKeys {
         format!("{}routers/{router_id}", self.prefix)
     }
 
-    /// The `ncclUniqueId` a router made for its communicator of `epoch` with that epoch's
-    /// nodes (on the router's lease; nodes read it to join with `ncclCommInitRank`).
-    pub fn nccl_id(&self, epoch: u64, router_id: &str) -> String {
-        format!("{}nccl/{epoch}/{router_id}", self.prefix)
+    /// Prefix of the collective records.
+    pub fn collectives(&self) -> String {
+        format!("{}collective/", self.prefix)
+    }
+
+    /// Where a router's communicator of `epoch` with that epoch's nodes can be joined (a
+    /// `CollectiveRecord`: a TCP address and nonce, or an `ncclUniqueId`), on the router's lease.
+    pub fn collective(&self, epoch: u64, router_id: &str) -> String {
+        format!("{}collective/{epoch}/{router_id}", self.prefix)
     }
 
     /// The elected planner's router id (created if absent, on the planner's lease).

@@ -45,6 +45,9 @@ pub struct NodeRecord {
     /// restarted under the same id is not held suspect for its predecessor's crash.
     #[serde(default)]
     pub instance: String,
+    /// Collective transports it can join (`tcp`, `nccl`); gRPC always works.
+    #[serde(default)]
+    pub collectives: Vec<crate::collective::Transport>,
 }
 
 /// A node's registration: its record and ready epoch on its own lease. Dropping it (or
@@ -174,6 +177,31 @@ impl RouterRegistration {
         };
         if let Ok(value) = encode(&key, &record) {
             self.leased.set(key, value);
+        }
+    }
+
+    /// Publishes where this router's communicator of `epoch` can be joined, and withdraws
+    /// the records of older epochs.
+    pub fn set_collective(&self, record: &crate::collective::CollectiveRecord) {
+        self.retire_collectives_below(record.epoch);
+        self.leased.set(
+            self.keys.collective(record.epoch, &self.router_id),
+            record.encode(),
+        );
+    }
+
+    /// Withdraws the collective records of epochs before `epoch`.
+    pub fn retire_collectives_below(&self, epoch: u64) {
+        let prefix = self.keys.collectives();
+        for key in self.leased.keys() {
+            let older = key
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|e| e.parse::<u64>().ok())
+                .is_some_and(|e| e < epoch);
+            if older {
+                self.leased.remove(&key);
+            }
         }
     }
 

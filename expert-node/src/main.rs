@@ -6,8 +6,11 @@
 //! - [`follower`]: follows the placement in etcd, loads exactly the assigned experts, reports
 //!   readiness.
 //! - [`data_plane`]: the `ExpertData.Exchange` stream handler.
+//! - [`collective_member`]: joins the routers' per-epoch collectives (TCP or NCCL) and answers
+//!   their layers there.
 
 mod args;
+mod collective_member;
 mod data_plane;
 mod follower;
 mod metrics;
@@ -73,8 +76,11 @@ async fn main() -> anyhow::Result<()> {
             Arc::clone(&served),
         ));
     }
-    let data_plane =
-        data_plane::DataPlane::new(Arc::clone(&served), config.hidden_size, node_metrics);
+    let data_plane = data_plane::DataPlane::new(
+        Arc::clone(&served),
+        config.hidden_size,
+        Arc::clone(&node_metrics),
+    );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut server_shutdown = shutdown_rx.clone();
     let mut server = tonic::transport::Server::builder();
@@ -104,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         state: NodeState::Joining,
         fingerprint: fingerprint.clone(),
         instance: instance_id(),
+        collectives: joinable_collectives(&expert_device, cluster_tls.is_some()),
     };
     // etcd may not be up yet (containers start in any order) or be briefly overloaded: keep
     // trying, logging the outage once, until it answers or the process is told to stop.
@@ -135,6 +142,22 @@ async fn main() -> anyhow::Result<()> {
     };
     let registration = Arc::new(registration);
 
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hidden = config.hidden_size;
+    let members = tokio::spawn(collective_member::follow_collectives(
+        collective_member::MemberContext {
+            etcd: etcd.clone(),
+            keys: keys.clone(),
+            node_id: node_id.clone(),
+            served: Arc::clone(&served),
+            device: expert_device.clone(),
+            hidden,
+            max_rows: (args.max_message_bytes / (hidden * 4).max(1)).min(u32::MAX as usize) as u32,
+            metrics: node_metrics,
+            poll: Duration::from_millis(args.etcd.poll_ms),
+            stopping: Arc::clone(&stopping),
+        },
+    ));
     let (progress_tx, mut progress) =
         tokio::sync::watch::channel(follower::NodeProgress::default());
     let follower = tokio::spawn(follower::follow_placement(follower::FollowerContext {
@@ -168,6 +191,8 @@ async fn main() -> anyhow::Result<()> {
         _ = shutdown_signal() => tracing::warn!(%node_id, "second signal: leaving without waiting"),
     }
     follower.abort();
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    members.abort();
     let _ = shutdown_tx.send(true);
     if let Ok(registration) = Arc::try_unwrap(registration) {
         registration.shutdown().await;
@@ -175,6 +200,26 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.await;
     telemetry.flush();
     Ok(())
+}
+
+/// The collectives this node can join: TCP unless the data plane is under mutual TLS (the TCP
+/// collective carries none), NCCL when its experts are on a GPU of a CUDA build.
+fn joinable_collectives(
+    device: &moe_model::experts::ExpertDevice,
+    mutual_tls: bool,
+) -> Vec<moe_cluster::collective::Transport> {
+    use moe_cluster::collective::Transport;
+    let mut out = Vec::new();
+    if !mutual_tls {
+        out.push(Transport::Tcp);
+    }
+    #[cfg(feature = "cuda")]
+    if matches!(device, moe_model::experts::ExpertDevice::Gpu(_)) {
+        out.push(Transport::Nccl);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    out
 }
 
 /// A random id for this process start (see `NodeRecord::instance`).

@@ -11,6 +11,8 @@ use crate::served::ServedExperts;
 #[derive(Debug)]
 pub struct NodeMetrics {
     pub batches: AtomicU64,
+    /// Of those, the batches that came over a collective (TCP or NCCL) instead of gRPC.
+    pub collective_batches: AtomicU64,
     pub rows: AtomicU64,
     pub pairs: AtomicU64,
     /// Batches answered with an error (epoch not served, malformed, expert failure).
@@ -22,6 +24,7 @@ impl Default for NodeMetrics {
     fn default() -> Self {
         Self {
             batches: AtomicU64::new(0),
+            collective_batches: AtomicU64::new(0),
             rows: AtomicU64::new(0),
             pairs: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -38,6 +41,11 @@ impl NodeMetrics {
                 "moe_node_expert_batches_total",
                 "Dispatch batches computed.",
                 &self.batches,
+            ),
+            (
+                "moe_node_collective_batches_total",
+                "Dispatch batches that came over a collective (TCP or NCCL) instead of gRPC.",
+                &self.collective_batches,
             ),
             (
                 "moe_node_expert_rows_total",

@@ -100,6 +100,22 @@ pub struct Args {
     /// Extra copies of hot experts per MoE layer a rebalance may place (default: experts / 8).
     #[arg(long, env = "MOE_REDUNDANT_EXPERTS")]
     pub redundant_experts: Option<usize>,
+    /// Data plane to the expert nodes: `grpc` (a stream per node), or one collective per
+    /// placement epoch over `tcp` (CPU clusters; no TLS) or `nccl` (GPUs). An epoch uses the
+    /// collective once every node of it has joined, and gRPC before that, when some node
+    /// cannot join, and after a failure.
+    #[arg(long, env = "MOE_TRANSPORT", default_value = "grpc")]
+    pub transport: moe_cluster::collective::Transport,
+    /// Where the TCP collective listens (port 0: one free port per epoch). Default: the IP of
+    /// `--grpc-listen`.
+    #[arg(long, env = "MOE_COLLECTIVE_LISTEN")]
+    pub collective_listen: Option<String>,
+    /// Host published for the TCP collective instead of the bound IP (wildcard bind, NAT).
+    #[arg(long, env = "MOE_COLLECTIVE_ADVERTISE_HOST")]
+    pub collective_advertise_host: Option<String>,
+    /// GPU of the router's NCCL rank (`--transport nccl`).
+    #[arg(long, env = "MOE_COLLECTIVE_GPU", default_value_t = 0)]
+    pub collective_gpu: usize,
     /// Math threads (default: all cores).
     #[arg(long, env = "MOE_THREADS")]
     pub threads: Option<usize>,

@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use moe_cluster::collective::{EpochLink, Transport};
 use moe_cluster::membership::Membership;
 use moe_cluster::placement::{ExpertId, Placement};
 
@@ -20,6 +21,12 @@ pub struct ServingPlacement {
     /// Expert to the indices of the nodes in `links` that hold it (several when replicated).
     pub holders: HashMap<ExpertId, Vec<usize>>,
     pub links: Vec<Arc<NodeLink>>,
+    /// The epoch's collective (rank `i + 1` is `links[i]`), once every node has joined it.
+    /// It lives exactly as long as dispatches can use this placement: dropping the last
+    /// reference closes (or aborts) it, which releases the nodes' side too.
+    pub collective: OnceLock<Mutex<EpochLink>>,
+    /// Set when the collective failed: the rest of this epoch goes over gRPC.
+    pub collective_failed: AtomicBool,
 }
 
 impl ServingPlacement {
@@ -44,6 +51,27 @@ impl ServingPlacement {
             placement,
             holders,
             links,
+            collective: OnceLock::new(),
+            collective_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// The collective to dispatch on, unless there is none (yet) or it failed.
+    pub fn live_collective(&self) -> Option<&Mutex<EpochLink>> {
+        if self.collective_failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.collective.get()
+    }
+
+    /// What the epoch's layers go over now.
+    pub fn transport(&self) -> Transport {
+        match self
+            .live_collective()
+            .and_then(|l| l.lock().ok().map(|l| l.transport()))
+        {
+            Some(t) => t,
+            None => Transport::Grpc,
         }
     }
 }
@@ -83,6 +111,9 @@ pub struct ClusterView {
     pub rebalances: AtomicU64,
     /// MoE layers that had to be re-dispatched after a node failed.
     pub layer_retries: AtomicU64,
+    /// MoE layers sent over a collective, and collectives that failed mid-layer.
+    pub collective_layers: AtomicU64,
+    pub collective_failures: AtomicU64,
 }
 
 impl ClusterView {

@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use moe_cluster::collective::exchange::{NodeAnswer, NodeShare};
+use moe_cluster::collective::EpochLink;
 use moe_cluster::frames::{self, DispatchTag};
 use moe_model::experts::ExpertBackend;
 use moe_model::routes::ExpertRoutes;
@@ -185,6 +187,8 @@ pub struct RemoteExperts {
     pub hidden: usize,
     /// How long one layer may wait for a placement that works before failing the step.
     pub recovery_timeout: Duration,
+    /// Bound on each step of a layer's exchange over an epoch's collective.
+    pub collective_timeout: Duration,
     step: AtomicU64,
     /// The current step's span; MoE layers run on the math threads, so it is passed, not
     /// inherited.
@@ -197,12 +201,14 @@ impl RemoteExperts {
         runtime: tokio::runtime::Handle,
         hidden: usize,
         recovery_timeout: Duration,
+        collective_timeout: Duration,
     ) -> Self {
         Self {
             view,
             runtime,
             hidden,
             recovery_timeout,
+            collective_timeout,
             step: AtomicU64::new(0),
             step_span: std::sync::Mutex::new(tracing::Span::none()),
         }
@@ -258,13 +264,6 @@ impl RemoteExperts {
     }
 }
 
-/// One node's share of a layer: its rows, their routes, and where its pairs go globally.
-struct NodeShare {
-    rows: Vec<f32>,
-    routes: ExpertRoutes,
-    global_pairs: Vec<usize>,
-}
-
 /// One MoE layer's tokens, their routes and the layer's span.
 struct LayerInput<'a> {
     layer: usize,
@@ -302,13 +301,14 @@ impl RemoteExperts {
         } = input;
         let hidden = self.hidden;
         let n_nodes = serving.links.len();
+        // Each node's rows and routes, and where its pairs go in the layer's pair order.
         let mut shares: Vec<NodeShare> = (0..n_nodes)
             .map(|_| NodeShare {
                 rows: Vec::new(),
                 routes: ExpertRoutes::with_capacity(0, 0),
-                global_pairs: Vec::new(),
             })
             .collect();
+        let mut global_pairs: Vec<Vec<usize>> = vec![Vec::new(); n_nodes];
         let mut failed = Vec::new();
         let mut node_pairs = vec![0usize; n_nodes];
         let suspect: Vec<bool> = serving
@@ -357,7 +357,40 @@ impl RemoteExperts {
                 share.routes.push_row(&mut local);
                 // push_row sorts by expert id; chosen is already ascending (routes are), so the
                 // global pair indices line up.
-                share.global_pairs.extend(chosen.iter().map(|&(_, _, p)| p));
+                global_pairs[node].extend(chosen.iter().map(|&(_, _, p)| p));
+            }
+        }
+        if let Some(collective) = serving.live_collective() {
+            let started = Instant::now();
+            match self.exchange_collective(serving, collective, layer, &shares, layer_span) {
+                Ok(answers) => {
+                    let answered = Instant::now();
+                    let mut slowest_compute = 0;
+                    for (node, answer) in answers.iter().enumerate() {
+                        slowest_compute = slowest_compute.max(answer.compute_micros * 1000);
+                        let outputs = &answer.outputs;
+                        for (i, &p) in global_pairs[node].iter().enumerate() {
+                            pair_out[p * hidden..(p + 1) * hidden]
+                                .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
+                        }
+                    }
+                    return Attempt {
+                        failed,
+                        slowest_compute,
+                        encoded: started,
+                        answered,
+                        placed: Instant::now(),
+                    };
+                }
+                Err(e) => {
+                    // Which node failed is not known here; the gRPC streams will tell (a dead
+                    // node's stream breaks), so this attempt and the rest of the epoch use them.
+                    serving.collective_failed.store(true, Ordering::Relaxed);
+                    self.view
+                        .collective_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(epoch = serving.placement.epoch, layer, error = %e, "collective failed; this epoch continues over gRPC");
+                }
             }
         }
         let tag = DispatchTag {
@@ -406,7 +439,7 @@ impl RemoteExperts {
                 Err(e) => {
                     self.view
                         .suspect(&link.node_id, &format!("link not accepting: {e}"));
-                    failed.extend_from_slice(&share.global_pairs);
+                    failed.extend_from_slice(&global_pairs[node]);
                 }
             }
         }
@@ -440,7 +473,7 @@ impl RemoteExperts {
             });
             match outputs {
                 Ok(outputs) => {
-                    for (i, &p) in share.global_pairs.iter().enumerate() {
+                    for (i, &p) in global_pairs[node].iter().enumerate() {
                         pair_out[p * hidden..(p + 1) * hidden]
                             .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
                     }
@@ -453,7 +486,7 @@ impl RemoteExperts {
                         self.view.suspect(&link.node_id, &e);
                     }
                     tracing::warn!(node_id = %link.node_id, epoch = tag.epoch, layer, error = %e, "dispatch failed");
-                    failed.extend_from_slice(&share.global_pairs);
+                    failed.extend_from_slice(&global_pairs[node]);
                 }
             }
         }
@@ -464,6 +497,68 @@ impl RemoteExperts {
             answered,
             placed: Instant::now(),
         }
+    }
+}
+
+impl RemoteExperts {
+    /// One layer over the epoch's collective: every node gets its header, the busy ones
+    /// their rows; returns each node's outputs in `serving.links` order.
+    fn exchange_collective(
+        &self,
+        serving: &ServingPlacement,
+        collective: &std::sync::Mutex<EpochLink>,
+        layer: usize,
+        shares: &[NodeShare],
+        layer_span: &tracing::Span,
+    ) -> std::result::Result<Vec<NodeAnswer>, String> {
+        let span = if layer_span.is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                target: "moe_router",
+                parent: layer_span,
+                "collective_exchange",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                transport = tracing::field::Empty,
+                epoch = serving.placement.epoch,
+                nodes = shares.len() as u64,
+                busy_nodes = shares.iter().filter(|s| s.routes.rows() > 0).count() as u64,
+            )
+        };
+        let _in_span = span.enter();
+        let mut link = collective
+            .lock()
+            .map_err(|_| "collective lock poisoned".to_string())?;
+        span.record("transport", link.transport().as_str());
+        let traceparent = moe_cluster::telemetry::traceparent(&span);
+        let outputs = link
+            .dispatch_layer(
+                layer as u32,
+                shares,
+                self.hidden,
+                self.collective_timeout,
+                traceparent.as_deref(),
+            )
+            .map_err(|e| {
+                span.record("otel.status_code", "ERROR");
+                e.to_string()
+            })?;
+        drop(link);
+        self.view.collective_layers.fetch_add(1, Ordering::Relaxed);
+        for ((node, share), answer) in serving.links.iter().zip(shares).zip(&outputs) {
+            if share.routes.rows() == 0 {
+                continue;
+            }
+            node.bytes_sent
+                .fetch_add(4 * share.rows.len() as u64, Ordering::Relaxed);
+            node.bytes_received
+                .fetch_add(4 * answer.outputs.len() as u64, Ordering::Relaxed);
+            node.rows_sent
+                .fetch_add(share.routes.rows() as u64, Ordering::Relaxed);
+            node.count_pairs(layer as u32, share.routes.pairs() as u64);
+        }
+        Ok(outputs)
     }
 }
 

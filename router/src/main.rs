@@ -14,12 +14,70 @@ use moe_proto::v1::admin_server::AdminServer;
 use moe_proto::v1::inference_server::InferenceServer;
 
 use moe_router::cluster_view::ClusterView;
+use moe_router::collective::CollectiveSettings;
 use moe_router::kv_blocks::KvBlocks;
 use moe_router::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use moe_router::{admission, api_keys, args, dispatch, http, metrics, planner, server, validation};
 
 /// Largest data-plane message either side accepts.
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// `--transport` and where its rank 0 listens; refuses what cannot work before serving.
+fn collective_settings(
+    args: &args::Args,
+    grpc: std::net::SocketAddr,
+    mutual_tls: bool,
+) -> anyhow::Result<CollectiveSettings> {
+    use moe_cluster::collective::{RootSettings, Transport};
+    if args.transport == Transport::Tcp && mutual_tls {
+        anyhow::bail!(
+            "--transport tcp carries no TLS; with --cluster-ca/--cluster-cert use the gRPC data plane \
+             (--transport grpc)"
+        );
+    }
+    #[cfg(feature = "cuda")]
+    let nccl_stream = if args.transport == Transport::Nccl {
+        let gpu = moe_model::gpu::GpuContext::open(
+            args.collective_gpu,
+            moe_model::device::GpuDtype::default(),
+        )
+        .with_context(|| format!("opening GPU {} for NCCL", args.collective_gpu))?;
+        Some(gpu.stream().context().new_stream()?)
+    } else {
+        None
+    };
+    #[cfg(not(feature = "cuda"))]
+    if args.transport == Transport::Nccl {
+        anyhow::bail!(
+            "--transport nccl needs a build with --features cuda (GPU {} asked)",
+            args.collective_gpu
+        );
+    }
+    let tcp_bind = args
+        .collective_listen
+        .clone()
+        .unwrap_or_else(|| std::net::SocketAddr::new(grpc.ip(), 0).to_string());
+    let wildcard = tcp_bind
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified());
+    if args.transport == Transport::Tcp && wildcard && args.collective_advertise_host.is_none() {
+        tracing::warn!(
+            %tcp_bind,
+            "the TCP collective listens on a wildcard address and will publish it as is; \
+             nodes on other hosts need --collective-advertise-host"
+        );
+    }
+    Ok(CollectiveSettings {
+        transport: args.transport,
+        root: RootSettings {
+            tcp_bind,
+            tcp_advertise_host: args.collective_advertise_host.clone(),
+            #[cfg(feature = "cuda")]
+            nccl_stream,
+        },
+        timeout: Duration::from_millis(args.dispatch_timeout_ms),
+    })
+}
 
 fn kv_bytes_per_token(config: &ModelConfig) -> usize {
     let per_layer = match config.attention {
@@ -84,6 +142,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         }
     }
 
+    let collective_settings = collective_settings(&args, local, cluster_tls.is_some())?;
     let view = Arc::new(ClusterView::new(router_id));
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
@@ -106,6 +165,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             handle.clone(),
             config.hidden_size,
             Duration::from_millis(args.recovery_timeout_ms),
+            Duration::from_millis(args.dispatch_timeout_ms),
         ),
         tokenizer: Arc::clone(&tokenizer),
         kv: Arc::clone(&kv),
@@ -233,6 +293,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         suspect_ttl: Duration::from_secs(args.suspect_ttl_secs),
         membership_grace: Duration::from_millis(args.membership_grace_ms),
+        collective: collective_settings,
         links: dispatch::LinkSettings {
             max_message_bytes: MAX_MESSAGE_BYTES,
             timeout: Duration::from_millis(args.dispatch_timeout_ms),

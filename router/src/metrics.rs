@@ -153,6 +153,16 @@ impl RouterMetrics {
                 "MoE layers re-dispatched after a node failed.",
                 self.view.layer_retries.load(Ordering::Relaxed),
             ),
+            (
+                "moe_collective_layers_total",
+                "MoE layers sent over a per-epoch collective (TCP or NCCL) instead of gRPC.",
+                self.view.collective_layers.load(Ordering::Relaxed),
+            ),
+            (
+                "moe_collective_failures_total",
+                "Collectives that failed mid-layer (the layer then went over gRPC).",
+                self.view.collective_failures.load(Ordering::Relaxed),
+            ),
         ] {
             family(&mut out, name, "counter", help);
             sample(&mut out, name, "", v);

@@ -57,6 +57,8 @@ pub struct PlannerContext {
     /// After (re)connecting to etcd, nodes missing from it are kept this long.
     pub membership_grace: Duration,
     pub links: crate::dispatch::LinkSettings,
+    /// `--transport`: the per-epoch collective, if any.
+    pub collective: crate::collective::CollectiveSettings,
     pub rebalance: RebalancePolicy,
 }
 
@@ -397,6 +399,14 @@ impl Planner {
             .set_serving(ServingPlacement::new(latest, epoch_links));
         if let Some(r) = &self.registration {
             r.set_serving_epoch(epoch);
+        }
+        if let Some(serving) = ctx.view.serving() {
+            crate::collective::start_for_epoch(
+                &ctx.collective,
+                serving,
+                &membership,
+                self.registration.as_ref(),
+            );
         }
         ctx.health
             .set_serving::<InferenceServer<InferenceService>>()

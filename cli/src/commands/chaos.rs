@@ -50,6 +50,10 @@ pub struct ChaosArgs {
     /// Show the children's logs.
     #[arg(long)]
     logs: bool,
+    /// The router's data plane (`grpc`, or one `tcp` collective per epoch); default: the
+    /// router's own (`MOE_TRANSPORT`, else gRPC).
+    #[arg(long)]
+    transport: Option<moe_cluster::collective::Transport>,
 }
 
 /// Random prompts and the offline engine's greedy answers to them.
@@ -98,7 +102,13 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
         nodes: args.nodes,
         cluster: "chaos".into(),
-        router_args: vec!["--poll-ms".into(), "100".into()],
+        router_args: [
+            vec!["--poll-ms".to_string(), "100".to_string()],
+            args.transport
+                .map(|t| vec!["--transport".to_string(), t.to_string()])
+                .unwrap_or_default(),
+        ]
+        .concat(),
         node_args: vec![
             "--poll-ms".into(),
             "100".into(),
@@ -203,6 +213,9 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
         "joins": actions.joins,
         "final_epoch": status.as_ref().map(|s| s.serving_epoch),
         "layer_retries": status.as_ref().map(|s| s.layer_retries),
+        "serving_transport": status.as_ref().map(|s| s.serving_transport.clone()),
+        "collective_layers": status.as_ref().map(|s| s.collective_layers),
+        "collective_failures": status.as_ref().map(|s| s.collective_failures),
         "longest_stall_ms": longest_stall.map(|d| d.as_secs_f64() * 1e3),
         "problems": report.problems,
     });

@@ -51,6 +51,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "router_id": status.router_id, "planner_id": status.planner_id, "is_planner": status.is_planner,
             "imbalance_ratio": status.imbalance_ratio, "rebalances": status.rebalances,
             "replicas": status.replicas, "layer_retries": status.layer_retries,
+            "serving_transport": status.serving_transport, "collective_layers": status.collective_layers,
+            "collective_failures": status.collective_failures,
         });
         println!("{out}");
         return Ok(());
@@ -74,6 +76,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.rebalances,
         status.replicas,
         status.layer_retries
+    );
+    println!(
+        "  data plane {}  collective layers {}  collective failures {}",
+        if status.serving_transport.is_empty() {
+            "-"
+        } else {
+            &status.serving_transport
+        },
+        status.collective_layers,
+        status.collective_failures
     );
     if status.moe_layer_calls > 0 {
         let per = |s: f64| s * 1e3 / status.moe_layer_calls as f64;

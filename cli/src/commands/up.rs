@@ -26,6 +26,10 @@ pub struct UpArgs {
     /// Math threads per expert node (co-located nodes share the machine's cores).
     #[arg(long)]
     node_threads: Option<usize>,
+    /// The router's data plane (`grpc`, or one `tcp` collective per epoch); default: the
+    /// router's own (`MOE_TRANSPORT`, else gRPC).
+    #[arg(long)]
+    transport: Option<moe_cluster::collective::Transport>,
 }
 
 pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -58,7 +62,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
         nodes: args.nodes,
         cluster: args.cluster.clone(),
-        router_args: Vec::new(),
+        router_args: args
+            .transport
+            .map(|t| vec!["--transport".to_string(), t.to_string()])
+            .unwrap_or_default(),
         node_args: args
             .node_threads
             .map(|t| vec!["--threads".to_string(), t.to_string()])

@@ -40,12 +40,22 @@ pub trait Communicator: Send {
     /// `Some(received buffers, in the order of the group's recvs)` once the posted group is
     /// done; `Err` when the communicator failed.
     fn poll(&mut self) -> Result<Option<Vec<Self::Buffer>>, CommError>;
+    /// Like [`Communicator::poll`], but may block up to `at_most` for the group to complete
+    /// (transports that can be woken override it; the default polls around a short sleep).
+    fn wait(&mut self, at_most: Duration) -> Result<Option<Vec<Self::Buffer>>, CommError> {
+        if let Some(done) = self.poll()? {
+            return Ok(Some(done));
+        }
+        std::thread::sleep(at_most.min(Duration::from_micros(50)));
+        self.poll()
+    }
     /// Tears the communicator down without waiting for peers.
     fn abort(&mut self);
-    /// A transfer buffer holding `bytes` (host memory for the fake, device memory for NCCL).
-    fn upload(&self, bytes: &[u8]) -> Result<Self::Buffer, CommError>;
+    /// A transfer buffer holding `bytes` (the bytes themselves on the host, a copy in device
+    /// memory for NCCL).
+    fn upload(&self, bytes: Vec<u8>) -> Result<Self::Buffer, CommError>;
     /// The bytes of a received buffer.
-    fn download(&self, buffer: &Self::Buffer) -> Result<Vec<u8>, CommError>;
+    fn download(&self, buffer: Self::Buffer) -> Result<Vec<u8>, CommError>;
 }
 
 /// Posts `group` and waits for it at most `timeout`; aborts the communicator on a timeout or
@@ -70,20 +80,16 @@ pub fn run_bounded<C: Communicator + ?Sized>(
         comm.abort();
         return Err(e);
     }
-    // Spin briefly (an exchange usually completes within microseconds on NVLink), then back
-    // off so that a slow peer does not burn a core.
-    let mut pause = Duration::from_micros(5);
     loop {
-        match comm.poll() {
+        // Wake at least every millisecond to check the deadline.
+        let left = deadline.saturating_duration_since(Instant::now());
+        match comm.wait(left.min(Duration::from_millis(1))) {
             Ok(Some(received)) => return Ok(received),
             Ok(None) if Instant::now() >= deadline => {
                 comm.abort();
                 return Err(CommError::Timeout(timeout));
             }
-            Ok(None) => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(1));
-            }
+            Ok(None) => {}
             Err(e) => {
                 comm.abort();
                 return Err(e);
@@ -200,12 +206,12 @@ pub mod fake {
             self.posted = None;
         }
 
-        fn upload(&self, bytes: &[u8]) -> Result<Vec<u8>, CommError> {
-            Ok(bytes.to_vec())
+        fn upload(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
+            Ok(bytes)
         }
 
-        fn download(&self, buffer: &Vec<u8>) -> Result<Vec<u8>, CommError> {
-            Ok(buffer.clone())
+        fn download(&self, buffer: Vec<u8>) -> Result<Vec<u8>, CommError> {
+            Ok(buffer)
         }
     }
 }

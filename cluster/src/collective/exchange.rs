@@ -2,10 +2,12 @@
 //! [`dispatch_layer`] and a node's [`serve_layer`]. Three groups per layer:
 //!
 //! 1. headers: the router sends every node of the epoch a [`LayerHeader`] (layer, rows,
-//!    pairs), idle nodes included, so that each node knows whether data follows;
+//!    pairs, the W3C traceparent of a traced layer), idle nodes included, so that each node
+//!    knows whether data follows;
 //! 2. data: to each node with rows, its rows (f32) and routes (CSR offsets, experts, weights),
 //!    laid out by [`ExchangePlan`];
-//! 3. outputs: each such node sends back one weighted output row per pair, in pair order.
+//! 3. outputs: each such node sends back one weighted output row per pair, in pair order,
+//!    then its expert compute time (u64 microseconds), as over gRPC.
 //!
 //! Every wait on the router is bounded ([`run_bounded`]: a dead node costs one timeout and an
 //! aborted communicator, then the router re-plans). A node waits for headers as long as its
@@ -19,23 +21,52 @@ use moe_model::routes::ExpertRoutes;
 use super::communicator::{run_bounded, CommError, Communicator, Pending};
 use super::plan::{ExchangePlan, PeerCounts, PlanError};
 
+/// Bytes of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`); zeros when not traced.
+pub const TRACEPARENT_BYTES: usize = 55;
 /// Bytes of a [`LayerHeader`] on the wire.
-pub const HEADER_BYTES: usize = 12;
+pub const HEADER_BYTES: usize = 12 + TRACEPARENT_BYTES;
 /// Rows and outputs travel as f32.
 const ELEM_BYTES: usize = 4;
+/// After a node's outputs: its expert compute time in microseconds (u64).
+const COMPUTE_TRAILER_BYTES: usize = 8;
 
 /// What the router tells a node before each layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerHeader {
     pub layer: u32,
     pub counts: PeerCounts,
+    /// The traceparent of the router's span for this layer, so the node's span joins the
+    /// request's trace as over gRPC; all zeros when the layer is not traced.
+    pub trace: [u8; TRACEPARENT_BYTES],
 }
 
 impl LayerHeader {
+    pub fn new(layer: u32, counts: PeerCounts, traceparent: Option<&str>) -> Self {
+        let mut trace = [0u8; TRACEPARENT_BYTES];
+        if let Some(tp) = traceparent.filter(|tp| tp.len() == TRACEPARENT_BYTES) {
+            trace.copy_from_slice(tp.as_bytes());
+        }
+        Self {
+            layer,
+            counts,
+            trace,
+        }
+    }
+
+    /// The traceparent, if the layer is traced (what the peer sent is only ever parsed as
+    /// a W3C header, which rejects anything malformed).
+    pub fn traceparent(&self) -> Option<&str> {
+        if self.trace[0] == 0 {
+            return None;
+        }
+        std::str::from_utf8(&self.trace).ok()
+    }
+
     pub fn encode(self) -> [u8; HEADER_BYTES] {
         let mut out = [0u8; HEADER_BYTES];
         out[..4].copy_from_slice(&self.layer.to_le_bytes());
-        out[4..].copy_from_slice(&self.counts.encode());
+        out[4..12].copy_from_slice(&self.counts.encode());
+        out[12..].copy_from_slice(&self.trace);
         out
     }
 
@@ -45,9 +76,15 @@ impl LayerHeader {
             .map_err(|_| ExchangeError::Malformed(format!("a header of {} bytes", bytes.len())))?;
         let layer = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         let mut counts = [0u8; 8];
-        counts.copy_from_slice(&bytes[4..]);
+        counts.copy_from_slice(&bytes[4..12]);
         let counts = PeerCounts::decode(&counts, max_rows)?;
-        Ok(Self { layer, counts })
+        let mut trace = [0u8; TRACEPARENT_BYTES];
+        trace.copy_from_slice(&bytes[12..]);
+        Ok(Self {
+            layer,
+            counts,
+            trace,
+        })
     }
 }
 
@@ -95,16 +132,25 @@ fn read_f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// What one node answered for one layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeAnswer {
+    /// `[pairs, hidden]`, weighted, in the order of the node's pairs (empty for idle nodes).
+    pub outputs: Vec<f32>,
+    /// The node's own expert math for the layer.
+    pub compute_micros: u64,
+}
+
 /// The router's side of one layer. `shares[i]` goes to rank `i + 1` (every node of the epoch,
-/// idle ones with no rows). Returns each node's `[pairs, hidden]` outputs, in `shares` order
-/// (empty for idle nodes).
+/// idle ones with no rows). Returns each node's answer, in `shares` order.
 pub fn dispatch_layer<C: Communicator>(
     comm: &mut C,
     layer: u32,
     shares: &[NodeShare],
     hidden: usize,
     timeout: Duration,
-) -> Result<Vec<Vec<f32>>, ExchangeError> {
+    traceparent: Option<&str>,
+) -> Result<Vec<NodeAnswer>, ExchangeError> {
     if shares.len() + 1 != comm.size() {
         return Err(ExchangeError::Malformed(format!(
             "{} shares for a communicator of {} ranks",
@@ -132,8 +178,8 @@ pub fn dispatch_layer<C: Communicator>(
     // 1. Headers, to every node.
     let mut headers = Vec::with_capacity(shares.len());
     for (i, &c) in counts.iter().enumerate() {
-        let header = LayerHeader { layer, counts: c }.encode();
-        headers.push((i + 1, comm.upload(&header)?));
+        let header = LayerHeader::new(layer, c, traceparent).encode();
+        headers.push((i + 1, comm.upload(header.to_vec())?));
     }
     run_bounded(
         comm,
@@ -153,8 +199,8 @@ pub fn dispatch_layer<C: Communicator>(
         routes.extend(u32_bytes(&share.routes.offsets));
         routes.extend(u32_bytes(&share.routes.experts));
         routes.extend(f32_bytes(&share.routes.weights));
-        sends.push((peer.rank, comm.upload(&rows)?));
-        sends.push((peer.rank, comm.upload(&routes)?));
+        sends.push((peer.rank, comm.upload(rows)?));
+        sends.push((peer.rank, comm.upload(routes)?));
     }
     run_bounded(
         comm,
@@ -169,7 +215,7 @@ pub fn dispatch_layer<C: Communicator>(
     let recvs = plan
         .peers
         .iter()
-        .map(|p| (p.rank, p.outputs.len()))
+        .map(|p| (p.rank, p.outputs.len() + COMPUTE_TRAILER_BYTES))
         .collect();
     let received = run_bounded(
         comm,
@@ -179,11 +225,18 @@ pub fn dispatch_layer<C: Communicator>(
         },
         timeout,
     )?;
-    let mut outputs = vec![Vec::new(); shares.len()];
+    let mut answers = vec![NodeAnswer::default(); shares.len()];
     for (peer, buffer) in plan.peers.iter().zip(received) {
-        outputs[peer.rank - 1] = read_f32s(&comm.download(&buffer)?);
+        let bytes = comm.download(buffer)?;
+        let (outputs, trailer) = bytes.split_at(bytes.len().saturating_sub(COMPUTE_TRAILER_BYTES));
+        let mut micros = [0u8; COMPUTE_TRAILER_BYTES];
+        micros.copy_from_slice(trailer);
+        answers[peer.rank - 1] = NodeAnswer {
+            outputs: read_f32s(outputs),
+            compute_micros: u64::from_le_bytes(micros),
+        };
     }
-    Ok(outputs)
+    Ok(answers)
 }
 
 /// What a node did for one header.
@@ -201,15 +254,17 @@ pub enum Served {
 }
 
 /// A node's side of one layer: waits for the router's header while `keep_waiting()` holds
-/// (the epoch is live), then receives its rows and routes, runs `experts` and sends the
-/// outputs back, each step bounded by `timeout`. On a stop or an error the communicator is
-/// aborted (a router waiting on this node then times out and re-plans).
+/// (the epoch is live), then receives its rows and routes, runs `experts` (inside the span
+/// `batch_span` makes for the header) and sends the outputs back, each step bounded by
+/// `timeout`. On a stop or an error the communicator is aborted (a router waiting on this
+/// node then times out and re-plans).
 pub fn serve_layer<C: Communicator>(
     comm: &mut C,
     experts: &dyn ExpertBackend,
     hidden: usize,
     max_rows: u32,
     keep_waiting: impl Fn() -> bool,
+    batch_span: impl Fn(&LayerHeader) -> tracing::Span,
     timeout: Duration,
 ) -> Result<Served, ExchangeError> {
     comm.post(Pending {
@@ -217,15 +272,15 @@ pub fn serve_layer<C: Communicator>(
         recvs: vec![(0, HEADER_BYTES)],
     })?;
     let header = loop {
-        if let Some(mut got) = comm.poll()? {
+        // Short waits, so that the end of the epoch is noticed within milliseconds.
+        if let Some(mut got) = comm.wait(Duration::from_millis(5))? {
             let buffer = got.pop().ok_or(CommError::Failed("no header".into()))?;
-            break LayerHeader::decode(&comm.download(&buffer)?, max_rows);
+            break LayerHeader::decode(&comm.download(buffer)?, max_rows);
         }
         if !keep_waiting() {
             comm.abort();
             return Err(ExchangeError::Stopped);
         }
-        std::thread::sleep(Duration::from_micros(50));
     };
     let header = match header {
         Ok(h) => h,
@@ -250,7 +305,8 @@ pub fn serve_layer<C: Communicator>(
         },
         timeout,
     )?;
-    let (Some(row_bytes), Some(route_bytes)) = (received.first(), received.get(1)) else {
+    let mut received = received.into_iter();
+    let (Some(row_bytes), Some(route_bytes)) = (received.next(), received.next()) else {
         comm.abort();
         return Err(ExchangeError::Malformed("missing rows or routes".into()));
     };
@@ -264,7 +320,11 @@ pub fn serve_layer<C: Communicator>(
         }
     };
     let started = Instant::now();
-    let outputs = match experts.run_experts(header.layer as usize, &row_values, &routes) {
+    let span = batch_span(&header);
+    let in_span = span.enter();
+    let ran = experts.run_experts(header.layer as usize, &row_values, &routes);
+    drop(in_span);
+    let outputs = match ran {
         Ok(o) if o.len() == pairs * hidden => o,
         Ok(o) => {
             comm.abort();
@@ -278,8 +338,11 @@ pub fn serve_layer<C: Communicator>(
             return Err(ExchangeError::Experts(e.to_string()));
         }
     };
-    let out: Vec<u8> = f32_bytes(&outputs).collect();
-    let send = comm.upload(&out)?;
+    let micros = started.elapsed().as_micros() as u64;
+    let mut out: Vec<u8> = Vec::with_capacity(outputs.len() * ELEM_BYTES + COMPUTE_TRAILER_BYTES);
+    out.extend(f32_bytes(&outputs));
+    out.extend_from_slice(&micros.to_le_bytes());
+    let send = comm.upload(out)?;
     run_bounded(
         comm,
         Pending {
@@ -413,11 +476,20 @@ mod tests {
             .zip(halves)
             .map(|(mut comm, set)| {
                 std::thread::spawn(move || {
-                    serve_layer(&mut comm, &set, hidden, 1024, || true, timeout)
+                    serve_layer(
+                        &mut comm,
+                        &set,
+                        hidden,
+                        1024,
+                        || true,
+                        |_| tracing::Span::none(),
+                        timeout,
+                    )
                 })
             })
             .collect();
-        let outputs = dispatch_layer(&mut router, layer as u32, &shares, hidden, timeout).unwrap();
+        let outputs =
+            dispatch_layer(&mut router, layer as u32, &shares, hidden, timeout, None).unwrap();
         let served: Vec<Served> = handles
             .into_iter()
             .map(|h| h.join().unwrap().unwrap())
@@ -437,7 +509,8 @@ mod tests {
                 },
             ]
         );
-        for (node, out) in outputs.iter().enumerate() {
+        for (node, answer) in outputs.iter().enumerate() {
+            let out = &answer.outputs;
             for (i, &p) in back[node].iter().enumerate() {
                 assert_eq!(
                     out[i * hidden..(i + 1) * hidden],
@@ -475,6 +548,7 @@ mod tests {
                 hidden,
                 1024,
                 || true,
+                |_| tracing::Span::none(),
                 Duration::from_secs(5),
             )
         });
@@ -486,6 +560,7 @@ mod tests {
             &[NodeShare::default(), busy],
             hidden,
             Duration::from_millis(200),
+            None,
         )
         .unwrap_err();
         assert_eq!(
@@ -517,6 +592,7 @@ mod tests {
                 4,
                 1024,
                 || flag.load(Ordering::Relaxed),
+                |_| tracing::Span::none(),
                 Duration::from_secs(1),
             )
         });
@@ -527,18 +603,20 @@ mod tests {
 
     #[test]
     fn headers_and_routes_are_checked() {
-        let h = LayerHeader {
-            layer: 3,
-            counts: PeerCounts { rows: 2, pairs: 5 },
-        };
+        let traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = LayerHeader::new(3, PeerCounts { rows: 2, pairs: 5 }, Some(traced));
         assert_eq!(LayerHeader::decode(&h.encode(), 16), Ok(h));
+        assert_eq!(h.traceparent(), Some(traced));
         assert!(LayerHeader::decode(&h.encode(), 1).is_err());
         assert!(LayerHeader::decode(&h.encode()[..8], 16).is_err());
-        let idle = LayerHeader {
-            layer: 1,
-            counts: PeerCounts::default(),
-        };
+        let idle = LayerHeader::new(1, PeerCounts::default(), None);
         assert_eq!(LayerHeader::decode(&idle.encode(), 16), Ok(idle));
+        assert_eq!(idle.traceparent(), None);
+        // A traceparent of the wrong length is not sent (it could not be a W3C one).
+        assert_eq!(
+            LayerHeader::new(1, PeerCounts::default(), Some("00-short")).traceparent(),
+            None
+        );
 
         let mut good = Vec::new();
         good.extend(u32_bytes(&[0, 1, 3]));

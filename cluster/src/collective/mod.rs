@@ -1,8 +1,9 @@
-//! Host side of the NCCL data plane (the GPU transport; the gRPC stream stays for CPU nodes).
+//! The collective data plane: one communicator per (router, placement epoch), over NCCL on
+//! GPUs or TCP sockets on CPUs; the gRPC streams stay for mixed clusters and as the fallback.
 //!
-//! One communicator per (router, placement epoch): the router is rank 0, the epoch's nodes are
-//! ranks 1..=n in node-id order. The router makes the `ncclUniqueId` and publishes it under
-//! [`crate::ClusterKeys::nccl_id`]; each node joins with `ncclCommInitRank`. Per MoE layer the
+//! The router is rank 0, the epoch's nodes are ranks 1..=n in node-id order. The router opens
+//! rank 0 (an `ncclUniqueId`, or a listening socket and a nonce) and publishes a
+//! [`CollectiveRecord`] under [`crate::ClusterKeys::collective`]; each node joins from it. Per MoE layer the
 //! router first sends each node its row and pair counts, then the rows and routes with grouped
 //! send/recv (the all-to-all), and receives one output row per pair back.
 //!
@@ -11,17 +12,20 @@
 //!   and the deadline that turns a dead peer into an abort instead of a hang.
 //! - [`exchange`]: one layer's protocol on both sides (headers, rows and routes, outputs),
 //!   checked end to end over the in-memory fake with real expert math.
-//! - [`epochs`]: which communicator serves which epoch; new epoch, new communicator; old ones
-//!   are aborted once no dispatch can use them.
+//! - [`tcp`]: the same collective over TCP sockets, for CPU clusters (and to run the whole
+//!   lifecycle without GPUs).
 //! - `nccl` (`--features cuda`): the NCCL communicator itself, non-blocking and abortable.
 
 pub mod communicator;
-pub mod epochs;
 pub mod exchange;
+pub mod link;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod plan;
+pub mod record;
+pub mod tcp;
 
 pub use communicator::{run_bounded, CommError, Communicator, Pending};
-pub use epochs::EpochCommunicators;
+pub use link::{join_member, open_root, EpochLink, RootJoining, RootSettings};
 pub use plan::{ExchangePlan, PeerCounts};
+pub use record::{CollectiveRecord, Transport};

@@ -274,15 +274,15 @@ impl Communicator for NcclCommunicator {
         Ok(self.in_flight.take().map(|f| f.received))
     }
 
-    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
+    fn upload(&self, bytes: Vec<u8>) -> Result<CudaSlice<u8>, CommError> {
         if bytes.is_empty() {
             return self.alloc(1);
         }
-        self.stream.clone_htod(bytes).map_err(Self::cuda)
+        self.stream.clone_htod(&bytes).map_err(Self::cuda)
     }
 
-    fn download(&self, buffer: &CudaSlice<u8>) -> Result<Vec<u8>, CommError> {
-        let bytes = self.stream.clone_dtoh(buffer).map_err(Self::cuda)?;
+    fn download(&self, buffer: CudaSlice<u8>) -> Result<Vec<u8>, CommError> {
+        let bytes = self.stream.clone_dtoh(&buffer).map_err(Self::cuda)?;
         self.stream.synchronize().map_err(Self::cuda)?;
         Ok(bytes)
     }

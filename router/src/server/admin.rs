@@ -121,6 +121,12 @@ impl Admin for AdminService {
                 .map(|s| s.placement.replica_count() as u64)
                 .unwrap_or(0),
             layer_retries: self.view.layer_retries.load(Ordering::Relaxed),
+            serving_transport: serving
+                .as_ref()
+                .map(|s| s.transport().to_string())
+                .unwrap_or_default(),
+            collective_layers: self.view.collective_layers.load(Ordering::Relaxed),
+            collective_failures: self.view.collective_failures.load(Ordering::Relaxed),
         }))
     }
 

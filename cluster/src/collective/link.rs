@@ -1,0 +1,214 @@
+//! One epoch's communicator, whichever transport it uses, and how each side gets one: the
+//! router opens rank 0 and publishes a [`CollectiveRecord`]; each node of the epoch joins from
+//! that record. Both then run the layer protocol of [`super::exchange`] on it.
+
+use std::time::Duration;
+
+use moe_model::experts::ExpertBackend;
+
+use super::communicator::{CommError, Communicator};
+use super::exchange::{self, ExchangeError, LayerHeader, NodeAnswer, NodeShare, Served};
+use super::record::{CollectiveRecord, Transport};
+use super::tcp::{TcpCommunicator, TcpRoot};
+
+/// A live communicator of one epoch.
+pub enum EpochLink {
+    Tcp(TcpCommunicator),
+    #[cfg(feature = "cuda")]
+    Nccl(super::nccl::NcclCommunicator),
+}
+
+impl EpochLink {
+    pub fn transport(&self) -> Transport {
+        match self {
+            EpochLink::Tcp(_) => Transport::Tcp,
+            #[cfg(feature = "cuda")]
+            EpochLink::Nccl(_) => Transport::Nccl,
+        }
+    }
+
+    /// The router's side of one MoE layer (see [`exchange::dispatch_layer`]).
+    pub fn dispatch_layer(
+        &mut self,
+        layer: u32,
+        shares: &[NodeShare],
+        hidden: usize,
+        timeout: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<Vec<NodeAnswer>, ExchangeError> {
+        match self {
+            EpochLink::Tcp(c) => {
+                exchange::dispatch_layer(c, layer, shares, hidden, timeout, traceparent)
+            }
+            #[cfg(feature = "cuda")]
+            EpochLink::Nccl(c) => {
+                exchange::dispatch_layer(c, layer, shares, hidden, timeout, traceparent)
+            }
+        }
+    }
+
+    /// A node's side of one MoE layer (see [`exchange::serve_layer`]).
+    pub fn serve_layer(
+        &mut self,
+        experts: &dyn ExpertBackend,
+        hidden: usize,
+        max_rows: u32,
+        keep_waiting: impl Fn() -> bool,
+        batch_span: impl Fn(&LayerHeader) -> tracing::Span,
+        timeout: Duration,
+    ) -> Result<Served, ExchangeError> {
+        match self {
+            EpochLink::Tcp(c) => exchange::serve_layer(
+                c,
+                experts,
+                hidden,
+                max_rows,
+                keep_waiting,
+                batch_span,
+                timeout,
+            ),
+            #[cfg(feature = "cuda")]
+            EpochLink::Nccl(c) => exchange::serve_layer(
+                c,
+                experts,
+                hidden,
+                max_rows,
+                keep_waiting,
+                batch_span,
+                timeout,
+            ),
+        }
+    }
+
+    pub fn abort(&mut self) {
+        match self {
+            EpochLink::Tcp(c) => c.abort(),
+            #[cfg(feature = "cuda")]
+            EpochLink::Nccl(c) => c.abort(),
+        }
+    }
+}
+
+/// Where the router's rank 0 listens or which GPU stream it uses.
+#[derive(Clone)]
+pub struct RootSettings {
+    /// TCP: bind address (port 0 picks one) and the host to publish instead of the bound IP.
+    pub tcp_bind: String,
+    pub tcp_advertise_host: Option<String>,
+    /// NCCL: the stream of the router's GPU.
+    #[cfg(feature = "cuda")]
+    pub nccl_stream: Option<std::sync::Arc<moe_model::cudarc::driver::CudaStream>>,
+}
+
+/// Rank 0 of an epoch's communicator, published but not yet joined by every node.
+pub enum RootJoining {
+    Tcp(TcpRoot),
+    #[cfg(feature = "cuda")]
+    Nccl {
+        unique_id: [u8; super::nccl::UNIQUE_ID_BYTES],
+        stream: std::sync::Arc<moe_model::cudarc::driver::CudaStream>,
+        size: usize,
+    },
+}
+
+/// Opens rank 0 of the communicator of `epoch` over `nodes` (in rank order) and returns the
+/// record to publish; [`RootJoining::complete`] then waits for the nodes.
+pub fn open_root(
+    transport: Transport,
+    settings: &RootSettings,
+    epoch: u64,
+    nodes: Vec<String>,
+    timeout: Duration,
+) -> Result<(RootJoining, CollectiveRecord), CommError> {
+    let size = nodes.len() + 1;
+    match transport {
+        Transport::Grpc => Err(CommError::Failed(
+            "gRPC is not a collective transport".into(),
+        )),
+        Transport::Tcp => {
+            let root = TcpRoot::bind(
+                &settings.tcp_bind,
+                settings.tcp_advertise_host.as_deref(),
+                size,
+            )?;
+            let record = CollectiveRecord::tcp(epoch, nodes, root.rendezvous(), timeout);
+            Ok((RootJoining::Tcp(root), record))
+        }
+        #[cfg(feature = "cuda")]
+        Transport::Nccl => {
+            let stream = settings.nccl_stream.clone().ok_or_else(|| {
+                CommError::Failed("NCCL needs a GPU on the router (--collective-gpu)".into())
+            })?;
+            let unique_id = super::nccl::new_unique_id()?;
+            let record = CollectiveRecord::nccl(epoch, nodes, &unique_id, timeout);
+            Ok((
+                RootJoining::Nccl {
+                    unique_id,
+                    stream,
+                    size,
+                },
+                record,
+            ))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Transport::Nccl => Err(CommError::Failed(
+            "NCCL needs a build with --features cuda".into(),
+        )),
+    }
+}
+
+impl RootJoining {
+    /// Waits at most `timeout` for every node to join.
+    pub fn complete(self, timeout: Duration) -> Result<EpochLink, CommError> {
+        match self {
+            RootJoining::Tcp(root) => root.accept_all(timeout).map(EpochLink::Tcp),
+            #[cfg(feature = "cuda")]
+            RootJoining::Nccl {
+                unique_id,
+                stream,
+                size,
+            } => super::nccl::NcclCommunicator::join(stream, &unique_id, 0, size, timeout)
+                .map(EpochLink::Nccl),
+        }
+    }
+}
+
+/// A node joins the communicator `record` describes, as its rank in it. `gpu` is the stream
+/// NCCL runs on (the node's expert GPU); TCP needs none.
+pub fn join_member(
+    record: &CollectiveRecord,
+    node_id: &str,
+    #[cfg(feature = "cuda")] gpu: Option<std::sync::Arc<moe_model::cudarc::driver::CudaStream>>,
+    timeout: Duration,
+) -> Result<EpochLink, CommError> {
+    let (rank, size) = record.rank_of(node_id).ok_or_else(|| {
+        CommError::Failed(format!(
+            "{node_id} is not a member of epoch {}",
+            record.epoch
+        ))
+    })?;
+    let malformed = |e: super::record::RecordError| CommError::Failed(e.to_string());
+    match record.transport() {
+        Transport::Tcp => {
+            let at = record.tcp_rendezvous().map_err(malformed)?;
+            TcpCommunicator::connect(&at, rank, size, timeout).map(EpochLink::Tcp)
+        }
+        #[cfg(feature = "cuda")]
+        Transport::Nccl => {
+            let id = record.nccl_unique_id().map_err(malformed)?;
+            let id: [u8; super::nccl::UNIQUE_ID_BYTES] = id
+                .try_into()
+                .map_err(|_| CommError::Failed("an NCCL id of the wrong size".into()))?;
+            let stream = gpu.ok_or_else(|| {
+                CommError::Failed("NCCL needs this node's experts on a GPU".into())
+            })?;
+            super::nccl::NcclCommunicator::join(stream, &id, rank, size, timeout)
+                .map(EpochLink::Nccl)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Transport::Nccl => Err(CommError::Failed(
+            "NCCL needs a build with --features cuda".into(),
+        )),
+        Transport::Grpc => Err(CommError::Failed("not a collective record".into())),
+    }
+}

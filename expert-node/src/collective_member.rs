@@ -1,0 +1,194 @@
+//! Joins the routers' collective communicators for the epochs this node serves: for each
+//! `collective/<epoch>/<router>` record in etcd that names this node, one thread joins (TCP or
+//! NCCL) and answers that router's MoE layers until the epoch is released here, the node
+//! stops, or the router goes away (its side closes or aborts). The gRPC stream keeps serving
+//! meanwhile, so a router can fall back to it at any time.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::GetOptions;
+use moe_cluster::collective::exchange::{ExchangeError, LayerHeader, Served};
+use moe_cluster::collective::{join_member, CollectiveRecord, Transport};
+use moe_cluster::ClusterKeys;
+use moe_model::experts::ExpertDevice;
+
+use crate::metrics::NodeMetrics;
+use crate::served::ServedExperts;
+
+pub struct MemberContext {
+    pub etcd: moe_cluster::EtcdConnection,
+    pub keys: ClusterKeys,
+    pub node_id: String,
+    pub served: Arc<ServedExperts>,
+    pub device: ExpertDevice,
+    pub hidden: usize,
+    /// Most rows one layer may bring (the same bound as a gRPC message).
+    pub max_rows: u32,
+    pub metrics: Arc<NodeMetrics>,
+    pub poll: Duration,
+    /// Set when the node leaves: every serving thread stops waiting.
+    pub stopping: Arc<AtomicBool>,
+}
+
+pub async fn follow_collectives(ctx: MemberContext) {
+    let ctx = Arc::new(ctx);
+    let prefix = ctx.keys.collectives();
+    let changes = moe_cluster::watch::spawn_change_waker(ctx.etcd.clone(), prefix.clone());
+    let mut client = None;
+    // Records already acted on (joined, or not for this node), by key, with the value seen.
+    let mut handled: HashMap<String, Vec<u8>> = HashMap::new();
+    while !ctx.stopping.load(Ordering::Relaxed) {
+        if client.is_none() {
+            client = ctx.etcd.connect().await.ok();
+        }
+        if let Some(c) = client.as_mut() {
+            match c
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
+                Ok(listing) => {
+                    let mut present = HashSet::new();
+                    for kv in listing.kvs() {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        present.insert(key.clone());
+                        if handled.get(&key).is_some_and(|v| v == kv.value()) {
+                            continue;
+                        }
+                        if consider(&ctx, &key, kv.value()) {
+                            handled.insert(key, kv.value().to_vec());
+                        }
+                    }
+                    handled.retain(|k, _| present.contains(k));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "listing collective records failed");
+                    client = None;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.poll) => {}
+            _ = changes.notified() => {}
+        }
+    }
+}
+
+/// Acts on one record; false when it should be looked at again (its epoch is not loaded yet).
+fn consider(ctx: &Arc<MemberContext>, key: &str, value: &[u8]) -> bool {
+    let record = match CollectiveRecord::decode(value) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "ignoring a malformed collective record");
+            return true;
+        }
+    };
+    if record.rank_of(&ctx.node_id).is_none() {
+        return true;
+    }
+    if ctx.served.for_epoch(record.epoch).is_none() {
+        // The router switched to an epoch this node has not installed yet (or released).
+        return record.epoch < ctx.served.epochs().first().copied().unwrap_or(0);
+    }
+    let ctx = Arc::clone(ctx);
+    let key = key.to_string();
+    let spawned = std::thread::Builder::new()
+        .name(format!("collective-{}", record.epoch))
+        .spawn(move || serve_collective(&ctx, &key, &record));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a collective thread");
+    }
+    true
+}
+
+/// Joins and answers layers until the epoch ends here or the communicator fails.
+fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
+    let epoch = record.epoch;
+    let timeout = record.timeout();
+    #[cfg(feature = "cuda")]
+    let gpu = match &ctx.device {
+        ExpertDevice::Gpu(gpu) => gpu.stream().context().new_stream().ok(),
+        ExpertDevice::Cpu => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = &ctx.device;
+    let joined = join_member(
+        record,
+        &ctx.node_id,
+        #[cfg(feature = "cuda")]
+        gpu,
+        timeout,
+    );
+    let mut link = match joined {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(%key, epoch, error = %e, "could not join the router's collective");
+            return;
+        }
+    };
+    tracing::info!(%key, epoch, transport = %link.transport(), "joined the router's collective");
+    let served = &ctx.served;
+    let live = || !ctx.stopping.load(Ordering::Relaxed) && served.for_epoch(epoch).is_some();
+    let transport = link.transport();
+    let batch_span = |header: &LayerHeader| batch_span(header, epoch, transport);
+    let mut layers = 0u64;
+    while let Some(experts) = served.for_epoch(epoch) {
+        match link.serve_layer(
+            experts.as_ref(),
+            ctx.hidden,
+            ctx.max_rows,
+            live,
+            batch_span,
+            timeout,
+        ) {
+            Ok(Served::Idle { .. }) => layers += 1,
+            Ok(Served::Ran { rows, pairs, .. }) => {
+                layers += 1;
+                ctx.metrics.batches.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics
+                    .collective_batches
+                    .fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.rows.fetch_add(rows as u64, Ordering::Relaxed);
+                ctx.metrics.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
+            }
+            Err(ExchangeError::Stopped) => {
+                tracing::info!(epoch, layers, "epoch released here: left the collective");
+                return;
+            }
+            Err(e) => {
+                // The router went away or aborted (it falls back to gRPC); nothing to answer.
+                tracing::info!(epoch, layers, error = %e, "collective ended");
+                if !matches!(e, ExchangeError::Comm(_)) {
+                    ctx.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
+    }
+    link.abort();
+}
+
+/// The span of a traced layer's expert batch: a child of the router's exchange span, as a
+/// gRPC batch's is of its dispatch span.
+fn batch_span(header: &LayerHeader, epoch: u64, transport: Transport) -> tracing::Span {
+    let Some(traceparent) = header.traceparent() else {
+        return tracing::Span::none();
+    };
+    if !moe_cluster::telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "moe_expert_node",
+        "expert_batch",
+        otel.kind = "server",
+        layer = header.layer as u64,
+        epoch,
+        rows = header.counts.rows as u64,
+        pairs = header.counts.pairs as u64,
+        transport = transport.as_str(),
+    );
+    moe_cluster::telemetry::set_remote_parent(&span, Some(traceparent), None);
+    span
+}

@@ -1,0 +1,144 @@
+//! The per-epoch collective data plane (`--transport tcp`) with real processes: the router
+//! opens a communicator per placement epoch, publishes it in etcd, every node joins, and the
+//! MoE layers go over it with bitwise the offline engine's results. A node killed mid-stream
+//! fails the collective; the layer goes over gRPC (which names the dead node), the planner
+//! makes an epoch without it, and that epoch gets a new collective. This is the path NCCL
+//! takes on GPUs, with sockets instead of NVLink/InfiniBand.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_cluster::load::GreedyLoad;
+use moe_cluster::local::LocalCluster;
+use moe_model::{Engine, GenerateRequest, SamplingParams};
+use moe_tests::harness::{
+    self, expected_answers, generate, greedy, serving_nodes, wait_serving, wait_status,
+};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn offline(engine: &Engine, ids: &[u32]) -> moe_model::GenerateOutput {
+    engine
+        .generate(&GenerateRequest {
+            input_ids: ids.to_vec(),
+            max_new_tokens: 24,
+            sampling: SamplingParams::default(),
+            ignore_eos: true,
+            emit_logits: false,
+        })
+        .unwrap()
+}
+
+fn tcp_spec(fixture: &str, nodes: usize) -> moe_cluster::local::LocalClusterSpec {
+    let mut spec = harness::spec(fixture_dir(fixture), nodes);
+    spec.router_args
+        .extend(["--transport".into(), "tcp".into()]);
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_collective_matches_offline_and_survives_a_sigkill() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let mut cluster = LocalCluster::start(tcp_spec(fixture, 3)).unwrap();
+    wait_serving(&cluster, 3).await;
+    let before = wait_status(&cluster.router_addr, MINUTE, "collective formed", |s| {
+        s.serving_transport == "tcp"
+    })
+    .await;
+
+    // Golden prompts over the collective: tokens and logprobs bitwise the offline engine's.
+    let mut client = harness::inference(&cluster).await;
+    for (i, case) in golden_cases(fixture).iter().enumerate() {
+        let want = offline(&engine, &case.input_ids);
+        let got = generate(&mut client, greedy(&case.input_ids, 24))
+            .await
+            .unwrap();
+        assert_eq!(got.ids, want.output_ids, "case {i}");
+        assert_eq!(
+            got.logprobs, want.logprobs,
+            "case {i}: logprobs not bitwise equal"
+        );
+    }
+    let s = harness::status(&cluster).await;
+    assert_eq!(s.serving_transport, "tcp");
+    assert!(
+        s.collective_layers > 0,
+        "the layers went over the collective: {s:?}"
+    );
+    assert_eq!(s.collective_failures, 0);
+    let dispatched: u64 = s.nodes.iter().map(|n| n.dispatched_pairs).sum();
+    assert!(dispatched > 0, "collective dispatches are counted per node");
+
+    // SIGKILL a node while 12 streams run.
+    let answers = Arc::new(expected_answers(
+        &engine,
+        &golden_cases(fixture)
+            .iter()
+            .cycle()
+            .take(12)
+            .enumerate()
+            .map(|(i, c)| (c.input_ids[..c.input_ids.len() - i % 3].to_vec(), 48))
+            .collect::<Vec<_>>(),
+    ));
+    let victim = serving_nodes(&before)[1].clone();
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 12, Some(1));
+    let deadline = Instant::now() + MINUTE;
+    while load.progress.tokens.load(Ordering::Relaxed) < 12 * 4 {
+        assert!(Instant::now() < deadline, "streams did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let killed_at = Instant::now();
+    cluster.kill_node(&victim);
+    let completed_at_kill = load.progress.completed.load(Ordering::Relaxed);
+    let progress = Arc::clone(&load.progress);
+    let report = tokio::time::timeout(2 * MINUTE, load.finish())
+        .await
+        .expect("requests finish");
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    assert_eq!(report.completed, 12);
+    assert!(completed_at_kill < 12, "the kill happened mid-stream");
+
+    // The new epoch (without the victim) gets its own collective.
+    let after = wait_status(
+        &cluster.router_addr,
+        MINUTE,
+        "new epoch on a new collective",
+        |s| {
+            let nodes = serving_nodes(s);
+            !nodes.is_empty() && !nodes.contains(&victim) && s.serving_transport == "tcp"
+        },
+    )
+    .await;
+    assert!(after.serving_epoch > before.serving_epoch);
+    assert!(
+        after.collective_failures >= 1,
+        "the kill broke the old epoch's collective: {after:?}"
+    );
+    let layers_before = after.collective_layers;
+    let case = &golden_cases(fixture)[0];
+    let want = offline(&engine, &case.input_ids);
+    let mut client = harness::inference(&cluster).await;
+    let got = generate(&mut client, greedy(&case.input_ids, 24))
+        .await
+        .unwrap();
+    assert_eq!(got.ids, want.output_ids);
+    assert_eq!(got.logprobs, want.logprobs);
+    let end = harness::status(&cluster).await;
+    assert!(
+        end.collective_layers > layers_before,
+        "the new epoch's layers go over its collective: {end:?}"
+    );
+    eprintln!(
+        "tcp collective: SIGKILL -> epoch {} on {:?} over {}; first token after the kill {:?} later; collective layers {}, failures {}",
+        after.serving_epoch,
+        serving_nodes(&after),
+        after.serving_transport,
+        progress.first_token_after(killed_at).map(|t| t - killed_at),
+        end.collective_layers,
+        end.collective_failures,
+    );
+}
