@@ -142,3 +142,52 @@ async fn tcp_collective_matches_offline_and_survives_a_sigkill() {
         end.collective_failures,
     );
 }
+
+/// Several routers share the nodes: each router has its own collective per epoch, and the
+/// nodes answer both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_each_get_their_own_collective() {
+    let fixture = FIXTURES[1];
+    let engine = Arc::new(Engine::load(&fixture_dir(fixture)).unwrap());
+    let mut cluster = LocalCluster::start(tcp_spec(fixture, 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let second = cluster.add_router(&[]).unwrap();
+    let routers = [cluster.router_addr.clone(), second];
+    for addr in &routers {
+        wait_status(addr, MINUTE, "collective formed", |s| {
+            s.serving_transport == "tcp"
+        })
+        .await;
+    }
+    let tasks: Vec<_> = routers
+        .iter()
+        .map(|addr| {
+            let addr = addr.clone();
+            let engine = Arc::clone(&engine);
+            tokio::spawn(async move {
+                let mut client = moe_proto::v1::inference_client::InferenceClient::connect(
+                    format!("http://{addr}"),
+                )
+                .await
+                .unwrap();
+                for (i, case) in golden_cases(fixture).iter().enumerate() {
+                    let want = offline(&engine, &case.input_ids);
+                    let got = generate(&mut client, greedy(&case.input_ids, 24))
+                        .await
+                        .unwrap();
+                    assert_eq!(got.ids, want.output_ids, "{addr} case {i}");
+                    assert_eq!(got.logprobs, want.logprobs, "{addr} case {i}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for addr in &routers {
+        let s = wait_status(addr, MINUTE, "status", |_| true).await;
+        assert_eq!(s.serving_transport, "tcp", "{addr}");
+        assert!(s.collective_layers > 0, "{addr}: {s:?}");
+        assert_eq!(s.collective_failures, 0, "{addr}: {s:?}");
+    }
+}

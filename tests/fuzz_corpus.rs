@@ -69,3 +69,8 @@ fn safetensors_headers_never_panic() {
 fn http_requests_never_panic() {
     replay("http_request", fuzz::http_request);
 }
+
+#[test]
+fn collective_frames_never_panic() {
+    replay("collective_layer", fuzz::collective_layer);
+}

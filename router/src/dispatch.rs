@@ -367,7 +367,8 @@ impl RemoteExperts {
                     let answered = Instant::now();
                     let mut slowest_compute = 0;
                     for (node, answer) in answers.iter().enumerate() {
-                        slowest_compute = slowest_compute.max(answer.compute_micros * 1000);
+                        slowest_compute =
+                            slowest_compute.max(answer.compute_micros.saturating_mul(1000));
                         let outputs = &answer.outputs;
                         for (i, &p) in global_pairs[node].iter().enumerate() {
                             pair_out[p * hidden..(p + 1) * hidden]
@@ -466,7 +467,7 @@ impl RemoteExperts {
             let outputs = reply.and_then(|combine| {
                 link.bytes_received
                     .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
-                slowest_compute = slowest_compute.max(combine.compute_micros * 1000);
+                slowest_compute = slowest_compute.max(combine.compute_micros.saturating_mul(1000));
                 node_spans[node].record("node_compute_us", combine.compute_micros);
                 frames::decode_combine(&combine, tag, share.routes.pairs(), hidden)
                     .map_err(|e| e.to_string())

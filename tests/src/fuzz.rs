@@ -117,3 +117,114 @@ pub fn http_request(data: &[u8]) {
         let _ = validate(p.generate, &f.config, &f.tokenizer, &limits);
     }
 }
+
+/// The first MoE layer's experts of the Qwen3 fixture (real math for the collective target).
+fn collective_experts() -> &'static (moe_model::experts::ExpertSet, ModelConfig, usize) {
+    static EXPERTS: OnceLock<(moe_model::experts::ExpertSet, ModelConfig, usize)> = OnceLock::new();
+    EXPERTS.get_or_init(|| {
+        let dir = crate::fixture_dir("qwen3-moe-tiny");
+        let config = ModelConfig::from_dir(&dir).expect("fixture config");
+        let ckpt = moe_model::checkpoint::Checkpoint::open(&dir).expect("fixture checkpoint");
+        let layer = config.moe_layer_indices().next().expect("a MoE layer");
+        let set = moe_model::experts::ExpertSet::load(
+            &ckpt,
+            &config,
+            (0..config.moe.num_experts).map(|e| (layer, e)),
+        )
+        .expect("fixture experts");
+        (set, config, layer)
+    })
+}
+
+/// A node's side of one collective layer fed arbitrary frames "from the router": the header,
+/// rows and routes come from the bytes, mostly with the lengths the header announces and a
+/// well-formed CSR (so the checks after the length checks are reached too), sometimes raw.
+/// Whatever arrives, the node must answer or refuse with an error, never panic.
+pub fn collective_layer(data: &[u8]) {
+    use std::time::Duration;
+
+    use moe_cluster::collective::communicator::{fake, Communicator, Pending};
+    use moe_cluster::collective::exchange::{serve_layer, LayerHeader, HEADER_BYTES};
+    use moe_cluster::collective::PeerCounts;
+
+    let _ = LayerHeader::decode(data, 64);
+    let (set, config, layer) = collective_experts();
+    let hidden = config.hidden_size;
+    let experts = config.moe.num_experts as u32;
+    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+    let noise = |i: usize| data.get(i % data.len().max(1)).copied().unwrap_or(0);
+    let rows = u32::from(byte(0) % 5);
+    let pairs = if rows == 0 {
+        0
+    } else {
+        rows + u32::from(byte(1) % 4)
+    };
+    let exact = byte(2) % 8 != 0;
+    let layer_id = if byte(3) % 4 == 0 {
+        u32::from(byte(3))
+    } else {
+        *layer as u32
+    };
+    let mut header = LayerHeader::new(layer_id, PeerCounts { rows, pairs }, None)
+        .encode()
+        .to_vec();
+    if byte(4) % 8 == 0 {
+        header = data.iter().copied().cycle().take(HEADER_BYTES).collect();
+    }
+    let mut row_bytes: Vec<u8> = (0..rows as usize * hidden * 4)
+        .map(|i| noise(i + 7))
+        .collect();
+    let mut routes: Vec<u8> = Vec::new();
+    if byte(5) % 2 == 0 {
+        // A well-formed CSR: every row gets at least one pair.
+        let mut offsets = vec![0u32];
+        let extra = pairs - rows;
+        for r in 0..rows {
+            let add = 1 + u32::from(r == 0) * extra;
+            offsets.push(offsets[r as usize] + add);
+        }
+        routes.extend(offsets.iter().flat_map(|o| o.to_le_bytes()));
+        for p in 0..pairs as usize {
+            let e = u32::from(noise(p + 11)) % (experts + 1);
+            routes.extend(e.to_le_bytes());
+        }
+        for p in 0..pairs as usize {
+            routes.extend((f32::from(noise(p + 13)) / 64.0).to_le_bytes());
+        }
+    } else {
+        routes = (0..4 * (rows as usize + 1) + 8 * pairs as usize)
+            .map(|i| noise(i + 3))
+            .collect();
+    }
+    if !exact {
+        let cut = usize::from(byte(6));
+        row_bytes.truncate(row_bytes.len().saturating_sub(cut));
+        routes.extend(std::iter::repeat_n(0u8, cut % 9));
+    }
+    let (mut comms, _) = fake::group(2);
+    let mut node = comms.pop().expect("two ranks");
+    let mut router = comms.pop().expect("two ranks");
+    let sent = router.post(Pending {
+        sends: vec![(1, header), (1, row_bytes), (1, routes)],
+        recvs: vec![],
+    });
+    assert!(sent.is_ok());
+    let served = serve_layer(
+        &mut node,
+        set,
+        hidden,
+        64,
+        || false,
+        |_| tracing::Span::none(),
+        Duration::from_millis(20),
+    );
+    if let Ok(moe_cluster::collective::exchange::Served::Ran { pairs, .. }) = served {
+        // What the node ran, it answered: one row per pair and the compute time.
+        let answer = router.post(Pending {
+            sends: vec![],
+            recvs: vec![(1, pairs as usize * hidden * 4 + 8)],
+        });
+        assert!(answer.is_ok());
+        assert!(matches!(router.poll(), Ok(Some(_))));
+    }
+}

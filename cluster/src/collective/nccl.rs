@@ -206,6 +206,9 @@ impl Communicator for NcclCommunicator {
             return Err(CommError::Aborted);
         }
         let cuda = Self::cuda;
+        // The router joins on one thread and dispatches from another: NCCL enqueues on the
+        // calling thread's current context, so make it this communicator's.
+        self.stream.context().bind_to_thread().map_err(cuda)?;
         let mut received = Vec::with_capacity(group.recvs.len());
         for &(_, len) in &group.recvs {
             received.push(self.stream.alloc_zeros::<u8>(len.max(1)).map_err(cuda)?);
