@@ -1,12 +1,15 @@
 //! A cluster whose expert nodes run their experts on a GPU (`--device cuda:0`, f32) answers
 //! with transformers' golden tokens, as the CPU cluster does. The router stays on the CPU; the
-//! rows reach the nodes over the gRPC data plane.
+//! rows reach the nodes over the gRPC data plane, or with `MOE_TEST_TRANSPORT=tcp` over the
+//! per-epoch TCP collective (the nodes then run their GPU experts on the collective's thread).
 //!
 //! Needs an NVIDIA GPU and a `--features cuda` build of `moe-expert-node`, so it is ignored by
 //! default; `ops/gpu-check.sh` runs it (`MOE_BIN_DIR` points at the binaries it carries).
 
+use std::time::Duration;
+
 use moe_cluster::local::LocalCluster;
-use moe_tests::harness::{self, greedy, wait_serving};
+use moe_tests::harness::{self, greedy, wait_serving, wait_status};
 use moe_tests::{fixture_dir, golden_cases, steps_to_compare_at, FIXTURES};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,8 +25,21 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
             "--gpu-dtype".into(),
             "f32".into(),
         ]);
+        let transport = std::env::var("MOE_TEST_TRANSPORT").ok();
+        if let Some(t) = &transport {
+            spec.router_args.extend(["--transport".into(), t.clone()]);
+        }
         let cluster = LocalCluster::start(spec).expect("cluster with GPU nodes starts");
         wait_serving(&cluster, 2).await;
+        if let Some(t) = &transport {
+            wait_status(
+                &cluster.router_addr,
+                Duration::from_secs(30),
+                "collective",
+                |s| &s.serving_transport == t,
+            )
+            .await;
+        }
         let mut client = harness::inference(&cluster).await;
         for (i, case) in golden_cases(fixture).iter().enumerate() {
             let n = case.output_ids.len();
@@ -39,6 +55,13 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
                 "{fixture} case {i}: GPU nodes' tokens differ within the first {agree} steps"
             );
         }
-        println!("{fixture}: expert nodes on {device} gave the golden tokens");
+        if transport.is_some() {
+            let s = harness::status(&cluster).await;
+            assert!(s.collective_layers > 0, "{fixture}: {s:?}");
+        }
+        println!(
+            "{fixture}: expert nodes on {device} gave the golden tokens over {}",
+            transport.as_deref().unwrap_or("grpc")
+        );
     }
 }
