@@ -144,8 +144,14 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
             timeout,
         ) {
             Ok(Served::Idle { .. }) => layers += 1,
-            Ok(Served::Ran { rows, pairs, .. }) => {
+            Ok(Served::Ran {
+                rows,
+                pairs,
+                compute_micros,
+                ..
+            }) => {
                 layers += 1;
+                ctx.metrics.compute.observe(compute_micros as f64 / 1e6);
                 ctx.metrics.batches.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics
                     .collective_batches

@@ -243,13 +243,13 @@ pub fn dispatch_layer<C: Communicator>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
     /// The router had nothing for this node in this layer.
-    Idle {
-        layer: u32,
-    },
+    Idle { layer: u32 },
     Ran {
         layer: u32,
         rows: u32,
         pairs: u32,
+        /// The expert math, as reported to the router.
+        compute_micros: u64,
     },
 }
 
@@ -355,6 +355,7 @@ pub fn serve_layer<C: Communicator>(
         layer: header.layer,
         rows: header.counts.rows,
         pairs: header.counts.pairs,
+        compute_micros: micros,
     })
 }
 
@@ -490,25 +491,16 @@ mod tests {
             .collect();
         let outputs =
             dispatch_layer(&mut router, layer as u32, &shares, hidden, timeout, None).unwrap();
-        let served: Vec<Served> = handles
+        let served: Vec<(u32, u32, u32)> = handles
             .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
+            .map(|h| match h.join().unwrap().unwrap() {
+                Served::Ran {
+                    layer, rows, pairs, ..
+                } => (layer, rows, pairs),
+                idle => panic!("{idle:?}"),
+            })
             .collect();
-        assert_eq!(
-            served,
-            [
-                Served::Ran {
-                    layer: layer as u32,
-                    rows: 3,
-                    pairs: 3
-                },
-                Served::Ran {
-                    layer: layer as u32,
-                    rows: 2,
-                    pairs: 2
-                },
-            ]
-        );
+        assert_eq!(served, [(layer as u32, 3, 3), (layer as u32, 2, 2)]);
         for (node, answer) in outputs.iter().enumerate() {
             let out = &answer.outputs;
             for (i, &p) in back[node].iter().enumerate() {
