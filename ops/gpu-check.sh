@@ -12,17 +12,21 @@
 #
 # Checks, each bounded by a timeout (the bounds add up to 475 s, under 8 minutes; a normal
 # run takes far less):
-#   1. the device unit tests of moe-model with the cuda feature;
-#   2. the engine's golden tests with the routed experts on cuda:0 (NVRTC kernels + cuBLAS):
-#      f32 within 2e-3, bf16 within 2e-2;
+#   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
+#      cuBLAS call against the host reference, the whole GPU dense part against it on the
+#      fixtures (MOE_REQUIRE_GPU=1: a GPU that cannot be opened fails them);
+#   2. the engine's golden tests with the whole model on cuda:0 (dense part: attention with
+#      the KV cache, norms, gate, shared experts, lm_head; routed experts): f32 within 2e-3,
+#      bf16 within 2e-2;
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens;
-#   4. a local cluster (etcd, a CPU router, 2 expert nodes on cuda:0) gives the golden tokens,
-#      over the gRPC data plane and over the per-epoch TCP collective;
+#   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
+#      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
+#      collective;
 #   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv);
 #   6. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM.
-# Not covered here: the router's dense part on the GPU (not written) and `--transport nccl`
-# in a running cluster (NCCL refuses two ranks on one GPU: it needs a GPU per process).
+# Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
+# GPU: it needs a GPU per process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu-bin
@@ -111,9 +115,9 @@ check() { # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/nvidia-smi: /' || true
 ls "$LIBS"
 
-check "device unit tests (cuda feature)" 30 "$UNPACKED/model-lib" device gpu routes
-check "golden tests, experts on cuda:0, f32 (2e-3)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
-check "golden tests, experts on cuda:0, bf16 (2e-2)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "device unit tests (cuda feature)" 30 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
+check "golden tests, whole model on cuda:0, f32 (2e-3)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, whole model on cuda:0, bf16 (2e-2)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16 "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail
@@ -126,8 +130,8 @@ same_tokens() {
     "$(echo "$gpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["output_ids"])')" ]
 }
 check "moe generate --device cuda:0 = cpu tokens" 40 same_tokens
-check "cluster with 2 expert nodes on cuda:0 = golden tokens" 70 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
-check "the same over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
+check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 70 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
+check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip" 30 "$UNPACKED/cluster-lib" --ignored one_rank_round_trip --nocapture
 
 bench() {

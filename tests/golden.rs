@@ -2,7 +2,8 @@
 //! the logits of every greedy step, and the greedy tokens up to the first near-tie.
 //!
 //! On the CPU (the default) within 2e-3. With `--features cuda` and `MOE_TEST_DEVICE=cuda:0`
-//! the routed experts run on that GPU (`ops/gpu-check.sh`): within 2e-3 with
+//! the whole model runs on that GPU, the dense part (attention with its KV cache, norms, gate,
+//! shared experts, lm_head) and the routed experts (`ops/gpu-check.sh`): within 2e-3 with
 //! `MOE_TEST_GPU_DTYPE=f32`, within 2e-2 with `bf16` (the default).
 
 use moe_model::device::{Device, GpuDtype};
@@ -52,7 +53,7 @@ fn check_fixture(name: &str) {
         near_tie,
     } = target();
     let engine = Engine::load_on(&fixture_dir(name), &experts_on).expect("fixture loads");
-    eprintln!("{name}: experts on {}", experts_on.device());
+    eprintln!("{name}: on {}", engine.dense().placement());
     let vocab = engine.config().vocab_size;
     for (i, case) in golden_cases(name).iter().enumerate() {
         let encoded = engine.tokenizer().encode_prompt(&case.prompt).unwrap();

@@ -1,7 +1,8 @@
 //! A cluster whose expert nodes run their experts on a GPU (`--device cuda:0`, f32) answers
-//! with transformers' golden tokens, as the CPU cluster does. The router stays on the CPU; the
-//! rows reach the nodes over the gRPC data plane, or with `MOE_TEST_TRANSPORT=tcp` over the
-//! per-epoch TCP collective (the nodes then run their GPU experts on the collective's thread).
+//! with transformers' golden tokens, as the CPU cluster does. The router's dense part runs on
+//! the same device unless `MOE_TEST_ROUTER_DEVICE` says otherwise; the rows reach the nodes
+//! over the gRPC data plane, or with `MOE_TEST_TRANSPORT=tcp` over the per-epoch TCP
+//! collective (the nodes then run their GPU experts on the collective's thread).
 //!
 //! Needs an NVIDIA GPU and a `--features cuda` build of `moe-expert-node`, so it is ignored by
 //! default; `ops/gpu-check.sh` runs it (`MOE_BIN_DIR` points at the binaries it carries).
@@ -17,11 +18,18 @@ use moe_tests::{fixture_dir, golden_cases, steps_to_compare_at, FIXTURES};
 async fn gpu_expert_nodes_give_the_golden_tokens() {
     // `MOE_TEST_DEVICE=cpu` runs the same test on CPU nodes (to check the test itself).
     let device = std::env::var("MOE_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let router_device = std::env::var("MOE_TEST_ROUTER_DEVICE").unwrap_or_else(|_| device.clone());
     for fixture in FIXTURES {
         let mut spec = harness::spec(fixture_dir(fixture), 2);
         spec.node_args.extend([
             "--device".into(),
             device.clone(),
+            "--gpu-dtype".into(),
+            "f32".into(),
+        ]);
+        spec.router_args.extend([
+            "--device".into(),
+            router_device.clone(),
             "--gpu-dtype".into(),
             "f32".into(),
         ]);
@@ -60,7 +68,7 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
             assert!(s.collective_layers > 0, "{fixture}: {s:?}");
         }
         println!(
-            "{fixture}: expert nodes on {device} gave the golden tokens over {}",
+            "{fixture}: router on {router_device}, expert nodes on {device}: golden tokens over {}",
             transport.as_deref().unwrap_or("grpc")
         );
     }

@@ -118,31 +118,7 @@ impl DenseModel {
 
     /// Checks a step's inputs before any state changes.
     pub fn validate(&self, seqs: &[StepSequence<'_>]) -> Result<()> {
-        for s in seqs {
-            if let Some(&id) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::TokenOutOfRange {
-                    id,
-                    vocab_size: self.config.vocab_size,
-                });
-            }
-            let len = s.cache.len + s.tokens.len();
-            if len > self.config.max_position_embeddings {
-                return Err(ModelError::SequenceTooLong {
-                    len,
-                    max: self.config.max_position_embeddings,
-                });
-            }
-            if s.cache.layers.len() != self.config.num_layers {
-                return Err(ModelError::InvalidRequest(
-                    "sequence cache belongs to another model".into(),
-                ));
-            }
-        }
-        Ok(())
+        validate_step(&self.config, seqs)
     }
 
     /// Runs one batched step. Returns, per sequence, logits `[n, vocab]` for its last new token
@@ -190,30 +166,14 @@ impl DenseModel {
         }
 
         // Final norm and lm_head only for the rows whose logits are wanted.
-        let mut wanted = Vec::new();
-        for (s, span) in seqs.iter().zip(&layout.seqs) {
-            let first = if s.all_logits {
-                span.first_row
-            } else {
-                span.first_row + span.len - 1
-            };
-            wanted.extend(first..span.first_row + span.len);
-        }
+        let wanted = logit_rows(seqs, &layout);
         let mut selected = Vec::with_capacity(wanted.len() * h);
         for &r in &wanted {
             selected.extend_from_slice(&hidden[r * h..(r + 1) * h]);
         }
         ops::rms_norm_rows(&mut selected, &self.final_norm, eps);
         let logits = self.lm_head.matmul(&selected, wanted.len());
-        let vocab = self.config.vocab_size;
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut offset = 0;
-        for s in seqs.iter() {
-            let n = if s.all_logits { s.tokens.len() } else { 1 };
-            out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
-            offset += n;
-        }
-        Ok(out)
+        Ok(split_logits(seqs, &logits, self.config.vocab_size))
     }
 
     /// Routed experts through the backend, shared experts here, summed in canonical order.
@@ -240,6 +200,111 @@ impl DenseModel {
 
     pub fn new_cache(&self) -> SequenceCache {
         SequenceCache::new(self.config.num_layers)
+    }
+}
+
+/// The rows whose logits a step returns: each sequence's last row, or all its rows when it
+/// asked for all logits.
+pub fn logit_rows(seqs: &[StepSequence<'_>], layout: &BatchLayout) -> Vec<usize> {
+    let mut wanted = Vec::new();
+    for (s, span) in seqs.iter().zip(&layout.seqs) {
+        let first = if s.all_logits {
+            span.first_row
+        } else {
+            span.first_row + span.len - 1
+        };
+        wanted.extend(first..span.first_row + span.len);
+    }
+    wanted
+}
+
+/// `[logit_rows, vocab]` logits, per sequence.
+pub fn split_logits(seqs: &[StepSequence<'_>], logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut offset = 0;
+    for s in seqs {
+        let n = if s.all_logits { s.tokens.len() } else { 1 };
+        out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
+        offset += n;
+    }
+    out
+}
+
+/// Checks a step's inputs against the model before any state changes (every dense backend).
+pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<()> {
+    for s in seqs {
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab_size: config.vocab_size,
+            });
+        }
+        let len = s.cache.len + s.tokens.len();
+        if len > config.max_position_embeddings {
+            return Err(ModelError::SequenceTooLong {
+                len,
+                max: config.max_position_embeddings,
+            });
+        }
+        if s.cache.layers.len() != config.num_layers {
+            return Err(ModelError::InvalidRequest(
+                "sequence cache belongs to another model".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The dense part on whatever device it runs: what the router's scheduler and the offline
+/// engine step.
+pub trait DenseStep: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    /// One batched step; see [`DenseModel::forward`].
+    fn forward(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>>;
+    fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.config().num_layers)
+    }
+    /// Where it runs, for logs and status (`cpu`, `cuda:0 (NVIDIA H200, bf16)`).
+    fn placement(&self) -> String;
+}
+
+impl DenseStep for DenseModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>> {
+        DenseModel::forward(self, seqs, experts)
+    }
+
+    fn placement(&self) -> String {
+        "cpu".into()
+    }
+}
+
+/// Loads the dense part onto `device` (the routed experts' device type is reused: a GPU
+/// context when it is a GPU).
+pub fn load_dense(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    device: &crate::experts::ExpertDevice,
+) -> Result<Box<dyn DenseStep>> {
+    match device {
+        crate::experts::ExpertDevice::Cpu => Ok(Box::new(DenseModel::load(ckpt, config)?)),
+        #[cfg(feature = "cuda")]
+        crate::experts::ExpertDevice::Gpu(ctx) => Ok(Box::new(crate::gpu::GpuDenseModel::load(
+            std::sync::Arc::clone(ctx),
+            ckpt,
+            config,
+        )?)),
     }
 }
 

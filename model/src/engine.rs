@@ -1,5 +1,6 @@
-//! The offline engine: a [`DenseModel`] plus an [`ExpertSet`] holding every expert, a
-//! tokenizer, and a generation loop that batches many requests into each step.
+//! The offline engine: the dense part ([`crate::dense::DenseStep`], on the CPU or a GPU) plus
+//! an [`ExpertSet`] holding every expert, a tokenizer, and a generation loop that batches many
+//! requests into each step.
 
 use std::path::Path;
 
@@ -8,7 +9,7 @@ use serde::Serialize;
 use crate::backend::ops;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::dense::{DenseModel, StepSequence};
+use crate::dense::{load_dense, DenseStep, StepSequence};
 use crate::error::{ModelError, Result};
 use crate::experts::{ExpertDevice, ExpertSet};
 use crate::kv_cache::SequenceCache;
@@ -45,7 +46,7 @@ pub struct GenerateOutput {
 
 pub struct Engine {
     config: ModelConfig,
-    dense: DenseModel,
+    dense: Box<dyn DenseStep>,
     experts: ExpertSet,
     tokenizer: Tokenizer,
     eos_ids: Vec<u32>,
@@ -56,13 +57,14 @@ impl Engine {
         Self::load_on(dir, &ExpertDevice::Cpu)
     }
 
-    /// Loads with the routed experts on `experts_on` (the dense part stays on the CPU).
-    pub fn load_on(dir: &Path, experts_on: &ExpertDevice) -> Result<Self> {
+    /// Loads the whole model on `device`: the dense part (attention and its KV cache, gate,
+    /// shared experts, lm_head) and the routed experts.
+    pub fn load_on(dir: &Path, device: &ExpertDevice) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let dense = DenseModel::load(&ckpt, &config)?;
-        let experts = ExpertSet::load_all_on(&ckpt, &config, experts_on)?;
+        let dense = load_dense(&ckpt, &config, device)?;
+        let experts = ExpertSet::load_all_on(&ckpt, &config, device)?;
         let mut eos_ids = config.eos_token_ids.clone();
         if let Some(eos) = tokenizer.eos_id() {
             if !eos_ids.contains(&eos) {
@@ -86,8 +88,8 @@ impl Engine {
         &self.tokenizer
     }
 
-    pub fn dense(&self) -> &DenseModel {
-        &self.dense
+    pub fn dense(&self) -> &dyn DenseStep {
+        self.dense.as_ref()
     }
 
     pub fn experts(&self) -> &ExpertSet {
@@ -98,7 +100,8 @@ impl Engine {
         self.dense.new_cache()
     }
 
-    /// One batched forward step over the given sequences (see [`DenseModel::forward`]).
+    /// One batched forward step over the given sequences (see
+    /// [`crate::dense::DenseModel::forward`]).
     pub fn step(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<Vec<f32>>> {
         self.dense.forward(seqs, &self.experts)
     }

@@ -14,11 +14,30 @@ pub struct LayerCache {
 }
 
 /// A sequence's cache across all layers.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct SequenceCache {
+    /// The host cache (the CPU dense model).
     pub layers: Vec<LayerCache>,
     /// Tokens cached so far (the next token's position).
     pub len: usize,
+    /// The device cache, when the dense part runs on a device (created by its first step).
+    pub device: Option<Box<dyn DeviceCacheSlot>>,
+}
+
+/// A cache held on a device for one sequence; its valid rows are the owner's `len`.
+pub trait DeviceCacheSlot: Send {
+    fn bytes(&self) -> usize;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+impl std::fmt::Debug for SequenceCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SequenceCache")
+            .field("len", &self.len)
+            .field("layers", &self.layers.len())
+            .field("device_bytes", &self.device.as_ref().map(|d| d.bytes()))
+            .finish()
+    }
 }
 
 impl SequenceCache {
@@ -26,6 +45,7 @@ impl SequenceCache {
         Self {
             layers: vec![LayerCache::default(); num_layers],
             len: 0,
+            device: None,
         }
     }
 
@@ -55,7 +75,8 @@ impl SequenceCache {
         self.layers
             .iter()
             .map(|l| (l.keys.capacity() + l.values.capacity()) * 4)
-            .sum()
+            .sum::<usize>()
+            + self.device.as_ref().map_or(0, |d| d.bytes())
     }
 }
 

@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dense;
 pub mod device;
+pub mod device_dense;
 pub mod engine;
 pub mod error;
 pub mod experts;

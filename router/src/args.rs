@@ -41,9 +41,14 @@ pub struct Args {
     /// Concurrent gRPC streams per client connection.
     #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
     pub max_streams_per_connection: u32,
-    /// Where the math runs: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
+    /// Where the dense part runs (attention and its KV cache, norms, gate, shared experts,
+    /// lm_head): `cpu`, or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: moe_model::device::Device,
+    /// Dtype of the dense part's weights and GEMM inputs on a GPU: `bf16` or `f32` (the MoE
+    /// gate stays f32 either way).
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
+    pub gpu_dtype: moe_model::device::GpuDtype,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]

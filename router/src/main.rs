@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::config::AttentionConfig;
-use moe_model::dense::DenseModel;
+use moe_model::dense::{load_dense, DenseStep};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
-    args.device.open_for_serving()?;
+    let dense_device = args.device.open_experts(args.gpu_dtype)?;
     let public_tls = args.public_tls.load()?;
     let cluster_tls = args.cluster_tls.load()?;
     let etcd = args.etcd.connection()?;
@@ -133,7 +133,8 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     let names: Vec<&str> = ckpt.tensor_names().collect();
     let fingerprint = moe_cluster::placement::fingerprint(&args.model, &names);
     drop(names);
-    let dense = Arc::new(DenseModel::load(&ckpt, &config)?);
+    let dense: Arc<dyn DenseStep> = Arc::from(load_dense(&ckpt, &config, &dense_device)?);
+    tracing::info!(device = %dense.placement(), "dense part loaded");
     drop(ckpt);
     let mut eos_ids = config.eos_token_ids.clone();
     if let Some(eos) = tokenizer.eos_id() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
-use moe_model::dense::{DenseModel, StepSequence};
+use moe_model::dense::{DenseStep, StepSequence};
 use moe_model::kv_cache::SequenceCache;
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
@@ -71,7 +71,7 @@ struct Sequence {
 }
 
 pub struct Scheduler {
-    pub dense: Arc<DenseModel>,
+    pub dense: Arc<dyn DenseStep>,
     pub experts: RemoteExperts,
     pub tokenizer: Arc<Tokenizer>,
     pub kv: Arc<KvBlocks>,

@@ -48,8 +48,8 @@ pub struct GenerateArgs {
     /// Stop strings (cluster only), repeatable.
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Where the offline engine runs the routed experts: `cpu` or `cuda:N` (a build with
-    /// `--features cuda`); the dense part stays on the CPU.
+    /// Where the offline engine runs, dense part and routed experts: `cpu` or `cuda:N` (a
+    /// build with `--features cuda`).
     #[arg(
         long,
         env = "MOE_DEVICE",
@@ -57,7 +57,7 @@ pub struct GenerateArgs {
         conflicts_with = "router"
     )]
     pub device: moe_model::device::Device,
-    /// Dtype of expert weights and GEMM inputs on a GPU: `bf16` or `f32`.
+    /// Dtype of weights and GEMM inputs on a GPU: `bf16` or `f32` (the MoE gate stays f32).
     #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
     pub gpu_dtype: moe_model::device::GpuDtype,
 }
@@ -83,9 +83,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !args.stop.is_empty() {
         bail!("--stop is supported with --router only");
     }
-    let experts_on = args.device.open_experts(args.gpu_dtype)?;
-    let engine = Engine::load_on(&model, &experts_on)
-        .with_context(|| format!("loading {}", model.display()))?;
+    let device = args.device.open_experts(args.gpu_dtype)?;
+    let engine =
+        Engine::load_on(&model, &device).with_context(|| format!("loading {}", model.display()))?;
     let input_ids = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => engine.tokenizer().encode_prompt(text)?,
         (None, Some(ids)) => ids.clone(),

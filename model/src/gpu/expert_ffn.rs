@@ -9,6 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelA
 use super::context::{GpuContext, GpuError};
 use super::kernels::{as_int, grid};
 use crate::device::GpuDtype;
+use crate::device_dense::ops::StridedGemm;
 use crate::grouped_ffn::{run_grouped, ColumnMajorGemm, ExpertMatrices, FfnOps, GroupedShapeError};
 use crate::routes::ExpertRuns;
 
@@ -62,7 +63,7 @@ impl GpuBuffer {
         }
     }
 
-    fn data_type(&self) -> cudaDataType {
+    pub(crate) fn data_type(&self) -> cudaDataType {
         match self {
             GpuBuffer::Bf16(_) => cudaDataType::CUDA_R_16BF,
             GpuBuffer::F32(_) => cudaDataType::CUDA_R_32F,
@@ -78,7 +79,7 @@ impl GpuBuffer {
 
     /// Device address of element `offset` (valid while `self` lives and for work queued on
     /// `stream`).
-    fn address(&self, stream: &CudaStream, offset: usize) -> u64 {
+    pub(crate) fn address(&self, stream: &CudaStream, offset: usize) -> u64 {
         let base = match self {
             GpuBuffer::Bf16(s) => s.device_ptr(stream).0,
             GpuBuffer::F32(s) => s.device_ptr(stream).0,
@@ -327,42 +328,16 @@ impl FfnOps for CudaOps<'_> {
             Some(l) => *l.blas.handle(),
             None => *self.ctx.blas().handle(),
         };
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let a_ptr = a.address(stream, a_offset);
-        let b_ptr = b.address(stream, b_offset);
         let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
-        // f32 accumulation either way: f32 inputs keep COMPUTE_32F (no TF32), bf16 inputs run
-        // on the tensor cores.
         // SAFETY: the extents were checked against the live buffers above, and the work is
         // queued on the handle's own stream.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
+            gemm_f32_out(
                 handle,
-                op(g.transpose_a),
-                op(g.transpose_b),
-                as_int(g.m, "m")?,
-                as_int(g.n, "n")?,
-                as_int(g.k, "k")?,
-                (&alpha) as *const f32 as *const _,
-                a_ptr as *const _,
-                a.data_type(),
-                as_int(g.lda, "lda")?,
-                b_ptr as *const _,
-                b.data_type(),
-                as_int(g.ldb, "ldb")?,
-                (&beta) as *const f32 as *const _,
-                c_ptr as *mut _,
-                cudaDataType::CUDA_R_32F,
-                as_int(g.ldc, "ldc")?,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                &StridedGemm::single(*g),
+                (a, a.address(stream, a_offset)),
+                (b, b.address(stream, b_offset)),
+                c_ptr,
             )?;
         }
         Ok(())
@@ -430,6 +405,98 @@ impl FfnOps for CudaOps<'_> {
         }
         Ok(())
     }
+}
+
+/// `C = op(A) · op(B)` in cuBLAS (f32 out, alpha 1, beta 0), strided-batched when
+/// `shape.batch > 1`. f32 inputs keep `COMPUTE_32F` (no TF32); bf16 inputs run on the tensor
+/// cores with f32 accumulation.
+///
+/// # Safety
+/// The pointers must address live device buffers holding `shape.extents()` from them, usable
+/// on the handle's stream.
+pub(crate) unsafe fn gemm_f32_out(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    shape: &StridedGemm,
+    (a, a_ptr): (&GpuBuffer, u64),
+    (b, b_ptr): (&GpuBuffer, u64),
+    c_ptr: u64,
+) -> Result<(), GpuError> {
+    let g = &shape.gemm;
+    if a.data_type() != b.data_type() {
+        return Err(GpuError::Shape("GEMM inputs of different dtypes".into()));
+    }
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (m, n, k) = (as_int(g.m, "m")?, as_int(g.n, "n")?, as_int(g.k, "k")?);
+    let (lda, ldb, ldc) = (
+        as_int(g.lda, "lda")?,
+        as_int(g.ldb, "ldb")?,
+        as_int(g.ldc, "ldc")?,
+    );
+    let alpha = (&alpha) as *const f32 as *const _;
+    let beta = (&beta) as *const f32 as *const _;
+    let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let algo = cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+    let f32_out = cudaDataType::CUDA_R_32F;
+    // SAFETY: the caller vouches for the buffers.
+    unsafe {
+        if shape.batch <= 1 {
+            cudarc::cublas::result::gemm_ex(
+                handle,
+                op(g.transpose_a),
+                op(g.transpose_b),
+                m,
+                n,
+                k,
+                alpha,
+                a_ptr as *const _,
+                a.data_type(),
+                lda,
+                b_ptr as *const _,
+                b.data_type(),
+                ldb,
+                beta,
+                c_ptr as *mut _,
+                f32_out,
+                ldc,
+                compute,
+                algo,
+            )?;
+        } else {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                handle,
+                op(g.transpose_a),
+                op(g.transpose_b),
+                m,
+                n,
+                k,
+                alpha,
+                a_ptr as *const _,
+                a.data_type(),
+                lda,
+                shape.stride_a as i64,
+                b_ptr as *const _,
+                b.data_type(),
+                ldb,
+                shape.stride_b as i64,
+                beta,
+                c_ptr as *mut _,
+                f32_out,
+                ldc,
+                shape.stride_c as i64,
+                as_int(shape.batch, "batch")?,
+                compute,
+                algo,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs a routed batch whose rows are already on the device (see

@@ -98,3 +98,272 @@ extern "C" __global__ void fill_uniform_f32(float* out, long long n, unsigned in
                                             float scale) {
     GRID_STRIDE(i, n) { out[i] = hash_uniform(i, seed) * scale; }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The router's dense part (model/src/gpu/dense_ops.rs). Views: element (r, h, c) of a
+// [rows, heads, width] block is at offset + r * row_stride + h * head_stride + c.
+
+// -inf without math.h (the source compiles with no CUDA header).
+#define NEG_INF __int_as_float((int)0xff800000u)
+
+extern "C" __global__ void convert_f32_to_bf16(const float* x, bf16_t* out, long long n) {
+    GRID_STRIDE(i, n) { out[i] = f32_to_bf16(x[i]); }
+}
+
+extern "C" __global__ void add_f32(float* acc, const float* x, long long n) {
+    GRID_STRIDE(i, n) { acc[i] += x[i]; }
+}
+
+#define NORM_THREADS 256
+
+// One block per (row, head): x * rsqrt(mean(x^2) + eps) * weight, reduced in a fixed tree.
+extern "C" __global__ void rms_norm_heads(const float* x, long long x_offset, int x_row_stride,
+                                          int x_head_stride, const float* weight, float* out,
+                                          long long out_offset, int out_row_stride,
+                                          int out_head_stride, int rows, int heads, int width,
+                                          float eps) {
+    __shared__ float partial[NORM_THREADS];
+    long long item = blockIdx.x;
+    if (item >= (long long)rows * heads) return;
+    long long r = item / heads, h = item - (item / heads) * heads;
+    const float* v = x + x_offset + r * x_row_stride + h * x_head_stride;
+    float* o = out + out_offset + r * out_row_stride + h * out_head_stride;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) sum += v[c] * v[c];
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    float inv = 1.0f / sqrtf(partial[0] / (float)width + eps);
+    for (int c = threadIdx.x; c < width; c += blockDim.x) o[c] = v[c] * inv * weight[c];
+}
+
+// Rotary embedding, out of place, of every (row, head) vector of 2 * half values; cos/sin are
+// [rows, half]. Interleaved input (DeepSeek) is read as pairs (2i, 2i+1); output is halves.
+extern "C" __global__ void rope_heads(const float* x, long long x_offset, int x_row_stride,
+                                      int x_head_stride, float* out, long long out_offset,
+                                      int out_row_stride, int out_head_stride, const float* cos_t,
+                                      const float* sin_t, int rows, int heads, int half,
+                                      int interleaved) {
+    GRID_STRIDE(i, (long long)rows * heads * half) {
+        long long r = i / ((long long)heads * half);
+        long long rest = i - r * heads * half;
+        long long h = rest / half;
+        long long j = rest - h * half;
+        const float* v = x + x_offset + r * x_row_stride + h * x_head_stride;
+        float* o = out + out_offset + r * out_row_stride + h * out_head_stride;
+        float x1 = interleaved ? v[2 * j] : v[j];
+        float x2 = interleaved ? v[2 * j + 1] : v[half + j];
+        float c = cos_t[r * half + j], s = sin_t[r * half + j];
+        o[j] = x1 * c - x2 * s;
+        o[half + j] = x2 * c + x1 * s;
+    }
+}
+
+// Row r of src (width values) to caches[row_seq[r]] at row_pos[r] * cache_stride + offset.
+extern "C" __global__ void append_rows(const float* src, long long src_offset, int src_row_stride,
+                                       int width, const unsigned long long* caches,
+                                       int cache_stride, int cache_offset,
+                                       const unsigned int* row_seq, const unsigned int* row_pos,
+                                       int rows) {
+    GRID_STRIDE(i, (long long)rows * width) {
+        long long r = i / width;
+        long long c = i - r * width;
+        float* cache = (float*)caches[row_seq[r]];
+        cache[(long long)row_pos[r] * cache_stride + cache_offset + c] =
+            src[src_offset + r * src_row_stride + c];
+    }
+}
+
+#define ATT_THREADS 128
+#define ATT_MAX_OUT_PER_THREAD 8
+
+// One block per (row, query head): causal attention over the row's own sequence up to its own
+// position, in tiles of ATT_THREADS cached tokens with a running max (online softmax). Every
+// sum runs in a fixed order, so a row's result does not depend on its batch-mates.
+// q: [rows, heads, dk]; out: [rows, heads, dv] (dv <= ATT_THREADS * ATT_MAX_OUT_PER_THREAD).
+extern "C" __global__ void attention_rows(const float* q, const unsigned long long* key_ptrs,
+                                          const unsigned long long* value_ptrs,
+                                          const unsigned int* row_seq,
+                                          const unsigned int* row_pos, float* out, int rows,
+                                          int heads, int kv_heads, int dk, int dv, int key_stride,
+                                          int value_stride, int key_head_stride,
+                                          int value_head_stride, float scale) {
+    __shared__ float weights[ATT_THREADS];
+    __shared__ float reduce[ATT_THREADS];
+    long long item = blockIdx.x;
+    if (item >= (long long)rows * heads) return;
+    int r = (int)(item / heads);
+    int h = (int)(item - (long long)r * heads);
+    int kvh = h / (heads / kv_heads);
+    const float* qh = q + item * dk;
+    const float* keys = (const float*)key_ptrs[row_seq[r]] + (long long)kvh * key_head_stride;
+    const float* values =
+        (const float*)value_ptrs[row_seq[r]] + (long long)kvh * value_head_stride;
+    int visible = (int)row_pos[r] + 1;
+    float acc[ATT_MAX_OUT_PER_THREAD];
+    for (int k = 0; k < ATT_MAX_OUT_PER_THREAD; k++) acc[k] = 0.0f;
+    float running_max = NEG_INF, running_sum = 0.0f;
+    for (int base = 0; base < visible; base += ATT_THREADS) {
+        int j = base + threadIdx.x;
+        float score = NEG_INF;
+        if (j < visible) {
+            const float* k = keys + (long long)j * key_stride;
+            float dot = 0.0f;
+            for (int c = 0; c < dk; c++) dot += qh[c] * k[c];
+            score = dot * scale;
+        }
+        reduce[threadIdx.x] = score;
+        __syncthreads();
+        for (int s = ATT_THREADS / 2; s > 0; s >>= 1) {
+            if (threadIdx.x < s) reduce[threadIdx.x] = fmaxf(reduce[threadIdx.x], reduce[threadIdx.x + s]);
+            __syncthreads();
+        }
+        float new_max = fmaxf(running_max, reduce[0]);
+        float correction = expf(running_max - new_max);
+        __syncthreads();
+        float p = (j < visible) ? expf(score - new_max) : 0.0f;
+        weights[threadIdx.x] = p;
+        reduce[threadIdx.x] = p;
+        __syncthreads();
+        for (int s = ATT_THREADS / 2; s > 0; s >>= 1) {
+            if (threadIdx.x < s) reduce[threadIdx.x] += reduce[threadIdx.x + s];
+            __syncthreads();
+        }
+        running_sum = running_sum * correction + reduce[0];
+        int tile = min(ATT_THREADS, visible - base);
+        for (int k = 0; k < ATT_MAX_OUT_PER_THREAD; k++) {
+            int c = threadIdx.x + k * ATT_THREADS;
+            if (c >= dv) break;
+            float a = acc[k] * correction;
+            for (int t = 0; t < tile; t++) {
+                a += weights[t] * values[(long long)(base + t) * value_stride + c];
+            }
+            acc[k] = a;
+        }
+        running_max = new_max;
+        __syncthreads();
+    }
+    float inv = 1.0f / running_sum;
+    for (int k = 0; k < ATT_MAX_OUT_PER_THREAD; k++) {
+        int c = threadIdx.x + k * ATT_THREADS;
+        if (c >= dv) break;
+        out[item * dv + c] = acc[k] * inv;
+    }
+}
+
+// Index of the largest of values[0..n) not yet taken (taken[i] != 0); ties go to the lower
+// index, as the CPU gate's sort does.
+__device__ int argmax_free(const float* values, const unsigned char* taken, int n) {
+    int best = -1;
+    for (int i = 0; i < n; i++) {
+        if (taken[i]) continue;
+        if (best < 0 || values[i] > values[best]) best = i;
+    }
+    return best;
+}
+
+// The MoE gate's top-k, one thread per row, the CPU rule step by step (layers/gate.rs):
+// mode 0: softmax, top-k, optional renormalisation; mode 1 (DeepSeek-V3): sigmoid, selection
+// bias, top-2 sum per group, top groups kept (others masked with 0.0), top-k, optional
+// renormalisation (+1e-20), routed scaling. scratch: per row 2 * n_experts floats and
+// n_experts + n_group bytes (flags).
+extern "C" __global__ void moe_gate_topk(const float* logits, const float* bias, int has_bias,
+                                         float* scratch, unsigned char* flags,
+                                         unsigned int* out_experts, float* out_weights, int rows,
+                                         int n_experts, int top_k, int mode, int n_group,
+                                         int topk_group, int norm_topk_prob, float scaling) {
+    GRID_STRIDE(r, (long long)rows) {
+        const float* row = logits + r * n_experts;
+        float* scores = scratch + r * 2 * n_experts;
+        float* choice = scores + n_experts;
+        unsigned char* taken = flags + r * (n_experts + n_group);
+        unsigned char* group_taken = taken + n_experts;
+        unsigned int* experts = out_experts + r * top_k;
+        float* weights = out_weights + r * top_k;
+        for (int e = 0; e < n_experts; e++) taken[e] = 0;
+        if (mode == 0) {
+            float mx = NEG_INF;
+            for (int e = 0; e < n_experts; e++) mx = fmaxf(mx, row[e]);
+            float sum = 0.0f;
+            for (int e = 0; e < n_experts; e++) {
+                scores[e] = expf(row[e] - mx);
+                sum += scores[e];
+            }
+            float inv = 1.0f / sum;
+            for (int e = 0; e < n_experts; e++) scores[e] *= inv;
+            float total = 0.0f;
+            for (int k = 0; k < top_k; k++) {
+                int e = argmax_free(scores, taken, n_experts);
+                taken[e] = 1;
+                experts[k] = (unsigned int)e;
+                weights[k] = scores[e];
+                total += scores[e];
+            }
+            if (norm_topk_prob) {
+                for (int k = 0; k < top_k; k++) weights[k] /= total;
+            }
+        } else {
+            for (int e = 0; e < n_experts; e++) {
+                scores[e] = 1.0f / (1.0f + expf(-row[e]));
+                choice[e] = has_bias ? scores[e] + bias[e] : scores[e];
+            }
+            int group_size = n_experts / n_group;
+            for (int g = 0; g < n_group; g++) group_taken[g] = 0;
+            for (int pick = 0; pick < topk_group; pick++) {
+                int best = -1;
+                float best_score = 0.0f;
+                for (int g = 0; g < n_group; g++) {
+                    if (group_taken[g]) continue;
+                    const float* v = choice + g * group_size;
+                    int i0 = 0;
+                    for (int i = 1; i < group_size; i++) if (v[i] > v[i0]) i0 = i;
+                    int i1 = -1;
+                    for (int i = 0; i < group_size; i++) {
+                        if (i == i0) continue;
+                        if (i1 < 0 || v[i] > v[i1]) i1 = i;
+                    }
+                    float s = 0.0f + v[i0];
+                    if (i1 >= 0) s += v[i1];
+                    if (best < 0 || s > best_score) { best = g; best_score = s; }
+                }
+                group_taken[best] = 1;
+            }
+            for (int g = 0; g < n_group; g++) {
+                if (group_taken[g]) continue;
+                for (int i = 0; i < group_size; i++) choice[g * group_size + i] = 0.0f;
+            }
+            float total = 0.0f;
+            for (int k = 0; k < top_k; k++) {
+                int e = argmax_free(choice, taken, n_experts);
+                taken[e] = 1;
+                experts[k] = (unsigned int)e;
+                weights[k] = scores[e];
+                total += scores[e];
+            }
+            if (norm_topk_prob) {
+                total += 1e-20f;
+                for (int k = 0; k < top_k; k++) weights[k] /= total;
+            }
+            for (int k = 0; k < top_k; k++) weights[k] *= scaling;
+        }
+    }
+}
+
+// hidden[r, c] += (sum of row r's pair outputs, in pair order, from zero) + shared[r, c].
+extern "C" __global__ void combine_add(float* hidden, const float* pair_out,
+                                       const unsigned int* row_offsets, const float* shared,
+                                       int has_shared, int rows, int width) {
+    GRID_STRIDE(i, (long long)rows * width) {
+        long long r = i / width;
+        long long c = i - r * width;
+        float acc = 0.0f;
+        for (unsigned int p = row_offsets[r]; p < row_offsets[r + 1]; p++) {
+            acc += pair_out[(long long)p * width + c];
+        }
+        if (has_shared) acc += shared[i];
+        hidden[i] += acc;
+    }
+}

@@ -1,4 +1,5 @@
-//! The NVRTC-compiled kernels and their launch shapes.
+//! The NVRTC-compiled kernels (routed experts and the router's dense part) and their launch
+//! shapes.
 
 use std::sync::Arc;
 
@@ -18,10 +19,18 @@ pub struct Kernels {
     pub scatter_weighted: CudaFunction,
     pub fill_uniform_bf16: CudaFunction,
     pub fill_uniform_f32: CudaFunction,
+    pub convert_f32_to_bf16: CudaFunction,
+    pub add_f32: CudaFunction,
+    pub rms_norm_heads: CudaFunction,
+    pub rope_heads: CudaFunction,
+    pub append_rows: CudaFunction,
+    pub attention_rows: CudaFunction,
+    pub moe_gate_topk: CudaFunction,
+    pub combine_add: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 7] = [
+pub const KERNEL_NAMES: [&str; 15] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -29,6 +38,14 @@ pub const KERNEL_NAMES: [&str; 7] = [
     "scatter_weighted",
     "fill_uniform_bf16",
     "fill_uniform_f32",
+    "convert_f32_to_bf16",
+    "add_f32",
+    "rms_norm_heads",
+    "rope_heads",
+    "append_rows",
+    "attention_rows",
+    "moe_gate_topk",
+    "combine_add",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -67,6 +84,14 @@ impl Kernels {
             scatter_weighted: f("scatter_weighted")?,
             fill_uniform_bf16: f("fill_uniform_bf16")?,
             fill_uniform_f32: f("fill_uniform_f32")?,
+            convert_f32_to_bf16: f("convert_f32_to_bf16")?,
+            add_f32: f("add_f32")?,
+            rms_norm_heads: f("rms_norm_heads")?,
+            rope_heads: f("rope_heads")?,
+            append_rows: f("append_rows")?,
+            attention_rows: f("attention_rows")?,
+            moe_gate_topk: f("moe_gate_topk")?,
+            combine_add: f("combine_add")?,
         })
     }
 }

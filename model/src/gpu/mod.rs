@@ -1,4 +1,4 @@
-//! The CUDA backend (`--features cuda`): routed experts on a GPU.
+//! The CUDA backend (`--features cuda`): routed experts and the router's dense part on a GPU.
 //!
 //! - [`context`]: one CUDA context, stream and cuBLAS handle per process, with every library
 //!   checked before its first call (cudarc panics on a missing library otherwise).
@@ -6,6 +6,9 @@
 //!   multiply, weighted scatter back to pair order), compiled at start-up with NVRTC.
 //! - [`expert_ffn`]: expert weights uploaded once (bf16 or f32) and the grouped FFN: one cuBLAS
 //!   GEMM per expert over all its rows, for gate+up and for down.
+//! - [`dense_ops`]: the router's dense part on the GPU (attention with its KV cache, norms,
+//!   rotary, the gate's top-k, shared experts, lm_head): the steps of
+//!   [`crate::device_dense::DeviceDenseModel`] as cuBLAS calls and kernels.
 //! - [`bench`]: expert-FFN TFLOP/s at DeepSeek-V3 shapes against one large dense GEMM.
 //!
 //! Numerics: f32 mode uses cuBLAS's true-f32 path (no TF32), so it meets the golden tests at
@@ -16,8 +19,10 @@
 
 pub mod bench;
 pub mod context;
+pub mod dense_ops;
 pub mod expert_ffn;
 pub mod kernels;
 
 pub use context::{GpuContext, GpuError};
+pub use dense_ops::GpuDenseModel;
 pub use expert_ffn::GpuMlp;

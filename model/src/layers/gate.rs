@@ -42,6 +42,39 @@ impl MoeGate {
     /// `x` is `[rows, hidden]` (the post-attention normalised hidden states).
     pub fn route(&self, x: &[f32], rows: usize) -> ExpertRoutes {
         let logits = self.weight.matmul(x, rows);
+        self.rule().select(&logits, self.correction_bias.as_deref())
+    }
+
+    fn rule(&self) -> GateRule {
+        GateRule {
+            gating: self.gating.clone(),
+            top_k: self.top_k,
+            num_experts: self.num_experts,
+        }
+    }
+}
+
+/// The family's top-k rule, apart from the logits GEMM: what any device that computes the
+/// router logits itself (the GPU dense part) applies the same way.
+#[derive(Debug, Clone)]
+pub struct GateRule {
+    pub gating: Gating,
+    pub top_k: usize,
+    pub num_experts: usize,
+}
+
+impl GateRule {
+    pub fn new(moe: &MoeConfig) -> Self {
+        Self {
+            gating: moe.gating.clone(),
+            top_k: moe.top_k,
+            num_experts: moe.num_experts,
+        }
+    }
+
+    /// `logits` is `[rows, num_experts]`; `correction_bias` DeepSeek's selection bias.
+    pub fn select(&self, logits: &[f32], correction_bias: Option<&[f32]>) -> ExpertRoutes {
+        let rows = logits.len() / self.num_experts.max(1);
         let mut routes = ExpertRoutes::with_capacity(rows, rows * self.top_k);
         let mut choices = Vec::with_capacity(self.top_k);
         for row in logits.chunks_exact(self.num_experts) {
@@ -64,7 +97,7 @@ impl MoeGate {
                     routed_scaling_factor,
                 } => {
                     let scores: Vec<f32> = row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-                    let mut choice: Vec<f32> = match &self.correction_bias {
+                    let mut choice: Vec<f32> = match correction_bias {
                         Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
                         None => scores.clone(),
                     };

@@ -1,0 +1,20 @@
+//! The router's dense part on a device (`--device cuda:N`): attention with its KV cache,
+//! norms, the MoE gate, shared experts and lm_head, with weights, cache and activations kept on
+//! the device.
+//!
+//! - [`ops`]: the primitive steps ([`ops::DenseOps`]): GEMMs (strided-batched), RMSNorm,
+//!   rotary, append to the cache, attention, gating top-k, combine.
+//! - [`model`]: the forward pass written once over those steps ([`DeviceDenseModel`]).
+//! - [`cache`]: a sequence's cache on the device.
+//!
+//! The CUDA steps are `gpu::dense_ops`; the tests run the same orchestration over a host
+//! reference of every step and compare with the CPU model, on every machine.
+
+pub mod cache;
+pub mod model;
+pub mod ops;
+#[cfg(test)]
+pub(crate) mod reference;
+
+pub use model::DeviceDenseModel;
+pub use ops::DenseOps;

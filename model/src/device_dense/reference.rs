@@ -1,0 +1,439 @@
+//! A host reference of every [`DenseOps`] step, written from the steps' definitions (GEMMs by
+//! cuBLAS's column-major rules, f64 accumulation), and the tests that run the device
+//! orchestration over it against the CPU model on the bundled fixtures.
+
+use super::ops::{AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm};
+use crate::error::ModelError;
+use crate::layers::gate::GateRule;
+
+pub struct HostDenseOps;
+
+fn at(view: HeadView, r: usize, h: usize) -> usize {
+    view.offset + r * view.row_stride + h * view.head_stride
+}
+
+fn check(ok: bool, what: &str) -> Result<(), ModelError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::InvalidRequest(format!("out of bounds: {what}")))
+    }
+}
+
+impl DenseOps for HostDenseOps {
+    type F32 = Vec<f32>;
+    type Matrix = Vec<f32>;
+    type Index = Vec<u32>;
+    type Error = ModelError;
+
+    fn upload_f32(&self, values: &[f32]) -> Result<Vec<f32>, ModelError> {
+        Ok(values.to_vec())
+    }
+    fn upload_index(&self, values: &[u32]) -> Result<Vec<u32>, ModelError> {
+        Ok(values.to_vec())
+    }
+    fn upload_matrix(
+        &self,
+        values: &[f32],
+        _precision: MatrixPrecision,
+    ) -> Result<Vec<f32>, ModelError> {
+        Ok(values.to_vec())
+    }
+    fn download(&self, buffer: &Vec<f32>, len: usize) -> Result<Vec<f32>, ModelError> {
+        check(len <= buffer.len(), "download")?;
+        Ok(buffer[..len].to_vec())
+    }
+    fn scratch(&self, len: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(vec![f32::NAN; len])
+    }
+    fn f32_len(&self, buffer: &Vec<f32>) -> usize {
+        buffer.len()
+    }
+    fn copy_prefix(
+        &self,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        len: usize,
+    ) -> Result<(), ModelError> {
+        check(len <= src.len() && len <= dst.len(), "copy")?;
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+    fn gemm_input(
+        &self,
+        x: &Vec<f32>,
+        len: usize,
+        _like: &Vec<f32>,
+    ) -> Result<Vec<f32>, ModelError> {
+        check(len <= x.len(), "gemm input")?;
+        Ok(x[..len].to_vec())
+    }
+    fn gemm(
+        &self,
+        s: &StridedGemm,
+        a: &Vec<f32>,
+        a_offset: usize,
+        b: &Vec<f32>,
+        b_offset: usize,
+        c: &mut Vec<f32>,
+        c_offset: usize,
+    ) -> Result<(), ModelError> {
+        let (a_end, b_end, c_end) = s.extents();
+        check(a_offset + a_end <= a.len(), "A")?;
+        check(b_offset + b_end <= b.len(), "B")?;
+        check(c_offset + c_end <= c.len(), "C")?;
+        let g = &s.gemm;
+        for batch in 0..s.batch {
+            let (ao, bo, co) = (
+                a_offset + batch * s.stride_a,
+                b_offset + batch * s.stride_b,
+                c_offset + batch * s.stride_c,
+            );
+            for j in 0..g.n {
+                for i in 0..g.m {
+                    let mut acc = 0.0f64;
+                    for l in 0..g.k {
+                        let x = if g.transpose_a {
+                            a[ao + l + i * g.lda]
+                        } else {
+                            a[ao + i + l * g.lda]
+                        };
+                        let y = if g.transpose_b {
+                            b[bo + j + l * g.ldb]
+                        } else {
+                            b[bo + l + j * g.ldb]
+                        };
+                        acc += x as f64 * y as f64;
+                    }
+                    c[co + i + j * g.ldc] = acc as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        x_view: HeadView,
+        weight: &Vec<f32>,
+        out: &mut Vec<f32>,
+        out_view: HeadView,
+        rows: usize,
+        heads: usize,
+        width: usize,
+        eps: f32,
+    ) -> Result<(), ModelError> {
+        check(x_view.end(rows, heads, width) <= x.len(), "norm in")?;
+        check(out_view.end(rows, heads, width) <= out.len(), "norm out")?;
+        check(weight.len() == width, "norm weight")?;
+        for r in 0..rows {
+            for h in 0..heads {
+                let (xi, oi) = (at(x_view, r, h), at(out_view, r, h));
+                let v = &x[xi..xi + width];
+                let mean = v.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / width as f64;
+                let inv = 1.0 / (mean + eps as f64).sqrt();
+                for c in 0..width {
+                    out[oi + c] = (v[c] as f64 * inv * weight[c] as f64) as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn rope(
+        &self,
+        x: &Vec<f32>,
+        x_view: HeadView,
+        out: &mut Vec<f32>,
+        out_view: HeadView,
+        heads: usize,
+        interleaved: bool,
+        step: &DeviceStep<Self>,
+    ) -> Result<(), ModelError> {
+        let half = step.rope_half;
+        check(x_view.end(step.rows, heads, 2 * half) <= x.len(), "rope in")?;
+        check(
+            out_view.end(step.rows, heads, 2 * half) <= out.len(),
+            "rope out",
+        )?;
+        for r in 0..step.rows {
+            for h in 0..heads {
+                let (xi, oi) = (at(x_view, r, h), at(out_view, r, h));
+                for i in 0..half {
+                    let (x1, x2) = if interleaved {
+                        (x[xi + 2 * i], x[xi + 2 * i + 1])
+                    } else {
+                        (x[xi + i], x[xi + half + i])
+                    };
+                    let (cos, sin) = (step.cos[r * half + i], step.sin[r * half + i]);
+                    out[oi + i] = x1 * cos - x2 * sin;
+                    out[oi + half + i] = x2 * cos + x1 * sin;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn silu_mul(
+        &self,
+        gate_up: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        inter: usize,
+    ) -> Result<(), ModelError> {
+        let done = crate::backend::ops::silu_and_mul(&gate_up[..rows * 2 * inter], inter);
+        out[..rows * inter].copy_from_slice(&done);
+        Ok(())
+    }
+    fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>, len: usize) -> Result<(), ModelError> {
+        for (a, b) in acc[..len].iter_mut().zip(&x[..len]) {
+            *a += b;
+        }
+        Ok(())
+    }
+    fn append_rows(
+        &self,
+        src: &Vec<f32>,
+        src_view: HeadView,
+        width: usize,
+        caches: &mut [&mut Vec<f32>],
+        cache_stride: usize,
+        cache_offset: usize,
+        step: &DeviceStep<Self>,
+    ) -> Result<(), ModelError> {
+        for r in 0..step.rows {
+            let cache = &mut *caches[step.row_seq[r] as usize];
+            let at_cache = step.row_pos[r] as usize * cache_stride + cache_offset;
+            check(at_cache + width <= cache.len(), "append")?;
+            let at_src = at(src_view, r, 0);
+            cache[at_cache..at_cache + width].copy_from_slice(&src[at_src..at_src + width]);
+        }
+        Ok(())
+    }
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        spec: &AttentionSpec,
+        keys: &[&Vec<f32>],
+        values: &[&Vec<f32>],
+        out: &mut Vec<f32>,
+        step: &DeviceStep<Self>,
+    ) -> Result<(), ModelError> {
+        let group = spec.heads / spec.kv_heads;
+        for r in 0..step.rows {
+            let s = step.row_seq[r] as usize;
+            let visible = step.row_pos[r] as usize + 1;
+            for h in 0..spec.heads {
+                let kvh = h / group;
+                let qh = &q[(r * spec.heads + h) * spec.dk..][..spec.dk];
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        let k =
+                            &keys[s][j * spec.key_stride + kvh * spec.key_head_stride..][..spec.dk];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * spec.scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exp: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = exp.iter().sum();
+                let o = &mut out[(r * spec.heads + h) * spec.dv..][..spec.dv];
+                for (c, o) in o.iter_mut().enumerate() {
+                    let mut acc = 0.0f64;
+                    for (j, p) in exp.iter().enumerate() {
+                        acc += p * values[s]
+                            [j * spec.value_stride + kvh * spec.value_head_stride + c]
+                            as f64;
+                    }
+                    *o = (acc / sum) as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn top_k(
+        &self,
+        logits: &Vec<f32>,
+        correction_bias: Option<&Vec<f32>>,
+        rule: &GateRule,
+        rows: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>), ModelError> {
+        let routes = rule.select(
+            &logits[..rows * rule.num_experts],
+            correction_bias.map(|b| b.as_slice()),
+        );
+        Ok((routes.experts, routes.weights))
+    }
+    fn combine_add(
+        &self,
+        hidden: &mut Vec<f32>,
+        pair_out: &Vec<f32>,
+        row_offsets: &Vec<u32>,
+        shared: Option<&Vec<f32>>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), ModelError> {
+        for r in 0..rows {
+            for c in 0..width {
+                let mut acc = 0.0f32;
+                for p in row_offsets[r] as usize..row_offsets[r + 1] as usize {
+                    acc += pair_out[p * width + c];
+                }
+                if let Some(shared) = shared {
+                    acc += shared[r * width + c];
+                }
+                hidden[r * width + c] += acc;
+            }
+        }
+        Ok(())
+    }
+    fn gather_rows(
+        &self,
+        x: &Vec<f32>,
+        index: &Vec<u32>,
+        out: &mut Vec<f32>,
+        n: usize,
+        width: usize,
+    ) -> Result<(), ModelError> {
+        for i in 0..n {
+            let r = index[i] as usize;
+            check((r + 1) * width <= x.len(), "gather")?;
+            out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::config::ModelConfig;
+    use crate::dense::{DenseModel, StepSequence};
+    use crate::device_dense::DeviceDenseModel;
+    use crate::experts::ExpertSet;
+    use crate::kv_cache::SequenceCache;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+    }
+
+    fn assert_close(device: &[Vec<f32>], cpu: &[Vec<f32>], what: &str) {
+        assert_eq!(device.len(), cpu.len(), "{what}: sequences");
+        for (s, (d, c)) in device.iter().zip(cpu).enumerate() {
+            assert_eq!(d.len(), c.len(), "{what}: seq {s} logits");
+            let worst = d
+                .iter()
+                .zip(c)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst.is_finite() && worst < 1e-3,
+                "{what}: seq {s} differs by {worst}"
+            );
+        }
+    }
+
+    /// Prefill of two prompts of different lengths in one step (all logits), then decode
+    /// steps of both together and one alone (so rows sit at different cache positions and
+    /// the caches grow past their first capacity): the device orchestration over the host
+    /// reference gives the CPU model's logits at every step.
+    fn device_matches_cpu(name: &str) {
+        let dir = fixture(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let cpu = DenseModel::load(&ckpt, &config).unwrap();
+        let device = DeviceDenseModel::load(HostDenseOps, &ckpt, &config).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let vocab = config.vocab_size as u32;
+        let prompt_a: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % vocab).collect();
+        let prompt_b: Vec<u32> = (0..3).map(|i| (i * 53 + 5) % vocab).collect();
+        let (mut cpu_a, mut cpu_b) = (cpu.new_cache(), cpu.new_cache());
+        let (mut dev_a, mut dev_b) = (
+            SequenceCache::new(config.num_layers),
+            SequenceCache::new(config.num_layers),
+        );
+        let mut step = |tokens_a: &[u32], tokens_b: Option<&[u32]>, all: bool| {
+            let run = |a: &mut SequenceCache, b: &mut SequenceCache, on_device: bool| {
+                let mut seqs = vec![StepSequence {
+                    cache: a,
+                    tokens: tokens_a,
+                    all_logits: all,
+                }];
+                if let Some(tb) = tokens_b {
+                    seqs.push(StepSequence {
+                        cache: b,
+                        tokens: tb,
+                        all_logits: all,
+                    });
+                }
+                if on_device {
+                    device.forward(&mut seqs, &experts).unwrap()
+                } else {
+                    cpu.forward(&mut seqs, &experts).unwrap()
+                }
+            };
+            let c = run(&mut cpu_a, &mut cpu_b, false);
+            let d = run(&mut dev_a, &mut dev_b, true);
+            (c, d)
+        };
+        let (c, d) = step(&prompt_a, Some(&prompt_b), true);
+        assert_close(&d, &c, &format!("{name} prefill"));
+        for t in 0..12u32 {
+            let (ta, tb) = ([(t * 7 + 3) % vocab], [(t * 11 + 1) % vocab]);
+            let alone = t % 4 == 3;
+            let (c, d) = step(&ta, (!alone).then_some(&tb[..]), false);
+            assert_close(&d, &c, &format!("{name} decode {t}"));
+        }
+        assert_eq!(dev_a.len, cpu_a.len);
+        assert!(dev_a.bytes() > 0, "the device cache is accounted");
+    }
+
+    #[test]
+    fn deepseek_v3_mla_on_the_device_path_matches_the_cpu_model() {
+        device_matches_cpu("deepseek-v3-tiny");
+    }
+
+    #[test]
+    fn qwen3_moe_gqa_on_the_device_path_matches_the_cpu_model() {
+        device_matches_cpu("qwen3-moe-tiny");
+    }
+
+    #[test]
+    fn mixtral_on_the_device_path_matches_the_cpu_model() {
+        device_matches_cpu("mixtral-tiny");
+    }
+
+    /// A failed step is undone by the owner's rollback alone: the device rows written past
+    /// `len` are never read, and the next step gives the same logits as if it had not run.
+    #[test]
+    fn rollback_needs_nothing_from_the_device_cache() {
+        let dir = fixture("qwen3-moe-tiny");
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let device = DeviceDenseModel::load(HostDenseOps, &ckpt, &config).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
+            let mut seqs = [StepSequence {
+                cache,
+                tokens,
+                all_logits: false,
+            }];
+            device.forward(&mut seqs, &experts).unwrap()
+        };
+        let mut straight = SequenceCache::new(config.num_layers);
+        forward(&mut straight, &[1, 2, 3]);
+        let expected = forward(&mut straight, &[4]);
+        let mut undone = SequenceCache::new(config.num_layers);
+        forward(&mut undone, &[1, 2, 3]);
+        let mark = undone.mark();
+        forward(&mut undone, &[9, 9, 9, 9, 9]);
+        undone.rollback(&mark);
+        assert_eq!(forward(&mut undone, &[4]), expected);
+    }
+}

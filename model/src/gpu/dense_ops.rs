@@ -1,0 +1,1045 @@
+//! The dense part's primitive steps on CUDA ([`DenseOps`]): cuBLAS (strided-batched) GEMMs and
+//! the NVRTC kernels of `kernels.cu`, all on the context's main stream. The orchestration is
+//! [`crate::device_dense::DeviceDenseModel`], tested through a host reference; only these
+//! launches need a GPU to be checked (`ops/gpu-check.sh`).
+//!
+//! Each step takes the context's lock for its own calls only: the lock must not be held while
+//! the routed experts run (a GPU expert set on the same context takes it too).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::context::{GpuContext, GpuError};
+use super::expert_ffn::{gemm_f32_out, GpuBuffer};
+use super::kernels::{as_int, grid};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Gating, ModelConfig};
+use crate::dense::{DenseStep, StepSequence};
+use crate::device::GpuDtype;
+use crate::device_dense::ops::{
+    AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm,
+};
+use crate::device_dense::DeviceDenseModel;
+use crate::experts::ExpertBackend;
+use crate::layers::gate::GateRule;
+
+/// Threads of the attention kernel's blocks and the widest output it handles.
+const ATTENTION_THREADS: u32 = 128;
+const ATTENTION_MAX_DV: usize = 128 * 8;
+const NORM_THREADS: u32 = 256;
+
+pub struct CudaDenseOps {
+    ctx: Arc<GpuContext>,
+}
+
+impl CudaDenseOps {
+    pub fn new(ctx: Arc<GpuContext>) -> Self {
+        Self { ctx }
+    }
+}
+
+fn int(value: usize, what: &str) -> Result<i32, GpuError> {
+    as_int(value, what)
+}
+
+fn long(value: usize) -> i64 {
+    value as i64
+}
+
+/// One block per item (rows x heads), up to the grid's x limit.
+fn blocks(items: usize, threads: u32) -> Result<LaunchConfig, GpuError> {
+    let n = u32::try_from(items.max(1))
+        .ok()
+        .filter(|&n| n < i32::MAX as u32)
+        .ok_or_else(|| GpuError::Shape(format!("{items} blocks exceed the grid")))?;
+    Ok(LaunchConfig {
+        grid_dim: (n, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn shape_error(what: &str) -> GpuError {
+    GpuError::Shape(format!("dense step out of bounds: {what}"))
+}
+
+impl CudaDenseOps {
+    fn pointers(&self, buffers: &[&CudaSlice<f32>]) -> Result<CudaSlice<u64>, GpuError> {
+        let stream = self.ctx.stream();
+        let ptrs: Vec<u64> = buffers.iter().map(|b| b.device_ptr(stream).0).collect();
+        if ptrs.is_empty() {
+            return Ok(stream.alloc_zeros::<u64>(1)?);
+        }
+        Ok(stream.clone_htod(&ptrs)?)
+    }
+}
+
+impl DenseOps for CudaDenseOps {
+    type F32 = CudaSlice<f32>;
+    type Matrix = GpuBuffer;
+    type Index = CudaSlice<u32>;
+    type Error = GpuError;
+
+    fn upload_f32(&self, values: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        if values.is_empty() {
+            return Ok(self.ctx.stream().alloc_zeros::<f32>(1)?);
+        }
+        Ok(self.ctx.stream().clone_htod(values)?)
+    }
+
+    fn upload_index(&self, values: &[u32]) -> Result<CudaSlice<u32>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        if values.is_empty() {
+            return Ok(self.ctx.stream().alloc_zeros::<u32>(1)?);
+        }
+        Ok(self.ctx.stream().clone_htod(values)?)
+    }
+
+    fn upload_matrix(
+        &self,
+        values: &[f32],
+        precision: MatrixPrecision,
+    ) -> Result<GpuBuffer, GpuError> {
+        let _serial = self.ctx.lock()?;
+        match precision {
+            MatrixPrecision::Gemm => GpuBuffer::upload(&self.ctx, values),
+            MatrixPrecision::F32 => Ok(GpuBuffer::F32(if values.is_empty() {
+                self.ctx.stream().alloc_zeros::<f32>(1)?
+            } else {
+                self.ctx.stream().clone_htod(values)?
+            })),
+        }
+    }
+
+    fn download(&self, buffer: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        if len > buffer.len() {
+            return Err(shape_error("download"));
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let stream = self.ctx.stream();
+        let host = stream.clone_dtoh(&buffer.slice(..len))?;
+        stream.synchronize()?;
+        Ok(host)
+    }
+
+    fn scratch(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        // SAFETY: the orchestration writes every element before reading it (the host
+        // reference fills scratch with NaN to prove it).
+        Ok(unsafe { self.ctx.stream().alloc::<f32>(len.max(1))? })
+    }
+
+    fn f32_len(&self, buffer: &CudaSlice<f32>) -> usize {
+        buffer.len()
+    }
+
+    fn copy_prefix(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if len > src.len() || len > dst.len() {
+            return Err(shape_error("copy"));
+        }
+        if len > 0 {
+            self.ctx
+                .stream()
+                .memcpy_dtod(&src.slice(..len), &mut dst.slice_mut(..len))?;
+        }
+        Ok(())
+    }
+
+    fn gemm_input(
+        &self,
+        x: &CudaSlice<f32>,
+        len: usize,
+        like: &GpuBuffer,
+    ) -> Result<GpuBuffer, GpuError> {
+        let _serial = self.ctx.lock()?;
+        if len > x.len() {
+            return Err(shape_error("GEMM input"));
+        }
+        let stream = self.ctx.stream();
+        match like {
+            GpuBuffer::F32(_) => {
+                // SAFETY: filled in full by the copy below.
+                let mut out = unsafe { stream.alloc::<f32>(len.max(1))? };
+                if len > 0 {
+                    stream.memcpy_dtod(&x.slice(..len), &mut out.slice_mut(..len))?;
+                }
+                Ok(GpuBuffer::F32(out))
+            }
+            GpuBuffer::Bf16(_) => {
+                // SAFETY: the kernel writes all `len` elements.
+                let mut out = unsafe { stream.alloc::<u16>(len.max(1))? };
+                if len > 0 {
+                    let n = long(len);
+                    // SAFETY: `x` holds at least `len` values, `out` exactly `len`.
+                    unsafe {
+                        stream
+                            .launch_builder(&self.ctx.kernels().convert_f32_to_bf16)
+                            .arg(x)
+                            .arg(&mut out)
+                            .arg(&n)
+                            .launch(grid(len))?;
+                    }
+                }
+                Ok(GpuBuffer::Bf16(out))
+            }
+        }
+    }
+
+    fn gemm(
+        &self,
+        s: &StridedGemm,
+        a: &GpuBuffer,
+        a_offset: usize,
+        b: &GpuBuffer,
+        b_offset: usize,
+        c: &mut CudaSlice<f32>,
+        c_offset: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        let (a_end, b_end, c_end) = s.extents();
+        if a_offset + a_end > a.len() || b_offset + b_end > b.len() || c_offset + c_end > c.len() {
+            return Err(GpuError::Shape(format!(
+                "GEMM {s:?} from offsets {a_offset}/{b_offset}/{c_offset} overruns buffers of \
+                 {}/{}/{}",
+                a.len(),
+                b.len(),
+                c.len()
+            )));
+        }
+        let g = &s.gemm;
+        if g.m == 0 || g.n == 0 || s.batch == 0 {
+            return Ok(());
+        }
+        let stream = self.ctx.stream();
+        let handle = *self.ctx.blas().handle();
+        let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
+        // SAFETY: the extents were checked against the live buffers above; the handle is
+        // bound to the main stream, where every buffer here is used.
+        unsafe {
+            gemm_f32_out(
+                handle,
+                s,
+                (a, a.address(stream, a_offset)),
+                (b, b.address(stream, b_offset)),
+                c_ptr,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        x_view: HeadView,
+        weight: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        out_view: HeadView,
+        rows: usize,
+        heads: usize,
+        width: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if x_view.end(rows, heads, width) > x.len()
+            || out_view.end(rows, heads, width) > out.len()
+            || weight.len() < width
+        {
+            return Err(shape_error("RMSNorm"));
+        }
+        if rows * heads * width == 0 {
+            return Ok(());
+        }
+        let args = (
+            long(x_view.offset),
+            int(x_view.row_stride, "row stride")?,
+            int(x_view.head_stride, "head stride")?,
+            long(out_view.offset),
+            int(out_view.row_stride, "row stride")?,
+            int(out_view.head_stride, "head stride")?,
+            int(rows, "rows")?,
+            int(heads, "heads")?,
+            int(width, "width")?,
+        );
+        // SAFETY: both views were checked against their buffers above.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().rms_norm_heads)
+                .arg(x)
+                .arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(weight)
+                .arg(out)
+                .arg(&args.3)
+                .arg(&args.4)
+                .arg(&args.5)
+                .arg(&args.6)
+                .arg(&args.7)
+                .arg(&args.8)
+                .arg(&eps)
+                .launch(blocks(rows * heads, NORM_THREADS)?)?;
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &CudaSlice<f32>,
+        x_view: HeadView,
+        out: &mut CudaSlice<f32>,
+        out_view: HeadView,
+        heads: usize,
+        interleaved: bool,
+        step: &DeviceStep<Self>,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        let (rows, half) = (step.rows, step.rope_half);
+        if x_view.end(rows, heads, 2 * half) > x.len()
+            || out_view.end(rows, heads, 2 * half) > out.len()
+            || step.cos.len() < rows * half
+        {
+            return Err(shape_error("rotary"));
+        }
+        if rows * heads * half == 0 {
+            return Ok(());
+        }
+        let args = (
+            long(x_view.offset),
+            int(x_view.row_stride, "row stride")?,
+            int(x_view.head_stride, "head stride")?,
+            long(out_view.offset),
+            int(out_view.row_stride, "row stride")?,
+            int(out_view.head_stride, "head stride")?,
+            int(rows, "rows")?,
+            int(heads, "heads")?,
+            int(half, "rope half")?,
+            i32::from(interleaved),
+        );
+        // SAFETY: both views were checked against their buffers, the table against the rows.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().rope_heads)
+                .arg(x)
+                .arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(out)
+                .arg(&args.3)
+                .arg(&args.4)
+                .arg(&args.5)
+                .arg(&step.cos)
+                .arg(&step.sin)
+                .arg(&args.6)
+                .arg(&args.7)
+                .arg(&args.8)
+                .arg(&args.9)
+                .launch(grid(rows * heads * half))?;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        inter: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if gate_up.len() < rows * 2 * inter || out.len() < rows * inter {
+            return Err(shape_error("SiLU"));
+        }
+        if rows * inter == 0 {
+            return Ok(());
+        }
+        let (rows_i, inter_i) = (int(rows, "rows")?, int(inter, "intermediate")?);
+        // SAFETY: sizes checked above.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().silu_mul_f32)
+                .arg(gate_up)
+                .arg(out)
+                .arg(&rows_i)
+                .arg(&inter_i)
+                .launch(grid(rows * inter))?;
+        }
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        acc: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if acc.len() < len || x.len() < len {
+            return Err(shape_error("add"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let n = long(len);
+        // SAFETY: sizes checked above.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().add_f32)
+                .arg(acc)
+                .arg(x)
+                .arg(&n)
+                .launch(grid(len))?;
+        }
+        Ok(())
+    }
+
+    fn append_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        src_view: HeadView,
+        width: usize,
+        caches: &mut [&mut CudaSlice<f32>],
+        cache_stride: usize,
+        cache_offset: usize,
+        step: &DeviceStep<Self>,
+    ) -> Result<(), GpuError> {
+        let rows = step.rows;
+        if src_view.end(rows, 1, width) > src.len() || cache_offset + width > cache_stride {
+            return Err(shape_error("append"));
+        }
+        // The orchestration reserved every cache for its sequence's new length; the kernel
+        // trusts row_pos only that far.
+        let shared: Vec<&CudaSlice<f32>> = caches.iter().map(|c| &**c).collect();
+        let ptrs = self.pointers(&shared)?;
+        let _serial = self.ctx.lock()?;
+        if rows * width == 0 {
+            return Ok(());
+        }
+        let args = (
+            long(src_view.offset),
+            int(src_view.row_stride, "row stride")?,
+            int(width, "width")?,
+            int(cache_stride, "cache stride")?,
+            int(cache_offset, "cache offset")?,
+            int(rows, "rows")?,
+        );
+        // SAFETY: every pointer is a live cache buffer with room for its rows' positions.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().append_rows)
+                .arg(src)
+                .arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(&ptrs)
+                .arg(&args.3)
+                .arg(&args.4)
+                .arg(&step.row_seq)
+                .arg(&step.row_pos)
+                .arg(&args.5)
+                .launch(grid(rows * width))?;
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        spec: &AttentionSpec,
+        keys: &[&CudaSlice<f32>],
+        values: &[&CudaSlice<f32>],
+        out: &mut CudaSlice<f32>,
+        step: &DeviceStep<Self>,
+    ) -> Result<(), GpuError> {
+        let rows = step.rows;
+        if spec.dv > ATTENTION_MAX_DV
+            || spec.kv_heads == 0
+            || !spec.heads.is_multiple_of(spec.kv_heads)
+            || q.len() < rows * spec.heads * spec.dk
+            || out.len() < rows * spec.heads * spec.dv
+        {
+            return Err(GpuError::Shape(format!(
+                "attention of {} heads x {}/{} over {} kv heads (at most {ATTENTION_MAX_DV} \
+                 values per head)",
+                spec.heads, spec.dk, spec.dv, spec.kv_heads
+            )));
+        }
+        let key_ptrs = self.pointers(keys)?;
+        let value_ptrs = self.pointers(values)?;
+        let _serial = self.ctx.lock()?;
+        if rows * spec.heads == 0 {
+            return Ok(());
+        }
+        let args = (
+            int(rows, "rows")?,
+            int(spec.heads, "heads")?,
+            int(spec.kv_heads, "kv heads")?,
+            int(spec.dk, "dk")?,
+            int(spec.dv, "dv")?,
+            int(spec.key_stride, "key stride")?,
+            int(spec.value_stride, "value stride")?,
+            int(spec.key_head_stride, "key head stride")?,
+            int(spec.value_head_stride, "value head stride")?,
+        );
+        // SAFETY: q and out were sized above; every cache holds its sequence's rows up to the
+        // last position of the step (appended just before).
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().attention_rows)
+                .arg(q)
+                .arg(&key_ptrs)
+                .arg(&value_ptrs)
+                .arg(&step.row_seq)
+                .arg(&step.row_pos)
+                .arg(out)
+                .arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(&args.3)
+                .arg(&args.4)
+                .arg(&args.5)
+                .arg(&args.6)
+                .arg(&args.7)
+                .arg(&args.8)
+                .arg(&spec.scale)
+                .launch(blocks(rows * spec.heads, ATTENTION_THREADS)?)?;
+        }
+        Ok(())
+    }
+
+    fn top_k(
+        &self,
+        logits: &CudaSlice<f32>,
+        correction_bias: Option<&CudaSlice<f32>>,
+        rule: &GateRule,
+        rows: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>), GpuError> {
+        let _serial = self.ctx.lock()?;
+        let (e, k) = (rule.num_experts, rule.top_k);
+        if logits.len() < rows * e || k > e || correction_bias.is_some_and(|b| b.len() < e) {
+            return Err(shape_error("gate"));
+        }
+        if rows * k == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (mode, n_group, topk_group, norm, scaling) = match &rule.gating {
+            Gating::SoftmaxTopK { norm_topk_prob } => (0, 1, 1, *norm_topk_prob, 1.0f32),
+            Gating::SigmoidGroupLimited {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => (
+                1,
+                *n_group,
+                *topk_group,
+                *norm_topk_prob,
+                *routed_scaling_factor,
+            ),
+        };
+        if n_group == 0 || e % n_group != 0 || topk_group > n_group {
+            return Err(shape_error("gate groups"));
+        }
+        let stream = self.ctx.stream();
+        // SAFETY: scratch and outputs are written in full by the kernel before being read.
+        let (mut scratch, mut flags, mut experts, mut weights) = unsafe {
+            (
+                stream.alloc::<f32>(rows * 2 * e)?,
+                stream.alloc::<u8>(rows * (e + n_group))?,
+                stream.alloc::<u32>(rows * k)?,
+                stream.alloc::<f32>(rows * k)?,
+            )
+        };
+        let args = (
+            i32::from(correction_bias.is_some()),
+            int(rows, "rows")?,
+            int(e, "experts")?,
+            int(k, "top_k")?,
+            mode,
+            int(n_group, "groups")?,
+            int(topk_group, "top groups")?,
+            i32::from(norm),
+        );
+        let bias = correction_bias.unwrap_or(logits);
+        // SAFETY: logits hold rows x experts values; the bias (when flagged) experts values.
+        unsafe {
+            stream
+                .launch_builder(&self.ctx.kernels().moe_gate_topk)
+                .arg(logits)
+                .arg(bias)
+                .arg(&args.0)
+                .arg(&mut scratch)
+                .arg(&mut flags)
+                .arg(&mut experts)
+                .arg(&mut weights)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(&args.3)
+                .arg(&args.4)
+                .arg(&args.5)
+                .arg(&args.6)
+                .arg(&args.7)
+                .arg(&scaling)
+                .launch(grid(rows))?;
+        }
+        let experts = stream.clone_dtoh(&experts)?;
+        let weights = stream.clone_dtoh(&weights)?;
+        stream.synchronize()?;
+        Ok((experts, weights))
+    }
+
+    fn combine_add(
+        &self,
+        hidden: &mut CudaSlice<f32>,
+        pair_out: &CudaSlice<f32>,
+        row_offsets: &CudaSlice<u32>,
+        shared: Option<&CudaSlice<f32>>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if hidden.len() < rows * width
+            || row_offsets.len() < rows + 1
+            || shared.is_some_and(|s| s.len() < rows * width)
+        {
+            return Err(shape_error("combine"));
+        }
+        if rows * width == 0 {
+            return Ok(());
+        }
+        let args = (
+            i32::from(shared.is_some()),
+            int(rows, "rows")?,
+            int(width, "width")?,
+        );
+        let shared = shared.unwrap_or(pair_out);
+        // SAFETY: the offsets came from the routes the pair outputs were computed for (the
+        // orchestration checked their count against the pairs).
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().combine_add)
+                .arg(hidden)
+                .arg(pair_out)
+                .arg(row_offsets)
+                .arg(shared)
+                .arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .launch(grid(rows * width))?;
+        }
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        index: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        width: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if out.len() < n * width || index.len() < n {
+            return Err(shape_error("gather"));
+        }
+        if n * width == 0 {
+            return Ok(());
+        }
+        let (n_i, width_i) = (int(n, "rows")?, int(width, "width")?);
+        // SAFETY: the indices are rows of the step (the orchestration built them).
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().gather_rows_f32)
+                .arg(x)
+                .arg(index)
+                .arg(out)
+                .arg(&n_i)
+                .arg(&width_i)
+                .launch(grid(n * width))?;
+        }
+        Ok(())
+    }
+}
+
+/// The dense part on a GPU, as the router and the offline engine step it.
+pub struct GpuDenseModel {
+    inner: DeviceDenseModel<CudaDenseOps>,
+    ctx: Arc<GpuContext>,
+}
+
+impl GpuDenseModel {
+    pub fn load(
+        ctx: Arc<GpuContext>,
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+    ) -> crate::Result<Self> {
+        let inner = DeviceDenseModel::load(CudaDenseOps::new(Arc::clone(&ctx)), ckpt, config)?;
+        ctx.synchronize()?;
+        Ok(Self { inner, ctx })
+    }
+}
+
+impl DenseStep for GpuDenseModel {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn forward(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> crate::Result<Vec<Vec<f32>>> {
+        self.inner.forward(seqs, experts)
+    }
+
+    fn placement(&self) -> String {
+        let dtype = match self.ctx.dtype() {
+            GpuDtype::Bf16 => "bf16",
+            GpuDtype::F32 => "f32",
+        };
+        format!("{} ({}, {dtype})", self.ctx.device(), self.ctx.name())
+    }
+}
+
+/// Each CUDA step against the host reference on the same inputs, then the whole dense model
+/// on the fixtures. They need a GPU: without one they pass with a note, unless
+/// `MOE_REQUIRE_GPU=1` (set by `ops/gpu-check.sh`) makes a missing GPU a failure.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_dense::reference::HostDenseOps;
+    use crate::grouped_ffn::ColumnMajorGemm;
+
+    fn gpu(dtype: GpuDtype) -> Option<Arc<GpuContext>> {
+        match GpuContext::open(0, dtype) {
+            Ok(ctx) => Some(ctx),
+            Err(e) if std::env::var_os("MOE_REQUIRE_GPU").is_some() => {
+                panic!("MOE_REQUIRE_GPU is set and cuda:0 cannot be opened: {e}")
+            }
+            Err(e) => {
+                eprintln!("no GPU ({e}); skipped");
+                None
+            }
+        }
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                ((x >> 8) as f32 / (1 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(what: &str, gpu: &[f32], host: &[f32], tolerance: f32) {
+        assert_eq!(gpu.len(), host.len(), "{what}: lengths");
+        let worst = gpu
+            .iter()
+            .zip(host)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= tolerance,
+            "{what}: differs by {worst} (> {tolerance})"
+        );
+        eprintln!("{what}: max difference {worst:e}");
+    }
+
+    #[test]
+    fn gpu_dense_steps_match_the_host_reference() {
+        let Some(ctx) = gpu(GpuDtype::F32) else {
+            return;
+        };
+        let (cuda, host) = (CudaDenseOps::new(Arc::clone(&ctx)), HostDenseOps);
+        let down = |b: &CudaSlice<f32>| cuda.download(b, b.len()).unwrap();
+
+        // A step of two sequences: 3 rows of seq 0 at positions 4..7, 2 rows of seq 1 at 0..2.
+        let (rows, half) = (5usize, 8usize);
+        let row_seq = [0u32, 0, 0, 1, 1];
+        let row_pos = [4u32, 5, 6, 0, 1];
+        let (cos, sin) = (values(rows * half, 1), values(rows * half, 2));
+        let step_c = DeviceStep::<CudaDenseOps> {
+            rows,
+            row_seq: cuda.upload_index(&row_seq).unwrap(),
+            row_pos: cuda.upload_index(&row_pos).unwrap(),
+            cos: cuda.upload_f32(&cos).unwrap(),
+            sin: cuda.upload_f32(&sin).unwrap(),
+            rope_half: half,
+        };
+        let step_h = DeviceStep::<HostDenseOps> {
+            rows,
+            row_seq: row_seq.to_vec(),
+            row_pos: row_pos.to_vec(),
+            cos,
+            sin,
+            rope_half: half,
+        };
+
+        // Strided-batched GEMM over a view (the MLA absorption's shape).
+        let (heads, k, m, width) = (3usize, 16usize, 24usize, 3 * 20);
+        let w = values(heads * m * k, 3);
+        let x = values(rows * width, 4);
+        let mut g = ColumnMajorGemm::rows_times_weights(rows, m, k);
+        g.ldb = width;
+        g.ldc = heads * m;
+        let shape = StridedGemm {
+            gemm: g,
+            batch: heads,
+            stride_a: m * k,
+            stride_b: 20,
+            stride_c: m,
+        };
+        let (wc, xc) = (
+            cuda.upload_matrix(&w, MatrixPrecision::Gemm).unwrap(),
+            cuda.upload_f32(&x).unwrap(),
+        );
+        let xc = cuda.gemm_input(&xc, x.len(), &wc).unwrap();
+        let mut cc = cuda.scratch(rows * heads * m).unwrap();
+        cuda.gemm(&shape, &wc, 0, &xc, 0, &mut cc, 0).unwrap();
+        let mut ch = vec![0.0; rows * heads * m];
+        host.gemm(&shape, &w, 0, &x, 0, &mut ch, 0).unwrap();
+        close("strided-batched GEMM", &down(&cc), &ch, 1e-4);
+
+        // RMSNorm of heads inside a wider row, rotary both layouts, out of place.
+        let view = HeadView {
+            offset: 2,
+            row_stride: width,
+            head_stride: 20,
+        };
+        let packed = HeadView::packed(0, heads, 2 * half);
+        let nw = values(2 * half, 5);
+        let mut nc = cuda.scratch(rows * heads * 2 * half).unwrap();
+        let mut nh = vec![0.0; rows * heads * 2 * half];
+        let xf = cuda.upload_f32(&x).unwrap();
+        let nwc = cuda.upload_f32(&nw).unwrap();
+        cuda.rms_norm(
+            &xf,
+            view,
+            &nwc,
+            &mut nc,
+            packed,
+            rows,
+            heads,
+            2 * half,
+            1e-6,
+        )
+        .unwrap();
+        host.rms_norm(&x, view, &nw, &mut nh, packed, rows, heads, 2 * half, 1e-6)
+            .unwrap();
+        close("RMSNorm", &down(&nc), &nh, 1e-5);
+        for interleaved in [false, true] {
+            let mut rc = cuda.scratch(rows * heads * 2 * half).unwrap();
+            let mut rh = vec![0.0; rows * heads * 2 * half];
+            cuda.rope(&xf, view, &mut rc, packed, heads, interleaved, &step_c)
+                .unwrap();
+            host.rope(&x, view, &mut rh, packed, heads, interleaved, &step_h)
+                .unwrap();
+            close(
+                &format!("rotary (interleaved {interleaved})"),
+                &down(&rc),
+                &rh,
+                1e-5,
+            );
+        }
+
+        // Append to two caches, then GQA attention (4 query heads over 2 kv heads) over them.
+        let (qh, kvh, d) = (4usize, 2usize, 16usize);
+        let kvw = kvh * d;
+        let new_rows = values(rows * kvw, 6);
+        let prefix = values(8 * kvw, 7);
+        let mut host_caches = [prefix.clone(), prefix.clone()];
+        let mut cuda_caches = [
+            cuda.upload_f32(&prefix).unwrap(),
+            cuda.upload_f32(&prefix).unwrap(),
+        ];
+        let src_c = cuda.upload_f32(&new_rows).unwrap();
+        {
+            let mut refs: Vec<&mut CudaSlice<f32>> = cuda_caches.iter_mut().collect();
+            cuda.append_rows(
+                &src_c,
+                HeadView::packed(0, 1, kvw),
+                kvw,
+                &mut refs,
+                kvw,
+                0,
+                &step_c,
+            )
+            .unwrap();
+            let mut refs: Vec<&mut Vec<f32>> = host_caches.iter_mut().collect();
+            host.append_rows(
+                &new_rows,
+                HeadView::packed(0, 1, kvw),
+                kvw,
+                &mut refs,
+                kvw,
+                0,
+                &step_h,
+            )
+            .unwrap();
+        }
+        close(
+            "append (seq 0)",
+            &down(&cuda_caches[0]),
+            &host_caches[0],
+            0.0,
+        );
+        close(
+            "append (seq 1)",
+            &down(&cuda_caches[1]),
+            &host_caches[1],
+            0.0,
+        );
+        let q = values(rows * qh * d, 8);
+        let spec = AttentionSpec {
+            heads: qh,
+            kv_heads: kvh,
+            dk: d,
+            dv: d,
+            key_stride: kvw,
+            value_stride: kvw,
+            key_head_stride: d,
+            value_head_stride: d,
+            scale: 0.25,
+        };
+        let qc = cuda.upload_f32(&q).unwrap();
+        let mut oc = cuda.scratch(rows * qh * d).unwrap();
+        let mut oh = vec![0.0; rows * qh * d];
+        let keys_c: Vec<&CudaSlice<f32>> = cuda_caches.iter().collect();
+        let keys_h: Vec<&Vec<f32>> = host_caches.iter().collect();
+        cuda.attention(&qc, &spec, &keys_c, &keys_c, &mut oc, &step_c)
+            .unwrap();
+        host.attention(&q, &spec, &keys_h, &keys_h, &mut oh, &step_h)
+            .unwrap();
+        close("attention", &down(&oc), &oh, 1e-5);
+
+        // Gate top-k, both rules, on logits with a planted tie.
+        let experts = 16;
+        let mut logits = values(rows * experts, 9);
+        logits[3] = logits[5];
+        let lc = cuda.upload_f32(&logits).unwrap();
+        let bias = values(experts, 10);
+        let bc = cuda.upload_f32(&bias).unwrap();
+        for gating in [
+            Gating::SoftmaxTopK {
+                norm_topk_prob: true,
+            },
+            Gating::SigmoidGroupLimited {
+                n_group: 4,
+                topk_group: 2,
+                norm_topk_prob: true,
+                routed_scaling_factor: 2.5,
+            },
+        ] {
+            let rule = GateRule {
+                gating,
+                top_k: 4,
+                num_experts: experts,
+            };
+            let (ec, wc) = cuda.top_k(&lc, Some(&bc), &rule, rows).unwrap();
+            let routes_c =
+                crate::device_dense::model::routes_from_choices(&ec, &wc, 4, rows).unwrap();
+            let routes_h = rule.select(&logits, Some(&bias));
+            assert_eq!(routes_c.experts, routes_h.experts, "{:?}", rule.gating);
+            close("gate weights", &routes_c.weights, &routes_h.weights, 1e-6);
+        }
+
+        // Combine in pair order plus shared experts; gather rows.
+        let width = 12;
+        let offsets = [0u32, 2, 3, 3, 5, 6];
+        let pairs = values(6 * width, 11);
+        let shared = values(rows * width, 12);
+        let hidden = values(rows * width, 13);
+        let mut hc = cuda.upload_f32(&hidden).unwrap();
+        let mut hh = hidden.clone();
+        cuda.combine_add(
+            &mut hc,
+            &cuda.upload_f32(&pairs).unwrap(),
+            &cuda.upload_index(&offsets).unwrap(),
+            Some(&cuda.upload_f32(&shared).unwrap()),
+            rows,
+            width,
+        )
+        .unwrap();
+        host.combine_add(
+            &mut hh,
+            &pairs,
+            &offsets.to_vec(),
+            Some(&shared),
+            rows,
+            width,
+        )
+        .unwrap();
+        close("combine", &down(&hc), &hh, 0.0);
+        let index = [4u32, 0, 2];
+        let mut gc = cuda.scratch(3 * width).unwrap();
+        let mut gh = vec![0.0; 3 * width];
+        cuda.gather_rows(&hc, &cuda.upload_index(&index).unwrap(), &mut gc, 3, width)
+            .unwrap();
+        host.gather_rows(&hh, &index.to_vec(), &mut gh, 3, width)
+            .unwrap();
+        close("gather", &down(&gc), &gh, 0.0);
+    }
+
+    /// The whole dense part on the GPU (f32) against the same orchestration on the host, step
+    /// by step, on every fixture.
+    #[test]
+    fn gpu_dense_model_matches_the_host_reference_on_the_fixtures() {
+        use crate::checkpoint::Checkpoint;
+        use crate::experts::ExpertSet;
+        use crate::kv_cache::SequenceCache;
+        let Some(ctx) = gpu(GpuDtype::F32) else {
+            return;
+        };
+        for name in ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"] {
+            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures")
+                .join(name);
+            let config = ModelConfig::from_dir(&dir).unwrap();
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let on_gpu = GpuDenseModel::load(Arc::clone(&ctx), &ckpt, &config).unwrap();
+            let on_host = DeviceDenseModel::load(HostDenseOps, &ckpt, &config).unwrap();
+            let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+            let (mut gc, mut hc) = (
+                SequenceCache::new(config.num_layers),
+                SequenceCache::new(config.num_layers),
+            );
+            let mut tokens: Vec<u32> = vec![1, 5, 9, 14, 2];
+            for step in 0..6 {
+                let run = |cache: &mut SequenceCache, gpu: bool| {
+                    let mut seqs = [StepSequence {
+                        cache,
+                        tokens: &tokens,
+                        all_logits: true,
+                    }];
+                    if gpu {
+                        on_gpu.forward(&mut seqs, &experts).unwrap()
+                    } else {
+                        on_host.forward(&mut seqs, &experts).unwrap()
+                    }
+                };
+                let (g, h) = (run(&mut gc, true), run(&mut hc, false));
+                close(&format!("{name} step {step}"), &g[0], &h[0], 2e-3);
+                tokens = vec![(step * 13 + 7) % config.vocab_size as u32];
+            }
+        }
+    }
+}
