@@ -3,7 +3,8 @@
 //! MoE layers go over it with bitwise the offline engine's results. A node killed mid-stream
 //! fails the collective; the layer goes over gRPC (which names the dead node), the planner
 //! makes an epoch without it, and that epoch gets a new collective. This is the path NCCL
-//! takes on GPUs, with sockets instead of NVLink/InfiniBand.
+//! takes on GPUs, with sockets instead of NVLink/InfiniBand. A node that only stalls breaks the
+//! collective too; the epoch stays and gets a new communicator.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -190,4 +191,103 @@ async fn two_routers_each_get_their_own_collective() {
         assert!(s.collective_layers > 0, "{addr}: {s:?}");
         assert_eq!(s.collective_failures, 0, "{addr}: {s:?}");
     }
+}
+
+/// A node that stalls past the dispatch timeout (SIGSTOP: a GC pause, a noisy neighbour)
+/// breaks the collective without being dead: the layer is redone over gRPC, which the node
+/// answers once it resumes, so the epoch stays; the planner then forms a new communicator for
+/// the same epoch and the layers go back over it. Nothing is lost or changed on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_breaks_the_collective_and_the_same_epoch_re_forms_it() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let mut spec = tcp_spec(fixture, 2);
+    spec.router_args
+        .extend(["--dispatch-timeout-ms".into(), "1500".into()]);
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    let before = wait_status(&cluster.router_addr, MINUTE, "collective formed", |s| {
+        s.serving_transport == "tcp"
+    })
+    .await;
+
+    let answers = Arc::new(expected_answers(
+        &engine,
+        &golden_cases(fixture)
+            .iter()
+            .cycle()
+            .take(6)
+            .map(|c| (c.input_ids.clone(), 96))
+            .collect::<Vec<_>>(),
+    ));
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 6, Some(1));
+    let deadline = Instant::now() + MINUTE;
+    while load.progress.tokens.load(Ordering::Relaxed) < 6 * 4 {
+        assert!(Instant::now() < deadline, "streams did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let victim = serving_nodes(&before)[0].clone();
+    let pid = cluster.node_pid(&victim).expect("victim runs").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    // Resume as soon as the collective has failed, well inside the gRPC retry's deadline.
+    let broken = async {
+        loop {
+            let s = harness::status(&cluster).await;
+            if s.collective_failures >= 1 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let broken = tokio::time::timeout(MINUTE, broken).await;
+    signal("-CONT");
+    let broken = broken.expect("the pause broke the collective");
+    assert_eq!(broken.serving_epoch, before.serving_epoch);
+
+    let report = tokio::time::timeout(2 * MINUTE, load.finish())
+        .await
+        .expect("requests finish");
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    assert_eq!(report.completed, 6);
+
+    let reformed = wait_status(
+        &cluster.router_addr,
+        MINUTE,
+        "the epoch's collective re-formed",
+        |s| s.serving_transport == "tcp",
+    )
+    .await;
+    assert_eq!(
+        reformed.serving_epoch, before.serving_epoch,
+        "the same epoch, not a re-plan: {reformed:?}"
+    );
+    assert_eq!(serving_nodes(&reformed), serving_nodes(&before));
+    let case = &golden_cases(fixture)[0];
+    let want = offline(&engine, &case.input_ids);
+    let mut client = harness::inference(&cluster).await;
+    let got = generate(&mut client, greedy(&case.input_ids, 24))
+        .await
+        .unwrap();
+    assert_eq!(got.ids, want.output_ids);
+    assert_eq!(got.logprobs, want.logprobs);
+    let end = harness::status(&cluster).await;
+    assert!(
+        end.collective_layers > reformed.collective_layers,
+        "layers go over the new communicator: {end:?}"
+    );
+    eprintln!(
+        "paused node: collective failures {}, re-formed on epoch {}; collective layers {} -> {}",
+        end.collective_failures,
+        end.serving_epoch,
+        reformed.collective_layers,
+        end.collective_layers
+    );
 }

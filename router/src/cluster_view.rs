@@ -3,8 +3,8 @@
 //! loop and the Admin service read it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -22,11 +22,80 @@ pub struct ServingPlacement {
     pub holders: HashMap<ExpertId, Vec<usize>>,
     pub links: Vec<Arc<NodeLink>>,
     /// The epoch's collective (rank `i + 1` is `links[i]`), once every node has joined it.
-    /// It lives exactly as long as dispatches can use this placement: dropping the last
-    /// reference closes (or aborts) it, which releases the nodes' side too.
-    pub collective: OnceLock<Mutex<EpochLink>>,
-    /// Set when the collective failed: the rest of this epoch goes over gRPC.
-    pub collective_failed: AtomicBool,
+    pub collective: EpochCollective,
+}
+
+/// An epoch's collective, re-formed after a failure. A failure that names no dead node (a
+/// node paused past the timeout, a dropped connection) leaves the epoch itself in place, and
+/// a stable cluster keeps one epoch for hours: without a new communicator one hiccup would
+/// leave it on gRPC for good. Attempts back off (250 ms doubling to 30 s) and stop after
+/// [`EpochCollective::MAX_FAILURES`], so a node that keeps failing costs little.
+///
+/// A communicator lives exactly as long as a dispatch can use it: dropping the last
+/// reference (the slot's and any in-flight dispatch's) closes or aborts it, which releases
+/// the nodes' side too.
+#[derive(Default)]
+pub struct EpochCollective {
+    link: Mutex<Option<Arc<Mutex<EpochLink>>>>,
+    failures: AtomicU32,
+    reform_at: Mutex<Option<Instant>>,
+}
+
+impl EpochCollective {
+    /// Failures (mid-layer or while forming) after which the epoch stays on gRPC.
+    pub const MAX_FAILURES: u32 = 8;
+
+    pub fn install(&self, link: EpochLink) {
+        if let Ok(mut slot) = self.link.lock() {
+            *slot = Some(Arc::new(Mutex::new(link)));
+        }
+    }
+
+    /// The communicator to dispatch on, if one is formed and has not failed.
+    pub fn live(&self) -> Option<Arc<Mutex<EpochLink>>> {
+        self.link.lock().ok()?.clone()
+    }
+
+    /// Records a failure: the communicator is dropped (layers go over gRPC) and a new one is
+    /// scheduled after the backoff. Returns the backoff, or `None` once the epoch gives up.
+    pub fn fail(&self, now: Instant) -> Option<Duration> {
+        if let Ok(mut slot) = self.link.lock() {
+            slot.take();
+        }
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let backoff = reform_backoff(failures);
+        if let Ok(mut at) = self.reform_at.lock() {
+            *at = backoff.map(|b| now + b);
+        }
+        backoff
+    }
+
+    /// Whether a re-formation is due at `now`; taking it clears the schedule.
+    pub fn reform_due(&self, now: Instant) -> bool {
+        let Ok(mut at) = self.reform_at.lock() else {
+            return false;
+        };
+        match *at {
+            Some(when) if when <= now => {
+                *at = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Wait before forming a new communicator after the `failures`-th failure of an epoch's.
+pub fn reform_backoff(failures: u32) -> Option<Duration> {
+    if failures == 0 || failures > EpochCollective::MAX_FAILURES {
+        return None;
+    }
+    let millis = 250u64.saturating_mul(1 << (failures - 1).min(16));
+    Some(Duration::from_millis(millis.min(30_000)))
 }
 
 impl ServingPlacement {
@@ -51,17 +120,13 @@ impl ServingPlacement {
             placement,
             holders,
             links,
-            collective: OnceLock::new(),
-            collective_failed: AtomicBool::new(false),
+            collective: EpochCollective::default(),
         }
     }
 
-    /// The collective to dispatch on, unless there is none (yet) or it failed.
-    pub fn live_collective(&self) -> Option<&Mutex<EpochLink>> {
-        if self.collective_failed.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.collective.get()
+    /// The collective to dispatch on, unless there is none (yet, or again) or it failed.
+    pub fn live_collective(&self) -> Option<Arc<Mutex<EpochLink>>> {
+        self.collective.live()
     }
 
     /// What the epoch's layers go over now.
@@ -249,5 +314,35 @@ impl ClusterView {
 
     pub fn imbalance(&self) -> f64 {
         self.imbalance_milli.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_collective_is_re_formed_after_a_growing_backoff_then_given_up() {
+        assert_eq!(reform_backoff(1), Some(Duration::from_millis(250)));
+        assert_eq!(reform_backoff(2), Some(Duration::from_millis(500)));
+        assert_eq!(reform_backoff(8), Some(Duration::from_millis(30_000)));
+        assert_eq!(reform_backoff(EpochCollective::MAX_FAILURES + 1), None);
+
+        let c = EpochCollective::default();
+        let t0 = Instant::now();
+        assert!(!c.reform_due(t0), "nothing failed");
+        assert_eq!(c.fail(t0), Some(Duration::from_millis(250)));
+        assert!(c.live().is_none());
+        assert!(!c.reform_due(t0 + Duration::from_millis(249)));
+        assert!(c.reform_due(t0 + Duration::from_millis(250)));
+        assert!(
+            !c.reform_due(t0 + Duration::from_secs(60)),
+            "taken once per failure"
+        );
+        for _ in 1..EpochCollective::MAX_FAILURES {
+            assert!(c.fail(t0).is_some());
+        }
+        assert_eq!(c.fail(t0), None, "gives up: the epoch stays on gRPC");
+        assert_eq!(c.failures(), EpochCollective::MAX_FAILURES + 1);
     }
 }

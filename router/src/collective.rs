@@ -4,7 +4,7 @@
 //! [`ServingPlacement`] once all nodes are in. Until then, for mixed clusters, and after a
 //! failure, the epoch's layers go over the gRPC streams.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use moe_cluster::collective::{open_root, RootSettings, Transport};
@@ -47,6 +47,8 @@ pub fn epoch_transport(
 
 /// Opens and publishes the collective of the newly served epoch when its nodes can all join
 /// it; the joining finishes on a blocking thread. Records of older epochs are withdrawn.
+/// Called again for the same epoch to re-form it after a failure: the record is replaced (a
+/// new rendezvous and nonce), which the nodes take as a new communicator to join.
 pub fn start_for_epoch(
     settings: &CollectiveSettings,
     serving: Arc<ServingPlacement>,
@@ -90,10 +92,11 @@ pub fn start_for_epoch(
     tokio::task::spawn_blocking(move || match joining.complete(timeout) {
         Ok(link) => {
             tracing::info!(epoch, %transport, nodes = serving.links.len(), "collective ready: layers of this epoch go over it");
-            let _ = serving.collective.set(Mutex::new(link));
+            serving.collective.install(link);
         }
         Err(e) => {
-            tracing::warn!(epoch, %transport, error = %e, "the epoch's collective did not form: gRPC data plane");
+            let retry = serving.collective.fail(std::time::Instant::now());
+            tracing::warn!(epoch, %transport, error = %e, ?retry, "the epoch's collective did not form: gRPC data plane");
         }
     });
 }
@@ -109,9 +112,9 @@ mod tests {
 
     use super::*;
 
-    /// The communicator lives exactly as long as its epoch's placement: once the last
-    /// dispatch lets go of a retired `ServingPlacement`, its socket closes and a node waiting
-    /// on it is released at once (no timeout), as is the rest of the epoch after a failure.
+    /// The communicator lives exactly as long as something can dispatch on it: once a failure
+    /// takes it out of its epoch and the last dispatch lets go, its socket closes and a node
+    /// waiting on it is released at once (no timeout).
     #[test]
     fn an_epochs_collective_closes_with_its_placement() {
         let root = TcpRoot::bind("127.0.0.1:0", None, 2).unwrap();
@@ -131,22 +134,17 @@ mod tests {
             Transport::Grpc,
             "gRPC until the collective forms"
         );
-        assert!(serving
-            .collective
-            .set(Mutex::new(EpochLink::Tcp(link)))
-            .is_ok());
+        serving.collective.install(EpochLink::Tcp(link));
         assert_eq!(serving.transport(), Transport::Tcp);
-        let in_flight = Arc::clone(&serving);
-        serving
-            .collective_failed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let in_flight = serving.live_collective().expect("installed");
+        // A failure takes it out of the epoch; a dispatch still holding it keeps it open.
+        assert!(serving.collective.fail(std::time::Instant::now()).is_some());
         assert_eq!(
             serving.transport(),
             Transport::Grpc,
             "after a failure: gRPC"
         );
         drop(serving);
-        // A dispatch still holds the placement: the link stays open.
         node.post(Pending {
             sends: vec![],
             recvs: vec![(0, 4)],

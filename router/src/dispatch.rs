@@ -362,7 +362,7 @@ impl RemoteExperts {
         }
         if let Some(collective) = serving.live_collective() {
             let started = Instant::now();
-            match self.exchange_collective(serving, collective, layer, &shares, layer_span) {
+            match self.exchange_collective(serving, &collective, layer, &shares, layer_span) {
                 Ok(answers) => {
                     let answered = Instant::now();
                     let mut slowest_compute = 0;
@@ -385,12 +385,15 @@ impl RemoteExperts {
                 }
                 Err(e) => {
                     // Which node failed is not known here; the gRPC streams will tell (a dead
-                    // node's stream breaks), so this attempt and the rest of the epoch use them.
-                    serving.collective_failed.store(true, Ordering::Relaxed);
+                    // node's stream breaks), so this attempt goes over them, and so does the
+                    // epoch until the planner forms a new collective for it (if it still has
+                    // every node by then).
+                    drop(collective);
+                    let retry = serving.collective.fail(Instant::now());
                     self.view
                         .collective_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(epoch = serving.placement.epoch, layer, error = %e, "collective failed; this epoch continues over gRPC");
+                    tracing::warn!(epoch = serving.placement.epoch, layer, error = %e, ?retry, "collective failed; gRPC until it is re-formed");
                 }
             }
         }

@@ -163,6 +163,29 @@ impl Planner {
                 }
             }
         }
+        self.reform_collective();
+    }
+
+    /// A new communicator for the served epoch when its last one failed and the backoff is
+    /// over (see `EpochCollective`): the epoch did not change, so neither did its nodes.
+    fn reform_collective(&self) {
+        let Some(serving) = self.ctx.view.serving() else {
+            return;
+        };
+        if !serving.collective.reform_due(Instant::now()) {
+            return;
+        }
+        tracing::info!(
+            epoch = serving.placement.epoch,
+            failures = serving.collective.failures(),
+            "re-forming the epoch's collective"
+        );
+        crate::collective::start_for_epoch(
+            &self.ctx.collective,
+            serving,
+            &self.ctx.view.membership(),
+            self.registration.as_ref(),
+        );
     }
 
     /// Closes the load window when due: the imbalance ratio of what this router dispatched.
