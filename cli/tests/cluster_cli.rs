@@ -169,3 +169,36 @@ fn chaos_soak_over_the_tcp_collective() {
         "layers went over the collective: {report}"
     );
 }
+
+/// `moe up --device cuda:0` passes the device to the router and the nodes; on a build without
+/// CUDA (as here) the router stops at start, and `moe up` says why instead of waiting.
+#[test]
+fn up_reports_why_the_router_did_not_start() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = fixture_dir(FIXTURES[1]);
+    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["up", "--model", dir.to_str().unwrap(), "--nodes", "1"])
+        .args(["--device", "cuda:0", "--gpu-dtype", "f32"])
+        .env("PATH", path_with_etcd())
+        .output()
+        .expect("moe up runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("router exited before listening") && err.contains("no CUDA support"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// PATH with the etcd the tests use first (`moe up` finds etcd on PATH).
+fn path_with_etcd() -> std::ffi::OsString {
+    let etcd = moe_tests::harness::etcd_binary();
+    let mut paths = vec![etcd.parent().unwrap().to_path_buf()];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(paths).unwrap()
+}

@@ -195,6 +195,35 @@ pub fn terminate(pid: u32) {
     }
 }
 
+/// Keeps the last lines a child writes to stderr (drained on a thread for as long as the
+/// child runs, so its log never blocks it and costs no disk).
+fn tail_stderr(child: &mut Child, keep: usize) -> Option<std::thread::JoinHandle<Vec<String>>> {
+    let stderr = child.stderr.take()?;
+    std::thread::Builder::new()
+        .name("child-stderr".into())
+        .spawn(move || {
+            let mut last = std::collections::VecDeque::with_capacity(keep + 1);
+            let mut in_backtrace = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // An error's backtrace (RUST_BACKTRACE) would push the error itself out.
+                if line.starts_with("Stack backtrace:") {
+                    in_backtrace = true;
+                } else if !line.starts_with(' ') {
+                    in_backtrace = false;
+                }
+                if in_backtrace || line.trim().is_empty() {
+                    continue;
+                }
+                last.push_back(line);
+                if last.len() > keep {
+                    last.pop_front();
+                }
+            }
+            last.into_iter().collect()
+        })
+        .ok()
+}
+
 /// Starts a router and reads the address it printed.
 fn start_router(
     spec: &LocalClusterSpec,
@@ -217,9 +246,12 @@ fn start_router(
         .stderr(if spec.show_logs {
             Stdio::inherit()
         } else {
-            Stdio::null()
+            Stdio::piped()
         })
         .spawn()?;
+    // Without `show_logs`, the last lines say why a router that stops at start did (a bad
+    // flag, a device it cannot open).
+    let stderr_tail = tail_stderr(&mut router, 5);
     let stdout = router
         .stdout
         .take()
@@ -230,7 +262,15 @@ fn start_router(
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::other("router exited before listening"));
+            let _ = router.wait();
+            let why = stderr_tail
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default()
+                .join(" | ");
+            return Err(std::io::Error::other(format!(
+                "router exited before listening{}{why}",
+                if why.is_empty() { "" } else { ": " }
+            )));
         }
         if let Some(addr) = line.trim().strip_prefix("moe-router http listening on ") {
             http = Some(addr.to_string());

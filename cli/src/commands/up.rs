@@ -30,6 +30,27 @@ pub struct UpArgs {
     /// router's own (`MOE_TRANSPORT`, else gRPC).
     #[arg(long)]
     transport: Option<moe_cluster::collective::Transport>,
+    /// Where the router's dense part and the nodes' experts run (`cpu`, `cuda:N`; a build with
+    /// `--features cuda`); default: each binary's own (`MOE_DEVICE`, else the CPU).
+    #[arg(long)]
+    device: Option<moe_model::device::Device>,
+    /// Dtype on a GPU (`bf16`, `f32`); default: each binary's own (`MOE_GPU_DTYPE`, else bf16).
+    #[arg(long)]
+    gpu_dtype: Option<moe_model::device::GpuDtype>,
+}
+
+impl UpArgs {
+    /// Flags every process of the cluster gets (device choice).
+    fn device_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(d) = self.device {
+            out.extend(["--device".to_string(), d.to_string()]);
+        }
+        if let Some(t) = self.gpu_dtype {
+            out.extend(["--gpu-dtype".to_string(), t.to_string()]);
+        }
+        out
+    }
 }
 
 pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -65,11 +86,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         router_args: args
             .transport
             .map(|t| vec!["--transport".to_string(), t.to_string()])
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            .chain(args.device_args())
+            .collect(),
         node_args: args
             .node_threads
             .map(|t| vec!["--threads".to_string(), t.to_string()])
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            .chain(args.device_args())
+            .collect(),
         show_logs: args.logs,
         etcd_tls: None,
     })
