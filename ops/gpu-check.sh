@@ -16,8 +16,10 @@
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
 #      fixtures (MOE_REQUIRE_GPU=1: a GPU that cannot be opened fails them);
 #   2. the engine's golden tests with the whole model on cuda:0 (dense part: attention with
-#      the KV cache, norms, gate, shared experts, lm_head; routed experts): f32 within 2e-3,
-#      bf16 within 2e-2;
+#      the KV cache, norms, gate, shared experts, lm_head; routed experts): f32 and bf16x2
+#      (the default: bf16 weights, activations as two bf16 terms) within 2e-3. Plain bf16 is
+#      not run against the goldens: its host emulation (tests/golden.rs, bf16_device_numerics)
+#      already shows it moving logits by up to 3.8 on these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens;
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
@@ -117,7 +119,7 @@ ls "$LIBS"
 
 check "device unit tests (cuda feature)" 30 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
 check "golden tests, whole model on cuda:0, f32 (2e-3)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
-check "golden tests, whole model on cuda:0, bf16 (2e-2)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail

@@ -23,8 +23,9 @@ pub struct Args {
     /// Where the math runs: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: moe_model::device::Device,
-    /// Dtype of expert weights and GEMM inputs on a GPU: `bf16` (tensor cores) or `f32`.
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
+    /// Numerics of the experts on a GPU: `bf16x2` (bf16 weights, activations as two bf16
+    /// terms: the reference's results), `bf16` (fastest) or `f32`.
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
     pub gpu_dtype: moe_model::device::GpuDtype,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,

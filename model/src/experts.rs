@@ -127,10 +127,17 @@ impl ExpertSet {
                             ])
                         })
                         .collect();
-                    for (&id, weights) in chunk.iter().zip(host) {
+                    for (&(layer, expert), weights) in chunk.iter().zip(host) {
                         let [gate, up, down] = weights?;
-                        let mlp =
-                            crate::gpu::GpuMlp::upload(ctx, &gate, &up, &down, hidden, inter)?;
+                        let names = families::expert_names(config.family, layer, expert);
+                        let precision = crate::device_dense::ops::MatrixPrecision::of(
+                            ckpt,
+                            &[&names.gate, &names.up, &names.down],
+                        );
+                        let mlp = crate::gpu::GpuMlp::upload(
+                            ctx, &gate, &up, &down, hidden, inter, precision,
+                        )?;
+                        let id = (layer, expert);
                         experts.insert(id, Arc::new(HeldExpert::Gpu(mlp)));
                     }
                 }

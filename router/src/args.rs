@@ -45,9 +45,10 @@ pub struct Args {
     /// lm_head): `cpu`, or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: moe_model::device::Device,
-    /// Dtype of the dense part's weights and GEMM inputs on a GPU: `bf16` or `f32` (the MoE
-    /// gate stays f32 either way).
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
+    /// Numerics of the dense part on a GPU: `bf16x2` (bf16 weights, activations as two bf16
+    /// terms: the reference's results), `bf16` (fastest, not the reference's numerics) or
+    /// `f32`; the MoE gate stays f32 either way.
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
     pub gpu_dtype: moe_model::device::GpuDtype,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,

@@ -57,8 +57,9 @@ pub struct GenerateArgs {
         conflicts_with = "router"
     )]
     pub device: moe_model::device::Device,
-    /// Dtype of weights and GEMM inputs on a GPU: `bf16` or `f32` (the MoE gate stays f32).
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
+    /// Numerics on a GPU: `bf16x2` (bf16 weights, activations as two bf16 terms), `bf16` or
+    /// `f32` (the MoE gate stays f32).
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
     pub gpu_dtype: moe_model::device::GpuDtype,
 }
 

@@ -9,7 +9,8 @@ pub struct GpuBenchArgs {
     /// The GPU to measure.
     #[arg(long, env = "MOE_DEVICE", default_value = "cuda:0")]
     pub device: Device,
-    /// Dtype of weights and GEMM inputs.
+    /// Numerics measured: `bf16` (the benchmark, against the bf16 GEMM roofline),
+    /// `bf16x2` (two tensor-core GEMMs per expert GEMM) or `f32`.
     #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16")]
     pub gpu_dtype: GpuDtype,
     /// Token counts to measure (each routed to top-k of the experts).

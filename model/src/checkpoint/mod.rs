@@ -103,6 +103,14 @@ impl Checkpoint {
         self.index.get(name).and_then(|&i| self.files[i].info(name))
     }
 
+    /// Whether a bf16 copy of the tensor is as precise as the checkpoint makes it worth being:
+    /// bf16 tensors exactly, FP8 ones too (their block-scaled values are not exact in bf16,
+    /// but a bf16 GEMM is the nearest the GPU path has). f16 and f32 tensors are wider.
+    pub fn narrow_as_bf16(&self, name: &str) -> bool {
+        self.info(name)
+            .is_some_and(|i| matches!(i.dtype, Dtype::BF16 | Dtype::F8E4M3))
+    }
+
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
     }

@@ -6,6 +6,8 @@
 //!   rotary, append to the cache, attention, gating top-k, combine.
 //! - [`model`]: the forward pass written once over those steps ([`DeviceDenseModel`]).
 //! - [`cache`]: a sequence's cache on the device.
+//! - [`reference`]: every step on the host, by its definition (and with the GPU's bf16
+//!   rounding): what the CUDA steps are tested against, and the orchestration's CI check.
 //!
 //! The CUDA steps are `gpu::dense_ops`; the tests run the same orchestration over a host
 //! reference of every step and compare with the CPU model, on every machine.
@@ -13,8 +15,7 @@
 pub mod cache;
 pub mod model;
 pub mod ops;
-#[cfg(test)]
-pub(crate) mod reference;
+pub mod reference;
 
 pub use model::DeviceDenseModel;
 pub use ops::DenseOps;

@@ -159,11 +159,12 @@ where
         }
         let final_norm = ops.upload_f32(&ckpt.load_f32("model.norm.weight", &[h])?)?;
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-            ops.upload_matrix(&embed, MatrixPrecision::Gemm)?
+            let precision = MatrixPrecision::of(ckpt, &["model.embed_tokens.weight"]);
+            ops.upload_matrix(&embed, precision)?
         } else {
             ops.upload_matrix(
                 &ckpt.load_f32("lm_head.weight", &[v, h])?,
-                MatrixPrecision::Gemm,
+                MatrixPrecision::of(ckpt, &["lm_head.weight"]),
             )?
         };
         Ok(Self {
@@ -736,8 +737,11 @@ where
     gate_up.extend(ckpt.load_f32(&names.up, &[inter, hidden])?);
     let down = ckpt.load_f32(&names.down, &[hidden, inter])?;
     Ok(DeviceMlp {
-        gate_up: ops.upload_matrix(&gate_up, MatrixPrecision::Gemm)?,
-        down: ops.upload_matrix(&down, MatrixPrecision::Gemm)?,
+        gate_up: ops.upload_matrix(
+            &gate_up,
+            MatrixPrecision::of(ckpt, &[&names.gate, &names.up]),
+        )?,
+        down: ops.upload_matrix(&down, MatrixPrecision::of(ckpt, &[&names.down]))?,
         inter,
     })
 }
@@ -753,7 +757,12 @@ where
 {
     let prefix = format!("{}.self_attn", families::layer_prefix(layer));
     let hidden = config.hidden_size;
-    let matrix = |values: &[f32]| ops.upload_matrix(values, MatrixPrecision::Gemm);
+    // A matrix made of these tensors (names under the layer's `self_attn`).
+    let matrix = |values: &[f32], names: &[&str]| {
+        let names: Vec<String> = names.iter().map(|n| format!("{prefix}.{n}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        ops.upload_matrix(values, MatrixPrecision::of(ckpt, &names))
+    };
     match config.attention {
         AttentionConfig::Gqa {
             num_heads,
@@ -776,8 +785,8 @@ where
                 Ok(Some(ops.upload_f32(&w)?))
             };
             Ok(DeviceAttention::Gqa {
-                qkv: matrix(&qkv)?,
-                o: matrix(&o)?,
+                qkv: matrix(&qkv, &["q_proj.weight", "k_proj.weight", "v_proj.weight"])?,
+                o: matrix(&o, &["o_proj.weight"])?,
                 q_norm: norm("q_norm")?,
                 k_norm: norm("k_norm")?,
                 heads: num_heads,
@@ -808,7 +817,10 @@ where
                 Some(rank) => (
                     load("q_a_proj.weight", &[rank, hidden])?,
                     Some(ops.upload_f32(&load("q_a_layernorm.weight", &[rank])?)?),
-                    Some(matrix(&load("q_b_proj.weight", &[heads * q_head, rank])?)?),
+                    Some(matrix(
+                        &load("q_b_proj.weight", &[heads * q_head, rank])?,
+                        &["q_b_proj.weight"],
+                    )?),
                 ),
                 None => (
                     load("q_proj.weight", &[heads * q_head, hidden])?,
@@ -829,16 +841,23 @@ where
                 }
                 uv.extend_from_slice(&kv_b[base + nope * lora..base + (nope + v) * lora]);
             }
+            let q_in = match q_lora_rank {
+                Some(_) => "q_a_proj.weight",
+                None => "q_proj.weight",
+            };
             Ok(DeviceAttention::Mla {
                 shape,
-                input_proj: matrix(&input)?,
+                input_proj: matrix(&input, &[q_in, "kv_a_proj_with_mqa.weight"])?,
                 input_width,
                 q_a_norm,
                 q_b,
                 kv_a_norm: ops.upload_f32(&load("kv_a_layernorm.weight", &[lora])?)?,
-                uk_t: matrix(&uk_t)?,
-                uv: matrix(&uv)?,
-                o: matrix(&load("o_proj.weight", &[hidden, heads * v])?)?,
+                uk_t: matrix(&uk_t, &["kv_b_proj.weight"])?,
+                uv: matrix(&uv, &["kv_b_proj.weight"])?,
+                o: matrix(
+                    &load("o_proj.weight", &[hidden, heads * v])?,
+                    &["o_proj.weight"],
+                )?,
                 interleaved: rope_interleave,
             })
         }

@@ -115,14 +115,39 @@ pub struct AttentionSpec {
     pub scale: f32,
 }
 
-/// Which precision a matrix is kept in on the device.
+/// What a matrix comes from, which decides how the device holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatrixPrecision {
-    /// The device's GEMM dtype (bf16 or f32).
-    Gemm,
+    /// bf16 (or FP8) checkpoint tensors: bf16 in both bf16 modes, f32 in the f32 mode.
+    Narrow,
+    /// Wider (f16, f32) tensors: f32 except in the plain bf16 mode, which casts them (a bf16
+    /// copy would change the model, which bf16x2 promises not to do).
+    Wide,
     /// Always f32: the MoE gate, whose top-k choices flip on small errors (transformers
     /// computes DeepSeek's gate in f32 too).
     F32,
+}
+
+impl MatrixPrecision {
+    /// The precision of a matrix made of these checkpoint tensors.
+    pub fn of(ckpt: &crate::checkpoint::Checkpoint, names: &[&str]) -> Self {
+        if names.iter().all(|n| ckpt.narrow_as_bf16(n)) {
+            MatrixPrecision::Narrow
+        } else {
+            MatrixPrecision::Wide
+        }
+    }
+
+    /// Whether the matrix is held in bf16 under `numerics` (else f32).
+    pub fn in_bf16(self, numerics: crate::device::GpuDtype) -> bool {
+        use crate::device::GpuDtype;
+        !matches!(
+            (self, numerics),
+            (MatrixPrecision::F32, _)
+                | (_, GpuDtype::F32)
+                | (MatrixPrecision::Wide, GpuDtype::Bf16x2)
+        )
+    }
 }
 
 /// A step's row layout on the device, uploaded once per step.

@@ -1,12 +1,62 @@
 //! A host reference of every [`DenseOps`] step, written from the steps' definitions (GEMMs by
 //! cuBLAS's column-major rules, f64 accumulation), and the tests that run the device
-//! orchestration over it against the CPU model on the bundled fixtures.
+//! orchestration over it against the CPU model on the bundled fixtures. It is the definition
+//! the CUDA steps are tested against on a GPU, and with [`HostDenseOps::with_numerics`] it
+//! predicts, on any machine, what the GPU's bf16 modes do to the logits (weights rounded to
+//! bf16, GEMM inputs to bf16 or to `hi + lo` bf16 terms, f32 accumulation and outputs, the gate
+//! in f32).
 
 use super::ops::{AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm};
+use crate::device::GpuDtype;
 use crate::error::ModelError;
 use crate::layers::gate::GateRule;
 
-pub struct HostDenseOps;
+pub struct HostDenseOps {
+    numerics: GpuDtype,
+}
+
+impl HostDenseOps {
+    /// f32 throughout (the GPU's f32 mode, and the CPU model's precision).
+    pub fn exact() -> Self {
+        Self::with_numerics(GpuDtype::F32)
+    }
+
+    /// The numerics of a GPU mode: bf16 weights and bf16 (or `hi + lo` bf16) GEMM inputs.
+    pub fn with_numerics(numerics: GpuDtype) -> Self {
+        Self { numerics }
+    }
+}
+
+/// A matrix as the device holds it (already rounded when bf16), and how GEMM inputs against
+/// it are rounded.
+pub struct HostMatrix {
+    values: Vec<f32>,
+    inputs: GpuDtype,
+}
+
+/// Round to nearest even bf16, back in f32 (the GPU's conversion kernel).
+pub fn round_bf16(values: &mut [f32]) {
+    for v in values {
+        *v = half::bf16::from_f32(*v).to_f32();
+    }
+}
+
+/// `hi + lo` with both terms bf16 (the GPU's bf16x2 conversion), summed back in f32.
+pub fn split_bf16x2(values: &mut [f32]) {
+    for v in values {
+        let hi = half::bf16::from_f32(*v).to_f32();
+        *v = hi + half::bf16::from_f32(*v - hi).to_f32();
+    }
+}
+
+/// What a GEMM input goes through in the `numerics` mode.
+pub fn round_gemm_input(values: &mut [f32], numerics: GpuDtype) {
+    match numerics {
+        GpuDtype::F32 => {}
+        GpuDtype::Bf16 => round_bf16(values),
+        GpuDtype::Bf16x2 => split_bf16x2(values),
+    }
+}
 
 fn at(view: HeadView, r: usize, h: usize) -> usize {
     view.offset + r * view.row_stride + h * view.head_stride
@@ -22,7 +72,7 @@ fn check(ok: bool, what: &str) -> Result<(), ModelError> {
 
 impl DenseOps for HostDenseOps {
     type F32 = Vec<f32>;
-    type Matrix = Vec<f32>;
+    type Matrix = HostMatrix;
     type Index = Vec<u32>;
     type Error = ModelError;
 
@@ -35,9 +85,18 @@ impl DenseOps for HostDenseOps {
     fn upload_matrix(
         &self,
         values: &[f32],
-        _precision: MatrixPrecision,
-    ) -> Result<Vec<f32>, ModelError> {
-        Ok(values.to_vec())
+        precision: MatrixPrecision,
+    ) -> Result<HostMatrix, ModelError> {
+        let inputs = if precision.in_bf16(self.numerics) {
+            self.numerics
+        } else {
+            GpuDtype::F32
+        };
+        let mut values = values.to_vec();
+        if inputs.bf16_weights() {
+            round_bf16(&mut values);
+        }
+        Ok(HostMatrix { values, inputs })
     }
     fn download(&self, buffer: &Vec<f32>, len: usize) -> Result<Vec<f32>, ModelError> {
         check(len <= buffer.len(), "download")?;
@@ -63,21 +122,27 @@ impl DenseOps for HostDenseOps {
         &self,
         x: &Vec<f32>,
         len: usize,
-        _like: &Vec<f32>,
-    ) -> Result<Vec<f32>, ModelError> {
+        like: &HostMatrix,
+    ) -> Result<HostMatrix, ModelError> {
         check(len <= x.len(), "gemm input")?;
-        Ok(x[..len].to_vec())
+        let mut values = x[..len].to_vec();
+        round_gemm_input(&mut values, like.inputs);
+        Ok(HostMatrix {
+            values,
+            inputs: like.inputs,
+        })
     }
     fn gemm(
         &self,
         s: &StridedGemm,
-        a: &Vec<f32>,
+        a: &HostMatrix,
         a_offset: usize,
-        b: &Vec<f32>,
+        b: &HostMatrix,
         b_offset: usize,
         c: &mut Vec<f32>,
         c_offset: usize,
     ) -> Result<(), ModelError> {
+        let (a, b) = (&a.values, &b.values);
         let (a_end, b_end, c_end) = s.extents();
         check(a_offset + a_end <= a.len(), "A")?;
         check(b_offset + b_end <= b.len(), "B")?;
@@ -348,7 +413,7 @@ mod tests {
         let config = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
         let cpu = DenseModel::load(&ckpt, &config).unwrap();
-        let device = DeviceDenseModel::load(HostDenseOps, &ckpt, &config).unwrap();
+        let device = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
         let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
         let vocab = config.vocab_size as u32;
         let prompt_a: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % vocab).collect();
@@ -416,7 +481,7 @@ mod tests {
         let dir = fixture("qwen3-moe-tiny");
         let config = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
-        let device = DeviceDenseModel::load(HostDenseOps, &ckpt, &config).unwrap();
+        let device = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
         let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
         let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
             let mut seqs = [StepSequence {

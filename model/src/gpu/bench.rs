@@ -6,7 +6,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::context::{GpuContext, GpuError};
-use super::expert_ffn::{fill_uniform_f32, run_grouped_on_device, CudaOps, GpuBuffer, GpuMlp};
+use super::expert_ffn::{
+    fill_uniform_f32, run_grouped_on_device, ActForm, CudaOps, GpuBuffer, GpuMlp,
+};
 use crate::grouped_ffn::{ColumnMajorGemm, FfnOps};
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
@@ -79,7 +81,10 @@ pub fn dense_gemm(ctx: &GpuContext, size: usize, iters: usize) -> Result<GemmFig
     w.fill_uniform(ctx, 1, 0.01)?;
     x.fill_uniform(ctx, 2, 0.01)?;
     let mut c = ctx.stream().alloc_zeros::<f32>(size * size)?;
-    let ops = CudaOps { ctx };
+    let ops = CudaOps {
+        ctx,
+        act: ActForm::for_weights(ctx, &w),
+    };
     let shape = ColumnMajorGemm::rows_times_weights(size, size, size);
     let ms = time_ms(ctx, iters, || {
         ops.fork()?;

@@ -103,14 +103,7 @@ impl DenseOps for CudaDenseOps {
         precision: MatrixPrecision,
     ) -> Result<GpuBuffer, GpuError> {
         let _serial = self.ctx.lock()?;
-        match precision {
-            MatrixPrecision::Gemm => GpuBuffer::upload(&self.ctx, values),
-            MatrixPrecision::F32 => Ok(GpuBuffer::F32(if values.is_empty() {
-                self.ctx.stream().alloc_zeros::<f32>(1)?
-            } else {
-                self.ctx.stream().clone_htod(values)?
-            })),
-        }
+        GpuBuffer::upload_as(&self.ctx, values, precision.in_bf16(self.ctx.dtype()))
     }
 
     fn download(&self, buffer: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>, GpuError> {
@@ -176,6 +169,29 @@ impl DenseOps for CudaDenseOps {
                 }
                 Ok(GpuBuffer::F32(out))
             }
+            GpuBuffer::Bf16(_) if self.ctx.dtype() == GpuDtype::Bf16x2 => {
+                // SAFETY: the kernel writes all `len` elements of both terms.
+                let (mut hi, mut lo) = unsafe {
+                    (
+                        stream.alloc::<u16>(len.max(1))?,
+                        stream.alloc::<u16>(len.max(1))?,
+                    )
+                };
+                if len > 0 {
+                    let n = long(len);
+                    // SAFETY: `x` holds at least `len` values, `hi` and `lo` exactly `len`.
+                    unsafe {
+                        stream
+                            .launch_builder(&self.ctx.kernels().convert_f32_to_bf16x2)
+                            .arg(x)
+                            .arg(&mut hi)
+                            .arg(&mut lo)
+                            .arg(&n)
+                            .launch(grid(len))?;
+                    }
+                }
+                Ok(GpuBuffer::Bf16Pair { hi, lo })
+            }
             GpuBuffer::Bf16(_) => {
                 // SAFETY: the kernel writes all `len` elements.
                 let mut out = unsafe { stream.alloc::<u16>(len.max(1))? };
@@ -193,6 +209,9 @@ impl DenseOps for CudaDenseOps {
                 }
                 Ok(GpuBuffer::Bf16(out))
             }
+            GpuBuffer::Bf16Pair { .. } => Err(GpuError::Shape(
+                "a GEMM input cannot be shaped like an activation pair".into(),
+            )),
         }
     }
 
@@ -231,7 +250,11 @@ impl DenseOps for CudaDenseOps {
                 handle,
                 s,
                 (a, a.address(stream, a_offset)),
-                (b, b.address(stream, b_offset)),
+                (
+                    b,
+                    b.address(stream, b_offset),
+                    b.lo_address(stream, b_offset),
+                ),
                 c_ptr,
             )?;
         }
@@ -711,11 +734,12 @@ impl DenseStep for GpuDenseModel {
     }
 
     fn placement(&self) -> String {
-        let dtype = match self.ctx.dtype() {
-            GpuDtype::Bf16 => "bf16",
-            GpuDtype::F32 => "f32",
-        };
-        format!("{} ({}, {dtype})", self.ctx.device(), self.ctx.name())
+        format!(
+            "{} ({}, {})",
+            self.ctx.device(),
+            self.ctx.name(),
+            self.ctx.dtype()
+        )
     }
 }
 
@@ -769,7 +793,7 @@ mod tests {
         let Some(ctx) = gpu(GpuDtype::F32) else {
             return;
         };
-        let (cuda, host) = (CudaDenseOps::new(Arc::clone(&ctx)), HostDenseOps);
+        let (cuda, host) = (CudaDenseOps::new(Arc::clone(&ctx)), HostDenseOps::exact());
         let down = |b: &CudaSlice<f32>| cuda.download(b, b.len()).unwrap();
 
         // A step of two sequences: 3 rows of seq 0 at positions 4..7, 2 rows of seq 1 at 0..2.
@@ -809,14 +833,16 @@ mod tests {
             stride_c: m,
         };
         let (wc, xc) = (
-            cuda.upload_matrix(&w, MatrixPrecision::Gemm).unwrap(),
+            cuda.upload_matrix(&w, MatrixPrecision::Narrow).unwrap(),
             cuda.upload_f32(&x).unwrap(),
         );
         let xc = cuda.gemm_input(&xc, x.len(), &wc).unwrap();
         let mut cc = cuda.scratch(rows * heads * m).unwrap();
         cuda.gemm(&shape, &wc, 0, &xc, 0, &mut cc, 0).unwrap();
         let mut ch = vec![0.0; rows * heads * m];
-        host.gemm(&shape, &w, 0, &x, 0, &mut ch, 0).unwrap();
+        let wh = host.upload_matrix(&w, MatrixPrecision::Narrow).unwrap();
+        let xh = host.gemm_input(&x, x.len(), &wh).unwrap();
+        host.gemm(&shape, &wh, 0, &xh, 0, &mut ch, 0).unwrap();
         close("strided-batched GEMM", &down(&cc), &ch, 1e-4);
 
         // RMSNorm of heads inside a wider row, rotary both layouts, out of place.
@@ -999,6 +1025,47 @@ mod tests {
         close("gather", &down(&gc), &gh, 0.0);
     }
 
+    /// GEMMs in the bf16 modes (conversion kernels, the pair's two cuBLAS calls into one
+    /// output) against the host reference with the same rounding.
+    #[test]
+    fn gpu_bf16_gemms_match_the_host_reference_with_the_same_rounding() {
+        for numerics in [GpuDtype::Bf16, GpuDtype::Bf16x2] {
+            let Some(ctx) = gpu(numerics) else { return };
+            let cuda = CudaDenseOps::new(Arc::clone(&ctx));
+            let host = HostDenseOps::with_numerics(numerics);
+            let (rows, n_out, k) = (7usize, 40usize, 96usize);
+            let w = values(n_out * k, 21);
+            let x: Vec<f32> = values(rows * k, 22).iter().map(|v| v * 3.7).collect();
+            let shape = StridedGemm::single(ColumnMajorGemm::rows_times_weights(rows, n_out, k));
+            let wc = cuda.upload_matrix(&w, MatrixPrecision::Narrow).unwrap();
+            let xc = cuda
+                .gemm_input(&cuda.upload_f32(&x).unwrap(), x.len(), &wc)
+                .unwrap();
+            assert_eq!(
+                matches!(xc, GpuBuffer::Bf16Pair { .. }),
+                numerics == GpuDtype::Bf16x2
+            );
+            let mut cc = cuda.scratch(rows * n_out).unwrap();
+            cuda.gemm(&shape, &wc, 0, &xc, 0, &mut cc, 0).unwrap();
+            let wh = host.upload_matrix(&w, MatrixPrecision::Narrow).unwrap();
+            let xh = host.gemm_input(&x, x.len(), &wh).unwrap();
+            let mut ch = vec![0.0; rows * n_out];
+            host.gemm(&shape, &wh, 0, &xh, 0, &mut ch, 0).unwrap();
+            close(
+                &format!("{numerics} GEMM"),
+                &cuda.download(&cc, rows * n_out).unwrap(),
+                &ch,
+                1e-4,
+            );
+            // A wide (f32 checkpoint) matrix stays f32 in bf16x2, and so does its input.
+            let wide = cuda.upload_matrix(&w, MatrixPrecision::Wide).unwrap();
+            assert_eq!(
+                matches!(wide, GpuBuffer::F32(_)),
+                numerics == GpuDtype::Bf16x2
+            );
+        }
+    }
+
     /// The whole dense part on the GPU (f32) against the same orchestration on the host, step
     /// by step, on every fixture.
     #[test]
@@ -1016,7 +1083,7 @@ mod tests {
             let config = ModelConfig::from_dir(&dir).unwrap();
             let ckpt = Checkpoint::open(&dir).unwrap();
             let on_gpu = GpuDenseModel::load(Arc::clone(&ctx), &ckpt, &config).unwrap();
-            let on_host = DeviceDenseModel::load(HostDenseOps, &ckpt, &config).unwrap();
+            let on_host = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
             let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
             let (mut gc, mut hc) = (
                 SequenceCache::new(config.num_layers),

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelA
 use super::context::{GpuContext, GpuError};
 use super::kernels::{as_int, grid};
 use crate::device::GpuDtype;
-use crate::device_dense::ops::StridedGemm;
+use crate::device_dense::ops::{MatrixPrecision, StridedGemm};
 use crate::grouped_ffn::{run_grouped, ColumnMajorGemm, ExpertMatrices, FfnOps, GroupedShapeError};
 use crate::routes::ExpertRuns;
 
@@ -17,6 +17,12 @@ use crate::routes::ExpertRuns;
 pub enum GpuBuffer {
     Bf16(CudaSlice<u16>),
     F32(CudaSlice<f32>),
+    /// Activations in the bf16x2 mode: `x = hi + lo`, each bf16, same layout. Only ever a
+    /// GEMM's B (weights are plain bf16).
+    Bf16Pair {
+        hi: CudaSlice<u16>,
+        lo: CudaSlice<u16>,
+    },
 }
 
 impl GpuBuffer {
@@ -24,7 +30,9 @@ impl GpuBuffer {
     pub fn zeros(ctx: &GpuContext, len: usize) -> Result<Self, GpuError> {
         let stream = ctx.stream();
         Ok(match ctx.dtype() {
-            GpuDtype::Bf16 => GpuBuffer::Bf16(stream.alloc_zeros::<u16>(len.max(1))?),
+            GpuDtype::Bf16 | GpuDtype::Bf16x2 => {
+                GpuBuffer::Bf16(stream.alloc_zeros::<u16>(len.max(1))?)
+            }
             GpuDtype::F32 => GpuBuffer::F32(stream.alloc_zeros::<f32>(len.max(1))?),
         })
     }
@@ -32,22 +40,30 @@ impl GpuBuffer {
     /// Uploads f32 host values, converting to the context's dtype (bf16: round to nearest
     /// even, exact for weights that were bf16 in the checkpoint).
     pub fn upload(ctx: &GpuContext, host: &[f32]) -> Result<Self, GpuError> {
+        Self::upload_as(ctx, host, ctx.dtype().bf16_weights())
+    }
+
+    /// Uploads f32 host values as bf16 (round to nearest even) or as f32.
+    pub fn upload_as(ctx: &GpuContext, host: &[f32], bf16: bool) -> Result<Self, GpuError> {
         let stream = ctx.stream();
-        Ok(match ctx.dtype() {
-            GpuDtype::Bf16 => {
+        if host.is_empty() {
+            return Ok(GpuBuffer::F32(stream.alloc_zeros::<f32>(1)?));
+        }
+        Ok(match bf16 {
+            true => {
                 let bits: Vec<u16> = host
                     .iter()
                     .map(|v| half::bf16::from_f32(*v).to_bits())
                     .collect();
                 GpuBuffer::Bf16(stream.clone_htod(&bits)?)
             }
-            GpuDtype::F32 => GpuBuffer::F32(stream.clone_htod(host)?),
+            false => GpuBuffer::F32(stream.clone_htod(host)?),
         })
     }
 
     pub fn len(&self) -> usize {
         match self {
-            GpuBuffer::Bf16(s) => s.len(),
+            GpuBuffer::Bf16(s) | GpuBuffer::Bf16Pair { hi: s, .. } => s.len(),
             GpuBuffer::F32(s) => s.len(),
         }
     }
@@ -60,31 +76,64 @@ impl GpuBuffer {
         match self {
             GpuBuffer::Bf16(s) => s.len() * 2,
             GpuBuffer::F32(s) => s.len() * 4,
+            GpuBuffer::Bf16Pair { hi, lo } => (hi.len() + lo.len()) * 2,
         }
     }
 
     pub(crate) fn data_type(&self) -> cudaDataType {
         match self {
-            GpuBuffer::Bf16(_) => cudaDataType::CUDA_R_16BF,
+            GpuBuffer::Bf16(_) | GpuBuffer::Bf16Pair { .. } => cudaDataType::CUDA_R_16BF,
             GpuBuffer::F32(_) => cudaDataType::CUDA_R_32F,
         }
     }
 
     fn element_bytes(&self) -> u64 {
         match self {
-            GpuBuffer::Bf16(_) => 2,
+            GpuBuffer::Bf16(_) | GpuBuffer::Bf16Pair { .. } => 2,
             GpuBuffer::F32(_) => 4,
         }
     }
 
     /// Device address of element `offset` (valid while `self` lives and for work queued on
-    /// `stream`).
+    /// `stream`); of the `hi` term for a pair.
     pub(crate) fn address(&self, stream: &CudaStream, offset: usize) -> u64 {
         let base = match self {
-            GpuBuffer::Bf16(s) => s.device_ptr(stream).0,
+            GpuBuffer::Bf16(s) | GpuBuffer::Bf16Pair { hi: s, .. } => s.device_ptr(stream).0,
             GpuBuffer::F32(s) => s.device_ptr(stream).0,
         };
         base + offset as u64 * self.element_bytes()
+    }
+
+    /// Address of element `offset` of the `lo` term, for a pair.
+    pub(crate) fn lo_address(&self, stream: &CudaStream, offset: usize) -> Option<u64> {
+        match self {
+            GpuBuffer::Bf16Pair { lo, .. } => Some(lo.device_ptr(stream).0 + offset as u64 * 2),
+            _ => None,
+        }
+    }
+
+    /// An activation buffer of `len` elements in `form`, contents unspecified.
+    ///
+    /// # Safety
+    /// The caller writes every element before a GEMM reads it.
+    pub(crate) unsafe fn scratch(
+        ctx: &GpuContext,
+        len: usize,
+        form: ActForm,
+    ) -> Result<Self, GpuError> {
+        let stream = ctx.stream();
+        let len = len.max(1);
+        // SAFETY: as the caller promises.
+        Ok(unsafe {
+            match form {
+                ActForm::Bf16Pair => GpuBuffer::Bf16Pair {
+                    hi: stream.alloc::<u16>(len)?,
+                    lo: stream.alloc::<u16>(len)?,
+                },
+                ActForm::Bf16 => GpuBuffer::Bf16(stream.alloc::<u16>(len)?),
+                ActForm::F32 => GpuBuffer::F32(stream.alloc::<f32>(len)?),
+            }
+        })
     }
 
     /// Fills with reproducible pseudo-random values in `[-scale, scale]` (benchmarks).
@@ -108,6 +157,9 @@ impl GpuBuffer {
                     .arg(&scale)
                     .launch(cfg)?,
                 GpuBuffer::F32(s) => return fill_uniform_f32(ctx, s, seed, scale),
+                GpuBuffer::Bf16Pair { .. } => {
+                    return Err(GpuError::Shape("random fill of an activation pair".into()))
+                }
             };
         }
         Ok(())
@@ -147,6 +199,8 @@ pub struct GpuMlp {
 }
 
 impl GpuMlp {
+    /// Uploads one expert; `precision` (from the checkpoint's dtypes) and the context's mode
+    /// decide between bf16 and f32 (see [`MatrixPrecision::in_bf16`]).
     pub fn upload(
         ctx: &GpuContext,
         gate: &[f32],
@@ -154,6 +208,7 @@ impl GpuMlp {
         down: &[f32],
         hidden: usize,
         intermediate: usize,
+        precision: MatrixPrecision,
     ) -> Result<Self, GpuError> {
         let (gu_len, down_len) = (intermediate * hidden, hidden * intermediate);
         if gate.len() != gu_len || up.len() != gu_len || down.len() != down_len {
@@ -167,9 +222,10 @@ impl GpuMlp {
         let mut gate_up = Vec::with_capacity(2 * gu_len);
         gate_up.extend_from_slice(gate);
         gate_up.extend_from_slice(up);
+        let bf16 = precision.in_bf16(ctx.dtype());
         Ok(Self {
-            gate_up: GpuBuffer::upload(ctx, &gate_up)?,
-            down: GpuBuffer::upload(ctx, down)?,
+            gate_up: GpuBuffer::upload_as(ctx, &gate_up, bf16)?,
+            down: GpuBuffer::upload_as(ctx, down, bf16)?,
             hidden,
             intermediate,
         })
@@ -205,6 +261,27 @@ impl GpuMlp {
 /// tested through) a host reference.
 pub struct CudaOps<'a> {
     pub ctx: &'a GpuContext,
+    /// The activations' form, which must match the weights': f32 against f32 weights; bf16,
+    /// or a `hi + lo` pair in the bf16x2 mode, against bf16 ones.
+    pub act: ActForm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActForm {
+    F32,
+    Bf16,
+    Bf16Pair,
+}
+
+impl ActForm {
+    /// The activations GEMMs against `weights` take in the context's mode.
+    pub fn for_weights(ctx: &GpuContext, weights: &GpuBuffer) -> Self {
+        match weights {
+            GpuBuffer::F32(_) => ActForm::F32,
+            _ if ctx.dtype() == GpuDtype::Bf16x2 => ActForm::Bf16Pair,
+            _ => ActForm::Bf16,
+        }
+    }
 }
 
 impl From<GroupedShapeError> for GpuError {
@@ -238,15 +315,9 @@ impl FfnOps for CudaOps<'_> {
     }
 
     fn scratch_act(&self, len: usize) -> Result<GpuBuffer, GpuError> {
-        let stream = self.ctx.stream();
         // SAFETY: run_grouped writes every element before reading it (the host reference
         // fills scratch with NaN to prove it).
-        Ok(unsafe {
-            match self.ctx.dtype() {
-                GpuDtype::Bf16 => GpuBuffer::Bf16(stream.alloc::<u16>(len.max(1))?),
-                GpuDtype::F32 => GpuBuffer::F32(stream.alloc::<f32>(len.max(1))?),
-            }
-        })
+        unsafe { GpuBuffer::scratch(self.ctx, len, self.act) }
     }
 
     fn scratch_f32(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
@@ -283,6 +354,15 @@ impl FfnOps for CudaOps<'_> {
                     .arg(rows)
                     .arg(index)
                     .arg(out)
+                    .arg(&slots_i)
+                    .arg(&hidden_i)
+                    .launch(grid(slots * hidden))?,
+                GpuBuffer::Bf16Pair { hi, lo } => stream
+                    .launch_builder(&kernels.gather_rows_bf16x2)
+                    .arg(rows)
+                    .arg(index)
+                    .arg(hi)
+                    .arg(lo)
                     .arg(&slots_i)
                     .arg(&hidden_i)
                     .launch(grid(slots * hidden))?,
@@ -336,7 +416,11 @@ impl FfnOps for CudaOps<'_> {
                 handle,
                 &StridedGemm::single(*g),
                 (a, a.address(stream, a_offset)),
-                (b, b.address(stream, b_offset)),
+                (
+                    b,
+                    b.address(stream, b_offset),
+                    b.lo_address(stream, b_offset),
+                ),
                 c_ptr,
             )?;
         }
@@ -369,6 +453,14 @@ impl FfnOps for CudaOps<'_> {
                     .launch_builder(&kernels.silu_mul_f32)
                     .arg(gate_up)
                     .arg(out)
+                    .arg(&slots_i)
+                    .arg(&inter_i)
+                    .launch(grid(slots * inter))?,
+                GpuBuffer::Bf16Pair { hi, lo } => stream
+                    .launch_builder(&kernels.silu_mul_bf16x2)
+                    .arg(gate_up)
+                    .arg(hi)
+                    .arg(lo)
                     .arg(&slots_i)
                     .arg(&inter_i)
                     .launch(grid(slots * inter))?,
@@ -418,13 +510,35 @@ pub(crate) unsafe fn gemm_f32_out(
     handle: cudarc::cublas::sys::cublasHandle_t,
     shape: &StridedGemm,
     (a, a_ptr): (&GpuBuffer, u64),
-    (b, b_ptr): (&GpuBuffer, u64),
+    (b, b_ptr, b_lo_ptr): (&GpuBuffer, u64, Option<u64>),
     c_ptr: u64,
 ) -> Result<(), GpuError> {
-    let g = &shape.gemm;
-    if a.data_type() != b.data_type() {
+    if a.data_type() != b.data_type() || matches!(a, GpuBuffer::Bf16Pair { .. }) {
         return Err(GpuError::Shape("GEMM inputs of different dtypes".into()));
     }
+    // SAFETY: passed on from the caller; `C = A·hi`, then `C += A·lo` for a pair.
+    unsafe {
+        one_gemm(handle, shape, (a, a_ptr), (b, b_ptr), c_ptr, 0.0)?;
+        if let Some(lo) = b_lo_ptr {
+            one_gemm(handle, shape, (a, a_ptr), (b, lo), c_ptr, 1.0)?;
+        }
+    }
+    Ok(())
+}
+
+/// One cuBLAS call of [`gemm_f32_out`], with `beta` (0: overwrite C, 1: add to it).
+///
+/// # Safety
+/// As for [`gemm_f32_out`].
+unsafe fn one_gemm(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    shape: &StridedGemm,
+    (a, a_ptr): (&GpuBuffer, u64),
+    (b, b_ptr): (&GpuBuffer, u64),
+    c_ptr: u64,
+    beta: f32,
+) -> Result<(), GpuError> {
+    let g = &shape.gemm;
     let op = |t: bool| {
         if t {
             cublasOperation_t::CUBLAS_OP_T
@@ -432,7 +546,7 @@ pub(crate) unsafe fn gemm_f32_out(
             cublasOperation_t::CUBLAS_OP_N
         }
     };
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     let (m, n, k) = (as_int(g.m, "m")?, as_int(g.n, "n")?, as_int(g.k, "k")?);
     let (lda, ldb, ldc) = (
         as_int(g.lda, "lda")?,
@@ -512,11 +626,16 @@ pub fn run_grouped_on_device(
         return Ok(ctx.stream().alloc_zeros::<f32>(1)?);
     };
     let (hidden, inter) = (first.hidden, first.intermediate);
-    if experts
-        .iter()
-        .any(|e| e.hidden != hidden || e.intermediate != inter)
-    {
-        return Err(GpuError::Shape("experts of different shapes".into()));
+    let act = ActForm::for_weights(ctx, &first.gate_up);
+    if experts.iter().any(|e| {
+        e.hidden != hidden
+            || e.intermediate != inter
+            || ActForm::for_weights(ctx, &e.gate_up) != act
+            || ActForm::for_weights(ctx, &e.down) != act
+    }) {
+        return Err(GpuError::Shape(
+            "experts of different shapes or precisions in one batch".into(),
+        ));
     }
     let matrices: Vec<ExpertMatrices<'_, GpuBuffer>> = experts
         .iter()
@@ -526,7 +645,7 @@ pub fn run_grouped_on_device(
         })
         .collect();
     run_grouped(
-        &CudaOps { ctx },
+        &CudaOps { ctx, act },
         &matrices,
         rows,
         plan,

@@ -20,6 +20,14 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t x) {
     return __uint_as_float(((unsigned int)x) << 16);
 }
 
+// x as hi + lo, both bf16 (the bf16x2 mode): a GEMM over each, summed in f32, keeps about 16
+// significant bits of x instead of 8.
+__device__ __forceinline__ void f32_to_bf16x2(float x, bf16_t* hi, bf16_t* lo) {
+    bf16_t h = f32_to_bf16(x);
+    *hi = h;
+    *lo = f32_to_bf16(x - bf16_to_f32(h));
+}
+
 __device__ __forceinline__ float silu(float x) {
     return x / (1.0f + expf(-x));
 }
@@ -47,6 +55,15 @@ extern "C" __global__ void gather_rows_f32(const float* rows, const unsigned int
     }
 }
 
+extern "C" __global__ void gather_rows_bf16x2(const float* rows, const unsigned int* index,
+                                              bf16_t* hi, bf16_t* lo, int slots, int hidden) {
+    GRID_STRIDE(i, (long long)slots * hidden) {
+        long long s = i / hidden;
+        long long c = i - s * hidden;
+        f32_to_bf16x2(rows[(long long)index[s] * hidden + c], hi + i, lo + i);
+    }
+}
+
 // act[s, j] = silu(gate_up[s, j]) * gate_up[s, inter + j]  (gate rows, then up rows).
 extern "C" __global__ void silu_mul_bf16(const float* gate_up, bf16_t* act, int slots,
                                          int inter) {
@@ -55,6 +72,16 @@ extern "C" __global__ void silu_mul_bf16(const float* gate_up, bf16_t* act, int 
         long long j = i - s * inter;
         const float* row = gate_up + s * 2 * inter;
         act[i] = f32_to_bf16(silu(row[j]) * row[inter + j]);
+    }
+}
+
+extern "C" __global__ void silu_mul_bf16x2(const float* gate_up, bf16_t* hi, bf16_t* lo,
+                                           int slots, int inter) {
+    GRID_STRIDE(i, (long long)slots * inter) {
+        long long s = i / inter;
+        long long j = i - s * inter;
+        const float* row = gate_up + s * 2 * inter;
+        f32_to_bf16x2(silu(row[j]) * row[inter + j], hi + i, lo + i);
     }
 }
 
@@ -108,6 +135,11 @@ extern "C" __global__ void fill_uniform_f32(float* out, long long n, unsigned in
 
 extern "C" __global__ void convert_f32_to_bf16(const float* x, bf16_t* out, long long n) {
     GRID_STRIDE(i, n) { out[i] = f32_to_bf16(x[i]); }
+}
+
+extern "C" __global__ void convert_f32_to_bf16x2(const float* x, bf16_t* hi, bf16_t* lo,
+                                                 long long n) {
+    GRID_STRIDE(i, n) { f32_to_bf16x2(x[i], hi + i, lo + i); }
 }
 
 extern "C" __global__ void add_f32(float* acc, const float* x, long long n) {

@@ -27,10 +27,13 @@ pub struct Kernels {
     pub attention_rows: CudaFunction,
     pub moe_gate_topk: CudaFunction,
     pub combine_add: CudaFunction,
+    pub gather_rows_bf16x2: CudaFunction,
+    pub silu_mul_bf16x2: CudaFunction,
+    pub convert_f32_to_bf16x2: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 15] = [
+pub const KERNEL_NAMES: [&str; 18] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -46,6 +49,9 @@ pub const KERNEL_NAMES: [&str; 15] = [
     "attention_rows",
     "moe_gate_topk",
     "combine_add",
+    "gather_rows_bf16x2",
+    "silu_mul_bf16x2",
+    "convert_f32_to_bf16x2",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -92,6 +98,9 @@ impl Kernels {
             attention_rows: f("attention_rows")?,
             moe_gate_topk: f("moe_gate_topk")?,
             combine_add: f("combine_add")?,
+            gather_rows_bf16x2: f("gather_rows_bf16x2")?,
+            silu_mul_bf16x2: f("silu_mul_bf16x2")?,
+            convert_f32_to_bf16x2: f("convert_f32_to_bf16x2")?,
         })
     }
 }
