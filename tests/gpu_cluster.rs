@@ -63,8 +63,12 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
                 "{fixture} case {i}: GPU nodes' tokens differ within the first {agree} steps"
             );
         }
+        let s = harness::status(&cluster).await;
+        assert!(
+            s.dense_device.starts_with(&router_device),
+            "{fixture}: the router's dense part runs on {router_device}: {s:?}"
+        );
         if transport.is_some() {
-            let s = harness::status(&cluster).await;
             assert!(s.collective_layers > 0, "{fixture}: {s:?}");
         }
         println!(

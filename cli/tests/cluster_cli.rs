@@ -50,6 +50,7 @@ async fn remote_generate_prints_the_offline_json_and_status_lists_nodes() {
 
     let status = moe(&["status", "--router", &cluster.router_addr, "--json"]);
     assert!(status["serving_epoch"].as_u64().unwrap() >= 1);
+    assert_eq!(status["dense_device"], "cpu", "{status}");
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 2);
     for n in nodes {

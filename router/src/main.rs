@@ -279,6 +279,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         view: Arc::clone(&view),
         stats,
         kv,
+        dense_device: dense.placement(),
     };
 
     tokio::spawn(planner::run_planner(planner::PlannerContext {

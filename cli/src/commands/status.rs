@@ -52,7 +52,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "imbalance_ratio": status.imbalance_ratio, "rebalances": status.rebalances,
             "replicas": status.replicas, "layer_retries": status.layer_retries,
             "serving_transport": status.serving_transport, "collective_layers": status.collective_layers,
-            "collective_failures": status.collective_failures,
+            "collective_failures": status.collective_failures, "dense_device": status.dense_device,
         });
         println!("{out}");
         return Ok(());
@@ -78,7 +78,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.layer_retries
     );
     println!(
-        "  data plane {}  collective layers {}  collective failures {}",
+        "  dense part on {}  data plane {}  collective layers {}  collective failures {}",
+        if status.dense_device.is_empty() {
+            "-"
+        } else {
+            &status.dense_device
+        },
         if status.serving_transport.is_empty() {
             "-"
         } else {

@@ -24,6 +24,8 @@ pub struct AdminService {
     pub view: Arc<ClusterView>,
     pub stats: Arc<SchedulerStats>,
     pub kv: Arc<KvBlocks>,
+    /// Where the dense part runs (`DenseStep::placement`).
+    pub dense_device: String,
 }
 
 #[tonic::async_trait]
@@ -127,6 +129,7 @@ impl Admin for AdminService {
                 .unwrap_or_default(),
             collective_layers: self.view.collective_layers.load(Ordering::Relaxed),
             collective_failures: self.view.collective_failures.load(Ordering::Relaxed),
+            dense_device: self.dense_device.clone(),
         }))
     }
 
