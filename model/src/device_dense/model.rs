@@ -183,10 +183,6 @@ where
         &self.config
     }
 
-    pub fn ops(&self) -> &O {
-        &self.ops
-    }
-
     /// Values per cached token of layer `l`: (key buffer, value buffer or none when the
     /// values live in the key rows).
     fn cache_widths(&self, l: usize) -> (usize, Option<usize>) {

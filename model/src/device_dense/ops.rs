@@ -184,7 +184,6 @@ pub trait DenseOps {
     /// A buffer the next step writes in full before anything reads it (contents unspecified:
     /// uninitialised on a GPU, NaN in the host reference).
     fn scratch(&self, len: usize) -> Result<Self::F32, Self::Error>;
-    fn f32_len(&self, buffer: &Self::F32) -> usize;
     /// `dst[..len] = src[..len]` (growing a cache).
     fn copy_prefix(
         &self,

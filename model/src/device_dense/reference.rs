@@ -105,9 +105,6 @@ impl DenseOps for HostDenseOps {
     fn scratch(&self, len: usize) -> Result<Vec<f32>, ModelError> {
         Ok(vec![f32::NAN; len])
     }
-    fn f32_len(&self, buffer: &Vec<f32>) -> usize {
-        buffer.len()
-    }
     fn copy_prefix(
         &self,
         src: &Vec<f32>,

@@ -127,10 +127,6 @@ impl DenseOps for CudaDenseOps {
         Ok(unsafe { self.ctx.stream().alloc::<f32>(len.max(1))? })
     }
 
-    fn f32_len(&self, buffer: &CudaSlice<f32>) -> usize {
-        buffer.len()
-    }
-
     fn copy_prefix(
         &self,
         src: &CudaSlice<f32>,
