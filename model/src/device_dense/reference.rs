@@ -367,6 +367,18 @@ impl DenseOps for HostDenseOps {
     }
 }
 
+/// A bundled fixture: under `MOE_FIXTURES_DIR` when set (a test executable carried to another
+/// machine, as `ops/gpu-check.sh` does), else in this repository.
+#[cfg(test)]
+pub(crate) fn fixture_dir(name: &str) -> std::path::PathBuf {
+    std::env::var_os("MOE_FIXTURES_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+        })
+        .join(name)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -380,9 +392,7 @@ mod tests {
     use crate::kv_cache::SequenceCache;
 
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(name)
+        fixture_dir(name)
     }
 
     fn assert_close(device: &[Vec<f32>], cpu: &[Vec<f32>], what: &str) {

@@ -1073,9 +1073,7 @@ mod tests {
             return;
         };
         for name in ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"] {
-            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures")
-                .join(name);
+            let dir = crate::device_dense::reference::fixture_dir(name);
             let config = ModelConfig::from_dir(&dir).unwrap();
             let ckpt = Checkpoint::open(&dir).unwrap();
             let on_gpu = GpuDenseModel::load(Arc::clone(&ctx), &ckpt, &config).unwrap();
