@@ -59,6 +59,19 @@ impl HeldExpert {
 pub trait ExpertBackend: Sync {
     /// Returns `[routes.pairs(), hidden]`: each pair's expert output times its weight.
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>>;
+
+    /// [`ExpertBackend::run_experts`] on rows already in device memory (as NCCL received
+    /// them), returning the outputs there too, so a node's rows never cross to the host.
+    /// `None` when this backend's experts are not on the GPU that holds `rows`.
+    #[cfg(feature = "cuda")]
+    fn run_experts_on_device(
+        &self,
+        _layer: usize,
+        _rows: &crate::cudarc::driver::CudaSlice<f32>,
+        _routes: &ExpertRoutes,
+    ) -> Option<Result<crate::cudarc::driver::CudaSlice<f32>>> {
+        None
+    }
 }
 
 /// `(layer, expert)`.
@@ -251,6 +264,25 @@ impl ExpertSet {
             .collect()
     }
 
+    /// Checks that `values` floats of rows fit `routes`, and groups the batch by expert.
+    fn plan_batch(
+        &self,
+        layer: usize,
+        values: usize,
+        routes: &ExpertRoutes,
+    ) -> Result<(ExpertRuns, Vec<&HeldExpert>)> {
+        let hidden = self.hidden;
+        if values != routes.rows() * hidden {
+            return Err(ModelError::InvalidRequest(format!(
+                "{values} floats of rows for {} routed rows of width {hidden}",
+                routes.rows()
+            )));
+        }
+        let plan = ExpertRuns::from_routes(routes);
+        let held = self.experts_for(layer, &plan)?;
+        Ok((plan, held))
+    }
+
     fn run_on_cpu(
         &self,
         held: &[&HeldExpert],
@@ -307,40 +339,57 @@ impl ExpertSet {
         routes: &ExpertRoutes,
         plan: &ExpertRuns,
     ) -> Result<Vec<f32>> {
-        let mut experts = Vec::with_capacity(held.len());
-        for expert in held {
-            match expert {
-                HeldExpert::Gpu(mlp) => experts.push(mlp),
-                HeldExpert::Cpu(_) => {
-                    return Err(ModelError::ExpertBackend(
-                        "a CPU expert in a GPU expert set".into(),
-                    ))
-                }
-            }
-        }
         Ok(crate::gpu::expert_ffn::run_from_host(
             ctx,
-            &experts,
+            &gpu_experts(held)?,
             rows,
             plan,
             &routes.weights,
             self.hidden,
         )?)
     }
+
+    /// The rows must be `[routes.rows(), hidden]` on `ctx`'s device.
+    #[cfg(feature = "cuda")]
+    fn run_device_rows(
+        &self,
+        ctx: &crate::gpu::GpuContext,
+        layer: usize,
+        rows: &crate::cudarc::driver::CudaSlice<f32>,
+        routes: &ExpertRoutes,
+    ) -> Result<crate::cudarc::driver::CudaSlice<f32>> {
+        let (plan, held) = self.plan_batch(layer, rows.len(), routes)?;
+        let experts = gpu_experts(&held)?;
+        // The rows came on another stream of this context (the data plane's); waiting here
+        // makes the outputs complete for whichever stream sends them next.
+        let _serial = ctx.lock()?;
+        let out = crate::gpu::expert_ffn::run_grouped_on_device(
+            ctx,
+            &experts,
+            rows,
+            &plan,
+            &routes.weights,
+        )?;
+        ctx.synchronize()?;
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_experts<'a>(held: &[&'a HeldExpert]) -> Result<Vec<&'a crate::gpu::GpuMlp>> {
+    held.iter()
+        .map(|expert| match expert {
+            HeldExpert::Gpu(mlp) => Ok(mlp),
+            HeldExpert::Cpu(_) => Err(ModelError::ExpertBackend(
+                "a CPU expert in a GPU expert set".into(),
+            )),
+        })
+        .collect()
 }
 
 impl ExpertBackend for ExpertSet {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
-        let hidden = self.hidden;
-        if rows.len() != routes.rows() * hidden {
-            return Err(ModelError::InvalidRequest(format!(
-                "{} floats of rows for {} routed rows of width {hidden}",
-                rows.len(),
-                routes.rows()
-            )));
-        }
-        let plan = ExpertRuns::from_routes(routes);
-        let held = self.experts_for(layer, &plan)?;
+        let (plan, held) = self.plan_batch(layer, rows.len(), routes)?;
         if plan.slots() == 0 {
             return Ok(Vec::new());
         }
@@ -348,6 +397,87 @@ impl ExpertBackend for ExpertSet {
             ExpertDevice::Cpu => self.run_on_cpu(&held, rows, routes, &plan),
             #[cfg(feature = "cuda")]
             ExpertDevice::Gpu(ctx) => self.run_on_gpu(ctx, &held, rows, routes, &plan),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_experts_on_device(
+        &self,
+        layer: usize,
+        rows: &crate::cudarc::driver::CudaSlice<f32>,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<crate::cudarc::driver::CudaSlice<f32>>> {
+        let ExpertDevice::Gpu(ctx) = &self.device else {
+            return None;
+        };
+        if rows.context().cu_ctx() != ctx.stream().context().cu_ctx() {
+            return None;
+        }
+        Some(self.run_device_rows(ctx, layer, rows, routes))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::*;
+    use crate::device::GpuDtype;
+    use crate::device_dense::reference::fixture_dir;
+
+    /// Rows already on the device (as the NCCL data plane leaves them) give the outputs of the
+    /// same experts run from host rows, for bf16 and f32 weights; rows on another context's
+    /// memory, or a CPU set, decline.
+    #[test]
+    fn gpu_experts_run_on_device_rows_like_host_rows() {
+        let dir = fixture_dir("qwen3-moe-tiny");
+        let (ckpt, config) = (
+            Checkpoint::open(&dir).unwrap(),
+            ModelConfig::from_dir(&dir).unwrap(),
+        );
+        let layer = config.moe_layer_indices().next().unwrap();
+        let (hidden, n, e) = (config.hidden_size, 7usize, config.moe.num_experts as u32);
+        let rows: Vec<f32> = (0..n * hidden)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n as u32 {
+            routes.push_row(&mut [(r % e, 0.6), ((r + 2) % e, 0.4)]);
+        }
+        for dtype in [GpuDtype::F32, GpuDtype::Bf16x2] {
+            let Some(ctx) = crate::gpu::test_context(dtype) else {
+                return;
+            };
+            let set = ExpertSet::load_on(
+                &ckpt,
+                &config,
+                (0..e as usize).map(|x| (layer, x)),
+                &ExpertDevice::Gpu(Arc::clone(&ctx)),
+            )
+            .unwrap();
+            let host = set.run_experts(layer, &rows, &routes).unwrap();
+            // Another stream of the same context, as the NCCL communicator uses.
+            let other = ctx.stream().context().new_stream().unwrap();
+            let device_rows = other.clone_htod(&rows).unwrap();
+            other.synchronize().unwrap();
+            let out = set
+                .run_experts_on_device(layer, &device_rows, &routes)
+                .expect("a GPU set takes rows on its device")
+                .unwrap();
+            let device = other.clone_dtoh(&out).unwrap();
+            other.synchronize().unwrap();
+            // The same kernels and GEMM shapes: equal up to cuBLAS's choice of algorithm.
+            let worst = crate::compare::max_abs_diff(&device, &host);
+            assert!(worst <= 1e-5, "{dtype:?}: device rows differ by {worst}");
+            eprintln!("{dtype:?}: device rows vs host rows: max difference {worst:e}");
+
+            let short = other.clone_htod(&rows[..hidden]).unwrap();
+            assert!(set
+                .run_experts_on_device(layer, &short, &routes)
+                .unwrap()
+                .is_err());
+            let cpu = ExpertSet::load(&ckpt, &config, [(layer, 0)]).unwrap();
+            assert!(cpu
+                .run_experts_on_device(layer, &device_rows, &routes)
+                .is_none());
         }
     }
 }

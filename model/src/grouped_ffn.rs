@@ -425,11 +425,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(grouped.len(), cpu.len());
-        let diff = grouped
-            .iter()
-            .zip(&cpu)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = crate::compare::max_abs_diff(&grouped, &cpu);
         assert!(diff < 1e-5, "grouped vs CPU: {diff}");
     }
 

@@ -19,6 +19,7 @@ pub mod backend;
 pub mod batch;
 pub mod chat_template;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod dense;
 pub mod device;

@@ -85,14 +85,7 @@ pub fn golden_cases(fixture: &str) -> Vec<GoldenCase> {
         .collect()
 }
 
-/// Largest absolute difference between two equally long slices.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+pub use moe_model::compare::max_abs_diff;
 
 /// Number of leading steps whose tokens must match: up to and including the first near-tie.
 pub fn steps_to_compare(margins: &[f32]) -> usize {

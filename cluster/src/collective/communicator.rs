@@ -8,6 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use moe_model::experts::ExpertBackend;
+use moe_model::routes::ExpertRoutes;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CommError {
     #[error("collective did not complete within {0:?}; communicator aborted")]
@@ -56,6 +59,19 @@ pub trait Communicator: Send {
     fn upload(&self, bytes: Vec<u8>) -> Result<Self::Buffer, CommError>;
     /// The bytes of a received buffer.
     fn download(&self, buffer: Self::Buffer) -> Result<Vec<u8>, CommError>;
+    /// Runs `experts` on received rows (`[routes.rows(), hidden]` f32) where the transport
+    /// put them, returning the `[pairs, hidden]` f32 outputs ready to send and how many values
+    /// they hold: `Some` when the rows can stay there (NCCL, with the experts on the same
+    /// GPU); `None` sends the caller through host memory.
+    fn run_in_place(
+        &self,
+        _experts: &dyn ExpertBackend,
+        _layer: usize,
+        _rows: &Self::Buffer,
+        _routes: &ExpertRoutes,
+    ) -> Option<Result<(Self::Buffer, usize), String>> {
+        None
+    }
 }
 
 /// Posts `group` and waits for it at most `timeout`; aborts the communicator on a timeout or

@@ -7,7 +7,8 @@
 //! 2. data: to each node with rows, its rows (f32) and routes (CSR offsets, experts, weights),
 //!    laid out by [`ExchangePlan`];
 //! 3. outputs: each such node sends back one weighted output row per pair, in pair order,
-//!    then its expert compute time (u64 microseconds), as over gRPC.
+//!    and then, as a second message, its expert compute time (u64 microseconds), as over
+//!    gRPC. Apart, so that outputs the experts wrote in device memory go out as they are.
 //!
 //! Every wait on the router is bounded ([`run_bounded`]: a dead node costs one timeout and an
 //! aborted communicator, then the router re-plans). A node waits for headers as long as its
@@ -211,11 +212,11 @@ pub fn dispatch_layer<C: Communicator>(
         timeout,
     )?;
 
-    // 3. Outputs back.
+    // 3. Outputs back, then each node's compute time.
     let recvs = plan
         .peers
         .iter()
-        .map(|p| (p.rank, p.outputs.len() + COMPUTE_TRAILER_BYTES))
+        .flat_map(|p| [(p.rank, p.outputs.len()), (p.rank, COMPUTE_TRAILER_BYTES)])
         .collect();
     let received = run_bounded(
         comm,
@@ -226,13 +227,30 @@ pub fn dispatch_layer<C: Communicator>(
         timeout,
     )?;
     let mut answers = vec![NodeAnswer::default(); shares.len()];
-    for (peer, buffer) in plan.peers.iter().zip(received) {
-        let bytes = comm.download(buffer)?;
-        let (outputs, trailer) = bytes.split_at(bytes.len().saturating_sub(COMPUTE_TRAILER_BYTES));
+    let mut received = received.into_iter();
+    for peer in &plan.peers {
+        let (Some(outputs), Some(trailer)) = (received.next(), received.next()) else {
+            return Err(ExchangeError::Malformed(format!(
+                "no outputs from rank {}",
+                peer.rank
+            )));
+        };
+        let outputs = read_f32s(&comm.download(outputs)?);
+        let trailer = comm.download(trailer)?;
         let mut micros = [0u8; COMPUTE_TRAILER_BYTES];
-        micros.copy_from_slice(trailer);
+        if trailer.len() != COMPUTE_TRAILER_BYTES
+            || outputs.len() * ELEM_BYTES != peer.outputs.len()
+        {
+            return Err(ExchangeError::Malformed(format!(
+                "rank {} answered {} output values and a {}-byte trailer",
+                peer.rank,
+                outputs.len(),
+                trailer.len()
+            )));
+        }
+        micros.copy_from_slice(&trailer);
         answers[peer.rank - 1] = NodeAnswer {
-            outputs: read_f32s(outputs),
+            outputs,
             compute_micros: u64::from_le_bytes(micros),
         };
     }
@@ -306,12 +324,11 @@ pub fn serve_layer<C: Communicator>(
         timeout,
     )?;
     let mut received = received.into_iter();
-    let (Some(row_bytes), Some(route_bytes)) = (received.next(), received.next()) else {
+    let (Some(row_buffer), Some(route_buffer)) = (received.next(), received.next()) else {
         comm.abort();
         return Err(ExchangeError::Malformed("missing rows or routes".into()));
     };
-    let row_values = read_f32s(&comm.download(row_bytes)?);
-    let route_bytes = comm.download(route_bytes)?;
+    let route_bytes = comm.download(route_buffer)?;
     let routes = match decode_routes(&route_bytes, rows, pairs) {
         Ok(r) => r,
         Err(e) => {
@@ -322,31 +339,27 @@ pub fn serve_layer<C: Communicator>(
     let started = Instant::now();
     let span = batch_span(&header);
     let in_span = span.enter();
-    let ran = experts.run_experts(header.layer as usize, &row_values, &routes);
+    let ran = run_layer_experts(comm, experts, header.layer as usize, row_buffer, &routes);
     drop(in_span);
     let outputs = match ran {
-        Ok(o) if o.len() == pairs * hidden => o,
-        Ok(o) => {
+        Ok((outputs, values)) if values == pairs * hidden => outputs,
+        Ok((_, values)) => {
             comm.abort();
             return Err(ExchangeError::Experts(format!(
-                "{} output values for {pairs} pairs of {hidden}",
-                o.len()
+                "{values} output values for {pairs} pairs of {hidden}"
             )));
         }
         Err(e) => {
             comm.abort();
-            return Err(ExchangeError::Experts(e.to_string()));
+            return Err(e);
         }
     };
     let micros = started.elapsed().as_micros() as u64;
-    let mut out: Vec<u8> = Vec::with_capacity(outputs.len() * ELEM_BYTES + COMPUTE_TRAILER_BYTES);
-    out.extend(f32_bytes(&outputs));
-    out.extend_from_slice(&micros.to_le_bytes());
-    let send = comm.upload(out)?;
+    let trailer = comm.upload(micros.to_le_bytes().to_vec())?;
     run_bounded(
         comm,
         Pending {
-            sends: vec![(0, send)],
+            sends: vec![(0, outputs), (0, trailer)],
             recvs: vec![],
         },
         timeout.saturating_sub(started.elapsed()).max(timeout / 2),
@@ -357,6 +370,27 @@ pub fn serve_layer<C: Communicator>(
         pairs: header.counts.pairs,
         compute_micros: micros,
     })
+}
+
+/// The experts on a layer's received rows: where the transport put them when it can (NCCL
+/// rows on the experts' GPU), else through host memory. Returns the outputs to send and how
+/// many values they hold.
+fn run_layer_experts<C: Communicator>(
+    comm: &C,
+    experts: &dyn ExpertBackend,
+    layer: usize,
+    rows: C::Buffer,
+    routes: &ExpertRoutes,
+) -> Result<(C::Buffer, usize), ExchangeError> {
+    if let Some(ran) = comm.run_in_place(experts, layer, &rows, routes) {
+        return ran.map_err(ExchangeError::Experts);
+    }
+    let rows = read_f32s(&comm.download(rows)?);
+    let outputs = experts
+        .run_experts(layer, &rows, routes)
+        .map_err(|e| ExchangeError::Experts(e.to_string()))?;
+    let values = outputs.len();
+    Ok((comm.upload(f32_bytes(&outputs).collect())?, values))
 }
 
 /// Routes as laid out by [`dispatch_layer`], checked: offsets start at 0, never decrease, give
@@ -568,6 +602,73 @@ mod tests {
             }
         );
         drop(set);
+    }
+
+    /// Outputs of the wrong length, or a short compute trailer, are an error, not a panic or
+    /// rows of the wrong width.
+    #[test]
+    fn a_short_answer_is_refused() {
+        let hidden = 4;
+        let mut routes = ExpertRoutes::with_capacity(1, 2);
+        routes.push_row(&mut [(0, 0.5), (1, 0.5)]);
+        let share = NodeShare {
+            rows: rows(1, hidden, 3),
+            routes,
+        };
+        for (output_values, trailer_bytes) in [(2 * hidden - 1, 8), (2 * hidden, 4)] {
+            let (mut comms, _) = group(2);
+            let mut node = comms.pop().unwrap();
+            let mut router = comms.pop().unwrap();
+            let answering = std::thread::spawn(move || {
+                let wait = Duration::from_secs(5);
+                let header = run_bounded(
+                    &mut node,
+                    Pending {
+                        sends: vec![],
+                        recvs: vec![(0, HEADER_BYTES)],
+                    },
+                    wait,
+                )
+                .unwrap();
+                let counts = LayerHeader::decode(&header[0], 16).unwrap().counts;
+                let plan = ExchangePlan::new(&[counts], hidden, ELEM_BYTES);
+                run_bounded(
+                    &mut node,
+                    Pending {
+                        sends: vec![],
+                        recvs: vec![(0, plan.peers[0].hidden.len()), (0, plan.route_bytes)],
+                    },
+                    wait,
+                )
+                .unwrap();
+                let outputs = f32_bytes(&vec![0.5; output_values]).collect();
+                run_bounded(
+                    &mut node,
+                    Pending {
+                        sends: vec![(0, outputs), (0, vec![0; trailer_bytes])],
+                        recvs: vec![],
+                    },
+                    wait,
+                )
+                .unwrap();
+            });
+            let err = dispatch_layer(
+                &mut router,
+                0,
+                std::slice::from_ref(&share),
+                hidden,
+                Duration::from_secs(5),
+                None,
+            )
+            .unwrap_err();
+            // The transport refuses the wrong length (NCCL, TCP and the fake all do);
+            // `dispatch_layer` checks again in case one does not.
+            assert!(
+                matches!(err, ExchangeError::Malformed(_) | ExchangeError::Comm(_)),
+                "{err:?}"
+            );
+            answering.join().unwrap();
+        }
     }
 
     /// A node waiting for a header leaves when its epoch ends.

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use moe_model::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use moe_model::cudarc::nccl::sys::{self, ncclResult_t};
+use moe_model::experts::ExpertBackend;
+use moe_model::routes::ExpertRoutes;
 
 use super::communicator::{CommError, Communicator, Pending};
 
@@ -62,14 +64,32 @@ pub fn new_unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CommError> {
     Ok(id.internal.map(|c| c as u8))
 }
 
+/// A device buffer NCCL sends from or receives into.
+pub enum NcclBuffer {
+    /// Bytes made on the host (headers, routes, the rows the router packs).
+    Bytes(CudaSlice<u8>),
+    /// `bytes` bytes in 4-byte words: every received buffer, and expert outputs, so that
+    /// received rows go to the experts' GEMMs, and their outputs back to NCCL, as they are.
+    Words { words: CudaSlice<f32>, bytes: usize },
+}
+
+impl NcclBuffer {
+    pub fn bytes(&self) -> usize {
+        match self {
+            NcclBuffer::Bytes(b) => b.len(),
+            NcclBuffer::Words { bytes, .. } => *bytes,
+        }
+    }
+}
+
 /// What a posted group still owns until it completes.
 struct InFlight {
     /// Recorded once NCCL has finished enqueueing the group (a non-blocking communicator may
     /// still be enqueueing when `ncclGroupEnd` returns `ncclInProgress`).
     done: Option<CudaEvent>,
-    received: Vec<CudaSlice<u8>>,
+    received: Vec<NcclBuffer>,
     /// Kept alive until NCCL has read them.
-    _sent: Vec<CudaSlice<u8>>,
+    _sent: Vec<NcclBuffer>,
 }
 
 pub struct NcclCommunicator {
@@ -191,7 +211,7 @@ impl NcclCommunicator {
 }
 
 impl Communicator for NcclCommunicator {
-    type Buffer = CudaSlice<u8>;
+    type Buffer = NcclBuffer;
 
     fn rank(&self) -> usize {
         self.rank
@@ -201,7 +221,7 @@ impl Communicator for NcclCommunicator {
         self.size
     }
 
-    fn post(&mut self, group: Pending<CudaSlice<u8>>) -> Result<(), CommError> {
+    fn post(&mut self, group: Pending<NcclBuffer>) -> Result<(), CommError> {
         if self.aborted {
             return Err(CommError::Aborted);
         }
@@ -211,7 +231,13 @@ impl Communicator for NcclCommunicator {
         self.stream.context().bind_to_thread().map_err(cuda)?;
         let mut received = Vec::with_capacity(group.recvs.len());
         for &(_, len) in &group.recvs {
-            received.push(self.stream.alloc_zeros::<u8>(len.max(1)).map_err(cuda)?);
+            received.push(NcclBuffer::Words {
+                words: self
+                    .stream
+                    .alloc_zeros::<f32>(len.div_ceil(4).max(1))
+                    .map_err(cuda)?,
+                bytes: len,
+            });
         }
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         // SAFETY: every buffer is a live device allocation of at least the length passed, and
@@ -219,11 +245,14 @@ impl Communicator for NcclCommunicator {
         unsafe {
             check(sys::ncclGroupStart(), "ncclGroupStart")?;
             for (peer, buffer) in &group.sends {
-                let (ptr, _record) = buffer.device_ptr(&self.stream);
+                let (ptr, _record) = match buffer {
+                    NcclBuffer::Bytes(b) => b.device_ptr(&self.stream),
+                    NcclBuffer::Words { words, .. } => words.device_ptr(&self.stream),
+                };
                 check(
                     sys::ncclSend(
                         ptr as *const _,
-                        buffer.len(),
+                        buffer.bytes(),
                         sys::ncclDataType_t::ncclUint8,
                         *peer as i32,
                         self.comm,
@@ -233,7 +262,10 @@ impl Communicator for NcclCommunicator {
                 )?;
             }
             for ((peer, len), buffer) in group.recvs.iter().zip(received.iter_mut()) {
-                let (ptr, _record) = buffer.device_ptr_mut(&self.stream);
+                let (ptr, _record) = match buffer {
+                    NcclBuffer::Bytes(b) => b.device_ptr_mut(&self.stream),
+                    NcclBuffer::Words { words, .. } => words.device_ptr_mut(&self.stream),
+                };
                 check(
                     sys::ncclRecv(
                         ptr as *mut _,
@@ -256,7 +288,7 @@ impl Communicator for NcclCommunicator {
         Ok(())
     }
 
-    fn poll(&mut self) -> Result<Option<Vec<CudaSlice<u8>>>, CommError> {
+    fn poll(&mut self) -> Result<Option<Vec<NcclBuffer>>, CommError> {
         let state = self.async_state()?;
         let stream = Arc::clone(&self.stream);
         let Some(in_flight) = &mut self.in_flight else {
@@ -277,17 +309,53 @@ impl Communicator for NcclCommunicator {
         Ok(self.in_flight.take().map(|f| f.received))
     }
 
-    fn upload(&self, bytes: Vec<u8>) -> Result<CudaSlice<u8>, CommError> {
+    fn upload(&self, bytes: Vec<u8>) -> Result<NcclBuffer, CommError> {
         if bytes.is_empty() {
-            return self.alloc(1);
+            return Ok(NcclBuffer::Bytes(self.alloc(1)?));
         }
-        self.stream.clone_htod(&bytes).map_err(Self::cuda)
+        let copy = self.stream.clone_htod(&bytes).map_err(Self::cuda)?;
+        Ok(NcclBuffer::Bytes(copy))
     }
 
-    fn download(&self, buffer: CudaSlice<u8>) -> Result<Vec<u8>, CommError> {
-        let bytes = self.stream.clone_dtoh(&buffer).map_err(Self::cuda)?;
+    fn download(&self, buffer: NcclBuffer) -> Result<Vec<u8>, CommError> {
+        let bytes = match &buffer {
+            NcclBuffer::Bytes(b) => self.stream.clone_dtoh(b),
+            NcclBuffer::Words { words, bytes } => {
+                // SAFETY: a view of the words' first `bytes` bytes (checked against the
+                // allocation by `transmute`), read as bytes.
+                let Some(view) = (unsafe { words.transmute::<u8>(*bytes) }) else {
+                    return Err(CommError::Failed(format!(
+                        "{bytes} bytes do not fit {} words",
+                        words.len()
+                    )));
+                };
+                self.stream.clone_dtoh(&view)
+            }
+        }
+        .map_err(Self::cuda)?;
         self.stream.synchronize().map_err(Self::cuda)?;
         Ok(bytes)
+    }
+
+    fn run_in_place(
+        &self,
+        experts: &dyn ExpertBackend,
+        layer: usize,
+        rows: &NcclBuffer,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<(NcclBuffer, usize), String>> {
+        let NcclBuffer::Words { words, bytes } = rows else {
+            return None;
+        };
+        if *bytes != words.len() * 4 {
+            return None;
+        }
+        let ran = experts.run_experts_on_device(layer, words, routes)?;
+        Some(ran.map_err(|e| e.to_string()).map(|words| {
+            let values = words.len();
+            let bytes = values * 4;
+            (NcclBuffer::Words { words, bytes }, values)
+        }))
     }
 
     fn abort(&mut self) {
@@ -336,7 +404,7 @@ mod tests {
             NcclCommunicator::join(Arc::clone(&stream), &id, 0, 1, Duration::from_secs(30))
                 .expect("join");
         let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
-        let send = stream.clone_htod(&payload).expect("upload");
+        let send = comm.upload(payload.clone()).expect("upload");
         let received = run_bounded(
             &mut comm,
             Pending {
@@ -346,9 +414,86 @@ mod tests {
             Duration::from_secs(30),
         )
         .expect("exchange");
-        let back = stream.clone_dtoh(&received[0]).expect("download");
-        stream.synchronize().expect("sync");
+        let back = comm
+            .download(received.into_iter().next().expect("one buffer"))
+            .expect("download");
         assert_eq!(back, payload);
         println!("nccl one-rank round trip: {} bytes ok", payload.len());
+    }
+
+    /// Rows received over NCCL go to the experts' GEMMs where they are, and the outputs match
+    /// the same experts run from host rows. Needs a GPU and libnccl: run by `ops/gpu-check.sh`.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libnccl (ops/gpu-check.sh runs it)"]
+    fn one_rank_rows_run_in_place() {
+        use moe_model::checkpoint::Checkpoint;
+        use moe_model::device::GpuDtype;
+        use moe_model::experts::{ExpertDevice, ExpertSet};
+        use moe_model::gpu::GpuContext;
+        use moe_model::ModelConfig;
+
+        let dir = std::env::var_os("MOE_FIXTURES_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+            })
+            .join("qwen3-moe-tiny");
+        let (ckpt, config) = (
+            Checkpoint::open(&dir).expect("fixture"),
+            ModelConfig::from_dir(&dir).expect("config"),
+        );
+        let gpu = GpuContext::open(0, GpuDtype::F32).expect("GPU 0");
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().expect("a MoE layer");
+        let experts = ExpertSet::load_on(
+            &ckpt,
+            &config,
+            (0..config.moe.num_experts).map(|e| (layer, e)),
+            &ExpertDevice::Gpu(Arc::clone(&gpu)),
+        )
+        .expect("experts");
+        let stream = gpu.stream().context().new_stream().expect("stream");
+        let id = new_unique_id().expect("unique id");
+        let mut comm =
+            NcclCommunicator::join(stream, &id, 0, 1, Duration::from_secs(30)).expect("join");
+
+        let n = 5;
+        let rows: Vec<f32> = (0..n * hidden)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n as u32 {
+            let e = config.moe.num_experts as u32;
+            routes.push_row(&mut [(r % e, 0.75), ((r + 1) % e, 0.25)]);
+        }
+        let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let send = comm.upload(bytes.clone()).expect("upload");
+        let received = run_bounded(
+            &mut comm,
+            Pending {
+                sends: vec![(0, send)],
+                recvs: vec![(0, bytes.len())],
+            },
+            Duration::from_secs(30),
+        )
+        .expect("exchange");
+        let received = received.into_iter().next().expect("one buffer");
+        let (outputs, values) = comm
+            .run_in_place(&experts, layer, &received, &routes)
+            .expect("rows in device words and experts on this GPU run in place")
+            .expect("experts");
+        assert_eq!(values, routes.pairs() * hidden);
+        let device: Vec<f32> = comm
+            .download(outputs)
+            .expect("download")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let host = experts
+            .run_experts(layer, &rows, &routes)
+            .expect("host rows");
+        let worst = moe_model::compare::max_abs_diff(&device, &host);
+        assert!(worst <= 1e-5, "in place differs from host rows by {worst}");
+        println!("nccl rows in place: {values} values, max difference from host rows {worst:e}");
     }
 }

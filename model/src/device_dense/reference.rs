@@ -399,11 +399,7 @@ mod tests {
         assert_eq!(device.len(), cpu.len(), "{what}: sequences");
         for (s, (d, c)) in device.iter().zip(cpu).enumerate() {
             assert_eq!(d.len(), c.len(), "{what}: seq {s} logits");
-            let worst = d
-                .iter()
-                .zip(c)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = crate::compare::max_abs_diff(d, c);
             assert!(
                 worst.is_finite() && worst < 1e-3,
                 "{what}: seq {s} differs by {worst}"

@@ -748,18 +748,7 @@ mod tests {
     use crate::device_dense::reference::HostDenseOps;
     use crate::grouped_ffn::ColumnMajorGemm;
 
-    fn gpu(dtype: GpuDtype) -> Option<Arc<GpuContext>> {
-        match GpuContext::open(0, dtype) {
-            Ok(ctx) => Some(ctx),
-            Err(e) if std::env::var_os("MOE_REQUIRE_GPU").is_some() => {
-                panic!("MOE_REQUIRE_GPU is set and cuda:0 cannot be opened: {e}")
-            }
-            Err(e) => {
-                eprintln!("no GPU ({e}); skipped");
-                None
-            }
-        }
-    }
+    use crate::gpu::test_context as gpu;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -772,11 +761,7 @@ mod tests {
 
     fn close(what: &str, gpu: &[f32], host: &[f32], tolerance: f32) {
         assert_eq!(gpu.len(), host.len(), "{what}: lengths");
-        let worst = gpu
-            .iter()
-            .zip(host)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = crate::compare::max_abs_diff(gpu, host);
         assert!(
             worst <= tolerance,
             "{what}: differs by {worst} (> {tolerance})"

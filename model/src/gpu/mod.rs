@@ -26,3 +26,19 @@ pub mod kernels;
 pub use context::{GpuContext, GpuError};
 pub use dense_ops::GpuDenseModel;
 pub use expert_ffn::GpuMlp;
+
+/// cuda:0 for a GPU test, or `None` (the test passes with a note) where none can be opened,
+/// unless `MOE_REQUIRE_GPU=1` (set by `ops/gpu-check.sh`) makes that a failure.
+#[cfg(test)]
+pub(crate) fn test_context(dtype: crate::device::GpuDtype) -> Option<std::sync::Arc<GpuContext>> {
+    match GpuContext::open(0, dtype) {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var_os("MOE_REQUIRE_GPU").is_some() => {
+            panic!("MOE_REQUIRE_GPU is set and cuda:0 cannot be opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("no GPU ({e}); skipped");
+            None
+        }
+    }
+}
