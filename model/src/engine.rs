@@ -108,7 +108,7 @@ impl Engine {
 
     /// Logits at every position of a prompt, `[len, vocab]`.
     pub fn prompt_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache();
+        let mut cache = self.new_cache().reserving(ids.len());
         let mut seqs = [StepSequence {
             cache: &mut cache,
             tokens: ids,
@@ -154,7 +154,9 @@ impl Engine {
         let mut states: Vec<SeqState> = reqs
             .iter()
             .map(|r| SeqState {
-                cache: self.new_cache(),
+                cache: self
+                    .new_cache()
+                    .reserving(r.input_ids.len() + r.max_new_tokens),
                 sampler: Sampler::new(r.sampling.clone()),
                 pending: r.input_ids.clone(),
                 out: GenerateOutput {

@@ -22,6 +22,10 @@ pub struct SequenceCache {
     pub len: usize,
     /// The device cache, when the dense part runs on a device (created by its first step).
     pub device: Option<Box<dyn DeviceCacheSlot>>,
+    /// Tokens the owner has reserved for this sequence (prompt + most new tokens), 0 when
+    /// unknown: a device cache takes that room at its first step instead of growing by
+    /// doubling (no copies, and never more than the owner's KV budget counted).
+    pub reserved: usize,
 }
 
 /// A cache held on a device for one sequence; its valid rows are the owner's `len`.
@@ -46,7 +50,14 @@ impl SequenceCache {
             layers: vec![LayerCache::default(); num_layers],
             len: 0,
             device: None,
+            reserved: 0,
         }
+    }
+
+    /// This cache, for a sequence that will hold at most `tokens` tokens.
+    pub fn reserving(mut self, tokens: usize) -> Self {
+        self.reserved = tokens;
+        self
     }
 
     /// Remembers the current size so that a step that fails half-way can be undone.

@@ -157,7 +157,7 @@ impl Scheduler {
                 sampler: Sampler::new(s.request.sampling.clone()),
                 request: s.request,
                 responses: s.responses,
-                cache: self.dense.new_cache(),
+                cache: self.dense.new_cache().reserving(tokens),
                 prefilled: 0,
                 output: Vec::new(),
                 text: IncrementalText::default(),

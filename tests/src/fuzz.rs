@@ -219,10 +219,10 @@ pub fn collective_layer(data: &[u8]) {
         Duration::from_millis(20),
     );
     if let Ok(moe_cluster::collective::exchange::Served::Ran { pairs, .. }) = served {
-        // What the node ran, it answered: one row per pair and the compute time.
+        // What the node ran, it answered: one row per pair, then the compute time.
         let answer = router.post(Pending {
             sends: vec![],
-            recvs: vec![(1, pairs as usize * hidden * 4 + 8)],
+            recvs: vec![(1, pairs as usize * hidden * 4), (1, 8)],
         });
         assert!(answer.is_ok());
         assert!(matches!(router.poll(), Ok(Some(_))));

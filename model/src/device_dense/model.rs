@@ -194,13 +194,15 @@ where
         }
     }
 
-    /// Makes room for `needed` tokens (doubling, so a decode grows its cache rarely), keeping
-    /// the first `cached`.
+    /// Makes room for `needed` tokens, keeping the first `cached`: at the first step the
+    /// sequence's whole reservation (`reserved`, when its owner gave one), later by doubling
+    /// (so a decode past its reservation, or without one, grows its cache rarely).
     fn reserve(
         &self,
         slot: &mut Option<Box<dyn crate::kv_cache::DeviceCacheSlot>>,
         cached: usize,
         needed: usize,
+        reserved: usize,
     ) -> Result<()> {
         let fresh = slot.is_none();
         let cache = match slot {
@@ -220,7 +222,7 @@ where
             return Ok(());
         }
         let capacity = if fresh {
-            needed.max(16)
+            needed.max(reserved).max(16)
         } else {
             needed.max(cache.capacity * 2)
         }
@@ -273,7 +275,7 @@ where
         }
         for s in seqs.iter_mut() {
             let (cached, needed) = (s.cache.len, s.cache.len + s.tokens.len());
-            self.reserve(&mut s.cache.device, cached, needed)?;
+            self.reserve(&mut s.cache.device, cached, needed, s.cache.reserved)?;
         }
         let table = self.rope.table(&layout.row_pos);
         let as_u32 = |v: &[usize]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();

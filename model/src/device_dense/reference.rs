@@ -477,6 +477,53 @@ mod tests {
         device_matches_cpu("mixtral-tiny");
     }
 
+    /// A cache created with its owner's reservation takes that room at its first step and
+    /// never grows within it; one without grows by doubling past it. Same logits either way.
+    #[test]
+    fn a_reserved_device_cache_is_allocated_once() {
+        let dir = fixture("qwen3-moe-tiny");
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let device = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
+            let mut seqs = [StepSequence {
+                cache,
+                tokens,
+                all_logits: false,
+            }];
+            device.forward(&mut seqs, &experts).unwrap()
+        };
+        let (prompt, new_tokens) = ([5u32, 6, 7], 37u32);
+        let mut reserved = SequenceCache::new(config.num_layers).reserving(3 + new_tokens as usize);
+        let mut growing = SequenceCache::new(config.num_layers);
+        assert_eq!(
+            forward(&mut reserved, &prompt),
+            forward(&mut growing, &prompt)
+        );
+        let first = reserved.bytes();
+        let mut sizes = vec![growing.bytes()];
+        for t in 0..new_tokens {
+            let token = [(t * 13 + 2) % config.vocab_size as u32];
+            assert_eq!(
+                forward(&mut reserved, &token),
+                forward(&mut growing, &token)
+            );
+            assert_eq!(
+                reserved.bytes(),
+                first,
+                "grew within its reservation at {t}"
+            );
+            sizes.push(growing.bytes());
+        }
+        sizes.dedup();
+        assert!(
+            sizes.len() >= 3,
+            "an unreserved cache grows by doubling: {sizes:?}"
+        );
+        assert!(first < growing.bytes(), "{first} vs {}", growing.bytes());
+    }
+
     /// A failed step is undone by the owner's rollback alone: the device rows written past
     /// `len` are never read, and the next step gives the same logits as if it had not run.
     #[test]
