@@ -19,7 +19,7 @@
 #      the KV cache, norms, gate, shared experts, lm_head; routed experts): f32 and bf16x2
 #      (the default: bf16 weights, activations as two bf16 terms) within 2e-3. Plain bf16 is
 #      not run against the goldens: its host emulation (tests/golden.rs, bf16_device_numerics)
-#      already shows it moving logits by up to 3.8 on these fixtures (docs/gpu.md);
+#      already shows it moving logits by up to 6.6 on these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens;
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP

@@ -1,7 +1,8 @@
-//! [`DeviceDenseModel`]: the router's dense part (embeddings aside) with every weight, the KV
-//! cache and every activation on a device, written once over [`DenseOps`]. Same mathematics
-//! and the same combine order as [`crate::dense::DenseModel`]; only the routed experts' rows
-//! leave the device (the expert backend takes and returns host rows).
+//! [`DeviceDenseModel`]: the router's dense part with every weight (the embedding table too),
+//! the KV cache and every activation on a device, written once over [`DenseOps`]. Same
+//! mathematics and the same combine order as [`crate::dense::DenseModel`]; a step uploads its
+//! token ids, and only the routed experts' rows leave the device (the expert backend takes and
+//! returns host rows).
 
 use super::cache::{DeviceLayerCache, DeviceSequenceCache};
 use super::ops::{AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm};
@@ -78,11 +79,13 @@ struct DeviceLayer<O: DenseOps> {
 pub struct DeviceDenseModel<O: DenseOps> {
     ops: O,
     config: ModelConfig,
-    /// `[vocab, hidden]` on the host: a step looks up its rows here and uploads only them.
-    embed: Vec<f32>,
+    /// `[vocab, hidden]`, in the checkpoint tensor's precision: a lookup of exact values (a
+    /// bf16 copy only in plain bf16 mode, as for every matrix there).
+    embed: O::Matrix,
     layers: Vec<DeviceLayer<O>>,
     final_norm: O::F32,
-    lm_head: O::Matrix,
+    /// `None` where the model ties it to `embed`.
+    lm_head: Option<O::Matrix>,
     rope: Rope,
     scale: f32,
 }
@@ -101,7 +104,10 @@ where
     pub fn load(ops: O, ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let h = config.hidden_size;
         let v = config.vocab_size;
-        let embed = ckpt.load_f32("model.embed_tokens.weight", &[v, h])?;
+        let embed = ops.upload_matrix(
+            &ckpt.load_f32("model.embed_tokens.weight", &[v, h])?,
+            MatrixPrecision::of(ckpt, &["model.embed_tokens.weight"]),
+        )?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
             let p = families::layer_prefix(layer);
@@ -159,13 +165,12 @@ where
         }
         let final_norm = ops.upload_f32(&ckpt.load_f32("model.norm.weight", &[h])?)?;
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-            let precision = MatrixPrecision::of(ckpt, &["model.embed_tokens.weight"]);
-            ops.upload_matrix(&embed, precision)?
+            None
         } else {
-            ops.upload_matrix(
+            Some(ops.upload_matrix(
                 &ckpt.load_f32("lm_head.weight", &[v, h])?,
                 MatrixPrecision::of(ckpt, &["lm_head.weight"]),
-            )?
+            )?)
         };
         Ok(Self {
             config: config.clone(),
@@ -267,12 +272,7 @@ where
         let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
         let rows = layout.num_rows();
 
-        let mut embedded = Vec::with_capacity(rows * h);
-        for s in seqs.iter() {
-            for &t in s.tokens {
-                embedded.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
-            }
-        }
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         for s in seqs.iter_mut() {
             let (cached, needed) = (s.cache.len, s.cache.len + s.tokens.len());
             self.reserve(&mut s.cache.device, cached, needed, s.cache.reserved)?;
@@ -287,7 +287,9 @@ where
             sin: ops.upload_f32(&table.sin)?,
             rope_half: table.half,
         };
-        let mut hidden = ops.upload_f32(&embedded)?;
+        // Token ids were checked against the vocabulary (`validate_step`).
+        let mut hidden = ops.scratch(rows * h)?;
+        ops.embed_rows(&self.embed, &ops.upload_index(&ids)?, &mut hidden, rows, h)?;
         let mut caches: Vec<&mut DeviceSequenceCache<O::F32>> = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             let cache = s
@@ -397,7 +399,8 @@ where
             eps,
         )?;
         let vocab = self.config.vocab_size;
-        let logits = self.linear(&normed, n, h, &self.lm_head, vocab)?;
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = self.linear(&normed, n, h, lm_head, vocab)?;
         let logits = ops.download(&logits, n * vocab)?;
         Ok(split_logits(seqs, &logits, vocab))
     }

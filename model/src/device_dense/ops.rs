@@ -292,6 +292,16 @@ pub trait DenseOps {
         rows: usize,
         width: usize,
     ) -> Result<(), Self::Error>;
+    /// `out[r] = table[ids[r]]` in f32 for `[*, width]` rows of a matrix: the embedding
+    /// lookup, from the table the device holds (tied to lm_head where the model ties them).
+    fn embed_rows(
+        &self,
+        table: &Self::Matrix,
+        ids: &Self::Index,
+        out: &mut Self::F32,
+        n: usize,
+        width: usize,
+    ) -> Result<(), Self::Error>;
     /// `out[i] = x[index[i]]` for `[*, width]` rows.
     fn gather_rows(
         &self,

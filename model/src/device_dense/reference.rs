@@ -350,6 +350,16 @@ impl DenseOps for HostDenseOps {
         }
         Ok(())
     }
+    fn embed_rows(
+        &self,
+        table: &HostMatrix,
+        ids: &Vec<u32>,
+        out: &mut Vec<f32>,
+        n: usize,
+        width: usize,
+    ) -> Result<(), ModelError> {
+        self.gather_rows(&table.values, ids, out, n, width)
+    }
     fn gather_rows(
         &self,
         x: &Vec<f32>,

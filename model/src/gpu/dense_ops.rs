@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::context::{GpuContext, GpuError};
 use super::expert_ffn::{gemm_f32_out, GpuBuffer};
@@ -666,9 +668,40 @@ impl DenseOps for CudaDenseOps {
         Ok(())
     }
 
+    fn embed_rows(
+        &self,
+        table: &GpuBuffer,
+        ids: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        width: usize,
+    ) -> Result<(), GpuError> {
+        let kernels = self.ctx.kernels();
+        match table {
+            GpuBuffer::F32(t) => self.row_gather(&kernels.gather_rows_f32, t, ids, out, n, width),
+            GpuBuffer::Bf16(t) => self.row_gather(&kernels.embed_rows_bf16, t, ids, out, n, width),
+            GpuBuffer::Bf16Pair { .. } => Err(shape_error("embedding table held as a bf16 pair")),
+        }
+    }
+
     fn gather_rows(
         &self,
         x: &CudaSlice<f32>,
+        index: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        width: usize,
+    ) -> Result<(), GpuError> {
+        self.row_gather(&self.ctx.kernels().gather_rows_f32, x, index, out, n, width)
+    }
+}
+
+impl CudaDenseOps {
+    /// `out[i] = src[index[i]]` for `[*, width]` rows, by `kernel` (which converts to f32).
+    fn row_gather<T>(
+        &self,
+        kernel: &CudaFunction,
+        src: &CudaSlice<T>,
         index: &CudaSlice<u32>,
         out: &mut CudaSlice<f32>,
         n: usize,
@@ -682,12 +715,13 @@ impl DenseOps for CudaDenseOps {
             return Ok(());
         }
         let (n_i, width_i) = (int(n, "rows")?, int(width, "width")?);
-        // SAFETY: the indices are rows of the step (the orchestration built them).
+        // SAFETY: the indices are rows of `src` (the orchestration built them, or checked the
+        // token ids against the vocabulary).
         unsafe {
             self.ctx
                 .stream()
-                .launch_builder(&self.ctx.kernels().gather_rows_f32)
-                .arg(x)
+                .launch_builder(kernel)
+                .arg(src)
                 .arg(index)
                 .arg(out)
                 .arg(&n_i)
@@ -1004,6 +1038,20 @@ mod tests {
         host.gather_rows(&hh, &index.to_vec(), &mut gh, 3, width)
             .unwrap();
         close("gather", &down(&gc), &gh, 0.0);
+        // The embedding lookup from an f32 table.
+        let table = values(9 * width, 14);
+        let (tc, th) = (
+            cuda.upload_matrix(&table, MatrixPrecision::F32).unwrap(),
+            host.upload_matrix(&table, MatrixPrecision::F32).unwrap(),
+        );
+        let ids = [8u32, 1, 1, 5];
+        let mut ec = cuda.scratch(4 * width).unwrap();
+        let mut eh = vec![0.0; 4 * width];
+        cuda.embed_rows(&tc, &cuda.upload_index(&ids).unwrap(), &mut ec, 4, width)
+            .unwrap();
+        host.embed_rows(&th, &ids.to_vec(), &mut eh, 4, width)
+            .unwrap();
+        close("embedding lookup", &down(&ec), &eh, 0.0);
     }
 
     /// GEMMs in the bf16 modes (conversion kernels, the pair's two cuBLAS calls into one
@@ -1029,6 +1077,20 @@ mod tests {
             let mut cc = cuda.scratch(rows * n_out).unwrap();
             cuda.gemm(&shape, &wc, 0, &xc, 0, &mut cc, 0).unwrap();
             let wh = host.upload_matrix(&w, MatrixPrecision::Narrow).unwrap();
+            // The same bf16 matrix as an embedding table: rows looked up exactly.
+            let ids = [3u32, 0, 39, 3];
+            let mut ec = cuda.scratch(ids.len() * k).unwrap();
+            let mut eh = vec![0.0; ids.len() * k];
+            let ids_c = cuda.upload_index(&ids).unwrap();
+            cuda.embed_rows(&wc, &ids_c, &mut ec, ids.len(), k).unwrap();
+            host.embed_rows(&wh, &ids.to_vec(), &mut eh, ids.len(), k)
+                .unwrap();
+            close(
+                &format!("{numerics} embedding lookup"),
+                &cuda.download(&ec, ids.len() * k).unwrap(),
+                &eh,
+                0.0,
+            );
             let xh = host.gemm_input(&x, x.len(), &wh).unwrap();
             let mut ch = vec![0.0; rows * n_out];
             host.gemm(&shape, &wh, 0, &xh, 0, &mut ch, 0).unwrap();

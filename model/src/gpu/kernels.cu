@@ -64,6 +64,17 @@ extern "C" __global__ void gather_rows_bf16x2(const float* rows, const unsigned 
     }
 }
 
+// out[r, :] = table[ids[r], :] in f32: the embedding lookup from a bf16 table (an f32 table
+// uses gather_rows_f32).
+extern "C" __global__ void embed_rows_bf16(const bf16_t* table, const unsigned int* ids,
+                                           float* out, int rows, int width) {
+    GRID_STRIDE(i, (long long)rows * width) {
+        long long r = i / width;
+        long long c = i - r * width;
+        out[i] = bf16_to_f32(table[(long long)ids[r] * width + c]);
+    }
+}
+
 // act[s, j] = silu(gate_up[s, j]) * gate_up[s, inter + j]  (gate rows, then up rows).
 extern "C" __global__ void silu_mul_bf16(const float* gate_up, bf16_t* act, int slots,
                                          int inter) {

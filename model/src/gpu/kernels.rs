@@ -30,10 +30,11 @@ pub struct Kernels {
     pub gather_rows_bf16x2: CudaFunction,
     pub silu_mul_bf16x2: CudaFunction,
     pub convert_f32_to_bf16x2: CudaFunction,
+    pub embed_rows_bf16: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 18] = [
+pub const KERNEL_NAMES: [&str; 19] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -52,6 +53,7 @@ pub const KERNEL_NAMES: [&str; 18] = [
     "gather_rows_bf16x2",
     "silu_mul_bf16x2",
     "convert_f32_to_bf16x2",
+    "embed_rows_bf16",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -101,6 +103,7 @@ impl Kernels {
             gather_rows_bf16x2: f("gather_rows_bf16x2")?,
             silu_mul_bf16x2: f("silu_mul_bf16x2")?,
             convert_f32_to_bf16x2: f("convert_f32_to_bf16x2")?,
+            embed_rows_bf16: f("embed_rows_bf16")?,
         })
     }
 }
