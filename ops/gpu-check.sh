@@ -147,7 +147,7 @@ import json
 r = json.load(open("/tmp/gpu-bench.json"))
 print(f"{r['name']} {r['dtype']}: dense {r['roofline']['m']}^3 GEMM {r['roofline']['tflops']:.1f} TFLOP/s")
 for f in r["expert_ffn"]:
-    print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM")
+    print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
 EOF
 }
 check "expert-FFN benchmark (moe gpu-bench)" 115 bench

@@ -179,38 +179,31 @@ where
     ops.gather(rows, &row_of_slot, &mut x, slots, hidden)?;
 
     let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
-    ops.fork()?;
-    for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
-        if run.len > 0 {
-            let shape = ColumnMajorGemm::rows_times_weights(run.len, 2 * inter, hidden);
-            let (x_at, out_at) = (run.start * hidden, run.start * 2 * inter);
-            ops.gemm(
-                lane,
-                &shape,
-                expert.gate_up,
-                0,
-                &x,
-                x_at,
-                &mut gate_up,
-                out_at,
-            )?;
-        }
-    }
-    ops.join()?;
+    expert_gemms(
+        ops,
+        experts,
+        plan,
+        FfnPass::GateUp,
+        &x,
+        &mut gate_up,
+        hidden,
+        inter,
+    )?;
 
     let mut act = ops.scratch_act(slots * inter)?;
     ops.silu_mul(&gate_up, &mut act, slots, inter)?;
 
     let mut out = ops.scratch_f32(slots * hidden)?;
-    ops.fork()?;
-    for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
-        if run.len > 0 {
-            let shape = ColumnMajorGemm::rows_times_weights(run.len, hidden, inter);
-            let (act_at, out_at) = (run.start * inter, run.start * hidden);
-            ops.gemm(lane, &shape, expert.down, 0, &act, act_at, &mut out, out_at)?;
-        }
-    }
-    ops.join()?;
+    expert_gemms(
+        ops,
+        experts,
+        plan,
+        FfnPass::Down,
+        &act,
+        &mut out,
+        hidden,
+        inter,
+    )?;
 
     let mut pair_out = ops.scratch_f32(pairs * hidden)?;
     ops.scatter_weighted(
@@ -222,6 +215,47 @@ where
         hidden,
     )?;
     Ok(pair_out)
+}
+
+/// The two GEMM passes of the expert FFN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnPass {
+    /// `[slots, hidden]` activations times each expert's gate and up rows: `[slots, 2 * inter]`.
+    GateUp,
+    /// `[slots, inter]` activations times each expert's down matrix: `[slots, hidden]`.
+    Down,
+}
+
+/// One pass: for each run of `plan`, one GEMM of its expert over all its slots, the GEMMs of
+/// different experts on different lanes between a fork and a join.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_gemms<O: FfnOps>(
+    ops: &O,
+    experts: &[ExpertMatrices<'_, O::Act>],
+    plan: &ExpertRuns,
+    pass: FfnPass,
+    input: &O::Act,
+    output: &mut O::F32,
+    hidden: usize,
+    inter: usize,
+) -> Result<(), O::Error> {
+    let (k, n_out) = match pass {
+        FfnPass::GateUp => (hidden, 2 * inter),
+        FfnPass::Down => (inter, hidden),
+    };
+    ops.fork()?;
+    for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
+        if run.len > 0 {
+            let weights = match pass {
+                FfnPass::GateUp => expert.gate_up,
+                FfnPass::Down => expert.down,
+            };
+            let shape = ColumnMajorGemm::rows_times_weights(run.len, n_out, k);
+            let (in_at, out_at) = (run.start * k, run.start * n_out);
+            ops.gemm(lane, &shape, weights, 0, input, in_at, output, out_at)?;
+        }
+    }
+    ops.join()
 }
 
 #[cfg(test)]

@@ -99,17 +99,20 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
         shape.hidden, shape.intermediate, shape.experts, shape.top_k
     );
     println!(
-        "{:>8} {:>8} {:>10} {:>10} {:>12}",
-        "tokens", "pairs", "ms", "TFLOP/s", "of roofline"
+        "{:>6} {:>8} {:>8} {:>10} {:>10} {:>12} {:>16}",
+        "lanes", "tokens", "pairs", "ms", "TFLOP/s", "of roofline", "GEMMs alone"
     );
     for f in &figures {
         println!(
-            "{:>8} {:>8} {:>10.3} {:>10.1} {:>11.0}%",
+            "{:>6} {:>8} {:>8} {:>10.3} {:>10.1} {:>11.0}% {:>7.3} ms {:>5.0}",
+            f.lanes,
             f.tokens,
             f.pairs,
             f.ms,
             f.tflops,
-            f.of_roofline * 100.0
+            f.of_roofline * 100.0,
+            f.gemm_ms,
+            f.gemm_tflops
         );
     }
     Ok(())

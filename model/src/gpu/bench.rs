@@ -5,11 +5,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use cudarc::driver::CudaSlice;
+
 use super::context::{GpuContext, GpuError};
 use super::expert_ffn::{
-    fill_uniform_f32, run_grouped_on_device, ActForm, CudaOps, GpuBuffer, GpuMlp,
+    fill_uniform_f32, run_grouped_on_device, ActForm, CudaOps, ExpertBatch, GpuBuffer, GpuMlp,
 };
-use crate::grouped_ffn::{ColumnMajorGemm, FfnOps};
+use crate::grouped_ffn::{expert_gemms, ColumnMajorGemm, FfnOps, FfnPass};
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
 /// The MoE layer shape being measured.
@@ -46,6 +48,10 @@ pub struct FfnFigure {
     pub tflops: f64,
     /// `tflops` over the dense GEMM's.
     pub of_roofline: f64,
+    /// The same batch's two GEMM passes alone (no gather, SiLU-and-multiply or scatter): what
+    /// the per-expert GEMMs reach, and so what the element-wise kernels cost.
+    pub gemm_ms: f64,
+    pub gemm_tflops: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,7 +162,9 @@ pub fn expert_ffn(
         let ms = time_ms(ctx, iters, || {
             run_grouped_on_device(ctx, &held, &device_rows, &plan, &routes.weights).map(drop)
         })?;
-        let tflops = routes.pairs() as f64 * shape.flops_per_pair() / (ms * 1e-3) / 1e12;
+        let gemm_ms = gemms_only_ms(ctx, &held, &plan, &device_rows, iters)?;
+        let flops = routes.pairs() as f64 * shape.flops_per_pair();
+        let tflops = flops / (ms * 1e-3) / 1e12;
         figures.push(FfnFigure {
             lanes,
             tokens,
@@ -164,10 +172,67 @@ pub fn expert_ffn(
             ms,
             tflops,
             of_roofline: tflops / roofline_tflops,
+            gemm_ms,
+            gemm_tflops: flops / (gemm_ms * 1e-3) / 1e12,
         });
     }
     ctx.set_gemm_lanes(super::context::GEMM_LANES);
     Ok(figures)
+}
+
+/// Milliseconds of the batch's gate+up and down passes alone, on inputs made by one untimed
+/// gather and SiLU-and-multiply (real values: a GEMM over zeros runs faster).
+fn gemms_only_ms(
+    ctx: &GpuContext,
+    held: &[&GpuMlp],
+    plan: &ExpertRuns,
+    rows: &CudaSlice<f32>,
+    iters: usize,
+) -> Result<f64, GpuError> {
+    let Some(batch) = ExpertBatch::of(ctx, held)? else {
+        return Ok(0.0);
+    };
+    let (hidden, inter, slots) = (batch.hidden, batch.inter, plan.slots());
+    let ops = CudaOps {
+        ctx,
+        act: batch.act,
+    };
+    let mut x = ops.scratch_act(slots * hidden)?;
+    ops.gather(
+        rows,
+        &ops.upload_index(&plan.row_of_slot)?,
+        &mut x,
+        slots,
+        hidden,
+    )?;
+    let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
+    let m = &batch.matrices;
+    expert_gemms(
+        &ops,
+        m,
+        plan,
+        FfnPass::GateUp,
+        &x,
+        &mut gate_up,
+        hidden,
+        inter,
+    )?;
+    let mut act = ops.scratch_act(slots * inter)?;
+    ops.silu_mul(&gate_up, &mut act, slots, inter)?;
+    let mut out = ops.scratch_f32(slots * hidden)?;
+    time_ms(ctx, iters, || {
+        expert_gemms(
+            &ops,
+            m,
+            plan,
+            FfnPass::GateUp,
+            &x,
+            &mut gate_up,
+            hidden,
+            inter,
+        )?;
+        expert_gemms(&ops, m, plan, FfnPass::Down, &act, &mut out, hidden, inter)
+    })
 }
 
 #[cfg(test)]

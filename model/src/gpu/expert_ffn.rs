@@ -622,37 +622,63 @@ pub fn run_grouped_on_device(
     plan: &ExpertRuns,
     weights: &[f32],
 ) -> Result<CudaSlice<f32>, GpuError> {
-    let Some(first) = experts.first() else {
+    let Some(batch) = ExpertBatch::of(ctx, experts)? else {
         return Ok(ctx.stream().alloc_zeros::<f32>(1)?);
     };
-    let (hidden, inter) = (first.hidden, first.intermediate);
-    let act = ActForm::for_weights(ctx, &first.gate_up);
-    if experts.iter().any(|e| {
-        e.hidden != hidden
-            || e.intermediate != inter
-            || ActForm::for_weights(ctx, &e.gate_up) != act
-            || ActForm::for_weights(ctx, &e.down) != act
-    }) {
-        return Err(GpuError::Shape(
-            "experts of different shapes or precisions in one batch".into(),
-        ));
-    }
-    let matrices: Vec<ExpertMatrices<'_, GpuBuffer>> = experts
-        .iter()
-        .map(|e| ExpertMatrices {
-            gate_up: &e.gate_up,
-            down: &e.down,
-        })
-        .collect();
     run_grouped(
-        &CudaOps { ctx, act },
-        &matrices,
+        &CudaOps {
+            ctx,
+            act: batch.act,
+        },
+        &batch.matrices,
         rows,
         plan,
         weights,
-        hidden,
-        inter,
+        batch.hidden,
+        batch.inter,
     )
+}
+
+/// The experts of one batch, checked to share a shape and a precision.
+pub(crate) struct ExpertBatch<'a> {
+    pub matrices: Vec<ExpertMatrices<'a, GpuBuffer>>,
+    pub act: ActForm,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+impl<'a> ExpertBatch<'a> {
+    /// `None` for no experts.
+    pub fn of(ctx: &GpuContext, experts: &[&'a GpuMlp]) -> Result<Option<Self>, GpuError> {
+        let Some(first) = experts.first() else {
+            return Ok(None);
+        };
+        let (hidden, inter) = (first.hidden, first.intermediate);
+        let act = ActForm::for_weights(ctx, &first.gate_up);
+        if experts.iter().any(|e| {
+            e.hidden != hidden
+                || e.intermediate != inter
+                || ActForm::for_weights(ctx, &e.gate_up) != act
+                || ActForm::for_weights(ctx, &e.down) != act
+        }) {
+            return Err(GpuError::Shape(
+                "experts of different shapes or precisions in one batch".into(),
+            ));
+        }
+        let matrices = experts
+            .iter()
+            .map(|e| ExpertMatrices {
+                gate_up: &e.gate_up,
+                down: &e.down,
+            })
+            .collect();
+        Ok(Some(Self {
+            matrices,
+            act,
+            hidden,
+            inter,
+        }))
+    }
 }
 
 /// Host-side entry: uploads `rows`, runs the batch, downloads `[pairs, hidden]`.
