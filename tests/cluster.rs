@@ -62,10 +62,24 @@ async fn every_fixture_on_one_two_and_three_nodes_matches_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_streams_equal_each_alone() {
+    concurrent_streams_equal_each_alone(1).await;
+}
+
+/// The same streams with every step split into two micro-batches run at once (two-batch
+/// overlap): the same tokens and logprobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_streams_in_two_micro_batches_equal_each_alone() {
+    concurrent_streams_equal_each_alone(2).await;
+}
+
+async fn concurrent_streams_equal_each_alone(micro_batches: u32) {
     let fixture = FIXTURES[1];
     let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let cases = golden_cases(fixture);
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    let mut spec = harness::spec(fixture_dir(fixture), 2);
+    spec.router_args
+        .extend(["--micro-batches".into(), micro_batches.to_string()]);
+    let cluster = LocalCluster::start(spec).unwrap();
     wait_serving(&cluster, 2).await;
     let requests: Vec<(Vec<u32>, usize)> = (0..16)
         .map(|i| {
@@ -93,6 +107,11 @@ async fn sixteen_concurrent_streams_equal_each_alone() {
         status.kv_blocks_used, 0,
         "finished requests free their KV blocks"
     );
+    if micro_batches > 1 {
+        assert!(status.micro_batched_steps > 0, "no step was split");
+    } else {
+        assert_eq!(status.micro_batched_steps, 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,10 +30,24 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_request_and_changes_no_token() {
+    sigkill_mid_stream(1).await;
+}
+
+/// The same with every step in two micro-batches at once: a micro-batch whose layer fails
+/// waits for the new epoch while the other's may already be done; the step stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_two_micro_batches_loses_no_request_and_changes_no_token() {
+    sigkill_mid_stream(2).await;
+}
+
+async fn sigkill_mid_stream(micro_batches: u32) {
     let fixture = FIXTURES[0];
     let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let answers = Arc::new(expected_answers(&engine, &requests(fixture, 16, 64)));
-    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 3)).unwrap();
+    let mut spec = harness::spec(fixture_dir(fixture), 3);
+    spec.router_args
+        .extend(["--micro-batches".into(), micro_batches.to_string()]);
+    let mut cluster = LocalCluster::start(spec).unwrap();
     let before = wait_serving(&cluster, 3).await;
     let victim = serving_nodes(&before)[1].clone();
 
@@ -85,6 +99,7 @@ async fn sigkill_mid_stream_loses_no_request_and_changes_no_token() {
         after.layer_retries >= 1,
         "a layer was re-dispatched: {after:?}"
     );
+    assert_eq!(after.micro_batched_steps > 0, micro_batches > 1);
     eprintln!(
         "SIGKILL -> serving epoch {} on {:?}; first token after the kill {:?} later; longest token stall {:?}",
         after.serving_epoch,

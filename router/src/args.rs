@@ -64,6 +64,13 @@ pub struct Args {
     /// Sequences decoded together at most.
     #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,
+    /// Micro-batches a step is split into and run at once, so that while one's MoE layer is
+    /// at the expert nodes the others' attention runs here (two-batch overlap, as SGLang's
+    /// `--enable-two-batch-overlap`); 1 runs each step as one batch. Tokens are the same
+    /// either way.
+    #[arg(long, env = "MOE_MICRO_BATCHES", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub micro_batches: u32,
     /// Requests waiting for admission at most; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,

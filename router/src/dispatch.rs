@@ -267,6 +267,8 @@ impl RemoteExperts {
 /// One MoE layer's tokens, their routes and the layer's span.
 struct LayerInput<'a> {
     layer: usize,
+    /// Which of the step's micro-batches these tokens are (0 when it is not split).
+    micro_batch: u32,
     rows: &'a [f32],
     routes: &'a ExpertRoutes,
     span: &'a tracing::Span,
@@ -295,6 +297,7 @@ impl RemoteExperts {
     ) -> Attempt {
         let &LayerInput {
             layer,
+            micro_batch,
             rows,
             routes,
             span: layer_span,
@@ -401,7 +404,7 @@ impl RemoteExperts {
             epoch: serving.placement.epoch,
             step: self.step.load(Ordering::Relaxed),
             layer: layer as u32,
-            micro_batch: 0,
+            micro_batch,
         };
         let mut waits = Vec::new();
         let mut node_spans: Vec<tracing::Span> = vec![tracing::Span::none(); n_nodes];
@@ -568,6 +571,41 @@ impl RemoteExperts {
 
 impl ExpertBackend for RemoteExperts {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
+        self.run_layer(layer, 0, rows, routes)
+    }
+}
+
+/// One micro-batch's view of [`RemoteExperts`]: its dispatches carry its number, so the
+/// nodes' answers and the traces tell the step's micro-batches apart.
+pub struct MicroBatchExperts<'a> {
+    experts: &'a RemoteExperts,
+    micro_batch: u32,
+}
+
+impl ExpertBackend for MicroBatchExperts<'_> {
+    fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
+        self.experts
+            .run_layer(layer, self.micro_batch, rows, routes)
+    }
+}
+
+impl RemoteExperts {
+    pub fn micro_batch(&self, micro_batch: u32) -> MicroBatchExperts<'_> {
+        MicroBatchExperts {
+            experts: self,
+            micro_batch,
+        }
+    }
+
+    /// One MoE layer of one micro-batch: dispatched under the serving epoch, the pairs of a
+    /// failed node sent again under the next one until `recovery_timeout`.
+    fn run_layer(
+        &self,
+        layer: usize,
+        micro_batch: u32,
+        rows: &[f32],
+        routes: &ExpertRoutes,
+    ) -> Result<Vec<f32>> {
         let hidden = self.hidden;
         let started = Instant::now();
         let deadline = started + self.recovery_timeout;
@@ -587,6 +625,7 @@ impl ExpertBackend for RemoteExperts {
                 parent: &step_span,
                 "moe_layer",
                 layer = layer as u64,
+                micro_batch = micro_batch as u64,
                 tokens = routes.rows() as u64,
                 pairs = routes.pairs() as u64,
                 retries = tracing::field::Empty,
@@ -603,6 +642,7 @@ impl ExpertBackend for RemoteExperts {
             let attempt_start = Instant::now();
             let input = LayerInput {
                 layer,
+                micro_batch,
                 rows,
                 routes,
                 span: &layer_span,

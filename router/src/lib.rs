@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod http;
 pub mod kv_blocks;
 pub mod metrics;
+pub mod micro_batch;
 pub mod planner;
 pub mod request_trace;
 pub mod scheduler;

@@ -174,6 +174,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         config: SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
+            micro_batches: args.micro_batches as usize,
             recovery_timeout: Duration::from_millis(args.recovery_timeout_ms),
         },
         eos_ids: eos_ids.clone(),

@@ -154,6 +154,11 @@ impl RouterMetrics {
                 self.view.layer_retries.load(Ordering::Relaxed),
             ),
             (
+                "moe_micro_batched_steps_total",
+                "Steps run as more than one micro-batch at once (--micro-batches).",
+                self.stats.micro_batched_steps.load(Ordering::Relaxed),
+            ),
+            (
                 "moe_collective_layers_total",
                 "MoE layers sent over a per-epoch collective (TCP or NCCL) instead of gRPC.",
                 self.view.collective_layers.load(Ordering::Relaxed),

@@ -45,11 +45,15 @@ pub struct Submission {
 pub struct SchedulerStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
+    /// Steps run as more than one micro-batch at once (`--micro-batches`).
+    pub micro_batched_steps: std::sync::atomic::AtomicU64,
 }
 
 pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     pub max_running: usize,
+    /// Micro-batches each step runs as, at once (see [`crate::micro_batch`]).
+    pub micro_batches: usize,
     /// How long steps may keep failing on the cluster (no placement, nodes failing) before the
     /// requests in them are failed; until then they are retried, caches rolled back.
     pub recovery_timeout: Duration,
@@ -221,7 +225,15 @@ impl Scheduler {
                     all_logits: false,
                 });
             }
-            let logits = self.dense.forward(&mut step, &self.experts);
+            let tokens: Vec<usize> = step.iter().map(|s| s.tokens.len()).collect();
+            let cuts = crate::micro_batch::split_points(&tokens, self.config.micro_batches);
+            if !cuts.is_empty() {
+                self.stats
+                    .micro_batched_steps
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let logits =
+                crate::micro_batch::forward(self.dense.as_ref(), &self.experts, &mut step, &cuts);
             self.experts.end_step();
             logits
         };

@@ -53,6 +53,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "replicas": status.replicas, "layer_retries": status.layer_retries,
             "serving_transport": status.serving_transport, "collective_layers": status.collective_layers,
             "collective_failures": status.collective_failures, "dense_device": status.dense_device,
+            "micro_batched_steps": status.micro_batched_steps,
         });
         println!("{out}");
         return Ok(());
@@ -78,7 +79,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.layer_retries
     );
     println!(
-        "  dense part on {}  data plane {}  collective layers {}  collective failures {}",
+        "  dense part on {}  data plane {}  collective layers {}  collective failures {}  micro-batched steps {}",
         if status.dense_device.is_empty() {
             "-"
         } else {
@@ -90,7 +91,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             &status.serving_transport
         },
         status.collective_layers,
-        status.collective_failures
+        status.collective_failures,
+        status.micro_batched_steps
     );
     if status.moe_layer_calls > 0 {
         let per = |s: f64| s * 1e3 / status.moe_layer_calls as f64;

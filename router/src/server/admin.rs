@@ -130,6 +130,7 @@ impl Admin for AdminService {
             collective_layers: self.view.collective_layers.load(Ordering::Relaxed),
             collective_failures: self.view.collective_failures.load(Ordering::Relaxed),
             dense_device: self.dense_device.clone(),
+            micro_batched_steps: self.stats.micro_batched_steps.load(Ordering::Relaxed),
         }))
     }
 
