@@ -487,22 +487,38 @@ mod tests {
         device_matches_cpu("mixtral-tiny");
     }
 
-    /// A cache created with its owner's reservation takes that room at its first step and
-    /// never grows within it; one without grows by doubling past it. Same logits either way.
-    #[test]
-    fn a_reserved_device_cache_is_allocated_once() {
+    /// The Qwen3 fixture's dense part over the host reference, and all its experts.
+    fn qwen_over_the_reference() -> (ModelConfig, DeviceDenseModel<HostDenseOps>, ExpertSet) {
         let dir = fixture("qwen3-moe-tiny");
         let config = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
         let device = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
         let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        (config, device, experts)
+    }
+
+    /// One step of one sequence: its last row's logits.
+    fn step_alone(
+        device: &DeviceDenseModel<HostDenseOps>,
+        experts: &ExpertSet,
+        cache: &mut SequenceCache,
+        tokens: &[u32],
+    ) -> Vec<Vec<f32>> {
+        let mut seqs = [StepSequence {
+            cache,
+            tokens,
+            all_logits: false,
+        }];
+        device.forward(&mut seqs, experts).unwrap()
+    }
+
+    /// A cache created with its owner's reservation takes that room at its first step and
+    /// never grows within it; one without grows by doubling past it. Same logits either way.
+    #[test]
+    fn a_reserved_device_cache_is_allocated_once() {
+        let (config, device, experts) = qwen_over_the_reference();
         let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
-            let mut seqs = [StepSequence {
-                cache,
-                tokens,
-                all_logits: false,
-            }];
-            device.forward(&mut seqs, &experts).unwrap()
+            step_alone(&device, &experts, cache, tokens)
         };
         let (prompt, new_tokens) = ([5u32, 6, 7], 37u32);
         let mut reserved = SequenceCache::new(config.num_layers).reserving(3 + new_tokens as usize);
@@ -538,18 +554,9 @@ mod tests {
     /// `len` are never read, and the next step gives the same logits as if it had not run.
     #[test]
     fn rollback_needs_nothing_from_the_device_cache() {
-        let dir = fixture("qwen3-moe-tiny");
-        let config = ModelConfig::from_dir(&dir).unwrap();
-        let ckpt = Checkpoint::open(&dir).unwrap();
-        let device = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
-        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let (config, device, experts) = qwen_over_the_reference();
         let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
-            let mut seqs = [StepSequence {
-                cache,
-                tokens,
-                all_logits: false,
-            }];
-            device.forward(&mut seqs, &experts).unwrap()
+            step_alone(&device, &experts, cache, tokens)
         };
         let mut straight = SequenceCache::new(config.num_layers);
         forward(&mut straight, &[1, 2, 3]);

@@ -5,8 +5,6 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use cudarc::driver::CudaSlice;
-
 use super::context::{GpuContext, GpuError};
 use super::expert_ffn::{
     fill_uniform_f32, run_grouped_on_device, ActForm, CudaOps, ExpertBatch, GpuBuffer, GpuMlp,
@@ -162,7 +160,7 @@ pub fn expert_ffn(
         let ms = time_ms(ctx, iters, || {
             run_grouped_on_device(ctx, &held, &device_rows, &plan, &routes.weights).map(drop)
         })?;
-        let gemm_ms = gemms_only_ms(ctx, &held, &plan, &device_rows, iters)?;
+        let gemm_ms = gemms_only_ms(ctx, &held, &plan, iters)?;
         let flops = routes.pairs() as f64 * shape.flops_per_pair();
         let tflops = flops / (ms * 1e-3) / 1e12;
         figures.push(FfnFigure {
@@ -180,13 +178,12 @@ pub fn expert_ffn(
     Ok(figures)
 }
 
-/// Milliseconds of the batch's gate+up and down passes alone, on inputs made by one untimed
-/// gather and SiLU-and-multiply (real values: a GEMM over zeros runs faster).
+/// Milliseconds of the batch's gate+up and down passes alone, on random inputs of the
+/// batch's activation form (real values: a GEMM over zeros runs faster).
 fn gemms_only_ms(
     ctx: &GpuContext,
     held: &[&GpuMlp],
     plan: &ExpertRuns,
-    rows: &CudaSlice<f32>,
     iters: usize,
 ) -> Result<f64, GpuError> {
     let Some(batch) = ExpertBatch::of(ctx, held)? else {
@@ -198,39 +195,15 @@ fn gemms_only_ms(
         act: batch.act,
     };
     let mut x = ops.scratch_act(slots * hidden)?;
-    ops.gather(
-        rows,
-        &ops.upload_index(&plan.row_of_slot)?,
-        &mut x,
-        slots,
-        hidden,
-    )?;
-    let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
-    let m = &batch.matrices;
-    expert_gemms(
-        &ops,
-        m,
-        plan,
-        FfnPass::GateUp,
-        &x,
-        &mut gate_up,
-        hidden,
-        inter,
-    )?;
+    x.fill_uniform(ctx, 5, 1.0)?;
     let mut act = ops.scratch_act(slots * inter)?;
-    ops.silu_mul(&gate_up, &mut act, slots, inter)?;
+    act.fill_uniform(ctx, 6, 1.0)?;
+    let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
     let mut out = ops.scratch_f32(slots * hidden)?;
+    let m = &batch.matrices;
     time_ms(ctx, iters, || {
-        expert_gemms(
-            &ops,
-            m,
-            plan,
-            FfnPass::GateUp,
-            &x,
-            &mut gate_up,
-            hidden,
-            inter,
-        )?;
+        let up = FfnPass::GateUp;
+        expert_gemms(&ops, m, plan, up, &x, &mut gate_up, hidden, inter)?;
         expert_gemms(&ops, m, plan, FfnPass::Down, &act, &mut out, hidden, inter)
     })
 }

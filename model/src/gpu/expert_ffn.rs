@@ -149,16 +149,27 @@ impl GpuBuffer {
         // SAFETY: the kernel writes exactly `n` elements of the buffer it is given.
         unsafe {
             match self {
-                GpuBuffer::Bf16(s) => stream
-                    .launch_builder(&ctx.kernels().fill_uniform_bf16)
-                    .arg(s)
-                    .arg(&n)
-                    .arg(&seed)
-                    .arg(&scale)
-                    .launch(cfg)?,
+                GpuBuffer::Bf16(s) => {
+                    stream
+                        .launch_builder(&ctx.kernels().fill_uniform_bf16)
+                        .arg(s)
+                        .arg(&n)
+                        .arg(&seed)
+                        .arg(&scale)
+                        .launch(cfg)?;
+                }
                 GpuBuffer::F32(s) => return fill_uniform_f32(ctx, s, seed, scale),
-                GpuBuffer::Bf16Pair { .. } => {
-                    return Err(GpuError::Shape("random fill of an activation pair".into()))
+                GpuBuffer::Bf16Pair { hi, lo } => {
+                    // A value's two terms: `lo` is within bf16's rounding step of `hi`.
+                    for (part, seed, scale) in [(hi, seed, scale), (lo, seed ^ 1, scale / 256.0)] {
+                        stream
+                            .launch_builder(&ctx.kernels().fill_uniform_bf16)
+                            .arg(part)
+                            .arg(&n)
+                            .arg(&seed)
+                            .arg(&scale)
+                            .launch(cfg)?;
+                    }
                 }
             };
         }
