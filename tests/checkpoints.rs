@@ -3,7 +3,7 @@
 
 use moe_model::checkpoint::fp8::{e4m3_to_f32, f32_to_e4m3};
 use moe_model::checkpoint::{Dtype, SafetensorsFile, SafetensorsWriter};
-use moe_model::Engine;
+use moe_model::{Engine, GenerateRequest, SamplingParams};
 use moe_tests::{fixture_dir, golden_cases, rewrite_fixture, RawTensor, TempDir, FIXTURES};
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
@@ -79,6 +79,72 @@ fn f16_weights_load_and_compute_in_f32() {
     let diff = moe_tests::max_abs_diff(&logits, &reference);
     // f16 rounding of every weight moves logits a little, not a lot.
     assert!(diff > 0.0 && diff < 0.5, "f16 logits differ by {diff}");
+}
+
+/// Every float tensor of a fixture as bf16 (`as_bf16`) or as the exact f32 widening of that
+/// bf16 value (`!as_bf16`).
+fn bf16_values(as_bf16: bool) -> impl FnMut(RawTensor) -> Vec<RawTensor> {
+    move |(name, dtype, shape, bytes)| {
+        let values: Vec<half::bf16> = match dtype {
+            Dtype::F32 => f32s(&bytes)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            _ => return vec![(name, dtype, shape, bytes)],
+        };
+        if as_bf16 {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            vec![(name, Dtype::BF16, shape, bytes)]
+        } else {
+            let bytes = values
+                .iter()
+                .flat_map(|v| v.to_f32().to_le_bytes())
+                .collect();
+            vec![(name, Dtype::F32, shape, bytes)]
+        }
+    }
+}
+
+/// bf16 weights stay bf16 in memory (half the bytes) and give bitwise the logits and tokens of
+/// the same values stored as f32, on every fixture family.
+#[test]
+fn bf16_weights_compute_exactly_like_their_f32_widening() {
+    for fixture in FIXTURES {
+        let narrow_dir = TempDir::new("bf16");
+        let wide_dir = TempDir::new("bf16-widened");
+        rewrite_fixture(fixture, narrow_dir.path(), bf16_values(true));
+        rewrite_fixture(fixture, wide_dir.path(), bf16_values(false));
+        let narrow = Engine::load(narrow_dir.path()).unwrap();
+        let wide = Engine::load(wide_dir.path()).unwrap();
+        assert_eq!(
+            narrow.experts().bytes() * 2,
+            wide.experts().bytes(),
+            "{fixture}: experts are not held in bf16"
+        );
+        for case in golden_cases(fixture) {
+            assert_eq!(
+                narrow.prompt_logits(&case.input_ids).unwrap(),
+                wide.prompt_logits(&case.input_ids).unwrap(),
+                "{fixture}: prompt logits differ"
+            );
+            let request = |engine: &Engine| {
+                engine
+                    .generate(&GenerateRequest {
+                        input_ids: case.input_ids.clone(),
+                        max_new_tokens: 8,
+                        sampling: SamplingParams::default(),
+                        ignore_eos: true,
+                        emit_logits: true,
+                    })
+                    .unwrap()
+            };
+            assert_eq!(request(&narrow), request(&wide), "{fixture}: tokens differ");
+        }
+    }
 }
 
 /// Block size of the test checkpoint: small enough that the tiny matrices have several blocks.

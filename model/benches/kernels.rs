@@ -7,13 +7,22 @@
 
 use std::time::Instant;
 
-use moe_model::backend::PackedMatrix;
+use moe_model::backend::{NativeWeight, PackedMatrix};
 use moe_model::checkpoint::{Checkpoint, SafetensorsWriter};
 use moe_model::config::ModelConfig;
 use moe_model::experts::{ExpertBackend, ExpertSet};
 use moe_model::layers::mlp::Mlp;
 use moe_model::routes::ExpertRoutes;
 use moe_model::sampling::Rng;
+
+/// The same kind of matrix held as bf16 panels (how a bf16 checkpoint's weights are held).
+fn random_bf16_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
+    let values = random(n * k, rng)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
+    PackedMatrix::from_native(&[&NativeWeight::Bf16(values)], k)
+}
 
 fn random(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n)
@@ -52,6 +61,14 @@ fn main() {
         let name = format!("gemm_{tokens}x{hidden}x{inter}");
         if wants(&name) {
             let w = PackedMatrix::from_rows(&random(inter * hidden, &mut rng), inter, hidden);
+            let a = random(tokens * hidden, &mut rng);
+            let mut c = vec![0.0f32; tokens * inter];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            results.push((name, s, 2.0 * (tokens * hidden * inter) as f64));
+        }
+        let name = format!("gemm_bf16_{tokens}x{hidden}x{inter}");
+        if wants(&name) {
+            let w = random_bf16_matrix(inter, hidden, &mut rng);
             let a = random(tokens * hidden, &mut rng);
             let mut c = vec![0.0f32; tokens * inter];
             let s = time(|| w.matmul_into(&a, tokens, &mut c));
@@ -97,6 +114,15 @@ fn main() {
             let s = time(|| w.matmul_into(&a, tokens, &mut c));
             // Work reported as bytes of weights streamed.
             results.push((name, s, (n * k * 4) as f64));
+        }
+        let name = format!("stream_bf16_{tokens}x8192x16384");
+        if wants(&name) {
+            let (n, k) = (16384usize, 8192usize);
+            let w = random_bf16_matrix(n, k, &mut rng);
+            let a = random(tokens * k, &mut rng);
+            let mut c = vec![0.0f32; tokens * n];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            results.push((name, s, (n * k * 2) as f64));
         }
     }
 

@@ -2,7 +2,7 @@
 //! norms, dense MLPs, the MoE gate, shared experts, the final norm and lm_head. This is what the
 //! router runs; routed experts are reached through an [`ExpertBackend`].
 
-use crate::backend::{ops, PackedMatrix};
+use crate::backend::{ops, NativeWeight, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -38,7 +38,8 @@ pub struct DecoderLayer {
 pub struct DenseModel {
     config: ModelConfig,
     /// `[vocab, hidden]`, row-major (looked up, never multiplied).
-    embed: Vec<f32>,
+    /// `[vocab, hidden]`, in the checkpoint's precision (bf16 widens exactly on lookup).
+    embed: NativeWeight,
     layers: Vec<DecoderLayer>,
     final_norm: Vec<f32>,
     lm_head: PackedMatrix,
@@ -57,7 +58,7 @@ impl DenseModel {
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let h = config.hidden_size;
         let v = config.vocab_size;
-        let embed = ckpt.load_f32("model.embed_tokens.weight", &[v, h])?;
+        let embed = ckpt.load_native("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
             let p = families::layer_prefix(layer);
@@ -98,9 +99,9 @@ impl DenseModel {
         }
         let final_norm = ckpt.load_f32("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-            PackedMatrix::from_rows(&embed, v, h)
+            PackedMatrix::from_native(&[&embed], h)
         } else {
-            PackedMatrix::from_rows(&ckpt.load_f32("lm_head.weight", &[v, h])?, v, h)
+            PackedMatrix::from_native(&[&ckpt.load_native("lm_head.weight", &[v, h])?], h)
         };
         Ok(Self {
             config: config.clone(),
@@ -139,7 +140,8 @@ impl DenseModel {
         let mut hidden = Vec::with_capacity(rows * h);
         for s in seqs.iter() {
             for &t in s.tokens {
-                hidden.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+                self.embed
+                    .extend_widened(t as usize * h..(t as usize + 1) * h, &mut hidden);
             }
         }
 

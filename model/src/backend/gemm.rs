@@ -1,19 +1,23 @@
-//! Packed f32 GEMM: `C[m, n] = sum_k A[m, k] * W[n, k]`, with `W` a Hugging Face `Linear` weight
-//! (`[out_features, in_features]`, row-major) packed once at load time into column panels.
+//! Packed GEMM: `C[m, n] = sum_k A[m, k] * W[n, k]`, with `W` a Hugging Face `Linear` weight
+//! (`[out_features, in_features]`, row-major) packed once at load time into column panels, in
+//! f32 or, for bf16 checkpoints, in bf16 (widened exactly to f32 as the kernel loads it).
 //!
 //! Each output element is a chain of fused multiply-adds over k in ascending order, starting from
 //! zero. K blocking stores and reloads the partial sum without changing that chain, and M tiling
 //! only decides which rows share a register tile, so the result of a row is bitwise the same
-//! whether it is computed alone, in a batch of 256, on one thread or on many. The portable path
-//! uses `f32::mul_add` in the same order, so it agrees bitwise with the AVX2/FMA path.
+//! whether it is computed alone, in a batch of 256, on one thread or on many, and whether the
+//! panels hold a bf16 weight or its f32 widening. The portable path uses `f32::mul_add` in the
+//! same order, so it agrees bitwise with the AVX2/FMA path.
 
 use rayon::prelude::*;
+
+use super::NativeWeight;
 
 /// Output columns per packed panel (two 8-lane vectors).
 pub const NR: usize = 16;
 /// Rows per register tile.
 const MR: usize = 6;
-/// K block: a `KC x NR` slice of a panel (16 KiB) stays in L1 while all row tiles use it.
+/// K block: a `KC x NR` slice of a panel (16 KiB in f32) stays in L1 while all row tiles use it.
 const KC: usize = 256;
 /// Floats of A kept hot per row block (384 KiB of a 512 KiB L2).
 const A_SLAB_FLOATS: usize = 96 * 1024;
@@ -27,13 +31,87 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 pub struct PackedMatrix {
     n: usize,
     k: usize,
-    panels: Vec<f32>,
+    panels: Panels,
+}
+
+#[derive(Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    /// Each k-row of a panel holds its 16 columns interleaved (0, 8, 1, 9, ..., 7, 15), so that
+    /// one 32-bit lane carries columns j and j + 8: a shift widens the first, a mask the second.
+    Bf16(Vec<half::bf16>),
 }
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrix[{} x {}]", self.n, self.k)
+        let dtype = match self.panels {
+            Panels::F32(_) => "f32",
+            Panels::Bf16(_) => "bf16",
+        };
+        write!(f, "PackedMatrix[{} x {}, {dtype}]", self.n, self.k)
     }
+}
+
+/// What a packed panel holds, and where column `j` of a k-row lies.
+trait PanelElement: Copy + Default + Send + Sync {
+    const BF16: bool;
+    fn widen(self) -> f32;
+    fn slot(column: usize) -> usize;
+}
+
+impl PanelElement for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn slot(column: usize) -> usize {
+        column
+    }
+}
+
+impl PanelElement for half::bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn slot(column: usize) -> usize {
+        if column < NR / 2 {
+            2 * column
+        } else {
+            2 * (column - NR / 2) + 1
+        }
+    }
+}
+
+/// Packs row-major parts (each `[n_i, k]`) stacked into one `[sum n_i, k]` panel array.
+fn pack<E: PanelElement>(parts: &[&[E]], k: usize) -> (usize, Vec<E>) {
+    for part in parts {
+        assert_eq!(
+            part.len() % k.max(1),
+            0,
+            "weight length is not a multiple of k"
+        );
+    }
+    let n = parts
+        .iter()
+        .map(|p| p.len())
+        .sum::<usize>()
+        .checked_div(k)
+        .unwrap_or(0);
+    let mut panels = vec![E::default(); n.div_ceil(NR) * k * NR];
+    let rows = parts.iter().flat_map(|part| part.chunks_exact(k.max(1)));
+    for (r, row) in rows.enumerate().take(n) {
+        let panel = &mut panels[(r / NR) * k * NR..(r / NR + 1) * k * NR];
+        let slot = E::slot(r % NR);
+        for (kk, &v) in row.iter().enumerate() {
+            panel[kk * NR + slot] = v;
+        }
+    }
+    (n, panels)
 }
 
 impl PackedMatrix {
@@ -44,26 +122,50 @@ impl PackedMatrix {
             n * k,
             "weight length does not match its shape"
         );
-        let num_panels = n.div_ceil(NR);
-        let mut panels = vec![0.0f32; num_panels * k * NR];
-        for p in 0..num_panels {
-            let panel = &mut panels[p * k * NR..(p + 1) * k * NR];
-            for j in 0..NR.min(n - p * NR) {
-                let row = &weight[(p * NR + j) * k..(p * NR + j + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * NR + j] = v;
-                }
-            }
+        let (_, panels) = pack(&[weight], k);
+        Self {
+            n,
+            k,
+            panels: Panels::F32(panels),
         }
-        Self { n, k, panels }
     }
 
     /// Stacks several `[n_i, k]` weights into one `[sum n_i, k]` matrix, so that projections
     /// sharing an input run as one GEMM.
     pub fn from_stacked(parts: &[&[f32]], k: usize) -> Self {
-        let rows: Vec<f32> = parts.iter().flat_map(|p| p.iter().copied()).collect();
-        let n = rows.len() / k;
-        Self::from_rows(&rows, n, k)
+        let (n, panels) = pack(parts, k);
+        Self {
+            n,
+            k,
+            panels: Panels::F32(panels),
+        }
+    }
+
+    /// Like [`Self::from_stacked`] for weights as their checkpoint holds them: bf16 panels when
+    /// every part is bf16 (half the bytes, bitwise the same products), f32 otherwise.
+    pub fn from_native(parts: &[&NativeWeight], k: usize) -> Self {
+        let bf16: Option<Vec<&[half::bf16]>> = parts
+            .iter()
+            .map(|p| match p {
+                NativeWeight::Bf16(v) => Some(v.as_slice()),
+                NativeWeight::F32(_) => None,
+            })
+            .collect();
+        match bf16 {
+            Some(parts) => {
+                let (n, panels) = pack(&parts, k);
+                Self {
+                    n,
+                    k,
+                    panels: Panels::Bf16(panels),
+                }
+            }
+            None => {
+                let widened: Vec<Vec<f32>> = parts.iter().map(|p| p.to_f32()).collect();
+                let refs: Vec<&[f32]> = widened.iter().map(Vec::as_slice).collect();
+                Self::from_stacked(&refs, k)
+            }
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -74,9 +176,17 @@ impl PackedMatrix {
         self.k
     }
 
+    /// Whether the panels hold bf16 (else f32).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.panels, Panels::Bf16(_))
+    }
+
     /// Bytes held by the packed panels.
     pub fn bytes(&self) -> usize {
-        self.panels.len() * 4
+        match &self.panels {
+            Panels::F32(p) => p.len() * 4,
+            Panels::Bf16(p) => p.len() * 2,
+        }
     }
 
     /// `a` is `[m, k]` row-major; returns `[m, n]`.
@@ -106,6 +216,20 @@ impl PackedMatrix {
         if m == 0 || self.n == 0 {
             return;
         }
+        match &self.panels {
+            Panels::F32(panels) => self.product_of(panels, a, m, c, parallel),
+            Panels::Bf16(panels) => self.product_of(panels, a, m, c, parallel),
+        }
+    }
+
+    fn product_of<E: PanelElement>(
+        &self,
+        panels: &[E],
+        a: &[f32],
+        m: usize,
+        c: &mut [f32],
+        parallel: bool,
+    ) {
         let num_panels = self.n.div_ceil(NR);
         let out = OutPtr(c.as_mut_ptr());
         // Row blocks small enough that their [rows, k] slab of A stays in L2 while every panel
@@ -117,7 +241,7 @@ impl PackedMatrix {
             let run = |p: usize| {
                 // SAFETY: panel p writes only columns [p*NR, p*NR+NR) of rows m0..m0+rows of c,
                 // disjoint across panels.
-                unsafe { self.panel_product(p, a, m0, rows, out) }
+                unsafe { self.panel_product(panels, p, a, m0, rows, out) }
             };
             if parallel {
                 (0..num_panels)
@@ -132,11 +256,19 @@ impl PackedMatrix {
     }
 
     /// Computes columns of panel `p` for rows `first..first + rows`.
-    unsafe fn panel_product(&self, p: usize, a: &[f32], first: usize, rows: usize, c: OutPtr) {
+    unsafe fn panel_product<E: PanelElement>(
+        &self,
+        panels: &[E],
+        p: usize,
+        a: &[f32],
+        first: usize,
+        rows: usize,
+        c: OutPtr,
+    ) {
         let k = self.k;
         let n = self.n;
         let cols = NR.min(n - p * NR);
-        let panel = &self.panels[p * k * NR..(p + 1) * k * NR];
+        let panel = &panels[p * k * NR..(p + 1) * k * NR];
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
@@ -169,10 +301,10 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// One register tile: up to MR rows of A times one NR-wide slice of a panel.
-struct Tile {
+struct Tile<E> {
     a: *const f32,
     lda: usize,
-    b: *const f32,
+    b: *const E,
     c: *mut f32,
     ldc: usize,
     kc: usize,
@@ -182,17 +314,17 @@ struct Tile {
     accumulate: bool,
 }
 
-unsafe fn micro_tile(mr: usize, t: &Tile) {
+unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
     #[cfg(target_arch = "x86_64")]
     {
         if super::has_avx2_fma() {
             match mr {
-                6 => return x86::tile::<6>(t),
-                5 => return x86::tile::<5>(t),
-                4 => return x86::tile::<4>(t),
-                3 => return x86::tile::<3>(t),
-                2 => return x86::tile::<2>(t),
-                _ => return x86::tile::<1>(t),
+                6 => return x86::tile::<6, E>(t),
+                5 => return x86::tile::<5, E>(t),
+                4 => return x86::tile::<4, E>(t),
+                3 => return x86::tile::<3, E>(t),
+                2 => return x86::tile::<2, E>(t),
+                _ => return x86::tile::<1, E>(t),
             }
         }
     }
@@ -200,13 +332,14 @@ unsafe fn micro_tile(mr: usize, t: &Tile) {
 }
 
 /// The same FMA chain as the SIMD path, one element at a time.
-unsafe fn portable_tile(mr: usize, t: &Tile) {
+unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
     for r in 0..mr {
         for j in 0..t.cols {
             let c = t.c.add(r * t.ldc + j);
             let mut acc = if t.accumulate { *c } else { 0.0 };
             for kk in 0..t.kc {
-                acc = (*t.a.add(r * t.lda + kk)).mul_add(*t.b.add(kk * NR + j), acc);
+                let w = (*t.b.add(kk * NR + E::slot(j))).widen();
+                acc = (*t.a.add(r * t.lda + kk)).mul_add(w, acc);
             }
             *c = acc;
         }
@@ -215,11 +348,27 @@ unsafe fn portable_tile(mr: usize, t: &Tile) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Tile, NR};
+    use super::{PanelElement, Tile, NR};
     use std::arch::x86_64::*;
 
+    /// One k-row of a panel as two 8-lane vectors (columns 0..8 and 8..16).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const R: usize>(t: &Tile) {
+    #[inline]
+    unsafe fn load_panel_row<E: PanelElement>(b: *const E) -> (__m256, __m256) {
+        if E::BF16 {
+            // Lane j holds column j in its low half and column j + 8 in its high half.
+            let lanes = _mm256_loadu_si256(b as *const __m256i);
+            let low = _mm256_slli_epi32::<16>(lanes);
+            let high = _mm256_and_si256(lanes, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+            (_mm256_castsi256_ps(low), _mm256_castsi256_ps(high))
+        } else {
+            let b = b as *const f32;
+            (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const R: usize, E: PanelElement>(t: &Tile<E>) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut staging = [[0.0f32; NR]; R];
         let full = t.cols == NR;
@@ -242,8 +391,7 @@ mod x86 {
         }
         let mut b = t.b;
         for kk in 0..t.kc {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
+            let (b0, b1) = load_panel_row(b);
             for r in 0..R {
                 let a = _mm256_broadcast_ss(&*a_ptrs[r].add(kk));
                 acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
@@ -324,15 +472,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn simd_and_portable_paths_agree_bitwise() {
-        let (m, n, k) = (9, 20, 300);
-        let a = pseudo_random(m * k, 5);
-        let w = PackedMatrix::from_rows(&pseudo_random(n * k, 6), n, k);
-        let fast = w.matmul(&a, m);
-        let mut slow = vec![0.0f32; m * n];
-        let panels = n.div_ceil(NR);
-        for p in 0..panels {
+    /// Runs the portable tile over every panel and K block, as `product` tiles them.
+    fn portable_product<E: PanelElement>(
+        panels: &[E],
+        a: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0f32; m * n];
+        for p in 0..n.div_ceil(NR) {
             let cols = NR.min(n - p * NR);
             let mut k0 = 0;
             while k0 < k {
@@ -341,8 +490,8 @@ mod tests {
                     let t = Tile {
                         a: a[m0 * k + k0..].as_ptr(),
                         lda: k,
-                        b: w.panels[p * k * NR + k0 * NR..].as_ptr(),
-                        c: slow[m0 * n + p * NR..].as_mut_ptr(),
+                        b: panels[p * k * NR + k0 * NR..].as_ptr(),
+                        c: out[m0 * n + p * NR..].as_mut_ptr(),
                         ldc: n,
                         kc,
                         cols,
@@ -353,6 +502,78 @@ mod tests {
                 k0 += kc;
             }
         }
-        assert_eq!(fast, slow);
+        out
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree_bitwise() {
+        let (m, n, k) = (9, 20, 300);
+        let a = pseudo_random(m * k, 5);
+        let weight = pseudo_random(n * k, 6);
+        let w = PackedMatrix::from_rows(&weight, n, k);
+        let Panels::F32(panels) = &w.panels else {
+            panic!("f32 weights pack as f32")
+        };
+        assert_eq!(w.matmul(&a, m), portable_product(panels, &a, m, n, k));
+        let bf16: Vec<half::bf16> = weight.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let w = PackedMatrix::from_native(&[&NativeWeight::Bf16(bf16)], k);
+        let Panels::Bf16(panels) = &w.panels else {
+            panic!("bf16 weights pack as bf16")
+        };
+        assert_eq!(w.matmul(&a, m), portable_product(panels, &a, m, n, k));
+    }
+
+    /// bf16 panels must give bitwise the products of the same weights widened to f32, on shapes
+    /// with partial panels, several K blocks and partial row tiles, serial and parallel.
+    #[test]
+    fn bf16_panels_match_their_f32_widening_bitwise() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 5),
+            (13, 33, 300),
+            (6, 16, 256),
+            (40, 70, 600),
+        ] {
+            let bf16: Vec<half::bf16> = pseudo_random(n * k, 7)
+                .iter()
+                .map(|&x| half::bf16::from_f32(x * 3.0))
+                .collect();
+            let widened: Vec<f32> = bf16.iter().map(|x| x.to_f32()).collect();
+            let narrow = PackedMatrix::from_native(&[&NativeWeight::Bf16(bf16)], k);
+            let wide = PackedMatrix::from_rows(&widened, n, k);
+            assert!(narrow.is_bf16() && !wide.is_bf16());
+            assert_eq!(narrow.bytes() * 2, wide.bytes());
+            let a = pseudo_random(m * k, 8);
+            assert_eq!(narrow.matmul(&a, m), wide.matmul(&a, m), "{m}x{n}x{k}");
+            assert_eq!(
+                narrow.matmul_serial(&a, m),
+                wide.matmul(&a, m),
+                "{m}x{n}x{k} serial"
+            );
+        }
+    }
+
+    #[test]
+    fn stacked_parts_pack_like_one_matrix() {
+        let k = 40;
+        let (gate, up) = (pseudo_random(24 * k, 9), pseudo_random(24 * k, 10));
+        let to_bf16 =
+            |v: &[f32]| -> Vec<half::bf16> { v.iter().map(|&x| half::bf16::from_f32(x)).collect() };
+        let (gate16, up16) = (
+            NativeWeight::Bf16(to_bf16(&gate)),
+            NativeWeight::Bf16(to_bf16(&up)),
+        );
+        let stacked = PackedMatrix::from_native(&[&gate16, &up16], k);
+        let whole: Vec<f32> = gate16.to_f32().into_iter().chain(up16.to_f32()).collect();
+        let a = pseudo_random(5 * k, 11);
+        assert_eq!(stacked.rows(), 48);
+        assert_eq!(
+            stacked.matmul(&a, 5),
+            PackedMatrix::from_rows(&whole, 48, k).matmul(&a, 5)
+        );
+        // A part that is not bf16 makes the whole matrix f32.
+        let mixed = PackedMatrix::from_native(&[&gate16, &NativeWeight::F32(up16.to_f32())], k);
+        assert!(!mixed.is_bf16());
+        assert_eq!(mixed.matmul(&a, 5), stacked.matmul(&a, 5));
     }
 }

@@ -6,8 +6,10 @@
 
 pub mod gemm;
 pub mod ops;
+pub mod weight;
 
 pub use gemm::PackedMatrix;
+pub use weight::NativeWeight;
 
 /// Sets the number of math threads for the process (call once, before any work).
 pub fn set_threads(threads: usize) -> Result<(), String> {

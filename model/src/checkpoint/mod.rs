@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::backend::NativeWeight;
 use crate::error::{ModelError, Result};
 pub use safetensors::{Dtype, SafetensorsFile, SafetensorsWriter, TensorInfo};
 
@@ -168,6 +169,23 @@ impl Checkpoint {
                 name: name.to_string(),
                 dtype: other.name().to_string(),
             }),
+        }
+    }
+
+    /// Loads a weight in the precision the checkpoint stores it when the CPU GEMM can use that
+    /// precision as is (bf16), as f32 otherwise; the shape is checked as in [`Self::load_f32`].
+    pub fn load_native(&self, name: &str, expected: &[usize]) -> Result<NativeWeight> {
+        match self.info(name) {
+            Some(info) if info.dtype == Dtype::BF16 && info.shape == expected => {
+                let bytes = self.files[self.index[name]].bytes(info);
+                Ok(NativeWeight::Bf16(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ))
+            }
+            _ => self.load_f32(name, expected).map(NativeWeight::F32),
         }
     }
 

@@ -48,10 +48,14 @@ impl Mlp {
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        let gate = ckpt.load_f32(&names.gate, &[intermediate, hidden])?;
-        let up = ckpt.load_f32(&names.up, &[intermediate, hidden])?;
-        let down = ckpt.load_f32(&names.down, &[hidden, intermediate])?;
-        Ok(Self::from_weights(&gate, &up, &down, hidden, intermediate))
+        let gate = ckpt.load_native(&names.gate, &[intermediate, hidden])?;
+        let up = ckpt.load_native(&names.up, &[intermediate, hidden])?;
+        let down = ckpt.load_native(&names.down, &[hidden, intermediate])?;
+        Ok(Self {
+            gate_up: PackedMatrix::from_native(&[&gate, &up], hidden),
+            down: PackedMatrix::from_native(&[&down], intermediate),
+            intermediate,
+        })
     }
 
     pub fn from_weights(

@@ -36,19 +36,19 @@ impl GqaAttention {
         scale: f32,
         eps: f32,
     ) -> Result<Self> {
-        let q = ckpt.load_f32(
+        let q = ckpt.load_native(
             &format!("{prefix}.q_proj.weight"),
             &[heads * head_dim, hidden],
         )?;
-        let k = ckpt.load_f32(
+        let k = ckpt.load_native(
             &format!("{prefix}.k_proj.weight"),
             &[kv_heads * head_dim, hidden],
         )?;
-        let v = ckpt.load_f32(
+        let v = ckpt.load_native(
             &format!("{prefix}.v_proj.weight"),
             &[kv_heads * head_dim, hidden],
         )?;
-        let o = ckpt.load_f32(
+        let o = ckpt.load_native(
             &format!("{prefix}.o_proj.weight"),
             &[hidden, heads * head_dim],
         )?;
@@ -61,8 +61,8 @@ impl GqaAttention {
             (None, None)
         };
         Ok(Self {
-            qkv: PackedMatrix::from_stacked(&[&q, &k, &v], hidden),
-            o: PackedMatrix::from_rows(&o, hidden, heads * head_dim),
+            qkv: PackedMatrix::from_native(&[&q, &k, &v], hidden),
+            o: PackedMatrix::from_native(&[&o], heads * head_dim),
             q_norm,
             k_norm,
             heads,

@@ -61,54 +61,55 @@ impl MlaAttention {
             v,
         } = shape;
         let q_head = nope + rope;
-        let kv_a = ckpt.load_f32(
+        let kv_a = ckpt.load_native(
             &format!("{prefix}.kv_a_proj_with_mqa.weight"),
             &[kv_lora_rank + rope, hidden],
         )?;
         let (input_proj, q_a_norm, q_b) = match q_lora_rank {
             Some(rank) => {
-                let q_a = ckpt.load_f32(&format!("{prefix}.q_a_proj.weight"), &[rank, hidden])?;
+                let q_a =
+                    ckpt.load_native(&format!("{prefix}.q_a_proj.weight"), &[rank, hidden])?;
                 let norm = ckpt.load_f32(&format!("{prefix}.q_a_layernorm.weight"), &[rank])?;
-                let q_b = ckpt.load_f32(
+                let q_b = ckpt.load_native(
                     &format!("{prefix}.q_b_proj.weight"),
                     &[heads * q_head, rank],
                 )?;
                 (
-                    PackedMatrix::from_stacked(&[&q_a, &kv_a], hidden),
+                    PackedMatrix::from_native(&[&q_a, &kv_a], hidden),
                     Some(norm),
-                    Some(PackedMatrix::from_rows(&q_b, heads * q_head, rank)),
+                    Some(PackedMatrix::from_native(&[&q_b], rank)),
                 )
             }
             None => {
-                let q = ckpt.load_f32(
+                let q = ckpt.load_native(
                     &format!("{prefix}.q_proj.weight"),
                     &[heads * q_head, hidden],
                 )?;
-                (PackedMatrix::from_stacked(&[&q, &kv_a], hidden), None, None)
+                (PackedMatrix::from_native(&[&q, &kv_a], hidden), None, None)
             }
         };
         let kv_a_norm =
             ckpt.load_f32(&format!("{prefix}.kv_a_layernorm.weight"), &[kv_lora_rank])?;
-        let kv_b = ckpt.load_f32(
+        let kv_b = ckpt.load_native(
             &format!("{prefix}.kv_b_proj.weight"),
             &[heads * (nope + v), kv_lora_rank],
         )?;
+        // Per head: W_UK transposed (absorbed into the query) and W_UV, in the checkpoint's
+        // precision.
         let mut uk_t = Vec::with_capacity(heads);
         let mut uv = Vec::with_capacity(heads);
         for h in 0..heads {
-            let base = h * (nope + v) * kv_lora_rank;
-            let uk = &kv_b[base..base + nope * kv_lora_rank];
-            let mut t = vec![0.0f32; kv_lora_rank * nope];
-            for i in 0..nope {
-                for c in 0..kv_lora_rank {
-                    t[c * nope + i] = uk[i * kv_lora_rank + c];
-                }
-            }
-            uk_t.push(PackedMatrix::from_rows(&t, kv_lora_rank, nope));
-            let w_uv = &kv_b[base + nope * kv_lora_rank..base + (nope + v) * kv_lora_rank];
-            uv.push(PackedMatrix::from_rows(w_uv, v, kv_lora_rank));
+            let first = h * (nope + v);
+            uk_t.push(PackedMatrix::from_native(
+                &[&kv_b.transposed_rows(first, nope, kv_lora_rank)],
+                nope,
+            ));
+            uv.push(PackedMatrix::from_native(
+                &[&kv_b.row_block(first + nope, v, kv_lora_rank)],
+                kv_lora_rank,
+            ));
         }
-        let o = ckpt.load_f32(&format!("{prefix}.o_proj.weight"), &[hidden, heads * v])?;
+        let o = ckpt.load_native(&format!("{prefix}.o_proj.weight"), &[hidden, heads * v])?;
         Ok(Self {
             shape,
             input_proj,
@@ -117,7 +118,7 @@ impl MlaAttention {
             kv_a_norm,
             uk_t,
             uv,
-            o: PackedMatrix::from_rows(&o, hidden, heads * v),
+            o: PackedMatrix::from_native(&[&o], heads * v),
             interleaved,
             scale,
             eps,
