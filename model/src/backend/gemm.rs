@@ -23,6 +23,8 @@ const KC: usize = 256;
 const A_SLAB_FLOATS: usize = 96 * 1024;
 /// Row blocks never go below this: splitting small batches costs more fork-joins than it saves.
 const MIN_ROW_BLOCK: usize = 132;
+/// K-rows packed at a time (see `pack`).
+const PACK_KB: usize = 64;
 /// Below this many multiply-adds a GEMM runs on the calling thread (fork-join costs more).
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -88,6 +90,10 @@ impl PanelElement for half::bf16 {
 }
 
 /// Packs row-major parts (each `[n_i, k]`) stacked into one `[sum n_i, k]` panel array.
+///
+/// Written in order, a k-row of one panel at a time from its (up to) 16 source rows, so that
+/// the output is one sequential stream (no zero-fill pass, no scattered stores): loading a
+/// node's experts is mostly this loop.
 fn pack<E: PanelElement>(parts: &[&[E]], k: usize) -> (usize, Vec<E>) {
     for part in parts {
         assert_eq!(
@@ -102,15 +108,39 @@ fn pack<E: PanelElement>(parts: &[&[E]], k: usize) -> (usize, Vec<E>) {
         .sum::<usize>()
         .checked_div(k)
         .unwrap_or(0);
-    let mut panels = vec![E::default(); n.div_ceil(NR) * k * NR];
-    let rows = parts.iter().flat_map(|part| part.chunks_exact(k.max(1)));
-    for (r, row) in rows.enumerate().take(n) {
-        let panel = &mut panels[(r / NR) * k * NR..(r / NR + 1) * k * NR];
-        let slot = E::slot(r % NR);
-        for (kk, &v) in row.iter().enumerate() {
-            panel[kk * NR + slot] = v;
+    let padding = vec![E::default(); k];
+    let mut rows = parts
+        .iter()
+        .flat_map(|part| part.chunks_exact(k.max(1)))
+        .take(n);
+    let total = n.div_ceil(NR) * k * NR;
+    let mut panels = Vec::with_capacity(total);
+    if total > 0 {
+        let out = &mut panels.spare_capacity_mut()[..total];
+        for panel in out.chunks_exact_mut(k * NR) {
+            let mut sources: [&[E]; NR] = [padding.as_slice(); NR];
+            for source in sources.iter_mut() {
+                match rows.next() {
+                    Some(row) => *source = row,
+                    None => break,
+                }
+            }
+            // Blocks of k-rows small enough (2 KiB of bf16) that the strided stores stay in
+            // L1 while each source row is read sequentially.
+            for k0 in (0..k).step_by(PACK_KB) {
+                let k1 = (k0 + PACK_KB).min(k);
+                let block = &mut panel[k0 * NR..k1 * NR];
+                for (column, row) in sources.iter().enumerate() {
+                    let slot = E::slot(column);
+                    for (cells, &value) in block.chunks_exact_mut(NR).zip(&row[k0..k1]) {
+                        cells[slot].write(value);
+                    }
+                }
+            }
         }
     }
+    // SAFETY: the loop above wrote every one of the `total` cells (each panel's k rows of NR).
+    unsafe { panels.set_len(total) };
     (n, panels)
 }
 

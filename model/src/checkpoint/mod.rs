@@ -178,12 +178,7 @@ impl Checkpoint {
         match self.info(name) {
             Some(info) if info.dtype == Dtype::BF16 && info.shape == expected => {
                 let bytes = self.files[self.index[name]].bytes(info);
-                Ok(NativeWeight::Bf16(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                ))
+                Ok(NativeWeight::Bf16(bf16_from_le_bytes(bytes)))
             }
             _ => self.load_f32(name, expected).map(NativeWeight::F32),
         }
@@ -196,6 +191,35 @@ impl Checkpoint {
         } else {
             Ok(None)
         }
+    }
+}
+
+/// Little-endian bf16 values; one copy on little-endian machines (loading a node's experts
+/// moves gigabytes through here).
+fn bf16_from_le_bytes(bytes: &[u8]) -> Vec<half::bf16> {
+    let len = bytes.len() / 2;
+    #[cfg(target_endian = "little")]
+    {
+        let mut values = Vec::<half::bf16>::with_capacity(len);
+        // SAFETY: bf16 is a plain 2-byte value (repr(transparent) over u16) and every bit
+        // pattern is valid; on a little-endian machine its bytes are the file's bytes. The
+        // capacity holds `len` values, all initialised by the copy before `set_len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                values.as_mut_ptr().cast::<u8>(),
+                len * 2,
+            );
+            values.set_len(len);
+        }
+        values
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+            .collect()
     }
 }
 
