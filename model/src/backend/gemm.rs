@@ -91,9 +91,9 @@ impl PanelElement for half::bf16 {
 
 /// Packs row-major parts (each `[n_i, k]`) stacked into one `[sum n_i, k]` panel array.
 ///
-/// Written in order, a k-row of one panel at a time from its (up to) 16 source rows, so that
-/// the output is one sequential stream (no zero-fill pass, no scattered stores): loading a
-/// node's experts is mostly this loop.
+/// Every cell is written once, padding included, so the buffer needs no zero-fill first; a
+/// panel is filled in blocks of `PACK_KB` k-rows (2 KiB of bf16, in L1) while each source row is
+/// read sequentially. Loading a node's experts is mostly this loop (docs/performance.md).
 fn pack<E: PanelElement>(parts: &[&[E]], k: usize) -> (usize, Vec<E>) {
     for part in parts {
         assert_eq!(
@@ -125,8 +125,6 @@ fn pack<E: PanelElement>(parts: &[&[E]], k: usize) -> (usize, Vec<E>) {
                     None => break,
                 }
             }
-            // Blocks of k-rows small enough (2 KiB of bf16) that the strided stores stay in
-            // L1 while each source row is read sequentially.
             for k0 in (0..k).step_by(PACK_KB) {
                 let k1 = (k0 + PACK_KB).min(k);
                 let block = &mut panel[k0 * NR..k1 * NR];

@@ -175,12 +175,16 @@ impl Checkpoint {
     /// Loads a weight in the precision the checkpoint stores it when the CPU GEMM can use that
     /// precision as is (bf16), as f32 otherwise; the shape is checked as in [`Self::load_f32`].
     pub fn load_native(&self, name: &str, expected: &[usize]) -> Result<NativeWeight> {
-        match self.info(name) {
-            Some(info) if info.dtype == Dtype::BF16 && info.shape == expected => {
-                let bytes = self.files[self.index[name]].bytes(info);
-                Ok(NativeWeight::Bf16(bf16_from_le_bytes(bytes)))
-            }
-            _ => self.load_f32(name, expected).map(NativeWeight::F32),
+        let file = self.index.get(name).map(|&i| &self.files[i]);
+        let bf16 = file.and_then(|f| {
+            f.info(name)
+                .filter(|info| info.dtype == Dtype::BF16 && info.shape == expected)
+                .map(|info| f.bytes(info))
+        });
+        match bf16 {
+            Some(bytes) => Ok(NativeWeight::Bf16(bf16_from_le_bytes(bytes))),
+            // Other precisions, and every error (missing tensor, wrong shape), as load_f32 has them.
+            None => self.load_f32(name, expected).map(NativeWeight::F32),
         }
     }
 
