@@ -119,18 +119,34 @@ impl GqaAttention {
             let cache = caches[layout.row_seq[r]];
             let visible = layout.row_pos[r] + 1;
             let q = &qkv[r * qkv_width..r * qkv_width + q_width];
-            let mut scores = vec![0.0f32; visible];
+            // The query heads that share a KV head are contiguous: score them together so that
+            // each cached row is read once per KV head.
             let group = self.heads / self.kv_heads;
-            for h in 0..self.heads {
-                let kvh = h / group;
-                let qh = &q[h * d..(h + 1) * d];
-                ops::dot_rows(qh, &cache.keys, kv_width, kvh * d, &mut scores);
+            let mut scores = vec![0.0f32; group * visible];
+            for kvh in 0..self.kv_heads {
+                let heads = kvh * group * d..(kvh + 1) * group * d;
+                ops::dot_rows_many(
+                    &q[heads.clone()],
+                    d,
+                    &cache.keys,
+                    kv_width,
+                    kvh * d,
+                    &mut scores,
+                );
                 for score in scores.iter_mut() {
                     *score *= self.scale;
                 }
-                ops::softmax_in_place(&mut scores);
-                let oh = &mut out_row[h * d..(h + 1) * d];
-                ops::accumulate_rows(&scores, &cache.values, kv_width, kvh * d, oh);
+                for head_scores in scores.chunks_exact_mut(visible) {
+                    ops::softmax_in_place(head_scores);
+                }
+                ops::accumulate_rows_many(
+                    &scores,
+                    &cache.values,
+                    kv_width,
+                    kvh * d,
+                    d,
+                    &mut out_row[heads],
+                );
             }
         };
         if super::parallel_rows(layout) {

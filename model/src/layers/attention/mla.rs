@@ -201,30 +201,37 @@ impl MlaAttention {
         // Attention in latent space; ctx[h] = [rows, lora].
         let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
         let mut ctx = vec![0.0f32; rows * heads * lora];
-        let attend = |(r, ctx_row): (usize, &mut [f32])| {
+        let (group, parallel) = super::head_tasks(layout, heads);
+        let groups = heads / group;
+        let attend = |(task, ctx_part): (usize, &mut [f32])| {
+            let (r, first_head) = (task / groups, (task % groups) * group);
             let cache = caches[layout.row_seq[r]];
             let visible = layout.row_pos[r] + 1;
-            let mut scores = vec![0.0f32; visible];
-            let mut rope_scores = vec![0.0f32; visible];
-            for h in 0..heads {
-                let ql = &q_lat[h][r * lora..(r + 1) * lora];
-                let qr = &q[r * heads * q_head + h * q_head + nope..][..rope];
-                ops::dot_rows(ql, &cache.values, lora, 0, &mut scores);
-                ops::dot_rows(qr, &cache.keys, rope, 0, &mut rope_scores);
-                for (score, r) in scores.iter_mut().zip(&rope_scores) {
-                    *score = (*score + r) * self.scale;
-                }
-                ops::softmax_in_place(&mut scores);
-                let out = &mut ctx_row[h * lora..(h + 1) * lora];
-                ops::accumulate_rows(&scores, &cache.values, lora, 0, out);
+            // This task's queries, contiguous: the latent and the rope part of each head.
+            let mut q_latent = Vec::with_capacity(group * lora);
+            let mut q_rope = Vec::with_capacity(group * rope);
+            for h in first_head..first_head + group {
+                q_latent.extend_from_slice(&q_lat[h][r * lora..(r + 1) * lora]);
+                q_rope.extend_from_slice(&q[r * heads * q_head + h * q_head + nope..][..rope]);
             }
+            let mut scores = vec![0.0f32; group * visible];
+            let mut rope_scores = vec![0.0f32; group * visible];
+            ops::dot_rows_many(&q_latent, lora, &cache.values, lora, 0, &mut scores);
+            ops::dot_rows_many(&q_rope, rope, &cache.keys, rope, 0, &mut rope_scores);
+            for (score, r) in scores.iter_mut().zip(&rope_scores) {
+                *score = (*score + r) * self.scale;
+            }
+            for head_scores in scores.chunks_exact_mut(visible) {
+                ops::softmax_in_place(head_scores);
+            }
+            ops::accumulate_rows_many(&scores, &cache.values, lora, 0, lora, ctx_part);
         };
-        if super::parallel_rows(layout) {
-            ctx.par_chunks_mut(heads * lora)
+        if parallel {
+            ctx.par_chunks_mut(group * lora)
                 .enumerate()
                 .for_each(attend);
         } else {
-            ctx.chunks_mut(heads * lora).enumerate().for_each(attend);
+            ctx.chunks_mut(group * lora).enumerate().for_each(attend);
         }
 
         // Up-project values per head and concatenate heads.

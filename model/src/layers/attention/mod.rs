@@ -35,6 +35,28 @@ impl Attention {
     }
 }
 
+/// How MLA's latent attention splits its work: tasks of `heads_per_task` heads of one row, run in
+/// parallel or not. A decode step has a row or a few per sequence, so with one task per row
+/// (as before) a batch-1 decode ran all its heads on one thread; splitting heads gives every
+/// thread a share. Each head's arithmetic is the same whatever the split.
+pub(crate) fn head_tasks(layout: &BatchLayout, heads: usize) -> (usize, bool) {
+    let threads = rayon::current_num_threads();
+    let rows = layout.num_rows().max(1);
+    let pairs: usize = layout
+        .seqs
+        .iter()
+        .map(|s| s.len * (s.start_pos + s.len))
+        .sum();
+    let parallel = pairs * heads >= 4096 * 16 && threads > 1;
+    let groups_per_row = (2 * threads).div_ceil(rows).clamp(1, heads.max(1));
+    let target = heads.max(1) / groups_per_row;
+    let heads_per_task = (1..=target.max(1))
+        .rev()
+        .find(|d| heads.is_multiple_of(*d))
+        .unwrap_or(1);
+    (heads_per_task, parallel)
+}
+
 /// Enough work to be worth spreading rows over threads.
 pub(crate) fn parallel_rows(layout: &BatchLayout) -> bool {
     let work: usize = layout
