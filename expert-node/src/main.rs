@@ -26,9 +26,16 @@ use moe_model::checkpoint::Checkpoint;
 use moe_model::ModelConfig;
 use moe_proto::v1::expert_data_server::ExpertDataServer;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread exists: it sets how many malloc arenas there are.
     moe_model::backend::keep_freed_memory();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let args = args::Args::parse();
     if let Some(threads) = args.threads {
         moe_model::backend::set_threads(threads).map_err(anyhow::Error::msg)?;

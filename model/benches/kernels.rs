@@ -103,6 +103,36 @@ fn main() {
         }
     }
 
+    // Prefill shapes (compute-bound): a 4096-token step's dense projection, and one expert of
+    // the small preset over its ~384 routed rows (gate/up, then down).
+    for (m, n, k) in [
+        (4096usize, 1024usize, 1024usize),
+        (384, 256, 1024),
+        (384, 1024, 256),
+    ] {
+        let name = format!("gemm_prefill_{m}x{k}x{n}");
+        if wants(&name) {
+            let w = PackedMatrix::from_rows(&random(n * k, &mut rng), n, k);
+            let a = random(m * k, &mut rng);
+            let mut c = vec![0.0f32; m * n];
+            let s = time(|| w.matmul_into(&a, m, &mut c));
+            results.push((name, s, 2.0 * (m * n * k) as f64));
+        }
+    }
+
+    // The register tile's ceiling: one thread, A and the panel both in L1.
+    let name = "gemm_l1_serial_12x256x16".to_string();
+    if wants(&name) {
+        let w = PackedMatrix::from_rows(&random(16 * 256, &mut rng), 16, 256);
+        let a = random(12 * 256, &mut rng);
+        let s = time(|| {
+            for _ in 0..100 {
+                std::hint::black_box(w.matmul_serial(std::hint::black_box(&a), 12));
+            }
+        });
+        results.push((name, s, 100.0 * 2.0 * (12 * 16 * 256) as f64));
+    }
+
     // Weight streaming from DRAM: a 512 MiB matrix times 1 and 4 rows (memory-bound, far above L3).
     for tokens in [1usize, 4] {
         let name = format!("stream_{tokens}x8192x16384");

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::backend::InputRows;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -307,25 +308,39 @@ impl ExpertSet {
             .into_par_iter()
             .map(|(mlp, run)| {
                 let slots = run.start..run.start + run.len;
-                let mut gathered = Vec::with_capacity(run.len * hidden);
-                for &r in &plan.row_of_slot[slots] {
-                    let r = r as usize;
-                    gathered.extend_from_slice(&rows[r * hidden..(r + 1) * hidden]);
-                }
-                mlp.forward(&gathered, run.len)
+                let own_rows = InputRows::gathered(rows, hidden, &plan.row_of_slot[slots]);
+                mlp.forward_rows(own_rows, run.len)
             })
             .collect();
-        let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
-        for (run, out) in plan.runs.iter().zip(outputs) {
+        // Each pair's output row, found through its slot, times the pair's weight. Written
+        // pair by pair (in parallel for a prefill's tens of MB), so every page of the fresh
+        // buffer is first touched by a write on the thread that fills it.
+        let mut slot_rows: Vec<Option<&[f32]>> = vec![None; routes.pairs()];
+        for (run, out) in plan.runs.iter().zip(&outputs) {
             let pairs = &plan.pair_of_slot[run.start..run.start + run.len];
             for (&p, row) in pairs.iter().zip(out.chunks_exact(hidden)) {
-                let p = p as usize;
+                slot_rows[p as usize] = Some(row);
+            }
+        }
+        let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
+        let scale_row = |(p, dst): (usize, &mut [f32])| {
+            if let Some(row) = slot_rows[p] {
                 let w = routes.weights[p];
-                let dst = &mut pair_out[p * hidden..(p + 1) * hidden];
                 for (d, v) in dst.iter_mut().zip(row) {
                     *d = v * w;
                 }
             }
+        };
+        if pair_out.len() >= crate::backend::PARALLEL_MIN_VALUES {
+            pair_out
+                .par_chunks_mut(hidden.max(1))
+                .enumerate()
+                .for_each(scale_row);
+        } else {
+            pair_out
+                .chunks_mut(hidden.max(1))
+                .enumerate()
+                .for_each(scale_row);
         }
         Ok(pair_out)
     }
@@ -478,6 +493,55 @@ mod gpu_tests {
             assert!(cpu
                 .run_experts_on_device(layer, &device_rows, &routes)
                 .is_none());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_dense::reference::fixture_dir;
+    use crate::routes::combine;
+
+    /// A prefill-sized batch (enough values that scaling and combining run on several threads)
+    /// gives every row bitwise what that row gets alone.
+    #[test]
+    fn a_prefill_sized_batch_combines_each_row_as_alone() {
+        let dir = fixture_dir("qwen3-moe-tiny");
+        let (ckpt, config) = (
+            Checkpoint::open(&dir).unwrap(),
+            ModelConfig::from_dir(&dir).unwrap(),
+        );
+        let layer = config.moe_layer_indices().next().unwrap();
+        let (hidden, experts) = (config.hidden_size, config.moe.num_experts as u32);
+        let set =
+            ExpertSet::load(&ckpt, &config, (0..experts as usize).map(|e| (layer, e))).unwrap();
+        let n = 4 * crate::backend::PARALLEL_MIN_VALUES / hidden;
+        let value = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
+        let rows: Vec<f32> = (0..n * hidden).map(value).collect();
+        let route = |r: usize| {
+            [
+                ((r as u32 * 7) % experts, 0.25 + (r % 5) as f32 / 10.0),
+                ((r as u32 * 7 + 3) % experts, 0.5),
+            ]
+        };
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n {
+            routes.push_row(&mut route(r));
+        }
+        let pairs = set.run_experts(layer, &rows, &routes).unwrap();
+        let batch = combine(&routes, &pairs, Some(&rows), hidden);
+        for r in (0..n).step_by(97) {
+            let mut alone = ExpertRoutes::with_capacity(1, 2);
+            alone.push_row(&mut route(r));
+            let row = &rows[r * hidden..(r + 1) * hidden];
+            let pairs = set.run_experts(layer, row, &alone).unwrap();
+            let expected = combine(&alone, &pairs, Some(row), hidden);
+            assert_eq!(
+                &batch[r * hidden..(r + 1) * hidden],
+                expected.as_slice(),
+                "row {r}"
+            );
         }
     }
 }

@@ -2,6 +2,8 @@
 //! produces, an [`crate::experts::ExpertSet`] consumes, and the data plane will carry
 //! (`pair_offsets`, `pair_experts`, `pair_weights`).
 
+use rayon::prelude::*;
+
 /// Per row, its chosen experts in ascending expert id, and their routing weights.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExpertRoutes {
@@ -58,7 +60,7 @@ pub fn combine(
 ) -> Vec<f32> {
     let rows = routes.rows();
     let mut out = vec![0.0f32; rows * hidden];
-    for (r, row) in out.chunks_exact_mut(hidden).enumerate() {
+    let sum_row = |(r, row): (usize, &mut [f32])| {
         for p in routes.row_pairs(r) {
             for (o, v) in row
                 .iter_mut()
@@ -72,6 +74,15 @@ pub fn combine(
                 *o += v;
             }
         }
+    };
+    // Rows are independent (each keeps its own order), so a prefill's thousands of rows are
+    // split over threads; a decode step's few stay on the caller.
+    if rows * hidden >= crate::backend::PARALLEL_MIN_VALUES {
+        out.par_chunks_mut(hidden.max(1))
+            .enumerate()
+            .for_each(sum_row);
+    } else {
+        out.chunks_mut(hidden.max(1)).enumerate().for_each(sum_row);
     }
     out
 }

@@ -219,41 +219,62 @@ impl PackedMatrix {
 
     /// `a` is `[m, k]` row-major; returns `[m, n]`.
     pub fn matmul(&self, a: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(a.len(), m * self.k, "input length does not match [m, k]");
+        self.matmul_rows(InputRows::contiguous(a, self.k), m)
+    }
+
+    /// `a * W^T` for the `m` rows `rows` names, read where they lie (no gather copy).
+    pub fn matmul_rows(&self, rows: InputRows<'_>, m: usize) -> Vec<f32> {
         let mut c = vec![0.0f32; m * self.n];
-        self.matmul_into(a, m, &mut c);
+        self.product(rows, m, &mut c, self.worth_parallel(m));
         c
     }
 
     /// Like [`Self::matmul`] but on the calling thread only: for callers that already run many
     /// small GEMMs in parallel (per head, per expert). Bitwise the same result.
     pub fn matmul_serial(&self, a: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(a.len(), m * self.k, "input length does not match [m, k]");
+        self.matmul_rows_serial(InputRows::contiguous(a, self.k), m)
+    }
+
+    /// [`Self::matmul_rows`] on the calling thread only.
+    pub fn matmul_rows_serial(&self, rows: InputRows<'_>, m: usize) -> Vec<f32> {
         let mut c = vec![0.0f32; m * self.n];
-        self.product(a, m, &mut c, false);
+        self.product(rows, m, &mut c, false);
         c
     }
 
     /// Writes `a * W^T` into `c` (`[m, n]`), overwriting it.
     pub fn matmul_into(&self, a: &[f32], m: usize, c: &mut [f32]) {
-        let parallel = m * self.n * self.k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1;
-        self.product(a, m, c, parallel);
+        assert_eq!(a.len(), m * self.k, "input length does not match [m, k]");
+        self.product(
+            InputRows::contiguous(a, self.k),
+            m,
+            c,
+            self.worth_parallel(m),
+        );
     }
 
-    fn product(&self, a: &[f32], m: usize, c: &mut [f32], parallel: bool) {
-        assert_eq!(a.len(), m * self.k, "input length does not match [m, k]");
+    fn worth_parallel(&self, m: usize) -> bool {
+        m * self.n * self.k >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1
+    }
+
+    fn product(&self, rows: InputRows<'_>, m: usize, c: &mut [f32], parallel: bool) {
+        rows.check(m, self.k);
         assert_eq!(c.len(), m * self.n, "output length does not match [m, n]");
         if m == 0 || self.n == 0 {
             return;
         }
         match &self.panels {
-            Panels::F32(panels) => self.product_of(panels, a, m, c, parallel),
-            Panels::Bf16(panels) => self.product_of(panels, a, m, c, parallel),
+            Panels::F32(panels) => self.product_of(panels, rows, m, c, parallel),
+            Panels::Bf16(panels) => self.product_of(panels, rows, m, c, parallel),
         }
     }
 
     fn product_of<E: PanelElement>(
         &self,
         panels: &[E],
-        a: &[f32],
+        a: InputRows<'_>,
         m: usize,
         c: &mut [f32],
         parallel: bool,
@@ -268,8 +289,8 @@ impl PackedMatrix {
             let rows = block.min(m - m0);
             let run = |p: usize| {
                 // SAFETY: panel p writes only columns [p*NR, p*NR+NR) of rows m0..m0+rows of c,
-                // disjoint across panels.
-                unsafe { self.panel_product(panels, p, a, m0, rows, out) }
+                // disjoint across panels; `product` checked that every row of A lies in A.
+                unsafe { self.panel_product(panels, p, &a, m0, rows, out) }
             };
             if parallel {
                 (0..num_panels)
@@ -288,7 +309,7 @@ impl PackedMatrix {
         &self,
         panels: &[E],
         p: usize,
-        a: &[f32],
+        a: &InputRows<'_>,
         first: usize,
         rows: usize,
         c: OutPtr,
@@ -304,9 +325,12 @@ impl PackedMatrix {
             let mut m0 = first;
             while m0 < first + rows {
                 let mr = MR.min(first + rows - m0);
+                let mut a_rows = [std::ptr::null(); MR];
+                for (r, row) in a_rows.iter_mut().enumerate().take(mr) {
+                    *row = a.row_ptr(m0 + r).add(k0);
+                }
                 let tile = Tile {
-                    a: a.as_ptr().add(m0 * k + k0),
-                    lda: k,
+                    a: a_rows,
                     b: panel.as_ptr().add(k0 * NR),
                     c: c.0.add(m0 * n + p * NR),
                     ldc: n,
@@ -328,10 +352,75 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Where the `m` rows of a GEMM's input lie: row i holds `k` values from `data[start(i)..]`.
+/// Lets a GEMM read one head's columns of a wider row, or an expert's rows of a whole batch,
+/// in place instead of from a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct InputRows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    /// Row i is `data[index[i] * stride..]`; without it, `data[i * stride..]`.
+    index: Option<&'a [u32]>,
+}
+
+impl<'a> InputRows<'a> {
+    /// Row-major `[m, k]`.
+    pub fn contiguous(data: &'a [f32], k: usize) -> Self {
+        Self::strided(data, k)
+    }
+
+    /// Row i starts at `data[i * stride]` (a column block of wider rows: pass the slice that
+    /// starts at the block's first column).
+    pub fn strided(data: &'a [f32], stride: usize) -> Self {
+        Self {
+            data,
+            stride,
+            index: None,
+        }
+    }
+
+    /// Row i is row `index[i]` of `data` (rows `stride` apart): a gather without the copy.
+    pub fn gathered(data: &'a [f32], stride: usize, index: &'a [u32]) -> Self {
+        Self {
+            data,
+            stride,
+            index: Some(index),
+        }
+    }
+
+    /// Panics unless all `m` rows of `k` values lie inside `data`.
+    fn check(&self, m: usize, k: usize) {
+        if m == 0 || k == 0 {
+            return;
+        }
+        let last = match self.index {
+            Some(index) => {
+                assert_eq!(index.len(), m, "row index length does not match m");
+                index.iter().copied().max().unwrap_or(0) as usize
+            }
+            None => m - 1,
+        };
+        assert!(
+            last * self.stride + k <= self.data.len(),
+            "input rows do not fit in their buffer (m {m}, k {k}, stride {})",
+            self.stride
+        );
+    }
+
+    /// SAFETY: `i` is below the `m` that [`Self::check`] accepted.
+    unsafe fn row_ptr(&self, i: usize) -> *const f32 {
+        let row = match self.index {
+            Some(index) => *index.get_unchecked(i) as usize,
+            None => i,
+        };
+        self.data.as_ptr().add(row * self.stride)
+    }
+}
+
 /// One register tile: up to MR rows of A times one NR-wide slice of a panel.
 struct Tile<E> {
-    a: *const f32,
-    lda: usize,
+    /// Each row's first value of this K block (only the first `mr` are used).
+    a: [*const f32; MR],
     b: *const E,
     c: *mut f32,
     ldc: usize,
@@ -367,7 +456,7 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
             let mut acc = if t.accumulate { *c } else { 0.0 };
             for kk in 0..t.kc {
                 let w = (*t.b.add(kk * NR + E::slot(j))).widen();
-                acc = (*t.a.add(r * t.lda + kk)).mul_add(w, acc);
+                acc = (*t.a[r].add(kk)).mul_add(w, acc);
             }
             *c = acc;
         }
@@ -413,10 +502,8 @@ mod x86 {
                 }
             }
         }
-        let mut a_ptrs = [t.a; R];
-        for (r, p) in a_ptrs.iter_mut().enumerate() {
-            *p = t.a.add(r * t.lda);
-        }
+        let mut a_ptrs = [t.a[0]; R];
+        a_ptrs.copy_from_slice(&t.a[..R]);
         let mut b = t.b;
         for kk in 0..t.kc {
             let (b0, b1) = load_panel_row(b);
@@ -500,6 +587,41 @@ mod tests {
         }
     }
 
+    /// Rows read in place (a column block of wider rows, or a gather by index) give bitwise
+    /// the product of the same rows copied out first, serial and parallel.
+    #[test]
+    fn strided_and_gathered_rows_match_copied_rows_bitwise() {
+        let (n, k, width, offset) = (40, 300, 420, 70);
+        let w = PackedMatrix::from_rows(&pseudo_random(n * k, 11), n, k);
+        let wide = pseudo_random(50 * width, 12);
+        let copied: Vec<f32> = wide
+            .chunks_exact(width)
+            .flat_map(|row| row[offset..offset + k].iter().copied())
+            .collect();
+        let strided = InputRows::strided(&wide[offset..], width);
+        assert_eq!(w.matmul_rows(strided, 50), w.matmul(&copied, 50));
+        assert_eq!(w.matmul_rows_serial(strided, 50), w.matmul(&copied, 50));
+
+        let index: Vec<u32> = vec![7, 3, 3, 49, 0, 12, 31, 8, 20];
+        let gathered: Vec<f32> = index
+            .iter()
+            .flat_map(|&r| copied[r as usize * k..(r as usize + 1) * k].iter().copied())
+            .collect();
+        let rows = InputRows::gathered(&copied, k, &index);
+        assert_eq!(
+            w.matmul_rows(rows, index.len()),
+            w.matmul(&gathered, index.len())
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "do not fit")]
+    fn rows_outside_their_buffer_are_refused() {
+        let w = PackedMatrix::from_rows(&pseudo_random(8 * 16, 1), 8, 16);
+        let data = pseudo_random(3 * 16, 2);
+        w.matmul_rows(InputRows::gathered(&data, 16, &[0, 3]), 2);
+    }
+
     /// Runs the portable tile over every panel and K block, as `product` tiles them.
     fn portable_product<E: PanelElement>(
         panels: &[E],
@@ -515,9 +637,12 @@ mod tests {
             while k0 < k {
                 let kc = KC.min(k - k0);
                 for m0 in (0..m).step_by(MR) {
+                    let mut rows = [std::ptr::null(); MR];
+                    for (r, row) in rows.iter_mut().enumerate().take(MR.min(m - m0)) {
+                        *row = a[(m0 + r) * k + k0..].as_ptr();
+                    }
                     let t = Tile {
-                        a: a[m0 * k + k0..].as_ptr(),
-                        lda: k,
+                        a: rows,
                         b: panels[p * k * NR + k0 * NR..].as_ptr(),
                         c: out[m0 * n + p * NR..].as_mut_ptr(),
                         ldc: n,

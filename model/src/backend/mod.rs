@@ -8,7 +8,7 @@ pub mod gemm;
 pub mod ops;
 pub mod weight;
 
-pub use gemm::PackedMatrix;
+pub use gemm::{InputRows, PackedMatrix};
 pub use weight::NativeWeight;
 
 /// Sets the number of math threads for the process (call once, before any work).
@@ -19,20 +19,31 @@ pub fn set_threads(threads: usize) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Keeps freed activation buffers in the process. glibc hands every allocation above its
-/// mmap threshold back to the kernel on free, so each step's large activations (a 4096-row
-/// prefill allocates tens of MB per layer) cost fresh page faults; this raises the threshold
-/// to glibc's maximum (32 MiB) and stops trimming the heap. Measured on the small preset:
-/// batch-32 prefill 311 -> 355 tok/s, a third less system time (docs/performance.md). Call
-/// once at start of a binary. No-op off glibc.
+/// Keeps freed activation buffers in the process, so a step reuses the memory the previous
+/// layer freed instead of faulting in fresh pages (on this project's VMs a fault costs ~5 us:
+/// a 4096-row prefill, tens of MB per buffer, spent a fifth of its time there). glibc would
+/// otherwise give memory back three ways: every allocation above its mmap threshold (at most
+/// 32 MiB) is unmapped on free; each thread's arena deletes a heap whose chunks are all free;
+/// and the main heap is trimmed. So: no mmap for allocations (large ones come from the main
+/// heap, or from mmap only if the heap cannot grow), one arena (small allocations still go
+/// through per-thread caches), no trimming. Measured on the small preset, batch-32 prefill:
+/// 311 -> 355 tok/s with the threshold and trimming alone, ~390 -> ~490 tok/s with these
+/// settings (docs/performance.md, "Prefill memory"). Peak RSS is unchanged: the memory kept is
+/// what the largest step needed anyway. Call once at start of a binary, before threads.
+/// No-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters (under the allocator's own lock).
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
     }
 }
+
+/// Below this many output values, a row-by-row loop (copy, scale, sum) stays on the calling
+/// thread: fork-join costs more than it saves on a decode step's few rows.
+pub const PARALLEL_MIN_VALUES: usize = 1 << 18;
 
 /// Whether this CPU runs the AVX2/FMA kernels (checked once).
 #[cfg(target_arch = "x86_64")]

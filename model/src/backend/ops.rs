@@ -149,9 +149,13 @@ pub fn dot_rows_many(
     }
 }
 
-/// For every query i: `out[i * width..][..width] += sum_j weights[i * n + j] * rows[j * stride +
-/// offset..][..width]`, rows in ascending j (bitwise [`accumulate_rows`] per query).
-pub fn accumulate_rows_many(
+/// For every query i: `out[i * width..][..width] = sum_j weights[i * n + j] * rows[j * stride +
+/// offset..][..width]`, rows in ascending j (bitwise [`accumulate_rows`] into zeros, per query).
+///
+/// `out` is written, never read: a fresh `vec![0.0; n]` is calloc'd memory whose pages are not
+/// yet mapped, and reading one first maps the shared zero page, so the write that follows takes a
+/// copy-on-write fault and a TLB shootdown on every core (a tenth of a 4096-token prefill).
+pub fn weighted_sum_rows_many(
     weights: &[f32],
     rows: &[f32],
     stride: usize,
@@ -168,10 +172,11 @@ pub fn accumulate_rows_many(
     if crate::backend::has_avx2_fma() {
         // SAFETY: the features were detected at run time; every row read lies in `rows` (the
         // assert above), every weight in `weights` and every output in `out`.
-        unsafe { x86::accumulate_rows_many(weights, rows, stride, offset, width, count, n, out) };
+        unsafe { x86::weighted_sum_rows_many(weights, rows, stride, offset, width, count, n, out) };
         return;
     }
     for (i, acc) in out.chunks_exact_mut(width).enumerate() {
+        acc.fill(0.0);
         accumulate_rows(&weights[i * n..(i + 1) * n], rows, stride, offset, acc);
     }
 }
@@ -234,7 +239,7 @@ mod x86 {
     /// (the same FMA chain per element as the one-query loop, without storing between rows).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn accumulate_rows_many(
+    pub(super) unsafe fn weighted_sum_rows_many(
         weights: &[f32],
         rows: &[f32],
         stride: usize,
@@ -255,10 +260,6 @@ mod x86 {
             let group = (count - i).min(4);
             for b in 0..blocks {
                 let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                for (k, a) in acc.iter_mut().enumerate().take(group) {
-                    let dst = o.add((i + k) * width + b * 16);
-                    *a = [_mm256_loadu_ps(dst), _mm256_loadu_ps(dst.add(8))];
-                }
                 for j in 0..n {
                     let row = base.add(j * stride + b * 16);
                     let (r0, r1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
@@ -278,7 +279,7 @@ mod x86 {
             for k in 0..group {
                 for col in blocks * 16..width {
                     let dst = o.add((i + k) * width + col);
-                    let mut a = *dst;
+                    let mut a = 0.0f32;
                     for j in 0..n {
                         a = (*w.add((i + k) * n + j)).mul_add(*base.add(j * stride + col), a);
                     }
@@ -370,9 +371,10 @@ mod tests {
         let mut many = vec![0.0f32; count * n];
         dot_rows_many(&queries, width, &rows, stride, offset, &mut many);
         let weights: Vec<f32> = (0..count * n).map(|i| value(i + 11) / 50.0).collect();
+        // Whatever `out` held before is overwritten.
         let mut acc_many: Vec<f32> = (0..count * width).map(|i| value(i + 13)).collect();
-        let mut acc_one = acc_many.clone();
-        accumulate_rows_many(&weights, &rows, stride, offset, width, &mut acc_many);
+        let mut acc_one = vec![0.0f32; count * width];
+        weighted_sum_rows_many(&weights, &rows, stride, offset, width, &mut acc_many);
         for i in 0..count {
             let mut one = vec![0.0f32; n];
             dot_rows(

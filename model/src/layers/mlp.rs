@@ -1,7 +1,7 @@
 //! The gated SiLU MLP used for dense layers, shared experts and routed experts:
 //! `down(silu(gate(x)) * up(x))`, with gate and up fused into one GEMM.
 
-use crate::backend::{ops, PackedMatrix};
+use crate::backend::{ops, InputRows, PackedMatrix};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
@@ -74,7 +74,18 @@ impl Mlp {
 
     /// `x` is `[m, hidden]`; returns `[m, hidden]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let gate_up = self.gate_up.matmul(x, m);
+        let hidden = self.gate_up.cols();
+        assert_eq!(
+            x.len(),
+            m * hidden,
+            "input length does not match [m, hidden]"
+        );
+        self.forward_rows(InputRows::contiguous(x, hidden), m)
+    }
+
+    /// [`Self::forward`] on `m` rows read where they lie (an expert's rows of a whole batch).
+    pub fn forward_rows(&self, x: InputRows<'_>, m: usize) -> Vec<f32> {
+        let gate_up = self.gate_up.matmul_rows(x, m);
         let act = ops::silu_and_mul(&gate_up, self.intermediate);
         self.down.matmul(&act, m)
     }

@@ -139,7 +139,7 @@ impl GqaAttention {
                 for head_scores in scores.chunks_exact_mut(visible) {
                     ops::softmax_in_place(head_scores);
                 }
-                ops::accumulate_rows_many(
+                ops::weighted_sum_rows_many(
                     &scores,
                     &cache.values,
                     kv_width,

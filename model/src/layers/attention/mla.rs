@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{ops, PackedMatrix};
+use crate::backend::{ops, InputRows, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
@@ -190,11 +190,9 @@ impl MlaAttention {
         let q_lat: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
             .map(|h| {
-                let mut q_nope = Vec::with_capacity(rows * nope);
-                for row in q.chunks_exact(heads * q_head) {
-                    q_nope.extend_from_slice(&row[h * q_head..h * q_head + nope]);
-                }
-                self.uk_t[h].matmul_serial(&q_nope, rows)
+                let q_nope =
+                    InputRows::strided(q.get(h * q_head..).unwrap_or_default(), heads * q_head);
+                self.uk_t[h].matmul_rows_serial(q_nope, rows)
             })
             .collect();
 
@@ -224,7 +222,7 @@ impl MlaAttention {
             for head_scores in scores.chunks_exact_mut(visible) {
                 ops::softmax_in_place(head_scores);
             }
-            ops::accumulate_rows_many(&scores, &cache.values, lora, 0, lora, ctx_part);
+            ops::weighted_sum_rows_many(&scores, &cache.values, lora, 0, lora, ctx_part);
         };
         if parallel {
             ctx.par_chunks_mut(group * lora)
@@ -238,19 +236,23 @@ impl MlaAttention {
         let per_head: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
             .map(|h| {
-                let mut ctx_h = Vec::with_capacity(rows * lora);
-                for row in ctx.chunks_exact(heads * lora) {
-                    ctx_h.extend_from_slice(&row[h * lora..(h + 1) * lora]);
-                }
-                self.uv[h].matmul_serial(&ctx_h, rows)
+                let ctx_h =
+                    InputRows::strided(ctx.get(h * lora..).unwrap_or_default(), heads * lora);
+                self.uv[h].matmul_rows_serial(ctx_h, rows)
             })
             .collect();
         let mut attn = vec![0.0f32; rows * heads * v];
-        for (h, out_h) in per_head.iter().enumerate() {
-            for r in 0..rows {
-                attn[r * heads * v + h * v..r * heads * v + (h + 1) * v]
-                    .copy_from_slice(&out_h[r * v..(r + 1) * v]);
+        let concat_row = |(r, row): (usize, &mut [f32])| {
+            for (h, out_h) in per_head.iter().enumerate() {
+                row[h * v..(h + 1) * v].copy_from_slice(&out_h[r * v..(r + 1) * v]);
             }
+        };
+        if attn.len() >= crate::backend::PARALLEL_MIN_VALUES {
+            attn.par_chunks_mut(heads * v)
+                .enumerate()
+                .for_each(concat_row);
+        } else {
+            attn.chunks_mut(heads * v).enumerate().for_each(concat_row);
         }
         self.o.matmul(&attn, rows)
     }
