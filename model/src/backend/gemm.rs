@@ -225,9 +225,7 @@ impl PackedMatrix {
 
     /// `a * W^T` for the `m` rows `rows` names, read where they lie (no gather copy).
     pub fn matmul_rows(&self, rows: InputRows<'_>, m: usize) -> Vec<f32> {
-        let mut c = vec![0.0f32; m * self.n];
-        self.product(rows, m, &mut c, self.worth_parallel(m));
-        c
+        self.fresh_product(rows, m, self.worth_parallel(m))
     }
 
     /// Like [`Self::matmul`] but on the calling thread only: for callers that already run many
@@ -239,9 +237,7 @@ impl PackedMatrix {
 
     /// [`Self::matmul_rows`] on the calling thread only.
     pub fn matmul_rows_serial(&self, rows: InputRows<'_>, m: usize) -> Vec<f32> {
-        let mut c = vec![0.0f32; m * self.n];
-        self.product(rows, m, &mut c, false);
-        c
+        self.fresh_product(rows, m, false)
     }
 
     /// Writes `a * W^T` into `c` (`[m, n]`), overwriting it.
@@ -260,8 +256,38 @@ impl PackedMatrix {
     }
 
     fn product(&self, rows: InputRows<'_>, m: usize, c: &mut [f32], parallel: bool) {
-        rows.check(m, self.k);
         assert_eq!(c.len(), m * self.n, "output length does not match [m, n]");
+        if self.k == 0 {
+            c.fill(0.0);
+            return;
+        }
+        rows.check(m, self.k);
+        // SAFETY: `c` holds the m * n values the product writes; the rows were checked.
+        unsafe { self.product_at(rows, m, OutPtr(c.as_mut_ptr()), parallel) }
+    }
+
+    /// A new `[m, n]` product in a buffer that is never zeroed: with k > 0 the first K block
+    /// stores every element without reading it, and a prefill GEMM's output is tens of MB (a
+    /// memset per GEMM otherwise).
+    fn fresh_product(&self, rows: InputRows<'_>, m: usize, parallel: bool) -> Vec<f32> {
+        let len = m * self.n;
+        if self.k == 0 {
+            return vec![0.0; len];
+        }
+        rows.check(m, self.k);
+        let mut c = Vec::with_capacity(len);
+        // SAFETY: the spare capacity holds `len` values and the rows were checked.
+        unsafe {
+            let out = OutPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+            self.product_at(rows, m, out, parallel);
+            // Every one of the `len` values was stored by its row tile's first K block.
+            c.set_len(len);
+        }
+        c
+    }
+
+    /// SAFETY: `c` points to `m * n` writable values; `rows` passed `check(m, k)`; k > 0.
+    unsafe fn product_at(&self, rows: InputRows<'_>, m: usize, c: OutPtr, parallel: bool) {
         if m == 0 || self.n == 0 {
             return;
         }
@@ -271,16 +297,16 @@ impl PackedMatrix {
         }
     }
 
-    fn product_of<E: PanelElement>(
+    /// SAFETY: as [`Self::product_at`].
+    unsafe fn product_of<E: PanelElement>(
         &self,
         panels: &[E],
         a: InputRows<'_>,
         m: usize,
-        c: &mut [f32],
+        out: OutPtr,
         parallel: bool,
     ) {
         let num_panels = self.n.div_ceil(NR);
-        let out = OutPtr(c.as_mut_ptr());
         // Row blocks small enough that their [rows, k] slab of A stays in L2 while every panel
         // passes over it.
         let block = (A_SLAB_FLOATS / self.k.max(1)).max(MIN_ROW_BLOCK) / MR * MR;
