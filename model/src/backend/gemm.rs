@@ -114,7 +114,8 @@ fn pack<E: PanelElement>(parts: &[&[E]], k: usize) -> (usize, Vec<E>) {
         .flat_map(|part| part.chunks_exact(k.max(1)))
         .take(n);
     let total = n.div_ceil(NR) * k * NR;
-    let mut panels = Vec::with_capacity(total);
+    let mut panels: Vec<E> = Vec::with_capacity(total);
+    super::prefault_for_write(panels.as_mut_ptr().cast(), total * std::mem::size_of::<E>());
     if total > 0 {
         let out = &mut panels.spare_capacity_mut()[..total];
         for panel in out.chunks_exact_mut(k * NR) {
