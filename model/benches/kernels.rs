@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use moe_model::backend::{NativeWeight, PackedMatrix};
+use moe_model::backend::{ops, NativeWeight, PackedMatrix};
 use moe_model::checkpoint::{Checkpoint, SafetensorsWriter};
 use moe_model::config::ModelConfig;
 use moe_model::experts::{ExpertBackend, ExpertSet};
@@ -101,6 +101,41 @@ fn main() {
             let s = time(|| w.matmul_into(&a, tokens, &mut c));
             results.push((name, s, 2.0 * (tokens * 1024 * 1024) as f64));
         }
+    }
+
+    // A decode step's projections at batch 32 and 8: every weight comes from DRAM (48 distinct
+    // 4 MiB matrices, 192 MiB, cycled), so weight streaming and the tile's compute both count.
+    for tokens in [8usize, 32] {
+        let name = format!("gemm_cold_{tokens}x1024x1024");
+        if wants(&name) {
+            let weights: Vec<PackedMatrix> = (0..48)
+                .map(|_| PackedMatrix::from_rows(&random(1024 * 1024, &mut rng), 1024, 1024))
+                .collect();
+            let a = random(tokens * 1024, &mut rng);
+            let mut c = vec![0.0f32; tokens * 1024];
+            let s = time(|| {
+                for w in &weights {
+                    w.matmul_into(&a, tokens, &mut c);
+                }
+            });
+            results.push((name, s, 48.0 * 2.0 * (tokens * 1024 * 1024) as f64));
+        }
+    }
+
+    // MLA attention over a 1024-token latent cache (rows of 256 floats, 1 MiB): one decode
+    // row's 16 heads scored against every cached row, then the weighted sum of the rows.
+    let name = "attention_scores_16x1024x256".to_string();
+    if wants(&name) {
+        let (heads, ctx, width) = (16usize, 1024usize, 256usize);
+        let queries = random(heads * width, &mut rng);
+        let cache = random(ctx * width, &mut rng);
+        let mut scores = vec![0.0f32; heads * ctx];
+        let s = time(|| ops::dot_rows_many(&queries, width, &cache, width, 0, &mut scores));
+        results.push((name, s, 2.0 * (heads * ctx * width) as f64));
+        let name = "attention_values_16x1024x256".to_string();
+        let mut out = vec![0.0f32; heads * width];
+        let s = time(|| ops::weighted_sum_rows_many(&scores, &cache, width, 0, width, &mut out));
+        results.push((name, s, 2.0 * (heads * ctx * width) as f64));
     }
 
     // Prefill shapes (compute-bound): a 4096-token step's dense projection, and one expert of
@@ -220,10 +255,15 @@ fn main() {
         if let Ok(model) = std::env::var("MOE_BENCH_SMALL") {
             // A checkpoint written by `moe gen-checkpoint --arch deepseek_v3 --preset small`.
             let engine = moe_model::Engine::load(std::path::Path::new(&model)).unwrap();
+            let vocab = engine.config().vocab_size as u32;
             for batch in [1usize, 32] {
                 let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
-                let prompt: Vec<u32> = (0..16).map(|t| t as u32 + 3).collect();
+                // Each sequence its own prompt and next token, so a batch routes to as many
+                // experts as real traffic does (identical rows would all pick the same few).
+                let mut pick = Rng::seeded(batch as u64);
+                let mut token = || (pick.next_u64() % u64::from(vocab)) as u32;
                 for cache in caches.iter_mut() {
+                    let prompt: Vec<u32> = (0..16).map(|_| token()).collect();
                     let mut step = [moe_model::dense::StepSequence {
                         cache,
                         tokens: &prompt,
@@ -231,13 +271,14 @@ fn main() {
                     }];
                     engine.step(&mut step).unwrap();
                 }
-                let token = [7u32];
+                let next: Vec<[u32; 1]> = (0..batch).map(|_| [token()]).collect();
                 let s = time(|| {
                     let mut step: Vec<_> = caches
                         .iter_mut()
-                        .map(|cache| moe_model::dense::StepSequence {
+                        .zip(&next)
+                        .map(|(cache, token)| moe_model::dense::StepSequence {
                             cache,
-                            tokens: &token,
+                            tokens: token,
                             all_logits: false,
                         })
                         .collect();

@@ -290,7 +290,8 @@ mod x86 {
         }
     }
 
-    /// Four queries per pass over a row (four independent FMA chains, the row loaded once).
+    /// Two rows by four queries per pass: eight independent FMA chains (four left the FMA
+    /// units waiting on their latency half the time), each row and query chunk loaded once.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_rows_many(
@@ -303,41 +304,68 @@ mod x86 {
         n: usize,
         out: &mut [f32],
     ) {
-        let chunks = width / 8;
         let q = queries.as_ptr();
-        for j in 0..n {
-            let row = rows.as_ptr().add(j * stride + offset);
-            let mut i = 0;
-            while i + 4 <= count {
-                let (q0, q1, q2, q3) = (
-                    q.add(i * width),
-                    q.add((i + 1) * width),
-                    q.add((i + 2) * width),
-                    q.add((i + 3) * width),
-                );
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for c in 0..chunks {
-                    let r = _mm256_loadu_ps(row.add(c * 8));
-                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q0.add(c * 8)), r, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(q1.add(c * 8)), r, acc[1]);
-                    acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(q2.add(c * 8)), r, acc[2]);
-                    acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(q3.add(c * 8)), r, acc[3]);
-                }
-                for (k, qk) in [q0, q1, q2, q3].into_iter().enumerate() {
-                    out[(i + k) * n + j] = reduce(acc[k], tail(qk, row, chunks * 8, width));
-                }
-                i += 4;
+        let o = out.as_mut_ptr();
+        let row = |j: usize| rows.as_ptr().add(j * stride + offset);
+        let mut j = 0;
+        while j < n {
+            if j + 2 <= n {
+                dot_block::<2>(q, width, count, [row(j), row(j + 1)], j, n, o);
+                j += 2;
+            } else {
+                dot_block::<1>(q, width, count, [row(j)], j, n, o);
+                j += 1;
             }
-            while i < count {
-                let qi = q.add(i * width);
-                let mut acc = _mm256_setzero_ps();
+        }
+    }
+
+    /// `out[i * n + first + r] = dot(query i, rows[r])` for all queries and the `R` rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dot_block<const R: usize>(
+        q: *const f32,
+        width: usize,
+        count: usize,
+        rows: [*const f32; R],
+        first: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let chunks = width / 8;
+        let mut i = 0;
+        while i < count {
+            let group = (count - i).min(4);
+            let qs: [*const f32; 4] =
+                std::array::from_fn(|k| q.add((i + k.min(group - 1)) * width));
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            if group == 4 {
                 for c in 0..chunks {
-                    let r = _mm256_loadu_ps(row.add(c * 8));
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi.add(c * 8)), r, acc);
+                    let qv: [__m256; 4] =
+                        std::array::from_fn(|k| _mm256_loadu_ps(qs[k].add(c * 8)));
+                    for (acc_r, row) in acc.iter_mut().zip(&rows) {
+                        let r = _mm256_loadu_ps(row.add(c * 8));
+                        for k in 0..4 {
+                            acc_r[k] = _mm256_fmadd_ps(qv[k], r, acc_r[k]);
+                        }
+                    }
                 }
-                out[i * n + j] = reduce(acc, tail(qi, row, chunks * 8, width));
-                i += 1;
+            } else {
+                for c in 0..chunks {
+                    let qv = _mm256_loadu_ps(qs[0].add(c * 8));
+                    for (acc_r, row) in acc.iter_mut().zip(&rows) {
+                        acc_r[0] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row.add(c * 8)), acc_r[0]);
+                    }
+                }
             }
+            let done = if group == 4 { 4 } else { 1 };
+            for (r, (acc_r, row)) in acc.iter().zip(&rows).enumerate() {
+                for k in 0..done {
+                    let value = reduce(acc_r[k], tail(qs[k], *row, chunks * 8, width));
+                    *out.add((i + k) * n + first + r) = value;
+                }
+            }
+            i += done;
         }
     }
 }
