@@ -167,7 +167,11 @@ pub fn weighted_sum_rows_many(
     let Some(n) = weights.len().checked_div(count) else {
         return;
     };
-    assert!(n == 0 || rows.len() >= (n - 1) * stride + offset + width);
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    assert!(rows.len() >= (n - 1) * stride + offset + width);
     #[cfg(target_arch = "x86_64")]
     if crate::backend::has_avx2_fma() {
         // SAFETY: the features were detected at run time; every row read lies in `rows` (the
@@ -235,8 +239,11 @@ mod x86 {
         tail
     }
 
-    /// Each output slice of 16 floats of 4 queries stays in registers while every row passes
-    /// (the same FMA chain per element as the one-query loop, without storing between rows).
+    /// Rows are taken a few at a time ([`VALUE_ROWS_PER_PASS`]) so that they stay in L1 while
+    /// every 16-float slice of every query's output passes over them (one slice over all the
+    /// rows walked the cache 1 KiB apart, a stride the prefetcher follows poorly). Each slice of
+    /// 4 queries is held in registers over those rows and stored between them: the same FMA
+    /// chain per element, in the same order, as the one-query loop.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weighted_sum_rows_many(
@@ -255,40 +262,59 @@ mod x86 {
             rows.as_ptr().add(offset),
         );
         let blocks = width / 16;
-        let mut i = 0;
-        while i < count {
-            let group = (count - i).min(4);
-            for b in 0..blocks {
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                for j in 0..n {
-                    let row = base.add(j * stride + b * 16);
-                    let (r0, r1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
-                    for (k, a) in acc.iter_mut().enumerate().take(group) {
-                        let wk = _mm256_broadcast_ss(&*w.add((i + k) * n + j));
-                        a[0] = _mm256_fmadd_ps(wk, r0, a[0]);
-                        a[1] = _mm256_fmadd_ps(wk, r1, a[1]);
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = (j0 + VALUE_ROWS_PER_PASS).min(n);
+            let mut i = 0;
+            while i < count {
+                let group = (count - i).min(4);
+                for b in 0..blocks {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                    if j0 > 0 {
+                        // A later pass: continue the chains stored by the previous one (the
+                        // first pass only stores, so `out` is never read before it is written).
+                        for (k, a) in acc.iter_mut().enumerate().take(group) {
+                            let dst = o.add((i + k) * width + b * 16);
+                            a[0] = _mm256_loadu_ps(dst);
+                            a[1] = _mm256_loadu_ps(dst.add(8));
+                        }
+                    }
+                    for j in j0..j1 {
+                        let row = base.add(j * stride + b * 16);
+                        let (r0, r1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                        for (k, a) in acc.iter_mut().enumerate().take(group) {
+                            let wk = _mm256_broadcast_ss(&*w.add((i + k) * n + j));
+                            a[0] = _mm256_fmadd_ps(wk, r0, a[0]);
+                            a[1] = _mm256_fmadd_ps(wk, r1, a[1]);
+                        }
+                    }
+                    for (k, a) in acc.iter().enumerate().take(group) {
+                        let dst = o.add((i + k) * width + b * 16);
+                        _mm256_storeu_ps(dst, a[0]);
+                        _mm256_storeu_ps(dst.add(8), a[1]);
                     }
                 }
-                for (k, a) in acc.iter().enumerate().take(group) {
-                    let dst = o.add((i + k) * width + b * 16);
-                    _mm256_storeu_ps(dst, a[0]);
-                    _mm256_storeu_ps(dst.add(8), a[1]);
-                }
-            }
-            // Columns past the last 16-float block, one at a time in the same order.
-            for k in 0..group {
-                for col in blocks * 16..width {
-                    let dst = o.add((i + k) * width + col);
-                    let mut a = 0.0f32;
-                    for j in 0..n {
-                        a = (*w.add((i + k) * n + j)).mul_add(*base.add(j * stride + col), a);
+                // Columns past the last 16-float block, one at a time in the same order.
+                for k in 0..group {
+                    for col in blocks * 16..width {
+                        let dst = o.add((i + k) * width + col);
+                        let mut a = if j0 > 0 { *dst } else { 0.0f32 };
+                        for j in j0..j1 {
+                            let wj = *w.add((i + k) * n + j);
+                            a = wj.mul_add(*base.add(j * stride + col), a);
+                        }
+                        *dst = a;
                     }
-                    *dst = a;
                 }
+                i += group;
             }
-            i += group;
+            j0 = j1;
         }
     }
+
+    /// Cached rows per pass of [`weighted_sum_rows_many`]: 8 KiB of MLA's 256-float latents,
+    /// beside a 16-head output of 16 KiB, inside a 32 KiB L1.
+    const VALUE_ROWS_PER_PASS: usize = 8;
 
     /// Two rows by four queries per pass: eight independent FMA chains (four left the FMA
     /// units waiting on their latency half the time), each row and query chunk loaded once.
@@ -392,7 +418,20 @@ mod tests {
     /// The many-query forms are the one-query forms, bitwise, whatever the number of queries.
     #[test]
     fn many_query_rows_match_one_query_rows_bitwise() {
-        let (width, stride, offset, n, count) = (19, 23, 3, 37, 5);
+        // Ragged widths and row counts (tails of every loop), and MLA's decode shape (several
+        // 16-float slices, rows in several passes, an odd row and a group of 4 plus one).
+        for (width, stride, offset, n, count) in [(19, 23, 3, 37, 5), (256, 288, 0, 21, 9)] {
+            many_queries_match_one_query(width, stride, offset, n, count);
+        }
+    }
+
+    fn many_queries_match_one_query(
+        width: usize,
+        stride: usize,
+        offset: usize,
+        n: usize,
+        count: usize,
+    ) {
         let value = |i: usize| ((i * 7919) % 113) as f32 / 17.0 - 3.0;
         let rows: Vec<f32> = (0..n * stride).map(value).collect();
         let queries: Vec<f32> = (0..count * width).map(|i| value(i + 5)).collect();
@@ -420,7 +459,14 @@ mod tests {
             let out = &mut acc_one[i * width..(i + 1) * width];
             accumulate_rows(&weights[i * n..(i + 1) * n], &rows, stride, offset, out);
         }
-        assert_eq!(acc_one, acc_many);
+        assert_eq!(acc_one, acc_many, "weighted sums, width {width}");
+    }
+
+    #[test]
+    fn a_weighted_sum_over_no_rows_is_zero() {
+        let mut out = vec![7.0f32; 2 * 4];
+        weighted_sum_rows_many(&[], &[], 4, 0, 4, &mut out);
+        assert_eq!(out, vec![0.0; 8]);
     }
 
     #[test]
