@@ -104,7 +104,9 @@ async fn run_batch(
     let (result, micros) = tokio::task::spawn_blocking(move || {
         let _in_batch = span.enter();
         let start = std::time::Instant::now();
-        let result = set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes);
+        let result = moe_model::backend::in_math_pool(|| {
+            set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes)
+        });
         (result, start.elapsed().as_micros() as u64)
     })
     .await

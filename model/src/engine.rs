@@ -101,9 +101,10 @@ impl Engine {
     }
 
     /// One batched forward step over the given sequences (see
-    /// [`crate::dense::DenseModel::forward`]).
+    /// [`crate::dense::DenseModel::forward`]), run on a thread of the math pool: see
+    /// [`crate::backend::in_math_pool`].
     pub fn step(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.dense.forward(seqs, &self.experts)
+        crate::backend::in_math_pool(|| self.dense.forward(seqs, &self.experts))
     }
 
     /// Logits at every position of a prompt, `[len, vocab]`.

@@ -11,6 +11,17 @@ pub mod weight;
 pub use gemm::{InputRows, PackedMatrix};
 pub use weight::NativeWeight;
 
+/// Runs `work` on a thread of the math (rayon) pool instead of the calling thread. A step is
+/// dozens of parallel regions (every GEMM, attention, the experts) with short serial parts
+/// between them; called from outside the pool, each region is handed to the pool while the
+/// caller sleeps, and both the pool's threads and then the caller must be woken (~100 us per
+/// region on this project's VMs: a GEMM after a 300 us pause took that much longer). Inside
+/// the pool, the thread that runs `work` runs its share of each region at once and only the
+/// other threads are woken. Runs in place when already on a pool thread.
+pub fn in_math_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}
+
 /// Sets the number of math threads for the process (call once, before any work).
 pub fn set_threads(threads: usize) -> Result<(), String> {
     rayon::ThreadPoolBuilder::new()
