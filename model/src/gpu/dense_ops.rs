@@ -14,7 +14,7 @@ use cudarc::driver::{
 
 use super::context::{GpuContext, GpuError};
 use super::expert_ffn::{gemm_f32_out, GpuBuffer};
-use super::kernels::{as_int, grid};
+use super::kernels::{as_int, grid, row_grid};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
 use crate::dense::{DenseStep, StepSequence};
@@ -396,7 +396,7 @@ impl DenseOps for CudaDenseOps {
                 .arg(out)
                 .arg(&rows_i)
                 .arg(&inter_i)
-                .launch(grid(rows * inter))?;
+                .launch(row_grid(rows))?;
         }
         Ok(())
     }
@@ -726,7 +726,7 @@ impl CudaDenseOps {
                 .arg(out)
                 .arg(&n_i)
                 .arg(&width_i)
-                .launch(grid(n * width))?;
+                .launch(row_grid(n))?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::context::{GpuContext, GpuError};
-use super::kernels::{as_int, grid};
+use super::kernels::{as_int, grid, row_grid};
 use crate::device::GpuDtype;
 use crate::device_dense::ops::{MatrixPrecision, StridedGemm};
 use crate::grouped_ffn::{run_grouped, ColumnMajorGemm, ExpertMatrices, FfnOps, GroupedShapeError};
@@ -359,7 +359,7 @@ impl FfnOps for CudaOps<'_> {
                     .arg(out)
                     .arg(&slots_i)
                     .arg(&hidden_i)
-                    .launch(grid(slots * hidden))?,
+                    .launch(row_grid(slots))?,
                 GpuBuffer::F32(out) => stream
                     .launch_builder(&kernels.gather_rows_f32)
                     .arg(rows)
@@ -367,7 +367,7 @@ impl FfnOps for CudaOps<'_> {
                     .arg(out)
                     .arg(&slots_i)
                     .arg(&hidden_i)
-                    .launch(grid(slots * hidden))?,
+                    .launch(row_grid(slots))?,
                 GpuBuffer::Bf16Pair { hi, lo } => stream
                     .launch_builder(&kernels.gather_rows_bf16x2)
                     .arg(rows)
@@ -376,7 +376,7 @@ impl FfnOps for CudaOps<'_> {
                     .arg(lo)
                     .arg(&slots_i)
                     .arg(&hidden_i)
-                    .launch(grid(slots * hidden))?,
+                    .launch(row_grid(slots))?,
             };
         }
         Ok(())
@@ -459,14 +459,14 @@ impl FfnOps for CudaOps<'_> {
                     .arg(out)
                     .arg(&slots_i)
                     .arg(&inter_i)
-                    .launch(grid(slots * inter))?,
+                    .launch(row_grid(slots))?,
                 GpuBuffer::F32(out) => stream
                     .launch_builder(&kernels.silu_mul_f32)
                     .arg(gate_up)
                     .arg(out)
                     .arg(&slots_i)
                     .arg(&inter_i)
-                    .launch(grid(slots * inter))?,
+                    .launch(row_grid(slots))?,
                 GpuBuffer::Bf16Pair { hi, lo } => stream
                     .launch_builder(&kernels.silu_mul_bf16x2)
                     .arg(gate_up)
@@ -474,7 +474,7 @@ impl FfnOps for CudaOps<'_> {
                     .arg(lo)
                     .arg(&slots_i)
                     .arg(&inter_i)
-                    .launch(grid(slots * inter))?,
+                    .launch(row_grid(slots))?,
             };
         }
         Ok(())
@@ -504,7 +504,7 @@ impl FfnOps for CudaOps<'_> {
                 .arg(pair_out)
                 .arg(&slots_i)
                 .arg(&hidden_i)
-                .launch(grid(slots * hidden))?;
+                .launch(row_grid(slots))?;
         }
         Ok(())
     }

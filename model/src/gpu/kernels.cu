@@ -2,8 +2,9 @@
 // (model/src/gpu/kernels.rs). bf16 is handled as its bit pattern (unsigned short), so the
 // source needs no CUDA header and compiles the same with every toolkit.
 //
-// Every kernel is a grid-stride loop over `long long` indices: DeepSeek-V3 shapes at 8192
-// tokens x top-8 give 65536 x 7168 elements, more than an int holds.
+// Indices are `long long`: DeepSeek-V3 shapes at 8192 tokens x top-8 give 65536 x 7168
+// elements, more than an int holds. Kernels over rows take a block per row (`ROW_STRIDE`);
+// the others are grid-stride loops over elements.
 
 typedef unsigned short bf16_t;
 
@@ -36,31 +37,38 @@ __device__ __forceinline__ float silu(float x) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (total); \
          i += (long long)gridDim.x * blockDim.x)
 
+// One block per row (striding over the rows when there are more than the grid), its threads
+// across the row's columns: the hot expert-FFN kernels below move ~4 GB per DeepSeek-V3 layer at
+// 8192 tokens, and a 64-bit division per element to find the row made them cost a third of
+// the GEMMs' time. Launched with `row_grid` (kernels.rs).
+#define ROW_STRIDE(r, rows) for (long long r = blockIdx.x; r < (rows); r += gridDim.x)
+#define COLUMN_STRIDE(c, width) for (int c = threadIdx.x; c < (width); c += blockDim.x)
+
 // out[s, :] = rows[index[s], :]: the rows of each expert's pairs, contiguous, in GEMM dtype.
 extern "C" __global__ void gather_rows_bf16(const float* rows, const unsigned int* index, bf16_t* out,
                                             int slots, int hidden) {
-    GRID_STRIDE(i, (long long)slots * hidden) {
-        long long s = i / hidden;
-        long long c = i - s * hidden;
-        out[i] = f32_to_bf16(rows[(long long)index[s] * hidden + c]);
+    ROW_STRIDE(s, slots) {
+        const float* src = rows + (long long)index[s] * hidden;
+        bf16_t* dst = out + s * hidden;
+        COLUMN_STRIDE(c, hidden) { dst[c] = f32_to_bf16(src[c]); }
     }
 }
 
 extern "C" __global__ void gather_rows_f32(const float* rows, const unsigned int* index, float* out,
                                            int slots, int hidden) {
-    GRID_STRIDE(i, (long long)slots * hidden) {
-        long long s = i / hidden;
-        long long c = i - s * hidden;
-        out[i] = rows[(long long)index[s] * hidden + c];
+    ROW_STRIDE(s, slots) {
+        const float* src = rows + (long long)index[s] * hidden;
+        float* dst = out + s * hidden;
+        COLUMN_STRIDE(c, hidden) { dst[c] = src[c]; }
     }
 }
 
 extern "C" __global__ void gather_rows_bf16x2(const float* rows, const unsigned int* index,
                                               bf16_t* hi, bf16_t* lo, int slots, int hidden) {
-    GRID_STRIDE(i, (long long)slots * hidden) {
-        long long s = i / hidden;
-        long long c = i - s * hidden;
-        f32_to_bf16x2(rows[(long long)index[s] * hidden + c], hi + i, lo + i);
+    ROW_STRIDE(s, slots) {
+        const float* src = rows + (long long)index[s] * hidden;
+        long long base = s * hidden;
+        COLUMN_STRIDE(c, hidden) { f32_to_bf16x2(src[c], hi + base + c, lo + base + c); }
     }
 }
 
@@ -68,40 +76,39 @@ extern "C" __global__ void gather_rows_bf16x2(const float* rows, const unsigned 
 // uses gather_rows_f32).
 extern "C" __global__ void embed_rows_bf16(const bf16_t* table, const unsigned int* ids,
                                            float* out, int rows, int width) {
-    GRID_STRIDE(i, (long long)rows * width) {
-        long long r = i / width;
-        long long c = i - r * width;
-        out[i] = bf16_to_f32(table[(long long)ids[r] * width + c]);
+    ROW_STRIDE(r, rows) {
+        const bf16_t* src = table + (long long)ids[r] * width;
+        float* dst = out + r * width;
+        COLUMN_STRIDE(c, width) { dst[c] = bf16_to_f32(src[c]); }
     }
 }
 
 // act[s, j] = silu(gate_up[s, j]) * gate_up[s, inter + j]  (gate rows, then up rows).
 extern "C" __global__ void silu_mul_bf16(const float* gate_up, bf16_t* act, int slots,
                                          int inter) {
-    GRID_STRIDE(i, (long long)slots * inter) {
-        long long s = i / inter;
-        long long j = i - s * inter;
+    ROW_STRIDE(s, slots) {
         const float* row = gate_up + s * 2 * inter;
-        act[i] = f32_to_bf16(silu(row[j]) * row[inter + j]);
+        bf16_t* dst = act + s * inter;
+        COLUMN_STRIDE(j, inter) { dst[j] = f32_to_bf16(silu(row[j]) * row[inter + j]); }
     }
 }
 
 extern "C" __global__ void silu_mul_bf16x2(const float* gate_up, bf16_t* hi, bf16_t* lo,
                                            int slots, int inter) {
-    GRID_STRIDE(i, (long long)slots * inter) {
-        long long s = i / inter;
-        long long j = i - s * inter;
+    ROW_STRIDE(s, slots) {
         const float* row = gate_up + s * 2 * inter;
-        f32_to_bf16x2(silu(row[j]) * row[inter + j], hi + i, lo + i);
+        long long base = s * inter;
+        COLUMN_STRIDE(j, inter) {
+            f32_to_bf16x2(silu(row[j]) * row[inter + j], hi + base + j, lo + base + j);
+        }
     }
 }
 
 extern "C" __global__ void silu_mul_f32(const float* gate_up, float* act, int slots, int inter) {
-    GRID_STRIDE(i, (long long)slots * inter) {
-        long long s = i / inter;
-        long long j = i - s * inter;
+    ROW_STRIDE(s, slots) {
         const float* row = gate_up + s * 2 * inter;
-        act[i] = silu(row[j]) * row[inter + j];
+        float* dst = act + s * inter;
+        COLUMN_STRIDE(j, inter) { dst[j] = silu(row[j]) * row[inter + j]; }
     }
 }
 
@@ -109,11 +116,12 @@ extern "C" __global__ void silu_mul_f32(const float* gate_up, float* act, int sl
 extern "C" __global__ void scatter_weighted(const float* out, const unsigned int* pair,
                                             const float* weight, float* pair_out, int slots,
                                             int hidden) {
-    GRID_STRIDE(i, (long long)slots * hidden) {
-        long long s = i / hidden;
-        long long c = i - s * hidden;
+    ROW_STRIDE(s, slots) {
         unsigned int p = pair[s];
-        pair_out[(long long)p * hidden + c] = out[i] * weight[p];
+        float w = weight[p];
+        const float* src = out + s * hidden;
+        float* dst = pair_out + (long long)p * hidden;
+        COLUMN_STRIDE(c, hidden) { dst[c] = src[c] * w; }
     }
 }
 

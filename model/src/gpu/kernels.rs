@@ -123,6 +123,18 @@ pub fn grid(total: usize) -> LaunchConfig {
     }
 }
 
+/// Blocks of a row kernel (`ROW_STRIDE` in kernels.cu) at most; more rows are strided over.
+const MAX_ROW_BLOCKS: usize = 1 << 20;
+
+/// Launch shape of a row kernel over `rows` rows: a block per row, `BLOCK` threads across it.
+pub fn row_grid(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, MAX_ROW_BLOCKS) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Kernel arguments are `int`; refuses sizes that do not fit instead of wrapping.
 pub fn as_int(value: usize, what: &str) -> Result<i32, GpuError> {
     i32::try_from(value).map_err(|_| GpuError::Shape(format!("{what} = {value} exceeds i32")))
@@ -163,6 +175,9 @@ mod tests {
         assert_eq!(grid(257).grid_dim.0, 2);
         // DeepSeek-V3 at 8192 tokens x top-8: 65536 x 7168 elements, strided by the kernels.
         assert_eq!(grid(65_536 * 7168).grid_dim.0, MAX_BLOCKS as u32);
+        assert_eq!(row_grid(0).grid_dim.0, 1);
+        assert_eq!(row_grid(65_536).grid_dim.0, 65_536);
+        assert_eq!(row_grid(usize::MAX).grid_dim.0, MAX_ROW_BLOCKS as u32);
         assert!(as_int(usize::MAX, "x").is_err());
         assert_eq!(as_int(7168, "hidden").unwrap(), 7168);
     }
