@@ -3,20 +3,23 @@
 # the same `moe bench` parameters. Usage: bench/cluster_vs_offline.sh CHECKPOINT_DIR [NODES]
 # Environment: BATCH, PROMPT_LEN, GEN (bench shape), NODE_THREADS; SKIP_OFFLINE=1 skips the
 # offline run; PIN=1 pins the router to core 0 and the nodes to core 1. MOE_* router settings
-# (MOE_MICRO_BATCHES, MOE_TRANSPORT, ...) pass through `moe up`.
-# Needs release binaries (cargo build --release --bins) and etcd on PATH.
+# (MOE_MICRO_BATCHES, MOE_TRANSPORT, ...) pass through `moe up`. OFFLINE_ARGS and UP_ARGS add
+# flags to the offline bench and to `moe up` (a GPU: OFFLINE_ARGS/UP_ARGS="--device cuda:0").
+# Needs release binaries (cargo build --release --bins, or MOE_BIN_DIR) and etcd on PATH.
 set -euo pipefail
 model=${1:?checkpoint dir}
 nodes=${2:-2}
 args=(--batch "${BATCH:-1,8,32}" --prompt-len "${PROMPT_LEN:-128}" --gen "${GEN:-64}" --json)
-bin=$(dirname "$0")/../target/release
+bin=${MOE_BIN_DIR:-$(dirname "$0")/../target/release}
 if [ -z "${SKIP_OFFLINE:-}" ]; then
   echo "== offline"
-  "$bin/moe" bench --model "$model" "${args[@]}"
+  # shellcheck disable=SC2086 # OFFLINE_ARGS is a list of flags
+  "$bin/moe" bench --model "$model" "${args[@]}" ${OFFLINE_ARGS:-}
 fi
 echo "== cluster, $nodes nodes"
 log=$(mktemp)
-"$bin/moe" up --model "$model" --nodes "$nodes" ${NODE_THREADS:+--node-threads "$NODE_THREADS"} > "$log" 2>&1 &
+# shellcheck disable=SC2086 # UP_ARGS is a list of flags
+"$bin/moe" up --model "$model" --nodes "$nodes" ${NODE_THREADS:+--node-threads "$NODE_THREADS"} ${UP_ARGS:-} > "$log" 2>&1 &
 up=$!
 trap 'kill -INT $up 2>/dev/null; wait $up 2>/dev/null; rm -f "$log"' EXIT
 for _ in $(seq 1 600); do

@@ -32,6 +32,17 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Where the offline engine runs: `cpu` or `cuda:N` (a build with `--features cuda`).
+    #[arg(
+        long,
+        env = "MOE_DEVICE",
+        default_value = "cpu",
+        conflicts_with = "router"
+    )]
+    pub device: moe_model::device::Device,
+    /// Numerics on a GPU: `bf16x2`, `bf16` or `f32`.
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
+    pub gpu_dtype: moe_model::device::GpuDtype,
 }
 
 #[derive(Serialize)]
@@ -56,6 +67,8 @@ pub struct BatchResult {
 pub struct BenchReport {
     pub model: String,
     pub model_type: String,
+    /// `cpu`, `cuda:N (dtype)`, or `router` for a cluster.
+    pub device: String,
     pub threads: usize,
     pub results: Vec<BatchResult>,
 }
@@ -76,9 +89,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let Some(model) = args.model.clone() else {
         anyhow::bail!("give --model or --router")
     };
-    let engine = Engine::load(&model)?;
+    let device = args.device.open_experts(args.gpu_dtype)?;
+    let engine = Engine::load_on(&model, &device)?;
     let vocab = engine.config().vocab_size as u64;
     let mut rng = Rng::seeded(42);
+    warm_up(&engine)?;
     let mut results = Vec::new();
     for &batch in &args.batch {
         let prompts: Vec<Vec<u32>> = (0..batch)
@@ -142,10 +157,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = BenchReport {
         model: model.display().to_string(),
         model_type: engine.config().family.model_type().to_string(),
+        device: match args.device {
+            moe_model::device::Device::Cpu => "cpu".into(),
+            gpu => format!("{gpu} ({})", args.gpu_dtype),
+        },
         threads: rayon::current_num_threads(),
         results,
     };
     print(&report, args.json)
+}
+
+/// One short prefill and decode step before anything is timed: the first batch would otherwise
+/// pay one-time costs (a GPU's library handles and first allocations, the CPU's page faults).
+fn warm_up(engine: &Engine) -> anyhow::Result<()> {
+    let mut cache = engine.new_cache();
+    for tokens in [&[2u32, 3, 4, 5][..], &[6]] {
+        engine.step(&mut [StepSequence {
+            cache: &mut cache,
+            tokens,
+            all_logits: false,
+        }])?;
+    }
+    Ok(())
 }
 
 fn print(report: &BenchReport, json: bool) -> anyhow::Result<()> {
@@ -153,8 +186,8 @@ fn print(report: &BenchReport, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(report)?);
     } else {
         println!(
-            "{} ({}), {} threads",
-            report.model, report.model_type, report.threads
+            "{} ({}), {}, {} threads",
+            report.model, report.model_type, report.device, report.threads
         );
         println!("batch  prefill tok/s  TTFT ms  decode tok/s  ITL p50/p90/p99 ms");
         for r in &report.results {

@@ -105,6 +105,7 @@ pub fn run(router: &str, args: &BenchArgs) -> anyhow::Result<BenchReport> {
         Ok(BenchReport {
             model: format!("router {router} ({})", info.model_dir),
             model_type: info.model_type,
+            device: "router".into(),
             threads: 0,
             results,
         })

@@ -34,7 +34,8 @@ pub struct UpArgs {
     /// `--features cuda`); default: each binary's own (`MOE_DEVICE`, else the CPU).
     #[arg(long)]
     device: Option<moe_model::device::Device>,
-    /// Dtype on a GPU (`bf16`, `f32`); default: each binary's own (`MOE_GPU_DTYPE`, else bf16).
+    /// Numerics on a GPU (`bf16x2`, `bf16`, `f32`); default: each binary's own
+    /// (`MOE_GPU_DTYPE`, else bf16x2).
     #[arg(long)]
     gpu_dtype: Option<moe_model::device::GpuDtype>,
 }
