@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 6), for a machine with an NVIDIA GPU (reference: one H200, driver 580,
-# CUDA 13). Two steps, because a GPU machine may have no Rust toolchain:
+# CUDA 13; it passed there on 2026-11-30 in about 30 s: docs/performance.md). Two steps,
+# because a GPU machine may have no Rust toolchain:
 #
 #   ops/gpu-check.sh prepare   on any x86-64 build machine (no GPU needed): builds what the
 #                              check runs with --features cuda (and this machine's etcd),
