@@ -32,17 +32,8 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Where the offline engine runs: `cpu` or `cuda:N` (a build with `--features cuda`).
-    #[arg(
-        long,
-        env = "MOE_DEVICE",
-        default_value = "cpu",
-        conflicts_with = "router"
-    )]
-    pub device: moe_model::device::Device,
-    /// Numerics on a GPU: `bf16x2`, `bf16` or `f32`.
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
-    pub gpu_dtype: moe_model::device::GpuDtype,
+    #[command(flatten)]
+    pub engine: super::engine_device::EngineDeviceArgs,
 }
 
 #[derive(Serialize)]
@@ -89,7 +80,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let Some(model) = args.model.clone() else {
         anyhow::bail!("give --model or --router")
     };
-    let device = args.device.open_experts(args.gpu_dtype)?;
+    let device = args.engine.open()?;
     let engine = Engine::load_on(&model, &device)?;
     let vocab = engine.config().vocab_size as u64;
     let mut rng = Rng::seeded(42);
@@ -157,10 +148,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = BenchReport {
         model: model.display().to_string(),
         model_type: engine.config().family.model_type().to_string(),
-        device: match args.device {
-            moe_model::device::Device::Cpu => "cpu".into(),
-            gpu => format!("{gpu} ({})", args.gpu_dtype),
-        },
+        device: args.engine.describe(),
         threads: rayon::current_num_threads(),
         results,
     };

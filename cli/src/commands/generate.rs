@@ -48,19 +48,8 @@ pub struct GenerateArgs {
     /// Stop strings (cluster only), repeatable.
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Where the offline engine runs, dense part and routed experts: `cpu` or `cuda:N` (a
-    /// build with `--features cuda`).
-    #[arg(
-        long,
-        env = "MOE_DEVICE",
-        default_value = "cpu",
-        conflicts_with = "router"
-    )]
-    pub device: moe_model::device::Device,
-    /// Numerics on a GPU: `bf16x2` (bf16 weights, activations as two bf16 terms), `bf16` or
-    /// `f32` (the MoE gate stays f32).
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
-    pub gpu_dtype: moe_model::device::GpuDtype,
+    #[command(flatten)]
+    pub engine: super::engine_device::EngineDeviceArgs,
 }
 
 #[derive(Serialize)]
@@ -84,7 +73,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !args.stop.is_empty() {
         bail!("--stop is supported with --router only");
     }
-    let device = args.device.open_experts(args.gpu_dtype)?;
+    let device = args.engine.open()?;
     let engine =
         Engine::load_on(&model, &device).with_context(|| format!("loading {}", model.display()))?;
     let input_ids = match (&args.prompt, &args.input_ids) {

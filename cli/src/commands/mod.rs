@@ -2,6 +2,7 @@ pub mod bench;
 pub mod bench_remote;
 pub mod chaos;
 pub mod drain;
+pub mod engine_device;
 pub mod gen_checkpoint;
 pub mod generate;
 pub mod gpu_bench;
