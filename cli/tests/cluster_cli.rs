@@ -8,10 +8,15 @@ use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use serde_json::Value;
 
 fn moe(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .output()
-        .expect("moe runs");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_moe"));
+    if args.contains(&"--router") {
+        // A deployment's environment may name the processes' GPU; a remote command must not
+        // take it as a second place to run.
+        command
+            .env("MOE_DEVICE", "cuda:0")
+            .env("MOE_GPU_DTYPE", "f32");
+    }
+    let out = command.args(args).output().expect("moe runs");
     assert!(
         out.status.success(),
         "moe {args:?}: {}",

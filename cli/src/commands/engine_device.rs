@@ -7,13 +7,9 @@ use moe_model::experts::ExpertDevice;
 #[derive(Args, Clone)]
 pub struct EngineDeviceArgs {
     /// Where the offline engine runs, dense part and routed experts: `cpu` or `cuda:N` (a
-    /// build with `--features cuda`).
-    #[arg(
-        long,
-        env = "MOE_DEVICE",
-        default_value = "cpu",
-        conflicts_with = "router"
-    )]
+    /// build with `--features cuda`). Ignored with `--router` (the cluster's processes have
+    /// their own): not a conflict, because `MOE_DEVICE` is often set for a whole deployment.
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: Device,
     /// Numerics on a GPU: `bf16x2` (bf16 weights, activations as two bf16 terms), `bf16` or
     /// `f32` (the MoE gate stays f32).
