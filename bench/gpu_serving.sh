@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Serving throughput on a GPU machine, after `ops/gpu-check.sh` has unpacked its binaries
 # (/tmp/moe-gpu-bin) and linked the CUDA libraries (/tmp/moe-cuda-libs): a generated DeepSeek-V3
-# checkpoint (PRESET, default medium: 2.9B parameters in bf16), the offline engine on cuda:0 in
-# each GPU dtype, then a local cluster (router and NODES expert nodes, all on cuda:0, rows over
-# the gRPC data plane). Every step is bounded by a timeout; what it printed is the result.
+# checkpoint (PRESET, default medium: 2.9B parameters in bf16), the offline engine on DEVICE
+# (default cuda:0) in each of DTYPES, then a local cluster (router and NODES expert nodes, all
+# on DEVICE, rows over the gRPC data plane). Every step is bounded by a timeout; what it
+# printed is the result. `DEVICE=cpu DTYPES=bf16 MOE_BIN_DIR=target/release PRESET=small`
+# runs the same steps on a CPU machine (to check the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PATH="/tmp/moe-gpu-bin:$PATH" MOE_BIN_DIR=/tmp/moe-gpu-bin
+bin=$(realpath "${MOE_BIN_DIR:-/tmp/moe-gpu-bin}")
+export PATH="$bin:$PATH" MOE_BIN_DIR="$bin"
 export LD_LIBRARY_PATH="/tmp/moe-cuda-libs:${LD_LIBRARY_PATH:-}"
+device=${DEVICE:-cuda:0}
 preset=${PRESET:-medium}
 model=/tmp/ds-$preset-bf16
 shape=(--batch "${BATCH:-1,8,32,128}" --prompt-len "${PROMPT_LEN:-128}" --gen "${GEN:-64}")
@@ -15,10 +19,13 @@ shape=(--batch "${BATCH:-1,8,32,128}" --prompt-len "${PROMPT_LEN:-128}" --gen "$
 [ -e "$model/config.json" ] ||
   timeout 120 moe gen-checkpoint --arch deepseek_v3 --preset "$preset" --dtype bf16 --out "$model" ||
   exit 1
+status=0
 for dtype in ${DTYPES:-bf16x2 bf16}; do
-  echo "== offline engine on cuda:0, $dtype"
-  timeout 150 moe bench --model "$model" --device cuda:0 --gpu-dtype "$dtype" "${shape[@]}"
+  echo "== offline engine on $device, $dtype"
+  timeout 150 moe bench --model "$model" --device "$device" --gpu-dtype "$dtype" "${shape[@]}" ||
+    status=1
 done
-echo "== cluster on cuda:0 (router + ${NODES:-2} nodes, gRPC data plane)"
-SKIP_OFFLINE=1 BATCH=${CLUSTER_BATCH:-1,8,32} UP_ARGS="--device cuda:0" \
-  timeout 200 bench/cluster_vs_offline.sh "$model" "${NODES:-2}"
+echo "== cluster on $device (router + ${NODES:-2} nodes, gRPC data plane)"
+SKIP_OFFLINE=1 BATCH=${CLUSTER_BATCH:-1,8,32} UP_ARGS="--device $device" \
+  timeout 200 bench/cluster_vs_offline.sh "$model" "${NODES:-2}" || status=1
+exit $status
