@@ -141,3 +141,38 @@ async fn chunked_prefill_beside_running_decodes_is_exact() {
         assert_eq!(got.logprobs, alone.logprobs);
     }
 }
+
+/// Nodes that accept only 3 rows per dispatch (`--max-batch-rows 3`, published in etcd) get
+/// each prefill layer in several batches, over gRPC and over the TCP collective (which falls
+/// back to gRPC for a layer over a node's bound): the same tokens and logprobs as offline, and
+/// no node ever refuses a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_a_small_batch_bound_get_layers_in_pieces() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cases = golden_cases(fixture);
+    for transport in ["grpc", "tcp"] {
+        let mut spec = harness::spec(fixture_dir(fixture), 2);
+        spec.node_args
+            .extend(["--max-batch-rows".into(), "3".into()]);
+        spec.router_args
+            .extend(["--transport".into(), transport.into()]);
+        let cluster = LocalCluster::start(spec).unwrap();
+        wait_serving(&cluster, 2).await;
+        let mut client = harness::inference(&cluster).await;
+        for (i, case) in cases.iter().enumerate() {
+            assert!(case.input_ids.len() > 3, "the prompt spans several batches");
+            let expected = offline(&engine, &case.input_ids, 8);
+            let got = generate(&mut client, greedy(&case.input_ids, 8))
+                .await
+                .unwrap_or_else(|e| panic!("{transport} case {i}: {e}"));
+            assert_eq!(got.ids, expected.output_ids, "{transport} case {i}");
+            assert_eq!(got.logprobs, expected.logprobs, "{transport} case {i}");
+        }
+        let status = harness::status(&cluster).await;
+        assert_eq!(
+            status.layer_retries, 0,
+            "{transport}: no batch was refused: {status:?}"
+        );
+    }
+}

@@ -119,6 +119,12 @@ async fn tcp_collective_matches_offline_and_survives_a_sigkill() {
         after.collective_failures >= 1,
         "the kill broke the old epoch's collective: {after:?}"
     );
+    // The gRPC retry named the dead node: the epoch without it was planned on the suspect
+    // report, while the node's lease still lived.
+    assert!(
+        after.suspect_replans >= 1,
+        "recovery went through the suspect path: {after:?}"
+    );
     let layers_before = after.collective_layers;
     let case = &golden_cases(fixture)[0];
     let want = offline(&engine, &case.input_ids);
@@ -269,6 +275,7 @@ async fn a_paused_node_breaks_the_collective_and_the_same_epoch_re_forms_it() {
         reformed.serving_epoch, before.serving_epoch,
         "the same epoch, not a re-plan: {reformed:?}"
     );
+    assert_eq!(reformed.suspect_replans, 0, "{reformed:?}");
     assert_eq!(serving_nodes(&reformed), serving_nodes(&before));
     let case = &golden_cases(fixture)[0];
     let want = offline(&engine, &case.input_ids);

@@ -74,3 +74,35 @@ fn http_requests_never_panic() {
 fn collective_frames_never_panic() {
     replay("collective_layer", fuzz::collective_layer);
 }
+
+#[test]
+fn collective_frame_streams_never_panic() {
+    replay("collective_frames", fuzz::collective_frames);
+}
+
+#[test]
+fn node_dispatch_validator_keeps_its_invariants() {
+    replay("node_dispatch", fuzz::node_dispatch);
+    // The seeds reach both sides: the valid one is accepted (so the invariants are checked),
+    // each abuse refused.
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/node_dispatch"
+    ));
+    let seed = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    assert!(fuzz::node_dispatch_accepts(&seed("valid_two_rows")));
+    for abuse in [
+        "duplicate",
+        "too_many_pairs",
+        "nan_weight",
+        "not_held",
+        "dense_layer",
+        "over_bound",
+        "huge_rows",
+    ] {
+        assert!(
+            !fuzz::node_dispatch_accepts(&seed(abuse)),
+            "{abuse} was accepted"
+        );
+    }
+}

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tonic::Code;
 
 const KEY: &str = "test-key-0123456789";
+const ADMIN_KEY: &str = "admin-key-9876543210";
 
 fn error_type(body: &str) -> String {
     serde_json::from_str::<Value>(body)
@@ -23,9 +24,13 @@ fn error_type(body: &str) -> String {
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
+    bearer(message, KEY)
+}
+
+fn bearer<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
-        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
     r
 }
 
@@ -35,12 +40,19 @@ async fn api_keys_and_limits() {
     let keys = TempDir::new("keys");
     let key_file = keys.path().join("keys.txt");
     std::fs::write(&key_file, format!("# operators\n{KEY}\n\nsecond-key\n")).unwrap();
+    let admin_key_file = keys.path().join("admin-keys.txt");
+    std::fs::write(&admin_key_file, format!("{ADMIN_KEY}\n")).unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", moe_cluster::local::free_port().unwrap());
     let mut spec = harness::spec(fixture_dir(fixture), 1);
     spec.router_args.extend([
         "--http-listen".into(),
         "127.0.0.1:0".into(),
+        "--metrics-listen".into(),
+        metrics_addr.clone(),
         "--api-key-file".into(),
         key_file.display().to_string(),
+        "--admin-key-file".into(),
+        admin_key_file.display().to_string(),
         "--max-prompt-tokens".into(),
         "30".into(),
         "--request-timeout-ms".into(),
@@ -69,6 +81,59 @@ async fn api_keys_and_limits() {
     }
     let (status, _) = http(&http_addr, "GET", "/health", None, b"").await;
     assert_eq!(status, 200);
+
+    // Admin apart from inference: an inference key reads status but cannot drain; the admin
+    // key does both (an unknown node is NOT_FOUND: past the check); no key, neither.
+    let drain = |key: Option<&str>| {
+        let message = moe_proto::v1::DrainRequest {
+            node_id: "no-such-node".into(),
+        };
+        match key {
+            Some(k) => bearer(message, k),
+            None => tonic::Request::new(message),
+        }
+    };
+    let err = admin.drain(drain(Some(KEY))).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = admin.drain(drain(None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = admin.drain(drain(Some(ADMIN_KEY))).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    admin
+        .cluster_status(bearer(ClusterStatusRequest {}, ADMIN_KEY))
+        .await
+        .expect("the admin key reads status too");
+    // `moe drain` sends MOE_ADMIN_KEY.
+    let moe = harness::binary("moe");
+    let out = std::process::Command::new(&moe)
+        .args(["drain", "--router", &cluster.router_addr, "no-such-node"])
+        .env("MOE_API_KEY", KEY)
+        .env_remove("MOE_ADMIN_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("an admin key is required"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(&moe)
+        .args(["drain", "--router", &cluster.router_addr, "no-such-node"])
+        .env("MOE_ADMIN_KEY", ADMIN_KEY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no live node"), "{stderr}");
+
+    // `/metrics` on the public port needs the key like every route but `/health`; the
+    // private `--metrics-listen` port serves it without one.
+    let (s, b) = http(&http_addr, "GET", "/metrics", None, b"").await;
+    assert_eq!((s, error_type(&b)), (401, "authentication_error".into()));
+    let (s, b) = http(&http_addr, "GET", "/metrics", Some(KEY), b"").await;
+    assert_eq!(s, 200);
+    assert!(b.contains("moe_requests_total"), "{b}");
+    let (s, b) = http(&metrics_addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(s, 200);
+    assert!(b.contains("moe_requests_total"), "{b}");
 
     // gRPC Inference: no key, a wrong key, the right key.
     let ids = golden_cases(fixture)[0].input_ids[..6].to_vec();
@@ -304,4 +369,89 @@ async fn message_size_stream_limit_and_raising_template() {
         .unwrap()
         .unwrap();
     assert_eq!(queued.ids, elsewhere.ids);
+}
+
+/// A router or node asked to listen beyond loopback without cluster credentials, or to reach
+/// an etcd on another host without etcd credentials, refuses to start and names the flags;
+/// `--insecure-cluster` opts out, the token (or mutual TLS) satisfies it.
+#[test]
+fn exposed_without_credentials_refuses_to_start() {
+    let model = fixture_dir(FIXTURES[0]);
+    let token_dir = TempDir::new("exposure-token");
+    let token = token_dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let run = |bin: &str, args: &[&str]| {
+        let mut child = std::process::Command::new(harness::binary(bin))
+            .arg("--model")
+            .arg(&model)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A process that passes the check keeps running (etcd is unreachable here): give it
+        // two seconds, then stop it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let exited = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().unwrap();
+        (exited, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let etcd = ["--etcd", "http://127.0.0.1:1"];
+    let node = |extra: &[&str]| {
+        let mut args = vec!["--listen", "0.0.0.0:0", "--node-id", "exposed"];
+        args.extend_from_slice(&etcd);
+        args.extend_from_slice(extra);
+        run("moe-expert-node", &args)
+    };
+    let router = |extra: &[&str]| {
+        let mut args = vec!["--grpc-listen", "0.0.0.0:0"];
+        args.extend_from_slice(&etcd);
+        args.extend_from_slice(extra);
+        run("moe-router", &args)
+    };
+    for (what, (exited, stderr)) in [("node", node(&[])), ("router", router(&[]))] {
+        assert!(exited.is_some_and(|s| !s.success()), "{what}: {stderr}");
+        for flag in [
+            "0.0.0.0:0",
+            "--cluster-token-file",
+            "--cluster-ca",
+            "--insecure-cluster",
+        ] {
+            assert!(
+                stderr.contains(flag),
+                "{what} does not name {flag}: {stderr}"
+            );
+        }
+    }
+    let token_flag = ["--cluster-token-file", token.to_str().unwrap()];
+    let (exited, stderr) = node(&token_flag);
+    assert!(exited.is_none(), "a node with the token starts: {stderr}");
+    let (exited, stderr) = router(&["--insecure-cluster"]);
+    assert!(exited.is_none(), "--insecure-cluster starts: {stderr}");
+    // etcd on another host needs its own credentials, token or not.
+    let (exited, stderr) = run(
+        "moe-expert-node",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            "http://etcd.example:2379",
+            "--cluster-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    assert!(exited.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(
+        stderr.contains("--etcd-user") && stderr.contains("--etcd-cert"),
+        "{stderr}"
+    );
 }

@@ -272,15 +272,19 @@ async fn tls_everywhere_and_refusals() {
         )
         .await,
     );
-    exchange(
-        node_uri,
+    let member_tls = || {
         Some(client_tls(
             &cluster_ca,
             Some((&pki.join("member.pem"), &pki.join("member.key"))),
-        )),
-    )
-    .await
-    .expect("a cluster member's dispatch stream is accepted");
+        ))
+    };
+    // The certificate gets past TLS; the stream still needs the cluster token's proof.
+    let without_token = exchange(node_uri.clone(), member_tls()).await.unwrap_err();
+    assert!(without_token.contains("Unauthenticated"), "{without_token}");
+    let token = cluster.token_file().token().unwrap();
+    exchange_with(node_uri, member_tls(), Some((&token, &node.node_id)))
+        .await
+        .expect("a cluster member's dispatch stream is accepted");
 
     // 6. `moe generate --router https://... --tls-ca` (the CLI over TLS).
     let moe = harness::binary("moe");
@@ -355,18 +359,29 @@ async fn tls_everywhere_and_refusals() {
 /// Opens an `Exchange` stream to a node and sends one empty dispatch. `Ok` only when the
 /// node's own handler answered: it refuses an empty frame with INVALID_ARGUMENT, which proves
 /// the connection was let in; any transport or handshake failure is `Err`.
+/// Opens a data-plane stream (proving `token` for `node_id` when given) and sends an empty
+/// dispatch: `Ok` when it reached the handler (which refuses the empty frame), else why not.
 async fn exchange(uri: String, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+    exchange_with(uri, tls, None).await
+}
+
+async fn exchange_with(
+    uri: String,
+    tls: Option<ClientTlsConfig>,
+    token: Option<(&moe_cluster::auth::ClusterToken, &str)>,
+) -> Result<(), String> {
     let channel = connect(uri, tls).await?;
     let mut client = ExpertDataClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(DispatchBatch::default())
         .await
         .map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some((token, node_id)) = token {
+        moe_cluster::auth::StreamOpening::new(token, node_id).apply(request.metadata_mut());
+    }
     let answer = tokio::time::timeout(Duration::from_secs(10), async move {
-        let mut stream = client
-            .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut stream = client.exchange(request).await?.into_inner();
         stream.message().await
     })
     .await

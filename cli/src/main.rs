@@ -39,6 +39,8 @@ enum Command {
     Chaos(commands::chaos::ChaosArgs),
     /// Measure expert-FFN TFLOP/s on a GPU (DeepSeek-V3 shapes) against a dense GEMM.
     GpuBench(commands::gpu_bench::GpuBenchArgs),
+    /// Write a deployment's secrets (cluster token, admin key, API key, etcd password).
+    GenSecrets(commands::gen_secrets::GenSecretsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Drain(args) => commands::drain::run(args),
         Command::Chaos(args) => commands::chaos::run(args),
         Command::GpuBench(args) => commands::gpu_bench::run(args),
+        Command::GenSecrets(args) => commands::gen_secrets::run(args),
     }
 }
 

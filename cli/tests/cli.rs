@@ -281,3 +281,39 @@ fn bench_reports_json() {
         assert!(r["inter_token_latency_ms"]["p50"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// `moe gen-secrets` writes each secret once, private to its owner, and keeps existing ones.
+#[test]
+fn gen_secrets_writes_private_files_once() {
+    let dir = moe_tests::TempDir::new("secrets");
+    let out = dir.path().join("secrets");
+    let run = || moe(&["gen-secrets", "--out", out.to_str().unwrap()]);
+    assert!(run().status.success());
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    let first: Vec<String> = ["cluster-token", "admin-key", "api-key", "etcd-password"]
+        .iter()
+        .map(|n| read(n))
+        .collect();
+    for secret in &first {
+        assert_eq!(secret.trim().len(), 64, "{secret:?}");
+    }
+    assert_ne!(first[0], first[1]);
+    moe_cluster::auth::ClusterToken::from_file(&out.join("cluster-token")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("cluster-token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+    let again = run();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("kept"));
+    assert_eq!(
+        read("cluster-token"),
+        first[0],
+        "an existing secret is kept"
+    );
+}

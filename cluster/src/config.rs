@@ -41,6 +41,11 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
+    /// Whether etcd is reached with credentials of its own (a client certificate, or a user).
+    pub fn authenticates(&self) -> bool {
+        self.etcd_cert.is_some() || self.etcd_user.is_some()
+    }
+
     /// Reads the TLS files and the password once, at start-up.
     pub fn connection(&self) -> Result<EtcdConnection, EtcdSettingsError> {
         let identity = crate::tls::identity_from_flags(

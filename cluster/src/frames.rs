@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use moe_model::routes::ExpertRoutes;
-use moe_proto::v1::{CombineBatch, DispatchBatch};
+use moe_proto::v1::{CombineBatch, DispatchBatch, Refusal};
 
 use crate::error::ClusterError;
 
@@ -145,10 +145,19 @@ pub fn encode_combine(tag: DispatchTag, pairs: usize, outputs: &[f32]) -> Combin
         outputs: f32_bytes(outputs),
         error: String::new(),
         compute_micros: 0,
+        refusal: Refusal::Unspecified as i32,
     }
 }
 
-pub fn combine_error(tag: DispatchTag, message: String) -> CombineBatch {
+/// Text a stale-epoch refusal starts with: what routers before the `refusal` field matched.
+const STALE_EPOCH_TEXT: &str = "FAILED_PRECONDITION";
+
+/// A refusal of a well-formed batch, typed in `refusal` and explained in `error`.
+pub fn combine_refusal(tag: DispatchTag, refusal: Refusal, message: &str) -> CombineBatch {
+    let error = match refusal {
+        Refusal::StaleEpoch => format!("{STALE_EPOCH_TEXT}: {message}"),
+        _ => message.to_string(),
+    };
     CombineBatch {
         epoch: tag.epoch,
         step: tag.step,
@@ -156,9 +165,23 @@ pub fn combine_error(tag: DispatchTag, message: String) -> CombineBatch {
         micro_batch: tag.micro_batch,
         pairs: 0,
         outputs: Bytes::new(),
-        error: message,
+        error,
         compute_micros: 0,
+        refusal: refusal as i32,
     }
+}
+
+/// Why a combine gave no outputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CombineFailure {
+    /// The node does not serve the dispatch's epoch: the router is behind or ahead, the node
+    /// is fine.
+    #[error("the node does not serve this epoch: {0}")]
+    StaleEpoch(String),
+    #[error("the node refused the batch: {0}")]
+    Refused(String),
+    #[error("malformed combine: {0}")]
+    Malformed(String),
 }
 
 /// Validates a combine against what was dispatched and returns `[pairs, hidden]`.
@@ -167,25 +190,30 @@ pub fn decode_combine(
     tag: DispatchTag,
     pairs: usize,
     hidden: usize,
-) -> Result<Vec<f32>, ClusterError> {
-    if !batch.error.is_empty() {
-        return Err(ClusterError::Frame(format!(
-            "node refused the batch: {}",
-            batch.error
-        )));
+) -> Result<Vec<f32>, CombineFailure> {
+    if !batch.error.is_empty() || batch.refusal != Refusal::Unspecified as i32 {
+        // A node from before the `refusal` field says a stale epoch only in its text.
+        let stale = batch.refusal == Refusal::StaleEpoch as i32
+            || (batch.refusal == Refusal::Unspecified as i32
+                && batch.error.starts_with(STALE_EPOCH_TEXT));
+        return Err(if stale {
+            CombineFailure::StaleEpoch(batch.error.clone())
+        } else {
+            CombineFailure::Refused(batch.error.clone())
+        });
     }
     if batch.epoch != tag.epoch
         || batch.step != tag.step
         || batch.layer != tag.layer
         || batch.micro_batch != tag.micro_batch
     {
-        return Err(ClusterError::Frame(format!(
+        return Err(CombineFailure::Malformed(format!(
             "combine for epoch {} step {} layer {} answers dispatch epoch {} step {} layer {}",
             batch.epoch, batch.step, batch.layer, tag.epoch, tag.step, tag.layer
         )));
     }
     if batch.pairs as usize != pairs || batch.outputs.len() != pairs * hidden * 4 {
-        return Err(ClusterError::Frame(format!(
+        return Err(CombineFailure::Malformed(format!(
             "combine carries {} pairs / {} bytes, expected {pairs} pairs of width {hidden}",
             batch.pairs,
             batch.outputs.len()
@@ -256,5 +284,30 @@ mod tests {
         assert_eq!(decode_combine(&c, TAG, 3, 4).unwrap(), out);
         assert!(decode_combine(&c, DispatchTag { layer: 2, ..TAG }, 3, 4).is_err());
         assert!(decode_combine(&c, TAG, 2, 4).is_err());
+    }
+
+    /// A stale epoch is typed in `refusal`, and still recognised from the text alone, as a
+    /// node from before the field sends it.
+    #[test]
+    fn refusals_are_typed_and_old_nodes_understood() {
+        let stale = combine_refusal(TAG, Refusal::StaleEpoch, "epoch 2 is not served here");
+        assert!(stale.error.starts_with("FAILED_PRECONDITION"));
+        assert!(matches!(
+            decode_combine(&stale, TAG, 0, 4),
+            Err(CombineFailure::StaleEpoch(_))
+        ));
+        let old_node = CombineBatch {
+            refusal: Refusal::Unspecified as i32,
+            ..stale
+        };
+        assert!(matches!(
+            decode_combine(&old_node, TAG, 0, 4),
+            Err(CombineFailure::StaleEpoch(_))
+        ));
+        let failed = combine_refusal(TAG, Refusal::ExpertFailure, "out of memory");
+        assert!(matches!(
+            decode_combine(&failed, TAG, 0, 4),
+            Err(CombineFailure::Refused(m)) if m == "out of memory"
+        ));
     }
 }

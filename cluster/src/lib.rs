@@ -6,15 +6,24 @@
 //!   cluster's live members, drain requests and suspect reports in one snapshot.
 //! - [`placement`] is the expert placement: which node holds which `(layer, expert)`, under a
 //!   monotonically increasing epoch, planned by the router and written in a guarded transaction.
+//! - [`auth`] is the cluster token (`--cluster-token-file`) and the proofs members exchange.
+//! - [`dispatch_rules`] is what a node accepts in a dispatch (batch bound, top-k, held experts),
+//!   checked on the frame's bytes before anything is allocated for it.
+//! - [`exposure`] holds the cluster-credential flags and refuses to start a process that
+//!   would serve beyond loopback without them.
 //! - [`frames`] encodes and validates the data-plane messages (`DispatchBatch`,
 //!   `CombineBatch`): tensors as little-endian bytes, every length checked before use.
 
+pub mod auth;
 pub mod collective;
 pub mod config;
+pub mod dispatch_rules;
 pub mod error;
+pub mod exposure;
 pub mod frames;
 pub mod keys;
 pub mod lease;
+pub mod listener;
 pub mod load;
 pub mod local;
 pub mod membership;

@@ -1,7 +1,8 @@
 //! A checking load generator: workers send greedy requests whose answers are known (from the
 //! offline engine) to one or more routers, and count every request that failed or came back
-//! with other tokens. The elastic-cluster tests and `moe chaos` drive the cluster with it while
-//! they kill, add and drain nodes.
+//! with other tokens or other logprobs (compared bit for bit: a stream that crossed a node's
+//! death must be exactly the uninterrupted one). The elastic-cluster tests and `moe chaos`
+//! drive the cluster with it while they kill, add and drain nodes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,12 +13,46 @@ use moe_proto::v1::GenerateRequest;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-/// A request and the tokens it must produce.
+/// A request and the tokens it must produce, with the log-probability of each (the offline
+/// engine's `GenerateOutput::logprobs`), which the answer must match bit for bit.
 #[derive(Debug, Clone)]
 pub struct ExpectedAnswer {
     pub input_ids: Vec<u32>,
     pub max_new_tokens: u32,
     pub output_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+}
+
+impl ExpectedAnswer {
+    /// Why `ids` and `logprobs` are not this answer (`None`: they are, bit for bit).
+    pub fn mismatch(&self, ids: &[u32], logprobs: &[f32]) -> Option<String> {
+        if ids != self.output_ids {
+            return Some(format!(
+                "mismatch for {:?}: got {ids:?}, expected {:?}",
+                self.input_ids, self.output_ids
+            ));
+        }
+        if logprobs.len() != self.logprobs.len() {
+            return Some(format!(
+                "logprobs for {:?}: got {} values, expected {}",
+                self.input_ids,
+                logprobs.len(),
+                self.logprobs.len()
+            ));
+        }
+        let step = logprobs
+            .iter()
+            .zip(&self.logprobs)
+            .position(|(got, want)| got.to_bits() != want.to_bits())?;
+        let (got, want) = (logprobs[step], self.logprobs[step]);
+        Some(format!(
+            "logprob differs for {:?} at step {step} (token {}): got {got:e} ({:#010x}), expected {want:e} ({:#010x})",
+            self.input_ids,
+            ids[step],
+            got.to_bits(),
+            want.to_bits()
+        ))
+    }
 }
 
 /// Counters, readable while the load runs.
@@ -155,16 +190,15 @@ async fn worker(
         done += 1;
         progress.sent.fetch_add(1, Ordering::Relaxed);
         match one_request(&router, answer, &progress).await {
-            Ok(ids) if ids == answer.output_ids => {
-                progress.completed.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(ids) => {
-                progress.mismatched.fetch_add(1, Ordering::Relaxed);
-                progress.problem(format!(
-                    "mismatch for {:?}: got {ids:?}, expected {:?}",
-                    answer.input_ids, answer.output_ids
-                ));
-            }
+            Ok((ids, logprobs)) => match answer.mismatch(&ids, &logprobs) {
+                None => {
+                    progress.completed.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(what) => {
+                    progress.mismatched.fetch_add(1, Ordering::Relaxed);
+                    progress.problem(what);
+                }
+            },
             Err(e) => {
                 progress.failed.fetch_add(1, Ordering::Relaxed);
                 progress.problem(format!("request to {router} failed: {e}"));
@@ -177,7 +211,7 @@ async fn one_request(
     router: &str,
     answer: &ExpectedAnswer,
     progress: &LoadProgress,
-) -> Result<Vec<u32>, String> {
+) -> Result<(Vec<u32>, Vec<f32>), String> {
     let mut client = InferenceClient::connect(format!("http://{router}"))
         .await
         .map_err(|e| e.to_string())?;
@@ -192,14 +226,15 @@ async fn one_request(
         seed: None,
         stop: vec![],
         ignore_eos: true,
-        logprobs: false,
+        // Checked bit for bit against the offline engine's.
+        logprobs: true,
     };
     let mut stream = client
         .generate(request)
         .await
         .map_err(|s| s.to_string())?
         .into_inner();
-    let mut ids = Vec::new();
+    let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
     while let Some(msg) = stream.message().await.map_err(|s| s.to_string())? {
         let now = Instant::now();
         progress
@@ -209,6 +244,45 @@ async fn one_request(
             t.extend(std::iter::repeat_n(now, msg.token_ids.len()));
         }
         ids.extend(msg.token_ids);
+        logprobs.extend(msg.logprobs);
     }
-    Ok(ids)
+    Ok((ids, logprobs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer() -> ExpectedAnswer {
+        ExpectedAnswer {
+            input_ids: vec![1, 2],
+            max_new_tokens: 3,
+            output_ids: vec![7, 8, 9],
+            logprobs: vec![-0.5, 0.0, -1.25],
+        }
+    }
+
+    #[test]
+    fn an_answer_matches_only_bit_for_bit() {
+        let a = answer();
+        assert_eq!(a.mismatch(&[7, 8, 9], &[-0.5, 0.0, -1.25]), None);
+        let ids = a.mismatch(&[7, 8, 10], &[-0.5, 0.0, -1.25]).unwrap();
+        assert!(ids.starts_with("mismatch for [1, 2]"), "{ids}");
+        // One ulp off at step 2: same tokens, different bits.
+        let off = f32::from_bits((-1.25f32).to_bits() + 1);
+        let lp = a.mismatch(&[7, 8, 9], &[-0.5, 0.0, off]).unwrap();
+        assert!(lp.contains("at step 2 (token 9)"), "{lp}");
+        assert!(
+            lp.contains("0xbfa00001") && lp.contains("0xbfa00000"),
+            "{lp}"
+        );
+        // -0.0 == 0.0 as floats, but not as bits.
+        let zero = a.mismatch(&[7, 8, 9], &[-0.5, -0.0, -1.25]).unwrap();
+        assert!(zero.contains("at step 1"), "{zero}");
+        // A router that did not stream logprobs does not pass.
+        assert!(a
+            .mismatch(&[7, 8, 9], &[])
+            .unwrap()
+            .contains("got 0 values"));
+    }
 }

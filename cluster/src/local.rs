@@ -1,6 +1,7 @@
 //! A local cluster of real processes on loopback: an etcd server, N expert nodes and a router.
 //! `moe up` and the integration tests start clusters with it; dropping it stops every process
-//! and removes etcd's data directory.
+//! and removes etcd's data directory. Its members share a freshly generated cluster token
+//! (`--cluster-token-file`), as a deployment's would.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -38,6 +39,8 @@ pub struct EtcdServerTls {
 
 pub struct LocalCluster {
     spec: LocalClusterSpec,
+    /// The cluster token every router and node is started with (removed on drop).
+    token: ClusterTokenFile,
     etcd: LocalEtcd,
     pub etcd_url: String,
     /// `(node id, process)`; `None` once killed.
@@ -48,6 +51,48 @@ pub struct LocalCluster {
     pub router_addr: String,
     /// The first router's HTTP `host:port`, when started with `--http-listen`.
     pub router_http_addr: Option<String>,
+}
+
+/// A cluster token written to a private file, removed when dropped.
+#[derive(Debug)]
+pub struct ClusterTokenFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ClusterTokenFile {
+    /// A new random token in a fresh directory only this user can read.
+    pub fn generate() -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "moe-cluster-token-{}-{}",
+            std::process::id(),
+            crate::auth::hex(&crate::auth::random_bytes::<6>())
+        ));
+        std::fs::create_dir_all(&dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let path = dir.join("cluster-token");
+        std::fs::write(&path, format!("{}\n", crate::auth::generate_token()))?;
+        Ok(Self { dir, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The token as the members read it.
+    pub fn token(&self) -> Result<crate::auth::ClusterToken, crate::auth::TokenError> {
+        crate::auth::ClusterToken::from_file(&self.path)
+    }
+}
+
+impl Drop for ClusterTokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A free loopback port (bound then released).
@@ -228,10 +273,12 @@ fn tail_stderr(child: &mut Child, keep: usize) -> Option<std::thread::JoinHandle
 fn start_router(
     spec: &LocalClusterSpec,
     etcd_url: &str,
+    token: &Path,
     extra: &[String],
 ) -> std::io::Result<(Child, String, Option<String>)> {
     let mut router = Command::new(&spec.router_bin)
         .args(["--model", &spec.model.display().to_string()])
+        .args(["--cluster-token-file", &token.display().to_string()])
         .args([
             "--grpc-listen",
             "127.0.0.1:0",
@@ -294,6 +341,7 @@ impl LocalCluster {
     /// e.g. with authentication enabled).
     pub fn start_on(spec: LocalClusterSpec, etcd: LocalEtcd) -> std::io::Result<Self> {
         let mut cluster = LocalCluster {
+            token: ClusterTokenFile::generate()?,
             etcd_url: etcd.url(),
             etcd,
             nodes: Vec::new(),
@@ -312,7 +360,8 @@ impl LocalCluster {
     /// Starts one more router on the same etcd and nodes (data-parallel attention); returns
     /// its gRPC address.
     pub fn add_router(&mut self, extra_args: &[String]) -> std::io::Result<String> {
-        let (child, addr, http) = start_router(&self.spec, &self.etcd_url, extra_args)?;
+        let (child, addr, http) =
+            start_router(&self.spec, &self.etcd_url, self.token.path(), extra_args)?;
         self.routers.push((addr.clone(), Some(child)));
         if self.router_http_addr.is_none() {
             self.router_http_addr = http;
@@ -342,9 +391,19 @@ impl LocalCluster {
 
     /// Starts one more expert node; returns its id.
     pub fn add_node(&mut self) -> std::io::Result<String> {
+        self.add_node_with(&[])
+    }
+
+    /// Starts one more expert node with flags of its own besides the spec's (e.g. its own
+    /// `--metrics-listen` port); returns its id.
+    pub fn add_node_with(&mut self, extra_args: &[String]) -> std::io::Result<String> {
         let id = format!("node-{}", self.nodes.len());
         let child = Command::new(&self.spec.node_bin)
             .args(["--model", &self.spec.model.display().to_string()])
+            .args([
+                "--cluster-token-file",
+                &self.token.path().display().to_string(),
+            ])
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -356,6 +415,7 @@ impl LocalCluster {
                 &id,
             ])
             .args(&self.spec.node_args)
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(if self.spec.show_logs {
                 Stdio::inherit()
@@ -442,6 +502,11 @@ impl LocalCluster {
 
     pub fn model(&self) -> &Path {
         &self.spec.model
+    }
+
+    /// The cluster token file the members were started with.
+    pub fn token_file(&self) -> &ClusterTokenFile {
+        &self.token
     }
 }
 

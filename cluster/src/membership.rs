@@ -48,6 +48,10 @@ pub struct NodeRecord {
     /// Collective transports it can join (`tcp`, `nccl`); gRPC always works.
     #[serde(default)]
     pub collectives: Vec<crate::collective::Transport>,
+    /// Most token rows one dispatch may bring (`--max-batch-rows`): routers split larger
+    /// layers. 0 from nodes that predate it (routers then use their own batch bound).
+    #[serde(default)]
+    pub max_batch_rows: u32,
 }
 
 /// A node's registration: its record and ready epoch on its own lease. Dropping it (or

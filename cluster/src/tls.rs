@@ -185,7 +185,17 @@ impl PublicTls {
 
     /// For the HTTP server: HTTP/1.1 and HTTP/2 by ALPN.
     pub fn rustls(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        server_config(&self.identity, self.client_ca.as_ref())
+        server_config(
+            &self.identity,
+            self.client_ca.as_ref(),
+            &[b"h2", b"http/1.1"],
+        )
+    }
+
+    /// For the public gRPC server (HTTP/2 only), terminated by [`crate::listener`], which
+    /// bounds handshakes where tonic's own TLS does not.
+    pub fn rustls_grpc(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        server_config(&self.identity, self.client_ca.as_ref(), &[b"h2"])
     }
 }
 
@@ -250,6 +260,12 @@ impl ClusterTls {
             .client_ca_root(self.ca.tonic())
     }
 
+    /// The node's side for [`crate::listener`]: a client certificate from the cluster CA
+    /// required of every connection, HTTP/2 only.
+    pub fn server_rustls(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        server_config(&self.identity, Some(&self.ca), &[b"h2"])
+    }
+
     /// The router's side: trusts only the cluster CA and presents its own certificate.
     pub fn client(&self) -> ClientTlsConfig {
         let config = ClientTlsConfig::new()
@@ -266,9 +282,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn server_config(
+/// A server configuration offering the `alpn` protocols.
+pub fn server_config(
     identity: &PemIdentity,
     client_ca: Option<&PemCa>,
+    alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let rejected = |e: rustls::Error| TlsError::Rejected(e.to_string());
     let builder = rustls::ServerConfig::builder_with_provider(provider())
@@ -288,7 +306,7 @@ fn server_config(
     };
     let (certs, key) = identity.rustls()?;
     let mut config = builder.with_single_cert(certs, key).map_err(rejected)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

@@ -33,6 +33,8 @@ pub struct Args {
     pub telemetry: moe_cluster::telemetry::TelemetryArgs,
     #[command(flatten)]
     pub cluster_tls: moe_cluster::tls::ClusterTlsArgs,
+    #[command(flatten)]
+    pub cluster_auth: moe_cluster::exposure::ClusterAuthArgs,
     /// Unique id of this node (default: `node-<port>`).
     #[arg(long, env = "MOE_NODE_ID")]
     pub node_id: Option<String>,
@@ -45,9 +47,20 @@ pub struct Args {
     /// Memory offered for experts, in bytes (advertised to the planner).
     #[arg(long, env = "MOE_MEMORY_BYTES", default_value_t = 0)]
     pub memory_bytes: u64,
-    /// Largest accepted data-plane message.
-    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
-    pub max_message_bytes: usize,
+    /// Token rows one dispatch may bring (per MoE layer, per router): published in etcd so
+    /// routers never send more, and the bound every frame is checked against before anything
+    /// is allocated for it. The data plane's message limits follow from it and the model's
+    /// hidden size. The default matches the router's default `--max-batch-tokens`.
+    #[arg(long, env = "MOE_MAX_BATCH_ROWS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_rows: u32,
+    /// Data-plane connections open at once at most (routers hold one each); more are closed
+    /// as soon as they are accepted.
+    #[arg(long, env = "MOE_MAX_CONNECTIONS", default_value_t = 64)]
+    pub max_connections: usize,
+    /// Concurrent streams per data-plane connection (a router opens one per node).
+    #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 8)]
+    pub max_streams_per_connection: u32,
     /// On SIGTERM or a drain request, how long to wait for the routers to move off this node
     /// before leaving anyway.
     #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 60)]

@@ -10,8 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::GetOptions;
+use moe_cluster::auth::ClusterToken;
 use moe_cluster::collective::exchange::{ExchangeError, LayerHeader, Served};
-use moe_cluster::collective::{join_member, CollectiveRecord, Transport};
+use moe_cluster::collective::CommError;
+use moe_cluster::collective::{
+    join_member, CollectiveRecord, FrameBounds, MemberSettings, Transport,
+};
+use moe_cluster::dispatch_rules::DispatchRules;
 use moe_cluster::ClusterKeys;
 use moe_model::experts::ExpertDevice;
 
@@ -24,9 +29,11 @@ pub struct MemberContext {
     pub node_id: String,
     pub served: Arc<ServedExperts>,
     pub device: ExpertDevice,
-    pub hidden: usize,
-    /// Most rows one layer may bring (the same bound as a gRPC message).
-    pub max_rows: u32,
+    /// What a layer may bring (batch bound, top-k, MoE layers), as on the gRPC stream; with
+    /// the hidden size they also bound the frames the router may send.
+    pub rules: Arc<DispatchRules>,
+    /// Proved to the router's rank 0, which proves it back; `None` checks the nonce only.
+    pub token: Option<ClusterToken>,
     pub metrics: Arc<NodeMetrics>,
     pub poll: Duration,
     /// Set when the node leaves: every serving thread stops waiting.
@@ -114,9 +121,19 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
     };
     #[cfg(not(feature = "cuda"))]
     let _ = &ctx.device;
+    let settings = MemberSettings {
+        token: ctx.token.clone(),
+        max_frame_bytes: FrameBounds::new(
+            ctx.rules.max_rows(),
+            ctx.rules.hidden(),
+            ctx.rules.top_k(),
+        )
+        .to_node,
+    };
     let joined = join_member(
         record,
         &ctx.node_id,
+        &settings,
         #[cfg(feature = "cuda")]
         gpu,
         timeout,
@@ -135,14 +152,7 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
     let batch_span = |header: &LayerHeader| batch_span(header, epoch, transport);
     let mut layers = 0u64;
     while let Some(experts) = served.for_epoch(epoch) {
-        match link.serve_layer(
-            experts.as_ref(),
-            ctx.hidden,
-            ctx.max_rows,
-            live,
-            batch_span,
-            timeout,
-        ) {
+        match link.serve_layer(experts.as_ref(), &ctx.rules, live, batch_span, timeout) {
             Ok(Served::Idle { .. }) => layers += 1,
             Ok(Served::Ran {
                 rows,
@@ -161,6 +171,25 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
             }
             Err(ExchangeError::Stopped) => {
                 tracing::info!(epoch, layers, "epoch released here: left the collective");
+                return;
+            }
+            Err(ExchangeError::Comm(CommError::FrameTooLarge { len, max, .. })) => {
+                // Cut off before the payload was read: a broken or hostile rank 0.
+                ctx.metrics.invalid("message_size");
+                tracing::warn!(
+                    epoch,
+                    layers,
+                    len,
+                    max,
+                    "the router's rank announced a frame over the bound; left the collective"
+                );
+                return;
+            }
+            Err(ExchangeError::Refused(violation)) => {
+                // A layer that breaks the rules: the node leaves this collective (the router
+                // falls back to gRPC) and keeps serving everything else.
+                ctx.metrics.invalid(violation.reason());
+                tracing::warn!(epoch, layers, %violation, "refused a collective layer that breaks the rules");
                 return;
             }
             Err(e) => {

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use moe_cluster::auth::StreamGate;
+use moe_cluster::dispatch_rules::DispatchRules;
 use moe_cluster::{ClusterKeys, NodeRecord, NodeRegistration, NodeState};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::ModelConfig;
@@ -42,9 +44,21 @@ async fn serve() -> anyhow::Result<()> {
     }
     let expert_device = args.device.open_experts(args.gpu_dtype)?;
     let cluster_tls = args.cluster_tls.load()?;
+    let cluster_token = args.cluster_auth.token()?;
+    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure {
+        listens: vec![("--listen", args.listen.clone())],
+        mutual_tls: cluster_tls.is_some(),
+        token: cluster_token.is_some(),
+        etcd_endpoints: args.etcd.etcd.clone(),
+        etcd_authenticated: args.etcd.authenticates(),
+        insecure: args.cluster_auth.insecure_cluster,
+    })?;
     let etcd = args.etcd.connection()?;
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
+    let rules = DispatchRules::for_model(&config, args.max_batch_rows as usize);
+    rules.check_message_limit("--max-batch-rows")?;
+    let rules = Arc::new(rules);
     let ckpt = Checkpoint::open(&args.model)?;
     let names: Vec<&str> = ckpt.tensor_names().collect();
     let fingerprint = moe_cluster::placement::fingerprint(&args.model, &names);
@@ -59,6 +73,9 @@ async fn serve() -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| format!("node-{}", local.port()));
+    let gate = cluster_token
+        .clone()
+        .map(|token| Arc::new(StreamGate::new(token, node_id.clone())));
     let telemetry =
         moe_cluster::telemetry::init("moe-expert-node", &node_id, &args.telemetry, "info")?;
 
@@ -85,27 +102,59 @@ async fn serve() -> anyhow::Result<()> {
     }
     let data_plane = data_plane::DataPlane::new(
         Arc::clone(&served),
-        config.hidden_size,
+        Arc::clone(&rules),
+        gate.clone(),
         Arc::clone(&node_metrics),
     );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut server_shutdown = shutdown_rx.clone();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &cluster_tls {
-        // Only holders of a cluster-CA certificate get past the handshake.
-        server = server.tls_config(tls.server())?;
-    }
-    tracing::info!(data_plane_tls = cluster_tls.is_some(), "TLS settings");
+    // Only holders of a cluster-CA certificate get past the handshake (with mutual TLS);
+    // handshakes and connections are bounded either way.
+    let tls = cluster_tls
+        .as_ref()
+        .map(|t| t.server_rustls())
+        .transpose()?;
+    let (connections, _listener_stats) = moe_cluster::listener::accept_bounded(
+        listener,
+        tls,
+        moe_cluster::listener::ConnectionLimits {
+            max_connections: args.max_connections,
+            ..Default::default()
+        },
+    );
+    tracing::info!(
+        data_plane_tls = cluster_tls.is_some(),
+        cluster_token = cluster_token.is_some(),
+        max_batch_rows = args.max_batch_rows,
+        "data-plane security and bounds"
+    );
+    let reflection_gate = gate.clone();
+    let reflection_metrics = Arc::clone(&node_metrics);
     let server = tokio::spawn(
-        server
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(args.max_streams_per_connection))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection,
+                move |request: tonic::Request<()>| match &reflection_gate {
+                    Some(gate) => gate
+                        .admit(request.metadata())
+                        .map(|_| request)
+                        .map_err(|e| data_plane::unauthenticated(&reflection_metrics, &e)),
+                    None => Ok(request),
+                },
+            ))
             .add_service(
-                ExpertDataServer::new(data_plane).max_decoding_message_size(args.max_message_bytes),
+                ExpertDataServer::new(data_plane)
+                    .max_decoding_message_size(rules.max_dispatch_bytes())
+                    .max_encoding_message_size(rules.max_combine_bytes()),
             )
-            .serve_with_incoming_shutdown(moe_cluster::config::incoming(listener), async move {
-                let _ = server_shutdown.wait_for(|s| *s).await;
-            }),
+            .serve_with_incoming_shutdown(
+                moe_cluster::listener::incoming(connections),
+                async move {
+                    let _ = server_shutdown.wait_for(|s| *s).await;
+                },
+            ),
     );
     tracing::info!(%node_id, %address, "data plane listening");
 
@@ -118,6 +167,7 @@ async fn serve() -> anyhow::Result<()> {
         fingerprint: fingerprint.clone(),
         instance: instance_id(),
         collectives: joinable_collectives(&expert_device, cluster_tls.is_some()),
+        max_batch_rows: args.max_batch_rows,
     };
     // etcd may not be up yet (containers start in any order) or be briefly overloaded: keep
     // trying, logging the outage once, until it answers or the process is told to stop.
@@ -150,7 +200,6 @@ async fn serve() -> anyhow::Result<()> {
     let registration = Arc::new(registration);
 
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hidden = config.hidden_size;
     let members = tokio::spawn(collective_member::follow_collectives(
         collective_member::MemberContext {
             etcd: etcd.clone(),
@@ -158,8 +207,8 @@ async fn serve() -> anyhow::Result<()> {
             node_id: node_id.clone(),
             served: Arc::clone(&served),
             device: expert_device.clone(),
-            hidden,
-            max_rows: (args.max_message_bytes / (hidden * 4).max(1)).min(u32::MAX as usize) as u32,
+            rules: Arc::clone(&rules),
+            token: cluster_token.clone(),
             metrics: node_metrics,
             poll: Duration::from_millis(args.etcd.poll_ms),
             stopping: Arc::clone(&stopping),

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use moe_cluster::dispatch_rules::Violation;
 use moe_cluster::metrics::{family, sample, Histogram, LATENCY_BUCKETS};
 
 use crate::served::ServedExperts;
@@ -15,9 +16,23 @@ pub struct NodeMetrics {
     pub collective_batches: AtomicU64,
     pub rows: AtomicU64,
     pub pairs: AtomicU64,
-    /// Batches answered with an error (epoch not served, malformed, expert failure).
+    /// Valid batches refused in-band (epoch not served, expert failure).
     pub refused: AtomicU64,
+    /// Frames that broke the rules (malformed, over a bound, an expert not held), by
+    /// [`Violation::REASONS`]: each ended its stream with INVALID_ARGUMENT.
+    pub invalid_frames: [AtomicU64; Violation::REASONS.len()],
+    /// Streams and calls refused for lack of a valid cluster credential.
+    pub unauthenticated: AtomicU64,
     pub compute: Histogram,
+}
+
+impl NodeMetrics {
+    /// Counts a frame refused for `reason` (one of [`Violation::REASONS`]).
+    pub fn invalid(&self, reason: &str) {
+        if let Some(i) = Violation::REASONS.iter().position(|r| *r == reason) {
+            self.invalid_frames[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for NodeMetrics {
@@ -28,6 +43,8 @@ impl Default for NodeMetrics {
             rows: AtomicU64::new(0),
             pairs: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            invalid_frames: Default::default(),
+            unauthenticated: AtomicU64::new(0),
             compute: Histogram::new(LATENCY_BUCKETS),
         }
     }
@@ -59,12 +76,31 @@ impl NodeMetrics {
             ),
             (
                 "moe_node_refused_batches_total",
-                "Batches answered with an error.",
+                "Valid batches refused in-band (epoch not served, expert failure).",
                 &self.refused,
+            ),
+            (
+                "moe_node_unauthenticated_total",
+                "Data-plane streams and calls refused for lack of a valid cluster credential.",
+                &self.unauthenticated,
             ),
         ] {
             family(&mut out, name, "counter", help);
             sample(&mut out, name, "", v.load(Ordering::Relaxed));
+        }
+        family(
+            &mut out,
+            "moe_node_invalid_frames_total",
+            "counter",
+            "Frames that broke the rules (each ended its stream with INVALID_ARGUMENT), by reason.",
+        );
+        for (reason, v) in Violation::REASONS.iter().zip(&self.invalid_frames) {
+            sample(
+                &mut out,
+                "moe_node_invalid_frames_total",
+                &format!("reason=\"{reason}\""),
+                v.load(Ordering::Relaxed),
+            );
         }
         family(
             &mut out,

@@ -60,3 +60,31 @@ impl ServedExperts {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> Arc<ExpertSet> {
+        Arc::new(ExpertSet::empty(4))
+    }
+
+    /// At most [`MAX_EPOCHS`] are held, the oldest going first; releasing keeps the newest
+    /// even when asked to release past it.
+    #[test]
+    fn epochs_are_bounded_and_the_newest_always_kept() {
+        let served = ServedExperts::new();
+        assert!(served.latest().is_none());
+        for epoch in 1..=6 {
+            served.install(epoch, set());
+        }
+        assert_eq!(served.epochs(), [3, 4, 5, 6]);
+        assert!(served.for_epoch(2).is_none());
+        assert!(served.for_epoch(5).is_some());
+        served.release_before(5);
+        assert_eq!(served.epochs(), [5, 6]);
+        served.release_before(100);
+        assert_eq!(served.epochs(), [6]);
+        assert_eq!(served.latest().map(|(e, _)| e), Some(6));
+    }
+}

@@ -61,6 +61,13 @@ pub trait ExpertBackend: Sync {
     /// Returns `[routes.pairs(), hidden]`: each pair's expert output times its weight.
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>>;
 
+    /// Whether `expert` of `layer` can run here: an expert node checks every pair of a batch
+    /// with it before running or allocating anything. Backends that reach every expert (the
+    /// router's) keep the default.
+    fn holds(&self, _layer: usize, _expert: usize) -> bool {
+        true
+    }
+
     /// [`ExpertBackend::run_experts`] on rows already in device memory (as NCCL received
     /// them), returning the outputs there too, so a node's rows never cross to the host.
     /// `None` when this backend's experts are not on the GPU that holds `rows`.
@@ -403,6 +410,10 @@ fn gpu_experts<'a>(held: &[&'a HeldExpert]) -> Result<Vec<&'a crate::gpu::GpuMlp
 }
 
 impl ExpertBackend for ExpertSet {
+    fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.contains(layer, expert)
+    }
+
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
         let (plan, held) = self.plan_batch(layer, rows.len(), routes)?;
         if plan.slots() == 0 {

@@ -3,49 +3,182 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::{GenerateRequest, GenerateResponse};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
 use crate::cluster_view::ClusterView;
+use crate::metrics::RequestMetrics;
 use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
-use crate::validation::{validate, RequestLimits};
+use crate::validation::{check_prompt, check_prompt_bytes, validate_ids, RequestLimits};
 
 pub type Answers = mpsc::Receiver<Result<GenerateResponse, Status>>;
 
+/// Bodies at most this large are parsed on the runtime thread; larger ones on the blocking pool.
+const INLINE_PARSE_BYTES: usize = 64 << 10;
+
+/// Runs the tokenizer (and the chat template, and the JSON parsing of large bodies) on tokio's
+/// blocking pool, at most `permits` at once, so that the runtime threads, which also drive
+/// the data-plane links, never tokenize and a burst cannot start hundreds of threads. A
+/// request waiting for a permit waits asynchronously.
+pub struct Tokenizing {
+    tokenizer: Arc<Tokenizer>,
+    permits: Arc<Semaphore>,
+    metrics: Arc<RequestMetrics>,
+}
+
+impl Tokenizing {
+    pub fn new(tokenizer: Arc<Tokenizer>, permits: usize, metrics: Arc<RequestMetrics>) -> Self {
+        Self {
+            tokenizer,
+            permits: Arc::new(Semaphore::new(permits.max(1))),
+            metrics,
+        }
+    }
+
+    /// How many run at once by default: the CPUs, at least 2.
+    pub fn default_permits() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2)
+    }
+
+    /// Runs `f`, which calls the tokenizer once, on the blocking pool; its time goes into
+    /// `moe_router_tokenize_seconds` (whose count is thus the tokenizer calls).
+    pub async fn tokenize<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tokenizer) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let tokenizer = Arc::clone(&self.tokenizer);
+        let metrics = Arc::clone(&self.metrics);
+        self.run(move || {
+            let start = Instant::now();
+            let out = f(&tokenizer);
+            metrics
+                .tokenize_seconds
+                .observe(start.elapsed().as_secs_f64());
+            out
+        })
+        .await
+    }
+
+    /// Runs `f` on the blocking pool, under the same bound.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the tokenizer pool is closed"))?;
+        // The permit is held by the task, so a request that goes away while its text is being
+        // tokenized does not let another start before that work ends.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizing failed: {e}")))
+    }
+
+    /// Parses a request body with `f`: on the runtime thread when it is small, else on the
+    /// blocking pool (a 4 MiB body is milliseconds of JSON).
+    pub async fn parse<T: Send + 'static>(
+        &self,
+        body_bytes: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        if body_bytes <= INLINE_PARSE_BYTES {
+            Ok(f())
+        } else {
+            self.run(f).await
+        }
+    }
+}
+
+/// The exact bound on requests admitted but not yet running (`--max-waiting`): a slot is a
+/// semaphore permit, taken without waiting at admission and carried by the [`Submission`]
+/// until the scheduler moves the request to the running batch or drops it.
+pub struct WaitingLimit {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl WaitingLimit {
+    pub fn new(max: usize) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A slot, or RESOURCE_EXHAUSTED when all are taken.
+    pub fn try_take(&self) -> Result<OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} requests are already waiting (the limit)",
+                self.max
+            ))
+        })
+    }
+}
+
 pub struct Admission {
     pub config: ModelConfig,
-    pub tokenizer: Arc<Tokenizer>,
+    /// The tokenizer, behind its blocking pool.
+    pub tokenizing: Tokenizing,
     pub submissions: mpsc::Sender<Submission>,
     pub stats: Arc<SchedulerStats>,
     pub view: Arc<ClusterView>,
-    pub max_waiting: usize,
+    pub waiting: WaitingLimit,
     pub limits: RequestLimits,
     /// The served model name (trace attributes).
     pub model_name: String,
+    pub metrics: Arc<RequestMetrics>,
 }
 
 impl Admission {
+    /// Refuses a text over `--max-prompt-bytes` (counted in
+    /// `moe_router_prompt_bytes_refused_total`), naming `field`; call it before tokenizing.
+    pub fn check_prompt_bytes(&self, bytes: usize, field: &str) -> Result<(), Status> {
+        check_prompt_bytes(bytes, self.limits.max_prompt_bytes, field).inspect_err(|_| {
+            self.metrics
+                .prompt_bytes_refused
+                .fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
     pub async fn submit(
         &self,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
         origin: TraceOrigin,
     ) -> Result<Answers, Status> {
-        let valid = validate(request, &self.config, &self.tokenizer, &self.limits)?;
+        // `validate`, with its tokenizer call on the blocking pool.
+        if let Some(text) = &request.prompt {
+            self.check_prompt_bytes(text.len(), "prompt")?;
+        }
+        check_prompt(&request, &self.limits)?;
+        let input_ids = match request.prompt.take() {
+            Some(text) => self
+                .tokenizing
+                .tokenize(move |t| t.encode_prompt(&text))
+                .await?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            None => std::mem::take(&mut request.input_ids),
+        };
+        let valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if self.view.serving().is_none() {
             return Err(Status::unavailable("no expert placement is ready yet"));
         }
-        if self.stats.waiting.load(Ordering::Relaxed) >= self.max_waiting {
-            return Err(Status::resource_exhausted(format!(
-                "{} requests are already waiting (the limit)",
-                self.max_waiting
-            )));
-        }
+        let waiting_slot = self.waiting.try_take()?;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         // Room for every message of the answer, so the step loop never waits on a slow reader.
         let (tx, rx) = mpsc::channel(valid.max_new_tokens + 2);
@@ -54,9 +187,173 @@ impl Admission {
                 request: valid,
                 responses: tx,
                 trace,
+                waiting_slot,
             })
             .await
             .map_err(|_| Status::unavailable("the scheduler has stopped"))?;
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicUsize;
+
+    use moe_cluster::placement::Placement;
+
+    use super::*;
+    use crate::cluster_view::ServingPlacement;
+
+    /// An Admission on the fixture's config and tokenizer, a placement with no nodes, and a
+    /// scheduler channel nobody drains (returned, so that it stays open).
+    fn admission(max_waiting: usize) -> (Admission, mpsc::Receiver<Submission>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny");
+        let view = Arc::new(ClusterView::new("test".into()));
+        view.set_serving(ServingPlacement::new(
+            Placement {
+                epoch: 1,
+                fingerprint: String::new(),
+                nodes: BTreeMap::new(),
+            },
+            vec![],
+        ));
+        let metrics = Arc::new(RequestMetrics::default());
+        let (tx, rx) = mpsc::channel(1024);
+        let admission = Admission {
+            config: ModelConfig::from_dir(&dir).expect("fixture config"),
+            tokenizing: Tokenizing::new(
+                Arc::new(Tokenizer::from_dir(&dir).expect("fixture tokenizer")),
+                2,
+                Arc::clone(&metrics),
+            ),
+            submissions: tx,
+            stats: Arc::new(SchedulerStats::default()),
+            view,
+            waiting: WaitingLimit::new(max_waiting),
+            limits: RequestLimits {
+                max_prompt_bytes: 64,
+                ..Default::default()
+            },
+            model_name: "m".into(),
+            metrics,
+        };
+        (admission, rx)
+    }
+
+    fn request() -> GenerateRequest {
+        GenerateRequest {
+            input_ids: vec![0, 5, 7],
+            max_new_tokens: 4,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_submits_admit_exactly_the_waiting_limit() {
+        const LIMIT: usize = 5;
+        const SUBMITS: usize = 64;
+        let (admission, mut scheduler) = admission(LIMIT);
+        let admission = Arc::new(admission);
+        let start = Arc::new(tokio::sync::Barrier::new(SUBMITS));
+        let tasks: Vec<_> = (0..SUBMITS)
+            .map(|_| {
+                let (admission, start) = (Arc::clone(&admission), Arc::clone(&start));
+                tokio::spawn(async move {
+                    start.wait().await;
+                    admission
+                        .submit(request(), TraceOrigin::default())
+                        .await
+                        .map(|_answers| ())
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(()) => admitted += 1,
+                Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}"),
+            }
+        }
+        assert_eq!(admitted, LIMIT);
+        // The scheduler starting (or dropping) a request frees its slot, and only then.
+        let first = scheduler.recv().await.expect("an admitted request");
+        let full = admission.submit(request(), TraceOrigin::default()).await;
+        assert_eq!(full.unwrap_err().code(), tonic::Code::ResourceExhausted);
+        drop(first.waiting_slot);
+        assert!(admission
+            .submit(request(), TraceOrigin::default())
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_over_long_prompt_is_refused_before_the_tokenizer() {
+        let (admission, _scheduler) = admission(8);
+        let prompt = |bytes| GenerateRequest {
+            prompt: Some("x".repeat(bytes)),
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let err = admission
+            .submit(prompt(65), TraceOrigin::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message()
+                .contains("prompt is 65 bytes; the limit is 64 bytes"),
+            "{err:?}"
+        );
+        assert_eq!(admission.metrics.tokenize_seconds.count(), 0);
+        assert_eq!(
+            admission
+                .metrics
+                .prompt_bytes_refused
+                .load(Ordering::Relaxed),
+            1
+        );
+        admission
+            .submit(prompt(64), TraceOrigin::default())
+            .await
+            .unwrap();
+        assert_eq!(admission.metrics.tokenize_seconds.count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tokenizer_pool_runs_at_most_its_permits_at_once() {
+        let metrics = Arc::new(RequestMetrics::default());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny");
+        let pool = Arc::new(Tokenizing::new(
+            Arc::new(Tokenizer::from_dir(&dir).expect("fixture tokenizer")),
+            3,
+            Arc::clone(&metrics),
+        ));
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..24)
+            .map(|_| {
+                let (pool, now, most) = (Arc::clone(&pool), Arc::clone(&now), Arc::clone(&most));
+                tokio::spawn(async move {
+                    pool.tokenize(move |t| {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        let ids = t.encode_prompt("hello").unwrap();
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        ids
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(!t.await.unwrap().is_empty());
+        }
+        assert!(most.load(Ordering::SeqCst) <= 3, "{most:?}");
+        assert_eq!(metrics.tokenize_seconds.count(), 24);
     }
 }

@@ -1,9 +1,11 @@
 //! Optional API keys (`--api-key-file`): requests must carry `Authorization: Bearer <key>`.
 //! Keys are compared in constant time (no early exit on the first differing byte, on length,
-//! or on which key matched) and never logged.
+//! or on which key matched) and never logged. Admin keys (`--admin-key-file`) are a separate
+//! set: [`AdminAccess`] lets only them (or, without the file, a client on this host) drain.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use moe_cluster::auth::constant_time_eq;
 use tonic::{Request, Status};
 
 #[derive(Clone, Default)]
@@ -17,20 +19,24 @@ impl std::fmt::Debug for ApiKeys {
     }
 }
 
-/// Equality whose time depends only on the lengths involved, not on the contents.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() != b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
-    }
-    diff == 0
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read the key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the key file {path} holds no key")]
+    Empty { path: PathBuf },
 }
 
 impl ApiKeys {
     /// One key per line; blank lines and lines starting with `#` are ignored.
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read the API key file {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let keys: Vec<Vec<u8>> = text
             .lines()
             .map(str::trim)
@@ -38,9 +44,18 @@ impl ApiKeys {
             .map(|l| l.as_bytes().to_vec())
             .collect();
         if keys.is_empty() {
-            anyhow::bail!("the API key file {} holds no key", path.display());
+            return Err(KeyFileError::Empty {
+                path: path.to_path_buf(),
+            });
         }
         Ok(Self { keys })
+    }
+
+    /// The keys of `path`, or none when no file is given.
+    pub fn from_optional_file(path: Option<&Path>) -> Result<Self, KeyFileError> {
+        path.map(Self::from_file)
+            .transpose()
+            .map(Option::unwrap_or_default)
     }
 
     pub fn enabled(&self) -> bool {
@@ -78,9 +93,120 @@ impl ApiKeys {
     }
 }
 
+/// Who may call the Admin service: read-only calls with an API key or an admin key; mutating
+/// calls (Drain) with an admin key only, or, when no admin key file is configured, from a
+/// client on this host. Keeps whoever holds an inference key from reshaping the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAccess {
+    pub api: ApiKeys,
+    pub admin: ApiKeys,
+}
+
+fn authorization<T>(request: &Request<T>) -> Option<&[u8]> {
+    request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.as_bytes())
+}
+
+impl AdminAccess {
+    /// Read-only calls (ClusterStatus).
+    pub fn read<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.api.enabled() && !self.admin.enabled() {
+            return Ok(());
+        }
+        let header = authorization(request);
+        let api = self.api.enabled() && self.api.allows(header);
+        let admin = self.admin.enabled() && self.admin.allows(header);
+        if api | admin {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "a valid API or admin key is required: `authorization: Bearer <key>`",
+            ))
+        }
+    }
+
+    /// Mutating calls (Drain).
+    pub fn mutate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.mutate_from(request, request.remote_addr())
+    }
+
+    fn mutate_from<T>(
+        &self,
+        request: &Request<T>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), Status> {
+        if self.admin.enabled() {
+            return if self.admin.allows(authorization(request)) {
+                Ok(())
+            } else {
+                Err(Status::permission_denied(
+                    "an admin key is required (`authorization: Bearer <admin key>`; `moe drain` sends MOE_ADMIN_KEY)",
+                ))
+            };
+        }
+        if peer.is_some_and(|p| p.ip().is_loopback()) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(
+            "drains are served only to clients on the router's host unless the router has \
+             --admin-key-file",
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keys(list: &[&str]) -> ApiKeys {
+        ApiKeys {
+            keys: list.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    fn with(key: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(k) = key {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn admin_keys_are_apart_from_api_keys() {
+        let here = Some("127.0.0.1:5000".parse().unwrap());
+        let remote = Some("10.1.2.3:5000".parse().unwrap());
+        let access = AdminAccess {
+            api: keys(&["inference"]),
+            admin: keys(&["operator"]),
+        };
+        assert!(access.read(&with(Some("inference"))).is_ok());
+        assert!(access.read(&with(Some("operator"))).is_ok());
+        assert!(access.read(&with(None)).is_err());
+        let denied = access
+            .mutate_from(&with(Some("inference")), here)
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(access.mutate_from(&with(None), here).is_err());
+        assert!(access.mutate_from(&with(Some("operator")), remote).is_ok());
+        // No admin key file: drains only from this host, whatever key is sent.
+        let local_only = AdminAccess {
+            api: keys(&["inference"]),
+            admin: ApiKeys::default(),
+        };
+        assert!(local_only
+            .mutate_from(&with(Some("inference")), here)
+            .is_ok());
+        assert!(local_only
+            .mutate_from(&with(Some("inference")), remote)
+            .is_err());
+        assert!(local_only.mutate_from(&with(None), None).is_err());
+        let open = AdminAccess::default();
+        assert!(open.read(&with(None)).is_ok());
+    }
 
     #[test]
     fn bearer_keys_are_checked_exactly() {

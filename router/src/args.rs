@@ -27,13 +27,34 @@ pub struct Args {
     /// Model name for the HTTP API (default: the checkpoint directory's name).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// File of API keys (one per line): the Inference and Admin gRPC services and the HTTP API
-    /// then require `Authorization: Bearer <key>` (health checks stay open).
+    /// File of API keys (one per line): the Inference service, Admin's read-only
+    /// ClusterStatus and the HTTP API (`/metrics` included) then require
+    /// `Authorization: Bearer <key>` (health checks stay open).
     #[arg(long, env = "MOE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// File of admin keys (one per line), distinct from the API keys: mutating Admin calls
+    /// (Drain) require `Authorization: Bearer <admin key>`; ClusterStatus accepts them too.
+    /// Without it, Drain is served only to clients on this host (loopback).
+    #[arg(long, env = "MOE_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<PathBuf>,
+    /// Client connections open at once at most, per public port (gRPC, HTTP, metrics); more
+    /// are closed as soon as they are accepted.
+    #[arg(long, env = "MOE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once at most, per public port; each must finish within
+    /// 10 s.
+    #[arg(long, env = "MOE_MAX_TLS_HANDSHAKES", default_value_t = 64)]
+    pub max_tls_handshakes: usize,
     /// Longest prompt accepted, in tokens (default: the model's context length).
     #[arg(long, env = "MOE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
+    /// Longest prompt accepted, in bytes, checked before any tokenizer call: the gRPC `prompt`,
+    /// the Tokenize RPC's text, the completions prompt, and a chat request's messages together
+    /// (roles and contents, before templating); over it: INVALID_ARGUMENT / HTTP 400. Default:
+    /// `--max-prompt-tokens` x (the vocabulary's longest token in bytes + 1), so that no
+    /// ordinary text the token limit accepts is refused, capped at the 4 MiB HTTP body limit.
+    #[arg(long, env = "MOE_MAX_PROMPT_BYTES")]
+    pub max_prompt_bytes: Option<usize>,
     /// Deadline for one request from admission to its last token; past it the request ends
     /// with DEADLINE_EXCEEDED (HTTP 504) and frees its KV cache.
     #[arg(long, env = "MOE_REQUEST_TIMEOUT_MS", default_value_t = 600_000)]
@@ -58,8 +79,14 @@ pub struct Args {
     pub public_tls: moe_cluster::tls::PublicTlsArgs,
     #[command(flatten)]
     pub cluster_tls: moe_cluster::tls::ClusterTlsArgs,
-    /// Tokens processed per step (decodes first, then prefill chunks).
-    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    #[command(flatten)]
+    pub cluster_auth: moe_cluster::exposure::ClusterAuthArgs,
+    /// Tokens processed per step (decodes first, then prefill chunks). It bounds the rows of
+    /// one MoE layer's dispatch, so the data plane's message limits follow from it and the
+    /// model's hidden size (a value whose messages would pass 1 GiB is refused at start);
+    /// nodes that publish a smaller `--max-batch-rows` get a layer in several batches.
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_batch_tokens: usize,
     /// Sequences decoded together at most.
     #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 64)]

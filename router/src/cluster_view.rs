@@ -179,6 +179,10 @@ pub struct ClusterView {
     /// MoE layers sent over a collective, and collectives that failed mid-layer.
     pub collective_layers: AtomicU64,
     pub collective_failures: AtomicU64,
+    /// Nodes reported suspect here (fresh reports only), and epochs the planner wrote to leave
+    /// out a node still registered but suspect (here or at another router).
+    pub suspect_reports: AtomicU64,
+    pub suspect_replans: AtomicU64,
 }
 
 impl ClusterView {
@@ -261,6 +265,7 @@ impl ClusterView {
         };
         let fresh = !suspects.contains_key(node_id);
         if fresh {
+            self.suspect_reports.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 node_id,
                 instance,

@@ -106,7 +106,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use moe_cluster::collective::communicator::{Communicator, Pending};
-    use moe_cluster::collective::tcp::{TcpCommunicator, TcpRoot};
+    use moe_cluster::collective::tcp::{TcpCommunicator, TcpLimits, TcpRoot, TcpSettings};
     use moe_cluster::collective::{CommError, EpochLink};
     use moe_cluster::{NodeRecord, NodeState, Placement};
 
@@ -117,10 +117,15 @@ mod tests {
     /// waiting on it is released at once (no timeout).
     #[test]
     fn an_epochs_collective_closes_with_its_placement() {
-        let root = TcpRoot::bind("127.0.0.1:0", None, 2).unwrap();
+        let settings = TcpSettings {
+            limits: TcpLimits::for_frames(1 << 20),
+            token: None,
+        };
+        let root = TcpRoot::bind("127.0.0.1:0", None, 2, settings.clone()).unwrap();
         let at = root.rendezvous().clone();
-        let member =
-            std::thread::spawn(move || TcpCommunicator::connect(&at, 1, 2, Duration::from_secs(5)));
+        let member = std::thread::spawn(move || {
+            TcpCommunicator::connect(&at, 1, 2, Duration::from_secs(5), &settings)
+        });
         let link = root.accept_all(Duration::from_secs(5)).unwrap();
         let mut node = member.join().unwrap().unwrap();
         let placement = Placement {
@@ -168,6 +173,7 @@ mod tests {
             fingerprint: String::new(),
             instance: String::new(),
             collectives,
+            max_batch_rows: 512,
         }
     }
 

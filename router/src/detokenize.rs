@@ -1,63 +1,543 @@
-//! Incremental detokenization: emits only text that is final, never half a UTF-8 character.
+//! Incremental detokenization and stop-string search, in time linear in the output's length.
+//!
+//! Each token is decoded within a short window of the output ids, as text-generation-inference's
+//! `decode_token` does: `prefix_offset..read_offset` was decoded before and gives the decoder its
+//! context (byte merges, leading spaces), and what `prefix_offset..` adds to that text is the new
+//! text once it is whole (it does not end in U+FFFD, an incomplete UTF-8 character). Stop strings
+//! are searched only where a new match can be: the new text and the bytes just before it.
 
 use moe_model::tokenizer::Tokenizer;
 
+/// Tokens a character may stay incomplete before what decoding gives (with U+FFFD) is taken as
+/// final. A UTF-8 character takes at most 4 byte tokens, so only invalid output waits this
+/// long; the bound keeps the decoded window, and so the work per token, small for any output.
+pub const MAX_PENDING_TOKENS: usize = 8;
+
+/// Text from token ids: a trait so that tests can count work or make decoding fail.
+pub trait Decode {
+    /// The text of `ids`, special tokens skipped; `None` when the tokenizer fails.
+    fn decode_text(&self, ids: &[u32]) -> Option<String>;
+}
+
+impl Decode for Tokenizer {
+    fn decode_text(&self, ids: &[u32]) -> Option<String> {
+        self.decode(ids).ok()
+    }
+}
+
+/// A sequence's decoded text that is not sent yet, and the decoder's place in its ids.
 #[derive(Debug, Default)]
 pub struct IncrementalText {
-    /// Bytes of the decoded text already emitted.
-    emitted: usize,
-    /// The full decoded text of the output so far.
-    pub text: String,
+    /// Start of the ids decoded again, as context, with each new token.
+    prefix_offset: usize,
+    /// End of the ids whose text is final.
+    read_offset: usize,
+    /// Decoded, not yet sent: what the hold-back kept, then this step's new text.
+    unsent: String,
+    /// Trailing bytes of `unsent` that end in an incomplete character: searched for stop
+    /// strings (a decode of the whole output has them too) but never sent, and replaced by
+    /// the next update.
+    tentative: usize,
+    /// Where this step's new text starts in `unsent`.
+    new_from: usize,
+    /// Token ids passed to the tokenizer so far (the detokenizer's work).
+    pub decoded_tokens: u64,
+    /// Bytes of text the stop search has looked at so far (each stop string searches them).
+    pub scanned_bytes: u64,
 }
 
 impl IncrementalText {
-    /// Re-decodes the whole output (ids) so that multi-token characters come out whole.
-    pub fn update(&mut self, tokenizer: &Tokenizer, ids: &[u32]) {
-        self.text = tokenizer.decode(ids).unwrap_or_default();
+    /// Decodes what the last tokens of `ids` (the whole output so far) add to the text.
+    pub fn update<D: Decode + ?Sized>(&mut self, tokenizer: &D, ids: &[u32]) {
+        self.unsent.truncate(self.unsent.len() - self.tentative);
+        self.tentative = 0;
+        self.new_from = self.unsent.len();
+        if ids.len() <= self.read_offset {
+            return;
+        }
+        let short = if self.prefix_offset == self.read_offset {
+            Some(String::new())
+        } else {
+            self.decode(tokenizer, &ids[self.prefix_offset..self.read_offset])
+        };
+        let long = self.decode(tokenizer, &ids[self.prefix_offset..]);
+        // A failed decode gives no text, and is waited out like an incomplete character.
+        let (new, incomplete) = match (&short, &long) {
+            (Some(short), Some(long)) => (added(short, long), long.ends_with('\u{FFFD}')),
+            _ => ("", true),
+        };
+        self.unsent.push_str(new);
+        if !new.is_empty() && !incomplete {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+        } else if ids.len() - self.read_offset >= MAX_PENDING_TOKENS {
+            // Waited long enough: the text so far is final. After a broken character the
+            // window starts afresh, so its bytes cannot combine with later ones.
+            self.prefix_offset = if incomplete {
+                ids.len()
+            } else {
+                self.read_offset
+            };
+            self.read_offset = ids.len();
+        } else if incomplete {
+            self.tentative = new.len();
+        }
     }
 
-    /// The next final piece, keeping back the last `hold_back` bytes (a stop string may still
-    /// be completing there) and nothing while the tail is an incomplete character (U+FFFD).
-    pub fn pending(&mut self, hold_back: usize) -> String {
-        if self.text.ends_with('\u{FFFD}') {
-            return String::new();
+    /// The next piece to send and whether a stop string ended the text there (the stop string
+    /// and anything after it are dropped). `last` sends everything left. Otherwise the last
+    /// (longest stop − 1) bytes are kept back, as they may still begin a stop string, and
+    /// nothing is sent while a character is incomplete.
+    pub fn next_piece(&mut self, stops: &[String], last: bool) -> (String, bool) {
+        if let Some(at) = self.find_stop(stops) {
+            return (self.take(at), true);
         }
-        let mut end = self.text.len().saturating_sub(hold_back);
-        while !self.text.is_char_boundary(end) {
+        if last {
+            return (self.take(self.unsent.len()), false);
+        }
+        if self.tentative > 0 {
+            return (String::new(), false);
+        }
+        let hold = stops.iter().map(String::len).max().unwrap_or(1) - 1;
+        let mut end = self.unsent.len().saturating_sub(hold);
+        while !self.unsent.is_char_boundary(end) {
             end -= 1;
         }
-        self.take_until(end)
+        (self.take(end), false)
     }
 
-    /// Emits whatever is left up to byte `end` (used at the end and at stop strings).
-    pub fn take_until(&mut self, end: usize) -> String {
-        if end <= self.emitted
-            || !self.text.is_char_boundary(end)
-            || !self.text.is_char_boundary(self.emitted)
-        {
-            return String::new();
+    /// Byte offset in `unsent` of the earliest stop string. A match not found before must end
+    /// in the new text, so it starts at most (longest − 1) bytes before it: only that tail is
+    /// searched, and the hold-back has kept it unsent.
+    fn find_stop(&mut self, stops: &[String]) -> Option<usize> {
+        let longest = stops.iter().map(String::len).max()?;
+        let mut from = self.new_from.saturating_sub(longest.saturating_sub(1));
+        while !self.unsent.is_char_boundary(from) {
+            from += 1;
         }
-        let piece = self.text[self.emitted..end].to_string();
-        self.emitted = end;
-        piece
+        let tail = &self.unsent[from..];
+        self.scanned_bytes += tail.len() as u64;
+        stops
+            .iter()
+            .filter_map(|s| tail.find(s.as_str()))
+            .min()
+            .map(|at| from + at)
     }
+
+    fn take(&mut self, end: usize) -> String {
+        self.tentative = self.tentative.min(self.unsent.len() - end);
+        self.new_from = self.new_from.saturating_sub(end);
+        self.unsent.drain(..end).collect()
+    }
+
+    fn decode<D: Decode + ?Sized>(&mut self, tokenizer: &D, ids: &[u32]) -> Option<String> {
+        self.decoded_tokens += ids.len() as u64;
+        tokenizer.decode_text(ids)
+    }
+}
+
+/// What `long` adds to `short`, which it starts with. Should a decoder ever rewrite the earlier
+/// text, it is cut at the same length (on a character boundary) rather than failing.
+fn added<'a>(short: &str, long: &'a str) -> &'a str {
+    if long.len() <= short.len() {
+        return "";
+    }
+    let mut at = short.len();
+    while !long.is_char_boundary(at) {
+        at += 1;
+    }
+    &long[at..]
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use super::*;
+
+    const FIXTURES: [&str; 3] = ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"];
+
+    fn fixture(name: &str) -> Tokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        Tokenizer::from_dir(&dir.join(name)).unwrap()
+    }
+
+    /// xorshift64*: deterministic random-ish numbers without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+    }
+
+    /// Ids of a plausible output of at least `n` tokens: random vocabulary tokens that decode
+    /// to whole characters, text with multi-byte characters (split into byte tokens by these
+    /// fixtures' 512-token vocabulary) and, if `specials`, special tokens (decode skips them).
+    /// Tokens that are bare bytes of a multi-byte character are drawn only in order (through
+    /// the encoded text): random ones would make invalid UTF-8, whose lossy U+FFFD rendering
+    /// depends on where it is cut (see `invalid_utf8_output_stays_bounded`).
+    fn normal_output(tok: &Tokenizer, rng: &mut Rng, n: usize, specials: bool) -> Vec<u32> {
+        let vocab = tok.vocab_size() as u32;
+        let mut whole = Vec::new();
+        let mut special = Vec::new();
+        for id in 0..vocab {
+            let text = tok.decode(&[id]).unwrap();
+            if text.is_empty() {
+                special.push(id);
+            } else if !text.contains('\u{FFFD}') {
+                whole.push(id);
+            }
+        }
+        assert!(!special.is_empty() && whole.len() > 100);
+        let snippets = [
+            "é",
+            "딥",
+            "€",
+            "🦀",
+            " 中文",
+            " naïve",
+            "ß\n",
+            "😀!",
+            "ü",
+            " Ωμέγα",
+            "\n\n",
+            "—",
+        ];
+        let mut ids = Vec::new();
+        while ids.len() < n {
+            match rng.below(10) {
+                0..=6 => ids.push(whole[rng.below(whole.len())]),
+                7 | 8 => {
+                    let text = snippets[rng.below(snippets.len())];
+                    ids.extend(tok.encode_raw(text).unwrap());
+                }
+                _ if specials => ids.push(special[rng.below(special.len())]),
+                _ => ids.push(whole[rng.below(whole.len())]),
+            }
+        }
+        ids
+    }
+
+    /// Streams `ids` as the scheduler does: the pieces, and the step a stop string ended at.
+    fn stream(
+        tok: &dyn Decode,
+        ids: &[u32],
+        stops: &[String],
+    ) -> (Vec<String>, Option<usize>, IncrementalText) {
+        let mut text = IncrementalText::default();
+        let mut pieces = Vec::new();
+        for n in 1..=ids.len() {
+            text.update(tok, &ids[..n]);
+            let (piece, stopped) = text.next_piece(stops, n == ids.len());
+            pieces.push(piece);
+            if stopped {
+                return (pieces, Some(n), text);
+            }
+        }
+        (pieces, None, text)
+    }
+
+    /// The algorithm this module replaced (whole-output re-decode and search), as the oracle.
+    fn re_decoding_stream(
+        tok: &Tokenizer,
+        ids: &[u32],
+        stops: &[String],
+    ) -> (Vec<String>, Option<usize>) {
+        let mut emitted = 0;
+        let mut pieces = Vec::new();
+        for n in 1..=ids.len() {
+            let text = tok.decode(&ids[..n]).unwrap_or_default();
+            let mut take = |end: usize| {
+                if end <= emitted || !text.is_char_boundary(end) {
+                    return String::new();
+                }
+                let piece = text[emitted..end].to_string();
+                emitted = end;
+                piece
+            };
+            if let Some(at) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                pieces.push(take(at));
+                return (pieces, Some(n));
+            }
+            if n == ids.len() {
+                pieces.push(take(text.len()));
+            } else if text.ends_with('\u{FFFD}') {
+                pieces.push(String::new());
+            } else {
+                let hold = stops.iter().map(|x| x.len()).max().unwrap_or(1) - 1;
+                let mut end = text.len().saturating_sub(hold);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                pieces.push(take(end));
+            }
+        }
+        (pieces, None)
+    }
 
     #[test]
     fn holds_back_and_never_splits_characters() {
         let mut t = IncrementalText {
-            text: "abc딥".into(),
+            unsent: "abc딥".into(),
+            new_from: 0,
             ..Default::default()
         };
-        assert_eq!(t.pending(2), "abc");
-        t.text.push('\u{FFFD}');
-        assert_eq!(t.pending(0), "");
-        t.text = "abc딥x".into();
-        assert_eq!(t.pending(0), "딥x");
-        assert_eq!(t.take_until(2), "");
+        let stops = ["xyz".to_string()];
+        // Two bytes are kept back; "딥" is three bytes, so it waits whole.
+        assert_eq!(t.next_piece(&stops, false), ("abc".into(), false));
+        t.unsent.push_str("x\u{FFFD}");
+        t.tentative = "\u{FFFD}".len();
+        t.new_from = "딥".len();
+        assert_eq!(t.next_piece(&stops, false), (String::new(), false));
+        assert_eq!(t.next_piece(&[], true), ("딥x\u{FFFD}".into(), false));
+    }
+
+    #[test]
+    fn pieces_add_up_to_a_decode_of_the_whole_output() {
+        for name in FIXTURES {
+            let tok = fixture(name);
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            let ids = normal_output(&tok, &mut rng, 5000, true);
+            let full = tok.decode(&ids).unwrap();
+            assert!(full.contains('🦀') && full.contains('딥'));
+            for stops in [vec![], vec!["\u{0}never".to_string(), "#".repeat(9)]] {
+                let (pieces, stopped, _) = stream(&tok, &ids, &stops);
+                assert_eq!(stopped, None);
+                assert_eq!(pieces.concat(), full, "{name}, stops {stops:?}");
+                assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn characters_split_across_byte_tokens_come_out_whole() {
+        let tok = fixture("deepseek-v3-tiny");
+        let text = "a€b🦀 딥c";
+        let ids = tok.encode_raw(text).unwrap();
+        let crab = tok.encode_raw("🦀").unwrap();
+        assert_eq!(crab.len(), 4, "the emoji is four byte tokens");
+        assert!(tok.decode(&crab[..2]).unwrap().ends_with('\u{FFFD}'));
+        let (pieces, _, _) = stream(&tok, &ids, &[]);
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')));
+        // Nothing is sent while the emoji's first three bytes are in.
+        let at = ids.windows(4).position(|w| w == crab).unwrap();
+        assert_eq!(pieces[at..at + 3], ["", "", ""]);
+        assert!(pieces[at + 3].ends_with('🦀'), "{pieces:?}");
+    }
+
+    /// A SentencePiece-like tokenizer as Mixtral's real one is (the fixture's is byte-level
+    /// BPE like the others): Metaspace `▁` for spaces, byte fallback tokens, and a decoder
+    /// that strips the leading space of the text it decodes.
+    fn sentencepiece_like() -> (Tokenizer, PathBuf) {
+        let mut vocab = serde_json::Map::new();
+        for (id, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(t.to_string(), id.into());
+        }
+        for b in 0..=255u32 {
+            vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+        }
+        let words = [
+            "▁", "▁Hello", "▁world", "Hello", "!", "▁the", "a", "b", ",", "▁▁", "▁a", "ing",
+        ];
+        for (k, w) in words.iter().enumerate() {
+            vocab.insert(w.to_string(), (259 + k).into());
+        }
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": []}
+        });
+        let dir = std::env::temp_dir().join(format!("moe-detokenize-sp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        (Tokenizer::from_dir(&dir).unwrap(), dir)
+    }
+
+    #[test]
+    fn sentencepiece_leading_spaces_and_byte_fallback() {
+        let (tok, dir) = sentencepiece_like();
+        let (hello, world) = (260, 261);
+        assert_eq!(tok.decode(&[hello, world]).unwrap(), "Hello world");
+        let (pieces, _, _) = stream(&tok, &[1, hello, world, 2, world], &[]);
+        assert_eq!(pieces, ["", "Hello", " world", "", " world"]);
+
+        let bytes = |c: char| -> Vec<u32> { c.to_string().bytes().map(|b| 3 + b as u32).collect() };
+        let mut rng = Rng(7);
+        let mut ids = Vec::new();
+        while ids.len() < 4000 {
+            match rng.below(8) {
+                0..=4 => ids.push(259 + rng.below(12) as u32),
+                5 => ids.push(3 + b'a' as u32 + rng.below(26) as u32),
+                6 => ids.extend(bytes(['€', '딥', '🦀', 'é'][rng.below(4)])),
+                _ => ids.push(1 + rng.below(2) as u32),
+            }
+        }
+        let full = tok.decode(&ids).unwrap();
+        assert!(full.contains(" world") && full.contains('🦀'));
+        for stops in [vec![], vec!["never!".to_string()]] {
+            let (pieces, stopped, _) = stream(&tok, &ids, &stops);
+            assert_eq!(stopped, None);
+            assert_eq!(pieces.concat(), full);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn same_pieces_and_stops_as_re_decoding_the_whole_output() {
+        let tok = fixture("deepseek-v3-tiny");
+        let mut rng = Rng(42);
+        let mut stopped_runs = 0;
+        for run in 0..40 {
+            let ids = normal_output(&tok, &mut rng, 200, run % 2 == 0);
+            let full = tok.decode(&ids).unwrap();
+            let chars: Vec<usize> = full.char_indices().map(|(i, _)| i).collect();
+            // Stop strings cut from the text itself (some span tokens or multi-byte
+            // characters, some overlap), plus one that never matches.
+            let mut stops = vec!["never-in-output".to_string()];
+            for _ in 0..rng.below(4) {
+                let a = rng.below(chars.len() - 1);
+                let b = (a + 1 + rng.below(6)).min(chars.len() - 1);
+                stops.push(full[chars[a]..chars[b]].to_string());
+            }
+            let (pieces, stopped, _) = stream(&tok, &ids, &stops);
+            let (want, want_stopped) = re_decoding_stream(&tok, &ids, &stops);
+            assert_eq!(stopped, want_stopped, "run {run}, stops {stops:?}");
+            assert_eq!(pieces, want, "run {run}, stops {stops:?}");
+            stopped_runs += stopped.is_some() as usize;
+            // Without stop strings nothing is held back (but incomplete characters).
+            let (pieces, _, _) = stream(&tok, &ids, &[]);
+            assert_eq!(pieces, re_decoding_stream(&tok, &ids, &[]).0, "run {run}");
+        }
+        assert!(stopped_runs > 20, "{stopped_runs}");
+    }
+
+    #[test]
+    fn earliest_stop_string_wins_across_tokens() {
+        let tok = fixture("deepseek-v3-tiny");
+        let ids = tok.encode_raw("the cat sat on the mat, then ran").unwrap();
+        let stops = ["mat".to_string(), "sat on".to_string(), "ran".to_string()];
+        let (pieces, stopped, _) = stream(&tok, &ids, &stops);
+        assert_eq!(pieces.concat(), "the cat ");
+        assert!(stopped.is_some());
+        // A stop string over a split character.
+        let ids = tok.encode_raw("ab🦀cd").unwrap();
+        let (pieces, stopped, _) = stream(&tok, &ids, &["🦀c".to_string()]);
+        assert_eq!((pieces.concat().as_str(), stopped.is_some()), ("ab", true));
+    }
+
+    /// Over a 4,000-token output with stop strings, the work per token is bounded. Decoded
+    /// tokens: the window is the tokens since `prefix_offset`, plus the same less the newest
+    /// ones; for valid UTF-8 without special tokens a character spans at most 4 tokens, so the
+    /// windows hold at most 8 and 4 tokens: 12 per token at worst, 3 in steady state (2 + 1).
+    /// This output, a fifth of it multi-byte text in byte tokens, averages 4.2: at most 6 is
+    /// asserted. Scanned bytes: longest stop − 1 + the step's new text.
+    #[test]
+    fn work_per_token_is_bounded_over_4000_tokens() {
+        let tok = fixture("deepseek-v3-tiny");
+        let mut rng = Rng(2026);
+        let mut ids = normal_output(&tok, &mut rng, 4000, false);
+        ids.truncate(4000);
+        let stops = [
+            "<|im_end|>".to_string(),
+            "\n\nUser:".to_string(),
+            "#".repeat(5),
+        ];
+        let longest = 10u64;
+        let mut text = IncrementalText::default();
+        let (mut decoded, mut scanned) = (0, 0);
+        for n in 1..=ids.len() {
+            text.update(&tok, &ids[..n]);
+            let new = (text.unsent.len() - text.new_from) as u64;
+            let (_, stopped) = text.next_piece(&stops, n == ids.len());
+            assert!(!stopped);
+            let step_decoded = text.decoded_tokens - decoded;
+            let step_scanned = text.scanned_bytes - scanned;
+            assert!(step_decoded <= 12, "token {n}: {step_decoded} decoded");
+            assert!(
+                step_scanned < longest + new,
+                "token {n}: {step_scanned} scanned"
+            );
+            (decoded, scanned) = (text.decoded_tokens, text.scanned_bytes);
+        }
+        let per_token = decoded as f64 / ids.len() as f64;
+        eprintln!("decoded tokens per output token {per_token:.2}");
+        assert!(per_token <= 6.0, "{per_token}");
+        // Text held as tentative (an incomplete character) is searched again once whole, so
+        // the total is bounded per step (above) rather than by the text's length.
+        eprintln!(
+            "scanned bytes per output token {:.2} (text {:.2} bytes per token)",
+            scanned as f64 / ids.len() as f64,
+            tok.decode(&ids).unwrap().len() as f64 / ids.len() as f64
+        );
+    }
+
+    /// Random ids over the whole vocabulary make invalid UTF-8 (lone continuation bytes, cut
+    /// characters): the look-back bound still keeps the work and the delay per token small.
+    #[test]
+    fn invalid_utf8_output_stays_bounded() {
+        let tok = fixture("qwen3-moe-tiny");
+        let mut rng = Rng(99);
+        let ids: Vec<u32> = (0..4000)
+            .map(|_| rng.below(tok.vocab_size()) as u32)
+            .collect();
+        let mut text = IncrementalText::default();
+        let mut decoded = 0;
+        let mut since_text = 0;
+        let mut sent = String::new();
+        for n in 1..=ids.len() {
+            text.update(&tok, &ids[..n]);
+            let step = text.decoded_tokens - decoded;
+            decoded = text.decoded_tokens;
+            assert!(step <= 3 * MAX_PENDING_TOKENS as u64, "{step}");
+            let (piece, _) = text.next_piece(&[], n == ids.len());
+            since_text = if piece.is_empty() { since_text + 1 } else { 0 };
+            assert!(since_text <= MAX_PENDING_TOKENS, "token {n}");
+            sent.push_str(&piece);
+        }
+        assert!(decoded <= 12 * ids.len() as u64);
+        // Only the U+FFFD renderings of broken characters may differ from a whole decode.
+        let full = tok.decode(&ids).unwrap();
+        let clean = |s: &str| s.replace('\u{FFFD}', "");
+        assert!(clean(&full).len().abs_diff(clean(&sent).len()) < full.len() / 20);
+    }
+
+    struct Failing;
+
+    impl Decode for Failing {
+        fn decode_text(&self, _: &[u32]) -> Option<String> {
+            None
+        }
+    }
+
+    #[test]
+    fn tokenizer_failures_give_no_text_and_never_panic() {
+        let ids: Vec<u32> = (0..100).collect();
+        let (pieces, stopped, text) = stream(&Failing, &ids, &["x".to_string()]);
+        assert_eq!((pieces.concat(), stopped), (String::new(), None));
+        assert!(text.decoded_tokens <= 24 * 100);
     }
 }

@@ -8,8 +8,12 @@
 //! When a node fails mid-layer (stream broken, timeout, bad answer) it is reported suspect, the
 //! planner makes an epoch without it, and only the pairs that node had are sent again under the
 //! new epoch. Expert math is batch-invariant, so the layer's output is the same bit for bit
-//! whichever node computed each pair. With replicated experts each pair goes to the replica on
-//! the node with the fewest pairs so far in this layer.
+//! whichever node computed each pair. [`crate::dispatch_plan`] decides which node computes
+//! each pair and cuts a node's share to the batch bound it publishes; a node that does not
+//! serve the epoch refuses in-band (a typed STALE_EPOCH), which is not a failure of the node.
+//!
+//! With a cluster token, each stream opens with a proof of the token bound to the node it is
+//! meant for, and the node must answer with its own proof before any row is sent to it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use moe_cluster::collective::exchange::{NodeAnswer, NodeShare};
 use moe_cluster::collective::EpochLink;
-use moe_cluster::frames::{self, DispatchTag};
+use moe_cluster::frames::{self, CombineFailure, DispatchTag};
 use moe_model::experts::ExpertBackend;
 use moe_model::routes::ExpertRoutes;
 use moe_model::{ModelError, Result};
@@ -27,24 +31,32 @@ use moe_proto::v1::{CombineBatch, DispatchBatch};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster_view::{ClusterView, ServingPlacement};
+use crate::dispatch_plan::{assign_pairs, split_share, LayerAssignment};
 
-type Reply = oneshot::Sender<std::result::Result<CombineBatch, String>>;
+/// The answers to a request's batches, in order, or why the link failed.
+type Reply = oneshot::Sender<std::result::Result<Vec<CombineBatch>, String>>;
 
 /// How the router reaches expert nodes.
 #[derive(Clone, Debug)]
 pub struct LinkSettings {
-    pub max_message_bytes: usize,
+    /// Largest dispatch sent and combine accepted (from the batch bound and the model).
+    pub max_dispatch_bytes: usize,
+    pub max_combine_bytes: usize,
     /// A round trip (or connecting) longer than this fails and the stream is reopened.
     pub timeout: Duration,
     /// Mutual TLS with the cluster CA; `None` for a plaintext data plane.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The cluster token: streams prove it, and nodes must prove it back.
+    pub token: Option<moe_cluster::auth::ClusterToken>,
 }
 
 /// One long-lived `Exchange` stream to a node, owned by a task; requests are answered in order.
 pub struct NodeLink {
     pub node_id: String,
     pub address: String,
-    requests: mpsc::Sender<(DispatchBatch, Reply)>,
+    /// Most rows the node accepts in one dispatch (its `--max-batch-rows`).
+    pub max_rows: usize,
+    requests: mpsc::Sender<(Vec<DispatchBatch>, Reply)>,
     /// Bytes sent and received, for status and metrics.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -59,11 +71,17 @@ pub struct NodeLink {
 impl NodeLink {
     /// A link whose round trips fail after `timeout` (the stream is then reopened), so a hung
     /// node costs one timeout, never a hung step.
-    pub fn connect(node_id: String, address: String, settings: &LinkSettings) -> Arc<Self> {
+    pub fn connect(
+        node_id: String,
+        address: String,
+        max_rows: usize,
+        settings: &LinkSettings,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(16);
         let link = Arc::new(Self {
-            node_id,
+            node_id: node_id.clone(),
             address: address.clone(),
+            max_rows: max_rows.max(1),
             requests: tx,
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -73,7 +91,7 @@ impl NodeLink {
             round_trip: moe_cluster::metrics::Histogram::new(moe_cluster::metrics::LATENCY_BUCKETS),
         });
         let weak = Arc::downgrade(&link);
-        tokio::spawn(run_link(address, rx, settings.clone(), weak));
+        tokio::spawn(run_link(node_id, address, rx, settings.clone(), weak));
         link
     }
 }
@@ -94,13 +112,16 @@ impl NodeLink {
     }
 }
 
+/// One stream for the node, opened on first use and again after any failure. Each request
+/// is a node's share for a layer, cut to its batch bound: its batches go one at a time, each
+/// answered before the next is sent.
 async fn run_link(
+    node_id: String,
     address: String,
-    mut requests: mpsc::Receiver<(DispatchBatch, Reply)>,
+    mut requests: mpsc::Receiver<(Vec<DispatchBatch>, Reply)>,
     settings: LinkSettings,
     link: std::sync::Weak<NodeLink>,
 ) {
-    let timeout = settings.timeout;
     let scheme = if settings.tls.is_some() {
         "https"
     } else {
@@ -108,58 +129,71 @@ async fn run_link(
     };
     let uri = format!("{scheme}://{address}");
     let mut stream: Option<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>)> = None;
-    while let Some((batch, reply)) = requests.recv().await {
-        if stream.is_none() {
-            match tokio::time::timeout(timeout, open(&uri, &settings)).await {
-                Ok(Ok(s)) => stream = Some(s),
-                Err(_) => {
-                    let _ = reply.send(Err(format!("cannot reach {address} within {timeout:?}")));
-                    continue;
+    while let Some((batches, reply)) = requests.recv().await {
+        let mut answers = Vec::with_capacity(batches.len());
+        let mut failure = None;
+        for batch in batches {
+            match round_trip(&mut stream, batch, &uri, &node_id, &address, &settings).await {
+                Ok(combine) => {
+                    if let Some(link) = link.upgrade() {
+                        link.round_trip.observe(combine.1.as_secs_f64());
+                    }
+                    answers.push(combine.0);
                 }
-                Ok(Err(e)) => {
-                    let _ = reply.send(Err(format!("cannot reach {address}: {e}")));
-                    continue;
+                Err(e) => {
+                    // The stream is dropped: a fresh one keeps later answers in order.
+                    stream = None;
+                    failure = Some(e);
+                    break;
                 }
             }
         }
-        let Some((out, inbound)) = stream.as_mut() else {
-            continue;
-        };
-        let sent_at = Instant::now();
-        if out.send(batch).await.is_err() {
-            stream = None;
-            let _ = reply.send(Err(format!("stream to {address} closed")));
-            continue;
+        let _ = reply.send(match failure {
+            Some(e) => Err(e),
+            None => Ok(answers),
+        });
+    }
+}
+
+type LinkStream = (mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>);
+
+/// One batch and its answer on `stream` (opened first if there is none), with its time.
+async fn round_trip(
+    stream: &mut Option<LinkStream>,
+    batch: DispatchBatch,
+    uri: &str,
+    node_id: &str,
+    address: &str,
+    settings: &LinkSettings,
+) -> std::result::Result<(CombineBatch, Duration), String> {
+    let timeout = settings.timeout;
+    if stream.is_none() {
+        match tokio::time::timeout(timeout, open(uri, node_id, settings)).await {
+            Ok(Ok(s)) => *stream = Some(s),
+            Err(_) => return Err(format!("cannot reach {address} within {timeout:?}")),
+            Ok(Err(e)) => return Err(format!("cannot reach {address}: {e}")),
         }
-        match tokio::time::timeout(timeout, inbound.message()).await {
-            Ok(Ok(Some(combine))) => {
-                if let Some(link) = link.upgrade() {
-                    link.round_trip.observe(sent_at.elapsed().as_secs_f64());
-                }
-                let _ = reply.send(Ok(combine));
-            }
-            Ok(Ok(None)) => {
-                stream = None;
-                let _ = reply.send(Err(format!("{address} closed the stream")));
-            }
-            Ok(Err(status)) => {
-                stream = None;
-                let _ = reply.send(Err(format!("{address}: {status}")));
-            }
-            Err(_) => {
-                // The answer may still come; a fresh stream keeps later ones in order.
-                stream = None;
-                let _ = reply.send(Err(format!("{address}: no answer within {timeout:?}")));
-            }
-        }
+    }
+    let Some((out, inbound)) = stream.as_mut() else {
+        return Err(format!("no stream to {address}"));
+    };
+    let sent_at = Instant::now();
+    if out.send(batch).await.is_err() {
+        return Err(format!("stream to {address} closed"));
+    }
+    match tokio::time::timeout(timeout, inbound.message()).await {
+        Ok(Ok(Some(combine))) => Ok((combine, sent_at.elapsed())),
+        Ok(Ok(None)) => Err(format!("{address} closed the stream")),
+        Ok(Err(status)) => Err(format!("{address}: {status}")),
+        Err(_) => Err(format!("{address}: no answer within {timeout:?}")),
     }
 }
 
 async fn open(
     uri: &str,
+    node_id: &str,
     settings: &LinkSettings,
 ) -> std::result::Result<(mpsc::Sender<DispatchBatch>, tonic::Streaming<CombineBatch>), String> {
-    let max_message_bytes = settings.max_message_bytes;
     let mut endpoint = tonic::transport::Endpoint::from_shared(uri.to_string())
         .map_err(|e| e.to_string())?
         .tcp_nodelay(true);
@@ -170,13 +204,24 @@ async fn open(
     }
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let mut client = ExpertDataClient::new(channel)
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes);
+        .max_decoding_message_size(settings.max_combine_bytes)
+        .max_encoding_message_size(settings.max_dispatch_bytes);
     let (tx, rx) = mpsc::channel(4);
-    let response = client
-        .exchange(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.to_string())?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let opening = settings
+        .token
+        .as_ref()
+        .map(|token| moe_cluster::auth::StreamOpening::new(token, node_id));
+    if let Some(opening) = &opening {
+        opening.apply(request.metadata_mut());
+    }
+    let response = client.exchange(request).await.map_err(|s| s.to_string())?;
+    // No row goes to a process that cannot prove the token, whatever it registered as.
+    if let (Some(opening), Some(token)) = (&opening, &settings.token) {
+        opening
+            .check_answer(token, response.metadata())
+            .map_err(|e| format!("{node_id} did not prove cluster membership: {e}"))?;
+    }
     Ok((tx, response.into_inner()))
 }
 
@@ -303,67 +348,36 @@ impl RemoteExperts {
             span: layer_span,
         } = input;
         let hidden = self.hidden;
-        let n_nodes = serving.links.len();
-        // Each node's rows and routes, and where its pairs go in the layer's pair order.
-        let mut shares: Vec<NodeShare> = (0..n_nodes)
-            .map(|_| NodeShare {
-                rows: Vec::new(),
-                routes: ExpertRoutes::with_capacity(0, 0),
-            })
-            .collect();
-        let mut global_pairs: Vec<Vec<usize>> = vec![Vec::new(); n_nodes];
-        let mut failed = Vec::new();
-        let mut node_pairs = vec![0usize; n_nodes];
         let suspect: Vec<bool> = serving
             .links
             .iter()
             .map(|l| self.view.is_suspect(&l.node_id))
             .collect();
-        let mut choices: Vec<Vec<(u32, f32, usize)>> = vec![Vec::new(); n_nodes];
-        for r in 0..routes.rows() {
-            for c in choices.iter_mut() {
-                c.clear();
+        let LayerAssignment {
+            shares,
+            global_pairs,
+            unplaced: mut failed,
+        } = assign_pairs(
+            &serving.holders,
+            &suspect,
+            layer as u32,
+            rows,
+            hidden,
+            routes,
+            pending,
+        );
+        let place = |pair_out: &mut [f32], node: usize, outputs: &[f32]| {
+            for (i, &p) in global_pairs[node].iter().enumerate() {
+                pair_out[p * hidden..(p + 1) * hidden]
+                    .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
             }
-            for p in routes.row_pairs(r).filter(|&p| pending[p]) {
-                let expert = routes.experts[p];
-                let holders = serving
-                    .holders
-                    .get(&(layer as u32, expert))
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]);
-                // The least-loaded replica, avoiding nodes already reported failing.
-                let node = match holders {
-                    [only] => Some(*only),
-                    _ => holders
-                        .iter()
-                        .copied()
-                        .min_by_key(|&n| (suspect[n], node_pairs[n], n)),
-                };
-                match node {
-                    Some(node) => {
-                        node_pairs[node] += 1;
-                        choices[node].push((expert, routes.weights[p], p));
-                    }
-                    None => failed.push(p),
-                }
-            }
-            for (node, chosen) in choices.iter().enumerate() {
-                if chosen.is_empty() {
-                    continue;
-                }
-                // A token crosses the wire once per node, however many of its experts the node holds.
-                let share = &mut shares[node];
-                share
-                    .rows
-                    .extend_from_slice(&rows[r * hidden..(r + 1) * hidden]);
-                let mut local: Vec<(u32, f32)> = chosen.iter().map(|&(e, w, _)| (e, w)).collect();
-                share.routes.push_row(&mut local);
-                // push_row sorts by expert id; chosen is already ascending (routes are), so the
-                // global pair indices line up.
-                global_pairs[node].extend(chosen.iter().map(|&(_, _, p)| p));
-            }
-        }
-        if let Some(collective) = serving.live_collective() {
+        };
+        // The collective carries a layer only when every share is within its node's bound.
+        let within_bounds = shares
+            .iter()
+            .zip(&serving.links)
+            .all(|(share, link)| share.routes.rows() <= link.max_rows);
+        if let Some(collective) = serving.live_collective().filter(|_| within_bounds) {
             let started = Instant::now();
             match self.exchange_collective(serving, &collective, layer, &shares, layer_span) {
                 Ok(answers) => {
@@ -372,11 +386,7 @@ impl RemoteExperts {
                     for (node, answer) in answers.iter().enumerate() {
                         slowest_compute =
                             slowest_compute.max(answer.compute_micros.saturating_mul(1000));
-                        let outputs = &answer.outputs;
-                        for (i, &p) in global_pairs[node].iter().enumerate() {
-                            pair_out[p * hidden..(p + 1) * hidden]
-                                .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
-                        }
+                        place(pair_out, node, &answer.outputs);
                     }
                     return Attempt {
                         failed,
@@ -407,13 +417,13 @@ impl RemoteExperts {
             micro_batch,
         };
         let mut waits = Vec::new();
-        let mut node_spans: Vec<tracing::Span> = vec![tracing::Span::none(); n_nodes];
+        let mut node_spans: Vec<tracing::Span> = vec![tracing::Span::none(); shares.len()];
         for (node, share) in shares.iter().enumerate() {
             if share.routes.rows() == 0 {
                 continue;
             }
-            let mut batch = frames::encode_dispatch(tag, hidden, &share.rows, &share.routes);
             let link = Arc::clone(&serving.links[node]);
+            let mut traceparent = String::new();
             if !layer_span.is_none() {
                 let span = tracing::info_span!(
                     target: "moe_router",
@@ -427,22 +437,36 @@ impl RemoteExperts {
                     rows = share.routes.rows() as u64,
                     pairs = share.routes.pairs() as u64,
                 );
-                batch.traceparent = moe_cluster::telemetry::traceparent(&span).unwrap_or_default();
+                traceparent = moe_cluster::telemetry::traceparent(&span).unwrap_or_default();
                 node_spans[node] = span;
             }
-            link.bytes_sent.fetch_add(
-                (batch.hidden_states.len()
-                    + batch.pair_offsets.len()
-                    + batch.pair_experts.len()
-                    + batch.pair_weights.len()) as u64,
-                Ordering::Relaxed,
-            );
+            // Within the node's bound: one batch, or several in order on the same stream.
+            let batches: Vec<(DispatchBatch, usize)> = split_share(share, hidden, link.max_rows)
+                .iter()
+                .map(|piece| {
+                    let mut batch =
+                        frames::encode_dispatch(tag, hidden, &piece.rows, &piece.routes);
+                    batch.traceparent = traceparent.clone();
+                    (batch, piece.routes.pairs())
+                })
+                .collect();
+            let bytes: usize = batches
+                .iter()
+                .map(|(b, _)| {
+                    b.hidden_states.len()
+                        + b.pair_offsets.len()
+                        + b.pair_experts.len()
+                        + b.pair_weights.len()
+                })
+                .sum();
+            link.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
             link.rows_sent
                 .fetch_add(share.routes.rows() as u64, Ordering::Relaxed);
             link.count_pairs(layer as u32, share.routes.pairs() as u64);
+            let (batches, pairs): (Vec<DispatchBatch>, Vec<usize>) = batches.into_iter().unzip();
             let (tx, rx) = oneshot::channel();
-            match link.requests.try_send((batch, tx)) {
-                Ok(()) => waits.push((node, rx)),
+            match link.requests.try_send((batches, tx)) {
+                Ok(()) => waits.push((node, rx, pairs)),
                 Err(e) => {
                     self.view
                         .suspect(&link.node_id, &format!("link not accepting: {e}"));
@@ -455,41 +479,54 @@ impl RemoteExperts {
         let guard = self.recovery_timeout;
         let replies = self.runtime.block_on(async move {
             let mut replies = Vec::with_capacity(waits.len());
-            for (node, rx) in waits {
+            for (node, rx, pairs) in waits {
                 let reply = match tokio::time::timeout(guard, rx).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(_)) => Err("link task ended".to_string()),
                     Err(_) => Err(format!("no answer within {guard:?}")),
                 };
-                replies.push((node, reply));
+                replies.push((node, reply, pairs));
             }
             replies
         });
         let answered = Instant::now();
         let mut slowest_compute = 0u64;
-        for (node, reply) in replies {
+        for (node, reply, pairs) in replies {
             let link = &serving.links[node];
-            let share = &shares[node];
-            let outputs = reply.and_then(|combine| {
-                link.bytes_received
-                    .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
-                slowest_compute = slowest_compute.max(combine.compute_micros.saturating_mul(1000));
-                node_spans[node].record("node_compute_us", combine.compute_micros);
-                frames::decode_combine(&combine, tag, share.routes.pairs(), hidden)
-                    .map_err(|e| e.to_string())
-            });
-            match outputs {
-                Ok(outputs) => {
-                    for (i, &p) in global_pairs[node].iter().enumerate() {
-                        pair_out[p * hidden..(p + 1) * hidden]
-                            .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
+            let mut outputs = Vec::with_capacity(global_pairs[node].len() * hidden);
+            let mut compute = 0u64;
+            // (whether the node only refused a stale epoch, why)
+            let mut outcome: std::result::Result<(), (bool, String)> = Ok(());
+            match reply {
+                Err(e) => outcome = Err((false, e)),
+                Ok(combines) => {
+                    for (combine, &pairs) in combines.iter().zip(&pairs) {
+                        link.bytes_received
+                            .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
+                        compute = compute.saturating_add(combine.compute_micros);
+                        match frames::decode_combine(combine, tag, pairs, hidden) {
+                            Ok(values) => outputs.extend_from_slice(&values),
+                            Err(e) => {
+                                let stale = matches!(e, CombineFailure::StaleEpoch(_));
+                                outcome = Err((stale, e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                    if outcome.is_ok() && combines.len() != pairs.len() {
+                        outcome = Err((false, "fewer answers than batches".into()));
                     }
                 }
-                Err(e) => {
+            }
+            slowest_compute = slowest_compute.max(compute.saturating_mul(1000));
+            node_spans[node].record("node_compute_us", compute);
+            match outcome {
+                Ok(()) => place(pair_out, node, &outputs),
+                Err((stale, e)) => {
                     node_spans[node].record("otel.status_code", "ERROR");
                     // A node that no longer serves this epoch is not broken: this router is
                     // behind and will find the newer epoch. Anything else is a failed node.
-                    if !e.contains("FAILED_PRECONDITION") {
+                    if !stale {
                         self.view.suspect(&link.node_id, &e);
                     }
                     tracing::warn!(node_id = %link.node_id, epoch = tag.epoch, layer, error = %e, "dispatch failed");

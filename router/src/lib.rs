@@ -4,7 +4,8 @@
 //!
 //! - [`args`]: command line.
 //! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
-//!   [`dispatch`] (data plane: gRPC streams or the epoch's [`collective`]) is the request path.
+//!   [`dispatch`] (data plane: gRPC streams or the epoch's [`collective`], planned by
+//!   [`dispatch_plan`]) is the request path.
 //! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
 //! - [`server`]: the Inference and Admin gRPC services; [`http`]: the OpenAI-compatible API.
 //! - [`request_trace`]: a request's OpenTelemetry spans.
@@ -16,6 +17,7 @@ pub mod cluster_view;
 pub mod collective;
 pub mod detokenize;
 pub mod dispatch;
+pub mod dispatch_plan;
 pub mod http;
 pub mod kv_blocks;
 pub mod metrics;

@@ -13,22 +13,23 @@ use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
 use moe_proto::v1::inference_server::InferenceServer;
 
+use moe_cluster::dispatch_rules::DispatchRules;
+use moe_cluster::listener::{accept_bounded, ConnectionLimits};
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
 use moe_router::kv_blocks::KvBlocks;
 use moe_router::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use moe_router::{admission, api_keys, args, dispatch, http, metrics, planner, server, validation};
 
-/// Largest data-plane message either side accepts.
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
-
 /// `--transport` and where its rank 0 listens; refuses what cannot work before serving.
 fn collective_settings(
     args: &args::Args,
     grpc: std::net::SocketAddr,
     mutual_tls: bool,
+    config: &ModelConfig,
+    token: Option<moe_cluster::auth::ClusterToken>,
 ) -> anyhow::Result<CollectiveSettings> {
-    use moe_cluster::collective::{RootSettings, Transport};
+    use moe_cluster::collective::{FrameBounds, RootSettings, Transport};
     if args.transport == Transport::Tcp && mutual_tls {
         anyhow::bail!(
             "--transport tcp carries no TLS; with --cluster-ca/--cluster-cert use the gRPC data plane \
@@ -72,6 +73,14 @@ fn collective_settings(
         root: RootSettings {
             tcp_bind,
             tcp_advertise_host: args.collective_advertise_host.clone(),
+            token,
+            // Outputs of a whole batch (rows ≤ --max-batch-tokens) from one node.
+            max_frame_bytes: FrameBounds::new(
+                args.max_batch_tokens.max(1),
+                config.hidden_size,
+                config.moe.top_k,
+            )
+            .to_router,
             #[cfg(feature = "cuda")]
             nccl_stream,
         },
@@ -113,6 +122,22 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     let dense_device = args.device.open_experts(args.gpu_dtype)?;
     let public_tls = args.public_tls.load()?;
     let cluster_tls = args.cluster_tls.load()?;
+    let cluster_token = args.cluster_auth.token()?;
+    let mut listens = vec![("--grpc-listen", args.grpc_listen.clone())];
+    listens.extend(args.http_listen.clone().map(|a| ("--http-listen", a)));
+    listens.extend(
+        args.collective_listen
+            .clone()
+            .map(|a| ("--collective-listen", a)),
+    );
+    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure {
+        listens,
+        mutual_tls: cluster_tls.is_some(),
+        token: cluster_token.is_some(),
+        etcd_endpoints: args.etcd.etcd.clone(),
+        etcd_authenticated: args.etcd.authenticates(),
+        insecure: args.cluster_auth.insecure_cluster,
+    })?;
     let etcd = args.etcd.connection()?;
     let http_tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
     // Bound first: the router id (a trace resource attribute) may come from the port.
@@ -128,6 +153,10 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         moe_cluster::telemetry::init("moe-router", &router_id, &args.telemetry, "info")?;
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
+    // One MoE layer's dispatch carries at most a step's tokens: the data plane's message
+    // limits follow, and a bound they cannot carry is refused here rather than mid-request.
+    let dispatch_bounds = DispatchRules::for_model(&config, args.max_batch_tokens);
+    dispatch_bounds.check_message_limit("--max-batch-tokens")?;
     let tokenizer = Arc::new(Tokenizer::from_dir(&args.model)?);
     let ckpt = Checkpoint::open(&args.model)?;
     let names: Vec<&str> = ckpt.tensor_names().collect();
@@ -143,7 +172,13 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         }
     }
 
-    let collective_settings = collective_settings(&args, local, cluster_tls.is_some())?;
+    let collective_settings = collective_settings(
+        &args,
+        local,
+        cluster_tls.is_some(),
+        &config,
+        cluster_token.clone(),
+    )?;
     let view = Arc::new(ClusterView::new(router_id));
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
@@ -179,7 +214,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         },
         eos_ids: eos_ids.clone(),
         stalled_since: Default::default(),
-        metrics: request_metrics,
+        metrics: Arc::clone(&request_metrics),
     };
     std::thread::Builder::new()
         .name("scheduler".into())
@@ -196,9 +231,12 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let api_keys = match &args.api_key_file {
-        Some(path) => api_keys::ApiKeys::from_file(path)?,
-        None => api_keys::ApiKeys::default(),
+    let api_keys = api_keys::ApiKeys::from_optional_file(args.api_key_file.as_deref())?;
+    let admin_keys = api_keys::ApiKeys::from_optional_file(args.admin_key_file.as_deref())?;
+    let connection_limits = ConnectionLimits {
+        max_connections: args.max_connections,
+        max_handshakes: args.max_tls_handshakes,
+        ..Default::default()
     };
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model
@@ -206,18 +244,29 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let max_prompt_tokens = args
+        .max_prompt_tokens
+        .unwrap_or(config.max_position_embeddings);
+    let max_prompt_bytes = args.max_prompt_bytes.unwrap_or_else(|| {
+        validation::default_max_prompt_bytes(&tokenizer, max_prompt_tokens, http::MAX_BODY_BYTES)
+    });
+    tracing::info!(max_prompt_tokens, max_prompt_bytes, "prompt limits");
     let admission = Arc::new(admission::Admission {
         model_name: model_name.clone(),
         config: config.clone(),
-        tokenizer: Arc::clone(&tokenizer),
+        tokenizing: admission::Tokenizing::new(
+            Arc::clone(&tokenizer),
+            admission::Tokenizing::default_permits(),
+            Arc::clone(&request_metrics),
+        ),
         submissions: submit_tx,
         stats: Arc::clone(&stats),
         view: Arc::clone(&view),
-        max_waiting: args.max_waiting,
+        waiting: admission::WaitingLimit::new(args.max_waiting),
+        metrics: request_metrics,
         limits: validation::RequestLimits {
-            max_prompt_tokens: args
-                .max_prompt_tokens
-                .unwrap_or(config.max_position_embeddings),
+            max_prompt_tokens,
+            max_prompt_bytes,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
             ..Default::default()
         },
@@ -255,6 +304,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             http_listener,
             http::app(state),
             http_tls.clone(),
+            connection_limits,
             "HTTP",
         ));
     }
@@ -264,7 +314,13 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
         let app = http::metrics_app(Arc::clone(&router_metrics));
-        tokio::spawn(serve_http(listener, app, http_tls.clone(), "metrics"));
+        tokio::spawn(serve_http(
+            listener,
+            app,
+            http_tls.clone(),
+            connection_limits,
+            "metrics",
+        ));
     }
     let inference = server::inference::InferenceService {
         config: config.clone(),
@@ -281,6 +337,10 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         stats,
         kv,
         dense_device: dense.placement(),
+        access: api_keys::AdminAccess {
+            api: api_keys.clone(),
+            admin: admin_keys,
+        },
     };
 
     tokio::spawn(planner::run_planner(planner::PlannerContext {
@@ -297,8 +357,11 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         suspect_ttl: Duration::from_secs(args.suspect_ttl_secs),
         membership_grace: Duration::from_millis(args.membership_grace_ms),
         collective: collective_settings,
+        max_batch_rows: args.max_batch_tokens,
         links: dispatch::LinkSettings {
-            max_message_bytes: MAX_MESSAGE_BYTES,
+            max_dispatch_bytes: dispatch_bounds.max_dispatch_bytes(),
+            max_combine_bytes: dispatch_bounds.max_combine_bytes(),
+            token: cluster_token.clone(),
             timeout: Duration::from_millis(args.dispatch_timeout_ms),
             tls: cluster_tls.as_ref().map(|t| t.client()),
         },
@@ -319,22 +382,19 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         "TLS settings"
     );
     println!("moe-router listening on {local}");
-    let (inference_keys, admin_keys) = (api_keys.clone(), api_keys);
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &public_tls {
-        server = server.tls_config(tls.grpc())?;
-    }
-    server
+    let inference_keys = api_keys;
+    let grpc_tls = public_tls.as_ref().map(|t| t.rustls_grpc()).transpose()?;
+    let (connections, _grpc_listener) = accept_bounded(listener, grpc_tls, connection_limits);
+    tonic::transport::Server::builder()
         .max_concurrent_streams(Some(args.max_streams_per_connection))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::with_interceptor(inference, move |r| {
             inference_keys.intercept(r)
         }))
-        .add_service(AdminServer::with_interceptor(admin, move |r| {
-            admin_keys.intercept(r)
-        }))
-        .serve_with_incoming_shutdown(moe_cluster::config::incoming(listener), async {
+        // Admin checks its callers per method: reading and draining need different keys.
+        .add_service(AdminServer::new(admin))
+        .serve_with_incoming_shutdown(moe_cluster::listener::incoming(connections), async {
             shutdown_signal().await;
         })
         .await?;
@@ -342,19 +402,17 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     Ok(())
 }
 
-/// Serves `app` on `listener`, over TLS when `tls` is given.
+/// Serves `app` on `listener`, over TLS when `tls` is given, within `limits`.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    limits: ConnectionLimits,
     what: &'static str,
 ) {
-    let served = match tls {
-        Some(config) => match http::tls_listener::TlsListener::new(listener, config) {
-            Ok(listener) => axum::serve(listener, app).await,
-            Err(e) => Err(e),
-        },
-        None => axum::serve(listener, app).await,
+    let served = match http::listener::BoundedListener::new(listener, tls, limits) {
+        Ok(listener) => axum::serve(listener, app).await,
+        Err(e) => Err(e),
     };
     if let Err(e) = served {
         tracing::error!(error = %e, server = what, "server stopped");

@@ -38,6 +38,11 @@ pub struct RequestMetrics {
     pub step_tokens: Histogram,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    /// Tokenizer calls on the request path (chat template included), on the blocking pool:
+    /// count = calls, sum = time.
+    pub tokenize_seconds: Histogram,
+    /// Prompts refused by `--max-prompt-bytes` (before any tokenizer call).
+    pub prompt_bytes_refused: AtomicU64,
 }
 
 impl Default for RequestMetrics {
@@ -50,6 +55,8 @@ impl Default for RequestMetrics {
             step_tokens: Histogram::new(SIZE_BUCKETS),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            tokenize_seconds: Histogram::new(LATENCY_BUCKETS),
+            prompt_bytes_refused: AtomicU64::new(0),
         }
     }
 }
@@ -108,6 +115,11 @@ impl RouterMetrics {
                 "Tokens per model step (decodes plus prefill chunks).",
                 &r.step_tokens,
             ),
+            (
+                "moe_router_tokenize_seconds",
+                "Tokenizer calls on the request path (chat template included), run on the blocking pool.",
+                &r.tokenize_seconds,
+            ),
         ] {
             family(&mut out, name, "histogram", help);
             h.render(&mut out, name, "");
@@ -122,6 +134,11 @@ impl RouterMetrics {
                 "moe_generation_tokens_total",
                 "Tokens generated.",
                 r.generation_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "moe_router_prompt_bytes_refused_total",
+                "Prompts refused by --max-prompt-bytes, before tokenizing.",
+                r.prompt_bytes_refused.load(Ordering::Relaxed),
             ),
         ] {
             family(&mut out, name, "counter", help);
@@ -167,6 +184,16 @@ impl RouterMetrics {
                 "moe_collective_failures_total",
                 "Collectives that failed mid-layer (the layer then went over gRPC).",
                 self.view.collective_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "moe_router_suspect_reports_total",
+                "Nodes this router reported suspect (their data plane failed).",
+                self.view.suspect_reports.load(Ordering::Relaxed),
+            ),
+            (
+                "moe_router_suspect_replans_total",
+                "Epochs this router planned to leave out a suspect node before its lease expired.",
+                self.view.suspect_replans.load(Ordering::Relaxed),
             ),
         ] {
             family(&mut out, name, "counter", help);

@@ -57,6 +57,8 @@ pub struct PlannerContext {
     /// After (re)connecting to etcd, nodes missing from it are kept this long.
     pub membership_grace: Duration,
     pub links: crate::dispatch::LinkSettings,
+    /// The router's own batch bound, for nodes that publish none.
+    pub max_batch_rows: usize,
     /// `--transport`: the per-epoch collective, if any.
     pub collective: crate::collective::CollectiveSettings,
     pub rebalance: RebalancePolicy,
@@ -307,6 +309,9 @@ impl Planner {
             let epoch = current.as_ref().map(|p| p.epoch).unwrap_or(0) + 1;
             let mut next = None;
             let mut reason = String::new();
+            // Nodes the next epoch leaves out because a router saw them fail while their
+            // lease still lives (the crash path that does not wait for the lease TTL).
+            let mut suspected = Vec::new();
             if !live.is_empty() && (stale || current_nodes.as_ref() != Some(&live)) {
                 let previous = current.as_ref().filter(|_| !stale);
                 let joined: Vec<&String> = live
@@ -318,7 +323,9 @@ impl Planner {
                     .flat_map(|c| c.keys())
                     .filter(|id| !live.contains_key(*id))
                     .collect();
-                reason = format!("membership: joined {joined:?}, left {left:?}");
+                suspected = suspects_left(&membership, &local_suspects, &left);
+                reason =
+                    format!("membership: joined {joined:?}, left {left:?} (suspect {suspected:?})");
                 next = Some(Placement::plan(
                     epoch,
                     &ctx.fingerprint,
@@ -365,6 +372,9 @@ impl Planner {
                             self.last_rebalance = Some(Instant::now());
                             ctx.view.rebalances.fetch_add(1, Ordering::Relaxed);
                         }
+                        if !suspected.is_empty() {
+                            ctx.view.suspect_replans.fetch_add(1, Ordering::Relaxed);
+                        }
                         current = Some(next);
                     }
                     Err(moe_cluster::ClusterError::PlacementConflict(_)) => {
@@ -400,10 +410,24 @@ impl Planner {
         }
         let mut epoch_links = Vec::with_capacity(latest.nodes.len());
         for (id, assignment) in &latest.nodes {
+            // The node's published batch bound (0 from nodes before it: then the router's).
+            let max_rows = membership
+                .nodes
+                .get(id)
+                .map(|r| r.max_batch_rows as usize)
+                .filter(|&rows| rows > 0)
+                .unwrap_or(ctx.max_batch_rows);
             let link = match self.links.get(id) {
-                Some(l) if l.address == assignment.address => Arc::clone(l),
+                Some(l) if l.address == assignment.address && l.max_rows == max_rows => {
+                    Arc::clone(l)
+                }
                 _ => {
-                    let l = NodeLink::connect(id.clone(), assignment.address.clone(), &ctx.links);
+                    let l = NodeLink::connect(
+                        id.clone(),
+                        assignment.address.clone(),
+                        max_rows,
+                        &ctx.links,
+                    );
                     self.links.insert(id.clone(), Arc::clone(&l));
                     l
                 }
@@ -441,6 +465,27 @@ impl Planner {
     }
 }
 
+/// Of the nodes `left` out of the next epoch, those still registered (lease alive) whose
+/// current instance this router or another reported failing.
+fn suspects_left(
+    membership: &Membership,
+    local_suspects: &[(String, String)],
+    left: &[&String],
+) -> Vec<String> {
+    left.iter()
+        .map(|id| id.as_str())
+        .filter(|id| {
+            membership.nodes.get(*id).is_some_and(|r| {
+                membership.is_suspect(id)
+                    || local_suspects
+                        .iter()
+                        .any(|(s, i)| s == id && *i == r.instance)
+            })
+        })
+        .map(String::from)
+        .collect()
+}
+
 /// Live nodes of this checkpoint that may hold experts: id to address. Draining nodes, nodes
 /// an operator asked to drain and nodes some router saw fail are left out.
 fn eligible(
@@ -462,4 +507,43 @@ fn eligible(
         })
         .map(|(id, r)| (id.clone(), r.address.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_cluster::membership::NodeRecord;
+
+    /// A registered node (from its JSON, so that fields added later keep their defaults).
+    fn record(instance: &str) -> NodeRecord {
+        serde_json::from_value(serde_json::json!({
+            "address": "127.0.0.1:1",
+            "device": "cpu",
+            "memory_bytes": 0,
+            "state": "ready",
+            "fingerprint": "f",
+            "instance": instance,
+        }))
+        .expect("a node record")
+    }
+
+    #[test]
+    fn only_registered_nodes_reported_failing_count_as_suspect_departures() {
+        let mut m = Membership::default();
+        m.nodes.insert("local".into(), record("a"));
+        m.nodes.insert("remote".into(), record("b"));
+        m.nodes.insert("restarted".into(), record("new"));
+        m.nodes.insert("drained".into(), record("d"));
+        m.suspects.insert("remote".into(), vec!["b".into()]);
+        let local = vec![
+            ("local".to_string(), "a".to_string()),
+            ("restarted".to_string(), "old".to_string()),
+            // Its lease expired: gone from the membership, not a suspect departure.
+            ("expired".to_string(), "e".to_string()),
+        ];
+        let ids = ["local", "remote", "restarted", "drained", "expired"].map(String::from);
+        let left: Vec<&String> = ids.iter().collect();
+        assert_eq!(suspects_left(&m, &local, &left), vec!["local", "remote"]);
+        assert!(suspects_left(&m, &local, &[]).is_empty());
+    }
 }

@@ -38,6 +38,9 @@ pub struct Submission {
     pub request: ValidRequest,
     pub responses: ResponseSender,
     pub trace: RequestTrace,
+    /// Its place under `--max-waiting` (see [`crate::admission::WaitingLimit`]): released when
+    /// the request starts running, or when it is dropped while waiting.
+    pub waiting_slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Gauges shared with the API and Admin services.
@@ -154,6 +157,8 @@ impl Scheduler {
                 break;
             };
             s.trace.scheduled(s.request.input_ids.len());
+            // No longer waiting: another request may be admitted.
+            drop(s.waiting_slot);
             self.metrics
                 .prompt_tokens
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
@@ -335,28 +340,21 @@ impl Scheduler {
             .then(|| ops::log_softmax_at(logits, token as usize));
         let top =
             (s.request.top_logprobs > 0).then(|| top_logprobs(logits, s.request.top_logprobs));
-        s.text.update(&self.tokenizer, &s.output);
-        let mut finish = None;
-        let piece;
-        if let Some(at) = first_stop(&s.text.text, &s.request.stop) {
-            // The stop string and anything after it are not returned.
-            piece = s.text.take_until(at);
-            finish = Some("stop");
+        s.text.update(self.tokenizer.as_ref(), &s.output);
+        let mut finish = if !s.request.ignore_eos && self.eos_ids.contains(&token) {
+            Some("stop")
+        } else if s.output.len() >= s.request.max_new_tokens
+            || s.cache.len >= self.dense.config().max_position_embeddings
+        {
+            Some("length")
         } else {
-            if !s.request.ignore_eos && self.eos_ids.contains(&token) {
-                finish = Some("stop");
-            } else if s.output.len() >= s.request.max_new_tokens
-                || s.cache.len >= self.dense.config().max_position_embeddings
-            {
-                finish = Some("length");
-            }
-            piece = if finish.is_some() {
-                s.text.take_until(s.text.text.len())
-            } else {
-                // Keep back what could still become the start of a stop string.
-                let hold = s.request.stop.iter().map(|x| x.len()).max().unwrap_or(1) - 1;
-                s.text.pending(hold)
-            };
+            None
+        };
+        // A stop string wins; it and anything after it are not returned. A last piece sends
+        // the rest; otherwise what could still begin a stop string is kept back.
+        let (piece, stopped) = s.text.next_piece(&s.request.stop, finish.is_some());
+        if stopped {
+            finish = Some("stop");
         }
         let response = GenerateResponse {
             token_ids: vec![token],
@@ -437,9 +435,4 @@ fn top_logprobs(logits: &[f32], k: usize) -> TopLogprobs {
             .collect(),
         token_ids: ids,
     }
-}
-
-/// Byte offset of the earliest stop string in `text`.
-fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
 }

@@ -14,6 +14,9 @@ pub struct RequestLimits {
     pub max_stop_len: usize,
     /// Longest prompt, in tokens.
     pub max_prompt_tokens: usize,
+    /// Longest prompt text (or chat messages, together), in bytes: checked before any
+    /// tokenizer call (`--max-prompt-bytes`).
+    pub max_prompt_bytes: usize,
     /// Admission to last token.
     pub request_timeout: Duration,
 }
@@ -24,6 +27,7 @@ impl Default for RequestLimits {
             max_stop_strings: 16,
             max_stop_len: 256,
             max_prompt_tokens: usize::MAX,
+            max_prompt_bytes: usize::MAX,
             request_timeout: Duration::from_secs(600),
         }
     }
@@ -48,33 +52,83 @@ pub struct ValidRequest {
 /// Most alternatives a request may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
+/// Every check of [`validate`], tokenization included: pure, so it can be fuzzed. The servers
+/// run the same three parts with the tokenizer call on a blocking pool: [`check_prompt`],
+/// `Tokenizer::encode_prompt`, [`validate_ids`].
 pub fn validate(
-    req: GenerateRequest,
+    mut req: GenerateRequest,
     config: &ModelConfig,
     tokenizer: &Tokenizer,
     limits: &RequestLimits,
 ) -> Result<ValidRequest, Status> {
-    let input_ids = match (&req.prompt, req.input_ids.is_empty()) {
-        (Some(_), false) => {
-            return Err(Status::invalid_argument(
-                "give exactly one of prompt or input_ids, not both",
-            ))
+    check_prompt(&req, limits)?;
+    let input_ids = match req.prompt.take() {
+        Some(text) => tokenizer
+            .encode_prompt(&text)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        None => std::mem::take(&mut req.input_ids),
+    };
+    validate_ids(req, input_ids, config, limits)
+}
+
+/// The default `--max-prompt-bytes`: `max_prompt_tokens` x (the longest token of the
+/// vocabulary in bytes + 1), capped at `cap`. A token stands for at most its own text (the + 1
+/// covers a decoder that drops a leading space, as sentencepiece's does), so text that fits
+/// the token limit fits this one unless a normalizer removes characters.
+pub fn default_max_prompt_bytes(
+    tokenizer: &Tokenizer,
+    max_prompt_tokens: usize,
+    cap: usize,
+) -> usize {
+    let mut longest = 0;
+    for id in 0..tokenizer.vocab_size() as u32 {
+        if max_prompt_tokens.saturating_mul(longest + 1) >= cap {
+            break;
         }
-        (None, true) => {
-            return Err(Status::invalid_argument(
-                "give exactly one of prompt or input_ids",
-            ))
-        }
+        longest = longest.max(tokenizer.token_text(id).len());
+    }
+    max_prompt_tokens.saturating_mul(longest + 1).min(cap)
+}
+
+/// Refuses a text of `bytes` bytes over `limit` (`--max-prompt-bytes`), naming `field`. Cheap:
+/// it runs before any tokenizer call.
+pub fn check_prompt_bytes(bytes: usize, limit: usize, field: &str) -> Result<(), Status> {
+    if bytes > limit {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {bytes} bytes; the limit is {limit} bytes (--max-prompt-bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// The checks before tokenizing: exactly one of prompt and input_ids, a prompt neither empty
+/// nor over `max_prompt_bytes`.
+pub fn check_prompt(req: &GenerateRequest, limits: &RequestLimits) -> Result<(), Status> {
+    match (&req.prompt, req.input_ids.is_empty()) {
+        (Some(_), false) => Err(Status::invalid_argument(
+            "give exactly one of prompt or input_ids, not both",
+        )),
+        (None, true) => Err(Status::invalid_argument(
+            "give exactly one of prompt or input_ids",
+        )),
         (Some(text), true) => {
             if text.is_empty() {
                 return Err(Status::invalid_argument("prompt is empty"));
             }
-            tokenizer
-                .encode_prompt(text)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
+            check_prompt_bytes(text.len(), limits.max_prompt_bytes, "prompt")
         }
-        (None, false) => req.input_ids.clone(),
-    };
+        (None, false) => Ok(()),
+    }
+}
+
+/// The checks after tokenizing: `input_ids` are the prompt's tokens (or the request's own ids);
+/// `req.prompt` and `req.input_ids` are not looked at.
+pub fn validate_ids(
+    req: GenerateRequest,
+    input_ids: Vec<u32>,
+    config: &ModelConfig,
+    limits: &RequestLimits,
+) -> Result<ValidRequest, Status> {
     if input_ids.len() > limits.max_prompt_tokens {
         return Err(Status::invalid_argument(format!(
             "prompt has {} tokens; the limit is {}",
@@ -191,5 +245,48 @@ mod tests {
         assert!(err.message().contains("1 to 256 bytes, got 257"), "{err:?}");
         let err = check(vec![String::new()]).unwrap_err();
         assert!(err.message().contains("got 0 bytes"), "{err:?}");
+    }
+
+    #[test]
+    fn prompt_bytes_are_bounded_and_the_default_fits_the_token_limit() {
+        let (config, tokenizer) = fixture();
+        let limits = RequestLimits {
+            max_prompt_bytes: 10,
+            ..Default::default()
+        };
+        let prompt = |text: &str| GenerateRequest {
+            prompt: Some(text.into()),
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        assert!(validate(prompt("0123456789"), &config, &tokenizer, &limits).is_ok());
+        let err = validate(prompt("0123456789a"), &config, &tokenizer, &limits).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message()
+                .contains("prompt is 11 bytes; the limit is 10 bytes (--max-prompt-bytes)"),
+            "{err:?}"
+        );
+        // The default: tokens x (longest token + 1), capped.
+        let longest = (0..tokenizer.vocab_size() as u32)
+            .map(|id| tokenizer.token_text(id).len())
+            .max()
+            .unwrap();
+        assert_eq!(
+            default_max_prompt_bytes(&tokenizer, 100, usize::MAX),
+            100 * (longest + 1)
+        );
+        assert_eq!(
+            default_max_prompt_bytes(&tokenizer, 1 << 30, 4 << 20),
+            4 << 20
+        );
+        // Text at the token limit is under the byte limit: the longest tokens repeated.
+        let text = (0..tokenizer.vocab_size() as u32)
+            .map(|id| tokenizer.token_text(id))
+            .max_by_key(|t| t.len())
+            .unwrap()
+            .repeat(50);
+        let tokens = tokenizer.encode_prompt(&text).unwrap().len();
+        assert!(text.len() <= default_max_prompt_bytes(&tokenizer, tokens, usize::MAX));
     }
 }

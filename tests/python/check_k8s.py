@@ -1,7 +1,8 @@
 """Offline structural check of ops/k8s manifests (no cluster, no network): every document has
-apiVersion/kind/metadata.name; workloads' selectors match their pod labels; every Service selects
-a workload and names ports that exist; StatefulSets name an existing headless Service; and every
-MOE_* variable is one the binary it configures accepts (from its --help).
+apiVersion/kind/metadata.name; workloads' selectors match their pod labels; every Service and
+NetworkPolicy selects a workload; StatefulSets name an existing headless Service; every MOE_*
+variable is one the binary it configures accepts (from its --help); every file a MOE_*_FILE
+variable names is in a mounted volume; and no expert node listens on all interfaces.
 
 usage: check_k8s.py MANIFEST_DIR ROUTER_BIN NODE_BIN
 """
@@ -13,7 +14,13 @@ import sys
 
 import yaml
 
-KNOWN = {("v1", "Service"), ("apps/v1", "Deployment"), ("apps/v1", "StatefulSet")}
+KNOWN = {
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("batch/v1", "Job"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+}
 
 
 def accepted_env(binary):
@@ -37,15 +44,25 @@ def main():
             continue
         if not d.get("metadata", {}).get("name"):
             problems.append(f"{where}: no metadata.name")
-        if d["kind"] == "Service":
+        if d["kind"] in ("Service", "NetworkPolicy"):
             services.append((where, d))
             continue
         spec = d["spec"]
         labels = spec["template"]["metadata"].get("labels", {})
-        if not spec["selector"]["matchLabels"].items() <= labels.items():
+        if d["kind"] != "Job" and not spec["selector"]["matchLabels"].items() <= labels.items():
             problems.append(f"{where}: selector does not match the pod labels")
         workloads.append((where, d, labels))
-        for c in spec["template"]["spec"]["containers"]:
+        pod = spec["template"]["spec"]
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            mounts = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in volumes]
+            for e in c.get("env", []):
+                value = e.get("value", "")
+                if e["name"].startswith("MOE_") and e["name"].endswith("_FILE"):
+                    if not any(value.startswith(m.rstrip("/") + "/") for m in mounts):
+                        problems.append(f"{where}: {e['name']}={value} is not in a mounted volume")
+                if e["name"] == "MOE_LISTEN" and value.startswith(("0.0.0.0", "[::]")):
+                    problems.append(f"{where}: the data plane listens on all interfaces")
             if not c.get("image") or not c.get("name"):
                 problems.append(f"{where}: container without name or image")
             binary = (c.get("command") or [""])[0]
@@ -58,7 +75,7 @@ def main():
             if isinstance(probe, str) and probe not in ports:
                 problems.append(f"{where}: probe port {probe} is not a container port")
     for where, s in services:
-        selector = s["spec"].get("selector", {})
+        selector = s["spec"].get("selector") or s["spec"].get("podSelector", {}).get("matchLabels", {})
         if not any(selector.items() <= labels.items() for _, _, labels in workloads):
             problems.append(f"{where}: selects no workload")
     service_names = {s["metadata"]["name"] for _, s in services}

@@ -212,8 +212,7 @@ pub fn collective_layer(data: &[u8]) {
     let served = serve_layer(
         &mut node,
         set,
-        hidden,
-        64,
+        &moe_cluster::dispatch_rules::DispatchRules::for_model(config, 64),
         || false,
         |_| tracing::Span::none(),
         Duration::from_millis(20),
@@ -227,4 +226,151 @@ pub fn collective_layer(data: &[u8]) {
         assert!(answer.is_ok());
         assert!(matches!(router.poll(), Ok(Some(_))));
     }
+}
+
+/// A collective socket's bytes from a hostile peer, through the TCP frame reader, with a
+/// small bound taken from the first two bytes: no frame above the bound ever comes out, a
+/// refused length costs exactly its 8-byte prefix, and nothing panics.
+pub fn collective_frames(data: &[u8]) {
+    use moe_cluster::collective::tcp::{read_frame, FrameReadError};
+
+    let max = u64::from(u16::from_le_bytes([
+        data.first().copied().unwrap_or(0),
+        data.get(1).copied().unwrap_or(0),
+    ]));
+    let mut stream = data.get(2..).unwrap_or(&[]);
+    loop {
+        let before = stream.len();
+        match read_frame(&mut stream, max) {
+            Ok(frame) => {
+                assert!(frame.len() as u64 <= max, "{} > {max}", frame.len());
+                assert_eq!(before - stream.len(), 8 + frame.len());
+            }
+            Err(FrameReadError::TooLarge { len, max: bound }) => {
+                assert!(len > max && bound == max, "{len} refused under {bound}");
+                assert_eq!(before - stream.len(), 8, "read past a refused prefix");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// The node-side validator ([`moe_cluster::dispatch_rules`]) on a dispatch whose header,
+/// routes and weights come from the bytes, against fixed rules: hidden 4, at most 6 rows,
+/// top-k 3, MoE layers 1 and 2, and this node holding the even experts of layer 1 and experts
+/// 0..4 of layer 2. Whatever the bytes, the validator returns; whatever it accepts keeps every
+/// invariant, checked here independently on the decoded batch.
+pub fn node_dispatch(data: &[u8]) {
+    let _ = node_dispatch_accepts(data);
+}
+
+/// [`node_dispatch`], saying whether the validator accepted the batch.
+pub fn node_dispatch_accepts(data: &[u8]) -> bool {
+    use moe_cluster::dispatch_rules::DispatchRules;
+
+    const HIDDEN: usize = 4;
+    const MAX_ROWS: usize = 6;
+    const TOP_K: usize = 3;
+    let rules = DispatchRules::new(HIDDEN, MAX_ROWS, TOP_K, [1, 2]);
+    let holds = |layer: usize, expert: usize| match layer {
+        1 => expert.is_multiple_of(2) && expert < 16,
+        2 => expert < 4,
+        _ => false,
+    };
+    let byte = |i: usize| data.get(i).copied().unwrap_or(0);
+    let word = |i: usize| u32::from_le_bytes([byte(i), byte(i + 1), byte(i + 2), byte(i + 3)]);
+    // Header: rows, layer, hidden; mostly plausible, sometimes anything.
+    let rows = if byte(0) % 8 == 0 {
+        word(1) as usize % 4096
+    } else {
+        usize::from(byte(1) % 8)
+    };
+    let layer = if byte(2) % 8 == 0 {
+        word(3)
+    } else {
+        u32::from(byte(3) % 4)
+    };
+    let hidden = if byte(4) % 16 == 0 {
+        usize::from(byte(5))
+    } else {
+        HIDDEN
+    };
+    // Routes: per row a pair count and that many (expert, weight), from the rest of the bytes.
+    let mut offsets = vec![0u32];
+    let mut experts = Vec::new();
+    let mut weights = Vec::new();
+    let mut at = 8;
+    for _ in 0..rows.min(64) {
+        let count = usize::from(byte(at) % 6);
+        at += 1;
+        for _ in 0..count {
+            experts.push(u32::from(byte(at) % 20));
+            weights.push(match byte(at + 1) {
+                255 => f32::NAN,
+                254 => f32::INFINITY,
+                w => f32::from(w) / 64.0,
+            });
+            at += 2;
+        }
+        offsets.push(experts.len() as u32);
+    }
+    let le = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut batch = DispatchBatch {
+        epoch: 1,
+        step: 0,
+        layer,
+        micro_batch: 0,
+        hidden: hidden as u32,
+        rows: rows as u32,
+        hidden_states: Bytes::from(vec![0u8; rows.min(64) * hidden * 4]),
+        pair_offsets: Bytes::from(le(&offsets)),
+        pair_experts: Bytes::from(le(&experts)),
+        pair_weights: Bytes::from(
+            weights
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
+        traceparent: String::new(),
+    };
+    if byte(6) % 8 == 0 {
+        // Raw payloads: lengths and contents straight from the bytes.
+        let [a, b, c, _] = split4(data);
+        batch.pair_offsets = Bytes::copy_from_slice(a);
+        batch.pair_experts = Bytes::copy_from_slice(b);
+        batch.pair_weights = Bytes::copy_from_slice(c);
+    }
+    let checked = match rules.check_frame(&batch) {
+        Ok(c) => c,
+        Err(_) => return false,
+    };
+    if checked.check_experts(&rules, holds).is_err() {
+        return false;
+    }
+    let d = checked.decode();
+    assert_eq!(d.hidden, HIDDEN);
+    assert!(d.routes.rows() <= MAX_ROWS);
+    assert_eq!(d.rows.len(), d.routes.rows() * HIDDEN);
+    assert!(rules
+        .check_counts(layer, d.routes.rows(), d.routes.pairs())
+        .is_ok());
+    assert_eq!(d.routes.offsets.first(), Some(&0));
+    assert_eq!(
+        d.routes.offsets.last().copied(),
+        Some(d.routes.pairs() as u32)
+    );
+    for r in 0..d.routes.rows() {
+        let pairs = d.routes.row_pairs(r);
+        assert!((1..=TOP_K).contains(&pairs.len()), "row {r}: {pairs:?}");
+        let mut seen = Vec::new();
+        for p in pairs {
+            let e = d.routes.experts[p];
+            assert!(!seen.contains(&e), "row {r} repeats expert {e}");
+            seen.push(e);
+            assert!(holds(layer as usize, e as usize), "expert {e} not held");
+            assert!(d.routes.weights[p].is_finite());
+        }
+    }
+    true
 }

@@ -154,7 +154,8 @@ pub async fn generate(
     Ok(out)
 }
 
-/// Greedy answers of the offline engine for `requests` (prompt, new tokens).
+/// Greedy answers of the offline engine for `requests` (prompt, new tokens): the tokens and
+/// their logprobs, which the load generator holds the cluster to bit for bit.
 pub fn expected_answers(
     engine: &moe_model::Engine,
     requests: &[(Vec<u32>, u32)],
@@ -175,6 +176,7 @@ pub fn expected_answers(
                 input_ids: ids.clone(),
                 max_new_tokens: *n,
                 output_ids: out.output_ids,
+                logprobs: out.logprobs,
             }
         })
         .collect()

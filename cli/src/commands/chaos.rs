@@ -1,8 +1,8 @@
 //! `moe chaos --model DIR`: a bounded chaos soak. It starts a local cluster (etcd, a router, N
 //! expert nodes), drives it with greedy requests whose answers the offline engine computed, and
 //! meanwhile SIGKILLs, SIGTERMs, drains and restarts nodes at random. It ends by itself and
-//! reports requests sent, completed, failed and mismatched; it exits non-zero unless the last
-//! two are 0.
+//! reports requests sent, completed, failed and mismatched (other tokens, or logprobs that
+//! differ in any bit); it exits non-zero unless the last two are 0.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,7 +56,8 @@ pub struct ChaosArgs {
     transport: Option<moe_cluster::collective::Transport>,
 }
 
-/// Random prompts and the offline engine's greedy answers to them.
+/// Random prompts and the offline engine's greedy answers to them (tokens and logprobs, both
+/// checked bit for bit).
 fn expected_answers(args: &ChaosArgs, rng: &mut Rng) -> anyhow::Result<Vec<ExpectedAnswer>> {
     let engine =
         Engine::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
@@ -76,6 +77,7 @@ fn expected_answers(args: &ChaosArgs, rng: &mut Rng) -> anyhow::Result<Vec<Expec
                 input_ids: ids,
                 max_new_tokens: args.new_tokens,
                 output_ids: out.output_ids,
+                logprobs: out.logprobs,
             })
         })
         .collect()

@@ -1,5 +1,7 @@
 //! `moe drain --router ADDR NODE_ID`: Admin Drain. The planner writes an epoch without the node
-//! and the node exits once every router serves it; prints that epoch.
+//! and the node exits once every router serves it; prints that epoch. Sends `MOE_ADMIN_KEY`
+//! (routers with `--admin-key-file` require it; without one they drain only for clients on
+//! their own host).
 
 use clap::Args;
 use moe_proto::v1::admin_client::AdminClient;
@@ -23,9 +25,12 @@ pub fn run(args: DrainArgs) -> anyhow::Result<()> {
             .map(AdminClient::new)
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.router))?;
         client
-            .drain(super::remote::with_key(DrainRequest {
-                node_id: args.node_id.clone(),
-            }))
+            .drain(super::remote::with_key_from(
+                DrainRequest {
+                    node_id: args.node_id.clone(),
+                },
+                "MOE_ADMIN_KEY",
+            ))
             .await
             .map(|r| r.into_inner().epoch)
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))

@@ -4,6 +4,7 @@ pub mod chaos;
 pub mod drain;
 pub mod engine_device;
 pub mod gen_checkpoint;
+pub mod gen_secrets;
 pub mod generate;
 pub mod gpu_bench;
 pub mod remote;

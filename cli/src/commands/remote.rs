@@ -72,8 +72,14 @@ pub async fn channel(router: &str) -> anyhow::Result<tonic::transport::Channel> 
 /// A request carrying `MOE_API_KEY` as a bearer token, for routers started with
 /// `--api-key-file`.
 pub fn with_key<T>(message: T) -> tonic::Request<T> {
+    with_key_from(message, "MOE_API_KEY")
+}
+
+/// A request carrying the key in the environment variable `var` (never a flag: `ps` would
+/// show it) as a bearer token, when it is set.
+pub fn with_key_from<T>(message: T, var: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    if let Ok(key) = std::env::var("MOE_API_KEY") {
+    if let Ok(key) = std::env::var(var) {
         if let Ok(value) = format!("Bearer {key}").parse() {
             request.metadata_mut().insert("authorization", value);
         }

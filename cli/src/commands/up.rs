@@ -124,6 +124,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.etcd_url, args.nodes
     );
     println!("try: moe generate --router {addr} --prompt \"Hello\" --max-new-tokens 16");
+    println!(
+        "members share the cluster token in {} (more nodes: moe-expert-node ... --cluster-token-file <it>)",
+        cluster.token_file().path().display()
+    );
     println!("Ctrl-C (or SIGTERM) stops everything.");
     // Ctrl-C or SIGTERM: stop every child (dropping the cluster), never leave them behind.
     rt.block_on(async {

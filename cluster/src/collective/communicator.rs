@@ -21,6 +21,9 @@ pub enum CommError {
     Aborted,
     #[error("rank {rank} is not in a communicator of {size}")]
     BadRank { rank: usize, size: usize },
+    /// A peer announced more than the communicator's frame bound; it was cut off unread.
+    #[error("rank {rank} announced a frame of {len} bytes, over the limit of {max}: cut off")]
+    FrameTooLarge { rank: usize, len: u64, max: u64 },
 }
 
 /// One group of point-to-point transfers (an all-to-all is one group).

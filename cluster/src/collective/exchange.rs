@@ -21,6 +21,7 @@ use moe_model::routes::ExpertRoutes;
 
 use super::communicator::{run_bounded, CommError, Communicator, Pending};
 use super::plan::{ExchangePlan, PeerCounts, PlanError};
+use crate::dispatch_rules::{DispatchRules, Violation};
 
 /// Bytes of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`); zeros when not traced.
 pub const TRACEPARENT_BYTES: usize = 55;
@@ -101,6 +102,9 @@ pub enum ExchangeError {
     Experts(String),
     #[error("the epoch ended while waiting for the router")]
     Stopped,
+    /// The layer broke the node's rules (see [`DispatchRules`]).
+    #[error("refused: {0}")]
+    Refused(#[from] Violation),
 }
 
 /// What the router sends one node in one layer: its rows and their routes (row indices
@@ -274,13 +278,14 @@ pub enum Served {
 /// A node's side of one layer: waits for the router's header while `keep_waiting()` holds
 /// (the epoch is live), then receives its rows and routes, runs `experts` (inside the span
 /// `batch_span` makes for the header) and sends the outputs back, each step bounded by
-/// `timeout`. On a stop or an error the communicator is aborted (a router waiting on this
+/// `timeout`. The header and the routes are checked against `rules` (the node's batch bound,
+/// top-k, MoE layers, the experts it holds) before anything is allocated for them, as on the
+/// gRPC stream. On a stop or an error the communicator is aborted (a router waiting on this
 /// node then times out and re-plans).
 pub fn serve_layer<C: Communicator>(
     comm: &mut C,
     experts: &dyn ExpertBackend,
-    hidden: usize,
-    max_rows: u32,
+    rules: &DispatchRules,
     keep_waiting: impl Fn() -> bool,
     batch_span: impl Fn(&LayerHeader) -> tracing::Span,
     timeout: Duration,
@@ -293,7 +298,13 @@ pub fn serve_layer<C: Communicator>(
         // Short waits, so that the end of the epoch is noticed within milliseconds.
         if let Some(mut got) = comm.wait(Duration::from_millis(5))? {
             let buffer = got.pop().ok_or(CommError::Failed("no header".into()))?;
-            break LayerHeader::decode(&comm.download(buffer)?, max_rows);
+            let max_rows = u32::try_from(rules.max_rows()).unwrap_or(u32::MAX);
+            break LayerHeader::decode(&comm.download(buffer)?, max_rows).and_then(|h| {
+                rules
+                    .check_counts(h.layer, h.counts.rows as usize, h.counts.pairs as usize)
+                    .map(|()| h)
+                    .map_err(ExchangeError::Refused)
+            });
         }
         if !keep_waiting() {
             comm.abort();
@@ -308,6 +319,7 @@ pub fn serve_layer<C: Communicator>(
         }
     };
     let (rows, pairs) = (header.counts.rows as usize, header.counts.pairs as usize);
+    let hidden = rules.hidden();
     if rows == 0 {
         return Ok(Served::Idle {
             layer: header.layer,
@@ -329,6 +341,19 @@ pub fn serve_layer<C: Communicator>(
         return Err(ExchangeError::Malformed("missing rows or routes".into()));
     };
     let route_bytes = comm.download(route_buffer)?;
+    let route_len = 4 * (rows + 1) + 8 * pairs;
+    if route_bytes.len() == route_len {
+        // Checked in place, before the routes are decoded (their length is checked below).
+        let (offsets, rest) = route_bytes.split_at(4 * (rows + 1));
+        let (pair_experts, weights) = rest.split_at(4 * pairs);
+        let holds = |layer: usize, expert: usize| experts.holds(layer, expert);
+        if let Err(v) =
+            rules.check_routes(header.layer, rows, offsets, pair_experts, weights, holds)
+        {
+            comm.abort();
+            return Err(ExchangeError::Refused(v));
+        }
+    }
     let routes = match decode_routes(&route_bytes, rows, pairs) {
         Ok(r) => r,
         Err(e) => {
@@ -506,16 +531,17 @@ mod tests {
         let mut nodes = comms.split_off(1);
         let mut router = comms.pop().unwrap();
         let timeout = Duration::from_secs(10);
+        let rules = DispatchRules::for_model(&config, 1024);
         let handles: Vec<_> = nodes
             .drain(..)
             .zip(halves)
             .map(|(mut comm, set)| {
+                let rules = rules.clone();
                 std::thread::spawn(move || {
                     serve_layer(
                         &mut comm,
                         &set,
-                        hidden,
-                        1024,
+                        &rules,
                         || true,
                         |_| tracing::Span::none(),
                         timeout,
@@ -571,8 +597,7 @@ mod tests {
             serve_layer(
                 &mut idle_node,
                 &ExpertSet::empty(hidden),
-                hidden,
-                1024,
+                &DispatchRules::for_model(&config, 1024),
                 || true,
                 |_| tracing::Span::none(),
                 Duration::from_secs(5),
@@ -682,8 +707,7 @@ mod tests {
             serve_layer(
                 &mut node,
                 &ExpertSet::empty(4),
-                4,
-                1024,
+                &DispatchRules::new(4, 1024, 2, [0]),
                 || flag.load(Ordering::Relaxed),
                 |_| tracing::Span::none(),
                 Duration::from_secs(1),

@@ -9,7 +9,8 @@ use moe_model::experts::ExpertBackend;
 use super::communicator::{CommError, Communicator};
 use super::exchange::{self, ExchangeError, LayerHeader, NodeAnswer, NodeShare, Served};
 use super::record::{CollectiveRecord, Transport};
-use super::tcp::{TcpCommunicator, TcpRoot};
+use super::tcp::{TcpCommunicator, TcpLimits, TcpRoot, TcpSettings};
+use crate::auth::ClusterToken;
 
 /// A live communicator of one epoch.
 pub enum EpochLink {
@@ -51,32 +52,19 @@ impl EpochLink {
     pub fn serve_layer(
         &mut self,
         experts: &dyn ExpertBackend,
-        hidden: usize,
-        max_rows: u32,
+        rules: &crate::dispatch_rules::DispatchRules,
         keep_waiting: impl Fn() -> bool,
         batch_span: impl Fn(&LayerHeader) -> tracing::Span,
         timeout: Duration,
     ) -> Result<Served, ExchangeError> {
         match self {
-            EpochLink::Tcp(c) => exchange::serve_layer(
-                c,
-                experts,
-                hidden,
-                max_rows,
-                keep_waiting,
-                batch_span,
-                timeout,
-            ),
+            EpochLink::Tcp(c) => {
+                exchange::serve_layer(c, experts, rules, keep_waiting, batch_span, timeout)
+            }
             #[cfg(feature = "cuda")]
-            EpochLink::Nccl(c) => exchange::serve_layer(
-                c,
-                experts,
-                hidden,
-                max_rows,
-                keep_waiting,
-                batch_span,
-                timeout,
-            ),
+            EpochLink::Nccl(c) => {
+                exchange::serve_layer(c, experts, rules, keep_waiting, batch_span, timeout)
+            }
         }
     }
 
@@ -95,6 +83,11 @@ pub struct RootSettings {
     /// TCP: bind address (port 0 picks one) and the host to publish instead of the bound IP.
     pub tcp_bind: String,
     pub tcp_advertise_host: Option<String>,
+    /// TCP: members must prove this token, and rank 0 proves it back; `None` checks the
+    /// epoch's nonce only (a cluster on loopback without a token).
+    pub token: Option<ClusterToken>,
+    /// TCP: the largest frame rank 0 accepts from a node ([`super::FrameBounds::to_router`]).
+    pub max_frame_bytes: u64,
     /// NCCL: the stream of the router's GPU.
     #[cfg(feature = "cuda")]
     pub nccl_stream: Option<std::sync::Arc<moe_model::cudarc::driver::CudaStream>>,
@@ -130,6 +123,10 @@ pub fn open_root(
                 &settings.tcp_bind,
                 settings.tcp_advertise_host.as_deref(),
                 size,
+                TcpSettings {
+                    limits: TcpLimits::for_frames(settings.max_frame_bytes),
+                    token: settings.token.clone(),
+                },
             )?;
             let record = CollectiveRecord::tcp(epoch, nodes, root.rendezvous(), timeout);
             Ok((RootJoining::Tcp(root), record))
@@ -173,11 +170,22 @@ impl RootJoining {
     }
 }
 
+/// What a node needs to join a TCP collective.
+#[derive(Debug, Clone)]
+pub struct MemberSettings {
+    /// Proved to rank 0, which must prove it back; `None` checks the nonce only. Rank 0 must
+    /// agree.
+    pub token: Option<ClusterToken>,
+    /// The largest frame the node accepts from rank 0 ([`super::FrameBounds::to_node`]).
+    pub max_frame_bytes: u64,
+}
+
 /// A node joins the communicator `record` describes, as its rank in it. `gpu` is the stream
 /// NCCL runs on (the node's expert GPU); TCP needs none.
 pub fn join_member(
     record: &CollectiveRecord,
     node_id: &str,
+    settings: &MemberSettings,
     #[cfg(feature = "cuda")] gpu: Option<std::sync::Arc<moe_model::cudarc::driver::CudaStream>>,
     timeout: Duration,
 ) -> Result<EpochLink, CommError> {
@@ -191,7 +199,11 @@ pub fn join_member(
     match record.transport() {
         Transport::Tcp => {
             let at = record.tcp_rendezvous().map_err(malformed)?;
-            TcpCommunicator::connect(&at, rank, size, timeout).map(EpochLink::Tcp)
+            let tcp = TcpSettings {
+                limits: TcpLimits::for_frames(settings.max_frame_bytes),
+                token: settings.token.clone(),
+            };
+            TcpCommunicator::connect(&at, rank, size, timeout, &tcp).map(EpochLink::Tcp)
         }
         #[cfg(feature = "cuda")]
         Transport::Nccl => {

@@ -26,6 +26,6 @@ pub mod record;
 pub mod tcp;
 
 pub use communicator::{run_bounded, CommError, Communicator, Pending};
-pub use link::{join_member, open_root, EpochLink, RootJoining, RootSettings};
-pub use plan::{ExchangePlan, PeerCounts};
+pub use link::{join_member, open_root, EpochLink, MemberSettings, RootJoining, RootSettings};
+pub use plan::{ExchangePlan, FrameBounds, PeerCounts};
 pub use record::{CollectiveRecord, Transport};

@@ -53,6 +53,43 @@ fn check(result: ncclResult_t, what: &str) -> Result<(), CommError> {
     }
 }
 
+/// An open `ncclGroupStart` on this thread, ended exactly once: by [`Group::end`], or by
+/// `Drop` when an `ncclSend`/`ncclRecv` fails and `post` returns early. NCCL's group depth is
+/// per thread, so a group left open would swallow every later NCCL call on the thread (the
+/// abort that follows the error, the next epoch's communicator) into a group never launched.
+/// NCCL ends a group that recorded an error by discarding its operations and returning the
+/// error, so nothing of a failed group runs.
+struct Group {
+    open: bool,
+}
+
+impl Group {
+    fn start() -> Result<Self, CommError> {
+        // SAFETY: no arguments; pairs with the `ncclGroupEnd` of `end` or `drop`.
+        check(unsafe { sys::ncclGroupStart() }, "ncclGroupStart")?;
+        Ok(Self { open: true })
+    }
+
+    fn end(mut self) -> Result<(), CommError> {
+        self.open = false;
+        // SAFETY: ends the group this value started.
+        check(unsafe { sys::ncclGroupEnd() }, "ncclGroupEnd")
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if self.open {
+            // SAFETY: ends the group this value started (an error path: its result is the
+            // error already being returned, or a new one worth a log line only).
+            let result = unsafe { sys::ncclGroupEnd() };
+            if let Err(e) = check(result, "ncclGroupEnd after a failed call") {
+                tracing::warn!(error = %e, "ending an NCCL group on an error path");
+            }
+        }
+    }
+}
+
 /// A fresh `ncclUniqueId` (made by the epoch's rank 0, the router).
 pub fn new_unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CommError> {
     library_present()?;
@@ -240,10 +277,11 @@ impl Communicator for NcclCommunicator {
             });
         }
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
+        // Ended on every path, including an early return from a failed send or receive.
+        let open = Group::start()?;
         // SAFETY: every buffer is a live device allocation of at least the length passed, and
         // they are kept in `in_flight` until the event recorded after the group completes.
         unsafe {
-            check(sys::ncclGroupStart(), "ncclGroupStart")?;
             for (peer, buffer) in &group.sends {
                 let (ptr, _record) = match buffer {
                     NcclBuffer::Bytes(b) => b.device_ptr(&self.stream),
@@ -278,8 +316,8 @@ impl Communicator for NcclCommunicator {
                     "ncclRecv",
                 )?;
             }
-            check(sys::ncclGroupEnd(), "ncclGroupEnd")?;
         }
+        open.end()?;
         self.in_flight = Some(InFlight {
             done: None,
             received,

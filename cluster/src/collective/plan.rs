@@ -46,6 +46,38 @@ pub enum PlanError {
     Inconsistent(String),
 }
 
+/// The largest frame each side of a layer's exchange can legitimately send, from the same
+/// batch bound on both sides; each receiver refuses more before allocating it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameBounds {
+    /// Rank 0 to a node: rows (`rows * hidden * 4`), routes (`4 * (rows + 1) + 8 * pairs`)
+    /// or a header.
+    pub to_node: u64,
+    /// A node to rank 0: outputs (`pairs * hidden * 4`) or the compute trailer.
+    pub to_router: u64,
+}
+
+impl FrameBounds {
+    /// Covers headers and trailers, which are a few dozen bytes.
+    pub const MIN: u64 = 4096;
+
+    /// At most `max_rows` rows of `hidden` f32 per layer, each with at most `top_k` pairs.
+    pub fn new(max_rows: usize, hidden: usize, top_k: usize) -> Self {
+        let (rows, hidden, top_k) = (max_rows as u64, hidden as u64, top_k.max(1) as u64);
+        let pairs = rows.saturating_mul(top_k);
+        let row_bytes = rows.saturating_mul(hidden).saturating_mul(4);
+        let route_bytes = rows
+            .saturating_add(1)
+            .saturating_mul(4)
+            .saturating_add(pairs.saturating_mul(8));
+        let output_bytes = pairs.saturating_mul(hidden).saturating_mul(4);
+        Self {
+            to_node: row_bytes.max(route_bytes).max(Self::MIN),
+            to_router: output_bytes.max(Self::MIN),
+        }
+    }
+}
+
 /// Byte ranges of one peer's share in the packed buffers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerSlices {
@@ -130,6 +162,33 @@ mod tests {
         assert_eq!(a.outputs, 0..24);
         assert_eq!(b.outputs, 24..32);
         assert_eq!(plan.output_bytes, 32);
+    }
+
+    #[test]
+    fn frame_bounds_cover_the_largest_layer() {
+        let (rows, hidden, top_k) = (512, 2048, 8);
+        let b = FrameBounds::new(rows, hidden, top_k);
+        let full = vec![
+            PeerCounts {
+                rows: rows as u32,
+                pairs: (rows * top_k) as u32,
+            };
+            1
+        ];
+        let plan = ExchangePlan::new(&full, hidden, 4);
+        assert_eq!(b.to_node, plan.hidden_bytes as u64);
+        assert!(b.to_node >= plan.route_bytes as u64);
+        assert_eq!(b.to_router, plan.output_bytes as u64);
+        // Tiny layers still fit a header or a trailer; huge ones saturate, never wrap.
+        assert_eq!(FrameBounds::new(0, 4, 1).to_node, FrameBounds::MIN);
+        assert_eq!(
+            FrameBounds::new(usize::MAX, usize::MAX, 9).to_router,
+            u64::MAX
+        );
+        // Few rows of a narrow model: the routes are the larger frame.
+        let narrow = FrameBounds::new(4, 2, 8);
+        let plan = ExchangePlan::new(&[PeerCounts { rows: 4, pairs: 32 }], 2, 4);
+        assert!(narrow.to_node >= plan.route_bytes as u64);
     }
 
     #[test]

@@ -774,7 +774,7 @@ impl DenseStep for GpuDenseModel {
 }
 
 /// Each CUDA step against the host reference on the same inputs, then the whole dense model
-/// on the fixtures. They need a GPU: without one they pass with a note, unless
+/// on the fixtures. They need a GPU: without one they pass with a `SKIPPED` line, unless
 /// `MOE_REQUIRE_GPU=1` (set by `ops/gpu-check.sh`) makes a missing GPU a failure.
 #[cfg(test)]
 mod tests {

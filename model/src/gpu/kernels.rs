@@ -153,7 +153,9 @@ mod tests {
             // SAFETY: only tries to open the library.
             && !unsafe { cudarc::nvrtc::sys::is_culib_present() }
         {
-            eprintln!("libnvrtc not found; skipped (set MOE_REQUIRE_NVRTC=1 to require it)");
+            crate::gpu::report_skip(
+                "libnvrtc not found, the kernels were not compiled (MOE_REQUIRE_NVRTC=1 makes this a failure)",
+            );
             return;
         }
         for capability in [(9, 0), (8, 0)] {

@@ -27,8 +27,8 @@ pub use context::{GpuContext, GpuError};
 pub use dense_ops::GpuDenseModel;
 pub use expert_ffn::GpuMlp;
 
-/// cuda:0 for a GPU test, or `None` (the test passes with a note) where none can be opened,
-/// unless `MOE_REQUIRE_GPU=1` (set by `ops/gpu-check.sh`) makes that a failure.
+/// cuda:0 for a GPU test, or `None` (the test passes, with a `SKIPPED` line) where none can be
+/// opened, unless `MOE_REQUIRE_GPU=1` (set by `ops/gpu-check.sh`) makes that a failure.
 #[cfg(test)]
 pub(crate) fn test_context(dtype: crate::device::GpuDtype) -> Option<std::sync::Arc<GpuContext>> {
     match GpuContext::open(0, dtype) {
@@ -37,8 +37,32 @@ pub(crate) fn test_context(dtype: crate::device::GpuDtype) -> Option<std::sync::
             panic!("MOE_REQUIRE_GPU is set and cuda:0 cannot be opened: {e}")
         }
         Err(e) => {
-            eprintln!("no GPU ({e}); skipped");
+            report_skip(&format!(
+                "no usable GPU: cuda:0 cannot be opened ({e}); MOE_REQUIRE_GPU=1 makes this a failure"
+            ));
             None
         }
+    }
+}
+
+/// Prints `SKIPPED <test>: <why>` once per test, where it is seen: straight to stderr, since
+/// libtest captures `eprintln!` (and shows it only for failed tests) but not writes to the
+/// stderr handle. The test is named by its thread, which libtest names after it.
+#[cfg(test)]
+pub(crate) fn report_skip(why: &str) {
+    use std::io::Write;
+    static REPORTED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a GPU test")
+        .to_string();
+    let first = REPORTED
+        .lock()
+        .map(|mut r| r.insert(test.clone()))
+        .unwrap_or(true);
+    if first {
+        let line = format!("SKIPPED {test}: {why}\n");
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }

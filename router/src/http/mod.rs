@@ -4,8 +4,8 @@
 //! detokenizer as the gRPC API, so the same request gives the same tokens on both.
 
 mod answers;
+pub mod listener;
 pub mod openai;
-pub mod tls_listener;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,16 +65,18 @@ pub fn unix_now() -> u64 {
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 pub fn app(state: Arc<HttpState>) -> Router {
+    // Every route but `/health` (for load balancers) needs the key when keys are on;
+    // `--metrics-listen` serves `/metrics` without one, for a private network.
     let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_key,
         ));
     api.route("/health", get(health))
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -118,6 +120,13 @@ impl ApiError {
             kind: "invalid_request_error",
             message: message.into(),
             param: Some(param),
+        }
+    }
+
+    fn with_param(self, param: &'static str) -> Self {
+        Self {
+            param: Some(param),
+            ..self
         }
     }
 }
@@ -317,7 +326,18 @@ async fn completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let parsed = parse_completion(&body, &state.model_name)?;
+    let model = state.model_name.clone();
+    let tokenizing = &state.admission.tokenizing;
+    let parsed = tokenizing
+        .parse(body.len(), move || parse_completion(&body, &model))
+        .await??;
+    // Before the prompt reaches the tokenizer (in admission, on the blocking pool).
+    if let Some(prompt) = &parsed.generate.prompt {
+        state
+            .admission
+            .check_prompt_bytes(prompt.len(), "prompt")
+            .map_err(|e| ApiError::from(e).with_param("prompt"))?;
+    }
     let origin = TraceOrigin::from_http(&headers, "text_completion");
     let answers = state.admission.submit(parsed.generate, origin).await?;
     let id = state.request_id("cmpl");
@@ -332,7 +352,9 @@ async fn completions(
 }
 
 /// Parses and checks a `/v1/chat/completions` body and renders its messages (everything but
-/// admission): pure, so it can be fuzzed.
+/// admission): pure, so it can be fuzzed. The server runs its two parts apart:
+/// [`parse_chat_body`], the byte limit on [`ChatBody::text_bytes`], then [`render_chat`] (the
+/// template and the tokenizer) on the blocking pool.
 pub fn parse_chat(
     body: &[u8],
     served_model: &str,
@@ -340,20 +362,53 @@ pub fn parse_chat(
     tokenizer: &Tokenizer,
     max_model_len: usize,
 ) -> Result<Parsed, ApiError> {
-    let req: ChatRequest = parse(body)?;
+    let chat = parse_chat_body(body, served_model, template.is_some())?;
+    render_chat(chat, template, tokenizer, max_model_len)
+}
+
+/// A chat body parsed and checked, its messages not yet rendered.
+#[derive(Debug)]
+pub struct ChatBody {
+    /// The request, its `messages` moved to `messages`.
+    req: ChatRequest,
+    messages: Vec<ChatMessage>,
+}
+
+impl ChatBody {
+    /// Bytes of the messages' roles and contents together (what `--max-prompt-bytes` bounds
+    /// before the template renders them).
+    pub fn text_bytes(&self) -> usize {
+        self.messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum()
+    }
+}
+
+fn no_chat_template() -> ApiError {
+    ApiError::invalid(
+        "this model has no chat template: use /v1/completions",
+        "messages",
+    )
+}
+
+/// The part of [`parse_chat`] before the template: JSON, model, `n`, the messages' shape.
+pub fn parse_chat_body(
+    body: &[u8],
+    served_model: &str,
+    has_template: bool,
+) -> Result<ChatBody, ApiError> {
+    let mut req: ChatRequest = parse(body)?;
     check_model(served_model, &req.model)?;
     check_n(req.n)?;
-    let template = template.ok_or_else(|| {
-        ApiError::invalid(
-            "this model has no chat template: use /v1/completions",
-            "messages",
-        )
-    })?;
+    if !has_template {
+        return Err(no_chat_template());
+    }
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty", "messages"));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
-    for m in req.messages {
+    for m in std::mem::take(&mut req.messages) {
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
@@ -378,6 +433,19 @@ pub fn parse_chat(
             content,
         });
     }
+    Ok(ChatBody { req, messages })
+}
+
+/// The part of [`parse_chat`] that renders the template and tokenizes (CPU-heavy: the server
+/// runs it on the blocking pool).
+pub fn render_chat(
+    chat: ChatBody,
+    template: Option<&ChatTemplate>,
+    tokenizer: &Tokenizer,
+    max_model_len: usize,
+) -> Result<Parsed, ApiError> {
+    let ChatBody { req, messages } = chat;
+    let template = template.ok_or_else(no_chat_template)?;
     let rendered = template
         .render(&messages, true)
         .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
@@ -425,13 +493,30 @@ async fn chat_completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let parsed = parse_chat(
-        &body,
-        &state.model_name,
-        state.chat_template.as_ref(),
-        &state.tokenizer,
-        state.max_model_len,
-    )?;
+    let model = state.model_name.clone();
+    let has_template = state.chat_template.is_some();
+    let tokenizing = &state.admission.tokenizing;
+    let chat = tokenizing
+        .parse(body.len(), move || {
+            parse_chat_body(&body, &model, has_template)
+        })
+        .await??;
+    // The messages are bounded before the template renders them.
+    state
+        .admission
+        .check_prompt_bytes(chat.text_bytes(), "messages")
+        .map_err(|e| ApiError::from(e).with_param("messages"))?;
+    let render_state = Arc::clone(&state);
+    let parsed = tokenizing
+        .tokenize(move |tokenizer| {
+            render_chat(
+                chat,
+                render_state.chat_template.as_ref(),
+                tokenizer,
+                render_state.max_model_len,
+            )
+        })
+        .await??;
     let origin = TraceOrigin::from_http(&headers, "chat");
     let answers = state.admission.submit(parsed.generate, origin).await?;
     let id = state.request_id("chatcmpl");

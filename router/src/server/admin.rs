@@ -26,14 +26,17 @@ pub struct AdminService {
     pub kv: Arc<KvBlocks>,
     /// Where the dense part runs (`DenseStep::placement`).
     pub dense_device: String,
+    /// Who may read and who may drain.
+    pub access: crate::api_keys::AdminAccess,
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.access.read(&request)?;
         let membership = self.view.membership();
         let latest = self.view.latest();
         let serving = self.view.serving();
@@ -131,6 +134,8 @@ impl Admin for AdminService {
             collective_failures: self.view.collective_failures.load(Ordering::Relaxed),
             dense_device: self.dense_device.clone(),
             micro_batched_steps: self.stats.micro_batched_steps.load(Ordering::Relaxed),
+            suspect_replans: self.view.suspect_replans.load(Ordering::Relaxed),
+            suspect_reports: self.view.suspect_reports.load(Ordering::Relaxed),
         }))
     }
 
@@ -138,6 +143,7 @@ impl Admin for AdminService {
         &self,
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
+        self.access.mutate(&request)?;
         let node_id = request.into_inner().node_id;
         if !self.view.membership().nodes.contains_key(&node_id) {
             return Err(Status::not_found(format!("no live node {node_id:?}")));

@@ -45,9 +45,13 @@ impl Inference for InferenceService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
+        let text = request.into_inner().text;
+        self.admission.check_prompt_bytes(text.len(), "text")?;
         let ids = self
-            .tokenizer
-            .encode_prompt(&request.into_inner().text)
+            .admission
+            .tokenizing
+            .tokenize(move |t| t.encode_prompt(&text))
+            .await?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(TokenizeResponse { input_ids: ids }))
     }
