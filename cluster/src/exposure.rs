@@ -57,6 +57,27 @@ pub struct Exposure {
     pub insecure: bool,
 }
 
+impl Exposure {
+    /// A process's exposure from its flags: the member ports it listens on, whether it has
+    /// mutual TLS and the token, and its etcd settings.
+    pub fn of(
+        listens: Vec<(&'static str, String)>,
+        mutual_tls: bool,
+        token: bool,
+        etcd: &crate::config::EtcdArgs,
+        auth: &ClusterAuthArgs,
+    ) -> Self {
+        Self {
+            listens,
+            mutual_tls,
+            token,
+            etcd_endpoints: etcd.etcd.clone(),
+            etcd_authenticated: etcd.authenticates(),
+            insecure: auth.insecure_cluster,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExposureError {
     #[error(

@@ -45,14 +45,13 @@ async fn serve() -> anyhow::Result<()> {
     let expert_device = args.device.open_experts(args.gpu_dtype)?;
     let cluster_tls = args.cluster_tls.load()?;
     let cluster_token = args.cluster_auth.token()?;
-    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure {
-        listens: vec![("--listen", args.listen.clone())],
-        mutual_tls: cluster_tls.is_some(),
-        token: cluster_token.is_some(),
-        etcd_endpoints: args.etcd.etcd.clone(),
-        etcd_authenticated: args.etcd.authenticates(),
-        insecure: args.cluster_auth.insecure_cluster,
-    })?;
+    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure::of(
+        vec![("--listen", args.listen.clone())],
+        cluster_tls.is_some(),
+        cluster_token.is_some(),
+        &args.etcd,
+        &args.cluster_auth,
+    ))?;
     let etcd = args.etcd.connection()?;
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;

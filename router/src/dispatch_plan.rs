@@ -7,6 +7,7 @@
 //! the plan is deterministic). Outputs are written back by global pair index, so the combine
 //! order never depends on the plan.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use moe_cluster::collective::exchange::NodeShare;
@@ -94,19 +95,20 @@ pub fn assign_pairs(
 }
 
 /// A node's share cut into pieces of at most `max_rows` rows (the node's batch bound), in
-/// order: their pairs, concatenated, are the share's pairs.
-pub fn split_share(share: &NodeShare, hidden: usize, max_rows: usize) -> Vec<NodeShare> {
+/// order: their pairs, concatenated, are the share's pairs. A share within the bound is
+/// borrowed as it is (the usual case: no copy).
+pub fn split_share(share: &NodeShare, hidden: usize, max_rows: usize) -> Vec<Cow<'_, NodeShare>> {
     let rows = share.routes.rows();
     let max_rows = max_rows.max(1);
     if rows <= max_rows {
-        return vec![share.clone()];
+        return vec![Cow::Borrowed(share)];
     }
     let mut pieces = Vec::with_capacity(rows.div_ceil(max_rows));
     for start in (0..rows).step_by(max_rows) {
         let end = (start + max_rows).min(rows);
         let first = share.routes.offsets[start] as usize;
         let last = share.routes.offsets[end] as usize;
-        pieces.push(NodeShare {
+        pieces.push(Cow::Owned(NodeShare {
             rows: share.rows[start * hidden..end * hidden].to_vec(),
             routes: ExpertRoutes {
                 offsets: share.routes.offsets[start..=end]
@@ -116,7 +118,7 @@ pub fn split_share(share: &NodeShare, hidden: usize, max_rows: usize) -> Vec<Nod
                 experts: share.routes.experts[first..last].to_vec(),
                 weights: share.routes.weights[first..last].to_vec(),
             },
-        });
+        }));
     }
     pieces
 }
@@ -191,7 +193,7 @@ mod tests {
     fn shares_are_split_to_the_node_bound() {
         let (rows, routes) = layer();
         let share = NodeShare { rows, routes };
-        assert_eq!(split_share(&share, HIDDEN, 3), vec![share.clone()]);
+        assert!(matches!(split_share(&share, HIDDEN, 3)[..], [Cow::Borrowed(s)] if *s == share));
         let pieces = split_share(&share, HIDDEN, 2);
         assert_eq!(pieces.len(), 2);
         assert_eq!(pieces[0].routes.offsets, [0, 2, 4]);

@@ -130,14 +130,13 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             .clone()
             .map(|a| ("--collective-listen", a)),
     );
-    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure {
+    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure::of(
         listens,
-        mutual_tls: cluster_tls.is_some(),
-        token: cluster_token.is_some(),
-        etcd_endpoints: args.etcd.etcd.clone(),
-        etcd_authenticated: args.etcd.authenticates(),
-        insecure: args.cluster_auth.insecure_cluster,
-    })?;
+        cluster_tls.is_some(),
+        cluster_token.is_some(),
+        &args.etcd,
+        &args.cluster_auth,
+    ))?;
     let etcd = args.etcd.connection()?;
     let http_tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
     // Bound first: the router id (a trace resource attribute) may come from the port.
