@@ -54,6 +54,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "serving_transport": status.serving_transport, "collective_layers": status.collective_layers,
             "collective_failures": status.collective_failures, "dense_device": status.dense_device,
             "micro_batched_steps": status.micro_batched_steps,
+            "suspect_reports": status.suspect_reports, "suspect_replans": status.suspect_replans,
         });
         println!("{out}");
         return Ok(());
@@ -69,14 +70,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.kv_blocks_total
     );
     println!(
-        "  router {}{}  planner {}  imbalance {:.3}  rebalances {}  replicas {}  re-dispatched layers {}",
+        "  router {}{}  planner {}  imbalance {:.3}  rebalances {}  replicas {}  re-dispatched layers {}  suspect reports {} (re-plans {})",
         status.router_id,
         if status.is_planner { " (planner)" } else { "" },
         if status.planner_id.is_empty() { "-" } else { &status.planner_id },
         status.imbalance_ratio,
         status.rebalances,
         status.replicas,
-        status.layer_retries
+        status.layer_retries,
+        status.suspect_reports,
+        status.suspect_replans
     );
     println!(
         "  dense part on {}  data plane {}  collective layers {}  collective failures {}  micro-batched steps {}",

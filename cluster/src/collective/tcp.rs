@@ -4,10 +4,12 @@
 //!
 //! A star: rank 0 (the router) listens, every other rank connects to it once and says which
 //! rank it is and the epoch's nonce (published in etcd with the address), so a stray or stale
-//! connection is refused. With a cluster token both sides also prove they hold it (HMAC over
-//! the nonce, the rank and the member's fresh challenge), so neither a rogue member nor a
-//! rogue rank 0 that copied the etcd record gets in. Handshakes run in parallel under one
-//! deadline, so silent connections cannot hold up the real members.
+//! connection is refused. With a cluster token both sides also prove they hold it: rank 0
+//! greets each connection with a fresh challenge, the member's hello carries an HMAC over the
+//! nonce, its rank, that challenge and one of its own, and rank 0 answers with an HMAC over
+//! the member's. So neither a rogue member nor a rogue rank 0 that copied the etcd record gets
+//! in, and a hello copied off the wire opens no other connection. Handshakes run in parallel
+//! under one deadline, so silent connections cannot hold up the real members.
 //!
 //! Each peer connection has a reader thread, which drains the socket into a bounded inbox
 //! (frames and bytes per peer): when it is full the reader stops reading and TCP flow control
@@ -32,11 +34,16 @@ use crate::auth::{self, ClusterToken, PROOF_BYTES};
 
 /// Bytes of the per-epoch secret a joining rank must present.
 pub const NONCE_BYTES: usize = 16;
-/// Bytes of the fresh challenge a member sends, which rank 0's proof must cover.
+/// Bytes of each side's fresh challenge: rank 0's greeting carries one the member's proof must
+/// cover (so a hello copied off the wire opens no other join), the member's hello one rank 0's
+/// proof must cover.
 pub const CHALLENGE_BYTES: usize = 32;
-/// Version 2: the hello carries the token mode, a challenge and a proof.
+/// Version 2: rank 0 greets with a challenge; the hello carries the token mode, the member's
+/// challenge and its proof.
 const MAGIC: &[u8; 8] = b"MOECOLL2";
 const MAGIC_V1: &[u8; 8] = b"MOECOLL1";
+/// magic, rank 0's challenge.
+const GREETING_BYTES: usize = 8 + CHALLENGE_BYTES;
 /// magic, nonce, rank, size, token mode, challenge, proof.
 const HELLO_BYTES: usize = 8 + NONCE_BYTES + 4 + 4 + 1 + CHALLENGE_BYTES + PROOF_BYTES;
 /// magic, token mode, proof.
@@ -244,14 +251,23 @@ fn io_failure(what: &str, e: std::io::Error) -> CommError {
     CommError::Failed(format!("{what}: {e}"))
 }
 
+/// Rank 0's first bytes on a connection: the magic and this join's challenge.
+fn encode_greeting(challenge: &[u8; CHALLENGE_BYTES]) -> [u8; GREETING_BYTES] {
+    let mut greeting = [0u8; GREETING_BYTES];
+    greeting[..8].copy_from_slice(MAGIC);
+    greeting[8..].copy_from_slice(challenge);
+    greeting
+}
+
 /// A member's hello: it proves the token (when there is one) over the nonce, its rank, the
-/// size and its challenge.
+/// size, its challenge and rank 0's.
 fn encode_hello(
     nonce: &[u8; NONCE_BYTES],
     rank: usize,
     size: usize,
     token: Option<&ClusterToken>,
     challenge: &[u8; CHALLENGE_BYTES],
+    root_challenge: &[u8; CHALLENGE_BYTES],
 ) -> [u8; HELLO_BYTES] {
     let (rank, size) = ((rank as u32).to_le_bytes(), (size as u32).to_le_bytes());
     let mut hello = [0u8; HELLO_BYTES];
@@ -268,7 +284,7 @@ fn encode_hello(
         Some(token) => {
             put(&[WITH_TOKEN]);
             put(challenge);
-            put(&token.prove(&[MEMBER_PROOF, nonce, &rank, &size, challenge]));
+            put(&token.prove(&[MEMBER_PROOF, nonce, &rank, &size, challenge, root_challenge]));
         }
         None => {
             put(&[NO_TOKEN]);
@@ -318,6 +334,10 @@ fn handshake(
     socket.set_nonblocking(false).map_err(io)?;
     socket.set_read_timeout(Some(left)).map_err(io)?;
     socket.set_write_timeout(Some(left)).map_err(io)?;
+    let root_challenge = auth::random_bytes::<CHALLENGE_BYTES>();
+    socket
+        .write_all(&encode_greeting(&root_challenge))
+        .map_err(io)?;
     let mut hello = [0u8; HELLO_BYTES];
     socket.read_exact(&mut hello).map_err(io)?;
     let (magic, rest) = hello.split_at(8);
@@ -344,7 +364,14 @@ fn handshake(
     }
     match (&expected.token, mode[0]) {
         (Some(token), WITH_TOKEN) => {
-            let context: [&[u8]; 5] = [MEMBER_PROOF, nonce, rank_bytes, size_bytes, challenge];
+            let context: [&[u8]; 6] = [
+                MEMBER_PROOF,
+                nonce,
+                rank_bytes,
+                size_bytes,
+                challenge,
+                &root_challenge,
+            ];
             if !token.verify(&context, proof) {
                 // Closed without an answer: the member learns nothing about why.
                 return Err(CommError::Failed(format!(
@@ -543,9 +570,30 @@ impl TcpCommunicator {
         let mut socket = TcpStream::connect_timeout(&address, timeout).map_err(io)?;
         socket.set_read_timeout(Some(timeout)).map_err(io)?;
         socket.set_write_timeout(Some(timeout)).map_err(io)?;
+        let mut greeting = [0u8; GREETING_BYTES];
+        socket.read_exact(&mut greeting).map_err(|e| {
+            CommError::Failed(format!(
+                "rank 0 at {at} sent no greeting ({e}): an older build (MOECOLL1) or not a \
+                 collective"
+            ))
+        })?;
+        if &greeting[..8] != MAGIC {
+            return Err(CommError::Failed(format!(
+                "rank 0 at {at} greeted with a bad handshake"
+            )));
+        }
+        let mut root_challenge = [0u8; CHALLENGE_BYTES];
+        root_challenge.copy_from_slice(&greeting[8..]);
         let challenge = auth::random_bytes::<CHALLENGE_BYTES>();
         let token = settings.token.as_ref();
-        let hello = encode_hello(&rendezvous.nonce, rank, size, token, &challenge);
+        let hello = encode_hello(
+            &rendezvous.nonce,
+            rank,
+            size,
+            token,
+            &challenge,
+            &root_challenge,
+        );
         socket.write_all(&hello).map_err(io)?;
         let mut ack = [0u8; ACK_BYTES];
         socket.read_exact(&mut ack).map_err(|e| {
@@ -895,9 +943,25 @@ mod tests {
     }
 
     /// A hostile peer: completes the handshake by hand, then writes whatever it likes.
+    /// Reads rank 0's greeting; returns its challenge.
+    fn greeted(socket: &mut TcpStream) -> [u8; CHALLENGE_BYTES] {
+        let mut greeting = [0u8; GREETING_BYTES];
+        socket.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..8], MAGIC);
+        greeting[8..].try_into().unwrap()
+    }
+
     fn raw_member(at: &TcpRendezvous, rank: usize, size: usize) -> TcpStream {
         let mut socket = TcpStream::connect(&at.address).unwrap();
-        let hello = encode_hello(&at.nonce, rank, size, None, &[7; CHALLENGE_BYTES]);
+        let root_challenge = greeted(&mut socket);
+        let hello = encode_hello(
+            &at.nonce,
+            rank,
+            size,
+            None,
+            &[7; CHALLENGE_BYTES],
+            &root_challenge,
+        );
         socket.write_all(&hello).unwrap();
         let mut ack = [0u8; ACK_BYTES];
         socket.read_exact(&mut ack).unwrap();
@@ -1268,7 +1332,8 @@ mod tests {
             .map(|_| TcpStream::connect(&at.address).unwrap())
             .collect();
         let mut half = TcpStream::connect(&at.address).unwrap();
-        half.write_all(&encode_hello(&at.nonce, 1, size, Some(&secret), &[1; 32])[..20])
+        // (The greeting is not read: rank 0 is not accepting yet, and a half hello needs none.)
+        half.write_all(&encode_hello(&at.nonce, 1, size, Some(&secret), &[1; 32], &[0; 32])[..20])
             .unwrap();
         silent.push(half);
         let started = Instant::now();
@@ -1288,17 +1353,20 @@ mod tests {
         // One at a time with 2 s each, the silent ones alone took 22 s.
         assert!(took < Duration::from_secs(3), "{took:?}");
         assert_eq!(zero.size(), size);
-        // And they were cut off once the members were in.
+        // And they were cut off once the members were in, with nothing past the greeting.
         for mut socket in silent {
             socket
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            let mut byte = [0u8; 1];
-            match socket.read(&mut byte) {
-                Ok(0) => {}
+            let mut got = Vec::new();
+            match socket.read_to_end(&mut got) {
+                Ok(_) => {}
                 Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
-                Ok(_) => panic!("a silent connection got an answer"),
             }
+            assert!(
+                got.len() <= GREETING_BYTES,
+                "a silent connection got an answer"
+            );
         }
     }
 
@@ -1374,8 +1442,16 @@ mod tests {
         // Right nonce (copied from etcd), proof under another token.
         let forger = token("not the token, long enough");
         let mut rogue = TcpStream::connect(&at.address).unwrap();
+        let root_challenge = greeted(&mut rogue);
         rogue
-            .write_all(&encode_hello(&at.nonce, 1, 2, Some(&forger), &[9; 32]))
+            .write_all(&encode_hello(
+                &at.nonce,
+                1,
+                2,
+                Some(&forger),
+                &[9; 32],
+                &root_challenge,
+            ))
             .unwrap();
         rogue
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -1385,6 +1461,36 @@ mod tests {
             rogue.read_exact(&mut ack).is_err(),
             "refused without an answer"
         );
+        let member = TcpCommunicator::connect(&at, 1, 2, SECOND, &settings);
+        assert!(member.is_ok(), "{:?}", member.err());
+        assert!(accepting.join().unwrap().is_ok());
+    }
+
+    /// A hello made for one connection's greeting (as one copied off the wire would be) does
+    /// not open another: rank 0's challenge differs, so the proof does not cover it.
+    #[test]
+    fn a_replayed_hello_does_not_take_the_rank() {
+        let secret = token("the real token, long enough");
+        let settings = open(TcpLimits::for_frames(1 << 20), Some(&secret));
+        let root = TcpRoot::bind("127.0.0.1:0", None, 2, settings.clone()).unwrap();
+        let at = root.rendezvous().clone();
+        let accepting = std::thread::spawn(move || root.accept_all(Duration::from_secs(5)));
+        let mut seen = TcpStream::connect(&at.address).unwrap();
+        let first = greeted(&mut seen);
+        let copied = encode_hello(&at.nonce, 1, 2, Some(&secret), &[5; 32], &first);
+        let mut replay = TcpStream::connect(&at.address).unwrap();
+        let second = greeted(&mut replay);
+        assert_ne!(first, second, "each connection gets its own challenge");
+        replay.write_all(&copied).unwrap();
+        replay
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut ack = [0u8; ACK_BYTES];
+        assert!(
+            replay.read_exact(&mut ack).is_err(),
+            "refused without an answer"
+        );
+        drop(seen);
         let member = TcpCommunicator::connect(&at, 1, 2, SECOND, &settings);
         assert!(member.is_ok(), "{:?}", member.err());
         assert!(accepting.join().unwrap().is_ok());
@@ -1403,6 +1509,9 @@ mod tests {
         let rogue = std::thread::spawn(move || {
             for echo in [false, true] {
                 let (mut socket, _) = listener.accept().unwrap();
+                socket
+                    .write_all(&encode_greeting(&[3; CHALLENGE_BYTES]))
+                    .unwrap();
                 let mut hello = [0u8; HELLO_BYTES];
                 socket.read_exact(&mut hello).unwrap();
                 let mut ack = encode_ack(None, None);
