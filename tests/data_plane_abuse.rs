@@ -112,7 +112,11 @@ async fn every_abuse_is_refused_with_its_code_while_requests_keep_their_tokens()
         .find(|&l| !config.is_moe_layer(l))
         .expect("deepseek-v3-tiny has a dense first layer") as u32;
 
-    let mut cluster = LocalCluster::start(harness::spec(dir.clone(), 1)).unwrap();
+    let mut spec = harness::spec(dir.clone(), 1);
+    // No load rebalancing: the test checks that the epoch stays the same.
+    spec.router_args
+        .extend(["--rebalance-threshold".into(), "0".into()]);
+    let mut cluster = LocalCluster::start(spec).unwrap();
     let metrics_addr = format!("127.0.0.1:{}", free_port().unwrap());
     let victim = cluster
         .add_node_with(&["--metrics-listen".into(), metrics_addr.clone()])
