@@ -5,11 +5,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use moe_cluster::local::LocalCluster;
 use moe_model::Engine;
 use moe_proto::v1::GenerateRequest;
-use moe_tests::harness::{self, generate, greedy, wait_serving};
+use moe_tests::harness::{self, generate, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{greedy, LocalCluster};
 use serde_json::Value;
 use tonic::Code;
 

@@ -1,10 +1,10 @@
 //! The cluster with real processes (etcd, router, expert nodes) answers exactly like the offline
 //! engine, whatever the number of nodes and whatever else is in the batch.
 
-use moe_cluster::local::LocalCluster;
 use moe_model::{Engine, GenerateRequest, SamplingParams};
-use moe_tests::harness::{self, generate, greedy, wait_serving};
+use moe_tests::harness::{self, generate, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{greedy, LocalCluster};
 
 fn offline(engine: &Engine, ids: &[u32], n: usize) -> moe_model::GenerateOutput {
     engine

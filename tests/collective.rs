@@ -10,13 +10,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_cluster::load::GreedyLoad;
-use moe_cluster::local::LocalCluster;
 use moe_model::{Engine, GenerateRequest, SamplingParams};
 use moe_tests::harness::{
-    self, expected_answers, generate, greedy, serving_nodes, wait_serving, wait_status,
+    self, expected_answers, generate, serving_nodes, wait_serving, wait_status,
 };
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{greedy, GreedyLoad, LocalCluster};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -32,7 +31,7 @@ fn offline(engine: &Engine, ids: &[u32]) -> moe_model::GenerateOutput {
         .unwrap()
 }
 
-fn tcp_spec(fixture: &str, nodes: usize) -> moe_cluster::local::LocalClusterSpec {
+fn tcp_spec(fixture: &str, nodes: usize) -> moe_tooling::LocalClusterSpec {
     let mut spec = harness::spec(fixture_dir(fixture), nodes);
     spec.router_args
         .extend(["--transport".into(), "tcp".into()]);

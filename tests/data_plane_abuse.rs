@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_cluster::auth::{ClusterToken, StreamOpening};
+use moe_cluster::discovery::{Discovery, EtcdConnection, RouterRegistration};
 use moe_cluster::frames::{encode_dispatch, DispatchTag};
-use moe_cluster::load::GreedyLoad;
-use moe_cluster::local::{free_port, LocalCluster};
 use moe_model::routes::ExpertRoutes;
 use moe_model::{Engine, ModelConfig};
 use moe_proto::v1::expert_data_client::ExpertDataClient;
 use moe_proto::v1::{CombineBatch, DispatchBatch, Refusal};
 use moe_tests::harness::{self, expected_answers, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{free_port, greedy, GreedyLoad, LocalCluster};
 use tonic::Code;
 
 /// Longest any one abuse may take to be answered.
@@ -68,14 +68,7 @@ async fn exchange(
 
 /// Rows as given (the pairs of each row in the order listed, unsorted, unchecked).
 fn batch(epoch: u64, layer: u32, hidden: usize, rows: &[Vec<(u32, f32)>]) -> DispatchBatch {
-    let mut routes = ExpertRoutes::with_capacity(rows.len(), 4);
-    for row in rows {
-        for &(e, w) in row {
-            routes.experts.push(e);
-            routes.weights.push(w);
-        }
-        routes.offsets.push(routes.experts.len() as u32);
-    }
+    let routes = ExpertRoutes::from_rows_as_given(rows);
     let values: Vec<f32> = (0..rows.len() * hidden)
         .map(|i| (i % 7) as f32 / 7.0)
         .collect();
@@ -389,11 +382,11 @@ fn rss_bytes(pid: u32) -> u64 {
 /// `key`, naming the node), and returns the node's socket once its handshake is done.
 async fn joined_by(
     cluster: &LocalCluster,
-    key: String,
+    rogue_id: &str,
     epoch: u64,
     node_id: &str,
     token: &ClusterToken,
-) -> std::net::TcpStream {
+) -> (std::net::TcpStream, RouterRegistration) {
     use moe_cluster::collective::tcp::{TcpLimits, TcpRoot, TcpSettings};
     use moe_cluster::collective::CollectiveRecord;
     let root = TcpRoot::bind(
@@ -412,15 +405,21 @@ async fn joined_by(
         root.rendezvous(),
         Duration::from_secs(10),
     );
-    let mut etcd = etcd_client::Client::connect([cluster.etcd_url.as_str()], None)
+    // Whoever holds etcd's credentials can register as a router and publish a collective.
+    let discovery = Discovery::etcd(
+        EtcdConnection::plain(vec![cluster.etcd_url.clone()]),
+        "test",
+    );
+    let rogue = discovery
+        .register_router(rogue_id, "127.0.0.1:9", Duration::from_secs(10))
         .await
         .unwrap();
-    etcd.put(key, record.encode(), None).await.unwrap();
+    rogue.set_collective(&record);
     let mut sockets = tokio::task::spawn_blocking(move || root.accept_sockets(WAIT))
         .await
         .unwrap()
         .expect("the node joins the published collective");
-    sockets[1].take().expect("rank 1 joined")
+    (sockets[1].take().expect("rank 1 joined"), rogue)
 }
 
 /// Waits until the node closes `socket` (reads return end of stream or an error); panics
@@ -461,7 +460,6 @@ async fn a_hostile_collective_root_is_cut_off_while_the_node_keeps_serving() {
     let status = wait_serving(&cluster, 2).await;
     let epoch = status.serving_epoch;
     let token = cluster.token_file().token().unwrap();
-    let keys = moe_cluster::ClusterKeys::new("test");
     let pid = cluster.node_pid(&victim).unwrap();
 
     let engine = Engine::load(&dir).unwrap();
@@ -477,28 +475,14 @@ async fn a_hostile_collective_root_is_cut_off_while_the_node_keeps_serving() {
 
     // 1. A 2 GiB length prefix, and nothing after it.
     let rss_before = rss_bytes(pid);
-    let mut socket = joined_by(
-        &cluster,
-        keys.collective(epoch, "rogue-a"),
-        epoch,
-        &victim,
-        &token,
-    )
-    .await;
+    let (mut socket, _rogue_a) = joined_by(&cluster, "rogue-a", epoch, &victim, &token).await;
     socket.write_all(&(2u64 << 30).to_le_bytes()).unwrap();
     tokio::task::block_in_place(|| closed_by_the_node(&mut socket));
     let grown = rss_bytes(pid).saturating_sub(rss_before);
     assert!(grown < 256 << 20, "the node grew by {grown} bytes");
 
     // 2. A flood of frames within the bound, as fast as the socket takes them.
-    let mut socket = joined_by(
-        &cluster,
-        keys.collective(epoch, "rogue-b"),
-        epoch,
-        &victim,
-        &token,
-    )
-    .await;
+    let (mut socket, _rogue_b) = joined_by(&cluster, "rogue-b", epoch, &victim, &token).await;
     let flooder = std::thread::spawn(move || {
         let frame = vec![7u8; 64 << 10];
         socket
@@ -546,7 +530,7 @@ async fn a_hostile_collective_root_is_cut_off_while_the_node_keeps_serving() {
     assert!(cluster.node_ids().contains(&victim));
     let mut client = harness::inference(&cluster).await;
     let case = &golden_cases(fixture)[0];
-    let got = harness::generate(&mut client, harness::greedy(&case.input_ids, 4))
+    let got = harness::generate(&mut client, greedy(&case.input_ids, 4))
         .await
         .unwrap();
     assert_eq!(got.ids.len(), 4);

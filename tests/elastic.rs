@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_cluster::load::GreedyLoad;
-use moe_cluster::local::LocalCluster;
 use moe_model::Engine;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::DrainRequest;
 use moe_tests::harness::{self, expected_answers, serving_nodes, wait_serving, wait_status};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{GreedyLoad, LocalCluster};
 
 /// Requests built from a fixture's golden prompts: `count` of them, `new_tokens` each, with
 /// prompts shortened a little per round so they differ.

@@ -5,74 +5,73 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use moe_cluster::lease::LeasedKeys;
-use moe_cluster::local::LocalEtcd;
-use moe_cluster::placement::{Placement, PlacementStore};
-use moe_cluster::{ClusterError, ClusterKeys};
+use moe_cluster::discovery::{Discovery, DiscoveryError, EtcdConnection};
+use moe_cluster::placement::Placement;
 use moe_tests::harness::etcd_binary;
-
-async fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached in {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use moe_tooling::LocalEtcd;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_planner_at_a_time_and_only_it_commits() {
     let etcd = LocalEtcd::start(&etcd_binary()).unwrap();
-    let endpoints = moe_cluster::EtcdConnection::plain(vec![etcd.url()]);
-    let keys = ClusterKeys::new("election");
+    let discovery = Discovery::etcd(EtcdConnection::plain(vec![etcd.url()]), "election");
     let ttl = Duration::from_secs(2);
-    let a = LeasedKeys::start(&endpoints, ttl, BTreeMap::new())
+    let a = discovery
+        .register_router("router-a", "127.0.0.1:1", ttl)
         .await
         .unwrap();
-    let b = LeasedKeys::start(&endpoints, ttl, BTreeMap::new())
+    tokio::time::timeout(Duration::from_secs(5), a.elected())
+        .await
+        .expect("a elected");
+    let b = discovery
+        .register_router("router-b", "127.0.0.1:2", ttl)
         .await
         .unwrap();
-    a.campaign(keys.planner(), "router-a".into());
-    wait_for("a elected", Duration::from_secs(5), || a.is_leader()).await;
-    b.campaign(keys.planner(), "router-b".into());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(a.is_leader() && !b.is_leader(), "exactly one planner");
+    assert!(a.is_planner() && !b.is_planner(), "exactly one planner");
 
     let nodes: BTreeMap<String, String> = [("n1".to_string(), "127.0.0.1:1".to_string())].into();
-    let client = endpoints.connect().await.unwrap();
-    let mut store = PlacementStore::new(client, keys.clone());
     let p1 = Placement::plan(1, "f", &[1], 4, &nodes, None).unwrap();
     assert!(
         matches!(
-            store.write(&p1, 0, Some("router-b")).await,
-            Err(ClusterError::PlacementConflict(1))
+            discovery.write_placement(&p1, 0, "router-b").await,
+            Err(DiscoveryError::PlacementConflict(1))
         ),
         "a router that is not the planner cannot commit"
     );
-    store.write(&p1, 0, Some("router-a")).await.unwrap();
-    let (read, revision) = store.read().await.unwrap();
-    assert_eq!(read.as_ref().map(|p| p.epoch), Some(1));
+    discovery.write_placement(&p1, 0, "router-a").await.unwrap();
+    let read = discovery.snapshot().await.unwrap();
+    let revision = read.placement_revision;
+    assert_eq!(read.placement.as_ref().map(|p| p.epoch), Some(1));
     let p2 = Placement::plan(2, "f", &[1], 4, &nodes, Some(&p1)).unwrap();
     assert!(
         matches!(
-            store.write(&p2, 0, Some("router-a")).await,
-            Err(ClusterError::PlacementConflict(2))
+            discovery.write_placement(&p2, 0, "router-a").await,
+            Err(DiscoveryError::PlacementConflict(2))
         ),
         "a write planned from a stale revision fails"
     );
-    store.write(&p2, revision, Some("router-a")).await.unwrap();
+    discovery
+        .write_placement(&p2, revision, "router-a")
+        .await
+        .unwrap();
 
     // The planner goes away: its lease is revoked and the other campaigner takes over.
     let handover = Instant::now();
     a.shutdown().await;
-    wait_for("b elected", Duration::from_secs(5), || b.is_leader()).await;
+    tokio::time::timeout(Duration::from_secs(5), b.elected())
+        .await
+        .expect("b elected");
     assert!(handover.elapsed() < ttl * 2);
-    let (_, revision) = store.read().await.unwrap();
+    let revision = discovery.snapshot().await.unwrap().placement_revision;
     let p3 = Placement::plan(3, "f", &[1], 4, &nodes, Some(&p2)).unwrap();
-    assert!(store.write(&p3, revision, Some("router-a")).await.is_err());
-    store.write(&p3, revision, Some("router-b")).await.unwrap();
+    assert!(discovery
+        .write_placement(&p3, revision, "router-a")
+        .await
+        .is_err());
+    discovery
+        .write_placement(&p3, revision, "router-b")
+        .await
+        .unwrap();
     drop(b);
     drop(etcd);
 }

@@ -9,9 +9,9 @@
 
 use std::time::Duration;
 
-use moe_cluster::local::LocalCluster;
-use moe_tests::harness::{self, greedy, wait_serving, wait_status};
+use moe_tests::harness::{self, wait_serving, wait_status};
 use moe_tests::{fixture_dir, golden_cases, steps_to_compare_at, FIXTURES};
+use moe_tooling::{greedy, LocalCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an NVIDIA GPU and a cuda build of moe-expert-node (ops/gpu-check.sh runs it)"]

@@ -2,11 +2,11 @@
 //! four nodes, each holds a quarter of the experts and uses well under half the resident memory
 //! of the offline engine.
 
-use moe_cluster::local::LocalCluster;
 use moe_model::generator::{write_checkpoint, Preset, WeightDtype};
 use moe_model::{Engine, Family};
 use moe_tests::harness::{self, wait_serving};
 use moe_tests::TempDir;
+use moe_tooling::LocalCluster;
 
 fn rss_bytes(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

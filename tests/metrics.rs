@@ -1,9 +1,9 @@
 //! `/metrics` on the router (HTTP API port and `--metrics-listen`) and on a node count exactly
 //! the traffic sent.
 
-use moe_cluster::local::{free_port, LocalCluster};
-use moe_tests::harness::{self, generate, greedy, http, wait_serving};
+use moe_tests::harness::{self, generate, http, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{free_port, greedy, LocalCluster};
 
 /// The value of the sample `name` (with its labels, exactly as exposed).
 fn value(text: &str, name: &str) -> f64 {

@@ -5,12 +5,12 @@
 
 use std::process::Command;
 
-use moe_cluster::local::LocalCluster;
 use moe_model::chat_template::{ChatMessage, ChatTemplate};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::Engine;
 use moe_tests::harness::{self, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::LocalCluster;
 use serde_json::{json, Value};
 
 fn msg(role: &str, content: &str) -> ChatMessage {

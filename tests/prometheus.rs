@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moe_cluster::local::{free_port, LocalCluster};
-use moe_tests::harness::{self, generate, greedy, http, wait_serving};
+use moe_tests::harness::{self, generate, http, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{free_port, greedy, LocalCluster};
 use serde_json::Value;
 
 fn prometheus_binary() -> PathBuf {

@@ -7,11 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use moe_cluster::local::{free_port, LocalCluster};
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{GenerateRequest, TokenizeRequest};
-use moe_tests::harness::{self, greedy, http, wait_serving};
+use moe_tests::harness::{self, http, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{free_port, greedy, LocalCluster};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use moe_cluster::local::LocalCluster;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::ClusterStatusRequest;
-use moe_tests::harness::{self, greedy, http};
+use moe_tests::harness::{self, http};
 use moe_tests::{fixture_dir, golden_cases, TempDir, FIXTURES};
+use moe_tooling::{greedy, LocalCluster};
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -42,7 +42,7 @@ async fn api_keys_and_limits() {
     std::fs::write(&key_file, format!("# operators\n{KEY}\n\nsecond-key\n")).unwrap();
     let admin_key_file = keys.path().join("admin-keys.txt");
     std::fs::write(&admin_key_file, format!("{ADMIN_KEY}\n")).unwrap();
-    let metrics_addr = format!("127.0.0.1:{}", moe_cluster::local::free_port().unwrap());
+    let metrics_addr = format!("127.0.0.1:{}", moe_tooling::free_port().unwrap());
     let mut spec = harness::spec(fixture_dir(fixture), 1);
     spec.router_args.extend([
         "--http-listen".into(),

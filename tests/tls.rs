@@ -7,14 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use moe_cluster::local::{EtcdServerTls, LocalCluster, LocalEtcd};
+use moe_cluster::discovery::{Discovery, EtcdConnection};
 use moe_model::Engine;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::expert_data_client::ExpertDataClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, DispatchBatch};
-use moe_tests::harness::{self, greedy};
+use moe_tests::harness;
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{greedy, EtcdServerTls, LocalCluster, LocalEtcd};
 use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -64,20 +65,15 @@ async fn enable_etcd_auth(url: &str, pki: &Path) {
         &pki.join("cluster-ca.pem"),
         Some((&pki.join("member.pem"), &pki.join("member.key"))),
     );
-    let options = etcd_client::ConnectOptions::new().with_tls(tls.clone());
-    let mut client = etcd_client::Client::connect([url], Some(options))
+    let member = EtcdConnection::new(vec![url.to_string()], Some(tls), None);
+    member
+        .enable_auth(ETCD_PASSWORD)
         .await
         .expect("etcd over TLS with a member certificate");
-    client.user_add("root", ETCD_PASSWORD, None).await.unwrap();
-    client.user_grant_role("root", "root").await.unwrap();
-    client.auth_enable().await.unwrap();
     // Authentication is really on: without the password the same certificate cannot write.
-    let options = etcd_client::ConnectOptions::new().with_tls(tls);
-    let mut anonymous = etcd_client::Client::connect([url], Some(options))
-        .await
-        .unwrap();
+    let anonymous = Discovery::etcd(member, "probe");
     assert!(
-        anonymous.put("/probe", "x", None).await.is_err(),
+        anonymous.request_drain("probe").await.is_err(),
         "etcd accepted a write without credentials"
     );
 }

@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use moe_cluster::local::LocalCluster;
-use moe_tests::harness::{self, greedy, wait_serving};
+use moe_tests::harness::{self, wait_serving};
 use moe_tests::otlp::{start_receiver, ReceivedSpan, SpanSink};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{greedy, LocalCluster};
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";

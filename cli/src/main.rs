@@ -1,7 +1,10 @@
 //! `moe`: the command line of the MoE serving cluster. Each subcommand lives in its own module
-//! under `commands/`.
+//! under `commands/`; those that talk to a router share `router_client`, those that start a
+//! local cluster share `local`.
 
 mod commands;
+mod local;
+mod router_client;
 
 use clap::{Parser, Subcommand};
 
@@ -16,7 +19,7 @@ struct Cli {
     #[arg(long, global = true, env = "MOE_THREADS")]
     threads: Option<usize>,
     #[command(flatten)]
-    tls: commands::remote::RouterTls,
+    tls: router_client::RouterTls,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     moe_model::backend::keep_freed_memory();
     moe_cluster::config::init_logging("warn");
     let cli = Cli::parse();
-    commands::remote::set_tls(cli.tls);
+    router_client::set_tls(cli.tls);
     if let Some(threads) = cli.threads {
         rayon_threads(threads)?;
     }

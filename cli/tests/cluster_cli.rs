@@ -2,9 +2,9 @@
 
 use std::process::Command;
 
-use moe_cluster::local::LocalCluster;
 use moe_tests::harness::{self, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::LocalCluster;
 use serde_json::Value;
 
 fn moe(args: &[&str]) -> Value {

@@ -1,9 +1,12 @@
 //! Settings every cluster process shares: where etcd is, which cluster, how often to re-read it,
-//! and the logging setup. Flattened into each binary's clap struct.
+//! which device the math runs on, and the logging setup. Flattened into each binary's clap
+//! struct.
 
 use std::path::PathBuf;
 
 use clap::Args;
+
+use crate::discovery::{Discovery, EtcdConnection};
 
 #[derive(Args, Debug, Clone)]
 pub struct EtcdArgs {
@@ -83,11 +86,42 @@ impl EtcdArgs {
                 };
             }
         }
-        Ok(EtcdConnection {
-            endpoints,
-            tls,
-            user,
-        })
+        Ok(EtcdConnection::new(endpoints, tls, user))
+    }
+
+    /// Discovery over the etcd these flags name, for cluster `--cluster`.
+    pub fn discovery(&self) -> Result<Discovery, EtcdSettingsError> {
+        Ok(Discovery::etcd(self.connection()?, &self.cluster))
+    }
+}
+
+/// Where a process's math runs: a router's dense part, a node's experts, the offline engine's
+/// whole model. The same two flags on every binary.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DeviceArgs {
+    /// Where the math runs: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    pub device: moe_model::device::Device,
+    /// Numerics on a GPU: `bf16x2` (bf16 weights, activations as two bf16 terms: the
+    /// reference's results), `bf16` (fastest, not the reference's numerics) or `f32`; the MoE
+    /// gate stays f32 either way.
+    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
+    pub gpu_dtype: moe_model::device::GpuDtype,
+}
+
+impl DeviceArgs {
+    /// Opens the device (an error saying why where the GPU, its driver or CUDA support is
+    /// missing).
+    pub fn open(&self) -> Result<moe_model::experts::ExpertDevice, moe_model::device::DeviceError> {
+        self.device.open_experts(self.gpu_dtype)
+    }
+
+    /// `cpu`, or the GPU with its numerics (`cuda:0 (bf16x2)`).
+    pub fn describe(&self) -> String {
+        match self.device {
+            moe_model::device::Device::Cpu => "cpu".into(),
+            gpu => format!("{gpu} ({})", self.gpu_dtype),
+        }
     }
 }
 
@@ -102,67 +136,6 @@ pub enum EtcdSettingsError {
     },
     #[error("--etcd-user needs a password: --etcd-password-file or MOE_ETCD_PASSWORD")]
     NoPassword,
-}
-
-/// How to reach etcd: endpoints, TLS, user. Cheap to clone; the password never prints.
-#[derive(Clone)]
-pub struct EtcdConnection {
-    endpoints: Vec<String>,
-    tls: Option<etcd_client::TlsOptions>,
-    user: Option<(String, String)>,
-}
-
-impl std::fmt::Debug for EtcdConnection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdConnection")
-            .field("endpoints", &self.endpoints)
-            .field("tls", &self.tls.is_some())
-            .field("user", &self.user.as_ref().map(|(user, _)| user))
-            .finish()
-    }
-}
-
-impl EtcdConnection {
-    /// Plaintext, no authentication (tests and local clusters).
-    pub fn plain(endpoints: Vec<String>) -> Self {
-        Self {
-            endpoints,
-            tls: None,
-            user: None,
-        }
-    }
-
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
-    }
-
-    fn options(&self) -> etcd_client::ConnectOptions {
-        let mut options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(2));
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(tls.clone());
-        }
-        if let Some((user, password)) = &self.user {
-            options = options
-                .with_user(user.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
-        options
-    }
-
-    /// A client whose unary calls time out (do not use it for long-lived streams).
-    pub async fn connect(&self) -> Result<etcd_client::Client, etcd_client::Error> {
-        etcd_client::Client::connect(
-            &self.endpoints,
-            Some(self.options().with_timeout(ETCD_CALL_TIMEOUT)),
-        )
-        .await
-    }
-
-    /// A client without a request timeout, for watches and lease keep-alive streams.
-    pub async fn connect_for_streams(&self) -> Result<etcd_client::Client, etcd_client::Error> {
-        etcd_client::Client::connect(&self.endpoints, Some(self.options())).await
-    }
 }
 
 /// Logs to stderr, filtered by `MOE_LOG` (default `default_filter`).
@@ -180,37 +153,6 @@ pub fn init_logging(default_filter: &str) {
 /// frames back and forth, and Nagle plus delayed ACKs would add up to 40 ms to each round trip.
 pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
-/// Deadline for reaching etcd and for each unary etcd call: an etcd that vanished costs a
-/// bounded wait, never a hung planner or follower.
-pub const ETCD_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Logs an etcd outage once when it starts and once when it ends, instead of at every retry.
-#[derive(Debug, Default)]
-pub struct EtcdOutage {
-    since: Option<std::time::Instant>,
-}
-
-impl EtcdOutage {
-    pub fn failed(&mut self, who: &str, error: &dyn std::fmt::Display) {
-        if self.since.is_none() {
-            tracing::warn!(who, %error, "etcd unreachable; serving the last placement, retrying");
-            self.since = Some(std::time::Instant::now());
-        } else {
-            tracing::debug!(who, %error, "etcd still unreachable");
-        }
-    }
-
-    pub fn ok(&mut self, who: &str) {
-        if let Some(since) = self.since.take() {
-            tracing::info!(who, down_for = ?since.elapsed(), "etcd reachable again");
-        }
-    }
-
-    pub fn is_down(&self) -> bool {
-        self.since.is_some()
-    }
 }
 
 #[cfg(test)]
@@ -247,7 +189,7 @@ mod tests {
         .connection()
         .unwrap();
         assert_eq!(connection.endpoints(), ["http://a:2379", "b:2379"]);
-        assert_eq!(connection.user.as_ref().unwrap().1, "hunter2");
+        assert_eq!(connection.password(), Some("hunter2"));
         assert!(!format!("{connection:?}").contains("hunter2"));
     }
 

@@ -413,15 +413,7 @@ mod tests {
     }
 
     fn batch(layer: u32, rows: &[&[(u32, f32)]]) -> DispatchBatch {
-        let mut routes = ExpertRoutes::with_capacity(rows.len(), 4);
-        for r in rows {
-            // Pushed as given (not sorted), so a test can build any order.
-            for &(e, w) in r.iter() {
-                routes.experts.push(e);
-                routes.weights.push(w);
-            }
-            routes.offsets.push(routes.experts.len() as u32);
-        }
+        let routes = ExpertRoutes::from_rows_as_given(rows);
         let tag = DispatchTag {
             epoch: 1,
             step: 0,

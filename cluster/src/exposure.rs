@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::auth::{ClusterToken, TokenError};
+use crate::tls::{ClusterTls, ClusterTlsArgs, TlsError};
 
 /// `--cluster-token-file` and `--insecure-cluster`, shared by routers and nodes.
 #[derive(Args, Debug, Clone, Default)]
@@ -75,6 +76,49 @@ impl Exposure {
             etcd_authenticated: etcd.authenticates(),
             insecure: auth.insecure_cluster,
         }
+    }
+}
+
+/// A member's data-plane credentials (mutual TLS, the cluster token), read once at start-up
+/// and checked against where the process listens: routers and nodes load them alike.
+#[derive(Debug)]
+pub struct MemberCredentials {
+    pub tls: Option<ClusterTls>,
+    pub token: Option<ClusterToken>,
+}
+
+/// Why a member's credentials could not be loaded or do not cover its exposure.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Exposure(#[from] ExposureError),
+}
+
+impl MemberCredentials {
+    /// Loads the credentials the flags name; refuses them when the ports in `listens` or
+    /// etcd would be open to unauthenticated peers (see [`check`]).
+    pub fn load(
+        tls: &ClusterTlsArgs,
+        auth: &ClusterAuthArgs,
+        etcd: &crate::config::EtcdArgs,
+        listens: Vec<(&'static str, String)>,
+    ) -> Result<Self, CredentialsError> {
+        let credentials = Self {
+            tls: tls.load()?,
+            token: auth.token()?,
+        };
+        check(&Exposure::of(
+            listens,
+            credentials.tls.is_some(),
+            credentials.token.is_some(),
+            etcd,
+            auth,
+        ))?;
+        Ok(credentials)
     }
 }
 

@@ -149,7 +149,9 @@ pub fn encode_combine(tag: DispatchTag, pairs: usize, outputs: &[f32]) -> Combin
     }
 }
 
-/// Text a stale-epoch refusal starts with: what routers before the `refusal` field matched.
+/// Text a stale-epoch refusal starts with: what routers before the `refusal` field look for,
+/// so that during a rolling upgrade (nodes first) an old router still understands a new node.
+/// New routers read only the typed field.
 const STALE_EPOCH_TEXT: &str = "FAILED_PRECONDITION";
 
 /// A refusal of a well-formed batch, typed in `refusal` and explained in `error`.
@@ -192,11 +194,7 @@ pub fn decode_combine(
     hidden: usize,
 ) -> Result<Vec<f32>, CombineFailure> {
     if !batch.error.is_empty() || batch.refusal != Refusal::Unspecified as i32 {
-        // A node from before the `refusal` field says a stale epoch only in its text.
-        let stale = batch.refusal == Refusal::StaleEpoch as i32
-            || (batch.refusal == Refusal::Unspecified as i32
-                && batch.error.starts_with(STALE_EPOCH_TEXT));
-        return Err(if stale {
+        return Err(if batch.refusal == Refusal::StaleEpoch as i32 {
             CombineFailure::StaleEpoch(batch.error.clone())
         } else {
             CombineFailure::Refused(batch.error.clone())
@@ -286,23 +284,27 @@ mod tests {
         assert!(decode_combine(&c, TAG, 2, 4).is_err());
     }
 
-    /// A stale epoch is typed in `refusal`, and still recognised from the text alone, as a
-    /// node from before the field sends it.
+    /// A stale epoch is typed in `refusal` (read as a value), and spelled in `error` the way
+    /// routers from before the field recognise it.
     #[test]
-    fn refusals_are_typed_and_old_nodes_understood() {
+    fn refusals_are_typed_and_old_routers_understood() {
         let stale = combine_refusal(TAG, Refusal::StaleEpoch, "epoch 2 is not served here");
-        assert!(stale.error.starts_with("FAILED_PRECONDITION"));
+        assert_eq!(
+            stale.error,
+            format!("{STALE_EPOCH_TEXT}: epoch 2 is not served here")
+        );
         assert!(matches!(
             decode_combine(&stale, TAG, 0, 4),
             Err(CombineFailure::StaleEpoch(_))
         ));
-        let old_node = CombineBatch {
+        // Without the typed field (a node from before it), the text is just a refusal.
+        let untyped = CombineBatch {
             refusal: Refusal::Unspecified as i32,
             ..stale
         };
         assert!(matches!(
-            decode_combine(&old_node, TAG, 0, 4),
-            Err(CombineFailure::StaleEpoch(_))
+            decode_combine(&untyped, TAG, 0, 4),
+            Err(CombineFailure::Refused(_))
         ));
         let failed = combine_refusal(TAG, Refusal::ExpertFailure, "out of memory");
         assert!(matches!(

@@ -1,11 +1,11 @@
 //! `moe-cluster`: what the router and the expert nodes share.
 //!
-//! - [`keys`] is the etcd key layout under `/moe/<cluster>/`.
-//! - [`lease`] keeps one lease alive with the keys a process publishes on it (and the planner
-//!   election); [`membership`] builds node and router registrations on it and reads the
-//!   cluster's live members, drain requests and suspect reports in one snapshot.
+//! - [`discovery`] is how processes find each other, behind one small API: registrations on
+//!   leases, snapshots of the members and the placement, watches by topic, the guarded
+//!   placement write, drains. Over etcd (the only module that talks to it), or in memory for
+//!   tests.
 //! - [`placement`] is the expert placement: which node holds which `(layer, expert)`, under a
-//!   monotonically increasing epoch, planned by the router and written in a guarded transaction.
+//!   monotonically increasing epoch, planned by the router and written through discovery.
 //! - [`auth`] is the cluster token (`--cluster-token-file`) and the proofs members exchange.
 //! - [`dispatch_rules`] is what a node accepts in a dispatch (batch bound, top-k, held experts),
 //!   checked on the frame's bytes before anything is allocated for it.
@@ -13,28 +13,25 @@
 //!   would serve beyond loopback without them.
 //! - [`frames`] encodes and validates the data-plane messages (`DispatchBatch`,
 //!   `CombineBatch`): tensors as little-endian bytes, every length checked before use.
+//! - [`shutdown`] is the one `Shutdown` every binary passes to its tasks, and the signals and
+//!   deadlines that trigger it.
 
 pub mod auth;
 pub mod collective;
 pub mod config;
+pub mod discovery;
 pub mod dispatch_rules;
 pub mod error;
 pub mod exposure;
 pub mod frames;
-pub mod keys;
-pub mod lease;
 pub mod listener;
-pub mod load;
-pub mod local;
-pub mod membership;
 pub mod metrics;
 pub mod placement;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
-pub mod watch;
 
-pub use config::{EtcdArgs, EtcdConnection};
+pub use config::{DeviceArgs, EtcdArgs};
+pub use discovery::{ClusterKeys, Discovery, NodeRecord, NodeState, RouterRegistration};
 pub use error::ClusterError;
-pub use keys::ClusterKeys;
-pub use membership::{NodeRecord, NodeRegistration, NodeState, RouterRecord, RouterRegistration};
-pub use placement::{Placement, PlacementStore};
+pub use placement::Placement;

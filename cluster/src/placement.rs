@@ -1,7 +1,7 @@
 //! Expert placement: which node holds which `(layer, expert)`, under an epoch.
 //!
-//! The router plans it from the live nodes and writes it to etcd in a transaction guarded by the
-//! revision it planned from, so two planners can never both commit. Planning keeps every expert
+//! The router plans it from the live nodes and writes it through discovery in a transaction
+//! guarded by the revision it planned from, so two planners can never both commit. Planning keeps every expert
 //! where it already is when that node is still live and under its share, so a membership change
 //! moves as few experts as possible; each node gets an even slice of every layer, so every node
 //! works on every MoE layer.
@@ -9,11 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ClusterError;
-use crate::keys::ClusterKeys;
 
 /// An expert address.
 pub type ExpertId = (u32, u32);
@@ -313,67 +311,6 @@ pub fn fingerprint(dir: &Path, tensor_names: &[&str]) -> String {
         feed(&[0]);
     }
     format!("{hash:016x}")
-}
-
-/// Reads and writes the placement key.
-pub struct PlacementStore {
-    client: Client,
-    keys: ClusterKeys,
-}
-
-impl PlacementStore {
-    pub fn new(client: Client, keys: ClusterKeys) -> Self {
-        Self { client, keys }
-    }
-
-    /// The current placement and its mod revision (0 when none was written yet).
-    pub async fn read(&mut self) -> Result<(Option<Placement>, i64), ClusterError> {
-        let key = self.keys.placement();
-        let resp = self.client.get(key.clone(), None).await?;
-        match resp.kvs().first() {
-            None => Ok((None, 0)),
-            Some(kv) => {
-                let placement =
-                    serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Record {
-                        key,
-                        message: e.to_string(),
-                    })?;
-                Ok((Some(placement), kv.mod_revision()))
-            }
-        }
-    }
-
-    /// Writes `placement` only if the key is still at `expected_revision` (0: absent) and, with
-    /// `planner`, only while that router id holds the planner key.
-    pub async fn write(
-        &mut self,
-        placement: &Placement,
-        expected_revision: i64,
-        planner: Option<&str>,
-    ) -> Result<(), ClusterError> {
-        let key = self.keys.placement();
-        let value = serde_json::to_vec(placement).map_err(|e| ClusterError::Record {
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
-        let mut guards = vec![Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
-            expected_revision,
-        )];
-        if let Some(id) = planner {
-            guards.push(Compare::value(self.keys.planner(), CompareOp::Equal, id));
-        }
-        let txn = Txn::new()
-            .when(guards)
-            .and_then([TxnOp::put(key, value, None)]);
-        let resp = self.client.txn(txn).await?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(ClusterError::PlacementConflict(placement.epoch))
-        }
-    }
 }
 
 #[cfg(test)]

@@ -20,13 +20,6 @@ pub struct Args {
     /// Address to advertise instead of the bound one (behind NAT or in containers).
     #[arg(long, env = "MOE_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Where the math runs: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
-    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
-    pub device: moe_model::device::Device,
-    /// Numerics of the experts on a GPU: `bf16x2` (bf16 weights, activations as two bf16
-    /// terms: the reference's results), `bf16` (fastest) or `f32`.
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
-    pub gpu_dtype: moe_model::device::GpuDtype,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]
@@ -65,6 +58,9 @@ pub struct Args {
     /// before leaving anyway.
     #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
     pub drain_timeout_secs: u64,
+    /// Where the experts' math runs (`--device`, `--gpu-dtype`).
+    #[command(flatten)]
+    pub device: moe_cluster::DeviceArgs,
     /// Math threads (default: all cores).
     #[arg(long, env = "MOE_THREADS")]
     pub threads: Option<usize>,

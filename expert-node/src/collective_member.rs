@@ -4,28 +4,29 @@
 //! stops, or the router goes away (its side closes or aborts). The gRPC stream keeps serving
 //! meanwhile, so a router can fall back to it at any time.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::GetOptions;
 use moe_cluster::auth::ClusterToken;
 use moe_cluster::collective::exchange::{ExchangeError, LayerHeader, Served};
 use moe_cluster::collective::CommError;
 use moe_cluster::collective::{
     join_member, CollectiveRecord, FrameBounds, MemberSettings, Transport,
 };
+use moe_cluster::discovery::{Discovery, Topic};
 use moe_cluster::dispatch_rules::DispatchRules;
-use moe_cluster::ClusterKeys;
+use moe_cluster::shutdown::Shutdown;
 use moe_model::experts::ExpertDevice;
 
+use crate::batch::NodeBatch;
 use crate::metrics::NodeMetrics;
 use crate::served::ServedExperts;
 
 pub struct MemberContext {
-    pub etcd: moe_cluster::EtcdConnection,
-    pub keys: ClusterKeys,
+    /// Where the routers' collective records are read.
+    pub discovery: Discovery,
     pub node_id: String,
     pub served: Arc<ServedExperts>,
     pub device: ExpertDevice,
@@ -37,48 +38,34 @@ pub struct MemberContext {
     pub metrics: Arc<NodeMetrics>,
     pub poll: Duration,
     /// Set when the node leaves: every serving thread stops waiting.
-    pub stopping: Arc<AtomicBool>,
+    pub shutdown: Shutdown,
 }
 
 pub async fn follow_collectives(ctx: MemberContext) {
     let ctx = Arc::new(ctx);
-    let prefix = ctx.keys.collectives();
-    let changes = moe_cluster::watch::spawn_change_waker(ctx.etcd.clone(), prefix.clone());
-    let mut client = None;
+    let changes = ctx.discovery.watch(&[Topic::Collectives]);
     // Records already acted on (joined, or not for this node), by key, with the value seen.
     let mut handled: HashMap<String, Vec<u8>> = HashMap::new();
-    while !ctx.stopping.load(Ordering::Relaxed) {
-        if client.is_none() {
-            client = ctx.etcd.connect().await.ok();
-        }
-        if let Some(c) = client.as_mut() {
-            match c
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                .await
-            {
-                Ok(listing) => {
-                    let mut present = HashSet::new();
-                    for kv in listing.kvs() {
-                        let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        present.insert(key.clone());
-                        if handled.get(&key).is_some_and(|v| v == kv.value()) {
-                            continue;
-                        }
-                        if consider(&ctx, &key, kv.value()) {
-                            handled.insert(key, kv.value().to_vec());
-                        }
+    while !ctx.shutdown.is_shutdown() {
+        match ctx.discovery.collective_records().await {
+            Ok(records) => {
+                for (key, value) in &records {
+                    if handled.get(key) == Some(value) {
+                        continue;
                     }
-                    handled.retain(|k, _| present.contains(k));
+                    if consider(&ctx, key, value) {
+                        handled.insert(key.clone(), value.clone());
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "listing collective records failed");
-                    client = None;
-                }
+                handled.retain(|k, _| records.contains_key(k));
             }
+            Err(e) => tracing::debug!(error = %e, "listing collective records failed"),
         }
+        let mut shutdown = ctx.shutdown.clone();
         tokio::select! {
             _ = tokio::time::sleep(ctx.poll) => {}
-            _ = changes.notified() => {}
+            _ = changes.changed() => {}
+            _ = shutdown.wait() => {}
         }
     }
 }
@@ -147,28 +134,18 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
     };
     tracing::info!(%key, epoch, transport = %link.transport(), "joined the router's collective");
     let served = &ctx.served;
-    let live = || !ctx.stopping.load(Ordering::Relaxed) && served.for_epoch(epoch).is_some();
+    let live = || !ctx.shutdown.is_shutdown() && served.for_epoch(epoch).is_some();
     let transport = link.transport();
     let batch_span = |header: &LayerHeader| batch_span(header, epoch, transport);
     let mut layers = 0u64;
     while let Some(experts) = served.for_epoch(epoch) {
-        match link.serve_layer(experts.as_ref(), &ctx.rules, live, batch_span, timeout) {
-            Ok(Served::Idle { .. }) => layers += 1,
-            Ok(Served::Ran {
-                rows,
-                pairs,
-                compute_micros,
-                ..
-            }) => {
-                layers += 1;
-                ctx.metrics.compute.observe(compute_micros as f64 / 1e6);
-                ctx.metrics.batches.fetch_add(1, Ordering::Relaxed);
-                ctx.metrics
-                    .collective_batches
-                    .fetch_add(1, Ordering::Relaxed);
-                ctx.metrics.rows.fetch_add(rows as u64, Ordering::Relaxed);
-                ctx.metrics.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
-            }
+        let batch = NodeBatch {
+            experts: &experts,
+            metrics: &ctx.metrics,
+            collective: true,
+        };
+        match link.serve_layer(&batch, &ctx.rules, live, batch_span, timeout) {
+            Ok(Served::Idle { .. } | Served::Ran { .. }) => layers += 1,
             Err(ExchangeError::Stopped) => {
                 tracing::info!(epoch, layers, "epoch released here: left the collective");
                 return;

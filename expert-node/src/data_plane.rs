@@ -16,6 +16,7 @@ use moe_proto::v1::{CombineBatch, DispatchBatch, Refusal};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::batch::NodeBatch;
 use crate::metrics::NodeMetrics;
 use crate::served::ServedExperts;
 
@@ -28,6 +29,14 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
+    /// The largest dispatch it accepts and the largest combine it sends, in bytes.
+    pub fn message_limits(&self) -> (usize, usize) {
+        (
+            self.rules.max_dispatch_bytes(),
+            self.rules.max_combine_bytes(),
+        )
+    }
+
     pub fn new(
         served: Arc<ServedExperts>,
         rules: Arc<DispatchRules>,
@@ -113,7 +122,7 @@ async fn run_batch(
     served: &Arc<ServedExperts>,
     rules: &DispatchRules,
     batch: DispatchBatch,
-    metrics: &NodeMetrics,
+    metrics: &Arc<NodeMetrics>,
 ) -> Result<CombineBatch, Status> {
     let invalid = |v: Violation| {
         metrics.invalid(v.reason());
@@ -137,23 +146,20 @@ async fn run_batch(
     let span = expert_batch_span(&batch.traceparent, tag, &decoded.routes);
     drop(batch);
     let pairs = decoded.routes.pairs();
-    let decoded_rows = decoded.routes.rows();
+    let counted = Arc::clone(metrics);
     let (result, micros) = tokio::task::spawn_blocking(move || {
         let _in_batch = span.enter();
         let start = std::time::Instant::now();
-        let result = moe_model::backend::in_math_pool(|| {
-            set.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes)
-        });
+        let batch = NodeBatch {
+            experts: &set,
+            metrics: &counted,
+            collective: false,
+        };
+        let result = batch.run_experts(tag.layer as usize, &decoded.rows, &decoded.routes);
         (result, start.elapsed().as_micros() as u64)
     })
     .await
     .map_err(|e| Status::internal(format!("expert task failed: {e}")))?;
-    metrics.batches.fetch_add(1, Ordering::Relaxed);
-    metrics
-        .rows
-        .fetch_add(decoded_rows as u64, Ordering::Relaxed);
-    metrics.pairs.fetch_add(pairs as u64, Ordering::Relaxed);
-    metrics.compute.observe(micros as f64 / 1e6);
     Ok(match result {
         Ok(outputs) => CombineBatch {
             compute_micros: micros,
@@ -218,14 +224,7 @@ mod tests {
     }
 
     fn dispatch(epoch: u64, layer: usize, hidden: usize, rows: &[&[(u32, f32)]]) -> DispatchBatch {
-        let mut routes = ExpertRoutes::with_capacity(rows.len(), 4);
-        for r in rows {
-            for &(e, w) in r.iter() {
-                routes.experts.push(e);
-                routes.weights.push(w);
-            }
-            routes.offsets.push(routes.experts.len() as u32);
-        }
+        let routes = ExpertRoutes::from_rows_as_given(rows);
         let values: Vec<f32> = (0..rows.len() * hidden).map(|i| i as f32 / 100.0).collect();
         let tag = DispatchTag {
             epoch,
@@ -242,7 +241,7 @@ mod tests {
     #[tokio::test]
     async fn batches_are_run_refused_or_rejected() {
         let (served, rules, all, layer, hidden) = node();
-        let metrics = NodeMetrics::default();
+        let metrics = Arc::new(NodeMetrics::default());
         let rows: &[&[(u32, f32)]] = &[&[(0, 0.75), (3, 0.25)], &[(2, 1.0)]];
         let valid = dispatch(3, layer, hidden, rows);
         let combine = run_batch(&served, &rules, valid.clone(), &metrics)

@@ -151,8 +151,19 @@ impl NodeMetrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the process ends.
-pub async fn serve(
+/// Binds `addr` and serves `/metrics` there until the process ends.
+pub async fn start(
+    addr: &str,
+    metrics: Arc<NodeMetrics>,
+    served: Arc<ServedExperts>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
+    tokio::spawn(serve(listener, metrics, served));
+    Ok(())
+}
+
+async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<NodeMetrics>,
     served: Arc<ServedExperts>,

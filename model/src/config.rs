@@ -190,6 +190,18 @@ struct RawConfig {
 }
 
 impl ModelConfig {
+    /// The ids that end a generation: the config's, and the tokenizer's end-of-sequence token
+    /// when the config does not list it (checkpoints disagree on which file names it).
+    pub fn stop_ids(&self, tokenizer_eos: Option<u32>) -> Vec<u32> {
+        let mut ids = self.eos_token_ids.clone();
+        if let Some(eos) = tokenizer_eos {
+            if !ids.contains(&eos) {
+                ids.push(eos);
+            }
+        }
+        ids
+    }
+
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
@@ -250,26 +262,53 @@ impl RawConfig {
         if self.num_attention_heads == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return Err("hidden_size, vocab_size and num_attention_heads must be positive".into());
         }
+        let (attention, rope_dim) = self.attention_config(family)?;
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
+        let rope = self.rope_config(rope_dim, max_position_embeddings)?;
+        let (num_experts, top_k) = self.routed_experts(family)?;
+        let dense_intermediate_size = require(self.intermediate_size, "intermediate_size")?;
+        let (moe, moe_layers) =
+            self.moe_config(family, num_experts, top_k, dense_intermediate_size)?;
+        Ok(ModelConfig {
+            family,
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            num_layers: self.num_hidden_layers,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6) as f32,
+            max_position_embeddings,
+            bos_token_id: token_ids(&self.bos_token_id)?.first().copied(),
+            eos_token_ids: token_ids(&self.eos_token_id)?,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            attention,
+            rope,
+            dense_intermediate_size,
+            moe,
+            moe_layers,
+        })
+    }
+
+    /// The family's attention, and the number of rotated dimensions per head.
+    fn attention_config(
+        &self,
+        family: Family,
+    ) -> std::result::Result<(AttentionConfig, usize), String> {
         let num_heads = self.num_attention_heads;
-        let num_layers = self.num_hidden_layers;
-        let (attention, rope_dim) = match family {
+        match family {
             Family::DeepseekV3 => {
                 let qk_rope = require(self.qk_rope_head_dim, "qk_rope_head_dim")?;
                 if !qk_rope.is_multiple_of(2) {
                     return Err("qk_rope_head_dim must be even".into());
                 }
-                (
-                    AttentionConfig::Mla {
-                        num_heads,
-                        q_lora_rank: self.q_lora_rank,
-                        kv_lora_rank: require(self.kv_lora_rank, "kv_lora_rank")?,
-                        qk_nope_head_dim: require(self.qk_nope_head_dim, "qk_nope_head_dim")?,
-                        qk_rope_head_dim: qk_rope,
-                        v_head_dim: require(self.v_head_dim, "v_head_dim")?,
-                        rope_interleave: self.rope_interleave.unwrap_or(true),
-                    },
-                    qk_rope,
-                )
+                let mla = AttentionConfig::Mla {
+                    num_heads,
+                    q_lora_rank: self.q_lora_rank,
+                    kv_lora_rank: require(self.kv_lora_rank, "kv_lora_rank")?,
+                    qk_nope_head_dim: require(self.qk_nope_head_dim, "qk_nope_head_dim")?,
+                    qk_rope_head_dim: qk_rope,
+                    v_head_dim: require(self.v_head_dim, "v_head_dim")?,
+                    rope_interleave: self.rope_interleave.unwrap_or(true),
+                };
+                Ok((mla, qk_rope))
             }
             Family::Qwen3Moe | Family::Mixtral => {
                 let head_dim = self.head_dim.unwrap_or(self.hidden_size / num_heads);
@@ -282,20 +321,20 @@ impl RawConfig {
                 if !head_dim.is_multiple_of(2) {
                     return Err("head_dim must be even".into());
                 }
-                (
-                    AttentionConfig::Gqa {
-                        num_heads,
-                        num_kv_heads,
-                        head_dim,
-                        qk_norm: family == Family::Qwen3Moe,
-                    },
+                let gqa = AttentionConfig::Gqa {
+                    num_heads,
+                    num_kv_heads,
                     head_dim,
-                )
+                    qk_norm: family == Family::Qwen3Moe,
+                };
+                Ok((gqa, head_dim))
             }
-        };
-        let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
-        let rope = self.rope_config(rope_dim, max_position_embeddings)?;
+        }
+    }
 
+    /// How many routed experts there are (each family names them differently) and how many
+    /// each token picks.
+    fn routed_experts(&self, family: Family) -> std::result::Result<(usize, usize), String> {
         let num_experts = match family {
             Family::DeepseekV3 => require(self.n_routed_experts, "n_routed_experts")?,
             Family::Qwen3Moe => require(self.num_experts, "num_experts")?,
@@ -307,45 +346,28 @@ impl RawConfig {
                 "num_experts_per_tok {top_k} must be between 1 and the number of experts {num_experts}"
             ));
         }
-        let dense_intermediate_size = require(self.intermediate_size, "intermediate_size")?;
-        let (gating, moe_intermediate, n_shared, moe_layers) = match family {
+        Ok((num_experts, top_k))
+    }
+
+    /// The gate and the experts' widths, and which layers are MoE layers.
+    fn moe_config(
+        &self,
+        family: Family,
+        num_experts: usize,
+        top_k: usize,
+        dense_intermediate_size: usize,
+    ) -> std::result::Result<(MoeConfig, Vec<bool>), String> {
+        let num_layers = self.num_hidden_layers;
+        let (gating, intermediate_size, n_shared_experts, moe_layers) = match family {
             Family::DeepseekV3 => {
-                if let Some(f) = &self.scoring_func {
-                    if f != "sigmoid" {
-                        return Err(format!(
-                            "scoring_func {f:?} is not supported (only \"sigmoid\")"
-                        ));
-                    }
-                }
-                if let Some(m) = &self.topk_method {
-                    if m != "noaux_tc" {
-                        return Err(format!(
-                            "topk_method {m:?} is not supported (only \"noaux_tc\")"
-                        ));
-                    }
-                }
-                let n_group = self.n_group.unwrap_or(1).max(1);
-                let topk_group = self.topk_group.unwrap_or(n_group);
-                if !num_experts.is_multiple_of(n_group) || topk_group > n_group || topk_group == 0 {
-                    return Err(format!(
-                        "n_group {n_group} / topk_group {topk_group} do not fit {num_experts} experts"
-                    ));
-                }
-                if num_experts / n_group < 2 {
-                    return Err("each expert group needs at least 2 experts".into());
-                }
+                let gating = self.deepseek_gating(num_experts)?;
                 let first_dense = self.first_k_dense_replace.unwrap_or(0);
                 let freq = self.moe_layer_freq.unwrap_or(1).max(1);
                 let layers = (0..num_layers)
                     .map(|i| i >= first_dense && i % freq == 0)
                     .collect();
                 (
-                    Gating::SigmoidGroupLimited {
-                        n_group,
-                        topk_group,
-                        norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
-                        routed_scaling_factor: self.routed_scaling_factor.unwrap_or(1.0) as f32,
-                    },
+                    gating,
                     require(self.moe_intermediate_size, "moe_intermediate_size")?,
                     self.n_shared_experts.unwrap_or(0),
                     layers,
@@ -375,27 +397,47 @@ impl RawConfig {
                 vec![true; num_layers],
             ),
         };
-        Ok(ModelConfig {
-            family,
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_layers,
-            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6) as f32,
-            max_position_embeddings,
-            bos_token_id: token_ids(&self.bos_token_id)?.first().copied(),
-            eos_token_ids: token_ids(&self.eos_token_id)?,
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            attention,
-            rope,
-            dense_intermediate_size,
-            moe: MoeConfig {
-                num_experts,
-                top_k,
-                intermediate_size: moe_intermediate,
-                n_shared_experts: n_shared,
-                gating,
-            },
-            moe_layers,
+        let moe = MoeConfig {
+            num_experts,
+            top_k,
+            intermediate_size,
+            n_shared_experts,
+            gating,
+        };
+        Ok((moe, moe_layers))
+    }
+
+    /// DeepSeek-V3's gate: sigmoid scores with `noaux_tc` group-limited top-k only.
+    fn deepseek_gating(&self, num_experts: usize) -> std::result::Result<Gating, String> {
+        if let Some(f) = &self.scoring_func {
+            if f != "sigmoid" {
+                return Err(format!(
+                    "scoring_func {f:?} is not supported (only \"sigmoid\")"
+                ));
+            }
+        }
+        if let Some(m) = &self.topk_method {
+            if m != "noaux_tc" {
+                return Err(format!(
+                    "topk_method {m:?} is not supported (only \"noaux_tc\")"
+                ));
+            }
+        }
+        let n_group = self.n_group.unwrap_or(1).max(1);
+        let topk_group = self.topk_group.unwrap_or(n_group);
+        if !num_experts.is_multiple_of(n_group) || topk_group > n_group || topk_group == 0 {
+            return Err(format!(
+                "n_group {n_group} / topk_group {topk_group} do not fit {num_experts} experts"
+            ));
+        }
+        if num_experts / n_group < 2 {
+            return Err("each expert group needs at least 2 experts".into());
+        }
+        Ok(Gating::SigmoidGroupLimited {
+            n_group,
+            topk_group,
+            norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
+            routed_scaling_factor: self.routed_scaling_factor.unwrap_or(1.0) as f32,
         })
     }
 

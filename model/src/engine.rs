@@ -1,4 +1,4 @@
-//! The offline engine: the dense part ([`crate::dense::DenseStep`], on the CPU or a GPU) plus
+//! The offline engine: the dense part ([`crate::dense_step::DenseStep`], on the CPU or a GPU) plus
 //! an [`ExpertSet`] holding every expert, a tokenizer, and a generation loop that batches many
 //! requests into each step.
 
@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::backend::ops;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::dense::{load_dense, DenseStep, StepSequence};
+use crate::dense::load_dense;
+use crate::dense_step::{DenseStep, StepSequence};
 use crate::error::{ModelError, Result};
 use crate::experts::{ExpertDevice, ExpertSet};
 use crate::kv_cache::SequenceCache;
@@ -65,12 +66,7 @@ impl Engine {
         let ckpt = Checkpoint::open(dir)?;
         let dense = load_dense(&ckpt, &config, device)?;
         let experts = ExpertSet::load_all_on(&ckpt, &config, device)?;
-        let mut eos_ids = config.eos_token_ids.clone();
-        if let Some(eos) = tokenizer.eos_id() {
-            if !eos_ids.contains(&eos) {
-                eos_ids.push(eos);
-            }
-        }
+        let eos_ids = config.stop_ids(tokenizer.eos_id());
         Ok(Self {
             config,
             dense,

@@ -19,6 +19,10 @@ use crate::families;
 use crate::layers::mlp::Mlp;
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
+/// The crates above name the trait here; it lives in its own module so that the dense parts
+/// depend on it alone, not on the expert set.
+pub use crate::expert_backend::ExpertBackend;
+
 /// Where an [`ExpertSet`] keeps its weights and runs its GEMMs.
 #[derive(Debug, Clone, Default)]
 pub enum ExpertDevice {
@@ -52,33 +56,6 @@ impl HeldExpert {
             #[cfg(feature = "cuda")]
             HeldExpert::Gpu(m) => m.bytes(),
         }
-    }
-}
-
-/// Runs routed experts for a MoE layer. The offline engine's [`ExpertSet`] implements it; the
-/// router will implement it by dispatching to expert nodes.
-pub trait ExpertBackend: Sync {
-    /// Returns `[routes.pairs(), hidden]`: each pair's expert output times its weight.
-    fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>>;
-
-    /// Whether `expert` of `layer` can run here: an expert node checks every pair of a batch
-    /// with it before running or allocating anything. Backends that reach every expert (the
-    /// router's) keep the default.
-    fn holds(&self, _layer: usize, _expert: usize) -> bool {
-        true
-    }
-
-    /// [`ExpertBackend::run_experts`] on rows already in device memory (as NCCL received
-    /// them), returning the outputs there too, so a node's rows never cross to the host.
-    /// `None` when this backend's experts are not on the GPU that holds `rows`.
-    #[cfg(feature = "cuda")]
-    fn run_experts_on_device(
-        &self,
-        _layer: usize,
-        _rows: &crate::cudarc::driver::CudaSlice<f32>,
-        _routes: &ExpertRoutes,
-    ) -> Option<Result<crate::cudarc::driver::CudaSlice<f32>>> {
-        None
     }
 }
 
@@ -151,7 +128,7 @@ impl ExpertSet {
                     for (&(layer, expert), weights) in chunk.iter().zip(host) {
                         let [gate, up, down] = weights?;
                         let names = families::expert_names(config.family, layer, expert);
-                        let precision = crate::device_dense::ops::MatrixPrecision::of(
+                        let precision = crate::device::MatrixPrecision::of(
                             ckpt,
                             &[&names.gate, &names.up, &names.down],
                         );
@@ -338,17 +315,8 @@ impl ExpertSet {
                 }
             }
         };
-        if pair_out.len() >= crate::backend::PARALLEL_MIN_VALUES {
-            pair_out
-                .par_chunks_mut(hidden.max(1))
-                .enumerate()
-                .for_each(scale_row);
-        } else {
-            pair_out
-                .chunks_mut(hidden.max(1))
-                .enumerate()
-                .for_each(scale_row);
-        }
+        let parallel = pair_out.len() >= crate::backend::PARALLEL_MIN_VALUES;
+        crate::backend::for_each_row(&mut pair_out, hidden.max(1), parallel, scale_row);
         Ok(pair_out)
     }
 
@@ -377,9 +345,9 @@ impl ExpertSet {
         &self,
         ctx: &crate::gpu::GpuContext,
         layer: usize,
-        rows: &crate::cudarc::driver::CudaSlice<f32>,
+        rows: &cudarc::driver::CudaSlice<f32>,
         routes: &ExpertRoutes,
-    ) -> Result<crate::cudarc::driver::CudaSlice<f32>> {
+    ) -> Result<cudarc::driver::CudaSlice<f32>> {
         let (plan, held) = self.plan_batch(layer, rows.len(), routes)?;
         let experts = gpu_experts(&held)?;
         // The rows came on another stream of this context (the data plane's); waiting here
@@ -430,9 +398,9 @@ impl ExpertBackend for ExpertSet {
     fn run_experts_on_device(
         &self,
         layer: usize,
-        rows: &crate::cudarc::driver::CudaSlice<f32>,
+        rows: &cudarc::driver::CudaSlice<f32>,
         routes: &ExpertRoutes,
-    ) -> Option<Result<crate::cudarc::driver::CudaSlice<f32>>> {
+    ) -> Option<Result<cudarc::driver::CudaSlice<f32>>> {
         let ExpertDevice::Gpu(ctx) = &self.device else {
             return None;
         };
@@ -447,7 +415,7 @@ impl ExpertBackend for ExpertSet {
 mod gpu_tests {
     use super::*;
     use crate::device::GpuDtype;
-    use crate::device_dense::reference::fixture_dir;
+    use crate::test_support::fixture_dir;
 
     /// Rows already on the device (as the NCCL data plane leaves them) give the outputs of the
     /// same experts run from host rows, for bf16 and f32 weights; rows on another context's
@@ -469,7 +437,7 @@ mod gpu_tests {
             routes.push_row(&mut [(r % e, 0.6), ((r + 2) % e, 0.4)]);
         }
         for dtype in [GpuDtype::F32, GpuDtype::Bf16x2] {
-            let Some(ctx) = crate::gpu::test_context(dtype) else {
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
                 return;
             };
             let set = ExpertSet::load_on(
@@ -511,8 +479,8 @@ mod gpu_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device_dense::reference::fixture_dir;
     use crate::routes::combine;
+    use crate::test_support::fixture_dir;
 
     /// A prefill-sized batch (enough values that scaling and combining run on several threads)
     /// gives every row bitwise what that row gets alone.

@@ -7,9 +7,10 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::checkpoint::SafetensorsWriter;
-use crate::config::{AttentionConfig, Family, ModelConfig};
+use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::families;
+use crate::layers::attention_shapes::{gqa_shape, mla_shape};
 use crate::layers::mlp::MlpNames;
 use crate::sampling::Rng;
 
@@ -109,10 +110,12 @@ enum Init {
     Linear { gain: f32 },
 }
 
-/// Every tensor of a config: name, shape, init.
-fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+/// A tensor to write: name, shape, init.
+type TensorSpec = (String, Vec<usize>, Init);
+
+/// Every tensor of a config, in the order the generator draws their values.
+fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
     let h = config.hidden_size;
-    let lin = Init::Linear { gain: 1.0 };
     let mut specs = vec![
         (
             "model.embed_tokens.weight".to_string(),
@@ -128,133 +131,85 @@ fn tensor_specs(config: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
             Init::Linear { gain: 3.0 },
         ),
     ];
-    let mlp = |specs: &mut Vec<(String, Vec<usize>, Init)>, n: MlpNames, inter: usize| {
-        specs.push((n.gate, vec![inter, h], lin));
-        specs.push((n.up, vec![inter, h], lin));
-        specs.push((n.down, vec![h, inter], lin));
-    };
     for layer in 0..config.num_layers {
         let p = families::layer_prefix(layer);
-        let a = format!("{p}.self_attn");
         specs.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
         specs.push((
             format!("{p}.post_attention_layernorm.weight"),
             vec![h],
             Init::Norm,
         ));
-        match config.attention {
-            AttentionConfig::Gqa {
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                qk_norm,
-            } => {
-                specs.push((
-                    format!("{a}.q_proj.weight"),
-                    vec![num_heads * head_dim, h],
-                    lin,
-                ));
-                specs.push((
-                    format!("{a}.k_proj.weight"),
-                    vec![num_kv_heads * head_dim, h],
-                    lin,
-                ));
-                specs.push((
-                    format!("{a}.v_proj.weight"),
-                    vec![num_kv_heads * head_dim, h],
-                    lin,
-                ));
-                specs.push((
-                    format!("{a}.o_proj.weight"),
-                    vec![h, num_heads * head_dim],
-                    lin,
-                ));
-                if qk_norm {
-                    specs.push((format!("{a}.q_norm.weight"), vec![head_dim], Init::Norm));
-                    specs.push((format!("{a}.k_norm.weight"), vec![head_dim], Init::Norm));
-                }
-            }
-            AttentionConfig::Mla {
-                num_heads,
-                q_lora_rank,
-                kv_lora_rank,
-                qk_nope_head_dim,
-                qk_rope_head_dim,
-                v_head_dim,
-                ..
-            } => {
-                let q_head = qk_nope_head_dim + qk_rope_head_dim;
-                match q_lora_rank {
-                    Some(r) => {
-                        specs.push((format!("{a}.q_a_proj.weight"), vec![r, h], lin));
-                        specs.push((format!("{a}.q_a_layernorm.weight"), vec![r], Init::Norm));
-                        specs.push((
-                            format!("{a}.q_b_proj.weight"),
-                            vec![num_heads * q_head, r],
-                            lin,
-                        ));
-                    }
-                    None => specs.push((
-                        format!("{a}.q_proj.weight"),
-                        vec![num_heads * q_head, h],
-                        lin,
-                    )),
-                }
-                specs.push((
-                    format!("{a}.kv_a_proj_with_mqa.weight"),
-                    vec![kv_lora_rank + qk_rope_head_dim, h],
-                    lin,
-                ));
-                specs.push((
-                    format!("{a}.kv_a_layernorm.weight"),
-                    vec![kv_lora_rank],
-                    Init::Norm,
-                ));
-                specs.push((
-                    format!("{a}.kv_b_proj.weight"),
-                    vec![num_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank],
-                    lin,
-                ));
-                specs.push((
-                    format!("{a}.o_proj.weight"),
-                    vec![h, num_heads * v_head_dim],
-                    lin,
-                ));
-            }
-        }
-        if config.is_moe_layer(layer) {
-            let names = families::moe_names(config, layer);
-            specs.push((
-                names.gate,
-                vec![config.moe.num_experts, h],
-                Init::Linear { gain: 2.0 },
-            ));
-            if let Some(bias) = names.correction_bias {
-                specs.push((bias, vec![config.moe.num_experts], Init::Bias));
-            }
-            if let Some(shared) = names.shared {
-                mlp(
-                    &mut specs,
-                    shared,
-                    config.moe.intermediate_size * config.moe.n_shared_experts,
-                );
-            }
-            for e in 0..config.moe.num_experts {
-                mlp(
-                    &mut specs,
-                    families::expert_names(config.family, layer, e),
-                    config.moe.intermediate_size,
-                );
-            }
-        } else {
-            mlp(
-                &mut specs,
-                families::dense_mlp_names(layer),
-                config.dense_intermediate_size,
-            );
-        }
+        attention_specs(config, &format!("{p}.self_attn"), &mut specs);
+        ffn_specs(config, layer, &mut specs);
     }
     specs
+}
+
+/// The attention tensors of a layer, named under `prefix`.
+fn attention_specs(config: &ModelConfig, prefix: &str, specs: &mut Vec<TensorSpec>) {
+    let h = config.hidden_size;
+    let lin = Init::Linear { gain: 1.0 };
+    let mut push = |name: &str, shape: Vec<usize>, init: Init| {
+        specs.push((format!("{prefix}.{name}.weight"), shape, init));
+    };
+    if let Some(mla) = mla_shape(config) {
+        let (lora, rope) = (mla.kv_lora_rank, mla.rope);
+        let q_out = mla.heads * (mla.nope + rope);
+        match mla.q_lora_rank {
+            Some(r) => {
+                push("q_a_proj", vec![r, h], lin);
+                push("q_a_layernorm", vec![r], Init::Norm);
+                push("q_b_proj", vec![q_out, r], lin);
+            }
+            None => push("q_proj", vec![q_out, h], lin),
+        }
+        push("kv_a_proj_with_mqa", vec![lora + rope, h], lin);
+        push("kv_a_layernorm", vec![lora], Init::Norm);
+        push("kv_b_proj", vec![mla.heads * (mla.nope + mla.v), lora], lin);
+        push("o_proj", vec![h, mla.heads * mla.v], lin);
+    } else if let Some(gqa) = gqa_shape(config) {
+        let (q_out, kv_out) = (gqa.heads * gqa.head_dim, gqa.kv_heads * gqa.head_dim);
+        push("q_proj", vec![q_out, h], lin);
+        push("k_proj", vec![kv_out, h], lin);
+        push("v_proj", vec![kv_out, h], lin);
+        push("o_proj", vec![h, q_out], lin);
+        if gqa.qk_norm {
+            push("q_norm", vec![gqa.head_dim], Init::Norm);
+            push("k_norm", vec![gqa.head_dim], Init::Norm);
+        }
+    }
+}
+
+/// The feed-forward tensors of a layer: a dense MLP, or the gate, shared and routed experts.
+fn ffn_specs(config: &ModelConfig, layer: usize, specs: &mut Vec<TensorSpec>) {
+    let h = config.hidden_size;
+    if !config.is_moe_layer(layer) {
+        let names = families::dense_mlp_names(layer);
+        mlp_specs(specs, names, config.dense_intermediate_size, h);
+        return;
+    }
+    let names = families::moe_names(config, layer);
+    let experts = config.moe.num_experts;
+    specs.push((names.gate, vec![experts, h], Init::Linear { gain: 2.0 }));
+    if let Some(bias) = names.correction_bias {
+        specs.push((bias, vec![experts], Init::Bias));
+    }
+    if let Some(shared) = names.shared {
+        let width = config.moe.intermediate_size * config.moe.n_shared_experts;
+        mlp_specs(specs, shared, width, h);
+    }
+    for e in 0..experts {
+        let names = families::expert_names(config.family, layer, e);
+        mlp_specs(specs, names, config.moe.intermediate_size, h);
+    }
+}
+
+/// A gated MLP's three matrices.
+fn mlp_specs(specs: &mut Vec<TensorSpec>, names: MlpNames, inter: usize, hidden: usize) {
+    let lin = Init::Linear { gain: 1.0 };
+    specs.push((names.gate, vec![inter, hidden], lin));
+    specs.push((names.up, vec![inter, hidden], lin));
+    specs.push((names.down, vec![hidden, inter], lin));
 }
 
 fn init_values(rng: &mut Rng, shape: &[usize], init: Init) -> Vec<f32> {

@@ -8,45 +8,8 @@
 //! gate+up GEMM (f32 out) -> SiLU(gate) * up (GEMM dtype) -> per expert one down GEMM (f32 out)
 //! -> scattered back to pair order, each row times its routing weight.
 
+use crate::device::shapes::ColumnMajorGemm;
 use crate::routes::ExpertRuns;
-
-/// One GEMM in cuBLAS's terms: column-major `C[m, n] = op(A)[m, k] · op(B)[k, n]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ColumnMajorGemm {
-    pub transpose_a: bool,
-    pub transpose_b: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldc: usize,
-}
-
-impl ColumnMajorGemm {
-    /// `c[rows, n_out] = x[rows, k] · w[n_out, k]ᵀ` with all three row-major (A = w, B = x):
-    /// a row-major matrix is its transpose in column-major, so this is
-    /// `cᵀ[n_out, rows] = op_T(w stored as [k, n_out]) · xᵀ[k, rows]`.
-    pub fn rows_times_weights(rows: usize, n_out: usize, k: usize) -> Self {
-        Self {
-            transpose_a: true,
-            transpose_b: false,
-            m: n_out,
-            n: rows,
-            k,
-            lda: k,
-            ldb: k,
-            ldc: n_out,
-        }
-    }
-
-    /// Elements of A, B and C the call touches from their offsets.
-    pub fn extents(&self) -> (usize, usize, usize) {
-        let a_cols = if self.transpose_a { self.m } else { self.k };
-        let b_cols = if self.transpose_b { self.k } else { self.n };
-        (self.lda * a_cols, self.ldb * b_cols, self.ldc * self.n)
-    }
-}
 
 /// The primitive steps, on some device. Buffers are element-addressed.
 pub trait FfnOps {
@@ -262,7 +225,8 @@ pub fn expert_gemms<O: FfnOps>(
 mod tests {
     use super::*;
     use crate::backend::ops;
-    use crate::experts::{ExpertBackend, ExpertSet};
+    use crate::expert_backend::ExpertBackend;
+    use crate::experts::ExpertSet;
     use crate::layers::mlp::Mlp;
     use crate::routes::ExpertRoutes;
 

@@ -8,12 +8,20 @@
 //!   [`families`] says where each family keeps them.
 //! - [`dense::DenseModel`] is the dense part of the model (what the router runs) and
 //!   [`experts::ExpertSet`] holds routed experts (what an expert node runs); they meet through
-//!   [`routes::ExpertRoutes`] and the [`experts::ExpertBackend`] trait.
+//!   [`routes::ExpertRoutes`] and the [`expert_backend::ExpertBackend`] trait. A step of any
+//!   dense part is a [`dense_step::DenseStep`].
 //! - [`engine::Engine`] puts both in one process with a tokenizer and a batched generation
 //!   loop; [`sampling`] picks tokens; [`generator`] writes random checkpoints for tests and
 //!   benchmarks.
-//! - [`device`] picks where the math runs; with the `cuda` feature, `gpu` runs routed experts
-//!   on a GPU (cuBLAS, NVRTC kernels).
+//!
+//! By device, bottom up: [`device`] names where the math runs and how a GPU holds numbers, and
+//! [`device::shapes`] the shapes of device steps; both import nothing else of the crate but
+//! the checkpoint, so the CPU code and the CUDA code both stand on them and never on each
+//! other. [`grouped_ffn`] (routed experts) and [`device_dense`] (the dense part) write the
+//! device orchestration once over step traits, with host references of every step; with the
+//! `cuda` feature, `gpu` implements those steps with cuBLAS and NVRTC kernels. Above them,
+//! [`experts::ExpertSet`] and [`dense::load_dense`] choose the CPU or the GPU, and opening a
+//! device (`Device::probe`, `Device::open_experts`) is defined above both, in `open_device`.
 
 pub mod backend;
 pub mod batch;
@@ -22,10 +30,12 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod dense;
+pub mod dense_step;
 pub mod device;
 pub mod device_dense;
 pub mod engine;
 pub mod error;
+pub mod expert_backend;
 pub mod experts;
 pub mod families;
 pub mod generator;
@@ -34,8 +44,11 @@ pub mod gpu;
 pub mod grouped_ffn;
 pub mod kv_cache;
 pub mod layers;
+mod open_device;
 pub mod routes;
 pub mod sampling;
+#[cfg(test)]
+mod test_support;
 pub mod tokenizer;
 
 pub use config::{Family, ModelConfig};

@@ -2,8 +2,6 @@
 //! produces, an [`crate::experts::ExpertSet`] consumes, and the data plane will carry
 //! (`pair_offsets`, `pair_experts`, `pair_weights`).
 
-use rayon::prelude::*;
-
 /// Per row, its chosen experts in ascending expert id, and their routing weights.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExpertRoutes {
@@ -22,6 +20,20 @@ impl ExpertRoutes {
             experts: Vec::with_capacity(pairs),
             weights: Vec::with_capacity(pairs),
         }
+    }
+
+    /// Rows exactly as given: each row's pairs in the listed order, neither sorted nor
+    /// checked (to build what a careless or hostile peer might send).
+    pub fn from_rows_as_given<R: AsRef<[(u32, f32)]>>(rows: &[R]) -> Self {
+        let mut routes = Self::with_capacity(rows.len(), rows.len() * 4);
+        for row in rows {
+            for &(e, w) in row.as_ref() {
+                routes.experts.push(e);
+                routes.weights.push(w);
+            }
+            routes.offsets.push(routes.experts.len() as u32);
+        }
+        routes
     }
 
     /// Appends one row's choices; they are stored in ascending expert id (the canonical
@@ -77,13 +89,8 @@ pub fn combine(
     };
     // Rows are independent (each keeps its own order), so a prefill's thousands of rows are
     // split over threads; a decode step's few stay on the caller.
-    if rows * hidden >= crate::backend::PARALLEL_MIN_VALUES {
-        out.par_chunks_mut(hidden.max(1))
-            .enumerate()
-            .for_each(sum_row);
-    } else {
-        out.chunks_mut(hidden.max(1)).enumerate().for_each(sum_row);
-    }
+    let parallel = rows * hidden >= crate::backend::PARALLEL_MIN_VALUES;
+    crate::backend::for_each_row(&mut out, hidden.max(1), parallel, sum_row);
     out
 }
 
@@ -171,6 +178,45 @@ mod tests {
         assert_eq!(plan.pair_of_slot, [0, 2, 3, 1, 4]);
         assert_eq!(plan.row_of_slot, [0, 1, 1, 0, 2]);
         assert_eq!(plan.slots(), routes.pairs());
+    }
+
+    /// The order is the contract: pairs in ascending expert id from zero, then the shared
+    /// output. Values where float addition shows its order: 1e8 + 1 rounds back to 1e8.
+    #[test]
+    fn combine_sums_pairs_in_expert_order_then_the_shared_output() {
+        let mut routes = ExpertRoutes::with_capacity(2, 3);
+        routes.push_row(&mut [(7, 0.5), (2, 0.5)]);
+        routes.push_row(&mut [(3, 1.0)]);
+        // Pair 0 is row 0's expert 2, pair 1 its expert 7, pair 2 row 1's expert 3.
+        let pair_outputs = [1e8f32, 1.0, 5.0];
+        let shared = [-1e8f32, 2.0];
+        let out = combine(&routes, &pair_outputs, Some(&shared), 1);
+        // ((0 + 1e8) + 1) - 1e8 = 0; adding the shared output first would give 1.
+        assert_eq!(out, [0.0, 7.0]);
+        assert_eq!(combine(&routes, &pair_outputs, None, 1), [1e8, 5.0]);
+        // A row's sum does not depend on its batch-mates, however many rows are split over
+        // threads.
+        let hidden = 64;
+        let rows = 4096;
+        let mut big = ExpertRoutes::with_capacity(rows, rows * 2);
+        for r in 0..rows as u32 {
+            big.push_row(&mut [(r % 5, 1.0), (5 + r % 3, 1.0)]);
+        }
+        let values: Vec<f32> = (0..big.pairs() * hidden)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 + 1e4 * ((i % 3) as f32))
+            .collect();
+        let all = combine(&big, &values, None, hidden);
+        for r in [0usize, 1, 2047, 4095] {
+            let mut alone = ExpertRoutes::with_capacity(1, 2);
+            let pairs = big.row_pairs(r);
+            let mut row: Vec<(u32, f32)> = pairs.clone().map(|p| (big.experts[p], 1.0)).collect();
+            alone.push_row(&mut row);
+            let own = &values[pairs.start * hidden..pairs.end * hidden];
+            assert_eq!(
+                combine(&alone, own, None, hidden),
+                &all[r * hidden..(r + 1) * hidden]
+            );
+        }
     }
 
     #[test]

@@ -9,15 +9,15 @@ use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::{GenerateRequest, GenerateResponse};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tonic::Status;
 
 use crate::cluster_view::ClusterView;
-use crate::metrics::RequestMetrics;
+use crate::error::RouterError;
+use crate::request_metrics::RequestMetrics;
 use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
 use crate::validation::{check_prompt, check_prompt_bytes, validate_ids, RequestLimits};
 
-pub type Answers = mpsc::Receiver<Result<GenerateResponse, Status>>;
+pub type Answers = mpsc::Receiver<Result<GenerateResponse, RouterError>>;
 
 /// Bodies at most this large are parsed on the runtime thread; larger ones on the blocking pool.
 const INLINE_PARSE_BYTES: usize = 64 << 10;
@@ -54,7 +54,7 @@ impl Tokenizing {
     pub async fn tokenize<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Tokenizer) -> T + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<T, RouterError> {
         let tokenizer = Arc::clone(&self.tokenizer);
         let metrics = Arc::clone(&self.metrics);
         self.run(move || {
@@ -72,11 +72,11 @@ impl Tokenizing {
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<T, RouterError> {
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
-            .map_err(|_| Status::unavailable("the tokenizer pool is closed"))?;
+            .map_err(|_| RouterError::TokenizerClosed)?;
         // The permit is held by the task, so a request that goes away while its text is being
         // tokenized does not let another start before that work ends.
         tokio::task::spawn_blocking(move || {
@@ -84,7 +84,7 @@ impl Tokenizing {
             f()
         })
         .await
-        .map_err(|e| Status::internal(format!("tokenizing failed: {e}")))
+        .map_err(|e| RouterError::Internal(format!("tokenizing failed: {e}")))
     }
 
     /// Parses a request body with `f`: on the runtime thread when it is small, else on the
@@ -93,7 +93,7 @@ impl Tokenizing {
         &self,
         body_bytes: usize,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<T, RouterError> {
         if body_bytes <= INLINE_PARSE_BYTES {
             Ok(f())
         } else {
@@ -119,14 +119,11 @@ impl WaitingLimit {
         }
     }
 
-    /// A slot, or RESOURCE_EXHAUSTED when all are taken.
-    pub fn try_take(&self) -> Result<OwnedSemaphorePermit, Status> {
-        Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{} requests are already waiting (the limit)",
-                self.max
-            ))
-        })
+    /// A slot, or [`RouterError::QueueFull`] when all are taken.
+    pub fn try_take(&self) -> Result<OwnedSemaphorePermit, RouterError> {
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| RouterError::QueueFull { limit: self.max })
     }
 }
 
@@ -147,7 +144,7 @@ pub struct Admission {
 impl Admission {
     /// Refuses a text over `--max-prompt-bytes` (counted in
     /// `moe_router_prompt_bytes_refused_total`), naming `field`; call it before tokenizing.
-    pub fn check_prompt_bytes(&self, bytes: usize, field: &str) -> Result<(), Status> {
+    pub fn check_prompt_bytes(&self, bytes: usize, field: &'static str) -> Result<(), RouterError> {
         check_prompt_bytes(bytes, self.limits.max_prompt_bytes, field).inspect_err(|_| {
             self.metrics
                 .prompt_bytes_refused
@@ -159,7 +156,7 @@ impl Admission {
         &self,
         mut request: GenerateRequest,
         origin: TraceOrigin,
-    ) -> Result<Answers, Status> {
+    ) -> Result<Answers, RouterError> {
         // `validate`, with its tokenizer call on the blocking pool.
         if let Some(text) = &request.prompt {
             self.check_prompt_bytes(text.len(), "prompt")?;
@@ -170,13 +167,13 @@ impl Admission {
                 .tokenizing
                 .tokenize(move |t| t.encode_prompt(&text))
                 .await?
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                .map_err(|e| RouterError::invalid("prompt", e.to_string()))?,
             None => std::mem::take(&mut request.input_ids),
         };
         let valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if self.view.serving().is_none() {
-            return Err(Status::unavailable("no expert placement is ready yet"));
+            return Err(RouterError::NoPlacement);
         }
         let waiting_slot = self.waiting.try_take()?;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +187,7 @@ impl Admission {
                 waiting_slot,
             })
             .await
-            .map_err(|_| Status::unavailable("the scheduler has stopped"))?;
+            .map_err(|_| RouterError::SchedulerStopped)?;
         Ok(rx)
     }
 }
@@ -302,7 +299,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(
-            err.message()
+            err.to_string()
                 .contains("prompt is 65 bytes; the limit is 64 bytes"),
             "{err:?}"
         );

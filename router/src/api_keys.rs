@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use moe_cluster::auth::constant_time_eq;
 use tonic::{Request, Status};
 
+use crate::error::RouterError;
+
 #[derive(Clone, Default)]
 pub struct ApiKeys {
     keys: Vec<Vec<u8>>,
@@ -77,7 +79,7 @@ impl ApiKeys {
             .fold(false, |ok, key| constant_time_eq(key, token) | ok)
     }
 
-    /// A tonic interceptor for the public gRPC services.
+    /// A tonic interceptor for the public gRPC services (an edge: it answers a `Status`).
     pub fn intercept(&self, request: Request<()>) -> Result<Request<()>, Status> {
         let header = request
             .metadata()
@@ -86,9 +88,10 @@ impl ApiKeys {
         if self.allows(header) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated(
+            Err(RouterError::Unauthenticated(
                 "a valid API key is required: `authorization: Bearer <key>`",
-            ))
+            )
+            .into())
         }
     }
 }
@@ -111,7 +114,7 @@ fn authorization<T>(request: &Request<T>) -> Option<&[u8]> {
 
 impl AdminAccess {
     /// Read-only calls (ClusterStatus).
-    pub fn read<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    pub fn read<T>(&self, request: &Request<T>) -> Result<(), RouterError> {
         if !self.api.enabled() && !self.admin.enabled() {
             return Ok(());
         }
@@ -121,14 +124,14 @@ impl AdminAccess {
         if api | admin {
             Ok(())
         } else {
-            Err(Status::unauthenticated(
+            Err(RouterError::Unauthenticated(
                 "a valid API or admin key is required: `authorization: Bearer <key>`",
             ))
         }
     }
 
     /// Mutating calls (Drain).
-    pub fn mutate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    pub fn mutate<T>(&self, request: &Request<T>) -> Result<(), RouterError> {
         self.mutate_from(request, request.remote_addr())
     }
 
@@ -136,12 +139,12 @@ impl AdminAccess {
         &self,
         request: &Request<T>,
         peer: Option<std::net::SocketAddr>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), RouterError> {
         if self.admin.enabled() {
             return if self.admin.allows(authorization(request)) {
                 Ok(())
             } else {
-                Err(Status::permission_denied(
+                Err(RouterError::PermissionDenied(
                     "an admin key is required (`authorization: Bearer <admin key>`; `moe drain` sends MOE_ADMIN_KEY)",
                 ))
             };
@@ -149,7 +152,7 @@ impl AdminAccess {
         if peer.is_some_and(|p| p.ip().is_loopback()) {
             return Ok(());
         }
-        Err(Status::permission_denied(
+        Err(RouterError::PermissionDenied(
             "drains are served only to clients on the router's host unless the router has \
              --admin-key-file",
         ))

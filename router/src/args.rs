@@ -63,14 +63,9 @@ pub struct Args {
     #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
     pub max_streams_per_connection: u32,
     /// Where the dense part runs (attention and its KV cache, norms, gate, shared experts,
-    /// lm_head): `cpu`, or `cuda:N` (needs a build with `--features cuda`).
-    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
-    pub device: moe_model::device::Device,
-    /// Numerics of the dense part on a GPU: `bf16x2` (bf16 weights, activations as two bf16
-    /// terms: the reference's results), `bf16` (fastest, not the reference's numerics) or
-    /// `f32`; the MoE gate stays f32 either way.
-    #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
-    pub gpu_dtype: moe_model::device::GpuDtype,
+    /// lm_head): `--device`, `--gpu-dtype`.
+    #[command(flatten)]
+    pub device: moe_cluster::DeviceArgs,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]

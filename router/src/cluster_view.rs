@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use moe_cluster::collective::{EpochLink, Transport};
-use moe_cluster::membership::Membership;
+use moe_cluster::discovery::Membership;
 use moe_cluster::placement::{ExpertId, Placement};
 
-use crate::dispatch::NodeLink;
+use crate::node_link::NodeLink;
 
 /// A placement ready to dispatch on.
 pub struct ServingPlacement {

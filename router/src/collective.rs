@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_cluster::collective::{open_root, RootSettings, Transport};
-use moe_cluster::membership::Membership;
+use moe_cluster::discovery::Membership;
 use moe_cluster::RouterRegistration;
 
 use crate::cluster_view::ServingPlacement;

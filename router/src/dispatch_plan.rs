@@ -1,5 +1,6 @@
-//! Planning one MoE layer's dispatch, without any I/O: which node computes each pair, what each
-//! node is sent, and how a node's share is cut to the node's batch bound.
+//! Planning one MoE layer's dispatch and reading its answers, without any I/O: which node
+//! computes each pair and what each node is sent ([`assign_pairs`]); then where each answer
+//! goes and which pairs must be sent again ([`settle`]).
 //!
 //! Each token goes once to each node holding any of its chosen experts, with the CSR list of
 //! those experts; with replicated experts a pair goes to the replica on the node with the
@@ -7,12 +8,13 @@
 //! the plan is deterministic). Outputs are written back by global pair index, so the combine
 //! order never depends on the plan.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use moe_cluster::collective::exchange::NodeShare;
 use moe_cluster::placement::ExpertId;
 use moe_model::routes::ExpertRoutes;
+
+use crate::layer_exchange::NodeReply;
 
 /// What each node of the serving placement is sent for one layer.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,6 +25,17 @@ pub struct LayerAssignment {
     pub global_pairs: Vec<Vec<usize>>,
     /// Pending pairs whose expert no node of the placement holds.
     pub unplaced: Vec<usize>,
+}
+
+impl LayerAssignment {
+    /// Writes node `node`'s outputs (`[pairs, hidden]`, in its share's pair order) to their
+    /// pairs' rows of the layer's `pair_out`, so the combine sees the layer's pair order.
+    pub fn place(&self, node: usize, outputs: &[f32], hidden: usize, pair_out: &mut [f32]) {
+        for (i, &p) in self.global_pairs[node].iter().enumerate() {
+            pair_out[p * hidden..(p + 1) * hidden]
+                .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
+        }
+    }
 }
 
 /// Assigns the `pending` pairs of a layer (rows `[routes.rows(), hidden]`) to the nodes of a
@@ -94,33 +107,53 @@ pub fn assign_pairs(
     out
 }
 
-/// A node's share cut into pieces of at most `max_rows` rows (the node's batch bound), in
-/// order: their pairs, concatenated, are the share's pairs. A share within the bound is
-/// borrowed as it is (the usual case: no copy).
-pub fn split_share(share: &NodeShare, hidden: usize, max_rows: usize) -> Vec<Cow<'_, NodeShare>> {
-    let rows = share.routes.rows();
-    let max_rows = max_rows.max(1);
-    if rows <= max_rows {
-        return vec![Cow::Borrowed(share)];
+/// What a layer's replies left: pairs to send again (under a newer placement) and the nodes
+/// that failed (to report suspect); a node that only refused a stale epoch is not failed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settled {
+    pub retry_pairs: Vec<usize>,
+    pub failed_nodes: Vec<(usize, String)>,
+    /// The slowest node's own expert compute.
+    pub slowest_compute_micros: u64,
+}
+
+/// Writes each answering node's outputs into the layer's `pair_out` (in the layer's pair
+/// order, whatever node computed a pair) and collects what is left to do.
+pub fn settle(
+    assignment: &LayerAssignment,
+    replies: &[NodeReply],
+    hidden: usize,
+    pair_out: &mut [f32],
+) -> Settled {
+    let mut settled = Settled {
+        retry_pairs: assignment.unplaced.clone(),
+        ..Default::default()
+    };
+    for (node, reply) in replies.iter().enumerate() {
+        match reply {
+            NodeReply::Idle => {}
+            NodeReply::Outputs {
+                values,
+                compute_micros,
+            } => {
+                settled.slowest_compute_micros =
+                    settled.slowest_compute_micros.max(*compute_micros);
+                assignment.place(node, values, hidden, pair_out);
+            }
+            NodeReply::StaleEpoch(_) => {
+                settled
+                    .retry_pairs
+                    .extend_from_slice(&assignment.global_pairs[node]);
+            }
+            NodeReply::Failed(why) => {
+                settled
+                    .retry_pairs
+                    .extend_from_slice(&assignment.global_pairs[node]);
+                settled.failed_nodes.push((node, why.clone()));
+            }
+        }
     }
-    let mut pieces = Vec::with_capacity(rows.div_ceil(max_rows));
-    for start in (0..rows).step_by(max_rows) {
-        let end = (start + max_rows).min(rows);
-        let first = share.routes.offsets[start] as usize;
-        let last = share.routes.offsets[end] as usize;
-        pieces.push(Cow::Owned(NodeShare {
-            rows: share.rows[start * hidden..end * hidden].to_vec(),
-            routes: ExpertRoutes {
-                offsets: share.routes.offsets[start..=end]
-                    .iter()
-                    .map(|&o| o - first as u32)
-                    .collect(),
-                experts: share.routes.experts[first..last].to_vec(),
-                weights: share.routes.weights[first..last].to_vec(),
-            },
-        }));
-    }
-    pieces
+    settled
 }
 
 #[cfg(test)]
@@ -187,26 +220,46 @@ mod tests {
         assert_eq!(a.unplaced, [0]);
     }
 
-    /// A share over the node's bound is cut into pieces whose pairs, concatenated, are the
-    /// share's, each with offsets from 0.
+    /// Answers land at their layer pair indices; a failed node's pairs are retried and the
+    /// node reported; a stale-epoch refusal retries without blaming the node.
     #[test]
-    fn shares_are_split_to_the_node_bound() {
+    fn replies_settle_into_pair_order_retries_and_failures() {
         let (rows, routes) = layer();
-        let share = NodeShare { rows, routes };
-        assert!(matches!(split_share(&share, HIDDEN, 3)[..], [Cow::Borrowed(s)] if *s == share));
-        let pieces = split_share(&share, HIDDEN, 2);
-        assert_eq!(pieces.len(), 2);
-        assert_eq!(pieces[0].routes.offsets, [0, 2, 4]);
-        assert_eq!(pieces[1].routes.offsets, [0, 2]);
-        assert_eq!(pieces[1].routes.experts, [2, 3]);
-        assert_eq!(pieces[1].rows, [4.0, 5.0]);
-        let experts: Vec<u32> = pieces
-            .iter()
-            .flat_map(|p| p.routes.experts.clone())
-            .collect();
-        assert_eq!(experts, share.routes.experts);
-        let ones = split_share(&share, HIDDEN, 1);
-        assert_eq!(ones.len(), 3);
-        assert!(ones.iter().all(|p| p.routes.rows() == 1));
+        let h = holders(&[(0, &[0]), (1, &[1]), (2, &[1]), (3, &[0])]);
+        let a = assign_pairs(&h, &[false, false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let outputs = |n: usize, base: f32| NodeReply::Outputs {
+            values: (0..n * HIDDEN).map(|i| base + i as f32).collect(),
+            compute_micros: base as u64,
+        };
+        let mut out = vec![0.0f32; 6 * HIDDEN];
+        let s = settle(
+            &a,
+            &[outputs(3, 100.0), outputs(3, 200.0)],
+            HIDDEN,
+            &mut out,
+        );
+        assert_eq!(
+            s,
+            Settled {
+                retry_pairs: vec![],
+                failed_nodes: vec![],
+                slowest_compute_micros: 200
+            }
+        );
+        // Node 0's third pair is the layer's pair 5; node 1's first is pair 2.
+        assert_eq!(&out[5 * HIDDEN..6 * HIDDEN], &[104.0, 105.0]);
+        assert_eq!(&out[2 * HIDDEN..3 * HIDDEN], &[200.0, 201.0]);
+        let mut out = vec![0.0f32; 6 * HIDDEN];
+        let s = settle(
+            &a,
+            &[
+                NodeReply::Failed("gone".into()),
+                NodeReply::StaleEpoch("behind".into()),
+            ],
+            HIDDEN,
+            &mut out,
+        );
+        assert_eq!(s.retry_pairs, [0, 1, 5, 2, 3, 4]);
+        assert_eq!(s.failed_nodes, [(0, "gone".to_string())]);
     }
 }

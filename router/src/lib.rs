@@ -4,11 +4,15 @@
 //!
 //! - [`args`]: command line.
 //! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
-//!   [`dispatch`] (data plane: gRPC streams or the epoch's [`collective`], planned by
-//!   [`dispatch_plan`]) is the request path.
+//!   [`dispatch`] is the request path: [`dispatch_plan`] says what each node gets,
+//!   [`layer_exchange`] sends it over the nodes' [`node_link`] streams or the epoch's
+//!   [`collective`], and dispatch places the answers, retries and falls back.
 //! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
 //! - [`server`]: the Inference and Admin gRPC services; [`http`]: the OpenAI-compatible API.
 //! - [`request_trace`]: a request's OpenTelemetry spans.
+//! - [`error`]: why a request is refused or fails, one enum turned into a gRPC status or an
+//!   OpenAI HTTP error only at the edges.
+//! - [`request_metrics`]: what the request path records; [`metrics`]: the Prometheus page.
 
 pub mod admission;
 pub mod api_keys;
@@ -18,11 +22,15 @@ pub mod collective;
 pub mod detokenize;
 pub mod dispatch;
 pub mod dispatch_plan;
+pub mod error;
 pub mod http;
 pub mod kv_blocks;
+pub mod layer_exchange;
 pub mod metrics;
 pub mod micro_batch;
+pub mod node_link;
 pub mod planner;
+pub mod request_metrics;
 pub mod request_trace;
 pub mod scheduler;
 pub mod server;

@@ -12,12 +12,17 @@ use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
 use moe_proto::v1::inference_server::InferenceServer;
+use tonic_health::pb::health_server::{Health, HealthServer};
 
 use moe_cluster::dispatch_rules::DispatchRules;
+use moe_cluster::exposure::MemberCredentials;
 use moe_cluster::listener::{accept_bounded, ConnectionLimits};
+use moe_cluster::shutdown::{Shutdown, Stopper};
+use moe_cluster::tls::PublicTls;
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
 use moe_router::kv_blocks::KvBlocks;
+use moe_router::request_metrics::RequestMetrics;
 use moe_router::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use moe_router::{admission, api_keys, args, dispatch, http, metrics, planner, server, validation};
 
@@ -118,27 +123,204 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(serve(args, runtime.handle().clone()))
 }
 
+/// Credentials and TLS, loaded and checked against the listen addresses before anything
+/// binds: a router that would expose the cluster unauthenticated refuses to start.
+struct Security {
+    public_tls: Option<PublicTls>,
+    /// The data plane's: mutual TLS and the cluster token.
+    members: MemberCredentials,
+    /// `--api-key-file` (inference) and `--admin-key-file` (drains).
+    api_keys: api_keys::ApiKeys,
+    admin_keys: api_keys::ApiKeys,
+}
+
+impl Security {
+    fn load(args: &args::Args) -> anyhow::Result<Self> {
+        let mut listens = vec![("--grpc-listen", args.grpc_listen.clone())];
+        listens.extend(args.http_listen.clone().map(|a| ("--http-listen", a)));
+        listens.extend(
+            args.collective_listen
+                .clone()
+                .map(|a| ("--collective-listen", a)),
+        );
+        Ok(Self {
+            public_tls: args.public_tls.load()?,
+            members: MemberCredentials::load(
+                &args.cluster_tls,
+                &args.cluster_auth,
+                &args.etcd,
+                listens,
+            )?,
+            api_keys: api_keys::ApiKeys::from_optional_file(args.api_key_file.as_deref())?,
+            admin_keys: api_keys::ApiKeys::from_optional_file(args.admin_key_file.as_deref())?,
+        })
+    }
+
+    fn http_tls(&self) -> anyhow::Result<Option<Arc<tokio_rustls::rustls::ServerConfig>>> {
+        Ok(self.public_tls.as_ref().map(|t| t.rustls()).transpose()?)
+    }
+}
+
+/// What the router computes itself: the dense part of the model, its tokenizer and limits.
+struct DenseModel {
+    config: ModelConfig,
+    tokenizer: Arc<Tokenizer>,
+    dense: Arc<dyn DenseStep>,
+    /// Identifies the checkpoint: nodes with another one are never placed.
+    fingerprint: String,
+    eos_ids: Vec<u32>,
+    /// One MoE layer's dispatch carries at most a step's tokens: the data plane's message
+    /// limits follow from it.
+    dispatch_bounds: DispatchRules,
+}
+
+impl DenseModel {
+    fn load(args: &args::Args) -> anyhow::Result<Self> {
+        let device = args.device.open()?;
+        let config = ModelConfig::from_dir(&args.model)
+            .with_context(|| format!("reading {}", args.model.display()))?;
+        // A bound the data plane cannot carry is refused here rather than mid-request.
+        let dispatch_bounds = DispatchRules::for_model(&config, args.max_batch_tokens);
+        dispatch_bounds.check_message_limit("--max-batch-tokens")?;
+        let tokenizer = Arc::new(Tokenizer::from_dir(&args.model)?);
+        let ckpt = Checkpoint::open(&args.model)?;
+        let names: Vec<&str> = ckpt.tensor_names().collect();
+        let fingerprint = moe_cluster::placement::fingerprint(&args.model, &names);
+        drop(names);
+        let dense: Arc<dyn DenseStep> = Arc::from(load_dense(&ckpt, &config, &device)?);
+        tracing::info!(device = %dense.placement(), "dense part loaded");
+        let eos_ids = config.stop_ids(tokenizer.eos_id());
+        Ok(Self {
+            config,
+            tokenizer,
+            dense,
+            fingerprint,
+            eos_ids,
+            dispatch_bounds,
+        })
+    }
+}
+
+/// The state the scheduler thread shares with the request handlers.
+struct Running {
+    view: Arc<ClusterView>,
+    stats: Arc<SchedulerStats>,
+    kv: Arc<KvBlocks>,
+    requests: Arc<RequestMetrics>,
+    metrics: Arc<metrics::RouterMetrics>,
+    submissions: tokio::sync::mpsc::Sender<moe_router::scheduler::Submission>,
+}
+
+/// Starts the scheduler on its own thread (the math never runs on the async runtime).
+fn start_scheduler(
+    args: &args::Args,
+    model: &DenseModel,
+    router_id: String,
+    handle: tokio::runtime::Handle,
+) -> anyhow::Result<Running> {
+    let view = Arc::new(ClusterView::new(router_id));
+    let stats = Arc::new(SchedulerStats::default());
+    let kv = Arc::new(KvBlocks::new(
+        args.kv_cache_bytes,
+        kv_bytes_per_token(&model.config),
+        args.kv_block_tokens,
+    ));
+    let requests = Arc::new(RequestMetrics::default());
+    let (submissions, submit_rx) = tokio::sync::mpsc::channel(args.max_waiting.max(1));
+    let recovery_timeout = Duration::from_millis(args.recovery_timeout_ms);
+    let scheduler = Scheduler {
+        dense: Arc::clone(&model.dense),
+        experts: dispatch::RemoteExperts::new(
+            Arc::clone(&view),
+            handle,
+            model.config.hidden_size,
+            recovery_timeout,
+            Duration::from_millis(args.dispatch_timeout_ms),
+        ),
+        tokenizer: Arc::clone(&model.tokenizer),
+        kv: Arc::clone(&kv),
+        stats: Arc::clone(&stats),
+        config: SchedulerConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: args.max_running,
+            micro_batches: args.micro_batches as usize,
+            recovery_timeout,
+        },
+        eos_ids: model.eos_ids.clone(),
+        stalled_since: Default::default(),
+        metrics: Arc::clone(&requests),
+    };
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler.run(submit_rx))?;
+    let metrics = Arc::new(metrics::RouterMetrics {
+        requests: Arc::clone(&requests),
+        view: Arc::clone(&view),
+        stats: Arc::clone(&stats),
+        kv: Arc::clone(&kv),
+    });
+    Ok(Running {
+        view,
+        stats,
+        kv,
+        requests,
+        metrics,
+        submissions,
+    })
+}
+
+/// Validation and the waiting queue in front of the scheduler, shared by both APIs.
+fn admission(
+    args: &args::Args,
+    model: &DenseModel,
+    running: &Running,
+    model_name: String,
+) -> Arc<admission::Admission> {
+    let max_prompt_tokens = args
+        .max_prompt_tokens
+        .unwrap_or(model.config.max_position_embeddings);
+    let max_prompt_bytes = args.max_prompt_bytes.unwrap_or_else(|| {
+        validation::default_max_prompt_bytes(
+            &model.tokenizer,
+            max_prompt_tokens,
+            http::MAX_BODY_BYTES,
+        )
+    });
+    tracing::info!(max_prompt_tokens, max_prompt_bytes, "prompt limits");
+    Arc::new(admission::Admission {
+        model_name,
+        config: model.config.clone(),
+        tokenizing: admission::Tokenizing::new(
+            Arc::clone(&model.tokenizer),
+            admission::Tokenizing::default_permits(),
+            Arc::clone(&running.requests),
+        ),
+        submissions: running.submissions.clone(),
+        stats: Arc::clone(&running.stats),
+        view: Arc::clone(&running.view),
+        waiting: admission::WaitingLimit::new(args.max_waiting),
+        metrics: Arc::clone(&running.requests),
+        limits: validation::RequestLimits {
+            max_prompt_tokens,
+            max_prompt_bytes,
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            ..Default::default()
+        },
+    })
+}
+
+fn served_model_name(args: &args::Args) -> String {
+    args.served_model_name.clone().unwrap_or_else(|| {
+        args.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    })
+}
+
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
-    let dense_device = args.device.open_experts(args.gpu_dtype)?;
-    let public_tls = args.public_tls.load()?;
-    let cluster_tls = args.cluster_tls.load()?;
-    let cluster_token = args.cluster_auth.token()?;
-    let mut listens = vec![("--grpc-listen", args.grpc_listen.clone())];
-    listens.extend(args.http_listen.clone().map(|a| ("--http-listen", a)));
-    listens.extend(
-        args.collective_listen
-            .clone()
-            .map(|a| ("--collective-listen", a)),
-    );
-    moe_cluster::exposure::check(&moe_cluster::exposure::Exposure::of(
-        listens,
-        cluster_tls.is_some(),
-        cluster_token.is_some(),
-        &args.etcd,
-        &args.cluster_auth,
-    ))?;
-    let etcd = args.etcd.connection()?;
-    let http_tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
+    let security = Security::load(&args)?;
+    let discovery = args.etcd.discovery()?;
     // Bound first: the router id (a trace resource attribute) may come from the port.
     let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
         .await
@@ -150,75 +332,36 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         .unwrap_or_else(|| format!("router-{}", local.port()));
     let telemetry =
         moe_cluster::telemetry::init("moe-router", &router_id, &args.telemetry, "info")?;
-    let config = ModelConfig::from_dir(&args.model)
-        .with_context(|| format!("reading {}", args.model.display()))?;
-    // One MoE layer's dispatch carries at most a step's tokens: the data plane's message
-    // limits follow, and a bound they cannot carry is refused here rather than mid-request.
-    let dispatch_bounds = DispatchRules::for_model(&config, args.max_batch_tokens);
-    dispatch_bounds.check_message_limit("--max-batch-tokens")?;
-    let tokenizer = Arc::new(Tokenizer::from_dir(&args.model)?);
-    let ckpt = Checkpoint::open(&args.model)?;
-    let names: Vec<&str> = ckpt.tensor_names().collect();
-    let fingerprint = moe_cluster::placement::fingerprint(&args.model, &names);
-    drop(names);
-    let dense: Arc<dyn DenseStep> = Arc::from(load_dense(&ckpt, &config, &dense_device)?);
-    tracing::info!(device = %dense.placement(), "dense part loaded");
-    drop(ckpt);
-    let mut eos_ids = config.eos_token_ids.clone();
-    if let Some(eos) = tokenizer.eos_id() {
-        if !eos_ids.contains(&eos) {
-            eos_ids.push(eos);
-        }
-    }
-
-    let collective_settings = collective_settings(
+    tracing::info!(
+        public_tls = security.public_tls.is_some(),
+        data_plane_tls = security.members.tls.is_some(),
+        "TLS settings"
+    );
+    let model = DenseModel::load(&args)?;
+    let collective = collective_settings(
         &args,
         local,
-        cluster_tls.is_some(),
-        &config,
-        cluster_token.clone(),
+        security.members.tls.is_some(),
+        &model.config,
+        security.members.token.clone(),
     )?;
-    let view = Arc::new(ClusterView::new(router_id));
-    let stats = Arc::new(SchedulerStats::default());
-    let kv = Arc::new(KvBlocks::new(
-        args.kv_cache_bytes,
-        kv_bytes_per_token(&config),
-        args.kv_block_tokens,
-    ));
-    let request_metrics = Arc::new(metrics::RequestMetrics::default());
-    let router_metrics = Arc::new(metrics::RouterMetrics {
-        requests: Arc::clone(&request_metrics),
-        view: Arc::clone(&view),
-        stats: Arc::clone(&stats),
-        kv: Arc::clone(&kv),
-    });
-    let (submit_tx, submit_rx) = tokio::sync::mpsc::channel(args.max_waiting.max(1));
-    let scheduler = Scheduler {
-        dense: Arc::clone(&dense),
-        experts: dispatch::RemoteExperts::new(
-            Arc::clone(&view),
-            handle.clone(),
-            config.hidden_size,
-            Duration::from_millis(args.recovery_timeout_ms),
-            Duration::from_millis(args.dispatch_timeout_ms),
-        ),
-        tokenizer: Arc::clone(&tokenizer),
-        kv: Arc::clone(&kv),
-        stats: Arc::clone(&stats),
-        config: SchedulerConfig {
-            max_batch_tokens: args.max_batch_tokens,
-            max_running: args.max_running,
-            micro_batches: args.micro_batches as usize,
-            recovery_timeout: Duration::from_millis(args.recovery_timeout_ms),
-        },
-        eos_ids: eos_ids.clone(),
-        stalled_since: Default::default(),
-        metrics: Arc::clone(&request_metrics),
+    let running = start_scheduler(&args, &model, router_id, handle)?;
+    let model_name = served_model_name(&args);
+    let admission = admission(&args, &model, &running, model_name.clone());
+    let (stopper, shutdown) = Shutdown::new();
+    let limits = ConnectionLimits {
+        max_connections: args.max_connections,
+        max_handshakes: args.max_tls_handshakes,
+        ..Default::default()
     };
-    std::thread::Builder::new()
-        .name("scheduler".into())
-        .spawn(move || scheduler.run(submit_rx))?;
-
+    let http = HttpParts {
+        model: &model,
+        running: &running,
+        admission: &admission,
+        security: &security,
+        model_name,
+    };
+    let servers = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<InferenceServer<server::inference::InferenceService>>()
@@ -226,143 +369,209 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let api_keys = api_keys::ApiKeys::from_optional_file(args.api_key_file.as_deref())?;
-    let admin_keys = api_keys::ApiKeys::from_optional_file(args.admin_key_file.as_deref())?;
-    let connection_limits = ConnectionLimits {
-        max_connections: args.max_connections,
-        max_handshakes: args.max_tls_handshakes,
-        ..Default::default()
-    };
-    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
-        args.model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
-    let max_prompt_tokens = args
-        .max_prompt_tokens
-        .unwrap_or(config.max_position_embeddings);
-    let max_prompt_bytes = args.max_prompt_bytes.unwrap_or_else(|| {
-        validation::default_max_prompt_bytes(&tokenizer, max_prompt_tokens, http::MAX_BODY_BYTES)
-    });
-    tracing::info!(max_prompt_tokens, max_prompt_bytes, "prompt limits");
-    let admission = Arc::new(admission::Admission {
-        model_name: model_name.clone(),
-        config: config.clone(),
-        tokenizing: admission::Tokenizing::new(
-            Arc::clone(&tokenizer),
-            admission::Tokenizing::default_permits(),
-            Arc::clone(&request_metrics),
+    let planner = tokio::spawn(planner::run_planner(
+        planner_context(
+            &args,
+            &model,
+            &running,
+            &security,
+            discovery.clone(),
+            local,
+            health,
+            collective,
         ),
-        submissions: submit_tx,
-        stats: Arc::clone(&stats),
-        view: Arc::clone(&view),
-        waiting: admission::WaitingLimit::new(args.max_waiting),
-        metrics: request_metrics,
-        limits: validation::RequestLimits {
-            max_prompt_tokens,
-            max_prompt_bytes,
-            request_timeout: Duration::from_millis(args.request_timeout_ms),
-            ..Default::default()
+        shutdown.clone(),
+    ));
+    let grpc = GrpcServices {
+        health: health_service,
+        inference: server::inference::InferenceService {
+            config: model.config.clone(),
+            model_dir: args.model.display().to_string(),
+            tokenizer: Arc::clone(&model.tokenizer),
+            admission,
+            eos_ids: model.eos_ids.clone(),
         },
-    });
-    if let Some(http_addr) = &args.http_listen {
-        let chat_template = match tokenizer.chat_template() {
-            Some(source) => Some(moe_model::chat_template::ChatTemplate::new(
-                source,
-                tokenizer.bos_token().as_deref(),
-                tokenizer.eos_token().as_deref(),
-            )?),
-            None => None,
-        };
-        let state = Arc::new(http::HttpState {
-            admission: Arc::clone(&admission),
-            tokenizer: Arc::clone(&tokenizer),
-            chat_template,
-            model_name: model_name.clone(),
-            max_model_len: config.max_position_embeddings,
-            view: Arc::clone(&view),
-            created: http::unix_now(),
-            api_keys: api_keys.clone(),
-            metrics: Arc::clone(&router_metrics),
-            next_id: Default::default(),
-        });
-        let http_listener = tokio::net::TcpListener::bind(http_addr)
-            .await
-            .with_context(|| format!("binding {http_addr}"))?;
-        // Printed before the gRPC line, which scripts wait for last.
-        println!(
-            "moe-router http listening on {}",
-            http_listener.local_addr()?
-        );
-        tokio::spawn(serve_http(
-            http_listener,
-            http::app(state),
-            http_tls.clone(),
-            connection_limits,
-            "HTTP",
-        ));
+        admin: server::admin::AdminService {
+            cluster: args.etcd.cluster.clone(),
+            discovery,
+            view: Arc::clone(&running.view),
+            stats: Arc::clone(&running.stats),
+            kv: Arc::clone(&running.kv),
+            dense_device: model.dense.placement(),
+            access: api_keys::AdminAccess {
+                api: security.api_keys.clone(),
+                admin: security.admin_keys.clone(),
+            },
+        },
+        api_keys: security.api_keys.clone(),
+    };
+    let tls = security
+        .public_tls
+        .as_ref()
+        .map(|t| t.rustls_grpc())
+        .transpose()?;
+    // Printed on stdout so that scripts and tests can find a port picked with :0.
+    println!("moe-router listening on {local}");
+    let grpc = serve_grpc(
+        listener,
+        grpc,
+        tls,
+        limits,
+        args.max_streams_per_connection,
+        shutdown,
+    );
+    let served = until_signal(grpc, &stopper).await;
+    // The servers finish their open connections; the planner gives up its registration.
+    let finished = async move {
+        let mut servers = servers;
+        while servers.join_next().await.is_some() {}
+        let _ = planner.await;
+    };
+    if tokio::time::timeout(STOP_DEADLINE, finished).await.is_err() {
+        tracing::warn!(deadline = ?STOP_DEADLINE, "stopping took too long: leaving anyway");
+    }
+    telemetry.flush();
+    served
+}
+
+/// Runs `grpc` until it ends or a signal comes (then lets it finish its open calls); either
+/// way every other task is told to stop.
+async fn until_signal(
+    grpc: impl std::future::Future<Output = anyhow::Result<()>>,
+    stopper: &Stopper,
+) -> anyhow::Result<()> {
+    tokio::pin!(grpc);
+    let served = tokio::select! {
+        served = &mut grpc => served,
+        () = moe_cluster::shutdown::signal() => {
+            tracing::info!("signal received: stopping");
+            stopper.stop();
+            grpc.await
+        }
+    };
+    stopper.stop();
+    served
+}
+
+/// What the OpenAI-compatible API is built from.
+struct HttpParts<'a> {
+    model: &'a DenseModel,
+    running: &'a Running,
+    admission: &'a Arc<admission::Admission>,
+    security: &'a Security,
+    model_name: String,
+}
+
+/// Binds and starts `--http-listen` and `--metrics-listen`, if given, until `shutdown`.
+async fn spawn_http_servers(
+    args: &args::Args,
+    parts: HttpParts<'_>,
+    limits: ConnectionLimits,
+    shutdown: &Shutdown,
+) -> anyhow::Result<tokio::task::JoinSet<()>> {
+    let mut servers = tokio::task::JoinSet::new();
+    let tls = parts.security.http_tls()?;
+    if let Some(addr) = &args.http_listen {
+        let app = http::app(http_state(&parts)?);
+        let listener = bind_http(addr, "moe-router http listening on").await?;
+        let serve = serve_http(listener, app, tls.clone(), limits, "HTTP", shutdown.clone());
+        servers.spawn(serve);
     }
     if let Some(addr) = &args.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
-        let app = http::metrics_app(Arc::clone(&router_metrics));
-        tokio::spawn(serve_http(
+        let app = http::metrics_app(Arc::clone(&parts.running.metrics));
+        let listener = bind_http(addr, "").await?;
+        servers.spawn(serve_http(
             listener,
             app,
-            http_tls.clone(),
-            connection_limits,
+            tls,
+            limits,
             "metrics",
+            shutdown.clone(),
         ));
     }
-    let inference = server::inference::InferenceService {
-        config: config.clone(),
-        model_dir: args.model.display().to_string(),
-        tokenizer,
-        admission,
-        eos_ids,
-    };
-    let admin = server::admin::AdminService {
-        cluster: args.etcd.cluster.clone(),
-        etcd: etcd.clone(),
-        keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
-        view: Arc::clone(&view),
-        stats,
-        kv,
-        dense_device: dense.placement(),
-        access: api_keys::AdminAccess {
-            api: api_keys.clone(),
-            admin: admin_keys,
-        },
-    };
+    Ok(servers)
+}
 
-    tokio::spawn(planner::run_planner(planner::PlannerContext {
-        etcd,
-        keys: moe_cluster::ClusterKeys::new(&args.etcd.cluster),
+/// How long the router waits, once stopping, for open connections and its registration.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
+    let HttpParts {
+        model,
+        running,
+        admission,
+        security,
+        ..
+    } = parts;
+    let tokenizer = &model.tokenizer;
+    let chat_template = match tokenizer.chat_template() {
+        Some(source) => Some(moe_model::chat_template::ChatTemplate::new(
+            source,
+            tokenizer.bos_token().as_deref(),
+            tokenizer.eos_token().as_deref(),
+        )?),
+        None => None,
+    };
+    Ok(Arc::new(http::HttpState {
+        admission: Arc::clone(admission),
+        tokenizer: Arc::clone(tokenizer),
+        chat_template,
+        model_name: parts.model_name.clone(),
+        max_model_len: model.config.max_position_embeddings,
+        view: Arc::clone(&running.view),
+        created: http::unix_now(),
+        api_keys: security.api_keys.clone(),
+        metrics: Arc::clone(&running.metrics),
+        next_id: Default::default(),
+    }))
+}
+
+/// Binds an HTTP listener; `announce`, if not empty, is printed with its address on stdout
+/// (before the gRPC line, which scripts wait for last).
+async fn bind_http(addr: &str, announce: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    if announce.is_empty() {
+        tracing::info!(address = %listener.local_addr()?, "metrics on /metrics");
+    } else {
+        println!("{announce} {}", listener.local_addr()?);
+    }
+    Ok(listener)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn planner_context(
+    args: &args::Args,
+    model: &DenseModel,
+    running: &Running,
+    security: &Security,
+    discovery: moe_cluster::discovery::Discovery,
+    local: std::net::SocketAddr,
+    health: tonic_health::server::HealthReporter,
+    collective: CollectiveSettings,
+) -> planner::PlannerContext {
+    let config = &model.config;
+    planner::PlannerContext {
+        discovery,
         router_address: local.to_string(),
-        fingerprint,
+        fingerprint: model.fingerprint.clone(),
         moe_layers: config.moe_layer_indices().collect(),
         num_experts: config.moe.num_experts,
-        view,
+        view: Arc::clone(&running.view),
         health,
         poll: Duration::from_millis(args.etcd.poll_ms),
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         suspect_ttl: Duration::from_secs(args.suspect_ttl_secs),
         membership_grace: Duration::from_millis(args.membership_grace_ms),
-        collective: collective_settings,
+        collective,
         max_batch_rows: args.max_batch_tokens,
-        links: dispatch::LinkSettings {
-            max_dispatch_bytes: dispatch_bounds.max_dispatch_bytes(),
-            max_combine_bytes: dispatch_bounds.max_combine_bytes(),
-            token: cluster_token.clone(),
+        links: moe_router::node_link::LinkSettings {
+            max_dispatch_bytes: model.dispatch_bounds.max_dispatch_bytes(),
+            max_combine_bytes: model.dispatch_bounds.max_combine_bytes(),
+            token: security.members.token.clone(),
             timeout: Duration::from_millis(args.dispatch_timeout_ms),
-            tls: cluster_tls.as_ref().map(|t| t.client()),
+            tls: security.members.tls.as_ref().map(|t| t.client()),
         },
         rebalance: planner::RebalancePolicy {
             threshold: args.rebalance_threshold,
@@ -372,64 +581,68 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
                 .redundant_experts
                 .unwrap_or((config.moe.num_experts / 8).max(1)),
         },
-    }));
+    }
+}
 
-    // Printed on stdout so that scripts and tests can find a port picked with :0.
-    tracing::info!(
-        public_tls = public_tls.is_some(),
-        data_plane_tls = cluster_tls.is_some(),
-        "TLS settings"
-    );
-    println!("moe-router listening on {local}");
-    let inference_keys = api_keys;
-    let grpc_tls = public_tls.as_ref().map(|t| t.rustls_grpc()).transpose()?;
-    let (connections, _grpc_listener) = accept_bounded(listener, grpc_tls, connection_limits);
+/// The services on the public gRPC port.
+struct GrpcServices<H> {
+    health: HealthServer<H>,
+    inference: server::inference::InferenceService,
+    admin: server::admin::AdminService,
+    api_keys: api_keys::ApiKeys,
+}
+
+/// Serves the public gRPC API on `listener` until `shutdown`, finishing open calls.
+async fn serve_grpc<H: Health>(
+    listener: tokio::net::TcpListener,
+    services: GrpcServices<H>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    limits: ConnectionLimits,
+    max_streams_per_connection: u32,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let inference_keys = services.api_keys;
+    let (connections, _stats) = accept_bounded(listener, tls, limits);
     tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(args.max_streams_per_connection))
-        .add_service(health_service)
+        .max_concurrent_streams(Some(max_streams_per_connection))
+        .add_service(services.health)
         .add_service(reflection)
-        .add_service(InferenceServer::with_interceptor(inference, move |r| {
-            inference_keys.intercept(r)
-        }))
+        .add_service(InferenceServer::with_interceptor(
+            services.inference,
+            move |r| inference_keys.intercept(r),
+        ))
         // Admin checks its callers per method: reading and draining need different keys.
-        .add_service(AdminServer::new(admin))
-        .serve_with_incoming_shutdown(moe_cluster::listener::incoming(connections), async {
-            shutdown_signal().await;
+        .add_service(AdminServer::new(services.admin))
+        .serve_with_incoming_shutdown(moe_cluster::listener::incoming(connections), async move {
+            shutdown.wait().await
         })
         .await?;
-    telemetry.flush();
     Ok(())
 }
 
-/// Serves `app` on `listener`, over TLS when `tls` is given, within `limits`.
+/// Serves `app` on `listener`, over TLS when `tls` is given, within `limits`, until
+/// `shutdown`.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     limits: ConnectionLimits,
     what: &'static str,
+    mut shutdown: Shutdown,
 ) {
     let served = match http::listener::BoundedListener::new(listener, tls, limits) {
-        Ok(listener) => axum::serve(listener, app).await,
+        Ok(listener) => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.wait().await })
+                .await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = served {
         tracing::error!(error = %e, server = what, "server stopped");
     }
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

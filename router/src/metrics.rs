@@ -1,71 +1,19 @@
-//! The router's Prometheus metrics: request outcomes and latencies recorded by the scheduler
-//! (atomics only), and at scrape time the gauges the cluster view, scheduler and KV blocks
-//! already keep. Served at `/metrics` on the HTTP API port and on `--metrics-listen`.
+//! The router's Prometheus page, served at `/metrics` on the HTTP API port and on
+//! `--metrics-listen`: at scrape time it reads what the request path recorded
+//! ([`RequestMetrics`]) and the gauges the cluster view, scheduler and KV blocks already keep.
+//! Every family the page shows is named in this file, in the order it shows them.
 
+use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use moe_cluster::metrics::{escape, family, sample, Histogram, LATENCY_BUCKETS, SIZE_BUCKETS};
+use moe_cluster::metrics::{escape, family, sample};
 
 use crate::cluster_view::ClusterView;
 use crate::kv_blocks::KvBlocks;
+use crate::node_link::NodeLink;
+use crate::request_metrics::{RequestMetrics, OUTCOMES};
 use crate::scheduler::SchedulerStats;
-
-/// Why a request ended, as the `finish_reason` label.
-#[derive(Debug, Clone, Copy)]
-pub enum Outcome {
-    Stop,
-    Length,
-    Error,
-    Cancelled,
-    Deadline,
-}
-
-const OUTCOMES: [(Outcome, &str); 5] = [
-    (Outcome::Stop, "stop"),
-    (Outcome::Length, "length"),
-    (Outcome::Error, "error"),
-    (Outcome::Cancelled, "cancelled"),
-    (Outcome::Deadline, "deadline"),
-];
-
-#[derive(Debug)]
-pub struct RequestMetrics {
-    finished: [AtomicU64; 5],
-    pub time_to_first_token: Histogram,
-    pub inter_token_latency: Histogram,
-    pub e2e_latency: Histogram,
-    pub step_tokens: Histogram,
-    pub prompt_tokens: AtomicU64,
-    pub generation_tokens: AtomicU64,
-    /// Tokenizer calls on the request path (chat template included), on the blocking pool:
-    /// count = calls, sum = time.
-    pub tokenize_seconds: Histogram,
-    /// Prompts refused by `--max-prompt-bytes` (before any tokenizer call).
-    pub prompt_bytes_refused: AtomicU64,
-}
-
-impl Default for RequestMetrics {
-    fn default() -> Self {
-        Self {
-            finished: Default::default(),
-            time_to_first_token: Histogram::new(LATENCY_BUCKETS),
-            inter_token_latency: Histogram::new(LATENCY_BUCKETS),
-            e2e_latency: Histogram::new(LATENCY_BUCKETS),
-            step_tokens: Histogram::new(SIZE_BUCKETS),
-            prompt_tokens: AtomicU64::new(0),
-            generation_tokens: AtomicU64::new(0),
-            tokenize_seconds: Histogram::new(LATENCY_BUCKETS),
-            prompt_bytes_refused: AtomicU64::new(0),
-        }
-    }
-}
-
-impl RequestMetrics {
-    pub fn finished(&self, outcome: Outcome) {
-        self.finished[outcome as usize].fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Everything `/metrics` shows.
 pub struct RouterMetrics {
@@ -75,23 +23,46 @@ pub struct RouterMetrics {
     pub kv: Arc<KvBlocks>,
 }
 
+/// Writes one unlabelled family of `kind` per `(name, help, value)`.
+fn scalars<T: Display>(
+    out: &mut String,
+    kind: &str,
+    rows: impl IntoIterator<Item = (&'static str, &'static str, T)>,
+) {
+    for (name, help, value) in rows {
+        family(out, name, kind, help);
+        sample(out, name, "", value);
+    }
+}
+
 impl RouterMetrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
+        self.render_requests(&mut out);
+        self.render_gauges(&mut out);
+        self.render_counters(&mut out);
+        self.render_expert_tokens(&mut out);
+        if let Some(serving) = self.view.serving() {
+            render_links(&mut out, &serving.links);
+        }
+        out
+    }
+
+    /// How requests ended, their latencies and token counts.
+    fn render_requests(&self, out: &mut String) {
         let r = &self.requests;
         family(
-            &mut out,
+            out,
             "moe_requests_total",
             "counter",
             "Requests ended, by finish reason.",
         );
         for (outcome, label) in OUTCOMES {
-            let n = r.finished[outcome as usize].load(Ordering::Relaxed);
             sample(
-                &mut out,
+                out,
                 "moe_requests_total",
                 &format!("finish_reason=\"{label}\""),
-                n,
+                r.finished_count(outcome),
             );
         }
         for (name, help, h) in [
@@ -121,86 +92,100 @@ impl RouterMetrics {
                 &r.tokenize_seconds,
             ),
         ] {
-            family(&mut out, name, "histogram", help);
-            h.render(&mut out, name, "");
+            family(out, name, "histogram", help);
+            h.render(out, name, "");
         }
-        for (name, help, v) in [
-            (
-                "moe_prompt_tokens_total",
-                "Prompt tokens admitted.",
-                r.prompt_tokens.load(Ordering::Relaxed),
-            ),
-            (
-                "moe_generation_tokens_total",
-                "Tokens generated.",
-                r.generation_tokens.load(Ordering::Relaxed),
-            ),
-            (
-                "moe_router_prompt_bytes_refused_total",
-                "Prompts refused by --max-prompt-bytes, before tokenizing.",
-                r.prompt_bytes_refused.load(Ordering::Relaxed),
-            ),
-        ] {
-            family(&mut out, name, "counter", help);
-            sample(&mut out, name, "", v);
-        }
+        scalars(
+            out,
+            "counter",
+            [
+                (
+                    "moe_prompt_tokens_total",
+                    "Prompt tokens admitted.",
+                    r.prompt_tokens.load(Ordering::Relaxed),
+                ),
+                (
+                    "moe_generation_tokens_total",
+                    "Tokens generated.",
+                    r.generation_tokens.load(Ordering::Relaxed),
+                ),
+                (
+                    "moe_router_prompt_bytes_refused_total",
+                    "Prompts refused by --max-prompt-bytes, before tokenizing.",
+                    r.prompt_bytes_refused.load(Ordering::Relaxed),
+                ),
+            ],
+        );
+    }
+
+    /// The batch, the KV budget, the placement and the planner, now.
+    fn render_gauges(&self, out: &mut String) {
+        let (stats, view) = (&self.stats, &self.view);
         let gauges: [(&str, &str, f64); 9] = [
-            ("moe_requests_running", "Requests in the running batch.", self.stats.running.load(Ordering::Relaxed) as f64),
-            ("moe_requests_waiting", "Requests waiting for admission.", self.stats.waiting.load(Ordering::Relaxed) as f64),
+            ("moe_requests_running", "Requests in the running batch.", stats.running.load(Ordering::Relaxed) as f64),
+            ("moe_requests_waiting", "Requests waiting for admission.", stats.waiting.load(Ordering::Relaxed) as f64),
             ("moe_kv_cache_blocks_used", "KV-cache blocks reserved.", self.kv.used() as f64),
             ("moe_kv_cache_blocks_total", "KV-cache blocks in the budget.", self.kv.total() as f64),
-            ("moe_placement_epoch", "Placement epoch this router dispatches on.", self.view.serving().map(|s| s.placement.epoch).unwrap_or(0) as f64),
-            ("moe_placement_latest_epoch", "Newest placement epoch written to etcd.", self.view.latest().map(|p| p.epoch).unwrap_or(0) as f64),
-            ("moe_live_nodes", "Expert nodes registered in etcd.", self.view.membership().nodes.len() as f64),
-            ("moe_imbalance_ratio", "Sum over MoE layers of the busiest node's pairs / of the mean node's, last window.", self.view.imbalance()),
-            ("moe_is_planner", "1 if this router is the elected planner.", f64::from(u8::from(self.view.is_planner.load(Ordering::Relaxed)))),
+            ("moe_placement_epoch", "Placement epoch this router dispatches on.", view.serving().map(|s| s.placement.epoch).unwrap_or(0) as f64),
+            ("moe_placement_latest_epoch", "Newest placement epoch written to etcd.", view.latest().map(|p| p.epoch).unwrap_or(0) as f64),
+            ("moe_live_nodes", "Expert nodes registered in etcd.", view.membership().nodes.len() as f64),
+            ("moe_imbalance_ratio", "Sum over MoE layers of the busiest node's pairs / of the mean node's, last window.", view.imbalance()),
+            ("moe_is_planner", "1 if this router is the elected planner.", f64::from(u8::from(view.is_planner.load(Ordering::Relaxed)))),
         ];
-        for (name, help, v) in gauges {
-            family(&mut out, name, "gauge", help);
-            sample(&mut out, name, "", v);
-        }
-        for (name, help, v) in [
+        scalars(out, "gauge", gauges);
+    }
+
+    /// What the planner and the data plane have done since start.
+    fn render_counters(&self, out: &mut String) {
+        let view = &self.view;
+        let counters: [(&str, &str, &AtomicU64); 7] = [
             (
                 "moe_rebalances_total",
                 "Placements this router planned to rebalance load.",
-                self.view.rebalances.load(Ordering::Relaxed),
+                &view.rebalances,
             ),
             (
                 "moe_layer_retries_total",
                 "MoE layers re-dispatched after a node failed.",
-                self.view.layer_retries.load(Ordering::Relaxed),
+                &view.layer_retries,
             ),
             (
                 "moe_micro_batched_steps_total",
                 "Steps run as more than one micro-batch at once (--micro-batches).",
-                self.stats.micro_batched_steps.load(Ordering::Relaxed),
+                &self.stats.micro_batched_steps,
             ),
             (
                 "moe_collective_layers_total",
                 "MoE layers sent over a per-epoch collective (TCP or NCCL) instead of gRPC.",
-                self.view.collective_layers.load(Ordering::Relaxed),
+                &view.collective_layers,
             ),
             (
                 "moe_collective_failures_total",
                 "Collectives that failed mid-layer (the layer then went over gRPC).",
-                self.view.collective_failures.load(Ordering::Relaxed),
+                &view.collective_failures,
             ),
             (
                 "moe_router_suspect_reports_total",
                 "Nodes this router reported suspect (their data plane failed).",
-                self.view.suspect_reports.load(Ordering::Relaxed),
+                &view.suspect_reports,
             ),
             (
                 "moe_router_suspect_replans_total",
                 "Epochs this router planned to leave out a suspect node before its lease expired.",
-                self.view.suspect_replans.load(Ordering::Relaxed),
+                &view.suspect_replans,
             ),
-        ] {
-            family(&mut out, name, "counter", help);
-            sample(&mut out, name, "", v);
-        }
+        ];
+        scalars(
+            out,
+            "counter",
+            counters.map(|(name, help, n)| (name, help, n.load(Ordering::Relaxed))),
+        );
+    }
+
+    /// Tokens per (layer, expert), sorted.
+    fn render_expert_tokens(&self, out: &mut String) {
         family(
-            &mut out,
+            out,
             "moe_expert_tokens_total",
             "counter",
             "Tokens dispatched per (layer, expert).",
@@ -209,60 +194,142 @@ impl RouterMetrics {
         experts.sort_unstable();
         for ((layer, expert), n) in experts {
             sample(
-                &mut out,
+                out,
                 "moe_expert_tokens_total",
                 &format!("layer=\"{layer}\",expert=\"{expert}\""),
                 n,
             );
         }
-        if let Some(serving) = self.view.serving() {
-            family(
-                &mut out,
-                "moe_dispatch_round_trip_seconds",
-                "histogram",
-                "Dispatch to combine, per node.",
-            );
-            for link in &serving.links {
-                link.round_trip.render(
-                    &mut out,
-                    "moe_dispatch_round_trip_seconds",
-                    &format!("node=\"{}\"", escape(&link.node_id)),
-                );
-            }
-            for (name, help, f) in [
-                (
-                    "moe_node_bytes_sent_total",
-                    "Data-plane bytes sent to the node.",
-                    (|l: &crate::dispatch::NodeLink| l.bytes_sent.load(Ordering::Relaxed))
-                        as fn(&crate::dispatch::NodeLink) -> u64,
-                ),
-                (
-                    "moe_node_bytes_received_total",
-                    "Data-plane bytes received from the node.",
-                    |l| l.bytes_received.load(Ordering::Relaxed),
-                ),
-                (
-                    "moe_node_rows_total",
-                    "Token rows dispatched to the node.",
-                    |l| l.rows_sent.load(Ordering::Relaxed),
-                ),
-                (
-                    "moe_node_pairs_total",
-                    "(token, expert) pairs dispatched to the node.",
-                    |l| l.pairs_sent.load(Ordering::Relaxed),
-                ),
-            ] {
-                family(&mut out, name, "counter", help);
-                for link in &serving.links {
-                    sample(
-                        &mut out,
-                        name,
-                        &format!("node=\"{}\"", escape(&link.node_id)),
-                        f(link),
-                    );
-                }
-            }
+    }
+}
+
+/// Reads one of a node link's traffic counters.
+type LinkCounter = fn(&NodeLink) -> u64;
+
+/// Per node of the serving placement: round trips and data-plane traffic.
+fn render_links(out: &mut String, links: &[Arc<NodeLink>]) {
+    let node = |link: &NodeLink| format!("node=\"{}\"", escape(&link.node_id));
+    family(
+        out,
+        "moe_dispatch_round_trip_seconds",
+        "histogram",
+        "Dispatch to combine, per node.",
+    );
+    for link in links {
+        link.round_trip
+            .render(out, "moe_dispatch_round_trip_seconds", &node(link));
+    }
+    let traffic: [(&str, &str, LinkCounter); 4] = [
+        (
+            "moe_node_bytes_sent_total",
+            "Data-plane bytes sent to the node.",
+            |l| l.bytes_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "moe_node_bytes_received_total",
+            "Data-plane bytes received from the node.",
+            |l| l.bytes_received.load(Ordering::Relaxed),
+        ),
+        (
+            "moe_node_rows_total",
+            "Token rows dispatched to the node.",
+            |l| l.rows_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "moe_node_pairs_total",
+            "(token, expert) pairs dispatched to the node.",
+            |l| l.pairs_sent.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, count) in traffic {
+        family(out, name, "counter", help);
+        for link in links {
+            sample(out, name, &node(link), count(link));
         }
-        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use moe_cluster::placement::Placement;
+
+    use super::*;
+    use crate::cluster_view::ServingPlacement;
+    use crate::request_metrics::Outcome;
+
+    #[test]
+    fn the_page_lists_every_family_once_in_order() {
+        let view = Arc::new(ClusterView::new("r".into()));
+        view.set_serving(ServingPlacement::new(
+            Placement {
+                epoch: 3,
+                fingerprint: String::new(),
+                nodes: BTreeMap::new(),
+            },
+            vec![],
+        ));
+        view.count_tokens((1, 2), 7);
+        let requests = Arc::new(RequestMetrics::default());
+        requests.finished(Outcome::Deadline);
+        let stats = Arc::new(SchedulerStats::default());
+        stats.micro_batched_steps.store(5, Ordering::Relaxed);
+        let page = RouterMetrics {
+            requests,
+            view,
+            stats,
+            kv: Arc::new(KvBlocks::new(1 << 20, 64, 16)),
+        }
+        .render();
+        let families: Vec<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            families,
+            [
+                "moe_requests_total counter",
+                "moe_time_to_first_token_seconds histogram",
+                "moe_inter_token_latency_seconds histogram",
+                "moe_e2e_request_latency_seconds histogram",
+                "moe_step_tokens histogram",
+                "moe_router_tokenize_seconds histogram",
+                "moe_prompt_tokens_total counter",
+                "moe_generation_tokens_total counter",
+                "moe_router_prompt_bytes_refused_total counter",
+                "moe_requests_running gauge",
+                "moe_requests_waiting gauge",
+                "moe_kv_cache_blocks_used gauge",
+                "moe_kv_cache_blocks_total gauge",
+                "moe_placement_epoch gauge",
+                "moe_placement_latest_epoch gauge",
+                "moe_live_nodes gauge",
+                "moe_imbalance_ratio gauge",
+                "moe_is_planner gauge",
+                "moe_rebalances_total counter",
+                "moe_layer_retries_total counter",
+                "moe_micro_batched_steps_total counter",
+                "moe_collective_layers_total counter",
+                "moe_collective_failures_total counter",
+                "moe_router_suspect_reports_total counter",
+                "moe_router_suspect_replans_total counter",
+                "moe_expert_tokens_total counter",
+                "moe_dispatch_round_trip_seconds histogram",
+                "moe_node_bytes_sent_total counter",
+                "moe_node_bytes_received_total counter",
+                "moe_node_rows_total counter",
+                "moe_node_pairs_total counter",
+            ]
+        );
+        for line in [
+            "moe_requests_total{finish_reason=\"deadline\"} 1\n",
+            "moe_kv_cache_blocks_total 1024\n",
+            "moe_placement_epoch 3\n",
+            "moe_micro_batched_steps_total 5\n",
+            "moe_expert_tokens_total{layer=\"1\",expert=\"2\"} 7\n",
+        ] {
+            assert!(page.contains(line), "{line:?} in:\n{page}");
+        }
     }
 }

@@ -1,31 +1,38 @@
 //! Membership, placement epochs and load balance, run by every router; only the elected one
 //! writes placements.
 //!
-//! Each round (every `poll`, or at once when a dispatch reports a failed node) it reads the
-//! cluster snapshot from etcd. The elected planner (holder of the `planner` key on its lease)
-//! plans the next epoch when the usable nodes differ from the placement's (joined, drained,
-//! draining on SIGTERM, suspect after a failed dispatch, lease expired), or when the measured
-//! load is imbalanced past the threshold (replicating hot experts), and writes it in a
-//! transaction guarded by both its planner key and the placement revision it read. Every router
-//! switches to an epoch once all its nodes report `ready >= epoch`, and publishes the epoch it
-//! serves so nodes know when old experts can go. With etcd down everything keeps serving the
-//! last placement; for a grace period after etcd returns, nodes missing from it are not
-//! dropped, since they are re-registering.
+//! Each round (every `poll`, at once when discovery reports a change of the members, the
+//! placement or the drains, or when a dispatch reports a failed node) it reads one discovery
+//! [`Snapshot`]. The elected planner (holder of the `planner` key on its lease) plans the next
+//! epoch when the usable nodes differ from the placement's (joined, drained, draining on
+//! SIGTERM, suspect after a failed dispatch, lease expired), or when the measured load is
+//! imbalanced past the threshold (replicating hot experts), and writes it in a transaction
+//! guarded by both its planner key and the placement revision it read. Every router switches
+//! to an epoch once all its nodes report `ready >= epoch`, and publishes the epoch it serves so
+//! nodes know when old experts can go. With etcd down everything keeps serving the last
+//! placement; for a grace period after etcd returns, nodes missing from it are not dropped,
+//! since they are re-registering.
+//!
+//! A round reads top to bottom: [`Planner::observe`] what the snapshot says, [`Planner::plan`]
+//! the next epoch if one is due, [`Planner::commit`] it, [`Planner::clear_finished_drains`],
+//! then [`Planner::follow`] the newest epoch once its nodes are ready.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
-use moe_cluster::membership::{clear_drain, list_nodes, Membership};
-use moe_cluster::placement::{ExpertId, Placement, PlacementStore};
-use moe_cluster::{ClusterKeys, NodeState, RouterRegistration};
+use moe_cluster::discovery::{
+    Discovery, DiscoveryError, Membership, NodeState, Outage, RouterRegistration, Snapshot, Topic,
+};
+use moe_cluster::placement::{ExpertId, Placement};
+use moe_cluster::shutdown::Shutdown;
+use moe_cluster::ClusterError;
 use moe_proto::v1::inference_server::InferenceServer;
 use tonic_health::server::HealthReporter;
 
 use crate::cluster_view::{ClusterView, ServingPlacement};
-use crate::dispatch::NodeLink;
+use crate::node_link::NodeLink;
 use crate::server::inference::InferenceService;
 
 /// When and how the planner replicates hot experts.
@@ -42,8 +49,8 @@ pub struct RebalancePolicy {
 }
 
 pub struct PlannerContext {
-    pub etcd: moe_cluster::EtcdConnection,
-    pub keys: ClusterKeys,
+    /// Where the router registers, reads the cluster and writes placements.
+    pub discovery: Discovery,
     pub router_address: String,
     pub fingerprint: String,
     pub moe_layers: Vec<usize>,
@@ -56,7 +63,7 @@ pub struct PlannerContext {
     pub suspect_ttl: Duration,
     /// After (re)connecting to etcd, nodes missing from it are kept this long.
     pub membership_grace: Duration,
-    pub links: crate::dispatch::LinkSettings,
+    pub links: crate::node_link::LinkSettings,
     /// The router's own batch bound, for nodes that publish none.
     pub max_batch_rows: usize,
     /// `--transport`: the per-epoch collective, if any.
@@ -72,85 +79,128 @@ struct LoadWindow {
     nodes: BTreeMap<(u32, String), u64>,
 }
 
+/// Why a round failed.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error(transparent)]
+    Plan(#[from] ClusterError),
+}
+
+/// The next epoch a round decided on, and why.
+struct Planned {
+    placement: Placement,
+    why: Why,
+}
+
+enum Why {
+    /// The usable nodes differ from the placement's.
+    Membership {
+        joined: Vec<String>,
+        left: Vec<String>,
+        /// Of `left`, the nodes still registered that a router saw fail.
+        suspected: Vec<String>,
+    },
+    /// The measured load was imbalanced past the threshold: hot experts get replicas.
+    Rebalance {
+        measured: f64,
+        before: f64,
+        after: f64,
+        replicas: usize,
+    },
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Why::Membership {
+                joined,
+                left,
+                suspected,
+            } => write!(
+                f,
+                "membership: joined {joined:?}, left {left:?} (suspect {suspected:?})"
+            ),
+            Why::Rebalance {
+                measured,
+                before,
+                after,
+                replicas,
+            } => write!(
+                f,
+                "rebalance: measured imbalance {measured:.2}, expected {before:.2} -> \
+                 {after:.2}, {replicas} replicas"
+            ),
+        }
+    }
+}
+
 struct Planner {
     ctx: PlannerContext,
-    client: Option<Client>,
+    /// When etcd last became reachable again (or the planner started): placed nodes missing
+    /// from the membership are kept for `membership_grace` after it.
     connected_at: Instant,
     registration: Option<RouterRegistration>,
     links: BTreeMap<String, Arc<NodeLink>>,
     window: LoadWindow,
     last_rebalance: Option<Instant>,
     was_planner: bool,
-    outage: moe_cluster::config::EtcdOutage,
+    outage: Outage,
     /// The last closed window's imbalance ratio and per-expert load, until a round uses it.
     pending_load: Option<(f64, HashMap<ExpertId, u64>)>,
 }
 
-/// Pause after a wake-up, so that a burst of etcd events costs one round.
+/// Pause after a wake-up, so that a burst of changes costs one round.
 const COALESCE: Duration = Duration::from_millis(5);
 
-pub async fn run_planner(ctx: PlannerContext) {
-    let window = LoadWindow {
-        started: Instant::now(),
-        experts: HashMap::new(),
-        nodes: BTreeMap::new(),
-    };
-    let mut planner = Planner {
-        ctx,
-        client: None,
-        connected_at: Instant::now(),
-        registration: None,
-        links: BTreeMap::new(),
-        window,
-        last_rebalance: None,
-        was_planner: false,
-        outage: Default::default(),
-        pending_load: None,
-    };
-    let changes = moe_cluster::watch::spawn_change_waker(
-        planner.ctx.etcd.clone(),
-        planner.ctx.keys.root().to_string(),
-    );
-    loop {
+/// Plans until `shutdown`, then withdraws the router's registration (and its planner key, so
+/// another router takes over at once rather than after the lease's time-to-live).
+pub async fn run_planner(ctx: PlannerContext, mut shutdown: Shutdown) {
+    let changes = ctx
+        .discovery
+        .watch(&[Topic::Members, Topic::Placement, Topic::Drains]);
+    let mut planner = Planner::new(ctx);
+    while !shutdown.is_shutdown() {
         planner.round().await;
         let view = Arc::clone(&planner.ctx.view);
         tokio::select! {
             _ = tokio::time::sleep(planner.ctx.poll) => {}
             _ = view.wake_planner.notified() => {}
-            _ = changes.notified() => {}
+            _ = changes.changed() => {}
+            _ = shutdown.wait() => break,
         }
         // Coalesce bursts of changes (several keys of one transition) into one round.
         tokio::time::sleep(COALESCE).await;
     }
+    if let Some(registration) = planner.registration.take() {
+        registration.shutdown().await;
+    }
 }
 
 impl Planner {
+    fn new(ctx: PlannerContext) -> Self {
+        Self {
+            ctx,
+            connected_at: Instant::now(),
+            registration: None,
+            links: BTreeMap::new(),
+            window: LoadWindow {
+                started: Instant::now(),
+                experts: HashMap::new(),
+                nodes: BTreeMap::new(),
+            },
+            last_rebalance: None,
+            was_planner: false,
+            outage: Default::default(),
+            pending_load: None,
+        }
+    }
+
     async fn round(&mut self) {
-        if self.client.is_none() {
-            match self.ctx.etcd.connect().await {
-                Ok(c) => self.client = Some(c),
-                Err(e) => {
-                    self.outage.failed("planner", &e);
-                    self.ctx.view.is_planner.store(false, Ordering::Relaxed);
-                }
-            }
-        }
-        if self.registration.is_none() && self.client.is_some() {
-            match RouterRegistration::start(
-                &self.ctx.etcd,
-                self.ctx.keys.clone(),
-                self.ctx.view.router_id.clone(),
-                self.ctx.router_address.clone(),
-                self.ctx.lease_ttl,
-            )
-            .await
-            {
-                Ok(r) => self.registration = Some(r),
-                Err(e) => tracing::warn!(error = %e, "cannot register the router in etcd yet"),
-            }
-        }
+        let registered = self.register().await;
         self.measure_load();
-        if self.client.is_some() {
+        if registered {
             match self.plan_once().await {
                 Ok(()) => {
                     if self.outage.is_down() {
@@ -159,13 +209,34 @@ impl Planner {
                     }
                     self.outage.ok("planner");
                 }
-                Err(e) => {
-                    self.outage.failed("planner", &e);
-                    self.client = None;
-                }
+                Err(e) => self.outage.failed("planner", &e),
             }
         }
         self.reform_collective();
+    }
+
+    /// Registers the router (and its planner campaign) once discovery answers; false while
+    /// it does not.
+    async fn register(&mut self) -> bool {
+        if self.registration.is_some() {
+            return true;
+        }
+        let ctx = &self.ctx;
+        let registered = ctx
+            .discovery
+            .register_router(&ctx.view.router_id, &ctx.router_address, ctx.lease_ttl)
+            .await;
+        match registered {
+            Ok(r) => {
+                self.registration = Some(r);
+                true
+            }
+            Err(e) => {
+                self.outage.failed("planner", &e);
+                ctx.view.is_planner.store(false, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     /// A new communicator for the served epoch when its last one failed and the backoff is
@@ -256,191 +327,260 @@ impl Planner {
         self.pending_load = Some((ratio, window_load));
     }
 
-    async fn plan_once(&mut self) -> Result<(), moe_cluster::ClusterError> {
-        let Some(client) = self.client.as_mut() else {
-            return Ok(());
-        };
-        let ctx = &self.ctx;
-        let membership = list_nodes(client, &ctx.keys).await?;
-        ctx.view.set_membership(membership.clone());
-        let local_suspects = ctx.view.suspects(ctx.suspect_ttl, &membership);
+    /// Reads the cluster; as the planner, plans and commits the next epoch; then follows the
+    /// newest epoch.
+    async fn plan_once(&mut self) -> Result<(), RoundError> {
+        let snapshot = self.ctx.discovery.snapshot().await?;
+        let (local_suspects, is_planner) = self.observe(&snapshot.members);
+        let pending_load = self.pending_load.take();
+        let mut latest = snapshot.placement.clone();
+        if is_planner {
+            if let Some(planned) = self.plan(&snapshot, &local_suspects, pending_load)? {
+                match self.commit(planned, &snapshot).await? {
+                    Some(committed) => latest = Some(committed),
+                    None => return Ok(()),
+                }
+            }
+            self.clear_finished_drains(&snapshot.members, latest.as_ref())
+                .await?;
+        }
+        if let Some(latest) = latest {
+            self.follow(latest, &snapshot.members).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes what the snapshot says: the membership to the view, this router's suspect
+    /// reports and planner role. Returns the local suspects and whether this is the planner.
+    fn observe(&mut self, membership: &Membership) -> (Vec<(String, String)>, bool) {
+        let view = &self.ctx.view;
+        view.set_membership(membership.clone());
+        let local_suspects = view.suspects(self.ctx.suspect_ttl, membership);
         let is_planner = self.registration.as_ref().is_some_and(|r| r.is_planner());
         if let Some(r) = &self.registration {
             r.set_suspects(&local_suspects);
         }
         if is_planner != self.was_planner {
-            tracing::info!(
-                router_id = %ctx.view.router_id,
-                is_planner,
-                "planner role changed"
-            );
+            tracing::info!(router_id = %view.router_id, is_planner, "planner role changed");
             self.was_planner = is_planner;
         }
-        ctx.view.is_planner.store(is_planner, Ordering::Relaxed);
-        if let Ok(mut p) = ctx.view.planner_id.write() {
+        view.is_planner.store(is_planner, Ordering::Relaxed);
+        if let Ok(mut p) = view.planner_id.write() {
             *p = membership.planner.clone();
         }
-        let mut store = PlacementStore::new(client.clone(), ctx.keys.clone());
-        let (mut current, revision) = store.read().await?;
-        let pending_load = self.pending_load.take();
-        if is_planner {
-            let planner_id = ctx.view.router_id.as_str();
-            let stale = current
-                .as_ref()
-                .is_some_and(|p| p.fingerprint != ctx.fingerprint);
-            let mut live = eligible(ctx, &membership, &local_suspects);
-            if self.connected_at.elapsed() < ctx.membership_grace || self.outage.is_down() {
-                // Just back in touch with etcd: nodes of the placement that have not
-                // re-registered yet are probably doing so; do not move their experts away.
-                if let Some(p) = current.as_ref().filter(|_| !stale) {
-                    for (id, a) in &p.nodes {
-                        if !membership.nodes.contains_key(id) {
-                            live.entry(id.clone()).or_insert_with(|| a.address.clone());
-                        }
-                    }
-                }
-            }
-            let current_nodes: Option<BTreeMap<String, String>> = current.as_ref().map(|p| {
-                p.nodes
-                    .iter()
-                    .map(|(id, a)| (id.clone(), a.address.clone()))
-                    .collect()
-            });
-            let epoch = current.as_ref().map(|p| p.epoch).unwrap_or(0) + 1;
-            let mut next = None;
-            let mut reason = String::new();
-            // Nodes the next epoch leaves out because a router saw them fail while their
-            // lease still lives (the crash path that does not wait for the lease TTL).
-            let mut suspected = Vec::new();
-            if !live.is_empty() && (stale || current_nodes.as_ref() != Some(&live)) {
-                let previous = current.as_ref().filter(|_| !stale);
-                let joined: Vec<&String> = live
-                    .keys()
-                    .filter(|id| current_nodes.as_ref().is_none_or(|c| !c.contains_key(*id)))
-                    .collect();
-                let left: Vec<&String> = current_nodes
-                    .iter()
-                    .flat_map(|c| c.keys())
-                    .filter(|id| !live.contains_key(*id))
-                    .collect();
-                suspected = suspects_left(&membership, &local_suspects, &left);
-                reason =
-                    format!("membership: joined {joined:?}, left {left:?} (suspect {suspected:?})");
-                next = Some(Placement::plan(
-                    epoch,
-                    &ctx.fingerprint,
-                    &ctx.moe_layers,
-                    ctx.num_experts,
-                    &live,
-                    previous,
-                )?);
-            } else if let (Some((ratio, load)), Some(p)) = (&pending_load, current.as_ref()) {
-                let serving_epoch = ctx.view.serving().map(|s| s.placement.epoch);
-                let policy = &ctx.rebalance;
-                let due = self
-                    .last_rebalance
-                    .is_none_or(|t| t.elapsed() >= policy.window * 2);
-                if policy.threshold > 0.0
-                    && *ratio > policy.threshold
-                    && due
-                    && serving_epoch == Some(p.epoch)
-                {
-                    let candidate = p.rebalance(epoch, load, policy.redundant_per_layer);
-                    let before = p.expected_imbalance(load);
-                    let after = candidate.expected_imbalance(load);
-                    if after < before * 0.95 && candidate != *p {
-                        reason = format!(
-                            "rebalance: measured imbalance {ratio:.2}, expected {before:.2} -> {after:.2}, {} replicas",
-                            candidate.replica_count()
-                        );
-                        next = Some(candidate);
-                    }
-                }
-            }
-            if let Some(next) = next {
-                match store.write(&next, revision, Some(planner_id)).await {
-                    Ok(()) => {
-                        let moved = current.as_ref().map(|c| c.moves_to(&next));
-                        tracing::info!(
-                            epoch = next.epoch,
-                            nodes = ?next.nodes.keys().collect::<Vec<_>>(),
-                            experts_moved = ?moved,
-                            %reason,
-                            "planned placement"
-                        );
-                        if reason.starts_with("rebalance") {
-                            self.last_rebalance = Some(Instant::now());
-                            ctx.view.rebalances.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if !suspected.is_empty() {
-                            ctx.view.suspect_replans.fetch_add(1, Ordering::Relaxed);
-                        }
-                        current = Some(next);
-                    }
-                    Err(moe_cluster::ClusterError::PlacementConflict(_)) => {
-                        tracing::info!(epoch, "another planner wrote first; following it");
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            // Drain requests for nodes that are gone and placed nowhere are done.
-            for id in &membership.drains {
-                let placed = current.as_ref().is_some_and(|p| p.nodes.contains_key(id));
-                if !membership.nodes.contains_key(id) && !placed {
-                    clear_drain(client, &ctx.keys, id).await?;
+        (local_suspects, is_planner)
+    }
+
+    /// The next epoch, if one is due: the usable nodes changed, or else the closed load
+    /// window was imbalanced enough to replicate hot experts.
+    fn plan(
+        &self,
+        snapshot: &Snapshot,
+        local_suspects: &[(String, String)],
+        pending_load: Option<(f64, HashMap<ExpertId, u64>)>,
+    ) -> Result<Option<Planned>, ClusterError> {
+        if let Some(planned) = self.membership_change(snapshot, local_suspects)? {
+            return Ok(Some(planned));
+        }
+        Ok(match (pending_load, snapshot.placement.as_ref()) {
+            (Some((measured, load)), Some(current)) => self.rebalance(current, measured, &load),
+            _ => None,
+        })
+    }
+
+    /// A placement over the usable nodes when they differ from the current placement's (or
+    /// it is for another checkpoint).
+    fn membership_change(
+        &self,
+        snapshot: &Snapshot,
+        local_suspects: &[(String, String)],
+    ) -> Result<Option<Planned>, ClusterError> {
+        let ctx = &self.ctx;
+        let membership = &snapshot.members;
+        let current = snapshot.placement.as_ref();
+        let stale = current.is_some_and(|p| p.fingerprint != ctx.fingerprint);
+        let previous = current.filter(|_| !stale);
+        let mut live = eligible(ctx, membership, local_suspects);
+        if self.connected_at.elapsed() < ctx.membership_grace || self.outage.is_down() {
+            // Just back in touch with etcd: nodes of the placement that have not
+            // re-registered yet are probably doing so; do not move their experts away.
+            for (id, a) in previous.iter().flat_map(|p| &p.nodes) {
+                if !membership.nodes.contains_key(id) {
+                    live.entry(id.clone()).or_insert_with(|| a.address.clone());
                 }
             }
         }
-        let Some(latest) = current else { return Ok(()) };
-        ctx.view.set_latest(latest.clone());
-        let serving_epoch = ctx.view.serving().map(|s| s.placement.epoch).unwrap_or(0);
+        let current_nodes: Option<BTreeMap<String, String>> = current.map(|p| {
+            p.nodes
+                .iter()
+                .map(|(id, a)| (id.clone(), a.address.clone()))
+                .collect()
+        });
+        if live.is_empty() || (!stale && current_nodes.as_ref() == Some(&live)) {
+            return Ok(None);
+        }
+        let joined: Vec<String> = live
+            .keys()
+            .filter(|id| current_nodes.as_ref().is_none_or(|c| !c.contains_key(*id)))
+            .cloned()
+            .collect();
+        let left: Vec<String> = current_nodes
+            .iter()
+            .flat_map(|c| c.keys())
+            .filter(|id| !live.contains_key(*id))
+            .cloned()
+            .collect();
+        // Nodes the next epoch leaves out because a router saw them fail while their lease
+        // still lives (the crash path that does not wait for the lease TTL).
+        let suspected = suspects_left(membership, local_suspects, &left);
+        let epoch = current.map(|p| p.epoch).unwrap_or(0) + 1;
+        let placement = Placement::plan(
+            epoch,
+            &ctx.fingerprint,
+            &ctx.moe_layers,
+            ctx.num_experts,
+            &live,
+            previous,
+        )?;
+        let why = Why::Membership {
+            joined,
+            left,
+            suspected,
+        };
+        Ok(Some(Planned { placement, why }))
+    }
+
+    /// The current placement with replicas of the hottest experts, when the measured
+    /// imbalance passed the threshold, the last rebalance is two windows old, this router
+    /// serves the current epoch, and the replicas would cut the expected imbalance by 5 %.
+    fn rebalance(
+        &self,
+        current: &Placement,
+        measured: f64,
+        load: &HashMap<ExpertId, u64>,
+    ) -> Option<Planned> {
+        let policy = &self.ctx.rebalance;
+        let serving_epoch = self.ctx.view.serving().map(|s| s.placement.epoch);
+        let due = self
+            .last_rebalance
+            .is_none_or(|t| t.elapsed() >= policy.window * 2);
+        let wanted = policy.threshold > 0.0
+            && measured > policy.threshold
+            && due
+            && serving_epoch == Some(current.epoch);
+        if !wanted {
+            return None;
+        }
+        let candidate = current.rebalance(current.epoch + 1, load, policy.redundant_per_layer);
+        let before = current.expected_imbalance(load);
+        let after = candidate.expected_imbalance(load);
+        if after >= before * 0.95 || candidate == *current {
+            return None;
+        }
+        let why = Why::Rebalance {
+            measured,
+            before,
+            after,
+            replicas: candidate.replica_count(),
+        };
+        Some(Planned {
+            placement: candidate,
+            why,
+        })
+    }
+
+    /// Writes `planned`, guarded by the placement revision of `snapshot` and this router's
+    /// planner key. None when another planner wrote first (this round then follows it).
+    async fn commit(
+        &mut self,
+        planned: Planned,
+        snapshot: &Snapshot,
+    ) -> Result<Option<Placement>, DiscoveryError> {
+        let Planned {
+            placement: next,
+            why,
+        } = planned;
+        let written = self
+            .ctx
+            .discovery
+            .write_placement(&next, snapshot.placement_revision, &self.ctx.view.router_id)
+            .await;
+        match written {
+            Ok(()) => {}
+            Err(DiscoveryError::PlacementConflict(epoch)) => {
+                tracing::info!(epoch, "another planner wrote first; following it");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let moved = snapshot.placement.as_ref().map(|c| c.moves_to(&next));
+        tracing::info!(
+            epoch = next.epoch,
+            nodes = ?next.nodes.keys().collect::<Vec<_>>(),
+            experts_moved = ?moved,
+            reason = %why,
+            "planned placement"
+        );
+        let view = &self.ctx.view;
+        match &why {
+            Why::Rebalance { .. } => {
+                self.last_rebalance = Some(Instant::now());
+                view.rebalances.fetch_add(1, Ordering::Relaxed);
+            }
+            Why::Membership { suspected, .. } if !suspected.is_empty() => {
+                view.suspect_replans.fetch_add(1, Ordering::Relaxed);
+            }
+            Why::Membership { .. } => {}
+        }
+        Ok(Some(next))
+    }
+
+    /// Drain requests for nodes that are gone and placed nowhere are done.
+    async fn clear_finished_drains(
+        &self,
+        membership: &Membership,
+        latest: Option<&Placement>,
+    ) -> Result<(), DiscoveryError> {
+        for id in &membership.drains {
+            let placed = latest.is_some_and(|p| p.nodes.contains_key(id));
+            if !membership.nodes.contains_key(id) && !placed {
+                self.ctx.discovery.clear_drain(id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the newest placement and switches to it once every node of it is ready:
+    /// links, the epoch's collective, the serving epoch published, health SERVING.
+    async fn follow(&mut self, latest: Placement, membership: &Membership) {
+        self.ctx.view.set_latest(latest.clone());
+        let serving_epoch = self
+            .ctx
+            .view
+            .serving()
+            .map(|s| s.placement.epoch)
+            .unwrap_or(0);
         if let Some(r) = &self.registration {
             r.set_serving_epoch(serving_epoch);
         }
-        if latest.epoch <= serving_epoch || latest.fingerprint != ctx.fingerprint {
-            return Ok(());
+        if latest.epoch <= serving_epoch || latest.fingerprint != self.ctx.fingerprint {
+            return;
         }
         let all_ready = latest
             .nodes
             .keys()
             .all(|id| membership.ready.get(id).is_some_and(|&e| e >= latest.epoch));
         if !all_ready {
-            return Ok(());
+            return;
         }
-        let mut epoch_links = Vec::with_capacity(latest.nodes.len());
-        for (id, assignment) in &latest.nodes {
-            // The node's published batch bound (0 from nodes before it: then the router's).
-            let max_rows = membership
-                .nodes
-                .get(id)
-                .map(|r| r.max_batch_rows as usize)
-                .filter(|&rows| rows > 0)
-                .unwrap_or(ctx.max_batch_rows);
-            let link = match self.links.get(id) {
-                Some(l) if l.address == assignment.address && l.max_rows == max_rows => {
-                    Arc::clone(l)
-                }
-                _ => {
-                    let l = NodeLink::connect(
-                        id.clone(),
-                        assignment.address.clone(),
-                        max_rows,
-                        &ctx.links,
-                    );
-                    self.links.insert(id.clone(), Arc::clone(&l));
-                    l
-                }
-            };
-            epoch_links.push(link);
-        }
-        self.links.retain(|id, _| latest.nodes.contains_key(id));
+        let epoch_links = self.epoch_links(&latest, membership);
         tracing::info!(
             epoch = latest.epoch,
             previous = serving_epoch,
             nodes = ?latest.nodes.keys().collect::<Vec<_>>(),
             "serving on new placement"
         );
+        let ctx = &self.ctx;
         let epoch = latest.epoch;
         ctx.view
             .set_serving(ServingPlacement::new(latest, epoch_links));
@@ -451,7 +591,7 @@ impl Planner {
             crate::collective::start_for_epoch(
                 &ctx.collective,
                 serving,
-                &membership,
+                membership,
                 self.registration.as_ref(),
             );
         }
@@ -461,7 +601,43 @@ impl Planner {
         ctx.health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        Ok(())
+    }
+
+    /// A link to each node of `placement`, reusing those whose address and batch bound did
+    /// not change; links to nodes it leaves out are dropped.
+    fn epoch_links(
+        &mut self,
+        placement: &Placement,
+        membership: &Membership,
+    ) -> Vec<Arc<NodeLink>> {
+        let mut epoch_links = Vec::with_capacity(placement.nodes.len());
+        for (id, assignment) in &placement.nodes {
+            // The node's published batch bound (0 from nodes before it: then the router's).
+            let max_rows = membership
+                .nodes
+                .get(id)
+                .map(|r| r.max_batch_rows as usize)
+                .filter(|&rows| rows > 0)
+                .unwrap_or(self.ctx.max_batch_rows);
+            let link = match self.links.get(id) {
+                Some(l) if l.address == assignment.address && l.max_rows == max_rows => {
+                    Arc::clone(l)
+                }
+                _ => {
+                    let l = NodeLink::connect(
+                        id.clone(),
+                        assignment.address.clone(),
+                        max_rows,
+                        &self.ctx.links,
+                    );
+                    self.links.insert(id.clone(), Arc::clone(&l));
+                    l
+                }
+            };
+            epoch_links.push(link);
+        }
+        self.links.retain(|id, _| placement.nodes.contains_key(id));
+        epoch_links
     }
 }
 
@@ -470,7 +646,7 @@ impl Planner {
 fn suspects_left(
     membership: &Membership,
     local_suspects: &[(String, String)],
-    left: &[&String],
+    left: &[String],
 ) -> Vec<String> {
     left.iter()
         .map(|id| id.as_str())
@@ -512,7 +688,10 @@ fn eligible(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_cluster::membership::NodeRecord;
+    use moe_cluster::collective::{RootSettings, Transport};
+    use moe_cluster::discovery::{MemoryStore, NodeRecord, NodeRegistration};
+
+    const TTL: Duration = Duration::from_secs(3);
 
     /// A registered node (from its JSON, so that fields added later keep their defaults).
     fn record(instance: &str) -> NodeRecord {
@@ -542,8 +721,170 @@ mod tests {
             ("expired".to_string(), "e".to_string()),
         ];
         let ids = ["local", "remote", "restarted", "drained", "expired"].map(String::from);
-        let left: Vec<&String> = ids.iter().collect();
-        assert_eq!(suspects_left(&m, &local, &left), vec!["local", "remote"]);
+        assert_eq!(suspects_left(&m, &local, &ids), vec!["local", "remote"]);
         assert!(suspects_left(&m, &local, &[]).is_empty());
+    }
+
+    /// Router `r1`'s planner over `discovery`: 2 MoE layers of 8 experts, gRPC data plane.
+    fn context(discovery: &Discovery) -> PlannerContext {
+        PlannerContext {
+            discovery: discovery.clone(),
+            router_address: "127.0.0.1:2".into(),
+            fingerprint: "f".into(),
+            moe_layers: vec![1, 2],
+            num_experts: 8,
+            view: Arc::new(ClusterView::new("r1".into())),
+            health: tonic_health::server::health_reporter().0,
+            poll: Duration::from_millis(50),
+            lease_ttl: TTL,
+            suspect_ttl: Duration::from_secs(30),
+            membership_grace: Duration::ZERO,
+            links: crate::node_link::LinkSettings {
+                max_dispatch_bytes: 1 << 20,
+                max_combine_bytes: 1 << 20,
+                timeout: Duration::from_secs(1),
+                tls: None,
+                token: None,
+            },
+            max_batch_rows: 64,
+            collective: crate::collective::CollectiveSettings {
+                transport: Transport::Grpc,
+                root: RootSettings {
+                    tcp_bind: "127.0.0.1:0".into(),
+                    tcp_advertise_host: None,
+                    token: None,
+                    max_frame_bytes: 1 << 20,
+                    #[cfg(feature = "cuda")]
+                    nccl_stream: None,
+                },
+                timeout: Duration::from_secs(1),
+            },
+            rebalance: RebalancePolicy {
+                threshold: 0.0,
+                window: Duration::from_secs(30),
+                min_pairs: 1,
+                redundant_per_layer: 1,
+            },
+        }
+    }
+
+    async fn register(discovery: &Discovery, id: &str, instance: &str) -> NodeRegistration {
+        let mut record = record(instance);
+        record.state = NodeState::Joining;
+        discovery.register_node(id, record, TTL).await.unwrap()
+    }
+
+    /// A planner registered and elected (its campaign runs at the lease's first keep-alive).
+    async fn elected(discovery: &Discovery) -> Planner {
+        let mut planner = Planner::new(context(discovery));
+        assert!(planner.register().await);
+        let registration = planner.registration.as_ref().unwrap();
+        let elected = tokio::time::timeout(Duration::from_secs(5), registration.elected());
+        elected.await.expect("elected at the first keep-alive");
+        planner
+    }
+
+    async fn placed_nodes(discovery: &Discovery) -> (u64, Vec<String>) {
+        let placement = discovery.snapshot().await.unwrap().placement.unwrap();
+        (placement.epoch, placement.nodes.keys().cloned().collect())
+    }
+
+    #[tokio::test]
+    async fn a_round_places_every_expert_on_the_registered_nodes_but_a_suspect_one() {
+        let discovery = Discovery::in_memory(&MemoryStore::new(), "c");
+        let _nodes = [
+            register(&discovery, "n1", "a").await,
+            register(&discovery, "n2", "b").await,
+            register(&discovery, "n3", "c").await,
+        ];
+        let mut planner = elected(&discovery).await;
+        // Another router saw n3 fail.
+        let other = discovery
+            .register_router("r2", "127.0.0.1:3", TTL)
+            .await
+            .unwrap();
+        other.set_suspects(&[("n3".into(), "c".into())]);
+        let mut published = false;
+        for _ in 0..500 {
+            published = discovery.snapshot().await.unwrap().members.is_suspect("n3");
+            if published {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(published, "the suspect report is published");
+
+        planner.round().await;
+        let snapshot = discovery.snapshot().await.unwrap();
+        let placement = snapshot.placement.clone().expect("a first placement");
+        assert_eq!(placement.epoch, 1);
+        assert_eq!(placement.nodes.keys().collect::<Vec<_>>(), ["n1", "n2"]);
+        assert_eq!(placement.holders().len(), 2 * 8, "every expert placed");
+        let view = &planner.ctx.view;
+        assert!(view.is_planner.load(Ordering::Relaxed));
+        assert_eq!(view.latest(), Some(placement));
+        assert!(view.serving().is_none(), "no node is ready yet");
+        assert_eq!(view.suspect_replans.load(Ordering::Relaxed), 0);
+
+        // Nothing changed: the next round writes nothing.
+        planner.round().await;
+        let again = discovery.snapshot().await.unwrap();
+        assert_eq!(again.placement_revision, snapshot.placement_revision);
+    }
+
+    #[tokio::test]
+    async fn a_failed_node_is_planned_out_and_a_router_not_planner_only_follows() {
+        let discovery = Discovery::in_memory(&MemoryStore::new(), "c");
+        let _nodes = [
+            register(&discovery, "n1", "a").await,
+            register(&discovery, "n2", "b").await,
+        ];
+        let mut planner = elected(&discovery).await;
+        planner.round().await;
+        assert_eq!(
+            placed_nodes(&discovery).await,
+            (1, vec!["n1".into(), "n2".into()])
+        );
+        let mut follower = Planner::new(PlannerContext {
+            view: Arc::new(ClusterView::new("r2".into())),
+            ..context(&discovery)
+        });
+
+        // This router's data plane saw n2 fail: the next epoch leaves it out at once.
+        planner
+            .ctx
+            .view
+            .set_membership(discovery.snapshot().await.unwrap().members);
+        assert!(planner.ctx.view.suspect("n2", "stream broken"));
+        planner.round().await;
+        assert_eq!(placed_nodes(&discovery).await, (2, vec!["n1".into()]));
+        assert_eq!(planner.ctx.view.suspect_replans.load(Ordering::Relaxed), 1);
+
+        follower.round().await;
+        assert!(!follower.ctx.view.is_planner.load(Ordering::Relaxed));
+        assert_eq!(follower.ctx.view.latest().map(|p| p.epoch), Some(2));
+        assert_eq!(
+            placed_nodes(&discovery).await.0,
+            2,
+            "the follower wrote nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drained_node_is_planned_out_and_its_request_cleared_once_it_is_gone() {
+        let discovery = Discovery::in_memory(&MemoryStore::new(), "c");
+        let n1 = register(&discovery, "n1", "a").await;
+        let _n2 = register(&discovery, "n2", "b").await;
+        let mut planner = elected(&discovery).await;
+        planner.round().await;
+        discovery.request_drain("n1").await.unwrap();
+        planner.round().await;
+        assert_eq!(placed_nodes(&discovery).await, (2, vec!["n2".into()]));
+        let drains = || async { discovery.snapshot().await.unwrap().members.drains };
+        assert_eq!(drains().await, ["n1"], "kept while the node is registered");
+        n1.shutdown().await;
+        planner.round().await;
+        assert!(drains().await.is_empty());
+        assert_eq!(placed_nodes(&discovery).await.0, 2);
     }
 }

@@ -19,19 +19,19 @@ use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelError;
 use moe_proto::v1::{GenerateResponse, TopLogprobs, Usage};
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use crate::detokenize::IncrementalText;
 use crate::dispatch::RemoteExperts;
+use crate::error::RouterError;
 use crate::kv_blocks::{KvBlocks, KvReservation};
-use crate::metrics::{Outcome, RequestMetrics};
+use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
 use crate::validation::ValidRequest;
 
 /// Links from a step span to the other requests of its batch, at most.
 const MAX_STEP_LINKS: usize = 64;
 
-pub type ResponseSender = mpsc::Sender<Result<GenerateResponse, Status>>;
+pub type ResponseSender = mpsc::Sender<Result<GenerateResponse, RouterError>>;
 
 /// A validated request and where to stream its answer.
 pub struct Submission {
@@ -75,6 +75,31 @@ struct Sequence {
     last_token_at: Option<Instant>,
     trace: RequestTrace,
     _blocks: KvReservation,
+}
+
+impl Sequence {
+    /// The `n` tokens a step feeds it: its next prompt chunk, or the token it sampled last.
+    fn next_tokens(&self, n: usize) -> Vec<u32> {
+        if self.prefilled < self.request.input_ids.len() {
+            self.request.input_ids[self.prefilled..self.prefilled + n].to_vec()
+        } else {
+            vec![*self
+                .output
+                .last()
+                .expect("a decoding sequence has sampled a token")]
+        }
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+struct Feed {
+    /// Its index in the running batch.
+    seq: usize,
+    /// Tokens fed: 1 for a decode, a chunk of the prompt for a prefill.
+    tokens: usize,
+    /// Whether a token is sampled after them (a decode, or the prompt's last chunk).
+    samples: bool,
 }
 
 pub struct Scheduler {
@@ -132,12 +157,9 @@ impl Scheduler {
                 if !waiting.is_empty() {
                     // Blocks are held by nobody and the head still does not fit: refuse it.
                     if let Some(mut s) = waiting.pop_front() {
-                        let message =
-                            "the request needs more KV cache than the router's whole budget";
-                        s.trace.failed(message);
-                        let _ = s
-                            .responses
-                            .try_send(Err(Status::resource_exhausted(message)));
+                        let error = RouterError::KvBudget;
+                        s.trace.failed(&error.to_string());
+                        let _ = s.responses.try_send(Err(error));
                     }
                 }
                 continue;
@@ -179,23 +201,7 @@ impl Scheduler {
 
     /// One model step over the running sequences.
     fn step(&self, running: &mut Vec<Sequence>) {
-        let mut budget = self.config.max_batch_tokens.max(1);
-        // (index in running, tokens fed this step, sample after it)
-        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
-        for (i, s) in running.iter().enumerate() {
-            if s.prefilled == s.request.input_ids.len() && budget > 0 {
-                plan.push((i, 1, true));
-                budget -= 1;
-            }
-        }
-        for (i, s) in running.iter().enumerate() {
-            let remaining = s.request.input_ids.len() - s.prefilled;
-            if remaining > 0 && budget > 0 {
-                let chunk = remaining.min(budget);
-                plan.push((i, chunk, chunk == remaining));
-                budget -= chunk;
-            }
-        }
+        let plan = self.plan(running);
         if plan.is_empty() {
             return;
         }
@@ -204,130 +210,149 @@ impl Scheduler {
         self.experts.next_step(step_span.clone());
         self.metrics
             .step_tokens
-            .observe(plan.iter().map(|p| p.1).sum::<usize>() as f64);
-        let logits = {
-            let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
-            for &(i, n, _) in &plan {
-                let s = &running[i];
-                feeds.push(if s.prefilled < s.request.input_ids.len() {
-                    s.request.input_ids[s.prefilled..s.prefilled + n].to_vec()
-                } else {
-                    vec![*s
-                        .output
-                        .last()
-                        .expect("a decoding sequence has sampled a token")]
-                });
-            }
-            let mut chosen: Vec<Option<&mut Sequence>> = running.iter_mut().map(Some).collect();
-            let mut step: Vec<StepSequence<'_>> = Vec::with_capacity(plan.len());
-            for (k, &(i, _, _)) in plan.iter().enumerate() {
-                let s = chosen[i]
-                    .take()
-                    .expect("each sequence appears once in a step");
-                step.push(StepSequence {
-                    cache: &mut s.cache,
-                    tokens: &feeds[k],
-                    all_logits: false,
-                });
-            }
-            let tokens: Vec<usize> = step.iter().map(|s| s.tokens.len()).collect();
-            let cuts = crate::micro_batch::split_points(&tokens, self.config.micro_batches);
-            if !cuts.is_empty() {
-                self.stats
-                    .micro_batched_steps
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            let logits =
-                crate::micro_batch::forward(self.dense.as_ref(), &self.experts, &mut step, &cuts);
-            self.experts.end_step();
-            logits
-        };
-        let logits = match logits {
-            Ok(l) => {
+            .observe(plan.iter().map(|f| f.tokens).sum::<usize>() as f64);
+        match self.forward(running, &plan) {
+            Ok(logits) => {
                 if let Some(since) = self.stalled_since.take() {
                     tracing::info!(stalled_for = ?since.elapsed(), "steps succeed again");
                 }
-                l
+                self.advance(running, &plan, &logits);
             }
-            Err(e) => {
-                // Caches were rolled back, so the step can run again once the cluster recovers
-                // (a new epoch without the failed node): the requests just wait.
-                let since = *self.stalled_since.get().get_or_insert_with(Instant::now);
-                self.stalled_since.set(Some(since));
-                let retryable = matches!(e, ModelError::ExpertBackend(_));
-                if retryable && since.elapsed() < self.config.recovery_timeout {
-                    tracing::warn!(error = %e, "step failed; retrying it");
-                    std::thread::sleep(Duration::from_millis(20));
-                    return;
-                }
-                tracing::error!(error = %e, stalled_for = ?since.elapsed(), "step failed; failing its requests");
-                self.stalled_since.set(None);
-                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                for &i in &failed {
-                    self.metrics.finished(Outcome::Error);
-                    running[i]
-                        .trace
-                        .failed(&format!("expert dispatch failed: {e}"));
-                    let _ = running[i]
-                        .responses
-                        .try_send(Err(Status::unavailable(format!(
-                            "expert dispatch failed: {e}"
-                        ))));
-                }
-                let mut index = 0;
-                running.retain(|_| {
-                    let keep = !failed.contains(&index);
-                    index += 1;
-                    keep
+            Err(e) => self.step_failed(running, &plan, e),
+        }
+    }
+
+    /// What this step feeds: one token of every decoding sequence, then prefill chunks while
+    /// the token budget lasts.
+    fn plan(&self, running: &[Sequence]) -> Vec<Feed> {
+        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut plan = Vec::new();
+        for (seq, s) in running.iter().enumerate() {
+            if s.prefilled == s.request.input_ids.len() && budget > 0 {
+                plan.push(Feed {
+                    seq,
+                    tokens: 1,
+                    samples: true,
                 });
-                return;
+                budget -= 1;
             }
-        };
+        }
+        for (seq, s) in running.iter().enumerate() {
+            let remaining = s.request.input_ids.len() - s.prefilled;
+            if remaining > 0 && budget > 0 {
+                let chunk = remaining.min(budget);
+                plan.push(Feed {
+                    seq,
+                    tokens: chunk,
+                    samples: chunk == remaining,
+                });
+                budget -= chunk;
+            }
+        }
+        plan
+    }
+
+    /// Runs the model over the planned tokens, as micro-batches when `--micro-batches` cuts
+    /// the step; one row of logits per feed. On an error every cache is as before the step.
+    fn forward(&self, running: &mut [Sequence], plan: &[Feed]) -> moe_model::Result<Vec<Vec<f32>>> {
+        let feeds: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|f| running[f.seq].next_tokens(f.tokens))
+            .collect();
+        let mut chosen: Vec<Option<&mut Sequence>> = running.iter_mut().map(Some).collect();
+        let mut step: Vec<StepSequence<'_>> = plan
+            .iter()
+            .zip(&feeds)
+            .map(|(f, tokens)| {
+                let s = chosen[f.seq]
+                    .take()
+                    .expect("each sequence appears once in a step");
+                StepSequence {
+                    cache: &mut s.cache,
+                    tokens,
+                    all_logits: false,
+                }
+            })
+            .collect();
+        let tokens: Vec<usize> = plan.iter().map(|f| f.tokens).collect();
+        let cuts = crate::micro_batch::split_points(&tokens, self.config.micro_batches);
+        if !cuts.is_empty() {
+            self.stats
+                .micro_batched_steps
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let logits =
+            crate::micro_batch::forward(self.dense.as_ref(), &self.experts, &mut step, &cuts);
+        self.experts.end_step();
+        logits
+    }
+
+    /// Moves prefills on, samples where the plan says, streams the new tokens, and lets the
+    /// sequences that finished go.
+    fn advance(&self, running: &mut Vec<Sequence>, plan: &[Feed], logits: &[Vec<f32>]) {
         let mut finished = Vec::new();
-        for (k, &(i, n, sample)) in plan.iter().enumerate() {
-            let s = &mut running[i];
+        for (f, row) in plan.iter().zip(logits) {
+            let s = &mut running[f.seq];
             if s.prefilled < s.request.input_ids.len() {
-                s.prefilled += n;
+                s.prefilled += f.tokens;
             }
-            if !sample {
+            if !f.samples {
                 continue;
             }
-            let row = &logits[k];
             let token = s.sampler.sample(row);
             s.output.push(token);
             if self.emit(s, token, row) {
-                finished.push(i);
+                finished.push(f.seq);
             }
         }
-        let mut index = 0;
-        running.retain(|_| {
-            let keep = !finished.contains(&index);
-            index += 1;
-            keep
-        });
+        remove(running, &finished);
+    }
+
+    /// A step that failed left the caches as they were, so it can run again once the cluster
+    /// recovers (a new epoch without the failed node): the requests just wait. Past
+    /// `recovery_timeout`, or for an error that is not the cluster's, its requests fail.
+    fn step_failed(&self, running: &mut Vec<Sequence>, plan: &[Feed], e: ModelError) {
+        let since = self.stalled_since.get().unwrap_or_else(Instant::now);
+        self.stalled_since.set(Some(since));
+        let retryable = matches!(e, ModelError::ExpertBackend(_));
+        if retryable && since.elapsed() < self.config.recovery_timeout {
+            tracing::warn!(error = %e, "step failed; retrying it");
+            std::thread::sleep(Duration::from_millis(20));
+            return;
+        }
+        tracing::error!(error = %e, stalled_for = ?since.elapsed(), "step failed; failing its requests");
+        self.stalled_since.set(None);
+        let failed: Vec<usize> = plan.iter().map(|f| f.seq).collect();
+        for &i in &failed {
+            let error = RouterError::DispatchFailed(e.to_string());
+            self.metrics.finished(Outcome::Error);
+            running[i].trace.failed(&error.to_string());
+            let _ = running[i].responses.try_send(Err(error));
+        }
+        remove(running, &failed);
     }
 
     /// A `step` span for a sampled step (else a disabled one): the child of the first request
     /// in the batch, linked to the others, so each request's trace reaches the step.
-    fn step_span(&self, running: &[Sequence], plan: &[(usize, usize, bool)]) -> tracing::Span {
+    fn step_span(&self, running: &[Sequence], plan: &[Feed]) -> tracing::Span {
         if !moe_cluster::telemetry::sample_step() {
             return tracing::Span::none();
         }
-        let tokens: usize = plan.iter().map(|p| p.1).sum();
+        let tokens: usize = plan.iter().map(|f| f.tokens).sum();
         let decodes = plan
             .iter()
-            .filter(|&&(i, _, _)| running[i].prefilled == running[i].request.input_ids.len())
+            .filter(|f| running[f.seq].prefilled == running[f.seq].request.input_ids.len())
             .count();
         let span = tracing::info_span!(
             target: "moe_router",
-            parent: running[plan[0].0].trace.span(),
+            parent: running[plan[0].seq].trace.span(),
             "step",
             batch_size = plan.len() as u64,
             tokens = tokens as u64,
             decode_sequences = decodes as u64,
         );
-        for &(i, _, _) in plan.iter().skip(1).take(MAX_STEP_LINKS) {
-            moe_cluster::telemetry::add_link(&span, running[i].trace.span());
+        for f in plan.iter().skip(1).take(MAX_STEP_LINKS) {
+            moe_cluster::telemetry::add_link(&span, running[f.seq].trace.span());
         }
         span
     }
@@ -401,14 +426,22 @@ impl Scheduler {
     }
 }
 
+/// Lets the sequences at `indices` of `running` go (their KV blocks with them).
+fn remove(running: &mut Vec<Sequence>, indices: &[usize]) {
+    let mut index = 0;
+    running.retain(|_| {
+        let keep = !indices.contains(&index);
+        index += 1;
+        keep
+    });
+}
+
 /// Ends a request past its deadline (telling the client); true when it did.
 fn expired(request: &ValidRequest, responses: &ResponseSender) -> bool {
     if Instant::now() < request.deadline {
         return false;
     }
-    let _ = responses.try_send(Err(Status::deadline_exceeded(
-        "the request ran past its deadline (--request-timeout-ms)",
-    )));
+    let _ = responses.try_send(Err(RouterError::Deadline));
     true
 }
 

@@ -5,7 +5,8 @@ use moe_model::{ModelConfig, SamplingParams};
 use std::time::{Duration, Instant};
 
 use moe_proto::v1::GenerateRequest;
-use tonic::Status;
+
+use crate::error::RouterError;
 
 /// Limits that bound what one request may cost.
 #[derive(Debug, Clone)]
@@ -60,12 +61,12 @@ pub fn validate(
     config: &ModelConfig,
     tokenizer: &Tokenizer,
     limits: &RequestLimits,
-) -> Result<ValidRequest, Status> {
+) -> Result<ValidRequest, RouterError> {
     check_prompt(&req, limits)?;
     let input_ids = match req.prompt.take() {
         Some(text) => tokenizer
             .encode_prompt(&text)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            .map_err(|e| RouterError::invalid("prompt", e.to_string()))?,
         None => std::mem::take(&mut req.input_ids),
     };
     validate_ids(req, input_ids, config, limits)
@@ -92,28 +93,33 @@ pub fn default_max_prompt_bytes(
 
 /// Refuses a text of `bytes` bytes over `limit` (`--max-prompt-bytes`), naming `field`. Cheap:
 /// it runs before any tokenizer call.
-pub fn check_prompt_bytes(bytes: usize, limit: usize, field: &str) -> Result<(), Status> {
+pub fn check_prompt_bytes(
+    bytes: usize,
+    limit: usize,
+    field: &'static str,
+) -> Result<(), RouterError> {
     if bytes > limit {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {bytes} bytes; the limit is {limit} bytes (--max-prompt-bytes)"
-        )));
+        return Err(RouterError::invalid(
+            field,
+            format!("{field} is {bytes} bytes; the limit is {limit} bytes (--max-prompt-bytes)"),
+        ));
     }
     Ok(())
 }
 
 /// The checks before tokenizing: exactly one of prompt and input_ids, a prompt neither empty
 /// nor over `max_prompt_bytes`.
-pub fn check_prompt(req: &GenerateRequest, limits: &RequestLimits) -> Result<(), Status> {
+pub fn check_prompt(req: &GenerateRequest, limits: &RequestLimits) -> Result<(), RouterError> {
     match (&req.prompt, req.input_ids.is_empty()) {
-        (Some(_), false) => Err(Status::invalid_argument(
+        (Some(_), false) => Err(RouterError::unnamed(
             "give exactly one of prompt or input_ids, not both",
         )),
-        (None, true) => Err(Status::invalid_argument(
+        (None, true) => Err(RouterError::unnamed(
             "give exactly one of prompt or input_ids",
         )),
         (Some(text), true) => {
             if text.is_empty() {
-                return Err(Status::invalid_argument("prompt is empty"));
+                return Err(RouterError::invalid("prompt", "prompt is empty"));
             }
             check_prompt_bytes(text.len(), limits.max_prompt_bytes, "prompt")
         }
@@ -122,71 +128,76 @@ pub fn check_prompt(req: &GenerateRequest, limits: &RequestLimits) -> Result<(),
 }
 
 /// The checks after tokenizing: `input_ids` are the prompt's tokens (or the request's own ids);
-/// `req.prompt` and `req.input_ids` are not looked at.
+/// `req.prompt` and `req.input_ids` are not looked at. Errors name as `param` only the fields
+/// that the OpenAI API spells the same (a chat's prompt tokens come from `messages`, its
+/// `max_new_tokens` from `max_tokens`).
 pub fn validate_ids(
     req: GenerateRequest,
     input_ids: Vec<u32>,
     config: &ModelConfig,
     limits: &RequestLimits,
-) -> Result<ValidRequest, Status> {
+) -> Result<ValidRequest, RouterError> {
     if input_ids.len() > limits.max_prompt_tokens {
-        return Err(Status::invalid_argument(format!(
+        return Err(RouterError::unnamed(format!(
             "prompt has {} tokens; the limit is {}",
             input_ids.len(),
             limits.max_prompt_tokens
         )));
     }
     if let Some(&id) = input_ids.iter().find(|&&t| t as usize >= config.vocab_size) {
-        return Err(Status::invalid_argument(format!(
+        return Err(RouterError::unnamed(format!(
             "input_ids: token id {id} is out of range (vocab_size {})",
             config.vocab_size
         )));
     }
     let max_new = req.max_new_tokens as usize;
     if max_new == 0 {
-        return Err(Status::invalid_argument(
-            "max_new_tokens must be at least 1",
-        ));
+        return Err(RouterError::unnamed("max_new_tokens must be at least 1"));
     }
     let max_pos = config.max_position_embeddings;
     if input_ids.len() + max_new > max_pos {
-        return Err(Status::invalid_argument(format!(
+        return Err(RouterError::unnamed(format!(
             "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings ({max_pos})",
             input_ids.len()
         )));
     }
     let temperature = req.temperature.unwrap_or(1.0);
     if !temperature.is_finite() || temperature < 0.0 {
-        return Err(Status::invalid_argument(format!(
-            "temperature must be >= 0, got {temperature}"
-        )));
+        return Err(RouterError::invalid(
+            "temperature",
+            format!("temperature must be >= 0, got {temperature}"),
+        ));
     }
     let top_p = req.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(Status::invalid_argument(format!(
-            "top_p must be in (0, 1], got {top_p}"
-        )));
+        return Err(RouterError::invalid(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
     }
     if req.stop.len() > limits.max_stop_strings {
-        return Err(Status::invalid_argument(format!(
-            "at most {} stop strings",
-            limits.max_stop_strings
-        )));
+        return Err(RouterError::invalid(
+            "stop",
+            format!("at most {} stop strings", limits.max_stop_strings),
+        ));
     }
     if let Some(s) = req
         .stop
         .iter()
         .find(|s| s.is_empty() || s.len() > limits.max_stop_len)
     {
-        return Err(Status::invalid_argument(format!(
-            "stop strings must be 1 to {} bytes, got {} bytes",
-            limits.max_stop_len,
-            s.len()
-        )));
+        return Err(RouterError::invalid(
+            "stop",
+            format!(
+                "stop strings must be 1 to {} bytes, got {} bytes",
+                limits.max_stop_len,
+                s.len()
+            ),
+        ));
     }
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if top_logprobs > MAX_TOP_LOGPROBS {
-        return Err(Status::invalid_argument(format!(
+        return Err(RouterError::unnamed(format!(
             "top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {top_logprobs}"
         )));
     }
@@ -239,12 +250,18 @@ mod tests {
         assert!(check(vec!["a".into(); 16]).is_ok());
         let err = check(vec!["a".into(); 17]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains("at most 16 stop strings"), "{err:?}");
+        assert!(
+            err.to_string().contains("at most 16 stop strings"),
+            "{err:?}"
+        );
         assert!(check(vec!["x".repeat(256)]).is_ok());
         let err = check(vec!["x".repeat(257)]).unwrap_err();
-        assert!(err.message().contains("1 to 256 bytes, got 257"), "{err:?}");
+        assert!(
+            err.to_string().contains("1 to 256 bytes, got 257"),
+            "{err:?}"
+        );
         let err = check(vec![String::new()]).unwrap_err();
-        assert!(err.message().contains("got 0 bytes"), "{err:?}");
+        assert!(err.to_string().contains("got 0 bytes"), "{err:?}");
     }
 
     #[test]
@@ -263,7 +280,7 @@ mod tests {
         let err = validate(prompt("0123456789a"), &config, &tokenizer, &limits).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(
-            err.message()
+            err.to_string()
                 .contains("prompt is 11 bytes; the limit is 10 bytes (--max-prompt-bytes)"),
             "{err:?}"
         );

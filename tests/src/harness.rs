@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use moe_cluster::local::{LocalCluster, LocalClusterSpec};
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, GenerateRequest};
+use moe_tooling::{find_in_path, ExpectedAnswer, LocalCluster, LocalClusterSpec};
 use tonic::transport::Channel;
 
 /// `target/<profile>/` of the running test.
@@ -35,12 +35,7 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 pub fn etcd_binary() -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join("etcd"))
-                .find(|p| p.exists())
-        })
+    find_in_path("etcd")
         .expect("etcd is not on PATH (apt-get install etcd-server; .ci/run does it)")
 }
 
@@ -98,23 +93,6 @@ pub async fn wait_serving(cluster: &LocalCluster, nodes: usize) -> ClusterStatus
     }
 }
 
-/// A greedy request for `ids`.
-pub fn greedy(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        top_logprobs: None,
-        prompt: None,
-        input_ids: ids.to_vec(),
-        max_new_tokens,
-        temperature: Some(0.0),
-        top_p: None,
-        top_k: None,
-        seed: None,
-        stop: vec![],
-        ignore_eos: true,
-        logprobs: true,
-    }
-}
-
 /// What a Generate stream returned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Streamed {
@@ -159,25 +137,11 @@ pub async fn generate(
 pub fn expected_answers(
     engine: &moe_model::Engine,
     requests: &[(Vec<u32>, u32)],
-) -> Vec<moe_cluster::load::ExpectedAnswer> {
+) -> Vec<ExpectedAnswer> {
     requests
         .iter()
         .map(|(ids, n)| {
-            let out = engine
-                .generate(&moe_model::GenerateRequest {
-                    input_ids: ids.clone(),
-                    max_new_tokens: *n as usize,
-                    sampling: moe_model::SamplingParams::default(),
-                    ignore_eos: true,
-                    emit_logits: false,
-                })
-                .expect("offline generation");
-            moe_cluster::load::ExpectedAnswer {
-                input_ids: ids.clone(),
-                max_new_tokens: *n,
-                output_ids: out.output_ids,
-                logprobs: out.logprobs,
-            }
+            ExpectedAnswer::from_engine(engine, ids.clone(), *n).expect("offline generation")
         })
         .collect()
 }

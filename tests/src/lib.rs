@@ -4,23 +4,14 @@ pub mod fuzz;
 pub mod harness;
 pub mod otlp;
 
+pub use moe_tooling::fixture_dir;
+
 use std::path::{Path, PathBuf};
 
 use moe_model::checkpoint::SafetensorsFile;
 use serde_json::Value;
 
 pub const FIXTURES: [&str; 3] = ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"];
-
-/// `tests/fixtures/<name>`; `MOE_FIXTURES_DIR` points elsewhere (a test binary built on one
-/// machine and run on another, as `ops/gpu-check.sh` does).
-pub fn fixture_dir(name: &str) -> PathBuf {
-    match std::env::var_os("MOE_FIXTURES_DIR") {
-        Some(dir) => PathBuf::from(dir).join(name),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join(name),
-    }
-}
 
 /// One golden case: prompt, ids and transformers' logits.
 pub struct GoldenCase {

@@ -10,16 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use moe_cluster::load::{ExpectedAnswer, GreedyLoad};
-use moe_cluster::local::{LocalCluster, LocalClusterSpec};
 use moe_model::sampling::Rng;
-use moe_model::{Engine, GenerateRequest, SamplingParams};
+use moe_model::Engine;
 use moe_proto::v1::admin_client::AdminClient;
-use moe_proto::v1::{ClusterStatusRequest, DrainRequest};
+use moe_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, DrainRequest};
+use moe_tooling::{ExpectedAnswer, GreedyLoad, LoadReport, LocalCluster, LocalClusterSpec};
 use serde_json::json;
 
-use super::remote::endpoint;
-use super::up::{find_in_path, sibling};
+use crate::local::{local_spec, optional_flag, wait_serving};
+use crate::router_client::endpoint;
 
 #[derive(Args)]
 pub struct ChaosArgs {
@@ -66,23 +65,12 @@ fn expected_answers(args: &ChaosArgs, rng: &mut Rng) -> anyhow::Result<Vec<Expec
         .map(|_| {
             let len = 4 + (rng.next_u64() % 29) as usize;
             let ids: Vec<u32> = (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect();
-            let out = engine.generate(&GenerateRequest {
-                input_ids: ids.clone(),
-                max_new_tokens: args.new_tokens as usize,
-                sampling: SamplingParams::default(),
-                ignore_eos: true,
-                emit_logits: false,
-            })?;
-            Ok(ExpectedAnswer {
-                input_ids: ids,
-                max_new_tokens: args.new_tokens,
-                output_ids: out.output_ids,
-                logprobs: out.logprobs,
-            })
+            Ok(ExpectedAnswer::from_engine(&engine, ids, args.new_tokens)?)
         })
         .collect()
 }
 
+/// How many of each chaos action the soak took.
 #[derive(Default)]
 struct Actions {
     kills: u32,
@@ -97,132 +85,27 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
     let mut rng = Rng::seeded(args.seed);
     let answers = Arc::new(expected_answers(&args, &mut rng)?);
-    let mut cluster = LocalCluster::start(LocalClusterSpec {
-        etcd_bin: find_in_path("etcd")?,
-        router_bin: sibling("moe-router")?,
-        node_bin: sibling("moe-expert-node")?,
-        model: args.model.clone(),
-        nodes: args.nodes,
-        cluster: "chaos".into(),
-        router_args: [
-            vec!["--poll-ms".to_string(), "100".to_string()],
-            args.transport
-                .map(|t| vec!["--transport".to_string(), t.to_string()])
-                .unwrap_or_default(),
-        ]
-        .concat(),
-        node_args: vec![
-            "--poll-ms".into(),
-            "100".into(),
-            "--threads".into(),
-            args.node_threads.to_string(),
-        ],
-        show_logs: args.logs,
-        etcd_tls: None,
-    })
-    .context("starting the local cluster")?;
+    let cluster = start_cluster(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let router = cluster.router_addr.clone();
     rt.block_on(wait_serving(&router))?;
-
-    let started = Instant::now();
-    let duration = Duration::from_secs(args.duration_secs);
-    let mut actions = Actions::default();
-    let (report, longest_stall) = rt.block_on(async {
-        let load = GreedyLoad::start(
-            vec![router.clone()],
-            Arc::clone(&answers),
-            args.workers,
-            None,
-        );
-        while started.elapsed() < duration {
-            let pause = args.interval_ms / 2 + rng.next_u64() % args.interval_ms.max(1);
-            tokio::time::sleep(Duration::from_millis(pause)).await;
-            for gone in cluster.reap_nodes() {
-                eprintln!("[{:>6.1}s] {gone} exited", started.elapsed().as_secs_f64());
-            }
-            let live = cluster.node_ids();
-            if live.len() < args.nodes {
-                let id = cluster.add_node()?;
-                actions.joins += 1;
-                eprintln!("[{:>6.1}s] started {id}", started.elapsed().as_secs_f64());
-                continue;
-            }
-            let victim = live[(rng.next_u64() % live.len() as u64) as usize].clone();
-            match rng.next_u64() % 3 {
-                0 => {
-                    cluster.kill_node(&victim);
-                    actions.kills += 1;
-                    eprintln!(
-                        "[{:>6.1}s] SIGKILL {victim}",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                1 => {
-                    cluster.terminate_node(&victim);
-                    actions.terminations += 1;
-                    eprintln!(
-                        "[{:>6.1}s] SIGTERM {victim}",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                _ => {
-                    let mut admin = AdminClient::connect(endpoint(&router)).await?;
-                    let epoch = admin
-                        .drain(DrainRequest {
-                            node_id: victim.clone(),
-                        })
-                        .await
-                        .map(|r| r.into_inner().epoch);
-                    actions.drains += 1;
-                    eprintln!(
-                        "[{:>6.1}s] drain {victim}: {}",
-                        started.elapsed().as_secs_f64(),
-                        match epoch {
-                            Ok(e) => format!("epoch {e}"),
-                            Err(s) => format!("{}: {}", s.code(), s.message()),
-                        }
-                    );
-                }
-            }
-        }
-        let progress = Arc::clone(&load.progress);
-        let report = load.stop().await;
-        let stall = progress.longest_stall(started, Instant::now());
-        anyhow::Ok((report, stall))
-    })?;
-    let status = rt.block_on(async {
-        let mut admin = AdminClient::connect(endpoint(&router)).await.ok()?;
-        admin
-            .cluster_status(ClusterStatusRequest {})
-            .await
-            .ok()
-            .map(|r| r.into_inner())
-    });
-    let out = json!({
-        "duration_secs": started.elapsed().as_secs_f64(),
-        "sent": report.sent,
-        "completed": report.completed,
-        "failed": report.failed,
-        "mismatched": report.mismatched,
-        "tokens": report.tokens,
-        "kills": actions.kills,
-        "terminations": actions.terminations,
-        "drains": actions.drains,
-        "joins": actions.joins,
-        "final_epoch": status.as_ref().map(|s| s.serving_epoch),
-        "layer_retries": status.as_ref().map(|s| s.layer_retries),
-        "serving_transport": status.as_ref().map(|s| s.serving_transport.clone()),
-        "collective_layers": status.as_ref().map(|s| s.collective_layers),
-        "collective_failures": status.as_ref().map(|s| s.collective_failures),
-        "longest_stall_ms": longest_stall.map(|d| d.as_secs_f64() * 1e3),
-        "problems": report.problems,
-    });
-    println!("{out}");
-    drop(cluster);
+    let mut soak = Soak {
+        cluster,
+        rng,
+        router,
+        started: Instant::now(),
+        actions: Actions::default(),
+    };
+    let (report, longest_stall) = rt.block_on(soak.run(&args, answers))?;
+    let status = rt.block_on(final_status(&soak.router));
+    println!(
+        "{}",
+        summary(&soak, &report, longest_stall, status.as_ref())
+    );
+    drop(soak);
     if report.failed > 0 || report.mismatched > 0 {
         bail!(
             "{} failed and {} mismatched requests",
@@ -233,17 +116,143 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_serving(router: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if let Ok(mut client) = AdminClient::connect(endpoint(router)).await {
-            if let Ok(s) = client.cluster_status(ClusterStatusRequest {}).await {
-                if s.into_inner().serving_epoch > 0 {
-                    return Ok(());
-                }
+/// etcd, a router and `--nodes` nodes, polling etcd often so that changes show quickly.
+fn start_cluster(args: &ChaosArgs) -> anyhow::Result<LocalCluster> {
+    LocalCluster::start(LocalClusterSpec {
+        router_args: [
+            vec!["--poll-ms".to_string(), "100".to_string()],
+            optional_flag("--transport", args.transport),
+        ]
+        .concat(),
+        node_args: vec![
+            "--poll-ms".into(),
+            "100".into(),
+            "--threads".into(),
+            args.node_threads.to_string(),
+        ],
+        show_logs: args.logs,
+        ..local_spec(args.model.clone(), args.nodes, "chaos")?
+    })
+    .context("starting the local cluster")
+}
+
+/// The cluster under chaos, and what was done to it.
+struct Soak {
+    cluster: LocalCluster,
+    /// Picks the pauses, the victims and the actions (seeded by `--seed`).
+    rng: Rng,
+    /// The router's gRPC address (the load's target, and where drains go).
+    router: String,
+    started: Instant,
+    actions: Actions,
+}
+
+impl Soak {
+    /// Runs checked load for `--duration-secs` while acting on the cluster every
+    /// `--interval-ms` or so; returns the load's report and the longest wait for a token.
+    async fn run(
+        &mut self,
+        args: &ChaosArgs,
+        answers: Arc<Vec<ExpectedAnswer>>,
+    ) -> anyhow::Result<(LoadReport, Option<Duration>)> {
+        let load = GreedyLoad::start(vec![self.router.clone()], answers, args.workers, None);
+        let duration = Duration::from_secs(args.duration_secs);
+        while self.started.elapsed() < duration {
+            let pause = args.interval_ms / 2 + self.rng.next_u64() % args.interval_ms.max(1);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            self.act(args.nodes).await?;
+        }
+        let progress = Arc::clone(&load.progress);
+        let report = load.stop().await;
+        let stall = progress.longest_stall(self.started, Instant::now());
+        Ok((report, stall))
+    }
+
+    /// One chaos action: replace a missing node, else SIGKILL, SIGTERM or drain a random one.
+    async fn act(&mut self, nodes: usize) -> anyhow::Result<()> {
+        for gone in self.cluster.reap_nodes() {
+            self.log(format!("{gone} exited"));
+        }
+        let live = self.cluster.node_ids();
+        if live.len() < nodes {
+            let id = self.cluster.add_node()?;
+            self.actions.joins += 1;
+            self.log(format!("started {id}"));
+            return Ok(());
+        }
+        let victim = live[(self.rng.next_u64() % live.len() as u64) as usize].clone();
+        match self.rng.next_u64() % 3 {
+            0 => {
+                self.cluster.kill_node(&victim);
+                self.actions.kills += 1;
+                self.log(format!("SIGKILL {victim}"));
+            }
+            1 => {
+                self.cluster.terminate_node(&victim);
+                self.actions.terminations += 1;
+                self.log(format!("SIGTERM {victim}"));
+            }
+            _ => {
+                let mut admin = AdminClient::connect(endpoint(&self.router)).await?;
+                let epoch = admin
+                    .drain(DrainRequest {
+                        node_id: victim.clone(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().epoch);
+                self.actions.drains += 1;
+                self.log(format!(
+                    "drain {victim}: {}",
+                    match epoch {
+                        Ok(e) => format!("epoch {e}"),
+                        Err(s) => format!("{}: {}", s.code(), s.message()),
+                    }
+                ));
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(())
     }
-    bail!("the cluster did not become ready within 120 s")
+
+    /// A line on stderr, stamped with the seconds since the soak began.
+    fn log(&self, what: String) {
+        eprintln!("[{:>6.1}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The router's status after the soak (`None` if it cannot be read).
+async fn final_status(router: &str) -> Option<ClusterStatusResponse> {
+    let mut admin = AdminClient::connect(endpoint(router)).await.ok()?;
+    admin
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// The one JSON line the soak prints.
+fn summary(
+    soak: &Soak,
+    report: &LoadReport,
+    longest_stall: Option<Duration>,
+    status: Option<&ClusterStatusResponse>,
+) -> serde_json::Value {
+    json!({
+        "duration_secs": soak.started.elapsed().as_secs_f64(),
+        "sent": report.sent,
+        "completed": report.completed,
+        "failed": report.failed,
+        "mismatched": report.mismatched,
+        "tokens": report.tokens,
+        "kills": soak.actions.kills,
+        "terminations": soak.actions.terminations,
+        "drains": soak.actions.drains,
+        "joins": soak.actions.joins,
+        "final_epoch": status.map(|s| s.serving_epoch),
+        "layer_retries": status.map(|s| s.layer_retries),
+        "serving_transport": status.map(|s| s.serving_transport.clone()),
+        "collective_layers": status.map(|s| s.collective_layers),
+        "collective_failures": status.map(|s| s.collective_failures),
+        "longest_stall_ms": longest_stall.map(|d| d.as_secs_f64() * 1e3),
+        "problems": report.problems,
+    })
 }

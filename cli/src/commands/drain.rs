@@ -7,7 +7,7 @@ use clap::Args;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::DrainRequest;
 
-use super::remote::runtime;
+use crate::router_client::{channel, rpc_error, runtime, with_key_from};
 
 #[derive(Args)]
 pub struct DrainArgs {
@@ -20,12 +20,12 @@ pub struct DrainArgs {
 
 pub fn run(args: DrainArgs) -> anyhow::Result<()> {
     let epoch = runtime()?.block_on(async {
-        let mut client = super::remote::channel(&args.router)
+        let mut client = channel(&args.router)
             .await
             .map(AdminClient::new)
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.router))?;
         client
-            .drain(super::remote::with_key_from(
+            .drain(with_key_from(
                 DrainRequest {
                     node_id: args.node_id.clone(),
                 },
@@ -33,7 +33,7 @@ pub fn run(args: DrainArgs) -> anyhow::Result<()> {
             ))
             .await
             .map(|r| r.into_inner().epoch)
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))
+            .map_err(rpc_error)
     })?;
     println!(
         "{} drained: placement epoch {epoch} leaves it out",

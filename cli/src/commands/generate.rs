@@ -1,18 +1,25 @@
-//! `moe generate`: one request through the offline engine.
+//! `moe generate`: one request, through the offline engine or over a router's gRPC API; the
+//! same output either way.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use moe_cluster::DeviceArgs;
 use moe_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::TokenizeRequest;
 use serde::Serialize;
+
+use crate::router_client::{channel, rpc_error, runtime, with_key};
 
 #[derive(Args, Clone)]
 pub struct GenerateArgs {
     /// Checkpoint directory (Hugging Face layout), for the offline engine.
     #[arg(long, env = "MOE_MODEL", required_unless_present = "router")]
     model: Option<PathBuf>,
-    /// A router's gRPC address (host:port): generate on the cluster instead of offline.
+    /// A router's gRPC address (host:port): generate on the cluster instead of offline (the
+    /// cluster's processes have their own device: `--device` is then ignored).
     #[arg(long, env = "MOE_ROUTER", conflicts_with = "model")]
     router: Option<String>,
     /// Prompt text, tokenized with the checkpoint's tokenizer.
@@ -49,33 +56,36 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     #[command(flatten)]
-    pub engine: super::engine_device::EngineDeviceArgs,
+    pub engine: DeviceArgs,
 }
 
+/// What `--json` prints.
 #[derive(Serialize)]
-pub struct GenerateJson<'a> {
-    pub input_ids: &'a [u32],
-    pub output_ids: &'a [u32],
-    pub logprobs: &'a [f32],
-    pub text: String,
-    pub finish_reason: FinishReason,
+struct GenerateJson<'a> {
+    input_ids: &'a [u32],
+    output_ids: &'a [u32],
+    logprobs: &'a [f32],
+    text: String,
+    finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub step_logits: Option<&'a [Vec<f32>]>,
+    step_logits: Option<&'a [Vec<f32>]>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if let Some(router) = args.router.clone() {
-        return super::remote::generate(&router, args);
+    match (&args.router, &args.model) {
+        (Some(router), _) => over_router(router, &args),
+        (None, Some(model)) => offline(model, &args),
+        (None, None) => bail!("give --model or --router"),
     }
-    let Some(model) = args.model.clone() else {
-        bail!("give --model or --router")
-    };
+}
+
+fn offline(model: &Path, args: &GenerateArgs) -> anyhow::Result<()> {
     if !args.stop.is_empty() {
         bail!("--stop is supported with --router only");
     }
     let device = args.engine.open()?;
     let engine =
-        Engine::load_on(&model, &device).with_context(|| format!("loading {}", model.display()))?;
+        Engine::load_on(model, &device).with_context(|| format!("loading {}", model.display()))?;
     let input_ids = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => engine.tokenizer().encode_prompt(text)?,
         (None, Some(ids)) => ids.clone(),
@@ -95,18 +105,93 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let out = engine.generate(&request)?;
     let text = engine.tokenizer().decode(&out.output_ids)?;
-    if args.json {
-        let json = GenerateJson {
+    print(
+        args.json,
+        GenerateJson {
             input_ids: &out.input_ids,
             output_ids: &out.output_ids,
             logprobs: &out.logprobs,
             text,
             finish_reason: out.finish_reason,
             step_logits: out.step_logits.as_deref(),
+        },
+    )
+}
+
+/// The same request through a router: the prompt tokenized there, the tokens streamed back.
+fn over_router(router: &str, args: &GenerateArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = channel(router)
+            .await
+            .map(InferenceClient::new)
+            .with_context(|| format!("connecting to {router}"))?;
+        let input_ids = match (&args.prompt, &args.input_ids) {
+            (Some(text), _) => {
+                client
+                    .tokenize(with_key(TokenizeRequest { text: text.clone() }))
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner()
+                    .input_ids
+            }
+            (None, Some(ids)) => ids.clone(),
+            (None, None) => bail!("give --prompt or --input-ids"),
         };
-        println!("{}", serde_json::to_string(&json)?);
+        let request = moe_proto::v1::GenerateRequest {
+            top_logprobs: None,
+            prompt: None,
+            input_ids: input_ids.clone(),
+            max_new_tokens: args.max_new_tokens as u32,
+            temperature: Some(args.temperature),
+            top_p: Some(args.top_p),
+            top_k: args.top_k.map(|k| k as u32),
+            seed: args.seed,
+            stop: args.stop.clone(),
+            ignore_eos: args.ignore_eos,
+            logprobs: true,
+        };
+        let mut stream = client
+            .generate(with_key(request))
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+        let (mut ids, mut logprobs, mut text, mut finish) =
+            (Vec::new(), Vec::new(), String::new(), None);
+        while let Some(msg) = stream.message().await.map_err(rpc_error)? {
+            ids.extend_from_slice(&msg.token_ids);
+            logprobs.extend_from_slice(&msg.logprobs);
+            text.push_str(&msg.text);
+            if !msg.finish_reason.is_empty() {
+                finish = Some(if msg.finish_reason == "stop" {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                });
+            }
+        }
+        let Some(finish_reason) = finish else {
+            bail!("the stream ended without a finish reason")
+        };
+        print(
+            args.json,
+            GenerateJson {
+                input_ids: &input_ids,
+                output_ids: &ids,
+                logprobs: &logprobs,
+                text,
+                finish_reason,
+                step_logits: None,
+            },
+        )
+    })
+}
+
+/// The text, or with `--json` the whole answer on one line.
+fn print(json: bool, answer: GenerateJson<'_>) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(&answer)?);
     } else {
-        println!("{text}");
+        println!("{}", answer.text);
     }
     Ok(())
 }

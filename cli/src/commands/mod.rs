@@ -1,12 +1,11 @@
 pub mod bench;
 pub mod bench_remote;
+pub mod bench_report;
 pub mod chaos;
 pub mod drain;
-pub mod engine_device;
 pub mod gen_checkpoint;
 pub mod gen_secrets;
 pub mod generate;
 pub mod gpu_bench;
-pub mod remote;
 pub mod status;
 pub mod up;

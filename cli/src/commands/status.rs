@@ -6,7 +6,7 @@ use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::ClusterStatusRequest;
 use serde_json::json;
 
-use super::remote::runtime;
+use crate::router_client::{channel, rpc_error, runtime, with_key};
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -19,15 +19,15 @@ pub struct StatusArgs {
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let status = runtime()?.block_on(async {
-        let mut client = super::remote::channel(&args.router)
+        let mut client = channel(&args.router)
             .await
             .map(AdminClient::new)
             .with_context(|| format!("connecting to {}", args.router))?;
         client
-            .cluster_status(super::remote::with_key(ClusterStatusRequest {}))
+            .cluster_status(with_key(ClusterStatusRequest {}))
             .await
             .map(|r| r.into_inner())
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))
+            .map_err(rpc_error)
     })?;
     if args.json {
         let nodes: Vec<_> = status

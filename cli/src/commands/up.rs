@@ -2,15 +2,13 @@
 //! processes on free loopback ports; prints the endpoint; stops them all on Ctrl-C.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use moe_cluster::local::{LocalCluster, LocalClusterSpec};
-use moe_proto::v1::admin_client::AdminClient;
-use moe_proto::v1::ClusterStatusRequest;
+use moe_tooling::{LocalCluster, LocalClusterSpec};
 
-use super::remote::{endpoint, runtime};
+use crate::local::{local_spec, optional_flag, wait_serving};
+use crate::router_client::runtime;
 
 #[derive(Args)]
 pub struct UpArgs {
@@ -43,82 +41,33 @@ pub struct UpArgs {
 impl UpArgs {
     /// Flags every process of the cluster gets (device choice).
     fn device_args(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(d) = self.device {
-            out.extend(["--device".to_string(), d.to_string()]);
-        }
-        if let Some(t) = self.gpu_dtype {
-            out.extend(["--gpu-dtype".to_string(), t.to_string()]);
-        }
-        out
+        [
+            optional_flag("--device", self.device),
+            optional_flag("--gpu-dtype", self.gpu_dtype),
+        ]
+        .concat()
     }
-}
-
-pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if !path.exists() {
-        bail!(
-            "{} not found next to moe; build the workspace binaries (cargo build --release --bins)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-pub fn find_in_path(name: &str) -> anyhow::Result<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join(name))
-                .find(|p| p.exists())
-        })
-        .with_context(|| format!("{name} is not on PATH (Debian: apt-get install etcd-server)"))
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let cluster = LocalCluster::start(LocalClusterSpec {
-        etcd_bin: find_in_path("etcd")?,
-        router_bin: sibling("moe-router")?,
-        node_bin: sibling("moe-expert-node")?,
-        model: args.model.clone(),
-        nodes: args.nodes,
-        cluster: args.cluster.clone(),
-        router_args: args
-            .transport
-            .map(|t| vec!["--transport".to_string(), t.to_string()])
-            .unwrap_or_default()
-            .into_iter()
-            .chain(args.device_args())
-            .collect(),
-        node_args: args
-            .node_threads
-            .map(|t| vec!["--threads".to_string(), t.to_string()])
-            .unwrap_or_default()
-            .into_iter()
-            .chain(args.device_args())
-            .collect(),
+        router_args: [
+            optional_flag("--transport", args.transport),
+            args.device_args(),
+        ]
+        .concat(),
+        node_args: [
+            optional_flag("--threads", args.node_threads),
+            args.device_args(),
+        ]
+        .concat(),
         show_logs: args.logs,
-        etcd_tls: None,
+        ..local_spec(args.model.clone(), args.nodes, &args.cluster)?
     })
     .context("starting the local cluster")?;
     let rt = runtime()?;
     let addr = cluster.router_addr.clone();
-    let epoch = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(mut client) = AdminClient::connect(endpoint(&addr)).await {
-                if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await {
-                    let epoch = status.into_inner().serving_epoch;
-                    if epoch > 0 {
-                        return Ok(epoch);
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("the cluster did not become ready within 120 s")
-    })?;
+    let epoch = rt.block_on(wait_serving(&addr))?;
     println!(
         "router {addr} (etcd {}, {} nodes, placement epoch {epoch})",
         cluster.etcd_url, args.nodes
@@ -130,19 +79,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("Ctrl-C (or SIGTERM) stops everything.");
     // Ctrl-C or SIGTERM: stop every child (dropping the cluster), never leave them behind.
-    rt.block_on(async {
-        #[cfg(unix)]
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    });
+    rt.block_on(moe_cluster::shutdown::signal());
     drop(cluster);
     Ok(())
 }

@@ -84,6 +84,21 @@ pub fn prefault_for_write(start: *mut u8, bytes: usize) {
 /// thread: fork-join costs more than it saves on a decode step's few rows.
 pub const PARALLEL_MIN_VALUES: usize = 1 << 18;
 
+/// Runs `f((row index, row))` over the `width`-wide rows of `out`, spread over the math pool's
+/// threads when `parallel`: each row is computed the same way either way, so the choice is
+/// about speed only.
+pub fn for_each_row<F>(out: &mut [f32], width: usize, parallel: bool, f: F)
+where
+    F: Fn((usize, &mut [f32])) + Send + Sync,
+{
+    use rayon::prelude::*;
+    if parallel {
+        out.par_chunks_mut(width).enumerate().for_each(f);
+    } else {
+        out.chunks_mut(width).enumerate().for_each(f);
+    }
+}
+
 /// Whether this CPU runs the AVX2/FMA kernels (checked once).
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx2_fma() -> bool {

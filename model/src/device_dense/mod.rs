@@ -4,14 +4,16 @@
 //!
 //! - [`ops`]: the primitive steps ([`ops::DenseOps`]): GEMMs (strided-batched), RMSNorm,
 //!   rotary, append to the cache, attention, gating top-k, combine.
-//! - [`model`]: the forward pass written once over those steps ([`DeviceDenseModel`]).
+//! - [`model`]: the forward pass written once over those steps ([`DeviceDenseModel`]);
+//!   [`attention`]: its GQA and MLA layers.
 //! - [`cache`]: a sequence's cache on the device.
-//! - [`reference`]: every step on the host, by its definition (and with the GPU's bf16
+//! - [`reference`](mod@reference): every step on the host, by its definition (and with the GPU's bf16
 //!   rounding): what the CUDA steps are tested against, and the orchestration's CI check.
 //!
 //! The CUDA steps are `gpu::dense_ops`; the tests run the same orchestration over a host
 //! reference of every step and compare with the CPU model, on every machine.
 
+pub mod attention;
 pub mod cache;
 pub mod model;
 pub mod ops;

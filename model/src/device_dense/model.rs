@@ -4,18 +4,19 @@
 //! token ids, and only the routed experts' rows leave the device (the expert backend takes and
 //! returns host rows).
 
+use super::attention::DeviceAttention;
 use super::cache::{DeviceLayerCache, DeviceSequenceCache};
-use super::ops::{AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm};
+use super::ops::{DenseOps, DeviceStep};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
-use crate::config::{AttentionConfig, ModelConfig};
-use crate::dense::{logit_rows, split_logits, validate_step, StepSequence};
+use crate::config::{Gating, ModelConfig};
+use crate::dense_step::{logit_rows, split_logits, validate_step, StepSequence};
+use crate::device::shapes::HeadView;
+use crate::device::MatrixPrecision;
 use crate::error::{ModelError, Result};
-use crate::experts::ExpertBackend;
+use crate::expert_backend::ExpertBackend;
 use crate::families;
-use crate::grouped_ffn::ColumnMajorGemm;
-use crate::layers::attention::mla::MlaShape;
-use crate::layers::attention_shapes::mla_shape;
+use crate::kv_cache::DeviceCacheSlot;
 use crate::layers::gate::GateRule;
 use crate::layers::mlp::MlpNames;
 use crate::layers::rope::Rope;
@@ -29,44 +30,19 @@ struct DeviceMlp<O: DenseOps> {
     inter: usize,
 }
 
-enum DeviceAttention<O: DenseOps> {
-    Gqa {
-        /// `[(heads + 2 * kv_heads) * d, hidden]`.
-        qkv: O::Matrix,
-        o: O::Matrix,
-        q_norm: Option<O::F32>,
-        k_norm: Option<O::F32>,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    },
-    /// Absorbed MLA, as the CPU computes it: the cache holds `[latent | rotated rope key]`.
-    Mla {
-        shape: MlaShape,
-        /// `[q_a; kv_a]` (or `[q; kv_a]`) stacked.
-        input_proj: O::Matrix,
-        input_width: usize,
-        q_a_norm: Option<O::F32>,
-        q_b: Option<O::Matrix>,
-        kv_a_norm: O::F32,
-        /// Per head `W_ukᵀ` (`[lora, nope]`), heads stacked.
-        uk_t: O::Matrix,
-        /// Per head `W_uv` (`[v, lora]`), heads stacked.
-        uv: O::Matrix,
-        o: O::Matrix,
-        interleaved: bool,
-    },
+/// The MoE half of a layer: the gate and the shared experts run here, the routed experts
+/// wherever the [`ExpertBackend`] runs them.
+struct DeviceMoe<O: DenseOps> {
+    /// `[num_experts, hidden]`, always f32.
+    gate: O::Matrix,
+    correction_bias: Option<O::F32>,
+    rule: GateRule,
+    shared: Option<DeviceMlp<O>>,
 }
 
 enum DeviceFfn<O: DenseOps> {
     Dense(DeviceMlp<O>),
-    Moe {
-        /// `[num_experts, hidden]`, always f32.
-        gate: O::Matrix,
-        correction_bias: Option<O::F32>,
-        rule: GateRule,
-        shared: Option<DeviceMlp<O>>,
-    },
+    Moe(DeviceMoe<O>),
 }
 
 struct DeviceLayer<O: DenseOps> {
@@ -87,12 +63,6 @@ pub struct DeviceDenseModel<O: DenseOps> {
     /// `None` where the model ties it to `embed`.
     lm_head: Option<O::Matrix>,
     rope: Rope,
-    scale: f32,
-}
-
-/// `c[rows, n_out] = x[rows, k] · w[n_out, k]ᵀ`, all row-major and packed.
-fn rows_times(rows: usize, n_out: usize, k: usize) -> StridedGemm {
-    StridedGemm::single(ColumnMajorGemm::rows_times_weights(rows, n_out, k))
 }
 
 impl<O> DeviceDenseModel<O>
@@ -111,55 +81,16 @@ where
         let mut layers = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
             let p = families::layer_prefix(layer);
-            let attention = load_attention(&ops, ckpt, config, layer)?;
-            let ffn = if config.is_moe_layer(layer) {
-                let names = families::moe_names(config, layer);
-                let gate = ckpt.load_f32(&names.gate, &[config.moe.num_experts, h])?;
-                let correction_bias = match &names.correction_bias {
-                    Some(n) => Some(ops.upload_f32(&ckpt.load_f32(n, &[config.moe.num_experts])?)?),
-                    None => None,
-                };
-                let shared = match &names.shared {
-                    Some(n) => Some(load_mlp(
-                        &ops,
-                        ckpt,
-                        n,
-                        h,
-                        config.moe.intermediate_size * config.moe.n_shared_experts,
-                    )?),
-                    None => None,
-                };
-                let rule = GateRule::new(&config.moe);
-                if let crate::config::Gating::SigmoidGroupLimited { n_group, .. } = rule.gating {
-                    if n_group == 0 || n_group > 64 || !rule.num_experts.is_multiple_of(n_group) {
-                        return Err(ModelError::InvalidRequest(format!(
-                            "the device gate supports 1..=64 expert groups dividing the experts, \
-                             not {n_group}"
-                        )));
-                    }
-                }
-                DeviceFfn::Moe {
-                    gate: ops.upload_matrix(&gate, MatrixPrecision::F32)?,
-                    correction_bias,
-                    rule,
-                    shared,
-                }
-            } else {
-                DeviceFfn::Dense(load_mlp(
-                    &ops,
-                    ckpt,
-                    &families::dense_mlp_names(layer),
-                    h,
-                    config.dense_intermediate_size,
-                )?)
+            let attention = DeviceAttention::load(&ops, ckpt, config, layer)?;
+            let ffn = load_ffn(&ops, ckpt, config, layer)?;
+            let norm = |name: &str| -> Result<O::F32> {
+                let weight = ckpt.load_f32(&format!("{p}.{name}"), &[h])?;
+                Ok(ops.upload_f32(&weight)?)
             };
             layers.push(DeviceLayer {
-                input_norm: ops
-                    .upload_f32(&ckpt.load_f32(&format!("{p}.input_layernorm.weight"), &[h])?)?,
+                input_norm: norm("input_layernorm.weight")?,
                 attention,
-                post_attention_norm: ops.upload_f32(
-                    &ckpt.load_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                )?,
+                post_attention_norm: norm("post_attention_layernorm.weight")?,
                 ffn,
             });
         }
@@ -173,14 +104,13 @@ where
             )?)
         };
         Ok(Self {
+            ops,
             config: config.clone(),
+            rope: Rope::new(&config.rope),
             embed,
             layers,
             final_norm,
             lm_head,
-            rope: Rope::new(&config.rope),
-            scale: config.softmax_scale(),
-            ops,
         })
     }
 
@@ -188,23 +118,12 @@ where
         &self.config
     }
 
-    /// Values per cached token of layer `l`: (key buffer, value buffer or none when the
-    /// values live in the key rows).
-    fn cache_widths(&self, l: usize) -> (usize, Option<usize>) {
-        match &self.layers[l].attention {
-            DeviceAttention::Gqa {
-                kv_heads, head_dim, ..
-            } => (kv_heads * head_dim, Some(kv_heads * head_dim)),
-            DeviceAttention::Mla { shape, .. } => (shape.kv_lora_rank + shape.rope, None),
-        }
-    }
-
     /// Makes room for `needed` tokens, keeping the first `cached`: at the first step the
     /// sequence's whole reservation (`reserved`, when its owner gave one), later by doubling
     /// (so a decode past its reservation, or without one, grows its cache rarely).
     fn reserve(
         &self,
-        slot: &mut Option<Box<dyn crate::kv_cache::DeviceCacheSlot>>,
+        slot: &mut Option<Box<dyn DeviceCacheSlot>>,
         cached: usize,
         needed: usize,
         reserved: usize,
@@ -235,7 +154,7 @@ where
         let mut layers = Vec::with_capacity(self.layers.len());
         let mut bytes = 0;
         for l in 0..self.layers.len() {
-            let (kw, vw) = self.cache_widths(l);
+            let (kw, vw) = self.layers[l].attention.cache_widths();
             let mut keys = self.ops.scratch(capacity * kw)?;
             let mut values = match vw {
                 Some(vw) => Some(self.ops.scratch(capacity * vw)?),
@@ -266,12 +185,32 @@ where
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
+        let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
+        let (step, mut hidden) = self.begin_step(seqs, &layout)?;
+        let mut caches = device_caches::<O::F32>(seqs)?;
+        for l in 0..self.layers.len() {
+            let mut layer_caches: Vec<&mut DeviceLayerCache<O::F32>> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            self.layer_forward(l, &mut hidden, &step, &mut layer_caches, experts)?;
+        }
+        drop(caches);
+        for s in seqs.iter_mut() {
+            s.cache.len += s.tokens.len();
+        }
+        let logits = self.logits(&hidden, &logit_rows(seqs, &layout))?;
+        Ok(split_logits(seqs, &logits, self.config.vocab_size))
+    }
+
+    /// Makes room in every sequence's cache for its new tokens, uploads the step's row layout
+    /// and rotary table, and looks up the new tokens' embeddings (`[rows, hidden]`).
+    fn begin_step(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        layout: &BatchLayout,
+    ) -> Result<(DeviceStep<O>, O::F32)> {
         let ops = &self.ops;
         let h = self.config.hidden_size;
-        let eps = self.config.rms_norm_eps;
-        let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
         let rows = layout.num_rows();
-
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         for s in seqs.iter_mut() {
             let (cached, needed) = (s.cache.len, s.cache.len + s.tokens.len());
@@ -290,103 +229,109 @@ where
         // Token ids were checked against the vocabulary (`validate_step`).
         let mut hidden = ops.scratch(rows * h)?;
         ops.embed_rows(&self.embed, &ops.upload_index(&ids)?, &mut hidden, rows, h)?;
-        let mut caches: Vec<&mut DeviceSequenceCache<O::F32>> = Vec::with_capacity(seqs.len());
-        for s in seqs.iter_mut() {
-            let cache = s
-                .cache
-                .device
-                .as_mut()
-                .and_then(|b| b.as_any_mut().downcast_mut::<DeviceSequenceCache<O::F32>>())
-                .ok_or_else(|| ModelError::InvalidRequest("device cache missing".into()))?;
-            caches.push(cache);
-        }
+        Ok((step, hidden))
+    }
 
+    /// Decoder layer `l` on `hidden` in place: attention, then the dense MLP or the MoE block,
+    /// each behind its RMSNorm and added back.
+    fn layer_forward(
+        &self,
+        l: usize,
+        hidden: &mut O::F32,
+        step: &DeviceStep<O>,
+        caches: &mut [&mut DeviceLayerCache<O::F32>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<()> {
+        let ops = &self.ops;
+        let layer = &self.layers[l];
+        let (rows, h, eps) = (step.rows, self.config.hidden_size, self.config.rms_norm_eps);
         let row = HeadView::packed(0, 1, h);
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut normed = ops.scratch(rows * h)?;
-            ops.rms_norm(
-                &hidden,
-                row,
-                &layer.input_norm,
-                &mut normed,
-                row,
-                rows,
-                1,
-                h,
-                eps,
-            )?;
-            let mut layer_caches: Vec<&mut DeviceLayerCache<O::F32>> =
-                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            let attn = self.attention(&layer.attention, &normed, &step, &mut layer_caches)?;
-            ops.add(&mut hidden, &attn, rows * h)?;
-            ops.rms_norm(
-                &hidden,
-                row,
-                &layer.post_attention_norm,
-                &mut normed,
-                row,
-                rows,
-                1,
-                h,
-                eps,
-            )?;
-            match &layer.ffn {
-                DeviceFfn::Dense(mlp) => {
-                    let out = self.mlp(mlp, &normed, rows)?;
-                    ops.add(&mut hidden, &out, rows * h)?;
-                }
-                DeviceFfn::Moe {
-                    gate,
-                    correction_bias,
-                    rule,
-                    shared,
-                } => {
-                    let logits = self.linear(&normed, rows, h, gate, rule.num_experts)?;
-                    let (chosen, weights) =
-                        ops.top_k(&logits, correction_bias.as_ref(), rule, rows)?;
-                    let routes = routes_from_choices(&chosen, &weights, rule.top_k, rows)?;
-                    let host_rows = ops.download(&normed, rows * h)?;
-                    // Queued before the routed experts are awaited, so the device computes
-                    // the shared experts while the expert nodes compute theirs.
-                    let shared_out = match shared {
-                        Some(mlp) => Some(self.mlp(mlp, &normed, rows)?),
-                        None => None,
-                    };
-                    let pair_out = experts.run_experts(l, &host_rows, &routes)?;
-                    if pair_out.len() < routes.pairs() * h {
-                        return Err(ModelError::ExpertBackend(format!(
-                            "{} values back for {} pairs",
-                            pair_out.len(),
-                            routes.pairs()
-                        )));
-                    }
-                    let pair_out = ops.upload_f32(&pair_out)?;
-                    let offsets = ops.upload_index(&routes.offsets)?;
-                    ops.combine_add(
-                        &mut hidden,
-                        &pair_out,
-                        &offsets,
-                        shared_out.as_ref(),
-                        rows,
-                        h,
-                    )?;
-                }
+        let mut normed = ops.scratch(rows * h)?;
+        ops.rms_norm(
+            hidden,
+            row,
+            &layer.input_norm,
+            &mut normed,
+            row,
+            rows,
+            1,
+            h,
+            eps,
+        )?;
+        let attn = layer.attention.forward(ops, &normed, step, caches)?;
+        ops.add(hidden, &attn, rows * h)?;
+        ops.rms_norm(
+            hidden,
+            row,
+            &layer.post_attention_norm,
+            &mut normed,
+            row,
+            rows,
+            1,
+            h,
+            eps,
+        )?;
+        match &layer.ffn {
+            DeviceFfn::Dense(mlp) => {
+                let out = self.mlp(mlp, &normed, rows)?;
+                ops.add(hidden, &out, rows * h)?;
             }
+            DeviceFfn::Moe(moe) => self.moe(l, moe, &normed, hidden, rows, experts)?,
         }
-        drop(caches);
-        for s in seqs.iter_mut() {
-            s.cache.len += s.tokens.len();
-        }
+        Ok(())
+    }
 
-        let wanted: Vec<u32> = logit_rows(seqs, &layout)
-            .into_iter()
-            .map(|r| r as u32)
-            .collect();
+    /// The MoE block of layer `l` added to `hidden`: the gate's choices on the device, the
+    /// routed experts through the backend (host rows), the shared experts here, combined in
+    /// [`crate::routes::combine`]'s order.
+    fn moe(
+        &self,
+        l: usize,
+        moe: &DeviceMoe<O>,
+        normed: &O::F32,
+        hidden: &mut O::F32,
+        rows: usize,
+        experts: &dyn ExpertBackend,
+    ) -> Result<()> {
+        let ops = &self.ops;
+        let h = self.config.hidden_size;
+        let rule = &moe.rule;
+        let logits = ops.linear(normed, rows, h, &moe.gate, rule.num_experts)?;
+        let (chosen, weights) = ops.top_k(&logits, moe.correction_bias.as_ref(), rule, rows)?;
+        let routes = routes_from_choices(&chosen, &weights, rule.top_k, rows)?;
+        let host_rows = ops.download(normed, rows * h)?;
+        // Queued before the routed experts are awaited, so the device computes the shared
+        // experts while the expert nodes compute theirs.
+        let shared_out = match &moe.shared {
+            Some(mlp) => Some(self.mlp(mlp, normed, rows)?),
+            None => None,
+        };
+        let pair_out = experts.run_experts(l, &host_rows, &routes)?;
+        if pair_out.len() < routes.pairs() * h {
+            return Err(ModelError::ExpertBackend(format!(
+                "{} values back for {} pairs",
+                pair_out.len(),
+                routes.pairs()
+            )));
+        }
+        let pair_out = ops.upload_f32(&pair_out)?;
+        let offsets = ops.upload_index(&routes.offsets)?;
+        ops.combine_add(hidden, &pair_out, &offsets, shared_out.as_ref(), rows, h)?;
+        Ok(())
+    }
+
+    /// The final norm and lm_head for the rows in `wanted` only: `[wanted, vocab]` logits,
+    /// downloaded.
+    fn logits(&self, hidden: &O::F32, wanted: &[usize]) -> Result<Vec<f32>> {
+        let ops = &self.ops;
+        let h = self.config.hidden_size;
+        let wanted: Vec<u32> = wanted.iter().map(|&r| r as u32).collect();
         let n = wanted.len();
         let index = ops.upload_index(&wanted)?;
         let mut selected = ops.scratch(n * h)?;
-        ops.gather_rows(&hidden, &index, &mut selected, n, h)?;
+        ops.gather_rows(hidden, &index, &mut selected, n, h)?;
         let mut normed = ops.scratch(n * h)?;
+        let row = HeadView::packed(0, 1, h);
         ops.rms_norm(
             &selected,
             row,
@@ -396,304 +341,82 @@ where
             n,
             1,
             h,
-            eps,
+            self.config.rms_norm_eps,
         )?;
         let vocab = self.config.vocab_size;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = self.linear(&normed, n, h, lm_head, vocab)?;
-        let logits = ops.download(&logits, n * vocab)?;
-        Ok(split_logits(seqs, &logits, vocab))
-    }
-
-    fn linear(
-        &self,
-        x: &O::F32,
-        rows: usize,
-        k: usize,
-        w: &O::Matrix,
-        n_out: usize,
-    ) -> Result<O::F32> {
-        let input = self.ops.gemm_input(x, rows * k, w)?;
-        let mut out = self.ops.scratch(rows * n_out)?;
-        self.ops
-            .gemm(&rows_times(rows, n_out, k), w, 0, &input, 0, &mut out, 0)?;
-        Ok(out)
+        let logits = ops.linear(&normed, n, h, lm_head, vocab)?;
+        Ok(ops.download(&logits, n * vocab)?)
     }
 
     fn mlp(&self, mlp: &DeviceMlp<O>, x: &O::F32, rows: usize) -> Result<O::F32> {
         let h = self.config.hidden_size;
-        let gate_up = self.linear(x, rows, h, &mlp.gate_up, 2 * mlp.inter)?;
+        let gate_up = self.ops.linear(x, rows, h, &mlp.gate_up, 2 * mlp.inter)?;
         let mut act = self.ops.scratch(rows * mlp.inter)?;
         self.ops.silu_mul(&gate_up, &mut act, rows, mlp.inter)?;
-        self.linear(&act, rows, mlp.inter, &mlp.down, h)
+        Ok(self.ops.linear(&act, rows, mlp.inter, &mlp.down, h)?)
     }
+}
 
-    fn attention(
-        &self,
-        attention: &DeviceAttention<O>,
-        x: &O::F32,
-        step: &DeviceStep<O>,
-        caches: &mut [&mut DeviceLayerCache<O::F32>],
-    ) -> Result<O::F32> {
-        let ops = &self.ops;
-        let rows = step.rows;
-        let h = self.config.hidden_size;
-        let eps = self.config.rms_norm_eps;
-        match attention {
-            DeviceAttention::Gqa {
-                qkv,
-                o,
-                q_norm,
-                k_norm,
-                heads,
-                kv_heads,
-                head_dim,
-            } => {
-                let (heads, kv_heads, d) = (*heads, *kv_heads, *head_dim);
-                let (q_width, kv_width) = (heads * d, kv_heads * d);
-                let width = q_width + 2 * kv_width;
-                let qkv_out = self.linear(x, rows, h, qkv, width)?;
-                // Per-head norms (Qwen3) first, then rotation: both out of place.
-                let rotate = |from: HeadView, n_heads: usize, norm: &Option<O::F32>| {
-                    let mut rotated = ops.scratch(rows * n_heads * d)?;
-                    let packed = HeadView::packed(0, n_heads, d);
-                    match norm {
-                        Some(w) => {
-                            let mut normed = ops.scratch(rows * n_heads * d)?;
-                            ops.rms_norm(
-                                &qkv_out,
-                                from,
-                                w,
-                                &mut normed,
-                                packed,
-                                rows,
-                                n_heads,
-                                d,
-                                eps,
-                            )?;
-                            ops.rope(&normed, packed, &mut rotated, packed, n_heads, false, step)?;
-                        }
-                        None => {
-                            ops.rope(&qkv_out, from, &mut rotated, packed, n_heads, false, step)?
-                        }
-                    }
-                    Ok::<_, ModelError>(rotated)
-                };
-                let view = |offset| HeadView {
-                    offset,
-                    row_stride: width,
-                    head_stride: d,
-                };
-                let q = rotate(view(0), heads, q_norm)?;
-                let k = rotate(view(q_width), kv_heads, k_norm)?;
-                {
-                    let mut keys: Vec<&mut O::F32> =
-                        caches.iter_mut().map(|c| &mut c.keys).collect();
-                    ops.append_rows(
-                        &k,
-                        HeadView::packed(0, 1, kv_width),
-                        kv_width,
-                        &mut keys,
-                        kv_width,
-                        0,
-                        step,
-                    )?;
-                }
-                {
-                    let mut values = Vec::with_capacity(caches.len());
-                    for c in caches.iter_mut() {
-                        values.push(c.values.as_mut().ok_or_else(|| {
-                            ModelError::InvalidRequest("GQA cache without values".into())
-                        })?);
-                    }
-                    ops.append_rows(
-                        &qkv_out,
-                        HeadView::columns(q_width + kv_width, width),
-                        kv_width,
-                        &mut values,
-                        kv_width,
-                        0,
-                        step,
-                    )?;
-                }
-                let spec = AttentionSpec {
-                    heads,
-                    kv_heads,
-                    dk: d,
-                    dv: d,
-                    key_stride: kv_width,
-                    value_stride: kv_width,
-                    key_head_stride: d,
-                    value_head_stride: d,
-                    scale: self.scale,
-                };
-                let keys: Vec<&O::F32> = caches.iter().map(|c| &c.keys).collect();
-                let values: Vec<&O::F32> = caches
-                    .iter()
-                    .map(|c| c.values.as_ref().unwrap_or(&c.keys))
-                    .collect();
-                let mut out = ops.scratch(rows * q_width)?;
-                ops.attention(&q, &spec, &keys, &values, &mut out, step)?;
-                self.linear(&out, rows, q_width, o, h)
-            }
-            DeviceAttention::Mla {
-                shape,
-                input_proj,
-                input_width,
-                q_a_norm,
-                q_b,
-                kv_a_norm,
-                uk_t,
-                uv,
-                o,
-                interleaved,
-            } => {
-                let MlaShape {
-                    heads,
-                    kv_lora_rank: lora,
-                    nope,
-                    rope,
-                    v,
-                    ..
-                } = *shape;
-                let q_head = nope + rope;
-                let proj_width = *input_width;
-                let q_in = proj_width - lora - rope;
-                let proj = self.linear(x, rows, h, input_proj, proj_width)?;
-                // Queries: `[rows, heads, q_head]` at (buffer, row stride).
-                let q_low_rank;
-                let (q_buf, q_stride) = match (q_b, q_a_norm) {
-                    (Some(q_b), Some(norm)) => {
-                        let mut q_a = ops.scratch(rows * q_in)?;
-                        ops.rms_norm(
-                            &proj,
-                            HeadView::columns(0, proj_width),
-                            norm,
-                            &mut q_a,
-                            HeadView::packed(0, 1, q_in),
-                            rows,
-                            1,
-                            q_in,
-                            eps,
-                        )?;
-                        q_low_rank = self.linear(&q_a, rows, q_in, q_b, heads * q_head)?;
-                        (&q_low_rank, heads * q_head)
-                    }
-                    _ => (&proj, proj_width),
-                };
-                // The attention query per head: `[q_nope · W_ukᵀ | rotated q_rope]`.
-                let qk = lora + rope;
-                let mut query = ops.scratch(rows * heads * qk)?;
-                let q_in_gemm = ops.gemm_input(q_buf, rows * q_stride, uk_t)?;
-                let mut absorb = ColumnMajorGemm::rows_times_weights(rows, lora, nope);
-                absorb.ldb = q_stride;
-                absorb.ldc = heads * qk;
-                ops.gemm(
-                    &StridedGemm {
-                        gemm: absorb,
-                        batch: heads,
-                        stride_a: lora * nope,
-                        stride_b: q_head,
-                        stride_c: qk,
-                    },
-                    uk_t,
-                    0,
-                    &q_in_gemm,
-                    0,
-                    &mut query,
-                    0,
-                )?;
-                ops.rope(
-                    q_buf,
-                    HeadView {
-                        offset: nope,
-                        row_stride: q_stride,
-                        head_stride: q_head,
-                    },
-                    &mut query,
-                    HeadView {
-                        offset: lora,
-                        row_stride: heads * qk,
-                        head_stride: qk,
-                    },
-                    heads,
-                    *interleaved,
-                    step,
-                )?;
-                // This step's cache rows: `[normalised latent | rotated rope key]`.
-                let mut new_rows = ops.scratch(rows * qk)?;
-                ops.rms_norm(
-                    &proj,
-                    HeadView::columns(q_in, proj_width),
-                    kv_a_norm,
-                    &mut new_rows,
-                    HeadView::columns(0, qk),
-                    rows,
-                    1,
-                    lora,
-                    eps,
-                )?;
-                ops.rope(
-                    &proj,
-                    HeadView::columns(q_in + lora, proj_width),
-                    &mut new_rows,
-                    HeadView::columns(lora, qk),
-                    1,
-                    *interleaved,
-                    step,
-                )?;
-                {
-                    let mut keys: Vec<&mut O::F32> =
-                        caches.iter_mut().map(|c| &mut c.keys).collect();
-                    ops.append_rows(
-                        &new_rows,
-                        HeadView::packed(0, 1, qk),
-                        qk,
-                        &mut keys,
-                        qk,
-                        0,
-                        step,
-                    )?;
-                }
-                let spec = AttentionSpec {
-                    heads,
-                    kv_heads: 1,
-                    dk: qk,
-                    dv: lora,
-                    key_stride: qk,
-                    value_stride: qk,
-                    key_head_stride: 0,
-                    value_head_stride: 0,
-                    scale: self.scale,
-                };
-                let keys: Vec<&O::F32> = caches.iter().map(|c| &c.keys).collect();
-                let mut context = ops.scratch(rows * heads * lora)?;
-                ops.attention(&query, &spec, &keys, &keys, &mut context, step)?;
-                // Per head `W_uv · context`, heads side by side.
-                let context_in = ops.gemm_input(&context, rows * heads * lora, uv)?;
-                let mut expand = ColumnMajorGemm::rows_times_weights(rows, v, lora);
-                expand.ldb = heads * lora;
-                expand.ldc = heads * v;
-                let mut attn = ops.scratch(rows * heads * v)?;
-                ops.gemm(
-                    &StridedGemm {
-                        gemm: expand,
-                        batch: heads,
-                        stride_a: v * lora,
-                        stride_b: lora,
-                        stride_c: v,
-                    },
-                    uv,
-                    0,
-                    &context_in,
-                    0,
-                    &mut attn,
-                    0,
-                )?;
-                self.linear(&attn, rows, heads * v, o, h)
-            }
+/// Each sequence's cache on this device, as [`DeviceDenseModel::reserve`] made it.
+fn device_caches<'a, B: 'static>(
+    seqs: &'a mut [StepSequence<'_>],
+) -> Result<Vec<&'a mut DeviceSequenceCache<B>>> {
+    seqs.iter_mut()
+        .map(|s| {
+            s.cache
+                .device
+                .as_mut()
+                .and_then(|b| b.as_any_mut().downcast_mut::<DeviceSequenceCache<B>>())
+                .ok_or_else(|| ModelError::InvalidRequest("device cache missing".into()))
+        })
+        .collect()
+}
+
+/// The feed-forward half of `layer`: a dense MLP, or the MoE gate with its shared experts.
+fn load_ffn<O: DenseOps>(
+    ops: &O,
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    layer: usize,
+) -> Result<DeviceFfn<O>>
+where
+    ModelError: From<O::Error>,
+{
+    let h = config.hidden_size;
+    if !config.is_moe_layer(layer) {
+        let names = families::dense_mlp_names(layer);
+        let mlp = load_mlp(ops, ckpt, &names, h, config.dense_intermediate_size)?;
+        return Ok(DeviceFfn::Dense(mlp));
+    }
+    let names = families::moe_names(config, layer);
+    let gate = ckpt.load_f32(&names.gate, &[config.moe.num_experts, h])?;
+    let correction_bias = match &names.correction_bias {
+        Some(n) => Some(ops.upload_f32(&ckpt.load_f32(n, &[config.moe.num_experts])?)?),
+        None => None,
+    };
+    let shared = match &names.shared {
+        Some(n) => {
+            let width = config.moe.intermediate_size * config.moe.n_shared_experts;
+            Some(load_mlp(ops, ckpt, n, h, width)?)
+        }
+        None => None,
+    };
+    let rule = GateRule::new(&config.moe);
+    if let Gating::SigmoidGroupLimited { n_group, .. } = rule.gating {
+        if n_group == 0 || n_group > 64 || !rule.num_experts.is_multiple_of(n_group) {
+            return Err(ModelError::InvalidRequest(format!(
+                "the device gate supports 1..=64 expert groups dividing the experts, not \
+                 {n_group}"
+            )));
         }
     }
+    Ok(DeviceFfn::Moe(DeviceMoe {
+        gate: ops.upload_matrix(&gate, MatrixPrecision::F32)?,
+        correction_bias,
+        rule,
+        shared,
+    }))
 }
 
 /// Per-row top-k choices (in the rule's order) as routes in ascending expert id.
@@ -745,122 +468,4 @@ where
         down: ops.upload_matrix(&down, MatrixPrecision::of(ckpt, &[&names.down]))?,
         inter,
     })
-}
-
-fn load_attention<O: DenseOps>(
-    ops: &O,
-    ckpt: &Checkpoint,
-    config: &ModelConfig,
-    layer: usize,
-) -> Result<DeviceAttention<O>>
-where
-    ModelError: From<O::Error>,
-{
-    let prefix = format!("{}.self_attn", families::layer_prefix(layer));
-    let hidden = config.hidden_size;
-    // A matrix made of these tensors (names under the layer's `self_attn`).
-    let matrix = |values: &[f32], names: &[&str]| {
-        let names: Vec<String> = names.iter().map(|n| format!("{prefix}.{n}")).collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        ops.upload_matrix(values, MatrixPrecision::of(ckpt, &names))
-    };
-    match config.attention {
-        AttentionConfig::Gqa {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            qk_norm,
-        } => {
-            let load = |name: &str, rows: usize, cols: usize| {
-                ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[rows, cols])
-            };
-            let mut qkv = load("q_proj", num_heads * head_dim, hidden)?;
-            qkv.extend(load("k_proj", num_kv_heads * head_dim, hidden)?);
-            qkv.extend(load("v_proj", num_kv_heads * head_dim, hidden)?);
-            let o = load("o_proj", hidden, num_heads * head_dim)?;
-            let norm = |name: &str| -> Result<Option<O::F32>> {
-                if !qk_norm {
-                    return Ok(None);
-                }
-                let w = ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[head_dim])?;
-                Ok(Some(ops.upload_f32(&w)?))
-            };
-            Ok(DeviceAttention::Gqa {
-                qkv: matrix(&qkv, &["q_proj.weight", "k_proj.weight", "v_proj.weight"])?,
-                o: matrix(&o, &["o_proj.weight"])?,
-                q_norm: norm("q_norm")?,
-                k_norm: norm("k_norm")?,
-                heads: num_heads,
-                kv_heads: num_kv_heads,
-                head_dim,
-            })
-        }
-        AttentionConfig::Mla {
-            rope_interleave, ..
-        } => {
-            let shape = mla_shape(config).ok_or_else(|| {
-                ModelError::InvalidRequest("deepseek_v3 needs MLA attention settings".into())
-            })?;
-            let MlaShape {
-                heads,
-                q_lora_rank,
-                kv_lora_rank: lora,
-                nope,
-                rope,
-                v,
-                ..
-            } = shape;
-            let q_head = nope + rope;
-            let load =
-                |name: &str, shape: &[usize]| ckpt.load_f32(&format!("{prefix}.{name}"), shape);
-            let kv_a = load("kv_a_proj_with_mqa.weight", &[lora + rope, hidden])?;
-            let (mut input, q_a_norm, q_b) = match q_lora_rank {
-                Some(rank) => (
-                    load("q_a_proj.weight", &[rank, hidden])?,
-                    Some(ops.upload_f32(&load("q_a_layernorm.weight", &[rank])?)?),
-                    Some(matrix(
-                        &load("q_b_proj.weight", &[heads * q_head, rank])?,
-                        &["q_b_proj.weight"],
-                    )?),
-                ),
-                None => (
-                    load("q_proj.weight", &[heads * q_head, hidden])?,
-                    None,
-                    None,
-                ),
-            };
-            input.extend_from_slice(&kv_a);
-            let input_width = input.len() / hidden;
-            let kv_b = load("kv_b_proj.weight", &[heads * (nope + v), lora])?;
-            let mut uk_t = Vec::with_capacity(heads * lora * nope);
-            let mut uv = Vec::with_capacity(heads * v * lora);
-            for head in 0..heads {
-                let base = head * (nope + v) * lora;
-                let uk = &kv_b[base..base + nope * lora];
-                for c in 0..lora {
-                    uk_t.extend((0..nope).map(|i| uk[i * lora + c]));
-                }
-                uv.extend_from_slice(&kv_b[base + nope * lora..base + (nope + v) * lora]);
-            }
-            let q_in = match q_lora_rank {
-                Some(_) => "q_a_proj.weight",
-                None => "q_proj.weight",
-            };
-            Ok(DeviceAttention::Mla {
-                shape,
-                input_proj: matrix(&input, &[q_in, "kv_a_proj_with_mqa.weight"])?,
-                input_width,
-                q_a_norm,
-                q_b,
-                kv_a_norm: ops.upload_f32(&load("kv_a_layernorm.weight", &[lora])?)?,
-                uk_t: matrix(&uk_t, &["kv_b_proj.weight"])?,
-                uv: matrix(&uv, &["kv_b_proj.weight"])?,
-                o: matrix(
-                    &load("o_proj.weight", &[hidden, heads * v])?,
-                    &["o_proj.weight"],
-                )?,
-                interleaved: rope_interleave,
-            })
-        }
-    }
 }

@@ -3,152 +3,9 @@
 //! so the orchestration in [`super::model`] (shapes, strides, offsets, the order of steps, the
 //! cache bookkeeping) is checked against the CPU model on every machine.
 
-use crate::grouped_ffn::ColumnMajorGemm;
+use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGemm};
+use crate::device::MatrixPrecision;
 use crate::layers::gate::GateRule;
-
-/// Where a `[rows, heads, width]` block lives in a buffer: element `(r, h, c)` is at
-/// `offset + r * row_stride + h * head_stride + c`. A plain `[rows, width]` matrix is one
-/// head; a slice of columns of a wider matrix is a view with `row_stride` the wider width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadView {
-    pub offset: usize,
-    pub row_stride: usize,
-    pub head_stride: usize,
-}
-
-impl HeadView {
-    /// A contiguous `[rows, heads, width]` block from `offset`.
-    pub fn packed(offset: usize, heads: usize, width: usize) -> Self {
-        Self {
-            offset,
-            row_stride: heads * width,
-            head_stride: width,
-        }
-    }
-
-    /// Columns `offset..` of a `[rows, row_stride]` matrix, as one head.
-    pub fn columns(offset: usize, row_stride: usize) -> Self {
-        Self {
-            offset,
-            row_stride,
-            head_stride: 0,
-        }
-    }
-
-    /// One past the last element a `[rows, heads, width]` block touches.
-    pub fn end(&self, rows: usize, heads: usize, width: usize) -> usize {
-        if rows == 0 || heads == 0 || width == 0 {
-            return self.offset;
-        }
-        self.offset + (rows - 1) * self.row_stride + (heads - 1) * self.head_stride + width
-    }
-}
-
-/// `batch` GEMMs `C_i = op(A_i) · op(B_i)` with `X_i` at `X + i * stride_x` (cuBLAS's
-/// strided-batched call); `batch == 1` is a plain GEMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StridedGemm {
-    pub gemm: ColumnMajorGemm,
-    pub batch: usize,
-    pub stride_a: usize,
-    pub stride_b: usize,
-    pub stride_c: usize,
-}
-
-impl StridedGemm {
-    pub fn single(gemm: ColumnMajorGemm) -> Self {
-        Self {
-            gemm,
-            batch: 1,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-        }
-    }
-
-    /// One past the last element of A, B and C the call touches from their offsets
-    /// (exact: a view into a wider matrix may end before `ld * columns`).
-    pub fn extents(&self) -> (usize, usize, usize) {
-        let g = &self.gemm;
-        let span = |rows: usize, cols: usize, ld: usize| {
-            if rows == 0 || cols == 0 {
-                0
-            } else {
-                (cols - 1) * ld + rows
-            }
-        };
-        let (a_rows, a_cols) = if g.transpose_a {
-            (g.k, g.m)
-        } else {
-            (g.m, g.k)
-        };
-        let (b_rows, b_cols) = if g.transpose_b {
-            (g.n, g.k)
-        } else {
-            (g.k, g.n)
-        };
-        let last = self.batch.saturating_sub(1);
-        (
-            span(a_rows, a_cols, g.lda) + last * self.stride_a,
-            span(b_rows, b_cols, g.ldb) + last * self.stride_b,
-            span(g.m, g.n, g.ldc) + last * self.stride_c,
-        )
-    }
-}
-
-/// What attention reads from a sequence's cache: per cached token one key row of
-/// `key_stride` values and one value row of `value_stride` (MLA: the same row, the latent
-/// being both key prefix and value). Query head `h` uses kv head `h / (heads / kv_heads)`,
-/// at `kv_head * key_head_stride` in the key row (and likewise for values).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionSpec {
-    pub heads: usize,
-    pub kv_heads: usize,
-    /// Query/key width per head.
-    pub dk: usize,
-    /// Value (and output) width per head.
-    pub dv: usize,
-    pub key_stride: usize,
-    pub value_stride: usize,
-    pub key_head_stride: usize,
-    pub value_head_stride: usize,
-    pub scale: f32,
-}
-
-/// What a matrix comes from, which decides how the device holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatrixPrecision {
-    /// bf16 (or FP8) checkpoint tensors: bf16 in both bf16 modes, f32 in the f32 mode.
-    Narrow,
-    /// Wider (f16, f32) tensors: f32 except in the plain bf16 mode, which casts them (a bf16
-    /// copy would change the model, which bf16x2 promises not to do).
-    Wide,
-    /// Always f32: the MoE gate, whose top-k choices flip on small errors (transformers
-    /// computes DeepSeek's gate in f32 too).
-    F32,
-}
-
-impl MatrixPrecision {
-    /// The precision of a matrix made of these checkpoint tensors.
-    pub fn of(ckpt: &crate::checkpoint::Checkpoint, names: &[&str]) -> Self {
-        if names.iter().all(|n| ckpt.narrow_as_bf16(n)) {
-            MatrixPrecision::Narrow
-        } else {
-            MatrixPrecision::Wide
-        }
-    }
-
-    /// Whether the matrix is held in bf16 under `numerics` (else f32).
-    pub fn in_bf16(self, numerics: crate::device::GpuDtype) -> bool {
-        use crate::device::GpuDtype;
-        !matches!(
-            (self, numerics),
-            (MatrixPrecision::F32, _)
-                | (_, GpuDtype::F32)
-                | (MatrixPrecision::Wide, GpuDtype::Bf16x2)
-        )
-    }
-}
 
 /// A step's row layout on the device, uploaded once per step.
 pub struct DeviceStep<O: DenseOps + ?Sized> {
@@ -210,6 +67,22 @@ pub trait DenseOps {
         c: &mut Self::F32,
         c_offset: usize,
     ) -> Result<(), Self::Error>;
+    /// `out[rows, n_out] = x[rows, k] · w[n_out, k]ᵀ`, all row-major and packed: `x` converted
+    /// for `w`, then one GEMM (made of the steps above, not a step of its own).
+    fn linear(
+        &self,
+        x: &Self::F32,
+        rows: usize,
+        k: usize,
+        w: &Self::Matrix,
+        n_out: usize,
+    ) -> Result<Self::F32, Self::Error> {
+        let input = self.gemm_input(x, rows * k, w)?;
+        let mut out = self.scratch(rows * n_out)?;
+        let shape = StridedGemm::single(ColumnMajorGemm::rows_times_weights(rows, n_out, k));
+        self.gemm(&shape, w, 0, &input, 0, &mut out, 0)?;
+        Ok(out)
+    }
     /// RMSNorm of every `(row, head)` vector of `width`: `x * rsqrt(mean(x²) + eps) * weight`.
     #[allow(clippy::too_many_arguments)]
     fn rms_norm(

@@ -6,8 +6,9 @@
 //! bf16, GEMM inputs to bf16 or to `hi + lo` bf16 terms, f32 accumulation and outputs, the gate
 //! in f32).
 
-use super::ops::{AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm};
-use crate::device::GpuDtype;
+use super::ops::{DenseOps, DeviceStep};
+use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
+use crate::device::{GpuDtype, MatrixPrecision};
 use crate::error::ModelError;
 use crate::layers::gate::GateRule;
 
@@ -377,18 +378,6 @@ impl DenseOps for HostDenseOps {
     }
 }
 
-/// A bundled fixture: under `MOE_FIXTURES_DIR` when set (a test executable carried to another
-/// machine, as `ops/gpu-check.sh` does), else in this repository.
-#[cfg(test)]
-pub(crate) fn fixture_dir(name: &str) -> std::path::PathBuf {
-    std::env::var_os("MOE_FIXTURES_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-        })
-        .join(name)
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -396,13 +385,14 @@ mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
     use crate::config::ModelConfig;
-    use crate::dense::{DenseModel, StepSequence};
+    use crate::dense::DenseModel;
+    use crate::dense_step::StepSequence;
     use crate::device_dense::DeviceDenseModel;
     use crate::experts::ExpertSet;
     use crate::kv_cache::SequenceCache;
 
     fn fixture(name: &str) -> PathBuf {
-        fixture_dir(name)
+        crate::test_support::fixture_dir(name)
     }
 
     fn assert_close(device: &[Vec<f32>], cpu: &[Vec<f32>], what: &str) {

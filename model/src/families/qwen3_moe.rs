@@ -3,9 +3,10 @@
 
 use super::{layer_prefix, MoeNames};
 use crate::checkpoint::Checkpoint;
-use crate::config::{AttentionConfig, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::attention::{Attention, GqaAttention};
+use crate::layers::attention_shapes::gqa_shape;
 use crate::layers::mlp::MlpNames;
 
 pub fn expert_names(layer: usize, expert: usize) -> MlpNames {
@@ -23,26 +24,14 @@ pub fn moe_names(layer: usize) -> MoeNames {
 /// GQA attention as Qwen3-MoE and Mixtral name it (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
 /// plus Qwen3's `q_norm` / `k_norm`).
 pub fn load_gqa(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Attention> {
-    let AttentionConfig::Gqa {
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        qk_norm,
-    } = config.attention
-    else {
-        return Err(ModelError::Config {
-            path: ckpt.dir().join("config.json"),
-            message: "grouped-query attention settings expected".into(),
-        });
-    };
+    let shape = gqa_shape(config).ok_or_else(|| ModelError::Config {
+        path: ckpt.dir().join("config.json"),
+        message: "grouped-query attention settings expected".into(),
+    })?;
     Ok(Attention::Gqa(GqaAttention::load(
         ckpt,
         &format!("{}.self_attn", layer_prefix(layer)),
-        config.hidden_size,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        qk_norm,
+        shape,
         config.softmax_scale(),
         config.rms_norm_eps,
     )?))

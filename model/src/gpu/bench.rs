@@ -5,11 +5,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::context::{GpuContext, GpuError};
+use super::context::GpuContext;
+use super::error::GpuError;
 use super::expert_ffn::{
     fill_uniform_f32, run_grouped_on_device, ActForm, CudaOps, ExpertBatch, GpuBuffer, GpuMlp,
 };
-use crate::grouped_ffn::{expert_gemms, ColumnMajorGemm, FfnOps, FfnPass};
+use crate::device::shapes::ColumnMajorGemm;
+use crate::grouped_ffn::{expert_gemms, FfnOps, FfnPass};
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
 /// The MoE layer shape being measured.

@@ -6,28 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream};
 
+use super::error::GpuError;
 use super::kernels::Kernels;
-use crate::device::{Device, GpuDtype};
-
-#[derive(Debug, thiserror::Error)]
-pub enum GpuError {
-    #[error("{0} could not be loaded (put the CUDA libraries on LD_LIBRARY_PATH)")]
-    MissingLibrary(&'static str),
-    #[error("CUDA driver: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
-    #[error("cuBLAS: {0}")]
-    Blas(#[from] cudarc::cublas::result::CublasError),
-    #[error("NVRTC could not compile the kernels: {0}")]
-    Compile(String),
-    #[error("{0}")]
-    Shape(String),
-}
-
-impl From<GpuError> for crate::ModelError {
-    fn from(e: GpuError) -> Self {
-        crate::ModelError::Gpu(e.to_string())
-    }
-}
+use crate::device::{Device, DeviceError, DeviceInfo, GpuDtype};
 
 /// Streams (each with its own cuBLAS handle) that the per-expert GEMMs of one batch are spread
 /// over by default: one expert's GEMM is too small to fill an H200 (256 rows x 4096 outputs is
@@ -64,6 +45,33 @@ impl std::fmt::Debug for GpuContext {
             .field("dtype", &self.dtype)
             .finish()
     }
+}
+
+/// What [`Device::probe`] finds for GPU `ordinal`: that the driver loads, that the GPU exists,
+/// its name and memory. Checked before anything else is called, since cudarc panics on a
+/// missing library.
+pub fn probe(device: Device, ordinal: usize) -> Result<DeviceInfo, DeviceError> {
+    // SAFETY: only tries to load the library; no CUDA call is made before it succeeds.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(DeviceError::NoDriver(device));
+    }
+    let cuda = |e: cudarc::driver::DriverError| DeviceError::Cuda {
+        device,
+        message: e.to_string(),
+    };
+    let count = CudaContext::device_count().map_err(cuda)?;
+    if ordinal >= count.max(0) as usize {
+        return Err(DeviceError::Cuda {
+            device,
+            message: format!("only {count} CUDA device(s) present"),
+        });
+    }
+    let context = CudaContext::new(ordinal).map_err(cuda)?;
+    Ok(DeviceInfo {
+        device,
+        name: context.name().map_err(cuda)?,
+        memory_bytes: context.total_mem().map_err(cuda)? as u64,
+    })
 }
 
 /// Whether the CUDA libraries the backend calls can be loaded (the driver is checked by

@@ -8,22 +8,21 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::context::{GpuContext, GpuError};
-use super::expert_ffn::{gemm_f32_out, GpuBuffer};
+use super::context::GpuContext;
+use super::error::GpuError;
+use super::expert_ffn::{check_gemm_bounds, gemm_at, GpuBuffer};
 use super::kernels::{as_int, grid, row_grid};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
-use crate::dense::{DenseStep, StepSequence};
+use crate::dense_step::{DenseStep, StepSequence};
+use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::GpuDtype;
-use crate::device_dense::ops::{
-    AttentionSpec, DenseOps, DeviceStep, HeadView, MatrixPrecision, StridedGemm,
-};
+use crate::device::MatrixPrecision;
+use crate::device_dense::ops::{DenseOps, DeviceStep};
 use crate::device_dense::DeviceDenseModel;
-use crate::experts::ExpertBackend;
+use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
 
 /// Threads of the attention kernel's blocks and the widest output it handles.
@@ -60,6 +59,34 @@ fn blocks(items: usize, threads: u32) -> Result<LaunchConfig, GpuError> {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// A [`HeadView`] as the kernels take it: three parameters, the offset (64-bit), the row
+/// stride and the head stride.
+struct ViewArgs {
+    offset: i64,
+    row_stride: i32,
+    head_stride: i32,
+}
+
+impl ViewArgs {
+    fn of(view: HeadView) -> Result<Self, GpuError> {
+        Ok(Self {
+            offset: long(view.offset),
+            row_stride: int(view.row_stride, "row stride")?,
+            head_stride: int(view.head_stride, "head stride")?,
+        })
+    }
+}
+
+// SAFETY: pushes the three fields, in the kernels' parameter order, as the plain scalars that
+// cudarc's own impls push; they live as long as the borrow the launch holds.
+unsafe impl<'a, 'b: 'a> PushKernelArg<&'b ViewArgs> for LaunchArgs<'a> {
+    fn arg(&mut self, view: &'b ViewArgs) -> &mut Self {
+        self.arg(&view.offset)
+            .arg(&view.row_stride)
+            .arg(&view.head_stride)
+    }
 }
 
 fn shape_error(what: &str) -> GpuError {
@@ -224,39 +251,25 @@ impl DenseOps for CudaDenseOps {
         c_offset: usize,
     ) -> Result<(), GpuError> {
         let _serial = self.ctx.lock()?;
-        let (a_end, b_end, c_end) = s.extents();
-        if a_offset + a_end > a.len() || b_offset + b_end > b.len() || c_offset + c_end > c.len() {
-            return Err(GpuError::Shape(format!(
-                "GEMM {s:?} from offsets {a_offset}/{b_offset}/{c_offset} overruns buffers of \
-                 {}/{}/{}",
-                a.len(),
-                b.len(),
-                c.len()
-            )));
-        }
+        check_gemm_bounds(s, s.extents(), (a, a_offset), (b, b_offset), (c, c_offset))?;
         let g = &s.gemm;
         if g.m == 0 || g.n == 0 || s.batch == 0 {
             return Ok(());
         }
         let stream = self.ctx.stream();
         let handle = *self.ctx.blas().handle();
-        let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
         // SAFETY: the extents were checked against the live buffers above; the handle is
         // bound to the main stream, where every buffer here is used.
         unsafe {
-            gemm_f32_out(
+            gemm_at(
                 handle,
+                stream,
                 s,
-                (a, a.address(stream, a_offset)),
-                (
-                    b,
-                    b.address(stream, b_offset),
-                    b.lo_address(stream, b_offset),
-                ),
-                c_ptr,
-            )?;
+                (a, a_offset),
+                (b, b_offset),
+                (c, c_offset),
+            )
         }
-        Ok(())
     }
 
     fn rms_norm(
@@ -281,13 +294,8 @@ impl DenseOps for CudaDenseOps {
         if rows * heads * width == 0 {
             return Ok(());
         }
+        let (x_at, out_at) = (ViewArgs::of(x_view)?, ViewArgs::of(out_view)?);
         let args = (
-            long(x_view.offset),
-            int(x_view.row_stride, "row stride")?,
-            int(x_view.head_stride, "head stride")?,
-            long(out_view.offset),
-            int(out_view.row_stride, "row stride")?,
-            int(out_view.head_stride, "head stride")?,
             int(rows, "rows")?,
             int(heads, "heads")?,
             int(width, "width")?,
@@ -298,17 +306,13 @@ impl DenseOps for CudaDenseOps {
                 .stream()
                 .launch_builder(&self.ctx.kernels().rms_norm_heads)
                 .arg(x)
+                .arg(&x_at)
+                .arg(weight)
+                .arg(out)
+                .arg(&out_at)
                 .arg(&args.0)
                 .arg(&args.1)
                 .arg(&args.2)
-                .arg(weight)
-                .arg(out)
-                .arg(&args.3)
-                .arg(&args.4)
-                .arg(&args.5)
-                .arg(&args.6)
-                .arg(&args.7)
-                .arg(&args.8)
                 .arg(&eps)
                 .launch(blocks(rows * heads, NORM_THREADS)?)?;
         }
@@ -336,13 +340,8 @@ impl DenseOps for CudaDenseOps {
         if rows * heads * half == 0 {
             return Ok(());
         }
+        let (x_at, out_at) = (ViewArgs::of(x_view)?, ViewArgs::of(out_view)?);
         let args = (
-            long(x_view.offset),
-            int(x_view.row_stride, "row stride")?,
-            int(x_view.head_stride, "head stride")?,
-            long(out_view.offset),
-            int(out_view.row_stride, "row stride")?,
-            int(out_view.head_stride, "head stride")?,
             int(rows, "rows")?,
             int(heads, "heads")?,
             int(half, "rope half")?,
@@ -354,19 +353,15 @@ impl DenseOps for CudaDenseOps {
                 .stream()
                 .launch_builder(&self.ctx.kernels().rope_heads)
                 .arg(x)
+                .arg(&x_at)
+                .arg(out)
+                .arg(&out_at)
+                .arg(&step.cos)
+                .arg(&step.sin)
                 .arg(&args.0)
                 .arg(&args.1)
                 .arg(&args.2)
-                .arg(out)
                 .arg(&args.3)
-                .arg(&args.4)
-                .arg(&args.5)
-                .arg(&step.cos)
-                .arg(&step.sin)
-                .arg(&args.6)
-                .arg(&args.7)
-                .arg(&args.8)
-                .arg(&args.9)
                 .launch(grid(rows * heads * half))?;
         }
         Ok(())
@@ -743,7 +738,7 @@ impl GpuDenseModel {
         ctx: Arc<GpuContext>,
         ckpt: &Checkpoint,
         config: &ModelConfig,
-    ) -> crate::Result<Self> {
+    ) -> crate::error::Result<Self> {
         let inner = DeviceDenseModel::load(CudaDenseOps::new(Arc::clone(&ctx)), ckpt, config)?;
         ctx.synchronize()?;
         Ok(Self { inner, ctx })
@@ -759,7 +754,7 @@ impl DenseStep for GpuDenseModel {
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-    ) -> crate::Result<Vec<Vec<f32>>> {
+    ) -> crate::error::Result<Vec<Vec<f32>>> {
         self.inner.forward(seqs, experts)
     }
 
@@ -779,10 +774,10 @@ impl DenseStep for GpuDenseModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::shapes::ColumnMajorGemm;
     use crate::device_dense::reference::HostDenseOps;
-    use crate::grouped_ffn::ColumnMajorGemm;
 
-    use crate::gpu::test_context as gpu;
+    use crate::test_support::test_context as gpu;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -1120,7 +1115,7 @@ mod tests {
             return;
         };
         for name in ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"] {
-            let dir = crate::device_dense::reference::fixture_dir(name);
+            let dir = crate::test_support::fixture_dir(name);
             let config = ModelConfig::from_dir(&dir).unwrap();
             let ckpt = Checkpoint::open(&dir).unwrap();
             let on_gpu = GpuDenseModel::load(Arc::clone(&ctx), &ckpt, &config).unwrap();

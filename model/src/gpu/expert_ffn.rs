@@ -6,11 +6,12 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::context::{GpuContext, GpuError};
+use super::context::GpuContext;
+use super::error::GpuError;
 use super::kernels::{as_int, grid, row_grid};
-use crate::device::GpuDtype;
-use crate::device_dense::ops::{MatrixPrecision, StridedGemm};
-use crate::grouped_ffn::{run_grouped, ColumnMajorGemm, ExpertMatrices, FfnOps, GroupedShapeError};
+use crate::device::shapes::{ColumnMajorGemm, StridedGemm};
+use crate::device::{GpuDtype, MatrixPrecision};
+use crate::grouped_ffn::{run_grouped, ExpertMatrices, FfnOps, GroupedShapeError};
 use crate::routes::ExpertRuns;
 
 /// A device buffer in the GEMM dtype (bf16 held as its bits).
@@ -401,16 +402,7 @@ impl FfnOps for CudaOps<'_> {
         c: &mut CudaSlice<f32>,
         c_offset: usize,
     ) -> Result<(), GpuError> {
-        let (a_len, b_len, c_len) = g.extents();
-        if a_offset + a_len > a.len() || b_offset + b_len > b.len() || c_offset + c_len > c.len() {
-            return Err(GpuError::Shape(format!(
-                "GEMM {g:?} from offsets {a_offset}/{b_offset}/{c_offset} overruns buffers of \
-                 {}/{}/{}",
-                a.len(),
-                b.len(),
-                c.len()
-            )));
-        }
+        check_gemm_bounds(g, g.extents(), (a, a_offset), (b, b_offset), (c, c_offset))?;
         // Pointers are taken on the main stream (where the buffers live); the lane's stream
         // is ordered after it by `fork` and before its later work by `join`.
         let stream = self.ctx.stream();
@@ -419,23 +411,19 @@ impl FfnOps for CudaOps<'_> {
             Some(l) => *l.blas.handle(),
             None => *self.ctx.blas().handle(),
         };
-        let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
+        let shape = StridedGemm::single(*g);
         // SAFETY: the extents were checked against the live buffers above, and the work is
         // queued on the handle's own stream.
         unsafe {
-            gemm_f32_out(
+            gemm_at(
                 handle,
-                &StridedGemm::single(*g),
-                (a, a.address(stream, a_offset)),
-                (
-                    b,
-                    b.address(stream, b_offset),
-                    b.lo_address(stream, b_offset),
-                ),
-                c_ptr,
-            )?;
+                stream,
+                &shape,
+                (a, a_offset),
+                (b, b_offset),
+                (c, c_offset),
+            )
         }
-        Ok(())
     }
 
     fn silu_mul(
@@ -507,6 +495,58 @@ impl FfnOps for CudaOps<'_> {
                 .launch(row_grid(slots))?;
         }
         Ok(())
+    }
+}
+
+/// Refuses a GEMM (`shape`, touching `extents` elements from its offsets into A, B and C)
+/// that would overrun a buffer.
+pub(crate) fn check_gemm_bounds(
+    shape: &dyn std::fmt::Debug,
+    (a_end, b_end, c_end): (usize, usize, usize),
+    (a, a_offset): (&GpuBuffer, usize),
+    (b, b_offset): (&GpuBuffer, usize),
+    (c, c_offset): (&CudaSlice<f32>, usize),
+) -> Result<(), GpuError> {
+    if a_offset + a_end > a.len() || b_offset + b_end > b.len() || c_offset + c_end > c.len() {
+        return Err(GpuError::Shape(format!(
+            "GEMM {shape:?} from offsets {a_offset}/{b_offset}/{c_offset} overruns buffers of \
+             {}/{}/{}",
+            a.len(),
+            b.len(),
+            c.len()
+        )));
+    }
+    Ok(())
+}
+
+/// [`gemm_f32_out`] from element offsets into A, B and C, addressed on `stream` (where the
+/// buffers live).
+///
+/// # Safety
+/// The offsets were checked with [`check_gemm_bounds`], and the handle's stream is ordered
+/// after the work that writes A and B and before the work that reads C.
+pub(crate) unsafe fn gemm_at(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    stream: &CudaStream,
+    shape: &StridedGemm,
+    (a, a_offset): (&GpuBuffer, usize),
+    (b, b_offset): (&GpuBuffer, usize),
+    (c, c_offset): (&mut CudaSlice<f32>, usize),
+) -> Result<(), GpuError> {
+    let c_ptr = c.device_ptr_mut(stream).0 + c_offset as u64 * 4;
+    // SAFETY: passed on from the caller.
+    unsafe {
+        gemm_f32_out(
+            handle,
+            shape,
+            (a, a.address(stream, a_offset)),
+            (
+                b,
+                b.address(stream, b_offset),
+                b.lo_address(stream, b_offset),
+            ),
+            c_ptr,
+        )
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
-use super::context::GpuError;
+use super::error::GpuError;
 
 /// Kept in the repository and compiled for the device's own architecture at start-up.
 pub const SOURCE: &str = include_str!("kernels.cu");
@@ -153,7 +153,7 @@ mod tests {
             // SAFETY: only tries to open the library.
             && !unsafe { cudarc::nvrtc::sys::is_culib_present() }
         {
-            crate::gpu::report_skip(
+            crate::test_support::report_skip(
                 "libnvrtc not found, the kernels were not compiled (MOE_REQUIRE_NVRTC=1 makes this a failure)",
             );
             return;

@@ -2,6 +2,25 @@
 
 use crate::config::{AttentionConfig, ModelConfig};
 use crate::layers::attention::mla::MlaShape;
+use crate::layers::attention::GqaShape;
+
+pub fn gqa_shape(config: &ModelConfig) -> Option<GqaShape> {
+    match config.attention {
+        AttentionConfig::Gqa {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            qk_norm,
+        } => Some(GqaShape {
+            hidden: config.hidden_size,
+            heads: num_heads,
+            kv_heads: num_kv_heads,
+            head_dim,
+            qk_norm,
+        }),
+        AttentionConfig::Mla { .. } => None,
+    }
+}
 
 pub fn mla_shape(config: &ModelConfig) -> Option<MlaShape> {
     match config.attention {

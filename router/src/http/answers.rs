@@ -18,6 +18,7 @@ use super::openai::{
 };
 use super::{ApiError, HttpState};
 use crate::admission::Answers;
+use crate::error::RouterError;
 
 fn usage(msg: &GenerateResponse) -> Option<Usage> {
     msg.usage.as_ref().map(|u| Usage {
@@ -111,7 +112,9 @@ async fn collect(mut answers: Answers) -> Result<Collected, ApiError> {
         out.messages.push(msg);
     }
     if out.finish_reason.is_none() {
-        return Err(tonic::Status::internal("the answer ended without a finish reason").into());
+        return Err(
+            RouterError::Internal("the answer ended without a finish reason".into()).into(),
+        );
     }
     Ok(out)
 }
@@ -206,7 +209,7 @@ where
         while let Some(msg) = answers.recv().await {
             let events = match msg {
                 Ok(msg) => chunk(&msg),
-                Err(status) => vec![json_event(&ApiError::from(status).body())],
+                Err(error) => vec![json_event(&ApiError::from(error).body())],
             };
             for event in events {
                 if tx.send(Ok(event)).await.is_err() {

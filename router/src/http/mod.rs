@@ -4,6 +4,7 @@
 //! detokenizer as the gRPC API, so the same request gives the same tokens on both.
 
 mod answers;
+mod api_error;
 pub mod listener;
 pub mod openai;
 
@@ -26,11 +27,11 @@ use serde::de::DeserializeOwned;
 use crate::admission::Admission;
 use crate::api_keys::ApiKeys;
 use crate::cluster_view::ClusterView;
+use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 use crate::request_trace::TraceOrigin;
-use openai::{
-    ChatRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, ModelCard, ModelList, Prompt,
-};
+pub use api_error::ApiError;
+use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
 
 pub struct HttpState {
     pub admission: Arc<Admission>,
@@ -95,100 +96,19 @@ async fn require_key(
     if state.api_keys.allows(header) {
         return next.run(request).await;
     }
-    ApiError {
-        status: StatusCode::UNAUTHORIZED,
-        kind: "authentication_error",
-        message: "a valid API key is required: `Authorization: Bearer <key>`".into(),
-        param: None,
-    }
+    ApiError::from(RouterError::Unauthenticated(
+        "a valid API key is required: `Authorization: Bearer <key>`",
+    ))
     .into_response()
 }
 
-/// An error in OpenAI's shape, with the HTTP status that goes with it.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    param: Option<&'static str>,
-}
-
-impl ApiError {
-    fn invalid(message: impl Into<String>, param: &'static str) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            message: message.into(),
-            param: Some(param),
-        }
-    }
-
-    fn with_param(self, param: &'static str) -> Self {
-        Self {
-            param: Some(param),
-            ..self
-        }
-    }
-}
-
-impl From<tonic::Status> for ApiError {
-    fn from(status: tonic::Status) -> Self {
-        use tonic::Code;
-        let (http, kind) = match status.code() {
-            Code::InvalidArgument | Code::OutOfRange => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error")
-            }
-            Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
-            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
-            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
-            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
-            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-        };
-        Self {
-            status: http,
-            kind,
-            message: status.message().to_string(),
-            param: None,
-        }
-    }
-}
-
-impl ApiError {
-    fn body(&self) -> ErrorBody {
-        ErrorBody {
-            error: ErrorDetail {
-                message: self.message.clone(),
-                kind: self.kind,
-                param: self.param.map(str::to_string),
-                code: None,
-            },
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
-    }
-}
-
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        kind: "invalid_request_error",
-        message: format!("invalid JSON body: {e}"),
-        param: None,
-    })
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, RouterError> {
+    serde_json::from_slice(body)
+        .map_err(|e| RouterError::unnamed(format!("invalid JSON body: {e}")))
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        kind: "not_found_error",
-        message: "no such route".into(),
-        param: None,
-    }
+    RouterError::RouteNotFound.into()
 }
 
 /// Only `/metrics`, for `--metrics-listen`.
@@ -242,30 +162,28 @@ async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
     })
 }
 
-fn check_model(served_model: &str, model: &Option<String>) -> Result<(), ApiError> {
+fn check_model(served_model: &str, model: &Option<String>) -> Result<(), RouterError> {
     match model {
-        Some(m) if !m.is_empty() && m != served_model => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            kind: "not_found_error",
-            message: format!("the model `{m}` does not exist; this server serves `{served_model}`"),
-            param: Some("model"),
+        Some(m) if !m.is_empty() && m != served_model => Err(RouterError::ModelNotFound {
+            requested: m.clone(),
+            served: served_model.to_string(),
         }),
         _ => Ok(()),
     }
 }
 
-fn check_n(n: Option<u32>) -> Result<(), ApiError> {
+fn check_n(n: Option<u32>) -> Result<(), RouterError> {
     match n {
         None | Some(1) => Ok(()),
-        Some(n) => Err(ApiError::invalid(
-            format!("only n = 1 is supported, got {n}"),
+        Some(n) => Err(RouterError::invalid(
             "n",
+            format!("only n = 1 is supported, got {n}"),
         )),
     }
 }
 
-fn seed(seed: Option<i64>) -> Result<Option<u64>, ApiError> {
-    seed.map(|s| u64::try_from(s).map_err(|_| ApiError::invalid("seed must be >= 0", "seed")))
+fn seed(seed: Option<i64>) -> Result<Option<u64>, RouterError> {
+    seed.map(|s| u64::try_from(s).map_err(|_| RouterError::invalid("seed", "seed must be >= 0")))
         .transpose()
 }
 
@@ -283,12 +201,12 @@ pub struct Parsed {
 
 /// Parses and checks a `/v1/completions` body (everything but admission): pure, so it can be
 /// fuzzed.
-pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, ApiError> {
+pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, RouterError> {
     let req: CompletionRequest = parse(body)?;
     check_model(served_model, &req.model)?;
     check_n(req.n)?;
     if req.echo {
-        return Err(ApiError::invalid("echo is not supported", "echo"));
+        return Err(RouterError::invalid("echo", "echo is not supported"));
     }
     let (prompt, input_ids) = match req.prompt {
         Prompt::Text(t) => (Some(t), vec![]),
@@ -296,9 +214,9 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, ApiEr
         Prompt::Texts(mut v) if v.len() == 1 => (v.pop(), vec![]),
         Prompt::IdLists(mut v) if v.len() == 1 => (None, v.pop().unwrap_or_default()),
         _ => {
-            return Err(ApiError::invalid(
-                "batched prompts are not supported: send one prompt per request",
+            return Err(RouterError::invalid(
                 "prompt",
+                "batched prompts are not supported: send one prompt per request",
             ))
         }
     };
@@ -333,10 +251,7 @@ async fn completions(
         .await??;
     // Before the prompt reaches the tokenizer (in admission, on the blocking pool).
     if let Some(prompt) = &parsed.generate.prompt {
-        state
-            .admission
-            .check_prompt_bytes(prompt.len(), "prompt")
-            .map_err(|e| ApiError::from(e).with_param("prompt"))?;
+        state.admission.check_prompt_bytes(prompt.len(), "prompt")?;
     }
     let origin = TraceOrigin::from_http(&headers, "text_completion");
     let answers = state.admission.submit(parsed.generate, origin).await?;
@@ -361,7 +276,7 @@ pub fn parse_chat(
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
     max_model_len: usize,
-) -> Result<Parsed, ApiError> {
+) -> Result<Parsed, RouterError> {
     let chat = parse_chat_body(body, served_model, template.is_some())?;
     render_chat(chat, template, tokenizer, max_model_len)
 }
@@ -385,10 +300,10 @@ impl ChatBody {
     }
 }
 
-fn no_chat_template() -> ApiError {
-    ApiError::invalid(
-        "this model has no chat template: use /v1/completions",
+fn no_chat_template() -> RouterError {
+    RouterError::invalid(
         "messages",
+        "this model has no chat template: use /v1/completions",
     )
 }
 
@@ -397,7 +312,7 @@ pub fn parse_chat_body(
     body: &[u8],
     served_model: &str,
     has_template: bool,
-) -> Result<ChatBody, ApiError> {
+) -> Result<ChatBody, RouterError> {
     let mut req: ChatRequest = parse(body)?;
     check_model(served_model, &req.model)?;
     check_n(req.n)?;
@@ -405,7 +320,10 @@ pub fn parse_chat_body(
         return Err(no_chat_template());
     }
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages must not be empty", "messages"));
+        return Err(RouterError::invalid(
+            "messages",
+            "messages must not be empty",
+        ));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in std::mem::take(&mut req.messages) {
@@ -418,9 +336,9 @@ pub fn parse_chat_body(
                     match (p.kind.as_str(), p.text) {
                         ("text", Some(t)) => text.push_str(&t),
                         (kind, _) => {
-                            return Err(ApiError::invalid(
-                                format!("content parts of type `{kind}` are not supported"),
+                            return Err(RouterError::invalid(
                                 "messages",
+                                format!("content parts of type `{kind}` are not supported"),
                             ))
                         }
                     }
@@ -443,20 +361,20 @@ pub fn render_chat(
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
     max_model_len: usize,
-) -> Result<Parsed, ApiError> {
+) -> Result<Parsed, RouterError> {
     let ChatBody { req, messages } = chat;
     let template = template.ok_or_else(no_chat_template)?;
     let rendered = template
         .render(&messages, true)
-        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+        .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
     // As transformers' apply_chat_template: the template writes any special tokens itself.
     let input_ids = tokenizer
         .encode_raw(&rendered)
-        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+        .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
     if input_ids.is_empty() {
-        return Err(ApiError::invalid(
-            "the rendered conversation is empty",
+        return Err(RouterError::invalid(
             "messages",
+            "the rendered conversation is empty",
         ));
     }
     let max_tokens = req
@@ -464,9 +382,9 @@ pub fn render_chat(
         .or(req.max_tokens)
         .unwrap_or_else(|| max_model_len.saturating_sub(input_ids.len()).max(1) as u32);
     if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
-        return Err(ApiError::invalid(
-            "top_logprobs needs logprobs = true",
+        return Err(RouterError::invalid(
             "top_logprobs",
+            "top_logprobs needs logprobs = true",
         ));
     }
     Ok(Parsed {
@@ -504,8 +422,7 @@ async fn chat_completions(
     // The messages are bounded before the template renders them.
     state
         .admission
-        .check_prompt_bytes(chat.text_bytes(), "messages")
-        .map_err(|e| ApiError::from(e).with_param("messages"))?;
+        .check_prompt_bytes(chat.text_bytes(), "messages")?;
     let render_state = Arc::clone(&state);
     let parsed = tokenizing
         .tokenize(move |tokenizer| {
@@ -544,6 +461,7 @@ mod tests {
         let Err(err) = parse_chat(body, "m", None, &tokenizer, 1024) else {
             panic!("a chat request without a template was accepted");
         };
+        let err = ApiError::from(err);
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         assert_eq!(err.kind, "invalid_request_error");
         assert_eq!(err.param, Some("messages"));

@@ -10,6 +10,7 @@ use moe_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::cluster_view::ClusterView;
+use crate::error::RouterError;
 use crate::kv_blocks::KvBlocks;
 use crate::scheduler::SchedulerStats;
 
@@ -19,8 +20,8 @@ fn seconds(nanos: &std::sync::atomic::AtomicU64) -> f64 {
 
 pub struct AdminService {
     pub cluster: String,
-    pub etcd: moe_cluster::EtcdConnection,
-    pub keys: moe_cluster::ClusterKeys,
+    /// Where drain requests are written.
+    pub discovery: moe_cluster::Discovery,
     pub view: Arc<ClusterView>,
     pub stats: Arc<SchedulerStats>,
     pub kv: Arc<KvBlocks>,
@@ -70,7 +71,7 @@ impl Admin for AdminService {
                     .as_ref()
                     .and_then(|s| s.links.iter().find(|l| l.node_id == id));
                 let counter =
-                    |f: fn(&crate::dispatch::NodeLink) -> u64| link.map(|l| f(l)).unwrap_or(0);
+                    |f: fn(&crate::node_link::NodeLink) -> u64| link.map(|l| f(l)).unwrap_or(0);
                 NodeStatus {
                     dispatched_rows: counter(|l| l.rows_sent.load(Ordering::Relaxed)),
                     dispatched_pairs: counter(|l| l.pairs_sent.load(Ordering::Relaxed)),
@@ -146,16 +147,12 @@ impl Admin for AdminService {
         self.access.mutate(&request)?;
         let node_id = request.into_inner().node_id;
         if !self.view.membership().nodes.contains_key(&node_id) {
-            return Err(Status::not_found(format!("no live node {node_id:?}")));
+            return Err(RouterError::NodeNotFound(node_id).into());
         }
-        let mut client = self
-            .etcd
-            .connect()
+        self.discovery
+            .request_drain(&node_id)
             .await
-            .map_err(|e| Status::unavailable(format!("etcd unreachable: {e}")))?;
-        moe_cluster::membership::request_drain(&mut client, &self.keys, &node_id)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| RouterError::Store(e.to_string()))?;
         tracing::info!(node_id, "drain requested");
         self.view.wake_planner.notify_one();
         // The planner writes the next epoch within a poll interval.
@@ -168,8 +165,6 @@ impl Admin for AdminService {
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        Err(Status::deadline_exceeded(
-            "the planner did not write an epoch without the node in time",
-        ))
+        Err(RouterError::DrainTimedOut.into())
     }
 }

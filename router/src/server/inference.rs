@@ -11,10 +11,11 @@ use moe_proto::v1::{
     GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, TokenizeRequest,
     TokenizeResponse,
 };
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
+use crate::error::RouterError;
 
 pub struct InferenceService {
     pub config: ModelConfig,
@@ -36,9 +37,9 @@ impl Inference for InferenceService {
     ) -> Result<Response<GenerateStream>, Status> {
         let origin = TraceOrigin::from_grpc(request.metadata(), "text_completion");
         let answers = self.admission.submit(request.into_inner(), origin).await?;
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(answers),
-        )))
+        let stream = tokio_stream::wrappers::ReceiverStream::new(answers)
+            .map(|answer| answer.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tokenize(
@@ -52,7 +53,7 @@ impl Inference for InferenceService {
             .tokenizing
             .tokenize(move |t| t.encode_prompt(&text))
             .await?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| RouterError::invalid("text", e.to_string()))?;
         Ok(Response::new(TokenizeResponse { input_ids: ids }))
     }
 

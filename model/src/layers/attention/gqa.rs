@@ -1,13 +1,22 @@
 //! Grouped-query attention with optional per-head q/k RMSNorm (Qwen3).
 
-use rayon::prelude::*;
-
-use crate::backend::{ops, PackedMatrix};
+use crate::backend::{for_each_row, ops, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
 use crate::layers::rope::{apply_rope, RopeTable};
+
+/// Shapes of one GQA layer.
+#[derive(Debug, Clone, Copy)]
+pub struct GqaShape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Qwen3's per-head RMSNorm of queries and keys.
+    pub qk_norm: bool,
+}
 
 #[derive(Debug)]
 pub struct GqaAttention {
@@ -24,18 +33,20 @@ pub struct GqaAttention {
 }
 
 impl GqaAttention {
-    #[allow(clippy::too_many_arguments)]
     pub fn load(
         ckpt: &Checkpoint,
         prefix: &str,
-        hidden: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        qk_norm: bool,
+        shape: GqaShape,
         scale: f32,
         eps: f32,
     ) -> Result<Self> {
+        let GqaShape {
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            qk_norm,
+        } = shape;
         let q = ckpt.load_native(
             &format!("{prefix}.q_proj.weight"),
             &[heads * head_dim, hidden],
@@ -149,11 +160,7 @@ impl GqaAttention {
                 );
             }
         };
-        if super::parallel_rows(layout) {
-            out.par_chunks_mut(q_width).enumerate().for_each(attend);
-        } else {
-            out.chunks_mut(q_width).enumerate().for_each(attend);
-        }
+        for_each_row(&mut out, q_width, super::parallel_rows(layout), attend);
         self.o.matmul(&out, rows)
     }
 }

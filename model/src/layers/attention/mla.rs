@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{ops, InputRows, PackedMatrix};
+use crate::backend::{for_each_row, ops, InputRows, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
@@ -132,37 +132,40 @@ impl MlaAttention {
         rope_table: &RopeTable,
         caches: &mut [&mut LayerCache],
     ) -> Vec<f32> {
-        let MlaShape {
-            heads,
-            kv_lora_rank: lora,
-            nope,
-            rope,
-            v,
-            ..
-        } = self.shape;
         let rows = layout.num_rows();
-        let q_head = nope + rope;
         let proj = self.input_proj.matmul(x, rows);
-        let proj_width = self.input_proj.rows();
-        let q_in_width = proj_width - lora - rope;
+        let q = self.queries(&proj, rope_table, rows);
+        self.append_to_caches(&proj, layout, rope_table, caches);
+        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
+        let ctx = self.attend_latent(&q, layout, &caches);
+        let attn = self.expand_values(&ctx, rows);
+        self.o.matmul(&attn, rows)
+    }
 
-        // Queries.
+    /// Columns of the input projection before the latent and the rope key: the low-rank query
+    /// (or the query itself).
+    fn q_in_width(&self) -> usize {
+        self.input_proj.rows() - self.shape.kv_lora_rank - self.shape.rope
+    }
+
+    /// The queries, `[rows, heads, nope + rope]`, with their rope part rotated.
+    fn queries(&self, proj: &[f32], rope_table: &RopeTable, rows: usize) -> Vec<f32> {
+        let MlaShape {
+            heads, nope, rope, ..
+        } = self.shape;
+        let q_head = nope + rope;
+        let proj_width = self.input_proj.rows();
+        let q_in_width = self.q_in_width();
+        let mut q_in = Vec::with_capacity(rows * q_in_width);
+        for row in proj.chunks_exact(proj_width) {
+            q_in.extend_from_slice(&row[..q_in_width]);
+        }
         let mut q = match (&self.q_b, &self.q_a_norm) {
             (Some(q_b), Some(norm)) => {
-                let mut q_a = Vec::with_capacity(rows * q_in_width);
-                for row in proj.chunks_exact(proj_width) {
-                    q_a.extend_from_slice(&row[..q_in_width]);
-                }
-                ops::rms_norm_rows(&mut q_a, norm, self.eps);
-                q_b.matmul(&q_a, rows)
+                ops::rms_norm_rows(&mut q_in, norm, self.eps);
+                q_b.matmul(&q_in, rows)
             }
-            _ => {
-                let mut q = Vec::with_capacity(rows * q_in_width);
-                for row in proj.chunks_exact(proj_width) {
-                    q.extend_from_slice(&row[..q_in_width]);
-                }
-                q
-            }
+            _ => q_in,
         };
         for (r, row) in q.chunks_exact_mut(heads * q_head).enumerate() {
             let (cos, sin) = rope_table.row(r);
@@ -170,8 +173,21 @@ impl MlaAttention {
                 apply_rope(&mut head[nope..], cos, sin, self.interleaved);
             }
         }
+        q
+    }
 
-        // Append this step's latents and rope keys to each sequence's cache.
+    /// Appends this step's normalised latents (as values) and rotated rope keys (as keys) to
+    /// each sequence's cache.
+    fn append_to_caches(
+        &self,
+        proj: &[f32],
+        layout: &BatchLayout,
+        rope_table: &RopeTable,
+        caches: &mut [&mut LayerCache],
+    ) {
+        let lora = self.shape.kv_lora_rank;
+        let proj_width = self.input_proj.rows();
+        let q_in_width = self.q_in_width();
         for (s, span) in layout.seqs.iter().enumerate() {
             let cache = &mut *caches[s];
             for r in span.first_row..span.first_row + span.len {
@@ -185,7 +201,20 @@ impl MlaAttention {
                 apply_rope(&mut cache.keys[start..], cos, sin, self.interleaved);
             }
         }
+    }
 
+    /// Attention in latent space, `[rows, heads, lora]`: the queries with `W_uk` absorbed,
+    /// scored against the cached latents and rope keys, summed over the cached latents.
+    fn attend_latent(&self, q: &[f32], layout: &BatchLayout, caches: &[&LayerCache]) -> Vec<f32> {
+        let MlaShape {
+            heads,
+            kv_lora_rank: lora,
+            nope,
+            rope,
+            ..
+        } = self.shape;
+        let rows = layout.num_rows();
+        let q_head = nope + rope;
         // Absorb W_uk into the queries: q_lat[h] = [rows, lora].
         let q_lat: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
@@ -195,9 +224,6 @@ impl MlaAttention {
                 self.uk_t[h].matmul_rows_serial(q_nope, rows)
             })
             .collect();
-
-        // Attention in latent space; ctx[h] = [rows, lora].
-        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
         let mut ctx = vec![0.0f32; rows * heads * lora];
         let (group, parallel) = super::head_tasks(layout, heads);
         let groups = heads / group;
@@ -224,15 +250,18 @@ impl MlaAttention {
             }
             ops::weighted_sum_rows_many(&scores, &cache.values, lora, 0, lora, ctx_part);
         };
-        if parallel {
-            ctx.par_chunks_mut(group * lora)
-                .enumerate()
-                .for_each(attend);
-        } else {
-            ctx.chunks_mut(group * lora).enumerate().for_each(attend);
-        }
+        for_each_row(&mut ctx, group * lora, parallel, attend);
+        ctx
+    }
 
-        // Up-project values per head and concatenate heads.
+    /// Values up-projected per head (`W_uv · ctx`) and heads concatenated: `[rows, heads * v]`.
+    fn expand_values(&self, ctx: &[f32], rows: usize) -> Vec<f32> {
+        let MlaShape {
+            heads,
+            kv_lora_rank: lora,
+            v,
+            ..
+        } = self.shape;
         let per_head: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
             .map(|h| {
@@ -247,13 +276,8 @@ impl MlaAttention {
                 row[h * v..(h + 1) * v].copy_from_slice(&out_h[r * v..(r + 1) * v]);
             }
         };
-        if attn.len() >= crate::backend::PARALLEL_MIN_VALUES {
-            attn.par_chunks_mut(heads * v)
-                .enumerate()
-                .for_each(concat_row);
-        } else {
-            attn.chunks_mut(heads * v).enumerate().for_each(concat_row);
-        }
-        self.o.matmul(&attn, rows)
+        let parallel = attn.len() >= crate::backend::PARALLEL_MIN_VALUES;
+        for_each_row(&mut attn, heads * v, parallel, concat_row);
+        attn
     }
 }

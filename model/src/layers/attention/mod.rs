@@ -5,7 +5,7 @@
 mod gqa;
 pub mod mla;
 
-pub use gqa::GqaAttention;
+pub use gqa::{GqaAttention, GqaShape};
 pub use mla::MlaAttention;
 
 use crate::batch::BatchLayout;

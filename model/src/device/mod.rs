@@ -1,9 +1,17 @@
-//! Where the math runs: `cpu` (the default) or `cuda:N`.
+//! Where the math runs and how a device holds its numbers: the types that the CPU code, the
+//! device-generic dense part (`device_dense`) and the CUDA code (`gpu`, feature `cuda`) all
+//! import, and that import none of them.
 //!
-//! The CUDA path is the `cuda` cargo feature (cudarc with dynamic loading, so it builds on
-//! machines without the toolkit). Asking for a GPU where there is no driver, no such device, or
-//! a build without the feature is a typed error at start-up, never a panic: cudarc panics when
-//! libcuda is missing, so its presence is checked before any call.
+//! - [`Device`]: `cpu` (the default) or `cuda:N`, as `--device` names it.
+//! - [`GpuDtype`] and [`MatrixPrecision`]: how a GPU holds weights and GEMM inputs.
+//! - [`shapes`]: the shapes device steps are called with (cuBLAS GEMMs, head views, attention).
+//!
+//! Opening a device (probing the driver, compiling kernels) is `Device::probe` and
+//! `Device::open_experts`, defined in `open_device` above the CUDA code, so that this module
+//! stays a leaf. A GPU asked for where there is no driver, no such device, or a build without
+//! the `cuda` feature is a typed [`DeviceError`] at start-up, never a panic.
+
+pub mod shapes;
 
 use std::fmt;
 use std::str::FromStr;
@@ -113,86 +121,38 @@ pub struct DeviceInfo {
     pub memory_bytes: u64,
 }
 
-impl Device {
-    /// Checks that the device exists and can be used by this build.
-    pub fn probe(self) -> Result<DeviceInfo, DeviceError> {
-        match self {
-            Device::Cpu => Ok(DeviceInfo {
-                device: self,
-                name: "cpu".into(),
-                memory_bytes: 0,
-            }),
-            Device::Cuda(ordinal) => probe_cuda(self, ordinal),
+/// What a matrix comes from, which decides how the device holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixPrecision {
+    /// bf16 (or FP8) checkpoint tensors: bf16 in both bf16 modes, f32 in the f32 mode.
+    Narrow,
+    /// Wider (f16, f32) tensors: f32 except in the plain bf16 mode, which casts them (a bf16
+    /// copy would change the model, which bf16x2 promises not to do).
+    Wide,
+    /// Always f32: the MoE gate, whose top-k choices flip on small errors (transformers
+    /// computes DeepSeek's gate in f32 too).
+    F32,
+}
+
+impl MatrixPrecision {
+    /// The precision of a matrix made of these checkpoint tensors.
+    pub fn of(ckpt: &crate::checkpoint::Checkpoint, names: &[&str]) -> Self {
+        if names.iter().all(|n| ckpt.narrow_as_bf16(n)) {
+            MatrixPrecision::Narrow
+        } else {
+            MatrixPrecision::Wide
         }
     }
 
-    /// Opens the device for routed experts (expert nodes, the offline engine): the CPU, or the
-    /// GPU with its kernels compiled, or an error saying why that GPU cannot be used.
-    pub fn open_experts(
-        self,
-        dtype: GpuDtype,
-    ) -> Result<crate::experts::ExpertDevice, DeviceError> {
-        match self {
-            Device::Cpu => Ok(crate::experts::ExpertDevice::Cpu),
-            Device::Cuda(ordinal) => {
-                self.probe()?;
-                open_gpu(self, ordinal, dtype)
-            }
-        }
+    /// Whether the matrix is held in bf16 under `numerics` (else f32).
+    pub fn in_bf16(self, numerics: GpuDtype) -> bool {
+        !matches!(
+            (self, numerics),
+            (MatrixPrecision::F32, _)
+                | (_, GpuDtype::F32)
+                | (MatrixPrecision::Wide, GpuDtype::Bf16x2)
+        )
     }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn open_gpu(
-    device: Device,
-    _ordinal: usize,
-    _dtype: GpuDtype,
-) -> Result<crate::experts::ExpertDevice, DeviceError> {
-    Err(DeviceError::NotCompiled(device))
-}
-
-#[cfg(feature = "cuda")]
-fn open_gpu(
-    device: Device,
-    ordinal: usize,
-    dtype: GpuDtype,
-) -> Result<crate::experts::ExpertDevice, DeviceError> {
-    crate::gpu::GpuContext::open(ordinal, dtype)
-        .map(crate::experts::ExpertDevice::Gpu)
-        .map_err(|e| DeviceError::Cuda {
-            device,
-            message: e.to_string(),
-        })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn probe_cuda(device: Device, _ordinal: usize) -> Result<DeviceInfo, DeviceError> {
-    Err(DeviceError::NotCompiled(device))
-}
-
-#[cfg(feature = "cuda")]
-fn probe_cuda(device: Device, ordinal: usize) -> Result<DeviceInfo, DeviceError> {
-    // SAFETY: only tries to load the library; no CUDA call is made before it succeeds.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(DeviceError::NoDriver(device));
-    }
-    let cuda = |e: cudarc::driver::DriverError| DeviceError::Cuda {
-        device,
-        message: e.to_string(),
-    };
-    let count = cudarc::driver::CudaContext::device_count().map_err(cuda)?;
-    if ordinal >= count.max(0) as usize {
-        return Err(DeviceError::Cuda {
-            device,
-            message: format!("only {count} CUDA device(s) present"),
-        });
-    }
-    let context = cudarc::driver::CudaContext::new(ordinal).map_err(cuda)?;
-    Ok(DeviceInfo {
-        device,
-        name: context.name().map_err(cuda)?,
-        memory_bytes: context.total_mem().map_err(cuda)? as u64,
-    })
 }
 
 #[cfg(test)]
@@ -221,28 +181,5 @@ mod tests {
             "fp8".parse::<GpuDtype>(),
             Err(DeviceError::UnknownDtype(_))
         ));
-    }
-
-    /// On a machine without a GPU (CI), asking for one is a clear error, with or without the
-    /// `cuda` feature.
-    #[test]
-    fn asking_for_a_missing_gpu_is_an_error_not_a_panic() {
-        assert!(Device::Cpu.probe().is_ok());
-        let err = Device::Cuda(0).open_experts(GpuDtype::Bf16).err();
-        let expected = match &err {
-            None => cfg!(feature = "cuda"), // a machine with a GPU and the feature
-            Some(e) if cfg!(feature = "cuda") => {
-                matches!(e, DeviceError::NoDriver(_) | DeviceError::Cuda { .. })
-            }
-            Some(e) => *e == DeviceError::NotCompiled(Device::Cuda(0)),
-        };
-        assert!(expected, "{err:?}");
-        assert!(Device::Cpu.open_experts(GpuDtype::Bf16).is_ok());
-        let msg = Device::Cuda(7)
-            .open_experts(GpuDtype::Bf16)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(msg.contains("cuda:7"), "{msg}");
     }
 }

@@ -8,22 +8,50 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use moe_model::{Engine, GenerateRequest, ModelError, SamplingParams};
 use moe_proto::v1::inference_client::InferenceClient;
-use moe_proto::v1::GenerateRequest;
 use serde::Serialize;
 use tokio::task::JoinHandle;
+
+use crate::request::greedy;
 
 /// A request and the tokens it must produce, with the log-probability of each (the offline
 /// engine's `GenerateOutput::logprobs`), which the answer must match bit for bit.
 #[derive(Debug, Clone)]
 pub struct ExpectedAnswer {
+    /// The prompt, sent as a [`greedy`] request.
     pub input_ids: Vec<u32>,
+    /// Tokens the request generates (past end-of-sequence).
     pub max_new_tokens: u32,
+    /// The tokens it must stream.
     pub output_ids: Vec<u32>,
+    /// The logprob of each, as the offline engine computed it.
     pub logprobs: Vec<f32>,
 }
 
 impl ExpectedAnswer {
+    /// The offline engine's greedy answer to `input_ids`: what a cluster on the same checkpoint
+    /// must stream, bit for bit.
+    pub fn from_engine(
+        engine: &Engine,
+        input_ids: Vec<u32>,
+        max_new_tokens: u32,
+    ) -> Result<Self, ModelError> {
+        let out = engine.generate(&GenerateRequest {
+            input_ids: input_ids.clone(),
+            max_new_tokens: max_new_tokens as usize,
+            sampling: SamplingParams::default(),
+            ignore_eos: true,
+            emit_logits: false,
+        })?;
+        Ok(Self {
+            input_ids,
+            max_new_tokens,
+            output_ids: out.output_ids,
+            logprobs: out.logprobs,
+        })
+    }
+
     /// Why `ids` and `logprobs` are not this answer (`None`: they are, bit for bit).
     pub fn mismatch(&self, ids: &[u32], logprobs: &[f32]) -> Option<String> {
         if ids != self.output_ids {
@@ -58,10 +86,15 @@ impl ExpectedAnswer {
 /// Counters, readable while the load runs.
 #[derive(Debug, Default)]
 pub struct LoadProgress {
+    /// Requests sent.
     pub sent: AtomicU64,
+    /// Requests answered exactly as expected.
     pub completed: AtomicU64,
+    /// Requests that ended in an error.
     pub failed: AtomicU64,
+    /// Requests answered with other tokens or other logprobs.
     pub mismatched: AtomicU64,
+    /// Tokens streamed back, by all requests.
     pub tokens: AtomicU64,
     /// When each token arrived, in order (to find stalls).
     pub token_times: Mutex<Vec<Instant>>,
@@ -69,7 +102,7 @@ pub struct LoadProgress {
     pub problems: Mutex<Vec<String>>,
 }
 
-/// What a load run did.
+/// What a load run did: [`LoadProgress`]'s counters, read once.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct LoadReport {
     pub sent: u64,
@@ -124,8 +157,10 @@ impl LoadProgress {
 
 /// Running workers; [`GreedyLoad::stop`] lets each finish its current request.
 pub struct GreedyLoad {
+    /// Set to make every worker stop after its current request.
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    /// The counters the workers update, readable while they run.
     pub progress: Arc<LoadProgress>,
 }
 
@@ -215,22 +250,8 @@ async fn one_request(
     let mut client = InferenceClient::connect(format!("http://{router}"))
         .await
         .map_err(|e| e.to_string())?;
-    let request = GenerateRequest {
-        top_logprobs: None,
-        prompt: None,
-        input_ids: answer.input_ids.clone(),
-        max_new_tokens: answer.max_new_tokens,
-        temperature: Some(0.0),
-        top_p: None,
-        top_k: None,
-        seed: None,
-        stop: vec![],
-        ignore_eos: true,
-        // Checked bit for bit against the offline engine's.
-        logprobs: true,
-    };
     let mut stream = client
-        .generate(request)
+        .generate(greedy(&answer.input_ids, answer.max_new_tokens))
         .await
         .map_err(|s| s.to_string())?
         .into_inner();

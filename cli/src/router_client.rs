@@ -1,18 +1,16 @@
-//! `moe generate --router`: the same request and the same output as offline, over gRPC.
+//! The client side of a router, for every command that talks to one: the channel (TLS from
+//! the global flags), API and admin keys as bearer tokens, and the runtime that drives it.
 
 use anyhow::{bail, Context};
-use moe_model::FinishReason;
-use moe_proto::v1::inference_client::InferenceClient;
-use moe_proto::v1::{GenerateRequest, TokenizeRequest};
 
-use super::generate::{GenerateArgs, GenerateJson};
-
+/// A runtime for one command's calls (the commands are synchronous; the clients are not).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
+/// `router` as a URI (`host:port` is plain HTTP/2).
 pub fn endpoint(router: &str) -> String {
     if router.contains("://") {
         router.to_string()
@@ -24,6 +22,7 @@ pub fn endpoint(router: &str) -> String {
 /// Where the CA and client certificate for TLS routers are (set once from the global flags).
 static TLS: std::sync::OnceLock<RouterTls> = std::sync::OnceLock::new();
 
+/// The global TLS flags for reaching routers.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RouterTls {
     /// CA (PEM) that signed the router's certificate; implies TLS (`https://`).
@@ -37,6 +36,7 @@ pub struct RouterTls {
     pub tls_client_key: Option<std::path::PathBuf>,
 }
 
+/// Keeps the global TLS flags for every [`channel`] (once, from `main`).
 pub fn set_tls(tls: RouterTls) {
     let _ = TLS.set(tls);
 }
@@ -87,76 +87,7 @@ pub fn with_key_from<T>(message: T, var: &str) -> tonic::Request<T> {
     request
 }
 
-pub fn generate(router: &str, args: GenerateArgs) -> anyhow::Result<()> {
-    runtime()?.block_on(async move {
-        let mut client = channel(router)
-            .await
-            .map(InferenceClient::new)
-            .with_context(|| format!("connecting to {router}"))?;
-        let input_ids = match (&args.prompt, &args.input_ids) {
-            (Some(text), _) => {
-                client
-                    .tokenize(with_key(TokenizeRequest { text: text.clone() }))
-                    .await
-                    .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-                    .into_inner()
-                    .input_ids
-            }
-            (None, Some(ids)) => ids.clone(),
-            (None, None) => bail!("give --prompt or --input-ids"),
-        };
-        let request = GenerateRequest {
-            top_logprobs: None,
-            prompt: None,
-            input_ids: input_ids.clone(),
-            max_new_tokens: args.max_new_tokens as u32,
-            temperature: Some(args.temperature),
-            top_p: Some(args.top_p),
-            top_k: args.top_k.map(|k| k as u32),
-            seed: args.seed,
-            stop: args.stop.clone(),
-            ignore_eos: args.ignore_eos,
-            logprobs: true,
-        };
-        let mut stream = client
-            .generate(with_key(request))
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-            .into_inner();
-        let (mut ids, mut logprobs, mut text, mut finish) =
-            (Vec::new(), Vec::new(), String::new(), None);
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        {
-            ids.extend_from_slice(&msg.token_ids);
-            logprobs.extend_from_slice(&msg.logprobs);
-            text.push_str(&msg.text);
-            if !msg.finish_reason.is_empty() {
-                finish = Some(if msg.finish_reason == "stop" {
-                    FinishReason::Stop
-                } else {
-                    FinishReason::Length
-                });
-            }
-        }
-        let Some(finish_reason) = finish else {
-            bail!("the stream ended without a finish reason")
-        };
-        if args.json {
-            let json = GenerateJson {
-                input_ids: &input_ids,
-                output_ids: &ids,
-                logprobs: &logprobs,
-                text,
-                finish_reason,
-                step_logits: None,
-            };
-            println!("{}", serde_json::to_string(&json)?);
-        } else {
-            println!("{text}");
-        }
-        Ok(())
-    })
+/// A failed call as an error that says its gRPC code and message.
+pub fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", status.code(), status.message())
 }

@@ -1,22 +1,30 @@
-//! A local cluster of real processes on loopback: an etcd server, N expert nodes and a router.
-//! `moe up` and the integration tests start clusters with it; dropping it stops every process
-//! and removes etcd's data directory. Its members share a freshly generated cluster token
-//! (`--cluster-token-file`), as a deployment's would.
+//! A local cluster of real processes on loopback: an etcd server, N expert nodes and routers.
+//! `moe up`, `moe chaos` and the process-level tests start clusters with it; dropping it stops
+//! every process and removes etcd's data directory. Its members share a freshly generated
+//! cluster token (`--cluster-token-file`), as a deployment's would.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::etcd::{EtcdServerTls, LocalEtcd};
+use crate::token_file::ClusterTokenFile;
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct LocalClusterSpec {
+    /// The `etcd` program (found on `PATH`, say).
     pub etcd_bin: PathBuf,
+    /// The `moe-router` program.
     pub router_bin: PathBuf,
+    /// The `moe-expert-node` program.
     pub node_bin: PathBuf,
+    /// Checkpoint directory every member loads (`--model`).
     pub model: PathBuf,
+    /// Expert nodes started with the cluster.
     pub nodes: usize,
+    /// Cluster name (`--cluster`), the etcd prefix its members share.
     pub cluster: String,
     /// Extra flags for the router, e.g. `--max-waiting 2`.
     pub router_args: Vec<String>,
@@ -28,20 +36,14 @@ pub struct LocalClusterSpec {
     pub etcd_tls: Option<EtcdServerTls>,
 }
 
-/// etcd's server certificate, and the CA its clients' certificates must come from
-/// (`--client-cert-auth`).
-#[derive(Debug, Clone)]
-pub struct EtcdServerTls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: PathBuf,
-}
-
+/// A running local cluster; dropping it stops every process it started.
 pub struct LocalCluster {
+    /// What it was started from (new nodes and routers get the same flags).
     spec: LocalClusterSpec,
     /// The cluster token every router and node is started with (removed on drop).
     token: ClusterTokenFile,
     etcd: LocalEtcd,
+    /// Where etcd listens, as the members' `--etcd` flag gives it.
     pub etcd_url: String,
     /// `(node id, process)`; `None` once killed.
     nodes: Vec<(String, Option<Child>)>,
@@ -53,186 +55,8 @@ pub struct LocalCluster {
     pub router_http_addr: Option<String>,
 }
 
-/// A cluster token written to a private file, removed when dropped.
-#[derive(Debug)]
-pub struct ClusterTokenFile {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl ClusterTokenFile {
-    /// A new random token in a fresh directory only this user can read.
-    pub fn generate() -> std::io::Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "moe-cluster-token-{}-{}",
-            std::process::id(),
-            crate::auth::hex(&crate::auth::random_bytes::<6>())
-        ));
-        std::fs::create_dir_all(&dir)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        let path = dir.join("cluster-token");
-        std::fs::write(&path, format!("{}\n", crate::auth::generate_token()))?;
-        Ok(Self { dir, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The token as the members read it.
-    pub fn token(&self) -> Result<crate::auth::ClusterToken, crate::auth::TokenError> {
-        crate::auth::ClusterToken::from_file(&self.path)
-    }
-}
-
-impl Drop for ClusterTokenFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A free loopback port (bound then released).
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Waits until `port` accepts connections; false if `child` exits first or time runs out.
-fn wait_for_port(port: u16, child: &mut Child, timeout: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// A throwaway etcd: its ports and data directory survive a stop, so it can be restarted
-/// with its data (the etcd-outage tests). Dropping it stops it and removes its data.
-pub struct LocalEtcd {
-    child: Option<Child>,
-    dir: PathBuf,
-    client_port: u16,
-    peer_port: u16,
-    tls: Option<EtcdServerTls>,
-}
-
-impl LocalEtcd {
-    fn spawn(
-        bin: &Path,
-        dir: &Path,
-        client_port: u16,
-        peer_port: u16,
-        tls: Option<&EtcdServerTls>,
-    ) -> std::io::Result<Child> {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let mut command = Command::new(bin);
-        if let Some(tls) = tls {
-            command
-                .args(["--cert-file", &tls.cert.display().to_string()])
-                .args(["--key-file", &tls.key.display().to_string()])
-                .args(["--trusted-ca-file", &tls.client_ca.display().to_string()])
-                .arg("--client-cert-auth");
-        }
-        command
-            .args(["--data-dir", &dir.display().to_string()])
-            .args([
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("default={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-    }
-
-    /// Starts etcd on free ports. A port picked free can be taken by someone else before etcd
-    /// binds it (tests start clusters in parallel), so a failed start is retried on new ports.
-    pub fn start(bin: &Path) -> std::io::Result<Self> {
-        Self::start_with(bin, None)
-    }
-
-    /// Like [`LocalEtcd::start`], over TLS when `tls` is given.
-    pub fn start_with(bin: &Path, tls: Option<&EtcdServerTls>) -> std::io::Result<Self> {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let client_port = free_port()?;
-            let peer_port = free_port()?;
-            if client_port == peer_port {
-                continue;
-            }
-            let dir = std::env::temp_dir().join(format!(
-                "moe-etcd-{}-{client_port}-{peer_port}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir)?;
-            let mut etcd = Self::spawn(bin, &dir, client_port, peer_port, tls)?;
-            if wait_for_port(client_port, &mut etcd, Duration::from_secs(30)) {
-                return Ok(Self {
-                    child: Some(etcd),
-                    dir,
-                    client_port,
-                    peer_port,
-                    tls: tls.cloned(),
-                });
-            }
-            let _ = etcd.kill();
-            let _ = etcd.wait();
-            let _ = std::fs::remove_dir_all(&dir);
-            last = format!("etcd did not start on ports {client_port}/{peer_port}");
-        }
-        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, last))
-    }
-
-    pub fn url(&self) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn restart(&mut self, bin: &Path) -> std::io::Result<()> {
-        self.stop();
-        let mut etcd = Self::spawn(
-            bin,
-            &self.dir,
-            self.client_port,
-            self.peer_port,
-            self.tls.as_ref(),
-        )?;
-        if !wait_for_port(self.client_port, &mut etcd, Duration::from_secs(30)) {
-            return Err(std::io::Error::other("etcd did not restart"));
-        }
-        self.child = Some(etcd);
-        Ok(())
-    }
-}
-
 /// Sends SIGTERM (the polite stop every node treats as a drain).
-pub fn terminate(pid: u32) {
+fn terminate(pid: u32) {
     #[cfg(unix)]
     // SAFETY: kill(2) with a pid of a child we own and a valid signal number.
     unsafe {
@@ -518,12 +342,5 @@ impl Drop for LocalCluster {
                 let _ = c.wait();
             }
         }
-    }
-}
-
-impl Drop for LocalEtcd {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,57 @@
+//! What nodes and routers publish about themselves (JSON values of `nodes/<id>` and
+//! `routers/<id>`).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    #[default]
+    Joining,
+    Ready,
+    Draining,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+        }
+    }
+}
+
+/// What a node publishes about itself (the default: a node joining, at no address yet).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// `host:port` of its data-plane gRPC server.
+    pub address: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Bytes of memory it offers for expert weights.
+    pub memory_bytes: u64,
+    pub state: NodeState,
+    /// Fingerprint of the checkpoint it serves; nodes of another model are not placed.
+    pub fingerprint: String,
+    /// Random per process start: a suspect report names the instance it saw fail, so a node
+    /// restarted under the same id is not held suspect for its predecessor's crash.
+    #[serde(default)]
+    pub instance: String,
+    /// Collective transports it can join (`tcp`, `nccl`); gRPC always works.
+    #[serde(default)]
+    pub collectives: Vec<crate::collective::Transport>,
+    /// Most token rows one dispatch may bring (`--max-batch-rows`): routers split larger
+    /// layers. 0 from nodes that predate it (routers then use their own batch bound).
+    #[serde(default)]
+    pub max_batch_rows: u32,
+}
+
+/// What a router publishes about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    /// Its public gRPC address.
+    pub address: String,
+    /// The placement epoch it dispatches on (0 before the first).
+    pub serving_epoch: u64,
+}

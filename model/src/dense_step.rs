@@ -1,0 +1,88 @@
+//! What one batched step of a dense part takes and gives, whatever device runs it: the
+//! sequences of a step ([`StepSequence`]), the [`DenseStep`] trait the router's scheduler and
+//! the offline engine drive, and the checks and bookkeeping every implementation shares (the
+//! CPU's [`crate::dense::DenseModel`], the device-generic
+//! [`crate::device_dense::DeviceDenseModel`] and the GPU's).
+
+use crate::batch::BatchLayout;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::expert_backend::ExpertBackend;
+use crate::kv_cache::SequenceCache;
+
+/// What a step needs from each sequence: its cache and new tokens.
+pub struct StepSequence<'a> {
+    pub cache: &'a mut SequenceCache,
+    pub tokens: &'a [u32],
+    /// Return logits for every new token (prefill scoring), not just the last one.
+    pub all_logits: bool,
+}
+
+/// The rows whose logits a step returns: each sequence's last row, or all its rows when it
+/// asked for all logits.
+pub fn logit_rows(seqs: &[StepSequence<'_>], layout: &BatchLayout) -> Vec<usize> {
+    let mut wanted = Vec::new();
+    for (s, span) in seqs.iter().zip(&layout.seqs) {
+        let first = if s.all_logits {
+            span.first_row
+        } else {
+            span.first_row + span.len - 1
+        };
+        wanted.extend(first..span.first_row + span.len);
+    }
+    wanted
+}
+
+/// `[logit_rows, vocab]` logits, per sequence.
+pub fn split_logits(seqs: &[StepSequence<'_>], logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut offset = 0;
+    for s in seqs {
+        let n = if s.all_logits { s.tokens.len() } else { 1 };
+        out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
+        offset += n;
+    }
+    out
+}
+
+/// Checks a step's inputs against the model before any state changes (every dense backend).
+pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<()> {
+    for s in seqs {
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab_size: config.vocab_size,
+            });
+        }
+        let len = s.cache.len + s.tokens.len();
+        if len > config.max_position_embeddings {
+            return Err(ModelError::SequenceTooLong {
+                len,
+                max: config.max_position_embeddings,
+            });
+        }
+        if s.cache.layers.len() != config.num_layers {
+            return Err(ModelError::InvalidRequest(
+                "sequence cache belongs to another model".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The dense part on whatever device it runs: what the router's scheduler and the offline
+/// engine step.
+pub trait DenseStep: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    /// One batched step; see [`crate::dense::DenseModel::forward`].
+    fn forward(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>>;
+    fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.config().num_layers)
+    }
+    /// Where it runs, for logs and status (`cpu`, `cuda:0 (NVIDIA H200, bf16)`).
+    fn placement(&self) -> String;
+}

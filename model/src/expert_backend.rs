@@ -1,0 +1,35 @@
+//! [`ExpertBackend`]: how a dense part reaches the routed experts of a MoE layer, whoever holds
+//! them. It hands over rows and their [`ExpertRoutes`] and takes back one weighted row per
+//! (row, expert) pair; the offline engine's [`crate::experts::ExpertSet`] runs them here, the
+//! router dispatches them to expert nodes. Every dense part (CPU, device, GPU) depends on this
+//! trait only, never on where the experts are.
+
+use crate::error::Result;
+use crate::routes::ExpertRoutes;
+
+/// Runs routed experts for a MoE layer. The offline engine's [`crate::experts::ExpertSet`]
+/// implements it; the router implements it by dispatching to expert nodes.
+pub trait ExpertBackend: Sync {
+    /// Returns `[routes.pairs(), hidden]`: each pair's expert output times its weight.
+    fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>>;
+
+    /// Whether `expert` of `layer` can run here: an expert node checks every pair of a batch
+    /// with it before running or allocating anything. Backends that reach every expert (the
+    /// router's) keep the default.
+    fn holds(&self, _layer: usize, _expert: usize) -> bool {
+        true
+    }
+
+    /// [`ExpertBackend::run_experts`] on rows already in device memory (as NCCL received
+    /// them), returning the outputs there too, so a node's rows never cross to the host.
+    /// `None` when this backend's experts are not on the GPU that holds `rows`.
+    #[cfg(feature = "cuda")]
+    fn run_experts_on_device(
+        &self,
+        _layer: usize,
+        _rows: &cudarc::driver::CudaSlice<f32>,
+        _routes: &ExpertRoutes,
+    ) -> Option<Result<cudarc::driver::CudaSlice<f32>>> {
+        None
+    }
+}

@@ -1,0 +1,55 @@
+//! What the unit tests share (compiled for tests only): where the bundled fixtures are, and,
+//! with the `cuda` feature, a GPU to test on or a visible `SKIPPED` line where there is none.
+
+/// A bundled fixture: under `MOE_FIXTURES_DIR` when set (a test executable carried to another
+/// machine, as `ops/gpu-check.sh` does), else in this repository.
+pub(crate) fn fixture_dir(name: &str) -> std::path::PathBuf {
+    std::env::var_os("MOE_FIXTURES_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+        })
+        .join(name)
+}
+
+/// cuda:0 for a GPU test, or `None` (the test passes, with a `SKIPPED` line) where none can be
+/// opened, unless `MOE_REQUIRE_GPU=1` (set by `ops/gpu-check.sh`) makes that a failure.
+#[cfg(feature = "cuda")]
+pub(crate) fn test_context(
+    dtype: crate::device::GpuDtype,
+) -> Option<std::sync::Arc<crate::gpu::GpuContext>> {
+    match crate::gpu::GpuContext::open(0, dtype) {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var_os("MOE_REQUIRE_GPU").is_some() => {
+            panic!("MOE_REQUIRE_GPU is set and cuda:0 cannot be opened: {e}")
+        }
+        Err(e) => {
+            report_skip(&format!(
+                "no usable GPU: cuda:0 cannot be opened ({e}); MOE_REQUIRE_GPU=1 makes this a failure"
+            ));
+            None
+        }
+    }
+}
+
+/// Prints `SKIPPED <test>: <why>` once per test, where it is seen: straight to stderr, since
+/// libtest captures `eprintln!` (and shows it only for failed tests) but not writes to the
+/// stderr handle. The test is named by its thread, which libtest names after it.
+#[cfg(feature = "cuda")]
+pub(crate) fn report_skip(why: &str) {
+    use std::io::Write;
+    static REPORTED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a GPU test")
+        .to_string();
+    let first = REPORTED
+        .lock()
+        .map(|mut r| r.insert(test.clone()))
+        .unwrap_or(true);
+    if first {
+        let line = format!("SKIPPED {test}: {why}\n");
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+}
