@@ -193,26 +193,6 @@ pub fn decode_combine(
     pairs: usize,
     hidden: usize,
 ) -> Result<Vec<f32>, CombineFailure> {
-    check_combine(batch, tag, pairs, hidden)?;
-    Ok(read_f32(&batch.outputs))
-}
-
-/// Decodes little-endian f32s from `bytes` into `out` (`bytes.len() == 4 * out.len()`), for
-/// a caller that places a checked combine's values straight where they belong.
-pub fn read_f32_into(bytes: &[u8], out: &mut [f32]) {
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
-}
-
-/// Validates a combine against what was dispatched: no refusal, the same tag, and exactly
-/// `pairs` outputs of width `hidden`.
-pub fn check_combine(
-    batch: &CombineBatch,
-    tag: DispatchTag,
-    pairs: usize,
-    hidden: usize,
-) -> Result<(), CombineFailure> {
     if !batch.error.is_empty() || batch.refusal != Refusal::Unspecified as i32 {
         return Err(if batch.refusal == Refusal::StaleEpoch as i32 {
             CombineFailure::StaleEpoch(batch.error.clone())
@@ -237,7 +217,7 @@ pub fn check_combine(
             batch.outputs.len()
         )));
     }
-    Ok(())
+    Ok(read_f32(&batch.outputs))
 }
 
 #[cfg(test)]

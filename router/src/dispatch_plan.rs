@@ -14,7 +14,7 @@ use moe_cluster::collective::exchange::NodeShare;
 use moe_cluster::placement::ExpertId;
 use moe_model::routes::ExpertRoutes;
 
-use crate::layer_exchange::{NodeReply, PairValues};
+use crate::layer_exchange::NodeReply;
 
 /// What each node of the serving placement is sent for one layer.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,8 +30,11 @@ pub struct LayerAssignment {
 impl LayerAssignment {
     /// Writes node `node`'s outputs (`[pairs, hidden]`, in its share's pair order) to their
     /// pairs' rows of the layer's `pair_out`, so the combine sees the layer's pair order.
-    pub fn place(&self, node: usize, outputs: &PairValues, hidden: usize, pair_out: &mut [f32]) {
-        outputs.place(&self.global_pairs[node], hidden, pair_out);
+    pub fn place(&self, node: usize, outputs: &[f32], hidden: usize, pair_out: &mut [f32]) {
+        for (i, &p) in self.global_pairs[node].iter().enumerate() {
+            pair_out[p * hidden..(p + 1) * hidden]
+                .copy_from_slice(&outputs[i * hidden..(i + 1) * hidden]);
+        }
     }
 }
 
@@ -225,7 +228,7 @@ mod tests {
         let h = holders(&[(0, &[0]), (1, &[1]), (2, &[1]), (3, &[0])]);
         let a = assign_pairs(&h, &[false, false], 1, &rows, HIDDEN, &routes, &[true; 6]);
         let outputs = |n: usize, base: f32| NodeReply::Outputs {
-            values: PairValues::Floats((0..n * HIDDEN).map(|i| base + i as f32).collect()),
+            values: (0..n * HIDDEN).map(|i| base + i as f32).collect(),
             compute_micros: base as u64,
         };
         let mut out = vec![0.0f32; 6 * HIDDEN];

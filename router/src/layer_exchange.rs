@@ -13,7 +13,7 @@ use moe_cluster::collective::exchange::NodeShare;
 use moe_cluster::collective::EpochLink;
 use moe_cluster::frames::{self, CombineFailure, DispatchTag};
 use moe_model::routes::ExpertRoutes;
-use moe_proto::v1::{CombineBatch, DispatchBatch};
+use moe_proto::v1::DispatchBatch;
 
 use crate::node_link::{LinkReply, NodeLink};
 
@@ -33,57 +33,13 @@ pub enum NodeReply {
     Idle,
     /// `[pairs, hidden]` weighted outputs in the share's pair order, and its expert compute.
     Outputs {
-        values: PairValues,
+        values: Vec<f32>,
         compute_micros: u64,
     },
     /// It does not serve the epoch: the router is behind or ahead, the node is fine.
     StaleEpoch(String),
     /// It failed (stream broken, timeout, refusal, an answer that does not fit).
     Failed(String),
-}
-
-/// A node's outputs for its share, `[pairs, hidden]` in the share's pair order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PairValues {
-    /// Already floats (the collective downloads them so).
-    Floats(Vec<f32>),
-    /// The node's combine frames as they came, each checked against its batch: decoded only
-    /// when placed, straight into the layer's output.
-    Frames(Vec<CombineBatch>),
-}
-
-impl PairValues {
-    /// Writes pair `i`'s values to row `dests[i]` of `pair_out` (`[layer pairs, hidden]`).
-    /// Both forms hold exactly `dests.len()` pairs (checked when the answer came in).
-    pub fn place(&self, dests: &[usize], hidden: usize, pair_out: &mut [f32]) {
-        let rows = |p: usize| p * hidden..(p + 1) * hidden;
-        match self {
-            Self::Floats(values) => {
-                for (&p, v) in dests.iter().zip(values.chunks_exact(hidden.max(1))) {
-                    pair_out[rows(p)].copy_from_slice(v);
-                }
-            }
-            Self::Frames(batches) => {
-                let pairs = batches
-                    .iter()
-                    .flat_map(|b| b.outputs.chunks_exact(4 * hidden.max(1)));
-                for (&p, bytes) in dests.iter().zip(pairs) {
-                    frames::read_f32_into(bytes, &mut pair_out[rows(p)]);
-                }
-            }
-        }
-    }
-
-    /// How many pairs' values it holds.
-    pub fn pairs(&self, hidden: usize) -> usize {
-        match self {
-            Self::Floats(values) => values.len() / hidden.max(1),
-            Self::Frames(batches) => batches
-                .iter()
-                .map(|b| b.outputs.len() / (4 * hidden.max(1)))
-                .sum(),
-        }
-    }
 }
 
 /// A layer's answers, node by node, and when the sending ended and the answers were in.
@@ -210,13 +166,16 @@ impl GrpcExchange<'_> {
         if combines.len() != pending.pairs.len() {
             return NodeReply::Failed("fewer answers than batches".into());
         }
+        let mut values = Vec::new();
         let mut compute_micros = 0u64;
         for (combine, &pairs) in combines.iter().zip(&pending.pairs) {
             link.bytes_received
                 .fetch_add(combine.outputs.len() as u64, Ordering::Relaxed);
             compute_micros = compute_micros.saturating_add(combine.compute_micros);
-            match frames::check_combine(combine, call.tag, pairs, call.hidden) {
-                Ok(()) => {}
+            match frames::decode_combine(combine, call.tag, pairs, call.hidden) {
+                // Usually the share's only batch: its values are taken as decoded.
+                Ok(piece) if values.is_empty() => values = piece,
+                Ok(piece) => values.extend_from_slice(&piece),
                 Err(e @ CombineFailure::StaleEpoch(_)) => {
                     return NodeReply::StaleEpoch(e.to_string())
                 }
@@ -225,7 +184,7 @@ impl GrpcExchange<'_> {
         }
         pending.span.record("node_compute_us", compute_micros);
         NodeReply::Outputs {
-            values: PairValues::Frames(combines),
+            values,
             compute_micros,
         }
     }
@@ -345,7 +304,7 @@ impl LayerExchange for CollectiveExchange<'_> {
                 .fetch_add(share.routes.rows() as u64, Ordering::Relaxed);
             node.count_pairs(call.tag.layer, share.routes.pairs() as u64);
             replies.push(NodeReply::Outputs {
-                values: PairValues::Floats(answer.outputs),
+                values: answer.outputs,
                 compute_micros: answer.compute_micros,
             });
         }
@@ -384,38 +343,6 @@ mod tests {
     use super::*;
 
     const HIDDEN: usize = 2;
-
-    /// A node's answer placed from its frames (decoded in place) or from floats lands the
-    /// same bits at the same rows, across the frames' boundary.
-    #[test]
-    fn frames_and_floats_place_the_same_bits() {
-        let hidden = 3;
-        let values: Vec<f32> = (0..4 * hidden).map(|i| i as f32 * 0.37 - 1.5).collect();
-        let frame = |v: &[f32], pairs: u32| CombineBatch {
-            outputs: v
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-            pairs,
-            ..Default::default()
-        };
-        let frames = PairValues::Frames(vec![
-            frame(&values[..hidden], 1),
-            frame(&values[hidden..], 3),
-        ]);
-        let floats = PairValues::Floats(values.clone());
-        assert_eq!((frames.pairs(hidden), floats.pairs(hidden)), (4, 4));
-        let dests = [5, 0, 2, 3];
-        let mut a = vec![0.0f32; 6 * hidden];
-        let mut b = vec![0.0f32; 6 * hidden];
-        frames.place(&dests, hidden, &mut a);
-        floats.place(&dests, hidden, &mut b);
-        assert_eq!(a, b);
-        assert_eq!(&a[5 * hidden..6 * hidden], &values[..hidden]);
-        assert_eq!(&a[3 * hidden..4 * hidden], &values[3 * hidden..]);
-        assert_eq!(&a[hidden..2 * hidden], &[0.0; 3]);
-    }
 
     fn layer() -> (Vec<f32>, ExpertRoutes) {
         let mut routes = ExpertRoutes::with_capacity(3, 6);
@@ -464,7 +391,7 @@ mod tests {
                 .shares
                 .iter()
                 .map(|s| NodeReply::Outputs {
-                    values: PairValues::Floats(vec![1.0; s.routes.pairs() * call.hidden]),
+                    values: vec![1.0; s.routes.pairs() * call.hidden],
                     compute_micros: 1,
                 })
                 .collect();
@@ -506,7 +433,7 @@ mod tests {
         assert_eq!(failure.as_deref(), Some("collective aborted"));
         assert_eq!((broken.calls.get(), streams.calls.get()), (1, 1));
         assert!(
-            matches!(&exchanged.replies[0], NodeReply::Outputs { values, .. } if values.pairs(HIDDEN) == 6)
+            matches!(&exchanged.replies[0], NodeReply::Outputs { values, .. } if values.len() == 6 * HIDDEN)
         );
         let (working, streams) = (fake(false), fake(false));
         with_fallback(Some(&working), &streams, &call, |e| panic!("{e}"));
