@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use moe_model::Engine;
 use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::DrainRequest;
 use moe_tests::harness::{self, expected_answers, serving_nodes, wait_serving, wait_status};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
-use moe_tooling::{GreedyLoad, LocalCluster};
+use moe_tooling::{greedy, GreedyLoad, LocalCluster};
 
 /// Requests built from a fixture's golden prompts: `count` of them, `new_tokens` each, with
 /// prompts shortened a little per round so they differ.
@@ -339,6 +340,77 @@ async fn planner_router_killed_hands_planning_to_the_other() {
         report.problems
     );
     eprintln!("planner handover after SIGKILL: {handover:?}");
+}
+
+/// SIGTERM is not SIGKILL: the planner router finishes the stream it has already accepted
+/// (offline's tokens and logprobs, bit for bit), revokes its lease so the other router plans
+/// at once rather than after the lease's 30 s, and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planner_router_stopped_finishes_its_streams_and_hands_planning_over_at_once() {
+    let fixture = FIXTURES[1];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let case = &golden_cases(fixture)[0];
+    let expected = &expected_answers(&engine, &[(case.input_ids.clone(), 48)])[0];
+    let mut spec = harness::spec(fixture_dir(fixture), 2);
+    spec.router_args
+        .extend(["--lease-ttl-secs".to_string(), "30".to_string()]);
+    let mut cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    let second = cluster.add_router(&[]).unwrap();
+    let routers = [cluster.router_addr.clone(), second.clone()];
+    for r in &routers {
+        wait_status(r, MINUTE, "both routers serve", |s| {
+            serving_nodes(s).len() == 2 && !s.planner_id.is_empty()
+        })
+        .await;
+    }
+    let first = harness::status(&cluster).await;
+    let (planner, follower) = if first.is_planner {
+        (routers[0].clone(), routers[1].clone())
+    } else {
+        (routers[1].clone(), routers[0].clone())
+    };
+
+    // A stream under way on the planner when the signal comes.
+    let mut client = InferenceClient::connect(format!("http://{planner}"))
+        .await
+        .unwrap();
+    let mut stream = client
+        .generate(greedy(&case.input_ids, 48))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    let mut logprobs = Vec::new();
+    let first_message = stream.message().await.unwrap().expect("a first token");
+    ids.extend(&first_message.token_ids);
+    logprobs.extend(&first_message.logprobs);
+    let stopped_at = Instant::now();
+    cluster.terminate_router(&planner);
+
+    let s = wait_status(
+        &follower,
+        Duration::from_secs(20),
+        "planner handover",
+        |s| s.is_planner,
+    )
+    .await;
+    let handover = stopped_at.elapsed();
+    assert!(
+        handover < Duration::from_secs(10),
+        "handover took {handover:?}: the lease was not revoked (its TTL is 30 s)"
+    );
+    assert_eq!(s.planner_id, s.router_id);
+
+    while let Some(message) = stream.message().await.expect("the stream ends cleanly") {
+        ids.extend(&message.token_ids);
+        logprobs.extend(&message.logprobs);
+    }
+    assert_eq!(expected.mismatch(&ids, &logprobs), None);
+    let code =
+        tokio::task::block_in_place(|| cluster.wait_router_exit(&planner, Duration::from_secs(20)));
+    assert_eq!(code, Some(0), "the stopped router exits by itself, cleanly");
+    eprintln!("planner handover after SIGTERM: {handover:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

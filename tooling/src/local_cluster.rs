@@ -64,6 +64,23 @@ fn terminate(pid: u32) {
     }
 }
 
+/// Waits up to `timeout` for the child in `slot` to exit, then empties the slot; its exit
+/// code (-1 for a signal), or `None` if it still runs or was already gone.
+fn wait_exit(slot: &mut Option<Child>, timeout: Duration) -> Option<i32> {
+    let start = Instant::now();
+    let child = slot.as_mut()?;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            *slot = None;
+            return Some(status.code().unwrap_or(-1));
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Keeps the last lines a child writes to stderr (drained on a thread for as long as the
 /// child runs, so its log never blocks it and costs no disk).
 fn tail_stderr(child: &mut Child, keep: usize) -> Option<std::thread::JoinHandle<Vec<String>>> {
@@ -203,6 +220,26 @@ impl LocalCluster {
         }
     }
 
+    /// SIGTERMs the router listening on `addr` (it finishes its open calls, gives up its
+    /// registration, then exits by itself).
+    pub fn terminate_router(&mut self, addr: &str) {
+        let pid = self
+            .routers
+            .iter()
+            .find(|r| r.0 == addr)
+            .and_then(|r| r.1.as_ref())
+            .map(|c| c.id());
+        if let Some(pid) = pid {
+            terminate(pid);
+        }
+    }
+
+    /// Waits up to `timeout` for the router on `addr` to exit; its exit code, once it has.
+    pub fn wait_router_exit(&mut self, addr: &str, timeout: Duration) -> Option<i32> {
+        let (_, slot) = self.routers.iter_mut().find(|r| r.0 == addr)?;
+        wait_exit(slot, timeout)
+    }
+
     /// Stops etcd (SIGKILL); [`LocalCluster::restart_etcd`] brings it back with its data.
     pub fn stop_etcd(&mut self) {
         self.etcd.stop();
@@ -285,19 +322,8 @@ impl LocalCluster {
 
     /// Waits up to `timeout` for a node to exit; its exit code, once it has.
     pub fn wait_node_exit(&mut self, node_id: &str, timeout: Duration) -> Option<i32> {
-        let start = Instant::now();
         let (_, slot) = self.nodes.iter_mut().find(|n| n.0 == node_id)?;
-        let child = slot.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                *slot = None;
-                return Some(status.code().unwrap_or(-1));
-            }
-            if start.elapsed() >= timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_exit(slot, timeout)
     }
 
     /// Forgets nodes that exited by themselves (after a drain); returns their ids.
