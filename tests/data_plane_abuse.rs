@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_cluster::auth::{ClusterToken, StreamOpening};
-use moe_cluster::discovery::{Discovery, EtcdConnection, RouterRegistration};
+use moe_cluster::discovery::{Discovery, EtcdConnection};
 use moe_cluster::frames::{encode_dispatch, DispatchTag};
 use moe_model::routes::ExpertRoutes;
 use moe_model::{Engine, ModelConfig};
@@ -379,14 +379,16 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Plays a rank 0 of the TCP collective that the running node joins (a record in etcd under
-/// `key`, naming the node), and returns the node's socket once its handshake is done.
+/// `key`, naming the node), and returns the node's socket once its handshake is done. The
+/// rogue's registration is given up then: held, it could win the planner election the next
+/// time the real router's short lease lapses on a loaded machine, and nobody would plan.
 async fn joined_by(
     cluster: &LocalCluster,
     rogue_id: &str,
     epoch: u64,
     node_id: &str,
     token: &ClusterToken,
-) -> (std::net::TcpStream, RouterRegistration) {
+) -> std::net::TcpStream {
     use moe_cluster::collective::tcp::{TcpLimits, TcpRoot, TcpSettings};
     use moe_cluster::collective::CollectiveRecord;
     let root = TcpRoot::bind(
@@ -419,7 +421,8 @@ async fn joined_by(
         .await
         .unwrap()
         .expect("the node joins the published collective");
-    (sockets[1].take().expect("rank 1 joined"), rogue)
+    rogue.shutdown().await;
+    sockets[1].take().expect("rank 1 joined")
 }
 
 /// Waits until the node closes `socket` (reads return end of stream or an error); panics
@@ -475,14 +478,14 @@ async fn a_hostile_collective_root_is_cut_off_while_the_node_keeps_serving() {
 
     // 1. A 2 GiB length prefix, and nothing after it.
     let rss_before = rss_bytes(pid);
-    let (mut socket, _rogue_a) = joined_by(&cluster, "rogue-a", epoch, &victim, &token).await;
+    let mut socket = joined_by(&cluster, "rogue-a", epoch, &victim, &token).await;
     socket.write_all(&(2u64 << 30).to_le_bytes()).unwrap();
     tokio::task::block_in_place(|| closed_by_the_node(&mut socket));
     let grown = rss_bytes(pid).saturating_sub(rss_before);
     assert!(grown < 256 << 20, "the node grew by {grown} bytes");
 
     // 2. A flood of frames within the bound, as fast as the socket takes them.
-    let (mut socket, _rogue_b) = joined_by(&cluster, "rogue-b", epoch, &victim, &token).await;
+    let mut socket = joined_by(&cluster, "rogue-b", epoch, &victim, &token).await;
     let flooder = std::thread::spawn(move || {
         let frame = vec![7u8; 64 << 10];
         socket

@@ -14,6 +14,7 @@
 mod etcd;
 mod load;
 mod local_cluster;
+mod member_logs;
 mod locate;
 mod ports;
 mod request;

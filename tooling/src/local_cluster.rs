@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::etcd::{EtcdServerTls, LocalEtcd};
+use crate::member_logs::MemberLogs;
 use crate::token_file::ClusterTokenFile;
 
 /// What to start.
@@ -30,7 +31,8 @@ pub struct LocalClusterSpec {
     pub router_args: Vec<String>,
     /// Extra flags for every node.
     pub node_args: Vec<String>,
-    /// Inherit the children's stderr (logs) instead of discarding it.
+    /// Inherit the children's stderr (logs) instead of keeping it in files (whose last lines
+    /// are printed when the cluster is dropped during a panic).
     pub show_logs: bool,
     /// Serve etcd over TLS (router and nodes then need `--etcd-ca` among their args).
     pub etcd_tls: Option<EtcdServerTls>,
@@ -53,6 +55,8 @@ pub struct LocalCluster {
     pub router_addr: String,
     /// The first router's HTTP `host:port`, when started with `--http-listen`.
     pub router_http_addr: Option<String>,
+    /// The members' stderr when not shown (printed if the cluster is dropped in a panic).
+    logs: MemberLogs,
 }
 
 /// Sends SIGTERM (the polite stop every node treats as a drain).
@@ -81,42 +85,15 @@ fn wait_exit(slot: &mut Option<Child>, timeout: Duration) -> Option<i32> {
     }
 }
 
-/// Keeps the last lines a child writes to stderr (drained on a thread for as long as the
-/// child runs, so its log never blocks it and costs no disk).
-fn tail_stderr(child: &mut Child, keep: usize) -> Option<std::thread::JoinHandle<Vec<String>>> {
-    let stderr = child.stderr.take()?;
-    std::thread::Builder::new()
-        .name("child-stderr".into())
-        .spawn(move || {
-            let mut last = std::collections::VecDeque::with_capacity(keep + 1);
-            let mut in_backtrace = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                // An error's backtrace (RUST_BACKTRACE) would push the error itself out.
-                if line.starts_with("Stack backtrace:") {
-                    in_backtrace = true;
-                } else if !line.starts_with(' ') {
-                    in_backtrace = false;
-                }
-                if in_backtrace || line.trim().is_empty() {
-                    continue;
-                }
-                last.push_back(line);
-                if last.len() > keep {
-                    last.pop_front();
-                }
-            }
-            last.into_iter().collect()
-        })
-        .ok()
-}
-
 /// Starts a router and reads the address it printed.
 fn start_router(
     spec: &LocalClusterSpec,
     etcd_url: &str,
     token: &Path,
     extra: &[String],
+    log: (&MemberLogs, &str),
 ) -> std::io::Result<(Child, String, Option<String>)> {
+    let (logs, name) = log;
     let mut router = Command::new(&spec.router_bin)
         .args(["--model", &spec.model.display().to_string()])
         .args(["--cluster-token-file", &token.display().to_string()])
@@ -134,12 +111,9 @@ fn start_router(
         .stderr(if spec.show_logs {
             Stdio::inherit()
         } else {
-            Stdio::piped()
+            Stdio::from(logs.file(name)?)
         })
         .spawn()?;
-    // Without `show_logs`, the last lines say why a router that stops at start did (a bad
-    // flag, a device it cannot open).
-    let stderr_tail = tail_stderr(&mut router, 5);
     let stdout = router
         .stdout
         .take()
@@ -151,10 +125,9 @@ fn start_router(
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             let _ = router.wait();
-            let why = stderr_tail
-                .and_then(|t| t.join().ok())
-                .unwrap_or_default()
-                .join(" | ");
+            // Without `show_logs`, the last lines say why a router that stops at start did
+            // (a bad flag, a device it cannot open).
+            let why = logs.tail(name, 5).join(" | ");
             return Err(std::io::Error::other(format!(
                 "router exited before listening{}{why}",
                 if why.is_empty() { "" } else { ": " }
@@ -189,6 +162,7 @@ impl LocalCluster {
             routers: Vec::new(),
             router_addr: String::new(),
             router_http_addr: None,
+            logs: MemberLogs::create()?,
             spec,
         };
         for _ in 0..cluster.spec.nodes {
@@ -201,8 +175,14 @@ impl LocalCluster {
     /// Starts one more router on the same etcd and nodes (data-parallel attention); returns
     /// its gRPC address.
     pub fn add_router(&mut self, extra_args: &[String]) -> std::io::Result<String> {
-        let (child, addr, http) =
-            start_router(&self.spec, &self.etcd_url, self.token.path(), extra_args)?;
+        let name = format!("router-{}", self.routers.len());
+        let (child, addr, http) = start_router(
+            &self.spec,
+            &self.etcd_url,
+            self.token.path(),
+            extra_args,
+            (&self.logs, &name),
+        )?;
         self.routers.push((addr.clone(), Some(child)));
         if self.router_http_addr.is_none() {
             self.router_http_addr = http;
@@ -281,7 +261,7 @@ impl LocalCluster {
             .stderr(if self.spec.show_logs {
                 Stdio::inherit()
             } else {
-                Stdio::null()
+                Stdio::from(self.logs.file(&id)?)
             })
             .spawn()?;
         self.nodes.push((id.clone(), Some(child)));
