@@ -44,6 +44,8 @@ enum Command {
     GpuBench(commands::gpu_bench::GpuBenchArgs),
     /// Write a deployment's secrets (cluster token, admin key, API key, etcd password).
     GenSecrets(commands::gen_secrets::GenSecretsArgs),
+    /// Lay a checkpoint out on GPU machines and project its decode and prefill speed.
+    Plan(commands::plan::PlanArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chaos(args) => commands::chaos::run(args),
         Command::GpuBench(args) => commands::gpu_bench::run(args),
         Command::GenSecrets(args) => commands::gen_secrets::run(args),
+        Command::Plan(args) => commands::plan::run(args),
     }
 }
 

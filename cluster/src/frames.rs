@@ -37,6 +37,18 @@ fn read_u32(bytes: &[u8]) -> Vec<u32> {
         .collect()
 }
 
+/// Payload bytes of the dispatch [`encode_dispatch`] builds for `rows` rows carrying `pairs`
+/// (row, expert) pairs: each row once (f32), its pair offsets, and each pair's expert id and
+/// weight. The capacity planner counts the wire with it.
+pub fn dispatch_payload_bytes(rows: usize, pairs: usize, hidden: usize) -> usize {
+    rows * hidden * 4 + (rows + 1) * 4 + pairs * 4 + pairs * 4
+}
+
+/// Payload bytes of the combine [`encode_combine`] builds: one f32 output row per pair.
+pub fn combine_payload_bytes(pairs: usize, hidden: usize) -> usize {
+    pairs * hidden * 4
+}
+
 /// Where a dispatch sits in the step loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchTag {
@@ -223,6 +235,34 @@ pub fn decode_combine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sizes the planner counts are those of the frames the data plane sends.
+    #[test]
+    fn payload_sizes_are_those_of_the_encoded_frames() {
+        let (rows, routes) = sample();
+        let hidden = rows.len() / routes.rows();
+        let tag = DispatchTag {
+            epoch: 1,
+            step: 2,
+            layer: 3,
+            micro_batch: 0,
+        };
+        let d = encode_dispatch(tag, hidden, &rows, &routes);
+        let sent = d.hidden_states.len()
+            + d.pair_offsets.len()
+            + d.pair_experts.len()
+            + d.pair_weights.len();
+        assert_eq!(
+            sent,
+            dispatch_payload_bytes(routes.rows(), routes.pairs(), hidden)
+        );
+        let outputs = vec![0.5f32; routes.pairs() * hidden];
+        let c = encode_combine(tag, routes.pairs(), &outputs);
+        assert_eq!(
+            c.outputs.len(),
+            combine_payload_bytes(routes.pairs(), hidden)
+        );
+    }
 
     fn sample() -> (Vec<f32>, ExpertRoutes) {
         let mut routes = ExpertRoutes::with_capacity(2, 3);

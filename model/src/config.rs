@@ -142,6 +142,10 @@ pub struct ModelConfig {
     pub moe: MoeConfig,
     /// `moe_layers[i]` is true when layer `i` is a MoE layer, false when it is a dense MLP.
     pub moe_layers: Vec<bool>,
+    /// Multi-token-prediction layers the checkpoint ships after the main ones
+    /// (`num_nextn_predict_layers`; DeepSeek-V3 has one). The engine does not run them; they
+    /// count in the weights a deployment loads.
+    pub mtp_layers: usize,
 }
 
 /// Fields as they appear in hub `config.json` files; every family-specific key is optional.
@@ -177,6 +181,7 @@ struct RawConfig {
     topk_group: Option<usize>,
     routed_scaling_factor: Option<f64>,
     first_k_dense_replace: Option<usize>,
+    num_nextn_predict_layers: Option<usize>,
     moe_layer_freq: Option<usize>,
     scoring_func: Option<String>,
     topk_method: Option<String>,
@@ -284,6 +289,7 @@ impl RawConfig {
             dense_intermediate_size,
             moe,
             moe_layers,
+            mtp_layers: self.num_nextn_predict_layers.unwrap_or(0),
         })
     }
 
@@ -540,6 +546,23 @@ impl ModelConfig {
     /// Layers that are MoE layers, in order.
     pub fn moe_layer_indices(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.num_layers).filter(|&l| self.is_moe_layer(l))
+    }
+
+    /// Values one token leaves in one layer's attention cache: keys and values for GQA; for
+    /// MLA the normalised latent and the rotated shared key (576 on DeepSeek-V3).
+    pub fn kv_values_per_token_per_layer(&self) -> usize {
+        match self.attention {
+            AttentionConfig::Gqa {
+                num_kv_heads,
+                head_dim,
+                ..
+            } => 2 * num_kv_heads * head_dim,
+            AttentionConfig::Mla {
+                kv_lora_rank,
+                qk_rope_head_dim,
+                ..
+            } => kv_lora_rank + qk_rope_head_dim,
+        }
     }
 }
 

@@ -4,6 +4,15 @@
 //! each). For MLA it caches the normalised latent (`[len, kv_lora_rank]`) and the rotated shared
 //! key (`[len, qk_rope_head_dim]`): 576 floats per token on DeepSeek-V3 instead of 32768.
 
+/// Bytes of one cached value: the cache holds f32 (the router's KV budget counts it so, and
+/// the capacity planner sizes a router's cache with it).
+pub const KV_VALUE_BYTES: usize = 4;
+
+/// Bytes one token's cache takes across all layers of `config`.
+pub fn kv_bytes_per_token(config: &crate::ModelConfig) -> usize {
+    config.kv_values_per_token_per_layer() * config.num_layers * KV_VALUE_BYTES
+}
+
 /// One layer's cache for one sequence.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {

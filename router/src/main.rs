@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use moe_model::checkpoint::Checkpoint;
-use moe_model::config::AttentionConfig;
 use moe_model::dense::{load_dense, DenseStep};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
@@ -91,22 +90,6 @@ fn collective_settings(
         },
         timeout: Duration::from_millis(args.dispatch_timeout_ms),
     })
-}
-
-fn kv_bytes_per_token(config: &ModelConfig) -> usize {
-    let per_layer = match config.attention {
-        AttentionConfig::Gqa {
-            num_kv_heads,
-            head_dim,
-            ..
-        } => 2 * num_kv_heads * head_dim,
-        AttentionConfig::Mla {
-            kv_lora_rank,
-            qk_rope_head_dim,
-            ..
-        } => kv_lora_rank + qk_rope_head_dim,
-    };
-    per_layer * config.num_layers * 4
 }
 
 fn main() -> anyhow::Result<()> {
@@ -222,7 +205,7 @@ fn start_scheduler(
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
         args.kv_cache_bytes,
-        kv_bytes_per_token(&model.config),
+        moe_model::kv_cache::kv_bytes_per_token(&model.config),
         args.kv_block_tokens,
     ));
     let requests = Arc::new(RequestMetrics::default());

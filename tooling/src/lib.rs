@@ -14,8 +14,8 @@
 mod etcd;
 mod load;
 mod local_cluster;
-mod member_logs;
 mod locate;
+mod member_logs;
 mod ports;
 mod request;
 mod token_file;

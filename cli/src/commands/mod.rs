@@ -7,5 +7,6 @@ pub mod gen_checkpoint;
 pub mod gen_secrets;
 pub mod generate;
 pub mod gpu_bench;
+pub mod plan;
 pub mod status;
 pub mod up;
