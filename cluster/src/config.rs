@@ -107,12 +107,19 @@ pub struct DeviceArgs {
     /// gate stays f32 either way.
     #[arg(long, env = "MOE_GPU_DTYPE", default_value = "bf16x2")]
     pub gpu_dtype: moe_model::device::GpuDtype,
+    /// How the CPU holds weights: `as-stored` (bf16 stays bf16, FP8 stays FP8 with its block
+    /// scales; the same products as `f32`, bit for bit), `f32` (widened at load), or `bf16`
+    /// (rounded: other numerics for f32 and FP8 checkpoints).
+    #[arg(long, env = "MOE_WEIGHTS_DTYPE", default_value = "as-stored")]
+    pub weights_dtype: moe_model::checkpoint::WeightsDtype,
 }
 
 impl DeviceArgs {
     /// Opens the device (an error saying why where the GPU, its driver or CUDA support is
-    /// missing).
+    /// missing), and makes every checkpoint this process opens hold its weights as
+    /// `--weights-dtype` says.
     pub fn open(&self) -> Result<moe_model::experts::ExpertDevice, moe_model::device::DeviceError> {
+        moe_model::checkpoint::set_process_weights_dtype(self.weights_dtype);
         self.device.open_experts(self.gpu_dtype)
     }
 

@@ -23,6 +23,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    #[error("tensor {name} is invalid: {message}")]
+    InvalidTensor { name: String, message: String },
     #[error("tensor {name} has unknown or unsupported dtype {dtype:?}")]
     UnsupportedDtype { name: String, dtype: String },
     #[error("malformed safetensors file {path}: {message}")]

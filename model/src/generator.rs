@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::checkpoint::SafetensorsWriter;
+use crate::checkpoint::{fp8, Dtype, SafetensorsWriter};
 use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::families;
@@ -30,6 +30,18 @@ pub enum Preset {
 pub enum WeightDtype {
     F32,
     Bf16,
+    /// DeepSeek's layout: every projection in e4m3 with an f32 `weight_scale_inv` per 128x128
+    /// block (partial edge blocks where the shape leaves them), everything else bf16, and a
+    /// `quantization_config` in config.json.
+    Fp8,
+}
+
+/// DeepSeek's FP8 block.
+const FP8_BLOCK: (usize, usize) = (128, 128);
+
+/// Whether an FP8 checkpoint stores this tensor in FP8: the 2-D projections.
+fn quantized(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.ends_with("_proj.weight")
 }
 
 /// The hub `config.json` of a preset.
@@ -243,7 +255,13 @@ pub fn write_checkpoint(
     dtype: WeightDtype,
 ) -> Result<usize> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let config_json = preset_config(family, preset);
+    let mut config_json = preset_config(family, preset);
+    if dtype == WeightDtype::Fp8 {
+        config_json["quantization_config"] = json!({
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": [FP8_BLOCK.0, FP8_BLOCK.1],
+        });
+    }
     let config_text = serde_json::to_string_pretty(&config_json)
         .map_err(|e| ModelError::InvalidRequest(e.to_string()))?;
     let config = ModelConfig::from_json_str(&config_text, &out.join("config.json"))?;
@@ -259,13 +277,14 @@ pub fn write_checkpoint(
 
     let specs = tensor_specs(&config);
     let mut rng = Rng::seeded(seed);
-    let bytes_per = match dtype {
+    let bytes_per = |name: &str, shape: &[usize]| match dtype {
         WeightDtype::F32 => 4,
-        WeightDtype::Bf16 => 2,
+        WeightDtype::Fp8 if quantized(name, shape) => 1,
+        WeightDtype::Bf16 | WeightDtype::Fp8 => 2,
     };
     let total_bytes: usize = specs
         .iter()
-        .map(|(_, s, _)| s.iter().product::<usize>() * bytes_per)
+        .map(|(n, s, _)| s.iter().product::<usize>() * bytes_per(n, s))
         .sum();
     let num_shards = total_bytes.div_ceil(SHARD_BYTES).max(1);
     let mut shard = SafetensorsWriter::default();
@@ -285,7 +304,18 @@ pub fn write_checkpoint(
         weight_map.insert(name.clone(), Value::String(shard_name(shard_index)));
         match dtype {
             WeightDtype::F32 => shard.add_f32(name, shape, &values),
-            WeightDtype::Bf16 => shard.add_bf16(name, shape, &values),
+            WeightDtype::Fp8 if quantized(&name, &shape) => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let (bytes, scales) = fp8::quantize_blocks(&values, rows, cols, FP8_BLOCK);
+                let scale_shape = vec![rows.div_ceil(FP8_BLOCK.0), cols.div_ceil(FP8_BLOCK.1)];
+                weight_map.insert(
+                    format!("{name}_scale_inv"),
+                    Value::String(shard_name(shard_index)),
+                );
+                shard.add_f32(format!("{name}_scale_inv"), scale_shape, &scales);
+                shard.add(name, Dtype::F8E4M3, shape, bytes);
+            }
+            WeightDtype::Bf16 | WeightDtype::Fp8 => shard.add_bf16(name, shape, &values),
         }
         if num_shards > 1 && shard.total_bytes() >= SHARD_BYTES && shard_index + 1 < num_shards {
             std::mem::take(&mut shard).write(&out.join(shard_name(shard_index)))?;

@@ -27,6 +27,8 @@ enum PresetArg {
 enum DtypeArg {
     F32,
     Bf16,
+    /// DeepSeek's FP8 layout: projections in e4m3 with 128x128 block scales, the rest bf16.
+    Fp8,
 }
 
 #[derive(Args)]
@@ -57,6 +59,7 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
     let dtype = match args.dtype {
         DtypeArg::F32 => WeightDtype::F32,
         DtypeArg::Bf16 => WeightDtype::Bf16,
+        DtypeArg::Fp8 => WeightDtype::Fp8,
     };
     let params = generator::write_checkpoint(family, preset, &args.out, args.seed, dtype)?;
     eprintln!(

@@ -1,16 +1,19 @@
 //! Packed GEMM: `C[m, n] = sum_k A[m, k] * W[n, k]`, with `W` a Hugging Face `Linear` weight
 //! (`[out_features, in_features]`, row-major) packed once at load time into column panels, in
-//! f32 or, for bf16 checkpoints, in bf16 (widened exactly to f32 as the kernel loads it).
+//! f32 or, for bf16 checkpoints, in bf16 (widened exactly to f32 as the kernel loads it), or,
+//! for FP8 checkpoints, in e4m3 with each column's scale per k segment (widened to
+//! `f32(e4m3) * scale`, the value dequantizing at load computes).
 //!
 //! Each output element is a chain of fused multiply-adds over k in ascending order, starting from
 //! zero. K blocking stores and reloads the partial sum without changing that chain, and M tiling
 //! only decides which rows share a register tile, so the result of a row is bitwise the same
 //! whether it is computed alone, in a batch of 256, on one thread or on many, and whether the
-//! panels hold a bf16 weight or its f32 widening. The portable path uses `f32::mul_add` in the
+//! panels hold a bf16 or FP8 weight or its f32 widening. The portable path uses `f32::mul_add` in the
 //! same order, so it agrees bitwise with the AVX2/FMA path.
 
 use rayon::prelude::*;
 
+use super::weight::Fp8Matrix;
 use super::NativeWeight;
 
 /// Output columns per packed panel (two 8-lane vectors).
@@ -42,6 +45,31 @@ enum Panels {
     /// Each k-row of a panel holds its 16 columns interleaved (0, 8, 1, 9, ..., 7, 15), so that
     /// one 32-bit lane carries columns j and j + 8: a shift widens the first, a mask the second.
     Bf16(Vec<half::bf16>),
+    /// Each k-row of a panel holds its 16 columns' e4m3 bytes in order. The k axis is cut in
+    /// segments (`segment_starts`, shared by every panel) within which a column has one scale:
+    /// `scales[(panel * segments + segment) * NR + column]`.
+    Fp8 {
+        values: Vec<E4m3>,
+        segment_starts: Vec<usize>,
+        scales: Vec<f32>,
+    },
+}
+
+/// One float8 e4m3fn weight (finite: checkpoints with NaN weights are refused at load).
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+#[repr(transparent)]
+pub struct E4m3(pub u8);
+
+/// e4m3 byte to f32, exactly (`checkpoint::fp8::e4m3_to_f32` as a table).
+fn e4m3_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [0.0f32; 256];
+        for (b, v) in t.iter_mut().enumerate() {
+            *v = crate::checkpoint::fp8::e4m3_to_f32(b as u8);
+        }
+        t
+    })
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -49,6 +77,7 @@ impl std::fmt::Debug for PackedMatrix {
         let dtype = match self.panels {
             Panels::F32(_) => "f32",
             Panels::Bf16(_) => "bf16",
+            Panels::Fp8 { .. } => "fp8",
         };
         write!(f, "PackedMatrix[{} x {}, {dtype}]", self.n, self.k)
     }
@@ -57,8 +86,23 @@ impl std::fmt::Debug for PackedMatrix {
 /// What a packed panel holds, and where column `j` of a k-row lies.
 trait PanelElement: Copy + Default + Send + Sync {
     const BF16: bool;
+    /// Widened values are multiplied by their column's scale of the k segment.
+    const FP8: bool = false;
     fn widen(self) -> f32;
     fn slot(column: usize) -> usize;
+}
+
+impl PanelElement for E4m3 {
+    const BF16: bool = false;
+    const FP8: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        e4m3_table()[self.0 as usize]
+    }
+    #[inline(always)]
+    fn slot(column: usize) -> usize {
+        column
+    }
 }
 
 impl PanelElement for f32 {
@@ -171,13 +215,28 @@ impl PackedMatrix {
     }
 
     /// Like [`Self::from_stacked`] for weights as their checkpoint holds them: bf16 panels when
-    /// every part is bf16 (half the bytes, bitwise the same products), f32 otherwise.
+    /// every part is bf16 (half the bytes, bitwise the same products), FP8 panels when every
+    /// part is FP8 with the same k segments (a quarter of the bytes, bitwise the products of
+    /// the dequantized weights), f32 otherwise.
     pub fn from_native(parts: &[&NativeWeight], k: usize) -> Self {
+        let fp8: Option<Vec<&Fp8Matrix>> = parts
+            .iter()
+            .map(|p| match p {
+                NativeWeight::Fp8(m) if m.cols == k => Some(m),
+                _ => None,
+            })
+            .collect();
+        if let Some(fp8) = fp8.filter(|f| {
+            f.first()
+                .is_some_and(|first| f.iter().all(|m| m.segment_starts == first.segment_starts))
+        }) {
+            return Self::from_fp8(&fp8, k);
+        }
         let bf16: Option<Vec<&[half::bf16]>> = parts
             .iter()
             .map(|p| match p {
                 NativeWeight::Bf16(v) => Some(v.as_slice()),
-                NativeWeight::F32(_) => None,
+                NativeWeight::F32(_) | NativeWeight::Fp8(_) => None,
             })
             .collect();
         match bf16 {
@@ -197,6 +256,43 @@ impl PackedMatrix {
         }
     }
 
+    /// FP8 parts stacked into one matrix (same k segments).
+    fn from_fp8(parts: &[&Fp8Matrix], k: usize) -> Self {
+        let bytes: Vec<&[E4m3]> = parts
+            .iter()
+            .map(|m| {
+                // SAFETY: E4m3 is repr(transparent) over u8.
+                unsafe {
+                    std::slice::from_raw_parts(m.values.as_ptr().cast::<E4m3>(), m.values.len())
+                }
+            })
+            .collect();
+        let (n, values) = pack(&bytes, k);
+        let segment_starts = parts[0].segment_starts.clone();
+        let segments = segment_starts.len();
+        let num_panels = n.div_ceil(NR);
+        let mut scales = vec![0.0f32; num_panels * segments * NR];
+        let mut row = 0;
+        for m in parts {
+            for r in 0..m.rows {
+                let (panel, column) = (row / NR, row % NR);
+                for s in 0..segments {
+                    scales[(panel * segments + s) * NR + column] = m.scales[r * segments + s];
+                }
+                row += 1;
+            }
+        }
+        Self {
+            n,
+            k,
+            panels: Panels::Fp8 {
+                values,
+                segment_starts,
+                scales,
+            },
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -205,9 +301,14 @@ impl PackedMatrix {
         self.k
     }
 
-    /// Whether the panels hold bf16 (else f32).
+    /// Whether the panels hold bf16.
     pub fn is_bf16(&self) -> bool {
         matches!(self.panels, Panels::Bf16(_))
+    }
+
+    /// Whether the panels hold FP8 with scales.
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.panels, Panels::Fp8 { .. })
     }
 
     /// Bytes held by the packed panels.
@@ -215,6 +316,7 @@ impl PackedMatrix {
         match &self.panels {
             Panels::F32(p) => p.len() * 4,
             Panels::Bf16(p) => p.len() * 2,
+            Panels::Fp8 { values, scales, .. } => values.len() + scales.len() * 4,
         }
     }
 
@@ -293,15 +395,27 @@ impl PackedMatrix {
             return;
         }
         match &self.panels {
-            Panels::F32(panels) => self.product_of(panels, rows, m, c, parallel),
-            Panels::Bf16(panels) => self.product_of(panels, rows, m, c, parallel),
+            Panels::F32(panels) => self.product_of(panels, &[], rows, m, c, parallel),
+            Panels::Bf16(panels) => self.product_of(panels, &[], rows, m, c, parallel),
+            Panels::Fp8 {
+                values,
+                segment_starts,
+                scales,
+            } => {
+                let scaled = Scaled {
+                    segment_starts,
+                    scales,
+                };
+                self.product_of(values, &[scaled], rows, m, c, parallel)
+            }
         }
     }
 
-    /// SAFETY: as [`Self::product_at`].
+    /// SAFETY: as [`Self::product_at`]. `scaled` holds the FP8 scales (one entry) or nothing.
     unsafe fn product_of<E: PanelElement>(
         &self,
         panels: &[E],
+        scaled: &[Scaled<'_>],
         a: InputRows<'_>,
         m: usize,
         out: OutPtr,
@@ -317,7 +431,7 @@ impl PackedMatrix {
             let run = |p: usize| {
                 // SAFETY: panel p writes only columns [p*NR, p*NR+NR) of rows m0..m0+rows of c,
                 // disjoint across panels; `product` checked that every row of A lies in A.
-                unsafe { self.panel_product(panels, p, &a, m0, rows, out) }
+                unsafe { self.panel_product(panels, scaled.first(), p, &a, m0, rows, out) }
             };
             if parallel {
                 (0..num_panels)
@@ -331,10 +445,13 @@ impl PackedMatrix {
         }
     }
 
-    /// Computes columns of panel `p` for rows `first..first + rows`.
+    /// Computes columns of panel `p` for rows `first..first + rows`. FP8 panels also cut the
+    /// K blocks at their scale segments (the chain of multiply-adds is the same).
+    #[allow(clippy::too_many_arguments)]
     unsafe fn panel_product<E: PanelElement>(
         &self,
         panels: &[E],
+        scaled: Option<&Scaled<'_>>,
         p: usize,
         a: &InputRows<'_>,
         first: usize,
@@ -346,32 +463,135 @@ impl PackedMatrix {
         let cols = NR.min(n - p * NR);
         let panel = &panels[p * k * NR..(p + 1) * k * NR];
         let mut k0 = 0;
+        let mut segment = 0;
         while k0 < k {
-            let kc = KC.min(k - k0);
-            let accumulate = k0 > 0;
-            let mut m0 = first;
-            while m0 < first + rows {
-                let mr = MR.min(first + rows - m0);
-                let mut a_rows = [std::ptr::null(); MR];
-                for (r, row) in a_rows.iter_mut().enumerate().take(mr) {
-                    *row = a.row_ptr(m0 + r).add(k0);
+            let mut kc = KC.min(k - k0);
+            let mut scales = std::ptr::null();
+            if let Some(s) = scaled {
+                while s
+                    .segment_starts
+                    .get(segment + 1)
+                    .is_some_and(|&next| next <= k0)
+                {
+                    segment += 1;
                 }
-                let tile = Tile {
-                    a: a_rows,
-                    b: panel.as_ptr().add(k0 * NR),
-                    c: c.0.add(m0 * n + p * NR),
-                    ldc: n,
+                if let Some(&next) = s.segment_starts.get(segment + 1) {
+                    kc = kc.min(next - k0);
+                }
+                let segments = s.segment_starts.len();
+                scales = s.scales.as_ptr().add((p * segments + segment) * NR);
+            }
+            let block = panel.as_ptr().add(k0 * NR);
+            if E::FP8 && rows > MR {
+                // Several row tiles share this K block: widen it once into L1 (the same f32
+                // values each tile would compute) and run them over f32.
+                WIDENED.with(|widened| {
+                    let mut widened = widened.borrow_mut();
+                    widen_fp8_block(block.cast::<E4m3>(), scales, kc, &mut widened);
+                    let block = BlockRows {
+                        k0,
+                        kc,
+                        cols,
+                        accumulate: k0 > 0,
+                    };
+                    self.row_tiles(
+                        widened.as_ptr(),
+                        std::ptr::null(),
+                        &block,
+                        a,
+                        first,
+                        rows,
+                        p,
+                        c,
+                    );
+                });
+            } else {
+                let block_rows = BlockRows {
+                    k0,
                     kc,
                     cols,
-                    accumulate,
-                    prefetch: m0 == first,
+                    accumulate: k0 > 0,
                 };
-                micro_tile(mr, &tile);
-                m0 += mr;
+                self.row_tiles(block, scales, &block_rows, a, first, rows, p, c);
             }
             k0 += kc;
         }
     }
+
+    /// Every row tile of rows `first..first + rows` over one K block `b` of panel `p`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_tiles<E: PanelElement>(
+        &self,
+        b: *const E,
+        scales: *const f32,
+        block: &BlockRows,
+        a: &InputRows<'_>,
+        first: usize,
+        rows: usize,
+        p: usize,
+        c: OutPtr,
+    ) {
+        let mut m0 = first;
+        while m0 < first + rows {
+            let mr = MR.min(first + rows - m0);
+            let mut a_rows = [std::ptr::null(); MR];
+            for (r, row) in a_rows.iter_mut().enumerate().take(mr) {
+                *row = a.row_ptr(m0 + r).add(block.k0);
+            }
+            let tile = Tile {
+                a: a_rows,
+                b,
+                scales,
+                c: c.0.add(m0 * self.n + p * NR),
+                ldc: self.n,
+                kc: block.kc,
+                cols: block.cols,
+                accumulate: block.accumulate,
+                prefetch: m0 == first,
+            };
+            micro_tile(mr, &tile);
+            m0 += mr;
+        }
+    }
+}
+
+/// Where one K block of a panel lies.
+struct BlockRows {
+    k0: usize,
+    kc: usize,
+    /// Valid columns of the panel.
+    cols: usize,
+    accumulate: bool,
+}
+
+thread_local! {
+    /// One K block of an FP8 panel widened to f32 (`KC x NR`, 16 KiB: stays in L1).
+    static WIDENED: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0.0; KC * NR]);
+}
+
+/// Widens `kc` k-rows of an FP8 panel into `out`, each value `f32(e4m3) * scale` of its
+/// column, as the tiles would.
+///
+/// SAFETY: `b` points to `kc * NR` bytes and `scales` to NR values.
+unsafe fn widen_fp8_block(b: *const E4m3, scales: *const f32, kc: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::has_avx2_fma() {
+            return x86::widen_fp8_block(b, scales, kc, out);
+        }
+    }
+    let table = e4m3_table();
+    for kk in 0..kc {
+        for j in 0..NR {
+            out[kk * NR + j] = table[(*b.add(kk * NR + j)).0 as usize] * *scales.add(j);
+        }
+    }
+}
+
+/// The scales of FP8 panels, as [`Panels::Fp8`] holds them.
+struct Scaled<'a> {
+    segment_starts: &'a [usize],
+    scales: &'a [f32],
 }
 
 #[derive(Clone, Copy)]
@@ -450,6 +670,8 @@ struct Tile<E> {
     /// Each row's first value of this K block (only the first `mr` are used).
     a: [*const f32; MR],
     b: *const E,
+    /// FP8 panels: the NR columns' scales of this K block's segment (null otherwise).
+    scales: *const f32,
     c: *mut f32,
     ldc: usize,
     kc: usize,
@@ -492,8 +714,12 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
         for j in 0..t.cols {
             let c = t.c.add(r * t.ldc + j);
             let mut acc = if t.accumulate { *c } else { 0.0 };
+            let scale = if E::FP8 { *t.scales.add(j) } else { 1.0 };
             for kk in 0..t.kc {
-                let w = (*t.b.add(kk * NR + E::slot(j))).widen();
+                let mut w = (*t.b.add(kk * NR + E::slot(j))).widen();
+                if E::FP8 {
+                    w *= scale;
+                }
                 acc = (*t.a[r].add(kk)).mul_add(w, acc);
             }
             *c = acc;
@@ -503,14 +729,39 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PanelElement, Tile, NR, PREFETCH_AHEAD_BYTES};
+    use super::{E4m3, PanelElement, Tile, NR, PREFETCH_AHEAD_BYTES};
     use std::arch::x86_64::*;
 
-    /// One k-row of a panel as two 8-lane vectors (columns 0..8 and 8..16).
-    #[target_feature(enable = "avx2,fma")]
+    /// Eight e4m3 bytes, each in the high byte of a 16-bit lane, as f16 values 2^8 smaller,
+    /// widened to f32, exactly: an arithmetic shift by one moves the exponent and mantissa
+    /// into an f16's (whose exponent bias is 8 more, subnormals included) and copies the sign
+    /// into the f16's top exponent bit, which the mask clears.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load_panel_row<E: PanelElement>(b: *const E) -> (__m256, __m256) {
-        if E::BF16 {
+    unsafe fn e4m3x8_over_256(high_bytes: __m128i) -> __m256 {
+        let half = _mm_and_si128(
+            _mm_srai_epi16::<1>(high_bytes),
+            _mm_set1_epi16(0xBFFFu16 as i16),
+        );
+        _mm256_cvtph_ps(half)
+    }
+
+    /// One k-row of a panel as two 8-lane vectors (columns 0..8 and 8..16). FP8 rows are
+    /// multiplied by `scales`, which the tile pre-multiplied by 2^8: exact, so each product is
+    /// the one rounding of `e4m3 * scale`, as dequantizing computes it.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_panel_row<E: PanelElement>(
+        b: *const E,
+        scales: (__m256, __m256),
+    ) -> (__m256, __m256) {
+        if E::FP8 {
+            let bytes = _mm_loadu_si128(b as *const __m128i);
+            let zero = _mm_setzero_si128();
+            let low = e4m3x8_over_256(_mm_unpacklo_epi8(zero, bytes));
+            let high = e4m3x8_over_256(_mm_unpackhi_epi8(zero, bytes));
+            (_mm256_mul_ps(low, scales.0), _mm256_mul_ps(high, scales.1))
+        } else if E::BF16 {
             // Lane j holds column j in its low half and column j + 8 in its high half.
             let lanes = _mm256_loadu_si256(b as *const __m256i);
             let low = _mm256_slli_epi32::<16>(lanes);
@@ -522,7 +773,28 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// [`super::widen_fp8_block`] eight lanes at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn widen_fp8_block(
+        b: *const E4m3,
+        scales: *const f32,
+        kc: usize,
+        out: &mut [f32],
+    ) {
+        let up = _mm256_set1_ps(256.0);
+        let scales = (
+            _mm256_mul_ps(_mm256_loadu_ps(scales), up),
+            _mm256_mul_ps(_mm256_loadu_ps(scales.add(8)), up),
+        );
+        let out = out.as_mut_ptr();
+        for kk in 0..kc {
+            let (low, high) = load_panel_row(b.add(kk * NR), scales);
+            _mm256_storeu_ps(out.add(kk * NR), low);
+            _mm256_storeu_ps(out.add(kk * NR + 8), high);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<const R: usize, E: PanelElement>(t: &Tile<E>) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut staging = [[0.0f32; NR]; R];
@@ -543,9 +815,18 @@ mod x86 {
         let mut a_ptrs = [t.a[0]; R];
         a_ptrs.copy_from_slice(&t.a[..R]);
         let mut b = t.b;
+        let scales = if E::FP8 {
+            let up = _mm256_set1_ps(256.0);
+            (
+                _mm256_mul_ps(_mm256_loadu_ps(t.scales), up),
+                _mm256_mul_ps(_mm256_loadu_ps(t.scales.add(8)), up),
+            )
+        } else {
+            (_mm256_setzero_ps(), _mm256_setzero_ps())
+        };
         // One k-row: the same FMA chain with or without the prefetch.
         let mut step = |kk: usize, b: *const E| {
-            let (b0, b1) = load_panel_row(b);
+            let (b0, b1) = load_panel_row(b, scales);
             for r in 0..R {
                 let a = _mm256_broadcast_ss(&*a_ptrs[r].add(kk));
                 acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
@@ -554,7 +835,7 @@ mod x86 {
         };
         // A lone f32 row streams as fast without it (its loop is short enough for the core to
         // run far ahead by itself) and measured ~8% slower with it.
-        if (R > 1 || E::BF16) && t.prefetch {
+        if (R > 1 || E::BF16 || E::FP8) && t.prefetch {
             for kk in 0..t.kc {
                 let ahead = (b as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
@@ -697,6 +978,7 @@ mod tests {
                     let t = Tile {
                         a: rows,
                         b: panels[p * k * NR + k0 * NR..].as_ptr(),
+                        scales: std::ptr::null(),
                         c: out[m0 * n + p * NR..].as_mut_ptr(),
                         ldc: n,
                         kc,
@@ -782,5 +1064,97 @@ mod tests {
         let mixed = PackedMatrix::from_native(&[&gate16, &NativeWeight::F32(up16.to_f32())], k);
         assert!(!mixed.is_bf16());
         assert_eq!(mixed.matmul(&a, 5), stacked.matmul(&a, 5));
+    }
+
+    /// A random FP8 matrix `[n, k]` in `block` tiles with partial edge blocks.
+    fn fp8_matrix(n: usize, k: usize, block: (usize, usize), seed: u64) -> Fp8Matrix {
+        let values: Vec<u8> = pseudo_random(n * k, seed)
+            .iter()
+            .map(|&x| crate::checkpoint::fp8::f32_to_e4m3(x * 600.0))
+            .collect();
+        let blocks = n.div_ceil(block.0) * k.div_ceil(block.1);
+        let scales: Vec<f32> = pseudo_random(blocks, seed + 1)
+            .iter()
+            .map(|&x| (x + 0.75) / 300.0)
+            .collect();
+        Fp8Matrix::from_blocks(values, n, k, &scales, block)
+    }
+
+    /// FP8 panels give bitwise the products of the dequantized f32 weights: shapes with
+    /// partial panels, partial 128-blocks, several K blocks, row tiles, serial and parallel,
+    /// stacked parts, and the transposed per-head slices MLA makes of kv_b.
+    #[test]
+    fn fp8_panels_match_their_dequantized_weights_bitwise() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 5),
+            (13, 33, 300),
+            (6, 16, 256),
+            (40, 70, 600),
+        ] {
+            let fp8 = NativeWeight::Fp8(fp8_matrix(n, k, (128, 128), 21));
+            let narrow = PackedMatrix::from_native(&[&fp8], k);
+            let wide = PackedMatrix::from_rows(&fp8.to_f32(), n, k);
+            assert!(narrow.is_fp8());
+            if k >= 128 {
+                assert!(narrow.bytes() * 3 < wide.bytes());
+            }
+            let a = pseudo_random(m * k, 22);
+            assert_eq!(narrow.matmul(&a, m), wide.matmul(&a, m), "{m}x{n}x{k}");
+            assert_eq!(
+                narrow.matmul_serial(&a, m),
+                wide.matmul(&a, m),
+                "{m}x{n}x{k} serial"
+            );
+        }
+        // Stacked (q_a with kv_a): one GEMM, scales per part.
+        let (k, a) = (200, pseudo_random(5 * 200, 23));
+        let (x, y) = (
+            NativeWeight::Fp8(fp8_matrix(40, k, (128, 128), 24)),
+            NativeWeight::Fp8(fp8_matrix(24, k, (128, 128), 25)),
+        );
+        let stacked = PackedMatrix::from_native(&[&x, &y], k);
+        let whole: Vec<f32> = x.to_f32().into_iter().chain(y.to_f32()).collect();
+        assert!(stacked.is_fp8());
+        assert_eq!(
+            stacked.matmul(&a, 5),
+            PackedMatrix::from_rows(&whole, 64, k).matmul(&a, 5)
+        );
+        // kv_b's per-head slice, transposed: its k segments start mid-block (rows 96..288 of a
+        // 128-row-blocked matrix).
+        let kv_b = NativeWeight::Fp8(fp8_matrix(384, 48, (128, 128), 26));
+        let slice = kv_b.transposed_rows(96, 192, 48);
+        let packed = PackedMatrix::from_native(&[&slice], 192);
+        assert!(packed.is_fp8());
+        let a = pseudo_random(9 * 192, 27);
+        assert_eq!(
+            packed.matmul(&a, 9),
+            PackedMatrix::from_rows(&slice.to_f32(), 48, 192).matmul(&a, 9)
+        );
+    }
+
+    /// The SIMD path widens e4m3 through f16 exactly as the table does: all 254 finite
+    /// bytes, both signs, against the portable tile.
+    #[test]
+    fn fp8_simd_and_portable_paths_agree_bitwise() {
+        let (m, n, k): (usize, usize, usize) = (7, 20, 254);
+        let values: Vec<u8> = (0..n * k)
+            .map(|i| ((i * 7) % 254) as u8 ^ ((i & 1) as u8 * 0x80))
+            .collect();
+        let values: Vec<u8> = values
+            .into_iter()
+            .map(|b| if b & 0x7f == 0x7f { 0 } else { b })
+            .collect();
+        let scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128))
+            .map(|i| 0.5 + i as f32)
+            .collect();
+        let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128)));
+        let packed = PackedMatrix::from_native(&[&w], k);
+        let a = pseudo_random(m * k, 28);
+        let reference = PackedMatrix::from_rows(&w.to_f32(), n, k);
+        let Panels::F32(panels) = &reference.panels else {
+            panic!("f32 weights pack as f32")
+        };
+        assert_eq!(packed.matmul(&a, m), portable_product(panels, &a, m, n, k));
     }
 }

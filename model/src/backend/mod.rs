@@ -99,12 +99,17 @@ where
     }
 }
 
-/// Whether this CPU runs the AVX2/FMA kernels (checked once).
+/// Whether this CPU runs the AVX2/FMA kernels (checked once; they also widen FP8 through
+/// F16C, which every AVX2 CPU has).
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *AVAILABLE.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
 #[cfg(not(target_arch = "x86_64"))]

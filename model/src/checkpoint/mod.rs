@@ -12,9 +12,63 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::backend::NativeWeight;
+use crate::backend::{self, NativeWeight};
 use crate::error::{ModelError, Result};
 pub use safetensors::{Dtype, SafetensorsFile, SafetensorsWriter, TensorInfo};
+
+/// The precision weights are held in on the CPU, whatever the checkpoint stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightsDtype {
+    /// As the checkpoint stores them: bf16 stays bf16, FP8 stays FP8 with its block scales
+    /// (the GEMM widens both exactly), other precisions are widened to f32.
+    #[default]
+    AsStored,
+    /// Every weight widened to f32 at load (FP8 dequantized): for comparison; the same
+    /// products, bit for bit, as `as-stored`.
+    F32,
+    /// Every weight rounded to bf16 (FP8 and f32 change numerics; bf16 stays as is).
+    Bf16,
+}
+
+impl std::fmt::Display for WeightsDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightsDtype::AsStored => "as-stored",
+            WeightsDtype::F32 => "f32",
+            WeightsDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for WeightsDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "as-stored" => Ok(WeightsDtype::AsStored),
+            "f32" => Ok(WeightsDtype::F32),
+            "bf16" => Ok(WeightsDtype::Bf16),
+            other => Err(format!(
+                "unknown weights dtype {other:?} (as-stored, f32 or bf16)"
+            )),
+        }
+    }
+}
+
+/// The process's choice (`--weights-dtype`), which every checkpoint it opens follows.
+static PROCESS_WEIGHTS_DTYPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the precision every checkpoint this process opens afterwards holds its weights in.
+pub fn set_process_weights_dtype(dtype: WeightsDtype) {
+    PROCESS_WEIGHTS_DTYPE.store(dtype as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn process_weights_dtype() -> WeightsDtype {
+    match PROCESS_WEIGHTS_DTYPE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => WeightsDtype::F32,
+        2 => WeightsDtype::Bf16,
+        _ => WeightsDtype::AsStored,
+    }
+}
 
 /// An opened checkpoint directory.
 pub struct Checkpoint {
@@ -24,6 +78,8 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     /// FP8 block size (rows, cols) from `quantization_config.weight_block_size`.
     fp8_block: (usize, usize),
+    /// The precision [`Self::load_native`] gives.
+    weights: WeightsDtype,
 }
 
 impl Checkpoint {
@@ -89,6 +145,7 @@ impl Checkpoint {
             files,
             index,
             fp8_block: read_fp8_block(dir),
+            weights: process_weights_dtype(),
         })
     }
 
@@ -138,7 +195,7 @@ impl Checkpoint {
             });
         }
         let bytes = file.bytes(info);
-        match info.dtype {
+        let values = match info.dtype {
             Dtype::F32 => Ok(bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -169,23 +226,72 @@ impl Checkpoint {
                 name: name.to_string(),
                 dtype: other.name().to_string(),
             }),
+        };
+        file.release(info);
+        values
+    }
+
+    /// This checkpoint, holding its weights in `weights` (instead of the process's choice).
+    pub fn with_weights_dtype(mut self, weights: WeightsDtype) -> Self {
+        self.weights = weights;
+        self
+    }
+
+    pub fn weights_dtype(&self) -> WeightsDtype {
+        self.weights
+    }
+
+    /// Loads a weight in the precision [`WeightsDtype`] asks for: as stored, bf16 and FP8 (with
+    /// its block scales) stay as they are, since the CPU GEMM widens them exactly; the shape is
+    /// checked as in [`Self::load_f32`].
+    pub fn load_native(&self, name: &str, expected: &[usize]) -> Result<NativeWeight> {
+        let file = self.index.get(name).map(|&i| &self.files[i]);
+        let stored = file.and_then(|f| {
+            f.info(name)
+                .filter(|info| info.shape == expected)
+                .map(|info| (info.dtype, f, info))
+        });
+        match (self.weights, stored) {
+            (WeightsDtype::AsStored | WeightsDtype::Bf16, Some((Dtype::BF16, file, info))) => {
+                let weight = NativeWeight::Bf16(bf16_from_le_bytes(file.bytes(info)));
+                file.release(info);
+                Ok(weight)
+            }
+            (WeightsDtype::AsStored, Some((Dtype::F8E4M3, file, info))) if expected.len() == 2 => {
+                let weight = self.load_fp8(name, file.bytes(info), expected[0], expected[1]);
+                file.release(info);
+                weight
+            }
+            (WeightsDtype::Bf16, _) => {
+                let wide = self.load_f32(name, expected)?;
+                Ok(NativeWeight::Bf16(
+                    wide.into_iter().map(half::bf16::from_f32).collect(),
+                ))
+            }
+            // Other precisions, and every error (missing tensor, wrong shape), as load_f32 has them.
+            _ => self.load_f32(name, expected).map(NativeWeight::F32),
         }
     }
 
-    /// Loads a weight in the precision the checkpoint stores it when the CPU GEMM can use that
-    /// precision as is (bf16), as f32 otherwise; the shape is checked as in [`Self::load_f32`].
-    pub fn load_native(&self, name: &str, expected: &[usize]) -> Result<NativeWeight> {
-        let file = self.index.get(name).map(|&i| &self.files[i]);
-        let bf16 = file.and_then(|f| {
-            f.info(name)
-                .filter(|info| info.dtype == Dtype::BF16 && info.shape == expected)
-                .map(|info| f.bytes(info))
-        });
-        match bf16 {
-            Some(bytes) => Ok(NativeWeight::Bf16(bf16_from_le_bytes(bytes))),
-            // Other precisions, and every error (missing tensor, wrong shape), as load_f32 has them.
-            None => self.load_f32(name, expected).map(NativeWeight::F32),
+    /// An FP8 weight kept as FP8 with its `weight_scale_inv` blocks; NaN bytes (which no
+    /// quantizer writes) are refused rather than carried into every product.
+    fn load_fp8(&self, name: &str, bytes: &[u8], rows: usize, cols: usize) -> Result<NativeWeight> {
+        if let Some(at) = bytes.iter().position(|&b| b & 0x7f == 0x7f) {
+            return Err(ModelError::InvalidTensor {
+                name: name.to_string(),
+                message: format!("FP8 value {at} is NaN"),
+            });
         }
+        let (br, bc) = self.fp8_block;
+        let scale_shape = [rows.div_ceil(br), cols.div_ceil(bc)];
+        let scales = self.load_f32(&format!("{name}_scale_inv"), &scale_shape)?;
+        Ok(NativeWeight::Fp8(backend::weight::Fp8Matrix::from_blocks(
+            bytes.to_vec(),
+            rows,
+            cols,
+            &scales,
+            (br, bc),
+        )))
     }
 
     /// Loads an optional tensor: `Ok(None)` when absent.

@@ -229,6 +229,28 @@ impl SafetensorsFile {
         let start = self.header.data_offset + info.begin;
         &self.mmap[start..self.header.data_offset + info.end]
     }
+
+    /// Drops the mapped pages that hold only this tensor from the process's memory, once a
+    /// copy in the precision it is served in exists: without it, a loaded model counts its
+    /// checkpoint twice (the mapped file and the packed weights). A later read faults the
+    /// same bytes back in from the file.
+    pub fn release(&self, info: &TensorInfo) {
+        const PAGE: usize = 4096;
+        let start = (self.header.data_offset + info.begin).next_multiple_of(PAGE);
+        let end = (self.header.data_offset + info.end) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: a read-only shared file mapping: MADV_DONTNEED drops the pages, and the
+            // next access reads the file's unchanged bytes again, so every live slice of the
+            // mapping keeps its contents.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
 }
 
 /// Serialises tensors in the safetensors layout (used by `moe gen-checkpoint` and tests).
