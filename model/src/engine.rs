@@ -61,19 +61,27 @@ impl Engine {
     /// Loads the whole model on `device`: the dense part (attention and its KV cache, gate,
     /// shared experts, lm_head) and the routed experts.
     pub fn load_on(dir: &Path, device: &ExpertDevice) -> Result<Self> {
-        Self::load_checkpoint(dir, Checkpoint::open(dir)?, device)
+        Self::load_checkpoint(dir, None, device)
     }
 
     /// Loads the whole model on the CPU with its weights held as `weights` says (instead of
     /// the process's `--weights-dtype`).
     pub fn load_holding(dir: &Path, weights: crate::checkpoint::WeightsDtype) -> Result<Self> {
-        let ckpt = Checkpoint::open(dir)?.with_weights_dtype(weights);
-        Self::load_checkpoint(dir, ckpt, &ExpertDevice::Cpu)
+        Self::load_checkpoint(dir, Some(weights), &ExpertDevice::Cpu)
     }
 
-    fn load_checkpoint(dir: &Path, ckpt: Checkpoint, device: &ExpertDevice) -> Result<Self> {
+    /// The config first, so that a directory without one says so before anything else.
+    fn load_checkpoint(
+        dir: &Path,
+        weights: Option<crate::checkpoint::WeightsDtype>,
+        device: &ExpertDevice,
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
+        let mut ckpt = Checkpoint::open(dir)?;
+        if let Some(weights) = weights {
+            ckpt = ckpt.with_weights_dtype(weights);
+        }
         let dense = load_dense(&ckpt, &config, device)?;
         let experts = ExpertSet::load_all_on(&ckpt, &config, device)?;
         let eos_ids = config.stop_ids(tokenizer.eos_id());
