@@ -564,6 +564,11 @@ impl ModelConfig {
             } => kv_lora_rank + qk_rope_head_dim,
         }
     }
+
+    /// Bytes one token's cache takes across all layers, as the router's cache holds it.
+    pub fn kv_cache_bytes_per_token(&self) -> usize {
+        self.kv_values_per_token_per_layer() * self.num_layers * crate::kv_cache::KV_VALUE_BYTES
+    }
 }
 
 #[cfg(test)]

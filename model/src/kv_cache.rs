@@ -8,11 +8,6 @@
 /// the capacity planner sizes a router's cache with it).
 pub const KV_VALUE_BYTES: usize = 4;
 
-/// Bytes one token's cache takes across all layers of `config`.
-pub fn kv_bytes_per_token(config: &crate::ModelConfig) -> usize {
-    config.kv_values_per_token_per_layer() * config.num_layers * KV_VALUE_BYTES
-}
-
 /// One layer's cache for one sequence.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {

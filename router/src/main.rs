@@ -205,7 +205,7 @@ fn start_scheduler(
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
         args.kv_cache_bytes,
-        moe_model::kv_cache::kv_bytes_per_token(&model.config),
+        model.config.kv_cache_bytes_per_token(),
         args.kv_block_tokens,
     ));
     let requests = Arc::new(RequestMetrics::default());

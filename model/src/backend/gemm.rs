@@ -60,13 +60,13 @@ enum Panels {
 #[repr(transparent)]
 pub struct E4m3(pub u8);
 
-/// e4m3 byte to f32, exactly (`checkpoint::fp8::e4m3_to_f32` as a table).
+/// e4m3 byte to f32, exactly (`fp8::e4m3_to_f32` as a table).
 fn e4m3_table() -> &'static [f32; 256] {
     static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t = [0.0f32; 256];
         for (b, v) in t.iter_mut().enumerate() {
-            *v = crate::checkpoint::fp8::e4m3_to_f32(b as u8);
+            *v = super::fp8::e4m3_to_f32(b as u8);
         }
         t
     })
@@ -1070,7 +1070,7 @@ mod tests {
     fn fp8_matrix(n: usize, k: usize, block: (usize, usize), seed: u64) -> Fp8Matrix {
         let values: Vec<u8> = pseudo_random(n * k, seed)
             .iter()
-            .map(|&x| crate::checkpoint::fp8::f32_to_e4m3(x * 600.0))
+            .map(|&x| crate::backend::fp8::f32_to_e4m3(x * 600.0))
             .collect();
         let blocks = n.div_ceil(block.0) * k.div_ceil(block.1);
         let scales: Vec<f32> = pseudo_random(blocks, seed + 1)

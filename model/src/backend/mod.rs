@@ -4,6 +4,7 @@
 //! Batch invariance is a design rule here: every output element is accumulated over K in the same
 //! order whatever the number of rows, so a token's result never depends on its batch-mates.
 
+pub mod fp8;
 pub mod gemm;
 pub mod ops;
 pub mod weight;

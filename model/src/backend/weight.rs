@@ -7,7 +7,7 @@
 //! dequantizing at load computes, so the products are bitwise those of the dequantized copy at a
 //! quarter of its bytes. f16 is widened to f32 once, at load.
 
-use crate::checkpoint::fp8::e4m3_to_f32;
+use super::fp8::e4m3_to_f32;
 
 /// Row-major weight values, as loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -225,7 +225,7 @@ mod tests {
     /// the transposed slice starts a segment where it crosses a block boundary (row 4).
     #[test]
     fn fp8_slices_and_transposes_match_the_dequantized_copy() {
-        use crate::checkpoint::fp8::dequantize_blocks;
+        use crate::backend::fp8::dequantize_blocks;
         let (rows, cols, block) = (5, 6, (2, 4));
         let values: Vec<u8> = (0..30usize).map(|i| ((i * 37) % 0x7e) as u8).collect();
         let block_scales = [0.5, 2.0, 0.25, 3.0, 1.5, 0.75];

@@ -4,7 +4,8 @@
 //! Layers ask for the tensors they need, by name and expected shape; nothing else is read, so an
 //! expert node holding 4 of 256 experts maps the files but touches only those 4 experts' bytes.
 
-pub mod fp8;
+/// The FP8 codec lives with the math that widens it; checkpoints read and write it.
+pub use crate::backend::fp8;
 pub mod safetensors;
 
 use std::collections::HashMap;

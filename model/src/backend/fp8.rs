@@ -1,5 +1,6 @@
-//! DeepSeek's FP8 checkpoints: float8 e4m3fn weights with one f32 `weight_scale_inv` per
-//! 128x128 block; the real weight is `fp8 * scale_inv`. Dequantised once at load time.
+//! The float8 e4m3fn format of DeepSeek's FP8 checkpoints: each weight is `e4m3 * scale`, one
+//! f32 `weight_scale_inv` per 128x128 block. The codec and block (de)quantization; the GEMM
+//! widens FP8 panels with the same values (`gemm.rs`).
 
 /// Decodes one float8 e4m3fn byte (no infinities; 0x7f/0xff are NaN).
 pub fn e4m3_to_f32(byte: u8) -> f32 {
