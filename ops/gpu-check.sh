@@ -18,7 +18,8 @@
 #      fixtures (MOE_REQUIRE_GPU=1: a GPU that cannot be opened fails them);
 #   2. the engine's golden tests with the whole model on cuda:0 (dense part: attention with
 #      the KV cache, norms, gate, shared experts, lm_head; routed experts): f32 and bf16x2
-#      (the default: bf16 weights, activations as two bf16 terms) within 2e-3. Plain bf16 is
+#      (the default: bf16 weights, activations as two bf16 terms) within 2e-3, the FP8
+#      fixture among them (its weights widened to f32 on the device in both). Plain bf16 is
 #      not run against the goldens: its host emulation (tests/golden.rs, bf16_device_numerics)
 #      already shows it moving logits by up to 6.6 on these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and

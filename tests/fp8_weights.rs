@@ -5,9 +5,9 @@
 use moe_model::checkpoint::WeightsDtype;
 use moe_model::generator::{write_checkpoint, Preset, WeightDtype};
 use moe_model::{Engine, Family, GenerateOutput, GenerateRequest};
-use moe_tests::harness::{self, wait_serving};
-use moe_tests::TempDir;
-use moe_tooling::{ExpectedAnswer, GreedyLoad, LocalCluster};
+use moe_tests::harness::{self, generate, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, steps_to_compare, TempDir, FP8_FIXTURE};
+use moe_tooling::{greedy, LocalCluster};
 
 fn request(input_ids: Vec<u32>, max_new_tokens: usize) -> GenerateRequest {
     GenerateRequest {
@@ -41,72 +41,89 @@ fn bits(outputs: &[GenerateOutput]) -> Vec<(Vec<u32>, Vec<u32>)> {
         .collect()
 }
 
-fn same_bits_held_as_stored_and_widened(preset: Preset, new_tokens: usize) {
-    let tmp = TempDir::new("fp8");
-    let dir = tmp.path().join("ds-fp8");
-    write_checkpoint(Family::DeepseekV3, preset, &dir, 3, WeightDtype::Fp8).unwrap();
-    let fp8 = Engine::load_holding(&dir, WeightsDtype::AsStored).unwrap();
-    let wide = Engine::load_holding(&dir, WeightsDtype::F32).unwrap();
+fn same_bits_held_as_stored_and_widened(dir: &std::path::Path, reqs: &[GenerateRequest]) {
+    let fp8 = Engine::load_holding(dir, WeightsDtype::AsStored).unwrap();
+    let wide = Engine::load_holding(dir, WeightsDtype::F32).unwrap();
     assert!(
         fp8.experts().bytes() * 3 < wide.experts().bytes(),
         "FP8 experts hold {} bytes, f32 {}",
         fp8.experts().bytes(),
         wide.experts().bytes()
     );
-    let reqs: Vec<GenerateRequest> = prompts(fp8.config().vocab_size as u32)
-        .into_iter()
-        .map(|p| request(p, new_tokens))
-        .collect();
-    let batched = fp8.generate_batch(&reqs).unwrap();
-    assert_eq!(bits(&batched), bits(&wide.generate_batch(&reqs).unwrap()));
+    let batched = fp8.generate_batch(reqs).unwrap();
+    assert_eq!(bits(&batched), bits(&wide.generate_batch(reqs).unwrap()));
     for (req, in_batch) in reqs.iter().zip(&batched) {
         let alone = fp8.generate(req).unwrap();
         assert_eq!(bits(&[alone]), bits(std::slice::from_ref(in_batch)));
     }
 }
 
+fn same_bits_on_a_preset(preset: Preset, new_tokens: usize) {
+    let tmp = TempDir::new("fp8");
+    let dir = tmp.path().join("ds-fp8");
+    write_checkpoint(Family::DeepseekV3, preset, &dir, 3, WeightDtype::Fp8).unwrap();
+    let vocab = moe_model::ModelConfig::from_dir(&dir).unwrap().vocab_size as u32;
+    let reqs: Vec<GenerateRequest> = prompts(vocab)
+        .into_iter()
+        .map(|p| request(p, new_tokens))
+        .collect();
+    same_bits_held_as_stored_and_widened(&dir, &reqs);
+}
+
+/// The FP8 fixture (transformers' golden: `tests/golden.rs`): DeepSeek-sized blocks with
+/// partial edges, kv_b heads across a scale boundary, q_a and kv_a on different grids.
+#[test]
+fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_the_fixture() {
+    let reqs: Vec<GenerateRequest> = golden_cases(FP8_FIXTURE)
+        .into_iter()
+        .map(|c| request(c.input_ids, 24))
+        .collect();
+    same_bits_held_as_stored_and_widened(&fixture_dir(FP8_FIXTURE), &reqs);
+}
+
 /// The tiny preset: every dimension leaves partial 128-blocks.
 #[test]
 fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_tiny() {
-    same_bits_held_as_stored_and_widened(Preset::Tiny, 12);
+    same_bits_on_a_preset(Preset::Tiny, 12);
 }
 
 /// The small preset (391M parameters): full blocks, MLA's kv_b split per head.
 #[test]
 fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_small() {
-    same_bits_held_as_stored_and_widened(Preset::Small, 4);
+    same_bits_on_a_preset(Preset::Small, 4);
 }
 
-/// Expert nodes holding FP8 experts answer with the offline engine's tokens, bit for bit,
-/// on one node and on three.
+/// Expert nodes holding FP8 experts (the fixture's) answer with the offline engine's tokens
+/// and logprobs, bit for bit, and so with transformers' golden tokens, on one node and on three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_on_an_fp8_checkpoint_gives_the_offline_tokens() {
-    let tmp = TempDir::new("fp8-cluster");
-    let dir = tmp.path().join("ds-fp8");
-    write_checkpoint(Family::DeepseekV3, Preset::Tiny, &dir, 4, WeightDtype::Fp8).unwrap();
-    let engine = Engine::load_holding(&dir, WeightsDtype::F32).unwrap();
-    let vocab = engine.config().vocab_size as u32;
-    let answers: Vec<ExpectedAnswer> = prompts(vocab)
-        .into_iter()
-        .map(|p| ExpectedAnswer::from_engine(&engine, p, 16).unwrap())
+async fn a_cluster_on_the_fp8_fixture_gives_the_golden_tokens() {
+    let dir = fixture_dir(FP8_FIXTURE);
+    let engine = Engine::load(&dir).unwrap();
+    let cases = golden_cases(FP8_FIXTURE);
+    let offline: Vec<GenerateOutput> = cases
+        .iter()
+        .map(|c| engine.generate(&request(c.input_ids.clone(), 24)).unwrap())
         .collect();
     for nodes in [1, 3] {
         let cluster = LocalCluster::start(harness::spec(dir.clone(), nodes)).unwrap();
         wait_serving(&cluster, nodes).await;
-        let load = GreedyLoad::start(
-            vec![cluster.router_addr.clone()],
-            std::sync::Arc::new(answers.clone()),
-            2,
-            Some(4),
-        );
-        let report = load.finish().await;
-        assert_eq!(report.completed, 8, "{nodes} nodes: {report:?}");
-        assert_eq!(
-            report.failed + report.mismatched,
-            0,
-            "{nodes} nodes: {:?}",
-            report.problems
-        );
+        let mut client = harness::inference(&cluster).await;
+        for (i, case) in cases.iter().enumerate() {
+            let got = generate(&mut client, greedy(&case.input_ids, 24))
+                .await
+                .unwrap();
+            assert_eq!(got.ids, offline[i].output_ids, "{nodes} nodes, case {i}");
+            assert_eq!(
+                got.logprobs, offline[i].logprobs,
+                "{nodes} nodes, case {i}: logprobs not bitwise equal"
+            );
+            let n = steps_to_compare(&case.step_top2_margin);
+            assert_eq!(
+                got.ids[..n],
+                case.output_ids[..n],
+                "{nodes} nodes, case {i}: not transformers' tokens"
+            );
+        }
     }
 }
 

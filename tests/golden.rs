@@ -10,7 +10,9 @@
 use moe_model::device::{Device, GpuDtype};
 use moe_model::experts::ExpertDevice;
 use moe_model::{Engine, GenerateRequest, SamplingParams};
-use moe_tests::{fixture_dir, golden_cases, max_abs_diff, steps_to_compare_at, FIXTURES};
+use moe_tests::{
+    fixture_dir, golden_cases, max_abs_diff, steps_to_compare_at, FIXTURES, FP8_FIXTURE,
+};
 
 /// Where the experts run and the tolerance that goes with it.
 struct Target {
@@ -131,6 +133,13 @@ fn mixtral_bf16_matches_transformers() {
     check_fixture(FIXTURES[2]);
 }
 
+/// FP8 weights held as FP8 (the default `--weights-dtype as-stored`), against transformers on
+/// their dequantization.
+#[test]
+fn deepseek_v3_fp8_matches_transformers() {
+    check_fixture(FP8_FIXTURE);
+}
+
 /// Rounds the rows the routed experts get as a GPU node in `numerics` sees them (the expert
 /// weights of these checkpoints are bf16 already; the node's rounding of its SiLU output is
 /// not modelled).
@@ -204,7 +213,7 @@ fn device_numerics_error(name: &str, numerics: GpuDtype) -> f32 {
 /// which is why it is not the default).
 #[test]
 fn bf16_device_numerics() {
-    for name in FIXTURES {
+    for name in FIXTURES.into_iter().chain([FP8_FIXTURE]) {
         let split = device_numerics_error(name, GpuDtype::Bf16x2);
         let plain = device_numerics_error(name, GpuDtype::Bf16);
         eprintln!(

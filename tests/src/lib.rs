@@ -13,6 +13,11 @@ use serde_json::Value;
 
 pub const FIXTURES: [&str; 3] = ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"];
 
+/// DeepSeek-V3 in DeepSeek's FP8 layout (e4m3 projections, 128x128 block scales, partial edge
+/// blocks), golden from transformers on its dequantized weights
+/// (`tests/fixtures/make_deepseek_v3_fp8_tiny.py`).
+pub const FP8_FIXTURE: &str = "deepseek-v3-fp8-tiny";
+
 /// One golden case: prompt, ids and transformers' logits.
 pub struct GoldenCase {
     pub prompt: String,

@@ -576,6 +576,9 @@ thread_local! {
 unsafe fn widen_fp8_block(b: *const E4m3, scales: *const f32, kc: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if super::has_avx512() {
+            return avx512::widen_fp8_block(b, scales, kc, out);
+        }
         if super::has_avx2_fma() {
             return x86::widen_fp8_block(b, scales, kc, out);
         }
@@ -694,6 +697,16 @@ const PREFETCH_AHEAD_BYTES: usize = 1024;
 unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
     #[cfg(target_arch = "x86_64")]
     {
+        if super::has_avx512() {
+            match mr {
+                6 => return avx512::tile::<6, E>(t),
+                5 => return avx512::tile::<5, E>(t),
+                4 => return avx512::tile::<4, E>(t),
+                3 => return avx512::tile::<3, E>(t),
+                2 => return avx512::tile::<2, E>(t),
+                _ => return avx512::tile::<1, E>(t),
+            }
+        }
         if super::has_avx2_fma() {
             match mr {
                 6 => return x86::tile::<6, E>(t),
@@ -726,6 +739,9 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

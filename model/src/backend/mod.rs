@@ -117,3 +117,21 @@ pub fn has_avx2_fma() -> bool {
 pub fn has_avx2_fma() -> bool {
     false
 }
+
+/// Whether this CPU runs the AVX-512 tiles (one zmm per 16-column panel row; they use the
+/// AVX2 byte shuffles and F16C too). `MOE_CPU_KERNELS=avx2` turns them off, to compare.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        has_avx2_fma()
+            && is_x86_feature_detected!("avx512f")
+            && std::env::var("MOE_CPU_KERNELS").map_or(true, |v| v != "avx2")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_avx512() -> bool {
+    false
+}

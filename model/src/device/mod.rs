@@ -124,10 +124,11 @@ pub struct DeviceInfo {
 /// What a matrix comes from, which decides how the device holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatrixPrecision {
-    /// bf16 (or FP8) checkpoint tensors: bf16 in both bf16 modes, f32 in the f32 mode.
+    /// bf16 checkpoint tensors: bf16 in both bf16 modes, f32 in the f32 mode.
     Narrow,
-    /// Wider (f16, f32) tensors: f32 except in the plain bf16 mode, which casts them (a bf16
-    /// copy would change the model, which bf16x2 promises not to do).
+    /// Wider tensors (f16, f32, and FP8 with its block scales, whose products bf16 cannot
+    /// hold): f32 except in the plain bf16 mode, which casts them (a bf16 copy would change
+    /// the model, which bf16x2 promises not to do).
     Wide,
     /// Always f32: the MoE gate, whose top-k choices flip on small errors (transformers
     /// computes DeepSeek's gate in f32 too).
