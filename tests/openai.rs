@@ -7,7 +7,7 @@ use std::process::Command;
 
 use moe_model::chat_template::{ChatMessage, ChatTemplate};
 use moe_model::tokenizer::Tokenizer;
-use moe_model::Engine;
+use moe_model::{Engine, LogitAdjustments, SamplingParams};
 use moe_tests::harness::{self, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::LocalCluster;
@@ -109,9 +109,60 @@ async fn official_openai_client_gets_the_offline_tokens() {
         .encode_raw(&template(&tokenizer).render(&messages, true).unwrap())
         .unwrap();
     let chat = offline(&chat_ids);
+    let with_adjust = |adjust: LogitAdjustments, ignore_eos: bool| {
+        engine
+            .generate(&moe_model::GenerateRequest {
+                input_ids: case.input_ids.clone(),
+                max_new_tokens: n,
+                sampling: SamplingParams {
+                    adjust,
+                    ..Default::default()
+                },
+                ignore_eos,
+                emit_logits: false,
+            })
+            .unwrap()
+    };
+    let adjust = LogitAdjustments {
+        logit_bias: vec![(7, 3.0), (40, -5.0)],
+        presence_penalty: 0.5,
+        frequency_penalty: 1.0,
+        repetition_penalty: 1.3,
+        min_tokens: 0,
+    };
+    let adjusted = with_adjust(adjust.clone(), true);
+    let eos = engine
+        .tokenizer()
+        .eos_id()
+        .expect("the fixture has an end token");
+    let held = with_adjust(
+        LogitAdjustments {
+            logit_bias: vec![(eos, 100.0)],
+            min_tokens: 3,
+            ..Default::default()
+        },
+        false,
+    );
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
-    let request = json!({"prompt": case.prompt, "messages": messages, "max_tokens": n});
+    let bias: serde_json::Map<String, Value> = adjust
+        .logit_bias
+        .iter()
+        .map(|&(id, b)| (id.to_string(), json!(b)))
+        .collect();
+    let request = json!({
+        "prompt": case.prompt,
+        "prompt_ids": case.input_ids,
+        "messages": messages,
+        "max_tokens": n,
+        "eos": eos,
+        "adjust": {
+            "logit_bias": bias,
+            "presence_penalty": adjust.presence_penalty,
+            "frequency_penalty": adjust.frequency_penalty,
+            "repetition_penalty": adjust.repetition_penalty,
+        },
+    });
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .args([script, &http, "tiny-ds", &request.to_string()])
@@ -159,6 +210,37 @@ async fn official_openai_client_gets_the_offline_tokens() {
         );
         assert_eq!(top[0], *chosen, "greedy picks the most likely token");
     }
+
+    assert_eq!(
+        got["plain_stream"]["text"],
+        tokenizer.decode(&completion.output_ids).unwrap()
+    );
+    assert_eq!(
+        got["plain_stream"]["usage_chunks"], 0,
+        "usage only with stream_options.include_usage"
+    );
+    for param in ["response_format", "tools", "min_p", "tool_choice"] {
+        assert_eq!(got["errors"][param], json!([400, param]), "{param}");
+    }
+    for param in ["logit_bias", "presence_penalty", "min_tokens"] {
+        assert_eq!(
+            got["errors"][format!("bad_{param}")],
+            json!([400, param]),
+            "{param}"
+        );
+    }
+    assert_eq!(
+        got["adjusted"]["text"],
+        tokenizer.decode(&adjusted.output_ids).unwrap()
+    );
+    assert_eq!(floats(&got["adjusted"]["logprobs"]), adjusted.logprobs);
+    assert_ne!(
+        adjusted.output_ids, completion.output_ids,
+        "the adjustments change the greedy tokens"
+    );
+    assert_eq!(got["min_tokens"], json!([held.output_ids.len(), "stop"]));
+    assert_eq!(held.output_ids.len(), 4, "three tokens, then the end token");
+    assert_eq!(got["errors"]["no_op_values"], "length");
 
     assert_eq!(got["errors"]["n"], json!([400, "invalid_request_error"]));
     assert_eq!(got["errors"]["model"], json!([404, "not_found_error"]));

@@ -208,3 +208,69 @@ fn path_with_etcd() -> std::ffi::OsString {
     ));
     std::env::join_paths(paths).unwrap()
 }
+
+/// `moe up` opens the OpenAI endpoint too and prints it: a completion sent where it says is
+/// answered; SIGTERM then stops everything.
+#[test]
+fn up_serves_the_openai_api_where_it_says() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = fixture_dir(FIXTURES[0]);
+    let mut up = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["up", "--model", dir.to_str().unwrap(), "--nodes", "1"])
+        .env("PATH", path_with_etcd())
+        .env_remove("MOE_HTTP_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moe up runs");
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    let http = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("openai http://") {
+                    break rest.split("/v1").next().unwrap().to_string();
+                }
+                printed.push(line);
+            }
+            Err(e) => {
+                let _ = up.kill();
+                panic!("no openai line ({e}) after {printed:?}");
+            }
+        }
+    };
+    let curl = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    assert!(
+        curl.starts_with("try: curl") && curl.contains(&http),
+        "{curl}"
+    );
+
+    let body = r#"{"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
+    let mut stream = std::net::TcpStream::connect(&http).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status();
+    let status = up.wait().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(json["object"], "text_completion");
+    assert_eq!(json["usage"]["completion_tokens"], 4);
+    assert!(status.success(), "moe up exits 0 on SIGTERM: {status}");
+}

@@ -172,7 +172,11 @@ impl Engine {
                 cache: self
                     .new_cache()
                     .reserving(r.input_ids.len() + r.max_new_tokens),
-                sampler: Sampler::new(r.sampling.clone()),
+                sampler: Sampler::for_request(
+                    r.sampling.clone(),
+                    &r.input_ids,
+                    if r.ignore_eos { &[] } else { &self.eos_ids },
+                ),
                 pending: r.input_ids.clone(),
                 out: GenerateOutput {
                     input_ids: r.input_ids.clone(),

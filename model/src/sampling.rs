@@ -1,8 +1,9 @@
 //! Token sampling: greedy, temperature, top-k and top-p, with a seeded generator so that a
-//! request with a seed is reproducible.
+//! request with a seed is reproducible; the logit adjustments (`logit_adjust.rs`) first.
 
 use crate::backend::ops;
 use crate::error::{ModelError, Result};
+use crate::logit_adjust::{adjusted, LogitAdjustments, TokenHistory};
 
 /// How to pick the next token. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +14,8 @@ pub struct SamplingParams {
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
     pub top_p: f32,
     pub seed: Option<u64>,
+    /// Bias, penalties and `min_tokens`, applied before any of the above.
+    pub adjust: LogitAdjustments,
 }
 
 impl Default for SamplingParams {
@@ -22,6 +25,7 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: 1.0,
             seed: None,
+            adjust: LogitAdjustments::default(),
         }
     }
 }
@@ -39,6 +43,20 @@ impl SamplingParams {
                 "top_p must be in (0, 1], got {}",
                 self.top_p
             )));
+        }
+        let a = &self.adjust;
+        let finite = [
+            a.presence_penalty,
+            a.frequency_penalty,
+            a.repetition_penalty,
+        ]
+        .into_iter()
+        .chain(a.logit_bias.iter().map(|b| b.1))
+        .all(f32::is_finite);
+        if !finite || a.repetition_penalty <= 0.0 {
+            return Err(ModelError::InvalidRequest(
+                "penalties and logit biases must be finite, repetition_penalty > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -100,23 +118,53 @@ impl Rng {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// The prompt and the tokens picked so far (kept only when an adjustment reads them).
+    history: TokenHistory,
+    /// What `min_tokens` holds back: the end-of-sequence ids, unless the request ignores them.
+    end_tokens: Vec<u32>,
 }
 
 impl Sampler {
+    /// A sampler without a prompt or end tokens (enough when no adjustment is asked for).
     pub fn new(params: SamplingParams) -> Self {
+        Self::for_request(params, &[], &[])
+    }
+
+    /// A sampler for a request with this prompt, whose generation ends at `end_tokens`.
+    pub fn for_request(params: SamplingParams, prompt: &[u32], end_tokens: &[u32]) -> Self {
         let rng = params
             .seed
             .map(Rng::seeded)
             .unwrap_or_else(Rng::from_entropy);
-        Self { params, rng }
+        let history = if params.adjust.is_neutral() {
+            TokenHistory::default()
+        } else {
+            TokenHistory::new(prompt)
+        };
+        Self {
+            params,
+            rng,
+            history,
+            end_tokens: end_tokens.to_vec(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Picks a token from raw logits.
+    /// Picks a token from the model's logits (adjusted first when the request asks).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.adjust.is_neutral() {
+            return self.pick(logits);
+        }
+        let logits = adjusted(logits, &self.params.adjust, &self.history, &self.end_tokens);
+        let token = self.pick(&logits);
+        self.history.record(token);
+        token
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             return ops::argmax(logits) as u32;
         }
@@ -180,6 +228,7 @@ mod tests {
             top_k,
             top_p,
             seed: Some(seed),
+            ..Default::default()
         }
     }
 

@@ -185,7 +185,15 @@ impl Scheduler {
                 .prompt_tokens
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
             running.push(Sequence {
-                sampler: Sampler::new(s.request.sampling.clone()),
+                sampler: Sampler::for_request(
+                    s.request.sampling.clone(),
+                    &s.request.input_ids,
+                    if s.request.ignore_eos {
+                        &[]
+                    } else {
+                        &self.eos_ids
+                    },
+                ),
                 request: s.request,
                 responses: s.responses,
                 cache: self.dense.new_cache().reserving(tokens),
@@ -377,7 +385,13 @@ impl Scheduler {
         };
         // A stop string wins; it and anything after it are not returned. A last piece sends
         // the rest; otherwise what could still begin a stop string is kept back.
-        let (piece, stopped) = s.text.next_piece(&s.request.stop, finish.is_some());
+        // `min_tokens` holds stop strings back too (as vLLM does).
+        let stop: &[String] = if s.output.len() < s.request.sampling.adjust.min_tokens {
+            &[]
+        } else {
+            &s.request.stop
+        };
+        let (piece, stopped) = s.text.next_piece(stop, finish.is_some());
         if stopped {
             finish = Some("stop");
         }

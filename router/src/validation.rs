@@ -1,7 +1,7 @@
 //! Every check on a Generate request, before anything is queued. Each failure names the field.
 
 use moe_model::tokenizer::Tokenizer;
-use moe_model::{ModelConfig, SamplingParams};
+use moe_model::{LogitAdjustments, ModelConfig, SamplingParams};
 use std::time::{Duration, Instant};
 
 use moe_proto::v1::GenerateRequest;
@@ -201,6 +201,7 @@ pub fn validate_ids(
             "top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {top_logprobs}"
         )));
     }
+    let adjust = logit_adjustments(&req, config.vocab_size, max_new)?;
     Ok(ValidRequest {
         input_ids,
         max_new_tokens: max_new,
@@ -209,6 +210,7 @@ pub fn validate_ids(
             top_k: req.top_k.map(|k| k as usize).filter(|&k| k > 0),
             top_p,
             seed: req.seed,
+            adjust,
         },
         stop: req.stop,
         ignore_eos: req.ignore_eos,
@@ -216,6 +218,69 @@ pub fn validate_ids(
         top_logprobs: top_logprobs as usize,
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
+    })
+}
+
+/// Most `logit_bias` entries a request may carry.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Bias, penalties and `min_tokens`, checked: ids in the vocabulary, values in OpenAI's (and
+/// vLLM's) ranges.
+fn logit_adjustments(
+    req: &GenerateRequest,
+    vocab_size: usize,
+    max_new: usize,
+) -> Result<LogitAdjustments, RouterError> {
+    if req.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(RouterError::invalid(
+            "logit_bias",
+            format!("at most {MAX_LOGIT_BIAS} logit_bias entries"),
+        ));
+    }
+    let mut logit_bias = Vec::with_capacity(req.logit_bias.len());
+    for (&id, &bias) in &req.logit_bias {
+        if id as usize >= vocab_size || !(-100.0..=100.0).contains(&bias) {
+            return Err(RouterError::invalid(
+                "logit_bias",
+                format!(
+                    "logit_bias maps token ids below {vocab_size} to -100..100, got {id}: {bias}"
+                ),
+            ));
+        }
+        logit_bias.push((id, bias));
+    }
+    logit_bias.sort_unstable_by_key(|b| b.0);
+    let penalty = |value: Option<f32>, name: &'static str| match value {
+        None => Ok(0.0),
+        Some(p) if (-2.0..=2.0).contains(&p) => Ok(p),
+        Some(p) => Err(RouterError::invalid(
+            name,
+            format!("{name} must be in -2..2, got {p}"),
+        )),
+    };
+    let repetition_penalty = match req.repetition_penalty {
+        None => 1.0,
+        Some(r) if r > 0.0 && r <= 10.0 => r,
+        Some(r) => {
+            return Err(RouterError::invalid(
+                "repetition_penalty",
+                format!("repetition_penalty must be in (0, 10], got {r}"),
+            ))
+        }
+    };
+    let min_tokens = req.min_tokens as usize;
+    if min_tokens > max_new {
+        return Err(RouterError::invalid(
+            "min_tokens",
+            format!("min_tokens ({min_tokens}) is more than max_tokens ({max_new})"),
+        ));
+    }
+    Ok(LogitAdjustments {
+        logit_bias,
+        presence_penalty: penalty(req.presence_penalty, "presence_penalty")?,
+        frequency_penalty: penalty(req.frequency_penalty, "frequency_penalty")?,
+        repetition_penalty,
+        min_tokens,
     })
 }
 
@@ -239,6 +304,57 @@ mod tests {
             stop,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn bias_and_penalties_are_checked_by_name_and_sorted() {
+        let (config, tokenizer) = fixture();
+        let limits = RequestLimits::default();
+        let param = |req: GenerateRequest| match validate(req, &config, &tokenizer, &limits) {
+            Err(RouterError::Invalid { param, .. }) => param,
+            other => panic!("accepted: {other:?}"),
+        };
+        let with = |f: &dyn Fn(&mut GenerateRequest)| {
+            let mut req = request(vec![]);
+            f(&mut req);
+            req
+        };
+        let vocab = config.vocab_size as u32;
+        assert_eq!(
+            param(with(&|r| {
+                r.logit_bias.insert(vocab, 1.0);
+            })),
+            Some("logit_bias")
+        );
+        assert_eq!(
+            param(with(&|r| {
+                r.logit_bias.insert(3, 101.0);
+            })),
+            Some("logit_bias")
+        );
+        assert_eq!(
+            param(with(&|r| r.frequency_penalty = Some(-2.5))),
+            Some("frequency_penalty")
+        );
+        assert_eq!(
+            param(with(&|r| r.repetition_penalty = Some(0.0))),
+            Some("repetition_penalty")
+        );
+        assert_eq!(param(with(&|r| r.min_tokens = 5)), Some("min_tokens"));
+        let ok = validate(
+            with(&|r| {
+                r.logit_bias.extend([(9, -1.0), (2, 4.0)]);
+                r.presence_penalty = Some(2.0);
+                r.min_tokens = 4;
+            }),
+            &config,
+            &tokenizer,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(ok.sampling.adjust.logit_bias, vec![(2, 4.0), (9, -1.0)]);
+        assert_eq!(ok.sampling.adjust.presence_penalty, 2.0);
+        assert_eq!(ok.sampling.adjust.min_tokens, 4);
     }
 
     #[test]

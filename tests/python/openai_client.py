@@ -47,6 +47,17 @@ def main():
                 finish = choice.finish_reason
     out["chat_stream"] = {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
 
+    # Without stream_options.include_usage, OpenAI sends no usage chunk.
+    plain = client.completions.create(
+        model=model, prompt=spec["prompt"], max_tokens=n, temperature=0, stream=True,
+        extra_body=extra,
+    )
+    chunks = list(plain)
+    out["plain_stream"] = {
+        "text": "".join(c.choices[0].text for c in chunks if c.choices),
+        "usage_chunks": sum(1 for c in chunks if c.usage is not None),
+    }
+
     lp = client.chat.completions.create(
         model=model,
         messages=spec["messages"],
@@ -80,7 +91,57 @@ def main():
         client.completions.create(model=model, prompt=spec["prompt"], max_tokens=4, temperature=-1)
     except openai.BadRequestError as e:
         errors["temperature"] = [e.status_code, e.message]
+    # Parameters that would change the output and are not implemented: a 400 naming them.
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    refused = {
+        "response_format": dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+        "tools": dict(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}]),
+        "min_p": dict(extra_body={"min_p": 0.2}),
+        "tool_choice": dict(tool_choice="required"),
+    }
+    for param, kwargs in refused.items():
+        try:
+            client.chat.completions.create(model=model, messages=spec["messages"], max_tokens=4, **kwargs)
+            errors[param] = "accepted"
+        except openai.BadRequestError as e:
+            errors[param] = [e.status_code, e.body.get("param") if isinstance(e.body, dict) else None]
+    # Their no-op values and bookkeeping fields pass.
+    ok = client.chat.completions.create(
+        model=model, messages=spec["messages"], max_tokens=2, temperature=0,
+        response_format={"type": "text"}, tools=[], tool_choice="none",
+        user="u-1", metadata={"k": "v"}, store=False,
+    )
+    errors["no_op_values"] = ok.choices[0].finish_reason
+    for param, kwargs in {
+        "logit_bias": dict(logit_bias={"999999": 1}),
+        "presence_penalty": dict(presence_penalty=3),
+        "min_tokens": dict(extra_body={"min_tokens": 9}),
+    }.items():
+        try:
+            client.completions.create(model=model, prompt=spec["prompt"], max_tokens=4, **kwargs)
+            errors["bad_" + param] = "accepted"
+        except openai.BadRequestError as e:
+            errors["bad_" + param] = [e.status_code, e.body.get("param") if isinstance(e.body, dict) else None]
     out["errors"] = errors
+
+    # Bias and penalties: the offline engine's tokens with the same adjustments (spec["adjust"]).
+    a = spec["adjust"]
+    adjusted = client.completions.create(
+        model=model, prompt=spec["prompt_ids"], max_tokens=n, temperature=0, logprobs=0,
+        logit_bias=a["logit_bias"], presence_penalty=a["presence_penalty"],
+        frequency_penalty=a["frequency_penalty"],
+        extra_body={"repetition_penalty": a["repetition_penalty"], "ignore_eos": True},
+    )
+    out["adjusted"] = {
+        "text": adjusted.choices[0].text,
+        "logprobs": adjusted.choices[0].logprobs.token_logprobs,
+    }
+    # min_tokens holds the end-of-sequence token back even when a bias makes it certain.
+    held = client.completions.create(
+        model=model, prompt=spec["prompt_ids"], max_tokens=n, temperature=0,
+        logit_bias={str(spec["eos"]): 100}, extra_body={"min_tokens": 3},
+    )
+    out["min_tokens"] = [held.usage.completion_tokens, held.choices[0].finish_reason]
     print(json.dumps(out))
 
 

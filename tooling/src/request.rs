@@ -18,5 +18,6 @@ pub fn greedy(input_ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
         stop: vec![],
         ignore_eos: true,
         logprobs: true,
+        ..Default::default()
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use moe_cluster::DeviceArgs;
-use moe_model::{Engine, FinishReason, GenerateRequest, SamplingParams};
+use moe_model::{Engine, FinishReason, GenerateRequest, LogitAdjustments, SamplingParams};
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::TokenizeRequest;
 use serde::Serialize;
@@ -43,6 +43,18 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// OpenAI's penalty on tokens already generated (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI's penalty per time a token was generated (-2 to 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// vLLM's penalty on prompt and generated tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// End-of-sequence (and stop strings) held back until this many tokens.
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -99,6 +111,13 @@ fn offline(model: &Path, args: &GenerateArgs) -> anyhow::Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            adjust: LogitAdjustments {
+                presence_penalty: args.presence_penalty,
+                frequency_penalty: args.frequency_penalty,
+                repetition_penalty: args.repetition_penalty,
+                min_tokens: args.min_tokens,
+                ..Default::default()
+            },
         },
         ignore_eos: args.ignore_eos,
         emit_logits: args.emit_logits,
@@ -149,6 +168,11 @@ fn over_router(router: &str, args: &GenerateArgs) -> anyhow::Result<()> {
             stop: args.stop.clone(),
             ignore_eos: args.ignore_eos,
             logprobs: true,
+            presence_penalty: Some(args.presence_penalty),
+            frequency_penalty: Some(args.frequency_penalty),
+            repetition_penalty: Some(args.repetition_penalty),
+            min_tokens: args.min_tokens as u32,
+            ..Default::default()
         };
         let mut stream = client
             .generate(with_key(request))

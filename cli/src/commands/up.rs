@@ -1,5 +1,6 @@
 //! `moe up --model DIR --nodes N`: etcd (from PATH), a router and N expert nodes as child
-//! processes on free loopback ports; prints the endpoint; stops them all on Ctrl-C.
+//! processes on free loopback ports; prints the gRPC and OpenAI HTTP endpoints; stops them all on
+//! Ctrl-C.
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ pub struct UpArgs {
     /// (`MOE_GPU_DTYPE`, else bf16x2).
     #[arg(long)]
     gpu_dtype: Option<moe_model::device::GpuDtype>,
+    /// Where the router serves the OpenAI-compatible HTTP API (port 0: a free one).
+    #[arg(long, env = "MOE_HTTP_LISTEN", default_value = "127.0.0.1:0")]
+    http_listen: String,
 }
 
 impl UpArgs {
@@ -53,6 +57,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let cluster = LocalCluster::start(LocalClusterSpec {
         router_args: [
             optional_flag("--transport", args.transport),
+            vec!["--http-listen".to_string(), args.http_listen.clone()],
             args.device_args(),
         ]
         .concat(),
@@ -73,6 +78,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.etcd_url, args.nodes
     );
     println!("try: moe generate --router {addr} --prompt \"Hello\" --max-new-tokens 16");
+    if let Some(http) = &cluster.router_http_addr {
+        println!("openai http://{http}/v1 (models, completions, chat/completions)");
+        println!(
+            "try: curl -s http://{http}/v1/completions -H 'Content-Type: application/json' \\\n  -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
+        );
+    }
     println!(
         "members share the cluster token in {} (more nodes: moe-expert-node ... --cluster-token-file <it>)",
         cluster.token_file().path().display()

@@ -1,6 +1,6 @@
 //! Turns a request's stream of `GenerateResponse`s into OpenAI answers: whole JSON bodies, or
-//! server-sent events (one chunk per piece of text, a last chunk with `usage`, then
-//! `data: [DONE]`).
+//! server-sent events (one chunk per piece of text, a last chunk with `usage` when
+//! `stream_options.include_usage` asks for it, then `data: [DONE]`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -227,6 +227,7 @@ pub fn stream_completion(
     answers: Answers,
     id: String,
     logprobs: bool,
+    include_usage: bool,
 ) -> EventStream {
     let created = super::unix_now();
     let model = state.model_name.clone();
@@ -250,7 +251,7 @@ pub fn stream_completion(
             }],
             usage: None,
         })];
-        if let Some(usage) = usage(msg) {
+        if let Some(usage) = usage(msg).filter(|_| include_usage) {
             events.push(json_event(&CompletionResponse {
                 id: id.clone(),
                 object: "text_completion",
@@ -269,6 +270,7 @@ pub fn stream_chat(
     answers: Answers,
     id: String,
     logprobs: bool,
+    include_usage: bool,
 ) -> EventStream {
     let created = super::unix_now();
     let model = state.model_name.clone();
@@ -316,7 +318,7 @@ pub fn stream_chat(
             }],
             None,
         ))];
-        if let Some(usage) = usage(msg) {
+        if let Some(usage) = usage(msg).filter(|_| include_usage) {
             events.push(json_event(&chunk(vec![], Some(usage))));
         }
         events

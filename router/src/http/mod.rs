@@ -7,6 +7,7 @@ mod answers;
 mod api_error;
 pub mod listener;
 pub mod openai;
+mod unimplemented;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -187,6 +188,20 @@ fn seed(seed: Option<i64>) -> Result<Option<u64>, RouterError> {
         .transpose()
 }
 
+/// OpenAI's `logit_bias` keys are token ids written as strings.
+fn logit_bias(
+    bias: Option<std::collections::HashMap<String, f32>>,
+) -> Result<std::collections::HashMap<u32, f32>, RouterError> {
+    bias.unwrap_or_default()
+        .into_iter()
+        .map(|(id, b)| {
+            id.trim().parse::<u32>().map(|id| (id, b)).map_err(|_| {
+                RouterError::invalid("logit_bias", format!("`{id}` is not a token id"))
+            })
+        })
+        .collect()
+}
+
 fn top_k(k: Option<i64>) -> Option<u32> {
     k.filter(|&k| k > 0).map(|k| k.min(u32::MAX as i64) as u32)
 }
@@ -197,6 +212,23 @@ pub struct Parsed {
     pub generate: GenerateRequest,
     pub stream: bool,
     pub logprobs: bool,
+    /// A stream ends with a chunk holding the usage (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+/// `stream_options` is for streams only (as OpenAI and vLLM answer otherwise).
+fn include_usage(
+    stream: bool,
+    options: &Option<openai::StreamOptions>,
+) -> Result<bool, RouterError> {
+    match options {
+        Some(_) if !stream => Err(RouterError::invalid(
+            "stream_options",
+            "stream_options is only allowed with stream = true",
+        )),
+        Some(o) => Ok(o.include_usage),
+        None => Ok(false),
+    }
 }
 
 /// Parses and checks a `/v1/completions` body (everything but admission): pure, so it can be
@@ -205,6 +237,8 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
     let req: CompletionRequest = parse(body)?;
     check_model(served_model, &req.model)?;
     check_n(req.n)?;
+    unimplemented::refuse_unimplemented(&req.extra)?;
+    let include_usage = include_usage(req.stream, &req.stream_options)?;
     if req.echo {
         return Err(RouterError::invalid("echo", "echo is not supported"));
     }
@@ -233,9 +267,15 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs.is_some(),
             top_logprobs: req.logprobs.filter(|&k| k > 0),
+            logit_bias: logit_bias(req.logit_bias)?,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            repetition_penalty: req.repetition_penalty,
+            min_tokens: req.min_tokens.unwrap_or(0),
         },
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
+        include_usage,
     })
 }
 
@@ -257,7 +297,10 @@ async fn completions(
     let answers = state.admission.submit(parsed.generate, origin).await?;
     let id = state.request_id("cmpl");
     if parsed.stream {
-        Ok(answers::stream_completion(state, answers, id, parsed.logprobs).into_response())
+        Ok(
+            answers::stream_completion(state, answers, id, parsed.logprobs, parsed.include_usage)
+                .into_response(),
+        )
     } else {
         Ok(
             Json(answers::whole_completion(&state, answers, id, parsed.logprobs).await?)
@@ -316,6 +359,8 @@ pub fn parse_chat_body(
     let mut req: ChatRequest = parse(body)?;
     check_model(served_model, &req.model)?;
     check_n(req.n)?;
+    unimplemented::refuse_unimplemented(&req.extra)?;
+    include_usage(req.stream, &req.stream_options)?;
     if !has_template {
         return Err(no_chat_template());
     }
@@ -400,9 +445,15 @@ pub fn render_chat(
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs.filter(|&k| k > 0),
+            logit_bias: logit_bias(req.logit_bias)?,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            repetition_penalty: req.repetition_penalty,
+            min_tokens: req.min_tokens.unwrap_or(0),
         },
         stream: req.stream,
         logprobs: req.logprobs,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
@@ -438,7 +489,10 @@ async fn chat_completions(
     let answers = state.admission.submit(parsed.generate, origin).await?;
     let id = state.request_id("chatcmpl");
     if parsed.stream {
-        Ok(answers::stream_chat(state, answers, id, parsed.logprobs).into_response())
+        Ok(
+            answers::stream_chat(state, answers, id, parsed.logprobs, parsed.include_usage)
+                .into_response(),
+        )
     } else {
         Ok(Json(answers::whole_chat(&state, answers, id, parsed.logprobs).await?).into_response())
     }

@@ -1,5 +1,6 @@
-//! The OpenAI API's request and response shapes (the subset this server implements). Unknown
-//! request fields are ignored, as OpenAI-compatible servers do.
+//! The OpenAI API's request and response shapes (the subset this server implements). Fields
+//! not read here land in `extra`: those that would change the output are refused
+//! (`unimplemented.rs`), the rest are ignored, as OpenAI-compatible servers do.
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,25 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub ignore_eos: bool,
     pub top_k: Option<i64>,
+    pub stream_options: Option<StreamOptions>,
+    /// Token ids (as strings, OpenAI's JSON keys) to biases.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// vLLM's extension.
+    pub repetition_penalty: Option<f32>,
+    /// vLLM's extension.
+    pub min_tokens: Option<u32>,
+    /// Every other field of the body.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `stream_options`: `include_usage` asks for a last chunk with the usage (and no choices).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// A chat message's `content`: a string or a list of parts (only text parts are supported).
@@ -92,6 +112,18 @@ pub struct ChatRequest {
     #[serde(default)]
     pub ignore_eos: bool,
     pub top_k: Option<i64>,
+    pub stream_options: Option<StreamOptions>,
+    /// Token ids (as strings, OpenAI's JSON keys) to biases.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// vLLM's extension.
+    pub repetition_penalty: Option<f32>,
+    /// vLLM's extension.
+    pub min_tokens: Option<u32>,
+    /// Every other field of the body.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,0 +1,132 @@
+//! OpenAI (and vLLM) request parameters that would change the output and that this server
+//! does not implement: a 400 naming the parameter, never a silent ignore (a client that asks
+//! for JSON or a tool call must not get prose it believes was constrained). A parameter at
+//! its no-op value (`null`, `0`, `false`, `{}`, `[]`, `tool_choice: "none"`,
+//! `response_format: {"type": "text"}`, ...) passes, since clients and frameworks send those
+//! by default. Bookkeeping fields (`user`, `metadata`, `store`, `service_tier`,
+//! `parallel_tool_calls`) and unknown vendor extensions are ignored, as OpenAI-compatible
+//! servers do.
+
+use serde_json::{Map, Value};
+
+use crate::error::RouterError;
+
+/// Parameters that change what is generated and are not implemented.
+const NOT_IMPLEMENTED: [&str; 22] = [
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "min_p",
+    "best_of",
+    "suffix",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "stop_token_ids",
+    "bad_words",
+    "truncate_prompt_tokens",
+    "allowed_token_ids",
+];
+
+/// The first field of `extra` (the request's fields this server does not read) that asks for
+/// something not implemented, as a 400 naming it.
+pub fn refuse_unimplemented(extra: &Map<String, Value>) -> Result<(), RouterError> {
+    for &name in &NOT_IMPLEMENTED {
+        if let Some(value) = extra.get(name) {
+            if !is_no_op(name, value) {
+                return Err(RouterError::invalid(
+                    name,
+                    format!("`{name}` is not supported by this server"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `value` leaves the output as if `name` were absent.
+fn is_no_op(name: &str, value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Number(n) => {
+            let neutral = if name == "best_of" { 1.0 } else { 0.0 };
+            n.as_f64() == Some(neutral)
+        }
+        Value::String(s) => s.is_empty() || (name == "tool_choice" && s == "none"),
+        Value::Array(items) => {
+            items.is_empty() || (name == "modalities" && items == &[Value::from("text")])
+        }
+        Value::Object(fields) => {
+            fields.is_empty()
+                || (name == "response_format"
+                    && fields.len() == 1
+                    && fields.get("type") == Some(&Value::from("text")))
+        }
+        Value::Bool(true) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(body: Value) -> Result<(), RouterError> {
+        refuse_unimplemented(body.as_object().expect("an object"))
+    }
+
+    #[test]
+    fn output_changing_parameters_are_refused_by_name() {
+        for (body, param) in [
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (json!({"tools": [{"type": "function"}]}), "tools"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"min_p": 0.1}), "min_p"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (
+                json!({"structured_outputs": {"regex": "a+"}}),
+                "structured_outputs",
+            ),
+            (json!({"best_of": 3}), "best_of"),
+        ] {
+            match check(body.clone()) {
+                Err(RouterError::Invalid { param: Some(p), .. }) => {
+                    assert_eq!(p, param, "{body}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn no_op_values_and_bookkeeping_fields_pass() {
+        check(json!({
+            "response_format": {"type": "text"},
+            "tools": [],
+            "tool_choice": "none",
+            "min_p": 0,
+            "best_of": 1,
+            "modalities": ["text"],
+            "functions": null,
+            "user": "u-1",
+            "metadata": {"k": "v"},
+            "store": true,
+            "parallel_tool_calls": true,
+            "some_vendor_extension": 7
+        }))
+        .unwrap();
+    }
+}
