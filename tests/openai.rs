@@ -238,6 +238,22 @@ async fn official_openai_client_gets_the_offline_tokens() {
         adjusted.output_ids, completion.output_ids,
         "the adjustments change the greedy tokens"
     );
+    let texts = &got["n"]["texts"];
+    assert_eq!(texts.as_array().unwrap().len(), 3);
+    assert_eq!(texts, &got["n"]["again"], "seeded choices are reproducible");
+    assert_eq!(
+        texts, &got["n"]["streamed"],
+        "streamed choices are the same"
+    );
+    assert_eq!(texts[0], got["n"]["one"], "choice 0 is what n = 1 gives");
+    assert!(
+        texts[0] != texts[1] && texts[1] != texts[2],
+        "choices differ: {texts}"
+    );
+    let p = case.input_ids.len() as u64;
+    assert_eq!(got["n"]["usage"], json!([p, 3 * n as u64]));
+    assert_eq!(got["n"]["streamed_usage"], json!([p, 3 * n as u64]));
+    assert_eq!(got["n"]["chat_indices"], json!([0, 1]));
     assert_eq!(got["min_tokens"], json!([held.output_ids.len(), "stop"]));
     assert_eq!(held.output_ids.len(), 4, "three tokens, then the end token");
     assert_eq!(got["errors"]["no_op_values"], "length");

@@ -80,7 +80,7 @@ def main():
 
     errors = {}
     try:
-        client.completions.create(model=model, prompt=spec["prompt"], max_tokens=4, n=2)
+        client.completions.create(model=model, prompt=spec["prompt"], max_tokens=4, n=17)
     except openai.BadRequestError as e:
         errors["n"] = [e.status_code, e.body.get("type") if isinstance(e.body, dict) else None]
     try:
@@ -136,6 +136,32 @@ def main():
         "text": adjusted.choices[0].text,
         "logprobs": adjusted.choices[0].logprobs.token_logprobs,
     }
+    # n choices, seeded: reproducible, choice 0 is what n = 1 gives, streamed alike.
+    def sampled(**kw):
+        return client.completions.create(
+            model=model, prompt=spec["prompt"], max_tokens=n, temperature=1.0, seed=7,
+            extra_body={"ignore_eos": True}, **kw)
+    three, again, one = sampled(n=3), sampled(n=3), sampled(n=1)
+    pieces = {}
+    streamed_usage = None
+    for chunk in sampled(n=3, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            pieces[c.index] = pieces.get(c.index, "") + c.text
+        if chunk.usage is not None:
+            streamed_usage = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+    chat_n = client.chat.completions.create(
+        model=model, messages=spec["messages"], max_tokens=n, temperature=1.0, seed=7, n=2,
+        extra_body={"ignore_eos": True})
+    out["n"] = {
+        "texts": [c.text for c in sorted(three.choices, key=lambda c: c.index)],
+        "again": [c.text for c in sorted(again.choices, key=lambda c: c.index)],
+        "one": one.choices[0].text,
+        "usage": [three.usage.prompt_tokens, three.usage.completion_tokens],
+        "streamed": [pieces.get(i) for i in range(3)],
+        "streamed_usage": streamed_usage,
+        "chat_indices": sorted(c.index for c in chat_n.choices),
+    }
+
     # min_tokens holds the end-of-sequence token back even when a bias makes it certain.
     held = client.completions.create(
         model=model, prompt=spec["prompt_ids"], max_tokens=n, temperature=0,

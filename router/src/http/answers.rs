@@ -119,65 +119,103 @@ async fn collect(mut answers: Answers) -> Result<Collected, ApiError> {
     Ok(out)
 }
 
+/// Every choice's answer, in choice order (they run at once: each answer's channel holds all
+/// its messages, so waiting on one never holds the others back).
+async fn collect_all(answers: Vec<Answers>) -> Result<Vec<Collected>, ApiError> {
+    let mut out = Vec::with_capacity(answers.len());
+    for a in answers {
+        out.push(collect(a).await?);
+    }
+    Ok(out)
+}
+
+/// The request's usage over its choices: the prompt once, every choice's tokens.
+fn total_usage<'a>(usages: impl IntoIterator<Item = &'a Option<Usage>>) -> Option<Usage> {
+    let mut total: Option<Usage> = None;
+    for u in usages.into_iter().flatten() {
+        let t = total.get_or_insert(Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: 0,
+            total_tokens: u.prompt_tokens,
+        });
+        t.completion_tokens += u.completion_tokens;
+        t.total_tokens += u.completion_tokens;
+    }
+    total
+}
+
 pub async fn whole_completion(
     state: &HttpState,
-    answers: Answers,
+    answers: Vec<Answers>,
     id: String,
     logprobs: bool,
 ) -> Result<CompletionResponse, ApiError> {
-    let c = collect(answers).await?;
-    let logprobs = logprobs.then(|| {
-        let mut lp = CompletionLogprobs::default();
-        let mut offset = 0;
-        for m in &c.messages {
-            completion_logprobs(state, m, &mut lp, &mut offset);
-        }
-        lp
-    });
+    let collected = collect_all(answers).await?;
+    let usage = total_usage(collected.iter().map(|c| &c.usage));
+    let choices = collected
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let logprobs = logprobs.then(|| {
+                let mut lp = CompletionLogprobs::default();
+                let mut offset = 0;
+                for m in &c.messages {
+                    completion_logprobs(state, m, &mut lp, &mut offset);
+                }
+                lp
+            });
+            CompletionChoice {
+                index: index as u32,
+                text: c.text,
+                logprobs,
+                finish_reason: c.finish_reason,
+            }
+        })
+        .collect();
     Ok(CompletionResponse {
         id,
         object: "text_completion",
         created: super::unix_now(),
         model: state.model_name.clone(),
-        choices: vec![CompletionChoice {
-            index: 0,
-            text: c.text,
-            logprobs,
-            finish_reason: c.finish_reason,
-        }],
-        usage: c.usage,
+        choices,
+        usage,
     })
 }
 
 pub async fn whole_chat(
     state: &HttpState,
-    answers: Answers,
+    answers: Vec<Answers>,
     id: String,
     logprobs: bool,
 ) -> Result<ChatResponse, ApiError> {
-    let c = collect(answers).await?;
-    let logprobs = logprobs.then(|| ChatLogprobs {
-        content: c
-            .messages
-            .iter()
-            .flat_map(|m| chat_logprobs(state, m))
-            .collect(),
-    });
+    let collected = collect_all(answers).await?;
+    let usage = total_usage(collected.iter().map(|c| &c.usage));
+    let choices = collected
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| ChatChoice {
+            index: index as u32,
+            logprobs: logprobs.then(|| ChatLogprobs {
+                content: c
+                    .messages
+                    .iter()
+                    .flat_map(|m| chat_logprobs(state, m))
+                    .collect(),
+            }),
+            message: ChatMessageOut {
+                role: "assistant",
+                content: c.text,
+            },
+            finish_reason: c.finish_reason,
+        })
+        .collect();
     Ok(ChatResponse {
         id,
         object: "chat.completion",
         created: super::unix_now(),
         model: state.model_name.clone(),
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatMessageOut {
-                role: "assistant",
-                content: c.text,
-            },
-            logprobs,
-            finish_reason: c.finish_reason,
-        }],
-        usage: c.usage.unwrap_or(Usage {
+        choices,
+        usage: usage.unwrap_or(Usage {
             prompt_tokens: 0,
             completion_tokens: 0,
             total_tokens: 0,
@@ -193,22 +231,45 @@ fn json_event<T: serde::Serialize>(value: &T) -> Event {
     }))
 }
 
-/// Relays `answers` as events made by `chunk`; an error mid-stream becomes an error event.
-/// A client that goes away drops the receiver, which ends the task and frees the sequence.
-fn relay<F>(mut answers: Answers, first: Option<Event>, mut chunk: F) -> EventStream
+/// One choice's message, with the choice's index.
+type ChoiceMessage = (u32, Result<GenerateResponse, RouterError>);
+
+/// The choices' answers as one channel, each message with its choice's index, in the order
+/// they come. Dropping the receiver ends the forwarders, which drop the answers and so free
+/// the sequences.
+fn merge(answers: Vec<Answers>) -> mpsc::Receiver<ChoiceMessage> {
+    let (tx, rx) = mpsc::channel(16);
+    for (index, mut a) in answers.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = a.recv().await {
+                if tx.send((index as u32, msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Relays the choices' answers as events made by `chunk`; an error mid-stream becomes an
+/// error event. A client that goes away drops the receiver, which ends the task and frees the
+/// sequences.
+fn relay<F>(answers: Vec<Answers>, first: Vec<Event>, mut chunk: F) -> EventStream
 where
-    F: FnMut(&GenerateResponse) -> Vec<Event> + Send + 'static,
+    F: FnMut(u32, &GenerateResponse) -> Vec<Event> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(16);
+    let mut answers = merge(answers);
     tokio::spawn(async move {
-        if let Some(event) = first {
+        for event in first {
             if tx.send(Ok(event)).await.is_err() {
                 return;
             }
         }
-        while let Some(msg) = answers.recv().await {
+        while let Some((index, msg)) = answers.recv().await {
             let events = match msg {
-                Ok(msg) => chunk(&msg),
+                Ok(msg) => chunk(index, &msg),
                 Err(error) => vec![json_event(&ApiError::from(error).body())],
             };
             for event in events {
@@ -222,20 +283,47 @@ where
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
+/// Streams' usage: each choice's, summed once the last choice finished.
+struct UsageTally {
+    usages: Vec<Option<Usage>>,
+}
+
+impl UsageTally {
+    fn new(choices: usize) -> Self {
+        Self {
+            usages: vec![None; choices],
+        }
+    }
+
+    /// Records `msg`'s usage for choice `index`; the request's total once every choice has one.
+    fn add(&mut self, index: u32, msg: &GenerateResponse) -> Option<Usage> {
+        let slot = self.usages.get_mut(index as usize)?;
+        *slot = Some(usage(msg)?);
+        if self.usages.iter().all(Option::is_some) {
+            total_usage(&self.usages)
+        } else {
+            None
+        }
+    }
+}
+
 pub fn stream_completion(
     state: Arc<HttpState>,
-    answers: Answers,
+    answers: Vec<Answers>,
     id: String,
     logprobs: bool,
     include_usage: bool,
 ) -> EventStream {
     let created = super::unix_now();
     let model = state.model_name.clone();
-    let mut offset = 0;
-    relay(answers, None, move |msg| {
+    let mut offsets = vec![0; answers.len()];
+    let mut tally = UsageTally::new(answers.len());
+    relay(answers, vec![], move |index, msg| {
         let lp = logprobs.then(|| {
             let mut lp = CompletionLogprobs::default();
-            completion_logprobs(&state, msg, &mut lp, &mut offset);
+            if let Some(offset) = offsets.get_mut(index as usize) {
+                completion_logprobs(&state, msg, &mut lp, offset);
+            }
             lp
         });
         let mut events = vec![json_event(&CompletionResponse {
@@ -244,14 +332,14 @@ pub fn stream_completion(
             created,
             model: model.clone(),
             choices: vec![CompletionChoice {
-                index: 0,
+                index,
                 text: msg.text.clone(),
                 logprobs: lp,
                 finish_reason: finish(msg),
             }],
             usage: None,
         })];
-        if let Some(usage) = usage(msg).filter(|_| include_usage) {
+        if let Some(usage) = tally.add(index, msg).filter(|_| include_usage) {
             events.push(json_event(&CompletionResponse {
                 id: id.clone(),
                 object: "text_completion",
@@ -267,14 +355,14 @@ pub fn stream_completion(
 
 pub fn stream_chat(
     state: Arc<HttpState>,
-    answers: Answers,
+    answers: Vec<Answers>,
     id: String,
     logprobs: bool,
     include_usage: bool,
 ) -> EventStream {
     let created = super::unix_now();
     let model = state.model_name.clone();
-    let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
         id: id.clone(),
         object: "chat.completion.chunk",
         created,
@@ -282,31 +370,28 @@ pub fn stream_chat(
         choices,
         usage,
     };
-    let first = json_event(&chunk(
-        vec![ChatChunkChoice {
-            index: 0,
-            delta: Delta {
-                role: Some("assistant"),
-                content: Some(String::new()),
-            },
-            logprobs: None,
-            finish_reason: None,
-        }],
-        None,
-    ));
-    let (id2, model2) = (id.clone(), model.clone());
-    relay(answers, Some(first), move |msg| {
-        let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
-            id: id2.clone(),
-            object: "chat.completion.chunk",
-            created,
-            model: model2.clone(),
-            choices,
-            usage,
-        };
+    // Each choice opens with the assistant's role, as OpenAI streams it.
+    let first = (0..answers.len() as u32)
+        .map(|index| {
+            json_event(&chunk(
+                vec![ChatChunkChoice {
+                    index,
+                    delta: Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            ))
+        })
+        .collect();
+    let mut tally = UsageTally::new(answers.len());
+    relay(answers, first, move |index, msg| {
         let mut events = vec![json_event(&chunk(
             vec![ChatChunkChoice {
-                index: 0,
+                index,
                 delta: Delta {
                     role: None,
                     content: Some(msg.text.clone()),
@@ -318,7 +403,7 @@ pub fn stream_chat(
             }],
             None,
         ))];
-        if let Some(usage) = usage(msg).filter(|_| include_usage) {
+        if let Some(usage) = tally.add(index, msg).filter(|_| include_usage) {
             events.push(json_event(&chunk(vec![], Some(usage))));
         }
         events

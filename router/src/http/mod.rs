@@ -25,7 +25,7 @@ use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Answers};
 use crate::api_keys::ApiKeys;
 use crate::cluster_view::ClusterView;
 use crate::error::RouterError;
@@ -173,12 +173,15 @@ fn check_model(served_model: &str, model: &Option<String>) -> Result<(), RouterE
     }
 }
 
-fn check_n(n: Option<u32>) -> Result<(), RouterError> {
-    match n {
-        None | Some(1) => Ok(()),
-        Some(n) => Err(RouterError::invalid(
+/// Most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
+
+fn choices(n: Option<u32>) -> Result<u32, RouterError> {
+    match n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n),
+        n => Err(RouterError::invalid(
             "n",
-            format!("only n = 1 is supported, got {n}"),
+            format!("n must be 1 to {MAX_CHOICES}, got {n}"),
         )),
     }
 }
@@ -214,6 +217,38 @@ pub struct Parsed {
     pub logprobs: bool,
     /// A stream ends with a chunk holding the usage (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Choices to generate (`n`).
+    pub n: u32,
+}
+
+/// Submits the `n` choices of `parsed`: choice i is the request with seed `seed + i` (as vLLM
+/// seeds its choices, so choice 0 is what `n = 1` gives), its prompt tokenized once. A choice
+/// that cannot be admitted fails the request; those already admitted are cancelled with it.
+async fn submit_choices(
+    state: &HttpState,
+    mut parsed: Parsed,
+    origin: TraceOrigin,
+) -> Result<(Vec<Answers>, Parsed), RouterError> {
+    let n = parsed.n;
+    if n == 1 {
+        let request = std::mem::take(&mut parsed.generate);
+        return Ok((vec![state.admission.submit(request, origin).await?], parsed));
+    }
+    if let Some(text) = parsed.generate.prompt.take() {
+        parsed.generate.input_ids = state
+            .admission
+            .tokenizing
+            .tokenize(move |t| t.encode_prompt(&text))
+            .await?
+            .map_err(|e| RouterError::invalid("prompt", e.to_string()))?;
+    }
+    let mut answers = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut request = parsed.generate.clone();
+        request.seed = request.seed.map(|s| s.wrapping_add(u64::from(i)));
+        answers.push(state.admission.submit(request, origin.clone()).await?);
+    }
+    Ok((answers, parsed))
 }
 
 /// `stream_options` is for streams only (as OpenAI and vLLM answer otherwise).
@@ -236,7 +271,7 @@ fn include_usage(
 pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, RouterError> {
     let req: CompletionRequest = parse(body)?;
     check_model(served_model, &req.model)?;
-    check_n(req.n)?;
+    let n = choices(req.n)?;
     unimplemented::refuse_unimplemented(&req.extra)?;
     let include_usage = include_usage(req.stream, &req.stream_options)?;
     if req.echo {
@@ -276,6 +311,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
         include_usage,
+        n,
     })
 }
 
@@ -294,7 +330,7 @@ async fn completions(
         state.admission.check_prompt_bytes(prompt.len(), "prompt")?;
     }
     let origin = TraceOrigin::from_http(&headers, "text_completion");
-    let answers = state.admission.submit(parsed.generate, origin).await?;
+    let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
     let id = state.request_id("cmpl");
     if parsed.stream {
         Ok(
@@ -358,7 +394,7 @@ pub fn parse_chat_body(
 ) -> Result<ChatBody, RouterError> {
     let mut req: ChatRequest = parse(body)?;
     check_model(served_model, &req.model)?;
-    check_n(req.n)?;
+    choices(req.n)?;
     unimplemented::refuse_unimplemented(&req.extra)?;
     include_usage(req.stream, &req.stream_options)?;
     if !has_template {
@@ -454,6 +490,7 @@ pub fn render_chat(
         stream: req.stream,
         logprobs: req.logprobs,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        n: choices(req.n)?,
     })
 }
 
@@ -486,7 +523,7 @@ async fn chat_completions(
         })
         .await??;
     let origin = TraceOrigin::from_http(&headers, "chat");
-    let answers = state.admission.submit(parsed.generate, origin).await?;
+    let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
     let id = state.request_id("chatcmpl");
     if parsed.stream {
         Ok(
