@@ -369,3 +369,69 @@ async fn nodes_hold_disjoint_slices_and_tokens_cross_once_per_node() {
         assert_eq!(counted, pairs);
     }
 }
+
+/// `prompt_logprobs` over gRPC with the prompt cut into several prefill chunks
+/// (`--max-batch-tokens 5`): every prompt token's logprob is the offline forward pass's, bit
+/// for bit, whether nothing is generated after it (`max_new_tokens` 0, the scores in the one
+/// message) or tokens are (the scores on the first message, the tokens the offline ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logprobs_across_prefill_chunks_equal_the_offline_forward_pass() {
+    let fixture = FIXTURES[0];
+    let dir = fixture_dir(fixture);
+    let engine = Engine::load(&dir).unwrap();
+    let vocab = engine.config().vocab_size;
+    let case = &golden_cases(fixture)[1];
+    let logits = engine.prompt_logits(&case.input_ids).unwrap();
+    let expected: Vec<f32> = case.input_ids[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            moe_model::backend::ops::log_softmax_at(&logits[i * vocab..(i + 1) * vocab], t as usize)
+        })
+        .collect();
+    let mut spec = harness::spec(dir, 1);
+    spec.router_args
+        .extend(["--max-batch-tokens", "5"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    for new_tokens in [0u32, 3] {
+        let mut req = greedy(&case.input_ids, new_tokens);
+        req.prompt_logprobs = Some(2);
+        let mut stream = client.generate(req).await.unwrap().into_inner();
+        let mut messages = Vec::new();
+        while let Some(msg) = stream.message().await.unwrap() {
+            messages.push(msg);
+        }
+        let first = &messages[0];
+        assert_eq!(first.prompt_token_ids, case.input_ids);
+        assert_eq!(first.prompt_logprobs, expected, "{new_tokens} new tokens");
+        assert_eq!(first.prompt_top_logprobs.len(), expected.len());
+        assert!(first
+            .prompt_top_logprobs
+            .iter()
+            .zip(&expected)
+            .all(|(top, &lp)| top.logprobs.len() == 2 && top.logprobs[0] >= lp));
+        assert!(messages[1..].iter().all(|m| m.prompt_logprobs.is_empty()));
+        let ids: Vec<u32> = messages.iter().flat_map(|m| m.token_ids.clone()).collect();
+        let last = messages.last().unwrap();
+        assert_eq!(last.finish_reason, "length");
+        assert_eq!(last.usage.as_ref().unwrap().completion_tokens, new_tokens);
+        let offline = engine
+            .generate(&moe_model::GenerateRequest {
+                input_ids: case.input_ids.clone(),
+                max_new_tokens: new_tokens as usize,
+                sampling: Default::default(),
+                ignore_eos: true,
+                emit_logits: false,
+            })
+            .unwrap();
+        assert_eq!(ids, offline.output_ids);
+    }
+    // Without prompt_logprobs, max_new_tokens 0 is still refused.
+    let err = client
+        .generate(greedy(&case.input_ids, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

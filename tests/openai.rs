@@ -254,6 +254,52 @@ async fn official_openai_client_gets_the_offline_tokens() {
     assert_eq!(got["n"]["usage"], json!([p, 3 * n as u64]));
     assert_eq!(got["n"]["streamed_usage"], json!([p, 3 * n as u64]));
     assert_eq!(got["n"]["chat_indices"], json!([0, 1]));
+    // echo, max_tokens 0: the prompt's token logprobs are the offline forward pass's.
+    let vocab = engine.config().vocab_size;
+    let prompt_logits = engine.prompt_logits(&case.input_ids).unwrap();
+    let expected: Vec<f32> = case.input_ids[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let row = &prompt_logits[i * vocab..(i + 1) * vocab];
+            moe_model::backend::ops::log_softmax_at(row, t as usize)
+        })
+        .collect();
+    let echo = &got["echo"];
+    let scored = echo["token_logprobs"].as_array().unwrap();
+    assert_eq!(
+        scored[0],
+        Value::Null,
+        "the first token has nothing before it"
+    );
+    assert_eq!(floats(&Value::Array(scored[1..].to_vec())), expected);
+    assert_eq!(
+        echo["text"],
+        tokenizer.decode(&case.input_ids).unwrap(),
+        "echo of prompt ids: their text"
+    );
+    assert_eq!(
+        echo["tokens"].as_array().unwrap().len(),
+        case.input_ids.len()
+    );
+    assert_eq!(echo["top"][0], Value::Null);
+    for (top, chosen) in echo["top"].as_array().unwrap()[1..].iter().zip(&expected) {
+        let top = floats(top);
+        assert_eq!(top.len(), 1);
+        assert!(
+            top[0] >= *chosen,
+            "the most likely token is at least as likely"
+        );
+    }
+    assert_eq!(echo["usage"], json!([case.input_ids.len(), 0]));
+    let generated = tokenizer.decode(&completion.output_ids[..4]).unwrap();
+    assert_eq!(
+        echo["with_tokens"],
+        json!(format!("{}{generated}", case.prompt)),
+        "echo of a text prompt: as given, then the completion"
+    );
+    assert_eq!(echo["streamed"], echo["with_tokens"]);
+    assert_eq!(echo["with_tokens_logprobs"], case.input_ids.len() + 4);
     assert_eq!(got["min_tokens"], json!([held.output_ids.len(), "stop"]));
     assert_eq!(held.output_ids.len(), 4, "three tokens, then the end token");
     assert_eq!(got["errors"]["no_op_values"], "length");

@@ -74,10 +74,50 @@ struct Sequence {
     /// When the last token went out (for inter-token latency).
     last_token_at: Option<Instant>,
     trace: RequestTrace,
+    /// The prompt's token logprobs so far, when the request asked for them (sent with the
+    /// first message).
+    prompt_scores: Option<PromptScores>,
     _blocks: KvReservation,
 }
 
+/// Logprobs of the prompt's tokens (each given the ones before it), filled chunk by chunk.
+#[derive(Default)]
+struct PromptScores {
+    logprobs: Vec<f32>,
+    top: Vec<TopLogprobs>,
+}
+
 impl Sequence {
+    /// Scores the prompt tokens that the rows of a chunk fed at `first` predict: row j (the
+    /// logits after position first + j) gives the logprob of prompt token first + j + 1.
+    fn score_prompt(&mut self, first: usize, rows: &[f32], vocab: usize) {
+        let (Some(scores), Some(k)) = (self.prompt_scores.as_mut(), self.request.prompt_logprobs)
+        else {
+            return;
+        };
+        let ids = &self.request.input_ids;
+        for (j, row) in rows.chunks_exact(vocab).enumerate() {
+            let Some(&target) = ids.get(first + j + 1) else {
+                break;
+            };
+            scores
+                .logprobs
+                .push(ops::log_softmax_at(row, target as usize));
+            if k > 0 {
+                scores.top.push(top_logprobs(row, k));
+            }
+        }
+    }
+
+    /// Puts the prompt's scores (once, on the first message) into `response`.
+    fn attach_prompt_scores(&mut self, response: &mut GenerateResponse) {
+        if let Some(scores) = self.prompt_scores.take() {
+            response.prompt_token_ids = self.request.input_ids.clone();
+            response.prompt_logprobs = scores.logprobs;
+            response.prompt_top_logprobs = scores.top;
+        }
+    }
+
     /// The `n` tokens a step feeds it: its next prompt chunk, or the token it sampled last.
     fn next_tokens(&self, n: usize) -> Vec<u32> {
         if self.prefilled < self.request.input_ids.len() {
@@ -184,7 +224,9 @@ impl Scheduler {
             self.metrics
                 .prompt_tokens
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
+            let prompt_scores = s.request.prompt_logprobs.map(|_| PromptScores::default());
             running.push(Sequence {
+                prompt_scores,
                 sampler: Sampler::for_request(
                     s.request.sampling.clone(),
                     &s.request.input_ids,
@@ -252,7 +294,7 @@ impl Scheduler {
                 plan.push(Feed {
                     seq,
                     tokens: chunk,
-                    samples: chunk == remaining,
+                    samples: chunk == remaining && s.request.max_new_tokens > 0,
                 });
                 budget -= chunk;
             }
@@ -275,10 +317,13 @@ impl Scheduler {
                 let s = chosen[f.seq]
                     .take()
                     .expect("each sequence appears once in a step");
+                // A prompt being scored needs the logits of every position it feeds.
+                let all_logits =
+                    s.prompt_scores.is_some() && s.prefilled < s.request.input_ids.len();
                 StepSequence {
                     cache: &mut s.cache,
                     tokens,
-                    all_logits: false,
+                    all_logits,
                 }
             })
             .collect();
@@ -299,14 +344,26 @@ impl Scheduler {
     /// sequences that finished go.
     fn advance(&self, running: &mut Vec<Sequence>, plan: &[Feed], logits: &[Vec<f32>]) {
         let mut finished = Vec::new();
-        for (f, row) in plan.iter().zip(logits) {
+        let vocab = self.dense.config().vocab_size;
+        for (f, rows) in plan.iter().zip(logits) {
             let s = &mut running[f.seq];
-            if s.prefilled < s.request.input_ids.len() {
+            let prompt_len = s.request.input_ids.len();
+            if s.prefilled < prompt_len {
+                if rows.len() == f.tokens * vocab {
+                    s.score_prompt(s.prefilled, rows, vocab);
+                }
                 s.prefilled += f.tokens;
+                if s.prefilled == prompt_len && s.request.max_new_tokens == 0 {
+                    self.emit_prompt_only(s);
+                    finished.push(f.seq);
+                    continue;
+                }
             }
             if !f.samples {
                 continue;
             }
+            // The last position's logits (the only row unless the prompt is being scored).
+            let row = &rows[rows.len() - vocab.min(rows.len())..];
             let token = s.sampler.sample(row);
             s.output.push(token);
             if self.emit(s, token, row) {
@@ -365,6 +422,30 @@ impl Scheduler {
         span
     }
 
+    /// The answer of a request that only scores its prompt (`max_new_tokens` 0).
+    fn emit_prompt_only(&self, s: &mut Sequence) {
+        let prompt_tokens = s.request.input_ids.len() as u32;
+        let mut response = GenerateResponse {
+            finish_reason: "length".into(),
+            usage: Some(Usage {
+                prompt_tokens,
+                completion_tokens: 0,
+            }),
+            ..Default::default()
+        };
+        s.attach_prompt_scores(&mut response);
+        if s.responses.try_send(Ok(response)).is_err() {
+            self.metrics.finished(Outcome::Cancelled);
+            s.trace.failed("cancelled by the client");
+            return;
+        }
+        s.trace.finished("length", 0);
+        self.metrics
+            .e2e_latency
+            .observe(s.request.received.elapsed().as_secs_f64());
+        self.metrics.finished(Outcome::Length);
+    }
+
     /// Streams the new token; returns true when the sequence is finished.
     fn emit(&self, s: &mut Sequence, token: u32, logits: &[f32]) -> bool {
         let logprob = s
@@ -405,7 +486,10 @@ impl Scheduler {
                 completion_tokens: s.output.len() as u32,
             }),
             top_logprobs: top.into_iter().collect(),
+            ..Default::default()
         };
+        let mut response = response;
+        s.attach_prompt_scores(&mut response);
         let now = Instant::now();
         let m = &self.metrics;
         match s.last_token_at {

@@ -45,6 +45,8 @@ pub struct ValidRequest {
     pub logprobs: bool,
     /// Alternatives returned per token (0: none).
     pub top_logprobs: usize,
+    /// Score the prompt too, with this many alternatives per token.
+    pub prompt_logprobs: Option<usize>,
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
     pub received: Instant,
     pub deadline: Instant,
@@ -151,8 +153,16 @@ pub fn validate_ids(
         )));
     }
     let max_new = req.max_new_tokens as usize;
-    if max_new == 0 {
-        return Err(RouterError::unnamed("max_new_tokens must be at least 1"));
+    let prompt_logprobs = req.prompt_logprobs;
+    if prompt_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return Err(RouterError::unnamed(format!(
+            "prompt_logprobs must be 0 to {MAX_TOP_LOGPROBS}"
+        )));
+    }
+    if max_new == 0 && prompt_logprobs.is_none() {
+        return Err(RouterError::unnamed(
+            "max_new_tokens must be at least 1 (0 only to score the prompt: prompt_logprobs)",
+        ));
     }
     let max_pos = config.max_position_embeddings;
     if input_ids.len() + max_new > max_pos {
@@ -216,6 +226,7 @@ pub fn validate_ids(
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,
+        prompt_logprobs: prompt_logprobs.map(|k| k as usize),
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
     })

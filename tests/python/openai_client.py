@@ -162,6 +162,30 @@ def main():
         "chat_indices": sorted(c.index for c in chat_n.choices),
     }
 
+    # echo: the prompt scored (lm-evaluation-harness's loglikelihood request), alone and with
+    # generated tokens after it.
+    scored = client.completions.create(
+        model=model, prompt=spec["prompt_ids"], max_tokens=0, echo=True, logprobs=1,
+        temperature=0)
+    lp = scored.choices[0].logprobs
+    echoed = client.completions.create(
+        model=model, prompt=spec["prompt"], max_tokens=4, echo=True, logprobs=0, temperature=0,
+        extra_body={"ignore_eos": True})
+    streamed_echo = "".join(
+        c.choices[0].text for c in client.completions.create(
+            model=model, prompt=spec["prompt"], max_tokens=4, echo=True, temperature=0,
+            stream=True, extra_body={"ignore_eos": True}) if c.choices)
+    out["echo"] = {
+        "text": scored.choices[0].text,
+        "tokens": lp.tokens,
+        "token_logprobs": lp.token_logprobs,
+        "top": [None if t is None else sorted(t.values(), reverse=True) for t in lp.top_logprobs],
+        "usage": [scored.usage.prompt_tokens, scored.usage.completion_tokens],
+        "with_tokens": echoed.choices[0].text,
+        "with_tokens_logprobs": len(echoed.choices[0].logprobs.token_logprobs),
+        "streamed": streamed_echo,
+    }
+
     # min_tokens holds the end-of-sequence token back even when a bias makes it certain.
     held = client.completions.create(
         model=model, prompt=spec["prompt_ids"], max_tokens=n, temperature=0,

@@ -16,7 +16,7 @@ use super::openai::{
     CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob, TopLogprob,
     Usage,
 };
-use super::{ApiError, HttpState};
+use super::{ApiError, HttpState, Parsed};
 use crate::admission::Answers;
 use crate::error::RouterError;
 
@@ -77,15 +77,59 @@ fn completion_logprobs(
     for entry in chat_logprobs(state, msg) {
         into.text_offset.push(*offset);
         *offset += entry.token.len();
-        into.token_logprobs.push(entry.logprob);
-        into.top_logprobs.push(
+        into.token_logprobs.push(Some(entry.logprob));
+        into.top_logprobs.push(Some(
             entry
                 .top_logprobs
                 .into_iter()
                 .map(|t| (t.token, t.logprob))
                 .collect::<BTreeMap<_, _>>(),
-        );
+        ));
         into.tokens.push(entry.token);
+    }
+}
+
+/// With `echo`, the prompt's tokens before the generated ones: the first has no logprob (no
+/// token before it), each other one its logprob given the ones before (`msg` is a choice's
+/// first message, which carries the prompt's scores).
+fn echoed_prompt_logprobs(
+    state: &HttpState,
+    msg: &GenerateResponse,
+    into: &mut CompletionLogprobs,
+    offset: &mut usize,
+) {
+    for (i, &id) in msg.prompt_token_ids.iter().enumerate() {
+        let token = state.tokenizer.token_text(id);
+        into.text_offset.push(*offset);
+        *offset += token.len();
+        let scored = i.checked_sub(1);
+        into.token_logprobs
+            .push(scored.and_then(|j| msg.prompt_logprobs.get(j).copied()));
+        into.top_logprobs.push(scored.map(|j| {
+            msg.prompt_top_logprobs
+                .get(j)
+                .map(|top| {
+                    top.token_ids
+                        .iter()
+                        .zip(&top.logprobs)
+                        .map(|(&t, &lp)| (state.tokenizer.token_text(t), lp))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }));
+        into.tokens.push(token);
+    }
+}
+
+/// With `echo`, the prompt's text in front of a choice's first message: as given, or its ids
+/// decoded.
+fn echoed_text(state: &HttpState, echo: &Option<String>, msg: &GenerateResponse) -> String {
+    match echo {
+        Some(text) => text.clone(),
+        None => state
+            .tokenizer
+            .decode(&msg.prompt_token_ids)
+            .unwrap_or_default(),
     }
 }
 
@@ -148,7 +192,7 @@ pub async fn whole_completion(
     state: &HttpState,
     answers: Vec<Answers>,
     id: String,
-    logprobs: bool,
+    parsed: &Parsed,
 ) -> Result<CompletionResponse, ApiError> {
     let collected = collect_all(answers).await?;
     let usage = total_usage(collected.iter().map(|c| &c.usage));
@@ -156,17 +200,25 @@ pub async fn whole_completion(
         .into_iter()
         .enumerate()
         .map(|(index, c)| {
-            let logprobs = logprobs.then(|| {
+            let first = c.messages.first();
+            let logprobs = parsed.logprobs.then(|| {
                 let mut lp = CompletionLogprobs::default();
                 let mut offset = 0;
+                if let (Some(_), Some(first)) = (&parsed.echo, first) {
+                    echoed_prompt_logprobs(state, first, &mut lp, &mut offset);
+                }
                 for m in &c.messages {
                     completion_logprobs(state, m, &mut lp, &mut offset);
                 }
                 lp
             });
+            let text = match (&parsed.echo, first) {
+                (Some(echo), Some(first)) => echoed_text(state, echo, first) + &c.text,
+                _ => c.text,
+            };
             CompletionChoice {
                 index: index as u32,
-                text: c.text,
+                text,
                 logprobs,
                 finish_reason: c.finish_reason,
             }
@@ -311,21 +363,31 @@ pub fn stream_completion(
     state: Arc<HttpState>,
     answers: Vec<Answers>,
     id: String,
-    logprobs: bool,
-    include_usage: bool,
+    parsed: &Parsed,
 ) -> EventStream {
+    let (logprobs, include_usage, echo) =
+        (parsed.logprobs, parsed.include_usage, parsed.echo.clone());
     let created = super::unix_now();
     let model = state.model_name.clone();
     let mut offsets = vec![0; answers.len()];
     let mut tally = UsageTally::new(answers.len());
     relay(answers, vec![], move |index, msg| {
+        // A choice's first message carries the prompt's scores: echo goes in front of it.
+        let echoing = echo.as_ref().filter(|_| !msg.prompt_token_ids.is_empty());
         let lp = logprobs.then(|| {
             let mut lp = CompletionLogprobs::default();
             if let Some(offset) = offsets.get_mut(index as usize) {
+                if echoing.is_some() {
+                    echoed_prompt_logprobs(&state, msg, &mut lp, offset);
+                }
                 completion_logprobs(&state, msg, &mut lp, offset);
             }
             lp
         });
+        let text = match echoing {
+            Some(echo) => echoed_text(&state, echo, msg) + &msg.text,
+            None => msg.text.clone(),
+        };
         let mut events = vec![json_event(&CompletionResponse {
             id: id.clone(),
             object: "text_completion",
@@ -333,7 +395,7 @@ pub fn stream_completion(
             model: model.clone(),
             choices: vec![CompletionChoice {
                 index,
-                text: msg.text.clone(),
+                text,
                 logprobs: lp,
                 finish_reason: finish(msg),
             }],

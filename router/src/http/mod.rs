@@ -219,6 +219,9 @@ pub struct Parsed {
     pub include_usage: bool,
     /// Choices to generate (`n`).
     pub n: u32,
+    /// Completions with `echo`: the prompt's text when it came as text (`None` inside: decode
+    /// the prompt's ids).
+    pub echo: Option<Option<String>>,
 }
 
 /// Submits the `n` choices of `parsed`: choice i is the request with seed `seed + i` (as vLLM
@@ -274,9 +277,12 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
     let n = choices(req.n)?;
     unimplemented::refuse_unimplemented(&req.extra)?;
     let include_usage = include_usage(req.stream, &req.stream_options)?;
-    if req.echo {
-        return Err(RouterError::invalid("echo", "echo is not supported"));
-    }
+    // Echo returns the prompt's text as given, or its ids decoded.
+    let echo = req.echo.then(|| match &req.prompt {
+        Prompt::Text(t) => Some(t.clone()),
+        Prompt::Texts(v) => v.first().cloned(),
+        _ => None,
+    });
     let (prompt, input_ids) = match req.prompt {
         Prompt::Text(t) => (Some(t), vec![]),
         Prompt::Ids(ids) => (None, ids),
@@ -302,6 +308,9 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs.is_some(),
             top_logprobs: req.logprobs.filter(|&k| k > 0),
+            // With echo the prompt is scored too (its logprobs shown when `logprobs` is set),
+            // and max_tokens may be 0.
+            prompt_logprobs: req.echo.then(|| req.logprobs.unwrap_or(0)),
             logit_bias: logit_bias(req.logit_bias)?,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
@@ -312,6 +321,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         logprobs: req.logprobs.is_some(),
         include_usage,
         n,
+        echo,
     })
 }
 
@@ -333,15 +343,9 @@ async fn completions(
     let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
     let id = state.request_id("cmpl");
     if parsed.stream {
-        Ok(
-            answers::stream_completion(state, answers, id, parsed.logprobs, parsed.include_usage)
-                .into_response(),
-        )
+        Ok(answers::stream_completion(state, answers, id, &parsed).into_response())
     } else {
-        Ok(
-            Json(answers::whole_completion(&state, answers, id, parsed.logprobs).await?)
-                .into_response(),
-        )
+        Ok(Json(answers::whole_completion(&state, answers, id, &parsed).await?).into_response())
     }
 }
 
@@ -481,6 +485,7 @@ pub fn render_chat(
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs.filter(|&k| k > 0),
+            prompt_logprobs: None,
             logit_bias: logit_bias(req.logit_bias)?,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
@@ -491,6 +496,7 @@ pub fn render_chat(
         logprobs: req.logprobs,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         n: choices(req.n)?,
+        echo: None,
     })
 }
 

@@ -133,12 +133,12 @@ pub struct Usage {
     pub total_tokens: u32,
 }
 
-/// Legacy completions logprobs.
+/// Legacy completions logprobs. With `echo`, the prompt's first token has none (`null`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
     pub text_offset: Vec<usize>,
 }
 
