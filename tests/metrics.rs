@@ -67,7 +67,15 @@ async fn router_and_node_metrics_count_the_requests() {
     assert_eq!(value(&text, "moe_inter_token_latency_seconds_count"), 12.0);
     assert_eq!(value(&text, "moe_e2e_request_latency_seconds_count"), 3.0);
     assert_eq!(value(&text, "moe_requests_running"), 0.0);
-    assert_eq!(value(&text, "moe_kv_cache_blocks_used"), 0.0);
+    // With the requests done, only the prefix cache holds blocks.
+    assert_eq!(
+        value(&text, "moe_kv_cache_blocks_used"),
+        value(&text, "moe_prefix_cache_blocks")
+    );
+    assert_eq!(
+        value(&text, "moe_prefix_cache_queried_tokens_total"),
+        prompt_tokens as f64
+    );
     assert!(value(&text, "moe_placement_epoch") >= 1.0);
     assert_eq!(value(&text, "moe_live_nodes"), 1.0);
     assert_eq!(value(&text, "moe_is_planner"), 1.0);

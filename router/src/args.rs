@@ -102,6 +102,18 @@ pub struct Args {
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,
+    /// Keep full prompt blocks' KV after their request, so later requests that share the
+    /// prefix prefill only the rest (the dense part on the CPU; `--prefix-caching=false` to
+    /// turn it off).
+    #[arg(
+        long,
+        env = "MOE_PREFIX_CACHING",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub prefix_caching: bool,
     /// Deadline for one dispatch round trip to a node; a miss makes the node suspect.
     #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
     pub dispatch_timeout_ms: u64,

@@ -28,7 +28,11 @@ impl KvBlocks {
 
     /// Reserves blocks for `tokens`, or `None` when the budget cannot hold them now.
     pub fn reserve(&self, tokens: usize) -> Option<KvReservation> {
-        let want = self.blocks_for(tokens);
+        self.reserve_blocks(self.blocks_for(tokens))
+    }
+
+    /// Reserves `want` blocks, or `None` when the budget cannot hold them now.
+    pub fn reserve_blocks(&self, want: usize) -> Option<KvReservation> {
         let mut used = self.used.load(Ordering::Acquire);
         loop {
             if used + want > self.total {

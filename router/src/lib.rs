@@ -3,7 +3,8 @@
 //! expert nodes of the current placement.
 //!
 //! - [`args`]: command line.
-//! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`detokenize`]) →
+//! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`prefix_cache`],
+//!   [`detokenize`]) →
 //!   [`dispatch`] is the request path: [`dispatch_plan`] says what each node gets,
 //!   [`layer_exchange`] sends it over the nodes' [`node_link`] streams or the epoch's
 //!   [`collective`], and dispatch places the answers, retries and falls back.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod micro_batch;
 pub mod node_link;
 pub mod planner;
+pub mod prefix_cache;
 pub mod request_metrics;
 pub mod request_trace;
 pub mod scheduler;

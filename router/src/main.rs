@@ -21,6 +21,7 @@ use moe_cluster::tls::PublicTls;
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
 use moe_router::kv_blocks::KvBlocks;
+use moe_router::prefix_cache::PrefixCache;
 use moe_router::request_metrics::RequestMetrics;
 use moe_router::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
 use moe_router::{admission, api_keys, args, dispatch, http, metrics, planner, server, validation};
@@ -232,6 +233,9 @@ fn start_scheduler(
         eos_ids: model.eos_ids.clone(),
         stalled_since: Default::default(),
         metrics: Arc::clone(&requests),
+        // A device dense part keeps its KV on the device, which the prefix cache cannot copy.
+        prefix_cache: (args.prefix_caching && model.dense.placement() == "cpu")
+            .then(|| std::cell::RefCell::new(PrefixCache::new(args.kv_block_tokens))),
     };
     std::thread::Builder::new()
         .name("scheduler".into())

@@ -114,6 +114,16 @@ impl RouterMetrics {
                     "Prompts refused by --max-prompt-bytes, before tokenizing.",
                     r.prompt_bytes_refused.load(Ordering::Relaxed),
                 ),
+                (
+                    "moe_prefix_cache_queried_tokens_total",
+                    "Prompt tokens of requests that looked up the prefix cache.",
+                    r.prefix_cache_queried_tokens.load(Ordering::Relaxed),
+                ),
+                (
+                    "moe_prefix_cache_hit_tokens_total",
+                    "Prompt tokens found in the prefix cache (not prefilled again); over the queried tokens, the hit rate.",
+                    r.prefix_cache_hit_tokens.load(Ordering::Relaxed),
+                ),
             ],
         );
     }
@@ -121,11 +131,12 @@ impl RouterMetrics {
     /// The batch, the KV budget, the placement and the planner, now.
     fn render_gauges(&self, out: &mut String) {
         let (stats, view) = (&self.stats, &self.view);
-        let gauges: [(&str, &str, f64); 9] = [
+        let gauges: [(&str, &str, f64); 10] = [
             ("moe_requests_running", "Requests in the running batch.", stats.running.load(Ordering::Relaxed) as f64),
             ("moe_requests_waiting", "Requests waiting for admission.", stats.waiting.load(Ordering::Relaxed) as f64),
             ("moe_kv_cache_blocks_used", "KV-cache blocks reserved.", self.kv.used() as f64),
             ("moe_kv_cache_blocks_total", "KV-cache blocks in the budget.", self.kv.total() as f64),
+            ("moe_prefix_cache_blocks", "KV-cache blocks held by the prefix cache (counted in moe_kv_cache_blocks_used; evicted when a request needs them).", stats.prefix_cache_blocks.load(Ordering::Relaxed) as f64),
             ("moe_placement_epoch", "Placement epoch this router dispatches on.", view.serving().map(|s| s.placement.epoch).unwrap_or(0) as f64),
             ("moe_placement_latest_epoch", "Newest placement epoch written to etcd.", view.latest().map(|p| p.epoch).unwrap_or(0) as f64),
             ("moe_live_nodes", "Expert nodes registered in etcd.", view.membership().nodes.len() as f64),
@@ -298,10 +309,13 @@ mod tests {
                 "moe_prompt_tokens_total counter",
                 "moe_generation_tokens_total counter",
                 "moe_router_prompt_bytes_refused_total counter",
+                "moe_prefix_cache_queried_tokens_total counter",
+                "moe_prefix_cache_hit_tokens_total counter",
                 "moe_requests_running gauge",
                 "moe_requests_waiting gauge",
                 "moe_kv_cache_blocks_used gauge",
                 "moe_kv_cache_blocks_total gauge",
+                "moe_prefix_cache_blocks gauge",
                 "moe_placement_epoch gauge",
                 "moe_placement_latest_epoch gauge",
                 "moe_live_nodes gauge",

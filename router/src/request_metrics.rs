@@ -41,6 +41,9 @@ pub struct RequestMetrics {
     pub tokenize_seconds: Histogram,
     /// Prompts refused by `--max-prompt-bytes` (before any tokenizer call).
     pub prompt_bytes_refused: AtomicU64,
+    /// Prompt tokens of requests that looked up the prefix cache, and those it held.
+    pub prefix_cache_queried_tokens: AtomicU64,
+    pub prefix_cache_hit_tokens: AtomicU64,
 }
 
 impl Default for RequestMetrics {
@@ -55,6 +58,8 @@ impl Default for RequestMetrics {
             generation_tokens: AtomicU64::new(0),
             tokenize_seconds: Histogram::new(LATENCY_BUCKETS),
             prompt_bytes_refused: AtomicU64::new(0),
+            prefix_cache_queried_tokens: AtomicU64::new(0),
+            prefix_cache_hit_tokens: AtomicU64::new(0),
         }
     }
 }

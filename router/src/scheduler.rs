@@ -5,7 +5,7 @@
 //! at the next step when their KV blocks can be reserved; finished or abandoned ones leave at
 //! once and free their blocks.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use crate::detokenize::IncrementalText;
 use crate::dispatch::RemoteExperts;
 use crate::error::RouterError;
 use crate::kv_blocks::{KvBlocks, KvReservation};
+use crate::prefix_cache::PrefixCache;
 use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
 use crate::validation::ValidRequest;
@@ -50,6 +51,8 @@ pub struct SchedulerStats {
     pub waiting: AtomicUsize,
     /// Steps run as more than one micro-batch at once (`--micro-batches`).
     pub micro_batched_steps: std::sync::atomic::AtomicU64,
+    /// KV blocks the prefix cache holds.
+    pub prefix_cache_blocks: AtomicUsize,
 }
 
 pub struct SchedulerConfig {
@@ -153,6 +156,8 @@ pub struct Scheduler {
     /// Since when steps have been failing, if they are.
     pub stalled_since: Cell<Option<Instant>>,
     pub metrics: Arc<RequestMetrics>,
+    /// Full prompt blocks kept for later requests (`--prefix-caching`, dense part on the CPU).
+    pub prefix_cache: Option<RefCell<PrefixCache>>,
 }
 
 impl Scheduler {
@@ -212,7 +217,7 @@ impl Scheduler {
         while running.len() < self.config.max_running {
             let Some(front) = waiting.front() else { break };
             let tokens = front.request.input_ids.len() + front.request.max_new_tokens;
-            let Some(blocks) = self.kv.reserve(tokens) else {
+            let Some(blocks) = self.reserve(tokens) else {
                 break;
             };
             let Some(mut s) = waiting.pop_front() else {
@@ -225,6 +230,8 @@ impl Scheduler {
                 .prompt_tokens
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
             let prompt_scores = s.request.prompt_logprobs.map(|_| PromptScores::default());
+            let mut cache = self.dense.new_cache().reserving(tokens);
+            let prefilled = self.restore_prefix(&s.request, &mut cache);
             running.push(Sequence {
                 prompt_scores,
                 sampler: Sampler::for_request(
@@ -238,14 +245,67 @@ impl Scheduler {
                 ),
                 request: s.request,
                 responses: s.responses,
-                cache: self.dense.new_cache().reserving(tokens),
-                prefilled: 0,
+                cache,
+                prefilled,
                 output: Vec::new(),
                 text: IncrementalText::default(),
                 last_token_at: None,
                 trace: s.trace,
                 _blocks: blocks,
             });
+        }
+    }
+
+    /// KV blocks for `tokens`, evicting cached prefixes nobody is using while the budget has
+    /// no room.
+    fn reserve(&self, tokens: usize) -> Option<KvReservation> {
+        loop {
+            if let Some(r) = self.kv.reserve(tokens) {
+                return Some(r);
+            }
+            let evicted = self
+                .prefix_cache
+                .as_ref()
+                .is_some_and(|pc| pc.borrow_mut().evict_one());
+            self.count_cached_blocks();
+            if !evicted {
+                return None;
+            }
+        }
+    }
+
+    /// Copies the cached part of the request's prompt into `cache`; the tokens it holds. A
+    /// request that scores its prompt computes every position itself.
+    fn restore_prefix(&self, request: &ValidRequest, cache: &mut SequenceCache) -> usize {
+        let Some(pc) = &self.prefix_cache else {
+            return 0;
+        };
+        if request.prompt_logprobs.is_some() {
+            return 0;
+        }
+        let hit = pc.borrow_mut().restore(&request.input_ids, cache);
+        let m = &self.metrics;
+        m.prefix_cache_queried_tokens
+            .fetch_add(request.input_ids.len() as u64, Ordering::Relaxed);
+        m.prefix_cache_hit_tokens
+            .fetch_add(hit.tokens as u64, Ordering::Relaxed);
+        hit.tokens
+    }
+
+    /// Keeps the full blocks of a prompt whose prefill just completed.
+    fn cache_prefix(&self, s: &Sequence) {
+        if let Some(pc) = &self.prefix_cache {
+            pc.borrow_mut()
+                .insert(&s.request.input_ids, &s.cache, &self.kv);
+            self.count_cached_blocks();
+        }
+    }
+
+    fn count_cached_blocks(&self) {
+        if let Some(pc) = &self.prefix_cache {
+            self.stats
+                .prefix_cache_blocks
+                .store(pc.borrow().blocks(), Ordering::Relaxed);
         }
     }
 
@@ -353,6 +413,9 @@ impl Scheduler {
                     s.score_prompt(s.prefilled, rows, vocab);
                 }
                 s.prefilled += f.tokens;
+                if s.prefilled == prompt_len {
+                    self.cache_prefix(s);
+                }
                 if s.prefilled == prompt_len && s.request.max_new_tokens == 0 {
                     self.emit_prompt_only(s);
                     finished.push(f.seq);

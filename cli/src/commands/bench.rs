@@ -49,15 +49,10 @@ fn offline(model: &Path, device: &DeviceArgs, workload: &Workload) -> anyhow::Re
     let mut rng = Rng::seeded(42);
     warm_up(&engine)?;
     let mut results = Vec::new();
+    let prefix = workload.prefix(vocab, &mut rng);
     for &batch in &workload.batch {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|_| {
-                (0..workload.prompt_len)
-                    .map(|_| (rng.next_u64() % vocab) as u32)
-                    .collect()
-            })
-            .collect();
-        results.push(one_batch(&engine, &prompts, workload)?);
+        let prompts = workload.prompts(&prefix, batch, vocab, &mut rng);
+        results.push(one_batch(&engine, &prompts, &workload.measured())?);
     }
     Ok(BenchReport {
         model: model.display().to_string(),

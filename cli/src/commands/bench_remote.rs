@@ -20,16 +20,23 @@ pub fn run(router: &str, workload: &Workload) -> anyhow::Result<BenchReport> {
             .with_context(|| format!("connecting to {router}"))?;
         let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
         let mut rng = Rng::seeded(42);
+        let vocab = info.vocab_size as u64;
+        let prefix = workload.prefix(vocab, &mut rng);
+        if !prefix.is_empty() {
+            // Untimed: leaves the prefix in a prefix-caching router, as earlier traffic would.
+            let mut warm = prefix.clone();
+            warm.push(1);
+            one_stream(
+                client.clone(),
+                moe_tooling::greedy(&warm, 1),
+                Instant::now(),
+            )
+            .await?;
+        }
         let mut results = Vec::new();
         for &batch in &workload.batch {
-            let prompts: Vec<Vec<u32>> = (0..batch)
-                .map(|_| {
-                    (0..workload.prompt_len)
-                        .map(|_| (rng.next_u64() % info.vocab_size as u64) as u32)
-                        .collect()
-                })
-                .collect();
-            results.push(one_batch(&client, &prompts, workload).await?);
+            let prompts = workload.prompts(&prefix, batch, vocab, &mut rng);
+            results.push(one_batch(&client, &prompts, &workload.measured()).await?);
         }
         Ok(BenchReport {
             model: format!("router {router} ({})", info.model_dir),

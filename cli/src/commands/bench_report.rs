@@ -4,7 +4,7 @@ use serde::Serialize;
 
 /// The sizes one bench run measures, offline or through a router: for each batch size B, B
 /// prompts of `--prompt-len` random tokens, each generating `--gen` tokens.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Workload {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -15,6 +15,45 @@ pub struct Workload {
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64)]
     pub gen: usize,
+    /// Tokens of one prefix every prompt starts with (a system prompt), in front of its own
+    /// `--prompt-len`. With `--router`, one untimed request with the prefix goes first, so a
+    /// router with prefix caching holds it, as after earlier traffic.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: usize,
+}
+
+impl Workload {
+    /// `batch` prompts of random ids below `vocab`: the shared prefix, then each one's own.
+    pub fn prompts(
+        &self,
+        prefix: &[u32],
+        batch: usize,
+        vocab: u64,
+        rng: &mut moe_model::sampling::Rng,
+    ) -> Vec<Vec<u32>> {
+        (0..batch)
+            .map(|_| {
+                let mut p = prefix.to_vec();
+                p.extend((0..self.prompt_len).map(|_| (rng.next_u64() % vocab) as u32));
+                p
+            })
+            .collect()
+    }
+
+    /// The prefix every prompt shares.
+    pub fn prefix(&self, vocab: u64, rng: &mut moe_model::sampling::Rng) -> Vec<u32> {
+        (0..self.shared_prefix)
+            .map(|_| (rng.next_u64() % vocab) as u32)
+            .collect()
+    }
+
+    /// The shape each batch reports: prompts as long as prefix + own tokens.
+    pub fn measured(&self) -> Workload {
+        Workload {
+            prompt_len: self.shared_prefix + self.prompt_len,
+            ..self.clone()
+        }
+    }
 }
 
 /// Latency percentiles, in milliseconds.
