@@ -219,7 +219,7 @@ async fn official_openai_client_gets_the_offline_tokens() {
         got["plain_stream"]["usage_chunks"], 0,
         "usage only with stream_options.include_usage"
     );
-    for param in ["response_format", "tools", "min_p", "tool_choice"] {
+    for param in ["tools", "min_p", "tool_choice"] {
         assert_eq!(got["errors"][param], json!([400, param]), "{param}");
     }
     for param in ["logit_bias", "presence_penalty", "min_tokens"] {
@@ -311,4 +311,69 @@ async fn official_openai_client_gets_the_offline_tokens() {
         .as_str()
         .unwrap()
         .contains("temperature"));
+}
+
+/// Structured outputs with the official client: 20 seeds at temperature 1 for each of a bounded
+/// JSON schema (nested objects, enums, strings with maxLength, arrays with maxItems,
+/// additionalProperties false; validated with the `jsonschema` package), any JSON object, a
+/// regex and a choice: every answer valid and ended by the grammar ("stop"); invalid grammars
+/// are a 400 naming their parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_always_validate() {
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 1);
+    spec.router_args.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--served-model-name",
+            "tiny-ds",
+        ]
+        .map(String::from),
+    );
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/structured_outputs.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &http, "tiny-ds", "20"])
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    for kind in ["json_schema", "regex", "choice"] {
+        assert_eq!(
+            got[kind]["ok"], 20,
+            "{kind}: {}",
+            got[kind]["first_failure"]
+        );
+    }
+    // Any JSON object is unbounded: on this random-weight model an answer may still be inside
+    // a string when the context ends (finish "length", counted as `cut`); every answer that
+    // ended is a valid object, and most end.
+    let (ok, cut) = (&got["json_object"]["ok"], &got["json_object"]["cut"]);
+    assert_eq!(
+        ok.as_u64().unwrap() + cut.as_u64().unwrap(),
+        20,
+        "json_object: {}",
+        got["json_object"]["first_failure"]
+    );
+    assert!(
+        ok.as_u64().unwrap() >= 18,
+        "json_object: {ok} ended, {cut} cut"
+    );
+    assert_eq!(got["streamed_equals_whole"], true);
+    assert_eq!(got["errors"]["bad_schema"], json!([400, "response_format"]));
+    assert_eq!(
+        got["errors"]["bad_regex"],
+        json!([400, "structured_outputs"])
+    );
 }

@@ -164,6 +164,23 @@ impl Sampler {
         token
     }
 
+    /// As [`Self::sample`], over the tokens `allowed` flags only (a grammar's mask; ids past
+    /// its end are not allowed). At least one token must be allowed.
+    pub fn sample_allowed(&mut self, logits: &[f32], allowed: &[bool]) -> u32 {
+        let masked: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if allowed.get(i).copied().unwrap_or(false) {
+                    x
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        self.sample(&masked)
+    }
+
     fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             return ops::argmax(logits) as u32;
@@ -242,6 +259,18 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn only_allowed_tokens_are_sampled() {
+        let allowed = [false, true, false, true, false, false];
+        for seed in 0..32 {
+            let mut s = Sampler::new(params(1.5, None, 1.0, seed));
+            let t = s.sample_allowed(&LOGITS, &allowed) as usize;
+            assert!(allowed[t], "sampled {t}");
+        }
+        let mut greedy = Sampler::new(SamplingParams::default());
+        assert_eq!(greedy.sample_allowed(&LOGITS, &allowed), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::error::RouterError;
 use crate::request_metrics::RequestMetrics;
 use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
+use crate::structured::GrammarCompiler;
 use crate::validation::{check_prompt, check_prompt_bytes, validate_ids, RequestLimits};
 
 pub type Answers = mpsc::Receiver<Result<GenerateResponse, RouterError>>;
@@ -139,6 +140,8 @@ pub struct Admission {
     /// The served model name (trace attributes).
     pub model_name: String,
     pub metrics: Arc<RequestMetrics>,
+    /// Compiles structured-output grammars (`None`: the tokenizer could not be indexed).
+    pub grammar: Option<Arc<GrammarCompiler>>,
 }
 
 impl Admission {
@@ -170,7 +173,17 @@ impl Admission {
                 .map_err(|e| RouterError::invalid("prompt", e.to_string()))?,
             None => std::mem::take(&mut request.input_ids),
         };
-        let valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
+        let structured = request.structured_output.take();
+        let mut valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
+        if let Some(spec) = structured {
+            let compiler = self.grammar.as_ref().ok_or_else(|| {
+                RouterError::invalid(
+                    "response_format",
+                    "structured outputs are not available: this tokenizer's vocabulary could not be indexed",
+                )
+            })?;
+            valid.constraint = Some(compiler.compile(&spec)?);
+        }
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if self.view.serving().is_none() {
             return Err(RouterError::NoPlacement);
@@ -235,6 +248,7 @@ mod tests {
             },
             model_name: "m".into(),
             metrics,
+            grammar: None,
         };
         (admission, rx)
     }

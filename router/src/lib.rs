@@ -36,4 +36,5 @@ pub mod request_metrics;
 pub mod request_trace;
 pub mod scheduler;
 pub mod server;
+pub mod structured;
 pub mod validation;

@@ -427,7 +427,17 @@ impl Scheduler {
             }
             // The last position's logits (the only row unless the prompt is being scored).
             let row = &rows[rows.len() - vocab.min(rows.len())..];
-            let token = s.sampler.sample(row);
+            let token = match sample_token(s, row) {
+                Ok(token) => token,
+                Err(why) => {
+                    let error = RouterError::Internal(format!("structured output: {why}"));
+                    self.metrics.finished(Outcome::Error);
+                    s.trace.failed(&error.to_string());
+                    let _ = s.responses.try_send(Err(error));
+                    finished.push(f.seq);
+                    continue;
+                }
+            };
             s.output.push(token);
             if self.emit(s, token, row) {
                 finished.push(f.seq);
@@ -518,7 +528,13 @@ impl Scheduler {
         let top =
             (s.request.top_logprobs > 0).then(|| top_logprobs(logits, s.request.top_logprobs));
         s.text.update(self.tokenizer.as_ref(), &s.output);
-        let mut finish = if !s.request.ignore_eos && self.eos_ids.contains(&token) {
+        let grammar_done = s
+            .request
+            .constraint
+            .as_ref()
+            .is_some_and(|c| c.is_finished());
+        let mut finish = if grammar_done || (!s.request.ignore_eos && self.eos_ids.contains(&token))
+        {
             Some("stop")
         } else if s.output.len() >= s.request.max_new_tokens
             || s.cache.len >= self.dense.config().max_position_embeddings
@@ -585,6 +601,21 @@ impl Scheduler {
         }
         finish.is_some()
     }
+}
+
+/// The sequence's next token from `logits`: within its grammar's mask when it has one (the
+/// grammar then advances over it).
+fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
+    let Some(constraint) = s.request.constraint.as_mut() else {
+        return Ok(s.sampler.sample(logits));
+    };
+    let allowed = constraint.allowed(logits.len())?;
+    if !allowed.iter().any(|&a| a) {
+        return Err("the grammar allows no token here".into());
+    }
+    let token = s.sampler.sample_allowed(logits, &allowed);
+    constraint.consume(token)?;
+    Ok(token)
 }
 
 /// Lets the sequences at `indices` of `running` go (their KV blocks with them).

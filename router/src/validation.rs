@@ -2,6 +2,8 @@
 
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{LogitAdjustments, ModelConfig, SamplingParams};
+
+use crate::structured::TokenConstraint;
 use std::time::{Duration, Instant};
 
 use moe_proto::v1::GenerateRequest;
@@ -47,6 +49,8 @@ pub struct ValidRequest {
     pub top_logprobs: usize,
     /// Score the prompt too, with this many alternatives per token.
     pub prompt_logprobs: Option<usize>,
+    /// The structured-output grammar's state (compiled at admission).
+    pub constraint: Option<TokenConstraint>,
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
     pub received: Instant,
     pub deadline: Instant,
@@ -227,6 +231,7 @@ pub fn validate_ids(
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,
         prompt_logprobs: prompt_logprobs.map(|k| k as usize),
+        constraint: None,
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
     })

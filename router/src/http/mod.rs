@@ -7,6 +7,7 @@ mod answers;
 mod api_error;
 pub mod listener;
 pub mod openai;
+mod structured_params;
 mod unimplemented;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,6 +312,11 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             // With echo the prompt is scored too (its logprobs shown when `logprobs` is set),
             // and max_tokens may be 0.
             prompt_logprobs: req.echo.then(|| req.logprobs.unwrap_or(0)),
+            structured_output: structured_params::structured_output(
+                req.response_format.as_ref(),
+                req.structured_outputs.as_ref(),
+                &req.extra,
+            )?,
             logit_bias: logit_bias(req.logit_bias)?,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
@@ -486,6 +492,11 @@ pub fn render_chat(
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs.filter(|&k| k > 0),
             prompt_logprobs: None,
+            structured_output: structured_params::structured_output(
+                req.response_format.as_ref(),
+                req.structured_outputs.as_ref(),
+                &req.extra,
+            )?,
             logit_bias: logit_bias(req.logit_bias)?,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,

@@ -60,6 +60,10 @@ pub struct CompletionRequest {
     pub repetition_penalty: Option<f32>,
     /// vLLM's extension.
     pub min_tokens: Option<u32>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
+    pub structured_outputs: Option<serde_json::Value>,
     /// Every other field of the body.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -121,6 +125,10 @@ pub struct ChatRequest {
     pub repetition_penalty: Option<f32>,
     /// vLLM's extension.
     pub min_tokens: Option<u32>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
+    pub structured_outputs: Option<serde_json::Value>,
     /// Every other field of the body.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,

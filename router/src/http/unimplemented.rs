@@ -12,8 +12,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 22] = [
-    "response_format",
+const NOT_IMPLEMENTED: [&str; 16] = [
     "tools",
     "tool_choice",
     "functions",
@@ -26,11 +25,6 @@ const NOT_IMPLEMENTED: [&str; 22] = [
     "prediction",
     "reasoning_effort",
     "web_search_options",
-    "structured_outputs",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
     "stop_token_ids",
     "bad_words",
     "truncate_prompt_tokens",
@@ -65,12 +59,7 @@ fn is_no_op(name: &str, value: &Value) -> bool {
         Value::Array(items) => {
             items.is_empty() || (name == "modalities" && items == &[Value::from("text")])
         }
-        Value::Object(fields) => {
-            fields.is_empty()
-                || (name == "response_format"
-                    && fields.len() == 1
-                    && fields.get("type") == Some(&Value::from("text")))
-        }
+        Value::Object(fields) => fields.is_empty(),
         Value::Bool(true) => false,
     }
 }
@@ -114,7 +103,6 @@ mod tests {
     #[test]
     fn no_op_values_and_bookkeeping_fields_pass() {
         check(json!({
-            "response_format": {"type": "text"},
             "tools": [],
             "tool_choice": "none",
             "min_p": 0,
