@@ -104,8 +104,8 @@ async fn concurrent_streams_equal_each_alone(micro_batches: u32) {
     let status = harness::status(&cluster).await;
     assert_eq!(status.requests_running, 0);
     assert_eq!(
-        status.kv_blocks_used, 0,
-        "finished requests free their KV blocks"
+        status.kv_blocks_used, status.kv_blocks_cached,
+        "finished requests free their KV blocks (the prefix cache keeps its own)"
     );
     if micro_batches > 1 {
         assert!(status.micro_batched_steps > 0, "no step was split");

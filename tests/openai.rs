@@ -377,3 +377,66 @@ async fn structured_outputs_always_validate() {
         json!([400, "structured_outputs"])
     );
 }
+
+/// Tool calls with the official client, in both families' formats (test chat templates in
+/// `tests/fixtures/templates/`, given with `--chat-template`): `tool_choice: "required"` and
+/// a named function give a call whose arguments validate against the function's schema,
+/// finish reason `tool_calls`, whole and streamed; the tool's result then goes back through
+/// the template and the conversation continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tool_calls_validate_in_both_families_formats() {
+    let templates = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/templates");
+    for (fixture, template) in [
+        (FIXTURES[0], "deepseek_v3_tools.jinja"),
+        (FIXTURES[1], "qwen3_tools.jinja"),
+    ] {
+        let mut spec = harness::spec(fixture_dir(fixture), 1);
+        spec.router_args.extend(
+            [
+                "--http-listen",
+                "127.0.0.1:0",
+                "--served-model-name",
+                "tiny",
+                "--chat-template",
+                &format!("{templates}/{template}"),
+            ]
+            .map(String::from),
+        );
+        let cluster = LocalCluster::start(spec).unwrap();
+        wait_serving(&cluster, 1).await;
+        let http = cluster.router_http_addr.clone().unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/tool_calls.py");
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("python3")
+                .args([script, &http, "tiny"])
+                .output()
+                .expect("python3 runs")
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{template}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
+                .unwrap();
+        let required = &got["required"];
+        assert_eq!(required["finish_reason"], "tool_calls", "{template}: {got}");
+        assert_eq!(required["calls"].as_array().unwrap().len(), 1, "{got}");
+        assert_eq!(got["named"]["finish_reason"], "tool_calls", "{got}");
+        assert_eq!(got["named"]["calls"][0][0], "get_weather", "{got}");
+        assert_eq!(got["streamed"]["finish_reason"], "tool_calls", "{got}");
+        assert_eq!(
+            got["streamed"]["calls"], required["calls"],
+            "streamed = whole"
+        );
+        let follow = &got["follow_up"];
+        assert_eq!(follow["content_is_text"], true, "{got}");
+        assert!(
+            follow["prompt_tokens"].as_u64() > follow["first_prompt_tokens"].as_u64(),
+            "the call and its result were rendered into the prompt: {got}"
+        );
+    }
+}

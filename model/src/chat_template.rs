@@ -47,6 +47,18 @@ impl ChatTemplate {
 
     /// The prompt for `messages`; with `add_generation_prompt`, ready for the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// As [`Self::render`], with any serializable messages (an assistant's `tool_calls`, a
+    /// tool result's `tool_call_id`, as OpenAI sends them) and the request's `tools`, which
+    /// the template sees as `tools` (as transformers passes them).
+    pub fn render_with_tools<M: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(NAME)
@@ -54,6 +66,7 @@ impl ChatTemplate {
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,

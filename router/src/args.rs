@@ -99,6 +99,9 @@ pub struct Args {
     /// KV-cache memory budget in bytes.
     #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
     pub kv_cache_bytes: u64,
+    /// A Jinja chat template file to use instead of the checkpoint's (`tokenizer_config.json`).
+    #[arg(long, env = "MOE_CHAT_TEMPLATE")]
+    pub chat_template: Option<std::path::PathBuf>,
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,

@@ -37,4 +37,5 @@ pub mod request_trace;
 pub mod scheduler;
 pub mod server;
 pub mod structured;
+pub mod tool_calls;
 pub mod validation;

@@ -368,6 +368,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         admission: &admission,
         security: &security,
         model_name,
+        chat_template: args.chat_template.clone(),
     };
     let servers = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -468,6 +469,7 @@ struct HttpParts<'a> {
     admission: &'a Arc<admission::Admission>,
     security: &'a Security,
     model_name: String,
+    chat_template: Option<std::path::PathBuf>,
 }
 
 /// Binds and starts `--http-listen` and `--metrics-listen`, if given, until `shutdown`.
@@ -512,7 +514,15 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         ..
     } = parts;
     let tokenizer = &model.tokenizer;
-    let chat_template = match tokenizer.chat_template() {
+    // `--chat-template FILE` replaces the checkpoint's (as vLLM's flag does).
+    let own_template = match &parts.chat_template {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --chat-template {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let chat_template = match own_template.as_deref().or(tokenizer.chat_template()) {
         Some(source) => Some(moe_model::chat_template::ChatTemplate::new(
             source,
             tokenizer.bos_token().as_deref(),
@@ -524,6 +534,9 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         admission: Arc::clone(admission),
         tokenizer: Arc::clone(tokenizer),
         chat_template,
+        tool_format: moe_router::tool_calls::ToolCallFormat::for_model(
+            model.config.family.model_type(),
+        ),
         model_name: parts.model_name.clone(),
         max_model_len: model.config.max_position_embeddings,
         view: Arc::clone(&running.view),

@@ -44,7 +44,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         let out = json!({
             "cluster": status.cluster, "serving_epoch": status.serving_epoch, "latest_epoch": status.latest_epoch,
             "requests_running": status.requests_running, "requests_waiting": status.requests_waiting,
-            "kv_blocks_used": status.kv_blocks_used, "kv_blocks_total": status.kv_blocks_total, "nodes": nodes,
+            "kv_blocks_used": status.kv_blocks_used, "kv_blocks_cached": status.kv_blocks_cached, "kv_blocks_total": status.kv_blocks_total, "nodes": nodes,
             "moe_layer_calls": status.moe_layer_calls, "dispatch_encode_seconds": status.dispatch_encode_seconds,
             "dispatch_wait_seconds": status.dispatch_wait_seconds, "expert_compute_seconds": status.expert_compute_seconds,
             "combine_seconds": status.combine_seconds,

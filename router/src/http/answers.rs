@@ -16,6 +16,7 @@ use super::openai::{
     CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob, TopLogprob,
     Usage,
 };
+use super::tools::{tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
 use crate::admission::Answers;
 use crate::error::RouterError;
@@ -234,31 +235,68 @@ pub async fn whole_completion(
     })
 }
 
+/// A chat answer's message: its text, or, when the request offered tools and the text holds
+/// calls, the calls (and any text before them), with finish reason `tool_calls`.
+fn chat_message(
+    tools: Option<&ToolAnswers>,
+    id: &str,
+    index: u32,
+    text: String,
+    finish_reason: Option<String>,
+) -> (ChatMessageOut, Option<String>) {
+    if let Some((content, calls)) = tools.and_then(|t| t.format.parse(&text)) {
+        return (
+            ChatMessageOut {
+                role: "assistant",
+                content: (!content.is_empty()).then_some(content),
+                tool_calls: Some(tool_calls_json(id, index, &calls)),
+            },
+            Some("tool_calls".into()),
+        );
+    }
+    (
+        ChatMessageOut {
+            role: "assistant",
+            content: Some(text),
+            tool_calls: None,
+        },
+        finish_reason,
+    )
+}
+
 pub async fn whole_chat(
     state: &HttpState,
     answers: Vec<Answers>,
     id: String,
-    logprobs: bool,
+    parsed: &Parsed,
 ) -> Result<ChatResponse, ApiError> {
+    let logprobs = parsed.logprobs;
     let collected = collect_all(answers).await?;
     let usage = total_usage(collected.iter().map(|c| &c.usage));
     let choices = collected
         .into_iter()
         .enumerate()
-        .map(|(index, c)| ChatChoice {
-            index: index as u32,
-            logprobs: logprobs.then(|| ChatLogprobs {
+        .map(|(index, c)| {
+            let logprobs = logprobs.then(|| ChatLogprobs {
                 content: c
                     .messages
                     .iter()
                     .flat_map(|m| chat_logprobs(state, m))
                     .collect(),
-            }),
-            message: ChatMessageOut {
-                role: "assistant",
-                content: c.text,
-            },
-            finish_reason: c.finish_reason,
+            });
+            let (message, finish_reason) = chat_message(
+                parsed.tools.as_ref(),
+                &id,
+                index as u32,
+                c.text,
+                c.finish_reason,
+            );
+            ChatChoice {
+                index: index as u32,
+                logprobs,
+                message,
+                finish_reason,
+            }
         })
         .collect();
     Ok(ChatResponse {
@@ -419,9 +457,13 @@ pub fn stream_chat(
     state: Arc<HttpState>,
     answers: Vec<Answers>,
     id: String,
-    logprobs: bool,
-    include_usage: bool,
+    parsed: &Parsed,
 ) -> EventStream {
+    let (logprobs, include_usage) = (parsed.logprobs, parsed.include_usage);
+    let tools = parsed.tools.clone();
+    // With tools, a choice's text is held until it ends, then sent as content or as calls.
+    let mut held: Vec<String> = vec![String::new(); answers.len()];
+    let response_id = id.clone();
     let created = super::unix_now();
     let model = state.model_name.clone();
     let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatChunk {
@@ -441,6 +483,7 @@ pub fn stream_chat(
                     delta: Delta {
                         role: Some("assistant"),
                         content: Some(String::new()),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -451,20 +494,65 @@ pub fn stream_chat(
         .collect();
     let mut tally = UsageTally::new(answers.len());
     relay(answers, first, move |index, msg| {
-        let mut events = vec![json_event(&chunk(
-            vec![ChatChunkChoice {
-                index,
-                delta: Delta {
+        let delta = match &tools {
+            None => Some((
+                Delta {
                     role: None,
                     content: Some(msg.text.clone()),
+                    tool_calls: None,
                 },
-                logprobs: logprobs.then(|| ChatLogprobs {
-                    content: chat_logprobs(&state, msg),
-                }),
-                finish_reason: finish(msg),
-            }],
-            None,
-        ))];
+                finish(msg),
+            )),
+            Some(t) => {
+                let text = held.get_mut(index as usize);
+                match (text, finish(msg)) {
+                    (Some(text), None) => {
+                        text.push_str(&msg.text);
+                        None
+                    }
+                    (Some(text), Some(reason)) => {
+                        text.push_str(&msg.text);
+                        let whole = std::mem::take(text);
+                        let (message, reason) =
+                            chat_message(Some(t), &response_id, index, whole, Some(reason));
+                        // Streamed calls carry their index, as OpenAI's deltas do.
+                        let calls = message.tool_calls.map(|calls| {
+                            calls
+                                .into_iter()
+                                .enumerate()
+                                .map(|(i, mut c)| {
+                                    c["index"] = i.into();
+                                    c
+                                })
+                                .collect()
+                        });
+                        Some((
+                            Delta {
+                                role: None,
+                                content: message.content,
+                                tool_calls: calls,
+                            },
+                            reason,
+                        ))
+                    }
+                    (None, _) => None,
+                }
+            }
+        };
+        let mut events = Vec::new();
+        if let Some((delta, finish_reason)) = delta {
+            events.push(json_event(&chunk(
+                vec![ChatChunkChoice {
+                    index,
+                    delta,
+                    logprobs: (logprobs && tools.is_none()).then(|| ChatLogprobs {
+                        content: chat_logprobs(&state, msg),
+                    }),
+                    finish_reason,
+                }],
+                None,
+            )));
+        }
         if let Some(usage) = tally.add(index, msg).filter(|_| include_usage) {
             events.push(json_event(&chunk(vec![], Some(usage))));
         }

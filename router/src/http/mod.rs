@@ -8,6 +8,7 @@ mod api_error;
 pub mod listener;
 pub mod openai;
 mod structured_params;
+pub mod tools;
 mod unimplemented;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use moe_model::chat_template::{ChatMessage, ChatTemplate};
+use moe_model::chat_template::ChatTemplate;
 use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
@@ -32,13 +33,17 @@ use crate::cluster_view::ClusterView;
 use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 use crate::request_trace::TraceOrigin;
+use crate::tool_calls::ToolCallFormat;
 pub use api_error::ApiError;
 use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
+use tools::TemplateMessage;
 
 pub struct HttpState {
     pub admission: Arc<Admission>,
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
+    /// How this model family writes tool calls.
+    pub tool_format: ToolCallFormat,
     pub model_name: String,
     pub max_model_len: usize,
     pub view: Arc<ClusterView>,
@@ -223,6 +228,8 @@ pub struct Parsed {
     /// Completions with `echo`: the prompt's text when it came as text (`None` inside: decode
     /// the prompt's ids).
     pub echo: Option<Option<String>>,
+    /// Chat with tools: answers are read for tool calls.
+    pub tools: Option<tools::ToolAnswers>,
 }
 
 /// Submits the `n` choices of `parsed`: choice i is the request with seed `seed + i` (as vLLM
@@ -328,6 +335,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         include_usage,
         n,
         echo,
+        tools: None,
     })
 }
 
@@ -367,7 +375,13 @@ pub fn parse_chat(
     max_model_len: usize,
 ) -> Result<Parsed, RouterError> {
     let chat = parse_chat_body(body, served_model, template.is_some())?;
-    render_chat(chat, template, tokenizer, max_model_len)
+    render_chat(
+        chat,
+        template,
+        tokenizer,
+        max_model_len,
+        ToolCallFormat::Hermes,
+    )
 }
 
 /// A chat body parsed and checked, its messages not yet rendered.
@@ -375,7 +389,7 @@ pub fn parse_chat(
 pub struct ChatBody {
     /// The request, its `messages` moved to `messages`.
     req: ChatRequest,
-    messages: Vec<ChatMessage>,
+    messages: Vec<TemplateMessage>,
 }
 
 impl ChatBody {
@@ -384,8 +398,19 @@ impl ChatBody {
     pub fn text_bytes(&self) -> usize {
         self.messages
             .iter()
-            .map(|m| m.role.len() + m.content.len())
-            .sum()
+            .map(|m| {
+                let calls = m
+                    .tool_calls
+                    .as_ref()
+                    .map_or(0, |c| c.iter().map(|v| v.to_string().len()).sum::<usize>());
+                m.role.len() + m.content.len() + calls
+            })
+            .sum::<usize>()
+            + self
+                .req
+                .tools
+                .as_ref()
+                .map_or(0, |t| serde_json::to_string(t).map_or(0, |s| s.len()))
     }
 }
 
@@ -437,9 +462,12 @@ pub fn parse_chat_body(
                 text
             }
         };
-        messages.push(ChatMessage {
+        messages.push(TemplateMessage {
             role: m.role,
             content,
+            tool_calls: m.tool_calls.map(tools::template_tool_calls),
+            tool_call_id: m.tool_call_id,
+            name: m.name,
         });
     }
     Ok(ChatBody { req, messages })
@@ -452,12 +480,35 @@ pub fn render_chat(
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
     max_model_len: usize,
+    tool_format: ToolCallFormat,
 ) -> Result<Parsed, RouterError> {
     let ChatBody { req, messages } = chat;
     let template = template.ok_or_else(no_chat_template)?;
+    let plan = tools::plan(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        tool_format,
+    )?;
     let rendered = template
-        .render(&messages, true)
+        .render_with_tools(&messages, plan.template_tools.as_ref(), true)
         .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
+    let mut structured_output = structured_params::structured_output(
+        req.response_format.as_ref(),
+        req.structured_outputs.as_ref(),
+        &req.extra,
+    )?;
+    if let Some(grammar) = plan.forced {
+        if structured_output.is_some() {
+            return Err(RouterError::invalid(
+                "tool_choice",
+                "a forced tool call and a structured output cannot both constrain one answer",
+            ));
+        }
+        structured_output = Some(moe_proto::v1::StructuredOutput {
+            kind: Some(moe_proto::v1::structured_output::Kind::Grammar(grammar)),
+        });
+    }
     // As transformers' apply_chat_template: the template writes any special tokens itself.
     let input_ids = tokenizer
         .encode_raw(&rendered)
@@ -492,11 +543,7 @@ pub fn render_chat(
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs.filter(|&k| k > 0),
             prompt_logprobs: None,
-            structured_output: structured_params::structured_output(
-                req.response_format.as_ref(),
-                req.structured_outputs.as_ref(),
-                &req.extra,
-            )?,
+            structured_output,
             logit_bias: logit_bias(req.logit_bias)?,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
@@ -508,6 +555,7 @@ pub fn render_chat(
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         n: choices(req.n)?,
         echo: None,
+        tools: plan.answers,
     })
 }
 
@@ -536,6 +584,7 @@ async fn chat_completions(
                 render_state.chat_template.as_ref(),
                 tokenizer,
                 render_state.max_model_len,
+                render_state.tool_format,
             )
         })
         .await??;
@@ -543,12 +592,9 @@ async fn chat_completions(
     let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
     let id = state.request_id("chatcmpl");
     if parsed.stream {
-        Ok(
-            answers::stream_chat(state, answers, id, parsed.logprobs, parsed.include_usage)
-                .into_response(),
-        )
+        Ok(answers::stream_chat(state, answers, id, &parsed).into_response())
     } else {
-        Ok(Json(answers::whole_chat(&state, answers, id, parsed.logprobs).await?).into_response())
+        Ok(Json(answers::whole_chat(&state, answers, id, &parsed).await?).into_response())
     }
 }
 

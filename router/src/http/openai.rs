@@ -95,6 +95,11 @@ pub struct ContentPart {
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant's earlier calls.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +134,9 @@ pub struct ChatRequest {
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
     pub structured_outputs: Option<serde_json::Value>,
+    pub tools: Option<Vec<super::tools::ToolIn>>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
     /// Every other field of the body.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -192,7 +200,10 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -219,6 +230,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

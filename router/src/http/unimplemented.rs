@@ -1,8 +1,8 @@
 //! OpenAI (and vLLM) request parameters that would change the output and that this server
 //! does not implement: a 400 naming the parameter, never a silent ignore (a client that asks
-//! for a tool call must not get prose it believes was constrained). A parameter at its no-op
-//! value (`null`, `0`, `false`, `{}`, `[]`, `tool_choice: "none"`, ...) passes, since clients
-//! and frameworks send those by default. Bookkeeping fields (`user`, `metadata`, `store`, `service_tier`,
+//! for a function call must not get prose it believes was constrained). A parameter at its
+//! no-op value (`null`, `0`, `false`, `{}`, `[]`, ...) passes, since clients and frameworks
+//! send those by default. Bookkeeping fields (`user`, `metadata`, `store`, `service_tier`,
 //! `parallel_tool_calls`) and unknown vendor extensions are ignored, as OpenAI-compatible
 //! servers do.
 
@@ -11,9 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 16] = [
-    "tools",
-    "tool_choice",
+const NOT_IMPLEMENTED: [&str; 14] = [
     "functions",
     "function_call",
     "min_p",
@@ -54,7 +52,7 @@ fn is_no_op(name: &str, value: &Value) -> bool {
             let neutral = if name == "best_of" { 1.0 } else { 0.0 };
             n.as_f64() == Some(neutral)
         }
-        Value::String(s) => s.is_empty() || (name == "tool_choice" && s == "none"),
+        Value::String(s) => s.is_empty(),
         Value::Array(items) => {
             items.is_empty() || (name == "modalities" && items == &[Value::from("text")])
         }
@@ -75,8 +73,6 @@ mod tests {
     #[test]
     fn output_changing_parameters_are_refused_by_name() {
         for (body, param) in [
-            (json!({"tools": [{"type": "function"}]}), "tools"),
-            (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"min_p": 0.1}), "min_p"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
@@ -95,8 +91,6 @@ mod tests {
     #[test]
     fn no_op_values_and_bookkeeping_fields_pass() {
         check(json!({
-            "tools": [],
-            "tool_choice": "none",
             "min_p": 0,
             "best_of": 1,
             "modalities": ["text"],

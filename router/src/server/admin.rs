@@ -105,6 +105,7 @@ impl Admin for AdminService {
             requests_running: self.stats.running.load(Ordering::Relaxed) as u32,
             requests_waiting: self.stats.waiting.load(Ordering::Relaxed) as u32,
             kv_blocks_used: self.kv.used() as u64,
+            kv_blocks_cached: self.stats.prefix_cache_blocks.load(Ordering::Relaxed) as u64,
             kv_blocks_total: self.kv.total() as u64,
             moe_layer_calls: self.view.layer_times.calls.load(Ordering::Relaxed),
             dispatch_encode_seconds: seconds(&self.view.layer_times.encode_nanos),

@@ -1,0 +1,290 @@
+//! Tool calls in each model family's own syntax: the grammar that forces a call (OpenAI's
+//! `tool_choice: "required"` or a named function), with each function's arguments constrained
+//! by its JSON schema, and the parser that turns generated text back into OpenAI's
+//! `tool_calls`.
+//!
+//! - Hermes style (Qwen3, and the default): `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`,
+//!   one block per call.
+//! - DeepSeek-V3: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`.
+//!
+//! The grammars spell the markers as text: on the real checkpoints they are single special
+//! tokens, which these grammars reach byte by byte only (the bundled test vocabulary has no
+//! special tokens for them).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A function the request offers (`tools[i].function`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The arguments' JSON schema (absent: any object).
+    #[serde(default)]
+    pub parameters: Option<Value>,
+}
+
+/// A call found in the generated text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCall {
+    pub name: String,
+    /// The arguments as JSON text (OpenAI's `function.arguments` is a string).
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolCallFormat {
+    Hermes,
+    DeepSeekV3,
+}
+
+const HERMES_OPEN: &str = "<tool_call>\n";
+const HERMES_CLOSE: &str = "\n</tool_call>";
+const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
+const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
+const DS_SEP: &str = "<｜tool▁sep｜>";
+
+/// A Lark string literal for `text`.
+fn literal(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_default()
+}
+
+/// The arguments' schema (any object when the function gives none), compact.
+fn arguments_schema(f: &FunctionSpec) -> Value {
+    let mut schema = f
+        .parameters
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+    if let Value::Object(fields) = &mut schema {
+        fields
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
+}
+
+impl ToolCallFormat {
+    /// The family's format, by `config.json`'s `model_type`.
+    pub fn for_model(model_type: &str) -> Self {
+        match model_type {
+            "deepseek_v3" | "deepseek_v2" => ToolCallFormat::DeepSeekV3,
+            _ => ToolCallFormat::Hermes,
+        }
+    }
+
+    /// A Lark grammar (llguidance's dialect) that generates one call to one of `functions`
+    /// (several in a row when `parallel`), arguments per each one's schema.
+    pub fn grammar(&self, functions: &[FunctionSpec], parallel: bool) -> String {
+        let mut rules = Vec::new();
+        let alternatives: Vec<String> = functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let rule = format!("f{i}");
+                let body = match self {
+                    ToolCallFormat::Hermes => {
+                        let schema = serde_json::json!({
+                            "type": "object",
+                            "properties": {
+                                "name": {"const": f.name},
+                                "arguments": arguments_schema(f),
+                            },
+                            "required": ["name", "arguments"],
+                            "additionalProperties": false,
+                            "x-guidance": {"whitespace_flexible": false},
+                        });
+                        format!("%json {schema}")
+                    }
+                    ToolCallFormat::DeepSeekV3 => {
+                        rules.push(format!("a{i}: %json {}", arguments_schema(f)));
+                        format!(
+                            "{} a{i} {}",
+                            literal(&format!(
+                                "{DS_CALL_BEGIN}function{DS_SEP}{}\n```json\n",
+                                f.name
+                            )),
+                            literal(&format!("\n```{DS_CALL_END}"))
+                        )
+                    }
+                };
+                rules.push(format!("{rule}: {body}"));
+                rule
+            })
+            .collect();
+        let call = alternatives.join(" | ");
+        let repeat = if parallel { "+" } else { "" };
+        let start = match self {
+            ToolCallFormat::Hermes => format!(
+                "start: call{repeat}\ncall: {} ({call}) {}",
+                literal(HERMES_OPEN),
+                literal(HERMES_CLOSE)
+            ),
+            ToolCallFormat::DeepSeekV3 => format!(
+                "start: {} call{repeat} {}\ncall: {call}",
+                literal(DS_CALLS_BEGIN),
+                literal(DS_CALLS_END)
+            ),
+        };
+        std::iter::once(start)
+            .chain(rules)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The text before any call and the calls, when `text` holds at least one well-formed
+    /// call; `None` when it is plain content.
+    pub fn parse(&self, text: &str) -> Option<(String, Vec<ParsedCall>)> {
+        match self {
+            ToolCallFormat::Hermes => parse_hermes(text),
+            ToolCallFormat::DeepSeekV3 => parse_deepseek(text),
+        }
+    }
+}
+
+fn call_from_json(body: &str) -> Option<ParsedCall> {
+    let value: Value = serde_json::from_str(body.trim()).ok()?;
+    let name = value.get("name")?.as_str()?.to_string();
+    let arguments = value
+        .get("arguments")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    Some(ParsedCall {
+        name,
+        arguments: arguments.to_string(),
+    })
+}
+
+fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
+    let open = HERMES_OPEN.trim_end();
+    let first = text.find(open)?;
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(start) = rest.find(open) {
+        let after = &rest[start + open.len()..];
+        let end = after.find("</tool_call>")?;
+        calls.push(call_from_json(&after[..end])?);
+        rest = &after[end + "</tool_call>".len()..];
+    }
+    Some((text[..first].trim_end().to_string(), calls))
+}
+
+fn parse_deepseek(text: &str) -> Option<(String, Vec<ParsedCall>)> {
+    let first = text
+        .find(DS_CALLS_BEGIN)
+        .or_else(|| text.find(DS_CALL_BEGIN))?;
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(start) = rest.find(DS_CALL_BEGIN) {
+        let after = &rest[start + DS_CALL_BEGIN.len()..];
+        let end = after.find(DS_CALL_END)?;
+        let call = &after[..end];
+        let (_, named) = call.split_once(DS_SEP)?;
+        let (name, args) = named.split_once('\n')?;
+        let args = args
+            .trim()
+            .trim_start_matches("```json")
+            .trim_end_matches("```")
+            .trim();
+        let arguments: Value = serde_json::from_str(args).ok()?;
+        calls.push(ParsedCall {
+            name: name.trim().to_string(),
+            arguments: arguments.to_string(),
+        });
+        rest = &after[end + DS_CALL_END.len()..];
+    }
+    (!calls.is_empty()).then(|| (text[..first].trim_end().to_string(), calls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::structured::GrammarCompiler;
+    use moe_proto::v1::structured_output::Kind;
+    use moe_proto::v1::StructuredOutput;
+
+    fn weather() -> Vec<FunctionSpec> {
+        vec![
+            FunctionSpec {
+                name: "get_weather".into(),
+                description: None,
+                parameters: Some(serde_json::json!({
+                    "type": "object",
+                    "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                    "required": ["city"],
+                    "additionalProperties": false
+                })),
+            },
+            FunctionSpec {
+                name: "now".into(),
+                description: None,
+                parameters: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn calls_are_parsed_from_each_format() {
+        let hermes = "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        let (content, calls) = ToolCallFormat::Hermes.parse(hermes).unwrap();
+        assert_eq!(content, "Sure.");
+        assert_eq!(
+            calls,
+            vec![ParsedCall {
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Oslo"}"#.into()
+            }]
+        );
+        let ds = format!(
+            "{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}now\n```json\n{{}}\n```{DS_CALL_END}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{\"city\": \"Paris\"}}\n```{DS_CALL_END}{DS_CALLS_END}"
+        );
+        let (content, calls) = ToolCallFormat::DeepSeekV3.parse(&ds).unwrap();
+        assert_eq!(content, "");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].arguments, r#"{"city":"Paris"}"#);
+        assert!(ToolCallFormat::Hermes.parse("just text").is_none());
+    }
+
+    /// Walking each format's grammar gives text its parser reads back as a valid call.
+    #[test]
+    fn forced_calls_parse_back() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny/tokenizer.json");
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let words = llguidance::token_bytes_from_tokenizer_json(&json).unwrap();
+        let compiler = GrammarCompiler::from_tokenizer_json(&json, 1).unwrap();
+        for format in [ToolCallFormat::Hermes, ToolCallFormat::DeepSeekV3] {
+            let grammar = format.grammar(&weather()[..1], false);
+            let mut c = compiler
+                .compile(&StructuredOutput {
+                    kind: Some(Kind::Grammar(grammar.clone())),
+                })
+                .unwrap_or_else(|e| panic!("{format:?}: {e:?}\n{grammar}"));
+            let mut out = Vec::new();
+            for _ in 0..400 {
+                let allowed = c.allowed(words.len()).unwrap();
+                // The longest allowed token: the walk reaches the end quickly.
+                let Some(t) = (0..words.len())
+                    .filter(|&t| allowed[t] && t != 1)
+                    .max_by_key(|&t| words[t].len())
+                else {
+                    break;
+                };
+                out.extend_from_slice(&words[t]);
+                c.consume(t as u32).unwrap();
+                if c.is_finished() {
+                    break;
+                }
+            }
+            let text = String::from_utf8(out).unwrap();
+            let (_, calls) = format
+                .parse(&text)
+                .unwrap_or_else(|| panic!("{format:?}: {text:?}"));
+            assert_eq!(calls[0].name, "get_weather", "{text}");
+            let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+            assert!(args["city"] == "Paris" || args["city"] == "Oslo", "{text}");
+        }
+    }
+}

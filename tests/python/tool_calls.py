@@ -1,0 +1,90 @@
+"""Tool calls through the official `openai` client: a forced call (`tool_choice: "required"`
+and a named function), whole and streamed, then the conversation continued with the tool's
+result. Prints one JSON object with what came back.
+
+usage: tool_calls.py HOST:PORT MODEL
+"""
+import json
+import sys
+
+import jsonschema
+from openai import OpenAI
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Forecast for a city.",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                      "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}},
+]
+MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def valid(name, arguments):
+    args = json.loads(arguments)
+    jsonschema.validate(args, WEATHER if name == "get_weather" else TOOLS[1]["function"]["parameters"])
+    return args
+
+
+def main():
+    addr, model = sys.argv[1], sys.argv[2]
+    client = OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
+    out = {}
+    required = client.chat.completions.create(
+        model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=300,
+        temperature=1.0, seed=1, parallel_tool_calls=False)
+    choice = required.choices[0]
+    calls = choice.message.tool_calls or []
+    out["required"] = {
+        "finish_reason": choice.finish_reason,
+        "calls": [[c.function.name, valid(c.function.name, c.function.arguments)] for c in calls],
+        "ids": [c.id for c in calls],
+    }
+    named = client.chat.completions.create(
+        model=model, messages=MESSAGES, tools=TOOLS, max_tokens=300, temperature=1.0, seed=2,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    c = named.choices[0]
+    out["named"] = {
+        "finish_reason": c.finish_reason,
+        "calls": [[t.function.name, valid(t.function.name, t.function.arguments)] for t in c.message.tool_calls or []],
+    }
+    # Streamed: the calls arrive as delta.tool_calls, the same as the whole answer.
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(
+            model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=300,
+            temperature=1.0, seed=1, parallel_tool_calls=False, stream=True):
+        for ch in chunk.choices:
+            for t in ch.delta.tool_calls or []:
+                streamed.append([t.function.name, json.loads(t.function.arguments)])
+            finish = ch.finish_reason or finish
+    out["streamed"] = {"finish_reason": finish, "calls": streamed}
+    # The result goes back and the conversation continues.
+    first = calls[0]
+    follow = client.chat.completions.create(
+        model=model, max_tokens=8, temperature=0, tools=TOOLS, tool_choice="none",
+        messages=MESSAGES + [
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": first.id, "type": "function",
+                 "function": {"name": first.function.name, "arguments": first.function.arguments}}]},
+            {"role": "tool", "tool_call_id": first.id, "content": '{"forecast": "sunny"}'},
+        ])
+    out["follow_up"] = {
+        "finish_reason": follow.choices[0].finish_reason,
+        "content_is_text": isinstance(follow.choices[0].message.content, str),
+        "prompt_tokens": follow.usage.prompt_tokens,
+        "first_prompt_tokens": required.usage.prompt_tokens,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
