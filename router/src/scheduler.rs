@@ -27,6 +27,7 @@ use crate::kv_blocks::{KvBlocks, KvReservation};
 use crate::prefix_cache::PrefixCache;
 use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
+use crate::structured::TokenConstraint;
 use crate::validation::ValidRequest;
 
 /// Links from a step span to the other requests of its batch, at most.
@@ -80,6 +81,8 @@ struct Sequence {
     /// The prompt's token logprobs so far, when the request asked for them (sent with the
     /// first message).
     prompt_scores: Option<PromptScores>,
+    /// Its grammar's mask for the token this step samples, computed during the forward pass.
+    next_mask: Option<Result<Vec<bool>, String>>,
     _blocks: KvReservation,
 }
 
@@ -234,6 +237,7 @@ impl Scheduler {
             let prefilled = self.restore_prefix(&s.request, &mut cache);
             running.push(Sequence {
                 prompt_scores,
+                next_mask: None,
                 sampler: Sampler::for_request(
                     s.request.sampling.clone(),
                     &s.request.input_ids,
@@ -321,7 +325,7 @@ impl Scheduler {
         self.metrics
             .step_tokens
             .observe(plan.iter().map(|f| f.tokens).sum::<usize>() as f64);
-        match self.forward(running, &plan) {
+        match self.forward_with_masks(running, &plan) {
             Ok(logits) => {
                 if let Some(since) = self.stalled_since.take() {
                     tracing::info!(stalled_for = ?since.elapsed(), "steps succeed again");
@@ -330,6 +334,44 @@ impl Scheduler {
             }
             Err(e) => self.step_failed(running, &plan, e),
         }
+    }
+
+    /// [`Self::forward`], with the grammar masks of the constrained sequences that sample
+    /// this step computed on another thread meanwhile (each depends only on its own request's
+    /// tokens, so the overlap changes no result).
+    fn forward_with_masks(
+        &self,
+        running: &mut [Sequence],
+        plan: &[Feed],
+    ) -> moe_model::Result<Vec<Vec<f32>>> {
+        let vocab = self.dense.config().vocab_size;
+        let mut constraints: Vec<(usize, TokenConstraint)> = plan
+            .iter()
+            .filter(|f| f.samples)
+            .filter_map(|f| running[f.seq].request.constraint.take().map(|c| (f.seq, c)))
+            .collect();
+        if constraints.is_empty() {
+            return self.forward(running, plan);
+        }
+        let count = constraints.len();
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masks = scope.spawn(|| {
+                constraints
+                    .iter_mut()
+                    .map(|(_, c)| c.allowed(vocab))
+                    .collect::<Vec<_>>()
+            });
+            let logits = self.forward(running, plan);
+            let masks = masks
+                .join()
+                .unwrap_or_else(|_| vec![Err("the grammar panicked".into()); count]);
+            (logits, masks)
+        });
+        for ((seq, constraint), mask) in constraints.into_iter().zip(masks) {
+            running[seq].request.constraint = Some(constraint);
+            running[seq].next_mask = logits.is_ok().then_some(mask);
+        }
+        logits
     }
 
     /// What this step feeds: one token of every decoding sequence, then prefill chunks while
@@ -609,7 +651,10 @@ fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
     let Some(constraint) = s.request.constraint.as_mut() else {
         return Ok(s.sampler.sample(logits));
     };
-    let allowed = constraint.allowed(logits.len())?;
+    let allowed = match s.next_mask.take() {
+        Some(mask) => mask?,
+        None => constraint.allowed(logits.len())?,
+    };
     if !allowed.iter().any(|&a| a) {
         return Err("the grammar allows no token here".into());
     }

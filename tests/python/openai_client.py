@@ -94,7 +94,7 @@ def main():
     # Parameters that would change the output and are not implemented: a 400 naming them.
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     refused = {
-        "tools": dict(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}]),
+        "functions": dict(extra_body={"functions": [{"name": "f", "parameters": schema}]}),
         "min_p": dict(extra_body={"min_p": 0.2}),
         "tool_choice": dict(tool_choice="required"),
     }
