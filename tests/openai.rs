@@ -433,6 +433,13 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
             got["streamed"]["calls"], required["calls"],
             "streamed = whole"
         );
+        assert_eq!(got["auto"]["same"], true, "auto, streamed = whole: {got}");
+        if got["auto"]["has_calls"] == false {
+            assert!(
+                got["auto"]["content_chunks"].as_u64() > Some(1),
+                "text streams in pieces: {got}"
+            );
+        }
         let follow = &got["follow_up"];
         assert_eq!(follow["content_is_text"], true, "{got}");
         assert!(

@@ -75,6 +75,14 @@ impl ToolCallFormat {
         }
     }
 
+    /// The text a call starts with (content before it can stream).
+    pub fn start_marker(&self) -> &'static str {
+        match self {
+            ToolCallFormat::Hermes => "<tool_call>",
+            ToolCallFormat::DeepSeekV3 => DS_CALLS_BEGIN,
+        }
+    }
+
     /// A Lark grammar (llguidance's dialect) that generates one call to one of `functions`
     /// (several in a row when `parallel`), arguments per each one's schema.
     pub fn grammar(&self, functions: &[FunctionSpec], parallel: bool) -> String {

@@ -67,6 +67,25 @@ def main():
                 streamed.append([t.function.name, json.loads(t.function.arguments)])
             finish = ch.finish_reason or finish
     out["streamed"] = {"finish_reason": finish, "calls": streamed}
+    # tool_choice auto: the model may answer in text; streamed, the text comes in pieces
+    # (held back only where a call could be starting) and adds up to the whole answer.
+    auto = client.chat.completions.create(
+        model=model, messages=MESSAGES, tools=TOOLS, max_tokens=24, temperature=1.0, seed=5,
+        extra_body={"ignore_eos": True})
+    pieces, auto_calls = [], []
+    for chunk in client.chat.completions.create(
+            model=model, messages=MESSAGES, tools=TOOLS, max_tokens=24, temperature=1.0, seed=5,
+            stream=True, extra_body={"ignore_eos": True}):
+        for ch in chunk.choices:
+            if ch.delta.content:
+                pieces.append(ch.delta.content)
+            auto_calls.extend(t.function.name for t in ch.delta.tool_calls or [])
+    whole_calls = [t.function.name for t in auto.choices[0].message.tool_calls or []]
+    out["auto"] = {
+        "same": "".join(pieces) == (auto.choices[0].message.content or "") and auto_calls == whole_calls,
+        "content_chunks": len(pieces),
+        "has_calls": bool(whole_calls),
+    }
     # The result goes back and the conversation continues.
     first = calls[0]
     follow = client.chat.completions.create(

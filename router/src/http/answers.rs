@@ -453,6 +453,93 @@ pub fn stream_completion(
     })
 }
 
+/// A tool-enabled choice's streamed text: what went out as content, and what is held because
+/// a tool call may be starting there.
+#[derive(Clone, Default)]
+struct HeldText {
+    text: String,
+    /// Bytes of `text` already sent as content.
+    sent: usize,
+}
+
+impl HeldText {
+    /// How far `text` can go out as content: up to a call's marker, or, without one, up to a
+    /// tail that could still grow into it.
+    fn safe_end(&self, marker: &str) -> usize {
+        if let Some(at) = self.text[self.sent..].find(marker) {
+            return self.sent + at;
+        }
+        let tail_start = self
+            .text
+            .char_indices()
+            .map(|(i, _)| i)
+            .filter(|&i| i >= self.sent)
+            .find(|&i| marker.starts_with(&self.text[i..]))
+            .unwrap_or(self.text.len());
+        tail_start.max(self.sent)
+    }
+
+    /// The delta (and finish reason) for this message of the choice, if any goes out now.
+    fn next(
+        &mut self,
+        tools: &ToolAnswers,
+        response_id: &str,
+        index: u32,
+        piece: &str,
+        finish_reason: Option<String>,
+    ) -> Option<(Delta, Option<String>)> {
+        self.text.push_str(piece);
+        let Some(reason) = finish_reason else {
+            let end = self.safe_end(tools.format.start_marker());
+            let content = self.text[self.sent..end].to_string();
+            self.sent = end;
+            return (!content.is_empty()).then(|| {
+                (
+                    Delta {
+                        role: None,
+                        content: Some(content),
+                        tool_calls: None,
+                    },
+                    None,
+                )
+            });
+        };
+        let whole = std::mem::take(&mut self.text);
+        let sent = std::mem::take(&mut self.sent);
+        let (message, reason) =
+            chat_message(Some(tools), response_id, index, whole.clone(), Some(reason));
+        // The content not yet sent: the text before the calls, or all of it.
+        let rest = match &message.tool_calls {
+            Some(_) => message
+                .content
+                .unwrap_or_default()
+                .get(sent..)
+                .unwrap_or("")
+                .to_string(),
+            None => whole.get(sent..).unwrap_or("").to_string(),
+        };
+        // Streamed calls carry their index, as OpenAI's deltas do.
+        let calls = message.tool_calls.map(|calls| {
+            calls
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut c)| {
+                    c["index"] = i.into();
+                    c
+                })
+                .collect()
+        });
+        Some((
+            Delta {
+                role: None,
+                content: (!rest.is_empty() || calls.is_none()).then_some(rest),
+                tool_calls: calls,
+            },
+            reason,
+        ))
+    }
+}
+
 pub fn stream_chat(
     state: Arc<HttpState>,
     answers: Vec<Answers>,
@@ -461,8 +548,9 @@ pub fn stream_chat(
 ) -> EventStream {
     let (logprobs, include_usage) = (parsed.logprobs, parsed.include_usage);
     let tools = parsed.tools.clone();
-    // With tools, a choice's text is held until it ends, then sent as content or as calls.
-    let mut held: Vec<String> = vec![String::new(); answers.len()];
+    // With tools, a choice's text streams as content until a call may be starting; the rest
+    // is held until the choice ends, then sent as content or as calls.
+    let mut held: Vec<HeldText> = vec![HeldText::default(); answers.len()];
     let response_id = id.clone();
     let created = super::unix_now();
     let model = state.model_name.clone();
@@ -503,41 +591,9 @@ pub fn stream_chat(
                 },
                 finish(msg),
             )),
-            Some(t) => {
-                let text = held.get_mut(index as usize);
-                match (text, finish(msg)) {
-                    (Some(text), None) => {
-                        text.push_str(&msg.text);
-                        None
-                    }
-                    (Some(text), Some(reason)) => {
-                        text.push_str(&msg.text);
-                        let whole = std::mem::take(text);
-                        let (message, reason) =
-                            chat_message(Some(t), &response_id, index, whole, Some(reason));
-                        // Streamed calls carry their index, as OpenAI's deltas do.
-                        let calls = message.tool_calls.map(|calls| {
-                            calls
-                                .into_iter()
-                                .enumerate()
-                                .map(|(i, mut c)| {
-                                    c["index"] = i.into();
-                                    c
-                                })
-                                .collect()
-                        });
-                        Some((
-                            Delta {
-                                role: None,
-                                content: message.content,
-                                tool_calls: calls,
-                            },
-                            reason,
-                        ))
-                    }
-                    (None, _) => None,
-                }
-            }
+            Some(t) => held
+                .get_mut(index as usize)
+                .and_then(|h| h.next(t, &response_id, index, &msg.text, finish(msg))),
         };
         let mut events = Vec::new();
         if let Some((delta, finish_reason)) = delta {
@@ -558,4 +614,56 @@ pub fn stream_chat(
         }
         events
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tool_calls::ToolCallFormat;
+
+    /// Streams `pieces` through a tool-enabled choice; the content deltas and the last delta.
+    fn stream(pieces: &[&str]) -> (Vec<String>, Delta, Option<String>) {
+        let tools = ToolAnswers {
+            format: ToolCallFormat::Hermes,
+        };
+        let mut held = HeldText::default();
+        let mut contents = Vec::new();
+        for piece in &pieces[..pieces.len() - 1] {
+            if let Some((delta, None)) = held.next(&tools, "id", 0, piece, None) {
+                contents.push(delta.content.unwrap());
+            }
+        }
+        let last = pieces[pieces.len() - 1];
+        let (delta, reason) = held
+            .next(&tools, "id", 0, last, Some("stop".into()))
+            .unwrap();
+        (contents, delta, reason)
+    }
+
+    #[test]
+    fn content_streams_until_a_call_may_start() {
+        let (contents, last, reason) = stream(&["Hello", " there", "."]);
+        assert_eq!(contents, ["Hello", " there"]);
+        assert_eq!(last.content.as_deref(), Some("."));
+        assert_eq!(reason.as_deref(), Some("stop"));
+
+        // "<tool" could begin a call: held back, then sent as calls.
+        let (contents, last, reason) = stream(&[
+            "Let me check. <tool",
+            "_call>\n{\"name\": \"f\", \"arguments\": {}}\n",
+            "</tool_call>",
+        ]);
+        assert_eq!(contents, ["Let me check. "]);
+        assert_eq!(
+            last.content, None,
+            "the content before the call went out already"
+        );
+        assert_eq!(last.tool_calls.unwrap()[0]["function"]["name"], "f");
+        assert_eq!(reason.as_deref(), Some("tool_calls"));
+
+        // A "<" that turns out not to start a call goes out once it cannot.
+        let (contents, last, _) = stream(&["a <", "b", "c"]);
+        assert_eq!(contents, ["a ", "<b"]);
+        assert_eq!(last.content.as_deref(), Some("c"));
+    }
 }
