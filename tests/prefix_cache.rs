@@ -116,3 +116,43 @@ async fn prefix_caching_false_turns_it_off() {
     let (hits, blocks) = run(false).await;
     assert_eq!((hits, blocks), (0.0, 0.0));
 }
+
+/// A request's `n` choices prefill its prompt once: the first choice's blocks go to the cache
+/// and the others copy them (here 2 x 20 hit tokens), with the same tokens as alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_prefill_their_prompt_once() {
+    let dir = fixture_dir(FIXTURES[0]);
+    let engine = Engine::load(&dir).unwrap();
+    let prompt = &prompts()[0];
+    let want = offline(&engine, prompt, 6);
+    let text = engine.tokenizer().decode(&want.output_ids).unwrap();
+    let mut spec = harness::spec(dir, 1);
+    spec.router_args
+        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let body = serde_json::json!({
+        "prompt": prompt, "max_tokens": 6, "n": 3, "temperature": 0, "ignore_eos": true,
+    });
+    let (status, answer) = harness::http(
+        &http,
+        "POST",
+        "/v1/completions",
+        None,
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let texts: Vec<&str> = answer["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, [text.as_str(); 3]);
+    let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
+    // 23 prompt tokens: five full 4-token blocks usable; choice 0 computes them.
+    assert_eq!(metric(&metrics, "moe_prefix_cache_hit_tokens_total"), 40.0);
+}

@@ -16,7 +16,9 @@ use crate::request_metrics::RequestMetrics;
 use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
 use crate::structured::GrammarCompiler;
-use crate::validation::{check_prompt, check_prompt_bytes, validate_ids, RequestLimits};
+use crate::validation::{
+    check_prompt, check_prompt_bytes, validate_ids, RequestLimits, SiblingPrefill,
+};
 
 pub type Answers = mpsc::Receiver<Result<GenerateResponse, RouterError>>;
 
@@ -157,8 +159,18 @@ impl Admission {
 
     pub async fn submit(
         &self,
+        request: GenerateRequest,
+        origin: TraceOrigin,
+    ) -> Result<Answers, RouterError> {
+        self.submit_choice(request, origin, None).await
+    }
+
+    /// [`Self::submit`] for one of a request's `n` choices, which share the prompt's prefill.
+    pub async fn submit_choice(
+        &self,
         mut request: GenerateRequest,
         origin: TraceOrigin,
+        sibling: Option<SiblingPrefill>,
     ) -> Result<Answers, RouterError> {
         // `validate`, with its tokenizer call on the blocking pool.
         if let Some(text) = &request.prompt {
@@ -175,6 +187,7 @@ impl Admission {
         };
         let structured = request.structured_output.take();
         let mut valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
+        valid.sibling = sibling;
         if let Some(spec) = structured {
             let compiler = self.grammar.as_ref().ok_or_else(|| {
                 RouterError::invalid(

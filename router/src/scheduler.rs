@@ -219,6 +219,13 @@ impl Scheduler {
     fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
         while running.len() < self.config.max_running {
             let Some(front) = waiting.front() else { break };
+            // A request's later choices wait for its first one's prefill, then copy it from
+            // the prefix cache (the first is running, so this wait is a few steps at most).
+            if self.prefix_cache.is_some()
+                && front.request.sibling.as_ref().is_some_and(|s| s.waiting())
+            {
+                break;
+            }
             let tokens = front.request.input_ids.len() + front.request.max_new_tokens;
             let Some(blocks) = self.reserve(tokens) else {
                 break;
@@ -457,6 +464,9 @@ impl Scheduler {
                 s.prefilled += f.tokens;
                 if s.prefilled == prompt_len {
                     self.cache_prefix(s);
+                    if let Some(sibling) = &s.request.sibling {
+                        sibling.announce();
+                    }
                 }
                 if s.prefilled == prompt_len && s.request.max_new_tokens == 0 {
                     self.emit_prompt_only(s);

@@ -34,6 +34,7 @@ use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 use crate::request_trace::TraceOrigin;
 use crate::tool_calls::ToolCallFormat;
+use crate::validation::SiblingPrefill;
 pub use api_error::ApiError;
 use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
 use tools::TemplateMessage;
@@ -233,8 +234,10 @@ pub struct Parsed {
 }
 
 /// Submits the `n` choices of `parsed`: choice i is the request with seed `seed + i` (as vLLM
-/// seeds its choices, so choice 0 is what `n = 1` gives), its prompt tokenized once. A choice
-/// that cannot be admitted fails the request; those already admitted are cancelled with it.
+/// seeds its choices, so choice 0 is what `n = 1` gives), its prompt tokenized once and, with
+/// prefix caching, prefilled once (the others wait for choice 0's prefill and copy it). A
+/// choice that cannot be admitted fails the request; those already admitted are cancelled
+/// with it.
 async fn submit_choices(
     state: &HttpState,
     mut parsed: Parsed,
@@ -254,10 +257,14 @@ async fn submit_choices(
             .map_err(|e| RouterError::invalid("prompt", e.to_string()))?;
     }
     let mut answers = Vec::with_capacity(n as usize);
-    for i in 0..n {
+    let (leader, followers) = SiblingPrefill::group(n as usize - 1);
+    for (i, sibling) in std::iter::once(leader).chain(followers).enumerate() {
         let mut request = parsed.generate.clone();
-        request.seed = request.seed.map(|s| s.wrapping_add(u64::from(i)));
-        answers.push(state.admission.submit(request, origin.clone()).await?);
+        request.seed = request.seed.map(|s| s.wrapping_add(i as u64));
+        let choice = state
+            .admission
+            .submit_choice(request, origin.clone(), Some(sibling));
+        answers.push(choice.await?);
     }
     Ok((answers, parsed))
 }
