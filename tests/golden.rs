@@ -186,7 +186,7 @@ fn device_numerics_error(name: &str, numerics: GpuDtype) -> f32 {
     let vocab = config.vocab_size;
     let mut worst = 0.0f32;
     for case in golden_cases(name) {
-        let mut cache = SequenceCache::new(config.num_layers);
+        let mut cache = SequenceCache::for_config(&config);
         let mut step = |tokens: &[u32], all_logits: bool| {
             let mut seqs = [StepSequence {
                 cache: &mut cache,

@@ -430,8 +430,15 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         assert_eq!(got["named"]["calls"][0][0], "get_weather", "{got}");
         assert_eq!(got["streamed"]["finish_reason"], "tool_calls", "{got}");
         assert_eq!(
-            got["streamed"]["calls"], required["calls"],
+            got["streamed"]["calls"], got["named"]["calls"],
             "streamed = whole"
+        );
+        let streamed = &got["streamed"];
+        assert_eq!(streamed["arguments_equal"], true, "{template}: {got}");
+        assert_eq!(streamed["have_ids"], true, "{got}");
+        assert!(
+            streamed["argument_deltas"][0].as_u64() > Some(2),
+            "the arguments arrive piece by piece: {got}"
         );
         assert_eq!(got["auto"]["same"], true, "auto, streamed = whole: {got}");
         if got["auto"]["has_calls"] == false {

@@ -118,7 +118,7 @@ async fn prefix_caching_false_turns_it_off() {
 }
 
 /// A request's `n` choices prefill its prompt once: the first choice's blocks go to the cache
-/// and the others copy them (here 2 x 20 hit tokens), with the same tokens as alone.
+/// and the others share them (here 2 x 20 hit tokens), with the same tokens as alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n_choices_prefill_their_prompt_once() {
     let dir = fixture_dir(FIXTURES[0]);
@@ -155,4 +155,107 @@ async fn n_choices_prefill_their_prompt_once() {
     let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
     // 23 prompt tokens: five full 4-token blocks usable; choice 0 computes them.
     assert_eq!(metric(&metrics, "moe_prefix_cache_hit_tokens_total"), 40.0);
+}
+
+/// Shared blocks are counted once: with a KV budget that holds a long request (whose prompt
+/// blocks go to the cache) plus only the blocks a second request adds past the shared prefix,
+/// the second runs beside the first and finishes long before it. Were the prefix copied (or
+/// counted twice), the second would wait for the first's blocks and finish after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_blocks_count_once_in_the_kv_budget() {
+    let dir = fixture_dir(FIXTURES[0]);
+    let engine = Engine::load(&dir).unwrap();
+    let per_token = engine.config().kv_cache_bytes_per_token();
+    let block = 4;
+    let prefix: Vec<u32> = (0..36).map(|i| (i * 41 + 7) % 500 + 3).collect();
+    let long = (prefix.clone(), 600usize);
+    let mut short_prompt = prefix.clone();
+    short_prompt.extend([17, 29, 31, 43]);
+    let short = (short_prompt, 4usize);
+    let blocks_for = |tokens: usize| tokens.div_ceil(block);
+    // All of the long one, and the short one's blocks past the 9 it shares.
+    let budget_blocks = blocks_for(long.0.len() + long.1) + blocks_for(short.0.len() + short.1) - 9;
+    let want = offline(&engine, &short.0, short.1);
+
+    let mut spec = harness::spec(dir, 1);
+    spec.router_args.extend([
+        "--kv-block-tokens".to_string(),
+        block.to_string(),
+        "--kv-cache-bytes".to_string(),
+        (budget_blocks * block * per_token).to_string(),
+        "--http-listen".to_string(),
+        "127.0.0.1:0".to_string(),
+    ]);
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let client = harness::inference(&cluster).await;
+
+    let long_task = {
+        let mut client = client.clone();
+        let (prompt, n) = long.clone();
+        tokio::spawn(async move {
+            let got = generate(&mut client, greedy(&prompt, n as u32))
+                .await
+                .unwrap();
+            assert_eq!(got.ids.len(), n);
+            std::time::Instant::now()
+        })
+    };
+    // The long one's prompt blocks are in the cache once its prefill is done.
+    loop {
+        let (_, text) = harness::http(&http, "GET", "/metrics", None, b"").await;
+        if metric(&text, "moe_prefix_cache_blocks") >= 9.0 {
+            break;
+        }
+        assert!(
+            !long_task.is_finished(),
+            "the long request ended before the check"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let mut c = client.clone();
+    let got = generate(&mut c, greedy(&short.0, short.1 as u32))
+        .await
+        .unwrap();
+    let short_done = std::time::Instant::now();
+    assert_eq!(got.ids, want.output_ids);
+    assert_eq!(got.logprobs, want.logprobs);
+    let long_done = long_task.await.unwrap();
+    assert!(
+        short_done < long_done,
+        "the short request waited for the long one's blocks"
+    );
+}
+
+/// The next turn of a conversation (the last prompt, its answer, a new message) reuses the
+/// answer's blocks too: rows computed while decoding, one token per step, are bitwise those a
+/// prefill of the same tokens computes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_turn_reuses_the_answer_blocks_bitwise() {
+    let dir = fixture_dir(FIXTURES[0]);
+    let engine = Engine::load(&dir).unwrap();
+    let first = &prompts()[0];
+    let answer = offline(&engine, first, 14).output_ids;
+    let mut second = first.clone();
+    second.extend(&answer);
+    second.extend([19, 23, 5]);
+    let want = offline(&engine, &second, 8);
+
+    let mut spec = harness::spec(dir, 1);
+    spec.router_args
+        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let mut client = harness::inference(&cluster).await;
+    let got = generate(&mut client, greedy(first, 14)).await.unwrap();
+    assert_eq!(got.ids, answer);
+    let got = generate(&mut client, greedy(&second, 8)).await.unwrap();
+    assert_eq!(got.ids, want.output_ids);
+    assert_eq!(got.logprobs, want.logprobs);
+    let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
+    // 23 + 14 tokens went through the first request, 36 of them fed (its last token was
+    // sampled, not fed): nine full blocks, all of which the second turn takes.
+    assert_eq!(metric(&metrics, "moe_prefix_cache_hit_tokens_total"), 36.0);
 }

@@ -129,12 +129,13 @@ fn main() {
         let (heads, ctx, width) = (16usize, 1024usize, 256usize);
         let queries = random(heads * width, &mut rng);
         let cache = random(ctx * width, &mut rng);
+        let cache: Vec<&[f32]> = cache.chunks_exact(width).collect();
         let mut scores = vec![0.0f32; heads * ctx];
-        let s = time(|| ops::dot_rows_many(&queries, width, &cache, width, 0, &mut scores));
+        let s = time(|| ops::dot_rows_many(&queries, width, &cache, 0, &mut scores));
         results.push((name, s, 2.0 * (heads * ctx * width) as f64));
         let name = "attention_values_16x1024x256".to_string();
         let mut out = vec![0.0f32; heads * width];
-        let s = time(|| ops::weighted_sum_rows_many(&scores, &cache, width, 0, width, &mut out));
+        let s = time(|| ops::weighted_sum_rows_many(&scores, &cache, 0, width, &mut out));
         results.push((name, s, 2.0 * (heads * ctx * width) as f64));
     }
 

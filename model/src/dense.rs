@@ -10,12 +10,13 @@ use crate::dense_step::{logit_rows, split_logits, validate_step};
 use crate::error::Result;
 use crate::expert_backend::ExpertBackend;
 use crate::families;
-use crate::kv_cache::{LayerCache, SequenceCache};
+use crate::kv_cache::{KvLayout, KvPool, LayerCache, SequenceCache, DEFAULT_BLOCK_TOKENS};
 use crate::layers::attention::Attention;
 use crate::layers::gate::MoeGate;
 use crate::layers::mlp::Mlp;
 use crate::layers::rope::Rope;
 use crate::routes::{combine, ExpertRoutes};
+use std::sync::Arc;
 
 /// The crates above name these here; they live in their own module so that the device and GPU
 /// dense parts depend on them alone, not on the CPU model.
@@ -49,6 +50,8 @@ pub struct DenseModel {
     final_norm: Vec<f32>,
     lm_head: PackedMatrix,
     rope: Rope,
+    /// Every sequence's KV blocks.
+    kv_pool: Arc<KvPool>,
 }
 
 impl DenseModel {
@@ -107,6 +110,7 @@ impl DenseModel {
             final_norm,
             lm_head,
             rope: Rope::new(&config.rope),
+            kv_pool: KvPool::new(KvLayout::for_config(config, DEFAULT_BLOCK_TOKENS)),
         })
     }
 
@@ -133,6 +137,9 @@ impl DenseModel {
         let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
         let rows = layout.num_rows();
         let rope = self.rope.table(&layout.row_pos);
+        for s in seqs.iter_mut() {
+            s.cache.ensure_capacity(s.cache.len + s.tokens.len());
+        }
 
         let mut hidden = Vec::with_capacity(rows * h);
         for s in seqs.iter() {
@@ -144,8 +151,8 @@ impl DenseModel {
 
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = ops::rms_norm(&hidden, &layer.input_norm, eps);
-            let mut caches: Vec<&mut LayerCache> =
-                seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            let mut caches: Vec<LayerCache<'_>> =
+                seqs.iter_mut().map(|s| s.cache.layer(l)).collect();
             let attn = layer
                 .attention
                 .forward(&normed, &layout, &rope, &mut caches);
@@ -197,8 +204,9 @@ impl DenseModel {
         ))
     }
 
+    /// An empty cache, its blocks from this model's pool.
     pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache::new(self.config.num_layers)
+        SequenceCache::new(&self.kv_pool)
     }
 }
 
@@ -217,6 +225,10 @@ impl DenseStep for DenseModel {
 
     fn placement(&self) -> String {
         "cpu".into()
+    }
+
+    fn new_cache(&self) -> SequenceCache {
+        DenseModel::new_cache(self)
     }
 }
 

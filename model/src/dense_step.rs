@@ -8,7 +8,7 @@ use crate::batch::BatchLayout;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::expert_backend::ExpertBackend;
-use crate::kv_cache::SequenceCache;
+use crate::kv_cache::{KvLayout, SequenceCache};
 
 /// What a step needs from each sequence: its cache and new tokens.
 pub struct StepSequence<'a> {
@@ -61,7 +61,8 @@ pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<
                 max: config.max_position_embeddings,
             });
         }
-        if s.cache.layers.len() != config.num_layers {
+        let expected = KvLayout::for_config(config, s.cache.layout().block_tokens);
+        if *s.cache.layout() != expected {
             return Err(ModelError::InvalidRequest(
                 "sequence cache belongs to another model".into(),
             ));
@@ -81,7 +82,7 @@ pub trait DenseStep: Send + Sync {
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>>;
     fn new_cache(&self) -> SequenceCache {
-        SequenceCache::new(self.config().num_layers)
+        SequenceCache::for_config(self.config())
     }
     /// Where it runs, for logs and status (`cpu`, `cuda:0 (NVIDIA H200, bf16)`).
     fn placement(&self) -> String;

@@ -43,6 +43,7 @@ pub mod generator;
 pub mod gpu;
 pub mod grouped_ffn;
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod layers;
 pub mod logit_adjust;
 mod open_device;

@@ -53,6 +53,10 @@ impl KvBlocks {
         }
     }
 
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
     pub fn total(&self) -> usize {
         self.total
     }
@@ -66,6 +70,22 @@ impl KvBlocks {
 pub struct KvReservation {
     blocks: usize,
     used: Arc<AtomicUsize>,
+}
+
+impl KvReservation {
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Moves `n` of these blocks into a reservation of their own (a block that outlives its
+    /// sequence, shared through the prefix cache, keeps its budget); `None` when fewer are held.
+    pub fn split_off(&mut self, n: usize) -> Option<KvReservation> {
+        self.blocks = self.blocks.checked_sub(n)?;
+        Some(KvReservation {
+            blocks: n,
+            used: Arc::clone(&self.used),
+        })
+    }
 }
 
 impl Drop for KvReservation {
@@ -88,5 +108,18 @@ mod tests {
         drop(a);
         assert_eq!(kv.used(), 0);
         assert!(kv.reserve(160).is_some());
+    }
+
+    #[test]
+    fn a_split_reservation_counts_its_blocks_once() {
+        let kv = KvBlocks::new(64 * 16 * 10, 64, 16);
+        let mut a = kv.reserve_blocks(4).unwrap();
+        let one = a.split_off(1).unwrap();
+        assert_eq!((a.blocks(), one.blocks(), kv.used()), (3, 1, 4));
+        assert!(a.split_off(4).is_none());
+        drop(a);
+        assert_eq!(kv.used(), 1);
+        drop(one);
+        assert_eq!(kv.used(), 0);
     }
 }

@@ -37,5 +37,6 @@ pub mod request_trace;
 pub mod scheduler;
 pub mod server;
 pub mod structured;
+pub mod tool_call_stream;
 pub mod tool_calls;
 pub mod validation;

@@ -18,6 +18,7 @@ use moe_cluster::exposure::MemberCredentials;
 use moe_cluster::listener::{accept_bounded, ConnectionLimits};
 use moe_cluster::shutdown::{Shutdown, Stopper};
 use moe_cluster::tls::PublicTls;
+use moe_model::kv_cache::{KvLayout, KvPool};
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
 use moe_router::kv_blocks::KvBlocks;
@@ -223,6 +224,8 @@ fn start_scheduler(
         ),
         tokenizer: Arc::clone(&model.tokenizer),
         kv: Arc::clone(&kv),
+        // One pool for every sequence's blocks and the cached ones, in `--kv-block-tokens`.
+        kv_pool: KvPool::new(KvLayout::for_config(&model.config, args.kv_block_tokens)),
         stats: Arc::clone(&stats),
         config: SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
@@ -233,7 +236,7 @@ fn start_scheduler(
         eos_ids: model.eos_ids.clone(),
         stalled_since: Default::default(),
         metrics: Arc::clone(&requests),
-        // A device dense part keeps its KV on the device, which the prefix cache cannot copy.
+        // A device dense part keeps its KV on the device, which the prefix cache cannot share.
         prefix_cache: (args.prefix_caching && model.dense.placement() == "cpu")
             .then(|| std::cell::RefCell::new(PrefixCache::new(args.kv_block_tokens))),
     };

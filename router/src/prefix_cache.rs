@@ -1,19 +1,21 @@
-//! Prefix caching: the KV rows of full prompt blocks, kept after their request and found again
-//! by the hash of their tokens and of everything before them, so a request that shares a
-//! prefix (a system prompt, a few-shot header, a conversation so far) prefills only the rest.
+//! Prefix caching: full KV blocks kept after their request and found again by the hash of their
+//! tokens and of everything before them, so a request that shares a prefix (a system prompt, a
+//! few-shot header, a conversation so far) prefills only the rest.
 //!
-//! A hit is copied into the new sequence's own cache (the CPU attention reads one contiguous
-//! cache per sequence), as LMCache restores prefixes into an engine's memory. Each cached block
-//! holds one block of the router's KV budget (`KvBlocks`), so cached prefixes and running
-//! requests share one pool; cached blocks nobody is copying are evicted least recently used
-//! when a request needs the room. The rows are the ones the model computed for these tokens at
-//! these positions, and the CPU kernels are position- and batch-invariant, so a request's
-//! tokens and logprobs are bitwise the same with and without a hit (`tests/prefix_cache.rs`).
+//! A hit is shared, not copied: the new sequence's block table starts with the cached blocks
+//! themselves (reference-counted; nobody writes a full block again). A block enters the cache
+//! when its sequence has filled it, taking one block of that sequence's KV reservation with it,
+//! so the router's one pool (`KvBlocks`) counts every block once, however many sequences share
+//! it. Cached blocks that no running sequence holds are evicted least recently used when a
+//! request needs the room. The rows are the ones the model computed for these tokens at these
+//! positions, and the CPU kernels are position- and batch-invariant, so a request's tokens and
+//! logprobs are bitwise the same with and without a hit (`tests/prefix_cache.rs`).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
-use moe_model::kv_cache::SequenceCache;
+use moe_model::kv_cache::{KvBlock, SequenceCache};
 
 use crate::kv_blocks::{KvBlocks, KvReservation};
 
@@ -34,19 +36,27 @@ fn chain(parent: BlockKey, tokens: &[u32]) -> BlockKey {
 }
 
 /// One cached block: its tokens (compared on a hit, so a hash collision is never a wrong
-/// answer) and, per layer, its rows of the two cached tensors.
+/// answer), the block (shared with the sequences using it) and its share of the budget.
 struct CachedBlock {
     parent: BlockKey,
     tokens: Vec<u32>,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    block: Arc<KvBlock>,
     last_used: u64,
     _budget: KvReservation,
 }
 
-/// What a lookup found: the cached prefix, in tokens.
+impl CachedBlock {
+    /// Held by a running sequence too: evicting it would free nothing.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.block) > 1
+    }
+}
+
+/// What a lookup found: the cached prefix, in tokens and blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrefixHit {
     pub tokens: usize,
+    pub blocks: usize,
 }
 
 pub struct PrefixCache {
@@ -68,16 +78,17 @@ impl PrefixCache {
         self.blocks.len()
     }
 
-    /// Keys of the full blocks of `prompt` that a new request may take from the cache: never
-    /// the block holding the last prompt token (the model must see at least one token to give
-    /// the logits of the next).
-    fn keys(&self, prompt: &[u32]) -> Vec<(BlockKey, BlockKey, std::ops::Range<usize>)> {
-        let usable = prompt.len().saturating_sub(1) / self.block_tokens;
+    /// Keys of the first `count` full blocks of `tokens`: (parent, key, token range).
+    fn keys(
+        &self,
+        tokens: &[u32],
+        count: usize,
+    ) -> Vec<(BlockKey, BlockKey, std::ops::Range<usize>)> {
         let mut parent = ROOT;
-        (0..usable)
+        (0..count.min(tokens.len() / self.block_tokens))
             .map(|i| {
                 let range = i * self.block_tokens..(i + 1) * self.block_tokens;
-                let key = chain(parent, &prompt[range.clone()]);
+                let key = chain(parent, &tokens[range.clone()]);
                 let entry = (parent, key, range);
                 parent = key;
                 entry
@@ -85,75 +96,72 @@ impl PrefixCache {
             .collect()
     }
 
-    /// Copies the longest cached prefix of `prompt` into `cache` (empty, on the host) and
-    /// returns its length.
+    /// Starts `cache` (empty, on the host, in this cache's block size) with the blocks of the
+    /// longest cached prefix of `prompt`, shared. Never the block holding the last prompt token:
+    /// the model must see at least one token to give the logits of the next.
     pub fn restore(&mut self, prompt: &[u32], cache: &mut SequenceCache) -> PrefixHit {
         self.clock += 1;
-        let mut hit = 0;
-        if cache.len != 0 || cache.device.is_some() {
-            return PrefixHit { tokens: 0 };
+        let miss = PrefixHit {
+            tokens: 0,
+            blocks: 0,
+        };
+        if cache.len != 0
+            || cache.device.is_some()
+            || cache.layout().block_tokens != self.block_tokens
+        {
+            return miss;
         }
-        for (parent, key, range) in self.keys(prompt) {
-            let Some(block) = self.blocks.get_mut(&key) else {
+        let usable = prompt.len().saturating_sub(1) / self.block_tokens;
+        let mut found = Vec::new();
+        for (parent, key, range) in self.keys(prompt, usable) {
+            let Some(cached) = self.blocks.get_mut(&key) else {
                 break;
             };
-            if block.parent != parent || block.tokens != prompt[range.clone()] {
+            if cached.parent != parent || cached.tokens != prompt[range] {
                 break;
             }
-            block.last_used = self.clock;
-            for (layer, (keys, values)) in cache.layers.iter_mut().zip(&block.layers) {
-                layer.keys.extend_from_slice(keys);
-                layer.values.extend_from_slice(values);
-            }
-            hit = range.end;
+            cached.last_used = self.clock;
+            found.push(Arc::clone(&cached.block));
         }
-        cache.len = hit;
-        PrefixHit { tokens: hit }
+        if !cache.share_prefix(&found) {
+            return miss;
+        }
+        PrefixHit {
+            tokens: cache.len,
+            blocks: found.len(),
+        }
     }
 
-    /// Keeps the full blocks of `prompt` that `cache` (whose first tokens are the prompt's)
-    /// holds and the cache does not: each takes one block of `kv`, evicting older cached
-    /// blocks for room; stops when the budget has none left.
-    pub fn insert(&mut self, prompt: &[u32], cache: &SequenceCache, kv: &KvBlocks) {
-        if cache.device.is_some() || cache.len < prompt.len() {
+    /// Keeps the full blocks of `cache` whose tokens (`tokens`, the ids the cache holds rows
+    /// for, from position 0) the cache does not have yet. Each new entry takes one block of
+    /// `owner` (the sequence's reservation, which counted it), or of `kv` when the owner has
+    /// none left, evicting older unused entries for room; stops when there is none.
+    pub fn insert(
+        &mut self,
+        tokens: &[u32],
+        cache: &SequenceCache,
+        owner: &mut KvReservation,
+        kv: &KvBlocks,
+    ) {
+        if cache.device.is_some() || cache.layout().block_tokens != self.block_tokens {
             return;
         }
         self.clock += 1;
-        let widths: Vec<(usize, usize)> = cache
-            .layers
-            .iter()
-            .map(|l| {
-                (
-                    l.keys.len() / cache.len.max(1),
-                    l.values.len() / cache.len.max(1),
-                )
-            })
-            .collect();
-        for (parent, key, range) in self.keys(prompt) {
-            if let Some(block) = self.blocks.get_mut(&key) {
-                block.last_used = self.clock;
+        let full = cache.full_blocks();
+        for ((parent, key, range), block) in self.keys(tokens, full.len()).into_iter().zip(full) {
+            if let Some(cached) = self.blocks.get_mut(&key) {
+                cached.last_used = self.clock;
                 continue;
             }
-            let Some(budget) = self.reserve_one(kv) else {
+            let Some(budget) = owner.split_off(1).or_else(|| self.reserve_one(kv)) else {
                 return;
             };
-            let layers = cache
-                .layers
-                .iter()
-                .zip(&widths)
-                .map(|(l, &(kw, vw))| {
-                    (
-                        l.keys[range.start * kw..range.end * kw].to_vec(),
-                        l.values[range.start * vw..range.end * vw].to_vec(),
-                    )
-                })
-                .collect();
             self.blocks.insert(
                 key,
                 CachedBlock {
                     parent,
-                    tokens: prompt[range].to_vec(),
-                    layers,
+                    tokens: tokens[range].to_vec(),
+                    block: Arc::clone(block),
                     last_used: self.clock,
                     _budget: budget,
                 },
@@ -161,25 +169,32 @@ impl PrefixCache {
         }
     }
 
-    /// One block of `kv`, evicting the least recently used cached block while there is none.
+    /// One block of `kv`, evicting the least recently used unused block while there is none.
     fn reserve_one(&mut self, kv: &KvBlocks) -> Option<KvReservation> {
         loop {
             if let Some(r) = kv.reserve_blocks(1) {
                 return Some(r);
             }
-            if !self.evict_one() {
+            if !self.evict_unused_before(self.clock) {
                 return None;
             }
         }
     }
 
-    /// Drops the least recently used block (its budget block returns to the pool); false when
-    /// the cache is empty. A child outliving its parent is harmless: lookups walk from the
-    /// root, so it is simply never reached, and ages out in turn.
+    /// Drops the least recently used block no running sequence holds (its memory and budget
+    /// block return to the pool); false when there is none. A child outliving its parent is
+    /// harmless: lookups walk from the root, so it is simply never reached, and ages out in
+    /// turn.
     pub fn evict_one(&mut self) -> bool {
+        self.evict_unused_before(u64::MAX)
+    }
+
+    /// [`Self::evict_one`] among the blocks last used before `clock`.
+    fn evict_unused_before(&mut self, clock: u64) -> bool {
         let Some(&key) = self
             .blocks
             .iter()
+            .filter(|(_, b)| !b.in_use() && b.last_used < clock)
             .min_by_key(|(_, b)| b.last_used)
             .map(|(k, _)| k)
         else {
@@ -193,70 +208,111 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_model::kv_cache::LayerCache;
+    use moe_model::kv_cache::{KvLayout, KvPool};
 
-    /// A two-layer cache whose rows encode (layer, position), widths 2 and 3.
+    /// One pool for the tests' caches, as a router has.
+    fn pool() -> &'static Arc<KvPool> {
+        static POOL: std::sync::OnceLock<Arc<KvPool>> = std::sync::OnceLock::new();
+        POOL.get_or_init(|| {
+            KvPool::new(KvLayout {
+                block_tokens: 4,
+                num_layers: 2,
+                key_width: 2,
+                value_width: 3,
+            })
+        })
+    }
+
+    /// A cache of `tokens` positions whose rows encode (layer, position).
     fn filled(tokens: usize) -> SequenceCache {
-        let mut cache = SequenceCache::new(2);
-        for (l, layer) in cache.layers.iter_mut().enumerate() {
-            *layer = LayerCache {
-                keys: (0..tokens * 2).map(|i| (l * 1000 + i / 2) as f32).collect(),
-                values: (0..tokens * 3)
-                    .map(|i| (l * 1000 + i / 3) as f32 + 0.5)
-                    .collect(),
-            };
+        let mut cache = SequenceCache::new(pool());
+        cache.ensure_capacity(tokens);
+        for l in 0..2 {
+            let mut layer = cache.layer(l);
+            for p in 0..tokens {
+                let (k, v) = layer.row_mut(p);
+                k.fill((l * 1000 + p) as f32);
+                v.fill((l * 1000 + p) as f32 + 0.5);
+            }
         }
         cache.len = tokens;
         cache
     }
 
+    fn empty() -> SequenceCache {
+        SequenceCache::new(pool())
+    }
+
     #[test]
-    fn a_shared_prefix_is_restored_row_for_row() {
+    fn a_shared_prefix_is_restored_row_for_row_without_a_copy() {
         let kv = KvBlocks::new(1 << 20, 1, 4);
+        let mut owner = kv.reserve_blocks(3).unwrap();
         let mut pc = PrefixCache::new(4);
         let prompt: Vec<u32> = (0..11).collect();
-        pc.insert(&prompt, &filled(11), &kv);
-        // 11 tokens: blocks [0, 4) and [4, 8) are full and usable; [8, 11) is not full.
+        let source = filled(11);
+        pc.insert(&prompt, &source, &mut owner, &kv);
+        // 11 tokens: blocks [0, 4) and [4, 8) are full; [8, 11) is not. The two cached blocks
+        // came out of the owner's reservation: the pool counts each block once.
         assert_eq!(pc.blocks(), 2);
-        assert_eq!(kv.used(), 2);
+        assert_eq!((owner.blocks(), kv.used()), (1, 3));
 
         let mut other: Vec<u32> = (0..9).collect();
         other.push(99);
-        let mut cache = SequenceCache::new(2);
-        assert_eq!(pc.restore(&other, &mut cache), PrefixHit { tokens: 8 });
-        let reference = filled(8);
-        for (got, want) in cache.layers.iter().zip(&reference.layers) {
-            assert_eq!(got.keys, want.keys);
-            assert_eq!(got.values, want.values);
-        }
+        let mut cache = empty();
+        assert_eq!(
+            pc.restore(&other, &mut cache),
+            PrefixHit {
+                tokens: 8,
+                blocks: 2
+            }
+        );
         assert_eq!(cache.len, 8);
+        assert!(Arc::ptr_eq(
+            &cache.full_blocks()[1],
+            &source.full_blocks()[1]
+        ));
+        let mut reference = filled(8);
+        for l in 0..2 {
+            let (got, want) = (cache.layer(l), reference.layer(l));
+            let (got, want) = (got.rows(8), want.rows(8));
+            assert_eq!((got.keys, got.values), (want.keys, want.values));
+        }
 
         // Another first block: nothing is shared, even where later blocks match.
         let mut differs = prompt.clone();
         differs[0] = 7;
-        assert_eq!(pc.restore(&differs, &mut SequenceCache::new(2)).tokens, 0);
+        assert_eq!(pc.restore(&differs, &mut empty()).tokens, 0);
         // The whole prompt cached: its last block is still left to compute.
         let eight: Vec<u32> = (0..8).collect();
-        assert_eq!(pc.restore(&eight, &mut SequenceCache::new(2)).tokens, 4);
+        assert_eq!(pc.restore(&eight, &mut empty()).tokens, 4);
     }
 
     #[test]
-    fn cached_blocks_share_the_budget_and_go_least_recently_used_first() {
+    fn blocks_in_use_stay_and_unused_ones_go_least_recently_used_first() {
         // Room for three blocks.
         let kv = KvBlocks::new(3 * 4, 1, 4);
         let mut pc = PrefixCache::new(4);
         let a: Vec<u32> = (0..9).collect();
         let b: Vec<u32> = (100..109).collect();
-        pc.insert(&a, &filled(9), &kv);
-        assert_eq!(kv.used(), 2);
-        // b needs two more: the oldest of a's goes.
-        pc.insert(&b, &filled(9), &kv);
-        assert_eq!((pc.blocks(), kv.used()), (3, 3));
-        assert_eq!(pc.restore(&b, &mut SequenceCache::new(2)).tokens, 8);
-        // A running request takes the pool: the cache gives back what it holds.
-        while kv.reserve_blocks(1).map(std::mem::forget).is_none() {
-            assert!(pc.evict_one());
+        {
+            let mut none = kv.reserve_blocks(0).unwrap();
+            pc.insert(&a, &filled(9), &mut none, &kv);
         }
-        assert!(pc.blocks() < 3);
+        assert_eq!(kv.used(), 2);
+        // A sequence holds a's first block.
+        let mut holder = empty();
+        assert_eq!(pc.restore(&a, &mut holder).tokens, 8);
+        // b needs two more: only one is free, a's blocks are in use and b's first is not given
+        // up for its second, so one is cached.
+        let mut none = kv.reserve_blocks(0).unwrap();
+        pc.insert(&b, &filled(9), &mut none, &kv);
+        assert_eq!((pc.blocks(), kv.used()), (3, 3));
+        assert!(pc.evict_one());
+        assert!(!pc.evict_one(), "a's blocks are in use");
+        assert_eq!((pc.blocks(), kv.used()), (2, 2));
+        drop(holder);
+        // Nobody holds a's blocks now: they can go.
+        while pc.evict_one() {}
+        assert_eq!((pc.blocks(), kv.used()), (0, 0));
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
 use moe_model::dense::{DenseStep, StepSequence};
-use moe_model::kv_cache::SequenceCache;
+use moe_model::kv_cache::{KvPool, SequenceCache};
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelError;
@@ -24,7 +24,7 @@ use crate::detokenize::IncrementalText;
 use crate::dispatch::RemoteExperts;
 use crate::error::RouterError;
 use crate::kv_blocks::{KvBlocks, KvReservation};
-use crate::prefix_cache::PrefixCache;
+use crate::prefix_cache::{PrefixCache, PrefixHit};
 use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
 use crate::structured::TokenConstraint;
@@ -83,7 +83,8 @@ struct Sequence {
     prompt_scores: Option<PromptScores>,
     /// Its grammar's mask for the token this step samples, computed during the forward pass.
     next_mask: Option<Result<Vec<bool>, String>>,
-    _blocks: KvReservation,
+    /// The KV blocks this sequence adds (its shared prefix is counted by the prefix cache).
+    blocks: KvReservation,
 }
 
 /// Logprobs of the prompt's tokens (each given the ones before it), filled chunk by chunk.
@@ -153,6 +154,8 @@ pub struct Scheduler {
     pub experts: RemoteExperts,
     pub tokenizer: Arc<Tokenizer>,
     pub kv: Arc<KvBlocks>,
+    /// Where sequences' (and cached prefixes') KV blocks live; `kv` bounds how many are taken.
+    pub kv_pool: Arc<KvPool>,
     pub stats: Arc<SchedulerStats>,
     pub config: SchedulerConfig,
     pub eos_ids: Vec<u32>,
@@ -219,20 +222,26 @@ impl Scheduler {
     fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
         while running.len() < self.config.max_running {
             let Some(front) = waiting.front() else { break };
-            // A request's later choices wait for its first one's prefill, then copy it from
-            // the prefix cache (the first is running, so this wait is a few steps at most).
+            // A request's later choices wait for its first one's prefill, then share its blocks
+            // through the prefix cache (the first is running, so this wait is a few steps at
+            // most).
             if self.prefix_cache.is_some()
                 && front.request.sibling.as_ref().is_some_and(|s| s.waiting())
             {
                 break;
             }
             let tokens = front.request.input_ids.len() + front.request.max_new_tokens;
-            let Some(blocks) = self.reserve(tokens) else {
+            // The cached prefix first: its blocks are then held, so making room below cannot
+            // evict them, and the reservation counts only the blocks this sequence adds.
+            let mut cache = SequenceCache::new(&self.kv_pool).reserving(tokens);
+            let hit = self.restore_prefix(&front.request, &mut cache);
+            let Some(blocks) = self.reserve(self.kv.blocks_for(tokens) - hit.blocks) else {
                 break;
             };
             let Some(mut s) = waiting.pop_front() else {
                 break;
             };
+            self.count_prefix_hit(&s.request, hit);
             s.trace.scheduled(s.request.input_ids.len());
             // No longer waiting: another request may be admitted.
             drop(s.waiting_slot);
@@ -240,8 +249,7 @@ impl Scheduler {
                 .prompt_tokens
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
             let prompt_scores = s.request.prompt_logprobs.map(|_| PromptScores::default());
-            let mut cache = self.dense.new_cache().reserving(tokens);
-            let prefilled = self.restore_prefix(&s.request, &mut cache);
+            let prefilled = hit.tokens;
             running.push(Sequence {
                 prompt_scores,
                 next_mask: None,
@@ -262,16 +270,15 @@ impl Scheduler {
                 text: IncrementalText::default(),
                 last_token_at: None,
                 trace: s.trace,
-                _blocks: blocks,
+                blocks,
             });
         }
     }
 
-    /// KV blocks for `tokens`, evicting cached prefixes nobody is using while the budget has
-    /// no room.
-    fn reserve(&self, tokens: usize) -> Option<KvReservation> {
+    /// `want` KV blocks, evicting cached prefixes nobody is using while the budget has no room.
+    fn reserve(&self, want: usize) -> Option<KvReservation> {
         loop {
-            if let Some(r) = self.kv.reserve(tokens) {
+            if let Some(r) = self.kv.reserve_blocks(want) {
                 return Some(r);
             }
             let evicted = self
@@ -285,29 +292,41 @@ impl Scheduler {
         }
     }
 
-    /// Copies the cached part of the request's prompt into `cache`; the tokens it holds. A
-    /// request that scores its prompt computes every position itself.
-    fn restore_prefix(&self, request: &ValidRequest, cache: &mut SequenceCache) -> usize {
-        let Some(pc) = &self.prefix_cache else {
-            return 0;
+    /// Starts `cache` with the cached blocks of the request's prompt, shared. A request that
+    /// scores its prompt computes every position itself.
+    fn restore_prefix(&self, request: &ValidRequest, cache: &mut SequenceCache) -> PrefixHit {
+        let miss = PrefixHit {
+            tokens: 0,
+            blocks: 0,
         };
-        if request.prompt_logprobs.is_some() {
-            return 0;
+        match &self.prefix_cache {
+            Some(pc) if request.prompt_logprobs.is_none() => {
+                pc.borrow_mut().restore(&request.input_ids, cache)
+            }
+            _ => miss,
         }
-        let hit = pc.borrow_mut().restore(&request.input_ids, cache);
+    }
+
+    fn count_prefix_hit(&self, request: &ValidRequest, hit: PrefixHit) {
+        if self.prefix_cache.is_none() || request.prompt_logprobs.is_some() {
+            return;
+        }
         let m = &self.metrics;
         m.prefix_cache_queried_tokens
             .fetch_add(request.input_ids.len() as u64, Ordering::Relaxed);
         m.prefix_cache_hit_tokens
             .fetch_add(hit.tokens as u64, Ordering::Relaxed);
-        hit.tokens
     }
 
-    /// Keeps the full blocks of a prompt whose prefill just completed.
-    fn cache_prefix(&self, s: &Sequence) {
+    /// Keeps the full blocks of a sequence's cache (its prompt once prefilled; prompt and
+    /// answer when it finishes, for the next turn of a conversation), shared with it.
+    fn cache_blocks(&self, s: &mut Sequence) {
         if let Some(pc) = &self.prefix_cache {
+            let held = s.cache.len;
+            let prompt = &s.request.input_ids;
+            let tokens: Vec<u32> = prompt.iter().chain(&s.output).take(held).copied().collect();
             pc.borrow_mut()
-                .insert(&s.request.input_ids, &s.cache, &self.kv);
+                .insert(&tokens, &s.cache, &mut s.blocks, &self.kv);
             self.count_cached_blocks();
         }
     }
@@ -463,7 +482,7 @@ impl Scheduler {
                 }
                 s.prefilled += f.tokens;
                 if s.prefilled == prompt_len {
-                    self.cache_prefix(s);
+                    self.cache_blocks(s);
                     if let Some(sibling) = &s.request.sibling {
                         sibling.announce();
                     }
@@ -492,6 +511,7 @@ impl Scheduler {
             };
             s.output.push(token);
             if self.emit(s, token, row) {
+                self.cache_blocks(s);
                 finished.push(f.seq);
             }
         }

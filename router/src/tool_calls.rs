@@ -29,7 +29,8 @@ pub struct FunctionSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedCall {
     pub name: String,
-    /// The arguments as JSON text (OpenAI's `function.arguments` is a string).
+    /// The arguments as JSON text (OpenAI's `function.arguments` is a string), as generated
+    /// (so a stream's argument fragments add up to it).
     pub arguments: String,
 }
 
@@ -39,13 +40,13 @@ pub enum ToolCallFormat {
     DeepSeekV3,
 }
 
-const HERMES_OPEN: &str = "<tool_call>\n";
+pub(crate) const HERMES_OPEN: &str = "<tool_call>\n";
 const HERMES_CLOSE: &str = "\n</tool_call>";
-const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+pub(crate) const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
-const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
-const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
-const DS_SEP: &str = "<｜tool▁sep｜>";
+pub(crate) const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+pub(crate) const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
+pub(crate) const DS_SEP: &str = "<｜tool▁sep｜>";
 
 /// A Lark string literal for `text`.
 fn literal(text: &str) -> String {
@@ -173,7 +174,17 @@ fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
     while let Some(start) = rest.find(open) {
         let after = &rest[start + open.len()..];
         let end = after.find("</tool_call>")?;
-        calls.push(call_from_json(&after[..end])?);
+        let mut call = call_from_json(&after[..end])?;
+        if let Some(raw) = crate::tool_call_stream::partial_calls(
+            ToolCallFormat::Hermes,
+            &rest[start..start + open.len() + end],
+        )
+        .pop()
+        .filter(|c| c.complete)
+        {
+            call.arguments = raw.arguments;
+        }
+        calls.push(call);
         rest = &after[end + "</tool_call>".len()..];
     }
     Some((text[..first].trim_end().to_string(), calls))
@@ -196,10 +207,10 @@ fn parse_deepseek(text: &str) -> Option<(String, Vec<ParsedCall>)> {
             .trim_start_matches("```json")
             .trim_end_matches("```")
             .trim();
-        let arguments: Value = serde_json::from_str(args).ok()?;
+        serde_json::from_str::<Value>(args).ok()?;
         calls.push(ParsedCall {
             name: name.trim().to_string(),
-            arguments: arguments.to_string(),
+            arguments: args.to_string(),
         });
         rest = &after[end + DS_CALL_END.len()..];
     }
@@ -242,7 +253,7 @@ mod tests {
             calls,
             vec![ParsedCall {
                 name: "get_weather".into(),
-                arguments: r#"{"city":"Oslo"}"#.into()
+                arguments: r#"{"city": "Oslo"}"#.into()
             }]
         );
         let ds = format!(
@@ -251,7 +262,7 @@ mod tests {
         let (content, calls) = ToolCallFormat::DeepSeekV3.parse(&ds).unwrap();
         assert_eq!(content, "");
         assert_eq!(calls.len(), 2);
-        assert_eq!(calls[1].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(calls[1].arguments, r#"{"city": "Paris"}"#);
         assert!(ToolCallFormat::Hermes.parse("just text").is_none());
     }
 

@@ -49,24 +49,38 @@ def main():
         "calls": [[c.function.name, valid(c.function.name, c.function.arguments)] for c in calls],
         "ids": [c.id for c in calls],
     }
+    named_choice = {"type": "function", "function": {"name": "get_weather"}}
     named = client.chat.completions.create(
         model=model, messages=MESSAGES, tools=TOOLS, max_tokens=300, temperature=1.0, seed=2,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        tool_choice=named_choice)
     c = named.choices[0]
+    named_calls = c.message.tool_calls or []
     out["named"] = {
         "finish_reason": c.finish_reason,
         "calls": [[t.function.name, valid(t.function.name, t.function.arguments)] for t in c.message.tool_calls or []],
     }
-    # Streamed: the calls arrive as delta.tool_calls, the same as the whole answer.
-    streamed, finish = [], None
+    # Streamed (the named call): each call arrives as delta.tool_calls, its id and name first, then its
+    # arguments piece by piece, adding up to the whole answer's.
+    acc, finish = {}, None
     for chunk in client.chat.completions.create(
-            model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=300,
-            temperature=1.0, seed=1, parallel_tool_calls=False, stream=True):
+            model=model, messages=MESSAGES, tools=TOOLS, tool_choice=named_choice, max_tokens=300,
+            temperature=1.0, seed=2, stream=True):
         for ch in chunk.choices:
             for t in ch.delta.tool_calls or []:
-                streamed.append([t.function.name, json.loads(t.function.arguments)])
+                e = acc.setdefault(t.index, {"name": None, "id": None, "arguments": "", "deltas": 0})
+                e["name"] = e["name"] or t.function.name
+                e["id"] = e["id"] or t.id
+                e["arguments"] += t.function.arguments or ""
+                e["deltas"] += 1
             finish = ch.finish_reason or finish
-    out["streamed"] = {"finish_reason": finish, "calls": streamed}
+    calls_streamed = [acc[i] for i in sorted(acc)]
+    out["streamed"] = {
+        "finish_reason": finish,
+        "calls": [[e["name"], valid(e["name"], e["arguments"])] for e in calls_streamed],
+        "arguments_equal": [e["arguments"] for e in calls_streamed] == [t.function.arguments for t in named_calls],
+        "argument_deltas": [e["deltas"] for e in calls_streamed],
+        "have_ids": all(e["id"] for e in calls_streamed),
+    }
     # tool_choice auto: the model may answer in text; streamed, the text comes in pieces
     # (held back only where a call could be starting) and adds up to the whole answer.
     auto = client.chat.completions.create(
@@ -79,7 +93,7 @@ def main():
         for ch in chunk.choices:
             if ch.delta.content:
                 pieces.append(ch.delta.content)
-            auto_calls.extend(t.function.name for t in ch.delta.tool_calls or [])
+            auto_calls.extend(t.function.name for t in ch.delta.tool_calls or [] if t.function.name)
     whole_calls = [t.function.name for t in auto.choices[0].message.tool_calls or []]
     out["auto"] = {
         "same": "".join(pieces) == (auto.choices[0].message.content or "") and auto_calls == whole_calls,

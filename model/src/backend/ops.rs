@@ -118,14 +118,14 @@ fma_dispatch!(
     }
 });
 
-/// `out[i * n + j] = dot(queries[i * width..][..width], rows[j * stride + offset..][..width])`
-/// for `n = out.len() / queries` rows: [`dot_rows`] for several queries (the heads of one token)
-/// at once, reading each row once for all of them. Each dot is bitwise [`dot`]'s.
+/// `out[i * n + j] = dot(queries[i * width..][..width], rows[j][offset..][..width])` for
+/// `n = out.len() / queries` rows: [`dot_rows`] for several queries (the heads of one token) at
+/// once, reading each row once for all of them. Each dot is bitwise [`dot`]'s. The rows are
+/// given one slice each (a paged cache's rows are not evenly spaced).
 pub fn dot_rows_many(
     queries: &[f32],
     width: usize,
-    rows: &[f32],
-    stride: usize,
+    rows: &[&[f32]],
     offset: usize,
     out: &mut [f32],
 ) {
@@ -133,32 +133,31 @@ pub fn dot_rows_many(
     let Some(n) = out.len().checked_div(count) else {
         return;
     };
-    assert!(n == 0 || rows.len() >= (n - 1) * stride + offset + width);
+    assert!(rows.len() >= n && rows[..n].iter().all(|r| r.len() >= offset + width));
     #[cfg(target_arch = "x86_64")]
     if crate::backend::has_avx2_fma() {
-        // SAFETY: the features were detected at run time; every row read lies in `rows` (the
+        // SAFETY: the features were detected at run time; every row read lies in its slice (the
         // assert above) and every query in `queries`.
-        unsafe { x86::dot_rows_many(queries, width, count, rows, stride, offset, n, out) };
+        unsafe { x86::dot_rows_many(queries, width, count, rows, offset, n, out) };
         return;
     }
-    for j in 0..n {
-        let row = &rows[j * stride + offset..j * stride + offset + width];
+    for (j, row) in rows[..n].iter().enumerate() {
+        let row = &row[offset..offset + width];
         for (i, q) in queries.chunks_exact(width).enumerate() {
             out[i * n + j] = dot_inline(q, row);
         }
     }
 }
 
-/// For every query i: `out[i * width..][..width] = sum_j weights[i * n + j] * rows[j * stride +
-/// offset..][..width]`, rows in ascending j (bitwise [`accumulate_rows`] into zeros, per query).
+/// For every query i: `out[i * width..][..width] = sum_j weights[i * n + j] * rows[j][offset..]
+/// [..width]`, rows in ascending j (bitwise [`accumulate_rows`] into zeros, per query).
 ///
 /// `out` is written, never read: a fresh `vec![0.0; n]` is calloc'd memory whose pages are not
 /// yet mapped, and reading one first maps the shared zero page, so the write that follows takes a
 /// copy-on-write fault and a TLB shootdown on every core (a tenth of a 4096-token prefill).
 pub fn weighted_sum_rows_many(
     weights: &[f32],
-    rows: &[f32],
-    stride: usize,
+    rows: &[&[f32]],
     offset: usize,
     width: usize,
     out: &mut [f32],
@@ -171,17 +170,21 @@ pub fn weighted_sum_rows_many(
         out.fill(0.0);
         return;
     }
-    assert!(rows.len() >= (n - 1) * stride + offset + width);
+    assert!(rows.len() >= n && rows[..n].iter().all(|r| r.len() >= offset + width));
     #[cfg(target_arch = "x86_64")]
     if crate::backend::has_avx2_fma() {
-        // SAFETY: the features were detected at run time; every row read lies in `rows` (the
+        // SAFETY: the features were detected at run time; every row read lies in its slice (the
         // assert above), every weight in `weights` and every output in `out`.
-        unsafe { x86::weighted_sum_rows_many(weights, rows, stride, offset, width, count, n, out) };
+        unsafe { x86::weighted_sum_rows_many(weights, rows, offset, width, count, n, out) };
         return;
     }
     for (i, acc) in out.chunks_exact_mut(width).enumerate() {
         acc.fill(0.0);
-        accumulate_rows(&weights[i * n..(i + 1) * n], rows, stride, offset, acc);
+        for (&w, row) in weights[i * n..(i + 1) * n].iter().zip(rows) {
+            for (a, v) in acc.iter_mut().zip(&row[offset..offset + width]) {
+                *a = w.mul_add(*v, *a);
+            }
+        }
     }
 }
 
@@ -248,23 +251,24 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weighted_sum_rows_many(
         weights: &[f32],
-        rows: &[f32],
-        stride: usize,
+        rows: &[&[f32]],
         offset: usize,
         width: usize,
         count: usize,
         n: usize,
         out: &mut [f32],
     ) {
-        let (w, o, base) = (
-            weights.as_ptr(),
-            out.as_mut_ptr(),
-            rows.as_ptr().add(offset),
-        );
+        let (w, o) = (weights.as_ptr(), out.as_mut_ptr());
         let blocks = width / 16;
         let mut j0 = 0;
         while j0 < n {
             let j1 = (j0 + VALUE_ROWS_PER_PASS).min(n);
+            // This pass's rows, read from the table once (not once per 16-float slice).
+            let mut pass = [std::ptr::null::<f32>(); VALUE_ROWS_PER_PASS];
+            for (p, j) in pass.iter_mut().zip(j0..j1) {
+                *p = rows.get_unchecked(j).as_ptr().add(offset);
+            }
+            let base = |j: usize| *pass.get_unchecked(j - j0);
             let mut i = 0;
             while i < count {
                 let group = (count - i).min(4);
@@ -280,7 +284,7 @@ mod x86 {
                         }
                     }
                     for j in j0..j1 {
-                        let row = base.add(j * stride + b * 16);
+                        let row = base(j).add(b * 16);
                         let (r0, r1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
                         for (k, a) in acc.iter_mut().enumerate().take(group) {
                             let wk = _mm256_broadcast_ss(&*w.add((i + k) * n + j));
@@ -301,7 +305,7 @@ mod x86 {
                         let mut a = if j0 > 0 { *dst } else { 0.0f32 };
                         for j in j0..j1 {
                             let wj = *w.add((i + k) * n + j);
-                            a = wj.mul_add(*base.add(j * stride + col), a);
+                            a = wj.mul_add(*base(j).add(col), a);
                         }
                         *dst = a;
                     }
@@ -324,15 +328,14 @@ mod x86 {
         queries: &[f32],
         width: usize,
         count: usize,
-        rows: &[f32],
-        stride: usize,
+        rows: &[&[f32]],
         offset: usize,
         n: usize,
         out: &mut [f32],
     ) {
         let q = queries.as_ptr();
         let o = out.as_mut_ptr();
-        let row = |j: usize| rows.as_ptr().add(j * stride + offset);
+        let row = |j: usize| rows.get_unchecked(j).as_ptr().add(offset);
         let mut j = 0;
         while j < n {
             if j + 2 <= n {
@@ -436,12 +439,13 @@ mod tests {
         let rows: Vec<f32> = (0..n * stride).map(value).collect();
         let queries: Vec<f32> = (0..count * width).map(|i| value(i + 5)).collect();
         let mut many = vec![0.0f32; count * n];
-        dot_rows_many(&queries, width, &rows, stride, offset, &mut many);
+        let table: Vec<&[f32]> = rows.chunks_exact(stride).collect();
+        dot_rows_many(&queries, width, &table, offset, &mut many);
         let weights: Vec<f32> = (0..count * n).map(|i| value(i + 11) / 50.0).collect();
         // Whatever `out` held before is overwritten.
         let mut acc_many: Vec<f32> = (0..count * width).map(|i| value(i + 13)).collect();
         let mut acc_one = vec![0.0f32; count * width];
-        weighted_sum_rows_many(&weights, &rows, stride, offset, width, &mut acc_many);
+        weighted_sum_rows_many(&weights, &table, offset, width, &mut acc_many);
         for i in 0..count {
             let mut one = vec![0.0f32; n];
             dot_rows(
@@ -465,7 +469,7 @@ mod tests {
     #[test]
     fn a_weighted_sum_over_no_rows_is_zero() {
         let mut out = vec![7.0f32; 2 * 4];
-        weighted_sum_rows_many(&[], &[], 4, 0, 4, &mut out);
+        weighted_sum_rows_many(&[], &[], 0, 4, &mut out);
         assert_eq!(out, vec![0.0; 8]);
     }
 

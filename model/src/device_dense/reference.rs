@@ -423,8 +423,8 @@ mod tests {
         let prompt_b: Vec<u32> = (0..3).map(|i| (i * 53 + 5) % vocab).collect();
         let (mut cpu_a, mut cpu_b) = (cpu.new_cache(), cpu.new_cache());
         let (mut dev_a, mut dev_b) = (
-            SequenceCache::new(config.num_layers),
-            SequenceCache::new(config.num_layers),
+            SequenceCache::for_config(&config),
+            SequenceCache::for_config(&config),
         );
         let mut step = |tokens_a: &[u32], tokens_b: Option<&[u32]>, all: bool| {
             let run = |a: &mut SequenceCache, b: &mut SequenceCache, on_device: bool| {
@@ -511,8 +511,8 @@ mod tests {
             step_alone(&device, &experts, cache, tokens)
         };
         let (prompt, new_tokens) = ([5u32, 6, 7], 37u32);
-        let mut reserved = SequenceCache::new(config.num_layers).reserving(3 + new_tokens as usize);
-        let mut growing = SequenceCache::new(config.num_layers);
+        let mut reserved = SequenceCache::for_config(&config).reserving(3 + new_tokens as usize);
+        let mut growing = SequenceCache::for_config(&config);
         assert_eq!(
             forward(&mut reserved, &prompt),
             forward(&mut growing, &prompt)
@@ -548,10 +548,10 @@ mod tests {
         let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
             step_alone(&device, &experts, cache, tokens)
         };
-        let mut straight = SequenceCache::new(config.num_layers);
+        let mut straight = SequenceCache::for_config(&config);
         forward(&mut straight, &[1, 2, 3]);
         let expected = forward(&mut straight, &[4]);
-        let mut undone = SequenceCache::new(config.num_layers);
+        let mut undone = SequenceCache::for_config(&config);
         forward(&mut undone, &[1, 2, 3]);
         let mark = undone.mark();
         forward(&mut undone, &[9, 9, 9, 9, 9]);

@@ -1122,8 +1122,8 @@ mod tests {
             let on_host = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
             let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
             let (mut gc, mut hc) = (
-                SequenceCache::new(config.num_layers),
-                SequenceCache::new(config.num_layers),
+                SequenceCache::for_config(&config),
+                SequenceCache::for_config(&config),
             );
             let mut tokens: Vec<u32> = vec![1, 5, 9, 14, 2];
             for step in 0..6 {

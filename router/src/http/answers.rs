@@ -16,10 +16,12 @@ use super::openai::{
     CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob, TopLogprob,
     Usage,
 };
-use super::tools::{tool_calls_json, ToolAnswers};
+use super::tools::{tool_call_id, tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
 use crate::admission::Answers;
 use crate::error::RouterError;
+use crate::tool_call_stream::partial_calls;
+use serde_json::Value;
 
 fn usage(msg: &GenerateResponse) -> Option<Usage> {
     msg.usage.as_ref().map(|u| Usage {
@@ -453,13 +455,16 @@ pub fn stream_completion(
     })
 }
 
-/// A tool-enabled choice's streamed text: what went out as content, and what is held because
-/// a tool call may be starting there.
+/// A tool-enabled choice's streamed text: what went out as content, what is held because a
+/// tool call may be starting there, and how far each call went out (`delta.tool_calls`: a
+/// call's id and name once its name is whole, then its arguments as they grow).
 #[derive(Clone, Default)]
 struct HeldText {
     text: String,
     /// Bytes of `text` already sent as content.
     sent: usize,
+    /// Per call already announced, the bytes of its arguments sent.
+    calls: Vec<usize>,
 }
 
 impl HeldText {
@@ -479,6 +484,42 @@ impl HeldText {
         tail_start.max(self.sent)
     }
 
+    /// The `delta.tool_calls` entries for what the calls gained since the last message.
+    fn call_deltas(&mut self, tools: &ToolAnswers, response_id: &str, choice: u32) -> Vec<Value> {
+        let mut entries = Vec::new();
+        for (i, call) in partial_calls(tools.format, &self.text).iter().enumerate() {
+            entries.extend(self.call_delta(response_id, choice, i, &call.name, &call.arguments));
+        }
+        entries
+    }
+
+    /// Call `i`'s entry: id, type and name the first time, then the arguments not yet sent.
+    fn call_delta(
+        &mut self,
+        response_id: &str,
+        choice: u32,
+        i: usize,
+        name: &str,
+        arguments: &str,
+    ) -> Option<Value> {
+        let announced = i < self.calls.len();
+        if !announced {
+            self.calls.resize(i + 1, 0);
+        }
+        let fragment = arguments.get(self.calls[i]..).unwrap_or("");
+        self.calls[i] = self.calls[i].max(arguments.len());
+        if announced && fragment.is_empty() {
+            return None;
+        }
+        let mut entry = serde_json::json!({"index": i, "function": {"arguments": fragment}});
+        if !announced {
+            entry["id"] = tool_call_id(response_id, choice, i).into();
+            entry["type"] = "function".into();
+            entry["function"]["name"] = name.into();
+        }
+        Some(entry)
+    }
+
     /// The delta (and finish reason) for this message of the choice, if any goes out now.
     fn next(
         &mut self,
@@ -493,46 +534,44 @@ impl HeldText {
             let end = self.safe_end(tools.format.start_marker());
             let content = self.text[self.sent..end].to_string();
             self.sent = end;
-            return (!content.is_empty()).then(|| {
-                (
-                    Delta {
-                        role: None,
-                        content: Some(content),
-                        tool_calls: None,
-                    },
-                    None,
-                )
-            });
+            let calls = self.call_deltas(tools, response_id, index);
+            if content.is_empty() && calls.is_empty() {
+                return None;
+            }
+            return Some((
+                Delta {
+                    role: None,
+                    content: (!content.is_empty()).then_some(content),
+                    tool_calls: (!calls.is_empty()).then_some(calls),
+                },
+                None,
+            ));
         };
         let whole = std::mem::take(&mut self.text);
         let sent = std::mem::take(&mut self.sent);
-        let (message, reason) =
+        let parsed = tools.format.parse(&whole);
+        let (_, reason) =
             chat_message(Some(tools), response_id, index, whole.clone(), Some(reason));
-        // The content not yet sent: the text before the calls, or all of it.
-        let rest = match &message.tool_calls {
-            Some(_) => message
-                .content
-                .unwrap_or_default()
-                .get(sent..)
-                .unwrap_or("")
-                .to_string(),
-            None => whole.get(sent..).unwrap_or("").to_string(),
+        // The content not yet sent (the text before the calls, or all of it), and what the
+        // calls have not sent yet.
+        let (rest, calls) = match &parsed {
+            Some((content, calls)) => {
+                let entries: Vec<Value> = calls
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| {
+                        self.call_delta(response_id, index, i, &c.name, &c.arguments)
+                    })
+                    .collect();
+                (content.get(sent..).unwrap_or("").to_string(), Some(entries))
+            }
+            None => (whole.get(sent..).unwrap_or("").to_string(), None),
         };
-        // Streamed calls carry their index, as OpenAI's deltas do.
-        let calls = message.tool_calls.map(|calls| {
-            calls
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut c)| {
-                    c["index"] = i.into();
-                    c
-                })
-                .collect()
-        });
+        let calls = calls.filter(|c| !c.is_empty());
         Some((
             Delta {
                 role: None,
-                content: (!rest.is_empty() || calls.is_none()).then_some(rest),
+                content: (!rest.is_empty() || parsed.is_none()).then_some(rest),
                 tool_calls: calls,
             },
             reason,
@@ -621,49 +660,98 @@ mod tests {
     use super::*;
     use crate::tool_calls::ToolCallFormat;
 
-    /// Streams `pieces` through a tool-enabled choice; the content deltas and the last delta.
-    fn stream(pieces: &[&str]) -> (Vec<String>, Delta, Option<String>) {
+    /// What a tool-enabled choice streamed: content deltas, `tool_calls` entries (the last
+    /// message's included), the last delta and the finish reason.
+    struct Streamed {
+        contents: Vec<String>,
+        calls: Vec<Value>,
+        last: Delta,
+        reason: Option<String>,
+    }
+
+    fn stream(pieces: &[&str]) -> Streamed {
         let tools = ToolAnswers {
             format: ToolCallFormat::Hermes,
         };
         let mut held = HeldText::default();
-        let mut contents = Vec::new();
+        let (mut contents, mut calls) = (Vec::new(), Vec::new());
         for piece in &pieces[..pieces.len() - 1] {
             if let Some((delta, None)) = held.next(&tools, "id", 0, piece, None) {
-                contents.push(delta.content.unwrap());
+                contents.extend(delta.content);
+                calls.extend(delta.tool_calls.unwrap_or_default());
             }
         }
         let last = pieces[pieces.len() - 1];
-        let (delta, reason) = held
+        let (last, reason) = held
             .next(&tools, "id", 0, last, Some("stop".into()))
             .unwrap();
-        (contents, delta, reason)
+        calls.extend(last.tool_calls.clone().unwrap_or_default());
+        Streamed {
+            contents,
+            calls,
+            last,
+            reason,
+        }
     }
 
     #[test]
     fn content_streams_until_a_call_may_start() {
-        let (contents, last, reason) = stream(&["Hello", " there", "."]);
-        assert_eq!(contents, ["Hello", " there"]);
-        assert_eq!(last.content.as_deref(), Some("."));
-        assert_eq!(reason.as_deref(), Some("stop"));
+        let s = stream(&["Hello", " there", "."]);
+        assert_eq!(s.contents, ["Hello", " there"]);
+        assert_eq!(s.last.content.as_deref(), Some("."));
+        assert_eq!(s.reason.as_deref(), Some("stop"));
 
-        // "<tool" could begin a call: held back, then sent as calls.
-        let (contents, last, reason) = stream(&[
+        // "<tool" could begin a call: held back, then sent as a call.
+        let s = stream(&[
             "Let me check. <tool",
             "_call>\n{\"name\": \"f\", \"arguments\": {}}\n",
             "</tool_call>",
         ]);
-        assert_eq!(contents, ["Let me check. "]);
+        assert_eq!(s.contents, ["Let me check. "]);
         assert_eq!(
-            last.content, None,
+            s.last.content, None,
             "the content before the call went out already"
         );
-        assert_eq!(last.tool_calls.unwrap()[0]["function"]["name"], "f");
-        assert_eq!(reason.as_deref(), Some("tool_calls"));
+        assert_eq!(s.calls.len(), 1);
+        assert_eq!(s.calls[0]["function"]["name"], "f");
+        assert_eq!(s.calls[0]["function"]["arguments"], "{}");
+        assert_eq!(s.reason.as_deref(), Some("tool_calls"));
 
         // A "<" that turns out not to start a call goes out once it cannot.
-        let (contents, last, _) = stream(&["a <", "b", "c"]);
-        assert_eq!(contents, ["a ", "<b"]);
-        assert_eq!(last.content.as_deref(), Some("c"));
+        let s = stream(&["a <", "b", "c"]);
+        assert_eq!(s.contents, ["a ", "<b"]);
+        assert_eq!(s.last.content.as_deref(), Some("c"));
+    }
+
+    /// A call's id and name go out once the name is whole, then its arguments piece by piece;
+    /// the pieces add up to the whole answer's arguments, and each call is announced once.
+    #[test]
+    fn arguments_stream_as_they_are_generated() {
+        let s = stream(&[
+            "<tool_call>\n{\"name\": \"get_",
+            "weather\", \"arguments\": {\"ci",
+            "ty\": \"Os",
+            "lo\"}}\n</tool_call><tool_call>\n{\"name\": \"now\", \"arguments\": {",
+            "}}\n</tool_call>",
+        ]);
+        assert!(s.contents.is_empty());
+        let first: Vec<&Value> = s.calls.iter().filter(|c| c["index"] == 0).collect();
+        assert_eq!(first[0]["function"]["name"], "get_weather");
+        assert_eq!(first[0]["id"], "call-id-0-0");
+        assert!(first[1..].iter().all(|c| c.get("id").is_none()));
+        let args: String = first
+            .iter()
+            .map(|c| c["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(args, r#"{"city": "Oslo"}"#);
+        assert!(first.len() >= 3, "arguments came in pieces: {first:?}");
+        let second: String = s
+            .calls
+            .iter()
+            .filter(|c| c["index"] == 1)
+            .map(|c| c["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(second, "{}");
+        assert_eq!(s.reason.as_deref(), Some("tool_calls"));
     }
 }

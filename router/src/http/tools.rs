@@ -156,13 +156,18 @@ pub fn template_tool_calls(calls: Vec<Value>) -> Vec<Value> {
 }
 
 /// OpenAI's `tool_calls` entries for `calls`, ids made from the response id.
+/// A call's id: the same in a stream's deltas and in the whole answer.
+pub fn tool_call_id(response_id: &str, choice: u32, call: usize) -> String {
+    format!("call-{response_id}-{choice}-{call}")
+}
+
 pub fn tool_calls_json(response_id: &str, choice: u32, calls: &[ParsedCall]) -> Vec<Value> {
     calls
         .iter()
         .enumerate()
         .map(|(i, c)| {
             serde_json::json!({
-                "id": format!("call-{response_id}-{choice}-{i}"),
+                "id": tool_call_id(response_id, choice, i),
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments},
             })

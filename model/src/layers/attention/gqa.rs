@@ -4,7 +4,7 @@ use crate::backend::{for_each_row, ops, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::kv_cache::LayerCache;
+use crate::kv_cache::{KvRows, LayerCache};
 use crate::layers::rope::{apply_rope, RopeTable};
 
 /// Shapes of one GQA layer.
@@ -89,7 +89,7 @@ impl GqaAttention {
         x: &[f32],
         layout: &BatchLayout,
         rope: &RopeTable,
-        caches: &mut [&mut LayerCache],
+        caches: &mut [LayerCache<'_>],
     ) -> Vec<f32> {
         let rows = layout.num_rows();
         let d = self.head_dim;
@@ -114,20 +114,22 @@ impl GqaAttention {
                 apply_rope(head, cos, sin, false);
             }
         }
-        for (s, span) in layout.seqs.iter().enumerate() {
-            let cache = &mut *caches[s];
+        for (cache, span) in caches.iter_mut().zip(&layout.seqs) {
             for r in span.first_row..span.first_row + span.len {
                 let row = &qkv[r * qkv_width..(r + 1) * qkv_width];
-                cache
-                    .keys
-                    .extend_from_slice(&row[q_width..q_width + kv_width]);
-                cache.values.extend_from_slice(&row[q_width + kv_width..]);
+                let (keys, values) = cache.row_mut(layout.row_pos[r]);
+                keys.copy_from_slice(&row[q_width..q_width + kv_width]);
+                values.copy_from_slice(&row[q_width + kv_width..]);
             }
         }
-        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
+        let cached: Vec<KvRows<'_>> = caches
+            .iter()
+            .zip(&layout.seqs)
+            .map(|(c, span)| c.rows(span.start_pos + span.len))
+            .collect();
         let mut out = vec![0.0f32; rows * q_width];
         let attend = |(r, out_row): (usize, &mut [f32])| {
-            let cache = caches[layout.row_seq[r]];
+            let cache = &cached[layout.row_seq[r]];
             let visible = layout.row_pos[r] + 1;
             let q = &qkv[r * qkv_width..r * qkv_width + q_width];
             // The query heads that share a KV head are contiguous: score them together so that
@@ -139,8 +141,7 @@ impl GqaAttention {
                 ops::dot_rows_many(
                     &q[heads.clone()],
                     d,
-                    &cache.keys,
-                    kv_width,
+                    &cache.keys[..visible],
                     kvh * d,
                     &mut scores,
                 );
@@ -152,8 +153,7 @@ impl GqaAttention {
                 }
                 ops::weighted_sum_rows_many(
                     &scores,
-                    &cache.values,
-                    kv_width,
+                    &cache.values[..visible],
                     kvh * d,
                     d,
                     &mut out_row[heads],

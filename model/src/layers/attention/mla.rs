@@ -9,7 +9,7 @@ use crate::backend::{for_each_row, ops, InputRows, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::kv_cache::LayerCache;
+use crate::kv_cache::{KvRows, LayerCache};
 use crate::layers::rope::{apply_rope, RopeTable};
 
 /// Shapes of one MLA layer.
@@ -130,14 +130,18 @@ impl MlaAttention {
         x: &[f32],
         layout: &BatchLayout,
         rope_table: &RopeTable,
-        caches: &mut [&mut LayerCache],
+        caches: &mut [LayerCache<'_>],
     ) -> Vec<f32> {
         let rows = layout.num_rows();
         let proj = self.input_proj.matmul(x, rows);
         let q = self.queries(&proj, rope_table, rows);
         self.append_to_caches(&proj, layout, rope_table, caches);
-        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
-        let ctx = self.attend_latent(&q, layout, &caches);
+        let cached: Vec<KvRows<'_>> = caches
+            .iter()
+            .zip(&layout.seqs)
+            .map(|(c, span)| c.rows(span.start_pos + span.len))
+            .collect();
+        let ctx = self.attend_latent(&q, layout, &cached);
         let attn = self.expand_values(&ctx, rows);
         self.o.matmul(&attn, rows)
     }
@@ -183,29 +187,27 @@ impl MlaAttention {
         proj: &[f32],
         layout: &BatchLayout,
         rope_table: &RopeTable,
-        caches: &mut [&mut LayerCache],
+        caches: &mut [LayerCache<'_>],
     ) {
         let lora = self.shape.kv_lora_rank;
         let proj_width = self.input_proj.rows();
         let q_in_width = self.q_in_width();
-        for (s, span) in layout.seqs.iter().enumerate() {
-            let cache = &mut *caches[s];
+        for (cache, span) in caches.iter_mut().zip(&layout.seqs) {
             for r in span.first_row..span.first_row + span.len {
                 let row = &proj[r * proj_width + q_in_width..(r + 1) * proj_width];
-                let start = cache.values.len();
-                cache.values.extend_from_slice(&row[..lora]);
-                ops::rms_norm_rows(&mut cache.values[start..], &self.kv_a_norm, self.eps);
-                let start = cache.keys.len();
-                cache.keys.extend_from_slice(&row[lora..]);
+                let (keys, values) = cache.row_mut(layout.row_pos[r]);
+                values.copy_from_slice(&row[..lora]);
+                ops::rms_norm_rows(values, &self.kv_a_norm, self.eps);
+                keys.copy_from_slice(&row[lora..]);
                 let (cos, sin) = rope_table.row(r);
-                apply_rope(&mut cache.keys[start..], cos, sin, self.interleaved);
+                apply_rope(keys, cos, sin, self.interleaved);
             }
         }
     }
 
     /// Attention in latent space, `[rows, heads, lora]`: the queries with `W_uk` absorbed,
     /// scored against the cached latents and rope keys, summed over the cached latents.
-    fn attend_latent(&self, q: &[f32], layout: &BatchLayout, caches: &[&LayerCache]) -> Vec<f32> {
+    fn attend_latent(&self, q: &[f32], layout: &BatchLayout, caches: &[KvRows<'_>]) -> Vec<f32> {
         let MlaShape {
             heads,
             kv_lora_rank: lora,
@@ -229,7 +231,7 @@ impl MlaAttention {
         let groups = heads / group;
         let attend = |(task, ctx_part): (usize, &mut [f32])| {
             let (r, first_head) = (task / groups, (task % groups) * group);
-            let cache = caches[layout.row_seq[r]];
+            let cache = &caches[layout.row_seq[r]];
             let visible = layout.row_pos[r] + 1;
             // This task's queries, contiguous: the latent and the rope part of each head.
             let mut q_latent = Vec::with_capacity(group * lora);
@@ -240,15 +242,15 @@ impl MlaAttention {
             }
             let mut scores = vec![0.0f32; group * visible];
             let mut rope_scores = vec![0.0f32; group * visible];
-            ops::dot_rows_many(&q_latent, lora, &cache.values, lora, 0, &mut scores);
-            ops::dot_rows_many(&q_rope, rope, &cache.keys, rope, 0, &mut rope_scores);
+            ops::dot_rows_many(&q_latent, lora, &cache.values[..visible], 0, &mut scores);
+            ops::dot_rows_many(&q_rope, rope, &cache.keys[..visible], 0, &mut rope_scores);
             for (score, r) in scores.iter_mut().zip(&rope_scores) {
                 *score = (*score + r) * self.scale;
             }
             for head_scores in scores.chunks_exact_mut(visible) {
                 ops::softmax_in_place(head_scores);
             }
-            ops::weighted_sum_rows_many(&scores, &cache.values, lora, 0, lora, ctx_part);
+            ops::weighted_sum_rows_many(&scores, &cache.values[..visible], 0, lora, ctx_part);
         };
         for_each_row(&mut ctx, group * lora, parallel, attend);
         ctx

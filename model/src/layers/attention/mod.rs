@@ -26,7 +26,7 @@ impl Attention {
         x: &[f32],
         layout: &BatchLayout,
         rope: &RopeTable,
-        caches: &mut [&mut LayerCache],
+        caches: &mut [LayerCache<'_>],
     ) -> Vec<f32> {
         match self {
             Attention::Gqa(a) => a.forward(x, layout, rope, caches),
