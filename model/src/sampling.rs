@@ -1,5 +1,9 @@
-//! Token sampling: greedy, temperature, top-k and top-p, with a seeded generator so that a
-//! request with a seed is reproducible; the logit adjustments (`logit_adjust.rs`) first.
+//! Token sampling: greedy, temperature, top-k and top-p, the logit adjustments
+//! (`logit_adjust.rs`) first. Draws are counter-based: the k-th token of a request draws a
+//! number that depends only on (seed, k), so a request with a seed is reproducible, and one
+//! resumed at token k (on another router, after the first died) draws exactly what the
+//! uninterrupted run would have. (Seeded outputs changed once, when draws became
+//! counter-based; before, one generator stream was drawn from in turn.)
 
 use crate::backend::ops;
 use crate::error::{ModelError, Result};
@@ -113,11 +117,19 @@ impl Rng {
     }
 }
 
+/// The uniform number in [0, 1) that draw `counter` of a request keyed `key` uses.
+pub fn counter_uniform(key: u64, counter: u64) -> f64 {
+    Rng::seeded(key.wrapping_add(counter.wrapping_mul(0xd1b5_4a32_d192_ed03))).next_f64()
+}
+
 /// Per-request sampler state.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Rng,
+    /// The request's seed (or one from entropy): the draws' key.
+    key: u64,
+    /// Tokens picked so far: the next draw's counter.
+    position: u64,
     /// The prompt and the tokens picked so far (kept only when an adjustment reads them).
     history: TokenHistory,
     /// What `min_tokens` holds back: the end-of-sequence ids, unless the request ignores them.
@@ -132,10 +144,9 @@ impl Sampler {
 
     /// A sampler for a request with this prompt, whose generation ends at `end_tokens`.
     pub fn for_request(params: SamplingParams, prompt: &[u32], end_tokens: &[u32]) -> Self {
-        let rng = params
+        let key = params
             .seed
-            .map(Rng::seeded)
-            .unwrap_or_else(Rng::from_entropy);
+            .unwrap_or_else(|| Rng::from_entropy().next_u64());
         let history = if params.adjust.is_neutral() {
             TokenHistory::default()
         } else {
@@ -143,7 +154,8 @@ impl Sampler {
         };
         Self {
             params,
-            rng,
+            key,
+            position: 0,
             history,
             end_tokens: end_tokens.to_vec(),
         }
@@ -151,6 +163,24 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// Tokens picked so far.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// This sampler as it is after `generated` (ids already picked, by this request before it
+    /// was moved): its next draw is the one the uninterrupted run's next draw was, and the
+    /// adjustments see those ids.
+    pub fn resumed_after(mut self, generated: &[u32]) -> Self {
+        self.position = generated.len() as u64;
+        if !self.params.adjust.is_neutral() {
+            for &t in generated {
+                self.history.record(t);
+            }
+        }
+        self
     }
 
     /// Picks a token from the model's logits (adjusted first when the request asks).
@@ -182,11 +212,13 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {
+        let counter = self.position;
+        self.position += 1;
         if self.params.is_greedy() {
             return ops::argmax(logits) as u32;
         }
         let probs = self.filtered_probs(logits);
-        let u = self.rng.next_f64();
+        let u = counter_uniform(self.key, counter);
         let mut cumulative = 0.0f64;
         for &(id, p) in &probs {
             cumulative += p;
@@ -259,6 +291,30 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    /// A sampler resumed after the first k tokens (a stream moved to another router) picks the
+    /// rest exactly as the uninterrupted one, penalties included.
+    #[test]
+    fn a_resumed_sampler_continues_the_uninterrupted_draws() {
+        let mut p = params(0.9, None, 0.95, 42);
+        p.adjust.frequency_penalty = 0.4;
+        p.adjust.presence_penalty = 0.2;
+        let prompt = [3u32, 1, 1];
+        let logits = |k: usize| -> Vec<f32> {
+            (0..LOGITS.len())
+                .map(|i| LOGITS[(i + k) % LOGITS.len()])
+                .collect()
+        };
+        let mut whole = Sampler::for_request(p.clone(), &prompt, &[]);
+        let straight: Vec<u32> = (0..40).map(|k| whole.sample(&logits(k))).collect();
+        for cut in [0, 1, 17, 39] {
+            let mut resumed =
+                Sampler::for_request(p.clone(), &prompt, &[]).resumed_after(&straight[..cut]);
+            let rest: Vec<u32> = (cut..40).map(|k| resumed.sample(&logits(k))).collect();
+            assert_eq!(rest, straight[cut..], "resumed after {cut}");
+        }
+        assert_eq!(whole.position(), 40);
     }
 
     #[test]
