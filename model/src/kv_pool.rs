@@ -3,7 +3,7 @@
 //! values), so that the blocks a sequence takes one after another are one run of memory in
 //! every layer's keys and values. Attention streams a layer's rows in position order: with
 //! each block a heap allocation of its own holding every layer, a 2048-token batch-8 decode ran
-//! 17% slower on the small preset than with one contiguous buffer per sequence, the hardware
+//! 18% slower on the small preset than with one contiguous buffer per sequence, the hardware
 //! prefetcher starting over at every block (docs/performance.md).
 //!
 //! The pool grows by chunks (doubling, up to [`MAX_CHUNK_BLOCKS`]) and keeps them: freed blocks
