@@ -195,7 +195,14 @@ impl Admission {
                     "structured outputs are not available: this tokenizer's vocabulary could not be indexed",
                 )
             })?;
-            valid.constraint = Some(compiler.compile(&spec)?);
+            let mut constraint = compiler.compile(&spec)?;
+            // A resumed answer's grammar state: replayed over the ids already generated.
+            for &id in &valid.resumed_ids {
+                constraint.consume(id).map_err(|e| {
+                    RouterError::unnamed(format!("resume: the ids do not fit the grammar: {e}"))
+                })?;
+            }
+            valid.constraint = Some(constraint);
         }
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if self.view.serving().is_none() {

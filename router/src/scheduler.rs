@@ -70,7 +70,9 @@ struct Sequence {
     request: ValidRequest,
     responses: ResponseSender,
     cache: SequenceCache,
-    /// Prompt tokens already fed to the model.
+    /// What the prefill feeds: the prompt, then any ids a resumed request generated before.
+    feed: Vec<u32>,
+    /// Tokens of `feed` already fed to the model.
     prefilled: usize,
     output: Vec<u32>,
     sampler: Sampler,
@@ -125,10 +127,14 @@ impl Sequence {
         }
     }
 
+    fn prefill_done(&self) -> bool {
+        self.prefilled == self.feed.len()
+    }
+
     /// The `n` tokens a step feeds it: its next prompt chunk, or the token it sampled last.
     fn next_tokens(&self, n: usize) -> Vec<u32> {
-        if self.prefilled < self.request.input_ids.len() {
-            self.request.input_ids[self.prefilled..self.prefilled + n].to_vec()
+        if self.prefilled < self.feed.len() {
+            self.feed[self.prefilled..self.prefilled + n].to_vec()
         } else {
             vec![*self
                 .output
@@ -234,14 +240,21 @@ impl Scheduler {
             // The cached prefix first: its blocks are then held, so making room below cannot
             // evict them, and the reservation counts only the blocks this sequence adds.
             let mut cache = SequenceCache::new(&self.kv_pool).reserving(tokens);
-            let hit = self.restore_prefix(&front.request, &mut cache);
+            let feed: Vec<u32> = front
+                .request
+                .input_ids
+                .iter()
+                .chain(&front.request.resumed_ids)
+                .copied()
+                .collect();
+            let hit = self.restore_prefix(&front.request, &feed, &mut cache);
             let Some(blocks) = self.reserve(self.kv.blocks_for(tokens) - hit.blocks) else {
                 break;
             };
             let Some(mut s) = waiting.pop_front() else {
                 break;
             };
-            self.count_prefix_hit(&s.request, hit);
+            self.count_prefix_hit(&s.request, feed.len(), hit);
             s.trace.scheduled(s.request.input_ids.len());
             // No longer waiting: another request may be admitted.
             drop(s.waiting_slot);
@@ -250,24 +263,28 @@ impl Scheduler {
                 .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
             let prompt_scores = s.request.prompt_logprobs.map(|_| PromptScores::default());
             let prefilled = hit.tokens;
+            let sampler = Sampler::for_request(
+                s.request.sampling.clone(),
+                &s.request.input_ids,
+                if s.request.ignore_eos {
+                    &[]
+                } else {
+                    &self.eos_ids
+                },
+            )
+            .resumed_after(&s.request.resumed_ids);
+            let text = self.resumed_text(&s.request);
             running.push(Sequence {
                 prompt_scores,
                 next_mask: None,
-                sampler: Sampler::for_request(
-                    s.request.sampling.clone(),
-                    &s.request.input_ids,
-                    if s.request.ignore_eos {
-                        &[]
-                    } else {
-                        &self.eos_ids
-                    },
-                ),
+                sampler,
+                feed,
+                output: s.request.resumed_ids.clone(),
+                text,
                 request: s.request,
                 responses: s.responses,
                 cache,
                 prefilled,
-                output: Vec::new(),
-                text: IncrementalText::default(),
                 last_token_at: None,
                 trace: s.trace,
                 blocks,
@@ -292,28 +309,49 @@ impl Scheduler {
         }
     }
 
-    /// Starts `cache` with the cached blocks of the request's prompt, shared. A request that
-    /// scores its prompt computes every position itself.
-    fn restore_prefix(&self, request: &ValidRequest, cache: &mut SequenceCache) -> PrefixHit {
+    /// The text state after a resumed request's ids, as the router that sent them had it: the
+    /// same updates and pieces, so what it held back (a character not yet whole, a tail that
+    /// may begin a stop string) goes out here and nothing it sent goes out again.
+    fn resumed_text(&self, request: &ValidRequest) -> IncrementalText {
+        let mut text = IncrementalText::default();
+        let ids = &request.resumed_ids;
+        for i in 1..=ids.len() {
+            text.update(self.tokenizer.as_ref(), &ids[..i]);
+            let stops: &[String] = if i < request.sampling.adjust.min_tokens {
+                &[]
+            } else {
+                &request.stop
+            };
+            let _already_sent = text.next_piece(stops, false);
+        }
+        text
+    }
+
+    /// Starts `cache` with the cached blocks of `feed` (the request's prompt and resumed ids),
+    /// shared. A request that scores its prompt computes every position itself.
+    fn restore_prefix(
+        &self,
+        request: &ValidRequest,
+        feed: &[u32],
+        cache: &mut SequenceCache,
+    ) -> PrefixHit {
         let miss = PrefixHit {
             tokens: 0,
             blocks: 0,
         };
         match &self.prefix_cache {
-            Some(pc) if request.prompt_logprobs.is_none() => {
-                pc.borrow_mut().restore(&request.input_ids, cache)
-            }
+            Some(pc) if request.prompt_logprobs.is_none() => pc.borrow_mut().restore(feed, cache),
             _ => miss,
         }
     }
 
-    fn count_prefix_hit(&self, request: &ValidRequest, hit: PrefixHit) {
+    fn count_prefix_hit(&self, request: &ValidRequest, fed: usize, hit: PrefixHit) {
         if self.prefix_cache.is_none() || request.prompt_logprobs.is_some() {
             return;
         }
         let m = &self.metrics;
         m.prefix_cache_queried_tokens
-            .fetch_add(request.input_ids.len() as u64, Ordering::Relaxed);
+            .fetch_add(fed as u64, Ordering::Relaxed);
         m.prefix_cache_hit_tokens
             .fetch_add(hit.tokens as u64, Ordering::Relaxed);
     }
@@ -406,7 +444,7 @@ impl Scheduler {
         let mut budget = self.config.max_batch_tokens.max(1);
         let mut plan = Vec::new();
         for (seq, s) in running.iter().enumerate() {
-            if s.prefilled == s.request.input_ids.len() && budget > 0 {
+            if s.prefill_done() && budget > 0 {
                 plan.push(Feed {
                     seq,
                     tokens: 1,
@@ -416,7 +454,7 @@ impl Scheduler {
             }
         }
         for (seq, s) in running.iter().enumerate() {
-            let remaining = s.request.input_ids.len() - s.prefilled;
+            let remaining = s.feed.len() - s.prefilled;
             if remaining > 0 && budget > 0 {
                 let chunk = remaining.min(budget);
                 plan.push(Feed {
@@ -446,8 +484,7 @@ impl Scheduler {
                     .take()
                     .expect("each sequence appears once in a step");
                 // A prompt being scored needs the logits of every position it feeds.
-                let all_logits =
-                    s.prompt_scores.is_some() && s.prefilled < s.request.input_ids.len();
+                let all_logits = s.prompt_scores.is_some() && !s.prefill_done();
                 StepSequence {
                     cache: &mut s.cache,
                     tokens,
@@ -475,7 +512,7 @@ impl Scheduler {
         let vocab = self.dense.config().vocab_size;
         for (f, rows) in plan.iter().zip(logits) {
             let s = &mut running[f.seq];
-            let prompt_len = s.request.input_ids.len();
+            let prompt_len = s.feed.len();
             if s.prefilled < prompt_len {
                 if rows.len() == f.tokens * vocab {
                     s.score_prompt(s.prefilled, rows, vocab);
@@ -551,7 +588,7 @@ impl Scheduler {
         let tokens: usize = plan.iter().map(|f| f.tokens).sum();
         let decodes = plan
             .iter()
-            .filter(|f| running[f.seq].prefilled == running[f.seq].request.input_ids.len())
+            .filter(|f| running[f.seq].prefill_done())
             .count();
         let span = tracing::info_span!(
             target: "moe_router",
@@ -658,7 +695,7 @@ impl Scheduler {
             s.trace.failed("cancelled by the client");
             return true;
         }
-        if s.output.len() == 1 {
+        if s.output.len() == s.request.resumed_ids.len() + 1 {
             s.trace.first_token();
         }
         if let Some(reason) = finish {

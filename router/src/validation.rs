@@ -40,6 +40,9 @@ impl Default for RequestLimits {
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
     pub input_ids: Vec<u32>,
+    /// Ids generated before this request was moved here (`resume`): fed after the prompt,
+    /// counted as generated, not sent again.
+    pub resumed_ids: Vec<u32>,
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
@@ -181,7 +184,7 @@ pub fn check_prompt(req: &GenerateRequest, limits: &RequestLimits) -> Result<(),
 /// that the OpenAI API spells the same (a chat's prompt tokens come from `messages`, its
 /// `max_new_tokens` from `max_tokens`).
 pub fn validate_ids(
-    req: GenerateRequest,
+    mut req: GenerateRequest,
     input_ids: Vec<u32>,
     config: &ModelConfig,
     limits: &RequestLimits,
@@ -217,6 +220,33 @@ pub fn validate_ids(
             "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings ({max_pos})",
             input_ids.len()
         )));
+    }
+    let resumed_ids = req
+        .resume
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.generated_ids))
+        .unwrap_or_default();
+    if !resumed_ids.is_empty() {
+        if resumed_ids.len() >= max_new {
+            return Err(RouterError::unnamed(format!(
+                "resume: {} generated ids leave nothing of max_new_tokens ({max_new})",
+                resumed_ids.len()
+            )));
+        }
+        if let Some(&id) = resumed_ids
+            .iter()
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
+            return Err(RouterError::unnamed(format!(
+                "resume: token id {id} is out of range (vocab_size {})",
+                config.vocab_size
+            )));
+        }
+        if prompt_logprobs.is_some() {
+            return Err(RouterError::unnamed(
+                "resume: the prompt's logprobs went with the first part of the answer",
+            ));
+        }
     }
     let temperature = req.temperature.unwrap_or(1.0);
     if !temperature.is_finite() || temperature < 0.0 {
@@ -261,6 +291,7 @@ pub fn validate_ids(
     let adjust = logit_adjustments(&req, config.vocab_size, max_new)?;
     Ok(ValidRequest {
         input_ids,
+        resumed_ids,
         max_new_tokens: max_new,
         sampling: SamplingParams {
             temperature,
