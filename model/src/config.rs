@@ -123,6 +123,10 @@ pub struct MoeConfig {
     pub gating: Gating,
 }
 
+/// Bytes of one cached value: the KV cache holds f32 (the router's KV budget counts it so,
+/// and the capacity planner sizes a router's cache with it).
+pub const KV_VALUE_BYTES: usize = 4;
+
 /// Everything the engine needs to know about a checkpoint's architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -567,7 +571,7 @@ impl ModelConfig {
 
     /// Bytes one token's cache takes across all layers, as the router's cache holds it.
     pub fn kv_cache_bytes_per_token(&self) -> usize {
-        self.kv_values_per_token_per_layer() * self.num_layers * crate::kv_cache::KV_VALUE_BYTES
+        self.kv_values_per_token_per_layer() * self.num_layers * KV_VALUE_BYTES
     }
 }
 

@@ -14,61 +14,13 @@
 
 use std::sync::Arc;
 
-use crate::config::{AttentionConfig, ModelConfig};
-pub use crate::kv_pool::{KvBlock, KvPool};
+use crate::config::ModelConfig;
+pub use crate::kv_pool::{KvBlock, KvLayout, KvPool};
 
-/// Bytes of one cached value: the cache holds f32 (the router's KV budget counts it so, and
-/// the capacity planner sizes a router's cache with it).
-pub const KV_VALUE_BYTES: usize = 4;
+pub use crate::config::KV_VALUE_BYTES;
 
 /// Tokens per block where the owner says nothing (the router's `--kv-block-tokens` default).
 pub const DEFAULT_BLOCK_TOKENS: usize = 16;
-
-/// The shape of a block: how many positions, layers, and floats per position per layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KvLayout {
-    pub block_tokens: usize,
-    pub num_layers: usize,
-    /// GQA: key floats per position. MLA: the rope key's.
-    pub key_width: usize,
-    /// GQA: value floats per position. MLA: the latent's.
-    pub value_width: usize,
-}
-
-impl KvLayout {
-    pub fn for_config(config: &ModelConfig, block_tokens: usize) -> Self {
-        let (key_width, value_width) = match &config.attention {
-            AttentionConfig::Gqa {
-                num_kv_heads,
-                head_dim,
-                ..
-            } => (num_kv_heads * head_dim, num_kv_heads * head_dim),
-            AttentionConfig::Mla {
-                kv_lora_rank,
-                qk_rope_head_dim,
-                ..
-            } => (*qk_rope_head_dim, *kv_lora_rank),
-        };
-        Self {
-            block_tokens: block_tokens.max(1),
-            num_layers: config.num_layers,
-            key_width,
-            value_width,
-        }
-    }
-
-    pub fn block_floats(&self) -> usize {
-        self.block_tokens * (self.key_width + self.value_width) * self.num_layers
-    }
-
-    pub fn block_bytes(&self) -> usize {
-        self.block_floats() * KV_VALUE_BYTES
-    }
-
-    pub fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.block_tokens)
-    }
-}
 
 /// A sequence's cache across all layers.
 pub struct SequenceCache {

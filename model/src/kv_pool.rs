@@ -14,11 +14,57 @@ use std::collections::BTreeSet;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
-use crate::kv_cache::KvLayout;
+use crate::config::{AttentionConfig, ModelConfig, KV_VALUE_BYTES};
 
 /// The most blocks one chunk holds (per layer: one allocation of this many blocks' rows).
 pub const MAX_CHUNK_BLOCKS: usize = 256;
 const MIN_CHUNK_BLOCKS: usize = 8;
+
+/// The shape of a block: how many positions, layers, and floats per position per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub block_tokens: usize,
+    pub num_layers: usize,
+    /// GQA: key floats per position. MLA: the rope key's.
+    pub key_width: usize,
+    /// GQA: value floats per position. MLA: the latent's.
+    pub value_width: usize,
+}
+
+impl KvLayout {
+    pub fn for_config(config: &ModelConfig, block_tokens: usize) -> Self {
+        let (key_width, value_width) = match &config.attention {
+            AttentionConfig::Gqa {
+                num_kv_heads,
+                head_dim,
+                ..
+            } => (num_kv_heads * head_dim, num_kv_heads * head_dim),
+            AttentionConfig::Mla {
+                kv_lora_rank,
+                qk_rope_head_dim,
+                ..
+            } => (*qk_rope_head_dim, *kv_lora_rank),
+        };
+        Self {
+            block_tokens: block_tokens.max(1),
+            num_layers: config.num_layers,
+            key_width,
+            value_width,
+        }
+    }
+
+    pub fn block_floats(&self) -> usize {
+        self.block_tokens * (self.key_width + self.value_width) * self.num_layers
+    }
+
+    pub fn block_bytes(&self) -> usize {
+        self.block_floats() * KV_VALUE_BYTES
+    }
+
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_tokens)
+    }
+}
 
 /// Where blocks come from; shared by every sequence (and cached prefix) of one owner.
 pub struct KvPool {

@@ -14,6 +14,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::partial_json::{json_container_prefix, key, string_literal};
+
 /// A function the request offers (`tools[i].function`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct FunctionSpec {
@@ -40,13 +42,13 @@ pub enum ToolCallFormat {
     DeepSeekV3,
 }
 
-pub(crate) const HERMES_OPEN: &str = "<tool_call>\n";
+const HERMES_OPEN: &str = "<tool_call>\n";
 const HERMES_CLOSE: &str = "\n</tool_call>";
-pub(crate) const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
-pub(crate) const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
-pub(crate) const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
-pub(crate) const DS_SEP: &str = "<｜tool▁sep｜>";
+const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
+const DS_SEP: &str = "<｜tool▁sep｜>";
 
 /// A Lark string literal for `text`.
 fn literal(text: &str) -> String {
@@ -175,7 +177,7 @@ fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
         let after = &rest[start + open.len()..];
         let end = after.find("</tool_call>")?;
         let mut call = call_from_json(&after[..end])?;
-        if let Some(raw) = crate::tool_call_stream::partial_calls(
+        if let Some(raw) = partial_calls(
             ToolCallFormat::Hermes,
             &rest[start..start + open.len() + end],
         )
@@ -215,6 +217,72 @@ fn parse_deepseek(text: &str) -> Option<(String, Vec<ParsedCall>)> {
         rest = &after[end + DS_CALL_END.len()..];
     }
     (!calls.is_empty()).then(|| (text[..first].trim_end().to_string(), calls))
+}
+
+// Calls read while they are being generated, so a stream can send each call's name as soon as
+// it is complete and its arguments as they grow (OpenAI's `delta.tool_calls`), as vLLM's
+// streaming tool parsers do. Only the layouts the grammars generate are read this way (Hermes:
+// `{"name": ..., "arguments": ...}` in that order; DeepSeek-V3's fenced JSON); a call written
+// otherwise is left to the parser that runs on the whole answer.
+
+/// One call as far as it has been generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialCall {
+    pub name: String,
+    /// The arguments' JSON text so far (never past its end).
+    pub arguments: String,
+    /// The arguments' text is whole.
+    pub complete: bool,
+}
+
+/// The text after `prefix` once `s` holds all of it; `None` while `s` is shorter (or differs).
+fn after<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    s.strip_prefix(prefix)
+}
+
+/// The arguments as far as `s` (starting at the arguments' value) holds them.
+fn arguments(name: String, s: &str) -> Option<PartialCall> {
+    let (start, end, complete) = json_container_prefix(s)?;
+    Some(PartialCall {
+        name,
+        arguments: s[start..end].to_string(),
+        complete,
+    })
+}
+
+fn hermes_call(s: &str) -> Option<PartialCall> {
+    let s = s.trim_start().strip_prefix('{')?;
+    let (name, rest) = string_literal(key(s, "name")?)?;
+    let rest = rest.trim_start().strip_prefix(',')?;
+    arguments(name, key(rest, "arguments")?)
+}
+
+fn deepseek_call(s: &str) -> Option<PartialCall> {
+    let named = after(s, &format!("function{DS_SEP}"))?;
+    let (name, rest) = named.split_once('\n')?;
+    let args = after(rest, "```json\n")?;
+    arguments(name.trim().to_string(), args)
+}
+
+/// The calls `text` (an answer so far) has started, in order, as far as they go; empty when
+/// no call has begun or one is written in another layout.
+pub fn partial_calls(format: ToolCallFormat, text: &str) -> Vec<PartialCall> {
+    let (marker, read): (&str, fn(&str) -> Option<PartialCall>) = match format {
+        ToolCallFormat::Hermes => (HERMES_OPEN.trim_end(), hermes_call),
+        ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
+    };
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(marker) {
+        rest = &rest[at + marker.len()..];
+        let Some(call) = read(rest) else { break };
+        let complete = call.complete;
+        calls.push(call);
+        if !complete {
+            break;
+        }
+    }
+    calls
 }
 
 #[cfg(test)]
@@ -305,5 +373,48 @@ mod tests {
             let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
             assert!(args["city"] == "Paris" || args["city"] == "Oslo", "{text}");
         }
+    }
+
+    #[test]
+    fn hermes_calls_grow_name_first_then_arguments() {
+        let whole = "Ok.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+        let mut seen = Vec::new();
+        for end in 0..=whole.len() {
+            if whole.is_char_boundary(end) {
+                seen.push(partial_calls(ToolCallFormat::Hermes, &whole[..end]));
+            }
+        }
+        // The name only once it is whole; arguments only ever grow.
+        assert!(seen
+            .iter()
+            .all(|calls| calls.first().is_none_or(|c| c.name == "get_weather")));
+        for pair in seen.windows(2) {
+            if let (Some(a), Some(b)) = (pair[0].first(), pair[1].first()) {
+                assert!(b.arguments.starts_with(&a.arguments));
+            }
+        }
+        let last = seen.last().unwrap();
+        assert_eq!(last.len(), 2);
+        assert_eq!(last[0].arguments, r#"{"city": "Oslo"}"#);
+        assert!(last[0].complete && last[1].complete);
+        assert_eq!(last[1].name, "now");
+    }
+
+    #[test]
+    fn deepseek_calls_are_read_as_they_come() {
+        let head = format!(
+            "{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{\"city\": \"Pa"
+        );
+        let calls = partial_calls(ToolCallFormat::DeepSeekV3, &head);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, r#"{"city": "Pa"#);
+        assert!(!calls[0].complete);
+        let whole = format!("{head}ris\"}}\n```{DS_CALL_END}");
+        let calls = partial_calls(ToolCallFormat::DeepSeekV3, &whole);
+        assert_eq!(calls[0].arguments, r#"{"city": "Paris"}"#);
+        assert!(calls[0].complete);
+        // Not yet past the name: nothing.
+        let early = format!("{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_wea");
+        assert!(partial_calls(ToolCallFormat::DeepSeekV3, &early).is_empty());
     }
 }

@@ -221,33 +221,7 @@ pub fn validate_ids(
             input_ids.len()
         )));
     }
-    let resumed_ids = req
-        .resume
-        .as_mut()
-        .map(|r| std::mem::take(&mut r.generated_ids))
-        .unwrap_or_default();
-    if !resumed_ids.is_empty() {
-        if resumed_ids.len() >= max_new {
-            return Err(RouterError::unnamed(format!(
-                "resume: {} generated ids leave nothing of max_new_tokens ({max_new})",
-                resumed_ids.len()
-            )));
-        }
-        if let Some(&id) = resumed_ids
-            .iter()
-            .find(|&&t| t as usize >= config.vocab_size)
-        {
-            return Err(RouterError::unnamed(format!(
-                "resume: token id {id} is out of range (vocab_size {})",
-                config.vocab_size
-            )));
-        }
-        if prompt_logprobs.is_some() {
-            return Err(RouterError::unnamed(
-                "resume: the prompt's logprobs went with the first part of the answer",
-            ));
-        }
-    }
+    let resumed_ids = resumed_ids(&mut req, max_new, config.vocab_size)?;
     let temperature = req.temperature.unwrap_or(1.0);
     if !temperature.is_finite() || temperature < 0.0 {
         return Err(RouterError::invalid(
@@ -310,6 +284,41 @@ pub fn validate_ids(
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
     })
+}
+
+/// The ids a resumed request (`resume`) generated before, checked: fewer than
+/// `max_new_tokens`, in the vocabulary, and not with `prompt_logprobs` (the first router
+/// sent those).
+fn resumed_ids(
+    req: &mut GenerateRequest,
+    max_new: usize,
+    vocab_size: usize,
+) -> Result<Vec<u32>, RouterError> {
+    let ids = req
+        .resume
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.generated_ids))
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    if ids.len() >= max_new {
+        return Err(RouterError::unnamed(format!(
+            "resume: {} generated ids leave nothing of max_new_tokens ({max_new})",
+            ids.len()
+        )));
+    }
+    if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(RouterError::unnamed(format!(
+            "resume: token id {id} is out of range (vocab_size {vocab_size})"
+        )));
+    }
+    if req.prompt_logprobs.is_some() {
+        return Err(RouterError::unnamed(
+            "resume: the prompt's logprobs went with the first part of the answer",
+        ));
+    }
+    Ok(ids)
 }
 
 /// Most `logit_bias` entries a request may carry.

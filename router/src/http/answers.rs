@@ -20,7 +20,7 @@ use super::tools::{tool_call_id, tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
 use crate::admission::Answers;
 use crate::error::RouterError;
-use crate::tool_call_stream::partial_calls;
+use crate::tool_calls::partial_calls;
 use serde_json::Value;
 
 fn usage(msg: &GenerateResponse) -> Option<Usage> {
