@@ -121,3 +121,58 @@ async fn watches_wake_by_topic_and_resume_after_an_etcd_restart() {
     router.shutdown().await;
     drop(etcd);
 }
+
+/// A router publishes its OpenAI address, model name and load beside its gRPC address (what a
+/// gateway routes on), and refreshes the load: once a request has finished, the blocks its
+/// prompt left in the prefix cache show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_publishes_its_http_address_model_and_load() {
+    use moe_tests::harness::{self, generate, wait_serving};
+    use moe_tests::{fixture_dir, FIXTURES};
+    use moe_tooling::{greedy, LocalCluster};
+
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 1);
+    spec.router_args
+        .extend(["--http-listen", "127.0.0.1:0", "--kv-block-tokens", "4"].map(String::from));
+    let name = spec.cluster.clone();
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let discovery = Discovery::etcd(EtcdConnection::plain(vec![cluster.etcd_url.clone()]), &name);
+    let record = || async {
+        let snapshot = discovery.snapshot().await.unwrap();
+        assert_eq!(
+            snapshot.members.routers.len(),
+            1,
+            "{:?}",
+            snapshot.members.routers
+        );
+        snapshot.members.routers.into_values().next().unwrap()
+    };
+    let idle = record().await;
+    assert_eq!(idle.address, cluster.router_addr);
+    assert_eq!(Some(&idle.http_address), cluster.router_http_addr.as_ref());
+    assert_eq!(idle.model, "deepseek-v3-tiny");
+    assert!(idle.load.kv_blocks_total > 0, "{idle:?}");
+    assert_eq!(idle.load.kv_blocks_free, idle.load.kv_blocks_total);
+    assert_eq!((idle.load.running, idle.load.waiting), (0, 0));
+
+    let mut client = harness::inference(&cluster).await;
+    let prompt: Vec<u32> = (0..21).map(|i| (i * 29 + 3) % 500 + 3).collect();
+    generate(&mut client, greedy(&prompt, 4)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = record().await;
+        if now.load.kv_blocks_cached > 0 {
+            assert!(
+                now.load.kv_blocks_free < now.load.kv_blocks_total,
+                "{now:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load was not refreshed: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

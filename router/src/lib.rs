@@ -33,6 +33,7 @@ pub mod node_link;
 pub mod partial_json;
 pub mod planner;
 pub mod prefix_cache;
+pub mod published_load;
 pub mod request_metrics;
 pub mod request_trace;
 pub mod scheduler;

@@ -373,7 +373,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         model_name,
         chat_template: args.chat_template.clone(),
     };
-    let servers = spawn_http_servers(&args, http, limits, &shutdown).await?;
+    let (servers, http_address) = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<InferenceServer<server::inference::InferenceService>>()
@@ -391,6 +391,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             local,
             health,
             collective,
+            http_address,
         ),
         shutdown.clone(),
     ));
@@ -481,12 +482,14 @@ async fn spawn_http_servers(
     parts: HttpParts<'_>,
     limits: ConnectionLimits,
     shutdown: &Shutdown,
-) -> anyhow::Result<tokio::task::JoinSet<()>> {
+) -> anyhow::Result<(tokio::task::JoinSet<()>, Option<std::net::SocketAddr>)> {
     let mut servers = tokio::task::JoinSet::new();
     let tls = parts.security.http_tls()?;
+    let mut openai = None;
     if let Some(addr) = &args.http_listen {
         let app = http::app(http_state(&parts)?);
         let listener = bind_http(addr, "moe-router http listening on").await?;
+        openai = Some(listener.local_addr()?);
         let serve = serve_http(listener, app, tls.clone(), limits, "HTTP", shutdown.clone());
         servers.spawn(serve);
     }
@@ -502,7 +505,7 @@ async fn spawn_http_servers(
             shutdown.clone(),
         ));
     }
-    Ok(servers)
+    Ok((servers, openai))
 }
 
 /// How long the router waits, once stopping, for open connections and its registration.
@@ -574,9 +577,16 @@ fn planner_context(
     local: std::net::SocketAddr,
     health: tonic_health::server::HealthReporter,
     collective: CollectiveSettings,
+    http_address: Option<std::net::SocketAddr>,
 ) -> planner::PlannerContext {
     let config = &model.config;
     planner::PlannerContext {
+        profile: moe_router::published_load::PublishedProfile::new(
+            http_address.map(|a| a.to_string()).unwrap_or_default(),
+            served_model_name(args),
+            Arc::clone(&running.stats),
+            Arc::clone(&running.kv),
+        ),
         discovery,
         router_address: local.to_string(),
         fingerprint: model.fingerprint.clone(),

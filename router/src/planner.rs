@@ -69,6 +69,8 @@ pub struct PlannerContext {
     /// `--transport`: the per-epoch collective, if any.
     pub collective: crate::collective::CollectiveSettings,
     pub rebalance: RebalancePolicy,
+    /// Its OpenAI address, model name and load, published beside its gRPC address.
+    pub profile: crate::published_load::PublishedProfile,
 }
 
 /// Dispatched load since the window started.
@@ -199,6 +201,9 @@ impl Planner {
 
     async fn round(&mut self) {
         let registered = self.register().await;
+        if let Some(r) = &self.registration {
+            self.ctx.profile.refresh(r);
+        }
         self.measure_load();
         if registered {
             match self.plan_once().await {
@@ -228,6 +233,7 @@ impl Planner {
             .await;
         match registered {
             Ok(r) => {
+                self.ctx.profile.register(&r);
                 self.registration = Some(r);
                 true
             }
@@ -728,6 +734,12 @@ mod tests {
     /// Router `r1`'s planner over `discovery`: 2 MoE layers of 8 experts, gRPC data plane.
     fn context(discovery: &Discovery) -> PlannerContext {
         PlannerContext {
+            profile: crate::published_load::PublishedProfile::new(
+                String::new(),
+                "m".into(),
+                Default::default(),
+                Arc::new(crate::kv_blocks::KvBlocks::new(1 << 20, 64, 16)),
+            ),
             discovery: discovery.clone(),
             router_address: "127.0.0.1:2".into(),
             fingerprint: "f".into(),

@@ -54,4 +54,25 @@ pub struct RouterRecord {
     pub address: String,
     /// The placement epoch it dispatches on (0 before the first).
     pub serving_epoch: u64,
+    /// Its OpenAI HTTP address ("" when it serves none).
+    #[serde(default)]
+    pub http_address: String,
+    /// The model name it serves (`/v1/models`).
+    #[serde(default)]
+    pub model: String,
+    /// How loaded it is, refreshed about once a second: what a gateway balances on.
+    #[serde(default)]
+    pub load: RouterLoad,
+}
+
+/// A router's load as it publishes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterLoad {
+    pub running: u32,
+    pub waiting: u32,
+    /// KV blocks neither reserved by requests nor held by the prefix cache.
+    pub kv_blocks_free: u64,
+    /// Held by the prefix cache (those no request uses are given up on demand).
+    pub kv_blocks_cached: u64,
+    pub kv_blocks_total: u64,
 }

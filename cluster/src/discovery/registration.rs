@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::error::{encode, Result};
 use super::keys::ClusterKeys;
 use super::lease::LeasedKeys;
-use super::records::{NodeRecord, NodeState, RouterRecord};
+use super::records::{NodeRecord, NodeState, RouterLoad, RouterRecord};
 use super::store::LeaseClient;
 use crate::collective::CollectiveRecord;
 
@@ -79,8 +79,8 @@ pub struct RouterRegistration {
     leased: LeasedKeys,
     keys: ClusterKeys,
     router_id: String,
-    /// Its public gRPC address, republished with each serving epoch.
-    address: String,
+    /// What it publishes under `routers/<id>`, changed a field at a time.
+    record: std::sync::Mutex<RouterRecord>,
 }
 
 impl RouterRegistration {
@@ -92,8 +92,11 @@ impl RouterRegistration {
         ttl: Duration,
     ) -> Result<Self> {
         let record = RouterRecord {
-            address: address.clone(),
+            address,
             serving_epoch: 0,
+            http_address: String::new(),
+            model: String::new(),
+            load: RouterLoad::default(),
         };
         let key = keys.router(&router_id);
         let initial = BTreeMap::from([(key.clone(), encode(&key, &record)?)]);
@@ -103,7 +106,7 @@ impl RouterRegistration {
             leased,
             keys,
             router_id,
-            address,
+            record: std::sync::Mutex::new(record),
         })
     }
 
@@ -123,12 +126,27 @@ impl RouterRegistration {
     }
 
     pub fn set_serving_epoch(&self, epoch: u64) {
+        self.publish(|r| r.serving_epoch = epoch);
+    }
+
+    /// Its OpenAI address ("" for none) and the model name it serves.
+    pub fn set_profile(&self, http_address: &str, model: &str) {
+        self.publish(|r| {
+            r.http_address = http_address.to_string();
+            r.model = model.to_string();
+        });
+    }
+
+    pub fn set_load(&self, load: RouterLoad) {
+        self.publish(|r| r.load = load);
+    }
+
+    /// Changes the record and republishes it (written at once when it differs).
+    fn publish(&self, change: impl FnOnce(&mut RouterRecord)) {
         let key = self.keys.router(&self.router_id);
-        let record = RouterRecord {
-            address: self.address.clone(),
-            serving_epoch: epoch,
-        };
-        if let Ok(value) = encode(&key, &record) {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut record);
+        if let Ok(value) = encode(&key, &*record) {
             self.leased.set(key, value);
         }
     }
