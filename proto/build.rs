@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "moe/v1/inference.proto",
         "moe/v1/admin.proto",
         "moe/v1/expert.proto",
+        "moe/v1/gateway.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("moe_descriptor.bin"))

@@ -38,7 +38,7 @@ pub fn optional_flag(name: &str, value: Option<impl ToString>) -> Vec<String> {
 }
 
 /// The workspace program `name`, next to the running `moe`.
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !path.exists() {

@@ -32,12 +32,14 @@ enum Command {
     GenCheckpoint(commands::gen_checkpoint::GenCheckpointArgs),
     /// Measure offline prefill and decode throughput and latency.
     Bench(commands::bench::BenchArgs),
-    /// Show a router's cluster status (placement, nodes, experts).
+    /// Show a router's cluster status (placement, nodes, experts), or a gateway's routers.
     Status(commands::status::StatusArgs),
     /// Start etcd, a router and N expert nodes locally; stop them all on Ctrl-C.
     Up(commands::up::UpArgs),
     /// Drain an expert node: re-place its experts, then let it exit.
     Drain(commands::drain::DrainArgs),
+    /// Drain a router: its streams move to other routers behind the gateway, then it exits.
+    DrainRouter(commands::drain_router::DrainRouterArgs),
     /// Kill, restart and drain nodes of a local cluster under checked load; report losses.
     Chaos(commands::chaos::ChaosArgs),
     /// Measure expert-FFN TFLOP/s on a GPU (DeepSeek-V3 shapes) against a dense GEMM.
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => commands::status::run(args),
         Command::Up(args) => commands::up::run(args),
         Command::Drain(args) => commands::drain::run(args),
+        Command::DrainRouter(args) => commands::drain_router::run(args),
         Command::Chaos(args) => commands::chaos::run(args),
         Command::GpuBench(args) => commands::gpu_bench::run(args),
         Command::GenSecrets(args) => commands::gen_secrets::run(args),

@@ -16,6 +16,7 @@
 //! - [`shutdown`] is the one `Shutdown` every binary passes to its tasks, and the signals and
 //!   deadlines that trigger it.
 
+pub mod api_keys;
 pub mod auth;
 pub mod collective;
 pub mod config;

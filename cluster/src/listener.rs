@@ -41,6 +41,32 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The public ports' bounds on the command line, shared by routers and gateways.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PublicPortArgs {
+    /// Client connections open at once at most, per public port (gRPC, HTTP, metrics); more
+    /// are closed as soon as they are accepted.
+    #[arg(long, env = "MOE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once at most, per public port; each must finish within
+    /// 10 s.
+    #[arg(long, env = "MOE_MAX_TLS_HANDSHAKES", default_value_t = 64)]
+    pub max_tls_handshakes: usize,
+    /// Concurrent gRPC streams per client connection.
+    #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_streams_per_connection: u32,
+}
+
+impl PublicPortArgs {
+    pub fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_tls_handshakes,
+            ..Default::default()
+        }
+    }
+}
+
 /// What a listener refused, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct ListenerStats {

@@ -27,24 +27,12 @@ pub struct Args {
     /// Model name for the HTTP API (default: the checkpoint directory's name).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// File of API keys (one per line): the Inference service, Admin's read-only
-    /// ClusterStatus and the HTTP API (`/metrics` included) then require
-    /// `Authorization: Bearer <key>` (health checks stay open).
-    #[arg(long, env = "MOE_API_KEY_FILE")]
-    pub api_key_file: Option<PathBuf>,
-    /// File of admin keys (one per line), distinct from the API keys: mutating Admin calls
-    /// (Drain) require `Authorization: Bearer <admin key>`; ClusterStatus accepts them too.
-    /// Without it, Drain is served only to clients on this host (loopback).
-    #[arg(long, env = "MOE_ADMIN_KEY_FILE")]
-    pub admin_key_file: Option<PathBuf>,
-    /// Client connections open at once at most, per public port (gRPC, HTTP, metrics); more
-    /// are closed as soon as they are accepted.
-    #[arg(long, env = "MOE_MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: usize,
-    /// TLS handshakes in progress at once at most, per public port; each must finish within
-    /// 10 s.
-    #[arg(long, env = "MOE_MAX_TLS_HANDSHAKES", default_value_t = 64)]
-    pub max_tls_handshakes: usize,
+    /// `--api-key-file`, `--admin-key-file`.
+    #[command(flatten)]
+    pub keys: moe_cluster::api_keys::KeyFileArgs,
+    /// `--max-connections`, `--max-tls-handshakes`, `--max-streams-per-connection`.
+    #[command(flatten)]
+    pub ports: moe_cluster::listener::PublicPortArgs,
     /// Longest prompt accepted, in tokens (default: the model's context length).
     #[arg(long, env = "MOE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
@@ -59,9 +47,6 @@ pub struct Args {
     /// with DEADLINE_EXCEEDED (HTTP 504) and frees its KV cache.
     #[arg(long, env = "MOE_REQUEST_TIMEOUT_MS", default_value_t = 600_000)]
     pub request_timeout_ms: u64,
-    /// Concurrent gRPC streams per client connection.
-    #[arg(long, env = "MOE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
-    pub max_streams_per_connection: u32,
     /// Where the dense part runs (attention and its KV cache, norms, gate, shared experts,
     /// lm_head): `--device`, `--gpu-dtype`.
     #[command(flatten)]

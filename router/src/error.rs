@@ -47,6 +47,8 @@ pub enum RouterError {
     RouteNotFound,
     #[error("no live node {0:?}")]
     NodeNotFound(String),
+    #[error("this is not router {0:?}")]
+    RouterNotFound(String),
 
     /// No valid key; the message says which key and how to send it.
     #[error("{0}")]
@@ -87,9 +89,10 @@ impl RouterError {
             | Self::DispatchFailed(_)
             | Self::Store(_) => Code::Unavailable,
             Self::Deadline | Self::DrainTimedOut => Code::DeadlineExceeded,
-            Self::ModelNotFound { .. } | Self::RouteNotFound | Self::NodeNotFound(_) => {
-                Code::NotFound
-            }
+            Self::ModelNotFound { .. }
+            | Self::RouteNotFound
+            | Self::NodeNotFound(_)
+            | Self::RouterNotFound(_) => Code::NotFound,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Internal(_) => Code::Internal,

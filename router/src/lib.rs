@@ -9,7 +9,8 @@
 //!   [`layer_exchange`] sends it over the nodes' [`node_link`] streams or the epoch's
 //!   [`collective`], and dispatch places the answers, retries and falls back.
 //! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
-//! - [`server`]: the Inference and Admin gRPC services; [`http`]: the OpenAI-compatible API.
+//! - [`server`]: the Inference and Admin gRPC services ([`inference_access`]: API keys, or
+//!   the cluster proof a gateway brings); [`http`]: the OpenAI-compatible API.
 //! - [`request_trace`]: a request's OpenTelemetry spans.
 //! - [`error`]: why a request is refused or fails, one enum turned into a gRPC status or an
 //!   OpenAI HTTP error only at the edges.
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod dispatch_plan;
 pub mod error;
 pub mod http;
+pub mod inference_access;
 pub mod kv_blocks;
 pub mod layer_exchange;
 pub mod metrics;

@@ -13,6 +13,7 @@ use moe_proto::v1::admin_server::AdminServer;
 use moe_proto::v1::inference_server::InferenceServer;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use moe_cluster::auth::StreamGate;
 use moe_cluster::dispatch_rules::DispatchRules;
 use moe_cluster::exposure::MemberCredentials;
 use moe_cluster::listener::{accept_bounded, ConnectionLimits};
@@ -21,6 +22,7 @@ use moe_cluster::tls::PublicTls;
 use moe_model::kv_cache::{KvLayout, KvPool};
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
+use moe_router::inference_access::InferenceAccess;
 use moe_router::kv_blocks::KvBlocks;
 use moe_router::prefix_cache::PrefixCache;
 use moe_router::request_metrics::RequestMetrics;
@@ -115,8 +117,7 @@ struct Security {
     /// The data plane's: mutual TLS and the cluster token.
     members: MemberCredentials,
     /// `--api-key-file` (inference) and `--admin-key-file` (drains).
-    api_keys: api_keys::ApiKeys,
-    admin_keys: api_keys::ApiKeys,
+    access: api_keys::AdminAccess,
 }
 
 impl Security {
@@ -136,8 +137,7 @@ impl Security {
                 &args.etcd,
                 listens,
             )?,
-            api_keys: api_keys::ApiKeys::from_optional_file(args.api_key_file.as_deref())?,
-            admin_keys: api_keys::ApiKeys::from_optional_file(args.admin_key_file.as_deref())?,
+            access: args.keys.load()?,
         })
     }
 
@@ -360,11 +360,8 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     let model_name = served_model_name(&args);
     let admission = admission(&args, &model, &running, model_name.clone());
     let (stopper, shutdown) = Shutdown::new();
-    let limits = ConnectionLimits {
-        max_connections: args.max_connections,
-        max_handshakes: args.max_tls_handshakes,
-        ..Default::default()
-    };
+    let stopper = Arc::new(stopper);
+    let limits = args.ports.limits();
     let http = HttpParts {
         model: &model,
         running: &running,
@@ -403,6 +400,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             tokenizer: Arc::clone(&model.tokenizer),
             admission,
             eos_ids: model.eos_ids.clone(),
+            draining: shutdown.clone(),
         },
         admin: server::admin::AdminService {
             cluster: args.etcd.cluster.clone(),
@@ -411,12 +409,17 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             stats: Arc::clone(&running.stats),
             kv: Arc::clone(&running.kv),
             dense_device: model.dense.placement(),
-            access: api_keys::AdminAccess {
-                api: security.api_keys.clone(),
-                admin: security.admin_keys.clone(),
-            },
+            access: security.access.clone(),
+            stopper: Arc::clone(&stopper),
         },
-        api_keys: security.api_keys.clone(),
+        access: InferenceAccess::new(
+            security.access.api.clone(),
+            security
+                .members
+                .token
+                .clone()
+                .map(|token| StreamGate::new(token, running.view.router_id.clone())),
+        ),
     };
     let tls = security
         .public_tls
@@ -430,7 +433,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         grpc,
         tls,
         limits,
-        args.max_streams_per_connection,
+        args.ports.max_streams_per_connection,
         shutdown,
     );
     let served = until_signal(grpc, &stopper).await;
@@ -547,7 +550,7 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         max_model_len: model.config.max_position_embeddings,
         view: Arc::clone(&running.view),
         created: http::unix_now(),
-        api_keys: security.api_keys.clone(),
+        api_keys: security.access.api.clone(),
         metrics: Arc::clone(&running.metrics),
         next_id: Default::default(),
     }))
@@ -623,7 +626,7 @@ struct GrpcServices<H> {
     health: HealthServer<H>,
     inference: server::inference::InferenceService,
     admin: server::admin::AdminService,
-    api_keys: api_keys::ApiKeys,
+    access: InferenceAccess,
 }
 
 /// Serves the public gRPC API on `listener` until `shutdown`, finishing open calls.
@@ -639,7 +642,7 @@ async fn serve_grpc<H: Health>(
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let inference_keys = services.api_keys;
+    let inference_access = services.access;
     let (connections, _stats) = accept_bounded(listener, tls, limits);
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(max_streams_per_connection))
@@ -647,7 +650,7 @@ async fn serve_grpc<H: Health>(
         .add_service(reflection)
         .add_service(InferenceServer::with_interceptor(
             services.inference,
-            move |r| inference_keys.intercept(r),
+            move |r| inference_access.intercept(r),
         ))
         // Admin checks its callers per method: reading and draining need different keys.
         .add_service(AdminServer::new(services.admin))

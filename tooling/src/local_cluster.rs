@@ -55,6 +55,8 @@ pub struct LocalCluster {
     pub router_addr: String,
     /// The first router's HTTP `host:port`, when started with `--http-listen`.
     pub router_http_addr: Option<String>,
+    /// `(gRPC address, process)` of each gateway; `None` once killed.
+    gateways: Vec<(String, Option<Child>)>,
     /// The members' stderr when not shown (printed if the cluster is dropped in a panic).
     logs: MemberLogs,
 }
@@ -162,6 +164,7 @@ impl LocalCluster {
             routers: Vec::new(),
             router_addr: String::new(),
             router_http_addr: None,
+            gateways: Vec::new(),
             logs: MemberLogs::create()?,
             spec,
         };
@@ -334,6 +337,62 @@ impl LocalCluster {
         &self.spec.model
     }
 
+    /// The gRPC addresses of the routers still running (started here, not killed).
+    pub fn router_addrs(&self) -> Vec<String> {
+        self.routers
+            .iter()
+            .filter(|r| r.1.is_some())
+            .map(|r| r.0.clone())
+            .collect()
+    }
+
+    /// Starts a `moe-gateway` (program `gateway_bin`) in front of this cluster's routers,
+    /// with the cluster token and `extra` flags; returns its gRPC address.
+    pub fn add_gateway(&mut self, gateway_bin: &Path, extra: &[String]) -> std::io::Result<String> {
+        let name = format!("gateway-{}", self.gateways.len());
+        let mut gateway = Command::new(gateway_bin)
+            .args(["--model", &self.spec.model.display().to_string()])
+            .args([
+                "--cluster-token-file",
+                &self.token.path().display().to_string(),
+            ])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--etcd",
+                &self.etcd_url,
+                "--cluster",
+                &self.spec.cluster,
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(if self.spec.show_logs {
+                Stdio::inherit()
+            } else {
+                Stdio::from(self.logs.file(&name)?)
+            })
+            .spawn()?;
+        let stdout = gateway
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("gateway has no stdout"))?;
+        let mut reader = BufReader::new(stdout);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                let _ = gateway.wait();
+                let why = self.logs.tail(&name, 5).join(" | ");
+                return Err(std::io::Error::other(format!(
+                    "gateway exited before listening: {why}"
+                )));
+            }
+            if let Some(addr) = line.trim().strip_prefix("moe-gateway listening on ") {
+                self.gateways.push((addr.to_string(), Some(gateway)));
+                return Ok(addr.to_string());
+            }
+        }
+    }
+
     /// The cluster token file the members were started with.
     pub fn token_file(&self) -> &ClusterTokenFile {
         &self.token
@@ -342,7 +401,8 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        for (_, child) in self.routers.iter_mut().chain(self.nodes.iter_mut()) {
+        let members = self.routers.iter_mut().chain(self.nodes.iter_mut());
+        for (_, child) in self.gateways.iter_mut().chain(members) {
             if let Some(mut c) = child.take() {
                 let _ = c.kill();
                 let _ = c.wait();

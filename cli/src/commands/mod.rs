@@ -3,6 +3,7 @@ pub mod bench_remote;
 pub mod bench_report;
 pub mod chaos;
 pub mod drain;
+pub mod drain_router;
 pub mod gen_checkpoint;
 pub mod gen_secrets;
 pub mod generate;

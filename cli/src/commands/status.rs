@@ -1,28 +1,39 @@
-//! `moe status --router ADDR [--json]`: the Admin ClusterStatus.
+//! `moe status --router ADDR [--json]`: the Admin ClusterStatus; `moe status --gateway ADDR
+//! [--json]`: the routers a gateway sees, their load and what it sent them.
 
 use anyhow::Context;
 use clap::Args;
 use moe_proto::v1::admin_client::AdminClient;
-use moe_proto::v1::ClusterStatusRequest;
+use moe_proto::v1::gateway_client::GatewayClient;
+use moe_proto::v1::{ClusterStatusRequest, RoutersRequest};
 use serde_json::json;
 
 use crate::router_client::{channel, rpc_error, runtime, with_key};
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["router", "gateway"])))]
 pub struct StatusArgs {
     /// The router's gRPC address.
     #[arg(long, env = "MOE_ROUTER")]
-    router: String,
+    router: Option<String>,
+    /// A gateway's gRPC address: list the routers behind it.
+    #[arg(long, env = "MOE_GATEWAY")]
+    gateway: Option<String>,
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let router = match (&args.router, &args.gateway) {
+        (Some(router), _) => router.clone(),
+        (None, Some(gateway)) => return gateway_status(gateway, args.json),
+        (None, None) => anyhow::bail!("give --router or --gateway"),
+    };
     let status = runtime()?.block_on(async {
-        let mut client = channel(&args.router)
+        let mut client = channel(&router)
             .await
             .map(AdminClient::new)
-            .with_context(|| format!("connecting to {}", args.router))?;
+            .with_context(|| format!("connecting to {router}"))?;
         client
             .cluster_status(with_key(ClusterStatusRequest {}))
             .await
@@ -118,6 +129,76 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             n.ready_epoch,
             n.experts.len(),
             tokens
+        );
+    }
+    Ok(())
+}
+
+/// `moe status --gateway ADDR`: the gateway's Routers call.
+fn gateway_status(gateway: &str, as_json: bool) -> anyhow::Result<()> {
+    let seen = runtime()?.block_on(async {
+        let mut client = channel(gateway)
+            .await
+            .map(GatewayClient::new)
+            .with_context(|| format!("connecting to {gateway}"))?;
+        client
+            .routers(with_key(RoutersRequest {}))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(rpc_error)
+    })?;
+    if as_json {
+        let routers: Vec<_> = seen
+            .routers
+            .iter()
+            .map(|r| {
+                json!({
+                    "router_id": r.router_id, "address": r.address, "http_address": r.http_address,
+                    "model": r.model, "serving_epoch": r.serving_epoch, "healthy": r.healthy,
+                    "running": r.running, "waiting": r.waiting,
+                    "kv_blocks_free": r.kv_blocks_free, "kv_blocks_cached": r.kv_blocks_cached,
+                    "kv_blocks_total": r.kv_blocks_total, "in_flight": r.in_flight,
+                    "requests_total": r.requests_total, "migrations_from": r.migrations_from,
+                })
+            })
+            .collect();
+        let out = json!({
+            "policy": seen.policy, "migrations_total": seen.migrations_total, "routers": routers,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "gateway {gateway}  policy {}  routers {}  streams moved {}",
+        seen.policy,
+        seen.routers.len(),
+        seen.migrations_total
+    );
+    println!(
+        "  {:<20} {:<22} {:>6} {:>8} {:>8} {:>10} {:>9} {:>9} {:>6}",
+        "router",
+        "address",
+        "epoch",
+        "running",
+        "waiting",
+        "kv free",
+        "in flight",
+        "requests",
+        "moved"
+    );
+    for r in &seen.routers {
+        println!(
+            "  {:<20} {:<22} {:>6} {:>8} {:>8} {:>10} {:>9} {:>9} {:>6}{}",
+            r.router_id,
+            r.address,
+            r.serving_epoch,
+            r.running,
+            r.waiting,
+            format!("{}/{}", r.kv_blocks_free, r.kv_blocks_total),
+            r.in_flight,
+            r.requests_total,
+            r.migrations_from,
+            if r.healthy { "" } else { "  (avoided)" }
         );
     }
     Ok(())

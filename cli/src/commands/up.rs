@@ -1,6 +1,6 @@
-//! `moe up --model DIR --nodes N`: etcd (from PATH), a router and N expert nodes as child
-//! processes on free loopback ports; prints the gRPC and OpenAI HTTP endpoints; stops them all on
-//! Ctrl-C.
+//! `moe up --model DIR --nodes N [--routers R]`: etcd (from PATH), R routers and N expert
+//! nodes as child processes on free loopback ports, and with R > 1 a `moe-gateway` in front of
+//! the routers; prints the gRPC and OpenAI HTTP endpoints; stops them all on Ctrl-C.
 
 use std::path::PathBuf;
 
@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use moe_tooling::{LocalCluster, LocalClusterSpec};
 
-use crate::local::{local_spec, optional_flag, wait_serving};
+use crate::local::{local_spec, optional_flag, sibling, wait_serving};
 use crate::router_client::runtime;
 
 #[derive(Args)]
@@ -17,6 +17,9 @@ pub struct UpArgs {
     model: PathBuf,
     #[arg(long, default_value_t = 2)]
     nodes: usize,
+    /// Routers; more than one start a gateway in front of them (the address to use then).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    routers: u32,
     #[arg(long, env = "MOE_CLUSTER", default_value = "local")]
     cluster: String,
     /// Show the children's logs.
@@ -78,6 +81,24 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.etcd_url, args.nodes
     );
     println!("try: moe generate --router {addr} --prompt \"Hello\" --max-new-tokens 16");
+    let mut cluster = cluster;
+    if args.routers > 1 {
+        // Each router gets the same flags (a fixed --http-listen port would collide).
+        for _ in 1..args.routers {
+            let more = cluster.add_router(&[]).context("starting a router")?;
+            let epoch = rt.block_on(wait_serving(&more))?;
+            println!("router {more} (placement epoch {epoch})");
+        }
+        let gateway = cluster
+            .add_gateway(&sibling("moe-gateway")?, &[])
+            .context("starting the gateway")?;
+        println!(
+            "gateway {gateway} in front of {} routers: send requests here",
+            args.routers
+        );
+        println!("try: moe generate --router {gateway} --prompt \"Hello\" --max-new-tokens 16");
+        println!("     moe status --gateway {gateway}");
+    }
     if let Some(http) = &cluster.router_http_addr {
         println!("openai http://{http}/v1 (models, completions, chat/completions)");
         println!(

@@ -33,9 +33,10 @@ impl From<RouterError> for ApiError {
             | E::DispatchFailed(_)
             | E::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Deadline | E::DrainTimedOut => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-            E::ModelNotFound { .. } | E::RouteNotFound | E::NodeNotFound(_) => {
-                (StatusCode::NOT_FOUND, "not_found_error")
-            }
+            E::ModelNotFound { .. }
+            | E::RouteNotFound
+            | E::NodeNotFound(_)
+            | E::RouterNotFound(_) => (StatusCode::NOT_FOUND, "not_found_error"),
             E::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "authentication_error"),
             E::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_error"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

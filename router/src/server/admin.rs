@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use moe_proto::v1::admin_server::Admin;
 use moe_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse, ExpertRef, NodeStatus,
+    ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse, DrainRouterRequest,
+    DrainRouterResponse, ExpertRef, NodeStatus,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,6 +30,8 @@ pub struct AdminService {
     pub dense_device: String,
     /// Who may read and who may drain.
     pub access: crate::api_keys::AdminAccess,
+    /// Stops this router (`DrainRouter`), as SIGTERM does.
+    pub stopper: Arc<moe_cluster::shutdown::Stopper>,
 }
 
 #[tonic::async_trait]
@@ -167,5 +170,25 @@ impl Admin for AdminService {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         Err(RouterError::DrainTimedOut.into())
+    }
+
+    /// Stops taking requests and exits once the open ones are done: a gateway's streams end
+    /// at once with `UNAVAILABLE` and move on; its registration leaves etcd.
+    async fn drain_router(
+        &self,
+        request: Request<DrainRouterRequest>,
+    ) -> Result<Response<DrainRouterResponse>, Status> {
+        self.access.mutate(&request)?;
+        let router_id = request.into_inner().router_id;
+        if !router_id.is_empty() && router_id != self.view.router_id {
+            return Err(RouterError::RouterNotFound(router_id).into());
+        }
+        let running =
+            self.stats.running.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed);
+        tracing::info!(running, "router drain requested");
+        self.stopper.stop();
+        Ok(Response::new(DrainRouterResponse {
+            running: running as u32,
+        }))
     }
 }

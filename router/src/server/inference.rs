@@ -4,6 +4,7 @@ use crate::request_trace::TraceOrigin;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use moe_cluster::shutdown::Shutdown;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::inference_server::Inference;
@@ -14,8 +15,13 @@ use moe_proto::v1::{
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Answers};
 use crate::error::RouterError;
+use crate::inference_access::ViaGateway;
+
+/// What a gateway's stream ends with when this router drains: the gateway resumes it on
+/// another router, exactly where it stopped.
+pub const DRAINING: &str = "router draining: the request moves to another router";
 
 pub struct InferenceService {
     pub config: ModelConfig,
@@ -23,6 +29,32 @@ pub struct InferenceService {
     pub tokenizer: Arc<Tokenizer>,
     pub admission: Arc<Admission>,
     pub eos_ids: Vec<u32>,
+    /// Fires when the router drains (SIGTERM, `DrainRouter`).
+    pub draining: Shutdown,
+}
+
+/// A gateway's stream: this router's answers until it drains, then `UNAVAILABLE` (dropping
+/// `answers` cancels the request here). A direct client's stream is left to finish.
+fn until_drained(mut answers: Answers, mut draining: Shutdown) -> GenerateStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                answer = answers.recv() => {
+                    let Some(answer) = answer else { return };
+                    if tx.send(answer.map_err(Status::from)).await.is_err() {
+                        return;
+                    }
+                }
+                () = draining.wait() => {
+                    let _ = tx.send(Err(Status::unavailable(DRAINING))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -36,7 +68,14 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let origin = TraceOrigin::from_grpc(request.metadata(), "text_completion");
+        let via_gateway = request.extensions().get::<ViaGateway>().is_some();
+        if via_gateway && self.draining.is_shutdown() {
+            return Err(Status::unavailable(DRAINING));
+        }
         let answers = self.admission.submit(request.into_inner(), origin).await?;
+        if via_gateway {
+            return Ok(Response::new(until_drained(answers, self.draining.clone())));
+        }
         let stream = tokio_stream::wrappers::ReceiverStream::new(answers)
             .map(|answer| answer.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))

@@ -1,0 +1,18 @@
+//! `moe-gateway`: one front door for many routers. Routers keep the KV cache and the request
+//! state, so a router that dies takes its streams with it; the gateway holds none of that,
+//! only the token ids it has sent, and moves such a stream to another router which resumes it
+//! exactly (see `relay`).
+//!
+//! - [`args`]: command line.
+//! - [`router_set`]: the routers registered in etcd, their channels and counters.
+//! - [`policy`]: which router gets a new request (`cache-aware`, `least-load`,
+//!   `round-robin`).
+//! - [`relay`]: one request carried across routers.
+//! - [`service`]: the public gRPC services; [`metrics`]: the Prometheus page.
+
+pub mod args;
+pub mod metrics;
+pub mod policy;
+pub mod relay;
+pub mod router_set;
+pub mod service;

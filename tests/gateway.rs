@@ -1,0 +1,329 @@
+//! `moe-gateway` in front of two routers, with real etcd, routers, nodes and clients: a router
+//! SIGKILLed mid-stream or restarted under load costs no stream and changes no token (its
+//! streams resume on the other router), prefix-aware routing keeps a shared prefix on one
+//! router, and a request a router refuses is refused through the gateway with the same status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_model::Engine;
+use moe_proto::v1::gateway_client::GatewayClient;
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::{DrainRouterRequest, GenerateRequest, RoutersRequest, RoutersResponse};
+use moe_tests::harness::{self, expected_answers, generate, wait_serving};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tooling::{greedy, GreedyLoad, LocalCluster};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+async fn routers(gateway: &str) -> RoutersResponse {
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .expect("gateway reachable");
+    client
+        .routers(RoutersRequest {})
+        .await
+        .expect("Routers")
+        .into_inner()
+}
+
+/// Waits until the gateway sees exactly the routers at `addrs`, all serving.
+async fn wait_gateway_routers(gateway: &str, addrs: &[String]) -> RoutersResponse {
+    let want: BTreeSet<&str> = addrs.iter().map(String::as_str).collect();
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let seen = routers(gateway).await;
+        let serving: BTreeSet<&str> = seen
+            .routers
+            .iter()
+            .filter(|r| r.serving_epoch > 0)
+            .map(|r| r.address.as_str())
+            .collect();
+        if serving == want && seen.routers.len() == want.len() {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never saw routers {want:?} serving: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A cluster of two nodes and two routers on fixture 0, and a gateway with `gateway_args`.
+async fn two_routers(gateway_args: &[&str]) -> (LocalCluster, String) {
+    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(FIXTURES[0]), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    cluster.add_router(&[]).unwrap();
+    let mut args: Vec<String> = vec!["--poll-ms".into(), "100".into()];
+    args.extend(gateway_args.iter().map(|a| a.to_string()));
+    let gateway = cluster
+        .add_gateway(&harness::binary("moe-gateway"), &args)
+        .unwrap();
+    wait_gateway_routers(&gateway, &cluster.router_addrs()).await;
+    (cluster, gateway)
+}
+
+async fn client(addr: &str) -> InferenceClient<Channel> {
+    InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("reachable")
+}
+
+/// The router a stream started on (the gateway's `moe-router` response header).
+async fn served_by(gateway: &mut InferenceClient<Channel>, request: GenerateRequest) -> String {
+    let response = gateway.generate(request).await.expect("generate");
+    let router = response
+        .metadata()
+        .get("moe-router")
+        .and_then(|v| v.to_str().ok())
+        .expect("moe-router header")
+        .to_string();
+    let mut stream = response.into_inner();
+    while stream.message().await.expect("stream").is_some() {}
+    router
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
+    let (mut cluster, cache_aware) = two_routers(&[]).await;
+    let round_robin = cluster
+        .add_gateway(
+            &harness::binary("moe-gateway"),
+            &["--policy".into(), "round-robin".into()],
+        )
+        .unwrap();
+    wait_gateway_routers(&round_robin, &cluster.router_addrs()).await;
+    // Three groups of four prompts: 48 shared tokens (three whole blocks), then their own.
+    let prompt = |group: u32, member: u32| -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..48).map(|i| 3 + (group * 31 + i * 7) % 200).collect();
+        ids.extend([5 + member, 9 + member, 2 + group]);
+        ids
+    };
+    for (gateway, policy) in [(&cache_aware, "cache-aware"), (&round_robin, "round-robin")] {
+        let mut inference = client(gateway).await;
+        let mut split_groups = 0;
+        for group in 0..3 {
+            let mut used = BTreeSet::new();
+            for member in 0..4 {
+                used.insert(served_by(&mut inference, greedy(&prompt(group, member), 2)).await);
+            }
+            if used.len() > 1 {
+                split_groups += 1;
+            }
+        }
+        match policy {
+            "cache-aware" => assert_eq!(split_groups, 0, "cache-aware split a prefix group"),
+            _ => assert_eq!(split_groups, 3, "round-robin kept a group on one router"),
+        }
+    }
+    // Requests a router refuses: the same status code and message through the gateway.
+    let vocab = harness::inference(&cluster)
+        .await
+        .model_info(moe_proto::v1::ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vocab_size;
+    let refused = [
+        greedy(&[], 4),
+        greedy(&[vocab], 4),
+        GenerateRequest {
+            temperature: Some(-1.0),
+            ..greedy(&[1, 2, 3], 4)
+        },
+    ];
+    let mut direct = harness::inference(&cluster).await;
+    let mut through = client(&cache_aware).await;
+    for request in refused {
+        let want = generate(&mut direct, request.clone()).await.unwrap_err();
+        let got = generate(&mut through, request).await.unwrap_err();
+        assert_eq!(got.code(), want.code(), "{got:?} vs {want:?}");
+        assert_eq!(got.message(), want.message());
+    }
+}
+
+/// Eight greedy and eight seeded sampled streams (temperature 0.9, top_p 0.95), 400 tokens each.
+fn failover_streams() -> Value {
+    let cases = golden_cases(FIXTURES[0]);
+    let streams: Vec<Value> = (0..16)
+        .map(|i| {
+            let case = &cases[i % cases.len()];
+            let len = case.input_ids.len().saturating_sub(i / cases.len()).max(1);
+            let mut s = json!({
+                "input_ids": &case.input_ids[..len],
+                "max_new_tokens": 400,
+                "temperature": 0.0,
+            });
+            if i % 2 == 1 {
+                s["temperature"] = json!(0.9);
+                s["top_p"] = json!(0.95);
+                s["seed"] = json!(1000 + i);
+            }
+            s
+        })
+        .collect();
+    json!({"streams": streams, "ready_after": 40})
+}
+
+/// Runs the Python grpcio streams against `gateway`; calls `at_ready` once every stream has
+/// its first tokens. Returns the streams' results.
+fn python_streams(gateway: &str, spec: &Value, at_ready: impl FnOnce()) -> Vec<Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/gateway_streams.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(gateway)
+        .arg(spec.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut at_ready = Some(at_ready);
+    let mut last = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.trim() == "READY" {
+            if let Some(f) = at_ready.take() {
+                f();
+            }
+        } else {
+            last = line;
+        }
+    }
+    assert!(child.wait().unwrap().success(), "the python client failed");
+    serde_json::from_str::<Vec<Value>>(&last).expect("results JSON")
+}
+
+/// Where two stream results first differ, briefly.
+fn divergence(got: &Value, want: &Value) -> String {
+    for key in ["ids", "logprobs"] {
+        let (g, w) = (got[key].as_array().unwrap(), want[key].as_array().unwrap());
+        if let Some(at) = (0..g.len().max(w.len())).find(|&k| g.get(k) != w.get(k)) {
+            return format!(
+                "{key} from {at} of {}/{}: {:?} vs {:?}",
+                g.len(),
+                w.len(),
+                g.get(at),
+                w.get(at)
+            );
+        }
+    }
+    for key in ["text", "finish_reason", "usage"] {
+        if got[key] != want[key] {
+            return format!("{key}: {} vs {}", got[key], want[key]);
+        }
+    }
+    "nothing".into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_stream_loses_no_stream_and_changes_no_token() {
+    let (mut cluster, gateway) = two_routers(&[]).await;
+    let spec = failover_streams();
+    let reference = tokio::task::block_in_place(|| python_streams(&gateway, &spec, || {}));
+    for (i, r) in reference.iter().enumerate() {
+        assert!(
+            r.get("error").is_none(),
+            "stream {i} failed without a kill: {r}"
+        );
+        assert_eq!(r["ids"].as_array().unwrap().len(), 400);
+    }
+    let handle = tokio::runtime::Handle::current();
+    let killed = std::sync::Mutex::new(None);
+    let after_kill = tokio::task::block_in_place(|| {
+        python_streams(&gateway, &spec, || {
+            // The router holding most streams now.
+            let seen = handle.block_on(routers(&gateway));
+            let busiest = seen
+                .routers
+                .iter()
+                .max_by_key(|r| r.in_flight)
+                .expect("routers")
+                .clone();
+            assert!(busiest.in_flight > 0, "{seen:?}");
+            cluster.kill_router(&busiest.address);
+            *killed.lock().unwrap() = Some((busiest.router_id, busiest.in_flight));
+        })
+    });
+    let (killed, held) = killed.into_inner().unwrap().expect("a router was killed");
+    for (i, (got, want)) in after_kill.iter().zip(&reference).enumerate() {
+        assert!(got.get("error").is_none(), "stream {i} failed: {got}");
+        if got != want {
+            panic!(
+                "stream {i} differs after the kill: {}",
+                divergence(got, want)
+            );
+        }
+    }
+    let seen = routers(&gateway).await;
+    let from: BTreeMap<&str, u64> = seen
+        .routers
+        .iter()
+        .map(|r| (r.router_id.as_str(), r.migrations_from))
+        .collect();
+    assert!(
+        seen.migrations_total >= u64::from(held),
+        "{held} streams on {killed}, {} moved: {seen:?}",
+        seen.migrations_total
+    );
+    // The killed router may have left etcd already (its lease), taking its counters' row.
+    if let Some(&moved) = from.get(killed.as_str()) {
+        assert!(moved >= u64::from(held), "{seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_behind_the_gateway_fails_nothing_and_changes_no_token() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cases = golden_cases(fixture);
+    let requests: Vec<(Vec<u32>, u32)> = (0..8)
+        .map(|i| (cases[i % cases.len()].input_ids.clone(), 48 + i as u32))
+        .collect();
+    let answers = Arc::new(expected_answers(&engine, &requests));
+    let (mut cluster, gateway) = two_routers(&[]).await;
+    let load = GreedyLoad::start(vec![gateway.clone()], answers, 4, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let original = cluster.router_addrs();
+    for (turn, leaving) in original.iter().enumerate() {
+        // Both ways a router is restarted: the admin call through the gateway, then SIGTERM.
+        if turn == 0 {
+            let id = routers(&gateway)
+                .await
+                .routers
+                .into_iter()
+                .find(|r| &r.address == leaving)
+                .expect("registered")
+                .router_id;
+            let mut admin = GatewayClient::connect(format!("http://{gateway}"))
+                .await
+                .unwrap();
+            admin
+                .drain_router(DrainRouterRequest { router_id: id })
+                .await
+                .expect("DrainRouter");
+        } else {
+            cluster.terminate_router(leaving);
+        }
+        let code = tokio::task::block_in_place(|| cluster.wait_router_exit(leaving, MINUTE));
+        assert_eq!(code, Some(0), "router {leaving} did not exit cleanly");
+        cluster.add_router(&[]).unwrap();
+        wait_gateway_routers(&gateway, &cluster.router_addrs()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let report = load.stop().await;
+    assert_eq!(
+        (report.failed, report.mismatched),
+        (0, 0),
+        "{:?}",
+        report.problems
+    );
+    assert!(report.completed >= 8, "{report:?}");
+    let seen = routers(&gateway).await;
+    assert!(seen.migrations_total >= 1, "no stream moved: {seen:?}");
+}
