@@ -15,7 +15,7 @@ use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{DrainRouterRequest, GenerateRequest, RoutersRequest, RoutersResponse};
 use moe_tests::harness::{self, expected_answers, generate, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
-use moe_tooling::{greedy, GreedyLoad, LocalCluster};
+use moe_tooling::{greedy, GatewayAddrs, GreedyLoad, LocalCluster};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
@@ -55,17 +55,23 @@ async fn wait_gateway_routers(gateway: &str, addrs: &[String]) -> RoutersRespons
     }
 }
 
-/// A cluster of two nodes and two routers on fixture 0, and a gateway with `gateway_args`.
-async fn two_routers(gateway_args: &[&str]) -> (LocalCluster, String) {
-    let mut cluster = LocalCluster::start(harness::spec(fixture_dir(FIXTURES[0]), 2)).unwrap();
+/// A cluster of two nodes and two routers on fixture 0, and a gateway (gRPC and OpenAI HTTP)
+/// with `gateway_args`.
+async fn two_routers(gateway_args: &[&str]) -> (LocalCluster, GatewayAddrs) {
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 2);
+    spec.router_args
+        .extend(["--http-listen".into(), "127.0.0.1:0".into()]);
+    let mut cluster = LocalCluster::start(spec).unwrap();
     wait_serving(&cluster, 2).await;
     cluster.add_router(&[]).unwrap();
-    let mut args: Vec<String> = vec!["--poll-ms".into(), "100".into()];
+    let mut args: Vec<String> = ["--poll-ms", "100", "--http-listen", "127.0.0.1:0"]
+        .map(String::from)
+        .to_vec();
     args.extend(gateway_args.iter().map(|a| a.to_string()));
     let gateway = cluster
         .add_gateway(&harness::binary("moe-gateway"), &args)
         .unwrap();
-    wait_gateway_routers(&gateway, &cluster.router_addrs()).await;
+    wait_gateway_routers(&gateway.grpc, &cluster.router_addrs()).await;
     (cluster, gateway)
 }
 
@@ -91,13 +97,15 @@ async fn served_by(gateway: &mut InferenceClient<Channel>, request: GenerateRequ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
-    let (mut cluster, cache_aware) = two_routers(&[]).await;
+    let (mut cluster, addrs) = two_routers(&[]).await;
+    let cache_aware = addrs.grpc.clone();
     let round_robin = cluster
         .add_gateway(
             &harness::binary("moe-gateway"),
             &["--policy".into(), "round-robin".into()],
         )
-        .unwrap();
+        .unwrap()
+        .grpc;
     wait_gateway_routers(&round_robin, &cluster.router_addrs()).await;
     // Three groups of four prompts: 48 shared tokens (three whole blocks), then their own.
     let prompt = |group: u32, member: u32| -> Vec<u32> {
@@ -146,6 +154,34 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
         assert_eq!(got.code(), want.code(), "{got:?} vs {want:?}");
         assert_eq!(got.message(), want.message());
     }
+    // The same over the OpenAI API: the HTTP status and the message.
+    let router_http = cluster.router_http_addr.clone().expect("router HTTP");
+    let gateway_http = addrs.http.clone().expect("gateway HTTP");
+    let bodies = [
+        json!({"model": "deepseek-v3-tiny", "prompt": [vocab], "max_tokens": 4}),
+        json!({"prompt": "hello", "max_tokens": 4, "temperature": -1.0}),
+        json!({"model": "another-model", "prompt": "hello"}),
+        json!({"prompt": "hello", "n": 99}),
+        json!({"messages": [], "max_tokens": 4}),
+    ];
+    for body in bodies {
+        let body = body.to_string();
+        let path = if body.contains("messages") {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let want = harness::http(&router_http, "POST", path, None, body.as_bytes()).await;
+        let got = harness::http(&gateway_http, "POST", path, None, body.as_bytes()).await;
+        assert!(want.0 >= 400, "{body}: the router took it: {want:?}");
+        let message =
+            |text: &str| serde_json::from_str::<Value>(text).unwrap()["error"]["message"].clone();
+        assert_eq!(
+            (got.0, message(&got.1)),
+            (want.0, message(&want.1)),
+            "{body}"
+        );
+    }
 }
 
 /// Eight greedy and eight seeded sampled streams (temperature 0.9, top_p 0.95), 400 tokens each.
@@ -168,13 +204,52 @@ fn failover_streams() -> Value {
             s
         })
         .collect();
-    json!({"streams": streams, "ready_after": 40})
+    json!({"model": "deepseek-v3-tiny", "streams": streams, "ready_after": 40})
 }
 
-/// Runs the Python grpcio streams against `gateway`; calls `at_ready` once every stream has
-/// its first tokens. Returns the streams' results.
-fn python_streams(gateway: &str, spec: &Value, at_ready: impl FnOnce()) -> Vec<Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/gateway_streams.py");
+/// Which client drives the streams.
+#[derive(Clone, Copy)]
+enum Client {
+    /// Python grpcio on the gateway's gRPC port (`python/gateway_streams.py`).
+    Grpcio,
+    /// The official `openai` package on its OpenAI HTTP port (`python/gateway_openai.py`).
+    OpenAi,
+}
+
+impl Client {
+    fn script(self) -> &'static str {
+        match self {
+            Client::Grpcio => concat!(env!("CARGO_MANIFEST_DIR"), "/python/gateway_streams.py"),
+            Client::OpenAi => concat!(env!("CARGO_MANIFEST_DIR"), "/python/gateway_openai.py"),
+        }
+    }
+
+    fn address(self, gateway: &GatewayAddrs) -> String {
+        match self {
+            Client::Grpcio => gateway.grpc.clone(),
+            Client::OpenAi => gateway.http.clone().expect("the gateway serves HTTP"),
+        }
+    }
+
+    /// What holds a stream's generated tokens in its result.
+    fn tokens_key(self) -> &'static str {
+        match self {
+            Client::Grpcio => "ids",
+            Client::OpenAi => "tokens",
+        }
+    }
+}
+
+/// Runs `client`'s streams against `address`; calls `at_ready` once every stream has its first
+/// tokens. Returns the streams' results.
+fn python_streams(
+    client: Client,
+    address: &str,
+    spec: &Value,
+    at_ready: impl FnOnce(),
+) -> Vec<Value> {
+    let script = client.script();
+    let gateway = address;
     let mut child = Command::new("python3")
         .arg(script)
         .arg(gateway)
@@ -201,8 +276,10 @@ fn python_streams(gateway: &str, spec: &Value, at_ready: impl FnOnce()) -> Vec<V
 
 /// Where two stream results first differ, briefly.
 fn divergence(got: &Value, want: &Value) -> String {
-    for key in ["ids", "logprobs"] {
-        let (g, w) = (got[key].as_array().unwrap(), want[key].as_array().unwrap());
+    for key in ["ids", "tokens", "logprobs"] {
+        let (Some(g), Some(w)) = (got[key].as_array(), want[key].as_array()) else {
+            continue;
+        };
         if let Some(at) = (0..g.len().max(w.len())).find(|&k| g.get(k) != w.get(k)) {
             return format!(
                 "{key} from {at} of {}/{}: {:?} vs {:?}",
@@ -222,21 +299,35 @@ fn divergence(got: &Value, want: &Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_router_killed_mid_stream_loses_no_stream_and_changes_no_token() {
-    let (mut cluster, gateway) = two_routers(&[]).await;
+async fn a_router_killed_mid_stream_loses_no_grpc_stream_and_changes_no_token() {
+    kill_mid_stream(Client::Grpcio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_stream_loses_no_openai_stream_and_changes_no_token() {
+    kill_mid_stream(Client::OpenAi).await;
+}
+
+/// Sixteen streams (`failover_streams`) through the gateway with `client`, then the same with
+/// the router holding most of them SIGKILLed once each has 40 tokens: every stream ends
+/// without an error and equals its uninterrupted run (tokens, logprobs, text, usage).
+async fn kill_mid_stream(client: Client) {
+    let (mut cluster, addrs) = two_routers(&[]).await;
+    let gateway = addrs.grpc.clone();
+    let address = client.address(&addrs);
     let spec = failover_streams();
-    let reference = tokio::task::block_in_place(|| python_streams(&gateway, &spec, || {}));
+    let reference = tokio::task::block_in_place(|| python_streams(client, &address, &spec, || {}));
     for (i, r) in reference.iter().enumerate() {
         assert!(
             r.get("error").is_none(),
             "stream {i} failed without a kill: {r}"
         );
-        assert_eq!(r["ids"].as_array().unwrap().len(), 400);
+        assert_eq!(r[client.tokens_key()].as_array().unwrap().len(), 400);
     }
     let handle = tokio::runtime::Handle::current();
     let killed = std::sync::Mutex::new(None);
     let after_kill = tokio::task::block_in_place(|| {
-        python_streams(&gateway, &spec, || {
+        python_streams(client, &address, &spec, || {
             // The router holding most streams now.
             let seen = handle.block_on(routers(&gateway));
             let busiest = seen
@@ -286,7 +377,8 @@ async fn rolling_restart_behind_the_gateway_fails_nothing_and_changes_no_token()
         .map(|i| (cases[i % cases.len()].input_ids.clone(), 48 + i as u32))
         .collect();
     let answers = Arc::new(expected_answers(&engine, &requests));
-    let (mut cluster, gateway) = two_routers(&[]).await;
+    let (mut cluster, addrs) = two_routers(&[]).await;
+    let gateway = addrs.grpc;
     let load = GreedyLoad::start(vec![gateway.clone()], answers, 4, None);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let original = cluster.router_addrs();

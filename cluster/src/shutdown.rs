@@ -62,6 +62,30 @@ pub async fn signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Runs `server` until it ends or a signal comes; then tells every task to stop and lets the
+/// server finish its open calls, for at most `grace` when given (`None` once it has run out).
+/// Either way every task is told to stop before this returns.
+pub async fn serve_until_signal<O>(
+    server: impl Future<Output = O>,
+    stopper: &Stopper,
+    grace: Option<Duration>,
+) -> Option<O> {
+    tokio::pin!(server);
+    let served = tokio::select! {
+        served = &mut server => Some(served),
+        () = signal() => {
+            tracing::info!("signal received: stopping");
+            stopper.stop();
+            match grace {
+                Some(grace) => tokio::time::timeout(grace, &mut server).await.ok(),
+                None => Some(server.await),
+            }
+        }
+    };
+    stopper.stop();
+    served
+}
+
 /// How waiting for something within a deadline ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Waited<T> {

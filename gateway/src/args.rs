@@ -21,6 +21,17 @@ pub struct GatewayArgs {
     /// `moe.v1.Gateway`).
     #[arg(long, env = "MOE_GRPC_LISTEN", default_value = "127.0.0.1:50060")]
     pub grpc_listen: String,
+    /// The OpenAI-compatible HTTP API (`/v1/models`, `/v1/completions`,
+    /// `/v1/chat/completions`, `/health`, `/metrics`), as a router serves it.
+    #[arg(long, env = "MOE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// The model name `/v1/models` lists and requests must name (default: the checkpoint
+    /// directory's name, as routers do).
+    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// A Jinja chat template replacing the checkpoint's (as the routers' flag).
+    #[arg(long, env = "MOE_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Prometheus `/metrics` on its own port.
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,

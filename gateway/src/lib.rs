@@ -7,11 +7,15 @@
 //! - [`router_set`]: the routers registered in etcd, their channels and counters.
 //! - [`policy`]: which router gets a new request (`cache-aware`, `least-load`,
 //!   `round-robin`).
-//! - [`relay`]: one request carried across routers.
-//! - [`service`]: the public gRPC services; [`metrics`]: the Prometheus page.
+//! - [`intake`]: what a request gets before its first router (a seed, a span, block hashes);
+//!   [`relay`]: one request carried across routers.
+//! - [`service`]: the public gRPC services; [`openai`]: the OpenAI HTTP API (the routers' own
+//!   API code over the relay); [`metrics`]: the Prometheus page.
 
 pub mod args;
+pub mod intake;
 pub mod metrics;
+pub mod openai;
 pub mod policy;
 pub mod relay;
 pub mod router_set;

@@ -3,17 +3,24 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use moe_cluster::listener::accept_bounded;
-use moe_cluster::shutdown::{Shutdown, Stopper};
+use moe_cluster::listener::{accept_bounded, ConnectionLimits};
+use moe_cluster::shutdown::Shutdown;
 use moe_gateway::args::GatewayArgs;
+use moe_gateway::intake::Intake;
 use moe_gateway::metrics::GatewayMetrics;
+use moe_gateway::openai::GatewayGenerator;
 use moe_gateway::policy::RouterChooser;
 use moe_gateway::relay::{Relay, RelaySettings};
 use moe_gateway::router_set::{follow_routers, RouterSet};
 use moe_gateway::service::{GatewayService, InferenceGateway};
 use moe_model::tokenizer::Tokenizer;
+use moe_model::ModelConfig;
 use moe_proto::v1::gateway_server::GatewayServer;
 use moe_proto::v1::inference_server::InferenceServer;
+use moe_router::admission::Tokenizing;
+use moe_router::http;
+use moe_router::request_metrics::RequestMetrics;
+use tokio_rustls::rustls::ServerConfig;
 
 fn main() -> anyhow::Result<()> {
     let args = GatewayArgs::parse();
@@ -41,34 +48,85 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         Tokenizer::from_dir(&args.model)
             .with_context(|| format!("reading the tokenizer of {}", args.model.display()))?,
     );
+    let public_tls = args.public_tls.load()?;
+    let access = args.keys.load()?;
+    let (stopper, shutdown) = Shutdown::new();
+    let routers = Arc::new(RouterSet::new(Duration::from_millis(
+        args.router_backoff_ms,
+    )));
+    let follower = tokio::spawn(follow_routers(
+        Arc::clone(&routers),
+        args.etcd.discovery()?,
+        Duration::from_millis(args.etcd.poll_ms.max(100) * 5),
+        shutdown.clone(),
+    ));
+    let metrics = Arc::new(GatewayMetrics::default());
+    let intake = Arc::new(Intake {
+        relay: relay(&args, Arc::clone(&routers), Arc::clone(&metrics))?,
+        tokenizer: Arc::clone(&tokenizer),
+        max_prompt_bytes: args.max_prompt_bytes,
+    });
+    let limits = args.ports.limits();
+    if let Some(addr) = &args.metrics_listen {
+        let app = metrics_app(Arc::clone(&metrics), Arc::clone(&routers));
+        spawn_http(addr, "metrics", app, None, limits, shutdown.clone()).await?;
+    }
+    if let Some(addr) = &args.http_listen {
+        let app = openai_app(&args, &intake, tokenizer, &metrics, access.api.clone())?;
+        let tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
+        spawn_http(addr, "http", app, tls, limits, shutdown.clone()).await?;
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InferenceServer<InferenceGateway>>()
+        .await;
+    let api_keys = access.api.clone();
+    let inference = InferenceServer::with_interceptor(
+        InferenceGateway {
+            intake: Arc::clone(&intake),
+        },
+        move |r| api_keys.intercept(r),
+    );
+    let gateway = GatewayServer::new(GatewayService {
+        relay: Arc::clone(&intake.relay),
+        access,
+    });
+    // Printed on stdout so that scripts and tests can find a port picked with :0.
+    println!("moe-gateway listening on {local}");
+    tracing::info!(%local, policy = args.policy.as_str(), "gateway serving");
+    let tls = public_tls.map(|t| t.rustls_grpc()).transpose()?;
+    let (connections, _stats) = accept_bounded(listener, tls, limits);
+    let mut stopping = shutdown.clone();
+    let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(args.ports.max_streams_per_connection))
+        .add_service(health_service)
+        .add_service(inference)
+        .add_service(gateway)
+        .serve_with_incoming_shutdown(moe_cluster::listener::incoming(connections), async move {
+            stopping.wait().await
+        });
+    let served = moe_cluster::shutdown::serve_until_signal(grpc, &stopper, Some(STOP_DEADLINE))
+        .await
+        .unwrap_or(Ok(()));
+    let _ = tokio::time::timeout(STOP_DEADLINE, follower).await;
+    telemetry.flush();
+    Ok(served?)
+}
+
+/// The relay over `routers`, from the flags.
+fn relay(
+    args: &GatewayArgs,
+    routers: Arc<RouterSet>,
+    metrics: Arc<GatewayMetrics>,
+) -> anyhow::Result<Arc<Relay>> {
     let token = args.cluster_auth.token()?;
     if token.is_none() {
         tracing::warn!(
             "no --cluster-token-file: clients' API keys are passed on to the routers instead"
         );
     }
-    let tls = args
-        .public_tls
-        .load()?
-        .map(|t| t.rustls_grpc())
-        .transpose()?;
-    let access = args.keys.load()?;
-    let api_keys = access.api.clone();
-    let discovery = args.etcd.discovery()?;
-    let (stopper, shutdown) = Shutdown::new();
-
-    let routers = Arc::new(RouterSet::new(Duration::from_millis(
-        args.router_backoff_ms,
-    )));
-    let follower = tokio::spawn(follow_routers(
-        Arc::clone(&routers),
-        discovery,
-        Duration::from_millis(args.etcd.poll_ms.max(100) * 5),
-        shutdown.clone(),
-    ));
-    let metrics = Arc::new(GatewayMetrics::default());
-    let relay = Arc::new(Relay {
-        routers: Arc::clone(&routers),
+    Ok(Arc::new(Relay {
+        routers,
         chooser: RouterChooser::new(args.policy, args.cache_imbalance),
         settings: RelaySettings {
             migration_limit: args.migration_limit,
@@ -77,84 +135,41 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
             recovery_timeout: Duration::from_millis(args.recovery_timeout_ms),
             token,
         },
-        metrics: Arc::clone(&metrics),
-    });
-    if let Some(addr) = &args.metrics_listen {
-        spawn_metrics(
-            addr,
-            Arc::clone(&metrics),
-            Arc::clone(&routers),
-            shutdown.clone(),
-        )
-        .await?;
-    }
-    let inference = InferenceGateway {
-        relay: Arc::clone(&relay),
+        metrics,
+    }))
+}
+
+/// The OpenAI API, as routers serve it, over the intake.
+fn openai_app(
+    args: &GatewayArgs,
+    intake: &Arc<Intake>,
+    tokenizer: Arc<Tokenizer>,
+    metrics: &Arc<GatewayMetrics>,
+    api_keys: moe_cluster::api_keys::ApiKeys,
+) -> anyhow::Result<axum::Router> {
+    let config = ModelConfig::from_dir(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let generator = GatewayGenerator {
+        intake: Arc::clone(intake),
+        tokenizing: Tokenizing::new(
+            Arc::clone(&tokenizer),
+            Tokenizing::default_permits(),
+            Arc::new(RequestMetrics::default()),
+        ),
+        metrics: Arc::clone(metrics),
+    };
+    let model = http::ServedModel {
         tokenizer,
-        max_prompt_bytes: args.max_prompt_bytes,
+        config: &config,
+        name: http::ServedModel::name_for(args.served_model_name.as_deref(), &args.model),
+        chat_template: args.chat_template.as_deref(),
     };
-    let gateway = GatewayService { relay, access };
-    let limits = args.ports.limits();
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InferenceServer<InferenceGateway>>()
-        .await;
-    // Printed on stdout so that scripts and tests can find a port picked with :0.
-    println!("moe-gateway listening on {local}");
-    tracing::info!(%local, policy = args.policy.as_str(), "gateway serving");
-    let (connections, _stats) = accept_bounded(listener, tls, limits);
-    let mut stopping = shutdown.clone();
-    let grpc = tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(args.ports.max_streams_per_connection))
-        .add_service(health_service)
-        .add_service(InferenceServer::with_interceptor(inference, move |r| {
-            api_keys.intercept(r)
-        }))
-        .add_service(GatewayServer::new(gateway))
-        .serve_with_incoming_shutdown(moe_cluster::listener::incoming(connections), async move {
-            stopping.wait().await
-        });
-    let served = until_signal(grpc, &stopper).await;
-    let _ = tokio::time::timeout(STOP_DEADLINE, follower).await;
-    telemetry.flush();
-    served
+    let state = http::HttpState::new(model, Arc::new(generator), api_keys)?;
+    Ok(http::app(Arc::new(state)))
 }
 
-async fn until_signal(
-    grpc: impl std::future::Future<Output = Result<(), tonic::transport::Error>>,
-    stopper: &Stopper,
-) -> anyhow::Result<()> {
-    tokio::pin!(grpc);
-    let served = tokio::select! {
-        served = &mut grpc => served,
-        () = moe_cluster::shutdown::signal() => {
-            tracing::info!("signal received: stopping");
-            stopper.stop();
-            match tokio::time::timeout(STOP_DEADLINE, &mut grpc).await {
-                Ok(served) => served,
-                Err(_) => Ok(()),
-            }
-        }
-    };
-    stopper.stop();
-    Ok(served?)
-}
-
-/// `/metrics` on `--metrics-listen`.
-async fn spawn_metrics(
-    addr: &str,
-    metrics: Arc<GatewayMetrics>,
-    routers: Arc<RouterSet>,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding --metrics-listen {addr}"))?;
-    println!(
-        "moe-gateway metrics listening on {}",
-        listener.local_addr()?
-    );
-    let app = axum::Router::new().route(
+fn metrics_app(metrics: Arc<GatewayMetrics>, routers: Arc<RouterSet>) -> axum::Router {
+    axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let body = metrics.render(&routers);
@@ -168,13 +183,30 @@ async fn spawn_metrics(
                 )
             }
         }),
-    );
+    )
+}
+
+/// Binds `addr` and serves `app` on it until `shutdown`; prints `moe-gateway WHAT listening
+/// on ADDR` (before the gRPC line, which scripts wait for last).
+async fn spawn_http(
+    addr: &str,
+    what: &'static str,
+    app: axum::Router,
+    tls: Option<Arc<ServerConfig>>,
+    limits: ConnectionLimits,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} ({what})"))?;
+    println!("moe-gateway {what} listening on {}", listener.local_addr()?);
+    let listener = http::listener::BoundedListener::new(listener, tls, limits)?;
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })
             .await;
         if let Err(e) = served {
-            tracing::error!(error = %e, "metrics server stopped");
+            tracing::error!(error = %e, server = what, "server stopped");
         }
     });
     Ok(())

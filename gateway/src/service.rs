@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_cluster::api_keys::AdminAccess;
-use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::gateway_server::Gateway;
 use moe_proto::v1::inference_client::InferenceClient;
@@ -20,17 +19,14 @@ use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::policy::{prefix_blocks, RoutingPolicy};
-use crate::relay::{ForwardHeaders, Journey, Relay};
+use crate::intake::Intake;
+use crate::relay::{ForwardHeaders, Relay};
 
 /// Response header naming the router a stream started on.
 pub const ROUTER_HEADER: &str = "moe-router";
 
 pub struct InferenceGateway {
-    pub relay: Arc<Relay>,
-    pub tokenizer: Arc<Tokenizer>,
-    /// `--max-prompt-bytes`.
-    pub max_prompt_bytes: usize,
+    pub intake: Arc<Intake>,
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -51,11 +47,6 @@ fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     })
 }
 
-/// Whether the request samples (so it needs a seed to be resumable).
-fn samples(request: &GenerateRequest) -> bool {
-    request.temperature.is_none_or(|t| t > 0.0)
-}
-
 impl InferenceGateway {
     /// A one-off call (Tokenize, ModelInfo) for the least loaded router: its client, and the
     /// request authorized for it.
@@ -64,31 +55,10 @@ impl InferenceGateway {
         request: Request<T>,
     ) -> Result<(InferenceClient<tonic::transport::Channel>, Request<T>), Status> {
         let forward = ForwardHeaders::from_metadata(request.metadata());
-        let router = self.relay.any_router()?;
+        let router = self.intake.relay.any_router()?;
         let mut call = Request::new(request.into_inner());
-        self.relay.authorize(&router, &mut call, &forward);
+        self.intake.relay.authorize(&router, &mut call, &forward);
         Ok((InferenceClient::new(router.channel.clone()), call))
-    }
-
-    /// The prompt's ids, for prefix-aware routing: tokenized here when it came as text (off
-    /// the async runtime), as the router will tokenize it.
-    async fn prompt_ids(&self, request: &GenerateRequest) -> Result<Vec<u32>, Status> {
-        let Some(text) = &request.prompt else {
-            return Ok(request.input_ids.clone());
-        };
-        if text.len() > self.max_prompt_bytes {
-            return Err(Status::invalid_argument(format!(
-                "the prompt has {} bytes, more than --max-prompt-bytes {}",
-                text.len(),
-                self.max_prompt_bytes
-            )));
-        }
-        let tokenizer = Arc::clone(&self.tokenizer);
-        let text = text.clone();
-        tokio::task::spawn_blocking(move || tokenizer.encode_prompt(&text))
-            .await
-            .map_err(|_| Status::internal("the tokenizer task failed"))?
-            .map_err(|e| Status::invalid_argument(format!("prompt: {e}")))
     }
 }
 
@@ -102,33 +72,10 @@ impl Inference for InferenceGateway {
     ) -> Result<Response<GenerateStream>, Status> {
         let forward = ForwardHeaders::from_metadata(request.metadata());
         let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
-        let mut generate = request.into_inner();
-        // The gateway seeds an unseeded sampled request, so another router can resume it
-        // drawing exactly what the first would have.
-        if generate.seed.is_none() && samples(&generate) {
-            generate.seed = Some(u64::from_le_bytes(moe_cluster::auth::random_bytes()));
-        }
-        let span = tracing::info_span!(
-            "gateway.generate",
-            otel.name = "gateway.generate",
-            router = tracing::field::Empty,
-        );
-        moe_cluster::telemetry::set_remote_parent(
-            &span,
-            forward.traceparent.as_deref(),
-            forward.tracestate.as_deref(),
-        );
-        let policy = self.relay.chooser.policy();
-        let ids = if policy == RoutingPolicy::CacheAware {
-            self.prompt_ids(&generate).await?
-        } else {
-            generate.input_ids.clone()
-        };
-        let mut journey = Journey::new(generate, forward, span);
-        journey.blocks = prefix_blocks(&ids);
-        journey.prompt_tokens = ids.len() as u32;
-        journey.deadline = deadline;
-        let (router, answers) = self.relay.start(journey).await?;
+        let (router, answers) = self
+            .intake
+            .start(request.into_inner(), forward, deadline)
+            .await?;
         let mut response: Response<GenerateStream> = Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(answers),
         ));
@@ -241,15 +188,5 @@ mod tests {
         assert_eq!(at("m"), None);
         assert_eq!(at("5x"), None);
         assert_eq!(grpc_timeout(&MetadataMap::new()), None);
-    }
-
-    #[test]
-    fn only_sampled_requests_need_a_seed() {
-        let mut r = GenerateRequest::default();
-        assert!(samples(&r));
-        r.temperature = Some(0.0);
-        assert!(!samples(&r));
-        r.temperature = Some(0.7);
-        assert!(samples(&r));
     }
 }

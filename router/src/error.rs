@@ -59,6 +59,10 @@ pub enum RouterError {
 
     #[error("{0}")]
     Internal(String),
+
+    /// A status a router answered, passed on by a gateway as it was.
+    #[error("{message}")]
+    Upstream { code: Code, message: String },
 }
 
 impl RouterError {
@@ -96,6 +100,7 @@ impl RouterError {
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Internal(_) => Code::Internal,
+            Self::Upstream { code, .. } => *code,
         }
     }
 }
@@ -103,5 +108,14 @@ impl RouterError {
 impl From<RouterError> for Status {
     fn from(error: RouterError) -> Self {
         Status::new(error.code(), error.to_string())
+    }
+}
+
+impl From<Status> for RouterError {
+    fn from(status: Status) -> Self {
+        Self::Upstream {
+            code: status.code(),
+            message: status.message().to_string(),
+        }
     }
 }

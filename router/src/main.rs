@@ -17,7 +17,7 @@ use moe_cluster::auth::StreamGate;
 use moe_cluster::dispatch_rules::DispatchRules;
 use moe_cluster::exposure::MemberCredentials;
 use moe_cluster::listener::{accept_bounded, ConnectionLimits};
-use moe_cluster::shutdown::{Shutdown, Stopper};
+use moe_cluster::shutdown::Shutdown;
 use moe_cluster::tls::PublicTls;
 use moe_model::kv_cache::{KvLayout, KvPool};
 use moe_router::cluster_view::ClusterView;
@@ -321,12 +321,7 @@ fn grammar_compiler(
 }
 
 fn served_model_name(args: &args::Args) -> String {
-    args.served_model_name.clone().unwrap_or_else(|| {
-        args.model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    })
+    http::ServedModel::name_for(args.served_model_name.as_deref(), &args.model)
 }
 
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
@@ -436,7 +431,10 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         args.ports.max_streams_per_connection,
         shutdown,
     );
-    let served = until_signal(grpc, &stopper).await;
+    // On a signal the open calls finish (a gateway's streams move at once).
+    let served = moe_cluster::shutdown::serve_until_signal(grpc, &stopper, None)
+        .await
+        .unwrap_or(Ok(()));
     // The servers finish their open connections; the planner gives up its registration.
     let finished = async move {
         let mut servers = servers;
@@ -447,25 +445,6 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         tracing::warn!(deadline = ?STOP_DEADLINE, "stopping took too long: leaving anyway");
     }
     telemetry.flush();
-    served
-}
-
-/// Runs `grpc` until it ends or a signal comes (then lets it finish its open calls); either
-/// way every other task is told to stop.
-async fn until_signal(
-    grpc: impl std::future::Future<Output = anyhow::Result<()>>,
-    stopper: &Stopper,
-) -> anyhow::Result<()> {
-    tokio::pin!(grpc);
-    let served = tokio::select! {
-        served = &mut grpc => served,
-        () = moe_cluster::shutdown::signal() => {
-            tracing::info!("signal received: stopping");
-            stopper.stop();
-            grpc.await
-        }
-    };
-    stopper.stop();
     served
 }
 
@@ -515,45 +494,22 @@ async fn spawn_http_servers(
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
-    let HttpParts {
+    let generator = http::RouterGenerator {
+        admission: Arc::clone(parts.admission),
+        view: Arc::clone(&parts.running.view),
+        metrics: Arc::clone(&parts.running.metrics),
+    };
+    let model = http::ServedModel {
+        tokenizer: Arc::clone(&parts.model.tokenizer),
+        config: &parts.model.config,
+        name: parts.model_name.clone(),
+        chat_template: parts.chat_template.as_deref(),
+    };
+    Ok(Arc::new(http::HttpState::new(
         model,
-        running,
-        admission,
-        security,
-        ..
-    } = parts;
-    let tokenizer = &model.tokenizer;
-    // `--chat-template FILE` replaces the checkpoint's (as vLLM's flag does).
-    let own_template = match &parts.chat_template {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading --chat-template {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let chat_template = match own_template.as_deref().or(tokenizer.chat_template()) {
-        Some(source) => Some(moe_model::chat_template::ChatTemplate::new(
-            source,
-            tokenizer.bos_token().as_deref(),
-            tokenizer.eos_token().as_deref(),
-        )?),
-        None => None,
-    };
-    Ok(Arc::new(http::HttpState {
-        admission: Arc::clone(admission),
-        tokenizer: Arc::clone(tokenizer),
-        chat_template,
-        tool_format: moe_router::tool_calls::ToolCallFormat::for_model(
-            model.config.family.model_type(),
-        ),
-        model_name: parts.model_name.clone(),
-        max_model_len: model.config.max_position_embeddings,
-        view: Arc::clone(&running.view),
-        created: http::unix_now(),
-        api_keys: security.access.api.clone(),
-        metrics: Arc::clone(&running.metrics),
-        next_id: Default::default(),
-    }))
+        Arc::new(generator),
+        parts.security.access.api.clone(),
+    )?))
 }
 
 /// Binds an HTTP listener; `announce`, if not empty, is printed with its address on stdout

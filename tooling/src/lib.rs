@@ -22,7 +22,7 @@ mod token_file;
 
 pub use etcd::{EtcdServerTls, LocalEtcd};
 pub use load::{ExpectedAnswer, GreedyLoad, LoadProgress, LoadReport};
-pub use local_cluster::{LocalCluster, LocalClusterSpec};
+pub use local_cluster::{GatewayAddrs, LocalCluster, LocalClusterSpec};
 pub use locate::{find_in_path, fixture_dir};
 pub use ports::free_port;
 pub use request::greedy;

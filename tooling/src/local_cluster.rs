@@ -38,6 +38,15 @@ pub struct LocalClusterSpec {
     pub etcd_tls: Option<EtcdServerTls>,
 }
 
+/// Where a gateway started by [`LocalCluster::add_gateway`] listens.
+#[derive(Debug, Clone)]
+pub struct GatewayAddrs {
+    /// gRPC `host:port`.
+    pub grpc: String,
+    /// OpenAI HTTP `host:port`, when started with `--http-listen`.
+    pub http: Option<String>,
+}
+
 /// A running local cluster; dropping it stops every process it started.
 pub struct LocalCluster {
     /// What it was started from (new nodes and routers get the same flags).
@@ -347,8 +356,12 @@ impl LocalCluster {
     }
 
     /// Starts a `moe-gateway` (program `gateway_bin`) in front of this cluster's routers,
-    /// with the cluster token and `extra` flags; returns its gRPC address.
-    pub fn add_gateway(&mut self, gateway_bin: &Path, extra: &[String]) -> std::io::Result<String> {
+    /// with the cluster token and `extra` flags; returns its addresses.
+    pub fn add_gateway(
+        &mut self,
+        gateway_bin: &Path,
+        extra: &[String],
+    ) -> std::io::Result<GatewayAddrs> {
         let name = format!("gateway-{}", self.gateways.len());
         let mut gateway = Command::new(gateway_bin)
             .args(["--model", &self.spec.model.display().to_string()])
@@ -377,6 +390,7 @@ impl LocalCluster {
             .take()
             .ok_or_else(|| std::io::Error::other("gateway has no stdout"))?;
         let mut reader = BufReader::new(stdout);
+        let mut http = None;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -386,9 +400,15 @@ impl LocalCluster {
                     "gateway exited before listening: {why}"
                 )));
             }
+            if let Some(addr) = line.trim().strip_prefix("moe-gateway http listening on ") {
+                http = Some(addr.to_string());
+            }
             if let Some(addr) = line.trim().strip_prefix("moe-gateway listening on ") {
                 self.gateways.push((addr.to_string(), Some(gateway)));
-                return Ok(addr.to_string());
+                return Ok(GatewayAddrs {
+                    grpc: addr.to_string(),
+                    http,
+                });
             }
         }
     }

@@ -89,13 +89,18 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let epoch = rt.block_on(wait_serving(&more))?;
             println!("router {more} (placement epoch {epoch})");
         }
-        let gateway = cluster
-            .add_gateway(&sibling("moe-gateway")?, &[])
+        let gateway_args = ["--http-listen".to_string(), "127.0.0.1:0".to_string()];
+        let addrs = cluster
+            .add_gateway(&sibling("moe-gateway")?, &gateway_args)
             .context("starting the gateway")?;
+        let gateway = addrs.grpc;
         println!(
             "gateway {gateway} in front of {} routers: send requests here",
             args.routers
         );
+        if let Some(http) = addrs.http {
+            println!("gateway openai http://{http}/v1 (a stream moves on if its router dies)");
+        }
         println!("try: moe generate --router {gateway} --prompt \"Hello\" --max-new-tokens 16");
         println!("     moe status --gateway {gateway}");
     }

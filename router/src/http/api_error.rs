@@ -40,6 +40,7 @@ impl From<RouterError> for ApiError {
             E::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "authentication_error"),
             E::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_error"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            E::Upstream { code, .. } => of_code(*code),
         };
         let param = match &error {
             E::Invalid { param, .. } => *param,
@@ -52,6 +53,23 @@ impl From<RouterError> for ApiError {
             message: error.to_string(),
             param,
         }
+    }
+}
+
+/// The HTTP status and OpenAI `type` of a gRPC code (a router's answer through a gateway).
+fn of_code(code: tonic::Code) -> (StatusCode, &'static str) {
+    use tonic::Code as C;
+    match code {
+        C::InvalidArgument | C::OutOfRange | C::FailedPrecondition => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error")
+        }
+        C::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        C::Unavailable | C::Aborted => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+        C::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        C::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
+        C::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
+        C::PermissionDenied => (StatusCode::FORBIDDEN, "permission_error"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }
 
@@ -204,6 +222,28 @@ mod tests {
                 Code::Internal,
                 500,
                 "internal_error",
+                None,
+            ),
+            // A router's refusals, passed on by a gateway: the same code, message and status.
+            (
+                tonic::Status::invalid_argument("max_new_tokens must be at least 1").into(),
+                Code::InvalidArgument,
+                400,
+                "invalid_request_error",
+                None,
+            ),
+            (
+                tonic::Status::resource_exhausted("4 requests are already waiting").into(),
+                Code::ResourceExhausted,
+                429,
+                "rate_limit_error",
+                None,
+            ),
+            (
+                tonic::Status::unavailable("no router could take the request").into(),
+                Code::Unavailable,
+                503,
+                "service_unavailable",
                 None,
             ),
         ];

@@ -5,13 +5,14 @@
 
 mod answers;
 mod api_error;
+pub mod generator;
 pub mod listener;
 pub mod openai;
+mod state;
 mod structured_params;
 pub mod tools;
 mod unimplemented;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,41 +28,17 @@ use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
 
-use crate::admission::{Admission, Answers};
-use crate::api_keys::ApiKeys;
-use crate::cluster_view::ClusterView;
+use crate::admission::Answers;
 use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 use crate::request_trace::TraceOrigin;
 use crate::tool_calls::ToolCallFormat;
 use crate::validation::SiblingPrefill;
 pub use api_error::ApiError;
+pub use generator::{Generator, RouterGenerator};
 use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
+pub use state::{HttpState, ServedModel};
 use tools::TemplateMessage;
-
-pub struct HttpState {
-    pub admission: Arc<Admission>,
-    pub tokenizer: Arc<Tokenizer>,
-    pub chat_template: Option<ChatTemplate>,
-    /// How this model family writes tool calls.
-    pub tool_format: ToolCallFormat,
-    pub model_name: String,
-    pub max_model_len: usize,
-    pub view: Arc<ClusterView>,
-    /// Unix time the server started (the model card's `created`).
-    pub created: u64,
-    pub api_keys: ApiKeys,
-    pub metrics: Arc<RouterMetrics>,
-    /// Numbers the response ids.
-    pub next_id: AtomicU64,
-}
-
-impl HttpState {
-    fn request_id(&self, prefix: &str) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{prefix}-{:x}{n:06x}", self.created)
-    }
-}
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -142,11 +119,11 @@ fn prometheus_text(body: String) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
-    prometheus_text(state.metrics.render())
+    prometheus_text(state.generator.metrics())
 }
 
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
-    if state.view.serving().is_some() {
+    if state.generator.ready() {
         (StatusCode::OK, "ok").into_response()
     } else {
         (
@@ -246,12 +223,13 @@ async fn submit_choices(
     let n = parsed.n;
     if n == 1 {
         let request = std::mem::take(&mut parsed.generate);
-        return Ok((vec![state.admission.submit(request, origin).await?], parsed));
+        let answers = state.generator.submit(request, origin, None).await?;
+        return Ok((vec![answers], parsed));
     }
     if let Some(text) = parsed.generate.prompt.take() {
         parsed.generate.input_ids = state
-            .admission
-            .tokenizing
+            .generator
+            .tokenizing()
             .tokenize(move |t| t.encode_prompt(&text))
             .await?
             .map_err(|e| RouterError::invalid("prompt", e.to_string()))?;
@@ -262,8 +240,8 @@ async fn submit_choices(
         let mut request = parsed.generate.clone();
         request.seed = request.seed.map(|s| s.wrapping_add(i as u64));
         let choice = state
-            .admission
-            .submit_choice(request, origin.clone(), Some(sibling));
+            .generator
+            .submit(request, origin.clone(), Some(sibling));
         answers.push(choice.await?);
     }
     Ok((answers, parsed))
@@ -353,13 +331,13 @@ async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let model = state.model_name.clone();
-    let tokenizing = &state.admission.tokenizing;
+    let tokenizing = state.generator.tokenizing();
     let parsed = tokenizing
         .parse(body.len(), move || parse_completion(&body, &model))
         .await??;
     // Before the prompt reaches the tokenizer (in admission, on the blocking pool).
     if let Some(prompt) = &parsed.generate.prompt {
-        state.admission.check_prompt_bytes(prompt.len(), "prompt")?;
+        state.generator.check_prompt_bytes(prompt.len(), "prompt")?;
     }
     let origin = TraceOrigin::from_http(&headers, "text_completion");
     let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
@@ -575,7 +553,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let model = state.model_name.clone();
     let has_template = state.chat_template.is_some();
-    let tokenizing = &state.admission.tokenizing;
+    let tokenizing = state.generator.tokenizing();
     let chat = tokenizing
         .parse(body.len(), move || {
             parse_chat_body(&body, &model, has_template)
@@ -583,7 +561,7 @@ async fn chat_completions(
         .await??;
     // The messages are bounded before the template renders them.
     state
-        .admission
+        .generator
         .check_prompt_bytes(chat.text_bytes(), "messages")?;
     let render_state = Arc::clone(&state);
     let parsed = tokenizing

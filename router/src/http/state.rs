@@ -1,0 +1,109 @@
+//! What the OpenAI API's handlers share: the served model (name, tokenizer, chat template,
+//! tool-call syntax), where requests go, and the keys.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use moe_model::chat_template::ChatTemplate;
+use moe_model::tokenizer::Tokenizer;
+use moe_model::ModelConfig;
+
+use super::{unix_now, Generator};
+use crate::api_keys::ApiKeys;
+use crate::tool_calls::ToolCallFormat;
+
+/// The model the API serves.
+pub struct ServedModel<'a> {
+    pub tokenizer: Arc<Tokenizer>,
+    pub config: &'a ModelConfig,
+    /// `/v1/models`' id, which requests' `model` must name.
+    pub name: String,
+    /// `--chat-template FILE`.
+    pub chat_template: Option<&'a Path>,
+}
+
+impl ServedModel<'_> {
+    /// The name served: `--served-model-name`, else the checkpoint directory's name.
+    pub fn name_for(flag: Option<&str>, model_dir: &Path) -> String {
+        flag.map(str::to_string).unwrap_or_else(|| {
+            model_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    #[error("reading --chat-template {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the chat template: {0}")]
+    Compile(#[from] moe_model::ModelError),
+}
+
+pub struct HttpState {
+    /// Where parsed requests go: this router's admission, or a gateway's routers.
+    pub generator: Arc<dyn Generator>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    /// How this model family writes tool calls.
+    pub tool_format: ToolCallFormat,
+    pub model_name: String,
+    pub max_model_len: usize,
+    /// Unix time the server started (the model card's `created`).
+    pub created: u64,
+    pub api_keys: ApiKeys,
+    /// Numbers the response ids.
+    pub next_id: AtomicU64,
+}
+
+impl HttpState {
+    /// The state for `model`, its chat template read from `model.chat_template` when given
+    /// (it replaces the checkpoint's, as vLLM's `--chat-template` does).
+    pub fn new(
+        model: ServedModel<'_>,
+        generator: Arc<dyn Generator>,
+        api_keys: ApiKeys,
+    ) -> Result<Self, ChatTemplateError> {
+        let tokenizer = model.tokenizer;
+        let own_template =
+            match model.chat_template {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|source| {
+                    ChatTemplateError::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let chat_template = match own_template.as_deref().or(tokenizer.chat_template()) {
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                tokenizer.bos_token().as_deref(),
+                tokenizer.eos_token().as_deref(),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            generator,
+            chat_template,
+            tool_format: ToolCallFormat::for_model(model.config.family.model_type()),
+            model_name: model.name,
+            max_model_len: model.config.max_position_embeddings,
+            created: unix_now(),
+            api_keys,
+            next_id: Default::default(),
+            tokenizer,
+        })
+    }
+
+    pub(super) fn request_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", self.created)
+    }
+}
