@@ -419,3 +419,110 @@ async fn rolling_restart_behind_the_gateway_fails_nothing_and_changes_no_token()
     let seen = routers(&gateway).await;
     assert!(seen.migrations_total >= 1, "no stream moved: {seen:?}");
 }
+
+/// A moved request is one trace: the gateway's span, the first router's spans (those that
+/// ended before it was killed) and the second router's request span all carry the client's
+/// trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_request_is_one_trace_across_both_routers() {
+    use moe_tests::otlp::start_receiver;
+    const CLIENT_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let (collector, sink) = start_receiver().await.unwrap();
+    let endpoint = format!("http://{collector}");
+    let tracing_flags = ["--otlp-endpoint", &endpoint, "--trace-step-ratio", "1"].map(String::from);
+    // Export every 100 ms instead of every 5 s (the SDK reads this from the environment).
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 2);
+    spec.router_args.extend(tracing_flags.iter().cloned());
+    let mut cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    cluster.add_router(&[]).unwrap();
+    let gateway = cluster
+        .add_gateway(&harness::binary("moe-gateway"), &tracing_flags)
+        .unwrap()
+        .grpc;
+    wait_gateway_routers(&gateway, &cluster.router_addrs()).await;
+
+    let case = &golden_cases(FIXTURES[0])[0];
+    let mut request = tonic::Request::new(greedy(&case.input_ids, 300));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-00f067aa0ba902b8-01")
+            .parse()
+            .unwrap(),
+    );
+    let response = client(&gateway).await.generate(request).await.unwrap();
+    let first = response
+        .metadata()
+        .get("moe-router")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut stream = response.into_inner();
+    let mut tokens = 0;
+    let mut killed = false;
+    while let Some(answer) = stream.message().await.expect("the stream survives") {
+        tokens += answer.token_ids.len();
+        if tokens >= 30 && !killed {
+            // Let the first router's finished spans (queue, prefill, steps) be exported.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let address = routers(&gateway)
+                .await
+                .routers
+                .into_iter()
+                .find(|r| r.router_id == first)
+                .unwrap()
+                .address;
+            cluster.kill_router(&address);
+            killed = true;
+        }
+    }
+    assert_eq!(tokens, 300);
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let spans: Vec<_> = sink
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == CLIENT_TRACE)
+            .collect();
+        let routers_seen: BTreeSet<&str> = spans
+            .iter()
+            .filter(|s| s.service == "moe-router")
+            .map(|s| s.instance.as_str())
+            .collect();
+        let second_request = spans.iter().any(|s| {
+            s.service == "moe-router"
+                && s.instance != first
+                && s.attributes.contains_key("gen_ai.operation.name")
+        });
+        let gateway_span = spans
+            .iter()
+            .any(|s| s.service == "moe-gateway" && s.name == "gateway.generate");
+        if routers_seen.len() == 2 && second_request && gateway_span {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one trace over both routers: routers {routers_seen:?}, the second's request span \
+             {second_request}, the gateway's {gateway_span}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The gateway's span is the client's child, and the routers' request spans its children.
+    let spans = sink.spans();
+    let gateway_span = spans
+        .iter()
+        .find(|s| s.trace_id == CLIENT_TRACE && s.name == "gateway.generate")
+        .unwrap();
+    assert_eq!(gateway_span.parent_span_id, "00f067aa0ba902b8");
+    let second = spans
+        .iter()
+        .find(|s| {
+            s.trace_id == CLIENT_TRACE
+                && s.instance != first
+                && s.attributes.contains_key("gen_ai.operation.name")
+        })
+        .unwrap();
+    assert_eq!(second.parent_span_id, gateway_span.span_id);
+}

@@ -131,6 +131,7 @@ pub fn init(
     // stay free; a per-event filter function would be consulted on every one of them.
     let ours = tracing_subscriber::filter::Targets::new()
         .with_target("moe_router", tracing::Level::INFO)
+        .with_target("moe_gateway", tracing::Level::INFO)
         .with_target("moe_expert_node", tracing::Level::INFO)
         .with_target("moe_cluster", tracing::Level::INFO)
         .with_target("moe_model", tracing::Level::INFO);
