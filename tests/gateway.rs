@@ -444,7 +444,8 @@ async fn a_moved_request_is_one_trace_across_both_routers() {
     wait_gateway_routers(&gateway, &cluster.router_addrs()).await;
 
     let case = &golden_cases(FIXTURES[0])[0];
-    let mut request = tonic::Request::new(greedy(&case.input_ids, 300));
+    let new_tokens = 900;
+    let mut request = tonic::Request::new(greedy(&case.input_ids, new_tokens));
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{CLIENT_TRACE}-00f067aa0ba902b8-01")
@@ -464,9 +465,13 @@ async fn a_moved_request_is_one_trace_across_both_routers() {
     let mut killed = false;
     while let Some(answer) = stream.message().await.expect("the stream survives") {
         tokens += answer.token_ids.len();
-        if tokens >= 30 && !killed {
-            // Let the first router's finished spans (queue, prefill, steps) be exported.
-            tokio::time::sleep(Duration::from_millis(400)).await;
+        // Once the first router's finished spans (queue, prefill, some steps) were exported.
+        let exported = || {
+            sink.spans()
+                .iter()
+                .any(|s| s.instance == first && s.name == "step" && s.trace_id == CLIENT_TRACE)
+        };
+        if !killed && exported() {
             let address = routers(&gateway)
                 .await
                 .routers
@@ -478,7 +483,8 @@ async fn a_moved_request_is_one_trace_across_both_routers() {
             killed = true;
         }
     }
-    assert_eq!(tokens, 300);
+    assert!(killed, "the first router's spans never arrived");
+    assert_eq!(tokens, new_tokens as usize);
     let deadline = Instant::now() + MINUTE;
     loop {
         let spans: Vec<_> = sink
@@ -502,11 +508,18 @@ async fn a_moved_request_is_one_trace_across_both_routers() {
         if routers_seen.len() == 2 && second_request && gateway_span {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "one trace over both routers: routers {routers_seen:?}, the second's request span \
-             {second_request}, the gateway's {gateway_span}"
-        );
+        if Instant::now() >= deadline {
+            let mut seen: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+            for s in sink.spans() {
+                let key = (s.trace_id.clone(), s.instance.clone(), s.name.clone());
+                *seen.entry(key).or_default() += 1;
+            }
+            panic!(
+                "one trace over both routers (first {first}): routers {routers_seen:?}, the \
+                 second's request span {second_request}, the gateway's {gateway_span}; \
+                 received {seen:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The gateway's span is the client's child, and the routers' request spans its children.

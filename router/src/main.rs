@@ -407,14 +407,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             access: security.access.clone(),
             stopper: Arc::clone(&stopper),
         },
-        access: InferenceAccess::new(
-            security.access.api.clone(),
-            security
-                .members
-                .token
-                .clone()
-                .map(|token| StreamGate::new(token, running.view.router_id.clone())),
-        ),
+        access: inference_access(&security, &running.view.router_id),
     };
     let tls = security
         .public_tls
@@ -575,6 +568,16 @@ fn planner_context(
                 .unwrap_or((config.moe.num_experts / 8).max(1)),
         },
     }
+}
+
+/// API keys, or a gateway's proof of the cluster token for this router.
+fn inference_access(security: &Security, router_id: &str) -> InferenceAccess {
+    let gate = security
+        .members
+        .token
+        .clone()
+        .map(|token| StreamGate::new(token, router_id.to_string()));
+    InferenceAccess::new(security.access.api.clone(), gate)
 }
 
 /// The services on the public gRPC port.

@@ -164,7 +164,13 @@ pub async fn run_planner(ctx: PlannerContext, mut shutdown: Shutdown) {
         .watch(&[Topic::Members, Topic::Placement, Topic::Drains]);
     let mut planner = Planner::new(ctx);
     while !shutdown.is_shutdown() {
-        planner.round().await;
+        // A stop does not wait for the round: the registration is withdrawn at once, so
+        // another router plans without waiting for this one (nothing half-written matters
+        // then: a placement write is one guarded transaction).
+        tokio::select! {
+            () = planner.round() => {}
+            _ = shutdown.wait() => break,
+        }
         let view = Arc::clone(&planner.ctx.view);
         tokio::select! {
             _ = tokio::time::sleep(planner.ctx.poll) => {}
@@ -365,6 +371,9 @@ impl Planner {
         let is_planner = self.registration.as_ref().is_some_and(|r| r.is_planner());
         if let Some(r) = &self.registration {
             r.set_suspects(&local_suspects);
+            if membership.planner.is_none() && !is_planner {
+                r.campaign_soon();
+            }
         }
         if is_planner != self.was_planner {
             tracing::info!(router_id = %view.router_id, is_planner, "planner role changed");

@@ -8,9 +8,10 @@
 //! itself when etcd returns.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::error::{DiscoveryError, Result};
@@ -30,6 +31,8 @@ struct Wanted {
 /// the keys vanish at once instead of at the TTL.
 pub(crate) struct LeasedKeys {
     wanted: watch::Sender<Wanted>,
+    /// Asks the keeper to campaign now rather than at its next keep-alive.
+    campaign_now: Arc<Notify>,
     leader: watch::Receiver<bool>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -52,7 +55,9 @@ impl LeasedKeys {
         let (wanted_tx, wanted_rx) = watch::channel(wanted.clone());
         let (leader_tx, leader_rx) = watch::channel(false);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let campaign_now = Arc::new(Notify::new());
         let keeper = Keeper {
+            campaign_now: Arc::clone(&campaign_now),
             client,
             ttl,
             lease,
@@ -65,6 +70,7 @@ impl LeasedKeys {
         let task = tokio::spawn(keeper.run(stop_rx));
         Ok(Self {
             wanted: wanted_tx,
+            campaign_now,
             leader: leader_rx,
             stop: Some(stop_tx),
             task: Some(task),
@@ -94,6 +100,12 @@ impl LeasedKeys {
     }
 
     /// Whether the campaign key is ours on a live lease, as of the last keep-alive.
+    /// Campaigns at once (the owner saw the campaign key free) instead of at the next
+    /// keep-alive, up to TTL/3 away.
+    pub(crate) fn campaign_soon(&self) {
+        self.campaign_now.notify_one();
+    }
+
     pub(crate) fn is_leader(&self) -> bool {
         *self.leader.borrow()
     }
@@ -159,9 +171,18 @@ async fn sync(
     Ok(())
 }
 
+/// What woke the keeper.
+enum Wake {
+    Stop,
+    Changed,
+    Tick,
+    Campaign,
+}
+
 /// The task's state: the lease it keeps and what it should hold.
 struct Keeper {
     client: LeaseClient,
+    campaign_now: Arc<Notify>,
     ttl: Duration,
     lease: i64,
     wanted: watch::Receiver<Wanted>,
@@ -181,21 +202,39 @@ impl Keeper {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = &mut stop => {
-                    let _ = self.leader.send(false);
-                    let revoked = self.client.revoke(self.lease);
-                    let _ = tokio::time::timeout(CALL_TIMEOUT, revoked).await;
-                    return;
-                }
-                changed = self.wanted.changed() => {
-                    if changed.is_err() {
-                        self.client.revoke(self.lease).await;
-                        return;
-                    }
-                    self.publish_change().await;
-                }
-                _ = ticker.tick() => self.tick(interval).await,
+            let wake = tokio::select! {
+                _ = &mut stop => Wake::Stop,
+                changed = self.wanted.changed() => match changed {
+                    Ok(()) => Wake::Changed,
+                    // The owner is gone.
+                    Err(_) => Wake::Stop,
+                },
+                _ = ticker.tick() => Wake::Tick,
+                () = self.campaign_now.notified() => Wake::Campaign,
+            };
+            // A stop does not wait for a store call under way: a keep-alive may wait up to
+            // TTL/3 for its answer, and the keys must go now (another router plans at once).
+            let stopped = match wake {
+                Wake::Stop => true,
+                Wake::Changed => tokio::select! {
+                    _ = &mut stop => true,
+                    () = self.publish_change() => false,
+                },
+                Wake::Tick => tokio::select! {
+                    _ = &mut stop => true,
+                    () = self.tick(interval) => false,
+                },
+                Wake::Campaign if self.lost => false,
+                Wake::Campaign => tokio::select! {
+                    _ = &mut stop => true,
+                    () = self.campaign() => false,
+                },
+            };
+            if stopped {
+                let _ = self.leader.send(false);
+                let revoked = self.client.revoke(self.lease);
+                let _ = tokio::time::timeout(CALL_TIMEOUT, revoked).await;
+                return;
             }
         }
     }

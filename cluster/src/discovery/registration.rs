@@ -119,6 +119,12 @@ impl RouterRegistration {
         self.leased.is_leader()
     }
 
+    /// Campaigns for the planner key now: call it on seeing the key free (its holder stopped),
+    /// so planning moves within a round instead of at the next keep-alive.
+    pub fn campaign_soon(&self) {
+        self.leased.campaign_soon();
+    }
+
     /// Returns once this router holds the planner key: the campaign runs at each keep-alive,
     /// so a router is elected at its first one when the key is free.
     pub async fn elected(&self) {
