@@ -368,13 +368,22 @@ async fn kill_mid_stream(client: Client) {
     }
 }
 
+/// Both routers restarted one after the other (DrainRouter through the gateway, then SIGTERM)
+/// under a checking greedy load of long answers: nothing fails or differs from the offline
+/// engine, each router exits 0, and streams were moved (the longer ones outlast the drain's
+/// grace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_behind_the_gateway_fails_nothing_and_changes_no_token() {
     let fixture = FIXTURES[0];
     let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let cases = golden_cases(fixture);
     let requests: Vec<(Vec<u32>, u32)> = (0..8)
-        .map(|i| (cases[i % cases.len()].input_ids.clone(), 48 + i as u32))
+        .map(|i| {
+            (
+                cases[i % cases.len()].input_ids.clone(),
+                600 + 20 * i as u32,
+            )
+        })
         .collect();
     let answers = Arc::new(expected_answers(&engine, &requests));
     let (mut cluster, addrs) = two_routers(&[]).await;
@@ -415,7 +424,7 @@ async fn rolling_restart_behind_the_gateway_fails_nothing_and_changes_no_token()
         "{:?}",
         report.problems
     );
-    assert!(report.completed >= 8, "{report:?}");
+    assert!(report.completed >= 4, "{report:?}");
     let seen = routers(&gateway).await;
     assert!(seen.migrations_total >= 1, "no stream moved: {seen:?}");
 }

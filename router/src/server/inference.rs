@@ -3,6 +3,7 @@
 use crate::request_trace::TraceOrigin;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use moe_cluster::shutdown::Shutdown;
 use moe_model::tokenizer::Tokenizer;
@@ -33,11 +34,21 @@ pub struct InferenceService {
     pub draining: Shutdown,
 }
 
-/// A gateway's stream: this router's answers until it drains, then `UNAVAILABLE` (dropping
-/// `answers` cancels the request here). A direct client's stream is left to finish.
+/// How long a gateway's stream may go on once the router drains: one about to end finishes
+/// here instead of being prefilled again elsewhere.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// A gateway's stream: this router's answers until it drains (plus [`DRAIN_GRACE`]), then
+/// `UNAVAILABLE` (dropping `answers` cancels the request here). A direct client's stream is
+/// left to finish.
 fn until_drained(mut answers: Answers, mut draining: Shutdown) -> GenerateStream {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
+        let cut = async move {
+            draining.wait().await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        };
+        tokio::pin!(cut);
         loop {
             tokio::select! {
                 biased;
@@ -47,7 +58,7 @@ fn until_drained(mut answers: Answers, mut draining: Shutdown) -> GenerateStream
                         return;
                     }
                 }
-                () = draining.wait() => {
+                () = &mut cut => {
                     let _ = tx.send(Err(Status::unavailable(DRAINING))).await;
                     return;
                 }
