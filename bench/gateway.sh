@@ -2,7 +2,7 @@
 # What the gateway costs and what a router's death costs behind it, on a local cluster:
 #  1. time to first token and inter-token latency calling one router directly, then through a
 #     moe-gateway in front of that same router (so the difference is the gateway's hop), at
-#     batch 1 and 8 (`moe bench --router`), alternated ROUNDS (3) times;
+#     batch 1 and 8 (`moe bench --router`), alternated ROUNDS (5) times (min and median);
 #  2. kill to next token: a second router joins, STREAMS (16) greedy streams of LOAD_TOKENS
 #     (256) tokens run through the gateway (Python grpcio), and the second router is SIGKILLed
 #     once each stream has 32 tokens; the gateway's moe_gateway_migration_seconds histogram
@@ -14,7 +14,7 @@ set -euo pipefail
 ckpt=${1:?checkpoint dir}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(cd "${MOE_BIN_DIR:-$root/target/release}" && pwd)
-rounds=${ROUNDS:-3}
+rounds=${ROUNDS:-5}
 streams=${STREAMS:-16}
 load_tokens=${LOAD_TOKENS:-256}
 log=$(mktemp)
@@ -43,19 +43,30 @@ for _ in $(seq 300); do [ "$(serving)" -ge 1 ] && break; sleep 0.1; done
 echo "router $router, gateway $gateway (metrics $metrics), etcd $etcd"
 
 echo "== the gateway's hop: $ckpt, prompt 128, 64 new tokens, batch 1 and 8"
-summary='
+figures=$(mktemp)
+record='
 import json,sys
+what = sys.argv[1]
 for r in json.loads(sys.stdin.read().strip().splitlines()[-1])["results"]:
-    batch, ttft = r["batch"], r["time_to_first_token_ms"] * 1000
-    itl, tok_s = r["inter_token_latency_ms"]["p50"] * 1000, r["decode_tok_s"]
-    print("  batch %d: ttft %.0f us, inter-token p50 %.0f us, decode %.0f tok/s" % (batch, ttft, itl, tok_s))'
+    print(what, r["batch"], r["time_to_first_token_ms"] * 1000, r["inter_token_latency_ms"]["p50"] * 1000)'
 for round in $(seq "$rounds"); do
   for target in "$router" "$gateway"; do
     what=router; [ "$target" = "$gateway" ] && what=gateway
-    echo "round $round, $what:"
-    "$bin/moe" bench --router "$target" --batch 1,8 --prompt-len 128 --gen 64 --json | python3 -c "$summary"
+    "$bin/moe" bench --router "$target" --batch 1,8 --prompt-len 128 --gen 64 --json \
+      | python3 -c "$record" "$what" >>"$figures"
   done
 done
+python3 - "$figures" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+for batch in sorted({int(r[1]) for r in rows}):
+    for what in ("router", "gateway"):
+        ttft = [float(r[2]) for r in rows if r[0] == what and int(r[1]) == batch]
+        itl = [float(r[3]) for r in rows if r[0] == what and int(r[1]) == batch]
+        print("  batch %d, %-7s: ttft min %6.0f us, median %6.0f us; inter-token p50 min %5.0f us, median %5.0f us (%d runs)"
+              % (batch, what, min(ttft), statistics.median(ttft), min(itl), statistics.median(itl), len(ttft)))
+PY
+rm -f "$figures"
 
 echo "== kill to next token: $streams streams of $load_tokens tokens, the second router SIGKILLed"
 "$bin/moe-router" --model "$ckpt" --etcd "$etcd" --cluster local --cluster-token-file "$token" \

@@ -130,6 +130,22 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
             _ => assert_eq!(split_groups, 3, "round-robin kept a group on one router"),
         }
     }
+    // A burst of unrelated prompts spreads over both routers (each choice counts as load
+    // at once, not once its stream is open).
+    let burst: Vec<_> = (0..8u32)
+        .map(|i| {
+            let gateway = cache_aware.clone();
+            let ids: Vec<u32> = (0..20).map(|k| 3 + (i * 37 + k * 11) % 300).collect();
+            tokio::spawn(
+                async move { served_by(&mut client(&gateway).await, greedy(&ids, 24)).await },
+            )
+        })
+        .collect();
+    let mut spread = BTreeSet::new();
+    for request in burst {
+        spread.insert(request.await.unwrap());
+    }
+    assert_eq!(spread.len(), 2, "a burst went to one router: {spread:?}");
     // Requests a router refuses: the same status code and message through the gateway.
     let vocab = harness::inference(&cluster)
         .await

@@ -207,11 +207,14 @@ impl Relay {
                 }
                 continue;
             };
+            // Counted from the choice on, so a burst of requests spreads over the routers
+            // instead of all seeing the same loads.
+            let in_flight = InFlight::on(&router);
             match self.call(&router, journey).await {
                 Ok(stream) => {
                     journey.span.record("router", router.id.as_str());
                     return Ok(Opened {
-                        _in_flight: InFlight::on(&router),
+                        _in_flight: in_flight,
                         router,
                         stream,
                     });
