@@ -177,6 +177,52 @@ async fn tls_everywhere_and_refusals() {
         .expect("generate over TLS");
     assert_eq!(got.ids, expected[0].output_ids);
 
+    // 1b. A gateway reaches the TLS routers with their CA (and etcd as the members do), and
+    //     serves TLS itself: the same tokens through it.
+    let gateway_args: Vec<String> = [
+        "--etcd-ca",
+        &file("cluster-ca.pem"),
+        "--etcd-cert",
+        &file("member.pem"),
+        "--etcd-key",
+        &file("member.key"),
+        "--etcd-user",
+        "root",
+        "--etcd-password-file",
+        &password_file.display().to_string(),
+        "--router-tls-ca",
+        &file("public-ca.pem"),
+        "--tls-cert",
+        &file("public.pem"),
+        "--tls-key",
+        &file("public.key"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let gateway = cluster
+        .add_gateway(&harness::binary("moe-gateway"), &gateway_args)
+        .expect("gateway starts")
+        .grpc;
+    let through = connect(
+        format!("https://{gateway}"),
+        Some(client_tls(&public_ca, None)),
+    )
+    .await
+    .expect("TLS gRPC to the gateway");
+    let mut inference_via_gateway = InferenceClient::new(through);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let via = loop {
+        match harness::generate(&mut inference_via_gateway, greedy(&case.input_ids, 8)).await {
+            Ok(got) => break got,
+            // Until the gateway has read the router from etcd.
+            Err(e) if Instant::now() < deadline && e.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("generate through the TLS gateway: {e}"),
+        }
+    };
+    assert_eq!(via.ids, expected[0].output_ids);
+
     // 2. The public gRPC port refuses plaintext.
     let plaintext = match connect(format!("http://{router}"), None).await {
         Ok(channel) => InferenceClient::new(channel)

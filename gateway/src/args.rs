@@ -79,6 +79,16 @@ pub struct GatewayArgs {
     /// TLS on the gateway's own public port.
     #[command(flatten)]
     pub public_tls: moe_cluster::tls::PublicTlsArgs,
+    /// CA (PEM) that signed the routers' public certificates (their `--tls-cert`): reach
+    /// them over TLS.
+    #[arg(long, env = "MOE_ROUTER_TLS_CA")]
+    pub router_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for routers that require one (their `--tls-client-ca`).
+    #[arg(long, env = "MOE_ROUTER_TLS_CERT")]
+    pub router_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--router-tls-cert`.
+    #[arg(long, env = "MOE_ROUTER_TLS_KEY")]
+    pub router_tls_key: Option<PathBuf>,
     /// The cluster token: the gateway proves it to each router (routers need no API key
     /// from it).
     #[command(flatten)]

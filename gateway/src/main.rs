@@ -51,9 +51,16 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     let public_tls = args.public_tls.load()?;
     let access = args.keys.load()?;
     let (stopper, shutdown) = Shutdown::new();
-    let routers = Arc::new(RouterSet::new(Duration::from_millis(
-        args.router_backoff_ms,
-    )));
+    let router_identity = moe_cluster::tls::identity_from_flags(
+        args.router_tls_cert.as_deref(),
+        args.router_tls_key.as_deref(),
+        ("--router-tls-cert", "--router-tls-key"),
+    )?;
+    let router_tls = moe_cluster::tls::client_tls(args.router_tls_ca.as_deref(), router_identity)?;
+    let routers = Arc::new(RouterSet::new(
+        Duration::from_millis(args.router_backoff_ms),
+        router_tls,
+    ));
     let follower = tokio::spawn(follow_routers(
         Arc::clone(&routers),
         args.etcd.discovery()?,

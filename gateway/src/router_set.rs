@@ -12,7 +12,7 @@ use moe_cluster::discovery::{RouterRecord, Topic};
 use moe_cluster::shutdown::Shutdown;
 use moe_cluster::Discovery;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// What this gateway did with one router (kept across its record's refreshes).
 #[derive(Debug, Default)]
@@ -79,28 +79,36 @@ pub struct RouterSet {
     /// Bumped on every change of the set (and on each avoided router's release).
     generation: watch::Sender<u64>,
     backoff: Duration,
-}
-
-fn channel_to(address: &str) -> Option<Channel> {
-    Endpoint::from_shared(format!("http://{address}"))
-        .ok()
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_lazy()
-        })
+    /// TLS to the routers' public ports (`--router-tls-ca`), or plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl RouterSet {
-    pub fn new(backoff: Duration) -> Self {
+    pub fn new(backoff: Duration, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             routers: RwLock::default(),
             counters: Mutex::default(),
             generation: watch::channel(0).0,
             backoff,
+            tls,
         }
+    }
+
+    /// A lazily connected channel to `address`, over TLS when the gateway has a CA for it.
+    fn channel_to(&self, address: &str) -> Option<Channel> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).ok()?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).ok()?;
+        }
+        Some(
+            endpoint
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .connect_lazy(),
+        )
     }
 
     /// Every registered router, by id.
@@ -167,7 +175,7 @@ impl RouterSet {
                         .avoid_until
                         .lock()
                         .unwrap_or_else(|p| p.into_inner()) = None;
-                    match channel_to(&record.address) {
+                    match self.channel_to(&record.address) {
                         Some(channel) => channel,
                         None => {
                             tracing::warn!(
