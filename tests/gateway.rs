@@ -107,6 +107,15 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
         .unwrap()
         .grpc;
     wait_gateway_routers(&round_robin, &cluster.router_addrs()).await;
+    // The standard health checker: serving, with routers behind it.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_client.py");
+    let health = Command::new("python3")
+        .args([script, "health", cache_aware.as_str()])
+        .output()
+        .expect("python3 runs");
+    let health: Value = serde_json::from_slice(&health.stdout).expect("health JSON");
+    assert_eq!(health["overall"], "SERVING", "{health}");
+    assert_eq!(health["inference"], "SERVING", "{health}");
     // Three groups of four prompts: 48 shared tokens (three whole blocks), then their own.
     let prompt = |group: u32, member: u32| -> Vec<u32> {
         let mut ids: Vec<u32> = (0..48).map(|i| 3 + (group * 31 + i * 7) % 200).collect();

@@ -84,9 +84,11 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         spawn_http(addr, "http", app, tls, limits, shutdown.clone()).await?;
     }
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InferenceServer<InferenceGateway>>()
-        .await;
+    tokio::spawn(report_health(
+        health,
+        Arc::clone(&routers),
+        shutdown.clone(),
+    ));
     let api_keys = access.api.clone();
     let inference = InferenceServer::with_interceptor(
         InferenceGateway {
@@ -118,6 +120,37 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(STOP_DEADLINE, follower).await;
     telemetry.flush();
     Ok(served?)
+}
+
+/// `grpc.health.v1`: SERVING while some router can take a request (a load balancer in front of
+/// several gateways then skips one that sees none).
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    routers: Arc<RouterSet>,
+    mut shutdown: Shutdown,
+) {
+    let mut changes = routers.changes();
+    loop {
+        if routers.available().is_empty() {
+            health
+                .set_not_serving::<InferenceServer<InferenceGateway>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        } else {
+            health
+                .set_serving::<InferenceServer<InferenceGateway>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = shutdown.wait() => return,
+        }
+    }
 }
 
 /// The relay over `routers`, from the flags.
