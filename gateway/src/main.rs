@@ -4,6 +4,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use moe_cluster::listener::{accept_bounded, ConnectionLimits};
+use moe_cluster::metrics::{Histogram, LATENCY_BUCKETS};
 use moe_cluster::shutdown::Shutdown;
 use moe_gateway::args::GatewayArgs;
 use moe_gateway::intake::Intake;
@@ -15,11 +16,10 @@ use moe_gateway::router_set::{follow_routers, RouterSet};
 use moe_gateway::service::{GatewayService, InferenceGateway};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
+use moe_openai as http;
+use moe_openai::tokenizing::Tokenizing;
 use moe_proto::v1::gateway_server::GatewayServer;
 use moe_proto::v1::inference_server::InferenceServer;
-use moe_router::admission::Tokenizing;
-use moe_router::http;
-use moe_router::request_metrics::RequestMetrics;
 use tokio_rustls::rustls::ServerConfig;
 
 fn main() -> anyhow::Result<()> {
@@ -194,7 +194,7 @@ fn openai_app(
         tokenizing: Tokenizing::new(
             Arc::clone(&tokenizer),
             Tokenizing::default_permits(),
-            Arc::new(RequestMetrics::default()),
+            Arc::new(Histogram::new(LATENCY_BUCKETS)),
         ),
         metrics: Arc::clone(metrics),
     };

@@ -1,17 +1,19 @@
-//! The OpenAI HTTP API through the gateway: the routers' own API code (parsing, chat
-//! templates, tool calls, structured-output parameters, the rendering of answers, SSE), with
+//! The OpenAI HTTP API through the gateway: the API code routers serve too (`moe-openai`:
+//! parsing, chat templates, tool calls, structured-output parameters, answers, SSE), with
 //! each parsed request sent through the [`Intake`] and the relay, so an HTTP stream moves
 //! between routers exactly as a gRPC one does. The routers apply their own limits; the
 //! gateway checks only the prompt's bytes before tokenizing.
 
 use std::sync::Arc;
 
+use moe_openai::error::RouterError;
+use moe_openai::generator::Answers;
+use moe_openai::prompt_bytes::check_prompt_bytes;
+use moe_openai::sibling::SiblingPrefill;
+use moe_openai::tokenizing::Tokenizing;
+use moe_openai::trace_origin::TraceOrigin;
+use moe_openai::Generator;
 use moe_proto::v1::GenerateRequest;
-use moe_router::admission::{Answers, Tokenizing};
-use moe_router::error::RouterError;
-use moe_router::http::Generator;
-use moe_router::request_trace::TraceOrigin;
-use moe_router::validation::{check_prompt_bytes, SiblingPrefill};
 use tokio::sync::mpsc;
 
 use crate::intake::Intake;

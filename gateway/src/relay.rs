@@ -20,8 +20,6 @@ use crate::metrics::{GatewayMetrics, MigrationReason};
 use crate::policy::{Candidate, RouterChooser};
 use crate::router_set::{InFlight, RouterEntry, RouterSet};
 
-/// The router's message when it drains (`moe_router::server::inference::DRAINING`).
-const DRAINING_PREFIX: &str = "router draining";
 /// Largest message to or from a router (a long prompt's text).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -321,7 +319,7 @@ impl Relay {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
-                    _ if status.message().starts_with(DRAINING_PREFIX) => MigrationReason::Drained,
+                    _ if status.message() == moe_proto::ROUTER_DRAINING => MigrationReason::Drained,
                     _ => MigrationReason::Died,
                 },
             };

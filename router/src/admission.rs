@@ -3,11 +3,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
-use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
-use moe_proto::v1::{GenerateRequest, GenerateResponse};
+use moe_proto::v1::GenerateRequest;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster_view::ClusterView;
@@ -20,90 +18,8 @@ use crate::validation::{
     check_prompt, check_prompt_bytes, validate_ids, RequestLimits, SiblingPrefill,
 };
 
-pub type Answers = mpsc::Receiver<Result<GenerateResponse, RouterError>>;
-
-/// Bodies at most this large are parsed on the runtime thread; larger ones on the blocking pool.
-const INLINE_PARSE_BYTES: usize = 64 << 10;
-
-/// Runs the tokenizer (and the chat template, and the JSON parsing of large bodies) on tokio's
-/// blocking pool, at most `permits` at once, so that the runtime threads, which also drive
-/// the data-plane links, never tokenize and a burst cannot start hundreds of threads. A
-/// request waiting for a permit waits asynchronously.
-pub struct Tokenizing {
-    tokenizer: Arc<Tokenizer>,
-    permits: Arc<Semaphore>,
-    metrics: Arc<RequestMetrics>,
-}
-
-impl Tokenizing {
-    pub fn new(tokenizer: Arc<Tokenizer>, permits: usize, metrics: Arc<RequestMetrics>) -> Self {
-        Self {
-            tokenizer,
-            permits: Arc::new(Semaphore::new(permits.max(1))),
-            metrics,
-        }
-    }
-
-    /// How many run at once by default: the CPUs, at least 2.
-    pub fn default_permits() -> usize {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .max(2)
-    }
-
-    /// Runs `f`, which calls the tokenizer once, on the blocking pool; its time goes into
-    /// `moe_router_tokenize_seconds` (whose count is thus the tokenizer calls).
-    pub async fn tokenize<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Tokenizer) -> T + Send + 'static,
-    ) -> Result<T, RouterError> {
-        let tokenizer = Arc::clone(&self.tokenizer);
-        let metrics = Arc::clone(&self.metrics);
-        self.run(move || {
-            let start = Instant::now();
-            let out = f(&tokenizer);
-            metrics
-                .tokenize_seconds
-                .observe(start.elapsed().as_secs_f64());
-            out
-        })
-        .await
-    }
-
-    /// Runs `f` on the blocking pool, under the same bound.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, RouterError> {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| RouterError::TokenizerClosed)?;
-        // The permit is held by the task, so a request that goes away while its text is being
-        // tokenized does not let another start before that work ends.
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f()
-        })
-        .await
-        .map_err(|e| RouterError::Internal(format!("tokenizing failed: {e}")))
-    }
-
-    /// Parses a request body with `f`: on the runtime thread when it is small, else on the
-    /// blocking pool (a 4 MiB body is milliseconds of JSON).
-    pub async fn parse<T: Send + 'static>(
-        &self,
-        body_bytes: usize,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, RouterError> {
-        if body_bytes <= INLINE_PARSE_BYTES {
-            Ok(f())
-        } else {
-            self.run(f).await
-        }
-    }
-}
+pub use moe_openai::generator::Answers;
+pub use moe_openai::tokenizing::Tokenizing;
 
 /// The exact bound on requests admitted but not yet running (`--max-waiting`): a slot is a
 /// semaphore permit, taken without waiting at admission and carried by the [`Submission`]
@@ -231,6 +147,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use moe_cluster::placement::Placement;
+    use moe_model::tokenizer::Tokenizer;
 
     use super::*;
     use crate::cluster_view::ServingPlacement;
@@ -256,7 +173,7 @@ mod tests {
             tokenizing: Tokenizing::new(
                 Arc::new(Tokenizer::from_dir(&dir).expect("fixture tokenizer")),
                 2,
-                Arc::clone(&metrics),
+                Arc::clone(&metrics.tokenize_seconds),
             ),
             submissions: tx,
             stats: Arc::new(SchedulerStats::default()),
@@ -360,7 +277,7 @@ mod tests {
         let pool = Arc::new(Tokenizing::new(
             Arc::new(Tokenizer::from_dir(&dir).expect("fixture tokenizer")),
             3,
-            Arc::clone(&metrics),
+            Arc::clone(&metrics.tokenize_seconds),
         ));
         let now = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));

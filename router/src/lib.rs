@@ -10,7 +10,8 @@
 //!   [`collective`], and dispatch places the answers, retries and falls back.
 //! - [`planner`]: membership, placement epochs, readiness; [`cluster_view`] holds what it knows.
 //! - [`server`]: the Inference and Admin gRPC services ([`inference_access`]: API keys, or
-//!   the cluster proof a gateway brings); [`http`]: the OpenAI-compatible API.
+//!   the cluster proof a gateway brings, and the router's `moe-openai` generator); the
+//!   OpenAI-compatible API itself is the `moe-openai` crate, which gateways serve too.
 //! - [`request_trace`]: a request's OpenTelemetry spans.
 //! - [`error`]: why a request is refused or fails, one enum turned into a gRPC status or an
 //!   OpenAI HTTP error only at the edges.
@@ -25,14 +26,12 @@ pub mod detokenize;
 pub mod dispatch;
 pub mod dispatch_plan;
 pub mod error;
-pub mod http;
 pub mod inference_access;
 pub mod kv_blocks;
 pub mod layer_exchange;
 pub mod metrics;
 pub mod micro_batch;
 pub mod node_link;
-pub mod partial_json;
 pub mod planner;
 pub mod prefix_cache;
 pub mod published_load;
@@ -41,5 +40,4 @@ pub mod request_trace;
 pub mod scheduler;
 pub mod server;
 pub mod structured;
-pub mod tool_calls;
 pub mod validation;

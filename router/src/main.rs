@@ -20,6 +20,7 @@ use moe_cluster::listener::{accept_bounded, ConnectionLimits};
 use moe_cluster::shutdown::Shutdown;
 use moe_cluster::tls::PublicTls;
 use moe_model::kv_cache::{KvLayout, KvPool};
+use moe_openai as http;
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
 use moe_router::inference_access::InferenceAccess;
@@ -27,7 +28,7 @@ use moe_router::kv_blocks::KvBlocks;
 use moe_router::prefix_cache::PrefixCache;
 use moe_router::request_metrics::RequestMetrics;
 use moe_router::scheduler::{Scheduler, SchedulerConfig, SchedulerStats};
-use moe_router::{admission, api_keys, args, dispatch, http, metrics, planner, server, validation};
+use moe_router::{admission, api_keys, args, dispatch, metrics, planner, server, validation};
 
 /// `--transport` and where its rank 0 listens; refuses what cannot work before serving.
 fn collective_settings(
@@ -284,7 +285,7 @@ fn admission(
         tokenizing: admission::Tokenizing::new(
             Arc::clone(&model.tokenizer),
             admission::Tokenizing::default_permits(),
-            Arc::clone(&running.requests),
+            Arc::clone(&running.requests.tokenize_seconds),
         ),
         submissions: running.submissions.clone(),
         stats: Arc::clone(&running.stats),
@@ -469,7 +470,8 @@ async fn spawn_http_servers(
         servers.spawn(serve);
     }
     if let Some(addr) = &args.metrics_listen {
-        let app = http::metrics_app(Arc::clone(&parts.running.metrics));
+        let metrics = Arc::clone(&parts.running.metrics);
+        let app = http::metrics_app(move || metrics.render());
         let listener = bind_http(addr, "").await?;
         servers.spawn(serve_http(
             listener,
@@ -487,7 +489,7 @@ async fn spawn_http_servers(
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
-    let generator = http::RouterGenerator {
+    let generator = server::openai::RouterGenerator {
         admission: Arc::clone(parts.admission),
         view: Arc::clone(&parts.running.view),
         metrics: Arc::clone(&parts.running.metrics),

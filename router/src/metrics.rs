@@ -89,7 +89,7 @@ impl RouterMetrics {
             (
                 "moe_router_tokenize_seconds",
                 "Tokenizer calls on the request path (chat template included), run on the blocking pool.",
-                &r.tokenize_seconds,
+                &*r.tokenize_seconds,
             ),
         ] {
             family(out, name, "histogram", help);

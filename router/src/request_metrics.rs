@@ -4,6 +4,7 @@
 //! scheduler, which records them, never depends on the page.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use moe_cluster::metrics::{Histogram, LATENCY_BUCKETS, SIZE_BUCKETS};
 
@@ -38,7 +39,8 @@ pub struct RequestMetrics {
     pub generation_tokens: AtomicU64,
     /// Tokenizer calls on the request path (chat template included), on the blocking pool:
     /// count = calls, sum = time.
-    pub tokenize_seconds: Histogram,
+    /// Shared with the tokenizer pool, which records into it.
+    pub tokenize_seconds: Arc<Histogram>,
     /// Prompts refused by `--max-prompt-bytes` (before any tokenizer call).
     pub prompt_bytes_refused: AtomicU64,
     /// Prompt tokens of requests that looked up the prefix cache, and those it held.
@@ -56,7 +58,7 @@ impl Default for RequestMetrics {
             step_tokens: Histogram::new(SIZE_BUCKETS),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
-            tokenize_seconds: Histogram::new(LATENCY_BUCKETS),
+            tokenize_seconds: Arc::new(Histogram::new(LATENCY_BUCKETS)),
             prompt_bytes_refused: AtomicU64::new(0),
             prefix_cache_queried_tokens: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),

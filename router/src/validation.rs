@@ -61,46 +61,8 @@ pub struct ValidRequest {
     pub deadline: Instant,
 }
 
-/// The `n` choices of one request prefill their common prompt once: the first announces
-/// when its prefill is done (its full blocks then sit in the prefix cache), the others wait
-/// for that before they are admitted, and take the prompt from the cache. A choice whose
-/// leader is gone (failed, cancelled) no longer waits.
-#[derive(Debug, Clone)]
-pub enum SiblingPrefill {
-    Leader(std::sync::Arc<std::sync::atomic::AtomicBool>),
-    Follower(std::sync::Weak<std::sync::atomic::AtomicBool>),
-}
-
-impl SiblingPrefill {
-    /// One leader and `followers` followers.
-    pub fn group(followers: usize) -> (Self, Vec<Self>) {
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let weak = std::sync::Arc::downgrade(&done);
-        (
-            SiblingPrefill::Leader(done),
-            (0..followers)
-                .map(|_| SiblingPrefill::Follower(weak.clone()))
-                .collect(),
-        )
-    }
-
-    /// Whether this choice must still wait for its leader's prefill.
-    pub fn waiting(&self) -> bool {
-        match self {
-            SiblingPrefill::Leader(_) => false,
-            SiblingPrefill::Follower(leader) => leader
-                .upgrade()
-                .is_some_and(|done| !done.load(std::sync::atomic::Ordering::Acquire)),
-        }
-    }
-
-    /// The leader's prefill is done.
-    pub fn announce(&self) {
-        if let SiblingPrefill::Leader(done) = self {
-            done.store(true, std::sync::atomic::Ordering::Release);
-        }
-    }
-}
+pub use moe_openai::prompt_bytes::check_prompt_bytes;
+pub use moe_openai::sibling::SiblingPrefill;
 
 /// Most alternatives a request may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
@@ -141,22 +103,6 @@ pub fn default_max_prompt_bytes(
         longest = longest.max(tokenizer.token_text(id).len());
     }
     max_prompt_tokens.saturating_mul(longest + 1).min(cap)
-}
-
-/// Refuses a text of `bytes` bytes over `limit` (`--max-prompt-bytes`), naming `field`. Cheap:
-/// it runs before any tokenizer call.
-pub fn check_prompt_bytes(
-    bytes: usize,
-    limit: usize,
-    field: &'static str,
-) -> Result<(), RouterError> {
-    if bytes > limit {
-        return Err(RouterError::invalid(
-            field,
-            format!("{field} is {bytes} bytes; the limit is {limit} bytes (--max-prompt-bytes)"),
-        ));
-    }
-    Ok(())
 }
 
 /// The checks before tokenizing: exactly one of prompt and input_ids, a prompt neither empty

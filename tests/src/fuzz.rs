@@ -9,8 +9,8 @@ use moe_cluster::frames::{self, DispatchTag};
 use moe_model::chat_template::ChatTemplate;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
+use moe_openai::{parse_chat, parse_completion};
 use moe_proto::v1::{CombineBatch, DispatchBatch};
-use moe_router::http::{parse_chat, parse_completion};
 use moe_router::validation::{validate, RequestLimits};
 use prost::Message;
 

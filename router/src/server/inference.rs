@@ -22,7 +22,7 @@ use crate::inference_access::ViaGateway;
 
 /// What a gateway's stream ends with when this router drains: the gateway resumes it on
 /// another router, exactly where it stopped.
-pub const DRAINING: &str = "router draining: the request moves to another router";
+pub const DRAINING: &str = moe_proto::ROUTER_DRAINING;
 
 pub struct InferenceService {
     pub config: ModelConfig,

@@ -1,10 +1,11 @@
-//! Where the OpenAI API's requests go once parsed: this router's own admission, or, in
-//! `moe-gateway`, the routers behind it. Parsing, chat templates, tokenizing and the rendering
-//! of answers are the same either way.
+//! The router's side of the OpenAI API (`moe-openai`): parsed requests go to this router's
+//! admission.
 
 use std::sync::Arc;
 
 use moe_proto::v1::GenerateRequest;
+
+use moe_openai::Generator;
 
 use crate::admission::{Admission, Answers, Tokenizing};
 use crate::cluster_view::ClusterView;
@@ -12,26 +13,6 @@ use crate::error::RouterError;
 use crate::metrics::RouterMetrics;
 use crate::request_trace::TraceOrigin;
 use crate::validation::SiblingPrefill;
-
-#[tonic::async_trait]
-pub trait Generator: Send + Sync {
-    /// Submits one choice of a request; `sibling` lets choices share choice 0's prefill where
-    /// they run together.
-    async fn submit(
-        &self,
-        request: GenerateRequest,
-        origin: TraceOrigin,
-        sibling: Option<SiblingPrefill>,
-    ) -> Result<Answers, RouterError>;
-    /// Refuses a text over the prompt byte limit, naming `field`; called before tokenizing.
-    fn check_prompt_bytes(&self, bytes: usize, field: &'static str) -> Result<(), RouterError>;
-    /// The tokenizer behind its bounded blocking pool.
-    fn tokenizing(&self) -> &Tokenizing;
-    /// Whether requests can be served now (`GET /health`).
-    fn ready(&self) -> bool;
-    /// The Prometheus page (`GET /metrics`).
-    fn metrics(&self) -> String;
-}
 
 /// A router's own: admission, then its scheduler.
 pub struct RouterGenerator {

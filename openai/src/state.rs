@@ -10,8 +10,8 @@ use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 
 use super::{unix_now, Generator};
-use crate::api_keys::ApiKeys;
 use crate::tool_calls::ToolCallFormat;
+use moe_cluster::api_keys::ApiKeys;
 
 /// The model the API serves.
 pub struct ServedModel<'a> {

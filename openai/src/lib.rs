@@ -1,16 +1,27 @@
-//! The OpenAI-compatible HTTP API (`--http-listen`): `GET /v1/models`, `POST /v1/completions`,
-//! `POST /v1/chat/completions` (both streamed as server-sent events ending in `data: [DONE]`,
-//! or whole), and `GET /health`. Requests go through the same admission, scheduler and
-//! detokenizer as the gRPC API, so the same request gives the same tokens on both.
+//! `moe-openai`: the OpenAI-compatible HTTP API (`--http-listen`) that routers and gateways
+//! both serve: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both
+//! streamed as server-sent events ending in `data: [DONE]`, or whole), and `GET /health`:
+//! parsing, chat templates, tool calls, structured-output parameters, the rendering of
+//! answers. A parsed request goes to a [`Generator`]: a router's admission (the same as its
+//! gRPC API's, so the same request gives the same tokens on both), or a gateway's relay.
+//! Also here, because both sides need them: the request error ([`error::RouterError`]) and the
+//! tokenizer's bounded pool ([`tokenizing`]).
 
 mod answers;
 mod api_error;
+pub mod error;
 pub mod generator;
 pub mod listener;
 pub mod openai;
+pub mod partial_json;
+pub mod prompt_bytes;
+pub mod sibling;
 mod state;
 mod structured_params;
+pub mod tokenizing;
+pub mod tool_calls;
 pub mod tools;
+pub mod trace_origin;
 mod unimplemented;
 
 use std::sync::Arc;
@@ -28,14 +39,13 @@ use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
 
-use crate::admission::Answers;
 use crate::error::RouterError;
-use crate::metrics::RouterMetrics;
-use crate::request_trace::TraceOrigin;
+use crate::generator::Answers;
+use crate::sibling::SiblingPrefill;
 use crate::tool_calls::ToolCallFormat;
-use crate::validation::SiblingPrefill;
+use crate::trace_origin::TraceOrigin;
 pub use api_error::ApiError;
-pub use generator::{Generator, RouterGenerator};
+pub use generator::Generator;
 use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
 pub use state::{HttpState, ServedModel};
 use tools::TemplateMessage;
@@ -96,13 +106,13 @@ async fn not_found() -> ApiError {
     RouterError::RouteNotFound.into()
 }
 
-/// Only `/metrics`, for `--metrics-listen`.
-pub fn metrics_app(metrics: Arc<RouterMetrics>) -> Router {
+/// Only `/metrics`, for `--metrics-listen`: `render` writes the page at each scrape.
+pub fn metrics_app(render: impl Fn() -> String + Clone + Send + Sync + 'static) -> Router {
     Router::new().route(
         "/metrics",
         get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move { prometheus_text(metrics.render()) }
+            let body = render();
+            async move { prometheus_text(body) }
         }),
     )
 }

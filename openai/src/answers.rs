@@ -18,8 +18,8 @@ use super::openai::{
 };
 use super::tools::{tool_call_id, tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
-use crate::admission::Answers;
 use crate::error::RouterError;
+use crate::generator::Answers;
 use crate::tool_calls::partial_calls;
 use serde_json::Value;
 
