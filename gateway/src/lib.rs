@@ -9,8 +9,8 @@
 //!   `round-robin`).
 //! - [`intake`]: what a request gets before its first router (a seed, a span, block hashes);
 //!   [`relay`]: one request carried across routers.
-//! - [`service`]: the public gRPC services; [`openai`]: the OpenAI HTTP API (the routers' own
-//!   API code over the relay); [`metrics`]: the Prometheus page.
+//! - [`service`]: the public gRPC services; [`openai`]: the OpenAI HTTP API (`moe-openai`, which
+//!   routers serve too, over the relay); [`metrics`]: the Prometheus page.
 
 pub mod args;
 pub mod intake;
