@@ -24,6 +24,17 @@ fn random_bf16_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
     PackedMatrix::from_native(&[&NativeWeight::Bf16(values)], k)
 }
 
+/// The same kind of matrix held as FP8 panels with 128x128 block scales.
+fn random_fp8_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
+    let values = random(n * k, rng)
+        .into_iter()
+        .map(|x| moe_model::backend::fp8::f32_to_e4m3(x * 4000.0))
+        .collect();
+    let scales = vec![1.0 / 4000.0; n.div_ceil(128) * k.div_ceil(128)];
+    let fp8 = moe_model::backend::weight::Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128));
+    PackedMatrix::from_native(&[&NativeWeight::Fp8(fp8)], k)
+}
+
 fn random(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n)
         .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 0.05)
@@ -189,6 +200,19 @@ fn main() {
             let mut c = vec![0.0f32; tokens * n];
             let s = time(|| w.matmul_into(&a, tokens, &mut c));
             results.push((name, s, (n * k * 2) as f64));
+        }
+    }
+
+    // The same matrix in FP8 with 128x128 block scales (a DeepSeek FP8 checkpoint's layout).
+    for tokens in [1usize, 4] {
+        let name = format!("stream_fp8_{tokens}x8192x16384");
+        if wants(&name) {
+            let (n, k) = (16384usize, 8192usize);
+            let w = random_fp8_matrix(n, k, &mut rng);
+            let a = random(tokens * k, &mut rng);
+            let mut c = vec![0.0f32; tokens * n];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            results.push((name, s, (n * k) as f64));
         }
     }
 

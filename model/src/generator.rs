@@ -39,9 +39,10 @@ pub enum WeightDtype {
 /// DeepSeek's FP8 block.
 const FP8_BLOCK: (usize, usize) = (128, 128);
 
-/// Whether an FP8 checkpoint stores this tensor in FP8: the 2-D projections.
+/// Whether an FP8 checkpoint stores this tensor in FP8: the 2-D projections, MLA's
+/// `kv_a_proj_with_mqa` included (as in DeepSeek-V3's own checkpoint).
 fn quantized(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2 && name.ends_with("_proj.weight")
+    shape.len() == 2 && (name.ends_with("_proj.weight") || name.ends_with("_proj_with_mqa.weight"))
 }
 
 /// The hub `config.json` of a preset.

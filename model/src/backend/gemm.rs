@@ -53,6 +53,10 @@ enum Panels {
         segment_starts: Vec<usize>,
         scales: Vec<f32>,
     },
+    /// Parts that share no panel type (an FP8 part beside a bf16 or f32 one, or FP8 parts cut
+    /// on other k segments), each held in its own, their columns side by side: widening them
+    /// all to f32 would hold a copy two to four times the checkpoint's bytes.
+    Stacked(Vec<PackedMatrix>),
 }
 
 /// One float8 e4m3fn weight (finite: checkpoints with NaN weights are refused at load).
@@ -78,6 +82,7 @@ impl std::fmt::Debug for PackedMatrix {
             Panels::F32(_) => "f32",
             Panels::Bf16(_) => "bf16",
             Panels::Fp8 { .. } => "fp8",
+            Panels::Stacked(_) => "stacked",
         };
         write!(f, "PackedMatrix[{} x {}, {dtype}]", self.n, self.k)
     }
@@ -239,20 +244,29 @@ impl PackedMatrix {
                 NativeWeight::F32(_) | NativeWeight::Fp8(_) => None,
             })
             .collect();
-        match bf16 {
-            Some(parts) => {
-                let (n, panels) = pack(&parts, k);
-                Self {
-                    n,
-                    k,
-                    panels: Panels::Bf16(panels),
-                }
-            }
-            None => {
-                let widened: Vec<Vec<f32>> = parts.iter().map(|p| p.to_f32()).collect();
-                let refs: Vec<&[f32]> = widened.iter().map(Vec::as_slice).collect();
-                Self::from_stacked(&refs, k)
-            }
+        if let Some(parts) = bf16 {
+            let (n, panels) = pack(&parts, k);
+            return Self {
+                n,
+                k,
+                panels: Panels::Bf16(panels),
+            };
+        }
+        let f32_parts: Option<Vec<&[f32]>> = parts
+            .iter()
+            .map(|p| match p {
+                NativeWeight::F32(v) => Some(v.as_slice()),
+                NativeWeight::Bf16(_) | NativeWeight::Fp8(_) => None,
+            })
+            .collect();
+        if let Some(parts) = f32_parts {
+            return Self::from_stacked(&parts, k);
+        }
+        let parts: Vec<PackedMatrix> = parts.iter().map(|p| Self::from_native(&[p], k)).collect();
+        Self {
+            n: parts.iter().map(|p| p.n).sum(),
+            k,
+            panels: Panels::Stacked(parts),
         }
     }
 
@@ -301,14 +315,22 @@ impl PackedMatrix {
         self.k
     }
 
-    /// Whether the panels hold bf16.
+    /// Whether the panels hold bf16 (all of them, when parts are stacked).
     pub fn is_bf16(&self) -> bool {
-        matches!(self.panels, Panels::Bf16(_))
+        match &self.panels {
+            Panels::Bf16(_) => true,
+            Panels::Stacked(parts) => parts.iter().all(Self::is_bf16),
+            _ => false,
+        }
     }
 
-    /// Whether the panels hold FP8 with scales.
+    /// Whether the panels hold FP8 with scales (all of them, when parts are stacked).
     pub fn is_fp8(&self) -> bool {
-        matches!(self.panels, Panels::Fp8 { .. })
+        match &self.panels {
+            Panels::Fp8 { .. } => true,
+            Panels::Stacked(parts) => parts.iter().all(Self::is_fp8),
+            _ => false,
+        }
     }
 
     /// Bytes held by the packed panels.
@@ -317,6 +339,7 @@ impl PackedMatrix {
             Panels::F32(p) => p.len() * 4,
             Panels::Bf16(p) => p.len() * 2,
             Panels::Fp8 { values, scales, .. } => values.len() + scales.len() * 4,
+            Panels::Stacked(parts) => parts.iter().map(Self::bytes).sum(),
         }
     }
 
@@ -366,7 +389,7 @@ impl PackedMatrix {
         }
         rows.check(m, self.k);
         // SAFETY: `c` holds the m * n values the product writes; the rows were checked.
-        unsafe { self.product_at(rows, m, OutPtr(c.as_mut_ptr()), parallel) }
+        unsafe { self.product_at(rows, m, OutPtr::rows_of(c.as_mut_ptr(), self.n), parallel) }
     }
 
     /// A new `[m, n]` product in a buffer that is never zeroed: with k > 0 the first K block
@@ -381,7 +404,7 @@ impl PackedMatrix {
         let mut c = Vec::with_capacity(len);
         // SAFETY: the spare capacity holds `len` values and the rows were checked.
         unsafe {
-            let out = OutPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+            let out = OutPtr::rows_of(c.spare_capacity_mut().as_mut_ptr().cast(), self.n);
             self.product_at(rows, m, out, parallel);
             // Every one of the `len` values was stored by its row tile's first K block.
             c.set_len(len);
@@ -407,6 +430,13 @@ impl PackedMatrix {
                     scales,
                 };
                 self.product_of(values, &[scaled], rows, m, c, parallel)
+            }
+            Panels::Stacked(parts) => {
+                let mut first = 0;
+                for part in parts {
+                    part.product_at(rows, m, c.columns_from(first), parallel);
+                    first += part.n;
+                }
             }
         }
     }
@@ -458,63 +488,29 @@ impl PackedMatrix {
         rows: usize,
         c: OutPtr,
     ) {
-        let k = self.k;
-        let n = self.n;
-        let cols = NR.min(n - p * NR);
-        let panel = &panels[p * k * NR..(p + 1) * k * NR];
-        let mut k0 = 0;
-        let mut segment = 0;
-        while k0 < k {
-            let mut kc = KC.min(k - k0);
-            let mut scales = std::ptr::null();
-            if let Some(s) = scaled {
-                while s
-                    .segment_starts
-                    .get(segment + 1)
-                    .is_some_and(|&next| next <= k0)
-                {
-                    segment += 1;
-                }
-                if let Some(&next) = s.segment_starts.get(segment + 1) {
-                    kc = kc.min(next - k0);
-                }
-                let segments = s.segment_starts.len();
-                scales = s.scales.as_ptr().add((p * segments + segment) * NR);
-            }
-            let block = panel.as_ptr().add(k0 * NR);
+        let cols = NR.min(self.n - p * NR);
+        let panel = &panels[p * self.k * NR..(p + 1) * self.k * NR];
+        for kb in KBlocks::new(self.k, scaled) {
+            let scales = scaled.map_or(std::ptr::null(), |s| s.panel_scales(p, kb.segment));
+            let block = panel.as_ptr().add(kb.k0 * NR);
+            let block_rows = BlockRows {
+                k0: kb.k0,
+                kc: kb.kc,
+                cols,
+                accumulate: kb.k0 > 0,
+            };
             if E::FP8 && rows > MR {
                 // Several row tiles share this K block: widen it once into L1 (the same f32
                 // values each tile would compute) and run them over f32.
                 WIDENED.with(|widened| {
                     let mut widened = widened.borrow_mut();
-                    widen_fp8_block(block.cast::<E4m3>(), scales, kc, &mut widened);
-                    let block = BlockRows {
-                        k0,
-                        kc,
-                        cols,
-                        accumulate: k0 > 0,
-                    };
-                    self.row_tiles(
-                        widened.as_ptr(),
-                        std::ptr::null(),
-                        &block,
-                        a,
-                        first,
-                        rows,
-                        p,
-                        c,
-                    );
+                    widen_fp8_block(block.cast::<E4m3>(), scales, kb.kc, &mut widened);
+                    let null = std::ptr::null();
+                    self.row_tiles(widened.as_ptr(), null, &block_rows, a, first, rows, p, c);
                 });
             } else {
-                let block_rows = BlockRows {
-                    k0,
-                    kc,
-                    cols,
-                    accumulate: k0 > 0,
-                };
                 self.row_tiles(block, scales, &block_rows, a, first, rows, p, c);
             }
-            k0 += kc;
         }
     }
 
@@ -542,8 +538,8 @@ impl PackedMatrix {
                 a: a_rows,
                 b,
                 scales,
-                c: c.0.add(m0 * self.n + p * NR),
-                ldc: self.n,
+                c: c.ptr.add(m0 * c.ldc + p * NR),
+                ldc: c.ldc,
                 kc: block.kc,
                 cols: block.cols,
                 accumulate: block.accumulate,
@@ -580,7 +576,7 @@ unsafe fn widen_fp8_block(b: *const E4m3, scales: *const f32, kc: usize, out: &m
             return avx512::widen_fp8_block(b, scales, kc, out);
         }
         if super::has_avx2_fma() {
-            return x86::widen_fp8_block(b, scales, kc, out);
+            return avx2::widen_fp8_block(b, scales, kc, out);
         }
     }
     let table = e4m3_table();
@@ -597,8 +593,87 @@ struct Scaled<'a> {
     scales: &'a [f32],
 }
 
+impl Scaled<'_> {
+    /// The NR column scales of panel `p` in k segment `segment`.
+    fn panel_scales(&self, p: usize, segment: usize) -> *const f32 {
+        self.scales[(p * self.segment_starts.len() + segment) * NR..].as_ptr()
+    }
+}
+
+/// One K block of a panel: `kc` k-rows from `k0`, inside scale segment `segment`.
+struct KBlock {
+    k0: usize,
+    kc: usize,
+    segment: usize,
+}
+
+/// The K blocks of a panel in ascending k: `KC` k-rows at most, and for FP8 panels cut where
+/// a scale segment starts (the chain of multiply-adds over k is the same either way).
+struct KBlocks<'a> {
+    k: usize,
+    k0: usize,
+    segment: usize,
+    segment_starts: &'a [usize],
+}
+
+impl<'a> KBlocks<'a> {
+    fn new(k: usize, scaled: Option<&Scaled<'a>>) -> Self {
+        Self {
+            k,
+            k0: 0,
+            segment: 0,
+            segment_starts: scaled.map_or(&[], |s| s.segment_starts),
+        }
+    }
+}
+
+impl Iterator for KBlocks<'_> {
+    type Item = KBlock;
+
+    fn next(&mut self) -> Option<KBlock> {
+        if self.k0 >= self.k {
+            return None;
+        }
+        let k0 = self.k0;
+        let starts = self.segment_starts;
+        while starts.get(self.segment + 1).is_some_and(|&next| next <= k0) {
+            self.segment += 1;
+        }
+        let mut kc = KC.min(self.k - k0);
+        if let Some(&next) = starts.get(self.segment + 1) {
+            kc = kc.min(next - k0);
+        }
+        self.k0 += kc;
+        Some(KBlock {
+            k0,
+            kc,
+            segment: self.segment,
+        })
+    }
+}
+
+/// Where a product's `[m, n]` values go: row i's first column at `ptr + i * ldc` (`ldc` is
+/// more than n for a stacked part's columns).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr {
+    ptr: *mut f32,
+    ldc: usize,
+}
+
+impl OutPtr {
+    fn rows_of(ptr: *mut f32, n: usize) -> Self {
+        Self { ptr, ldc: n }
+    }
+
+    /// SAFETY: `first` lies within a row.
+    unsafe fn columns_from(self, first: usize) -> Self {
+        Self {
+            ptr: self.ptr.add(first),
+            ldc: self.ldc,
+        }
+    }
+}
+
 // SAFETY: used only to write disjoint column ranges from different threads.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -709,12 +784,12 @@ unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
         }
         if super::has_avx2_fma() {
             match mr {
-                6 => return x86::tile::<6, E>(t),
-                5 => return x86::tile::<5, E>(t),
-                4 => return x86::tile::<4, E>(t),
-                3 => return x86::tile::<3, E>(t),
-                2 => return x86::tile::<2, E>(t),
-                _ => return x86::tile::<1, E>(t),
+                6 => return avx2::tile::<6, E>(t),
+                5 => return avx2::tile::<5, E>(t),
+                4 => return avx2::tile::<4, E>(t),
+                3 => return avx2::tile::<3, E>(t),
+                2 => return avx2::tile::<2, E>(t),
+                _ => return avx2::tile::<1, E>(t),
             }
         }
     }
@@ -744,139 +819,7 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
 mod avx512;
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{E4m3, PanelElement, Tile, NR, PREFETCH_AHEAD_BYTES};
-    use std::arch::x86_64::*;
-
-    /// Eight e4m3 bytes, each in the high byte of a 16-bit lane, as f16 values 2^8 smaller,
-    /// widened to f32, exactly: an arithmetic shift by one moves the exponent and mantissa
-    /// into an f16's (whose exponent bias is 8 more, subnormals included) and copies the sign
-    /// into the f16's top exponent bit, which the mask clears.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn e4m3x8_over_256(high_bytes: __m128i) -> __m256 {
-        let half = _mm_and_si128(
-            _mm_srai_epi16::<1>(high_bytes),
-            _mm_set1_epi16(0xBFFFu16 as i16),
-        );
-        _mm256_cvtph_ps(half)
-    }
-
-    /// One k-row of a panel as two 8-lane vectors (columns 0..8 and 8..16). FP8 rows are
-    /// multiplied by `scales`, which the tile pre-multiplied by 2^8: exact, so each product is
-    /// the one rounding of `e4m3 * scale`, as dequantizing computes it.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn load_panel_row<E: PanelElement>(
-        b: *const E,
-        scales: (__m256, __m256),
-    ) -> (__m256, __m256) {
-        if E::FP8 {
-            let bytes = _mm_loadu_si128(b as *const __m128i);
-            let zero = _mm_setzero_si128();
-            let low = e4m3x8_over_256(_mm_unpacklo_epi8(zero, bytes));
-            let high = e4m3x8_over_256(_mm_unpackhi_epi8(zero, bytes));
-            (_mm256_mul_ps(low, scales.0), _mm256_mul_ps(high, scales.1))
-        } else if E::BF16 {
-            // Lane j holds column j in its low half and column j + 8 in its high half.
-            let lanes = _mm256_loadu_si256(b as *const __m256i);
-            let low = _mm256_slli_epi32::<16>(lanes);
-            let high = _mm256_and_si256(lanes, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
-            (_mm256_castsi256_ps(low), _mm256_castsi256_ps(high))
-        } else {
-            let b = b as *const f32;
-            (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)))
-        }
-    }
-
-    /// [`super::widen_fp8_block`] eight lanes at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn widen_fp8_block(
-        b: *const E4m3,
-        scales: *const f32,
-        kc: usize,
-        out: &mut [f32],
-    ) {
-        let up = _mm256_set1_ps(256.0);
-        let scales = (
-            _mm256_mul_ps(_mm256_loadu_ps(scales), up),
-            _mm256_mul_ps(_mm256_loadu_ps(scales.add(8)), up),
-        );
-        let out = out.as_mut_ptr();
-        for kk in 0..kc {
-            let (low, high) = load_panel_row(b.add(kk * NR), scales);
-            _mm256_storeu_ps(out.add(kk * NR), low);
-            _mm256_storeu_ps(out.add(kk * NR + 8), high);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const R: usize, E: PanelElement>(t: &Tile<E>) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut staging = [[0.0f32; NR]; R];
-        let full = t.cols == NR;
-        if t.accumulate {
-            for (r, row) in acc.iter_mut().enumerate() {
-                let c = t.c.add(r * t.ldc);
-                if full {
-                    row[0] = _mm256_loadu_ps(c);
-                    row[1] = _mm256_loadu_ps(c.add(8));
-                } else {
-                    std::ptr::copy_nonoverlapping(c, staging[r].as_mut_ptr(), t.cols);
-                    row[0] = _mm256_loadu_ps(staging[r].as_ptr());
-                    row[1] = _mm256_loadu_ps(staging[r].as_ptr().add(8));
-                }
-            }
-        }
-        let mut a_ptrs = [t.a[0]; R];
-        a_ptrs.copy_from_slice(&t.a[..R]);
-        let mut b = t.b;
-        let scales = if E::FP8 {
-            let up = _mm256_set1_ps(256.0);
-            (
-                _mm256_mul_ps(_mm256_loadu_ps(t.scales), up),
-                _mm256_mul_ps(_mm256_loadu_ps(t.scales.add(8)), up),
-            )
-        } else {
-            (_mm256_setzero_ps(), _mm256_setzero_ps())
-        };
-        // One k-row: the same FMA chain with or without the prefetch.
-        let mut step = |kk: usize, b: *const E| {
-            let (b0, b1) = load_panel_row(b, scales);
-            for r in 0..R {
-                let a = _mm256_broadcast_ss(&*a_ptrs[r].add(kk));
-                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-            }
-        };
-        // A lone f32 row streams as fast without it (its loop is short enough for the core to
-        // run far ahead by itself) and measured ~8% slower with it.
-        if (R > 1 || E::BF16 || E::FP8) && t.prefetch {
-            for kk in 0..t.kc {
-                let ahead = (b as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                step(kk, b);
-                b = b.add(NR);
-            }
-        } else {
-            for kk in 0..t.kc {
-                step(kk, b);
-                b = b.add(NR);
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            let c = t.c.add(r * t.ldc);
-            if full {
-                _mm256_storeu_ps(c, row[0]);
-                _mm256_storeu_ps(c.add(8), row[1]);
-            } else {
-                _mm256_storeu_ps(staging[r].as_mut_ptr(), row[0]);
-                _mm256_storeu_ps(staging[r].as_mut_ptr().add(8), row[1]);
-                std::ptr::copy_nonoverlapping(staging[r].as_ptr(), c, t.cols);
-            }
-        }
-    }
-}
+mod avx2;
 
 #[cfg(test)]
 mod tests {
@@ -1010,22 +953,29 @@ mod tests {
         out
     }
 
+    /// Row tiles of several sizes, partial panels, one and two rows, serial and parallel,
+    /// against the portable tile.
     #[test]
     fn simd_and_portable_paths_agree_bitwise() {
-        let (m, n, k) = (9, 20, 300);
-        let a = pseudo_random(m * k, 5);
-        let weight = pseudo_random(n * k, 6);
-        let w = PackedMatrix::from_rows(&weight, n, k);
-        let Panels::F32(panels) = &w.panels else {
-            panic!("f32 weights pack as f32")
-        };
-        assert_eq!(w.matmul(&a, m), portable_product(panels, &a, m, n, k));
-        let bf16: Vec<half::bf16> = weight.iter().map(|&x| half::bf16::from_f32(x)).collect();
-        let w = PackedMatrix::from_native(&[&NativeWeight::Bf16(bf16)], k);
-        let Panels::Bf16(panels) = &w.panels else {
-            panic!("bf16 weights pack as bf16")
-        };
-        assert_eq!(w.matmul(&a, m), portable_product(panels, &a, m, n, k));
+        for (m, n, k) in [(9, 20, 300), (1, 90, 300), (2, 90, 300), (1, 20, 40)] {
+            let a = pseudo_random(m * k, 5);
+            let weight = pseudo_random(n * k, 6);
+            let w = PackedMatrix::from_rows(&weight, n, k);
+            let Panels::F32(panels) = &w.panels else {
+                panic!("f32 weights pack as f32")
+            };
+            assert_eq!(w.matmul(&a, m), portable_product(panels, &a, m, n, k));
+            assert_eq!(
+                w.matmul_serial(&a, m),
+                portable_product(panels, &a, m, n, k)
+            );
+            let bf16: Vec<half::bf16> = weight.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            let w = PackedMatrix::from_native(&[&NativeWeight::Bf16(bf16)], k);
+            let Panels::Bf16(panels) = &w.panels else {
+                panic!("bf16 weights pack as bf16")
+            };
+            assert_eq!(w.matmul(&a, m), portable_product(panels, &a, m, n, k));
+        }
     }
 
     /// bf16 panels must give bitwise the products of the same weights widened to f32, on shapes
@@ -1076,7 +1026,7 @@ mod tests {
             stacked.matmul(&a, 5),
             PackedMatrix::from_rows(&whole, 48, k).matmul(&a, 5)
         );
-        // A part that is not bf16 makes the whole matrix f32.
+        // A part in another type keeps each part in its own: bitwise the same products.
         let mixed = PackedMatrix::from_native(&[&gate16, &NativeWeight::F32(up16.to_f32())], k);
         assert!(!mixed.is_bf16());
         assert_eq!(mixed.matmul(&a, 5), stacked.matmul(&a, 5));
@@ -1136,6 +1086,24 @@ mod tests {
             stacked.matmul(&a, 5),
             PackedMatrix::from_rows(&whole, 64, k).matmul(&a, 5)
         );
+        // FP8 stacked with bf16 (a checkpoint with kv_a in bf16), and with FP8 cut on other k
+        // segments: each part stays in its own type, the products are the f32 widening's.
+        let bf16 = NativeWeight::Bf16(
+            pseudo_random(24 * k, 31)
+                .iter()
+                .map(|&x| half::bf16::from_f32(x))
+                .collect(),
+        );
+        let other_grid = NativeWeight::Fp8(fp8_matrix(24, k, (128, 64), 32));
+        for second in [&bf16, &other_grid] {
+            let mixed = PackedMatrix::from_native(&[&x, second], k);
+            let whole: Vec<f32> = x.to_f32().into_iter().chain(second.to_f32()).collect();
+            let wide = PackedMatrix::from_rows(&whole, 64, k);
+            assert!(mixed.bytes() * 2 < wide.bytes(), "{mixed:?} is not widened");
+            assert_eq!(mixed.matmul(&a, 5), wide.matmul(&a, 5));
+            assert_eq!(mixed.matmul(&a[..k], 1), wide.matmul(&a[..k], 1));
+            assert_eq!(mixed.matmul_serial(&a, 5), wide.matmul(&a, 5));
+        }
         // kv_b's per-head slice, transposed: its k segments start mid-block (rows 96..288 of a
         // 128-row-blocked matrix).
         let kv_b = NativeWeight::Fp8(fp8_matrix(384, 48, (128, 128), 26));
@@ -1153,7 +1121,7 @@ mod tests {
     /// bytes, both signs, against the portable tile.
     #[test]
     fn fp8_simd_and_portable_paths_agree_bitwise() {
-        let (m, n, k): (usize, usize, usize) = (7, 20, 254);
+        let (m, n, k): (usize, usize, usize) = (7, 84, 254);
         let values: Vec<u8> = (0..n * k)
             .map(|i| ((i * 7) % 254) as u8 ^ ((i & 1) as u8 * 0x80))
             .collect();
@@ -1166,11 +1134,13 @@ mod tests {
             .collect();
         let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128)));
         let packed = PackedMatrix::from_native(&[&w], k);
-        let a = pseudo_random(m * k, 28);
         let reference = PackedMatrix::from_rows(&w.to_f32(), n, k);
         let Panels::F32(panels) = &reference.panels else {
             panic!("f32 weights pack as f32")
         };
-        assert_eq!(packed.matmul(&a, m), portable_product(panels, &a, m, n, k));
+        for m in [m, 1, 2] {
+            let a = pseudo_random(m * k, 28);
+            assert_eq!(packed.matmul(&a, m), portable_product(panels, &a, m, n, k));
+        }
     }
 }

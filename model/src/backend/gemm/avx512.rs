@@ -16,9 +16,8 @@ const _: () = assert!(NR == 16, "a panel row is one zmm register");
 #[inline]
 unsafe fn e4m3x16_over_256(b: *const E4m3) -> __m512 {
     let bytes = _mm_loadu_si128(b as *const __m128i);
-    let high_bytes = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(bytes));
     let half = _mm256_and_si256(
-        _mm256_srai_epi16::<1>(high_bytes),
+        _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(bytes)),
         _mm256_set1_epi16(0xBFFFu16 as i16),
     );
     _mm512_cvtph_ps(half)
