@@ -47,6 +47,12 @@ pub struct Args {
     /// with DEADLINE_EXCEEDED (HTTP 504) and frees its KV cache.
     #[arg(long, env = "MOE_REQUEST_TIMEOUT_MS", default_value_t = 600_000)]
     pub request_timeout_ms: u64,
+    /// Once the router drains (SIGTERM, `moe drain-router`), how long a gateway's stream may
+    /// go on before it ends with the draining status for the gateway to resume elsewhere: a
+    /// request about to finish ends here instead of being prefilled again. Direct clients'
+    /// streams always run to their end.
+    #[arg(long, env = "MOE_DRAIN_GRACE_MS", default_value_t = 500)]
+    pub drain_grace_ms: u64,
     /// Where the dense part runs (attention and its KV cache, norms, gate, shared experts,
     /// lm_head): `--device`, `--gpu-dtype`.
     #[command(flatten)]

@@ -397,6 +397,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             admission,
             eos_ids: model.eos_ids.clone(),
             draining: shutdown.clone(),
+            drain_grace: Duration::from_millis(args.drain_grace_ms),
         },
         admin: server::admin::AdminService {
             cluster: args.etcd.cluster.clone(),

@@ -32,21 +32,20 @@ pub struct InferenceService {
     pub eos_ids: Vec<u32>,
     /// Fires when the router drains (SIGTERM, `DrainRouter`).
     pub draining: Shutdown,
+    /// How long a gateway's stream may go on once the router drains (`--drain-grace-ms`): one
+    /// about to end finishes here instead of being prefilled again elsewhere.
+    pub drain_grace: Duration,
 }
 
-/// How long a gateway's stream may go on once the router drains: one about to end finishes
-/// here instead of being prefilled again elsewhere.
-const DRAIN_GRACE: Duration = Duration::from_millis(500);
-
-/// A gateway's stream: this router's answers until it drains (plus [`DRAIN_GRACE`]), then
+/// A gateway's stream: this router's answers until it drains (plus `grace`), then
 /// `UNAVAILABLE` (dropping `answers` cancels the request here). A direct client's stream is
 /// left to finish.
-fn until_drained(mut answers: Answers, mut draining: Shutdown) -> GenerateStream {
+fn until_drained(mut answers: Answers, mut draining: Shutdown, grace: Duration) -> GenerateStream {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let cut = async move {
             draining.wait().await;
-            tokio::time::sleep(DRAIN_GRACE).await;
+            tokio::time::sleep(grace).await;
         };
         tokio::pin!(cut);
         loop {
@@ -85,7 +84,12 @@ impl Inference for InferenceService {
         }
         let answers = self.admission.submit(request.into_inner(), origin).await?;
         if via_gateway {
-            return Ok(Response::new(until_drained(answers, self.draining.clone())));
+            let draining = self.draining.clone();
+            return Ok(Response::new(until_drained(
+                answers,
+                draining,
+                self.drain_grace,
+            )));
         }
         let stream = tokio_stream::wrappers::ReceiverStream::new(answers)
             .map(|answer| answer.map_err(Status::from));
@@ -121,5 +125,52 @@ impl Inference for InferenceService {
             experts_per_token: self.config.moe.top_k as u32,
             eos_token_ids: self.eos_ids.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(token: u32) -> Result<GenerateResponse, RouterError> {
+        Ok(GenerateResponse {
+            token_ids: vec![token],
+            ..Default::default()
+        })
+    }
+
+    /// Answers pass until the drain, and for the grace after it; then the stream ends with
+    /// the draining status, whatever the request still had to say.
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_stream_runs_for_the_grace_after_a_drain_then_ends_draining() {
+        let (tx, answers) = tokio::sync::mpsc::channel(8);
+        let (stopper, draining) = Shutdown::new();
+        let grace = Duration::from_millis(2_000);
+        let mut stream = until_drained(answers, draining, grace);
+        tx.send(answer(1)).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().token_ids, [1]);
+        stopper.stop();
+        tokio::time::sleep(Duration::from_millis(1_900)).await;
+        tx.send(answer(2)).await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().token_ids, [2]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = tx.send(answer(3)).await;
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), DRAINING);
+        assert!(stream.next().await.is_none());
+    }
+
+    /// A request that ends within the grace ends as it would have: no draining status.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_ends_within_the_grace_ends_cleanly() {
+        let (tx, answers) = tokio::sync::mpsc::channel(8);
+        let (stopper, draining) = Shutdown::new();
+        let mut stream = until_drained(answers, draining, Duration::from_millis(500));
+        stopper.stop();
+        tx.send(answer(7)).await.unwrap();
+        drop(tx);
+        assert_eq!(stream.next().await.unwrap().unwrap().token_ids, [7]);
+        assert!(stream.next().await.is_none());
     }
 }
