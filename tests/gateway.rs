@@ -58,9 +58,19 @@ async fn wait_gateway_routers(gateway: &str, addrs: &[String]) -> RoutersRespons
 /// A cluster of two nodes and two routers on fixture 0, and a gateway (gRPC and OpenAI HTTP)
 /// with `gateway_args`.
 async fn two_routers(gateway_args: &[&str]) -> (LocalCluster, GatewayAddrs) {
+    two_routers_with(&[], gateway_args).await
+}
+
+/// [`two_routers`], each router with `router_args` too.
+async fn two_routers_with(
+    router_args: &[&str],
+    gateway_args: &[&str],
+) -> (LocalCluster, GatewayAddrs) {
     let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 2);
     spec.router_args
         .extend(["--http-listen".into(), "127.0.0.1:0".into()]);
+    spec.router_args
+        .extend(router_args.iter().map(|a| a.to_string()));
     let mut cluster = LocalCluster::start(spec).unwrap();
     wait_serving(&cluster, 2).await;
     cluster.add_router(&[]).unwrap();
@@ -572,4 +582,67 @@ async fn a_moved_request_is_one_trace_across_both_routers() {
         })
         .unwrap();
     assert_eq!(second.parent_span_id, gateway_span.span_id);
+}
+
+/// A hung router (SIGSTOPped: its sockets accept, nothing answers) that etcd still lists (a
+/// 30 s lease) gets no new request once it fails its health checks: with round-robin, every
+/// request after that is served, and by the other router. Without the checks half of them
+/// would go to the hung one and wait there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_router_fails_its_health_checks_and_gets_no_new_request() {
+    let (cluster, addrs) = two_routers_with(
+        &["--lease-ttl-secs", "30"],
+        &[
+            "--policy",
+            "round-robin",
+            "--health-check-interval-ms",
+            "200",
+            "--health-check-timeout-ms",
+            "300",
+        ],
+    )
+    .await;
+    let router_addrs = cluster.router_addrs();
+    let hung = router_addrs[1].clone();
+    cluster.pause_router(&hung, true);
+    let deadline = Instant::now() + MINUTE;
+    let (hung_id, live_id) = loop {
+        let seen = routers(&addrs.grpc).await;
+        let find = |address: &str| seen.routers.iter().find(|r| r.address == address).cloned();
+        if let (Some(h), Some(l)) = (find(&hung), find(&router_addrs[0])) {
+            if !h.healthy && l.healthy {
+                break (h.router_id, l.router_id);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hung router was never avoided: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut gateway = client(&addrs.grpc).await;
+    for i in 0..6u32 {
+        let request = greedy(&[3 + i, 17, 29, 4], 4);
+        let served =
+            tokio::time::timeout(Duration::from_secs(30), served_by(&mut gateway, request))
+                .await
+                .unwrap_or_else(|_| panic!("request {i} hung"));
+        assert_eq!(
+            served, live_id,
+            "request {i} went to {served}, not avoiding {hung_id}"
+        );
+    }
+    let http = addrs.http.clone().expect("the gateway serves HTTP");
+    let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("moe_gateway_health_check_failures_total") && l.contains(&hung_id))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        failures >= 1,
+        "no failed health check counted for {hung_id}:\n{metrics}"
+    );
+    cluster.pause_router(&hung, false);
 }

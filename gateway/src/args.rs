@@ -59,6 +59,13 @@ pub struct GatewayArgs {
     /// A router whose call failed is avoided this long (or until it registers anew).
     #[arg(long, env = "MOE_ROUTER_BACKOFF_MS", default_value_t = 5_000)]
     pub router_backoff_ms: u64,
+    /// Each router's `grpc.health.v1` is checked this often; one that errs or hangs is
+    /// avoided as a failed call is (0: no checks, failed calls only).
+    #[arg(long, env = "MOE_HEALTH_CHECK_INTERVAL_MS", default_value_t = 2_000)]
+    pub health_check_interval_ms: u64,
+    /// How long a router may take to answer its health check.
+    #[arg(long, env = "MOE_HEALTH_CHECK_TIMEOUT_MS", default_value_t = 1_000)]
+    pub health_check_timeout_ms: u64,
     /// Largest prompt accepted, in bytes (text, before tokenization).
     #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,

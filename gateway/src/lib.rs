@@ -4,7 +4,8 @@
 //! exactly (see `relay`).
 //!
 //! - [`args`]: command line.
-//! - [`router_set`]: the routers registered in etcd, their channels and counters.
+//! - [`router_set`]: the routers registered in etcd, their channels and counters;
+//!   [`probes`]: their active health checks.
 //! - [`policy`]: which router gets a new request (`cache-aware`, `least-load`,
 //!   `round-robin`).
 //! - [`intake`]: what a request gets before its first router (a seed, a span, block hashes);
@@ -17,6 +18,7 @@ pub mod intake;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod probes;
 pub mod relay;
 pub mod router_set;
 pub mod service;

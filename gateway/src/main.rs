@@ -11,6 +11,7 @@ use moe_gateway::intake::Intake;
 use moe_gateway::metrics::GatewayMetrics;
 use moe_gateway::openai::GatewayGenerator;
 use moe_gateway::policy::RouterChooser;
+use moe_gateway::probes::{probe_routers, ProbeTiming};
 use moe_gateway::relay::{Relay, RelaySettings};
 use moe_gateway::router_set::{follow_routers, RouterSet};
 use moe_gateway::service::{GatewayService, InferenceGateway};
@@ -65,6 +66,14 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         Arc::clone(&routers),
         args.etcd.discovery()?,
         Duration::from_millis(args.etcd.poll_ms.max(100) * 5),
+        shutdown.clone(),
+    ));
+    tokio::spawn(probe_routers(
+        Arc::clone(&routers),
+        ProbeTiming {
+            interval: Duration::from_millis(args.health_check_interval_ms),
+            timeout: Duration::from_millis(args.health_check_timeout_ms),
+        },
         shutdown.clone(),
     ));
     let metrics = Arc::new(GatewayMetrics::default());

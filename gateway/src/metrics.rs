@@ -79,7 +79,7 @@ impl GatewayMetrics {
     pub fn render(&self, routers: &RouterSet) -> String {
         let mut out = String::with_capacity(2048);
         let all = routers.all();
-        let per_router: [PerRouterFamily; 4] = [
+        let per_router: [PerRouterFamily; 5] = [
             (
                 "moe_gateway_requests_total",
                 "counter",
@@ -103,6 +103,12 @@ impl GatewayMetrics {
                 "gauge",
                 "Running and waiting requests of each router (as published, or open here when more).",
                 |r| u64::from(r.load()),
+            ),
+            (
+                "moe_gateway_health_check_failures_total",
+                "counter",
+                "Health checks each router failed (no answer in time, or an error).",
+                |r| r.counters.probe_failures.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, value) in per_router {

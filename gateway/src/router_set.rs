@@ -23,6 +23,8 @@ pub struct RouterCounters {
     pub requests: AtomicU64,
     /// Streams moved away from it.
     pub migrations_from: AtomicU64,
+    /// Health checks it failed (`probes`).
+    pub probe_failures: AtomicU64,
     avoid_until: Mutex<Option<Instant>>,
 }
 

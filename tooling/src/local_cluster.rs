@@ -212,6 +212,25 @@ impl LocalCluster {
         }
     }
 
+    /// SIGSTOPs (`pause: true`) or SIGCONTs the router listening on `addr`: a stopped
+    /// router keeps its sockets and answers nothing, as a hung process does.
+    pub fn pause_router(&self, addr: &str, pause: bool) {
+        let pid = self
+            .routers
+            .iter()
+            .find(|r| r.0 == addr)
+            .and_then(|r| r.1.as_ref())
+            .map(|c| c.id());
+        #[cfg(unix)]
+        if let Some(pid) = pid {
+            let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) with a pid of a child we own and a valid signal number.
+            unsafe {
+                libc::kill(pid as libc::pid_t, signal);
+            }
+        }
+    }
+
     /// SIGTERMs the router listening on `addr` (it finishes its open calls, gives up its
     /// registration, then exits by itself).
     pub fn terminate_router(&mut self, addr: &str) {
