@@ -418,3 +418,82 @@ extern "C" __global__ void combine_add(float* hidden, const float* pair_out,
         hidden[i] += acc;
     }
 }
+
+// --- GEMM over FP8 weights kept as FP8 (DeepSeek's e4m3 with a scale per column segment) ---
+//
+// out[r, j] = sum over k of x[r, k] * w(j, k), with w(j, k) = f32(e4m3 byte) * scale(j, segment
+// of k): one rounding, the value dequantizing at load computes and the CPU's FP8 panels widen
+// to. Each output is one chain of fused multiply-adds over k in ascending order from zero, the
+// CPU GEMM's chain, so the result is bitwise the CPU's and does not depend on the other rows
+// (batch-invariant: no split of k, whatever the row count). Tiles of FP8_TILE_N outputs x
+// FP8_TILE_ROWS rows per block of 256 threads; each K tile of the weights is widened once into
+// shared memory for all the block's rows.
+#define FP8_TILE_N 32
+#define FP8_TILE_ROWS 8
+#define FP8_TILE_K 64
+
+// e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits, no infinities (NaN bytes are
+// refused at load). Exact in f32.
+__device__ __forceinline__ float e4m3_to_f32(unsigned char b) {
+    unsigned int sign = ((unsigned int)b & 0x80u) << 24;
+    unsigned int exponent = ((unsigned int)b >> 3) & 0xfu;
+    unsigned int mantissa = (unsigned int)b & 0x7u;
+    float magnitude = exponent == 0
+        ? (float)mantissa * 0.001953125f  // subnormal: mantissa / 8 * 2^-6
+        : __uint_as_float(((exponent + 120u) << 23) | (mantissa << 20));
+    return __uint_as_float(__float_as_uint(magnitude) | sign);
+}
+
+// The segment holding column c: the last start <= c (starts ascending, starts[0] == 0).
+__device__ __forceinline__ int segment_of(const int* starts, int segments, int c) {
+    int lo = 0, hi = segments - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (starts[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// x: rows of k f32 values, x_stride apart; w: [n, k] e4m3 bytes, row-major; scales[j *
+// segments + s]; out: rows of n values, out_stride apart. Grid: (ceil(n / FP8_TILE_N),
+// ceil(rows / FP8_TILE_ROWS)), 256 threads.
+extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
+                                         const unsigned char* w, const float* scales,
+                                         const int* segment_starts, int segments, float* out,
+                                         long long out_stride, int rows, int n, int k) {
+    __shared__ float w_tile[FP8_TILE_N][FP8_TILE_K + 1];  // +1: no bank conflicts across j
+    __shared__ float x_tile[FP8_TILE_ROWS][FP8_TILE_K];
+    const int tj = threadIdx.x % FP8_TILE_N;
+    const int tr = threadIdx.x / FP8_TILE_N;
+    const long long first_row = (long long)blockIdx.y * FP8_TILE_ROWS;
+    const int first_col = blockIdx.x * FP8_TILE_N;
+    float acc = 0.0f;
+    for (int k0 = 0; k0 < k; k0 += FP8_TILE_K) {
+        const int kc = min(FP8_TILE_K, k - k0);
+        for (int i = threadIdx.x; i < FP8_TILE_N * FP8_TILE_K; i += blockDim.x) {
+            const int jj = i / FP8_TILE_K, kk = i % FP8_TILE_K;
+            const int col = first_col + jj;
+            float value = 0.0f;
+            if (col < n && kk < kc) {
+                const int c = k0 + kk;
+                const int s = segment_of(segment_starts, segments, c);
+                value = __fmul_rn(e4m3_to_f32(w[(long long)col * k + c]),
+                                  scales[(long long)col * segments + s]);
+            }
+            w_tile[jj][kk] = value;
+        }
+        for (int i = threadIdx.x; i < FP8_TILE_ROWS * FP8_TILE_K; i += blockDim.x) {
+            const int rr = i / FP8_TILE_K, kk = i % FP8_TILE_K;
+            const long long row = first_row + rr;
+            x_tile[rr][kk] = (row < rows && kk < kc) ? x[row * x_stride + k0 + kk] : 0.0f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < kc; ++kk) {
+            acc = __fmaf_rn(x_tile[tr][kk], w_tile[tj][kk], acc);
+        }
+        __syncthreads();
+    }
+    const long long row = first_row + tr;
+    const int col = first_col + tj;
+    if (row < rows && col < n) out[row * out_stride + col] = acc;
+}

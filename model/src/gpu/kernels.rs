@@ -31,10 +31,11 @@ pub struct Kernels {
     pub silu_mul_bf16x2: CudaFunction,
     pub convert_f32_to_bf16x2: CudaFunction,
     pub embed_rows_bf16: CudaFunction,
+    pub gemm_rows_fp8: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 19] = [
+pub const KERNEL_NAMES: [&str; 20] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -54,6 +55,7 @@ pub const KERNEL_NAMES: [&str; 19] = [
     "silu_mul_bf16x2",
     "convert_f32_to_bf16x2",
     "embed_rows_bf16",
+    "gemm_rows_fp8",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -104,6 +106,7 @@ impl Kernels {
             silu_mul_bf16x2: f("silu_mul_bf16x2")?,
             convert_f32_to_bf16x2: f("convert_f32_to_bf16x2")?,
             embed_rows_bf16: f("embed_rows_bf16")?,
+            gemm_rows_fp8: f("gemm_rows_fp8")?,
         })
     }
 }

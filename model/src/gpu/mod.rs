@@ -10,6 +10,9 @@
 //! - [`dense_ops`]: the router's dense part on the GPU (attention with its KV cache, norms,
 //!   rotary, the gate's top-k, shared experts, lm_head): the steps of
 //!   [`crate::device_dense::DeviceDenseModel`] as cuBLAS calls and kernels.
+//! - [`fp8_gemm`]: FP8 weights kept as FP8 on the device (bytes and scales) and a GEMM that
+//!   widens them in the kernel, bitwise the CPU's GEMM and batch-invariant (not yet used by
+//!   the expert FFN or the dense part: they still upload widened weights).
 //! - [`bench`]: expert-FFN TFLOP/s at DeepSeek-V3 shapes against one large dense GEMM.
 //!
 //! Numerics: f32 mode uses cuBLAS's true-f32 path (no TF32), so it meets the golden tests at
@@ -23,6 +26,7 @@ pub mod context;
 pub mod dense_ops;
 pub mod error;
 pub mod expert_ffn;
+pub mod fp8_gemm;
 pub mod kernels;
 
 pub use context::GpuContext;

@@ -1,0 +1,246 @@
+//! FP8 weights kept as FP8 on the device, and the GEMM that reads them (`gemm_rows_fp8` in
+//! kernels.cu): device memory for a matrix is its e4m3 bytes and its scales, never a wider
+//! copy. Each weight is widened in the kernel to `f32(e4m3) * scale` (one rounding, what
+//! dequantizing at load computes) and each output is a chain of fused multiply-adds over k in
+//! ascending order, the CPU GEMM's chain: the product is bitwise the CPU's FP8 (and f32) GEMM,
+//! and a row's result is the same whatever rows are computed with it.
+//!
+//! A first kernel on CUDA cores, written for exactness and batch invariance: it does not use
+//! tensor cores, and a one-row product runs one FMA chain per output.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::context::GpuContext;
+use super::error::GpuError;
+use super::kernels::as_int;
+use crate::backend::weight::Fp8Matrix;
+
+/// Outputs (columns of `out`) and rows per block (`FP8_TILE_N`, `FP8_TILE_ROWS` in kernels.cu).
+const TILE_N: usize = 32;
+const TILE_ROWS: usize = 8;
+
+/// An `[n, k]` FP8 matrix on the device: row-major e4m3 bytes, and each row's scale per k
+/// segment.
+pub struct DeviceFp8Matrix {
+    values: CudaSlice<u8>,
+    scales: CudaSlice<f32>,
+    segment_starts: CudaSlice<i32>,
+    segments: usize,
+    n: usize,
+    k: usize,
+}
+
+impl DeviceFp8Matrix {
+    /// Uploads `matrix` as it is held on the host (bytes and scales, no widening).
+    pub fn upload(ctx: &GpuContext, matrix: &Fp8Matrix) -> Result<Self, GpuError> {
+        let (n, k, segments) = (matrix.rows, matrix.cols, matrix.segments());
+        let starts_ok = matrix.segment_starts.first() == Some(&0)
+            && matrix.segment_starts.windows(2).all(|w| w[0] < w[1])
+            && matrix.segment_starts.last().is_some_and(|&s| s < k.max(1));
+        if matrix.values.len() != n * k || matrix.scales.len() != n * segments || !starts_ok {
+            return Err(GpuError::Shape(format!(
+                "an FP8 matrix [{n}, {k}] with {} bytes, {} scales and segments {:?}",
+                matrix.values.len(),
+                matrix.scales.len(),
+                matrix.segment_starts
+            )));
+        }
+        as_int(n, "FP8 rows")?;
+        as_int(k, "FP8 columns")?;
+        let starts = matrix
+            .segment_starts
+            .iter()
+            .map(|&s| as_int(s, "FP8 segment start"))
+            .collect::<Result<Vec<i32>, _>>()?;
+        let stream = ctx.stream();
+        let upload_bytes = |bytes: &[u8]| match bytes.is_empty() {
+            true => stream.alloc_zeros::<u8>(1),
+            false => stream.clone_htod(bytes),
+        };
+        Ok(Self {
+            values: upload_bytes(&matrix.values)?,
+            scales: stream.clone_htod(&matrix.scales)?,
+            segment_starts: stream.clone_htod(&starts)?,
+            segments,
+            n,
+            k,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Device bytes held: the e4m3 bytes, the scales and the segment starts.
+    pub fn bytes(&self) -> usize {
+        self.values.len() + self.scales.len() * 4 + self.segment_starts.len() * 4
+    }
+
+    /// `out[rows, n] = x[rows, k] · selfᵀ`, both row-major and contiguous, queued on the
+    /// context's stream.
+    pub fn matmul(
+        &self,
+        ctx: &GpuContext,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        if x.len() < rows * self.k || out.len() < rows * self.n {
+            return Err(GpuError::Shape(format!(
+                "an FP8 GEMM of {rows} rows over [{}, {}] with {} input and {} output values",
+                self.n,
+                self.k,
+                x.len(),
+                out.len()
+            )));
+        }
+        if rows == 0 || self.n == 0 {
+            return Ok(());
+        }
+        let config = launch_shape(rows, self.n)?;
+        let (x_stride, out_stride) = (self.k as i64, self.n as i64);
+        let segments = as_int(self.segments, "FP8 segments")?;
+        let (rows_i, n, k) = (as_int(rows, "rows")?, self.n as i32, self.k as i32);
+        // SAFETY: the kernel reads rows * k values of x and writes rows * n of out (checked
+        // above), reads n * k bytes, n * segments scales and the segment starts it was given.
+        unsafe {
+            ctx.stream()
+                .launch_builder(&ctx.kernels().gemm_rows_fp8)
+                .arg(x)
+                .arg(&x_stride)
+                .arg(&self.values)
+                .arg(&self.scales)
+                .arg(&self.segment_starts)
+                .arg(&segments)
+                .arg(out)
+                .arg(&out_stride)
+                .arg(&rows_i)
+                .arg(&n)
+                .arg(&k)
+                .launch(config)?;
+        }
+        Ok(())
+    }
+}
+
+/// A block per `TILE_N` outputs x `TILE_ROWS` rows, 256 threads.
+fn launch_shape(rows: usize, n: usize) -> Result<LaunchConfig, GpuError> {
+    let row_tiles = rows.div_ceil(TILE_ROWS);
+    if row_tiles > 65_535 {
+        return Err(GpuError::Shape(format!(
+            "{rows} rows exceed an FP8 GEMM's grid"
+        )));
+    }
+    Ok(LaunchConfig {
+        grid_dim: (n.div_ceil(TILE_N) as u32, row_tiles as u32, 1),
+        block_dim: ((TILE_N * TILE_ROWS) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fp8::{e4m3_to_f32, f32_to_e4m3};
+    use crate::backend::{NativeWeight, PackedMatrix};
+    use crate::device::GpuDtype;
+
+    /// The kernel's widening (`e4m3_to_f32` in kernels.cu), step for step on the host: every
+    /// finite byte gives the host table's value, signed zeros included.
+    #[test]
+    fn the_kernels_e4m3_widening_is_exact() {
+        for b in (0..=255u8).filter(|b| b & 0x7f != 0x7f) {
+            let sign = (u32::from(b) & 0x80) << 24;
+            let exponent = (u32::from(b) >> 3) & 0xf;
+            let mantissa = u32::from(b) & 0x7;
+            let magnitude = if exponent == 0 {
+                mantissa as f32 * 0.001953125
+            } else {
+                f32::from_bits(((exponent + 120) << 23) | (mantissa << 20))
+            };
+            let kernel = f32::from_bits(magnitude.to_bits() | sign);
+            assert_eq!(kernel.to_bits(), e4m3_to_f32(b).to_bits(), "byte {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn the_launch_covers_every_output() {
+        let c = launch_shape(37, 200).unwrap();
+        assert_eq!(c.grid_dim, (7, 5, 1));
+        assert_eq!(c.block_dim, (256, 1, 1));
+        assert_eq!(launch_shape(1, 1).unwrap().grid_dim, (1, 1, 1));
+        assert!(launch_shape(8 * 65_536, 32).is_err());
+    }
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn fp8_matrix(n: usize, k: usize, seed: u64) -> Fp8Matrix {
+        let values = pseudo_random(n * k, seed)
+            .iter()
+            .map(|&x| f32_to_e4m3(x * 600.0))
+            .collect();
+        let blocks = n.div_ceil(128) * k.div_ceil(128);
+        let scales: Vec<f32> = pseudo_random(blocks, seed + 1)
+            .iter()
+            .map(|&x| (x + 0.75) / 300.0)
+            .collect();
+        Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128))
+    }
+
+    /// The device product is bitwise the CPU GEMM's, for one row, a row tile and a batch, on
+    /// partial tiles and 128-blocks, and on a transposed MLA slice whose segments start
+    /// mid-block. Needs a GPU (skipped without one; `MOE_REQUIRE_GPU=1` fails instead).
+    #[test]
+    fn the_fp8_device_gemm_is_bitwise_the_cpu_gemm() {
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::F32) else {
+            return;
+        };
+        let _serial = ctx.lock().unwrap();
+        let kv_b = NativeWeight::Fp8(fp8_matrix(384, 48, 26));
+        let NativeWeight::Fp8(slice) = kv_b.transposed_rows(96, 192, 48) else {
+            panic!("an FP8 slice stays FP8")
+        };
+        for matrix in [fp8_matrix(200, 300, 21), fp8_matrix(33, 129, 23), slice] {
+            let (n, k) = (matrix.rows, matrix.cols);
+            let device = DeviceFp8Matrix::upload(&ctx, &matrix).unwrap();
+            assert!(
+                device.bytes() < n * k * 2,
+                "{} bytes for [{n}, {k}]",
+                device.bytes()
+            );
+            let host = PackedMatrix::from_native(&[&NativeWeight::Fp8(matrix)], k);
+            for rows in [1usize, 8, 37] {
+                let x = pseudo_random(rows * k, 7 + rows as u64);
+                let stream = ctx.stream();
+                let x_dev = stream.clone_htod(&x).unwrap();
+                let mut out = stream.alloc_zeros::<f32>(rows * n).unwrap();
+                device.matmul(&ctx, &x_dev, rows, &mut out).unwrap();
+                let got = stream.clone_dtoh(&out).unwrap();
+                ctx.synchronize().unwrap();
+                let want = host.matmul(&x, rows);
+                let mismatch = got
+                    .iter()
+                    .zip(&want)
+                    .position(|(g, w)| g.to_bits() != w.to_bits());
+                assert_eq!(
+                    mismatch, None,
+                    "[{n}, {k}] x {rows} rows: {got:?} vs {want:?}"
+                );
+            }
+        }
+    }
+}
