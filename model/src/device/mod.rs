@@ -4,13 +4,15 @@
 //!
 //! - [`Device`]: `cpu` (the default) or `cuda:N`, as `--device` names it.
 //! - [`GpuDtype`] and [`MatrixPrecision`]: how a GPU holds weights and GEMM inputs.
-//! - [`shapes`]: the shapes device steps are called with (cuBLAS GEMMs, head views, attention).
+//! - [`shapes`]: the shapes device steps are called with (cuBLAS GEMMs, head views, attention);
+//!   [`grouped_tiles`]: the row tiles of a grouped GEMM over every expert of a layer.
 //!
 //! Opening a device (probing the driver, compiling kernels) is `Device::probe` and
 //! `Device::open_experts`, defined in `open_device` above the CUDA code, so that this module
 //! stays a leaf. A GPU asked for where there is no driver, no such device, or a build without
 //! the `cuda` feature is a typed [`DeviceError`] at start-up, never a panic.
 
+pub mod grouped_tiles;
 pub mod shapes;
 
 use std::fmt;

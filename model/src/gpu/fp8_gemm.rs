@@ -8,12 +8,13 @@
 //! A first kernel on CUDA cores, written for exactness and batch invariance: it does not use
 //! tensor cores, and a one-row product runs one FMA chain per output.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::kernels::as_int;
 use crate::backend::weight::Fp8Matrix;
+use crate::device::grouped_tiles::GroupedRowTiles;
 
 /// Outputs (columns of `out`) and rows per block (`FP8_TILE_N`, `FP8_TILE_ROWS` in kernels.cu).
 const TILE_N: usize = 32;
@@ -25,7 +26,8 @@ pub struct DeviceFp8Matrix {
     values: CudaSlice<u8>,
     scales: CudaSlice<f32>,
     segment_starts: CudaSlice<i32>,
-    segments: usize,
+    /// The same starts on the host: a grouped GEMM's experts must share them.
+    host_starts: Vec<i32>,
     n: usize,
     k: usize,
 }
@@ -33,7 +35,8 @@ pub struct DeviceFp8Matrix {
 impl DeviceFp8Matrix {
     /// Uploads `matrix` as it is held on the host (bytes and scales, no widening).
     pub fn upload(ctx: &GpuContext, matrix: &Fp8Matrix) -> Result<Self, GpuError> {
-        let (n, k, segments) = (matrix.rows, matrix.cols, matrix.segments());
+        let (n, k) = (matrix.rows, matrix.cols);
+        let segments = matrix.segments();
         let starts_ok = matrix.segment_starts.first() == Some(&0)
             && matrix.segment_starts.windows(2).all(|w| w[0] < w[1])
             && matrix.segment_starts.last().is_some_and(|&s| s < k.max(1));
@@ -61,7 +64,7 @@ impl DeviceFp8Matrix {
             values: upload_bytes(&matrix.values)?,
             scales: stream.clone_htod(&matrix.scales)?,
             segment_starts: stream.clone_htod(&starts)?,
-            segments,
+            host_starts: starts,
             n,
             k,
         })
@@ -103,7 +106,7 @@ impl DeviceFp8Matrix {
         }
         let config = launch_shape(rows, self.n)?;
         let (x_stride, out_stride) = (self.k as i64, self.n as i64);
-        let segments = as_int(self.segments, "FP8 segments")?;
+        let segments = self.host_starts.len() as i32;
         let (rows_i, n, k) = (as_int(rows, "rows")?, self.n as i32, self.k as i32);
         // SAFETY: the kernel reads rows * k values of x and writes rows * n of out (checked
         // above), reads n * k bytes, n * segments scales and the segment starts it was given.
@@ -125,6 +128,103 @@ impl DeviceFp8Matrix {
         }
         Ok(())
     }
+}
+
+/// `out[slots, n]`: each run of `tiles` (one per expert, slots in expert order) times its
+/// expert, `experts[i]` serving run i, in one launch. Every expert has the same shape and
+/// segments; each output is the same chain as in [`DeviceFp8Matrix::matmul`], so a slot's
+/// result is bitwise its expert's CPU GEMM whatever the other runs.
+pub fn grouped_matmul(
+    ctx: &GpuContext,
+    experts: &[&DeviceFp8Matrix],
+    x: &CudaSlice<f32>,
+    tiles: &GroupedRowTiles,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    let Some(first) = experts.first() else {
+        return Ok(());
+    };
+    let (n, k) = (first.n, first.k);
+    let slots = tiles
+        .run_start
+        .iter()
+        .zip(&tiles.run_len)
+        .map(|(&s, &l)| (s + l) as usize)
+        .max()
+        .unwrap_or(0);
+    let same_shape = experts
+        .iter()
+        .all(|e| e.n == n && e.k == k && e.host_starts == first.host_starts);
+    if !same_shape
+        || experts.len() != tiles.run_len.len()
+        || tiles.tile_rows as usize != TILE_ROWS
+        || x.len() < slots * k
+        || out.len() < slots * n
+    {
+        return Err(GpuError::Shape(format!(
+            "a grouped FP8 GEMM of {} experts (same shape: {same_shape}) over {} runs, tiles of \
+             {} rows, {slots} slots, {} input and {} output values",
+            experts.len(),
+            tiles.run_len.len(),
+            tiles.tile_rows,
+            x.len(),
+            out.len()
+        )));
+    }
+    if tiles.tiles() == 0 || n == 0 {
+        return Ok(());
+    }
+    if tiles.tiles() > 65_535 {
+        return Err(GpuError::Shape(format!(
+            "{} row tiles exceed a grouped FP8 GEMM's grid",
+            tiles.tiles()
+        )));
+    }
+    let stream = ctx.stream();
+    let weights: Vec<u64> = experts
+        .iter()
+        .map(|e| e.values.device_ptr(stream).0)
+        .collect();
+    let scales: Vec<u64> = experts
+        .iter()
+        .map(|e| e.scales.device_ptr(stream).0)
+        .collect();
+    let (weights, scales) = (stream.clone_htod(&weights)?, stream.clone_htod(&scales)?);
+    let first_tile = stream.clone_htod(&tiles.first_tile)?;
+    let run_start = stream.clone_htod(&tiles.run_start)?;
+    let run_len = stream.clone_htod(&tiles.run_len)?;
+    let config = LaunchConfig {
+        grid_dim: (n.div_ceil(TILE_N) as u32, tiles.tiles() as u32, 1),
+        block_dim: ((TILE_N * TILE_ROWS) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (x_stride, out_stride) = (k as i64, n as i64);
+    let segments = first.host_starts.len() as i32;
+    let runs = as_int(experts.len(), "experts")?;
+    let (n_i, k_i) = (as_int(n, "FP8 rows")?, as_int(k, "FP8 columns")?);
+    // SAFETY: every tile's rows lie within `slots` rows of x and out (checked above); each
+    // run's weights and scales are a live [n, k] matrix of the shared segments, kept alive by
+    // `experts` while the work is queued on this stream.
+    unsafe {
+        stream
+            .launch_builder(&ctx.kernels().grouped_gemm_rows_fp8)
+            .arg(x)
+            .arg(&x_stride)
+            .arg(&weights)
+            .arg(&scales)
+            .arg(&first.segment_starts)
+            .arg(&segments)
+            .arg(out)
+            .arg(&out_stride)
+            .arg(&first_tile)
+            .arg(&run_start)
+            .arg(&run_len)
+            .arg(&runs)
+            .arg(&n_i)
+            .arg(&k_i)
+            .launch(config)?;
+    }
+    Ok(())
 }
 
 /// A block per `TILE_N` outputs x `TILE_ROWS` rows, 256 threads.
@@ -199,6 +299,56 @@ mod tests {
             .map(|&x| (x + 0.75) / 300.0)
             .collect();
         Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128))
+    }
+
+    /// Three experts in one launch (runs of 5, 0 and 13 slots): each slot's output is bitwise
+    /// its expert's CPU GEMM over that expert's rows alone. Needs a GPU.
+    #[test]
+    fn a_grouped_fp8_gemm_is_bitwise_each_experts_cpu_gemm() {
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::F32) else {
+            return;
+        };
+        let _serial = ctx.lock().unwrap();
+        let (n, k) = (72, 260);
+        let matrices: Vec<Fp8Matrix> = (0..3).map(|e| fp8_matrix(n, k, 40 + e)).collect();
+        let device: Vec<DeviceFp8Matrix> = matrices
+            .iter()
+            .map(|m| DeviceFp8Matrix::upload(&ctx, m).unwrap())
+            .collect();
+        let lens = [5usize, 0, 13];
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for (e, &len) in lens.iter().enumerate() {
+            runs.push(crate::routes::ExpertRun {
+                expert: e as u32,
+                start,
+                len,
+            });
+            start += len;
+        }
+        let slots = start;
+        let tiles = GroupedRowTiles::plan(&runs, TILE_ROWS).unwrap();
+        let x = pseudo_random(slots * k, 50);
+        let stream = ctx.stream();
+        let x_dev = stream.clone_htod(&x).unwrap();
+        let mut out = stream.alloc_zeros::<f32>(slots * n).unwrap();
+        let experts: Vec<&DeviceFp8Matrix> = device.iter().collect();
+        grouped_matmul(&ctx, &experts, &x_dev, &tiles, &mut out).unwrap();
+        let got = stream.clone_dtoh(&out).unwrap();
+        ctx.synchronize().unwrap();
+        for (run, matrix) in runs.iter().zip(&matrices) {
+            let host = PackedMatrix::from_native(&[&NativeWeight::Fp8(matrix.clone())], k);
+            let rows = &x[run.start * k..(run.start + run.len) * k];
+            let want = host.matmul(rows, run.len);
+            let got = &got[run.start * n..(run.start + run.len) * n];
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "expert {}: {got:?} vs {want:?}",
+                run.expert
+            );
+        }
     }
 
     /// The device product is bitwise the CPU GEMM's, for one row, a row tile and a batch, on

@@ -454,19 +454,17 @@ __device__ __forceinline__ int segment_of(const int* starts, int segments, int c
     return lo;
 }
 
-// x: rows of k f32 values, x_stride apart; w: [n, k] e4m3 bytes, row-major; scales[j *
-// segments + s]; out: rows of n values, out_stride apart. Grid: (ceil(n / FP8_TILE_N),
-// ceil(rows / FP8_TILE_ROWS)), 256 threads.
-extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
-                                         const unsigned char* w, const float* scales,
+// One block's tile: outputs first_col.. (FP8_TILE_N of them) of the `rows` (at most
+// FP8_TILE_ROWS) rows from row0; x rows x_stride apart, w [n, k] e4m3 bytes row-major,
+// scales[j * segments + s], out rows out_stride apart. 256 threads.
+__device__ __forceinline__ void fp8_tile(const float* x, long long x_stride, long long row0,
+                                         int rows, const unsigned char* w, const float* scales,
                                          const int* segment_starts, int segments, float* out,
-                                         long long out_stride, int rows, int n, int k) {
+                                         long long out_stride, int first_col, int n, int k) {
     __shared__ float w_tile[FP8_TILE_N][FP8_TILE_K + 1];  // +1: no bank conflicts across j
     __shared__ float x_tile[FP8_TILE_ROWS][FP8_TILE_K];
     const int tj = threadIdx.x % FP8_TILE_N;
     const int tr = threadIdx.x / FP8_TILE_N;
-    const long long first_row = (long long)blockIdx.y * FP8_TILE_ROWS;
-    const int first_col = blockIdx.x * FP8_TILE_N;
     float acc = 0.0f;
     for (int k0 = 0; k0 < k; k0 += FP8_TILE_K) {
         const int kc = min(FP8_TILE_K, k - k0);
@@ -484,8 +482,7 @@ extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
         }
         for (int i = threadIdx.x; i < FP8_TILE_ROWS * FP8_TILE_K; i += blockDim.x) {
             const int rr = i / FP8_TILE_K, kk = i % FP8_TILE_K;
-            const long long row = first_row + rr;
-            x_tile[rr][kk] = (row < rows && kk < kc) ? x[row * x_stride + k0 + kk] : 0.0f;
+            x_tile[rr][kk] = (rr < rows && kk < kc) ? x[(row0 + rr) * x_stride + k0 + kk] : 0.0f;
         }
         __syncthreads();
         for (int kk = 0; kk < kc; ++kk) {
@@ -493,7 +490,47 @@ extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
         }
         __syncthreads();
     }
-    const long long row = first_row + tr;
     const int col = first_col + tj;
-    if (row < rows && col < n) out[row * out_stride + col] = acc;
+    if (tr < rows && col < n) out[(row0 + tr) * out_stride + col] = acc;
+}
+
+// x: rows of k f32 values, x_stride apart; out: rows of n values, out_stride apart. Grid:
+// (ceil(n / FP8_TILE_N), ceil(rows / FP8_TILE_ROWS)), 256 threads.
+extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
+                                         const unsigned char* w, const float* scales,
+                                         const int* segment_starts, int segments, float* out,
+                                         long long out_stride, int rows, int n, int k) {
+    const long long row0 = (long long)blockIdx.y * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((long long)FP8_TILE_ROWS, (long long)rows - row0);
+    fp8_tile(x, x_stride, row0, tile_rows, w, scales, segment_starts, segments, out, out_stride,
+             blockIdx.x * FP8_TILE_N, n, k);
+}
+
+// The run that owns tile t: the last whose first tile is at most t (device/grouped_tiles.rs).
+__device__ __forceinline__ int tile_owner(const unsigned int* first_tile, int runs,
+                                          unsigned int t) {
+    int lo = 0, hi = runs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (first_tile[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Every expert of a layer in one launch: slots (rows of x and out) in runs, one run per
+// expert, cut in tiles of FP8_TILE_ROWS (first_tile, run_start, run_len: the plan of
+// device/grouped_tiles.rs, on the device); run e's weights and scales at weights[e] and
+// scales[e], all [n, k] on the same segments. Grid: (ceil(n / FP8_TILE_N), tiles).
+extern "C" __global__ void grouped_gemm_rows_fp8(
+    const float* x, long long x_stride, const unsigned long long* weights,
+    const unsigned long long* scales, const int* segment_starts, int segments, float* out,
+    long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int n, int k) {
+    const unsigned int t = blockIdx.y;
+    const int run = tile_owner(first_tile, runs, t);
+    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
+    fp8_tile(x, x_stride, (long long)run_start[run] + within, tile_rows,
+             (const unsigned char*)weights[run], (const float*)scales[run], segment_starts,
+             segments, out, out_stride, blockIdx.x * FP8_TILE_N, n, k);
 }

@@ -32,10 +32,11 @@ pub struct Kernels {
     pub convert_f32_to_bf16x2: CudaFunction,
     pub embed_rows_bf16: CudaFunction,
     pub gemm_rows_fp8: CudaFunction,
+    pub grouped_gemm_rows_fp8: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 20] = [
+pub const KERNEL_NAMES: [&str; 21] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -56,6 +57,7 @@ pub const KERNEL_NAMES: [&str; 20] = [
     "convert_f32_to_bf16x2",
     "embed_rows_bf16",
     "gemm_rows_fp8",
+    "grouped_gemm_rows_fp8",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -107,6 +109,7 @@ impl Kernels {
             convert_f32_to_bf16x2: f("convert_f32_to_bf16x2")?,
             embed_rows_bf16: f("embed_rows_bf16")?,
             gemm_rows_fp8: f("gemm_rows_fp8")?,
+            grouped_gemm_rows_fp8: f("grouped_gemm_rows_fp8")?,
         })
     }
 }
