@@ -23,7 +23,8 @@
 #      not run against the goldens: its host emulation (tests/golden.rs, bf16_device_numerics)
 #      already shows it moving logits by up to 6.6 on these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and
-#      on a generated FP8 checkpoint (the CPU holding FP8 panels, the GPU its f32 widening);
+#      on a generated FP8 checkpoint (the CPU holding FP8 panels, the GPU its f32 widening, and
+#      with `--gpu-fp8 keep` its routed experts kept as FP8);
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
 #      collective;
@@ -151,6 +152,19 @@ fp8_same_tokens() {
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
 }
 check "FP8 checkpoint: cuda:0 f32 = cpu FP8 panels, tokens" 40 fp8_same_tokens
+
+fp8_kept_same_tokens() {
+  set -eo pipefail
+  local model=/tmp/moe-fp8-tiny cpu gpu ids
+  [ -d $model ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset tiny --dtype fp8 --out $model >/dev/null
+  cpu=$("$UNPACKED/moe" generate --model $model --input-ids 1,5,7,9 --max-new-tokens 16 --ignore-eos --json | tail -1)
+  gpu=$("$UNPACKED/moe" generate --model $model --input-ids 1,5,7,9 --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 --gpu-fp8 keep | tail -1)
+  echo "cpu (FP8 panels): $cpu"
+  echo "gpu (experts kept as FP8, gemm_rows_fp8): $gpu"
+  ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
+  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+}
+check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens" 40 fp8_kept_same_tokens
 check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 70 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture

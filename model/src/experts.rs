@@ -42,6 +42,65 @@ impl ExpertDevice {
     }
 }
 
+/// One expert's weights read for a GPU: widened to f32, or (`--gpu-fp8 keep`, on an FP8
+/// checkpoint held as stored) its FP8 matrices.
+#[cfg(feature = "cuda")]
+enum GpuUpload {
+    Wide([Vec<f32>; 3]),
+    Fp8([crate::backend::weight::Fp8Matrix; 3]),
+}
+
+#[cfg(feature = "cuda")]
+impl GpuUpload {
+    fn read(
+        ckpt: &Checkpoint,
+        names: &crate::layers::mlp::MlpNames,
+        hidden: usize,
+        inter: usize,
+        keep_fp8: bool,
+    ) -> Result<Self> {
+        use crate::backend::NativeWeight;
+        let shapes = [[inter, hidden], [inter, hidden], [hidden, inter]];
+        let names = [&names.gate, &names.up, &names.down];
+        if !keep_fp8 {
+            let [gate, up, down] = [0, 1, 2].map(|i| ckpt.load_f32(names[i], &shapes[i]));
+            return Ok(Self::Wide([gate?, up?, down?]));
+        }
+        let [gate, up, down] = [0, 1, 2].map(|i| ckpt.load_native(names[i], &shapes[i]));
+        Ok(match [gate?, up?, down?] {
+            [NativeWeight::Fp8(gate), NativeWeight::Fp8(up), NativeWeight::Fp8(down)] => {
+                Self::Fp8([gate, up, down])
+            }
+            natives => Self::Wide(natives.map(|w| w.to_f32())),
+        })
+    }
+
+    fn upload(
+        self,
+        ctx: &crate::gpu::GpuContext,
+        hidden: usize,
+        inter: usize,
+        precision: crate::device::MatrixPrecision,
+    ) -> Result<crate::gpu::GpuMlp> {
+        use crate::backend::NativeWeight;
+        let [gate, up, down] = match self {
+            Self::Wide(weights) => weights,
+            Self::Fp8([gate, up, down]) => {
+                if let Some(mlp) =
+                    crate::gpu::GpuMlp::upload_fp8(ctx, [&gate, &up, &down], hidden, inter)?
+                {
+                    return Ok(mlp);
+                }
+                // Gate and up on other column segments: widened, as `--gpu-fp8 widen` does.
+                [gate, up, down].map(|m| NativeWeight::Fp8(m).to_f32())
+            }
+        };
+        Ok(crate::gpu::GpuMlp::upload(
+            ctx, &gate, &up, &down, hidden, inter, precision,
+        )?)
+    }
+}
+
 /// One expert's weights, on the set's device.
 enum HeldExpert {
     Cpu(Mlp),
@@ -83,13 +142,29 @@ impl ExpertSet {
         Self::load_on(ckpt, config, which, &ExpertDevice::Cpu)
     }
 
-    /// Loads the given `(layer, expert)` pairs onto `device`, reading only their tensors.
+    /// Loads the given `(layer, expert)` pairs onto `device`, reading only their tensors; a
+    /// GPU holds FP8 experts as the process's `--gpu-fp8` says.
     pub fn load_on(
         ckpt: &Checkpoint,
         config: &ModelConfig,
         which: impl IntoIterator<Item = (usize, usize)>,
         device: &ExpertDevice,
     ) -> Result<Self> {
+        let fp8 = crate::device::process_gpu_fp8();
+        Self::load_holding_fp8(ckpt, config, which, device, fp8)
+    }
+
+    /// [`Self::load_on`] with FP8 experts on a GPU held as `fp8` says.
+    pub fn load_holding_fp8(
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        which: impl IntoIterator<Item = (usize, usize)>,
+        device: &ExpertDevice,
+        fp8: crate::device::GpuFp8,
+    ) -> Result<Self> {
+        // A CPU set holds FP8 as its panels do, whatever `fp8` says.
+        #[cfg(not(feature = "cuda"))]
+        let _ = fp8;
         let hidden = config.hidden_size;
         let inter = config.moe.intermediate_size;
         let wanted: Vec<(usize, usize)> = which.into_iter().collect();
@@ -113,28 +188,22 @@ impl ExpertSet {
             #[cfg(feature = "cuda")]
             ExpertDevice::Gpu(ctx) => {
                 let mut experts = BTreeMap::new();
+                let keep_fp8 = fp8 == crate::device::GpuFp8::Keep;
                 for chunk in wanted.chunks(GPU_UPLOAD_CHUNK) {
-                    let host: Vec<Result<[Vec<f32>; 3]>> = chunk
+                    let host: Vec<Result<GpuUpload>> = chunk
                         .par_iter()
                         .map(|&(layer, expert)| {
                             let names = families::expert_names(config.family, layer, expert);
-                            Ok([
-                                ckpt.load_f32(&names.gate, &[inter, hidden])?,
-                                ckpt.load_f32(&names.up, &[inter, hidden])?,
-                                ckpt.load_f32(&names.down, &[hidden, inter])?,
-                            ])
+                            GpuUpload::read(ckpt, &names, hidden, inter, keep_fp8)
                         })
                         .collect();
                     for (&(layer, expert), weights) in chunk.iter().zip(host) {
-                        let [gate, up, down] = weights?;
                         let names = families::expert_names(config.family, layer, expert);
                         let precision = crate::device::MatrixPrecision::of(
                             ckpt,
                             &[&names.gate, &names.up, &names.down],
                         );
-                        let mlp = crate::gpu::GpuMlp::upload(
-                            ctx, &gate, &up, &down, hidden, inter, precision,
-                        )?;
+                        let mlp = weights?.upload(ctx, hidden, inter, precision)?;
                         let id = (layer, expert);
                         experts.insert(id, Arc::new(HeldExpert::Gpu(mlp)));
                     }
@@ -472,6 +541,71 @@ mod gpu_tests {
             assert!(cpu
                 .run_experts_on_device(layer, &device_rows, &routes)
                 .is_none());
+        }
+    }
+
+    /// `--gpu-fp8 keep` on the FP8 fixture: the experts hold FP8 bytes and scales (under a
+    /// third of their f32 widening) in every mode, and give the CPU set's outputs (the FP8
+    /// GEMM is bitwise the CPU's; SiLU's `expf` may differ in the last bit), from host rows
+    /// and from rows already on the device.
+    #[test]
+    fn fp8_experts_kept_as_fp8_on_the_gpu_give_the_cpu_outputs() {
+        let dir = fixture_dir("deepseek-v3-fp8-tiny");
+        let (ckpt, config) = (
+            Checkpoint::open(&dir).unwrap(),
+            ModelConfig::from_dir(&dir).unwrap(),
+        );
+        let layer = config.moe_layer_indices().next().unwrap();
+        let (hidden, n, e) = (config.hidden_size, 19usize, config.moe.num_experts as u32);
+        let rows: Vec<f32> = (0..n * hidden)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n as u32 {
+            routes.push_row(&mut [(r % e, 0.6), ((r * 7 + 3) % e, 0.4)]);
+        }
+        let all = || (0..e as usize).map(|x| (layer, x));
+        let cpu = ExpertSet::load(&ckpt, &config, all()).unwrap();
+        let want = cpu.run_experts(layer, &rows, &routes).unwrap();
+        for dtype in [GpuDtype::F32, GpuDtype::Bf16x2] {
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+            let keep = crate::device::GpuFp8::Keep;
+            let set = ExpertSet::load_holding_fp8(&ckpt, &config, all(), &device, keep).unwrap();
+            let widened = ExpertSet::load_holding_fp8(
+                &ckpt,
+                &config,
+                all(),
+                &device,
+                crate::device::GpuFp8::Widen,
+            )
+            .unwrap();
+            assert!(
+                set.bytes() * 3 < widened.bytes(),
+                "{dtype:?}: {} bytes kept against {} widened",
+                set.bytes(),
+                widened.bytes()
+            );
+            let host = set.run_experts(layer, &rows, &routes).unwrap();
+            let worst = crate::compare::max_abs_diff(&host, &want);
+            assert!(
+                worst <= 1e-5,
+                "{dtype:?}: FP8 on the GPU differs by {worst}"
+            );
+            let device_rows = ctx.stream().clone_htod(&rows).unwrap();
+            let out = set
+                .run_experts_on_device(layer, &device_rows, &routes)
+                .expect("a GPU set takes rows on its device")
+                .unwrap();
+            let on_device = ctx.stream().clone_dtoh(&out).unwrap();
+            ctx.synchronize().unwrap();
+            assert_eq!(
+                &on_device[..host.len()],
+                &host[..],
+                "{dtype:?}: device rows"
+            );
         }
     }
 }

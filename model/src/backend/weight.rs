@@ -63,6 +63,31 @@ impl Fp8Matrix {
         self.segment_starts.len()
     }
 
+    /// `parts` stacked row-wise into one matrix (an expert's gate and up rows), or `None`
+    /// unless they share their columns and segments.
+    pub fn stacked(parts: &[&Fp8Matrix]) -> Option<Fp8Matrix> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.cols != first.cols || p.segment_starts != first.segment_starts)
+        {
+            return None;
+        }
+        Some(Fp8Matrix {
+            values: parts
+                .iter()
+                .flat_map(|p| p.values.iter().copied())
+                .collect(),
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            segment_starts: first.segment_starts.clone(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+        })
+    }
+
     /// Segment of column `c`.
     fn segment_of(&self, c: usize) -> usize {
         self.segment_starts.partition_point(|&s| s <= c) - 1

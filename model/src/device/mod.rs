@@ -115,6 +115,53 @@ impl FromStr for Device {
     }
 }
 
+/// How a GPU holds the routed experts of an FP8 checkpoint (`--gpu-fp8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuFp8 {
+    /// Widened at load (f32, as `MatrixPrecision::Wide` says): what every GPU check so far
+    /// has run.
+    #[default]
+    Widen,
+    /// Kept as FP8 (bytes and scales: `gpu::fp8_gemm`), widened in the GEMM kernel, whose
+    /// products are bitwise the CPU's. Experimental until `ops/gpu-check.sh` has run it.
+    Keep,
+}
+
+impl fmt::Display for GpuFp8 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GpuFp8::Widen => "widen",
+            GpuFp8::Keep => "keep",
+        })
+    }
+}
+
+impl FromStr for GpuFp8 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "widen" => Ok(GpuFp8::Widen),
+            "keep" => Ok(GpuFp8::Keep),
+            _ => Err(format!("unknown --gpu-fp8 {s:?}: expected widen or keep")),
+        }
+    }
+}
+
+static PROCESS_GPU_FP8: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every GPU expert set this process loads hold FP8 experts as `mode` says.
+pub fn set_process_gpu_fp8(mode: GpuFp8) {
+    PROCESS_GPU_FP8.store(mode == GpuFp8::Keep, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn process_gpu_fp8() -> GpuFp8 {
+    match PROCESS_GPU_FP8.load(std::sync::atomic::Ordering::Relaxed) {
+        true => GpuFp8::Keep,
+        false => GpuFp8::Widen,
+    }
+}
+
 /// What was found for a device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceInfo {
@@ -161,6 +208,14 @@ impl MatrixPrecision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_gpu_fp8_modes() {
+        assert_eq!("keep".parse(), Ok(GpuFp8::Keep));
+        assert_eq!(" Widen".parse(), Ok(GpuFp8::Widen));
+        assert!("fp8".parse::<GpuFp8>().is_err());
+        assert_eq!(GpuFp8::default().to_string(), "widen");
+    }
 
     #[test]
     fn parses_device_names() {

@@ -237,6 +237,9 @@ impl DenseOps for CudaDenseOps {
             GpuBuffer::Bf16Pair { .. } => Err(GpuError::Shape(
                 "a GEMM input cannot be shaped like an activation pair".into(),
             )),
+            GpuBuffer::Fp8(_) => Err(GpuError::Shape(
+                "the dense part holds no FP8 matrix on the device".into(),
+            )),
         }
     }
 
@@ -676,6 +679,7 @@ impl DenseOps for CudaDenseOps {
             GpuBuffer::F32(t) => self.row_gather(&kernels.gather_rows_f32, t, ids, out, n, width),
             GpuBuffer::Bf16(t) => self.row_gather(&kernels.embed_rows_bf16, t, ids, out, n, width),
             GpuBuffer::Bf16Pair { .. } => Err(shape_error("embedding table held as a bf16 pair")),
+            GpuBuffer::Fp8(_) => Err(shape_error("embedding table held as FP8")),
         }
     }
 

@@ -8,13 +8,16 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelA
 
 use super::context::GpuContext;
 use super::error::GpuError;
+use super::fp8_gemm::DeviceFp8Matrix;
 use super::kernels::{as_int, grid, row_grid};
+use crate::backend::weight::Fp8Matrix;
 use crate::device::shapes::{ColumnMajorGemm, StridedGemm};
 use crate::device::{GpuDtype, MatrixPrecision};
 use crate::grouped_ffn::{run_grouped, ExpertMatrices, FfnOps, GroupedShapeError};
 use crate::routes::ExpertRuns;
 
-/// A device buffer in the GEMM dtype (bf16 held as its bits).
+/// A device buffer in the GEMM dtype (bf16 held as its bits), or FP8 weights with their
+/// scales.
 pub enum GpuBuffer {
     Bf16(CudaSlice<u16>),
     F32(CudaSlice<f32>),
@@ -24,6 +27,9 @@ pub enum GpuBuffer {
         hi: CudaSlice<u16>,
         lo: CudaSlice<u16>,
     },
+    /// A weight matrix kept as FP8 (`--gpu-fp8 keep`): only ever a GEMM's A, multiplied by
+    /// the FP8 kernel (`gemm_rows_fp8`), never by cuBLAS.
+    Fp8(Box<DeviceFp8Matrix>),
 }
 
 impl GpuBuffer {
@@ -66,6 +72,7 @@ impl GpuBuffer {
         match self {
             GpuBuffer::Bf16(s) | GpuBuffer::Bf16Pair { hi: s, .. } => s.len(),
             GpuBuffer::F32(s) => s.len(),
+            GpuBuffer::Fp8(m) => m.rows() * m.cols(),
         }
     }
 
@@ -78,6 +85,7 @@ impl GpuBuffer {
             GpuBuffer::Bf16(s) => s.len() * 2,
             GpuBuffer::F32(s) => s.len() * 4,
             GpuBuffer::Bf16Pair { hi, lo } => (hi.len() + lo.len()) * 2,
+            GpuBuffer::Fp8(m) => m.bytes(),
         }
     }
 
@@ -85,6 +93,8 @@ impl GpuBuffer {
         match self {
             GpuBuffer::Bf16(_) | GpuBuffer::Bf16Pair { .. } => cudaDataType::CUDA_R_16BF,
             GpuBuffer::F32(_) => cudaDataType::CUDA_R_32F,
+            // Refused by `gemm_f32_out` before cuBLAS sees it.
+            GpuBuffer::Fp8(_) => cudaDataType::CUDA_R_8U,
         }
     }
 
@@ -92,6 +102,7 @@ impl GpuBuffer {
         match self {
             GpuBuffer::Bf16(_) | GpuBuffer::Bf16Pair { .. } => 2,
             GpuBuffer::F32(_) => 4,
+            GpuBuffer::Fp8(_) => 1,
         }
     }
 
@@ -101,6 +112,7 @@ impl GpuBuffer {
         let base = match self {
             GpuBuffer::Bf16(s) | GpuBuffer::Bf16Pair { hi: s, .. } => s.device_ptr(stream).0,
             GpuBuffer::F32(s) => s.device_ptr(stream).0,
+            GpuBuffer::Fp8(m) => m.values_address(stream),
         };
         base + offset as u64 * self.element_bytes()
     }
@@ -160,6 +172,11 @@ impl GpuBuffer {
                         .launch(cfg)?;
                 }
                 GpuBuffer::F32(s) => return fill_uniform_f32(ctx, s, seed, scale),
+                GpuBuffer::Fp8(_) => {
+                    return Err(GpuError::Shape(
+                        "FP8 matrices are not filled at random".into(),
+                    ))
+                }
                 GpuBuffer::Bf16Pair { hi, lo } => {
                     // A value's two terms: `lo` is within bf16's rounding step of `hi`.
                     for (part, seed, scale) in [(hi, seed, scale), (lo, seed ^ 1, scale / 256.0)] {
@@ -243,6 +260,37 @@ impl GpuMlp {
         })
     }
 
+    /// Uploads one expert of an FP8 checkpoint as FP8 (`--gpu-fp8 keep`): bytes and scales,
+    /// gate and up stacked; `None` when gate and up do not share their column segments.
+    pub fn upload_fp8(
+        ctx: &GpuContext,
+        [gate, up, down]: [&Fp8Matrix; 3],
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Option<Self>, GpuError> {
+        let shapes_ok = gate.rows == intermediate
+            && up.rows == intermediate
+            && gate.cols == hidden
+            && down.rows == hidden
+            && down.cols == intermediate;
+        if !shapes_ok {
+            return Err(GpuError::Shape(format!(
+                "FP8 expert weights [{}, {}] / [{}, {}] / [{}, {}] for hidden {hidden}, \
+                 intermediate {intermediate}",
+                gate.rows, gate.cols, up.rows, up.cols, down.rows, down.cols
+            )));
+        }
+        let Some(gate_up) = Fp8Matrix::stacked(&[gate, up]) else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            gate_up: GpuBuffer::Fp8(Box::new(DeviceFp8Matrix::upload(ctx, &gate_up)?)),
+            down: GpuBuffer::Fp8(Box::new(DeviceFp8Matrix::upload(ctx, down)?)),
+            hidden,
+            intermediate,
+        }))
+    }
+
     /// Random weights generated on the device (benchmarks: no host copy of 22 GB).
     pub fn random(
         ctx: &GpuContext,
@@ -289,10 +337,49 @@ impl ActForm {
     /// The activations GEMMs against `weights` take in the context's mode.
     pub fn for_weights(ctx: &GpuContext, weights: &GpuBuffer) -> Self {
         match weights {
-            GpuBuffer::F32(_) => ActForm::F32,
+            // The FP8 kernel takes f32 activations, whatever the mode.
+            GpuBuffer::F32(_) | GpuBuffer::Fp8(_) => ActForm::F32,
             _ if ctx.dtype() == GpuDtype::Bf16x2 => ActForm::Bf16Pair,
             _ => ActForm::Bf16,
         }
+    }
+}
+
+impl CudaOps<'_> {
+    /// An expert's GEMM over FP8 weights: `g` must be the whole matrix times rows
+    /// (`ColumnMajorGemm::rows_times_weights`), with f32 activations. Queued on the main
+    /// stream, which the lanes' fork and join order around it.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_gemm(
+        &self,
+        g: &ColumnMajorGemm,
+        weights: &DeviceFp8Matrix,
+        a_offset: usize,
+        b: &GpuBuffer,
+        b_offset: usize,
+        c: &mut CudaSlice<f32>,
+        c_offset: usize,
+    ) -> Result<(), GpuError> {
+        let (n, k, rows) = (weights.rows(), weights.cols(), g.n);
+        let whole = ColumnMajorGemm::rows_times_weights(rows, n, k);
+        let GpuBuffer::F32(x) = b else {
+            return Err(GpuError::Shape("FP8 weights take f32 activations".into()));
+        };
+        if *g != whole
+            || a_offset != 0
+            || b_offset + rows * k > x.len()
+            || c_offset + rows * n > c.len()
+        {
+            return Err(GpuError::Shape(format!(
+                "an FP8 GEMM {g:?} from offsets {a_offset}/{b_offset}/{c_offset} over [{n}, {k}] \
+                 weights, {} input and {} output values",
+                x.len(),
+                c.len()
+            )));
+        }
+        let x = x.slice(b_offset..b_offset + rows * k);
+        let mut out = c.slice_mut(c_offset..c_offset + rows * n);
+        weights.matmul_views(self.ctx, &x, rows, &mut out)
     }
 }
 
@@ -378,6 +465,9 @@ impl FfnOps for CudaOps<'_> {
                     .arg(&slots_i)
                     .arg(&hidden_i)
                     .launch(row_grid(slots))?,
+                GpuBuffer::Fp8(_) => {
+                    return Err(GpuError::Shape("activations are never FP8".into()))
+                }
             };
         }
         Ok(())
@@ -402,6 +492,9 @@ impl FfnOps for CudaOps<'_> {
         c: &mut CudaSlice<f32>,
         c_offset: usize,
     ) -> Result<(), GpuError> {
+        if let GpuBuffer::Fp8(weights) = a {
+            return self.fp8_gemm(g, weights, a_offset, b, b_offset, c, c_offset);
+        }
         check_gemm_bounds(g, g.extents(), (a, a_offset), (b, b_offset), (c, c_offset))?;
         // Pointers are taken on the main stream (where the buffers live); the lane's stream
         // is ordered after it by `fork` and before its later work by `join`.
@@ -463,6 +556,9 @@ impl FfnOps for CudaOps<'_> {
                     .arg(&slots_i)
                     .arg(&inter_i)
                     .launch(row_grid(slots))?,
+                GpuBuffer::Fp8(_) => {
+                    return Err(GpuError::Shape("activations are never FP8".into()))
+                }
             };
         }
         Ok(())
@@ -564,7 +660,10 @@ pub(crate) unsafe fn gemm_f32_out(
     (b, b_ptr, b_lo_ptr): (&GpuBuffer, u64, Option<u64>),
     c_ptr: u64,
 ) -> Result<(), GpuError> {
-    if a.data_type() != b.data_type() || matches!(a, GpuBuffer::Bf16Pair { .. }) {
+    if a.data_type() != b.data_type()
+        || matches!(a, GpuBuffer::Bf16Pair { .. } | GpuBuffer::Fp8(_))
+        || matches!(b, GpuBuffer::Fp8(_))
+    {
         return Err(GpuError::Shape("GEMM inputs of different dtypes".into()));
     }
     // SAFETY: passed on from the caller; `C = A·hi`, then `C += A·lo` for a pair.

@@ -8,7 +8,7 @@
 //! A first kernel on CUDA cores, written for exactness and batch invariance: it does not use
 //! tensor cores, and a one-row product runs one FMA chain per output.
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::context::GpuContext;
 use super::error::GpuError;
@@ -78,6 +78,11 @@ impl DeviceFp8Matrix {
         self.k
     }
 
+    /// Device address of the e4m3 bytes (valid while `self` lives, for work on `stream`).
+    pub(crate) fn values_address(&self, stream: &cudarc::driver::CudaStream) -> u64 {
+        self.values.device_ptr(stream).0
+    }
+
     /// Device bytes held: the e4m3 bytes, the scales and the segment starts.
     pub fn bytes(&self) -> usize {
         self.values.len() + self.scales.len() * 4 + self.segment_starts.len() * 4
@@ -91,6 +96,17 @@ impl DeviceFp8Matrix {
         x: &CudaSlice<f32>,
         rows: usize,
         out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        self.matmul_views(ctx, &x.as_view(), rows, &mut out.as_view_mut())
+    }
+
+    /// [`Self::matmul`] on views: rows of a larger buffer (an expert's slots of a batch).
+    pub fn matmul_views(
+        &self,
+        ctx: &GpuContext,
+        x: &CudaView<'_, f32>,
+        rows: usize,
+        out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), GpuError> {
         if x.len() < rows * self.k || out.len() < rows * self.n {
             return Err(GpuError::Shape(format!(
