@@ -1,5 +1,38 @@
-//! What the unit tests share (compiled for tests only): where the bundled fixtures are, and,
-//! with the `cuda` feature, a GPU to test on or a visible `SKIPPED` line where there is none.
+//! What the unit tests share (compiled for tests only): where the bundled fixtures are,
+//! reproducible values and FP8 matrices, and, with the `cuda` feature, a GPU to test on or a
+//! visible `SKIPPED` line where there is none.
+
+/// `len` reproducible values in [-0.5, 0.5).
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// A reproducible FP8 matrix `[n, k]` in `block` tiles with partial edge blocks.
+pub(crate) fn fp8_matrix(
+    n: usize,
+    k: usize,
+    block: (usize, usize),
+    seed: u64,
+) -> crate::backend::weight::Fp8Matrix {
+    let values: Vec<u8> = pseudo_random(n * k, seed)
+        .iter()
+        .map(|&x| crate::backend::fp8::f32_to_e4m3(x * 600.0))
+        .collect();
+    let blocks = n.div_ceil(block.0) * k.div_ceil(block.1);
+    let scales: Vec<f32> = pseudo_random(blocks, seed + 1)
+        .iter()
+        .map(|&x| (x + 0.75) / 300.0)
+        .collect();
+    crate::backend::weight::Fp8Matrix::from_blocks(values, n, k, &scales, block)
+}
 
 /// A bundled fixture: under `MOE_FIXTURES_DIR` when set (a test executable carried to another
 /// machine, as `ops/gpu-check.sh` does), else in this repository.

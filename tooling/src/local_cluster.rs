@@ -215,14 +215,8 @@ impl LocalCluster {
     /// SIGSTOPs (`pause: true`) or SIGCONTs the router listening on `addr`: a stopped
     /// router keeps its sockets and answers nothing, as a hung process does.
     pub fn pause_router(&self, addr: &str, pause: bool) {
-        let pid = self
-            .routers
-            .iter()
-            .find(|r| r.0 == addr)
-            .and_then(|r| r.1.as_ref())
-            .map(|c| c.id());
         #[cfg(unix)]
-        if let Some(pid) = pid {
+        if let Some(pid) = self.router_pid_at(addr) {
             let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
             // SAFETY: kill(2) with a pid of a child we own and a valid signal number.
             unsafe {
@@ -234,15 +228,18 @@ impl LocalCluster {
     /// SIGTERMs the router listening on `addr` (it finishes its open calls, gives up its
     /// registration, then exits by itself).
     pub fn terminate_router(&mut self, addr: &str) {
-        let pid = self
-            .routers
+        if let Some(pid) = self.router_pid_at(addr) {
+            terminate(pid);
+        }
+    }
+
+    /// The pid of the running router listening on `addr`.
+    fn router_pid_at(&self, addr: &str) -> Option<u32> {
+        self.routers
             .iter()
             .find(|r| r.0 == addr)
             .and_then(|r| r.1.as_ref())
-            .map(|c| c.id());
-        if let Some(pid) = pid {
-            terminate(pid);
-        }
+            .map(|c| c.id())
     }
 
     /// Waits up to `timeout` for the router on `addr` to exit; its exit code, once it has.

@@ -824,18 +824,7 @@ mod avx2;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::test_support::{fp8_matrix, pseudo_random};
 
     fn reference(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         let mut c = vec![0.0f32; m * n];
@@ -1030,20 +1019,6 @@ mod tests {
         let mixed = PackedMatrix::from_native(&[&gate16, &NativeWeight::F32(up16.to_f32())], k);
         assert!(!mixed.is_bf16());
         assert_eq!(mixed.matmul(&a, 5), stacked.matmul(&a, 5));
-    }
-
-    /// A random FP8 matrix `[n, k]` in `block` tiles with partial edge blocks.
-    fn fp8_matrix(n: usize, k: usize, block: (usize, usize), seed: u64) -> Fp8Matrix {
-        let values: Vec<u8> = pseudo_random(n * k, seed)
-            .iter()
-            .map(|&x| crate::backend::fp8::f32_to_e4m3(x * 600.0))
-            .collect();
-        let blocks = n.div_ceil(block.0) * k.div_ceil(block.1);
-        let scales: Vec<f32> = pseudo_random(blocks, seed + 1)
-            .iter()
-            .map(|&x| (x + 0.75) / 300.0)
-            .collect();
-        Fp8Matrix::from_blocks(values, n, k, &scales, block)
     }
 
     /// FP8 panels give bitwise the products of the dequantized f32 weights: shapes with

@@ -261,9 +261,10 @@ fn launch_shape(rows: usize, n: usize) -> Result<LaunchConfig, GpuError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::fp8::{e4m3_to_f32, f32_to_e4m3};
+    use crate::backend::fp8::e4m3_to_f32;
     use crate::backend::{NativeWeight, PackedMatrix};
     use crate::device::GpuDtype;
+    use crate::test_support::{fp8_matrix, pseudo_random};
 
     /// The kernel's widening (`e4m3_to_f32` in kernels.cu), step for step on the host: every
     /// finite byte gives the host table's value, signed zeros included.
@@ -292,31 +293,6 @@ mod tests {
         assert!(launch_shape(8 * 65_536, 32).is_err());
     }
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
-
-    fn fp8_matrix(n: usize, k: usize, seed: u64) -> Fp8Matrix {
-        let values = pseudo_random(n * k, seed)
-            .iter()
-            .map(|&x| f32_to_e4m3(x * 600.0))
-            .collect();
-        let blocks = n.div_ceil(128) * k.div_ceil(128);
-        let scales: Vec<f32> = pseudo_random(blocks, seed + 1)
-            .iter()
-            .map(|&x| (x + 0.75) / 300.0)
-            .collect();
-        Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128))
-    }
-
     /// Three experts in one launch (runs of 5, 0 and 13 slots): each slot's output is bitwise
     /// its expert's CPU GEMM over that expert's rows alone. Needs a GPU.
     #[test]
@@ -326,7 +302,9 @@ mod tests {
         };
         let _serial = ctx.lock().unwrap();
         let (n, k) = (72, 260);
-        let matrices: Vec<Fp8Matrix> = (0..3).map(|e| fp8_matrix(n, k, 40 + e)).collect();
+        let matrices: Vec<Fp8Matrix> = (0..3)
+            .map(|e| fp8_matrix(n, k, (128, 128), 40 + e))
+            .collect();
         let device: Vec<DeviceFp8Matrix> = matrices
             .iter()
             .map(|m| DeviceFp8Matrix::upload(&ctx, m).unwrap())
@@ -376,11 +354,15 @@ mod tests {
             return;
         };
         let _serial = ctx.lock().unwrap();
-        let kv_b = NativeWeight::Fp8(fp8_matrix(384, 48, 26));
+        let kv_b = NativeWeight::Fp8(fp8_matrix(384, 48, (128, 128), 26));
         let NativeWeight::Fp8(slice) = kv_b.transposed_rows(96, 192, 48) else {
             panic!("an FP8 slice stays FP8")
         };
-        for matrix in [fp8_matrix(200, 300, 21), fp8_matrix(33, 129, 23), slice] {
+        for matrix in [
+            fp8_matrix(200, 300, (128, 128), 21),
+            fp8_matrix(33, 129, (128, 128), 23),
+            slice,
+        ] {
             let (n, k) = (matrix.rows, matrix.cols);
             let device = DeviceFp8Matrix::upload(&ctx, &matrix).unwrap();
             assert!(
