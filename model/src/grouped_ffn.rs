@@ -78,6 +78,24 @@ pub trait FfnOps {
         slots: usize,
         hidden: usize,
     ) -> Result<(), Self::Error>;
+    /// One pass of every run: by default one [`FfnOps::gemm`] per expert ([`expert_gemms`]);
+    /// a device may run them all in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_pass(
+        &self,
+        experts: &[ExpertMatrices<'_, Self::Act>],
+        plan: &ExpertRuns,
+        pass: FfnPass,
+        input: &Self::Act,
+        output: &mut Self::F32,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<(), Self::Error>
+    where
+        Self: Sized,
+    {
+        expert_gemms(self, experts, plan, pass, input, output, hidden, inter)
+    }
 }
 
 /// One expert's matrices: `gate_up` `[2 * inter, hidden]` (gate rows then up rows) and `down`
@@ -142,8 +160,7 @@ where
     ops.gather(rows, &row_of_slot, &mut x, slots, hidden)?;
 
     let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
-    expert_gemms(
-        ops,
+    ops.expert_pass(
         experts,
         plan,
         FfnPass::GateUp,
@@ -157,16 +174,7 @@ where
     ops.silu_mul(&gate_up, &mut act, slots, inter)?;
 
     let mut out = ops.scratch_f32(slots * hidden)?;
-    expert_gemms(
-        ops,
-        experts,
-        plan,
-        FfnPass::Down,
-        &act,
-        &mut out,
-        hidden,
-        inter,
-    )?;
+    ops.expert_pass(experts, plan, FfnPass::Down, &act, &mut out, hidden, inter)?;
 
     let mut pair_out = ops.scratch_f32(pairs * hidden)?;
     ops.scatter_weighted(

@@ -8,12 +8,15 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelA
 
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::DeviceFp8Matrix;
+use super::fp8_gemm::{grouped_matmul, DeviceFp8Matrix, FP8_TILE_ROWS};
 use super::kernels::{as_int, grid, row_grid};
 use crate::backend::weight::Fp8Matrix;
+use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::shapes::{ColumnMajorGemm, StridedGemm};
 use crate::device::{GpuDtype, MatrixPrecision};
-use crate::grouped_ffn::{run_grouped, ExpertMatrices, FfnOps, GroupedShapeError};
+use crate::grouped_ffn::{
+    expert_gemms, run_grouped, ExpertMatrices, FfnOps, FfnPass, GroupedShapeError,
+};
 use crate::routes::ExpertRuns;
 
 /// A device buffer in the GEMM dtype (bf16 held as its bits), or FP8 weights with their
@@ -475,6 +478,37 @@ impl FfnOps for CudaOps<'_> {
 
     fn fork(&self) -> Result<(), GpuError> {
         self.ctx.fork_lanes()
+    }
+
+    /// Experts held as FP8 run in one launch per pass (`grouped_gemm_rows_fp8`: each output
+    /// the same chain as one expert's own GEMM); the others one cuBLAS GEMM each.
+    fn expert_pass(
+        &self,
+        experts: &[ExpertMatrices<'_, GpuBuffer>],
+        plan: &ExpertRuns,
+        pass: FfnPass,
+        input: &GpuBuffer,
+        output: &mut CudaSlice<f32>,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<(), GpuError> {
+        let fp8: Option<Vec<&DeviceFp8Matrix>> = experts
+            .iter()
+            .map(|e| match (pass, e.gate_up, e.down) {
+                (FfnPass::GateUp, GpuBuffer::Fp8(m), _) | (FfnPass::Down, _, GpuBuffer::Fp8(m)) => {
+                    Some(&**m)
+                }
+                _ => None,
+            })
+            .collect();
+        match (fp8, input) {
+            (Some(matrices), GpuBuffer::F32(x)) if !matrices.is_empty() => {
+                let tiles = GroupedRowTiles::plan(&plan.runs, FP8_TILE_ROWS)
+                    .map_err(|e| GpuError::Shape(e.to_string()))?;
+                grouped_matmul(self.ctx, &matrices, x, &tiles, output)
+            }
+            _ => expert_gemms(self, experts, plan, pass, input, output, hidden, inter),
+        }
     }
 
     fn join(&self) -> Result<(), GpuError> {

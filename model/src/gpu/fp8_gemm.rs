@@ -19,6 +19,8 @@ use crate::device::grouped_tiles::GroupedRowTiles;
 /// Outputs (columns of `out`) and rows per block (`FP8_TILE_N`, `FP8_TILE_ROWS` in kernels.cu).
 const TILE_N: usize = 32;
 const TILE_ROWS: usize = 8;
+/// Rows per tile of a grouped launch's plan ([`GroupedRowTiles::plan`]).
+pub const FP8_TILE_ROWS: usize = TILE_ROWS;
 
 /// An `[n, k]` FP8 matrix on the device: row-major e4m3 bytes, and each row's scale per k
 /// segment.
