@@ -584,10 +584,28 @@ async fn a_moved_request_is_one_trace_across_both_routers() {
     assert_eq!(second.parent_span_id, gateway_span.span_id);
 }
 
+/// The token ids of one stream through the gateway, or why it failed.
+async fn stream_ids(gateway: String, request: GenerateRequest) -> Result<Vec<u32>, String> {
+    let mut client = client(&gateway).await;
+    let mut stream = client
+        .generate(request)
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(message) = stream.message().await.map_err(|s| s.to_string())? {
+        ids.extend(message.token_ids);
+    }
+    Ok(ids)
+}
+
 /// A hung router (SIGSTOPped: its sockets accept, nothing answers) that etcd still lists (a
-/// 30 s lease) gets no new request once it fails its health checks: with round-robin, every
-/// request after that is served, and by the other router. Without the checks half of them
-/// would go to the hung one and wait there.
+/// 30 s lease): the request sent to it just after it hung, waiting for the call's answer
+/// (where the stall timeout does not reach), goes to the other router once the hung one fails
+/// a health check, and ends as its twin there does; after that the hung router gets no new
+/// request: with round-robin every one is served, and by the other router. Without the
+/// checks these requests would wait on the hung router until their deadline. (A stream that
+/// goes silent mid-answer moves the same way: `gateway/tests/relay_moves.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_router_fails_its_health_checks_and_gets_no_new_request() {
     let (cluster, addrs) = two_routers_with(
@@ -595,23 +613,65 @@ async fn a_hung_router_fails_its_health_checks_and_gets_no_new_request() {
         &[
             "--policy",
             "round-robin",
+            "--stall-timeout-ms",
+            "60000",
             "--health-check-interval-ms",
-            "200",
+            "2000",
             "--health-check-timeout-ms",
-            "300",
+            "1000",
         ],
     )
     .await;
     let router_addrs = cluster.router_addrs();
     let hung = router_addrs[1].clone();
+    let listed = routers(&addrs.grpc).await;
+    let id_of = |address: &str| {
+        listed
+            .routers
+            .iter()
+            .find(|r| r.address == address)
+            .map(|r| r.router_id.clone())
+            .expect("listed")
+    };
+    let (hung_id, live_id) = (id_of(&hung), id_of(&router_addrs[0]));
     cluster.pause_router(&hung, true);
+    // Twins sent at once, before a health check can fail: round-robin puts one on each router.
+    let twins: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(stream_ids(addrs.grpc.clone(), greedy(&[3, 17, 29, 4], 24))))
+        .collect();
+    let mut answers = Vec::new();
+    for twin in twins {
+        let answer = tokio::time::timeout(Duration::from_secs(20), twin)
+            .await
+            .expect("a request stayed on the hung router")
+            .unwrap()
+            .expect("the stream ends whole");
+        answers.push(answer);
+    }
+    assert_eq!(answers[0].len(), 24, "{answers:?}");
+    assert_eq!(answers[0], answers[1], "the moved twin differs");
+    let http = addrs.http.clone().expect("the gateway serves HTTP");
+    let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
+    let sent_to = |id: &str| {
+        let line = format!("moe_gateway_requests_total{{router=\"{id}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (sent_to(&hung_id), sent_to(&live_id)),
+        (1, 2),
+        "one twin should have been sent to the hung router, then to the live one:\n{metrics}"
+    );
     let deadline = Instant::now() + MINUTE;
-    let (hung_id, live_id) = loop {
+    loop {
         let seen = routers(&addrs.grpc).await;
         let find = |address: &str| seen.routers.iter().find(|r| r.address == address).cloned();
         if let (Some(h), Some(l)) = (find(&hung), find(&router_addrs[0])) {
             if !h.healthy && l.healthy {
-                break (h.router_id, l.router_id);
+                break;
             }
         }
         assert!(
@@ -619,7 +679,7 @@ async fn a_hung_router_fails_its_health_checks_and_gets_no_new_request() {
             "the hung router was never avoided: {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
     let mut gateway = client(&addrs.grpc).await;
     for i in 0..6u32 {
         let request = greedy(&[3 + i, 17, 29, 4], 4);
@@ -632,7 +692,6 @@ async fn a_hung_router_fails_its_health_checks_and_gets_no_new_request() {
             "request {i} went to {served}, not avoiding {hung_id}"
         );
     }
-    let http = addrs.http.clone().expect("the gateway serves HTTP");
     let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
     let failures = metrics
         .lines()

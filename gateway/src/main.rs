@@ -182,6 +182,7 @@ fn relay(
             stall_timeout: (args.stall_timeout_ms > 0)
                 .then(|| Duration::from_millis(args.stall_timeout_ms)),
             recovery_timeout: Duration::from_millis(args.recovery_timeout_ms),
+            hung_after: Duration::from_millis(args.health_check_timeout_ms),
             token,
         },
         metrics,

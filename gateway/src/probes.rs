@@ -3,7 +3,9 @@
 //! answers nothing: a new request sent there would wait for its first token until the
 //! client's deadline. Every `--health-check-interval-ms` each router's `grpc.health.v1`
 //! is asked, and one that errs or does not answer within `--health-check-timeout-ms` is
-//! avoided for `--router-backoff-ms`, as if a request to it had failed.
+//! avoided for `--router-backoff-ms`, as if a request to it had failed; the streams open on it
+//! that have been silent as long move to another router (`relay`), before their first token
+//! too, where the stall timeout does not reach.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -59,6 +61,7 @@ pub async fn probe_routers(routers: Arc<RouterSet>, timing: ProbeTiming, mut shu
                     .counters
                     .probe_failures
                     .fetch_add(1, Ordering::Relaxed);
+                router.counters.health_failed.notify_waiters();
             }
             tracing::warn!(router_id = id, %failure, "router failed its health check");
             routers.avoid(&id);

@@ -28,6 +28,9 @@ pub struct RelaySettings {
     pub migration_limit: u32,
     /// `--stall-timeout-ms` (`None`: off).
     pub stall_timeout: Option<Duration>,
+    /// A stream silent this long when its router fails a health check moves
+    /// (`--health-check-timeout-ms`).
+    pub hung_after: Duration,
     /// `--recovery-timeout-ms`.
     pub recovery_timeout: Duration,
     /// Proves the cluster token to each router; without it the client's `authorization`
@@ -140,6 +143,24 @@ enum Interrupted {
 
 pub type Answers = mpsc::Receiver<Result<GenerateResponse, Status>>;
 
+/// Resolves when `router` fails a health check with nothing heard from it for `after` (since
+/// `since`): it is hung, not busy.
+fn hung(
+    router: &RouterEntry,
+    since: Instant,
+    after: Duration,
+) -> impl std::future::Future<Output = ()> + 'static {
+    let counters = Arc::clone(&router.counters);
+    async move {
+        loop {
+            counters.health_failed.notified().await;
+            if since.elapsed() >= after {
+                return;
+            }
+        }
+    }
+}
+
 impl Relay {
     /// Opens `journey` on a router and relays its answers on the returned channel. A request
     /// no router would take fails here, with the router's own status.
@@ -208,7 +229,16 @@ impl Relay {
             // Counted from the choice on, so a burst of requests spreads over the routers
             // instead of all seeing the same loads.
             let in_flight = InFlight::on(&router);
-            match self.call(&router, journey).await {
+            // A router that hangs never answers the call's headers: once it fails a health
+            // check, the request goes elsewhere.
+            let called = tokio::select! {
+                biased;
+                called = self.call(&router, journey) => called,
+                () = hung(&router, Instant::now(), self.settings.hung_after) => {
+                    Err(Status::unavailable("the router failed its health check"))
+                }
+            };
+            match called {
                 Ok(stream) => {
                     journey.span.record("router", router.id.as_str());
                     return Ok(Opened {
@@ -269,18 +299,29 @@ impl Relay {
         Ok(client.generate(call).await?.into_inner())
     }
 
-    /// The router's next message; a stream silent past the stall timeout after its first
-    /// token counts as interrupted.
+    /// The router's next message. A stream silent past the stall timeout after its first
+    /// token counts as interrupted, and so does one silent for `hung_after` (since
+    /// `last_message`, or its opening) when its router fails a health check.
     async fn next(
         &self,
         opened: &mut Opened,
         started: bool,
+        last_message: Instant,
     ) -> Result<GenerateResponse, Interrupted> {
-        let message = match self.settings.stall_timeout.filter(|_| started) {
-            Some(limit) => tokio::time::timeout(limit, opened.stream.message())
-                .await
-                .map_err(|_| Interrupted::Stalled)?,
-            None => opened.stream.message().await,
+        let hung = hung(&opened.router, last_message, self.settings.hung_after);
+        let stall = self.settings.stall_timeout.filter(|_| started);
+        let message = async {
+            match stall {
+                Some(limit) => tokio::time::timeout(limit, opened.stream.message())
+                    .await
+                    .map_err(|_| Interrupted::Stalled),
+                None => Ok(opened.stream.message().await),
+            }
+        };
+        let message = tokio::select! {
+            biased;
+            message = message => message?,
+            () = hung => return Err(Interrupted::Stalled),
         };
         match message {
             Ok(Some(message)) => Ok(message),
@@ -298,9 +339,12 @@ impl Relay {
         tx: mpsc::Sender<Result<GenerateResponse, Status>>,
     ) {
         let mut moved_at: Option<Instant> = None;
+        let mut last_message = Instant::now();
         loop {
-            let reason = match self.next(&mut opened, !journey.sent_ids.is_empty()).await {
+            let started = !journey.sent_ids.is_empty();
+            let reason = match self.next(&mut opened, started, last_message).await {
                 Ok(message) => {
+                    last_message = Instant::now();
                     if let Some(at) = moved_at.take() {
                         self.metrics.migrated(at.elapsed());
                     }
@@ -357,7 +401,10 @@ impl Relay {
             }
             moved_at = Some(Instant::now());
             opened = match self.open(&mut journey).await {
-                Ok(next) => next,
+                Ok(next) => {
+                    last_message = Instant::now();
+                    next
+                }
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;
                     return;

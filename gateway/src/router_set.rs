@@ -25,6 +25,9 @@ pub struct RouterCounters {
     pub migrations_from: AtomicU64,
     /// Health checks it failed (`probes`).
     pub probe_failures: AtomicU64,
+    /// Woken on each failed health check: the streams open on it check whether they are
+    /// silent too (a hung router), and move.
+    pub health_failed: tokio::sync::Notify,
     avoid_until: Mutex<Option<Instant>>,
 }
 

@@ -137,8 +137,18 @@ fn record(address: &str) -> RouterRecord {
     }
 }
 
+/// How the relay learns that router "a" went wrong.
+#[derive(Clone, Copy)]
+enum Noticed {
+    /// By itself: the stream ends, or stalls past a 300 ms stall timeout.
+    ByTheStream,
+    /// By a failed health check 500 ms in (as `probes` reports one), with a stall timeout of
+    /// a minute.
+    ByAHealthCheck,
+}
+
 /// Router "a" misbehaves after 5 tokens, router "b" serves; round-robin picks "a" first.
-async fn moved_once(misbehaves: Misbehaves, reason: &str) {
+async fn moved_once(misbehaves: Misbehaves, noticed: Noticed, reason: &str) {
     let (a, seen_a) = serve(5, misbehaves).await;
     let (b, seen_b) = serve(0, Misbehaves::Never).await;
     let routers = Arc::new(RouterSet::new(Duration::from_secs(5), None));
@@ -152,8 +162,12 @@ async fn moved_once(misbehaves: Misbehaves, reason: &str) {
         chooser: RouterChooser::new(RoutingPolicy::RoundRobin, 0),
         settings: RelaySettings {
             migration_limit: 3,
-            stall_timeout: Some(Duration::from_millis(300)),
+            stall_timeout: Some(match noticed {
+                Noticed::ByTheStream => Duration::from_millis(300),
+                Noticed::ByAHealthCheck => Duration::from_secs(60),
+            }),
             recovery_timeout: Duration::from_secs(5),
+            hung_after: Duration::from_millis(200),
             token: None,
         },
         metrics: Arc::clone(&metrics),
@@ -167,6 +181,14 @@ async fn moved_once(misbehaves: Misbehaves, reason: &str) {
     let journey = Journey::new(request, ForwardHeaders::default(), tracing::Span::none());
     let (first, mut answers) = relay.start(journey).await.expect("opened");
     assert_eq!(first, "a");
+    if let Noticed::ByAHealthCheck = noticed {
+        let a = Arc::clone(&routers.all()["a"]);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            a.counters.health_failed.notify_waiters();
+        });
+    }
+    let started = std::time::Instant::now();
     let mut ids = Vec::new();
     let mut text = String::new();
     let mut finish = String::new();
@@ -180,6 +202,10 @@ async fn moved_once(misbehaves: Misbehaves, reason: &str) {
         }
     }
     assert_eq!(ids, (100..112).collect::<Vec<u32>>(), "one whole stream");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "moved only late"
+    );
     assert_eq!(text, (0..12).map(|i| format!("<{i}>")).collect::<String>());
     assert_eq!(finish, "length");
     // "b" was asked to resume after exactly what "a" had sent.
@@ -204,10 +230,17 @@ async fn moved_once(misbehaves: Misbehaves, reason: &str) {
 
 #[tokio::test]
 async fn a_stalled_router_hands_the_stream_on_after_the_stall_timeout() {
-    moved_once(Misbehaves::Stalls, "stalled").await;
+    moved_once(Misbehaves::Stalls, Noticed::ByTheStream, "stalled").await;
+}
+
+/// A router that stops answering mid-stream and then fails a health check loses the stream
+/// at once, not after the (here one-minute) stall timeout.
+#[tokio::test]
+async fn a_silent_router_that_fails_a_health_check_hands_the_stream_on_at_once() {
+    moved_once(Misbehaves::Stalls, Noticed::ByAHealthCheck, "stalled").await;
 }
 
 #[tokio::test]
 async fn a_stream_that_ends_unfinished_is_resumed_elsewhere() {
-    moved_once(Misbehaves::Ends, "died").await;
+    moved_once(Misbehaves::Ends, Noticed::ByTheStream, "died").await;
 }
