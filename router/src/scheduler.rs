@@ -222,6 +222,8 @@ impl Scheduler {
                 continue;
             }
             self.step(&mut running);
+            // Finished sequences left in the step: a scrape now does not count them.
+            self.stats.running.store(running.len(), Ordering::Relaxed);
         }
     }
 
