@@ -71,6 +71,11 @@ where
     O::F32: Send + 'static,
     ModelError: From<O::Error>,
 {
+    /// The primitive steps it runs on (tests read the host reference's counters).
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
     pub fn load(ops: O, ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let h = config.hidden_size;
         let v = config.vocab_size;
@@ -282,8 +287,9 @@ where
     }
 
     /// The MoE block of layer `l` added to `hidden`: the gate's choices on the device, the
-    /// routed experts through the backend (host rows), the shared experts here, combined in
-    /// [`crate::routes::combine`]'s order.
+    /// routed experts where the backend runs them (on these rows in place when it holds its
+    /// experts on this device, through host memory otherwise), the shared experts here,
+    /// combined in [`crate::routes::combine`]'s order.
     fn moe(
         &self,
         l: usize,
@@ -299,25 +305,39 @@ where
         let logits = ops.linear(normed, rows, h, &moe.gate, rule.num_experts)?;
         let (chosen, weights) = ops.top_k(&logits, moe.correction_bias.as_ref(), rule, rows)?;
         let routes = routes_from_choices(&chosen, &weights, rule.top_k, rows)?;
-        let host_rows = ops.download(normed, rows * h)?;
-        // Queued before the routed experts are awaited, so the device computes the shared
-        // experts while the expert nodes compute theirs.
-        let shared_out = match &moe.shared {
-            Some(mlp) => Some(self.mlp(mlp, normed, rows)?),
-            None => None,
+        let (pair_out, shared_out) = match ops.experts_in_place(experts, l, normed, &routes) {
+            Some(pair_out) => {
+                // The experts ran on this device's queue: the shared experts follow them.
+                let pair_out = pair_out?;
+                let shared_out = self.shared_out(moe, normed, rows)?;
+                (pair_out, shared_out)
+            }
+            None => {
+                let host_rows = ops.download(normed, rows * h)?;
+                // Queued before the routed experts are awaited, so the device computes the
+                // shared experts while the expert nodes compute theirs.
+                let shared_out = self.shared_out(moe, normed, rows)?;
+                let pair_out = experts.run_experts(l, &host_rows, &routes)?;
+                check_pair_values(pair_out.len(), &routes, h)?;
+                (ops.upload_f32(&pair_out)?, shared_out)
+            }
         };
-        let pair_out = experts.run_experts(l, &host_rows, &routes)?;
-        if pair_out.len() < routes.pairs() * h {
-            return Err(ModelError::ExpertBackend(format!(
-                "{} values back for {} pairs",
-                pair_out.len(),
-                routes.pairs()
-            )));
-        }
-        let pair_out = ops.upload_f32(&pair_out)?;
+        check_pair_values(ops.len_of(&pair_out), &routes, h)?;
         let offsets = ops.upload_index(&routes.offsets)?;
         ops.combine_add(hidden, &pair_out, &offsets, shared_out.as_ref(), rows, h)?;
         Ok(())
+    }
+
+    fn shared_out(
+        &self,
+        moe: &DeviceMoe<O>,
+        normed: &O::F32,
+        rows: usize,
+    ) -> Result<Option<O::F32>> {
+        match &moe.shared {
+            Some(mlp) => Ok(Some(self.mlp(mlp, normed, rows)?)),
+            None => Ok(None),
+        }
     }
 
     /// The final norm and lm_head for the rows in `wanted` only: `[wanted, vocab]` logits,
@@ -468,4 +488,15 @@ where
         down: ops.upload_matrix(&down, MatrixPrecision::of(ckpt, &[&names.down]))?,
         inter,
     })
+}
+
+/// A backend's answer must hold a `[pairs, hidden]` row per pair before the combine reads it.
+fn check_pair_values(values: usize, routes: &ExpertRoutes, hidden: usize) -> Result<()> {
+    if values < routes.pairs() * hidden {
+        return Err(ModelError::ExpertBackend(format!(
+            "{values} values back for {} pairs",
+            routes.pairs()
+        )));
+    }
+    Ok(())
 }

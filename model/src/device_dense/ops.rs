@@ -5,7 +5,9 @@
 
 use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGemm};
 use crate::device::MatrixPrecision;
+use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::routes::ExpertRoutes;
 
 /// A step's row layout on the device, uploaded once per step.
 pub struct DeviceStep<O: DenseOps + ?Sized> {
@@ -36,6 +38,8 @@ pub trait DenseOps {
         values: &[f32],
         precision: MatrixPrecision,
     ) -> Result<Self::Matrix, Self::Error>;
+    /// How many values `buffer` holds.
+    fn len_of(&self, buffer: &Self::F32) -> usize;
     /// The first `len` values.
     fn download(&self, buffer: &Self::F32, len: usize) -> Result<Vec<f32>, Self::Error>;
     /// A buffer the next step writes in full before anything reads it (contents unspecified:
@@ -184,4 +188,17 @@ pub trait DenseOps {
         n: usize,
         width: usize,
     ) -> Result<(), Self::Error>;
+    /// The routed experts of `layer` run on `rows` (`[routes.rows(), hidden]`) where they lie,
+    /// when `experts` reaches this device's memory (an expert set on the same GPU, in this
+    /// process): `[routes.pairs(), hidden]` weighted outputs, on this device. `None` (the
+    /// default, and any backend elsewhere) sends the rows through host memory instead.
+    fn experts_in_place(
+        &self,
+        _experts: &dyn ExpertBackend,
+        _layer: usize,
+        _rows: &Self::F32,
+        _routes: &ExpertRoutes,
+    ) -> Option<crate::error::Result<Self::F32>> {
+        None
+    }
 }

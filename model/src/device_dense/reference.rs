@@ -6,14 +6,24 @@
 //! bf16, GEMM inputs to bf16 or to `hi + lo` bf16 terms, f32 accumulation and outputs, the gate
 //! in f32).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::ops::{DenseOps, DeviceStep};
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::{GpuDtype, MatrixPrecision};
 use crate::error::ModelError;
+use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::routes::ExpertRoutes;
 
 pub struct HostDenseOps {
     numerics: GpuDtype,
+    /// Hand MoE rows to the expert backend where they lie, as a GPU does for an expert set on
+    /// the same device ([`DenseOps::experts_in_place`]); otherwise they go through "host"
+    /// copies, as to expert nodes.
+    experts_in_place: bool,
+    /// Values copied to the "host", so tests can see which path a step took.
+    downloaded: AtomicUsize,
 }
 
 impl HostDenseOps {
@@ -24,7 +34,22 @@ impl HostDenseOps {
 
     /// The numerics of a GPU mode: bf16 weights and bf16 (or `hi + lo` bf16) GEMM inputs.
     pub fn with_numerics(numerics: GpuDtype) -> Self {
-        Self { numerics }
+        Self {
+            numerics,
+            experts_in_place: false,
+            downloaded: AtomicUsize::new(0),
+        }
+    }
+
+    /// MoE rows go to the expert backend in place, as to an expert set on the same GPU.
+    pub fn with_experts_in_place(mut self) -> Self {
+        self.experts_in_place = true;
+        self
+    }
+
+    /// Values downloaded so far.
+    pub fn downloaded(&self) -> usize {
+        self.downloaded.load(Ordering::Relaxed)
     }
 }
 
@@ -99,9 +124,23 @@ impl DenseOps for HostDenseOps {
         }
         Ok(HostMatrix { values, inputs })
     }
+    fn len_of(&self, buffer: &Vec<f32>) -> usize {
+        buffer.len()
+    }
     fn download(&self, buffer: &Vec<f32>, len: usize) -> Result<Vec<f32>, ModelError> {
         check(len <= buffer.len(), "download")?;
+        self.downloaded.fetch_add(len, Ordering::Relaxed);
         Ok(buffer[..len].to_vec())
+    }
+    fn experts_in_place(
+        &self,
+        experts: &dyn ExpertBackend,
+        layer: usize,
+        rows: &Vec<f32>,
+        routes: &ExpertRoutes,
+    ) -> Option<crate::error::Result<Vec<f32>>> {
+        self.experts_in_place
+            .then(|| experts.run_experts(layer, rows, routes))
     }
     fn scratch(&self, len: usize) -> Result<Vec<f32>, ModelError> {
         Ok(vec![f32::NAN; len])
@@ -475,6 +514,90 @@ mod tests {
     #[test]
     fn mixtral_on_the_device_path_matches_the_cpu_model() {
         device_matches_cpu("mixtral-tiny");
+    }
+
+    /// With its experts on the same device (an expert set on the GPU of the dense part), a MoE
+    /// layer's rows go to them in place and their outputs are combined where they come back:
+    /// the same logits bit for bit as through host copies, and a step downloads only its
+    /// logits (through host copies it downloads each MoE layer's rows too).
+    fn experts_in_place_download_only_logits(name: &str) {
+        let dir = fixture(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let through_host = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
+        let ops = HostDenseOps::exact().with_experts_in_place();
+        let in_place = DeviceDenseModel::load(ops, &ckpt, &config).unwrap();
+        let vocab = config.vocab_size as u32;
+        let (h, moe_layers) = (config.hidden_size, config.moe_layer_indices().count());
+        assert!(moe_layers > 0);
+        let prompts: [Vec<u32>; 2] = [
+            (0..6).map(|i| (i * 29 + 3) % vocab).collect(),
+            (0..2).map(|i| (i * 41 + 7) % vocab).collect(),
+        ];
+        let mut caches = [
+            [
+                SequenceCache::for_config(&config),
+                SequenceCache::for_config(&config),
+            ],
+            [
+                SequenceCache::for_config(&config),
+                SequenceCache::for_config(&config),
+            ],
+        ];
+        let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
+        for step in 0..4 {
+            let rows: usize = inputs.iter().map(Vec::len).sum();
+            let before = [through_host.ops().downloaded(), in_place.ops().downloaded()];
+            let mut logits = Vec::new();
+            for (model, pair) in [&through_host, &in_place]
+                .into_iter()
+                .zip(caches.iter_mut())
+            {
+                let mut seqs: Vec<StepSequence<'_>> = pair
+                    .iter_mut()
+                    .zip(&inputs)
+                    .map(|(cache, tokens)| StepSequence {
+                        cache,
+                        tokens,
+                        all_logits: false,
+                    })
+                    .collect();
+                logits.push(model.forward(&mut seqs, &experts).unwrap());
+            }
+            assert_eq!(
+                logits[0], logits[1],
+                "{name} step {step}: same logits bitwise"
+            );
+            let logit_values = inputs.len() * config.vocab_size;
+            let downloaded = [
+                through_host.ops().downloaded() - before[0],
+                in_place.ops().downloaded() - before[1],
+            ];
+            assert_eq!(
+                downloaded[1], logit_values,
+                "{name} step {step}: only logits"
+            );
+            assert_eq!(
+                downloaded[0],
+                logit_values + moe_layers * rows * h,
+                "{name} step {step}: through the host, each MoE layer's rows too"
+            );
+            inputs = logits[1]
+                .iter()
+                .map(|row| vec![crate::backend::ops::argmax(row) as u32])
+                .collect();
+        }
+    }
+
+    #[test]
+    fn deepseek_v3_experts_on_the_same_device_take_rows_in_place() {
+        experts_in_place_download_only_logits("deepseek-v3-tiny");
+    }
+
+    #[test]
+    fn qwen3_moe_experts_on_the_same_device_take_rows_in_place() {
+        experts_in_place_download_only_logits("qwen3-moe-tiny");
     }
 
     /// The Qwen3 fixture's dense part over the host reference, and all its experts.

@@ -110,6 +110,27 @@ impl DenseOps for CudaDenseOps {
     type Index = CudaSlice<u32>;
     type Error = GpuError;
 
+    fn len_of(&self, buffer: &CudaSlice<f32>) -> usize {
+        buffer.len()
+    }
+
+    /// An expert set on this GPU's context runs the rows where the dense part left them, and
+    /// its outputs stay there for the combine. The rows are complete before it reads them
+    /// (it may queue on a stream of its own: the wait is the one a download made), and it
+    /// returns once its outputs are.
+    fn experts_in_place(
+        &self,
+        experts: &dyn crate::expert_backend::ExpertBackend,
+        layer: usize,
+        rows: &CudaSlice<f32>,
+        routes: &crate::routes::ExpertRoutes,
+    ) -> Option<crate::error::Result<CudaSlice<f32>>> {
+        if let Err(e) = self.ctx.synchronize() {
+            return Some(Err(e.into()));
+        }
+        experts.run_experts_on_device(layer, rows, routes)
+    }
+
     fn upload_f32(&self, values: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
         let _serial = self.ctx.lock()?;
         if values.is_empty() {
