@@ -112,9 +112,10 @@ pub struct DeviceArgs {
     /// (rounded: other numerics for f32 and FP8 checkpoints).
     #[arg(long, env = "MOE_WEIGHTS_DTYPE", default_value = "as-stored")]
     pub weights_dtype: moe_model::checkpoint::WeightsDtype,
-    /// How a GPU holds an FP8 checkpoint's routed experts: `widen` (f32 at load) or `keep`
-    /// (FP8 bytes and scales, widened inside the GEMM kernel, bitwise the CPU's products;
-    /// experimental: not yet run on a GPU by `ops/gpu-check.sh`).
+    /// How a GPU holds an FP8 checkpoint's matrices (routed experts, and the dense part's
+    /// projections): `widen` (f32 at load) or `keep` (FP8 bytes and scales, widened inside the
+    /// GEMM kernel, bitwise the CPU's products; experimental: not yet run on a GPU by
+    /// `ops/gpu-check.sh`).
     #[arg(long, env = "MOE_GPU_FP8", default_value = "widen")]
     pub gpu_fp8: moe_model::device::GpuFp8,
 }

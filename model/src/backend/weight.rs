@@ -103,7 +103,7 @@ impl Fp8Matrix {
         }
     }
 
-    fn to_f32(&self) -> Vec<f32> {
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for r in 0..self.rows {
             self.widened_row(r, &mut out);

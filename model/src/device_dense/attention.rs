@@ -6,6 +6,7 @@
 
 use super::cache::DeviceLayerCache;
 use super::ops::{DenseOps, DeviceStep};
+use super::weights::upload_stacked;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttentionConfig, ModelConfig};
 use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGemm};
@@ -136,13 +137,18 @@ where
             ModelError::InvalidRequest("grouped-query attention settings expected".into())
         })?;
         let (hidden, d) = (shape.hidden, shape.head_dim);
-        let load = |name: &str, rows: usize, cols: usize| {
-            ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[rows, cols])
-        };
-        let mut qkv = load("q_proj", shape.heads * d, hidden)?;
-        qkv.extend(load("k_proj", shape.kv_heads * d, hidden)?);
-        qkv.extend(load("v_proj", shape.kv_heads * d, hidden)?);
-        let o = load("o_proj", hidden, shape.heads * d)?;
+        let name = |n: &str| format!("{prefix}.{n}.weight");
+        let (q, k, v, o) = (
+            name("q_proj"),
+            name("k_proj"),
+            name("v_proj"),
+            name("o_proj"),
+        );
+        let qkv = [
+            (q.as_str(), shape.heads * d),
+            (k.as_str(), shape.kv_heads * d),
+            (v.as_str(), shape.kv_heads * d),
+        ];
         let norm = |name: &str| -> Result<Option<O::F32>> {
             if !shape.qk_norm {
                 return Ok(None);
@@ -150,11 +156,9 @@ where
             let w = ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[d])?;
             Ok(Some(ops.upload_f32(&w)?))
         };
-        let matrix =
-            |values: &[f32], names: &[&str]| upload_matrix(ops, ckpt, prefix, values, names);
         Ok(Self {
-            qkv: matrix(&qkv, &["q_proj.weight", "k_proj.weight", "v_proj.weight"])?,
-            o: matrix(&o, &["o_proj.weight"])?,
+            qkv: upload_stacked(ops, ckpt, &qkv, hidden)?,
+            o: upload_stacked(ops, ckpt, &[(o.as_str(), hidden)], shape.heads * d)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             shape,
@@ -294,43 +298,43 @@ where
         let load = |name: &str, shape: &[usize]| ckpt.load_f32(&format!("{prefix}.{name}"), shape);
         let matrix =
             |values: &[f32], names: &[&str]| upload_matrix(ops, ckpt, prefix, values, names);
-        let kv_a = load("kv_a_proj_with_mqa.weight", &[lora + rope, hidden])?;
-        let (mut input, q_a_norm, q_b) = match q_lora_rank {
-            Some(rank) => (
-                load("q_a_proj.weight", &[rank, hidden])?,
-                Some(ops.upload_f32(&load("q_a_layernorm.weight", &[rank])?)?),
-                Some(matrix(
-                    &load("q_b_proj.weight", &[heads * q_head, rank])?,
-                    &["q_b_proj.weight"],
-                )?),
-            ),
-            None => (
-                load("q_proj.weight", &[heads * q_head, hidden])?,
-                None,
-                None,
-            ),
+        let name = |n: &str| format!("{prefix}.{n}");
+        let (q_in, q_in_rows) = match q_lora_rank {
+            Some(rank) => (name("q_a_proj.weight"), rank),
+            None => (name("q_proj.weight"), heads * q_head),
         };
-        input.extend_from_slice(&kv_a);
-        let input_width = input.len() / hidden;
+        let kv_a = name("kv_a_proj_with_mqa.weight");
+        let input = [(q_in.as_str(), q_in_rows), (kv_a.as_str(), lora + rope)];
+        let (q_a_norm, q_b) = match q_lora_rank {
+            Some(rank) => {
+                let q_b = name("q_b_proj.weight");
+                (
+                    Some(ops.upload_f32(&load("q_a_layernorm.weight", &[rank])?)?),
+                    Some(upload_stacked(
+                        ops,
+                        ckpt,
+                        &[(q_b.as_str(), heads * q_head)],
+                        rank,
+                    )?),
+                )
+            }
+            None => (None, None),
+        };
+        // Split per head and transposed for the absorbed products: widened (f32 or bf16 as
+        // its precision says), FP8 or not.
         let kv_b = load("kv_b_proj.weight", &[heads * (nope + v), lora])?;
         let (uk_t, uv) = split_kv_b(&kv_b, shape);
-        let q_in = match q_lora_rank {
-            Some(_) => "q_a_proj.weight",
-            None => "q_proj.weight",
-        };
+        let o = name("o_proj.weight");
         Ok(Self {
             shape,
-            input_proj: matrix(&input, &[q_in, "kv_a_proj_with_mqa.weight"])?,
-            input_width,
+            input_proj: upload_stacked(ops, ckpt, &input, hidden)?,
+            input_width: q_in_rows + lora + rope,
             q_a_norm,
             q_b,
             kv_a_norm: ops.upload_f32(&load("kv_a_layernorm.weight", &[lora])?)?,
             uk_t: matrix(&uk_t, &["kv_b_proj.weight"])?,
             uv: matrix(&uv, &["kv_b_proj.weight"])?,
-            o: matrix(
-                &load("o_proj.weight", &[hidden, heads * v])?,
-                &["o_proj.weight"],
-            )?,
+            o: upload_stacked(ops, ckpt, &[(o.as_str(), hidden)], heads * v)?,
             interleaved: *rope_interleave,
             scale: config.softmax_scale(),
             eps: config.rms_norm_eps,

@@ -6,7 +6,8 @@
 //!   rotary, append to the cache, attention, gating top-k, combine.
 //! - [`model`]: the forward pass written once over those steps ([`DeviceDenseModel`]);
 //!   [`attention`]: its GQA and MLA layers.
-//! - [`cache`]: a sequence's cache on the device.
+//! - [`cache`]: a sequence's cache on the device; [`weights`]: matrices from checkpoint
+//!   tensors (FP8 kept as FP8 where the device keeps it).
 //! - [`reference`](mod@reference): every step on the host, by its definition (and with the GPU's bf16
 //!   rounding): what the CUDA steps are tested against, and the orchestration's CI check.
 //!
@@ -18,6 +19,7 @@ pub mod cache;
 pub mod model;
 pub mod ops;
 pub mod reference;
+pub mod weights;
 
 pub use model::DeviceDenseModel;
 pub use ops::DenseOps;

@@ -7,6 +7,7 @@
 use super::attention::DeviceAttention;
 use super::cache::{DeviceLayerCache, DeviceSequenceCache};
 use super::ops::{DenseOps, DeviceStep};
+use super::weights::upload_stacked;
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
@@ -477,15 +478,10 @@ fn load_mlp<O: DenseOps>(
 where
     ModelError: From<O::Error>,
 {
-    let mut gate_up = ckpt.load_f32(&names.gate, &[inter, hidden])?;
-    gate_up.extend(ckpt.load_f32(&names.up, &[inter, hidden])?);
-    let down = ckpt.load_f32(&names.down, &[hidden, inter])?;
+    let gate_up = [(names.gate.as_str(), inter), (names.up.as_str(), inter)];
     Ok(DeviceMlp {
-        gate_up: ops.upload_matrix(
-            &gate_up,
-            MatrixPrecision::of(ckpt, &[&names.gate, &names.up]),
-        )?,
-        down: ops.upload_matrix(&down, MatrixPrecision::of(ckpt, &[&names.down]))?,
+        gate_up: upload_stacked(ops, ckpt, &gate_up, hidden)?,
+        down: upload_stacked(ops, ckpt, &[(names.down.as_str(), hidden)], inter)?,
         inter,
     })
 }

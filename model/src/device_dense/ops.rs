@@ -3,6 +3,7 @@
 //! so the orchestration in [`super::model`] (shapes, strides, offsets, the order of steps, the
 //! cache bookkeeping) is checked against the CPU model on every machine.
 
+use crate::backend::weight::Fp8Matrix;
 use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGemm};
 use crate::device::MatrixPrecision;
 use crate::expert_backend::ExpertBackend;
@@ -38,6 +39,18 @@ pub trait DenseOps {
         values: &[f32],
         precision: MatrixPrecision,
     ) -> Result<Self::Matrix, Self::Error>;
+    /// Whether FP8 checkpoint matrices are held as FP8 ([`Self::upload_fp8`]) instead of
+    /// widened at load (`--gpu-fp8 keep`).
+    fn keeps_fp8(&self) -> bool {
+        false
+    }
+    /// An FP8 matrix held as its bytes and scales; [`Self::linear`] is its only use, and its
+    /// product is the f32 product of the dequantized matrix (each weight widened to
+    /// `f32(e4m3) * scale`, f32 inputs, whatever the GPU numerics mode). By default it is
+    /// widened exactly.
+    fn upload_fp8(&self, matrix: &Fp8Matrix) -> Result<Self::Matrix, Self::Error> {
+        self.upload_matrix(&matrix.to_f32(), MatrixPrecision::F32)
+    }
     /// How many values `buffer` holds.
     fn len_of(&self, buffer: &Self::F32) -> usize;
     /// The first `len` values.
@@ -81,11 +94,7 @@ pub trait DenseOps {
         w: &Self::Matrix,
         n_out: usize,
     ) -> Result<Self::F32, Self::Error> {
-        let input = self.gemm_input(x, rows * k, w)?;
-        let mut out = self.scratch(rows * n_out)?;
-        let shape = StridedGemm::single(ColumnMajorGemm::rows_times_weights(rows, n_out, k));
-        self.gemm(&shape, w, 0, &input, 0, &mut out, 0)?;
-        Ok(out)
+        linear_by_gemm(self, x, rows, k, w, n_out)
     }
     /// RMSNorm of every `(row, head)` vector of `width`: `x * rsqrt(mean(x²) + eps) * weight`.
     #[allow(clippy::too_many_arguments)]
@@ -201,4 +210,21 @@ pub trait DenseOps {
     ) -> Option<crate::error::Result<Self::F32>> {
         None
     }
+}
+
+/// [`DenseOps::linear`] as the steps above make it (what a device that overrides it for some
+/// matrices does for the others).
+pub fn linear_by_gemm<O: DenseOps + ?Sized>(
+    ops: &O,
+    x: &O::F32,
+    rows: usize,
+    k: usize,
+    w: &O::Matrix,
+    n_out: usize,
+) -> Result<O::F32, O::Error> {
+    let input = ops.gemm_input(x, rows * k, w)?;
+    let mut out = ops.scratch(rows * n_out)?;
+    let shape = StridedGemm::single(ColumnMajorGemm::rows_times_weights(rows, n_out, k));
+    ops.gemm(&shape, w, 0, &input, 0, &mut out, 0)?;
+    Ok(out)
 }

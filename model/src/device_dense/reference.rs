@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::ops::{DenseOps, DeviceStep};
+use crate::backend::weight::Fp8Matrix;
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::{GpuDtype, MatrixPrecision};
 use crate::error::ModelError;
@@ -24,6 +25,10 @@ pub struct HostDenseOps {
     experts_in_place: bool,
     /// Values copied to the "host", so tests can see which path a step took.
     downloaded: AtomicUsize,
+    /// Hold FP8 checkpoint matrices as FP8 (`--gpu-fp8 keep`): exactly dequantized here, as
+    /// the GPU's FP8 kernel widens each weight.
+    keeps_fp8: bool,
+    fp8_matrices: AtomicUsize,
 }
 
 impl HostDenseOps {
@@ -38,7 +43,20 @@ impl HostDenseOps {
             numerics,
             experts_in_place: false,
             downloaded: AtomicUsize::new(0),
+            keeps_fp8: false,
+            fp8_matrices: AtomicUsize::new(0),
         }
+    }
+
+    /// FP8 checkpoint matrices held as FP8, as `--gpu-fp8 keep` holds them on a GPU.
+    pub fn with_fp8_kept(mut self) -> Self {
+        self.keeps_fp8 = true;
+        self
+    }
+
+    /// Matrices uploaded as FP8 so far.
+    pub fn fp8_matrices(&self) -> usize {
+        self.fp8_matrices.load(Ordering::Relaxed)
     }
 
     /// MoE rows go to the expert backend in place, as to an expert set on the same GPU.
@@ -123,6 +141,13 @@ impl DenseOps for HostDenseOps {
             round_bf16(&mut values);
         }
         Ok(HostMatrix { values, inputs })
+    }
+    fn keeps_fp8(&self) -> bool {
+        self.keeps_fp8
+    }
+    fn upload_fp8(&self, matrix: &Fp8Matrix) -> Result<HostMatrix, ModelError> {
+        self.fp8_matrices.fetch_add(1, Ordering::Relaxed);
+        self.upload_matrix(&matrix.to_f32(), MatrixPrecision::F32)
     }
     fn len_of(&self, buffer: &Vec<f32>) -> usize {
         buffer.len()
@@ -598,6 +623,51 @@ mod tests {
     #[test]
     fn qwen3_moe_experts_on_the_same_device_take_rows_in_place() {
         experts_in_place_download_only_logits("qwen3-moe-tiny");
+    }
+
+    /// `--gpu-fp8 keep` on the dense part: the FP8 fixture's linear matrices (MLA's q_b and o,
+    /// the dense layer's MLP, the shared experts) are held as FP8, the rest as before (its
+    /// query input is stacked with a bf16 kv_a, and kv_b is split per head: both widened), and
+    /// the logits are bitwise those of the widened matrices (each FP8 weight becomes the f32
+    /// that dequantizing computes) at prefill and decode, and the CPU model's within 1e-3.
+    #[test]
+    fn fp8_matrices_kept_as_fp8_give_the_widened_logits() {
+        let dir = fixture("deepseek-v3-fp8-tiny");
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let cpu = DenseModel::load(&ckpt, &config).unwrap();
+        let widened = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
+        let kept = HostDenseOps::exact().with_fp8_kept();
+        let kept = DeviceDenseModel::load(kept, &ckpt, &config).unwrap();
+        assert_eq!(widened.ops().fp8_matrices(), 0);
+        // Per layer q_b and o, and one MLP each (a dense layer's, or the shared experts').
+        assert_eq!(kept.ops().fp8_matrices(), config.num_layers * (2 + 2));
+        let vocab = config.vocab_size as u32;
+        let mut caches: Vec<SequenceCache> = (0..3).map(|_| cpu.new_cache()).collect();
+        let mut tokens: Vec<u32> = (0..9).map(|i| (i * 31 + 2) % vocab).collect();
+        for step in 0..5 {
+            let mut logits = Vec::new();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let mut seqs = [StepSequence {
+                    cache,
+                    tokens: &tokens,
+                    all_logits: true,
+                }];
+                logits.push(match i {
+                    0 => widened.forward(&mut seqs, &experts).unwrap(),
+                    1 => kept.forward(&mut seqs, &experts).unwrap(),
+                    _ => cpu.forward(&mut seqs, &experts).unwrap(),
+                });
+            }
+            assert_eq!(
+                logits[1], logits[0],
+                "step {step}: kept FP8 = widened, bitwise"
+            );
+            assert_close(&logits[1], &logits[2], &format!("FP8 kept, step {step}"));
+            let last = &logits[1][0][logits[1][0].len() - config.vocab_size..];
+            tokens = vec![crate::backend::ops::argmax(last) as u32];
+        }
     }
 
     /// The Qwen3 fixture's dense part over the host reference, and all its experts.

@@ -13,14 +13,16 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchArgs, LaunchConfi
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::expert_ffn::{check_gemm_bounds, gemm_at, GpuBuffer};
+use super::fp8_gemm::DeviceFp8Matrix;
 use super::kernels::{as_int, grid, row_grid};
+use crate::backend::weight::Fp8Matrix;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
 use crate::dense_step::{DenseStep, StepSequence};
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::GpuDtype;
 use crate::device::MatrixPrecision;
-use crate::device_dense::ops::{DenseOps, DeviceStep};
+use crate::device_dense::ops::{linear_by_gemm, DenseOps, DeviceStep};
 use crate::device_dense::DeviceDenseModel;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
@@ -32,11 +34,20 @@ const NORM_THREADS: u32 = 256;
 
 pub struct CudaDenseOps {
     ctx: Arc<GpuContext>,
+    /// `--gpu-fp8 keep`: FP8 checkpoint matrices stay FP8 on the device.
+    keep_fp8: bool,
 }
 
 impl CudaDenseOps {
+    /// Holds FP8 matrices as the process's `--gpu-fp8` says.
     pub fn new(ctx: Arc<GpuContext>) -> Self {
-        Self { ctx }
+        let keep_fp8 = crate::device::process_gpu_fp8() == crate::device::GpuFp8::Keep;
+        Self::holding_fp8(ctx, keep_fp8)
+    }
+
+    /// FP8 matrices kept as FP8 (`keep_fp8`) or widened at load.
+    pub fn holding_fp8(ctx: Arc<GpuContext>, keep_fp8: bool) -> Self {
+        Self { ctx, keep_fp8 }
     }
 }
 
@@ -112,6 +123,38 @@ impl DenseOps for CudaDenseOps {
 
     fn len_of(&self, buffer: &CudaSlice<f32>) -> usize {
         buffer.len()
+    }
+
+    fn keeps_fp8(&self) -> bool {
+        self.keep_fp8
+    }
+
+    fn upload_fp8(&self, matrix: &Fp8Matrix) -> Result<GpuBuffer, GpuError> {
+        let _serial = self.ctx.lock()?;
+        let held = DeviceFp8Matrix::upload(&self.ctx, matrix)?;
+        Ok(GpuBuffer::Fp8(Box::new(held)))
+    }
+
+    /// FP8 matrices through the FP8 kernel (f32 inputs, each weight widened in the kernel);
+    /// the others as cuBLAS GEMMs.
+    fn linear(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        w: &GpuBuffer,
+        n_out: usize,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        let GpuBuffer::Fp8(weights) = w else {
+            return linear_by_gemm(self, x, rows, k, w, n_out);
+        };
+        if weights.cols() != k || weights.rows() != n_out {
+            return Err(shape_error("FP8 linear"));
+        }
+        let mut out = self.scratch(rows * n_out)?;
+        let _serial = self.ctx.lock()?;
+        weights.matmul(&self.ctx, x, rows, &mut out)?;
+        Ok(out)
     }
 
     /// An expert set on this GPU's context runs the rows where the dense part left them, and
@@ -259,7 +302,7 @@ impl DenseOps for CudaDenseOps {
                 "a GEMM input cannot be shaped like an activation pair".into(),
             )),
             GpuBuffer::Fp8(_) => Err(GpuError::Shape(
-                "the dense part holds no FP8 matrix on the device".into(),
+                "an FP8 matrix takes f32 inputs, through `linear` only".into(),
             )),
         }
     }
@@ -1168,6 +1211,57 @@ mod tests {
                 close(&format!("{name} step {step}"), &g[0], &h[0], 2e-3);
                 tokens = vec![(step * 13 + 7) % config.vocab_size as u32];
             }
+        }
+    }
+
+    /// `--gpu-fp8 keep` on the whole model: the FP8 fixture's dense matrices through the FP8
+    /// kernel, its experts held as FP8 on the same GPU and given the dense part's rows in
+    /// place: the host reference's logits (FP8 matrices exactly dequantized) within 2e-3, at
+    /// prefill and decode.
+    #[test]
+    fn gpu_fp8_kept_model_with_experts_in_place_matches_the_host_reference() {
+        use crate::checkpoint::Checkpoint;
+        use crate::device::GpuFp8;
+        use crate::experts::{ExpertDevice, ExpertSet};
+        use crate::kv_cache::SequenceCache;
+        let Some(ctx) = gpu(GpuDtype::F32) else {
+            return;
+        };
+        let dir = crate::test_support::fixture_dir("deepseek-v3-fp8-tiny");
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let ops = CudaDenseOps::holding_fp8(Arc::clone(&ctx), true);
+        let on_gpu = DeviceDenseModel::load(ops, &ckpt, &config).unwrap();
+        let host_ops = HostDenseOps::exact().with_fp8_kept();
+        let on_host = DeviceDenseModel::load(host_ops, &ckpt, &config).unwrap();
+        let all: Vec<(usize, usize)> = config
+            .moe_layer_indices()
+            .flat_map(|l| (0..config.moe.num_experts).map(move |e| (l, e)))
+            .collect();
+        let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+        let gpu_experts =
+            ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, GpuFp8::Keep).unwrap();
+        let host_experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let (mut gc, mut hc) = (
+            SequenceCache::for_config(&config),
+            SequenceCache::for_config(&config),
+        );
+        let mut tokens: Vec<u32> = vec![3, 8, 1, 12, 40, 7];
+        for step in 0..6 {
+            let mut seqs = [StepSequence {
+                cache: &mut gc,
+                tokens: &tokens,
+                all_logits: true,
+            }];
+            let g = on_gpu.forward(&mut seqs, &gpu_experts).unwrap();
+            let mut seqs = [StepSequence {
+                cache: &mut hc,
+                tokens: &tokens,
+                all_logits: true,
+            }];
+            let h = on_host.forward(&mut seqs, &host_experts).unwrap();
+            close(&format!("FP8 kept, step {step}"), &g[0], &h[0], 2e-3);
+            tokens = vec![(step * 17 + 5) % config.vocab_size as u32];
         }
     }
 }
