@@ -11,8 +11,8 @@
 #                              and prints a summary. Without .gpu-bin/ it prepares first
 #                              (needs cargo there).
 #
-# Checks, each bounded by a timeout (the bounds add up to 515 s, under 9 minutes; a normal
-# run takes far less):
+# Checks, each bounded by a timeout (the bounds add up to 560 s, under the device's 600 s per
+# command; a normal run takes far less), in order of priority:
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
 #      fixtures (MOE_REQUIRE_GPU=1: a GPU that cannot be opened fails them);
@@ -24,14 +24,18 @@
 #      already shows it moving logits by up to 6.6 on these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and
 #      on a generated FP8 checkpoint (the CPU holding FP8 panels, the GPU its f32 widening, and
-#      with `--gpu-fp8 keep` its routed experts kept as FP8);
+#      with `--gpu-fp8 keep` its routed experts and dense projections kept as FP8); so does
+#      `--deterministic` (every GEMM through the exact kernels; the unit tests of step 1 check
+#      that a sequence's logits are bitwise the same alone and in a batch of 64);
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
 #      collective;
 #   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv), and
 #      rows received over it run by GPU experts where they lie, against the same experts
 #      run from host rows;
-#   6. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
+#   6. what `--deterministic` costs: `moe bench` at batch 1 and 32 on a generated small
+#      preset, with and without;
+#   7. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM.
 # Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
 # GPU: it needs a GPU per process).
@@ -123,9 +127,9 @@ check() { # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/nvidia-smi: /' || true
 ls "$LIBS"
 
-check "device unit tests (cuda feature)" 30 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
-check "golden tests, whole model on cuda:0, f32 (2e-3)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
-check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 65 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "device unit tests (cuda feature)" 45 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
+check "golden tests, whole model on cuda:0, f32 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail
@@ -137,7 +141,19 @@ same_tokens() {
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["output_ids"])')" = \
     "$(echo "$gpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)["output_ids"])')" ]
 }
-check "moe generate --device cuda:0 = cpu tokens" 40 same_tokens
+check "moe generate --device cuda:0 = cpu tokens" 30 same_tokens
+
+deterministic_same_tokens() {
+  set -eo pipefail
+  local model=tests/fixtures/qwen3-moe-tiny cpu gpu ids
+  cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
+  gpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --deterministic | tail -1)
+  echo "cpu: $cpu"
+  echo "gpu (bf16x2, --deterministic: exact GEMM kernels): $gpu"
+  ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
+  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+}
+check "--deterministic: cuda:0 = cpu tokens" 30 deterministic_same_tokens
 
 fp8_same_tokens() {
   set -eo pipefail
@@ -151,7 +167,7 @@ fp8_same_tokens() {
   ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
 }
-check "FP8 checkpoint: cuda:0 f32 = cpu FP8 panels, tokens" 40 fp8_same_tokens
+check "FP8 checkpoint: cuda:0 f32 = cpu FP8 panels, tokens" 30 fp8_same_tokens
 
 fp8_kept_same_tokens() {
   set -eo pipefail
@@ -164,10 +180,21 @@ fp8_kept_same_tokens() {
   ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
 }
-check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens" 40 fp8_kept_same_tokens
-check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 70 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
+check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens" 30 fp8_kept_same_tokens
+check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture
+
+deterministic_cost() {
+  set -eo pipefail
+  local model=/tmp/moe-small-bf16
+  [ -d $model ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset small --dtype bf16 --out $model >/dev/null
+  for det in false true; do
+    echo "--deterministic=$det"
+    "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,32 --prompt-len 64 --gen 16 --deterministic=$det
+  done
+}
+check "--deterministic: its cost (moe bench, small preset, bf16x2)" 45 deterministic_cost
 
 bench() {
   set -eo pipefail
@@ -181,7 +208,7 @@ for f in r["expert_ffn"]:
     print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
 EOF
 }
-check "expert-FFN benchmark (moe gpu-bench)" 115 bench
+check "expert-FFN benchmark (moe gpu-bench)" 90 bench
 
 echo
 echo "== summary"

@@ -118,6 +118,19 @@ pub struct DeviceArgs {
     /// `ops/gpu-check.sh`).
     #[arg(long, env = "MOE_GPU_FP8", default_value = "widen")]
     pub gpu_fp8: moe_model::device::GpuFp8,
+    /// On a GPU, run every GEMM batch-invariant: the CPU GEMM's chain of multiply-adds (f32
+    /// inputs, no split of k), so a token's logits do not depend on its batch-mates, as on the
+    /// CPU (which always is). Off by default on GPUs until `ops/gpu-check.sh` has run it and
+    /// measured its cost; `--deterministic` (or `=true`) to turn it on.
+    #[arg(
+        long,
+        env = "MOE_DETERMINISTIC",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub deterministic: bool,
 }
 
 impl DeviceArgs {
@@ -127,6 +140,7 @@ impl DeviceArgs {
     pub fn open(&self) -> Result<moe_model::experts::ExpertDevice, moe_model::device::DeviceError> {
         moe_model::checkpoint::set_process_weights_dtype(self.weights_dtype);
         moe_model::device::set_process_gpu_fp8(self.gpu_fp8);
+        moe_model::device::set_process_gpu_deterministic(self.deterministic);
         self.device.open_experts(self.gpu_dtype)
     }
 
@@ -134,6 +148,7 @@ impl DeviceArgs {
     pub fn describe(&self) -> String {
         match self.device {
             moe_model::device::Device::Cpu => "cpu".into(),
+            gpu if self.deterministic => format!("{gpu} ({}, deterministic)", self.gpu_dtype),
             gpu => format!("{gpu} ({})", self.gpu_dtype),
         }
     }

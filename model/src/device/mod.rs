@@ -5,7 +5,8 @@
 //! - [`Device`]: `cpu` (the default) or `cuda:N`, as `--device` names it.
 //! - [`GpuDtype`] and [`MatrixPrecision`]: how a GPU holds weights and GEMM inputs.
 //! - [`shapes`]: the shapes device steps are called with (cuBLAS GEMMs, head views, attention);
-//!   [`grouped_tiles`]: the row tiles of a grouped GEMM over every expert of a layer.
+//!   [`grouped_tiles`]: the row tiles of a grouped GEMM over every expert of a layer;
+//!   [`row_gemm`]: the exact, batch-invariant GEMM of `--deterministic`, in row terms.
 //!
 //! Opening a device (probing the driver, compiling kernels) is `Device::probe` and
 //! `Device::open_experts`, defined in `open_device` above the CUDA code, so that this module
@@ -13,6 +14,7 @@
 //! the `cuda` feature is a typed [`DeviceError`] at start-up, never a panic.
 
 pub mod grouped_tiles;
+pub mod row_gemm;
 pub mod shapes;
 
 use std::fmt;
@@ -160,6 +162,19 @@ pub fn process_gpu_fp8() -> GpuFp8 {
         true => GpuFp8::Keep,
         false => GpuFp8::Widen,
     }
+}
+
+static PROCESS_GPU_DETERMINISTIC: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every GPU this process opens run its GEMMs batch-invariant (`--deterministic`: the
+/// exact kernels of `gpu::exact_gemm` instead of cuBLAS's).
+pub fn set_process_gpu_deterministic(on: bool) {
+    PROCESS_GPU_DETERMINISTIC.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn process_gpu_deterministic() -> bool {
+    PROCESS_GPU_DETERMINISTIC.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What was found for a device.

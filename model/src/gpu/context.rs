@@ -1,6 +1,6 @@
 //! The process's GPU: context, stream, cuBLAS handle and compiled kernels.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
@@ -32,6 +32,8 @@ pub struct GpuContext {
     lanes: Vec<GemmLane>,
     lanes_in_use: AtomicUsize,
     kernels: Kernels,
+    /// GEMMs through the exact, batch-invariant kernels (`--deterministic`).
+    deterministic: AtomicBool,
     /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
     /// the work of one stream runs in order anyway.
     serial: Mutex<()>,
@@ -144,6 +146,7 @@ impl GpuContext {
             lanes,
             lanes_in_use: AtomicUsize::new(GEMM_LANES),
             kernels,
+            deterministic: AtomicBool::new(crate::device::process_gpu_deterministic()),
             serial: Mutex::new(()),
         }))
     }
@@ -158,6 +161,17 @@ impl GpuContext {
 
     pub fn dtype(&self) -> GpuDtype {
         self.dtype
+    }
+
+    /// Whether GEMMs run batch-invariant ([`super::exact_gemm`]): a row's result the same
+    /// whatever rows are computed with it.
+    pub fn deterministic(&self) -> bool {
+        self.deterministic.load(Ordering::Relaxed)
+    }
+
+    /// Runs later GEMMs batch-invariant (`on`) or through cuBLAS.
+    pub fn set_deterministic(&self, on: bool) {
+        self.deterministic.store(on, Ordering::Relaxed);
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -105,6 +105,17 @@ fn shape_error(what: &str) -> GpuError {
 }
 
 impl CudaDenseOps {
+    /// A copy of `x[..len]` as an f32 GEMM input. Called with the context locked.
+    fn f32_input(&self, x: &CudaSlice<f32>, len: usize) -> Result<GpuBuffer, GpuError> {
+        let stream = self.ctx.stream();
+        // SAFETY: filled in full by the copy below.
+        let mut out = unsafe { stream.alloc::<f32>(len.max(1))? };
+        if len > 0 {
+            stream.memcpy_dtod(&x.slice(..len), &mut out.slice_mut(..len))?;
+        }
+        Ok(GpuBuffer::F32(out))
+    }
+
     fn pointers(&self, buffers: &[&CudaSlice<f32>]) -> Result<CudaSlice<u64>, GpuError> {
         let stream = self.ctx.stream();
         let ptrs: Vec<u64> = buffers.iter().map(|b| b.device_ptr(stream).0).collect();
@@ -249,15 +260,10 @@ impl DenseOps for CudaDenseOps {
             return Err(shape_error("GEMM input"));
         }
         let stream = self.ctx.stream();
+        // The exact GEMMs take f32 activations against every weight type.
         match like {
-            GpuBuffer::F32(_) => {
-                // SAFETY: filled in full by the copy below.
-                let mut out = unsafe { stream.alloc::<f32>(len.max(1))? };
-                if len > 0 {
-                    stream.memcpy_dtod(&x.slice(..len), &mut out.slice_mut(..len))?;
-                }
-                Ok(GpuBuffer::F32(out))
-            }
+            _ if self.ctx.deterministic() => self.f32_input(x, len),
+            GpuBuffer::F32(_) => self.f32_input(x, len),
             GpuBuffer::Bf16(_) if self.ctx.dtype() == GpuDtype::Bf16x2 => {
                 // SAFETY: the kernel writes all `len` elements of both terms.
                 let (mut hi, mut lo) = unsafe {
@@ -322,6 +328,10 @@ impl DenseOps for CudaDenseOps {
         let g = &s.gemm;
         if g.m == 0 || g.n == 0 || s.batch == 0 {
             return Ok(());
+        }
+        if self.ctx.deterministic() {
+            let (a, b, c) = ((a, a_offset), (b, b_offset), (c, c_offset));
+            return super::exact_gemm::strided(&self.ctx, s, a, b, c);
         }
         let stream = self.ctx.stream();
         let handle = *self.ctx.blas().handle();
@@ -1262,6 +1272,114 @@ mod tests {
             let h = on_host.forward(&mut seqs, &host_experts).unwrap();
             close(&format!("FP8 kept, step {step}"), &g[0], &h[0], 2e-3);
             tokens = vec![(step * 17 + 5) % config.vocab_size as u32];
+        }
+    }
+
+    /// `--deterministic` on the GPU (dense part and experts): one sequence's logits are bitwise
+    /// the same alone and inside a batch of 64 others, at prefill and at each decode step, and a
+    /// prefill's logits bitwise those of its tokens decoded one by one; in f32 and bf16x2.
+    #[test]
+    fn gpu_deterministic_logits_do_not_depend_on_the_batch() {
+        use crate::checkpoint::Checkpoint;
+        use crate::experts::{ExpertDevice, ExpertSet};
+        use crate::kv_cache::SequenceCache;
+        for dtype in [GpuDtype::F32, GpuDtype::Bf16x2] {
+            let Some(ctx) = gpu(dtype) else {
+                return;
+            };
+            ctx.set_deterministic(true);
+            for name in ["deepseek-v3-tiny", "qwen3-moe-tiny"] {
+                let dir = crate::test_support::fixture_dir(name);
+                let config = ModelConfig::from_dir(&dir).unwrap();
+                let ckpt = Checkpoint::open(&dir).unwrap();
+                let model = GpuDenseModel::load(Arc::clone(&ctx), &ckpt, &config).unwrap();
+                let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+                let experts = ExpertSet::load_all_on(&ckpt, &config, &device).unwrap();
+                let vocab = config.vocab_size as u32;
+                let prompt = |i: u32| -> Vec<u32> {
+                    (0..3 + i % 9)
+                        .map(|t| (t * 31 + i * 17 + 1) % vocab)
+                        .collect()
+                };
+                let ours = prompt(1000);
+                let what = format!("{name} ({dtype})");
+                // Alone: the prefill's logits at every position, then three decode steps.
+                let mut alone = SequenceCache::for_config(&config);
+                let mut seqs = [StepSequence {
+                    cache: &mut alone,
+                    tokens: &ours,
+                    all_logits: true,
+                }];
+                let prefill_alone = model.forward(&mut seqs, &experts).unwrap().remove(0);
+                let decode_tokens: Vec<u32> = vec![5, 77 % vocab, 130 % vocab];
+                let mut decode_alone = Vec::new();
+                for t in &decode_tokens {
+                    let mut seqs = [StepSequence {
+                        cache: &mut alone,
+                        tokens: std::slice::from_ref(t),
+                        all_logits: false,
+                    }];
+                    decode_alone.push(model.forward(&mut seqs, &experts).unwrap().remove(0));
+                }
+                // Inside a batch of 64 others (ours in the middle), prefill and decode.
+                let others: Vec<Vec<u32>> = (0..64).map(prompt).collect();
+                let mut caches: Vec<SequenceCache> = (0..65)
+                    .map(|_| SequenceCache::for_config(&config))
+                    .collect();
+                let mut inputs: Vec<Vec<u32>> = others.clone();
+                inputs.insert(32, ours.clone());
+                let mut seqs: Vec<StepSequence<'_>> = caches
+                    .iter_mut()
+                    .zip(&inputs)
+                    .map(|(cache, tokens)| StepSequence {
+                        cache,
+                        tokens,
+                        all_logits: true,
+                    })
+                    .collect();
+                let batched = model.forward(&mut seqs, &experts).unwrap();
+                assert!(batched[32] == prefill_alone, "{what}: prefill in a batch");
+                for (step, t) in decode_tokens.iter().enumerate() {
+                    let tokens: Vec<[u32; 1]> = (0..65u32)
+                        .map(|i| [(i * 7 + step as u32) % vocab])
+                        .collect();
+                    let mut seqs: Vec<StepSequence<'_>> = caches
+                        .iter_mut()
+                        .zip(&tokens)
+                        .enumerate()
+                        .map(|(i, (cache, own))| StepSequence {
+                            cache,
+                            tokens: if i == 32 {
+                                std::slice::from_ref(t)
+                            } else {
+                                own
+                            },
+                            all_logits: false,
+                        })
+                        .collect();
+                    let out = model.forward(&mut seqs, &experts).unwrap();
+                    assert!(
+                        out[32] == decode_alone[step],
+                        "{what}: decode {step} in a batch"
+                    );
+                }
+                // The prompt decoded one token at a time: each step's row = the prefill's.
+                let mut one_by_one = SequenceCache::for_config(&config);
+                let v = config.vocab_size;
+                for (p, t) in ours.iter().enumerate() {
+                    let mut seqs = [StepSequence {
+                        cache: &mut one_by_one,
+                        tokens: std::slice::from_ref(t),
+                        all_logits: false,
+                    }];
+                    let row = model.forward(&mut seqs, &experts).unwrap().remove(0);
+                    assert!(
+                        row[..] == prefill_alone[p * v..(p + 1) * v],
+                        "{what}: position {p} decoded alone differs from the prefill"
+                    );
+                }
+                eprintln!("{what}: batch-invariant and prefill = decode, bitwise");
+            }
         }
     }
 }

@@ -340,7 +340,8 @@ impl ActForm {
     /// The activations GEMMs against `weights` take in the context's mode.
     pub fn for_weights(ctx: &GpuContext, weights: &GpuBuffer) -> Self {
         match weights {
-            // The FP8 kernel takes f32 activations, whatever the mode.
+            // The FP8 kernel and the exact ones take f32 activations, whatever the mode.
+            _ if ctx.deterministic() => ActForm::F32,
             GpuBuffer::F32(_) | GpuBuffer::Fp8(_) => ActForm::F32,
             _ if ctx.dtype() == GpuDtype::Bf16x2 => ActForm::Bf16Pair,
             _ => ActForm::Bf16,
@@ -501,11 +502,23 @@ impl FfnOps for CudaOps<'_> {
                 _ => None,
             })
             .collect();
+        let tiles = || {
+            GroupedRowTiles::plan(&plan.runs, FP8_TILE_ROWS)
+                .map_err(|e| GpuError::Shape(e.to_string()))
+        };
         match (fp8, input) {
             (Some(matrices), GpuBuffer::F32(x)) if !matrices.is_empty() => {
-                let tiles = GroupedRowTiles::plan(&plan.runs, FP8_TILE_ROWS)
-                    .map_err(|e| GpuError::Shape(e.to_string()))?;
-                grouped_matmul(self.ctx, &matrices, x, &tiles, output)
+                grouped_matmul(self.ctx, &matrices, x, &tiles()?, output)
+            }
+            (_, GpuBuffer::F32(x)) if self.ctx.deterministic() && !experts.is_empty() => {
+                let (matrices, shape): (Vec<&GpuBuffer>, _) = match pass {
+                    FfnPass::GateUp => (
+                        experts.iter().map(|e| e.gate_up).collect(),
+                        (2 * inter, hidden),
+                    ),
+                    FfnPass::Down => (experts.iter().map(|e| e.down).collect(), (hidden, inter)),
+                };
+                super::exact_gemm::grouped(self.ctx, &matrices, shape, x, &tiles()?, output)
             }
             _ => expert_gemms(self, experts, plan, pass, input, output, hidden, inter),
         }
@@ -528,6 +541,12 @@ impl FfnOps for CudaOps<'_> {
     ) -> Result<(), GpuError> {
         if let GpuBuffer::Fp8(weights) = a {
             return self.fp8_gemm(g, weights, a_offset, b, b_offset, c, c_offset);
+        }
+        if self.ctx.deterministic() {
+            // On the main stream, which the lanes' fork and join order around it.
+            let shape = StridedGemm::single(*g);
+            let (a, b, c) = ((a, a_offset), (b, b_offset), (c, c_offset));
+            return super::exact_gemm::strided(self.ctx, &shape, a, b, c);
         }
         check_gemm_bounds(g, g.extents(), (a, a_offset), (b, b_offset), (c, c_offset))?;
         // Pointers are taken on the main stream (where the buffers live); the lane's stream

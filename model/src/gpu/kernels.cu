@@ -454,13 +454,45 @@ __device__ __forceinline__ int segment_of(const int* starts, int segments, int c
     return lo;
 }
 
+// How a tile reads weight (col, c) of a row-major [n, k] matrix (rows `stride` apart) as the
+// exact f32 the CPU's panels widen it to.
+struct Fp8Weights {
+    const unsigned char* w;
+    const float* scales;
+    const int* segment_starts;
+    int segments;
+    long long stride;
+    __device__ __forceinline__ float at(int col, int c) const {
+        const int s = segment_of(segment_starts, segments, c);
+        return __fmul_rn(e4m3_to_f32(w[(long long)col * stride + c]),
+                         scales[(long long)col * segments + s]);
+    }
+};
+
+struct F32Weights {
+    const float* w;
+    long long stride;
+    __device__ __forceinline__ float at(int col, int c) const {
+        return w[(long long)col * stride + c];
+    }
+};
+
+// bf16 bits, widened exactly.
+struct Bf16Weights {
+    const unsigned short* w;
+    long long stride;
+    __device__ __forceinline__ float at(int col, int c) const {
+        return __uint_as_float(((unsigned int)w[(long long)col * stride + c]) << 16);
+    }
+};
+
 // One block's tile: outputs first_col.. (FP8_TILE_N of them) of the `rows` (at most
-// FP8_TILE_ROWS) rows from row0; x rows x_stride apart, w [n, k] e4m3 bytes row-major,
-// scales[j * segments + s], out rows out_stride apart. 256 threads.
-__device__ __forceinline__ void fp8_tile(const float* x, long long x_stride, long long row0,
-                                         int rows, const unsigned char* w, const float* scales,
-                                         const int* segment_starts, int segments, float* out,
-                                         long long out_stride, int first_col, int n, int k) {
+// FP8_TILE_ROWS) rows from row0; x rows x_stride apart, weights read through `w`; out rows
+// out_stride apart. Each output: one FMA chain over k ascending from zero.
+template <typename W>
+__device__ __forceinline__ void row_tile(const float* x, long long x_stride, long long row0,
+                                         int rows, const W& w, float* out, long long out_stride,
+                                         int first_col, int n, int k) {
     __shared__ float w_tile[FP8_TILE_N][FP8_TILE_K + 1];  // +1: no bank conflicts across j
     __shared__ float x_tile[FP8_TILE_ROWS][FP8_TILE_K];
     const int tj = threadIdx.x % FP8_TILE_N;
@@ -471,14 +503,7 @@ __device__ __forceinline__ void fp8_tile(const float* x, long long x_stride, lon
         for (int i = threadIdx.x; i < FP8_TILE_N * FP8_TILE_K; i += blockDim.x) {
             const int jj = i / FP8_TILE_K, kk = i % FP8_TILE_K;
             const int col = first_col + jj;
-            float value = 0.0f;
-            if (col < n && kk < kc) {
-                const int c = k0 + kk;
-                const int s = segment_of(segment_starts, segments, c);
-                value = __fmul_rn(e4m3_to_f32(w[(long long)col * k + c]),
-                                  scales[(long long)col * segments + s]);
-            }
-            w_tile[jj][kk] = value;
+            w_tile[jj][kk] = (col < n && kk < kc) ? w.at(col, k0 + kk) : 0.0f;
         }
         for (int i = threadIdx.x; i < FP8_TILE_ROWS * FP8_TILE_K; i += blockDim.x) {
             const int rr = i / FP8_TILE_K, kk = i % FP8_TILE_K;
@@ -502,8 +527,49 @@ extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
                                          long long out_stride, int rows, int n, int k) {
     const long long row0 = (long long)blockIdx.y * FP8_TILE_ROWS;
     const int tile_rows = (int)min((long long)FP8_TILE_ROWS, (long long)rows - row0);
-    fp8_tile(x, x_stride, row0, tile_rows, w, scales, segment_starts, segments, out, out_stride,
+    const Fp8Weights weights = {w, scales, segment_starts, segments, (long long)k};
+    row_tile(x, x_stride, row0, tile_rows, weights, out, out_stride, blockIdx.x * FP8_TILE_N, n,
+             k);
+}
+
+// --- Exact GEMMs over f32 and bf16 weights (`--deterministic` on a GPU) ---
+//
+// The same tiles and chain as the FP8 GEMM: out[r, j] = sum over k of x[r, k] * w[j, k] with
+// f32 inputs and the weight widened exactly, one FMA chain per output over k ascending from
+// zero, bitwise the CPU GEMM's and independent of the other rows. Batched: batch b (blockIdx.z)
+// reads x + b * x_batch and w + b * w_batch and writes out + b * out_batch (MLA's per-head
+// products). Grid: (ceil(n / FP8_TILE_N), ceil(rows / FP8_TILE_ROWS), batch), 256 threads.
+template <typename W>
+__device__ __forceinline__ void exact_batch_tile(const float* x, long long x_stride,
+                                                 long long x_batch, W w, long long w_batch,
+                                                 float* out, long long out_stride,
+                                                 long long out_batch, int rows, int n, int k) {
+    const long long b = blockIdx.z;
+    const long long row0 = (long long)blockIdx.y * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((long long)FP8_TILE_ROWS, (long long)rows - row0);
+    w.w += b * w_batch;
+    row_tile(x + b * x_batch, x_stride, row0, tile_rows, w, out + b * out_batch, out_stride,
              blockIdx.x * FP8_TILE_N, n, k);
+}
+
+extern "C" __global__ void gemm_rows_exact_f32(const float* x, long long x_stride,
+                                               long long x_batch, const float* w,
+                                               long long w_stride, long long w_batch, float* out,
+                                               long long out_stride, long long out_batch,
+                                               int rows, int n, int k) {
+    const F32Weights weights = {w, w_stride};
+    exact_batch_tile(x, x_stride, x_batch, weights, w_batch, out, out_stride, out_batch, rows, n,
+                     k);
+}
+
+extern "C" __global__ void gemm_rows_exact_bf16(const float* x, long long x_stride,
+                                                long long x_batch, const unsigned short* w,
+                                                long long w_stride, long long w_batch,
+                                                float* out, long long out_stride,
+                                                long long out_batch, int rows, int n, int k) {
+    const Bf16Weights weights = {w, w_stride};
+    exact_batch_tile(x, x_stride, x_batch, weights, w_batch, out, out_stride, out_batch, rows, n,
+                     k);
 }
 
 // The run that owns tile t: the last whose first tile is at most t (device/grouped_tiles.rs).
@@ -530,7 +596,43 @@ extern "C" __global__ void grouped_gemm_rows_fp8(
     const int run = tile_owner(first_tile, runs, t);
     const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
     const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
-    fp8_tile(x, x_stride, (long long)run_start[run] + within, tile_rows,
-             (const unsigned char*)weights[run], (const float*)scales[run], segment_starts,
-             segments, out, out_stride, blockIdx.x * FP8_TILE_N, n, k);
+    const Fp8Weights w = {(const unsigned char*)weights[run], (const float*)scales[run],
+                          segment_starts, segments, (long long)k};
+    row_tile(x, x_stride, (long long)run_start[run] + within, tile_rows, w, out, out_stride,
+             blockIdx.x * FP8_TILE_N, n, k);
+}
+
+// The grouped launch over f32 or bf16 experts (`--deterministic`): run e's [n, k] weights at
+// weights[e], row-major; otherwise as grouped_gemm_rows_fp8.
+template <typename W, typename T>
+__device__ __forceinline__ void grouped_exact(const float* x, long long x_stride,
+                                              const unsigned long long* weights, float* out,
+                                              long long out_stride,
+                                              const unsigned int* first_tile,
+                                              const unsigned int* run_start,
+                                              const unsigned int* run_len, int runs, int n,
+                                              int k) {
+    const unsigned int t = blockIdx.y;
+    const int run = tile_owner(first_tile, runs, t);
+    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
+    const W w = {(const T*)weights[run], (long long)k};
+    row_tile(x, x_stride, (long long)run_start[run] + within, tile_rows, w, out, out_stride,
+             blockIdx.x * FP8_TILE_N, n, k);
+}
+
+extern "C" __global__ void grouped_gemm_rows_exact_f32(
+    const float* x, long long x_stride, const unsigned long long* weights, float* out,
+    long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int n, int k) {
+    grouped_exact<F32Weights, float>(x, x_stride, weights, out, out_stride, first_tile,
+                                     run_start, run_len, runs, n, k);
+}
+
+extern "C" __global__ void grouped_gemm_rows_exact_bf16(
+    const float* x, long long x_stride, const unsigned long long* weights, float* out,
+    long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int n, int k) {
+    grouped_exact<Bf16Weights, unsigned short>(x, x_stride, weights, out, out_stride, first_tile,
+                                               run_start, run_len, runs, n, k);
 }

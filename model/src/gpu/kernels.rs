@@ -33,10 +33,14 @@ pub struct Kernels {
     pub embed_rows_bf16: CudaFunction,
     pub gemm_rows_fp8: CudaFunction,
     pub grouped_gemm_rows_fp8: CudaFunction,
+    pub gemm_rows_exact_f32: CudaFunction,
+    pub gemm_rows_exact_bf16: CudaFunction,
+    pub grouped_gemm_rows_exact_f32: CudaFunction,
+    pub grouped_gemm_rows_exact_bf16: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 21] = [
+pub const KERNEL_NAMES: [&str; 25] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -58,6 +62,10 @@ pub const KERNEL_NAMES: [&str; 21] = [
     "embed_rows_bf16",
     "gemm_rows_fp8",
     "grouped_gemm_rows_fp8",
+    "gemm_rows_exact_f32",
+    "gemm_rows_exact_bf16",
+    "grouped_gemm_rows_exact_f32",
+    "grouped_gemm_rows_exact_bf16",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -110,6 +118,10 @@ impl Kernels {
             embed_rows_bf16: f("embed_rows_bf16")?,
             gemm_rows_fp8: f("gemm_rows_fp8")?,
             grouped_gemm_rows_fp8: f("grouped_gemm_rows_fp8")?,
+            gemm_rows_exact_f32: f("gemm_rows_exact_f32")?,
+            gemm_rows_exact_bf16: f("gemm_rows_exact_bf16")?,
+            grouped_gemm_rows_exact_f32: f("grouped_gemm_rows_exact_f32")?,
+            grouped_gemm_rows_exact_bf16: f("grouped_gemm_rows_exact_bf16")?,
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod bench;
 pub mod context;
 pub mod dense_ops;
 pub mod error;
+pub mod exact_gemm;
 pub mod expert_ffn;
 pub mod fp8_gemm;
 pub mod kernels;
