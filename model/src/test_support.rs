@@ -2,6 +2,23 @@
 //! reproducible values and FP8 matrices, and, with the `cuda` feature, a GPU to test on or a
 //! visible `SKIPPED` line where there is none.
 
+/// Consecutive runs of slots of these lengths, expert i serving run i (a grouped GEMM's plan).
+pub(crate) fn expert_runs(lens: &[usize]) -> Vec<crate::routes::ExpertRun> {
+    let mut start = 0;
+    lens.iter()
+        .enumerate()
+        .map(|(e, &len)| {
+            let run = crate::routes::ExpertRun {
+                expert: e as u32,
+                start,
+                len,
+            };
+            start += len;
+            run
+        })
+        .collect()
+}
+
 /// `len` reproducible values in [-0.5, 0.5).
 pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;

@@ -58,6 +58,16 @@ impl GroupedRowTiles {
         self.first_tile.last().copied().unwrap_or(0) as usize
     }
 
+    /// Slots the runs cover (rows of the launch's input and output).
+    pub fn slots(&self) -> usize {
+        self.run_start
+            .iter()
+            .zip(&self.run_len)
+            .map(|(&s, &l)| (s + l) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Tile `t`, found as the kernel finds it: the last run whose first tile is at most `t`
     /// (runs without rows share their first tile with the next run, so the last wins).
     pub fn tile(&self, t: usize) -> Option<RowTile> {
@@ -82,19 +92,7 @@ mod tests {
     use crate::routes::{ExpertRoutes, ExpertRuns};
 
     fn runs(lens: &[usize]) -> Vec<ExpertRun> {
-        let mut start = 0;
-        lens.iter()
-            .enumerate()
-            .map(|(e, &len)| {
-                let run = ExpertRun {
-                    expert: e as u32,
-                    start,
-                    len,
-                };
-                start += len;
-                run
-            })
-            .collect()
+        crate::test_support::expert_runs(lens)
     }
 
     /// Every slot lies in exactly one tile, each tile within one run, runs in order; runs

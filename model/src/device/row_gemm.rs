@@ -85,26 +85,16 @@ mod tests {
         let (rows, heads, nope, rope, lora, v) = (5usize, 3, 4, 2, 6, 3);
         let q_head = nope + rope;
         let plain = StridedGemm::single(ColumnMajorGemm::rows_times_weights(rows, 7, 9));
-        let mut absorb = ColumnMajorGemm::rows_times_weights(rows, lora, nope);
-        absorb.ldb = heads * q_head;
-        absorb.ldc = heads * (lora + rope);
-        let absorb = StridedGemm {
-            gemm: absorb,
-            batch: heads,
-            stride_a: lora * nope,
-            stride_b: q_head,
-            stride_c: lora + rope,
-        };
-        let mut expand = ColumnMajorGemm::rows_times_weights(rows, v, lora);
-        expand.ldb = heads * lora;
-        expand.ldc = heads * v;
-        let expand = StridedGemm {
-            gemm: expand,
-            batch: heads,
-            stride_a: v * lora,
-            stride_b: lora,
-            stride_c: v,
-        };
+        let absorb = StridedGemm::per_head(
+            rows,
+            heads,
+            lora,
+            nope,
+            (heads * q_head, q_head),
+            (heads * (lora + rope), lora + rope),
+        );
+        let expand =
+            StridedGemm::per_head(rows, heads, v, lora, (heads * lora, lora), (heads * v, v));
         for (name, s) in [("linear", plain), ("absorb", absorb), ("expand", expand)] {
             let (a_end, b_end, c_end) = s.extents();
             let (a_off, b_off, c_off) = (3, 5, 2);

@@ -91,6 +91,29 @@ pub struct StridedGemm {
 }
 
 impl StridedGemm {
+    /// One product per head (`heads` batches, MLA's absorption and value expansion):
+    /// `out[r, h, ..n_out] = x[r, h, ..k] · w_h[n_out, k]ᵀ`, the `w_h` stacked row-major;
+    /// x's rows `x.0` apart and its heads `x.1`, out's rows `out.0` apart and its heads `out.1`.
+    pub fn per_head(
+        rows: usize,
+        heads: usize,
+        n_out: usize,
+        k: usize,
+        x: (usize, usize),
+        out: (usize, usize),
+    ) -> Self {
+        let mut gemm = ColumnMajorGemm::rows_times_weights(rows, n_out, k);
+        gemm.ldb = x.0;
+        gemm.ldc = out.0;
+        Self {
+            gemm,
+            batch: heads,
+            stride_a: n_out * k,
+            stride_b: x.1,
+            stride_c: out.1,
+        }
+    }
+
     pub fn single(gemm: ColumnMajorGemm) -> Self {
         Self {
             gemm,

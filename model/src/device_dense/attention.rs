@@ -9,7 +9,7 @@ use super::ops::{DenseOps, DeviceStep};
 use super::weights::upload_stacked;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttentionConfig, ModelConfig};
-use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGemm};
+use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::MatrixPrecision;
 use crate::error::{ModelError, Result};
 use crate::families;
@@ -414,16 +414,14 @@ where
         let qk = lora + rope;
         let mut query = ops.scratch(rows * heads * qk)?;
         let q_in_gemm = ops.gemm_input(q_buf, rows * q_stride, &self.uk_t)?;
-        let mut absorb = ColumnMajorGemm::rows_times_weights(rows, lora, nope);
-        absorb.ldb = q_stride;
-        absorb.ldc = heads * qk;
-        let absorb = StridedGemm {
-            gemm: absorb,
-            batch: heads,
-            stride_a: lora * nope,
-            stride_b: q_head,
-            stride_c: qk,
-        };
+        let absorb = StridedGemm::per_head(
+            rows,
+            heads,
+            lora,
+            nope,
+            (q_stride, q_head),
+            (heads * qk, qk),
+        );
         ops.gemm(&absorb, &self.uk_t, 0, &q_in_gemm, 0, &mut query, 0)?;
         let q_rope = HeadView {
             offset: nope,
@@ -511,16 +509,8 @@ where
         let mut context = ops.scratch(rows * heads * lora)?;
         ops.attention(query, &spec, keys, keys, &mut context, step)?;
         let context_in = ops.gemm_input(&context, rows * heads * lora, &self.uv)?;
-        let mut expand = ColumnMajorGemm::rows_times_weights(rows, v, lora);
-        expand.ldb = heads * lora;
-        expand.ldc = heads * v;
-        let expand = StridedGemm {
-            gemm: expand,
-            batch: heads,
-            stride_a: v * lora,
-            stride_b: lora,
-            stride_c: v,
-        };
+        let expand =
+            StridedGemm::per_head(rows, heads, v, lora, (heads * lora, lora), (heads * v, v));
         let mut attn = ops.scratch(rows * heads * v)?;
         ops.gemm(&expand, &self.uv, 0, &context_in, 0, &mut attn, 0)?;
         Ok(attn)

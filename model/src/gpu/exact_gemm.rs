@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::expert_ffn::{check_gemm_bounds, GpuBuffer};
-use super::fp8_gemm::FP8_TILE_ROWS;
+use super::fp8_gemm::{GroupedLaunch, FP8_TILE_ROWS};
 use super::kernels::as_int;
 use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::row_gemm::RowGemm;
@@ -124,54 +124,27 @@ pub fn grouped(
     tiles: &GroupedRowTiles,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
-    let slots = tiles
-        .run_start
-        .iter()
-        .zip(&tiles.run_len)
-        .map(|(&s, &l)| (s + l) as usize)
-        .max()
-        .unwrap_or(0);
     let all_f32 = experts.iter().all(|e| matches!(e, GpuBuffer::F32(_)));
     let all_bf16 = experts.iter().all(|e| matches!(e, GpuBuffer::Bf16(_)));
     let sized = experts.iter().all(|e| e.len() >= n * k);
-    if !(all_f32 || all_bf16)
-        || !sized
-        || experts.len() != tiles.run_len.len()
-        || tiles.tile_rows as usize != FP8_TILE_ROWS
-        || x.len() < slots * k
-        || out.len() < slots * n
-    {
+    if !(all_f32 || all_bf16) || !sized || experts.len() != tiles.run_len.len() {
         return Err(GpuError::Shape(format!(
             "a grouped exact GEMM of {} experts [{n}, {k}] (one type: {}, sized: {sized}) over \
-             {} runs, tiles of {} rows, {slots} slots, {} input and {} output values",
+             {} runs",
             experts.len(),
             all_f32 || all_bf16,
             tiles.run_len.len(),
-            tiles.tile_rows,
-            x.len(),
-            out.len()
         )));
     }
-    if experts.is_empty() || tiles.tiles() == 0 || n == 0 {
+    if experts.is_empty() {
         return Ok(());
     }
-    if tiles.tiles() > GRID_LIMIT {
-        return Err(GpuError::Shape(format!(
-            "{} row tiles exceed a grouped exact GEMM's grid",
-            tiles.tiles()
-        )));
-    }
+    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (n, k), x, out)? else {
+        return Ok(());
+    };
     let stream = ctx.stream();
     let weights: Vec<u64> = experts.iter().map(|e| e.address(stream, 0)).collect();
     let weights = stream.clone_htod(&weights)?;
-    let first_tile = stream.clone_htod(&tiles.first_tile)?;
-    let run_start = stream.clone_htod(&tiles.run_start)?;
-    let run_len = stream.clone_htod(&tiles.run_len)?;
-    let config = LaunchConfig {
-        grid_dim: (n.div_ceil(TILE_N) as u32, tiles.tiles() as u32, 1),
-        block_dim: ((TILE_N * FP8_TILE_ROWS) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (x_stride, out_stride) = (k as i64, n as i64);
     let runs = as_int(experts.len(), "experts")?;
     let (n_i, k_i) = (as_int(n, "outputs")?, as_int(k, "k")?);
@@ -179,24 +152,17 @@ pub fn grouped(
         true => &ctx.kernels().grouped_gemm_rows_exact_f32,
         false => &ctx.kernels().grouped_gemm_rows_exact_bf16,
     };
-    // SAFETY: every tile's rows lie within `slots` rows of x and out, and every run's weights
-    // hold [n, k] values (checked above); `experts` keeps them alive while the work is queued
-    // on this stream.
+    // SAFETY: every tile's rows lie within `slots` rows of x and out (checked by the launch),
+    // and every run's weights hold [n, k] values (checked above); `experts` keeps them alive
+    // while the work is queued on this stream.
     unsafe {
-        stream
-            .launch_builder(function)
-            .arg(x)
-            .arg(&x_stride)
-            .arg(&weights)
-            .arg(out)
-            .arg(&out_stride)
-            .arg(&first_tile)
-            .arg(&run_start)
-            .arg(&run_len)
-            .arg(&runs)
-            .arg(&n_i)
-            .arg(&k_i)
-            .launch(config)?;
+        let mut builder = stream.launch_builder(function);
+        builder.arg(x);
+        builder.arg(&x_stride);
+        builder.arg(&weights);
+        builder.arg(out);
+        builder.arg(&out_stride);
+        launch.run(builder, &runs, &n_i, &k_i)?;
     }
     Ok(())
 }
@@ -208,7 +174,6 @@ pub fn grouped(
 mod tests {
     use super::*;
     use crate::backend::PackedMatrix;
-    use crate::device::shapes::ColumnMajorGemm;
     use crate::device::GpuDtype;
     use crate::test_support::pseudo_random;
 
@@ -228,16 +193,14 @@ mod tests {
         };
         let _serial = ctx.lock().unwrap();
         let (rows, heads, nope, rope, lora) = (11usize, 3, 20, 6, 70);
-        let mut g = ColumnMajorGemm::rows_times_weights(rows, lora, nope);
-        g.ldb = heads * (nope + rope);
-        g.ldc = heads * (lora + rope);
-        let s = StridedGemm {
-            gemm: g,
-            batch: heads,
-            stride_a: lora * nope,
-            stride_b: nope + rope,
-            stride_c: lora + rope,
-        };
+        let s = StridedGemm::per_head(
+            rows,
+            heads,
+            lora,
+            nope,
+            (heads * (nope + rope), nope + rope),
+            (heads * (lora + rope), lora + rope),
+        );
         let (a_end, b_end, c_end) = s.extents();
         let (a_off, b_off, c_off) = (5, 7, 3);
         let x = pseudo_random(b_off + b_end, 21);
@@ -272,18 +235,8 @@ mod tests {
         };
         let _serial = ctx.lock().unwrap();
         let (n, k) = (72usize, 260);
-        let lens = [5usize, 0, 13];
-        let mut runs = Vec::new();
-        let mut start = 0;
-        for (e, &len) in lens.iter().enumerate() {
-            runs.push(crate::routes::ExpertRun {
-                expert: e as u32,
-                start,
-                len,
-            });
-            start += len;
-        }
-        let slots = start;
+        let runs = crate::test_support::expert_runs(&[5, 0, 13]);
+        let slots: usize = runs.iter().map(|r| r.len).sum();
         let tiles = GroupedRowTiles::plan(&runs, FP8_TILE_ROWS).unwrap();
         let x = pseudo_random(slots * k, 30);
         let stream = ctx.stream();

@@ -163,41 +163,19 @@ pub fn grouped_matmul(
         return Ok(());
     };
     let (n, k) = (first.n, first.k);
-    let slots = tiles
-        .run_start
-        .iter()
-        .zip(&tiles.run_len)
-        .map(|(&s, &l)| (s + l) as usize)
-        .max()
-        .unwrap_or(0);
     let same_shape = experts
         .iter()
         .all(|e| e.n == n && e.k == k && e.host_starts == first.host_starts);
-    if !same_shape
-        || experts.len() != tiles.run_len.len()
-        || tiles.tile_rows as usize != TILE_ROWS
-        || x.len() < slots * k
-        || out.len() < slots * n
-    {
+    if !same_shape || experts.len() != tiles.run_len.len() {
         return Err(GpuError::Shape(format!(
-            "a grouped FP8 GEMM of {} experts (same shape: {same_shape}) over {} runs, tiles of \
-             {} rows, {slots} slots, {} input and {} output values",
+            "a grouped FP8 GEMM of {} experts (same shape: {same_shape}) over {} runs",
             experts.len(),
             tiles.run_len.len(),
-            tiles.tile_rows,
-            x.len(),
-            out.len()
         )));
     }
-    if tiles.tiles() == 0 || n == 0 {
+    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (n, k), x, out)? else {
         return Ok(());
-    }
-    if tiles.tiles() > 65_535 {
-        return Err(GpuError::Shape(format!(
-            "{} row tiles exceed a grouped FP8 GEMM's grid",
-            tiles.tiles()
-        )));
-    }
+    };
     let stream = ctx.stream();
     let weights: Vec<u64> = experts
         .iter()
@@ -208,41 +186,101 @@ pub fn grouped_matmul(
         .map(|e| e.scales.device_ptr(stream).0)
         .collect();
     let (weights, scales) = (stream.clone_htod(&weights)?, stream.clone_htod(&scales)?);
-    let first_tile = stream.clone_htod(&tiles.first_tile)?;
-    let run_start = stream.clone_htod(&tiles.run_start)?;
-    let run_len = stream.clone_htod(&tiles.run_len)?;
-    let config = LaunchConfig {
-        grid_dim: (n.div_ceil(TILE_N) as u32, tiles.tiles() as u32, 1),
-        block_dim: ((TILE_N * TILE_ROWS) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (x_stride, out_stride) = (k as i64, n as i64);
     let segments = first.host_starts.len() as i32;
     let runs = as_int(experts.len(), "experts")?;
     let (n_i, k_i) = (as_int(n, "FP8 rows")?, as_int(k, "FP8 columns")?);
-    // SAFETY: every tile's rows lie within `slots` rows of x and out (checked above); each
-    // run's weights and scales are a live [n, k] matrix of the shared segments, kept alive by
-    // `experts` while the work is queued on this stream.
+    // SAFETY: every tile's rows lie within `slots` rows of x and out (checked by the launch);
+    // each run's weights and scales are a live [n, k] matrix of the shared segments, kept
+    // alive by `experts` while the work is queued on this stream.
     unsafe {
-        stream
-            .launch_builder(&ctx.kernels().grouped_gemm_rows_fp8)
-            .arg(x)
-            .arg(&x_stride)
-            .arg(&weights)
-            .arg(&scales)
-            .arg(&first.segment_starts)
-            .arg(&segments)
-            .arg(out)
-            .arg(&out_stride)
-            .arg(&first_tile)
-            .arg(&run_start)
-            .arg(&run_len)
-            .arg(&runs)
-            .arg(&n_i)
-            .arg(&k_i)
-            .launch(config)?;
+        let mut builder = stream.launch_builder(&ctx.kernels().grouped_gemm_rows_fp8);
+        builder.arg(x);
+        builder.arg(&x_stride);
+        builder.arg(&weights);
+        builder.arg(&scales);
+        builder.arg(&first.segment_starts);
+        builder.arg(&segments);
+        builder.arg(out);
+        builder.arg(&out_stride);
+        launch.run(builder, &runs, &n_i, &k_i)?;
     }
     Ok(())
+}
+
+/// What every grouped launch (FP8 or exact) shares: its row tiles on the device and its
+/// grid, after checking the tiles against the input and output buffers.
+pub(crate) struct GroupedLaunch {
+    pub first_tile: CudaSlice<u32>,
+    pub run_start: CudaSlice<u32>,
+    pub run_len: CudaSlice<u32>,
+    pub config: LaunchConfig,
+}
+
+impl GroupedLaunch {
+    /// `None` when there is nothing to compute. `(n, k)`: each expert's matrix.
+    pub fn upload(
+        ctx: &GpuContext,
+        tiles: &GroupedRowTiles,
+        (n, k): (usize, usize),
+        x: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+    ) -> Result<Option<Self>, GpuError> {
+        let slots = tiles.slots();
+        if tiles.tile_rows as usize != TILE_ROWS || x.len() < slots * k || out.len() < slots * n {
+            return Err(GpuError::Shape(format!(
+                "a grouped GEMM [{n}, {k}] with tiles of {} rows over {slots} slots, {} input \
+                 and {} output values",
+                tiles.tile_rows,
+                x.len(),
+                out.len()
+            )));
+        }
+        if tiles.tiles() == 0 || n == 0 {
+            return Ok(None);
+        }
+        if tiles.tiles() > 65_535 {
+            return Err(GpuError::Shape(format!(
+                "{} row tiles exceed a grouped GEMM's grid",
+                tiles.tiles()
+            )));
+        }
+        let stream = ctx.stream();
+        Ok(Some(Self {
+            first_tile: stream.clone_htod(&tiles.first_tile)?,
+            run_start: stream.clone_htod(&tiles.run_start)?,
+            run_len: stream.clone_htod(&tiles.run_len)?,
+            config: LaunchConfig {
+                grid_dim: (n.div_ceil(TILE_N) as u32, tiles.tiles() as u32, 1),
+                block_dim: ((TILE_N * TILE_ROWS) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        }))
+    }
+}
+
+impl GroupedLaunch {
+    /// Appends what every grouped kernel takes last (the tiles, the run count, n and k) to
+    /// `builder` and launches it.
+    ///
+    /// # Safety
+    /// As the kernel's launch: the arguments already pushed are the kernel's first ones, live,
+    /// and sized for these tiles.
+    pub unsafe fn run<'a>(
+        &'a self,
+        mut builder: cudarc::driver::LaunchArgs<'a>,
+        runs: &'a i32,
+        n: &'a i32,
+        k: &'a i32,
+    ) -> Result<(), GpuError> {
+        builder.arg(&self.first_tile);
+        builder.arg(&self.run_start);
+        builder.arg(&self.run_len);
+        builder.arg(runs).arg(n).arg(k);
+        // SAFETY: passed on from the caller.
+        unsafe { builder.launch(self.config)? };
+        Ok(())
+    }
 }
 
 /// A block per `TILE_N` outputs x `TILE_ROWS` rows, 256 threads.
@@ -311,18 +349,8 @@ mod tests {
             .iter()
             .map(|m| DeviceFp8Matrix::upload(&ctx, m).unwrap())
             .collect();
-        let lens = [5usize, 0, 13];
-        let mut runs = Vec::new();
-        let mut start = 0;
-        for (e, &len) in lens.iter().enumerate() {
-            runs.push(crate::routes::ExpertRun {
-                expert: e as u32,
-                start,
-                len,
-            });
-            start += len;
-        }
-        let slots = start;
+        let runs = crate::test_support::expert_runs(&[5, 0, 13]);
+        let slots: usize = runs.iter().map(|r| r.len).sum();
         let tiles = GroupedRowTiles::plan(&runs, TILE_ROWS).unwrap();
         let x = pseudo_random(slots * k, 50);
         let stream = ctx.stream();
