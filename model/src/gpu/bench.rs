@@ -5,11 +5,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::buffer::{fill_uniform_f32, ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::expert_ffn::{
-    fill_uniform_f32, run_grouped_on_device, ActForm, CudaOps, ExpertBatch, GpuBuffer, GpuMlp,
-};
+use super::expert_ffn::{run_grouped_on_device, CudaOps, ExpertBatch, GpuMlp};
 use crate::device::shapes::ColumnMajorGemm;
 use crate::grouped_ffn::{expert_gemms, FfnOps, FfnPass};
 use crate::routes::{ExpertRoutes, ExpertRuns};

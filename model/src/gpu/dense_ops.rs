@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
+use super::buffer::{check_gemm_bounds, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::expert_ffn::{check_gemm_bounds, gemm_at, GpuBuffer};
+use super::expert_ffn::gemm_at;
 use super::fp8_gemm::DeviceFp8Matrix;
 use super::kernels::{as_int, grid, row_grid};
 use crate::backend::weight::Fp8Matrix;

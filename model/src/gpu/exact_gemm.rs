@@ -10,9 +10,9 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
+use super::buffer::{check_gemm_bounds, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::expert_ffn::{check_gemm_bounds, GpuBuffer};
 use super::fp8_gemm::{GroupedLaunch, FP8_TILE_ROWS};
 use super::kernels::as_int;
 use crate::device::grouped_tiles::GroupedRowTiles;

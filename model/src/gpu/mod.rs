@@ -22,6 +22,7 @@
 //! CPU GEMM).
 
 pub mod bench;
+pub mod buffer;
 pub mod context;
 pub mod dense_ops;
 pub mod error;
