@@ -7,6 +7,7 @@
 use super::cache::DeviceLayerCache;
 use super::ops::{DenseOps, DeviceStep};
 use super::weights::upload_stacked;
+use crate::backend::NativeWeight;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttentionConfig, ModelConfig};
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
@@ -322,8 +323,17 @@ where
         };
         // Split per head and transposed for the absorbed products: widened (f32 or bf16 as
         // its precision says), FP8 or not.
-        let kv_b = load("kv_b_proj.weight", &[heads * (nope + v), lora])?;
-        let (uk_t, uv) = split_kv_b(&kv_b, shape);
+        let (uk_t, uv) = match fp8_kv_b_halves(ops, ckpt, &name("kv_b_proj.weight"), shape)? {
+            Some(halves) => halves,
+            None => {
+                let kv_b = load("kv_b_proj.weight", &[heads * (nope + v), lora])?;
+                let (uk_t, uv) = split_kv_b(&kv_b, shape);
+                (
+                    matrix(&uk_t, &["kv_b_proj.weight"])?,
+                    matrix(&uv, &["kv_b_proj.weight"])?,
+                )
+            }
+        };
         let o = name("o_proj.weight");
         Ok(Self {
             shape,
@@ -332,8 +342,8 @@ where
             q_a_norm,
             q_b,
             kv_a_norm: ops.upload_f32(&load("kv_a_layernorm.weight", &[lora])?)?,
-            uk_t: matrix(&uk_t, &["kv_b_proj.weight"])?,
-            uv: matrix(&uv, &["kv_b_proj.weight"])?,
+            uk_t,
+            uv,
             o: upload_stacked(ops, ckpt, &[(o.as_str(), hidden)], heads * v)?,
             interleaved: *rope_interleave,
             scale: config.softmax_scale(),
@@ -514,6 +524,55 @@ where
         let mut attn = ops.scratch(rows * heads * v)?;
         ops.gemm(&expand, &self.uv, 0, &context_in, 0, &mut attn, 0)?;
         Ok(attn)
+    }
+}
+
+/// `kv_b_proj` kept as FP8 where the device keeps FP8 (`--gpu-fp8 keep`) and the checkpoint
+/// holds it so: [`split_kv_b`]'s halves as per-head FP8 matrices, each half's heads stacked
+/// (`None`: widened instead, as when they do not share their segments).
+fn fp8_kv_b_halves<O: DenseOps>(
+    ops: &O,
+    ckpt: &Checkpoint,
+    name: &str,
+    shape: MlaShape,
+) -> Result<Option<(O::Matrix, O::Matrix)>>
+where
+    ModelError: From<O::Error>,
+{
+    let MlaShape {
+        heads,
+        kv_lora_rank: lora,
+        nope,
+        v,
+        ..
+    } = shape;
+    if !ops.keeps_fp8() || ckpt.weights_dtype() != crate::checkpoint::WeightsDtype::AsStored {
+        return Ok(None);
+    }
+    let kv_b = ckpt.load_native(name, &[heads * (nope + v), lora])?;
+    if !matches!(kv_b, NativeWeight::Fp8(_)) {
+        return Ok(None);
+    }
+    let fp8 = |w: NativeWeight| match w {
+        NativeWeight::Fp8(m) => Some(m),
+        _ => None,
+    };
+    let per_head = |half: &dyn Fn(usize) -> NativeWeight| -> Option<Vec<_>> {
+        let heads: Option<Vec<_>> = (0..heads).map(|h| fp8(half(h))).collect();
+        heads.filter(|hs| {
+            hs.windows(2)
+                .all(|w| w[0].segment_starts == w[1].segment_starts)
+        })
+    };
+    let first = |h: usize| h * (nope + v);
+    let uk_t = per_head(&|h| kv_b.transposed_rows(first(h), nope, lora));
+    let uv = per_head(&|h| kv_b.row_block(first(h) + nope, v, lora));
+    match (uk_t, uv) {
+        (Some(uk_t), Some(uv)) => Ok(Some((
+            ops.upload_fp8_heads(&uk_t)?,
+            ops.upload_fp8_heads(&uv)?,
+        ))),
+        _ => Ok(None),
     }
 }
 

@@ -51,6 +51,13 @@ pub trait DenseOps {
     fn upload_fp8(&self, matrix: &Fp8Matrix) -> Result<Self::Matrix, Self::Error> {
         self.upload_matrix(&matrix.to_f32(), MatrixPrecision::F32)
     }
+    /// Per-head FP8 matrices of one shape and segments, stacked, for a strided-batched
+    /// [`Self::gemm`] with one head per batch (MLA's absorbed `kv_b` halves); by default
+    /// widened exactly.
+    fn upload_fp8_heads(&self, heads: &[Fp8Matrix]) -> Result<Self::Matrix, Self::Error> {
+        let values: Vec<f32> = heads.iter().flat_map(Fp8Matrix::to_f32).collect();
+        self.upload_matrix(&values, MatrixPrecision::F32)
+    }
     /// How many values `buffer` holds.
     fn len_of(&self, buffer: &Self::F32) -> usize;
     /// The first `len` values.

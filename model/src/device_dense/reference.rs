@@ -146,8 +146,12 @@ impl DenseOps for HostDenseOps {
         self.keeps_fp8
     }
     fn upload_fp8(&self, matrix: &Fp8Matrix) -> Result<HostMatrix, ModelError> {
+        self.upload_fp8_heads(std::slice::from_ref(matrix))
+    }
+    fn upload_fp8_heads(&self, heads: &[Fp8Matrix]) -> Result<HostMatrix, ModelError> {
         self.fp8_matrices.fetch_add(1, Ordering::Relaxed);
-        self.upload_matrix(&matrix.to_f32(), MatrixPrecision::F32)
+        let values: Vec<f32> = heads.iter().flat_map(Fp8Matrix::to_f32).collect();
+        self.upload_matrix(&values, MatrixPrecision::F32)
     }
     fn len_of(&self, buffer: &Vec<f32>) -> usize {
         buffer.len()
@@ -625,9 +629,9 @@ mod tests {
         experts_in_place_download_only_logits("qwen3-moe-tiny");
     }
 
-    /// `--gpu-fp8 keep` on the dense part: the FP8 fixture's linear matrices (MLA's q_b and o,
-    /// the dense layer's MLP, the shared experts) are held as FP8, the rest as before (its
-    /// query input is stacked with a bf16 kv_a, and kv_b is split per head: both widened), and
+    /// `--gpu-fp8 keep` on the dense part: the FP8 fixture's matrices (MLA's q_b, o and kv_b's
+    /// per-head halves, the dense layer's MLP, the shared experts) are held as FP8, its query
+    /// input widened as before (stacked with a bf16 kv_a), and
     /// the logits are bitwise those of the widened matrices (each FP8 weight becomes the f32
     /// that dequantizing computes) at prefill and decode, and the CPU model's within 1e-3.
     #[test]
@@ -641,8 +645,9 @@ mod tests {
         let kept = HostDenseOps::exact().with_fp8_kept();
         let kept = DeviceDenseModel::load(kept, &ckpt, &config).unwrap();
         assert_eq!(widened.ops().fp8_matrices(), 0);
-        // Per layer q_b and o, and one MLP each (a dense layer's, or the shared experts').
-        assert_eq!(kept.ops().fp8_matrices(), config.num_layers * (2 + 2));
+        // Per layer q_b, o and kv_b's two halves (per head, stacked), and one MLP each (a
+        // dense layer's, or the shared experts').
+        assert_eq!(kept.ops().fp8_matrices(), config.num_layers * (4 + 2));
         let vocab = config.vocab_size as u32;
         let mut caches: Vec<SequenceCache> = (0..3).map(|_| cpu.new_cache()).collect();
         let mut tokens: Vec<u32> = (0..9).map(|i| (i * 31 + 2) % vocab).collect();

@@ -68,7 +68,7 @@ impl GpuBuffer {
         match self {
             GpuBuffer::Bf16(s) | GpuBuffer::Bf16Pair { hi: s, .. } => s.len(),
             GpuBuffer::F32(s) => s.len(),
-            GpuBuffer::Fp8(m) => m.rows() * m.cols(),
+            GpuBuffer::Fp8(m) => m.heads() * m.rows() * m.cols(),
         }
     }
 

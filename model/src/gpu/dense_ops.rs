@@ -142,8 +142,12 @@ impl DenseOps for CudaDenseOps {
     }
 
     fn upload_fp8(&self, matrix: &Fp8Matrix) -> Result<GpuBuffer, GpuError> {
+        self.upload_fp8_heads(std::slice::from_ref(matrix))
+    }
+
+    fn upload_fp8_heads(&self, heads: &[Fp8Matrix]) -> Result<GpuBuffer, GpuError> {
         let _serial = self.ctx.lock()?;
-        let held = DeviceFp8Matrix::upload(&self.ctx, matrix)?;
+        let held = DeviceFp8Matrix::upload_heads(&self.ctx, heads)?;
         Ok(GpuBuffer::Fp8(Box::new(held)))
     }
 
@@ -308,9 +312,8 @@ impl DenseOps for CudaDenseOps {
             GpuBuffer::Bf16Pair { .. } => Err(GpuError::Shape(
                 "a GEMM input cannot be shaped like an activation pair".into(),
             )),
-            GpuBuffer::Fp8(_) => Err(GpuError::Shape(
-                "an FP8 matrix takes f32 inputs, through `linear` only".into(),
-            )),
+            // The FP8 kernels take f32 inputs.
+            GpuBuffer::Fp8(_) => self.f32_input(x, len),
         }
     }
 
@@ -326,6 +329,16 @@ impl DenseOps for CudaDenseOps {
     ) -> Result<(), GpuError> {
         let _serial = self.ctx.lock()?;
         check_gemm_bounds(s, s.extents(), (a, a_offset), (b, b_offset), (c, c_offset))?;
+        if let GpuBuffer::Fp8(weights) = a {
+            // FP8 weights (MLA's per-head kv_b halves) through their own exact kernel.
+            let GpuBuffer::F32(x) = b else {
+                return Err(shape_error("FP8 GEMM input"));
+            };
+            if a_offset != 0 {
+                return Err(shape_error("FP8 GEMM from an offset into the weights"));
+            }
+            return weights.strided_matmul(&self.ctx, s, (x, b_offset), (c, c_offset));
+        }
         let g = &s.gemm;
         if g.m == 0 || g.n == 0 || s.batch == 0 {
             return Ok(());

@@ -8,13 +8,17 @@
 //! A first kernel on CUDA cores, written for exactness and batch invariance: it does not use
 //! tensor cores, and a one-row product runs one FMA chain per output.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::kernels::as_int;
 use crate::backend::weight::Fp8Matrix;
 use crate::device::grouped_tiles::GroupedRowTiles;
+use crate::device::row_gemm::RowGemm;
+use crate::device::shapes::StridedGemm;
 
 /// Outputs (columns of `out`) and rows per block (`FP8_TILE_N`, `FP8_TILE_ROWS` in kernels.cu).
 const TILE_N: usize = 32;
@@ -23,7 +27,8 @@ const TILE_ROWS: usize = 8;
 pub const FP8_TILE_ROWS: usize = TILE_ROWS;
 
 /// An `[n, k]` FP8 matrix on the device: row-major e4m3 bytes, and each row's scale per k
-/// segment.
+/// segment; or `heads` such matrices on the same segments, stacked (MLA's per-head halves of
+/// `kv_b`).
 pub struct DeviceFp8Matrix {
     values: CudaSlice<u8>,
     scales: CudaSlice<f32>,
@@ -32,17 +37,40 @@ pub struct DeviceFp8Matrix {
     host_starts: Vec<i32>,
     n: usize,
     k: usize,
+    heads: usize,
 }
 
 impl DeviceFp8Matrix {
     /// Uploads `matrix` as it is held on the host (bytes and scales, no widening).
     pub fn upload(ctx: &GpuContext, matrix: &Fp8Matrix) -> Result<Self, GpuError> {
+        Self::upload_heads(ctx, std::slice::from_ref(matrix))
+    }
+
+    /// Uploads per-head matrices stacked, each as it is held on the host: all the same shape
+    /// and segments (else a shape error: the caller widens them instead).
+    pub fn upload_heads(ctx: &GpuContext, heads: &[Fp8Matrix]) -> Result<Self, GpuError> {
+        let Some(matrix) = heads.first() else {
+            return Err(GpuError::Shape("no FP8 matrix to upload".into()));
+        };
+        let alike = heads.iter().all(|h| {
+            h.rows == matrix.rows
+                && h.cols == matrix.cols
+                && h.segment_starts == matrix.segment_starts
+        });
+        if !alike {
+            return Err(GpuError::Shape(
+                "per-head FP8 matrices of other shapes or segments".into(),
+            ));
+        }
         let (n, k) = (matrix.rows, matrix.cols);
         let segments = matrix.segments();
         let starts_ok = matrix.segment_starts.first() == Some(&0)
             && matrix.segment_starts.windows(2).all(|w| w[0] < w[1])
             && matrix.segment_starts.last().is_some_and(|&s| s < k.max(1));
-        if matrix.values.len() != n * k || matrix.scales.len() != n * segments || !starts_ok {
+        let sized = heads
+            .iter()
+            .all(|h| h.values.len() == n * k && h.scales.len() == n * segments);
+        if !sized || !starts_ok {
             return Err(GpuError::Shape(format!(
                 "an FP8 matrix [{n}, {k}] with {} bytes, {} scales and segments {:?}",
                 matrix.values.len(),
@@ -58,17 +86,26 @@ impl DeviceFp8Matrix {
             .map(|&s| as_int(s, "FP8 segment start"))
             .collect::<Result<Vec<i32>, _>>()?;
         let stream = ctx.stream();
-        let upload_bytes = |bytes: &[u8]| match bytes.is_empty() {
-            true => stream.alloc_zeros::<u8>(1),
-            false => stream.clone_htod(bytes),
+        let values: Vec<u8> = heads
+            .iter()
+            .flat_map(|h| h.values.iter().copied())
+            .collect();
+        let scales: Vec<f32> = heads
+            .iter()
+            .flat_map(|h| h.scales.iter().copied())
+            .collect();
+        let values = match values.is_empty() {
+            true => stream.alloc_zeros::<u8>(1)?,
+            false => stream.clone_htod(&values)?,
         };
         Ok(Self {
-            values: upload_bytes(&matrix.values)?,
-            scales: stream.clone_htod(&matrix.scales)?,
+            values,
+            scales: stream.clone_htod(&scales)?,
             segment_starts: stream.clone_htod(&starts)?,
             host_starts: starts,
             n,
             k,
+            heads: heads.len(),
         })
     }
 
@@ -78,6 +115,65 @@ impl DeviceFp8Matrix {
 
     pub fn cols(&self) -> usize {
         self.k
+    }
+
+    /// Matrices stacked (1 for a plain matrix).
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// A dense-part GEMM over these weights (`s` as [`RowGemm::from_strided`] reads it, from
+    /// element 0 of the weights: one matrix, or one per batch when stacked), f32 rows `x` from
+    /// `x_offset` into `out` from `out_offset`, queued on the context's stream. The caller
+    /// checked the extents against the buffers.
+    pub fn strided_matmul(
+        &self,
+        ctx: &GpuContext,
+        s: &StridedGemm,
+        (x, x_offset): (&CudaSlice<f32>, usize),
+        (out, out_offset): (&mut CudaSlice<f32>, usize),
+    ) -> Result<(), GpuError> {
+        let row = RowGemm::from_strided(s);
+        let fits = row.is_some_and(|r| {
+            r.n == self.n
+                && r.k == self.k
+                && r.w_stride == self.k
+                && (r.batch <= 1 || (r.w_batch == self.n * self.k && r.batch <= self.heads))
+        });
+        let Some(row) = row.filter(|_| fits) else {
+            return Err(GpuError::Shape(format!(
+                "an FP8 GEMM {s:?} over {} stacked [{}, {}] matrices",
+                self.heads, self.n, self.k
+            )));
+        };
+        if row.rows == 0 || row.n == 0 || row.batch == 0 {
+            return Ok(());
+        }
+        let mut config = launch_shape(row.rows, row.n)?;
+        if row.batch > 65_535 {
+            return Err(GpuError::Shape(format!("{} FP8 batches", row.batch)));
+        }
+        config.grid_dim.2 = row.batch as u32;
+        let stream = ctx.stream();
+        let x_at = x.device_ptr(stream).0 + x_offset as u64 * 4;
+        let out_at = out.device_ptr_mut(stream).0 + out_offset as u64 * 4;
+        let wide = |v: usize| v as i64;
+        let (x_stride, x_batch) = (wide(row.x_stride), wide(row.x_batch));
+        let (out_stride, out_batch) = (wide(row.out_stride), wide(row.out_batch));
+        let segments = self.host_starts.len() as i32;
+        let (rows_i, n, k) = (as_int(row.rows, "rows")?, self.n as i32, self.k as i32);
+        // SAFETY: the caller checked x's and out's extents; the kernel reads batch matrices
+        // of n * k bytes and n * segments scales, within the `heads` stacked (checked above).
+        unsafe {
+            let mut builder = stream.launch_builder(&ctx.kernels().gemm_rows_fp8_batched);
+            builder.arg(&x_at).arg(&x_stride).arg(&x_batch);
+            builder.arg(&self.values).arg(&self.scales);
+            builder.arg(&self.segment_starts).arg(&segments);
+            builder.arg(&out_at).arg(&out_stride).arg(&out_batch);
+            builder.arg(&rows_i).arg(&n).arg(&k);
+            builder.launch(config)?;
+        }
+        Ok(())
     }
 
     /// Device address of the e4m3 bytes (valid while `self` lives, for work on `stream`).
@@ -110,9 +206,11 @@ impl DeviceFp8Matrix {
         rows: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), GpuError> {
-        if x.len() < rows * self.k || out.len() < rows * self.n {
+        if self.heads != 1 || x.len() < rows * self.k || out.len() < rows * self.n {
             return Err(GpuError::Shape(format!(
-                "an FP8 GEMM of {rows} rows over [{}, {}] with {} input and {} output values",
+                "an FP8 GEMM of {rows} rows over {} stacked [{}, {}] with {} input and {} output \
+                 values",
+                self.heads,
                 self.n,
                 self.k,
                 x.len(),
@@ -165,7 +263,7 @@ pub fn grouped_matmul(
     let (n, k) = (first.n, first.k);
     let same_shape = experts
         .iter()
-        .all(|e| e.n == n && e.k == k && e.host_starts == first.host_starts);
+        .all(|e| e.n == n && e.k == k && e.heads == 1 && e.host_starts == first.host_starts);
     if !same_shape || experts.len() != tiles.run_len.len() {
         return Err(GpuError::Shape(format!(
             "a grouped FP8 GEMM of {} experts (same shape: {same_shape}) over {} runs",

@@ -532,6 +532,24 @@ extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
              k);
 }
 
+// Per-head FP8 matrices stacked (MLA's absorbed kv_b halves kept as FP8): batch b (blockIdx.z)
+// reads x + b * x_batch, its matrix's bytes at w + b * n * k and scales at
+// scales + b * n * segments (every head on the same segments), and writes out + b * out_batch.
+// Grid: (ceil(n / FP8_TILE_N), ceil(rows / FP8_TILE_ROWS), batch), 256 threads.
+extern "C" __global__ void gemm_rows_fp8_batched(const float* x, long long x_stride,
+                                                 long long x_batch, const unsigned char* w,
+                                                 const float* scales, const int* segment_starts,
+                                                 int segments, float* out, long long out_stride,
+                                                 long long out_batch, int rows, int n, int k) {
+    const long long b = blockIdx.z;
+    const long long row0 = (long long)blockIdx.y * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((long long)FP8_TILE_ROWS, (long long)rows - row0);
+    const Fp8Weights weights = {w + b * n * k, scales + b * n * segments, segment_starts,
+                                segments, (long long)k};
+    row_tile(x + b * x_batch, x_stride, row0, tile_rows, weights, out + b * out_batch, out_stride,
+             blockIdx.x * FP8_TILE_N, n, k);
+}
+
 // --- Exact GEMMs over f32 and bf16 weights (`--deterministic` on a GPU) ---
 //
 // The same tiles and chain as the FP8 GEMM: out[r, j] = sum over k of x[r, k] * w[j, k] with

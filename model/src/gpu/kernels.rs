@@ -33,6 +33,7 @@ pub struct Kernels {
     pub embed_rows_bf16: CudaFunction,
     pub gemm_rows_fp8: CudaFunction,
     pub grouped_gemm_rows_fp8: CudaFunction,
+    pub gemm_rows_fp8_batched: CudaFunction,
     pub gemm_rows_exact_f32: CudaFunction,
     pub gemm_rows_exact_bf16: CudaFunction,
     pub grouped_gemm_rows_exact_f32: CudaFunction,
@@ -40,7 +41,7 @@ pub struct Kernels {
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 25] = [
+pub const KERNEL_NAMES: [&str; 26] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -62,6 +63,7 @@ pub const KERNEL_NAMES: [&str; 25] = [
     "embed_rows_bf16",
     "gemm_rows_fp8",
     "grouped_gemm_rows_fp8",
+    "gemm_rows_fp8_batched",
     "gemm_rows_exact_f32",
     "gemm_rows_exact_bf16",
     "grouped_gemm_rows_exact_f32",
@@ -118,6 +120,7 @@ impl Kernels {
             embed_rows_bf16: f("embed_rows_bf16")?,
             gemm_rows_fp8: f("gemm_rows_fp8")?,
             grouped_gemm_rows_fp8: f("grouped_gemm_rows_fp8")?,
+            gemm_rows_fp8_batched: f("gemm_rows_fp8_batched")?,
             gemm_rows_exact_f32: f("gemm_rows_exact_f32")?,
             gemm_rows_exact_bf16: f("gemm_rows_exact_bf16")?,
             grouped_gemm_rows_exact_f32: f("grouped_gemm_rows_exact_f32")?,
