@@ -519,4 +519,55 @@ mod tests {
             }
         }
     }
+
+    /// Three heads' FP8 matrices stacked and run as one strided-batched product (MLA's
+    /// absorption shape: rows of x a head apart, outputs a head apart): each head's outputs
+    /// bitwise its own matrix's CPU GEMM. Needs a GPU.
+    #[test]
+    fn stacked_fp8_heads_in_one_batched_launch_are_bitwise_each_heads_cpu_gemm() {
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::F32) else {
+            return;
+        };
+        let _serial = ctx.lock().unwrap();
+        let (heads, rows, n, k, pad) = (3usize, 9, 40, 150, 6);
+        let matrices: Vec<Fp8Matrix> = (0..heads)
+            .map(|h| fp8_matrix(n, k, (128, 128), 60 + h as u64))
+            .collect();
+        let stacked = DeviceFp8Matrix::upload_heads(&ctx, &matrices).unwrap();
+        let s = StridedGemm::per_head(
+            rows,
+            heads,
+            n,
+            k,
+            (heads * (k + pad), k + pad),
+            (heads * n, n),
+        );
+        let (_, x_end, out_end) = s.extents();
+        let x = pseudo_random(x_end, 61);
+        let stream = ctx.stream();
+        let x_dev = stream.clone_htod(&x).unwrap();
+        let mut out = stream.alloc_zeros::<f32>(out_end).unwrap();
+        stacked
+            .strided_matmul(&ctx, &s, (&x_dev, 0), (&mut out, 0))
+            .unwrap();
+        let got = stream.clone_dtoh(&out).unwrap();
+        for (h, matrix) in matrices.iter().enumerate() {
+            let host = PackedMatrix::from_native(&[&NativeWeight::Fp8(matrix.clone())], k);
+            let rows_of_head: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    let at = r * heads * (k + pad) + h * (k + pad);
+                    x[at..at + k].to_vec()
+                })
+                .collect();
+            let want = host.matmul(&rows_of_head, rows);
+            for r in 0..rows {
+                let at = r * heads * n + h * n;
+                let same = got[at..at + n]
+                    .iter()
+                    .zip(&want[r * n..(r + 1) * n])
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "head {h}, row {r}");
+            }
+        }
+    }
 }
