@@ -10,33 +10,41 @@
 #   ops/gpu-check.sh           on the GPU machine, from the repository root: runs the checks
 #                              and prints a summary. Without .gpu-bin/ it prepares first
 #                              (needs cargo there).
+#   ops/gpu-check.sh bench     the benchmarks, as a run of their own (each part stays well under
+#                              the device's 600 s per command, so a part that fails can be run
+#                              again within one session's 15 minutes).
 #
-# Checks, each bounded by a timeout (the bounds add up to 560 s, under the device's 600 s per
-# command; a normal run takes far less), in order of priority:
+# Checks, each bounded by a timeout (the bounds add up to 425 s; a normal run takes far less),
+# in order of priority:
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
-#      fixtures (MOE_REQUIRE_GPU=1: a GPU that cannot be opened fails them);
+#      fixtures, the FP8 and exact (`--deterministic`) GEMM kernels bitwise the CPU's, a
+#      sequence's logits bitwise the same alone and in a batch of 64 with `--deterministic`
+#      (MOE_REQUIRE_GPU=1: a GPU that cannot be opened fails them);
 #   2. the engine's golden tests with the whole model on cuda:0 (dense part: attention with
-#      the KV cache, norms, gate, shared experts, lm_head; routed experts): f32 and bf16x2
-#      (the default: bf16 weights, activations as two bf16 terms) within 2e-3, the FP8
-#      fixture among them (its weights widened to f32 on the device in both). Plain bf16 is
-#      not run against the goldens: its host emulation (tests/golden.rs, bf16_device_numerics)
-#      already shows it moving logits by up to 6.6 on these fixtures (docs/gpu.md);
+#      the KV cache, norms, gate, shared experts, lm_head; routed experts, given the dense
+#      part's rows in place): f32 and bf16x2 (the default: bf16 weights, activations as two
+#      bf16 terms) within 2e-3, the FP8 fixture among them (its weights widened to f32 on the
+#      device in both). Plain bf16 is not run against the goldens: its host emulation
+#      (tests/golden.rs, bf16_device_numerics) already shows it moving logits by up to 6.6 on
+#      these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and
 #      on a generated FP8 checkpoint (the CPU holding FP8 panels, the GPU its f32 widening, and
 #      with `--gpu-fp8 keep` its routed experts and dense projections kept as FP8); so does
-#      `--deterministic` (every GEMM through the exact kernels; the unit tests of step 1 check
-#      that a sequence's logits are bitwise the same alone and in a batch of 64);
+#      `--deterministic` (every GEMM through the exact kernels);
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
 #      collective;
 #   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv), and
 #      rows received over it run by GPU experts where they lie, against the same experts
-#      run from host rows;
-#   6. what `--deterministic` costs: `moe bench` at batch 1 and 32 on a generated small
-#      preset, with and without;
-#   7. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
-#      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM.
+#      run from host rows.
+# Benchmarks (`bench`; bounds add up to 290 s):
+#   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
+#      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM;
+#   2. the same with the experts kept as FP8 (the grouped FP8 kernel), and with bf16 experts
+#      through the exact kernels (`--deterministic`), with the weights' device memory;
+#   3. what `--deterministic` costs a whole model: `moe bench` at batch 1 and 32 on a
+#      generated small preset, with and without.
 # Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
 # GPU: it needs a GPU per process).
 set -uo pipefail
@@ -70,7 +78,8 @@ for line in sys.stdin:
   set +e
 }
 
-if [ "${1:-}" = prepare ]; then
+PART=${1:-checks}
+if [ "$PART" = prepare ]; then
   prepare
   exit
 fi
@@ -127,6 +136,7 @@ check() { # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/nvidia-smi: /' || true
 ls "$LIBS"
 
+if [ "$PART" != bench ]; then
 check "device unit tests (cuda feature)" 45 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
 check "golden tests, whole model on cuda:0, f32 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
@@ -184,7 +194,23 @@ check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens" 30 fp8_ke
 check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture
+fi
 
+gpu_bench() { # name of the JSON file, then moe gpu-bench's flags
+  set -eo pipefail
+  local name=$1
+  shift
+  "$UNPACKED/moe" gpu-bench --json "$@" | tee "/tmp/$name.json"
+  [ -n "${OUT:-}" ] && cp "/tmp/$name.json" "$OUT/" 2>/dev/null
+  GPU_BENCH_JSON="/tmp/$name.json" python3 - <<'EOF'
+import json, os
+r = json.load(open(os.environ["GPU_BENCH_JSON"]))
+print(f"weights: {r.get('weights', 'held')}, deterministic: {r.get('deterministic', False)}, {r.get('weight_bytes', 0) / 1e9:.2f} GB on the device")
+print(f"{r['name']} {r['dtype']}: dense {r['roofline']['m']}^3 GEMM {r['roofline']['tflops']:.1f} TFLOP/s")
+for f in r["expert_ffn"]:
+    print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
+EOF
+}
 deterministic_cost() {
   set -eo pipefail
   local model=/tmp/moe-small-bf16
@@ -194,21 +220,13 @@ deterministic_cost() {
     "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,32 --prompt-len 64 --gen 16 --deterministic=$det
   done
 }
-check "--deterministic: its cost (moe bench, small preset, bf16x2)" 45 deterministic_cost
 
-bench() {
-  set -eo pipefail
-  "$UNPACKED/moe" gpu-bench --json | tee /tmp/gpu-bench.json
-  [ -n "${OUT:-}" ] && cp /tmp/gpu-bench.json "$OUT/" 2>/dev/null
-  python3 - <<'EOF'
-import json
-r = json.load(open("/tmp/gpu-bench.json"))
-print(f"{r['name']} {r['dtype']}: dense {r['roofline']['m']}^3 GEMM {r['roofline']['tflops']:.1f} TFLOP/s")
-for f in r["expert_ffn"]:
-    print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
-EOF
-}
-check "expert-FFN benchmark (moe gpu-bench)" 90 bench
+if [ "$PART" = bench ]; then
+  check "expert-FFN benchmark (moe gpu-bench)" 90 gpu_bench gpu-bench
+  check "expert FFN, experts kept as FP8 (moe gpu-bench --fp8)" 60 gpu_bench gpu-bench-fp8 --fp8 --lanes 4 --iters 5
+  check "expert FFN, exact kernels (moe gpu-bench --deterministic)" 60 gpu_bench gpu-bench-exact --deterministic --lanes 4 --iters 5
+  check "--deterministic: its cost (moe bench, small preset, bf16x2)" 80 deterministic_cost
+fi
 
 echo
 echo "== summary"

@@ -34,6 +34,13 @@ pub struct GpuBenchArgs {
     /// Timed runs per figure (after one warm-up).
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Experts' weights kept as FP8 (random e4m3 bytes, a scale per 128x128 block), run by
+    /// the grouped FP8 kernel (`--gpu-fp8 keep`'s form) instead of held in `--gpu-dtype`.
+    #[arg(long)]
+    pub fp8: bool,
+    /// GEMMs through the exact, batch-invariant kernels (`--deterministic`'s).
+    #[arg(long)]
+    pub deterministic: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -47,7 +54,7 @@ pub fn run(_args: GpuBenchArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
     use moe_model::experts::ExpertDevice;
-    use moe_model::gpu::bench::{dense_gemm, expert_ffn, FfnShape};
+    use moe_model::gpu::bench::{dense_gemm, expert_ffn, BenchWeights, FfnShape};
 
     let Device::Cuda(_) = args.device else {
         anyhow::bail!("--device must be a GPU (cuda:N)")
@@ -72,12 +79,22 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
                 .map(|&l| (l, largest)),
         );
     }
-    let figures = expert_ffn(&ctx, shape, &cases, args.iters, roofline.tflops)?;
+    // The roofline stays cuBLAS's dense GEMM: what the experts are measured against.
+    ctx.set_deterministic(args.deterministic);
+    let weights = match args.fp8 {
+        true => BenchWeights::Fp8,
+        false => BenchWeights::Held,
+    };
+    let report = expert_ffn(&ctx, shape, weights, &cases, args.iters, roofline.tflops)?;
+    let figures = &report.figures;
     if args.json {
         let json = serde_json::json!({
             "device": args.device.to_string(),
             "name": ctx.name(),
             "dtype": args.gpu_dtype.to_string(),
+            "weights": weights,
+            "deterministic": args.deterministic,
+            "weight_bytes": report.weight_bytes,
             "shape": shape,
             "roofline": roofline,
             "expert_ffn": figures,
@@ -95,14 +112,29 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
         n = roofline.m
     );
     println!(
-        "expert FFN, hidden {} x intermediate {}, {} experts, top-{}:",
-        shape.hidden, shape.intermediate, shape.experts, shape.top_k
+        "expert FFN, hidden {} x intermediate {}, {} experts, top-{}, weights {} ({:.2} GB on \
+         the device){}:",
+        shape.hidden,
+        shape.intermediate,
+        shape.experts,
+        shape.top_k,
+        if args.fp8 {
+            "FP8".to_string()
+        } else {
+            args.gpu_dtype.to_string()
+        },
+        report.weight_bytes as f64 / 1e9,
+        if args.deterministic {
+            ", exact kernels"
+        } else {
+            ""
+        }
     );
     println!(
         "{:>6} {:>8} {:>8} {:>10} {:>10} {:>12} {:>16}",
         "lanes", "tokens", "pairs", "ms", "TFLOP/s", "of roofline", "GEMMs alone"
     );
-    for f in &figures {
+    for f in figures {
         println!(
             "{:>6} {:>8} {:>8} {:>10.3} {:>10.1} {:>11.0}% {:>7.3} ms {:>5.0}",
             f.lanes,

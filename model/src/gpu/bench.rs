@@ -10,7 +10,7 @@ use super::context::GpuContext;
 use super::error::GpuError;
 use super::expert_ffn::{run_grouped_on_device, CudaOps, ExpertBatch, GpuMlp};
 use crate::device::shapes::ColumnMajorGemm;
-use crate::grouped_ffn::{expert_gemms, FfnOps, FfnPass};
+use crate::grouped_ffn::{FfnOps, FfnPass};
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
 /// The MoE layer shape being measured.
@@ -131,21 +131,43 @@ pub fn random_routes(tokens: usize, shape: &FfnShape, seed: u64) -> ExpertRoutes
     routes
 }
 
+/// The experts' weights as measured: in the context's dtype, or kept as FP8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchWeights {
+    Held,
+    Fp8,
+}
+
+/// One MoE layer's figures, and the device memory its experts' weights take.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertFfnReport {
+    pub weight_bytes: usize,
+    pub figures: Vec<FfnFigure>,
+}
+
 /// Expert-FFN TFLOP/s of one MoE layer (all `shape.experts` experts on this GPU, random
-/// weights) at each token count, rows already on the device (the data plane delivers them
-/// there), routing and weights uploaded in the timed region.
-/// Each `(lanes, tokens)` in `cases` is measured once, in order.
+/// weights held as `weights` says) at each token count, rows already on the device (the data
+/// plane delivers them there), routing and weights uploaded in the timed region; through the
+/// exact kernels when the context is deterministic. Each `(lanes, tokens)` in `cases` is
+/// measured once, in order.
 pub fn expert_ffn(
     ctx: &GpuContext,
     shape: FfnShape,
+    weights: BenchWeights,
     cases: &[(usize, usize)],
     iters: usize,
     roofline_tflops: f64,
-) -> Result<Vec<FfnFigure>, GpuError> {
+) -> Result<ExpertFfnReport, GpuError> {
     let _serial = ctx.lock()?;
+    let (hidden, inter) = (shape.hidden, shape.intermediate);
     let experts: Vec<GpuMlp> = (0..shape.experts)
-        .map(|e| GpuMlp::random(ctx, shape.hidden, shape.intermediate, e as u32 + 7))
+        .map(|e| match weights {
+            BenchWeights::Held => GpuMlp::random(ctx, hidden, inter, e as u32 + 7),
+            BenchWeights::Fp8 => GpuMlp::random_fp8(ctx, hidden, inter, e as u32 + 7),
+        })
         .collect::<Result<_, _>>()?;
+    let weight_bytes = experts.iter().map(GpuMlp::bytes).sum();
     let mut figures = Vec::new();
     for &(lanes, tokens) in cases {
         ctx.set_gemm_lanes(lanes);
@@ -176,7 +198,10 @@ pub fn expert_ffn(
         });
     }
     ctx.set_gemm_lanes(super::context::GEMM_LANES);
-    Ok(figures)
+    Ok(ExpertFfnReport {
+        weight_bytes,
+        figures,
+    })
 }
 
 /// Milliseconds of the batch's gate+up and down passes alone, on random inputs of the
@@ -202,10 +227,12 @@ fn gemms_only_ms(
     let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
     let mut out = ops.scratch_f32(slots * hidden)?;
     let m = &batch.matrices;
+    // A pass as the FFN runs it: one grouped launch for FP8 or exact kernels, else a
+    // cuBLAS GEMM per expert.
     time_ms(ctx, iters, || {
         let up = FfnPass::GateUp;
-        expert_gemms(&ops, m, plan, up, &x, &mut gate_up, hidden, inter)?;
-        expert_gemms(&ops, m, plan, FfnPass::Down, &act, &mut out, hidden, inter)
+        ops.expert_pass(m, plan, up, &x, &mut gate_up, hidden, inter)?;
+        ops.expert_pass(m, plan, FfnPass::Down, &act, &mut out, hidden, inter)
     })
 }
 

@@ -114,6 +114,23 @@ impl GpuMlp {
         })
     }
 
+    /// Random weights kept as FP8 (`--gpu-fp8 keep`'s form), filled on the device.
+    pub fn random_fp8(
+        ctx: &GpuContext,
+        hidden: usize,
+        intermediate: usize,
+        seed: u32,
+    ) -> Result<Self, GpuError> {
+        let gate_up = DeviceFp8Matrix::random(ctx, 2 * intermediate, hidden, seed.wrapping_mul(2))?;
+        let down = DeviceFp8Matrix::random(ctx, hidden, intermediate, seed.wrapping_mul(2) + 1)?;
+        Ok(Self {
+            gate_up: GpuBuffer::Fp8(Box::new(gate_up)),
+            down: GpuBuffer::Fp8(Box::new(down)),
+            hidden,
+            intermediate,
+        })
+    }
+
     pub fn bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
     }

@@ -109,6 +109,40 @@ impl DeviceFp8Matrix {
         })
     }
 
+    /// An `[n, k]` matrix of random finite e4m3 bytes with random scales per 128 x 128 block
+    /// (benchmarks: DeepSeek-V3's 256 experts of a layer are 11 GB in FP8), filled on the
+    /// device.
+    pub fn random(ctx: &GpuContext, n: usize, k: usize, seed: u32) -> Result<Self, GpuError> {
+        const BLOCK: usize = 128;
+        let segments = k.div_ceil(BLOCK).max(1);
+        let starts: Vec<i32> = (0..segments)
+            .map(|s| as_int(s * BLOCK, "FP8 segment start"))
+            .collect::<Result<_, _>>()?;
+        let stream = ctx.stream();
+        let mut values = stream.alloc_zeros::<u8>((n * k).max(1))?;
+        let mut scales = stream.alloc_zeros::<f32>((n * segments).max(1))?;
+        let len = (n * k) as i64;
+        // SAFETY: the kernel writes exactly `len` bytes of `values`.
+        unsafe {
+            stream
+                .launch_builder(&ctx.kernels().fill_e4m3)
+                .arg(&mut values)
+                .arg(&len)
+                .arg(&seed)
+                .launch(super::kernels::grid(n * k))?;
+        }
+        super::buffer::fill_uniform_f32(ctx, &mut scales, seed ^ 0x5ca1e, 1e-3)?;
+        Ok(Self {
+            values,
+            scales,
+            segment_starts: stream.clone_htod(&starts)?,
+            host_starts: starts,
+            n,
+            k,
+            heads: 1,
+        })
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }

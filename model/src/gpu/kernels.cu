@@ -145,6 +145,15 @@ extern "C" __global__ void fill_uniform_f32(float* out, long long n, unsigned in
     GRID_STRIDE(i, n) { out[i] = hash_uniform(i, seed) * scale; }
 }
 
+// Finite e4m3 bytes (benchmark FP8 weights): a byte from the same hash, NaN (x111 1111) moved
+// to the largest finite magnitude.
+extern "C" __global__ void fill_e4m3(unsigned char* out, long long n, unsigned int seed) {
+    GRID_STRIDE(i, n) {
+        unsigned char b = (unsigned char)((hash_uniform(i, seed) + 1.0f) * 127.99f);
+        out[i] = (b & 0x7f) == 0x7f ? (unsigned char)(b ^ 1) : b;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The router's dense part (model/src/gpu/dense_ops.rs). Views: element (r, h, c) of a
 // [rows, heads, width] block is at offset + r * row_stride + h * head_stride + c.

@@ -19,6 +19,7 @@ pub struct Kernels {
     pub scatter_weighted: CudaFunction,
     pub fill_uniform_bf16: CudaFunction,
     pub fill_uniform_f32: CudaFunction,
+    pub fill_e4m3: CudaFunction,
     pub convert_f32_to_bf16: CudaFunction,
     pub add_f32: CudaFunction,
     pub rms_norm_heads: CudaFunction,
@@ -41,7 +42,7 @@ pub struct Kernels {
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 26] = [
+pub const KERNEL_NAMES: [&str; 27] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -49,6 +50,7 @@ pub const KERNEL_NAMES: [&str; 26] = [
     "scatter_weighted",
     "fill_uniform_bf16",
     "fill_uniform_f32",
+    "fill_e4m3",
     "convert_f32_to_bf16",
     "add_f32",
     "rms_norm_heads",
@@ -106,6 +108,7 @@ impl Kernels {
             scatter_weighted: f("scatter_weighted")?,
             fill_uniform_bf16: f("fill_uniform_bf16")?,
             fill_uniform_f32: f("fill_uniform_f32")?,
+            fill_e4m3: f("fill_e4m3")?,
             convert_f32_to_bf16: f("convert_f32_to_bf16")?,
             add_f32: f("add_f32")?,
             rms_norm_heads: f("rms_norm_heads")?,
