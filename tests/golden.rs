@@ -170,7 +170,6 @@ fn device_numerics_error(name: &str, numerics: GpuDtype) -> f32 {
     use moe_model::device_dense::reference::HostDenseOps;
     use moe_model::device_dense::DeviceDenseModel;
     use moe_model::experts::ExpertSet;
-    use moe_model::kv_cache::SequenceCache;
     use moe_model::ModelConfig;
 
     let dir = fixture_dir(name);
@@ -186,7 +185,7 @@ fn device_numerics_error(name: &str, numerics: GpuDtype) -> f32 {
     let vocab = config.vocab_size;
     let mut worst = 0.0f32;
     for case in golden_cases(name) {
-        let mut cache = SequenceCache::for_config(&config);
+        let mut cache = model.new_cache();
         let mut step = |tokens: &[u32], all_logits: bool| {
             let mut seqs = [StepSequence {
                 cache: &mut cache,

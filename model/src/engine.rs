@@ -123,7 +123,7 @@ impl Engine {
 
     /// Logits at every position of a prompt, `[len, vocab]`.
     pub fn prompt_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache().reserving(ids.len());
+        let mut cache = self.new_cache();
         let mut seqs = [StepSequence {
             cache: &mut cache,
             tokens: ids,
@@ -169,9 +169,7 @@ impl Engine {
         let mut states: Vec<SeqState> = reqs
             .iter()
             .map(|r| SeqState {
-                cache: self
-                    .new_cache()
-                    .reserving(r.input_ids.len() + r.max_new_tokens),
+                cache: self.new_cache(),
                 sampler: Sampler::for_request(
                     r.sampling.clone(),
                     &r.input_ids,

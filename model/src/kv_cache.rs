@@ -31,18 +31,6 @@ pub struct SequenceCache {
     blocks: Vec<Arc<KvBlock>>,
     /// Tokens cached so far (the next token's position).
     pub len: usize,
-    /// The device cache, when the dense part runs on a device (created by its first step).
-    pub device: Option<Box<dyn DeviceCacheSlot>>,
-    /// Tokens the owner has reserved for this sequence (prompt + most new tokens), 0 when
-    /// unknown: a device cache takes that room at its first step instead of growing by
-    /// doubling (no copies, and never more than the owner's KV budget counted).
-    pub reserved: usize,
-}
-
-/// A cache held on a device for one sequence; its valid rows are the owner's `len`.
-pub trait DeviceCacheSlot: Send {
-    fn bytes(&self) -> usize;
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 impl std::fmt::Debug for SequenceCache {
@@ -50,7 +38,6 @@ impl std::fmt::Debug for SequenceCache {
         f.debug_struct("SequenceCache")
             .field("len", &self.len)
             .field("blocks", &self.blocks.len())
-            .field("device_bytes", &self.device.as_ref().map(|d| d.bytes()))
             .finish()
     }
 }
@@ -63,8 +50,6 @@ impl SequenceCache {
             layout: *pool.layout(),
             blocks: Vec::new(),
             len: 0,
-            device: None,
-            reserved: 0,
         }
     }
 
@@ -77,14 +62,19 @@ impl SequenceCache {
         )))
     }
 
-    /// This cache, for a sequence that will hold at most `tokens` tokens.
-    pub fn reserving(mut self, tokens: usize) -> Self {
-        self.reserved = tokens;
-        self
-    }
-
     pub fn layout(&self) -> &KvLayout {
         &self.layout
+    }
+
+    /// The pool its blocks come from.
+    pub fn pool(&self) -> &Arc<KvPool> {
+        &self.pool
+    }
+
+    /// The pool indices of its blocks, in position order (room taken included): a device
+    /// dense part keeps each block's rows at that index of its own pool.
+    pub fn block_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.blocks.iter().map(|b| b.index())
     }
 
     pub fn num_layers(&self) -> usize {
@@ -118,10 +108,7 @@ impl SequenceCache {
     /// copied) as its first positions. False, and nothing changes, when the cache is not
     /// empty or a block has another layout.
     pub fn share_prefix(&mut self, blocks: &[Arc<KvBlock>]) -> bool {
-        if self.len != 0
-            || self.device.is_some()
-            || !blocks.iter().all(|b| b.pool().layout() == &self.layout)
-        {
+        if self.len != 0 || !blocks.iter().all(|b| b.pool().layout() == &self.layout) {
             return false;
         }
         self.blocks = blocks.to_vec();
@@ -141,10 +128,10 @@ impl SequenceCache {
         self.blocks.truncate(self.layout.blocks_for(mark.len));
     }
 
-    /// Bytes held, for accounting (shared blocks counted in full).
+    /// Bytes held, for accounting (shared blocks counted in full); a device dense part holds
+    /// as many in its pool for these blocks.
     pub fn bytes(&self) -> usize {
         self.blocks.len() * self.layout.block_bytes()
-            + self.device.as_ref().map_or(0, |d| d.bytes())
     }
 }
 

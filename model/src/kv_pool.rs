@@ -75,6 +75,8 @@ pub struct KvPool {
 /// Per layer, one allocation of `blocks` blocks' keys and one of their values.
 struct Chunk {
     blocks: usize,
+    /// The pool-wide index of its first block (chunks number their blocks one after another).
+    first: u32,
     layers: Vec<(NonNull<f32>, NonNull<f32>)>,
 }
 
@@ -137,7 +139,12 @@ impl PoolState {
             })
             .collect();
         let chunk = self.chunks.len() as u32;
-        self.chunks.push(Chunk { blocks, layers });
+        let first = held as u32;
+        self.chunks.push(Chunk {
+            blocks,
+            first,
+            layers,
+        });
         self.free
             .extend((0..blocks as u32).map(|slot| (chunk, slot)));
     }
@@ -202,6 +209,7 @@ impl KvPool {
         KvBlock {
             pool: Arc::clone(self),
             id: (chunk, slot),
+            index: state.chunks[chunk as usize].first + slot,
             layers,
         }
     }
@@ -217,6 +225,9 @@ impl KvPool {
 pub struct KvBlock {
     pool: Arc<KvPool>,
     id: (u32, u32),
+    /// Its index among all the pool's blocks: a device dense part keeps the block's rows at
+    /// this index of its own pool.
+    index: u32,
     /// Per layer, where this block's key rows and value rows start.
     layers: Box<[(NonNull<f32>, NonNull<f32>)]>,
 }
@@ -230,6 +241,12 @@ unsafe impl Sync for KvBlock {}
 impl KvBlock {
     pub fn pool(&self) -> &Arc<KvPool> {
         &self.pool
+    }
+
+    /// Its index among the pool's blocks (below [`KvPool::blocks_held`]); taken again by
+    /// another sequence only after this block is dropped.
+    pub fn index(&self) -> usize {
+        self.index as usize
     }
 
     /// One layer's key rows and value rows of this block.
@@ -341,6 +358,16 @@ mod tests {
         blocks.extend((0..3).map(|_| pool.take()));
         // 8, then another 8 (as many as it held).
         assert_eq!(pool.blocks_held(), 16);
+        // Indices number every held block once, across chunks.
+        let mut indices: Vec<usize> = blocks.iter().map(KvBlock::index).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        assert_eq!(indices.len(), blocks.len());
+        assert!(indices.iter().all(|&i| i < pool.blocks_held()));
+        assert!(
+            indices.iter().any(|&i| i >= 8),
+            "the second chunk's blocks follow the first's"
+        );
         drop(blocks);
         assert_eq!(pool.blocks_in_use(), 0);
     }

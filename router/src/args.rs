@@ -97,8 +97,8 @@ pub struct Args {
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,
     /// Keep full prompt blocks' KV after their request, so later requests that share the
-    /// prefix prefill only the rest (the dense part on the CPU; `--prefix-caching=false` to
-    /// turn it off).
+    /// prefix prefill only the rest (the dense part on the CPU or a GPU;
+    /// `--prefix-caching=false` to turn it off).
     #[arg(
         long,
         env = "MOE_PREFIX_CACHING",

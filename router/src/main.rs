@@ -237,8 +237,10 @@ fn start_scheduler(
         eos_ids: model.eos_ids.clone(),
         stalled_since: Default::default(),
         metrics: Arc::clone(&requests),
-        // A device dense part keeps its KV on the device, which the prefix cache cannot share.
-        prefix_cache: (args.prefix_caching && model.dense.placement() == "cpu")
+        // On a device too: its KV pool numbers blocks as the host pool does, so a shared
+        // block's rows are shared there as well.
+        prefix_cache: args
+            .prefix_caching
             .then(|| std::cell::RefCell::new(PrefixCache::new(args.kv_block_tokens))),
     };
     std::thread::Builder::new()

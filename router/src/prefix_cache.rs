@@ -105,10 +105,7 @@ impl PrefixCache {
             tokens: 0,
             blocks: 0,
         };
-        if cache.len != 0
-            || cache.device.is_some()
-            || cache.layout().block_tokens != self.block_tokens
-        {
+        if cache.len != 0 || cache.layout().block_tokens != self.block_tokens {
             return miss;
         }
         let usable = prompt.len().saturating_sub(1) / self.block_tokens;
@@ -143,7 +140,7 @@ impl PrefixCache {
         owner: &mut KvReservation,
         kv: &KvBlocks,
     ) {
-        if cache.device.is_some() || cache.layout().block_tokens != self.block_tokens {
+        if cache.layout().block_tokens != self.block_tokens {
             return;
         }
         self.clock += 1;

@@ -241,7 +241,7 @@ impl Scheduler {
             let tokens = front.request.input_ids.len() + front.request.max_new_tokens;
             // The cached prefix first: its blocks are then held, so making room below cannot
             // evict them, and the reservation counts only the blocks this sequence adds.
-            let mut cache = SequenceCache::new(&self.kv_pool).reserving(tokens);
+            let mut cache = SequenceCache::new(&self.kv_pool);
             let feed: Vec<u32> = front
                 .request
                 .input_ids

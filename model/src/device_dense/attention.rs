@@ -4,8 +4,8 @@
 //! to every sequence's cache, then lets every row attend to its own sequence up to its own
 //! position.
 
-use super::cache::DeviceLayerCache;
 use super::ops::{DenseOps, DeviceStep};
+use super::pool::PooledLayer;
 use super::weights::upload_stacked;
 use crate::backend::NativeWeight;
 use crate::checkpoint::Checkpoint;
@@ -62,10 +62,10 @@ fn append_to<O: DenseOps>(
     src: &O::F32,
     view: HeadView,
     width: usize,
-    buffers: &mut [&mut O::F32],
+    chunks: &mut [O::F32],
     step: &DeviceStep<O>,
 ) -> std::result::Result<(), O::Error> {
-    ops.append_rows(src, view, width, buffers, width, 0, step)
+    ops.append_rows(src, view, width, chunks, width, 0, step)
 }
 
 impl<O> DeviceAttention<O>
@@ -98,18 +98,18 @@ where
         }
     }
 
-    /// `x` is `[rows, hidden]` (already normalised); `caches[s]` is sequence `s`'s cache for
-    /// this layer. Returns `[rows, hidden]`.
+    /// `x` is `[rows, hidden]` (already normalised); `cache` is this layer's part of the KV
+    /// pool, the step's block tables saying which rows are whose. Returns `[rows, hidden]`.
     pub fn forward(
         &self,
         ops: &O,
         x: &O::F32,
         step: &DeviceStep<O>,
-        caches: &mut [&mut DeviceLayerCache<O::F32>],
+        cache: &mut PooledLayer<O::F32>,
     ) -> Result<O::F32> {
         match self {
-            Self::Gqa(a) => a.forward(ops, x, step, caches),
-            Self::Mla(a) => a.forward(ops, x, step, caches),
+            Self::Gqa(a) => a.forward(ops, x, step, cache),
+            Self::Mla(a) => a.forward(ops, x, step, cache),
         }
     }
 }
@@ -173,7 +173,7 @@ where
         ops: &O,
         x: &O::F32,
         step: &DeviceStep<O>,
-        caches: &mut [&mut DeviceLayerCache<O::F32>],
+        cache: &mut PooledLayer<O::F32>,
     ) -> Result<O::F32> {
         let rows = step.rows;
         let GqaShape {
@@ -193,25 +193,14 @@ where
         };
         let q = self.rotate(ops, &qkv_out, view(0), heads, &self.q_norm, step)?;
         let k = self.rotate(ops, &qkv_out, view(q_width), kv_heads, &self.k_norm, step)?;
-        let mut keys: Vec<&mut O::F32> = caches.iter_mut().map(|c| &mut c.keys).collect();
-        append_to(
-            ops,
-            &k,
-            HeadView::packed(0, 1, kv_width),
-            kv_width,
-            &mut keys,
-            step,
-        )?;
-        let mut values = Vec::with_capacity(caches.len());
-        for c in caches.iter_mut() {
-            values.push(
-                c.values
-                    .as_mut()
-                    .ok_or_else(|| ModelError::InvalidRequest("GQA cache without values".into()))?,
-            );
-        }
+        let key_rows = HeadView::packed(0, 1, kv_width);
+        append_to(ops, &k, key_rows, kv_width, &mut cache.keys, step)?;
+        let values = cache
+            .values
+            .as_mut()
+            .ok_or_else(|| ModelError::InvalidRequest("GQA cache without values".into()))?;
         let new_values = HeadView::columns(q_width + kv_width, width);
-        append_to(ops, &qkv_out, new_values, kv_width, &mut values, step)?;
+        append_to(ops, &qkv_out, new_values, kv_width, values, step)?;
         let spec = AttentionSpec {
             heads,
             kv_heads,
@@ -223,13 +212,9 @@ where
             value_head_stride: d,
             scale: self.scale,
         };
-        let keys: Vec<&O::F32> = caches.iter().map(|c| &c.keys).collect();
-        let values: Vec<&O::F32> = caches
-            .iter()
-            .map(|c| c.values.as_ref().unwrap_or(&c.keys))
-            .collect();
+        let values = cache.values.as_deref().unwrap_or(&cache.keys);
         let mut out = ops.scratch(rows * q_width)?;
-        ops.attention(&q, &spec, &keys, &values, &mut out, step)?;
+        ops.attention(&q, &spec, &cache.keys, values, &mut out, step)?;
         Ok(ops.linear(&out, rows, q_width, &self.o, hidden)?)
     }
 
@@ -356,7 +341,7 @@ where
         ops: &O,
         x: &O::F32,
         step: &DeviceStep<O>,
-        caches: &mut [&mut DeviceLayerCache<O::F32>],
+        cache: &mut PooledLayer<O::F32>,
     ) -> Result<O::F32> {
         let MlaShape {
             hidden,
@@ -372,17 +357,9 @@ where
         // This step's cache rows: `[normalised latent | rotated rope key]`.
         let qk = lora + rope;
         let new_rows = self.cache_rows(ops, &proj, step)?;
-        let mut keys: Vec<&mut O::F32> = caches.iter_mut().map(|c| &mut c.keys).collect();
-        append_to(
-            ops,
-            &new_rows,
-            HeadView::packed(0, 1, qk),
-            qk,
-            &mut keys,
-            step,
-        )?;
-        let keys: Vec<&O::F32> = caches.iter().map(|c| &c.keys).collect();
-        let attn = self.attend(ops, &query, &keys, step)?;
+        let packed = HeadView::packed(0, 1, qk);
+        append_to(ops, &new_rows, packed, qk, &mut cache.keys, step)?;
+        let attn = self.attend(ops, &query, &cache.keys, step)?;
         Ok(ops.linear(&attn, rows, heads * v, &self.o, hidden)?)
     }
 
@@ -493,7 +470,7 @@ where
         &self,
         ops: &O,
         query: &O::F32,
-        keys: &[&O::F32],
+        keys: &[O::F32],
         step: &DeviceStep<O>,
     ) -> Result<O::F32> {
         let MlaShape {

@@ -6,8 +6,9 @@
 //!   rotary, append to the cache, attention, gating top-k, combine.
 //! - [`model`]: the forward pass written once over those steps ([`DeviceDenseModel`]);
 //!   [`attention`]: its GQA and MLA layers.
-//! - [`cache`]: a sequence's cache on the device; [`weights`]: matrices from checkpoint
-//!   tensors (FP8 kept as FP8 where the device keeps it).
+//! - [`pool`]: the KV cache on the device, one pool of blocks numbered as the host pool's
+//!   (block tables, shared prefixes); [`weights`]: matrices from checkpoint tensors (FP8 kept
+//!   as FP8 where the device keeps it).
 //! - [`reference`](mod@reference): every step on the host, by its definition (and with the GPU's bf16
 //!   rounding): what the CUDA steps are tested against, and the orchestration's CI check.
 //!
@@ -15,9 +16,9 @@
 //! reference of every step and compare with the CPU model, on every machine.
 
 pub mod attention;
-pub mod cache;
 pub mod model;
 pub mod ops;
+pub mod pool;
 pub mod reference;
 pub mod weights;
 

@@ -1,12 +1,14 @@
 //! [`DeviceDenseModel`]: the router's dense part with every weight (the embedding table too),
 //! the KV cache and every activation on a device, written once over [`DenseOps`]. Same
 //! mathematics and the same combine order as [`crate::dense::DenseModel`]; a step uploads its
-//! token ids, and only the routed experts' rows leave the device (the expert backend takes and
-//! returns host rows).
+//! token ids and block tables, and only the routed experts' rows leave the device (the expert
+//! backend takes and returns host rows), unless the experts are on the same device. The KV
+//! cache is a pool of blocks numbered as the host pool's ([`super::pool`]): a shared prefix is
+//! shared on the device too.
 
 use super::attention::DeviceAttention;
-use super::cache::{DeviceLayerCache, DeviceSequenceCache};
-use super::ops::{DenseOps, DeviceStep};
+use super::ops::{CacheBlocks, DenseOps, DeviceStep};
+use super::pool::{DeviceKvPool, CHUNK_BLOCKS};
 use super::weights::upload_stacked;
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
@@ -17,7 +19,7 @@ use crate::device::MatrixPrecision;
 use crate::error::{ModelError, Result};
 use crate::expert_backend::ExpertBackend;
 use crate::families;
-use crate::kv_cache::DeviceCacheSlot;
+use crate::kv_cache::{KvLayout, KvPool, SequenceCache, DEFAULT_BLOCK_TOKENS};
 use crate::layers::gate::GateRule;
 use crate::layers::mlp::MlpNames;
 use crate::layers::rope::Rope;
@@ -64,6 +66,18 @@ pub struct DeviceDenseModel<O: DenseOps> {
     /// `None` where the model ties it to `embed`.
     lm_head: Option<O::Matrix>,
     rope: Rope,
+    /// The KV cache on the device, and the host pool whose block numbers it follows.
+    kv: std::sync::Mutex<DeviceKv<O::F32>>,
+    /// The pool of caches made by [`Self::new_cache`] (an owner with a pool of its own, as the
+    /// router, passes caches from that one: the first step's pool is the one followed).
+    host_pool: std::sync::Arc<KvPool>,
+}
+
+/// The device pool, and the host pool (the first step's) whose block numbers it follows:
+/// caches from another pool would name other blocks by the same numbers.
+struct DeviceKv<B> {
+    pool: DeviceKvPool<B>,
+    host: Option<std::sync::Weak<KvPool>>,
 }
 
 impl<O> DeviceDenseModel<O>
@@ -109,6 +123,8 @@ where
                 MatrixPrecision::of(ckpt, &["lm_head.weight"]),
             )?)
         };
+        let widths = layers.iter().map(|l| l.attention.cache_widths()).collect();
+        let host_layout = KvLayout::for_config(config, DEFAULT_BLOCK_TOKENS);
         Ok(Self {
             ops,
             config: config.clone(),
@@ -117,68 +133,26 @@ where
             layers,
             final_norm,
             lm_head,
+            kv: std::sync::Mutex::new(DeviceKv {
+                pool: DeviceKvPool::new(widths, DEFAULT_BLOCK_TOKENS),
+                host: None,
+            }),
+            host_pool: KvPool::new(host_layout),
         })
+    }
+
+    /// An empty cache whose blocks come from this model's own host pool.
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(&self.host_pool)
+    }
+
+    /// Device bytes the KV pool holds.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.lock().map(|kv| kv.pool.bytes()).unwrap_or(0)
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
-    }
-
-    /// Makes room for `needed` tokens, keeping the first `cached`: at the first step the
-    /// sequence's whole reservation (`reserved`, when its owner gave one), later by doubling
-    /// (so a decode past its reservation, or without one, grows its cache rarely).
-    fn reserve(
-        &self,
-        slot: &mut Option<Box<dyn DeviceCacheSlot>>,
-        cached: usize,
-        needed: usize,
-        reserved: usize,
-    ) -> Result<()> {
-        let fresh = slot.is_none();
-        let cache = match slot {
-            Some(boxed) => boxed
-                .as_any_mut()
-                .downcast_mut::<DeviceSequenceCache<O::F32>>()
-                .ok_or_else(|| {
-                    ModelError::InvalidRequest("sequence cache belongs to another device".into())
-                })?,
-            None => slot
-                .insert(Box::new(DeviceSequenceCache::<O::F32>::default()))
-                .as_any_mut()
-                .downcast_mut::<DeviceSequenceCache<O::F32>>()
-                .ok_or_else(|| ModelError::InvalidRequest("device cache type".into()))?,
-        };
-        if !fresh && needed <= cache.capacity {
-            return Ok(());
-        }
-        let capacity = if fresh {
-            needed.max(reserved).max(16)
-        } else {
-            needed.max(cache.capacity * 2)
-        }
-        .min(self.config.max_position_embeddings.max(needed));
-        let mut layers = Vec::with_capacity(self.layers.len());
-        let mut bytes = 0;
-        for l in 0..self.layers.len() {
-            let (kw, vw) = self.layers[l].attention.cache_widths();
-            let mut keys = self.ops.scratch(capacity * kw)?;
-            let mut values = match vw {
-                Some(vw) => Some(self.ops.scratch(capacity * vw)?),
-                None => None,
-            };
-            if let Some(old) = cache.layers.get(l) {
-                self.ops.copy_prefix(&old.keys, &mut keys, cached * kw)?;
-                if let (Some(old), Some(new), Some(vw)) = (&old.values, &mut values, vw) {
-                    self.ops.copy_prefix(old, new, cached * vw)?;
-                }
-            }
-            bytes += capacity * (kw + vw.unwrap_or(0)) * 4;
-            layers.push(DeviceLayerCache { keys, values });
-        }
-        cache.layers = layers;
-        cache.capacity = capacity;
-        cache.bytes = bytes;
-        Ok(())
     }
 
     /// One batched step, as [`crate::dense::DenseModel::forward`].
@@ -193,18 +167,74 @@ where
         }
         let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
         let (step, mut hidden) = self.begin_step(seqs, &layout)?;
-        let mut caches = device_caches::<O::F32>(seqs)?;
         for l in 0..self.layers.len() {
-            let mut layer_caches: Vec<&mut DeviceLayerCache<O::F32>> =
-                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            self.layer_forward(l, &mut hidden, &step, &mut layer_caches, experts)?;
+            self.layer_forward(l, &mut hidden, &step, experts)?;
         }
-        drop(caches);
         for s in seqs.iter_mut() {
             s.cache.len += s.tokens.len();
         }
         let logits = self.logits(&hidden, &logit_rows(seqs, &layout))?;
         Ok(split_logits(seqs, &logits, self.config.vocab_size))
+    }
+
+    /// Takes host blocks for every sequence's new tokens (their numbers say where the rows go
+    /// on the device; the host rows themselves stay untouched), grows the device pool to hold
+    /// them, and uploads the step's block tables.
+    fn cache_blocks(&self, seqs: &mut [StepSequence<'_>]) -> Result<CacheBlocks<O>> {
+        let mut kv = self
+            .kv
+            .lock()
+            .map_err(|_| ModelError::InvalidRequest("device KV pool poisoned".into()))?;
+        let host = std::sync::Arc::clone(seqs[0].cache.pool());
+        let followed = kv.host.as_ref().and_then(std::sync::Weak::upgrade);
+        match &followed {
+            Some(pool)
+                if !seqs
+                    .iter()
+                    .all(|s| std::sync::Arc::ptr_eq(s.cache.pool(), pool)) =>
+            {
+                return Err(ModelError::InvalidRequest(
+                    "sequence caches from another KV pool than this device's".into(),
+                ))
+            }
+            Some(_) => {}
+            None => {
+                if !seqs
+                    .iter()
+                    .all(|s| std::sync::Arc::ptr_eq(s.cache.pool(), &host))
+                {
+                    return Err(ModelError::InvalidRequest(
+                        "sequence caches of one step from several KV pools".into(),
+                    ));
+                }
+                // The first step (or the old pool is gone): follow this pool's numbers.
+                kv.pool = DeviceKvPool::new(
+                    self.layers
+                        .iter()
+                        .map(|l| l.attention.cache_widths())
+                        .collect(),
+                    host.layout().block_tokens,
+                );
+                kv.host = Some(std::sync::Arc::downgrade(&host));
+            }
+        }
+        let mut table = Vec::new();
+        let mut table_start = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            s.cache.ensure_capacity(s.cache.len + s.tokens.len());
+            table_start.push(table.len() as u32);
+            table.extend(s.cache.block_indices().map(|b| b as u32));
+        }
+        let needed = table.iter().map(|&b| b as usize + 1).max().unwrap_or(0);
+        let ops = &self.ops;
+        kv.pool
+            .ensure_blocks(needed, |floats| ops.scratch(floats))?;
+        Ok(CacheBlocks {
+            table: ops.upload_index(&table)?,
+            table_start: ops.upload_index(&table_start)?,
+            block_tokens: kv.pool.block_tokens(),
+            chunk_blocks: CHUNK_BLOCKS,
+        })
     }
 
     /// Makes room in every sequence's cache for its new tokens, uploads the step's row layout
@@ -218,10 +248,7 @@ where
         let h = self.config.hidden_size;
         let rows = layout.num_rows();
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        for s in seqs.iter_mut() {
-            let (cached, needed) = (s.cache.len, s.cache.len + s.tokens.len());
-            self.reserve(&mut s.cache.device, cached, needed, s.cache.reserved)?;
-        }
+        let blocks = self.cache_blocks(seqs)?;
         let table = self.rope.table(&layout.row_pos);
         let as_u32 = |v: &[usize]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
         let step = DeviceStep::<O> {
@@ -231,6 +258,7 @@ where
             cos: ops.upload_f32(&table.cos)?,
             sin: ops.upload_f32(&table.sin)?,
             rope_half: table.half,
+            blocks,
         };
         // Token ids were checked against the vocabulary (`validate_step`).
         let mut hidden = ops.scratch(rows * h)?;
@@ -245,7 +273,6 @@ where
         l: usize,
         hidden: &mut O::F32,
         step: &DeviceStep<O>,
-        caches: &mut [&mut DeviceLayerCache<O::F32>],
         experts: &dyn ExpertBackend,
     ) -> Result<()> {
         let ops = &self.ops;
@@ -264,7 +291,16 @@ where
             h,
             eps,
         )?;
-        let attn = layer.attention.forward(ops, &normed, step, caches)?;
+        let attn = {
+            // Held for this layer's cache appends and attention only: another micro-batch's
+            // step may run its own layers meanwhile (its blocks are its own).
+            let mut kv = self
+                .kv
+                .lock()
+                .map_err(|_| ModelError::InvalidRequest("device KV pool poisoned".into()))?;
+            let cache = &mut kv.pool.layers[l];
+            layer.attention.forward(ops, &normed, step, cache)?
+        };
         ops.add(hidden, &attn, rows * h)?;
         ops.rms_norm(
             hidden,
@@ -377,21 +413,6 @@ where
         self.ops.silu_mul(&gate_up, &mut act, rows, mlp.inter)?;
         Ok(self.ops.linear(&act, rows, mlp.inter, &mlp.down, h)?)
     }
-}
-
-/// Each sequence's cache on this device, as [`DeviceDenseModel::reserve`] made it.
-fn device_caches<'a, B: 'static>(
-    seqs: &'a mut [StepSequence<'_>],
-) -> Result<Vec<&'a mut DeviceSequenceCache<B>>> {
-    seqs.iter_mut()
-        .map(|s| {
-            s.cache
-                .device
-                .as_mut()
-                .and_then(|b| b.as_any_mut().downcast_mut::<DeviceSequenceCache<B>>())
-                .ok_or_else(|| ModelError::InvalidRequest("device cache missing".into()))
-        })
-        .collect()
 }
 
 /// The feed-forward half of `layer`: a dense MLP, or the MoE gate with its shared experts.

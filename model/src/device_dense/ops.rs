@@ -21,6 +21,37 @@ pub struct DeviceStep<O: DenseOps + ?Sized> {
     pub cos: O::F32,
     pub sin: O::F32,
     pub rope_half: usize,
+    /// Where each sequence's cached positions live ([`CacheBlocks`]).
+    pub blocks: CacheBlocks<O>,
+}
+
+/// The step's block tables: position `p` of sequence `s` is row `p % block_tokens` of pool
+/// block `table[table_start[s] + p / block_tokens]`, and block `b` is block
+/// `b % chunk_blocks` of the pool's chunk `b / chunk_blocks` (every layer's pool chunks are
+/// laid out alike: [`super::pool::DeviceKvPool`]).
+pub struct CacheBlocks<O: DenseOps + ?Sized> {
+    pub table: O::Index,
+    /// Per sequence, where its blocks start in `table`.
+    pub table_start: O::Index,
+    pub block_tokens: usize,
+    pub chunk_blocks: usize,
+}
+
+impl<O: DenseOps + ?Sized> CacheBlocks<O> {
+    /// Where position `pos` of a sequence whose blocks start at `table[start]` lies: its chunk
+    /// and the element offset of its row there, for rows of `row_width` values (the
+    /// definition the kernels follow).
+    pub fn locate(
+        &self,
+        table: &[u32],
+        start: usize,
+        pos: usize,
+        row_width: usize,
+    ) -> (usize, usize) {
+        let block = table[start + pos / self.block_tokens] as usize;
+        let in_chunk = (block % self.chunk_blocks) * self.block_tokens + pos % self.block_tokens;
+        (block / self.chunk_blocks, in_chunk * row_width)
+    }
 }
 
 /// The primitive steps. Buffers are element-addressed; a method that is given a view checks
@@ -140,27 +171,29 @@ pub trait DenseOps {
     ) -> Result<(), Self::Error>;
     /// `acc[..len] += x[..len]`.
     fn add(&self, acc: &mut Self::F32, x: &Self::F32, len: usize) -> Result<(), Self::Error>;
-    /// Writes row `r` of `src` (`width` values) into `caches[row_seq[r]]` at
-    /// `row_pos[r] * cache_stride + cache_offset`.
+    /// Writes row `r` of `src` (`width` values) into the pool `chunks` at `cache_offset` of
+    /// the cache row (`cache_stride` values) of its sequence's position `row_pos[r]`
+    /// ([`CacheBlocks`]).
     #[allow(clippy::too_many_arguments)]
     fn append_rows(
         &self,
         src: &Self::F32,
         src_view: HeadView,
         width: usize,
-        caches: &mut [&mut Self::F32],
+        chunks: &mut [Self::F32],
         cache_stride: usize,
         cache_offset: usize,
         step: &DeviceStep<Self>,
     ) -> Result<(), Self::Error>;
-    /// Causal attention of every row over its own sequence's cache up to its own position:
-    /// `q` is `[rows, heads, dk]`, `out` `[rows, heads, dv]`.
+    /// Causal attention of every row over its own sequence's cache up to its own position,
+    /// key rows in `key_chunks` and value rows in `value_chunks` of the pool
+    /// ([`CacheBlocks`]): `q` is `[rows, heads, dk]`, `out` `[rows, heads, dv]`.
     fn attention(
         &self,
         q: &Self::F32,
         spec: &AttentionSpec,
-        keys: &[&Self::F32],
-        values: &[&Self::F32],
+        key_chunks: &[Self::F32],
+        value_chunks: &[Self::F32],
         out: &mut Self::F32,
         step: &DeviceStep<Self>,
     ) -> Result<(), Self::Error>;

@@ -325,17 +325,23 @@ impl DenseOps for HostDenseOps {
         src: &Vec<f32>,
         src_view: HeadView,
         width: usize,
-        caches: &mut [&mut Vec<f32>],
+        chunks: &mut [Vec<f32>],
         cache_stride: usize,
         cache_offset: usize,
         step: &DeviceStep<Self>,
     ) -> Result<(), ModelError> {
+        let blocks = &step.blocks;
         for r in 0..step.rows {
-            let cache = &mut *caches[step.row_seq[r] as usize];
-            let at_cache = step.row_pos[r] as usize * cache_stride + cache_offset;
-            check(at_cache + width <= cache.len(), "append")?;
+            let start = blocks.table_start[step.row_seq[r] as usize] as usize;
+            let pos = step.row_pos[r] as usize;
+            let (chunk, row) = blocks.locate(&blocks.table, start, pos, cache_stride);
+            let chunk = chunks
+                .get_mut(chunk)
+                .ok_or_else(|| ModelError::InvalidRequest("out of bounds: cache chunk".into()))?;
+            let at_cache = row + cache_offset;
+            check(at_cache + width <= chunk.len(), "append")?;
             let at_src = at(src_view, r, 0);
-            cache[at_cache..at_cache + width].copy_from_slice(&src[at_src..at_src + width]);
+            chunk[at_cache..at_cache + width].copy_from_slice(&src[at_src..at_src + width]);
         }
         Ok(())
     }
@@ -343,22 +349,31 @@ impl DenseOps for HostDenseOps {
         &self,
         q: &Vec<f32>,
         spec: &AttentionSpec,
-        keys: &[&Vec<f32>],
-        values: &[&Vec<f32>],
+        key_chunks: &[Vec<f32>],
+        value_chunks: &[Vec<f32>],
         out: &mut Vec<f32>,
         step: &DeviceStep<Self>,
     ) -> Result<(), ModelError> {
         let group = spec.heads / spec.kv_heads;
+        let blocks = &step.blocks;
+        // Position j's key row and value row of the sequence whose blocks start at `start`.
+        let key_row = |start: usize, j: usize| {
+            let (chunk, row) = blocks.locate(&blocks.table, start, j, spec.key_stride);
+            &key_chunks[chunk][row..]
+        };
+        let value_row = |start: usize, j: usize| {
+            let (chunk, row) = blocks.locate(&blocks.table, start, j, spec.value_stride);
+            &value_chunks[chunk][row..]
+        };
         for r in 0..step.rows {
-            let s = step.row_seq[r] as usize;
+            let start = blocks.table_start[step.row_seq[r] as usize] as usize;
             let visible = step.row_pos[r] as usize + 1;
             for h in 0..spec.heads {
                 let kvh = h / group;
                 let qh = &q[(r * spec.heads + h) * spec.dk..][..spec.dk];
                 let scores: Vec<f64> = (0..visible)
                     .map(|j| {
-                        let k =
-                            &keys[s][j * spec.key_stride + kvh * spec.key_head_stride..][..spec.dk];
+                        let k = &key_row(start, j)[kvh * spec.key_head_stride..][..spec.dk];
                         qh.iter()
                             .zip(k)
                             .map(|(&a, &b)| a as f64 * b as f64)
@@ -373,9 +388,7 @@ impl DenseOps for HostDenseOps {
                 for (c, o) in o.iter_mut().enumerate() {
                     let mut acc = 0.0f64;
                     for (j, p) in exp.iter().enumerate() {
-                        acc += p * values[s]
-                            [j * spec.value_stride + kvh * spec.value_head_stride + c]
-                            as f64;
+                        acc += p * value_row(start, j)[kvh * spec.value_head_stride + c] as f64;
                     }
                     *o = (acc / sum) as f32;
                 }
@@ -490,10 +503,7 @@ mod tests {
         let prompt_a: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % vocab).collect();
         let prompt_b: Vec<u32> = (0..3).map(|i| (i * 53 + 5) % vocab).collect();
         let (mut cpu_a, mut cpu_b) = (cpu.new_cache(), cpu.new_cache());
-        let (mut dev_a, mut dev_b) = (
-            SequenceCache::for_config(&config),
-            SequenceCache::for_config(&config),
-        );
+        let (mut dev_a, mut dev_b) = (device.new_cache(), device.new_cache());
         let mut step = |tokens_a: &[u32], tokens_b: Option<&[u32]>, all: bool| {
             let run = |a: &mut SequenceCache, b: &mut SequenceCache, on_device: bool| {
                 let mut seqs = vec![StepSequence {
@@ -565,14 +575,8 @@ mod tests {
             (0..2).map(|i| (i * 41 + 7) % vocab).collect(),
         ];
         let mut caches = [
-            [
-                SequenceCache::for_config(&config),
-                SequenceCache::for_config(&config),
-            ],
-            [
-                SequenceCache::for_config(&config),
-                SequenceCache::for_config(&config),
-            ],
+            [through_host.new_cache(), through_host.new_cache()],
+            [in_place.new_cache(), in_place.new_cache()],
         ];
         let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
         for step in 0..4 {
@@ -700,56 +704,133 @@ mod tests {
         device.forward(&mut seqs, experts).unwrap()
     }
 
-    /// A cache created with its owner's reservation takes that room at its first step and
-    /// never grows within it; one without grows by doubling past it. Same logits either way.
+    /// The device pool follows the host pool's block numbers: it grows by whole chunks, only
+    /// when a block number needs one, and a sequence's cache bytes are its host blocks' (the
+    /// same count of rows the device holds for it).
     #[test]
-    fn a_reserved_device_cache_is_allocated_once() {
+    fn the_device_pool_grows_with_block_numbers() {
         let (config, device, experts) = qwen_over_the_reference();
-        let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
-            step_alone(&device, &experts, cache, tokens)
-        };
-        let (prompt, new_tokens) = ([5u32, 6, 7], 37u32);
-        let mut reserved = SequenceCache::for_config(&config).reserving(3 + new_tokens as usize);
-        let mut growing = SequenceCache::for_config(&config);
-        assert_eq!(
-            forward(&mut reserved, &prompt),
-            forward(&mut growing, &prompt)
-        );
-        let first = reserved.bytes();
-        let mut sizes = vec![growing.bytes()];
-        for t in 0..new_tokens {
+        let mut a = device.new_cache();
+        step_alone(&device, &experts, &mut a, &[5, 6, 7]);
+        let first = device.kv_bytes();
+        assert!(first > 0, "a chunk for the first blocks");
+        for t in 0..40u32 {
             let token = [(t * 13 + 2) % config.vocab_size as u32];
-            assert_eq!(
-                forward(&mut reserved, &token),
-                forward(&mut growing, &token)
-            );
-            assert_eq!(
-                reserved.bytes(),
-                first,
-                "grew within its reservation at {t}"
-            );
-            sizes.push(growing.bytes());
+            step_alone(&device, &experts, &mut a, &token);
         }
-        sizes.dedup();
-        assert!(
-            sizes.len() >= 3,
-            "an unreserved cache grows by doubling: {sizes:?}"
+        // 43 tokens in blocks of 16 are 3 blocks: still the first chunk.
+        assert_eq!(device.kv_bytes(), first);
+        assert_eq!(a.bytes(), 3 * a.layout().block_bytes());
+        let blocks_per_chunk = super::super::pool::CHUNK_BLOCKS;
+        let mut many: Vec<SequenceCache> =
+            (0..blocks_per_chunk).map(|_| device.new_cache()).collect();
+        let prompts: Vec<Vec<u32>> = (0..many.len() as u32)
+            .map(|i| vec![i % 50 + 1, 3])
+            .collect();
+        let mut seqs: Vec<StepSequence<'_>> = many
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(cache, tokens)| StepSequence {
+                cache,
+                tokens,
+                all_logits: false,
+            })
+            .collect();
+        device.forward(&mut seqs, &experts).unwrap();
+        assert_eq!(
+            device.kv_bytes(),
+            2 * first,
+            "block numbers past the first chunk"
         );
-        assert!(first < growing.bytes(), "{first} vs {}", growing.bytes());
+        let mut other = SequenceCache::for_config(&config);
+        let mut seqs = [StepSequence {
+            cache: &mut other,
+            tokens: &[1],
+            all_logits: false,
+        }];
+        assert!(
+            device.forward(&mut seqs, &experts).is_err(),
+            "a cache of another host pool would name other blocks by the same numbers"
+        );
+    }
+
+    /// Prefix caching on the device: a sequence that starts with another's full blocks
+    /// (shared, not copied: the host pool's numbers name the same device rows) gives bitwise
+    /// the logits of computing the prefix itself, alone and in a batch, and writes nothing
+    /// into the shared blocks (the first sequence's next step is unchanged too).
+    #[test]
+    fn a_shared_prefix_gives_the_logits_of_computing_it() {
+        for name in ["qwen3-moe-tiny", "deepseek-v3-tiny"] {
+            let dir = fixture(name);
+            let config = ModelConfig::from_dir(&dir).unwrap();
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let device = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
+            let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+            let vocab = config.vocab_size as u32;
+            let prefix: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % vocab).collect();
+            let tail: Vec<u32> = vec![11 % vocab, 29 % vocab, 5];
+            let whole: Vec<u32> = prefix.iter().chain(&tail).copied().collect();
+            // Computed from scratch.
+            let mut fresh = device.new_cache();
+            let expected = step_alone(&device, &experts, &mut fresh, &whole);
+            let expected_next = step_alone(&device, &experts, &mut fresh, &[7]);
+            // The prefix's owner, then a sequence on its blocks.
+            let mut owner = device.new_cache();
+            step_alone(&device, &experts, &mut owner, &prefix);
+            let owner_next_alone = {
+                let mut again = device.new_cache();
+                step_alone(&device, &experts, &mut again, &prefix);
+                step_alone(&device, &experts, &mut again, &[9])
+            };
+            let mut hit = device.new_cache();
+            assert!(hit.share_prefix(owner.full_blocks()));
+            assert_eq!(hit.len, prefix.len());
+            assert_eq!(
+                step_alone(&device, &experts, &mut hit, &tail),
+                expected,
+                "{name}: prefix from the cache, alone"
+            );
+            assert_eq!(step_alone(&device, &experts, &mut hit, &[7]), expected_next);
+            // In a batch: another hit beside the owner's next token and a stranger's prompt.
+            let mut hit2 = device.new_cache();
+            assert!(hit2.share_prefix(owner.full_blocks()));
+            let mut stranger = device.new_cache();
+            let stranger_prompt = [3u32, 1, 4, 1, 5];
+            let inputs: [&[u32]; 3] = [&tail, &[9], &stranger_prompt];
+            let mut caches = [&mut hit2, &mut owner, &mut stranger];
+            let mut seqs: Vec<StepSequence<'_>> = caches
+                .iter_mut()
+                .zip(inputs)
+                .map(|(cache, tokens)| StepSequence {
+                    cache,
+                    tokens,
+                    all_logits: false,
+                })
+                .collect();
+            let out = device.forward(&mut seqs, &experts).unwrap();
+            assert_eq!(
+                out[0], expected[0],
+                "{name}: prefix from the cache, in a batch"
+            );
+            assert_eq!(
+                out[1], owner_next_alone[0],
+                "{name}: the owner's blocks untouched"
+            );
+        }
     }
 
     /// A failed step is undone by the owner's rollback alone: the device rows written past
     /// `len` are never read, and the next step gives the same logits as if it had not run.
     #[test]
     fn rollback_needs_nothing_from_the_device_cache() {
-        let (config, device, experts) = qwen_over_the_reference();
+        let (_, device, experts) = qwen_over_the_reference();
         let forward = |cache: &mut SequenceCache, tokens: &[u32]| {
             step_alone(&device, &experts, cache, tokens)
         };
-        let mut straight = SequenceCache::for_config(&config);
+        let mut straight = device.new_cache();
         forward(&mut straight, &[1, 2, 3]);
         let expected = forward(&mut straight, &[4]);
-        let mut undone = SequenceCache::for_config(&config);
+        let mut undone = device.new_cache();
         forward(&mut undone, &[1, 2, 3]);
         let mark = undone.mark();
         forward(&mut undone, &[9, 9, 9, 9, 9]);

@@ -519,7 +519,7 @@ impl DenseOps for CudaDenseOps {
         src: &CudaSlice<f32>,
         src_view: HeadView,
         width: usize,
-        caches: &mut [&mut CudaSlice<f32>],
+        chunks: &mut [CudaSlice<f32>],
         cache_stride: usize,
         cache_offset: usize,
         step: &DeviceStep<Self>,
@@ -528,14 +528,15 @@ impl DenseOps for CudaDenseOps {
         if src_view.end(rows, 1, width) > src.len() || cache_offset + width > cache_stride {
             return Err(shape_error("append"));
         }
-        // The orchestration reserved every cache for its sequence's new length; the kernel
-        // trusts row_pos only that far.
-        let shared: Vec<&CudaSlice<f32>> = caches.iter().map(|c| &**c).collect();
+        // The orchestration took blocks for every sequence's new length and grew the pool to
+        // hold them; the kernel trusts the block tables that far.
+        let shared: Vec<&CudaSlice<f32>> = chunks.iter().collect();
         let ptrs = self.pointers(&shared)?;
         let _serial = self.ctx.lock()?;
         if rows * width == 0 {
             return Ok(());
         }
+        let blocks = &step.blocks;
         let args = (
             long(src_view.offset),
             int(src_view.row_stride, "row stride")?,
@@ -543,8 +544,11 @@ impl DenseOps for CudaDenseOps {
             int(cache_stride, "cache stride")?,
             int(cache_offset, "cache offset")?,
             int(rows, "rows")?,
+            int(blocks.block_tokens, "block tokens")?,
+            int(blocks.chunk_blocks, "chunk blocks")?,
         );
-        // SAFETY: every pointer is a live cache buffer with room for its rows' positions.
+        // SAFETY: every chunk pointer is a live pool buffer; every row's block lies in a chunk
+        // of it, with room for the row.
         unsafe {
             self.ctx
                 .stream()
@@ -554,6 +558,10 @@ impl DenseOps for CudaDenseOps {
                 .arg(&args.1)
                 .arg(&args.2)
                 .arg(&ptrs)
+                .arg(&blocks.table)
+                .arg(&blocks.table_start)
+                .arg(&args.6)
+                .arg(&args.7)
                 .arg(&args.3)
                 .arg(&args.4)
                 .arg(&step.row_seq)
@@ -568,8 +576,8 @@ impl DenseOps for CudaDenseOps {
         &self,
         q: &CudaSlice<f32>,
         spec: &AttentionSpec,
-        keys: &[&CudaSlice<f32>],
-        values: &[&CudaSlice<f32>],
+        key_chunks: &[CudaSlice<f32>],
+        value_chunks: &[CudaSlice<f32>],
         out: &mut CudaSlice<f32>,
         step: &DeviceStep<Self>,
     ) -> Result<(), GpuError> {
@@ -586,12 +594,17 @@ impl DenseOps for CudaDenseOps {
                 spec.heads, spec.dk, spec.dv, spec.kv_heads
             )));
         }
-        let key_ptrs = self.pointers(keys)?;
-        let value_ptrs = self.pointers(values)?;
+        let key_ptrs = self.pointers(&key_chunks.iter().collect::<Vec<_>>())?;
+        let value_ptrs = self.pointers(&value_chunks.iter().collect::<Vec<_>>())?;
         let _serial = self.ctx.lock()?;
         if rows * spec.heads == 0 {
             return Ok(());
         }
+        let paged = &step.blocks;
+        let paging = (
+            int(paged.block_tokens, "block tokens")?,
+            int(paged.chunk_blocks, "chunk blocks")?,
+        );
         let args = (
             int(rows, "rows")?,
             int(spec.heads, "heads")?,
@@ -603,8 +616,8 @@ impl DenseOps for CudaDenseOps {
             int(spec.key_head_stride, "key head stride")?,
             int(spec.value_head_stride, "value head stride")?,
         );
-        // SAFETY: q and out were sized above; every cache holds its sequence's rows up to the
-        // last position of the step (appended just before).
+        // SAFETY: q and out were sized above; every sequence's blocks hold its rows up to the
+        // last position of the step (appended just before), in chunks of the pool given.
         unsafe {
             self.ctx
                 .stream()
@@ -612,6 +625,10 @@ impl DenseOps for CudaDenseOps {
                 .arg(q)
                 .arg(&key_ptrs)
                 .arg(&value_ptrs)
+                .arg(&paged.table)
+                .arg(&paged.table_start)
+                .arg(&paging.0)
+                .arg(&paging.1)
                 .arg(&step.row_seq)
                 .arg(&step.row_pos)
                 .arg(out)
@@ -850,6 +867,11 @@ impl DenseStep for GpuDenseModel {
         self.inner.forward(seqs, experts)
     }
 
+    /// From the pool the device cache follows (its blocks' numbers name device rows).
+    fn new_cache(&self) -> crate::kv_cache::SequenceCache {
+        self.inner.new_cache()
+    }
+
     fn placement(&self) -> String {
         format!(
             "{} ({}, {})",
@@ -867,7 +889,9 @@ impl DenseStep for GpuDenseModel {
 mod tests {
     use super::*;
     use crate::device::shapes::ColumnMajorGemm;
+    use crate::device_dense::ops::CacheBlocks;
     use crate::device_dense::reference::HostDenseOps;
+    use crate::kv_cache::SequenceCache;
 
     use crate::test_support::test_context as gpu;
 
@@ -899,9 +923,12 @@ mod tests {
         let down = |b: &CudaSlice<f32>| cuda.download(b, b.len()).unwrap();
 
         // A step of two sequences: 3 rows of seq 0 at positions 4..7, 2 rows of seq 1 at 0..2.
+        // Blocks of 4 positions, 3 per pool chunk: seq 0 in blocks 5 then 1 (a chunk apart,
+        // out of order), seq 1 in block 3.
         let (rows, half) = (5usize, 8usize);
         let row_seq = [0u32, 0, 0, 1, 1];
         let row_pos = [4u32, 5, 6, 0, 1];
+        let (table, table_start, block_tokens, chunk_blocks) = ([5u32, 1, 3], [0u32, 2], 4, 3);
         let (cos, sin) = (values(rows * half, 1), values(rows * half, 2));
         let step_c = DeviceStep::<CudaDenseOps> {
             rows,
@@ -910,6 +937,12 @@ mod tests {
             cos: cuda.upload_f32(&cos).unwrap(),
             sin: cuda.upload_f32(&sin).unwrap(),
             rope_half: half,
+            blocks: CacheBlocks {
+                table: cuda.upload_index(&table).unwrap(),
+                table_start: cuda.upload_index(&table_start).unwrap(),
+                block_tokens,
+                chunk_blocks,
+            },
         };
         let step_h = DeviceStep::<HostDenseOps> {
             rows,
@@ -918,6 +951,12 @@ mod tests {
             cos,
             sin,
             rope_half: half,
+            blocks: CacheBlocks {
+                table: table.to_vec(),
+                table_start: table_start.to_vec(),
+                block_tokens,
+                chunk_blocks,
+            },
         };
 
         // Strided-batched GEMM over a view (the MLA absorption's shape).
@@ -989,53 +1028,34 @@ mod tests {
             );
         }
 
-        // Append to two caches, then GQA attention (4 query heads over 2 kv heads) over them.
+        // Append to the pool's two chunks (seq 0's first 4 positions already cached in block
+        // 5), then GQA attention (4 query heads over 2 kv heads) through the block tables.
         let (qh, kvh, d) = (4usize, 2usize, 16usize);
         let kvw = kvh * d;
         let new_rows = values(rows * kvw, 6);
-        let prefix = values(8 * kvw, 7);
-        let mut host_caches = [prefix.clone(), prefix.clone()];
-        let mut cuda_caches = [
-            cuda.upload_f32(&prefix).unwrap(),
-            cuda.upload_f32(&prefix).unwrap(),
-        ];
+        let chunk_floats = chunk_blocks * block_tokens * kvw;
+        let mut host_chunks = vec![values(chunk_floats, 7), values(chunk_floats, 17)];
+        let mut cuda_chunks: Vec<CudaSlice<f32>> = host_chunks
+            .iter()
+            .map(|c| cuda.upload_f32(c).unwrap())
+            .collect();
         let src_c = cuda.upload_f32(&new_rows).unwrap();
-        {
-            let mut refs: Vec<&mut CudaSlice<f32>> = cuda_caches.iter_mut().collect();
-            cuda.append_rows(
-                &src_c,
-                HeadView::packed(0, 1, kvw),
-                kvw,
-                &mut refs,
-                kvw,
-                0,
-                &step_c,
-            )
+        let packed_rows = HeadView::packed(0, 1, kvw);
+        cuda.append_rows(&src_c, packed_rows, kvw, &mut cuda_chunks, kvw, 0, &step_c)
             .unwrap();
-            let mut refs: Vec<&mut Vec<f32>> = host_caches.iter_mut().collect();
-            host.append_rows(
-                &new_rows,
-                HeadView::packed(0, 1, kvw),
-                kvw,
-                &mut refs,
-                kvw,
-                0,
-                &step_h,
-            )
-            .unwrap();
+        host.append_rows(
+            &new_rows,
+            packed_rows,
+            kvw,
+            &mut host_chunks,
+            kvw,
+            0,
+            &step_h,
+        )
+        .unwrap();
+        for (c, (dev, hostc)) in cuda_chunks.iter().zip(&host_chunks).enumerate() {
+            close(&format!("append (chunk {c})"), &down(dev), hostc, 0.0);
         }
-        close(
-            "append (seq 0)",
-            &down(&cuda_caches[0]),
-            &host_caches[0],
-            0.0,
-        );
-        close(
-            "append (seq 1)",
-            &down(&cuda_caches[1]),
-            &host_caches[1],
-            0.0,
-        );
         let q = values(rows * qh * d, 8);
         let spec = AttentionSpec {
             heads: qh,
@@ -1051,11 +1071,9 @@ mod tests {
         let qc = cuda.upload_f32(&q).unwrap();
         let mut oc = cuda.scratch(rows * qh * d).unwrap();
         let mut oh = vec![0.0; rows * qh * d];
-        let keys_c: Vec<&CudaSlice<f32>> = cuda_caches.iter().collect();
-        let keys_h: Vec<&Vec<f32>> = host_caches.iter().collect();
-        cuda.attention(&qc, &spec, &keys_c, &keys_c, &mut oc, &step_c)
+        cuda.attention(&qc, &spec, &cuda_chunks, &cuda_chunks, &mut oc, &step_c)
             .unwrap();
-        host.attention(&q, &spec, &keys_h, &keys_h, &mut oh, &step_h)
+        host.attention(&q, &spec, &host_chunks, &host_chunks, &mut oh, &step_h)
             .unwrap();
         close("attention", &down(&oc), &oh, 1e-5);
 
@@ -1202,7 +1220,6 @@ mod tests {
     fn gpu_dense_model_matches_the_host_reference_on_the_fixtures() {
         use crate::checkpoint::Checkpoint;
         use crate::experts::ExpertSet;
-        use crate::kv_cache::SequenceCache;
         let Some(ctx) = gpu(GpuDtype::F32) else {
             return;
         };
@@ -1213,10 +1230,7 @@ mod tests {
             let on_gpu = GpuDenseModel::load(Arc::clone(&ctx), &ckpt, &config).unwrap();
             let on_host = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
             let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
-            let (mut gc, mut hc) = (
-                SequenceCache::for_config(&config),
-                SequenceCache::for_config(&config),
-            );
+            let (mut gc, mut hc) = (on_gpu.new_cache(), on_host.new_cache());
             let mut tokens: Vec<u32> = vec![1, 5, 9, 14, 2];
             for step in 0..6 {
                 let run = |cache: &mut SequenceCache, gpu: bool| {
@@ -1247,7 +1261,6 @@ mod tests {
         use crate::checkpoint::Checkpoint;
         use crate::device::GpuFp8;
         use crate::experts::{ExpertDevice, ExpertSet};
-        use crate::kv_cache::SequenceCache;
         let Some(ctx) = gpu(GpuDtype::F32) else {
             return;
         };
@@ -1266,10 +1279,7 @@ mod tests {
         let gpu_experts =
             ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, GpuFp8::Keep).unwrap();
         let host_experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
-        let (mut gc, mut hc) = (
-            SequenceCache::for_config(&config),
-            SequenceCache::for_config(&config),
-        );
+        let (mut gc, mut hc) = (on_gpu.new_cache(), on_host.new_cache());
         let mut tokens: Vec<u32> = vec![3, 8, 1, 12, 40, 7];
         for step in 0..6 {
             let mut seqs = [StepSequence {
@@ -1296,7 +1306,6 @@ mod tests {
     fn gpu_deterministic_logits_do_not_depend_on_the_batch() {
         use crate::checkpoint::Checkpoint;
         use crate::experts::{ExpertDevice, ExpertSet};
-        use crate::kv_cache::SequenceCache;
         for dtype in [GpuDtype::F32, GpuDtype::Bf16x2] {
             let Some(ctx) = gpu(dtype) else {
                 return;
@@ -1318,7 +1327,7 @@ mod tests {
                 let ours = prompt(1000);
                 let what = format!("{name} ({dtype})");
                 // Alone: the prefill's logits at every position, then three decode steps.
-                let mut alone = SequenceCache::for_config(&config);
+                let mut alone = model.new_cache();
                 let mut seqs = [StepSequence {
                     cache: &mut alone,
                     tokens: &ours,
@@ -1337,9 +1346,7 @@ mod tests {
                 }
                 // Inside a batch of 64 others (ours in the middle), prefill and decode.
                 let others: Vec<Vec<u32>> = (0..64).map(prompt).collect();
-                let mut caches: Vec<SequenceCache> = (0..65)
-                    .map(|_| SequenceCache::for_config(&config))
-                    .collect();
+                let mut caches: Vec<SequenceCache> = (0..65).map(|_| model.new_cache()).collect();
                 let mut inputs: Vec<Vec<u32>> = others.clone();
                 inputs.insert(32, ours.clone());
                 let mut seqs: Vec<StepSequence<'_>> = caches
@@ -1378,7 +1385,7 @@ mod tests {
                     );
                 }
                 // The prompt decoded one token at a time: each step's row = the prefill's.
-                let mut one_by_one = SequenceCache::for_config(&config);
+                let mut one_by_one = model.new_cache();
                 let v = config.vocab_size;
                 for (p, t) in ours.iter().enumerate() {
                     let mut seqs = [StepSequence {

@@ -223,17 +223,32 @@ extern "C" __global__ void rope_heads(const float* x, long long x_offset, int x_
 }
 
 // Row r of src (width values) to caches[row_seq[r]] at row_pos[r] * cache_stride + offset.
+// Where a sequence's cached position `pos` lies in the KV pool (device_dense/ops.rs,
+// `CacheBlocks::locate`): row pos % block_tokens of block table[start + pos / block_tokens],
+// in its chunk (chunk_blocks blocks of block_tokens rows, rows `stride` floats apart).
+__device__ __forceinline__ float* cache_row(const unsigned long long* chunks,
+                                            const unsigned int* table, unsigned int start,
+                                            long long pos, int block_tokens, int chunk_blocks,
+                                            int stride) {
+    const unsigned int block = table[start + pos / block_tokens];
+    const long long row =
+        (long long)(block % chunk_blocks) * block_tokens + pos % block_tokens;
+    return (float*)chunks[block / chunk_blocks] + row * stride;
+}
+
 extern "C" __global__ void append_rows(const float* src, long long src_offset, int src_row_stride,
-                                       int width, const unsigned long long* caches,
-                                       int cache_stride, int cache_offset,
+                                       int width, const unsigned long long* chunks,
+                                       const unsigned int* table,
+                                       const unsigned int* table_start, int block_tokens,
+                                       int chunk_blocks, int cache_stride, int cache_offset,
                                        const unsigned int* row_seq, const unsigned int* row_pos,
                                        int rows) {
     GRID_STRIDE(i, (long long)rows * width) {
         long long r = i / width;
         long long c = i - r * width;
-        float* cache = (float*)caches[row_seq[r]];
-        cache[(long long)row_pos[r] * cache_stride + cache_offset + c] =
-            src[src_offset + r * src_row_stride + c];
+        float* row = cache_row(chunks, table, table_start[row_seq[r]], row_pos[r], block_tokens,
+                               chunk_blocks, cache_stride);
+        row[cache_offset + c] = src[src_offset + r * src_row_stride + c];
     }
 }
 
@@ -244,9 +259,11 @@ extern "C" __global__ void append_rows(const float* src, long long src_offset, i
 // position, in tiles of ATT_THREADS cached tokens with a running max (online softmax). Every
 // sum runs in a fixed order, so a row's result does not depend on its batch-mates.
 // q: [rows, heads, dk]; out: [rows, heads, dv] (dv <= ATT_THREADS * ATT_MAX_OUT_PER_THREAD).
-extern "C" __global__ void attention_rows(const float* q, const unsigned long long* key_ptrs,
-                                          const unsigned long long* value_ptrs,
-                                          const unsigned int* row_seq,
+extern "C" __global__ void attention_rows(const float* q, const unsigned long long* key_chunks,
+                                          const unsigned long long* value_chunks,
+                                          const unsigned int* table,
+                                          const unsigned int* table_start, int block_tokens,
+                                          int chunk_blocks, const unsigned int* row_seq,
                                           const unsigned int* row_pos, float* out, int rows,
                                           int heads, int kv_heads, int dk, int dv, int key_stride,
                                           int value_stride, int key_head_stride,
@@ -259,9 +276,9 @@ extern "C" __global__ void attention_rows(const float* q, const unsigned long lo
     int h = (int)(item - (long long)r * heads);
     int kvh = h / (heads / kv_heads);
     const float* qh = q + item * dk;
-    const float* keys = (const float*)key_ptrs[row_seq[r]] + (long long)kvh * key_head_stride;
-    const float* values =
-        (const float*)value_ptrs[row_seq[r]] + (long long)kvh * value_head_stride;
+    const unsigned int start = table_start[row_seq[r]];
+    const long long key_head = (long long)kvh * key_head_stride;
+    const long long value_head = (long long)kvh * value_head_stride;
     int visible = (int)row_pos[r] + 1;
     float acc[ATT_MAX_OUT_PER_THREAD];
     for (int k = 0; k < ATT_MAX_OUT_PER_THREAD; k++) acc[k] = 0.0f;
@@ -270,7 +287,8 @@ extern "C" __global__ void attention_rows(const float* q, const unsigned long lo
         int j = base + threadIdx.x;
         float score = NEG_INF;
         if (j < visible) {
-            const float* k = keys + (long long)j * key_stride;
+            const float* k = cache_row(key_chunks, table, start, j, block_tokens, chunk_blocks,
+                                       key_stride) + key_head;
             float dot = 0.0f;
             for (int c = 0; c < dk; c++) dot += qh[c] * k[c];
             score = dot * scale;
@@ -299,7 +317,9 @@ extern "C" __global__ void attention_rows(const float* q, const unsigned long lo
             if (c >= dv) break;
             float a = acc[k] * correction;
             for (int t = 0; t < tile; t++) {
-                a += weights[t] * values[(long long)(base + t) * value_stride + c];
+                const float* v = cache_row(value_chunks, table, start, base + t, block_tokens,
+                                           chunk_blocks, value_stride) + value_head;
+                a += weights[t] * v[c];
             }
             acc[k] = a;
         }
