@@ -1300,8 +1300,10 @@ mod tests {
     }
 
     /// `--deterministic` on the GPU (dense part and experts): one sequence's logits are bitwise
-    /// the same alone and inside a batch of 64 others, at prefill and at each decode step, and a
-    /// prefill's logits bitwise those of its tokens decoded one by one; in f32 and bf16x2.
+    /// the same alone and inside a batch of 64 others, at prefill and at each decode step, a
+    /// prefill's logits bitwise those of its tokens decoded one by one, and a prefix taken
+    /// from the paged pool (blocks shared with another sequence) bitwise computing it; in f32
+    /// and bf16x2.
     #[test]
     fn gpu_deterministic_logits_do_not_depend_on_the_batch() {
         use crate::checkpoint::Checkpoint;
@@ -1399,7 +1401,38 @@ mod tests {
                         "{what}: position {p} decoded alone differs from the prefill"
                     );
                 }
-                eprintln!("{what}: batch-invariant and prefill = decode, bitwise");
+                // A prefix from the paged pool (another sequence's full blocks, shared): the
+                // logits of computing it, bitwise.
+                let long: Vec<u32> = (0..2 * 16 + 3).map(|t| (t * 11 + 4) % vocab).collect();
+                let mut owner = model.new_cache();
+                let mut seqs = [StepSequence {
+                    cache: &mut owner,
+                    tokens: &long[..32],
+                    all_logits: false,
+                }];
+                model.forward(&mut seqs, &experts).unwrap();
+                let mut hit = model.new_cache();
+                assert!(hit.share_prefix(owner.full_blocks()) && hit.len == 32);
+                let mut seqs = [StepSequence {
+                    cache: &mut hit,
+                    tokens: &long[32..],
+                    all_logits: false,
+                }];
+                let from_cache = model.forward(&mut seqs, &experts).unwrap();
+                let mut fresh = model.new_cache();
+                let mut seqs = [StepSequence {
+                    cache: &mut fresh,
+                    tokens: &long,
+                    all_logits: false,
+                }];
+                let computed = model.forward(&mut seqs, &experts).unwrap();
+                assert!(
+                    from_cache == computed,
+                    "{what}: a shared prefix = computing it"
+                );
+                eprintln!(
+                    "{what}: batch-invariant, prefill = decode, prefix hit = computed, bitwise"
+                );
             }
         }
     }
