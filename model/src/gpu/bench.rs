@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::buffer::{fill_uniform_f32, ActForm, GpuBuffer};
+use super::buffer::{ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::expert_ffn::{run_grouped_on_device, CudaOps, ExpertBatch, GpuMlp};
+use super::fill::fill_uniform_f32;
 use crate::device::shapes::ColumnMajorGemm;
 use crate::grouped_ffn::{FfnOps, FfnPass};
 use crate::routes::{ExpertRoutes, ExpertRuns};

@@ -8,6 +8,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, PushKernelArg};
 
 use super::context::GpuContext;
 use super::error::GpuError;
+use super::fill::fill_uniform_f32;
 use super::fp8_gemm::DeviceFp8Matrix;
 use super::kernels::grid;
 use crate::device::GpuDtype;
@@ -189,28 +190,6 @@ impl GpuBuffer {
         }
         Ok(())
     }
-}
-
-/// Fills an f32 buffer with reproducible pseudo-random values in `[-scale, scale]`.
-pub fn fill_uniform_f32(
-    ctx: &GpuContext,
-    buffer: &mut CudaSlice<f32>,
-    seed: u32,
-    scale: f32,
-) -> Result<(), GpuError> {
-    let n = buffer.len() as i64;
-    let cfg = grid(buffer.len());
-    // SAFETY: the kernel writes exactly `n` elements of `buffer`.
-    unsafe {
-        ctx.stream()
-            .launch_builder(&ctx.kernels().fill_uniform_f32)
-            .arg(buffer)
-            .arg(&n)
-            .arg(&seed)
-            .arg(&scale)
-            .launch(cfg)?;
-    }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -131,7 +131,7 @@ impl DeviceFp8Matrix {
                 .arg(&seed)
                 .launch(super::kernels::grid(n * k))?;
         }
-        super::buffer::fill_uniform_f32(ctx, &mut scales, seed ^ 0x5ca1e, 1e-3)?;
+        super::fill::fill_uniform_f32(ctx, &mut scales, seed ^ 0x5ca1e, 1e-3)?;
         Ok(Self {
             values,
             scales,

@@ -28,6 +28,7 @@ pub mod dense_ops;
 pub mod error;
 pub mod exact_gemm;
 pub mod expert_ffn;
+pub mod fill;
 pub mod fp8_gemm;
 pub mod kernels;
 
