@@ -71,6 +71,15 @@ impl SequenceCache {
         &self.pool
     }
 
+    /// Whether position `pos` lies in a block another holder shares (a cached prefix's): a
+    /// device dense part, which cannot copy a block on write as the host does, refuses to
+    /// write there.
+    pub fn is_shared_at(&self, pos: usize) -> bool {
+        self.blocks
+            .get(pos / self.layout.block_tokens)
+            .is_some_and(|b| Arc::strong_count(b) > 1)
+    }
+
     /// The pool indices of its blocks, in position order (room taken included): a device
     /// dense part keeps each block's rows at that index of its own pool.
     pub fn block_indices(&self) -> impl Iterator<Item = usize> + '_ {

@@ -222,6 +222,13 @@ where
         let mut table_start = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             s.cache.ensure_capacity(s.cache.len + s.tokens.len());
+            // Shared blocks are full ones and writes go past them; a partial one would be
+            // written under its other holder.
+            if !s.tokens.is_empty() && s.cache.is_shared_at(s.cache.len) {
+                return Err(ModelError::InvalidRequest(
+                    "a shared KV block would be written on the device".into(),
+                ));
+            }
             table_start.push(table.len() as u32);
             table.extend(s.cache.block_indices().map(|b| b as u32));
         }
