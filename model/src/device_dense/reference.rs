@@ -819,6 +819,36 @@ mod tests {
         }
     }
 
+    /// A write that would land in a block another holder shares (here: a cache rolled back
+    /// into a shared prefix's last block) is refused, not made under the other holder's rows.
+    #[test]
+    fn a_write_into_a_shared_block_is_refused() {
+        let (config, device, experts) = qwen_over_the_reference();
+        let vocab = config.vocab_size as u32;
+        let prefix: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % vocab).collect();
+        let mut owner = device.new_cache();
+        step_alone(&device, &experts, &mut owner, &prefix);
+        let mut at_20 = device.new_cache();
+        step_alone(&device, &experts, &mut at_20, &prefix[..20]);
+        let mut hit = device.new_cache();
+        assert!(hit.share_prefix(owner.full_blocks()));
+        hit.rollback(&at_20.mark());
+        assert_eq!(hit.len, 20);
+        let mut seqs = [StepSequence {
+            cache: &mut hit,
+            tokens: &[1],
+            all_logits: false,
+        }];
+        assert!(device.forward(&mut seqs, &experts).is_err());
+        // The owner's next step is as if nothing had been tried.
+        let mut again = device.new_cache();
+        step_alone(&device, &experts, &mut again, &prefix);
+        assert_eq!(
+            step_alone(&device, &experts, &mut owner, &[3]),
+            step_alone(&device, &experts, &mut again, &[3])
+        );
+    }
+
     /// A failed step is undone by the owner's rollback alone: the device rows written past
     /// `len` are never read, and the next step gives the same logits as if it had not run.
     #[test]
