@@ -2,10 +2,13 @@
 # Serving throughput on a GPU machine, after `ops/gpu-check.sh` has unpacked its binaries
 # (/tmp/moe-gpu-bin) and linked the CUDA libraries (/tmp/moe-cuda-libs): a generated DeepSeek-V3
 # checkpoint (PRESET, default medium: 2.9B parameters in bf16), the offline engine on DEVICE
-# (default cuda:0) in each of DTYPES, then a local cluster (router and NODES expert nodes, all
-# on DEVICE, rows over the gRPC data plane). Every step is bounded by a timeout; what it
-# printed is the result. `DEVICE=cpu DTYPES=bf16 MOE_BIN_DIR=target/release PRESET=small`
-# runs the same steps on a CPU machine (to check the script).
+# (default cuda:0) in each of DTYPES, then with `--deterministic` (what batch invariance
+# costs), the same preset in FP8 with `--gpu-fp8 keep`, then a local cluster (router and NODES
+# expert nodes, all on DEVICE, rows over the gRPC data plane), and prefix caching on it (a
+# shared 1,000-token prefix, TTFT with and without, `--deterministic`). Batches 1, 8, 64 and
+# 256 by default. Every step is bounded by a timeout; what it printed is the result.
+# `DEVICE=cpu DTYPES=bf16 MOE_BIN_DIR=target/release PRESET=small` runs the same steps on a
+# CPU machine (to check the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${MOE_BIN_DIR:-/tmp/moe-gpu-bin}")
@@ -14,7 +17,7 @@ export LD_LIBRARY_PATH="/tmp/moe-cuda-libs:${LD_LIBRARY_PATH:-}"
 device=${DEVICE:-cuda:0}
 preset=${PRESET:-medium}
 model=/tmp/ds-$preset-bf16
-shape=(--batch "${BATCH:-1,8,32,128}" --prompt-len "${PROMPT_LEN:-128}" --gen "${GEN:-64}")
+shape=(--batch "${BATCH:-1,8,64,256}" --prompt-len "${PROMPT_LEN:-128}" --gen "${GEN:-64}")
 
 [ -e "$model/config.json" ] ||
   timeout 120 moe gen-checkpoint --arch deepseek_v3 --preset "$preset" --dtype bf16 --out "$model" ||
@@ -25,7 +28,20 @@ for dtype in ${DTYPES:-bf16x2 bf16}; do
   timeout 150 moe bench --model "$model" --device "$device" --gpu-dtype "$dtype" "${shape[@]}" ||
     status=1
 done
+echo "== offline engine on $device, bf16x2, --deterministic (exact GEMM kernels)"
+MOE_DETERMINISTIC=true timeout 150 moe bench --model "$model" --device "$device" "${shape[@]}" ||
+  status=1
+fp8=/tmp/ds-$preset-fp8
+[ -e "$fp8/config.json" ] ||
+  timeout 120 moe gen-checkpoint --arch deepseek_v3 --preset "$preset" --dtype fp8 --out "$fp8" ||
+  status=1
+echo "== offline engine on $device, FP8 checkpoint, --gpu-fp8 keep"
+MOE_GPU_FP8=keep timeout 150 moe bench --model "$fp8" --device "$device" --gpu-dtype f32 "${shape[@]}" ||
+  status=1
 echo "== cluster on $device (router + ${NODES:-2} nodes, gRPC data plane)"
 SKIP_OFFLINE=1 BATCH=${CLUSTER_BATCH:-1,8,32} UP_ARGS="--device $device" \
   timeout 200 bench/cluster_vs_offline.sh "$model" "${NODES:-2}" || status=1
+echo "== prefix caching on $device (paged device KV pool, --deterministic)"
+MOE_DETERMINISTIC=true UP_ARGS="--device $device" BATCH=32 \
+  timeout 200 bench/prefix_cache.sh "$model" "${NODES:-2}" || status=1
 exit $status

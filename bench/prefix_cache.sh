@@ -3,8 +3,9 @@
 # PROMPT_LEN tokens of its own), time to first token with the cache against
 # `--prefix-caching=false`, and the cache's hit rate from the router's /metrics.
 # Usage: bench/prefix_cache.sh CHECKPOINT_DIR [NODES]
-# Environment: BATCH (32), PREFIX (1000), PROMPT_LEN (16), GEN (4). Needs release binaries
-# (cargo build --release --bins, or MOE_BIN_DIR) and etcd on PATH.
+# Environment: BATCH (32), PREFIX (1000), PROMPT_LEN (16), GEN (4), UP_ARGS (more `moe up`
+# flags, e.g. `--device cuda:0`). Needs release binaries (cargo build --release --bins, or
+# MOE_BIN_DIR) and etcd on PATH.
 set -euo pipefail
 model=${1:?checkpoint dir}
 nodes=${2:-1}
@@ -12,7 +13,8 @@ bin=${MOE_BIN_DIR:-$(dirname "$0")/../target/release}
 args=(--batch "${BATCH:-32}" --shared-prefix "${PREFIX:-1000}" --prompt-len "${PROMPT_LEN:-16}" --gen "${GEN:-4}" --json)
 for caching in true false; do
   log=$(mktemp)
-  MOE_PREFIX_CACHING=$caching "$bin/moe" up --model "$model" --nodes "$nodes" > "$log" 2>&1 &
+  # shellcheck disable=SC2086 # UP_ARGS is a list of flags
+  MOE_PREFIX_CACHING=$caching "$bin/moe" up --model "$model" --nodes "$nodes" ${UP_ARGS:-} > "$log" 2>&1 &
   up=$!
   addr=""; http=""
   for _ in $(seq 1 600); do
