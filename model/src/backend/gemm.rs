@@ -59,6 +59,15 @@ enum Panels {
     Stacked(Vec<PackedMatrix>),
 }
 
+/// The SIMD tiles widen an e4m3 byte to the f32 2^120 times smaller by moving its bits into
+/// an f32's (`E4M3_IN_F32_MASK` keeps them after a sign-extend and a shift by 20), and multiply
+/// it by its scale times 2^120: exact, so each weight is the one rounding of `e4m3 * scale`.
+/// Scales at or above `FP8_MAX_KERNEL_SCALE` would overflow there, and such matrices are
+/// widened to f32 at load instead (no real checkpoint comes near: DeepSeek's are ~1e-4).
+const FP8_SCALE_UP: f32 = f32::from_bits((127 + 120) << 23);
+const E4M3_IN_F32_MASK: u32 = 0x87F0_0000;
+const FP8_MAX_KERNEL_SCALE: f32 = 256.0;
+
 /// One float8 e4m3fn weight (finite: checkpoints with NaN weights are refused at load).
 #[derive(Clone, Copy, Default, Debug, PartialEq)]
 #[repr(transparent)]
@@ -74,6 +83,11 @@ fn e4m3_table() -> &'static [f32; 256] {
         }
         t
     })
+}
+
+/// Whether every scale of `m` times 2^120 is a finite f32 (see `FP8_SCALE_UP`).
+fn scales_fit_the_kernel(m: &Fp8Matrix) -> bool {
+    m.scales.iter().all(|s| s.abs() < FP8_MAX_KERNEL_SCALE)
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -235,7 +249,9 @@ impl PackedMatrix {
             f.first()
                 .is_some_and(|first| f.iter().all(|m| m.segment_starts == first.segment_starts))
         }) {
-            return Self::from_fp8(&fp8, k);
+            if fp8.iter().all(|m| scales_fit_the_kernel(m)) {
+                return Self::from_fp8(&fp8, k);
+            }
         }
         let bf16: Option<Vec<&[half::bf16]>> = parts
             .iter()
@@ -262,6 +278,10 @@ impl PackedMatrix {
         if let Some(parts) = f32_parts {
             return Self::from_stacked(&parts, k);
         }
+        if let [NativeWeight::Fp8(m)] = parts {
+            // Only here when its scales do not fit the kernel (else it is FP8 panels above).
+            return Self::from_rows(&m.to_f32(), m.rows, k);
+        }
         let parts: Vec<PackedMatrix> = parts.iter().map(|p| Self::from_native(&[p], k)).collect();
         Self {
             n: parts.iter().map(|p| p.n).sum(),
@@ -270,7 +290,7 @@ impl PackedMatrix {
         }
     }
 
-    /// FP8 parts stacked into one matrix (same k segments).
+    /// FP8 parts stacked into one matrix (same k segments, scales that fit the kernel).
     fn from_fp8(parts: &[&Fp8Matrix], k: usize) -> Self {
         let bytes: Vec<&[E4m3]> = parts
             .iter()
@@ -458,38 +478,48 @@ impl PackedMatrix {
         let mut m0 = 0;
         while m0 < m {
             let rows = block.min(m - m0);
-            let run = |p: usize| {
-                // SAFETY: panel p writes only columns [p*NR, p*NR+NR) of rows m0..m0+rows of c,
-                // disjoint across panels; `product` checked that every row of A lies in A.
-                unsafe { self.panel_product(panels, scaled.first(), p, &a, m0, rows, out) }
+            let group = panels_per_tile(rows);
+            let run = |g: usize| {
+                let panels_here = PanelRange {
+                    first: g * group,
+                    count: group.min(num_panels - g * group),
+                };
+                // SAFETY: these panels write only their columns of rows m0..m0+rows of c,
+                // disjoint across groups; `product` checked that every row of A lies in A.
+                unsafe {
+                    self.panel_product(panels, scaled.first(), panels_here, &a, m0, rows, out)
+                }
             };
+            let groups = num_panels.div_ceil(group);
             if parallel {
-                (0..num_panels)
+                (0..groups)
                     .into_par_iter()
-                    .with_min_len(2)
+                    .with_min_len(2usize.div_ceil(group))
                     .for_each(run);
             } else {
-                (0..num_panels).for_each(run);
+                (0..groups).for_each(run);
             }
             m0 += rows;
         }
     }
 
-    /// Computes columns of panel `p` for rows `first..first + rows`. FP8 panels also cut the
-    /// K blocks at their scale segments (the chain of multiply-adds is the same).
+    /// Computes columns of `panels_here` for rows `first..first + rows`. FP8 panels also cut
+    /// the K blocks at their scale segments (the chain of multiply-adds is the same).
     #[allow(clippy::too_many_arguments)]
     unsafe fn panel_product<E: PanelElement>(
         &self,
         panels: &[E],
         scaled: Option<&Scaled<'_>>,
-        p: usize,
+        panels_here: PanelRange,
         a: &InputRows<'_>,
         first: usize,
         rows: usize,
         c: OutPtr,
     ) {
-        let cols = NR.min(self.n - p * NR);
-        let panel = &panels[p * self.k * NR..(p + 1) * self.k * NR];
+        let p = panels_here.first;
+        let last = p + panels_here.count - 1;
+        let cols = NR.min(self.n - last * NR);
+        let panel = &panels[p * self.k * NR..(last + 1) * self.k * NR];
         for kb in KBlocks::new(self.k, scaled) {
             let scales = scaled.map_or(std::ptr::null(), |s| s.panel_scales(p, kb.segment));
             let block = panel.as_ptr().add(kb.k0 * NR);
@@ -498,8 +528,12 @@ impl PackedMatrix {
                 kc: kb.kc,
                 cols,
                 accumulate: kb.k0 > 0,
+                panels: panels_here.count,
+                panel_stride: self.k * NR,
+                scales_stride: scaled.map_or(0, |s| s.segment_starts.len() * NR),
             };
             if E::FP8 && rows > MR {
+                debug_assert_eq!(panels_here.count, 1, "several row tiles take one panel");
                 // Several row tiles share this K block: widen it once into L1 (the same f32
                 // values each tile would compute) and run them over f32.
                 WIDENED.with(|widened| {
@@ -544,6 +578,9 @@ impl PackedMatrix {
                 cols: block.cols,
                 accumulate: block.accumulate,
                 prefetch: m0 == first,
+                panels: block.panels,
+                panel_stride: block.panel_stride,
+                scales_stride: block.scales_stride,
             };
             micro_tile(mr, &tile);
             m0 += mr;
@@ -551,13 +588,37 @@ impl PackedMatrix {
     }
 }
 
-/// Where one K block of a panel lies.
+/// Where one K block of a group of adjacent panels lies.
 struct BlockRows {
     k0: usize,
     kc: usize,
-    /// Valid columns of the panel.
+    /// Valid columns of the group's last panel (the others are whole).
     cols: usize,
     accumulate: bool,
+    panels: usize,
+    /// Elements from one panel's K block to the next panel's.
+    panel_stride: usize,
+    /// Scales from one FP8 panel's to the next panel's (same segment).
+    scales_stride: usize,
+}
+
+/// Adjacent panels computed together.
+#[derive(Clone, Copy)]
+struct PanelRange {
+    first: usize,
+    count: usize,
+}
+
+/// Panels side by side in one register tile for a row block of `rows` rows: a tile needs
+/// about four independent multiply-add chains to hide the FMA's latency, and one or two rows
+/// over one panel have one or two (a batch-1 decode's FP8 tile ran at one k-row per FMA
+/// latency, ~4 cycles, until it took four panels at once).
+fn panels_per_tile(rows: usize) -> usize {
+    match rows {
+        1 => 4,
+        2 => 2,
+        _ => 1,
+    }
 }
 
 thread_local! {
@@ -763,6 +824,39 @@ struct Tile<E> {
     /// each 4 KiB page: 8-row GEMMs on cold weights ran ~20% faster with it, a batch-32
     /// decode's routed experts ~10% (docs/performance.md).
     prefetch: bool,
+    /// Adjacent panels in this tile (see `panels_per_tile`): panel j's K block is at
+    /// `b + j * panel_stride`, its scales at `scales + j * scales_stride`, its columns at
+    /// `c + j * NR`; only the last may have fewer than NR valid columns (`cols`).
+    panels: usize,
+    panel_stride: usize,
+    scales_stride: usize,
+}
+
+impl<E> Tile<E> {
+    /// Panel `j` of this tile as a one-panel tile.
+    ///
+    /// SAFETY: `j < self.panels`.
+    unsafe fn panel(&self, j: usize) -> Tile<E> {
+        let last = j + 1 == self.panels;
+        Tile {
+            a: self.a,
+            b: self.b.add(j * self.panel_stride),
+            scales: if self.scales.is_null() {
+                self.scales
+            } else {
+                self.scales.add(j * self.scales_stride)
+            },
+            c: self.c.add(j * NR),
+            ldc: self.ldc,
+            kc: self.kc,
+            cols: if last { self.cols } else { NR },
+            accumulate: self.accumulate,
+            prefetch: self.prefetch,
+            panels: 1,
+            panel_stride: 0,
+            scales_stride: 0,
+        }
+    }
 }
 
 /// How far ahead the first row tile prefetches: about what one core has in flight from DRAM
@@ -772,28 +866,32 @@ const PREFETCH_AHEAD_BYTES: usize = 1024;
 unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
     #[cfg(target_arch = "x86_64")]
     {
-        if super::has_avx512() {
-            match mr {
-                6 => return avx512::tile::<6, E>(t),
-                5 => return avx512::tile::<5, E>(t),
-                4 => return avx512::tile::<4, E>(t),
-                3 => return avx512::tile::<3, E>(t),
-                2 => return avx512::tile::<2, E>(t),
-                _ => return avx512::tile::<1, E>(t),
-            }
+        macro_rules! dispatch {
+            ($isa:ident) => {
+                match (mr, t.panels) {
+                    (6, 1) => return $isa::tile::<6, 1, E>(t),
+                    (5, 1) => return $isa::tile::<5, 1, E>(t),
+                    (4, 1) => return $isa::tile::<4, 1, E>(t),
+                    (3, 1) => return $isa::tile::<3, 1, E>(t),
+                    (2, 1) => return $isa::tile::<2, 1, E>(t),
+                    (2, 2) => return $isa::tile::<2, 2, E>(t),
+                    (1, 1) => return $isa::tile::<1, 1, E>(t),
+                    (1, 2) => return $isa::tile::<1, 2, E>(t),
+                    (1, 3) => return $isa::tile::<1, 3, E>(t),
+                    (1, 4) => return $isa::tile::<1, 4, E>(t),
+                    _ => {}
+                }
+            };
         }
-        if super::has_avx2_fma() {
-            match mr {
-                6 => return avx2::tile::<6, E>(t),
-                5 => return avx2::tile::<5, E>(t),
-                4 => return avx2::tile::<4, E>(t),
-                3 => return avx2::tile::<3, E>(t),
-                2 => return avx2::tile::<2, E>(t),
-                _ => return avx2::tile::<1, E>(t),
-            }
+        if super::has_avx512() {
+            dispatch!(avx512);
+        } else if super::has_avx2_fma() {
+            dispatch!(avx2);
         }
     }
-    portable_tile(mr, t)
+    for j in 0..t.panels {
+        portable_tile(mr, &t.panel(j));
+    }
 }
 
 /// The same FMA chain as the SIMD path, one element at a time.
@@ -869,6 +967,36 @@ mod tests {
         }
     }
 
+    /// Every batch size from 1 to 14 (one row over four panels, two over two, several row
+    /// tiles) gives each row bitwise its product alone, on every panel type, with a partial
+    /// last panel.
+    #[test]
+    fn every_batch_size_tiles_rows_as_alone() {
+        let (n, k) = (70, 300);
+        let wide = pseudo_random(n * k, 5);
+        let bf16 = NativeWeight::Bf16(wide.iter().map(|&x| half::bf16::from_f32(x)).collect());
+        let fp8 = NativeWeight::Fp8(fp8_matrix(n, k, (128, 128), 6));
+        let matrices = [
+            PackedMatrix::from_rows(&wide, n, k),
+            PackedMatrix::from_native(&[&bf16], k),
+            PackedMatrix::from_native(&[&fp8], k),
+        ];
+        let a = pseudo_random(14 * k, 7);
+        for w in &matrices {
+            let alone: Vec<Vec<f32>> = a.chunks_exact(k).map(|row| w.matmul(row, 1)).collect();
+            for m in 1..=14 {
+                let batched = w.matmul_serial(&a[..m * k], m);
+                for (row, expected) in alone.iter().take(m).enumerate() {
+                    assert_eq!(
+                        &batched[row * n..(row + 1) * n],
+                        &expected[..],
+                        "{w:?} m {m}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Rows read in place (a column block of wider rows, or a gather by index) give bitwise
     /// the product of the same rows copied out first, serial and parallel.
     #[test]
@@ -933,6 +1061,9 @@ mod tests {
                         cols,
                         accumulate: k0 > 0,
                         prefetch: false,
+                        panels: 1,
+                        panel_stride: 0,
+                        scales_stride: 0,
                     };
                     unsafe { portable_tile(MR.min(m - m0), &t) };
                 }
@@ -1092,11 +1223,13 @@ mod tests {
         );
     }
 
-    /// The SIMD path widens e4m3 through f16 exactly as the table does: all 254 finite
-    /// bytes, both signs, against the portable tile.
+    /// The SIMD path widens e4m3 by moving its bits into an f32's exactly as the table does:
+    /// all 254 finite bytes, both signs, against the portable tile, with scales from a
+    /// subnormal one to just under the kernel's limit (products rounded into f32 subnormals
+    /// too).
     #[test]
     fn fp8_simd_and_portable_paths_agree_bitwise() {
-        let (m, n, k): (usize, usize, usize) = (7, 84, 254);
+        let (m, n, k): (usize, usize, usize) = (7, 300, 254);
         let values: Vec<u8> = (0..n * k)
             .map(|i| ((i * 7) % 254) as u8 ^ ((i & 1) as u8 * 0x80))
             .collect();
@@ -1104,9 +1237,8 @@ mod tests {
             .into_iter()
             .map(|b| if b & 0x7f == 0x7f { 0 } else { b })
             .collect();
-        let scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128))
-            .map(|i| 0.5 + i as f32)
-            .collect();
+        let scales = [1e-39, 3.7e-5, 0.5, 1e-30, 255.9, 0.013];
+        assert_eq!(scales.len(), n.div_ceil(128) * k.div_ceil(128));
         let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128)));
         let packed = PackedMatrix::from_native(&[&w], k);
         let reference = PackedMatrix::from_rows(&w.to_f32(), n, k);
@@ -1117,5 +1249,26 @@ mod tests {
             let a = pseudo_random(m * k, 28);
             assert_eq!(packed.matmul(&a, m), portable_product(panels, &a, m, n, k));
         }
+    }
+
+    /// A scale too large for the kernel's exact widening (2^120 times it overflows) packs the
+    /// matrix as its f32 widening instead: the products are the same, bitwise.
+    #[test]
+    fn fp8_scales_beyond_the_kernel_widen_at_load() {
+        let (n, k) = (20, 130);
+        let values: Vec<u8> = (0..n * k).map(|i| (i % 119) as u8).collect();
+        let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(
+            values,
+            n,
+            k,
+            &[0.25, 300.0],
+            (128, 128),
+        ));
+        let packed = PackedMatrix::from_native(&[&w], k);
+        assert!(!packed.is_fp8());
+        let a = pseudo_random(3 * k, 29);
+        let wide = PackedMatrix::from_rows(&w.to_f32(), n, k);
+        assert_eq!(packed.matmul(&a, 3), wide.matmul(&a, 3));
+        assert_eq!(packed.matmul(&a[..k], 1), wide.matmul(&a[..k], 1));
     }
 }

@@ -3,33 +3,33 @@
 //! the same `fma` chain over k as on AVX2 and in the portable tile, so results are bitwise
 //! those paths' (the tests compare against the portable tile on every panel type).
 
-use super::{E4m3, PanelElement, Tile, NR, PREFETCH_AHEAD_BYTES};
+use super::{E4m3, PanelElement, Tile, E4M3_IN_F32_MASK, FP8_SCALE_UP, NR, PREFETCH_AHEAD_BYTES};
 use std::arch::x86_64::*;
 
 const _: () = assert!(NR == 16, "a panel row is one zmm register");
 
-/// 16 e4m3 bytes as f32 values 2^8 smaller, exactly: each byte into the high half of a 16-bit
-/// lane, an arithmetic shift by one moves exponent and mantissa into an f16's (whose exponent
-/// bias is 8 more, subnormals included), the mask clears the sign's copy in the exponent's
-/// top bit, and `vcvtph2ps` widens the 16 lanes at once.
+/// 16 e4m3 bytes as f32 values 2^120 smaller, exactly: each byte sign-extended into a 32-bit
+/// lane and shifted so that its exponent and mantissa land in the low bits of an f32's (whose
+/// exponent bias is 120 more; e4m3 subnormals become f32 subnormals, exactly) and its sign in
+/// the sign bit; the mask clears the sign's other copies. Three integer operations and no
+/// conversion instruction.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
-unsafe fn e4m3x16_over_256(b: *const E4m3) -> __m512 {
-    let bytes = _mm_loadu_si128(b as *const __m128i);
-    let half = _mm256_and_si256(
-        _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(bytes)),
-        _mm256_set1_epi16(0xBFFFu16 as i16),
-    );
-    _mm512_cvtph_ps(half)
+unsafe fn e4m3x16_over_2_120(b: *const E4m3) -> __m512 {
+    let lanes = _mm512_cvtepi8_epi32(_mm_loadu_si128(b as *const __m128i));
+    _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_slli_epi32::<20>(lanes),
+        _mm512_set1_epi32(E4M3_IN_F32_MASK as i32),
+    ))
 }
 
 /// One k-row of a panel as one 16-lane vector. FP8 rows are multiplied by `scales`, which the
-/// caller pre-multiplied by 2^8 (exact), so each value is the one rounding of `e4m3 * scale`.
+/// caller pre-multiplied by 2^120 (exact), so each value is the one rounding of `e4m3 * scale`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
 unsafe fn load_panel_row<E: PanelElement>(b: *const E, scales: __m512) -> __m512 {
     if E::FP8 {
-        _mm512_mul_ps(e4m3x16_over_256(b as *const E4m3), scales)
+        _mm512_mul_ps(e4m3x16_over_2_120(b as *const E4m3), scales)
     } else if E::BF16 {
         // Lane j holds column j in its low half and column j + 8 in its high half.
         let lanes = _mm256_loadu_si256(b as *const __m256i);
@@ -44,12 +44,12 @@ unsafe fn load_panel_row<E: PanelElement>(b: *const E, scales: __m512) -> __m512
     }
 }
 
-/// The scales of a 16-column FP8 slice, times 2^8 (zeros for other panels).
+/// The scales of a 16-column FP8 slice, times 2^120 (zeros for other panels).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
 unsafe fn column_scales<E: PanelElement>(scales: *const f32) -> __m512 {
     if E::FP8 {
-        _mm512_mul_ps(_mm512_loadu_ps(scales), _mm512_set1_ps(256.0))
+        _mm512_mul_ps(_mm512_loadu_ps(scales), _mm512_set1_ps(FP8_SCALE_UP))
     } else {
         _mm512_setzero_ps()
     }
@@ -71,48 +71,66 @@ pub(super) unsafe fn widen_fp8_block(
     }
 }
 
+/// R rows of A times P adjacent panels (`Tile::panels == P`): R * P independent chains.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn tile<const R: usize, E: PanelElement>(t: &Tile<E>) {
-    // Only the panel's valid columns are read from C and written back.
-    let mask: __mmask16 = if t.cols >= NR {
+pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &Tile<E>) {
+    debug_assert_eq!(t.panels, P);
+    // Only the last panel's valid columns are read from C and written back.
+    let last_mask: __mmask16 = if t.cols >= NR {
         0xFFFF
     } else {
         (1u16 << t.cols) - 1
     };
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mask = |j: usize| if j + 1 == P { last_mask } else { 0xFFFF };
+    let c = |r: usize, j: usize| t.c.add(r * t.ldc + j * NR);
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
     if t.accumulate {
         for (r, row) in acc.iter_mut().enumerate() {
-            *row = _mm512_maskz_loadu_ps(mask, t.c.add(r * t.ldc));
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(mask(j), c(r, j));
+            }
         }
     }
     let mut a_ptrs = [t.a[0]; R];
     a_ptrs.copy_from_slice(&t.a[..R]);
-    let scales = column_scales::<E>(t.scales);
-    let mut b = t.b;
-    // One k-row: the same FMA chain with or without the prefetch.
-    let mut step = |kk: usize, b: *const E| {
-        let row = load_panel_row(b, scales);
-        for r in 0..R {
-            let a = _mm512_set1_ps(*a_ptrs[r].add(kk));
-            acc[r] = _mm512_fmadd_ps(a, row, acc[r]);
+    let mut scales = [_mm512_setzero_ps(); P];
+    for (j, s) in scales.iter_mut().enumerate() {
+        if E::FP8 {
+            *s = column_scales::<E>(t.scales.add(j * t.scales_stride));
+        }
+    }
+    let b = t.b;
+    // One k-row of every panel: the same FMA chains with or without the prefetch.
+    let step = |acc: &mut [[__m512; P]; R], kk: usize| {
+        for j in 0..P {
+            let row = load_panel_row(b.add(j * t.panel_stride + kk * NR), scales[j]);
+            for r in 0..R {
+                let a = _mm512_set1_ps(*a_ptrs[r].add(kk));
+                acc[r][j] = _mm512_fmadd_ps(a, row, acc[r][j]);
+            }
         }
     };
     // As on AVX2: a lone f32 row runs ahead by itself; the others prefetch on the tile that
-    // brings the slice in from memory.
+    // brings the slice in from memory, once per cache line of each panel.
     if (R > 1 || E::BF16 || E::FP8) && t.prefetch {
+        let krows_per_line = (64 / (NR * std::mem::size_of::<E>())).max(1);
         for kk in 0..t.kc {
-            let ahead = (b as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            step(kk, b);
-            b = b.add(NR);
+            if kk % krows_per_line == 0 {
+                for j in 0..P {
+                    let row = b.add(j * t.panel_stride + kk * NR) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH_AHEAD_BYTES));
+                }
+            }
+            step(&mut acc, kk);
         }
     } else {
         for kk in 0..t.kc {
-            step(kk, b);
-            b = b.add(NR);
+            step(&mut acc, kk);
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(t.c.add(r * t.ldc), mask, *row);
+        for (j, v) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(c(r, j), mask(j), *v);
+        }
     }
 }
