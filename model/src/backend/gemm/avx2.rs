@@ -2,7 +2,7 @@
 //! output element is the same `fma` chain over k as in the portable tile, so results are
 //! bitwise that path's.
 
-use super::{E4m3, PanelElement, Tile, E4M3_IN_F32_MASK, FP8_SCALE_UP, NR, PREFETCH_AHEAD_BYTES};
+use super::{E4m3, PanelElement, PanelLines, Tile, E4M3_IN_F32_MASK, FP8_SCALE_UP, NR};
 use std::arch::x86_64::*;
 
 /// Eight e4m3 bytes (the low half of `bytes`) as f32 values 2^120 smaller, exactly, as the
@@ -115,14 +115,12 @@ pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &T
     // run far ahead by itself) and measured ~8% slower with it. The others prefetch once per
     // cache line of each panel.
     if (R > 1 || E::BF16 || E::FP8) && t.prefetch {
-        let krows_per_line = (64 / (NR * std::mem::size_of::<E>())).max(1);
+        let lines = PanelLines::new(b, P, t.panel_stride);
+        if !t.accumulate {
+            lines.prefetch_starts();
+        }
         for kk in 0..t.kc {
-            if kk % krows_per_line == 0 {
-                for j in 0..P {
-                    let row = b.add(j * t.panel_stride + kk * NR) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH_AHEAD_BYTES));
-                }
-            }
+            lines.prefetch_ahead_of(kk);
             step(&mut acc, kk);
         }
     } else {

@@ -3,7 +3,7 @@
 //! the same `fma` chain over k as on AVX2 and in the portable tile, so results are bitwise
 //! those paths' (the tests compare against the portable tile on every panel type).
 
-use super::{E4m3, PanelElement, Tile, E4M3_IN_F32_MASK, FP8_SCALE_UP, NR, PREFETCH_AHEAD_BYTES};
+use super::{E4m3, PanelElement, PanelLines, Tile, E4M3_IN_F32_MASK, FP8_SCALE_UP, NR};
 use std::arch::x86_64::*;
 
 const _: () = assert!(NR == 16, "a panel row is one zmm register");
@@ -113,14 +113,12 @@ pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &T
     // As on AVX2: a lone f32 row runs ahead by itself; the others prefetch on the tile that
     // brings the slice in from memory, once per cache line of each panel.
     if (R > 1 || E::BF16 || E::FP8) && t.prefetch {
-        let krows_per_line = (64 / (NR * std::mem::size_of::<E>())).max(1);
+        let lines = PanelLines::new(b, P, t.panel_stride);
+        if !t.accumulate {
+            lines.prefetch_starts();
+        }
         for kk in 0..t.kc {
-            if kk % krows_per_line == 0 {
-                for j in 0..P {
-                    let row = b.add(j * t.panel_stride + kk * NR) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH_AHEAD_BYTES));
-                }
-            }
+            lines.prefetch_ahead_of(kk);
             step(&mut acc, kk);
         }
     } else {
