@@ -804,7 +804,8 @@ impl<'a> InputRows<'a> {
     }
 }
 
-/// One register tile: up to MR rows of A times one NR-wide slice of a panel.
+/// One register tile: up to MR rows of A times the NR-wide slices of one to four adjacent
+/// panels (`panels`).
 struct Tile<E> {
     /// Each row's first value of this K block (only the first `mr` are used).
     a: [*const f32; MR],

@@ -118,8 +118,8 @@ pub fn has_avx2_fma() -> bool {
     false
 }
 
-/// Whether this CPU runs the AVX-512 tiles (one zmm per 16-column panel row; they use the
-/// AVX2 byte shuffles and F16C too). `MOE_CPU_KERNELS=avx2` turns them off, to compare.
+/// Whether this CPU runs the AVX-512 tiles (one zmm per 16-column panel row; the detection
+/// includes the AVX2 path's). `MOE_CPU_KERNELS=avx2` turns them off, to compare.
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
     use std::sync::OnceLock;
