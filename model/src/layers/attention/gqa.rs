@@ -128,39 +128,26 @@ impl GqaAttention {
             .map(|(c, span)| c.rows(span.start_pos + span.len))
             .collect();
         let mut out = vec![0.0f32; rows * q_width];
-        let attend = |(r, out_row): (usize, &mut [f32])| {
+        // One task per row and KV head: the query heads that share a KV head are contiguous in
+        // a row's output, scored together so that each cached row is read once per KV head.
+        let group = self.heads / self.kv_heads;
+        let attend = |(task, out_heads): (usize, &mut [f32])| {
+            let (r, kvh) = (task / self.kv_heads, task % self.kv_heads);
             let cache = &cached[layout.row_seq[r]];
             let visible = layout.row_pos[r] + 1;
-            let q = &qkv[r * qkv_width..r * qkv_width + q_width];
-            // The query heads that share a KV head are contiguous: score them together so that
-            // each cached row is read once per KV head.
-            let group = self.heads / self.kv_heads;
+            let q = &qkv[r * qkv_width + kvh * group * d..][..group * d];
             let mut scores = vec![0.0f32; group * visible];
-            for kvh in 0..self.kv_heads {
-                let heads = kvh * group * d..(kvh + 1) * group * d;
-                ops::dot_rows_many(
-                    &q[heads.clone()],
-                    d,
-                    &cache.keys[..visible],
-                    kvh * d,
-                    &mut scores,
-                );
-                for score in scores.iter_mut() {
-                    *score *= self.scale;
-                }
-                for head_scores in scores.chunks_exact_mut(visible) {
-                    ops::softmax_in_place(head_scores);
-                }
-                ops::weighted_sum_rows_many(
-                    &scores,
-                    &cache.values[..visible],
-                    kvh * d,
-                    d,
-                    &mut out_row[heads],
-                );
+            ops::dot_rows_many(q, d, &cache.keys[..visible], kvh * d, &mut scores);
+            for score in scores.iter_mut() {
+                *score *= self.scale;
             }
+            for head_scores in scores.chunks_exact_mut(visible) {
+                ops::softmax_in_place(head_scores);
+            }
+            ops::weighted_sum_rows_many(&scores, &cache.values[..visible], kvh * d, d, out_heads);
         };
-        for_each_row(&mut out, q_width, super::parallel_rows(layout), attend);
+        let parallel = super::parallel_heads(layout, self.heads);
+        for_each_row(&mut out, group * d, parallel, attend);
         self.o.matmul(&out, rows)
     }
 }

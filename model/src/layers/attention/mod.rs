@@ -35,11 +35,21 @@ impl Attention {
     }
 }
 
-/// (head, visible position) pairs below which MLA's attention stays on one thread: about 0.5 M
-/// multiply-adds on DeepSeek's latent width, some 20 us. It was 64 Ki pairs, which left a
-/// decode's attention on one thread up to contexts of 4096 (batch 1) or ~128 (batch 32):
+/// (head, visible position) pairs below which attention stays on one thread: about 0.5 M
+/// multiply-adds on DeepSeek's latent width, some 20 us. It was 64 Ki pairs for MLA, which left
+/// a decode's attention on one thread up to contexts of 4096 (batch 1) or ~128 (batch 32):
 /// both decode steps ran ~5% faster once it was lowered.
-const MLA_PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
+const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
+
+/// Whether a step's attention is worth spreading over threads (tasks of one row's heads).
+pub(crate) fn parallel_heads(layout: &BatchLayout, heads: usize) -> bool {
+    let pairs: usize = layout
+        .seqs
+        .iter()
+        .map(|s| s.len * (s.start_pos + s.len))
+        .sum();
+    pairs * heads >= PARALLEL_MIN_HEAD_POSITIONS && rayon::current_num_threads() > 1
+}
 
 /// How MLA's latent attention splits its work: tasks of `heads_per_task` heads of one row, run in
 /// parallel or not. A decode step has a row or a few per sequence, so with one task per row
@@ -48,27 +58,11 @@ const MLA_PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
 pub(crate) fn head_tasks(layout: &BatchLayout, heads: usize) -> (usize, bool) {
     let threads = rayon::current_num_threads();
     let rows = layout.num_rows().max(1);
-    let pairs: usize = layout
-        .seqs
-        .iter()
-        .map(|s| s.len * (s.start_pos + s.len))
-        .sum();
-    let parallel = pairs * heads >= MLA_PARALLEL_MIN_HEAD_POSITIONS && threads > 1;
     let groups_per_row = (2 * threads).div_ceil(rows).clamp(1, heads.max(1));
     let target = heads.max(1) / groups_per_row;
     let heads_per_task = (1..=target.max(1))
         .rev()
         .find(|d| heads.is_multiple_of(*d))
         .unwrap_or(1);
-    (heads_per_task, parallel)
-}
-
-/// Enough work to be worth spreading rows over threads.
-pub(crate) fn parallel_rows(layout: &BatchLayout) -> bool {
-    let work: usize = layout
-        .seqs
-        .iter()
-        .map(|s| s.len * (s.start_pos + s.len))
-        .sum();
-    work >= 4096 && rayon::current_num_threads() > 1
+    (heads_per_task, parallel_heads(layout, heads))
 }
