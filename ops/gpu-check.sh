@@ -14,7 +14,7 @@
 #                              the device's 600 s per command, so a part that fails can be run
 #                              again within one session's 15 minutes).
 #
-# Checks, each bounded by a timeout (the bounds add up to 425 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 455 s; a normal run takes far less),
 # in order of priority:
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -37,7 +37,10 @@
 #      collective;
 #   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv), and
 #      rows received over it run by GPU experts where they lie, against the same experts
-#      run from host rows.
+#      run from host rows;
+#   6. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
+#      placed in pair order there) through the in-process device transport to two expert
+#      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
 # Benchmarks (`bench`; bounds add up to 290 s):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM;
@@ -194,6 +197,7 @@ check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens" 30 fp8_ke
 check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture
+check "router's device-resident dispatch through the in-process device transport" 30 "$UNPACKED/cluster-lib" --ignored device_rows_go_to_in_process --nocapture
 fi
 
 gpu_bench() { # name of the JSON file, then moe gpu-bench's flags

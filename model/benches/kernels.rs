@@ -281,7 +281,12 @@ fn main() {
             // A checkpoint written by `moe gen-checkpoint --arch deepseek_v3 --preset small`.
             let engine = moe_model::Engine::load(std::path::Path::new(&model)).unwrap();
             let vocab = engine.config().vocab_size as u32;
-            for batch in [1usize, 32] {
+            // `MOE_BENCH_BATCHES=1` runs one batch size alone (for a profiler).
+            let batches: Vec<usize> = std::env::var("MOE_BENCH_BATCHES")
+                .ok()
+                .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+                .unwrap_or_else(|| vec![1, 32]);
+            for batch in batches {
                 let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
                 // Each sequence its own prompt and next token, so a batch routes to as many
                 // experts as real traffic does (identical rows would all pick the same few).

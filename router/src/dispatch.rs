@@ -154,7 +154,7 @@ impl RemoteExperts {
             &serving.holders,
             &suspect,
             input.layer as u32,
-            input.rows,
+            Some(input.rows),
             self.hidden,
             input.routes,
             pending,
@@ -232,6 +232,16 @@ impl ExpertBackend for RemoteExperts {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
         self.run_layer(layer, 0, rows, routes)
     }
+
+    #[cfg(feature = "cuda")]
+    fn run_experts_on_device(
+        &self,
+        layer: usize,
+        rows: &moe_model::cudarc::driver::CudaSlice<f32>,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
+        self.run_layer_on_device(layer, rows, routes)
+    }
 }
 
 /// One micro-batch's view of [`RemoteExperts`]: its dispatches carry its number, so the
@@ -245,6 +255,16 @@ impl ExpertBackend for MicroBatchExperts<'_> {
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
         self.experts
             .run_layer(layer, self.micro_batch, rows, routes)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_experts_on_device(
+        &self,
+        layer: usize,
+        rows: &moe_model::cudarc::driver::CudaSlice<f32>,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
+        self.experts.run_layer_on_device(layer, rows, routes)
     }
 }
 
@@ -340,5 +360,106 @@ impl RemoteExperts {
         }
         times.calls.fetch_add(1, Ordering::Relaxed);
         Ok(pair_out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RemoteExperts {
+    /// One MoE layer on rows in the dense part's GPU memory, over the epoch's NCCL
+    /// communicator on the same GPU: each node's rows gathered there, sent from there, the
+    /// outputs placed in pair order there. `None` (the caller then goes through host memory,
+    /// where [`Self::run_layer`] retries and falls back node by node) when no such
+    /// communicator is live, a pair has no node, a share is over its node's bound, or the
+    /// exchange fails (the collective is then retired, as on the host path).
+    fn run_layer_on_device(
+        &self,
+        layer: usize,
+        rows: &moe_model::cudarc::driver::CudaSlice<f32>,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
+        let serving = self.view.serving()?;
+        let live = serving.live_collective()?;
+        let suspect: Vec<bool> = serving
+            .links
+            .iter()
+            .map(|l| self.view.is_suspect(&l.node_id))
+            .collect();
+        if suspect.iter().any(|&s| s) {
+            return None;
+        }
+        let pending = vec![true; routes.pairs()];
+        let assignment = assign_pairs(
+            &serving.holders,
+            &suspect,
+            layer as u32,
+            None,
+            self.hidden,
+            routes,
+            &pending,
+        );
+        let within_bounds = assignment
+            .shares
+            .iter()
+            .zip(&serving.links)
+            .all(|(share, link)| share.routes.rows() <= link.max_rows);
+        if !assignment.unplaced.is_empty() || !within_bounds {
+            return None;
+        }
+        let shares = assignment.row_shares();
+        let started = Instant::now();
+        let placed = {
+            let mut link = live.lock().ok()?;
+            link.dispatch_layer_on_device(
+                layer as u32,
+                rows,
+                &shares,
+                routes.pairs(),
+                self.hidden,
+                self.collective_timeout,
+                None,
+            )?
+        };
+        match placed {
+            Ok(placed) => {
+                let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
+                for &expert in &routes.experts {
+                    *per_expert.entry(expert).or_default() += 1;
+                }
+                for (expert, tokens) in per_expert {
+                    self.view.count_tokens((layer as u32, expert), tokens);
+                }
+                for (node, share) in serving.links.iter().zip(&shares) {
+                    if share.rows.is_empty() {
+                        continue;
+                    }
+                    let h = self.hidden as u64;
+                    node.bytes_sent
+                        .fetch_add(4 * h * share.rows.len() as u64, Ordering::Relaxed);
+                    node.bytes_received
+                        .fetch_add(4 * h * share.pairs.len() as u64, Ordering::Relaxed);
+                    node.rows_sent
+                        .fetch_add(share.rows.len() as u64, Ordering::Relaxed);
+                    node.count_pairs(layer as u32, share.pairs.len() as u64);
+                }
+                let times = &self.view.layer_times;
+                let waited = started.elapsed().as_nanos() as u64;
+                times.wait_nanos.fetch_add(waited, Ordering::Relaxed);
+                times.compute_nanos.fetch_add(
+                    placed.slowest_compute_micros.saturating_mul(1000),
+                    Ordering::Relaxed,
+                );
+                times.calls.fetch_add(1, Ordering::Relaxed);
+                self.view.collective_layers.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(placed.pair_out))
+            }
+            Err(e) => {
+                let retry = serving.collective.fail(Instant::now());
+                self.view
+                    .collective_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(epoch = serving.placement.epoch, layer, error = %e, ?retry, "device-resident collective failed; the layer goes through host memory and gRPC");
+                None
+            }
+        }
     }
 }

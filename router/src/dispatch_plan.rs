@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use moe_cluster::collective::exchange::NodeShare;
+use moe_cluster::collective::row_plane::RowShare;
 use moe_cluster::placement::ExpertId;
 use moe_model::routes::ExpertRoutes;
 
@@ -25,9 +26,26 @@ pub struct LayerAssignment {
     pub global_pairs: Vec<Vec<usize>>,
     /// Pending pairs whose expert no node of the placement holds.
     pub unplaced: Vec<usize>,
+    /// Per node: the layer's row index of each of its share's rows (what a device-resident
+    /// dispatch gathers, the rows themselves staying where they are).
+    pub row_index: Vec<Vec<u32>>,
 }
 
 impl LayerAssignment {
+    /// Each node's part for [`moe_cluster::collective::row_plane::dispatch_layer_in_place`].
+    pub fn row_shares(&self) -> Vec<RowShare> {
+        self.shares
+            .iter()
+            .zip(&self.row_index)
+            .zip(&self.global_pairs)
+            .map(|((share, rows), pairs)| RowShare {
+                rows: rows.clone(),
+                routes: share.routes.clone(),
+                pairs: pairs.iter().map(|&p| p as u32).collect(),
+            })
+            .collect()
+    }
+
     /// Writes node `node`'s outputs (`[pairs, hidden]`, in its share's pair order) to their
     /// pairs' rows of the layer's `pair_out`, so the combine sees the layer's pair order.
     pub fn place(&self, node: usize, outputs: &[f32], hidden: usize, pair_out: &mut [f32]) {
@@ -40,12 +58,13 @@ impl LayerAssignment {
 
 /// Assigns the `pending` pairs of a layer (rows `[routes.rows(), hidden]`) to the nodes of a
 /// placement: `holders` maps `(layer, expert)` to the indices of the nodes holding it, and
-/// `suspect[n]` says node `n` was reported failing.
+/// `suspect[n]` says node `n` was reported failing. Without `rows` (they are on a device) the
+/// shares carry only routes and [`LayerAssignment::row_index`] says which rows each takes.
 pub fn assign_pairs(
     holders: &HashMap<ExpertId, Vec<usize>>,
     suspect: &[bool],
     layer: u32,
-    rows: &[f32],
+    rows: Option<&[f32]>,
     hidden: usize,
     routes: &ExpertRoutes,
     pending: &[bool],
@@ -60,6 +79,7 @@ pub fn assign_pairs(
             .collect(),
         global_pairs: vec![Vec::new(); n_nodes],
         unplaced: Vec::new(),
+        row_index: vec![Vec::new(); n_nodes],
     };
     let mut node_pairs = vec![0usize; n_nodes];
     let mut choices: Vec<Vec<(u32, f32, usize)>> = vec![Vec::new(); n_nodes];
@@ -94,9 +114,12 @@ pub fn assign_pairs(
                 continue;
             }
             let share = &mut out.shares[node];
-            share
-                .rows
-                .extend_from_slice(&rows[r * hidden..(r + 1) * hidden]);
+            if let Some(rows) = rows {
+                share
+                    .rows
+                    .extend_from_slice(&rows[r * hidden..(r + 1) * hidden]);
+            }
+            out.row_index[node].push(r as u32);
             let mut local: Vec<(u32, f32)> = chosen.iter().map(|&(e, w, _)| (e, w)).collect();
             // push_row sorts by expert id; `chosen` is already ascending (routes are), so the
             // global pair indices line up with the share's pairs.
@@ -181,7 +204,15 @@ mod tests {
     fn each_token_goes_once_per_node_with_its_experts() {
         let (rows, routes) = layer();
         let h = holders(&[(0, &[0]), (1, &[1]), (2, &[1]), (3, &[0])]);
-        let a = assign_pairs(&h, &[false, false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let a = assign_pairs(
+            &h,
+            &[false, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &[true; 6],
+        );
         assert_eq!(a.shares[0].routes.offsets, [0, 2, 3]);
         assert_eq!(a.shares[0].routes.experts, [0, 3, 3]);
         assert_eq!(a.shares[0].rows, [0.0, 1.0, 4.0, 5.0]);
@@ -196,27 +227,84 @@ mod tests {
 
     /// Replicas: the least-loaded holder takes the pair, a suspect one only when it must;
     /// only pending pairs are sent; an expert held nowhere is reported.
+    /// Without the rows, the plan is the same and each node's row indices gather, where the
+    /// rows lie, exactly the rows its host share carries.
+    #[test]
+    fn row_indices_gather_what_the_host_shares_carry() {
+        use moe_cluster::collective::row_plane::{HostRows, RowPlane};
+        let (rows, routes) = layer();
+        let h = holders(&[(0, &[0]), (1, &[1]), (2, &[1]), (3, &[0])]);
+        let host = assign_pairs(
+            &h,
+            &[false, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &[true; 6],
+        );
+        let device = assign_pairs(&h, &[false, false], 1, None, HIDDEN, &routes, &[true; 6]);
+        assert_eq!(host.global_pairs, device.global_pairs);
+        assert_eq!(host.row_index, [vec![0, 2], vec![1, 2]]);
+        for (node, share) in device.row_shares().iter().enumerate() {
+            assert!(device.shares[node].rows.is_empty());
+            assert_eq!(share.routes, host.shares[node].routes);
+            let gathered = HostRows.gather(&rows, &share.rows, HIDDEN).unwrap();
+            let values: Vec<f32> = gathered
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(values, host.shares[node].rows);
+            let pairs: Vec<usize> = share.pairs.iter().map(|&p| p as usize).collect();
+            assert_eq!(pairs, host.global_pairs[node]);
+        }
+    }
+
     #[test]
     fn replicas_balance_suspects_are_avoided_and_gaps_reported() {
         let (rows, routes) = layer();
         let h = holders(&[(0, &[0, 1]), (1, &[0, 1]), (2, &[0, 1]), (3, &[0, 1])]);
-        let a = assign_pairs(&h, &[false, false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let a = assign_pairs(
+            &h,
+            &[false, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &[true; 6],
+        );
         assert_eq!(a.global_pairs[0].len(), 3);
         assert_eq!(a.global_pairs[1].len(), 3);
-        let a = assign_pairs(&h, &[true, false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let a = assign_pairs(
+            &h,
+            &[true, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &[true; 6],
+        );
         assert!(a.global_pairs[0].is_empty());
         assert_eq!(a.global_pairs[1].len(), 6);
         let pending = [false, false, true, false, false, true];
-        let a = assign_pairs(&h, &[false, false], 1, &rows, HIDDEN, &routes, &pending);
+        let a = assign_pairs(
+            &h,
+            &[false, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &pending,
+        );
         let mut sent = a.global_pairs.concat();
         sent.sort_unstable();
         assert_eq!(sent, [2, 5]);
         let h = holders(&[(0, &[0]), (1, &[0]), (2, &[0])]);
-        let a = assign_pairs(&h, &[false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let a = assign_pairs(&h, &[false], 1, Some(&rows), HIDDEN, &routes, &[true; 6]);
         assert_eq!(a.unplaced, [1, 5]);
         // A holder index past the placement's nodes (a stale map) is never chosen.
         let h = holders(&[(0, &[5]), (1, &[0]), (2, &[0]), (3, &[0])]);
-        let a = assign_pairs(&h, &[false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let a = assign_pairs(&h, &[false], 1, Some(&rows), HIDDEN, &routes, &[true; 6]);
         assert_eq!(a.unplaced, [0]);
     }
 
@@ -226,7 +314,15 @@ mod tests {
     fn replies_settle_into_pair_order_retries_and_failures() {
         let (rows, routes) = layer();
         let h = holders(&[(0, &[0]), (1, &[1]), (2, &[1]), (3, &[0])]);
-        let a = assign_pairs(&h, &[false, false], 1, &rows, HIDDEN, &routes, &[true; 6]);
+        let a = assign_pairs(
+            &h,
+            &[false, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &[true; 6],
+        );
         let outputs = |n: usize, base: f32| NodeReply::Outputs {
             values: (0..n * HIDDEN).map(|i| base + i as f32).collect(),
             compute_micros: base as u64,

@@ -46,13 +46,14 @@ fn collective_settings(
         );
     }
     #[cfg(feature = "cuda")]
-    let nccl_stream = if args.transport == Transport::Nccl {
+    let nccl_gpu = if args.transport == Transport::Nccl {
         let gpu = moe_model::gpu::GpuContext::open(
             args.collective_gpu,
             moe_model::device::GpuDtype::default(),
         )
         .with_context(|| format!("opening GPU {} for NCCL", args.collective_gpu))?;
-        Some(gpu.stream().context().new_stream()?)
+        let stream = gpu.stream().context().new_stream()?;
+        Some(moe_cluster::collective::NcclGpu { gpu, stream })
     } else {
         None
     };
@@ -91,7 +92,7 @@ fn collective_settings(
             )
             .to_router,
             #[cfg(feature = "cuda")]
-            nccl_stream,
+            nccl_gpu,
         },
         timeout: Duration::from_millis(args.dispatch_timeout_ms),
     })

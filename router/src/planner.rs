@@ -776,7 +776,7 @@ mod tests {
                     token: None,
                     max_frame_bytes: 1 << 20,
                     #[cfg(feature = "cuda")]
-                    nccl_stream: None,
+                    nccl_gpu: None,
                 },
                 timeout: Duration::from_secs(1),
             },

@@ -62,6 +62,9 @@ pub trait Communicator: Send {
     fn upload(&self, bytes: Vec<u8>) -> Result<Self::Buffer, CommError>;
     /// The bytes of a received buffer.
     fn download(&self, buffer: Self::Buffer) -> Result<Vec<u8>, CommError>;
+    /// How many bytes `buffer` carries (a buffer made on the device is checked by its length
+    /// before it is sent, as host bytes are).
+    fn buffer_bytes(&self, buffer: &Self::Buffer) -> usize;
     /// Runs `experts` on received rows (`[routes.rows(), hidden]` f32) where the transport
     /// put them, returning the `[pairs, hidden]` f32 outputs ready to send and how many values
     /// they hold: `Some` when the rows can stay there (NCCL, with the experts on the same
@@ -117,122 +120,9 @@ pub fn run_bounded<C: Communicator + ?Sized>(
     }
 }
 
-/// An in-memory communicator group for tests: ranks exchange through shared mailboxes, and a
-/// rank can be made to die (it never answers again).
+/// An in-memory communicator group for tests (host bytes through [`super::mailbox`]).
 pub mod fake {
-    use std::collections::{HashMap, VecDeque};
-    use std::sync::{Arc, Mutex};
-
-    use super::{CommError, Communicator, Pending};
-
-    type Mailboxes = Arc<Mutex<HashMap<(usize, usize), VecDeque<Vec<u8>>>>>;
-
-    pub struct FakeComm {
-        rank: usize,
-        size: usize,
-        boxes: Mailboxes,
-        dead: Arc<Mutex<Vec<bool>>>,
-        posted: Option<Vec<(usize, usize)>>,
-        pub aborted: bool,
-    }
-
-    /// `size` ranks sharing mailboxes; the second value kills ranks (`dead[r] = true`).
-    pub fn group(size: usize) -> (Vec<FakeComm>, Arc<Mutex<Vec<bool>>>) {
-        let boxes: Mailboxes = Default::default();
-        let dead = Arc::new(Mutex::new(vec![false; size]));
-        let comms = (0..size)
-            .map(|rank| FakeComm {
-                rank,
-                size,
-                boxes: Arc::clone(&boxes),
-                dead: Arc::clone(&dead),
-                posted: None,
-                aborted: false,
-            })
-            .collect();
-        (comms, dead)
-    }
-
-    impl Communicator for FakeComm {
-        type Buffer = Vec<u8>;
-
-        fn rank(&self) -> usize {
-            self.rank
-        }
-
-        fn size(&self) -> usize {
-            self.size
-        }
-
-        fn post(&mut self, group: Pending<Vec<u8>>) -> Result<(), CommError> {
-            if self.aborted {
-                return Err(CommError::Aborted);
-            }
-            let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
-            let mut boxes = self
-                .boxes
-                .lock()
-                .map_err(|_| CommError::Failed("poisoned".into()))?;
-            for (peer, bytes) in group.sends {
-                // A dead peer's mailbox is never read; the send is lost, as on a real link.
-                if !dead[peer] {
-                    boxes.entry((self.rank, peer)).or_default().push_back(bytes);
-                }
-            }
-            self.posted = Some(group.recvs);
-            Ok(())
-        }
-
-        fn poll(&mut self) -> Result<Option<Vec<Vec<u8>>>, CommError> {
-            if self.aborted {
-                return Err(CommError::Aborted);
-            }
-            let Some(recvs) = &self.posted else {
-                return Ok(Some(Vec::new()));
-            };
-            let mut boxes = self
-                .boxes
-                .lock()
-                .map_err(|_| CommError::Failed("poisoned".into()))?;
-            let ready = recvs.iter().all(|(peer, _)| {
-                boxes
-                    .get(&(*peer, self.rank))
-                    .is_some_and(|q| !q.is_empty())
-            });
-            if !ready {
-                return Ok(None);
-            }
-            let mut out = Vec::with_capacity(recvs.len());
-            for (peer, len) in recvs {
-                let bytes = boxes
-                    .get_mut(&(*peer, self.rank))
-                    .and_then(|q| q.pop_front())
-                    .unwrap_or_default();
-                if bytes.len() != *len {
-                    return Err(CommError::Failed(format!(
-                        "rank {peer} sent {} bytes, {len} expected",
-                        bytes.len()
-                    )));
-                }
-                out.push(bytes);
-            }
-            self.posted = None;
-            Ok(Some(out))
-        }
-
-        fn abort(&mut self) {
-            self.aborted = true;
-            self.posted = None;
-        }
-
-        fn upload(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
-            Ok(bytes)
-        }
-
-        fn download(&self, buffer: Vec<u8>) -> Result<Vec<u8>, CommError> {
-            Ok(buffer)
-        }
-    }
+    pub use super::super::mailbox::{host_group as group, FakeComm};
 }
 
 #[cfg(test)]

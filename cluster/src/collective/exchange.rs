@@ -156,6 +156,66 @@ pub fn dispatch_layer<C: Communicator>(
     timeout: Duration,
     traceparent: Option<&str>,
 ) -> Result<Vec<NodeAnswer>, ExchangeError> {
+    let mut buffered = Vec::with_capacity(shares.len());
+    for share in shares {
+        let rows = share.routes.rows();
+        if share.rows.len() != rows * hidden {
+            return Err(ExchangeError::Malformed(format!(
+                "a share of {} values for {rows} rows of {hidden}",
+                share.rows.len()
+            )));
+        }
+        let rows = if rows == 0 {
+            None
+        } else {
+            Some(comm.upload(f32_bytes(&share.rows).collect())?)
+        };
+        buffered.push(BufferShare {
+            rows,
+            routes: &share.routes,
+        });
+    }
+    let answers = dispatch_layer_buffers(comm, layer, buffered, hidden, timeout, traceparent)?;
+    let mut out = Vec::with_capacity(answers.len());
+    for answer in answers {
+        let outputs = match answer.outputs {
+            Some(buffer) => read_f32s(&comm.download(buffer)?),
+            None => Vec::new(),
+        };
+        out.push(NodeAnswer {
+            outputs,
+            compute_micros: answer.compute_micros,
+        });
+    }
+    Ok(out)
+}
+
+/// A node's share whose rows are already a transfer buffer (gathered where they lie, e.g. on
+/// the router's GPU).
+pub struct BufferShare<'a, B> {
+    /// `[routes.rows(), hidden]` f32; `None` for a node with nothing to do.
+    pub rows: Option<B>,
+    pub routes: &'a ExpertRoutes,
+}
+
+/// What one node answered, still in the transport's buffer.
+pub struct BufferAnswer<B> {
+    /// `[pairs, hidden]` f32, weighted, in the share's pair order (its length checked);
+    /// `None` for an idle node.
+    pub outputs: Option<B>,
+    pub compute_micros: u64,
+}
+
+/// [`dispatch_layer`] on rows already in the transport's buffers, answering in them: the
+/// router's side of a layer whose rows never leave the device.
+pub fn dispatch_layer_buffers<C: Communicator>(
+    comm: &mut C,
+    layer: u32,
+    shares: Vec<BufferShare<'_, C::Buffer>>,
+    hidden: usize,
+    timeout: Duration,
+    traceparent: Option<&str>,
+) -> Result<Vec<BufferAnswer<C::Buffer>>, ExchangeError> {
     if shares.len() + 1 != comm.size() {
         return Err(ExchangeError::Malformed(format!(
             "{} shares for a communicator of {} ranks",
@@ -164,12 +224,13 @@ pub fn dispatch_layer<C: Communicator>(
         )));
     }
     let mut counts = Vec::with_capacity(shares.len());
-    for share in shares {
+    for share in &shares {
         let rows = share.routes.rows();
-        if share.rows.len() != rows * hidden || share.routes.pairs() < rows {
+        let bytes = share.rows.as_ref().map_or(0, |b| comm.buffer_bytes(b));
+        let rows_present = share.rows.is_some() == (rows > 0);
+        if !rows_present || bytes != rows * hidden * ELEM_BYTES || share.routes.pairs() < rows {
             return Err(ExchangeError::Malformed(format!(
-                "a share of {} values for {rows} rows of {hidden} and {} pairs",
-                share.rows.len(),
+                "a share of {bytes} row bytes for {rows} rows of {hidden} and {} pairs",
                 share.routes.pairs()
             )));
         }
@@ -196,16 +257,26 @@ pub fn dispatch_layer<C: Communicator>(
     )?;
 
     // 2. Rows and routes, to the nodes with rows.
+    let mut shares: Vec<Option<BufferShare<'_, C::Buffer>>> =
+        shares.into_iter().map(Some).collect();
     let mut sends = Vec::with_capacity(2 * plan.peers.len());
     for peer in &plan.peers {
-        let share = &shares[peer.rank - 1];
-        let rows: Vec<u8> = f32_bytes(&share.rows).collect();
-        let mut routes: Vec<u8> = Vec::with_capacity(peer.weights.end - peer.offsets.start);
-        routes.extend(u32_bytes(&share.routes.offsets));
-        routes.extend(u32_bytes(&share.routes.experts));
-        routes.extend(f32_bytes(&share.routes.weights));
-        sends.push((peer.rank, comm.upload(rows)?));
-        sends.push((peer.rank, comm.upload(routes)?));
+        let Some(BufferShare {
+            rows: Some(rows),
+            routes,
+        }) = shares.get_mut(peer.rank - 1).and_then(Option::take)
+        else {
+            return Err(ExchangeError::Malformed(format!(
+                "no rows for rank {}",
+                peer.rank
+            )));
+        };
+        let mut route_bytes: Vec<u8> = Vec::with_capacity(peer.weights.end - peer.offsets.start);
+        route_bytes.extend(u32_bytes(&routes.offsets));
+        route_bytes.extend(u32_bytes(&routes.experts));
+        route_bytes.extend(f32_bytes(&routes.weights));
+        sends.push((peer.rank, rows));
+        sends.push((peer.rank, comm.upload(route_bytes)?));
     }
     run_bounded(
         comm,
@@ -230,7 +301,12 @@ pub fn dispatch_layer<C: Communicator>(
         },
         timeout,
     )?;
-    let mut answers = vec![NodeAnswer::default(); shares.len()];
+    let mut answers: Vec<BufferAnswer<C::Buffer>> = (0..counts.len())
+        .map(|_| BufferAnswer {
+            outputs: None,
+            compute_micros: 0,
+        })
+        .collect();
     let mut received = received.into_iter();
     for peer in &plan.peers {
         let (Some(outputs), Some(trailer)) = (received.next(), received.next()) else {
@@ -239,22 +315,19 @@ pub fn dispatch_layer<C: Communicator>(
                 peer.rank
             )));
         };
-        let outputs = read_f32s(&comm.download(outputs)?);
+        let output_bytes = comm.buffer_bytes(&outputs);
         let trailer = comm.download(trailer)?;
-        let mut micros = [0u8; COMPUTE_TRAILER_BYTES];
-        if trailer.len() != COMPUTE_TRAILER_BYTES
-            || outputs.len() * ELEM_BYTES != peer.outputs.len()
-        {
+        if trailer.len() != COMPUTE_TRAILER_BYTES || output_bytes != peer.outputs.len() {
             return Err(ExchangeError::Malformed(format!(
-                "rank {} answered {} output values and a {}-byte trailer",
+                "rank {} answered {output_bytes} output bytes and a {}-byte trailer",
                 peer.rank,
-                outputs.len(),
                 trailer.len()
             )));
         }
+        let mut micros = [0u8; COMPUTE_TRAILER_BYTES];
         micros.copy_from_slice(&trailer);
-        answers[peer.rank - 1] = NodeAnswer {
-            outputs,
+        answers[peer.rank - 1] = BufferAnswer {
+            outputs: Some(outputs),
             compute_micros: u64::from_le_bytes(micros),
         };
     }
@@ -449,7 +522,6 @@ fn decode_routes(bytes: &[u8], rows: usize, pairs: usize) -> Result<ExpertRoutes
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -458,20 +530,11 @@ mod tests {
     use moe_model::ModelConfig;
 
     use super::super::communicator::fake::group;
+    use super::super::test_nodes::{rows, serve_one_layer_each};
     use super::*;
 
     fn fixture() -> (Checkpoint, ModelConfig) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-moe-tiny");
-        (
-            Checkpoint::open(&dir).unwrap(),
-            ModelConfig::from_dir(&dir).unwrap(),
-        )
-    }
-
-    fn rows(n: usize, hidden: usize, seed: u32) -> Vec<f32> {
-        (0..n * hidden)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
+        super::super::test_nodes::fixture("qwen3-moe-tiny")
     }
 
     /// The router splits a batch between two nodes holding disjoint halves of a layer's
@@ -528,27 +591,11 @@ mod tests {
         }
 
         let (mut comms, _) = group(3);
-        let mut nodes = comms.split_off(1);
+        let nodes = comms.split_off(1);
         let mut router = comms.pop().unwrap();
         let timeout = Duration::from_secs(10);
         let rules = DispatchRules::for_model(&config, 1024);
-        let handles: Vec<_> = nodes
-            .drain(..)
-            .zip(halves)
-            .map(|(mut comm, set)| {
-                let rules = rules.clone();
-                std::thread::spawn(move || {
-                    serve_layer(
-                        &mut comm,
-                        &set,
-                        &rules,
-                        || true,
-                        |_| tracing::Span::none(),
-                        timeout,
-                    )
-                })
-            })
-            .collect();
+        let handles = serve_one_layer_each(nodes, halves, &rules, timeout);
         let outputs =
             dispatch_layer(&mut router, layer as u32, &shares, hidden, timeout, None).unwrap();
         let served: Vec<(u32, u32, u32)> = handles

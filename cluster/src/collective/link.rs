@@ -68,6 +68,50 @@ impl EpochLink {
         }
     }
 
+    /// The router's side of one MoE layer on rows in device memory, answered there (see
+    /// [`super::row_plane::dispatch_layer_in_place`]): `None` when this link cannot (not NCCL,
+    /// or the rows are on another GPU than the collective's), so the caller goes through host
+    /// memory.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_layer_on_device(
+        &mut self,
+        layer: u32,
+        rows: &moe_model::cudarc::driver::CudaSlice<f32>,
+        shares: &[super::row_plane::RowShare],
+        pairs: usize,
+        hidden: usize,
+        timeout: Duration,
+        traceparent: Option<&str>,
+    ) -> Option<
+        Result<
+            super::row_plane::PlacedOutputs<moe_model::cudarc::driver::CudaSlice<f32>>,
+            ExchangeError,
+        >,
+    > {
+        let EpochLink::Nccl(c) = self else {
+            return None;
+        };
+        let plane = super::row_plane::DeviceRowPlane {
+            gpu: std::sync::Arc::clone(c.rows_on()?),
+            stream: std::sync::Arc::clone(c.stream()),
+        };
+        if rows.context().cu_ctx() != plane.stream.context().cu_ctx() {
+            return None;
+        }
+        Some(super::row_plane::dispatch_layer_in_place(
+            c,
+            &plane,
+            layer,
+            rows,
+            shares,
+            pairs,
+            hidden,
+            timeout,
+            traceparent,
+        ))
+    }
+
     pub fn abort(&mut self) {
         match self {
             EpochLink::Tcp(c) => c.abort(),
@@ -88,9 +132,18 @@ pub struct RootSettings {
     pub token: Option<ClusterToken>,
     /// TCP: the largest frame rank 0 accepts from a node ([`super::FrameBounds::to_router`]).
     pub max_frame_bytes: u64,
-    /// NCCL: the stream of the router's GPU.
+    /// NCCL: the router's GPU and the stream NCCL runs on.
     #[cfg(feature = "cuda")]
-    pub nccl_stream: Option<std::sync::Arc<moe_model::cudarc::driver::CudaStream>>,
+    pub nccl_gpu: Option<NcclGpu>,
+}
+
+/// The router's GPU for NCCL: the stream the collective runs on, and the context whose
+/// kernels gather a layer's rows and place its outputs there (the device-resident dispatch).
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub struct NcclGpu {
+    pub gpu: std::sync::Arc<moe_model::gpu::GpuContext>,
+    pub stream: std::sync::Arc<moe_model::cudarc::driver::CudaStream>,
 }
 
 /// Rank 0 of an epoch's communicator, published but not yet joined by every node.
@@ -99,7 +152,7 @@ pub enum RootJoining {
     #[cfg(feature = "cuda")]
     Nccl {
         unique_id: [u8; super::nccl::UNIQUE_ID_BYTES],
-        stream: std::sync::Arc<moe_model::cudarc::driver::CudaStream>,
+        gpu: NcclGpu,
         size: usize,
     },
 }
@@ -133,7 +186,7 @@ pub fn open_root(
         }
         #[cfg(feature = "cuda")]
         Transport::Nccl => {
-            let stream = settings.nccl_stream.clone().ok_or_else(|| {
+            let gpu = settings.nccl_gpu.clone().ok_or_else(|| {
                 CommError::Failed("NCCL needs a GPU on the router (--collective-gpu)".into())
             })?;
             let unique_id = super::nccl::new_unique_id()?;
@@ -141,7 +194,7 @@ pub fn open_root(
             Ok((
                 RootJoining::Nccl {
                     unique_id,
-                    stream,
+                    gpu,
                     size,
                 },
                 record,
@@ -162,10 +215,10 @@ impl RootJoining {
             #[cfg(feature = "cuda")]
             RootJoining::Nccl {
                 unique_id,
-                stream,
+                gpu,
                 size,
-            } => super::nccl::NcclCommunicator::join(stream, &unique_id, 0, size, timeout)
-                .map(EpochLink::Nccl),
+            } => super::nccl::NcclCommunicator::join(gpu.stream, &unique_id, 0, size, timeout)
+                .map(|c| EpochLink::Nccl(c.with_row_plane(gpu.gpu))),
         }
     }
 }

@@ -12,6 +12,10 @@
 //!   and the deadline that turns a dead peer into an abort instead of a hang.
 //! - [`exchange`]: one layer's protocol on both sides (headers, rows and routes, outputs),
 //!   checked end to end over the in-memory fake with real expert math.
+//! - [`mailbox`]: ranks in one process (the in-memory fake of the tests; with device buffers,
+//!   the in-process device transport of a router and an expert set on one GPU).
+//! - [`row_plane`]: a layer's rows gathered per node where they lie and the outputs placed
+//!   back in pair order there (the device-resident router side).
 //! - [`tcp`]: the same collective over TCP sockets, for CPU clusters (and to run the whole
 //!   lifecycle without GPUs).
 //! - `nccl` (`--features cuda`): the NCCL communicator itself, non-blocking and abortable.
@@ -19,13 +23,19 @@
 pub mod communicator;
 pub mod exchange;
 pub mod link;
+pub mod mailbox;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod plan;
 pub mod record;
+pub mod row_plane;
 pub mod tcp;
+#[cfg(test)]
+mod test_nodes;
 
 pub use communicator::{run_bounded, CommError, Communicator, Pending};
+#[cfg(feature = "cuda")]
+pub use link::NcclGpu;
 pub use link::{join_member, open_root, EpochLink, MemberSettings, RootJoining, RootSettings};
 pub use plan::{ExchangePlan, FrameBounds, PeerCounts};
 pub use record::{CollectiveRecord, Transport};

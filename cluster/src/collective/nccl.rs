@@ -117,6 +117,30 @@ impl NcclBuffer {
             NcclBuffer::Words { bytes, .. } => *bytes,
         }
     }
+
+    /// f32 words filling the whole buffer: rows the experts can read where they lie.
+    pub fn words(&self) -> Option<&CudaSlice<f32>> {
+        match self {
+            NcclBuffer::Words { words, bytes } if *bytes == words.len() * 4 => Some(words),
+            _ => None,
+        }
+    }
+
+    /// [`Communicator::run_in_place`] for any transport whose buffers these are: received
+    /// rows to experts on the same GPU, their outputs back as a buffer to send.
+    pub fn run_in_place(
+        &self,
+        experts: &dyn ExpertBackend,
+        layer: usize,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<(NcclBuffer, usize), String>> {
+        let ran = experts.run_experts_on_device(layer, self.words()?, routes)?;
+        Some(ran.map_err(|e| e.to_string()).map(|words| {
+            let values = words.len();
+            let bytes = values * 4;
+            (NcclBuffer::Words { words, bytes }, values)
+        }))
+    }
 }
 
 /// What a posted group still owns until it completes.
@@ -132,6 +156,8 @@ struct InFlight {
 pub struct NcclCommunicator {
     comm: sys::ncclComm_t,
     stream: Arc<CudaStream>,
+    /// The router's GPU context, whose kernels gather rows for it and place outputs back.
+    rows_on: Option<Arc<moe_model::gpu::GpuContext>>,
     rank: usize,
     size: usize,
     in_flight: Option<InFlight>,
@@ -200,6 +226,7 @@ impl NcclCommunicator {
         let mut joined = Self {
             comm,
             stream,
+            rows_on: None,
             rank,
             size,
             in_flight: None,
@@ -244,6 +271,18 @@ impl NcclCommunicator {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Lets the router's side gather a layer's rows and place its outputs on `gpu` (the
+    /// context of this communicator's stream).
+    pub fn with_row_plane(mut self, gpu: Arc<moe_model::gpu::GpuContext>) -> Self {
+        self.rows_on = Some(gpu);
+        self
+    }
+
+    /// The context of [`Self::with_row_plane`].
+    pub fn rows_on(&self) -> Option<&Arc<moe_model::gpu::GpuContext>> {
+        self.rows_on.as_ref()
     }
 }
 
@@ -348,31 +387,15 @@ impl Communicator for NcclCommunicator {
     }
 
     fn upload(&self, bytes: Vec<u8>) -> Result<NcclBuffer, CommError> {
-        if bytes.is_empty() {
-            return Ok(NcclBuffer::Bytes(self.alloc(1)?));
-        }
-        let copy = self.stream.clone_htod(&bytes).map_err(Self::cuda)?;
-        Ok(NcclBuffer::Bytes(copy))
+        upload_bytes(&self.stream, &bytes)
     }
 
     fn download(&self, buffer: NcclBuffer) -> Result<Vec<u8>, CommError> {
-        let bytes = match &buffer {
-            NcclBuffer::Bytes(b) => self.stream.clone_dtoh(b),
-            NcclBuffer::Words { words, bytes } => {
-                // SAFETY: a view of the words' first `bytes` bytes (checked against the
-                // allocation by `transmute`), read as bytes.
-                let Some(view) = (unsafe { words.transmute::<u8>(*bytes) }) else {
-                    return Err(CommError::Failed(format!(
-                        "{bytes} bytes do not fit {} words",
-                        words.len()
-                    )));
-                };
-                self.stream.clone_dtoh(&view)
-            }
-        }
-        .map_err(Self::cuda)?;
-        self.stream.synchronize().map_err(Self::cuda)?;
-        Ok(bytes)
+        download_bytes(&self.stream, &buffer)
+    }
+
+    fn buffer_bytes(&self, buffer: &NcclBuffer) -> usize {
+        buffer.bytes()
     }
 
     fn run_in_place(
@@ -382,18 +405,7 @@ impl Communicator for NcclCommunicator {
         rows: &NcclBuffer,
         routes: &ExpertRoutes,
     ) -> Option<Result<(NcclBuffer, usize), String>> {
-        let NcclBuffer::Words { words, bytes } = rows else {
-            return None;
-        };
-        if *bytes != words.len() * 4 {
-            return None;
-        }
-        let ran = experts.run_experts_on_device(layer, words, routes)?;
-        Some(ran.map_err(|e| e.to_string()).map(|words| {
-            let values = words.len();
-            let bytes = values * 4;
-            (NcclBuffer::Words { words, bytes }, values)
-        }))
+        rows.run_in_place(experts, layer, routes)
     }
 
     fn abort(&mut self) {
@@ -412,8 +424,46 @@ impl Communicator for NcclCommunicator {
 
 impl NcclCommunicator {
     fn cuda(e: moe_model::cudarc::driver::DriverError) -> CommError {
-        CommError::Failed(format!("CUDA: {e}"))
+        cuda_error(e)
     }
+}
+
+fn cuda_error(e: moe_model::cudarc::driver::DriverError) -> CommError {
+    CommError::Failed(format!("CUDA: {e}"))
+}
+
+/// Host bytes copied into a device buffer on `stream` (an empty one still gets a byte: NCCL
+/// and the allocator want a live pointer).
+pub fn upload_bytes(stream: &Arc<CudaStream>, bytes: &[u8]) -> Result<NcclBuffer, CommError> {
+    if bytes.is_empty() {
+        return Ok(NcclBuffer::Bytes(
+            stream.alloc_zeros::<u8>(1).map_err(cuda_error)?,
+        ));
+    }
+    Ok(NcclBuffer::Bytes(
+        stream.clone_htod(bytes).map_err(cuda_error)?,
+    ))
+}
+
+/// The bytes a device buffer carries, copied to the host once `stream` has them.
+pub fn download_bytes(stream: &Arc<CudaStream>, buffer: &NcclBuffer) -> Result<Vec<u8>, CommError> {
+    let bytes = match buffer {
+        NcclBuffer::Bytes(b) => stream.clone_dtoh(b),
+        NcclBuffer::Words { words, bytes } => {
+            // SAFETY: a view of the words' first `bytes` bytes (checked against the
+            // allocation by `transmute`), read as bytes.
+            let Some(view) = (unsafe { words.transmute::<u8>(*bytes) }) else {
+                return Err(CommError::Failed(format!(
+                    "{bytes} bytes do not fit {} words",
+                    words.len()
+                )));
+            };
+            stream.clone_dtoh(&view)
+        }
+    }
+    .map_err(cuda_error)?;
+    stream.synchronize().map_err(cuda_error)?;
+    Ok(bytes)
 }
 
 impl Drop for NcclCommunicator {

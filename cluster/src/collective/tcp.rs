@@ -890,6 +890,10 @@ impl Communicator for TcpCommunicator {
     fn download(&self, buffer: Vec<u8>) -> Result<Vec<u8>, CommError> {
         Ok(buffer)
     }
+
+    fn buffer_bytes(&self, buffer: &Vec<u8>) -> usize {
+        buffer.len()
+    }
 }
 
 impl Drop for TcpCommunicator {

@@ -112,6 +112,17 @@ extern "C" __global__ void silu_mul_f32(const float* gate_up, float* act, int sl
     }
 }
 
+// dst[index[s], :] = src[s, :]: a node's outputs placed in the layer's pair order (the router's
+// device-resident dispatch; every destination row is some node's, so none is read first).
+extern "C" __global__ void place_rows_f32(const float* src, const unsigned int* index, float* dst,
+                                          int rows, int hidden) {
+    ROW_STRIDE(s, rows) {
+        const float* from = src + s * hidden;
+        float* to = dst + (long long)index[s] * hidden;
+        COLUMN_STRIDE(c, hidden) { to[c] = from[c]; }
+    }
+}
+
 // pair_out[pair[s], :] = out[s, :] * weight[pair[s]]: back from expert order to pair order.
 extern "C" __global__ void scatter_weighted(const float* out, const unsigned int* pair,
                                             const float* weight, float* pair_out, int slots,

@@ -39,10 +39,11 @@ pub struct Kernels {
     pub gemm_rows_exact_bf16: CudaFunction,
     pub grouped_gemm_rows_exact_f32: CudaFunction,
     pub grouped_gemm_rows_exact_bf16: CudaFunction,
+    pub place_rows_f32: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 27] = [
+pub const KERNEL_NAMES: [&str; 28] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -70,6 +71,7 @@ pub const KERNEL_NAMES: [&str; 27] = [
     "gemm_rows_exact_bf16",
     "grouped_gemm_rows_exact_f32",
     "grouped_gemm_rows_exact_bf16",
+    "place_rows_f32",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -128,6 +130,7 @@ impl Kernels {
             gemm_rows_exact_bf16: f("gemm_rows_exact_bf16")?,
             grouped_gemm_rows_exact_f32: f("grouped_gemm_rows_exact_f32")?,
             grouped_gemm_rows_exact_bf16: f("grouped_gemm_rows_exact_bf16")?,
+            place_rows_f32: f("place_rows_f32")?,
         })
     }
 }

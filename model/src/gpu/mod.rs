@@ -13,6 +13,8 @@
 //! - [`fp8_gemm`]: FP8 weights kept as FP8 on the device (bytes and scales) and a GEMM that
 //!   widens them in the kernel, bitwise the CPU's GEMM and batch-invariant (not yet used by
 //!   the expert FFN or the dense part: they still upload widened weights).
+//! - [`row_moves`]: rows gathered per node and outputs placed back in pair order on the
+//!   device (the router's device-resident dispatch).
 //! - [`bench`]: expert-FFN TFLOP/s at DeepSeek-V3 shapes against one large dense GEMM.
 //!
 //! Numerics: f32 mode uses cuBLAS's true-f32 path (no TF32), so it meets the golden tests at
@@ -31,6 +33,7 @@ pub mod expert_ffn;
 pub mod fill;
 pub mod fp8_gemm;
 pub mod kernels;
+pub mod row_moves;
 
 pub use context::GpuContext;
 pub use dense_ops::GpuDenseModel;

@@ -1,0 +1,516 @@
+//! The router's side of a MoE layer on rows that stay where the dense part wrote them: each
+//! node's rows gathered into a transfer buffer there, sent, and each node's outputs placed
+//! back in the layer's pair order there ([`dispatch_layer_in_place`]). On a GPU ([`RowPlane`]
+//! over device buffers) a layer then moves no row through host memory: only routes, headers
+//! and the compute trailers, which are small, cross. [`HostRows`] is the same plane over host
+//! memory: the tests check the in-place path against the host path with it.
+
+use std::time::Duration;
+
+use moe_model::routes::ExpertRoutes;
+
+use super::communicator::{CommError, Communicator};
+use super::exchange::{dispatch_layer_buffers, BufferShare, ExchangeError};
+
+/// Where a layer's rows lie and how a transport's buffers are made from them and placed back.
+pub trait RowPlane {
+    /// `[n, hidden]` f32 rows where they lie.
+    type Rows;
+    /// The transport's buffer.
+    type Buffer;
+    /// Rows `index` of `rows`, in that order, as one buffer to send.
+    fn gather(
+        &self,
+        rows: &Self::Rows,
+        index: &[u32],
+        hidden: usize,
+    ) -> Result<Self::Buffer, CommError>;
+    /// `[pairs, hidden]` rows for the layer's outputs (every row is written by [`Self::place`]).
+    fn pair_rows(&self, pairs: usize, hidden: usize) -> Result<Self::Rows, CommError>;
+    /// `out[pairs[i]] = outputs[i]` for every row of a node's outputs.
+    fn place(
+        &self,
+        out: &mut Self::Rows,
+        outputs: &Self::Buffer,
+        pairs: &[u32],
+        hidden: usize,
+    ) -> Result<(), CommError>;
+}
+
+/// One node's part of a layer on the in-place path: which of the layer's rows it takes (in
+/// the order of its routes' rows), its routes, and which of the layer's pairs each of its
+/// pairs is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowShare {
+    pub rows: Vec<u32>,
+    pub routes: ExpertRoutes,
+    pub pairs: Vec<u32>,
+}
+
+impl RowShare {
+    /// A share with no rows (`ExpertRoutes::default()` lacks the leading offset).
+    pub fn empty() -> Self {
+        Self {
+            rows: Vec::new(),
+            routes: ExpertRoutes::with_capacity(0, 0),
+            pairs: Vec::new(),
+        }
+    }
+}
+
+/// What the nodes answered: `[pairs, hidden]` weighted outputs in the layer's pair order
+/// where the rows lie, and the slowest node's own compute.
+#[derive(Debug)]
+pub struct PlacedOutputs<R> {
+    pub pair_out: R,
+    pub slowest_compute_micros: u64,
+}
+
+/// One layer to the nodes (`shares[i]` to rank `i + 1`) from `rows` where they lie, answers
+/// placed there. Every one of the layer's `pairs` must be in exactly one share: the caller
+/// takes the in-place path only for a layer whose pairs all have a node, and any failure is
+/// the whole layer's (the caller then sends it the host way, which settles node by node).
+#[allow(clippy::too_many_arguments)]
+pub fn dispatch_layer_in_place<C, P>(
+    comm: &mut C,
+    plane: &P,
+    layer: u32,
+    rows: &P::Rows,
+    shares: &[RowShare],
+    pairs: usize,
+    hidden: usize,
+    timeout: Duration,
+    traceparent: Option<&str>,
+) -> Result<PlacedOutputs<P::Rows>, ExchangeError>
+where
+    C: Communicator,
+    P: RowPlane<Buffer = C::Buffer>,
+{
+    let mut covered = vec![false; pairs];
+    for share in shares {
+        let consistent =
+            share.rows.len() == share.routes.rows() && share.pairs.len() == share.routes.pairs();
+        if !consistent {
+            return Err(ExchangeError::Malformed(format!(
+                "a share of {} rows and {} pairs for routes of {} rows and {} pairs",
+                share.rows.len(),
+                share.pairs.len(),
+                share.routes.rows(),
+                share.routes.pairs()
+            )));
+        }
+        for &p in &share.pairs {
+            match covered.get_mut(p as usize) {
+                Some(seen @ false) => *seen = true,
+                _ => {
+                    return Err(ExchangeError::Malformed(format!(
+                        "pair {p} of {pairs} placed twice or out of range"
+                    )))
+                }
+            }
+        }
+    }
+    if covered.iter().any(|c| !c) {
+        return Err(ExchangeError::Malformed(
+            "a pair of the layer is in no share".into(),
+        ));
+    }
+    let mut buffered = Vec::with_capacity(shares.len());
+    for share in shares {
+        let gathered = if share.rows.is_empty() {
+            None
+        } else {
+            Some(plane.gather(rows, &share.rows, hidden)?)
+        };
+        buffered.push(BufferShare {
+            rows: gathered,
+            routes: &share.routes,
+        });
+    }
+    let answers = dispatch_layer_buffers(comm, layer, buffered, hidden, timeout, traceparent)?;
+    let mut pair_out = plane.pair_rows(pairs, hidden)?;
+    let mut slowest = 0;
+    for (share, answer) in shares.iter().zip(&answers) {
+        if let Some(outputs) = &answer.outputs {
+            plane.place(&mut pair_out, outputs, &share.pairs, hidden)?;
+            slowest = slowest.max(answer.compute_micros);
+        }
+    }
+    Ok(PlacedOutputs {
+        pair_out,
+        slowest_compute_micros: slowest,
+    })
+}
+
+/// Host memory as a row plane, over host-byte transports (the in-memory fake, TCP): the
+/// definition the device planes are tested against.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostRows;
+
+impl RowPlane for HostRows {
+    type Rows = Vec<f32>;
+    type Buffer = Vec<u8>;
+
+    fn gather(&self, rows: &Vec<f32>, index: &[u32], hidden: usize) -> Result<Vec<u8>, CommError> {
+        let mut out = Vec::with_capacity(index.len() * hidden * 4);
+        for &r in index {
+            let at = r as usize * hidden;
+            let row = rows.get(at..at + hidden).ok_or_else(|| {
+                CommError::Failed(format!("row {r} beyond {} values", rows.len()))
+            })?;
+            out.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        Ok(out)
+    }
+
+    fn pair_rows(&self, pairs: usize, hidden: usize) -> Result<Vec<f32>, CommError> {
+        Ok(vec![0.0; pairs * hidden])
+    }
+
+    fn place(
+        &self,
+        out: &mut Vec<f32>,
+        outputs: &Vec<u8>,
+        pairs: &[u32],
+        hidden: usize,
+    ) -> Result<(), CommError> {
+        if outputs.len() != pairs.len() * hidden * 4 {
+            return Err(CommError::Failed(format!(
+                "{} output bytes for {} pairs of {hidden}",
+                outputs.len(),
+                pairs.len()
+            )));
+        }
+        for (&p, row) in pairs.iter().zip(outputs.chunks_exact(hidden * 4)) {
+            let at = p as usize * hidden;
+            let dst = out
+                .get_mut(at..at + hidden)
+                .ok_or_else(|| CommError::Failed(format!("pair {p} beyond the layer's outputs")))?;
+            for (d, v) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                *d = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows in device memory, over device buffers (NCCL, the in-process device transport): the
+/// gather and place kernels run on the transport's stream.
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub struct DeviceRowPlane {
+    pub gpu: std::sync::Arc<moe_model::gpu::GpuContext>,
+    pub stream: std::sync::Arc<moe_model::cudarc::driver::CudaStream>,
+}
+
+#[cfg(feature = "cuda")]
+impl RowPlane for DeviceRowPlane {
+    type Rows = moe_model::cudarc::driver::CudaSlice<f32>;
+    type Buffer = super::nccl::NcclBuffer;
+
+    fn gather(
+        &self,
+        rows: &Self::Rows,
+        index: &[u32],
+        hidden: usize,
+    ) -> Result<Self::Buffer, CommError> {
+        let words =
+            moe_model::gpu::row_moves::gather_rows(&self.gpu, &self.stream, rows, index, hidden)
+                .map_err(|e| CommError::Failed(e.to_string()))?;
+        Ok(super::nccl::NcclBuffer::Words {
+            words,
+            bytes: index.len() * hidden * 4,
+        })
+    }
+
+    fn pair_rows(&self, pairs: usize, hidden: usize) -> Result<Self::Rows, CommError> {
+        self.stream
+            .alloc_zeros::<f32>((pairs * hidden).max(1))
+            .map_err(|e| CommError::Failed(format!("CUDA: {e}")))
+    }
+
+    fn place(
+        &self,
+        out: &mut Self::Rows,
+        outputs: &Self::Buffer,
+        pairs: &[u32],
+        hidden: usize,
+    ) -> Result<(), CommError> {
+        let words = outputs
+            .words()
+            .filter(|_| outputs.bytes() == pairs.len() * hidden * 4)
+            .ok_or_else(|| {
+                CommError::Failed(format!(
+                    "{} output bytes for {} pairs of {hidden}",
+                    outputs.bytes(),
+                    pairs.len()
+                ))
+            })?;
+        moe_model::gpu::row_moves::place_rows(&self.gpu, &self.stream, words, pairs, hidden, out)
+            .map_err(|e| CommError::Failed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use moe_model::experts::{ExpertBackend, ExpertSet};
+
+    use super::super::communicator::CommError;
+    use super::super::exchange::Served;
+    use super::super::mailbox::host_group;
+    use super::super::test_nodes::{fixture, rows, serve_one_layer_each, split_by_owner};
+    use super::*;
+    use crate::dispatch_rules::DispatchRules;
+
+    /// Rows gathered per node where they lie, sent, and the outputs placed back in pair
+    /// order give, bitwise, every pair's output of one process holding all experts; an idle
+    /// node gets its header only.
+    #[test]
+    fn in_place_dispatch_gives_the_outputs_of_one_process() {
+        let (ckpt, config) = fixture("qwen3-moe-tiny");
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().unwrap();
+        let experts = config.moe.num_experts as u32;
+        let all =
+            ExpertSet::load(&ckpt, &config, (0..experts as usize).map(|e| (layer, e))).unwrap();
+        let half = experts / 2;
+        let owner = |e: u32| usize::from(e >= half);
+        let sets = [
+            ExpertSet::load(&ckpt, &config, (0..half as usize).map(|e| (layer, e))).unwrap(),
+            ExpertSet::load(
+                &ckpt,
+                &config,
+                (half as usize..experts as usize).map(|e| (layer, e)),
+            )
+            .unwrap(),
+            ExpertSet::empty(hidden),
+        ];
+        let x = rows(5, hidden, 0);
+        let mut routes = ExpertRoutes::with_capacity(5, 9);
+        for row in [
+            vec![(0, 0.6), (experts - 1, 0.4)],
+            vec![(1, 1.0)],
+            vec![(half, 0.3), (2, 0.7)],
+            vec![(half + 1, 0.5), (experts - 1, 0.5)],
+            vec![(3, 0.1), (half, 0.9)],
+        ] {
+            routes.push_row(&mut row.clone());
+        }
+        let want = all.run_experts(layer, &x, &routes).unwrap();
+        let shares = split_by_owner(&routes, owner, 3);
+        assert!(shares[2].rows.is_empty());
+
+        let (mut comms, _) = host_group(4);
+        let nodes = comms.split_off(1);
+        let mut router = comms.pop().unwrap();
+        let timeout = Duration::from_secs(10);
+        let rules = DispatchRules::for_model(&config, 1024);
+        let handles = serve_one_layer_each(nodes, sets, &rules, timeout);
+        let placed = dispatch_layer_in_place(
+            &mut router,
+            &HostRows,
+            layer as u32,
+            &x,
+            &shares,
+            routes.pairs(),
+            hidden,
+            timeout,
+            None,
+        )
+        .unwrap();
+        assert_eq!(placed.pair_out, want);
+        let served: Vec<Served> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        assert!(matches!(
+            served[0],
+            Served::Ran {
+                rows: 4,
+                pairs: 4,
+                ..
+            }
+        ));
+        assert!(matches!(
+            served[1],
+            Served::Ran {
+                rows: 4,
+                pairs: 5,
+                ..
+            }
+        ));
+        assert_eq!(
+            served[2],
+            Served::Idle {
+                layer: layer as u32
+            }
+        );
+    }
+
+    /// A pair in no share, or in two, is refused before anything is sent; a node that never
+    /// answers costs one timeout and an aborted communicator.
+    #[test]
+    fn uncovered_pairs_are_refused_and_a_dead_node_times_out() {
+        let hidden = 4;
+        let mut routes = ExpertRoutes::with_capacity(2, 3);
+        routes.push_row(&mut [(0, 0.5), (1, 0.5)]);
+        routes.push_row(&mut [(1, 1.0)]);
+        let x = vec![1.0f32; 2 * hidden];
+        let whole = split_by_owner(&routes, |_| 0, 1);
+        let mut missing = whole.clone();
+        missing[0].pairs[2] = 1;
+        let (mut comms, dead) = host_group(2);
+        let mut router = comms.remove(0);
+        let timeout = Duration::from_millis(200);
+        let err = dispatch_layer_in_place(
+            &mut router,
+            &HostRows,
+            1,
+            &x,
+            &missing,
+            3,
+            hidden,
+            timeout,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ExchangeError::Malformed(_)), "{err:?}");
+        assert!(!router.aborted, "refused before anything was sent");
+
+        dead.lock().unwrap()[1] = true;
+        let started = Instant::now();
+        let err = dispatch_layer_in_place(
+            &mut router,
+            &HostRows,
+            1,
+            &x,
+            &whole,
+            3,
+            hidden,
+            timeout,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err, ExchangeError::Comm(CommError::Timeout(timeout)));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(router.aborted);
+    }
+
+    #[test]
+    fn host_rows_gather_and_place_by_index() {
+        let hidden = 2;
+        let rows: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let gathered = HostRows.gather(&rows, &[2, 0], hidden).unwrap();
+        let mut out = HostRows.pair_rows(3, hidden).unwrap();
+        HostRows
+            .place(&mut out, &gathered, &[1, 2], hidden)
+            .unwrap();
+        assert_eq!(out, [0.0, 0.0, 4.0, 5.0, 0.0, 1.0]);
+        assert!(HostRows.gather(&rows, &[3], hidden).is_err());
+        assert!(HostRows
+            .place(&mut out, &gathered, &[1, 3], hidden)
+            .is_err());
+        assert!(HostRows.place(&mut out, &gathered, &[1], hidden).is_err());
+    }
+}
+
+/// The device-resident path end to end on one GPU, through the in-process device transport.
+/// Needs a GPU: `ops/gpu-check.sh` runs it.
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use std::sync::Arc;
+
+    use moe_model::device::GpuDtype;
+    use moe_model::experts::{ExpertBackend, ExpertDevice, ExpertSet};
+    use moe_model::gpu::GpuContext;
+
+    use super::super::exchange::Served;
+    use super::super::mailbox::{group, DeviceBuffers};
+    use super::super::test_nodes::{fixture, rows, serve_one_layer_each, split_by_owner};
+    use super::*;
+    use crate::dispatch_rules::DispatchRules;
+
+    /// A router's rows on the GPU go to two expert sets on the same GPU (each in its own
+    /// rank, on its own stream) and come back placed in pair order, never downloaded: the
+    /// outputs equal the same experts run from host rows on the CPU (f32, 1e-5).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU (ops/gpu-check.sh runs it)"]
+    fn device_rows_go_to_in_process_expert_sets_and_come_back_in_pair_order() {
+        let (ckpt, config) = fixture("qwen3-moe-tiny");
+        let gpu = GpuContext::open(0, GpuDtype::F32).expect("GPU 0");
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().expect("a MoE layer");
+        let experts = config.moe.num_experts as u32;
+        let half = experts / 2;
+        let on_gpu = ExpertDevice::Gpu(Arc::clone(&gpu));
+        let sets = [
+            ExpertSet::load_on(
+                &ckpt,
+                &config,
+                (0..half as usize).map(|e| (layer, e)),
+                &on_gpu,
+            ),
+            ExpertSet::load_on(
+                &ckpt,
+                &config,
+                (half as usize..experts as usize).map(|e| (layer, e)),
+                &on_gpu,
+            ),
+        ]
+        .map(|s| s.expect("experts"));
+        let cpu = ExpertSet::load(&ckpt, &config, (0..experts as usize).map(|e| (layer, e)))
+            .expect("CPU experts");
+
+        let n = 7;
+        let host_rows = rows(n, hidden, 0);
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n as u32 {
+            routes.push_row(&mut [(r % experts, 0.75), ((r * 5 + half) % experts, 0.25)]);
+        }
+        let want = cpu.run_experts(layer, &host_rows, &routes).expect("CPU");
+
+        let router_stream = gpu.stream().context().new_stream().expect("stream");
+        let carriers = DeviceBuffers {
+            stream: Arc::clone(&router_stream),
+        };
+        let (mut comms, _) = group(3, carriers);
+        let nodes = comms.split_off(1);
+        let mut router = comms.pop().expect("rank 0");
+        let timeout = Duration::from_secs(30);
+        let rules = DispatchRules::for_model(&config, 1024);
+        let handles = serve_one_layer_each(nodes, sets, &rules, timeout);
+        let shares = split_by_owner(&routes, |e| usize::from(e >= half), 2);
+        let on_device = gpu
+            .stream()
+            .clone_htod(&host_rows)
+            .expect("rows on the GPU");
+        let plane = DeviceRowPlane {
+            gpu: Arc::clone(&gpu),
+            stream: router_stream,
+        };
+        let placed = dispatch_layer_in_place(
+            &mut router,
+            &plane,
+            layer as u32,
+            &on_device,
+            &shares,
+            routes.pairs(),
+            hidden,
+            timeout,
+            None,
+        )
+        .expect("in-place layer");
+        for h in handles {
+            assert!(matches!(h.join().expect("node"), Ok(Served::Ran { .. })));
+        }
+        let got = plane.stream.clone_dtoh(&placed.pair_out).expect("download");
+        let worst = moe_model::compare::max_abs_diff(&got, &want);
+        assert!(worst <= 1e-5, "device-resident layer differs by {worst}");
+        println!(
+            "device-resident dispatch, in-process transport: {} pairs, max difference {worst:e}",
+            routes.pairs()
+        );
+    }
+}
