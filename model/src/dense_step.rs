@@ -4,6 +4,7 @@
 //! CPU's [`crate::dense::DenseModel`], the device-generic
 //! [`crate::device_dense::DeviceDenseModel`] and the GPU's).
 
+use crate::backend::ops;
 use crate::batch::BatchLayout;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -71,6 +72,43 @@ pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<
     Ok(())
 }
 
+/// What a step gives back for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// Its logits, as [`DenseStep::forward`] returns them.
+    Logits(Vec<f32>),
+    /// The index of its last row's largest logit, the lowest on a tie ([`ops::argmax`]): all a
+    /// greedy pick needs, so a device sends one id instead of a vocabulary of logits.
+    Argmax(u32),
+}
+
+/// [`DenseStep::forward_picking`] from the logits [`DenseStep::forward`] returned.
+pub fn pick_on_host(
+    logits: Vec<Vec<f32>>,
+    seqs: &[StepSequence<'_>],
+    argmax_only: &[bool],
+    vocab: usize,
+) -> Vec<StepOutput> {
+    logits
+        .into_iter()
+        .zip(seqs)
+        .enumerate()
+        .map(|(i, (rows, s))| {
+            if argmax_wanted(s, argmax_only, i) && rows.len() >= vocab {
+                StepOutput::Argmax(ops::argmax(&rows[rows.len() - vocab..]) as u32)
+            } else {
+                StepOutput::Logits(rows)
+            }
+        })
+        .collect()
+}
+
+/// Whether sequence `i` of a step comes back as [`StepOutput::Argmax`]: asked for, and not
+/// scoring its prompt (that needs every row's logits).
+pub fn argmax_wanted(s: &StepSequence<'_>, argmax_only: &[bool], i: usize) -> bool {
+    argmax_only.get(i).copied().unwrap_or(false) && !s.all_logits
+}
+
 /// The dense part on whatever device it runs: what the router's scheduler and the offline
 /// engine step.
 pub trait DenseStep: Send + Sync {
@@ -81,6 +119,25 @@ pub trait DenseStep: Send + Sync {
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>>;
+    /// [`Self::forward`], where the sequences `argmax_only` marks (a greedy pick with nothing
+    /// else read from its logits, or a prefill chunk that samples nothing) come back as their
+    /// argmax only ([`argmax_wanted`]). The same ids as picking from [`Self::forward`]'s
+    /// logits; a GPU dense part finds them on the device and downloads only the ids and the
+    /// other sequences' logits.
+    fn forward_picking(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+        argmax_only: &[bool],
+    ) -> Result<Vec<StepOutput>> {
+        let logits = self.forward(seqs, experts)?;
+        Ok(pick_on_host(
+            logits,
+            seqs,
+            argmax_only,
+            self.config().vocab_size,
+        ))
+    }
     fn new_cache(&self) -> SequenceCache {
         SequenceCache::for_config(self.config())
     }

@@ -121,6 +121,27 @@ impl Engine {
         crate::backend::in_math_pool(|| self.dense.forward(seqs, &self.experts))
     }
 
+    /// [`Self::step`] for greedy decoding: each sequence's next token (its last row's argmax),
+    /// found where the dense part runs (on a GPU only the ids are downloaded).
+    pub fn step_greedy(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<u32>> {
+        let argmax_only = vec![true; seqs.len()];
+        let outputs = crate::backend::in_math_pool(|| {
+            self.dense
+                .forward_picking(seqs, &self.experts, &argmax_only)
+        })?;
+        outputs
+            .into_iter()
+            .map(|output| match output {
+                crate::dense_step::StepOutput::Argmax(id) => Ok(id),
+                crate::dense_step::StepOutput::Logits(rows) => rows
+                    .len()
+                    .checked_sub(self.config.vocab_size)
+                    .map(|last| ops::argmax(&rows[last..]) as u32)
+                    .ok_or_else(|| ModelError::InvalidRequest("a step without logits".into())),
+            })
+            .collect()
+    }
+
     /// Logits at every position of a prompt, `[len, vocab]`.
     pub fn prompt_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.new_cache();

@@ -194,6 +194,19 @@ impl Sampler {
         token
     }
 
+    /// A greedy pick made elsewhere (the argmax a GPU dense part found on the device, where
+    /// [`Self::sample`] would have taken the same argmax of the same logits): counted as this
+    /// sampler's next draw, so a later draw and a resumed sampler stay where they would be.
+    /// Only for a greedy sampler without adjustments (they read the logits).
+    pub fn take_argmax(&mut self, id: u32) -> u32 {
+        debug_assert!(self.params.is_greedy() && self.params.adjust.is_neutral());
+        self.position += 1;
+        if !self.params.adjust.is_neutral() {
+            self.history.record(id);
+        }
+        id
+    }
+
     /// As [`Self::sample`], over the tokens `allowed` flags only (a grammar's mask; ids past
     /// its end are not allowed). At least one token must be allowed.
     pub fn sample_allowed(&mut self, logits: &[f32], allowed: &[bool]) -> u32 {
@@ -327,6 +340,18 @@ mod tests {
         }
         let mut greedy = Sampler::new(SamplingParams::default());
         assert_eq!(greedy.sample_allowed(&LOGITS, &allowed), 1);
+    }
+
+    /// A pick taken from elsewhere is the draw `sample` would have made, and the sampler
+    /// moves on as if it had sampled.
+    #[test]
+    fn an_argmax_taken_from_elsewhere_counts_as_the_draw() {
+        let logits = [0.5f32, 2.0, 2.0, -1.0];
+        let mut sampled = Sampler::new(params(0.0, None, 1.0, 3));
+        let mut taken = Sampler::new(params(0.0, None, 1.0, 3));
+        let id = ops::argmax(&logits) as u32;
+        assert_eq!(taken.take_argmax(id), sampled.sample(&logits));
+        assert_eq!(taken.position(), sampled.position());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! leaves no trace: a micro-batch that fails rolls its own caches back, and the others' are
 //! rolled back here, so the scheduler can run the step again.
 
-use moe_model::dense::{DenseStep, StepSequence};
+use moe_model::dense::{DenseStep, StepOutput, StepSequence};
 use moe_model::experts::ExpertBackend;
 use moe_model::Result;
 
@@ -40,46 +40,50 @@ pub fn split_points(tokens: &[usize], parts: usize) -> Vec<usize> {
 }
 
 /// One step of `seqs`, as micro-batches cut at `cuts` ([`split_points`]) and run at once (one
-/// batch when there is no cut). Logits come back in `seqs` order.
+/// batch when there is no cut). Outputs come back in `seqs` order, the sequences
+/// `argmax_only` marks as their argmax ([`DenseStep::forward_picking`]).
 pub fn forward(
     dense: &dyn DenseStep,
     experts: &RemoteExperts,
     seqs: &mut [StepSequence<'_>],
+    argmax_only: &[bool],
     cuts: &[usize],
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<StepOutput>> {
     // Cuts that do not split `seqs` into non-empty groups (not what `split_points` makes) run
     // the step as one batch: the same tokens.
     let valid = cuts.first().is_some_and(|&c| c > 0)
         && cuts.last().is_some_and(|&c| c < seqs.len())
         && cuts.windows(2).all(|w| w[0] < w[1]);
     if !valid {
-        return dense.forward(seqs, experts);
+        return dense.forward_picking(seqs, experts, argmax_only);
     }
     let marks: Vec<_> = seqs.iter().map(|s| s.cache.mark()).collect();
-    let mut groups: Vec<&mut [StepSequence<'_>]> = Vec::with_capacity(cuts.len() + 1);
+    let mut groups: Vec<(&mut [StepSequence<'_>], &[bool])> = Vec::with_capacity(cuts.len() + 1);
     let mut rest = &mut *seqs;
     let mut at = 0;
+    let picks = |from: usize, to: usize| argmax_only.get(from..to).unwrap_or(&[]);
     for &cut in cuts {
         let (head, tail) = rest.split_at_mut(cut - at);
-        groups.push(head);
+        groups.push((head, picks(at, cut)));
         rest = tail;
         at = cut;
     }
-    groups.push(rest);
-    let outcomes: Vec<Result<Vec<Vec<f32>>>> = std::thread::scope(|scope| {
+    let end = at + rest.len();
+    groups.push((rest, picks(at, end)));
+    let outcomes: Vec<Result<Vec<StepOutput>>> = std::thread::scope(|scope| {
         let mut groups = groups.into_iter().enumerate();
         let first = groups.next();
         let others: Vec<_> = groups
-            .map(|(i, group)| {
+            .map(|(i, (group, picks))| {
                 scope.spawn(move || {
                     let mb = experts.micro_batch(i as u32);
-                    dense.forward(group, &mb as &dyn ExpertBackend)
+                    dense.forward_picking(group, &mb as &dyn ExpertBackend, picks)
                 })
             })
             .collect();
         let mut outcomes = Vec::with_capacity(others.len() + 1);
-        if let Some((_, group)) = first {
-            outcomes.push(dense.forward(group, &experts.micro_batch(0)));
+        if let Some((_, (group, picks))) = first {
+            outcomes.push(dense.forward_picking(group, &experts.micro_batch(0), picks));
         }
         for handle in others {
             outcomes.push(handle.join().unwrap_or_else(|_| {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
-use moe_model::dense::{DenseStep, StepSequence};
+use moe_model::dense::{DenseStep, StepOutput, StepSequence};
 use moe_model::kv_cache::{KvPool, SequenceCache};
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
@@ -409,15 +409,20 @@ impl Scheduler {
         &self,
         running: &mut [Sequence],
         plan: &[Feed],
-    ) -> moe_model::Result<Vec<Vec<f32>>> {
+    ) -> moe_model::Result<Vec<StepOutput>> {
         let vocab = self.dense.config().vocab_size;
+        // Before the constraints are taken out below: a constrained feed needs its logits.
+        let argmax_only: Vec<bool> = plan
+            .iter()
+            .map(|f| needs_only_argmax(&running[f.seq], f))
+            .collect();
         let mut constraints: Vec<(usize, TokenConstraint)> = plan
             .iter()
             .filter(|f| f.samples)
             .filter_map(|f| running[f.seq].request.constraint.take().map(|c| (f.seq, c)))
             .collect();
         if constraints.is_empty() {
-            return self.forward(running, plan);
+            return self.forward(running, plan, &argmax_only);
         }
         let count = constraints.len();
         let (logits, masks) = std::thread::scope(|scope| {
@@ -427,7 +432,7 @@ impl Scheduler {
                     .map(|(_, c)| c.allowed(vocab))
                     .collect::<Vec<_>>()
             });
-            let logits = self.forward(running, plan);
+            let logits = self.forward(running, plan, &argmax_only);
             let masks = masks
                 .join()
                 .unwrap_or_else(|_| vec![Err("the grammar panicked".into()); count]);
@@ -471,8 +476,15 @@ impl Scheduler {
     }
 
     /// Runs the model over the planned tokens, as micro-batches when `--micro-batches` cuts
-    /// the step; one row of logits per feed. On an error every cache is as before the step.
-    fn forward(&self, running: &mut [Sequence], plan: &[Feed]) -> moe_model::Result<Vec<Vec<f32>>> {
+    /// the step; one output per feed: its logits, or just their argmax where that is all the
+    /// feed needs ([`needs_only_argmax`]: a GPU dense part then downloads one id, not a row).
+    /// On an error every cache is as before the step.
+    fn forward(
+        &self,
+        running: &mut [Sequence],
+        plan: &[Feed],
+        argmax_only: &[bool],
+    ) -> moe_model::Result<Vec<StepOutput>> {
         let feeds: Vec<Vec<u32>> = plan
             .iter()
             .map(|f| running[f.seq].next_tokens(f.tokens))
@@ -501,19 +513,28 @@ impl Scheduler {
                 .micro_batched_steps
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let logits =
-            crate::micro_batch::forward(self.dense.as_ref(), &self.experts, &mut step, &cuts);
+        let logits = crate::micro_batch::forward(
+            self.dense.as_ref(),
+            &self.experts,
+            &mut step,
+            argmax_only,
+            &cuts,
+        );
         self.experts.end_step();
         logits
     }
 
     /// Moves prefills on, samples where the plan says, streams the new tokens, and lets the
     /// sequences that finished go.
-    fn advance(&self, running: &mut Vec<Sequence>, plan: &[Feed], logits: &[Vec<f32>]) {
+    fn advance(&self, running: &mut Vec<Sequence>, plan: &[Feed], outputs: &[StepOutput]) {
         let mut finished = Vec::new();
         let vocab = self.dense.config().vocab_size;
-        for (f, rows) in plan.iter().zip(logits) {
+        for (f, output) in plan.iter().zip(outputs) {
             let s = &mut running[f.seq];
+            let (rows, picked): (&[f32], Option<u32>) = match output {
+                StepOutput::Logits(rows) => (rows, None),
+                StepOutput::Argmax(id) => (&[], Some(*id)),
+            };
             let prompt_len = s.feed.len();
             if s.prefilled < prompt_len {
                 if rows.len() == f.tokens * vocab {
@@ -537,7 +558,11 @@ impl Scheduler {
             }
             // The last position's logits (the only row unless the prompt is being scored).
             let row = &rows[rows.len() - vocab.min(rows.len())..];
-            let token = match sample_token(s, row) {
+            let sampled = match picked {
+                Some(id) => Ok(s.sampler.take_argmax(id)),
+                None => sample_token(s, row),
+            };
+            let token = match sampled {
                 Ok(token) => token,
                 Err(why) => {
                     let error = RouterError::Internal(format!("structured output: {why}"));
@@ -716,6 +741,21 @@ impl Scheduler {
 
 /// The sequence's next token from `logits`: within its grammar's mask when it has one (the
 /// grammar then advances over it).
+/// Whether a feed needs only its last row's argmax: it samples nothing this step (a prefill
+/// chunk; a prompt being scored is not asked, it keeps its logits), or it picks greedily and
+/// reads nothing else from the logits (no grammar, no logit adjustment, no logprobs).
+fn needs_only_argmax(s: &Sequence, f: &Feed) -> bool {
+    if !f.samples {
+        return true;
+    }
+    let request = &s.request;
+    s.sampler.params().is_greedy()
+        && request.sampling.adjust.is_neutral()
+        && request.constraint.is_none()
+        && !request.logprobs
+        && request.top_logprobs == 0
+}
+
 fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
     let Some(constraint) = s.request.constraint.as_mut() else {
         return Ok(s.sampler.sample(logits));

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use clap::Args;
 use moe_cluster::DeviceArgs;
-use moe_model::backend::ops::argmax;
 use moe_model::dense::StepSequence;
 use moe_model::sampling::Rng;
 use moe_model::Engine;
@@ -72,7 +71,7 @@ fn one_batch(
     let batch = prompts.len();
     let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
     let start = Instant::now();
-    let logits = {
+    let first = {
         let mut step: Vec<StepSequence<'_>> = caches
             .iter_mut()
             .zip(prompts)
@@ -82,15 +81,15 @@ fn one_batch(
                 all_logits: false,
             })
             .collect();
-        engine.step(&mut step)?
+        engine.step_greedy(&mut step)?
     };
-    let mut next: Vec<u32> = logits.iter().map(|l| argmax(l) as u32).collect();
+    let mut next: Vec<u32> = first;
     let ttft = start.elapsed().as_secs_f64();
     let mut step_times = Vec::with_capacity(workload.gen);
     let decode_start = Instant::now();
     for _ in 1..workload.gen {
         let t = Instant::now();
-        let logits = {
+        let picked = {
             let mut step: Vec<StepSequence<'_>> = caches
                 .iter_mut()
                 .zip(&next)
@@ -100,9 +99,9 @@ fn one_batch(
                     all_logits: false,
                 })
                 .collect();
-            engine.step(&mut step)?
+            engine.step_greedy(&mut step)?
         };
-        next = logits.iter().map(|l| argmax(l) as u32).collect();
+        next = picked;
         step_times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let decode = decode_start.elapsed().as_secs_f64();

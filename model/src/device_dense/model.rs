@@ -13,7 +13,9 @@ use super::weights::upload_stacked;
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
-use crate::dense_step::{logit_rows, split_logits, validate_step, StepSequence};
+use crate::dense_step::{
+    argmax_wanted, logit_rows, split_logits, validate_step, StepOutput, StepSequence,
+};
 use crate::device::shapes::HeadView;
 use crate::device::MatrixPrecision;
 use crate::error::{ModelError, Result};
@@ -161,9 +163,86 @@ where
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>> {
+        let Some((hidden, layout)) = self.run_layers(seqs, experts)? else {
+            return Ok(Vec::new());
+        };
+        let wanted = logit_rows(seqs, &layout);
+        let logits = self.logits_here(&hidden, &wanted)?;
+        let vocab = self.config.vocab_size;
+        let logits = self.ops.download(&logits, wanted.len() * vocab)?;
+        Ok(split_logits(seqs, &logits, vocab))
+    }
+
+    /// [`crate::dense_step::DenseStep::forward_picking`]: the argmax of the marked sequences
+    /// found here, and only their ids and the other sequences' logit rows downloaded.
+    pub fn forward_picking(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+        argmax_only: &[bool],
+    ) -> Result<Vec<StepOutput>> {
+        let Some((hidden, layout)) = self.run_layers(seqs, experts)? else {
+            return Ok(Vec::new());
+        };
+        let wanted = logit_rows(seqs, &layout);
+        let logits = self.logits_here(&hidden, &wanted)?;
+        let vocab = self.config.vocab_size;
+        let picks: Vec<bool> = (0..seqs.len())
+            .map(|i| argmax_wanted(&seqs[i], argmax_only, i))
+            .collect();
+        let ids = if picks.iter().any(|&p| p) {
+            self.ops.argmax_rows(&logits, wanted.len(), vocab)?
+        } else {
+            Vec::new()
+        };
+        // The logit rows of the sequences that want them, in step order, downloaded at once.
+        let mut kept: Vec<u32> = Vec::new();
+        let mut offset = 0;
+        for (s, &pick) in seqs.iter().zip(&picks) {
+            let n = if s.all_logits { s.tokens.len() } else { 1 };
+            if !pick {
+                kept.extend((offset..offset + n).map(|r| r as u32));
+            }
+            offset += n;
+        }
+        let mut rows = Vec::new();
+        if !kept.is_empty() {
+            let index = self.ops.upload_index(&kept)?;
+            let mut compact = self.ops.scratch(kept.len() * vocab)?;
+            self.ops
+                .gather_rows(&logits, &index, &mut compact, kept.len(), vocab)?;
+            rows = self.ops.download(&compact, kept.len() * vocab)?;
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let (mut offset, mut taken) = (0, 0);
+        for (s, &pick) in seqs.iter().zip(&picks) {
+            let n = if s.all_logits { s.tokens.len() } else { 1 };
+            if pick {
+                let id = ids.get(offset + n - 1).copied().ok_or_else(|| {
+                    ModelError::InvalidRequest("an argmax row the step did not compute".into())
+                })?;
+                out.push(StepOutput::Argmax(id));
+            } else {
+                out.push(StepOutput::Logits(
+                    rows[taken * vocab..(taken + n) * vocab].to_vec(),
+                ));
+                taken += n;
+            }
+            offset += n;
+        }
+        Ok(out)
+    }
+
+    /// Checks the step, runs every layer over it and moves the caches on: the last layer's
+    /// hidden rows and the step's layout (`None` for an empty step).
+    fn run_layers(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Option<(O::F32, BatchLayout)>> {
         validate_step(&self.config, seqs)?;
         if seqs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
         let (step, mut hidden) = self.begin_step(seqs, &layout)?;
@@ -173,8 +252,7 @@ where
         for s in seqs.iter_mut() {
             s.cache.len += s.tokens.len();
         }
-        let logits = self.logits(&hidden, &logit_rows(seqs, &layout))?;
-        Ok(split_logits(seqs, &logits, self.config.vocab_size))
+        Ok(Some((hidden, layout)))
     }
 
     /// Takes host blocks for every sequence's new tokens (their numbers say where the rows go
@@ -385,8 +463,8 @@ where
     }
 
     /// The final norm and lm_head for the rows in `wanted` only: `[wanted, vocab]` logits,
-    /// downloaded.
-    fn logits(&self, hidden: &O::F32, wanted: &[usize]) -> Result<Vec<f32>> {
+    /// on the device.
+    fn logits_here(&self, hidden: &O::F32, wanted: &[usize]) -> Result<O::F32> {
         let ops = &self.ops;
         let h = self.config.hidden_size;
         let wanted: Vec<u32> = wanted.iter().map(|&r| r as u32).collect();
@@ -409,8 +487,7 @@ where
         )?;
         let vocab = self.config.vocab_size;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = ops.linear(&normed, n, h, lm_head, vocab)?;
-        Ok(ops.download(&logits, n * vocab)?)
+        Ok(ops.linear(&normed, n, h, lm_head, vocab)?)
     }
 
     fn mlp(&self, mlp: &DeviceMlp<O>, x: &O::F32, rows: usize) -> Result<O::F32> {

@@ -228,6 +228,15 @@ pub trait DenseOps {
         n: usize,
         width: usize,
     ) -> Result<(), Self::Error>;
+    /// For each of `rows` rows of `[rows, width]` logits, the index of its largest value, the
+    /// lowest on a tie, as [`crate::backend::ops::argmax`] scans (a NaN first value wins,
+    /// later NaNs never do): downloaded, `rows` ids.
+    fn argmax_rows(
+        &self,
+        x: &Self::F32,
+        rows: usize,
+        width: usize,
+    ) -> Result<Vec<u32>, Self::Error>;
     /// `out[i] = x[index[i]]` for `[*, width]` rows.
     fn gather_rows(
         &self,

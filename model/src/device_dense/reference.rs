@@ -442,6 +442,16 @@ impl DenseOps for HostDenseOps {
     ) -> Result<(), ModelError> {
         self.gather_rows(&table.values, ids, out, n, width)
     }
+    fn argmax_rows(&self, x: &Vec<f32>, rows: usize, width: usize) -> Result<Vec<u32>, ModelError> {
+        check(rows * width <= x.len() && width > 0, "argmax")?;
+        // One id per row crosses.
+        self.downloaded.fetch_add(rows, Ordering::Relaxed);
+        Ok(x[..rows * width]
+            .chunks_exact(width)
+            .map(|row| crate::backend::ops::argmax(row) as u32)
+            .collect())
+    }
+
     fn gather_rows(
         &self,
         x: &Vec<f32>,
@@ -467,7 +477,7 @@ mod tests {
     use crate::checkpoint::Checkpoint;
     use crate::config::ModelConfig;
     use crate::dense::DenseModel;
-    use crate::dense_step::StepSequence;
+    use crate::dense_step::{DenseStep, StepOutput, StepSequence};
     use crate::device_dense::DeviceDenseModel;
     use crate::experts::ExpertSet;
     use crate::kv_cache::SequenceCache;
@@ -707,6 +717,79 @@ mod tests {
     /// The device pool follows the host pool's block numbers: it grows by whole chunks, only
     /// when a block number needs one, and a sequence's cache bytes are its host blocks' (the
     /// same count of rows the device holds for it).
+    /// Picking on the device: the marked sequences come back as the argmax of the logits
+    /// `forward` gives (a prompt being scored keeps its logits whatever it asks), the others
+    /// as those logits bitwise, and a step downloads one id per picked sequence plus the kept
+    /// rows only; the CPU model's default picking agrees.
+    #[test]
+    fn argmax_picks_on_the_device_are_the_logits_argmax_and_download_ids_only() {
+        let (config, device, experts) = qwen_over_the_reference();
+        let cpu = crate::dense::DenseModel::load(
+            &Checkpoint::open(&fixture("qwen3-moe-tiny")).unwrap(),
+            &config,
+        )
+        .unwrap();
+        let vocab = config.vocab_size;
+        let prompts: [Vec<u32>; 3] = [vec![3, 9, 27], vec![5], vec![11, 2, 7, 1]];
+        let all_logits = [false, false, true];
+        let argmax_only = [true, false, true];
+        // The GPU-shaped model's methods are its own; the CPU model's are DenseStep's.
+        macro_rules! step {
+            ($model:expr, $picking:expr) => {{
+                let mut caches: Vec<SequenceCache> = (0..3).map(|_| $model.new_cache()).collect();
+                let mut seqs: Vec<StepSequence<'_>> = caches
+                    .iter_mut()
+                    .zip(&prompts)
+                    .zip(all_logits)
+                    .map(|((cache, tokens), all_logits)| StepSequence {
+                        cache,
+                        tokens,
+                        all_logits,
+                    })
+                    .collect();
+                if $picking {
+                    $model
+                        .forward_picking(&mut seqs, &experts, &argmax_only)
+                        .unwrap()
+                } else {
+                    $model
+                        .forward(&mut seqs, &experts)
+                        .unwrap()
+                        .into_iter()
+                        .map(StepOutput::Logits)
+                        .collect::<Vec<_>>()
+                }
+            }};
+        }
+        let full = step!(device, false);
+        let before = device.ops().downloaded();
+        let picked = step!(device, true);
+        let downloaded = device.ops().downloaded() - before;
+        let StepOutput::Logits(first) = &full[0] else {
+            panic!("forward gives logits")
+        };
+        assert_eq!(
+            picked[0],
+            StepOutput::Argmax(crate::backend::ops::argmax(first) as u32)
+        );
+        assert_eq!(picked[1], full[1]);
+        assert_eq!(picked[2], full[2], "a scored prompt keeps its logits");
+        // Ids of all three wanted rows' argmax (one row each for the first two, four for the
+        // scored prompt), then the kept rows: the second sequence's and the scored prompt's;
+        // besides, each MoE layer's 8 rows (the experts are reached through host memory here).
+        let moe_rows = config.moe_layer_indices().count() * 8 * config.hidden_size;
+        assert_eq!(downloaded, (1 + 1 + 4) + (1 + 4) * vocab + moe_rows);
+        // The CPU model's default picks from its own logits (close to the device path's,
+        // not bitwise: another order of operations).
+        let (cpu_full, cpu_picked) = (step!(cpu, false), step!(cpu, true));
+        let StepOutput::Logits(cpu_first) = &cpu_full[0] else {
+            panic!("forward gives logits")
+        };
+        let cpu_id = crate::backend::ops::argmax(cpu_first) as u32;
+        assert!(cpu_picked[0] == StepOutput::Argmax(cpu_id), "CPU pick");
+        assert!(cpu_picked[1..] == cpu_full[1..], "CPU kept logits");
+    }
+
     #[test]
     fn the_device_pool_grows_with_block_numbers() {
         let (config, device, experts) = qwen_over_the_reference();

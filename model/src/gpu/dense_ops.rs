@@ -798,6 +798,37 @@ impl DenseOps for CudaDenseOps {
     ) -> Result<(), GpuError> {
         self.row_gather(&self.ctx.kernels().gather_rows_f32, x, index, out, n, width)
     }
+
+    fn argmax_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<Vec<u32>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        if x.len() < rows * width || width == 0 {
+            return Err(shape_error("argmax"));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let stream = self.ctx.stream();
+        let mut ids = stream.alloc_zeros::<u32>(rows)?;
+        let (rows_i, width_i) = (int(rows, "rows")?, int(width, "width")?);
+        // SAFETY: `x` holds `rows` rows of `width` (checked above) and `ids` one per row.
+        unsafe {
+            stream
+                .launch_builder(&self.ctx.kernels().argmax_rows)
+                .arg(x)
+                .arg(&rows_i)
+                .arg(&width_i)
+                .arg(&mut ids)
+                .launch(row_grid(rows))?;
+        }
+        let host = stream.clone_dtoh(&ids)?;
+        stream.synchronize()?;
+        Ok(host)
+    }
 }
 
 impl CudaDenseOps {
@@ -865,6 +896,15 @@ impl DenseStep for GpuDenseModel {
         experts: &dyn ExpertBackend,
     ) -> crate::error::Result<Vec<Vec<f32>>> {
         self.inner.forward(seqs, experts)
+    }
+
+    fn forward_picking(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        experts: &dyn ExpertBackend,
+        argmax_only: &[bool],
+    ) -> crate::error::Result<Vec<crate::dense_step::StepOutput>> {
+        self.inner.forward_picking(seqs, experts, argmax_only)
     }
 
     /// From the pool the device cache follows (its blocks' numbers name device rows).
@@ -1143,6 +1183,30 @@ mod tests {
         host.gather_rows(&hh, &index.to_vec(), &mut gh, 3, width)
             .unwrap();
         close("gather", &down(&gc), &gh, 0.0);
+        // The argmax of rows wider than a block: a tie across threads (the lower wins), a NaN
+        // first value (it wins), later NaNs (never), -0 against +0 (the earlier), all -inf.
+        let wide = 1000;
+        let mut logits = values(6 * wide, 15);
+        logits[7] = 5.0;
+        logits[700] = 5.0;
+        logits[wide] = f32::NAN;
+        logits[wide + 3] = 9.0;
+        logits[2 * wide + 1] = f32::NAN;
+        logits[2 * wide + 900] = 7.0;
+        for v in &mut logits[3 * wide..4 * wide] {
+            *v = -1.0;
+        }
+        logits[3 * wide + 300] = -0.0;
+        logits[3 * wide + 301] = 0.0;
+        for v in &mut logits[4 * wide..5 * wide] {
+            *v = f32::NEG_INFINITY;
+        }
+        let on_gpu = cuda
+            .argmax_rows(&cuda.upload_f32(&logits).unwrap(), 6, wide)
+            .unwrap();
+        let on_host = host.argmax_rows(&logits, 6, wide).unwrap();
+        assert_eq!(on_gpu, on_host, "argmax rows");
+        assert_eq!(&on_host[..5], &[7, 0, 900, 300, 0]);
         // The embedding lookup from an f32 table.
         let table = values(9 * width, 14);
         let (tc, th) = (

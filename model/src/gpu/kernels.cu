@@ -112,6 +112,48 @@ extern "C" __global__ void silu_mul_f32(const float* gate_up, float* act, int sl
     }
 }
 
+// out[r] = the index of row r's largest value, the lowest on a tie, as the host's argmax scans
+// (ops::argmax): a NaN first value wins, a later NaN never does. A block per row (256
+// threads: `row_grid`), each thread over its columns in ascending order, then a tree whose
+// ties go to the lower index. A greedy pick on the device: one id crosses instead of a row.
+extern "C" __global__ void argmax_rows(const float* x, int rows, int width, unsigned int* out) {
+    __shared__ float best_value[256];
+    __shared__ int best_index[256];
+    ROW_STRIDE(r, rows) {
+        const float* row = x + r * width;
+        float v = 0.0f;
+        int i = -1;  // none yet
+        COLUMN_STRIDE(c, width) {
+            float value = row[c];
+            if (value != value) continue;
+            if (i < 0 || value > v) { v = value; i = c; }
+        }
+        best_value[threadIdx.x] = v;
+        best_index[threadIdx.x] = i;
+        __syncthreads();
+        for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+            if (threadIdx.x < half) {
+                float other = best_value[threadIdx.x + half];
+                int other_i = best_index[threadIdx.x + half];
+                float mine = best_value[threadIdx.x];
+                int mine_i = best_index[threadIdx.x];
+                bool take = other_i >= 0 &&
+                            (mine_i < 0 || other > mine || (other == mine && other_i < mine_i));
+                if (take) {
+                    best_value[threadIdx.x] = other;
+                    best_index[threadIdx.x] = other_i;
+                }
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            float first = row[0];
+            out[r] = (first != first || best_index[0] < 0) ? 0u : (unsigned int)best_index[0];
+        }
+        __syncthreads();
+    }
+}
+
 // dst[index[s], :] = src[s, :]: a node's outputs placed in the layer's pair order (the router's
 // device-resident dispatch; every destination row is some node's, so none is read first).
 extern "C" __global__ void place_rows_f32(const float* src, const unsigned int* index, float* dst,

@@ -40,10 +40,11 @@ pub struct Kernels {
     pub grouped_gemm_rows_exact_f32: CudaFunction,
     pub grouped_gemm_rows_exact_bf16: CudaFunction,
     pub place_rows_f32: CudaFunction,
+    pub argmax_rows: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 28] = [
+pub const KERNEL_NAMES: [&str; 29] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -72,6 +73,7 @@ pub const KERNEL_NAMES: [&str; 28] = [
     "grouped_gemm_rows_exact_f32",
     "grouped_gemm_rows_exact_bf16",
     "place_rows_f32",
+    "argmax_rows",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -131,6 +133,7 @@ impl Kernels {
             grouped_gemm_rows_exact_f32: f("grouped_gemm_rows_exact_f32")?,
             grouped_gemm_rows_exact_bf16: f("grouped_gemm_rows_exact_bf16")?,
             place_rows_f32: f("place_rows_f32")?,
+            argmax_rows: f("argmax_rows")?,
         })
     }
 }
