@@ -384,28 +384,15 @@ impl RemoteExperts {
             .iter()
             .map(|l| self.view.is_suspect(&l.node_id))
             .collect();
-        if suspect.iter().any(|&s| s) {
-            return None;
-        }
-        let pending = vec![true; routes.pairs()];
-        let assignment = assign_pairs(
+        let max_rows: Vec<usize> = serving.links.iter().map(|l| l.max_rows).collect();
+        let shares = crate::dispatch_plan::in_place_shares(
             &serving.holders,
             &suspect,
+            &max_rows,
             layer as u32,
-            None,
             self.hidden,
             routes,
-            &pending,
-        );
-        let within_bounds = assignment
-            .shares
-            .iter()
-            .zip(&serving.links)
-            .all(|(share, link)| share.routes.rows() <= link.max_rows);
-        if !assignment.unplaced.is_empty() || !within_bounds {
-            return None;
-        }
-        let shares = assignment.row_shares();
+        )?;
         let started = Instant::now();
         let placed = {
             let mut link = live.lock().ok()?;

@@ -132,6 +132,31 @@ pub fn assign_pairs(
 
 /// What a layer's replies left: pairs to send again (under a newer placement) and the nodes
 /// that failed (to report suspect); a node that only refused a stale epoch is not failed.
+/// Each node's part of a whole layer sent from where its rows lie (the device-resident
+/// dispatch), or `None` when the layer must go the host way, which settles node by node: a
+/// node is reported failing, a pair has no node, or a share is over its node's batch bound
+/// (`max_rows[n]`; the host path cuts shares to it).
+pub fn in_place_shares(
+    holders: &HashMap<ExpertId, Vec<usize>>,
+    suspect: &[bool],
+    max_rows: &[usize],
+    layer: u32,
+    hidden: usize,
+    routes: &ExpertRoutes,
+) -> Option<Vec<RowShare>> {
+    if suspect.iter().any(|&s| s) {
+        return None;
+    }
+    let pending = vec![true; routes.pairs()];
+    let assignment = assign_pairs(holders, suspect, layer, None, hidden, routes, &pending);
+    let within_bounds = assignment
+        .shares
+        .iter()
+        .zip(max_rows)
+        .all(|(share, &bound)| share.routes.rows() <= bound);
+    (assignment.unplaced.is_empty() && within_bounds).then(|| assignment.row_shares())
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settled {
     pub retry_pairs: Vec<usize>,
@@ -258,6 +283,38 @@ mod tests {
             let pairs: Vec<usize> = share.pairs.iter().map(|&p| p as usize).collect();
             assert_eq!(pairs, host.global_pairs[node]);
         }
+    }
+
+    /// A layer goes in place only whole: with a node reported failing, a pair without a node
+    /// or a share over its node's bound it goes the host way.
+    #[test]
+    fn in_place_shares_are_whole_layers_or_none() {
+        let (rows, routes) = layer();
+        let h = holders(&[(0, &[0]), (1, &[1]), (2, &[1]), (3, &[0])]);
+        let shares = in_place_shares(&h, &[false, false], &[8, 8], 1, HIDDEN, &routes).unwrap();
+        let host = assign_pairs(
+            &h,
+            &[false, false],
+            1,
+            Some(&rows),
+            HIDDEN,
+            &routes,
+            &[true; 6],
+        );
+        assert_eq!(shares, host.row_shares());
+        assert_eq!(
+            in_place_shares(&h, &[true, false], &[8, 8], 1, HIDDEN, &routes),
+            None
+        );
+        assert_eq!(
+            in_place_shares(&h, &[false, false], &[1, 8], 1, HIDDEN, &routes),
+            None
+        );
+        let missing = holders(&[(0, &[0]), (1, &[1]), (2, &[1])]);
+        assert_eq!(
+            in_place_shares(&missing, &[false, false], &[8, 8], 1, HIDDEN, &routes),
+            None
+        );
     }
 
     #[test]
