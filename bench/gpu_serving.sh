@@ -6,7 +6,9 @@
 # costs), the same preset in FP8 with `--gpu-fp8 keep`, then a local cluster (router and NODES
 # expert nodes, all on DEVICE, rows over the gRPC data plane), and prefix caching on it (a
 # shared 1,000-token prefix, TTFT with and without, `--deterministic`). Batches 1, 8, 64 and
-# 256 by default. Every step is bounded by a timeout; what it printed is the result.
+# 256 by default; the engine also with its experts behind two in-process nodes over the layer
+# exchange (the router's device-resident path on one GPU: rows gathered per node and placed
+# back on the device). Every step is bounded by a timeout; what it printed is the result.
 # `DEVICE=cpu DTYPES=bf16 MOE_BIN_DIR=target/release PRESET=small` runs the same steps on a
 # CPU machine (to check the script).
 set -uo pipefail
@@ -28,6 +30,9 @@ for dtype in ${DTYPES:-bf16x2 bf16}; do
   timeout 150 moe bench --model "$model" --device "$device" --gpu-dtype "$dtype" "${shape[@]}" ||
     status=1
 done
+echo "== offline engine on $device, bf16x2, experts behind 2 in-process nodes (device-resident exchange)"
+timeout 150 moe bench --model "$model" --device "$device" --in-process-nodes 2 "${shape[@]}" ||
+  status=1
 echo "== offline engine on $device, bf16x2, --deterministic (exact GEMM kernels)"
 MOE_DETERMINISTIC=true timeout 150 moe bench --model "$model" --device "$device" "${shape[@]}" ||
   status=1

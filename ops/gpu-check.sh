@@ -14,7 +14,7 @@
 #                              the device's 600 s per command, so a part that fails can be run
 #                              again within one session's 15 minutes).
 #
-# Checks, each bounded by a timeout (the bounds add up to 455 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 480 s; a normal run takes far less),
 # in order of priority:
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -38,7 +38,10 @@
 #   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv), and
 #      rows received over it run by GPU experts where they lie, against the same experts
 #      run from host rows;
-#   6. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
+#   6. (run after the `moe generate` checks of 3) `moe generate --in-process-nodes 2` on
+#      cuda:0: the experts behind two in-process nodes over the layer exchange, a layer's
+#      rows gathered per node and placed back on the device = the CPU's tokens;
+#   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
 # Benchmarks (`bench`; bounds add up to 290 s):
@@ -181,6 +184,18 @@ fp8_same_tokens() {
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
 }
 check "FP8 checkpoint: cuda:0 f32 = cpu FP8 panels, tokens" 30 fp8_same_tokens
+
+in_process_same_tokens() {
+  set -eo pipefail
+  local model=tests/fixtures/deepseek-v3-tiny cpu gpu ids
+  cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
+  gpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 --in-process-nodes 2 | tail -1)
+  echo "cpu: $cpu"
+  echo "gpu (experts behind 2 in-process nodes, rows gathered and placed on the device): $gpu"
+  ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
+  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+}
+check "device-resident exchange (--in-process-nodes 2): cuda:0 = cpu tokens" 25 in_process_same_tokens
 
 fp8_kept_same_tokens() {
   set -eo pipefail

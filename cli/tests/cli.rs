@@ -85,6 +85,47 @@ fn generate_json_matches_golden_on_every_fixture() {
     }
 }
 
+/// Experts reached through in-process nodes over the layer exchange (`--in-process-nodes`)
+/// give the same JSON, logprobs included, bit for bit, on every fixture; so does `moe bench`
+/// run through them.
+#[test]
+fn in_process_nodes_change_no_token_or_logprob() {
+    for fixture in FIXTURES {
+        let dir = fixture_dir(fixture);
+        let case = &golden_cases(fixture)[0];
+        let common = [
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            &case.prompt,
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+        ];
+        let direct = last_json_line(&moe(&common));
+        let through = last_json_line(&moe(&[&common[..], &["--in-process-nodes", "3"]].concat()));
+        assert_eq!(direct, through, "{fixture}");
+    }
+    let dir = fixture_dir(FIXTURES[1]);
+    let bench = last_json_line(&moe(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--batch",
+        "1,3",
+        "--prompt-len",
+        "6",
+        "--gen",
+        "4",
+        "--json",
+        "--in-process-nodes",
+        "2",
+    ]));
+    assert_eq!(bench["results"].as_array().unwrap().len(), 2);
+}
+
 #[test]
 fn generate_emits_logits_and_accepts_input_ids() {
     let dir = fixture_dir(FIXTURES[0]);

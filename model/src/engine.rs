@@ -12,6 +12,7 @@ use crate::config::ModelConfig;
 use crate::dense::load_dense;
 use crate::dense_step::{DenseStep, StepSequence};
 use crate::error::{ModelError, Result};
+use crate::expert_backend::ExpertBackend;
 use crate::experts::{ExpertDevice, ExpertSet};
 use crate::kv_cache::SequenceCache;
 use crate::sampling::{Sampler, SamplingParams};
@@ -49,6 +50,9 @@ pub struct Engine {
     config: ModelConfig,
     dense: Box<dyn DenseStep>,
     experts: ExpertSet,
+    /// Where the routed experts are reached instead of `experts` (in-process nodes behind the
+    /// layer exchange); `experts` still holds their weights.
+    reach: Option<Box<dyn ExpertBackend + Send + Sync>>,
     tokenizer: Tokenizer,
     eos_ids: Vec<u32>,
 }
@@ -89,6 +93,7 @@ impl Engine {
             config,
             dense,
             experts,
+            reach: None,
             tokenizer,
             eos_ids,
         })
@@ -114,11 +119,28 @@ impl Engine {
         self.dense.new_cache()
     }
 
+    /// Steps reach the routed experts through `backend` (for instance expert nodes in this
+    /// process behind the layer exchange) instead of calling the set held here.
+    pub fn reaching_experts_through(
+        mut self,
+        backend: Box<dyn ExpertBackend + Send + Sync>,
+    ) -> Self {
+        self.reach = Some(backend);
+        self
+    }
+
+    fn routed_experts(&self) -> &dyn ExpertBackend {
+        match &self.reach {
+            Some(backend) => backend.as_ref(),
+            None => &self.experts,
+        }
+    }
+
     /// One batched forward step over the given sequences (see
     /// [`crate::dense::DenseModel::forward`]), run on a thread of the math pool: see
     /// [`crate::backend::in_math_pool`].
     pub fn step(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<Vec<f32>>> {
-        crate::backend::in_math_pool(|| self.dense.forward(seqs, &self.experts))
+        crate::backend::in_math_pool(|| self.dense.forward(seqs, self.routed_experts()))
     }
 
     /// [`Self::step`] for greedy decoding: each sequence's next token (its last row's argmax),
@@ -127,7 +149,7 @@ impl Engine {
         let argmax_only = vec![true; seqs.len()];
         let outputs = crate::backend::in_math_pool(|| {
             self.dense
-                .forward_picking(seqs, &self.experts, &argmax_only)
+                .forward_picking(seqs, self.routed_experts(), &argmax_only)
         })?;
         outputs
             .into_iter()

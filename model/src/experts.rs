@@ -258,6 +258,20 @@ impl ExpertSet {
         Ok(loaded)
     }
 
+    /// The experts `keep(layer, expert)` picks, sharing their weights with this set.
+    pub fn subset(&self, keep: impl Fn(usize, usize) -> bool) -> Self {
+        Self {
+            hidden: self.hidden,
+            device: self.device.clone(),
+            experts: self
+                .experts
+                .iter()
+                .filter(|(&(layer, expert), _)| keep(layer, expert))
+                .map(|(&id, held)| (id, Arc::clone(held)))
+                .collect(),
+        }
+    }
+
     /// An empty set for a model of this hidden size.
     pub fn empty(hidden: usize) -> Self {
         Self::empty_on(hidden, ExpertDevice::Cpu)

@@ -31,19 +31,27 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     engine: DeviceArgs,
+    #[command(flatten)]
+    in_process: super::in_process_nodes::InProcessNodesArgs,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = match (&args.router, &args.model) {
         (Some(router), _) => super::bench_remote::run(router, &args.workload)?,
-        (None, Some(model)) => offline(model, &args.engine, &args.workload)?,
+        (None, Some(model)) => offline(model, &args.engine, &args.in_process, &args.workload)?,
         (None, None) => anyhow::bail!("give --model or --router"),
     };
     report.print(args.json)
 }
 
-fn offline(model: &Path, device: &DeviceArgs, workload: &Workload) -> anyhow::Result<BenchReport> {
-    let engine = Engine::load_on(model, &device.open()?)?;
+fn offline(
+    model: &Path,
+    device: &DeviceArgs,
+    in_process: &super::in_process_nodes::InProcessNodesArgs,
+    workload: &Workload,
+) -> anyhow::Result<BenchReport> {
+    let opened = device.open()?;
+    let engine = in_process.apply(Engine::load_on(model, &opened)?, &opened)?;
     let vocab = engine.config().vocab_size as u64;
     let mut rng = Rng::seeded(42);
     warm_up(&engine)?;

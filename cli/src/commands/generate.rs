@@ -69,6 +69,8 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[command(flatten)]
     pub engine: DeviceArgs,
+    #[command(flatten)]
+    pub in_process: super::in_process_nodes::InProcessNodesArgs,
 }
 
 /// What `--json` prints.
@@ -98,6 +100,7 @@ fn offline(model: &Path, args: &GenerateArgs) -> anyhow::Result<()> {
     let device = args.engine.open()?;
     let engine =
         Engine::load_on(model, &device).with_context(|| format!("loading {}", model.display()))?;
+    let engine = args.in_process.apply(engine, &device)?;
     let input_ids = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => engine.tokenizer().encode_prompt(text)?,
         (None, Some(ids)) => ids.clone(),

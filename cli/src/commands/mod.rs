@@ -8,6 +8,7 @@ pub mod gen_checkpoint;
 pub mod gen_secrets;
 pub mod generate;
 pub mod gpu_bench;
+pub mod in_process_nodes;
 pub mod plan;
 pub mod status;
 pub mod up;

@@ -12,6 +12,8 @@
 //!   and the deadline that turns a dead peer into an abort instead of a hang.
 //! - [`exchange`]: one layer's protocol on both sides (headers, rows and routes, outputs),
 //!   checked end to end over the in-memory fake with real expert math.
+//! - [`in_process`]: expert nodes as threads of this process behind the exchange
+//!   (`--in-process-nodes`), the device-resident path end to end on one GPU.
 //! - [`mailbox`]: ranks in one process (the in-memory fake of the tests; with device buffers,
 //!   the in-process device transport of a router and an expert set on one GPU).
 //! - [`row_plane`]: a layer's rows gathered per node where they lie and the outputs placed
@@ -22,6 +24,7 @@
 
 pub mod communicator;
 pub mod exchange;
+pub mod in_process;
 pub mod link;
 pub mod mailbox;
 #[cfg(feature = "cuda")]

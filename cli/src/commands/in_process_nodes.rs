@@ -1,0 +1,45 @@
+//! `--in-process-nodes N` of `moe generate` and `moe bench`: the offline engine reaches its
+//! routed experts through N expert nodes running as threads of the process, over the layer
+//! exchange, instead of calling them. On a GPU a layer's rows are then gathered per node,
+//! handed over by pointer and placed back in pair order without leaving the device (the
+//! router's device-resident path, on one GPU); the tokens are the same either way.
+
+use clap::Args;
+use moe_cluster::collective::in_process::{deal, InProcessNodes};
+use moe_model::experts::ExpertDevice;
+use moe_model::Engine;
+
+#[derive(Args, Clone, Debug)]
+pub struct InProcessNodesArgs {
+    /// Reach the routed experts through this many expert nodes in this process, over the
+    /// layer exchange (experts dealt round-robin), instead of calling them; 0 calls them.
+    #[arg(long, env = "MOE_IN_PROCESS_NODES", default_value_t = 0)]
+    pub in_process_nodes: usize,
+}
+
+impl InProcessNodesArgs {
+    /// `engine` as asked: unchanged for 0 nodes.
+    pub fn apply(&self, engine: Engine, device: &ExpertDevice) -> anyhow::Result<Engine> {
+        let n = self.in_process_nodes;
+        if n == 0 {
+            return Ok(engine);
+        }
+        let sets = deal(engine.experts(), n);
+        let config = engine.config().clone();
+        let nodes: Box<dyn moe_model::experts::ExpertBackend + Send + Sync> = match device {
+            ExpertDevice::Cpu => Box::new(InProcessNodes::start(
+                &config,
+                sets,
+                moe_cluster::collective::mailbox::HostBytes,
+            )),
+            #[cfg(feature = "cuda")]
+            ExpertDevice::Gpu(gpu) => Box::new(InProcessNodes::start_on_device(
+                &config,
+                sets,
+                std::sync::Arc::clone(gpu),
+            )?),
+        };
+        tracing::info!(nodes = n, "routed experts reached through in-process nodes");
+        Ok(engine.reaching_experts_through(nodes))
+    }
+}
