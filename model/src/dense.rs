@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 /// The crates above name these here; they live in their own module so that the device and GPU
 /// dense parts depend on them alone, not on the CPU model.
-pub use crate::dense_step::{DenseStep, StepOutput, StepSequence};
+pub use crate::dense_step::{DenseStep, Pick, StepOutput, StepSequence};
 
 /// The feed-forward half of a decoder layer.
 #[derive(Debug)]

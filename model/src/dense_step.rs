@@ -72,6 +72,22 @@ pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<
     Ok(())
 }
 
+/// How much of its logits a sequence's sampler reads this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pick {
+    /// The logits themselves (to sample at a temperature, adjust, constrain, report logprobs).
+    #[default]
+    Logits,
+    /// The last row's argmax: a greedy pick, or a prefill chunk that samples nothing.
+    Argmax,
+    /// The last row's `k` best-ranked logits ([`crate::sampling::ranked_top_k`]): a top-k
+    /// draw reads nothing else.
+    RankedTopK(usize),
+}
+
+/// The most logits a [`Pick::RankedTopK`] asks for (the device ranks them in `k` passes).
+pub const MAX_RANKED_TOP_K: usize = 64;
+
 /// What a step gives back for one sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutput {
@@ -80,13 +96,15 @@ pub enum StepOutput {
     /// The index of its last row's largest logit, the lowest on a tie ([`ops::argmax`]): all a
     /// greedy pick needs, so a device sends one id instead of a vocabulary of logits.
     Argmax(u32),
+    /// Its last row's best-ranked `(id, logit)` pairs, best first.
+    RankedTopK(Vec<(u32, f32)>),
 }
 
 /// [`DenseStep::forward_picking`] from the logits [`DenseStep::forward`] returned.
 pub fn pick_on_host(
     logits: Vec<Vec<f32>>,
     seqs: &[StepSequence<'_>],
-    argmax_only: &[bool],
+    picks: &[Pick],
     vocab: usize,
 ) -> Vec<StepOutput> {
     logits
@@ -94,19 +112,27 @@ pub fn pick_on_host(
         .zip(seqs)
         .enumerate()
         .map(|(i, (rows, s))| {
-            if argmax_wanted(s, argmax_only, i) && rows.len() >= vocab {
-                StepOutput::Argmax(ops::argmax(&rows[rows.len() - vocab..]) as u32)
-            } else {
-                StepOutput::Logits(rows)
+            let last = rows.len().checked_sub(vocab).map(|at| &rows[at..]);
+            match (pick_for(s, picks, i), last) {
+                (Pick::Argmax, Some(row)) => StepOutput::Argmax(ops::argmax(row) as u32),
+                (Pick::RankedTopK(k), Some(row)) => {
+                    StepOutput::RankedTopK(crate::sampling::ranked_top_k(row, k))
+                }
+                _ => StepOutput::Logits(rows),
             }
         })
         .collect()
 }
 
-/// Whether sequence `i` of a step comes back as [`StepOutput::Argmax`]: asked for, and not
-/// scoring its prompt (that needs every row's logits).
-pub fn argmax_wanted(s: &StepSequence<'_>, argmax_only: &[bool], i: usize) -> bool {
-    argmax_only.get(i).copied().unwrap_or(false) && !s.all_logits
+/// What sequence `i` of a step gets: what `picks` asks, except that a prompt being scored
+/// keeps its logits (it needs every row's), and a top-k of 0 or over [`MAX_RANKED_TOP_K`]
+/// sends the logits.
+pub fn pick_for(s: &StepSequence<'_>, picks: &[Pick], i: usize) -> Pick {
+    match picks.get(i).copied().unwrap_or_default() {
+        _ if s.all_logits => Pick::Logits,
+        Pick::RankedTopK(k) if k == 0 || k > MAX_RANKED_TOP_K => Pick::Logits,
+        pick => pick,
+    }
 }
 
 /// The dense part on whatever device it runs: what the router's scheduler and the offline
@@ -119,24 +145,18 @@ pub trait DenseStep: Send + Sync {
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>>;
-    /// [`Self::forward`], where the sequences `argmax_only` marks (a greedy pick with nothing
-    /// else read from its logits, or a prefill chunk that samples nothing) come back as their
-    /// argmax only ([`argmax_wanted`]). The same ids as picking from [`Self::forward`]'s
-    /// logits; a GPU dense part finds them on the device and downloads only the ids and the
-    /// other sequences' logits.
+    /// [`Self::forward`], each sequence coming back as much as its sampler reads ([`Pick`],
+    /// [`pick_for`]): the same ids and logits as picked from [`Self::forward`]'s logits; a GPU
+    /// dense part finds argmaxes and top-k lists on the device and downloads only them and
+    /// the other sequences' logits.
     fn forward_picking(
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-        argmax_only: &[bool],
+        picks: &[Pick],
     ) -> Result<Vec<StepOutput>> {
         let logits = self.forward(seqs, experts)?;
-        Ok(pick_on_host(
-            logits,
-            seqs,
-            argmax_only,
-            self.config().vocab_size,
-        ))
+        Ok(pick_on_host(logits, seqs, picks, self.config().vocab_size))
     }
     fn new_cache(&self) -> SequenceCache {
         SequenceCache::for_config(self.config())

@@ -146,15 +146,19 @@ impl Engine {
     /// [`Self::step`] for greedy decoding: each sequence's next token (its last row's argmax),
     /// found where the dense part runs (on a GPU only the ids are downloaded).
     pub fn step_greedy(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<u32>> {
-        let argmax_only = vec![true; seqs.len()];
+        let picks = vec![crate::dense_step::Pick::Argmax; seqs.len()];
         let outputs = crate::backend::in_math_pool(|| {
             self.dense
-                .forward_picking(seqs, self.routed_experts(), &argmax_only)
+                .forward_picking(seqs, self.routed_experts(), &picks)
         })?;
         outputs
             .into_iter()
             .map(|output| match output {
                 crate::dense_step::StepOutput::Argmax(id) => Ok(id),
+                crate::dense_step::StepOutput::RankedTopK(ranked) => ranked
+                    .first()
+                    .map(|&(id, _)| id)
+                    .ok_or_else(|| ModelError::InvalidRequest("an empty ranking".into())),
                 crate::dense_step::StepOutput::Logits(rows) => rows
                     .len()
                     .checked_sub(self.config.vocab_size)

@@ -225,15 +225,21 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {
-        let counter = self.position;
-        self.position += 1;
         if self.params.is_greedy() {
+            self.position += 1;
             return ops::argmax(logits) as u32;
         }
         let probs = self.filtered_probs(logits);
+        self.draw(&probs)
+    }
+
+    /// The next draw over `probs` (as [`Self::filtered_probs`] gives them).
+    fn draw(&mut self, probs: &[(usize, f64)]) -> u32 {
+        let counter = self.position;
+        self.position += 1;
         let u = counter_uniform(self.key, counter);
         let mut cumulative = 0.0f64;
-        for &(id, p) in &probs {
+        for &(id, p) in probs {
             cumulative += p;
             if u < cumulative {
                 return id as u32;
@@ -242,19 +248,41 @@ impl Sampler {
         probs.last().map(|&(id, _)| id as u32).unwrap_or(0)
     }
 
+    /// The `k` of a top-k draw that reads only the `k` best-ranked logits ([`ranked_top_k`]),
+    /// so a device can send those instead of the vocabulary: a sampler at a temperature with
+    /// `top_k` in `1..=max`, and no adjustment (they read every logit).
+    pub fn ranked_draw_k(&self, max: usize) -> Option<usize> {
+        let p = &self.params;
+        let k = p.top_k.filter(|&k| k > 0 && k <= max)?;
+        (!p.is_greedy() && p.adjust.is_neutral()).then_some(k)
+    }
+
+    /// [`Self::sample`] from only the best-ranked logits, `ranked_top_k(logits, k)` for this
+    /// sampler's `top_k` (see [`Self::ranked_draw_k`]): the same token, bit for bit, since a
+    /// top-k draw reads nothing else.
+    pub fn sample_ranked(&mut self, ranked: &[(u32, f32)]) -> u32 {
+        debug_assert!(self.ranked_draw_k(usize::MAX).is_some());
+        let probs = self.probs_of_ranked(ranked);
+        self.draw(&probs)
+    }
+
     /// The distribution actually sampled from: temperature, then top-k, then top-p, then
     /// renormalised; sorted by probability, most likely first.
     pub fn filtered_probs(&self, logits: &[f32]) -> Vec<(usize, f64)> {
+        let k = self.params.top_k.filter(|&k| k > 0).unwrap_or(logits.len());
+        self.probs_of_ranked(&ranked_top_k(logits, k))
+    }
+
+    /// [`Self::filtered_probs`] after the ranking and the top-k cut.
+    fn probs_of_ranked(&self, ranked: &[(u32, f32)]) -> Vec<(usize, f64)> {
         let t = self.params.temperature as f64;
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
-            order.truncate(k);
-        }
-        let max = logits[order[0]] as f64;
-        let mut probs: Vec<(usize, f64)> = order
+        let Some(&(_, best)) = ranked.first() else {
+            return Vec::new();
+        };
+        let max = best as f64;
+        let mut probs: Vec<(usize, f64)> = ranked
             .iter()
-            .map(|&i| (i, ((logits[i] as f64 - max) / t).exp()))
+            .map(|&(i, logit)| (i as usize, ((logit as f64 - max) / t).exp()))
             .collect();
         let total: f64 = probs.iter().map(|p| p.1).sum();
         for p in probs.iter_mut() {
@@ -278,6 +306,15 @@ impl Sampler {
         }
         probs
     }
+}
+
+/// The `k` largest logits and their ids, ranked as the sampler ranks them: by f32's total
+/// order, largest first, the lower id first on a tie.
+pub fn ranked_top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order.into_iter().map(|i| (i as u32, logits[i])).collect()
 }
 
 #[cfg(test)]
@@ -352,6 +389,46 @@ mod tests {
         let id = ops::argmax(&logits) as u32;
         assert_eq!(taken.take_argmax(id), sampled.sample(&logits));
         assert_eq!(taken.position(), sampled.position());
+    }
+
+    /// A top-k draw from only the k best-ranked logits is the draw from all of them, token
+    /// for token, over many seeds, temperatures, k, top-p and logits with ties.
+    #[test]
+    fn a_draw_from_the_ranked_top_k_is_the_draw_from_all_logits() {
+        let logits: Vec<f32> = (0..300u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 20) % 97) as f32 / 13.0 - 3.0)
+            .collect();
+        for seed in 0..40 {
+            for (t, k, top_p) in [(0.7, 20, 1.0), (1.0, 5, 0.9), (1.3, 64, 0.5), (0.2, 2, 1.0)] {
+                let p = params(t, Some(k), top_p, seed);
+                let mut whole = Sampler::new(p.clone());
+                let mut ranked = Sampler::new(p);
+                assert_eq!(ranked.ranked_draw_k(64), Some(k));
+                for _ in 0..5 {
+                    let want = whole.sample(&logits);
+                    assert_eq!(ranked.sample_ranked(&ranked_top_k(&logits, k)), want);
+                }
+            }
+        }
+        assert_eq!(
+            Sampler::new(params(0.0, Some(5), 1.0, 1)).ranked_draw_k(64),
+            None
+        );
+        assert_eq!(
+            Sampler::new(params(1.0, None, 1.0, 1)).ranked_draw_k(64),
+            None
+        );
+        assert_eq!(
+            Sampler::new(params(1.0, Some(65), 1.0, 1)).ranked_draw_k(64),
+            None
+        );
+    }
+
+    #[test]
+    fn ranking_is_total_order_then_lower_id() {
+        let logits = [1.0, f32::NAN, 3.0, 3.0, -0.0, 0.0, f32::NEG_INFINITY];
+        let ids: Vec<u32> = ranked_top_k(&logits, 7).iter().map(|p| p.0).collect();
+        assert_eq!(ids, [1, 2, 3, 0, 5, 4, 6]);
     }
 
     #[test]

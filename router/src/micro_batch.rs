@@ -8,7 +8,7 @@
 //! leaves no trace: a micro-batch that fails rolls its own caches back, and the others' are
 //! rolled back here, so the scheduler can run the step again.
 
-use moe_model::dense::{DenseStep, StepOutput, StepSequence};
+use moe_model::dense::{DenseStep, Pick, StepOutput, StepSequence};
 use moe_model::experts::ExpertBackend;
 use moe_model::Result;
 
@@ -40,13 +40,13 @@ pub fn split_points(tokens: &[usize], parts: usize) -> Vec<usize> {
 }
 
 /// One step of `seqs`, as micro-batches cut at `cuts` ([`split_points`]) and run at once (one
-/// batch when there is no cut). Outputs come back in `seqs` order, the sequences
-/// `argmax_only` marks as their argmax ([`DenseStep::forward_picking`]).
+/// batch when there is no cut). Outputs come back in `seqs` order, each as much of its
+/// logits as `picks` asks ([`DenseStep::forward_picking`]).
 pub fn forward(
     dense: &dyn DenseStep,
     experts: &RemoteExperts,
     seqs: &mut [StepSequence<'_>],
-    argmax_only: &[bool],
+    picks: &[Pick],
     cuts: &[usize],
 ) -> Result<Vec<StepOutput>> {
     // Cuts that do not split `seqs` into non-empty groups (not what `split_points` makes) run
@@ -55,21 +55,21 @@ pub fn forward(
         && cuts.last().is_some_and(|&c| c < seqs.len())
         && cuts.windows(2).all(|w| w[0] < w[1]);
     if !valid {
-        return dense.forward_picking(seqs, experts, argmax_only);
+        return dense.forward_picking(seqs, experts, picks);
     }
     let marks: Vec<_> = seqs.iter().map(|s| s.cache.mark()).collect();
-    let mut groups: Vec<(&mut [StepSequence<'_>], &[bool])> = Vec::with_capacity(cuts.len() + 1);
+    let mut groups: Vec<(&mut [StepSequence<'_>], &[Pick])> = Vec::with_capacity(cuts.len() + 1);
     let mut rest = &mut *seqs;
     let mut at = 0;
-    let picks = |from: usize, to: usize| argmax_only.get(from..to).unwrap_or(&[]);
+    let picks_of = |from: usize, to: usize| picks.get(from..to).unwrap_or(&[]);
     for &cut in cuts {
         let (head, tail) = rest.split_at_mut(cut - at);
-        groups.push((head, picks(at, cut)));
+        groups.push((head, picks_of(at, cut)));
         rest = tail;
         at = cut;
     }
     let end = at + rest.len();
-    groups.push((rest, picks(at, end)));
+    groups.push((rest, picks_of(at, end)));
     let outcomes: Vec<Result<Vec<StepOutput>>> = std::thread::scope(|scope| {
         let mut groups = groups.into_iter().enumerate();
         let first = groups.next();

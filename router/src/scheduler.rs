@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
-use moe_model::dense::{DenseStep, StepOutput, StepSequence};
+use moe_model::dense::{DenseStep, Pick, StepOutput, StepSequence};
 use moe_model::kv_cache::{KvPool, SequenceCache};
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
@@ -412,17 +412,14 @@ impl Scheduler {
     ) -> moe_model::Result<Vec<StepOutput>> {
         let vocab = self.dense.config().vocab_size;
         // Before the constraints are taken out below: a constrained feed needs its logits.
-        let argmax_only: Vec<bool> = plan
-            .iter()
-            .map(|f| needs_only_argmax(&running[f.seq], f))
-            .collect();
+        let picks: Vec<Pick> = plan.iter().map(|f| pick_of(&running[f.seq], f)).collect();
         let mut constraints: Vec<(usize, TokenConstraint)> = plan
             .iter()
             .filter(|f| f.samples)
             .filter_map(|f| running[f.seq].request.constraint.take().map(|c| (f.seq, c)))
             .collect();
         if constraints.is_empty() {
-            return self.forward(running, plan, &argmax_only);
+            return self.forward(running, plan, &picks);
         }
         let count = constraints.len();
         let (logits, masks) = std::thread::scope(|scope| {
@@ -432,7 +429,7 @@ impl Scheduler {
                     .map(|(_, c)| c.allowed(vocab))
                     .collect::<Vec<_>>()
             });
-            let logits = self.forward(running, plan, &argmax_only);
+            let logits = self.forward(running, plan, &picks);
             let masks = masks
                 .join()
                 .unwrap_or_else(|_| vec![Err("the grammar panicked".into()); count]);
@@ -476,14 +473,14 @@ impl Scheduler {
     }
 
     /// Runs the model over the planned tokens, as micro-batches when `--micro-batches` cuts
-    /// the step; one output per feed: its logits, or just their argmax where that is all the
-    /// feed needs ([`needs_only_argmax`]: a GPU dense part then downloads one id, not a row).
+    /// the step; one output per feed: its logits, or only what its sampler reads of them
+    /// ([`pick_of`]: a GPU dense part then downloads an id or a short ranking, not a row).
     /// On an error every cache is as before the step.
     fn forward(
         &self,
         running: &mut [Sequence],
         plan: &[Feed],
-        argmax_only: &[bool],
+        picks: &[Pick],
     ) -> moe_model::Result<Vec<StepOutput>> {
         let feeds: Vec<Vec<u32>> = plan
             .iter()
@@ -517,7 +514,7 @@ impl Scheduler {
             self.dense.as_ref(),
             &self.experts,
             &mut step,
-            argmax_only,
+            picks,
             &cuts,
         );
         self.experts.end_step();
@@ -531,9 +528,9 @@ impl Scheduler {
         let vocab = self.dense.config().vocab_size;
         for (f, output) in plan.iter().zip(outputs) {
             let s = &mut running[f.seq];
-            let (rows, picked): (&[f32], Option<u32>) = match output {
-                StepOutput::Logits(rows) => (rows, None),
-                StepOutput::Argmax(id) => (&[], Some(*id)),
+            let rows: &[f32] = match output {
+                StepOutput::Logits(rows) => rows,
+                StepOutput::Argmax(_) | StepOutput::RankedTopK(_) => &[],
             };
             let prompt_len = s.feed.len();
             if s.prefilled < prompt_len {
@@ -558,9 +555,10 @@ impl Scheduler {
             }
             // The last position's logits (the only row unless the prompt is being scored).
             let row = &rows[rows.len() - vocab.min(rows.len())..];
-            let sampled = match picked {
-                Some(id) => Ok(s.sampler.take_argmax(id)),
-                None => sample_token(s, row),
+            let sampled = match output {
+                StepOutput::Argmax(id) => Ok(s.sampler.take_argmax(*id)),
+                StepOutput::RankedTopK(ranked) => Ok(s.sampler.sample_ranked(ranked)),
+                StepOutput::Logits(_) => sample_token(s, row),
             };
             let token = match sampled {
                 Ok(token) => token,
@@ -741,19 +739,32 @@ impl Scheduler {
 
 /// The sequence's next token from `logits`: within its grammar's mask when it has one (the
 /// grammar then advances over it).
-/// Whether a feed needs only its last row's argmax: it samples nothing this step (a prefill
-/// chunk; a prompt being scored is not asked, it keeps its logits), or it picks greedily and
-/// reads nothing else from the logits (no grammar, no logit adjustment, no logprobs).
-fn needs_only_argmax(s: &Sequence, f: &Feed) -> bool {
+/// How much of its logits a feed's sampler reads: nothing when it samples nothing this step
+/// (a prefill chunk; a prompt being scored keeps its logits anyway), the argmax for a greedy
+/// pick, the ranked top-k for a top-k draw (up to [`moe_model::dense_step::MAX_RANKED_TOP_K`]),
+/// as long as nothing else reads the row (no grammar, no logit adjustment, no logprobs).
+fn pick_of(s: &Sequence, f: &Feed) -> Pick {
     if !f.samples {
-        return true;
+        return Pick::Argmax;
     }
     let request = &s.request;
-    s.sampler.params().is_greedy()
-        && request.sampling.adjust.is_neutral()
-        && request.constraint.is_none()
-        && !request.logprobs
-        && request.top_logprobs == 0
+    let row_read_elsewhere = !request.sampling.adjust.is_neutral()
+        || request.constraint.is_some()
+        || request.logprobs
+        || request.top_logprobs > 0;
+    if row_read_elsewhere {
+        return Pick::Logits;
+    }
+    if s.sampler.params().is_greedy() {
+        return Pick::Argmax;
+    }
+    match s
+        .sampler
+        .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
+    {
+        Some(k) => Pick::RankedTopK(k),
+        None => Pick::Logits,
+    }
 }
 
 fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {

@@ -14,7 +14,7 @@ use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
 use crate::dense_step::{
-    argmax_wanted, logit_rows, split_logits, validate_step, StepOutput, StepSequence,
+    logit_rows, pick_for, split_logits, validate_step, Pick, StepOutput, StepSequence,
 };
 use crate::device::shapes::HeadView;
 use crate::device::MatrixPrecision;
@@ -173,13 +173,13 @@ where
         Ok(split_logits(seqs, &logits, vocab))
     }
 
-    /// [`crate::dense_step::DenseStep::forward_picking`]: the argmax of the marked sequences
-    /// found here, and only their ids and the other sequences' logit rows downloaded.
+    /// [`crate::dense_step::DenseStep::forward_picking`]: argmaxes and ranked top-k lists
+    /// found here, and only they and the other sequences' logit rows downloaded.
     pub fn forward_picking(
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-        argmax_only: &[bool],
+        picks: &[Pick],
     ) -> Result<Vec<StepOutput>> {
         let Some((hidden, layout)) = self.run_layers(seqs, experts)? else {
             return Ok(Vec::new());
@@ -187,20 +187,37 @@ where
         let wanted = logit_rows(seqs, &layout);
         let logits = self.logits_here(&hidden, &wanted)?;
         let vocab = self.config.vocab_size;
-        let picks: Vec<bool> = (0..seqs.len())
-            .map(|i| argmax_wanted(&seqs[i], argmax_only, i))
+        let picks: Vec<Pick> = (0..seqs.len())
+            .map(|i| pick_for(&seqs[i], picks, i))
             .collect();
-        let ids = if picks.iter().any(|&p| p) {
+        let rows_of = |s: &StepSequence<'_>| if s.all_logits { s.tokens.len() } else { 1 };
+        let ids = if picks.contains(&Pick::Argmax) {
             self.ops.argmax_rows(&logits, wanted.len(), vocab)?
+        } else {
+            Vec::new()
+        };
+        // One ranked list per logit row, as long as the longest asked for (each sequence
+        // keeps its own `k` first: the ranking does not depend on the length).
+        let deepest = picks
+            .iter()
+            .filter_map(|p| match p {
+                Pick::RankedTopK(k) => Some((*k).min(vocab)),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let ranked = if deepest > 0 {
+            self.ops
+                .ranked_top_k_rows(&logits, wanted.len(), vocab, deepest)?
         } else {
             Vec::new()
         };
         // The logit rows of the sequences that want them, in step order, downloaded at once.
         let mut kept: Vec<u32> = Vec::new();
         let mut offset = 0;
-        for (s, &pick) in seqs.iter().zip(&picks) {
-            let n = if s.all_logits { s.tokens.len() } else { 1 };
-            if !pick {
+        for (s, pick) in seqs.iter().zip(&picks) {
+            let n = rows_of(s);
+            if *pick == Pick::Logits {
                 kept.extend((offset..offset + n).map(|r| r as u32));
             }
             offset += n;
@@ -213,21 +230,24 @@ where
                 .gather_rows(&logits, &index, &mut compact, kept.len(), vocab)?;
             rows = self.ops.download(&compact, kept.len() * vocab)?;
         }
+        let missing = || ModelError::InvalidRequest("a pick the step did not compute".into());
         let mut out = Vec::with_capacity(seqs.len());
         let (mut offset, mut taken) = (0, 0);
-        for (s, &pick) in seqs.iter().zip(&picks) {
-            let n = if s.all_logits { s.tokens.len() } else { 1 };
-            if pick {
-                let id = ids.get(offset + n - 1).copied().ok_or_else(|| {
-                    ModelError::InvalidRequest("an argmax row the step did not compute".into())
-                })?;
-                out.push(StepOutput::Argmax(id));
-            } else {
-                out.push(StepOutput::Logits(
-                    rows[taken * vocab..(taken + n) * vocab].to_vec(),
-                ));
-                taken += n;
-            }
+        for (s, pick) in seqs.iter().zip(&picks) {
+            let n = rows_of(s);
+            let last = offset + n - 1;
+            out.push(match *pick {
+                Pick::Argmax => StepOutput::Argmax(*ids.get(last).ok_or_else(missing)?),
+                Pick::RankedTopK(k) => {
+                    let from = last * deepest;
+                    let list = ranked.get(from..from + k.min(vocab)).ok_or_else(missing)?;
+                    StepOutput::RankedTopK(list.to_vec())
+                }
+                Pick::Logits => {
+                    taken += n;
+                    StepOutput::Logits(rows[(taken - n) * vocab..taken * vocab].to_vec())
+                }
+            });
             offset += n;
         }
         Ok(out)

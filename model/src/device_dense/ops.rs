@@ -237,6 +237,16 @@ pub trait DenseOps {
         rows: usize,
         width: usize,
     ) -> Result<Vec<u32>, Self::Error>;
+    /// For each of `rows` rows of `[rows, width]` logits, its `k` best-ranked `(index,
+    /// value)` pairs, ranked as [`crate::sampling::ranked_top_k`] ranks them (`k <= width`):
+    /// downloaded, `rows * k` pairs, row by row.
+    fn ranked_top_k_rows(
+        &self,
+        x: &Self::F32,
+        rows: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<Vec<(u32, f32)>, Self::Error>;
     /// `out[i] = x[index[i]]` for `[*, width]` rows.
     fn gather_rows(
         &self,

@@ -452,6 +452,22 @@ impl DenseOps for HostDenseOps {
             .collect())
     }
 
+    fn ranked_top_k_rows(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<Vec<(u32, f32)>, ModelError> {
+        check(rows * width <= x.len() && k <= width, "ranked top-k")?;
+        // Two values (id and logit) per pair cross.
+        self.downloaded.fetch_add(2 * rows * k, Ordering::Relaxed);
+        Ok(x[..rows * width]
+            .chunks_exact(width.max(1))
+            .flat_map(|row| crate::sampling::ranked_top_k(row, k))
+            .collect())
+    }
+
     fn gather_rows(
         &self,
         x: &Vec<f32>,
@@ -477,7 +493,7 @@ mod tests {
     use crate::checkpoint::Checkpoint;
     use crate::config::ModelConfig;
     use crate::dense::DenseModel;
-    use crate::dense_step::{DenseStep, StepOutput, StepSequence};
+    use crate::dense_step::{DenseStep, Pick, StepOutput, StepSequence};
     use crate::device_dense::DeviceDenseModel;
     use crate::experts::ExpertSet;
     use crate::kv_cache::SequenceCache;
@@ -717,12 +733,13 @@ mod tests {
     /// The device pool follows the host pool's block numbers: it grows by whole chunks, only
     /// when a block number needs one, and a sequence's cache bytes are its host blocks' (the
     /// same count of rows the device holds for it).
-    /// Picking on the device: the marked sequences come back as the argmax of the logits
-    /// `forward` gives (a prompt being scored keeps its logits whatever it asks), the others
-    /// as those logits bitwise, and a step downloads one id per picked sequence plus the kept
-    /// rows only; the CPU model's default picking agrees.
+    /// Picking on the device: a sequence asking for its argmax gets the argmax of the logits
+    /// `forward` gives, one asking for a ranked top-k gets those logits' ranking, a prompt
+    /// being scored keeps its logits whatever it asks, the others their logits bitwise; a
+    /// step downloads the ids, the rankings and the kept rows only; the CPU model's default
+    /// picking agrees.
     #[test]
-    fn argmax_picks_on_the_device_are_the_logits_argmax_and_download_ids_only() {
+    fn picks_on_the_device_are_the_logits_argmax_or_ranking_and_download_only_them() {
         let (config, device, experts) = qwen_over_the_reference();
         let cpu = crate::dense::DenseModel::load(
             &Checkpoint::open(&fixture("qwen3-moe-tiny")).unwrap(),
@@ -730,13 +747,18 @@ mod tests {
         )
         .unwrap();
         let vocab = config.vocab_size;
-        let prompts: [Vec<u32>; 3] = [vec![3, 9, 27], vec![5], vec![11, 2, 7, 1]];
-        let all_logits = [false, false, true];
-        let argmax_only = [true, false, true];
+        let prompts: [Vec<u32>; 4] = [vec![3, 9, 27], vec![5], vec![11, 2, 7, 1], vec![8, 4]];
+        let all_logits = [false, false, true, false];
+        let picks = [
+            Pick::Argmax,
+            Pick::Logits,
+            Pick::Argmax,
+            Pick::RankedTopK(7),
+        ];
         // The GPU-shaped model's methods are its own; the CPU model's are DenseStep's.
         macro_rules! step {
             ($model:expr, $picking:expr) => {{
-                let mut caches: Vec<SequenceCache> = (0..3).map(|_| $model.new_cache()).collect();
+                let mut caches: Vec<SequenceCache> = (0..4).map(|_| $model.new_cache()).collect();
                 let mut seqs: Vec<StepSequence<'_>> = caches
                     .iter_mut()
                     .zip(&prompts)
@@ -748,9 +770,7 @@ mod tests {
                     })
                     .collect();
                 if $picking {
-                    $model
-                        .forward_picking(&mut seqs, &experts, &argmax_only)
-                        .unwrap()
+                    $model.forward_picking(&mut seqs, &experts, &picks).unwrap()
                 } else {
                     $model
                         .forward(&mut seqs, &experts)
@@ -774,11 +794,19 @@ mod tests {
         );
         assert_eq!(picked[1], full[1]);
         assert_eq!(picked[2], full[2], "a scored prompt keeps its logits");
-        // Ids of all three wanted rows' argmax (one row each for the first two, four for the
-        // scored prompt), then the kept rows: the second sequence's and the scored prompt's;
-        // besides, each MoE layer's 8 rows (the experts are reached through host memory here).
-        let moe_rows = config.moe_layer_indices().count() * 8 * config.hidden_size;
-        assert_eq!(downloaded, (1 + 1 + 4) + (1 + 4) * vocab + moe_rows);
+        let StepOutput::Logits(fourth) = &full[3] else {
+            panic!("forward gives logits")
+        };
+        assert_eq!(
+            picked[3],
+            StepOutput::RankedTopK(crate::sampling::ranked_top_k(fourth, 7))
+        );
+        // Ids of every wanted row's argmax (one row each for three sequences, four for the
+        // scored prompt), their rankings (7 ids and 7 logits each), then the kept rows: the
+        // second sequence's and the scored prompt's; besides, each MoE layer's 10 rows (the
+        // experts are reached through host memory here).
+        let moe_rows = config.moe_layer_indices().count() * 10 * config.hidden_size;
+        assert_eq!(downloaded, 7 + 2 * 7 * 7 + (1 + 4) * vocab + moe_rows);
         // The CPU model's default picks from its own logits (close to the device path's,
         // not bitwise: another order of operations).
         let (cpu_full, cpu_picked) = (step!(cpu, false), step!(cpu, true));
@@ -787,7 +815,15 @@ mod tests {
         };
         let cpu_id = crate::backend::ops::argmax(cpu_first) as u32;
         assert!(cpu_picked[0] == StepOutput::Argmax(cpu_id), "CPU pick");
-        assert!(cpu_picked[1..] == cpu_full[1..], "CPU kept logits");
+        assert!(cpu_picked[1..3] == cpu_full[1..3], "CPU kept logits");
+        let StepOutput::Logits(cpu_fourth) = &cpu_full[3] else {
+            panic!("forward gives logits")
+        };
+        let cpu_ranked = crate::sampling::ranked_top_k(cpu_fourth, 7);
+        assert!(
+            cpu_picked[3] == StepOutput::RankedTopK(cpu_ranked),
+            "CPU ranking"
+        );
     }
 
     #[test]

@@ -799,6 +799,43 @@ impl DenseOps for CudaDenseOps {
         self.row_gather(&self.ctx.kernels().gather_rows_f32, x, index, out, n, width)
     }
 
+    fn ranked_top_k_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<Vec<(u32, f32)>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        if x.len() < rows * width || k > width {
+            return Err(shape_error("ranked top-k"));
+        }
+        if rows * k == 0 {
+            return Ok(Vec::new());
+        }
+        let stream = self.ctx.stream();
+        let mut ids = stream.alloc_zeros::<u32>(rows * k)?;
+        let mut values = stream.alloc_zeros::<f32>(rows * k)?;
+        let (rows_i, width_i, k_i) = (int(rows, "rows")?, int(width, "width")?, int(k, "k")?);
+        // SAFETY: `x` holds `rows` rows of `width` and `k <= width` (checked above), so every
+        // pass finds a column; `ids` and `values` hold `k` per row.
+        unsafe {
+            stream
+                .launch_builder(&self.ctx.kernels().ranked_top_k_rows)
+                .arg(x)
+                .arg(&rows_i)
+                .arg(&width_i)
+                .arg(&k_i)
+                .arg(&mut ids)
+                .arg(&mut values)
+                .launch(row_grid(rows))?;
+        }
+        let ids = stream.clone_dtoh(&ids)?;
+        let values = stream.clone_dtoh(&values)?;
+        stream.synchronize()?;
+        Ok(ids.into_iter().zip(values).collect())
+    }
+
     fn argmax_rows(
         &self,
         x: &CudaSlice<f32>,
@@ -902,9 +939,9 @@ impl DenseStep for GpuDenseModel {
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-        argmax_only: &[bool],
+        picks: &[crate::dense_step::Pick],
     ) -> crate::error::Result<Vec<crate::dense_step::StepOutput>> {
-        self.inner.forward_picking(seqs, experts, argmax_only)
+        self.inner.forward_picking(seqs, experts, picks)
     }
 
     /// From the pool the device cache follows (its blocks' numbers name device rows).
@@ -1207,6 +1244,14 @@ mod tests {
         let on_host = host.argmax_rows(&logits, 6, wide).unwrap();
         assert_eq!(on_gpu, on_host, "argmax rows");
         assert_eq!(&on_host[..5], &[7, 0, 900, 300, 0]);
+        // The ranked top-k of the same rows: total order (NaN above all, -0 below +0), ties
+        // to the lower index, k across threads' columns.
+        let on_gpu = cuda
+            .ranked_top_k_rows(&cuda.upload_f32(&logits).unwrap(), 6, wide, 20)
+            .unwrap();
+        let on_host = host.ranked_top_k_rows(&logits, 6, wide, 20).unwrap();
+        let bits = |v: &[(u32, f32)]| v.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&on_gpu), bits(&on_host), "ranked top-k rows");
         // The embedding lookup from an f32 table.
         let table = values(9 * width, 14);
         let (tc, th) = (

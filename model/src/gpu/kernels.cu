@@ -154,6 +154,53 @@ extern "C" __global__ void argmax_rows(const float* x, int rows, int width, unsi
     }
 }
 
+// The k best-ranked values of each row and their indices, ranked as the host's sampler ranks
+// them (sampling::ranked_top_k): by f32's total order (a positive NaN above +inf, -0 below +0),
+// largest first, the lower index first on a tie. Each value's rank is one u64 (the order-
+// preserving key of its bits, then the complement of its index), so pass j takes the largest
+// rank below pass j-1's: k block-wide maxima, no sort and no scratch. A block per row.
+__device__ __forceinline__ unsigned long long total_order_rank(float value, int index) {
+    unsigned int bits = __float_as_uint(value);
+    unsigned int key = bits ^ ((unsigned int)((int)bits >> 31) | 0x80000000u);
+    return ((unsigned long long)key << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)index);
+}
+
+extern "C" __global__ void ranked_top_k_rows(const float* x, int rows, int width, int k,
+                                             unsigned int* ids, float* values) {
+    __shared__ unsigned long long best[256];
+    ROW_STRIDE(r, rows) {
+        const float* row = x + r * width;
+        unsigned long long bound = 0;
+        for (int j = 0; j < k; ++j) {
+            unsigned long long mine = 0;
+            bool any = false;
+            COLUMN_STRIDE(c, width) {
+                unsigned long long rank = total_order_rank(row[c], c);
+                if ((j == 0 || rank < bound) && (!any || rank > mine)) {
+                    mine = rank;
+                    any = true;
+                }
+            }
+            // 0 is below every rank a column can have (index < 2^32 - 1), so it marks "none".
+            best[threadIdx.x] = any ? mine : 0;
+            __syncthreads();
+            for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+                if (threadIdx.x < half && best[threadIdx.x + half] > best[threadIdx.x]) {
+                    best[threadIdx.x] = best[threadIdx.x + half];
+                }
+                __syncthreads();
+            }
+            bound = best[0];
+            if (threadIdx.x == 0) {
+                int index = (int)(0xFFFFFFFFu - (unsigned int)(bound & 0xFFFFFFFFull));
+                ids[r * k + j] = (unsigned int)index;
+                values[r * k + j] = row[index];
+            }
+            __syncthreads();
+        }
+    }
+}
+
 // dst[index[s], :] = src[s, :]: a node's outputs placed in the layer's pair order (the router's
 // device-resident dispatch; every destination row is some node's, so none is read first).
 extern "C" __global__ void place_rows_f32(const float* src, const unsigned int* index, float* dst,

@@ -41,10 +41,11 @@ pub struct Kernels {
     pub grouped_gemm_rows_exact_bf16: CudaFunction,
     pub place_rows_f32: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub ranked_top_k_rows: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 29] = [
+pub const KERNEL_NAMES: [&str; 30] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -74,6 +75,7 @@ pub const KERNEL_NAMES: [&str; 29] = [
     "grouped_gemm_rows_exact_bf16",
     "place_rows_f32",
     "argmax_rows",
+    "ranked_top_k_rows",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -134,6 +136,7 @@ impl Kernels {
             grouped_gemm_rows_exact_bf16: f("grouped_gemm_rows_exact_bf16")?,
             place_rows_f32: f("place_rows_f32")?,
             argmax_rows: f("argmax_rows")?,
+            ranked_top_k_rows: f("ranked_top_k_rows")?,
         })
     }
 }
