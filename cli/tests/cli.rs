@@ -108,6 +108,33 @@ fn in_process_nodes_change_no_token_or_logprob() {
         let through = last_json_line(&moe(&[&common[..], &["--in-process-nodes", "3"]].concat()));
         assert_eq!(direct, through, "{fixture}");
     }
+    // One math thread: the engine's thread waits on the nodes, whose expert math is queued
+    // on that same pool (it runs it while it waits).
+    let dir = fixture_dir(FIXTURES[0]);
+    let one_thread = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--input-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+            "--in-process-nodes",
+            "2",
+        ])
+        .env("MOE_THREADS", "1")
+        .output()
+        .expect("moe runs");
+    assert_eq!(
+        last_json_line(&one_thread)["output_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
     let dir = fixture_dir(FIXTURES[1]);
     let bench = last_json_line(&moe(&[
         "bench",

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use moe_model::experts::ExpertBackend;
 use moe_model::routes::ExpertRoutes;
@@ -164,6 +165,19 @@ impl<C: Carrier> Communicator for MailboxComm<C> {
         }
         self.posted = None;
         Ok(Some(out))
+    }
+
+    /// Runs the math pool's pending work while the group is incomplete, when called on one of
+    /// its threads: the ranks are threads of this process, and their expert math may be queued
+    /// on this very pool (with one math thread, a rank would otherwise wait for itself).
+    fn wait(&mut self, at_most: Duration) -> Result<Option<Vec<C::Buffer>>, CommError> {
+        if let Some(done) = self.poll()? {
+            return Ok(Some(done));
+        }
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::thread::sleep(at_most.min(Duration::from_micros(50)));
+        }
+        self.poll()
     }
 
     fn abort(&mut self) {
