@@ -179,6 +179,9 @@ pub struct ClusterView {
     /// MoE layers sent over a collective, and collectives that failed mid-layer.
     pub collective_layers: AtomicU64,
     pub collective_failures: AtomicU64,
+    /// Of the collective's layers, those whose rows stayed on the router's GPU (gathered per
+    /// node and placed back there).
+    pub device_resident_layers: AtomicU64,
     /// Nodes reported suspect here (fresh reports only), and epochs the planner wrote to leave
     /// out a node still registered but suspect (here or at another router).
     pub suspect_reports: AtomicU64,

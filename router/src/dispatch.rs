@@ -437,6 +437,9 @@ impl RemoteExperts {
                 );
                 times.calls.fetch_add(1, Ordering::Relaxed);
                 self.view.collective_layers.fetch_add(1, Ordering::Relaxed);
+                self.view
+                    .device_resident_layers
+                    .fetch_add(1, Ordering::Relaxed);
                 Some(Ok(placed.pair_out))
             }
             Err(e) => {

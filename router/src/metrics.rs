@@ -149,7 +149,7 @@ impl RouterMetrics {
     /// What the planner and the data plane have done since start.
     fn render_counters(&self, out: &mut String) {
         let view = &self.view;
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             (
                 "moe_rebalances_total",
                 "Placements this router planned to rebalance load.",
@@ -169,6 +169,11 @@ impl RouterMetrics {
                 "moe_collective_layers_total",
                 "MoE layers sent over a per-epoch collective (TCP or NCCL) instead of gRPC.",
                 &view.collective_layers,
+            ),
+            (
+                "moe_device_resident_layers_total",
+                "Collective MoE layers whose rows stayed on the router's GPU (gathered per node and placed back there).",
+                &view.device_resident_layers,
             ),
             (
                 "moe_collective_failures_total",
@@ -325,6 +330,7 @@ mod tests {
                 "moe_layer_retries_total counter",
                 "moe_micro_batched_steps_total counter",
                 "moe_collective_layers_total counter",
+                "moe_device_resident_layers_total counter",
                 "moe_collective_failures_total counter",
                 "moe_router_suspect_reports_total counter",
                 "moe_router_suspect_replans_total counter",
