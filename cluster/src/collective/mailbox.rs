@@ -7,7 +7,7 @@
 //! received buffer waits for the event of the write that filled it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use moe_model::experts::ExpertBackend;
@@ -53,13 +53,18 @@ impl Carrier for HostBytes {
     }
 }
 
-type Mailboxes<B> = Arc<Mutex<HashMap<(usize, usize), VecDeque<B>>>>;
+/// `(from, to)` queues, and a signal for every send (a waiting rank wakes at once instead of
+/// polling: a layer is three groups, each one wait).
+struct Mailboxes<B> {
+    queues: Mutex<HashMap<(usize, usize), VecDeque<B>>>,
+    sent: Condvar,
+}
 
 pub struct MailboxComm<C: Carrier> {
     carrier: C,
     rank: usize,
     size: usize,
-    boxes: Mailboxes<C::Buffer>,
+    boxes: Arc<Mailboxes<C::Buffer>>,
     dead: Arc<Mutex<Vec<bool>>>,
     posted: Option<Vec<(usize, usize)>>,
     pub aborted: bool,
@@ -74,7 +79,10 @@ pub fn group<C: Carrier + Clone>(
     size: usize,
     carrier: C,
 ) -> (Vec<MailboxComm<C>>, Arc<Mutex<Vec<bool>>>) {
-    let boxes: Mailboxes<C::Buffer> = Arc::new(Mutex::new(HashMap::new()));
+    let boxes = Arc::new(Mailboxes {
+        queues: Mutex::new(HashMap::new()),
+        sent: Condvar::new(),
+    });
     let dead = Arc::new(Mutex::new(vec![false; size]));
     let comms = (0..size)
         .map(|rank| MailboxComm {
@@ -88,6 +96,19 @@ pub fn group<C: Carrier + Clone>(
         })
         .collect();
     (comms, dead)
+}
+
+impl<C: Carrier> MailboxComm<C> {
+    /// Whether every receive of the posted group has a buffer waiting.
+    fn ready(
+        boxes: &HashMap<(usize, usize), VecDeque<C::Buffer>>,
+        recvs: &[(usize, usize)],
+        rank: usize,
+    ) -> bool {
+        recvs
+            .iter()
+            .all(|(peer, _)| boxes.get(&(*peer, rank)).is_some_and(|q| !q.is_empty()))
+    }
 }
 
 /// [`group`] over host bytes.
@@ -113,6 +134,7 @@ impl<C: Carrier> Communicator for MailboxComm<C> {
         let dead = self.dead.lock().map(|d| d.clone()).unwrap_or_default();
         let mut boxes = self
             .boxes
+            .queues
             .lock()
             .map_err(|_| CommError::Failed("poisoned".into()))?;
         for (peer, buffer) in group.sends {
@@ -124,6 +146,8 @@ impl<C: Carrier> Communicator for MailboxComm<C> {
                     .push_back(buffer);
             }
         }
+        drop(boxes);
+        self.boxes.sent.notify_all();
         self.posted = Some(group.recvs);
         Ok(())
     }
@@ -137,14 +161,10 @@ impl<C: Carrier> Communicator for MailboxComm<C> {
         };
         let mut boxes = self
             .boxes
+            .queues
             .lock()
             .map_err(|_| CommError::Failed("poisoned".into()))?;
-        let ready = recvs.iter().all(|(peer, _)| {
-            boxes
-                .get(&(*peer, self.rank))
-                .is_some_and(|q| !q.is_empty())
-        });
-        if !ready {
+        if !Self::ready(&boxes, recvs, self.rank) {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(recvs.len());
@@ -167,15 +187,28 @@ impl<C: Carrier> Communicator for MailboxComm<C> {
         Ok(Some(out))
     }
 
-    /// Runs the math pool's pending work while the group is incomplete, when called on one of
-    /// its threads: the ranks are threads of this process, and their expert math may be queued
-    /// on this very pool (with one math thread, a rank would otherwise wait for itself).
+    /// Sleeps until a send arrives (or `at_most`). On a thread of the math pool it first runs
+    /// the pool's pending work and sleeps at most 50 us at a time: the ranks are threads of
+    /// this process, and their expert math may be queued on this very pool (with one math
+    /// thread, a rank would otherwise wait for itself).
     fn wait(&mut self, at_most: Duration) -> Result<Option<Vec<C::Buffer>>, CommError> {
         if let Some(done) = self.poll()? {
             return Ok(Some(done));
         }
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
-            std::thread::sleep(at_most.min(Duration::from_micros(50)));
+        let nap = match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => return self.poll(),
+            Some(rayon::Yield::Idle) => at_most.min(Duration::from_micros(50)),
+            None => at_most,
+        };
+        if let Some(recvs) = &self.posted {
+            let boxes = self
+                .boxes
+                .queues
+                .lock()
+                .map_err(|_| CommError::Failed("poisoned".into()))?;
+            if !Self::ready(&boxes, recvs, self.rank) {
+                let _ = self.boxes.sent.wait_timeout(boxes, nap);
+            }
         }
         self.poll()
     }
