@@ -17,7 +17,7 @@ use moe_model::{ModelConfig, ModelError, Result};
 
 use super::exchange::{dispatch_layer, serve_layer, ExchangeError, NodeShare};
 use super::mailbox::{group, Carrier, MailboxComm};
-use super::row_plane::RowShare;
+use super::row_plane::{split_by_holder, RowShare};
 use crate::dispatch_rules::DispatchRules;
 
 /// Rows a node takes in one layer: far above any step of `moe bench`.
@@ -103,33 +103,13 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
 
     /// Each node's share of a layer: a row once per node that holds any of its experts.
     fn shares(&self, layer: usize, routes: &ExpertRoutes) -> Result<Vec<RowShare>> {
-        let mut shares = vec![RowShare::empty(); self.nodes];
-        let mut mine: Vec<Vec<(u32, f32, u32)>> = vec![Vec::new(); self.nodes];
-        for r in 0..routes.rows() {
-            for m in mine.iter_mut() {
-                m.clear();
-            }
-            for p in routes.row_pairs(r) {
-                let expert = routes.experts[p];
-                let node = *self.holder.get(&(layer as u32, expert)).ok_or(
-                    ModelError::ExpertNotLoaded {
-                        layer,
-                        expert: expert as usize,
-                    },
-                )?;
-                mine[node].push((expert, routes.weights[p], p as u32));
-            }
-            for (share, pairs) in shares.iter_mut().zip(&mine) {
-                if pairs.is_empty() {
-                    continue;
-                }
-                let mut local: Vec<(u32, f32)> = pairs.iter().map(|&(e, w, _)| (e, w)).collect();
-                share.routes.push_row(&mut local);
-                share.rows.push(r as u32);
-                share.pairs.extend(pairs.iter().map(|&(_, _, p)| p));
-            }
-        }
-        Ok(shares)
+        split_by_holder(routes, self.nodes, |expert| {
+            self.holder.get(&(layer as u32, expert)).copied()
+        })
+        .map_err(|expert| ModelError::ExpertNotLoaded {
+            layer,
+            expert: expert as usize,
+        })
     }
 }
 

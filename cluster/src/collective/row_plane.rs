@@ -58,6 +58,38 @@ impl RowShare {
     }
 }
 
+/// A layer's pairs split among `nodes` by the node `holder` names for each expert: each row
+/// goes once to each node with any of its pairs, with those pairs in the row's order. An
+/// expert no node holds (`None`, or a node out of range) is the error.
+pub fn split_by_holder(
+    routes: &ExpertRoutes,
+    nodes: usize,
+    holder: impl Fn(u32) -> Option<usize>,
+) -> Result<Vec<RowShare>, u32> {
+    let mut shares = vec![RowShare::empty(); nodes];
+    let mut mine: Vec<Vec<(u32, f32, u32)>> = vec![Vec::new(); nodes];
+    for r in 0..routes.rows() {
+        for m in mine.iter_mut() {
+            m.clear();
+        }
+        for p in routes.row_pairs(r) {
+            let expert = routes.experts[p];
+            let node = holder(expert).filter(|&n| n < nodes).ok_or(expert)?;
+            mine[node].push((expert, routes.weights[p], p as u32));
+        }
+        for (share, pairs) in shares.iter_mut().zip(&mine) {
+            if pairs.is_empty() {
+                continue;
+            }
+            let mut local: Vec<(u32, f32)> = pairs.iter().map(|&(e, w, _)| (e, w)).collect();
+            share.routes.push_row(&mut local);
+            share.rows.push(r as u32);
+            share.pairs.extend(pairs.iter().map(|&(_, _, p)| p));
+        }
+    }
+    Ok(shares)
+}
+
 /// What the nodes answered: `[pairs, hidden]` weighted outputs in the layer's pair order
 /// where the rows lie, and the slowest node's own compute.
 #[derive(Debug)]
@@ -260,7 +292,7 @@ mod tests {
     use super::super::communicator::CommError;
     use super::super::exchange::Served;
     use super::super::mailbox::host_group;
-    use super::super::test_nodes::{fixture, rows, serve_one_layer_each, split_by_owner};
+    use super::super::test_nodes::{fixture, rows, serve_one_layer_each};
     use super::*;
     use crate::dispatch_rules::DispatchRules;
 
@@ -299,7 +331,7 @@ mod tests {
             routes.push_row(&mut row.clone());
         }
         let want = all.run_experts(layer, &x, &routes).unwrap();
-        let shares = split_by_owner(&routes, owner, 3);
+        let shares = split_by_holder(&routes, 3, |e| Some(owner(e))).unwrap();
         assert!(shares[2].rows.is_empty());
 
         let (mut comms, _) = host_group(4);
@@ -358,7 +390,7 @@ mod tests {
         routes.push_row(&mut [(0, 0.5), (1, 0.5)]);
         routes.push_row(&mut [(1, 1.0)]);
         let x = vec![1.0f32; 2 * hidden];
-        let whole = split_by_owner(&routes, |_| 0, 1);
+        let whole = split_by_holder(&routes, 1, |_| Some(0)).unwrap();
         let mut missing = whole.clone();
         missing[0].pairs[2] = 1;
         let (mut comms, dead) = host_group(2);
@@ -398,6 +430,30 @@ mod tests {
         assert!(router.aborted);
     }
 
+    /// Each row goes once to each node with its pairs there, in the row's order; an expert
+    /// nobody holds, or a holder out of range, is named.
+    #[test]
+    fn a_layer_splits_by_holder() {
+        let mut routes = ExpertRoutes::with_capacity(3, 5);
+        routes.push_row(&mut [(4, 0.5), (1, 0.5)]);
+        routes.push_row(&mut [(2, 1.0)]);
+        routes.push_row(&mut [(5, 0.25), (3, 0.75)]);
+        // Rows keep their experts ascending: pairs 0..5 are experts 1, 4, 2, 3, 5.
+        assert_eq!(routes.experts, [1, 4, 2, 3, 5]);
+        let shares = split_by_holder(&routes, 2, |e| Some((e % 2) as usize)).unwrap();
+        assert_eq!(shares[0].rows, [0, 1]);
+        assert_eq!(shares[0].pairs, [1, 2]);
+        assert_eq!(shares[0].routes.experts, [4, 2]);
+        assert_eq!(shares[1].rows, [0, 2]);
+        assert_eq!(shares[1].pairs, [0, 3, 4]);
+        assert_eq!(shares[1].routes.offsets, [0, 1, 3]);
+        assert_eq!(
+            split_by_holder(&routes, 2, |e| (e != 2).then_some(0)),
+            Err(2)
+        );
+        assert_eq!(split_by_holder(&routes, 2, |_| Some(2)), Err(1));
+    }
+
     #[test]
     fn host_rows_gather_and_place_by_index() {
         let hidden = 2;
@@ -428,7 +484,7 @@ mod gpu_tests {
 
     use super::super::exchange::Served;
     use super::super::mailbox::{group, DeviceBuffers};
-    use super::super::test_nodes::{fixture, rows, serve_one_layer_each, split_by_owner};
+    use super::super::test_nodes::{fixture, rows, serve_one_layer_each};
     use super::*;
     use crate::dispatch_rules::DispatchRules;
 
@@ -481,7 +537,7 @@ mod gpu_tests {
         let timeout = Duration::from_secs(30);
         let rules = DispatchRules::for_model(&config, 1024);
         let handles = serve_one_layer_each(nodes, sets, &rules, timeout);
-        let shares = split_by_owner(&routes, |e| usize::from(e >= half), 2);
+        let shares = split_by_holder(&routes, 2, |e| Some(usize::from(e >= half))).unwrap();
         let on_device = gpu
             .stream()
             .clone_htod(&host_rows)

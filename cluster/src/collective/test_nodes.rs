@@ -1,17 +1,15 @@
-//! What the collective's tests share: the fixture, test rows, a layer split by expert owner,
-//! and nodes serving one layer each on their own thread.
+//! What the collective's tests share: the fixture, test rows, and nodes serving one layer
+//! each on their own thread.
 
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::experts::ExpertSet;
-use moe_model::routes::ExpertRoutes;
 use moe_model::ModelConfig;
 
 use super::communicator::Communicator;
 use super::exchange::{serve_layer, ExchangeError, Served};
-use super::row_plane::RowShare;
 use crate::dispatch_rules::DispatchRules;
 
 /// A bundled fixture (`MOE_FIXTURES_DIR` where the GPU check runs from unpacked binaries).
@@ -33,35 +31,6 @@ pub fn rows(n: usize, hidden: usize, seed: u32) -> Vec<f32> {
     (0..n * hidden)
         .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
         .collect()
-}
-
-/// A layer's pairs split by which node holds their expert, as the router's planner does: a
-/// row goes to each node once, with the pairs it has there.
-pub fn split_by_owner(
-    routes: &ExpertRoutes,
-    owner: impl Fn(u32) -> usize,
-    nodes: usize,
-) -> Vec<RowShare> {
-    let mut shares = vec![RowShare::empty(); nodes];
-    for (node, share) in shares.iter_mut().enumerate() {
-        for r in 0..routes.rows() {
-            let mine: Vec<usize> = routes
-                .row_pairs(r)
-                .filter(|&p| owner(routes.experts[p]) == node)
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let mut local: Vec<(u32, f32)> = mine
-                .iter()
-                .map(|&p| (routes.experts[p], routes.weights[p]))
-                .collect();
-            share.routes.push_row(&mut local);
-            share.rows.push(r as u32);
-            share.pairs.extend(mine.iter().map(|&p| p as u32));
-        }
-    }
-    shares
 }
 
 /// Each rank of `comms` serves one layer with the matching expert set, on a thread of its own.
