@@ -240,7 +240,7 @@ impl ExpertBackend for RemoteExperts {
         rows: &moe_model::cudarc::driver::CudaSlice<f32>,
         routes: &ExpertRoutes,
     ) -> Option<Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
-        self.run_layer_on_device(layer, rows, routes)
+        self.run_layer_on_device(layer, 0, rows, routes)
     }
 }
 
@@ -264,11 +264,31 @@ impl ExpertBackend for MicroBatchExperts<'_> {
         rows: &moe_model::cudarc::driver::CudaSlice<f32>,
         routes: &ExpertRoutes,
     ) -> Option<Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
-        self.experts.run_layer_on_device(layer, rows, routes)
+        self.experts
+            .run_layer_on_device(layer, self.micro_batch, rows, routes)
     }
 }
 
 impl RemoteExperts {
+    /// The span of one MoE layer, under the step's (disabled when the step is not traced).
+    fn layer_span(&self, layer: usize, micro_batch: u32, routes: &ExpertRoutes) -> tracing::Span {
+        let step_span = self.step_span();
+        if step_span.is_none() {
+            return tracing::Span::none();
+        }
+        tracing::info_span!(
+            target: "moe_router",
+            parent: &step_span,
+            "moe_layer",
+            layer = layer as u64,
+            micro_batch = micro_batch as u64,
+            tokens = routes.rows() as u64,
+            pairs = routes.pairs() as u64,
+            retries = tracing::field::Empty,
+            device_resident = tracing::field::Empty,
+        )
+    }
+
     pub fn micro_batch(&self, micro_batch: u32) -> MicroBatchExperts<'_> {
         MicroBatchExperts {
             experts: self,
@@ -295,21 +315,7 @@ impl RemoteExperts {
         for (expert, tokens) in per_expert {
             self.view.count_tokens((layer as u32, expert), tokens);
         }
-        let step_span = self.step_span();
-        let layer_span = if step_span.is_none() {
-            tracing::Span::none()
-        } else {
-            tracing::info_span!(
-                target: "moe_router",
-                parent: &step_span,
-                "moe_layer",
-                layer = layer as u64,
-                micro_batch = micro_batch as u64,
-                tokens = routes.rows() as u64,
-                pairs = routes.pairs() as u64,
-                retries = tracing::field::Empty,
-            )
-        };
+        let layer_span = self.layer_span(layer, micro_batch, routes);
         let mut retries = 0u64;
         let mut pair_out = vec![0.0f32; routes.pairs() * hidden];
         let mut pending = vec![true; routes.pairs()];
@@ -374,6 +380,7 @@ impl RemoteExperts {
     fn run_layer_on_device(
         &self,
         layer: usize,
+        micro_batch: u32,
         rows: &moe_model::cudarc::driver::CudaSlice<f32>,
         routes: &ExpertRoutes,
     ) -> Option<Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
@@ -394,7 +401,12 @@ impl RemoteExperts {
             routes,
         )?;
         let started = Instant::now();
+        let span = self.layer_span(layer, micro_batch, routes);
+        span.record("device_resident", true);
+        // The nodes' spans of this layer are its children, as over the host path.
+        let traceparent = moe_cluster::telemetry::traceparent(&span);
         let placed = {
+            let _in_span = span.enter();
             let mut link = live.lock().ok()?;
             link.dispatch_layer_on_device(
                 layer as u32,
@@ -403,7 +415,7 @@ impl RemoteExperts {
                 routes.pairs(),
                 self.hidden,
                 self.collective_timeout,
-                None,
+                traceparent.as_deref(),
             )?
         };
         match placed {
