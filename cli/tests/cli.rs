@@ -151,6 +151,23 @@ fn in_process_nodes_change_no_token_or_logprob() {
         "2",
     ]));
     assert_eq!(bench["results"].as_array().unwrap().len(), 2);
+    assert_eq!(bench["device"], "cpu, experts behind 2 in-process nodes");
+    // A cluster has its own nodes: the flag is refused with --router, not ignored.
+    let refused = moe(&[
+        "generate",
+        "--router",
+        "127.0.0.1:1",
+        "--prompt",
+        "x",
+        "--in-process-nodes",
+        "2",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[test]

@@ -64,7 +64,10 @@ fn offline(
     Ok(BenchReport {
         model: model.display().to_string(),
         model_type: engine.config().family.model_type().to_string(),
-        device: device.describe(),
+        device: match in_process.in_process_nodes {
+            0 => device.describe(),
+            n => format!("{}, experts behind {n} in-process nodes", device.describe()),
+        },
         threads: rayon::current_num_threads(),
         results,
     })

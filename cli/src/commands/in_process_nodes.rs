@@ -13,7 +13,12 @@ use moe_model::Engine;
 pub struct InProcessNodesArgs {
     /// Reach the routed experts through this many expert nodes in this process, over the
     /// layer exchange (experts dealt round-robin), instead of calling them; 0 calls them.
-    #[arg(long, env = "MOE_IN_PROCESS_NODES", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "MOE_IN_PROCESS_NODES",
+        default_value_t = 0,
+        conflicts_with = "router"
+    )]
     pub in_process_nodes: usize,
 }
 
