@@ -11,12 +11,47 @@
 # back on the device). Every step is bounded by a timeout; what it printed is the result.
 # `DEVICE=cpu DTYPES=bf16 MOE_BIN_DIR=target/release PRESET=small` runs the same steps on a
 # CPU machine (to check the script).
+#
+# `bench/gpu_serving.sh deepseek-v3` instead serves DeepSeek-V3's real dimensions (hidden 7168,
+# MLA, 256 experts top-8, vocabulary 129,280, FP8 with 128x128 block scales) with V3_LAYERS
+# layers (default 8: the 3 dense ones and 5 MoE layers, 56 GB of FP8 experts, which fits an H100 too) from a synthetic
+# checkpoint (no weight files: each process generates them from the seed and uploads them
+# expert by expert), `--gpu-fp8 keep`, at batches 1, 8, 64 and 256, the engine alone and with
+# its experts behind two in-process nodes (the router's device-resident exchange), beside the
+# memory-bandwidth bound of the same decode (bench/decode_bound.py, BANDWIDTH_GBS, default
+# the H200's 4800). `DEVICE=cpu V3_LAYERS=4 V3_BATCH=1 V3_GEN=8` runs it on a 24 GB CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${MOE_BIN_DIR:-/tmp/moe-gpu-bin}")
 export PATH="$bin:$PATH" MOE_BIN_DIR="$bin"
 export LD_LIBRARY_PATH="/tmp/moe-cuda-libs:${LD_LIBRARY_PATH:-}"
 device=${DEVICE:-cuda:0}
+
+if [ "${1:-}" = deepseek-v3 ]; then
+  layers=${V3_LAYERS:-8}
+  model=/tmp/ds-v3-fp8-${layers}l
+  batch=${V3_BATCH:-1,8,64,256} prompt=${V3_PROMPT_LEN:-128} gen=${V3_GEN:-32}
+  timeout 30 moe gen-checkpoint --arch deepseek_v3 --preset full --layers "$layers" --dtype fp8 \
+    --synthetic --out "$model" || exit 1
+  gpu=()
+  [ "$device" = cpu ] || gpu=(--gpu-dtype f32)
+  status=0
+  echo "== DeepSeek-V3 dimensions, $layers layers, synthetic FP8 weights, on $device, --gpu-fp8 keep"
+  MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
+    --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
+  echo "== the same, experts behind 2 in-process nodes (device-resident exchange)"
+  MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
+    --in-process-nodes 2 --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
+  # Weights as held: projections FP8 (1 byte), embeddings, lm_head and gates widened to f32 on
+  # a GPU in --gpu-dtype f32 (bf16 on the CPU); the KV cache in f32.
+  other=4
+  [ "$device" = cpu ] && other=2
+  python3 bench/decode_bound.py "$model" --batches "$batch" --context $((prompt + gen / 2)) \
+    --bandwidth-gbs "${BANDWIDTH_GBS:-4800}" --projection-bytes 1 --other-bytes $other --kv-bytes 4 ||
+    status=1
+  exit $status
+fi
+
 preset=${PRESET:-medium}
 model=/tmp/ds-$preset-bf16
 shape=(--batch "${BATCH:-1,8,64,256}" --prompt-len "${PROMPT_LEN:-128}" --gen "${GEN:-64}")

@@ -13,6 +13,10 @@
 #   ops/gpu-check.sh bench     the benchmarks, as a run of their own (each part stays well under
 #                              the device's 600 s per command, so a part that fails can be run
 #                              again within one session's 15 minutes).
+#   ops/gpu-check.sh serving   DeepSeek-V3's real dimensions (8 layers, FP8, weights generated
+#                              from a synthetic checkpoint's seed: bench/gpu_serving.sh
+#                              deepseek-v3), batches 1 to 256, beside the bandwidth bound; a
+#                              run of its own (bound 560 s).
 #
 # Checks, each bounded by a timeout (the bounds add up to 480 s; a normal run takes far less),
 # in order of priority:
@@ -142,7 +146,7 @@ check() { # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/nvidia-smi: /' || true
 ls "$LIBS"
 
-if [ "$PART" != bench ]; then
+if [ "$PART" = checks ]; then
 check "device unit tests (cuda feature)" 45 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
 check "golden tests, whole model on cuda:0, f32 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
@@ -245,6 +249,11 @@ if [ "$PART" = bench ]; then
   check "expert FFN, experts kept as FP8 (moe gpu-bench --fp8)" 60 gpu_bench gpu-bench-fp8 --fp8 --lanes 4 --iters 5
   check "expert FFN, exact kernels (moe gpu-bench --deterministic)" 60 gpu_bench gpu-bench-exact --deterministic --lanes 4 --iters 5
   check "--deterministic: its cost (moe bench, small preset, bf16x2)" 80 deterministic_cost
+fi
+
+if [ "$PART" = serving ]; then
+  check "DeepSeek-V3 dimensions, synthetic FP8 weights (bench/gpu_serving.sh deepseek-v3)" 560 \
+    env V3_TIMEOUT=260 bench/gpu_serving.sh deepseek-v3
 fi
 
 echo

@@ -3,7 +3,7 @@
 //! tokens and logprobs, alone and in a batch; in a cluster too.
 
 use moe_model::checkpoint::WeightsDtype;
-use moe_model::generator::{write_checkpoint, Preset, WeightDtype};
+use moe_model::generator::{write_checkpoint, CheckpointPlan, Preset, WeightDtype};
 use moe_model::{Engine, Family, GenerateOutput, GenerateRequest};
 use moe_tests::harness::{self, generate, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, steps_to_compare, TempDir, FP8_FIXTURE};
@@ -127,20 +127,11 @@ async fn a_cluster_on_the_fp8_fixture_gives_the_golden_tokens() {
     }
 }
 
-/// Peak resident memory of `moe generate` on an FP8 checkpoint of the small preset: about
-/// its file size (the mapped pages of each tensor are dropped once it is packed), within
-/// 1.15 x the weights + 100 MB.
-#[test]
-fn generate_on_an_fp8_checkpoint_holds_about_its_file_size() {
-    let tmp = TempDir::new("fp8-rss");
-    let dir = tmp.path().join("ds-fp8");
-    write_checkpoint(Family::DeepseekV3, Preset::Small, &dir, 5, WeightDtype::Fp8).unwrap();
-    let weights = std::fs::metadata(dir.join("model.safetensors"))
-        .unwrap()
-        .len();
+/// Peak resident memory (VmHWM) of `moe generate` on `dir`, asserting it succeeded.
+fn peak_rss_of_generate(dir: &std::path::Path) -> u64 {
     let mut child = std::process::Command::new(harness::binary("moe"))
         .args(["generate", "--model"])
-        .arg(&dir)
+        .arg(dir)
         .args([
             "--input-ids",
             "1,5,7",
@@ -170,10 +161,62 @@ fn generate_on_an_fp8_checkpoint_holds_about_its_file_size() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     };
     assert!(status.success(), "moe generate failed");
+    peak
+}
+
+fn assert_within_weights(peak: u64, weights: u64) {
     let bound = weights as f64 * 1.15 + 100e6;
     eprintln!("peak RSS {} MiB, weights {} MiB", peak >> 20, weights >> 20);
     assert!(
         (peak as f64) < bound,
         "peak {peak} bytes over {bound} for {weights} bytes of weights"
     );
+}
+
+/// Peak resident memory of `moe generate` on an FP8 checkpoint of the small preset: about
+/// its file size (the mapped pages of each tensor are dropped once it is packed), within
+/// 1.15 x the weights + 100 MB; the same for a synthetic checkpoint of the same weights,
+/// whose tensors are generated one at a time and dropped once packed.
+#[test]
+fn generate_on_an_fp8_checkpoint_holds_about_its_file_size() {
+    let tmp = TempDir::new("fp8-rss");
+    let dir = tmp.path().join("ds-fp8");
+    write_checkpoint(Family::DeepseekV3, Preset::Small, &dir, 5, WeightDtype::Fp8).unwrap();
+    let weights = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert_within_weights(peak_rss_of_generate(&dir), weights);
+    let synthetic = tmp.path().join("ds-fp8-synthetic");
+    CheckpointPlan::new(Family::DeepseekV3, Preset::Small, WeightDtype::Fp8, 5)
+        .write_synthetic(&synthetic)
+        .unwrap();
+    assert_within_weights(peak_rss_of_generate(&synthetic), weights);
+}
+
+/// A synthetic checkpoint (no weight files: the router and each node generate the weights
+/// from its seed) serves, on one node and on three, the tokens and logprobs the offline
+/// engine gives on the written checkpoint of the same seed, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_a_synthetic_checkpoint_gives_the_written_ones_tokens() {
+    let tmp = TempDir::new("synthetic");
+    let (files, synthetic) = (tmp.path().join("files"), tmp.path().join("synthetic"));
+    let plan = CheckpointPlan::new(Family::DeepseekV3, Preset::Tiny, WeightDtype::Fp8, 21);
+    plan.write(&files).unwrap();
+    plan.write_synthetic(&synthetic).unwrap();
+    let engine = Engine::load(&files).unwrap();
+    let vocab = engine.config().vocab_size as u32;
+    for nodes in [1, 3] {
+        let cluster = LocalCluster::start(harness::spec(synthetic.clone(), nodes)).unwrap();
+        wait_serving(&cluster, nodes).await;
+        let mut client = harness::inference(&cluster).await;
+        for (i, prompt) in prompts(vocab).into_iter().enumerate() {
+            let offline = engine.generate(&request(prompt.clone(), 12)).unwrap();
+            let got = generate(&mut client, greedy(&prompt, 12)).await.unwrap();
+            assert_eq!(got.ids, offline.output_ids, "{nodes} nodes, prompt {i}");
+            assert_eq!(
+                got.logprobs, offline.logprobs,
+                "{nodes} nodes, prompt {i}: logprobs not bitwise equal"
+            );
+        }
+    }
 }

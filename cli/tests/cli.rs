@@ -342,6 +342,68 @@ fn gen_checkpoint_writes_loadable_checkpoints() {
     }
 }
 
+/// `--synthetic` writes no weights, and `moe generate` on it answers what it answers on the
+/// written checkpoint of the same seed (tokens and logprobs); `--layers` that leave no MoE
+/// layer is an error, not a model without experts.
+#[test]
+fn gen_checkpoint_synthetic_generates_the_written_checkpoints_answer() {
+    let tmp = TempDir::new("synthetic");
+    let gen = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "gen-checkpoint",
+            "--arch",
+            "qwen3_moe",
+            "--preset",
+            "tiny",
+            "--dtype",
+            "bf16",
+            "--seed",
+            "9",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        moe(&args)
+    };
+    let (files, synthetic) = (tmp.path().join("files"), tmp.path().join("synthetic"));
+    assert!(gen(&files, &[]).status.success());
+    let out = gen(&synthetic, &["--synthetic"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(synthetic.join("synthetic_weights.json").exists());
+    assert!(!synthetic.join("model.safetensors").exists());
+    let answer = |dir: &std::path::Path| {
+        let json = last_json_line(&moe(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Hello world",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+        ]));
+        (json["output_ids"].clone(), json["logprobs"].clone())
+    };
+    assert_eq!(answer(&files), answer(&synthetic));
+
+    let out = moe(&[
+        "gen-checkpoint",
+        "--arch",
+        "deepseek_v3",
+        "--preset",
+        "full",
+        "--layers",
+        "2",
+        "--synthetic",
+        "--out",
+        tmp.path().join("none").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no MoE layer"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn bench_reports_json() {
     let dir = fixture_dir(FIXTURES[0]);

@@ -294,7 +294,8 @@ pub fn imbalance_ratio(layers: impl IntoIterator<Item = Vec<f64>>) -> f64 {
     }
 }
 
-/// Identifies a checkpoint: FNV-1a over `config.json` and the sorted tensor names.
+/// Identifies a checkpoint: FNV-1a over `config.json`, a synthetic checkpoint's seed file
+/// (two seeds are two models with the same names) and the sorted tensor names.
 pub fn fingerprint(dir: &Path, tensor_names: &[&str]) -> String {
     let mut hash: u64 = 0xcbf29ce484222325;
     let mut feed = |bytes: &[u8]| {
@@ -304,6 +305,8 @@ pub fn fingerprint(dir: &Path, tensor_names: &[&str]) -> String {
         }
     };
     feed(&std::fs::read(dir.join("config.json")).unwrap_or_default());
+    let marker = dir.join(moe_model::checkpoint::synthetic::MARKER);
+    feed(&std::fs::read(marker).unwrap_or_default());
     let mut names = tensor_names.to_vec();
     names.sort_unstable();
     for n in names {
@@ -321,6 +324,30 @@ mod tests {
         ids.iter()
             .map(|id| (id.to_string(), format!("{id}:1")))
             .collect()
+    }
+
+    /// Two synthetic checkpoints of one config and two seeds hold two models: their
+    /// fingerprints differ, so a node generating the other seed's weights is refused.
+    #[test]
+    fn a_synthetic_checkpoints_seed_is_in_its_fingerprint() {
+        use moe_model::generator::{CheckpointPlan, Preset, WeightDtype};
+        let root = std::env::temp_dir().join(format!("moe-fingerprint-{}", std::process::id()));
+        let print = |seed: u64| {
+            let dir = root.join(seed.to_string());
+            CheckpointPlan::new(
+                moe_model::Family::Mixtral,
+                Preset::Tiny,
+                WeightDtype::Bf16,
+                seed,
+            )
+            .write_synthetic(&dir)
+            .unwrap();
+            fingerprint(&dir, &["a", "b"])
+        };
+        let (one, again, other) = (print(1), print(1), print(2));
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(one, again);
+        assert_ne!(one, other);
     }
 
     #[test]

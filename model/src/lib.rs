@@ -46,6 +46,7 @@ pub mod kv_cache;
 pub mod kv_pool;
 pub mod layers;
 pub mod logit_adjust;
+mod open_checkpoint;
 mod open_device;
 pub mod routes;
 pub mod sampling;

@@ -1,4 +1,5 @@
-//! `moe gen-checkpoint`: a random checkpoint of a preset shape, for tests and benchmarks.
+//! `moe gen-checkpoint`: a random checkpoint of a preset shape, for tests and benchmarks;
+//! `--synthetic` writes only its config and seed, and whoever opens it generates the weights.
 
 use std::path::PathBuf;
 
@@ -21,6 +22,8 @@ enum PresetArg {
     Tiny,
     Small,
     Medium,
+    /// The family's published dimensions (DeepSeek-V3 671B, Qwen3-30B-A3B, Mixtral-8x7B).
+    Full,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -43,6 +46,14 @@ pub struct GenCheckpointArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Layers instead of the preset's (DeepSeek-V3's first three are dense, so more than 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    layers: Option<u64>,
+    /// Write no weights: config, tokenizer and `synthetic_weights.json` (seed and dtype), from
+    /// which every process that opens the directory generates the same weights a written
+    /// checkpoint of this seed holds. For models larger than the disk.
+    #[arg(long, env = "MOE_SYNTHETIC", default_value_t = false)]
+    synthetic: bool,
 }
 
 pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
@@ -55,15 +66,22 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
         PresetArg::Tiny => Preset::Tiny,
         PresetArg::Small => Preset::Small,
         PresetArg::Medium => Preset::Medium,
+        PresetArg::Full => Preset::Full,
     };
     let dtype = match args.dtype {
         DtypeArg::F32 => WeightDtype::F32,
         DtypeArg::Bf16 => WeightDtype::Bf16,
         DtypeArg::Fp8 => WeightDtype::Fp8,
     };
-    let params = generator::write_checkpoint(family, preset, &args.out, args.seed, dtype)?;
+    let mut plan = generator::CheckpointPlan::new(family, preset, dtype, args.seed);
+    plan.layers = args.layers.map(|l| l as usize);
+    let (params, what) = if args.synthetic {
+        (plan.write_synthetic(&args.out)?, "a synthetic ")
+    } else {
+        (plan.write(&args.out)?, "")
+    };
     eprintln!(
-        "wrote {} ({} parameters) to {}",
+        "wrote {what}{} ({} parameters) to {}",
         family.model_type(),
         params,
         args.out.display()
