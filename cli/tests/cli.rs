@@ -368,7 +368,11 @@ fn gen_checkpoint_synthetic_generates_the_written_checkpoints_answer() {
     let (files, synthetic) = (tmp.path().join("files"), tmp.path().join("synthetic"));
     assert!(gen(&files, &[]).status.success());
     let out = gen(&synthetic, &["--synthetic"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(synthetic.join("synthetic_weights.json").exists());
     assert!(!synthetic.join("model.safetensors").exists());
     let answer = |dir: &std::path::Path| {
@@ -400,7 +404,10 @@ fn gen_checkpoint_synthetic_generates_the_written_checkpoints_answer() {
         tmp.path().join("none").to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("no MoE layer"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("no MoE layer"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

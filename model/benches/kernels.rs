@@ -1,5 +1,6 @@
 //! `cargo bench -p moe-model --bench kernels`: GFLOP/s of the expert FFN at DeepSeek-like
-//! shapes, the whole ExpertSet on a routed batch, and a decode step of the `small` preset.
+//! shapes, the whole ExpertSet on a routed batch, a decode step of the `small` preset, and a
+//! sampled draw over DeepSeek-V3's vocabulary.
 //!
 //! A plain harness (no criterion): each case runs a warm-up, then repeats until it has run for
 //! about a second, and reports the median. Output: one line per case, and with `--json` (or
@@ -327,8 +328,42 @@ fn main() {
         }
     }
 
+    // One draw at temperature 1 over DeepSeek-V3's vocabulary: the race (a plain temperature
+    // draw) against the ranked distribution a top-p draw sorts out, on logits spread over 20
+    // units (a trained model's row) and over 0.1 (a flat row: every token near the lead).
+    for (spread, label) in [(20.0f64, "spread"), (0.1, "flat")] {
+        let vocab = 129_280;
+        let logits: Vec<f32> = (0..vocab)
+            .map(|_| ((rng.next_f64() - 0.25) * spread) as f32)
+            .collect();
+        let params = |top_p| moe_model::SamplingParams {
+            temperature: 1.0,
+            top_p,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let name = format!("sample_race_{label}_129280");
+        if wants(&name) {
+            let mut sampler = moe_model::sampling::Sampler::new(params(1.0));
+            let s = time(|| {
+                std::hint::black_box(sampler.sample(&logits));
+            });
+            results.push((name, s, 1.0));
+        }
+        let name = format!("sample_sorted_{label}_129280");
+        if wants(&name) {
+            let mut sampler = moe_model::sampling::Sampler::new(params(0.999));
+            let s = time(|| {
+                std::hint::black_box(sampler.sample(&logits));
+            });
+            results.push((name, s, 1.0));
+        }
+    }
+
     for (name, secs, work) in &results {
-        if name.starts_with("stream") {
+        if name.starts_with("sample") {
+            println!("{name:<34} {:>9.3} ms per draw", secs * 1e3);
+        } else if name.starts_with("stream") {
             println!(
                 "{name:<34} {:>9.3} ms {:>9.1} GB/s of weights",
                 secs * 1e3,

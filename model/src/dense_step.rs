@@ -73,7 +73,7 @@ pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<
 }
 
 /// How much of its logits a sequence's sampler reads this step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Pick {
     /// The logits themselves (to sample at a temperature, adjust, constrain, report logprobs).
     #[default]
@@ -83,6 +83,9 @@ pub enum Pick {
     /// The last row's `k` best-ranked logits ([`crate::sampling::ranked_top_k`]): a top-k
     /// draw reads nothing else.
     RankedTopK(usize),
+    /// The token the race ([`crate::race::race`]) keyed `key` draws from the last row at
+    /// `temperature`: a draw at a temperature without top-k or top-p.
+    Race { temperature: f32, key: u64 },
 }
 
 /// The most logits a [`Pick::RankedTopK`] asks for (the device ranks them in `k` passes).
@@ -98,6 +101,8 @@ pub enum StepOutput {
     Argmax(u32),
     /// Its last row's best-ranked `(id, logit)` pairs, best first.
     RankedTopK(Vec<(u32, f32)>),
+    /// The token its last row's race drew.
+    Drawn(u32),
 }
 
 /// [`DenseStep::forward_picking`] from the logits [`DenseStep::forward`] returned.
@@ -118,6 +123,9 @@ pub fn pick_on_host(
                 (Pick::RankedTopK(k), Some(row)) => {
                     StepOutput::RankedTopK(crate::sampling::ranked_top_k(row, k))
                 }
+                (Pick::Race { temperature, key }, Some(row)) => {
+                    StepOutput::Drawn(crate::race::race(row, temperature, key))
+                }
                 _ => StepOutput::Logits(rows),
             }
         })
@@ -125,12 +133,15 @@ pub fn pick_on_host(
 }
 
 /// What sequence `i` of a step gets: what `picks` asks, except that a prompt being scored
-/// keeps its logits (it needs every row's), and a top-k of 0 or over [`MAX_RANKED_TOP_K`]
-/// sends the logits.
+/// keeps its logits (it needs every row's), and a top-k of 0 or over [`MAX_RANKED_TOP_K`],
+/// or a race at a temperature that is not positive and finite, sends the logits.
 pub fn pick_for(s: &StepSequence<'_>, picks: &[Pick], i: usize) -> Pick {
     match picks.get(i).copied().unwrap_or_default() {
         _ if s.all_logits => Pick::Logits,
         Pick::RankedTopK(k) if k == 0 || k > MAX_RANKED_TOP_K => Pick::Logits,
+        Pick::Race { temperature, .. } if !(temperature > 0.0 && temperature.is_finite()) => {
+            Pick::Logits
+        }
         pick => pick,
     }
 }

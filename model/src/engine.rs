@@ -154,7 +154,8 @@ impl Engine {
         outputs
             .into_iter()
             .map(|output| match output {
-                crate::dense_step::StepOutput::Argmax(id) => Ok(id),
+                crate::dense_step::StepOutput::Argmax(id)
+                | crate::dense_step::StepOutput::Drawn(id) => Ok(id),
                 crate::dense_step::StepOutput::RankedTopK(ranked) => ranked
                     .first()
                     .map(|&(id, _)| id)

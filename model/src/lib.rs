@@ -48,6 +48,7 @@ pub mod layers;
 pub mod logit_adjust;
 mod open_checkpoint;
 mod open_device;
+pub mod race;
 pub mod routes;
 pub mod sampling;
 #[cfg(test)]

@@ -2,12 +2,15 @@
 //! (`logit_adjust.rs`) first. Draws are counter-based: the k-th token of a request draws a
 //! number that depends only on (seed, k), so a request with a seed is reproducible, and one
 //! resumed at token k (on another router, after the first died) draws exactly what the
-//! uninterrupted run would have. (Seeded outputs changed once, when draws became
-//! counter-based; before, one generator stream was drawn from in turn.)
+//! uninterrupted run would have. A draw at a temperature without top-k or top-p is a race
+//! (`race.rs`: no sort of the vocabulary, and the same on a GPU); top-k and top-p draws walk
+//! the ranked distribution. (Seeded outputs changed twice: when draws became counter-based,
+//! and when plain temperature draws became races, 2026-12-05.)
 
 use crate::backend::ops;
 use crate::error::{ModelError, Result};
 use crate::logit_adjust::{adjusted, LogitAdjustments, TokenHistory};
+use crate::race;
 
 /// How to pick the next token. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +73,14 @@ impl SamplingParams {
     }
 }
 
+/// SplitMix64's finalizer: a bijection of u64 that spreads every input bit over the output;
+/// the counter-based hash behind seeds, synthetic weights and the race's uniforms.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// xoshiro256** seeded through splitmix64: small, fast, and the same on every platform.
 #[derive(Debug, Clone)]
 pub struct Rng {
@@ -81,10 +92,7 @@ impl Rng {
         let mut x = seed;
         let mut next = || {
             x = x.wrapping_add(0x9e3779b97f4a7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-            z ^ (z >> 31)
+            mix64(x)
         };
         Self {
             s: [next(), next(), next(), next()],
@@ -229,8 +237,31 @@ impl Sampler {
             self.position += 1;
             return ops::argmax(logits) as u32;
         }
+        if let Some((temperature, key)) = self.next_race() {
+            self.position += 1;
+            return race::race(logits, temperature, key);
+        }
         let probs = self.filtered_probs(logits);
         self.draw(&probs)
+    }
+
+    /// The race ([`crate::race`]: temperature and key) this sampler's next draw runs: a draw at
+    /// a temperature with neither top-k nor top-p, which reads the whole row but needs no
+    /// ranking of it. `None` for greedy, top-k and top-p draws.
+    pub fn next_race(&self) -> Option<(f32, u64)> {
+        let p = &self.params;
+        let whole_row = p.top_k.filter(|&k| k > 0).is_none() && p.top_p >= 1.0;
+        (!p.is_greedy() && whole_row)
+            .then(|| (p.temperature, race::race_key(self.key, self.position)))
+    }
+
+    /// A race run elsewhere (on the device, from [`Self::next_race`] over the same logits, as
+    /// [`Self::sample`] would have run it): counted as this sampler's next draw. Only for a
+    /// sampler without adjustments (they read the logits).
+    pub fn take_draw(&mut self, id: u32) -> u32 {
+        debug_assert!(self.next_race().is_some() && self.params.adjust.is_neutral());
+        self.position += 1;
+        id
     }
 
     /// The next draw over `probs` (as [`Self::filtered_probs`] gives them).
@@ -389,6 +420,32 @@ mod tests {
         let id = ops::argmax(&logits) as u32;
         assert_eq!(taken.take_argmax(id), sampled.sample(&logits));
         assert_eq!(taken.position(), sampled.position());
+    }
+
+    /// A race run elsewhere from `next_race` (the device's) is the draw `sample` makes, and
+    /// counts as it: every later draw, and a resumed sampler, stay where they would be. Top-k
+    /// and top-p draws run no race.
+    #[test]
+    fn a_race_taken_from_elsewhere_is_and_counts_as_the_draw() {
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 / 25.0).collect();
+        let mut sampled = Sampler::new(params(0.9, None, 1.0, 5));
+        let mut raced = Sampler::new(params(0.9, None, 1.0, 5));
+        for _ in 0..50 {
+            let (t, key) = raced.next_race().unwrap();
+            let id = raced.take_draw(race::race(&logits, t, key));
+            assert_eq!(id, sampled.sample(&logits));
+            assert_eq!(raced.position(), sampled.position());
+        }
+        for no_race in [
+            params(0.9, Some(5), 1.0, 5),
+            params(0.9, None, 0.9, 5),
+            params(0.0, None, 1.0, 5),
+        ] {
+            assert!(Sampler::new(no_race).next_race().is_none());
+        }
+        assert!(Sampler::new(params(0.9, Some(0), 1.0, 5))
+            .next_race()
+            .is_some());
     }
 
     /// A top-k draw from only the k best-ranked logits is the draw from all of them, token

@@ -530,7 +530,7 @@ impl Scheduler {
             let s = &mut running[f.seq];
             let rows: &[f32] = match output {
                 StepOutput::Logits(rows) => rows,
-                StepOutput::Argmax(_) | StepOutput::RankedTopK(_) => &[],
+                StepOutput::Argmax(_) | StepOutput::RankedTopK(_) | StepOutput::Drawn(_) => &[],
             };
             let prompt_len = s.feed.len();
             if s.prefilled < prompt_len {
@@ -558,6 +558,7 @@ impl Scheduler {
             let sampled = match output {
                 StepOutput::Argmax(id) => Ok(s.sampler.take_argmax(*id)),
                 StepOutput::RankedTopK(ranked) => Ok(s.sampler.sample_ranked(ranked)),
+                StepOutput::Drawn(id) => Ok(s.sampler.take_draw(*id)),
                 StepOutput::Logits(_) => sample_token(s, row),
             };
             let token = match sampled {
@@ -757,6 +758,9 @@ fn pick_of(s: &Sequence, f: &Feed) -> Pick {
     }
     if s.sampler.params().is_greedy() {
         return Pick::Argmax;
+    }
+    if let Some((temperature, key)) = s.sampler.next_race() {
+        return Pick::Race { temperature, key };
     }
     match s
         .sampler

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::fp8::e4m3_to_f32;
 use super::safetensors::{Dtype, TensorInfo};
+use crate::sampling::mix64 as mix;
 
 /// The file that marks a synthetic checkpoint directory.
 pub const MARKER: &str = "synthetic_weights.json";
@@ -214,13 +215,6 @@ fn draw_pair(key: u64, p: u64) -> [u64; 2] {
 
 fn draw(key: u64, i: u64) -> u64 {
     mix(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
-}
-
-/// SplitMix64's finalizer: a bijection that spreads every input bit over the output.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The tensor's stream: FNV-1a of its name, mixed with the seed.

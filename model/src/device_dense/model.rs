@@ -25,6 +25,7 @@ use crate::kv_cache::{KvLayout, KvPool, SequenceCache, DEFAULT_BLOCK_TOKENS};
 use crate::layers::gate::GateRule;
 use crate::layers::mlp::MlpNames;
 use crate::layers::rope::Rope;
+use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
 
 /// Gated SiLU MLP (dense layers, shared experts) on the device.
@@ -212,6 +213,27 @@ where
         } else {
             Vec::new()
         };
+        // Each race's row is its sequence's last.
+        let mut races = Vec::new();
+        let mut offset = 0;
+        for (s, pick) in seqs.iter().zip(&picks) {
+            let n = rows_of(s);
+            if let Pick::Race { temperature, key } = *pick {
+                let row = (offset + n - 1) as u32;
+                races.push(RowRace {
+                    row,
+                    temperature,
+                    key,
+                });
+            }
+            offset += n;
+        }
+        let drawn = if races.is_empty() {
+            Vec::new()
+        } else {
+            self.ops.race_rows(&logits, wanted.len(), vocab, &races)?
+        };
+        let mut drawn = drawn.into_iter();
         // The logit rows of the sequences that want them, in step order, downloaded at once.
         let mut kept: Vec<u32> = Vec::new();
         let mut offset = 0;
@@ -243,6 +265,7 @@ where
                     let list = ranked.get(from..from + k.min(vocab)).ok_or_else(missing)?;
                     StepOutput::RankedTopK(list.to_vec())
                 }
+                Pick::Race { .. } => StepOutput::Drawn(drawn.next().ok_or_else(missing)?),
                 Pick::Logits => {
                     taken += n;
                     StepOutput::Logits(rows[(taken - n) * vocab..taken * vocab].to_vec())

@@ -8,6 +8,7 @@ use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGem
 use crate::device::MatrixPrecision;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
 
 /// A step's row layout on the device, uploaded once per step.
@@ -247,6 +248,15 @@ pub trait DenseOps {
         width: usize,
         k: usize,
     ) -> Result<Vec<(u32, f32)>, Self::Error>;
+    /// For each race, the token [`crate::race::race`] draws from its row of `[rows, width]`
+    /// logits (rows below `rows`, temperatures positive): downloaded, one id per race.
+    fn race_rows(
+        &self,
+        x: &Self::F32,
+        rows: usize,
+        width: usize,
+        races: &[RowRace],
+    ) -> Result<Vec<u32>, Self::Error>;
     /// `out[i] = x[index[i]]` for `[*, width]` rows.
     fn gather_rows(
         &self,

@@ -15,6 +15,7 @@ use crate::device::{GpuDtype, MatrixPrecision};
 use crate::error::ModelError;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
 
 pub struct HostDenseOps {
@@ -468,6 +469,31 @@ impl DenseOps for HostDenseOps {
             .collect())
     }
 
+    fn race_rows(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        width: usize,
+        races: &[RowRace],
+    ) -> Result<Vec<u32>, ModelError> {
+        check(rows * width <= x.len() && width > 0, "race")?;
+        check(
+            races
+                .iter()
+                .all(|r| (r.row as usize) < rows && r.temperature > 0.0),
+            "race",
+        )?;
+        // One id per race crosses.
+        self.downloaded.fetch_add(races.len(), Ordering::Relaxed);
+        Ok(races
+            .iter()
+            .map(|r| {
+                let row = &x[r.row as usize * width..(r.row as usize + 1) * width];
+                crate::race::race(row, r.temperature, r.key)
+            })
+            .collect())
+    }
+
     fn gather_rows(
         &self,
         x: &Vec<f32>,
@@ -747,18 +773,35 @@ mod tests {
         )
         .unwrap();
         let vocab = config.vocab_size;
-        let prompts: [Vec<u32>; 4] = [vec![3, 9, 27], vec![5], vec![11, 2, 7, 1], vec![8, 4]];
-        let all_logits = [false, false, true, false];
+        let prompts: [Vec<u32>; 5] = [
+            vec![3, 9, 27],
+            vec![5],
+            vec![11, 2, 7, 1],
+            vec![8, 4],
+            vec![6, 1],
+        ];
+        let all_logits = [false, false, true, false, false];
+        let race = Pick::Race {
+            temperature: 0.7,
+            key: crate::race::race_key(4, 0),
+        };
         let picks = [
             Pick::Argmax,
             Pick::Logits,
             Pick::Argmax,
             Pick::RankedTopK(7),
+            race,
         ];
+        let drawn_from = |logits: &StepOutput| {
+            let StepOutput::Logits(row) = logits else {
+                panic!("forward gives logits")
+            };
+            StepOutput::Drawn(crate::race::race(row, 0.7, crate::race::race_key(4, 0)))
+        };
         // The GPU-shaped model's methods are its own; the CPU model's are DenseStep's.
         macro_rules! step {
             ($model:expr, $picking:expr) => {{
-                let mut caches: Vec<SequenceCache> = (0..4).map(|_| $model.new_cache()).collect();
+                let mut caches: Vec<SequenceCache> = (0..5).map(|_| $model.new_cache()).collect();
                 let mut seqs: Vec<StepSequence<'_>> = caches
                     .iter_mut()
                     .zip(&prompts)
@@ -801,12 +844,13 @@ mod tests {
             picked[3],
             StepOutput::RankedTopK(crate::sampling::ranked_top_k(fourth, 7))
         );
-        // Ids of every wanted row's argmax (one row each for three sequences, four for the
-        // scored prompt), their rankings (7 ids and 7 logits each), then the kept rows: the
-        // second sequence's and the scored prompt's; besides, each MoE layer's 10 rows (the
-        // experts are reached through host memory here).
-        let moe_rows = config.moe_layer_indices().count() * 10 * config.hidden_size;
-        assert_eq!(downloaded, 7 + 2 * 7 * 7 + (1 + 4) * vocab + moe_rows);
+        assert_eq!(picked[4], drawn_from(&full[4]), "the race's draw");
+        // Ids of every wanted row's argmax (one row each for four sequences, four for the
+        // scored prompt), their rankings (7 ids and 7 logits each), the race's one id, then
+        // the kept rows: the second sequence's and the scored prompt's; besides, each MoE
+        // layer's 12 rows (the experts are reached through host memory here).
+        let moe_rows = config.moe_layer_indices().count() * 12 * config.hidden_size;
+        assert_eq!(downloaded, 8 + 2 * 8 * 7 + 1 + (1 + 4) * vocab + moe_rows);
         // The CPU model's default picks from its own logits (close to the device path's,
         // not bitwise: another order of operations).
         let (cpu_full, cpu_picked) = (step!(cpu, false), step!(cpu, true));
@@ -824,6 +868,7 @@ mod tests {
             cpu_picked[3] == StepOutput::RankedTopK(cpu_ranked),
             "CPU ranking"
         );
+        assert!(cpu_picked[4] == drawn_from(&cpu_full[4]), "CPU race");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::device_dense::ops::{linear_by_gemm, DenseOps, DeviceStep};
 use crate::device_dense::DeviceDenseModel;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::race::RowRace;
 
 /// Threads of the attention kernel's blocks and the widest output it handles.
 const ATTENTION_THREADS: u32 = 128;
@@ -836,6 +837,51 @@ impl DenseOps for CudaDenseOps {
         Ok(ids.into_iter().zip(values).collect())
     }
 
+    fn race_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        races: &[RowRace],
+    ) -> Result<Vec<u32>, GpuError> {
+        let _serial = self.ctx.lock()?;
+        let fits = races
+            .iter()
+            .all(|r| (r.row as usize) < rows && r.temperature > 0.0 && r.temperature.is_finite());
+        if x.len() < rows * width || width == 0 || !fits {
+            return Err(shape_error("race"));
+        }
+        if races.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stream = self.ctx.stream();
+        let row_ids: Vec<u32> = races.iter().map(|r| r.row).collect();
+        let temperatures: Vec<f32> = races.iter().map(|r| r.temperature).collect();
+        let keys: Vec<u64> = races.iter().map(|r| r.key).collect();
+        let row_ids = stream.clone_htod(&row_ids)?;
+        let temperatures = stream.clone_htod(&temperatures)?;
+        let keys = stream.clone_htod(&keys)?;
+        let mut ids = stream.alloc_zeros::<u32>(races.len())?;
+        let (width_i, races_i) = (int(width, "width")?, int(races.len(), "races")?);
+        // SAFETY: `x` holds `rows` rows of `width` and every race's row is below `rows`
+        // (checked above); `row_ids`, `temperatures`, `keys` and `ids` hold one per race.
+        unsafe {
+            stream
+                .launch_builder(&self.ctx.kernels().race_rows)
+                .arg(x)
+                .arg(&width_i)
+                .arg(&races_i)
+                .arg(&row_ids)
+                .arg(&temperatures)
+                .arg(&keys)
+                .arg(&mut ids)
+                .launch(row_grid(races.len()))?;
+        }
+        let host = stream.clone_dtoh(&ids)?;
+        stream.synchronize()?;
+        Ok(host)
+    }
+
     fn argmax_rows(
         &self,
         x: &CudaSlice<f32>,
@@ -1252,6 +1298,43 @@ mod tests {
         let on_host = host.ranked_top_k_rows(&logits, 6, wide, 20).unwrap();
         let bits = |v: &[(u32, f32)]| v.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
         assert_eq!(bits(&on_gpu), bits(&on_host), "ranked top-k rows");
+        // Races over the same rows (NaNs, -inf, ties at +inf added) and over a row of a
+        // DeepSeek-V3-sized vocabulary: the device's draws are the host's, each of many keys.
+        let mut raced = logits.clone();
+        raced[5 * wide + 10] = f32::INFINITY;
+        raced[5 * wide + 999] = f32::INFINITY;
+        let races: Vec<RowRace> = (0..60u64)
+            .map(|k| RowRace {
+                row: (k % 6) as u32,
+                temperature: [0.3f32, 1.0, 1.7][k as usize % 3],
+                key: crate::race::race_key(11, k),
+            })
+            .collect();
+        let on_gpu = cuda
+            .race_rows(&cuda.upload_f32(&raced).unwrap(), 6, wide, &races)
+            .unwrap();
+        assert_eq!(
+            on_gpu,
+            host.race_rows(&raced, 6, wide, &races).unwrap(),
+            "races"
+        );
+        let vocab = 129_280;
+        let big = values(2 * vocab, 16);
+        let races: Vec<RowRace> = (0..16u64)
+            .map(|k| RowRace {
+                row: (k % 2) as u32,
+                temperature: 0.6,
+                key: crate::race::race_key(3, k),
+            })
+            .collect();
+        let on_gpu = cuda
+            .race_rows(&cuda.upload_f32(&big).unwrap(), 2, vocab, &races)
+            .unwrap();
+        assert_eq!(
+            on_gpu,
+            host.race_rows(&big, 2, vocab, &races).unwrap(),
+            "races, 129,280 tokens"
+        );
         // The embedding lookup from an f32 table.
         let table = values(9 * width, 14);
         let (tc, th) = (

@@ -154,6 +154,95 @@ extern "C" __global__ void argmax_rows(const float* x, int rows, int width, unsi
     }
 }
 
+// The race (race.rs): a draw from softmax(logits / T) as the best score logit / T - ln(-ln(u)),
+// u from an integer hash of (key, token id), the lowest id on a tie, a NaN or -inf logit never
+// drawn (0 when no token can be). Every floating-point operation is a correctly rounded
+// intrinsic (__dadd_rn, __dmul_rn, __ddiv_rn; no fma, as on the host), so the compiler fuses
+// and reorders nothing and each score is the host's to the bit; the constants are written as the host's
+// bits (race.rs checks that they are). A block per race: the sampled id crosses, not the row.
+__device__ __forceinline__ unsigned long long race_mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// race.rs's ln: x = m 2^e, m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh((m - 1) / (m + 1)).
+__device__ double race_ln(double x) {
+    // RACE_CONSTANTS: 1/3 .. 1/23, sqrt(2), ln2 high and low.
+    const unsigned long long series_bits[11] = {
+        0x3fd5555555555555ULL, 0x3fc999999999999aULL, 0x3fc2492492492492ULL,
+        0x3fbc71c71c71c71cULL, 0x3fb745d1745d1746ULL, 0x3fb3b13b13b13b14ULL,
+        0x3fb1111111111111ULL, 0x3fae1e1e1e1e1e1eULL, 0x3faaf286bca1af28ULL,
+        0x3fa8618618618618ULL, 0x3fa642c8590b2164ULL};
+    const double sqrt2 = __longlong_as_double(0x3ff6a09e667f3bcdLL);
+    const double ln2_hi = __longlong_as_double(0x3fe62e42fee00000LL);
+    const double ln2_lo = __longlong_as_double(0x3dea39ef35793c76LL);
+    unsigned long long bits = (unsigned long long)__double_as_longlong(x);
+    long long e = (long long)((bits >> 52) & 0x7ffULL) - 1023;
+    double m = __longlong_as_double((long long)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL));
+    if (m > sqrt2) {
+        m = __dmul_rn(m, 0.5);
+        e += 1;
+    }
+    double s = __ddiv_rn(__dadd_rn(m, -1.0), __dadd_rn(m, 1.0));
+    double z = __dmul_rn(s, s);
+    double series = __longlong_as_double((long long)series_bits[10]);
+    for (int i = 9; i >= 0; --i)
+        series = __dadd_rn(__dmul_rn(series, z), __longlong_as_double((long long)series_bits[i]));
+    double two_s = __dmul_rn(2.0, s);
+    double ln_m = __dadd_rn(__dmul_rn(__dmul_rn(two_s, z), series), two_s);
+    double ed = (double)e;
+    return __dadd_rn(__dmul_rn(ed, ln2_hi), __dadd_rn(__dmul_rn(ed, ln2_lo), ln_m));
+}
+
+extern "C" __global__ void race_rows(const float* x, int width, int races, const unsigned int* rows,
+                                     const float* temperatures, const unsigned long long* keys,
+                                     unsigned int* out) {
+    __shared__ double best_score[256];
+    __shared__ int best_index[256];
+    const float neg_inf = __int_as_float((int)0xff800000u);
+    const double neg_inf_d = __longlong_as_double((long long)0xfff0000000000000ULL);
+    ROW_STRIDE(r, races) {
+        const float* row = x + (long long)rows[r] * width;
+        const double t = (double)temperatures[r];
+        const unsigned long long key = keys[r];
+        double best = 0.0;
+        int i = -1;  // none yet
+        COLUMN_STRIDE(c, width) {
+            float logit = row[c];
+            if (logit != logit || logit == neg_inf) continue;
+            unsigned long long h = race_mix64(key + (unsigned long long)(c + 1) * 0x9e3779b97f4a7c15ULL);
+            double u = __dmul_rn(__dadd_rn((double)(h >> 12), 0.5), __longlong_as_double(0x3cb0000000000000LL));
+            double noise = -race_ln(-race_ln(u));
+            double score = __dadd_rn(__ddiv_rn((double)logit, t), noise);
+            if (score > neg_inf_d && (i < 0 || score > best)) {
+                best = score;
+                i = c;
+            }
+        }
+        best_score[threadIdx.x] = best;
+        best_index[threadIdx.x] = i;
+        __syncthreads();
+        for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+            if (threadIdx.x < half) {
+                double other = best_score[threadIdx.x + half];
+                int other_i = best_index[threadIdx.x + half];
+                double mine = best_score[threadIdx.x];
+                int mine_i = best_index[threadIdx.x];
+                bool take = other_i >= 0 &&
+                            (mine_i < 0 || other > mine || (other == mine && other_i < mine_i));
+                if (take) {
+                    best_score[threadIdx.x] = other;
+                    best_index[threadIdx.x] = other_i;
+                }
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) out[r] = best_index[0] < 0 ? 0u : (unsigned int)best_index[0];
+        __syncthreads();
+    }
+}
+
 // The k best-ranked values of each row and their indices, ranked as the host's sampler ranks
 // them (sampling::ranked_top_k): by f32's total order (a positive NaN above +inf, -0 below +0),
 // largest first, the lower index first on a tie. Each value's rank is one u64 (the order-

@@ -42,10 +42,11 @@ pub struct Kernels {
     pub place_rows_f32: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub ranked_top_k_rows: CudaFunction,
+    pub race_rows: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 30] = [
+pub const KERNEL_NAMES: [&str; 31] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -76,6 +77,7 @@ pub const KERNEL_NAMES: [&str; 30] = [
     "place_rows_f32",
     "argmax_rows",
     "ranked_top_k_rows",
+    "race_rows",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -137,6 +139,7 @@ impl Kernels {
             place_rows_f32: f("place_rows_f32")?,
             argmax_rows: f("argmax_rows")?,
             ranked_top_k_rows: f("ranked_top_k_rows")?,
+            race_rows: f("race_rows")?,
         })
     }
 }
