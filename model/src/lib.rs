@@ -29,6 +29,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod counter_hash;
 pub mod dense;
 pub mod dense_step;
 pub mod device;

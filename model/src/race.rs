@@ -9,7 +9,7 @@
 //! kernel (`race_rows` in `gpu/kernels.cu`) spells the same operations with `__dadd_rn` and
 //! friends so that its compiler fuses nothing.
 
-use crate::sampling::mix64 as mix;
+use crate::counter_hash::mix64 as mix;
 
 /// One race over one row of a step's logits, as a device runs it.
 #[derive(Debug, Clone, Copy, PartialEq)]

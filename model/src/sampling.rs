@@ -8,6 +8,7 @@
 //! and when plain temperature draws became races, 2026-12-05.)
 
 use crate::backend::ops;
+use crate::counter_hash::mix64;
 use crate::error::{ModelError, Result};
 use crate::logit_adjust::{adjusted, LogitAdjustments, TokenHistory};
 use crate::race;
@@ -71,14 +72,6 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == Some(1)
     }
-}
-
-/// SplitMix64's finalizer: a bijection of u64 that spreads every input bit over the output;
-/// the counter-based hash behind seeds, synthetic weights and the race's uniforms.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// xoshiro256** seeded through splitmix64: small, fast, and the same on every platform.

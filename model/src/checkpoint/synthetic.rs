@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::fp8::e4m3_to_f32;
 use super::safetensors::{Dtype, TensorInfo};
-use crate::sampling::mix64 as mix;
+use crate::counter_hash::mix64 as mix;
 
 /// The file that marks a synthetic checkpoint directory.
 pub const MARKER: &str = "synthetic_weights.json";
