@@ -105,20 +105,23 @@ pub enum StepOutput {
     Drawn(u32),
 }
 
-/// [`DenseStep::forward_picking`] from the logits [`DenseStep::forward`] returned.
+/// [`DenseStep::forward_picking`] from the logits [`DenseStep::forward`] returned; the
+/// sequences' picks in parallel (a batch of races or rankings over a large vocabulary is
+/// milliseconds each).
 pub fn pick_on_host(
     logits: Vec<Vec<f32>>,
     seqs: &[StepSequence<'_>],
     picks: &[Pick],
     vocab: usize,
 ) -> Vec<StepOutput> {
+    use rayon::prelude::*;
+    let picks: Vec<Pick> = (0..seqs.len()).map(|i| pick_for(&seqs[i], picks, i)).collect();
     logits
-        .into_iter()
-        .zip(seqs)
-        .enumerate()
-        .map(|(i, (rows, s))| {
+        .into_par_iter()
+        .zip(picks)
+        .map(|(rows, pick)| {
             let last = rows.len().checked_sub(vocab).map(|at| &rows[at..]);
-            match (pick_for(s, picks, i), last) {
+            match (pick, last) {
                 (Pick::Argmax, Some(row)) => StepOutput::Argmax(ops::argmax(row) as u32),
                 (Pick::RankedTopK(k), Some(row)) => {
                     StepOutput::RankedTopK(crate::sampling::ranked_top_k(row, k))
