@@ -328,35 +328,35 @@ fn main() {
         }
     }
 
-    // One draw at temperature 1 over DeepSeek-V3's vocabulary: the race (a plain temperature
-    // draw) against the ranked distribution a top-p draw sorts out, on logits spread over 20
-    // units (a trained model's row) and over 0.1 (a flat row: every token near the lead).
+    // One draw at temperature 1 over DeepSeek-V3's vocabulary: a plain temperature draw (the
+    // race), a top-p 0.95 draw (the race among its nucleus) and a top-k 20, top-p 0.8 draw (the
+    // ranked top 20), on logits spread over 20 units (a trained model's row) and over 0.1 (a
+    // flat row: every token near the lead).
     for (spread, label) in [(20.0f64, "spread"), (0.1, "flat")] {
         let vocab = 129_280;
         let logits: Vec<f32> = (0..vocab)
             .map(|_| ((rng.next_f64() - 0.25) * spread) as f32)
             .collect();
-        let params = |top_p| moe_model::SamplingParams {
+        let params = |top_k, top_p| moe_model::SamplingParams {
             temperature: 1.0,
+            top_k,
             top_p,
             seed: Some(1),
             ..Default::default()
         };
-        let name = format!("sample_race_{label}_129280");
-        if wants(&name) {
-            let mut sampler = moe_model::sampling::Sampler::new(params(1.0));
-            let s = time(|| {
-                std::hint::black_box(sampler.sample(&logits));
-            });
-            results.push((name, s, 1.0));
-        }
-        let name = format!("sample_sorted_{label}_129280");
-        if wants(&name) {
-            let mut sampler = moe_model::sampling::Sampler::new(params(0.999));
-            let s = time(|| {
-                std::hint::black_box(sampler.sample(&logits));
-            });
-            results.push((name, s, 1.0));
+        for (kind, top_k, top_p) in [
+            ("race", None, 1.0),
+            ("top_p", None, 0.95),
+            ("top_k", Some(20), 0.8),
+        ] {
+            let name = format!("sample_{kind}_{label}_129280");
+            if wants(&name) {
+                let mut sampler = moe_model::sampling::Sampler::new(params(top_k, top_p));
+                let s = time(|| {
+                    std::hint::black_box(sampler.sample(&logits));
+                });
+                results.push((name, s, 1.0));
+            }
         }
     }
 

@@ -83,9 +83,8 @@ pub enum Pick {
     /// The last row's `k` best-ranked logits ([`crate::sampling::ranked_top_k`]): a top-k
     /// draw reads nothing else.
     RankedTopK(usize),
-    /// The token the race ([`crate::race::race`]) keyed `key` draws from the last row at
-    /// `temperature`: a draw at a temperature without top-k or top-p.
-    Race { temperature: f32, key: u64 },
+    /// The token the race draws from the last row: a draw at a temperature without top-k.
+    Race(crate::race::Race),
 }
 
 /// The most logits a [`Pick::RankedTopK`] asks for (the device ranks them in `k` passes).
@@ -115,7 +114,9 @@ pub fn pick_on_host(
     vocab: usize,
 ) -> Vec<StepOutput> {
     use rayon::prelude::*;
-    let picks: Vec<Pick> = (0..seqs.len()).map(|i| pick_for(&seqs[i], picks, i)).collect();
+    let picks: Vec<Pick> = (0..seqs.len())
+        .map(|i| pick_for(&seqs[i], picks, i))
+        .collect();
     logits
         .into_par_iter()
         .zip(picks)
@@ -126,9 +127,7 @@ pub fn pick_on_host(
                 (Pick::RankedTopK(k), Some(row)) => {
                     StepOutput::RankedTopK(crate::sampling::ranked_top_k(row, k))
                 }
-                (Pick::Race { temperature, key }, Some(row)) => {
-                    StepOutput::Drawn(crate::race::race(row, temperature, key))
-                }
+                (Pick::Race(race), Some(row)) => StepOutput::Drawn(race.draw(row)),
                 _ => StepOutput::Logits(rows),
             }
         })
@@ -137,14 +136,12 @@ pub fn pick_on_host(
 
 /// What sequence `i` of a step gets: what `picks` asks, except that a prompt being scored
 /// keeps its logits (it needs every row's), and a top-k of 0 or over [`MAX_RANKED_TOP_K`],
-/// or a race at a temperature that is not positive and finite, sends the logits.
+/// or a race a device cannot run (see [`crate::race::Race::is_valid`]), sends the logits.
 pub fn pick_for(s: &StepSequence<'_>, picks: &[Pick], i: usize) -> Pick {
     match picks.get(i).copied().unwrap_or_default() {
         _ if s.all_logits => Pick::Logits,
         Pick::RankedTopK(k) if k == 0 || k > MAX_RANKED_TOP_K => Pick::Logits,
-        Pick::Race { temperature, .. } if !(temperature > 0.0 && temperature.is_finite()) => {
-            Pick::Logits
-        }
+        Pick::Race(race) if !race.is_valid() => Pick::Logits,
         pick => pick,
     }
 }

@@ -1,23 +1,56 @@
-//! Drawing from `softmax(logits / T)` without sorting the vocabulary: the Gumbel-max race.
+//! Drawing from `softmax(logits / T)` without sorting the vocabulary: the Gumbel-max race
+//! (among a top-p nucleus too: `nucleus.rs` finds it without a sort).
 //! Each token's score is `logit / T + g`, `g = -ln(-ln(u))` from a uniform `u` of its own, and
 //! the draw is the best score: exactly a draw from the softmax, in one pass over the row, with
 //! nothing to sum (so no summation order) and the lowest id winning a tie. It is how a draw at
-//! a temperature without top-k or top-p runs (the sort it replaces costs milliseconds per token
-//! at DeepSeek-V3's 129,280-token vocabulary), and it runs on a GPU as it runs here, bit for
+//! a temperature without top-k runs, with or without top-p (the sort it replaces costs
+//! milliseconds per token at DeepSeek-V3's 129,280-token vocabulary), and it runs on a GPU as it runs here, bit for
 //! bit: `u` comes from an integer hash of (key, id), and `ln` is built from correctly rounded
 //! operations only (+, -, *, /, fma), which IEEE 754 defines to the bit on every machine; the
 //! kernel (`race_rows` in `gpu/kernels.cu`) spells the same operations with `__dadd_rn` and
 //! friends so that its compiler fuses nothing.
 
 use crate::counter_hash::mix64 as mix;
+use crate::nucleus;
+
+/// One draw: at `temperature` (> 0), among the top-`top_p` nucleus (`nucleus.rs`; 1 for
+/// every token), keyed `key` ([`race_key`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Race {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub key: u64,
+}
+
+impl Race {
+    /// The token this race draws from `logits`.
+    pub fn draw(&self, logits: &[f32]) -> u32 {
+        let floor = if self.top_p < 1.0 {
+            match nucleus::floor(logits, self.temperature, self.top_p) {
+                Some(floor) => floor,
+                None => return 0,
+            }
+        } else {
+            f32::NEG_INFINITY
+        };
+        race_above(logits, self.temperature, self.key, floor)
+    }
+
+    /// Whether a device can run it: a positive, finite temperature and `top_p` in (0, 1].
+    pub fn is_valid(&self) -> bool {
+        self.temperature > 0.0
+            && self.temperature.is_finite()
+            && self.top_p > 0.0
+            && self.top_p <= 1.0
+    }
+}
 
 /// One race over one row of a step's logits, as a device runs it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowRace {
     /// The logit row (of the step's `[rows, vocab]` logits).
     pub row: u32,
-    pub temperature: f32,
-    pub key: u64,
+    pub race: Race,
 }
 
 /// The key of draw `counter` of a request keyed `key`.
@@ -63,7 +96,12 @@ fn leads(score: f64, id: u32, best: (f64, u32)) -> bool {
 /// The skip is conservative, so the draw is the best score over every token, which is what
 /// the kernel computes without skipping.
 pub fn race(logits: &[f32], temperature: f32, race_key: u64) -> u32 {
-    let drawable = |logit: f32| !logit.is_nan() && logit != f32::NEG_INFINITY;
+    race_above(logits, temperature, race_key, f32::NEG_INFINITY)
+}
+
+/// [`race`] among the tokens whose logit is at least `floor` (a nucleus's).
+fn race_above(logits: &[f32], temperature: f32, race_key: u64, floor: f32) -> u32 {
+    let drawable = |logit: f32| !logit.is_nan() && logit != f32::NEG_INFINITY && logit >= floor;
     let Some(first) = logits
         .iter()
         .enumerate()
@@ -73,7 +111,7 @@ pub fn race(logits: &[f32], temperature: f32, race_key: u64) -> u32 {
     else {
         return 0;
     };
-    let floor = UniformFloor::get();
+    let uniform_floor = UniformFloor::get();
     let lead_score = score(logits[first], temperature, noise(race_key, first as u64));
     let mut best = (lead_score, first as u32);
     for (id, &logit) in logits.iter().enumerate() {
@@ -86,7 +124,7 @@ pub fn race(logits: &[f32], temperature: f32, race_key: u64) -> u32 {
         // (Far from f64's rounding only: below 1e6, a score's rounding is under 1e-10.)
         let base = logit as f64 / temperature as f64;
         let modest = best.0.abs() < 1e6 && base.abs() < 1e6;
-        if modest && floor.rules_out(u, best.0 - base) {
+        if modest && uniform_floor.rules_out(u, best.0 - base) {
             continue;
         }
         let s = base + gumbel(u);
@@ -194,9 +232,9 @@ mod tests {
             .find("RACE_CONSTANTS")
             .expect("the kernel's constants");
         let end = source[at..]
-            .find("race_rows")
-            .map_or(source.len(), |e| at + e + 2000);
-        let section = &source[at..end.min(source.len())];
+            .find("The k best-ranked values")
+            .map_or(source.len(), |e| at + e);
+        let section = &source[at..end];
         let mut expected: Vec<u64> = ATANH_SERIES.iter().map(|c| c.to_bits()).collect();
         expected.extend([std::f64::consts::SQRT_2, LN2_HI, LN2_LO].map(f64::to_bits));
         expected.push((1.0f64 / (1u64 << 52) as f64).to_bits());

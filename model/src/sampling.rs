@@ -2,16 +2,17 @@
 //! (`logit_adjust.rs`) first. Draws are counter-based: the k-th token of a request draws a
 //! number that depends only on (seed, k), so a request with a seed is reproducible, and one
 //! resumed at token k (on another router, after the first died) draws exactly what the
-//! uninterrupted run would have. A draw at a temperature without top-k or top-p is a race
-//! (`race.rs`: no sort of the vocabulary, and the same on a GPU); top-k and top-p draws walk
-//! the ranked distribution. (Seeded outputs changed twice: when draws became counter-based,
-//! and when plain temperature draws became races, 2026-12-05.)
+//! uninterrupted run would have. A draw at a temperature without top-k is a race (`race.rs`,
+//! among a top-p nucleus `nucleus.rs` finds: no sort of the vocabulary, and the same on a
+//! GPU); top-k draws walk the ranked distribution of their k tokens. (Seeded outputs changed
+//! twice: when draws became counter-based, and when draws without top-k became races,
+//! 2026-12-05.)
 
 use crate::backend::ops;
 use crate::counter_hash::mix64;
 use crate::error::{ModelError, Result};
 use crate::logit_adjust::{adjusted, LogitAdjustments, TokenHistory};
-use crate::race;
+use crate::race::{self, Race};
 
 /// How to pick the next token. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -230,22 +231,25 @@ impl Sampler {
             self.position += 1;
             return ops::argmax(logits) as u32;
         }
-        if let Some((temperature, key)) = self.next_race() {
+        if let Some(race) = self.next_race() {
             self.position += 1;
-            return race::race(logits, temperature, key);
+            return race.draw(logits);
         }
         let probs = self.filtered_probs(logits);
         self.draw(&probs)
     }
 
-    /// The race ([`crate::race`]: temperature and key) this sampler's next draw runs: a draw at
-    /// a temperature with neither top-k nor top-p, which reads the whole row but needs no
-    /// ranking of it. `None` for greedy, top-k and top-p draws.
-    pub fn next_race(&self) -> Option<(f32, u64)> {
+    /// The race ([`crate::race`]) this sampler's next draw runs: a draw at a temperature
+    /// without top-k (with or without top-p), which reads the whole row but needs no ranking
+    /// of it. `None` for greedy and top-k draws.
+    pub fn next_race(&self) -> Option<Race> {
         let p = &self.params;
-        let whole_row = p.top_k.filter(|&k| k > 0).is_none() && p.top_p >= 1.0;
-        (!p.is_greedy() && whole_row)
-            .then(|| (p.temperature, race::race_key(self.key, self.position)))
+        let whole_row = p.top_k.filter(|&k| k > 0).is_none();
+        (!p.is_greedy() && whole_row).then(|| Race {
+            temperature: p.temperature,
+            top_p: p.top_p.min(1.0),
+            key: race::race_key(self.key, self.position),
+        })
     }
 
     /// A race run elsewhere (on the device, from [`Self::next_race`] over the same logits, as
@@ -335,9 +339,14 @@ impl Sampler {
 /// The `k` largest logits and their ids, ranked as the sampler ranks them: by f32's total
 /// order, largest first, the lower id first on a tie.
 pub fn ranked_top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let ranks = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]).then(a.cmp(&b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    order.truncate(k);
+    // A strict total order: the k first are the same set whatever the selection, then sorted.
+    if k < order.len() {
+        order.select_nth_unstable_by(k, ranks);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(ranks);
     order.into_iter().map(|i| (i as u32, logits[i])).collect()
 }
 
@@ -415,25 +424,23 @@ mod tests {
         assert_eq!(taken.position(), sampled.position());
     }
 
-    /// A race run elsewhere from `next_race` (the device's) is the draw `sample` makes, and
-    /// counts as it: every later draw, and a resumed sampler, stay where they would be. Top-k
-    /// and top-p draws run no race.
+    /// A race run elsewhere from `next_race` (the device's) is the draw `sample` makes, with
+    /// and without top-p, and counts as it: every later draw, and a resumed sampler, stay where
+    /// they would be. Top-k draws run no race.
     #[test]
     fn a_race_taken_from_elsewhere_is_and_counts_as_the_draw() {
         let logits: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 / 25.0).collect();
-        let mut sampled = Sampler::new(params(0.9, None, 1.0, 5));
-        let mut raced = Sampler::new(params(0.9, None, 1.0, 5));
-        for _ in 0..50 {
-            let (t, key) = raced.next_race().unwrap();
-            let id = raced.take_draw(race::race(&logits, t, key));
-            assert_eq!(id, sampled.sample(&logits));
-            assert_eq!(raced.position(), sampled.position());
+        for top_p in [1.0, 0.9] {
+            let mut sampled = Sampler::new(params(0.9, None, top_p, 5));
+            let mut raced = Sampler::new(params(0.9, None, top_p, 5));
+            for _ in 0..50 {
+                let race = raced.next_race().unwrap();
+                let id = raced.take_draw(race.draw(&logits));
+                assert_eq!(id, sampled.sample(&logits));
+                assert_eq!(raced.position(), sampled.position());
+            }
         }
-        for no_race in [
-            params(0.9, Some(5), 1.0, 5),
-            params(0.9, None, 0.9, 5),
-            params(0.0, None, 1.0, 5),
-        ] {
+        for no_race in [params(0.9, Some(5), 1.0, 5), params(0.0, None, 1.0, 5)] {
             assert!(Sampler::new(no_race).next_race().is_none());
         }
         assert!(Sampler::new(params(0.9, Some(0), 1.0, 5))

@@ -759,8 +759,8 @@ fn pick_of(s: &Sequence, f: &Feed) -> Pick {
     if s.sampler.params().is_greedy() {
         return Pick::Argmax;
     }
-    if let Some((temperature, key)) = s.sampler.next_race() {
-        return Pick::Race { temperature, key };
+    if let Some(race) = s.sampler.next_race() {
+        return Pick::Race(race);
     }
     match s
         .sampler

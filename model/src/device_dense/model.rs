@@ -218,13 +218,9 @@ where
         let mut offset = 0;
         for (s, pick) in seqs.iter().zip(&picks) {
             let n = rows_of(s);
-            if let Pick::Race { temperature, key } = *pick {
+            if let Pick::Race(race) = *pick {
                 let row = (offset + n - 1) as u32;
-                races.push(RowRace {
-                    row,
-                    temperature,
-                    key,
-                });
+                races.push(RowRace { row, race });
             }
             offset += n;
         }
@@ -265,7 +261,7 @@ where
                     let list = ranked.get(from..from + k.min(vocab)).ok_or_else(missing)?;
                     StepOutput::RankedTopK(list.to_vec())
                 }
-                Pick::Race { .. } => StepOutput::Drawn(drawn.next().ok_or_else(missing)?),
+                Pick::Race(_) => StepOutput::Drawn(drawn.next().ok_or_else(missing)?),
                 Pick::Logits => {
                     taken += n;
                     StepOutput::Logits(rows[(taken - n) * vocab..taken * vocab].to_vec())

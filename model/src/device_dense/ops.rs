@@ -248,8 +248,8 @@ pub trait DenseOps {
         width: usize,
         k: usize,
     ) -> Result<Vec<(u32, f32)>, Self::Error>;
-    /// For each race, the token [`crate::race::race`] draws from its row of `[rows, width]`
-    /// logits (rows below `rows`, temperatures positive): downloaded, one id per race.
+    /// For each race, the token [`crate::race::Race::draw`] draws from its row of `[rows,
+    /// width]` logits (rows below `rows`, races valid): downloaded, one id per race.
     fn race_rows(
         &self,
         x: &Self::F32,

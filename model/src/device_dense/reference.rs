@@ -480,7 +480,7 @@ impl DenseOps for HostDenseOps {
         check(
             races
                 .iter()
-                .all(|r| (r.row as usize) < rows && r.temperature > 0.0),
+                .all(|r| (r.row as usize) < rows && r.race.is_valid()),
             "race",
         )?;
         // One id per race crosses.
@@ -489,7 +489,7 @@ impl DenseOps for HostDenseOps {
             .iter()
             .map(|r| {
                 let row = &x[r.row as usize * width..(r.row as usize + 1) * width];
-                crate::race::race(row, r.temperature, r.key)
+                r.race.draw(row)
             })
             .collect())
     }
@@ -781,8 +781,9 @@ mod tests {
             vec![6, 1],
         ];
         let all_logits = [false, false, true, false, false];
-        let race = Pick::Race {
+        let race = crate::race::Race {
             temperature: 0.7,
+            top_p: 0.9,
             key: crate::race::race_key(4, 0),
         };
         let picks = [
@@ -790,13 +791,13 @@ mod tests {
             Pick::Logits,
             Pick::Argmax,
             Pick::RankedTopK(7),
-            race,
+            Pick::Race(race),
         ];
         let drawn_from = |logits: &StepOutput| {
             let StepOutput::Logits(row) = logits else {
                 panic!("forward gives logits")
             };
-            StepOutput::Drawn(crate::race::race(row, 0.7, crate::race::race_key(4, 0)))
+            StepOutput::Drawn(race.draw(row))
         };
         // The GPU-shaped model's methods are its own; the CPU model's are DenseStep's.
         macro_rules! step {

@@ -847,7 +847,7 @@ impl DenseOps for CudaDenseOps {
         let _serial = self.ctx.lock()?;
         let fits = races
             .iter()
-            .all(|r| (r.row as usize) < rows && r.temperature > 0.0 && r.temperature.is_finite());
+            .all(|r| (r.row as usize) < rows && r.race.is_valid());
         if x.len() < rows * width || width == 0 || !fits {
             return Err(shape_error("race"));
         }
@@ -856,15 +856,18 @@ impl DenseOps for CudaDenseOps {
         }
         let stream = self.ctx.stream();
         let row_ids: Vec<u32> = races.iter().map(|r| r.row).collect();
-        let temperatures: Vec<f32> = races.iter().map(|r| r.temperature).collect();
-        let keys: Vec<u64> = races.iter().map(|r| r.key).collect();
+        let temperatures: Vec<f32> = races.iter().map(|r| r.race.temperature).collect();
+        let top_ps: Vec<f32> = races.iter().map(|r| r.race.top_p).collect();
+        let keys: Vec<u64> = races.iter().map(|r| r.race.key).collect();
         let row_ids = stream.clone_htod(&row_ids)?;
         let temperatures = stream.clone_htod(&temperatures)?;
+        let top_ps = stream.clone_htod(&top_ps)?;
         let keys = stream.clone_htod(&keys)?;
         let mut ids = stream.alloc_zeros::<u32>(races.len())?;
         let (width_i, races_i) = (int(width, "width")?, int(races.len(), "races")?);
         // SAFETY: `x` holds `rows` rows of `width` and every race's row is below `rows`
-        // (checked above); `row_ids`, `temperatures`, `keys` and `ids` hold one per race.
+        // (checked above); `row_ids`, `temperatures`, `top_ps`, `keys` and `ids` hold one per
+        // race; `row_grid` launches the 256 threads the kernel's summation order needs.
         unsafe {
             stream
                 .launch_builder(&self.ctx.kernels().race_rows)
@@ -873,6 +876,7 @@ impl DenseOps for CudaDenseOps {
                 .arg(&races_i)
                 .arg(&row_ids)
                 .arg(&temperatures)
+                .arg(&top_ps)
                 .arg(&keys)
                 .arg(&mut ids)
                 .launch(row_grid(races.len()))?;
@@ -1306,8 +1310,11 @@ mod tests {
         let races: Vec<RowRace> = (0..60u64)
             .map(|k| RowRace {
                 row: (k % 6) as u32,
-                temperature: [0.3f32, 1.0, 1.7][k as usize % 3],
-                key: crate::race::race_key(11, k),
+                race: crate::race::Race {
+                    temperature: [0.3f32, 1.0, 1.7][k as usize % 3],
+                    top_p: [1.0f32, 0.9, 0.5, 0.95][k as usize % 4],
+                    key: crate::race::race_key(11, k),
+                },
             })
             .collect();
         let on_gpu = cuda
@@ -1323,8 +1330,11 @@ mod tests {
         let races: Vec<RowRace> = (0..16u64)
             .map(|k| RowRace {
                 row: (k % 2) as u32,
-                temperature: 0.6,
-                key: crate::race::race_key(3, k),
+                race: crate::race::Race {
+                    temperature: 0.6,
+                    top_p: if k % 2 == 0 { 0.95 } else { 1.0 },
+                    key: crate::race::race_key(3, k),
+                },
             })
             .collect();
         let on_gpu = cuda

@@ -195,22 +195,124 @@ __device__ double race_ln(double x) {
     return __dadd_rn(__dmul_rn(ed, ln2_hi), __dadd_rn(__dmul_rn(ed, ln2_lo), ln_m));
 }
 
+// nucleus.rs's exp, for x <= 0: x = k ln 2 + r (k the nearest integer), Taylor's series of exp(r) to r^13, times 2^k in
+// two normal halves; 0 below -745 and for NaN.
+__device__ double nucleus_exp(double x) {
+    // NUCLEUS_CONSTANTS: 1/2! .. 1/13!, 1 / ln 2.
+    const unsigned long long series_bits[12] = {
+        0x3fe0000000000000ULL, 0x3fc5555555555555ULL, 0x3fa5555555555555ULL,
+        0x3f81111111111111ULL, 0x3f56c16c16c16c17ULL, 0x3f2a01a01a01a01aULL,
+        0x3efa01a01a01a01aULL, 0x3ec71de3a556c734ULL, 0x3e927e4fb7789f5cULL,
+        0x3e5ae64567f544e4ULL, 0x3e21eed8eff8d898ULL, 0x3de6124613a86d09ULL};
+    const double inv_ln2 = __longlong_as_double(0x3ff71547652b82feLL);
+    const double ln2_hi = __longlong_as_double(0x3fe62e42fee00000LL);
+    const double ln2_lo = __longlong_as_double(0x3dea39ef35793c76LL);
+    if (!(x >= -745.0)) return 0.0;
+    // Round to the nearest integer by adding and subtracting 1.5 * 2^52, as the host does.
+    const double rounding = 6755399441055744.0;
+    double k = __dsub_rn(__dadd_rn(__dmul_rn(x, inv_ln2), rounding), rounding);
+    double r = __dsub_rn(__dsub_rn(x, __dmul_rn(k, ln2_hi)), __dmul_rn(k, ln2_lo));
+    double p = __longlong_as_double((long long)series_bits[11]);
+    for (int i = 10; i >= 0; --i)
+        p = __dadd_rn(__dmul_rn(p, r), __longlong_as_double((long long)series_bits[i]));
+    p = __dadd_rn(__dmul_rn(__dadd_rn(__dmul_rn(p, r), 1.0), r), 1.0);
+    long long ki = (long long)k;
+    long long half = ki / 2;
+    double a = __longlong_as_double((long long)((unsigned long long)(half + 1023) << 52));
+    double b = __longlong_as_double((long long)((unsigned long long)(ki - half + 1023) << 52));
+    return __dmul_rn(__dmul_rn(p, a), b);
+}
+
+// f32's total order as unsigned keys (NaN aside), and back.
+__device__ __forceinline__ unsigned int float_order_key(float f) {
+    unsigned int bits = __float_as_uint(f);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+__device__ __forceinline__ float float_of_order_key(unsigned int key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// The weight of the drawable logits >= threshold, in nucleus.rs's fixed order: lane = thread
+// (256 of them), ids ascending in each, then lanes added pairwise. Every thread gets it.
+__device__ double nucleus_mass(const float* row, int width, float max, double t, float threshold,
+                               double* lanes) {
+    const float neg_inf = __int_as_float((int)0xff800000u);
+    double acc = 0.0;
+    COLUMN_STRIDE(c, width) {
+        float l = row[c];
+        if (l != l || l == neg_inf || !(l >= threshold)) continue;
+        acc = __dadd_rn(acc, nucleus_exp(__ddiv_rn(__dsub_rn((double)l, (double)max), t)));
+    }
+    lanes[threadIdx.x] = acc;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) lanes[threadIdx.x] = __dadd_rn(lanes[threadIdx.x], lanes[threadIdx.x + half]);
+        __syncthreads();
+    }
+    double total = lanes[0];
+    __syncthreads();
+    return total;
+}
+
+// A block per race; with top_p < 1 the race is among the nucleus: logits >= its floor, the
+// largest value whose logits weigh top_p of all (nucleus.rs), found by bisecting f32 keys.
+// Launched with 256 threads (`row_grid`): the summation order is the host's.
 extern "C" __global__ void race_rows(const float* x, int width, int races, const unsigned int* rows,
-                                     const float* temperatures, const unsigned long long* keys,
-                                     unsigned int* out) {
+                                     const float* temperatures, const float* top_ps,
+                                     const unsigned long long* keys, unsigned int* out) {
     __shared__ double best_score[256];
     __shared__ int best_index[256];
+    __shared__ float low_value[256];
+    __shared__ float high_value[256];
     const float neg_inf = __int_as_float((int)0xff800000u);
     const double neg_inf_d = __longlong_as_double((long long)0xfff0000000000000ULL);
     ROW_STRIDE(r, races) {
         const float* row = x + (long long)rows[r] * width;
         const double t = (double)temperatures[r];
+        const float top_p = top_ps[r];
         const unsigned long long key = keys[r];
+        float floor_value = neg_inf;
+        if (top_p < 1.0f) {
+            // The drawable logits' largest and smallest.
+            float high = neg_inf, low = 0.0f;
+            int any = 0;
+            COLUMN_STRIDE(c, width) {
+                float l = row[c];
+                if (l != l || l == neg_inf) continue;
+                if (!any || l > high) high = l;
+                if (!any || l < low) low = l;
+                any = 1;
+            }
+            high_value[threadIdx.x] = any ? high : neg_inf;
+            low_value[threadIdx.x] = any ? low : __int_as_float(0x7f800000);
+            __syncthreads();
+            for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+                if (threadIdx.x < half) {
+                    high_value[threadIdx.x] = fmaxf(high_value[threadIdx.x], high_value[threadIdx.x + half]);
+                    low_value[threadIdx.x] = fminf(low_value[threadIdx.x], low_value[threadIdx.x + half]);
+                }
+                __syncthreads();
+            }
+            const float max = high_value[0], min = low_value[0];
+            __syncthreads();
+            if (max == neg_inf) {
+                if (threadIdx.x == 0) out[r] = 0u;
+                continue;
+            }
+            const double target = __dmul_rn((double)top_p, nucleus_mass(row, width, max, t, neg_inf, best_score));
+            unsigned int lo = float_order_key(min), hi = float_order_key(max);
+            while (lo < hi) {
+                unsigned int mid = lo + (hi - lo + 1u) / 2u;
+                if (nucleus_mass(row, width, max, t, float_of_order_key(mid), best_score) >= target) lo = mid;
+                else hi = mid - 1u;
+            }
+            floor_value = float_of_order_key(lo);
+        }
         double best = 0.0;
         int i = -1;  // none yet
         COLUMN_STRIDE(c, width) {
             float logit = row[c];
-            if (logit != logit || logit == neg_inf) continue;
+            if (logit != logit || logit == neg_inf || logit < floor_value) continue;
             unsigned long long h = race_mix64(key + (unsigned long long)(c + 1) * 0x9e3779b97f4a7c15ULL);
             double u = __dmul_rn(__dadd_rn((double)(h >> 12), 0.5), __longlong_as_double(0x3cb0000000000000LL));
             double noise = -race_ln(-race_ln(u));
