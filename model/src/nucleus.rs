@@ -22,9 +22,11 @@ fn drawable(logit: f32) -> bool {
     !logit.is_nan() && logit != f32::NEG_INFINITY
 }
 
-/// `ln 2` split so that `k * LN2_HI` is exact (as in `race.rs`), and `1 / ln 2`.
-const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
-const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+/// ln 2 split in two (fdlibm's): the high part ends in 32 zero bits, so `k * LN2_HI` is
+/// exact for every exponent an f64 has (`race.rs`'s `ln` uses them too).
+pub(crate) const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+pub(crate) const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+/// `1 / ln 2`.
 const INV_LN2: f64 = f64::from_bits(0x3ff7_1547_652b_82fe);
 
 /// `1 / n!` for n = 2..=13: Taylor's series of `exp` on `|r| <= ln 2 / 2`, below half an ulp.
@@ -215,32 +217,16 @@ mod tests {
     /// The kernel's constants (written as bits in `nucleus_exp`) are these.
     #[test]
     fn the_kernels_constants_are_these_bits() {
-        let source = include_str!("gpu/kernels.cu");
-        let at = source
-            .find("NUCLEUS_CONSTANTS")
-            .expect("the kernel's constants");
-        let section = &source[at..(at + 1500).min(source.len())];
-        let mut expected: Vec<u64> = EXP_SERIES.iter().map(|c| c.to_bits()).collect();
-        expected.extend([INV_LN2, LN2_HI, LN2_LO].map(f64::to_bits));
-        for bits in expected {
-            assert!(section.contains(&format!("0x{bits:016x}")), "0x{bits:016x}");
-        }
+        let mut constants = EXP_SERIES.to_vec();
+        constants.extend([INV_LN2, LN2_HI, LN2_LO]);
+        crate::test_support::assert_kernel_constants("NUCLEUS_CONSTANTS", &constants);
     }
 
     /// A top-p draw takes only the nucleus's tokens, each in proportion to its weight
     /// (a chi-square test over 40,000 draws).
     #[test]
     fn a_top_p_draw_takes_the_nucleus_in_proportion() {
-        let logits = [
-            1.0f32,
-            2.0,
-            0.5,
-            -1.0,
-            3.0,
-            f32::NEG_INFINITY,
-            2.5,
-            f32::NAN,
-        ];
+        let logits = crate::test_support::DRAW_LOGITS;
         let (t, top_p) = (0.8f32, 0.8f32);
         let floor = floor(&logits, t, top_p).unwrap();
         let exps: Vec<f64> = logits

@@ -11,7 +11,7 @@
 //! friends so that its compiler fuses nothing.
 
 use crate::counter_hash::mix64 as mix;
-use crate::nucleus;
+use crate::nucleus::{self, LN2_HI, LN2_LO};
 
 /// One draw: at `temperature` (> 0), among the top-`top_p` nucleus (`nucleus.rs`; 1 for
 /// every token), keyed `key` ([`race_key`]).
@@ -175,11 +175,6 @@ impl UniformFloor {
     }
 }
 
-/// ln 2 split in two (fdlibm's): the high part ends in 32 zero bits, so `e * LN2_HI` is
-/// exact for every exponent an f64 has.
-const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
-const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
-
 /// `1 / (2k + 1)` for k = 1..=11: the series of `atanh`, `ln m = 2 atanh((m - 1) / (m + 1))`.
 const ATANH_SERIES: [f64; 11] = [
     1.0 / 3.0,
@@ -227,20 +222,10 @@ mod tests {
     /// The kernel's constants (written as bits in `race_rows`'s `race_ln`) are these.
     #[test]
     fn the_kernels_constants_are_these_bits() {
-        let source = include_str!("gpu/kernels.cu");
-        let at = source
-            .find("RACE_CONSTANTS")
-            .expect("the kernel's constants");
-        let end = source[at..]
-            .find("The k best-ranked values")
-            .map_or(source.len(), |e| at + e);
-        let section = &source[at..end];
-        let mut expected: Vec<u64> = ATANH_SERIES.iter().map(|c| c.to_bits()).collect();
-        expected.extend([std::f64::consts::SQRT_2, LN2_HI, LN2_LO].map(f64::to_bits));
-        expected.push((1.0f64 / (1u64 << 52) as f64).to_bits());
-        for bits in expected {
-            assert!(section.contains(&format!("0x{bits:016x}")), "0x{bits:016x}");
-        }
+        let mut constants = ATANH_SERIES.to_vec();
+        let unit = 1.0f64 / (1u64 << 52) as f64;
+        constants.extend([std::f64::consts::SQRT_2, LN2_HI, LN2_LO, unit]);
+        crate::test_support::assert_kernel_constants("RACE_CONSTANTS", &constants);
     }
 
     #[test]
@@ -265,16 +250,7 @@ mod tests {
     /// Frequencies follow the softmax (a chi-square test over 40,000 races, each its own key).
     #[test]
     fn races_draw_from_the_softmax() {
-        let logits = [
-            1.0f32,
-            2.0,
-            0.5,
-            -1.0,
-            3.0,
-            f32::NEG_INFINITY,
-            2.5,
-            f32::NAN,
-        ];
+        let logits = crate::test_support::DRAW_LOGITS;
         let t = 0.8f32;
         let n = 40_000;
         let mut counts = [0usize; 8];

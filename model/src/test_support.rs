@@ -103,3 +103,24 @@ pub(crate) fn report_skip(why: &str) {
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }
+
+/// Asserts that the kernel source writes each of `constants` as its bits (`0x...` literals)
+/// after `marker` and before the next kernel section (the top-k ranking's): what the host
+/// computes with and what the device computes with are the same numbers.
+pub(crate) fn assert_kernel_constants(marker: &str, constants: &[f64]) {
+    let source = include_str!("gpu/kernels.cu");
+    let at = source.find(marker).expect("the kernel's constants");
+    let end = source[at..]
+        .find("The k best-ranked values")
+        .map_or(source.len(), |e| at + e);
+    for bits in constants.iter().map(|c| c.to_bits()) {
+        assert!(
+            source[at..end].contains(&format!("0x{bits:016x}")),
+            "{marker}: 0x{bits:016x}"
+        );
+    }
+}
+
+/// A row for sampling tests: distinct logits, one -inf and one NaN (never drawn).
+pub(crate) const DRAW_LOGITS: [f32; 8] =
+    [1.0, 2.0, 0.5, -1.0, 3.0, f32::NEG_INFINITY, 2.5, f32::NAN];
