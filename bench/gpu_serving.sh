@@ -17,9 +17,10 @@
 # layers (default 8: the 3 dense ones and 5 MoE layers, 56 GB of FP8 experts, which fits an H100 too) from a synthetic
 # checkpoint (no weight files: each process generates them from the seed and uploads them
 # expert by expert), `--gpu-fp8 keep`, at batches 1, 8, 64 and 256, the engine alone and with
-# its experts behind two in-process nodes (the router's device-resident exchange), beside the
-# memory-bandwidth bound of the same decode (bench/decode_bound.py, BANDWIDTH_GBS, default
-# the H200's 4800). `DEVICE=cpu V3_LAYERS=4 V3_BATCH=1 V3_GEN=8` runs it on a 24 GB CPU machine.
+# its experts behind two in-process nodes (the router's device-resident exchange), drawing as
+# DeepSeek recommends (V3_SAMPLING, default `--temperature 0.6 --top-p 0.95`: a race among the
+# nucleus on the device; empty for greedy), beside the memory-bandwidth bound of the same
+# decode (bench/decode_bound.py, BANDWIDTH_GBS, default the H200's 4800). `DEVICE=cpu V3_LAYERS=4 V3_BATCH=1 V3_GEN=8` runs it on a 24 GB CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${MOE_BIN_DIR:-/tmp/moe-gpu-bin}")
@@ -35,13 +36,14 @@ if [ "${1:-}" = deepseek-v3 ]; then
     --synthetic --out "$model" || exit 1
   gpu=()
   [ "$device" = cpu ] || gpu=(--gpu-dtype f32)
+  read -r -a sampling <<<"${V3_SAMPLING---temperature 0.6 --top-p 0.95}"
   status=0
   echo "== DeepSeek-V3 dimensions, $layers layers, synthetic FP8 weights, on $device, --gpu-fp8 keep"
   MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
-    --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
+    "${sampling[@]}" --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
   echo "== the same, experts behind 2 in-process nodes (device-resident exchange)"
   MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
-    --in-process-nodes 2 --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
+    "${sampling[@]}" --in-process-nodes 2 --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
   # Weights as held: projections FP8 (1 byte), embeddings, lm_head and gates widened to f32 on
   # a GPU in --gpu-dtype f32 (bf16 on the CPU); the KV cache in f32.
   other=4

@@ -434,6 +434,36 @@ fn bench_reports_json() {
         }
         assert!(r["inter_token_latency_ms"]["p50"].as_f64().unwrap() > 0.0);
     }
+    assert_eq!(json["sampling"], "greedy");
+    // Drawn at a temperature, as seeded requests would be; a top-p no request may ask for is
+    // refused.
+    let bench = |top_p: &str| {
+        moe(&[
+            "bench",
+            "--model",
+            dir.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--prompt-len",
+            "8",
+            "--gen",
+            "4",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            top_p,
+            "--json",
+        ])
+    };
+    let json = last_json_line(&bench("0.9"));
+    assert_eq!(json["sampling"], "temperature 0.7, top-p 0.9");
+    assert!(json["results"][0]["decode_tok_s"].as_f64().unwrap() > 0.0);
+    let refused = bench("1.5");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("top_p"),
+        "{stderr}"
+    );
 }
 
 /// `moe gen-secrets` writes each secret once, private to its owner, and keeps existing ones.

@@ -147,10 +147,7 @@ impl Engine {
     /// found where the dense part runs (on a GPU only the ids are downloaded).
     pub fn step_greedy(&self, seqs: &mut [StepSequence<'_>]) -> Result<Vec<u32>> {
         let picks = vec![crate::dense_step::Pick::Argmax; seqs.len()];
-        let outputs = crate::backend::in_math_pool(|| {
-            self.dense
-                .forward_picking(seqs, self.routed_experts(), &picks)
-        })?;
+        let outputs = self.step_picking(seqs, &picks)?;
         outputs
             .into_iter()
             .map(|output| match output {
@@ -167,6 +164,19 @@ impl Engine {
                     .ok_or_else(|| ModelError::InvalidRequest("a step without logits".into())),
             })
             .collect()
+    }
+
+    /// [`Self::step`], each sequence coming back as much as its pick asks
+    /// ([`DenseStep::forward_picking`]: on a GPU, argmaxes and draws are found there).
+    pub fn step_picking(
+        &self,
+        seqs: &mut [StepSequence<'_>],
+        picks: &[crate::dense_step::Pick],
+    ) -> Result<Vec<crate::dense_step::StepOutput>> {
+        crate::backend::in_math_pool(|| {
+            self.dense
+                .forward_picking(seqs, self.routed_experts(), picks)
+        })
     }
 
     /// Logits at every position of a prompt, `[len, vocab]`.

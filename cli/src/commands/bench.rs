@@ -10,7 +10,8 @@ use std::time::Instant;
 use clap::Args;
 use moe_cluster::DeviceArgs;
 use moe_model::dense::StepSequence;
-use moe_model::sampling::Rng;
+use moe_model::dense_step::{Pick, StepOutput};
+use moe_model::sampling::{Rng, Sampler};
 use moe_model::Engine;
 
 use super::bench_report::{BatchResult, BenchReport, Percentiles, Workload};
@@ -68,6 +69,7 @@ fn offline(
             0 => device.describe(),
             n => format!("{}, experts behind {n} in-process nodes", device.describe()),
         },
+        sampling: workload.describe_sampling(),
         threads: rayon::current_num_threads(),
         results,
     })
@@ -81,6 +83,9 @@ fn one_batch(
 ) -> anyhow::Result<BatchResult> {
     let batch = prompts.len();
     let mut caches: Vec<_> = (0..batch).map(|_| engine.new_cache()).collect();
+    let mut samplers = (0..batch)
+        .map(|i| workload.sampling(i).map(Sampler::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let start = Instant::now();
     let first = {
         let mut step: Vec<StepSequence<'_>> = caches
@@ -92,7 +97,7 @@ fn one_batch(
                 all_logits: false,
             })
             .collect();
-        engine.step_greedy(&mut step)?
+        pick_next(engine, &mut step, &mut samplers)?
     };
     let mut next: Vec<u32> = first;
     let ttft = start.elapsed().as_secs_f64();
@@ -110,7 +115,7 @@ fn one_batch(
                     all_logits: false,
                 })
                 .collect();
-            engine.step_greedy(&mut step)?
+            pick_next(engine, &mut step, &mut samplers)?
         };
         next = picked;
         step_times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -125,6 +130,34 @@ fn one_batch(
         decode_tok_s: (batch * workload.gen.saturating_sub(1)) as f64 / decode.max(1e-9),
         inter_token_latency_ms: Percentiles::of(step_times),
     })
+}
+
+/// One step, each sequence's next token drawn by its sampler: greedy picks and races run
+/// where the dense part runs (on a GPU, only the ids come back).
+fn pick_next(
+    engine: &Engine,
+    step: &mut [StepSequence<'_>],
+    samplers: &mut [Sampler],
+) -> anyhow::Result<Vec<u32>> {
+    let picks: Vec<Pick> = samplers
+        .iter()
+        .map(|s| s.next_race().map_or(Pick::Argmax, Pick::Race))
+        .collect();
+    let vocab = engine.config().vocab_size;
+    let outputs = engine.step_picking(step, &picks)?;
+    samplers
+        .iter_mut()
+        .zip(outputs)
+        .map(|(sampler, output)| match output {
+            StepOutput::Argmax(id) => Ok(sampler.take_argmax(id)),
+            StepOutput::Drawn(id) => Ok(sampler.take_draw(id)),
+            StepOutput::RankedTopK(ranked) => Ok(sampler.sample_ranked(&ranked)),
+            StepOutput::Logits(rows) => match rows.len().checked_sub(vocab) {
+                Some(last) => Ok(sampler.sample(&rows[last..])),
+                None => anyhow::bail!("a step without logits"),
+            },
+        })
+        .collect()
 }
 
 /// One short prefill and decode step before anything is timed: the first batch would otherwise

@@ -42,6 +42,7 @@ pub fn run(router: &str, workload: &Workload) -> anyhow::Result<BenchReport> {
             model: format!("router {router} ({})", info.model_dir),
             model_type: info.model_type,
             device: "router".into(),
+            sampling: workload.describe_sampling(),
             threads: 0,
             results,
         })
@@ -58,10 +59,15 @@ async fn one_batch(
     let start = Instant::now();
     let tasks: Vec<_> = prompts
         .iter()
-        .map(|ids| {
+        .enumerate()
+        .map(|(i, ids)| {
+            let sampling = (workload.temperature > 0.0).then_some(i as u64);
             let request = GenerateRequest {
                 // Timed, not checked: no logprobs to compute and send.
                 logprobs: false,
+                temperature: Some(workload.temperature),
+                top_p: sampling.map(|_| workload.top_p),
+                seed: sampling,
                 ..moe_tooling::greedy(ids, workload.gen as u32)
             };
             tokio::spawn(one_stream(client.clone(), request, start))

@@ -20,6 +20,14 @@ pub struct Workload {
     /// router with prefix caching holds it, as after earlier traffic.
     #[arg(long, default_value_t = 0)]
     pub shared_prefix: usize,
+    /// Temperature of the generated tokens' draws (0: greedy). Above 0 each sequence draws as a
+    /// request with a seed would (a race without top-k, on the device where the dense part
+    /// runs on one), so the sampling's cost is in the figures.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-p of those draws.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
 }
 
 impl Workload {
@@ -45,6 +53,28 @@ impl Workload {
         (0..self.shared_prefix)
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect()
+    }
+
+    /// How sequence `index` draws its tokens (seeded by its index); an error for a
+    /// temperature or top-p a request could not ask for.
+    pub fn sampling(&self, index: usize) -> anyhow::Result<moe_model::SamplingParams> {
+        let params = moe_model::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: Some(index as u64),
+            ..Default::default()
+        };
+        params.validate()?;
+        Ok(params)
+    }
+
+    /// What the report says of the draws.
+    pub fn describe_sampling(&self) -> String {
+        if self.temperature == 0.0 {
+            "greedy".into()
+        } else {
+            format!("temperature {}, top-p {}", self.temperature, self.top_p)
+        }
     }
 
     /// The shape each batch reports: prompts as long as prefix + own tokens.
@@ -104,6 +134,8 @@ pub struct BenchReport {
     pub model_type: String,
     /// `cpu`, `cuda:N (dtype)`, or `router` for a cluster.
     pub device: String,
+    /// `greedy`, or the draws' temperature and top-p.
+    pub sampling: String,
     pub threads: usize,
     pub results: Vec<BatchResult>,
 }
@@ -116,8 +148,8 @@ impl BenchReport {
             return Ok(());
         }
         println!(
-            "{} ({}), {}, {} threads",
-            self.model, self.model_type, self.device, self.threads
+            "{} ({}), {}, {} threads, {}",
+            self.model, self.model_type, self.device, self.threads, self.sampling
         );
         println!("batch  prefill tok/s  TTFT ms  decode tok/s  ITL p50/p90/p99 ms");
         for r in &self.results {
