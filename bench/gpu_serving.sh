@@ -16,8 +16,9 @@
 # MLA, 256 experts top-8, vocabulary 129,280, FP8 with 128x128 block scales) with V3_LAYERS
 # layers (default 8: the 3 dense ones and 5 MoE layers, 56 GB of FP8 experts, which fits an H100 too) from a synthetic
 # checkpoint (no weight files: each process generates them from the seed and uploads them
-# expert by expert), `--gpu-fp8 keep`, at batches 1, 8, 64 and 256, the engine alone and with
-# its experts behind two in-process nodes (the router's device-resident exchange), drawing as
+# expert by expert), `--gpu-fp8 keep`, at batches 1, 8, 64 and 256: the offline engine, then
+# `moe-router --in-process-nodes 2` serving that many concurrent streams (router and experts in
+# one process on one GPU: the device-resident exchange; tok/s, TTFT and ITL p50/p99), drawing as
 # DeepSeek recommends (V3_SAMPLING, default `--temperature 0.6 --top-p 0.95`: a race among the
 # nucleus on the device; empty for greedy), beside the memory-bandwidth bound of the same
 # decode (bench/decode_bound.py, BANDWIDTH_GBS, default the H200's 4800). `DEVICE=cpu V3_LAYERS=4 V3_BATCH=1 V3_GEN=8` runs it on a 24 GB CPU machine.
@@ -41,9 +42,27 @@ if [ "${1:-}" = deepseek-v3 ]; then
   echo "== DeepSeek-V3 dimensions, $layers layers, synthetic FP8 weights, on $device, --gpu-fp8 keep"
   MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
     "${sampling[@]}" --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
-  echo "== the same, experts behind 2 in-process nodes (device-resident exchange)"
-  MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
-    "${sampling[@]}" --in-process-nodes 2 --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
+  echo "== served: moe-router with its experts on 2 in-process nodes (device-resident exchange), concurrent streams"
+  out=/tmp/moe-v3-router.out log=/tmp/moe-v3-router.log
+  # Every stream of the largest batch runs at once; prefill chunks of 2,048 tokens.
+  MOE_GPU_FP8=keep moe-router --model "$model" --device "$device" "${gpu[@]}" --in-process-nodes 2 \
+    --grpc-listen 127.0.0.1:0 --max-running 256 --max-waiting 512 --max-batch-tokens 2048 \
+    --kv-cache-bytes 8000000000 >"$out" 2>"$log" &
+  router_pid=$!
+  addr=""
+  for _ in $(seq 1 "${V3_LOAD_WAIT:-180}"); do
+    addr=$(sed -n 's/^moe-router listening on //p' "$out")
+    [ -n "$addr" ] && break
+    kill -0 "$router_pid" 2>/dev/null || break
+    sleep 1
+  done
+  if [ -n "$addr" ]; then
+    timeout "${V3_TIMEOUT:-240}" moe bench --router "$addr" "${sampling[@]}" --batch "$batch" \
+      --prompt-len "$prompt" --gen "$gen" || status=1
+  else
+    echo "the router did not start:"; tail -5 "$log"; status=1
+  fi
+  kill "$router_pid" 2>/dev/null; wait "$router_pid" 2>/dev/null
   # Weights as held: projections FP8 (1 byte), embeddings, lm_head and gates widened to f32 on
   # a GPU in --gpu-dtype f32 (bf16 on the CPU); the KV cache in f32.
   other=4

@@ -44,7 +44,8 @@
 #      run from host rows;
 #   6. (run after the `moe generate` checks of 3) `moe generate --in-process-nodes 2` on
 #      cuda:0: the experts behind two in-process nodes over the layer exchange, a layer's
-#      rows gathered per node and placed back on the device = the CPU's tokens;
+#      rows gathered per node and placed back on the device = the CPU's tokens; and the same
+#      served by `moe-router --in-process-nodes 2 --device cuda:0` (no etcd) over gRPC;
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
@@ -200,6 +201,29 @@ in_process_same_tokens() {
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
 }
 check "device-resident exchange (--in-process-nodes 2): cuda:0 = cpu tokens" 25 in_process_same_tokens
+
+served_in_process_same_tokens() {
+  set -eo pipefail
+  local model=tests/fixtures/deepseek-v3-tiny out=/tmp/moe-in-process-router.out cpu gpu ids addr="" pid
+  cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
+  "$UNPACKED/moe-router" --model $model --device cuda:0 --gpu-dtype f32 --in-process-nodes 2 \
+    --grpc-listen 127.0.0.1:0 >$out 2>/tmp/moe-in-process-router.log &
+  pid=$!
+  for _ in $(seq 1 60); do
+    addr=$(sed -n 's/^moe-router listening on //p' $out)
+    [ -n "$addr" ] && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.5
+  done
+  [ -n "$addr" ] || { tail -5 /tmp/moe-in-process-router.log; kill $pid 2>/dev/null; return 1; }
+  gpu=$("$UNPACKED/moe" generate --router "$addr" --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1) || true
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
+  echo "cpu: $cpu"
+  echo "served by moe-router --in-process-nodes 2 on cuda:0: $gpu"
+  ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
+  [ -n "$gpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+}
+check "moe-router --in-process-nodes 2 on cuda:0 serves the cpu tokens" 40 served_in_process_same_tokens
 
 fp8_kept_same_tokens() {
   set -eo pipefail

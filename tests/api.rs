@@ -2,51 +2,33 @@
 //! every bad input with its status code, queue limits, disconnects, streaming text, and what
 //! crosses the data plane.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use moe_model::Engine;
 use moe_proto::v1::GenerateRequest;
-use moe_tests::harness::{self, generate, wait_serving};
+use moe_tests::harness::{self, generate, python_grpc_client, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{greedy, LocalCluster};
-use serde_json::Value;
 use tonic::Code;
-
-fn python(args: &[&str]) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_client.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    serde_json::from_str(stdout.lines().last().expect("output")).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_and_health_checks() {
     let fixture = FIXTURES[0];
     let mut cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 0)).unwrap();
     // No expert node yet: no placement, so not serving.
-    let health = python(&["health", &cluster.router_addr]);
+    let health = python_grpc_client(&["health", &cluster.router_addr]);
     assert_eq!(health["overall"], "NOT_SERVING");
     assert_eq!(health["inference"], "NOT_SERVING");
     cluster.add_node().unwrap();
     wait_serving(&cluster, 1).await;
-    let health = python(&["health", &cluster.router_addr]);
+    let health = python_grpc_client(&["health", &cluster.router_addr]);
     assert_eq!(health["overall"], "SERVING");
     assert_eq!(health["inference"], "SERVING");
 
     let case = &golden_cases(fixture)[0];
     let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let spec = serde_json::json!({"prompt": case.prompt, "max_new_tokens": 24});
-    let got = python(&["generate", &cluster.router_addr, &spec.to_string()]);
+    let got = python_grpc_client(&["generate", &cluster.router_addr, &spec.to_string()]);
     let ids: Vec<u32> = got["output_ids"]
         .as_array()
         .unwrap()

@@ -1,22 +1,10 @@
 //! The cluster with real processes (etcd, router, expert nodes) answers exactly like the offline
 //! engine, whatever the number of nodes and whatever else is in the batch.
 
-use moe_model::{Engine, GenerateRequest, SamplingParams};
-use moe_tests::harness::{self, generate, wait_serving};
+use moe_model::Engine;
+use moe_tests::harness::{self, generate, offline_greedy, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{greedy, LocalCluster};
-
-fn offline(engine: &Engine, ids: &[u32], n: usize) -> moe_model::GenerateOutput {
-    engine
-        .generate(&GenerateRequest {
-            input_ids: ids.to_vec(),
-            max_new_tokens: n,
-            sampling: SamplingParams::default(),
-            ignore_eos: true,
-            emit_logits: false,
-        })
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_on_one_two_and_three_nodes_matches_offline() {
@@ -25,7 +13,7 @@ async fn every_fixture_on_one_two_and_three_nodes_matches_offline() {
         let cases = golden_cases(fixture);
         let expected: Vec<_> = cases
             .iter()
-            .map(|c| offline(&engine, &c.input_ids, 24))
+            .map(|c| offline_greedy(&engine, &c.input_ids, 24))
             .collect();
         for nodes in 1..=3 {
             let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), nodes)).unwrap();
@@ -81,13 +69,7 @@ async fn concurrent_streams_equal_each_alone(micro_batches: u32) {
         .extend(["--micro-batches".into(), micro_batches.to_string()]);
     let cluster = LocalCluster::start(spec).unwrap();
     wait_serving(&cluster, 2).await;
-    let requests: Vec<(Vec<u32>, usize)> = (0..16)
-        .map(|i| {
-            let case = &cases[i % cases.len()];
-            let prompt_len = case.input_ids.len() - (i / cases.len());
-            (case.input_ids[..prompt_len].to_vec(), 8 + 3 * i)
-        })
-        .collect();
+    let requests = harness::mixed_requests(&cases);
     let mut tasks = Vec::new();
     for (ids, n) in requests.clone() {
         let mut client = harness::inference(&cluster).await;
@@ -97,7 +79,7 @@ async fn concurrent_streams_equal_each_alone(micro_batches: u32) {
     }
     for (task, (ids, n)) in tasks.into_iter().zip(requests) {
         let got = task.await.unwrap();
-        let alone = offline(&engine, &ids, n);
+        let alone = offline_greedy(&engine, &ids, n);
         assert_eq!(got.ids, alone.output_ids);
         assert_eq!(got.logprobs, alone.logprobs);
     }
@@ -136,7 +118,7 @@ async fn chunked_prefill_beside_running_decodes_is_exact() {
     }
     for (task, case) in tasks.into_iter().zip(&cases) {
         let got = task.await.unwrap();
-        let alone = offline(&engine, &case.input_ids, 12);
+        let alone = offline_greedy(&engine, &case.input_ids, 12);
         assert_eq!(got.ids, alone.output_ids);
         assert_eq!(got.logprobs, alone.logprobs);
     }
@@ -162,7 +144,7 @@ async fn nodes_with_a_small_batch_bound_get_layers_in_pieces() {
         let mut client = harness::inference(&cluster).await;
         for (i, case) in cases.iter().enumerate() {
             assert!(case.input_ids.len() > 3, "the prompt spans several batches");
-            let expected = offline(&engine, &case.input_ids, 8);
+            let expected = offline_greedy(&engine, &case.input_ids, 8);
             let got = generate(&mut client, greedy(&case.input_ids, 8))
                 .await
                 .unwrap_or_else(|e| panic!("{transport} case {i}: {e}"));

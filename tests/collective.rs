@@ -10,26 +10,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_model::{Engine, GenerateRequest, SamplingParams};
+use moe_model::Engine;
 use moe_tests::harness::{
-    self, expected_answers, generate, serving_nodes, wait_serving, wait_status,
+    self, expected_answers, generate, offline_greedy, serving_nodes, wait_serving, wait_status,
 };
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{greedy, GreedyLoad, LocalCluster};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn offline(engine: &Engine, ids: &[u32]) -> moe_model::GenerateOutput {
-    engine
-        .generate(&GenerateRequest {
-            input_ids: ids.to_vec(),
-            max_new_tokens: 24,
-            sampling: SamplingParams::default(),
-            ignore_eos: true,
-            emit_logits: false,
-        })
-        .unwrap()
-}
 
 fn tcp_spec(fixture: &str, nodes: usize) -> moe_tooling::LocalClusterSpec {
     let mut spec = harness::spec(fixture_dir(fixture), nodes);
@@ -52,7 +40,7 @@ async fn tcp_collective_matches_offline_and_survives_a_sigkill() {
     // Golden prompts over the collective: tokens and logprobs bitwise the offline engine's.
     let mut client = harness::inference(&cluster).await;
     for (i, case) in golden_cases(fixture).iter().enumerate() {
-        let want = offline(&engine, &case.input_ids);
+        let want = offline_greedy(&engine, &case.input_ids, 24);
         let got = generate(&mut client, greedy(&case.input_ids, 24))
             .await
             .unwrap();
@@ -126,7 +114,7 @@ async fn tcp_collective_matches_offline_and_survives_a_sigkill() {
     );
     let layers_before = after.collective_layers;
     let case = &golden_cases(fixture)[0];
-    let want = offline(&engine, &case.input_ids);
+    let want = offline_greedy(&engine, &case.input_ids, 24);
     let mut client = harness::inference(&cluster).await;
     let got = generate(&mut client, greedy(&case.input_ids, 24))
         .await
@@ -177,7 +165,7 @@ async fn two_routers_each_get_their_own_collective() {
                 .await
                 .unwrap();
                 for (i, case) in golden_cases(fixture).iter().enumerate() {
-                    let want = offline(&engine, &case.input_ids);
+                    let want = offline_greedy(&engine, &case.input_ids, 24);
                     let got = generate(&mut client, greedy(&case.input_ids, 24))
                         .await
                         .unwrap();
@@ -277,7 +265,7 @@ async fn a_paused_node_breaks_the_collective_and_the_same_epoch_re_forms_it() {
     assert_eq!(reformed.suspect_replans, 0, "{reformed:?}");
     assert_eq!(serving_nodes(&reformed), serving_nodes(&before));
     let case = &golden_cases(fixture)[0];
-    let want = offline(&engine, &case.input_ids);
+    let want = offline_greedy(&engine, &case.input_ids, 24);
     let mut client = harness::inference(&cluster).await;
     let got = generate(&mut client, greedy(&case.input_ids, 24))
         .await

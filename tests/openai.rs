@@ -93,17 +93,7 @@ async fn official_openai_client_gets_the_offline_tokens() {
     let case = &golden_cases(fixture)[1];
     let messages = vec![msg("system", "You are terse."), msg("user", &case.prompt)];
     let n = 12;
-    let offline = |ids: &[u32]| {
-        engine
-            .generate(&moe_model::GenerateRequest {
-                input_ids: ids.to_vec(),
-                max_new_tokens: n,
-                sampling: Default::default(),
-                ignore_eos: true,
-                emit_logits: false,
-            })
-            .unwrap()
-    };
+    let offline = |ids: &[u32]| harness::offline_greedy(&engine, ids, n);
     let completion = offline(&case.input_ids);
     let chat_ids = tokenizer
         .encode_raw(&template(&tokenizer).render(&messages, true).unwrap())

@@ -3,7 +3,7 @@
 //! a batch; `--prefix-caching=false` turns it off.
 
 use moe_model::{Engine, GenerateOutput};
-use moe_tests::harness::{self, generate, wait_serving};
+use moe_tests::harness::{self, generate, offline_greedy, wait_serving};
 use moe_tests::{fixture_dir, FIXTURES};
 use moe_tooling::{greedy, LocalCluster};
 
@@ -26,18 +26,6 @@ fn prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn offline(engine: &Engine, prompt: &[u32], n: usize) -> GenerateOutput {
-    engine
-        .generate(&moe_model::GenerateRequest {
-            input_ids: prompt.to_vec(),
-            max_new_tokens: n,
-            sampling: Default::default(),
-            ignore_eos: true,
-            emit_logits: false,
-        })
-        .unwrap()
-}
-
 /// Runs the prompts on a router with `--kv-block-tokens 4` and `caching` (first one alone,
 /// then the rest at once); checks every answer bit for bit and returns the hit tokens counted.
 async fn run(caching: bool) -> (f64, f64) {
@@ -45,7 +33,10 @@ async fn run(caching: bool) -> (f64, f64) {
     let engine = Engine::load(&dir).unwrap();
     let n = 8;
     let prompts = prompts();
-    let expected: Vec<GenerateOutput> = prompts.iter().map(|p| offline(&engine, p, n)).collect();
+    let expected: Vec<GenerateOutput> = prompts
+        .iter()
+        .map(|p| offline_greedy(&engine, p, n))
+        .collect();
 
     let mut spec = harness::spec(dir, 1);
     spec.router_args.extend(
@@ -124,7 +115,7 @@ async fn n_choices_prefill_their_prompt_once() {
     let dir = fixture_dir(FIXTURES[0]);
     let engine = Engine::load(&dir).unwrap();
     let prompt = &prompts()[0];
-    let want = offline(&engine, prompt, 6);
+    let want = offline_greedy(&engine, prompt, 6);
     let text = engine.tokenizer().decode(&want.output_ids).unwrap();
     let mut spec = harness::spec(dir, 1);
     spec.router_args
@@ -175,7 +166,7 @@ async fn shared_blocks_count_once_in_the_kv_budget() {
     let blocks_for = |tokens: usize| tokens.div_ceil(block);
     // All of the long one, and the short one's blocks past the 9 it shares.
     let budget_blocks = blocks_for(long.0.len() + long.1) + blocks_for(short.0.len() + short.1) - 9;
-    let want = offline(&engine, &short.0, short.1);
+    let want = offline_greedy(&engine, &short.0, short.1);
 
     let mut spec = harness::spec(dir, 1);
     spec.router_args.extend([
@@ -236,11 +227,11 @@ async fn a_next_turn_reuses_the_answer_blocks_bitwise() {
     let dir = fixture_dir(FIXTURES[0]);
     let engine = Engine::load(&dir).unwrap();
     let first = &prompts()[0];
-    let answer = offline(&engine, first, 14).output_ids;
+    let answer = offline_greedy(&engine, first, 14).output_ids;
     let mut second = first.clone();
     second.extend(&answer);
     second.extend([19, 23, 5]);
-    let want = offline(&engine, &second, 8);
+    let want = offline_greedy(&engine, &second, 8);
 
     let mut spec = harness::spec(dir, 1);
     spec.router_args

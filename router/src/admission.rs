@@ -121,7 +121,7 @@ impl Admission {
             valid.constraint = Some(constraint);
         }
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
-        if self.view.serving().is_none() {
+        if !self.view.can_serve() {
             return Err(RouterError::NoPlacement);
         }
         let waiting_slot = self.waiting.try_take()?;

@@ -57,6 +57,15 @@ pub struct Args {
     /// lm_head): `--device`, `--gpu-dtype`.
     #[command(flatten)]
     pub device: moe_cluster::DeviceArgs,
+    /// Serve the whole model from this process: the routed experts run on this many expert
+    /// nodes that are threads of it (experts dealt round-robin), reached over the in-process
+    /// layer exchange, on `--device` beside the dense part (on a GPU a layer's rows never
+    /// leave it). No etcd, placement or data plane then: the etcd, cluster-credential and
+    /// `--transport` flags do not apply. 0 (the default) serves the cluster's expert nodes.
+    #[arg(long, env = "MOE_IN_PROCESS_NODES", default_value_t = 0,
+          conflicts_with_all = ["transport", "collective_listen", "collective_advertise_host"],
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=64))]
+    pub in_process_nodes: usize,
     #[command(flatten)]
     pub etcd: moe_cluster::EtcdArgs,
     #[command(flatten)]

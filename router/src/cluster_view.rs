@@ -3,7 +3,7 @@
 //! loop and the Admin service read it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -186,11 +186,19 @@ pub struct ClusterView {
     /// out a node still registered but suspect (here or at another router).
     pub suspect_reports: AtomicU64,
     pub suspect_replans: AtomicU64,
+    /// Expert nodes running as threads of this router (`--in-process-nodes`), which then
+    /// serves without etcd, placements or a data plane; 0 on a cluster.
+    pub in_process_nodes: AtomicUsize,
 }
 
 impl ClusterView {
     pub fn serving(&self) -> Option<Arc<ServingPlacement>> {
         self.serving.read().ok()?.clone()
+    }
+
+    /// Whether a step can run now: a placement serves, or the experts are in this process.
+    pub fn can_serve(&self) -> bool {
+        self.in_process_nodes.load(Ordering::Relaxed) > 0 || self.serving().is_some()
     }
 
     pub fn set_serving(&self, serving: ServingPlacement) {

@@ -5,6 +5,7 @@
 //! - [`args`]: command line.
 //! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`prefix_cache`],
 //!   [`detokenize`]) →
+//!   [`expert_reach`] (the cluster's nodes, or `--in-process-nodes`) →
 //!   [`dispatch`] is the request path: [`dispatch_plan`] says what each node gets,
 //!   [`layer_exchange`] sends it over the nodes' [`node_link`] streams or the epoch's
 //!   [`collective`], and dispatch places the answers, retries and falls back.
@@ -26,6 +27,7 @@ pub mod detokenize;
 pub mod dispatch;
 pub mod dispatch_plan;
 pub mod error;
+pub mod expert_reach;
 pub mod inference_access;
 pub mod kv_blocks;
 pub mod layer_exchange;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::dense::{load_dense, DenseStep};
+use moe_model::experts::ExpertSet;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
@@ -23,6 +24,7 @@ use moe_model::kv_cache::{KvLayout, KvPool};
 use moe_openai as http;
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
+use moe_router::expert_reach::{ExpertReach, InProcessExperts};
 use moe_router::inference_access::InferenceAccess;
 use moe_router::kv_blocks::KvBlocks;
 use moe_router::prefix_cache::PrefixCache;
@@ -131,14 +133,18 @@ impl Security {
                 .clone()
                 .map(|a| ("--collective-listen", a)),
         );
+        // With in-process nodes there are no members to authenticate: no data plane, no etcd.
+        let members = if args.in_process_nodes > 0 {
+            MemberCredentials {
+                tls: None,
+                token: None,
+            }
+        } else {
+            MemberCredentials::load(&args.cluster_tls, &args.cluster_auth, &args.etcd, listens)?
+        };
         Ok(Self {
             public_tls: args.public_tls.load()?,
-            members: MemberCredentials::load(
-                &args.cluster_tls,
-                &args.cluster_auth,
-                &args.etcd,
-                listens,
-            )?,
+            members,
             access: args.keys.load()?,
         })
     }
@@ -151,6 +157,9 @@ impl Security {
 /// What the router computes itself: the dense part of the model, its tokenizer and limits.
 struct DenseModel {
     config: ModelConfig,
+    /// The checkpoint, kept open while in-process nodes load the routed experts from it.
+    checkpoint: Option<Checkpoint>,
+    device: moe_model::experts::ExpertDevice,
     tokenizer: Arc<Tokenizer>,
     dense: Arc<dyn DenseStep>,
     /// Identifies the checkpoint: nodes with another one are never placed.
@@ -178,6 +187,8 @@ impl DenseModel {
         tracing::info!(device = %dense.placement(), "dense part loaded");
         let eos_ids = config.stop_ids(tokenizer.eos_id());
         Ok(Self {
+            checkpoint: (args.in_process_nodes > 0).then_some(ckpt),
+            device,
             config,
             tokenizer,
             dense,
@@ -196,6 +207,38 @@ struct Running {
     requests: Arc<RequestMetrics>,
     metrics: Arc<metrics::RouterMetrics>,
     submissions: tokio::sync::mpsc::Sender<moe_router::scheduler::Submission>,
+}
+
+/// The cluster's expert nodes, or (`--in-process-nodes N`) every routed expert loaded here on
+/// the dense part's device and dealt over N in-process nodes.
+fn expert_reach(
+    args: &args::Args,
+    model: &DenseModel,
+    view: &Arc<ClusterView>,
+    handle: tokio::runtime::Handle,
+) -> anyhow::Result<ExpertReach> {
+    let nodes = args.in_process_nodes;
+    let Some(ckpt) = model.checkpoint.as_ref().filter(|_| nodes > 0) else {
+        return Ok(ExpertReach::Cluster(dispatch::RemoteExperts::new(
+            Arc::clone(view),
+            handle,
+            model.config.hidden_size,
+            Duration::from_millis(args.recovery_timeout_ms),
+            Duration::from_millis(args.dispatch_timeout_ms),
+        )));
+    };
+    let experts = ExpertSet::load_all_on(ckpt, &model.config, &model.device)
+        .context("loading the routed experts for --in-process-nodes")?;
+    let backend =
+        moe_cluster::collective::in_process::reach(&model.config, &experts, nodes, &model.device)?;
+    view.in_process_nodes
+        .store(nodes, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        nodes,
+        experts = experts.len(),
+        "routed experts on in-process nodes"
+    );
+    Ok(ExpertReach::InProcess(InProcessExperts { nodes, backend }))
 }
 
 /// Starts the scheduler on its own thread (the math never runs on the async runtime).
@@ -217,13 +260,7 @@ fn start_scheduler(
     let recovery_timeout = Duration::from_millis(args.recovery_timeout_ms);
     let scheduler = Scheduler {
         dense: Arc::clone(&model.dense),
-        experts: dispatch::RemoteExperts::new(
-            Arc::clone(&view),
-            handle,
-            model.config.hidden_size,
-            recovery_timeout,
-            Duration::from_millis(args.dispatch_timeout_ms),
-        ),
+        experts: expert_reach(args, model, &view, handle)?,
         tokenizer: Arc::clone(&model.tokenizer),
         kv: Arc::clone(&kv),
         // One pool for every sequence's blocks and the cached ones, in `--kv-block-tokens`.
@@ -330,7 +367,17 @@ fn served_model_name(args: &args::Args) -> String {
 
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
     let security = Security::load(&args)?;
-    let discovery = args.etcd.discovery()?;
+    let in_process = args.in_process_nodes > 0;
+    if in_process && args.micro_batches > 1 {
+        // Micro-batches overlap one batch's exchange with another's attention; in-process
+        // nodes exchange nothing, and their one router rank takes a layer at a time.
+        anyhow::bail!(
+            "--micro-batches {} has nothing to overlap with --in-process-nodes (no data plane): \
+             leave it at 1",
+            args.micro_batches
+        );
+    }
+    let discovery = (!in_process).then(|| args.etcd.discovery()).transpose()?;
     // Bound first: the router id (a trace resource attribute) may come from the port.
     let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
         .await
@@ -348,13 +395,17 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         "TLS settings"
     );
     let model = DenseModel::load(&args)?;
-    let collective = collective_settings(
-        &args,
-        local,
-        security.members.tls.is_some(),
-        &model.config,
-        security.members.token.clone(),
-    )?;
+    let collective = (!in_process)
+        .then(|| {
+            collective_settings(
+                &args,
+                local,
+                security.members.tls.is_some(),
+                &model.config,
+                security.members.token.clone(),
+            )
+        })
+        .transpose()?;
     let running = start_scheduler(&args, &model, router_id, handle)?;
     let model_name = served_model_name(&args);
     let admission = admission(&args, &model, &running, model_name.clone());
@@ -377,20 +428,32 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let planner = tokio::spawn(planner::run_planner(
-        planner_context(
-            &args,
-            &model,
-            &running,
-            &security,
-            discovery.clone(),
-            local,
-            health,
-            collective,
-            http_address,
-        ),
-        shutdown.clone(),
-    ));
+    let planner = match (discovery.clone(), collective) {
+        (Some(discovery), Some(collective)) => Some(tokio::spawn(planner::run_planner(
+            planner_context(
+                &args,
+                &model,
+                &running,
+                &security,
+                discovery,
+                local,
+                health,
+                collective,
+                http_address,
+            ),
+            shutdown.clone(),
+        ))),
+        // The experts are loaded already: serving from the start, with nothing to plan.
+        _ => {
+            health
+                .set_serving::<InferenceServer<server::inference::InferenceService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            None
+        }
+    };
     let grpc = GrpcServices {
         health: health_service,
         inference: server::inference::InferenceService {
@@ -437,7 +500,9 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
     let finished = async move {
         let mut servers = servers;
         while servers.join_next().await.is_some() {}
-        let _ = planner.await;
+        if let Some(planner) = planner {
+            let _ = planner.await;
+        }
     };
     if tokio::time::timeout(STOP_DEADLINE, finished).await.is_err() {
         tracing::warn!(deadline = ?STOP_DEADLINE, "stopping took too long: leaving anyway");

@@ -131,7 +131,7 @@ impl RouterMetrics {
     /// The batch, the KV budget, the placement and the planner, now.
     fn render_gauges(&self, out: &mut String) {
         let (stats, view) = (&self.stats, &self.view);
-        let gauges: [(&str, &str, f64); 10] = [
+        let gauges: [(&str, &str, f64); 11] = [
             ("moe_requests_running", "Requests in the running batch.", stats.running.load(Ordering::Relaxed) as f64),
             ("moe_requests_waiting", "Requests waiting for admission.", stats.waiting.load(Ordering::Relaxed) as f64),
             ("moe_kv_cache_blocks_used", "KV-cache blocks reserved.", self.kv.used() as f64),
@@ -142,6 +142,7 @@ impl RouterMetrics {
             ("moe_live_nodes", "Expert nodes registered in etcd.", view.membership().nodes.len() as f64),
             ("moe_imbalance_ratio", "Sum over MoE layers of the busiest node's pairs / of the mean node's, last window.", view.imbalance()),
             ("moe_is_planner", "1 if this router is the elected planner.", f64::from(u8::from(view.is_planner.load(Ordering::Relaxed)))),
+            ("moe_in_process_nodes", "Expert nodes running as threads of this router (--in-process-nodes); 0 on a cluster.", view.in_process_nodes.load(Ordering::Relaxed) as f64),
         ];
         scalars(out, "gauge", gauges);
     }
@@ -326,6 +327,7 @@ mod tests {
                 "moe_live_nodes gauge",
                 "moe_imbalance_ratio gauge",
                 "moe_is_planner gauge",
+                "moe_in_process_nodes gauge",
                 "moe_rebalances_total counter",
                 "moe_layer_retries_total counter",
                 "moe_micro_batched_steps_total counter",

@@ -9,10 +9,9 @@
 //! rolled back here, so the scheduler can run the step again.
 
 use moe_model::dense::{DenseStep, Pick, StepOutput, StepSequence};
-use moe_model::experts::ExpertBackend;
 use moe_model::Result;
 
-use crate::dispatch::RemoteExperts;
+use crate::expert_reach::ExpertReach;
 
 /// Where to cut `tokens` (each sequence's tokens this step, in step order) into at most
 /// `parts` contiguous non-empty groups of about equal tokens: the start index of every group
@@ -44,7 +43,7 @@ pub fn split_points(tokens: &[usize], parts: usize) -> Vec<usize> {
 /// logits as `picks` asks ([`DenseStep::forward_picking`]).
 pub fn forward(
     dense: &dyn DenseStep,
-    experts: &RemoteExperts,
+    experts: &ExpertReach,
     seqs: &mut [StepSequence<'_>],
     picks: &[Pick],
     cuts: &[usize],
@@ -55,7 +54,7 @@ pub fn forward(
         && cuts.last().is_some_and(|&c| c < seqs.len())
         && cuts.windows(2).all(|w| w[0] < w[1]);
     if !valid {
-        return dense.forward_picking(seqs, experts, picks);
+        return dense.forward_picking(seqs, experts.backend(), picks);
     }
     let marks: Vec<_> = seqs.iter().map(|s| s.cache.mark()).collect();
     let mut groups: Vec<(&mut [StepSequence<'_>], &[Pick])> = Vec::with_capacity(cuts.len() + 1);
@@ -77,13 +76,13 @@ pub fn forward(
             .map(|(i, (group, picks))| {
                 scope.spawn(move || {
                     let mb = experts.micro_batch(i as u32);
-                    dense.forward_picking(group, &mb as &dyn ExpertBackend, picks)
+                    dense.forward_picking(group, mb.backend(), picks)
                 })
             })
             .collect();
         let mut outcomes = Vec::with_capacity(others.len() + 1);
         if let Some((_, (group, picks))) = first {
-            outcomes.push(dense.forward_picking(group, &experts.micro_batch(0), picks));
+            outcomes.push(dense.forward_picking(group, experts.micro_batch(0).backend(), picks));
         }
         for handle in others {
             outcomes.push(handle.join().unwrap_or_else(|_| {

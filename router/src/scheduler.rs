@@ -21,8 +21,8 @@ use moe_proto::v1::{GenerateResponse, TopLogprobs, Usage};
 use tokio::sync::mpsc;
 
 use crate::detokenize::IncrementalText;
-use crate::dispatch::RemoteExperts;
 use crate::error::RouterError;
+use crate::expert_reach::ExpertReach;
 use crate::kv_blocks::{KvBlocks, KvReservation};
 use crate::prefix_cache::{PrefixCache, PrefixHit};
 use crate::request_metrics::{Outcome, RequestMetrics};
@@ -157,7 +157,7 @@ struct Feed {
 
 pub struct Scheduler {
     pub dense: Arc<dyn DenseStep>,
-    pub experts: RemoteExperts,
+    pub experts: ExpertReach,
     pub tokenizer: Arc<Tokenizer>,
     pub kv: Arc<KvBlocks>,
     /// Where sequences' (and cached prefixes') KV blocks live; `kv` bounds how many are taken.

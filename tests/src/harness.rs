@@ -222,3 +222,52 @@ pub async fn http(
         .unwrap_or_default();
     (status, body)
 }
+
+/// The offline engine's greedy answer to `ids`: `n` tokens, past any EOS. Every path through
+/// the system must give its tokens and logprobs bit for bit (on the CPU).
+pub fn offline_greedy(
+    engine: &moe_model::Engine,
+    ids: &[u32],
+    n: usize,
+) -> moe_model::GenerateOutput {
+    engine
+        .generate(&moe_model::GenerateRequest {
+            input_ids: ids.to_vec(),
+            max_new_tokens: n,
+            sampling: Default::default(),
+            ignore_eos: true,
+            emit_logits: false,
+        })
+        .expect("offline generation")
+}
+
+/// Runs the Python grpcio client (`tests/python/grpc_client.py`) with `args`; its last line of
+/// output, as JSON.
+pub fn python_grpc_client(args: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON output")
+}
+
+/// Sixteen requests over the golden `cases`: prompts cut shorter as they repeat, each asking
+/// for more tokens than the one before, so a batch of them mixes prefills and decodes of
+/// every length.
+pub fn mixed_requests(cases: &[crate::GoldenCase]) -> Vec<(Vec<u32>, usize)> {
+    (0..16)
+        .map(|i| {
+            let case = &cases[i % cases.len()];
+            let prompt_len = case.input_ids.len() - (i / cases.len());
+            (case.input_ids[..prompt_len].to_vec(), 8 + 3 * i)
+        })
+        .collect()
+}

@@ -4,6 +4,8 @@
 //! - [`LocalCluster`] starts real processes on loopback: a [`LocalEtcd`], expert nodes and
 //!   routers sharing a fresh [`ClusterTokenFile`]; dropping it stops them all. `moe up`,
 //!   `moe chaos` and the process-level tests start their clusters with it.
+//! - [`SingleProcessRouter`] starts a router that serves the whole model by itself
+//!   (`--in-process-nodes`: no etcd, no expert-node processes).
 //! - [`GreedyLoad`] drives routers with greedy requests whose answers the offline engine
 //!   computed ([`ExpectedAnswer`]) and counts every answer that failed or differed in any bit.
 //! - [`greedy`] is the greedy Generate request that the load, `moe bench --router` and the
@@ -18,6 +20,7 @@ mod locate;
 mod member_logs;
 mod ports;
 mod request;
+mod single_process_router;
 mod token_file;
 
 pub use etcd::{EtcdServerTls, LocalEtcd};
@@ -26,4 +29,5 @@ pub use local_cluster::{GatewayAddrs, LocalCluster, LocalClusterSpec};
 pub use locate::{find_in_path, fixture_dir};
 pub use ports::free_port;
 pub use request::greedy;
+pub use single_process_router::SingleProcessRouter;
 pub use token_file::ClusterTokenFile;

@@ -125,6 +125,17 @@ fn start_router(
             Stdio::from(logs.file(name)?)
         })
         .spawn()?;
+    let (addr, http) = read_listening(&mut router, log)?;
+    Ok((router, addr, http))
+}
+
+/// Reads the addresses a router started with a piped stdout prints: its gRPC `host:port`, and
+/// its HTTP one with `--http-listen`. A router that exits first is waited for, and the error
+/// quotes the last lines of its log `name` in `logs`.
+pub(crate) fn read_listening(
+    router: &mut Child,
+    (logs, name): (&MemberLogs, &str),
+) -> std::io::Result<(String, Option<String>)> {
     let stdout = router
         .stdout
         .take()
@@ -152,7 +163,7 @@ fn start_router(
             .trim()
             .strip_prefix("moe-router listening on ")
             .ok_or_else(|| std::io::Error::other(format!("unexpected router output {line:?}")))?;
-        return Ok((router, addr.to_string(), http));
+        return Ok((addr.to_string(), http));
     }
 }
 

@@ -5,7 +5,7 @@
 //! router's device-resident path, on one GPU); the tokens are the same either way.
 
 use clap::Args;
-use moe_cluster::collective::in_process::{deal, InProcessNodes};
+use moe_cluster::collective::in_process::reach;
 use moe_model::experts::ExpertDevice;
 use moe_model::Engine;
 
@@ -29,21 +29,8 @@ impl InProcessNodesArgs {
         if n == 0 {
             return Ok(engine);
         }
-        let sets = deal(engine.experts(), n);
         let config = engine.config().clone();
-        let nodes: Box<dyn moe_model::experts::ExpertBackend + Send + Sync> = match device {
-            ExpertDevice::Cpu => Box::new(InProcessNodes::start(
-                &config,
-                sets,
-                moe_cluster::collective::mailbox::HostBytes,
-            )),
-            #[cfg(feature = "cuda")]
-            ExpertDevice::Gpu(gpu) => Box::new(InProcessNodes::start_on_device(
-                &config,
-                sets,
-                std::sync::Arc::clone(gpu),
-            )?),
-        };
+        let nodes = reach(&config, engine.experts(), n, device)?;
         tracing::info!(nodes = n, "routed experts reached through in-process nodes");
         Ok(engine.reaching_experts_through(nodes))
     }

@@ -92,6 +92,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.suspect_reports,
         status.suspect_replans
     );
+    if status.in_process_nodes > 0 {
+        println!(
+            "  routed experts on {} in-process nodes (no etcd, no expert-node processes)",
+            status.in_process_nodes
+        );
+    }
     println!(
         "  dense part on {}  data plane {}  collective layers {}  collective failures {}  micro-batched steps {}",
         if status.dense_device.is_empty() {

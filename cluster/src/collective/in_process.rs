@@ -62,6 +62,31 @@ pub fn deal(experts: &ExpertSet, nodes: usize) -> Vec<ExpertSet> {
         .collect()
 }
 
+/// The routed experts of `experts` dealt round-robin over `nodes` in-process nodes: over host
+/// bytes on the CPU; on a GPU over device buffers of its context, so that a dense part on the
+/// same context takes the device-resident path.
+pub fn reach(
+    config: &ModelConfig,
+    experts: &ExpertSet,
+    nodes: usize,
+    device: &moe_model::experts::ExpertDevice,
+) -> Result<Box<dyn ExpertBackend + Send + Sync>> {
+    let sets = deal(experts, nodes);
+    Ok(match device {
+        moe_model::experts::ExpertDevice::Cpu => Box::new(InProcessNodes::start(
+            config,
+            sets,
+            super::mailbox::HostBytes,
+        )),
+        #[cfg(feature = "cuda")]
+        moe_model::experts::ExpertDevice::Gpu(gpu) => Box::new(InProcessNodes::start_on_device(
+            config,
+            sets,
+            Arc::clone(gpu),
+        )?),
+    })
+}
+
 impl<C: Carrier + Clone> InProcessNodes<C> {
     /// A thread per set, each serving layers until this value is dropped.
     pub fn start(config: &ModelConfig, sets: Vec<ExpertSet>, carrier: C) -> Self {
@@ -101,8 +126,16 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
         }
     }
 
-    /// Each node's share of a layer: a row once per node that holds any of its experts.
+    /// Each node's share of a layer: a row once per node that holds any of its experts. A
+    /// node whose thread has stopped (its exchange failed) would leave the layer waiting out
+    /// the timeout: the layer fails at once instead.
     fn shares(&self, layer: usize, routes: &ExpertRoutes) -> Result<Vec<RowShare>> {
+        if let Some(n) = self.threads.iter().position(|t| t.is_finished()) {
+            return Err(ModelError::ExpertBackend(format!(
+                "in-process node {} has stopped",
+                n + 1
+            )));
+        }
         split_by_holder(routes, self.nodes, |expert| {
             self.holder.get(&(layer as u32, expert)).copied()
         })
@@ -290,5 +323,34 @@ mod tests {
             Err(ModelError::ExpertNotLoaded { .. })
         ));
         drop(nodes);
+    }
+
+    /// Once a node's thread has stopped, a layer fails at once with a typed error rather than
+    /// waiting for a node that will never answer.
+    #[test]
+    fn a_stopped_node_fails_the_layer_at_once() {
+        let (ckpt, config) = fixture("qwen3-moe-tiny");
+        let all = ExpertSet::load_all(&ckpt, &config).unwrap();
+        let nodes = InProcessNodes::start(&config, deal(&all, 2), HostBytes);
+        nodes.stop.store(true, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !nodes.threads.iter().all(|t| t.is_finished()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node threads did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let x = rows(2, config.hidden_size, 3);
+        let mut routes = ExpertRoutes::with_capacity(2, 8);
+        routes.push_row(&mut [(0, 1.0)]);
+        routes.push_row(&mut [(1, 1.0)]);
+        let layer = config.moe_layer_indices().next().unwrap();
+        let started = std::time::Instant::now();
+        match nodes.run_experts(layer, &x, &routes) {
+            Err(ModelError::ExpertBackend(why)) => assert!(why.contains("stopped"), "{why}"),
+            other => panic!("expected a stopped node, got {other:?}"),
+        }
+        assert!(started.elapsed() < TIMEOUT / 2);
     }
 }

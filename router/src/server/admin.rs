@@ -21,8 +21,9 @@ fn seconds(nanos: &std::sync::atomic::AtomicU64) -> f64 {
 
 pub struct AdminService {
     pub cluster: String,
-    /// Where drain requests are written.
-    pub discovery: moe_cluster::Discovery,
+    /// Where drain requests are written; none when the experts are in this process
+    /// (`--in-process-nodes`: no node to drain).
+    pub discovery: Option<moe_cluster::Discovery>,
     pub view: Arc<ClusterView>,
     pub stats: Arc<SchedulerStats>,
     pub kv: Arc<KvBlocks>,
@@ -44,6 +45,7 @@ impl Admin for AdminService {
         let membership = self.view.membership();
         let latest = self.view.latest();
         let serving = self.view.serving();
+        let in_process_nodes = self.view.in_process_nodes.load(Ordering::Relaxed);
         let placement = serving.as_ref().map(|s| &s.placement).or(latest.as_ref());
         let mut ids: Vec<String> = membership.nodes.keys().cloned().collect();
         if let Some(p) = placement {
@@ -131,10 +133,15 @@ impl Admin for AdminService {
                 .map(|s| s.placement.replica_count() as u64)
                 .unwrap_or(0),
             layer_retries: self.view.layer_retries.load(Ordering::Relaxed),
-            serving_transport: serving
-                .as_ref()
-                .map(|s| s.transport().to_string())
-                .unwrap_or_default(),
+            serving_transport: if in_process_nodes > 0 {
+                "in-process".into()
+            } else {
+                serving
+                    .as_ref()
+                    .map(|s| s.transport().to_string())
+                    .unwrap_or_default()
+            },
+            in_process_nodes: in_process_nodes as u32,
             collective_layers: self.view.collective_layers.load(Ordering::Relaxed),
             collective_failures: self.view.collective_failures.load(Ordering::Relaxed),
             dense_device: self.dense_device.clone(),
@@ -150,10 +157,11 @@ impl Admin for AdminService {
     ) -> Result<Response<DrainResponse>, Status> {
         self.access.mutate(&request)?;
         let node_id = request.into_inner().node_id;
-        if !self.view.membership().nodes.contains_key(&node_id) {
-            return Err(RouterError::NodeNotFound(node_id).into());
-        }
-        self.discovery
+        let discovery = match &self.discovery {
+            Some(d) if self.view.membership().nodes.contains_key(&node_id) => d,
+            _ => return Err(RouterError::NodeNotFound(node_id).into()),
+        };
+        discovery
             .request_drain(&node_id)
             .await
             .map_err(|e| RouterError::Store(e.to_string()))?;

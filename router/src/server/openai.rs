@@ -41,7 +41,7 @@ impl Generator for RouterGenerator {
     }
 
     fn ready(&self) -> bool {
-        self.view.serving().is_some()
+        self.view.can_serve()
     }
 
     fn metrics(&self) -> String {

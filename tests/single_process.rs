@@ -1,0 +1,194 @@
+//! A router that serves the whole model by itself (`moe-router --in-process-nodes N`): its
+//! routed experts on expert nodes that are threads of it, reached over the in-process layer
+//! exchange, with no etcd and no expert-node process. It answers exactly like the offline
+//! engine, alone or in a batch, split into micro-batches or not, over gRPC and HTTP.
+
+use std::process::Command;
+
+use moe_model::Engine;
+use moe_proto::v1::admin_client::AdminClient;
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::{ClusterStatusRequest, DrainRequest};
+use moe_tests::harness::{self, generate, offline_greedy, python_grpc_client};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES, FP8_FIXTURE};
+use moe_tooling::{free_port, greedy, SingleProcessRouter};
+use serde_json::Value;
+
+/// etcd flags that point at a port nobody listens on: the router must not need them.
+fn no_etcd() -> Vec<String> {
+    vec![
+        "--etcd".into(),
+        format!("http://127.0.0.1:{}", free_port().expect("a free port")),
+    ]
+}
+
+fn start(fixture: &str, nodes: usize, extra: &[&str]) -> SingleProcessRouter {
+    let mut args = no_etcd();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    SingleProcessRouter::start(
+        &harness::binary("moe-router"),
+        &fixture_dir(fixture),
+        nodes,
+        &args,
+        std::env::var_os("MOE_TEST_LOGS").is_some(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixture_served_by_one_process_matches_offline_without_etcd() {
+    let fixtures = FIXTURES.iter().chain([&FP8_FIXTURE]);
+    for (k, fixture) in fixtures.enumerate() {
+        let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+        let cases = golden_cases(fixture);
+        // 1, 2 and 3 nodes over the fixtures: the experts dealt differently each time.
+        let nodes = 1 + k % 3;
+        let router = start(fixture, nodes, &["--http-listen", "127.0.0.1:0"]);
+        let health = python_grpc_client(&["health", &router.grpc_addr]);
+        assert_eq!(health["overall"], "SERVING", "{fixture}: serving at once");
+        assert_eq!(health["inference"], "SERVING");
+        let mut client = InferenceClient::connect(format!("http://{}", router.grpc_addr))
+            .await
+            .unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            let expected = offline_greedy(&engine, &case.input_ids, 24);
+            let got = generate(&mut client, greedy(&case.input_ids, 24))
+                .await
+                .unwrap();
+            assert_eq!(
+                got.ids, expected.output_ids,
+                "{fixture} on {nodes} in-process nodes, case {i}"
+            );
+            assert_eq!(
+                got.logprobs, expected.logprobs,
+                "{fixture} on {nodes} in-process nodes, case {i}: logprobs not bitwise equal"
+            );
+            assert_eq!(got.finish_reason, "length");
+        }
+        // The OpenAI-compatible API of the same process: the same tokens.
+        let case = &cases[0];
+        let expected = offline_greedy(&engine, &case.input_ids, 8);
+        let body = serde_json::json!({
+            "model": fixture,
+            "prompt": case.input_ids,
+            "max_tokens": 8,
+            "temperature": 0,
+            "logprobs": 0,
+            "ignore_eos": true,
+        });
+        let http = router.http_addr.as_deref().expect("--http-listen");
+        let (status, text) = harness::http(
+            http,
+            "POST",
+            "/v1/completions",
+            None,
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "{fixture}: {text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        let logprobs: Vec<f32> = answer["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{fixture}: no logprobs in {text}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(logprobs, expected.logprobs, "{fixture}: HTTP logprobs");
+    }
+}
+
+/// Sixteen streams at once: every answer equals the request's alone, and the status, health
+/// and metrics say where the experts are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_on_in_process_nodes_equal_each_alone() {
+    let fixture = FIXTURES[1];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cases = golden_cases(fixture);
+    let router = start(fixture, 3, &["--http-listen", "127.0.0.1:0"]);
+    let requests = harness::mixed_requests(&cases);
+    let mut tasks = Vec::new();
+    for (ids, n) in requests.clone() {
+        let addr = format!("http://{}", router.grpc_addr);
+        tasks.push(tokio::spawn(async move {
+            let mut client = InferenceClient::connect(addr).await.unwrap();
+            generate(&mut client, greedy(&ids, n as u32)).await.unwrap()
+        }));
+    }
+    for (task, (ids, n)) in tasks.into_iter().zip(requests) {
+        let got = task.await.unwrap();
+        let alone = offline_greedy(&engine, &ids, n);
+        assert_eq!(got.ids, alone.output_ids);
+        assert_eq!(got.logprobs, alone.logprobs);
+    }
+
+    let mut admin = AdminClient::connect(format!("http://{}", router.grpc_addr))
+        .await
+        .unwrap();
+    let status = admin
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.in_process_nodes, 3);
+    assert_eq!(status.serving_transport, "in-process");
+    assert!(
+        status.nodes.is_empty(),
+        "no expert-node process: {status:?}"
+    );
+    assert_eq!(status.requests_running, 0);
+    assert_eq!(status.micro_batched_steps, 0);
+    assert_eq!(status.kv_blocks_used, status.kv_blocks_cached);
+    // There is no node to drain.
+    let drained = admin
+        .drain(DrainRequest {
+            node_id: "in-process-node-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(drained.code(), tonic::Code::NotFound, "{drained:?}");
+
+    let http = router.http_addr.as_deref().expect("--http-listen");
+    let (code, metrics) = harness::http(http, "GET", "/metrics", None, b"").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.lines().any(|l| l == "moe_in_process_nodes 3"),
+        "metrics: {metrics}"
+    );
+    let (code, _) = harness::http(http, "GET", "/health", None, b"").await;
+    assert_eq!(code, 200);
+}
+
+/// The in-process exchange has no transport to choose and no exchange to overlap: asking for
+/// either is a clear error at start, not a router that ignores it.
+#[test]
+fn in_process_nodes_with_a_transport_are_refused() {
+    let out = Command::new(harness::binary("moe-router"))
+        .args(["--model", &fixture_dir(FIXTURES[0]).display().to_string()])
+        .args(["--in-process-nodes", "2", "--transport", "tcp"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--in-process-nodes") && stderr.contains("--transport"),
+        "{stderr}"
+    );
+    let out = Command::new(harness::binary("moe-router"))
+        .args(["--model", &fixture_dir(FIXTURES[0]).display().to_string()])
+        .args(["--in-process-nodes", "2", "--micro-batches", "2"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(no_etcd())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--micro-batches 2"), "{stderr}");
+    let out = Command::new(harness::binary("moe-router"))
+        .args(["--model", &fixture_dir(FIXTURES[0]).display().to_string()])
+        .args(["--in-process-nodes", "65", "--grpc-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("65"));
+}
