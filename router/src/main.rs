@@ -213,12 +213,13 @@ struct Running {
 /// the dense part's device and dealt over N in-process nodes.
 fn expert_reach(
     args: &args::Args,
-    model: &DenseModel,
+    model: &mut DenseModel,
     view: &Arc<ClusterView>,
     handle: tokio::runtime::Handle,
 ) -> anyhow::Result<ExpertReach> {
     let nodes = args.in_process_nodes;
-    let Some(ckpt) = model.checkpoint.as_ref().filter(|_| nodes > 0) else {
+    // Taken: once the experts are loaded nothing reads the checkpoint again.
+    let Some(ckpt) = model.checkpoint.take() else {
         return Ok(ExpertReach::Cluster(dispatch::RemoteExperts::new(
             Arc::clone(view),
             handle,
@@ -227,7 +228,7 @@ fn expert_reach(
             Duration::from_millis(args.dispatch_timeout_ms),
         )));
     };
-    let experts = ExpertSet::load_all_on(ckpt, &model.config, &model.device)
+    let experts = ExpertSet::load_all_on(&ckpt, &model.config, &model.device)
         .context("loading the routed experts for --in-process-nodes")?;
     let backend =
         moe_cluster::collective::in_process::reach(&model.config, &experts, nodes, &model.device)?;
@@ -244,7 +245,7 @@ fn expert_reach(
 /// Starts the scheduler on its own thread (the math never runs on the async runtime).
 fn start_scheduler(
     args: &args::Args,
-    model: &DenseModel,
+    model: &mut DenseModel,
     router_id: String,
     handle: tokio::runtime::Handle,
 ) -> anyhow::Result<Running> {
@@ -394,7 +395,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         data_plane_tls = security.members.tls.is_some(),
         "TLS settings"
     );
-    let model = DenseModel::load(&args)?;
+    let mut model = DenseModel::load(&args)?;
     let collective = (!in_process)
         .then(|| {
             collective_settings(
@@ -406,7 +407,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             )
         })
         .transpose()?;
-    let running = start_scheduler(&args, &model, router_id, handle)?;
+    let running = start_scheduler(&args, &mut model, router_id, handle)?;
     let model_name = served_model_name(&args);
     let admission = admission(&args, &model, &running, model_name.clone());
     let (stopper, shutdown) = Shutdown::new();
