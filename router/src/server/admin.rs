@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use moe_cluster::placement::Placement;
 use moe_proto::v1::admin_server::Admin;
 use moe_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse, DrainRouterRequest,
@@ -161,6 +162,9 @@ impl Admin for AdminService {
             Some(d) if self.view.membership().nodes.contains_key(&node_id) => d,
             _ => return Err(RouterError::NodeNotFound(node_id).into()),
         };
+        // Read before the request is written: the planner may see the request and write the
+        // epoch without the node before the write's answer comes back here.
+        let before = self.view.latest();
         discovery
             .request_drain(&node_id)
             .await
@@ -168,12 +172,10 @@ impl Admin for AdminService {
         tracing::info!(node_id, "drain requested");
         self.view.wake_planner.notify_one();
         // The planner writes the next epoch within a poll interval.
-        let before = self.view.latest().map(|p| p.epoch).unwrap_or(0);
         for _ in 0..200 {
-            if let Some(p) = self.view.latest() {
-                if p.epoch > before && !p.nodes.contains_key(&node_id) {
-                    return Ok(Response::new(DrainResponse { epoch: p.epoch }));
-                }
+            let latest = self.view.latest();
+            if let Some(epoch) = drained_epoch(before.as_ref(), latest.as_ref(), &node_id) {
+                return Ok(Response::new(DrainResponse { epoch }));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -198,5 +200,63 @@ impl Admin for AdminService {
         Ok(Response::new(DrainRouterResponse {
             running: running as u32,
         }))
+    }
+}
+
+/// The first epoch without `node` since the drain was asked for, given the newest placement
+/// `before` the request and the newest one now: `before`'s own when it already left the node
+/// out (a node registered but never placed: no epoch will be written for it).
+fn drained_epoch(
+    before: Option<&Placement>,
+    latest: Option<&Placement>,
+    node: &str,
+) -> Option<u64> {
+    let before = match before {
+        Some(p) if p.nodes.contains_key(node) => p.epoch,
+        Some(p) => return Some(p.epoch),
+        None => return Some(0),
+    };
+    latest
+        .filter(|p| p.epoch > before && !p.nodes.contains_key(node))
+        .map(|p| p.epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn placement(epoch: u64, nodes: &[&str]) -> Placement {
+        Placement {
+            epoch,
+            fingerprint: String::new(),
+            nodes: nodes
+                .iter()
+                .map(|id| {
+                    let assignment = moe_cluster::placement::NodeAssignment {
+                        address: String::new(),
+                        experts: vec![],
+                    };
+                    (id.to_string(), assignment)
+                })
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    /// A drain is done once an epoch newer than the request's leaves the node out, however
+    /// soon the planner wrote it (even before the request's write returned); a node that no
+    /// placement holds is drained at once.
+    #[test]
+    fn a_drain_ends_at_the_first_epoch_without_the_node() {
+        let before = placement(1, &["n0", "n1"]);
+        assert_eq!(drained_epoch(Some(&before), Some(&before), "n0"), None);
+        let next = placement(2, &["n1"]);
+        assert_eq!(drained_epoch(Some(&before), Some(&next), "n0"), Some(2));
+        // Another node's epoch is not this drain's.
+        let other = placement(2, &["n0"]);
+        assert_eq!(drained_epoch(Some(&before), Some(&other), "n0"), None);
+        assert_eq!(drained_epoch(Some(&next), Some(&next), "n0"), Some(2));
+        assert_eq!(drained_epoch(None, None, "n0"), Some(0));
     }
 }
