@@ -84,6 +84,15 @@ pub fn reach(
             sets,
             Arc::clone(gpu),
         )?),
+        // moe-model built with its `cuda` feature and this crate without (features unify per
+        // crate): experts on a GPU, and no device exchange compiled here.
+        #[cfg(not(feature = "cuda"))]
+        #[allow(unreachable_patterns)]
+        _ => {
+            return Err(ModelError::InvalidRequest(
+                "in-process nodes on a GPU need moe-cluster's `cuda` feature".into(),
+            ))
+        }
     })
 }
 

@@ -523,7 +523,9 @@ mod gpu_tests {
         let host_rows = rows(n, hidden, 0);
         let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
         for r in 0..n as u32 {
-            routes.push_row(&mut [(r % experts, 0.75), ((r * 5 + half) % experts, 0.25)]);
+            // Two distinct experts per row, one on each node.
+            let first = r % half;
+            routes.push_row(&mut [(first, 0.75), (first + half, 0.25)]);
         }
         let want = cpu.run_experts(layer, &host_rows, &routes).expect("CPU");
 
@@ -556,8 +558,15 @@ mod gpu_tests {
             hidden,
             timeout,
             None,
-        )
-        .expect("in-place layer");
+        );
+        let placed = match placed {
+            Ok(placed) => placed,
+            Err(e) => {
+                // What the nodes answered says why the router waited in vain.
+                let nodes: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+                panic!("in-place layer: {e:?}; nodes: {nodes:?}");
+            }
+        };
         for h in handles {
             assert!(matches!(h.join().expect("node"), Ok(Served::Ran { .. })));
         }

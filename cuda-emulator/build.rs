@@ -1,0 +1,44 @@
+//! Compiles the CUDA kernels' own source for the host, with the emulated thread model around
+//! them (src/prelude.h, src/runtime.cpp), and lists its kernels for the launcher.
+
+use std::path::PathBuf;
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let gpu_dir = manifest.join("../model/src/gpu");
+    let source = gpu_dir.join("kernels.cu");
+    let text = std::fs::read_to_string(&source).expect("model/src/gpu/kernels.cu is readable");
+    // Every `extern "C" __global__ void name(`: the entry points NVRTC would export.
+    let tests = std::fs::read_to_string(manifest.join("src/test_kernels.cu"))
+        .expect("src/test_kernels.cu is readable");
+    let mut table = String::new();
+    for piece in [text.as_str(), tests.as_str()]
+        .iter()
+        .flat_map(|t| t.split("extern \"C\" __global__ void ").skip(1))
+    {
+        let name: String = piece
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        table.push_str(&format!("KERNEL({name})\n"));
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
+    std::fs::write(out.join("kernel_table.inc"), table).expect("OUT_DIR is writable");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(manifest.join("src/runtime.cpp"))
+        .include(&gpu_dir)
+        .include(manifest.join("src"))
+        .include(&out)
+        // The device rounds every operation the kernels spell out; so must the host.
+        .flag("-ffp-contract=off")
+        .flag("-fno-fast-math")
+        .warnings(false)
+        .opt_level(2)
+        .compile("moe_cuda_kernels");
+    println!("cargo:rerun-if-changed={}", source.display());
+    println!("cargo:rerun-if-changed=src/runtime.cpp");
+    println!("cargo:rerun-if-changed=src/prelude.h");
+    println!("cargo:rerun-if-changed=src/test_kernels.cu");
+}

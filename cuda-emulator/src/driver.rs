@@ -1,0 +1,813 @@
+//! The driver API's entry points cudarc and the GPU path call, each doing its work at once.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::memory;
+
+pub type CUresult = c_uint;
+pub type CUdevice = c_int;
+pub type CUdeviceptr = u64;
+
+pub const CUDA_SUCCESS: CUresult = 0;
+pub const CUDA_ERROR_INVALID_VALUE: CUresult = 1;
+pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
+pub const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
+pub const CUDA_ERROR_INVALID_IMAGE: CUresult = 200;
+pub const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
+pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
+pub const CUDA_ERROR_NOT_READY: CUresult = 600;
+pub const CUDA_ERROR_LAUNCH_FAILED: CUresult = 719;
+pub const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
+
+/// What `cuDeviceGetName` answers, so that reports say where they ran.
+pub const DEVICE_NAME: &str = "CUDA emulator on the CPU (moe-cuda-emulator)";
+/// The architecture reported: NVRTC compiles for it, as for an H100/H200.
+const COMPUTE_CAPABILITY: (c_int, c_int) = (9, 0);
+
+extern "C" {
+    fn emu_find_kernel(name: *const c_char) -> *const c_void;
+    fn emu_kernel_name(kernel: *const c_void) -> *const c_char;
+    fn emu_launch(
+        kernel: *const c_void,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        params: *mut *mut c_void,
+    ) -> c_int;
+}
+
+/// Writes a query's answer where the caller asked, as the driver does (a null place is an
+/// invalid value).
+unsafe fn answer<T>(out: *mut T, value: T) -> CUresult {
+    match out.as_mut() {
+        Some(place) => {
+            *place = value;
+            CUDA_SUCCESS
+        }
+        None => CUDA_ERROR_INVALID_VALUE,
+    }
+}
+
+/// Frees a handle made by [`handle`] for a `T`.
+unsafe fn release<T>(handle: *mut c_void) -> CUresult {
+    if handle.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    drop(Box::from_raw(handle.cast::<T>()));
+    CUDA_SUCCESS
+}
+
+/// Work is done when queued: a handle's queries and waits only check that it is one.
+fn known(handle: *mut c_void) -> CUresult {
+    if handle.is_null() {
+        CUDA_ERROR_INVALID_HANDLE
+    } else {
+        CUDA_SUCCESS
+    }
+}
+
+/// A non-null handle the caller treats as opaque.
+fn handle<T>(value: T) -> *mut c_void {
+    Box::into_raw(Box::new(value)).cast()
+}
+
+/// The one context (the primary context of device 0).
+static CONTEXT: u64 = 0xC0_47E7;
+
+fn context() -> *mut c_void {
+    std::ptr::addr_of!(CONTEXT) as *mut c_void
+}
+
+fn report(what: &str) {
+    eprintln!("cuda emulator: {what}");
+}
+
+#[no_mangle]
+pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+    answer(version, 13000)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+    answer(count, 1)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> CUresult {
+    if device.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ordinal != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    *device = 0;
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetName(
+    name: *mut c_char,
+    len: c_int,
+    device: CUdevice,
+) -> CUresult {
+    if device != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    let Ok(len) = usize::try_from(len) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    if name.is_null() || len == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let bytes = DEVICE_NAME.as_bytes();
+    let n = bytes.len().min(len - 1);
+    std::ptr::copy_nonoverlapping(bytes.as_ptr(), name.cast::<u8>(), n);
+    *name.add(n) = 0;
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attribute: c_uint,
+    device: CUdevice,
+) -> CUresult {
+    if device != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    answer(
+        value,
+        match attribute {
+            1 => 1024,      // max threads per block
+            2 | 3 => 1024,  // max block dim x, y
+            4 => 64,        // max block dim z
+            5 => i32::MAX,  // max grid dim x
+            6 | 7 => 65535, // max grid dim y, z
+            8 => 48 * 1024, // shared memory per block
+            10 => 32,       // warp size
+            16 => 132,      // multiprocessors
+            41 => 1,        // unified addressing
+            75 => COMPUTE_CAPABILITY.0,
+            76 => COMPUTE_CAPABILITY.1,
+            // Memory pools: none, so cudarc allocates with cuMemAlloc.
+            115 => 0,
+            _ => 0,
+        },
+    )
+}
+
+fn host_memory() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    usize::try_from(pages).unwrap_or(0) * usize::try_from(size).unwrap_or(0)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice) -> CUresult {
+    if device != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    answer(bytes, host_memory())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    if free.is_null() || total.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let all = host_memory();
+    *total = all;
+    *free = all.saturating_sub(memory::in_use());
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], device: CUdevice) -> CUresult {
+    if device != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    answer(uuid, *b"moe-cuda-emulatr")
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], device: CUdevice) -> CUresult {
+    cuDeviceGetUuid(uuid, device)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(
+    ctx: *mut *mut c_void,
+    device: CUdevice,
+) -> CUresult {
+    if device != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    answer(ctx, context())
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CUresult {
+    if device != 0 {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(_ctx: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut *mut c_void) -> CUresult {
+    answer(ctx, context())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
+    answer(device, 0)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxPushCurrent_v2(_ctx: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxPopCurrent_v2(ctx: *mut *mut c_void) -> CUresult {
+    if !ctx.is_null() {
+        *ctx = context();
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetStreamPriorityRange(
+    least: *mut c_int,
+    greatest: *mut c_int,
+) -> CUresult {
+    if !least.is_null() {
+        *least = 0;
+    }
+    if !greatest.is_null() {
+        *greatest = -5;
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    answer(stream, handle(0u8))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreateWithPriority(
+    stream: *mut *mut c_void,
+    flags: c_uint,
+    _priority: c_int,
+) -> CUresult {
+    cuStreamCreate(stream, flags)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamDestroy_v2(stream: *mut c_void) -> CUresult {
+    release::<u8>(stream)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamSynchronize(_stream: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamQuery(_stream: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamWaitEvent(
+    _stream: *mut c_void,
+    _event: *mut c_void,
+    _flags: c_uint,
+) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchHostFunc(
+    _stream: *mut c_void,
+    function: Option<unsafe extern "C" fn(*mut c_void)>,
+    data: *mut c_void,
+) -> CUresult {
+    match function {
+        Some(f) => {
+            f(data);
+            CUDA_SUCCESS
+        }
+        None => CUDA_ERROR_INVALID_VALUE,
+    }
+}
+
+/// An event: when it was last recorded (work is done when queued, so it completes then).
+struct Event {
+    recorded: Mutex<Option<Instant>>,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventCreate(event: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    answer(
+        event,
+        handle(Event {
+            recorded: Mutex::new(None),
+        }),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecord(event: *mut c_void, _stream: *mut c_void) -> CUresult {
+    let Some(event) = event.cast::<Event>().as_ref() else {
+        return CUDA_ERROR_INVALID_HANDLE;
+    };
+    *event.recorded.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecordWithFlags(
+    event: *mut c_void,
+    stream: *mut c_void,
+    _flags: c_uint,
+) -> CUresult {
+    cuEventRecord(event, stream)
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventSynchronize(event: *mut c_void) -> CUresult {
+    known(event)
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventQuery(event: *mut c_void) -> CUresult {
+    known(event)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventDestroy_v2(event: *mut c_void) -> CUresult {
+    release::<Event>(event)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventElapsedTime(
+    ms: *mut f32,
+    start: *mut c_void,
+    end: *mut c_void,
+) -> CUresult {
+    let (Some(start), Some(end)) = (start.cast::<Event>().as_ref(), end.cast::<Event>().as_ref())
+    else {
+        return CUDA_ERROR_INVALID_HANDLE;
+    };
+    if ms.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let at = |e: &Event| *e.recorded.lock().unwrap_or_else(|e| e.into_inner());
+    match (at(start), at(end)) {
+        (Some(a), Some(b)) => {
+            *ms = b.saturating_duration_since(a).as_secs_f32() * 1e3;
+            CUDA_SUCCESS
+        }
+        _ => CUDA_ERROR_NOT_READY,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventElapsedTime_v2(
+    ms: *mut f32,
+    start: *mut c_void,
+    end: *mut c_void,
+) -> CUresult {
+    cuEventElapsedTime(ms, start, end)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
+    if ptr.is_null() || bytes == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    match memory::allocate(bytes) {
+        Some(address) => {
+            *ptr = address as CUdeviceptr;
+            CUDA_SUCCESS
+        }
+        None => CUDA_ERROR_OUT_OF_MEMORY,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    ptr: *mut CUdeviceptr,
+    bytes: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemAlloc_v2(ptr, bytes)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    if ptr == 0 || memory::free(ptr as usize) {
+        CUDA_SUCCESS
+    } else {
+        report(&format!("free of {ptr:#x}, which no allocation starts at"));
+        CUDA_ERROR_INVALID_VALUE
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: *mut c_void) -> CUresult {
+    cuMemFree_v2(ptr)
+}
+
+/// Host memory "pinned" for copies: plain host memory here.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostAlloc(
+    ptr: *mut *mut c_void,
+    bytes: usize,
+    _flags: c_uint,
+) -> CUresult {
+    if ptr.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let p = libc::malloc(bytes.max(1));
+    if p.is_null() {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *ptr = p;
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocHost_v2(ptr: *mut *mut c_void, bytes: usize) -> CUresult {
+    cuMemHostAlloc(ptr, bytes, 0)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
+    libc::free(ptr);
+    CUDA_SUCCESS
+}
+
+/// A copy's device side must lie inside one allocation, as the device's MMU would insist.
+fn device_range(address: CUdeviceptr, len: usize, what: &str) -> Result<(), CUresult> {
+    if len == 0 || memory::covers(address as usize, len) {
+        Ok(())
+    } else {
+        report(&format!(
+            "{what}: {len} bytes at {address:#x} are not inside one allocation"
+        ));
+        Err(CUDA_ERROR_INVALID_VALUE)
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    len: usize,
+) -> CUresult {
+    if let Err(e) = device_range(dst, len, "copy to the device") {
+        return e;
+    }
+    if len > 0 {
+        std::ptr::copy(src.cast::<u8>(), dst as *mut u8, len);
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    len: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemcpyHtoD_v2(dst, src, len)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+) -> CUresult {
+    if let Err(e) = device_range(src, len, "copy from the device") {
+        return e;
+    }
+    if len > 0 {
+        std::ptr::copy(src as *const u8, dst.cast::<u8>(), len);
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemcpyDtoH_v2(dst, src, len)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoD_v2(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    len: usize,
+) -> CUresult {
+    if let Err(e) = device_range(src, len, "device copy, source") {
+        return e;
+    }
+    if let Err(e) = device_range(dst, len, "device copy, destination") {
+        return e;
+    }
+    if len > 0 {
+        std::ptr::copy(src as *const u8, dst as *mut u8, len);
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    len: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemcpyDtoD_v2(dst, src, len)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyPeerAsync(
+    dst: CUdeviceptr,
+    _dst_ctx: *mut c_void,
+    src: CUdeviceptr,
+    _src_ctx: *mut c_void,
+    len: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemcpyDtoD_v2(dst, src, len)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, len: usize) -> CUresult {
+    if let Err(e) = device_range(dst, len, "memset") {
+        return e;
+    }
+    if len > 0 {
+        std::ptr::write_bytes(dst as *mut u8, value, len);
+    }
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD8Async(
+    dst: CUdeviceptr,
+    value: u8,
+    len: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemsetD8_v2(dst, value, len)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD32_v2(dst: CUdeviceptr, value: c_uint, count: usize) -> CUresult {
+    let Some(len) = count.checked_mul(4) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    if let Err(e) = device_range(dst, len, "memset") {
+        return e;
+    }
+    let words = std::slice::from_raw_parts_mut(dst as *mut c_uint, count);
+    words.fill(value);
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD32Async(
+    dst: CUdeviceptr,
+    value: c_uint,
+    count: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    cuMemsetD32_v2(dst, value, count)
+}
+
+/// A loaded module: the entry points its PTX declares.
+struct Module {
+    entries: Vec<String>,
+}
+
+/// Loads PTX text: it must be PTX (as NVRTC wrote it), and names the entry points a function
+/// may then be looked up by.
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadData(
+    module: *mut *mut c_void,
+    image: *const c_void,
+) -> CUresult {
+    if module.is_null() || image.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let Ok(text) = CStr::from_ptr(image.cast::<c_char>()).to_str() else {
+        return CUDA_ERROR_INVALID_IMAGE;
+    };
+    if !text.contains(".version") || !text.contains(".target") {
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    let entries = text
+        .split(".entry ")
+        .skip(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect();
+    *module = handle(Module { entries });
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleUnload(module: *mut c_void) -> CUresult {
+    release::<Module>(module)
+}
+
+/// A function of the module: one its PTX declares and this library holds compiled for the
+/// host (the same kernels.cu), so a PTX from other source is refused rather than run wrongly.
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    function: *mut *mut c_void,
+    module: *mut c_void,
+    name: *const c_char,
+) -> CUresult {
+    let Some(module) = module.cast::<Module>().as_ref() else {
+        return CUDA_ERROR_INVALID_HANDLE;
+    };
+    if function.is_null() || name.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let Ok(wanted) = CStr::from_ptr(name).to_str() else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    if !module.entries.iter().any(|e| e == wanted) {
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    let kernel = emu_find_kernel(name);
+    if kernel.is_null() {
+        report(&format!(
+            "the PTX declares {wanted}, which this build's kernels.cu lacks"
+        ));
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    *function = kernel as *mut c_void;
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuFuncGetAttribute(
+    value: *mut c_int,
+    _attribute: c_uint,
+    function: *mut c_void,
+) -> CUresult {
+    if value.is_null() || function.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    *value = 0;
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuFuncSetAttribute(
+    function: *mut c_void,
+    _attribute: c_uint,
+    _value: c_int,
+) -> CUresult {
+    known(function)
+}
+
+/// Runs the grid now. The launch limits are the device's; a block whose threads reach
+/// different barriers fails the launch.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernel(
+    function: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared_bytes: c_uint,
+    _stream: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    if function.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    let threads = u64::from(bx) * u64::from(by) * u64::from(bz);
+    let grid_ok =
+        gx >= 1 && gx <= i32::MAX as u32 && (1..=65535).contains(&gy) && (1..=65535).contains(&gz);
+    let block_ok =
+        (1..=1024).contains(&threads) && bx <= 1024 && by <= 1024 && (1..=64).contains(&bz);
+    if !grid_ok || !block_ok || shared_bytes > 48 * 1024 || !extra.is_null() || params.is_null() {
+        report(&format!(
+            "launch refused: grid ({gx}, {gy}, {gz}), block ({bx}, {by}, {bz}), {shared_bytes} bytes of dynamic shared memory"
+        ));
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    count_launch(function);
+    match emu_launch(function, gx, gy, gz, bx, by, bz, params) {
+        0 => CUDA_SUCCESS,
+        2 => CUDA_ERROR_OUT_OF_MEMORY,
+        _ => CUDA_ERROR_LAUNCH_FAILED,
+    }
+}
+
+/// Launches per kernel, kept when `MOE_CUDA_EMULATOR_REPORT` is set and printed to stderr
+/// at exit: which kernels a run exercised.
+static LAUNCHES: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+extern "C" fn print_launches() {
+    let launches = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, count) in launches.iter() {
+        eprintln!("cuda emulator: {count} launches of {name}");
+    }
+}
+
+unsafe fn count_launch(function: *const c_void) {
+    static REPORT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let report = *REPORT.get_or_init(|| {
+        let on = std::env::var_os("MOE_CUDA_EMULATOR_REPORT").is_some();
+        if on {
+            // SAFETY: registers a function with no preconditions, run at exit.
+            libc::atexit(print_launches);
+        }
+        on
+    });
+    if !report {
+        return;
+    }
+    let name = CStr::from_ptr(emu_kernel_name(function)).to_string_lossy();
+    let mut launches = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
+    match launches.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, count)) => *count += 1,
+        None => launches.push((name.into_owned(), 1)),
+    }
+}
+
+fn error_text(code: CUresult) -> (&'static CStr, &'static CStr) {
+    match code {
+        CUDA_SUCCESS => (c"CUDA_SUCCESS", c"no error"),
+        CUDA_ERROR_INVALID_VALUE => (c"CUDA_ERROR_INVALID_VALUE", c"invalid argument"),
+        CUDA_ERROR_OUT_OF_MEMORY => (c"CUDA_ERROR_OUT_OF_MEMORY", c"out of memory"),
+        CUDA_ERROR_INVALID_DEVICE => (c"CUDA_ERROR_INVALID_DEVICE", c"invalid device ordinal"),
+        CUDA_ERROR_INVALID_IMAGE => (
+            c"CUDA_ERROR_INVALID_IMAGE",
+            c"device kernel image is invalid",
+        ),
+        CUDA_ERROR_INVALID_HANDLE => (c"CUDA_ERROR_INVALID_HANDLE", c"invalid resource handle"),
+        CUDA_ERROR_NOT_FOUND => (c"CUDA_ERROR_NOT_FOUND", c"named symbol not found"),
+        CUDA_ERROR_NOT_READY => (c"CUDA_ERROR_NOT_READY", c"device not ready"),
+        CUDA_ERROR_LAUNCH_FAILED => (c"CUDA_ERROR_LAUNCH_FAILED", c"unspecified launch failure"),
+        CUDA_ERROR_NOT_SUPPORTED => (c"CUDA_ERROR_NOT_SUPPORTED", c"operation not supported"),
+        _ => (c"CUDA_ERROR_UNKNOWN", c"unknown error"),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorName(code: CUresult, text: *mut *const c_char) -> CUresult {
+    answer(text, error_text(code).0.as_ptr())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorString(code: CUresult, text: *mut *const c_char) -> CUresult {
+    answer(text, error_text(code).1.as_ptr())
+}

@@ -1,0 +1,325 @@
+//! A CPU stand-in for the CUDA driver API and cuBLAS. cudarc opens `libcuda.so` and
+//! `libcublas.so` at run time and looks each function up by name when first called; with this
+//! library first on `LD_LIBRARY_PATH` under those names (`ops/cuda-emulator.sh`), the GPU path
+//! runs on the host unchanged: the Rust launch code, its buffers and argument lists, NVRTC's
+//! compilation of the kernels, and the kernels' own source, compiled for the host
+//! (`runtime.cpp`) and run with CUDA's thread model (blocks, threads, shared memory,
+//! barriers). What it cannot show: the hardware's speed, cuBLAS's own summation order, races
+//! between threads that a real GPU runs at once (a block's threads take turns between
+//! barriers here), the device's fused multiply-adds where the source does not spell them out.
+//!
+//! Work runs at once on the calling thread, so every stream is in order with every other and
+//! an event is complete when recorded. Device memory is host memory: each allocation ends at a
+//! page the process may not touch, so a kernel that writes past its buffer stops the process
+//! there instead of corrupting a neighbour, and starts filled with NaN bytes (a read of what
+//! nothing wrote shows), as device memory holds whatever was there.
+
+// These are the CUDA driver's and cuBLAS's C entry points: their contracts are NVIDIA's
+// documentation, their callers cudarc's FFI layer.
+#![allow(clippy::missing_safety_doc, non_snake_case, clippy::too_many_arguments)]
+
+mod blas;
+mod driver;
+mod memory;
+
+pub use blas::*;
+pub use driver::*;
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::{c_int, c_void};
+
+    use super::*;
+
+    /// PTX as NVRTC would write it, declaring `names`.
+    fn ptx(names: &[&str]) -> std::ffi::CString {
+        let mut text = String::from(".version 8.8\n.target sm_90\n.address_size 64\n");
+        for name in names {
+            text.push_str(&format!(".visible .entry {name}(\n)\n{{\n}}\n"));
+        }
+        std::ffi::CString::new(text).unwrap()
+    }
+
+    fn function(name: &str) -> *mut c_void {
+        let mut module = std::ptr::null_mut();
+        let mut f = std::ptr::null_mut();
+        let name_c = std::ffi::CString::new(name).unwrap();
+        unsafe {
+            assert_eq!(
+                cuModuleLoadData(&mut module, ptx(&[name]).as_ptr().cast()),
+                0
+            );
+            assert_eq!(cuModuleGetFunction(&mut f, module, name_c.as_ptr()), 0);
+        }
+        f
+    }
+
+    fn device<T: Copy>(values: &[T]) -> CUdeviceptr {
+        let bytes = std::mem::size_of_val(values);
+        let mut ptr = 0;
+        unsafe {
+            assert_eq!(cuMemAlloc_v2(&mut ptr, bytes), 0);
+            assert_eq!(cuMemcpyHtoD_v2(ptr, values.as_ptr().cast(), bytes), 0);
+        }
+        ptr
+    }
+
+    fn host<T: Copy + Default>(ptr: CUdeviceptr, len: usize) -> Vec<T> {
+        let mut out = vec![T::default(); len];
+        let bytes = std::mem::size_of_val(out.as_slice());
+        unsafe { assert_eq!(cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), ptr, bytes), 0) };
+        out
+    }
+
+    unsafe fn launch(
+        f: *mut c_void,
+        grid: u32,
+        block: u32,
+        params: &mut [*mut c_void],
+    ) -> CUresult {
+        cuLaunchKernel(
+            f,
+            grid,
+            1,
+            1,
+            block,
+            1,
+            1,
+            0,
+            std::ptr::null_mut(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+
+    #[test]
+    fn a_kernel_of_kernels_cu_runs_as_launched() {
+        // argmax_rows: a block per row, 256 threads, a tree over shared memory.
+        let (rows, width) = (5usize, 700usize);
+        let x: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 7919) % 1013) as f32 - 500.0)
+            .collect();
+        let want: Vec<u32> = x
+            .chunks(width)
+            .map(|row| {
+                let best = row.iter().copied().fold(f32::MIN, f32::max);
+                row.iter().position(|&v| v == best).unwrap() as u32
+            })
+            .collect();
+        let (x_dev, out_dev) = (device(&x), device(&vec![0u32; rows]));
+        let (mut xp, mut r, mut w, mut op) = (x_dev, rows as c_int, width as c_int, out_dev);
+        let mut params: Vec<*mut c_void> = vec![
+            (&mut xp as *mut u64).cast(),
+            (&mut r as *mut c_int).cast(),
+            (&mut w as *mut c_int).cast(),
+            (&mut op as *mut u64).cast(),
+        ];
+        unsafe {
+            assert_eq!(
+                launch(function("argmax_rows"), rows as u32, 256, &mut params),
+                0
+            )
+        };
+        assert_eq!(host::<u32>(out_dev, rows), want);
+        for p in [x_dev, out_dev] {
+            assert_eq!(cuMemFree_v2(p), 0);
+        }
+    }
+
+    #[test]
+    fn a_module_gives_only_the_functions_its_ptx_declares_and_this_build_holds() {
+        let mut module = std::ptr::null_mut();
+        let mut f = std::ptr::null_mut();
+        unsafe {
+            assert_eq!(
+                cuModuleLoadData(&mut module, ptx(&["add_f32", "not_ours"]).as_ptr().cast()),
+                0
+            );
+            assert_eq!(cuModuleGetFunction(&mut f, module, c"add_f32".as_ptr()), 0);
+            assert_eq!(
+                cuModuleGetFunction(&mut f, module, c"silu_mul_f32".as_ptr()),
+                CUDA_ERROR_NOT_FOUND
+            );
+            assert_eq!(
+                cuModuleGetFunction(&mut f, module, c"not_ours".as_ptr()),
+                CUDA_ERROR_NOT_FOUND
+            );
+            assert_eq!(
+                cuModuleLoadData(&mut module, c"not ptx".as_ptr().cast()),
+                CUDA_ERROR_INVALID_IMAGE
+            );
+        }
+    }
+
+    #[test]
+    fn threads_that_miss_a_barrier_fail_the_launch() {
+        let f = function("emu_test_divergent_barrier");
+        let out = device(&[0i32; 256]);
+        // None, all, some with thread 0 (the fibers' path), some without it (plain calls).
+        let cases = [
+            (0, 0, CUDA_SUCCESS),
+            (0, 256, CUDA_SUCCESS),
+            (0, 100, CUDA_ERROR_LAUNCH_FAILED),
+            (100, 256, CUDA_ERROR_LAUNCH_FAILED),
+        ];
+        for (from, to, want) in cases {
+            let (mut a, mut b, mut o) = (from as c_int, to as c_int, out);
+            let mut params: Vec<*mut c_void> = vec![
+                (&mut a as *mut c_int).cast(),
+                (&mut b as *mut c_int).cast(),
+                (&mut o as *mut u64).cast(),
+            ];
+            unsafe { assert_eq!(launch(f, 1, 256, &mut params), want, "threads {from}..{to}") };
+        }
+    }
+
+    #[test]
+    fn a_read_of_shared_memory_without_a_barrier_reads_a_stale_value() {
+        let f = function("emu_test_neighbour");
+        let (blocks, threads) = (4usize, 64usize);
+        let want: Vec<i32> = (0..blocks * threads)
+            .map(|i| ((i / threads) * 1000 + (i % threads + 1) % threads) as i32)
+            .collect();
+        for barrier in [1, 0] {
+            let out = device(&vec![0i32; blocks * threads]);
+            let (mut b, mut o) = (barrier as c_int, out);
+            let mut params: Vec<*mut c_void> =
+                vec![(&mut b as *mut c_int).cast(), (&mut o as *mut u64).cast()];
+            unsafe { assert_eq!(launch(f, blocks as u32, threads as u32, &mut params), 0) };
+            let got = host::<i32>(out, blocks * threads);
+            if barrier == 1 {
+                assert_eq!(got, want);
+            } else {
+                assert_ne!(got, want, "the race went unseen");
+            }
+        }
+    }
+
+    #[test]
+    fn copies_stay_inside_one_allocation_and_fresh_memory_is_nan() {
+        let mut ptr = 0;
+        let bytes = [0u8; 300];
+        unsafe {
+            assert_eq!(cuMemAlloc_v2(&mut ptr, 100), 0);
+            assert_eq!(ptr % 256, 0);
+            assert!(host::<f32>(ptr, 25).iter().all(|v| v.is_nan()));
+            assert_eq!(cuMemcpyHtoD_v2(ptr, bytes.as_ptr().cast(), 100), 0);
+            assert_eq!(
+                cuMemcpyHtoD_v2(ptr, bytes.as_ptr().cast(), 101),
+                CUDA_ERROR_INVALID_VALUE
+            );
+            let mut back = [0u8; 60];
+            assert_eq!(
+                cuMemcpyDtoH_v2(back.as_mut_ptr().cast(), ptr + 50, 60),
+                CUDA_ERROR_INVALID_VALUE
+            );
+            assert_eq!(cuMemcpyDtoH_v2(back.as_mut_ptr().cast(), ptr + 40, 60), 0);
+            assert_eq!(cuMemFree_v2(ptr), 0);
+            assert_eq!(cuMemFree_v2(ptr), CUDA_ERROR_INVALID_VALUE);
+        }
+    }
+
+    #[test]
+    fn a_write_past_an_allocation_stops_the_process() {
+        let mut ptr = 0;
+        unsafe {
+            assert_eq!(cuMemAlloc_v2(&mut ptr, 256), 0);
+            let child = libc::fork();
+            if child == 0 {
+                // The byte after the allocation lies on the guard page.
+                std::ptr::write_volatile((ptr + 256) as *mut u8, 1);
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(child, &mut status, 0), child);
+            assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV);
+            // The last byte of the allocation is its own.
+            std::ptr::write_volatile((ptr + 255) as *mut u8, 1);
+            assert_eq!(cuMemFree_v2(ptr), 0);
+        }
+    }
+
+    #[test]
+    fn gemms_follow_cublas_column_major_definition() {
+        // C (m x n) = A^T (A stored k x m) . B (k x n), A in bf16, then strided over 2 batches.
+        let (m, n, k) = (3usize, 4usize, 5usize);
+        let a: Vec<f32> = (0..2 * k * m).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let a_bf16: Vec<u16> = a
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let b: Vec<f32> = (0..2 * k * n).map(|i| 1.0 - i as f32 * 0.125).collect();
+        let (a_dev, b_dev) = (device(&a_bf16), device(&b));
+        let c_dev = device(&vec![f32::NAN; 2 * m * n]);
+        let mut handle = std::ptr::null_mut();
+        let (alpha, beta) = (1f32, 0f32);
+        unsafe {
+            assert_eq!(cublasCreate_v2(&mut handle), 0);
+            let status = cublasGemmStridedBatchedEx(
+                handle,
+                1,
+                0,
+                m as c_int,
+                n as c_int,
+                k as c_int,
+                (&alpha as *const f32).cast(),
+                a_dev as *const c_void,
+                14,
+                k as c_int,
+                (k * m) as i64,
+                b_dev as *const c_void,
+                0,
+                k as c_int,
+                (k * n) as i64,
+                (&beta as *const f32).cast(),
+                c_dev as *mut c_void,
+                0,
+                m as c_int,
+                (m * n) as i64,
+                2,
+                68,
+                -1,
+            );
+            assert_eq!(status, 0);
+            // A leading dimension below the rows stored is refused, as cuBLAS does.
+            let bad = cublasGemmEx(
+                handle,
+                1,
+                0,
+                m as c_int,
+                n as c_int,
+                k as c_int,
+                (&alpha as *const f32).cast(),
+                a_dev as *const c_void,
+                14,
+                (k - 1) as c_int,
+                b_dev as *const c_void,
+                0,
+                k as c_int,
+                (&beta as *const f32).cast(),
+                c_dev as *mut c_void,
+                0,
+                m as c_int,
+                68,
+                -1,
+            );
+            assert_eq!(bad, 7);
+            assert_eq!(cublasDestroy_v2(handle), 0);
+        }
+        let got = host::<f32>(c_dev, 2 * m * n);
+        for batch in 0..2 {
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k)
+                        .map(|l| a[batch * k * m + l + i * k] * b[batch * k * n + l + j * k])
+                        .sum();
+                    assert_eq!(
+                        got[batch * m * n + i + j * m],
+                        want,
+                        "batch {batch} ({i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+// What NVRTC gives kernels.cu and a host C++ compiler does not: the execution-space keywords,
+// the thread coordinates, the barrier and the intrinsics the source uses. Each emulated CUDA
+// thread is a fiber (runtime.cpp); a block's fibers run on one OS thread, so a `__shared__`
+// variable is a thread-local static there: one per block in flight, as on the device.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+struct dim3 {
+    unsigned int x, y, z;
+};
+
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+
+void emu_syncthreads();
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static thread_local
+#define __syncthreads() emu_syncthreads()
+
+using std::exp;
+using std::sqrt;
+
+inline unsigned int __float_as_uint(float x) {
+    unsigned int u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned int u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+inline int __float_as_int(float x) { return (int)__float_as_uint(x); }
+inline float __int_as_float(int i) { return __uint_as_float((unsigned int)i); }
+inline long long __double_as_longlong(double x) {
+    long long u;
+    std::memcpy(&u, &x, 8);
+    return u;
+}
+inline double __longlong_as_double(long long u) {
+    double x;
+    std::memcpy(&x, &u, 8);
+    return x;
+}
+// Correctly rounded, as the device's `_rn` intrinsics (compiled with -ffp-contract=off).
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+
+// CUDA's overloads: the wider type of the two for integers, IEEE min/max for floats.
+template <typename A, typename B>
+inline auto min(A a, B b) -> decltype(a + b) {
+    return b < a ? (decltype(a + b))b : (decltype(a + b))a;
+}
+template <typename A, typename B>
+inline auto max(A a, B b) -> decltype(a + b) {
+    return a < b ? (decltype(a + b))b : (decltype(a + b))a;
+}

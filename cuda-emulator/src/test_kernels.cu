@@ -1,0 +1,20 @@
+// Kernels with the faults the emulator is meant to show, for its own tests (lib.rs). They are
+// compiled into the library but no PTX declares them, so cuModuleGetFunction never hands them
+// out: only the tests reach them, through emu_find_kernel.
+
+// Threads in [from, to) wait at a barrier the others never reach.
+extern "C" __global__ void emu_test_divergent_barrier(int from, int to, int* out) {
+    if ((int)threadIdx.x >= from && (int)threadIdx.x < to) {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1;
+}
+
+// Each thread writes its slot of shared memory, then reads its neighbour's; with `barrier` 0
+// there is no __syncthreads between the write and the read (a race).
+extern "C" __global__ void emu_test_neighbour(int barrier, int* out) {
+    __shared__ int slot[256];
+    slot[threadIdx.x] = (int)(blockIdx.x * 1000 + threadIdx.x);
+    if (barrier) __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = slot[(threadIdx.x + 1) % blockDim.x];
+}
