@@ -1,5 +1,5 @@
-//! A CPU stand-in for the CUDA driver API and cuBLAS. cudarc opens `libcuda.so` and
-//! `libcublas.so` at run time and looks each function up by name when first called; with this
+//! A CPU stand-in for the CUDA driver API, cuBLAS and NCCL (within one process). cudarc opens
+//! `libcuda.so`, `libcublas.so` and `libnccl.so` at run time and looks each function up by name when first called; with this
 //! library first on `LD_LIBRARY_PATH` under those names (`ops/cuda-emulator.sh`), the GPU path
 //! runs on the host unchanged: the Rust launch code, its buffers and argument lists, NVRTC's
 //! compilation of the kernels, and the kernels' own source, compiled for the host
@@ -21,9 +21,11 @@
 mod blas;
 mod driver;
 mod memory;
+mod nccl;
 
 pub use blas::*;
 pub use driver::*;
+pub use nccl::*;
 
 #[cfg(test)]
 mod tests {
@@ -236,6 +238,48 @@ mod tests {
             // The last byte of the allocation is its own.
             std::ptr::write_volatile((ptr + 255) as *mut u8, 1);
             assert_eq!(cuMemFree_v2(ptr), 0);
+        }
+    }
+
+    /// Two ranks of one unique id, each a thread, send each other a buffer in one group and
+    /// receive the other's; a receive whose size differs from the send is an error.
+    #[test]
+    fn two_ranks_in_one_process_exchange_through_nccl() {
+        let mut id = NcclUniqueId { internal: [0; 128] };
+        unsafe { assert_eq!(ncclGetUniqueId(&mut id), 0) };
+        let threads: Vec<_> = (0..2u8)
+            .map(|rank| {
+                std::thread::spawn(move || unsafe {
+                    let mut comm = std::ptr::null_mut();
+                    let config = std::ptr::null_mut();
+                    assert_eq!(
+                        ncclCommInitRankConfig(&mut comm, 2, id, rank.into(), config),
+                        0
+                    );
+                    let mine = device(&[rank + 10; 64]);
+                    let got = device(&[0u8; 64]);
+                    let peer = c_int::from(1 - rank);
+                    let none = std::ptr::null_mut();
+                    assert_eq!(ncclGroupStart(), 0);
+                    assert_eq!(ncclSend(mine as *const c_void, 16, 7, peer, comm, none), 0);
+                    assert_eq!(ncclRecv(got as *mut c_void, 16, 7, peer, comm, none), 0);
+                    assert_eq!(ncclGroupEnd(), 0);
+                    let received = host::<u8>(got, 64);
+                    assert!(received.iter().all(|&b| b == 11 - rank), "rank {rank}");
+                    let mut error = -1;
+                    assert_eq!(ncclCommGetAsyncError(comm, &mut error), 0);
+                    assert_eq!(error, 0);
+                    // A send of 64 bytes received as 32 is refused.
+                    assert_eq!(ncclGroupStart(), 0);
+                    assert_eq!(ncclSend(mine as *const c_void, 16, 7, peer, comm, none), 0);
+                    assert_eq!(ncclRecv(got as *mut c_void, 8, 7, peer, comm, none), 0);
+                    assert_ne!(ncclGroupEnd(), 0);
+                    assert_eq!(ncclCommAbort(comm), 0);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
         }
     }
 

@@ -519,7 +519,7 @@ mod gpu_tests {
         for r in 0..n as u32 {
             routes.push_row(&mut [(r % e, 0.6), ((r + 2) % e, 0.4)]);
         }
-        for dtype in [GpuDtype::F32, GpuDtype::Bf16x2] {
+        for dtype in [GpuDtype::F32, GpuDtype::Bf16x2, GpuDtype::Bf16] {
             let Some(ctx) = crate::test_support::test_context(dtype) else {
                 return;
             };

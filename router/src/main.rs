@@ -207,6 +207,8 @@ struct Running {
     requests: Arc<RequestMetrics>,
     metrics: Arc<metrics::RouterMetrics>,
     submissions: tokio::sync::mpsc::Sender<moe_router::scheduler::Submission>,
+    /// With `--in-process-nodes`: whether those threads are alive.
+    in_process: Option<moe_cluster::collective::in_process::NodeLiveness>,
 }
 
 /// The cluster's expert nodes, or (`--in-process-nodes N`) every routed expert loaded here on
@@ -230,7 +232,7 @@ fn expert_reach(
     };
     let experts = ExpertSet::load_all_on(&ckpt, &model.config, &model.device)
         .context("loading the routed experts for --in-process-nodes")?;
-    let backend =
+    let reach =
         moe_cluster::collective::in_process::reach(&model.config, &experts, nodes, &model.device)?;
     view.in_process_nodes
         .store(nodes, std::sync::atomic::Ordering::Relaxed);
@@ -239,7 +241,11 @@ fn expert_reach(
         experts = experts.len(),
         "routed experts on in-process nodes"
     );
-    Ok(ExpertReach::InProcess(InProcessExperts { nodes, backend }))
+    Ok(ExpertReach::InProcess(InProcessExperts {
+        nodes,
+        backend: reach.backend,
+        liveness: reach.liveness,
+    }))
 }
 
 /// Starts the scheduler on its own thread (the math never runs on the async runtime).
@@ -259,9 +265,14 @@ fn start_scheduler(
     let requests = Arc::new(RequestMetrics::default());
     let (submissions, submit_rx) = tokio::sync::mpsc::channel(args.max_waiting.max(1));
     let recovery_timeout = Duration::from_millis(args.recovery_timeout_ms);
+    let experts = expert_reach(args, model, &view, handle)?;
+    let in_process = match &experts {
+        ExpertReach::InProcess(local) => Some(local.liveness.clone()),
+        ExpertReach::Cluster(_) => None,
+    };
     let scheduler = Scheduler {
         dense: Arc::clone(&model.dense),
-        experts: expert_reach(args, model, &view, handle)?,
+        experts,
         tokenizer: Arc::clone(&model.tokenizer),
         kv: Arc::clone(&kv),
         // One pool for every sequence's blocks and the cached ones, in `--kv-block-tokens`.
@@ -298,6 +309,7 @@ fn start_scheduler(
         requests,
         metrics,
         submissions,
+        in_process,
     })
 }
 
@@ -452,6 +464,16 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
             health
                 .set_service_status("", tonic_health::ServingStatus::Serving)
                 .await;
+            if let Some(liveness) = running.in_process.clone() {
+                tokio::spawn(moe_router::expert_reach::stop_when_a_node_ends(
+                    move || liveness.stopped(),
+                    Arc::clone(&running.view),
+                    health,
+                    Arc::clone(&stopper),
+                    shutdown.clone(),
+                    Duration::from_millis(200),
+                ));
+            }
             None
         }
     };
@@ -509,6 +531,17 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         tracing::warn!(deadline = ?STOP_DEADLINE, "stopping took too long: leaving anyway");
     }
     telemetry.flush();
+    // Stopped because an in-process node ended: a failure, for a supervisor to see.
+    if let Some(ended) = running
+        .in_process
+        .as_ref()
+        .map(|l| l.stopped())
+        .filter(|&n| n > 0)
+    {
+        anyhow::bail!(
+            "{ended} in-process expert node(s) stopped; this router could no longer serve"
+        );
+    }
     served
 }
 

@@ -30,7 +30,7 @@ impl InProcessNodesArgs {
             return Ok(engine);
         }
         let config = engine.config().clone();
-        let nodes = reach(&config, engine.experts(), n, device)?;
+        let nodes = reach(&config, engine.experts(), n, device)?.backend;
         tracing::info!(nodes = n, "routed experts reached through in-process nodes");
         Ok(engine.reaching_experts_through(nodes))
     }

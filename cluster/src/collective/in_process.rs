@@ -6,7 +6,7 @@
 //! pair order, end to end; on the CPU it checks that the exchange changes no token.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -41,6 +41,38 @@ type DevicePath = Box<
         + Sync,
 >;
 
+/// How many in-process node threads have ended without being asked to (a failed exchange, a
+/// panic). Every later layer fails once one has, so a server stops serving then.
+#[derive(Debug, Clone, Default)]
+pub struct NodeLiveness(Arc<AtomicUsize>);
+
+impl NodeLiveness {
+    pub fn stopped(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Held by a node thread: counts it in its [`NodeLiveness`] when it ends, unless it was asked
+/// to stop (a drop runs on a panic too).
+struct EndWatch {
+    liveness: NodeLiveness,
+    asked: Arc<AtomicBool>,
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        if !self.asked.load(Ordering::Relaxed) {
+            self.liveness.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// In-process nodes as a backend, and whether their threads are alive.
+pub struct InProcessReach {
+    pub backend: Box<dyn ExpertBackend + Send + Sync>,
+    pub liveness: NodeLiveness,
+}
+
 pub struct InProcessNodes<C: Carrier> {
     router: Arc<Mutex<MailboxComm<C>>>,
     /// `(layer, expert)` to the node holding it.
@@ -49,6 +81,7 @@ pub struct InProcessNodes<C: Carrier> {
     hidden: usize,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    liveness: NodeLiveness,
     #[cfg(feature = "cuda")]
     device_path: Option<DevicePath>,
 }
@@ -70,20 +103,16 @@ pub fn reach(
     experts: &ExpertSet,
     nodes: usize,
     device: &moe_model::experts::ExpertDevice,
-) -> Result<Box<dyn ExpertBackend + Send + Sync>> {
+) -> Result<InProcessReach> {
     let sets = deal(experts, nodes);
     Ok(match device {
-        moe_model::experts::ExpertDevice::Cpu => Box::new(InProcessNodes::start(
-            config,
-            sets,
-            super::mailbox::HostBytes,
-        )),
+        moe_model::experts::ExpertDevice::Cpu => {
+            InProcessNodes::start(config, sets, super::mailbox::HostBytes).into_reach()
+        }
         #[cfg(feature = "cuda")]
-        moe_model::experts::ExpertDevice::Gpu(gpu) => Box::new(InProcessNodes::start_on_device(
-            config,
-            sets,
-            Arc::clone(gpu),
-        )?),
+        moe_model::experts::ExpertDevice::Gpu(gpu) => {
+            InProcessNodes::start_on_device(config, sets, Arc::clone(gpu))?.into_reach()
+        }
         // moe-model built with its `cuda` feature and this crate without (features unify per
         // crate): experts on a GPU, and no device exchange compiled here.
         #[cfg(not(feature = "cuda"))]
@@ -110,6 +139,7 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
         let node_comms = comms.split_off(1);
         let router = comms.pop().expect("rank 0");
         let stop = Arc::new(AtomicBool::new(false));
+        let liveness = NodeLiveness::default();
         let rules = DispatchRules::for_model(config, MAX_ROWS);
         let threads = node_comms
             .into_iter()
@@ -117,9 +147,16 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
             .enumerate()
             .map(|(n, (comm, set))| {
                 let (rules, stop) = (rules.clone(), Arc::clone(&stop));
+                let watch = EndWatch {
+                    liveness: liveness.clone(),
+                    asked: Arc::clone(&stop),
+                };
                 std::thread::Builder::new()
                     .name(format!("in-process-node-{}", n + 1))
-                    .spawn(move || serve_until_stopped(comm, &set, &rules, &stop))
+                    .spawn(move || {
+                        let _watch = watch;
+                        serve_until_stopped(comm, &set, &rules, &stop)
+                    })
                     .expect("spawning a node thread")
             })
             .collect();
@@ -130,8 +167,16 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
             hidden: config.hidden_size,
             stop,
             threads,
+            liveness,
             #[cfg(feature = "cuda")]
             device_path: None,
+        }
+    }
+
+    fn into_reach(self) -> InProcessReach {
+        InProcessReach {
+            liveness: self.liveness.clone(),
+            backend: Box::new(self),
         }
     }
 
@@ -304,6 +349,7 @@ impl<C: Carrier> Drop for InProcessNodes<C> {
 mod tests {
     use moe_model::experts::ExpertBackend;
 
+    use super::super::communicator::Communicator;
     use super::super::mailbox::HostBytes;
     use super::super::test_nodes::{fixture, rows};
     use super::*;
@@ -361,5 +407,39 @@ mod tests {
             other => panic!("expected a stopped node, got {other:?}"),
         }
         assert!(started.elapsed() < TIMEOUT / 2);
+        // Asked to stop: not a node that died.
+        assert_eq!(nodes.liveness.stopped(), 0);
+    }
+
+    /// A node thread that ends on its own (here: a header it cannot read fails its exchange)
+    /// is counted, so that a server can stop serving; the other node is not.
+    #[test]
+    fn a_node_that_ends_on_its_own_is_counted() {
+        let (ckpt, config) = fixture("qwen3-moe-tiny");
+        let all = ExpertSet::load_all(&ckpt, &config).unwrap();
+        let nodes = InProcessNodes::start(&config, deal(&all, 2), HostBytes);
+        let liveness = nodes.liveness.clone();
+        {
+            let mut router = nodes.router.lock().unwrap();
+            let garbage = router
+                .upload(vec![0xff; super::super::exchange::HEADER_BYTES])
+                .unwrap();
+            router
+                .post(super::super::communicator::Pending {
+                    sends: vec![(1, garbage)],
+                    recvs: vec![],
+                })
+                .unwrap();
+            router.wait(Duration::from_secs(5)).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while liveness.stopped() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the node did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(nodes.threads[0].is_finished());
+        assert!(!nodes.threads[1].is_finished());
+        drop(nodes);
+        assert_eq!(liveness.stopped(), 1);
     }
 }

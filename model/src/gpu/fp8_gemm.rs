@@ -211,6 +211,12 @@ impl DeviceFp8Matrix {
     }
 
     /// Device address of the e4m3 bytes (valid while `self` lives, for work on `stream`).
+    /// The e4m3 bytes, row-major.
+    #[cfg(test)]
+    pub(crate) fn values(&self) -> &CudaSlice<u8> {
+        &self.values
+    }
+
     pub(crate) fn values_address(&self, stream: &cudarc::driver::CudaStream) -> u64 {
         self.values.device_ptr(stream).0
     }
