@@ -10,11 +10,9 @@ use std::time::Duration;
 use moe_cluster::collective::in_process::NodeLiveness;
 use moe_cluster::shutdown::{Shutdown, Stopper};
 use moe_model::experts::ExpertBackend;
-use moe_proto::v1::inference_server::InferenceServer;
 
 use crate::cluster_view::ClusterView;
 use crate::dispatch::{MicroBatchExperts, RemoteExperts};
-use crate::server::inference::InferenceService;
 
 pub enum ExpertReach {
     Cluster(RemoteExperts),
@@ -81,11 +79,12 @@ impl ExpertReach {
 /// on its own (only a bug ends one; every later step would fail): from then on health says
 /// NOT_SERVING, new requests are refused as unavailable, and the router stops (and exits
 /// non-zero: `main`) for its supervisor to start it again. Checks every `every` until the
-/// router stops for another reason.
+/// router stops for another reason. `service` is the inference service's health name.
 pub async fn stop_when_a_node_ends(
     stopped: impl Fn() -> usize,
     view: Arc<ClusterView>,
     health: tonic_health::server::HealthReporter,
+    service: &'static str,
     stopper: Arc<Stopper>,
     mut shutdown: Shutdown,
     every: Duration,
@@ -109,7 +108,7 @@ pub async fn stop_when_a_node_ends(
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         health
-            .set_not_serving::<InferenceServer<InferenceService>>()
+            .set_service_status(service, tonic_health::ServingStatus::NotServing)
             .await;
         stopper.stop();
         return;
@@ -137,6 +136,7 @@ mod tests {
             },
             Arc::clone(&view),
             health,
+            "moe.v1.Inference",
             Arc::clone(&stopper),
             shutdown.clone(),
             Duration::from_millis(5),
@@ -162,6 +162,7 @@ mod tests {
             || 0,
             view,
             health,
+            "moe.v1.Inference",
             Arc::clone(&stopper),
             shutdown,
             Duration::from_millis(5),

@@ -12,6 +12,7 @@ use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
 use moe_proto::v1::inference_server::InferenceServer;
+use tonic::server::NamedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use moe_cluster::auth::StreamGate;
@@ -469,6 +470,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
                     move || liveness.stopped(),
                     Arc::clone(&running.view),
                     health,
+                    <InferenceServer<server::inference::InferenceService> as NamedService>::NAME,
                     Arc::clone(&stopper),
                     shutdown.clone(),
                     Duration::from_millis(200),
