@@ -131,6 +131,12 @@ pub struct DeviceArgs {
         default_missing_value = "true"
     )]
     pub deterministic: bool,
+    /// How a GPU runs a MoE layer's expert GEMMs (bf16 and f32 experts; FP8 kept as FP8 and
+    /// `--deterministic` use their own kernels): `lanes` (one cuBLAS GEMM per expert, spread
+    /// over streams) or `grouped` (all experts of a pass in one `cublasGemmGroupedBatchedEx`
+    /// call, cuBLAS 12.5 or later; experimental until `ops/gpu-check.sh bench` has measured it).
+    #[arg(long, env = "MOE_GPU_EXPERT_GEMM", default_value = "lanes")]
+    pub gpu_expert_gemm: moe_model::device::ExpertGemm,
 }
 
 impl DeviceArgs {
@@ -141,6 +147,7 @@ impl DeviceArgs {
         moe_model::checkpoint::set_process_weights_dtype(self.weights_dtype);
         moe_model::device::set_process_gpu_fp8(self.gpu_fp8);
         moe_model::device::set_process_gpu_deterministic(self.deterministic);
+        moe_model::device::set_process_gpu_expert_gemm(self.gpu_expert_gemm);
         self.device.open_experts(self.gpu_dtype)
     }
 

@@ -308,6 +308,11 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     compute: c_uint,
     _algo: c_int,
 ) -> CublasStatus {
+    crate::driver::count_call(if batch == 1 {
+        "cublasGemmEx"
+    } else {
+        "cublasGemmStridedBatchedEx"
+    });
     if handle.is_null() {
         return CUBLAS_STATUS_NOT_INITIALIZED;
     }
@@ -336,6 +341,125 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
             return e;
         }
         gemm.run(alpha, beta);
+    }
+    CUBLAS_STATUS_SUCCESS
+}
+
+/// The cuBLAS these entry points stand for: 13.0 (the grouped GEMM exists from 12.5).
+#[no_mangle]
+pub unsafe extern "C" fn cublasGetVersion_v2(
+    handle: *mut c_void,
+    version: *mut c_int,
+) -> CublasStatus {
+    if handle.is_null() {
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    }
+    if version.is_null() {
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    *version = 13_00_00;
+    CUBLAS_STATUS_SUCCESS
+}
+
+/// Groups of GEMMs, as cuBLAS defines them: the per-group sizes, operations and scalars are
+/// host arrays of `group_count`; the operand addresses are device arrays with one address per
+/// problem (`sum(group_size)`), which must lie inside an allocation as a GPU would read them.
+#[no_mangle]
+pub unsafe extern "C" fn cublasGemmGroupedBatchedEx(
+    handle: *mut c_void,
+    transa: *const c_uint,
+    transb: *const c_uint,
+    m: *const c_int,
+    n: *const c_int,
+    k: *const c_int,
+    alpha: *const c_void,
+    a: *const *const c_void,
+    a_type: c_uint,
+    lda: *const c_int,
+    b: *const *const c_void,
+    b_type: c_uint,
+    ldb: *const c_int,
+    beta: *const c_void,
+    c: *const *mut c_void,
+    c_type: c_uint,
+    ldc: *const c_int,
+    group_count: c_int,
+    group_size: *const c_int,
+    compute: c_uint,
+) -> CublasStatus {
+    crate::driver::count_call("cublasGemmGroupedBatchedEx");
+    if handle.is_null() {
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    }
+    let Ok(groups) = usize::try_from(group_count) else {
+        return CUBLAS_STATUS_INVALID_VALUE;
+    };
+    let host = [
+        transa.cast::<c_void>(),
+        transb.cast(),
+        m.cast(),
+        n.cast(),
+        k.cast(),
+        alpha,
+        lda.cast(),
+        ldb.cast(),
+        beta,
+        ldc.cast(),
+        group_size.cast(),
+    ];
+    if groups > 0 && host.iter().any(|p| p.is_null()) {
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    let mut sizes = Vec::with_capacity(groups);
+    for g in 0..groups {
+        let Ok(size) = usize::try_from(*group_size.add(g)) else {
+            return CUBLAS_STATUS_INVALID_VALUE;
+        };
+        sizes.push(size);
+    }
+    let problems: usize = sizes.iter().sum();
+    let address_bytes = problems * std::mem::size_of::<*const c_void>();
+    for (name, array) in [("A", a as usize), ("B", b as usize), ("C", c as usize)] {
+        if problems > 0 && !memory::covers(array, address_bytes) {
+            eprintln!(
+                "cuda emulator: grouped GEMM: the {name} addresses ({address_bytes} bytes at {array:#x}) are not inside one allocation"
+            );
+            return CUBLAS_STATUS_EXECUTION_FAILED;
+        }
+    }
+    let mut problem = 0;
+    for (g, &size) in sizes.iter().enumerate() {
+        let mut gemm = match gemm_of(
+            *transa.add(g),
+            *transb.add(g),
+            *m.add(g),
+            *n.add(g),
+            *k.add(g),
+            std::ptr::null(),
+            a_type,
+            *lda.add(g),
+            std::ptr::null(),
+            b_type,
+            *ldb.add(g),
+            std::ptr::null_mut(),
+            c_type,
+            *ldc.add(g),
+            compute,
+        ) {
+            Ok(gemm) => gemm,
+            Err(e) => return e,
+        };
+        let (alpha, beta) = (*alpha.cast::<f32>().add(g), *beta.cast::<f32>().add(g));
+        for _ in 0..size {
+            gemm.a = *a.add(problem);
+            gemm.b = *b.add(problem);
+            gemm.c = *c.add(problem);
+            if let Err(e) = gemm.check() {
+                return e;
+            }
+            gemm.run(alpha, beta);
+            problem += 1;
+        }
     }
     CUBLAS_STATUS_SUCCESS
 }

@@ -751,8 +751,8 @@ pub unsafe extern "C" fn cuLaunchKernel(
     }
 }
 
-/// Launches per kernel, kept when `MOE_CUDA_EMULATOR_REPORT` is set and printed to stderr
-/// at exit: which kernels a run exercised.
+/// Launches per kernel and calls per cuBLAS entry point, kept when `MOE_CUDA_EMULATOR_REPORT`
+/// is set and printed to stderr at exit: which kernels and library calls a run exercised.
 static LAUNCHES: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
 
 extern "C" fn print_launches() {
@@ -763,23 +763,35 @@ extern "C" fn print_launches() {
 }
 
 unsafe fn count_launch(function: *const c_void) {
+    if reporting() {
+        count(&CStr::from_ptr(emu_kernel_name(function)).to_string_lossy());
+    }
+}
+
+/// Counts one call of `name` (a kernel or a library entry point) for the report.
+pub(crate) fn count_call(name: &str) {
+    if reporting() {
+        count(name);
+    }
+}
+
+fn reporting() -> bool {
     static REPORT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let report = *REPORT.get_or_init(|| {
+    *REPORT.get_or_init(|| {
         let on = std::env::var_os("MOE_CUDA_EMULATOR_REPORT").is_some();
         if on {
             // SAFETY: registers a function with no preconditions, run at exit.
-            libc::atexit(print_launches);
+            unsafe { libc::atexit(print_launches) };
         }
         on
-    });
-    if !report {
-        return;
-    }
-    let name = CStr::from_ptr(emu_kernel_name(function)).to_string_lossy();
+    })
+}
+
+fn count(name: &str) {
     let mut launches = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
-    match launches.iter_mut().find(|(n, _)| *n == name) {
+    match launches.iter_mut().find(|(n, _)| n == name) {
         Some((_, count)) => *count += 1,
-        None => launches.push((name.into_owned(), 1)),
+        None => launches.push((name.to_owned(), 1)),
     }
 }
 

@@ -107,7 +107,10 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
         ExpertDevice::Cpu => None,
     };
     #[cfg(not(feature = "cuda"))]
-    let _ = &ctx.device;
+    let gpu = {
+        let _ = &ctx.device;
+        None
+    };
     let settings = MemberSettings {
         token: ctx.token.clone(),
         max_frame_bytes: FrameBounds::new(
@@ -117,14 +120,7 @@ fn serve_collective(ctx: &MemberContext, key: &str, record: &CollectiveRecord) {
         )
         .to_node,
     };
-    let joined = join_member(
-        record,
-        &ctx.node_id,
-        &settings,
-        #[cfg(feature = "cuda")]
-        gpu,
-        timeout,
-    );
+    let joined = join_member(record, &ctx.node_id, &settings, gpu, timeout);
     let mut link = match joined {
         Ok(link) => link,
         Err(e) => {

@@ -197,6 +197,51 @@ pub enum FfnPass {
     Down,
 }
 
+/// One expert's GEMM of a pass: `experts[run]`'s matrix times the run's slots of the input,
+/// from element offsets `input_at` into the pass's input and `output_at` into its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGemmCall {
+    pub run: usize,
+    pub shape: ColumnMajorGemm,
+    pub input_at: usize,
+    pub output_at: usize,
+}
+
+/// The GEMMs of one pass, one per run with slots, in run order: what [`expert_gemms`] issues
+/// one at a time and a grouped call issues at once.
+pub fn expert_gemm_calls(
+    plan: &ExpertRuns,
+    pass: FfnPass,
+    hidden: usize,
+    inter: usize,
+) -> Vec<ExpertGemmCall> {
+    let (k, n_out) = match pass {
+        FfnPass::GateUp => (hidden, 2 * inter),
+        FfnPass::Down => (inter, hidden),
+    };
+    plan.runs
+        .iter()
+        .enumerate()
+        .filter(|(_, run)| run.len > 0)
+        .map(|(i, run)| ExpertGemmCall {
+            run: i,
+            shape: ColumnMajorGemm::rows_times_weights(run.len, n_out, k),
+            input_at: run.start * k,
+            output_at: run.start * n_out,
+        })
+        .collect()
+}
+
+impl<A> ExpertMatrices<'_, A> {
+    /// The matrix `pass` multiplies by.
+    pub fn of(&self, pass: FfnPass) -> &A {
+        match pass {
+            FfnPass::GateUp => self.gate_up,
+            FfnPass::Down => self.down,
+        }
+    }
+}
+
 /// One pass: for each run of `plan`, one GEMM of its expert over all its slots, the GEMMs of
 /// different experts on different lanes between a fork and a join.
 #[allow(clippy::too_many_arguments)]
@@ -210,21 +255,24 @@ pub fn expert_gemms<O: FfnOps>(
     hidden: usize,
     inter: usize,
 ) -> Result<(), O::Error> {
-    let (k, n_out) = match pass {
-        FfnPass::GateUp => (hidden, 2 * inter),
-        FfnPass::Down => (inter, hidden),
-    };
     ops.fork()?;
-    for (lane, (run, expert)) in plan.runs.iter().zip(experts).enumerate() {
-        if run.len > 0 {
-            let weights = match pass {
-                FfnPass::GateUp => expert.gate_up,
-                FfnPass::Down => expert.down,
-            };
-            let shape = ColumnMajorGemm::rows_times_weights(run.len, n_out, k);
-            let (in_at, out_at) = (run.start * k, run.start * n_out);
-            ops.gemm(lane, &shape, weights, 0, input, in_at, output, out_at)?;
-        }
+    // `run_grouped` checked one expert per run.
+    for call in expert_gemm_calls(plan, pass, hidden, inter) {
+        let Some(expert) = experts.get(call.run) else {
+            break;
+        };
+        let weights = expert.of(pass);
+        let (input_at, output_at) = (call.input_at, call.output_at);
+        ops.gemm(
+            call.run,
+            &call.shape,
+            weights,
+            0,
+            input,
+            input_at,
+            output,
+            output_at,
+        )?;
     }
     ops.join()
 }
@@ -359,6 +407,52 @@ mod tests {
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
             })
             .collect()
+    }
+
+    /// A pass's calls: one per run with slots (an empty run is skipped), each over its own
+    /// slots of the input and output, with the pass's shape.
+    #[test]
+    fn expert_gemm_calls_cover_each_run_once() {
+        let plan = ExpertRuns {
+            runs: vec![
+                crate::routes::ExpertRun {
+                    expert: 4,
+                    start: 0,
+                    len: 3,
+                },
+                crate::routes::ExpertRun {
+                    expert: 9,
+                    start: 3,
+                    len: 0,
+                },
+                crate::routes::ExpertRun {
+                    expert: 2,
+                    start: 3,
+                    len: 5,
+                },
+            ],
+            ..ExpertRuns::default()
+        };
+        let (hidden, inter) = (8, 6);
+        let up = expert_gemm_calls(&plan, FfnPass::GateUp, hidden, inter);
+        assert_eq!(up.iter().map(|c| c.run).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(
+            up[1].shape,
+            ColumnMajorGemm::rows_times_weights(5, 2 * inter, hidden)
+        );
+        assert_eq!(
+            (up[1].input_at, up[1].output_at),
+            (3 * hidden, 3 * 2 * inter)
+        );
+        let down = expert_gemm_calls(&plan, FfnPass::Down, hidden, inter);
+        assert_eq!(
+            down[0].shape,
+            ColumnMajorGemm::rows_times_weights(3, hidden, inter)
+        );
+        assert_eq!(
+            (down[1].input_at, down[1].output_at),
+            (3 * inter, 3 * hidden)
+        );
     }
 
     #[test]

@@ -81,22 +81,27 @@ fn collective_settings(
              nodes on other hosts need --collective-advertise-host"
         );
     }
+    // Outputs of a whole batch (rows ≤ --max-batch-tokens) from one node.
+    let max_frame_bytes = FrameBounds::new(
+        args.max_batch_tokens.max(1),
+        config.hidden_size,
+        config.moe.top_k,
+    )
+    .to_router;
+    #[allow(unused_mut)] // set below where CUDA is built in
+    let mut root = RootSettings::new(
+        tcp_bind,
+        args.collective_advertise_host.clone(),
+        token,
+        max_frame_bytes,
+    );
+    #[cfg(feature = "cuda")]
+    {
+        root.nccl_gpu = nccl_gpu;
+    }
     Ok(CollectiveSettings {
         transport: args.transport,
-        root: RootSettings {
-            tcp_bind,
-            tcp_advertise_host: args.collective_advertise_host.clone(),
-            token,
-            // Outputs of a whole batch (rows ≤ --max-batch-tokens) from one node.
-            max_frame_bytes: FrameBounds::new(
-                args.max_batch_tokens.max(1),
-                config.hidden_size,
-                config.moe.top_k,
-            )
-            .to_router,
-            #[cfg(feature = "cuda")]
-            nccl_gpu,
-        },
+        root,
         timeout: Duration::from_millis(args.dispatch_timeout_ms),
     })
 }

@@ -770,14 +770,7 @@ mod tests {
             max_batch_rows: 64,
             collective: crate::collective::CollectiveSettings {
                 transport: Transport::Grpc,
-                root: RootSettings {
-                    tcp_bind: "127.0.0.1:0".into(),
-                    tcp_advertise_host: None,
-                    token: None,
-                    max_frame_bytes: 1 << 20,
-                    #[cfg(feature = "cuda")]
-                    nccl_gpu: None,
-                },
+                root: RootSettings::new("127.0.0.1:0".into(), None, None, 1 << 20),
                 timeout: Duration::from_secs(1),
             },
             rebalance: RebalancePolicy {

@@ -2,7 +2,7 @@
 //! dense GEMM measured in the same run (the roofline). Needs a build with `--features cuda`.
 
 use clap::Args;
-use moe_model::device::{Device, GpuDtype};
+use moe_model::device::{Device, ExpertGemm, GpuDtype};
 
 #[derive(Args, Clone)]
 pub struct GpuBenchArgs {
@@ -41,6 +41,10 @@ pub struct GpuBenchArgs {
     /// GEMMs through the exact, batch-invariant kernels (`--deterministic`'s).
     #[arg(long)]
     pub deterministic: bool,
+    /// The experts' cuBLAS GEMMs: `lanes` (one per expert, over `--lanes` streams) or
+    /// `grouped` (one `cublasGemmGroupedBatchedEx` call per pass; lanes do not apply).
+    #[arg(long, env = "MOE_GPU_EXPERT_GEMM", default_value = "lanes")]
+    pub expert_gemm: ExpertGemm,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -81,6 +85,12 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
     }
     // The roofline stays cuBLAS's dense GEMM: what the experts are measured against.
     ctx.set_deterministic(args.deterministic);
+    let grouped = args.expert_gemm == ExpertGemm::Grouped;
+    ctx.set_grouped_expert_gemm(grouped);
+    if grouped {
+        // One call per pass: the lanes are not used, so one case per token count.
+        cases.retain(|&(lanes, _)| lanes == default_lanes);
+    }
     let weights = match args.fp8 {
         true => BenchWeights::Fp8,
         false => BenchWeights::Held,
@@ -94,6 +104,7 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
             "dtype": args.gpu_dtype.to_string(),
             "weights": weights,
             "deterministic": args.deterministic,
+            "expert_gemm": args.expert_gemm.to_string(),
             "weight_bytes": report.weight_bytes,
             "shape": shape,
             "roofline": roofline,
@@ -126,6 +137,8 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
         report.weight_bytes as f64 / 1e9,
         if args.deterministic {
             ", exact kernels"
+        } else if grouped {
+            ", one grouped cuBLAS call per pass"
         } else {
             ""
         }

@@ -137,6 +137,27 @@ pub struct RootSettings {
     pub nccl_gpu: Option<NcclGpu>,
 }
 
+impl RootSettings {
+    /// Settings without a GPU for NCCL (set `nccl_gpu` after, where CUDA is built in): a
+    /// constructor, so that crates built without the `cuda` feature still build when a
+    /// workspace build turns it on here.
+    pub fn new(
+        tcp_bind: String,
+        tcp_advertise_host: Option<String>,
+        token: Option<ClusterToken>,
+        max_frame_bytes: u64,
+    ) -> Self {
+        Self {
+            tcp_bind,
+            tcp_advertise_host,
+            token,
+            max_frame_bytes,
+            #[cfg(feature = "cuda")]
+            nccl_gpu: None,
+        }
+    }
+}
+
 /// The router's GPU for NCCL: the stream the collective runs on, and the context whose
 /// kernels gather a layer's rows and place its outputs there (the device-resident dispatch).
 #[cfg(feature = "cuda")]
@@ -235,11 +256,18 @@ pub struct MemberSettings {
 
 /// A node joins the communicator `record` describes, as its rank in it. `gpu` is the stream
 /// NCCL runs on (the node's expert GPU); TCP needs none.
+/// The stream a GPU member runs NCCL on; without CUDA built in here, a type with no value
+/// (callers pass `None`), so the signature is the same whatever features a build turns on.
+#[cfg(feature = "cuda")]
+pub type MemberGpu = std::sync::Arc<moe_model::cudarc::driver::CudaStream>;
+#[cfg(not(feature = "cuda"))]
+pub type MemberGpu = std::convert::Infallible;
+
 pub fn join_member(
     record: &CollectiveRecord,
     node_id: &str,
     settings: &MemberSettings,
-    #[cfg(feature = "cuda")] gpu: Option<std::sync::Arc<moe_model::cudarc::driver::CudaStream>>,
+    gpu: Option<MemberGpu>,
     timeout: Duration,
 ) -> Result<EpochLink, CommError> {
     let (rank, size) = record.rank_of(node_id).ok_or_else(|| {
@@ -271,9 +299,13 @@ pub fn join_member(
                 .map(EpochLink::Nccl)
         }
         #[cfg(not(feature = "cuda"))]
-        Transport::Nccl => Err(CommError::Failed(
-            "NCCL needs a build with --features cuda".into(),
-        )),
+        Transport::Nccl => {
+            // No value exists without CUDA: nothing to use.
+            let _ = gpu;
+            Err(CommError::Failed(
+                "NCCL needs a build with --features cuda".into(),
+            ))
+        }
         Transport::Grpc => Err(CommError::Failed("not a collective record".into())),
     }
 }

@@ -39,6 +39,8 @@ mod test_nodes;
 pub use communicator::{run_bounded, CommError, Communicator, Pending};
 #[cfg(feature = "cuda")]
 pub use link::NcclGpu;
-pub use link::{join_member, open_root, EpochLink, MemberSettings, RootJoining, RootSettings};
+pub use link::{
+    join_member, open_root, EpochLink, MemberGpu, MemberSettings, RootJoining, RootSettings,
+};
 pub use plan::{ExchangePlan, FrameBounds, PeerCounts};
 pub use record::{CollectiveRecord, Transport};

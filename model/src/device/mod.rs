@@ -164,6 +164,60 @@ pub fn process_gpu_fp8() -> GpuFp8 {
     }
 }
 
+/// How a GPU runs a layer's per-expert GEMMs (`--gpu-expert-gemm`), where neither FP8 kept as
+/// FP8 nor `--deterministic` sends them to our own kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertGemm {
+    /// One cuBLAS `GemmEx` per expert, spread over the context's GEMM lanes (streams): what
+    /// every GPU check so far has run.
+    #[default]
+    Lanes,
+    /// Every expert of a pass in one `cublasGemmGroupedBatchedEx` call (one launch, whatever
+    /// the number of experts). Experimental until `ops/gpu-check.sh bench` has measured it.
+    Grouped,
+}
+
+impl fmt::Display for ExpertGemm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExpertGemm::Lanes => "lanes",
+            ExpertGemm::Grouped => "grouped",
+        })
+    }
+}
+
+impl FromStr for ExpertGemm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lanes" => Ok(ExpertGemm::Lanes),
+            "grouped" => Ok(ExpertGemm::Grouped),
+            _ => Err(format!(
+                "unknown --gpu-expert-gemm {s:?}: expected lanes or grouped"
+            )),
+        }
+    }
+}
+
+static PROCESS_GPU_GROUPED_GEMM: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every GPU this process opens run its experts' GEMMs as `mode` says.
+pub fn set_process_gpu_expert_gemm(mode: ExpertGemm) {
+    PROCESS_GPU_GROUPED_GEMM.store(
+        mode == ExpertGemm::Grouped,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+pub fn process_gpu_expert_gemm() -> ExpertGemm {
+    match PROCESS_GPU_GROUPED_GEMM.load(std::sync::atomic::Ordering::Relaxed) {
+        true => ExpertGemm::Grouped,
+        false => ExpertGemm::Lanes,
+    }
+}
+
 static PROCESS_GPU_DETERMINISTIC: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
@@ -230,6 +284,14 @@ mod tests {
         assert_eq!(" Widen".parse(), Ok(GpuFp8::Widen));
         assert!("fp8".parse::<GpuFp8>().is_err());
         assert_eq!(GpuFp8::default().to_string(), "widen");
+    }
+
+    #[test]
+    fn parses_expert_gemm_modes() {
+        assert_eq!("grouped".parse(), Ok(ExpertGemm::Grouped));
+        assert_eq!(" LANES".parse(), Ok(ExpertGemm::Lanes));
+        assert!("cutlass".parse::<ExpertGemm>().is_err());
+        assert_eq!(ExpertGemm::default().to_string(), "lanes");
     }
 
     #[test]

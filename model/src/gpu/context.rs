@@ -34,6 +34,9 @@ pub struct GpuContext {
     kernels: Kernels,
     /// GEMMs through the exact, batch-invariant kernels (`--deterministic`).
     deterministic: AtomicBool,
+    /// A pass's expert GEMMs in one grouped cuBLAS call instead of one call per expert on
+    /// the lanes (`--gpu-expert-gemm grouped`).
+    grouped_expert_gemm: AtomicBool,
     /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
     /// the work of one stream runs in order anyway.
     serial: Mutex<()>,
@@ -147,6 +150,9 @@ impl GpuContext {
             lanes_in_use: AtomicUsize::new(GEMM_LANES),
             kernels,
             deterministic: AtomicBool::new(crate::device::process_gpu_deterministic()),
+            grouped_expert_gemm: AtomicBool::new(
+                crate::device::process_gpu_expert_gemm() == crate::device::ExpertGemm::Grouped,
+            ),
             serial: Mutex::new(()),
         }))
     }
@@ -172,6 +178,17 @@ impl GpuContext {
     /// Runs later GEMMs batch-invariant (`on`) or through cuBLAS.
     pub fn set_deterministic(&self, on: bool) {
         self.deterministic.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a pass's expert GEMMs go to cuBLAS in one grouped call (see
+    /// [`crate::device::ExpertGemm`]).
+    pub fn grouped_expert_gemm(&self) -> bool {
+        self.grouped_expert_gemm.load(Ordering::Relaxed)
+    }
+
+    /// Runs later passes' expert GEMMs in one grouped call (`on`) or one call per expert.
+    pub fn set_grouped_expert_gemm(&self, on: bool) {
+        self.grouped_expert_gemm.store(on, Ordering::Relaxed);
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

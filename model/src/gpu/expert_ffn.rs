@@ -16,7 +16,8 @@ use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::shapes::{ColumnMajorGemm, StridedGemm};
 use crate::device::MatrixPrecision;
 use crate::grouped_ffn::{
-    expert_gemms, run_grouped, ExpertMatrices, FfnOps, FfnPass, GroupedShapeError,
+    expert_gemm_calls, expert_gemms, run_grouped, ExpertMatrices, FfnOps, FfnPass,
+    GroupedShapeError,
 };
 use crate::routes::ExpertRuns;
 
@@ -279,7 +280,8 @@ impl FfnOps for CudaOps<'_> {
     }
 
     /// Experts held as FP8 run in one launch per pass (`grouped_gemm_rows_fp8`: each output
-    /// the same chain as one expert's own GEMM); the others one cuBLAS GEMM each.
+    /// the same chain as one expert's own GEMM); the others one cuBLAS GEMM each, or all in
+    /// one grouped cuBLAS call (`--gpu-expert-gemm grouped`).
     fn expert_pass(
         &self,
         experts: &[ExpertMatrices<'_, GpuBuffer>],
@@ -316,6 +318,15 @@ impl FfnOps for CudaOps<'_> {
                     FfnPass::Down => (experts.iter().map(|e| e.down).collect(), (hidden, inter)),
                 };
                 super::exact_gemm::grouped(self.ctx, &matrices, shape, x, &tiles()?, output)
+            }
+            _ if self.ctx.grouped_expert_gemm()
+                && !self.ctx.deterministic()
+                && !experts
+                    .iter()
+                    .any(|e| matches!(e.of(pass), GpuBuffer::Fp8(_))) =>
+            {
+                let calls = expert_gemm_calls(plan, pass, hidden, inter);
+                super::grouped_blas::grouped_pass(self.ctx, experts, &calls, pass, input, output)
             }
             _ => expert_gemms(self, experts, plan, pass, input, output, hidden, inter),
         }

@@ -32,6 +32,7 @@ pub mod exact_gemm;
 pub mod expert_ffn;
 pub mod fill;
 pub mod fp8_gemm;
+mod grouped_blas;
 pub mod kernels;
 pub mod row_moves;
 
