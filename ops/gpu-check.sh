@@ -51,12 +51,13 @@
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
-# Benchmarks (`bench`; bounds add up to 335 s):
+# Benchmarks (`bench`; bounds add up to 395 s):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM; then the
 #      same with each pass's expert GEMMs in one grouped cuBLAS call (`--expert-gemm grouped`);
-#   2. the same with the experts kept as FP8 (the grouped FP8 kernel), and with bf16 experts
-#      through the exact kernels (`--deterministic`), with the weights' device memory;
+#   2. the same with the experts kept as FP8 (the grouped FP8 kernel, SiLU fused into the
+#      gate/up pass, then apart from it to compare), and with bf16 experts through the exact
+#      kernels (`--deterministic`), with the weights' device memory;
 #   3. what `--deterministic` costs a whole model: `moe bench` at batch 1 and 32 on a
 #      generated small preset, with and without.
 # Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
@@ -265,7 +266,7 @@ gpu_bench() { # name of the JSON file, then moe gpu-bench's flags
   GPU_BENCH_JSON="/tmp/$name.json" python3 - <<'EOF'
 import json, os
 r = json.load(open(os.environ["GPU_BENCH_JSON"]))
-print(f"weights: {r.get('weights', 'held')}, deterministic: {r.get('deterministic', False)}, expert GEMMs: {r.get('expert_gemm', 'lanes')}, {r.get('weight_bytes', 0) / 1e9:.2f} GB on the device")
+print(f"weights: {r.get('weights', 'held')}, deterministic: {r.get('deterministic', False)}, expert GEMMs: {r.get('expert_gemm', 'lanes')}, SiLU fused: {r.get('fused_silu', False)}, {r.get('weight_bytes', 0) / 1e9:.2f} GB on the device")
 print(f"{r['name']} {r['dtype']}: dense {r['roofline']['m']}^3 GEMM {r['roofline']['tflops']:.1f} TFLOP/s")
 for f in r["expert_ffn"]:
     print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
@@ -295,6 +296,7 @@ if [ "$PART" = bench ]; then
   check "expert-FFN benchmark (moe gpu-bench)" 90 gpu_bench gpu-bench
   check "expert FFN, one grouped cuBLAS call per pass (moe gpu-bench --expert-gemm grouped)" 45 gpu_bench gpu-bench-grouped --expert-gemm grouped --iters 5
   check "expert FFN, experts kept as FP8 (moe gpu-bench --fp8)" 60 gpu_bench gpu-bench-fp8 --fp8 --lanes 4 --iters 5
+  check "expert FFN, FP8, SiLU apart from the gate/up pass (moe gpu-bench --fp8 --fused-silu=false)" 60 gpu_bench gpu-bench-fp8-unfused --fp8 --fused-silu=false --lanes 4 --iters 5
   check "expert FFN, exact kernels (moe gpu-bench --deterministic)" 60 gpu_bench gpu-bench-exact --deterministic --lanes 4 --iters 5
   check "--deterministic: its cost (moe bench, $BENCH_PRESET preset, bf16x2)" 80 deterministic_cost
 fi

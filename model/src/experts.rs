@@ -619,6 +619,63 @@ mod gpu_tests {
         }
     }
 
+    /// The gate/up pass with SiLU-and-multiply fused into it (our grouped kernels: FP8 kept
+    /// as FP8, and the exact kernels of `--deterministic` over f32 and bf16 weights) gives the
+    /// unfused pass's outputs bit for bit, from host and device rows.
+    #[test]
+    fn fused_silu_gives_the_unfused_outputs_bitwise() {
+        let keep = crate::device::GpuFp8::Keep;
+        let cases = [
+            ("deepseek-v3-fp8-tiny", GpuDtype::F32, false),
+            ("deepseek-v3-fp8-tiny", GpuDtype::Bf16x2, true),
+            ("qwen3-moe-tiny", GpuDtype::F32, true),
+            ("mixtral-tiny", GpuDtype::Bf16x2, true),
+        ];
+        for (fixture, dtype, deterministic) in cases {
+            let dir = fixture_dir(fixture);
+            let (ckpt, config) = (
+                Checkpoint::open(&dir).unwrap(),
+                ModelConfig::from_dir(&dir).unwrap(),
+            );
+            let layer = config.moe_layer_indices().next().unwrap();
+            let (hidden, n, e) = (config.hidden_size, 21usize, config.moe.num_experts as u32);
+            let rows: Vec<f32> = (0..n * hidden)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+            for r in 0..n as u32 {
+                routes.push_row(&mut [(r % e, 0.6), ((r * 7 + 3) % e, 0.4)]);
+            }
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            ctx.set_deterministic(deterministic);
+            let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+            let all = (0..e as usize).map(|x| (layer, x));
+            let set = ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, keep).unwrap();
+            let device_rows = ctx.stream().clone_htod(&rows).unwrap();
+            let run = |fused: bool| {
+                ctx.set_fused_silu(fused);
+                let host = set.run_experts(layer, &rows, &routes).unwrap();
+                let out = set
+                    .run_experts_on_device(layer, &device_rows, &routes)
+                    .expect("a GPU set takes rows on its device")
+                    .unwrap();
+                (host, ctx.stream().clone_dtoh(&out).unwrap())
+            };
+            let (apart, fused) = (run(false), run(true));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let case = format!("{fixture} {dtype:?} deterministic {deterministic}");
+            assert_eq!(bits(&fused.0), bits(&apart.0), "{case}: host rows");
+            assert_eq!(bits(&fused.1), bits(&apart.1), "{case}: device rows");
+            assert_eq!(
+                bits(&fused.0),
+                bits(&fused.1),
+                "{case}: host against device rows"
+            );
+        }
+    }
+
     /// `--gpu-fp8 keep` on the FP8 fixture: the experts hold FP8 bytes and scales (under a
     /// third of their f32 widening) in every mode, and give the CPU set's outputs (the FP8
     /// GEMM is bitwise the CPU's; SiLU's `expf` may differ in the last bit), from host rows

@@ -78,6 +78,22 @@ pub trait FfnOps {
         slots: usize,
         hidden: usize,
     ) -> Result<(), Self::Error>;
+    /// The gate/up pass and SiLU-and-multiply in one step, writing `act` (`[slots, inter]`)
+    /// with no `[slots, 2 * inter]` intermediate, where the device has such a kernel for these
+    /// experts: `Ok(false)` (the default) leaves it to [`FfnOps::expert_pass`] then
+    /// [`FfnOps::silu_mul`], whose results it must equal bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_gate_up_silu(
+        &self,
+        _experts: &[ExpertMatrices<'_, Self::Act>],
+        _plan: &ExpertRuns,
+        _input: &Self::Act,
+        _act: &mut Self::Act,
+        _hidden: usize,
+        _inter: usize,
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
     /// One pass of every run: by default one [`FfnOps::gemm`] per expert ([`expert_gemms`]);
     /// a device may run them all in one launch.
     #[allow(clippy::too_many_arguments)]
@@ -159,19 +175,13 @@ where
     let mut x = ops.scratch_act(slots * hidden)?;
     ops.gather(rows, &row_of_slot, &mut x, slots, hidden)?;
 
-    let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
-    ops.expert_pass(
-        experts,
-        plan,
-        FfnPass::GateUp,
-        &x,
-        &mut gate_up,
-        hidden,
-        inter,
-    )?;
-
     let mut act = ops.scratch_act(slots * inter)?;
-    ops.silu_mul(&gate_up, &mut act, slots, inter)?;
+    if !ops.fused_gate_up_silu(experts, plan, &x, &mut act, hidden, inter)? {
+        let mut gate_up = ops.scratch_f32(slots * 2 * inter)?;
+        let up = FfnPass::GateUp;
+        ops.expert_pass(experts, plan, up, &x, &mut gate_up, hidden, inter)?;
+        ops.silu_mul(&gate_up, &mut act, slots, inter)?;
+    }
 
     let mut out = ops.scratch_f32(slots * hidden)?;
     ops.expert_pass(experts, plan, FfnPass::Down, &act, &mut out, hidden, inter)?;

@@ -45,6 +45,10 @@ pub struct GpuBenchArgs {
     /// `grouped` (one `cublasGemmGroupedBatchedEx` call per pass; lanes do not apply).
     #[arg(long, env = "MOE_GPU_EXPERT_GEMM", default_value = "lanes")]
     pub expert_gemm: ExpertGemm,
+    /// Where our own grouped kernels run the gate/up pass (`--fp8`, `--deterministic`), fuse
+    /// SiLU-and-multiply into it; `--fused-silu=false` runs the two apart, to compare.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub fused_silu: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -85,6 +89,7 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
     }
     // The roofline stays cuBLAS's dense GEMM: what the experts are measured against.
     ctx.set_deterministic(args.deterministic);
+    ctx.set_fused_silu(args.fused_silu);
     let grouped = args.expert_gemm == ExpertGemm::Grouped;
     ctx.set_grouped_expert_gemm(grouped);
     if grouped {
@@ -105,6 +110,7 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
             "weights": weights,
             "deterministic": args.deterministic,
             "expert_gemm": args.expert_gemm.to_string(),
+            "fused_silu": args.fused_silu,
             "weight_bytes": report.weight_bytes,
             "shape": shape,
             "roofline": roofline,

@@ -37,6 +37,9 @@ pub struct GpuContext {
     /// A pass's expert GEMMs in one grouped cuBLAS call instead of one call per expert on
     /// the lanes (`--gpu-expert-gemm grouped`).
     grouped_expert_gemm: AtomicBool,
+    /// The experts' gate/up pass and SiLU-and-multiply in one kernel where our own grouped
+    /// kernels run it (FP8 kept as FP8, `--deterministic`); off only to compare.
+    fused_silu: AtomicBool,
     /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
     /// the work of one stream runs in order anyway.
     serial: Mutex<()>,
@@ -153,6 +156,7 @@ impl GpuContext {
             grouped_expert_gemm: AtomicBool::new(
                 crate::device::process_gpu_expert_gemm() == crate::device::ExpertGemm::Grouped,
             ),
+            fused_silu: AtomicBool::new(true),
             serial: Mutex::new(()),
         }))
     }
@@ -189,6 +193,17 @@ impl GpuContext {
     /// Runs later passes' expert GEMMs in one grouped call (`on`) or one call per expert.
     pub fn set_grouped_expert_gemm(&self, on: bool) {
         self.grouped_expert_gemm.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the experts' gate/up pass fuses SiLU-and-multiply where our kernels run it.
+    pub fn fused_silu(&self) -> bool {
+        self.fused_silu.load(Ordering::Relaxed)
+    }
+
+    /// Fuses (`on`, the default) or runs the gate/up pass and SiLU-and-multiply apart (the
+    /// results are the same bit for bit; to compare their cost).
+    pub fn set_fused_silu(&self, on: bool) {
+        self.fused_silu.store(on, Ordering::Relaxed);
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use super::buffer::{check_gemm_bounds, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::{GroupedLaunch, FP8_TILE_ROWS};
+use super::fp8_gemm::{GroupedLaunch, GroupedOutput, FP8_TILE_ROWS};
 use super::kernels::as_int;
 use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::row_gemm::RowGemm;
@@ -124,6 +124,31 @@ pub fn grouped(
     tiles: &GroupedRowTiles,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
+    grouped_writing(ctx, experts, (n, k), x, tiles, out, GroupedOutput::Products)
+}
+
+/// [`grouped`]'s gate/up pass with SiLU-and-multiply fused (experts `[2 * inter, k]`, gate rows
+/// then up rows): `act[slots, inter]`, bitwise [`grouped`] followed by `silu_mul_f32`.
+pub fn grouped_gate_up_silu(
+    ctx: &GpuContext,
+    experts: &[&GpuBuffer],
+    (n, k): (usize, usize),
+    x: &CudaSlice<f32>,
+    tiles: &GroupedRowTiles,
+    act: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    grouped_writing(ctx, experts, (n, k), x, tiles, act, GroupedOutput::SiluMul)
+}
+
+fn grouped_writing(
+    ctx: &GpuContext,
+    experts: &[&GpuBuffer],
+    (n, k): (usize, usize),
+    x: &CudaSlice<f32>,
+    tiles: &GroupedRowTiles,
+    out: &mut CudaSlice<f32>,
+    output: GroupedOutput,
+) -> Result<(), GpuError> {
     let all_f32 = experts.iter().all(|e| matches!(e, GpuBuffer::F32(_)));
     let all_bf16 = experts.iter().all(|e| matches!(e, GpuBuffer::Bf16(_)));
     let sized = experts.iter().all(|e| e.len() >= n * k);
@@ -139,18 +164,22 @@ pub fn grouped(
     if experts.is_empty() {
         return Ok(());
     }
-    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (n, k), x, out)? else {
+    let width = output.width(n)?;
+    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (width, k), x, out)? else {
         return Ok(());
     };
     let stream = ctx.stream();
     let weights: Vec<u64> = experts.iter().map(|e| e.address(stream, 0)).collect();
     let weights = stream.clone_htod(&weights)?;
-    let (x_stride, out_stride) = (k as i64, n as i64);
+    let (x_stride, out_stride) = (k as i64, width as i64);
     let runs = as_int(experts.len(), "experts")?;
-    let (n_i, k_i) = (as_int(n, "outputs")?, as_int(k, "k")?);
-    let function = match all_f32 {
-        true => &ctx.kernels().grouped_gemm_rows_exact_f32,
-        false => &ctx.kernels().grouped_gemm_rows_exact_bf16,
+    let (n_i, k_i) = (as_int(width, "outputs")?, as_int(k, "k")?);
+    let kernels = ctx.kernels();
+    let function = match (output, all_f32) {
+        (GroupedOutput::Products, true) => &kernels.grouped_gemm_rows_exact_f32,
+        (GroupedOutput::Products, false) => &kernels.grouped_gemm_rows_exact_bf16,
+        (GroupedOutput::SiluMul, true) => &kernels.grouped_gate_up_silu_exact_f32,
+        (GroupedOutput::SiluMul, false) => &kernels.grouped_gate_up_silu_exact_bf16,
     };
     // SAFETY: every tile's rows lie within `slots` rows of x and out (checked by the launch),
     // and every run's weights hold [n, k] values (checked above); `experts` keeps them alive

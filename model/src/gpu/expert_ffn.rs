@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, PushKernelArg};
 use super::buffer::{check_gemm_bounds, ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::{grouped_matmul, DeviceFp8Matrix, FP8_TILE_ROWS};
+use super::fp8_gemm::{grouped_gate_up_silu, grouped_matmul, DeviceFp8Matrix, FP8_TILE_ROWS};
 use super::kernels::{as_int, row_grid};
 use crate::backend::weight::Fp8Matrix;
 use crate::device::grouped_tiles::GroupedRowTiles;
@@ -277,6 +277,50 @@ impl FfnOps for CudaOps<'_> {
 
     fn fork(&self) -> Result<(), GpuError> {
         self.ctx.fork_lanes()
+    }
+
+    /// Our own grouped kernels (FP8 kept as FP8, or `--deterministic`) fuse SiLU-and-multiply
+    /// into the gate/up pass; cuBLAS's GEMMs do not.
+    fn fused_gate_up_silu(
+        &self,
+        experts: &[ExpertMatrices<'_, GpuBuffer>],
+        plan: &ExpertRuns,
+        input: &GpuBuffer,
+        act: &mut GpuBuffer,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<bool, GpuError> {
+        let (GpuBuffer::F32(x), GpuBuffer::F32(act)) = (input, act) else {
+            return Ok(false);
+        };
+        if !self.ctx.fused_silu() || experts.is_empty() {
+            return Ok(false);
+        }
+        let tiles = || {
+            GroupedRowTiles::plan(&plan.runs, FP8_TILE_ROWS)
+                .map_err(|e| GpuError::Shape(e.to_string()))
+        };
+        let fp8: Option<Vec<&DeviceFp8Matrix>> = experts
+            .iter()
+            .map(|e| match e.gate_up {
+                GpuBuffer::Fp8(m) => Some(&**m),
+                _ => None,
+            })
+            .collect();
+        if let Some(matrices) = fp8 {
+            grouped_gate_up_silu(self.ctx, &matrices, x, &tiles()?, act)?;
+            return Ok(true);
+        }
+        let wide = |e: &ExpertMatrices<'_, GpuBuffer>| {
+            matches!(e.gate_up, GpuBuffer::F32(_) | GpuBuffer::Bf16(_))
+        };
+        if self.ctx.deterministic() && experts.iter().all(wide) {
+            let matrices: Vec<&GpuBuffer> = experts.iter().map(|e| e.gate_up).collect();
+            let shape = (2 * inter, hidden);
+            super::exact_gemm::grouped_gate_up_silu(self.ctx, &matrices, shape, x, &tiles()?, act)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Experts held as FP8 run in one launch per pass (`grouped_gemm_rows_fp8`: each output

@@ -297,6 +297,51 @@ pub fn grouped_matmul(
     tiles: &GroupedRowTiles,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
+    grouped_fp8(ctx, experts, x, tiles, out, GroupedOutput::Products)
+}
+
+/// The gate/up pass of `experts` (each `[2 * inter, k]`: gate rows, then up rows) with
+/// SiLU-and-multiply fused: `act[slots, inter]`, bitwise [`grouped_matmul`] followed by the
+/// `silu_mul_f32` kernel, without their `[slots, 2 * inter]` intermediate.
+pub fn grouped_gate_up_silu(
+    ctx: &GpuContext,
+    experts: &[&DeviceFp8Matrix],
+    x: &CudaSlice<f32>,
+    tiles: &GroupedRowTiles,
+    act: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    grouped_fp8(ctx, experts, x, tiles, act, GroupedOutput::SiluMul)
+}
+
+/// What a grouped launch writes: each weight row's product, or (the gate/up pass) SiLU of
+/// the gate half times the up half.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupedOutput {
+    Products,
+    SiluMul,
+}
+
+impl GroupedOutput {
+    /// Output columns for `n` weight rows; an error where the halves cannot pair.
+    pub(crate) fn width(self, n: usize) -> Result<usize, GpuError> {
+        match self {
+            GroupedOutput::Products => Ok(n),
+            GroupedOutput::SiluMul if n.is_multiple_of(2) => Ok(n / 2),
+            GroupedOutput::SiluMul => Err(GpuError::Shape(format!(
+                "a fused gate/up pass over {n} weight rows (not gate and up halves)"
+            ))),
+        }
+    }
+}
+
+fn grouped_fp8(
+    ctx: &GpuContext,
+    experts: &[&DeviceFp8Matrix],
+    x: &CudaSlice<f32>,
+    tiles: &GroupedRowTiles,
+    out: &mut CudaSlice<f32>,
+    output: GroupedOutput,
+) -> Result<(), GpuError> {
     let Some(first) = experts.first() else {
         return Ok(());
     };
@@ -311,7 +356,8 @@ pub fn grouped_matmul(
             tiles.run_len.len(),
         )));
     }
-    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (n, k), x, out)? else {
+    let width = output.width(n)?;
+    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (width, k), x, out)? else {
         return Ok(());
     };
     let stream = ctx.stream();
@@ -324,15 +370,19 @@ pub fn grouped_matmul(
         .map(|e| e.scales.device_ptr(stream).0)
         .collect();
     let (weights, scales) = (stream.clone_htod(&weights)?, stream.clone_htod(&scales)?);
-    let (x_stride, out_stride) = (k as i64, n as i64);
+    let (x_stride, out_stride) = (k as i64, width as i64);
     let segments = first.host_starts.len() as i32;
     let runs = as_int(experts.len(), "experts")?;
-    let (n_i, k_i) = (as_int(n, "FP8 rows")?, as_int(k, "FP8 columns")?);
+    let (width_i, k_i) = (as_int(width, "FP8 rows")?, as_int(k, "FP8 columns")?);
+    let function = match output {
+        GroupedOutput::Products => &ctx.kernels().grouped_gemm_rows_fp8,
+        GroupedOutput::SiluMul => &ctx.kernels().grouped_gate_up_silu_fp8,
+    };
     // SAFETY: every tile's rows lie within `slots` rows of x and out (checked by the launch);
     // each run's weights and scales are a live [n, k] matrix of the shared segments, kept
     // alive by `experts` while the work is queued on this stream.
     unsafe {
-        let mut builder = stream.launch_builder(&ctx.kernels().grouped_gemm_rows_fp8);
+        let mut builder = stream.launch_builder(function);
         builder.arg(x);
         builder.arg(&x_stride);
         builder.arg(&weights);
@@ -341,7 +391,7 @@ pub fn grouped_matmul(
         builder.arg(&segments);
         builder.arg(out);
         builder.arg(&out_stride);
-        launch.run(builder, &runs, &n_i, &k_i)?;
+        launch.run(builder, &runs, &width_i, &k_i)?;
     }
     Ok(())
 }

@@ -839,6 +839,46 @@ __device__ __forceinline__ void row_tile(const float* x, long long x_stride, lon
     if (tr < rows && col < n) out[(row0 + tr) * out_stride + col] = acc;
 }
 
+// The gate/up pass with SiLU-and-multiply fused: `w` is an expert's [2 * inter, k] gate rows
+// then up rows; a block computes outputs first_col.. of the gate half and the same columns of
+// the up half (two FMA chains per thread, each the chain `row_tile` runs) and writes
+// act[r, j] = silu(gate) * up, the expression of `silu_mul_f32`: bitwise the unfused pair, with
+// no [rows, 2 * inter] intermediate written and read back, and one launch fewer.
+template <typename W>
+__device__ __forceinline__ void row_tile_silu(const float* x, long long x_stride, long long row0,
+                                              int rows, const W& w, float* act,
+                                              long long act_stride, int first_col, int inter,
+                                              int k) {
+    __shared__ float gate_tile[FP8_TILE_N][FP8_TILE_K + 1];
+    __shared__ float up_tile[FP8_TILE_N][FP8_TILE_K + 1];
+    __shared__ float x_tile[FP8_TILE_ROWS][FP8_TILE_K];
+    const int tj = threadIdx.x % FP8_TILE_N;
+    const int tr = threadIdx.x / FP8_TILE_N;
+    float gate = 0.0f, up = 0.0f;
+    for (int k0 = 0; k0 < k; k0 += FP8_TILE_K) {
+        const int kc = min(FP8_TILE_K, k - k0);
+        for (int i = threadIdx.x; i < FP8_TILE_N * FP8_TILE_K; i += blockDim.x) {
+            const int jj = i / FP8_TILE_K, kk = i % FP8_TILE_K;
+            const int col = first_col + jj;
+            const bool inside = col < inter && kk < kc;
+            gate_tile[jj][kk] = inside ? w.at(col, k0 + kk) : 0.0f;
+            up_tile[jj][kk] = inside ? w.at(inter + col, k0 + kk) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < FP8_TILE_ROWS * FP8_TILE_K; i += blockDim.x) {
+            const int rr = i / FP8_TILE_K, kk = i % FP8_TILE_K;
+            x_tile[rr][kk] = (rr < rows && kk < kc) ? x[(row0 + rr) * x_stride + k0 + kk] : 0.0f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < kc; ++kk) {
+            gate = __fmaf_rn(x_tile[tr][kk], gate_tile[tj][kk], gate);
+            up = __fmaf_rn(x_tile[tr][kk], up_tile[tj][kk], up);
+        }
+        __syncthreads();
+    }
+    const int col = first_col + tj;
+    if (tr < rows && col < inter) act[(row0 + tr) * act_stride + col] = silu(gate) * up;
+}
+
 // x: rows of k f32 values, x_stride apart; out: rows of n values, out_stride apart. Grid:
 // (ceil(n / FP8_TILE_N), ceil(rows / FP8_TILE_ROWS)), 256 threads.
 extern "C" __global__ void gemm_rows_fp8(const float* x, long long x_stride,
@@ -940,6 +980,23 @@ extern "C" __global__ void grouped_gemm_rows_fp8(
              blockIdx.x * FP8_TILE_N, n, k);
 }
 
+// grouped_gemm_rows_fp8's gate/up pass with SiLU-and-multiply fused (`row_tile_silu`): run e's
+// [2 * inter, k] weights; act: [slots, inter]. Grid: (ceil(inter / FP8_TILE_N), tiles).
+extern "C" __global__ void grouped_gate_up_silu_fp8(
+    const float* x, long long x_stride, const unsigned long long* weights,
+    const unsigned long long* scales, const int* segment_starts, int segments, float* act,
+    long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int inter, int k) {
+    const unsigned int t = blockIdx.y;
+    const int run = tile_owner(first_tile, runs, t);
+    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
+    const Fp8Weights w = {(const unsigned char*)weights[run], (const float*)scales[run],
+                          segment_starts, segments, (long long)k};
+    row_tile_silu(x, x_stride, (long long)run_start[run] + within, tile_rows, w, act, act_stride,
+                  blockIdx.x * FP8_TILE_N, inter, k);
+}
+
 // The grouped launch over f32 or bf16 experts (`--deterministic`): run e's [n, k] weights at
 // weights[e], row-major; otherwise as grouped_gemm_rows_fp8.
 template <typename W, typename T>
@@ -957,6 +1014,41 @@ __device__ __forceinline__ void grouped_exact(const float* x, long long x_stride
     const W w = {(const T*)weights[run], (long long)k};
     row_tile(x, x_stride, (long long)run_start[run] + within, tile_rows, w, out, out_stride,
              blockIdx.x * FP8_TILE_N, n, k);
+}
+
+// grouped_exact's gate/up pass with SiLU-and-multiply fused, as grouped_gate_up_silu_fp8.
+template <typename W, typename T>
+__device__ __forceinline__ void grouped_exact_silu(const float* x, long long x_stride,
+                                                   const unsigned long long* weights, float* act,
+                                                   long long act_stride,
+                                                   const unsigned int* first_tile,
+                                                   const unsigned int* run_start,
+                                                   const unsigned int* run_len, int runs,
+                                                   int inter, int k) {
+    const unsigned int t = blockIdx.y;
+    const int run = tile_owner(first_tile, runs, t);
+    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
+    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
+    const W w = {(const T*)weights[run], (long long)k};
+    row_tile_silu(x, x_stride, (long long)run_start[run] + within, tile_rows, w, act, act_stride,
+                  blockIdx.x * FP8_TILE_N, inter, k);
+}
+
+extern "C" __global__ void grouped_gate_up_silu_exact_f32(
+    const float* x, long long x_stride, const unsigned long long* weights, float* act,
+    long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int inter, int k) {
+    grouped_exact_silu<F32Weights, float>(x, x_stride, weights, act, act_stride, first_tile,
+                                          run_start, run_len, runs, inter, k);
+}
+
+extern "C" __global__ void grouped_gate_up_silu_exact_bf16(
+    const float* x, long long x_stride, const unsigned long long* weights, float* act,
+    long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int inter, int k) {
+    grouped_exact_silu<Bf16Weights, unsigned short>(x, x_stride, weights, act, act_stride,
+                                                    first_tile, run_start, run_len, runs, inter,
+                                                    k);
 }
 
 extern "C" __global__ void grouped_gemm_rows_exact_f32(

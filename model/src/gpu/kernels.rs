@@ -39,6 +39,9 @@ pub struct Kernels {
     pub gemm_rows_exact_bf16: CudaFunction,
     pub grouped_gemm_rows_exact_f32: CudaFunction,
     pub grouped_gemm_rows_exact_bf16: CudaFunction,
+    pub grouped_gate_up_silu_fp8: CudaFunction,
+    pub grouped_gate_up_silu_exact_f32: CudaFunction,
+    pub grouped_gate_up_silu_exact_bf16: CudaFunction,
     pub place_rows_f32: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub ranked_top_k_rows: CudaFunction,
@@ -46,7 +49,7 @@ pub struct Kernels {
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 31] = [
+pub const KERNEL_NAMES: [&str; 34] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -74,6 +77,9 @@ pub const KERNEL_NAMES: [&str; 31] = [
     "gemm_rows_exact_bf16",
     "grouped_gemm_rows_exact_f32",
     "grouped_gemm_rows_exact_bf16",
+    "grouped_gate_up_silu_fp8",
+    "grouped_gate_up_silu_exact_f32",
+    "grouped_gate_up_silu_exact_bf16",
     "place_rows_f32",
     "argmax_rows",
     "ranked_top_k_rows",
@@ -136,6 +142,9 @@ impl Kernels {
             gemm_rows_exact_bf16: f("gemm_rows_exact_bf16")?,
             grouped_gemm_rows_exact_f32: f("grouped_gemm_rows_exact_f32")?,
             grouped_gemm_rows_exact_bf16: f("grouped_gemm_rows_exact_bf16")?,
+            grouped_gate_up_silu_fp8: f("grouped_gate_up_silu_fp8")?,
+            grouped_gate_up_silu_exact_f32: f("grouped_gate_up_silu_exact_f32")?,
+            grouped_gate_up_silu_exact_bf16: f("grouped_gate_up_silu_exact_bf16")?,
             place_rows_f32: f("place_rows_f32")?,
             argmax_rows: f("argmax_rows")?,
             ranked_top_k_rows: f("ranked_top_k_rows")?,
