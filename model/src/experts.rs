@@ -503,18 +503,49 @@ mod gpu_tests {
     /// Rows already on the device (as the NCCL data plane leaves them) give the outputs of the
     /// same experts run from host rows, for bf16 and f32 weights; rows on another context's
     /// memory, or a CPU set, decline.
-    #[test]
-    fn gpu_experts_run_on_device_rows_like_host_rows() {
-        let dir = fixture_dir("qwen3-moe-tiny");
+    /// A fixture's first MoE layer, with `n` rows of pseudo-random inputs in [-1, 1).
+    struct LayerRows {
+        ckpt: Checkpoint,
+        config: ModelConfig,
+        layer: usize,
+        hidden: usize,
+        experts: u32,
+        rows: Vec<f32>,
+    }
+
+    fn layer_rows(fixture: &str, n: usize) -> LayerRows {
+        let dir = fixture_dir(fixture);
         let (ckpt, config) = (
             Checkpoint::open(&dir).unwrap(),
             ModelConfig::from_dir(&dir).unwrap(),
         );
         let layer = config.moe_layer_indices().next().unwrap();
-        let (hidden, n, e) = (config.hidden_size, 7usize, config.moe.num_experts as u32);
-        let rows: Vec<f32> = (0..n * hidden)
+        let hidden = config.hidden_size;
+        let rows = (0..n * hidden)
             .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
             .collect();
+        let experts = config.moe.num_experts as u32;
+        LayerRows {
+            ckpt,
+            config,
+            layer,
+            hidden,
+            experts,
+            rows,
+        }
+    }
+
+    #[test]
+    fn gpu_experts_run_on_device_rows_like_host_rows() {
+        let LayerRows {
+            ckpt,
+            config,
+            layer,
+            hidden,
+            experts: e,
+            rows,
+        } = layer_rows("qwen3-moe-tiny", 7);
+        let n = 7usize;
         let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
         for r in 0..n as u32 {
             routes.push_row(&mut [(r % e, 0.6), ((r + 2) % e, 0.4)]);
@@ -570,16 +601,15 @@ mod gpu_tests {
     }
 
     fn grouped_gemms_match_on(fixture: &str) {
-        let dir = fixture_dir(fixture);
-        let (ckpt, config) = (
-            Checkpoint::open(&dir).unwrap(),
-            ModelConfig::from_dir(&dir).unwrap(),
-        );
-        let layer = config.moe_layer_indices().next().unwrap();
-        let (hidden, n, e) = (config.hidden_size, 13usize, config.moe.num_experts as u32);
-        let rows: Vec<f32> = (0..n * hidden)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let LayerRows {
+            ckpt,
+            config,
+            layer,
+            hidden: _,
+            experts: e,
+            rows,
+        } = layer_rows(fixture, 13);
+        let n = 13usize;
         // Expert 1 takes every row, the others one or two each.
         let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
         for r in 0..n as u32 {
@@ -632,16 +662,15 @@ mod gpu_tests {
             ("mixtral-tiny", GpuDtype::Bf16x2, true),
         ];
         for (fixture, dtype, deterministic) in cases {
-            let dir = fixture_dir(fixture);
-            let (ckpt, config) = (
-                Checkpoint::open(&dir).unwrap(),
-                ModelConfig::from_dir(&dir).unwrap(),
-            );
-            let layer = config.moe_layer_indices().next().unwrap();
-            let (hidden, n, e) = (config.hidden_size, 21usize, config.moe.num_experts as u32);
-            let rows: Vec<f32> = (0..n * hidden)
-                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
+            let LayerRows {
+                ckpt,
+                config,
+                layer,
+                hidden: _,
+                experts: e,
+                rows,
+            } = layer_rows(fixture, 21);
+            let n = 21usize;
             let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
             for r in 0..n as u32 {
                 routes.push_row(&mut [(r % e, 0.6), ((r * 7 + 3) % e, 0.4)]);
@@ -682,16 +711,15 @@ mod gpu_tests {
     /// and from rows already on the device.
     #[test]
     fn fp8_experts_kept_as_fp8_on_the_gpu_give_the_cpu_outputs() {
-        let dir = fixture_dir("deepseek-v3-fp8-tiny");
-        let (ckpt, config) = (
-            Checkpoint::open(&dir).unwrap(),
-            ModelConfig::from_dir(&dir).unwrap(),
-        );
-        let layer = config.moe_layer_indices().next().unwrap();
-        let (hidden, n, e) = (config.hidden_size, 19usize, config.moe.num_experts as u32);
-        let rows: Vec<f32> = (0..n * hidden)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let LayerRows {
+            ckpt,
+            config,
+            layer,
+            hidden: _,
+            experts: e,
+            rows,
+        } = layer_rows("deepseek-v3-fp8-tiny", 19);
+        let n = 19usize;
         let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
         for r in 0..n as u32 {
             routes.push_row(&mut [(r % e, 0.6), ((r * 7 + 3) % e, 0.4)]);

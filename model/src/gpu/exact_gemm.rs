@@ -127,20 +127,10 @@ pub fn grouped(
     grouped_writing(ctx, experts, (n, k), x, tiles, out, GroupedOutput::Products)
 }
 
-/// [`grouped`]'s gate/up pass with SiLU-and-multiply fused (experts `[2 * inter, k]`, gate rows
-/// then up rows): `act[slots, inter]`, bitwise [`grouped`] followed by `silu_mul_f32`.
-pub fn grouped_gate_up_silu(
-    ctx: &GpuContext,
-    experts: &[&GpuBuffer],
-    (n, k): (usize, usize),
-    x: &CudaSlice<f32>,
-    tiles: &GroupedRowTiles,
-    act: &mut CudaSlice<f32>,
-) -> Result<(), GpuError> {
-    grouped_writing(ctx, experts, (n, k), x, tiles, act, GroupedOutput::SiluMul)
-}
-
-fn grouped_writing(
+/// [`grouped`] writing `output`: each weight row's products, or the gate/up pass with
+/// SiLU-and-multiply fused (experts `[2 * inter, k]`, gate rows then up rows; `out` is
+/// `[slots, inter]`), bitwise [`grouped`] followed by `silu_mul_f32`.
+pub(crate) fn grouped_writing(
     ctx: &GpuContext,
     experts: &[&GpuBuffer],
     (n, k): (usize, usize),

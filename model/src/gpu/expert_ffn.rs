@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, PushKernelArg};
 use super::buffer::{check_gemm_bounds, ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::{grouped_gate_up_silu, grouped_matmul, DeviceFp8Matrix, FP8_TILE_ROWS};
+use super::fp8_gemm::{grouped_fp8, grouped_matmul, DeviceFp8Matrix, GroupedOutput, FP8_TILE_ROWS};
 use super::kernels::{as_int, row_grid};
 use crate::backend::weight::Fp8Matrix;
 use crate::device::grouped_tiles::GroupedRowTiles;
@@ -308,7 +308,14 @@ impl FfnOps for CudaOps<'_> {
             })
             .collect();
         if let Some(matrices) = fp8 {
-            grouped_gate_up_silu(self.ctx, &matrices, x, &tiles()?, act)?;
+            grouped_fp8(
+                self.ctx,
+                &matrices,
+                x,
+                &tiles()?,
+                act,
+                GroupedOutput::SiluMul,
+            )?;
             return Ok(true);
         }
         let wide = |e: &ExpertMatrices<'_, GpuBuffer>| {
@@ -317,7 +324,16 @@ impl FfnOps for CudaOps<'_> {
         if self.ctx.deterministic() && experts.iter().all(wide) {
             let matrices: Vec<&GpuBuffer> = experts.iter().map(|e| e.gate_up).collect();
             let shape = (2 * inter, hidden);
-            super::exact_gemm::grouped_gate_up_silu(self.ctx, &matrices, shape, x, &tiles()?, act)?;
+            let silu = GroupedOutput::SiluMul;
+            super::exact_gemm::grouped_writing(
+                self.ctx,
+                &matrices,
+                shape,
+                x,
+                &tiles()?,
+                act,
+                silu,
+            )?;
             return Ok(true);
         }
         Ok(false)

@@ -300,19 +300,6 @@ pub fn grouped_matmul(
     grouped_fp8(ctx, experts, x, tiles, out, GroupedOutput::Products)
 }
 
-/// The gate/up pass of `experts` (each `[2 * inter, k]`: gate rows, then up rows) with
-/// SiLU-and-multiply fused: `act[slots, inter]`, bitwise [`grouped_matmul`] followed by the
-/// `silu_mul_f32` kernel, without their `[slots, 2 * inter]` intermediate.
-pub fn grouped_gate_up_silu(
-    ctx: &GpuContext,
-    experts: &[&DeviceFp8Matrix],
-    x: &CudaSlice<f32>,
-    tiles: &GroupedRowTiles,
-    act: &mut CudaSlice<f32>,
-) -> Result<(), GpuError> {
-    grouped_fp8(ctx, experts, x, tiles, act, GroupedOutput::SiluMul)
-}
-
 /// What a grouped launch writes: each weight row's product, or (the gate/up pass) SiLU of
 /// the gate half times the up half.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -334,7 +321,11 @@ impl GroupedOutput {
     }
 }
 
-fn grouped_fp8(
+/// [`grouped_matmul`] writing `output`: with [`GroupedOutput::SiluMul`], the gate/up pass of
+/// `experts` (each `[2 * inter, k]`: gate rows, then up rows) with SiLU-and-multiply fused,
+/// `out[slots, inter]`, bitwise [`grouped_matmul`] followed by the `silu_mul_f32` kernel,
+/// without their `[slots, 2 * inter]` intermediate.
+pub(crate) fn grouped_fp8(
     ctx: &GpuContext,
     experts: &[&DeviceFp8Matrix],
     x: &CudaSlice<f32>,

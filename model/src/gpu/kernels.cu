@@ -961,45 +961,78 @@ __device__ __forceinline__ int tile_owner(const unsigned int* first_tile, int ru
     return lo;
 }
 
+// This block's row tile (blockIdx.y) of a grouped launch: its run (expert), first slot and
+// row count.
+struct RunTile {
+    int run;
+    long long row0;
+    int rows;
+};
+
+__device__ __forceinline__ RunTile run_tile(const unsigned int* first_tile,
+                                            const unsigned int* run_start,
+                                            const unsigned int* run_len, int runs) {
+    const unsigned int t = blockIdx.y;
+    const int run = tile_owner(first_tile, runs, t);
+    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
+    const int rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
+    return RunTile{run, (long long)run_start[run] + within, rows};
+}
+
 // Every expert of a layer in one launch: slots (rows of x and out) in runs, one run per
 // expert, cut in tiles of FP8_TILE_ROWS (first_tile, run_start, run_len: the plan of
-// device/grouped_tiles.rs, on the device); run e's weights and scales at weights[e] and
-// scales[e], all [n, k] on the same segments. Grid: (ceil(n / FP8_TILE_N), tiles).
+// device/grouped_tiles.rs, on the device); run e's weights (and FP8 scales) at weights[e]
+// (scales[e]), all [n_w, k] (FP8: on the same segments). Writes each weight row's products
+// (`row_tile`: out is [slots, n_w]), or with SILU the gate/up pass with SiLU-and-multiply
+// fused (`row_tile_silu`: the weights are gate rows then up rows, out is [slots, n_w / 2]).
+// Grid: (ceil(n / FP8_TILE_N), tiles), n the output width.
+template <bool SILU, typename W>
+__device__ __forceinline__ void grouped_tile(const RunTile& tile, const float* x,
+                                             long long x_stride, const W& w, float* out,
+                                             long long out_stride, int n, int k) {
+    if constexpr (SILU) {
+        row_tile_silu(x, x_stride, tile.row0, tile.rows, w, out, out_stride,
+                      blockIdx.x * FP8_TILE_N, n, k);
+    } else {
+        row_tile(x, x_stride, tile.row0, tile.rows, w, out, out_stride, blockIdx.x * FP8_TILE_N,
+                 n, k);
+    }
+}
+
+template <bool SILU>
+__device__ __forceinline__ void grouped_fp8(
+    const float* x, long long x_stride, const unsigned long long* weights,
+    const unsigned long long* scales, const int* segment_starts, int segments, float* out,
+    long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int n, int k) {
+    const RunTile tile = run_tile(first_tile, run_start, run_len, runs);
+    const Fp8Weights w = {(const unsigned char*)weights[tile.run],
+                          (const float*)scales[tile.run], segment_starts, segments,
+                          (long long)k};
+    grouped_tile<SILU>(tile, x, x_stride, w, out, out_stride, n, k);
+}
+
 extern "C" __global__ void grouped_gemm_rows_fp8(
     const float* x, long long x_stride, const unsigned long long* weights,
     const unsigned long long* scales, const int* segment_starts, int segments, float* out,
     long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int n, int k) {
-    const unsigned int t = blockIdx.y;
-    const int run = tile_owner(first_tile, runs, t);
-    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
-    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
-    const Fp8Weights w = {(const unsigned char*)weights[run], (const float*)scales[run],
-                          segment_starts, segments, (long long)k};
-    row_tile(x, x_stride, (long long)run_start[run] + within, tile_rows, w, out, out_stride,
-             blockIdx.x * FP8_TILE_N, n, k);
+    grouped_fp8<false>(x, x_stride, weights, scales, segment_starts, segments, out, out_stride,
+                       first_tile, run_start, run_len, runs, n, k);
 }
 
-// grouped_gemm_rows_fp8's gate/up pass with SiLU-and-multiply fused (`row_tile_silu`): run e's
-// [2 * inter, k] weights; act: [slots, inter]. Grid: (ceil(inter / FP8_TILE_N), tiles).
 extern "C" __global__ void grouped_gate_up_silu_fp8(
     const float* x, long long x_stride, const unsigned long long* weights,
     const unsigned long long* scales, const int* segment_starts, int segments, float* act,
     long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int inter, int k) {
-    const unsigned int t = blockIdx.y;
-    const int run = tile_owner(first_tile, runs, t);
-    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
-    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
-    const Fp8Weights w = {(const unsigned char*)weights[run], (const float*)scales[run],
-                          segment_starts, segments, (long long)k};
-    row_tile_silu(x, x_stride, (long long)run_start[run] + within, tile_rows, w, act, act_stride,
-                  blockIdx.x * FP8_TILE_N, inter, k);
+    grouped_fp8<true>(x, x_stride, weights, scales, segment_starts, segments, act, act_stride,
+                      first_tile, run_start, run_len, runs, inter, k);
 }
 
-// The grouped launch over f32 or bf16 experts (`--deterministic`): run e's [n, k] weights at
-// weights[e], row-major; otherwise as grouped_gemm_rows_fp8.
-template <typename W, typename T>
+// The grouped launch over f32 or bf16 experts (`--deterministic`): run e's [n_w, k] weights at
+// weights[e], row-major; otherwise as grouped_fp8.
+template <bool SILU, typename W, typename T>
 __device__ __forceinline__ void grouped_exact(const float* x, long long x_stride,
                                               const unsigned long long* weights, float* out,
                                               long long out_stride,
@@ -1007,62 +1040,41 @@ __device__ __forceinline__ void grouped_exact(const float* x, long long x_stride
                                               const unsigned int* run_start,
                                               const unsigned int* run_len, int runs, int n,
                                               int k) {
-    const unsigned int t = blockIdx.y;
-    const int run = tile_owner(first_tile, runs, t);
-    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
-    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
-    const W w = {(const T*)weights[run], (long long)k};
-    row_tile(x, x_stride, (long long)run_start[run] + within, tile_rows, w, out, out_stride,
-             blockIdx.x * FP8_TILE_N, n, k);
-}
-
-// grouped_exact's gate/up pass with SiLU-and-multiply fused, as grouped_gate_up_silu_fp8.
-template <typename W, typename T>
-__device__ __forceinline__ void grouped_exact_silu(const float* x, long long x_stride,
-                                                   const unsigned long long* weights, float* act,
-                                                   long long act_stride,
-                                                   const unsigned int* first_tile,
-                                                   const unsigned int* run_start,
-                                                   const unsigned int* run_len, int runs,
-                                                   int inter, int k) {
-    const unsigned int t = blockIdx.y;
-    const int run = tile_owner(first_tile, runs, t);
-    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
-    const int tile_rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
-    const W w = {(const T*)weights[run], (long long)k};
-    row_tile_silu(x, x_stride, (long long)run_start[run] + within, tile_rows, w, act, act_stride,
-                  blockIdx.x * FP8_TILE_N, inter, k);
+    const RunTile tile = run_tile(first_tile, run_start, run_len, runs);
+    const W w = {(const T*)weights[tile.run], (long long)k};
+    grouped_tile<SILU>(tile, x, x_stride, w, out, out_stride, n, k);
 }
 
 extern "C" __global__ void grouped_gate_up_silu_exact_f32(
     const float* x, long long x_stride, const unsigned long long* weights, float* act,
     long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int inter, int k) {
-    grouped_exact_silu<F32Weights, float>(x, x_stride, weights, act, act_stride, first_tile,
-                                          run_start, run_len, runs, inter, k);
+    grouped_exact<true, F32Weights, float>(x, x_stride, weights, act, act_stride, first_tile,
+                                           run_start, run_len, runs, inter, k);
 }
 
 extern "C" __global__ void grouped_gate_up_silu_exact_bf16(
     const float* x, long long x_stride, const unsigned long long* weights, float* act,
     long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int inter, int k) {
-    grouped_exact_silu<Bf16Weights, unsigned short>(x, x_stride, weights, act, act_stride,
-                                                    first_tile, run_start, run_len, runs, inter,
-                                                    k);
+    grouped_exact<true, Bf16Weights, unsigned short>(x, x_stride, weights, act, act_stride,
+                                                     first_tile, run_start, run_len, runs, inter,
+                                                     k);
 }
 
 extern "C" __global__ void grouped_gemm_rows_exact_f32(
     const float* x, long long x_stride, const unsigned long long* weights, float* out,
     long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int n, int k) {
-    grouped_exact<F32Weights, float>(x, x_stride, weights, out, out_stride, first_tile,
-                                     run_start, run_len, runs, n, k);
+    grouped_exact<false, F32Weights, float>(x, x_stride, weights, out, out_stride, first_tile,
+                                            run_start, run_len, runs, n, k);
 }
 
 extern "C" __global__ void grouped_gemm_rows_exact_bf16(
     const float* x, long long x_stride, const unsigned long long* weights, float* out,
     long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int n, int k) {
-    grouped_exact<Bf16Weights, unsigned short>(x, x_stride, weights, out, out_stride, first_tile,
-                                               run_start, run_len, runs, n, k);
+    grouped_exact<false, Bf16Weights, unsigned short>(x, x_stride, weights, out, out_stride,
+                                                      first_tile, run_start, run_len, runs, n,
+                                                      k);
 }
