@@ -500,9 +500,6 @@ mod gpu_tests {
     use crate::device::GpuDtype;
     use crate::test_support::fixture_dir;
 
-    /// Rows already on the device (as the NCCL data plane leaves them) give the outputs of the
-    /// same experts run from host rows, for bf16 and f32 weights; rows on another context's
-    /// memory, or a CPU set, decline.
     /// A fixture's first MoE layer, with `n` rows of pseudo-random inputs in [-1, 1).
     struct LayerRows {
         ckpt: Checkpoint,
@@ -535,6 +532,9 @@ mod gpu_tests {
         }
     }
 
+    /// Rows already on the device (as the NCCL data plane leaves them) give the outputs of the
+    /// same experts run from host rows, for bf16 and f32 weights; rows on another context's
+    /// memory, or a CPU set, decline.
     #[test]
     fn gpu_experts_run_on_device_rows_like_host_rows() {
         let LayerRows {
