@@ -24,15 +24,26 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     std::fs::write(out.join("kernel_table.inc"), table).expect("OUT_DIR is writable");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    // Without FMA instructions nothing is contracted: the kernels then round as written.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        build.flag("-mfma");
+    } else {
+        println!("cargo:warning=no FMA on this CPU: the emulated kernels fuse no multiply-add");
+    }
+    build
         .cpp(true)
         .std("c++17")
         .file(manifest.join("src/runtime.cpp"))
         .include(&gpu_dir)
         .include(manifest.join("src"))
         .include(&out)
-        // The device rounds every operation the kernels spell out; so must the host.
-        .flag("-ffp-contract=off")
+        // NVRTC contracts a plain `a * b + c` into one fused multiply-add (its default
+        // --fmad=true), so the host compile does too (a kernel whose results a test takes as
+        // bitwise must spell its roundings out, as the exact and race kernels do); the `_rn`
+        // intrinsics are never fused (prelude.h).
+        .flag("-ffp-contract=fast")
         .flag("-fno-fast-math")
         .warnings(false)
         .opt_level(2)

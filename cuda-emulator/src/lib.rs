@@ -175,6 +175,32 @@ mod tests {
         }
     }
 
+    /// Kernels are compiled as NVRTC compiles them by default: `a * b + c` is one fused
+    /// multiply-add (one rounding), while `__fmul_rn` is never fused with the add after it.
+    #[test]
+    fn a_plain_multiply_add_is_fused_and_an_rn_multiply_is_not() {
+        if !std::arch::is_x86_feature_detected!("fma") {
+            return; // built without FMA: nothing is fused (build.rs says so)
+        }
+        let f = function("emu_test_contraction");
+        // a * b = 1 + 2^-11 + 2^-24 exactly, which rounds to 1 + 2^-11 (ties to even) in f32.
+        let (mut a, mut b, mut c) = (1.0f32 + 2f32.powi(-12), 1.0f32 + 2f32.powi(-12), -1.0f32);
+        let out = device(&[0f32; 3]);
+        let mut o = out;
+        let mut params: Vec<*mut c_void> = vec![
+            (&mut a as *mut f32).cast(),
+            (&mut b as *mut f32).cast(),
+            (&mut c as *mut f32).cast(),
+            (&mut o as *mut u64).cast(),
+        ];
+        unsafe { assert_eq!(launch(f, 1, 1, &mut params), 0) };
+        let got = host::<f32>(out, 3);
+        let fused = 2f32.powi(-11) + 2f32.powi(-24);
+        assert_eq!(got[0], fused, "a * b + c as written");
+        assert_eq!(got[1], 2f32.powi(-11), "__fmul_rn then +");
+        assert_eq!(got[2], fused, "__fmaf_rn");
+    }
+
     #[test]
     fn a_read_of_shared_memory_without_a_barrier_reads_a_stale_value() {
         let f = function("emu_test_neighbour");

@@ -53,12 +53,16 @@ inline double __longlong_as_double(long long u) {
     std::memcpy(&x, &u, 8);
     return x;
 }
-// Correctly rounded, as the device's `_rn` intrinsics (compiled with -ffp-contract=off).
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
+// Correctly rounded, as the device's `_rn` intrinsics, which the device never fuses with
+// their neighbours: kernels are compiled with contraction on (as NVRTC's default --fmad=true
+// contracts a plain `a * b + c`), so these stay out of line, where no multiply can fuse with
+// the add that uses it.
+#define EMU_RN __attribute__((noinline))
+EMU_RN inline double __dadd_rn(double a, double b) { return a + b; }
+EMU_RN inline double __dsub_rn(double a, double b) { return a - b; }
+EMU_RN inline double __dmul_rn(double a, double b) { return a * b; }
+EMU_RN inline double __ddiv_rn(double a, double b) { return a / b; }
+EMU_RN inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 // CUDA's overloads: the wider type of the two for integers, IEEE min/max for floats.

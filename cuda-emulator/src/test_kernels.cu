@@ -18,3 +18,11 @@ extern "C" __global__ void emu_test_neighbour(int barrier, int* out) {
     if (barrier) __syncthreads();
     out[blockIdx.x * blockDim.x + threadIdx.x] = slot[(threadIdx.x + 1) % blockDim.x];
 }
+
+// out[0] = a * b + c as written (NVRTC fuses it into one multiply-add by default), out[1] the
+// same through __fmul_rn (never fused), out[2] an explicit __fmaf_rn.
+extern "C" __global__ void emu_test_contraction(float a, float b, float c, float* out) {
+    out[0] = a * b + c;
+    out[1] = __fmul_rn(a, b) + c;
+    out[2] = __fmaf_rn(a, b, c);
+}
