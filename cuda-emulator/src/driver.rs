@@ -15,6 +15,7 @@ pub const CUDA_ERROR_INVALID_VALUE: CUresult = 1;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
 pub const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
 pub const CUDA_ERROR_INVALID_IMAGE: CUresult = 200;
+pub const CUDA_ERROR_INVALID_PTX: CUresult = 218;
 pub const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
 pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
 pub const CUDA_ERROR_NOT_READY: CUresult = 600;
@@ -623,7 +624,19 @@ pub unsafe extern "C" fn cuMemsetD32Async(
 
 /// A loaded module: the entry points its PTX declares.
 struct Module {
-    entries: Vec<String>,
+    entries: Vec<crate::ptx::Entry>,
+}
+
+/// Static shared memory of each function handed out (by its kernel's address), for the
+/// launch's limit on static plus dynamic shared memory.
+static STATIC_SHARED: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+fn static_shared_of(function: *const c_void) -> usize {
+    let known = STATIC_SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    known
+        .iter()
+        .find(|(f, _)| *f == function as usize)
+        .map_or(0, |(_, bytes)| *bytes)
 }
 
 /// Loads PTX text: it must be PTX (as NVRTC wrote it), and names the entry points a function
@@ -642,15 +655,28 @@ pub unsafe extern "C" fn cuModuleLoadData(
     if !text.contains(".version") || !text.contains(".target") {
         return CUDA_ERROR_INVALID_IMAGE;
     }
-    let entries = text
-        .split(".entry ")
-        .skip(1)
-        .map(|rest| {
-            rest.chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect()
-        })
-        .collect();
+    let entries = crate::ptx::entries(text);
+    // ptxas refuses such a module when the driver compiles it for the GPU.
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.shared_bytes > crate::ptx::MAX_STATIC_SHARED_BYTES)
+    {
+        report(&format!(
+            "ptxas error: entry function '{}' uses too much shared data ({:#x} bytes, {:#x} max)",
+            e.name,
+            e.shared_bytes,
+            crate::ptx::MAX_STATIC_SHARED_BYTES
+        ));
+        return CUDA_ERROR_INVALID_PTX;
+    }
+    if reporting() {
+        for e in entries.iter().filter(|e| e.shared_bytes > 0) {
+            eprintln!(
+                "cuda emulator: {} uses {} bytes of static shared memory",
+                e.name, e.shared_bytes
+            );
+        }
+    }
     *module = handle(Module { entries });
     CUDA_SUCCESS
 }
@@ -677,9 +703,9 @@ pub unsafe extern "C" fn cuModuleGetFunction(
     let Ok(wanted) = CStr::from_ptr(name).to_str() else {
         return CUDA_ERROR_INVALID_VALUE;
     };
-    if !module.entries.iter().any(|e| e == wanted) {
+    let Some(entry) = module.entries.iter().find(|e| e.name == wanted) else {
         return CUDA_ERROR_NOT_FOUND;
-    }
+    };
     let kernel = emu_find_kernel(name);
     if kernel.is_null() {
         report(&format!(
@@ -687,6 +713,9 @@ pub unsafe extern "C" fn cuModuleGetFunction(
         ));
         return CUDA_ERROR_NOT_FOUND;
     }
+    let mut known = STATIC_SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    known.retain(|(f, _)| *f != kernel as usize);
+    known.push((kernel as usize, entry.shared_bytes));
     *function = kernel as *mut c_void;
     CUDA_SUCCESS
 }
@@ -694,13 +723,18 @@ pub unsafe extern "C" fn cuModuleGetFunction(
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncGetAttribute(
     value: *mut c_int,
-    _attribute: c_uint,
+    attribute: c_uint,
     function: *mut c_void,
 ) -> CUresult {
     if value.is_null() || function.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    *value = 0;
+    /// CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES: the static shared memory its PTX declares.
+    const SHARED_SIZE_BYTES: c_uint = 1;
+    *value = match attribute {
+        SHARED_SIZE_BYTES => c_int::try_from(static_shared_of(function)).unwrap_or(c_int::MAX),
+        _ => 0,
+    };
     CUDA_SUCCESS
 }
 
@@ -737,9 +771,11 @@ pub unsafe extern "C" fn cuLaunchKernel(
         gx >= 1 && gx <= i32::MAX as u32 && (1..=65535).contains(&gy) && (1..=65535).contains(&gz);
     let block_ok =
         (1..=1024).contains(&threads) && bx <= 1024 && by <= 1024 && (1..=64).contains(&bz);
-    if !grid_ok || !block_ok || shared_bytes > 48 * 1024 || !extra.is_null() || params.is_null() {
+    let static_shared = static_shared_of(function);
+    let shared_ok = static_shared + shared_bytes as usize <= crate::ptx::MAX_STATIC_SHARED_BYTES;
+    if !grid_ok || !block_ok || !shared_ok || !extra.is_null() || params.is_null() {
         report(&format!(
-            "launch refused: grid ({gx}, {gy}, {gz}), block ({bx}, {by}, {bz}), {shared_bytes} bytes of dynamic shared memory"
+            "launch refused: grid ({gx}, {gy}, {gz}), block ({bx}, {by}, {bz}), {shared_bytes} bytes of dynamic shared memory beside {static_shared} static"
         ));
         return CUDA_ERROR_INVALID_VALUE;
     }

@@ -22,6 +22,7 @@ mod blas;
 mod driver;
 mod memory;
 mod nccl;
+mod ptx;
 
 pub use blas::*;
 pub use driver::*;
