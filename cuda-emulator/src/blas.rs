@@ -22,15 +22,20 @@ const CUDA_R_16BF: c_uint = 14;
 /// bf16 "fast" modes round the inputs on a GPU; this does not).
 const COMPUTE_32F: [c_uint; 5] = [68, 69, 74, 75, 77];
 
-/// A handle: the stream it was given (unused: work runs at once).
-struct Handle;
+/// A handle: the stream it was given (work runs at once, unless that stream is capturing).
+struct Handle {
+    stream: *mut c_void,
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasCreate_v2(handle: *mut *mut c_void) -> CublasStatus {
     if handle.is_null() {
         return CUBLAS_STATUS_INVALID_VALUE;
     }
-    *handle = Box::into_raw(Box::new(Handle)).cast();
+    *handle = Box::into_raw(Box::new(Handle {
+        stream: std::ptr::null_mut(),
+    }))
+    .cast();
     CUBLAS_STATUS_SUCCESS
 }
 
@@ -44,11 +49,34 @@ pub unsafe extern "C" fn cublasDestroy_v2(handle: *mut c_void) -> CublasStatus {
 }
 
 #[no_mangle]
-pub extern "C" fn cublasSetStream_v2(handle: *mut c_void, _stream: *mut c_void) -> CublasStatus {
-    if handle.is_null() {
+pub unsafe extern "C" fn cublasSetStream_v2(
+    handle: *mut c_void,
+    stream: *mut c_void,
+) -> CublasStatus {
+    let Some(handle) = handle.cast::<Handle>().as_mut() else {
         return CUBLAS_STATUS_NOT_INITIALIZED;
-    }
+    };
+    handle.stream = stream;
     CUBLAS_STATUS_SUCCESS
+}
+
+/// The stream a handle queues on (null: the default stream).
+unsafe fn stream_of(handle: *mut c_void) -> *mut c_void {
+    handle
+        .cast::<Handle>()
+        .as_ref()
+        .map_or(std::ptr::null_mut(), |h| h.stream)
+}
+
+/// Checks and runs GEMMs recorded in a graph, as when they were queued.
+pub(crate) unsafe fn run_gemms(gemms: &[Gemm], alpha: f32, beta: f32) -> crate::driver::CUresult {
+    for gemm in gemms {
+        if gemm.check().is_err() {
+            return crate::driver::CUDA_ERROR_LAUNCH_FAILED;
+        }
+        gemm.run(alpha, beta);
+    }
+    crate::driver::CUDA_SUCCESS
 }
 
 #[no_mangle]
@@ -89,7 +117,8 @@ unsafe fn read(base: *const c_void, dtype: c_uint, index: usize) -> f64 {
 }
 
 /// One column-major GEMM's operands, as cuBLAS takes them.
-struct Gemm {
+#[derive(Clone)]
+pub(crate) struct Gemm {
     trans_a: bool,
     trans_b: bool,
     m: usize,
@@ -333,6 +362,7 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
         (base as i64 + stride * i as i64 * element_bytes(dtype).unwrap_or(4) as i64) as usize
     };
     let (a0, b0, c0) = (a as usize, b as usize, c as usize);
+    let mut gemms = Vec::with_capacity(batch);
     for i in 0..batch {
         gemm.a = step(a0, stride_a, a_type, i) as *const c_void;
         gemm.b = step(b0, stride_b, b_type, i) as *const c_void;
@@ -340,6 +370,19 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
         if let Err(e) = gemm.check() {
             return e;
         }
+        gemms.push(gemm.clone());
+    }
+    let recorded = crate::graph::record(stream_of(handle), || crate::graph::Op::Gemms {
+        gemms: gemms.clone(),
+        alpha,
+        beta,
+    });
+    match recorded {
+        Some(crate::driver::CUDA_SUCCESS) => return CUBLAS_STATUS_SUCCESS,
+        Some(_) => return CUBLAS_STATUS_EXECUTION_FAILED,
+        None => {}
+    }
+    for gemm in &gemms {
         gemm.run(alpha, beta);
     }
     CUBLAS_STATUS_SUCCESS
@@ -390,6 +433,9 @@ pub unsafe extern "C" fn cublasGemmGroupedBatchedEx(
     crate::driver::count_call("cublasGemmGroupedBatchedEx");
     if handle.is_null() {
         return CUBLAS_STATUS_NOT_INITIALIZED;
+    }
+    if crate::graph::refuse(stream_of(handle), "a grouped GEMM").is_some() {
+        return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     let Ok(groups) = usize::try_from(group_count) else {
         return CUBLAS_STATUS_INVALID_VALUE;

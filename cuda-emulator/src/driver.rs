@@ -30,6 +30,7 @@ const COMPUTE_CAPABILITY: (c_int, c_int) = (9, 0);
 extern "C" {
     fn emu_find_kernel(name: *const c_char) -> *const c_void;
     fn emu_kernel_name(kernel: *const c_void) -> *const c_char;
+    fn emu_kernel_param_sizes(kernel: *const c_void, sizes: *mut usize, max: c_int) -> c_int;
     fn emu_launch(
         kernel: *const c_void,
         gx: c_uint,
@@ -55,7 +56,7 @@ unsafe fn answer<T>(out: *mut T, value: T) -> CUresult {
 }
 
 /// Frees a handle made by [`handle`] for a `T`.
-unsafe fn release<T>(handle: *mut c_void) -> CUresult {
+pub(crate) unsafe fn release<T>(handle: *mut c_void) -> CUresult {
     if handle.is_null() {
         return CUDA_ERROR_INVALID_HANDLE;
     }
@@ -64,7 +65,7 @@ unsafe fn release<T>(handle: *mut c_void) -> CUresult {
 }
 
 /// Work is done when queued: a handle's queries and waits only check that it is one.
-fn known(handle: *mut c_void) -> CUresult {
+pub(crate) fn known(handle: *mut c_void) -> CUresult {
     if handle.is_null() {
         CUDA_ERROR_INVALID_HANDLE
     } else {
@@ -292,34 +293,39 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: *mut c_void) -> CUresult {
+    crate::graph::forget(stream);
     release::<u8>(stream)
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamSynchronize(_stream: *mut c_void) -> CUresult {
-    CUDA_SUCCESS
+pub extern "C" fn cuStreamSynchronize(stream: *mut c_void) -> CUresult {
+    crate::graph::refuse(stream, "a synchronisation of the capturing stream")
+        .unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamQuery(_stream: *mut c_void) -> CUresult {
-    CUDA_SUCCESS
+pub extern "C" fn cuStreamQuery(stream: *mut c_void) -> CUresult {
+    crate::graph::refuse(stream, "a query of the capturing stream").unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]
 pub extern "C" fn cuStreamWaitEvent(
-    _stream: *mut c_void,
-    _event: *mut c_void,
+    stream: *mut c_void,
+    event: *mut c_void,
     _flags: c_uint,
 ) -> CUresult {
-    CUDA_SUCCESS
+    crate::graph::wait_event(stream, event).unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchHostFunc(
-    _stream: *mut c_void,
+    stream: *mut c_void,
     function: Option<unsafe extern "C" fn(*mut c_void)>,
     data: *mut c_void,
 ) -> CUresult {
+    if let Some(refused) = crate::graph::refuse(stream, "a host function") {
+        return refused;
+    }
     match function {
         Some(f) => {
             f(data);
@@ -345,7 +351,10 @@ pub unsafe extern "C" fn cuEventCreate(event: *mut *mut c_void, _flags: c_uint) 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuEventRecord(event: *mut c_void, _stream: *mut c_void) -> CUresult {
+pub unsafe extern "C" fn cuEventRecord(event: *mut c_void, stream: *mut c_void) -> CUresult {
+    if let Some(captured) = crate::graph::record_event(stream, event) {
+        return captured;
+    }
     let Some(event) = event.cast::<Event>().as_ref() else {
         return CUDA_ERROR_INVALID_HANDLE;
     };
@@ -427,8 +436,11 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
 pub unsafe extern "C" fn cuMemAllocAsync(
     ptr: *mut CUdeviceptr,
     bytes: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    if let Some(refused) = crate::graph::refuse(stream, "an allocation") {
+        return refused;
+    }
     cuMemAlloc_v2(ptr, bytes)
 }
 
@@ -443,7 +455,10 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: *mut c_void) -> CUresult {
+pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, stream: *mut c_void) -> CUresult {
+    if let Some(refused) = crate::graph::refuse(stream, "a free") {
+        return refused;
+    }
     cuMemFree_v2(ptr)
 }
 
@@ -508,8 +523,11 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     dst: CUdeviceptr,
     src: *const c_void,
     len: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    if let Some(refused) = crate::graph::refuse(stream, "a copy from host memory") {
+        return refused;
+    }
     cuMemcpyHtoD_v2(dst, src, len)
 }
 
@@ -533,8 +551,11 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     dst: *mut c_void,
     src: CUdeviceptr,
     len: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    if let Some(refused) = crate::graph::refuse(stream, "a copy to host memory") {
+        return refused;
+    }
     cuMemcpyDtoH_v2(dst, src, len)
 }
 
@@ -561,8 +582,21 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     dst: CUdeviceptr,
     src: CUdeviceptr,
     len: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    if let Err(e) = device_range(src, len, "device copy, source")
+        .and_then(|()| device_range(dst, len, "device copy, destination"))
+    {
+        return e;
+    }
+    let op = || crate::graph::Op::CopyDeviceToDevice {
+        dst,
+        src,
+        bytes: len,
+    };
+    if let Some(recorded) = crate::graph::record(stream, op) {
+        return recorded;
+    }
     cuMemcpyDtoD_v2(dst, src, len)
 }
 
@@ -573,8 +607,11 @@ pub unsafe extern "C" fn cuMemcpyPeerAsync(
     src: CUdeviceptr,
     _src_ctx: *mut c_void,
     len: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    if let Some(refused) = crate::graph::refuse(stream, "a peer copy") {
+        return refused;
+    }
     cuMemcpyDtoD_v2(dst, src, len)
 }
 
@@ -594,8 +631,19 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     dst: CUdeviceptr,
     value: u8,
     len: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    if let Err(e) = device_range(dst, len, "memset") {
+        return e;
+    }
+    let op = || crate::graph::Op::Set8 {
+        dst,
+        value,
+        count: len,
+    };
+    if let Some(recorded) = crate::graph::record(stream, op) {
+        return recorded;
+    }
     cuMemsetD8_v2(dst, value, len)
 }
 
@@ -617,8 +665,20 @@ pub unsafe extern "C" fn cuMemsetD32Async(
     dst: CUdeviceptr,
     value: c_uint,
     count: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
+    let in_range = count
+        .checked_mul(4)
+        .map(|len| device_range(dst, len, "memset"));
+    match in_range {
+        None => return CUDA_ERROR_INVALID_VALUE,
+        Some(Err(e)) => return e,
+        Some(Ok(())) => {}
+    }
+    let op = || crate::graph::Op::Set32 { dst, value, count };
+    if let Some(recorded) = crate::graph::record(stream, op) {
+        return recorded;
+    }
     cuMemsetD32_v2(dst, value, count)
 }
 
@@ -759,12 +819,62 @@ pub unsafe extern "C" fn cuLaunchKernel(
     by: c_uint,
     bz: c_uint,
     shared_bytes: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
+    let (grid, block) = ([gx, gy, gz], [bx, by, bz]);
+    if let Err(e) = check_launch(function, grid, block, shared_bytes, params, extra) {
+        return e;
+    }
+    let op = || crate::graph::Op::Launch {
+        function: function as usize,
+        grid,
+        block,
+        shared_bytes,
+        params: copy_params(function, params),
+    };
+    if let Some(recorded) = crate::graph::record(stream, op) {
+        return recorded;
+    }
+    run_launch(function, grid, block, params)
+}
+
+/// A launch a graph recorded, run now.
+///
+/// # Safety
+/// As [`cuLaunchKernel`]'s.
+pub(crate) unsafe fn launch_now(
+    function: *mut c_void,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_bytes: c_uint,
+    params: *mut *mut c_void,
+) -> CUresult {
+    if let Err(e) = check_launch(
+        function,
+        grid,
+        block,
+        shared_bytes,
+        params,
+        std::ptr::null_mut(),
+    ) {
+        return e;
+    }
+    run_launch(function, grid, block, params)
+}
+
+/// The device's launch limits, and the kernel's shared memory within the block's.
+fn check_launch(
+    function: *mut c_void,
+    [gx, gy, gz]: [c_uint; 3],
+    [bx, by, bz]: [c_uint; 3],
+    shared_bytes: c_uint,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> Result<(), CUresult> {
     if function.is_null() {
-        return CUDA_ERROR_INVALID_HANDLE;
+        return Err(CUDA_ERROR_INVALID_HANDLE);
     }
     let threads = u64::from(bx) * u64::from(by) * u64::from(bz);
     let grid_ok =
@@ -777,14 +887,43 @@ pub unsafe extern "C" fn cuLaunchKernel(
         report(&format!(
             "launch refused: grid ({gx}, {gy}, {gz}), block ({bx}, {by}, {bz}), {shared_bytes} bytes of dynamic shared memory beside {static_shared} static"
         ));
-        return CUDA_ERROR_INVALID_VALUE;
+        return Err(CUDA_ERROR_INVALID_VALUE);
     }
+    Ok(())
+}
+
+/// Runs a checked launch's grid to completion.
+unsafe fn run_launch(
+    function: *mut c_void,
+    [gx, gy, gz]: [c_uint; 3],
+    [bx, by, bz]: [c_uint; 3],
+    params: *mut *mut c_void,
+) -> CUresult {
     count_launch(function);
     match emu_launch(function, gx, gy, gz, bx, by, bz, params) {
         0 => CUDA_SUCCESS,
         2 => CUDA_ERROR_OUT_OF_MEMORY,
         _ => CUDA_ERROR_LAUNCH_FAILED,
     }
+}
+
+/// The values of a launch's parameters, copied as the driver copies them when a launch is
+/// queued (each 8-byte aligned).
+unsafe fn copy_params(function: *mut c_void, params: *mut *mut c_void) -> Vec<Vec<u64>> {
+    let mut sizes = [0usize; 64];
+    let count = emu_kernel_param_sizes(function, sizes.as_mut_ptr(), sizes.len() as c_int);
+    let count = usize::try_from(count).unwrap_or(0).min(sizes.len());
+    (0..count)
+        .map(|i| {
+            let mut value = vec![0u64; sizes[i].div_ceil(8)];
+            std::ptr::copy_nonoverlapping(
+                (*params.add(i)).cast::<u8>(),
+                value.as_mut_ptr().cast::<u8>(),
+                sizes[i],
+            );
+            value
+        })
+        .collect()
 }
 
 /// Launches per kernel and calls per cuBLAS entry point, kept when `MOE_CUDA_EMULATOR_REPORT`

@@ -20,12 +20,14 @@
 
 mod blas;
 mod driver;
+mod graph;
 mod memory;
 mod nccl;
 mod ptx;
 
 pub use blas::*;
 pub use driver::*;
+pub use graph::*;
 pub use nccl::*;
 
 #[cfg(test)]
@@ -125,6 +127,189 @@ mod tests {
         };
         assert_eq!(host::<u32>(out_dev, rows), want);
         for p in [x_dev, out_dev] {
+            assert_eq!(cuMemFree_v2(p), 0);
+        }
+    }
+
+    /// A stream capture records a launch (its parameter values as they were queued) and a
+    /// memset without running them; the launched graph runs them on the buffers as they are
+    /// then, each time it is launched. Work a capture cannot hold invalidates it, with the
+    /// GPU's errors.
+    #[test]
+    fn a_captured_graph_replays_its_work_on_the_buffers_of_the_moment() {
+        let mut stream = std::ptr::null_mut();
+        unsafe { assert_eq!(cuStreamCreate(&mut stream, 0), 0) };
+        let (rows, width) = (2usize, 300usize);
+        let mut x: Vec<f32> = (0..rows * width).map(|i| (i % 17) as f32).collect();
+        let (x_dev, out_dev, flags) = (device(&x), device(&vec![99u32; rows]), device(&[0u32; 4]));
+        let (mut xp, mut r, mut w, mut op) = (x_dev, rows as c_int, width as c_int, out_dev);
+        let mut params: Vec<*mut c_void> = vec![
+            (&mut xp as *mut u64).cast(),
+            (&mut r as *mut c_int).cast(),
+            (&mut w as *mut c_int).cast(),
+            (&mut op as *mut u64).cast(),
+        ];
+        let argmax = function("argmax_rows");
+        let mut graph = std::ptr::null_mut();
+        let mut exec = std::ptr::null_mut();
+        let mut status = 9;
+        unsafe {
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(cuStreamIsCapturing(stream, &mut status), 0);
+            assert_eq!(status, 1);
+            let queued = cuLaunchKernel(
+                argmax,
+                rows as u32,
+                1,
+                1,
+                256,
+                1,
+                1,
+                0,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            );
+            assert_eq!(queued, 0);
+            assert_eq!(cuMemsetD32Async(flags, 7, 4, stream), 0);
+            assert_eq!(
+                host::<u32>(out_dev, rows),
+                [99, 99],
+                "ran during the capture"
+            );
+            assert_eq!(host::<u32>(flags, 4), [0; 4], "ran during the capture");
+            assert_eq!(cuStreamEndCapture(stream, &mut graph), 0);
+            assert_eq!(cuGraphInstantiateWithFlags(&mut exec, graph, 0), 0);
+        }
+        // The parameters were copied when queued: a later change to the variables does not
+        // reach the graph, while the buffers' contents at launch time do.
+        r = 0;
+        let _ = r;
+        for (round, best) in [(0usize, 5usize), (1, 123)] {
+            x.iter_mut().for_each(|v| *v = 0.0);
+            x[best] = 1.0;
+            x[width + best + round] = 1.0;
+            unsafe {
+                assert_eq!(
+                    cuMemcpyHtoD_v2(x_dev, x.as_ptr().cast(), std::mem::size_of_val(&x[..])),
+                    0
+                );
+                assert_eq!(cuGraphLaunch(exec, stream), 0);
+            }
+            let want = [best as u32, (best + round) as u32];
+            assert_eq!(host::<u32>(out_dev, rows), want);
+            assert_eq!(host::<u32>(flags, 4), [7; 4]);
+        }
+        unsafe {
+            // A synchronisation inside a capture invalidates it, as on a GPU.
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(
+                cuStreamSynchronize(stream),
+                CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+            );
+            assert_eq!(cuStreamIsCapturing(stream, &mut status), 0);
+            assert_eq!(status, 2);
+            let mut none = std::ptr::null_mut();
+            assert_eq!(
+                cuStreamEndCapture(stream, &mut none),
+                CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+            );
+            assert!(none.is_null());
+            assert_eq!(cuStreamIsCapturing(stream, &mut status), 0);
+            assert_eq!(status, 0);
+            assert_eq!(cuStreamSynchronize(stream), 0);
+            assert_eq!(cuGraphExecDestroy(exec), 0);
+            assert_eq!(cuGraphDestroy(graph), 0);
+            assert_eq!(cuStreamDestroy_v2(stream), 0);
+        }
+        for p in [x_dev, out_dev, flags] {
+            assert_eq!(cuMemFree_v2(p), 0);
+        }
+    }
+
+    /// A GEMM queued by a cuBLAS handle on a capturing stream joins the graph (C = A.B with
+    /// A and B read when the graph runs); a grouped GEMM is refused in a capture.
+    #[test]
+    fn a_cublas_gemm_on_a_capturing_stream_joins_the_graph() {
+        let mut stream = std::ptr::null_mut();
+        let mut handle = std::ptr::null_mut();
+        let (a_dev, b_dev, c_dev) = (device(&[2f32]), device(&[3f32]), device(&[f32::NAN]));
+        let (alpha, beta) = (1f32, 0f32);
+        let gemm = |handle| unsafe {
+            cublasGemmEx(
+                handle,
+                0,
+                0,
+                1,
+                1,
+                1,
+                (&alpha as *const f32).cast(),
+                a_dev as *const c_void,
+                0,
+                1,
+                b_dev as *const c_void,
+                0,
+                1,
+                (&beta as *const f32).cast(),
+                c_dev as *mut c_void,
+                0,
+                1,
+                68,
+                -1,
+            )
+        };
+        let (mut graph, mut exec) = (std::ptr::null_mut(), std::ptr::null_mut());
+        unsafe {
+            assert_eq!(cuStreamCreate(&mut stream, 0), 0);
+            assert_eq!(cublasCreate_v2(&mut handle), 0);
+            assert_eq!(cublasSetStream_v2(handle, stream), 0);
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(gemm(handle), 0);
+            assert!(host::<f32>(c_dev, 1)[0].is_nan(), "ran during the capture");
+            assert_eq!(cuStreamEndCapture(stream, &mut graph), 0);
+            assert_eq!(cuGraphInstantiateWithFlags(&mut exec, graph, 0), 0);
+            assert_eq!(cuMemcpyHtoD_v2(a_dev, [5f32].as_ptr().cast(), 4), 0);
+            assert_eq!(cuGraphLaunch(exec, stream), 0);
+            assert_eq!(host::<f32>(c_dev, 1), [15.0]);
+
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            let one = [1i32];
+            let ops = [0u32];
+            let scalars = [1f32];
+            let grouped = cublasGemmGroupedBatchedEx(
+                handle,
+                ops.as_ptr(),
+                ops.as_ptr(),
+                one.as_ptr(),
+                one.as_ptr(),
+                one.as_ptr(),
+                scalars.as_ptr().cast(),
+                std::ptr::null(),
+                0,
+                one.as_ptr(),
+                std::ptr::null(),
+                0,
+                one.as_ptr(),
+                scalars.as_ptr().cast(),
+                std::ptr::null(),
+                0,
+                one.as_ptr(),
+                1,
+                one.as_ptr(),
+                68,
+            );
+            assert_ne!(grouped, 0);
+            let mut none = std::ptr::null_mut();
+            assert_eq!(
+                cuStreamEndCapture(stream, &mut none),
+                CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+            );
+            assert_eq!(cuGraphExecDestroy(exec), 0);
+            assert_eq!(cuGraphDestroy(graph), 0);
+            assert_eq!(cublasDestroy_v2(handle), 0);
+            assert_eq!(cuStreamDestroy_v2(stream), 0);
+        }
+        for p in [a_dev, b_dev, c_dev] {
             assert_eq!(cuMemFree_v2(p), 0);
         }
     }

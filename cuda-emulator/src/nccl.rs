@@ -287,8 +287,11 @@ pub unsafe extern "C" fn ncclSend(
     datatype: c_int,
     peer: c_int,
     comm: *mut c_void,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> NcclResult {
+    if crate::graph::refuse(stream, "an NCCL send").is_some() {
+        return NCCL_INVALID_USAGE;
+    }
     enqueue(buffer as usize, count, datatype, peer, comm, true)
 }
 
@@ -299,8 +302,11 @@ pub unsafe extern "C" fn ncclRecv(
     datatype: c_int,
     peer: c_int,
     comm: *mut c_void,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> NcclResult {
+    if crate::graph::refuse(stream, "an NCCL receive").is_some() {
+        return NCCL_INVALID_USAGE;
+    }
     enqueue(buffer as usize, count, datatype, peer, comm, false)
 }
 

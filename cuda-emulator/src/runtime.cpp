@@ -123,14 +123,23 @@ struct Trampoline<void(A...), f> {
     static void run_with(void** params, std::index_sequence<I...>) {
         f(*static_cast<typename std::decay<A>::type*>(params[I])...);
     }
+    // The size of each parameter's value (what a graph capture copies from `params`).
+    static int sizes(std::size_t* out, int max) {
+        const std::size_t each[] = {sizeof(typename std::decay<A>::type)..., 0};
+        const int n = (int)sizeof...(A);
+        for (int i = 0; i < n && i < max; ++i) out[i] = each[i];
+        return n;
+    }
 };
 
 struct KernelEntry {
     const char* name;
     void (*invoke)(void**);
+    int (*param_sizes)(std::size_t*, int);
 };
 
-#define KERNEL(name) {#name, &Trampoline<decltype(name), &name>::run},
+#define KERNEL(name) \
+    {#name, &Trampoline<decltype(name), &name>::run, &Trampoline<decltype(name), &name>::sizes},
 const KernelEntry KERNELS[] = {
 #include "kernel_table.inc"
 };
@@ -161,6 +170,11 @@ const void* emu_find_kernel(const char* name) {
 
 const char* emu_kernel_name(const void* kernel) {
     return static_cast<const KernelEntry*>(kernel)->name;
+}
+
+// The kernel's parameter count, and the first `max` parameters' sizes in `out`.
+int emu_kernel_param_sizes(const void* kernel, std::size_t* out, int max) {
+    return static_cast<const KernelEntry*>(kernel)->param_sizes(out, max);
 }
 
 }  // extern "C"

@@ -188,6 +188,7 @@ pub fn as_int(value: usize, what: &str) -> Result<i32, GpuError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cudarc::driver::PushKernelArg;
 
     /// NVRTC runs without a GPU, so the kernel source is checked wherever libnvrtc is: CI
     /// installs it (pip `nvidia-cuda-nvrtc`) and sets `MOE_REQUIRE_NVRTC=1`, so there a missing
@@ -212,6 +213,52 @@ mod tests {
                     "{name} missing from the PTX for {capability:?}"
                 );
             }
+        }
+    }
+
+    /// CUDA graphs through cudarc on this driver (the groundwork for decode steps as graphs):
+    /// launches queued while the stream captures do not run; the instantiated graph runs them
+    /// on the buffers as they are when it is launched, each launch again.
+    #[test]
+    fn a_captured_launch_replays_on_the_buffers_of_the_moment() {
+        let Some(ctx) = crate::test_support::test_context(crate::device::GpuDtype::F32) else {
+            return;
+        };
+        let _serial = ctx.lock().unwrap();
+        let stream = ctx.stream();
+        let n = 1000usize;
+        let mut acc = stream.clone_htod(&vec![0f32; n]).unwrap();
+        let x = stream.clone_htod(&vec![1.5f32; n]).unwrap();
+        let n_i = n as i64;
+        stream.synchronize().unwrap();
+        stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .unwrap();
+        for _ in 0..2 {
+            // SAFETY: acc and x hold n values.
+            unsafe {
+                stream
+                    .launch_builder(&ctx.kernels().add_f32)
+                    .arg(&mut acc)
+                    .arg(&x)
+                    .arg(&n_i)
+                    .launch(grid(n))
+                    .unwrap();
+            }
+        }
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+        let graph = stream.end_capture(flags).unwrap().expect("a graph");
+        assert_eq!(
+            stream.clone_dtoh(&acc).unwrap(),
+            vec![0.0; n],
+            "ran while captured"
+        );
+        for launch in 1..=3 {
+            graph.launch().unwrap();
+            let want = vec![3.0 * launch as f32; n];
+            assert_eq!(stream.clone_dtoh(&acc).unwrap(), want, "launch {launch}");
         }
     }
 

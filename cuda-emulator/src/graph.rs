@@ -1,0 +1,284 @@
+//! Stream capture and CUDA graphs, as the driver defines them for what the emulator runs:
+//! between `cuStreamBeginCapture` and `cuStreamEndCapture`, kernel launches, device-to-device
+//! copies, memsets and cuBLAS GEMMs queued on the stream are recorded instead of run (a
+//! launch's parameter values copied as it is queued, as the driver copies them), and a
+//! launched graph runs them again in order, reading its buffers as they are then. What a GPU
+//! refuses in a capture invalidates it here too, with the GPU's error: copies to or from host
+//! memory the emulator cannot tell is pinned, synchronising or querying the capturing stream.
+//! Events may be recorded and waited on within the capturing stream. Not emulated (refused
+//! the same way, so a capture that needs them fails instead of running wrongly): other streams
+//! joining the capture through its events, allocations and frees inside the capture, host
+//! functions, NCCL and grouped GEMMs in a capture, and a graph launched into a capture.
+
+use std::ffi::{c_uint, c_void};
+use std::sync::Mutex;
+
+use crate::driver::{CUresult, CUDA_SUCCESS};
+
+pub const CUDA_ERROR_ILLEGAL_STATE: CUresult = 401;
+pub const CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
+pub const CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: CUresult = 901;
+
+/// One recorded operation.
+#[derive(Clone)]
+pub(crate) enum Op {
+    Launch {
+        function: usize,
+        grid: [c_uint; 3],
+        block: [c_uint; 3],
+        shared_bytes: c_uint,
+        /// Each parameter's value, 8-byte aligned.
+        params: Vec<Vec<u64>>,
+    },
+    CopyDeviceToDevice {
+        dst: u64,
+        src: u64,
+        bytes: usize,
+    },
+    Set8 {
+        dst: u64,
+        value: u8,
+        count: usize,
+    },
+    Set32 {
+        dst: u64,
+        value: c_uint,
+        count: usize,
+    },
+    Gemms {
+        gemms: Vec<crate::blas::Gemm>,
+        alpha: f32,
+        beta: f32,
+    },
+}
+
+// SAFETY: the raw pointers inside are device addresses (host memory the emulator owns), used
+// only by whoever runs the graph, as on a GPU.
+unsafe impl Send for Op {}
+
+enum Capture {
+    Active(Vec<Op>),
+    Invalidated,
+}
+
+/// Streams now capturing, by address.
+static CAPTURES: Mutex<Vec<(usize, Capture)>> = Mutex::new(Vec::new());
+
+fn captures() -> std::sync::MutexGuard<'static, Vec<(usize, Capture)>> {
+    CAPTURES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where `stream` is capturing: records `op` (`Some(CUDA_SUCCESS)`), or answers the error the
+/// capture already failed with; `None` when it is not capturing (run the work now).
+pub(crate) fn record(stream: *mut c_void, op: impl FnOnce() -> Op) -> Option<CUresult> {
+    let mut all = captures();
+    let (_, capture) = all.iter_mut().find(|(s, _)| *s == stream as usize)?;
+    Some(match capture {
+        Capture::Active(ops) => {
+            ops.push(op());
+            CUDA_SUCCESS
+        }
+        Capture::Invalidated => CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+    })
+}
+
+/// Where `stream` is capturing, work a capture cannot hold: the capture is invalidated and
+/// the call fails as on a GPU; `None` when it is not capturing.
+pub(crate) fn refuse(stream: *mut c_void, what: &str) -> Option<CUresult> {
+    let mut all = captures();
+    let (_, capture) = all.iter_mut().find(|(s, _)| *s == stream as usize)?;
+    if matches!(capture, Capture::Active(_)) {
+        eprintln!("cuda emulator: {what} in a stream capture: the capture is invalidated");
+    }
+    *capture = Capture::Invalidated;
+    Some(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
+}
+
+/// Events recorded inside an active capture, with the capturing stream. Recording one is
+/// legal (cudarc records an event after each launch to order its streams), and so is waiting
+/// on one in the same capture; another stream waiting on it would join the capture on a GPU,
+/// which is not emulated: that wait is refused and the capture invalidated.
+static CAPTURED_EVENTS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+/// An event record on `stream`: `Some` when the stream is capturing (nothing runs; the
+/// event is marked as captured), `None` otherwise.
+pub(crate) fn record_event(stream: *mut c_void, event: *mut c_void) -> Option<CUresult> {
+    let all = captures();
+    let (_, capture) = all.iter().find(|(s, _)| *s == stream as usize)?;
+    if matches!(capture, Capture::Invalidated) {
+        return Some(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    }
+    let mut events = CAPTURED_EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+    events.retain(|(e, _)| *e != event as usize);
+    events.push((event as usize, stream as usize));
+    Some(CUDA_SUCCESS)
+}
+
+/// A wait of `stream` on `event`: refused (and the capture invalidated) when the event was
+/// recorded in another stream's capture; `None` when it may go ahead.
+pub(crate) fn wait_event(stream: *mut c_void, event: *mut c_void) -> Option<CUresult> {
+    let origin = {
+        let events = CAPTURED_EVENTS.lock().unwrap_or_else(|e| e.into_inner());
+        events
+            .iter()
+            .find(|(e, _)| *e == event as usize)
+            .map(|(_, s)| *s)
+    };
+    match origin {
+        Some(origin) if origin != stream as usize => refuse(
+            origin as *mut c_void,
+            "another stream waiting on a captured event",
+        ),
+        _ => None,
+    }
+}
+
+/// Forgets a destroyed stream's capture.
+pub(crate) fn forget(stream: *mut c_void) {
+    captures().retain(|(s, _)| *s != stream as usize);
+    CAPTURED_EVENTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(_, s)| *s != stream as usize);
+}
+
+/// A captured graph, and an instantiated one: the same recorded operations.
+struct Graph {
+    ops: Vec<Op>,
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture_v2(stream: *mut c_void, _mode: c_uint) -> CUresult {
+    if stream.is_null() {
+        // The legacy default stream cannot be captured.
+        return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    }
+    let mut all = captures();
+    if all.iter().any(|(s, _)| *s == stream as usize) {
+        return CUDA_ERROR_ILLEGAL_STATE;
+    }
+    all.push((stream as usize, Capture::Active(Vec::new())));
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamEndCapture(
+    stream: *mut c_void,
+    graph: *mut *mut c_void,
+) -> CUresult {
+    if graph.is_null() {
+        return crate::driver::CUDA_ERROR_INVALID_VALUE;
+    }
+    let mut all = captures();
+    let Some(at) = all.iter().position(|(s, _)| *s == stream as usize) else {
+        return CUDA_ERROR_ILLEGAL_STATE;
+    };
+    let (_, capture) = all.remove(at);
+    CAPTURED_EVENTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(_, s)| *s != stream as usize);
+    match capture {
+        Capture::Active(ops) => {
+            *graph = Box::into_raw(Box::new(Graph { ops })).cast();
+            CUDA_SUCCESS
+        }
+        Capture::Invalidated => {
+            *graph = std::ptr::null_mut();
+            CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamIsCapturing(stream: *mut c_void, status: *mut c_uint) -> CUresult {
+    if status.is_null() {
+        return crate::driver::CUDA_ERROR_INVALID_VALUE;
+    }
+    *status = match captures().iter().find(|(s, _)| *s == stream as usize) {
+        None => 0,
+        Some((_, Capture::Active(_))) => 1,
+        Some((_, Capture::Invalidated)) => 2,
+    };
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+    exec: *mut *mut c_void,
+    graph: *mut c_void,
+    _flags: u64,
+) -> CUresult {
+    let Some(graph) = graph.cast::<Graph>().as_ref() else {
+        return crate::driver::CUDA_ERROR_INVALID_HANDLE;
+    };
+    if exec.is_null() {
+        return crate::driver::CUDA_ERROR_INVALID_VALUE;
+    }
+    *exec = Box::into_raw(Box::new(Graph {
+        ops: graph.ops.clone(),
+    }))
+    .cast();
+    CUDA_SUCCESS
+}
+
+/// Runs the graph's operations in order, now (work runs when queued, as everywhere here).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphLaunch(exec: *mut c_void, stream: *mut c_void) -> CUresult {
+    let Some(graph) = exec.cast::<Graph>().as_ref() else {
+        return crate::driver::CUDA_ERROR_INVALID_HANDLE;
+    };
+    if let Some(refused) = refuse(stream, "a graph launched") {
+        return refused;
+    }
+    for op in &graph.ops {
+        let status = run(op);
+        if status != CUDA_SUCCESS {
+            return status;
+        }
+    }
+    CUDA_SUCCESS
+}
+
+unsafe fn run(op: &Op) -> CUresult {
+    match op {
+        Op::Launch {
+            function,
+            grid,
+            block,
+            shared_bytes,
+            params,
+        } => {
+            let mut pointers: Vec<*mut c_void> =
+                params.iter().map(|p| p.as_ptr() as *mut c_void).collect();
+            crate::driver::launch_now(
+                *function as *mut c_void,
+                *grid,
+                *block,
+                *shared_bytes,
+                pointers.as_mut_ptr(),
+            )
+        }
+        Op::CopyDeviceToDevice { dst, src, bytes } => {
+            crate::driver::cuMemcpyDtoD_v2(*dst, *src, *bytes)
+        }
+        Op::Set8 { dst, value, count } => crate::driver::cuMemsetD8_v2(*dst, *value, *count),
+        Op::Set32 { dst, value, count } => crate::driver::cuMemsetD32_v2(*dst, *value, *count),
+        Op::Gemms { gemms, alpha, beta } => crate::blas::run_gemms(gemms, *alpha, *beta),
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuGraphUpload(exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+    crate::driver::known(exec)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphDestroy(graph: *mut c_void) -> CUresult {
+    crate::driver::release::<Graph>(graph)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphExecDestroy(exec: *mut c_void) -> CUresult {
+    crate::driver::release::<Graph>(exec)
+}
