@@ -3,8 +3,9 @@
 //! copies, memsets and cuBLAS GEMMs queued on the stream are recorded instead of run (a
 //! launch's parameter values copied as it is queued, as the driver copies them), and a
 //! launched graph runs them again in order, reading its buffers as they are then. What a GPU
-//! refuses in a capture invalidates it here too, with the GPU's error: copies to or from host
-//! memory the emulator cannot tell is pinned, synchronising or querying the capturing stream.
+//! refuses in a capture invalidates it here too, with the GPU's error: synchronising or
+//! querying the capturing stream, copies to or from pageable host memory (and, since the
+//! emulator cannot tell pinned memory from pageable, every host copy: stricter than a GPU).
 //! Events may be recorded and waited on within the capturing stream. Not emulated (refused
 //! the same way, so a capture that needs them fails instead of running wrongly): other streams
 //! joining the capture through its events, allocations and frees inside the capture, host
