@@ -225,6 +225,11 @@ async fn official_openai_client_gets_the_offline_tokens() {
         tokenizer.decode(&adjusted.output_ids).unwrap()
     );
     assert_eq!(floats(&got["adjusted"]["logprobs"]), adjusted.logprobs);
+    assert_eq!(
+        got["adjusted"]["picked_text"],
+        tokenizer.decode(&adjusted.output_ids).unwrap(),
+        "picked from the edited row (no logprobs asked)"
+    );
     assert_ne!(
         adjusted.output_ids, completion.output_ids,
         "the adjustments change the greedy tokens"

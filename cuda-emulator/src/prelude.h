@@ -62,7 +62,10 @@ EMU_RN inline double __dadd_rn(double a, double b) { return a + b; }
 EMU_RN inline double __dsub_rn(double a, double b) { return a - b; }
 EMU_RN inline double __dmul_rn(double a, double b) { return a * b; }
 EMU_RN inline double __ddiv_rn(double a, double b) { return a / b; }
+EMU_RN inline float __fadd_rn(float a, float b) { return a + b; }
+EMU_RN inline float __fsub_rn(float a, float b) { return a - b; }
 EMU_RN inline float __fmul_rn(float a, float b) { return a * b; }
+EMU_RN inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 // CUDA's overloads: the wider type of the two for integers, IEEE min/max for floats.

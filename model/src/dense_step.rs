@@ -10,6 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::expert_backend::ExpertBackend;
 use crate::kv_cache::{KvLayout, SequenceCache};
+use crate::logit_adjust::LogitEdits;
 
 /// What a step needs from each sequence: its cache and new tokens.
 pub struct StepSequence<'a> {
@@ -74,8 +75,9 @@ pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<
 
 /// How much of its logits a sequence's sampler reads this step.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum Pick {
-    /// The logits themselves (to sample at a temperature, adjust, constrain, report logprobs).
+pub enum Pick<'a> {
+    /// The logits themselves (to sample from a distribution the device does not draw from,
+    /// constrain to a grammar, report logprobs).
     #[default]
     Logits,
     /// The last row's argmax: a greedy pick, or a prefill chunk that samples nothing.
@@ -85,6 +87,38 @@ pub enum Pick {
     RankedTopK(usize),
     /// The token the race draws from the last row: a draw at a temperature without top-k.
     Race(crate::race::Race),
+    /// One of the picks above from the last row as the request's logit adjustments change
+    /// it (penalties, `logit_bias`, `min_tokens`): the row is edited where it lies, so a
+    /// device still sends back only the pick.
+    Edited(&'a LogitEdits, EditedPick),
+}
+
+/// What an [`Pick::Edited`] row gives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EditedPick {
+    Argmax,
+    RankedTopK(usize),
+    Race(crate::race::Race),
+}
+
+impl<'a> Pick<'a> {
+    /// The edits this pick asks for before it, and the pick itself.
+    pub fn parts(self) -> (Option<&'a LogitEdits>, Pick<'static>) {
+        match self {
+            Pick::Logits => (None, Pick::Logits),
+            Pick::Argmax => (None, Pick::Argmax),
+            Pick::RankedTopK(k) => (None, Pick::RankedTopK(k)),
+            Pick::Race(race) => (None, Pick::Race(race)),
+            Pick::Edited(edits, pick) => (
+                Some(edits),
+                match pick {
+                    EditedPick::Argmax => Pick::Argmax,
+                    EditedPick::RankedTopK(k) => Pick::RankedTopK(k),
+                    EditedPick::Race(race) => Pick::Race(race),
+                },
+            ),
+        }
+    }
 }
 
 /// The most logits a [`Pick::RankedTopK`] asks for (the device ranks them in `k` passes).
@@ -110,24 +144,37 @@ pub enum StepOutput {
 pub fn pick_on_host(
     logits: Vec<Vec<f32>>,
     seqs: &[StepSequence<'_>],
-    picks: &[Pick],
+    picks: &[Pick<'_>],
     vocab: usize,
 ) -> Vec<StepOutput> {
     use rayon::prelude::*;
-    let picks: Vec<Pick> = (0..seqs.len())
+    let picks: Vec<Pick<'_>> = (0..seqs.len())
         .map(|i| pick_for(&seqs[i], picks, i))
         .collect();
     logits
         .into_par_iter()
         .zip(picks)
         .map(|(rows, pick)| {
-            let last = rows.len().checked_sub(vocab).map(|at| &rows[at..]);
-            match (pick, last) {
-                (Pick::Argmax, Some(row)) => StepOutput::Argmax(ops::argmax(row) as u32),
-                (Pick::RankedTopK(k), Some(row)) => {
+            let (edits, pick) = pick.parts();
+            let Some(at) = rows.len().checked_sub(vocab) else {
+                return StepOutput::Logits(rows);
+            };
+            let edited;
+            let row = match edits {
+                Some(edits) => {
+                    let mut row = rows[at..].to_vec();
+                    edits.apply(&mut row);
+                    edited = row;
+                    &edited[..]
+                }
+                None => &rows[at..],
+            };
+            match pick {
+                Pick::Argmax => StepOutput::Argmax(ops::argmax(row) as u32),
+                Pick::RankedTopK(k) => {
                     StepOutput::RankedTopK(crate::sampling::ranked_top_k(row, k))
                 }
-                (Pick::Race(race), Some(row)) => StepOutput::Drawn(race.draw(row)),
+                Pick::Race(race) => StepOutput::Drawn(race.draw(row)),
                 _ => StepOutput::Logits(rows),
             }
         })
@@ -136,13 +183,15 @@ pub fn pick_on_host(
 
 /// What sequence `i` of a step gets: what `picks` asks, except that a prompt being scored
 /// keeps its logits (it needs every row's), and a top-k of 0 or over [`MAX_RANKED_TOP_K`],
-/// or a race a device cannot run (see [`crate::race::Race::is_valid`]), sends the logits.
-pub fn pick_for(s: &StepSequence<'_>, picks: &[Pick], i: usize) -> Pick {
-    match picks.get(i).copied().unwrap_or_default() {
+/// or a race a device cannot run (see [`crate::race::Race::is_valid`]), sends the logits
+/// (unedited: the sampler edits them itself).
+pub fn pick_for<'p>(s: &StepSequence<'_>, picks: &[Pick<'p>], i: usize) -> Pick<'p> {
+    let pick = picks.get(i).copied().unwrap_or_default();
+    match pick.parts().1 {
         _ if s.all_logits => Pick::Logits,
         Pick::RankedTopK(k) if k == 0 || k > MAX_RANKED_TOP_K => Pick::Logits,
         Pick::Race(race) if !race.is_valid() => Pick::Logits,
-        pick => pick,
+        _ => pick,
     }
 }
 
@@ -164,7 +213,7 @@ pub trait DenseStep: Send + Sync {
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-        picks: &[Pick],
+        picks: &[Pick<'_>],
     ) -> Result<Vec<StepOutput>> {
         let logits = self.forward(seqs, experts)?;
         Ok(pick_on_host(logits, seqs, picks, self.config().vocab_size))

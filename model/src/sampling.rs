@@ -11,7 +11,7 @@
 use crate::backend::ops;
 use crate::counter_hash::mix64;
 use crate::error::{ModelError, Result};
-use crate::logit_adjust::{adjusted, LogitAdjustments, TokenHistory};
+use crate::logit_adjust::{adjusted, LogitAdjustments, LogitEdits, TokenHistory};
 use crate::race::{self, Race};
 
 /// How to pick the next token. `temperature == 0` means greedy.
@@ -197,16 +197,29 @@ impl Sampler {
     }
 
     /// A greedy pick made elsewhere (the argmax a GPU dense part found on the device, where
-    /// [`Self::sample`] would have taken the same argmax of the same logits): counted as this
-    /// sampler's next draw, so a later draw and a resumed sampler stay where they would be.
-    /// Only for a greedy sampler without adjustments (they read the logits).
+    /// [`Self::sample`] would have taken the same argmax of the same logits, edited by
+    /// [`Self::logit_edits`] first): counted as this sampler's next draw, so a later draw, the
+    /// penalties and a resumed sampler stay where they would be.
     pub fn take_argmax(&mut self, id: u32) -> u32 {
-        debug_assert!(self.params.is_greedy() && self.params.adjust.is_neutral());
+        debug_assert!(self.params.is_greedy());
+        self.take(id)
+    }
+
+    /// Counts `id`, picked elsewhere, as this sampler's next draw.
+    fn take(&mut self, id: u32) -> u32 {
         self.position += 1;
         if !self.params.adjust.is_neutral() {
             self.history.record(id);
         }
         id
+    }
+
+    /// What this request's adjustments do to the logits of its next pick, token by token
+    /// (`None` when it asks for none): a device that applies them to the row it keeps picks
+    /// what [`Self::sample`] picks from the whole row.
+    pub fn logit_edits(&self) -> Option<LogitEdits> {
+        let adjust = &self.params.adjust;
+        (!adjust.is_neutral()).then(|| LogitEdits::of(adjust, &self.history, &self.end_tokens))
     }
 
     /// As [`Self::sample`], over the tokens `allowed` flags only (a grammar's mask; ids past
@@ -252,13 +265,12 @@ impl Sampler {
         })
     }
 
-    /// A race run elsewhere (on the device, from [`Self::next_race`] over the same logits, as
-    /// [`Self::sample`] would have run it): counted as this sampler's next draw. Only for a
-    /// sampler without adjustments (they read the logits).
+    /// A race run elsewhere (on the device, from [`Self::next_race`] over the same logits,
+    /// edited by [`Self::logit_edits`] first, as [`Self::sample`] would have run it): counted
+    /// as this sampler's next draw.
     pub fn take_draw(&mut self, id: u32) -> u32 {
-        debug_assert!(self.next_race().is_some() && self.params.adjust.is_neutral());
-        self.position += 1;
-        id
+        debug_assert!(self.next_race().is_some());
+        self.take(id)
     }
 
     /// The next draw over `probs` (as [`Self::filtered_probs`] gives them).
@@ -276,22 +288,26 @@ impl Sampler {
         probs.last().map(|&(id, _)| id as u32).unwrap_or(0)
     }
 
-    /// The `k` of a top-k draw that reads only the `k` best-ranked logits ([`ranked_top_k`]),
-    /// so a device can send those instead of the vocabulary: a sampler at a temperature with
-    /// `top_k` in `1..=max`, and no adjustment (they read every logit).
+    /// The `k` of a top-k draw that reads only the `k` best-ranked logits ([`ranked_top_k`],
+    /// of the logits as [`Self::logit_edits`] edits them), so a device can send those instead
+    /// of the vocabulary: a sampler at a temperature with `top_k` in `1..=max`.
     pub fn ranked_draw_k(&self, max: usize) -> Option<usize> {
         let p = &self.params;
         let k = p.top_k.filter(|&k| k > 0 && k <= max)?;
-        (!p.is_greedy() && p.adjust.is_neutral()).then_some(k)
+        (!p.is_greedy()).then_some(k)
     }
 
-    /// [`Self::sample`] from only the best-ranked logits, `ranked_top_k(logits, k)` for this
+    /// [`Self::sample`] from only the best-ranked logits, `ranked_top_k(edited, k)` for this
     /// sampler's `top_k` (see [`Self::ranked_draw_k`]): the same token, bit for bit, since a
     /// top-k draw reads nothing else.
     pub fn sample_ranked(&mut self, ranked: &[(u32, f32)]) -> u32 {
         debug_assert!(self.ranked_draw_k(usize::MAX).is_some());
         let probs = self.probs_of_ranked(ranked);
-        self.draw(&probs)
+        let token = self.draw(&probs);
+        if !self.params.adjust.is_neutral() {
+            self.history.record(token);
+        }
+        token
     }
 
     /// The distribution actually sampled from: temperature, then top-k, then top-p, then
@@ -398,6 +414,59 @@ mod tests {
             assert_eq!(rest, straight[cut..], "resumed after {cut}");
         }
         assert_eq!(whole.position(), 40);
+    }
+
+    /// A sampler whose picks are made elsewhere from its edited logits (a device's argmax,
+    /// race or ranking after [`Sampler::logit_edits`], counted with `take_argmax`,
+    /// `take_draw`, `sample_ranked`) picks what [`Sampler::sample`] picks from the whole row,
+    /// step after step: its penalties see the same tokens.
+    #[test]
+    fn picks_from_edited_logits_are_the_samplers_own() {
+        let logits = |k: usize| -> Vec<f32> {
+            (0..40)
+                .map(|i| ((i * 7 + k * 3) % 11) as f32 * 0.35 - (i % 3) as f32)
+                .collect()
+        };
+        let cases = [
+            params(0.0, None, 1.0, 1),
+            params(0.9, None, 0.9, 2),
+            params(1.1, Some(5), 1.0, 3),
+        ];
+        for mut p in cases {
+            p.adjust = LogitAdjustments {
+                logit_bias: vec![(2, 1.5), (9, -2.0)],
+                presence_penalty: 0.6,
+                frequency_penalty: 0.9,
+                repetition_penalty: 1.4,
+                min_tokens: 3,
+            };
+            let prompt = [4u32, 9, 9, 30];
+            let mut whole = Sampler::for_request(p.clone(), &prompt, &[0]);
+            let mut elsewhere = Sampler::for_request(p.clone(), &prompt, &[0]);
+            let mut changed = 0;
+            for k in 0..30 {
+                let row = logits(k);
+                let want = whole.sample(&row);
+                let edits = elsewhere.logit_edits().expect("adjustments give edits");
+                let mut edited = row.clone();
+                edits.apply(&mut edited);
+                let got = if p.is_greedy() {
+                    elsewhere.take_argmax(ops::argmax(&edited) as u32)
+                } else if let Some(race) = elsewhere.next_race() {
+                    elsewhere.take_draw(race.draw(&edited))
+                } else {
+                    let k = elsewhere.ranked_draw_k(64).expect("a top-k draw");
+                    elsewhere.sample_ranked(&ranked_top_k(&edited, k))
+                };
+                assert_eq!(got, want, "{p:?} step {k}");
+                changed += (got as usize != ops::argmax(&row)) as usize;
+            }
+            assert!(changed > 0, "the adjustments change picks");
+            assert_eq!(elsewhere.position(), whole.position());
+        }
+        assert!(Sampler::new(params(0.0, None, 1.0, 1))
+            .logit_edits()
+            .is_none());
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
 use moe_model::dense::{DenseStep, Pick, StepOutput, StepSequence};
+use moe_model::dense_step::EditedPick;
 use moe_model::kv_cache::{KvPool, SequenceCache};
+use moe_model::logit_adjust::LogitEdits;
 use moe_model::sampling::Sampler;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelError;
@@ -412,7 +414,15 @@ impl Scheduler {
     ) -> moe_model::Result<Vec<StepOutput>> {
         let vocab = self.dense.config().vocab_size;
         // Before the constraints are taken out below: a constrained feed needs its logits.
-        let picks: Vec<Pick> = plan.iter().map(|f| pick_of(&running[f.seq], f)).collect();
+        let edits: Vec<Option<LogitEdits>> = plan
+            .iter()
+            .map(|f| edits_of(&running[f.seq], f, vocab))
+            .collect();
+        let picks: Vec<Pick<'_>> = plan
+            .iter()
+            .zip(&edits)
+            .map(|(f, edits)| pick_of(&running[f.seq], f, edits.as_ref()))
+            .collect();
         let mut constraints: Vec<(usize, TokenConstraint)> = plan
             .iter()
             .filter(|f| f.samples)
@@ -480,7 +490,7 @@ impl Scheduler {
         &self,
         running: &mut [Sequence],
         plan: &[Feed],
-        picks: &[Pick],
+        picks: &[Pick<'_>],
     ) -> moe_model::Result<Vec<StepOutput>> {
         let feeds: Vec<Vec<u32>> = plan
             .iter()
@@ -738,39 +748,67 @@ impl Scheduler {
     }
 }
 
-/// The sequence's next token from `logits`: within its grammar's mask when it has one (the
-/// grammar then advances over it).
 /// How much of its logits a feed's sampler reads: nothing when it samples nothing this step
 /// (a prefill chunk; a prompt being scored keeps its logits anyway), the argmax for a greedy
-/// pick, the ranked top-k for a top-k draw (up to [`moe_model::dense_step::MAX_RANKED_TOP_K`]),
-/// as long as nothing else reads the row (no grammar, no logit adjustment, no logprobs).
-fn pick_of(s: &Sequence, f: &Feed) -> Pick {
+/// pick, the race's draw for a draw at a temperature without top-k, the ranked top-k for a
+/// top-k draw (up to [`moe_model::dense_step::MAX_RANKED_TOP_K`]), each from the row as the
+/// request's logit adjustments edit it (`edits`, from [`edits_of`]), as long as nothing else
+/// reads the row (no grammar, no logprobs: they read the model's own logits).
+fn pick_of<'e>(s: &Sequence, f: &Feed, edits: Option<&'e LogitEdits>) -> Pick<'e> {
     if !f.samples {
         return Pick::Argmax;
     }
-    let request = &s.request;
-    let row_read_elsewhere = !request.sampling.adjust.is_neutral()
-        || request.constraint.is_some()
-        || request.logprobs
-        || request.top_logprobs > 0;
-    if row_read_elsewhere {
+    // Adjusted logits without their edits (too many to send) are read where they are edited.
+    let unsent_edits = edits.is_none() && !s.sampler.params().adjust.is_neutral();
+    if row_read_elsewhere(s) || unsent_edits {
         return Pick::Logits;
     }
-    if s.sampler.params().is_greedy() {
-        return Pick::Argmax;
-    }
-    if let Some(race) = s.sampler.next_race() {
-        return Pick::Race(race);
-    }
-    match s
-        .sampler
-        .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
-    {
-        Some(k) => Pick::RankedTopK(k),
-        None => Pick::Logits,
+    let pick = if s.sampler.params().is_greedy() {
+        EditedPick::Argmax
+    } else if let Some(race) = s.sampler.next_race() {
+        EditedPick::Race(race)
+    } else {
+        match s
+            .sampler
+            .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
+        {
+            Some(k) => EditedPick::RankedTopK(k),
+            None => return Pick::Logits,
+        }
+    };
+    match (edits, pick) {
+        (Some(edits), pick) => Pick::Edited(edits, pick),
+        (None, EditedPick::Argmax) => Pick::Argmax,
+        (None, EditedPick::Race(race)) => Pick::Race(race),
+        (None, EditedPick::RankedTopK(k)) => Pick::RankedTopK(k),
     }
 }
 
+/// Whether the sampler reads the row for more than its pick: a grammar's mask, logprobs.
+fn row_read_elsewhere(s: &Sequence) -> bool {
+    let request = &s.request;
+    request.constraint.is_some() || request.logprobs || request.top_logprobs > 0
+}
+
+/// The logit edits a feed's pick is made after ([`pick_of`]): its request's adjustments, when
+/// it has some and they are few enough to send instead of the row they change (a repetition
+/// penalty over a long prompt edits more logits than a device would download: the row is
+/// then picked from where the sampler reads it, which edits it itself).
+fn edits_of(s: &Sequence, f: &Feed, vocab: usize) -> Option<LogitEdits> {
+    if !f.samples || row_read_elsewhere(s) {
+        return None;
+    }
+    s.sampler
+        .logit_edits()
+        .filter(|edits| edits.len() <= vocab / MAX_EDITS_PER_VOCAB)
+}
+
+/// Edits of more than one logit in this many are not sent: each edit is 24 bytes up, the row
+/// they save 4 bytes a logit down.
+const MAX_EDITS_PER_VOCAB: usize = 8;
+
+/// The sequence's next token from `logits`: within its grammar's mask when it has one (the
+/// grammar then advances over it).
 fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
     let Some(constraint) = s.request.constraint.as_mut() else {
         return Ok(s.sampler.sample(logits));

@@ -131,9 +131,17 @@ def main():
         frequency_penalty=a["frequency_penalty"],
         extra_body={"repetition_penalty": a["repetition_penalty"], "ignore_eos": True},
     )
+    # Without logprobs nothing else reads the row: the router picks from the edited row.
+    picked = client.completions.create(
+        model=model, prompt=spec["prompt_ids"], max_tokens=n, temperature=0,
+        logit_bias=a["logit_bias"], presence_penalty=a["presence_penalty"],
+        frequency_penalty=a["frequency_penalty"],
+        extra_body={"repetition_penalty": a["repetition_penalty"], "ignore_eos": True},
+    )
     out["adjusted"] = {
         "text": adjusted.choices[0].text,
         "logprobs": adjusted.choices[0].logprobs.token_logprobs,
+        "picked_text": picked.choices[0].text,
     }
     # n choices, seeded: reproducible, choice 0 is what n = 1 gives, streamed alike.
     def sampled(**kw):

@@ -25,6 +25,7 @@ use crate::kv_cache::{KvLayout, KvPool, SequenceCache, DEFAULT_BLOCK_TOKENS};
 use crate::layers::gate::GateRule;
 use crate::layers::mlp::MlpNames;
 use crate::layers::rope::Rope;
+use crate::logit_adjust::RowEdits;
 use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
 
@@ -180,18 +181,34 @@ where
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-        picks: &[Pick],
+        picks: &[Pick<'_>],
     ) -> Result<Vec<StepOutput>> {
         let Some((hidden, layout)) = self.run_layers(seqs, experts)? else {
             return Ok(Vec::new());
         };
         let wanted = logit_rows(seqs, &layout);
-        let logits = self.logits_here(&hidden, &wanted)?;
+        let mut logits = self.logits_here(&hidden, &wanted)?;
         let vocab = self.config.vocab_size;
-        let picks: Vec<Pick> = (0..seqs.len())
-            .map(|i| pick_for(&seqs[i], picks, i))
-            .collect();
         let rows_of = |s: &StepSequence<'_>| if s.all_logits { s.tokens.len() } else { 1 };
+        // Edited picks have their last row edited in place first (no other pick reads it).
+        let mut edited = Vec::new();
+        let mut offset = 0;
+        let picks: Vec<Pick<'_>> = (0..seqs.len())
+            .map(|i| {
+                let n = rows_of(&seqs[i]);
+                let (edits, pick) = pick_for(&seqs[i], picks, i).parts();
+                if let Some(edits) = edits {
+                    let row = (offset + n - 1) as u32;
+                    edited.push(RowEdits { row, edits });
+                }
+                offset += n;
+                pick
+            })
+            .collect();
+        if !edited.is_empty() {
+            self.ops
+                .edit_rows(&mut logits, wanted.len(), vocab, &edited)?;
+        }
         let ids = if picks.contains(&Pick::Argmax) {
             self.ops.argmax_rows(&logits, wanted.len(), vocab)?
         } else {
@@ -262,7 +279,7 @@ where
                     StepOutput::RankedTopK(list.to_vec())
                 }
                 Pick::Race(_) => StepOutput::Drawn(drawn.next().ok_or_else(missing)?),
-                Pick::Logits => {
+                Pick::Logits | Pick::Edited(..) => {
                     taken += n;
                     StepOutput::Logits(rows[(taken - n) * vocab..taken * vocab].to_vec())
                 }

@@ -8,6 +8,7 @@ use crate::device::shapes::{AttentionSpec, ColumnMajorGemm, HeadView, StridedGem
 use crate::device::MatrixPrecision;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::logit_adjust::RowEdits;
 use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
 
@@ -257,6 +258,16 @@ pub trait DenseOps {
         width: usize,
         races: &[RowRace],
     ) -> Result<Vec<u32>, Self::Error>;
+    /// Applies each request's logit edits to its row of `[rows, width]` logits in place
+    /// ([`crate::logit_adjust::LogitEdits::apply`]; rows below `rows`, each edited row named
+    /// once, ids past `width` skipped).
+    fn edit_rows(
+        &self,
+        x: &mut Self::F32,
+        rows: usize,
+        width: usize,
+        edits: &[RowEdits<'_>],
+    ) -> Result<(), Self::Error>;
     /// `out[i] = x[index[i]]` for `[*, width]` rows.
     fn gather_rows(
         &self,

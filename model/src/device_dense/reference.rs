@@ -15,6 +15,7 @@ use crate::device::{GpuDtype, MatrixPrecision};
 use crate::error::ModelError;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::logit_adjust::RowEdits;
 use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
 
@@ -494,6 +495,22 @@ impl DenseOps for HostDenseOps {
             .collect())
     }
 
+    fn edit_rows(
+        &self,
+        x: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+        edits: &[RowEdits<'_>],
+    ) -> Result<(), ModelError> {
+        check(rows * width <= x.len(), "edit")?;
+        check(edits.iter().all(|e| (e.row as usize) < rows), "edit")?;
+        for e in edits {
+            let at = e.row as usize * width;
+            e.edits.apply(&mut x[at..at + width]);
+        }
+        Ok(())
+    }
+
     fn gather_rows(
         &self,
         x: &Vec<f32>,
@@ -741,6 +758,12 @@ mod tests {
         (config, device, experts)
     }
 
+    /// The CPU model of the same fixture.
+    fn qwen_on_the_cpu(config: &ModelConfig) -> crate::dense::DenseModel {
+        let ckpt = Checkpoint::open(&fixture("qwen3-moe-tiny")).unwrap();
+        crate::dense::DenseModel::load(&ckpt, config).unwrap()
+    }
+
     /// One step of one sequence: its last row's logits.
     fn step_alone(
         device: &DeviceDenseModel<HostDenseOps>,
@@ -756,9 +779,6 @@ mod tests {
         device.forward(&mut seqs, experts).unwrap()
     }
 
-    /// The device pool follows the host pool's block numbers: it grows by whole chunks, only
-    /// when a block number needs one, and a sequence's cache bytes are its host blocks' (the
-    /// same count of rows the device holds for it).
     /// Picking on the device: a sequence asking for its argmax gets the argmax of the logits
     /// `forward` gives, one asking for a ranked top-k gets those logits' ranking, a prompt
     /// being scored keeps its logits whatever it asks, the others their logits bitwise; a
@@ -767,11 +787,7 @@ mod tests {
     #[test]
     fn picks_on_the_device_are_the_logits_argmax_or_ranking_and_download_only_them() {
         let (config, device, experts) = qwen_over_the_reference();
-        let cpu = crate::dense::DenseModel::load(
-            &Checkpoint::open(&fixture("qwen3-moe-tiny")).unwrap(),
-            &config,
-        )
-        .unwrap();
+        let cpu = qwen_on_the_cpu(&config);
         let vocab = config.vocab_size;
         let prompts: [Vec<u32>; 5] = [
             vec![3, 9, 27],
@@ -872,6 +888,126 @@ mod tests {
         assert!(cpu_picked[4] == drawn_from(&cpu_full[4]), "CPU race");
     }
 
+    /// A step of one sequence per cache, feeding each its prompt, last rows' logits only.
+    fn last_rows_of<'a>(
+        caches: &'a mut [SequenceCache],
+        prompts: &'a [Vec<u32>],
+    ) -> Vec<StepSequence<'a>> {
+        caches
+            .iter_mut()
+            .zip(prompts)
+            .map(|(cache, tokens)| StepSequence {
+                cache,
+                tokens,
+                all_logits: false,
+            })
+            .collect()
+    }
+
+    /// Picks after a request's logit edits: the device edits the last rows where they lie and
+    /// picks from them, giving the argmax, ranking and draw of the logits edited on the host
+    /// (the sampler's own path), downloading only the picks; an unedited neighbour is as
+    /// before; the CPU model's default picking edits its rows alike.
+    #[test]
+    fn edited_picks_are_the_picks_of_the_edited_logits_and_download_only_them() {
+        use crate::dense_step::EditedPick;
+        use crate::logit_adjust::{LogitAdjustments, LogitEdits, TokenHistory};
+        let (config, device, experts) = qwen_over_the_reference();
+        let cpu = qwen_on_the_cpu(&config);
+        let vocab = config.vocab_size;
+        let prompts: [Vec<u32>; 4] = [vec![3, 9, 27], vec![5, 5], vec![11, 2, 7, 1], vec![8]];
+        let unedited = |model_full: &[StepOutput], i: usize| -> Vec<f32> {
+            let StepOutput::Logits(row) = &model_full[i] else {
+                panic!("forward gives logits")
+            };
+            row.clone()
+        };
+        // Each sequence's adjustments: the argmax's token biased away, so the pick moves.
+        let full = {
+            let mut caches: Vec<SequenceCache> = (0..4).map(|_| device.new_cache()).collect();
+            let rows = device.forward(&mut last_rows_of(&mut caches, &prompts), &experts);
+            rows.unwrap()
+                .into_iter()
+                .map(StepOutput::Logits)
+                .collect::<Vec<_>>()
+        };
+        let edits: Vec<LogitEdits> = (0..3)
+            .map(|i| {
+                let top = crate::backend::ops::argmax(&unedited(&full, i)) as u32;
+                let adjust = LogitAdjustments {
+                    logit_bias: vec![(top, -30.0)],
+                    presence_penalty: 0.5,
+                    frequency_penalty: 0.25,
+                    repetition_penalty: 1.2,
+                    min_tokens: 2,
+                };
+                let mut history = TokenHistory::new(&prompts[i]);
+                history.record(4);
+                LogitEdits::of(&adjust, &history, &[0, top + 1])
+            })
+            .collect();
+        let race = crate::race::Race {
+            temperature: 0.8,
+            top_p: 0.9,
+            key: crate::race::race_key(9, 2),
+        };
+        let picks = [
+            Pick::Edited(&edits[0], EditedPick::Argmax),
+            Pick::Edited(&edits[1], EditedPick::RankedTopK(5)),
+            Pick::Edited(&edits[2], EditedPick::Race(race)),
+            Pick::Argmax,
+        ];
+        let edited = |full: &[StepOutput], i: usize| {
+            let mut row = unedited(full, i);
+            edits[i].apply(&mut row);
+            row
+        };
+        let want = |full: &[StepOutput]| {
+            vec![
+                StepOutput::Argmax(crate::backend::ops::argmax(&edited(full, 0)) as u32),
+                StepOutput::RankedTopK(crate::sampling::ranked_top_k(&edited(full, 1), 5)),
+                StepOutput::Drawn(race.draw(&edited(full, 2))),
+                StepOutput::Argmax(crate::backend::ops::argmax(&unedited(full, 3)) as u32),
+            ]
+        };
+        macro_rules! picked {
+            ($model:expr) => {{
+                let mut caches: Vec<SequenceCache> = (0..4).map(|_| $model.new_cache()).collect();
+                let mut seqs = last_rows_of(&mut caches, &prompts);
+                $model.forward_picking(&mut seqs, &experts, &picks).unwrap()
+            }};
+        }
+        let before = device.ops().downloaded();
+        let picked = picked!(device);
+        let downloaded = device.ops().downloaded() - before;
+        assert_eq!(picked, want(&full));
+        let StepOutput::Argmax(first) = picked[0] else {
+            panic!("an argmax")
+        };
+        assert_ne!(
+            first as usize,
+            crate::backend::ops::argmax(&unedited(&full, 0)),
+            "the edits move the pick"
+        );
+        // An argmax id and a ranking of 5 (ids and logits) per row, one drawn id; no row.
+        let moe_rows = config.moe_layer_indices().count() * 10 * config.hidden_size;
+        assert_eq!(downloaded, 4 + 2 * 4 * 5 + 1 + moe_rows);
+        assert!(downloaded < moe_rows + vocab, "no logit row comes back");
+        // The CPU model picks the same way from its own logits.
+        let cpu_full = {
+            let mut caches: Vec<SequenceCache> = (0..4).map(|_| cpu.new_cache()).collect();
+            let rows = cpu.forward(&mut last_rows_of(&mut caches, &prompts), &experts);
+            rows.unwrap()
+                .into_iter()
+                .map(StepOutput::Logits)
+                .collect::<Vec<_>>()
+        };
+        assert!(picked!(cpu) == want(&cpu_full), "CPU picks");
+    }
+
+    /// The device pool follows the host pool's block numbers: it grows by whole chunks, only
+    /// when a block number needs one, and a sequence's cache bytes are its host blocks' (the
+    /// same count of rows the device holds for it).
     #[test]
     fn the_device_pool_grows_with_block_numbers() {
         let (config, device, experts) = qwen_over_the_reference();

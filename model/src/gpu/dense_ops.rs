@@ -27,6 +27,7 @@ use crate::device_dense::ops::{linear_by_gemm, DenseOps, DeviceStep};
 use crate::device_dense::DeviceDenseModel;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
+use crate::logit_adjust::{flatten_row_edits, RowEdits};
 use crate::race::RowRace;
 
 /// Threads of the attention kernel's blocks and the widest output it handles.
@@ -886,6 +887,42 @@ impl DenseOps for CudaDenseOps {
         Ok(host)
     }
 
+    fn edit_rows(
+        &self,
+        x: &mut CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        edits: &[RowEdits<'_>],
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if x.len() < rows * width || edits.iter().any(|e| e.row as usize >= rows) {
+            return Err(shape_error("logit edits"));
+        }
+        let (index, values) = flatten_row_edits(edits, width);
+        let count = index.len() / 3;
+        if count == 0 {
+            return Ok(());
+        }
+        let stream = self.ctx.stream();
+        let index = stream.clone_htod(&index)?;
+        let values = stream.clone_htod(&values)?;
+        let (width_i, count_i) = (int(width, "width")?, int(count, "logit edits")?);
+        // SAFETY: each edit's row is below `rows` (checked above) and its id below `width`
+        // (`flatten_row_edits` keeps only those), so every write lies in `x`; `index` and
+        // `values` hold three entries per edit.
+        unsafe {
+            stream
+                .launch_builder(&self.ctx.kernels().edit_logit_rows)
+                .arg(x)
+                .arg(&width_i)
+                .arg(&count_i)
+                .arg(&index)
+                .arg(&values)
+                .launch(grid(count))?;
+        }
+        Ok(())
+    }
+
     fn argmax_rows(
         &self,
         x: &CudaSlice<f32>,
@@ -1345,6 +1382,55 @@ mod tests {
             host.race_rows(&big, 2, vocab, &races).unwrap(),
             "races, 129,280 tokens"
         );
+        // Logit edits (penalties, biases, hidden end tokens) on rows of the same logits with
+        // their NaNs, infinities and signed zeros: bitwise the host's, ids past the row
+        // skipped, unedited rows untouched.
+        let adjust = crate::logit_adjust::LogitAdjustments {
+            logit_bias: vec![(0, 2.5), (7, -1.25), (300, 0.1), (u32::MAX, 1.0)],
+            presence_penalty: 0.4,
+            frequency_penalty: 0.3,
+            repetition_penalty: 1.3,
+            min_tokens: 4,
+        };
+        let mut history = crate::logit_adjust::TokenHistory::new(&[0, 5, 9, 900, 1001]);
+        for t in [7, 7, 300, 5, 2000] {
+            history.record(t);
+        }
+        let edits = crate::logit_adjust::LogitEdits::of(&adjust, &history, &[1, 900]);
+        let other = crate::logit_adjust::LogitEdits::of(
+            &crate::logit_adjust::LogitAdjustments {
+                repetition_penalty: 0.8,
+                ..Default::default()
+            },
+            &history,
+            &[],
+        );
+        let rows = [
+            RowEdits {
+                row: 0,
+                edits: &edits,
+            },
+            RowEdits {
+                row: 2,
+                edits: &other,
+            },
+            RowEdits {
+                row: 5,
+                edits: &edits,
+            },
+        ];
+        let mut on_gpu = cuda.upload_f32(&raced).unwrap();
+        cuda.edit_rows(&mut on_gpu, 6, wide, &rows).unwrap();
+        let mut on_host = raced.clone();
+        host.edit_rows(&mut on_host, 6, wide, &rows).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&down(&on_gpu)), bits(&on_host), "logit edits");
+        assert_ne!(bits(&on_host), bits(&raced), "the edits change the rows");
+        assert!(
+            cuda.edit_rows(&mut on_gpu, 5, wide, &rows).is_err(),
+            "a row past the step"
+        );
+
         // The embedding lookup from an f32 table.
         let table = values(9 * width, 14);
         let (tc, th) = (

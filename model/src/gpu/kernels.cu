@@ -254,6 +254,28 @@ __device__ double nucleus_mass(const float* row, int width, float max, double t,
     return total;
 }
 
+// A request's logit adjustments (logit_adjust.rs, TokenEdit::apply) on the rows the device
+// keeps: a thread per edited logit, each (row, id) named once; `index` holds (row, id, flags)
+// and `values` (bias, penalty, repetition) per edit. Each step is one correctly rounded f32
+// operation, as on the host: hidden (-inf), biased, the repetition penalty (a positive logit
+// divided, another multiplied), the frequency and presence penalty subtracted.
+extern "C" __global__ void edit_logit_rows(float* x, int width, int edits, const unsigned int* index,
+                                           const float* values) {
+    GRID_STRIDE(e, edits) {
+        const unsigned int row = index[3 * e], id = index[3 * e + 1], flags = index[3 * e + 2];
+        float* at = x + (long long)row * width + id;
+        float v = *at;
+        if (flags & 1u) v = __int_as_float((int)0xff800000u);
+        if (flags & 2u) v = __fadd_rn(v, values[3 * e]);
+        if (flags & 4u) {
+            const float r = values[3 * e + 2];
+            v = v > 0.0f ? __fdiv_rn(v, r) : __fmul_rn(v, r);
+        }
+        if (flags & 8u) v = __fsub_rn(v, values[3 * e + 1]);
+        *at = v;
+    }
+}
+
 // A block per race; with top_p < 1 the race is among the nucleus: logits >= its floor, the
 // largest value whose logits weigh top_p of all (nucleus.rs), found by bisecting f32 keys.
 // Launched with 256 threads (`row_grid`): the summation order is the host's.

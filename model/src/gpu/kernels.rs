@@ -46,10 +46,11 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     pub ranked_top_k_rows: CudaFunction,
     pub race_rows: CudaFunction,
+    pub edit_logit_rows: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 34] = [
+pub const KERNEL_NAMES: [&str; 35] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -84,6 +85,7 @@ pub const KERNEL_NAMES: [&str; 34] = [
     "argmax_rows",
     "ranked_top_k_rows",
     "race_rows",
+    "edit_logit_rows",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -149,6 +151,7 @@ impl Kernels {
             argmax_rows: f("argmax_rows")?,
             ranked_top_k_rows: f("ranked_top_k_rows")?,
             race_rows: f("race_rows")?,
+            edit_logit_rows: f("edit_logit_rows")?,
         })
     }
 }
