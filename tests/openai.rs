@@ -367,6 +367,11 @@ async fn structured_outputs_always_validate() {
         "json_object: {ok} ended, {cut} cut"
     );
     assert_eq!(got["streamed_equals_whole"], true);
+    assert_eq!(
+        got["picked_equals_sampled"],
+        json!(vec![true; 12]),
+        "picked from the masked row where it lies = sampled from the row taken back"
+    );
     assert_eq!(got["errors"]["bad_schema"], json!([400, "response_format"]));
     assert_eq!(
         got["errors"]["bad_regex"],

@@ -11,6 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::expert_backend::ExpertBackend;
 use crate::kv_cache::{KvLayout, SequenceCache};
 use crate::logit_adjust::LogitEdits;
+use crate::token_mask::MaskSlot;
 
 /// What a step needs from each sequence: its cache and new tokens.
 pub struct StepSequence<'a> {
@@ -87,10 +88,34 @@ pub enum Pick<'a> {
     RankedTopK(usize),
     /// The token the race draws from the last row: a draw at a temperature without top-k.
     Race(crate::race::Race),
-    /// One of the picks above from the last row as the request's logit adjustments change
-    /// it (penalties, `logit_bias`, `min_tokens`): the row is edited where it lies, so a
-    /// device still sends back only the pick.
-    Edited(&'a LogitEdits, EditedPick),
+    /// One of the picks above from the last row as the request changes it (a grammar's mask,
+    /// logit adjustments): the row is changed where it lies, so a device still sends back
+    /// only the pick.
+    Edited(RowChanges<'a>, EditedPick),
+}
+
+/// What a request changes in its last row before its pick, in this order: the tokens its
+/// grammar does not allow become -inf, then its logit edits (penalties, `logit_bias`,
+/// `min_tokens`): the order of [`crate::sampling::Sampler::sample_allowed`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RowChanges<'a> {
+    /// Filled while the step runs; a slot filled with `None` makes the pick [`Pick::Logits`].
+    pub mask: Option<&'a MaskSlot>,
+    pub edits: Option<&'a LogitEdits>,
+}
+
+impl RowChanges<'_> {
+    /// The changes applied to `row` on the host: `None` when the mask came back empty (the
+    /// row then goes back whole).
+    pub fn apply(&self, row: &mut [f32]) -> Option<()> {
+        if let Some(slot) = self.mask {
+            slot.wait()?.apply(row);
+        }
+        if let Some(edits) = self.edits {
+            edits.apply(row);
+        }
+        Some(())
+    }
 }
 
 /// What an [`Pick::Edited`] row gives.
@@ -102,15 +127,16 @@ pub enum EditedPick {
 }
 
 impl<'a> Pick<'a> {
-    /// The edits this pick asks for before it, and the pick itself.
-    pub fn parts(self) -> (Option<&'a LogitEdits>, Pick<'static>) {
+    /// The changes this pick asks for before it, and the pick itself.
+    pub fn parts(self) -> (RowChanges<'a>, Pick<'static>) {
+        let none = RowChanges::default();
         match self {
-            Pick::Logits => (None, Pick::Logits),
-            Pick::Argmax => (None, Pick::Argmax),
-            Pick::RankedTopK(k) => (None, Pick::RankedTopK(k)),
-            Pick::Race(race) => (None, Pick::Race(race)),
-            Pick::Edited(edits, pick) => (
-                Some(edits),
+            Pick::Logits => (none, Pick::Logits),
+            Pick::Argmax => (none, Pick::Argmax),
+            Pick::RankedTopK(k) => (none, Pick::RankedTopK(k)),
+            Pick::Race(race) => (none, Pick::Race(race)),
+            Pick::Edited(changes, pick) => (
+                changes,
                 match pick {
                     EditedPick::Argmax => Pick::Argmax,
                     EditedPick::RankedTopK(k) => Pick::RankedTopK(k),
@@ -155,19 +181,20 @@ pub fn pick_on_host(
         .into_par_iter()
         .zip(picks)
         .map(|(rows, pick)| {
-            let (edits, pick) = pick.parts();
+            let (changes, pick) = pick.parts();
             let Some(at) = rows.len().checked_sub(vocab) else {
                 return StepOutput::Logits(rows);
             };
-            let edited;
-            let row = match edits {
-                Some(edits) => {
-                    let mut row = rows[at..].to_vec();
-                    edits.apply(&mut row);
-                    edited = row;
-                    &edited[..]
+            let changed;
+            let row = if changes == RowChanges::default() {
+                &rows[at..]
+            } else {
+                let mut row = rows[at..].to_vec();
+                if changes.apply(&mut row).is_none() {
+                    return StepOutput::Logits(rows);
                 }
-                None => &rows[at..],
+                changed = row;
+                &changed[..]
             };
             match pick {
                 Pick::Argmax => StepOutput::Argmax(ops::argmax(row) as u32),
@@ -184,7 +211,7 @@ pub fn pick_on_host(
 /// What sequence `i` of a step gets: what `picks` asks, except that a prompt being scored
 /// keeps its logits (it needs every row's), and a top-k of 0 or over [`MAX_RANKED_TOP_K`],
 /// or a race a device cannot run (see [`crate::race::Race::is_valid`]), sends the logits
-/// (unedited: the sampler edits them itself).
+/// (unchanged: the sampler masks and edits them itself).
 pub fn pick_for<'p>(s: &StepSequence<'_>, picks: &[Pick<'p>], i: usize) -> Pick<'p> {
     let pick = picks.get(i).copied().unwrap_or_default();
     match pick.parts().1 {

@@ -55,6 +55,7 @@ pub mod routes;
 pub mod sampling;
 #[cfg(test)]
 mod test_support;
+pub mod token_mask;
 pub mod tokenizer;
 
 pub use config::{Family, ModelConfig};

@@ -417,9 +417,10 @@ mod tests {
     }
 
     /// A sampler whose picks are made elsewhere from its edited logits (a device's argmax,
-    /// race or ranking after [`Sampler::logit_edits`], counted with `take_argmax`,
-    /// `take_draw`, `sample_ranked`) picks what [`Sampler::sample`] picks from the whole row,
-    /// step after step: its penalties see the same tokens.
+    /// race or ranking after [`Sampler::logit_edits`], and a grammar's mask before them,
+    /// counted with `take_argmax`, `take_draw`, `sample_ranked`) picks what
+    /// [`Sampler::sample`] and [`Sampler::sample_allowed`] pick from the whole row, step after
+    /// step: its penalties see the same tokens.
     #[test]
     fn picks_from_edited_logits_are_the_samplers_own() {
         let logits = |k: usize| -> Vec<f32> {
@@ -446,9 +447,19 @@ mod tests {
             let mut changed = 0;
             for k in 0..30 {
                 let row = logits(k);
-                let want = whole.sample(&row);
+                // Every third step under a grammar's mask (the mask first, then the edits).
+                let allowed: Vec<bool> = (0..row.len()).map(|i| (i + k) % 4 != 0).collect();
+                let masked = k % 3 == 0;
+                let want = if masked {
+                    whole.sample_allowed(&row, &allowed)
+                } else {
+                    whole.sample(&row)
+                };
                 let edits = elsewhere.logit_edits().expect("adjustments give edits");
                 let mut edited = row.clone();
+                if masked {
+                    crate::token_mask::TokenMask::from_allowed(&allowed).apply(&mut edited);
+                }
                 edits.apply(&mut edited);
                 let got = if p.is_greedy() {
                     elsewhere.take_argmax(ops::argmax(&edited) as u32)

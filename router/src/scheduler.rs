@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use moe_model::backend::ops;
 use moe_model::dense::{DenseStep, Pick, StepOutput, StepSequence};
-use moe_model::dense_step::EditedPick;
+use moe_model::dense_step::{EditedPick, RowChanges};
 use moe_model::kv_cache::{KvPool, SequenceCache};
 use moe_model::logit_adjust::LogitEdits;
 use moe_model::sampling::Sampler;
+use moe_model::token_mask::{FillOnDrop, MaskSlot, TokenMask};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelError;
 use moe_proto::v1::{GenerateResponse, TopLogprobs, Usage};
@@ -413,20 +414,35 @@ impl Scheduler {
         plan: &[Feed],
     ) -> moe_model::Result<Vec<StepOutput>> {
         let vocab = self.dense.config().vocab_size;
-        // Before the constraints are taken out below: a constrained feed needs its logits.
+        // What each sampling feed's pick is made after: its grammar's mask (computed below
+        // while the step runs) and its logit edits. Before the constraints are taken out.
+        let slots: Vec<Option<MaskSlot>> = plan
+            .iter()
+            .map(|f| mask_slot_of(&running[f.seq], f))
+            .collect();
         let edits: Vec<Option<LogitEdits>> = plan
             .iter()
             .map(|f| edits_of(&running[f.seq], f, vocab))
             .collect();
         let picks: Vec<Pick<'_>> = plan
             .iter()
-            .zip(&edits)
-            .map(|(f, edits)| pick_of(&running[f.seq], f, edits.as_ref()))
+            .zip(slots.iter().zip(&edits))
+            .map(|(f, (mask, edits))| {
+                let changes = RowChanges {
+                    mask: mask.as_ref(),
+                    edits: edits.as_ref(),
+                };
+                pick_of(&running[f.seq], f, changes)
+            })
             .collect();
-        let mut constraints: Vec<(usize, TokenConstraint)> = plan
+        let mut constraints: Vec<(usize, usize, TokenConstraint)> = plan
             .iter()
-            .filter(|f| f.samples)
-            .filter_map(|f| running[f.seq].request.constraint.take().map(|c| (f.seq, c)))
+            .enumerate()
+            .filter(|(_, f)| f.samples)
+            .filter_map(|(i, f)| {
+                let constraint = running[f.seq].request.constraint.take();
+                constraint.map(|c| (i, f.seq, c))
+            })
             .collect();
         if constraints.is_empty() {
             return self.forward(running, plan, &picks);
@@ -434,9 +450,18 @@ impl Scheduler {
         let count = constraints.len();
         let (logits, masks) = std::thread::scope(|scope| {
             let masks = scope.spawn(|| {
+                // A slot this thread leaves empty (a grammar that panicked) is filled with
+                // `None`: the step never waits for it in vain.
+                let _fill = FillOnDrop(&slots);
                 constraints
                     .iter_mut()
-                    .map(|(_, c)| c.allowed(vocab))
+                    .map(|(feed, _, c)| {
+                        let allowed = c.allowed(vocab);
+                        if let Some(slot) = &slots[*feed] {
+                            slot.fill(allowed.as_deref().ok().map(TokenMask::from_allowed));
+                        }
+                        allowed
+                    })
                     .collect::<Vec<_>>()
             });
             let logits = self.forward(running, plan, &picks);
@@ -445,7 +470,7 @@ impl Scheduler {
                 .unwrap_or_else(|_| vec![Err("the grammar panicked".into()); count]);
             (logits, masks)
         });
-        for ((seq, constraint), mask) in constraints.into_iter().zip(masks) {
+        for ((_, seq, constraint), mask) in constraints.into_iter().zip(masks) {
             running[seq].request.constraint = Some(constraint);
             running[seq].next_mask = logits.is_ok().then_some(mask);
         }
@@ -566,9 +591,11 @@ impl Scheduler {
             // The last position's logits (the only row unless the prompt is being scored).
             let row = &rows[rows.len() - vocab.min(rows.len())..];
             let sampled = match output {
-                StepOutput::Argmax(id) => Ok(s.sampler.take_argmax(*id)),
-                StepOutput::RankedTopK(ranked) => Ok(s.sampler.sample_ranked(ranked)),
-                StepOutput::Drawn(id) => Ok(s.sampler.take_draw(*id)),
+                StepOutput::Argmax(id) => consume_pick(s, |sampler| sampler.take_argmax(*id)),
+                StepOutput::RankedTopK(ranked) => {
+                    consume_pick(s, |sampler| sampler.sample_ranked(ranked))
+                }
+                StepOutput::Drawn(id) => consume_pick(s, |sampler| sampler.take_draw(*id)),
                 StepOutput::Logits(_) => sample_token(s, row),
             };
             let token = match sampled {
@@ -752,15 +779,18 @@ impl Scheduler {
 /// (a prefill chunk; a prompt being scored keeps its logits anyway), the argmax for a greedy
 /// pick, the race's draw for a draw at a temperature without top-k, the ranked top-k for a
 /// top-k draw (up to [`moe_model::dense_step::MAX_RANKED_TOP_K`]), each from the row as the
-/// request's logit adjustments edit it (`edits`, from [`edits_of`]), as long as nothing else
-/// reads the row (no grammar, no logprobs: they read the model's own logits).
-fn pick_of<'e>(s: &Sequence, f: &Feed, edits: Option<&'e LogitEdits>) -> Pick<'e> {
+/// request's grammar mask and logit adjustments change it (`changes`: a slot from
+/// [`mask_slot_of`], edits from [`edits_of`]), as long as nothing else reads the row (no
+/// logprobs: they are the model's own logits).
+fn pick_of<'c>(s: &Sequence, f: &Feed, changes: RowChanges<'c>) -> Pick<'c> {
     if !f.samples {
         return Pick::Argmax;
     }
-    // Adjusted logits without their edits (too many to send) are read where they are edited.
-    let unsent_edits = edits.is_none() && !s.sampler.params().adjust.is_neutral();
-    if row_read_elsewhere(s) || unsent_edits {
+    // A row changed without its changes at hand (edits too many to send) is read where the
+    // sampler changes it.
+    let unsent_edits = changes.edits.is_none() && !s.sampler.params().adjust.is_neutral();
+    let unsent_mask = changes.mask.is_none() && s.request.constraint.is_some();
+    if row_read_elsewhere(s) || unsent_edits || unsent_mask {
         return Pick::Logits;
     }
     let pick = if s.sampler.params().is_greedy() {
@@ -776,18 +806,25 @@ fn pick_of<'e>(s: &Sequence, f: &Feed, edits: Option<&'e LogitEdits>) -> Pick<'e
             None => return Pick::Logits,
         }
     };
-    match (edits, pick) {
-        (Some(edits), pick) => Pick::Edited(edits, pick),
-        (None, EditedPick::Argmax) => Pick::Argmax,
-        (None, EditedPick::Race(race)) => Pick::Race(race),
-        (None, EditedPick::RankedTopK(k)) => Pick::RankedTopK(k),
+    match (changes == RowChanges::default(), pick) {
+        (false, pick) => Pick::Edited(changes, pick),
+        (true, EditedPick::Argmax) => Pick::Argmax,
+        (true, EditedPick::Race(race)) => Pick::Race(race),
+        (true, EditedPick::RankedTopK(k)) => Pick::RankedTopK(k),
     }
 }
 
-/// Whether the sampler reads the row for more than its pick: a grammar's mask, logprobs.
+/// Whether the sampler reads the row for more than its pick: logprobs.
 fn row_read_elsewhere(s: &Sequence) -> bool {
-    let request = &s.request;
-    request.constraint.is_some() || request.logprobs || request.top_logprobs > 0
+    s.request.logprobs || s.request.top_logprobs > 0
+}
+
+/// Where a constrained feed's grammar mask will arrive while the step runs, so the dense
+/// part can mask the row it keeps ([`pick_of`]): a grammar's mask is a bit a token up, the
+/// row it saves four bytes a token down.
+fn mask_slot_of(s: &Sequence, f: &Feed) -> Option<MaskSlot> {
+    let wanted = f.samples && !row_read_elsewhere(s) && s.request.constraint.is_some();
+    wanted.then(MaskSlot::new)
 }
 
 /// The logit edits a feed's pick is made after ([`pick_of`]): its request's adjustments, when
@@ -806,6 +843,18 @@ fn edits_of(s: &Sequence, f: &Feed, vocab: usize) -> Option<LogitEdits> {
 /// Edits of more than one logit in this many are not sent: each edit is 24 bytes up, the row
 /// they save 4 bytes a logit down.
 const MAX_EDITS_PER_VOCAB: usize = 8;
+
+/// A token the dense part picked from the row as the request changed it, counted by the
+/// sampler (`take`); the grammar, when there is one, advances over it (its mask, made for
+/// this pick, is spent).
+fn consume_pick(s: &mut Sequence, take: impl FnOnce(&mut Sampler) -> u32) -> Result<u32, String> {
+    let token = take(&mut s.sampler);
+    if let Some(constraint) = s.request.constraint.as_mut() {
+        s.next_mask = None;
+        constraint.consume(token)?;
+    }
+    Ok(token)
+}
 
 /// The sequence's next token from `logits`: within its grammar's mask when it has one (the
 /// grammar then advances over it).

@@ -98,6 +98,28 @@ def main():
         temperature=1.0, seed=3, stream=True, **kwargs)
     out["streamed_equals_whole"] = "".join(
         c.choices[0].delta.content or "" for c in pieces if c.choices) == whole
+    # The same answers whether the router picks from the row it keeps (no logprobs asked: the
+    # grammar's mask and the penalties are applied where the dense part runs) or samples from
+    # the whole row it takes back for the logprobs: races, a top-k draw, greedy.
+    same = []
+    for kind, extra in [
+        ("json_schema", {}),
+        ("regex", {"presence_penalty": 0.8, "frequency_penalty": 0.5}),
+        ("choice", {"temperature": 0.0, "presence_penalty": 0.3}),
+        ("json_schema", {"extra_body": {"top_k": 5}}),
+    ]:
+        kwargs = dict(kinds[kind][0])
+        if "extra_body" in extra:
+            kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra.pop("extra_body")}
+        for seed in range(3):
+            def answer(**more):
+                params = dict(temperature=1.0, seed=seed, max_tokens=400)
+                params.update(kwargs, **extra, **more)
+                return client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "Describe a pet."}],
+                    **params).choices[0].message.content
+            same.append(answer() == answer(logprobs=True))
+    out["picked_equals_sampled"] = same
     errors = {}
     for name, kwargs in {
         "bad_schema": dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),

@@ -28,6 +28,7 @@ use crate::layers::rope::Rope;
 use crate::logit_adjust::RowEdits;
 use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
+use crate::token_mask::{MaskSlot, RowMask};
 
 /// Gated SiLU MLP (dense layers, shared experts) on the device.
 struct DeviceMlp<O: DenseOps> {
@@ -190,21 +191,32 @@ where
         let mut logits = self.logits_here(&hidden, &wanted)?;
         let vocab = self.config.vocab_size;
         let rows_of = |s: &StepSequence<'_>| if s.all_logits { s.tokens.len() } else { 1 };
-        // Edited picks have their last row edited in place first (no other pick reads it).
-        let mut edited = Vec::new();
+        // Changed picks have their last row masked and edited in place first (no other pick
+        // reads it); a grammar's mask is waited for only now, after the layers.
+        let (mut masked, mut edited) = (Vec::new(), Vec::new());
         let mut offset = 0;
         let picks: Vec<Pick<'_>> = (0..seqs.len())
             .map(|i| {
                 let n = rows_of(&seqs[i]);
-                let (edits, pick) = pick_for(&seqs[i], picks, i).parts();
-                if let Some(edits) = edits {
-                    let row = (offset + n - 1) as u32;
+                let (changes, pick) = pick_for(&seqs[i], picks, i).parts();
+                let row = (offset + n - 1) as u32;
+                offset += n;
+                match changes.mask.map(MaskSlot::wait) {
+                    // No mask to apply: the row goes back whole, for the sampler to report.
+                    Some(None) => return Pick::Logits,
+                    Some(Some(mask)) => masked.push(RowMask { row, mask }),
+                    None => {}
+                }
+                if let Some(edits) = changes.edits {
                     edited.push(RowEdits { row, edits });
                 }
-                offset += n;
                 pick
             })
             .collect();
+        if !masked.is_empty() {
+            self.ops
+                .mask_rows(&mut logits, wanted.len(), vocab, &masked)?;
+        }
         if !edited.is_empty() {
             self.ops
                 .edit_rows(&mut logits, wanted.len(), vocab, &edited)?;

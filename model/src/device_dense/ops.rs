@@ -11,6 +11,7 @@ use crate::layers::gate::GateRule;
 use crate::logit_adjust::RowEdits;
 use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
+use crate::token_mask::RowMask;
 
 /// A step's row layout on the device, uploaded once per step.
 pub struct DeviceStep<O: DenseOps + ?Sized> {
@@ -258,6 +259,15 @@ pub trait DenseOps {
         width: usize,
         races: &[RowRace],
     ) -> Result<Vec<u32>, Self::Error>;
+    /// Sets every token a row's mask does not allow to -inf in its row of `[rows, width]`
+    /// logits ([`crate::token_mask::TokenMask::apply`]; rows below `rows`, each named once).
+    fn mask_rows(
+        &self,
+        x: &mut Self::F32,
+        rows: usize,
+        width: usize,
+        masks: &[RowMask<'_>],
+    ) -> Result<(), Self::Error>;
     /// Applies each request's logit edits to its row of `[rows, width]` logits in place
     /// ([`crate::logit_adjust::LogitEdits::apply`]; rows below `rows`, each edited row named
     /// once, ids past `width` skipped).

@@ -18,6 +18,7 @@ use crate::layers::gate::GateRule;
 use crate::logit_adjust::RowEdits;
 use crate::race::RowRace;
 use crate::routes::ExpertRoutes;
+use crate::token_mask::RowMask;
 
 pub struct HostDenseOps {
     numerics: GpuDtype,
@@ -495,6 +496,22 @@ impl DenseOps for HostDenseOps {
             .collect())
     }
 
+    fn mask_rows(
+        &self,
+        x: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+        masks: &[RowMask<'_>],
+    ) -> Result<(), ModelError> {
+        check(rows * width <= x.len(), "mask")?;
+        check(masks.iter().all(|m| (m.row as usize) < rows), "mask")?;
+        for m in masks {
+            let at = m.row as usize * width;
+            m.mask.apply(&mut x[at..at + width]);
+        }
+        Ok(())
+    }
+
     fn edit_rows(
         &self,
         x: &mut Vec<f32>,
@@ -904,36 +921,45 @@ mod tests {
             .collect()
     }
 
-    /// Picks after a request's logit edits: the device edits the last rows where they lie and
-    /// picks from them, giving the argmax, ranking and draw of the logits edited on the host
-    /// (the sampler's own path), downloading only the picks; an unedited neighbour is as
-    /// before; the CPU model's default picking edits its rows alike.
+    /// Picks after a request's changes: the device masks (a grammar's mask, waited for while
+    /// another thread fills it) and edits (penalties, biases) the last rows where they lie and
+    /// picks from them, giving the argmax, ranking and draw of the logits changed on the host
+    /// (the sampler's own path), downloading only the picks; a sequence whose mask came back
+    /// empty gets its row unchanged; an unchanged neighbour is as before; the CPU model's
+    /// default picking changes its rows alike.
     #[test]
-    fn edited_picks_are_the_picks_of_the_edited_logits_and_download_only_them() {
-        use crate::dense_step::EditedPick;
+    fn changed_picks_are_the_picks_of_the_changed_logits_and_download_only_them() {
+        use crate::dense_step::{EditedPick, RowChanges};
         use crate::logit_adjust::{LogitAdjustments, LogitEdits, TokenHistory};
+        use crate::token_mask::{MaskSlot, TokenMask};
         let (config, device, experts) = qwen_over_the_reference();
         let cpu = qwen_on_the_cpu(&config);
         let vocab = config.vocab_size;
-        let prompts: [Vec<u32>; 4] = [vec![3, 9, 27], vec![5, 5], vec![11, 2, 7, 1], vec![8]];
-        let unedited = |model_full: &[StepOutput], i: usize| -> Vec<f32> {
+        let prompts: [Vec<u32>; 5] = [
+            vec![3, 9, 27],
+            vec![5, 5],
+            vec![11, 2, 7, 1],
+            vec![8],
+            vec![6, 1],
+        ];
+        let unchanged = |model_full: &[StepOutput], i: usize| -> Vec<f32> {
             let StepOutput::Logits(row) = &model_full[i] else {
                 panic!("forward gives logits")
             };
             row.clone()
         };
-        // Each sequence's adjustments: the argmax's token biased away, so the pick moves.
         let full = {
-            let mut caches: Vec<SequenceCache> = (0..4).map(|_| device.new_cache()).collect();
+            let mut caches: Vec<SequenceCache> = (0..5).map(|_| device.new_cache()).collect();
             let rows = device.forward(&mut last_rows_of(&mut caches, &prompts), &experts);
             rows.unwrap()
                 .into_iter()
                 .map(StepOutput::Logits)
                 .collect::<Vec<_>>()
         };
+        // Each sequence's adjustments: the argmax's token biased away, so the pick moves.
         let edits: Vec<LogitEdits> = (0..3)
             .map(|i| {
-                let top = crate::backend::ops::argmax(&unedited(&full, i)) as u32;
+                let top = crate::backend::ops::argmax(&unchanged(&full, i)) as u32;
                 let adjust = LogitAdjustments {
                     logit_bias: vec![(top, -30.0)],
                     presence_penalty: 0.5,
@@ -946,56 +972,83 @@ mod tests {
                 LogitEdits::of(&adjust, &history, &[0, top + 1])
             })
             .collect();
+        // The second sequence's grammar allows one token in three (its best one not among
+        // them); the fourth's allows none.
+        let best = crate::backend::ops::argmax(&unchanged(&full, 1));
+        let allowed: Vec<bool> = (0..vocab).map(|i| i % 3 == 1 && i != best).collect();
+        let mask = TokenMask::from_allowed(&allowed);
         let race = crate::race::Race {
             temperature: 0.8,
             top_p: 0.9,
             key: crate::race::race_key(9, 2),
         };
-        let picks = [
-            Pick::Edited(&edits[0], EditedPick::Argmax),
-            Pick::Edited(&edits[1], EditedPick::RankedTopK(5)),
-            Pick::Edited(&edits[2], EditedPick::Race(race)),
-            Pick::Argmax,
-        ];
-        let edited = |full: &[StepOutput], i: usize| {
-            let mut row = unedited(full, i);
+        let changed = |full: &[StepOutput], i: usize| {
+            let mut row = unchanged(full, i);
+            if i == 1 {
+                mask.apply(&mut row);
+            }
             edits[i].apply(&mut row);
             row
         };
         let want = |full: &[StepOutput]| {
             vec![
-                StepOutput::Argmax(crate::backend::ops::argmax(&edited(full, 0)) as u32),
-                StepOutput::RankedTopK(crate::sampling::ranked_top_k(&edited(full, 1), 5)),
-                StepOutput::Drawn(race.draw(&edited(full, 2))),
-                StepOutput::Argmax(crate::backend::ops::argmax(&unedited(full, 3)) as u32),
+                StepOutput::Argmax(crate::backend::ops::argmax(&changed(full, 0)) as u32),
+                StepOutput::RankedTopK(crate::sampling::ranked_top_k(&changed(full, 1), 5)),
+                StepOutput::Drawn(race.draw(&changed(full, 2))),
+                StepOutput::Logits(unchanged(full, 3)),
+                StepOutput::Argmax(crate::backend::ops::argmax(&unchanged(full, 4)) as u32),
             ]
         };
+        // The GPU-shaped model's methods are its own; the CPU model's are DenseStep's.
         macro_rules! picked {
             ($model:expr) => {{
-                let mut caches: Vec<SequenceCache> = (0..4).map(|_| $model.new_cache()).collect();
+                let (late, empty) = (MaskSlot::new(), MaskSlot::new());
+                let changes = |mask, edits| RowChanges { mask, edits };
+                let picks = [
+                    Pick::Edited(changes(None, Some(&edits[0])), EditedPick::Argmax),
+                    Pick::Edited(
+                        changes(Some(&late), Some(&edits[1])),
+                        EditedPick::RankedTopK(5),
+                    ),
+                    Pick::Edited(changes(None, Some(&edits[2])), EditedPick::Race(race)),
+                    Pick::Edited(changes(Some(&empty), None), EditedPick::Argmax),
+                    Pick::Argmax,
+                ];
+                let mut caches: Vec<SequenceCache> = (0..5).map(|_| $model.new_cache()).collect();
                 let mut seqs = last_rows_of(&mut caches, &prompts);
-                $model.forward_picking(&mut seqs, &experts, &picks).unwrap()
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        std::thread::sleep(std::time::Duration::from_millis(30));
+                        late.fill(Some(mask.clone()));
+                        empty.fill(Some(TokenMask::from_allowed(&vec![false; vocab])));
+                    });
+                    $model.forward_picking(&mut seqs, &experts, &picks).unwrap()
+                })
             }};
         }
         let before = device.ops().downloaded();
-        let picked = picked!(device);
+        let on_device = picked!(device);
         let downloaded = device.ops().downloaded() - before;
-        assert_eq!(picked, want(&full));
-        let StepOutput::Argmax(first) = picked[0] else {
+        assert_eq!(on_device, want(&full));
+        let StepOutput::Argmax(first) = on_device[0] else {
             panic!("an argmax")
         };
         assert_ne!(
             first as usize,
-            crate::backend::ops::argmax(&unedited(&full, 0)),
+            crate::backend::ops::argmax(&unchanged(&full, 0)),
             "the edits move the pick"
         );
-        // An argmax id and a ranking of 5 (ids and logits) per row, one drawn id; no row.
-        let moe_rows = config.moe_layer_indices().count() * 10 * config.hidden_size;
-        assert_eq!(downloaded, 4 + 2 * 4 * 5 + 1 + moe_rows);
-        assert!(downloaded < moe_rows + vocab, "no logit row comes back");
+        let StepOutput::RankedTopK(ranked) = &on_device[1] else {
+            panic!("a ranking")
+        };
+        assert!(ranked.iter().all(|&(id, _)| allowed[id as usize]), "masked");
+        // An argmax id and a ranking of 5 (ids and logits) per row, one drawn id, and the
+        // row of the sequence whose mask allowed nothing.
+        let moe_rows = config.moe_layer_indices().count() * 12 * config.hidden_size;
+        assert_eq!(downloaded, 5 + 2 * 5 * 5 + 1 + vocab + moe_rows);
         // The CPU model picks the same way from its own logits.
         let cpu_full = {
-            let mut caches: Vec<SequenceCache> = (0..4).map(|_| cpu.new_cache()).collect();
+            let mut caches: Vec<SequenceCache> = (0..5).map(|_| cpu.new_cache()).collect();
             let rows = cpu.forward(&mut last_rows_of(&mut caches, &prompts), &experts);
             rows.unwrap()
                 .into_iter()

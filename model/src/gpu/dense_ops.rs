@@ -29,6 +29,7 @@ use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
 use crate::logit_adjust::{flatten_row_edits, RowEdits};
 use crate::race::RowRace;
+use crate::token_mask::RowMask;
 
 /// Threads of the attention kernel's blocks and the widest output it handles.
 const ATTENTION_THREADS: u32 = 128;
@@ -887,6 +888,48 @@ impl DenseOps for CudaDenseOps {
         Ok(host)
     }
 
+    fn mask_rows(
+        &self,
+        x: &mut CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        masks: &[RowMask<'_>],
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if x.len() < rows * width || masks.iter().any(|m| m.row as usize >= rows) {
+            return Err(shape_error("grammar masks"));
+        }
+        if masks.is_empty() || width == 0 {
+            return Ok(());
+        }
+        // Each mask's words, cut or padded with clear bits to the row.
+        let per_row = width.div_ceil(32);
+        let mut words = vec![0u32; masks.len() * per_row];
+        for (out, m) in words.chunks_exact_mut(per_row).zip(masks) {
+            let have = m.mask.words().len().min(per_row);
+            out[..have].copy_from_slice(&m.mask.words()[..have]);
+        }
+        let row_ids: Vec<u32> = masks.iter().map(|m| m.row).collect();
+        let stream = self.ctx.stream();
+        let (row_ids, words) = (stream.clone_htod(&row_ids)?, stream.clone_htod(&words)?);
+        let width_i = int(width, "width")?;
+        let (count, per_row_i) = (int(masks.len(), "masks")?, int(per_row, "mask words")?);
+        // SAFETY: every masked row is below `rows` (checked above), so the kernel writes
+        // within `x`; `words` holds `per_row` words (one bit per column) for each mask.
+        unsafe {
+            stream
+                .launch_builder(&self.ctx.kernels().mask_logit_rows)
+                .arg(x)
+                .arg(&width_i)
+                .arg(&count)
+                .arg(&row_ids)
+                .arg(&words)
+                .arg(&per_row_i)
+                .launch(row_grid(masks.len()))?;
+        }
+        Ok(())
+    }
+
     fn edit_rows(
         &self,
         x: &mut CudaSlice<f32>,
@@ -1428,6 +1471,41 @@ mod tests {
         assert_ne!(bits(&on_host), bits(&raced), "the edits change the rows");
         assert!(
             cuda.edit_rows(&mut on_gpu, 5, wide, &rows).is_err(),
+            "a row past the step"
+        );
+
+        // Grammar masks on two rows (one shorter than the row: the rest is not allowed),
+        // then the edits on one of them: bitwise the host's.
+        let allowed: Vec<bool> = (0..wide).map(|i| i % 7 == 3 || i == 999).collect();
+        let short: Vec<bool> = (0..40).map(|i| i % 2 == 0).collect();
+        let (long_mask, short_mask) = (
+            crate::token_mask::TokenMask::from_allowed(&allowed),
+            crate::token_mask::TokenMask::from_allowed(&short),
+        );
+        let masks = [
+            RowMask {
+                row: 1,
+                mask: &long_mask,
+            },
+            RowMask {
+                row: 4,
+                mask: &short_mask,
+            },
+        ];
+        let mut on_gpu = cuda.upload_f32(&raced).unwrap();
+        cuda.mask_rows(&mut on_gpu, 6, wide, &masks).unwrap();
+        cuda.edit_rows(&mut on_gpu, 6, wide, &rows[1..2]).unwrap();
+        let mut on_host = raced.clone();
+        host.mask_rows(&mut on_host, 6, wide, &masks).unwrap();
+        host.edit_rows(&mut on_host, 6, wide, &rows[1..2]).unwrap();
+        assert_eq!(bits(&down(&on_gpu)), bits(&on_host), "grammar masks");
+        let kept = on_host[4 * wide..5 * wide].iter().filter(|x| x.is_finite());
+        assert!(
+            kept.count() <= 20,
+            "the short mask allows 20 tokens at most"
+        );
+        assert!(
+            cuda.mask_rows(&mut on_gpu, 4, wide, &masks).is_err(),
             "a row past the step"
         );
 

@@ -254,6 +254,20 @@ __device__ double nucleus_mass(const float* row, int width, float max, double t,
     return total;
 }
 
+// A grammar's mask on the rows the device keeps (token_mask.rs, TokenMask::apply): a block per
+// masked row, its threads across the columns; `words` holds `words_per_row` words of bits per
+// masked row (bits past a mask are clear), and a token whose bit is clear becomes -inf.
+extern "C" __global__ void mask_logit_rows(float* x, int width, int masked, const unsigned int* rows,
+                                           const unsigned int* words, int words_per_row) {
+    ROW_STRIDE(m, masked) {
+        float* row = x + (long long)rows[m] * width;
+        const unsigned int* bits = words + m * words_per_row;
+        COLUMN_STRIDE(c, width) {
+            if (((bits[c >> 5] >> (c & 31)) & 1u) == 0u) row[c] = __int_as_float((int)0xff800000u);
+        }
+    }
+}
+
 // A request's logit adjustments (logit_adjust.rs, TokenEdit::apply) on the rows the device
 // keeps: a thread per edited logit, each (row, id) named once; `index` holds (row, id, flags)
 // and `values` (bias, penalty, repetition) per edit. Each step is one correctly rounded f32

@@ -47,10 +47,11 @@ pub struct Kernels {
     pub ranked_top_k_rows: CudaFunction,
     pub race_rows: CudaFunction,
     pub edit_logit_rows: CudaFunction,
+    pub mask_logit_rows: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 35] = [
+pub const KERNEL_NAMES: [&str; 36] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -86,6 +87,7 @@ pub const KERNEL_NAMES: [&str; 35] = [
     "ranked_top_k_rows",
     "race_rows",
     "edit_logit_rows",
+    "mask_logit_rows",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -152,6 +154,7 @@ impl Kernels {
             ranked_top_k_rows: f("ranked_top_k_rows")?,
             race_rows: f("race_rows")?,
             edit_logit_rows: f("edit_logit_rows")?,
+            mask_logit_rows: f("mask_logit_rows")?,
         })
     }
 }
