@@ -21,7 +21,7 @@
 #                              of its own (bound 560 s: 210 + 120 to load the router + 210).
 #
 # Checks, each bounded by a timeout (the bounds add up to 480 s; a normal run takes far less),
-# in order of priority:
+# in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
 #      fixtures, the FP8 and exact (`--deterministic`) GEMM kernels bitwise the CPU's, a
@@ -47,7 +47,9 @@
 #   6. (run after the `moe generate` checks of 3) `moe generate --in-process-nodes 2` on
 #      cuda:0: the experts behind two in-process nodes over the layer exchange, a layer's
 #      rows gathered per node and placed back on the device = the CPU's tokens; and the same
-#      served by `moe-router --in-process-nodes 2 --device cuda:0` (no etcd) over gRPC;
+#      served by `moe-router --in-process-nodes 2 --device cuda:0` (no etcd) over gRPC,
+#      greedy and with a presence penalty (the row edited on the device, only the pick
+#      downloaded);
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
@@ -217,7 +219,7 @@ check "device-resident exchange (--in-process-nodes 2): cuda:0 = cpu tokens" 25 
 
 served_in_process_same_tokens() {
   set -eo pipefail
-  local model=tests/fixtures/deepseek-v3-tiny out=/tmp/moe-in-process-router.out cpu gpu ids addr="" pid
+  local model=tests/fixtures/deepseek-v3-tiny out=/tmp/moe-in-process-router.out cpu gpu cpu_pen gpu_pen ids addr="" pid
   cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
   "$UNPACKED/moe-router" --model $model --device cuda:0 --gpu-dtype f32 --in-process-nodes 2 \
     --grpc-listen 127.0.0.1:0 >$out 2>/tmp/moe-in-process-router.log &
@@ -230,13 +232,21 @@ served_in_process_same_tokens() {
   done
   [ -n "$addr" ] || { tail -5 /tmp/moe-in-process-router.log; kill $pid 2>/dev/null; return 1; }
   gpu=$("$UNPACKED/moe" generate --router "$addr" --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1) || true
+  # Penalties: the router edits the row on the device and downloads only the pick.
+  local penalties=(--presence-penalty -0.8)
+  cpu_pen=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json "${penalties[@]}" | tail -1)
+  gpu_pen=$("$UNPACKED/moe" generate --router "$addr" --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json "${penalties[@]}" | tail -1) || true
   kill $pid 2>/dev/null; wait $pid 2>/dev/null || true
   echo "cpu: $cpu"
   echo "served by moe-router --in-process-nodes 2 on cuda:0: $gpu"
+  echo "cpu, penalties: $cpu_pen"
+  echo "served, penalties applied on the device: $gpu_pen"
   ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
-  [ -n "$gpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+  [ -n "$gpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ] &&
+    [ -n "$gpu_pen" ] && [ "$(echo "$cpu_pen" | python3 -c "$ids")" = "$(echo "$gpu_pen" | python3 -c "$ids")" ] &&
+    [ "$(echo "$cpu" | python3 -c "$ids")" != "$(echo "$cpu_pen" | python3 -c "$ids")" ]
 }
-check "moe-router --in-process-nodes 2 on cuda:0 serves the cpu tokens" 40 served_in_process_same_tokens
+check "moe-router --in-process-nodes 2 on cuda:0 serves the cpu tokens (greedy, penalties)" 40 served_in_process_same_tokens
 
 fp8_kept_same_tokens() {
   set -eo pipefail
@@ -309,3 +319,5 @@ fi
 echo
 echo "== summary${MOE_CUDA_EMULATOR:+ (EMULATED on the CPU: no GPU ran this)}"
 printf '%s\n' "${summary[@]}"
+# Non-zero when a check failed (the summary above says which).
+[[ "${summary[*]}" != *FAILED* ]]
