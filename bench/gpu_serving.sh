@@ -15,8 +15,8 @@
 # `bench/gpu_serving.sh deepseek-v3` instead serves DeepSeek-V3's real dimensions (hidden 7168,
 # MLA, 256 experts top-8, vocabulary 129,280, FP8 with 128x128 block scales) with V3_LAYERS
 # layers (default 8: the 3 dense ones and 5 MoE layers, 56 GB of FP8 experts, which fits an H100 too) from a synthetic
-# checkpoint (no weight files: each process generates them from the seed and uploads them
-# expert by expert), `--gpu-fp8 keep`, at batches 1, 8, 64 and 256: the offline engine, then
+# checkpoint (no weight files: each process generates them from the seed, the experts' FP8
+# codes by a kernel on the device), `--gpu-fp8 keep`, at batches 1, 8, 64 and 256: the offline engine, then
 # `moe-router --in-process-nodes 2` serving that many concurrent streams (router and experts in
 # one process on one GPU: the device-resident exchange; tok/s, TTFT and ITL p50/p99), drawing as
 # DeepSeek recommends (V3_SAMPLING, default `--temperature 0.6 --top-p 0.95`: a race among the

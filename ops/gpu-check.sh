@@ -36,7 +36,8 @@
 #      these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and
 #      on a generated FP8 checkpoint (the CPU holding FP8 panels, the GPU its f32 widening, and
-#      with `--gpu-fp8 keep` its routed experts and dense projections kept as FP8); so does
+#      with `--gpu-fp8 keep` its routed experts and dense projections kept as FP8, also from
+#      the same checkpoint as a synthetic one, the expert codes generated on the device); so does
 #      `--deterministic` (every GEMM through the exact kernels);
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
@@ -254,12 +255,19 @@ fp8_kept_same_tokens() {
   [ -d $model ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset tiny --dtype fp8 --out $model >/dev/null
   cpu=$("$UNPACKED/moe" generate --model $model --input-ids 1,5,7,9 --max-new-tokens 16 --ignore-eos --json | tail -1)
   gpu=$("$UNPACKED/moe" generate --model $model --input-ids 1,5,7,9 --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 --gpu-fp8 keep | tail -1)
+  # The same checkpoint as a synthetic one (no weight files): its expert codes generated on
+  # the device.
+  local synthetic=/tmp/moe-fp8-tiny-synthetic generated
+  [ -d $synthetic ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset tiny --dtype fp8 --synthetic --out $synthetic >/dev/null
+  generated=$("$UNPACKED/moe" generate --model $synthetic --input-ids 1,5,7,9 --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 --gpu-fp8 keep | tail -1)
   echo "cpu (FP8 panels): $cpu"
   echo "gpu (experts kept as FP8, gemm_rows_fp8): $gpu"
+  echo "gpu, synthetic checkpoint (expert codes generated on the device): $generated"
   ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
-  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ] &&
+    [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$generated" | python3 -c "$ids")" ]
 }
-check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens" 30 fp8_kept_same_tokens
+check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens (also generated on the device)" 30 fp8_kept_same_tokens
 check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture

@@ -43,11 +43,13 @@ impl ExpertDevice {
 }
 
 /// One expert's weights read for a GPU: widened to f32, or (`--gpu-fp8 keep`, on an FP8
-/// checkpoint held as stored) its FP8 matrices.
+/// checkpoint held as stored) its FP8 matrices, or (the same on a synthetic checkpoint) their
+/// keys and scales, the codes to be generated on the device.
 #[cfg(feature = "cuda")]
 enum GpuUpload {
     Wide([Vec<f32>; 3]),
     Fp8([crate::backend::weight::Fp8Matrix; 3]),
+    Generated([(u64, crate::backend::weight::Fp8Matrix); 3]),
 }
 
 #[cfg(feature = "cuda")]
@@ -65,6 +67,16 @@ impl GpuUpload {
         if !keep_fp8 {
             let [gate, up, down] = [0, 1, 2].map(|i| ckpt.load_f32(names[i], &shapes[i]));
             return Ok(Self::Wide([gate?, up?, down?]));
+        }
+        // A synthetic checkpoint's codes are generated on the device, never on the host.
+        if let [Some(gate), Some(up), Some(down)] = [
+            ckpt.generated_fp8(names[0], &shapes[0])?,
+            ckpt.generated_fp8(names[1], &shapes[1])?,
+            ckpt.generated_fp8(names[2], &shapes[2])?,
+        ] {
+            if gate.1.segment_starts == up.1.segment_starts {
+                return Ok(Self::Generated([gate, up, down]));
+            }
         }
         let [gate, up, down] = [0, 1, 2].map(|i| ckpt.load_native(names[i], &shapes[i]));
         Ok(match [gate?, up?, down?] {
@@ -85,6 +97,13 @@ impl GpuUpload {
         use crate::backend::NativeWeight;
         let [gate, up, down] = match self {
             Self::Wide(weights) => weights,
+            Self::Generated([(gk, gate), (uk, up), (dk, down)]) => {
+                let parts = [(gk, &gate), (uk, &up), (dk, &down)];
+                // `read` checked that gate and up share their column segments.
+                return crate::gpu::GpuMlp::generate_fp8(ctx, parts, hidden, inter)?.ok_or_else(
+                    || ModelError::InvalidRequest("synthetic FP8 gate and up apart".into()),
+                );
+            }
             Self::Fp8([gate, up, down]) => {
                 if let Some(mlp) =
                     crate::gpu::GpuMlp::upload_fp8(ctx, [&gate, &up, &down], hidden, inter)?

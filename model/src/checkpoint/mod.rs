@@ -336,6 +336,37 @@ impl Checkpoint {
         }
     }
 
+    /// An FP8 weight of a synthetic checkpoint, for a device that generates its codes where
+    /// they will lie (DeepSeek-V3's experts are 11 GB a layer): the key the codes are drawn
+    /// from ([`SyntheticWeights::fp8_codes_key`]) and the matrix's scales and segments, its
+    /// `values` left empty. `None` for weights in files, other tensors, or weights not held
+    /// as stored.
+    pub fn generated_fp8(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<(u64, backend::weight::Fp8Matrix)>> {
+        let TensorStore::Synthetic(weights) = &self.store else {
+            return Ok(None);
+        };
+        let shaped = weights.info(name).is_some_and(|i| i.shape == expected);
+        let key = weights.fp8_codes_key(name);
+        let (Some(key), true, WeightsDtype::AsStored, &[rows, cols]) =
+            (key, shaped, self.weights, expected)
+        else {
+            return Ok(None);
+        };
+        let scales = self.load_fp8_scales(name, rows, cols)?;
+        let matrix = backend::weight::Fp8Matrix::from_blocks(
+            Vec::new(),
+            rows,
+            cols,
+            &scales,
+            self.fp8_block,
+        );
+        Ok(Some((key, matrix)))
+    }
+
     /// An FP8 weight kept as FP8 with its `weight_scale_inv` blocks; NaN bytes (which no
     /// quantizer writes) are refused rather than carried into every product.
     fn load_fp8(

@@ -89,6 +89,15 @@ impl SyntheticWeights {
         self.index.get(name).map(|&i| &self.tensors[i].1.info)
     }
 
+    /// The key a tensor of FP8 codes is drawn from, for a device that generates them itself
+    /// (element `i` is byte `i % 8` of the hash of `(key, i / 8)`, made a code as
+    /// [`fill_fp8_codes`] makes it); `None` for any other tensor.
+    pub fn fp8_codes_key(&self, name: &str) -> Option<u64> {
+        let tensor = &self.tensors[*self.index.get(name)?].1;
+        (tensor.init == Init::Fp8Codes && tensor.info.dtype == Dtype::F8E4M3)
+            .then(|| tensor_key(self.seed, name))
+    }
+
     /// Tensors in layout order.
     pub fn tensors(&self) -> impl Iterator<Item = (&str, &SyntheticTensor)> {
         self.tensors.iter().map(|(n, t)| (n.as_str(), t))

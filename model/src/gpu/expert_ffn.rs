@@ -95,6 +95,38 @@ impl GpuMlp {
         }))
     }
 
+    /// One expert of a synthetic FP8 checkpoint (`--gpu-fp8 keep`), its codes generated on
+    /// the device from their keys (`(key, matrix)` as
+    /// [`crate::checkpoint::Checkpoint::generated_fp8`] gives them: scales, no codes), gate and
+    /// up stacked: what [`Self::upload_fp8`] uploads from the same checkpoint, bitwise.
+    /// `None` when gate and up do not share their column segments.
+    pub fn generate_fp8(
+        ctx: &GpuContext,
+        [gate, up, down]: [(u64, &Fp8Matrix); 3],
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Option<Self>, GpuError> {
+        let shapes_ok = gate.1.rows == intermediate
+            && up.1.rows == intermediate
+            && gate.1.cols == hidden
+            && down.1.rows == hidden
+            && down.1.cols == intermediate;
+        if !shapes_ok {
+            return Err(GpuError::Shape(format!(
+                "generated FP8 expert weights for hidden {hidden}, intermediate {intermediate}"
+            )));
+        }
+        if up.1.cols != gate.1.cols || up.1.segment_starts != gate.1.segment_starts {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            gate_up: GpuBuffer::Fp8(Box::new(DeviceFp8Matrix::generated(ctx, &[gate, up])?)),
+            down: GpuBuffer::Fp8(Box::new(DeviceFp8Matrix::generated(ctx, &[down])?)),
+            hidden,
+            intermediate,
+        }))
+    }
+
     /// Random weights generated on the device (benchmarks: no host copy of 22 GB).
     pub fn random(
         ctx: &GpuContext,

@@ -109,6 +109,69 @@ impl DeviceFp8Matrix {
         })
     }
 
+    /// `parts` of a synthetic checkpoint stacked row-wise (an expert's gate and up rows), each
+    /// `(key, matrix)` as [`crate::checkpoint::Checkpoint::generated_fp8`] gives it: the codes
+    /// generated here, bitwise the bytes the checkpoint would give, the scales uploaded. No
+    /// host copy of the codes is ever made.
+    pub fn generated(ctx: &GpuContext, parts: &[(u64, &Fp8Matrix)]) -> Result<Self, GpuError> {
+        let Some(&(_, first)) = parts.first() else {
+            return Err(GpuError::Shape("no FP8 matrix to generate".into()));
+        };
+        let k = first.cols;
+        let fits = parts.iter().all(|(_, p)| {
+            p.cols == k
+                && p.segment_starts == first.segment_starts
+                && p.scales.len() == p.rows * p.segments()
+        });
+        if !fits || first.segment_starts.first() != Some(&0) {
+            return Err(GpuError::Shape(
+                "generated FP8 parts of other columns or segments".into(),
+            ));
+        }
+        let n: usize = parts.iter().map(|(_, p)| p.rows).sum();
+        as_int(n, "FP8 rows")?;
+        as_int(k, "FP8 columns")?;
+        let starts = first
+            .segment_starts
+            .iter()
+            .map(|&s| as_int(s, "FP8 segment start"))
+            .collect::<Result<Vec<i32>, _>>()?;
+        let stream = ctx.stream();
+        // SAFETY: filled in full below, part after part.
+        let mut values = unsafe { stream.alloc::<u8>((n * k).max(1))? };
+        let mut row = 0;
+        for &(key, part) in parts {
+            let len = part.rows * k;
+            if len > 0 {
+                let mut slice = values.slice_mut(row * k..row * k + len);
+                let count = len as i64;
+                // SAFETY: the kernel writes exactly `count` bytes of this part's rows.
+                unsafe {
+                    stream
+                        .launch_builder(&ctx.kernels().synthetic_e4m3)
+                        .arg(&mut slice)
+                        .arg(&count)
+                        .arg(&key)
+                        .launch(super::kernels::grid(len))?;
+                }
+            }
+            row += part.rows;
+        }
+        let scales: Vec<f32> = parts
+            .iter()
+            .flat_map(|(_, p)| p.scales.iter().copied())
+            .collect();
+        Ok(Self {
+            values,
+            scales: stream.clone_htod(&scales)?,
+            segment_starts: stream.clone_htod(&starts)?,
+            host_starts: starts,
+            n,
+            k,
+            heads: 1,
+        })
+    }
+
     /// An `[n, k]` matrix of random finite e4m3 bytes with random scales per 128 x 128 block
     /// (benchmarks: DeepSeek-V3's 256 experts of a layer are 11 GB in FP8), filled on the
     /// device.
@@ -501,6 +564,69 @@ mod tests {
             let kernel = f32::from_bits(magnitude.to_bits() | sign);
             assert_eq!(kernel.to_bits(), e4m3_to_f32(b).to_bits(), "byte {b:#04x}");
         }
+    }
+
+    /// A synthetic checkpoint's FP8 weights generated on the device (two parts stacked, as an
+    /// expert's gate and up; partial 128-blocks both ways) are bitwise the bytes and scales the
+    /// checkpoint gives on the host, uploaded; only code tensors of a synthetic checkpoint are
+    /// generated.
+    #[test]
+    fn generated_fp8_weights_are_the_checkpoints_bytes() {
+        use crate::checkpoint::synthetic::{Init, SyntheticWeights};
+        use crate::checkpoint::{Checkpoint, Dtype};
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::F32) else {
+            return;
+        };
+        let (rows, cols) = (200, 300);
+        let mut specs = Vec::new();
+        for name in ["a.weight", "b.weight"] {
+            let codes = (
+                name.to_string(),
+                vec![rows, cols],
+                Dtype::F8E4M3,
+                Init::Fp8Codes,
+            );
+            let scales = Init::Fp8Scales {
+                gain: 1.0,
+                fan_in: cols,
+            };
+            let blocks = vec![rows.div_ceil(128), cols.div_ceil(128)];
+            specs.push(codes);
+            specs.push((format!("{name}_scale_inv"), blocks, Dtype::F32, scales));
+        }
+        let dir = std::path::Path::new("/nonexistent/synthetic-fp8");
+        let ckpt = Checkpoint::synthetic(dir, SyntheticWeights::new(5, specs));
+        let generated = |name: &str| ckpt.generated_fp8(name, &[rows, cols]).unwrap().unwrap();
+        let ((ka, a), (kb, b)) = (generated("a.weight"), generated("b.weight"));
+        assert!(
+            a.values.is_empty() && b.values.is_empty(),
+            "no codes on the host"
+        );
+        assert_ne!(ka, kb);
+        let on_device = DeviceFp8Matrix::generated(&ctx, &[(ka, &a), (kb, &b)]).unwrap();
+        let host = |name: &str| match ckpt.load_native(name, &[rows, cols]).unwrap() {
+            NativeWeight::Fp8(m) => m,
+            _ => panic!("an FP8 weight"),
+        };
+        let stacked = Fp8Matrix::stacked(&[&host("a.weight"), &host("b.weight")]).unwrap();
+        let uploaded = DeviceFp8Matrix::upload(&ctx, &stacked).unwrap();
+        let stream = ctx.stream();
+        let bytes = |m: &DeviceFp8Matrix| stream.clone_dtoh(&m.values).unwrap();
+        let scales = |m: &DeviceFp8Matrix| stream.clone_dtoh(&m.scales).unwrap();
+        assert_eq!(bytes(&on_device), bytes(&uploaded), "codes");
+        assert_eq!(scales(&on_device), scales(&uploaded), "scales");
+        assert_eq!(
+            (on_device.n, on_device.k, &on_device.host_starts),
+            (uploaded.n, uploaded.k, &uploaded.host_starts)
+        );
+        assert!(ckpt
+            .generated_fp8("a.weight_scale_inv", &[2, 3])
+            .unwrap()
+            .is_none());
+        assert!(ckpt
+            .generated_fp8("a.weight", &[cols, rows])
+            .unwrap()
+            .is_none());
     }
 
     #[test]

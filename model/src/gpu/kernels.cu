@@ -254,6 +254,18 @@ __device__ double nucleus_mass(const float* row, int width, float max, double t,
     return total;
 }
 
+// A synthetic checkpoint's FP8 codes generated where they will lie (checkpoint/synthetic.rs,
+// fill_fp8_codes): element i is byte i % 8 of the hash of (key, i / 8), its sign and mantissa
+// kept and its exponent made 2^-3..2^0 (never NaN, never subnormal).
+extern "C" __global__ void synthetic_e4m3(unsigned char* out, long long n, unsigned long long key) {
+    GRID_STRIDE(i, n) {
+        const unsigned long long bits =
+            race_mix64(key + (unsigned long long)(i >> 3) * 0x9e3779b97f4a7c15ULL);
+        const unsigned int b = (unsigned int)(bits >> (8 * (i & 7))) & 0xffu;
+        out[i] = (unsigned char)((b & 0x80u) | ((4u + ((b >> 3) & 3u)) << 3) | (b & 7u));
+    }
+}
+
 // A grammar's mask on the rows the device keeps (token_mask.rs, TokenMask::apply): a block per
 // masked row, its threads across the columns; `words` holds `words_per_row` words of bits per
 // masked row (bits past a mask are clear), and a token whose bit is clear becomes -inf.

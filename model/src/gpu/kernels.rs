@@ -48,10 +48,11 @@ pub struct Kernels {
     pub race_rows: CudaFunction,
     pub edit_logit_rows: CudaFunction,
     pub mask_logit_rows: CudaFunction,
+    pub synthetic_e4m3: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 36] = [
+pub const KERNEL_NAMES: [&str; 37] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -88,6 +89,7 @@ pub const KERNEL_NAMES: [&str; 36] = [
     "race_rows",
     "edit_logit_rows",
     "mask_logit_rows",
+    "synthetic_e4m3",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -155,6 +157,7 @@ impl Kernels {
             race_rows: f("race_rows")?,
             edit_logit_rows: f("edit_logit_rows")?,
             mask_logit_rows: f("mask_logit_rows")?,
+            synthetic_e4m3: f("synthetic_e4m3")?,
         })
     }
 }
