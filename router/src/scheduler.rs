@@ -819,12 +819,23 @@ fn row_read_elsewhere(s: &Sequence) -> bool {
     s.request.logprobs || s.request.top_logprobs > 0
 }
 
+/// Whether a feed's pick can be made where the dense part keeps its row ([`pick_of`]): it
+/// samples, nothing else reads the row, and its draw is one a device makes.
+fn picked_in_place(s: &Sequence, f: &Feed) -> bool {
+    let sampler = &s.sampler;
+    let device_draw = sampler.params().is_greedy()
+        || sampler.next_race().is_some()
+        || sampler
+            .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
+            .is_some();
+    f.samples && !row_read_elsewhere(s) && device_draw
+}
+
 /// Where a constrained feed's grammar mask will arrive while the step runs, so the dense
 /// part can mask the row it keeps ([`pick_of`]): a grammar's mask is a bit a token up, the
 /// row it saves four bytes a token down.
 fn mask_slot_of(s: &Sequence, f: &Feed) -> Option<MaskSlot> {
-    let wanted = f.samples && !row_read_elsewhere(s) && s.request.constraint.is_some();
-    wanted.then(MaskSlot::new)
+    (picked_in_place(s, f) && s.request.constraint.is_some()).then(MaskSlot::new)
 }
 
 /// The logit edits a feed's pick is made after ([`pick_of`]): its request's adjustments, when
@@ -832,7 +843,7 @@ fn mask_slot_of(s: &Sequence, f: &Feed) -> Option<MaskSlot> {
 /// penalty over a long prompt edits more logits than a device would download: the row is
 /// then picked from where the sampler reads it, which edits it itself).
 fn edits_of(s: &Sequence, f: &Feed, vocab: usize) -> Option<LogitEdits> {
-    if !f.samples || row_read_elsewhere(s) {
+    if !picked_in_place(s, f) {
         return None;
     }
     s.sampler
