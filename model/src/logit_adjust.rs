@@ -208,6 +208,22 @@ impl LogitEdits {
         }
     }
 
+    /// At most how many logits [`Self::of`] would edit, found without building the edits
+    /// (a caller that would not send more than some number of them asks this first).
+    pub fn bound(adjust: &LogitAdjustments, history: &TokenHistory, end_tokens: usize) -> usize {
+        let hidden = if history.generated_len < adjust.min_tokens {
+            end_tokens
+        } else {
+            0
+        };
+        let prompt = if adjust.repetition_penalty != 1.0 {
+            history.prompt.len()
+        } else {
+            0
+        };
+        hidden + adjust.logit_bias.len() + prompt + history.generated.len()
+    }
+
     /// How many logits the edits change.
     pub fn len(&self) -> usize {
         self.tokens.len()
@@ -419,6 +435,12 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "case {case}");
             assert!(edits.tokens.windows(2).all(|p| p[0].id < p[1].id));
+            let bound = LogitEdits::bound(&adjust, &history, end_tokens.len());
+            assert!(
+                edits.len() <= bound,
+                "case {case}: {} > {bound}",
+                edits.len()
+            );
 
             let rows = [RowEdits {
                 row: 3,

@@ -218,8 +218,16 @@ impl Sampler {
     /// (`None` when it asks for none): a device that applies them to the row it keeps picks
     /// what [`Self::sample`] picks from the whole row.
     pub fn logit_edits(&self) -> Option<LogitEdits> {
+        self.logit_edits_at_most(usize::MAX)
+    }
+
+    /// [`Self::logit_edits`] when they could be more than `max` is `None`, without building
+    /// them (a repetition penalty over a long prompt edits as many logits as it has tokens).
+    pub fn logit_edits_at_most(&self, max: usize) -> Option<LogitEdits> {
         let adjust = &self.params.adjust;
-        (!adjust.is_neutral()).then(|| LogitEdits::of(adjust, &self.history, &self.end_tokens))
+        let bound = LogitEdits::bound(adjust, &self.history, self.end_tokens.len());
+        (!adjust.is_neutral() && bound <= max)
+            .then(|| LogitEdits::of(adjust, &self.history, &self.end_tokens))
     }
 
     /// As [`Self::sample`], over the tokens `allowed` flags only (a grammar's mask; ids past

@@ -839,16 +839,15 @@ fn mask_slot_of(s: &Sequence, f: &Feed) -> Option<MaskSlot> {
 }
 
 /// The logit edits a feed's pick is made after ([`pick_of`]): its request's adjustments, when
-/// it has some and they are few enough to send instead of the row they change (a repetition
-/// penalty over a long prompt edits more logits than a device would download: the row is
-/// then picked from where the sampler reads it, which edits it itself).
+/// it has some and they are few enough to send instead of the row they change, as a bound
+/// found before building them says (a repetition penalty over a long prompt edits more logits
+/// than a device would download: the row is then picked from where the sampler reads it,
+/// which edits it itself).
 fn edits_of(s: &Sequence, f: &Feed, vocab: usize) -> Option<LogitEdits> {
     if !picked_in_place(s, f) {
         return None;
     }
-    s.sampler
-        .logit_edits()
-        .filter(|edits| edits.len() <= vocab / MAX_EDITS_PER_VOCAB)
+    s.sampler.logit_edits_at_most(vocab / MAX_EDITS_PER_VOCAB)
 }
 
 /// Edits of more than one logit in this many are not sent: each edit is 24 bytes up, the row
