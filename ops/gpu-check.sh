@@ -54,7 +54,7 @@
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
-# Benchmarks (`bench`; bounds add up to 395 s):
+# Benchmarks (`bench`; bounds add up to 415 s):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM; then the
 #      same with each pass's expert GEMMs in one grouped cuBLAS call (`--expert-gemm grouped`);
@@ -62,7 +62,10 @@
 #      gate/up pass, then apart from it to compare), and with bf16 experts through the exact
 #      kernels (`--deterministic`), with the weights' device memory;
 #   3. what `--deterministic` costs a whole model: `moe bench` at batch 1 and 32 on a
-#      generated small preset, with and without.
+#      generated small preset, with and without;
+#   4. what launching 500 small kernels one by one costs against replaying them as one
+#      captured CUDA graph (`moe gpu-bench --launches 500`: what graphs would save a decode
+#      step, none being captured yet).
 # Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
 # GPU: it needs a GPU per process).
 set -uo pipefail
@@ -317,6 +320,8 @@ if [ "$PART" = bench ]; then
   check "expert FFN, FP8, SiLU apart from the gate/up pass (moe gpu-bench --fp8 --fused-silu=false)" 60 gpu_bench gpu-bench-fp8-unfused --fp8 --fused-silu=false --lanes 4 --iters 5
   check "expert FFN, exact kernels (moe gpu-bench --deterministic)" 60 gpu_bench gpu-bench-exact --deterministic --lanes 4 --iters 5
   check "--deterministic: its cost (moe bench, $BENCH_PRESET preset, bf16x2)" 80 deterministic_cost
+  check "kernel launches one by one vs one CUDA graph (moe gpu-bench --launches 500)" 20 \
+    "$UNPACKED/moe" gpu-bench --launches 500 --iters 20
 fi
 
 if [ "$PART" = serving ]; then

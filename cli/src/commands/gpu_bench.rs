@@ -49,6 +49,11 @@ pub struct GpuBenchArgs {
     /// SiLU-and-multiply into it; `--fused-silu=false` runs the two apart, to compare.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub fused_silu: bool,
+    /// Instead of the expert FFN, what launching many small kernels costs one by one against
+    /// replaying them as one captured CUDA graph (`--launches N`: N element-wise kernels over
+    /// `--hidden` values, a decode step's typical kernel): what graphs would save a decode step.
+    #[arg(long)]
+    pub launches: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -70,6 +75,30 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
     let ExpertDevice::Gpu(ctx) = args.device.open_experts(args.gpu_dtype)? else {
         anyhow::bail!("{} did not open as a GPU", args.device)
     };
+    if let Some(kernels) = args.launches {
+        let figure =
+            moe_model::gpu::bench::launch_overhead(&ctx, kernels, args.hidden, args.iters)?;
+        if args.json {
+            let json = serde_json::json!({
+                "device": args.device.to_string(),
+                "name": ctx.name(),
+                "launches": figure,
+            });
+            println!("{json}");
+        } else {
+            println!(
+                "{} ({}): {} kernels over {} values: launched one by one {:.2} us a kernel, \
+                 replayed as one CUDA graph {:.2} us a kernel",
+                args.device,
+                ctx.name(),
+                figure.kernels,
+                figure.width,
+                figure.eager_us_per_kernel,
+                figure.graph_us_per_kernel
+            );
+        }
+        return Ok(());
+    }
     let shape = FfnShape {
         hidden: args.hidden,
         intermediate: args.intermediate,

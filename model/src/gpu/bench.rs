@@ -79,6 +79,77 @@ fn time_ms(
     Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
 }
 
+/// What launching a decode step's many small kernels costs, launched one by one against the
+/// same kernels captured once in a CUDA graph and replayed: what graphs would save a decode
+/// step (none is captured yet; docs/gpu.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchFigure {
+    /// Kernels in the sequence (each an element-wise add over `width` values, a decode step's
+    /// typical small kernel).
+    pub kernels: usize,
+    pub width: usize,
+    /// Wall time per kernel, the sequence launched kernel by kernel (then one synchronise).
+    pub eager_us_per_kernel: f64,
+    /// Wall time per kernel, the sequence replayed as one captured graph.
+    pub graph_us_per_kernel: f64,
+}
+
+/// [`LaunchFigure`] for `kernels` adds over `width` values, each way timed over `iters`
+/// sequences after one warm-up.
+pub fn launch_overhead(
+    ctx: &GpuContext,
+    kernels: usize,
+    width: usize,
+    iters: usize,
+) -> Result<LaunchFigure, GpuError> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::PushKernelArg;
+    let _serial = ctx.lock()?;
+    let stream = ctx.stream();
+    let width = width.max(1);
+    let mut acc = stream.alloc_zeros::<f32>(width)?;
+    let x = stream.clone_htod(&vec![1.0f32; width])?;
+    let n = width as i64;
+    let config = super::kernels::grid(width);
+    let sequence = |acc: &mut cudarc::driver::CudaSlice<f32>| -> Result<(), GpuError> {
+        for _ in 0..kernels {
+            // SAFETY: `acc` and `x` hold `width` values each.
+            unsafe {
+                stream
+                    .launch_builder(&ctx.kernels().add_f32)
+                    .arg(&mut *acc)
+                    .arg(&x)
+                    .arg(&n)
+                    .launch(config)?;
+            }
+        }
+        Ok(())
+    };
+    let per_kernel = |ms: f64| ms * 1e3 / kernels.max(1) as f64;
+    let eager = time_ms(ctx, iters, || sequence(&mut acc))?;
+    stream.synchronize()?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let captured = sequence(&mut acc);
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
+    captured?;
+    let graph = graph.ok_or_else(|| GpuError::Shape("the capture gave no graph".into()))?;
+    let replayed = time_ms(ctx, iters, || Ok(graph.launch()?))?;
+    // Each way ran its warm-up and `iters` sequences of adds of 1 (exact in f32 this far).
+    let want = (2 * (iters + 1) * kernels) as f32;
+    let got = stream.clone_dtoh(&acc.slice(..1))?[0];
+    if got != want {
+        return Err(GpuError::Shape(format!(
+            "the launches added {got}, not {want}: a sequence did not run"
+        )));
+    }
+    Ok(LaunchFigure {
+        kernels,
+        width,
+        eager_us_per_kernel: per_kernel(eager),
+        graph_us_per_kernel: per_kernel(replayed),
+    })
+}
+
 /// One `[m, k] x [k, n]` GEMM in the context's dtype with f32 output.
 pub fn dense_gemm(ctx: &GpuContext, size: usize, iters: usize) -> Result<GemmFigure, GpuError> {
     let _serial = ctx.lock()?;
@@ -254,6 +325,18 @@ mod tests {
         }
         assert!(routes.weights.iter().all(|&w| w == 0.125));
         assert_eq!(random_routes(100, &shape, 1), routes);
+    }
+
+    /// The launch-overhead figure: both ways run every kernel (checked inside), figures
+    /// positive.
+    #[test]
+    fn launch_overhead_runs_every_kernel_both_ways() {
+        let Some(ctx) = crate::test_support::test_context(crate::device::GpuDtype::F32) else {
+            return;
+        };
+        let figure = launch_overhead(&ctx, 40, 1000, 3).unwrap();
+        assert_eq!((figure.kernels, figure.width), (40, 1000));
+        assert!(figure.eager_us_per_kernel > 0.0 && figure.graph_us_per_kernel > 0.0);
     }
 
     #[test]
