@@ -314,7 +314,14 @@ pub extern "C" fn cuStreamWaitEvent(
     event: *mut c_void,
     _flags: c_uint,
 ) -> CUresult {
-    crate::graph::wait_event(stream, event).unwrap_or(CUDA_SUCCESS)
+    // SAFETY: an event handle made by cuEventCreate, or null.
+    let recorded = unsafe { event.cast::<Event>().as_ref() }.is_some_and(|e| {
+        e.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    });
+    crate::graph::wait_event(stream, event, recorded).unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]

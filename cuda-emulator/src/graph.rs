@@ -19,6 +19,8 @@ use crate::driver::{CUresult, CUDA_SUCCESS};
 pub const CUDA_ERROR_ILLEGAL_STATE: CUresult = 401;
 pub const CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
 pub const CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: CUresult = 901;
+/// A dependency on work outside the capture (a wait on an event recorded before it).
+pub const CUDA_ERROR_STREAM_CAPTURE_ISOLATION: CUresult = 905;
 
 /// One recorded operation.
 #[derive(Clone)]
@@ -116,8 +118,15 @@ pub(crate) fn record_event(stream: *mut c_void, event: *mut c_void) -> Option<CU
 }
 
 /// A wait of `stream` on `event`: refused (and the capture invalidated) when the event was
-/// recorded in another stream's capture; `None` when it may go ahead.
-pub(crate) fn wait_event(stream: *mut c_void, event: *mut c_void) -> Option<CUresult> {
+/// recorded in another stream's capture, or when a capturing stream waits on an event
+/// recorded outside its capture (`recorded_outside`: a GPU allows only the stream's own
+/// order to cross the capture's boundary, and fails such a wait with
+/// `CUDA_ERROR_STREAM_CAPTURE_ISOLATION`); `None` when it may go ahead.
+pub(crate) fn wait_event(
+    stream: *mut c_void,
+    event: *mut c_void,
+    recorded_outside: bool,
+) -> Option<CUresult> {
     let origin = {
         let events = CAPTURED_EVENTS.lock().unwrap_or_else(|e| e.into_inner());
         events
@@ -130,7 +139,12 @@ pub(crate) fn wait_event(stream: *mut c_void, event: *mut c_void) -> Option<CUre
             origin as *mut c_void,
             "another stream waiting on a captured event",
         ),
-        _ => None,
+        Some(_) => None,
+        None if recorded_outside => {
+            refuse(stream, "a wait on an event recorded outside the capture")
+                .map(|_| CUDA_ERROR_STREAM_CAPTURE_ISOLATION)
+        }
+        None => None,
     }
 }
 

@@ -218,6 +218,29 @@ mod tests {
             assert_eq!(cuStreamIsCapturing(stream, &mut status), 0);
             assert_eq!(status, 0);
             assert_eq!(cuStreamSynchronize(stream), 0);
+            // Waiting on an event recorded before the capture crosses its boundary: refused
+            // as on a GPU; one recorded inside the capture may be waited on there.
+            let mut event = std::ptr::null_mut();
+            assert_eq!(cuEventCreate(&mut event, 0), 0);
+            assert_eq!(cuEventRecord(event, stream), 0);
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(
+                cuStreamWaitEvent(stream, event, 0),
+                crate::graph::CUDA_ERROR_STREAM_CAPTURE_ISOLATION
+            );
+            let mut none = std::ptr::null_mut();
+            assert_eq!(
+                cuStreamEndCapture(stream, &mut none),
+                CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+            );
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(cuEventRecord(event, stream), 0);
+            assert_eq!(cuStreamWaitEvent(stream, event, 0), 0);
+            let mut joined = std::ptr::null_mut();
+            assert_eq!(cuStreamEndCapture(stream, &mut joined), 0);
+            assert!(!joined.is_null());
+            assert_eq!(cuGraphDestroy(joined), 0);
+            assert_eq!(cuEventDestroy_v2(event), 0);
             assert_eq!(cuGraphExecDestroy(exec), 0);
             assert_eq!(cuGraphDestroy(graph), 0);
             assert_eq!(cuStreamDestroy_v2(stream), 0);

@@ -102,7 +102,6 @@ pub fn launch_overhead(
     width: usize,
     iters: usize,
 ) -> Result<LaunchFigure, GpuError> {
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use cudarc::driver::PushKernelArg;
     let _serial = ctx.lock()?;
     let stream = ctx.stream();
@@ -127,12 +126,7 @@ pub fn launch_overhead(
     };
     let per_kernel = |ms: f64| ms * 1e3 / kernels.max(1) as f64;
     let eager = time_ms(ctx, iters, || sequence(&mut acc))?;
-    stream.synchronize()?;
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    let captured = sequence(&mut acc);
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
-    captured?;
-    let graph = graph.ok_or_else(|| GpuError::Shape("the capture gave no graph".into()))?;
+    let graph = ctx.capture_graph(|| sequence(&mut acc))?;
     let replayed = time_ms(ctx, iters, || Ok(graph.launch()?))?;
     // Each way ran its warm-up and `iters` sequences of adds of 1 (exact in f32 this far).
     let want = (2 * (iters + 1) * kernels) as f32;

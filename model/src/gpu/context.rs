@@ -210,6 +210,38 @@ impl GpuContext {
         &self.stream
     }
 
+    /// `work`'s launches on the main stream captured as one CUDA graph, not run (call it with
+    /// the context locked, as every launch is). cudarc's cross-stream event waits are off
+    /// meanwhile: a capturing stream may not wait on an event recorded before its capture
+    /// (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`), and work on one stream needs no event to keep
+    /// its order. Synchronises first, so nothing queued before is still pending.
+    pub fn capture_graph(
+        &self,
+        work: impl FnOnce() -> Result<(), GpuError>,
+    ) -> Result<cudarc::driver::CudaGraph, GpuError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = &self.stream;
+        stream.synchronize()?;
+        let cuda = stream.context();
+        let tracking = cuda.is_event_tracking();
+        // SAFETY: while tracking is off only this capture's work is queued, on one stream
+        // (its own order), after a synchronisation; tracking is restored before returning.
+        unsafe { cuda.disable_event_tracking() };
+        let worked = stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(GpuError::from)
+            .and_then(|()| {
+                let done = work();
+                let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+                done.and(graph.map_err(GpuError::from))
+            });
+        if tracking {
+            // SAFETY: as it was before the capture.
+            unsafe { cuda.enable_event_tracking() };
+        }
+        worked?.ok_or_else(|| GpuError::Shape("the capture gave no graph".into()))
+    }
+
     pub(crate) fn blas(&self) -> &CudaBlas {
         &self.blas
     }

@@ -239,26 +239,22 @@ mod tests {
         let mut acc = stream.clone_htod(&vec![0f32; n]).unwrap();
         let x = stream.clone_htod(&vec![1.5f32; n]).unwrap();
         let n_i = n as i64;
-        stream.synchronize().unwrap();
-        stream
-            .begin_capture(
-                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-            )
+        let graph = ctx
+            .capture_graph(|| {
+                for _ in 0..2 {
+                    // SAFETY: acc and x hold n values.
+                    unsafe {
+                        stream
+                            .launch_builder(&ctx.kernels().add_f32)
+                            .arg(&mut acc)
+                            .arg(&x)
+                            .arg(&n_i)
+                            .launch(grid(n))?;
+                    }
+                }
+                Ok(())
+            })
             .unwrap();
-        for _ in 0..2 {
-            // SAFETY: acc and x hold n values.
-            unsafe {
-                stream
-                    .launch_builder(&ctx.kernels().add_f32)
-                    .arg(&mut acc)
-                    .arg(&x)
-                    .arg(&n_i)
-                    .launch(grid(n))
-                    .unwrap();
-            }
-        }
-        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
-        let graph = stream.end_capture(flags).unwrap().expect("a graph");
         assert_eq!(
             stream.clone_dtoh(&acc).unwrap(),
             vec![0.0; n],
