@@ -135,20 +135,23 @@ fn main() {
     }
 
     // MLA attention over a 1024-token latent cache (rows of 256 floats, 1 MiB): one decode
-    // row's 16 heads scored against every cached row, then the weighted sum of the rows.
-    let name = "attention_scores_16x1024x256".to_string();
-    if wants(&name) {
-        let (heads, ctx, width) = (16usize, 1024usize, 256usize);
-        let queries = random(heads * width, &mut rng);
-        let cache = random(ctx * width, &mut rng);
-        let cache: Vec<&[f32]> = cache.chunks_exact(width).collect();
-        let mut scores = vec![0.0f32; heads * ctx];
-        let s = time(|| ops::dot_rows_many(&queries, width, &cache, 0, &mut scores));
-        results.push((name, s, 2.0 * (heads * ctx * width) as f64));
-        let name = "attention_values_16x1024x256".to_string();
-        let mut out = vec![0.0f32; heads * width];
-        let s = time(|| ops::weighted_sum_rows_many(&scores, &cache, 0, width, &mut out));
-        results.push((name, s, 2.0 * (heads * ctx * width) as f64));
+    // row's heads scored against every cached row, then the weighted sum of the rows; 16 heads
+    // (a batch's task), 8 and 4 (a batch-1 decode's task on 2 and 4 threads, `head_tasks`).
+    for heads in [16usize, 8, 4] {
+        let name = format!("attention_scores_{heads}x1024x256");
+        if wants(&name) {
+            let (ctx, width) = (1024usize, 256usize);
+            let queries = random(heads * width, &mut rng);
+            let cache = random(ctx * width, &mut rng);
+            let cache: Vec<&[f32]> = cache.chunks_exact(width).collect();
+            let mut scores = vec![0.0f32; heads * ctx];
+            let s = time(|| ops::dot_rows_many(&queries, width, &cache, 0, &mut scores));
+            results.push((name, s, 2.0 * (heads * ctx * width) as f64));
+            let name = format!("attention_values_{heads}x1024x256");
+            let mut out = vec![0.0f32; heads * width];
+            let s = time(|| ops::weighted_sum_rows_many(&scores, &cache, 0, width, &mut out));
+            results.push((name, s, 2.0 * (heads * ctx * width) as f64));
+        }
     }
 
     // Prefill shapes (compute-bound): a 4096-token step's dense projection, and one expert of

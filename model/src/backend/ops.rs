@@ -135,13 +135,31 @@ pub fn dot_rows_many(
     };
     assert!(rows.len() >= n && rows[..n].iter().all(|r| r.len() >= offset + width));
     #[cfg(target_arch = "x86_64")]
+    if count >= 2 && crate::backend::has_avx512() {
+        // SAFETY: as below; AVX-512F detected too.
+        unsafe { avx512::dot_rows_many(queries, width, count, rows, offset, n, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::backend::has_avx2_fma() {
         // SAFETY: the features were detected at run time; every row read lies in its slice (the
         // assert above) and every query in `queries`.
         unsafe { x86::dot_rows_many(queries, width, count, rows, offset, n, out) };
         return;
     }
-    for (j, row) in rows[..n].iter().enumerate() {
+    portable_dot_rows_many(queries, width, &rows[..n], offset, out);
+}
+
+/// [`dot_rows_many`] without vector kernels: the definition the kernels are tested against.
+fn portable_dot_rows_many(
+    queries: &[f32],
+    width: usize,
+    rows: &[&[f32]],
+    offset: usize,
+    out: &mut [f32],
+) {
+    let n = rows.len();
+    for (j, row) in rows.iter().enumerate() {
         let row = &row[offset..offset + width];
         for (i, q) in queries.chunks_exact(width).enumerate() {
             out[i * n + j] = dot_inline(q, row);
@@ -172,12 +190,31 @@ pub fn weighted_sum_rows_many(
     }
     assert!(rows.len() >= n && rows[..n].iter().all(|r| r.len() >= offset + width));
     #[cfg(target_arch = "x86_64")]
+    if crate::backend::has_avx512() {
+        // SAFETY: as below; AVX-512F detected too.
+        unsafe { avx512::weighted_sum_rows_many(weights, rows, offset, width, count, n, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::backend::has_avx2_fma() {
         // SAFETY: the features were detected at run time; every row read lies in its slice (the
         // assert above), every weight in `weights` and every output in `out`.
         unsafe { x86::weighted_sum_rows_many(weights, rows, offset, width, count, n, out) };
         return;
     }
+    portable_weighted_sum_rows_many(weights, &rows[..n], offset, width, out);
+}
+
+/// [`weighted_sum_rows_many`] without vector kernels: the definition the kernels are tested
+/// against.
+fn portable_weighted_sum_rows_many(
+    weights: &[f32],
+    rows: &[&[f32]],
+    offset: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    let n = rows.len();
     for (i, acc) in out.chunks_exact_mut(width).enumerate() {
         acc.fill(0.0);
         for (&w, row) in weights[i * n..(i + 1) * n].iter().zip(rows) {
@@ -217,6 +254,9 @@ fma_dispatch!(axpy(acc: &mut [f32], w: f32, x: &[f32]) -> () {
 });
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -225,7 +265,7 @@ mod x86 {
     /// registers, at half the speed).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn reduce(acc: __m256, tail: f32) -> f32 {
+    pub(super) unsafe fn reduce(acc: __m256, tail: f32) -> f32 {
         let halves = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let pairs = _mm_hadd_ps(halves, halves);
         let upper = _mm_movehdup_ps(pairs);
@@ -234,7 +274,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tail(a: *const f32, b: *const f32, from: usize, to: usize) -> f32 {
+    pub(super) unsafe fn tail(a: *const f32, b: *const f32, from: usize, to: usize) -> f32 {
         let mut tail = 0.0f32;
         for i in from..to {
             tail = (*a.add(i)).mul_add(*b.add(i), tail);
@@ -464,6 +504,76 @@ mod tests {
             accumulate_rows(&weights[i * n..(i + 1) * n], &rows, stride, offset, out);
         }
         assert_eq!(acc_one, acc_many, "weighted sums, width {width}");
+    }
+
+    /// Each vector form of the many-query kernels (AVX2, and AVX-512 where the CPU has it) is
+    /// the portable loop, bitwise, over every remainder: odd query counts (AVX-512 pairs them),
+    /// widths with 8- and 16-float tails, row counts off the 2-row and 8-row steps.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_vector_kernel_is_the_portable_loop_bitwise() {
+        if !crate::backend::has_avx2_fma() {
+            return;
+        }
+        let value = |i: usize| ((i * 7919) % 113) as f32 / 17.0 - 3.0;
+        for width in [1, 7, 8, 16, 19, 32, 37, 48, 256] {
+            for count in 1..=9 {
+                for n in [1, 2, 3, 8, 9, 17] {
+                    let (stride, offset) = (width + 5, 3);
+                    let rows: Vec<f32> = (0..n * stride).map(value).collect();
+                    let table: Vec<&[f32]> = rows.chunks_exact(stride).collect();
+                    let queries: Vec<f32> = (0..count * width).map(|i| value(i + 5)).collect();
+                    let weights: Vec<f32> = (0..count * n).map(|i| value(i + 11) / 50.0).collect();
+                    let mut want = vec![0.0f32; count * n];
+                    portable_dot_rows_many(&queries, width, &table, offset, &mut want);
+                    let mut want_sum = vec![0.0f32; count * width];
+                    portable_weighted_sum_rows_many(&weights, &table, offset, width, &mut want_sum);
+                    let case = format!("width {width}, {count} queries, {n} rows");
+                    let mut kernels: Vec<&str> = vec!["avx2"];
+                    if crate::backend::has_avx512() {
+                        kernels.push("avx512");
+                    }
+                    for kernel in kernels {
+                        let mut got = vec![f32::NAN; count * n];
+                        let mut got_sum = vec![f32::NAN; count * width];
+                        // SAFETY: the features were checked above; the slices have the sizes
+                        // the kernels read and write.
+                        unsafe {
+                            if kernel == "avx2" {
+                                x86::dot_rows_many(
+                                    &queries, width, count, &table, offset, n, &mut got,
+                                );
+                                x86::weighted_sum_rows_many(
+                                    &weights,
+                                    &table,
+                                    offset,
+                                    width,
+                                    count,
+                                    n,
+                                    &mut got_sum,
+                                );
+                            } else {
+                                avx512::dot_rows_many(
+                                    &queries, width, count, &table, offset, n, &mut got,
+                                );
+                                avx512::weighted_sum_rows_many(
+                                    &weights,
+                                    &table,
+                                    offset,
+                                    width,
+                                    count,
+                                    n,
+                                    &mut got_sum,
+                                );
+                            }
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{kernel} scores, {case}");
+                        assert_eq!(bits(&got_sum), bits(&want_sum), "{kernel} sums, {case}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
