@@ -261,3 +261,127 @@ impl DotBlock {
         }
     }
 }
+
+/// glibc's `expf` (2.27 on: the one `f32::exp` calls), 16 lanes at a time, operation for
+/// operation as its FMA build (the one x86-64 CPUs with FMA run) computes it: in f64, `x / ln2`
+/// times 32 split into an integer `k` and a remainder `r`, `2^(k/32)` from a 32-entry table,
+/// a cubic in `r`, one rounding to f32 at the end. So a softmax's exponentials are the scalar
+/// loop's, bit for bit (a test compares them over a sweep of every float's bit patterns).
+/// Lanes beyond glibc's fast path (`|x| >= 88`, infinities, NaNs) are left to the scalar call.
+mod glibc_expf {
+    /// `tab[i] = bits(2^(i/32)) - (i << 47)`.
+    pub(super) const TABLE: [u64; 32] = [
+        0x3ff0000000000000,
+        0x3fefd9b0d3158574,
+        0x3fefb5586cf9890f,
+        0x3fef9301d0125b51,
+        0x3fef72b83c7d517b,
+        0x3fef54873168b9aa,
+        0x3fef387a6e756238,
+        0x3fef1e9df51fdee1,
+        0x3fef06fe0a31b715,
+        0x3feef1a7373aa9cb,
+        0x3feedea64c123422,
+        0x3feece086061892d,
+        0x3feebfdad5362a27,
+        0x3feeb42b569d4f82,
+        0x3feeab07dd485429,
+        0x3feea47eb03a5585,
+        0x3feea09e667f3bcd,
+        0x3fee9f75e8ec5f74,
+        0x3feea11473eb0187,
+        0x3feea589994cce13,
+        0x3feeace5422aa0db,
+        0x3feeb737b0cdc5e5,
+        0x3feec49182a3f090,
+        0x3feed503b23e255d,
+        0x3feee89f995ad3ad,
+        0x3feeff76f2fb5e47,
+        0x3fef199bdd85529c,
+        0x3fef3720dcef9069,
+        0x3fef5818dcfba487,
+        0x3fef7c97337b9b5f,
+        0x3fefa4afa2a490da,
+        0x3fefd0765b6e4540,
+    ];
+    /// `32 / ln 2` (0x1.71547652b82fep+5).
+    pub(super) const INV_LN2_N: u64 = 0x40471547652b82fe;
+    /// 0x1.8p+52: adding it rounds to an integer, which lands in the low mantissa bits.
+    pub(super) const SHIFT: u64 = 0x4338000000000000;
+    /// The cubic's coefficients, for `r` scaled by 32: C0 r^3 + C1 r^2 + C2 r + 1.
+    pub(super) const C0: u64 = 0x3ebc6af84b912394;
+    pub(super) const C1: u64 = 0x3f2ebfce50fac4f3;
+    pub(super) const C2: u64 = 0x3f962e42ff0c52d6;
+    /// `top12(88.0)`, less one: the fast path takes `(bits >> 20) & 0x7ff` up to this.
+    pub(super) const FAST_ABSTOP_MAX: i32 = 0x42a;
+}
+
+/// Eight `expf`s of `x` in glibc's fast path.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn expf8(x: __m256) -> __m256 {
+    use glibc_expf::*;
+    let table = |at: usize| _mm512_loadu_si512(TABLE.as_ptr().add(at).cast());
+    let pd = |bits: u64| _mm512_set1_pd(f64::from_bits(bits));
+    let (inv, shift) = (pd(INV_LN2_N), pd(SHIFT));
+    let xd = _mm512_cvtps_pd(x);
+    // k = round(x * 32 / ln2), exactly as glibc: the product fused with the shift's add.
+    let shifted = _mm512_fmadd_pd(inv, xd, shift);
+    let ki = _mm512_castpd_si512(shifted);
+    let kd = _mm512_sub_pd(shifted, shift);
+    let r = _mm512_fmsub_pd(inv, xd, kd);
+    // s = 2^(k/32): the table's entry for k mod 32, k / 32 added to its exponent.
+    let index = _mm512_and_si512(ki, _mm512_set1_epi64(31));
+    let low = _mm512_permutex2var_epi64(table(0), index, table(8));
+    let high = _mm512_permutex2var_epi64(table(16), index, table(24));
+    let upper = _mm512_test_epi64_mask(index, _mm512_set1_epi64(16));
+    let t = _mm512_mask_blend_epi64(upper, low, high);
+    let s = _mm512_castsi512_pd(_mm512_add_epi64(t, _mm512_slli_epi64::<47>(ki)));
+    let z = _mm512_fmadd_pd(r, pd(C0), pd(C1));
+    let r2 = _mm512_mul_pd(r, r);
+    let y = _mm512_fmadd_pd(r, pd(C2), _mm512_set1_pd(1.0));
+    let y = _mm512_fmadd_pd(z, r2, y);
+    _mm512_cvtpd_ps(_mm512_mul_pd(y, s))
+}
+
+/// `x[i] = (x[i] - max).exp()` for every i, bitwise (see [`glibc_expf`]).
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA present.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(super) unsafe fn exp_minus_max(x: &mut [f32], max: f32) {
+    let m = _mm512_set1_ps(max);
+    let mut i = 0;
+    while i < x.len() {
+        let lanes_here = lanes((x.len() - i).min(16));
+        let p = x.as_mut_ptr().add(i);
+        let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes_here, p), m);
+        let abstop = _mm512_and_si512(
+            _mm512_srli_epi32::<20>(_mm512_castps_si512(d)),
+            _mm512_set1_epi32(0x7ff),
+        );
+        let slow = lanes_here
+            & _mm512_cmpgt_epi32_mask(abstop, _mm512_set1_epi32(glibc_expf::FAST_ABSTOP_MAX));
+        let low = expf8(_mm512_castps512_ps256(d));
+        let high = expf8(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(d),
+        )));
+        let both = _mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(low)),
+            _mm256_castps_pd(high),
+        );
+        if slow != 0 {
+            let mut differences = [0.0f32; 16];
+            _mm512_storeu_ps(differences.as_mut_ptr(), d);
+            _mm512_mask_storeu_ps(p, lanes_here & !slow, _mm512_castpd_ps(both));
+            for (l, difference) in differences.iter().enumerate() {
+                if slow & (1 << l) != 0 {
+                    *p.add(l) = difference.exp();
+                }
+            }
+        } else {
+            _mm512_mask_storeu_ps(p, lanes_here, _mm512_castpd_ps(both));
+        }
+        i += 16;
+    }
+}
