@@ -533,14 +533,25 @@ impl PackedMatrix {
                 scales_stride: scaled.map_or(0, |s| s.segment_starts.len() * NR),
             };
             if E::FP8 && rows > MR {
-                debug_assert_eq!(panels_here.count, 1, "several row tiles take one panel");
                 // Several row tiles share this K block: widen it once into L1 (the same f32
-                // values each tile would compute) and run them over f32.
+                // values each tile would compute) and run them over f32, the panels' blocks
+                // side by side.
                 WIDENED.with(|widened| {
                     let mut widened = widened.borrow_mut();
-                    widen_fp8_block(block.cast::<E4m3>(), scales, kb.kc, &mut widened);
+                    let count = panels_here.count;
+                    debug_assert!(widened.len() >= count * KC * NR, "a tile's panels fit");
+                    for (j, out) in widened.chunks_exact_mut(KC * NR).take(count).enumerate() {
+                        let panel_block = block.add(j * block_rows.panel_stride).cast::<E4m3>();
+                        let panel_scales = scales.add(j * block_rows.scales_stride);
+                        widen_fp8_block(panel_block, panel_scales, kb.kc, out);
+                    }
                     let null = std::ptr::null();
-                    self.row_tiles(widened.as_ptr(), null, &block_rows, a, first, rows, p, c);
+                    let widened_rows = BlockRows {
+                        panel_stride: KC * NR,
+                        scales_stride: 0,
+                        ..block_rows
+                    };
+                    self.row_tiles(widened.as_ptr(), null, &widened_rows, a, first, rows, p, c);
                 });
             } else {
                 self.row_tiles(block, scales, &block_rows, a, first, rows, p, c);
@@ -609,21 +620,32 @@ struct PanelRange {
     count: usize,
 }
 
+/// The most panels [`panels_per_tile`] puts in one tile.
+const MAX_TILE_PANELS: usize = 4;
+
 /// Panels side by side in one register tile for a row block of `rows` rows: a tile needs
 /// about four independent multiply-add chains to hide the FMA's latency, and one or two rows
 /// over one panel have one or two (a batch-1 decode's FP8 tile ran at one k-row per FMA
 /// latency, ~4 cycles, until it took four panels at once).
+///
+/// On AVX-512 a panel row is one zmm, so a 6-row tile over one panel has six chains and takes
+/// seven loads (the panel row, six broadcasts) for six FMAs; over two panels it has twelve
+/// chains and eight loads for twelve FMAs. AVX2 spends two ymm per panel row and has its
+/// twelve chains with one panel.
 fn panels_per_tile(rows: usize) -> usize {
     match rows {
         1 => 4,
         2 => 2,
+        _ if super::has_avx512() => 2,
         _ => 1,
     }
 }
 
 thread_local! {
-    /// One K block of an FP8 panel widened to f32 (`KC x NR`, 16 KiB: stays in L1).
-    static WIDENED: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0.0; KC * NR]);
+    /// One K block of each FP8 panel of a tile widened to f32 (`KC x NR` each, 16 KiB: two
+    /// stay in L1).
+    static WIDENED: std::cell::RefCell<Vec<f32>> =
+        std::cell::RefCell::new(vec![0.0; MAX_TILE_PANELS * KC * NR]);
 }
 
 /// Widens `kc` k-rows of an FP8 panel into `out`, each value `f32(e4m3) * scale` of its
@@ -925,6 +947,10 @@ unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
             ($isa:ident) => {
                 match (mr, t.panels) {
                     (6, 1) => return $isa::tile::<6, 1, E>(t),
+                    (6, 2) => return $isa::tile::<6, 2, E>(t),
+                    (5, 2) => return $isa::tile::<5, 2, E>(t),
+                    (4, 2) => return $isa::tile::<4, 2, E>(t),
+                    (3, 2) => return $isa::tile::<3, 2, E>(t),
                     (5, 1) => return $isa::tile::<5, 1, E>(t),
                     (4, 1) => return $isa::tile::<4, 1, E>(t),
                     (3, 1) => return $isa::tile::<3, 1, E>(t),
@@ -943,6 +969,13 @@ unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
         } else if super::has_avx2_fma() {
             dispatch!(avx2);
         }
+        // Every shape `panels_per_tile` makes has an arm above: the portable tile gives the
+        // same values at a tenth of the speed, so a missing arm would only show as slowness.
+        debug_assert!(
+            !super::has_avx2_fma(),
+            "no SIMD tile for {mr} rows over {} panels",
+            t.panels
+        );
     }
     for j in 0..t.panels {
         portable_tile(mr, &t.panel(j));
