@@ -20,7 +20,7 @@
 #                              (tok/s, TTFT, ITL p50/p99), beside the bandwidth bound; a run
 #                              of its own (bound 560 s: 210 + 120 to load the router + 210).
 #
-# Checks, each bounded by a timeout (the bounds add up to 480 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 535 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -31,7 +31,8 @@
 #      the KV cache, norms, gate, shared experts, lm_head; routed experts, given the dense
 #      part's rows in place): f32 and bf16x2 (the default: bf16 weights, activations as two
 #      bf16 terms) within 2e-3, the FP8 fixture among them (its weights widened to f32 on the
-#      device in both). Plain bf16 is not run against the goldens: its host emulation
+#      device in both), and bf16x2 again with the decode steps as CUDA graphs
+#      (`--cuda-graphs`). Plain bf16 is not run against the goldens: its host emulation
 #      (tests/golden.rs, bf16_device_numerics) already shows it moving logits by up to 6.6 on
 #      these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and
@@ -47,25 +48,27 @@
 #      run from host rows;
 #   6. (run after the `moe generate` checks of 3) `moe generate --in-process-nodes 2` on
 #      cuda:0: the experts behind two in-process nodes over the layer exchange, a layer's
-#      rows gathered per node and placed back on the device = the CPU's tokens; and the same
+#      rows gathered per node and placed back on the device = the CPU's tokens (with and
+#      without `--cuda-graphs`); and the same
 #      served by `moe-router --in-process-nodes 2 --device cuda:0` (no etcd) over gRPC,
 #      greedy and with a presence penalty (the row edited on the device, only the pick
 #      downloaded);
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
-# Benchmarks (`bench`; bounds add up to 415 s):
+# Benchmarks (`bench`; bounds add up to 495 s):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM; then the
 #      same with each pass's expert GEMMs in one grouped cuBLAS call (`--expert-gemm grouped`);
 #   2. the same with the experts kept as FP8 (the grouped FP8 kernel, SiLU fused into the
 #      gate/up pass, then apart from it to compare), and with bf16 experts through the exact
 #      kernels (`--deterministic`), with the weights' device memory;
-#   3. what `--deterministic` costs a whole model: `moe bench` at batch 1 and 32 on a
+#   3. what `--deterministic` costs a whole model: `moe bench` at batch 1, 8 and 32 on a
 #      generated small preset, with and without;
 #   4. what launching 500 small kernels one by one costs against replaying them as one
-#      captured CUDA graph (`moe gpu-bench --launches 500`: what graphs would save a decode
-#      step, none being captured yet).
+#      captured CUDA graph (`moe gpu-bench --launches 500`);
+#   5. what `--cuda-graphs` gains a whole model's decode steps: `moe bench` at batch 1, 8
+#      and 32 on the generated small preset, with and without.
 # Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
 # GPU: it needs a GPU per process).
 set -uo pipefail
@@ -170,6 +173,7 @@ if [ "$PART" = checks ]; then
 check "device unit tests (cuda feature)" 45 env MOE_REQUIRE_GPU=1 "$UNPACKED/model-lib" device gpu routes --nocapture
 check "golden tests, whole model on cuda:0, f32 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, bf16x2, decode steps as CUDA graphs (--cuda-graphs)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_TEST_CUDA_GRAPHS=1 "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail
@@ -211,15 +215,18 @@ check "FP8 checkpoint: cuda:0 f32 = cpu FP8 panels, tokens" 30 fp8_same_tokens
 
 in_process_same_tokens() {
   set -eo pipefail
-  local model=tests/fixtures/deepseek-v3-tiny cpu gpu ids
+  local model=tests/fixtures/deepseek-v3-tiny cpu gpu graphs ids
   cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
   gpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 --in-process-nodes 2 | tail -1)
+  graphs=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype f32 --in-process-nodes 2 --cuda-graphs | tail -1)
   echo "cpu: $cpu"
   echo "gpu (experts behind 2 in-process nodes, rows gathered and placed on the device): $gpu"
+  echo "the same, decode steps as CUDA graphs: $graphs"
   ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
-  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ] &&
+    [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$graphs" | python3 -c "$ids")" ]
 }
-check "device-resident exchange (--in-process-nodes 2): cuda:0 = cpu tokens" 25 in_process_same_tokens
+check "device-resident exchange (--in-process-nodes 2, with and without --cuda-graphs): cuda:0 = cpu tokens" 25 in_process_same_tokens
 
 served_in_process_same_tokens() {
   set -eo pipefail
@@ -293,13 +300,13 @@ for f in r["expert_ffn"]:
     print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
 EOF
 }
-deterministic_cost() {
+with_and_without() { # a switch of moe bench: the small preset at batch 1, 8 and 32, off then on
   set -eo pipefail
   local model=/tmp/moe-$BENCH_PRESET-bf16
   [ -d $model ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset $BENCH_PRESET --dtype bf16 --out $model >/dev/null
-  for det in false true; do
-    echo "--deterministic=$det"
-    "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,32 --prompt-len 64 --gen 16 --deterministic=$det
+  for on in false true; do
+    echo "--$1=$on"
+    "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,8,32 --prompt-len 64 --gen 32 "--$1=$on"
   done
 }
 
@@ -319,9 +326,10 @@ if [ "$PART" = bench ]; then
   check "expert FFN, experts kept as FP8 (moe gpu-bench --fp8)" 60 gpu_bench gpu-bench-fp8 --fp8 --lanes 4 --iters 5
   check "expert FFN, FP8, SiLU apart from the gate/up pass (moe gpu-bench --fp8 --fused-silu=false)" 60 gpu_bench gpu-bench-fp8-unfused --fp8 --fused-silu=false --lanes 4 --iters 5
   check "expert FFN, exact kernels (moe gpu-bench --deterministic)" 60 gpu_bench gpu-bench-exact --deterministic --lanes 4 --iters 5
-  check "--deterministic: its cost (moe bench, $BENCH_PRESET preset, bf16x2)" 80 deterministic_cost
+  check "--deterministic: its cost (moe bench, $BENCH_PRESET preset, bf16x2)" 80 with_and_without deterministic
   check "kernel launches one by one vs one CUDA graph (moe gpu-bench --launches 500)" 20 \
     "$UNPACKED/moe" gpu-bench --launches 500 --iters 20
+  check "decode steps as CUDA graphs: their gain (moe bench --cuda-graphs, $BENCH_PRESET preset, bf16x2)" 80 with_and_without cuda-graphs
 fi
 
 if [ "$PART" = serving ]; then

@@ -6,6 +6,7 @@
 //! shared experts, lm_head) and the routed experts (`ops/gpu-check.sh`): within 2e-3 with
 //! `MOE_TEST_GPU_DTYPE=f32` or `bf16x2` (the default), within 2e-2 with plain `bf16` (which
 //! the host emulation in `bf16_device_numerics` predicts it does not meet on these fixtures).
+//! `MOE_TEST_CUDA_GRAPHS=1` runs the GPU's decode steps as CUDA graphs (`--cuda-graphs`).
 
 use moe_model::device::{Device, GpuDtype};
 use moe_model::experts::ExpertDevice;
@@ -30,6 +31,9 @@ fn target() -> Target {
         .unwrap_or_else(|_| "bf16x2".into())
         .parse()
         .expect("MOE_TEST_GPU_DTYPE is bf16x2, bf16 or f32");
+    if std::env::var("MOE_TEST_CUDA_GRAPHS").is_ok_and(|v| v == "1") {
+        moe_model::device::set_process_gpu_cuda_graphs(true);
+    }
     let experts_on = device
         .open_experts(dtype)
         .unwrap_or_else(|e| panic!("MOE_TEST_DEVICE={device}: {e}"));

@@ -131,6 +131,20 @@ pub struct DeviceArgs {
         default_missing_value = "true"
     )]
     pub deterministic: bool,
+    /// On a GPU, run the dense part's decode steps as CUDA graphs: each stretch of a step
+    /// between two reads by the host (a MoE layer's routes) captured once per batch size and
+    /// replayed, instead of launching every kernel anew (the same results: the same launches
+    /// on the same buffers). Off by default until `ops/gpu-check.sh` has run it on a GPU;
+    /// `--cuda-graphs` (or `=true`) to turn it on.
+    #[arg(
+        long,
+        env = "MOE_CUDA_GRAPHS",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub cuda_graphs: bool,
     /// How a GPU runs a MoE layer's expert GEMMs (bf16 and f32 experts; FP8 kept as FP8 and
     /// `--deterministic` use their own kernels): `lanes` (one cuBLAS GEMM per expert, spread
     /// over streams) or `grouped` (all experts of a pass in one `cublasGemmGroupedBatchedEx`
@@ -147,6 +161,7 @@ impl DeviceArgs {
         moe_model::checkpoint::set_process_weights_dtype(self.weights_dtype);
         moe_model::device::set_process_gpu_fp8(self.gpu_fp8);
         moe_model::device::set_process_gpu_deterministic(self.deterministic);
+        moe_model::device::set_process_gpu_cuda_graphs(self.cuda_graphs);
         moe_model::device::set_process_gpu_expert_gemm(self.gpu_expert_gemm);
         self.device.open_experts(self.gpu_dtype)
     }
@@ -155,8 +170,16 @@ impl DeviceArgs {
     pub fn describe(&self) -> String {
         match self.device {
             moe_model::device::Device::Cpu => "cpu".into(),
-            gpu if self.deterministic => format!("{gpu} ({}, deterministic)", self.gpu_dtype),
-            gpu => format!("{gpu} ({})", self.gpu_dtype),
+            gpu => {
+                let mut modes = vec![self.gpu_dtype.to_string()];
+                if self.deterministic {
+                    modes.push("deterministic".into());
+                }
+                if self.cuda_graphs {
+                    modes.push("CUDA graphs".into());
+                }
+                format!("{gpu} ({})", modes.join(", "))
+            }
         }
     }
 }

@@ -161,8 +161,9 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
             41 => 1,        // unified addressing
             75 => COMPUTE_CAPABILITY.0,
             76 => COMPUTE_CAPABILITY.1,
-            // Memory pools: none, so cudarc allocates with cuMemAlloc.
-            115 => 0,
+            // Memory pools: cudarc then allocates and frees in stream order (cuMemAllocAsync),
+            // as on a GPU, and a capture may allocate (its graph's memory nodes).
+            115 => 1,
             _ => 0,
         },
     )
@@ -439,16 +440,51 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
     }
 }
 
+/// The device's default memory pool: one handle, as there is one emulated device. Its
+/// attributes are accepted and ignored (memory goes back to the host when freed).
+static DEFAULT_POOL: u8 = 0;
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(
+    pool: *mut *mut c_void,
+    _device: CUdevice,
+) -> CUresult {
+    if pool.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    *pool = (&DEFAULT_POOL as *const u8).cast_mut().cast();
+    CUDA_SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemPoolSetAttribute(
+    pool: *mut c_void,
+    _attribute: c_uint,
+    value: *mut c_void,
+) -> CUresult {
+    if pool != (&DEFAULT_POOL as *const u8).cast_mut().cast() || value.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    CUDA_SUCCESS
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocAsync(
     ptr: *mut CUdeviceptr,
     bytes: usize,
     stream: *mut c_void,
 ) -> CUresult {
-    if let Some(refused) = crate::graph::refuse(stream, "an allocation") {
-        return refused;
+    if ptr.is_null() || bytes == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
     }
-    cuMemAlloc_v2(ptr, bytes)
+    match crate::graph::allocate(stream, bytes) {
+        Some(Ok(address)) => {
+            *ptr = address as CUdeviceptr;
+            CUDA_SUCCESS
+        }
+        Some(Err(status)) => status,
+        None => cuMemAlloc_v2(ptr, bytes),
+    }
 }
 
 #[no_mangle]
@@ -463,8 +499,8 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
 
 #[no_mangle]
 pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, stream: *mut c_void) -> CUresult {
-    if let Some(refused) = crate::graph::refuse(stream, "a free") {
-        return refused;
+    if let Some(status) = crate::graph::free(stream, ptr as usize) {
+        return status;
     }
     cuMemFree_v2(ptr)
 }

@@ -6,10 +6,16 @@
 //! refuses in a capture invalidates it here too, with the GPU's error: synchronising or
 //! querying the capturing stream, copies to or from pageable host memory (and, since the
 //! emulator cannot tell pinned memory from pageable, every host copy: stricter than a GPU).
-//! Events may be recorded and waited on within the capturing stream. Not emulated (refused
-//! the same way, so a capture that needs them fails instead of running wrongly): other streams
-//! joining the capture through its events, allocations and frees inside the capture, host
-//! functions, NCCL and grouped GEMMs in a capture, and a graph launched into a capture.
+//! Events may be recorded and waited on within the capturing stream. Stream-ordered
+//! allocations inside a capture are the graph's memory nodes: made when captured, at an
+//! address every launch reuses, and held by the graph until it is destroyed; a free inside the
+//! capture of memory the capture allocated is its free node. Stricter than a GPU: every such
+//! allocation must be freed inside the capture (one that escapes it would block the graph's
+//! next launch on a GPU until freed outside; here it invalidates the capture), and a free
+//! inside a capture of memory allocated outside it is refused. Not emulated (refused the same
+//! way, so a capture that needs them fails instead of running wrongly): other streams joining
+//! the capture through its events, host functions, NCCL and grouped GEMMs in a capture, and a
+//! graph launched into a capture.
 
 use std::ffi::{c_uint, c_void};
 use std::sync::Mutex;
@@ -60,8 +66,38 @@ pub(crate) enum Op {
 unsafe impl Send for Op {}
 
 enum Capture {
-    Active(Vec<Op>),
-    Invalidated,
+    Active {
+        ops: Vec<Op>,
+        memory: CapturedMemory,
+    },
+    /// Its allocations are released when the capture ends.
+    Invalidated(CapturedMemory),
+}
+
+/// The allocations a capture made (its graph's memory nodes), and which of them it freed.
+#[derive(Default)]
+struct CapturedMemory {
+    allocations: Vec<usize>,
+    freed: Vec<usize>,
+}
+
+impl CapturedMemory {
+    fn release(self) {
+        for address in self.allocations {
+            crate::memory::free(address);
+        }
+    }
+}
+
+/// A graph's memory: released when the graph and every instance of it are destroyed.
+struct GraphMemory(Vec<usize>);
+
+impl Drop for GraphMemory {
+    fn drop(&mut self) {
+        for &address in &self.0 {
+            crate::memory::free(address);
+        }
+    }
 }
 
 /// Streams now capturing, by address.
@@ -77,12 +113,46 @@ pub(crate) fn record(stream: *mut c_void, op: impl FnOnce() -> Op) -> Option<CUr
     let mut all = captures();
     let (_, capture) = all.iter_mut().find(|(s, _)| *s == stream as usize)?;
     Some(match capture {
-        Capture::Active(ops) => {
+        Capture::Active { ops, .. } => {
             ops.push(op());
             CUDA_SUCCESS
         }
-        Capture::Invalidated => CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+        Capture::Invalidated(_) => CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
     })
+}
+
+/// An allocation of `bytes` on `stream`: where it is capturing, the graph's own memory, made
+/// now (`Some` with the address, or the capture's error); `None` when it is not capturing.
+pub(crate) fn allocate(stream: *mut c_void, bytes: usize) -> Option<Result<usize, CUresult>> {
+    let mut all = captures();
+    let (_, capture) = all.iter_mut().find(|(s, _)| *s == stream as usize)?;
+    Some(match capture {
+        Capture::Active { memory, .. } => match crate::memory::allocate(bytes) {
+            Some(address) => {
+                memory.allocations.push(address);
+                Ok(address)
+            }
+            None => Err(crate::driver::CUDA_ERROR_OUT_OF_MEMORY),
+        },
+        Capture::Invalidated(_) => Err(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
+    })
+}
+
+/// A free of `address` on `stream`: where it is capturing, the free node of an allocation the
+/// capture made (the memory stays the graph's), refused for any other memory; `None` when it
+/// is not capturing.
+pub(crate) fn free(stream: *mut c_void, address: usize) -> Option<CUresult> {
+    let mut all = captures();
+    let (_, capture) = all.iter_mut().find(|(s, _)| *s == stream as usize)?;
+    let Capture::Active { memory, .. } = capture else {
+        return Some(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    };
+    if memory.allocations.contains(&address) && !memory.freed.contains(&address) {
+        memory.freed.push(address);
+        return Some(CUDA_SUCCESS);
+    }
+    drop(all);
+    refuse(stream, "a free of memory the capture did not allocate")
 }
 
 /// Where `stream` is capturing, work a capture cannot hold: the capture is invalidated and
@@ -90,10 +160,14 @@ pub(crate) fn record(stream: *mut c_void, op: impl FnOnce() -> Op) -> Option<CUr
 pub(crate) fn refuse(stream: *mut c_void, what: &str) -> Option<CUresult> {
     let mut all = captures();
     let (_, capture) = all.iter_mut().find(|(s, _)| *s == stream as usize)?;
-    if matches!(capture, Capture::Active(_)) {
-        eprintln!("cuda emulator: {what} in a stream capture: the capture is invalidated");
-    }
-    *capture = Capture::Invalidated;
+    let memory = match std::mem::replace(capture, Capture::Invalidated(Default::default())) {
+        Capture::Active { memory, .. } => {
+            eprintln!("cuda emulator: {what} in a stream capture: the capture is invalidated");
+            memory
+        }
+        Capture::Invalidated(memory) => memory,
+    };
+    *capture = Capture::Invalidated(memory);
     Some(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
 }
 
@@ -108,7 +182,7 @@ static CAPTURED_EVENTS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 pub(crate) fn record_event(stream: *mut c_void, event: *mut c_void) -> Option<CUresult> {
     let all = captures();
     let (_, capture) = all.iter().find(|(s, _)| *s == stream as usize)?;
-    if matches!(capture, Capture::Invalidated) {
+    if matches!(capture, Capture::Invalidated(_)) {
         return Some(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
     }
     let mut events = CAPTURED_EVENTS.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,18 +222,26 @@ pub(crate) fn wait_event(
     }
 }
 
-/// Forgets a destroyed stream's capture.
+/// Forgets a destroyed stream's capture (and releases what it allocated).
 pub(crate) fn forget(stream: *mut c_void) {
-    captures().retain(|(s, _)| *s != stream as usize);
+    let mut all = captures();
+    if let Some(at) = all.iter().position(|(s, _)| *s == stream as usize) {
+        match all.remove(at).1 {
+            Capture::Active { memory, .. } | Capture::Invalidated(memory) => memory.release(),
+        }
+    }
+    drop(all);
     CAPTURED_EVENTS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|(_, s)| *s != stream as usize);
 }
 
-/// A captured graph, and an instantiated one: the same recorded operations.
+/// A captured graph, and an instantiated one: the same recorded operations, and the memory
+/// they share.
 struct Graph {
     ops: Vec<Op>,
+    memory: std::sync::Arc<GraphMemory>,
 }
 
 #[no_mangle]
@@ -172,7 +254,13 @@ pub extern "C" fn cuStreamBeginCapture_v2(stream: *mut c_void, _mode: c_uint) ->
     if all.iter().any(|(s, _)| *s == stream as usize) {
         return CUDA_ERROR_ILLEGAL_STATE;
     }
-    all.push((stream as usize, Capture::Active(Vec::new())));
+    all.push((
+        stream as usize,
+        Capture::Active {
+            ops: Vec::new(),
+            memory: CapturedMemory::default(),
+        },
+    ));
     CUDA_SUCCESS
 }
 
@@ -194,11 +282,22 @@ pub unsafe extern "C" fn cuStreamEndCapture(
         .unwrap_or_else(|e| e.into_inner())
         .retain(|(_, s)| *s != stream as usize);
     match capture {
-        Capture::Active(ops) => {
-            *graph = Box::into_raw(Box::new(Graph { ops })).cast();
+        Capture::Active { ops, memory } => {
+            if memory.allocations.len() != memory.freed.len() {
+                eprintln!(
+                    "cuda emulator: an allocation made in a stream capture and not freed in it: \
+                     the capture is invalidated"
+                );
+                memory.release();
+                *graph = std::ptr::null_mut();
+                return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+            }
+            let memory = std::sync::Arc::new(GraphMemory(memory.allocations));
+            *graph = Box::into_raw(Box::new(Graph { ops, memory })).cast();
             CUDA_SUCCESS
         }
-        Capture::Invalidated => {
+        Capture::Invalidated(memory) => {
+            memory.release();
             *graph = std::ptr::null_mut();
             CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
         }
@@ -212,8 +311,8 @@ pub unsafe extern "C" fn cuStreamIsCapturing(stream: *mut c_void, status: *mut c
     }
     *status = match captures().iter().find(|(s, _)| *s == stream as usize) {
         None => 0,
-        Some((_, Capture::Active(_))) => 1,
-        Some((_, Capture::Invalidated)) => 2,
+        Some((_, Capture::Active { .. })) => 1,
+        Some((_, Capture::Invalidated(_))) => 2,
     };
     CUDA_SUCCESS
 }
@@ -232,6 +331,7 @@ pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
     }
     *exec = Box::into_raw(Box::new(Graph {
         ops: graph.ops.clone(),
+        memory: std::sync::Arc::clone(&graph.memory),
     }))
     .cast();
     CUDA_SUCCESS

@@ -250,6 +250,64 @@ mod tests {
         }
     }
 
+    /// Stream-ordered allocations in a capture are the graph's memory: made when captured,
+    /// reused by every launch, held until the graph is gone. One the capture does not free
+    /// invalidates it (stricter than a GPU), and so does freeing memory it did not allocate.
+    #[test]
+    fn a_capture_allocates_its_graph_memory_and_frees_it_inside() {
+        let mut stream = std::ptr::null_mut();
+        unsafe { assert_eq!(cuStreamCreate(&mut stream, 0), 0) };
+        let out = device(&[0u32; 4]);
+        let (mut graph, mut exec) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let mut scratch: CUdeviceptr = 0;
+        unsafe {
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(cuMemAllocAsync(&mut scratch, 16, stream), 0);
+            assert!(crate::memory::covers(scratch as usize, 16));
+            assert_eq!(cuMemsetD32Async(scratch, 5, 4, stream), 0);
+            assert_eq!(cuMemcpyDtoDAsync_v2(out, scratch, 16, stream), 0);
+            assert_eq!(cuMemFreeAsync(scratch, stream), 0);
+            assert_eq!(host::<u32>(out, 4), [0; 4], "ran during the capture");
+            assert_eq!(cuStreamEndCapture(stream, &mut graph), 0);
+            assert_eq!(cuGraphInstantiateWithFlags(&mut exec, graph, 0), 0);
+            for _ in 0..2 {
+                assert_eq!(cuMemsetD32_v2(out, 0, 4), 0);
+                assert_eq!(cuGraphLaunch(exec, stream), 0);
+                assert_eq!(host::<u32>(out, 4), [5; 4]);
+            }
+            // The graph's memory lives as long as one of its forms does.
+            assert_eq!(cuGraphExecDestroy(exec), 0);
+            assert!(crate::memory::covers(scratch as usize, 16));
+            assert_eq!(cuGraphDestroy(graph), 0);
+
+            // An allocation that outlives its capture.
+            let mut kept: CUdeviceptr = 0;
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(cuMemAllocAsync(&mut kept, 16, stream), 0);
+            let mut none = std::ptr::null_mut();
+            assert_eq!(
+                cuStreamEndCapture(stream, &mut none),
+                CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+            );
+            assert!(none.is_null());
+
+            // Memory allocated before the capture is not the capture's to free.
+            assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
+            assert_eq!(
+                cuMemFreeAsync(out, stream),
+                CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+            );
+            let mut none = std::ptr::null_mut();
+            assert_eq!(
+                cuStreamEndCapture(stream, &mut none),
+                CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+            );
+            assert!(crate::memory::covers(out as usize, 16));
+            assert_eq!(cuStreamDestroy_v2(stream), 0);
+        }
+        assert_eq!(cuMemFree_v2(out), 0);
+    }
+
     /// A GEMM queued by a cuBLAS handle on a capturing stream joins the graph (C = A.B with
     /// A and B read when the graph runs); a grouped GEMM is refused in a capture.
     #[test]

@@ -231,6 +231,19 @@ pub fn process_gpu_deterministic() -> bool {
     PROCESS_GPU_DETERMINISTIC.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static PROCESS_GPU_CUDA_GRAPHS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every GPU this process opens run the dense part's decode steps as CUDA graphs
+/// (`--cuda-graphs`).
+pub fn set_process_gpu_cuda_graphs(on: bool) {
+    PROCESS_GPU_CUDA_GRAPHS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn process_gpu_cuda_graphs() -> bool {
+    PROCESS_GPU_CUDA_GRAPHS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What was found for a device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceInfo {

@@ -6,6 +6,10 @@
 //! cache is a pool of blocks numbered as the host pool's ([`super::pool`]): a shared prefix is
 //! shared on the device too.
 
+mod replayed;
+
+pub use replayed::{decode_bucket, MAX_REPLAYED_ROWS};
+
 use super::attention::DeviceAttention;
 use super::ops::{CacheBlocks, DenseOps, DeviceStep};
 use super::pool::{DeviceKvPool, CHUNK_BLOCKS};
@@ -62,6 +66,8 @@ struct DeviceLayer<O: DenseOps> {
 
 pub struct DeviceDenseModel<O: DenseOps> {
     ops: O,
+    /// Decode steps' buffers, for replayed segments.
+    decode: replayed::DecodeState<O>,
     config: ModelConfig,
     /// `[vocab, hidden]`, in the checkpoint tensor's precision: a lookup of exact values (a
     /// bf16 copy only in plain bf16 mode, as for every matrix there).
@@ -76,6 +82,17 @@ pub struct DeviceDenseModel<O: DenseOps> {
     /// The pool of caches made by [`Self::new_cache`] (an owner with a pool of its own, as the
     /// router, passes caches from that one: the first step's pool is the one followed).
     host_pool: std::sync::Arc<KvPool>,
+}
+
+/// A step's block tables, as [`DeviceDenseModel::reserve_blocks`] made them.
+struct ReservedBlocks {
+    table: Vec<u32>,
+    table_start: Vec<u32>,
+    block_tokens: usize,
+    /// Chunks the device pool holds (a replayed segment's tables of chunks depend on it).
+    chunks: usize,
+    /// The pool's sink block, for a decode step's padding rows.
+    sink_block: usize,
 }
 
 /// The device pool, and the host pool (the first step's) whose block numbers it follows:
@@ -132,6 +149,7 @@ where
         let host_layout = KvLayout::for_config(config, DEFAULT_BLOCK_TOKENS);
         Ok(Self {
             ops,
+            decode: Default::default(),
             config: config.clone(),
             rope: Rope::new(&config.rope),
             embed,
@@ -166,11 +184,9 @@ where
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>> {
-        let Some((hidden, layout)) = self.run_layers(seqs, experts)? else {
+        let Some((logits, wanted)) = self.step_logits(seqs, experts)? else {
             return Ok(Vec::new());
         };
-        let wanted = logit_rows(seqs, &layout);
-        let logits = self.logits_here(&hidden, &wanted)?;
         let vocab = self.config.vocab_size;
         let logits = self.ops.download(&logits, wanted.len() * vocab)?;
         Ok(split_logits(seqs, &logits, vocab))
@@ -184,11 +200,9 @@ where
         experts: &dyn ExpertBackend,
         picks: &[Pick<'_>],
     ) -> Result<Vec<StepOutput>> {
-        let Some((hidden, layout)) = self.run_layers(seqs, experts)? else {
+        let Some((mut logits, wanted)) = self.step_logits(seqs, experts)? else {
             return Ok(Vec::new());
         };
-        let wanted = logit_rows(seqs, &layout);
-        let mut logits = self.logits_here(&hidden, &wanted)?;
         let vocab = self.config.vocab_size;
         let rows_of = |s: &StepSequence<'_>| if s.all_logits { s.tokens.len() } else { 1 };
         // Changed picks have their last row masked and edited in place first (no other pick
@@ -301,32 +315,53 @@ where
         Ok(out)
     }
 
-    /// Checks the step, runs every layer over it and moves the caches on: the last layer's
-    /// hidden rows and the step's layout (`None` for an empty step).
-    fn run_layers(
+    /// Checks the step, runs every layer over it and moves the caches on: the logits of the
+    /// rows [`logit_rows`] names (`[wanted, vocab]`, on the device), and those rows (`None`
+    /// for an empty step). A decode step runs as replayed segments where the device replays
+    /// them ([`DenseOps::replays_segments`]).
+    fn step_logits(
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
-    ) -> Result<Option<(O::F32, BatchLayout)>> {
+    ) -> Result<Option<(O::F32, Vec<usize>)>> {
         validate_step(&self.config, seqs)?;
         if seqs.is_empty() {
             return Ok(None);
         }
         let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
-        let (step, mut hidden) = self.begin_step(seqs, &layout)?;
-        for l in 0..self.layers.len() {
-            self.layer_forward(l, &mut hidden, &step, experts)?;
-        }
+        let wanted = logit_rows(seqs, &layout);
+        let logits = match self.replayed_decode(seqs, experts)? {
+            Some(logits) => logits,
+            None => {
+                let (step, mut hidden) = self.begin_step(seqs, &layout)?;
+                for l in 0..self.layers.len() {
+                    self.layer_forward(l, &mut hidden, &step, experts)?;
+                }
+                self.logits_here(&hidden, &wanted)?
+            }
+        };
         for s in seqs.iter_mut() {
             s.cache.len += s.tokens.len();
         }
-        Ok(Some((hidden, layout)))
+        Ok(Some((logits, wanted)))
     }
 
     /// Takes host blocks for every sequence's new tokens (their numbers say where the rows go
     /// on the device; the host rows themselves stay untouched), grows the device pool to hold
     /// them, and uploads the step's block tables.
     fn cache_blocks(&self, seqs: &mut [StepSequence<'_>]) -> Result<CacheBlocks<O>> {
+        let reserved = self.reserve_blocks(seqs)?;
+        Ok(CacheBlocks {
+            table: self.ops.upload_index(&reserved.table)?,
+            table_start: self.ops.upload_index(&reserved.table_start)?,
+            block_tokens: reserved.block_tokens,
+            chunk_blocks: CHUNK_BLOCKS,
+        })
+    }
+
+    /// The host side of [`Self::cache_blocks`]: blocks taken, the device pool grown, and the
+    /// step's block tables.
+    fn reserve_blocks(&self, seqs: &mut [StepSequence<'_>]) -> Result<ReservedBlocks> {
         let mut kv = self
             .kv
             .lock()
@@ -382,11 +417,12 @@ where
         let ops = &self.ops;
         kv.pool
             .ensure_blocks(needed, |floats| ops.scratch(floats))?;
-        Ok(CacheBlocks {
-            table: ops.upload_index(&table)?,
-            table_start: ops.upload_index(&table_start)?,
+        Ok(ReservedBlocks {
+            table,
+            table_start,
             block_tokens: kv.pool.block_tokens(),
-            chunk_blocks: CHUNK_BLOCKS,
+            chunks: kv.pool.chunks(),
+            sink_block: kv.pool.sink_block(),
         })
     }
 
@@ -429,50 +465,71 @@ where
         experts: &dyn ExpertBackend,
     ) -> Result<()> {
         let ops = &self.ops;
-        let layer = &self.layers[l];
-        let (rows, h, eps) = (step.rows, self.config.hidden_size, self.config.rms_norm_eps);
-        let row = HeadView::packed(0, 1, h);
+        let (rows, h) = (step.rows, self.config.hidden_size);
         let mut normed = ops.scratch(rows * h)?;
-        ops.rms_norm(
-            hidden,
-            row,
-            &layer.input_norm,
-            &mut normed,
-            row,
-            rows,
-            1,
-            h,
-            eps,
-        )?;
-        let attn = {
-            // Held for this layer's cache appends and attention only: another micro-batch's
-            // step may run its own layers meanwhile (its blocks are its own).
-            let mut kv = self
-                .kv
-                .lock()
-                .map_err(|_| ModelError::InvalidRequest("device KV pool poisoned".into()))?;
-            let cache = &mut kv.pool.layers[l];
-            layer.attention.forward(ops, &normed, step, cache)?
-        };
-        ops.add(hidden, &attn, rows * h)?;
-        ops.rms_norm(
-            hidden,
-            row,
-            &layer.post_attention_norm,
-            &mut normed,
-            row,
-            rows,
-            1,
-            h,
-            eps,
-        )?;
-        match &layer.ffn {
+        self.attention_half(l, hidden, &mut normed, step)?;
+        match &self.layers[l].ffn {
             DeviceFfn::Dense(mlp) => {
                 let out = self.mlp(mlp, &normed, rows)?;
                 ops.add(hidden, &out, rows * h)?;
             }
             DeviceFfn::Moe(moe) => self.moe(l, moe, &normed, hidden, rows, experts)?,
         }
+        Ok(())
+    }
+
+    /// The attention half of layer `l` on `hidden` in place (behind its RMSNorm, added back),
+    /// and the feed-forward half's input, normalised, in `normed` (`[rows, hidden]`).
+    fn attention_half(
+        &self,
+        l: usize,
+        hidden: &mut O::F32,
+        normed: &mut O::F32,
+        step: &DeviceStep<O>,
+    ) -> Result<()> {
+        // Held for this layer only: another micro-batch's step may run its own layers
+        // meanwhile (its blocks are its own).
+        let mut kv = self.lock_kv()?;
+        self.attention_half_in(&mut kv.pool, l, hidden, normed, step)
+    }
+
+    /// The device KV pool, locked. Taken before the device's own lock wherever both are held
+    /// (a step's launches take the device's lock inside).
+    fn lock_kv(&self) -> Result<std::sync::MutexGuard<'_, DeviceKv<O::F32>>> {
+        self.kv
+            .lock()
+            .map_err(|_| ModelError::InvalidRequest("device KV pool poisoned".into()))
+    }
+
+    /// [`Self::attention_half`] with the pool already locked.
+    fn attention_half_in(
+        &self,
+        pool: &mut DeviceKvPool<O::F32>,
+        l: usize,
+        hidden: &mut O::F32,
+        normed: &mut O::F32,
+        step: &DeviceStep<O>,
+    ) -> Result<()> {
+        let ops = &self.ops;
+        let layer = &self.layers[l];
+        let (rows, h, eps) = (step.rows, self.config.hidden_size, self.config.rms_norm_eps);
+        let row = HeadView::packed(0, 1, h);
+        ops.rms_norm(hidden, row, &layer.input_norm, normed, row, rows, 1, h, eps)?;
+        let attn = layer
+            .attention
+            .forward(ops, normed, step, &mut pool.layers[l])?;
+        ops.add(hidden, &attn, rows * h)?;
+        ops.rms_norm(
+            hidden,
+            row,
+            &layer.post_attention_norm,
+            normed,
+            row,
+            rows,
+            1,
+            h,
+            eps,
+        )?;
         Ok(())
     }
 

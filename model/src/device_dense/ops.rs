@@ -57,6 +57,16 @@ impl<O: DenseOps + ?Sized> CacheBlocks<O> {
     }
 }
 
+/// What a replayed segment of a decode step is recorded under: the step's row count (its
+/// batch-size bucket), the segment's place in the step, and the generation of the buffers it
+/// reads (a step buffer grown or a KV pool chunk added makes a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SegmentKey {
+    pub rows: usize,
+    pub segment: usize,
+    pub generation: u64,
+}
+
 /// The primitive steps. Buffers are element-addressed; a method that is given a view checks
 /// nothing but its own launch (the orchestration sizes every buffer).
 pub trait DenseOps {
@@ -209,6 +219,48 @@ pub trait DenseOps {
         rule: &GateRule,
         rows: usize,
     ) -> Result<(Vec<u32>, Vec<f32>), Self::Error>;
+    /// [`Self::top_k`] left on the device: row `r`'s choices at `experts[r * top_k..]` and
+    /// `weights[r * top_k..]`, read back by [`Self::read_choices`] (so the launch can be part
+    /// of a replayed segment and the read come after it).
+    #[allow(clippy::too_many_arguments)]
+    fn top_k_into(
+        &self,
+        logits: &Self::F32,
+        correction_bias: Option<&Self::F32>,
+        rule: &GateRule,
+        rows: usize,
+        experts: &mut Self::Index,
+        weights: &mut Self::F32,
+    ) -> Result<(), Self::Error>;
+    /// The first `len` choices [`Self::top_k_into`] wrote, downloaded.
+    fn read_choices(
+        &self,
+        experts: &Self::Index,
+        weights: &Self::F32,
+        len: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>), Self::Error>;
+    /// `dst[..values.len()] = values`: a decode step's inputs written where its replayed
+    /// segments read them (buffers that keep their place from step to step).
+    fn write_f32(&self, values: &[f32], dst: &mut Self::F32) -> Result<(), Self::Error>;
+    /// [`Self::write_f32`] for indices.
+    fn write_index(&self, values: &[u32], dst: &mut Self::Index) -> Result<(), Self::Error>;
+    /// Whether decode steps run as replayed segments ([`Self::run_segment`]): CUDA graphs.
+    fn replays_segments(&self) -> bool {
+        false
+    }
+    /// Runs `work`, the launches of a decode step between two reads by the host. A device that
+    /// replays segments may record it under `key` (once it has run once as is) and replay the
+    /// recording at later steps instead of calling `work`: `work` then launches only, reads
+    /// and writes only buffers that are the same at every step of `key` (or that it allocates
+    /// and frees itself), and copies nothing to or from the host. By default it just runs.
+    fn run_segment(
+        &self,
+        key: SegmentKey,
+        work: &mut dyn FnMut() -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        let _ = key;
+        work()
+    }
     /// `hidden[r] += (Σ_{p in row r} pair_out[p]) + shared[r]`, pairs in order, from zero:
     /// the combine order of [`crate::routes::combine`].
     #[allow(clippy::too_many_arguments)]

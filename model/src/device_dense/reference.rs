@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::ops::{DenseOps, DeviceStep};
+use super::ops::{DenseOps, DeviceStep, SegmentKey};
 use crate::backend::weight::Fp8Matrix;
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::{GpuDtype, MatrixPrecision};
@@ -32,6 +32,9 @@ pub struct HostDenseOps {
     /// the GPU's FP8 kernel widens each weight.
     keeps_fp8: bool,
     fp8_matrices: AtomicUsize,
+    /// Decode steps run as segments ([`DenseOps::run_segment`]), as with CUDA graphs: each
+    /// segment's key, in the order run.
+    segments: Option<std::sync::Mutex<Vec<SegmentKey>>>,
 }
 
 impl HostDenseOps {
@@ -48,6 +51,7 @@ impl HostDenseOps {
             downloaded: AtomicUsize::new(0),
             keeps_fp8: false,
             fp8_matrices: AtomicUsize::new(0),
+            segments: None,
         }
     }
 
@@ -66,6 +70,21 @@ impl HostDenseOps {
     pub fn with_experts_in_place(mut self) -> Self {
         self.experts_in_place = true;
         self
+    }
+
+    /// Decode steps run as replayed segments (the orchestration CUDA graphs take), their keys
+    /// kept ([`Self::segments_run`]).
+    pub fn with_segments(mut self) -> Self {
+        self.segments = Some(std::sync::Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The keys of the segments run so far, in order.
+    pub fn segments_run(&self) -> Vec<SegmentKey> {
+        self.segments
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
     }
 
     /// Values downloaded so far.
@@ -107,6 +126,15 @@ pub fn round_gemm_input(values: &mut [f32], numerics: GpuDtype) {
 
 fn at(view: HeadView, r: usize, h: usize) -> usize {
     view.offset + r * view.row_stride + h * view.head_stride
+}
+
+/// `dst[..values.len()] = values`.
+fn write_prefix<T: Copy>(values: &[T], dst: &mut [T]) -> Result<(), ModelError> {
+    let Some(d) = dst.get_mut(..values.len()) else {
+        return Err(ModelError::InvalidRequest("a write past its buffer".into()));
+    };
+    d.copy_from_slice(values);
+    Ok(())
 }
 
 fn check(ok: bool, what: &str) -> Result<(), ModelError> {
@@ -411,6 +439,51 @@ impl DenseOps for HostDenseOps {
             correction_bias.map(|b| b.as_slice()),
         );
         Ok((routes.experts, routes.weights))
+    }
+    fn top_k_into(
+        &self,
+        logits: &Vec<f32>,
+        correction_bias: Option<&Vec<f32>>,
+        rule: &GateRule,
+        rows: usize,
+        experts: &mut Vec<u32>,
+        weights: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let (chosen, chosen_weights) = self.top_k(logits, correction_bias, rule, rows)?;
+        self.write_index(&chosen, experts)?;
+        self.write_f32(&chosen_weights, weights)
+    }
+    fn read_choices(
+        &self,
+        experts: &Vec<u32>,
+        weights: &Vec<f32>,
+        len: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>), ModelError> {
+        match (experts.get(..len), weights.get(..len)) {
+            (Some(e), Some(w)) => Ok((e.to_vec(), w.to_vec())),
+            _ => Err(ModelError::InvalidRequest(
+                "choices past their buffers".into(),
+            )),
+        }
+    }
+    fn write_f32(&self, values: &[f32], dst: &mut Vec<f32>) -> Result<(), ModelError> {
+        write_prefix(values, dst)
+    }
+    fn write_index(&self, values: &[u32], dst: &mut Vec<u32>) -> Result<(), ModelError> {
+        write_prefix(values, dst)
+    }
+    fn replays_segments(&self) -> bool {
+        self.segments.is_some()
+    }
+    fn run_segment(
+        &self,
+        key: SegmentKey,
+        work: &mut dyn FnMut() -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        if let Some(seen) = &self.segments {
+            seen.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+        }
+        work()
     }
     fn combine_add(
         &self,
@@ -1091,9 +1164,12 @@ mod tests {
             })
             .collect();
         device.forward(&mut seqs, &experts).unwrap();
+        // A chunk of blocks, and the sink block after the chunks.
+        let block = first / (blocks_per_chunk + 1);
+        assert_eq!(first, (blocks_per_chunk + 1) * block);
         assert_eq!(
             device.kv_bytes(),
-            2 * first,
+            (2 * blocks_per_chunk + 1) * block,
             "block numbers past the first chunk"
         );
         let mut other = SequenceCache::for_config(&config);
@@ -1220,5 +1296,93 @@ mod tests {
         forward(&mut undone, &[9, 9, 9, 9, 9]);
         undone.rollback(&mark);
         assert_eq!(forward(&mut undone, &[4]), expected);
+    }
+
+    /// Decode steps as replayed segments (the orchestration CUDA graphs take: inputs written
+    /// into a bucket's buffers, padded to the bucket, cut at each MoE layer's routes) give the
+    /// logits of launching each step as is, bit for bit, through host copies and with the
+    /// experts in place, at batch sizes that pad (3 to 4, 5 to 8) and that do not; the padding
+    /// rows touch no sequence's cache (the later steps of every sequence still agree). Each
+    /// step runs one segment, plus per MoE layer one (and one more for its shared experts);
+    /// prefills run as before.
+    fn segments_give_the_launched_logits(name: &str, in_place: bool) {
+        let dir = fixture(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let ops = || match in_place {
+            true => HostDenseOps::exact().with_experts_in_place(),
+            false => HostDenseOps::exact(),
+        };
+        let launched = DeviceDenseModel::load(ops(), &ckpt, &config).unwrap();
+        let segmented = DeviceDenseModel::load(ops().with_segments(), &ckpt, &config).unwrap();
+        let vocab = config.vocab_size as u32;
+        let models = [&launched, &segmented];
+        let mut caches: Vec<Vec<SequenceCache>> = models
+            .iter()
+            .map(|m| (0..5).map(|_| m.new_cache()).collect())
+            .collect();
+        let shared = usize::from(config.moe.n_shared_experts > 0);
+        let per_step = 1 + config.moe_layer_indices().count() * (1 + shared);
+        let mut next: Vec<u32> = (0..5).map(|i| (i * 19 + 2) % vocab).collect();
+        let prompts: Vec<Vec<u32>> = (0..5u32)
+            .map(|i| (0..2 + i).map(|t| (t * 23 + i * 7 + 1) % vocab).collect())
+            .collect();
+        // 3 then 5: the buffers grow from the bucket of 4 to that of 8.
+        for (step, batch) in [0usize, 3, 5, 1, 2, 5, 4, 3].into_iter().enumerate() {
+            let inputs: Vec<Vec<u32>> = match batch {
+                0 => prompts.clone(),
+                n => next[..n].iter().map(|&t| vec![t]).collect(),
+            };
+            let before = segmented.ops().segments_run().len();
+            let mut logits = Vec::new();
+            for (model, caches) in models.iter().zip(caches.iter_mut()) {
+                let mut seqs: Vec<StepSequence<'_>> = caches
+                    .iter_mut()
+                    .zip(&inputs)
+                    .map(|(cache, tokens)| StepSequence {
+                        cache,
+                        tokens,
+                        all_logits: false,
+                    })
+                    .collect();
+                logits.push(model.forward(&mut seqs, &experts).unwrap());
+            }
+            let what = format!("{name} (in place: {in_place}) step {step}, batch {batch}");
+            assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
+            let keys = segmented.ops().segments_run()[before..].to_vec();
+            match batch {
+                0 => assert!(keys.is_empty(), "{what}: a prefill runs as launched"),
+                n => {
+                    assert_eq!(keys.len(), per_step, "{what}: segments");
+                    let bucket = super::super::model::decode_bucket(n).unwrap();
+                    assert!(
+                        bucket >= n && keys.iter().all(|k| k.rows == bucket),
+                        "{what}"
+                    );
+                    let order: Vec<usize> = keys.iter().map(|k| k.segment).collect();
+                    assert_eq!(order, (0..per_step).collect::<Vec<_>>(), "{what}");
+                }
+            }
+            for (i, row) in logits[1].iter().enumerate() {
+                next[i] = crate::backend::ops::argmax(row) as u32;
+            }
+        }
+    }
+
+    #[test]
+    fn deepseek_v3_decode_segments_give_the_launched_logits() {
+        segments_give_the_launched_logits("deepseek-v3-tiny", false);
+        segments_give_the_launched_logits("deepseek-v3-tiny", true);
+    }
+
+    #[test]
+    fn qwen3_moe_decode_segments_give_the_launched_logits() {
+        segments_give_the_launched_logits("qwen3-moe-tiny", true);
+    }
+
+    #[test]
+    fn mixtral_decode_segments_give_the_launched_logits() {
+        segments_give_the_launched_logits("mixtral-tiny", false);
     }
 }

@@ -23,6 +23,25 @@ pub struct GemmLane {
     pub(crate) blas: CudaBlas,
 }
 
+thread_local! {
+    /// The context whose lock this thread holds (its address), 0 for none.
+    static SERIAL_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// [`GpuContext::lock`]'s hold: the lock itself, or nothing where this thread held it already.
+pub struct SerialGuard<'a> {
+    _guard: Option<MutexGuard<'a, ()>>,
+    previous: usize,
+}
+
+impl Drop for SerialGuard<'_> {
+    fn drop(&mut self) {
+        if self._guard.is_some() {
+            SERIAL_HELD.with(|held| held.set(self.previous));
+        }
+    }
+}
+
 pub struct GpuContext {
     device: Device,
     name: String,
@@ -43,6 +62,8 @@ pub struct GpuContext {
     /// One batch at a time: a cuBLAS handle must not be used from two threads at once, and
     /// the work of one stream runs in order anyway.
     serial: Mutex<()>,
+    /// The dense part's decode steps as CUDA graphs (`--cuda-graphs`).
+    cuda_graphs: AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -158,6 +179,7 @@ impl GpuContext {
             ),
             fused_silu: AtomicBool::new(true),
             serial: Mutex::new(()),
+            cuda_graphs: AtomicBool::new(crate::device::process_gpu_cuda_graphs()),
         }))
     }
 
@@ -206,6 +228,16 @@ impl GpuContext {
         self.fused_silu.store(on, Ordering::Relaxed);
     }
 
+    /// Whether the dense part's decode steps run as CUDA graphs.
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs.load(Ordering::Relaxed)
+    }
+
+    /// Runs later decode steps as CUDA graphs (`on`) or launches every kernel anew.
+    pub fn set_cuda_graphs(&self, on: bool) {
+        self.cuda_graphs.store(on, Ordering::Relaxed);
+    }
+
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -215,13 +247,15 @@ impl GpuContext {
     /// meanwhile: a capturing stream may not wait on an event recorded before its capture
     /// (`CUDA_ERROR_STREAM_CAPTURE_ISOLATION`), and work on one stream needs no event to keep
     /// its order. Synchronises first, so nothing queued before is still pending.
-    pub fn capture_graph(
+    pub fn capture_graph<E: From<GpuError>>(
         &self,
-        work: impl FnOnce() -> Result<(), GpuError>,
-    ) -> Result<cudarc::driver::CudaGraph, GpuError> {
+        work: impl FnOnce() -> Result<(), E>,
+    ) -> Result<cudarc::driver::CudaGraph, E> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let stream = &self.stream;
-        stream.synchronize()?;
+        stream
+            .synchronize()
+            .map_err(|e| E::from(GpuError::from(e)))?;
         let cuda = stream.context();
         let tracking = cuda.is_event_tracking();
         // SAFETY: while tracking is off only this capture's work is queued, on one stream
@@ -229,17 +263,17 @@ impl GpuContext {
         unsafe { cuda.disable_event_tracking() };
         let worked = stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(GpuError::from)
+            .map_err(|e| E::from(GpuError::from(e)))
             .and_then(|()| {
                 let done = work();
                 let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-                done.and(graph.map_err(GpuError::from))
+                done.and(graph.map_err(|e| E::from(GpuError::from(e))))
             });
         if tracking {
             // SAFETY: as it was before the capture.
             unsafe { cuda.enable_event_tracking() };
         }
-        worked?.ok_or_else(|| GpuError::Shape("the capture gave no graph".into()))
+        worked?.ok_or_else(|| E::from(GpuError::Shape("the capture gave no graph".into())))
     }
 
     pub(crate) fn blas(&self) -> &CudaBlas {
@@ -283,11 +317,25 @@ impl GpuContext {
 
     /// Exclusive use of the stream and cuBLAS handle for one batch, with the context made
     /// current on this thread (cuBLAS uses the thread's current context; a tokio blocking
-    /// thread has none, or another GPU's).
-    pub fn lock(&self) -> Result<MutexGuard<'_, ()>, GpuError> {
-        let guard = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+    /// thread has none, or another GPU's). Reentrant on the thread that holds it: a CUDA
+    /// graph's capture holds it throughout (no other thread's launch may join the capture)
+    /// while each captured step takes it again.
+    pub fn lock(&self) -> Result<SerialGuard<'_>, GpuError> {
+        let me = self as *const Self as usize;
+        let held = SERIAL_HELD.with(|held| held.get());
+        let guard = if held == me {
+            None
+        } else {
+            let guard = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            SERIAL_HELD.with(|held| held.set(me));
+            Some(guard)
+        };
+        let serial = SerialGuard {
+            _guard: guard,
+            previous: held,
+        };
         self.stream.context().bind_to_thread()?;
-        Ok(guard)
+        Ok(serial)
     }
 
     /// Waits for all queued work; errors of earlier asynchronous work surface here.

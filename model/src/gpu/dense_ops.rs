@@ -16,6 +16,7 @@ use super::error::GpuError;
 use super::expert_ffn::gemm_at;
 use super::fp8_gemm::DeviceFp8Matrix;
 use super::kernels::{as_int, grid, row_grid};
+use super::segment_graphs::SegmentGraphs;
 use crate::backend::weight::Fp8Matrix;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Gating, ModelConfig};
@@ -23,7 +24,7 @@ use crate::dense_step::{DenseStep, StepSequence};
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::GpuDtype;
 use crate::device::MatrixPrecision;
-use crate::device_dense::ops::{linear_by_gemm, DenseOps, DeviceStep};
+use crate::device_dense::ops::{linear_by_gemm, DenseOps, DeviceStep, SegmentKey};
 use crate::device_dense::DeviceDenseModel;
 use crate::expert_backend::ExpertBackend;
 use crate::layers::gate::GateRule;
@@ -40,6 +41,12 @@ pub struct CudaDenseOps {
     ctx: Arc<GpuContext>,
     /// `--gpu-fp8 keep`: FP8 checkpoint matrices stay FP8 on the device.
     keep_fp8: bool,
+    /// Decode segments as CUDA graphs (`--cuda-graphs`).
+    graphs: SegmentGraphs,
+    /// Device tables of KV pool chunk addresses, by their contents: uploaded once, so a
+    /// captured launch finds its table at the same place at every replay (a pool that grows
+    /// gets a new table, and its decode segments a new generation).
+    chunk_tables: std::sync::Mutex<std::collections::HashMap<Vec<u64>, Arc<CudaSlice<u64>>>>,
 }
 
 impl CudaDenseOps {
@@ -51,7 +58,17 @@ impl CudaDenseOps {
 
     /// FP8 matrices kept as FP8 (`keep_fp8`) or widened at load.
     pub fn holding_fp8(ctx: Arc<GpuContext>, keep_fp8: bool) -> Self {
-        Self { ctx, keep_fp8 }
+        Self {
+            ctx,
+            keep_fp8,
+            graphs: SegmentGraphs::default(),
+            chunk_tables: Default::default(),
+        }
+    }
+
+    /// The decode segments' graphs (counters for tests and benchmarks).
+    pub fn graphs(&self) -> &SegmentGraphs {
+        &self.graphs
     }
 }
 
@@ -120,13 +137,37 @@ impl CudaDenseOps {
         Ok(GpuBuffer::F32(out))
     }
 
-    fn pointers(&self, buffers: &[&CudaSlice<f32>]) -> Result<CudaSlice<u64>, GpuError> {
-        let stream = self.ctx.stream();
-        let ptrs: Vec<u64> = buffers.iter().map(|b| b.device_ptr(stream).0).collect();
-        if ptrs.is_empty() {
-            return Ok(stream.alloc_zeros::<u64>(1)?);
+    /// `dst[..values.len()] = values`, from host memory.
+    fn write_prefix<T: cudarc::driver::DeviceRepr>(
+        &self,
+        values: &[T],
+        dst: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if values.len() > dst.len() {
+            return Err(shape_error("write"));
         }
-        Ok(stream.clone_htod(&ptrs)?)
+        if !values.is_empty() {
+            let stream = self.ctx.stream();
+            stream.memcpy_htod(values, &mut dst.slice_mut(..values.len()))?;
+        }
+        Ok(())
+    }
+
+    /// The device table of `buffers`' addresses (KV pool chunks), made once per contents.
+    fn pointers(&self, buffers: &[&CudaSlice<f32>]) -> Result<Arc<CudaSlice<u64>>, GpuError> {
+        let stream = self.ctx.stream();
+        let mut ptrs: Vec<u64> = buffers.iter().map(|b| b.device_ptr(stream).0).collect();
+        if ptrs.is_empty() {
+            ptrs.push(0);
+        }
+        let mut tables = self.chunk_tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(table) = tables.get(&ptrs) {
+            return Ok(Arc::clone(table));
+        }
+        let table = Arc::new(stream.clone_htod(&ptrs)?);
+        tables.insert(ptrs, Arc::clone(&table));
+        Ok(table)
     }
 }
 
@@ -560,7 +601,7 @@ impl DenseOps for CudaDenseOps {
                 .arg(&args.0)
                 .arg(&args.1)
                 .arg(&args.2)
-                .arg(&ptrs)
+                .arg(&*ptrs)
                 .arg(&blocks.table)
                 .arg(&blocks.table_start)
                 .arg(&args.6)
@@ -626,8 +667,8 @@ impl DenseOps for CudaDenseOps {
                 .stream()
                 .launch_builder(&self.ctx.kernels().attention_rows)
                 .arg(q)
-                .arg(&key_ptrs)
-                .arg(&value_ptrs)
+                .arg(&*key_ptrs)
+                .arg(&*value_ptrs)
                 .arg(&paged.table)
                 .arg(&paged.table_start)
                 .arg(&paging.0)
@@ -657,13 +698,48 @@ impl DenseOps for CudaDenseOps {
         rule: &GateRule,
         rows: usize,
     ) -> Result<(Vec<u32>, Vec<f32>), GpuError> {
+        let len = rows * rule.top_k;
+        if len == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        // SAFETY: written in full by the gate kernel before being read.
+        let (mut experts, mut weights) = {
+            let _serial = self.ctx.lock()?;
+            let stream = self.ctx.stream();
+            unsafe { (stream.alloc::<u32>(len)?, stream.alloc::<f32>(len)?) }
+        };
+        self.top_k_into(
+            logits,
+            correction_bias,
+            rule,
+            rows,
+            &mut experts,
+            &mut weights,
+        )?;
+        self.read_choices(&experts, &weights, len)
+    }
+
+    fn top_k_into(
+        &self,
+        logits: &CudaSlice<f32>,
+        correction_bias: Option<&CudaSlice<f32>>,
+        rule: &GateRule,
+        rows: usize,
+        experts: &mut CudaSlice<u32>,
+        weights: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
         let _serial = self.ctx.lock()?;
         let (e, k) = (rule.num_experts, rule.top_k);
-        if logits.len() < rows * e || k > e || correction_bias.is_some_and(|b| b.len() < e) {
+        if logits.len() < rows * e
+            || k > e
+            || correction_bias.is_some_and(|b| b.len() < e)
+            || experts.len() < rows * k
+            || weights.len() < rows * k
+        {
             return Err(shape_error("gate"));
         }
         if rows * k == 0 {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(());
         }
         let (mode, n_group, topk_group, norm, scaling) = match &rule.gating {
             Gating::SoftmaxTopK { norm_topk_prob } => (0, 1, 1, *norm_topk_prob, 1.0f32),
@@ -685,12 +761,10 @@ impl DenseOps for CudaDenseOps {
         }
         let stream = self.ctx.stream();
         // SAFETY: scratch and outputs are written in full by the kernel before being read.
-        let (mut scratch, mut flags, mut experts, mut weights) = unsafe {
+        let (mut scratch, mut flags) = unsafe {
             (
                 stream.alloc::<f32>(rows * 2 * e)?,
                 stream.alloc::<u8>(rows * (e + n_group))?,
-                stream.alloc::<u32>(rows * k)?,
-                stream.alloc::<f32>(rows * k)?,
             )
         };
         let args = (
@@ -713,8 +787,8 @@ impl DenseOps for CudaDenseOps {
                 .arg(&args.0)
                 .arg(&mut scratch)
                 .arg(&mut flags)
-                .arg(&mut experts)
-                .arg(&mut weights)
+                .arg(experts)
+                .arg(weights)
                 .arg(&args.1)
                 .arg(&args.2)
                 .arg(&args.3)
@@ -725,10 +799,50 @@ impl DenseOps for CudaDenseOps {
                 .arg(&scaling)
                 .launch(grid(rows))?;
         }
-        let experts = stream.clone_dtoh(&experts)?;
-        let weights = stream.clone_dtoh(&weights)?;
+        Ok(())
+    }
+
+    fn read_choices(
+        &self,
+        experts: &CudaSlice<u32>,
+        weights: &CudaSlice<f32>,
+        len: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if len > experts.len() || len > weights.len() {
+            return Err(shape_error("choices"));
+        }
+        if len == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let stream = self.ctx.stream();
+        let experts = stream.clone_dtoh(&experts.slice(..len))?;
+        let weights = stream.clone_dtoh(&weights.slice(..len))?;
         stream.synchronize()?;
         Ok((experts, weights))
+    }
+
+    fn write_f32(&self, values: &[f32], dst: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        self.write_prefix(values, dst)
+    }
+
+    fn write_index(&self, values: &[u32], dst: &mut CudaSlice<u32>) -> Result<(), GpuError> {
+        self.write_prefix(values, dst)
+    }
+
+    fn replays_segments(&self) -> bool {
+        self.ctx.cuda_graphs()
+    }
+
+    fn run_segment(
+        &self,
+        key: SegmentKey,
+        work: &mut dyn FnMut() -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        if !self.ctx.cuda_graphs() {
+            return work();
+        }
+        self.graphs.run(&self.ctx, key, work)
     }
 
     fn combine_add(
@@ -1662,6 +1776,93 @@ mod tests {
             let h = on_host.forward(&mut seqs, &host_experts).unwrap();
             close(&format!("FP8 kept, step {step}"), &g[0], &h[0], 2e-3);
             tokens = vec![(step * 17 + 5) % config.vocab_size as u32];
+        }
+    }
+
+    /// `--cuda-graphs`: decode steps captured per batch-size bucket and replayed give the
+    /// logits of launching them, bit for bit, with cuBLAS and with `--deterministic`, with the
+    /// experts on the same GPU (rows in place) and through host copies, FP8 matrices kept as
+    /// FP8 (`--gpu-fp8 keep`) and widened, at batch sizes that
+    /// pad (3 to 4, 5 to 8) and that do not. A bucket's segments run as launched at its first
+    /// step, are captured at its second and replayed after; no capture fails.
+    #[test]
+    fn gpu_decode_graphs_give_the_launched_logits() {
+        use crate::checkpoint::Checkpoint;
+        use crate::experts::{ExpertDevice, ExpertSet};
+        let Some(ctx) = gpu(GpuDtype::F32) else {
+            return;
+        };
+        for deterministic in [false, true] {
+            ctx.set_deterministic(deterministic);
+            let cases = [
+                ("deepseek-v3-tiny", true, false),
+                ("qwen3-moe-tiny", false, false),
+                ("deepseek-v3-fp8-tiny", false, true),
+            ];
+            for (name, in_place, keep_fp8) in cases {
+                let dir = crate::test_support::fixture_dir(name);
+                let config = ModelConfig::from_dir(&dir).unwrap();
+                let ckpt = Checkpoint::open(&dir).unwrap();
+                let device = match in_place {
+                    true => ExpertDevice::Gpu(Arc::clone(&ctx)),
+                    false => ExpertDevice::Cpu,
+                };
+                let experts = ExpertSet::load_all_on(&ckpt, &config, &device).unwrap();
+                let load = || {
+                    let ops = CudaDenseOps::holding_fp8(Arc::clone(&ctx), keep_fp8);
+                    DeviceDenseModel::load(ops, &ckpt, &config).unwrap()
+                };
+                let (launched, graphed) = (load(), load());
+                let models = [&launched, &graphed];
+                let mut caches: Vec<Vec<SequenceCache>> = models
+                    .iter()
+                    .map(|m| (0..5).map(|_| m.new_cache()).collect())
+                    .collect();
+                let vocab = config.vocab_size as u32;
+                let mut next: Vec<u32> = (0..5).map(|i| (i * 19 + 2) % vocab).collect();
+                let prompts: Vec<Vec<u32>> = (0..5u32)
+                    .map(|i| (0..2 + i).map(|t| (t * 23 + i * 7 + 1) % vocab).collect())
+                    .collect();
+                let batches = [0usize, 5, 5, 5, 3, 3, 3, 1, 1, 1, 5];
+                for (step, batch) in batches.into_iter().enumerate() {
+                    let inputs: Vec<Vec<u32>> = match batch {
+                        0 => prompts.clone(),
+                        n => next[..n].iter().map(|&t| vec![t]).collect(),
+                    };
+                    let mut logits = Vec::new();
+                    for (i, (model, caches)) in models.iter().zip(caches.iter_mut()).enumerate() {
+                        ctx.set_cuda_graphs(i == 1);
+                        let mut seqs: Vec<StepSequence<'_>> = caches
+                            .iter_mut()
+                            .zip(&inputs)
+                            .map(|(cache, tokens)| StepSequence {
+                                cache,
+                                tokens,
+                                all_logits: false,
+                            })
+                            .collect();
+                        logits.push(model.forward(&mut seqs, &experts).unwrap());
+                        ctx.set_cuda_graphs(false);
+                    }
+                    let what = format!(
+                        "{name} (deterministic: {deterministic}, experts in place: \
+                         {in_place}) step {step}, batch {batch}"
+                    );
+                    assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
+                    for (i, row) in logits[1].iter().enumerate() {
+                        next[i] = crate::backend::ops::argmax(row) as u32;
+                    }
+                }
+                let shared = usize::from(config.moe.n_shared_experts > 0);
+                let per_step = 1 + config.moe_layer_indices().count() * (1 + shared);
+                let graphs = graphed.ops().graphs();
+                assert_eq!(graphs.failed(), 0, "{name}: captures that failed");
+                // Three buckets (8, 4, 1: the buffers sized for 8 from the start), each
+                // captured at its second step and replayed at its third; 8 once more.
+                assert_eq!(graphs.captured(), 3 * per_step, "{name}: graphs captured");
+                assert_eq!(graphs.replayed(), 7 * per_step, "{name}: graph launches");
+                assert_eq!(graphs.held(), 3 * per_step, "{name}: graphs held");
+            }
         }
     }
 

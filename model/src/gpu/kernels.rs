@@ -240,7 +240,7 @@ mod tests {
         let x = stream.clone_htod(&vec![1.5f32; n]).unwrap();
         let n_i = n as i64;
         let graph = ctx
-            .capture_graph(|| {
+            .capture_graph::<GpuError>(|| {
                 for _ in 0..2 {
                     // SAFETY: acc and x hold n values.
                     unsafe {

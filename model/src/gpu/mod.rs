@@ -15,6 +15,8 @@
 //!   the expert FFN or the dense part: they still upload widened weights).
 //! - [`row_moves`]: rows gathered per node and outputs placed back in pair order on the
 //!   device (the router's device-resident dispatch).
+//! - [`segment_graphs`]: the dense part's decode steps as CUDA graphs (`--cuda-graphs`),
+//!   one per segment between the host's reads, captured per batch size and replayed.
 //! - [`bench`]: expert-FFN TFLOP/s at DeepSeek-V3 shapes against one large dense GEMM.
 //!
 //! Numerics: f32 mode uses cuBLAS's true-f32 path (no TF32), so it meets the golden tests at
@@ -35,6 +37,7 @@ pub mod fp8_gemm;
 mod grouped_blas;
 pub mod kernels;
 pub mod row_moves;
+pub mod segment_graphs;
 
 pub use context::GpuContext;
 pub use dense_ops::GpuDenseModel;
