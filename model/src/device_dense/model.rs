@@ -89,8 +89,9 @@ struct ReservedBlocks {
     table: Vec<u32>,
     table_start: Vec<u32>,
     block_tokens: usize,
-    /// Chunks the device pool holds (a replayed segment's tables of chunks depend on it).
-    chunks: usize,
+    /// Which device pool this is and how many chunks it holds: a replayed segment's tables of
+    /// chunks depend on both.
+    pool: (u64, usize),
     /// The pool's sink block, for a decode step's padding rows.
     sink_block: usize,
 }
@@ -100,6 +101,9 @@ struct ReservedBlocks {
 struct DeviceKv<B> {
     pool: DeviceKvPool<B>,
     host: Option<std::sync::Weak<KvPool>>,
+    /// Pools made so far: which one `pool` is (a replayed segment's tables of chunks name
+    /// its buffers).
+    pools_made: u64,
 }
 
 impl<O> DeviceDenseModel<O>
@@ -159,6 +163,7 @@ where
             kv: std::sync::Mutex::new(DeviceKv {
                 pool: DeviceKvPool::new(widths, DEFAULT_BLOCK_TOKENS),
                 host: None,
+                pools_made: 0,
             }),
             host_pool: KvPool::new(host_layout),
         })
@@ -397,6 +402,7 @@ where
                     host.layout().block_tokens,
                 );
                 kv.host = Some(std::sync::Arc::downgrade(&host));
+                kv.pools_made += 1;
             }
         }
         let mut table = Vec::new();
@@ -421,7 +427,7 @@ where
             table,
             table_start,
             block_tokens: kv.pool.block_tokens(),
-            chunks: kv.pool.chunks(),
+            pool: (kv.pools_made, kv.pool.chunks()),
             sink_block: kv.pool.sink_block(),
         })
     }

@@ -1385,4 +1385,50 @@ mod tests {
     fn mixtral_decode_segments_give_the_launched_logits() {
         segments_give_the_launched_logits("mixtral-tiny", false);
     }
+
+    /// A decode segment's key names the device pool it reads: the same pool keeps its key
+    /// from step to step, another pool (the first one gone) or a chunk added makes a new one,
+    /// so a graph recorded over old chunks is never replayed over new ones.
+    #[test]
+    fn decode_segment_keys_follow_the_device_pool() {
+        let dir = fixture("qwen3-moe-tiny");
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+        let ops = HostDenseOps::exact().with_segments();
+        let model = DeviceDenseModel::load(ops, &ckpt, &config).unwrap();
+        let step = |caches: &mut [SequenceCache], token: u32| {
+            let tokens = [token];
+            let mut seqs: Vec<StepSequence<'_>> = caches
+                .iter_mut()
+                .map(|cache| StepSequence {
+                    cache,
+                    tokens: &tokens,
+                    all_logits: false,
+                })
+                .collect();
+            model.forward(&mut seqs, &experts).unwrap();
+            model.ops().segments_run().last().unwrap().generation
+        };
+        // Caches from a pool of their own (SequenceCache::for_config).
+        let mut first = vec![SequenceCache::for_config(&config)];
+        let (g1, g2) = (step(&mut first, 3), step(&mut first, 4));
+        assert_eq!(g1, g2, "the same pool, the same chunks");
+        drop(first);
+        let mut second = vec![SequenceCache::for_config(&config)];
+        let g3 = step(&mut second, 3);
+        assert_ne!(g3, g2, "another pool");
+        // Steps whose blocks reach past the first chunk: a chunk is added.
+        let blocks = super::super::pool::CHUNK_BLOCKS;
+        let pool = std::sync::Arc::clone(second[0].pool());
+        let mut many: Vec<SequenceCache> = (1..blocks).map(|_| SequenceCache::new(&pool)).collect();
+        // Blocks 1 to 63: still the first chunk (a larger bucket: larger buffers, a new key).
+        let g4 = step(&mut many, 5);
+        assert_ne!(g4, g3);
+        assert_eq!(step(&mut many, 6), g4, "the same pool, the same chunks");
+        many.push(SequenceCache::new(&pool));
+        let g5 = step(&mut many, 7);
+        assert_ne!(g5, g4, "a chunk added");
+        assert_eq!(step(&mut many, 8), g5);
+    }
 }

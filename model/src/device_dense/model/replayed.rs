@@ -44,8 +44,11 @@ pub fn decode_bucket(rows: usize) -> Option<usize> {
 /// a smaller bucket uses their first rows (one set for every bucket, as vLLM's graphs share
 /// theirs, so the device memory is that of the largest bucket only).
 pub(super) struct DecodeBuffers<O: DenseOps> {
-    /// Changes whenever a buffer here is replaced (more rows, a longer block table).
+    /// Changes whenever a buffer here is replaced (more rows, a longer block table) or the
+    /// KV pool's chunks change (another pool, a chunk added).
     generation: u64,
+    /// The pool and chunk count the segments last ran with.
+    pool: (u64, usize),
     /// Rows the buffers hold.
     capacity: usize,
     /// The step's row layout and block tables (`rows` = the step's bucket).
@@ -134,6 +137,7 @@ where
         let table_capacity = rows * 4;
         Ok(DecodeBuffers {
             generation: self.decode.next_generation(),
+            pool: (0, 0),
             capacity: rows,
             step: DeviceStep {
                 rows,
@@ -185,6 +189,10 @@ where
             buffers.table_capacity = capacity;
             buffers.generation = self.decode.next_generation();
         }
+        if reserved.pool != buffers.pool {
+            buffers.pool = reserved.pool;
+            buffers.generation = self.decode.next_generation();
+        }
         buffers.step.blocks.block_tokens = reserved.block_tokens;
         let mut ids: Vec<u32> = seqs.iter().map(|s| s.tokens[0]).collect();
         let mut row_pos: Vec<usize> = seqs.iter().map(|s| s.cache.len).collect();
@@ -201,7 +209,7 @@ where
         ops.write_f32(&rope.sin, &mut buffers.step.sin)?;
         ops.write_index(&reserved.table, &mut buffers.step.blocks.table)?;
         ops.write_index(&reserved.table_start, &mut buffers.step.blocks.table_start)?;
-        let generation = (buffers.generation << 32) | reserved.chunks as u64;
+        let generation = buffers.generation;
         let key = |segment| SegmentKey {
             rows,
             segment,
