@@ -189,7 +189,8 @@ where
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>> {
-        let Some((logits, wanted)) = self.step_logits(seqs, experts)? else {
+        let mut hold = self.hold_step(seqs);
+        let Some((logits, wanted)) = self.step_logits(seqs, experts, &mut hold)? else {
             return Ok(Vec::new());
         };
         let vocab = self.config.vocab_size;
@@ -205,7 +206,8 @@ where
         experts: &dyn ExpertBackend,
         picks: &[Pick<'_>],
     ) -> Result<Vec<StepOutput>> {
-        let Some((mut logits, wanted)) = self.step_logits(seqs, experts)? else {
+        let mut hold = self.hold_step(seqs);
+        let Some((mut logits, wanted)) = self.step_logits(seqs, experts, &mut hold)? else {
             return Ok(Vec::new());
         };
         let vocab = self.config.vocab_size;
@@ -328,6 +330,7 @@ where
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
+        hold: &mut replayed::StepHold<'_, O>,
     ) -> Result<Option<(O::F32, Vec<usize>)>> {
         validate_step(&self.config, seqs)?;
         if seqs.is_empty() {
@@ -335,7 +338,7 @@ where
         }
         let layout = BatchLayout::new(seqs.iter().map(|s| (s.cache.len, s.tokens.len())));
         let wanted = logit_rows(seqs, &layout);
-        let logits = match self.replayed_decode(seqs, experts)? {
+        let logits = match self.replayed_decode(seqs, experts, hold)? {
             Some(logits) => logits,
             None => {
                 let (step, mut hidden) = self.begin_step(seqs, &layout)?;

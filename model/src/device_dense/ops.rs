@@ -248,6 +248,13 @@ pub trait DenseOps {
     fn replays_segments(&self) -> bool {
         false
     }
+    /// Whether [`Self::run_segment`] would capture a segment of the step `key` names (its
+    /// batch size and generation; the segment's place is ignored) rather than run it as is
+    /// or replay it: the step must then be the only one using the device.
+    fn will_capture(&self, key: SegmentKey) -> bool {
+        let _ = key;
+        false
+    }
     /// Runs `work`, the launches of a decode step between two reads by the host. A device that
     /// replays segments may record it under `key` (once it has run once as is) and replay the
     /// recording at later steps instead of calling `work`: `work` then launches only, reads

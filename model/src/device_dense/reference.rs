@@ -618,6 +618,32 @@ impl DenseOps for HostDenseOps {
     }
 }
 
+/// One step of `inputs` (a token list per cache, in order) on `model`: each sequence's last
+/// logits. For tests of the device orchestration, here and on a GPU.
+#[cfg(test)]
+pub(crate) fn step_inputs<O>(
+    model: &super::DeviceDenseModel<O>,
+    caches: &mut [crate::kv_cache::SequenceCache],
+    inputs: &[Vec<u32>],
+    experts: &dyn ExpertBackend,
+) -> Vec<Vec<f32>>
+where
+    O: DenseOps,
+    O::F32: Send + 'static,
+    ModelError: From<O::Error>,
+{
+    let mut seqs: Vec<crate::dense_step::StepSequence<'_>> = caches
+        .iter_mut()
+        .zip(inputs)
+        .map(|(cache, tokens)| crate::dense_step::StepSequence {
+            cache,
+            tokens,
+            all_logits: false,
+        })
+        .collect();
+    model.forward(&mut seqs, experts).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -1335,19 +1361,11 @@ mod tests {
                 n => next[..n].iter().map(|&t| vec![t]).collect(),
             };
             let before = segmented.ops().segments_run().len();
-            let mut logits = Vec::new();
-            for (model, caches) in models.iter().zip(caches.iter_mut()) {
-                let mut seqs: Vec<StepSequence<'_>> = caches
-                    .iter_mut()
-                    .zip(&inputs)
-                    .map(|(cache, tokens)| StepSequence {
-                        cache,
-                        tokens,
-                        all_logits: false,
-                    })
-                    .collect();
-                logits.push(model.forward(&mut seqs, &experts).unwrap());
-            }
+            let logits: Vec<_> = models
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(model, caches)| step_inputs(model, caches, &inputs, &experts))
+                .collect();
             let what = format!("{name} (in place: {in_place}) step {step}, batch {batch}");
             assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
             let keys = segmented.ops().segments_run()[before..].to_vec();
@@ -1398,16 +1416,8 @@ mod tests {
         let ops = HostDenseOps::exact().with_segments();
         let model = DeviceDenseModel::load(ops, &ckpt, &config).unwrap();
         let step = |caches: &mut [SequenceCache], token: u32| {
-            let tokens = [token];
-            let mut seqs: Vec<StepSequence<'_>> = caches
-                .iter_mut()
-                .map(|cache| StepSequence {
-                    cache,
-                    tokens: &tokens,
-                    all_logits: false,
-                })
-                .collect();
-            model.forward(&mut seqs, &experts).unwrap();
+            let inputs = vec![vec![token]; caches.len()];
+            step_inputs(&model, caches, &inputs, &experts);
             model.ops().segments_run().last().unwrap().generation
         };
         // Caches from a pool of their own (SequenceCache::for_config).

@@ -834,6 +834,10 @@ impl DenseOps for CudaDenseOps {
         self.ctx.cuda_graphs()
     }
 
+    fn will_capture(&self, key: SegmentKey) -> bool {
+        self.ctx.cuda_graphs() && self.graphs.will_capture(key)
+    }
+
     fn run_segment(
         &self,
         key: SegmentKey,
@@ -1211,7 +1215,7 @@ mod tests {
     use super::*;
     use crate::device::shapes::ColumnMajorGemm;
     use crate::device_dense::ops::CacheBlocks;
-    use crate::device_dense::reference::HostDenseOps;
+    use crate::device_dense::reference::{step_inputs, HostDenseOps};
     use crate::kv_cache::SequenceCache;
 
     use crate::test_support::test_context as gpu;
@@ -1832,16 +1836,7 @@ mod tests {
                     let mut logits = Vec::new();
                     for (i, (model, caches)) in models.iter().zip(caches.iter_mut()).enumerate() {
                         ctx.set_cuda_graphs(i == 1);
-                        let mut seqs: Vec<StepSequence<'_>> = caches
-                            .iter_mut()
-                            .zip(&inputs)
-                            .map(|(cache, tokens)| StepSequence {
-                                cache,
-                                tokens,
-                                all_logits: false,
-                            })
-                            .collect();
-                        logits.push(model.forward(&mut seqs, &experts).unwrap());
+                        logits.push(step_inputs(model, caches, &inputs, &experts));
                         ctx.set_cuda_graphs(false);
                     }
                     let what = format!(
@@ -1864,6 +1859,103 @@ mod tests {
                 assert_eq!(graphs.held(), 3 * per_step, "{name}: graphs held");
             }
         }
+    }
+
+    /// With `--cuda-graphs`, one thread's decode steps (batch sizes 1, 2, 3 and 5: buckets 1,
+    /// 2, 4 and 8, each captured at its second step) while another thread prefills on the
+    /// same model without pause (as two micro-batches do), the experts on the same GPU: a
+    /// capture has the device to itself (no other step's launch or free joins it, or breaks
+    /// it), neither thread waits on the other for ever, and both get the logits of running
+    /// alone without graphs, bit for bit (`--deterministic`, so padding changes nothing).
+    #[test]
+    fn gpu_captures_while_another_thread_steps_give_the_launched_logits() {
+        use crate::checkpoint::Checkpoint;
+        use crate::experts::{ExpertDevice, ExpertSet};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let Some(ctx) = gpu(GpuDtype::F32) else {
+            return;
+        };
+        ctx.set_deterministic(true);
+        let dir = crate::test_support::fixture_dir("deepseek-v3-tiny");
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+        let experts = ExpertSet::load_all_on(&ckpt, &config, &device).unwrap();
+        let load = || {
+            let ops = CudaDenseOps::new(Arc::clone(&ctx));
+            DeviceDenseModel::load(ops, &ckpt, &config).unwrap()
+        };
+        let vocab = config.vocab_size as u32;
+        let forward =
+            |model: &DeviceDenseModel<CudaDenseOps>,
+             caches: &mut [SequenceCache],
+             inputs: &[Vec<u32>]| { step_inputs(model, caches, inputs, &experts) };
+        // Decode: five sequences prefilled, then three steps at each batch size.
+        let decode = |model: &DeviceDenseModel<CudaDenseOps>| {
+            let mut caches: Vec<SequenceCache> = (0..5).map(|_| model.new_cache()).collect();
+            let prompts: Vec<Vec<u32>> = (0..5u32)
+                .map(|i| (0..2 + i).map(|t| (t * 29 + i * 5 + 1) % vocab).collect())
+                .collect();
+            let mut out = vec![forward(model, &mut caches, &prompts)];
+            for (step, batch) in [1usize, 1, 1, 2, 2, 2, 3, 3, 3, 5, 5, 5].iter().enumerate() {
+                let inputs: Vec<Vec<u32>> = (0..*batch as u32)
+                    .map(|i| vec![(i * 7 + step as u32 * 11 + 3) % vocab])
+                    .collect();
+                out.push(forward(model, &mut caches[..*batch], &inputs));
+            }
+            out
+        };
+        // Prefill: two fresh prompts of four tokens.
+        let prompts: Vec<Vec<u32>> = (0..2u32)
+            .map(|i| (0..4).map(|t| (t * 17 + i * 3 + 2) % vocab).collect())
+            .collect();
+        let prefill = |model: &DeviceDenseModel<CudaDenseOps>| {
+            let mut caches: Vec<SequenceCache> = (0..2).map(|_| model.new_cache()).collect();
+            forward(model, &mut caches, &prompts)
+        };
+        ctx.set_cuda_graphs(false);
+        let launched = load();
+        let started = std::time::Instant::now();
+        let decoded_alone = decode(&launched);
+        let decode_took = started.elapsed();
+        let prefilled_alone = prefill(&launched);
+        eprintln!(
+            "alone: decode steps {decode_took:?}, a prefill {:?}",
+            started.elapsed() - decode_took
+        );
+        ctx.set_cuda_graphs(true);
+        let graphed = load();
+        let done = AtomicBool::new(false);
+        let (decoded, prefills) = std::thread::scope(|scope| {
+            let prefilling = scope.spawn(|| {
+                let mut prefills = 0;
+                while !done.load(Ordering::Relaxed) || prefills == 0 {
+                    assert!(prefill(&graphed) == prefilled_alone, "prefill {prefills}");
+                    prefills += 1;
+                    // A pause between steps, as a server's has: the locks are not fair, and
+                    // steps back to back would starve the other thread on the emulator (whose
+                    // launches run while the device's lock is held).
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                }
+                prefills
+            });
+            let started = std::time::Instant::now();
+            let decoded = decode(&graphed);
+            eprintln!("beside the prefills: decode steps {:?}", started.elapsed());
+            done.store(true, Ordering::Relaxed);
+            (decoded, prefilling.join().unwrap())
+        });
+        ctx.set_cuda_graphs(false);
+        for (step, (a, g)) in decoded_alone.iter().zip(&decoded).enumerate() {
+            assert!(a == g, "decode step {step}: the logits of stepping alone");
+        }
+        let graphs = graphed.ops().graphs();
+        assert_eq!(graphs.failed(), 0, "captures that failed");
+        let shared = usize::from(config.moe.n_shared_experts > 0);
+        let per_step = 1 + config.moe_layer_indices().count() * (1 + shared);
+        assert_eq!(graphs.captured(), 4 * per_step, "four buckets captured");
+        assert_eq!(graphs.held(), 4 * per_step);
+        eprintln!("{prefills} prefills beside the decode steps");
     }
 
     /// `--deterministic` on the GPU (dense part and experts): one sequence's logits are bitwise

@@ -76,6 +76,16 @@ impl SegmentGraphs {
             .count()
     }
 
+    /// Whether [`Self::run`] would capture one of the segments of `key`'s step (its batch
+    /// size and generation, any place in the step) now.
+    pub fn will_capture(&self, key: SegmentKey) -> bool {
+        self.lock().iter().any(|(&(rows, _), s)| {
+            rows == key.rows
+                && s.generation == key.generation
+                && matches!(s.state, SegmentState::Warm)
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), Segment>> {
         self.segments.lock().unwrap_or_else(|p| p.into_inner())
     }

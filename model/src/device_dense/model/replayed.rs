@@ -13,7 +13,7 @@
 //! of the KV pool (the kernels' tables of chunks) and on the buffers' places, both in the
 //! [`SegmentKey`]'s generation.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{DeviceDenseModel, DeviceFfn, DeviceMoe};
 use crate::dense_step::StepSequence;
@@ -70,11 +70,13 @@ pub(super) struct DecodeBuffers<O: DenseOps> {
     logits: O::F32,
 }
 
-/// The decode buffers, made at the first replayed step; a step that finds them in use by
-/// another (a concurrent micro-batch) launches its kernels one by one.
+/// The decode buffers, made at the first replayed step (a step that finds them in use by
+/// another, a concurrent micro-batch, launches its kernels one by one), and the gate steps
+/// pass while the device replays segments ([`DeviceDenseModel::hold_step`]).
 pub(super) struct DecodeState<O: DenseOps> {
     buffers: Mutex<Option<DecodeBuffers<O>>>,
     generations: std::sync::atomic::AtomicU64,
+    gate: RwLock<()>,
 }
 
 impl<O: DenseOps> Default for DecodeState<O> {
@@ -82,8 +84,28 @@ impl<O: DenseOps> Default for DecodeState<O> {
         Self {
             buffers: Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
+            gate: RwLock::new(()),
         }
     }
+}
+
+/// A step's hold ([`DeviceDenseModel::hold_step`]), released when the step ends.
+pub(super) struct StepHold<'a, O: DenseOps> {
+    buffers: Option<MutexGuard<'a, Option<DecodeBuffers<O>>>>,
+    _gate: StepGate<'a>,
+}
+
+/// A step's place at the gate.
+enum StepGate<'a> {
+    /// The device does not replay segments: no gate.
+    Open,
+    Shared {
+        _held: RwLockReadGuard<'a, ()>,
+    },
+    /// A step that captures graphs.
+    Alone {
+        _held: RwLockWriteGuard<'a, ()>,
+    },
 }
 
 impl<O: DenseOps> DecodeState<O> {
@@ -99,27 +121,65 @@ where
     O::F32: Send + 'static,
     ModelError: From<O::Error>,
 {
-    /// The step as replayed segments, when the device replays them and it is a decode step
-    /// of a bucket's size or less whose buffers are free: the logits of its rows
-    /// (`[seqs, vocab]`); `None` to run it as launched.
+    /// What a step holds while it runs, taken before it starts: the decode buffers when it
+    /// can replay (a decode step of a bucket's size whose buffers are free), and its place
+    /// at the model's step gate where the device replays segments. A step that will capture
+    /// graphs holds the gate alone: while a stream captures, no other step may queue anything
+    /// on it, not even the free of a buffer it drops (that would join the capture, or break
+    /// it). Others share it. The buffers are taken first and only ever tried, so a step
+    /// waiting for the gate alone holds nothing another waits for.
+    pub(super) fn hold_step(&self, seqs: &[StepSequence<'_>]) -> StepHold<'_, O> {
+        if !self.ops.replays_segments() {
+            return StepHold {
+                buffers: None,
+                _gate: StepGate::Open,
+            };
+        }
+        let bucket = match seqs.iter().all(|s| s.tokens.len() == 1) {
+            true => decode_bucket(seqs.len()),
+            false => None,
+        };
+        let buffers = bucket.and_then(|_| self.decode.buffers.try_lock().ok());
+        let captures = match (bucket, buffers.as_ref().and_then(|b| b.as_ref())) {
+            (Some(rows), Some(held)) if held.capacity >= rows => {
+                self.ops.will_capture(SegmentKey {
+                    rows,
+                    segment: 0,
+                    generation: held.generation,
+                })
+            }
+            _ => false,
+        };
+        let gate = &self.decode.gate;
+        let _gate = match captures {
+            true => StepGate::Alone {
+                _held: gate.write().unwrap_or_else(|p| p.into_inner()),
+            },
+            false => StepGate::Shared {
+                _held: gate.read().unwrap_or_else(|p| p.into_inner()),
+            },
+        };
+        StepHold { buffers, _gate }
+    }
+
+    /// The step as replayed segments, when it holds the decode buffers: the logits of its
+    /// rows (`[seqs, vocab]`); `None` to run it as launched.
     pub(super) fn replayed_decode(
         &self,
         seqs: &mut [StepSequence<'_>],
         experts: &dyn ExpertBackend,
+        hold: &mut StepHold<'_, O>,
     ) -> Result<Option<O::F32>> {
-        if !self.ops.replays_segments() || seqs.iter().any(|s| s.tokens.len() != 1) {
-            return Ok(None);
-        }
-        let Some(bucket) = decode_bucket(seqs.len()) else {
+        let Some(held) = hold.buffers.as_mut() else {
             return Ok(None);
         };
-        let Ok(mut held) = self.decode.buffers.try_lock() else {
+        let Some(bucket) = decode_bucket(seqs.len()) else {
             return Ok(None);
         };
         if held.as_ref().is_none_or(|b| b.capacity < bucket) {
             // Dropped first: the device memory of the smaller set is not held twice.
-            *held = None;
-            *held = Some(self.decode_buffers(bucket)?);
+            **held = None;
+            **held = Some(self.decode_buffers(bucket)?);
         }
         let Some(buffers) = held.as_mut() else {
             return Ok(None);
