@@ -174,6 +174,7 @@ check "device unit tests (cuda feature)" 45 env MOE_REQUIRE_GPU=1 "$UNPACKED/mod
 check "golden tests, whole model on cuda:0, f32 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, bf16x2, decode steps as CUDA graphs (--cuda-graphs)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_TEST_CUDA_GRAPHS=1 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, f32, --cuda-graphs --deterministic (routed experts inside the graphs)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 MOE_TEST_CUDA_GRAPHS=1 MOE_TEST_DETERMINISTIC=1 "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail
@@ -300,13 +301,14 @@ for f in r["expert_ffn"]:
     print(f"  {f['lanes']:>2} lanes, {f['tokens']:>5} tokens ({f['pairs']} pairs): {f['ms']:.3f} ms, {f['tflops']:.1f} TFLOP/s, {100 * f['of_roofline']:.0f}% of the dense GEMM; GEMMs alone {f['gemm_ms']:.3f} ms, {f['gemm_tflops']:.1f} TFLOP/s")
 EOF
 }
-with_and_without() { # a switch of moe bench: the small preset at batch 1, 8 and 32, off then on
+with_and_without() { # a switch of moe bench (then other flags for both runs): the small preset at batch 1, 8 and 32, off then on
   set -eo pipefail
-  local model=/tmp/moe-$BENCH_PRESET-bf16
+  local model=/tmp/moe-$BENCH_PRESET-bf16 switch=$1
+  shift
   [ -d $model ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset $BENCH_PRESET --dtype bf16 --out $model >/dev/null
   for on in false true; do
-    echo "--$1=$on"
-    "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,8,32 --prompt-len 64 --gen 32 "--$1=$on"
+    echo "--$switch=$on $*"
+    "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,8,32 --prompt-len 64 --gen 32 "--$switch=$on" "$@"
   done
 }
 
@@ -330,6 +332,7 @@ if [ "$PART" = bench ]; then
   check "kernel launches one by one vs one CUDA graph (moe gpu-bench --launches 500)" 20 \
     "$UNPACKED/moe" gpu-bench --launches 500 --iters 20
   check "decode steps as CUDA graphs: their gain (moe bench --cuda-graphs, $BENCH_PRESET preset, bf16x2)" 80 with_and_without cuda-graphs
+  check "a decode step as one CUDA graph, routed experts inside (moe bench --cuda-graphs --deterministic)" 80 with_and_without cuda-graphs --deterministic
 fi
 
 if [ "$PART" = serving ]; then

@@ -6,7 +6,9 @@
 //! shared experts, lm_head) and the routed experts (`ops/gpu-check.sh`): within 2e-3 with
 //! `MOE_TEST_GPU_DTYPE=f32` or `bf16x2` (the default), within 2e-2 with plain `bf16` (which
 //! the host emulation in `bf16_device_numerics` predicts it does not meet on these fixtures).
-//! `MOE_TEST_CUDA_GRAPHS=1` runs the GPU's decode steps as CUDA graphs (`--cuda-graphs`).
+//! `MOE_TEST_CUDA_GRAPHS=1` runs the GPU's decode steps as CUDA graphs (`--cuda-graphs`);
+//! `MOE_TEST_DETERMINISTIC=1` runs its GEMMs through the exact kernels (`--deterministic`), with
+//! which the routed experts follow the gate's choices on the device, inside the graphs.
 
 use moe_model::device::{Device, GpuDtype};
 use moe_model::experts::ExpertDevice;
@@ -33,6 +35,9 @@ fn target() -> Target {
         .expect("MOE_TEST_GPU_DTYPE is bf16x2, bf16 or f32");
     if std::env::var("MOE_TEST_CUDA_GRAPHS").is_ok_and(|v| v == "1") {
         moe_model::device::set_process_gpu_cuda_graphs(true);
+    }
+    if std::env::var("MOE_TEST_DETERMINISTIC").is_ok_and(|v| v == "1") {
+        moe_model::device::set_process_gpu_deterministic(true);
     }
     let experts_on = device
         .open_experts(dtype)

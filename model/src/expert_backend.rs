@@ -32,4 +32,36 @@ pub trait ExpertBackend: Sync {
     ) -> Option<Result<cudarc::driver::CudaSlice<f32>>> {
         None
     }
+
+    /// Whether `layer`'s routed experts can run from the gate's choices on `ctx`'s device
+    /// ([`ExpertBackend::run_choices_on_device`]): every one of its `num_experts` experts here,
+    /// on that context, in a form whose grouped launch plans its rows on the device and keeps
+    /// rows from changing each other's results. May upload what those launches read, so it is
+    /// called before a step's work is captured, never inside a capture.
+    #[cfg(feature = "cuda")]
+    fn prepare_choices_on_device(
+        &self,
+        _layer: usize,
+        _num_experts: usize,
+        _ctx: &crate::gpu::GpuContext,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// `layer`'s routed experts on `rows`, from the gate's choices on the device, after
+    /// [`ExpertBackend::prepare_choices_on_device`] said yes: `pair_out[r * top_k + j]` is row
+    /// r's j-th choice in ascending expert id, its output times its weight. Launches only, on
+    /// the context's stream.
+    #[cfg(feature = "cuda")]
+    fn run_choices_on_device(
+        &self,
+        _layer: usize,
+        _rows: &cudarc::driver::CudaSlice<f32>,
+        _choices: &crate::gpu::device_routes::DeviceChoices<'_>,
+        _pair_out: &mut cudarc::driver::CudaSlice<f32>,
+    ) -> Result<()> {
+        Err(crate::error::ModelError::ExpertBackend(
+            "these experts do not run from the gate's choices on a device".into(),
+        ))
+    }
 }

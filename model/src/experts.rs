@@ -145,6 +145,20 @@ pub struct ExpertSet {
     device: ExpertDevice,
     /// Shared so that a new placement epoch can keep the experts it shares with the old one.
     experts: BTreeMap<(usize, usize), Arc<HeldExpert>>,
+    /// Per MoE layer, its experts' tables for running from the gate's choices on the GPU
+    /// ([`ExpertBackend::prepare_choices_on_device`]), made at the first step that asks.
+    #[cfg(feature = "cuda")]
+    following: std::sync::Mutex<std::collections::HashMap<usize, FollowingChoices>>,
+}
+
+/// A layer's answer to [`ExpertBackend::prepare_choices_on_device`].
+#[cfg(feature = "cuda")]
+enum FollowingChoices {
+    Ready(Arc<crate::gpu::device_routes::ChoiceFollowingExperts>),
+    /// Not possible while the context's `--deterministic` stays as it was when asked.
+    Declined {
+        deterministic: bool,
+    },
 }
 
 /// Experts read and uploaded at a time: bounds the host copies a GPU load holds at once.
@@ -234,6 +248,8 @@ impl ExpertSet {
             hidden,
             device: device.clone(),
             experts,
+            #[cfg(feature = "cuda")]
+            following: Default::default(),
         })
     }
 
@@ -288,6 +304,8 @@ impl ExpertSet {
                 .filter(|(&(layer, expert), _)| keep(layer, expert))
                 .map(|(&id, held)| (id, Arc::clone(held)))
                 .collect(),
+            #[cfg(feature = "cuda")]
+            following: Default::default(),
         }
     }
 
@@ -302,6 +320,8 @@ impl ExpertSet {
             hidden,
             device,
             experts: BTreeMap::new(),
+            #[cfg(feature = "cuda")]
+            following: Default::default(),
         }
     }
 
@@ -468,6 +488,55 @@ impl ExpertSet {
 }
 
 #[cfg(feature = "cuda")]
+impl ExpertSet {
+    /// `layer`'s tables for running from the gate's choices on `ctx`, made once (uploads:
+    /// never inside a capture); `None` where this set cannot.
+    fn choice_tables(
+        &self,
+        layer: usize,
+        num_experts: usize,
+        ctx: &crate::gpu::GpuContext,
+    ) -> Result<Option<Arc<crate::gpu::device_routes::ChoiceFollowingExperts>>> {
+        use crate::gpu::device_routes::ChoiceFollowingExperts;
+        let ExpertDevice::Gpu(own) = &self.device else {
+            return Ok(None);
+        };
+        if !std::ptr::eq(own.as_ref(), ctx) {
+            return Ok(None);
+        }
+        let deterministic = ctx.deterministic();
+        let mut cache = self.following.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(&layer) {
+            Some(FollowingChoices::Ready(tables)) => {
+                let fits = tables.experts() == num_experts && tables.usable(ctx);
+                return Ok(fits.then(|| Arc::clone(tables)));
+            }
+            Some(FollowingChoices::Declined { deterministic: d }) if *d == deterministic => {
+                return Ok(None);
+            }
+            _ => {}
+        }
+        // Every expert of the layer, in expert order, on this GPU.
+        let held: Option<Vec<&crate::gpu::GpuMlp>> = (0..num_experts)
+            .map(|e| match self.experts.get(&(layer, e)).map(|h| &**h) {
+                Some(HeldExpert::Gpu(mlp)) => Some(mlp),
+                _ => None,
+            })
+            .collect();
+        let tables = match held {
+            Some(held) => ChoiceFollowingExperts::of(ctx, &held)?.map(Arc::new),
+            None => None,
+        };
+        let entry = match &tables {
+            Some(t) => FollowingChoices::Ready(Arc::clone(t)),
+            None => FollowingChoices::Declined { deterministic },
+        };
+        cache.insert(layer, entry);
+        Ok(tables)
+    }
+}
+
+#[cfg(feature = "cuda")]
 fn gpu_experts<'a>(held: &[&'a HeldExpert]) -> Result<Vec<&'a crate::gpu::GpuMlp>> {
     held.iter()
         .map(|expert| match expert {
@@ -510,6 +579,50 @@ impl ExpertBackend for ExpertSet {
             return None;
         }
         Some(self.run_device_rows(ctx, layer, rows, routes))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn prepare_choices_on_device(
+        &self,
+        layer: usize,
+        num_experts: usize,
+        ctx: &crate::gpu::GpuContext,
+    ) -> Result<bool> {
+        Ok(self.choice_tables(layer, num_experts, ctx)?.is_some())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_choices_on_device(
+        &self,
+        layer: usize,
+        rows: &cudarc::driver::CudaSlice<f32>,
+        choices: &crate::gpu::device_routes::DeviceChoices<'_>,
+        pair_out: &mut cudarc::driver::CudaSlice<f32>,
+    ) -> Result<()> {
+        let ExpertDevice::Gpu(ctx) = &self.device else {
+            return Err(ModelError::ExpertBackend(
+                "CPU experts do not run from choices on a device".into(),
+            ));
+        };
+        let ready = self
+            .following
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&layer)
+            .and_then(|entry| match entry {
+                FollowingChoices::Ready(tables) if tables.usable(ctx) => Some(Arc::clone(tables)),
+                _ => None,
+            });
+        let Some(tables) = ready else {
+            return Err(ModelError::ExpertBackend(format!(
+                "layer {layer}'s experts were not prepared to run from the gate's choices"
+            )));
+        };
+        let _serial = ctx.lock()?;
+        // SAFETY: this set holds the experts the tables point at, and frees nothing before
+        // the queued work (cudarc frees in stream order).
+        unsafe { tables.run(ctx, rows, choices, pair_out)? };
+        Ok(())
     }
 }
 
@@ -721,6 +834,137 @@ mod gpu_tests {
                 bits(&fused.1),
                 "{case}: host against device rows"
             );
+        }
+    }
+
+    /// The routes planned on the device from the gate's choices (`plan_routes`): the host's
+    /// plan ([`crate::device::route_plan::plan_choices`]) exactly, from one row to a step of
+    /// 512 rows of top-8 over 256 experts.
+    #[test]
+    fn routes_planned_on_the_device_are_the_hosts() {
+        use crate::device::route_plan::plan_choices;
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::F32) else {
+            return;
+        };
+        for (rows, top_k, experts) in [(1, 8, 256), (5, 2, 8), (37, 6, 64), (512, 8, 256)] {
+            let mut chosen = Vec::new();
+            for r in 0..rows {
+                // Distinct per row, neither sorted nor in one pattern.
+                chosen
+                    .extend((0..top_k).map(|j| ((r * 37 + j * 101 + r * j * 7) % experts) as u32));
+                let row = &mut chosen[r * top_k..];
+                let mut seen = std::collections::BTreeSet::new();
+                for e in row.iter_mut() {
+                    while !seen.insert(*e) {
+                        *e = (*e + 1) % experts as u32;
+                    }
+                }
+            }
+            let weights: Vec<f32> = (0..chosen.len()).map(|p| (p % 17) as f32 * 0.125).collect();
+            let host = plan_choices(&chosen, &weights, rows, top_k, experts, 8).unwrap();
+            let device =
+                crate::gpu::device_routes::plan_on_device(&ctx, &chosen, &weights, top_k, experts)
+                    .unwrap();
+            assert_eq!(device, host, "{rows} rows of top-{top_k} over {experts}");
+        }
+    }
+
+    /// A layer's experts run from the gate's choices on the device (planned there, grouped
+    /// launches sized for the rows, not the routes) give the outputs of the same choices
+    /// routed on the host, bit for bit, pair for pair: FP8 kept as FP8 and the exact kernels
+    /// of `--deterministic` over f32 and bf16 weights, SiLU fused and not; cuBLAS experts
+    /// (not `--deterministic`) decline, and so does a set missing one expert of the layer.
+    #[test]
+    fn experts_following_choices_give_the_host_routed_outputs() {
+        use crate::gpu::device_routes::DeviceChoices;
+        let keep = crate::device::GpuFp8::Keep;
+        let cases = [
+            ("deepseek-v3-fp8-tiny", GpuDtype::F32, false),
+            ("deepseek-v3-fp8-tiny", GpuDtype::Bf16x2, true),
+            ("qwen3-moe-tiny", GpuDtype::F32, true),
+            ("mixtral-tiny", GpuDtype::Bf16x2, true),
+            ("qwen3-moe-tiny", GpuDtype::F32, false),
+        ];
+        for (fixture, dtype, deterministic) in cases {
+            let n = 21usize;
+            let LayerRows {
+                ckpt,
+                config,
+                layer,
+                hidden,
+                experts: e,
+                rows,
+            } = layer_rows(fixture, n);
+            let top_k = config.moe.top_k;
+            // The gate's order: neither sorted nor the same pattern in every row.
+            let mut chosen = Vec::new();
+            for r in 0..n as u32 {
+                let mut row: Vec<u32> = Vec::new();
+                let mut x = (r * 5 + 3) % e;
+                while row.len() < top_k {
+                    if !row.contains(&x) {
+                        row.push(x);
+                    }
+                    x = (x + 2 * r + 1) % e;
+                }
+                chosen.extend(row);
+            }
+            let weights: Vec<f32> = (0..chosen.len())
+                .map(|p| 0.1 + (p % 7) as f32 * 0.05)
+                .collect();
+            let mut routes = ExpertRoutes::with_capacity(n, chosen.len());
+            for r in 0..n {
+                let mut row: Vec<(u32, f32)> = (r * top_k..(r + 1) * top_k)
+                    .map(|p| (chosen[p], weights[p]))
+                    .collect();
+                routes.push_row(&mut row);
+            }
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            ctx.set_deterministic(deterministic);
+            let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+            let all = (0..e as usize).map(|x| (layer, x));
+            let set = ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, keep).unwrap();
+            let case = format!("{fixture} {dtype:?} deterministic {deterministic}");
+            let fp8 = fixture.contains("fp8");
+            let prepared = set
+                .prepare_choices_on_device(layer, e as usize, &ctx)
+                .unwrap();
+            assert_eq!(prepared, fp8 || deterministic, "{case}: prepared");
+            let partial = set.subset(|_, x| x != 1);
+            assert!(
+                !partial
+                    .prepare_choices_on_device(layer, e as usize, &ctx)
+                    .unwrap(),
+                "{case}: a set missing an expert declines"
+            );
+            if !prepared {
+                continue;
+            }
+            let stream = ctx.stream();
+            let device_rows = stream.clone_htod(&rows).unwrap();
+            let (d_chosen, d_weights) = (
+                stream.clone_htod(&chosen).unwrap(),
+                stream.clone_htod(&weights).unwrap(),
+            );
+            let choices = DeviceChoices {
+                experts: &d_chosen,
+                weights: &d_weights,
+                rows: n,
+                top_k,
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for fused in [true, false] {
+                ctx.set_fused_silu(fused);
+                let want = set.run_experts(layer, &rows, &routes).unwrap();
+                let mut pair_out = stream.alloc_zeros::<f32>(n * top_k * hidden).unwrap();
+                set.run_choices_on_device(layer, &device_rows, &choices, &mut pair_out)
+                    .unwrap();
+                let got = stream.clone_dtoh(&pair_out).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{case} (fused SiLU {fused})");
+            }
+            ctx.set_fused_silu(true);
         }
     }
 

@@ -14,6 +14,7 @@
 //! the `cuda` feature is a typed [`DeviceError`] at start-up, never a panic.
 
 pub mod grouped_tiles;
+pub mod route_plan;
 pub mod row_gemm;
 pub mod shapes;
 

@@ -359,6 +359,43 @@ pub trait DenseOps {
     ) -> Option<crate::error::Result<Self::F32>> {
         None
     }
+    /// Whether `layer`'s routed experts can run from the gate's choices where they lie
+    /// ([`Self::run_chosen_experts`]), inside a replayed segment: every one of the layer's
+    /// `num_experts` experts reachable on this device in a form whose grouped launch reads its
+    /// row counts from device memory (and whose rows do not change each other's results, so
+    /// padding rows may run too). Called before a step's segments (a device may upload tables
+    /// here, never inside a segment). `false` by default: the routes are read on the host.
+    fn experts_follow_choices(
+        &self,
+        _experts: &dyn ExpertBackend,
+        _layer: usize,
+        _num_experts: usize,
+    ) -> crate::error::Result<bool> {
+        Ok(false)
+    }
+    /// `layer`'s routed experts on the first `rows` rows of `normed`, from the gate's
+    /// choices as [`Self::top_k_into`] left them (`top_k` per row; rows `hidden` wide),
+    /// planned on the device:
+    /// `pair_out[r * top_k + j]` is row r's j-th expert in ascending id, its output times its
+    /// weight (the pair order of [`ExpertRoutes`]). Only where [`Self::experts_follow_choices`]
+    /// said so; launches only.
+    #[allow(clippy::too_many_arguments)]
+    fn run_chosen_experts(
+        &self,
+        _experts: &dyn ExpertBackend,
+        _layer: usize,
+        _normed: &Self::F32,
+        _chosen: &Self::Index,
+        _chosen_weights: &Self::F32,
+        _rows: usize,
+        _top_k: usize,
+        _hidden: usize,
+        _pair_out: &mut Self::F32,
+    ) -> crate::error::Result<()> {
+        Err(crate::error::ModelError::ExpertBackend(
+            "this device does not run routed experts from the gate's choices".into(),
+        ))
+    }
 }
 
 /// [`DenseOps::linear`] as the steps above make it (what a device that overrides it for some

@@ -35,6 +35,9 @@ pub struct HostDenseOps {
     /// Decode steps run as segments ([`DenseOps::run_segment`]), as with CUDA graphs: each
     /// segment's key, in the order run.
     segments: Option<std::sync::Mutex<Vec<SegmentKey>>>,
+    /// Run routed experts from the gate's choices, planned as the device plans them
+    /// ([`crate::device::route_plan`]), inside segments ([`DenseOps::run_chosen_experts`]).
+    experts_follow_choices: bool,
 }
 
 impl HostDenseOps {
@@ -52,6 +55,7 @@ impl HostDenseOps {
             keeps_fp8: false,
             fp8_matrices: AtomicUsize::new(0),
             segments: None,
+            experts_follow_choices: false,
         }
     }
 
@@ -76,6 +80,13 @@ impl HostDenseOps {
     /// kept ([`Self::segments_run`]).
     pub fn with_segments(mut self) -> Self {
         self.segments = Some(std::sync::Mutex::new(Vec::new()));
+        self
+    }
+
+    /// Routed experts from the gate's choices inside segments
+    /// ([`DenseOps::experts_follow_choices`]), as a GPU with FP8 or exact expert kernels.
+    pub fn with_experts_following_choices(mut self) -> Self {
+        self.experts_follow_choices = true;
         self
     }
 
@@ -201,6 +212,52 @@ impl DenseOps for HostDenseOps {
     ) -> Option<crate::error::Result<Vec<f32>>> {
         self.experts_in_place
             .then(|| experts.run_experts(layer, rows, routes))
+    }
+    fn experts_follow_choices(
+        &self,
+        _experts: &dyn ExpertBackend,
+        _layer: usize,
+        _num_experts: usize,
+    ) -> crate::error::Result<bool> {
+        Ok(self.experts_follow_choices)
+    }
+    fn run_chosen_experts(
+        &self,
+        experts: &dyn ExpertBackend,
+        layer: usize,
+        normed: &Vec<f32>,
+        chosen: &Vec<u32>,
+        chosen_weights: &Vec<f32>,
+        rows: usize,
+        top_k: usize,
+        hidden: usize,
+        pair_out: &mut Vec<f32>,
+    ) -> crate::error::Result<()> {
+        let pairs = rows * top_k;
+        let (Some(chosen), Some(weights)) = (chosen.get(..pairs), chosen_weights.get(..pairs))
+        else {
+            return Err(ModelError::InvalidRequest(
+                "choices past their buffers".into(),
+            ));
+        };
+        let num_experts = chosen.iter().max().map_or(0, |&e| e as usize + 1);
+        let planned =
+            crate::device::route_plan::plan_choices(chosen, weights, rows, top_k, num_experts, 8)
+                .map_err(|e| ModelError::InvalidRequest(e.to_string()))?;
+        let routes = ExpertRoutes {
+            offsets: (0..=rows).map(|r| (r * top_k) as u32).collect(),
+            experts: planned.pair_expert,
+            weights: planned.pair_weight,
+        };
+        let Some(own_rows) = normed.get(..rows * hidden) else {
+            return Err(ModelError::InvalidRequest("rows past their buffer".into()));
+        };
+        let out = experts.run_experts(layer, own_rows, &routes)?;
+        match pair_out.get_mut(..out.len()) {
+            Some(dst) => dst.copy_from_slice(&out),
+            None => return Err(ModelError::InvalidRequest("pairs past their buffer".into())),
+        }
+        Ok(())
     }
     fn scratch(&self, len: usize) -> Result<Vec<f32>, ModelError> {
         Ok(vec![f32::NAN; len])
@@ -1330,8 +1387,10 @@ mod tests {
     /// experts in place, at batch sizes that pad (3 to 4, 5 to 8) and that do not; the padding
     /// rows touch no sequence's cache (the later steps of every sequence still agree). Each
     /// step runs one segment, plus per MoE layer one (and one more for its shared experts);
-    /// prefills run as before.
-    fn segments_give_the_launched_logits(name: &str, in_place: bool) {
+    /// prefills run as before. With the routed experts following the gate's choices on the
+    /// device (planned as the `plan_routes` kernel plans them, padding rows routed too), a
+    /// step is one segment.
+    fn segments_give_the_launched_logits(name: &str, in_place: bool, following: bool) {
         let dir = fixture(name);
         let config = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
@@ -1341,7 +1400,11 @@ mod tests {
             false => HostDenseOps::exact(),
         };
         let launched = DeviceDenseModel::load(ops(), &ckpt, &config).unwrap();
-        let segmented = DeviceDenseModel::load(ops().with_segments(), &ckpt, &config).unwrap();
+        let segmenting = match following {
+            true => ops().with_segments().with_experts_following_choices(),
+            false => ops().with_segments(),
+        };
+        let segmented = DeviceDenseModel::load(segmenting, &ckpt, &config).unwrap();
         let vocab = config.vocab_size as u32;
         let models = [&launched, &segmented];
         let mut caches: Vec<Vec<SequenceCache>> = models
@@ -1349,7 +1412,10 @@ mod tests {
             .map(|m| (0..5).map(|_| m.new_cache()).collect())
             .collect();
         let shared = usize::from(config.moe.n_shared_experts > 0);
-        let per_step = 1 + config.moe_layer_indices().count() * (1 + shared);
+        let per_step = match following {
+            true => 1,
+            false => 1 + config.moe_layer_indices().count() * (1 + shared),
+        };
         let mut next: Vec<u32> = (0..5).map(|i| (i * 19 + 2) % vocab).collect();
         let prompts: Vec<Vec<u32>> = (0..5u32)
             .map(|i| (0..2 + i).map(|t| (t * 23 + i * 7 + 1) % vocab).collect())
@@ -1366,7 +1432,10 @@ mod tests {
                 .zip(caches.iter_mut())
                 .map(|(model, caches)| step_inputs(model, caches, &inputs, &experts))
                 .collect();
-            let what = format!("{name} (in place: {in_place}) step {step}, batch {batch}");
+            let what = format!(
+                "{name} (in place: {in_place}, following the choices: {following}) step {step}, \
+                 batch {batch}"
+            );
             assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
             let keys = segmented.ops().segments_run()[before..].to_vec();
             match batch {
@@ -1390,18 +1459,21 @@ mod tests {
 
     #[test]
     fn deepseek_v3_decode_segments_give_the_launched_logits() {
-        segments_give_the_launched_logits("deepseek-v3-tiny", false);
-        segments_give_the_launched_logits("deepseek-v3-tiny", true);
+        segments_give_the_launched_logits("deepseek-v3-tiny", false, false);
+        segments_give_the_launched_logits("deepseek-v3-tiny", true, false);
+        segments_give_the_launched_logits("deepseek-v3-tiny", true, true);
     }
 
     #[test]
     fn qwen3_moe_decode_segments_give_the_launched_logits() {
-        segments_give_the_launched_logits("qwen3-moe-tiny", true);
+        segments_give_the_launched_logits("qwen3-moe-tiny", true, false);
+        segments_give_the_launched_logits("qwen3-moe-tiny", false, true);
     }
 
     #[test]
     fn mixtral_decode_segments_give_the_launched_logits() {
-        segments_give_the_launched_logits("mixtral-tiny", false);
+        segments_give_the_launched_logits("mixtral-tiny", false, false);
+        segments_give_the_launched_logits("mixtral-tiny", true, true);
     }
 
     /// A decode segment's key names the device pool it reads: the same pool keeps its key

@@ -234,6 +234,36 @@ impl DenseOps for CudaDenseOps {
         experts.run_experts_on_device(layer, rows, routes)
     }
 
+    fn experts_follow_choices(
+        &self,
+        experts: &dyn crate::expert_backend::ExpertBackend,
+        layer: usize,
+        num_experts: usize,
+    ) -> crate::error::Result<bool> {
+        experts.prepare_choices_on_device(layer, num_experts, &self.ctx)
+    }
+
+    fn run_chosen_experts(
+        &self,
+        experts: &dyn crate::expert_backend::ExpertBackend,
+        layer: usize,
+        normed: &CudaSlice<f32>,
+        chosen: &CudaSlice<u32>,
+        chosen_weights: &CudaSlice<f32>,
+        rows: usize,
+        top_k: usize,
+        _hidden: usize,
+        pair_out: &mut CudaSlice<f32>,
+    ) -> crate::error::Result<()> {
+        let choices = super::device_routes::DeviceChoices {
+            experts: chosen,
+            weights: chosen_weights,
+            rows,
+            top_k,
+        };
+        experts.run_choices_on_device(layer, normed, &choices, pair_out)
+    }
+
     fn upload_f32(&self, values: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
         let _serial = self.ctx.lock()?;
         if values.is_empty() {
@@ -1802,6 +1832,7 @@ mod tests {
                 ("deepseek-v3-tiny", true, false),
                 ("qwen3-moe-tiny", false, false),
                 ("deepseek-v3-fp8-tiny", false, true),
+                ("deepseek-v3-fp8-tiny", true, true),
             ];
             for (name, in_place, keep_fp8) in cases {
                 let dir = crate::test_support::fixture_dir(name);
@@ -1811,7 +1842,18 @@ mod tests {
                     true => ExpertDevice::Gpu(Arc::clone(&ctx)),
                     false => ExpertDevice::Cpu,
                 };
-                let experts = ExpertSet::load_all_on(&ckpt, &config, &device).unwrap();
+                let fp8 = match keep_fp8 {
+                    true => crate::device::GpuFp8::Keep,
+                    false => crate::device::GpuFp8::Widen,
+                };
+                let all = config
+                    .moe_layer_indices()
+                    .flat_map(|l| (0..config.moe.num_experts).map(move |e| (l, e)));
+                let experts =
+                    ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, fp8).unwrap();
+                // The routed experts follow the gate's choices on the device (a step is one
+                // graph) where they are on this GPU and run row-independent grouped kernels.
+                let following = in_place && (keep_fp8 || deterministic);
                 let load = || {
                     let ops = CudaDenseOps::holding_fp8(Arc::clone(&ctx), keep_fp8);
                     DeviceDenseModel::load(ops, &ckpt, &config).unwrap()
@@ -1841,7 +1883,7 @@ mod tests {
                     }
                     let what = format!(
                         "{name} (deterministic: {deterministic}, experts in place: \
-                         {in_place}) step {step}, batch {batch}"
+                         {in_place}, FP8 kept: {keep_fp8}) step {step}, batch {batch}"
                     );
                     assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
                     for (i, row) in logits[1].iter().enumerate() {
@@ -1849,7 +1891,10 @@ mod tests {
                     }
                 }
                 let shared = usize::from(config.moe.n_shared_experts > 0);
-                let per_step = 1 + config.moe_layer_indices().count() * (1 + shared);
+                let per_step = match following {
+                    true => 1,
+                    false => 1 + config.moe_layer_indices().count() * (1 + shared),
+                };
                 let graphs = graphed.ops().graphs();
                 assert_eq!(graphs.failed(), 0, "{name}: captures that failed");
                 // Three buckets (8, 4, 1: the buffers sized for 8 from the start), each
@@ -1951,10 +1996,10 @@ mod tests {
         }
         let graphs = graphed.ops().graphs();
         assert_eq!(graphs.failed(), 0, "captures that failed");
-        let shared = usize::from(config.moe.n_shared_experts > 0);
-        let per_step = 1 + config.moe_layer_indices().count() * (1 + shared);
-        assert_eq!(graphs.captured(), 4 * per_step, "four buckets captured");
-        assert_eq!(graphs.held(), 4 * per_step);
+        // The experts, on this GPU and `--deterministic`, follow the gate's choices there: a
+        // step is one graph.
+        assert_eq!(graphs.captured(), 4, "four buckets captured");
+        assert_eq!(graphs.held(), 4);
         eprintln!("{prefills} prefills beside the decode steps");
     }
 

@@ -13,7 +13,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use super::buffer::{check_gemm_bounds, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::{GroupedLaunch, GroupedOutput, FP8_TILE_ROWS};
+use super::fp8_gemm::{GroupedOutput, FP8_TILE_ROWS};
+use super::grouped_launch::{GroupedWeights, UploadedTiles};
 use super::kernels::as_int;
 use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::row_gemm::RowGemm;
@@ -139,51 +140,13 @@ pub(crate) fn grouped_writing(
     out: &mut CudaSlice<f32>,
     output: GroupedOutput,
 ) -> Result<(), GpuError> {
-    let all_f32 = experts.iter().all(|e| matches!(e, GpuBuffer::F32(_)));
-    let all_bf16 = experts.iter().all(|e| matches!(e, GpuBuffer::Bf16(_)));
-    let sized = experts.iter().all(|e| e.len() >= n * k);
-    if !(all_f32 || all_bf16) || !sized || experts.len() != tiles.run_len.len() {
-        return Err(GpuError::Shape(format!(
-            "a grouped exact GEMM of {} experts [{n}, {k}] (one type: {}, sized: {sized}) over \
-             {} runs",
-            experts.len(),
-            all_f32 || all_bf16,
-            tiles.run_len.len(),
-        )));
-    }
     if experts.is_empty() {
         return Ok(());
     }
-    let width = output.width(n)?;
-    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (width, k), x, out)? else {
-        return Ok(());
-    };
-    let stream = ctx.stream();
-    let weights: Vec<u64> = experts.iter().map(|e| e.address(stream, 0)).collect();
-    let weights = stream.clone_htod(&weights)?;
-    let (x_stride, out_stride) = (k as i64, width as i64);
-    let runs = as_int(experts.len(), "experts")?;
-    let (n_i, k_i) = (as_int(width, "outputs")?, as_int(k, "k")?);
-    let kernels = ctx.kernels();
-    let function = match (output, all_f32) {
-        (GroupedOutput::Products, true) => &kernels.grouped_gemm_rows_exact_f32,
-        (GroupedOutput::Products, false) => &kernels.grouped_gemm_rows_exact_bf16,
-        (GroupedOutput::SiluMul, true) => &kernels.grouped_gate_up_silu_exact_f32,
-        (GroupedOutput::SiluMul, false) => &kernels.grouped_gate_up_silu_exact_bf16,
-    };
-    // SAFETY: every tile's rows lie within `slots` rows of x and out (checked by the launch),
-    // and every run's weights hold [n, k] values (checked above); `experts` keeps them alive
-    // while the work is queued on this stream.
-    unsafe {
-        let mut builder = stream.launch_builder(function);
-        builder.arg(x);
-        builder.arg(&x_stride);
-        builder.arg(&weights);
-        builder.arg(out);
-        builder.arg(&out_stride);
-        launch.run(builder, &runs, &n_i, &k_i)?;
-    }
-    Ok(())
+    let weights = GroupedWeights::exact(ctx, experts, (n, k))?;
+    let tiles = UploadedTiles::upload(ctx, tiles)?;
+    // SAFETY: `experts` keeps the weights alive while the work is queued on this stream.
+    unsafe { weights.launch(ctx, x, &tiles.tables(), out, output) }
 }
 
 /// The kernels against their host definition ([`RowGemm::run_host`]) and the CPU GEMM, bit

@@ -164,6 +164,22 @@ impl GpuMlp {
         })
     }
 
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn intermediate(&self) -> usize {
+        self.intermediate
+    }
+
+    pub(crate) fn gate_up(&self) -> &GpuBuffer {
+        &self.gate_up
+    }
+
+    pub(crate) fn down(&self) -> &GpuBuffer {
+        &self.down
+    }
+
     pub fn bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
     }

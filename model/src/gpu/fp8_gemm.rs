@@ -14,6 +14,7 @@ use cudarc::driver::{
 
 use super::context::GpuContext;
 use super::error::GpuError;
+use super::grouped_launch::{GroupedWeights, UploadedTiles};
 use super::kernels::as_int;
 use crate::backend::weight::Fp8Matrix;
 use crate::device::grouped_tiles::GroupedRowTiles;
@@ -284,6 +285,28 @@ impl DeviceFp8Matrix {
         self.values.device_ptr(stream).0
     }
 
+    pub(crate) fn scales_address(&self, stream: &cudarc::driver::CudaStream) -> u64 {
+        self.scales.device_ptr(stream).0
+    }
+
+    /// The segment starts' address and count.
+    pub(crate) fn segments_address(&self, stream: &cudarc::driver::CudaStream) -> (u64, usize) {
+        (
+            self.segment_starts.device_ptr(stream).0,
+            self.host_starts.len(),
+        )
+    }
+
+    /// Whether `self` can share a grouped launch with `other`: one matrix of the same shape
+    /// on the same segments.
+    pub(crate) fn groups_with(&self, other: &Self) -> bool {
+        self.n == other.n
+            && self.k == other.k
+            && self.heads == 1
+            && other.heads == 1
+            && self.host_starts == other.host_starts
+    }
+
     /// Device bytes held: the e4m3 bytes, the scales and the segment starts.
     pub fn bytes(&self) -> usize {
         self.values.len() + self.scales.len() * 4 + self.segment_starts.len() * 4
@@ -396,133 +419,13 @@ pub(crate) fn grouped_fp8(
     out: &mut CudaSlice<f32>,
     output: GroupedOutput,
 ) -> Result<(), GpuError> {
-    let Some(first) = experts.first() else {
+    if experts.is_empty() {
         return Ok(());
-    };
-    let (n, k) = (first.n, first.k);
-    let same_shape = experts
-        .iter()
-        .all(|e| e.n == n && e.k == k && e.heads == 1 && e.host_starts == first.host_starts);
-    if !same_shape || experts.len() != tiles.run_len.len() {
-        return Err(GpuError::Shape(format!(
-            "a grouped FP8 GEMM of {} experts (same shape: {same_shape}) over {} runs",
-            experts.len(),
-            tiles.run_len.len(),
-        )));
     }
-    let width = output.width(n)?;
-    let Some(launch) = GroupedLaunch::upload(ctx, tiles, (width, k), x, out)? else {
-        return Ok(());
-    };
-    let stream = ctx.stream();
-    let weights: Vec<u64> = experts
-        .iter()
-        .map(|e| e.values.device_ptr(stream).0)
-        .collect();
-    let scales: Vec<u64> = experts
-        .iter()
-        .map(|e| e.scales.device_ptr(stream).0)
-        .collect();
-    let (weights, scales) = (stream.clone_htod(&weights)?, stream.clone_htod(&scales)?);
-    let (x_stride, out_stride) = (k as i64, width as i64);
-    let segments = first.host_starts.len() as i32;
-    let runs = as_int(experts.len(), "experts")?;
-    let (width_i, k_i) = (as_int(width, "FP8 rows")?, as_int(k, "FP8 columns")?);
-    let function = match output {
-        GroupedOutput::Products => &ctx.kernels().grouped_gemm_rows_fp8,
-        GroupedOutput::SiluMul => &ctx.kernels().grouped_gate_up_silu_fp8,
-    };
-    // SAFETY: every tile's rows lie within `slots` rows of x and out (checked by the launch);
-    // each run's weights and scales are a live [n, k] matrix of the shared segments, kept
-    // alive by `experts` while the work is queued on this stream.
-    unsafe {
-        let mut builder = stream.launch_builder(function);
-        builder.arg(x);
-        builder.arg(&x_stride);
-        builder.arg(&weights);
-        builder.arg(&scales);
-        builder.arg(&first.segment_starts);
-        builder.arg(&segments);
-        builder.arg(out);
-        builder.arg(&out_stride);
-        launch.run(builder, &runs, &width_i, &k_i)?;
-    }
-    Ok(())
-}
-
-/// What every grouped launch (FP8 or exact) shares: its row tiles on the device and its
-/// grid, after checking the tiles against the input and output buffers.
-pub(crate) struct GroupedLaunch {
-    pub first_tile: CudaSlice<u32>,
-    pub run_start: CudaSlice<u32>,
-    pub run_len: CudaSlice<u32>,
-    pub config: LaunchConfig,
-}
-
-impl GroupedLaunch {
-    /// `None` when there is nothing to compute. `(n, k)`: each expert's matrix.
-    pub fn upload(
-        ctx: &GpuContext,
-        tiles: &GroupedRowTiles,
-        (n, k): (usize, usize),
-        x: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
-    ) -> Result<Option<Self>, GpuError> {
-        let slots = tiles.slots();
-        if tiles.tile_rows as usize != TILE_ROWS || x.len() < slots * k || out.len() < slots * n {
-            return Err(GpuError::Shape(format!(
-                "a grouped GEMM [{n}, {k}] with tiles of {} rows over {slots} slots, {} input \
-                 and {} output values",
-                tiles.tile_rows,
-                x.len(),
-                out.len()
-            )));
-        }
-        if tiles.tiles() == 0 || n == 0 {
-            return Ok(None);
-        }
-        if tiles.tiles() > 65_535 {
-            return Err(GpuError::Shape(format!(
-                "{} row tiles exceed a grouped GEMM's grid",
-                tiles.tiles()
-            )));
-        }
-        let stream = ctx.stream();
-        Ok(Some(Self {
-            first_tile: stream.clone_htod(&tiles.first_tile)?,
-            run_start: stream.clone_htod(&tiles.run_start)?,
-            run_len: stream.clone_htod(&tiles.run_len)?,
-            config: LaunchConfig {
-                grid_dim: (n.div_ceil(TILE_N) as u32, tiles.tiles() as u32, 1),
-                block_dim: ((TILE_N * TILE_ROWS) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        }))
-    }
-}
-
-impl GroupedLaunch {
-    /// Appends what every grouped kernel takes last (the tiles, the run count, n and k) to
-    /// `builder` and launches it.
-    ///
-    /// # Safety
-    /// As the kernel's launch: the arguments already pushed are the kernel's first ones, live,
-    /// and sized for these tiles.
-    pub unsafe fn run<'a>(
-        &'a self,
-        mut builder: cudarc::driver::LaunchArgs<'a>,
-        runs: &'a i32,
-        n: &'a i32,
-        k: &'a i32,
-    ) -> Result<(), GpuError> {
-        builder.arg(&self.first_tile);
-        builder.arg(&self.run_start);
-        builder.arg(&self.run_len);
-        builder.arg(runs).arg(n).arg(k);
-        // SAFETY: passed on from the caller.
-        unsafe { builder.launch(self.config)? };
-        Ok(())
-    }
+    let weights = GroupedWeights::fp8(ctx, experts)?;
+    let tiles = UploadedTiles::upload(ctx, tiles)?;
+    // SAFETY: `experts` keeps the weights alive while the work is queued on this stream.
+    unsafe { weights.launch(ctx, x, &tiles.tables(), out, output) }
 }
 
 /// A block per `TILE_N` outputs x `TILE_ROWS` rows, 256 threads.

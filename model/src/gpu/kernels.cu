@@ -1029,7 +1029,9 @@ __device__ __forceinline__ RunTile run_tile(const unsigned int* first_tile,
 
 // Every expert of a layer in one launch: slots (rows of x and out) in runs, one run per
 // expert, cut in tiles of FP8_TILE_ROWS (first_tile, run_start, run_len: the plan of
-// device/grouped_tiles.rs, on the device); run e's weights (and FP8 scales) at weights[e]
+// device/grouped_tiles.rs, on the device, first_tile with runs + 1 entries; the grid may be
+// larger than the plan's tiles, as where plan_routes made it, and its blocks past
+// first_tile[runs] do nothing); run e's weights (and FP8 scales) at weights[e]
 // (scales[e]), all [n_w, k] (FP8: on the same segments). Writes each weight row's products
 // (`row_tile`: out is [slots, n_w]), or with SILU the gate/up pass with SiLU-and-multiply
 // fused (`row_tile_silu`: the weights are gate rows then up rows, out is [slots, n_w / 2]).
@@ -1053,6 +1055,7 @@ __device__ __forceinline__ void grouped_fp8(
     const unsigned long long* scales, const int* segment_starts, int segments, float* out,
     long long out_stride, const unsigned int* first_tile, const unsigned int* run_start,
     const unsigned int* run_len, int runs, int n, int k) {
+    if (blockIdx.y >= first_tile[runs]) return;  // a grid sized for a plan made on the device
     const RunTile tile = run_tile(first_tile, run_start, run_len, runs);
     const Fp8Weights w = {(const unsigned char*)weights[tile.run],
                           (const float*)scales[tile.run], segment_starts, segments,
@@ -1088,6 +1091,7 @@ __device__ __forceinline__ void grouped_exact(const float* x, long long x_stride
                                               const unsigned int* run_start,
                                               const unsigned int* run_len, int runs, int n,
                                               int k) {
+    if (blockIdx.y >= first_tile[runs]) return;  // as in grouped_fp8
     const RunTile tile = run_tile(first_tile, run_start, run_len, runs);
     const W w = {(const T*)weights[tile.run], (long long)k};
     grouped_tile<SILU>(tile, x, x_stride, w, out, out_stride, n, k);
@@ -1125,4 +1129,77 @@ extern "C" __global__ void grouped_gemm_rows_exact_bf16(
     grouped_exact<false, Bf16Weights, unsigned short>(x, x_stride, weights, out, out_stride,
                                                       first_tile, run_start, run_len, runs, n,
                                                       k);
+}
+
+// --- A MoE layer's routes planned on the device (device/route_plan.rs, step for step) ---
+//
+// From the gate's choices ([rows, top_k] experts and weights, as moe_gate_topk leaves them):
+// each row's choices in ascending expert id (pair_expert, pair_weight: pair r * top_k + j),
+// one run of slots per expert of the layer (run_start, run_len; empty runs too), slots in
+// pair order within a run (row_of_slot, pair_of_slot), and the grouped GEMM's row tiles
+// (first_tile, experts + 1 entries). One block: rows sorted a thread each, then a thread per
+// expert counts its pairs and later places them, in pair order, so the plan never depends on
+// the threads' timing. Choices are the gate's own (every id below `experts`).
+#define PLAN_MAX_TOP_K 16
+extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* chosen_weight,
+                                       int rows, int top_k, int experts,
+                                       unsigned int* pair_expert, float* pair_weight,
+                                       unsigned int* row_of_slot, unsigned int* pair_of_slot,
+                                       unsigned int* first_tile, unsigned int* run_start,
+                                       unsigned int* run_len) {
+    const int pairs = rows * top_k;
+    // Slots an id past `experts` would leave unplaced still name row 0 and pair 0 (the gate
+    // never chooses one; a bad plan must not read or write past the buffers).
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        row_of_slot[p] = 0;
+        pair_of_slot[p] = 0;
+    }
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        unsigned int e[PLAN_MAX_TOP_K];
+        float w[PLAN_MAX_TOP_K];
+        for (int j = 0; j < top_k; ++j) {
+            const unsigned int ej = chosen[r * top_k + j];
+            const float wj = chosen_weight[r * top_k + j];
+            int i = j;
+            while (i > 0 && e[i - 1] > ej) {
+                e[i] = e[i - 1];
+                w[i] = w[i - 1];
+                --i;
+            }
+            e[i] = ej;
+            w[i] = wj;
+        }
+        for (int j = 0; j < top_k; ++j) {
+            pair_expert[r * top_k + j] = e[j];
+            pair_weight[r * top_k + j] = w[j];
+        }
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < experts; x += blockDim.x) {
+        unsigned int n = 0;
+        for (int p = 0; p < pairs; ++p) n += pair_expert[p] == (unsigned int)x ? 1u : 0u;
+        run_len[x] = n;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int start = 0, tile = 0;
+        for (int x = 0; x < experts; ++x) {
+            run_start[x] = start;
+            first_tile[x] = tile;
+            start += run_len[x];
+            tile += (run_len[x] + FP8_TILE_ROWS - 1) / FP8_TILE_ROWS;
+        }
+        first_tile[experts] = tile;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < experts; x += blockDim.x) {
+        unsigned int s = run_start[x];
+        for (int p = 0; p < pairs; ++p) {
+            if (pair_expert[p] == (unsigned int)x) {
+                row_of_slot[s] = (unsigned int)(p / top_k);
+                pair_of_slot[s] = (unsigned int)p;
+                ++s;
+            }
+        }
+    }
 }

@@ -49,10 +49,11 @@ pub struct Kernels {
     pub edit_logit_rows: CudaFunction,
     pub mask_logit_rows: CudaFunction,
     pub synthetic_e4m3: CudaFunction,
+    pub plan_routes: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 37] = [
+pub const KERNEL_NAMES: [&str; 38] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -90,6 +91,7 @@ pub const KERNEL_NAMES: [&str; 37] = [
     "edit_logit_rows",
     "mask_logit_rows",
     "synthetic_e4m3",
+    "plan_routes",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -158,6 +160,7 @@ impl Kernels {
             edit_logit_rows: f("edit_logit_rows")?,
             mask_logit_rows: f("mask_logit_rows")?,
             synthetic_e4m3: f("synthetic_e4m3")?,
+            plan_routes: f("plan_routes")?,
         })
     }
 }

@@ -64,6 +64,12 @@ pub(super) struct DecodeBuffers<O: DenseOps> {
     /// The routed experts' outputs, `[pairs, hidden]`, and each row's first pair.
     pair_out: O::F32,
     offsets: O::Index,
+    /// Row r's first pair at `r * top_k` for every row the buffers hold: the pairs of a layer
+    /// whose experts follow the gate's choices on the device (padding rows included).
+    every_row_offsets: O::Index,
+    /// Which MoE layers' experts followed the choices on the device when the segments were
+    /// last cut (another answer cuts them elsewhere: a new generation).
+    following: Vec<bool>,
     /// The shared experts' outputs.
     shared: O::F32,
     /// `[rows, vocab]`.
@@ -221,6 +227,9 @@ where
             chosen_weights: ops.scratch(rows * top_k)?,
             pair_out: ops.scratch(rows * top_k * h)?,
             offsets: index(rows + 1)?,
+            every_row_offsets: ops
+                .upload_index(&(0..=rows).map(|r| (r * top_k) as u32).collect::<Vec<_>>())?,
+            following: Vec::new(),
             shared: ops.scratch(rows * h)?,
             logits: ops.scratch(rows * vocab)?,
         })
@@ -253,6 +262,20 @@ where
             buffers.pool = reserved.pool;
             buffers.generation = self.decode.next_generation();
         }
+        // Asked before any segment runs (a device may upload its tables here).
+        let following = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| match &layer.ffn {
+                DeviceFfn::Moe(moe) => ops.experts_follow_choices(experts, l, moe.rule.num_experts),
+                DeviceFfn::Dense(_) => Ok(false),
+            })
+            .collect::<Result<Vec<bool>>>()?;
+        if following != buffers.following {
+            buffers.following = following;
+            buffers.generation = self.decode.next_generation();
+        }
         buffers.step.blocks.block_tokens = reserved.block_tokens;
         let mut ids: Vec<u32> = seqs.iter().map(|s| s.tokens[0]).collect();
         let mut row_pos: Vec<usize> = seqs.iter().map(|s| s.cache.len).collect();
@@ -282,10 +305,11 @@ where
         // The MoE layer whose routed and shared outputs the next segment adds first.
         let mut combine: Option<&DeviceMoe<O>> = None;
         loop {
-            // This segment ends with the gate of the next MoE layer, or with the logits.
+            // This segment ends with the gate of the next MoE layer whose routes the host
+            // reads, or with the logits.
             let gate = (first..layers).find_map(|l| match &self.layers[l].ffn {
-                DeviceFfn::Moe(moe) => Some((l, moe)),
-                DeviceFfn::Dense(_) => None,
+                DeviceFfn::Moe(moe) if !buffers.following[l] => Some((l, moe)),
+                _ => None,
             });
             let last = gate.map_or(layers, |(l, _)| l);
             let b = &mut *buffers;
@@ -303,9 +327,12 @@ where
                 for l in first..last {
                     let pool = &mut kv.pool;
                     self.attention_half_in(pool, l, &mut b.hidden, &mut b.normed, &b.step)?;
-                    if let DeviceFfn::Dense(mlp) = &self.layers[l].ffn {
-                        let out = self.mlp(mlp, &b.normed, rows)?;
-                        ops.add(&mut b.hidden, &out, rows * h)?;
+                    match &self.layers[l].ffn {
+                        DeviceFfn::Dense(mlp) => {
+                            let out = self.mlp(mlp, &b.normed, rows)?;
+                            ops.add(&mut b.hidden, &out, rows * h)?;
+                        }
+                        DeviceFfn::Moe(moe) => self.moe_on_device(moe, l, experts, b)?,
                     }
                 }
                 match gate {
@@ -375,6 +402,58 @@ where
         let mut logits = ops.scratch(n * vocab)?;
         ops.copy_prefix(&buffers.logits, &mut logits, n * vocab)?;
         Ok(logits)
+    }
+}
+
+impl<O> DeviceDenseModel<O>
+where
+    O: DenseOps,
+    O::F32: Send + 'static,
+    ModelError: From<O::Error>,
+{
+    /// MoE layer `l` inside a segment, its experts following the gate's choices on the
+    /// device: the gate and its top-k, the routed experts of every row the step holds
+    /// (padding rows too: they change no other row's result), the shared experts, and the
+    /// combine in pair order.
+    fn moe_on_device(
+        &self,
+        moe: &DeviceMoe<O>,
+        l: usize,
+        experts: &dyn ExpertBackend,
+        b: &mut DecodeBuffers<O>,
+    ) -> Result<()> {
+        let ops = &self.ops;
+        let (rows, h) = (b.step.rows, self.config.hidden_size);
+        let (rule, bias) = (&moe.rule, moe.correction_bias.as_ref());
+        let logits = ops.linear(&b.normed, rows, h, &moe.gate, rule.num_experts)?;
+        ops.top_k_into(
+            &logits,
+            bias,
+            rule,
+            rows,
+            &mut b.chosen,
+            &mut b.chosen_weights,
+        )?;
+        let (chosen, weights) = (&b.chosen, &b.chosen_weights);
+        let top_k = rule.top_k;
+        let pair_out = &mut b.pair_out;
+        ops.run_chosen_experts(
+            experts, l, &b.normed, chosen, weights, rows, top_k, h, pair_out,
+        )?;
+        let shared = match &moe.shared {
+            Some(mlp) => Some(self.mlp(mlp, &b.normed, rows)?),
+            None => None,
+        };
+        let offsets = &b.every_row_offsets;
+        ops.combine_add(
+            &mut b.hidden,
+            &b.pair_out,
+            offsets,
+            shared.as_ref(),
+            rows,
+            h,
+        )?;
+        Ok(())
     }
 }
 

@@ -1,0 +1,241 @@
+//! What every grouped launch (one launch for every expert of a layer: FP8 kept as FP8, or the
+//! exact kernels of `--deterministic`) shares: the experts' weights as a table of device
+//! addresses ([`GroupedWeights`]), and the row tiles ([`TileTables`]), planned on the host and
+//! uploaded ([`UploadedTiles`]) or planned on the device (`plan_routes`, so that no row count
+//! goes through the host and the launch can be part of a CUDA graph). The grid is sized for
+//! the tiles' bound; blocks past the plan's tiles do nothing.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::buffer::GpuBuffer;
+use super::context::GpuContext;
+use super::error::GpuError;
+use super::fp8_gemm::{DeviceFp8Matrix, GroupedOutput, FP8_TILE_ROWS};
+use super::kernels::as_int;
+use crate::device::grouped_tiles::GroupedRowTiles;
+
+/// Outputs per block (`FP8_TILE_N` in kernels.cu).
+const TILE_N: usize = 32;
+/// A grid's most row tiles (its y dimension).
+const MAX_TILES: usize = 65_535;
+
+/// A grouped launch's row tiles on the device: run `e`'s first tile, first slot and length
+/// (`first_tile` has `runs + 1` entries), for at most `tiles` tiles over `slots` slots.
+pub(crate) struct TileTables<'a> {
+    pub first_tile: &'a CudaSlice<u32>,
+    pub run_start: &'a CudaSlice<u32>,
+    pub run_len: &'a CudaSlice<u32>,
+    pub runs: usize,
+    pub tiles: usize,
+    pub slots: usize,
+}
+
+/// Tiles planned on the host ([`GroupedRowTiles`]), uploaded.
+pub(crate) struct UploadedTiles {
+    first_tile: CudaSlice<u32>,
+    run_start: CudaSlice<u32>,
+    run_len: CudaSlice<u32>,
+    runs: usize,
+    tiles: usize,
+    slots: usize,
+}
+
+impl UploadedTiles {
+    pub fn upload(ctx: &GpuContext, tiles: &GroupedRowTiles) -> Result<Self, GpuError> {
+        if tiles.tile_rows as usize != FP8_TILE_ROWS {
+            return Err(GpuError::Shape(format!(
+                "grouped tiles of {} rows, the kernels' are {FP8_TILE_ROWS}",
+                tiles.tile_rows
+            )));
+        }
+        let stream = ctx.stream();
+        let upload = |values: &[u32]| match values.is_empty() {
+            true => stream.alloc_zeros::<u32>(1),
+            false => stream.clone_htod(values),
+        };
+        Ok(Self {
+            first_tile: upload(&tiles.first_tile)?,
+            run_start: upload(&tiles.run_start)?,
+            run_len: upload(&tiles.run_len)?,
+            runs: tiles.run_len.len(),
+            tiles: tiles.tiles(),
+            slots: tiles.slots(),
+        })
+    }
+
+    pub fn tables(&self) -> TileTables<'_> {
+        TileTables {
+            first_tile: &self.first_tile,
+            run_start: &self.run_start,
+            run_len: &self.run_len,
+            runs: self.runs,
+            tiles: self.tiles,
+            slots: self.slots,
+        }
+    }
+}
+
+/// How the kernel reads each run's weights.
+enum WeightForm {
+    /// e4m3 bytes with a table of each run's scales, on shared segments (`segment_starts`'
+    /// address, `segments` of them).
+    Fp8 {
+        scales: CudaSlice<u64>,
+        segment_starts: u64,
+        segments: i32,
+    },
+    F32,
+    Bf16,
+}
+
+/// The experts of a grouped launch, run `e`'s `[n, k]` row-major weights at `weights[e]`.
+/// Holds addresses, not the experts: whoever launches keeps them alive.
+pub(crate) struct GroupedWeights {
+    weights: CudaSlice<u64>,
+    form: WeightForm,
+    runs: usize,
+    n: usize,
+    k: usize,
+}
+
+impl GroupedWeights {
+    /// FP8 experts, all the same shape on the same segments.
+    pub fn fp8(ctx: &GpuContext, experts: &[&DeviceFp8Matrix]) -> Result<Self, GpuError> {
+        let Some(first) = experts.first() else {
+            return Err(GpuError::Shape("a grouped FP8 GEMM of no experts".into()));
+        };
+        let (n, k) = (first.rows(), first.cols());
+        if !experts.iter().all(|e| e.groups_with(first)) {
+            return Err(GpuError::Shape(format!(
+                "a grouped FP8 GEMM of {} experts not all [{n}, {k}] on the same segments",
+                experts.len()
+            )));
+        }
+        let stream = ctx.stream();
+        let weights: Vec<u64> = experts.iter().map(|e| e.values_address(stream)).collect();
+        let scales: Vec<u64> = experts.iter().map(|e| e.scales_address(stream)).collect();
+        let (segment_starts, segments) = first.segments_address(stream);
+        Ok(Self {
+            weights: stream.clone_htod(&weights)?,
+            form: WeightForm::Fp8 {
+                scales: stream.clone_htod(&scales)?,
+                segment_starts,
+                segments: as_int(segments, "FP8 segments")?,
+            },
+            runs: experts.len(),
+            n,
+            k,
+        })
+    }
+
+    /// f32 or bf16 experts (the exact kernels), each holding at least `[n, k]`.
+    pub fn exact(
+        ctx: &GpuContext,
+        experts: &[&GpuBuffer],
+        (n, k): (usize, usize),
+    ) -> Result<Self, GpuError> {
+        let all_f32 = experts.iter().all(|e| matches!(e, GpuBuffer::F32(_)));
+        let all_bf16 = experts.iter().all(|e| matches!(e, GpuBuffer::Bf16(_)));
+        let sized = experts.iter().all(|e| e.len() >= n * k);
+        if experts.is_empty() || !(all_f32 || all_bf16) || !sized {
+            return Err(GpuError::Shape(format!(
+                "a grouped exact GEMM of {} experts [{n}, {k}] (one type: {}, sized: {sized})",
+                experts.len(),
+                all_f32 || all_bf16,
+            )));
+        }
+        let stream = ctx.stream();
+        let weights: Vec<u64> = experts.iter().map(|e| e.address(stream, 0)).collect();
+        Ok(Self {
+            weights: stream.clone_htod(&weights)?,
+            form: match all_f32 {
+                true => WeightForm::F32,
+                false => WeightForm::Bf16,
+            },
+            runs: experts.len(),
+            n,
+            k,
+        })
+    }
+
+    /// `out[slots, width]` from `x[slots, k]`: each tile's rows times its run's weights, one
+    /// FMA chain per output (bitwise each expert's CPU GEMM), writing `output`.
+    ///
+    /// # Safety
+    /// The experts these weights were made from are alive until the launch has run.
+    pub unsafe fn launch(
+        &self,
+        ctx: &GpuContext,
+        x: &CudaSlice<f32>,
+        tiles: &TileTables<'_>,
+        out: &mut CudaSlice<f32>,
+        output: GroupedOutput,
+    ) -> Result<(), GpuError> {
+        let (n, k) = (self.n, self.k);
+        let width = output.width(n)?;
+        let slots = tiles.slots;
+        if tiles.runs != self.runs || x.len() < slots * k || out.len() < slots * width {
+            return Err(GpuError::Shape(format!(
+                "a grouped GEMM of {} experts [{n}, {k}] over {} runs of {slots} slots, {} \
+                 input and {} output values",
+                self.runs,
+                tiles.runs,
+                x.len(),
+                out.len()
+            )));
+        }
+        if tiles.tiles > MAX_TILES {
+            return Err(GpuError::Shape(format!(
+                "{} row tiles exceed a grouped GEMM's grid",
+                tiles.tiles
+            )));
+        }
+        if tiles.tiles == 0 || width == 0 {
+            return Ok(());
+        }
+        let config = LaunchConfig {
+            grid_dim: (width.div_ceil(TILE_N) as u32, tiles.tiles as u32, 1),
+            block_dim: ((TILE_N * FP8_TILE_ROWS) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (x_stride, out_stride) = (k as i64, width as i64);
+        let runs = as_int(self.runs, "experts")?;
+        let (width_i, k_i) = (as_int(width, "outputs")?, as_int(k, "k")?);
+        let kernels = ctx.kernels();
+        let silu = output == GroupedOutput::SiluMul;
+        let function = match (&self.form, silu) {
+            (WeightForm::Fp8 { .. }, false) => &kernels.grouped_gemm_rows_fp8,
+            (WeightForm::Fp8 { .. }, true) => &kernels.grouped_gate_up_silu_fp8,
+            (WeightForm::F32, false) => &kernels.grouped_gemm_rows_exact_f32,
+            (WeightForm::F32, true) => &kernels.grouped_gate_up_silu_exact_f32,
+            (WeightForm::Bf16, false) => &kernels.grouped_gemm_rows_exact_bf16,
+            (WeightForm::Bf16, true) => &kernels.grouped_gate_up_silu_exact_bf16,
+        };
+        let stream = ctx.stream();
+        let mut builder = stream.launch_builder(function);
+        builder.arg(x);
+        builder.arg(&x_stride);
+        builder.arg(&self.weights);
+        if let WeightForm::Fp8 {
+            scales,
+            segment_starts,
+            segments,
+        } = &self.form
+        {
+            builder.arg(scales);
+            builder.arg(segment_starts);
+            builder.arg(segments);
+        }
+        builder.arg(out);
+        builder.arg(&out_stride);
+        builder.arg(tiles.first_tile);
+        builder.arg(tiles.run_start);
+        builder.arg(tiles.run_len);
+        builder.arg(&runs).arg(&width_i).arg(&k_i);
+        // SAFETY: every tile's rows lie within `slots` rows of x and out (the tables' contract,
+        // checked above against the buffers), each run's weights are a live [n, k] matrix (the
+        // caller's contract), the tables have `runs` (+ 1) entries.
+        unsafe { builder.launch(config)? };
+        Ok(())
+    }
+}
