@@ -20,6 +20,7 @@ use crate::config::{Gating, ModelConfig};
 use crate::dense_step::{
     logit_rows, pick_for, split_logits, validate_step, Pick, StepOutput, StepSequence,
 };
+use crate::device::route_plan::MAX_PLANNED_TOP_K;
 use crate::device::shapes::HeadView;
 use crate::device::MatrixPrecision;
 use crate::error::{ModelError, Result};
@@ -559,6 +560,9 @@ where
         let h = self.config.hidden_size;
         let rule = &moe.rule;
         let logits = ops.linear(normed, rows, h, &moe.gate, rule.num_experts)?;
+        if rows <= replayed::MAX_REPLAYED_ROWS && self.experts_follow_choices(l, moe, experts)? {
+            return self.moe_from_choices(l, moe, &logits, normed, hidden, rows, experts);
+        }
         let (chosen, weights) = ops.top_k(&logits, moe.correction_bias.as_ref(), rule, rows)?;
         let routes = routes_from_choices(&chosen, &weights, rule.top_k, rows)?;
         let (pair_out, shared_out) = match ops.experts_in_place(experts, l, normed, &routes) {
@@ -580,6 +584,61 @@ where
         };
         check_pair_values(ops.len_of(&pair_out), &routes, h)?;
         let offsets = ops.upload_index(&routes.offsets)?;
+        ops.combine_add(hidden, &pair_out, &offsets, shared_out.as_ref(), rows, h)?;
+        Ok(())
+    }
+
+    /// Whether layer `l`'s routed experts can follow the gate's choices on this device
+    /// ([`DenseOps::experts_follow_choices`]; at most [`MAX_PLANNED_TOP_K`] choices a row).
+    fn experts_follow_choices(
+        &self,
+        l: usize,
+        moe: &DeviceMoe<O>,
+        experts: &dyn ExpertBackend,
+    ) -> Result<bool> {
+        let rule = &moe.rule;
+        Ok(rule.top_k <= MAX_PLANNED_TOP_K
+            && self
+                .ops
+                .experts_follow_choices(experts, l, rule.num_experts)?)
+    }
+
+    /// [`Self::moe`] with the routed experts following the gate's choices on the device: a
+    /// decode-sized step then reads nothing on the host between its embeddings and logits.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_from_choices(
+        &self,
+        l: usize,
+        moe: &DeviceMoe<O>,
+        logits: &O::F32,
+        normed: &O::F32,
+        hidden: &mut O::F32,
+        rows: usize,
+        experts: &dyn ExpertBackend,
+    ) -> Result<()> {
+        let ops = &self.ops;
+        let (h, rule) = (self.config.hidden_size, &moe.rule);
+        let pairs = rows * rule.top_k;
+        let mut chosen = ops.upload_index(&vec![0; pairs])?;
+        let mut weights = ops.scratch(pairs)?;
+        let bias = moe.correction_bias.as_ref();
+        ops.top_k_into(logits, bias, rule, rows, &mut chosen, &mut weights)?;
+        let mut pair_out = ops.scratch(pairs * h)?;
+        let top_k = rule.top_k;
+        ops.run_chosen_experts(
+            experts,
+            l,
+            normed,
+            &chosen,
+            &weights,
+            rows,
+            top_k,
+            h,
+            &mut pair_out,
+        )?;
+        let shared_out = self.shared_out(moe, normed, rows)?;
+        let offsets: Vec<u32> = (0..=rows).map(|r| (r * top_k) as u32).collect();
+        let offsets = ops.upload_index(&offsets)?;
         ops.combine_add(hidden, &pair_out, &offsets, shared_out.as_ref(), rows, h)?;
         Ok(())
     }

@@ -360,11 +360,13 @@ pub trait DenseOps {
         None
     }
     /// Whether `layer`'s routed experts can run from the gate's choices where they lie
-    /// ([`Self::run_chosen_experts`]), inside a replayed segment: every one of the layer's
+    /// ([`Self::run_chosen_experts`]), with no routes read on the host (so inside a replayed
+    /// segment too): every one of the layer's
     /// `num_experts` experts reachable on this device in a form whose grouped launch reads its
     /// row counts from device memory (and whose rows do not change each other's results, so
-    /// padding rows may run too). Called before a step's segments (a device may upload tables
-    /// here, never inside a segment). `false` by default: the routes are read on the host.
+    /// padding rows may run too). Called before a step's segments or MoE layer (a device may
+    /// upload tables here, never inside a segment). `false` by default: the routes are read on
+    /// the host.
     fn experts_follow_choices(
         &self,
         _experts: &dyn ExpertBackend,

@@ -1457,6 +1457,51 @@ mod tests {
         }
     }
 
+    /// Launched steps (no segments) whose routed experts follow the gate's choices on the
+    /// device (planned as `plan_routes` plans them, no routes read on the host) give the
+    /// logits of routing on the host, bit for bit: prefills of several rows and decode steps
+    /// of one to five sequences.
+    #[test]
+    fn launched_steps_following_the_choices_give_the_host_routed_logits() {
+        for name in ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"] {
+            let dir = fixture(name);
+            let config = ModelConfig::from_dir(&dir).unwrap();
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let experts = ExpertSet::load_all_on(&ckpt, &config, &Default::default()).unwrap();
+            let routed = DeviceDenseModel::load(HostDenseOps::exact(), &ckpt, &config).unwrap();
+            let ops = HostDenseOps::exact().with_experts_following_choices();
+            let following = DeviceDenseModel::load(ops, &ckpt, &config).unwrap();
+            let models = [&routed, &following];
+            let mut caches: Vec<Vec<SequenceCache>> = models
+                .iter()
+                .map(|m| (0..5).map(|_| m.new_cache()).collect())
+                .collect();
+            let vocab = config.vocab_size as u32;
+            let mut next: Vec<u32> = (0..5).map(|i| (i * 13 + 5) % vocab).collect();
+            let prompts: Vec<Vec<u32>> = (0..5u32)
+                .map(|i| (0..3 + i).map(|t| (t * 31 + i * 11 + 2) % vocab).collect())
+                .collect();
+            for (step, batch) in [0usize, 5, 2, 1, 4].into_iter().enumerate() {
+                let inputs: Vec<Vec<u32>> = match batch {
+                    0 => prompts.clone(),
+                    n => next[..n].iter().map(|&t| vec![t]).collect(),
+                };
+                let logits: Vec<_> = models
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(model, caches)| step_inputs(model, caches, &inputs, &experts))
+                    .collect();
+                assert!(
+                    logits[0] == logits[1],
+                    "{name} step {step}, batch {batch}: the same logits bitwise"
+                );
+                for (i, row) in logits[1].iter().enumerate() {
+                    next[i] = crate::backend::ops::argmax(row) as u32;
+                }
+            }
+        }
+    }
+
     #[test]
     fn deepseek_v3_decode_segments_give_the_launched_logits() {
         segments_give_the_launched_logits("deepseek-v3-tiny", false, false);

@@ -268,7 +268,7 @@ where
             .iter()
             .enumerate()
             .map(|(l, layer)| match &layer.ffn {
-                DeviceFfn::Moe(moe) => ops.experts_follow_choices(experts, l, moe.rule.num_experts),
+                DeviceFfn::Moe(moe) => self.experts_follow_choices(l, moe, experts),
                 DeviceFfn::Dense(_) => Ok(false),
             })
             .collect::<Result<Vec<bool>>>()?;
