@@ -528,7 +528,14 @@ impl ExpertSet {
             None => None,
         };
         let entry = match &tables {
-            Some(t) => FollowingChoices::Ready(Arc::clone(t)),
+            Some(t) => {
+                tracing::debug!(
+                    layer,
+                    experts = num_experts,
+                    "routed experts follow the gate's choices on the GPU (routes planned there)"
+                );
+                FollowingChoices::Ready(Arc::clone(t))
+            }
             None => FollowingChoices::Declined { deterministic },
         };
         cache.insert(layer, entry);
