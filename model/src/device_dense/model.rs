@@ -559,10 +559,18 @@ where
         let ops = &self.ops;
         let h = self.config.hidden_size;
         let rule = &moe.rule;
-        let logits = ops.linear(normed, rows, h, &moe.gate, rule.num_experts)?;
         if rows <= replayed::MAX_REPLAYED_ROWS && self.experts_follow_choices(l, moe, experts)? {
-            return self.moe_from_choices(l, moe, &logits, normed, hidden, rows, experts);
+            let pairs = rows * rule.top_k;
+            let offsets: Vec<u32> = (0..=rows).map(|r| (r * rule.top_k) as u32).collect();
+            let buffers = ChoiceBuffers {
+                chosen: &mut ops.upload_index(&vec![0; pairs])?,
+                weights: &mut ops.scratch(pairs)?,
+                pair_out: &mut ops.scratch(pairs * h)?,
+                offsets: &ops.upload_index(&offsets)?,
+            };
+            return self.moe_following(l, moe, normed, hidden, rows, experts, buffers);
         }
+        let logits = ops.linear(normed, rows, h, &moe.gate, rule.num_experts)?;
         let (chosen, weights) = ops.top_k(&logits, moe.correction_bias.as_ref(), rule, rows)?;
         let routes = routes_from_choices(&chosen, &weights, rule.top_k, rows)?;
         let (pair_out, shared_out) = match ops.experts_in_place(experts, l, normed, &routes) {
@@ -603,43 +611,32 @@ where
                 .experts_follow_choices(experts, l, rule.num_experts)?)
     }
 
-    /// [`Self::moe`] with the routed experts following the gate's choices on the device: a
-    /// decode-sized step then reads nothing on the host between its embeddings and logits.
+    /// [`Self::moe`] with the routed experts following the gate's choices on the device
+    /// ([`Self::experts_follow_choices`]): the gate, its top-k, the routed experts of every
+    /// row, the shared experts and the combine in pair order, with nothing read on the host,
+    /// so a launched step synchronises only for its logits and a replayed one is one graph.
     #[allow(clippy::too_many_arguments)]
-    fn moe_from_choices(
+    fn moe_following(
         &self,
         l: usize,
         moe: &DeviceMoe<O>,
-        logits: &O::F32,
         normed: &O::F32,
         hidden: &mut O::F32,
         rows: usize,
         experts: &dyn ExpertBackend,
+        b: ChoiceBuffers<'_, O>,
     ) -> Result<()> {
         let ops = &self.ops;
         let (h, rule) = (self.config.hidden_size, &moe.rule);
-        let pairs = rows * rule.top_k;
-        let mut chosen = ops.upload_index(&vec![0; pairs])?;
-        let mut weights = ops.scratch(pairs)?;
+        let logits = ops.linear(normed, rows, h, &moe.gate, rule.num_experts)?;
         let bias = moe.correction_bias.as_ref();
-        ops.top_k_into(logits, bias, rule, rows, &mut chosen, &mut weights)?;
-        let mut pair_out = ops.scratch(pairs * h)?;
-        let top_k = rule.top_k;
+        ops.top_k_into(&logits, bias, rule, rows, b.chosen, b.weights)?;
+        let (chosen, weights, top_k) = (&*b.chosen, &*b.weights, rule.top_k);
         ops.run_chosen_experts(
-            experts,
-            l,
-            normed,
-            &chosen,
-            &weights,
-            rows,
-            top_k,
-            h,
-            &mut pair_out,
+            experts, l, normed, chosen, weights, rows, top_k, h, b.pair_out,
         )?;
         let shared_out = self.shared_out(moe, normed, rows)?;
-        let offsets: Vec<u32> = (0..=rows).map(|r| (r * top_k) as u32).collect();
-        let offsets = ops.upload_index(&offsets)?;
-        ops.combine_add(hidden, &pair_out, &offsets, shared_out.as_ref(), rows, h)?;
+        ops.combine_add(hidden, b.pair_out, b.offsets, shared_out.as_ref(), rows, h)?;
         Ok(())
     }
 
@@ -690,6 +687,16 @@ where
         self.ops.silu_mul(&gate_up, &mut act, rows, mlp.inter)?;
         Ok(self.ops.linear(&act, rows, mlp.inter, &mlp.down, h)?)
     }
+}
+
+/// Where [`DeviceDenseModel::moe_following`] leaves the gate's choices (`[rows, top_k]`) and
+/// the routed experts' outputs (`[rows * top_k, hidden]`), and each row's first pair
+/// (`r * top_k`).
+struct ChoiceBuffers<'a, O: DenseOps> {
+    chosen: &'a mut O::Index,
+    weights: &'a mut O::F32,
+    pair_out: &'a mut O::F32,
+    offsets: &'a O::Index,
 }
 
 /// The feed-forward half of `layer`: a dense MLP, or the MoE gate with its shared experts.

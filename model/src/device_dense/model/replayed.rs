@@ -15,7 +15,7 @@
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{DeviceDenseModel, DeviceFfn, DeviceMoe};
+use super::{ChoiceBuffers, DeviceDenseModel, DeviceFfn, DeviceMoe};
 use crate::dense_step::StepSequence;
 use crate::device::shapes::HeadView;
 use crate::device_dense::ops::{CacheBlocks, DenseOps, DeviceStep, SegmentKey};
@@ -332,7 +332,17 @@ where
                             let out = self.mlp(mlp, &b.normed, rows)?;
                             ops.add(&mut b.hidden, &out, rows * h)?;
                         }
-                        DeviceFfn::Moe(moe) => self.moe_on_device(moe, l, experts, b)?,
+                        DeviceFfn::Moe(moe) => {
+                            // Padding rows too: they change no other row's result.
+                            let buffers = ChoiceBuffers {
+                                chosen: &mut b.chosen,
+                                weights: &mut b.chosen_weights,
+                                pair_out: &mut b.pair_out,
+                                offsets: &b.every_row_offsets,
+                            };
+                            let (normed, hidden) = (&b.normed, &mut b.hidden);
+                            self.moe_following(l, moe, normed, hidden, rows, experts, buffers)?
+                        }
                     }
                 }
                 match gate {
@@ -402,58 +412,6 @@ where
         let mut logits = ops.scratch(n * vocab)?;
         ops.copy_prefix(&buffers.logits, &mut logits, n * vocab)?;
         Ok(logits)
-    }
-}
-
-impl<O> DeviceDenseModel<O>
-where
-    O: DenseOps,
-    O::F32: Send + 'static,
-    ModelError: From<O::Error>,
-{
-    /// MoE layer `l` inside a segment, its experts following the gate's choices on the
-    /// device: the gate and its top-k, the routed experts of every row the step holds
-    /// (padding rows too: they change no other row's result), the shared experts, and the
-    /// combine in pair order.
-    fn moe_on_device(
-        &self,
-        moe: &DeviceMoe<O>,
-        l: usize,
-        experts: &dyn ExpertBackend,
-        b: &mut DecodeBuffers<O>,
-    ) -> Result<()> {
-        let ops = &self.ops;
-        let (rows, h) = (b.step.rows, self.config.hidden_size);
-        let (rule, bias) = (&moe.rule, moe.correction_bias.as_ref());
-        let logits = ops.linear(&b.normed, rows, h, &moe.gate, rule.num_experts)?;
-        ops.top_k_into(
-            &logits,
-            bias,
-            rule,
-            rows,
-            &mut b.chosen,
-            &mut b.chosen_weights,
-        )?;
-        let (chosen, weights) = (&b.chosen, &b.chosen_weights);
-        let top_k = rule.top_k;
-        let pair_out = &mut b.pair_out;
-        ops.run_chosen_experts(
-            experts, l, &b.normed, chosen, weights, rows, top_k, h, pair_out,
-        )?;
-        let shared = match &moe.shared {
-            Some(mlp) => Some(self.mlp(mlp, &b.normed, rows)?),
-            None => None,
-        };
-        let offsets = &b.every_row_offsets;
-        ops.combine_add(
-            &mut b.hidden,
-            &b.pair_out,
-            offsets,
-            shared.as_ref(),
-            rows,
-            h,
-        )?;
-        Ok(())
     }
 }
 
