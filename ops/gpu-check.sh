@@ -20,7 +20,7 @@
 #                              (tok/s, TTFT, ITL p50/p99), beside the bandwidth bound; a run
 #                              of its own (bound 560 s: 210 + 120 to load the router + 210).
 #
-# Checks, each bounded by a timeout (the bounds add up to 535 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 685 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -32,7 +32,9 @@
 #      part's rows in place): f32 and bf16x2 (the default: bf16 weights, activations as two
 #      bf16 terms) within 2e-3, the FP8 fixture among them (its weights widened to f32 on the
 #      device in both), and bf16x2 again with the decode steps as CUDA graphs
-#      (`--cuda-graphs`). Plain bf16 is not run against the goldens: its host emulation
+#      (`--cuda-graphs`), with `--deterministic` (f32) and with bf16 experts on our tensor-core
+#      kernel (`--gpu-expert-gemm tensor-cores`, the FP8 fixture's experts kept as FP8 on it),
+#      the routed experts inside the graphs. Plain bf16 is not run against the goldens: its host emulation
 #      (tests/golden.rs, bf16_device_numerics) already shows it moving logits by up to 6.6 on
 #      these fixtures (docs/gpu.md);
 #   3. `moe generate --device cuda:0 --gpu-dtype f32` gives the CPU's tokens, on a fixture and
@@ -56,10 +58,12 @@
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
 #      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
-# Benchmarks (`bench`; bounds add up to 495 s):
+# Benchmarks (`bench`; bounds add up to 705 s, a normal run far less):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM; then the
-#      same with each pass's expert GEMMs in one grouped cuBLAS call (`--expert-gemm grouped`);
+#      same with each pass's expert GEMMs in one grouped cuBLAS call (`--expert-gemm grouped`),
+#      and in one launch of our tensor-core kernel (`--expert-gemm tensor-cores`, bf16 and
+#      `--fp8`);
 #   2. the same with the experts kept as FP8 (the grouped FP8 kernel, SiLU fused into the
 #      gate/up pass, then apart from it to compare), and with bf16 experts through the exact
 #      kernels (`--deterministic`), with the weights' device memory;
@@ -68,7 +72,9 @@
 #   4. what launching 500 small kernels one by one costs against replaying them as one
 #      captured CUDA graph (`moe gpu-bench --launches 500`);
 #   5. what `--cuda-graphs` gains a whole model's decode steps: `moe bench` at batch 1, 8
-#      and 32 on the generated small preset, with and without.
+#      and 32 on the generated small preset, with and without; with `--deterministic` (the
+#      routed experts inside the graph); with bf16 experts on our tensor-core kernel (inside
+#      the graph too).
 # Not covered here: `--transport nccl` in a running cluster (NCCL refuses two ranks on one
 # GPU: it needs a GPU per process).
 set -uo pipefail
@@ -175,6 +181,7 @@ check "golden tests, whole model on cuda:0, f32 (2e-3)" 55 env MOE_TEST_DEVICE=c
 check "golden tests, whole model on cuda:0, bf16x2 (2e-3)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, bf16x2, decode steps as CUDA graphs (--cuda-graphs)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_TEST_CUDA_GRAPHS=1 "$UNPACKED/golden" --test-threads=1 --nocapture
 check "golden tests, f32, --cuda-graphs --deterministic (routed experts inside the graphs)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=f32 MOE_TEST_CUDA_GRAPHS=1 MOE_TEST_DETERMINISTIC=1 "$UNPACKED/golden" --test-threads=1 --nocapture
+check "golden tests, bf16x2, bf16 and FP8 experts on our tensor-core kernel inside the graphs (--gpu-expert-gemm tensor-cores --gpu-fp8 keep --cuda-graphs)" 55 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_TEST_CUDA_GRAPHS=1 MOE_TEST_GPU_EXPERT_GEMM=tensor-cores MOE_TEST_GPU_FP8=keep "$UNPACKED/golden" --test-threads=1 --nocapture
 
 same_tokens() {
   set -eo pipefail
@@ -312,6 +319,14 @@ with_and_without() { # a switch of moe bench (then other flags for both runs): t
   done
 }
 
+tensor_core_steps() { # the with_and_without model, --cuda-graphs on, bf16 experts on the tensor cores
+  set -eo pipefail
+  local model=/tmp/moe-$BENCH_PRESET-bf16
+  [ -d $model ] || "$UNPACKED/moe" gen-checkpoint --arch deepseek_v3 --preset $BENCH_PRESET --dtype bf16 --out $model >/dev/null
+  echo "--cuda-graphs=true --gpu-expert-gemm tensor-cores"
+  "$UNPACKED/moe" bench --model $model --device cuda:0 --batch 1,8,32 --prompt-len 64 --gen 32 --cuda-graphs=true --gpu-expert-gemm tensor-cores
+}
+
 # DeepSeek-V3's shapes on a GPU; on the emulator, shapes it gets through in seconds (what that
 # checks: the benchmark's code and this script's reading of it, not a figure).
 # (Exported as words: each check runs in a child bash, which takes no arrays.)
@@ -325,6 +340,8 @@ export BENCH_SHAPES BENCH_PRESET
 if [ "$PART" = bench ]; then
   check "expert-FFN benchmark (moe gpu-bench)" 90 gpu_bench gpu-bench
   check "expert FFN, one grouped cuBLAS call per pass (moe gpu-bench --expert-gemm grouped)" 45 gpu_bench gpu-bench-grouped --expert-gemm grouped --iters 5
+  check "expert FFN, our tensor-core kernel, one launch per pass (moe gpu-bench --expert-gemm tensor-cores)" 45 gpu_bench gpu-bench-tensor-cores --expert-gemm tensor-cores --iters 5
+  check "expert FFN, FP8 experts on our tensor-core kernel (moe gpu-bench --fp8 --expert-gemm tensor-cores)" 45 gpu_bench gpu-bench-fp8-tensor-cores --fp8 --expert-gemm tensor-cores --iters 5
   check "expert FFN, experts kept as FP8 (moe gpu-bench --fp8)" 60 gpu_bench gpu-bench-fp8 --fp8 --lanes 4 --iters 5
   check "expert FFN, FP8, SiLU apart from the gate/up pass (moe gpu-bench --fp8 --fused-silu=false)" 60 gpu_bench gpu-bench-fp8-unfused --fp8 --fused-silu=false --lanes 4 --iters 5
   check "expert FFN, exact kernels (moe gpu-bench --deterministic)" 60 gpu_bench gpu-bench-exact --deterministic --lanes 4 --iters 5
@@ -333,6 +350,7 @@ if [ "$PART" = bench ]; then
     "$UNPACKED/moe" gpu-bench --launches 500 --iters 20
   check "decode steps as CUDA graphs: their gain (moe bench --cuda-graphs, $BENCH_PRESET preset, bf16x2)" 80 with_and_without cuda-graphs
   check "a decode step as one CUDA graph, routed experts inside (moe bench --cuda-graphs --deterministic)" 80 with_and_without cuda-graphs --deterministic
+  check "bf16 experts on our tensor-core kernel, inside the decode graph (moe bench --cuda-graphs --gpu-expert-gemm tensor-cores)" 40 tensor_core_steps
 fi
 
 if [ "$PART" = serving ]; then

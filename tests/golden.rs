@@ -8,7 +8,9 @@
 //! the host emulation in `bf16_device_numerics` predicts it does not meet on these fixtures).
 //! `MOE_TEST_CUDA_GRAPHS=1` runs the GPU's decode steps as CUDA graphs (`--cuda-graphs`);
 //! `MOE_TEST_DETERMINISTIC=1` runs its GEMMs through the exact kernels (`--deterministic`), with
-//! which the routed experts follow the gate's choices on the device, inside the graphs.
+//! which the routed experts follow the gate's choices on the device, inside the graphs;
+//! `MOE_TEST_GPU_EXPERT_GEMM=tensor-cores` runs bf16 experts on our tensor-core kernel (which
+//! follows the choices too), and with `MOE_TEST_GPU_FP8=keep` the FP8 fixture's experts too.
 
 use moe_model::device::{Device, GpuDtype};
 use moe_model::experts::ExpertDevice;
@@ -38,6 +40,15 @@ fn target() -> Target {
     }
     if std::env::var("MOE_TEST_DETERMINISTIC").is_ok_and(|v| v == "1") {
         moe_model::device::set_process_gpu_deterministic(true);
+    }
+    if std::env::var("MOE_TEST_GPU_FP8").is_ok_and(|v| v == "keep") {
+        moe_model::device::set_process_gpu_fp8(moe_model::device::GpuFp8::Keep);
+    }
+    if let Ok(mode) = std::env::var("MOE_TEST_GPU_EXPERT_GEMM") {
+        let mode = mode
+            .parse()
+            .unwrap_or_else(|e| panic!("MOE_TEST_GPU_EXPERT_GEMM: {e}"));
+        moe_model::device::set_process_gpu_expert_gemm(mode);
     }
     let experts_on = device
         .open_experts(dtype)

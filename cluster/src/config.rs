@@ -147,8 +147,11 @@ pub struct DeviceArgs {
     pub cuda_graphs: bool,
     /// How a GPU runs a MoE layer's expert GEMMs (bf16 and f32 experts; FP8 kept as FP8 and
     /// `--deterministic` use their own kernels): `lanes` (one cuBLAS GEMM per expert, spread
-    /// over streams) or `grouped` (all experts of a pass in one `cublasGemmGroupedBatchedEx`
-    /// call, cuBLAS 12.5 or later; experimental until `ops/gpu-check.sh bench` has measured it).
+    /// over streams), `grouped` (all experts of a pass in one `cublasGemmGroupedBatchedEx`
+    /// call, cuBLAS 12.5 or later) or `tensor-cores` (bf16 experts, and FP8 ones kept as FP8,
+    /// in the `bf16` and `bf16x2` modes through our own tensor-core kernel, one launch a pass,
+    /// batch-invariant, inside a decode step's CUDA graph; compute capability 8.0 or later).
+    /// The last two are experimental until `ops/gpu-check.sh` has run them on a GPU.
     #[arg(long, env = "MOE_GPU_EXPERT_GEMM", default_value = "lanes")]
     pub gpu_expert_gemm: moe_model::device::ExpertGemm,
 }
@@ -177,6 +180,9 @@ impl DeviceArgs {
                 }
                 if self.cuda_graphs {
                     modes.push("CUDA graphs".into());
+                }
+                if self.gpu_expert_gemm != moe_model::device::ExpertGemm::Lanes {
+                    modes.push(format!("expert GEMMs {}", self.gpu_expert_gemm));
                 }
                 format!("{gpu} ({})", modes.join(", "))
             }

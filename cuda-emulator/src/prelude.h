@@ -77,3 +77,46 @@ template <typename A, typename B>
 inline auto max(A a, B b) -> decltype(a + b) {
     return a < b ? (decltype(a + b))b : (decltype(a + b))a;
 }
+
+// mma.m16n8k16 over a warp (bf16 inputs, f32 accumulation), in place of the inline PTX of
+// kernels.cu's mma_bf16_16816, whose fragment layout it reads: each thread publishes its
+// fragments, the block meets at a barrier (the kernels that use it run the same steps in
+// every warp), each thread computes its own four outputs from its warp's fragments, products
+// exact and summed in k order (a tensor core's order of summation is its own), and the block
+// meets again before the fragments are published anew.
+#define MOE_EMULATED_MMA
+struct EmuMmaFragments {
+    unsigned int a[4];
+    unsigned int b[2];
+};
+inline float emu_bf16_half(unsigned int reg, bool upper) {
+    return __uint_as_float((upper ? reg >> 16 : reg & 0xffffu) << 16);
+}
+inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+    static thread_local EmuMmaFragments published[1024];
+    const unsigned int tid =
+        threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    for (int i = 0; i < 4; ++i) published[tid].a[i] = a[i];
+    for (int i = 0; i < 2; ++i) published[tid].b[i] = b[i];
+    emu_syncthreads();
+    const unsigned int warp0 = tid / 32 * 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    // A(m, k): lane (m % 8) * 4 + (k % 8) / 2, register (m >= 8) + 2 (k >= 8).
+    auto a_at = [&](int m, int k) {
+        const EmuMmaFragments& f = published[warp0 + (m % 8) * 4 + (k % 8) / 2];
+        return emu_bf16_half(f.a[(m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], (k & 1) != 0);
+    };
+    // B(k, n): lane n * 4 + (k % 8) / 2, register (k >= 8).
+    auto b_at = [&](int k, int n) {
+        const EmuMmaFragments& f = published[warp0 + n * 4 + (k % 8) / 2];
+        return emu_bf16_half(f.b[k >= 8 ? 1 : 0], (k & 1) != 0);
+    };
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int m = (int)g + (i >= 2 ? 8 : 0), n = 2 * (int)t + (i & 1);
+        float sum = d[i];
+        for (int k = 0; k < 16; ++k) sum = std::fma(a_at(m, k), b_at(k, n), sum);
+        out[i] = sum;
+    }
+    emu_syncthreads();
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}

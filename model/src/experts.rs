@@ -155,9 +155,11 @@ pub struct ExpertSet {
 #[cfg(feature = "cuda")]
 enum FollowingChoices {
     Ready(Arc<crate::gpu::device_routes::ChoiceFollowingExperts>),
-    /// Not possible while the context's `--deterministic` stays as it was when asked.
+    /// Not possible while the context's `--deterministic` and tensor-core experts stay as
+    /// they were when asked.
     Declined {
         deterministic: bool,
+        tensor_cores: bool,
     },
 }
 
@@ -504,14 +506,17 @@ impl ExpertSet {
         if !std::ptr::eq(own.as_ref(), ctx) {
             return Ok(None);
         }
-        let deterministic = ctx.deterministic();
+        let (deterministic, tensor_cores) = (ctx.deterministic(), ctx.tensor_core_experts());
         let mut cache = self.following.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get(&layer) {
             Some(FollowingChoices::Ready(tables)) => {
                 let fits = tables.experts() == num_experts && tables.usable(ctx);
                 return Ok(fits.then(|| Arc::clone(tables)));
             }
-            Some(FollowingChoices::Declined { deterministic: d }) if *d == deterministic => {
+            Some(FollowingChoices::Declined {
+                deterministic: d,
+                tensor_cores: t,
+            }) if (*d, *t) == (deterministic, tensor_cores) => {
                 return Ok(None);
             }
             _ => {}
@@ -536,7 +541,10 @@ impl ExpertSet {
                 );
                 FollowingChoices::Ready(Arc::clone(t))
             }
-            None => FollowingChoices::Declined { deterministic },
+            None => FollowingChoices::Declined {
+                deterministic,
+                tensor_cores,
+            },
         };
         cache.insert(layer, entry);
         Ok(tables)
@@ -728,10 +736,11 @@ mod gpu_tests {
         }
     }
 
-    /// `--gpu-expert-gemm grouped`: a pass's expert GEMMs in one grouped cuBLAS call give the
-    /// outputs of one call per expert on the lanes (cuBLAS's products either way: within its
-    /// tolerance), in every mode (Mixtral's bf16 weights take the bf16x2 mode's two calls),
-    /// with experts of 1 to 13 rows and from device rows.
+    /// `--gpu-expert-gemm grouped` and `tensor-cores`: a pass's expert GEMMs in one grouped
+    /// cuBLAS call, or one launch of our tensor-core kernel, give the outputs of one call per
+    /// expert on the lanes (within cuBLAS's tolerance: the sums' order differs), in every mode
+    /// (Mixtral's bf16 weights take the bf16x2 mode's two products), with experts of 1 to 13
+    /// rows and from device rows.
     #[test]
     fn grouped_expert_gemms_give_the_per_expert_outputs() {
         for fixture in ["qwen3-moe-tiny", "mixtral-tiny"] {
@@ -766,25 +775,32 @@ mod gpu_tests {
                 &ExpertDevice::Gpu(Arc::clone(&ctx)),
             )
             .unwrap();
-            ctx.set_grouped_expert_gemm(false);
+            use crate::device::ExpertGemm;
+            ctx.set_expert_gemm(ExpertGemm::Lanes);
             let lanes = set.run_experts(layer, &rows, &routes).unwrap();
-            ctx.set_grouped_expert_gemm(true);
-            let grouped = set.run_experts(layer, &rows, &routes).unwrap();
-            let worst = crate::compare::max_abs_diff(&grouped, &lanes);
-            assert!(
-                worst <= 1e-5,
-                "{fixture} {dtype:?}: grouped GEMMs differ by {worst}"
-            );
-            let device_rows = ctx.stream().clone_htod(&rows).unwrap();
-            let out = set
-                .run_experts_on_device(layer, &device_rows, &routes)
-                .expect("a GPU set takes rows on its device")
-                .unwrap();
-            let on_device = ctx.stream().clone_dtoh(&out).unwrap();
-            let worst = crate::compare::max_abs_diff(&on_device, &lanes);
-            let why = "grouped, device rows differ by";
-            assert!(worst <= 1e-5, "{fixture} {dtype:?}: {why} {worst}");
-            eprintln!("{fixture} {dtype:?}: grouped vs per-expert GEMMs: max difference {worst:e}");
+            // Our tensor-core kernel (bf16 experts; f32 ones stay on the lanes) sums in
+            // another order than cuBLAS, as the grouped call may.
+            for mode in [ExpertGemm::Grouped, ExpertGemm::TensorCores] {
+                ctx.set_expert_gemm(mode);
+                let grouped = set.run_experts(layer, &rows, &routes).unwrap();
+                let worst = crate::compare::max_abs_diff(&grouped, &lanes);
+                assert!(
+                    worst <= 1e-5,
+                    "{fixture} {dtype:?}: {mode} differs by {worst}"
+                );
+                let device_rows = ctx.stream().clone_htod(&rows).unwrap();
+                let out = set
+                    .run_experts_on_device(layer, &device_rows, &routes)
+                    .expect("a GPU set takes rows on its device")
+                    .unwrap();
+                let on_device = ctx.stream().clone_dtoh(&out).unwrap();
+                let worst = crate::compare::max_abs_diff(&on_device, &lanes);
+                let why = "device rows differ by";
+                assert!(worst <= 1e-5, "{fixture} {dtype:?}: {mode}, {why} {worst}");
+                eprintln!(
+                    "{fixture} {dtype:?}: {mode} vs per-expert GEMMs: max difference {worst:e}"
+                );
+            }
         }
     }
 
@@ -868,31 +884,70 @@ mod gpu_tests {
                 }
             }
             let weights: Vec<f32> = (0..chosen.len()).map(|p| (p % 17) as f32 * 0.125).collect();
-            let host = plan_choices(&chosen, &weights, rows, top_k, experts, 8).unwrap();
-            let device =
-                crate::gpu::device_routes::plan_on_device(&ctx, &chosen, &weights, top_k, experts)
-                    .unwrap();
-            assert_eq!(device, host, "{rows} rows of top-{top_k} over {experts}");
+            // The grouped FP8 and exact kernels' tiles, and the tensor-core kernel's.
+            for tile_rows in [8, 32] {
+                let host =
+                    plan_choices(&chosen, &weights, rows, top_k, experts, tile_rows).unwrap();
+                let device = crate::gpu::device_routes::plan_on_device(
+                    &ctx, &chosen, &weights, top_k, experts, tile_rows,
+                )
+                .unwrap();
+                let case =
+                    format!("{rows} rows of top-{top_k} over {experts}, tiles of {tile_rows}");
+                assert_eq!(device, host, "{case}");
+            }
         }
     }
 
     /// A layer's experts run from the gate's choices on the device (planned there, grouped
     /// launches sized for the rows, not the routes) give the outputs of the same choices
     /// routed on the host, bit for bit, pair for pair: FP8 kept as FP8 and the exact kernels
-    /// of `--deterministic` over f32 and bf16 weights, SiLU fused and not; cuBLAS experts
-    /// (not `--deterministic`) decline, and so does a set missing one expert of the layer.
+    /// of `--deterministic` over f32 and bf16 weights, bf16 experts on the tensor-core kernel
+    /// (bf16 and bf16x2), SiLU fused and not; cuBLAS experts (neither) decline, and so does a
+    /// set missing one expert of the layer.
     #[test]
     fn experts_following_choices_give_the_host_routed_outputs() {
         use crate::gpu::device_routes::DeviceChoices;
         let keep = crate::device::GpuFp8::Keep;
+        use crate::device::ExpertGemm;
+        // (fixture, numerics, --deterministic, --gpu-expert-gemm)
         let cases = [
-            ("deepseek-v3-fp8-tiny", GpuDtype::F32, false),
-            ("deepseek-v3-fp8-tiny", GpuDtype::Bf16x2, true),
-            ("qwen3-moe-tiny", GpuDtype::F32, true),
-            ("mixtral-tiny", GpuDtype::Bf16x2, true),
-            ("qwen3-moe-tiny", GpuDtype::F32, false),
+            (
+                "deepseek-v3-fp8-tiny",
+                GpuDtype::F32,
+                false,
+                ExpertGemm::Lanes,
+            ),
+            (
+                "deepseek-v3-fp8-tiny",
+                GpuDtype::Bf16x2,
+                true,
+                ExpertGemm::Lanes,
+            ),
+            ("qwen3-moe-tiny", GpuDtype::F32, true, ExpertGemm::Lanes),
+            ("mixtral-tiny", GpuDtype::Bf16x2, true, ExpertGemm::Lanes),
+            ("qwen3-moe-tiny", GpuDtype::F32, false, ExpertGemm::Lanes),
+            (
+                "mixtral-tiny",
+                GpuDtype::Bf16x2,
+                false,
+                ExpertGemm::TensorCores,
+            ),
+            (
+                "mixtral-tiny",
+                GpuDtype::Bf16,
+                false,
+                ExpertGemm::TensorCores,
+            ),
+            ("mixtral-tiny", GpuDtype::Bf16x2, false, ExpertGemm::Grouped),
+            (
+                "qwen3-moe-tiny",
+                GpuDtype::Bf16x2,
+                false,
+                ExpertGemm::TensorCores,
+            ),
         ];
-        for (fixture, dtype, deterministic) in cases {
+        for (fixture, dtype, deterministic, expert_gemm) in cases {
             let n = 21usize;
             let LayerRows {
                 ckpt,
@@ -930,15 +985,22 @@ mod gpu_tests {
                 return;
             };
             ctx.set_deterministic(deterministic);
+            ctx.set_expert_gemm(expert_gemm);
             let device = ExpertDevice::Gpu(Arc::clone(&ctx));
             let all = (0..e as usize).map(|x| (layer, x));
             let set = ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, keep).unwrap();
-            let case = format!("{fixture} {dtype:?} deterministic {deterministic}");
+            let case = format!("{fixture} {dtype:?} deterministic {deterministic} {expert_gemm}");
             let fp8 = fixture.contains("fp8");
+            // Only bf16 experts run on the tensor cores (the Qwen3 fixture is f32).
+            let tensor_cores = expert_gemm == ExpertGemm::TensorCores && fixture == "mixtral-tiny";
             let prepared = set
                 .prepare_choices_on_device(layer, e as usize, &ctx)
                 .unwrap();
-            assert_eq!(prepared, fp8 || deterministic, "{case}: prepared");
+            assert_eq!(
+                prepared,
+                fp8 || deterministic || tensor_cores,
+                "{case}: prepared"
+            );
             let partial = set.subset(|_, x| x != 1);
             assert!(
                 !partial

@@ -41,11 +41,13 @@ pub struct GpuBenchArgs {
     /// GEMMs through the exact, batch-invariant kernels (`--deterministic`'s).
     #[arg(long)]
     pub deterministic: bool,
-    /// The experts' cuBLAS GEMMs: `lanes` (one per expert, over `--lanes` streams) or
-    /// `grouped` (one `cublasGemmGroupedBatchedEx` call per pass; lanes do not apply).
+    /// The experts' GEMMs: `lanes` (one cuBLAS GEMM per expert, over `--lanes` streams),
+    /// `grouped` (one `cublasGemmGroupedBatchedEx` call per pass) or `tensor-cores` (our
+    /// tensor-core kernel, one launch per pass); lanes apply to `lanes` only.
     #[arg(long, env = "MOE_GPU_EXPERT_GEMM", default_value = "lanes")]
     pub expert_gemm: ExpertGemm,
-    /// Where our own grouped kernels run the gate/up pass (`--fp8`, `--deterministic`), fuse
+    /// Where our own grouped kernels run the gate/up pass (`--fp8`, `--deterministic`,
+    /// `--expert-gemm tensor-cores`), fuse
     /// SiLU-and-multiply into it; `--fused-silu=false` runs the two apart, to compare.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub fused_silu: bool,
@@ -120,8 +122,8 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
     ctx.set_deterministic(args.deterministic);
     ctx.set_fused_silu(args.fused_silu);
     let grouped = args.expert_gemm == ExpertGemm::Grouped;
-    ctx.set_grouped_expert_gemm(grouped);
-    if grouped {
+    ctx.set_expert_gemm(args.expert_gemm);
+    if args.expert_gemm != ExpertGemm::Lanes {
         // One call per pass: the lanes are not used, so one case per token count.
         cases.retain(|&(lanes, _)| lanes == default_lanes);
     }
@@ -174,6 +176,8 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
             ", exact kernels"
         } else if grouped {
             ", one grouped cuBLAS call per pass"
+        } else if args.expert_gemm == ExpertGemm::TensorCores {
+            ", our tensor-core kernel, one launch per pass"
         } else {
             ""
         }

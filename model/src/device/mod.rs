@@ -176,6 +176,13 @@ pub enum ExpertGemm {
     /// Every expert of a pass in one `cublasGemmGroupedBatchedEx` call (one launch, whatever
     /// the number of experts). Experimental until `ops/gpu-check.sh bench` has measured it.
     Grouped,
+    /// Every expert of a pass in one launch of our own tensor-core kernel (bf16 experts, and
+    /// FP8 ones kept as FP8, in the `bf16` and `bf16x2` modes, compute capability 8.0 or
+    /// later): batch-invariant, its
+    /// row counts read on the device (so a decode step's experts can be part of its CUDA
+    /// graph), SiLU-and-multiply fused into the gate/up pass. Experimental until
+    /// `ops/gpu-check.sh` has run it on a GPU.
+    TensorCores,
 }
 
 impl fmt::Display for ExpertGemm {
@@ -183,6 +190,7 @@ impl fmt::Display for ExpertGemm {
         f.write_str(match self {
             ExpertGemm::Lanes => "lanes",
             ExpertGemm::Grouped => "grouped",
+            ExpertGemm::TensorCores => "tensor-cores",
         })
     }
 }
@@ -191,31 +199,45 @@ impl FromStr for ExpertGemm {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "lanes" => Ok(ExpertGemm::Lanes),
-            "grouped" => Ok(ExpertGemm::Grouped),
-            _ => Err(format!(
-                "unknown --gpu-expert-gemm {s:?}: expected lanes or grouped"
-            )),
-        }
+        let wanted = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.to_string() == wanted)
+            .ok_or_else(|| {
+                format!("unknown --gpu-expert-gemm {s:?}: expected lanes, grouped or tensor-cores")
+            })
     }
 }
 
-static PROCESS_GPU_GROUPED_GEMM: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+static PROCESS_GPU_EXPERT_GEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Makes every GPU this process opens run its experts' GEMMs as `mode` says.
 pub fn set_process_gpu_expert_gemm(mode: ExpertGemm) {
-    PROCESS_GPU_GROUPED_GEMM.store(
-        mode == ExpertGemm::Grouped,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    PROCESS_GPU_EXPERT_GEMM.store(mode.code(), std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn process_gpu_expert_gemm() -> ExpertGemm {
-    match PROCESS_GPU_GROUPED_GEMM.load(std::sync::atomic::Ordering::Relaxed) {
-        true => ExpertGemm::Grouped,
-        false => ExpertGemm::Lanes,
+    ExpertGemm::from_code(PROCESS_GPU_EXPERT_GEMM.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+impl ExpertGemm {
+    const ALL: [ExpertGemm; 3] = [
+        ExpertGemm::Lanes,
+        ExpertGemm::Grouped,
+        ExpertGemm::TensorCores,
+    ];
+
+    /// The mode as one byte, for the atomics that hold it.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The mode of [`ExpertGemm::code`] (an unknown byte: the default).
+    pub fn from_code(code: u8) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.code() == code)
+            .unwrap_or_default()
     }
 }
 
@@ -305,6 +327,11 @@ mod tests {
         assert_eq!("grouped".parse(), Ok(ExpertGemm::Grouped));
         assert_eq!(" LANES".parse(), Ok(ExpertGemm::Lanes));
         assert!("cutlass".parse::<ExpertGemm>().is_err());
+        for mode in ExpertGemm::ALL {
+            assert_eq!(mode.to_string().parse(), Ok(mode));
+            assert_eq!(ExpertGemm::from_code(mode.code()), mode);
+        }
+        assert_eq!("Tensor-Cores".parse(), Ok(ExpertGemm::TensorCores));
         assert_eq!(ExpertGemm::default().to_string(), "lanes");
     }
 

@@ -1,6 +1,6 @@
 //! The process's GPU: context, stream, cuBLAS handle and compiled kernels.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
@@ -8,7 +8,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::error::GpuError;
 use super::kernels::Kernels;
-use crate::device::{Device, DeviceError, DeviceInfo, GpuDtype};
+use crate::device::{Device, DeviceError, DeviceInfo, ExpertGemm, GpuDtype};
 
 /// Streams (each with its own cuBLAS handle) that the per-expert GEMMs of one batch are spread
 /// over by default: one expert's GEMM is too small to fill an H200 (256 rows x 4096 outputs is
@@ -53,9 +53,11 @@ pub struct GpuContext {
     kernels: Kernels,
     /// GEMMs through the exact, batch-invariant kernels (`--deterministic`).
     deterministic: AtomicBool,
-    /// A pass's expert GEMMs in one grouped cuBLAS call instead of one call per expert on
-    /// the lanes (`--gpu-expert-gemm grouped`).
-    grouped_expert_gemm: AtomicBool,
+    /// How a pass's expert GEMMs run where neither FP8 kept nor `--deterministic` picks our
+    /// kernels (`--gpu-expert-gemm`, an [`crate::device::ExpertGemm`] code).
+    expert_gemm: AtomicU8,
+    /// Compute capability 8.0 or later: the `mma.sync` bf16 tensor-core instructions.
+    tensor_cores: bool,
     /// The experts' gate/up pass and SiLU-and-multiply in one kernel where our own grouped
     /// kernels run it (FP8 kept as FP8, `--deterministic`); off only to compare.
     fused_silu: AtomicBool,
@@ -162,7 +164,8 @@ impl GpuContext {
                 Ok(GemmLane { stream, blas })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
-        let kernels = Kernels::compile(&ctx, ctx.compute_capability()?)?;
+        let capability = ctx.compute_capability()?;
+        let kernels = Kernels::compile(&ctx, capability)?;
         tracing::info!(device = %Device::Cuda(ordinal), %name, %dtype, "GPU backend ready");
         Ok(Arc::new(Self {
             device: Device::Cuda(ordinal),
@@ -174,9 +177,8 @@ impl GpuContext {
             lanes_in_use: AtomicUsize::new(GEMM_LANES),
             kernels,
             deterministic: AtomicBool::new(crate::device::process_gpu_deterministic()),
-            grouped_expert_gemm: AtomicBool::new(
-                crate::device::process_gpu_expert_gemm() == crate::device::ExpertGemm::Grouped,
-            ),
+            expert_gemm: AtomicU8::new(crate::device::process_gpu_expert_gemm().code()),
+            tensor_cores: capability.0 >= 8,
             fused_silu: AtomicBool::new(true),
             serial: Mutex::new(()),
             cuda_graphs: AtomicBool::new(crate::device::process_gpu_cuda_graphs()),
@@ -206,15 +208,25 @@ impl GpuContext {
         self.deterministic.store(on, Ordering::Relaxed);
     }
 
-    /// Whether a pass's expert GEMMs go to cuBLAS in one grouped call (see
-    /// [`crate::device::ExpertGemm`]).
-    pub fn grouped_expert_gemm(&self) -> bool {
-        self.grouped_expert_gemm.load(Ordering::Relaxed)
+    /// How a pass's expert GEMMs run (see [`crate::device::ExpertGemm`]).
+    pub fn expert_gemm(&self) -> ExpertGemm {
+        ExpertGemm::from_code(self.expert_gemm.load(Ordering::Relaxed))
     }
 
-    /// Runs later passes' expert GEMMs in one grouped call (`on`) or one call per expert.
-    pub fn set_grouped_expert_gemm(&self, on: bool) {
-        self.grouped_expert_gemm.store(on, Ordering::Relaxed);
+    /// Runs later passes' expert GEMMs as `mode` says.
+    pub fn set_expert_gemm(&self, mode: ExpertGemm) {
+        self.expert_gemm.store(mode.code(), Ordering::Relaxed);
+    }
+
+    /// Whether a pass's expert GEMMs go to cuBLAS in one grouped call.
+    pub fn grouped_expert_gemm(&self) -> bool {
+        self.expert_gemm() == ExpertGemm::Grouped
+    }
+
+    /// Whether bf16 experts run on our tensor-core kernel: asked for, on a GPU that has the
+    /// instructions, and not `--deterministic` (whose exact kernels take precedence).
+    pub fn tensor_core_experts(&self) -> bool {
+        self.tensor_cores && !self.deterministic() && self.expert_gemm() == ExpertGemm::TensorCores
     }
 
     /// Whether the experts' gate/up pass fuses SiLU-and-multiply where our kernels run it.

@@ -1816,13 +1816,12 @@ mod tests {
     /// `--cuda-graphs`: decode steps captured per batch-size bucket and replayed give the
     /// logits of launching them, bit for bit, with cuBLAS and with `--deterministic`, with the
     /// experts on the same GPU (rows in place) and through host copies, FP8 matrices kept as
-    /// FP8 (`--gpu-fp8 keep`) and widened, at batch sizes that
-    /// pad (3 to 4, 5 to 8) and that do not. A bucket's segments run as launched at its first
-    /// step, are captured at its second and replayed after; no capture fails.
+    /// FP8 (`--gpu-fp8 keep`) and widened, bf16 experts on our tensor-core kernel (in place:
+    /// inside the step's graph), at batch sizes that pad (3 to 4, 5 to 8) and that do not. A
+    /// bucket's segments run as launched at its first step, are captured at its second and
+    /// replayed after; no capture fails.
     #[test]
     fn gpu_decode_graphs_give_the_launched_logits() {
-        use crate::checkpoint::Checkpoint;
-        use crate::experts::{ExpertDevice, ExpertSet};
         let Some(ctx) = gpu(GpuDtype::F32) else {
             return;
         };
@@ -1835,75 +1834,100 @@ mod tests {
                 ("deepseek-v3-fp8-tiny", true, true),
             ];
             for (name, in_place, keep_fp8) in cases {
-                let dir = crate::test_support::fixture_dir(name);
-                let config = ModelConfig::from_dir(&dir).unwrap();
-                let ckpt = Checkpoint::open(&dir).unwrap();
-                let device = match in_place {
-                    true => ExpertDevice::Gpu(Arc::clone(&ctx)),
-                    false => ExpertDevice::Cpu,
-                };
-                let fp8 = match keep_fp8 {
-                    true => crate::device::GpuFp8::Keep,
-                    false => crate::device::GpuFp8::Widen,
-                };
-                let all = config
-                    .moe_layer_indices()
-                    .flat_map(|l| (0..config.moe.num_experts).map(move |e| (l, e)));
-                let experts =
-                    ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, fp8).unwrap();
                 // The routed experts follow the gate's choices on the device (a step is one
                 // graph) where they are on this GPU and run row-independent grouped kernels.
                 let following = in_place && (keep_fp8 || deterministic);
-                let load = || {
-                    let ops = CudaDenseOps::holding_fp8(Arc::clone(&ctx), keep_fp8);
-                    DeviceDenseModel::load(ops, &ckpt, &config).unwrap()
-                };
-                let (launched, graphed) = (load(), load());
-                let models = [&launched, &graphed];
-                let mut caches: Vec<Vec<SequenceCache>> = models
-                    .iter()
-                    .map(|m| (0..5).map(|_| m.new_cache()).collect())
-                    .collect();
-                let vocab = config.vocab_size as u32;
-                let mut next: Vec<u32> = (0..5).map(|i| (i * 19 + 2) % vocab).collect();
-                let prompts: Vec<Vec<u32>> = (0..5u32)
-                    .map(|i| (0..2 + i).map(|t| (t * 23 + i * 7 + 1) % vocab).collect())
-                    .collect();
-                let batches = [0usize, 5, 5, 5, 3, 3, 3, 1, 1, 1, 5];
-                for (step, batch) in batches.into_iter().enumerate() {
-                    let inputs: Vec<Vec<u32>> = match batch {
-                        0 => prompts.clone(),
-                        n => next[..n].iter().map(|&t| vec![t]).collect(),
-                    };
-                    let mut logits = Vec::new();
-                    for (i, (model, caches)) in models.iter().zip(caches.iter_mut()).enumerate() {
-                        ctx.set_cuda_graphs(i == 1);
-                        logits.push(step_inputs(model, caches, &inputs, &experts));
-                        ctx.set_cuda_graphs(false);
-                    }
-                    let what = format!(
-                        "{name} (deterministic: {deterministic}, experts in place: \
-                         {in_place}, FP8 kept: {keep_fp8}) step {step}, batch {batch}"
-                    );
-                    assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
-                    for (i, row) in logits[1].iter().enumerate() {
-                        next[i] = crate::backend::ops::argmax(row) as u32;
-                    }
-                }
-                let shared = usize::from(config.moe.n_shared_experts > 0);
-                let per_step = match following {
-                    true => 1,
-                    false => 1 + config.moe_layer_indices().count() * (1 + shared),
-                };
-                let graphs = graphed.ops().graphs();
-                assert_eq!(graphs.failed(), 0, "{name}: captures that failed");
-                // Three buckets (8, 4, 1: the buffers sized for 8 from the start), each
-                // captured at its second step and replayed at its third; 8 once more.
-                assert_eq!(graphs.captured(), 3 * per_step, "{name}: graphs captured");
-                assert_eq!(graphs.replayed(), 7 * per_step, "{name}: graph launches");
-                assert_eq!(graphs.held(), 3 * per_step, "{name}: graphs held");
+                graphs_give_the_launched_logits(&ctx, name, in_place, keep_fp8, following);
             }
         }
+        // bf16 experts, and FP8 ones kept as FP8, on our tensor-core kernel follow the
+        // choices too (bf16x2 and bf16).
+        for dtype in [GpuDtype::Bf16x2, GpuDtype::Bf16] {
+            let Some(ctx) = gpu(dtype) else {
+                return;
+            };
+            ctx.set_expert_gemm(crate::device::ExpertGemm::TensorCores);
+            graphs_give_the_launched_logits(&ctx, "mixtral-tiny", true, false, true);
+            graphs_give_the_launched_logits(&ctx, "deepseek-v3-fp8-tiny", true, true, true);
+        }
+    }
+
+    /// One case of [`gpu_decode_graphs_give_the_launched_logits`] on `ctx` as it is set.
+    fn graphs_give_the_launched_logits(
+        ctx: &Arc<GpuContext>,
+        name: &str,
+        in_place: bool,
+        keep_fp8: bool,
+        following: bool,
+    ) {
+        use crate::checkpoint::Checkpoint;
+        use crate::experts::{ExpertDevice, ExpertSet};
+        let dir = crate::test_support::fixture_dir(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let device = match in_place {
+            true => ExpertDevice::Gpu(Arc::clone(ctx)),
+            false => ExpertDevice::Cpu,
+        };
+        let fp8 = match keep_fp8 {
+            true => crate::device::GpuFp8::Keep,
+            false => crate::device::GpuFp8::Widen,
+        };
+        let all = config
+            .moe_layer_indices()
+            .flat_map(|l| (0..config.moe.num_experts).map(move |e| (l, e)));
+        let experts = ExpertSet::load_holding_fp8(&ckpt, &config, all, &device, fp8).unwrap();
+        let load = || {
+            let ops = CudaDenseOps::holding_fp8(Arc::clone(ctx), keep_fp8);
+            DeviceDenseModel::load(ops, &ckpt, &config).unwrap()
+        };
+        let (launched, graphed) = (load(), load());
+        let models = [&launched, &graphed];
+        let mut caches: Vec<Vec<SequenceCache>> = models
+            .iter()
+            .map(|m| (0..5).map(|_| m.new_cache()).collect())
+            .collect();
+        let vocab = config.vocab_size as u32;
+        let mut next: Vec<u32> = (0..5).map(|i| (i * 19 + 2) % vocab).collect();
+        let prompts: Vec<Vec<u32>> = (0..5u32)
+            .map(|i| (0..2 + i).map(|t| (t * 23 + i * 7 + 1) % vocab).collect())
+            .collect();
+        let batches = [0usize, 5, 5, 5, 3, 3, 3, 1, 1, 1, 5];
+        for (step, batch) in batches.into_iter().enumerate() {
+            let inputs: Vec<Vec<u32>> = match batch {
+                0 => prompts.clone(),
+                n => next[..n].iter().map(|&t| vec![t]).collect(),
+            };
+            let mut logits = Vec::new();
+            for (i, (model, caches)) in models.iter().zip(caches.iter_mut()).enumerate() {
+                ctx.set_cuda_graphs(i == 1);
+                logits.push(step_inputs(model, caches, &inputs, &experts));
+                ctx.set_cuda_graphs(false);
+            }
+            let what = format!(
+                "{name} ({}, deterministic: {}, {}, experts in place: {in_place}, FP8 kept: \
+             {keep_fp8}) step {step}, batch {batch}",
+                ctx.dtype(),
+                ctx.deterministic(),
+                ctx.expert_gemm()
+            );
+            assert!(logits[0] == logits[1], "{what}: the same logits bitwise");
+            for (i, row) in logits[1].iter().enumerate() {
+                next[i] = crate::backend::ops::argmax(row) as u32;
+            }
+        }
+        let shared = usize::from(config.moe.n_shared_experts > 0);
+        let per_step = match following {
+            true => 1,
+            false => 1 + config.moe_layer_indices().count() * (1 + shared),
+        };
+        let graphs = graphed.ops().graphs();
+        assert_eq!(graphs.failed(), 0, "{name}: captures that failed");
+        // Three buckets (8, 4, 1: the buffers sized for 8 from the start), each
+        // captured at its second step and replayed at its third; 8 once more.
+        assert_eq!(graphs.captured(), 3 * per_step, "{name}: graphs captured");
+        assert_eq!(graphs.replayed(), 7 * per_step, "{name}: graph launches");
+        assert_eq!(graphs.held(), 3 * per_step, "{name}: graphs held");
     }
 
     /// With `--cuda-graphs`, one thread's decode steps (batch sizes 1, 2, 3 and 5: buckets 1,

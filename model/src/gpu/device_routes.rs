@@ -6,10 +6,11 @@
 //! step's rows, never for the routes: a graph captured at one step replays at the next,
 //! whatever experts its rows chose.
 //!
-//! Only for experts whose grouped launch is row-independent (FP8 kept as FP8, or the exact
-//! kernels of `--deterministic`): a replayed step also runs its padding rows through the
-//! experts, which must change no other row's result. cuBLAS's grouped call takes its problem
-//! sizes on the host, so cuBLAS experts keep the host's routes.
+//! Only for experts whose grouped launch is row-independent (FP8 kept as FP8, the exact
+//! kernels of `--deterministic`, or bf16 experts on our tensor-core kernel): a replayed step
+//! also runs its padding rows through the experts, which must change no other row's result.
+//! cuBLAS's grouped call takes its problem sizes on the host, so cuBLAS experts keep the
+//! host's routes.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -20,8 +21,9 @@ use super::expert_ffn::{CudaOps, GpuMlp};
 use super::fp8_gemm::{GroupedOutput, FP8_TILE_ROWS};
 use super::grouped_launch::{GroupedWeights, TileTables};
 use super::kernels::as_int;
+use super::tensor_core_gemm::{PassOutput, TensorCoreWeights, TC_TILE_ROWS};
 use crate::device::route_plan::{tile_bound, MAX_PLANNED_TOP_K};
-use crate::grouped_ffn::FfnOps;
+use crate::grouped_ffn::{FfnOps, FfnPass};
 
 /// The gate's choices on the device: row r's `top_k` experts and weights at
 /// `experts[r * top_k..]`, `weights[r * top_k..]`, in the order the gate picked them.
@@ -32,6 +34,88 @@ pub struct DeviceChoices<'a> {
     pub top_k: usize,
 }
 
+/// Which kernels run the experts' two passes.
+enum FollowingLaunches {
+    /// FP8 kept as FP8, or the exact kernels (`exact`: usable while the context stays
+    /// `--deterministic`), over f32 activations.
+    Grouped {
+        gate_up: GroupedWeights,
+        down: GroupedWeights,
+        exact: bool,
+    },
+    /// bf16 experts on the tensor cores, over activations in `act`'s form (bf16 or bf16x2).
+    TensorCores {
+        gate_up: TensorCoreWeights,
+        down: TensorCoreWeights,
+        act: ActForm,
+    },
+}
+
+impl FollowingLaunches {
+    /// The rows of the tiles these launches read.
+    fn tile_rows(&self) -> usize {
+        match self {
+            FollowingLaunches::Grouped { .. } => FP8_TILE_ROWS,
+            FollowingLaunches::TensorCores { .. } => TC_TILE_ROWS,
+        }
+    }
+
+    /// The activations' form these launches take.
+    fn act(&self) -> ActForm {
+        match self {
+            FollowingLaunches::Grouped { .. } => ActForm::F32,
+            FollowingLaunches::TensorCores { act, .. } => *act,
+        }
+    }
+
+    /// One pass over `x` (in [`Self::act`]'s form) and the tiles, writing `output`.
+    ///
+    /// # Safety
+    /// The experts these launches were made from are alive until the work has run.
+    unsafe fn run(
+        &self,
+        ctx: &GpuContext,
+        pass: FfnPass,
+        x: &GpuBuffer,
+        tiles: &TileTables<'_>,
+        output: PassOutput<'_>,
+    ) -> Result<(), GpuError> {
+        match self {
+            FollowingLaunches::TensorCores { gate_up, down, .. } => {
+                let weights = match pass {
+                    FfnPass::GateUp => gate_up,
+                    FfnPass::Down => down,
+                };
+                // SAFETY: the caller's contract.
+                unsafe { weights.launch(ctx, x, tiles, output) }
+            }
+            FollowingLaunches::Grouped { gate_up, down, .. } => {
+                let weights = match pass {
+                    FfnPass::GateUp => gate_up,
+                    FfnPass::Down => down,
+                };
+                let GpuBuffer::F32(x) = x else {
+                    return Err(GpuError::Shape(
+                        "these grouped launches take f32 rows".into(),
+                    ));
+                };
+                // SAFETY (both): the caller's contract.
+                match output {
+                    PassOutput::Products(out) => unsafe {
+                        weights.launch(ctx, x, tiles, out, GroupedOutput::Products)
+                    },
+                    PassOutput::SiluMul(GpuBuffer::F32(act)) => unsafe {
+                        weights.launch(ctx, x, tiles, act, GroupedOutput::SiluMul)
+                    },
+                    PassOutput::SiluMul(_) => {
+                        Err(GpuError::Shape("these grouped launches write f32".into()))
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Threads of the `plan_routes` block.
 const PLAN_THREADS: u32 = 256;
 
@@ -39,10 +123,7 @@ const PLAN_THREADS: u32 = 256;
 /// tiles are planned on the device. Holds the experts' addresses: the expert set that made it
 /// keeps them alive.
 pub struct ChoiceFollowingExperts {
-    gate_up: GroupedWeights,
-    down: GroupedWeights,
-    /// Exact kernels (not FP8): usable while the context stays `--deterministic`.
-    exact: bool,
+    launches: FollowingLaunches,
     experts: usize,
     hidden: usize,
     inter: usize,
@@ -62,6 +143,25 @@ impl ChoiceFollowingExperts {
         {
             return Ok(None);
         }
+        let gate_up: Vec<&GpuBuffer> = experts.iter().map(|e| e.gate_up()).collect();
+        let down: Vec<&GpuBuffer> = experts.iter().map(|e| e.down()).collect();
+        // bf16 or FP8 experts on the tensor cores, where the context runs them there.
+        if let (Some(gate_up_tc), Some(down_tc)) = (
+            TensorCoreWeights::of(ctx, &gate_up, (2 * inter, hidden))?,
+            TensorCoreWeights::of(ctx, &down, (hidden, inter))?,
+        ) {
+            let launches = FollowingLaunches::TensorCores {
+                gate_up: gate_up_tc,
+                down: down_tc,
+                act: ActForm::for_weights(ctx, gate_up[0]),
+            };
+            return Ok(Some(Self {
+                launches,
+                experts: experts.len(),
+                hidden,
+                inter,
+            }));
+        }
         let fp8: Option<Vec<_>> = experts
             .iter()
             .map(|e| match (e.gate_up(), e.down()) {
@@ -76,21 +176,25 @@ impl ChoiceFollowingExperts {
             if !alike(&gate_up) || !alike(&down) {
                 return Ok(None);
             }
-            return Ok(Some(Self {
+            let launches = FollowingLaunches::Grouped {
                 gate_up: GroupedWeights::fp8(ctx, &gate_up)?,
                 down: GroupedWeights::fp8(ctx, &down)?,
                 exact: false,
+            };
+            return Ok(Some(Self {
+                launches,
                 experts: experts.len(),
                 hidden,
                 inter,
             }));
         }
-        let wide = |b: &GpuBuffer| matches!(b, GpuBuffer::F32(_) | GpuBuffer::Bf16(_));
-        if !ctx.deterministic() || !experts.iter().all(|e| wide(e.gate_up()) && wide(e.down())) {
+        if !ctx.deterministic() {
             return Ok(None);
         }
-        let gate_up: Vec<&GpuBuffer> = experts.iter().map(|e| e.gate_up()).collect();
-        let down: Vec<&GpuBuffer> = experts.iter().map(|e| e.down()).collect();
+        let wide = |b: &GpuBuffer| matches!(b, GpuBuffer::F32(_) | GpuBuffer::Bf16(_));
+        if !experts.iter().all(|e| wide(e.gate_up()) && wide(e.down())) {
+            return Ok(None);
+        }
         let (Ok(gate_up), Ok(down)) = (
             GroupedWeights::exact(ctx, &gate_up, (2 * inter, hidden)),
             GroupedWeights::exact(ctx, &down, (hidden, inter)),
@@ -99,9 +203,11 @@ impl ChoiceFollowingExperts {
             return Ok(None);
         };
         Ok(Some(Self {
-            gate_up,
-            down,
-            exact: true,
+            launches: FollowingLaunches::Grouped {
+                gate_up,
+                down,
+                exact: true,
+            },
             experts: experts.len(),
             hidden,
             inter,
@@ -109,9 +215,13 @@ impl ChoiceFollowingExperts {
     }
 
     /// Whether these launches may run now: exact kernels only while the context is
-    /// `--deterministic` (cuBLAS experts are not row-independent).
+    /// `--deterministic`, the tensor-core kernel only while it runs bf16 experts there
+    /// (cuBLAS experts are not row-independent).
     pub fn usable(&self, ctx: &GpuContext) -> bool {
-        !self.exact || ctx.deterministic()
+        match &self.launches {
+            FollowingLaunches::Grouped { exact, .. } => !exact || ctx.deterministic(),
+            FollowingLaunches::TensorCores { .. } => ctx.tensor_core_experts(),
+        }
     }
 
     pub fn experts(&self) -> usize {
@@ -155,49 +265,43 @@ impl ChoiceFollowingExperts {
         as_int(pairs, "pairs")?;
         // SAFETY: the choices hold `pairs` values (checked), every id below `experts` (the
         // gate's own top-k over the layer's experts).
-        let plan = unsafe { RoutePlanBuffers::plan(ctx, choices, experts)? };
+        let tile_rows = self.launches.tile_rows();
+        let plan = unsafe { RoutePlanBuffers::plan(ctx, choices, experts, tile_rows)? };
         let tiles = TileTables {
             first_tile: &plan.first_tile,
             run_start: &plan.run_start,
             run_len: &plan.run_len,
             runs: experts,
-            tiles: tile_bound(pairs, experts, FP8_TILE_ROWS),
+            tiles: tile_bound(pairs, experts, tile_rows),
+            tile_rows,
             slots: pairs,
         };
         let ops = CudaOps {
             ctx,
-            act: ActForm::F32,
+            act: self.launches.act(),
         };
         // SAFETY: x, act and out are written in full (gather, gate/up pass, down pass) before
         // they are read.
-        let mut x = GpuBuffer::F32(unsafe { stream.alloc::<f32>(pairs * hidden)? });
+        let mut x = ops.scratch_act(pairs * hidden)?;
         ops.gather(rows, &plan.row_of_slot, &mut x, pairs, hidden)?;
-        let GpuBuffer::F32(x) = x else {
-            return Err(GpuError::Shape("gathered rows are f32".into()));
-        };
-        let mut act = unsafe { stream.alloc::<f32>(pairs * inter)? };
+        let mut act = ops.scratch_act(pairs * inter)?;
+        let launches = &self.launches;
         // SAFETY (both passes): the caller keeps the experts alive.
         unsafe {
             if ctx.fused_silu() {
-                let silu = GroupedOutput::SiluMul;
-                self.gate_up.launch(ctx, &x, &tiles, &mut act, silu)?;
+                let silu = PassOutput::SiluMul(&mut act);
+                launches.run(ctx, FfnPass::GateUp, &x, &tiles, silu)?;
             } else {
                 let mut gate_up = stream.alloc::<f32>(pairs * 2 * inter)?;
-                let products = GroupedOutput::Products;
-                self.gate_up
-                    .launch(ctx, &x, &tiles, &mut gate_up, products)?;
-                let mut wrapped = GpuBuffer::F32(act);
-                ops.silu_mul(&gate_up, &mut wrapped, pairs, inter)?;
-                let GpuBuffer::F32(unwrapped) = wrapped else {
-                    return Err(GpuError::Shape("activations are f32".into()));
-                };
-                act = unwrapped;
+                let products = PassOutput::Products(&mut gate_up);
+                launches.run(ctx, FfnPass::GateUp, &x, &tiles, products)?;
+                ops.silu_mul(&gate_up, &mut act, pairs, inter)?;
             }
         }
         let mut out = unsafe { stream.alloc::<f32>(pairs * hidden)? };
         unsafe {
-            let products = GroupedOutput::Products;
-            self.down.launch(ctx, &act, &tiles, &mut out, products)?;
+            let products = PassOutput::Products(&mut out);
+            launches.run(ctx, FfnPass::Down, &act, &tiles, products)?;
         }
         let (pair_of_slot, pair_weight) = (&plan.pair_of_slot, &plan.pair_weight);
         ops.scatter_weighted(&out, pair_of_slot, pair_weight, pair_out, pairs, hidden)
@@ -216,7 +320,8 @@ struct RoutePlanBuffers {
 }
 
 impl RoutePlanBuffers {
-    /// Plans `choices` over `experts` runs on the context's stream.
+    /// Plans `choices` over `experts` runs, in tiles of `tile_rows` rows, on the context's
+    /// stream.
     ///
     /// # Safety
     /// The choices hold `rows * top_k` values, every expert id below `experts`.
@@ -224,6 +329,7 @@ impl RoutePlanBuffers {
         ctx: &GpuContext,
         choices: &DeviceChoices<'_>,
         experts: usize,
+        tile_rows: usize,
     ) -> Result<Self, GpuError> {
         let stream = ctx.stream();
         let pairs = (choices.rows * choices.top_k).max(1);
@@ -232,6 +338,7 @@ impl RoutePlanBuffers {
             as_int(choices.top_k, "top-k")?,
         );
         let experts_i = as_int(experts, "experts")?;
+        let tile_rows_i = as_int(tile_rows.max(1), "tile rows")?;
         // SAFETY: `plan_routes` writes every pair, run and tile entry before anything reads
         // them.
         let mut plan = unsafe {
@@ -259,6 +366,7 @@ impl RoutePlanBuffers {
                 .arg(&rows)
                 .arg(&top_k)
                 .arg(&experts_i)
+                .arg(&tile_rows_i)
                 .arg(&mut plan.pair_expert)
                 .arg(&mut plan.pair_weight)
                 .arg(&mut plan.row_of_slot)
@@ -280,6 +388,7 @@ pub(crate) fn plan_on_device(
     weights: &[f32],
     top_k: usize,
     experts: usize,
+    tile_rows: usize,
 ) -> Result<crate::device::route_plan::PlannedChoices, GpuError> {
     let stream = ctx.stream();
     let pairs = chosen.len();
@@ -291,7 +400,7 @@ pub(crate) fn plan_on_device(
         top_k,
     };
     // SAFETY: the tests' choices are rows of top-k ids below `experts`.
-    let plan = unsafe { RoutePlanBuffers::plan(ctx, &choices, experts)? };
+    let plan = unsafe { RoutePlanBuffers::plan(ctx, &choices, experts, tile_rows)? };
     let download = |b: &CudaSlice<u32>, n: usize| -> Result<Vec<u32>, GpuError> {
         let mut v = stream.clone_dtoh(b)?;
         v.truncate(n);
@@ -305,7 +414,7 @@ pub(crate) fn plan_on_device(
         row_of_slot: download(&plan.row_of_slot, pairs)?,
         pair_of_slot: download(&plan.pair_of_slot, pairs)?,
         tiles: crate::device::grouped_tiles::GroupedRowTiles {
-            tile_rows: FP8_TILE_ROWS as u32,
+            tile_rows: tile_rows as u32,
             first_tile: download(&plan.first_tile, experts + 1)?,
             run_start: download(&plan.run_start, experts)?,
             run_len: download(&plan.run_len, experts)?,

@@ -10,7 +10,9 @@ use super::buffer::{check_gemm_bounds, ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::fp8_gemm::{grouped_fp8, grouped_matmul, DeviceFp8Matrix, GroupedOutput, FP8_TILE_ROWS};
+use super::grouped_launch::UploadedTiles;
 use super::kernels::{as_int, row_grid};
+use super::tensor_core_gemm::{PassOutput, TensorCoreWeights, TC_TILE_ROWS};
 use crate::backend::weight::Fp8Matrix;
 use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::shapes::{ColumnMajorGemm, StridedGemm};
@@ -239,6 +241,42 @@ impl From<GroupedShapeError> for GpuError {
     }
 }
 
+impl CudaOps<'_> {
+    /// `pass` of `experts` on the tensor cores, where the context runs bf16 experts there and
+    /// these are (false: they are not, nothing ran).
+    #[allow(clippy::too_many_arguments)]
+    fn tensor_core_pass(
+        &self,
+        experts: &[ExpertMatrices<'_, GpuBuffer>],
+        plan: &ExpertRuns,
+        pass: FfnPass,
+        input: &GpuBuffer,
+        output: PassOutput<'_>,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<bool, GpuError> {
+        if !self.ctx.tensor_core_experts()
+            || !matches!(input, GpuBuffer::Bf16(_) | GpuBuffer::Bf16Pair { .. })
+        {
+            return Ok(false);
+        }
+        let matrices: Vec<&GpuBuffer> = experts.iter().map(|e| e.of(pass)).collect();
+        let shape = match pass {
+            FfnPass::GateUp => (2 * inter, hidden),
+            FfnPass::Down => (hidden, inter),
+        };
+        let Some(weights) = TensorCoreWeights::of(self.ctx, &matrices, shape)? else {
+            return Ok(false);
+        };
+        let tiles = GroupedRowTiles::plan(&plan.runs, TC_TILE_ROWS)
+            .map_err(|e| GpuError::Shape(e.to_string()))?;
+        let tiles = UploadedTiles::upload(self.ctx, &tiles)?;
+        // SAFETY: `experts` keeps the weights alive while the work is queued on this stream.
+        unsafe { weights.launch(self.ctx, input, &tiles.tables(), output)? };
+        Ok(true)
+    }
+}
+
 impl FfnOps for CudaOps<'_> {
     type Act = GpuBuffer;
     type F32 = CudaSlice<f32>;
@@ -338,12 +376,16 @@ impl FfnOps for CudaOps<'_> {
         hidden: usize,
         inter: usize,
     ) -> Result<bool, GpuError> {
-        let (GpuBuffer::F32(x), GpuBuffer::F32(act)) = (input, act) else {
-            return Ok(false);
-        };
         if !self.ctx.fused_silu() || experts.is_empty() {
             return Ok(false);
         }
+        let silu = PassOutput::SiluMul(act);
+        if self.tensor_core_pass(experts, plan, FfnPass::GateUp, input, silu, hidden, inter)? {
+            return Ok(true);
+        }
+        let (GpuBuffer::F32(x), GpuBuffer::F32(act)) = (input, act) else {
+            return Ok(false);
+        };
         let tiles = || {
             GroupedRowTiles::plan(&plan.runs, FP8_TILE_ROWS)
                 .map_err(|e| GpuError::Shape(e.to_string()))
@@ -388,8 +430,9 @@ impl FfnOps for CudaOps<'_> {
     }
 
     /// Experts held as FP8 run in one launch per pass (`grouped_gemm_rows_fp8`: each output
-    /// the same chain as one expert's own GEMM); the others one cuBLAS GEMM each, or all in
-    /// one grouped cuBLAS call (`--gpu-expert-gemm grouped`).
+    /// the same chain as one expert's own GEMM), bf16 experts on our tensor-core kernel
+    /// (`--gpu-expert-gemm tensor-cores`); the others one cuBLAS GEMM each, or all in one
+    /// grouped cuBLAS call (`--gpu-expert-gemm grouped`).
     fn expert_pass(
         &self,
         experts: &[ExpertMatrices<'_, GpuBuffer>],
@@ -413,6 +456,10 @@ impl FfnOps for CudaOps<'_> {
             GroupedRowTiles::plan(&plan.runs, FP8_TILE_ROWS)
                 .map_err(|e| GpuError::Shape(e.to_string()))
         };
+        let products = PassOutput::Products(&mut *output);
+        if self.tensor_core_pass(experts, plan, pass, input, products, hidden, inter)? {
+            return Ok(());
+        }
         match (fp8, input) {
             (Some(matrices), GpuBuffer::F32(x)) if !matrices.is_empty() => {
                 grouped_matmul(self.ctx, &matrices, x, &tiles()?, output)

@@ -297,6 +297,11 @@ impl DeviceFp8Matrix {
         )
     }
 
+    /// Where each scale segment of a row starts (ascending, the first 0), on the host.
+    pub(crate) fn segment_starts(&self) -> &[i32] {
+        &self.host_starts
+    }
+
     /// Whether `self` can share a grouped launch with `other`: one matrix of the same shape
     /// on the same segments.
     pub(crate) fn groups_with(&self, other: &Self) -> bool {

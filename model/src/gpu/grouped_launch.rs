@@ -17,16 +17,18 @@ use crate::device::grouped_tiles::GroupedRowTiles;
 /// Outputs per block (`FP8_TILE_N` in kernels.cu).
 const TILE_N: usize = 32;
 /// A grid's most row tiles (its y dimension).
-const MAX_TILES: usize = 65_535;
+pub(crate) const MAX_TILES: usize = 65_535;
 
 /// A grouped launch's row tiles on the device: run `e`'s first tile, first slot and length
-/// (`first_tile` has `runs + 1` entries), for at most `tiles` tiles over `slots` slots.
+/// (`first_tile` has `runs + 1` entries), for at most `tiles` tiles of `tile_rows` rows over
+/// `slots` slots.
 pub(crate) struct TileTables<'a> {
     pub first_tile: &'a CudaSlice<u32>,
     pub run_start: &'a CudaSlice<u32>,
     pub run_len: &'a CudaSlice<u32>,
     pub runs: usize,
     pub tiles: usize,
+    pub tile_rows: usize,
     pub slots: usize,
 }
 
@@ -37,17 +39,12 @@ pub(crate) struct UploadedTiles {
     run_len: CudaSlice<u32>,
     runs: usize,
     tiles: usize,
+    tile_rows: usize,
     slots: usize,
 }
 
 impl UploadedTiles {
     pub fn upload(ctx: &GpuContext, tiles: &GroupedRowTiles) -> Result<Self, GpuError> {
-        if tiles.tile_rows as usize != FP8_TILE_ROWS {
-            return Err(GpuError::Shape(format!(
-                "grouped tiles of {} rows, the kernels' are {FP8_TILE_ROWS}",
-                tiles.tile_rows
-            )));
-        }
         let stream = ctx.stream();
         let upload = |values: &[u32]| match values.is_empty() {
             true => stream.alloc_zeros::<u32>(1),
@@ -59,6 +56,7 @@ impl UploadedTiles {
             run_len: upload(&tiles.run_len)?,
             runs: tiles.run_len.len(),
             tiles: tiles.tiles(),
+            tile_rows: tiles.tile_rows as usize,
             slots: tiles.slots(),
         })
     }
@@ -70,6 +68,7 @@ impl UploadedTiles {
             run_len: &self.run_len,
             runs: self.runs,
             tiles: self.tiles,
+            tile_rows: self.tile_rows,
             slots: self.slots,
         }
     }
@@ -182,6 +181,12 @@ impl GroupedWeights {
                 tiles.runs,
                 x.len(),
                 out.len()
+            )));
+        }
+        if tiles.tile_rows != FP8_TILE_ROWS {
+            return Err(GpuError::Shape(format!(
+                "grouped tiles of {} rows, these kernels' are {FP8_TILE_ROWS}",
+                tiles.tile_rows
             )));
         }
         if tiles.tiles > MAX_TILES {

@@ -1019,11 +1019,12 @@ struct RunTile {
 
 __device__ __forceinline__ RunTile run_tile(const unsigned int* first_tile,
                                             const unsigned int* run_start,
-                                            const unsigned int* run_len, int runs) {
+                                            const unsigned int* run_len, int runs,
+                                            unsigned int tile_rows = FP8_TILE_ROWS) {
     const unsigned int t = blockIdx.y;
     const int run = tile_owner(first_tile, runs, t);
-    const unsigned int within = (t - first_tile[run]) * FP8_TILE_ROWS;
-    const int rows = (int)min((unsigned int)FP8_TILE_ROWS, run_len[run] - within);
+    const unsigned int within = (t - first_tile[run]) * tile_rows;
+    const int rows = (int)min(tile_rows, run_len[run] - within);
     return RunTile{run, (long long)run_start[run] + within, rows};
 }
 
@@ -1136,13 +1137,14 @@ extern "C" __global__ void grouped_gemm_rows_exact_bf16(
 // From the gate's choices ([rows, top_k] experts and weights, as moe_gate_topk leaves them):
 // each row's choices in ascending expert id (pair_expert, pair_weight: pair r * top_k + j),
 // one run of slots per expert of the layer (run_start, run_len; empty runs too), slots in
-// pair order within a run (row_of_slot, pair_of_slot), and the grouped GEMM's row tiles
-// (first_tile, experts + 1 entries). One block: rows sorted a thread each, then a thread per
-// expert counts its pairs and later places them, in pair order, so the plan never depends on
-// the threads' timing. Choices are the gate's own (every id below `experts`).
+// pair order within a run (row_of_slot, pair_of_slot), and the grouped GEMM's row tiles of
+// `tile_rows` rows (first_tile, experts + 1 entries). One block: rows sorted a thread each,
+// then a thread per expert counts its pairs and later places them, in pair order, so the plan
+// never depends on the threads' timing. Choices are the gate's own (every id below
+// `experts`).
 #define PLAN_MAX_TOP_K 16
 extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* chosen_weight,
-                                       int rows, int top_k, int experts,
+                                       int rows, int top_k, int experts, int tile_rows,
                                        unsigned int* pair_expert, float* pair_weight,
                                        unsigned int* row_of_slot, unsigned int* pair_of_slot,
                                        unsigned int* first_tile, unsigned int* run_start,
@@ -1187,7 +1189,7 @@ extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* 
             run_start[x] = start;
             first_tile[x] = tile;
             start += run_len[x];
-            tile += (run_len[x] + FP8_TILE_ROWS - 1) / FP8_TILE_ROWS;
+            tile += (run_len[x] + tile_rows - 1) / tile_rows;
         }
         first_tile[experts] = tile;
     }
@@ -1202,4 +1204,306 @@ extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* 
             }
         }
     }
+}
+
+
+// --- bf16 experts on the tensor cores (`--gpu-expert-gemm tensor-cores`) ---
+//
+// A tile computes out^T = W x^T with mma.m16n8k16: the mma's M is 16 output columns (rows of
+// the expert's row-major [n, k] weights: the row-major A, read in place), its N 8 of the
+// tile's rows (x's rows: the column-major B, read in place). A tile is TC_TILE_ROWS rows of
+// one run (tables of device/grouped_tiles.rs planned with that size, on the host or by
+// plan_routes), as TC_N_BLOCKS blocks of 8 that share each A fragment, so the weights are
+// read once per TC_TILE_ROWS rows; blocks past the tile's rows are skipped (the same in every
+// warp of the block: a decode step's one row per expert costs one mma per step, not four).
+// A block's 8 warps cover TC_TILE_N outputs, 16 each, over k ascending 16 at a time into one
+// f32 accumulator per output: no split of k, so an output depends on its own row and the
+// weights only (batch-invariant), though it is not the CPU's chain (bf16 products, the
+// tensor core's sums). bf16x2 activations (hi, lo): two products per step, hi then lo, into
+// the same accumulator.
+#define TC_WARPS 8
+#define TC_TILE_N (TC_WARPS * 16)
+#define TC_N_BLOCKS 4
+#define TC_TILE_ROWS (TC_N_BLOCKS * 8)
+
+#ifndef MOE_EMULATED_MMA
+// d += a b, one m16n8k16 bf16 product with f32 accumulation (PTX ISA, "Matrix Fragments for
+// mma.m16n8k16 with floating point type"; g = lane / 4, t = lane % 4, each register's lower
+// half the lower index): a[0..3] hold A(g, 2t..2t+1), A(g + 8, 2t..), A(g, 2t + 8..),
+// A(g + 8, 2t + 8..); b[0..1] B(2t..2t+1, g), B(2t + 8.., g); d[0..3] D(g, 2t), D(g, 2t + 1),
+// D(g + 8, 2t), D(g + 8, 2t + 1). The CUDA emulator's prelude.h has its own, over a warp.
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a,
+                                               const unsigned int* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // the host never picks tensor cores below compute capability 8.0
+#endif
+}
+#endif
+
+// Columns c and c + 1 of a bf16 row as one register (c in the lower half), zero past `k`;
+// one 32-bit load where the row allows it (c is always even).
+__device__ __forceinline__ unsigned int bf16_pair(const bf16_t* row, int c, int k,
+                                                  bool aligned) {
+    if (aligned && c + 1 < k) return *(const unsigned int*)(row + c);
+    const unsigned int first = c < k ? (unsigned int)row[c] : 0u;
+    const unsigned int second = c + 1 < k ? (unsigned int)row[c + 1] : 0u;
+    return first | (second << 16);
+}
+
+// Whether every row of a [*, k] bf16 matrix at `base`, `stride` apart, starts 4-byte aligned.
+__device__ __forceinline__ bool pairs_aligned(const bf16_t* base, long long stride) {
+    return ((unsigned long long)base & 3ull) == 0 && (stride & 1) == 0;
+}
+
+// How the tensor-core kernel reads bf16 weights: A fragments of rows col and col + 8 at k0
+// (zero rows at and past `n`), one segment over all of k, scale 1.
+struct Bf16Fragments {
+    static constexpr bool scaled = false;
+    const bf16_t* w;
+    int k;
+    bool aligned;
+    __device__ __forceinline__ Bf16Fragments(const bf16_t* w, int k)
+        : w(w), k(k), aligned(pairs_aligned(w, k)) {}
+    // The same matrix from row `first` on (the fused pass's up rows).
+    __device__ __forceinline__ Bf16Fragments rows_from(int first) const {
+        return Bf16Fragments(w + (long long)first * k, k);
+    }
+    __device__ __forceinline__ unsigned int pair(int row, int c) const {
+        return bf16_pair(w + (long long)row * k, c, k, aligned);
+    }
+    __device__ __forceinline__ int segment_end(int) const { return k; }
+    __device__ __forceinline__ float scale(int, int) const { return 1.0f; }
+};
+
+// e4m3 bytes with per-(row, segment) f32 scales (DeepSeek-V3's 128x128 blocks: a row's
+// segments are its 128-column blocks), each byte widened to bf16 exactly (e4m3 has 3
+// mantissa bits) in registers; the products of a segment summed apart and scaled as they
+// are added in, as DeepGEMM does. Segment starts are multiples of 16 (the host checks), so
+// no mma step straddles two.
+struct Fp8Fragments {
+    static constexpr bool scaled = true;
+    const unsigned char* w;
+    const float* scales;
+    const int* segment_starts;
+    int segments;
+    int k;
+    bool aligned;
+    __device__ __forceinline__ Fp8Fragments(const unsigned char* w, const float* scales,
+                                            const int* segment_starts, int segments, int k)
+        : w(w), scales(scales), segment_starts(segment_starts), segments(segments), k(k),
+          aligned(((unsigned long long)w & 1ull) == 0 && (k & 1) == 0) {}
+    __device__ __forceinline__ Fp8Fragments rows_from(int first) const {
+        return Fp8Fragments(w + (long long)first * k, scales + (long long)first * segments,
+                            segment_starts, segments, k);
+    }
+    __device__ __forceinline__ static unsigned int as_bf16(unsigned int byte) {
+        return __float_as_uint(e4m3_to_f32((unsigned char)byte)) >> 16;  // exact
+    }
+    __device__ __forceinline__ unsigned int pair(int row, int c) const {
+        const unsigned char* r = w + (long long)row * k;
+        unsigned int two;
+        if (aligned && c + 1 < k) {
+            two = *(const unsigned short*)(r + c);
+        } else {
+            two = (c < k ? (unsigned int)r[c] : 0u) | ((c + 1 < k ? (unsigned int)r[c + 1] : 0u) << 8);
+        }
+        return as_bf16(two & 0xffu) | (as_bf16(two >> 8) << 16);
+    }
+    // Where the segment holding k0 ends.
+    __device__ __forceinline__ int segment_end(int k0) const {
+        const int s = segment_of(segment_starts, segments, k0);
+        return s + 1 < segments ? segment_starts[s + 1] : k;
+    }
+    __device__ __forceinline__ float scale(int row, int k0) const {
+        return scales[(long long)row * segments + segment_of(segment_starts, segments, k0)];
+    }
+};
+
+// The A fragment of weight rows col and col + 8 at k0 (zero rows at and past `n`).
+template <typename W>
+__device__ __forceinline__ void weight_fragment(const W& w, int col, int n, int k0, int t,
+                                                unsigned int* a) {
+    const int c0 = k0 + 2 * t, c1 = c0 + 8;
+    a[0] = col < n ? w.pair(col, c0) : 0u;
+    a[1] = col + 8 < n ? w.pair(col + 8, c0) : 0u;
+    a[2] = col < n ? w.pair(col, c1) : 0u;
+    a[3] = col + 8 < n ? w.pair(col + 8, c1) : 0u;
+}
+
+// The B fragment of the row `row` (null: a row past the tile) at k0.
+__device__ __forceinline__ void row_fragment(const bf16_t* row, int k, int k0, int t,
+                                             bool aligned, unsigned int* b) {
+    const int c0 = k0 + 2 * t;
+    b[0] = row ? bf16_pair(row, c0, k, aligned) : 0u;
+    b[1] = row ? bf16_pair(row, c0 + 8, k, aligned) : 0u;
+}
+
+// acc += part * the scale of each output's row (col, or col + 8) in the segment at k0;
+// part back to zero.
+template <typename W>
+__device__ __forceinline__ void fold_segment(const W& w, int col, int n, int k0, int blocks,
+                                             float (*acc)[4], float (*part)[4]) {
+    const float upper = col < n ? w.scale(col, k0) : 0.0f;
+    const float lower = col + 8 < n ? w.scale(col + 8, k0) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < TC_N_BLOCKS; ++j) {
+        if (j >= blocks) break;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[j][i] = __fmaf_rn(part[j][i], i >= 2 ? lower : upper, acc[j][i]);
+            part[j][i] = 0.0f;
+        }
+    }
+}
+
+// One warp's 16 outputs of a tile's rows; with SILU the weights are gate rows then up rows
+// (`n` = inter) and the warp writes silu(gate) * up as act (bf16, or hi and lo where x_lo is
+// set), the expressions of silu_mul_bf16 and silu_mul_bf16x2; otherwise the f32 products to
+// out. Every warp of the block runs the same steps (a warp past `n` too). Scaled (FP8)
+// weights: per segment of k, the products are summed apart, then added in times the
+// segment's scale; bf16 weights sum straight into the outputs.
+template <bool SILU, typename W>
+__device__ __forceinline__ void tensor_core_tile(const RunTile& tile, const bf16_t* x_hi,
+                                                 const bf16_t* x_lo, long long x_stride,
+                                                 const W& w, float* out, bf16_t* act_hi,
+                                                 bf16_t* act_lo, long long out_stride, int n,
+                                                 int k) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int col = blockIdx.x * TC_TILE_N + warp * 16 + g;
+    const bool two_terms = x_lo != nullptr;
+    const int blocks = (tile.rows + 7) / 8;  // the same in every warp of the block
+    const bool x_aligned =
+        pairs_aligned(x_hi, x_stride) && (!two_terms || pairs_aligned(x_lo, x_stride));
+    const W up_w = w.rows_from(n);  // SILU: the up rows
+    // This lane's row (g) of each block of 8, null past the tile's rows.
+    const bf16_t* hi_rows[TC_N_BLOCKS];
+    const bf16_t* lo_rows[TC_N_BLOCKS];
+    for (int j = 0; j < TC_N_BLOCKS; ++j) {
+        const int r = j * 8 + g;
+        const long long offset = (tile.row0 + r) * x_stride;
+        hi_rows[j] = r < tile.rows ? x_hi + offset : nullptr;
+        lo_rows[j] = r < tile.rows && two_terms ? x_lo + offset : nullptr;
+    }
+    float acc[TC_N_BLOCKS][4] = {};
+    float up[TC_N_BLOCKS][4] = {};
+    float part[TC_N_BLOCKS][4] = {};
+    float part_up[TC_N_BLOCKS][4] = {};
+    for (int k0 = 0; k0 < k;) {
+        const int segment = k0;
+        const int end = w.segment_end(k0);
+#pragma unroll 2
+        for (; k0 < end; k0 += 16) {
+            unsigned int a[4], a_up[4] = {0u, 0u, 0u, 0u};
+            weight_fragment(w, col, n, k0, t, a);
+            if constexpr (SILU) weight_fragment(up_w, col, n, k0, t, a_up);
+#pragma unroll
+            for (int j = 0; j < TC_N_BLOCKS; ++j) {
+                if (j >= blocks) break;
+                // Unscaled weights sum straight into the outputs.
+                float* sum = W::scaled ? part[j] : acc[j];
+                float* sum_up = W::scaled ? part_up[j] : up[j];
+                unsigned int b[2];
+                row_fragment(hi_rows[j], k, k0, t, x_aligned, b);
+                mma_bf16_16816(sum, a, b);
+                if constexpr (SILU) mma_bf16_16816(sum_up, a_up, b);
+                if (two_terms) {
+                    row_fragment(lo_rows[j], k, k0, t, x_aligned, b);
+                    mma_bf16_16816(sum, a, b);
+                    if constexpr (SILU) mma_bf16_16816(sum_up, a_up, b);
+                }
+            }
+        }
+        if constexpr (W::scaled) {
+            fold_segment(w, col, n, segment, blocks, acc, part);
+            if constexpr (SILU) fold_segment(up_w, col, n, segment, blocks, up, part_up);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TC_N_BLOCKS; ++j) {
+        if (j >= blocks) break;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = col + (i >= 2 ? 8 : 0);
+            const int r = j * 8 + 2 * t + (i & 1);
+            if (c >= n || r >= tile.rows) continue;
+            const long long at = (tile.row0 + r) * out_stride + c;
+            if constexpr (SILU) {
+                const float v = silu(acc[j][i]) * up[j][i];
+                if (two_terms) {
+                    f32_to_bf16x2(v, act_hi + at, act_lo + at);
+                } else {
+                    act_hi[at] = f32_to_bf16(v);
+                }
+            } else {
+                out[at] = acc[j][i];
+            }
+        }
+    }
+}
+
+// Every expert of a layer in one launch, as grouped_fp8 (a grid sized for the tiles' bound),
+// over tiles of TC_TILE_ROWS rows; run e's bf16 [n_w, k] weights at weights[e]; x_lo null
+// for bf16 activations, set for bf16x2. Grid: (ceil(n / TC_TILE_N), tiles), TC_WARPS * 32
+// threads.
+extern "C" __global__ void tensor_core_grouped_gemm_rows(
+    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
+    const unsigned long long* weights, float* out, long long out_stride,
+    const unsigned int* first_tile, const unsigned int* run_start, const unsigned int* run_len,
+    int runs, int n, int k) {
+    if (blockIdx.y >= first_tile[runs]) return;  // as in grouped_fp8
+    const RunTile tile = run_tile(first_tile, run_start, run_len, runs, TC_TILE_ROWS);
+    const Bf16Fragments w((const bf16_t*)weights[tile.run], k);
+    tensor_core_tile<false>(tile, x_hi, x_lo, x_stride, w, out, nullptr, nullptr, out_stride, n,
+                            k);
+}
+
+// The gate/up pass with SiLU-and-multiply fused: run e's weights are [2 * inter, k] (gate rows
+// then up rows); writes act_hi (and act_lo where x_lo is set), [slots, inter].
+extern "C" __global__ void tensor_core_grouped_gate_up_silu(
+    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
+    const unsigned long long* weights, bf16_t* act_hi, bf16_t* act_lo, long long act_stride,
+    const unsigned int* first_tile, const unsigned int* run_start, const unsigned int* run_len,
+    int runs, int inter, int k) {
+    if (blockIdx.y >= first_tile[runs]) return;
+    const RunTile tile = run_tile(first_tile, run_start, run_len, runs, TC_TILE_ROWS);
+    const Bf16Fragments w((const bf16_t*)weights[tile.run], k);
+    tensor_core_tile<true>(tile, x_hi, x_lo, x_stride, w, nullptr, act_hi, act_lo, act_stride,
+                           inter, k);
+}
+
+// The same over FP8 experts (`--gpu-fp8 keep`): run e's e4m3 [n_w, k] bytes at weights[e],
+// its [n_w, segments] scales at scales[e], every expert on the same segment starts.
+extern "C" __global__ void tensor_core_grouped_gemm_rows_fp8(
+    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
+    const unsigned long long* weights, const unsigned long long* scales,
+    const int* segment_starts, int segments, float* out, long long out_stride,
+    const unsigned int* first_tile, const unsigned int* run_start, const unsigned int* run_len,
+    int runs, int n, int k) {
+    if (blockIdx.y >= first_tile[runs]) return;
+    const RunTile tile = run_tile(first_tile, run_start, run_len, runs, TC_TILE_ROWS);
+    const Fp8Fragments w((const unsigned char*)weights[tile.run], (const float*)scales[tile.run],
+                         segment_starts, segments, k);
+    tensor_core_tile<false>(tile, x_hi, x_lo, x_stride, w, out, nullptr, nullptr, out_stride, n,
+                            k);
+}
+
+extern "C" __global__ void tensor_core_grouped_gate_up_silu_fp8(
+    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
+    const unsigned long long* weights, const unsigned long long* scales,
+    const int* segment_starts, int segments, bf16_t* act_hi, bf16_t* act_lo,
+    long long act_stride, const unsigned int* first_tile, const unsigned int* run_start,
+    const unsigned int* run_len, int runs, int inter, int k) {
+    if (blockIdx.y >= first_tile[runs]) return;
+    const RunTile tile = run_tile(first_tile, run_start, run_len, runs, TC_TILE_ROWS);
+    const Fp8Fragments w((const unsigned char*)weights[tile.run], (const float*)scales[tile.run],
+                         segment_starts, segments, k);
+    tensor_core_tile<true>(tile, x_hi, x_lo, x_stride, w, nullptr, act_hi, act_lo, act_stride,
+                           inter, k);
 }

@@ -50,10 +50,14 @@ pub struct Kernels {
     pub mask_logit_rows: CudaFunction,
     pub synthetic_e4m3: CudaFunction,
     pub plan_routes: CudaFunction,
+    pub tensor_core_grouped_gemm_rows: CudaFunction,
+    pub tensor_core_grouped_gate_up_silu: CudaFunction,
+    pub tensor_core_grouped_gemm_rows_fp8: CudaFunction,
+    pub tensor_core_grouped_gate_up_silu_fp8: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 38] = [
+pub const KERNEL_NAMES: [&str; 42] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -92,17 +96,27 @@ pub const KERNEL_NAMES: [&str; 38] = [
     "mask_logit_rows",
     "synthetic_e4m3",
     "plan_routes",
+    "tensor_core_grouped_gemm_rows",
+    "tensor_core_grouped_gate_up_silu",
+    "tensor_core_grouped_gemm_rows_fp8",
+    "tensor_core_grouped_gate_up_silu_fp8",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
 pub fn compile_ptx(capability: (i32, i32)) -> Result<Ptx, GpuError> {
+    let (major, minor) = capability;
+    compile_for(&format!("compute_{major}{minor}"))
+}
+
+/// Compiles [`SOURCE`] for `architecture` (`compute_90`: PTX only; `sm_90`: through the
+/// assembler too, which is what checks the inline PTX of the tensor-core kernel).
+fn compile_for(architecture: &str) -> Result<Ptx, GpuError> {
     // SAFETY: only tries to open the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(GpuError::MissingLibrary("libnvrtc"));
     }
-    let (major, minor) = capability;
     let options = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        options: vec![format!("--gpu-architecture={architecture}")],
         name: Some("moe_kernels.cu".into()),
         ..Default::default()
     };
@@ -161,6 +175,10 @@ impl Kernels {
             mask_logit_rows: f("mask_logit_rows")?,
             synthetic_e4m3: f("synthetic_e4m3")?,
             plan_routes: f("plan_routes")?,
+            tensor_core_grouped_gemm_rows: f("tensor_core_grouped_gemm_rows")?,
+            tensor_core_grouped_gate_up_silu: f("tensor_core_grouped_gate_up_silu")?,
+            tensor_core_grouped_gemm_rows_fp8: f("tensor_core_grouped_gemm_rows_fp8")?,
+            tensor_core_grouped_gate_up_silu_fp8: f("tensor_core_grouped_gate_up_silu_fp8")?,
         })
     }
 }
@@ -217,6 +235,10 @@ mod tests {
             return;
         }
         for capability in [(9, 0), (8, 0)] {
+            // Assembled as well: the driver would assemble the PTX only on a GPU.
+            let (major, minor) = capability;
+            compile_for(&format!("sm_{major}{minor}"))
+                .unwrap_or_else(|e| panic!("assembling for {capability:?}: {e}"));
             let ptx = compile_ptx(capability).unwrap_or_else(|e| panic!("{capability:?}: {e}"));
             let text = ptx.to_src();
             for name in KERNEL_NAMES {
@@ -226,6 +248,8 @@ mod tests {
                 );
             }
         }
+        // Below 8.0 the tensor-core kernel compiles to a trap (the host never picks it there).
+        compile_for("sm_75").unwrap_or_else(|e| panic!("assembling for (7, 5): {e}"));
     }
 
     /// CUDA graphs through cudarc on this driver (the groundwork for decode steps as graphs):

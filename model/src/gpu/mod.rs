@@ -13,6 +13,8 @@
 //! - [`fp8_gemm`]: FP8 weights kept as FP8 on the device (bytes and scales) and a GEMM that
 //!   widens them in the kernel, bitwise the CPU's GEMM and batch-invariant (not yet used by
 //!   the expert FFN or the dense part: they still upload widened weights).
+//! - [`tensor_core_gemm`]: bf16 experts on the tensor cores (`--gpu-expert-gemm
+//!   tensor-cores`): one launch per pass over the grouped row tiles, batch-invariant.
 //! - [`row_moves`]: rows gathered per node and outputs placed back in pair order on the
 //!   device (the router's device-resident dispatch).
 //! - [`segment_graphs`]: the dense part's decode steps as CUDA graphs (`--cuda-graphs`),
@@ -40,6 +42,7 @@ pub(crate) mod grouped_launch;
 pub mod kernels;
 pub mod row_moves;
 pub mod segment_graphs;
+pub(crate) mod tensor_core_gemm;
 
 pub use context::GpuContext;
 pub use dense_ops::GpuDenseModel;
