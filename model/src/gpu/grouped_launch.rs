@@ -17,7 +17,7 @@ use crate::device::grouped_tiles::GroupedRowTiles;
 /// Outputs per block (`FP8_TILE_N` in kernels.cu).
 const TILE_N: usize = 32;
 /// A grid's most row tiles (its y dimension).
-pub(crate) const MAX_TILES: usize = 65_535;
+const MAX_TILES: usize = 65_535;
 
 /// A grouped launch's row tiles on the device: run `e`'s first tile, first slot and length
 /// (`first_tile` has `runs + 1` entries), for at most `tiles` tiles of `tile_rows` rows over
@@ -30,6 +30,33 @@ pub(crate) struct TileTables<'a> {
     pub tiles: usize,
     pub tile_rows: usize,
     pub slots: usize,
+}
+
+impl TileTables<'_> {
+    /// The grid's y dimension for a kernel whose tiles are `kernel_rows` rows: an error where
+    /// these tables were planned for another size or exceed a grid.
+    pub fn grid_tiles(&self, kernel_rows: usize) -> Result<u32, GpuError> {
+        if self.tile_rows != kernel_rows {
+            return Err(GpuError::Shape(format!(
+                "tiles of {} rows for a kernel of {kernel_rows}-row tiles",
+                self.tile_rows
+            )));
+        }
+        if self.tiles > MAX_TILES {
+            return Err(GpuError::Shape(format!(
+                "{} row tiles exceed a grouped GEMM's grid",
+                self.tiles
+            )));
+        }
+        Ok(self.tiles as u32)
+    }
+
+    /// Pushes the three tables, in the kernels' order (first tile, run start, run length).
+    pub fn push<'b>(&'b self, builder: &mut cudarc::driver::LaunchArgs<'b>) {
+        builder.arg(self.first_tile);
+        builder.arg(self.run_start);
+        builder.arg(self.run_len);
+    }
 }
 
 /// Tiles planned on the host ([`GroupedRowTiles`]), uploaded.
@@ -74,15 +101,42 @@ impl UploadedTiles {
     }
 }
 
+/// FP8 experts' scales for a grouped launch: a table of each run's scales, on the segments
+/// every run shares (`segment_starts`' address, `segments` of them).
+pub(crate) struct Fp8ScaleTables {
+    scales: CudaSlice<u64>,
+    segment_starts: u64,
+    segments: i32,
+}
+
+impl Fp8ScaleTables {
+    /// The scales of `experts`, which the caller has checked share `experts[0]`'s segments.
+    pub fn of(ctx: &GpuContext, experts: &[&DeviceFp8Matrix]) -> Result<Self, GpuError> {
+        let Some(first) = experts.first() else {
+            return Err(GpuError::Shape("the scales of no FP8 experts".into()));
+        };
+        let stream = ctx.stream();
+        let scales: Vec<u64> = experts.iter().map(|e| e.scales_address(stream)).collect();
+        let (segment_starts, segments) = first.segments_address(stream);
+        Ok(Self {
+            scales: stream.clone_htod(&scales)?,
+            segment_starts,
+            segments: as_int(segments, "FP8 segments")?,
+        })
+    }
+
+    /// Pushes the kernels' three scale arguments (scales, segment starts, segments).
+    pub fn push<'b>(&'b self, builder: &mut cudarc::driver::LaunchArgs<'b>) {
+        builder.arg(&self.scales);
+        builder.arg(&self.segment_starts);
+        builder.arg(&self.segments);
+    }
+}
+
 /// How the kernel reads each run's weights.
 enum WeightForm {
-    /// e4m3 bytes with a table of each run's scales, on shared segments (`segment_starts`'
-    /// address, `segments` of them).
-    Fp8 {
-        scales: CudaSlice<u64>,
-        segment_starts: u64,
-        segments: i32,
-    },
+    /// e4m3 bytes with their scales.
+    Fp8(Fp8ScaleTables),
     F32,
     Bf16,
 }
@@ -112,15 +166,9 @@ impl GroupedWeights {
         }
         let stream = ctx.stream();
         let weights: Vec<u64> = experts.iter().map(|e| e.values_address(stream)).collect();
-        let scales: Vec<u64> = experts.iter().map(|e| e.scales_address(stream)).collect();
-        let (segment_starts, segments) = first.segments_address(stream);
         Ok(Self {
             weights: stream.clone_htod(&weights)?,
-            form: WeightForm::Fp8 {
-                scales: stream.clone_htod(&scales)?,
-                segment_starts,
-                segments: as_int(segments, "FP8 segments")?,
-            },
+            form: WeightForm::Fp8(Fp8ScaleTables::of(ctx, experts)?),
             runs: experts.len(),
             n,
             k,
@@ -183,23 +231,12 @@ impl GroupedWeights {
                 out.len()
             )));
         }
-        if tiles.tile_rows != FP8_TILE_ROWS {
-            return Err(GpuError::Shape(format!(
-                "grouped tiles of {} rows, these kernels' are {FP8_TILE_ROWS}",
-                tiles.tile_rows
-            )));
-        }
-        if tiles.tiles > MAX_TILES {
-            return Err(GpuError::Shape(format!(
-                "{} row tiles exceed a grouped GEMM's grid",
-                tiles.tiles
-            )));
-        }
-        if tiles.tiles == 0 || width == 0 {
+        let grid_tiles = tiles.grid_tiles(FP8_TILE_ROWS)?;
+        if grid_tiles == 0 || width == 0 {
             return Ok(());
         }
         let config = LaunchConfig {
-            grid_dim: (width.div_ceil(TILE_N) as u32, tiles.tiles as u32, 1),
+            grid_dim: (width.div_ceil(TILE_N) as u32, grid_tiles, 1),
             block_dim: ((TILE_N * FP8_TILE_ROWS) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -209,8 +246,8 @@ impl GroupedWeights {
         let kernels = ctx.kernels();
         let silu = output == GroupedOutput::SiluMul;
         let function = match (&self.form, silu) {
-            (WeightForm::Fp8 { .. }, false) => &kernels.grouped_gemm_rows_fp8,
-            (WeightForm::Fp8 { .. }, true) => &kernels.grouped_gate_up_silu_fp8,
+            (WeightForm::Fp8(_), false) => &kernels.grouped_gemm_rows_fp8,
+            (WeightForm::Fp8(_), true) => &kernels.grouped_gate_up_silu_fp8,
             (WeightForm::F32, false) => &kernels.grouped_gemm_rows_exact_f32,
             (WeightForm::F32, true) => &kernels.grouped_gate_up_silu_exact_f32,
             (WeightForm::Bf16, false) => &kernels.grouped_gemm_rows_exact_bf16,
@@ -221,21 +258,12 @@ impl GroupedWeights {
         builder.arg(x);
         builder.arg(&x_stride);
         builder.arg(&self.weights);
-        if let WeightForm::Fp8 {
-            scales,
-            segment_starts,
-            segments,
-        } = &self.form
-        {
-            builder.arg(scales);
-            builder.arg(segment_starts);
-            builder.arg(segments);
+        if let WeightForm::Fp8(scales) = &self.form {
+            scales.push(&mut builder);
         }
         builder.arg(out);
         builder.arg(&out_stride);
-        builder.arg(tiles.first_tile);
-        builder.arg(tiles.run_start);
-        builder.arg(tiles.run_len);
+        tiles.push(&mut builder);
         builder.arg(&runs).arg(&width_i).arg(&k_i);
         // SAFETY: every tile's rows lie within `slots` rows of x and out (the tables' contract,
         // checked above against the buffers), each run's weights are a live [n, k] matrix (the

@@ -17,7 +17,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::buffer::GpuBuffer;
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::grouped_launch::{TileTables, MAX_TILES};
+use super::fp8_gemm::DeviceFp8Matrix;
+use super::grouped_launch::{Fp8ScaleTables, TileTables};
 use super::kernels::as_int;
 use crate::device::GpuDtype;
 
@@ -58,13 +59,8 @@ pub(crate) fn tensor_cores_take(ctx: &GpuContext, weights: &GpuBuffer) -> bool {
 /// How the kernel reads each run's weights.
 enum WeightForm {
     Bf16,
-    /// e4m3 bytes with a table of each run's scales, on shared segments (`segment_starts`'
-    /// address, `segments` of them).
-    Fp8 {
-        scales: CudaSlice<u64>,
-        segment_starts: u64,
-        segments: i32,
-    },
+    /// e4m3 bytes with their scales.
+    Fp8(Fp8ScaleTables),
 }
 
 /// The experts of a tensor-core launch, run `e`'s `[n, k]` row-major weights (bf16, or FP8
@@ -109,13 +105,8 @@ impl TensorCoreWeights {
                 if (lead.rows(), lead.cols()) != (n, k) {
                     return Ok(None);
                 }
-                let scales: Vec<u64> = matrices.iter().map(|m| m.scales_address(stream)).collect();
-                let (segment_starts, segments) = lead.segments_address(stream);
-                WeightForm::Fp8 {
-                    scales: stream.clone_htod(&scales)?,
-                    segment_starts,
-                    segments: as_int(segments, "FP8 segments")?,
-                }
+                let matrices: Vec<&DeviceFp8Matrix> = matrices.into_iter().map(|m| &**m).collect();
+                WeightForm::Fp8(Fp8ScaleTables::of(ctx, &matrices)?)
             }
             _ => {
                 let bf16 = |e: &&GpuBuffer| matches!(e, GpuBuffer::Bf16(_)) && e.len() >= n * k;
@@ -190,23 +181,12 @@ impl TensorCoreWeights {
                 self.runs, tiles.runs
             )));
         }
-        if tiles.tile_rows != TC_TILE_ROWS {
-            return Err(GpuError::Shape(format!(
-                "tiles of {} rows, the tensor-core kernel's are {TC_TILE_ROWS}",
-                tiles.tile_rows
-            )));
-        }
-        if tiles.tiles > MAX_TILES {
-            return Err(GpuError::Shape(format!(
-                "{} row tiles exceed a grouped GEMM's grid",
-                tiles.tiles
-            )));
-        }
-        if tiles.tiles == 0 || width == 0 {
+        let grid_tiles = tiles.grid_tiles(TC_TILE_ROWS)?;
+        if grid_tiles == 0 || width == 0 {
             return Ok(());
         }
         let config = LaunchConfig {
-            grid_dim: (width.div_ceil(TILE_N) as u32, tiles.tiles as u32, 1),
+            grid_dim: (width.div_ceil(TILE_N) as u32, grid_tiles, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -220,8 +200,8 @@ impl TensorCoreWeights {
         let function = match (&self.form, silu) {
             (WeightForm::Bf16, false) => &kernels.tensor_core_grouped_gemm_rows,
             (WeightForm::Bf16, true) => &kernels.tensor_core_grouped_gate_up_silu,
-            (WeightForm::Fp8 { .. }, false) => &kernels.tensor_core_grouped_gemm_rows_fp8,
-            (WeightForm::Fp8 { .. }, true) => &kernels.tensor_core_grouped_gate_up_silu_fp8,
+            (WeightForm::Fp8(_), false) => &kernels.tensor_core_grouped_gemm_rows_fp8,
+            (WeightForm::Fp8(_), true) => &kernels.tensor_core_grouped_gate_up_silu_fp8,
         };
         let mut builder = stream.launch_builder(function);
         builder.arg(x_hi);
@@ -231,15 +211,8 @@ impl TensorCoreWeights {
         };
         builder.arg(&x_stride);
         builder.arg(&self.weights);
-        if let WeightForm::Fp8 {
-            scales,
-            segment_starts,
-            segments,
-        } = &self.form
-        {
-            builder.arg(scales);
-            builder.arg(segment_starts);
-            builder.arg(segments);
+        if let WeightForm::Fp8(scales) = &self.form {
+            scales.push(&mut builder);
         }
         match output {
             PassOutput::Products(out) => {
@@ -256,9 +229,7 @@ impl TensorCoreWeights {
             }
         }
         builder.arg(&out_stride);
-        builder.arg(tiles.first_tile);
-        builder.arg(tiles.run_start);
-        builder.arg(tiles.run_len);
+        tiles.push(&mut builder);
         builder.arg(&runs).arg(&width_i).arg(&k_i);
         // SAFETY: every tile's rows lie within `slots` rows of x and the output (the tables'
         // contract, checked above against the buffers), each run's weights are a live bf16
