@@ -16,7 +16,13 @@ fn main() {
         .iter()
         .flat_map(|t| t.split("extern \"C\" __global__ void ").skip(1))
     {
-        let name: String = piece
+        // The name is the last word before the parameters (a launch-bounds macro may come
+        // first).
+        let head = piece.split('(').next().unwrap_or_default();
+        let name: String = head
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();

@@ -20,7 +20,7 @@
 #                              (tok/s, TTFT, ITL p50/p99), beside the bandwidth bound; a run
 #                              of its own (bound 560 s: 210 + 120 to load the router + 210).
 #
-# Checks, each bounded by a timeout (the bounds add up to 685 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 745 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -43,8 +43,8 @@
 #      the same checkpoint as a synthetic one, the expert codes generated on the device); so does
 #      `--deterministic` (every GEMM through the exact kernels);
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
-#      over the gRPC data plane; a CPU router with the same GPU nodes over the per-epoch TCP
-#      collective;
+#      over the gRPC data plane, in f32 and in bf16x2 with the experts on our tensor-core
+#      kernel; a CPU router with the same GPU nodes over the per-epoch TCP collective;
 #   5. a one-rank NCCL communicator round trip (non-blocking init, grouped send/recv), and
 #      rows received over it run by GPU experts where they lie, against the same experts
 #      run from host rows;
@@ -287,6 +287,7 @@ fp8_kept_same_tokens() {
 }
 check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens (also generated on the device)" 30 fp8_kept_same_tokens
 check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
+check "cluster, bf16x2, experts on our tensor-core kernel (MOE_GPU_EXPERT_GEMM=tensor-cores) = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture
 check "router's device-resident dispatch through the in-process device transport" 30 "$UNPACKED/cluster-lib" --ignored device_rows_go_to_in_process --nocapture

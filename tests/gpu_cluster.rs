@@ -1,5 +1,6 @@
-//! A cluster whose expert nodes run their experts on a GPU (`--device cuda:0`, f32) answers
-//! with transformers' golden tokens, as the CPU cluster does. The router's dense part runs on
+//! A cluster whose expert nodes run their experts on a GPU (`--device cuda:0`, f32, or the
+//! numerics `MOE_TEST_GPU_DTYPE` names) answers with transformers' golden tokens, as the CPU
+//! cluster does. The router's dense part runs on
 //! the same device unless `MOE_TEST_ROUTER_DEVICE` says otherwise; the rows reach the nodes
 //! over the gRPC data plane, or with `MOE_TEST_TRANSPORT=tcp` over the per-epoch TCP
 //! collective (the nodes then run their GPU experts on the collective's thread).
@@ -19,19 +20,22 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
     // `MOE_TEST_DEVICE=cpu` runs the same test on CPU nodes (to check the test itself).
     let device = std::env::var("MOE_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
     let router_device = std::env::var("MOE_TEST_ROUTER_DEVICE").unwrap_or_else(|_| device.clone());
+    // `f32` unless told (`bf16x2` meets the golden tolerance too); the processes read the rest
+    // of their device flags (`MOE_GPU_EXPERT_GEMM`, ...) from the environment they inherit.
+    let dtype = std::env::var("MOE_TEST_GPU_DTYPE").unwrap_or_else(|_| "f32".into());
     for fixture in FIXTURES {
         let mut spec = harness::spec(fixture_dir(fixture), 2);
         spec.node_args.extend([
             "--device".into(),
             device.clone(),
             "--gpu-dtype".into(),
-            "f32".into(),
+            dtype.clone(),
         ]);
         spec.router_args.extend([
             "--device".into(),
             router_device.clone(),
             "--gpu-dtype".into(),
-            "f32".into(),
+            dtype.clone(),
         ]);
         let transport = std::env::var("MOE_TEST_TRANSPORT").ok();
         if let Some(t) = &transport {
@@ -54,8 +58,8 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
             let got = harness::generate(&mut client, greedy(&case.input_ids, n as u32))
                 .await
                 .unwrap_or_else(|e| panic!("{fixture} case {i}: {e}"));
-            // f32 on the GPU is held to the CPU's 2e-3; tokens must agree up to the first step
-            // whose top-2 margin is within twice that.
+            // f32 and bf16x2 on the GPU are held to the CPU's 2e-3; tokens must agree up to the
+            // first step whose top-2 margin is within twice that.
             let agree = steps_to_compare_at(&case.step_top2_margin, 4e-3);
             assert_eq!(
                 got.ids[..agree],
@@ -72,7 +76,8 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
             assert!(s.collective_layers > 0, "{fixture}: {s:?}");
         }
         println!(
-            "{fixture}: router on {router_device}, expert nodes on {device}: golden tokens over {}",
+            "{fixture}: router on {}, expert nodes on {device} ({dtype}): golden tokens over {}",
+            s.dense_device,
             transport.as_deref().unwrap_or("grpc")
         );
     }

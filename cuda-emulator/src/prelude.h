@@ -13,6 +13,12 @@ struct uint3 {
 struct dim3 {
     unsigned int x, y, z;
 };
+struct uint2 {
+    unsigned int x, y;
+};
+struct uint4 {
+    unsigned int x, y, z, w;
+};
 
 extern thread_local uint3 threadIdx;
 extern thread_local uint3 blockIdx;
@@ -25,6 +31,7 @@ void emu_syncthreads();
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static thread_local
 #define __syncthreads() emu_syncthreads()
 

@@ -1216,15 +1216,19 @@ extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* 
 // plan_routes), as TC_N_BLOCKS blocks of 8 that share each A fragment, so the weights are
 // read once per TC_TILE_ROWS rows; blocks past the tile's rows are skipped (the same in every
 // warp of the block: a decode step's one row per expert costs one mma per step, not four).
-// A block's 8 warps cover TC_TILE_N outputs, 16 each, over k ascending 16 at a time into one
-// f32 accumulator per output: no split of k, so an output depends on its own row and the
-// weights only (batch-invariant), though it is not the CPU's chain (bf16 products, the
-// tensor core's sums). bf16x2 activations (hi, lo): two products per step, hi then lo, into
-// the same accumulator.
+// A block's 8 warps cover TC_TILE_N outputs, 16 each, over k ascending TC_K_STEP at a time
+// (two mmas) into one f32 accumulator per output: no split of k, so an output depends on its
+// own row and the weights only (batch-invariant), though it is not the CPU's chain (bf16
+// products, the tensor core's sums). bf16x2 activations (hi, lo): two products per mma step,
+// hi then lo, into the same accumulator.
 #define TC_WARPS 8
 #define TC_TILE_N (TC_WARPS * 16)
 #define TC_N_BLOCKS 4
 #define TC_TILE_ROWS (TC_N_BLOCKS * 8)
+#define TC_K_STEP 32
+// Two blocks of 8 warps per SM at least (at most 128 registers a thread): the kernel is bound
+// by its weight reads, which want warps in flight more than registers.
+#define TC_LAUNCH_BOUNDS __launch_bounds__(TC_WARPS * 32, 2)
 
 #ifndef MOE_EMULATED_MMA
 // d += a b, one m16n8k16 bf16 product with f32 accumulation (PTX ISA, "Matrix Fragments for
@@ -1256,26 +1260,43 @@ __device__ __forceinline__ unsigned int bf16_pair(const bf16_t* row, int c, int 
     return first | (second << 16);
 }
 
-// Whether every row of a [*, k] bf16 matrix at `base`, `stride` apart, starts 4-byte aligned.
-__device__ __forceinline__ bool pairs_aligned(const bf16_t* base, long long stride) {
-    return ((unsigned long long)base & 3ull) == 0 && (stride & 1) == 0;
+// Whether every row of a [*, stride] matrix of `bytes`-byte elements at `base` starts on a
+// boundary of `align` bytes.
+__device__ __forceinline__ bool rows_aligned(const void* base, long long stride, int bytes,
+                                             int align) {
+    return ((unsigned long long)base % align) == 0 && (stride * bytes) % align == 0;
 }
 
-// How the tensor-core kernel reads bf16 weights: A fragments of rows col and col + 8 at k0
-// (zero rows at and past `n`), one segment over all of k, scale 1.
+// Columns c..c + 7 of a bf16 row (c a multiple of 8) as four registers of two (the lower
+// column in the lower half), zero past `k`; one 16-byte load where the row allows it.
+__device__ __forceinline__ void bf16_octet(const bf16_t* row, int c, int k, bool aligned,
+                                           unsigned int* r) {
+    if (aligned && c + 8 <= k) {
+        const uint4 v = *(const uint4*)(row + c);
+        r[0] = v.x;
+        r[1] = v.y;
+        r[2] = v.z;
+        r[3] = v.w;
+        return;
+    }
+    for (int i = 0; i < 4; ++i) r[i] = bf16_pair(row, c + 2 * i, k, false);
+}
+
+// How the tensor-core kernel reads bf16 weights: eight columns of a row at a time, one
+// segment over all of k, scale 1.
 struct Bf16Fragments {
     static constexpr bool scaled = false;
     const bf16_t* w;
     int k;
     bool aligned;
     __device__ __forceinline__ Bf16Fragments(const bf16_t* w, int k)
-        : w(w), k(k), aligned(pairs_aligned(w, k)) {}
+        : w(w), k(k), aligned(rows_aligned(w, k, 2, 16)) {}
     // The same matrix from row `first` on (the fused pass's up rows).
     __device__ __forceinline__ Bf16Fragments rows_from(int first) const {
         return Bf16Fragments(w + (long long)first * k, k);
     }
-    __device__ __forceinline__ unsigned int pair(int row, int c) const {
-        return bf16_pair(w + (long long)row * k, c, k, aligned);
+    __device__ __forceinline__ void octet(int row, int c, unsigned int* r) const {
+        bf16_octet(w + (long long)row * k, c, k, aligned, r);
     }
     __device__ __forceinline__ int segment_end(int) const { return k; }
     __device__ __forceinline__ float scale(int, int) const { return 1.0f; }
@@ -1284,8 +1305,8 @@ struct Bf16Fragments {
 // e4m3 bytes with per-(row, segment) f32 scales (DeepSeek-V3's 128x128 blocks: a row's
 // segments are its 128-column blocks), each byte widened to bf16 exactly (e4m3 has 3
 // mantissa bits) in registers; the products of a segment summed apart and scaled as they
-// are added in, as DeepGEMM does. Segment starts are multiples of 16 (the host checks), so
-// no mma step straddles two.
+// are added in, as DeepGEMM does. Segment starts are multiples of TC_K_STEP (the host
+// checks), so no step straddles two.
 struct Fp8Fragments {
     static constexpr bool scaled = true;
     const unsigned char* w;
@@ -1297,23 +1318,37 @@ struct Fp8Fragments {
     __device__ __forceinline__ Fp8Fragments(const unsigned char* w, const float* scales,
                                             const int* segment_starts, int segments, int k)
         : w(w), scales(scales), segment_starts(segment_starts), segments(segments), k(k),
-          aligned(((unsigned long long)w & 1ull) == 0 && (k & 1) == 0) {}
+          aligned(rows_aligned(w, k, 1, 8)) {}
     __device__ __forceinline__ Fp8Fragments rows_from(int first) const {
         return Fp8Fragments(w + (long long)first * k, scales + (long long)first * segments,
                             segment_starts, segments, k);
     }
     __device__ __forceinline__ static unsigned int as_bf16(unsigned int byte) {
-        return __float_as_uint(e4m3_to_f32((unsigned char)byte)) >> 16;  // exact
+        return __float_as_uint(e4m3_to_f32((unsigned char)(byte & 0xffu))) >> 16;  // exact
     }
-    __device__ __forceinline__ unsigned int pair(int row, int c) const {
-        const unsigned char* r = w + (long long)row * k;
-        unsigned int two;
-        if (aligned && c + 1 < k) {
-            two = *(const unsigned short*)(r + c);
+    // Two bytes (the lower in the lower half of `two`) as two bf16 in one register.
+    __device__ __forceinline__ static unsigned int pair_of(unsigned int two) {
+        return as_bf16(two) | (as_bf16(two >> 8) << 16);
+    }
+    __device__ __forceinline__ void octet(int row, int c, unsigned int* r) const {
+        const unsigned char* p = w + (long long)row * k;
+        unsigned int low, high;  // bytes c..c + 3 and c + 4..c + 7, the first lowest
+        if (aligned && c + 8 <= k) {
+            const uint2 v = *(const uint2*)(p + c);
+            low = v.x;
+            high = v.y;
         } else {
-            two = (c < k ? (unsigned int)r[c] : 0u) | ((c + 1 < k ? (unsigned int)r[c + 1] : 0u) << 8);
+            low = 0u;
+            high = 0u;
+            for (int i = 0; i < 4; ++i) {
+                if (c + i < k) low |= (unsigned int)p[c + i] << (8 * i);
+                if (c + 4 + i < k) high |= (unsigned int)p[c + 4 + i] << (8 * i);
+            }
         }
-        return as_bf16(two & 0xffu) | (as_bf16(two >> 8) << 16);
+        r[0] = pair_of(low);
+        r[1] = pair_of(low >> 16);
+        r[2] = pair_of(high);
+        r[3] = pair_of(high >> 16);
     }
     // Where the segment holding k0 ends.
     __device__ __forceinline__ int segment_end(int k0) const {
@@ -1325,23 +1360,13 @@ struct Fp8Fragments {
     }
 };
 
-// The A fragment of weight rows col and col + 8 at k0 (zero rows at and past `n`).
+// Columns c..c + 7 of weight rows col and col + 8 (zero rows at and past `n`).
 template <typename W>
-__device__ __forceinline__ void weight_fragment(const W& w, int col, int n, int k0, int t,
-                                                unsigned int* a) {
-    const int c0 = k0 + 2 * t, c1 = c0 + 8;
-    a[0] = col < n ? w.pair(col, c0) : 0u;
-    a[1] = col + 8 < n ? w.pair(col + 8, c0) : 0u;
-    a[2] = col < n ? w.pair(col, c1) : 0u;
-    a[3] = col + 8 < n ? w.pair(col + 8, c1) : 0u;
-}
-
-// The B fragment of the row `row` (null: a row past the tile) at k0.
-__device__ __forceinline__ void row_fragment(const bf16_t* row, int k, int k0, int t,
-                                             bool aligned, unsigned int* b) {
-    const int c0 = k0 + 2 * t;
-    b[0] = row ? bf16_pair(row, c0, k, aligned) : 0u;
-    b[1] = row ? bf16_pair(row, c0 + 8, k, aligned) : 0u;
+__device__ __forceinline__ void weight_octets(const W& w, int col, int n, int c,
+                                              unsigned int* upper, unsigned int* lower) {
+    for (int i = 0; i < 4; ++i) upper[i] = lower[i] = 0u;
+    if (col < n) w.octet(col, c, upper);
+    if (col + 8 < n) w.octet(col + 8, c, lower);
 }
 
 // acc += part * the scale of each output's row (col, or col + 8) in the segment at k0;
@@ -1368,6 +1393,13 @@ __device__ __forceinline__ void fold_segment(const W& w, int col, int n, int k0,
 // out. Every warp of the block runs the same steps (a warp past `n` too). Scaled (FP8)
 // weights: per segment of k, the products are summed apart, then added in times the
 // segment's scale; bf16 weights sum straight into the outputs.
+//
+// A step covers TC_K_STEP = 32 columns of k as two mmas: lane (g, t) loads columns
+// k0 + 8t..k0 + 8t + 7 of its weight rows and of its activation rows (one 16-byte load of
+// bf16, 8 bytes of FP8), and gives the first mma its columns 8t..8t + 3 in the places of the
+// mma's k 2t, 2t + 1, 2t + 8, 2t + 9, the second its columns 8t + 4..8t + 7. A and B take
+// the same columns in the same places, so each mma sums 16 true products (a dot product
+// does not depend on which of its k is called which), and the two cover the step's 32.
 template <bool SILU, typename W>
 __device__ __forceinline__ void tensor_core_tile(const RunTile& tile, const bf16_t* x_hi,
                                                  const bf16_t* x_lo, long long x_stride,
@@ -1379,8 +1411,8 @@ __device__ __forceinline__ void tensor_core_tile(const RunTile& tile, const bf16
     const int col = blockIdx.x * TC_TILE_N + warp * 16 + g;
     const bool two_terms = x_lo != nullptr;
     const int blocks = (tile.rows + 7) / 8;  // the same in every warp of the block
-    const bool x_aligned =
-        pairs_aligned(x_hi, x_stride) && (!two_terms || pairs_aligned(x_lo, x_stride));
+    const bool x_aligned = rows_aligned(x_hi, x_stride, 2, 16) &&
+                           (!two_terms || rows_aligned(x_lo, x_stride, 2, 16));
     const W up_w = w.rows_from(n);  // SILU: the up rows
     // This lane's row (g) of each block of 8, null past the tile's rows.
     const bf16_t* hi_rows[TC_N_BLOCKS];
@@ -1398,25 +1430,34 @@ __device__ __forceinline__ void tensor_core_tile(const RunTile& tile, const bf16
     for (int k0 = 0; k0 < k;) {
         const int segment = k0;
         const int end = w.segment_end(k0);
-#pragma unroll 2
-        for (; k0 < end; k0 += 16) {
-            unsigned int a[4], a_up[4] = {0u, 0u, 0u, 0u};
-            weight_fragment(w, col, n, k0, t, a);
-            if constexpr (SILU) weight_fragment(up_w, col, n, k0, t, a_up);
+        for (; k0 < end; k0 += TC_K_STEP) {
+            const int c = k0 + 8 * t;
+            unsigned int wu[4], wl[4], uu[4] = {0u, 0u, 0u, 0u}, ul[4] = {0u, 0u, 0u, 0u};
+            weight_octets(w, col, n, c, wu, wl);
+            if constexpr (SILU) weight_octets(up_w, col, n, c, uu, ul);
 #pragma unroll
             for (int j = 0; j < TC_N_BLOCKS; ++j) {
                 if (j >= blocks) break;
                 // Unscaled weights sum straight into the outputs.
                 float* sum = W::scaled ? part[j] : acc[j];
                 float* sum_up = W::scaled ? part_up[j] : up[j];
-                unsigned int b[2];
-                row_fragment(hi_rows[j], k, k0, t, x_aligned, b);
-                mma_bf16_16816(sum, a, b);
-                if constexpr (SILU) mma_bf16_16816(sum_up, a_up, b);
-                if (two_terms) {
-                    row_fragment(lo_rows[j], k, k0, t, x_aligned, b);
-                    mma_bf16_16816(sum, a, b);
-                    if constexpr (SILU) mma_bf16_16816(sum_up, a_up, b);
+                unsigned int xh[4] = {0u, 0u, 0u, 0u}, xl[4] = {0u, 0u, 0u, 0u};
+                if (hi_rows[j]) bf16_octet(hi_rows[j], c, k, x_aligned, xh);
+                if (lo_rows[j]) bf16_octet(lo_rows[j], c, k, x_aligned, xl);
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    const unsigned int a[4] = {wu[2 * s], wl[2 * s], wu[2 * s + 1],
+                                               wl[2 * s + 1]};
+                    const unsigned int a_up[4] = {uu[2 * s], ul[2 * s], uu[2 * s + 1],
+                                                  ul[2 * s + 1]};
+                    const unsigned int b_hi[2] = {xh[2 * s], xh[2 * s + 1]};
+                    mma_bf16_16816(sum, a, b_hi);
+                    if constexpr (SILU) mma_bf16_16816(sum_up, a_up, b_hi);
+                    if (two_terms) {
+                        const unsigned int b_lo[2] = {xl[2 * s], xl[2 * s + 1]};
+                        mma_bf16_16816(sum, a, b_lo);
+                        if constexpr (SILU) mma_bf16_16816(sum_up, a_up, b_lo);
+                    }
                 }
             }
         }
@@ -1452,7 +1493,7 @@ __device__ __forceinline__ void tensor_core_tile(const RunTile& tile, const bf16
 // over tiles of TC_TILE_ROWS rows; run e's bf16 [n_w, k] weights at weights[e]; x_lo null
 // for bf16 activations, set for bf16x2. Grid: (ceil(n / TC_TILE_N), tiles), TC_WARPS * 32
 // threads.
-extern "C" __global__ void tensor_core_grouped_gemm_rows(
+extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_grouped_gemm_rows(
     const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
     const unsigned long long* weights, float* out, long long out_stride,
     const unsigned int* first_tile, const unsigned int* run_start, const unsigned int* run_len,
@@ -1466,7 +1507,7 @@ extern "C" __global__ void tensor_core_grouped_gemm_rows(
 
 // The gate/up pass with SiLU-and-multiply fused: run e's weights are [2 * inter, k] (gate rows
 // then up rows); writes act_hi (and act_lo where x_lo is set), [slots, inter].
-extern "C" __global__ void tensor_core_grouped_gate_up_silu(
+extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_grouped_gate_up_silu(
     const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
     const unsigned long long* weights, bf16_t* act_hi, bf16_t* act_lo, long long act_stride,
     const unsigned int* first_tile, const unsigned int* run_start, const unsigned int* run_len,
@@ -1480,7 +1521,7 @@ extern "C" __global__ void tensor_core_grouped_gate_up_silu(
 
 // The same over FP8 experts (`--gpu-fp8 keep`): run e's e4m3 [n_w, k] bytes at weights[e],
 // its [n_w, segments] scales at scales[e], every expert on the same segment starts.
-extern "C" __global__ void tensor_core_grouped_gemm_rows_fp8(
+extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_grouped_gemm_rows_fp8(
     const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
     const unsigned long long* weights, const unsigned long long* scales,
     const int* segment_starts, int segments, float* out, long long out_stride,
@@ -1494,7 +1535,7 @@ extern "C" __global__ void tensor_core_grouped_gemm_rows_fp8(
                             k);
 }
 
-extern "C" __global__ void tensor_core_grouped_gate_up_silu_fp8(
+extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_grouped_gate_up_silu_fp8(
     const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride,
     const unsigned long long* weights, const unsigned long long* scales,
     const int* segment_starts, int segments, bf16_t* act_hi, bf16_t* act_lo,

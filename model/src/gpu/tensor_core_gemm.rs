@@ -29,6 +29,8 @@ const THREADS: u32 = 256;
 /// Rows per tile (`TC_TILE_ROWS`: four of the mma's 8-row N blocks sharing each weight
 /// fragment, so the weights are read once per 32 rows of an expert).
 pub(crate) const TC_TILE_ROWS: usize = 32;
+/// Columns of k per step (`TC_K_STEP`: two mmas); FP8 scale segments must start on a step.
+const TC_K_STEP: i32 = 32;
 
 /// Where a grouped pass writes.
 pub(crate) enum PassOutput<'a> {
@@ -41,7 +43,7 @@ pub(crate) enum PassOutput<'a> {
 }
 
 /// Whether the context runs `weights` on the tensor cores: bf16 matrices, and FP8 ones (one
-/// matrix, segments on the mma's 16-column steps) outside the `f32` mode, whenever it runs
+/// matrix, segments on the kernel's 32-column steps) outside the `f32` mode, whenever it runs
 /// experts there.
 pub(crate) fn tensor_cores_take(ctx: &GpuContext, weights: &GpuBuffer) -> bool {
     ctx.tensor_core_experts()
@@ -50,7 +52,7 @@ pub(crate) fn tensor_cores_take(ctx: &GpuContext, weights: &GpuBuffer) -> bool {
             GpuBuffer::Fp8(m) => {
                 ctx.dtype() != GpuDtype::F32
                     && m.groups_with(m)
-                    && m.segment_starts().iter().all(|&s| s % 16 == 0)
+                    && m.segment_starts().iter().all(|&s| s % TC_K_STEP == 0)
             }
             GpuBuffer::F32(_) | GpuBuffer::Bf16Pair { .. } => false,
         }
@@ -323,7 +325,8 @@ mod tests {
 
     /// One launch of `weights` (three experts, `dense[e]` their `[n, k]` values as f64, scales
     /// applied) over the runs of [`RUN_LENS`], bf16 or bf16x2 (`pair`) activations: each
-    /// output is the exact sum of the rounded inputs' products within f32 accumulation, a
+    /// output is the exact sum of the rounded inputs' products within f32 accumulation (a
+    /// few ulps of the terms' size per mma step), a
     /// row's outputs are bitwise the same alone as in the batch, and the fused gate/up pass
     /// (the first n / 2 rows gate, the rest up) is bitwise the unfused pass followed by
     /// `silu_mul_bf16(x2)`.
@@ -365,9 +368,12 @@ mod tests {
                     sum += term;
                     size += term.abs();
                 }
+                // A tensor core sums its products in its own order and may truncate: allow
+                // some f32 ulps of the terms' size per step (a fragment read from the wrong
+                // place is off by the size itself).
                 let g = got[s * n + j] as f64;
                 assert!(
-                    (g - sum).abs() <= 1e-6 * size + 1e-7,
+                    (g - sum).abs() <= 1e-5 * size + 1e-6,
                     "{case}: slot {s} output {j}: {g} against {sum}"
                 );
             }
@@ -450,9 +456,10 @@ mod tests {
     }
 
     /// FP8 experts (`--gpu-fp8 keep`) on the tensor cores: each e4m3 byte widened exactly,
-    /// each 32-column segment's products scaled by its row's scale, k off the mma's 16 (the
-    /// last segment partial, an odd k), through [`check_pass`]; segments off the 16-column
-    /// steps are not taken (the FP8 CUDA-core kernel runs them), nor FP8 in the `f32` mode.
+    /// each 32-column segment's products scaled by its row's scale, k off the kernel's steps
+    /// (the last segment partial, an odd k), through [`check_pass`]; segments off the
+    /// 32-column steps are not taken (the FP8 CUDA-core kernel runs them), nor FP8 in the
+    /// `f32` mode.
     #[test]
     fn fp8_experts_on_the_tensor_cores_give_the_scaled_products() {
         use crate::backend::fp8::e4m3_to_f32;
@@ -474,9 +481,10 @@ mod tests {
                     }
                 })
                 .collect();
-            let blocks = n.div_ceil(block) * k.div_ceil(block);
+            // Blocks of 20 rows: a fragment's rows col and col + 8 may take two scales.
+            let blocks = n.div_ceil(20) * k.div_ceil(block);
             let scales: Vec<f32> = values_pos(blocks, seed);
-            Fp8Matrix::from_blocks(values, n, k, &scales, (block, block))
+            Fp8Matrix::from_blocks(values, n, k, &scales, (20, block))
         };
         for (n, k, pair) in [(40usize, 80usize, true), (48, 75, false)] {
             let hosts: Vec<Fp8Matrix> = (0..RUN_LENS.len())
@@ -504,13 +512,13 @@ mod tests {
             let case = format!("FP8 [{n}, {k}], bf16x2 {pair}");
             check_pass(&ctx, &case, &weights, &dense, (n, k), pair);
         }
-        let off_steps = GpuBuffer::Fp8(Box::new(
-            DeviceFp8Matrix::upload(&ctx, &matrix(40, 80, 24, 5)).unwrap(),
-        ));
-        assert!(
-            !tensor_cores_take(&ctx, &off_steps),
-            "segments off the 16-column steps"
-        );
+        for block in [24, 48] {
+            let off_steps = GpuBuffer::Fp8(Box::new(
+                DeviceFp8Matrix::upload(&ctx, &matrix(40, 80, block, 5)).unwrap(),
+            ));
+            let why = format!("segments of {block} columns, off the 32-column steps");
+            assert!(!tensor_cores_take(&ctx, &off_steps), "{why}");
+        }
         let f32_ctx = crate::test_support::test_context(GpuDtype::F32).unwrap();
         f32_ctx.set_expert_gemm(ExpertGemm::TensorCores);
         let fp8 = GpuBuffer::Fp8(Box::new(
