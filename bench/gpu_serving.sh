@@ -22,6 +22,9 @@
 # DeepSeek recommends (V3_SAMPLING, default `--temperature 0.6 --top-p 0.95`: a race among the
 # nucleus on the device; empty for greedy), beside the memory-bandwidth bound of the same
 # decode (bench/decode_bound.py, BANDWIDTH_GBS, default the H200's 4800). `DEVICE=cpu V3_LAYERS=4 V3_BATCH=1 V3_GEN=8` runs it on a 24 GB CPU machine.
+# On a GPU in `--gpu-dtype f32` (V3_GPU_DTYPE; the kept FP8 experts on the exact CUDA-core
+# kernel); `V3_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores` runs them on our
+# tensor-core kernel instead (bf16x2 activations against the FP8 bytes widened in registers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${MOE_BIN_DIR:-/tmp/moe-gpu-bin}")
@@ -36,10 +39,12 @@ if [ "${1:-}" = deepseek-v3 ]; then
   timeout 30 moe gen-checkpoint --arch deepseek_v3 --preset full --layers "$layers" --dtype fp8 \
     --synthetic --out "$model" || exit 1
   gpu=()
-  [ "$device" = cpu ] || gpu=(--gpu-dtype f32)
+  # f32 runs the kept FP8 experts through the exact CUDA-core kernel;
+  # `V3_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores` through our tensor-core kernel.
+  [ "$device" = cpu ] || gpu=(--gpu-dtype "${V3_GPU_DTYPE:-f32}")
   read -r -a sampling <<<"${V3_SAMPLING---temperature 0.6 --top-p 0.95}"
   status=0
-  echo "== DeepSeek-V3 dimensions, $layers layers, synthetic FP8 weights, on $device, --gpu-fp8 keep"
+  echo "== DeepSeek-V3 dimensions, $layers layers, synthetic FP8 weights, on $device, --gpu-fp8 keep ${gpu[*]} (expert GEMMs: ${MOE_GPU_EXPERT_GEMM:-lanes})"
   MOE_GPU_FP8=keep timeout "${V3_TIMEOUT:-240}" moe bench --model "$model" --device "$device" "${gpu[@]}" \
     "${sampling[@]}" --batch "$batch" --prompt-len "$prompt" --gen "$gen" || status=1
   echo "== served: moe-router with its experts on 2 in-process nodes (device-resident exchange), concurrent streams"

@@ -19,6 +19,9 @@
 #                              `moe-router --in-process-nodes 2` serving that many streams
 #                              (tok/s, TTFT, ITL p50/p99), beside the bandwidth bound; a run
 #                              of its own (bound 560 s: 210 + 120 to load the router + 210).
+#                              The experts run on the exact FP8 CUDA-core kernel (f32);
+#                              `V3_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores
+#                              ops/gpu-check.sh serving` runs them on our tensor-core kernel.
 #
 # Checks, each bounded by a timeout (the bounds add up to 745 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
