@@ -150,8 +150,9 @@ pub struct DeviceArgs {
     /// over streams), `grouped` (all experts of a pass in one `cublasGemmGroupedBatchedEx`
     /// call, cuBLAS 12.5 or later) or `tensor-cores` (bf16 experts, and FP8 ones kept as FP8,
     /// in the `bf16` and `bf16x2` modes through our own tensor-core kernel, one launch a pass,
-    /// batch-invariant, inside a decode step's CUDA graph; compute capability 8.0 or later).
-    /// The last two are experimental until `ops/gpu-check.sh` has run them on a GPU.
+    /// batch-invariant, inside a decode step's CUDA graph; with `--gpu-fp8 keep` the dense
+    /// part's FP8 projections too; compute capability 8.0 or later). The last two are
+    /// experimental until `ops/gpu-check.sh` has run them on a GPU.
     #[arg(long, env = "MOE_GPU_EXPERT_GEMM", default_value = "lanes")]
     pub gpu_expert_gemm: moe_model::device::ExpertGemm,
 }

@@ -181,7 +181,8 @@ pub enum ExpertGemm {
     /// later): batch-invariant, its
     /// row counts read on the device (so a decode step's experts can be part of its CUDA
     /// graph), SiLU-and-multiply fused into the gate/up pass. Experimental until
-    /// `ops/gpu-check.sh` has run it on a GPU.
+    /// `ops/gpu-check.sh` has run it on a GPU. The dense part's FP8 projections (kept as FP8)
+    /// run on the same kernel.
     TensorCores,
 }
 

@@ -195,8 +195,9 @@ impl DenseOps for CudaDenseOps {
         Ok(GpuBuffer::Fp8(Box::new(held)))
     }
 
-    /// FP8 matrices through the FP8 kernel (f32 inputs, each weight widened in the kernel);
-    /// the others as cuBLAS GEMMs.
+    /// FP8 matrices through the FP8 kernel (f32 inputs, each weight widened in the kernel),
+    /// or on the tensor cores where the context runs them there (the mode's bf16 inputs); the
+    /// others as cuBLAS GEMMs.
     fn linear(
         &self,
         x: &CudaSlice<f32>,
@@ -213,7 +214,11 @@ impl DenseOps for CudaDenseOps {
         }
         let mut out = self.scratch(rows * n_out)?;
         let _serial = self.ctx.lock()?;
-        weights.matmul(&self.ctx, x, rows, &mut out)?;
+        if super::tensor_core_gemm::tensor_cores_take(&self.ctx, w) {
+            super::tensor_core_gemm::fp8_linear(&self.ctx, weights, x, rows, &mut out)?;
+        } else {
+            weights.matmul(&self.ctx, x, rows, &mut out)?;
+        }
         Ok(out)
     }
 

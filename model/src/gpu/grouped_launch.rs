@@ -101,12 +101,27 @@ impl UploadedTiles {
     }
 }
 
-/// FP8 experts' scales for a grouped launch: a table of each run's scales, on the segments
-/// every run shares (`segment_starts`' address, `segments` of them).
-pub(crate) struct Fp8ScaleTables {
-    scales: CudaSlice<u64>,
+/// The segment arguments of an FP8 kernel: the segment starts' address and their count.
+struct SegmentArgs {
     segment_starts: u64,
     segments: i32,
+}
+
+impl SegmentArgs {
+    fn of(ctx: &GpuContext, matrix: &DeviceFp8Matrix) -> Result<Self, GpuError> {
+        let (segment_starts, segments) = matrix.segments_address(ctx.stream());
+        Ok(Self {
+            segment_starts,
+            segments: as_int(segments, "FP8 segments")?,
+        })
+    }
+}
+
+/// FP8 experts' scales for a grouped launch: a table of each run's scales' address, on the
+/// segments every run shares.
+pub(crate) struct Fp8ScaleTables {
+    scales: CudaSlice<u64>,
+    segments: SegmentArgs,
 }
 
 impl Fp8ScaleTables {
@@ -117,19 +132,40 @@ impl Fp8ScaleTables {
         };
         let stream = ctx.stream();
         let scales: Vec<u64> = experts.iter().map(|e| e.scales_address(stream)).collect();
-        let (segment_starts, segments) = first.segments_address(stream);
         Ok(Self {
             scales: stream.clone_htod(&scales)?,
-            segment_starts,
-            segments: as_int(segments, "FP8 segments")?,
+            segments: SegmentArgs::of(ctx, first)?,
         })
     }
 
     /// Pushes the kernels' three scale arguments (scales, segment starts, segments).
     pub fn push<'b>(&'b self, builder: &mut cudarc::driver::LaunchArgs<'b>) {
         builder.arg(&self.scales);
-        builder.arg(&self.segment_starts);
-        builder.arg(&self.segments);
+        builder.arg(&self.segments.segment_starts);
+        builder.arg(&self.segments.segments);
+    }
+}
+
+/// One FP8 matrix's scale arguments for a non-grouped kernel: its scales' address in place of
+/// the table.
+pub(crate) struct SingleFp8Scales {
+    scales: u64,
+    segments: SegmentArgs,
+}
+
+impl SingleFp8Scales {
+    pub fn of(ctx: &GpuContext, matrix: &DeviceFp8Matrix) -> Result<Self, GpuError> {
+        Ok(Self {
+            scales: matrix.scales_address(ctx.stream()),
+            segments: SegmentArgs::of(ctx, matrix)?,
+        })
+    }
+
+    /// Pushes them in the kernels' order.
+    pub fn push<'b>(&'b self, builder: &mut cudarc::driver::LaunchArgs<'b>) {
+        builder.arg(&self.scales);
+        builder.arg(&self.segments.segment_starts);
+        builder.arg(&self.segments.segments);
     }
 }
 

@@ -1548,3 +1548,18 @@ extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_grouped_gate_up_silu_fp8
     tensor_core_tile<true>(tile, x_hi, x_lo, x_stride, w, nullptr, act_hi, act_lo, act_stride,
                            inter, k);
 }
+
+// A dense linear over one FP8 matrix (`--gpu-fp8 keep`, the dense part's projections):
+// x [rows, k] bf16 (x_lo null) or bf16x2, w [n, k] e4m3 with its scales, out [rows, n] f32;
+// block y takes rows blockIdx.y * TC_TILE_ROWS.. (no tables: one run of every row). Grid:
+// (ceil(n / TC_TILE_N), ceil(rows / TC_TILE_ROWS)), TC_WARPS * 32 threads.
+extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_gemm_rows_fp8(
+    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride, const unsigned char* w,
+    const float* scales, const int* segment_starts, int segments, float* out,
+    long long out_stride, int rows, int n, int k) {
+    const long long row0 = (long long)blockIdx.y * TC_TILE_ROWS;
+    const RunTile tile{0, row0, (int)min((long long)TC_TILE_ROWS, (long long)rows - row0)};
+    const Fp8Fragments f(w, scales, segment_starts, segments, k);
+    tensor_core_tile<false>(tile, x_hi, x_lo, x_stride, f, out, nullptr, nullptr, out_stride, n,
+                            k);
+}

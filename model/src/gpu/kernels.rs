@@ -54,10 +54,11 @@ pub struct Kernels {
     pub tensor_core_grouped_gate_up_silu: CudaFunction,
     pub tensor_core_grouped_gemm_rows_fp8: CudaFunction,
     pub tensor_core_grouped_gate_up_silu_fp8: CudaFunction,
+    pub tensor_core_gemm_rows_fp8: CudaFunction,
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 42] = [
+pub const KERNEL_NAMES: [&str; 43] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -100,6 +101,7 @@ pub const KERNEL_NAMES: [&str; 42] = [
     "tensor_core_grouped_gate_up_silu",
     "tensor_core_grouped_gemm_rows_fp8",
     "tensor_core_grouped_gate_up_silu_fp8",
+    "tensor_core_gemm_rows_fp8",
 ];
 
 /// Compiles [`SOURCE`] to PTX for compute capability `capability` (NVRTC needs no GPU).
@@ -179,6 +181,7 @@ impl Kernels {
             tensor_core_grouped_gate_up_silu: f("tensor_core_grouped_gate_up_silu")?,
             tensor_core_grouped_gemm_rows_fp8: f("tensor_core_grouped_gemm_rows_fp8")?,
             tensor_core_grouped_gate_up_silu_fp8: f("tensor_core_grouped_gate_up_silu_fp8")?,
+            tensor_core_gemm_rows_fp8: f("tensor_core_gemm_rows_fp8")?,
         })
     }
 }

@@ -18,7 +18,7 @@ use super::buffer::GpuBuffer;
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::fp8_gemm::DeviceFp8Matrix;
-use super::grouped_launch::{Fp8ScaleTables, TileTables};
+use super::grouped_launch::{Fp8ScaleTables, SingleFp8Scales, TileTables};
 use super::kernels::as_int;
 use crate::device::GpuDtype;
 
@@ -243,6 +243,101 @@ impl TensorCoreWeights {
     }
 }
 
+/// `out[rows, n] = x[rows, k] Wᵀ` for one FP8 matrix kept as FP8 (a dense projection) on the
+/// tensor cores, where [`tensor_cores_take`] it: x rounded to the mode's bf16 (or bf16x2)
+/// terms first, as cuBLAS's inputs are in those modes, then tiles of [`TC_TILE_ROWS`] rows.
+pub(crate) fn fp8_linear(
+    ctx: &GpuContext,
+    weights: &DeviceFp8Matrix,
+    x: &CudaSlice<f32>,
+    rows: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    let (n, k) = (weights.rows(), weights.cols());
+    if x.len() < rows * k || out.len() < rows * n {
+        return Err(GpuError::Shape(format!(
+            "an FP8 linear [{n}, {k}] over {rows} rows from {} input into {} output values",
+            x.len(),
+            out.len()
+        )));
+    }
+    let row_tiles = rows.div_ceil(TC_TILE_ROWS);
+    if row_tiles > 65_535 {
+        return Err(GpuError::Shape(format!(
+            "{rows} rows exceed a tensor-core linear's grid"
+        )));
+    }
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let stream = ctx.stream();
+    let kernels = ctx.kernels();
+    let len = rows * k;
+    let len_i = len as i64;
+    // SAFETY: the conversion below writes every element before the GEMM reads it.
+    let (hi, lo) = unsafe {
+        let hi = stream.alloc::<u16>(len)?;
+        let lo = match ctx.dtype() {
+            GpuDtype::Bf16x2 => Some(stream.alloc::<u16>(len)?),
+            _ => None,
+        };
+        (hi, lo)
+    };
+    let (mut hi, mut lo) = (hi, lo);
+    // SAFETY: x holds `len` values (checked), hi and lo as many.
+    unsafe {
+        match &mut lo {
+            Some(lo) => stream
+                .launch_builder(&kernels.convert_f32_to_bf16x2)
+                .arg(x)
+                .arg(&mut hi)
+                .arg(lo)
+                .arg(&len_i)
+                .launch(super::kernels::grid(len))?,
+            None => stream
+                .launch_builder(&kernels.convert_f32_to_bf16)
+                .arg(x)
+                .arg(&mut hi)
+                .arg(&len_i)
+                .launch(super::kernels::grid(len))?,
+        };
+    }
+    let scales = SingleFp8Scales::of(ctx, weights)?;
+    let null: u64 = 0;
+    let (x_stride, out_stride) = (k as i64, n as i64);
+    let (rows_i, n_i, k_i) = (
+        as_int(rows, "rows")?,
+        as_int(n, "outputs")?,
+        as_int(k, "k")?,
+    );
+    let config = LaunchConfig {
+        grid_dim: (n.div_ceil(TILE_N) as u32, row_tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let values = weights.values_address(stream);
+    let mut builder = stream.launch_builder(&kernels.tensor_core_gemm_rows_fp8);
+    builder.arg(&hi);
+    match &lo {
+        Some(lo) => builder.arg(lo),
+        None => builder.arg(&null),
+    };
+    builder.arg(&x_stride).arg(&values);
+    scales.push(&mut builder);
+    builder
+        .arg(out)
+        .arg(&out_stride)
+        .arg(&rows_i)
+        .arg(&n_i)
+        .arg(&k_i);
+    // SAFETY: x's terms hold rows * k values and out rows * n (checked); the weights are a
+    // live [n, k] FP8 matrix whose scales and segments `scales` holds, on the kernel's steps
+    // (`tensor_cores_take`, the caller's check); a null x_lo is what the kernel takes for
+    // single bf16 activations.
+    unsafe { builder.launch(config)? };
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +414,77 @@ mod tests {
         UploadedTiles::upload(ctx, &GroupedRowTiles::plan(&runs, TC_TILE_ROWS).unwrap()).unwrap()
     }
 
+    /// An FP8 matrix of `[n, k]` with scale blocks of 20 rows (so a fragment's rows col and
+    /// col + 8 may take two scales) by `block` columns; no NaN byte.
+    fn fp8_matrix(
+        n: usize,
+        k: usize,
+        block: usize,
+        seed: u32,
+    ) -> crate::backend::weight::Fp8Matrix {
+        let values: Vec<u8> = values(n * k, seed)
+            .iter()
+            .map(|&v| {
+                let byte = ((v + 1.0) * 127.9) as u8;
+                if byte & 0x7f == 0x7f {
+                    0x3c // NaN codes are refused at load
+                } else {
+                    byte
+                }
+            })
+            .collect();
+        let blocks = n.div_ceil(20) * k.div_ceil(block);
+        let scales: Vec<f32> = values_pos(blocks, seed);
+        crate::backend::weight::Fp8Matrix::from_blocks(values, n, k, &scales, (20, block))
+    }
+
+    /// Its values as f64, each byte times its block's scale.
+    fn scaled_dense(m: &crate::backend::weight::Fp8Matrix) -> Vec<f64> {
+        let (n, k) = (m.rows, m.cols);
+        let segments = m.segment_starts.len();
+        (0..n * k)
+            .map(|i| {
+                let (r, c) = (i / k, i % k);
+                let s = m
+                    .segment_starts
+                    .iter()
+                    .rposition(|&st| st <= c)
+                    .unwrap_or(0);
+                crate::backend::fp8::e4m3_to_f32(m.values[i]) as f64
+                    * m.scales[r * segments + s] as f64
+            })
+            .collect()
+    }
+
+    /// `got` is row `r` of the activations (`hi`, plus `lo` for bf16x2, rows of
+    /// `weights.len()`) times `weights`, within what a tensor core's own order of summation
+    /// (and truncation) allows: some f32 ulps of the terms' size per step, where a fragment
+    /// read from the wrong place is off by the size itself.
+    fn assert_product(
+        got: f32,
+        weights: &[f64],
+        hi: &[u16],
+        lo: &Option<Vec<u16>>,
+        r: usize,
+        what: &str,
+    ) {
+        let k = weights.len();
+        let (mut sum, mut size) = (0.0f64, 0.0f64);
+        for (c, w) in weights.iter().enumerate() {
+            let mut xv = widen(hi[r * k + c]) as f64;
+            if let Some(lo) = lo {
+                xv += widen(lo[r * k + c]) as f64;
+            }
+            sum += w * xv;
+            size += (w * xv).abs();
+        }
+        let g = got as f64;
+        assert!(
+            (g - sum).abs() <= 1e-5 * size + 1e-6,
+            "{what}: {g} against {sum}"
+        );
+    }
+
     /// The runs every pass test uses: 45, 0 and 6 slots (a full tile of 32 rows, a tile of
     /// 13: one full block of 8 and one partial, an empty run, a tile of one partial block).
     const RUN_LENS: [usize; 3] = [45, 0, 6];
@@ -358,24 +524,9 @@ mod tests {
         let got = stream.clone_dtoh(&out).unwrap();
         for (s, &e) in run_of_slot.iter().enumerate() {
             for j in 0..n {
-                let (mut sum, mut size) = (0.0f64, 0.0f64);
-                for c in 0..k {
-                    let mut xv = widen(hi[s * k + c]) as f64;
-                    if let Some(lo) = &lo {
-                        xv += widen(lo[s * k + c]) as f64;
-                    }
-                    let term = dense[e][j * k + c] * xv;
-                    sum += term;
-                    size += term.abs();
-                }
-                // A tensor core sums its products in its own order and may truncate: allow
-                // some f32 ulps of the terms' size per step (a fragment read from the wrong
-                // place is off by the size itself).
-                let g = got[s * n + j] as f64;
-                assert!(
-                    (g - sum).abs() <= 1e-5 * size + 1e-6,
-                    "{case}: slot {s} output {j}: {g} against {sum}"
-                );
+                let weights = &dense[e][j * k..(j + 1) * k];
+                let what = format!("{case}: slot {s} output {j}");
+                assert_product(got[s * n + j], weights, &hi, &lo, s, &what);
             }
         }
         // Slot 40 (in run 0's second tile) alone: bitwise its outputs in the batch.
@@ -462,32 +613,14 @@ mod tests {
     /// `f32` mode.
     #[test]
     fn fp8_experts_on_the_tensor_cores_give_the_scaled_products() {
-        use crate::backend::fp8::e4m3_to_f32;
-        use crate::backend::weight::Fp8Matrix;
         use crate::gpu::fp8_gemm::DeviceFp8Matrix;
         let Some(ctx) = crate::test_support::test_context(GpuDtype::Bf16x2) else {
             return;
         };
         ctx.set_expert_gemm(ExpertGemm::TensorCores);
-        let matrix = |n: usize, k: usize, block: usize, seed: u32| {
-            let values: Vec<u8> = values(n * k, seed)
-                .iter()
-                .map(|&v| {
-                    let byte = ((v + 1.0) * 127.9) as u8;
-                    if byte & 0x7f == 0x7f {
-                        0x3c // NaN codes are refused at load
-                    } else {
-                        byte
-                    }
-                })
-                .collect();
-            // Blocks of 20 rows: a fragment's rows col and col + 8 may take two scales.
-            let blocks = n.div_ceil(20) * k.div_ceil(block);
-            let scales: Vec<f32> = values_pos(blocks, seed);
-            Fp8Matrix::from_blocks(values, n, k, &scales, (20, block))
-        };
+        let matrix = fp8_matrix;
         for (n, k, pair) in [(40usize, 80usize, true), (48, 75, false)] {
-            let hosts: Vec<Fp8Matrix> = (0..RUN_LENS.len())
+            let hosts: Vec<crate::backend::weight::Fp8Matrix> = (0..RUN_LENS.len())
                 .map(|e| matrix(n, k, 32, 3 + e as u32))
                 .collect();
             let held: Vec<GpuBuffer> = hosts
@@ -496,19 +629,7 @@ mod tests {
                 .collect();
             let refs: Vec<&GpuBuffer> = held.iter().collect();
             let weights = TensorCoreWeights::of(&ctx, &refs, (n, k)).unwrap().unwrap();
-            let dense: Vec<Vec<f64>> = hosts
-                .iter()
-                .map(|m| {
-                    let segments = m.segment_starts.len();
-                    (0..n * k)
-                        .map(|i| {
-                            let (r, c) = (i / k, i % k);
-                            let s = m.segment_starts.iter().rposition(|&st| st <= c).unwrap();
-                            e4m3_to_f32(m.values[i]) as f64 * m.scales[r * segments + s] as f64
-                        })
-                        .collect()
-                })
-                .collect();
+            let dense: Vec<Vec<f64>> = hosts.iter().map(scaled_dense).collect();
             let case = format!("FP8 [{n}, {k}], bf16x2 {pair}");
             check_pass(&ctx, &case, &weights, &dense, (n, k), pair);
         }
@@ -525,6 +646,60 @@ mod tests {
             DeviceFp8Matrix::upload(&f32_ctx, &matrix(40, 80, 32, 5)).unwrap(),
         ));
         assert!(!tensor_cores_take(&f32_ctx, &fp8), "FP8 in the f32 mode");
+    }
+
+    /// A dense FP8 projection on the tensor cores (`fp8_linear`, the dense part's `linear`
+    /// with `--gpu-fp8 keep`): 45 rows (a full tile of 32 and a partial one), in the bf16x2
+    /// and bf16 modes: each output the exact sum of the products of x rounded as the mode
+    /// rounds it and the scaled weights, within f32 accumulation; a row alone gives its
+    /// outputs in the batch, bitwise.
+    #[test]
+    fn fp8_linear_on_the_tensor_cores_gives_the_scaled_products() {
+        use crate::gpu::fp8_gemm::DeviceFp8Matrix;
+        for dtype in [GpuDtype::Bf16x2, GpuDtype::Bf16] {
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            ctx.set_expert_gemm(ExpertGemm::TensorCores);
+            let stream = ctx.stream();
+            let (rows, n, k) = (45usize, 40usize, 80usize);
+            let host = fp8_matrix(n, k, 32, 9);
+            let held = GpuBuffer::Fp8(Box::new(DeviceFp8Matrix::upload(&ctx, &host).unwrap()));
+            assert!(tensor_cores_take(&ctx, &held), "{dtype:?}");
+            let GpuBuffer::Fp8(weights) = &held else {
+                unreachable!("held as FP8")
+            };
+            let x = values(rows * k, 31);
+            let mut out = stream.alloc_zeros::<f32>(rows * n).unwrap();
+            fp8_linear(
+                &ctx,
+                weights,
+                &stream.clone_htod(&x).unwrap(),
+                rows,
+                &mut out,
+            )
+            .unwrap();
+            let got = stream.clone_dtoh(&out).unwrap();
+            let (hi, lo) = activations(&x, dtype == GpuDtype::Bf16x2);
+            let dense = scaled_dense(&host);
+            for r in 0..rows {
+                for j in 0..n {
+                    let weights = &dense[j * k..(j + 1) * k];
+                    let what = format!("{dtype:?}: row {r} output {j}");
+                    assert_product(got[r * n + j], weights, &hi, &lo, r, &what);
+                }
+            }
+            let alone = 40;
+            let one = stream.clone_htod(&x[alone * k..(alone + 1) * k]).unwrap();
+            let mut out_one = stream.alloc_zeros::<f32>(n).unwrap();
+            fp8_linear(&ctx, weights, &one, 1, &mut out_one).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&stream.clone_dtoh(&out_one).unwrap()),
+                bits(&got[alone * n..(alone + 1) * n]),
+                "{dtype:?}: a row alone"
+            );
+        }
     }
 
     /// Refused before launching: activations of another form, a fused pass into the wrong
