@@ -23,7 +23,7 @@
 #                              `V3_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores
 #                              ops/gpu-check.sh serving` runs them on our tensor-core kernel.
 #
-# Checks, each bounded by a timeout (the bounds add up to 745 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 805 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -60,7 +60,10 @@
 #      downloaded);
 #   7. the router's device-resident dispatch (rows gathered per node on the GPU, outputs
 #      placed in pair order there) through the in-process device transport to two expert
-#      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1).
+#      sets on the same GPU, against the CPU experts (the row kernels themselves run in 1);
+#      and in `bf16` numerics with the rows gathered as bf16 (half the bytes), bitwise the
+#      outputs of f32 rows; over TCP too, a cluster of `bf16` nodes against the same cluster
+#      over gRPC (tokens and log-probs bit for bit, two bytes a value on the wire).
 # Benchmarks (`bench`; bounds add up to 705 s, a normal run far less):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM; then the
@@ -289,11 +292,12 @@ fp8_kept_same_tokens() {
     [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$generated" | python3 -c "$ids")" ]
 }
 check "FP8 checkpoint: cuda:0 --gpu-fp8 keep = cpu FP8 panels, tokens (also generated on the device)" 30 fp8_kept_same_tokens
-check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored --nocapture
-check "cluster, bf16x2, experts on our tensor-core kernel (MOE_GPU_EXPERT_GEMM=tensor-cores) = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores "$UNPACKED/gpu-cluster" --ignored --nocapture
-check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored --nocapture
+check "cluster, router + 2 expert nodes on cuda:0 = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored gpu_expert_nodes --nocapture
+check "cluster, bf16x2, experts on our tensor-core kernel (MOE_GPU_EXPERT_GEMM=tensor-cores) = golden tokens" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores "$UNPACKED/gpu-cluster" --ignored gpu_expert_nodes --nocapture
+check "CPU router, GPU nodes, over the TCP collective" 60 env MOE_TEST_DEVICE=cuda:0 MOE_TEST_ROUTER_DEVICE=cpu MOE_TEST_TRANSPORT=tcp "$UNPACKED/gpu-cluster" --ignored gpu_expert_nodes --nocapture
+check "bf16 rows on the wire to bf16 nodes (TCP collective) = f32 rows over gRPC, bit for bit" 60 env MOE_TEST_DEVICE=cuda:0 "$UNPACKED/gpu-cluster" --ignored bf16_rows_on_the_wire --nocapture
 check "NCCL one-rank round trip; received rows run in place" 30 "$UNPACKED/cluster-lib" --ignored one_rank --nocapture
-check "router's device-resident dispatch through the in-process device transport" 30 "$UNPACKED/cluster-lib" --ignored device_rows_go_to_in_process --nocapture
+check "router's device-resident dispatch through the in-process device transport (f32, and bf16 rows)" 30 "$UNPACKED/cluster-lib" --ignored device_rows_go_to_in_process bf16_rows_on_the_device --nocapture
 fi
 
 gpu_bench() { # name of the JSON file, then moe gpu-bench's flags

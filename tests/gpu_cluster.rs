@@ -82,3 +82,78 @@ async fn gpu_expert_nodes_give_the_golden_tokens() {
         );
     }
 }
+
+/// Nodes in `--gpu-dtype bf16` round every row their experts take to bf16, so they publish
+/// `rows_on_wire: bf16` and the router sends them their rows over the TCP collective in bf16:
+/// two bytes a value instead of four, and the same tokens and log-probabilities, bit for bit,
+/// as the same cluster over the gRPC streams (f32 rows). A node that refused the bf16 rows would
+/// send the layer back to the streams and break the byte count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an NVIDIA GPU and a cuda build of moe-expert-node (ops/gpu-check.sh runs it)"]
+async fn bf16_rows_on_the_wire_change_no_token() {
+    // `MOE_TEST_DEVICE=cpu` runs it on CPU nodes, which take f32 rows (four bytes a value).
+    let device = std::env::var("MOE_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    let fixture = "qwen3-moe-tiny";
+    let hidden = moe_model::ModelConfig::from_dir(&fixture_dir(fixture))
+        .expect("config")
+        .hidden_size as u64;
+    let value_bytes = if device.starts_with("cuda") { 2 } else { 4 };
+    let mut answers = Vec::new();
+    for transport in ["grpc", "tcp"] {
+        let metrics_addr = format!("127.0.0.1:{}", moe_tooling::free_port().unwrap());
+        let mut spec = harness::spec(fixture_dir(fixture), 2);
+        spec.node_args
+            .extend(["--device", &device, "--gpu-dtype", "bf16"].map(String::from));
+        spec.router_args.extend(
+            ["--transport", transport, "--metrics-listen", &metrics_addr].map(String::from),
+        );
+        let cluster = LocalCluster::start(spec).expect("cluster starts");
+        wait_serving(&cluster, 2).await;
+        if transport == "tcp" {
+            wait_status(
+                &cluster.router_addr,
+                Duration::from_secs(30),
+                "collective",
+                |s| s.serving_transport == "tcp",
+            )
+            .await;
+        }
+        let mut client = harness::inference(&cluster).await;
+        let mut streams = Vec::new();
+        for case in golden_cases(fixture) {
+            let n = case.output_ids.len() as u32;
+            let got = harness::generate(&mut client, greedy(&case.input_ids, n))
+                .await
+                .expect("generate");
+            let logprob_bits: Vec<u32> = got.logprobs.iter().map(|l| l.to_bits()).collect();
+            streams.push((got.ids, logprob_bits));
+        }
+        if transport == "tcp" {
+            let s = harness::status(&cluster).await;
+            assert!(s.collective_layers > 0, "{s:?}");
+            let rows: u64 = s.nodes.iter().map(|n| n.dispatched_rows).sum();
+            let (_, text) = harness::http(&metrics_addr, "GET", "/metrics", None, b"").await;
+            let sent: u64 = text
+                .lines()
+                .filter(|l| l.starts_with("moe_node_bytes_sent_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|v| v as u64)
+                .sum();
+            assert!(rows > 0, "{s:?}");
+            assert_eq!(
+                sent,
+                value_bytes * hidden * rows,
+                "every row went over the collective, {value_bytes} bytes a value"
+            );
+            println!(
+                "{fixture}: {rows} rows to nodes on {device} (bf16) over TCP, {sent} bytes: \
+                 {value_bytes} a value"
+            );
+        }
+        answers.push(streams);
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "bf16 rows over the collective gave other tokens or log-probs than f32 rows over gRPC"
+    );
+}

@@ -55,6 +55,8 @@ pub enum Violation {
     },
     #[error("row {row} names expert {expert} twice")]
     DuplicateExpert { row: usize, expert: u32 },
+    #[error("rows sent as bf16 to experts that do not round their inputs to bf16")]
+    Bf16Rows,
     #[error("expert {expert} of layer {layer} is not held here in this epoch")]
     ExpertNotHeld { layer: u32, expert: u32 },
     #[error("row {row} has a routing weight that is not finite")]
@@ -74,13 +76,14 @@ impl Violation {
             Violation::DuplicateExpert { .. } => "duplicate_expert",
             Violation::ExpertNotHeld { .. } => "expert_not_held",
             Violation::NonFiniteWeight { .. } => "weight",
+            Violation::Bf16Rows => "row_encoding",
         }
     }
 
     /// Every reason label, for metrics that list each one from the start; the last,
     /// `message_size`, is a message the transport refused before it was read (over the limit
     /// the batch bound implies).
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "hidden",
         "rows",
         "layer",
@@ -90,6 +93,7 @@ impl Violation {
         "duplicate_expert",
         "expert_not_held",
         "weight",
+        "row_encoding",
         "message_size",
     ];
 }

@@ -36,6 +36,10 @@ impl ExpertBackend for NodeBatch<'_> {
         self.experts.holds(layer, expert)
     }
 
+    fn reads_rows_as_bf16(&self) -> bool {
+        self.experts.reads_rows_as_bf16()
+    }
+
     fn run_experts(
         &self,
         layer: usize,
@@ -60,6 +64,24 @@ impl ExpertBackend for NodeBatch<'_> {
     ) -> Option<moe_model::Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
         let started = std::time::Instant::now();
         let outputs = self.experts.run_experts_on_device(layer, rows, routes)?;
+        if outputs.is_ok() {
+            self.count(routes, started);
+        }
+        Some(outputs)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_bf16_rows_on_device(
+        &self,
+        layer: usize,
+        rows: &moe_model::cudarc::driver::CudaSlice<f32>,
+        values: usize,
+        routes: &ExpertRoutes,
+    ) -> Option<moe_model::Result<moe_model::cudarc::driver::CudaSlice<f32>>> {
+        let started = std::time::Instant::now();
+        let outputs = self
+            .experts
+            .run_bf16_rows_on_device(layer, rows, values, routes)?;
         if outputs.is_ok() {
             self.count(routes, started);
         }

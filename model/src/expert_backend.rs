@@ -20,6 +20,14 @@ pub trait ExpertBackend: Sync {
         true
     }
 
+    /// Whether every expert here rounds its input rows to bf16 (to nearest, ties to even)
+    /// before its first GEMM, as GPU experts in `--gpu-dtype bf16` do: rows that arrive
+    /// already rounded then give bitwise the same outputs, so a collective may carry them in
+    /// half the bytes. A node refuses bf16 rows unless this holds.
+    fn reads_rows_as_bf16(&self) -> bool {
+        false
+    }
+
     /// [`ExpertBackend::run_experts`] on rows already in device memory (as NCCL received
     /// them), returning the outputs there too, so a node's rows never cross to the host.
     /// `None` when this backend's experts are not on the GPU that holds `rows`.
@@ -28,6 +36,20 @@ pub trait ExpertBackend: Sync {
         &self,
         _layer: usize,
         _rows: &cudarc::driver::CudaSlice<f32>,
+        _routes: &ExpertRoutes,
+    ) -> Option<Result<cudarc::driver::CudaSlice<f32>>> {
+        None
+    }
+
+    /// [`ExpertBackend::run_experts_on_device`] on `values` bf16 values received in device
+    /// memory, two to a word of `rows` (only called where
+    /// [`ExpertBackend::reads_rows_as_bf16`] holds). `None` sends them through host memory.
+    #[cfg(feature = "cuda")]
+    fn run_bf16_rows_on_device(
+        &self,
+        _layer: usize,
+        _rows: &cudarc::driver::CudaSlice<f32>,
+        _values: usize,
         _routes: &ExpertRoutes,
     ) -> Option<Result<cudarc::driver::CudaSlice<f32>>> {
         None

@@ -40,6 +40,28 @@ impl ExpertDevice {
             ExpertDevice::Gpu(ctx) => ctx.device(),
         }
     }
+
+    /// Whether experts this process loads here will round their input rows to bf16 (see
+    /// [`ExpertBackend::reads_rows_as_bf16`]), as a node tells routers before it holds any:
+    /// GPU experts in `bf16` numerics, not `--deterministic`, and FP8 not kept as FP8 (kept,
+    /// some run a kernel that reads f32 rows). A node checks its held experts again for
+    /// every layer it is sent in bf16.
+    pub fn rounds_expert_rows_to_bf16(&self) -> bool {
+        match self {
+            ExpertDevice::Cpu => false,
+            #[cfg(feature = "cuda")]
+            ExpertDevice::Gpu(ctx) => {
+                gpu_numerics_round_rows(ctx)
+                    && crate::device::process_gpu_fp8() != crate::device::GpuFp8::Keep
+            }
+        }
+    }
+}
+
+/// Whether `ctx`'s numerics round expert inputs to plain bf16 (whatever the weights).
+#[cfg(feature = "cuda")]
+fn gpu_numerics_round_rows(ctx: &crate::gpu::GpuContext) -> bool {
+    ctx.dtype() == crate::device::GpuDtype::Bf16 && !ctx.deterministic()
 }
 
 /// One expert's weights read for a GPU: widened to f32, or (`--gpu-fp8 keep`, on an FP8
@@ -566,6 +588,48 @@ fn gpu_experts<'a>(held: &[&'a HeldExpert]) -> Result<Vec<&'a crate::gpu::GpuMlp
 impl ExpertBackend for ExpertSet {
     fn holds(&self, layer: usize, expert: usize) -> bool {
         self.contains(layer, expert)
+    }
+
+    fn reads_rows_as_bf16(&self) -> bool {
+        match &self.device {
+            ExpertDevice::Cpu => false,
+            #[cfg(feature = "cuda")]
+            ExpertDevice::Gpu(ctx) => {
+                use crate::gpu::buffer::ActForm;
+                gpu_numerics_round_rows(ctx)
+                    && self.experts.values().all(|held| match &**held {
+                        HeldExpert::Gpu(mlp) => {
+                            ActForm::for_weights(ctx, mlp.gate_up()) == ActForm::Bf16
+                        }
+                        HeldExpert::Cpu(_) => false,
+                    })
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_bf16_rows_on_device(
+        &self,
+        layer: usize,
+        rows: &cudarc::driver::CudaSlice<f32>,
+        values: usize,
+        routes: &ExpertRoutes,
+    ) -> Option<Result<cudarc::driver::CudaSlice<f32>>> {
+        let ExpertDevice::Gpu(ctx) = &self.device else {
+            return None;
+        };
+        if rows.context().cu_ctx() != ctx.stream().context().cu_ctx() || !self.reads_rows_as_bf16()
+        {
+            return None;
+        }
+        // Widened on the stream that received them (ordered after the receive), then run as
+        // f32 rows: the experts round them to the same bf16 values again.
+        let stream = rows.stream();
+        let widened = match crate::gpu::row_moves::widen_bf16(ctx, stream, rows, values) {
+            Ok(w) => w,
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(self.run_device_rows(ctx, layer, &widened, routes))
     }
 
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {

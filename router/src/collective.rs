@@ -174,6 +174,7 @@ mod tests {
             instance: String::new(),
             collectives,
             max_batch_rows: 512,
+            rows_on_wire: Default::default(),
         }
     }
 

@@ -392,6 +392,8 @@ impl RemoteExperts {
             .map(|l| self.view.is_suspect(&l.node_id))
             .collect();
         let max_rows: Vec<usize> = serving.links.iter().map(|l| l.max_rows).collect();
+        let rows_on_wire: Vec<moe_cluster::collective::RowEncoding> =
+            serving.links.iter().map(|l| l.rows_on_wire).collect();
         let shares = crate::dispatch_plan::in_place_shares(
             &serving.holders,
             &suspect,
@@ -412,6 +414,7 @@ impl RemoteExperts {
                 layer as u32,
                 rows,
                 &shares,
+                &rows_on_wire,
                 routes.pairs(),
                 self.hidden,
                 self.collective_timeout,
@@ -432,8 +435,9 @@ impl RemoteExperts {
                         continue;
                     }
                     let h = self.hidden as u64;
+                    let elem_bytes = node.rows_on_wire.elem_bytes() as u64;
                     node.bytes_sent
-                        .fetch_add(4 * h * share.rows.len() as u64, Ordering::Relaxed);
+                        .fetch_add(elem_bytes * h * share.rows.len() as u64, Ordering::Relaxed);
                     node.bytes_received
                         .fetch_add(4 * h * share.pairs.len() as u64, Ordering::Relaxed);
                     node.rows_sent

@@ -207,6 +207,7 @@ pub fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moe_cluster::collective::RowEncoding;
 
     const HIDDEN: usize = 2;
 
@@ -274,7 +275,9 @@ mod tests {
         for (node, share) in device.row_shares().iter().enumerate() {
             assert!(device.shares[node].rows.is_empty());
             assert_eq!(share.routes, host.shares[node].routes);
-            let gathered = HostRows.gather(&rows, &share.rows, HIDDEN).unwrap();
+            let gathered = HostRows
+                .gather(&rows, &share.rows, HIDDEN, RowEncoding::F32)
+                .unwrap();
             let values: Vec<f32> = gathered
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moe_cluster::collective::exchange::NodeShare;
-use moe_cluster::collective::EpochLink;
+use moe_cluster::collective::{EpochLink, RowEncoding};
 use moe_cluster::frames::{self, CombineFailure, DispatchTag};
 use moe_model::routes::ExpertRoutes;
 use moe_proto::v1::DispatchBatch;
@@ -277,10 +277,12 @@ impl LayerExchange for CollectiveExchange<'_> {
             .map_err(|_| "collective lock poisoned".to_string())?;
         span.record("transport", link.transport().as_str());
         let traceparent = moe_cluster::telemetry::traceparent(&span);
+        let rows_on_wire: Vec<RowEncoding> = self.links.iter().map(|l| l.rows_on_wire).collect();
         let answers = link
             .dispatch_layer(
                 call.tag.layer,
                 call.shares,
+                &rows_on_wire,
                 call.hidden,
                 self.timeout,
                 traceparent.as_deref(),
@@ -296,8 +298,9 @@ impl LayerExchange for CollectiveExchange<'_> {
                 replies.push(NodeReply::Idle);
                 continue;
             }
+            let elem_bytes = node.rows_on_wire.elem_bytes() as u64;
             node.bytes_sent
-                .fetch_add(4 * share.rows.len() as u64, Ordering::Relaxed);
+                .fetch_add(elem_bytes * share.rows.len() as u64, Ordering::Relaxed);
             node.bytes_received
                 .fetch_add(4 * answer.outputs.len() as u64, Ordering::Relaxed);
             node.rows_sent

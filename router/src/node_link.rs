@@ -38,6 +38,9 @@ pub struct NodeLink {
     pub address: String,
     /// Most rows the node accepts in one dispatch (its `--max-batch-rows`).
     pub max_rows: usize,
+    /// How the node takes rows over a collective (its record's `rows_on_wire`); the gRPC
+    /// streams always carry f32.
+    pub rows_on_wire: moe_cluster::collective::RowEncoding,
     requests: mpsc::Sender<(Vec<DispatchBatch>, Reply)>,
     /// Bytes sent and received, for status and metrics.
     pub bytes_sent: AtomicU64,
@@ -57,6 +60,7 @@ impl NodeLink {
         node_id: String,
         address: String,
         max_rows: usize,
+        rows_on_wire: moe_cluster::collective::RowEncoding,
         settings: &LinkSettings,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(16);
@@ -64,6 +68,7 @@ impl NodeLink {
             node_id: node_id.clone(),
             address: address.clone(),
             max_rows: max_rows.max(1),
+            rows_on_wire,
             requests: tx,
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),

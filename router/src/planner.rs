@@ -634,8 +634,17 @@ impl Planner {
                 .map(|r| r.max_batch_rows as usize)
                 .filter(|&rows| rows > 0)
                 .unwrap_or(self.ctx.max_batch_rows);
+            let rows_on_wire = membership
+                .nodes
+                .get(id)
+                .map(|r| r.rows_on_wire)
+                .unwrap_or_default();
             let link = match self.links.get(id) {
-                Some(l) if l.address == assignment.address && l.max_rows == max_rows => {
+                Some(l)
+                    if l.address == assignment.address
+                        && l.max_rows == max_rows
+                        && l.rows_on_wire == rows_on_wire =>
+                {
                     Arc::clone(l)
                 }
                 _ => {
@@ -643,6 +652,7 @@ impl Planner {
                         id.clone(),
                         assignment.address.clone(),
                         max_rows,
+                        rows_on_wire,
                         &self.ctx.links,
                     );
                     self.links.insert(id.clone(), Arc::clone(&l));

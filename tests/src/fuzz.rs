@@ -165,13 +165,19 @@ pub fn collective_layer(data: &[u8]) {
     } else {
         *layer as u32
     };
-    let mut header = LayerHeader::new(layer_id, PeerCounts { rows, pairs }, None)
+    // Sometimes bf16 rows, which these experts (reading f32) must refuse.
+    let encoding = if byte(7) % 4 == 0 {
+        moe_cluster::collective::RowEncoding::Bf16
+    } else {
+        moe_cluster::collective::RowEncoding::F32
+    };
+    let mut header = LayerHeader::new(layer_id, PeerCounts { rows, pairs }, encoding, None)
         .encode()
         .to_vec();
     if byte(4) % 8 == 0 {
         header = data.iter().copied().cycle().take(HEADER_BYTES).collect();
     }
-    let mut row_bytes: Vec<u8> = (0..rows as usize * hidden * 4)
+    let mut row_bytes: Vec<u8> = (0..rows as usize * hidden * encoding.elem_bytes())
         .map(|i| noise(i + 7))
         .collect();
     let mut routes: Vec<u8> = Vec::new();

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use moe_model::experts::ExpertBackend;
 use moe_model::routes::ExpertRoutes;
 
+use super::row_encoding::RowEncoding;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CommError {
     #[error("collective did not complete within {0:?}; communicator aborted")]
@@ -65,15 +67,16 @@ pub trait Communicator: Send {
     /// How many bytes `buffer` carries (a buffer made on the device is checked by its length
     /// before it is sent, as host bytes are).
     fn buffer_bytes(&self, buffer: &Self::Buffer) -> usize;
-    /// Runs `experts` on received rows (`[routes.rows(), hidden]` f32) where the transport
-    /// put them, returning the `[pairs, hidden]` f32 outputs ready to send and how many values
-    /// they hold: `Some` when the rows can stay there (NCCL, with the experts on the same
-    /// GPU); `None` sends the caller through host memory.
+    /// Runs `experts` on received rows (`[routes.rows(), hidden]` in `encoding`) where the
+    /// transport put them, returning the `[pairs, hidden]` f32 outputs ready to send and how
+    /// many values they hold: `Some` when the rows can stay there (NCCL, with the experts on
+    /// the same GPU); `None` sends the caller through host memory.
     fn run_in_place(
         &self,
         _experts: &dyn ExpertBackend,
         _layer: usize,
         _rows: &Self::Buffer,
+        _encoding: RowEncoding,
         _routes: &ExpertRoutes,
     ) -> Option<Result<(Self::Buffer, usize), String>> {
         None
@@ -143,7 +146,7 @@ mod tests {
             PeerCounts { rows: 2, pairs: 3 },
             PeerCounts { rows: 1, pairs: 2 },
         ];
-        let plan = ExchangePlan::new(&counts, hidden, 4);
+        let plan = ExchangePlan::new(&counts, hidden, &[]);
         let rows: Vec<u8> = (0..plan.hidden_bytes as u8).collect();
 
         let timeout = Duration::from_secs(1);

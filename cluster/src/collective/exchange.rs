@@ -4,8 +4,9 @@
 //! 1. headers: the router sends every node of the epoch a [`LayerHeader`] (layer, rows,
 //!    pairs, the W3C traceparent of a traced layer), idle nodes included, so that each node
 //!    knows whether data follows;
-//! 2. data: to each node with rows, its rows (f32) and routes (CSR offsets, experts, weights),
-//!    laid out by [`ExchangePlan`];
+//! 2. data: to each node with rows, its rows (f32, or bf16 for a node whose experts round
+//!    them to bf16 anyway: [`RowEncoding`], named in the header) and routes (CSR offsets,
+//!    experts, weights), laid out by [`ExchangePlan`];
 //! 3. outputs: each such node sends back one weighted output row per pair, in pair order,
 //!    and then, as a second message, its expert compute time (u64 microseconds), as over
 //!    gRPC. Apart, so that outputs the experts wrote in device memory go out as they are.
@@ -21,14 +22,13 @@ use moe_model::routes::ExpertRoutes;
 
 use super::communicator::{run_bounded, CommError, Communicator, Pending};
 use super::plan::{ExchangePlan, PeerCounts, PlanError};
+use super::row_encoding::RowEncoding;
 use crate::dispatch_rules::{DispatchRules, Violation};
 
 /// Bytes of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`); zeros when not traced.
 pub const TRACEPARENT_BYTES: usize = 55;
 /// Bytes of a [`LayerHeader`] on the wire.
-pub const HEADER_BYTES: usize = 12 + TRACEPARENT_BYTES;
-/// Rows and outputs travel as f32.
-const ELEM_BYTES: usize = 4;
+pub const HEADER_BYTES: usize = 13 + TRACEPARENT_BYTES;
 /// After a node's outputs: its expert compute time in microseconds (u64).
 const COMPUTE_TRAILER_BYTES: usize = 8;
 
@@ -37,13 +37,20 @@ const COMPUTE_TRAILER_BYTES: usize = 8;
 pub struct LayerHeader {
     pub layer: u32,
     pub counts: PeerCounts,
+    /// How the rows that follow are encoded.
+    pub rows_on_wire: RowEncoding,
     /// The traceparent of the router's span for this layer, so the node's span joins the
     /// request's trace as over gRPC; all zeros when the layer is not traced.
     pub trace: [u8; TRACEPARENT_BYTES],
 }
 
 impl LayerHeader {
-    pub fn new(layer: u32, counts: PeerCounts, traceparent: Option<&str>) -> Self {
+    pub fn new(
+        layer: u32,
+        counts: PeerCounts,
+        rows_on_wire: RowEncoding,
+        traceparent: Option<&str>,
+    ) -> Self {
         let mut trace = [0u8; TRACEPARENT_BYTES];
         if let Some(tp) = traceparent.filter(|tp| tp.len() == TRACEPARENT_BYTES) {
             trace.copy_from_slice(tp.as_bytes());
@@ -51,6 +58,7 @@ impl LayerHeader {
         Self {
             layer,
             counts,
+            rows_on_wire,
             trace,
         }
     }
@@ -68,7 +76,8 @@ impl LayerHeader {
         let mut out = [0u8; HEADER_BYTES];
         out[..4].copy_from_slice(&self.layer.to_le_bytes());
         out[4..12].copy_from_slice(&self.counts.encode());
-        out[12..].copy_from_slice(&self.trace);
+        out[12] = self.rows_on_wire.code();
+        out[13..].copy_from_slice(&self.trace);
         out
     }
 
@@ -80,11 +89,15 @@ impl LayerHeader {
         let mut counts = [0u8; 8];
         counts.copy_from_slice(&bytes[4..12]);
         let counts = PeerCounts::decode(&counts, max_rows)?;
+        let rows_on_wire = RowEncoding::from_code(bytes[12]).ok_or_else(|| {
+            ExchangeError::Malformed(format!("row encoding {} in a header", bytes[12]))
+        })?;
         let mut trace = [0u8; TRACEPARENT_BYTES];
-        trace.copy_from_slice(&bytes[12..]);
+        trace.copy_from_slice(&bytes[13..]);
         Ok(Self {
             layer,
             counts,
+            rows_on_wire,
             trace,
         })
     }
@@ -147,17 +160,20 @@ pub struct NodeAnswer {
 }
 
 /// The router's side of one layer. `shares[i]` goes to rank `i + 1` (every node of the epoch,
-/// idle ones with no rows). Returns each node's answer, in `shares` order.
+/// idle ones with no rows), its rows encoded as `rows_on_wire[i]` says (f32 where it is
+/// missing). Returns each node's answer, in `shares` order.
 pub fn dispatch_layer<C: Communicator>(
     comm: &mut C,
     layer: u32,
     shares: &[NodeShare],
+    rows_on_wire: &[RowEncoding],
     hidden: usize,
     timeout: Duration,
     traceparent: Option<&str>,
 ) -> Result<Vec<NodeAnswer>, ExchangeError> {
     let mut buffered = Vec::with_capacity(shares.len());
-    for share in shares {
+    for (i, share) in shares.iter().enumerate() {
+        let encoding = rows_on_wire.get(i).copied().unwrap_or_default();
         let rows = share.routes.rows();
         if share.rows.len() != rows * hidden {
             return Err(ExchangeError::Malformed(format!(
@@ -168,10 +184,13 @@ pub fn dispatch_layer<C: Communicator>(
         let rows = if rows == 0 {
             None
         } else {
-            Some(comm.upload(f32_bytes(&share.rows).collect())?)
+            let mut bytes = Vec::new();
+            encoding.extend_bytes(&share.rows, &mut bytes);
+            Some(comm.upload(bytes)?)
         };
         buffered.push(BufferShare {
             rows,
+            encoding,
             routes: &share.routes,
         });
     }
@@ -193,8 +212,9 @@ pub fn dispatch_layer<C: Communicator>(
 /// A node's share whose rows are already a transfer buffer (gathered where they lie, e.g. on
 /// the router's GPU).
 pub struct BufferShare<'a, B> {
-    /// `[routes.rows(), hidden]` f32; `None` for a node with nothing to do.
+    /// `[routes.rows(), hidden]` in `encoding`; `None` for a node with nothing to do.
     pub rows: Option<B>,
+    pub encoding: RowEncoding,
     pub routes: &'a ExpertRoutes,
 }
 
@@ -224,11 +244,13 @@ pub fn dispatch_layer_buffers<C: Communicator>(
         )));
     }
     let mut counts = Vec::with_capacity(shares.len());
+    let mut encodings = Vec::with_capacity(shares.len());
     for share in &shares {
         let rows = share.routes.rows();
         let bytes = share.rows.as_ref().map_or(0, |b| comm.buffer_bytes(b));
         let rows_present = share.rows.is_some() == (rows > 0);
-        if !rows_present || bytes != rows * hidden * ELEM_BYTES || share.routes.pairs() < rows {
+        let row_bytes = rows * hidden * share.encoding.elem_bytes();
+        if !rows_present || bytes != row_bytes || share.routes.pairs() < rows {
             return Err(ExchangeError::Malformed(format!(
                 "a share of {bytes} row bytes for {rows} rows of {hidden} and {} pairs",
                 share.routes.pairs()
@@ -238,13 +260,14 @@ pub fn dispatch_layer_buffers<C: Communicator>(
             rows: rows as u32,
             pairs: share.routes.pairs() as u32,
         });
+        encodings.push(share.encoding);
     }
-    let plan = ExchangePlan::new(&counts, hidden, ELEM_BYTES);
+    let plan = ExchangePlan::new(&counts, hidden, &encodings);
 
     // 1. Headers, to every node.
     let mut headers = Vec::with_capacity(shares.len());
-    for (i, &c) in counts.iter().enumerate() {
-        let header = LayerHeader::new(layer, c, traceparent).encode();
+    for (i, (&c, &encoding)) in counts.iter().zip(&encodings).enumerate() {
+        let header = LayerHeader::new(layer, c, encoding, traceparent).encode();
         headers.push((i + 1, comm.upload(header.to_vec())?));
     }
     run_bounded(
@@ -264,6 +287,7 @@ pub fn dispatch_layer_buffers<C: Communicator>(
         let Some(BufferShare {
             rows: Some(rows),
             routes,
+            ..
         }) = shares.get_mut(peer.rank - 1).and_then(Option::take)
         else {
             return Err(ExchangeError::Malformed(format!(
@@ -375,6 +399,13 @@ pub fn serve_layer<C: Communicator>(
             break LayerHeader::decode(&comm.download(buffer)?, max_rows).and_then(|h| {
                 rules
                     .check_counts(h.layer, h.counts.rows as usize, h.counts.pairs as usize)
+                    .and_then(|()| match h.rows_on_wire {
+                        // Rounded rows would change the outputs of experts that read f32.
+                        RowEncoding::Bf16 if !experts.reads_rows_as_bf16() => {
+                            Err(Violation::Bf16Rows)
+                        }
+                        _ => Ok(()),
+                    })
                     .map(|()| h)
                     .map_err(ExchangeError::Refused)
             });
@@ -398,7 +429,7 @@ pub fn serve_layer<C: Communicator>(
             layer: header.layer,
         });
     }
-    let plan = ExchangePlan::new(&[header.counts], hidden, ELEM_BYTES);
+    let plan = ExchangePlan::new(&[header.counts], hidden, &[header.rows_on_wire]);
     let peer = &plan.peers[0];
     let received = run_bounded(
         comm,
@@ -437,7 +468,14 @@ pub fn serve_layer<C: Communicator>(
     let started = Instant::now();
     let span = batch_span(&header);
     let in_span = span.enter();
-    let ran = run_layer_experts(comm, experts, header.layer as usize, row_buffer, &routes);
+    let ran = run_layer_experts(
+        comm,
+        experts,
+        header.layer as usize,
+        row_buffer,
+        header.rows_on_wire,
+        &routes,
+    );
     drop(in_span);
     let outputs = match ran {
         Ok((outputs, values)) if values == pairs * hidden => outputs,
@@ -478,12 +516,15 @@ fn run_layer_experts<C: Communicator>(
     experts: &dyn ExpertBackend,
     layer: usize,
     rows: C::Buffer,
+    encoding: RowEncoding,
     routes: &ExpertRoutes,
 ) -> Result<(C::Buffer, usize), ExchangeError> {
-    if let Some(ran) = comm.run_in_place(experts, layer, &rows, routes) {
+    if let Some(ran) = comm.run_in_place(experts, layer, &rows, encoding, routes) {
         return ran.map_err(ExchangeError::Experts);
     }
-    let rows = read_f32s(&comm.download(rows)?);
+    let rows = encoding.decode(&comm.download(rows)?).ok_or_else(|| {
+        ExchangeError::Malformed(format!("rows not a whole number of {encoding} values"))
+    })?;
     let outputs = experts
         .run_experts(layer, &rows, routes)
         .map_err(|e| ExchangeError::Experts(e.to_string()))?;
@@ -596,8 +637,16 @@ mod tests {
         let timeout = Duration::from_secs(10);
         let rules = DispatchRules::for_model(&config, 1024);
         let handles = serve_one_layer_each(nodes, halves, &rules, timeout);
-        let outputs =
-            dispatch_layer(&mut router, layer as u32, &shares, hidden, timeout, None).unwrap();
+        let outputs = dispatch_layer(
+            &mut router,
+            layer as u32,
+            &shares,
+            &[],
+            hidden,
+            timeout,
+            None,
+        )
+        .unwrap();
         let served: Vec<(u32, u32, u32)> = handles
             .into_iter()
             .map(|h| match h.join().unwrap().unwrap() {
@@ -656,6 +705,7 @@ mod tests {
             &mut router,
             layer as u32,
             &[NodeShare::default(), busy],
+            &[],
             hidden,
             Duration::from_millis(200),
             None,
@@ -703,7 +753,7 @@ mod tests {
                 )
                 .unwrap();
                 let counts = LayerHeader::decode(&header[0], 16).unwrap().counts;
-                let plan = ExchangePlan::new(&[counts], hidden, ELEM_BYTES);
+                let plan = ExchangePlan::new(&[counts], hidden, &[]);
                 run_bounded(
                     &mut node,
                     Pending {
@@ -728,6 +778,7 @@ mod tests {
                 &mut router,
                 0,
                 std::slice::from_ref(&share),
+                &[],
                 hidden,
                 Duration::from_secs(5),
                 None,
@@ -741,6 +792,92 @@ mod tests {
             );
             answering.join().unwrap();
         }
+    }
+
+    /// bf16 rows to a node whose experts round their inputs to bf16 give bitwise the outputs
+    /// of f32 rows (in half the bytes); a node whose experts read f32 refuses them, counted as
+    /// `row_encoding`, so a router that sent them falls back instead of changing a token.
+    #[test]
+    fn bf16_rows_go_only_to_experts_that_round_them() {
+        use super::super::test_nodes::Bf16Experts;
+        use std::sync::atomic::AtomicU8;
+
+        let (ckpt, config) = fixture();
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().unwrap();
+        let experts = config.moe.num_experts;
+        let set = ExpertSet::load(&ckpt, &config, (0..experts).map(|e| (layer, e))).unwrap();
+        let mut routes = ExpertRoutes::with_capacity(4, 8);
+        for r in 0..4u32 {
+            routes.push_row(&mut [(r, 0.25), (r + 3, 0.75)]);
+        }
+        let share = NodeShare {
+            rows: rows(4, hidden, 11),
+            routes: routes.clone(),
+        };
+        let rules = DispatchRules::for_model(&config, 1024);
+        let timeout = Duration::from_secs(5);
+        // One layer to one node serving `experts`: the router's result, the node's, and the
+        // row encoding its header named.
+        let layer_to = |experts: &(dyn ExpertBackend + Sync), wire: RowEncoding| {
+            let (mut comms, _) = group(2);
+            let mut node = comms.pop().unwrap();
+            let mut router = comms.pop().unwrap();
+            let named = AtomicU8::new(u8::MAX);
+            std::thread::scope(|scope| {
+                let serving = scope.spawn(|| {
+                    serve_layer(
+                        &mut node,
+                        experts,
+                        &rules,
+                        || true,
+                        |h| {
+                            named.store(h.rows_on_wire.code(), Ordering::Relaxed);
+                            tracing::Span::none()
+                        },
+                        timeout,
+                    )
+                });
+                let share = std::slice::from_ref(&share);
+                let sent = dispatch_layer(
+                    &mut router,
+                    layer as u32,
+                    share,
+                    &[wire],
+                    hidden,
+                    timeout,
+                    None,
+                );
+                (sent, serving.join().unwrap(), named.load(Ordering::Relaxed))
+            })
+        };
+        let rounding = Bf16Experts(set.subset(|_, _| true));
+        let (f32_sent, f32_served, _) = layer_to(&rounding, RowEncoding::F32);
+        let (bf16_sent, bf16_served, named) = layer_to(&rounding, RowEncoding::Bf16);
+        assert!(
+            matches!(f32_served, Ok(Served::Ran { rows: 4, .. })),
+            "{f32_served:?}"
+        );
+        assert!(
+            matches!(bf16_served, Ok(Served::Ran { rows: 4, .. })),
+            "{bf16_served:?}"
+        );
+        assert_eq!(named, RowEncoding::Bf16.code());
+        let (f32_out, bf16_out) = (f32_sent.unwrap(), bf16_sent.unwrap());
+        assert_eq!(f32_out[0].outputs.len(), 8 * hidden);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&f32_out[0].outputs), bits(&bf16_out[0].outputs));
+        // Rounding is not a no-op on these rows: experts that read f32 answer otherwise.
+        let exact = set.run_experts(layer, &share.rows, &routes).unwrap();
+        assert_ne!(bits(&exact), bits(&bf16_out[0].outputs));
+
+        let (refused_sent, refused_served, _) = layer_to(&set, RowEncoding::Bf16);
+        assert_eq!(
+            refused_served,
+            Err(ExchangeError::Refused(Violation::Bf16Rows))
+        );
+        assert!(refused_sent.is_err());
+        assert_eq!(Violation::Bf16Rows.reason(), "row_encoding");
     }
 
     /// A node waiting for a header leaves when its epoch ends.
@@ -768,17 +905,26 @@ mod tests {
     #[test]
     fn headers_and_routes_are_checked() {
         let traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let h = LayerHeader::new(3, PeerCounts { rows: 2, pairs: 5 }, Some(traced));
+        let counts = PeerCounts { rows: 2, pairs: 5 };
+        let h = LayerHeader::new(3, counts, RowEncoding::Bf16, Some(traced));
         assert_eq!(LayerHeader::decode(&h.encode(), 16), Ok(h));
         assert_eq!(h.traceparent(), Some(traced));
         assert!(LayerHeader::decode(&h.encode(), 1).is_err());
         assert!(LayerHeader::decode(&h.encode()[..8], 16).is_err());
-        let idle = LayerHeader::new(1, PeerCounts::default(), None);
+        let idle = LayerHeader::new(1, PeerCounts::default(), RowEncoding::F32, None);
         assert_eq!(LayerHeader::decode(&idle.encode(), 16), Ok(idle));
         assert_eq!(idle.traceparent(), None);
+        // An encoding this build does not know is refused, not guessed.
+        let mut unknown = h.encode();
+        unknown[12] = 7;
+        assert!(matches!(
+            LayerHeader::decode(&unknown, 16),
+            Err(ExchangeError::Malformed(_))
+        ));
         // A traceparent of the wrong length is not sent (it could not be a W3C one).
         assert_eq!(
-            LayerHeader::new(1, PeerCounts::default(), Some("00-short")).traceparent(),
+            LayerHeader::new(1, PeerCounts::default(), RowEncoding::F32, Some("00-short"))
+                .traceparent(),
             None
         );
 

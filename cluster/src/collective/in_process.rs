@@ -17,6 +17,7 @@ use moe_model::{ModelConfig, ModelError, Result};
 
 use super::exchange::{dispatch_layer, serve_layer, ExchangeError, NodeShare};
 use super::mailbox::{group, Carrier, MailboxComm};
+use super::row_encoding::RowEncoding;
 use super::row_plane::{split_by_holder, RowShare};
 use crate::dispatch_rules::DispatchRules;
 
@@ -78,6 +79,8 @@ pub struct InProcessNodes<C: Carrier> {
     /// `(layer, expert)` to the node holding it.
     holder: HashMap<(u32, u32), usize>,
     nodes: usize,
+    /// How each node takes its rows: bf16 where its experts round them to bf16 anyway.
+    rows_on_wire: Vec<RowEncoding>,
     hidden: usize,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -135,6 +138,10 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
                 holder.entry((layer as u32, expert as u32)).or_insert(n);
             }
         }
+        let rows_on_wire = sets
+            .iter()
+            .map(|set| RowEncoding::for_experts(set))
+            .collect();
         let (mut comms, _) = group(nodes + 1, carrier);
         let node_comms = comms.split_off(1);
         let router = comms.pop().expect("rank 0");
@@ -164,6 +171,7 @@ impl<C: Carrier + Clone> InProcessNodes<C> {
             router: Arc::new(Mutex::new(router)),
             holder,
             nodes,
+            rows_on_wire,
             hidden: config.hidden_size,
             stop,
             threads,
@@ -257,7 +265,8 @@ impl<C: Carrier + Clone> ExpertBackend for InProcessNodes<C> {
                 .router
                 .lock()
                 .map_err(|_| ModelError::ExpertBackend("in-process router poisoned".into()))?;
-            dispatch_layer(&mut *router, layer as u32, &host, h, TIMEOUT, None)
+            let wire = &self.rows_on_wire;
+            dispatch_layer(&mut *router, layer as u32, &host, wire, h, TIMEOUT, None)
                 .map_err(exchange_error)?
         };
         let mut pair_out = vec![0.0f32; routes.pairs() * h];
@@ -310,6 +319,7 @@ impl InProcessNodes<super::mailbox::DeviceBuffers> {
         let plane = super::row_plane::DeviceRowPlane { gpu, stream };
         let router = Arc::clone(&nodes.router);
         let hidden = nodes.hidden;
+        let rows_on_wire = nodes.rows_on_wire.clone();
         nodes.device_path = Some(Box::new(move |layer, rows, shares, pairs| {
             if rows.context().cu_ctx() != plane.stream.context().cu_ctx() {
                 return None;
@@ -325,6 +335,7 @@ impl InProcessNodes<super::mailbox::DeviceBuffers> {
                 layer as u32,
                 rows,
                 shares,
+                &rows_on_wire,
                 pairs,
                 hidden,
                 TIMEOUT,

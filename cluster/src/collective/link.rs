@@ -9,6 +9,7 @@ use moe_model::experts::ExpertBackend;
 use super::communicator::{CommError, Communicator};
 use super::exchange::{self, ExchangeError, LayerHeader, NodeAnswer, NodeShare, Served};
 use super::record::{CollectiveRecord, Transport};
+use super::row_encoding::RowEncoding;
 use super::tcp::{TcpCommunicator, TcpLimits, TcpRoot, TcpSettings};
 use crate::auth::ClusterToken;
 
@@ -33,17 +34,19 @@ impl EpochLink {
         &mut self,
         layer: u32,
         shares: &[NodeShare],
+        rows_on_wire: &[RowEncoding],
         hidden: usize,
         timeout: Duration,
         traceparent: Option<&str>,
     ) -> Result<Vec<NodeAnswer>, ExchangeError> {
+        let wire = rows_on_wire;
         match self {
             EpochLink::Tcp(c) => {
-                exchange::dispatch_layer(c, layer, shares, hidden, timeout, traceparent)
+                exchange::dispatch_layer(c, layer, shares, wire, hidden, timeout, traceparent)
             }
             #[cfg(feature = "cuda")]
             EpochLink::Nccl(c) => {
-                exchange::dispatch_layer(c, layer, shares, hidden, timeout, traceparent)
+                exchange::dispatch_layer(c, layer, shares, wire, hidden, timeout, traceparent)
             }
         }
     }
@@ -79,6 +82,7 @@ impl EpochLink {
         layer: u32,
         rows: &moe_model::cudarc::driver::CudaSlice<f32>,
         shares: &[super::row_plane::RowShare],
+        rows_on_wire: &[RowEncoding],
         pairs: usize,
         hidden: usize,
         timeout: Duration,
@@ -105,6 +109,7 @@ impl EpochLink {
             layer,
             rows,
             shares,
+            rows_on_wire,
             pairs,
             hidden,
             timeout,

@@ -14,6 +14,7 @@ use moe_model::experts::ExpertBackend;
 use moe_model::routes::ExpertRoutes;
 
 use super::communicator::{CommError, Communicator, Pending};
+use super::row_encoding::RowEncoding;
 
 /// What a mailbox's buffers are, and how host bytes become one and back.
 pub trait Carrier: Send + Sync + 'static {
@@ -27,6 +28,7 @@ pub trait Carrier: Send + Sync + 'static {
         _experts: &dyn ExpertBackend,
         _layer: usize,
         _rows: &Self::Buffer,
+        _encoding: RowEncoding,
         _routes: &ExpertRoutes,
     ) -> Option<Result<(Self::Buffer, usize), String>> {
         None
@@ -235,9 +237,11 @@ impl<C: Carrier> Communicator for MailboxComm<C> {
         experts: &dyn ExpertBackend,
         layer: usize,
         rows: &C::Buffer,
+        encoding: RowEncoding,
         routes: &ExpertRoutes,
     ) -> Option<Result<(C::Buffer, usize), String>> {
-        self.carrier.run_in_place(experts, layer, rows, routes)
+        self.carrier
+            .run_in_place(experts, layer, rows, encoding, routes)
     }
 }
 
@@ -269,8 +273,9 @@ impl Carrier for DeviceBuffers {
         experts: &dyn ExpertBackend,
         layer: usize,
         rows: &Self::Buffer,
+        encoding: RowEncoding,
         routes: &ExpertRoutes,
     ) -> Option<Result<(Self::Buffer, usize), String>> {
-        rows.run_in_place(experts, layer, routes)
+        rows.run_in_place(experts, layer, encoding, routes)
     }
 }

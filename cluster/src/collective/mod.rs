@@ -16,6 +16,7 @@
 //!   (`--in-process-nodes`), the device-resident path end to end on one GPU.
 //! - [`mailbox`]: ranks in one process (the in-memory fake of the tests; with device buffers,
 //!   the in-process device transport of a router and an expert set on one GPU).
+//! - [`row_encoding`]: f32 rows, or bf16 rows for nodes whose experts round to bf16 anyway.
 //! - [`row_plane`]: a layer's rows gathered per node where they lie and the outputs placed
 //!   back in pair order there (the device-resident router side).
 //! - [`tcp`]: the same collective over TCP sockets, for CPU clusters (and to run the whole
@@ -31,6 +32,7 @@ pub mod mailbox;
 pub mod nccl;
 pub mod plan;
 pub mod record;
+pub mod row_encoding;
 pub mod row_plane;
 pub mod tcp;
 #[cfg(test)]
@@ -44,3 +46,4 @@ pub use link::{
 };
 pub use plan::{ExchangePlan, FrameBounds, PeerCounts};
 pub use record::{CollectiveRecord, Transport};
+pub use row_encoding::RowEncoding;

@@ -17,6 +17,7 @@ use moe_model::experts::ExpertBackend;
 use moe_model::routes::ExpertRoutes;
 
 use super::communicator::{CommError, Communicator, Pending};
+use super::row_encoding::RowEncoding;
 
 /// `NCCL_CONFIG_MAGIC` from nccl.h.
 const CONFIG_MAGIC: u32 = 0xcafe_beef;
@@ -127,14 +128,22 @@ impl NcclBuffer {
     }
 
     /// [`Communicator::run_in_place`] for any transport whose buffers these are: received
-    /// rows to experts on the same GPU, their outputs back as a buffer to send.
+    /// rows to experts on the same GPU, their outputs back as a buffer to send. bf16 rows are
+    /// two to a word of the buffer.
     pub fn run_in_place(
         &self,
         experts: &dyn ExpertBackend,
         layer: usize,
+        encoding: RowEncoding,
         routes: &ExpertRoutes,
     ) -> Option<Result<(NcclBuffer, usize), String>> {
-        let ran = experts.run_experts_on_device(layer, self.words()?, routes)?;
+        let ran = match (encoding, self) {
+            (RowEncoding::F32, _) => experts.run_experts_on_device(layer, self.words()?, routes)?,
+            (RowEncoding::Bf16, NcclBuffer::Words { words, bytes }) if bytes.is_multiple_of(2) => {
+                experts.run_bf16_rows_on_device(layer, words, bytes / 2, routes)?
+            }
+            (RowEncoding::Bf16, _) => return None,
+        };
         Some(ran.map_err(|e| e.to_string()).map(|words| {
             let values = words.len();
             let bytes = values * 4;
@@ -403,9 +412,10 @@ impl Communicator for NcclCommunicator {
         experts: &dyn ExpertBackend,
         layer: usize,
         rows: &NcclBuffer,
+        encoding: RowEncoding,
         routes: &ExpertRoutes,
     ) -> Option<Result<(NcclBuffer, usize), String>> {
-        rows.run_in_place(experts, layer, routes)
+        rows.run_in_place(experts, layer, encoding, routes)
     }
 
     fn abort(&mut self) {
@@ -567,7 +577,7 @@ mod tests {
         .expect("exchange");
         let received = received.into_iter().next().expect("one buffer");
         let (outputs, values) = comm
-            .run_in_place(&experts, layer, &received, &routes)
+            .run_in_place(&experts, layer, &received, RowEncoding::F32, &routes)
             .expect("rows in device words and experts on this GPU run in place")
             .expect("experts");
         assert_eq!(values, routes.pairs() * hidden);

@@ -1,10 +1,12 @@
 //! The layout of one MoE layer's all-to-all between the router (rank 0) and the nodes.
 //!
-//! Dispatch: for each node, `rows` hidden states (f32 or bf16) and its routes (`rows + 1`
+//! Dispatch: for each node, `rows` hidden states (f32, or bf16: [`RowEncoding`]) and its routes (`rows + 1`
 //! offsets, `pairs` expert ids and weights), packed back to back per node so that each peer's
 //! share is one contiguous slice of one send buffer. Combine: `pairs` output rows per node, in
 //! the order the pairs were sent. The counts go first (a small fixed-size message per node), so
 //! each node can size its receive buffers before the data arrives.
+
+use super::row_encoding::RowEncoding;
 
 /// What the router sends one node in one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,13 +85,13 @@ impl FrameBounds {
 pub struct PeerSlices {
     pub rank: usize,
     pub counts: PeerCounts,
-    /// Hidden states: `rows * hidden * elem` bytes.
+    /// Hidden states: `rows * hidden * elem` bytes (elem: the peer's [`RowEncoding`]).
     pub hidden: std::ops::Range<usize>,
     /// Route offsets (`rows + 1` u32), experts (`pairs` u32), weights (`pairs` f32).
     pub offsets: std::ops::Range<usize>,
     pub experts: std::ops::Range<usize>,
     pub weights: std::ops::Range<usize>,
-    /// Combine outputs coming back: `pairs * hidden * elem` bytes.
+    /// Combine outputs coming back: `pairs * hidden * 4` bytes (f32).
     pub outputs: std::ops::Range<usize>,
 }
 
@@ -103,10 +105,11 @@ pub struct ExchangePlan {
 }
 
 impl ExchangePlan {
-    /// `counts[i]` is what rank `i + 1` gets; nodes with nothing to do are skipped (no
-    /// zero-length send/recv is posted for them).
-    pub fn new(counts: &[PeerCounts], hidden: usize, elem_bytes: usize) -> Self {
-        let row_bytes = hidden * elem_bytes;
+    /// `counts[i]` is what rank `i + 1` gets, its rows encoded as `rows_on_wire[i]` (f32
+    /// where it is missing); nodes with nothing to do are skipped (no zero-length send/recv is
+    /// posted for them).
+    pub fn new(counts: &[PeerCounts], hidden: usize, rows_on_wire: &[RowEncoding]) -> Self {
+        let output_row_bytes = hidden * 4;
         let mut plan = Self::default();
         let (mut h, mut r, mut o) = (0usize, 0usize, 0usize);
         for (i, &c) in counts.iter().enumerate() {
@@ -114,6 +117,12 @@ impl ExchangePlan {
                 continue;
             }
             let (rows, pairs) = (c.rows as usize, c.pairs as usize);
+            let row_bytes = hidden
+                * rows_on_wire
+                    .get(i)
+                    .copied()
+                    .unwrap_or_default()
+                    .elem_bytes();
             let offsets = r..r + 4 * (rows + 1);
             let experts = offsets.end..offsets.end + 4 * pairs;
             let weights = experts.end..experts.end + 4 * pairs;
@@ -124,11 +133,11 @@ impl ExchangePlan {
                 offsets,
                 experts,
                 weights: weights.clone(),
-                outputs: o..o + pairs * row_bytes,
+                outputs: o..o + pairs * output_row_bytes,
             });
             h += rows * row_bytes;
             r = weights.end;
-            o += pairs * row_bytes;
+            o += pairs * output_row_bytes;
         }
         plan.hidden_bytes = h;
         plan.route_bytes = r;
@@ -148,20 +157,25 @@ mod tests {
             PeerCounts { rows: 0, pairs: 0 },
             PeerCounts { rows: 1, pairs: 1 },
         ];
-        let plan = ExchangePlan::new(&counts, 4, 2);
+        // Rank 1 gets bf16 rows, rank 3 f32 ones; outputs are f32 for both.
+        let encodings = [RowEncoding::Bf16, RowEncoding::Bf16, RowEncoding::F32];
+        let plan = ExchangePlan::new(&counts, 4, &encodings);
         assert_eq!(plan.peers.len(), 2);
         let (a, b) = (&plan.peers[0], &plan.peers[1]);
         assert_eq!((a.rank, b.rank), (1, 3));
         assert_eq!(a.hidden, 0..16);
-        assert_eq!(b.hidden, 16..24);
+        assert_eq!(b.hidden, 16..32);
+        assert_eq!(plan.hidden_bytes, 32);
         assert_eq!(a.offsets, 0..12);
         assert_eq!(a.experts, 12..24);
         assert_eq!(a.weights, 24..36);
         assert_eq!(b.offsets, 36..44);
         assert_eq!(b.weights.end, plan.route_bytes);
-        assert_eq!(a.outputs, 0..24);
-        assert_eq!(b.outputs, 24..32);
-        assert_eq!(plan.output_bytes, 32);
+        assert_eq!(a.outputs, 0..48);
+        assert_eq!(b.outputs, 48..64);
+        assert_eq!(plan.output_bytes, 64);
+        // Without encodings every peer's rows are f32.
+        assert_eq!(ExchangePlan::new(&counts, 4, &[]).peers[0].hidden, 0..32);
     }
 
     #[test]
@@ -175,7 +189,7 @@ mod tests {
             };
             1
         ];
-        let plan = ExchangePlan::new(&full, hidden, 4);
+        let plan = ExchangePlan::new(&full, hidden, &[RowEncoding::F32]);
         assert_eq!(b.to_node, plan.hidden_bytes as u64);
         assert!(b.to_node >= plan.route_bytes as u64);
         assert_eq!(b.to_router, plan.output_bytes as u64);
@@ -187,7 +201,7 @@ mod tests {
         );
         // Few rows of a narrow model: the routes are the larger frame.
         let narrow = FrameBounds::new(4, 2, 8);
-        let plan = ExchangePlan::new(&[PeerCounts { rows: 4, pairs: 32 }], 2, 4);
+        let plan = ExchangePlan::new(&[PeerCounts { rows: 4, pairs: 32 }], 2, &[]);
         assert!(narrow.to_node >= plan.route_bytes as u64);
     }
 

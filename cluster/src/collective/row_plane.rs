@@ -11,6 +11,7 @@ use moe_model::routes::ExpertRoutes;
 
 use super::communicator::{CommError, Communicator};
 use super::exchange::{dispatch_layer_buffers, BufferShare, ExchangeError};
+use super::row_encoding::RowEncoding;
 
 /// Where a layer's rows lie and how a transport's buffers are made from them and placed back.
 pub trait RowPlane {
@@ -18,12 +19,13 @@ pub trait RowPlane {
     type Rows;
     /// The transport's buffer.
     type Buffer;
-    /// Rows `index` of `rows`, in that order, as one buffer to send.
+    /// Rows `index` of `rows`, in that order, as one buffer to send in `encoding`.
     fn gather(
         &self,
         rows: &Self::Rows,
         index: &[u32],
         hidden: usize,
+        encoding: RowEncoding,
     ) -> Result<Self::Buffer, CommError>;
     /// `[pairs, hidden]` rows for the layer's outputs (every row is written by [`Self::place`]).
     fn pair_rows(&self, pairs: usize, hidden: usize) -> Result<Self::Rows, CommError>;
@@ -98,8 +100,8 @@ pub struct PlacedOutputs<R> {
     pub slowest_compute_micros: u64,
 }
 
-/// One layer to the nodes (`shares[i]` to rank `i + 1`) from `rows` where they lie, answers
-/// placed there. Every one of the layer's `pairs` must be in exactly one share: the caller
+/// One layer to the nodes (`shares[i]` to rank `i + 1`, its rows encoded as `rows_on_wire[i]`
+/// says, f32 where it is missing) from `rows` where they lie, answers placed there. Every one of the layer's `pairs` must be in exactly one share: the caller
 /// takes the in-place path only for a layer whose pairs all have a node, and any failure is
 /// the whole layer's (the caller then sends it the host way, which settles node by node).
 #[allow(clippy::too_many_arguments)]
@@ -109,6 +111,7 @@ pub fn dispatch_layer_in_place<C, P>(
     layer: u32,
     rows: &P::Rows,
     shares: &[RowShare],
+    rows_on_wire: &[RowEncoding],
     pairs: usize,
     hidden: usize,
     timeout: Duration,
@@ -148,14 +151,16 @@ where
         ));
     }
     let mut buffered = Vec::with_capacity(shares.len());
-    for share in shares {
+    for (i, share) in shares.iter().enumerate() {
+        let encoding = rows_on_wire.get(i).copied().unwrap_or_default();
         let gathered = if share.rows.is_empty() {
             None
         } else {
-            Some(plane.gather(rows, &share.rows, hidden)?)
+            Some(plane.gather(rows, &share.rows, hidden, encoding)?)
         };
         buffered.push(BufferShare {
             rows: gathered,
+            encoding,
             routes: &share.routes,
         });
     }
@@ -183,14 +188,20 @@ impl RowPlane for HostRows {
     type Rows = Vec<f32>;
     type Buffer = Vec<u8>;
 
-    fn gather(&self, rows: &Vec<f32>, index: &[u32], hidden: usize) -> Result<Vec<u8>, CommError> {
-        let mut out = Vec::with_capacity(index.len() * hidden * 4);
+    fn gather(
+        &self,
+        rows: &Vec<f32>,
+        index: &[u32],
+        hidden: usize,
+        encoding: RowEncoding,
+    ) -> Result<Vec<u8>, CommError> {
+        let mut out = Vec::with_capacity(index.len() * hidden * encoding.elem_bytes());
         for &r in index {
             let at = r as usize * hidden;
             let row = rows.get(at..at + hidden).ok_or_else(|| {
                 CommError::Failed(format!("row {r} beyond {} values", rows.len()))
             })?;
-            out.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+            encoding.extend_bytes(row, &mut out);
         }
         Ok(out)
     }
@@ -245,13 +256,17 @@ impl RowPlane for DeviceRowPlane {
         rows: &Self::Rows,
         index: &[u32],
         hidden: usize,
+        encoding: RowEncoding,
     ) -> Result<Self::Buffer, CommError> {
-        let words =
-            moe_model::gpu::row_moves::gather_rows(&self.gpu, &self.stream, rows, index, hidden)
-                .map_err(|e| CommError::Failed(e.to_string()))?;
+        use moe_model::gpu::row_moves::{gather_rows, GatheredAs};
+        let form = match encoding {
+            RowEncoding::F32 => GatheredAs::F32,
+            RowEncoding::Bf16 => GatheredAs::Bf16,
+        };
+        let gathered = gather_rows(&self.gpu, &self.stream, rows, index, hidden, form);
         Ok(super::nccl::NcclBuffer::Words {
-            words,
-            bytes: index.len() * hidden * 4,
+            words: gathered.map_err(|e| CommError::Failed(e.to_string()))?,
+            bytes: index.len() * hidden * encoding.elem_bytes(),
         })
     }
 
@@ -346,6 +361,7 @@ mod tests {
             layer as u32,
             &x,
             &shares,
+            &[],
             routes.pairs(),
             hidden,
             timeout,
@@ -402,6 +418,7 @@ mod tests {
             1,
             &x,
             &missing,
+            &[],
             3,
             hidden,
             timeout,
@@ -419,6 +436,7 @@ mod tests {
             1,
             &x,
             &whole,
+            &[],
             3,
             hidden,
             timeout,
@@ -458,13 +476,24 @@ mod tests {
     fn host_rows_gather_and_place_by_index() {
         let hidden = 2;
         let rows: Vec<f32> = (0..6).map(|v| v as f32).collect();
-        let gathered = HostRows.gather(&rows, &[2, 0], hidden).unwrap();
+        let gathered = HostRows
+            .gather(&rows, &[2, 0], hidden, RowEncoding::F32)
+            .unwrap();
         let mut out = HostRows.pair_rows(3, hidden).unwrap();
         HostRows
             .place(&mut out, &gathered, &[1, 2], hidden)
             .unwrap();
         assert_eq!(out, [0.0, 0.0, 4.0, 5.0, 0.0, 1.0]);
-        assert!(HostRows.gather(&rows, &[3], hidden).is_err());
+        assert!(HostRows
+            .gather(&rows, &[3], hidden, RowEncoding::F32)
+            .is_err());
+        // bf16: the same rows, two bytes a value, rounded to nearest even.
+        let halves = [1.0f32, 1.0 + 1.0 / 128.0, 1.0 + 3.0 / 512.0, 2.0];
+        let bf16 = HostRows
+            .gather(&halves.to_vec(), &[1, 0], hidden, RowEncoding::Bf16)
+            .unwrap();
+        let back = RowEncoding::Bf16.decode(&bf16).unwrap();
+        assert_eq!(back, [1.0 + 1.0 / 128.0, 2.0, 1.0, 1.0 + 1.0 / 128.0]);
         assert!(HostRows
             .place(&mut out, &gathered, &[1, 3], hidden)
             .is_err());
@@ -478,9 +507,11 @@ mod tests {
 mod gpu_tests {
     use std::sync::Arc;
 
+    use moe_model::checkpoint::Checkpoint;
     use moe_model::device::GpuDtype;
     use moe_model::experts::{ExpertBackend, ExpertDevice, ExpertSet};
     use moe_model::gpu::GpuContext;
+    use moe_model::ModelConfig;
 
     use super::super::exchange::Served;
     use super::super::mailbox::{group, DeviceBuffers};
@@ -488,47 +519,41 @@ mod gpu_tests {
     use super::*;
     use crate::dispatch_rules::DispatchRules;
 
-    /// A router's rows on the GPU go to two expert sets on the same GPU (each in its own
-    /// rank, on its own stream) and come back placed in pair order, never downloaded: the
-    /// outputs equal the same experts run from host rows on the CPU (f32, 1e-5).
-    #[test]
-    #[ignore = "needs an NVIDIA GPU (ops/gpu-check.sh runs it)"]
-    fn device_rows_go_to_in_process_expert_sets_and_come_back_in_pair_order() {
-        let (ckpt, config) = fixture("qwen3-moe-tiny");
-        let gpu = GpuContext::open(0, GpuDtype::F32).expect("GPU 0");
-        let hidden = config.hidden_size;
+    /// Half of `layer`'s experts on each of two in-process nodes on `gpu`.
+    fn two_sets(ckpt: &Checkpoint, config: &ModelConfig, gpu: &Arc<GpuContext>) -> [ExpertSet; 2] {
         let layer = config.moe_layer_indices().next().expect("a MoE layer");
-        let experts = config.moe.num_experts as u32;
-        let half = experts / 2;
-        let on_gpu = ExpertDevice::Gpu(Arc::clone(&gpu));
-        let sets = [
-            ExpertSet::load_on(
-                &ckpt,
-                &config,
-                (0..half as usize).map(|e| (layer, e)),
-                &on_gpu,
-            ),
-            ExpertSet::load_on(
-                &ckpt,
-                &config,
-                (half as usize..experts as usize).map(|e| (layer, e)),
-                &on_gpu,
-            ),
-        ]
-        .map(|s| s.expect("experts"));
-        let cpu = ExpertSet::load(&ckpt, &config, (0..experts as usize).map(|e| (layer, e)))
-            .expect("CPU experts");
+        let experts = config.moe.num_experts;
+        let on_gpu = ExpertDevice::Gpu(Arc::clone(gpu));
+        [0..experts / 2, experts / 2..experts]
+            .map(|ids| ExpertSet::load_on(ckpt, config, ids.map(|e| (layer, e)), &on_gpu))
+            .map(|s| s.expect("experts"))
+    }
 
-        let n = 7;
-        let host_rows = rows(n, hidden, 0);
+    /// `n` rows choosing two distinct experts each, one on each half.
+    fn two_node_routes(config: &ModelConfig, n: usize) -> ExpertRoutes {
+        let half = config.moe.num_experts as u32 / 2;
         let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
         for r in 0..n as u32 {
-            // Two distinct experts per row, one on each node.
             let first = r % half;
             routes.push_row(&mut [(first, 0.75), (first + half, 0.25)]);
         }
-        let want = cpu.run_experts(layer, &host_rows, &routes).expect("CPU");
+        routes
+    }
 
+    /// One layer from rows on `gpu` to `sets` (each in its own rank, on its own stream) over
+    /// the in-process device transport, rows sent as `rows_on_wire` says: the outputs placed
+    /// in pair order, downloaded.
+    fn layer_in_place(
+        config: &ModelConfig,
+        gpu: &Arc<GpuContext>,
+        sets: [ExpertSet; 2],
+        host_rows: &[f32],
+        routes: &ExpertRoutes,
+        rows_on_wire: &[RowEncoding],
+    ) -> Vec<f32> {
+        let hidden = config.hidden_size;
+        let layer = config.moe_layer_indices().next().expect("a MoE layer");
+        let half = config.moe.num_experts as u32 / 2;
         let router_stream = gpu.stream().context().new_stream().expect("stream");
         let carriers = DeviceBuffers {
             stream: Arc::clone(&router_stream),
@@ -537,15 +562,12 @@ mod gpu_tests {
         let nodes = comms.split_off(1);
         let mut router = comms.pop().expect("rank 0");
         let timeout = Duration::from_secs(30);
-        let rules = DispatchRules::for_model(&config, 1024);
+        let rules = DispatchRules::for_model(config, 1024);
         let handles = serve_one_layer_each(nodes, sets, &rules, timeout);
-        let shares = split_by_holder(&routes, 2, |e| Some(usize::from(e >= half))).unwrap();
-        let on_device = gpu
-            .stream()
-            .clone_htod(&host_rows)
-            .expect("rows on the GPU");
+        let shares = split_by_holder(routes, 2, |e| Some(usize::from(e >= half))).unwrap();
+        let on_device = gpu.stream().clone_htod(host_rows).expect("rows on the GPU");
         let plane = DeviceRowPlane {
-            gpu: Arc::clone(&gpu),
+            gpu: Arc::clone(gpu),
             stream: router_stream,
         };
         let placed = dispatch_layer_in_place(
@@ -554,6 +576,7 @@ mod gpu_tests {
             layer as u32,
             &on_device,
             &shares,
+            rows_on_wire,
             routes.pairs(),
             hidden,
             timeout,
@@ -570,11 +593,69 @@ mod gpu_tests {
         for h in handles {
             assert!(matches!(h.join().expect("node"), Ok(Served::Ran { .. })));
         }
-        let got = plane.stream.clone_dtoh(&placed.pair_out).expect("download");
+        plane.stream.clone_dtoh(&placed.pair_out).expect("download")
+    }
+
+    /// A router's rows on the GPU go to two expert sets on the same GPU (each in its own
+    /// rank, on its own stream) and come back placed in pair order, never downloaded: the
+    /// outputs equal the same experts run from host rows on the CPU (f32, 1e-5).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU (ops/gpu-check.sh runs it)"]
+    fn device_rows_go_to_in_process_expert_sets_and_come_back_in_pair_order() {
+        let (ckpt, config) = fixture("qwen3-moe-tiny");
+        let gpu = GpuContext::open(0, GpuDtype::F32).expect("GPU 0");
+        let layer = config.moe_layer_indices().next().expect("a MoE layer");
+        let experts = config.moe.num_experts;
+        let cpu =
+            ExpertSet::load(&ckpt, &config, (0..experts).map(|e| (layer, e))).expect("CPU experts");
+        let n = 7;
+        let host_rows = rows(n, config.hidden_size, 0);
+        let routes = two_node_routes(&config, n);
+        let want = cpu.run_experts(layer, &host_rows, &routes).expect("CPU");
+        let sets = two_sets(&ckpt, &config, &gpu);
+        let got = layer_in_place(&config, &gpu, sets, &host_rows, &routes, &[]);
         let worst = moe_model::compare::max_abs_diff(&got, &want);
         assert!(worst <= 1e-5, "device-resident layer differs by {worst}");
         println!(
             "device-resident dispatch, in-process transport: {} pairs, max difference {worst:e}",
+            routes.pairs()
+        );
+    }
+
+    /// In `bf16` numerics the router gathers each node's rows as bf16 on the device (half the
+    /// bytes) and the nodes widen them there: bitwise the outputs of f32 rows; a node of
+    /// another mode says it reads f32.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU (ops/gpu-check.sh runs it)"]
+    fn bf16_rows_on_the_device_give_the_outputs_of_f32_rows() {
+        let (ckpt, config) = fixture("qwen3-moe-tiny");
+        let gpu = GpuContext::open(0, GpuDtype::Bf16).expect("GPU 0");
+        let (n, hidden) = (9, config.hidden_size);
+        let host_rows = rows(n, hidden, 3);
+        let routes = two_node_routes(&config, n);
+        let sets = two_sets(&ckpt, &config, &gpu);
+        assert!(sets.iter().all(|s| s.reads_rows_as_bf16()));
+        let f32_rows = layer_in_place(&config, &gpu, sets, &host_rows, &routes, &[]);
+        let sets = two_sets(&ckpt, &config, &gpu);
+        let bf16 = [RowEncoding::Bf16; 2];
+        let bf16_rows = layer_in_place(&config, &gpu, sets, &host_rows, &routes, &bf16);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&bf16_rows), bits(&f32_rows));
+
+        let plane = DeviceRowPlane {
+            gpu: Arc::clone(&gpu),
+            stream: Arc::clone(gpu.stream()),
+        };
+        let on_device = gpu.stream().clone_htod(&host_rows).expect("rows");
+        let gathered = plane
+            .gather(&on_device, &[4, 1, 8], hidden, RowEncoding::Bf16)
+            .expect("gather");
+        assert_eq!(gathered.bytes(), 3 * hidden * 2);
+
+        let exact = GpuContext::open(0, GpuDtype::Bf16x2).expect("GPU 0");
+        assert!(!two_sets(&ckpt, &config, &exact)[0].reads_rows_as_bf16());
+        println!(
+            "bf16 rows on the device: {} pairs, bitwise the f32 rows' outputs",
             routes.pairs()
         );
     }

@@ -1601,6 +1601,7 @@ mod tests {
             &mut zero,
             layer as u32,
             &[share],
+            &[],
             hidden,
             Duration::from_secs(5),
             None,

@@ -5,7 +5,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use moe_model::checkpoint::Checkpoint;
-use moe_model::experts::ExpertSet;
+use moe_model::experts::{ExpertBackend, ExpertSet};
+use moe_model::routes::ExpertRoutes;
 use moe_model::ModelConfig;
 
 use super::communicator::Communicator;
@@ -57,4 +58,31 @@ pub fn serve_one_layer_each<C: Communicator + 'static>(
             })
         })
         .collect()
+}
+
+/// Experts as GPU experts in `--gpu-dtype bf16` compute on the host: every input row rounded
+/// to bf16 (to nearest even) before the experts run, and saying so.
+pub struct Bf16Experts(pub ExpertSet);
+
+impl ExpertBackend for Bf16Experts {
+    fn run_experts(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routes: &ExpertRoutes,
+    ) -> moe_model::Result<Vec<f32>> {
+        let rounded: Vec<f32> = rows
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        self.0.run_experts(layer, &rounded, routes)
+    }
+
+    fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.0.holds(layer, expert)
+    }
+
+    fn reads_rows_as_bf16(&self) -> bool {
+        true
+    }
 }

@@ -45,6 +45,11 @@ pub struct NodeRecord {
     /// layers. 0 from nodes that predate it (routers then use their own batch bound).
     #[serde(default)]
     pub max_batch_rows: u32,
+    /// How it takes a layer's rows over a collective: `bf16` where its experts round them to
+    /// bf16 anyway (half the bytes, the same outputs), else `f32` (also from nodes that
+    /// predate it).
+    #[serde(default)]
+    pub rows_on_wire: crate::collective::RowEncoding,
 }
 
 /// What a router publishes about itself.

@@ -504,6 +504,11 @@ extern "C" __global__ void convert_f32_to_bf16(const float* x, bf16_t* out, long
     GRID_STRIDE(i, n) { out[i] = f32_to_bf16(x[i]); }
 }
 
+// Rows a collective carried as bf16 (exact in f32), for experts that round them to bf16 again.
+extern "C" __global__ void convert_bf16_to_f32(const bf16_t* x, float* out, long long n) {
+    GRID_STRIDE(i, n) { out[i] = bf16_to_f32(x[i]); }
+}
+
 extern "C" __global__ void convert_f32_to_bf16x2(const float* x, bf16_t* hi, bf16_t* lo,
                                                  long long n) {
     GRID_STRIDE(i, n) { f32_to_bf16x2(x[i], hi + i, lo + i); }

@@ -21,6 +21,7 @@ pub struct Kernels {
     pub fill_uniform_f32: CudaFunction,
     pub fill_e4m3: CudaFunction,
     pub convert_f32_to_bf16: CudaFunction,
+    pub convert_bf16_to_f32: CudaFunction,
     pub add_f32: CudaFunction,
     pub rms_norm_heads: CudaFunction,
     pub rope_heads: CudaFunction,
@@ -58,7 +59,7 @@ pub struct Kernels {
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 43] = [
+pub const KERNEL_NAMES: [&str; 44] = [
     "gather_rows_bf16",
     "gather_rows_f32",
     "silu_mul_bf16",
@@ -68,6 +69,7 @@ pub const KERNEL_NAMES: [&str; 43] = [
     "fill_uniform_f32",
     "fill_e4m3",
     "convert_f32_to_bf16",
+    "convert_bf16_to_f32",
     "add_f32",
     "rms_norm_heads",
     "rope_heads",
@@ -148,6 +150,7 @@ impl Kernels {
             fill_uniform_f32: f("fill_uniform_f32")?,
             fill_e4m3: f("fill_e4m3")?,
             convert_f32_to_bf16: f("convert_f32_to_bf16")?,
+            convert_bf16_to_f32: f("convert_bf16_to_f32")?,
             add_f32: f("add_f32")?,
             rms_norm_heads: f("rms_norm_heads")?,
             rope_heads: f("rope_heads")?,

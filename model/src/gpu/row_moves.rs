@@ -15,35 +15,89 @@ fn bounds(what: &str) -> GpuError {
     GpuError::Shape(format!("row move out of bounds: {what}"))
 }
 
-/// Rows `index` of `rows` (`[n, hidden]`), in that order, in a new `[index.len(), hidden]`.
+/// What a gather writes: f32 values, or bf16 values two to a word (rounded as every bf16 GEMM
+/// input is, to nearest, ties to even: rows for a node that reads them as bf16, in half the
+/// bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatheredAs {
+    F32,
+    Bf16,
+}
+
+/// Rows `index` of `rows` (`[n, hidden]`), in that order, in a new `[index.len(), hidden]` in
+/// the form `form` says.
 pub fn gather_rows(
     ctx: &GpuContext,
     stream: &Arc<CudaStream>,
     rows: &CudaSlice<f32>,
     index: &[u32],
     hidden: usize,
+    form: GatheredAs,
 ) -> Result<CudaSlice<f32>, GpuError> {
     let n = rows.len().checked_div(hidden).unwrap_or(0);
     if index.iter().any(|&r| r as usize >= n) {
         return Err(bounds("a gathered row beyond the rows"));
     }
-    let mut out = stream.alloc_zeros::<f32>((index.len() * hidden).max(1))?;
-    if index.is_empty() || hidden == 0 {
+    let values = index.len() * hidden;
+    let words = match form {
+        GatheredAs::F32 => values,
+        GatheredAs::Bf16 => values.div_ceil(2),
+    };
+    let mut out = stream.alloc_zeros::<f32>(words.max(1))?;
+    if values == 0 {
         return Ok(out);
     }
     let index_dev = stream.clone_htod(index)?;
     let (count, width) = (as_int(index.len(), "rows")?, as_int(hidden, "hidden")?);
-    // SAFETY: every index is a row of `rows` (checked above) and `out` holds `index.len()`
-    // rows of `hidden`.
+    let kernels = ctx.kernels();
+    let kernel = match form {
+        GatheredAs::F32 => &kernels.gather_rows_f32,
+        GatheredAs::Bf16 => &kernels.gather_rows_bf16,
+    };
+    let mut launch = stream.launch_builder(kernel);
+    launch.arg(rows).arg(&index_dev);
+    let mut halves;
+    match form {
+        GatheredAs::F32 => launch.arg(&mut out),
+        GatheredAs::Bf16 => {
+            // SAFETY: `out` has room for `values` bf16 values; any bit pattern is one.
+            halves = unsafe { out.transmute_mut::<u16>(values) }
+                .ok_or_else(|| bounds("bf16 rows beyond their buffer"))?;
+            launch.arg(&mut halves)
+        }
+    };
+    launch.arg(&count).arg(&width);
+    // SAFETY: every index is a row of `rows` (checked above) and the output holds
+    // `index.len()` rows of `hidden` in its form.
+    unsafe { launch.launch(row_grid(index.len())) }?;
+    drop(launch);
+    Ok(out)
+}
+
+/// `values` bf16 values, two to a word of `words` (as [`gather_rows`] packs them and a
+/// collective carries them), widened to f32: exact.
+pub fn widen_bf16(
+    ctx: &GpuContext,
+    stream: &Arc<CudaStream>,
+    words: &CudaSlice<f32>,
+    values: usize,
+) -> Result<CudaSlice<f32>, GpuError> {
+    let mut out = stream.alloc_zeros::<f32>(values.max(1))?;
+    if values == 0 {
+        return Ok(out);
+    }
+    // SAFETY: read only, as bf16 bit patterns (any is one); `None` if `words` is too short.
+    let halves = unsafe { words.transmute::<u16>(values) }
+        .ok_or_else(|| bounds("bf16 values beyond their buffer"))?;
+    let n = values as i64;
+    // SAFETY: `halves` holds `values` values and `out` has room for as many.
     unsafe {
         stream
-            .launch_builder(&ctx.kernels().gather_rows_f32)
-            .arg(rows)
-            .arg(&index_dev)
+            .launch_builder(&ctx.kernels().convert_bf16_to_f32)
+            .arg(&halves)
             .arg(&mut out)
-            .arg(&count)
-            .arg(&width)
-            .launch(row_grid(index.len()))?;
+            .arg(&n)
+            .launch(super::kernels::grid(values))?;
     }
     Ok(out)
 }
@@ -97,14 +151,46 @@ mod tests {
         let hidden = 3;
         let host: Vec<f32> = (0..4 * hidden).map(|v| v as f32).collect();
         let rows = ctx.stream().clone_htod(&host).unwrap();
-        let gathered = gather_rows(&ctx, &side, &rows, &[3, 1], hidden).unwrap();
+        let gathered = gather_rows(&ctx, &side, &rows, &[3, 1], hidden, GatheredAs::F32).unwrap();
         let got = side.clone_dtoh(&gathered).unwrap();
         assert_eq!(got, [9.0, 10.0, 11.0, 3.0, 4.0, 5.0]);
         let mut out = side.alloc_zeros::<f32>(3 * hidden).unwrap();
         place_rows(&ctx, &side, &gathered, &[2, 0], hidden, &mut out).unwrap();
         let got = side.clone_dtoh(&out).unwrap();
         assert_eq!(got, [3.0, 4.0, 5.0, 0.0, 0.0, 0.0, 9.0, 10.0, 11.0]);
-        assert!(gather_rows(&ctx, &side, &rows, &[4], hidden).is_err());
+        assert!(gather_rows(&ctx, &side, &rows, &[4], hidden, GatheredAs::F32).is_err());
         assert!(place_rows(&ctx, &side, &gathered, &[3], hidden, &mut out).is_err());
+    }
+
+    /// Rows gathered as bf16 are the host's round-to-nearest-even of them, packed two to a
+    /// word, and widen back to exactly those values (an odd count included).
+    #[test]
+    fn gpu_rows_gather_as_bf16_and_widen_exactly() {
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::Bf16) else {
+            return;
+        };
+        let side = ctx.stream().context().new_stream().unwrap();
+        let hidden = 3;
+        let host: Vec<f32> = (0..4 * hidden)
+            .map(|v| 1.0 + v as f32 / 7.0 + 1.0 / 256.0)
+            .collect();
+        let rows = ctx.stream().clone_htod(&host).unwrap();
+        let gathered =
+            gather_rows(&ctx, &side, &rows, &[3, 0, 2], hidden, GatheredAs::Bf16).unwrap();
+        assert_eq!(gathered.len(), (9usize).div_ceil(2));
+        let widened = widen_bf16(&ctx, &side, &gathered, 9).unwrap();
+        let got = side.clone_dtoh(&widened).unwrap();
+        let picked: Vec<f32> = [3usize, 0, 2]
+            .iter()
+            .flat_map(|&r| host[r * hidden..(r + 1) * hidden].iter().copied())
+            .collect();
+        let want: Vec<f32> = picked
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(&got[..9], &want[..]);
+        assert_ne!(want, picked, "the values are not all bf16 already");
+        assert!(gather_rows(&ctx, &side, &rows, &[4], hidden, GatheredAs::Bf16).is_err());
+        assert!(widen_bf16(&ctx, &side, &gathered, 11).is_err());
     }
 }
