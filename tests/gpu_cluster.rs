@@ -140,6 +140,8 @@ async fn bf16_rows_on_the_wire_change_no_token() {
                 .map(|v| v as u64)
                 .sum();
             assert!(rows > 0, "{s:?}");
+            let wire = if value_bytes == 2 { "bf16" } else { "f32" };
+            assert!(s.nodes.iter().all(|n| n.rows_on_wire == wire), "{s:?}");
             assert_eq!(
                 sent,
                 value_bytes * hidden * rows,

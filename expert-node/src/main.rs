@@ -200,7 +200,11 @@ fn node_record(
         instance: instance_id(),
         collectives: joinable_collectives(device, security.tls.is_some()),
         max_batch_rows: args.max_batch_rows,
-        rows_on_wire: moe_cluster::collective::RowEncoding::for_device(device),
+        rows_on_wire: moe_cluster::collective::RowEncoding::for_device(
+            device,
+            args.device.gpu_fp8,
+            &args.model,
+        ),
     }
 }
 

@@ -41,18 +41,31 @@ impl ExpertDevice {
         }
     }
 
-    /// Whether experts this process loads here will round their input rows to bf16 (see
+    /// Whether experts loaded here will round their input rows to bf16 (see
     /// [`ExpertBackend::reads_rows_as_bf16`]), as a node tells routers before it holds any:
-    /// GPU experts in `bf16` numerics, not `--deterministic`, and FP8 not kept as FP8 (kept,
-    /// some run a kernel that reads f32 rows). A node checks its held experts again for
-    /// every layer it is sent in bf16.
-    pub fn rounds_expert_rows_to_bf16(&self) -> bool {
+    /// GPU experts in `bf16` numerics, not `--deterministic`; of a checkpoint whose experts are
+    /// FP8 in blocks `fp8_block_cols` wide (`None`: not FP8) held as `fp8` says, those kept as
+    /// FP8 only on the tensor-core kernel (the exact FP8 kernel reads f32 rows). A node checks
+    /// its held experts again for every layer it is sent in bf16.
+    pub fn rounds_expert_rows_to_bf16(
+        &self,
+        fp8: crate::device::GpuFp8,
+        fp8_block_cols: Option<usize>,
+    ) -> bool {
         match self {
-            ExpertDevice::Cpu => false,
+            ExpertDevice::Cpu => {
+                let _ = (fp8, fp8_block_cols);
+                false
+            }
             #[cfg(feature = "cuda")]
             ExpertDevice::Gpu(ctx) => {
                 gpu_numerics_round_rows(ctx)
-                    && crate::device::process_gpu_fp8() != crate::device::GpuFp8::Keep
+                    && match (fp8, fp8_block_cols) {
+                        (crate::device::GpuFp8::Keep, Some(cols)) => {
+                            crate::gpu::tensor_core_gemm::tensor_cores_take_fp8_blocks(ctx, cols)
+                        }
+                        _ => true,
+                    }
             }
         }
     }
@@ -1163,6 +1176,58 @@ mod gpu_tests {
                 "{dtype:?}: device rows"
             );
         }
+    }
+
+    /// What a node publishes before it loads anything
+    /// ([`ExpertDevice::rounds_expert_rows_to_bf16`]) is what its experts read once loaded
+    /// ([`ExpertBackend::reads_rows_as_bf16`]), in every mode: bf16 rows are asked for only
+    /// where the GEMMs round to bf16 anyway, and never refused where they were asked for.
+    #[test]
+    fn the_published_row_encoding_is_what_the_loaded_experts_read() {
+        use crate::device::{ExpertGemm, GpuFp8};
+        let mut promised_bf16 = 0;
+        // One context per numerics mode (opening one is the slow part on the emulator); the
+        // GEMM choice and `--deterministic` are switched on it between loads.
+        for dtype in [GpuDtype::Bf16, GpuDtype::Bf16x2, GpuDtype::F32] {
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+            for fixture in ["deepseek-v3-fp8-tiny", "mixtral-tiny", "qwen3-moe-tiny"] {
+                let dir = fixture_dir(fixture);
+                let (ckpt, config) = (
+                    Checkpoint::open(&dir).unwrap(),
+                    ModelConfig::from_dir(&dir).unwrap(),
+                );
+                let layer = config.moe_layer_indices().next().unwrap();
+                let block_cols = crate::checkpoint::fp8_block_of(&dir).map(|(_, cols)| cols);
+                assert_eq!(block_cols.is_some(), fixture.contains("fp8"), "{fixture}");
+                for fp8 in [GpuFp8::Widen, GpuFp8::Keep] {
+                    for (gemm, deterministic) in [
+                        (ExpertGemm::Lanes, false),
+                        (ExpertGemm::TensorCores, false),
+                        (ExpertGemm::TensorCores, true),
+                    ] {
+                        ctx.set_deterministic(deterministic);
+                        ctx.set_expert_gemm(gemm);
+                        let two = [(layer, 0), (layer, 1)];
+                        let set =
+                            ExpertSet::load_holding_fp8(&ckpt, &config, two, &device, fp8).unwrap();
+                        let promised = device.rounds_expert_rows_to_bf16(fp8, block_cols);
+                        assert_eq!(
+                            promised,
+                            set.reads_rows_as_bf16(),
+                            "{fixture} {dtype:?} {fp8:?} {gemm} deterministic {deterministic}"
+                        );
+                        promised_bf16 += usize::from(promised);
+                    }
+                }
+            }
+        }
+        // Only `bf16` without `--deterministic`: both GEMM modes and both FP8 flags for the
+        // two fixtures that are not FP8 (8), widened FP8 in both GEMM modes (2), FP8 kept as
+        // FP8 on the tensor cores (1).
+        assert_eq!(promised_bf16, 11);
     }
 }
 

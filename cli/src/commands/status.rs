@@ -47,7 +47,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map(|n| {
                 json!({
                     "node_id": n.node_id, "address": n.address, "state": n.state, "ready_epoch": n.ready_epoch,
-                    "dispatched_rows": n.dispatched_rows, "dispatched_pairs": n.dispatched_pairs,
+                    "dispatched_rows": n.dispatched_rows, "dispatched_pairs": n.dispatched_pairs, "rows_on_wire": n.rows_on_wire,
                     "experts": n.experts.iter().map(|e| json!({"layer": e.layer, "expert": e.expert, "tokens": e.tokens})).collect::<Vec<_>>(),
                 })
             })
@@ -128,13 +128,18 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     for n in &status.nodes {
         let tokens: u64 = n.experts.iter().map(|e| e.tokens).sum();
         println!(
-            "  {:<16} {:<22} {:<9} ready@{}  {} experts  {} tokens dispatched",
+            "  {:<16} {:<22} {:<9} ready@{}  {} experts  {} tokens dispatched  rows as {}",
             n.node_id,
             n.address,
             n.state,
             n.ready_epoch,
             n.experts.len(),
-            tokens
+            tokens,
+            if n.rows_on_wire.is_empty() {
+                "-"
+            } else {
+                &n.rows_on_wire
+            }
         );
     }
     Ok(())

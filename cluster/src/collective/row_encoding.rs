@@ -26,11 +26,17 @@ impl RowEncoding {
         }
     }
 
-    /// What a node on `device` publishes before it holds any experts (see
+    /// What a node on `device` publishes before it holds any experts of the checkpoint in
+    /// `model_dir`, FP8 held as `fp8` says (see
     /// [`moe_model::experts::ExpertDevice::rounds_expert_rows_to_bf16`]); it checks its held
     /// experts again for every layer that comes in bf16.
-    pub fn for_device(device: &moe_model::experts::ExpertDevice) -> Self {
-        if device.rounds_expert_rows_to_bf16() {
+    pub fn for_device(
+        device: &moe_model::experts::ExpertDevice,
+        fp8: moe_model::device::GpuFp8,
+        model_dir: &std::path::Path,
+    ) -> Self {
+        let fp8_block_cols = moe_model::checkpoint::fp8_block_of(model_dir).map(|(_, cols)| cols);
+        if device.rounds_expert_rows_to_bf16(fp8, fp8_block_cols) {
             RowEncoding::Bf16
         } else {
             RowEncoding::F32

@@ -432,19 +432,29 @@ fn bf16_from_le_bytes(bytes: &[u8]) -> Vec<half::bf16> {
 }
 
 fn read_fp8_block(dir: &Path) -> (usize, usize) {
-    let default = (128, 128);
-    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
-        return default;
-    };
-    let Ok(json) = serde_json::from_str::<Value>(&text) else {
-        return default;
-    };
-    let block = json
-        .get("quantization_config")
-        .and_then(|q| q.get("weight_block_size"))
-        .and_then(Value::as_array);
-    match block.map(|b| b.iter().filter_map(Value::as_u64).collect::<Vec<_>>()) {
-        Some(b) if b.len() == 2 && b[0] > 0 && b[1] > 0 => (b[0] as usize, b[1] as usize),
-        _ => default,
+    fp8_block_of(dir).unwrap_or(DEFAULT_FP8_BLOCK)
+}
+
+/// DeepSeek's block, where a config names none.
+const DEFAULT_FP8_BLOCK: (usize, usize) = (128, 128);
+
+/// The FP8 block size (rows, cols) of the checkpoint in `dir` when its `config.json` says it
+/// is FP8 (`quantization_config.quant_method` `fp8`; DeepSeek's 128 x 128 where it names no
+/// block); `None` for other checkpoints.
+pub fn fp8_block_of(dir: &Path) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let json = serde_json::from_str::<Value>(&text).ok()?;
+    let quantization = json.get("quantization_config")?;
+    if quantization.get("quant_method").and_then(Value::as_str) != Some("fp8") {
+        return None;
     }
+    let block = quantization
+        .get("weight_block_size")
+        .and_then(Value::as_array);
+    Some(
+        match block.map(|b| b.iter().filter_map(Value::as_u64).collect::<Vec<_>>()) {
+            Some(b) if b.len() == 2 && b[0] > 0 && b[1] > 0 => (b[0] as usize, b[1] as usize),
+            _ => DEFAULT_FP8_BLOCK,
+        },
+    )
 }

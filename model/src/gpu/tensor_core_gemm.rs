@@ -58,6 +58,15 @@ pub(crate) fn tensor_cores_take(ctx: &GpuContext, weights: &GpuBuffer) -> bool {
         }
 }
 
+/// Whether the context runs FP8 experts whose scale blocks are `block_cols` wide on the tensor
+/// cores (as [`tensor_cores_take`] will decide once they are loaded).
+pub(crate) fn tensor_cores_take_fp8_blocks(ctx: &GpuContext, block_cols: usize) -> bool {
+    ctx.tensor_core_experts()
+        && ctx.dtype() != GpuDtype::F32
+        && block_cols > 0
+        && block_cols.is_multiple_of(TC_K_STEP as usize)
+}
+
 /// How the kernel reads each run's weights.
 enum WeightForm {
     Bf16,

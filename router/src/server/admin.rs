@@ -79,6 +79,10 @@ impl Admin for AdminService {
                 let counter =
                     |f: fn(&crate::node_link::NodeLink) -> u64| link.map(|l| f(l)).unwrap_or(0);
                 NodeStatus {
+                    rows_on_wire: record
+                        .map(|r| r.rows_on_wire.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
                     dispatched_rows: counter(|l| l.rows_sent.load(Ordering::Relaxed)),
                     dispatched_pairs: counter(|l| l.pairs_sent.load(Ordering::Relaxed)),
                     address: record
