@@ -23,7 +23,7 @@
 #                              `V3_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores
 #                              ops/gpu-check.sh serving` runs them on our tensor-core kernel.
 #
-# Checks, each bounded by a timeout (the bounds add up to 805 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 830 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -54,7 +54,8 @@
 #   6. (run after the `moe generate` checks of 3) `moe generate --in-process-nodes 2` on
 #      cuda:0: the experts behind two in-process nodes over the layer exchange, a layer's
 #      rows gathered per node and placed back on the device = the CPU's tokens (with and
-#      without `--cuda-graphs`); and the same
+#      without `--cuda-graphs`); in `--gpu-dtype bf16` the nodes' rows gathered as bf16 on the
+#      device give the JSON (tokens and log-probs) of the engine's own experts; and the same
 #      served by `moe-router --in-process-nodes 2 --device cuda:0` (no etcd) over gRPC,
 #      greedy and with a presence penalty (the row edited on the device, only the pick
 #      downloaded);
@@ -241,6 +242,18 @@ in_process_same_tokens() {
     [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$graphs" | python3 -c "$ids")" ]
 }
 check "device-resident exchange (--in-process-nodes 2, with and without --cuda-graphs): cuda:0 = cpu tokens" 25 in_process_same_tokens
+
+in_process_bf16_rows() {
+  set -eo pipefail
+  local model=tests/fixtures/deepseek-v3-tiny alone nodes
+  local flags=(--model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --gpu-dtype bf16)
+  alone=$("$UNPACKED/moe" generate "${flags[@]}" | tail -1)
+  nodes=$("$UNPACKED/moe" generate "${flags[@]}" --in-process-nodes 2 | tail -1)
+  echo "bf16, experts in the engine: $alone"
+  echo "bf16, experts behind 2 in-process nodes (rows gathered as bf16 on the device): $nodes"
+  [ -n "$alone" ] && [ "$alone" = "$nodes" ]
+}
+check "bf16 rows on the device (--gpu-dtype bf16 --in-process-nodes 2) = the engine's own experts, tokens and log-probs" 25 in_process_bf16_rows
 
 served_in_process_same_tokens() {
   set -eo pipefail

@@ -184,7 +184,16 @@ pub struct ExpertSet {
     /// ([`ExpertBackend::prepare_choices_on_device`]), made at the first step that asks.
     #[cfg(feature = "cuda")]
     following: std::sync::Mutex<std::collections::HashMap<usize, FollowingChoices>>,
+    /// [`ExpertBackend::reads_rows_as_bf16`], worked out once per mode of the context (a node
+    /// asks at every layer that comes in bf16, and may hold thousands of experts).
+    #[cfg(feature = "cuda")]
+    reads_bf16: std::sync::Mutex<Option<(GpuExpertMode, bool)>>,
 }
+
+/// What decides the activations a GPU set's GEMMs take, besides the context's numerics (fixed
+/// when it opens): `--deterministic` and the expert GEMM choice.
+#[cfg(feature = "cuda")]
+type GpuExpertMode = (bool, crate::device::ExpertGemm);
 
 /// A layer's answer to [`ExpertBackend::prepare_choices_on_device`].
 #[cfg(feature = "cuda")]
@@ -287,6 +296,8 @@ impl ExpertSet {
             experts,
             #[cfg(feature = "cuda")]
             following: Default::default(),
+            #[cfg(feature = "cuda")]
+            reads_bf16: Default::default(),
         })
     }
 
@@ -343,6 +354,8 @@ impl ExpertSet {
                 .collect(),
             #[cfg(feature = "cuda")]
             following: Default::default(),
+            #[cfg(feature = "cuda")]
+            reads_bf16: Default::default(),
         }
     }
 
@@ -359,6 +372,8 @@ impl ExpertSet {
             experts: BTreeMap::new(),
             #[cfg(feature = "cuda")]
             following: Default::default(),
+            #[cfg(feature = "cuda")]
+            reads_bf16: Default::default(),
         }
     }
 
@@ -370,6 +385,10 @@ impl ExpertSet {
     #[cfg(test)]
     pub(crate) fn insert_cpu(&mut self, id: ExpertKey, mlp: Mlp) {
         self.experts.insert(id, Arc::new(HeldExpert::Cpu(mlp)));
+        #[cfg(feature = "cuda")]
+        {
+            *self.reads_bf16.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     pub fn contains(&self, layer: usize, expert: usize) -> bool {
@@ -609,13 +628,22 @@ impl ExpertBackend for ExpertSet {
             #[cfg(feature = "cuda")]
             ExpertDevice::Gpu(ctx) => {
                 use crate::gpu::buffer::ActForm;
-                gpu_numerics_round_rows(ctx)
+                let mode = (ctx.deterministic(), ctx.expert_gemm());
+                let mut known = self.reads_bf16.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((m, reads)) = *known {
+                    if m == mode {
+                        return reads;
+                    }
+                }
+                let reads = gpu_numerics_round_rows(ctx)
                     && self.experts.values().all(|held| match &**held {
                         HeldExpert::Gpu(mlp) => {
                             ActForm::for_weights(ctx, mlp.gate_up()) == ActForm::Bf16
                         }
                         HeldExpert::Cpu(_) => false,
-                    })
+                    });
+                *known = Some((mode, reads));
+                reads
             }
         }
     }
@@ -1220,6 +1248,13 @@ mod gpu_tests {
                             "{fixture} {dtype:?} {fp8:?} {gemm} deterministic {deterministic}"
                         );
                         promised_bf16 += usize::from(promised);
+                        // The answer follows the context when its mode changes under the set.
+                        ctx.set_deterministic(!deterministic);
+                        assert_eq!(
+                            device.rounds_expert_rows_to_bf16(fp8, block_cols),
+                            set.reads_rows_as_bf16(),
+                            "{fixture} {dtype:?} {fp8:?} {gemm} deterministic flipped"
+                        );
                     }
                 }
             }
