@@ -29,6 +29,9 @@ use crate::dispatch_rules::{DispatchRules, Violation};
 pub const TRACEPARENT_BYTES: usize = 55;
 /// Bytes of a [`LayerHeader`] on the wire.
 pub const HEADER_BYTES: usize = 13 + TRACEPARENT_BYTES;
+/// The layer protocol this build speaks, named in every [`super::CollectiveRecord`]: a node
+/// joins only a router's communicator that speaks it (2: the header names the row encoding).
+pub const LAYER_PROTOCOL: u32 = 2;
 /// After a node's outputs: its expert compute time in microseconds (u64).
 const COMPUTE_TRAILER_BYTES: usize = 8;
 

@@ -281,6 +281,13 @@ pub fn join_member(
             record.epoch
         ))
     })?;
+    if record.layer_protocol != exchange::LAYER_PROTOCOL {
+        return Err(CommError::Failed(format!(
+            "the router speaks layer protocol {}, this node {}: upgrade every member (gRPC until then)",
+            record.layer_protocol,
+            exchange::LAYER_PROTOCOL
+        )));
+    }
     let malformed = |e: super::record::RecordError| CommError::Failed(e.to_string());
     match record.transport() {
         Transport::Tcp => {

@@ -54,6 +54,10 @@ pub struct CollectiveRecord {
     /// The router's bound on each step of a layer; a node uses the same for its side.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// The layer protocol the router speaks ([`super::exchange::LAYER_PROTOCOL`]; 0 from
+    /// routers that predate it): a node of another one stays on gRPC instead of joining.
+    #[serde(default)]
+    pub layer_protocol: u32,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -72,6 +76,7 @@ impl CollectiveRecord {
             epoch,
             nodes,
             timeout_ms: timeout.as_millis() as u64,
+            layer_protocol: super::exchange::LAYER_PROTOCOL,
             rendezvous: Rendezvous::Tcp {
                 address: at.address.clone(),
                 nonce: to_hex(&at.nonce),
@@ -84,6 +89,7 @@ impl CollectiveRecord {
             epoch,
             nodes,
             timeout_ms: timeout.as_millis() as u64,
+            layer_protocol: super::exchange::LAYER_PROTOCOL,
             rendezvous: Rendezvous::Nccl {
                 unique_id: to_hex(unique_id),
             },
@@ -184,6 +190,24 @@ mod tests {
         let back = CollectiveRecord::decode(&n.encode()).unwrap();
         assert_eq!(back.nccl_unique_id().unwrap(), vec![1, 2, 255]);
         assert!(back.tcp_rendezvous().is_err());
+        assert_eq!(back.layer_protocol, super::super::exchange::LAYER_PROTOCOL);
+    }
+
+    /// A router of another layer protocol (or one that predates the field) is not joined: the
+    /// node stays on gRPC, where headers of another size would have failed every layer.
+    #[test]
+    fn a_record_of_another_layer_protocol_is_not_joined() {
+        let legacy = br#"{"epoch":1,"nodes":["a"],"rendezvous":{"transport":"tcp","address":"127.0.0.1:9","nonce":"00000000000000000000000000000000"}}"#;
+        let record = CollectiveRecord::decode(legacy).unwrap();
+        assert_eq!(record.layer_protocol, 0);
+        let settings = super::super::MemberSettings {
+            token: None,
+            max_frame_bytes: 1 << 20,
+        };
+        let refused =
+            super::super::join_member(&record, "a", &settings, None, Duration::from_millis(100));
+        let err = refused.err().expect("another layer protocol is refused");
+        assert!(err.to_string().contains("layer protocol 0"), "{err}");
     }
 
     #[test]

@@ -38,10 +38,11 @@ pub const NONCE_BYTES: usize = 16;
 /// cover (so a hello copied off the wire opens no other join), the member's hello one rank 0's
 /// proof must cover.
 pub const CHALLENGE_BYTES: usize = 32;
-/// Version 2: rank 0 greets with a challenge; the hello carries the token mode, the member's
-/// challenge and its proof.
-const MAGIC: &[u8; 8] = b"MOECOLL2";
-const MAGIC_V1: &[u8; 8] = b"MOECOLL1";
+/// Version 3 (the layer header names the row encoding); since version 2 rank 0 greets with a
+/// challenge and the hello carries the token mode, the member's challenge and its proof.
+const MAGIC: &[u8; 8] = b"MOECOLL3";
+/// Hellos of older builds, refused by name.
+const OLDER_MAGICS: [&[u8; 8]; 2] = [b"MOECOLL1", b"MOECOLL2"];
 /// magic, rank 0's challenge.
 const GREETING_BYTES: usize = 8 + CHALLENGE_BYTES;
 /// magic, nonce, rank, size, token mode, challenge, proof.
@@ -346,10 +347,11 @@ fn handshake(
     let (size_bytes, rest) = rest.split_at(4);
     let (mode, rest) = rest.split_at(1);
     let (challenge, proof) = rest.split_at(CHALLENGE_BYTES);
-    if magic == MAGIC_V1 {
-        return Err(CommError::Failed(
-            "a hello of an older build (MOECOLL1): upgrade every member".into(),
-        ));
+    if let Some(old) = OLDER_MAGICS.iter().find(|m| magic == m.as_slice()) {
+        return Err(CommError::Failed(format!(
+            "a hello of an older build ({}): upgrade every member",
+            String::from_utf8_lossy(old.as_slice())
+        )));
     }
     if magic != MAGIC || !auth::constant_time_eq(nonce, &expected.nonce) {
         return Err(CommError::Failed(
@@ -577,6 +579,12 @@ impl TcpCommunicator {
                  collective"
             ))
         })?;
+        if let Some(old) = OLDER_MAGICS.iter().find(|m| &greeting[..8] == m.as_slice()) {
+            return Err(CommError::Failed(format!(
+                "rank 0 at {at} is an older build ({}): upgrade every member",
+                String::from_utf8_lossy(old.as_slice())
+            )));
+        }
         if &greeting[..8] != MAGIC {
             return Err(CommError::Failed(format!(
                 "rank 0 at {at} greeted with a bad handshake"
@@ -1051,6 +1059,53 @@ mod tests {
         let (mut zero, _others) = star(2);
         let err = run_bounded(&mut zero, recv(1, 4), Duration::from_millis(50)).unwrap_err();
         assert_eq!(err, CommError::Timeout(Duration::from_millis(50)));
+    }
+
+    /// Builds of another layer protocol never share a communicator: rank 0 answers nothing to
+    /// an older member's hello (so it never joins), and a member refuses an older rank 0's
+    /// greeting, naming the older build.
+    #[test]
+    fn older_builds_are_refused_at_the_handshake() {
+        let root = TcpRoot::bind("127.0.0.1:0", None, 2, plain()).unwrap();
+        let at = root.rendezvous().clone();
+        let accepting = std::thread::spawn(move || root.accept_all(Duration::from_millis(500)));
+        let mut old = TcpStream::connect(&at.address).unwrap();
+        let root_challenge = greeted(&mut old);
+        let mut hello = encode_hello(
+            &at.nonce,
+            1,
+            2,
+            None,
+            &[7; CHALLENGE_BYTES],
+            &root_challenge,
+        );
+        hello[..8].copy_from_slice(b"MOECOLL2");
+        old.write_all(&hello).unwrap();
+        let mut ack = [0u8; ACK_BYTES];
+        assert!(
+            old.read_exact(&mut ack).is_err(),
+            "no answer to an older build"
+        );
+        assert!(accepting.join().unwrap().is_err(), "rank 1 never joined");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let old_root = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut greeting = [0u8; GREETING_BYTES];
+            greeting[..8].copy_from_slice(b"MOECOLL2");
+            socket.write_all(&greeting).unwrap();
+            socket
+        });
+        let older = TcpRendezvous {
+            address,
+            nonce: at.nonce,
+        };
+        let err = TcpCommunicator::connect(&older, 1, 2, Duration::from_secs(2), &plain())
+            .err()
+            .expect("an older rank 0 is refused");
+        assert!(err.to_string().contains("older build (MOECOLL2)"), "{err}");
+        drop(old_root.join());
     }
 
     #[test]
