@@ -23,7 +23,7 @@
 #                              `V3_GPU_DTYPE=bf16x2 MOE_GPU_EXPERT_GEMM=tensor-cores
 #                              ops/gpu-check.sh serving` runs them on our tensor-core kernel.
 #
-# Checks, each bounded by a timeout (the bounds add up to 830 s; a normal run takes far less),
+# Checks, each bounded by a timeout (the bounds add up to 840 s; a normal run takes far less),
 # in order of priority (the exit status is non-zero when one failed):
 #   1. the device unit tests of moe-model with the cuda feature: each dense-part kernel and
 #      cuBLAS call against the host reference, the whole GPU dense part against it on the
@@ -44,7 +44,8 @@
 #      on a generated FP8 checkpoint (the CPU holding FP8 panels, the GPU its f32 widening, and
 #      with `--gpu-fp8 keep` its routed experts and dense projections kept as FP8, also from
 #      the same checkpoint as a synthetic one, the expert codes generated on the device); so does
-#      `--deterministic` (every GEMM through the exact kernels);
+#      `--deterministic` (every GEMM through the exact kernels), also after a 700-token prompt
+#      (a prefill whose routes are planned on the device);
 #   4. a local cluster (etcd, a router and 2 expert nodes on cuda:0) gives the golden tokens
 #      over the gRPC data plane, in f32 and in bf16x2 with the experts on our tensor-core
 #      kernel; a CPU router with the same GPU nodes over the per-epoch TCP collective;
@@ -204,15 +205,22 @@ check "moe generate --device cuda:0 = cpu tokens" 30 same_tokens
 
 deterministic_same_tokens() {
   set -eo pipefail
-  local model=tests/fixtures/qwen3-moe-tiny cpu gpu ids
+  local model=tests/fixtures/qwen3-moe-tiny cpu gpu ids long
   cpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json | tail -1)
   gpu=$("$UNPACKED/moe" generate --model $model --prompt "The expert nodes" --max-new-tokens 16 --ignore-eos --json --device cuda:0 --deterministic | tail -1)
   echo "cpu: $cpu"
   echo "gpu (bf16x2, --deterministic: exact GEMM kernels): $gpu"
   ids='import json,sys; print(json.load(sys.stdin)["output_ids"])'
   [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
+  # A 700-token prompt: one prefill step of 700 rows, its routes planned on the device.
+  long=$(python3 -c 'print(",".join(str((t * 31 + 7) % 500 + 2) for t in range(700)))')
+  cpu=$("$UNPACKED/moe" generate --model $model --input-ids "$long" --max-new-tokens 8 --ignore-eos --json | tail -1)
+  gpu=$("$UNPACKED/moe" generate --model $model --input-ids "$long" --max-new-tokens 8 --ignore-eos --json --device cuda:0 --deterministic | tail -1)
+  echo "700-token prompt, cpu: $(echo "$cpu" | python3 -c "$ids")"
+  echo "700-token prompt, gpu: $(echo "$gpu" | python3 -c "$ids")"
+  [ -n "$cpu" ] && [ "$(echo "$cpu" | python3 -c "$ids")" = "$(echo "$gpu" | python3 -c "$ids")" ]
 }
-check "--deterministic: cuda:0 = cpu tokens" 30 deterministic_same_tokens
+check "--deterministic: cuda:0 = cpu tokens (and a 700-token prefill, routes planned on the device)" 40 deterministic_same_tokens
 
 fp8_same_tokens() {
   set -eo pipefail

@@ -490,6 +490,36 @@ mod tests {
         }
     }
 
+    /// The warp-wide calls read their own warp's lanes only, in every block: matches by
+    /// value, shuffles up by lane, counts of bits.
+    #[test]
+    fn warp_calls_see_their_own_warp() {
+        let f = function("emu_test_warp_calls");
+        let (blocks, threads) = (2usize, 96usize);
+        let values: Vec<u32> = (0..blocks * threads)
+            .map(|t| ((t * 7) % 5) as u32)
+            .collect();
+        let input = device(&values);
+        let out = device(&vec![0u32; 3 * blocks * threads]);
+        let (mut i, mut o) = (input, out);
+        let mut params: Vec<*mut c_void> =
+            vec![(&mut i as *mut u64).cast(), (&mut o as *mut u64).cast()];
+        unsafe { assert_eq!(launch(f, blocks as u32, threads as u32, &mut params), 0) };
+        let got = host::<u32>(out, 3 * blocks * threads);
+        for t in 0..blocks * threads {
+            let (warp0, lane) = (t / 32 * 32, t % 32);
+            let same = (0..32)
+                .filter(|&l| values[warp0 + l] == values[t])
+                .fold(0u32, |m, l| m | 1 << l);
+            let up = if lane >= 3 { values[t - 3] } else { values[t] };
+            assert_eq!(
+                got[3 * t..3 * t + 3],
+                [same, up, same.count_ones()],
+                "thread {t}"
+            );
+        }
+    }
+
     #[test]
     fn copies_stay_inside_one_allocation_and_fresh_memory_is_nan() {
         let mut ptr = 0;

@@ -85,6 +85,41 @@ inline auto max(A a, B b) -> decltype(a + b) {
     return a < b ? (decltype(a + b))b : (decltype(a + b))a;
 }
 
+// Warp-wide calls over a block whose threads take turns: each thread publishes its value, the
+// block meets at a barrier, each reads its warp's values, and the block meets again before
+// values are published anew. So, like mma_bf16_16816 below, they serve kernels that make
+// every warp-wide call in every thread of the block the same number of times (the launcher
+// reports a block whose threads reach different barrier counts); the lanes named in `mask`
+// must be all 32, as the kernels pass. `__syncwarp` is a block barrier here: stronger than
+// the device's, which orders a warp's lanes only.
+inline unsigned int emu_thread_rank() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu_syncthreads(); }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline unsigned int __match_any_sync(unsigned int, unsigned int value) {
+    static thread_local unsigned int published[1024];
+    const unsigned int tid = emu_thread_rank(), warp0 = tid / 32 * 32;
+    const unsigned int threads = blockDim.x * blockDim.y * blockDim.z;
+    published[tid] = value;
+    emu_syncthreads();
+    unsigned int same = 0;
+    for (unsigned int lane = 0; lane < 32 && warp0 + lane < threads; ++lane) {
+        if (published[warp0 + lane] == value) same |= 1u << lane;
+    }
+    emu_syncthreads();
+    return same;
+}
+inline unsigned int __shfl_up_sync(unsigned int, unsigned int value, unsigned int delta) {
+    static thread_local unsigned int published[1024];
+    const unsigned int tid = emu_thread_rank(), lane = tid % 32;
+    published[tid] = value;
+    emu_syncthreads();
+    const unsigned int got = lane >= delta ? published[tid - delta] : value;
+    emu_syncthreads();
+    return got;
+}
+
 // mma.m16n8k16 over a warp (bf16 inputs, f32 accumulation), in place of the inline PTX of
 // kernels.cu's mma_bf16_16816, whose fragment layout it reads: each thread publishes its
 // fragments, the block meets at a barrier (the kernels that use it run the same steps in

@@ -26,3 +26,16 @@ extern "C" __global__ void emu_test_contraction(float a, float b, float c, float
     out[1] = __fmul_rn(a, b) + c;
     out[2] = __fmaf_rn(a, b, c);
 }
+
+// Warp-wide calls: out[3 * t] = the lanes of t's warp holding its value (__match_any_sync),
+// out[3 * t + 1] = the value of lane - 3 (its own below lane 3; __shfl_up_sync), out[3 * t + 2]
+// = the popcount of the first.
+extern "C" __global__ void emu_test_warp_calls(const unsigned int* values, unsigned int* out) {
+    const unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned int same = __match_any_sync(0xffffffffu, values[t]);
+    const unsigned int up = __shfl_up_sync(0xffffffffu, values[t], 3);
+    __syncwarp();
+    out[3 * t] = same;
+    out[3 * t + 1] = up;
+    out[3 * t + 2] = (unsigned int)__popc(same);
+}

@@ -966,15 +966,25 @@ mod gpu_tests {
     }
 
     /// The routes planned on the device from the gate's choices (`plan_routes`): the host's
-    /// plan ([`crate::device::route_plan::plan_choices`]) exactly, from one row to a step of
-    /// 512 rows of top-8 over 256 experts.
+    /// plan ([`crate::device::route_plan::plan_choices`]) exactly, from one row to a prefill
+    /// of 3001 rows of top-8 over 256 experts, and over 512 experts.
     #[test]
     fn routes_planned_on_the_device_are_the_hosts() {
         use crate::device::route_plan::plan_choices;
         let Some(ctx) = crate::test_support::test_context(GpuDtype::F32) else {
             return;
         };
-        for (rows, top_k, experts) in [(1, 8, 256), (5, 2, 8), (37, 6, 64), (512, 8, 256)] {
+        // Pairs short of one per warp, ranges ending inside a warp's last 32, a prefill of
+        // thousands of rows, and the most experts the kernel's counters hold.
+        for (rows, top_k, experts) in [
+            (1, 8, 256),
+            (5, 2, 8),
+            (37, 6, 64),
+            (512, 8, 256),
+            (3001, 8, 256),
+            (700, 6, 512),
+            (1200, 1, 2),
+        ] {
             let mut chosen = Vec::new();
             for r in 0..rows {
                 // Distinct per row, neither sorted nor in one pattern.

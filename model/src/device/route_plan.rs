@@ -15,6 +15,11 @@ use super::grouped_tiles::GroupedRowTiles;
 /// The most choices per row the kernel sorts (in registers).
 pub const MAX_PLANNED_TOP_K: usize = 16;
 
+/// The most experts a layer may have for the kernel to plan its routes (its per-warp run
+/// counters live in shared memory: 16 warps of 512 counters, 32 KiB); a layer with more
+/// keeps the host's routes.
+pub const MAX_PLANNED_EXPERTS: usize = 512;
+
 /// What the `plan_routes` kernel writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedChoices {

@@ -559,7 +559,7 @@ where
         let ops = &self.ops;
         let h = self.config.hidden_size;
         let rule = &moe.rule;
-        if rows <= replayed::MAX_REPLAYED_ROWS && self.experts_follow_choices(l, moe, experts)? {
+        if self.experts_follow_choices(l, moe, experts)? {
             let pairs = rows * rule.top_k;
             let offsets: Vec<u32> = (0..=rows).map(|r| (r * rule.top_k) as u32).collect();
             let buffers = ChoiceBuffers {

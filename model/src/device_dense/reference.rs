@@ -1459,7 +1459,7 @@ mod tests {
 
     /// Launched steps (no segments) whose routed experts follow the gate's choices on the
     /// device (planned as `plan_routes` plans them, no routes read on the host) give the
-    /// logits of routing on the host, bit for bit: prefills of several rows and decode steps
+    /// logits of routing on the host, bit for bit: a prefill of over 600 rows and decode steps
     /// of one to five sequences.
     #[test]
     fn launched_steps_following_the_choices_give_the_host_routed_logits() {
@@ -1478,9 +1478,16 @@ mod tests {
                 .collect();
             let vocab = config.vocab_size as u32;
             let mut next: Vec<u32> = (0..5).map(|i| (i * 13 + 5) % vocab).collect();
+            // One prompt long enough that the prefill's step has more rows than a replayed
+            // step may (its plan spread over every warp of the planning kernel).
             let prompts: Vec<Vec<u32>> = (0..5u32)
-                .map(|i| (0..3 + i).map(|t| (t * 31 + i * 11 + 2) % vocab).collect())
+                .map(|i| {
+                    let len = if i == 4 { 600 } else { 3 + i };
+                    (0..len).map(|t| (t * 31 + i * 11 + 2) % vocab).collect()
+                })
                 .collect();
+            let rows: usize = prompts.iter().map(Vec::len).sum();
+            assert!(rows > super::super::model::MAX_REPLAYED_ROWS);
             for (step, batch) in [0usize, 5, 2, 1, 4].into_iter().enumerate() {
                 let inputs: Vec<Vec<u32>> = match batch {
                     0 => prompts.clone(),
@@ -1495,6 +1502,12 @@ mod tests {
                     logits[0] == logits[1],
                     "{name} step {step}, batch {batch}: the same logits bitwise"
                 );
+                if step == 0 {
+                    // No MoE layer of the long prefill read its routes on the host.
+                    let logits_only = inputs.len() * config.vocab_size;
+                    assert_eq!(following.ops().downloaded(), logits_only, "{name}");
+                    assert!(routed.ops().downloaded() > logits_only, "{name}");
+                }
                 for (i, row) in logits[1].iter().enumerate() {
                     next[i] = crate::backend::ops::argmax(row) as u32;
                 }

@@ -22,7 +22,7 @@ use super::fp8_gemm::{GroupedOutput, FP8_TILE_ROWS};
 use super::grouped_launch::{GroupedWeights, TileTables};
 use super::kernels::as_int;
 use super::tensor_core_gemm::{PassOutput, TensorCoreWeights, TC_TILE_ROWS};
-use crate::device::route_plan::{tile_bound, MAX_PLANNED_TOP_K};
+use crate::device::route_plan::{tile_bound, MAX_PLANNED_EXPERTS, MAX_PLANNED_TOP_K};
 use crate::grouped_ffn::{FfnOps, FfnPass};
 
 /// The gate's choices on the device: row r's `top_k` experts and weights at
@@ -116,8 +116,8 @@ impl FollowingLaunches {
     }
 }
 
-/// Threads of the `plan_routes` block.
-const PLAN_THREADS: u32 = 256;
+/// Threads of the `plan_routes` block (`PLAN_WARPS` warps in kernels.cu).
+const PLAN_THREADS: u32 = 512;
 
 /// Every expert of a MoE layer (expert `e` serving run `e`), ready for grouped launches whose
 /// tiles are planned on the device. Holds the experts' addresses: the expert set that made it
@@ -136,6 +136,9 @@ impl ChoiceFollowingExperts {
         let Some(first) = experts.first() else {
             return Ok(None);
         };
+        if experts.len() > MAX_PLANNED_EXPERTS {
+            return Ok(None);
+        }
         let (hidden, inter) = (first.hidden(), first.intermediate());
         if experts
             .iter()
@@ -331,6 +334,13 @@ impl RoutePlanBuffers {
         experts: usize,
         tile_rows: usize,
     ) -> Result<Self, GpuError> {
+        if experts > MAX_PLANNED_EXPERTS || choices.top_k > MAX_PLANNED_TOP_K {
+            return Err(GpuError::Shape(format!(
+                "top-{} choices over {experts} experts (the plan takes at most top-\
+                 {MAX_PLANNED_TOP_K} over {MAX_PLANNED_EXPERTS})",
+                choices.top_k
+            )));
+        }
         let stream = ctx.stream();
         let pairs = (choices.rows * choices.top_k).max(1);
         let (rows, top_k) = (
@@ -420,4 +430,31 @@ pub(crate) fn plan_on_device(
             run_len: download(&plan.run_len, experts)?,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `#define name value` in kernels.cu.
+    fn kernel_define(name: &str) -> usize {
+        let prefix = format!("#define {name} ");
+        let line = super::super::kernels::SOURCE
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{name} is not defined in kernels.cu"));
+        line.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name} {line}: {e}"))
+    }
+
+    /// The host's limits and launch are the kernel's: a layer of more experts than its shared
+    /// counters hold, or a launch of other warps than it divides the pairs among, would plan
+    /// wrong without an error.
+    #[test]
+    fn the_plan_kernels_limits_are_the_hosts() {
+        assert_eq!(kernel_define("PLAN_MAX_TOP_K"), MAX_PLANNED_TOP_K);
+        assert_eq!(kernel_define("PLAN_MAX_EXPERTS"), MAX_PLANNED_EXPERTS);
+        assert_eq!(kernel_define("PLAN_WARPS") * 32, PLAN_THREADS as usize);
+    }
 }

@@ -1143,25 +1143,48 @@ extern "C" __global__ void grouped_gemm_rows_exact_bf16(
 // each row's choices in ascending expert id (pair_expert, pair_weight: pair r * top_k + j),
 // one run of slots per expert of the layer (run_start, run_len; empty runs too), slots in
 // pair order within a run (row_of_slot, pair_of_slot), and the grouped GEMM's row tiles of
-// `tile_rows` rows (first_tile, experts + 1 entries). One block: rows sorted a thread each,
-// then a thread per expert counts its pairs and later places them, in pair order, so the plan
-// never depends on the threads' timing. Choices are the gate's own (every id below
-// `experts`).
+// `tile_rows` rows (first_tile, experts + 1 entries). One block of PLAN_WARPS warps, a
+// stable counting sort: rows sorted a thread each; then each warp owns one contiguous range
+// of pairs, read 32 at a time in pair order, and counts its pairs per expert (lanes holding
+// the same expert found with __match_any_sync, the lowest of them adding their number), so
+// a pair is read twice in all however many experts the layer has; a scan gives each run its
+// start and each warp its first slot within each run; the same walk then places every pair
+// at its warp's next slot of its run plus its rank among the lanes that share its expert.
+// The plan depends on the choices only, never on the threads' timing. Choices are the gate's
+// own (every id below `experts`); an id that is not is left unplaced.
 #define PLAN_MAX_TOP_K 16
-extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* chosen_weight,
-                                       int rows, int top_k, int experts, int tile_rows,
-                                       unsigned int* pair_expert, float* pair_weight,
-                                       unsigned int* row_of_slot, unsigned int* pair_of_slot,
-                                       unsigned int* first_tile, unsigned int* run_start,
-                                       unsigned int* run_len) {
+#define PLAN_WARPS 16
+#define PLAN_MAX_EXPERTS 512
+#define PLAN_NO_EXPERT 0xffffffffu
+#define PLAN_FULL_WARP 0xffffffffu
+#define PLAN_LAUNCH_BOUNDS __launch_bounds__(PLAN_WARPS * 32)
+
+// Pair p's expert, or PLAN_NO_EXPERT past the warp's range or for an id not below `experts`.
+__device__ __forceinline__ unsigned int plan_expert_of(const unsigned int* pair_expert, int p,
+                                                      int last, int experts) {
+    const unsigned int x = p < last ? pair_expert[p] : PLAN_NO_EXPERT;
+    return x < (unsigned int)experts ? x : PLAN_NO_EXPERT;
+}
+
+extern "C" __global__ void PLAN_LAUNCH_BOUNDS plan_routes(
+    const unsigned int* chosen, const float* chosen_weight, int rows, int top_k, int experts,
+    int tile_rows, unsigned int* pair_expert, float* pair_weight, unsigned int* row_of_slot,
+    unsigned int* pair_of_slot, unsigned int* first_tile, unsigned int* run_start,
+    unsigned int* run_len) {
+    // [warp][expert]: the warp's pairs of each expert, then the warp's next slot of each run.
+    __shared__ unsigned int warp_slot[PLAN_WARPS * PLAN_MAX_EXPERTS];
+    __shared__ unsigned int run_total[PLAN_MAX_EXPERTS];
+    __shared__ unsigned int run_first[PLAN_MAX_EXPERTS];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int pairs = rows * top_k;
     // Slots an id past `experts` would leave unplaced still name row 0 and pair 0 (the gate
     // never chooses one; a bad plan must not read or write past the buffers).
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    for (int p = tid; p < pairs; p += blockDim.x) {
         row_of_slot[p] = 0;
         pair_of_slot[p] = 0;
     }
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    for (int i = tid; i < PLAN_WARPS * experts; i += blockDim.x) warp_slot[i] = 0;
+    for (int r = tid; r < rows; r += blockDim.x) {
         unsigned int e[PLAN_MAX_TOP_K];
         float w[PLAN_MAX_TOP_K];
         for (int j = 0; j < top_k; ++j) {
@@ -1182,32 +1205,82 @@ extern "C" __global__ void plan_routes(const unsigned int* chosen, const float* 
         }
     }
     __syncthreads();
-    for (int x = threadIdx.x; x < experts; x += blockDim.x) {
+    // The same number of steps in every warp (lanes past a range hold no expert), so every
+    // lane takes part in every warp-wide call.
+    const int per_warp = (pairs + PLAN_WARPS - 1) / PLAN_WARPS;
+    const int steps = (per_warp + 31) / 32;
+    const int first = warp * per_warp, last = min(first + per_warp, pairs);
+    unsigned int* own = warp_slot + warp * experts;
+    const unsigned int lanes_below = (1u << lane) - 1u;
+    for (int step = 0; step < steps; ++step) {
+        const unsigned int x = plan_expert_of(pair_expert, first + step * 32 + lane, last, experts);
+        const unsigned int same = __match_any_sync(PLAN_FULL_WARP, x);
+        if (x != PLAN_NO_EXPERT && (same & lanes_below) == 0) own[x] += __popc(same);
+        __syncwarp();
+    }
+    __syncthreads();
+    // Per expert, each warp's count becomes the pairs of that expert in the warps before it.
+    for (int x = tid; x < experts; x += blockDim.x) {
         unsigned int n = 0;
-        for (int p = 0; p < pairs; ++p) n += pair_expert[p] == (unsigned int)x ? 1u : 0u;
+        for (int w = 0; w < PLAN_WARPS; ++w) {
+            const unsigned int c = warp_slot[w * experts + x];
+            warp_slot[w * experts + x] = n;
+            n += c;
+        }
+        run_total[x] = n;
         run_len[x] = n;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned int start = 0, tile = 0;
-        for (int x = 0; x < experts; ++x) {
-            run_start[x] = start;
-            first_tile[x] = tile;
-            start += run_len[x];
-            tile += (run_len[x] + tile_rows - 1) / tile_rows;
+    // Runs' starts and first tiles: each lane sums a contiguous share of the experts, a scan
+    // across the lanes, then each lane writes its share. Every warp computes it (so every lane
+    // takes part in the shuffles); warp 0 writes it.
+    {
+        const int share = (experts + 31) / 32;
+        const int x0 = min(lane * share, experts), x1 = min(x0 + share, experts);
+        unsigned int slots = 0, tiles = 0;
+        for (int x = x0; x < x1; ++x) {
+            slots += run_total[x];
+            tiles += (run_total[x] + tile_rows - 1) / tile_rows;
         }
-        first_tile[experts] = tile;
-    }
-    __syncthreads();
-    for (int x = threadIdx.x; x < experts; x += blockDim.x) {
-        unsigned int s = run_start[x];
-        for (int p = 0; p < pairs; ++p) {
-            if (pair_expert[p] == (unsigned int)x) {
-                row_of_slot[s] = (unsigned int)(p / top_k);
-                pair_of_slot[s] = (unsigned int)p;
-                ++s;
+        unsigned int slots_through = slots, tiles_through = tiles;
+        for (int d = 1; d < 32; d *= 2) {
+            const unsigned int s = __shfl_up_sync(PLAN_FULL_WARP, slots_through, d);
+            const unsigned int t = __shfl_up_sync(PLAN_FULL_WARP, tiles_through, d);
+            if (lane >= d) {
+                slots_through += s;
+                tiles_through += t;
             }
         }
+        if (warp == 0) {
+            unsigned int start = slots_through - slots, tile = tiles_through - tiles;
+            for (int x = x0; x < x1; ++x) {
+                run_start[x] = start;
+                run_first[x] = start;
+                first_tile[x] = tile;
+                start += run_total[x];
+                tile += (run_total[x] + tile_rows - 1) / tile_rows;
+            }
+            if (lane == 31) first_tile[experts] = tiles_through;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < PLAN_WARPS * experts; i += blockDim.x) {
+        warp_slot[i] += run_first[i % experts];
+    }
+    __syncthreads();
+    for (int step = 0; step < steps; ++step) {
+        const int p = first + step * 32 + lane;
+        const unsigned int x = plan_expert_of(pair_expert, p, last, experts);
+        const unsigned int same = __match_any_sync(PLAN_FULL_WARP, x);
+        if (x != PLAN_NO_EXPERT) {
+            const unsigned int s = own[x] + __popc(same & lanes_below);
+            row_of_slot[s] = (unsigned int)(p / top_k);
+            pair_of_slot[s] = (unsigned int)p;
+        }
+        // Every lane has read its run's next slot before the lowest lane moves it on.
+        __syncwarp();
+        if (x != PLAN_NO_EXPERT && (same & lanes_below) == 0) own[x] += __popc(same);
+        __syncwarp();
     }
 }
 
