@@ -409,12 +409,17 @@ impl DenseOps for CudaDenseOps {
         let _serial = self.ctx.lock()?;
         check_gemm_bounds(s, s.extents(), (a, a_offset), (b, b_offset), (c, c_offset))?;
         if let GpuBuffer::Fp8(weights) = a {
-            // FP8 weights (MLA's per-head kv_b halves) through their own exact kernel.
+            // FP8 weights (MLA's per-head kv_b halves) on the tensor cores where the context
+            // runs FP8 there, through their own exact kernel otherwise.
             let GpuBuffer::F32(x) = b else {
                 return Err(shape_error("FP8 GEMM input"));
             };
             if a_offset != 0 {
                 return Err(shape_error("FP8 GEMM from an offset into the weights"));
+            }
+            if super::tensor_core_gemm::tensor_cores_take_heads(&self.ctx, weights) {
+                let (x, c) = ((x, b_offset), (c, c_offset));
+                return super::tensor_core_gemm::fp8_strided(&self.ctx, weights, s, x, c);
             }
             return weights.strided_matmul(&self.ctx, s, (x, b_offset), (c, c_offset));
         }

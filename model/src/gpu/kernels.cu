@@ -1627,17 +1627,22 @@ extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_grouped_gate_up_silu_fp8
                            inter, k);
 }
 
-// A dense linear over one FP8 matrix (`--gpu-fp8 keep`, the dense part's projections):
+// A dense linear over one FP8 matrix (`--gpu-fp8 keep`, the dense part's projections), or
+// over per-head FP8 matrices stacked (MLA's absorbed kv_b halves, one head per batch):
 // x [rows, k] bf16 (x_lo null) or bf16x2, w [n, k] e4m3 with its scales, out [rows, n] f32;
-// block y takes rows blockIdx.y * TC_TILE_ROWS.. (no tables: one run of every row). Grid:
-// (ceil(n / TC_TILE_N), ceil(rows / TC_TILE_ROWS)), TC_WARPS * 32 threads.
+// block y takes rows blockIdx.y * TC_TILE_ROWS.. (no tables: one run of every row); batch
+// b = blockIdx.z reads x + b * x_batch, the b-th matrix (w + b * n * k, its n * segments
+// scales after the others', as gemm_rows_fp8_batched) and writes out + b * out_batch. Grid:
+// (ceil(n / TC_TILE_N), ceil(rows / TC_TILE_ROWS), batch), TC_WARPS * 32 threads.
 extern "C" __global__ void TC_LAUNCH_BOUNDS tensor_core_gemm_rows_fp8(
-    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride, const unsigned char* w,
-    const float* scales, const int* segment_starts, int segments, float* out,
-    long long out_stride, int rows, int n, int k) {
+    const bf16_t* x_hi, const bf16_t* x_lo, long long x_stride, long long x_batch,
+    const unsigned char* w, const float* scales, const int* segment_starts, int segments,
+    float* out, long long out_stride, long long out_batch, int rows, int n, int k) {
+    const long long b = blockIdx.z;
     const long long row0 = (long long)blockIdx.y * TC_TILE_ROWS;
     const RunTile tile{0, row0, (int)min((long long)TC_TILE_ROWS, (long long)rows - row0)};
-    const Fp8Fragments f(w, scales, segment_starts, segments, k);
-    tensor_core_tile<false>(tile, x_hi, x_lo, x_stride, f, out, nullptr, nullptr, out_stride, n,
+    const Fp8Fragments f(w + b * n * k, scales + b * n * segments, segment_starts, segments, k);
+    tensor_core_tile<false>(tile, x_hi + b * x_batch, x_lo ? x_lo + b * x_batch : nullptr,
+                            x_stride, f, out + b * out_batch, nullptr, nullptr, out_stride, n,
                             k);
 }

@@ -12,7 +12,7 @@
 //! `--deterministic` keeps its exact kernels. The gate/up pass fuses SiLU-and-multiply and
 //! writes the down pass's activations directly.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::buffer::GpuBuffer;
 use super::context::GpuContext;
@@ -20,6 +20,8 @@ use super::error::GpuError;
 use super::fp8_gemm::DeviceFp8Matrix;
 use super::grouped_launch::{Fp8ScaleTables, SingleFp8Scales, TileTables};
 use super::kernels::as_int;
+use crate::device::row_gemm::RowGemm;
+use crate::device::shapes::StridedGemm;
 use crate::device::GpuDtype;
 
 /// Outputs per block (`TC_TILE_N` in kernels.cu: 8 warps of 16).
@@ -270,18 +272,106 @@ pub(crate) fn fp8_linear(
             out.len()
         )));
     }
-    let row_tiles = rows.div_ceil(TC_TILE_ROWS);
-    if row_tiles > 65_535 {
+    let row = RowGemm {
+        rows,
+        n,
+        k,
+        batch: 1,
+        x_stride: k,
+        x_batch: 0,
+        w_stride: k,
+        w_batch: n * k,
+        out_stride: n,
+        out_batch: 0,
+    };
+    fp8_rows(ctx, weights, &row, (x, 0), (out, 0))
+}
+
+/// Whether the context runs the per-head FP8 matrices `heads` (MLA's absorbed `kv_b` halves,
+/// stacked) on the tensor cores: as [`tensor_cores_take`] a single FP8 matrix.
+pub(crate) fn tensor_cores_take_heads(ctx: &GpuContext, heads: &DeviceFp8Matrix) -> bool {
+    ctx.tensor_core_experts()
+        && ctx.dtype() != GpuDtype::F32
+        && heads.segment_starts().iter().all(|&s| s % TC_K_STEP == 0)
+}
+
+/// A strided-batched GEMM over per-head FP8 matrices (`s` as [`RowGemm::from_strided`] reads
+/// it: head b's rows of x from `x_offset + b * x_batch` against the b-th stacked matrix,
+/// into `out` from `out_offset + b * out_batch`) on the tensor cores, where
+/// [`tensor_cores_take_heads`]: the rows rounded to the mode's terms first, as in
+/// [`fp8_linear`], then one launch over every head. Each head's outputs are what
+/// [`fp8_linear`] gives for that head alone, bit for bit.
+pub(crate) fn fp8_strided(
+    ctx: &GpuContext,
+    weights: &DeviceFp8Matrix,
+    s: &StridedGemm,
+    x: (&CudaSlice<f32>, usize),
+    out: (&mut CudaSlice<f32>, usize),
+) -> Result<(), GpuError> {
+    let (n, k) = (weights.rows(), weights.cols());
+    let row = RowGemm::from_strided(s).filter(|r| {
+        r.n == n
+            && r.k == k
+            && r.w_stride == k
+            && (r.batch <= 1 || (r.w_batch == n * k && r.batch <= weights.heads()))
+    });
+    let Some(row) = row else {
         return Err(GpuError::Shape(format!(
-            "{rows} rows exceed a tensor-core linear's grid"
+            "an FP8 GEMM {s:?} over {} stacked [{n}, {k}] matrices",
+            weights.heads()
+        )));
+    };
+    fp8_rows(ctx, weights, &row, x, out)
+}
+
+/// The values of x a row GEMM reads from its first: its last batch's last row's end.
+fn row_gemm_input_len(row: &RowGemm) -> usize {
+    if row.rows == 0 || row.batch == 0 {
+        return 0;
+    }
+    (row.batch - 1) * row.x_batch + (row.rows - 1) * row.x_stride + row.k
+}
+
+/// The values of out a row GEMM writes from its first.
+fn row_gemm_output_len(row: &RowGemm) -> usize {
+    if row.rows == 0 || row.batch == 0 {
+        return 0;
+    }
+    (row.batch - 1) * row.out_batch + (row.rows - 1) * row.out_stride + row.n
+}
+
+/// [`fp8_linear`] and [`fp8_strided`]: `row` over `weights` (n, k and the heads checked by
+/// the callers), x and out from their offsets.
+fn fp8_rows(
+    ctx: &GpuContext,
+    weights: &DeviceFp8Matrix,
+    row: &RowGemm,
+    (x, x_offset): (&CudaSlice<f32>, usize),
+    (out, out_offset): (&mut CudaSlice<f32>, usize),
+) -> Result<(), GpuError> {
+    let (rows, n, k) = (row.rows, row.n, row.k);
+    let (len, out_len) = (row_gemm_input_len(row), row_gemm_output_len(row));
+    if x.len() < x_offset + len || out.len() < out_offset + out_len {
+        return Err(GpuError::Shape(format!(
+            "an FP8 GEMM [{n}, {k}] x {} over {rows} rows reads {len} values from {x_offset} \
+             of {} and writes {out_len} from {out_offset} of {}",
+            row.batch,
+            x.len(),
+            out.len()
         )));
     }
-    if rows == 0 || n == 0 {
+    let row_tiles = rows.div_ceil(TC_TILE_ROWS);
+    if row_tiles > 65_535 || row.batch > 65_535 {
+        return Err(GpuError::Shape(format!(
+            "{rows} rows of {} heads exceed a tensor-core GEMM's grid",
+            row.batch
+        )));
+    }
+    if len == 0 || n == 0 {
         return Ok(());
     }
     let stream = ctx.stream();
     let kernels = ctx.kernels();
-    let len = rows * k;
     let len_i = len as i64;
     // SAFETY: the conversion below writes every element before the GEMM reads it.
     let (hi, lo) = unsafe {
@@ -293,19 +383,20 @@ pub(crate) fn fp8_linear(
         (hi, lo)
     };
     let (mut hi, mut lo) = (hi, lo);
-    // SAFETY: x holds `len` values (checked), hi and lo as many.
+    let x_view = x.slice(x_offset..x_offset + len);
+    // SAFETY: x_view holds `len` values, hi and lo as many.
     unsafe {
         match &mut lo {
             Some(lo) => stream
                 .launch_builder(&kernels.convert_f32_to_bf16x2)
-                .arg(x)
+                .arg(&x_view)
                 .arg(&mut hi)
                 .arg(lo)
                 .arg(&len_i)
                 .launch(super::kernels::grid(len))?,
             None => stream
                 .launch_builder(&kernels.convert_f32_to_bf16)
-                .arg(x)
+                .arg(&x_view)
                 .arg(&mut hi)
                 .arg(&len_i)
                 .launch(super::kernels::grid(len))?,
@@ -313,36 +404,44 @@ pub(crate) fn fp8_linear(
     }
     let scales = SingleFp8Scales::of(ctx, weights)?;
     let null: u64 = 0;
-    let (x_stride, out_stride) = (k as i64, n as i64);
+    let wide = |v: usize| v as i64;
+    let (x_stride, x_batch) = (wide(row.x_stride), wide(row.x_batch));
+    let (out_stride, out_batch) = (wide(row.out_stride), wide(row.out_batch));
     let (rows_i, n_i, k_i) = (
         as_int(rows, "rows")?,
         as_int(n, "outputs")?,
         as_int(k, "k")?,
     );
     let config = LaunchConfig {
-        grid_dim: (n.div_ceil(TILE_N) as u32, row_tiles as u32, 1),
+        grid_dim: (
+            n.div_ceil(TILE_N) as u32,
+            row_tiles as u32,
+            row.batch as u32,
+        ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     let values = weights.values_address(stream);
+    let out_at = out.device_ptr_mut(stream).0 + out_offset as u64 * 4;
     let mut builder = stream.launch_builder(&kernels.tensor_core_gemm_rows_fp8);
     builder.arg(&hi);
     match &lo {
         Some(lo) => builder.arg(lo),
         None => builder.arg(&null),
     };
-    builder.arg(&x_stride).arg(&values);
+    builder.arg(&x_stride).arg(&x_batch).arg(&values);
     scales.push(&mut builder);
     builder
-        .arg(out)
+        .arg(&out_at)
         .arg(&out_stride)
+        .arg(&out_batch)
         .arg(&rows_i)
         .arg(&n_i)
         .arg(&k_i);
-    // SAFETY: x's terms hold rows * k values and out rows * n (checked); the weights are a
-    // live [n, k] FP8 matrix whose scales and segments `scales` holds, on the kernel's steps
-    // (`tensor_cores_take`, the caller's check); a null x_lo is what the kernel takes for
-    // single bf16 activations.
+    // SAFETY: x's terms hold every value the heads' rows read and out every value they write
+    // (both checked above); the weights are `batch` live stacked [n, k] FP8 matrices whose
+    // scales and segments `scales` holds, on the kernel's steps (the caller's check); a null
+    // x_lo is what the kernel takes for single bf16 activations.
     unsafe { builder.launch(config)? };
     Ok(())
 }
@@ -708,6 +807,80 @@ mod tests {
                 bits(&got[alone * n..(alone + 1) * n]),
                 "{dtype:?}: a row alone"
             );
+        }
+    }
+
+    /// MLA's per-head FP8 products on the tensor cores (`fp8_strided`, the dense part's `gemm`
+    /// over the absorbed `kv_b` halves with `--gpu-fp8 keep`): three stacked heads read from
+    /// strided rows at an offset, written strided at another, in the bf16x2 and bf16 modes:
+    /// each head's outputs are that head's `fp8_linear` on its rows alone, bit for bit, and
+    /// nothing between the heads' outputs is written; too few stacked heads are refused.
+    #[test]
+    fn fp8_heads_on_the_tensor_cores_are_each_heads_linear() {
+        use crate::device::shapes::StridedGemm;
+        use crate::gpu::fp8_gemm::DeviceFp8Matrix;
+        for dtype in [GpuDtype::Bf16x2, GpuDtype::Bf16] {
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            ctx.set_expert_gemm(ExpertGemm::TensorCores);
+            let stream = ctx.stream();
+            let (rows, heads, n, k) = (37usize, 3usize, 40usize, 48usize);
+            let host: Vec<_> = (0..heads)
+                .map(|h| fp8_matrix(n, k, 32, 11 + h as u32))
+                .collect();
+            let stacked = DeviceFp8Matrix::upload_heads(&ctx, &host).unwrap();
+            assert!(tensor_cores_take_heads(&ctx, &stacked), "{dtype:?}");
+            // x [rows, heads, k + 8] from value 3; out [rows, heads, n + 4] from value 5.
+            let (x_head, out_head, x_at, out_at) = (k + 8, n + 4, 3usize, 5usize);
+            let x = values(x_at + rows * heads * x_head, 41);
+            let out_len = out_at + rows * heads * out_head;
+            let mut out = stream.clone_htod(&vec![-7.0f32; out_len]).unwrap();
+            let s = StridedGemm::per_head(
+                rows,
+                heads,
+                n,
+                k,
+                (heads * x_head, x_head),
+                (heads * out_head, out_head),
+            );
+            let x_dev = stream.clone_htod(&x).unwrap();
+            fp8_strided(&ctx, &stacked, &s, (&x_dev, x_at), (&mut out, out_at)).unwrap();
+            let got = stream.clone_dtoh(&out).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (h, matrix) in host.iter().enumerate() {
+                let alone = DeviceFp8Matrix::upload(&ctx, matrix).unwrap();
+                let head_rows: Vec<f32> = (0..rows)
+                    .flat_map(|r| {
+                        let at = x_at + (r * heads + h) * x_head;
+                        x[at..at + k].to_vec()
+                    })
+                    .collect();
+                let mut want = stream.alloc_zeros::<f32>(rows * n).unwrap();
+                let head_x = stream.clone_htod(&head_rows).unwrap();
+                fp8_linear(&ctx, &alone, &head_x, rows, &mut want).unwrap();
+                let want = stream.clone_dtoh(&want).unwrap();
+                for r in 0..rows {
+                    let at = out_at + (r * heads + h) * out_head;
+                    assert_eq!(
+                        bits(&got[at..at + n]),
+                        bits(&want[r * n..(r + 1) * n]),
+                        "{dtype:?}: head {h} row {r}"
+                    );
+                    assert!(got[at + n..at + out_head].iter().all(|&v| v == -7.0));
+                }
+            }
+            assert!(got[..out_at].iter().all(|&v| v == -7.0));
+            let too_many = StridedGemm::per_head(
+                rows,
+                heads + 1,
+                n,
+                k,
+                (heads * x_head, x_head),
+                (heads * out_head, out_head),
+            );
+            let refused = fp8_strided(&ctx, &stacked, &too_many, (&x_dev, 0), (&mut out, 0));
+            assert!(refused.is_err(), "{dtype:?}: more heads than stacked");
         }
     }
 
