@@ -16,6 +16,8 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::families;
+#[cfg(feature = "cuda")]
+use crate::grouped_ffn::GroupedRows;
 use crate::layers::mlp::Mlp;
 use crate::routes::{ExpertRoutes, ExpertRuns};
 
@@ -517,16 +519,20 @@ impl ExpertSet {
         )?)
     }
 
-    /// The rows must be `[routes.rows(), hidden]` on `ctx`'s device.
+    /// The rows must be `[routes.rows(), hidden]` on `ctx`'s device, f32 or already in bf16.
     #[cfg(feature = "cuda")]
     fn run_device_rows(
         &self,
         ctx: &crate::gpu::GpuContext,
         layer: usize,
-        rows: &cudarc::driver::CudaSlice<f32>,
+        rows: GroupedRows<'_, cudarc::driver::CudaSlice<f32>>,
         routes: &ExpertRoutes,
     ) -> Result<cudarc::driver::CudaSlice<f32>> {
-        let (plan, held) = self.plan_batch(layer, rows.len(), routes)?;
+        let values = match rows {
+            GroupedRows::F32(rows) => rows.len(),
+            GroupedRows::Bf16 { values, .. } => values,
+        };
+        let (plan, held) = self.plan_batch(layer, values, routes)?;
         let experts = gpu_experts(&held)?;
         // The rows came on another stream of this context (the data plane's); waiting here
         // makes the outputs complete for whichever stream sends them next.
@@ -663,14 +669,16 @@ impl ExpertBackend for ExpertSet {
         {
             return None;
         }
-        // Widened on the stream that received them (ordered after the receive), then run as
-        // f32 rows: the experts round them to the same bf16 values again.
-        let stream = rows.stream();
-        let widened = match crate::gpu::row_moves::widen_bf16(ctx, stream, rows, values) {
-            Ok(w) => w,
-            Err(e) => return Some(Err(e.into())),
+        // Gathered as they are into the experts' bf16 input (the values their f32 rows would
+        // round to), after the receive on the stream that made it.
+        if let Err(e) = ctx.stream().join(rows.stream()) {
+            return Some(Err(crate::gpu::GpuError::from(e).into()));
+        }
+        let rows = GroupedRows::Bf16 {
+            words: rows,
+            values,
         };
-        Some(self.run_device_rows(ctx, layer, &widened, routes))
+        Some(self.run_device_rows(ctx, layer, rows, routes))
     }
 
     fn run_experts(&self, layer: usize, rows: &[f32], routes: &ExpertRoutes) -> Result<Vec<f32>> {
@@ -698,7 +706,7 @@ impl ExpertBackend for ExpertSet {
         if rows.context().cu_ctx() != ctx.stream().context().cu_ctx() {
             return None;
         }
-        Some(self.run_device_rows(ctx, layer, rows, routes))
+        Some(self.run_device_rows(ctx, layer, GroupedRows::F32(rows), routes))
     }
 
     #[cfg(feature = "cuda")]
@@ -839,6 +847,73 @@ mod gpu_tests {
                 .run_experts_on_device(layer, &device_rows, &routes)
                 .is_none());
         }
+    }
+
+    /// Rows received in bf16 (gathered so by a router: the rounding the experts' own gather
+    /// makes) go into the experts' bf16 GEMM input as they are and give the outputs of the
+    /// f32 rows, bit for bit, on cuBLAS's lanes and on our tensor-core kernel; a set that
+    /// reads f32 rows declines them, and bf16 values beyond their buffer are refused.
+    #[test]
+    fn bf16_rows_feed_the_experts_gemm_as_they_are() {
+        use crate::device::ExpertGemm;
+        use crate::gpu::row_moves::{gather_rows, GatheredAs};
+        let LayerRows {
+            ckpt,
+            config,
+            layer,
+            hidden,
+            experts: e,
+            rows,
+        } = layer_rows("qwen3-moe-tiny", 9);
+        let n = 9usize;
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n as u32 {
+            routes.push_row(&mut [(r % e, 0.7), ((r * 3 + 1) % e, 0.3)]);
+        }
+        let load = |ctx: &Arc<crate::gpu::GpuContext>| {
+            let device = ExpertDevice::Gpu(Arc::clone(ctx));
+            let held = (0..e as usize).map(|x| (layer, x));
+            ExpertSet::load_on(&ckpt, &config, held, &device).unwrap()
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for gemm in [ExpertGemm::Lanes, ExpertGemm::TensorCores] {
+            let Some(ctx) = crate::test_support::test_context(GpuDtype::Bf16) else {
+                return;
+            };
+            ctx.set_expert_gemm(gemm);
+            let set = load(&ctx);
+            assert!(set.reads_rows_as_bf16(), "{gemm:?}");
+            let stream = ctx.stream();
+            let device_rows = stream.clone_htod(&rows).unwrap();
+            let all: Vec<u32> = (0..n as u32).collect();
+            let words =
+                gather_rows(&ctx, stream, &device_rows, &all, hidden, GatheredAs::Bf16).unwrap();
+            let from_f32 = set
+                .run_experts_on_device(layer, &device_rows, &routes)
+                .unwrap()
+                .unwrap();
+            let from_bf16 = set
+                .run_bf16_rows_on_device(layer, &words, n * hidden, &routes)
+                .expect("bf16 experts take bf16 rows")
+                .unwrap();
+            assert_eq!(
+                bits(&stream.clone_dtoh(&from_bf16).unwrap()),
+                bits(&stream.clone_dtoh(&from_f32).unwrap()),
+                "{gemm:?}"
+            );
+            assert!(set
+                .run_bf16_rows_on_device(layer, &words, (n + 2) * hidden, &routes)
+                .expect("bf16 experts take bf16 rows")
+                .is_err());
+        }
+        let Some(ctx) = crate::test_support::test_context(GpuDtype::Bf16x2) else {
+            return;
+        };
+        let set = load(&ctx);
+        let words = ctx.stream().clone_htod(&rows).unwrap();
+        assert!(set
+            .run_bf16_rows_on_device(layer, &words, n * hidden, &routes)
+            .is_none());
     }
 
     /// `--gpu-expert-gemm grouped` and `tensor-cores`: a pass's expert GEMMs in one grouped

@@ -27,10 +27,11 @@ pub trait FfnOps {
     /// a step that misses an element shows).
     fn scratch_act(&self, len: usize) -> Result<Self::Act, Self::Error>;
     fn scratch_f32(&self, len: usize) -> Result<Self::F32, Self::Error>;
-    /// `out[s, :] = rows[index[s], :]`, converted to the GEMM dtype.
+    /// `out[s, :] = rows[index[s], :]`, converted to the GEMM dtype (rows already in bf16 go
+    /// only to a bf16 GEMM input, copied as they are).
     fn gather(
         &self,
-        rows: &Self::F32,
+        rows: GroupedRows<'_, Self::F32>,
         index: &Self::Index,
         out: &mut Self::Act,
         slots: usize,
@@ -114,6 +115,22 @@ pub trait FfnOps {
     }
 }
 
+/// The rows a grouped run reads: f32, or already rounded to bf16 (`values` of them, two to a
+/// word as a collective carries them) for experts whose GEMMs read bf16 rows, which then go
+/// to the GEMM as they are instead of being widened and rounded again.
+pub enum GroupedRows<'a, F> {
+    F32(&'a F),
+    Bf16 { words: &'a F, values: usize },
+}
+
+impl<F> Clone for GroupedRows<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F> Copy for GroupedRows<'_, F> {}
+
 /// One expert's matrices: `gate_up` `[2 * inter, hidden]` (gate rows then up rows) and `down`
 /// `[hidden, inter]`, row-major.
 pub struct ExpertMatrices<'a, A> {
@@ -132,7 +149,7 @@ pub struct GroupedShapeError(pub String);
 pub fn run_grouped<O: FfnOps>(
     ops: &O,
     experts: &[ExpertMatrices<'_, O::Act>],
-    rows: &O::F32,
+    rows: GroupedRows<'_, O::F32>,
     plan: &ExpertRuns,
     weights: &[f32],
     hidden: usize,
@@ -143,8 +160,20 @@ where
 {
     let slots = plan.slots();
     let pairs = weights.len();
-    let n_rows = ops.f32_len(rows) / hidden.max(1);
     let shape_error = |m: String| O::Error::from(GroupedShapeError(m));
+    let values = match rows {
+        GroupedRows::F32(rows) => ops.f32_len(rows),
+        GroupedRows::Bf16 { words, values } => {
+            if values.div_ceil(2) > ops.f32_len(words) {
+                return Err(shape_error(format!(
+                    "{values} bf16 values in {} words",
+                    ops.f32_len(words)
+                )));
+            }
+            values
+        }
+    };
+    let n_rows = values / hidden.max(1);
     if experts.len() != plan.runs.len() {
         return Err(shape_error(format!(
             "{} experts for {} runs",
@@ -300,6 +329,27 @@ mod tests {
     /// (column-major, `op` by the transpose flags, leading dimensions honoured).
     struct HostOps;
 
+    /// Value `i` of bf16 values two to a word (the lower half first, as a device buffer of
+    /// bf16 read as f32 words holds them), widened.
+    fn bf16_value(words: &[f32], i: usize) -> f32 {
+        let half = (words[i / 2].to_bits() >> (16 * (i % 2))) & 0xffff;
+        f32::from_bits(half << 16)
+    }
+
+    /// `values` rounded to bf16 (nearest even) and packed two to a word.
+    fn bf16_words(values: &[f32]) -> Vec<f32> {
+        values
+            .chunks(2)
+            .map(|pair| {
+                let half = |i: usize| {
+                    pair.get(i)
+                        .map_or(0u32, |&v| u32::from(half::bf16::from_f32(v).to_bits()))
+                };
+                f32::from_bits(half(0) | (half(1) << 16))
+            })
+            .collect()
+    }
+
     impl FfnOps for HostOps {
         type Act = Vec<f32>;
         type F32 = Vec<f32>;
@@ -323,7 +373,7 @@ mod tests {
         }
         fn gather(
             &self,
-            rows: &Vec<f32>,
+            rows: GroupedRows<'_, Vec<f32>>,
             index: &Vec<u32>,
             out: &mut Vec<f32>,
             slots: usize,
@@ -331,8 +381,17 @@ mod tests {
         ) -> Result<(), Self::Error> {
             for s in 0..slots {
                 let r = index[s] as usize;
-                out[s * hidden..(s + 1) * hidden]
-                    .copy_from_slice(&rows[r * hidden..(r + 1) * hidden]);
+                let dst = &mut out[s * hidden..(s + 1) * hidden];
+                match rows {
+                    GroupedRows::F32(rows) => {
+                        dst.copy_from_slice(&rows[r * hidden..(r + 1) * hidden])
+                    }
+                    GroupedRows::Bf16 { words, .. } => {
+                        for (c, d) in dst.iter_mut().enumerate() {
+                            *d = bf16_value(words, r * hidden + c);
+                        }
+                    }
+                }
             }
             Ok(())
         }
@@ -527,7 +586,7 @@ mod tests {
         let grouped = run_grouped(
             &HostOps,
             &matrices,
-            &x,
+            GroupedRows::F32(&x),
             &plan,
             &routes.weights,
             hidden,
@@ -537,6 +596,35 @@ mod tests {
         assert_eq!(grouped.len(), cpu.len());
         let diff = crate::compare::max_abs_diff(&grouped, &cpu);
         assert!(diff < 1e-5, "grouped vs CPU: {diff}");
+
+        // The same rows rounded to bf16 and handed over two to a word: the outputs of those
+        // rounded values as f32 rows, bit for bit.
+        let rounded: Vec<f32> = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let words = bf16_words(&x);
+        let run = |rows| {
+            run_grouped(
+                &HostOps,
+                &matrices,
+                rows,
+                &plan,
+                &routes.weights,
+                hidden,
+                inter,
+            )
+            .unwrap()
+        };
+        let (from_words, from_rounded) = (
+            run(GroupedRows::Bf16 {
+                words: &words,
+                values: x.len(),
+            }),
+            run(GroupedRows::F32(&rounded)),
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&from_words), bits(&from_rounded));
     }
 
     #[test]
@@ -550,7 +638,15 @@ mod tests {
             down: &w,
         }];
         // One row of width 2 is needed; none given.
-        let err = run_grouped(&HostOps, &matrices, &vec![], &plan, &routes.weights, 2, 2);
+        let none = GroupedRows::F32(&vec![]);
+        let err = run_grouped(&HostOps, &matrices, none, &plan, &routes.weights, 2, 2);
+        assert!(err.is_err());
+        // Two bf16 values promised in no word.
+        let words = GroupedRows::Bf16 {
+            words: &vec![],
+            values: 2,
+        };
+        let err = run_grouped(&HostOps, &matrices, words, &plan, &routes.weights, 2, 2);
         assert!(err.is_err());
         // Two experts for one run.
         let two = [
@@ -563,7 +659,9 @@ mod tests {
                 down: &w,
             },
         ];
-        let err = run_grouped(&HostOps, &two, &vec![0.0; 2], &plan, &routes.weights, 2, 2);
+        let two_values = vec![0.0; 2];
+        let rows = GroupedRows::F32(&two_values);
+        let err = run_grouped(&HostOps, &two, rows, &plan, &routes.weights, 2, 2);
         assert!(err.is_err());
         // A run that does not start where the previous one ended.
         let mut gap = plan.clone();
@@ -571,7 +669,7 @@ mod tests {
         let err = run_grouped(
             &HostOps,
             &matrices,
-            &vec![0.0; 2],
+            GroupedRows::F32(&two_values),
             &gap,
             &routes.weights,
             2,
@@ -582,7 +680,7 @@ mod tests {
         assert!(run_grouped(
             &HostOps,
             &matrices,
-            &vec![0.0; 2],
+            GroupedRows::F32(&two_values),
             &plan,
             &routes.weights,
             2,

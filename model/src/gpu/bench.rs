@@ -246,8 +246,9 @@ pub fn expert_ffn(
             .collect();
         let mut device_rows = ctx.stream().alloc_zeros::<f32>(tokens * shape.hidden)?;
         fill_uniform_f32(ctx, &mut device_rows, 3, 1.0)?;
+        let rows = crate::grouped_ffn::GroupedRows::F32(&device_rows);
         let ms = time_ms(ctx, iters, || {
-            run_grouped_on_device(ctx, &held, &device_rows, &plan, &routes.weights).map(drop)
+            run_grouped_on_device(ctx, &held, rows, &plan, &routes.weights).map(drop)
         })?;
         let gemm_ms = gemms_only_ms(ctx, &held, &plan, iters)?;
         let flops = routes.pairs() as f64 * shape.flops_per_pair();

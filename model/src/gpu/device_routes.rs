@@ -286,6 +286,7 @@ impl ChoiceFollowingExperts {
         // SAFETY: x, act and out are written in full (gather, gate/up pass, down pass) before
         // they are read.
         let mut x = ops.scratch_act(pairs * hidden)?;
+        let rows = crate::grouped_ffn::GroupedRows::F32(rows);
         ops.gather(rows, &plan.row_of_slot, &mut x, pairs, hidden)?;
         let mut act = ops.scratch_act(pairs * inter)?;
         let launches = &self.launches;

@@ -18,7 +18,7 @@ use crate::device::grouped_tiles::GroupedRowTiles;
 use crate::device::shapes::{ColumnMajorGemm, StridedGemm};
 use crate::device::MatrixPrecision;
 use crate::grouped_ffn::{
-    expert_gemm_calls, expert_gemms, run_grouped, ExpertMatrices, FfnOps, FfnPass,
+    expert_gemm_calls, expert_gemms, run_grouped, ExpertMatrices, FfnOps, FfnPass, GroupedRows,
     GroupedShapeError,
 };
 use crate::routes::ExpertRuns;
@@ -314,7 +314,7 @@ impl FfnOps for CudaOps<'_> {
 
     fn gather(
         &self,
-        rows: &CudaSlice<f32>,
+        rows: GroupedRows<'_, CudaSlice<f32>>,
         index: &CudaSlice<u32>,
         out: &mut GpuBuffer,
         slots: usize,
@@ -325,6 +325,33 @@ impl FfnOps for CudaOps<'_> {
         if slots * hidden == 0 {
             return Ok(());
         }
+        let rows = match rows {
+            GroupedRows::F32(rows) => rows,
+            GroupedRows::Bf16 { words, values } => {
+                let GpuBuffer::Bf16(out) = out else {
+                    return Err(GpuError::Shape(
+                        "rows in bf16 feed only a bf16 GEMM input".into(),
+                    ));
+                };
+                // SAFETY: read only, as bf16 bit patterns (any is one); `None` if `words`
+                // holds fewer than `values` halves (run_grouped checked it does not).
+                let halves = unsafe { words.transmute::<u16>(values) }
+                    .ok_or_else(|| GpuError::Shape("bf16 rows beyond their buffer".into()))?;
+                // SAFETY: run_grouped checked every index against the `values / hidden`
+                // rows; `out` holds slots * hidden.
+                unsafe {
+                    stream
+                        .launch_builder(&kernels.gather_bf16_rows)
+                        .arg(&halves)
+                        .arg(index)
+                        .arg(out)
+                        .arg(&slots_i)
+                        .arg(&hidden_i)
+                        .launch(row_grid(slots))?;
+                }
+                return Ok(());
+            }
+        };
         // SAFETY: run_grouped checked every index against `rows`; `out` holds slots * hidden.
         unsafe {
             match out {
@@ -763,7 +790,7 @@ unsafe fn one_gemm(
 pub fn run_grouped_on_device(
     ctx: &GpuContext,
     experts: &[&GpuMlp],
-    rows: &CudaSlice<f32>,
+    rows: GroupedRows<'_, CudaSlice<f32>>,
     plan: &ExpertRuns,
     weights: &[f32],
 ) -> Result<CudaSlice<f32>, GpuError> {
@@ -838,7 +865,8 @@ pub fn run_from_host(
     let _serial = ctx.lock()?;
     let stream = ctx.stream();
     let device_rows = stream.clone_htod(rows)?;
-    let pair_out = run_grouped_on_device(ctx, experts, &device_rows, plan, weights)?;
+    let rows = GroupedRows::F32(&device_rows);
+    let pair_out = run_grouped_on_device(ctx, experts, rows, plan, weights)?;
     let mut host = stream.clone_dtoh(&pair_out)?;
     stream.synchronize()?;
     host.truncate(weights.len() * hidden);

@@ -54,6 +54,17 @@ extern "C" __global__ void gather_rows_bf16(const float* rows, const unsigned in
     }
 }
 
+// Rows already rounded to bf16 (received so from a router that rounds as f32_to_bf16 does),
+// gathered as they are into a bf16 GEMM input.
+extern "C" __global__ void gather_bf16_rows(const bf16_t* rows, const unsigned int* index,
+                                            bf16_t* out, int slots, int hidden) {
+    ROW_STRIDE(s, slots) {
+        const bf16_t* src = rows + (long long)index[s] * hidden;
+        bf16_t* dst = out + s * hidden;
+        COLUMN_STRIDE(c, hidden) { dst[c] = src[c]; }
+    }
+}
+
 extern "C" __global__ void gather_rows_f32(const float* rows, const unsigned int* index, float* out,
                                            int slots, int hidden) {
     ROW_STRIDE(s, slots) {
@@ -502,11 +513,6 @@ extern "C" __global__ void fill_e4m3(unsigned char* out, long long n, unsigned i
 
 extern "C" __global__ void convert_f32_to_bf16(const float* x, bf16_t* out, long long n) {
     GRID_STRIDE(i, n) { out[i] = f32_to_bf16(x[i]); }
-}
-
-// Rows a collective carried as bf16 (exact in f32), for experts that round them to bf16 again.
-extern "C" __global__ void convert_bf16_to_f32(const bf16_t* x, float* out, long long n) {
-    GRID_STRIDE(i, n) { out[i] = bf16_to_f32(x[i]); }
 }
 
 extern "C" __global__ void convert_f32_to_bf16x2(const float* x, bf16_t* hi, bf16_t* lo,

@@ -21,7 +21,7 @@ pub struct Kernels {
     pub fill_uniform_f32: CudaFunction,
     pub fill_e4m3: CudaFunction,
     pub convert_f32_to_bf16: CudaFunction,
-    pub convert_bf16_to_f32: CudaFunction,
+    pub gather_bf16_rows: CudaFunction,
     pub add_f32: CudaFunction,
     pub rms_norm_heads: CudaFunction,
     pub rope_heads: CudaFunction,
@@ -61,6 +61,7 @@ pub struct Kernels {
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
 pub const KERNEL_NAMES: [&str; 44] = [
     "gather_rows_bf16",
+    "gather_bf16_rows",
     "gather_rows_f32",
     "silu_mul_bf16",
     "silu_mul_f32",
@@ -69,7 +70,6 @@ pub const KERNEL_NAMES: [&str; 44] = [
     "fill_uniform_f32",
     "fill_e4m3",
     "convert_f32_to_bf16",
-    "convert_bf16_to_f32",
     "add_f32",
     "rms_norm_heads",
     "rope_heads",
@@ -150,7 +150,7 @@ impl Kernels {
             fill_uniform_f32: f("fill_uniform_f32")?,
             fill_e4m3: f("fill_e4m3")?,
             convert_f32_to_bf16: f("convert_f32_to_bf16")?,
-            convert_bf16_to_f32: f("convert_bf16_to_f32")?,
+            gather_bf16_rows: f("gather_bf16_rows")?,
             add_f32: f("add_f32")?,
             rms_norm_heads: f("rms_norm_heads")?,
             rope_heads: f("rope_heads")?,
