@@ -343,8 +343,11 @@ where
             Some(logits) => logits,
             None => {
                 let (step, mut hidden) = self.begin_step(seqs, &layout)?;
+                // Made at the step's first MoE layer that follows the gate's choices, then
+                // shared by the others (each writes them in full before reading them).
+                let mut choices = None;
                 for l in 0..self.layers.len() {
-                    self.layer_forward(l, &mut hidden, &step, experts)?;
+                    self.layer_forward(l, &mut hidden, &step, experts, &mut choices)?;
                 }
                 self.logits_here(&hidden, &wanted)?
             }
@@ -473,6 +476,7 @@ where
         hidden: &mut O::F32,
         step: &DeviceStep<O>,
         experts: &dyn ExpertBackend,
+        choices: &mut Option<StepChoices<O>>,
     ) -> Result<()> {
         let ops = &self.ops;
         let (rows, h) = (step.rows, self.config.hidden_size);
@@ -483,7 +487,7 @@ where
                 let out = self.mlp(mlp, &normed, rows)?;
                 ops.add(hidden, &out, rows * h)?;
             }
-            DeviceFfn::Moe(moe) => self.moe(l, moe, &normed, hidden, rows, experts)?,
+            DeviceFfn::Moe(moe) => self.moe(l, moe, &normed, hidden, rows, experts, choices)?,
         }
         Ok(())
     }
@@ -547,6 +551,7 @@ where
     /// routed experts where the backend runs them (on these rows in place when it holds its
     /// experts on this device, through host memory otherwise), the shared experts here,
     /// combined in [`crate::routes::combine`]'s order.
+    #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
         l: usize,
@@ -555,18 +560,22 @@ where
         hidden: &mut O::F32,
         rows: usize,
         experts: &dyn ExpertBackend,
+        choices: &mut Option<StepChoices<O>>,
     ) -> Result<()> {
         let ops = &self.ops;
         let h = self.config.hidden_size;
         let rule = &moe.rule;
         if self.experts_follow_choices(l, moe, experts)? {
-            let pairs = rows * rule.top_k;
-            let offsets: Vec<u32> = (0..=rows).map(|r| (r * rule.top_k) as u32).collect();
+            let top_k = rule.top_k;
+            let b = match choices {
+                Some(b) if b.top_k == top_k => b,
+                _ => choices.insert(StepChoices::new(ops, rows, top_k, h)?),
+            };
             let buffers = ChoiceBuffers {
-                chosen: &mut ops.upload_index(&vec![0; pairs])?,
-                weights: &mut ops.scratch(pairs)?,
-                pair_out: &mut ops.scratch(pairs * h)?,
-                offsets: &ops.upload_index(&offsets)?,
+                chosen: &mut b.chosen,
+                weights: &mut b.weights,
+                pair_out: &mut b.pair_out,
+                offsets: &b.offsets,
             };
             return self.moe_following(l, moe, normed, hidden, rows, experts, buffers);
         }
@@ -686,6 +695,34 @@ where
         let mut act = self.ops.scratch(rows * mlp.inter)?;
         self.ops.silu_mul(&gate_up, &mut act, rows, mlp.inter)?;
         Ok(self.ops.linear(&act, rows, mlp.inter, &mlp.down, h)?)
+    }
+}
+
+/// A launched step's [`ChoiceBuffers`], owned: made once per step, so its MoE layers upload
+/// nothing (the offsets go up once) and allocate nothing for their choices.
+struct StepChoices<O: DenseOps> {
+    top_k: usize,
+    chosen: O::Index,
+    weights: O::F32,
+    pair_out: O::F32,
+    offsets: O::Index,
+}
+
+impl<O: DenseOps> StepChoices<O>
+where
+    ModelError: From<O::Error>,
+{
+    fn new(ops: &O, rows: usize, top_k: usize, hidden: usize) -> Result<Self> {
+        let pairs = rows * top_k;
+        let offsets: Vec<u32> = (0..=rows).map(|r| (r * top_k) as u32).collect();
+        Ok(Self {
+            top_k,
+            // The gate's top-k writes every choice before anything reads one.
+            chosen: ops.upload_index(&vec![0; pairs])?,
+            weights: ops.scratch(pairs)?,
+            pair_out: ops.scratch(pairs * hidden)?,
+            offsets: ops.upload_index(&offsets)?,
+        })
     }
 }
 

@@ -28,6 +28,8 @@ pub struct HostDenseOps {
     experts_in_place: bool,
     /// Values copied to the "host", so tests can see which path a step took.
     downloaded: AtomicUsize,
+    /// Index buffers copied from the "host" (each a copy a GPU would queue).
+    index_uploads: AtomicUsize,
     /// Hold FP8 checkpoint matrices as FP8 (`--gpu-fp8 keep`): exactly dequantized here, as
     /// the GPU's FP8 kernel widens each weight.
     keeps_fp8: bool,
@@ -52,6 +54,7 @@ impl HostDenseOps {
             numerics,
             experts_in_place: false,
             downloaded: AtomicUsize::new(0),
+            index_uploads: AtomicUsize::new(0),
             keeps_fp8: false,
             fp8_matrices: AtomicUsize::new(0),
             segments: None,
@@ -101,6 +104,11 @@ impl HostDenseOps {
     /// Values downloaded so far.
     pub fn downloaded(&self) -> usize {
         self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Index buffers uploaded so far.
+    pub fn index_uploads(&self) -> usize {
+        self.index_uploads.load(Ordering::Relaxed)
     }
 }
 
@@ -166,6 +174,7 @@ impl DenseOps for HostDenseOps {
         Ok(values.to_vec())
     }
     fn upload_index(&self, values: &[u32]) -> Result<Vec<u32>, ModelError> {
+        self.index_uploads.fetch_add(1, Ordering::Relaxed);
         Ok(values.to_vec())
     }
     fn upload_matrix(
@@ -1488,11 +1497,13 @@ mod tests {
                 .collect();
             let rows: usize = prompts.iter().map(Vec::len).sum();
             assert!(rows > super::super::model::MAX_REPLAYED_ROWS);
+            let moe_layers = config.moe_layer_indices().count();
             for (step, batch) in [0usize, 5, 2, 1, 4].into_iter().enumerate() {
                 let inputs: Vec<Vec<u32>> = match batch {
                     0 => prompts.clone(),
                     n => next[..n].iter().map(|&t| vec![t]).collect(),
                 };
+                let uploads_before = models.map(|m| m.ops().index_uploads());
                 let logits: Vec<_> = models
                     .iter()
                     .zip(caches.iter_mut())
@@ -1501,6 +1512,15 @@ mod tests {
                 assert!(
                     logits[0] == logits[1],
                     "{name} step {step}, batch {batch}: the same logits bitwise"
+                );
+                // Routed on the host, each MoE layer uploads its routes' offsets; following the
+                // choices, the step uploads its offsets and choice buffer once, whatever the
+                // number of MoE layers.
+                let uploads = [0, 1].map(|i| models[i].ops().index_uploads() - uploads_before[i]);
+                assert_eq!(
+                    uploads[1],
+                    uploads[0] - moe_layers + 2,
+                    "{name} step {step}"
                 );
                 if step == 0 {
                     // No MoE layer of the long prefill read its routes on the host.
