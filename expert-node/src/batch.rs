@@ -40,6 +40,20 @@ impl ExpertBackend for NodeBatch<'_> {
         self.experts.reads_rows_as_bf16()
     }
 
+    fn run_bf16_host_rows(
+        &self,
+        layer: usize,
+        bytes: &[u8],
+        routes: &ExpertRoutes,
+    ) -> Option<moe_model::Result<Vec<f32>>> {
+        let started = std::time::Instant::now();
+        let outputs = self.experts.run_bf16_host_rows(layer, bytes, routes)?;
+        if outputs.is_ok() {
+            self.count(routes, started);
+        }
+        Some(outputs)
+    }
+
     fn run_experts(
         &self,
         layer: usize,

@@ -28,6 +28,19 @@ pub trait ExpertBackend: Sync {
         false
     }
 
+    /// [`ExpertBackend::run_experts`] on rows received in host memory as bf16 (`bytes`, two
+    /// little-endian bytes a value; only called where [`ExpertBackend::reads_rows_as_bf16`]
+    /// holds): a GPU set uploads them as they are, half the bytes of f32, and its experts read
+    /// them without converting. `None` widens them to f32 on the host for `run_experts`.
+    fn run_bf16_host_rows(
+        &self,
+        _layer: usize,
+        _bytes: &[u8],
+        _routes: &ExpertRoutes,
+    ) -> Option<Result<Vec<f32>>> {
+        None
+    }
+
     /// [`ExpertBackend::run_experts`] on rows already in device memory (as NCCL received
     /// them), returning the outputs there too, so a node's rows never cross to the host.
     /// `None` when this backend's experts are not on the GPU that holds `rows`.

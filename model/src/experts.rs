@@ -505,7 +505,7 @@ impl ExpertSet {
         &self,
         ctx: &crate::gpu::GpuContext,
         held: &[&HeldExpert],
-        rows: &[f32],
+        rows: GroupedRows<'_, [f32]>,
         routes: &ExpertRoutes,
         plan: &ExpertRuns,
     ) -> Result<Vec<f32>> {
@@ -655,6 +655,44 @@ impl ExpertBackend for ExpertSet {
     }
 
     #[cfg(feature = "cuda")]
+    fn run_bf16_host_rows(
+        &self,
+        layer: usize,
+        bytes: &[u8],
+        routes: &ExpertRoutes,
+    ) -> Option<Result<Vec<f32>>> {
+        let ExpertDevice::Gpu(ctx) = &self.device else {
+            return None;
+        };
+        // An odd byte count is not bf16 rows: the caller's decoding refuses it.
+        if !bytes.len().is_multiple_of(2) || !self.reads_rows_as_bf16() {
+            return None;
+        }
+        let values = bytes.len() / 2;
+        // Two values to a word as they came (little-endian halves, the lower first).
+        let words: Vec<f32> = bytes
+            .chunks(4)
+            .map(|w| {
+                let mut word = [0u8; 4];
+                word[..w.len()].copy_from_slice(w);
+                f32::from_le_bytes(word)
+            })
+            .collect();
+        let run = || {
+            let (plan, held) = self.plan_batch(layer, values, routes)?;
+            if plan.slots() == 0 {
+                return Ok(Vec::new());
+            }
+            let rows = GroupedRows::Bf16 {
+                words: words.as_slice(),
+                values,
+            };
+            self.run_on_gpu(ctx, &held, rows, routes, &plan)
+        };
+        Some(run())
+    }
+
+    #[cfg(feature = "cuda")]
     fn run_bf16_rows_on_device(
         &self,
         layer: usize,
@@ -689,7 +727,9 @@ impl ExpertBackend for ExpertSet {
         match &self.device {
             ExpertDevice::Cpu => self.run_on_cpu(&held, rows, routes, &plan),
             #[cfg(feature = "cuda")]
-            ExpertDevice::Gpu(ctx) => self.run_on_gpu(ctx, &held, rows, routes, &plan),
+            ExpertDevice::Gpu(ctx) => {
+                self.run_on_gpu(ctx, &held, GroupedRows::F32(rows), routes, &plan)
+            }
         }
     }
 
@@ -914,6 +954,51 @@ mod gpu_tests {
         assert!(set
             .run_bf16_rows_on_device(layer, &words, n * hidden, &routes)
             .is_none());
+    }
+
+    /// Rows received in host memory as bf16 (a TCP collective's bytes) go up to a GPU set as
+    /// they came and give the outputs of the f32 rows from the host, bit for bit; an odd
+    /// byte count, a set that reads f32 rows and a CPU set leave them to the host's widening.
+    #[test]
+    fn bf16_host_rows_go_up_as_they_came() {
+        let LayerRows {
+            ckpt,
+            config,
+            layer,
+            experts: e,
+            rows,
+            ..
+        } = layer_rows("qwen3-moe-tiny", 5);
+        let n = 5usize;
+        let mut routes = ExpertRoutes::with_capacity(n, 2 * n);
+        for r in 0..n as u32 {
+            routes.push_row(&mut [(r % e, 0.5), ((r + 1) % e, 0.5)]);
+        }
+        let bytes: Vec<u8> = rows
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let held = || (0..e as usize).map(|x| (layer, x));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (dtype, takes) in [(GpuDtype::Bf16, true), (GpuDtype::Bf16x2, false)] {
+            let Some(ctx) = crate::test_support::test_context(dtype) else {
+                return;
+            };
+            let device = ExpertDevice::Gpu(Arc::clone(&ctx));
+            let set = ExpertSet::load_on(&ckpt, &config, held(), &device).unwrap();
+            let ran = set.run_bf16_host_rows(layer, &bytes, &routes);
+            assert_eq!(ran.is_some(), takes, "{dtype:?}");
+            if let Some(ran) = ran {
+                let want = set.run_experts(layer, &rows, &routes).unwrap();
+                assert_eq!(bits(&ran.unwrap()), bits(&want), "{dtype:?}");
+                let odd = set.run_bf16_host_rows(layer, &bytes[1..], &routes);
+                assert!(odd.is_none(), "an odd byte count");
+                let short = set.run_bf16_host_rows(layer, &bytes[2..], &routes);
+                assert!(short.expect("even").is_err(), "a value short");
+            }
+        }
+        let cpu = ExpertSet::load(&ckpt, &config, held()).unwrap();
+        assert!(cpu.run_bf16_host_rows(layer, &bytes, &routes).is_none());
     }
 
     /// `--gpu-expert-gemm grouped` and `tensor-cores`: a pass's expert GEMMs in one grouped

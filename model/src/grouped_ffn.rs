@@ -118,18 +118,18 @@ pub trait FfnOps {
 /// The rows a grouped run reads: f32, or already rounded to bf16 (`values` of them, two to a
 /// word as a collective carries them) for experts whose GEMMs read bf16 rows, which then go
 /// to the GEMM as they are instead of being widened and rounded again.
-pub enum GroupedRows<'a, F> {
+pub enum GroupedRows<'a, F: ?Sized> {
     F32(&'a F),
     Bf16 { words: &'a F, values: usize },
 }
 
-impl<F> Clone for GroupedRows<'_, F> {
+impl<F: ?Sized> Clone for GroupedRows<'_, F> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<F> Copy for GroupedRows<'_, F> {}
+impl<F: ?Sized> Copy for GroupedRows<'_, F> {}
 
 /// One expert's matrices: `gate_up` `[2 * inter, hidden]` (gate rows then up rows) and `down`
 /// `[hidden, inter]`, row-major.

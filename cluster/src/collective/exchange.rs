@@ -525,12 +525,23 @@ fn run_layer_experts<C: Communicator>(
     if let Some(ran) = comm.run_in_place(experts, layer, &rows, encoding, routes) {
         return ran.map_err(ExchangeError::Experts);
     }
-    let rows = encoding.decode(&comm.download(rows)?).ok_or_else(|| {
-        ExchangeError::Malformed(format!("rows not a whole number of {encoding} values"))
-    })?;
-    let outputs = experts
-        .run_experts(layer, &rows, routes)
-        .map_err(|e| ExchangeError::Experts(e.to_string()))?;
+    let bytes = comm.download(rows)?;
+    // bf16 rows to experts on a GPU go up as they came (the serving side checked that these
+    // experts read bf16); others are widened here.
+    let ran = match encoding {
+        RowEncoding::Bf16 => experts.run_bf16_host_rows(layer, &bytes, routes),
+        RowEncoding::F32 => None,
+    };
+    let outputs = match ran {
+        Some(ran) => ran,
+        None => {
+            let rows = encoding.decode(&bytes).ok_or_else(|| {
+                ExchangeError::Malformed(format!("rows not a whole number of {encoding} values"))
+            })?;
+            experts.run_experts(layer, &rows, routes)
+        }
+    }
+    .map_err(|e| ExchangeError::Experts(e.to_string()))?;
     let values = outputs.len();
     Ok((comm.upload(f32_bytes(&outputs).collect())?, values))
 }

@@ -857,15 +857,25 @@ impl<'a> ExpertBatch<'a> {
 pub fn run_from_host(
     ctx: &GpuContext,
     experts: &[&GpuMlp],
-    rows: &[f32],
+    rows: GroupedRows<'_, [f32]>,
     plan: &ExpertRuns,
     weights: &[f32],
     hidden: usize,
 ) -> Result<Vec<f32>, GpuError> {
     let _serial = ctx.lock()?;
     let stream = ctx.stream();
-    let device_rows = stream.clone_htod(rows)?;
-    let rows = GroupedRows::F32(&device_rows);
+    let device_rows = match rows {
+        GroupedRows::F32(rows) | GroupedRows::Bf16 { words: rows, .. } => {
+            stream.clone_htod(rows)?
+        }
+    };
+    let rows = match rows {
+        GroupedRows::F32(_) => GroupedRows::F32(&device_rows),
+        GroupedRows::Bf16 { values, .. } => GroupedRows::Bf16 {
+            words: &device_rows,
+            values,
+        },
+    };
     let pair_out = run_grouped_on_device(ctx, experts, rows, plan, weights)?;
     let mut host = stream.clone_dtoh(&pair_out)?;
     stream.synchronize()?;
