@@ -66,7 +66,7 @@
 #      and in `bf16` numerics with the rows gathered as bf16 (half the bytes), bitwise the
 #      outputs of f32 rows; over TCP too, a cluster of `bf16` nodes against the same cluster
 #      over gRPC (tokens and log-probs bit for bit, two bytes a value on the wire).
-# Benchmarks (`bench`; bounds add up to 705 s, a normal run far less):
+# Benchmarks (`bench`; bounds add up to 725 s, a normal run far less):
 #   1. `moe gpu-bench`: expert-FFN TFLOP/s at DeepSeek-V3 shapes (hidden 7168, intermediate
 #      2048, 256 experts, top-8) at 128/1024/8192 tokens vs one 8192^3 bf16 GEMM; then the
 #      same with each pass's expert GEMMs in one grouped cuBLAS call (`--expert-gemm grouped`),
@@ -78,7 +78,8 @@
 #   3. what `--deterministic` costs a whole model: `moe bench` at batch 1, 8 and 32 on a
 #      generated small preset, with and without;
 #   4. what launching 500 small kernels one by one costs against replaying them as one
-#      captured CUDA graph (`moe gpu-bench --launches 500`);
+#      captured CUDA graph (`moe gpu-bench --launches 500`), and what planning a MoE layer's
+#      routes on the device costs at 1 to 8192 tokens (`moe gpu-bench --plan-routes`);
 #   5. what `--cuda-graphs` gains a whole model's decode steps: `moe bench` at batch 1, 8
 #      and 32 on the generated small preset, with and without; with `--deterministic` (the
 #      routed experts inside the graph); with bf16 experts on our tensor-core kernel (inside
@@ -377,6 +378,8 @@ if [ "$PART" = bench ]; then
   check "--deterministic: its cost (moe bench, $BENCH_PRESET preset, bf16x2)" 80 with_and_without deterministic
   check "kernel launches one by one vs one CUDA graph (moe gpu-bench --launches 500)" 20 \
     "$UNPACKED/moe" gpu-bench --launches 500 --iters 20
+  check "a MoE layer's routes planned on the device (moe gpu-bench --plan-routes, top-8 of 256)" 20 \
+    "$UNPACKED/moe" gpu-bench --plan-routes --tokens 1,64,256,512,2048,8192 --iters 50
   check "decode steps as CUDA graphs: their gain (moe bench --cuda-graphs, $BENCH_PRESET preset, bf16x2)" 80 with_and_without cuda-graphs
   check "a decode step as one CUDA graph, routed experts inside (moe bench --cuda-graphs --deterministic)" 80 with_and_without cuda-graphs --deterministic
   check "bf16 experts on our tensor-core kernel, inside the decode graph (moe bench --cuda-graphs --gpu-expert-gemm tensor-cores)" 40 tensor_core_steps

@@ -56,6 +56,11 @@ pub struct GpuBenchArgs {
     /// `--hidden` values, a decode step's typical kernel): what graphs would save a decode step.
     #[arg(long)]
     pub launches: Option<usize>,
+    /// Instead of the expert FFN, what planning a MoE layer's routes on the device costs
+    /// (`plan_routes`, at each `--tokens` count, top-k of `--experts`): microseconds a plan,
+    /// each plan first checked against the host's.
+    #[arg(long)]
+    pub plan_routes: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -107,6 +112,33 @@ pub fn run(args: GpuBenchArgs) -> anyhow::Result<()> {
         experts: args.experts,
         top_k: args.top_k,
     };
+    if args.plan_routes {
+        let figures =
+            moe_model::gpu::bench::route_planning(&ctx, &shape, &args.tokens, args.iters)?;
+        if args.json {
+            let json = serde_json::json!({
+                "device": args.device.to_string(),
+                "name": ctx.name(),
+                "plans": figures,
+            });
+            println!("{json}");
+        } else {
+            println!(
+                "{} ({}): routes planned on the device, top-{} of {} experts",
+                args.device,
+                ctx.name(),
+                args.top_k,
+                args.experts
+            );
+            for f in &figures {
+                println!(
+                    "{:>6} tokens ({:>6} pairs): {:8.2} us a plan",
+                    f.tokens, f.pairs, f.us_per_plan
+                );
+            }
+        }
+        return Ok(());
+    }
     let roofline = dense_gemm(&ctx, args.roofline_size, args.iters)?;
     let default_lanes = moe_model::gpu::context::GEMM_LANES;
     let mut cases: Vec<(usize, usize)> = args.tokens.iter().map(|&t| (default_lanes, t)).collect();

@@ -144,6 +144,69 @@ pub fn launch_overhead(
     })
 }
 
+/// What planning one MoE layer's routes on the device costs (`plan_routes`: a decode step's
+/// routed experts inside its CUDA graph, and every launched step's).
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanFigure {
+    pub tokens: usize,
+    pub pairs: usize,
+    pub experts: usize,
+    /// Wall time per plan, launched back to back.
+    pub us_per_plan: f64,
+}
+
+/// [`PlanFigure`] for each token count, random top-k choices over `shape.experts`, in the
+/// tensor-core kernel's tiles of 32 rows; each plan first checked against the host's.
+pub fn route_planning(
+    ctx: &GpuContext,
+    shape: &FfnShape,
+    tokens: &[usize],
+    iters: usize,
+) -> Result<Vec<PlanFigure>, GpuError> {
+    use super::device_routes::{plan_on_device, plan_only, DeviceChoices};
+    let _serial = ctx.lock()?;
+    let stream = ctx.stream();
+    let tile_rows = 32;
+    let mut figures = Vec::with_capacity(tokens.len());
+    for &n in tokens {
+        let routes = random_routes(n, shape, 7 + n as u64);
+        let top_k = shape.top_k.min(shape.experts);
+        let (chosen, weights) = (&routes.experts, &routes.weights);
+        let host = crate::device::route_plan::plan_choices(
+            chosen,
+            weights,
+            n,
+            top_k,
+            shape.experts,
+            tile_rows,
+        )
+        .map_err(|e| GpuError::Shape(e.to_string()))?;
+        let device = plan_on_device(ctx, chosen, weights, top_k, shape.experts, tile_rows)?;
+        if device != host {
+            return Err(GpuError::Shape(format!(
+                "the device's plan of {n} tokens is not the host's"
+            )));
+        }
+        let (chosen_dev, weights_dev) = (stream.clone_htod(chosen)?, stream.clone_htod(weights)?);
+        let choices = DeviceChoices {
+            experts: &chosen_dev,
+            weights: &weights_dev,
+            rows: n,
+            top_k,
+        };
+        let ms = time_ms(ctx, iters, || {
+            plan_only(ctx, chosen, &choices, shape.experts, tile_rows)
+        })?;
+        figures.push(PlanFigure {
+            tokens: n,
+            pairs: chosen.len(),
+            experts: shape.experts,
+            us_per_plan: ms * 1e3,
+        });
+    }
+    Ok(figures)
+}
+
 /// One `[m, k] x [k, n]` GEMM in the context's dtype with f32 output.
 pub fn dense_gemm(ctx: &GpuContext, size: usize, iters: usize) -> Result<GemmFigure, GpuError> {
     let _serial = ctx.lock()?;

@@ -391,8 +391,31 @@ impl RoutePlanBuffers {
     }
 }
 
-/// The plan `plan_routes` writes, downloaded (tests compare it with the host's).
-#[cfg(test)]
+/// Plans `choices` over `experts` runs on the context's stream and drops the plan: what a MoE
+/// layer's planning costs (`moe gpu-bench --plan-routes`). Every id is checked below
+/// `experts` on the host first.
+pub(crate) fn plan_only(
+    ctx: &GpuContext,
+    chosen: &[u32],
+    choices: &DeviceChoices<'_>,
+    experts: usize,
+    tile_rows: usize,
+) -> Result<(), GpuError> {
+    if chosen.len() != choices.rows * choices.top_k
+        || choices.experts.len() < chosen.len()
+        || chosen.iter().any(|&e| e as usize >= experts)
+    {
+        return Err(GpuError::Shape(format!(
+            "{} choices to plan over {experts} experts",
+            chosen.len()
+        )));
+    }
+    // SAFETY: `choices` holds the checked ids (the caller uploaded `chosen` there).
+    unsafe { RoutePlanBuffers::plan(ctx, choices, experts, tile_rows).map(drop) }
+}
+
+/// The plan `plan_routes` writes, downloaded (tests, and the benchmark's check, compare it
+/// with the host's).
 pub(crate) fn plan_on_device(
     ctx: &GpuContext,
     chosen: &[u32],
