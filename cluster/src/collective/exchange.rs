@@ -885,6 +885,26 @@ mod tests {
         let exact = set.run_experts(layer, &share.rows, &routes).unwrap();
         assert_ne!(bits(&exact), bits(&bf16_out[0].outputs));
 
+        // Experts that take the bytes as they came (a GPU set) get bf16 layers so, and give
+        // the same outputs; f32 layers still go through `run_experts`.
+        let taking = super::super::test_nodes::Bf16ByteExperts {
+            experts: Bf16Experts(set.subset(|_, _| true)),
+            taken: std::sync::atomic::AtomicUsize::new(0),
+        };
+        let (taken_sent, _, _) = layer_to(&taking, RowEncoding::Bf16);
+        assert_eq!(taking.taken.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            bits(&taken_sent.unwrap()[0].outputs),
+            bits(&f32_out[0].outputs)
+        );
+        let (_, f32_taken, _) = layer_to(&taking, RowEncoding::F32);
+        assert!(matches!(f32_taken, Ok(Served::Ran { rows: 4, .. })));
+        assert_eq!(
+            taking.taken.load(Ordering::Relaxed),
+            1,
+            "f32 rows are not bf16 bytes"
+        );
+
         let (refused_sent, refused_served, _) = layer_to(&set, RowEncoding::Bf16);
         assert_eq!(
             refused_served,

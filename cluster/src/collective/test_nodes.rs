@@ -86,3 +86,44 @@ impl ExpertBackend for Bf16Experts {
         true
     }
 }
+
+/// [`Bf16Experts`] that also take bf16 rows as the bytes that came (as a GPU set uploads
+/// them), counting the layers taken so.
+pub struct Bf16ByteExperts {
+    pub experts: Bf16Experts,
+    pub taken: std::sync::atomic::AtomicUsize,
+}
+
+impl ExpertBackend for Bf16ByteExperts {
+    fn run_experts(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routes: &ExpertRoutes,
+    ) -> moe_model::Result<Vec<f32>> {
+        self.experts.run_experts(layer, rows, routes)
+    }
+
+    fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.experts.holds(layer, expert)
+    }
+
+    fn reads_rows_as_bf16(&self) -> bool {
+        true
+    }
+
+    fn run_bf16_host_rows(
+        &self,
+        layer: usize,
+        bytes: &[u8],
+        routes: &ExpertRoutes,
+    ) -> Option<moe_model::Result<Vec<f32>>> {
+        self.taken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rows: Vec<f32> = bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        Some(self.experts.0.run_experts(layer, &rows, routes))
+    }
+}
