@@ -207,6 +207,29 @@ fn main() {
         }
     }
 
+    // One row times a 1024x1024 matrix that stays in L2 (1 MiB in FP8), 100 times: what the
+    // one-row tile computes when memory does not bind it (on Zen 4, splitting 512-bit
+    // operations in two, FP8's widening and scaling make it slower per weight than bf16).
+    for (name, fp8) in [("l2_fp8_1x1024x1024", true), ("l2_bf16_1x1024x1024", false)] {
+        if wants(name) {
+            let (n, k) = (1024usize, 1024usize);
+            let w = if fp8 {
+                random_fp8_matrix(n, k, &mut rng)
+            } else {
+                random_bf16_matrix(n, k, &mut rng)
+            };
+            let a = random(k, &mut rng);
+            let mut c = vec![0.0f32; n];
+            let s = time(|| {
+                for _ in 0..100 {
+                    w.matmul_into(&a, 1, &mut c)
+                }
+            });
+            let bytes = if fp8 { n * k } else { n * k * 2 };
+            results.push((format!("stream_{name}"), s, (100 * bytes) as f64));
+        }
+    }
+
     // The same matrix in FP8 with 128x128 block scales (a DeepSeek FP8 checkpoint's layout).
     for tokens in [1usize, 4] {
         let name = format!("stream_fp8_{tokens}x8192x16384");

@@ -964,6 +964,19 @@ unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
                 }
             };
         }
+        if E::FP8 && mr == 1 && super::has_avx512_byte_shuffles() {
+            // One row: the tile is bound by its vector operations (see `tile_fp8_shuffled`);
+            // with more rows each widened k-row serves them all and the FMAs bind instead.
+            // SAFETY: E is E4m3, the only FP8 panel element.
+            let t = &*(t as *const Tile<E>).cast::<Tile<E4m3>>();
+            match t.panels {
+                4 => return avx512::tile_fp8_shuffled::<1, 4>(t),
+                3 => return avx512::tile_fp8_shuffled::<1, 3>(t),
+                2 => return avx512::tile_fp8_shuffled::<1, 2>(t),
+                1 => return avx512::tile_fp8_shuffled::<1, 1>(t),
+                _ => {}
+            }
+        }
         if super::has_avx512() {
             dispatch!(avx512);
         } else if super::has_avx2_fma() {
@@ -1311,31 +1324,35 @@ mod tests {
         );
     }
 
-    /// The SIMD path widens e4m3 by moving its bits into an f32's exactly as the table does:
+    /// The SIMD paths widen e4m3 by moving its bits into an f32's exactly as the table does:
     /// all 254 finite bytes, both signs, against the portable tile, with scales from a
     /// subnormal one to just under the kernel's limit (products rounded into f32 subnormals
-    /// too).
+    /// too), on every row count of a tile and one to four panels side by side (a one-row
+    /// tile over K blocks of 128 and 126 k-rows: whole groups of four and a tail).
     #[test]
     fn fp8_simd_and_portable_paths_agree_bitwise() {
-        let (m, n, k): (usize, usize, usize) = (7, 300, 254);
-        let values: Vec<u8> = (0..n * k)
-            .map(|i| ((i * 7) % 254) as u8 ^ ((i & 1) as u8 * 0x80))
-            .collect();
-        let values: Vec<u8> = values
-            .into_iter()
-            .map(|b| if b & 0x7f == 0x7f { 0 } else { b })
-            .collect();
-        let scales = [1e-39, 3.7e-5, 0.5, 1e-30, 255.9, 0.013];
-        assert_eq!(scales.len(), n.div_ceil(128) * k.div_ceil(128));
-        let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(values, n, k, &scales, (128, 128)));
-        let packed = PackedMatrix::from_native(&[&w], k);
-        let reference = PackedMatrix::from_rows(&w.to_f32(), n, k);
-        let Panels::F32(panels) = &reference.panels else {
-            panic!("f32 weights pack as f32")
-        };
-        for m in [m, 1, 2] {
-            let a = pseudo_random(m * k, 28);
-            assert_eq!(packed.matmul(&a, m), portable_product(panels, &a, m, n, k));
+        let k = 254;
+        for n in [300usize, 40, 16] {
+            let values: Vec<u8> = (0..n * k)
+                .map(|i| ((i * 7) % 254) as u8 ^ ((i & 1) as u8 * 0x80))
+                .collect();
+            let values: Vec<u8> = values
+                .into_iter()
+                .map(|b| if b & 0x7f == 0x7f { 0 } else { b })
+                .collect();
+            let scales = [1e-39, 3.7e-5, 0.5, 1e-30, 255.9, 0.013];
+            let scales = &scales[..n.div_ceil(128) * k.div_ceil(128)];
+            let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(values, n, k, scales, (128, 128)));
+            let packed = PackedMatrix::from_native(&[&w], k);
+            let reference = PackedMatrix::from_rows(&w.to_f32(), n, k);
+            let Panels::F32(panels) = &reference.panels else {
+                panic!("f32 weights pack as f32")
+            };
+            for m in [7, 1, 2, 3, 4, 5, 6] {
+                let a = pseudo_random(m * k, 28);
+                let product = packed.matmul(&a, m);
+                assert_eq!(product, portable_product(panels, &a, m, n, k), "{m}x{n}");
+            }
         }
     }
 

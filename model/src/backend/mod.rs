@@ -135,3 +135,19 @@ pub fn has_avx512() -> bool {
 pub fn has_avx512() -> bool {
     false
 }
+
+/// Whether the one-row AVX-512 FP8 tile may widen e4m3 with byte shuffles (GFNI and AVX-512
+/// VBMI: Ice Lake, Zen 4 and later), fewer vector operations than shifts and masks.
+/// `MOE_CPU_KERNELS=avx512` keeps the shift-and-mask widening, to compare.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_byte_shuffles() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        has_avx512()
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vbmi")
+            && is_x86_feature_detected!("gfni")
+            && std::env::var("MOE_CPU_KERNELS").map_or(true, |v| v != "avx512")
+    })
+}

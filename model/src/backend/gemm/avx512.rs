@@ -71,26 +71,46 @@ pub(super) unsafe fn widen_fp8_block(
     }
 }
 
-/// R rows of A times P adjacent panels (`Tile::panels == P`): R * P independent chains.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &Tile<E>) {
-    debug_assert_eq!(t.panels, P);
-    // Only the last panel's valid columns are read from C and written back.
-    let last_mask: __mmask16 = if t.cols >= NR {
+/// Which of a tile's C values are read and written: only the last panel's valid columns.
+#[inline(always)]
+fn column_mask<E>(t: &Tile<E>, panels: usize, j: usize) -> __mmask16 {
+    if j + 1 < panels || t.cols >= NR {
         0xFFFF
     } else {
         (1u16 << t.cols) - 1
-    };
-    let mask = |j: usize| if j + 1 == P { last_mask } else { 0xFFFF };
-    let c = |r: usize, j: usize| t.c.add(r * t.ldc + j * NR);
+    }
+}
+
+/// The tile's accumulators: zeros, or C's partial sums from the previous K blocks.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn start_sums<const R: usize, const P: usize, E>(t: &Tile<E>) -> [[__m512; P]; R] {
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     if t.accumulate {
         for (r, row) in acc.iter_mut().enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask(j), c(r, j));
+                *v = _mm512_maskz_loadu_ps(column_mask(t, P, j), t.c.add(r * t.ldc + j * NR));
             }
         }
     }
+    acc
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn store_sums<const R: usize, const P: usize, E>(t: &Tile<E>, acc: &[[__m512; P]; R]) {
+    for (r, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(t.c.add(r * t.ldc + j * NR), column_mask(t, P, j), *v);
+        }
+    }
+}
+
+/// R rows of A times P adjacent panels (`Tile::panels == P`): R * P independent chains.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &Tile<E>) {
+    debug_assert_eq!(t.panels, P);
+    let mut acc = start_sums::<R, P, E>(t);
     let mut a_ptrs = [t.a[0]; R];
     a_ptrs.copy_from_slice(&t.a[..R]);
     let mut scales = [_mm512_setzero_ps(); P];
@@ -126,9 +146,139 @@ pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &T
             step(&mut acc, kk);
         }
     }
-    for (r, row) in acc.iter().enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            _mm512_mask_storeu_ps(c(r, j), mask(j), *v);
+    store_sums(t, &acc);
+}
+
+/// `gf2p8affineqb` matrices (row `7 - i` of a qword picks the source bits of result bit i)
+/// that turn an e4m3 byte `s eeee mmm` into the top two bytes of its f32 bits (2^120 smaller,
+/// as [`e4m3x16_over_2_120`] makes them): `s 0000 eee` and `e mmm 0000`.
+const E4M3_TOP_BYTE: i64 = 0x1020_4000_0000_0080;
+const E4M3_SECOND_BYTE: i64 = 0x0000_0000_0102_0408;
+
+/// Bytes 2 and 3 of every 32-bit lane (the rest become zero).
+const TOP_TWO_BYTES: __mmask64 = 0xCCCC_CCCC_CCCC_CCCC;
+
+/// The `vpermt2b` indices that put k-row `q` of four (64 bytes: 16 columns each) into 16 lanes:
+/// byte 3 of lane i from the first table's byte `16q + i`, byte 2 from the second's.
+static KROW_INDICES: [[u8; 64]; 4] = {
+    let mut all = [[0u8; 64]; 4];
+    let mut q = 0;
+    while q < 4 {
+        let mut lane = 0;
+        while lane < NR {
+            let byte = (16 * q + lane) as u8;
+            all[q][4 * lane + 3] = byte;
+            all[q][4 * lane + 2] = 64 + byte;
+            lane += 1;
+        }
+        q += 1;
+    }
+    all
+};
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn krow_indices(q: usize) -> __m512i {
+    _mm512_loadu_si512(KROW_INDICES[q].as_ptr().cast())
+}
+
+/// [`tile`] for FP8 panels, widening four k-rows (one 64-byte load) of a panel at a time: two
+/// `gf2p8affineqb` make each byte's two f32 bytes for all 64 weights, then one `vpermt2b` per
+/// k-row places them in its lanes with zeros below: the same bits as the sign-extend, shift
+/// and mask, so the same products. A one-row FP8 tile is bound by its vector operations, not
+/// by memory, on CPUs that split 512-bit operations in two (Zen 4: 17 G weights/s on one core
+/// from L2, bf16 29); this saves about 5% of it there (docs/performance.md). Byte permutes
+/// cost more than their count says on Zen 4: `vpermb` over pairs of k-rows, and `vpermt2q`
+/// then `vpshufb`, measured slower than this.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,fma,f16c")]
+pub(super) unsafe fn tile_fp8_shuffled<const R: usize, const P: usize>(t: &Tile<E4m3>) {
+    debug_assert_eq!(t.panels, P);
+    let mut acc = start_sums::<R, P, E4m3>(t);
+    let mut a_ptrs = [t.a[0]; R];
+    a_ptrs.copy_from_slice(&t.a[..R]);
+    let mut scales = [_mm512_setzero_ps(); P];
+    for (j, s) in scales.iter_mut().enumerate() {
+        *s = column_scales::<E4m3>(t.scales.add(j * t.scales_stride));
+    }
+    let top = _mm512_set1_epi64(E4M3_TOP_BYTE);
+    let second = _mm512_set1_epi64(E4M3_SECOND_BYTE);
+    let indices = [
+        krow_indices(0),
+        krow_indices(1),
+        krow_indices(2),
+        krow_indices(3),
+    ];
+    let b = t.b;
+    let lines = PanelLines::new(b, P, t.panel_stride);
+    if t.prefetch && !t.accumulate {
+        lines.prefetch_starts();
+    }
+    let whole = t.kc / 4 * 4;
+    let mut kk = 0;
+    while kk < whole {
+        if t.prefetch {
+            lines.prefetch_ahead_of(kk);
+        }
+        for j in 0..P {
+            let raw = _mm512_loadu_si512(b.add(j * t.panel_stride + kk * NR).cast());
+            let high = _mm512_gf2p8affine_epi64_epi8::<0>(raw, top);
+            let low = _mm512_gf2p8affine_epi64_epi8::<0>(raw, second);
+            for (q, idx) in indices.iter().enumerate() {
+                let bits = _mm512_maskz_permutex2var_epi8(TOP_TWO_BYTES, high, *idx, low);
+                let row = _mm512_mul_ps(_mm512_castsi512_ps(bits), scales[j]);
+                for r in 0..R {
+                    let a = _mm512_set1_ps(*a_ptrs[r].add(kk + q));
+                    acc[r][j] = _mm512_fmadd_ps(a, row, acc[r][j]);
+                }
+            }
+        }
+        kk += 4;
+    }
+    // The last k-rows of a block that is not a multiple of four, one at a time.
+    for kk in whole..t.kc {
+        for j in 0..P {
+            let row = load_panel_row(b.add(j * t.panel_stride + kk * NR), scales[j]);
+            for r in 0..R {
+                let a = _mm512_set1_ps(*a_ptrs[r].add(kk));
+                acc[r][j] = _mm512_fmadd_ps(a, row, acc[r][j]);
+            }
+        }
+    }
+    store_sums(t, &acc);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two shuffle matrices and the lane indices give, for every byte, the bits the
+    /// shift-and-mask widening gives.
+    #[test]
+    fn shuffled_widening_is_the_shift_and_mask_one_for_every_byte() {
+        if !crate::backend::has_avx512_byte_shuffles() {
+            eprintln!("skipped: no GFNI and AVX-512 VBMI here");
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,fma,f16c")]
+        unsafe fn both(bytes: &[u8; 64]) -> ([u32; 64], [u32; 64]) {
+            let raw = _mm512_loadu_si512(bytes.as_ptr().cast());
+            let high = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_TOP_BYTE));
+            let low = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_SECOND_BYTE));
+            let (mut shuffled, mut shifted) = ([0u32; 64], [0u32; 64]);
+            for q in 0..4 {
+                let bits =
+                    _mm512_maskz_permutex2var_epi8(TOP_TWO_BYTES, high, krow_indices(q), low);
+                _mm512_storeu_si512(shuffled[16 * q..].as_mut_ptr().cast(), bits);
+                let widened = e4m3x16_over_2_120(bytes[16 * q..].as_ptr().cast());
+                _mm512_storeu_ps(shifted[16 * q..].as_mut_ptr().cast(), widened);
+            }
+            (shuffled, shifted)
+        }
+        for start in (0..256).step_by(64) {
+            let bytes: [u8; 64] = std::array::from_fn(|i| (start + i) as u8);
+            // SAFETY: the CPU has the features (checked above).
+            let (shuffled, shifted) = unsafe { both(&bytes) };
+            assert_eq!(shuffled, shifted, "bytes {start}..{}", start + 64);
         }
     }
 }
