@@ -45,13 +45,16 @@ enum Panels {
     /// Each k-row of a panel holds its 16 columns interleaved (0, 8, 1, 9, ..., 7, 15), so that
     /// one 32-bit lane carries columns j and j + 8: a shift widens the first, a mask the second.
     Bf16(Vec<half::bf16>),
-    /// Each k-row of a panel holds its 16 columns' e4m3 bytes in order. The k axis is cut in
-    /// segments (`segment_starts`, shared by every panel) within which a column has one scale:
+    /// Each k-row of a panel holds its 16 columns' e4m3 bytes in order, or, when `grouped`,
+    /// every four whole k-rows are interleaved for in-lane widening (see [`group_fp8_panel`];
+    /// the last `k % 4` rows stay in order). The k axis is cut in segments (`segment_starts`,
+    /// shared by every panel) within which a column has one scale:
     /// `scales[(panel * segments + segment) * NR + column]`.
     Fp8 {
         values: Vec<E4m3>,
         segment_starts: Vec<usize>,
         scales: Vec<f32>,
+        grouped: bool,
     },
     /// Parts that share no panel type (an FP8 part beside a bf16 or f32 one, or FP8 parts cut
     /// on other k segments), each held in its own, their columns side by side: widening them
@@ -301,8 +304,15 @@ impl PackedMatrix {
                 }
             })
             .collect();
-        let (n, values) = pack(&bytes, k);
+        let (n, mut values) = pack(&bytes, k);
         let segment_starts = parts[0].segment_starts.clone();
+        // Every K block must start a group: blocks start at multiples of KC and at segments.
+        let grouped = fp8_groups_pay() && segment_starts.iter().all(|s| s.is_multiple_of(FP8_GROUP));
+        if grouped && k > 0 {
+            for panel in values.chunks_exact_mut(k * NR) {
+                group_fp8_panel(panel);
+            }
+        }
         let segments = segment_starts.len();
         let num_panels = n.div_ceil(NR);
         let mut scales = vec![0.0f32; num_panels * segments * NR];
@@ -323,6 +333,7 @@ impl PackedMatrix {
                 values,
                 segment_starts,
                 scales,
+                grouped,
             },
         }
     }
@@ -444,10 +455,12 @@ impl PackedMatrix {
                 values,
                 segment_starts,
                 scales,
+                grouped,
             } => {
                 let scaled = Scaled {
                     segment_starts,
                     scales,
+                    grouped: *grouped,
                 };
                 self.product_of(values, &[scaled], rows, m, c, parallel)
             }
@@ -520,12 +533,18 @@ impl PackedMatrix {
         let last = p + panels_here.count - 1;
         let cols = NR.min(self.n - last * NR);
         let panel = &panels[p * self.k * NR..(last + 1) * self.k * NR];
+        // Rows in whole groups of four (grouped FP8 panels): a block's first rows.
+        let grouped_k = match scaled {
+            Some(s) if s.grouped => self.k / FP8_GROUP * FP8_GROUP,
+            _ => 0,
+        };
         for kb in KBlocks::new(self.k, scaled) {
             let scales = scaled.map_or(std::ptr::null(), |s| s.panel_scales(p, kb.segment));
             let block = panel.as_ptr().add(kb.k0 * NR);
             let block_rows = BlockRows {
                 k0: kb.k0,
                 kc: kb.kc,
+                grouped_rows: grouped_k.saturating_sub(kb.k0).min(kb.kc),
                 cols,
                 accumulate: kb.k0 > 0,
                 panels: panels_here.count,
@@ -543,12 +562,14 @@ impl PackedMatrix {
                     for (j, out) in widened.chunks_exact_mut(KC * NR).take(count).enumerate() {
                         let panel_block = block.add(j * block_rows.panel_stride).cast::<E4m3>();
                         let panel_scales = scales.add(j * block_rows.scales_stride);
-                        widen_fp8_block(panel_block, panel_scales, kb.kc, out);
+                        let grouped = block_rows.grouped_rows;
+                        widen_fp8_block(panel_block, panel_scales, kb.kc, grouped, out);
                     }
                     let null = std::ptr::null();
                     let widened_rows = BlockRows {
                         panel_stride: KC * NR,
                         scales_stride: 0,
+                        grouped_rows: 0,
                         ..block_rows
                     };
                     self.row_tiles(widened.as_ptr(), null, &widened_rows, a, first, rows, p, c);
@@ -586,6 +607,7 @@ impl PackedMatrix {
                 c: c.ptr.add(m0 * c.ldc + p * NR),
                 ldc: c.ldc,
                 kc: block.kc,
+                grouped_rows: block.grouped_rows,
                 cols: block.cols,
                 accumulate: block.accumulate,
                 prefetch: m0 == first,
@@ -603,6 +625,8 @@ impl PackedMatrix {
 struct BlockRows {
     k0: usize,
     kc: usize,
+    /// The first rows, in whole groups of four of a grouped FP8 panel (0 otherwise).
+    grouped_rows: usize,
     /// Valid columns of the group's last panel (the others are whole).
     cols: usize,
     accumulate: bool,
@@ -652,28 +676,82 @@ thread_local! {
 /// column, as the tiles would.
 ///
 /// SAFETY: `b` points to `kc * NR` bytes and `scales` to NR values.
-unsafe fn widen_fp8_block(b: *const E4m3, scales: *const f32, kc: usize, out: &mut [f32]) {
+unsafe fn widen_fp8_block(
+    b: *const E4m3,
+    scales: *const f32,
+    kc: usize,
+    grouped_rows: usize,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if super::has_avx512() {
+        if grouped_rows > 0 && super::has_avx512_fp8_groups() {
+            return avx512::widen_fp8_groups(b, scales, kc, grouped_rows, out);
+        }
+        if grouped_rows == 0 && super::has_avx512() {
             return avx512::widen_fp8_block(b, scales, kc, out);
         }
-        if super::has_avx2_fma() {
+        if grouped_rows == 0 && super::has_avx2_fma() {
             return avx2::widen_fp8_block(b, scales, kc, out);
         }
     }
     let table = e4m3_table();
     for kk in 0..kc {
         for j in 0..NR {
-            out[kk * NR + j] = table[(*b.add(kk * NR + j)).0 as usize] * *scales.add(j);
+            let byte = *b.add(fp8_position(kk, j, grouped_rows));
+            out[kk * NR + j] = table[byte.0 as usize] * *scales.add(j);
         }
     }
 }
 
-/// The scales of FP8 panels, as [`Panels::Fp8`] holds them.
+/// k-rows per group of a grouped FP8 panel.
+const FP8_GROUP: usize = 4;
+
+/// Whether FP8 panels are grouped for the in-lane widening: on CPUs whose AVX-512 tiles run
+/// it (decided once per process, so packing and tiles agree).
+fn fp8_groups_pay() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::has_avx512_fp8_groups()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Where column `column` of k-row `kk` lies from a K block's start, the block's first
+/// `grouped_rows` rows in groups of four: a group's 64 bytes hold four 16-byte lanes, lane
+/// `l` columns `4l..4l + 4` of the four rows (`4 * row + column % 4` within the lane), so
+/// that unpacking bytes and then pairs of bytes within 128-bit lanes gives a row's 16
+/// columns in order. Rows past the groups are in order, as in an ungrouped panel.
+#[inline(always)]
+fn fp8_position(kk: usize, column: usize, grouped_rows: usize) -> usize {
+    if kk < grouped_rows {
+        let (group, row) = (kk / FP8_GROUP, kk % FP8_GROUP);
+        group * FP8_GROUP * NR + 16 * (column / 4) + 4 * row + column % 4
+    } else {
+        kk * NR + column
+    }
+}
+
+/// Interleaves a packed panel's whole groups of four k-rows (see [`fp8_position`]).
+fn group_fp8_panel(panel: &mut [E4m3]) {
+    let k = panel.len() / NR;
+    let grouped_rows = k / FP8_GROUP * FP8_GROUP;
+    for group in panel[..grouped_rows * NR].chunks_exact_mut(FP8_GROUP * NR) {
+        let in_order: [E4m3; FP8_GROUP * NR] = std::array::from_fn(|i| group[i]);
+        for (i, byte) in in_order.iter().enumerate() {
+            group[fp8_position(i / NR, i % NR, FP8_GROUP)] = *byte;
+        }
+    }
+}
+
+/// The scales of FP8 panels, as [`Panels::Fp8`] holds them, and their layout.
 struct Scaled<'a> {
     segment_starts: &'a [usize],
     scales: &'a [f32],
+    grouped: bool,
 }
 
 impl Scaled<'_> {
@@ -837,6 +915,9 @@ struct Tile<E> {
     c: *mut f32,
     ldc: usize,
     kc: usize,
+    /// The first k-rows that lie in whole groups of four of a grouped FP8 panel (a multiple
+    /// of four; 0 for other panels): the rest are in order.
+    grouped_rows: usize,
     /// Valid columns in this panel (the rest is padding and is not stored).
     cols: usize,
     /// Add to the partial sums already in C (a later K block) instead of starting from zero.
@@ -872,6 +953,7 @@ impl<E> Tile<E> {
             c: self.c.add(j * NR),
             ldc: self.ldc,
             kc: self.kc,
+            grouped_rows: self.grouped_rows,
             cols: if last { self.cols } else { NR },
             accumulate: self.accumulate,
             prefetch: self.prefetch,
@@ -964,18 +1046,34 @@ unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
                 }
             };
         }
-        if E::FP8 && mr == 1 && super::has_avx512_byte_shuffles() {
-            // One row: the tile is bound by its vector operations (see `tile_fp8_shuffled`);
-            // with more rows each widened k-row serves them all and the FMAs bind instead.
-            // SAFETY: E is E4m3, the only FP8 panel element.
-            let t = &*(t as *const Tile<E>).cast::<Tile<E4m3>>();
-            match t.panels {
-                4 => return avx512::tile_fp8_shuffled::<1, 4>(t),
-                3 => return avx512::tile_fp8_shuffled::<1, 3>(t),
-                2 => return avx512::tile_fp8_shuffled::<1, 2>(t),
-                1 => return avx512::tile_fp8_shuffled::<1, 1>(t),
-                _ => {}
+        if E::FP8 && t.grouped_rows > 0 {
+            if super::has_avx512_fp8_groups() {
+                // SAFETY: E is E4m3, the only FP8 panel element.
+                let t = &*(t as *const Tile<E>).cast::<Tile<E4m3>>();
+                match (mr, t.panels) {
+                    (1, 4) => return avx512::tile_fp8_groups::<1, 4>(t),
+                    (1, 3) => return avx512::tile_fp8_groups::<1, 3>(t),
+                    (1, 2) => return avx512::tile_fp8_groups::<1, 2>(t),
+                    (1, 1) => return avx512::tile_fp8_groups::<1, 1>(t),
+                    (2, 2) => return avx512::tile_fp8_groups::<2, 2>(t),
+                    (2, 1) => return avx512::tile_fp8_groups::<2, 1>(t),
+                    (3, 2) => return avx512::tile_fp8_groups::<3, 2>(t),
+                    (3, 1) => return avx512::tile_fp8_groups::<3, 1>(t),
+                    (4, 2) => return avx512::tile_fp8_groups::<4, 2>(t),
+                    (4, 1) => return avx512::tile_fp8_groups::<4, 1>(t),
+                    (5, 2) => return avx512::tile_fp8_groups::<5, 2>(t),
+                    (5, 1) => return avx512::tile_fp8_groups::<5, 1>(t),
+                    (6, 2) => return avx512::tile_fp8_groups::<6, 2>(t),
+                    (6, 1) => return avx512::tile_fp8_groups::<6, 1>(t),
+                    _ => {}
+                }
             }
+            // Grouped panels are made only where the tiles above run (`fp8_groups_pay`).
+            debug_assert!(false, "no grouped FP8 tile for {mr} rows over {}", t.panels);
+            for j in 0..t.panels {
+                portable_tile(mr, &t.panel(j));
+            }
+            return;
         }
         if super::has_avx512() {
             dispatch!(avx512);
@@ -1003,7 +1101,12 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
             let mut acc = if t.accumulate { *c } else { 0.0 };
             let scale = if E::FP8 { *t.scales.add(j) } else { 1.0 };
             for kk in 0..t.kc {
-                let mut w = (*t.b.add(kk * NR + E::slot(j))).widen();
+                let at = if E::FP8 {
+                    fp8_position(kk, j, t.grouped_rows)
+                } else {
+                    kk * NR + E::slot(j)
+                };
+                let mut w = (*t.b.add(at)).widen();
                 if E::FP8 {
                     w *= scale;
                 }
@@ -1159,6 +1262,7 @@ mod tests {
                         c: out[m0 * n + p * NR..].as_mut_ptr(),
                         ldc: n,
                         kc,
+                        grouped_rows: 0,
                         cols,
                         accumulate: k0 > 0,
                         prefetch: false,
@@ -1327,12 +1431,13 @@ mod tests {
     /// The SIMD paths widen e4m3 by moving its bits into an f32's exactly as the table does:
     /// all 254 finite bytes, both signs, against the portable tile, with scales from a
     /// subnormal one to just under the kernel's limit (products rounded into f32 subnormals
-    /// too), on every row count of a tile and one to four panels side by side (a one-row
-    /// tile over K blocks of 128 and 126 k-rows: whole groups of four and a tail).
+    /// too), on every row count of a tile and one to four panels side by side, over K blocks
+    /// of 128 and 126 k-rows (whole groups of four and a tail) and, with scale segments of 6
+    /// k-rows, panels that cannot be grouped.
     #[test]
     fn fp8_simd_and_portable_paths_agree_bitwise() {
         let k = 254;
-        for n in [300usize, 40, 16] {
+        for (n, block_k) in [(300usize, 128usize), (40, 128), (16, 128), (40, 6)] {
             let values: Vec<u8> = (0..n * k)
                 .map(|i| ((i * 7) % 254) as u8 ^ ((i & 1) as u8 * 0x80))
                 .collect();
@@ -1340,10 +1445,22 @@ mod tests {
                 .into_iter()
                 .map(|b| if b & 0x7f == 0x7f { 0 } else { b })
                 .collect();
-            let scales = [1e-39, 3.7e-5, 0.5, 1e-30, 255.9, 0.013];
-            let scales = &scales[..n.div_ceil(128) * k.div_ceil(128)];
-            let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(values, n, k, scales, (128, 128)));
+            let some = [1e-39, 3.7e-5, 0.5, 1e-30, 255.9, 0.013];
+            let scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(block_k))
+                .map(|i| some[i % some.len()])
+                .collect();
+            let w = NativeWeight::Fp8(Fp8Matrix::from_blocks(
+                values,
+                n,
+                k,
+                &scales,
+                (128, block_k),
+            ));
             let packed = PackedMatrix::from_native(&[&w], k);
+            let Panels::Fp8 { grouped, .. } = packed.panels else {
+                panic!("FP8 weights pack as FP8")
+            };
+            assert_eq!(grouped, block_k == 128 && fp8_groups_pay());
             let reference = PackedMatrix::from_rows(&w.to_f32(), n, k);
             let Panels::F32(panels) = &reference.panels else {
                 panic!("f32 weights pack as f32")
@@ -1351,9 +1468,37 @@ mod tests {
             for m in [7, 1, 2, 3, 4, 5, 6] {
                 let a = pseudo_random(m * k, 28);
                 let product = packed.matmul(&a, m);
-                assert_eq!(product, portable_product(panels, &a, m, n, k), "{m}x{n}");
+                let expected = portable_product(panels, &a, m, n, k);
+                assert_eq!(product, expected, "{m}x{n}, segments of {block_k}");
             }
         }
+    }
+
+    /// Grouping moves each of a panel's whole groups of four k-rows to the positions the
+    /// tiles read, and leaves the tail in order.
+    #[test]
+    fn grouped_panels_hold_each_weight_where_the_tiles_read_it() {
+        let k = 10;
+        let in_order: Vec<E4m3> = (0..k * NR).map(|i| E4m3(i as u8)).collect();
+        let mut grouped = in_order.clone();
+        group_fp8_panel(&mut grouped);
+        for kk in 0..k {
+            for column in 0..NR {
+                let at = fp8_position(kk, column, 8);
+                assert_eq!(
+                    grouped[at],
+                    in_order[kk * NR + column],
+                    "row {kk}, column {column}"
+                );
+            }
+        }
+        assert_eq!(
+            grouped[8 * NR..],
+            in_order[8 * NR..],
+            "the tail stays in order"
+        );
+        // Row 1's columns 4..8 follow row 0's in the second 16-byte lane.
+        assert_eq!(fp8_position(1, 5, 8), 16 + 4 + 1);
     }
 
     /// A scale too large for the kernel's exact widening (2^120 times it overflows) packs the

@@ -136,17 +136,17 @@ pub fn has_avx512() -> bool {
     false
 }
 
-/// Whether the one-row AVX-512 FP8 tile may widen e4m3 with byte shuffles (GFNI and AVX-512
-/// VBMI: Ice Lake, Zen 4 and later), fewer vector operations than shifts and masks.
-/// `MOE_CPU_KERNELS=avx512` keeps the shift-and-mask widening, to compare.
+/// Whether FP8 panels are packed in groups of four k-rows that the AVX-512 tiles widen with
+/// in-lane unpacks (GFNI and AVX-512 BW: Ice Lake, Zen 4 and later): four vector operations
+/// per 16 weights where a sign-extend, shift and mask take six. `MOE_CPU_KERNELS=avx512`
+/// keeps the panels in order and the shift-and-mask widening, to compare.
 #[cfg(target_arch = "x86_64")]
-pub fn has_avx512_byte_shuffles() -> bool {
+pub fn has_avx512_fp8_groups() -> bool {
     use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         has_avx512()
             && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vbmi")
             && is_x86_feature_detected!("gfni")
             && std::env::var("MOE_CPU_KERNELS").map_or(true, |v| v != "avx512")
     })

@@ -155,44 +155,39 @@ pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &T
 const E4M3_TOP_BYTE: i64 = 0x1020_4000_0000_0080;
 const E4M3_SECOND_BYTE: i64 = 0x0000_0000_0102_0408;
 
-/// Bytes 2 and 3 of every 32-bit lane (the rest become zero).
-const TOP_TWO_BYTES: __mmask64 = 0xCCCC_CCCC_CCCC_CCCC;
-
-/// The `vpermt2b` indices that put k-row `q` of four (64 bytes: 16 columns each) into 16 lanes:
-/// byte 3 of lane i from the first table's byte `16q + i`, byte 2 from the second's.
-static KROW_INDICES: [[u8; 64]; 4] = {
-    let mut all = [[0u8; 64]; 4];
-    let mut q = 0;
-    while q < 4 {
-        let mut lane = 0;
-        while lane < NR {
-            let byte = (16 * q + lane) as u8;
-            all[q][4 * lane + 3] = byte;
-            all[q][4 * lane + 2] = 64 + byte;
-            lane += 1;
-        }
-        q += 1;
-    }
-    all
-};
-
-#[target_feature(enable = "avx512f")]
+/// One group of four k-rows of a grouped FP8 panel (64 bytes, see `fp8_position`) as the f32
+/// bits of its rows, 2^120 smaller: two `gf2p8affineqb` make every weight's top two f32 bytes,
+/// then byte and word unpacks within 128-bit lanes put them in place over zeros. Four vector
+/// operations per 16 weights where the sign-extend, shift and mask take six: a one-row FP8
+/// tile is bound by its vector operations, not by memory, on CPUs that split 512-bit
+/// operations in two (Zen 4). Cross-lane byte permutes (`vpermt2b`, `vpermb`) over panels in
+/// k order measured slower there than these four.
+#[target_feature(enable = "avx512f,avx512bw,gfni")]
 #[inline]
-unsafe fn krow_indices(q: usize) -> __m512i {
-    _mm512_loadu_si512(KROW_INDICES[q].as_ptr().cast())
+unsafe fn e4m3_group_over_2_120(group: *const E4m3) -> [__m512; 4] {
+    let raw = _mm512_loadu_si512(group.cast());
+    let top = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_TOP_BYTE));
+    let second = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_SECOND_BYTE));
+    // Lane l's bytes 4q..4q + 4 are row q's columns 4l..4l + 4: as 16-bit `top:second` pairs,
+    // rows 0 and 1 in `low`, 2 and 3 in `high`, then each pair into a 32-bit lane's top half.
+    let low = _mm512_unpacklo_epi8(second, top);
+    let high = _mm512_unpackhi_epi8(second, top);
+    let zero = _mm512_setzero_si512();
+    [
+        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, low)),
+        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, low)),
+        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, high)),
+        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, high)),
+    ]
 }
 
-/// [`tile`] for FP8 panels, widening four k-rows (one 64-byte load) of a panel at a time: two
-/// `gf2p8affineqb` make each byte's two f32 bytes for all 64 weights, then one `vpermt2b` per
-/// k-row places them in its lanes with zeros below: the same bits as the sign-extend, shift
-/// and mask, so the same products. A one-row FP8 tile is bound by its vector operations, not
-/// by memory, on CPUs that split 512-bit operations in two (Zen 4: 17 G weights/s on one core
-/// from L2, bf16 29); this saves about 5% of it there (docs/performance.md). Byte permutes
-/// cost more than their count says on Zen 4: `vpermb` over pairs of k-rows, and `vpermt2q`
-/// then `vpshufb`, measured slower than this.
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,fma,f16c")]
-pub(super) unsafe fn tile_fp8_shuffled<const R: usize, const P: usize>(t: &Tile<E4m3>) {
+/// [`tile`] for grouped FP8 panels (`Tile::grouped_rows` > 0): each group of four k-rows
+/// widened at once ([`e4m3_group_over_2_120`]), the rows after the groups one at a time; the
+/// same FMA chains in the same order as [`tile`], so the same results.
+#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+pub(super) unsafe fn tile_fp8_groups<const R: usize, const P: usize>(t: &Tile<E4m3>) {
     debug_assert_eq!(t.panels, P);
+    debug_assert!(t.grouped_rows.is_multiple_of(4) && t.grouped_rows <= t.kc);
     let mut acc = start_sums::<R, P, E4m3>(t);
     let mut a_ptrs = [t.a[0]; R];
     a_ptrs.copy_from_slice(&t.a[..R]);
@@ -200,32 +195,20 @@ pub(super) unsafe fn tile_fp8_shuffled<const R: usize, const P: usize>(t: &Tile<
     for (j, s) in scales.iter_mut().enumerate() {
         *s = column_scales::<E4m3>(t.scales.add(j * t.scales_stride));
     }
-    let top = _mm512_set1_epi64(E4M3_TOP_BYTE);
-    let second = _mm512_set1_epi64(E4M3_SECOND_BYTE);
-    let indices = [
-        krow_indices(0),
-        krow_indices(1),
-        krow_indices(2),
-        krow_indices(3),
-    ];
     let b = t.b;
     let lines = PanelLines::new(b, P, t.panel_stride);
     if t.prefetch && !t.accumulate {
         lines.prefetch_starts();
     }
-    let whole = t.kc / 4 * 4;
     let mut kk = 0;
-    while kk < whole {
+    while kk < t.grouped_rows {
         if t.prefetch {
             lines.prefetch_ahead_of(kk);
         }
         for j in 0..P {
-            let raw = _mm512_loadu_si512(b.add(j * t.panel_stride + kk * NR).cast());
-            let high = _mm512_gf2p8affine_epi64_epi8::<0>(raw, top);
-            let low = _mm512_gf2p8affine_epi64_epi8::<0>(raw, second);
-            for (q, idx) in indices.iter().enumerate() {
-                let bits = _mm512_maskz_permutex2var_epi8(TOP_TWO_BYTES, high, *idx, low);
-                let row = _mm512_mul_ps(_mm512_castsi512_ps(bits), scales[j]);
+            let rows = e4m3_group_over_2_120(b.add(j * t.panel_stride + kk * NR));
+            for (q, bits) in rows.iter().enumerate() {
+                let row = _mm512_mul_ps(*bits, scales[j]);
                 for r in 0..R {
                     let a = _mm512_set1_ps(*a_ptrs[r].add(kk + q));
                     acc[r][j] = _mm512_fmadd_ps(a, row, acc[r][j]);
@@ -234,8 +217,10 @@ pub(super) unsafe fn tile_fp8_shuffled<const R: usize, const P: usize>(t: &Tile<
         }
         kk += 4;
     }
-    // The last k-rows of a block that is not a multiple of four, one at a time.
-    for kk in whole..t.kc {
+    for kk in t.grouped_rows..t.kc {
+        if t.prefetch {
+            lines.prefetch_ahead_of(kk);
+        }
         for j in 0..P {
             let row = load_panel_row(b.add(j * t.panel_stride + kk * NR), scales[j]);
             for r in 0..R {
@@ -247,38 +232,61 @@ pub(super) unsafe fn tile_fp8_shuffled<const R: usize, const P: usize>(t: &Tile<
     store_sums(t, &acc);
 }
 
+/// [`widen_fp8_block`] for a grouped panel's block: its first `grouped_rows` rows in groups.
+#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+pub(super) unsafe fn widen_fp8_groups(
+    b: *const E4m3,
+    scales: *const f32,
+    kc: usize,
+    grouped_rows: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() >= kc * NR && grouped_rows.is_multiple_of(4) && grouped_rows <= kc);
+    let scales = column_scales::<E4m3>(scales);
+    let out = out.as_mut_ptr();
+    for kk in (0..grouped_rows).step_by(4) {
+        for (q, bits) in e4m3_group_over_2_120(b.add(kk * NR)).iter().enumerate() {
+            _mm512_storeu_ps(out.add((kk + q) * NR), _mm512_mul_ps(*bits, scales));
+        }
+    }
+    for kk in grouped_rows..kc {
+        _mm512_storeu_ps(out.add(kk * NR), load_panel_row(b.add(kk * NR), scales));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The two shuffle matrices and the lane indices give, for every byte, the bits the
-    /// shift-and-mask widening gives.
+    /// A grouped panel's group widens, row by row, to the bits the shift-and-mask widening
+    /// gives its rows in k order, for every byte in every position.
     #[test]
-    fn shuffled_widening_is_the_shift_and_mask_one_for_every_byte() {
-        if !crate::backend::has_avx512_byte_shuffles() {
-            eprintln!("skipped: no GFNI and AVX-512 VBMI here");
+    fn grouped_widening_is_the_shift_and_mask_one_for_every_byte() {
+        if !crate::backend::has_avx512_fp8_groups() {
+            eprintln!("skipped: no GFNI and AVX-512 BW here");
             return;
         }
-        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni,avx2,fma,f16c")]
-        unsafe fn both(bytes: &[u8; 64]) -> ([u32; 64], [u32; 64]) {
-            let raw = _mm512_loadu_si512(bytes.as_ptr().cast());
-            let high = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_TOP_BYTE));
-            let low = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_SECOND_BYTE));
-            let (mut shuffled, mut shifted) = ([0u32; 64], [0u32; 64]);
-            for q in 0..4 {
-                let bits =
-                    _mm512_maskz_permutex2var_epi8(TOP_TWO_BYTES, high, krow_indices(q), low);
-                _mm512_storeu_si512(shuffled[16 * q..].as_mut_ptr().cast(), bits);
-                let widened = e4m3x16_over_2_120(bytes[16 * q..].as_ptr().cast());
-                _mm512_storeu_ps(shifted[16 * q..].as_mut_ptr().cast(), widened);
+        #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+        unsafe fn both(rows: &[u8; 64]) -> ([u32; 64], [u32; 64]) {
+            let mut group = [E4m3(0); 64];
+            for (i, byte) in rows.iter().enumerate() {
+                group[super::super::fp8_position(i / NR, i % NR, 4)] = E4m3(*byte);
             }
-            (shuffled, shifted)
+            let (mut grouped, mut in_order) = ([0u32; 64], [0u32; 64]);
+            for (q, bits) in e4m3_group_over_2_120(group.as_ptr()).iter().enumerate() {
+                _mm512_storeu_ps(grouped[16 * q..].as_mut_ptr().cast(), *bits);
+                let widened = e4m3x16_over_2_120(rows[16 * q..].as_ptr().cast());
+                _mm512_storeu_ps(in_order[16 * q..].as_mut_ptr().cast(), widened);
+            }
+            (grouped, in_order)
         }
-        for start in (0..256).step_by(64) {
-            let bytes: [u8; 64] = std::array::from_fn(|i| (start + i) as u8);
-            // SAFETY: the CPU has the features (checked above).
-            let (shuffled, shifted) = unsafe { both(&bytes) };
-            assert_eq!(shuffled, shifted, "bytes {start}..{}", start + 64);
+        for shift in [0, 1, 17] {
+            for start in (0..256).step_by(64) {
+                let rows: [u8; 64] = std::array::from_fn(|i| ((start + i * shift + i) % 256) as u8);
+                // SAFETY: the CPU has the features (checked above).
+                let (grouped, in_order) = unsafe { both(&rows) };
+                assert_eq!(grouped, in_order, "bytes from {start}, step {}", shift + 1);
+            }
         }
     }
 }
