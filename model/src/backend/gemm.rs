@@ -307,7 +307,8 @@ impl PackedMatrix {
         let (n, mut values) = pack(&bytes, k);
         let segment_starts = parts[0].segment_starts.clone();
         // Every K block must start a group: blocks start at multiples of KC and at segments.
-        let grouped = fp8_groups_pay() && segment_starts.iter().all(|s| s.is_multiple_of(FP8_GROUP));
+        let grouped =
+            fp8_groups_pay() && segment_starts.iter().all(|s| s.is_multiple_of(FP8_GROUP));
         if grouped && k > 0 {
             for panel in values.chunks_exact_mut(k * NR) {
                 group_fp8_panel(panel);
@@ -735,14 +736,21 @@ fn fp8_position(kk: usize, column: usize, grouped_rows: usize) -> usize {
     }
 }
 
-/// Interleaves a packed panel's whole groups of four k-rows (see [`fp8_position`]).
+/// Interleaves a packed panel's whole groups of four k-rows (see [`fp8_position`]): seen as
+/// four rows of four 4-byte runs, a group is transposed (run `l` of row `q` goes to place
+/// `4l + q`), four bytes at a time (a byte at a time made loading an FP8 checkpoint a third
+/// slower).
 fn group_fp8_panel(panel: &mut [E4m3]) {
+    const RUN: usize = 4;
     let k = panel.len() / NR;
     let grouped_rows = k / FP8_GROUP * FP8_GROUP;
     for group in panel[..grouped_rows * NR].chunks_exact_mut(FP8_GROUP * NR) {
-        let in_order: [E4m3; FP8_GROUP * NR] = std::array::from_fn(|i| group[i]);
-        for (i, byte) in in_order.iter().enumerate() {
-            group[fp8_position(i / NR, i % NR, FP8_GROUP)] = *byte;
+        let mut in_order = [E4m3(0); FP8_GROUP * NR];
+        in_order.copy_from_slice(group);
+        for (i, run) in in_order.chunks_exact(RUN).enumerate() {
+            let (row, l) = (i / (NR / RUN), i % (NR / RUN));
+            let at = (l * FP8_GROUP + row) * RUN;
+            group[at..at + RUN].copy_from_slice(run);
         }
     }
 }
