@@ -443,12 +443,13 @@ mod tests {
                 .unwrap();
             router.wait(Duration::from_secs(5)).unwrap();
         }
+        // The count goes up just before the thread returns: wait for both.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while liveness.stopped() == 0 {
+        while liveness.stopped() == 0 || !nodes.threads[0].is_finished() {
             assert!(std::time::Instant::now() < deadline, "the node did not end");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(nodes.threads[0].is_finished());
+        assert_eq!(liveness.stopped(), 1);
         assert!(!nodes.threads[1].is_finished());
         drop(nodes);
         assert_eq!(liveness.stopped(), 1);
