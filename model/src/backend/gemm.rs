@@ -46,8 +46,9 @@ enum Panels {
     /// one 32-bit lane carries columns j and j + 8: a shift widens the first, a mask the second.
     Bf16(Vec<half::bf16>),
     /// Each k-row of a panel holds its 16 columns' e4m3 bytes in order, or, when `grouped`,
-    /// every four whole k-rows are interleaved for in-lane widening (see [`group_fp8_panel`];
-    /// the last `k % 4` rows stay in order). The k axis is cut in segments (`segment_starts`,
+    /// every four whole k-rows are interleaved, each column's four bytes side by side, for
+    /// widening within 32-bit lanes (see [`fp8_position`]; the last `k % 4` rows stay in
+    /// order). The k axis is cut in segments (`segment_starts`,
     /// shared by every panel) within which a column has one scale:
     /// `scales[(panel * segments + segment) * NR + column]`.
     Fp8 {
@@ -492,7 +493,7 @@ impl PackedMatrix {
         let mut m0 = 0;
         while m0 < m {
             let rows = block.min(m - m0);
-            let group = panels_per_tile(rows);
+            let group = panels_per_tile(rows, E::BF16 || E::FP8);
             let run = |g: usize| {
                 let panels_here = PanelRange {
                     first: g * group,
@@ -656,10 +657,15 @@ const MAX_TILE_PANELS: usize = 4;
 /// On AVX-512 a panel row is one zmm, so a 6-row tile over one panel has six chains and takes
 /// seven loads (the panel row, six broadcasts) for six FMAs; over two panels it has twelve
 /// chains and eight loads for twelve FMAs. AVX2 spends two ymm per panel row and has its
-/// twelve chains with one panel.
-fn panels_per_tile(rows: usize) -> usize {
+/// twelve chains with one panel, and one row over two panels already has four. A row that
+/// widens its panels (bf16, FP8) takes two there: over four its eight sums beside the
+/// widening's registers (and FP8's eight scales) overflow AVX2's 16 and the widened rows spill
+/// (a one-row tile whose matrix stays in L2 ran 1.65x faster over two panels in bf16, 1.1x in
+/// FP8); an f32 row streamed 6% faster over four.
+fn panels_per_tile(rows: usize, widens: bool) -> usize {
     match rows {
-        1 => 4,
+        1 if super::has_avx512() || !widens => 4,
+        1 => 2,
         2 => 2,
         _ if super::has_avx512() => 2,
         _ => 1,
@@ -686,8 +692,12 @@ unsafe fn widen_fp8_block(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if grouped_rows > 0 && super::has_avx512_fp8_groups() {
-            return avx512::widen_fp8_groups(b, scales, kc, grouped_rows, out);
+        if grouped_rows > 0 && super::has_fp8_groups() {
+            return if super::has_avx512() {
+                avx512::widen_fp8_groups(b, scales, kc, grouped_rows, out)
+            } else {
+                avx2::widen_fp8_groups(b, scales, kc, grouped_rows, out)
+            };
         }
         if grouped_rows == 0 && super::has_avx512() {
             return avx512::widen_fp8_block(b, scales, kc, out);
@@ -708,50 +718,62 @@ unsafe fn widen_fp8_block(
 /// k-rows per group of a grouped FP8 panel.
 const FP8_GROUP: usize = 4;
 
-/// Whether FP8 panels are grouped for the in-lane widening: on CPUs whose AVX-512 tiles run
-/// it (decided once per process, so packing and tiles agree).
+/// Whether FP8 panels are grouped for the in-lane widening: on CPUs whose tiles run it
+/// (decided once per process, so packing and tiles agree).
 fn fp8_groups_pay() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        super::has_avx512_fp8_groups()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::has_fp8_groups()
 }
 
 /// Where column `column` of k-row `kk` lies from a K block's start, the block's first
-/// `grouped_rows` rows in groups of four: a group's 64 bytes hold four 16-byte lanes, lane
-/// `l` columns `4l..4l + 4` of the four rows (`4 * row + column % 4` within the lane), so
-/// that unpacking bytes and then pairs of bytes within 128-bit lanes gives a row's 16
-/// columns in order. Rows past the groups are in order, as in an ungrouped panel.
+/// `grouped_rows` rows in groups of four: a group's 64 bytes hold 16 four-byte lanes, lane
+/// `c` column `c`'s four rows, the first lowest, so that shifts and masks within 32-bit lanes
+/// give each row's columns in order (AVX-512: the 16 of a zmm; AVX2: eight per ymm). Rows
+/// past the groups are in order, as in an ungrouped panel.
 #[inline(always)]
 fn fp8_position(kk: usize, column: usize, grouped_rows: usize) -> usize {
     if kk < grouped_rows {
         let (group, row) = (kk / FP8_GROUP, kk % FP8_GROUP);
-        group * FP8_GROUP * NR + 16 * (column / 4) + 4 * row + column % 4
+        group * FP8_GROUP * NR + FP8_GROUP * column + row
     } else {
         kk * NR + column
     }
 }
 
-/// Interleaves a packed panel's whole groups of four k-rows (see [`fp8_position`]): seen as
-/// four rows of four 4-byte runs, a group is transposed (run `l` of row `q` goes to place
-/// `4l + q`), four bytes at a time (a byte at a time made loading an FP8 checkpoint a third
-/// slower).
+/// Interleaves a packed panel's whole groups of four k-rows (see [`fp8_position`]): each
+/// group, four rows of 16 bytes, transposed into 16 columns of four.
 fn group_fp8_panel(panel: &mut [E4m3]) {
-    const RUN: usize = 4;
     let k = panel.len() / NR;
     let grouped_rows = k / FP8_GROUP * FP8_GROUP;
     for group in panel[..grouped_rows * NR].chunks_exact_mut(FP8_GROUP * NR) {
-        let mut in_order = [E4m3(0); FP8_GROUP * NR];
-        in_order.copy_from_slice(group);
-        for (i, run) in in_order.chunks_exact(RUN).enumerate() {
-            let (row, l) = (i / (NR / RUN), i % (NR / RUN));
-            let at = (l * FP8_GROUP + row) * RUN;
-            group[at..at + RUN].copy_from_slice(run);
-        }
+        transpose_fp8_group(group.try_into().expect("a group is 64 bytes"));
+    }
+}
+
+/// Four rows of 16 bytes into 16 columns of four, with byte and word unpacks (SSE2, which
+/// every x86-64 CPU has: a byte at a time made loading an FP8 checkpoint a third slower).
+#[cfg(target_arch = "x86_64")]
+fn transpose_fp8_group(group: &mut [E4m3; FP8_GROUP * NR]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(FP8_GROUP == 4 && NR == 16);
+    let at = group.as_mut_ptr().cast::<__m128i>();
+    // SAFETY: SSE2 is part of x86-64; the group is 64 bytes, read and written as four
+    // unaligned 16-byte vectors.
+    unsafe {
+        let [r0, r1, r2, r3] = [0, 1, 2, 3].map(|q| _mm_loadu_si128(at.add(q)));
+        let (low01, high01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+        let (low23, high23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+        _mm_storeu_si128(at, _mm_unpacklo_epi16(low01, low23));
+        _mm_storeu_si128(at.add(1), _mm_unpackhi_epi16(low01, low23));
+        _mm_storeu_si128(at.add(2), _mm_unpacklo_epi16(high01, high23));
+        _mm_storeu_si128(at.add(3), _mm_unpackhi_epi16(high01, high23));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn transpose_fp8_group(group: &mut [E4m3; FP8_GROUP * NR]) {
+    let rows = *group;
+    for (i, byte) in rows.iter().enumerate() {
+        group[fp8_position(i / NR, i % NR, FP8_GROUP)] = *byte;
     }
 }
 
@@ -945,6 +967,12 @@ struct Tile<E> {
 }
 
 impl<E> Tile<E> {
+    /// The first `R` rows of A (the SIMD tiles' const row count), as an array.
+    #[inline(always)]
+    fn a_rows<const R: usize>(&self) -> [*const f32; R] {
+        std::array::from_fn(|r| self.a[r])
+    }
+
     /// Panel `j` of this tile as a one-panel tile.
     ///
     /// SAFETY: `j < self.panels`.
@@ -997,6 +1025,20 @@ impl<E> PanelLines<E> {
             stride,
             krows_per_line: (64 / (NR * std::mem::size_of::<E>())).max(1),
         }
+    }
+
+    /// A tile's panel streams, their first lines hinted where the tile is the row tile that
+    /// brings a panel's first K block in (`Tile::prefetch`, not `Tile::accumulate`). `panels`
+    /// is the SIMD tile's const count (`Tile::panels`), so that the hints' loops unroll: over
+    /// the runtime count the AVX2 one-row tile ran a quarter slower.
+    #[inline(always)]
+    fn of_tile(t: &Tile<E>, panels: usize) -> Self {
+        debug_assert_eq!(panels, t.panels);
+        let lines = Self::new(t.b, panels, t.panel_stride);
+        if t.prefetch && !t.accumulate {
+            lines.prefetch_starts();
+        }
+        lines
     }
 
     fn line(&self, panel: usize, kk: usize) -> *const i8 {
@@ -1055,25 +1097,34 @@ unsafe fn micro_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
             };
         }
         if E::FP8 && t.grouped_rows > 0 {
-            if super::has_avx512_fp8_groups() {
-                // SAFETY: E is E4m3, the only FP8 panel element.
-                let t = &*(t as *const Tile<E>).cast::<Tile<E4m3>>();
-                match (mr, t.panels) {
-                    (1, 4) => return avx512::tile_fp8_groups::<1, 4>(t),
-                    (1, 3) => return avx512::tile_fp8_groups::<1, 3>(t),
-                    (1, 2) => return avx512::tile_fp8_groups::<1, 2>(t),
-                    (1, 1) => return avx512::tile_fp8_groups::<1, 1>(t),
-                    (2, 2) => return avx512::tile_fp8_groups::<2, 2>(t),
-                    (2, 1) => return avx512::tile_fp8_groups::<2, 1>(t),
-                    (3, 2) => return avx512::tile_fp8_groups::<3, 2>(t),
-                    (3, 1) => return avx512::tile_fp8_groups::<3, 1>(t),
-                    (4, 2) => return avx512::tile_fp8_groups::<4, 2>(t),
-                    (4, 1) => return avx512::tile_fp8_groups::<4, 1>(t),
-                    (5, 2) => return avx512::tile_fp8_groups::<5, 2>(t),
-                    (5, 1) => return avx512::tile_fp8_groups::<5, 1>(t),
-                    (6, 2) => return avx512::tile_fp8_groups::<6, 2>(t),
-                    (6, 1) => return avx512::tile_fp8_groups::<6, 1>(t),
-                    _ => {}
+            // SAFETY: E is E4m3, the only FP8 panel element.
+            let t = &*(t as *const Tile<E>).cast::<Tile<E4m3>>();
+            macro_rules! dispatch_groups {
+                ($isa:ident) => {
+                    match (mr, t.panels) {
+                        (1, 4) => return $isa::tile_fp8_groups::<1, 4>(t),
+                        (1, 3) => return $isa::tile_fp8_groups::<1, 3>(t),
+                        (1, 2) => return $isa::tile_fp8_groups::<1, 2>(t),
+                        (1, 1) => return $isa::tile_fp8_groups::<1, 1>(t),
+                        (2, 2) => return $isa::tile_fp8_groups::<2, 2>(t),
+                        (2, 1) => return $isa::tile_fp8_groups::<2, 1>(t),
+                        (3, 2) => return $isa::tile_fp8_groups::<3, 2>(t),
+                        (3, 1) => return $isa::tile_fp8_groups::<3, 1>(t),
+                        (4, 2) => return $isa::tile_fp8_groups::<4, 2>(t),
+                        (4, 1) => return $isa::tile_fp8_groups::<4, 1>(t),
+                        (5, 2) => return $isa::tile_fp8_groups::<5, 2>(t),
+                        (5, 1) => return $isa::tile_fp8_groups::<5, 1>(t),
+                        (6, 2) => return $isa::tile_fp8_groups::<6, 2>(t),
+                        (6, 1) => return $isa::tile_fp8_groups::<6, 1>(t),
+                        _ => {}
+                    }
+                };
+            }
+            if super::has_fp8_groups() {
+                if super::has_avx512() {
+                    dispatch_groups!(avx512);
+                } else {
+                    dispatch_groups!(avx2);
                 }
             }
             // Grouped panels are made only where the tiles above run (`fp8_groups_pay`).
@@ -1505,8 +1556,9 @@ mod tests {
             in_order[8 * NR..],
             "the tail stays in order"
         );
-        // Row 1's columns 4..8 follow row 0's in the second 16-byte lane.
-        assert_eq!(fp8_position(1, 5, 8), 16 + 4 + 1);
+        // Column 5's four rows lie in the group's sixth 32-bit lane, the first row lowest.
+        assert_eq!(fp8_position(1, 5, 8), 4 * 5 + 1);
+        assert_eq!(fp8_position(6, 15, 8), 64 + 4 * 15 + 2);
     }
 
     /// A scale too large for the kernel's exact widening (2^120 times it overflows) packs the

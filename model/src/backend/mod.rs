@@ -118,6 +118,31 @@ pub fn has_avx2_fma() -> bool {
     false
 }
 
+/// Which kernels `MOE_CPU_KERNELS` holds the process to, to compare them on one machine:
+/// `avx2` (the AVX2 tiles on a CPU that has AVX-512), `avx2-in-order` (the same with FP8
+/// panels in k order), `avx512` (the AVX-512 tiles with FP8 panels in k order). Unset (or
+/// anything else): the best this CPU runs.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum KernelChoice {
+    Best,
+    Avx2,
+    Avx2InOrder,
+    Avx512InOrder,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn kernel_choice() -> KernelChoice {
+    use std::sync::OnceLock;
+    static CHOICE: OnceLock<KernelChoice> = OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("MOE_CPU_KERNELS").as_deref() {
+        Ok("avx2") => KernelChoice::Avx2,
+        Ok("avx2-in-order") => KernelChoice::Avx2InOrder,
+        Ok("avx512") => KernelChoice::Avx512InOrder,
+        _ => KernelChoice::Best,
+    })
+}
+
 /// Whether this CPU runs the AVX-512 tiles (one zmm per 16-column panel row; the detection
 /// includes the AVX2 path's). `MOE_CPU_KERNELS=avx2` turns them off, to compare.
 #[cfg(target_arch = "x86_64")]
@@ -127,7 +152,10 @@ pub fn has_avx512() -> bool {
     *AVAILABLE.get_or_init(|| {
         has_avx2_fma()
             && is_x86_feature_detected!("avx512f")
-            && std::env::var("MOE_CPU_KERNELS").map_or(true, |v| v != "avx2")
+            && !matches!(
+                kernel_choice(),
+                KernelChoice::Avx2 | KernelChoice::Avx2InOrder
+            )
     })
 }
 
@@ -136,18 +164,31 @@ pub fn has_avx512() -> bool {
     false
 }
 
-/// Whether FP8 panels are packed in groups of four k-rows that the AVX-512 tiles widen with
-/// in-lane unpacks (GFNI and AVX-512 BW: Ice Lake, Zen 4 and later): four vector operations
-/// per 16 weights where a sign-extend, shift and mask take six. `MOE_CPU_KERNELS=avx512`
-/// keeps the panels in order and the shift-and-mask widening, to compare.
+/// Whether FP8 panels are packed in groups of four k-rows (each column's four bytes in one
+/// 32-bit lane) that the tiles widen with shifts and masks within lanes: four and a half
+/// vector operations per 16 weights on AVX2 where a sign-extend, shift and mask take seven,
+/// two and a quarter on AVX-512 (BW: Skylake-SP and later, Zen 4) where they take three.
+/// `MOE_CPU_KERNELS=avx512` or `avx2-in-order` keeps the panels in k order and the older
+/// widening, to compare.
 #[cfg(target_arch = "x86_64")]
-pub fn has_avx512_fp8_groups() -> bool {
+pub fn has_fp8_groups() -> bool {
     use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        has_avx512()
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("gfni")
-            && std::env::var("MOE_CPU_KERNELS").map_or(true, |v| v != "avx512")
+        let in_order = matches!(
+            kernel_choice(),
+            KernelChoice::Avx2InOrder | KernelChoice::Avx512InOrder
+        );
+        let tiles_widen_groups = if has_avx512() {
+            is_x86_feature_detected!("avx512bw")
+        } else {
+            has_avx2_fma()
+        };
+        tiles_widen_groups && !in_order
     })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_fp8_groups() -> bool {
+    false
 }

@@ -111,8 +111,7 @@ unsafe fn store_sums<const R: usize, const P: usize, E>(t: &Tile<E>, acc: &[[__m
 pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &Tile<E>) {
     debug_assert_eq!(t.panels, P);
     let mut acc = start_sums::<R, P, E>(t);
-    let mut a_ptrs = [t.a[0]; R];
-    a_ptrs.copy_from_slice(&t.a[..R]);
+    let a_ptrs = t.a_rows::<R>();
     let mut scales = [_mm512_setzero_ps(); P];
     for (j, s) in scales.iter_mut().enumerate() {
         if E::FP8 {
@@ -133,10 +132,7 @@ pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &T
     // As on AVX2: a lone f32 row runs ahead by itself; the others prefetch on the tile that
     // brings the slice in from memory, once per cache line of each panel.
     if (R > 1 || E::BF16 || E::FP8) && t.prefetch {
-        let lines = PanelLines::new(b, P, t.panel_stride);
-        if !t.accumulate {
-            lines.prefetch_starts();
-        }
+        let lines = PanelLines::of_tile(t, P);
         for kk in 0..t.kc {
             lines.prefetch_ahead_of(kk);
             step(&mut acc, kk);
@@ -149,57 +145,46 @@ pub(super) unsafe fn tile<const R: usize, const P: usize, E: PanelElement>(t: &T
     store_sums(t, &acc);
 }
 
-/// `gf2p8affineqb` matrices (row `7 - i` of a qword picks the source bits of result bit i)
-/// that turn an e4m3 byte `s eeee mmm` into the top two bytes of its f32 bits (2^120 smaller,
-/// as [`e4m3x16_over_2_120`] makes them): `s 0000 eee` and `e mmm 0000`.
-const E4M3_TOP_BYTE: i64 = 0x1020_4000_0000_0080;
-const E4M3_SECOND_BYTE: i64 = 0x0000_0000_0102_0408;
-
-/// One group of four k-rows of a grouped FP8 panel (64 bytes, see `fp8_position`) as the f32
-/// bits of its rows, 2^120 smaller: two `gf2p8affineqb` make every weight's top two f32 bytes,
-/// then byte and word unpacks within 128-bit lanes put them in place over zeros. Four vector
-/// operations per 16 weights where the sign-extend, shift and mask take six: a one-row FP8
-/// tile is bound by its vector operations, not by memory, on CPUs that split 512-bit
-/// operations in two (Zen 4). Cross-lane byte permutes (`vpermt2b`, `vpermb`) over panels in
-/// k order measured slower there than these four.
-#[target_feature(enable = "avx512f,avx512bw,gfni")]
+/// One group of four k-rows of a grouped FP8 panel (64 bytes, see `fp8_position`: each
+/// 32-bit lane one column's four bytes, the first row lowest) as the f32 bits of its rows,
+/// 2^120 smaller, as [`e4m3x16_over_2_120`] makes them. A 16-bit arithmetic shift by four of
+/// a byte that sits in a word's top half gives that byte's f32 top half (the sign copied down
+/// to bit 11, which the mask clears with the neighbour's bits); a word's bottom byte gets there
+/// by a shift by eight first, and a low word's result moves to the top half by a 32-bit shift.
+/// Nine operations per 64 weights (two and a quarter per 16, where the sign-extend, shift and
+/// mask take three), all within lanes: as fast on Zen 4 as two `gf2p8affineqb` making each
+/// byte's two f32 bytes and six byte and word unpacks, and no GFNI needed.
+#[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn e4m3_group_over_2_120(group: *const E4m3) -> [__m512; 4] {
-    let raw = _mm512_loadu_si512(group.cast());
-    let top = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_TOP_BYTE));
-    let second = _mm512_gf2p8affine_epi64_epi8::<0>(raw, _mm512_set1_epi64(E4M3_SECOND_BYTE));
-    // Lane l's bytes 4q..4q + 4 are row q's columns 4l..4l + 4: as 16-bit `top:second` pairs,
-    // rows 0 and 1 in `low`, 2 and 3 in `high`, then each pair into a 32-bit lane's top half.
-    let low = _mm512_unpacklo_epi8(second, top);
-    let high = _mm512_unpackhi_epi8(second, top);
-    let zero = _mm512_setzero_si512();
+    let lanes = _mm512_loadu_si512(group.cast());
+    let mask = _mm512_set1_epi32(E4M3_IN_F32_MASK as i32);
+    let odd = _mm512_srai_epi16::<4>(lanes); // rows 3 (top words) and 1 (bottom words)
+    let even = _mm512_srai_epi16::<4>(_mm512_slli_epi16::<8>(lanes)); // rows 2 and 0
     [
-        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, low)),
-        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, low)),
-        _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, high)),
-        _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, high)),
+        _mm512_slli_epi32::<16>(even),
+        _mm512_slli_epi32::<16>(odd),
+        even,
+        odd,
     ]
+    .map(|row| _mm512_castsi512_ps(_mm512_and_si512(row, mask)))
 }
 
 /// [`tile`] for grouped FP8 panels (`Tile::grouped_rows` > 0): each group of four k-rows
 /// widened at once ([`e4m3_group_over_2_120`]), the rows after the groups one at a time; the
 /// same FMA chains in the same order as [`tile`], so the same results.
-#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 pub(super) unsafe fn tile_fp8_groups<const R: usize, const P: usize>(t: &Tile<E4m3>) {
     debug_assert_eq!(t.panels, P);
     debug_assert!(t.grouped_rows.is_multiple_of(4) && t.grouped_rows <= t.kc);
     let mut acc = start_sums::<R, P, E4m3>(t);
-    let mut a_ptrs = [t.a[0]; R];
-    a_ptrs.copy_from_slice(&t.a[..R]);
+    let a_ptrs = t.a_rows::<R>();
     let mut scales = [_mm512_setzero_ps(); P];
     for (j, s) in scales.iter_mut().enumerate() {
         *s = column_scales::<E4m3>(t.scales.add(j * t.scales_stride));
     }
     let b = t.b;
-    let lines = PanelLines::new(b, P, t.panel_stride);
-    if t.prefetch && !t.accumulate {
-        lines.prefetch_starts();
-    }
+    let lines = PanelLines::of_tile(t, P);
     let mut kk = 0;
     while kk < t.grouped_rows {
         if t.prefetch {
@@ -233,7 +218,7 @@ pub(super) unsafe fn tile_fp8_groups<const R: usize, const P: usize>(t: &Tile<E4
 }
 
 /// [`widen_fp8_block`] for a grouped panel's block: its first `grouped_rows` rows in groups.
-#[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 pub(super) unsafe fn widen_fp8_groups(
     b: *const E4m3,
     scales: *const f32,
@@ -262,11 +247,11 @@ mod tests {
     /// gives its rows in k order, for every byte in every position.
     #[test]
     fn grouped_widening_is_the_shift_and_mask_one_for_every_byte() {
-        if !crate::backend::has_avx512_fp8_groups() {
-            eprintln!("skipped: no GFNI and AVX-512 BW here");
+        if !crate::backend::has_avx512() || !is_x86_feature_detected!("avx512bw") {
+            eprintln!("skipped: no AVX-512 BW here");
             return;
         }
-        #[target_feature(enable = "avx512f,avx512bw,gfni,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
         unsafe fn both(rows: &[u8; 64]) -> ([u32; 64], [u32; 64]) {
             let mut group = [E4m3(0); 64];
             for (i, byte) in rows.iter().enumerate() {
