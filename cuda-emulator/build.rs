@@ -51,6 +51,9 @@ fn main() {
         // intrinsics are never fused (prelude.h).
         .flag("-ffp-contract=fast")
         .flag("-fno-fast-math")
+        // Every load and store checked for its type's alignment, as the device faults on one
+        // that is not aligned; runtime.cpp handles the check's calls (no sanitizer runtime).
+        .flag("-fsanitize=alignment")
         .warnings(false)
         .opt_level(2)
         .compile("moe_cuda_kernels");

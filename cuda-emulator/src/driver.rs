@@ -19,6 +19,7 @@ pub const CUDA_ERROR_INVALID_PTX: CUresult = 218;
 pub const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
 pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
 pub const CUDA_ERROR_NOT_READY: CUresult = 600;
+pub const CUDA_ERROR_MISALIGNED_ADDRESS: CUresult = 716;
 pub const CUDA_ERROR_LAUNCH_FAILED: CUresult = 719;
 pub const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
 
@@ -946,6 +947,7 @@ unsafe fn run_launch(
     match emu_launch(function, gx, gy, gz, bx, by, bz, params) {
         0 => CUDA_SUCCESS,
         2 => CUDA_ERROR_OUT_OF_MEMORY,
+        3 => CUDA_ERROR_MISALIGNED_ADDRESS,
         _ => CUDA_ERROR_LAUNCH_FAILED,
     }
 }

@@ -442,6 +442,45 @@ mod tests {
         }
     }
 
+    /// A vector or word read at an address its type's alignment does not divide fails the
+    /// launch with the device's error, as it would on a GPU (where it faults), not only
+    /// reads what lies there.
+    #[test]
+    fn a_misaligned_read_fails_the_launch_as_on_the_device() {
+        let f = function("emu_test_vector_load");
+        let bytes = device(&[1u8; 64]);
+        let out = device(&[0u32; 32]);
+        let cases = [
+            (0, 0, CUDA_SUCCESS),
+            (16, 4, CUDA_SUCCESS),
+            (8, 0, CUDA_ERROR_MISALIGNED_ADDRESS),
+            (4, 0, CUDA_ERROR_MISALIGNED_ADDRESS),
+            (0, 2, CUDA_ERROR_MISALIGNED_ADDRESS),
+        ];
+        for (offset, word_offset, want) in cases {
+            let (mut b, mut o, mut w, mut out_p) =
+                (bytes, offset as c_int, word_offset as c_int, out);
+            let mut params: Vec<*mut c_void> = vec![
+                (&mut b as *mut u64).cast(),
+                (&mut o as *mut c_int).cast(),
+                (&mut w as *mut c_int).cast(),
+                (&mut out_p as *mut u64).cast(),
+            ];
+            unsafe {
+                assert_eq!(
+                    launch(f, 1, 32, &mut params),
+                    want,
+                    "uint4 at {offset}, word at {word_offset}"
+                )
+            };
+        }
+        // The aligned launches read the bytes: four words of 0x01010101, and one more.
+        assert_eq!(host::<u32>(out, 32), vec![5 * 0x0101_0101; 32]);
+        for p in [bytes, out] {
+            assert_eq!(cuMemFree_v2(p), 0);
+        }
+    }
+
     /// Kernels are compiled as NVRTC compiles them by default: `a * b + c` is one fused
     /// multiply-add (one rounding), while `__fmul_rn` is never fused with the add after it.
     #[test]
@@ -488,6 +527,28 @@ mod tests {
                 assert_ne!(got, want, "the race went unseen");
             }
         }
+    }
+
+    /// Blocks of one grid run in no set order on a GPU: a kernel that reads what another
+    /// block of its grid wrote, with nothing between them, gives different results in two
+    /// launches in a row here.
+    #[test]
+    fn a_read_of_another_blocks_write_changes_from_launch_to_launch() {
+        let f = function("emu_test_previous_block");
+        let blocks = 6usize;
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let out = device(&vec![0i32; blocks]);
+            let mut o = out;
+            let mut params: Vec<*mut c_void> = vec![(&mut o as *mut u64).cast()];
+            unsafe { assert_eq!(launch(f, blocks as u32, 32, &mut params), 0) };
+            results.push(host::<i32>(out, blocks));
+            assert_eq!(cuMemFree_v2(out), 0);
+        }
+        let ascending: Vec<i32> = (1..=blocks as i32).collect();
+        let descending: Vec<i32> = (0..blocks).map(|b| if b == 0 { 2 } else { 1 }).collect();
+        assert!(results.contains(&ascending), "{results:?}");
+        assert!(results.contains(&descending), "{results:?}");
     }
 
     /// The warp-wide calls read their own warp's lanes only, in every block: matches by

@@ -13,10 +13,12 @@ struct uint3 {
 struct dim3 {
     unsigned int x, y, z;
 };
-struct uint2 {
+// Aligned as CUDA's vector types are: a load through a pointer that is not is a fault on the
+// device, and here a misaligned-address error (build.rs's alignment check, runtime.cpp).
+struct alignas(8) uint2 {
     unsigned int x, y;
 };
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned int x, y, z, w;
 };
 

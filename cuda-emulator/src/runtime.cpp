@@ -3,7 +3,10 @@
 // the threads of a block taking turns between barriers in thread order. `__syncthreads` ends
 // a thread's turn; a block whose threads do not all reach the same barrier count is reported
 // (on a device that hangs or corrupts shared memory). A block's threads never run at once, so
-// a race shows only as a stale read (the turn order below makes those likely).
+// a race shows only as a stale read (the turn order below makes those likely). A load or store
+// through a pointer its type's alignment does not divide (a `uint4` read of bytes 8 apart, a
+// 32-bit read of a bf16 at an odd index) faults on the device; here the compiler's alignment
+// check (build.rs) reports it, and the launch fails as the device's would.
 #include <sys/mman.h>
 
 #include <cstddef>
@@ -22,6 +25,62 @@ thread_local dim3 gridDim;
 
 #include "kernels.cu"
 #include "test_kernels.cu"
+
+namespace {
+
+// The first misaligned access of the launch in progress on this OS thread (a launch runs on
+// one), kept for its report.
+struct MisalignedAccess {
+    bool seen = false;
+    const char* file = nullptr;
+    unsigned int line = 0;
+    const char* type = nullptr;
+    std::uintptr_t address = 0;
+    unsigned int alignment = 0;
+    uint3 block{}, thread{};
+};
+thread_local MisalignedAccess misaligned;
+
+// Launches run on this OS thread so far (the order of a grid's blocks alternates with them).
+thread_local unsigned long long launches_here = 0;
+
+// What GCC's and Clang's `-fsanitize=alignment` pass the handler below (the sanitizer
+// runtime's TypeMismatchData, SourceLocation and TypeDescriptor): no sanitizer runtime is
+// linked, this library handles its own checks.
+struct SourceLocation {
+    const char* file;
+    std::uint32_t line;
+    std::uint32_t column;
+};
+struct TypeDescriptor {
+    std::uint16_t kind;
+    std::uint16_t info;
+    char name[1];
+};
+struct TypeMismatch {
+    SourceLocation location;
+    const TypeDescriptor* type;
+    unsigned char log_alignment;
+    unsigned char check_kind;
+};
+
+}  // namespace
+
+// Called by the compiler's check before an access whose address is not a multiple of its
+// type's alignment (build.rs: `-fsanitize=alignment`, recoverable): noted for the launch, the
+// access then goes ahead (harmless on the host).
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1(
+    TypeMismatch* data, std::uintptr_t pointer) {
+    if (misaligned.seen || data == nullptr) return;
+    misaligned.seen = true;
+    misaligned.file = data->location.file;
+    misaligned.line = data->location.line;
+    misaligned.type = data->type != nullptr ? data->type->name : "?";
+    misaligned.address = pointer;
+    misaligned.alignment = 1u << data->log_alignment;
+    misaligned.block = blockIdx;
+    misaligned.thread = threadIdx;
+}
 
 namespace {
 
@@ -259,7 +318,9 @@ bool run_block(Block& b, unsigned int threads, bool descending) {
 extern "C" {
 
 // Runs the grid to completion. 0 on success; 1 when a block's threads passed different numbers
-// of barriers; 2 when a fiber's stack could not be made.
+// of barriers; 2 when a fiber's stack could not be made; 3 when a thread accessed memory at an
+// address its type's alignment does not divide (the device stops there with a misaligned-
+// address error; here the grid runs to its end and the first such access is reported).
 int emu_launch(const void* kernel, unsigned int gx, unsigned int gy, unsigned int gz,
                unsigned int bx, unsigned int by, unsigned int bz, void** params) {
     const KernelEntry* entry = static_cast<const KernelEntry*>(kernel);
@@ -274,19 +335,38 @@ int emu_launch(const void* kernel, unsigned int gx, unsigned int gy, unsigned in
     gridDim = dim3{gx, gy, gz};
     blockDim = dim3{bx, by, bz};
     int status = 0;
-    for (unsigned int z = 0; z < gz && status == 0; ++z)
-        for (unsigned int y = 0; y < gy && status == 0; ++y)
-            for (unsigned int x = 0; x < gx && status == 0; ++x) {
-                blockIdx = uint3{x, y, z};
-                if (!run_block(b, threads, ((x + y + z) & 1u) != 0)) {
-                    std::fprintf(stderr,
-                                 "cuda emulator: kernel %s, block (%u, %u, %u): threads "
-                                 "reached different barriers\n",
-                                 entry->name, x, y, z);
-                    status = 1;
-                }
-            }
+    misaligned = MisalignedAccess{};
+    // A GPU runs a grid's blocks in no set order (many at once): every other launch on this
+    // OS thread walks them backwards, so that a kernel reading what another block of its
+    // grid writes, with nothing between them, sees it written in one launch and not in the
+    // next.
+    const bool backwards = (launches_here++ & 1u) != 0;
+    const unsigned long long blocks = (unsigned long long)gx * gy * gz;
+    for (unsigned long long i = 0; i < blocks && status == 0; ++i) {
+        const unsigned long long n = backwards ? blocks - 1 - i : i;
+        const unsigned int x = (unsigned int)(n % gx), y = (unsigned int)(n / gx % gy),
+                           z = (unsigned int)(n / ((unsigned long long)gx * gy));
+        blockIdx = uint3{x, y, z};
+        if (!run_block(b, threads, ((x + y + z) & 1u) != 0)) {
+            std::fprintf(stderr,
+                         "cuda emulator: kernel %s, block (%u, %u, %u): threads reached "
+                         "different barriers\n",
+                         entry->name, x, y, z);
+            status = 1;
+        }
+    }
     block = outer;
+    if (status == 0 && misaligned.seen) {
+        const MisalignedAccess& m = misaligned;
+        std::fprintf(stderr,
+                     "cuda emulator: kernel %s, block (%u, %u, %u), thread (%u, %u, %u): "
+                     "misaligned address 0x%llx for %s (needs %u bytes) at %s:%u\n",
+                     entry->name, m.block.x, m.block.y, m.block.z, m.thread.x, m.thread.y,
+                     m.thread.z, (unsigned long long)m.address, m.type, m.alignment,
+                     m.file != nullptr ? m.file : "?", m.line);
+        status = 3;
+    }
+    misaligned = MisalignedAccess{};
     return status;
 }
 

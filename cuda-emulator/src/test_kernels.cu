@@ -39,3 +39,20 @@ extern "C" __global__ void emu_test_warp_calls(const unsigned int* values, unsig
     out[3 * t + 1] = up;
     out[3 * t + 2] = (unsigned int)__popc(same);
 }
+
+// out[t] = the sum of the four words of a uint4 read `offset` bytes into `bytes`, plus the
+// 32-bit word `word_offset` bytes in: misaligned (a fault on the device) unless 16 and 4
+// divide them.
+extern "C" __global__ void emu_test_vector_load(const unsigned char* bytes, int offset,
+                                                int word_offset, unsigned int* out) {
+    const uint4 v = *(const uint4*)(bytes + offset);
+    const unsigned int word = *(const unsigned int*)(bytes + word_offset);
+    out[threadIdx.x] = v.x + v.y + v.z + v.w + word;
+}
+
+// Each block's thread 0 writes one more than what the block before it (cyclically) holds: a
+// read of another block's write with nothing between them, so the result depends on the
+// order the blocks run in.
+extern "C" __global__ void emu_test_previous_block(int* out) {
+    if (threadIdx.x == 0) out[blockIdx.x] = out[(blockIdx.x + gridDim.x - 1) % gridDim.x] + 1;
+}
