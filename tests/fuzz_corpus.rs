@@ -76,6 +76,11 @@ fn collective_frames_never_panic() {
 }
 
 #[test]
+fn structured_outputs_never_panic() {
+    replay("structured_output", fuzz::structured_output);
+}
+
+#[test]
 fn collective_frame_streams_never_panic() {
     replay("collective_frames", fuzz::collective_frames);
 }

@@ -377,6 +377,14 @@ async fn structured_outputs_always_validate() {
         got["errors"]["bad_regex"],
         json!([400, "structured_outputs"])
     );
+    // Grammars the compiler would recurse through past its stack: refused, and the router
+    // (which they aborted) answers the next request.
+    assert_eq!(
+        got["errors"]["deep_grammar"],
+        json!([400, "structured_outputs"])
+    );
+    assert_eq!(got["errors"]["deep_refs"], json!([400, "response_format"]));
+    assert_eq!(got["answers_after_errors"], true);
 }
 
 /// Tool calls with the official client, in both families' formats (test chat templates in

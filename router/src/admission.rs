@@ -105,19 +105,31 @@ impl Admission {
         let mut valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
         valid.sibling = sibling;
         if let Some(spec) = structured {
-            let compiler = self.grammar.as_ref().ok_or_else(|| {
+            let compiler = Arc::clone(self.grammar.as_ref().ok_or_else(|| {
                 RouterError::invalid(
                     "response_format",
                     "structured outputs are not available: this tokenizer's vocabulary could not be indexed",
                 )
-            })?;
-            let mut constraint = compiler.compile(&spec)?;
-            // A resumed answer's grammar state: replayed over the ids already generated.
-            for &id in &valid.resumed_ids {
-                constraint.consume(id).map_err(|e| {
-                    RouterError::unnamed(format!("resume: the ids do not fit the grammar: {e}"))
-                })?;
-            }
+            })?);
+            let resumed = valid.resumed_ids.clone();
+            // A grammar compiles in up to a second (a schema of thousands of properties): on
+            // the blocking pool, under the tokenizer's bound, so the runtime keeps driving
+            // every other request's stream meanwhile.
+            let constraint = self
+                .tokenizing
+                .run(move || {
+                    let mut constraint = compiler.compile_on_own_stack(&spec)?;
+                    // A resumed answer's grammar state: replayed over the ids already generated.
+                    for &id in &resumed {
+                        constraint.consume(id).map_err(|e| {
+                            RouterError::unnamed(format!(
+                                "resume: the ids do not fit the grammar: {e}"
+                            ))
+                        })?;
+                    }
+                    Ok::<_, RouterError>(constraint)
+                })
+                .await??;
             valid.constraint = Some(constraint);
         }
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
@@ -234,6 +246,58 @@ mod tests {
             .submit(request(), TraceOrigin::default())
             .await
             .is_ok());
+    }
+
+    /// A grammar compiles off the runtime: on a runtime of one thread, a task ticking every
+    /// millisecond keeps ticking while a schema of 3,000 properties (a few hundred
+    /// milliseconds of compiling) is admitted. Compiled inline, it could not tick at all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_grammar_compiles_while_the_runtime_drives_other_tasks() {
+        let (mut admission, _scheduler) = admission(8);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny/tokenizer.json");
+        let json = serde_json::from_str(&std::fs::read_to_string(dir).unwrap()).unwrap();
+        admission.grammar = Some(Arc::new(
+            GrammarCompiler::from_tokenizer_json(&json, 1).unwrap(),
+        ));
+        let properties: serde_json::Map<String, serde_json::Value> = (0..3000)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    serde_json::json!({"type": "string", "pattern": "[a-z]{1,20}"}),
+                )
+            })
+            .collect();
+        let schema = serde_json::json!({"type": "object", "properties": properties});
+        let request = GenerateRequest {
+            structured_output: Some(moe_proto::v1::StructuredOutput {
+                kind: Some(moe_proto::v1::structured_output::Kind::JsonSchema(
+                    schema.to_string(),
+                )),
+            }),
+            ..request()
+        };
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let ticker = tokio::spawn({
+            let ticks = Arc::clone(&ticks);
+            async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        let before = ticks.load(Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        admission
+            .submit(request, TraceOrigin::default())
+            .await
+            .expect("the schema compiles");
+        let took = started.elapsed();
+        let during = ticks.load(Ordering::Relaxed) - before;
+        ticker.abort();
+        assert!(during >= 10, "{during} ticks in {took:?} of admission");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,9 +121,18 @@ def main():
             same.append(answer() == answer(logprobs=True))
     out["picked_equals_sampled"] = same
     errors = {}
+    # Chains the grammar compiler recurses along, one level per link: 20,000 Lark rules each
+    # naming the next, 5,000 schema definitions each referring to the next. Compiled, they
+    # overflowed its stack and aborted the router.
+    lark_chain = "start: r1\n" + "".join(f'r{i}: "x" r{i + 1} | "y"\n' for i in range(1, 20000)) + 'r20000: "z"\n'
+    defs = {f"d{i}": {"type": "object", "properties": {"n": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(5000)}
+    defs["d5000"] = {"type": "string"}
+    ref_chain = {"$defs": defs, "allOf": [{"$ref": "#/$defs/d0"}]}
     for name, kwargs in {
         "bad_schema": dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
         "bad_regex": dict(extra_body={"structured_outputs": {"regex": "(unclosed"}}),
+        "deep_grammar": dict(extra_body={"structured_outputs": {"grammar": lark_chain}}),
+        "deep_refs": dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": ref_chain}}),
     }.items():
         try:
             client.chat.completions.create(
@@ -132,6 +141,11 @@ def main():
         except openai.BadRequestError as e:
             errors[name] = [e.status_code, e.body.get("param") if isinstance(e.body, dict) else None]
     out["errors"] = errors
+    # And the router still answers.
+    after = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "x"}], max_tokens=400, seed=1,
+        extra_body={"structured_outputs": {"regex": REGEX}}).choices[0].message.content
+    out["answers_after_errors"] = re.fullmatch(REGEX, after) is not None
     print(json.dumps(out))
 
 

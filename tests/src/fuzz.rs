@@ -380,3 +380,68 @@ pub fn node_dispatch_accepts(data: &[u8]) -> bool {
     }
     true
 }
+
+/// The structured-output compiler over the fixture's vocabulary (built once).
+fn grammar_compiler() -> &'static moe_router::structured::GrammarCompiler {
+    static COMPILER: OnceLock<moe_router::structured::GrammarCompiler> = OnceLock::new();
+    COMPILER.get_or_init(|| {
+        let path = crate::fixture_dir("deepseek-v3-tiny").join("tokenizer.json");
+        let text = std::fs::read_to_string(path).expect("fixture tokenizer.json");
+        let json = serde_json::from_str(&text).expect("fixture tokenizer.json is JSON");
+        moe_router::structured::GrammarCompiler::from_tokenizer_json(&json, 1)
+            .expect("fixture vocabulary")
+    })
+}
+
+/// A request's grammar (the first byte picks a JSON schema, a regex, a Lark grammar or a
+/// choice among the lines; the rest is its text) compiled as a request's is, on a stack of
+/// the router's size, then walked a few tokens over a vocabulary padded past the
+/// tokenizer's, with an id it does not have tried at each step. A panic anywhere is a crash
+/// (the router would answer it as an internal error; the fuzzer wants to see it).
+pub fn structured_output(data: &[u8]) {
+    use moe_proto::v1::structured_output::Kind;
+    use moe_proto::v1::{ChoiceList, StructuredOutput};
+
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest).into_owned();
+    let kind = match selector % 4 {
+        0 => Kind::JsonSchema(text),
+        1 => Kind::Regex(text),
+        2 => Kind::Grammar(text),
+        _ => Kind::Choice(ChoiceList {
+            choices: text.lines().map(String::from).collect(),
+        }),
+    };
+    let spec = StructuredOutput { kind: Some(kind) };
+    let compiler = grammar_compiler();
+    let walked = std::thread::Builder::new()
+        .stack_size(moe_router::structured::COMPILE_STACK_BYTES)
+        .spawn(move || {
+            let Ok(mut constraint) = compiler.compile(&spec) else {
+                return;
+            };
+            let known = compiler.tokenizer_vocab();
+            let vocab = known + 40;
+            for _ in 0..8 {
+                let Ok(allowed) = constraint.allowed(vocab) else {
+                    return;
+                };
+                assert_eq!(allowed.len(), vocab);
+                assert!(!allowed[known..].iter().any(|&a| a), "a padding id allowed");
+                assert!(constraint.consume((known + 1) as u32).is_err());
+                let Some(token) = allowed.iter().position(|&a| a) else {
+                    return;
+                };
+                if constraint.consume(token as u32).is_err() || constraint.is_finished() {
+                    return;
+                }
+            }
+        })
+        .expect("a thread for the compiler")
+        .join();
+    if let Err(panic) = walked {
+        std::panic::resume_unwind(panic);
+    }
+}
