@@ -77,10 +77,11 @@ impl GrammarCompiler {
     }
 
     /// The request's grammar, ready to constrain it; a grammar that does not compile is an
-    /// invalid request naming the parameter it came from. The compiler recurses once per
-    /// rule of a chain of rules (a Lark rule naming the next) or of `$ref`s (a schema's
-    /// definition referring to the next), a few KiB of stack each: grammars with more rules
-    /// or references than [`MAX_GRAMMAR_RULES`] are refused before it runs.
+    /// invalid request naming the parameter it came from. The compiler recurses along chains
+    /// of rules (a Lark rule naming the next) and of schema objects (through `$ref`s), a few
+    /// KiB of stack each: grammars with more rules and groups than
+    /// [`MAX_GRAMMAR_RULES_AND_GROUPS`] or objects than [`MAX_SCHEMA_OBJECTS`] are refused
+    /// before it runs.
     pub fn compile(&self, spec: &StructuredOutput) -> Result<TokenConstraint, RouterError> {
         let Some(kind) = &spec.kind else {
             return Err(RouterError::invalid(
@@ -89,7 +90,7 @@ impl GrammarCompiler {
             ));
         };
         let invalid = |e: String| RouterError::invalid(param(kind), e);
-        check_rule_count(kind).map_err(invalid)?;
+        check_grammar_size(kind).map_err(invalid)?;
         let grammar = match kind {
             Kind::JsonSchema(text) => {
                 let schema: Value = serde_json::from_str(text)
@@ -131,52 +132,67 @@ impl GrammarCompiler {
     }
 }
 
-/// Rules a Lark grammar may define, and `$ref`s a JSON schema (or a Lark grammar's inline
-/// `%json` schemas) may hold. A chain of that many `$ref`s compiled in 11 MiB of stack (not
-/// in 8), one of that many Lark rules in 4 MiB; chains of 2,000 Lark rules or 500 references
-/// overflowed a default 2 MiB thread stack, which aborts the process.
-pub const MAX_GRAMMAR_RULES: usize = 1000;
+/// Rule definitions plus bracketed groups a Lark grammar may hold. The compiler recurses
+/// along a chain of rules (each naming the next), and within a rule once per group around the
+/// reference, about 2 KiB of stack a level: a chain of 2,000 plain rules overflowed a default
+/// 2 MiB thread stack, which aborts the process, and one of 1,000 rules each naming the next
+/// 28 parentheses deep needed over 56 MiB. Each rule and each group stands at most once on a
+/// path, so their count bounds its length.
+pub const MAX_GRAMMAR_RULES_AND_GROUPS: usize = 4000;
 
-/// The stack of the thread that compiles a grammar: about six times what a chain at
-/// [`MAX_GRAMMAR_RULES`] needs, for recursion of shapes not bounded here (reserved, and
-/// touched only as deep as the compiler goes).
+/// JSON objects a schema (or all of a Lark grammar's inline `%json` schemas) may hold. The
+/// compiler recurses once per object along a path that `$ref`s can chain through the whole
+/// schema (a definition nested 60 objects deep referring to the next, and so on), about
+/// 3.7 KiB of stack an object: 500 chained references overflowed a 2 MiB thread, 300 of them
+/// each 60 objects deep a 64 MiB one. Counting objects, not references, bounds every such
+/// path (OpenAI's structured outputs allow 5,000 properties in all).
+pub const MAX_SCHEMA_OBJECTS: usize = 5000;
+
+/// The stack of the thread that compiles a grammar: over 2.6 times what the deepest paths at
+/// the limits needed here (24 MiB: a schema's chain through `items`, or a Lark chain whose
+/// last rule is such a schema; a Lark chain alone 16), reserved, and touched only as deep as
+/// the compiler goes.
 pub const COMPILE_STACK_BYTES: usize = 64 << 20;
 
-/// Refuses a grammar with more rule definitions or `$ref`s than [`MAX_GRAMMAR_RULES`]: an
-/// upper bound on the longest chain the compiler recurses along. References are counted in
-/// the parsed JSON (a key spelled `"\u0024ref"` is one too), a Lark grammar's in each of
-/// its `%json` schemas.
-fn check_rule_count(kind: &Kind) -> Result<(), String> {
-    let (rules, refs) = match kind {
+/// Refuses a grammar with more rule definitions and groups than
+/// [`MAX_GRAMMAR_RULES_AND_GROUPS`] or schema objects than [`MAX_SCHEMA_OBJECTS`]: bounds on
+/// the longest path the compiler recurses along.
+/// Objects are counted in the parsed JSON, a Lark grammar's in each of its `%json` schemas.
+fn check_grammar_size(kind: &Kind) -> Result<(), String> {
+    let (rules, objects) = match kind {
         Kind::JsonSchema(text) => match serde_json::from_str::<Value>(text) {
-            Ok(schema) => (0, count_refs(&schema)),
+            Ok(schema) => (0, count_objects(&schema)),
             Err(_) => return Ok(()), // refused as not JSON where it is parsed for the compiler
         },
-        Kind::Grammar(text) => (lark_rule_definitions(text), lark_inline_schema_refs(text)),
+        Kind::Grammar(text) => (
+            lark_rules_and_groups(text),
+            lark_inline_schema_objects(text),
+        ),
         Kind::JsonObject(_) | Kind::Regex(_) | Kind::Choice(_) => return Ok(()),
     };
-    if rules > MAX_GRAMMAR_RULES {
+    if rules > MAX_GRAMMAR_RULES_AND_GROUPS {
         return Err(format!(
-            "the grammar defines {rules} rules; at most {MAX_GRAMMAR_RULES} are accepted"
+            "the grammar holds {rules} rules and bracketed groups; at most \
+             {MAX_GRAMMAR_RULES_AND_GROUPS} are accepted"
         ));
     }
-    if refs > MAX_GRAMMAR_RULES {
+    if objects > MAX_SCHEMA_OBJECTS {
         return Err(format!(
-            "the schema holds {refs} $ref; at most {MAX_GRAMMAR_RULES} are accepted"
+            "the schema holds {objects} JSON objects; at most {MAX_SCHEMA_OBJECTS} are accepted"
         ));
     }
     Ok(())
 }
 
-/// `$ref` keys anywhere in `schema` (a walk with its own stack: serde_json bounds nesting at
-/// 128, but this need not rely on it).
-fn count_refs(schema: &Value) -> usize {
+/// JSON objects anywhere in `schema`, itself included (a walk with its own stack: serde_json
+/// bounds nesting at 128, but this need not rely on it).
+fn count_objects(schema: &Value) -> usize {
     let mut count = 0;
     let mut pending = vec![schema];
     while let Some(value) = pending.pop() {
         match value {
             Value::Object(fields) => {
-                count += usize::from(fields.contains_key("$ref"));
+                count += 1;
                 pending.extend(fields.values());
             }
             Value::Array(items) => pending.extend(items),
@@ -186,9 +202,9 @@ fn count_refs(schema: &Value) -> usize {
     count
 }
 
-/// `$ref`s in the JSON schemas a Lark grammar holds inline (`%json { ... }`), each parsed as
+/// Objects in the JSON schemas a Lark grammar holds inline (`%json { ... }`), each parsed as
 /// the compiler will parse it.
-fn lark_inline_schema_refs(text: &str) -> usize {
+fn lark_inline_schema_objects(text: &str) -> usize {
     text.match_indices("%json")
         .filter_map(|(at, directive)| {
             let rest = &text[at + directive.len()..];
@@ -197,20 +213,22 @@ fn lark_inline_schema_refs(text: &str) -> usize {
                 .next()?
                 .ok()
         })
-        .map(|schema| count_refs(&schema))
+        .map(|schema| count_objects(&schema))
         .sum()
 }
 
 /// Rule and terminal definitions in a Lark grammar (`name:`, `?name:`, `name.2:`), nested
-/// `%lark` grammars' too, counted generously: every name followed by a colon, wherever it
-/// stands (in a string, on a line with others), counts.
-fn lark_rule_definitions(text: &str) -> usize {
+/// `%lark` grammars' too, and its bracketed groups (`(` and `[`), counted generously: every
+/// name followed by a colon and every bracket, wherever they stand (in a string, on a line
+/// with others), count.
+fn lark_rules_and_groups(text: &str) -> usize {
     let bytes = text.as_bytes();
     let is_name = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let mut count = 0;
     let mut i = 0;
     while i < bytes.len() {
         if !is_name(bytes[i]) {
+            count += usize::from(bytes[i] == b'(' || bytes[i] == b'[');
             i += 1;
             continue;
         }
@@ -348,14 +366,29 @@ mod tests {
         assert!(value == serde_json::json!({"k": "a"}) || value == serde_json::json!({"k": "b"}));
     }
 
-    /// A Lark grammar whose rules form one chain of `rules` (each naming the next).
-    fn lark_chain(rules: usize) -> String {
+    /// A Lark grammar whose rules form one chain of `rules`, each naming the next `nest`
+    /// parentheses deep.
+    fn lark_chain(rules: usize, nest: usize) -> String {
+        let (open, close) = ("(".repeat(nest), ")".repeat(nest));
         let mut g = String::from("start: r1\n");
         for i in 1..rules - 1 {
-            g.push_str(&format!("r{i}: \"x\" r{} | \"y\"\n", i + 1));
+            g.push_str(&format!("r{i}: {open}\"x\" r{}{close} | \"y\"\n", i + 1));
         }
         g.push_str(&format!("r{}: \"z\"\n", rules - 1));
         g
+    }
+
+    /// The longest chain [`lark_chain`] of `nest` that fits the limit.
+    fn longest_lark_chain(nest: usize) -> String {
+        let fits = |rules: usize| {
+            lark_rules_and_groups(&lark_chain(rules, nest)) <= MAX_GRAMMAR_RULES_AND_GROUPS
+        };
+        let rules = (3..MAX_GRAMMAR_RULES_AND_GROUPS)
+            .take_while(|&r| fits(r))
+            .last()
+            .unwrap();
+        assert!(rules > MAX_GRAMMAR_RULES_AND_GROUPS / (nest + 2));
+        lark_chain(rules, nest)
     }
 
     /// A JSON schema whose definitions form one chain of `refs` references, the key spelled
@@ -378,44 +411,91 @@ mod tests {
         )
     }
 
-    /// Chains of rules or references make the compiler recurse once per link (a few KiB of
-    /// stack each): 2,000 Lark rules or 500 `$ref`s overflowed a 2 MiB thread, which aborts
-    /// the process. At the limit they compile on the compiler's own stack; past it they are
-    /// refused before it runs, however the key is spelled.
+    /// The deepest path of at most [`MAX_SCHEMA_OBJECTS`] objects: definitions each
+    /// wrapping the reference to the next `depth` times in `wrap`, as many as fit.
+    fn deep_ref_chain(wrap: fn(Value) -> Value, depth: usize) -> Value {
+        let link = |links: usize| {
+            let mut defs = serde_json::Map::new();
+            for i in 0..links {
+                let mut v = serde_json::json!({"$ref": format!("#/$defs/d{}", i + 1)});
+                for _ in 0..depth {
+                    v = wrap(v);
+                }
+                defs.insert(format!("d{i}"), v);
+            }
+            defs.insert(format!("d{links}"), serde_json::json!({"type": "string"}));
+            serde_json::json!({"$defs": defs, "allOf": [{"$ref": "#/$defs/d0"}]})
+        };
+        let per_link = count_objects(&link(2)) - count_objects(&link(1));
+        let links = (MAX_SCHEMA_OBJECTS - count_objects(&link(0))) / per_link;
+        let schema = link(links);
+        assert!(count_objects(&schema) <= MAX_SCHEMA_OBJECTS);
+        assert!(count_objects(&link(links + 1)) > MAX_SCHEMA_OBJECTS);
+        schema
+    }
+
+    /// Chains of rules or schema objects make the compiler recurse once per link (a few KiB
+    /// of stack each): 2,000 Lark rules or 500 `$ref`s overflowed a 2 MiB thread, which
+    /// aborts the process, and 300 references each 60 objects deep a 64 MiB one, as did
+    /// 1,000 rules each naming the next 28 parentheses deep. At the limits the deepest such
+    /// paths compile on the compiler's own stack; past them they are refused before it runs,
+    /// however the key is spelled and wherever the schema stands.
     #[test]
     fn chains_of_rules_at_the_limit_compile_and_longer_ones_are_refused() {
         let c = compiler();
-        let at_limit = [
-            Kind::Grammar(lark_chain(MAX_GRAMMAR_RULES)),
-            Kind::JsonSchema(ref_chain(MAX_GRAMMAR_RULES, "\"$ref\"")),
-        ];
-        for kind in at_limit {
-            c.compile_on_own_stack(&spec(kind.clone()))
-                .unwrap_or_else(|e| panic!("{e:?}"));
+        let properties: fn(Value) -> Value =
+            |v| serde_json::json!({"type": "object", "properties": {"n": v}, "required": ["n"]});
+        let items: fn(Value) -> Value = |v| serde_json::json!({"type": "array", "items": v});
+        let any_of: fn(Value) -> Value = |v| serde_json::json!({"anyOf": [v, {"type": "null"}]});
+        let mut at_limit: Vec<Kind> = [0, 8, 28]
+            .into_iter()
+            .map(|nest| Kind::Grammar(longest_lark_chain(nest)))
+            .collect();
+        for (wrap, depth) in [
+            (properties, 0),
+            (properties, 60),
+            (items, 120),
+            (any_of, 60),
+        ] {
+            at_limit.push(Kind::JsonSchema(deep_ref_chain(wrap, depth).to_string()));
         }
-        let past = MAX_GRAMMAR_RULES * 20;
+        // A Lark chain at its limit whose last rule is a schema at its own.
+        let lark = longest_lark_chain(28);
+        let last = lark.trim_end().rsplit('\n').next().unwrap().to_string();
+        let name = last.split(':').next().unwrap();
+        let schema = deep_ref_chain(items, 120);
+        at_limit.push(Kind::Grammar(
+            lark.replace(&last, &format!("{name}: %json {schema}")),
+        ));
+        for kind in at_limit {
+            let short = format!("{kind:?}").chars().take(80).collect::<String>();
+            c.compile_on_own_stack(&spec(kind))
+                .unwrap_or_else(|e| panic!("{short}: {e:?}"));
+        }
+        let past = 20_000;
         let schema = |key: &str| Kind::JsonSchema(ref_chain(past, key));
         let refused = [
-            (Kind::Grammar(lark_chain(past)), "rules"),
-            (schema("\"$ref\""), "$ref"),
-            (schema("\"\\u0024ref\""), "$ref"),
-            (schema("\"\\u0024\\u0072ef\""), "$ref"),
+            (Kind::Grammar(lark_chain(past, 0)), "rules"),
+            (Kind::Grammar(lark_chain(1000, 28)), "rules"),
+            (schema("\"$ref\""), "objects"),
+            (schema("\"\\u0024ref\""), "objects"),
+            (schema("\"\\u0024\\u0072ef\""), "objects"),
             (
                 Kind::Grammar(format!("start: %json {}\n", ref_chain(past, "\"$ref\""))),
-                "$ref",
+                "objects",
             ),
             (
                 Kind::Grammar(format!(
                     "start: %json {}\n",
                     ref_chain(past, "\"\\u0024ref\"")
                 )),
-                "$ref",
+                "objects",
             ),
             // Rules on one line (nested `%lark`) count too.
             (
                 Kind::Grammar(format!(
                     "start: %lark {{ {} }}\n",
-                    lark_chain(past).replace('\n', " ")
+                    lark_chain(past, 0).replace('\n', " ")
                 )),
                 "rules",
             ),
@@ -424,7 +504,7 @@ mod tests {
             let short = format!("{kind:?}").chars().take(60).collect::<String>();
             match c.compile_on_own_stack(&spec(kind)) {
                 Err(RouterError::Invalid { message, .. }) => assert!(
-                    message.contains(what) && message.contains("at most 1000"),
+                    message.contains(what) && message.contains("at most"),
                     "{short}: {message}"
                 ),
                 other => panic!("{short}: {other:?}"),
