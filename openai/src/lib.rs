@@ -34,7 +34,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use moe_model::chat_template::ChatTemplate;
+use moe_model::chat_template::{ChatTemplate, RenderOptions, RESERVED_VARIABLES};
 use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
@@ -399,15 +399,107 @@ impl ChatBody {
                     .tool_calls
                     .as_ref()
                     .map_or(0, |c| c.iter().map(|v| v.to_string().len()).sum::<usize>());
-                m.role.len() + m.content.len() + calls
+                let reasoning = m.reasoning_content.as_ref().map_or(0, String::len);
+                m.role.len() + m.content.len() + calls + 2 * reasoning
             })
             .sum::<usize>()
-            + self
-                .req
-                .tools
-                .as_ref()
-                .map_or(0, |t| serde_json::to_string(t).map_or(0, |s| s.len()))
+            + json_bytes(&self.req.tools)
+            + json_bytes(&self.req.chat_template_kwargs)
+            + json_bytes(&self.req.documents)
     }
+}
+
+impl ChatBody {
+    /// The prompt text the template makes of this conversation (`tools`: as the template sees
+    /// them).
+    pub fn prompt(
+        &self,
+        template: &ChatTemplate,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, RouterError> {
+        let req = &self.req;
+        render_prompt(
+            template,
+            &self.messages,
+            &RenderOptions {
+                tools,
+                documents: req.documents.as_ref(),
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                continue_final_message: req.continue_final_message.unwrap_or(false),
+                variables: req.chat_template_kwargs.as_ref(),
+            },
+        )
+    }
+
+    /// [`Self::prompt`] with the tools as the request's plan shows them to the template
+    /// (what the server renders).
+    pub fn prompt_with_request_tools(
+        &self,
+        template: &ChatTemplate,
+    ) -> Result<String, RouterError> {
+        let plan = tools::plan(
+            self.req.tools.as_deref(),
+            self.req.tool_choice.as_ref(),
+            self.req.parallel_tool_calls,
+            ToolCallFormat::Hermes,
+        )?;
+        self.prompt(template, plan.template_tools.as_ref())
+    }
+}
+
+fn json_bytes<T: serde::Serialize>(value: &Option<T>) -> usize {
+    value
+        .as_ref()
+        .map_or(0, |v| serde_json::to_string(v).map_or(0, |s| s.len()))
+}
+
+/// Checks vLLM's template fields before anything renders.
+fn template_fields(req: &ChatRequest) -> Result<(), RouterError> {
+    if req.continue_final_message == Some(true) && req.add_generation_prompt != Some(false) {
+        return Err(RouterError::invalid(
+            "continue_final_message",
+            "continue_final_message needs add_generation_prompt = false",
+        ));
+    }
+    if let Some(kwargs) = &req.chat_template_kwargs {
+        if let Some(name) = RESERVED_VARIABLES.iter().find(|n| kwargs.contains_key(**n)) {
+            return Err(RouterError::invalid(
+                "chat_template_kwargs",
+                format!("`{name}` is set by the server; it cannot be a chat_template_kwargs entry"),
+            ));
+        }
+    }
+    if let Some(documents) = &req.documents {
+        let is_objects = documents
+            .as_array()
+            .is_some_and(|items| items.iter().all(serde_json::Value::is_object));
+        if !is_objects {
+            return Err(RouterError::invalid(
+                "documents",
+                "documents must be a list of objects",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The prompt `template` makes of the conversation. Tool-call arguments go in parsed (as
+/// transformers documents and vLLM does); a template that fails on them (DeepSeek-V3's joins
+/// them to strings with `+`) gets them again as the client sent them, strings, and only if
+/// that fails too is the request refused, with the first error.
+pub fn render_prompt(
+    template: &ChatTemplate,
+    messages: &[TemplateMessage],
+    options: &RenderOptions<'_>,
+) -> Result<String, RouterError> {
+    let as_sent = || template.render_conversation(messages, options);
+    let first = match tools::with_parsed_arguments(messages) {
+        Some(parsed) => template.render_conversation(&parsed, options),
+        None => return as_sent().map_err(|e| RouterError::invalid("messages", e.to_string())),
+    };
+    first
+        .or_else(|first_error| as_sent().map_err(|_| first_error))
+        .map_err(|e| RouterError::invalid("messages", e.to_string()))
 }
 
 fn no_chat_template() -> RouterError {
@@ -437,16 +529,18 @@ pub fn parse_chat_body(
             "messages must not be empty",
         ));
     }
+    template_fields(&req)?;
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in std::mem::take(&mut req.messages) {
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
             Some(Content::Parts(parts)) => {
-                let mut text = String::new();
+                // Text parts joined by a newline, as vLLM hands them to a text template.
+                let mut texts = Vec::with_capacity(parts.len());
                 for p in parts {
                     match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
+                        ("text", Some(t)) => texts.push(t),
                         (kind, _) => {
                             return Err(RouterError::invalid(
                                 "messages",
@@ -455,15 +549,18 @@ pub fn parse_chat_body(
                         }
                     }
                 }
-                text
+                texts.join("\n")
             }
         };
+        let reasoning = m.reasoning_content.or(m.reasoning);
         messages.push(TemplateMessage {
+            thinking: reasoning.clone(),
             role: m.role,
             content,
-            tool_calls: m.tool_calls.map(tools::template_tool_calls),
+            tool_calls: m.tool_calls,
             tool_call_id: m.tool_call_id,
             name: m.name,
+            reasoning_content: reasoning,
         });
     }
     Ok(ChatBody { req, messages })
@@ -478,17 +575,15 @@ pub fn render_chat(
     max_model_len: usize,
     tool_format: ToolCallFormat,
 ) -> Result<Parsed, RouterError> {
-    let ChatBody { req, messages } = chat;
     let template = template.ok_or_else(no_chat_template)?;
     let plan = tools::plan(
-        req.tools.as_deref(),
-        req.tool_choice.as_ref(),
-        req.parallel_tool_calls,
+        chat.req.tools.as_deref(),
+        chat.req.tool_choice.as_ref(),
+        chat.req.parallel_tool_calls,
         tool_format,
     )?;
-    let rendered = template
-        .render_with_tools(&messages, plan.template_tools.as_ref(), true)
-        .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
+    let rendered = chat.prompt(template, plan.template_tools.as_ref())?;
+    let req = chat.req;
     let mut structured_output = structured_params::structured_output(
         req.response_format.as_ref(),
         req.structured_outputs.as_ref(),

@@ -100,6 +100,9 @@ pub struct ChatMessageIn {
     /// A tool result's call.
     pub tool_call_id: Option<String>,
     pub name: Option<String>,
+    /// An assistant's earlier reasoning, as vLLM answers it (`reasoning` in newer vLLM).
+    pub reasoning_content: Option<String>,
+    pub reasoning: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +140,15 @@ pub struct ChatRequest {
     pub tools: Option<Vec<super::tools::ToolIn>>,
     pub tool_choice: Option<serde_json::Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// vLLM's: more variables for the chat template (Qwen3's `enable_thinking`, DeepSeek-V3.1's
+    /// `thinking`).
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// vLLM's: open the assistant's turn after the messages (the default).
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM's: end the prompt inside the last message, for the model to go on writing it.
+    pub continue_final_message: Option<bool>,
+    /// vLLM's: documents for templates that cite them.
+    pub documents: Option<serde_json::Value>,
     /// Every other field of the body.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,

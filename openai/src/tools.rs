@@ -126,33 +126,46 @@ pub fn plan(
     })
 }
 
-/// A message as the chat template sees it: OpenAI's fields, an assistant's tool calls with
-/// their arguments as JSON (templates print or iterate them; transformers passes dicts).
+/// A message as the chat template sees it: OpenAI's fields, and its reasoning under the
+/// names transformers gives it (`thinking` first, `reasoning_content` last).
 #[derive(Debug, Clone, Serialize)]
 pub struct TemplateMessage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
     pub role: String,
     pub content: String,
+    /// As the client sent them (`arguments` a JSON string); see [`with_parsed_arguments`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
-/// An assistant message's `tool_calls`, with each `function.arguments` string parsed.
-pub fn template_tool_calls(calls: Vec<Value>) -> Vec<Value> {
-    calls
-        .into_iter()
-        .map(|mut call| {
-            if let Some(args) = call.pointer_mut("/function/arguments") {
-                if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str(s).ok()) {
-                    *args = parsed;
+/// The messages with every tool call's `arguments` string parsed into JSON, as transformers
+/// documents and vLLM passes them (templates `tojson` or iterate them); `None` when no call
+/// has arguments to parse.
+pub fn with_parsed_arguments(messages: &[TemplateMessage]) -> Option<Vec<TemplateMessage>> {
+    let mut parsed_any = false;
+    let parsed = messages
+        .iter()
+        .map(|message| {
+            let mut message = message.clone();
+            for call in message.tool_calls.iter_mut().flatten() {
+                if let Some(args) = call.pointer_mut("/function/arguments") {
+                    if let Some(value) = args.as_str().and_then(|s| serde_json::from_str(s).ok()) {
+                        *args = value;
+                        parsed_any = true;
+                    }
                 }
             }
-            call
+            message
         })
-        .collect()
+        .collect();
+    parsed_any.then_some(parsed)
 }
 
 /// OpenAI's `tool_calls` entries for `calls`, ids made from the response id.

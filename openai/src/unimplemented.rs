@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 14] = [
+const NOT_IMPLEMENTED: [&str; 15] = [
     "functions",
     "function_call",
     "min_p",
@@ -26,6 +26,9 @@ const NOT_IMPLEMENTED: [&str; 14] = [
     "bad_words",
     "truncate_prompt_tokens",
     "allowed_token_ids",
+    // vLLM's per-request template: refused (vLLM too, unless trusted), not silently replaced
+    // by the server's own.
+    "chat_template",
 ];
 
 /// The first field of `extra` (the request's fields this server does not read) that asks for
