@@ -463,3 +463,101 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         );
     }
 }
+
+/// `--reasoning-parser qwen3` with Qwen3's real chat template (`--chat-template`, from
+/// `tests/fixtures/templates/hub/`) through the official client: an answer forced (by a regex)
+/// to think first comes back with its reasoning apart, whole and streamed alike, and hidden
+/// with `include_reasoning: false`; `chat_template_kwargs.enable_thinking = false` reaches the
+/// template (a longer prompt: the empty thinking block); `continue_final_message` is served,
+/// and the fields' misuses are 400s naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_apart_and_template_fields_through_the_official_client() {
+    let template = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/templates/hub/qwen3.jinja"
+    );
+    let mut spec = harness::spec(fixture_dir(FIXTURES[1]), 1);
+    spec.router_args.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--served-model-name",
+            "tiny",
+            "--chat-template",
+            template,
+            "--reasoning-parser",
+            "qwen3",
+        ]
+        .map(String::from),
+    );
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/reasoning.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &http, "tiny"])
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    eprintln!("what came back: {got}");
+    let whole = &got["whole"];
+    assert_eq!(
+        whole["matches"], true,
+        "reasoning and content rebuild the answer: {got}"
+    );
+    assert!(
+        whole["reasoning"].as_str().is_some_and(|r| r.len() >= 3),
+        "{got}"
+    );
+    assert!(
+        !whole["content"].as_str().unwrap_or("").contains("think"),
+        "{got}"
+    );
+    let streamed = &got["streamed"];
+    assert_eq!(
+        streamed["reasoning"], whole["reasoning"],
+        "streamed = whole: {got}"
+    );
+    assert_eq!(
+        streamed["content"], whole["content"],
+        "streamed = whole: {got}"
+    );
+    assert!(
+        streamed["reasoning_chunks"].as_u64() > Some(1),
+        "reasoning streams: {got}"
+    );
+    assert_eq!(got["hidden"]["has_reasoning"], false, "{got}");
+    assert_eq!(got["hidden"]["content"], whole["content"], "{got}");
+    let tokens = &got["prompt_tokens"];
+    assert!(
+        tokens["not_thinking"].as_u64() > tokens["thinking"].as_u64(),
+        "enable_thinking = false reached the template: {got}"
+    );
+    assert_eq!(got["continued"], json!([200, null]), "{got}");
+    let errors = &got["errors"];
+    assert_eq!(
+        errors["continue_with_generation_prompt"],
+        json!([400, "continue_final_message"]),
+        "{got}"
+    );
+    assert_eq!(
+        errors["reserved_kwarg"],
+        json!([400, "chat_template_kwargs"]),
+        "{got}"
+    );
+    assert_eq!(
+        errors["request_template"],
+        json!([400, "chat_template"]),
+        "{got}"
+    );
+}

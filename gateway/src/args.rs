@@ -32,6 +32,12 @@ pub struct GatewayArgs {
     /// A Jinja chat template replacing the checkpoint's (as the routers' flag).
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
+    /// Send chat answers' reasoning (`<think>...</think>`) apart from their content, as
+    /// `reasoning_content` (vLLM's and SGLang's `--reasoning-parser`): `deepseek-r1`
+    /// (DeepSeek-R1, QwQ), `qwen3`, or `deepseek-v3` (DeepSeek-V3.1 when a request sets
+    /// `chat_template_kwargs.thinking`). Off by default: answers are returned whole.
+    #[arg(long, env = "MOE_REASONING_PARSER")]
+    pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
     /// Prometheus `/metrics` on its own port.
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,

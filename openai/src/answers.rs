@@ -20,6 +20,7 @@ use super::tools::{tool_call_id, tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
 use crate::error::RouterError;
 use crate::generator::Answers;
+use crate::reasoning::{split_whole, ReasoningSplit, ReasoningStream};
 use crate::tool_calls::partial_calls;
 use serde_json::Value;
 
@@ -238,19 +239,29 @@ pub async fn whole_completion(
 }
 
 /// A chat answer's message: its text, or, when the request offered tools and the text holds
-/// calls, the calls (and any text before them), with finish reason `tool_calls`.
+/// calls, the calls (and any text before them), with finish reason `tool_calls`; with a
+/// reasoning split, the reasoning apart (calls are looked for in the rest).
 fn chat_message(
     tools: Option<&ToolAnswers>,
+    reasoning: Option<ReasoningSplit>,
     id: &str,
     index: u32,
     text: String,
     finish_reason: Option<String>,
 ) -> (ChatMessageOut, Option<String>) {
-    if let Some((content, calls)) = tools.and_then(|t| t.format.parse(&text)) {
+    let (reasoning_content, content) = match reasoning {
+        Some(split) => split_whole(split, &text),
+        None => (None, Some(text)),
+    };
+    let parsed = content
+        .as_deref()
+        .and_then(|text| tools.and_then(|t| t.format.parse(text)));
+    if let Some((content, calls)) = parsed {
         return (
             ChatMessageOut {
                 role: "assistant",
                 content: (!content.is_empty()).then_some(content),
+                reasoning_content,
                 tool_calls: Some(tool_calls_json(id, index, &calls)),
             },
             Some("tool_calls".into()),
@@ -259,7 +270,8 @@ fn chat_message(
     (
         ChatMessageOut {
             role: "assistant",
-            content: Some(text),
+            content,
+            reasoning_content,
             tool_calls: None,
         },
         finish_reason,
@@ -288,6 +300,7 @@ pub async fn whole_chat(
             });
             let (message, finish_reason) = chat_message(
                 parsed.tools.as_ref(),
+                parsed.reasoning,
                 &id,
                 index as u32,
                 c.text,
@@ -540,9 +553,9 @@ impl HeldText {
             }
             return Some((
                 Delta {
-                    role: None,
                     content: (!content.is_empty()).then_some(content),
                     tool_calls: (!calls.is_empty()).then_some(calls),
+                    ..Delta::default()
                 },
                 None,
             ));
@@ -550,8 +563,14 @@ impl HeldText {
         let whole = std::mem::take(&mut self.text);
         let sent = std::mem::take(&mut self.sent);
         let parsed = tools.format.parse(&whole);
-        let (_, reason) =
-            chat_message(Some(tools), response_id, index, whole.clone(), Some(reason));
+        let (_, reason) = chat_message(
+            Some(tools),
+            None,
+            response_id,
+            index,
+            whole.clone(),
+            Some(reason),
+        );
         // The content not yet sent (the text before the calls, or all of it), and what the
         // calls have not sent yet.
         let (rest, calls) = match &parsed {
@@ -570,9 +589,9 @@ impl HeldText {
         let calls = calls.filter(|c| !c.is_empty());
         Some((
             Delta {
-                role: None,
                 content: (!rest.is_empty() || parsed.is_none()).then_some(rest),
                 tool_calls: calls,
+                ..Delta::default()
             },
             reason,
         ))
@@ -590,6 +609,11 @@ pub fn stream_chat(
     // With tools, a choice's text streams as content until a call may be starting; the rest
     // is held until the choice ends, then sent as content or as calls.
     let mut held: Vec<HeldText> = vec![HeldText::default(); answers.len()];
+    // With a reasoning parser, each choice's text is split first; only its content part is
+    // read for calls.
+    let split = parsed.reasoning;
+    let mut splitters: Vec<Option<ReasoningStream>> =
+        vec![split.map(ReasoningStream::new); answers.len()];
     let response_id = id.clone();
     let created = super::unix_now();
     let model = state.model_name.clone();
@@ -610,7 +634,7 @@ pub fn stream_chat(
                     delta: Delta {
                         role: Some("assistant"),
                         content: Some(String::new()),
-                        tool_calls: None,
+                        ..Delta::default()
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -621,19 +645,32 @@ pub fn stream_chat(
         .collect();
     let mut tally = UsageTally::new(answers.len());
     relay(answers, first, move |index, msg| {
-        let delta = match &tools {
+        let (reasoning, text) = match splitters.get_mut(index as usize) {
+            Some(Some(splitter)) => {
+                let piece = splitter.push(&msg.text, finish(msg).is_some());
+                (
+                    Some(piece.reasoning).filter(|r| !r.is_empty()),
+                    piece.content,
+                )
+            }
+            _ => (None, msg.text.clone()),
+        };
+        let mut delta = match &tools {
             None => Some((
                 Delta {
-                    role: None,
-                    content: Some(msg.text.clone()),
-                    tool_calls: None,
+                    content: (split.is_none() || !text.is_empty()).then_some(text),
+                    ..Delta::default()
                 },
                 finish(msg),
             )),
             Some(t) => held
                 .get_mut(index as usize)
-                .and_then(|h| h.next(t, &response_id, index, &msg.text, finish(msg))),
+                .and_then(|h| h.next(t, &response_id, index, &text, finish(msg))),
         };
+        if let Some(reasoning) = reasoning {
+            let (delta, _) = delta.get_or_insert_with(|| (Delta::default(), None));
+            delta.reasoning_content = Some(reasoning);
+        }
         let mut events = Vec::new();
         if let Some((delta, finish_reason)) = delta {
             events.push(json_event(&chunk(

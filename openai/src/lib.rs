@@ -15,6 +15,7 @@ pub mod listener;
 pub mod openai;
 pub mod partial_json;
 pub mod prompt_bytes;
+pub mod reasoning;
 pub mod sibling;
 mod state;
 mod structured_params;
@@ -218,6 +219,8 @@ pub struct Parsed {
     pub echo: Option<Option<String>>,
     /// Chat with tools: answers are read for tool calls.
     pub tools: Option<tools::ToolAnswers>,
+    /// Chat with a reasoning parser: how answers' reasoning is split off.
+    pub reasoning: Option<reasoning::ReasoningSplit>,
 }
 
 /// Submits the `n` choices of `parsed`: choice i is the request with seed `seed + i` (as vLLM
@@ -332,6 +335,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         n,
         echo,
         tools: None,
+        reasoning: None,
     })
 }
 
@@ -377,6 +381,7 @@ pub fn parse_chat(
         tokenizer,
         max_model_len,
         ToolCallFormat::Hermes,
+        None,
     )
 }
 
@@ -574,6 +579,7 @@ pub fn render_chat(
     tokenizer: &Tokenizer,
     max_model_len: usize,
     tool_format: ToolCallFormat,
+    reasoning_parser: Option<reasoning::ReasoningParser>,
 ) -> Result<Parsed, RouterError> {
     let template = template.ok_or_else(no_chat_template)?;
     let plan = tools::plan(
@@ -584,6 +590,12 @@ pub fn render_chat(
     )?;
     let rendered = chat.prompt(template, plan.template_tools.as_ref())?;
     let req = chat.req;
+    let reasoning = reasoning_parser.and_then(|p| {
+        p.for_request(
+            req.chat_template_kwargs.as_ref(),
+            req.include_reasoning.unwrap_or(true),
+        )
+    });
     let mut structured_output = structured_params::structured_output(
         req.response_format.as_ref(),
         req.structured_outputs.as_ref(),
@@ -648,6 +660,7 @@ pub fn render_chat(
         n: choices(req.n)?,
         echo: None,
         tools: plan.answers,
+        reasoning,
     })
 }
 
@@ -677,6 +690,7 @@ async fn chat_completions(
                 tokenizer,
                 render_state.max_model_len,
                 render_state.tool_format,
+                render_state.reasoning_parser,
             )
         })
         .await??;

@@ -149,6 +149,8 @@ pub struct ChatRequest {
     pub continue_final_message: Option<bool>,
     /// vLLM's: documents for templates that cite them.
     pub documents: Option<serde_json::Value>,
+    /// vLLM's: with a reasoning parser, whether the reasoning is sent (default true).
+    pub include_reasoning: Option<bool>,
     /// Every other field of the body.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -214,6 +216,9 @@ pub struct ChatMessageOut {
     pub role: &'static str,
     /// `null` when the answer is only tool calls.
     pub content: Option<String>,
+    /// With `--reasoning-parser`: the answer's reasoning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<serde_json::Value>>,
 }
@@ -242,6 +247,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<serde_json::Value>>,
 }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use moe_model::chat_template::ChatTemplate;
+
+use crate::reasoning::ReasoningParser;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 
@@ -21,6 +23,8 @@ pub struct ServedModel<'a> {
     pub name: String,
     /// `--chat-template FILE`.
     pub chat_template: Option<&'a Path>,
+    /// `--reasoning-parser`: chat answers' reasoning sent apart from their content.
+    pub reasoning_parser: Option<ReasoningParser>,
 }
 
 impl ServedModel<'_> {
@@ -53,6 +57,8 @@ pub struct HttpState {
     pub chat_template: Option<ChatTemplate>,
     /// How this model family writes tool calls.
     pub tool_format: ToolCallFormat,
+    /// How chat answers' reasoning is read, if at all.
+    pub reasoning_parser: Option<ReasoningParser>,
     pub model_name: String,
     pub max_model_len: usize,
     /// Unix time the server started (the model card's `created`).
@@ -93,6 +99,7 @@ impl HttpState {
             generator,
             chat_template,
             tool_format: ToolCallFormat::for_model(model.config.family.model_type()),
+            reasoning_parser: model.reasoning_parser,
             model_name: model.name,
             max_model_len: model.config.max_position_embeddings,
             created: unix_now(),

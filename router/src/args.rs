@@ -102,6 +102,12 @@ pub struct Args {
     /// A Jinja chat template file to use instead of the checkpoint's (`tokenizer_config.json`).
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     pub chat_template: Option<std::path::PathBuf>,
+    /// Send chat answers' reasoning (`<think>...</think>`) apart from their content, as
+    /// `reasoning_content` (vLLM's and SGLang's `--reasoning-parser`): `deepseek-r1`
+    /// (DeepSeek-R1, QwQ), `qwen3`, or `deepseek-v3` (DeepSeek-V3.1 when a request sets
+    /// `chat_template_kwargs.thinking`). Off by default: answers are returned whole.
+    #[arg(long, env = "MOE_REASONING_PARSER")]
+    pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,

@@ -438,6 +438,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         security: &security,
         model_name,
         chat_template: args.chat_template.clone(),
+        reasoning_parser: args.reasoning_parser,
     };
     let (servers, http_address) = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -560,6 +561,7 @@ struct HttpParts<'a> {
     security: &'a Security,
     model_name: String,
     chat_template: Option<std::path::PathBuf>,
+    reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
 }
 
 /// Binds and starts `--http-listen` and `--metrics-listen`, if given, until `shutdown`.
@@ -609,6 +611,7 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         config: &parts.model.config,
         name: parts.model_name.clone(),
         chat_template: parts.chat_template.as_deref(),
+        reasoning_parser: parts.reasoning_parser,
     };
     Ok(Arc::new(http::HttpState::new(
         model,

@@ -1,0 +1,300 @@
+//! A thinking model's reasoning kept apart from its answer (`--reasoning-parser`, as vLLM's and
+//! SGLang's): the text inside `<think>...</think>` goes out as `reasoning_content` (DeepSeek's
+//! own API's name, which SGLang and vLLM's clients read), the rest as `content`, where tool
+//! calls are then looked for. A stream splits exactly as the whole answer does: the same rule
+//! runs over the pieces as they come, holding back only a tail that could still grow into a
+//! tag.
+
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+const START: &str = "<think>";
+const END: &str = "</think>";
+
+/// Which models' reasoning format the server reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningParser {
+    /// DeepSeek-R1 (and QwQ, Qwen3's thinking-only models): the template opens `<think>` in
+    /// the prompt, so the answer is reasoning from its first token (an opening tag it writes
+    /// anyway is dropped) until `</think>`; an answer cut off before it is all reasoning.
+    DeepSeekR1,
+    /// Qwen3: reasoning only when the answer opens with `<think>` (with `enable_thinking`
+    /// false the template closes an empty block in the prompt and the answer is all content).
+    Qwen3,
+    /// DeepSeek-V3.1: as DeepSeek-R1 when the request asks the template to think
+    /// (`chat_template_kwargs.thinking`), otherwise no reasoning at all.
+    DeepSeekV3,
+}
+
+impl FromStr for ReasoningParser {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "deepseek-r1" | "deepseek_r1" => Ok(Self::DeepSeekR1),
+            "qwen3" => Ok(Self::Qwen3),
+            "deepseek-v3" | "deepseek_v3" => Ok(Self::DeepSeekV3),
+            other => Err(format!(
+                "unknown reasoning parser `{other}`: deepseek-r1, qwen3 or deepseek-v3"
+            )),
+        }
+    }
+}
+
+impl ReasoningParser {
+    /// How one request's answer splits (`None`: it does not), given its
+    /// `chat_template_kwargs` and vLLM's `include_reasoning`.
+    pub fn for_request(
+        self,
+        template_kwargs: Option<&Map<String, Value>>,
+        include_reasoning: bool,
+    ) -> Option<ReasoningSplit> {
+        let asked = |name: &str| {
+            template_kwargs
+                .and_then(|k| k.get(name))
+                .is_some_and(|v| v.as_bool() == Some(true))
+        };
+        let opens_in_prompt = match self {
+            Self::DeepSeekR1 => true,
+            Self::Qwen3 => false,
+            Self::DeepSeekV3 if asked("thinking") || asked("enable_thinking") => true,
+            Self::DeepSeekV3 => return None,
+        };
+        Some(ReasoningSplit {
+            opens_in_prompt,
+            include: include_reasoning,
+        })
+    }
+}
+
+/// One request's rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasoningSplit {
+    /// The answer starts inside the reasoning (without an opening tag of its own).
+    opens_in_prompt: bool,
+    /// Whether the reasoning is sent at all (vLLM's `include_reasoning`).
+    include: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing but whitespace and maybe the start of `<think>` seen yet.
+    Opening,
+    Reasoning,
+    Content,
+}
+
+/// What a piece of the answer adds to each part.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SplitPiece {
+    pub reasoning: String,
+    pub content: String,
+}
+
+/// One choice's answer being split as it streams.
+#[derive(Debug, Clone)]
+pub struct ReasoningStream {
+    split: ReasoningSplit,
+    phase: Phase,
+    /// Text not yet given out.
+    held: String,
+    /// Whether any reasoning was seen (a whole answer then has `reasoning_content`).
+    reasoned: bool,
+}
+
+/// Where in `text` a tail starts that could still grow into `tag` (its length when none).
+fn open_tail(text: &str, tag: &str) -> usize {
+    text.char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| tag.starts_with(&text[i..]))
+        .unwrap_or(text.len())
+}
+
+impl ReasoningStream {
+    pub fn new(split: ReasoningSplit) -> Self {
+        Self {
+            split,
+            phase: Phase::Opening,
+            held: String::new(),
+            reasoned: false,
+        }
+    }
+
+    /// Splits the next piece; with `last`, gives out everything held.
+    pub fn push(&mut self, piece: &str, last: bool) -> SplitPiece {
+        self.held.push_str(piece);
+        let mut out = SplitPiece::default();
+        loop {
+            match self.phase {
+                Phase::Opening => {
+                    let trimmed = self.held.trim_start();
+                    if let Some(rest) = trimmed.strip_prefix(START) {
+                        self.held = rest.to_string();
+                        self.phase = Phase::Reasoning;
+                    } else if START.starts_with(trimmed) && !last {
+                        // Whitespace and maybe the tag's beginning: wait for more.
+                        break;
+                    } else {
+                        self.phase = if self.split.opens_in_prompt {
+                            Phase::Reasoning
+                        } else {
+                            Phase::Content
+                        };
+                    }
+                }
+                Phase::Reasoning => {
+                    self.reasoned = true;
+                    if let Some(at) = self.held.find(END) {
+                        out.reasoning.push_str(&self.held[..at]);
+                        self.held.drain(..at + END.len());
+                        self.phase = Phase::Content;
+                        continue;
+                    }
+                    let end = if last {
+                        self.held.len()
+                    } else {
+                        open_tail(&self.held, END)
+                    };
+                    out.reasoning.push_str(&self.held[..end]);
+                    self.held.drain(..end);
+                    break;
+                }
+                Phase::Content => {
+                    out.content.push_str(&self.held);
+                    self.held.clear();
+                    break;
+                }
+            }
+        }
+        if !self.split.include {
+            out.reasoning.clear();
+        }
+        out
+    }
+
+    /// Whether the answer had a reasoning part to report (`reasoning_content` present).
+    pub fn reasoned(&self) -> bool {
+        self.reasoned && self.split.include
+    }
+}
+
+/// A whole answer split: `(reasoning_content, content)`, each `None` when absent or empty
+/// (as vLLM gives `content: null` when the answer ends with its reasoning).
+pub fn split_whole(split: ReasoningSplit, text: &str) -> (Option<String>, Option<String>) {
+    let mut stream = ReasoningStream::new(split);
+    let piece = stream.push(text, true);
+    let reasoning = stream.reasoned().then_some(piece.reasoning);
+    let content = (!piece.content.is_empty()).then_some(piece.content);
+    (reasoning, content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(parser: ReasoningParser) -> ReasoningSplit {
+        parser.for_request(None, true).expect("splits")
+    }
+
+    fn some(text: &str) -> Option<String> {
+        Some(text.to_string())
+    }
+
+    #[test]
+    fn whole_answers_split_at_the_tags() {
+        let r1 = rule(ReasoningParser::DeepSeekR1);
+        let qwen = rule(ReasoningParser::Qwen3);
+        assert_eq!(
+            split_whole(r1, "hmm\n</think>\n\n42"),
+            (some("hmm\n"), some("\n\n42"))
+        );
+        assert_eq!(
+            split_whole(r1, "<think>\nhmm</think>42"),
+            (some("\nhmm"), some("42"))
+        );
+        assert_eq!(
+            split_whole(r1, "cut off mid-thought"),
+            (some("cut off mid-thought"), None)
+        );
+        assert_eq!(split_whole(r1, "thought</think>"), (some("thought"), None));
+        assert_eq!(
+            split_whole(qwen, "<think>\nhmm\n</think>\n\n42"),
+            (some("\nhmm\n"), some("\n\n42"))
+        );
+        assert_eq!(
+            split_whole(qwen, "42, no thinking"),
+            (None, some("42, no thinking"))
+        );
+        assert_eq!(
+            split_whole(qwen, "a </think> b"),
+            (None, some("a </think> b"))
+        );
+        assert_eq!(split_whole(qwen, "  <think>x"), (some("x"), None));
+        assert_eq!(split_whole(qwen, ""), (None, None));
+        assert_eq!(split_whole(qwen, "<thin"), (None, some("<thin")));
+        let hidden = ReasoningParser::DeepSeekR1
+            .for_request(None, false)
+            .expect("splits");
+        assert_eq!(split_whole(hidden, "why</think>so"), (None, some("so")));
+    }
+
+    #[test]
+    fn deepseek_v3_thinks_only_when_asked() {
+        let kwargs = |v: Value| v.as_object().cloned();
+        let v3 = ReasoningParser::DeepSeekV3;
+        assert_eq!(v3.for_request(None, true), None);
+        assert_eq!(
+            v3.for_request(
+                kwargs(serde_json::json!({"thinking": false})).as_ref(),
+                true
+            ),
+            None
+        );
+        let on = v3.for_request(kwargs(serde_json::json!({"thinking": true})).as_ref(), true);
+        assert_eq!(on, Some(rule(ReasoningParser::DeepSeekR1)));
+        assert_eq!("deepseek_r1".parse(), Ok(ReasoningParser::DeepSeekR1));
+        assert!("llama".parse::<ReasoningParser>().is_err());
+    }
+
+    /// Every way of cutting an answer into pieces streams the whole answer's split.
+    #[test]
+    fn streams_split_as_the_whole_answer_does() {
+        let answers = [
+            "<think>\nlet me see</think>\n\nThe answer: 42",
+            "reasoning only, cut off <",
+            "  <think>a</thi</think>b</think>c",
+            "plain answer <think> inside",
+            "<th",
+            "",
+        ];
+        for parser in [ReasoningParser::DeepSeekR1, ReasoningParser::Qwen3] {
+            let split = rule(parser);
+            for answer in answers {
+                let whole = split_whole(split, answer);
+                let chars: Vec<char> = answer.chars().collect();
+                for size in 1..=4 {
+                    let mut stream = ReasoningStream::new(split);
+                    let (mut reasoning, mut content) = (String::new(), String::new());
+                    let pieces: Vec<String> =
+                        chars.chunks(size).map(|c| c.iter().collect()).collect();
+                    for (i, piece) in pieces.iter().enumerate() {
+                        let out = stream.push(piece, i + 1 == pieces.len());
+                        reasoning.push_str(&out.reasoning);
+                        content.push_str(&out.content);
+                    }
+                    if pieces.is_empty() {
+                        let out = stream.push("", true);
+                        reasoning.push_str(&out.reasoning);
+                        content.push_str(&out.content);
+                    }
+                    let streamed = (
+                        stream.reasoned().then_some(reasoning),
+                        (!content.is_empty()).then_some(content),
+                    );
+                    assert_eq!(streamed, whole, "{parser:?} {answer:?} in pieces of {size}");
+                }
+            }
+        }
+    }
+}
