@@ -1,6 +1,8 @@
 """Tool calls through the official `openai` client: a forced call (`tool_choice: "required"`
 and a named function), whole and streamed, then the conversation continued with the tool's
-result. Prints one JSON object with what came back.
+result. Prints one JSON object with what came back. (The forced calls take well under 200
+tokens; the tools, written as transformers writes them, take 729 of the tiny models' 1024
+positions with the Qwen3 test template.)
 
 usage: tool_calls.py HOST:PORT MODEL
 """
@@ -40,7 +42,7 @@ def main():
     client = OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
     out = {}
     required = client.chat.completions.create(
-        model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=300,
+        model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=200,
         temperature=1.0, seed=1, parallel_tool_calls=False)
     choice = required.choices[0]
     calls = choice.message.tool_calls or []
@@ -51,7 +53,7 @@ def main():
     }
     named_choice = {"type": "function", "function": {"name": "get_weather"}}
     named = client.chat.completions.create(
-        model=model, messages=MESSAGES, tools=TOOLS, max_tokens=300, temperature=1.0, seed=2,
+        model=model, messages=MESSAGES, tools=TOOLS, max_tokens=200, temperature=1.0, seed=2,
         tool_choice=named_choice)
     c = named.choices[0]
     named_calls = c.message.tool_calls or []
@@ -63,7 +65,7 @@ def main():
     # arguments piece by piece, adding up to the whole answer's.
     acc, finish = {}, None
     for chunk in client.chat.completions.create(
-            model=model, messages=MESSAGES, tools=TOOLS, tool_choice=named_choice, max_tokens=300,
+            model=model, messages=MESSAGES, tools=TOOLS, tool_choice=named_choice, max_tokens=200,
             temperature=1.0, seed=2, stream=True):
         for ch in chunk.choices:
             for t in ch.delta.tool_calls or []:
