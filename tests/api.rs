@@ -417,3 +417,58 @@ async fn prompt_logprobs_across_prefill_chunks_equal_the_offline_forward_pass() 
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// vLLM's `stop_token_ids`: a greedy answer ends at the first of the ids it reaches, that id
+/// kept, `finish_reason` "stop", exactly the unstopped answer's ids up to there; with
+/// `ignore_eos` too; `min_tokens` holds them back (the answer then never ends early at
+/// one); an id outside the vocabulary is refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_token_ids_end_the_answer_at_the_token() {
+    let fixture = FIXTURES[1];
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let case = &golden_cases(fixture)[0];
+    let full = generate(&mut client, greedy(&case.input_ids, 24))
+        .await
+        .unwrap();
+    assert!(full.ids.len() >= 6, "{:?}", full.ids);
+    // The fifth id, or an earlier one it repeats: the answer must stop at its first place.
+    let stop_id = full.ids[4];
+    let first = full.ids.iter().position(|&t| t == stop_id).unwrap();
+    for ignore_eos in [false, true] {
+        let req = GenerateRequest {
+            stop_token_ids: vec![stop_id],
+            ignore_eos,
+            ..greedy(&case.input_ids, 24)
+        };
+        let got = generate(&mut client, req).await.unwrap();
+        assert_eq!(got.finish_reason, "stop");
+        assert_eq!(got.ids, full.ids[..=first], "ignore_eos {ignore_eos}");
+        assert_eq!(got.completion_tokens as usize, first + 1);
+    }
+    let held = GenerateRequest {
+        stop_token_ids: vec![stop_id],
+        min_tokens: 12,
+        ..greedy(&case.input_ids, 12)
+    };
+    let got = generate(&mut client, held).await.unwrap();
+    assert_eq!(
+        got.ids.len(),
+        12,
+        "min_tokens holds the stop id back: {:?}",
+        got.ids
+    );
+    assert!(!got.ids.contains(&stop_id), "{:?}", got.ids);
+    let bad = GenerateRequest {
+        stop_token_ids: vec![1 << 30],
+        ..greedy(&case.input_ids, 4)
+    };
+    let err = generate(&mut client, bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("stop_token_ids"),
+        "{}",
+        err.message()
+    );
+}

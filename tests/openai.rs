@@ -469,7 +469,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
 /// to think first comes back with its reasoning apart, whole and streamed alike, and hidden
 /// with `include_reasoning: false`; `chat_template_kwargs.enable_thinking = false` reaches the
 /// template (a longer prompt: the empty thinking block); `continue_final_message` is served,
-/// and the fields' misuses are 400s naming them.
+/// and the fields' misuses are 400s naming them (`stop_token_ids` too, which completions
+/// serve).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reasoning_apart_and_template_fields_through_the_official_client() {
     let template = concat!(

@@ -60,6 +60,8 @@ pub struct CompletionRequest {
     pub repetition_penalty: Option<f32>,
     /// vLLM's extension.
     pub min_tokens: Option<u32>,
+    /// vLLM's extension: ids that end the answer (kept in it).
+    pub stop_token_ids: Option<Vec<u32>>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -133,6 +135,8 @@ pub struct ChatRequest {
     pub repetition_penalty: Option<f32>,
     /// vLLM's extension.
     pub min_tokens: Option<u32>,
+    /// vLLM's extension: ids that end the answer (kept in it).
+    pub stop_token_ids: Option<Vec<u32>>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

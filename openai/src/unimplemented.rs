@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 15] = [
+const NOT_IMPLEMENTED: [&str; 14] = [
     "functions",
     "function_call",
     "min_p",
@@ -22,7 +22,6 @@ const NOT_IMPLEMENTED: [&str; 15] = [
     "prediction",
     "reasoning_effort",
     "web_search_options",
-    "stop_token_ids",
     "bad_words",
     "truncate_prompt_tokens",
     "allowed_token_ids",

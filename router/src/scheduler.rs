@@ -271,11 +271,7 @@ impl Scheduler {
             let sampler = Sampler::for_request(
                 s.request.sampling.clone(),
                 &s.request.input_ids,
-                if s.request.ignore_eos {
-                    &[]
-                } else {
-                    &self.eos_ids
-                },
+                &s.request.end_tokens(&self.eos_ids),
             )
             .resumed_after(&s.request.resumed_ids);
             let text = self.resumed_text(&s.request);
@@ -705,8 +701,7 @@ impl Scheduler {
             .constraint
             .as_ref()
             .is_some_and(|c| c.is_finished());
-        let mut finish = if grammar_done || (!s.request.ignore_eos && self.eos_ids.contains(&token))
-        {
+        let mut finish = if grammar_done || s.request.ends_at(token, &self.eos_ids) {
             Some("stop")
         } else if s.output.len() >= s.request.max_new_tokens
             || s.cache.len >= self.dense.config().max_position_embeddings

@@ -46,6 +46,8 @@ pub struct ValidRequest {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Ids that end the answer (vLLM's `stop_token_ids`), kept in it.
+    pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub logprobs: bool,
     /// Alternatives returned per token (0: none).
@@ -61,11 +63,28 @@ pub struct ValidRequest {
     pub deadline: Instant,
 }
 
+impl ValidRequest {
+    /// The ids that end this answer: the model's end-of-sequence ids (`eos`) unless it
+    /// ignores them, and its own `stop_token_ids` (what `min_tokens` holds back).
+    pub fn end_tokens(&self, eos: &[u32]) -> Vec<u32> {
+        let eos = if self.ignore_eos { &[][..] } else { eos };
+        eos.iter().chain(&self.stop_token_ids).copied().collect()
+    }
+
+    /// Whether `token` ends this answer.
+    pub fn ends_at(&self, token: u32, eos: &[u32]) -> bool {
+        (!self.ignore_eos && eos.contains(&token)) || self.stop_token_ids.contains(&token)
+    }
+}
+
 pub use moe_openai::prompt_bytes::check_prompt_bytes;
 pub use moe_openai::sibling::SiblingPrefill;
 
 /// Most alternatives a request may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Most `stop_token_ids` a request may give (each is checked at every token).
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
 /// Every check of [`validate`], tokenization included: pure, so it can be fuzzed. The servers
 /// run the same three parts with the tokenizer call on a blocking pool: [`check_prompt`],
@@ -202,6 +221,25 @@ pub fn validate_ids(
             ),
         ));
     }
+    if req.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(RouterError::invalid(
+            "stop_token_ids",
+            format!("stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids"),
+        ));
+    }
+    if let Some(&id) = req
+        .stop_token_ids
+        .iter()
+        .find(|&&t| t as usize >= config.vocab_size)
+    {
+        return Err(RouterError::invalid(
+            "stop_token_ids",
+            format!(
+                "stop_token_ids: token id {id} is out of range (vocab_size {})",
+                config.vocab_size
+            ),
+        ));
+    }
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(RouterError::unnamed(format!(
@@ -221,6 +259,7 @@ pub fn validate_ids(
             adjust,
         },
         stop: req.stop,
+        stop_token_ids: req.stop_token_ids,
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,

@@ -66,7 +66,11 @@ def main():
             extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})),
         "request_template": status_of(lambda: client.chat.completions.create(
             model=model, messages=MESSAGES, max_tokens=2, extra_body={"chat_template": "{{ 'x' }}"})),
+        "stop_token_id_out_of_range": status_of(lambda: client.completions.create(
+            model=model, prompt="Hi", max_tokens=2, extra_body={"stop_token_ids": [1 << 30]})),
     }
+    out["stop_token_ids_served"] = status_of(lambda: client.completions.create(
+        model=model, prompt="Hi", max_tokens=2, extra_body={"stop_token_ids": [3, 4]}))
     print(json.dumps(out))
 
 
