@@ -470,7 +470,7 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
 /// with `include_reasoning: false`; `chat_template_kwargs.enable_thinking = false` reaches the
 /// template (a longer prompt: the empty thinking block); `continue_final_message` is served,
 /// and the fields' misuses are 400s naming them (`stop_token_ids` too, which completions
-/// serve).
+/// serve); vLLM's `min_p` at 1 leaves a draw at temperature 1 only the greedy token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reasoning_apart_and_template_fields_through_the_official_client() {
     let template = concat!(

@@ -22,6 +22,9 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
     pub top_p: f32,
+    /// Keep only tokens at least this fraction as likely as the likeliest (vLLM's and
+    /// llama.cpp's `min_p`, applied before top-p as vLLM does; 0: all).
+    pub min_p: f32,
     pub seed: Option<u64>,
     /// Bias, penalties and `min_tokens`, applied before any of the above.
     pub adjust: LogitAdjustments,
@@ -33,6 +36,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: None,
             top_p: 1.0,
+            min_p: 0.0,
             seed: None,
             adjust: LogitAdjustments::default(),
         }
@@ -51,6 +55,12 @@ impl SamplingParams {
             return Err(ModelError::InvalidRequest(format!(
                 "top_p must be in (0, 1], got {}",
                 self.top_p
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(ModelError::InvalidRequest(format!(
+                "min_p must be in [0, 1], got {}",
+                self.min_p
             )));
         }
         let a = &self.adjust;
@@ -262,11 +272,12 @@ impl Sampler {
 
     /// The race ([`crate::race`]) this sampler's next draw runs: a draw at a temperature
     /// without top-k (with or without top-p), which reads the whole row but needs no ranking
-    /// of it. `None` for greedy and top-k draws.
+    /// of it. `None` for greedy and top-k draws, and with `min_p` (a ranked draw: the host's,
+    /// from the whole row, where no top-k bounds it).
     pub fn next_race(&self) -> Option<Race> {
         let p = &self.params;
         let whole_row = p.top_k.filter(|&k| k > 0).is_none();
-        (!p.is_greedy() && whole_row).then(|| Race {
+        (!p.is_greedy() && whole_row && p.min_p == 0.0).then(|| Race {
             temperature: p.temperature,
             top_p: p.top_p.min(1.0),
             key: race::race_key(self.key, self.position),
@@ -318,10 +329,14 @@ impl Sampler {
         token
     }
 
-    /// The distribution actually sampled from: temperature, then top-k, then top-p, then
-    /// renormalised; sorted by probability, most likely first.
+    /// The distribution actually sampled from: temperature, then top-k, then min-p, then
+    /// top-p, then renormalised; sorted by probability, most likely first.
     pub fn filtered_probs(&self, logits: &[f32]) -> Vec<(usize, f64)> {
-        let k = self.params.top_k.filter(|&k| k > 0).unwrap_or(logits.len());
+        let p = &self.params;
+        let k = p.top_k.filter(|&k| k > 0).unwrap_or(logits.len());
+        if p.min_p > 0.0 && k >= logits.len() {
+            return self.probs_of_ranked(&near_the_best(logits, p.temperature, p.min_p));
+        }
         self.probs_of_ranked(&ranked_top_k(logits, k))
     }
 
@@ -336,6 +351,13 @@ impl Sampler {
             .iter()
             .map(|&(i, logit)| (i as usize, ((logit as f64 - max) / t).exp()))
             .collect();
+        // Each weight is its token's probability over the likeliest's (whose weight is 1), and
+        // the ranking is by weight: min-p keeps a prefix.
+        let min_p = self.params.min_p as f64;
+        if min_p > 0.0 {
+            let keep = probs.iter().take_while(|p| p.1 >= min_p).count().max(1);
+            probs.truncate(keep);
+        }
         let total: f64 = probs.iter().map(|p| p.1).sum();
         for p in probs.iter_mut() {
             p.1 /= total;
@@ -358,6 +380,28 @@ impl Sampler {
         }
         probs
     }
+}
+
+/// The logits that could pass `min_p` at `temperature`, ranked as [`ranked_top_k`] ranks them:
+/// the first entries of the whole ranking, every one min-p keeps among them, so a min-p draw
+/// ranks a few tokens instead of the vocabulary. A token min-p keeps weighs
+/// `exp((logit - best) / T) >= min_p`, so its logit is at least `best + T ln(min_p)`; the cut
+/// sits a thousandth of a logit below that, far more than `exp`'s rounding could move it.
+fn near_the_best(logits: &[f32], temperature: f32, min_p: f32) -> Vec<(u32, f32)> {
+    let best = logits
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let cut = best as f64 + temperature as f64 * (min_p as f64).ln() - 1e-3;
+    let mut near: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|&(_, &x)| x as f64 >= cut)
+        .map(|(i, &x)| (i as u32, x))
+        .collect();
+    near.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    near
 }
 
 /// The `k` largest logits and their ids, ranked as the sampler ranks them: by f32's total
@@ -389,6 +433,55 @@ mod tests {
     }
 
     const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 0.0, -1.0, 1.5];
+
+    /// min-p keeps the tokens at least `min_p` as likely as the likeliest (before top-p, as
+    /// vLLM orders them), and such a draw is never a race, whose kernel knows no min-p.
+    #[test]
+    fn min_p_keeps_tokens_near_the_likeliest() {
+        // At temperature 1, ids 0 (2.0) and 5 (1.5) are within ln 2 of the best; 1 (1.0) is not.
+        let mut p = params(1.0, None, 1.0, 9);
+        p.min_p = 0.5;
+        let mut sampler = Sampler::new(p.clone());
+        assert!(sampler.next_race().is_none());
+        let kept: Vec<usize> = sampler
+            .filtered_probs(&LOGITS)
+            .iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(kept, [0, 5]);
+        let draws: std::collections::BTreeSet<u32> =
+            (0..200).map(|_| sampler.sample(&LOGITS)).collect();
+        assert_eq!(draws.into_iter().collect::<Vec<_>>(), [0, 5]);
+        // min-p first: top-p then reaches 0.6 of what is left with the best alone.
+        p.top_p = 0.6;
+        assert_eq!(Sampler::new(p.clone()).filtered_probs(&LOGITS), [(0, 1.0)]);
+        // 1.0 keeps the best alone (ties too); with top-k the ranked draw applies it as well.
+        p.min_p = 1.0;
+        p.top_p = 1.0;
+        p.top_k = Some(3);
+        let mut ranked = Sampler::new(p.clone());
+        assert_eq!(ranked.sample_ranked(&ranked_top_k(&LOGITS, 3)), 0);
+        p.min_p = 1.5;
+        assert!(p.validate().is_err());
+        // Ranking only the tokens near the best gives the distribution of ranking them all.
+        let mut rng = Rng::seeded(5);
+        for min_p in [1e-6, 0.01, 0.3, 0.9, 1.0] {
+            for temperature in [0.05, 0.7, 1.0, 3.0] {
+                let logits: Vec<f32> = (0..4000)
+                    .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
+                    .collect();
+                let mut p = params(temperature, None, 0.95, 1);
+                p.min_p = min_p;
+                let sampler = Sampler::new(p);
+                let all = sampler.probs_of_ranked(&ranked_top_k(&logits, logits.len()));
+                assert_eq!(
+                    sampler.filtered_probs(&logits),
+                    all,
+                    "min_p {min_p} T {temperature}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn seeded_sampling_is_reproducible() {

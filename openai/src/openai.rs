@@ -62,6 +62,8 @@ pub struct CompletionRequest {
     pub min_tokens: Option<u32>,
     /// vLLM's extension: ids that end the answer (kept in it).
     pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's extension.
+    pub min_p: Option<f32>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -137,6 +139,8 @@ pub struct ChatRequest {
     pub min_tokens: Option<u32>,
     /// vLLM's extension: ids that end the answer (kept in it).
     pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's extension.
+    pub min_p: Option<f32>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

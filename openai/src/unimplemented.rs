@@ -11,10 +11,9 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 14] = [
+const NOT_IMPLEMENTED: [&str; 13] = [
     "functions",
     "function_call",
-    "min_p",
     "best_of",
     "suffix",
     "audio",
@@ -76,7 +75,7 @@ mod tests {
     fn output_changing_parameters_are_refused_by_name() {
         for (body, param) in [
             (json!({"functions": [{"name": "f"}]}), "functions"),
-            (json!({"min_p": 0.1}), "min_p"),
+            (json!({"chat_template": "{{ 'x' }}"}), "chat_template"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"suffix": "x"}), "suffix"),
             (json!({"best_of": 3}), "best_of"),
@@ -93,7 +92,7 @@ mod tests {
     #[test]
     fn no_op_values_and_bookkeeping_fields_pass() {
         check(json!({
-            "min_p": 0,
+            "chat_template": "",
             "best_of": 1,
             "modalities": ["text"],
             "functions": null,

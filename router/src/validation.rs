@@ -201,6 +201,13 @@ pub fn validate_ids(
             format!("top_p must be in (0, 1], got {top_p}"),
         ));
     }
+    let min_p = req.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(RouterError::invalid(
+            "min_p",
+            format!("min_p must be in [0, 1], got {min_p}"),
+        ));
+    }
     if req.stop.len() > limits.max_stop_strings {
         return Err(RouterError::invalid(
             "stop",
@@ -255,6 +262,7 @@ pub fn validate_ids(
             temperature,
             top_k: req.top_k.map(|k| k as usize).filter(|&k| k > 0),
             top_p,
+            min_p,
             seed: req.seed,
             adjust,
         },

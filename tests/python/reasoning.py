@@ -71,6 +71,16 @@ def main():
     }
     out["stop_token_ids_served"] = status_of(lambda: client.completions.create(
         model=model, prompt="Hi", max_tokens=2, extra_body={"stop_token_ids": [3, 4]}))
+    # min_p = 1 leaves only the likeliest token: a draw at temperature 1 is then the greedy answer.
+    greedy = client.completions.create(model=model, prompt="Once upon", max_tokens=12, temperature=0)
+    only_best = client.completions.create(model=model, prompt="Once upon", max_tokens=12, temperature=1.0,
+                                          seed=11, extra_body={"min_p": 1.0})
+    sampled = client.completions.create(model=model, prompt="Once upon", max_tokens=12, temperature=1.0,
+                                        seed=11)
+    out["min_p"] = {"one_is_greedy": only_best.choices[0].text == greedy.choices[0].text,
+                    "without_it_differs": sampled.choices[0].text != greedy.choices[0].text,
+                    "out_of_range": status_of(lambda: client.completions.create(
+                        model=model, prompt="Hi", max_tokens=2, extra_body={"min_p": 1.5}))}
     print(json.dumps(out))
 
 

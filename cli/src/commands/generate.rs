@@ -41,6 +41,9 @@ pub struct GenerateArgs {
     pub top_k: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Only tokens at least this fraction as likely as the likeliest (vLLM's `min_p`; 0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
     #[arg(long)]
     pub seed: Option<u64>,
     /// OpenAI's penalty on tokens already generated (-2 to 2).
@@ -113,6 +116,7 @@ fn offline(model: &Path, args: &GenerateArgs) -> anyhow::Result<()> {
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
+            min_p: args.min_p,
             seed: args.seed,
             adjust: LogitAdjustments {
                 presence_penalty: args.presence_penalty,
@@ -166,6 +170,7 @@ fn over_router(router: &str, args: &GenerateArgs) -> anyhow::Result<()> {
             max_new_tokens: args.max_new_tokens as u32,
             temperature: Some(args.temperature),
             top_p: Some(args.top_p),
+            min_p: Some(args.min_p),
             top_k: args.top_k.map(|k| k as u32),
             seed: args.seed,
             stop: args.stop.clone(),
