@@ -98,6 +98,11 @@ pub fn dumps(value: &Value, options: &DumpOptions) -> Result<String, Error> {
     Ok(out)
 }
 
+/// The most text one `tojson` writes: a request's values are bounded by its body, but a
+/// template can make a value that refers to itself (a namespace holding itself twice), whose
+/// dump would grow without end.
+const MAX_OUTPUT_BYTES: usize = 16 << 20;
+
 fn write_value(
     out: &mut String,
     value: &Value,
@@ -107,6 +112,9 @@ fn write_value(
     // Python stops at its recursion limit; a template's values are the request's, bounded.
     if depth > 512 {
         return Err(invalid("tojson: value nested too deeply"));
+    }
+    if out.len() > MAX_OUTPUT_BYTES {
+        return Err(invalid("tojson: value too large"));
     }
     match value.kind() {
         ValueKind::None => out.push_str("null"),
@@ -327,6 +335,16 @@ mod tests {
             ascii,
             "\"a\\\"b\\\\c\\n\\t\\u0001\\u007f\\u00e9\\u6771\\ud83d\\ude00\\u2028<&>'\""
         );
+    }
+
+    #[test]
+    fn a_value_holding_itself_is_refused_not_dumped_forever() {
+        let mut env = minijinja::Environment::new();
+        env.add_filter("tojson", tojson_filter);
+        let template =
+            "{% set ns = namespace(a=1) %}{% set ns.b = ns %}{% set ns.c = ns %}{{ ns | tojson }}";
+        let err = env.render_str(template, ()).unwrap_err().to_string();
+        assert!(err.contains("tojson"), "{err}");
     }
 
     #[test]
