@@ -387,8 +387,8 @@ async fn structured_outputs_always_validate() {
     assert_eq!(got["answers_after_errors"], true);
 }
 
-/// Tool calls with the official client, in both families' formats (test chat templates in
-/// `tests/fixtures/templates/`, given with `--chat-template`): `tool_choice: "required"` and
+/// Tool calls with the official client, in the families' formats (test chat templates in
+/// `tests/fixtures/templates/`, and DeepSeek-V3.1's real one, given with `--chat-template`): `tool_choice: "required"` and
 /// a named function give a call whose arguments validate against the function's schema,
 /// finish reason `tool_calls`, whole and streamed; the tool's result then goes back through
 /// the template and the conversation continues.
@@ -398,6 +398,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
     for (fixture, template) in [
         (FIXTURES[0], "deepseek_v3_tools.jinja"),
         (FIXTURES[1], "qwen3_tools.jinja"),
+        // DeepSeek-V3.1's real template: its own call layout, told from V3's by the template.
+        (FIXTURES[0], "hub/deepseek_v3_1.jinja"),
     ] {
         let mut spec = harness::spec(fixture_dir(fixture), 1);
         spec.router_args.extend(

@@ -38,6 +38,11 @@ pub struct GatewayArgs {
     /// `chat_template_kwargs.thinking`). Off by default: answers are returned whole.
     #[arg(long, env = "MOE_REASONING_PARSER")]
     pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
+    /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
+    /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`. Default: the
+    /// model's family, DeepSeek-V3.1 told from V3 by its chat template.
+    #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
+    pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     /// Prometheus `/metrics` on its own port.
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,

@@ -214,6 +214,7 @@ fn openai_app(
         name: http::ServedModel::name_for(args.served_model_name.as_deref(), &args.model),
         chat_template: args.chat_template.as_deref(),
         reasoning_parser: args.reasoning_parser,
+        tool_call_parser: args.tool_call_parser,
     };
     let state = http::HttpState::new(model, Arc::new(generator), api_keys)?;
     Ok(http::app(Arc::new(state)))

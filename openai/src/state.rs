@@ -25,6 +25,9 @@ pub struct ServedModel<'a> {
     pub chat_template: Option<&'a Path>,
     /// `--reasoning-parser`: chat answers' reasoning sent apart from their content.
     pub reasoning_parser: Option<ReasoningParser>,
+    /// `--tool-call-parser`: the tool-call syntax, when not the one the model and its
+    /// template imply.
+    pub tool_call_parser: Option<ToolCallFormat>,
 }
 
 impl ServedModel<'_> {
@@ -87,7 +90,14 @@ impl HttpState {
                 })?),
                 None => None,
             };
-        let chat_template = match own_template.as_deref().or(tokenizer.chat_template()) {
+        let template_source = own_template.as_deref().or(tokenizer.chat_template());
+        let tool_format = model.tool_call_parser.unwrap_or_else(|| {
+            ToolCallFormat::for_model_and_template(
+                model.config.family.model_type(),
+                template_source,
+            )
+        });
+        let chat_template = match template_source {
             Some(source) => Some(ChatTemplate::new(
                 source,
                 tokenizer.bos_token().as_deref(),
@@ -98,7 +108,7 @@ impl HttpState {
         Ok(Self {
             generator,
             chat_template,
-            tool_format: ToolCallFormat::for_model(model.config.family.model_type()),
+            tool_format,
             reasoning_parser: model.reasoning_parser,
             model_name: model.name,
             max_model_len: model.config.max_position_embeddings,

@@ -6,6 +6,8 @@
 //! - Hermes style (Qwen3, and the default): `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`,
 //!   one block per call.
 //! - DeepSeek-V3: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`.
+//! - DeepSeek-V3.1 (the same `model_type`; its chat template tells it apart):
+//!   `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`.
 //!
 //! The grammars spell the markers as text: on the real checkpoints they are single special
 //! tokens, which these grammars reach byte by byte only (the bundled test vocabulary has no
@@ -40,6 +42,23 @@ pub struct ParsedCall {
 pub enum ToolCallFormat {
     Hermes,
     DeepSeekV3,
+    DeepSeekV31,
+}
+
+impl std::str::FromStr for ToolCallFormat {
+    type Err = String;
+
+    /// vLLM's `--tool-call-parser` names (and kebab-case ones).
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "hermes" | "qwen3" => Ok(Self::Hermes),
+            "deepseek_v3" | "deepseek-v3" => Ok(Self::DeepSeekV3),
+            "deepseek_v31" | "deepseek-v31" | "deepseek-v3.1" => Ok(Self::DeepSeekV31),
+            other => Err(format!(
+                "unknown tool-call parser `{other}`: hermes, deepseek-v3 or deepseek-v31"
+            )),
+        }
+    }
 }
 
 const HERMES_OPEN: &str = "<tool_call>\n";
@@ -78,11 +97,24 @@ impl ToolCallFormat {
         }
     }
 
+    /// The format the model writes, by its `model_type` and the chat template it is served
+    /// with: DeepSeek-V3.1 shares V3's `model_type`, and its template writes earlier calls
+    /// as `NAME<｜tool▁sep｜>ARGS`, with no `function` type and no fenced JSON.
+    pub fn for_model_and_template(model_type: &str, template: Option<&str>) -> Self {
+        let family = Self::for_model(model_type);
+        let v31 = template.is_some_and(|t| t.contains(DS_SEP) && !t.contains("```json"));
+        if family == ToolCallFormat::DeepSeekV3 && v31 {
+            ToolCallFormat::DeepSeekV31
+        } else {
+            family
+        }
+    }
+
     /// The text a call starts with (content before it can stream).
     pub fn start_marker(&self) -> &'static str {
         match self {
             ToolCallFormat::Hermes => "<tool_call>",
-            ToolCallFormat::DeepSeekV3 => DS_CALLS_BEGIN,
+            ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => DS_CALLS_BEGIN,
         }
     }
 
@@ -120,6 +152,14 @@ impl ToolCallFormat {
                             literal(&format!("\n```{DS_CALL_END}"))
                         )
                     }
+                    ToolCallFormat::DeepSeekV31 => {
+                        rules.push(format!("a{i}: %json {}", arguments_schema(f)));
+                        format!(
+                            "{} a{i} {}",
+                            literal(&format!("{DS_CALL_BEGIN}{}{DS_SEP}", f.name)),
+                            literal(DS_CALL_END)
+                        )
+                    }
                 };
                 rules.push(format!("{rule}: {body}"));
                 rule
@@ -133,7 +173,7 @@ impl ToolCallFormat {
                 literal(HERMES_OPEN),
                 literal(HERMES_CLOSE)
             ),
-            ToolCallFormat::DeepSeekV3 => format!(
+            ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => format!(
                 "start: {} call{repeat} {}\ncall: {call}",
                 literal(DS_CALLS_BEGIN),
                 literal(DS_CALLS_END)
@@ -150,7 +190,8 @@ impl ToolCallFormat {
     pub fn parse(&self, text: &str) -> Option<(String, Vec<ParsedCall>)> {
         match self {
             ToolCallFormat::Hermes => parse_hermes(text),
-            ToolCallFormat::DeepSeekV3 => parse_deepseek(text),
+            ToolCallFormat::DeepSeekV3 => parse_deepseek(text, split_v3_call),
+            ToolCallFormat::DeepSeekV31 => parse_deepseek(text, split_v31_call),
         }
     }
 }
@@ -192,7 +233,28 @@ fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
     Some((text[..first].trim_end().to_string(), calls))
 }
 
-fn parse_deepseek(text: &str) -> Option<(String, Vec<ParsedCall>)> {
+/// A V3 call's name and arguments: `function<｜tool▁sep｜>NAME\n```json\nARGS\n````.
+fn split_v3_call(call: &str) -> Option<(&str, &str)> {
+    let (_, named) = call.split_once(DS_SEP)?;
+    let (name, args) = named.split_once('\n')?;
+    let args = args
+        .trim()
+        .trim_start_matches("```json")
+        .trim_end_matches("```")
+        .trim();
+    Some((name, args))
+}
+
+/// A V3.1 call's name and arguments: `NAME<｜tool▁sep｜>ARGS`.
+fn split_v31_call(call: &str) -> Option<(&str, &str)> {
+    let (name, args) = call.split_once(DS_SEP)?;
+    Some((name, args.trim()))
+}
+
+fn parse_deepseek(
+    text: &str,
+    split: fn(&str) -> Option<(&str, &str)>,
+) -> Option<(String, Vec<ParsedCall>)> {
     let first = text
         .find(DS_CALLS_BEGIN)
         .or_else(|| text.find(DS_CALL_BEGIN))?;
@@ -201,14 +263,7 @@ fn parse_deepseek(text: &str) -> Option<(String, Vec<ParsedCall>)> {
     while let Some(start) = rest.find(DS_CALL_BEGIN) {
         let after = &rest[start + DS_CALL_BEGIN.len()..];
         let end = after.find(DS_CALL_END)?;
-        let call = &after[..end];
-        let (_, named) = call.split_once(DS_SEP)?;
-        let (name, args) = named.split_once('\n')?;
-        let args = args
-            .trim()
-            .trim_start_matches("```json")
-            .trim_end_matches("```")
-            .trim();
+        let (name, args) = split(&after[..end])?;
         serde_json::from_str::<Value>(args).ok()?;
         calls.push(ParsedCall {
             name: name.trim().to_string(),
@@ -264,12 +319,18 @@ fn deepseek_call(s: &str) -> Option<PartialCall> {
     arguments(name.trim().to_string(), args)
 }
 
+fn deepseek_v31_call(s: &str) -> Option<PartialCall> {
+    let (name, args) = s.split_once(DS_SEP)?;
+    arguments(name.trim().to_string(), args)
+}
+
 /// The calls `text` (an answer so far) has started, in order, as far as they go; empty when
 /// no call has begun or one is written in another layout.
 pub fn partial_calls(format: ToolCallFormat, text: &str) -> Vec<PartialCall> {
     let (marker, read): (&str, fn(&str) -> Option<PartialCall>) = match format {
         ToolCallFormat::Hermes => (HERMES_OPEN.trim_end(), hermes_call),
         ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
+        ToolCallFormat::DeepSeekV31 => (DS_CALL_BEGIN, deepseek_v31_call),
     };
     let mut calls = Vec::new();
     let mut rest = text;
@@ -309,6 +370,64 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1].arguments, r#"{"city": "Paris"}"#);
         assert!(ToolCallFormat::Hermes.parse("just text").is_none());
+    }
+
+    /// DeepSeek-V3.1 writes `NAME<｜tool▁sep｜>ARGS`: parsed whole and as it streams, forced by
+    /// its own grammar, and told from V3 (same `model_type`) by the real chat templates.
+    #[test]
+    fn deepseek_v31_calls_are_read_and_told_from_v3_by_the_template() {
+        let v31 = ToolCallFormat::DeepSeekV31;
+        let whole = format!(
+            "Checking.{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{\"city\": \"Paris\"}}{DS_CALL_END}{DS_CALL_BEGIN}now{DS_SEP}{{}}{DS_CALL_END}{DS_CALLS_END}"
+        );
+        let (content, calls) = v31.parse(&whole).unwrap();
+        assert_eq!(content, "Checking.");
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, r#"{"city": "Paris"}"#);
+        assert_eq!(calls[1].name, "now");
+        assert!(
+            ToolCallFormat::DeepSeekV3.parse(&whole).is_none(),
+            "V3 reads another layout"
+        );
+        let head = format!("{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{\"ci");
+        let partial = partial_calls(v31, &head);
+        assert_eq!(
+            (partial[0].name.as_str(), partial[0].arguments.as_str()),
+            ("get_weather", "{\"ci")
+        );
+        assert!(partial_calls(v31, &format!("{DS_CALL_BEGIN}get_wea")).is_empty());
+        let grammar = v31.grammar(
+            &[FunctionSpec {
+                name: "now".into(),
+                description: None,
+                parameters: None,
+            }],
+            false,
+        );
+        assert!(
+            grammar.contains(&literal(&format!("{DS_CALL_BEGIN}now{DS_SEP}"))),
+            "{grammar}"
+        );
+        let hub = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/templates/hub/"
+        );
+        let template = |name: &str| std::fs::read_to_string(format!("{hub}{name}")).unwrap();
+        let detect = |model_type, name: &str| {
+            ToolCallFormat::for_model_and_template(model_type, Some(&template(name)))
+        };
+        assert_eq!(detect("deepseek_v3", "deepseek_v3_1.jinja"), v31);
+        assert_eq!(
+            detect("deepseek_v3", "deepseek_v3_0324.jinja"),
+            ToolCallFormat::DeepSeekV3
+        );
+        assert_eq!(detect("qwen3_moe", "qwen3.jinja"), ToolCallFormat::Hermes);
+        assert_eq!(
+            ToolCallFormat::for_model_and_template("deepseek_v3", None),
+            ToolCallFormat::DeepSeekV3
+        );
+        assert_eq!("deepseek_v31".parse(), Ok(v31));
+        assert!("llama3_json".parse::<ToolCallFormat>().is_err());
     }
 
     #[test]

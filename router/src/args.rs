@@ -108,6 +108,11 @@ pub struct Args {
     /// `chat_template_kwargs.thinking`). Off by default: answers are returned whole.
     #[arg(long, env = "MOE_REASONING_PARSER")]
     pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
+    /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
+    /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`. Default: the
+    /// model's family, DeepSeek-V3.1 told from V3 by its chat template.
+    #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
+    pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,

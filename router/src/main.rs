@@ -439,6 +439,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         model_name,
         chat_template: args.chat_template.clone(),
         reasoning_parser: args.reasoning_parser,
+        tool_call_parser: args.tool_call_parser,
     };
     let (servers, http_address) = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -562,6 +563,7 @@ struct HttpParts<'a> {
     model_name: String,
     chat_template: Option<std::path::PathBuf>,
     reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
+    tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
 }
 
 /// Binds and starts `--http-listen` and `--metrics-listen`, if given, until `shutdown`.
@@ -612,6 +614,7 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         name: parts.model_name.clone(),
         chat_template: parts.chat_template.as_deref(),
         reasoning_parser: parts.reasoning_parser,
+        tool_call_parser: parts.tool_call_parser,
     };
     Ok(Arc::new(http::HttpState::new(
         model,
