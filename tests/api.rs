@@ -472,3 +472,95 @@ async fn stop_token_ids_end_the_answer_at_the_token() {
         err.message()
     );
 }
+
+/// `structured_output_after`: the grammar starts once the answer has written the text (a
+/// reasoning model's `</think>`; here the first tokens of the free greedy answer, so the
+/// answer up to there is exactly the unconstrained one), then the rest is in the grammar and
+/// the answer stops with it. A resumed answer (a gateway's move) continues bitwise, cut before
+/// or after the start text. The field alone, or over 64 bytes, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grammar_after_a_start_text_leaves_the_answer_free_until_then() {
+    use moe_proto::v1::structured_output::Kind;
+    use moe_proto::v1::{Resume, StructuredOutput};
+    let fixture = FIXTURES[0];
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let ids = &golden_cases(fixture)[0].input_ids;
+    let free = generate(&mut client, greedy(ids, 12)).await.unwrap();
+    let marker: String = free.pieces[..4].concat();
+    assert!(!marker.is_empty(), "{:?}", free.pieces);
+    let digits = || StructuredOutput {
+        kind: Some(Kind::Regex("[0-9]{3}".into())),
+    };
+    let gated = GenerateRequest {
+        structured_output: Some(digits()),
+        structured_output_after: marker.clone(),
+        ..greedy(ids, 40)
+    };
+    let got = generate(&mut client, gated.clone()).await.unwrap();
+    let text = got.pieces.concat();
+    assert_eq!(got.finish_reason, "stop", "{text:?}");
+    let rest = text
+        .strip_prefix(&marker)
+        .unwrap_or_else(|| panic!("{text:?} after {marker:?}"));
+    assert!(
+        rest.len() == 3 && rest.bytes().all(|b| b.is_ascii_digit()),
+        "{text:?}"
+    );
+    // The tokens that wrote the start text are the free answer's (the grammar then differs).
+    let same = got
+        .ids
+        .iter()
+        .zip(&free.ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        same >= 1 && same < got.ids.len(),
+        "{:?} / {:?}",
+        got.ids,
+        free.ids
+    );
+    // Without the start text the grammar holds from the first token.
+    let whole = GenerateRequest {
+        structured_output: Some(digits()),
+        ..greedy(ids, 40)
+    };
+    let constrained = generate(&mut client, whole).await.unwrap();
+    assert!(constrained
+        .pieces
+        .concat()
+        .bytes()
+        .all(|b| b.is_ascii_digit()));
+    for cut in [2, 4, got.ids.len() - 1] {
+        let resumed = GenerateRequest {
+            resume: Some(Resume {
+                generated_ids: got.ids[..cut].to_vec(),
+            }),
+            ..gated.clone()
+        };
+        let rest = generate(&mut client, resumed).await.unwrap();
+        assert_eq!(rest.ids, got.ids[cut..], "resumed after {cut} ids");
+    }
+    for (bad, what) in [
+        (
+            GenerateRequest {
+                structured_output_after: "</think>".into(),
+                ..greedy(ids, 4)
+            },
+            "needs a structured output",
+        ),
+        (
+            GenerateRequest {
+                structured_output: Some(digits()),
+                structured_output_after: "x".repeat(65),
+                ..greedy(ids, 4)
+            },
+            "at most 64 bytes",
+        ),
+    ] {
+        let err = generate(&mut client, bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+}

@@ -469,7 +469,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
 /// `--reasoning-parser qwen3` with Qwen3's real chat template (`--chat-template`, from
 /// `tests/fixtures/templates/hub/`) through the official client: an answer forced (by a regex)
 /// to think first comes back with its reasoning apart, whole and streamed alike, and hidden
-/// with `include_reasoning: false`; `chat_template_kwargs.enable_thinking = false` reaches the
+/// with `include_reasoning: false`; a structured output starts after the answer's `</think>`
+/// while the model may think, from the first token once the prompt closed the thinking; `chat_template_kwargs.enable_thinking = false` reaches the
 /// template (a longer prompt: the empty thinking block); `continue_final_message` is served,
 /// and the fields' misuses are 400s naming them (`stop_token_ids` too, which completions
 /// serve); vLLM's `min_p` at 1 leaves a draw at temperature 1 only the greedy token.
@@ -512,7 +513,6 @@ async fn reasoning_apart_and_template_fields_through_the_official_client() {
     );
     let got: Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
-    eprintln!("what came back: {got}");
     let whole = &got["whole"];
     assert_eq!(
         whole["matches"], true,
@@ -540,6 +540,21 @@ async fn reasoning_apart_and_template_fields_through_the_official_client() {
         "reasoning streams: {got}"
     );
     assert_eq!(got["hidden"]["has_reasoning"], false, "{got}");
+    // A structured output waits for the thinking to end: free while the model may think,
+    // from the first token once the prompt closed the thinking.
+    let gate = &got["gate"];
+    assert_eq!(gate["off"][1], "stop", "{got}");
+    let off = gate["off"][0].as_str().unwrap_or("");
+    assert!(
+        off.len() == 3 && off.bytes().all(|b| b.is_ascii_digit()),
+        "{got}"
+    );
+    assert_eq!(gate["on"][1], "length", "{got}");
+    let on = gate["on"][0].as_str().unwrap_or("");
+    assert!(
+        !on.bytes().all(|b| b.is_ascii_digit()),
+        "free before `</think>`: {got}"
+    );
     assert_eq!(got["hidden"]["content"], whole["content"], "{got}");
     let tokens = &got["prompt_tokens"];
     assert!(

@@ -330,6 +330,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             min_tokens: req.min_tokens.unwrap_or(0),
             stop_token_ids: req.stop_token_ids.unwrap_or_default(),
             min_p: req.min_p,
+            structured_output_after: String::new(),
         },
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
@@ -615,6 +616,14 @@ pub fn render_chat(
         });
     }
     // As transformers' apply_chat_template: the template writes any special tokens itself.
+    // With a reasoning parser, the grammar constrains the answer after its thinking.
+    let grammar_after = match (&reasoning, &structured_output) {
+        (Some(split), Some(_)) => split
+            .grammar_start(&rendered)
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    };
     let input_ids = tokenizer
         .encode_raw(&rendered)
         .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
@@ -657,6 +666,7 @@ pub fn render_chat(
             min_tokens: req.min_tokens.unwrap_or(0),
             stop_token_ids: req.stop_token_ids.unwrap_or_default(),
             min_p: req.min_p,
+            structured_output_after: grammar_after,
         },
         stream: req.stream,
         logprobs: req.logprobs,

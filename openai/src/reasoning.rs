@@ -68,6 +68,16 @@ impl ReasoningParser {
     }
 }
 
+impl ReasoningSplit {
+    /// Where a structured output (or a forced tool call) starts in an answer to `prompt`:
+    /// after `</think>`, so the model thinks freely and then answers in the grammar (as vLLM
+    /// does with a reasoning parser); from the first token when the prompt already closed the
+    /// thinking (Qwen3's template with `enable_thinking: false` ends with an empty block).
+    pub fn grammar_start(&self, prompt: &str) -> Option<&'static str> {
+        (!prompt.trim_end().ends_with(END)).then_some(END)
+    }
+}
+
 /// One request's rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReasoningSplit {
@@ -237,6 +247,23 @@ mod tests {
             .for_request(None, false)
             .expect("splits");
         assert_eq!(split_whole(hidden, "why</think>so"), (None, some("so")));
+    }
+
+    #[test]
+    fn a_grammar_starts_after_the_thinking_unless_the_prompt_closed_it() {
+        let split = rule(ReasoningParser::Qwen3);
+        assert_eq!(
+            split.grammar_start("<|im_start|>assistant\n"),
+            Some("</think>")
+        );
+        assert_eq!(
+            split.grammar_start("<｜Assistant｜><think>\n"),
+            Some("</think>")
+        );
+        assert_eq!(
+            split.grammar_start("assistant\n<think>\n\n</think>\n\n"),
+            None
+        );
     }
 
     #[test]

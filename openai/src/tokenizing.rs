@@ -33,6 +33,11 @@ impl Tokenizing {
         }
     }
 
+    /// The tokenizer, for work [`Self::run`] does that calls it among other things.
+    pub fn tokenizer(&self) -> Arc<Tokenizer> {
+        Arc::clone(&self.tokenizer)
+    }
+
     /// How many run at once by default: the CPUs, at least 2.
     pub fn default_permits() -> usize {
         std::thread::available_parallelism()

@@ -13,7 +13,7 @@ use crate::error::RouterError;
 use crate::request_metrics::RequestMetrics;
 use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
-use crate::structured::GrammarCompiler;
+use crate::structured::{GrammarCompiler, PendingConstraint, TokenConstraint};
 use crate::validation::{
     check_prompt, check_prompt_bytes, validate_ids, RequestLimits, SiblingPrefill,
 };
@@ -45,6 +45,16 @@ impl WaitingLimit {
             .map_err(|_| RouterError::QueueFull { limit: self.max })
     }
 }
+
+/// Where a request's grammar stands at admission: started (from the first token, or a resumed
+/// answer already past its start text), or waiting for its start text.
+enum Gate {
+    Started(TokenConstraint),
+    Pending(PendingConstraint),
+}
+
+/// Longest `structured_output_after` taken (it is searched for at every token until found).
+pub const MAX_STRUCTURED_OUTPUT_AFTER: usize = 64;
 
 pub struct Admission {
     pub config: ModelConfig,
@@ -102,6 +112,19 @@ impl Admission {
             None => std::mem::take(&mut request.input_ids),
         };
         let structured = request.structured_output.take();
+        let after = std::mem::take(&mut request.structured_output_after);
+        if after.len() > MAX_STRUCTURED_OUTPUT_AFTER {
+            return Err(RouterError::invalid(
+                "structured_output_after",
+                format!("structured_output_after: at most {MAX_STRUCTURED_OUTPUT_AFTER} bytes"),
+            ));
+        }
+        if !after.is_empty() && structured.is_none() {
+            return Err(RouterError::invalid(
+                "structured_output_after",
+                "structured_output_after needs a structured output",
+            ));
+        }
         let mut valid = validate_ids(request, input_ids, &self.config, &self.limits)?;
         valid.sibling = sibling;
         if let Some(spec) = structured {
@@ -112,25 +135,39 @@ impl Admission {
                 )
             })?);
             let resumed = valid.resumed_ids.clone();
+            let tokenizer = self.tokenizing.tokenizer();
             // A grammar compiles in up to a second (a schema of thousands of properties): on
             // the blocking pool, under the tokenizer's bound, so the runtime keeps driving
             // every other request's stream meanwhile.
             let constraint = self
                 .tokenizing
                 .run(move || {
-                    let mut constraint = compiler.compile_on_own_stack(&spec)?;
-                    // A resumed answer's grammar state: replayed over the ids already generated.
-                    for &id in &resumed {
-                        constraint.consume(id).map_err(|e| {
+                    let constraint = compiler.compile_on_own_stack(&spec)?;
+                    let mut pending = PendingConstraint { constraint, after };
+                    // A resumed answer's grammar state: replayed over the ids already
+                    // generated since it started (all of them, or those after `after`).
+                    let start = if pending.after.is_empty() {
+                        Some(0)
+                    } else {
+                        pending.start_in(tokenizer.as_ref(), &resumed)
+                    };
+                    let Some(start) = start else {
+                        return Ok::<_, RouterError>(Gate::Pending(pending));
+                    };
+                    for &id in &resumed[start..] {
+                        pending.constraint.consume(id).map_err(|e| {
                             RouterError::unnamed(format!(
                                 "resume: the ids do not fit the grammar: {e}"
                             ))
                         })?;
                     }
-                    Ok::<_, RouterError>(constraint)
+                    Ok(Gate::Started(pending.constraint))
                 })
                 .await??;
-            valid.constraint = Some(constraint);
+            match constraint {
+                Gate::Started(constraint) => valid.constraint = Some(constraint),
+                Gate::Pending(pending) => valid.pending_constraint = Some(pending),
+            }
         }
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if !self.view.can_serve() {

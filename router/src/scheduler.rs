@@ -696,6 +696,16 @@ impl Scheduler {
         let top =
             (s.request.top_logprobs > 0).then(|| top_logprobs(logits, s.request.top_logprobs));
         s.text.update(self.tokenizer.as_ref(), &s.output);
+        // A grammar waiting for its start text (a reasoning model's `</think>`) starts with
+        // the next token once the answer has written it.
+        let started = s
+            .request
+            .pending_constraint
+            .as_ref()
+            .is_some_and(|p| p.reached_at_end(self.tokenizer.as_ref(), &s.output));
+        if started {
+            s.request.constraint = s.request.pending_constraint.take().map(|p| p.constraint);
+        }
         let grammar_done = s
             .request
             .constraint

@@ -255,6 +255,59 @@ fn compact(mut schema: Value) -> Value {
     schema
 }
 
+/// A grammar that starts only once the answer has written `after` (a reasoning model's
+/// `</think>`): until then the answer is free.
+#[derive(Debug, Clone)]
+pub struct PendingConstraint {
+    pub constraint: TokenConstraint,
+    pub after: String,
+}
+
+impl PendingConstraint {
+    /// Whether `output`'s last tokens (the answer so far, its newest token last) hold
+    /// `after` (asked at every token until it is: the first yes is the token completing it). Only a window of them is decoded: each token is at least a byte of the text
+    /// (and a few may end in half a character), so `after` fits in its length plus four.
+    pub fn reached_at_end<D: crate::detokenize::Decode + ?Sized>(
+        &self,
+        tokenizer: &D,
+        output: &[u32],
+    ) -> bool {
+        let window = (self.after.len() + 4).min(output.len());
+        let tail = &output[output.len() - window..];
+        tokenizer
+            .decode_text(tail)
+            .is_some_and(|text| text.contains(self.after.as_str()))
+    }
+
+    /// How many of `ids` (an answer's first tokens) come before the grammar starts: the
+    /// shortest prefix whose text holds `after` (`None` when none does). Decoding prefixes is
+    /// monotone in their length, so a bisection finds it.
+    pub fn start_in<D: crate::detokenize::Decode + ?Sized>(
+        &self,
+        tokenizer: &D,
+        ids: &[u32],
+    ) -> Option<usize> {
+        let holds = |n: usize| {
+            tokenizer
+                .decode_text(&ids[..n])
+                .is_some_and(|text| text.contains(self.after.as_str()))
+        };
+        if !holds(ids.len()) {
+            return None;
+        }
+        let (mut lo, mut hi) = (0, ids.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if holds(mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Some(lo)
+    }
+}
+
 /// One request's grammar state: which tokens may come next, advanced by each sampled token.
 #[derive(Clone)]
 pub struct TokenConstraint {
@@ -304,6 +357,36 @@ impl TokenConstraint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each id decodes to its own letters: id `i` to `TEXTS[i]`.
+    struct Letters;
+    const TEXTS: [&str; 6] = ["ab", "</th", "ink>", "x", "</think>", "y"];
+    impl crate::detokenize::Decode for Letters {
+        fn decode_text(&self, ids: &[u32]) -> Option<String> {
+            Some(ids.iter().map(|&i| TEXTS[i as usize]).collect())
+        }
+    }
+
+    /// The start text is found when its last token comes (split over two tokens or whole),
+    /// and in a resumed answer the grammar starts right after it.
+    #[test]
+    fn a_pending_grammar_starts_after_its_text() {
+        let pending = PendingConstraint {
+            constraint: compiler()
+                .compile(&StructuredOutput {
+                    kind: Some(Kind::Regex("[0-9]".into())),
+                })
+                .unwrap(),
+            after: "</think>".into(),
+        };
+        assert!(!pending.reached_at_end(&Letters, &[0, 1]));
+        assert!(pending.reached_at_end(&Letters, &[0, 1, 2]));
+        assert!(pending.reached_at_end(&Letters, &[3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4]));
+        assert_eq!(pending.start_in(&Letters, &[0, 1, 2, 3, 5]), Some(3));
+        assert_eq!(pending.start_in(&Letters, &[0, 3, 4]), Some(3));
+        assert_eq!(pending.start_in(&Letters, &[0, 1, 3]), None);
+        assert_eq!(pending.start_in(&Letters, &[]), None);
+    }
     use moe_proto::v1::ChoiceList;
 
     fn compiler() -> GrammarCompiler {

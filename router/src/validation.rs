@@ -3,7 +3,7 @@
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{LogitAdjustments, ModelConfig, SamplingParams};
 
-use crate::structured::TokenConstraint;
+use crate::structured::{PendingConstraint, TokenConstraint};
 use std::time::{Duration, Instant};
 
 use moe_proto::v1::GenerateRequest;
@@ -56,6 +56,9 @@ pub struct ValidRequest {
     pub prompt_logprobs: Option<usize>,
     /// The structured-output grammar's state (compiled at admission).
     pub constraint: Option<TokenConstraint>,
+    /// A grammar waiting for its start text (`structured_output_after`): it becomes
+    /// `constraint` once the answer has written it.
+    pub pending_constraint: Option<PendingConstraint>,
     /// Choices of one request (`n`): how they share the prompt's prefill.
     pub sibling: Option<SiblingPrefill>,
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
@@ -273,6 +276,7 @@ pub fn validate_ids(
         top_logprobs: top_logprobs as usize,
         prompt_logprobs: prompt_logprobs.map(|k| k as usize),
         constraint: None,
+        pending_constraint: None,
         sibling: None,
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,

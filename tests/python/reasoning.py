@@ -28,8 +28,12 @@ def main():
     addr, model = sys.argv[1], sys.argv[2]
     client = OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
     out = {}
+    # With thinking on, a grammar starts after the answer's `</think>` (below); with
+    # `enable_thinking: false` the prompt has closed the thinking, so the regex holds from the
+    # first token and makes the model write a thought.
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
     forced = dict(model=model, messages=MESSAGES, max_tokens=60, temperature=1.0, seed=3,
-                  extra_body={"structured_outputs": {"regex": THOUGHT}})
+                  extra_body={"structured_outputs": {"regex": THOUGHT}, **no_thinking})
     whole = client.chat.completions.create(**forced).choices[0]
     reasoning = getattr(whole.message, "reasoning_content", None)
     out["whole"] = {"reasoning": reasoning, "content": whole.message.content,
@@ -48,6 +52,16 @@ def main():
     hidden = client.chat.completions.create(**{**forced, "extra_body": {**forced["extra_body"], "include_reasoning": False}})
     out["hidden"] = {"has_reasoning": getattr(hidden.choices[0].message, "reasoning_content", None) is not None,
                      "content": hidden.choices[0].message.content}
+    # The gate: a grammar waits for the answer's own `</think>` while the model may think (the
+    # tiny model never writes one, so its answer stays free), and holds from the first token
+    # once the prompt closed the thinking.
+    digits = {"structured_outputs": {"regex": "[0-9]{3}"}}
+    thinking_on = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8,
+                                                 temperature=0, extra_body=digits).choices[0]
+    thinking_off = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8,
+                                                  temperature=0, extra_body={**digits, **no_thinking}).choices[0]
+    out["gate"] = {"on": [thinking_on.message.content, thinking_on.finish_reason],
+                   "off": [thinking_off.message.content, thinking_off.finish_reason]}
     # Qwen3's template closes an empty thinking block in the prompt when asked not to think.
     plain = dict(model=model, messages=MESSAGES, max_tokens=1, temperature=0)
     thinking = client.chat.completions.create(**plain).usage.prompt_tokens
