@@ -564,3 +564,48 @@ async fn a_grammar_after_a_start_text_leaves_the_answer_free_until_then() {
         assert!(err.message().contains(what), "{}", err.message());
     }
 }
+
+/// vLLM's `allowed_token_ids`: greedy and sampled answers draw only those ids (the greedy one
+/// is the argmax among them: the free answer's first id when it is allowed); an id outside
+/// the vocabulary is refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_token_ids_are_the_only_ids_drawn() {
+    let fixture = FIXTURES[2];
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let ids = &golden_cases(fixture)[0].input_ids;
+    let free = generate(&mut client, greedy(ids, 8)).await.unwrap();
+    let allowed = vec![free.ids[0], 7, 42, 300];
+    let only = |req: GenerateRequest| GenerateRequest {
+        allowed_token_ids: allowed.clone(),
+        ..req
+    };
+    let got = generate(&mut client, only(greedy(ids, 8))).await.unwrap();
+    assert_eq!(got.ids[0], free.ids[0], "the argmax, allowed");
+    assert!(got.ids.iter().all(|t| allowed.contains(t)), "{:?}", got.ids);
+    let sampled = GenerateRequest {
+        temperature: Some(1.5),
+        seed: Some(3),
+        ..greedy(ids, 24)
+    };
+    let got = generate(&mut client, only(sampled.clone())).await.unwrap();
+    assert!(got.ids.iter().all(|t| allowed.contains(t)), "{:?}", got.ids);
+    let unrestricted = generate(&mut client, sampled).await.unwrap();
+    assert!(
+        !unrestricted.ids.iter().all(|t| allowed.contains(t)),
+        "the check can fail: {:?}",
+        unrestricted.ids
+    );
+    let bad = GenerateRequest {
+        allowed_token_ids: vec![1 << 30],
+        ..greedy(ids, 4)
+    };
+    let err = generate(&mut client, bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("allowed_token_ids"),
+        "{}",
+        err.message()
+    );
+}

@@ -64,6 +64,8 @@ pub struct CompletionRequest {
     pub stop_token_ids: Option<Vec<u32>>,
     /// vLLM's extension.
     pub min_p: Option<f32>,
+    /// vLLM's extension: only these ids are drawn.
+    pub allowed_token_ids: Option<Vec<u32>>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -141,6 +143,8 @@ pub struct ChatRequest {
     pub stop_token_ids: Option<Vec<u32>>,
     /// vLLM's extension.
     pub min_p: Option<f32>,
+    /// vLLM's extension: only these ids are drawn.
+    pub allowed_token_ids: Option<Vec<u32>>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

@@ -795,7 +795,7 @@ fn pick_of<'c>(s: &Sequence, f: &Feed, changes: RowChanges<'c>) -> Pick<'c> {
     // sampler changes it.
     let unsent_edits = changes.edits.is_none() && !s.sampler.params().adjust.is_neutral();
     let unsent_mask = changes.mask.is_none() && s.request.constraint.is_some();
-    if row_read_elsewhere(s) || unsent_edits || unsent_mask {
+    if row_read_elsewhere(s) || unsent_edits || unsent_mask || !picked_in_place(s, f) {
         return Pick::Logits;
     }
     let pick = if s.sampler.params().is_greedy() {
@@ -833,7 +833,8 @@ fn picked_in_place(s: &Sequence, f: &Feed) -> bool {
         || sampler
             .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
             .is_some();
-    f.samples && !row_read_elsewhere(s) && device_draw
+    // `allowed_token_ids` mask the row where the sampler reads it.
+    f.samples && !row_read_elsewhere(s) && device_draw && s.request.allowed_tokens.is_none()
 }
 
 /// Where a constrained feed's grammar mask will arrive while the step runs, so the dense
@@ -871,18 +872,26 @@ fn consume_pick(s: &mut Sequence, take: impl FnOnce(&mut Sampler) -> u32) -> Res
     Ok(token)
 }
 
-/// The sequence's next token from `logits`: within its grammar's mask when it has one (the
-/// grammar then advances over it).
+/// The sequence's next token from `logits`: within its grammar's mask and its
+/// `allowed_token_ids` when it has them (the grammar then advances over it).
 fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
     let Some(constraint) = s.request.constraint.as_mut() else {
-        return Ok(s.sampler.sample(logits));
+        return Ok(match &s.request.allowed_tokens {
+            Some(allowed) => s.sampler.sample_allowed(logits, allowed),
+            None => s.sampler.sample(logits),
+        });
     };
-    let allowed = match s.next_mask.take() {
+    let mut allowed = match s.next_mask.take() {
         Some(mask) => mask?,
         None => constraint.allowed(logits.len())?,
     };
+    if let Some(ids) = &s.request.allowed_tokens {
+        for (flag, &id_allowed) in allowed.iter_mut().zip(ids) {
+            *flag &= id_allowed;
+        }
+    }
     if !allowed.iter().any(|&a| a) {
-        return Err("the grammar allows no token here".into());
+        return Err("the grammar allows no token here (with allowed_token_ids)".into());
     }
     let token = s.sampler.sample_allowed(logits, &allowed);
     constraint.consume(token)?;

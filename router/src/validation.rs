@@ -48,6 +48,8 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     /// Ids that end the answer (vLLM's `stop_token_ids`), kept in it.
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's `allowed_token_ids`, one flag per vocabulary row (`None`: every id).
+    pub allowed_tokens: Option<Vec<bool>>,
     pub ignore_eos: bool,
     pub logprobs: bool,
     /// Alternatives returned per token (0: none).
@@ -64,6 +66,24 @@ pub struct ValidRequest {
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
     pub received: Instant,
     pub deadline: Instant,
+}
+
+/// `allowed_token_ids` as flags over the vocabulary, each id checked.
+fn allowed_tokens(ids: &[u32], vocab: usize) -> Result<Option<Vec<bool>>, RouterError> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let mut allowed = vec![false; vocab];
+    for &id in ids {
+        let Some(flag) = allowed.get_mut(id as usize) else {
+            return Err(RouterError::invalid(
+                "allowed_token_ids",
+                format!("allowed_token_ids: token id {id} is out of range (vocab_size {vocab})"),
+            ));
+        };
+        *flag = true;
+    }
+    Ok(Some(allowed))
 }
 
 impl ValidRequest {
@@ -250,6 +270,7 @@ pub fn validate_ids(
             ),
         ));
     }
+    let allowed_tokens = allowed_tokens(&req.allowed_token_ids, config.vocab_size)?;
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(RouterError::unnamed(format!(
@@ -271,6 +292,7 @@ pub fn validate_ids(
         },
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
+        allowed_tokens,
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,
