@@ -284,6 +284,55 @@ mod tests {
         assert!("llama".parse::<ReasoningParser>().is_err());
     }
 
+    /// Answers made of tag fragments, cut at random places: the streamed split is the
+    /// whole answer's, for both rules.
+    #[test]
+    fn random_answers_in_random_pieces_split_as_whole() {
+        const PARTS: [&str; 9] = [
+            "<think>", "</think>", "<th", "ink>", "</", "a", " ", "\n", "é",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize % n
+        };
+        for _ in 0..2000 {
+            let answer: String = (0..next(12)).map(|_| PARTS[next(PARTS.len())]).collect();
+            for parser in [ReasoningParser::DeepSeekR1, ReasoningParser::Qwen3] {
+                let split = rule(parser);
+                let mut stream = ReasoningStream::new(split);
+                let (mut reasoning, mut content) = (String::new(), String::new());
+                let mut rest = answer.as_str();
+                loop {
+                    let cut = rest
+                        .char_indices()
+                        .map(|(i, _)| i)
+                        .nth(next(4) + 1)
+                        .unwrap_or(rest.len());
+                    let (piece, after) = rest.split_at(cut);
+                    let out = stream.push(piece, after.is_empty());
+                    reasoning.push_str(&out.reasoning);
+                    content.push_str(&out.content);
+                    rest = after;
+                    if rest.is_empty() {
+                        break;
+                    }
+                }
+                let streamed = (
+                    stream.reasoned().then_some(reasoning),
+                    (!content.is_empty()).then_some(content),
+                );
+                assert_eq!(
+                    streamed,
+                    split_whole(split, &answer),
+                    "{parser:?} {answer:?}"
+                );
+            }
+        }
+    }
+
     /// Every way of cutting an answer into pieces streams the whole answer's split.
     #[test]
     fn streams_split_as_the_whole_answer_does() {
