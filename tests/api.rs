@@ -609,3 +609,33 @@ async fn allowed_token_ids_are_the_only_ids_drawn() {
         err.message()
     );
 }
+
+/// vLLM's `truncate_prompt_tokens`: the prompt's last k tokens are kept, so the answer is
+/// bitwise the one to those k tokens alone and `prompt_tokens` counts k.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_prompt_tokens_keeps_the_prompts_end() {
+    let fixture = FIXTURES[0];
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let ids = &golden_cases(fixture)[0].input_ids;
+    assert!(ids.len() > 3, "{ids:?}");
+    let keep = ids.len() - 2;
+    let truncated = GenerateRequest {
+        truncate_prompt_tokens: Some(keep as u32),
+        ..greedy(ids, 8)
+    };
+    let got = generate(&mut client, truncated).await.unwrap();
+    let tail = generate(&mut client, greedy(&ids[2..], 8)).await.unwrap();
+    assert_eq!(got.ids, tail.ids);
+    assert_eq!(got.logprobs, tail.logprobs);
+    assert_eq!(got.prompt_tokens as usize, keep);
+    let whole = GenerateRequest {
+        truncate_prompt_tokens: Some(u32::MAX),
+        ..greedy(ids, 8)
+    };
+    assert_eq!(
+        generate(&mut client, whole).await.unwrap().prompt_tokens as usize,
+        ids.len()
+    );
+}

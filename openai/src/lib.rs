@@ -331,6 +331,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             stop_token_ids: req.stop_token_ids.unwrap_or_default(),
             min_p: req.min_p,
             allowed_token_ids: req.allowed_token_ids.unwrap_or_default(),
+            truncate_prompt_tokens: truncate_prompt_tokens(req.truncate_prompt_tokens)?,
             structured_output_after: String::new(),
         },
         stream: req.stream,
@@ -453,6 +454,19 @@ impl ChatBody {
             ToolCallFormat::Hermes,
         )?;
         self.prompt(template, plan.template_tools.as_ref())
+    }
+}
+
+/// vLLM's `truncate_prompt_tokens`: -1 (the model's context), 0 or absent (off), or a count.
+fn truncate_prompt_tokens(value: Option<i64>) -> Result<Option<u32>, RouterError> {
+    match value {
+        None | Some(0) => Ok(None),
+        Some(-1) => Ok(Some(u32::MAX)),
+        Some(k) if k > 0 => Ok(Some(k.min(u32::MAX as i64 - 1) as u32)),
+        Some(k) => Err(RouterError::invalid(
+            "truncate_prompt_tokens",
+            format!("truncate_prompt_tokens must be -1, 0 or more, got {k}"),
+        )),
     }
 }
 
@@ -625,9 +639,15 @@ pub fn render_chat(
             .to_string(),
         _ => String::new(),
     };
-    let input_ids = tokenizer
+    let mut input_ids = tokenizer
         .encode_raw(&rendered)
         .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
+    // Truncated here too, so the default `max_tokens` counts what is kept.
+    let truncate = truncate_prompt_tokens(req.truncate_prompt_tokens)?;
+    if let Some(keep) = truncate.map(|k| (k as usize).min(max_model_len)) {
+        let cut = input_ids.len().saturating_sub(keep);
+        input_ids.drain(..cut);
+    }
     if input_ids.is_empty() {
         return Err(RouterError::invalid(
             "messages",
@@ -668,6 +688,7 @@ pub fn render_chat(
             stop_token_ids: req.stop_token_ids.unwrap_or_default(),
             min_p: req.min_p,
             allowed_token_ids: req.allowed_token_ids.unwrap_or_default(),
+            truncate_prompt_tokens: truncate,
             structured_output_after: grammar_after,
         },
         stream: req.stream,

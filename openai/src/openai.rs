@@ -66,6 +66,8 @@ pub struct CompletionRequest {
     pub min_p: Option<f32>,
     /// vLLM's extension: only these ids are drawn.
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's extension: keep the prompt's last k tokens (-1: as many as the model holds).
+    pub truncate_prompt_tokens: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -145,6 +147,8 @@ pub struct ChatRequest {
     pub min_p: Option<f32>,
     /// vLLM's extension: only these ids are drawn.
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's extension: keep the prompt's last k tokens (-1: as many as the model holds).
+    pub truncate_prompt_tokens: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

@@ -177,6 +177,14 @@ pub fn validate_ids(
     config: &ModelConfig,
     limits: &RequestLimits,
 ) -> Result<ValidRequest, RouterError> {
+    // vLLM's left truncation, before any bound is checked.
+    let mut input_ids = input_ids;
+    if let Some(keep) = req.truncate_prompt_tokens.filter(|&k| k > 0) {
+        let keep = (keep as usize).min(config.max_position_embeddings);
+        if input_ids.len() > keep {
+            input_ids.drain(..input_ids.len() - keep);
+        }
+    }
     if input_ids.len() > limits.max_prompt_tokens {
         return Err(RouterError::unnamed(format!(
             "prompt has {} tokens; the limit is {}",

@@ -95,6 +95,11 @@ def main():
                     "without_it_differs": sampled.choices[0].text != greedy.choices[0].text,
                     "out_of_range": status_of(lambda: client.completions.create(
                         model=model, prompt="Hi", max_tokens=2, extra_body={"min_p": 1.5}))}
+    out["truncated_prompt_tokens"] = client.completions.create(
+        model=model, prompt="A rather long prompt to cut", max_tokens=1, temperature=0,
+        extra_body={"truncate_prompt_tokens": 2}).usage.prompt_tokens
+    out["errors"]["truncate_below_minus_one"] = status_of(lambda: client.completions.create(
+        model=model, prompt="Hi", max_tokens=1, extra_body={"truncate_prompt_tokens": -2}))
     print(json.dumps(out))
 
 
