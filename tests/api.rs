@@ -639,3 +639,52 @@ async fn truncate_prompt_tokens_keeps_the_prompts_end() {
         ids.len()
     );
 }
+
+/// vLLM's `bad_words`: the free greedy answer's own first word, and a two-token piece of it,
+/// never appear in the answer (as any of the token sequences vLLM bans for them), which then
+/// differs from the free one; a word of spaces only is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_words_never_appear() {
+    let fixture = FIXTURES[2];
+    let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&fixture_dir(fixture)).unwrap();
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let ids = &golden_cases(fixture)[0].input_ids;
+    let free = generate(&mut client, greedy(ids, 16)).await.unwrap();
+    // Pieces of the answer whose text reads back as the same tokens: one token, then two.
+    let clean = |span: &[u32]| {
+        let text = tokenizer.decode(span).unwrap();
+        let ascii =
+            text.trim().len() >= 2 && text.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+        (ascii && tokenizer.encode_raw(&text).unwrap() == span).then_some(text)
+    };
+    let one = (0..free.ids.len()).find_map(|i| clean(&free.ids[i..=i]));
+    let two = (0..free.ids.len() - 1).find_map(|i| clean(&free.ids[i..i + 2]));
+    let words: Vec<String> = [one, two].into_iter().flatten().collect();
+    assert_eq!(words.len(), 2, "{:?}", free.ids);
+    let banned =
+        moe_router::validation::bad_word_ids(&words, |w| Ok(tokenizer.encode_raw(w).unwrap()))
+            .unwrap();
+    assert!(banned.iter().any(|s| s.len() >= 2), "{words:?}: {banned:?}");
+    let req = GenerateRequest {
+        bad_words: words.clone(),
+        ..greedy(ids, 16)
+    };
+    let got = generate(&mut client, req).await.unwrap();
+    assert_ne!(got.ids, free.ids, "{words:?}: {banned:?}");
+    for seq in &banned {
+        assert!(
+            !got.ids.windows(seq.len()).any(|w| w == seq.as_slice()),
+            "{seq:?} in {:?} ({words:?})",
+            got.ids
+        );
+    }
+    let bad = GenerateRequest {
+        bad_words: vec!["   ".into()],
+        ..greedy(ids, 4)
+    };
+    let err = generate(&mut client, bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("bad_words"), "{}", err.message());
+}

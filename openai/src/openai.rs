@@ -68,6 +68,8 @@ pub struct CompletionRequest {
     pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's extension: keep the prompt's last k tokens (-1: as many as the model holds).
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's extension: words never generated.
+    pub bad_words: Option<Vec<String>>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -149,6 +151,8 @@ pub struct ChatRequest {
     pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's extension: keep the prompt's last k tokens (-1: as many as the model holds).
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's extension: words never generated.
+    pub bad_words: Option<Vec<String>>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

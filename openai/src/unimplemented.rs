@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 11] = [
+const NOT_IMPLEMENTED: [&str; 10] = [
     "functions",
     "function_call",
     "best_of",
@@ -21,7 +21,6 @@ const NOT_IMPLEMENTED: [&str; 11] = [
     "prediction",
     "reasoning_effort",
     "web_search_options",
-    "bad_words",
     // vLLM's per-request template: refused (vLLM too, unless trusted), not silently replaced
     // by the server's own.
     "chat_template",

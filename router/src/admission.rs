@@ -15,7 +15,7 @@ use crate::request_trace::{RequestTrace, TraceOrigin};
 use crate::scheduler::{SchedulerStats, Submission};
 use crate::structured::{GrammarCompiler, PendingConstraint, TokenConstraint};
 use crate::validation::{
-    check_prompt, check_prompt_bytes, validate_ids, RequestLimits, SiblingPrefill,
+    bad_word_ids, check_prompt, check_prompt_bytes, validate_ids, RequestLimits, SiblingPrefill,
 };
 
 pub use moe_openai::generator::Answers;
@@ -113,6 +113,7 @@ impl Admission {
         };
         let structured = request.structured_output.take();
         let after = std::mem::take(&mut request.structured_output_after);
+        let bad_words = request.bad_words.clone();
         if after.len() > MAX_STRUCTURED_OUTPUT_AFTER {
             return Err(RouterError::invalid(
                 "structured_output_after",
@@ -168,6 +169,17 @@ impl Admission {
                 Gate::Started(constraint) => valid.constraint = Some(constraint),
                 Gate::Pending(pending) => valid.pending_constraint = Some(pending),
             }
+        }
+        if !bad_words.is_empty() {
+            valid.bad_words = self
+                .tokenizing
+                .tokenize(move |t| {
+                    bad_word_ids(&bad_words, |w| {
+                        t.encode_raw(w)
+                            .map_err(|e| RouterError::invalid("bad_words", e.to_string()))
+                    })
+                })
+                .await??;
         }
         let trace = RequestTrace::start(&origin, &self.model_name, &valid);
         if !self.view.can_serve() {

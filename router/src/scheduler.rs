@@ -833,8 +833,9 @@ fn picked_in_place(s: &Sequence, f: &Feed) -> bool {
         || sampler
             .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
             .is_some();
-    // `allowed_token_ids` mask the row where the sampler reads it.
-    f.samples && !row_read_elsewhere(s) && device_draw && s.request.allowed_tokens.is_none()
+    // `allowed_token_ids` and `bad_words` mask the row where the sampler reads it.
+    let host_mask = s.request.allowed_tokens.is_some() || !s.request.bad_words.is_empty();
+    f.samples && !row_read_elsewhere(s) && device_draw && !host_mask
 }
 
 /// Where a constrained feed's grammar mask will arrive while the step runs, so the dense
@@ -872,29 +873,39 @@ fn consume_pick(s: &mut Sequence, take: impl FnOnce(&mut Sampler) -> u32) -> Res
     Ok(token)
 }
 
-/// The sequence's next token from `logits`: within its grammar's mask and its
-/// `allowed_token_ids` when it has them (the grammar then advances over it).
+/// The sequence's next token from `logits`: within its grammar's mask, its
+/// `allowed_token_ids` and its `bad_words` when it has them (the grammar then advances over
+/// it).
 fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
-    let Some(constraint) = s.request.constraint.as_mut() else {
-        return Ok(match &s.request.allowed_tokens {
-            Some(allowed) => s.sampler.sample_allowed(logits, allowed),
-            None => s.sampler.sample(logits),
-        });
+    let banned = s.request.banned_next(&s.output);
+    let request = &mut s.request;
+    if request.constraint.is_none() && request.allowed_tokens.is_none() && banned.is_empty() {
+        return Ok(s.sampler.sample(logits));
+    }
+    let mut allowed = match request.constraint.as_mut() {
+        Some(constraint) => match s.next_mask.take() {
+            Some(mask) => mask?,
+            None => constraint.allowed(logits.len())?,
+        },
+        None => vec![true; logits.len()],
     };
-    let mut allowed = match s.next_mask.take() {
-        Some(mask) => mask?,
-        None => constraint.allowed(logits.len())?,
-    };
-    if let Some(ids) = &s.request.allowed_tokens {
+    if let Some(ids) = &request.allowed_tokens {
         for (flag, &id_allowed) in allowed.iter_mut().zip(ids) {
             *flag &= id_allowed;
         }
     }
+    for id in banned {
+        if let Some(flag) = allowed.get_mut(id as usize) {
+            *flag = false;
+        }
+    }
     if !allowed.iter().any(|&a| a) {
-        return Err("the grammar allows no token here (with allowed_token_ids)".into());
+        return Err("no token is allowed here (grammar, allowed_token_ids, bad_words)".into());
     }
     let token = s.sampler.sample_allowed(logits, &allowed);
-    constraint.consume(token)?;
+    if let Some(constraint) = request.constraint.as_mut() {
+        constraint.consume(token)?;
+    }
     Ok(token)
 }
 

@@ -50,6 +50,8 @@ pub struct ValidRequest {
     pub stop_token_ids: Vec<u32>,
     /// vLLM's `allowed_token_ids`, one flag per vocabulary row (`None`: every id).
     pub allowed_tokens: Option<Vec<bool>>,
+    /// vLLM's `bad_words`, as token sequences (tokenized at admission).
+    pub bad_words: Vec<Vec<u32>>,
     pub ignore_eos: bool,
     pub logprobs: bool,
     /// Alternatives returned per token (0: none).
@@ -66,6 +68,65 @@ pub struct ValidRequest {
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
     pub received: Instant,
     pub deadline: Instant,
+}
+
+/// Most `bad_words` a request may give, and their longest (each is matched at every token).
+pub const MAX_BAD_WORDS: usize = 64;
+pub const MAX_BAD_WORD_BYTES: usize = 256;
+
+fn check_bad_words(words: &[String]) -> Result<(), RouterError> {
+    if words.len() > MAX_BAD_WORDS {
+        return Err(RouterError::invalid(
+            "bad_words",
+            format!("bad_words: at most {MAX_BAD_WORDS} words"),
+        ));
+    }
+    if words
+        .iter()
+        .any(|w| w.trim_start().is_empty() || w.len() > MAX_BAD_WORD_BYTES)
+    {
+        return Err(RouterError::invalid(
+            "bad_words",
+            format!(
+                "bad_words: each word must be 1 to {MAX_BAD_WORD_BYTES} bytes, not only spaces"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `bad_words` as the token sequences vLLM bans: each word as written and after a space (the
+/// latter only when the space makes a new first token and no more tokens).
+pub fn bad_word_ids(
+    words: &[String],
+    encode: impl Fn(&str) -> Result<Vec<u32>, RouterError>,
+) -> Result<Vec<Vec<u32>>, RouterError> {
+    let mut sequences: Vec<Vec<u32>> = Vec::new();
+    for word in words {
+        let bare = encode(word.trim_start())?;
+        let spaced = encode(&format!(" {}", word.trim_start()))?;
+        if spaced.len() == bare.len() && spaced.first() != bare.first() {
+            sequences.push(spaced);
+        }
+        sequences.push(bare);
+    }
+    sequences.retain(|ids| !ids.is_empty());
+    sequences.sort();
+    sequences.dedup();
+    Ok(sequences)
+}
+
+impl ValidRequest {
+    /// The ids `bad_words` bans as this answer's next token, after `output`.
+    pub fn banned_next(&self, output: &[u32]) -> Vec<u32> {
+        self.bad_words
+            .iter()
+            .filter_map(|word| {
+                let (last, before) = word.split_last()?;
+                output.ends_with(before).then_some(*last)
+            })
+            .collect()
+    }
 }
 
 /// `allowed_token_ids` as flags over the vocabulary, each id checked.
@@ -279,6 +340,7 @@ pub fn validate_ids(
         ));
     }
     let allowed_tokens = allowed_tokens(&req.allowed_token_ids, config.vocab_size)?;
+    check_bad_words(&req.bad_words)?;
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(RouterError::unnamed(format!(
@@ -301,6 +363,7 @@ pub fn validate_ids(
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
         allowed_tokens,
+        bad_words: Vec::new(),
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs || top_logprobs > 0,
         top_logprobs: top_logprobs as usize,
