@@ -363,21 +363,26 @@ fn main() {
         let logits: Vec<f32> = (0..vocab)
             .map(|_| ((rng.next_f64() - 0.25) * spread) as f32)
             .collect();
-        let params = |top_k, top_p| moe_model::SamplingParams {
+        let params = |top_k, top_p, min_p| moe_model::SamplingParams {
             temperature: 1.0,
             top_k,
             top_p,
+            min_p,
             seed: Some(1),
             ..Default::default()
         };
-        for (kind, top_k, top_p) in [
-            ("race", None, 1.0),
-            ("top_p", None, 0.95),
-            ("top_k", Some(20), 0.8),
+        // A min-p 0.05 draw ranks only the tokens near the lead; `sorted` (top-k = the whole
+        // vocabulary) ranks every token, what min-p would cost without that cut.
+        for (kind, top_k, top_p, min_p) in [
+            ("race", None, 1.0, 0.0),
+            ("top_p", None, 0.95, 0.0),
+            ("top_k", Some(20), 0.8, 0.0),
+            ("min_p", None, 1.0, 0.05),
+            ("sorted", Some(vocab), 1.0, 0.0),
         ] {
             let name = format!("sample_{kind}_{label}_129280");
             if wants(&name) {
-                let mut sampler = moe_model::sampling::Sampler::new(params(top_k, top_p));
+                let mut sampler = moe_model::sampling::Sampler::new(params(top_k, top_p, min_p));
                 let s = time(|| {
                     std::hint::black_box(sampler.sample(&logits));
                 });
