@@ -387,6 +387,39 @@ async fn structured_outputs_always_validate() {
     assert_eq!(got["answers_after_errors"], true);
 }
 
+/// A one-node cluster of `fixture` serving the OpenAI API (as model `tiny`, with the router's
+/// `args` more), and the JSON object `script` (a Python client) printed last against it.
+async fn script_against_http(fixture: &str, args: &[&str], script: &'static str) -> Value {
+    let mut spec = harness::spec(fixture_dir(fixture), 1);
+    spec.router_args.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--served-model-name",
+            "tiny",
+        ]
+        .map(String::from),
+    );
+    spec.router_args.extend(args.iter().map(|a| a.to_string()));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &http, "tiny"])
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap()
+}
+
 /// Tool calls with the official client, in the families' formats (test chat templates in
 /// `tests/fixtures/templates/`, and DeepSeek-V3.1's real one, given with `--chat-template`): `tool_choice: "required"` and
 /// a named function give a call whose arguments validate against the function's schema,
@@ -401,38 +434,13 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         // DeepSeek-V3.1's real template: its own call layout, told from V3's by the template.
         (FIXTURES[0], "hub/deepseek_v3_1.jinja"),
     ] {
-        let mut spec = harness::spec(fixture_dir(fixture), 1);
-        spec.router_args.extend(
-            [
-                "--http-listen",
-                "127.0.0.1:0",
-                "--served-model-name",
-                "tiny",
-                "--chat-template",
-                &format!("{templates}/{template}"),
-            ]
-            .map(String::from),
-        );
-        let cluster = LocalCluster::start(spec).unwrap();
-        wait_serving(&cluster, 1).await;
-        let http = cluster.router_http_addr.clone().unwrap();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/tool_calls.py");
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new("python3")
-                .args([script, &http, "tiny"])
-                .output()
-                .expect("python3 runs")
-        })
-        .await
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "{template}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: Value =
-            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
-                .unwrap();
+        let template = format!("{templates}/{template}");
+        let got = script_against_http(
+            fixture,
+            &["--chat-template", &template],
+            concat!(env!("CARGO_MANIFEST_DIR"), "/python/tool_calls.py"),
+        )
+        .await;
         let required = &got["required"];
         assert_eq!(required["finish_reason"], "tool_calls", "{template}: {got}");
         assert_eq!(required["calls"].as_array().unwrap().len(), 1, "{got}");
@@ -480,39 +488,12 @@ async fn reasoning_apart_and_template_fields_through_the_official_client() {
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/templates/hub/qwen3.jinja"
     );
-    let mut spec = harness::spec(fixture_dir(FIXTURES[1]), 1);
-    spec.router_args.extend(
-        [
-            "--http-listen",
-            "127.0.0.1:0",
-            "--served-model-name",
-            "tiny",
-            "--chat-template",
-            template,
-            "--reasoning-parser",
-            "qwen3",
-        ]
-        .map(String::from),
-    );
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 1).await;
-    let http = cluster.router_http_addr.clone().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/reasoning.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, &http, "tiny"])
-            .output()
-            .expect("python3 runs")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let got = script_against_http(
+        FIXTURES[1],
+        &["--chat-template", template, "--reasoning-parser", "qwen3"],
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python/reasoning.py"),
+    )
+    .await;
     let whole = &got["whole"];
     assert_eq!(
         whole["matches"], true,
