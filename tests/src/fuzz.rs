@@ -9,7 +9,9 @@ use moe_cluster::frames::{self, DispatchTag};
 use moe_model::chat_template::ChatTemplate;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
-use moe_openai::{parse_chat, parse_completion};
+use moe_openai::reasoning::ReasoningParser;
+use moe_openai::tool_calls::ToolCallFormat;
+use moe_openai::{parse_chat, parse_chat_body, parse_completion, render_chat};
 use moe_proto::v1::{CombineBatch, DispatchBatch};
 use moe_router::validation::{validate, RequestLimits};
 use prost::Message;
@@ -75,6 +77,8 @@ struct HttpFixture {
     tokenizer: Tokenizer,
     config: ModelConfig,
     template: Option<ChatTemplate>,
+    /// Qwen3's real chat template (tools through `tojson`, reasoning, `enable_thinking`).
+    qwen3: ChatTemplate,
 }
 
 fn http_fixture() -> &'static HttpFixture {
@@ -90,10 +94,16 @@ fn http_fixture() -> &'static HttpFixture {
             )
             .expect("fixture template")
         });
+        let qwen3 = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/templates/hub/qwen3.jinja"),
+        )
+        .expect("Qwen3's template");
         HttpFixture {
             config: ModelConfig::from_dir(&dir).expect("fixture config"),
             tokenizer,
             template,
+            qwen3: ChatTemplate::new(&qwen3, None, Some("<|im_end|>")).expect("Qwen3's template"),
         }
     })
 }
@@ -103,6 +113,18 @@ fn http_fixture() -> &'static HttpFixture {
 pub fn http_request(data: &[u8]) {
     let f = http_fixture();
     let limits = RequestLimits::default();
+    // Also through Qwen3's real template with a reasoning parser: tools written by `tojson`,
+    // the template's fields, reasoning and the grammar's start after it.
+    let qwen3 = parse_chat_body(data, "m", true).and_then(|chat| {
+        render_chat(
+            chat,
+            Some(&f.qwen3),
+            &f.tokenizer,
+            f.config.max_position_embeddings,
+            ToolCallFormat::Hermes,
+            Some(ReasoningParser::Qwen3),
+        )
+    });
     let parsed = [
         parse_completion(data, "m"),
         parse_chat(
@@ -112,6 +134,7 @@ pub fn http_request(data: &[u8]) {
             &f.tokenizer,
             f.config.max_position_embeddings,
         ),
+        qwen3,
     ];
     for p in parsed.into_iter().flatten() {
         let _ = validate(p.generate, &f.config, &f.tokenizer, &limits);
