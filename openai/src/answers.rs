@@ -656,13 +656,22 @@ pub fn stream_chat(
             _ => (None, msg.text.clone()),
         };
         let mut delta = match &tools {
-            None => Some((
-                Delta {
-                    content: (split.is_none() || !text.is_empty()).then_some(text),
-                    ..Delta::default()
-                },
-                finish(msg),
-            )),
+            None => {
+                let content = (split.is_none() || !text.is_empty()).then_some(text);
+                // A message whose text the reasoning split holds back (a tag's beginning)
+                // sends nothing, unless it ends the choice or carries a token's logprobs.
+                let nothing =
+                    content.is_none() && reasoning.is_none() && finish(msg).is_none() && !logprobs;
+                (!nothing).then(|| {
+                    (
+                        Delta {
+                            content,
+                            ..Delta::default()
+                        },
+                        finish(msg),
+                    )
+                })
+            }
             Some(t) => held
                 .get_mut(index as usize)
                 .and_then(|h| h.next(t, &response_id, index, &text, finish(msg))),

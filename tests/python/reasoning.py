@@ -39,10 +39,11 @@ def main():
     out["whole"] = {"reasoning": reasoning, "content": whole.message.content,
                     "finish_reason": whole.finish_reason,
                     "matches": re.fullmatch(THOUGHT, f"<think>{reasoning}</think>{whole.message.content}") is not None}
-    streamed = {"reasoning": "", "content": "", "reasoning_chunks": 0, "mixed_chunks": 0}
+    streamed = {"reasoning": "", "content": "", "reasoning_chunks": 0, "mixed_chunks": 0, "empty_chunks": 0}
     for chunk in client.chat.completions.create(**forced, stream=True):
         for ch in chunk.choices:
             piece = (ch.delta.model_extra or {}).get("reasoning_content")
+            streamed["empty_chunks"] += not (piece or ch.delta.content or ch.delta.role or ch.finish_reason)
             if piece:
                 streamed["reasoning"] += piece
                 streamed["reasoning_chunks"] += 1
