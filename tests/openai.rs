@@ -210,7 +210,7 @@ async fn official_openai_client_gets_the_offline_tokens() {
         "usage only with stream_options.include_usage"
     );
     // `tool_choice` without tools to choose from; the legacy `functions` is not implemented.
-    for param in ["functions", "min_p", "tool_choice"] {
+    for param in ["functions", "prediction", "tool_choice"] {
         assert_eq!(got["errors"][param], json!([400, param]), "{param}");
     }
     for param in ["logit_bias", "presence_penalty", "min_tokens"] {

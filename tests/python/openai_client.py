@@ -95,7 +95,7 @@ def main():
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     refused = {
         "functions": dict(extra_body={"functions": [{"name": "f", "parameters": schema}]}),
-        "min_p": dict(extra_body={"min_p": 0.2}),
+        "prediction": dict(extra_body={"prediction": {"type": "content", "content": "x"}}),
         "tool_choice": dict(tool_choice="required"),
     }
     for param, kwargs in refused.items():
