@@ -566,8 +566,9 @@ async fn a_grammar_after_a_start_text_leaves_the_answer_free_until_then() {
 }
 
 /// vLLM's `allowed_token_ids`: greedy and sampled answers draw only those ids (the greedy one
-/// is the argmax among them: the free answer's first id when it is allowed); an id outside
-/// the vocabulary is refused, naming the field.
+/// is the argmax among them: the free answer's first id when it is allowed), the same picked
+/// where the dense part keeps the row (no logprobs: masked there) as sampled from the row;
+/// an id outside the vocabulary is refused, naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_token_ids_are_the_only_ids_drawn() {
     let fixture = FIXTURES[2];
@@ -591,6 +592,48 @@ async fn allowed_token_ids_are_the_only_ids_drawn() {
     };
     let got = generate(&mut client, only(sampled.clone())).await.unwrap();
     assert!(got.ids.iter().all(|t| allowed.contains(t)), "{:?}", got.ids);
+    for request in [greedy(ids, 8), sampled.clone()] {
+        let with_logprobs = generate(&mut client, only(request.clone())).await.unwrap();
+        let in_place = GenerateRequest {
+            logprobs: false,
+            ..only(request)
+        };
+        let in_place = generate(&mut client, in_place).await.unwrap();
+        assert_eq!(in_place.ids, with_logprobs.ids, "picked in place");
+    }
+    // With a grammar: only the ids both allow, masked together where the row is kept.
+    let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&fixture_dir(fixture)).unwrap();
+    let digit_ids: Vec<u32> = ["1", "2", "7"]
+        .iter()
+        .map(|d| match tokenizer.encode_raw(d).unwrap()[..] {
+            [id] => id,
+            ref other => panic!("{d:?} is {other:?}"),
+        })
+        .collect();
+    let digits = GenerateRequest {
+        structured_output: Some(moe_proto::v1::StructuredOutput {
+            kind: Some(moe_proto::v1::structured_output::Kind::Regex(
+                "[0-9]+".into(),
+            )),
+        }),
+        allowed_token_ids: digit_ids.clone(),
+        ..sampled.clone()
+    };
+    let with_logprobs = generate(&mut client, digits.clone()).await.unwrap();
+    let in_place = GenerateRequest {
+        logprobs: false,
+        ..digits
+    };
+    let in_place = generate(&mut client, in_place).await.unwrap();
+    assert_eq!(
+        in_place.ids, with_logprobs.ids,
+        "picked in place, with a grammar"
+    );
+    assert!(
+        with_logprobs.ids.len() > 1 && with_logprobs.ids.iter().all(|t| digit_ids.contains(t)),
+        "{:?}",
+        with_logprobs.ids
+    );
     let unrestricted = generate(&mut client, sampled).await.unwrap();
     assert!(
         !unrestricted.ids.iter().all(|t| allowed.contains(t)),
@@ -642,7 +685,8 @@ async fn truncate_prompt_tokens_keeps_the_prompts_end() {
 
 /// vLLM's `bad_words`: the free greedy answer's own first word, and a two-token piece of it,
 /// never appear in the answer (as any of the token sequences vLLM bans for them), which then
-/// differs from the free one; a word of spaces only is refused.
+/// differs from the free one, greedy or sampled, picked where the dense part keeps the row
+/// (no logprobs) or from the row; a word of spaces only is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_words_never_appear() {
     let fixture = FIXTURES[2];
@@ -671,14 +715,33 @@ async fn bad_words_never_appear() {
         bad_words: words.clone(),
         ..greedy(ids, 16)
     };
-    let got = generate(&mut client, req).await.unwrap();
+    let got = generate(&mut client, req.clone()).await.unwrap();
     assert_ne!(got.ids, free.ids, "{words:?}: {banned:?}");
-    for seq in &banned {
-        assert!(
-            !got.ids.windows(seq.len()).any(|w| w == seq.as_slice()),
-            "{seq:?} in {:?} ({words:?})",
-            got.ids
-        );
+    let sampled_request = GenerateRequest {
+        temperature: Some(1.2),
+        seed: Some(8),
+        min_p: Some(0.02),
+        ..req.clone()
+    };
+    let sampled = generate(&mut client, sampled_request.clone())
+        .await
+        .unwrap();
+    for answer in [&got, &sampled] {
+        for seq in &banned {
+            assert!(
+                !answer.ids.windows(seq.len()).any(|w| w == seq.as_slice()),
+                "{seq:?} in {:?} ({words:?})",
+                answer.ids
+            );
+        }
+    }
+    for (with_logprobs, request) in [(&got, req.clone()), (&sampled, sampled_request)] {
+        let in_place = GenerateRequest {
+            logprobs: false,
+            ..request
+        };
+        let in_place = generate(&mut client, in_place).await.unwrap();
+        assert_eq!(in_place.ids, with_logprobs.ids, "picked in place");
     }
     let bad = GenerateRequest {
         bad_words: vec!["   ".into()],
@@ -687,4 +750,72 @@ async fn bad_words_never_appear() {
     let err = generate(&mut client, bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("bad_words"), "{}", err.message());
+}
+
+/// Seeded draws in a cluster are the offline engine's, token for token, for every kind of
+/// draw (the race, top-p, min-p, min-p then top-p, top-k with min-p), whether the router
+/// picks in place (no logprobs) or from the row it keeps for them, several requests at a
+/// time (so each shares its steps with the others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_draws_in_a_cluster_are_the_offline_engines() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 2)).unwrap();
+    wait_serving(&cluster, 2).await;
+    let ids = golden_cases(fixture)[0].input_ids.clone();
+    let n = 24u32;
+    // (temperature, top_p, top_k, min_p)
+    let draws = [
+        (0.9f32, 1.0f32, 0u32, 0.0f32),
+        (0.9, 0.9, 0, 0.0),
+        (1.3, 1.0, 0, 0.05),
+        (1.3, 0.8, 0, 0.1),
+        (1.1, 1.0, 20, 0.2),
+    ];
+    let mut pending = Vec::new();
+    for (i, &(temperature, top_p, top_k, min_p)) in draws.iter().enumerate() {
+        for logprobs in [false, true] {
+            let request = GenerateRequest {
+                temperature: Some(temperature),
+                top_p: Some(top_p),
+                top_k: Some(top_k),
+                min_p: Some(min_p),
+                seed: Some(70 + i as u64),
+                logprobs,
+                ..greedy(&ids, n)
+            };
+            let mut client = harness::inference(&cluster).await;
+            pending.push(tokio::spawn(async move {
+                (i, logprobs, generate(&mut client, request).await.unwrap())
+            }));
+        }
+    }
+    let mut distinct = std::collections::BTreeSet::new();
+    for task in pending {
+        let (i, logprobs, got) = task.await.unwrap();
+        let (temperature, top_p, top_k, min_p) = draws[i];
+        let offline = engine
+            .generate(&moe_model::GenerateRequest {
+                input_ids: ids.clone(),
+                max_new_tokens: n as usize,
+                sampling: moe_model::SamplingParams {
+                    temperature,
+                    top_p,
+                    top_k: (top_k > 0).then_some(top_k as usize),
+                    min_p,
+                    seed: Some(70 + i as u64),
+                    ..Default::default()
+                },
+                ignore_eos: true,
+                emit_logits: false,
+            })
+            .unwrap();
+        assert_eq!(got.ids, offline.output_ids, "draw {i}, logprobs {logprobs}");
+        if logprobs {
+            assert_eq!(got.logprobs, offline.logprobs, "draw {i}");
+        }
+        distinct.insert(got.ids);
+    }
+    // The seeds and the cuts make each draw its own.
+    assert_eq!(distinct.len(), draws.len());
 }

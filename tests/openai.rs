@@ -516,7 +516,10 @@ async fn reasoning_apart_and_template_fields_through_the_official_client() {
         streamed["content"], whole["content"],
         "streamed = whole: {got}"
     );
-    assert_eq!(streamed["empty_chunks"], 0, "no chunk carries nothing: {got}");
+    assert_eq!(
+        streamed["empty_chunks"], 0,
+        "no chunk carries nothing: {got}"
+    );
     assert!(
         streamed["reasoning_chunks"].as_u64() > Some(1),
         "reasoning streams: {got}"

@@ -371,8 +371,8 @@ fn main() {
             seed: Some(1),
             ..Default::default()
         };
-        // A min-p 0.05 draw ranks only the tokens near the lead; `sorted` (top-k = the whole
-        // vocabulary) ranks every token, what min-p would cost without that cut.
+        // A min-p 0.05 draw is a race among the tokens near the lead; `sorted` (top-k = the
+        // whole vocabulary) ranks every token, what a ranked draw costs at worst.
         for (kind, top_k, top_p, min_p) in [
             ("race", None, 1.0, 0.0),
             ("top_p", None, 0.95, 0.0),

@@ -14,6 +14,12 @@
 //! floor is well defined; the host finds it among the largest logits by bisection, the kernel
 //! (`race_rows`) by bisecting f32 values, and both evaluate the same sums at the same
 //! thresholds.
+//!
+//! A min-p draw (llama.cpp's and vLLM's `min_p`, applied before top-p) keeps the tokens at
+//! least `min_p` as likely as the likeliest: weight `>= min_p`, that is a logit at least
+//! `max + T ln(min_p)`, the **cut**, computed with `race.rs`'s `ln` in correctly rounded
+//! operations, so host and kernel keep the same tokens ([`min_p_floor`]). The nucleus is then
+//! found among the kept tokens only, and the race runs among it.
 
 /// Lanes of the fixed summation order: the kernel's threads per block.
 pub const SUM_LANES: usize = 256;
@@ -111,16 +117,61 @@ pub fn mass(logits: &[f32], weights: &[f64], threshold: f32) -> f64 {
     lanes[0]
 }
 
-/// The floor of the top-`top_p` nucleus of `logits` at `temperature` (see the module's text);
-/// `None` when no token is drawable. `top_p` in (0, 1].
+/// The logit below which min-p drops a token, for the largest drawable logit `max`: `max + T
+/// ln(min_p)` in f64 (`min_p` in (0, 1]; at 1 it is `max`). Its operations are the kernel's.
+pub fn min_p_cut(max: f32, temperature: f32, min_p: f32) -> f64 {
+    max as f64 + temperature as f64 * crate::race::ln(min_p as f64)
+}
+
+/// The smallest logit a min-p draw keeps (see the module's text): the tokens at or above it
+/// are the ones whose logit reaches [`min_p_cut`]. `None` when no token is drawable.
+pub fn min_p_floor(logits: &[f32], temperature: f32, min_p: f32) -> Option<f32> {
+    // `f32::max` passes over NaN; a row of -inf and NaN has nothing drawable.
+    let max = fold_lanes(logits, f32::NEG_INFINITY, |m, l| m.max(l));
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    let cut = min_p_cut(max, temperature, min_p);
+    // The smallest f32 at least the cut: `l >= above` is `l as f64 >= cut`, in f32.
+    let mut above = cut as f32;
+    if (above as f64) < cut {
+        above = above.next_up();
+    }
+    let lowest = fold_lanes(
+        logits,
+        f32::INFINITY,
+        |m, l| if l >= above { m.min(l) } else { m },
+    );
+    Some(lowest)
+}
+
+/// `values` folded by `f` (an associative and commutative `max` or `min`) in 16 lanes, which
+/// the compiler vectorises where one running value would be a chain of dependent operations.
+fn fold_lanes(values: &[f32], start: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [start; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, v);
+        }
+    }
+    let folded = tail.iter().fold(start, |m, &v| f(m, v));
+    lanes.into_iter().fold(folded, &f)
+}
+
+/// The floor of the top-`top_p` nucleus of `logits` at `temperature` (see the module's text),
+/// among the tokens whose logit is at least `lowest` (a min-p floor; -inf for every token);
+/// `None` when no such token is drawable. `top_p` in (0, 1].
 ///
 /// The weights are first summed roughly per band of logit values (2048 bands between the
 /// smallest and the largest), which says in which band the floor lies; the floor is then
 /// found among that band's values and its neighbours' by exact sums, once two more exact sums
 /// confirm it lies there (otherwise, and always in theory, [`floor_among_largest`] finds it).
-pub fn floor(logits: &[f32], temperature: f32, top_p: f32) -> Option<f32> {
+pub fn floor(logits: &[f32], temperature: f32, top_p: f32, lowest: f32) -> Option<f32> {
+    let kept = |l: f32| drawable(l) && l >= lowest;
     let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &l in logits.iter().filter(|&&l| drawable(l)) {
+    for &l in logits.iter().filter(|&&l| kept(l)) {
         min = min.min(l);
         max = max.max(l);
     }
@@ -128,7 +179,7 @@ pub fn floor(logits: &[f32], temperature: f32, top_p: f32) -> Option<f32> {
         return None;
     }
     let weights = weights(logits, max, temperature);
-    let target = top_p as f64 * mass(logits, &weights, f32::NEG_INFINITY);
+    let target = top_p as f64 * mass(logits, &weights, lowest);
     let reaches = |x: f32| mass(logits, &weights, x) >= target;
     const BANDS: usize = 2048;
     let scale = BANDS as f64 / (max as f64 - min as f64);
@@ -136,7 +187,7 @@ pub fn floor(logits: &[f32], temperature: f32, top_p: f32) -> Option<f32> {
     if scale.is_finite() && scale > 0.0 {
         let mut sums = vec![0.0f64; BANDS];
         for (&l, &w) in logits.iter().zip(&weights) {
-            if drawable(l) {
+            if kept(l) {
                 sums[band(l)] += w;
             }
         }
@@ -152,7 +203,7 @@ pub fn floor(logits: &[f32], temperature: f32, top_p: f32) -> Option<f32> {
         let mut candidates = Vec::new();
         // The smallest value above the candidates' bands.
         let mut guard: Option<f32> = None;
-        for &l in logits.iter().filter(|&&l| drawable(l)) {
+        for &l in logits.iter().filter(|&&l| kept(l)) {
             let b = band(l);
             if b < first {
                 guard = Some(guard.map_or(l, |g| g.min(l)));
@@ -168,7 +219,7 @@ pub fn floor(logits: &[f32], temperature: f32, top_p: f32) -> Option<f32> {
             return Some(first_reaching(&candidates, reaches));
         }
     }
-    Some(floor_among_largest(logits, &reaches))
+    Some(floor_among_largest(logits, lowest, &reaches))
 }
 
 /// The first of `values` (descending, the last of which reaches) whose mass reaches the
@@ -186,10 +237,15 @@ fn first_reaching(values: &[f32], reaches: impl Fn(f32) -> bool) -> f32 {
     values[lo]
 }
 
-/// The floor among the m largest values, m growing fourfold until the m-th largest reaches
-/// the target (the smallest value always does: the row weighs at least top_p of itself).
-fn floor_among_largest(logits: &[f32], reaches: &impl Fn(f32) -> bool) -> f32 {
-    let mut values: Vec<f32> = logits.iter().copied().filter(|&l| drawable(l)).collect();
+/// The floor among the m largest values at least `lowest`, m growing fourfold until the m-th
+/// largest reaches the target (the smallest value always does: the kept tokens weigh at least
+/// top_p of themselves).
+fn floor_among_largest(logits: &[f32], lowest: f32, reaches: &impl Fn(f32) -> bool) -> f32 {
+    let mut values: Vec<f32> = logits
+        .iter()
+        .copied()
+        .filter(|&l| drawable(l) && l >= lowest)
+        .collect();
     let mut m = 64usize;
     loop {
         let top: Vec<f32> = if m >= values.len() {
@@ -228,7 +284,7 @@ mod tests {
     fn a_top_p_draw_takes_the_nucleus_in_proportion() {
         let logits = crate::test_support::DRAW_LOGITS;
         let (t, top_p) = (0.8f32, 0.8f32);
-        let floor = floor(&logits, t, top_p).unwrap();
+        let floor = floor(&logits, t, top_p, f32::NEG_INFINITY).unwrap();
         let exps: Vec<f64> = logits
             .iter()
             .map(|&l| {
@@ -251,6 +307,7 @@ mod tests {
             let race = crate::race::Race {
                 temperature: t,
                 top_p,
+                min_p: 0.0,
                 key: crate::race::race_key(2, draw),
             };
             counts[race.draw(&logits) as usize] += 1;
@@ -288,19 +345,25 @@ mod tests {
         );
     }
 
-    /// The floor as the definition states it, over every distinct logit value.
-    fn floor_by_definition(logits: &[f32], temperature: f32, top_p: f32) -> Option<f32> {
+    /// The floor as the definition states it, over every distinct logit value at least
+    /// `lowest`.
+    fn floor_by_definition(
+        logits: &[f32],
+        temperature: f32,
+        top_p: f32,
+        lowest: f32,
+    ) -> Option<f32> {
         let max = logits
             .iter()
             .copied()
-            .filter(|&l| drawable(l))
+            .filter(|&l| drawable(l) && l >= lowest)
             .max_by(f32::total_cmp)?;
         let w = weights(logits, max, temperature);
-        let target = top_p as f64 * mass(logits, &w, f32::NEG_INFINITY);
+        let target = top_p as f64 * mass(logits, &w, lowest);
         logits
             .iter()
             .copied()
-            .filter(|&l| drawable(l) && mass(logits, &w, l) >= target)
+            .filter(|&l| drawable(l) && l >= lowest && mass(logits, &w, l) >= target)
             .max_by(f32::total_cmp)
     }
 
@@ -323,34 +386,78 @@ mod tests {
             }
             for top_p in [0.05f32, 0.5, 0.9, 0.95, 1.0] {
                 for t in [0.3f32, 1.0] {
-                    let expected = floor_by_definition(&logits, t, top_p).map(f32::to_bits);
-                    assert_eq!(
-                        floor(&logits, t, top_p).map(f32::to_bits),
-                        expected,
-                        "case {case}, top_p {top_p}, T {t}"
-                    );
-                    // The fallback on its own, as the banded search's safety net.
-                    let max = logits
-                        .iter()
-                        .copied()
-                        .filter(|&l| drawable(l))
-                        .max_by(f32::total_cmp);
-                    if let Some(max) = max {
-                        let w = weights(&logits, max, t);
-                        let target = top_p as f64 * mass(&logits, &w, f32::NEG_INFINITY);
-                        let reaches = |x: f32| mass(&logits, &w, x) >= target;
+                    // Among every token, and among those a min-p draw keeps.
+                    for min_p in [0.0f32, 0.01, 0.2] {
+                        let lowest = if min_p > 0.0 {
+                            min_p_floor(&logits, t, min_p).unwrap()
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        let expected =
+                            floor_by_definition(&logits, t, top_p, lowest).map(f32::to_bits);
                         assert_eq!(
-                            Some(floor_among_largest(&logits, &reaches).to_bits()),
-                            expected
+                            floor(&logits, t, top_p, lowest).map(f32::to_bits),
+                            expected,
+                            "case {case}, top_p {top_p}, T {t}, min_p {min_p}"
                         );
+                        // The fallback on its own, as the banded search's safety net.
+                        let max = logits
+                            .iter()
+                            .copied()
+                            .filter(|&l| drawable(l))
+                            .max_by(f32::total_cmp);
+                        if let Some(max) = max {
+                            let w = weights(&logits, max, t);
+                            let target = top_p as f64 * mass(&logits, &w, lowest);
+                            let reaches = |x: f32| mass(&logits, &w, x) >= target;
+                            assert_eq!(
+                                Some(floor_among_largest(&logits, lowest, &reaches).to_bits()),
+                                expected
+                            );
+                        }
                     }
                 }
             }
         }
-        assert_eq!(floor(&[f32::NAN, f32::NEG_INFINITY], 1.0, 0.9), None);
+        let all = f32::NEG_INFINITY;
+        assert_eq!(floor(&[f32::NAN, f32::NEG_INFINITY], 1.0, 0.9, all), None);
         // top_p 1 keeps every drawable token: the floor is the smallest logit.
-        assert_eq!(floor(&[3.0, -2.0, 1.0], 1.0, 1.0), Some(-2.0));
+        assert_eq!(floor(&[3.0, -2.0, 1.0], 1.0, 1.0, all), Some(-2.0));
+        // ... or the smallest kept one.
+        assert_eq!(floor(&[3.0, -2.0, 1.0], 1.0, 1.0, 0.5), Some(1.0));
         // One dominant token: the nucleus of 0.9 is that token alone.
-        assert_eq!(floor(&[0.0, 20.0, 1.0, 2.0], 1.0, 0.9), Some(20.0));
+        assert_eq!(floor(&[0.0, 20.0, 1.0, 2.0], 1.0, 0.9, all), Some(20.0));
+    }
+
+    /// min-p keeps the tokens whose weight is at least `min_p` of the likeliest's: its floor
+    /// is the smallest logit within `T ln(1 / min_p)` of the largest.
+    #[test]
+    fn the_min_p_floor_keeps_the_tokens_near_the_likeliest() {
+        let logits = [1.0f32, 3.0, f32::NAN, 2.0, f32::NEG_INFINITY, 2.5, -4.0];
+        // At T 1, min_p 0.5 keeps logits >= 3 - ln 2 = 2.307: 3.0 and 2.5.
+        assert_eq!(min_p_floor(&logits, 1.0, 0.5), Some(2.5));
+        // At T 2 the cut is 3 - 2 ln 2 = 1.61: 2.0 joins.
+        assert_eq!(min_p_floor(&logits, 2.0, 0.5), Some(2.0));
+        // min_p 1 keeps the likeliest (and its ties) only; a tiny one, every drawable token.
+        assert_eq!(min_p_floor(&logits, 1.0, 1.0), Some(3.0));
+        assert_eq!(min_p_floor(&logits, 1.0, 1e-30), Some(-4.0));
+        assert_eq!(min_p_floor(&[f32::NAN, f32::NEG_INFINITY], 1.0, 0.1), None);
+        // Against libm's weights, on random rows: a token is kept exactly when its weight
+        // reaches min_p, except within rounding of the cut.
+        let mut rng = crate::sampling::Rng::seeded(4);
+        for _ in 0..200 {
+            let row: Vec<f32> = (0..50)
+                .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
+                .collect();
+            let (t, min_p) = (0.2 + rng.next_f64() as f32, rng.next_f64() as f32);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let floor = min_p_floor(&row, t, min_p).unwrap();
+            for &l in &row {
+                let weight = ((l as f64 - max as f64) / t as f64).exp();
+                if (weight / min_p as f64 - 1.0).abs() > 1e-12 {
+                    assert_eq!(l >= floor, weight >= min_p as f64, "{l} {t} {min_p}");
+                }
+            }
+        }
     }
 }

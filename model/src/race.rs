@@ -13,35 +13,47 @@
 use crate::counter_hash::mix64 as mix;
 use crate::nucleus::{self, LN2_HI, LN2_LO};
 
-/// One draw: at `temperature` (> 0), among the top-`top_p` nucleus (`nucleus.rs`; 1 for
-/// every token), keyed `key` ([`race_key`]).
+/// One draw: at `temperature` (> 0), among the tokens min-p keeps (`min_p`: 0 for every
+/// token), then among their top-`top_p` nucleus (`nucleus.rs`; 1 for every token), keyed `key`
+/// ([`race_key`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Race {
     pub temperature: f32,
     pub top_p: f32,
+    pub min_p: f32,
     pub key: u64,
 }
 
 impl Race {
     /// The token this race draws from `logits`.
     pub fn draw(&self, logits: &[f32]) -> u32 {
-        let floor = if self.top_p < 1.0 {
-            match nucleus::floor(logits, self.temperature, self.top_p) {
-                Some(floor) => floor,
+        let lowest = if self.min_p > 0.0 {
+            match nucleus::min_p_floor(logits, self.temperature, self.min_p) {
+                Some(lowest) => lowest,
                 None => return 0,
             }
         } else {
             f32::NEG_INFINITY
         };
+        let floor = if self.top_p < 1.0 {
+            match nucleus::floor(logits, self.temperature, self.top_p, lowest) {
+                Some(floor) => floor,
+                None => return 0,
+            }
+        } else {
+            lowest
+        };
         race_above(logits, self.temperature, self.key, floor)
     }
 
-    /// Whether a device can run it: a positive, finite temperature and `top_p` in (0, 1].
+    /// Whether a device can run it: a positive, finite temperature, `top_p` in (0, 1] and
+    /// `min_p` in [0, 1].
     pub fn is_valid(&self) -> bool {
         self.temperature > 0.0
             && self.temperature.is_finite()
             && self.top_p > 0.0
             && self.top_p <= 1.0
+            && (0.0..=1.0).contains(&self.min_p)
     }
 }
 
@@ -99,7 +111,7 @@ pub fn race(logits: &[f32], temperature: f32, race_key: u64) -> u32 {
     race_above(logits, temperature, race_key, f32::NEG_INFINITY)
 }
 
-/// [`race`] among the tokens whose logit is at least `floor` (a nucleus's).
+/// [`race`] among the tokens whose logit is at least `floor` (a nucleus's or min-p's).
 fn race_above(logits: &[f32], temperature: f32, race_key: u64, floor: f32) -> u32 {
     let drawable = |logit: f32| !logit.is_nan() && logit != f32::NEG_INFINITY && logit >= floor;
     let Some(first) = logits

@@ -271,15 +271,15 @@ impl Sampler {
     }
 
     /// The race ([`crate::race`]) this sampler's next draw runs: a draw at a temperature
-    /// without top-k (with or without top-p), which reads the whole row but needs no ranking
-    /// of it. `None` for greedy and top-k draws, and with `min_p` (a ranked draw: the host's,
-    /// from the whole row, where no top-k bounds it).
+    /// without top-k (with or without min-p and top-p), which reads the whole row but needs no
+    /// ranking of it. `None` for greedy and top-k draws.
     pub fn next_race(&self) -> Option<Race> {
         let p = &self.params;
         let whole_row = p.top_k.filter(|&k| k > 0).is_none();
-        (!p.is_greedy() && whole_row && p.min_p == 0.0).then(|| Race {
+        (!p.is_greedy() && whole_row).then(|| Race {
             temperature: p.temperature,
             top_p: p.top_p.min(1.0),
+            min_p: p.min_p,
             key: race::race_key(self.key, self.position),
         })
     }
@@ -335,7 +335,16 @@ impl Sampler {
         let p = &self.params;
         let k = p.top_k.filter(|&k| k > 0).unwrap_or(logits.len());
         if p.min_p > 0.0 && k >= logits.len() {
-            return self.probs_of_ranked(&near_the_best(logits, p.temperature, p.min_p));
+            // Only the tokens min-p keeps are ranked, not the vocabulary.
+            let lowest = crate::nucleus::min_p_floor(logits, p.temperature, p.min_p);
+            let mut kept: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .filter(|&(_, &x)| lowest.is_some_and(|lowest| x >= lowest))
+                .map(|(i, &x)| (i as u32, x))
+                .collect();
+            kept.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            return self.probs_of_ranked(&kept);
         }
         self.probs_of_ranked(&ranked_top_k(logits, k))
     }
@@ -351,11 +360,15 @@ impl Sampler {
             .iter()
             .map(|&(i, logit)| (i as usize, ((logit as f64 - max) / t).exp()))
             .collect();
-        // Each weight is its token's probability over the likeliest's (whose weight is 1), and
-        // the ranking is by weight: min-p keeps a prefix.
-        let min_p = self.params.min_p as f64;
-        if min_p > 0.0 {
-            let keep = probs.iter().take_while(|p| p.1 >= min_p).count().max(1);
+        // min-p keeps the tokens whose weight (over the likeliest's) reaches `min_p`, by the
+        // race's rule (`nucleus::min_p_cut`): a prefix of the ranking.
+        if self.params.min_p > 0.0 {
+            let cut = crate::nucleus::min_p_cut(best, self.params.temperature, self.params.min_p);
+            let keep = ranked
+                .iter()
+                .take_while(|&&(_, logit)| logit as f64 >= cut)
+                .count()
+                .max(1);
             probs.truncate(keep);
         }
         let total: f64 = probs.iter().map(|p| p.1).sum();
@@ -380,28 +393,6 @@ impl Sampler {
         }
         probs
     }
-}
-
-/// The logits that could pass `min_p` at `temperature`, ranked as [`ranked_top_k`] ranks them:
-/// the first entries of the whole ranking, every one min-p keeps among them, so a min-p draw
-/// ranks a few tokens instead of the vocabulary. A token min-p keeps weighs
-/// `exp((logit - best) / T) >= min_p`, so its logit is at least `best + T ln(min_p)`; the cut
-/// sits a thousandth of a logit below that, far more than `exp`'s rounding could move it.
-fn near_the_best(logits: &[f32], temperature: f32, min_p: f32) -> Vec<(u32, f32)> {
-    let best = logits
-        .iter()
-        .copied()
-        .filter(|x| !x.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    let cut = best as f64 + temperature as f64 * (min_p as f64).ln() - 1e-3;
-    let mut near: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|&(_, &x)| x as f64 >= cut)
-        .map(|(i, &x)| (i as u32, x))
-        .collect();
-    near.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    near
 }
 
 /// The `k` largest logits and their ids, ranked as the sampler ranks them: by f32's total
@@ -435,14 +426,14 @@ mod tests {
     const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 0.0, -1.0, 1.5];
 
     /// min-p keeps the tokens at least `min_p` as likely as the likeliest (before top-p, as
-    /// vLLM orders them), and such a draw is never a race, whose kernel knows no min-p.
+    /// vLLM orders them); without top-k such a draw is a race among them.
     #[test]
     fn min_p_keeps_tokens_near_the_likeliest() {
         // At temperature 1, ids 0 (2.0) and 5 (1.5) are within ln 2 of the best; 1 (1.0) is not.
         let mut p = params(1.0, None, 1.0, 9);
         p.min_p = 0.5;
         let mut sampler = Sampler::new(p.clone());
-        assert!(sampler.next_race().is_none());
+        assert_eq!(sampler.next_race().map(|r| r.min_p), Some(0.5));
         let kept: Vec<usize> = sampler
             .filtered_probs(&LOGITS)
             .iter()
@@ -480,6 +471,40 @@ mod tests {
                     "min_p {min_p} T {temperature}"
                 );
             }
+        }
+    }
+
+    /// A min-p race (with top-p after it) draws the tokens `filtered_probs` keeps, each in
+    /// proportion to its probability there (a chi-square test over 40,000 draws).
+    #[test]
+    fn a_min_p_race_draws_what_min_p_then_top_p_keep() {
+        let logits = crate::test_support::DRAW_LOGITS;
+        for (min_p, top_p) in [(0.3f32, 1.0f32), (0.05, 0.9)] {
+            let mut p = params(0.8, None, top_p, 21);
+            p.min_p = min_p;
+            let mut sampler = Sampler::new(p);
+            let probs = sampler.filtered_probs(&logits);
+            assert!(probs.len() >= 2, "{probs:?}");
+            let n = 40_000;
+            let mut counts = vec![0usize; logits.len()];
+            for _ in 0..n {
+                counts[sampler.sample(&logits) as usize] += 1;
+            }
+            let mut chi2 = 0.0;
+            for (id, &c) in counts.iter().enumerate() {
+                match probs.iter().find(|p| p.0 == id) {
+                    Some(&(_, prob)) => {
+                        let expected = n as f64 * prob;
+                        chi2 += (c as f64 - expected).powi(2) / expected;
+                    }
+                    None => assert_eq!(c, 0, "token {id} is cut (min_p {min_p})"),
+                }
+            }
+            // At most 7 degrees of freedom: p = 0.001 at 24.3.
+            assert!(
+                chi2 < 24.3,
+                "chi2 {chi2}, counts {counts:?}, probs {probs:?}"
+            );
         }
     }
 

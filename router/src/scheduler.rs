@@ -410,11 +410,28 @@ impl Scheduler {
         plan: &[Feed],
     ) -> moe_model::Result<Vec<StepOutput>> {
         let vocab = self.dense.config().vocab_size;
-        // What each sampling feed's pick is made after: its grammar's mask (computed below
-        // while the step runs) and its logit edits. Before the constraints are taken out.
+        // What each sampling feed's pick is made after: its mask (its grammar's, computed
+        // below while the step runs, and its `allowed_token_ids` and `bad_words`) and its
+        // logit edits. Before the constraints are taken out.
+        let restrictions: Vec<Option<Vec<bool>>> = plan
+            .iter()
+            .map(|f| {
+                let s = &running[f.seq];
+                picked_in_place(s, f).then(|| restriction_of(s, vocab))?
+            })
+            .collect();
         let slots: Vec<Option<MaskSlot>> = plan
             .iter()
-            .map(|f| mask_slot_of(&running[f.seq], f))
+            .zip(&restrictions)
+            .map(|(f, restriction)| {
+                let s = &running[f.seq];
+                let slot = mask_slot_of(s, f, restriction.is_some())?;
+                if s.request.constraint.is_none() {
+                    // Known now: no grammar to wait for.
+                    slot.fill(restriction.as_deref().map(TokenMask::from_allowed));
+                }
+                Some(slot)
+            })
             .collect();
         let edits: Vec<Option<LogitEdits>> = plan
             .iter()
@@ -445,21 +462,30 @@ impl Scheduler {
         }
         let count = constraints.len();
         let (logits, masks) = std::thread::scope(|scope| {
-            let masks = scope.spawn(|| {
-                // A slot this thread leaves empty (a grammar that panicked) is filled with
-                // `None`: the step never waits for it in vain.
-                let _fill = FillOnDrop(&slots);
-                constraints
-                    .iter_mut()
-                    .map(|(feed, _, c)| {
-                        let allowed = c.allowed(vocab);
-                        if let Some(slot) = &slots[*feed] {
-                            slot.fill(allowed.as_deref().ok().map(TokenMask::from_allowed));
-                        }
-                        allowed
-                    })
-                    .collect::<Vec<_>>()
-            });
+            let masks =
+                scope.spawn(|| {
+                    // A slot this thread leaves empty (a grammar that panicked) is filled with
+                    // `None`: the step never waits for it in vain.
+                    let _fill = FillOnDrop(&slots);
+                    constraints
+                        .iter_mut()
+                        .map(|(feed, _, c)| {
+                            let allowed = c.allowed(vocab);
+                            if let Some(slot) = &slots[*feed] {
+                                let mask = allowed.as_ref().ok().map(|allowed| match &restrictions
+                                    [*feed]
+                                {
+                                    Some(restriction) => {
+                                        TokenMask::from_allowed(&both(allowed.clone(), restriction))
+                                    }
+                                    None => TokenMask::from_allowed(allowed),
+                                });
+                                slot.fill(mask);
+                            }
+                            allowed
+                        })
+                        .collect::<Vec<_>>()
+                });
             let logits = self.forward(running, plan, &picks);
             let masks = masks
                 .join()
@@ -794,7 +820,7 @@ fn pick_of<'c>(s: &Sequence, f: &Feed, changes: RowChanges<'c>) -> Pick<'c> {
     // A row changed without its changes at hand (edits too many to send) is read where the
     // sampler changes it.
     let unsent_edits = changes.edits.is_none() && !s.sampler.params().adjust.is_neutral();
-    let unsent_mask = changes.mask.is_none() && s.request.constraint.is_some();
+    let unsent_mask = changes.mask.is_none() && (s.request.constraint.is_some() || restricts(s));
     if row_read_elsewhere(s) || unsent_edits || unsent_mask || !picked_in_place(s, f) {
         return Pick::Logits;
     }
@@ -833,16 +859,50 @@ fn picked_in_place(s: &Sequence, f: &Feed) -> bool {
         || sampler
             .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
             .is_some();
-    // `allowed_token_ids` and `bad_words` mask the row where the sampler reads it.
-    let host_mask = s.request.allowed_tokens.is_some() || !s.request.bad_words.is_empty();
-    f.samples && !row_read_elsewhere(s) && device_draw && !host_mask
+    f.samples && !row_read_elsewhere(s) && device_draw
 }
 
-/// Where a constrained feed's grammar mask will arrive while the step runs, so the dense
-/// part can mask the row it keeps ([`pick_of`]): a grammar's mask is a bit a token up, the
-/// row it saves four bytes a token down.
-fn mask_slot_of(s: &Sequence, f: &Feed) -> Option<MaskSlot> {
-    (picked_in_place(s, f) && s.request.constraint.is_some()).then(MaskSlot::new)
+/// Where a feed's mask will arrive, so the dense part can mask the row it keeps
+/// ([`pick_of`]): a constrained feed's grammar mask, made while the step runs, and the
+/// `restricted` tokens of [`restriction_of`]. A mask is a bit a token up, the row it saves
+/// four bytes a token down.
+fn mask_slot_of(s: &Sequence, f: &Feed, restricted: bool) -> Option<MaskSlot> {
+    (picked_in_place(s, f) && (s.request.constraint.is_some() || restricted)).then(MaskSlot::new)
+}
+
+/// The tokens a request lets its next pick be, grammar aside: its `allowed_token_ids`, less
+/// the ids its `bad_words` ban after its output so far (flags over `vocab` ids); `None` when
+/// that is every token.
+fn restriction_of(s: &Sequence, vocab: usize) -> Option<Vec<bool>> {
+    let banned = s.request.banned_next(&s.output);
+    if s.request.allowed_tokens.is_none() && banned.is_empty() {
+        return None;
+    }
+    let mut allowed = s
+        .request
+        .allowed_tokens
+        .clone()
+        .unwrap_or_else(|| vec![true; vocab]);
+    allowed.resize(vocab, true);
+    for id in banned {
+        if let Some(flag) = allowed.get_mut(id as usize) {
+            *flag = false;
+        }
+    }
+    Some(allowed)
+}
+
+/// Whether [`restriction_of`] restricts anything, without building it.
+fn restricts(s: &Sequence) -> bool {
+    s.request.allowed_tokens.is_some() || !s.request.banned_next(&s.output).is_empty()
+}
+
+/// The tokens both flag sets allow (`a`'s tail past `b`'s end as it is).
+fn both(mut a: Vec<bool>, b: &[bool]) -> Vec<bool> {
+    for (flag, &also) in a.iter_mut().zip(b) {
+        *flag &= also;
+    }
+    a
 }
 
 /// The logit edits a feed's pick is made after ([`pick_of`]): its request's adjustments, when
@@ -877,9 +937,9 @@ fn consume_pick(s: &mut Sequence, take: impl FnOnce(&mut Sampler) -> u32) -> Res
 /// `allowed_token_ids` and its `bad_words` when it has them (the grammar then advances over
 /// it).
 fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
-    let banned = s.request.banned_next(&s.output);
+    let restriction = restriction_of(s, logits.len());
     let request = &mut s.request;
-    if request.constraint.is_none() && request.allowed_tokens.is_none() && banned.is_empty() {
+    if request.constraint.is_none() && restriction.is_none() {
         return Ok(s.sampler.sample(logits));
     }
     let mut allowed = match request.constraint.as_mut() {
@@ -889,15 +949,8 @@ fn sample_token(s: &mut Sequence, logits: &[f32]) -> Result<u32, String> {
         },
         None => vec![true; logits.len()],
     };
-    if let Some(ids) = &request.allowed_tokens {
-        for (flag, &id_allowed) in allowed.iter_mut().zip(ids) {
-            *flag &= id_allowed;
-        }
-    }
-    for id in banned {
-        if let Some(flag) = allowed.get_mut(id as usize) {
-            *flag = false;
-        }
+    if let Some(restriction) = &restriction {
+        allowed = both(allowed, restriction);
     }
     if !allowed.iter().any(|&a| a) {
         return Err("no token is allowed here (grammar, allowed_token_ids, bad_words)".into());

@@ -982,6 +982,7 @@ mod tests {
         let race = crate::race::Race {
             temperature: 0.7,
             top_p: 0.9,
+            min_p: 0.0,
             key: crate::race::race_key(4, 0),
         };
         let picks = [
@@ -1145,6 +1146,7 @@ mod tests {
         let race = crate::race::Race {
             temperature: 0.8,
             top_p: 0.9,
+            min_p: 0.0,
             key: crate::race::race_key(9, 2),
         };
         let changed = |full: &[StepOutput], i: usize| {

@@ -1018,15 +1018,17 @@ impl DenseOps for CudaDenseOps {
         let row_ids: Vec<u32> = races.iter().map(|r| r.row).collect();
         let temperatures: Vec<f32> = races.iter().map(|r| r.race.temperature).collect();
         let top_ps: Vec<f32> = races.iter().map(|r| r.race.top_p).collect();
+        let min_ps: Vec<f32> = races.iter().map(|r| r.race.min_p).collect();
         let keys: Vec<u64> = races.iter().map(|r| r.race.key).collect();
         let row_ids = stream.clone_htod(&row_ids)?;
         let temperatures = stream.clone_htod(&temperatures)?;
         let top_ps = stream.clone_htod(&top_ps)?;
+        let min_ps = stream.clone_htod(&min_ps)?;
         let keys = stream.clone_htod(&keys)?;
         let mut ids = stream.alloc_zeros::<u32>(races.len())?;
         let (width_i, races_i) = (int(width, "width")?, int(races.len(), "races")?);
         // SAFETY: `x` holds `rows` rows of `width` and every race's row is below `rows`
-        // (checked above); `row_ids`, `temperatures`, `top_ps`, `keys` and `ids` hold one per
+        // (checked above); `row_ids`, `temperatures`, `top_ps`, `min_ps`, `keys` and `ids` hold one per
         // race; `row_grid` launches the 256 threads the kernel's summation order needs.
         unsafe {
             stream
@@ -1037,6 +1039,7 @@ impl DenseOps for CudaDenseOps {
                 .arg(&row_ids)
                 .arg(&temperatures)
                 .arg(&top_ps)
+                .arg(&min_ps)
                 .arg(&keys)
                 .arg(&mut ids)
                 .launch(row_grid(races.len()))?;
@@ -1541,7 +1544,8 @@ mod tests {
         let bits = |v: &[(u32, f32)]| v.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
         assert_eq!(bits(&on_gpu), bits(&on_host), "ranked top-k rows");
         // Races over the same rows (NaNs, -inf, ties at +inf added) and over a row of a
-        // DeepSeek-V3-sized vocabulary: the device's draws are the host's, each of many keys.
+        // DeepSeek-V3-sized vocabulary, with and without min-p and top-p: the device's draws
+        // are the host's, each of many keys.
         let mut raced = logits.clone();
         raced[5 * wide + 10] = f32::INFINITY;
         raced[5 * wide + 999] = f32::INFINITY;
@@ -1551,6 +1555,7 @@ mod tests {
                 race: crate::race::Race {
                     temperature: [0.3f32, 1.0, 1.7][k as usize % 3],
                     top_p: [1.0f32, 0.9, 0.5, 0.95][k as usize % 4],
+                    min_p: [0.0f32, 0.05, 0.0, 0.3, 1.0][k as usize % 5],
                     key: crate::race::race_key(11, k),
                 },
             })
@@ -1571,6 +1576,7 @@ mod tests {
                 race: crate::race::Race {
                     temperature: 0.6,
                     top_p: if k % 2 == 0 { 0.95 } else { 1.0 },
+                    min_p: [0.0f32, 0.02, 0.1, 0.0][k as usize % 4],
                     key: crate::race::race_key(3, k),
                 },
             })

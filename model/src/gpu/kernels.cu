@@ -313,25 +313,30 @@ extern "C" __global__ void edit_logit_rows(float* x, int width, int edits, const
     }
 }
 
-// A block per race; with top_p < 1 the race is among the nucleus: logits >= its floor, the
-// largest value whose logits weigh top_p of all (nucleus.rs), found by bisecting f32 keys.
-// Launched with 256 threads (`row_grid`): the summation order is the host's.
+// A block per race; with min_p > 0 the race is among the tokens at least the min-p cut
+// (`max + T ln(min_p)`, nucleus.rs's min_p_cut); with top_p < 1, among their nucleus: logits
+// >= its floor, the largest value whose logits weigh top_p of the kept ones (nucleus.rs),
+// found by bisecting f32 keys. Launched with 256 threads (`row_grid`): the summation order is
+// the host's.
 extern "C" __global__ void race_rows(const float* x, int width, int races, const unsigned int* rows,
                                      const float* temperatures, const float* top_ps,
-                                     const unsigned long long* keys, unsigned int* out) {
+                                     const float* min_ps, const unsigned long long* keys,
+                                     unsigned int* out) {
     __shared__ double best_score[256];
     __shared__ int best_index[256];
     __shared__ float low_value[256];
     __shared__ float high_value[256];
     const float neg_inf = __int_as_float((int)0xff800000u);
+    const float pos_inf = __int_as_float(0x7f800000);
     const double neg_inf_d = __longlong_as_double((long long)0xfff0000000000000ULL);
     ROW_STRIDE(r, races) {
         const float* row = x + (long long)rows[r] * width;
         const double t = (double)temperatures[r];
         const float top_p = top_ps[r];
+        const float min_p = min_ps[r];
         const unsigned long long key = keys[r];
         float floor_value = neg_inf;
-        if (top_p < 1.0f) {
+        if (top_p < 1.0f || min_p > 0.0f) {
             // The drawable logits' largest and smallest.
             float high = neg_inf, low = 0.0f;
             int any = 0;
@@ -343,7 +348,7 @@ extern "C" __global__ void race_rows(const float* x, int width, int races, const
                 any = 1;
             }
             high_value[threadIdx.x] = any ? high : neg_inf;
-            low_value[threadIdx.x] = any ? low : __int_as_float(0x7f800000);
+            low_value[threadIdx.x] = any ? low : pos_inf;
             __syncthreads();
             for (int half = blockDim.x / 2; half > 0; half >>= 1) {
                 if (threadIdx.x < half) {
@@ -352,20 +357,44 @@ extern "C" __global__ void race_rows(const float* x, int width, int races, const
                 }
                 __syncthreads();
             }
-            const float max = high_value[0], min = low_value[0];
+            const float max = high_value[0];
+            float min = low_value[0];
             __syncthreads();
             if (max == neg_inf) {
                 if (threadIdx.x == 0) out[r] = 0u;
                 continue;
             }
-            const double target = __dmul_rn((double)top_p, nucleus_mass(row, width, max, t, neg_inf, best_score));
-            unsigned int lo = float_order_key(min), hi = float_order_key(max);
-            while (lo < hi) {
-                unsigned int mid = lo + (hi - lo + 1u) / 2u;
-                if (nucleus_mass(row, width, max, t, float_of_order_key(mid), best_score) >= target) lo = mid;
-                else hi = mid - 1u;
+            if (min_p > 0.0f) {
+                // The smallest logit at least the cut (max itself always is).
+                const double cut = __dadd_rn((double)max, __dmul_rn(t, race_ln((double)min_p)));
+                float kept_low = pos_inf;
+                COLUMN_STRIDE(c, width) {
+                    float l = row[c];
+                    if (l != l || l == neg_inf || !((double)l >= cut)) continue;
+                    kept_low = fminf(kept_low, l);
+                }
+                low_value[threadIdx.x] = kept_low;
+                __syncthreads();
+                for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+                    if (threadIdx.x < half)
+                        low_value[threadIdx.x] = fminf(low_value[threadIdx.x], low_value[threadIdx.x + half]);
+                    __syncthreads();
+                }
+                min = low_value[0];
+                floor_value = min;
+                __syncthreads();
             }
-            floor_value = float_of_order_key(lo);
+            if (top_p < 1.0f) {
+                const double target =
+                    __dmul_rn((double)top_p, nucleus_mass(row, width, max, t, floor_value, best_score));
+                unsigned int lo = float_order_key(min), hi = float_order_key(max);
+                while (lo < hi) {
+                    unsigned int mid = lo + (hi - lo + 1u) / 2u;
+                    if (nucleus_mass(row, width, max, t, float_of_order_key(mid), best_score) >= target) lo = mid;
+                    else hi = mid - 1u;
+                }
+                floor_value = float_of_order_key(lo);
+            }
         }
         double best = 0.0;
         int i = -1;  // none yet
