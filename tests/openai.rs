@@ -140,9 +140,13 @@ async fn official_openai_client_gets_the_offline_tokens() {
         .iter()
         .map(|&(id, b)| (id.to_string(), json!(b)))
         .collect();
+    let other = &golden_cases(fixture)[0];
+    assert_ne!(other.input_ids, case.input_ids);
     let request = json!({
         "prompt": case.prompt,
         "prompt_ids": case.input_ids,
+        "other_prompt": other.prompt,
+        "other_ids": other.input_ids,
         "messages": messages,
         "max_tokens": n,
         "eos": eos,
@@ -170,6 +174,53 @@ async fn official_openai_client_gets_the_offline_tokens() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
 
     assert_eq!(got["models"], json!(["tiny-ds"]));
+    // A batch of two prompts: each prompt's offline answer at its choices' indices (echoed
+    // behind its own prompt), usage each prompt once.
+    let other_completion = offline(&other.input_ids);
+    let texts = [
+        tokenizer.decode(&completion.output_ids).unwrap(),
+        tokenizer.decode(&other_completion.output_ids).unwrap(),
+    ];
+    let prompts = [&case.prompt, &other.prompt];
+    let whole: Vec<Value> = (0..4)
+        .map(|i| json!([i, format!("{}{}", prompts[i / 2], texts[i / 2])]))
+        .collect();
+    assert_eq!(got["batch"]["whole"], json!(whole));
+    let prompt_tokens = case.input_ids.len() + other.input_ids.len();
+    assert_eq!(got["batch"]["usage"], json!([prompt_tokens, 4 * n]));
+    assert_eq!(got["batch"]["streamed"], json!(texts));
+    assert_eq!(
+        got["batch"]["streamed_usage"],
+        json!([prompt_tokens, 2 * n])
+    );
+    assert_eq!(got["batch"]["too_many"], json!([400, "prompt"]));
+    assert_eq!(got["retrieved"], "tiny-ds");
+    assert_eq!(got["retrieve_missing"], 404);
+    // vLLM's `/tokenize`: a prompt's ids are the ones a completion generates from, a
+    // conversation's the rendered template's (`chat_ids`, what the chat answers below are
+    // checked against), with each token's vocabulary string on request; `/detokenize` reads
+    // them back as the rendered text.
+    let tokenized = &got["tokenize"];
+    assert_eq!(tokenized["prompt"][0], 200);
+    assert_eq!(tokenized["prompt"][1]["tokens"], json!(case.input_ids));
+    assert_eq!(tokenized["prompt"][1]["count"], case.input_ids.len());
+    assert_eq!(
+        tokenized["prompt"][1]["max_model_len"],
+        engine.config().max_position_embeddings
+    );
+    assert_eq!(tokenized["prompt"][1]["token_strs"], Value::Null);
+    assert_eq!(tokenized["chat"][1]["tokens"], json!(chat_ids));
+    let strs: Vec<String> = chat_ids
+        .iter()
+        .map(|&id| tokenizer.token_piece(id).unwrap())
+        .collect();
+    assert_eq!(tokenized["chat"][1]["token_strs"], json!(strs));
+    assert_eq!(tokenized["bad_model"], 404);
+    let rendered = template(&tokenizer).render(&messages, true).unwrap();
+    assert_eq!(got["detokenize"], json!([200, {"prompt": rendered}]));
+    assert_eq!(got["detokenize_bad"][0], 400);
+    assert_eq!(got["detokenize_bad"][1]["error"]["param"], "tokens");
+    assert_eq!(got["version"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(
         got["completion"]["text"],
         tokenizer.decode(&completion.output_ids).unwrap()

@@ -89,6 +89,12 @@ impl Tokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
+    /// A token's string in the vocabulary, as transformers' `convert_ids_to_tokens` gives it
+    /// (`Ġhello` for a byte-level BPE); `None` outside it.
+    pub fn token_piece(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The BOS and EOS tokens' text, for chat templates.
     pub fn bos_token(&self) -> Option<String> {
         self.bos_id.and_then(|id| self.inner.id_to_token(id))
@@ -102,6 +108,13 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(format!("cannot decode: {e}")))
+    }
+
+    /// Decodes ids to text, special tokens included (vLLM's `/detokenize`).
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
             .map_err(|e| ModelError::Tokenizer(format!("cannot decode: {e}")))
     }
 

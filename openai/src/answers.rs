@@ -192,23 +192,89 @@ fn total_usage<'a>(usages: impl IntoIterator<Item = &'a Option<Usage>>) -> Optio
     total
 }
 
+/// A completion's choices, prompt by prompt (one prompt unless batched): each choice's
+/// index (its prompt's place times `n`, plus its own), its prompt's echo, and the prompt each
+/// choice belongs to.
+struct CompletionChoices {
+    answers: Vec<Answers>,
+    echoes: Vec<Option<Option<String>>>,
+    prompt_of: Vec<usize>,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+impl CompletionChoices {
+    fn new(submitted: Vec<(Vec<Answers>, Parsed)>) -> Self {
+        let (logprobs, include_usage) = submitted
+            .first()
+            .map_or((false, false), |(_, p)| (p.logprobs, p.include_usage));
+        let mut out = Self {
+            answers: Vec::new(),
+            echoes: Vec::new(),
+            prompt_of: Vec::new(),
+            logprobs,
+            include_usage,
+        };
+        for (prompt, (answers, parsed)) in submitted.into_iter().enumerate() {
+            for a in answers {
+                out.answers.push(a);
+                out.echoes.push(parsed.echo.clone());
+                out.prompt_of.push(prompt);
+            }
+        }
+        out
+    }
+}
+
+/// A batched request's usage: each prompt once with its choices' tokens, summed over prompts.
+fn usage_by_prompt(usages: &[Option<Usage>], prompt_of: &[usize]) -> Option<Usage> {
+    let prompts = prompt_of.iter().max().map_or(0, |&p| p + 1);
+    let mut total: Option<Usage> = None;
+    for prompt in 0..prompts {
+        let mine = usages
+            .iter()
+            .zip(prompt_of)
+            .filter(|(_, &p)| p == prompt)
+            .map(|(u, _)| u);
+        if let Some(u) = total_usage(mine) {
+            let t = total.get_or_insert(Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                total_tokens: 0,
+            });
+            t.prompt_tokens += u.prompt_tokens;
+            t.completion_tokens += u.completion_tokens;
+            t.total_tokens += u.total_tokens;
+        }
+    }
+    total
+}
+
 pub async fn whole_completion(
     state: &HttpState,
-    answers: Vec<Answers>,
+    submitted: Vec<(Vec<Answers>, Parsed)>,
     id: String,
-    parsed: &Parsed,
 ) -> Result<CompletionResponse, ApiError> {
+    let CompletionChoices {
+        answers,
+        echoes,
+        prompt_of,
+        logprobs,
+        ..
+    } = CompletionChoices::new(submitted);
     let collected = collect_all(answers).await?;
-    let usage = total_usage(collected.iter().map(|c| &c.usage));
+    let usages: Vec<Option<Usage>> = collected.iter().map(|c| c.usage.clone()).collect();
+    let usage = usage_by_prompt(&usages, &prompt_of);
     let choices = collected
         .into_iter()
+        .zip(&echoes)
         .enumerate()
-        .map(|(index, c)| {
+        .map(|(index, (c, echo))| {
             let first = c.messages.first();
-            let logprobs = parsed.logprobs.then(|| {
+            let logprobs = logprobs.then(|| {
                 let mut lp = CompletionLogprobs::default();
                 let mut offset = 0;
-                if let (Some(_), Some(first)) = (&parsed.echo, first) {
+                if let (Some(_), Some(first)) = (echo, first) {
                     echoed_prompt_logprobs(state, first, &mut lp, &mut offset);
                 }
                 for m in &c.messages {
@@ -216,7 +282,7 @@ pub async fn whole_completion(
                 }
                 lp
             });
-            let text = match (&parsed.echo, first) {
+            let text = match (echo, first) {
                 (Some(echo), Some(first)) => echoed_text(state, echo, first) + &c.text,
                 _ => c.text,
             };
@@ -388,15 +454,22 @@ where
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
-/// Streams' usage: each choice's, summed once the last choice finished.
+/// Streams' usage: each choice's, summed once the last choice finished (each choice's
+/// prompt once: `prompt_of` says which prompt a choice answers).
 struct UsageTally {
     usages: Vec<Option<Usage>>,
+    prompt_of: Vec<usize>,
 }
 
 impl UsageTally {
     fn new(choices: usize) -> Self {
+        Self::by_prompt(vec![0; choices])
+    }
+
+    fn by_prompt(prompt_of: Vec<usize>) -> Self {
         Self {
-            usages: vec![None; choices],
+            usages: vec![None; prompt_of.len()],
+            prompt_of,
         }
     }
 
@@ -405,7 +478,7 @@ impl UsageTally {
         let slot = self.usages.get_mut(index as usize)?;
         *slot = Some(usage(msg)?);
         if self.usages.iter().all(Option::is_some) {
-            total_usage(&self.usages)
+            usage_by_prompt(&self.usages, &self.prompt_of)
         } else {
             None
         }
@@ -414,19 +487,24 @@ impl UsageTally {
 
 pub fn stream_completion(
     state: Arc<HttpState>,
-    answers: Vec<Answers>,
+    submitted: Vec<(Vec<Answers>, Parsed)>,
     id: String,
-    parsed: &Parsed,
 ) -> EventStream {
-    let (logprobs, include_usage, echo) =
-        (parsed.logprobs, parsed.include_usage, parsed.echo.clone());
+    let CompletionChoices {
+        answers,
+        echoes,
+        prompt_of,
+        logprobs,
+        include_usage,
+    } = CompletionChoices::new(submitted);
     let created = super::unix_now();
     let model = state.model_name.clone();
     let mut offsets = vec![0; answers.len()];
-    let mut tally = UsageTally::new(answers.len());
+    let mut tally = UsageTally::by_prompt(prompt_of);
     relay(answers, vec![], move |index, msg| {
         // A choice's first message carries the prompt's scores: echo goes in front of it.
-        let echoing = echo.as_ref().filter(|_| !msg.prompt_token_ids.is_empty());
+        let echo = echoes.get(index as usize).and_then(Option::as_ref);
+        let echoing = echo.filter(|_| !msg.prompt_token_ids.is_empty());
         let lp = logprobs.then(|| {
             let mut lp = CompletionLogprobs::default();
             if let Some(offset) = offsets.get_mut(index as usize) {
@@ -704,6 +782,40 @@ pub fn stream_chat(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch's usage counts each prompt once, with all its choices' tokens.
+    #[test]
+    fn a_batch_counts_each_prompt_once() {
+        let u = |prompt_tokens, completion_tokens| {
+            Some(Usage {
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: prompt_tokens + completion_tokens,
+            })
+        };
+        // Two prompts (7 and 3 tokens), two choices each.
+        let usages = [u(7, 4), u(7, 5), u(3, 1), u(3, 2)];
+        let total = usage_by_prompt(&usages, &[0, 0, 1, 1]).unwrap();
+        assert_eq!(
+            (
+                total.prompt_tokens,
+                total.completion_tokens,
+                total.total_tokens
+            ),
+            (10, 12, 22)
+        );
+        let mut tally = UsageTally::by_prompt(vec![0, 1]);
+        let msg = |prompt_tokens, completion_tokens| GenerateResponse {
+            usage: Some(moe_proto::v1::Usage {
+                prompt_tokens,
+                completion_tokens,
+            }),
+            ..Default::default()
+        };
+        assert!(tally.add(0, &msg(7, 4)).is_none());
+        let total = tally.add(1, &msg(3, 1)).unwrap();
+        assert_eq!((total.prompt_tokens, total.completion_tokens), (10, 5));
+    }
     use crate::tool_calls::ToolCallFormat;
 
     /// What a tool-enabled choice streamed: content deltas, `tool_calls` entries (the last

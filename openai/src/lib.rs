@@ -1,6 +1,8 @@
 //! `moe-openai`: the OpenAI-compatible HTTP API (`--http-listen`) that routers and gateways
-//! both serve: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both
-//! streamed as server-sent events ending in `data: [DONE]`, or whole), and `GET /health`:
+//! both serve: `GET /v1/models` (and `/v1/models/{model}`), `POST /v1/completions`,
+//! `POST /v1/chat/completions` (both streamed as server-sent events ending in `data: [DONE]`,
+//! or whole), vLLM's `POST /tokenize`, `POST /detokenize` and `GET /version`, and
+//! `GET /health`:
 //! parsing, chat templates, tool calls, structured-output parameters, the rendering of
 //! answers. A parsed request goes to a [`Generator`]: a router's admission (the same as its
 //! gRPC API's, so the same request gives the same tokens on both), or a gateway's relay.
@@ -19,6 +21,7 @@ pub mod reasoning;
 pub mod sibling;
 mod state;
 mod structured_params;
+pub mod tokenization;
 pub mod tokenizing;
 pub mod tool_calls;
 pub mod tools;
@@ -66,8 +69,12 @@ pub fn app(state: Arc<HttpState>) -> Router {
     // `--metrics-listen` serves `/metrics` without one, for a private network.
     let api = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{*model}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -145,17 +152,85 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
     }
 }
 
+fn model_card(state: &HttpState) -> ModelCard {
+    ModelCard {
+        id: state.model_name.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "moe-cluster",
+        max_model_len: state.max_model_len,
+    }
+}
+
 async fn models(State(state): State<Arc<HttpState>>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "moe-cluster",
-            max_model_len: state.max_model_len,
-        }],
+        data: vec![model_card(&state)],
     })
+}
+
+/// OpenAI's model retrieval (`client.models.retrieve`): the served model's card, or 404.
+async fn model(
+    State(state): State<Arc<HttpState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    check_model(&state.model_name, &Some(name))?;
+    Ok(Json(model_card(&state)))
+}
+
+/// vLLM's `GET /version`.
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn tokenize(
+    State(state): State<Arc<HttpState>>,
+    body: Bytes,
+) -> Result<Json<tokenization::TokenizeResponse>, ApiError> {
+    let model = state.model_name.clone();
+    let has_template = state.chat_template.is_some();
+    let tokenizing = state.generator.tokenizing();
+    let request = tokenizing
+        .parse(body.len(), move || {
+            tokenization::parse_tokenize(&body, &model, has_template)
+        })
+        .await??;
+    // Before the text reaches the template and the tokenizer, as for generation.
+    let (bytes, field) = request.text_bytes();
+    state.generator.check_prompt_bytes(bytes, field)?;
+    let render_state = Arc::clone(&state);
+    let response = tokenizing
+        .tokenize(move |tokenizer| {
+            request.tokenize(
+                tokenizer,
+                render_state.chat_template.as_ref(),
+                render_state.tool_format,
+                render_state.max_model_len,
+            )
+        })
+        .await??;
+    Ok(Json(response))
+}
+
+async fn detokenize(
+    State(state): State<Arc<HttpState>>,
+    body: Bytes,
+) -> Result<Json<tokenization::DetokenizeResponse>, ApiError> {
+    let (model, vocab, max_model_len) = (
+        state.model_name.clone(),
+        state.tokenizer.vocab_size(),
+        state.max_model_len,
+    );
+    let tokenizing = state.generator.tokenizing();
+    let request = tokenizing
+        .parse(body.len(), move || {
+            tokenization::parse_detokenize(&body, &model, vocab, max_model_len)
+        })
+        .await??;
+    let response = tokenizing
+        .tokenize(move |tokenizer| request.detokenize(tokenizer))
+        .await??;
+    Ok(Json(response))
 }
 
 fn check_model(served_model: &str, model: &Option<String>) -> Result<(), RouterError> {
@@ -221,6 +296,52 @@ pub struct Parsed {
     pub tools: Option<tools::ToolAnswers>,
     /// Chat with a reasoning parser: how answers' reasoning is split off.
     pub reasoning: Option<reasoning::ReasoningSplit>,
+    /// A batched completion's prompts after the first (`prompt` as a list, as vLLM takes it):
+    /// each is answered as its own request with the same settings, its `n` choices numbered
+    /// after the previous prompt's ([`Parsed::into_prompts`]).
+    pub more_prompts: Vec<CompletionPrompt>,
+}
+
+/// One prompt of a batched completion.
+#[derive(Debug, Clone)]
+pub struct CompletionPrompt {
+    pub prompt: Option<String>,
+    pub input_ids: Vec<u32>,
+    /// As [`Parsed::echo`], for this prompt.
+    pub echo: Option<Option<String>>,
+}
+
+/// Most prompts one completion request may batch, and most choices over all of them.
+pub const MAX_BATCH_PROMPTS: usize = 64;
+pub const MAX_BATCH_CHOICES: usize = 128;
+
+impl Parsed {
+    /// One request per prompt of a batched completion (this one alone otherwise), each
+    /// with its own prompt and echo and the rest of this one's settings.
+    pub fn into_prompts(mut self) -> Vec<Parsed> {
+        let more = std::mem::take(&mut self.more_prompts);
+        let mut out = Vec::with_capacity(1 + more.len());
+        for p in more {
+            let generate = GenerateRequest {
+                prompt: p.prompt,
+                input_ids: p.input_ids,
+                ..self.generate.clone()
+            };
+            out.push(Parsed {
+                generate,
+                stream: self.stream,
+                logprobs: self.logprobs,
+                include_usage: self.include_usage,
+                n: self.n,
+                echo: p.echo,
+                tools: self.tools.clone(),
+                reasoning: self.reasoning,
+                more_prompts: Vec::new(),
+            });
+        }
+        out.insert(0, self);
+        out
+    }
 }
 
 /// Submits the `n` choices of `parsed`: choice i is the request with seed `seed + i` (as vLLM
@@ -283,23 +404,14 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
     let n = choices(req.n)?;
     unimplemented::refuse_unimplemented(&req.extra)?;
     let include_usage = include_usage(req.stream, &req.stream_options)?;
-    // Echo returns the prompt's text as given, or its ids decoded.
-    let echo = req.echo.then(|| match &req.prompt {
-        Prompt::Text(t) => Some(t.clone()),
-        Prompt::Texts(v) => v.first().cloned(),
-        _ => None,
-    });
-    let (prompt, input_ids) = match req.prompt {
-        Prompt::Text(t) => (Some(t), vec![]),
-        Prompt::Ids(ids) => (None, ids),
-        Prompt::Texts(mut v) if v.len() == 1 => (v.pop(), vec![]),
-        Prompt::IdLists(mut v) if v.len() == 1 => (None, v.pop().unwrap_or_default()),
-        _ => {
-            return Err(RouterError::invalid(
-                "prompt",
-                "batched prompts are not supported: send one prompt per request",
-            ))
-        }
+    let mut prompts = completion_prompts(req.prompt, req.echo, n)?.into_iter();
+    let Some(CompletionPrompt {
+        prompt,
+        input_ids,
+        echo,
+    }) = prompts.next()
+    else {
+        return Err(RouterError::invalid("prompt", "prompt must not be empty"));
     };
     Ok(Parsed {
         generate: GenerateRequest {
@@ -342,7 +454,60 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         echo,
         tools: None,
         reasoning: None,
+        more_prompts: prompts.collect(),
     })
+}
+
+/// A completion's prompts: one (a string or a list of ids), or a batch (a list of strings or
+/// of id lists), at most [`MAX_BATCH_PROMPTS`], with `n` choices each, at most
+/// [`MAX_BATCH_CHOICES`] in all. Echo gives back each prompt's text as given, or its ids
+/// decoded.
+fn completion_prompts(
+    prompt: Prompt,
+    echo: bool,
+    n: u32,
+) -> Result<Vec<CompletionPrompt>, RouterError> {
+    let text = |t: String| CompletionPrompt {
+        echo: echo.then(|| Some(t.clone())),
+        prompt: Some(t),
+        input_ids: Vec::new(),
+    };
+    let ids = |ids: Vec<u32>| CompletionPrompt {
+        echo: echo.then_some(None),
+        prompt: None,
+        input_ids: ids,
+    };
+    let prompts: Vec<CompletionPrompt> = match prompt {
+        Prompt::Text(t) => vec![text(t)],
+        Prompt::Ids(v) => vec![ids(v)],
+        Prompt::Texts(v) => v.into_iter().map(text).collect(),
+        Prompt::IdLists(v) => v.into_iter().map(ids).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(RouterError::invalid(
+            "prompt",
+            "prompt must not be an empty list",
+        ));
+    }
+    if prompts.len() > MAX_BATCH_PROMPTS {
+        return Err(RouterError::invalid(
+            "prompt",
+            format!(
+                "at most {MAX_BATCH_PROMPTS} prompts in one request, got {}",
+                prompts.len()
+            ),
+        ));
+    }
+    if prompts.len() * n as usize > MAX_BATCH_CHOICES {
+        return Err(RouterError::invalid(
+            "n",
+            format!(
+                "at most {MAX_BATCH_CHOICES} choices in one request ({} prompts, n = {n})",
+                prompts.len()
+            ),
+        ));
+    }
+    Ok(prompts)
 }
 
 async fn completions(
@@ -355,17 +520,25 @@ async fn completions(
     let parsed = tokenizing
         .parse(body.len(), move || parse_completion(&body, &model))
         .await??;
-    // Before the prompt reaches the tokenizer (in admission, on the blocking pool).
-    if let Some(prompt) = &parsed.generate.prompt {
-        state.generator.check_prompt_bytes(prompt.len(), "prompt")?;
+    let prompts = parsed.into_prompts();
+    // Before the prompts reach the tokenizer (in admission, on the blocking pool).
+    for p in &prompts {
+        if let Some(prompt) = &p.generate.prompt {
+            state.generator.check_prompt_bytes(prompt.len(), "prompt")?;
+        }
     }
     let origin = TraceOrigin::from_http(&headers, "text_completion");
-    let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
+    // Each prompt's choices, admitted in order; one that fails drops (and so cancels) those
+    // admitted before it.
+    let mut submitted = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        submitted.push(submit_choices(&state, prompt, origin.clone()).await?);
+    }
     let id = state.request_id("cmpl");
-    if parsed.stream {
-        Ok(answers::stream_completion(state, answers, id, &parsed).into_response())
+    if submitted.first().is_some_and(|(_, p)| p.stream) {
+        Ok(answers::stream_completion(state, submitted, id).into_response())
     } else {
-        Ok(Json(answers::whole_completion(&state, answers, id, &parsed).await?).into_response())
+        Ok(Json(answers::whole_completion(&state, submitted, id).await?).into_response())
     }
 }
 
@@ -448,13 +621,18 @@ impl ChatBody {
         &self,
         template: &ChatTemplate,
     ) -> Result<String, RouterError> {
-        let plan = tools::plan(
+        let plan = self.tool_plan(ToolCallFormat::Hermes)?;
+        self.prompt(template, plan.template_tools.as_ref())
+    }
+
+    /// How the request's tools are shown to the template and its answers read, in `format`.
+    fn tool_plan(&self, format: ToolCallFormat) -> Result<tools::ToolPlan, RouterError> {
+        tools::plan(
             self.req.tools.as_deref(),
             self.req.tool_choice.as_ref(),
             self.req.parallel_tool_calls,
-            ToolCallFormat::Hermes,
-        )?;
-        self.prompt(template, plan.template_tools.as_ref())
+            format,
+        )
     }
 }
 
@@ -601,12 +779,7 @@ pub fn render_chat(
     reasoning_parser: Option<reasoning::ReasoningParser>,
 ) -> Result<Parsed, RouterError> {
     let template = template.ok_or_else(no_chat_template)?;
-    let plan = tools::plan(
-        chat.req.tools.as_deref(),
-        chat.req.tool_choice.as_ref(),
-        chat.req.parallel_tool_calls,
-        tool_format,
-    )?;
+    let plan = chat.tool_plan(tool_format)?;
     let rendered = chat.prompt(template, plan.template_tools.as_ref())?;
     let req = chat.req;
     let reasoning = reasoning_parser.and_then(|p| {
@@ -700,6 +873,7 @@ pub fn render_chat(
         echo: None,
         tools: plan.answers,
         reasoning,
+        more_prompts: Vec::new(),
     })
 }
 
@@ -751,6 +925,63 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/deepseek-v3-tiny");
         Tokenizer::from_dir(&dir).expect("fixture tokenizer")
+    }
+
+    /// A list of prompts is a batch: one request per prompt, each with its own echo and the
+    /// rest of the settings; the batch and its choices are bounded.
+    #[test]
+    fn a_list_of_prompts_is_a_batch_of_requests() {
+        let body = br#"{"model": "m", "prompt": ["one", "two", "three"], "n": 2, "echo": true,
+            "max_tokens": 5, "temperature": 0.5, "seed": 9}"#;
+        let prompts = parse_completion(body, "m").unwrap().into_prompts();
+        let texts: Vec<_> = prompts.iter().map(|p| p.generate.prompt.clone()).collect();
+        assert_eq!(
+            texts,
+            [Some("one".into()), Some("two".into()), Some("three".into())]
+        );
+        for (p, text) in prompts.iter().zip(["one", "two", "three"]) {
+            assert_eq!(p.echo, Some(Some(text.to_string())));
+            assert_eq!((p.n, p.generate.max_new_tokens), (2, 5));
+            assert_eq!(
+                (p.generate.temperature, p.generate.seed),
+                (Some(0.5), Some(9))
+            );
+            assert!(p.more_prompts.is_empty());
+        }
+        let ids = parse_completion(br#"{"prompt": [[1, 2], [3]], "echo": true}"#, "m").unwrap();
+        let ids: Vec<_> = ids
+            .into_prompts()
+            .into_iter()
+            .map(|p| (p.generate.input_ids, p.echo))
+            .collect();
+        assert_eq!(ids, [(vec![1, 2], Some(None)), (vec![3], Some(None))]);
+        // One prompt, as a string or ids, is one request.
+        assert_eq!(
+            parse_completion(br#"{"prompt": [4, 5]}"#, "m")
+                .unwrap()
+                .into_prompts()
+                .len(),
+            1
+        );
+        let param = |body: String| match parse_completion(body.as_bytes(), "m") {
+            Err(RouterError::Invalid { param, .. }) => param,
+            other => panic!("{body}: {other:?}"),
+        };
+        assert_eq!(param(r#"{"prompt": []}"#.into()), Some("prompt"));
+        let many = |k: usize| serde_json::to_string(&vec!["x"; k]).unwrap();
+        assert_eq!(
+            param(format!(r#"{{"prompt": {}}}"#, many(65))),
+            Some("prompt")
+        );
+        assert_eq!(
+            param(format!(r#"{{"prompt": {}, "n": 3}}"#, many(64))),
+            Some("n")
+        );
+        assert!(parse_completion(
+            format!(r#"{{"prompt": {}, "n": 2}}"#, many(64)).as_bytes(),
+            "m"
+        )
+        .is_ok());
     }
 
     #[test]

@@ -6,6 +6,8 @@ SPEC_JSON: {"prompt": str, "messages": [...], "max_tokens": int}
 """
 import json
 import sys
+import urllib.error
+import urllib.request
 
 import openai
 from openai import OpenAI
@@ -15,6 +17,36 @@ def main():
     addr, model, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     client = OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0)
     out = {"models": [m.id for m in client.models.list().data]}
+    out["retrieved"] = client.models.retrieve(model).id
+    try:
+        client.models.retrieve("no-such-model")
+        out["retrieve_missing"] = "found"
+    except openai.NotFoundError as e:
+        out["retrieve_missing"] = e.status_code
+    # vLLM's tokenizer endpoints, which the client does not wrap: plain requests.
+    def call(path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{addr}{path}", data=data, headers={
+            "Authorization": "Bearer unused", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req) as r:
+                return [r.status, json.load(r)]
+        except urllib.error.HTTPError as e:
+            return [e.code, json.load(e)]
+
+    def post(path, body):
+        return call(path, body)
+
+    out["tokenize"] = {
+        "prompt": post("/tokenize", {"model": model, "prompt": spec["prompt"]}),
+        "chat": post("/tokenize", {"model": model, "messages": spec["messages"],
+                                   "return_token_strs": True}),
+        "bad_model": post("/tokenize", {"model": "no-such-model", "prompt": "x"})[0],
+    }
+    chat_ids = out["tokenize"]["chat"][1]["tokens"]
+    out["detokenize"] = post("/detokenize", {"model": model, "tokens": chat_ids})
+    out["detokenize_bad"] = post("/detokenize", {"tokens": [10**9]})
+    out["version"] = call("/version")[1]
     n = spec["max_tokens"]
     extra = {"ignore_eos": True}
 
@@ -199,6 +231,35 @@ def main():
         logit_bias={str(spec["eos"]): 100}, extra_body={"min_tokens": 3},
     )
     out["min_tokens"] = [held.usage.completion_tokens, held.choices[0].finish_reason]
+
+    # A batch of prompts (vLLM's list `prompt`, lm-evaluation-harness's batched requests):
+    # prompt i's choices at indices i * n .., usage each prompt once; whole and streamed, as
+    # text and as token ids, with echo.
+    batch = [spec["prompt"], spec["other_prompt"]]
+    whole = client.completions.create(
+        model=model, prompt=batch, n=2, max_tokens=n, temperature=0, echo=True,
+        extra_body={"ignore_eos": True})
+    texts = {}
+    for c in client.completions.create(
+            model=model, prompt=[spec["prompt_ids"], spec["other_ids"]], max_tokens=n,
+            temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True}):
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if c.usage is not None:
+            streamed_batch_usage = [c.usage.prompt_tokens, c.usage.completion_tokens]
+    too_many = None
+    try:
+        client.completions.create(model=model, prompt=["x"] * 65, max_tokens=1)
+    except openai.BadRequestError as e:
+        too_many = [e.status_code, e.body.get("param") if isinstance(e.body, dict) else None]
+    out["batch"] = {
+        "whole": [[c.index, c.text] for c in whole.choices],
+        "usage": [whole.usage.prompt_tokens, whole.usage.completion_tokens],
+        "streamed": [texts.get(i) for i in range(len(texts))],
+        "streamed_usage": streamed_batch_usage,
+        "too_many": too_many,
+    }
     print(json.dumps(out))
 
 

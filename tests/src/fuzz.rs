@@ -108,8 +108,8 @@ fn http_fixture() -> &'static HttpFixture {
     })
 }
 
-/// An HTTP request body for `/v1/completions` and `/v1/chat/completions`, through parsing,
-/// the chat template, tokenization and validation.
+/// An HTTP request body for `/v1/completions`, `/v1/chat/completions`, `/tokenize` and
+/// `/detokenize`, through parsing, the chat template, tokenization and validation.
 pub fn http_request(data: &[u8]) {
     let f = http_fixture();
     let limits = RequestLimits::default();
@@ -138,6 +138,21 @@ pub fn http_request(data: &[u8]) {
     ];
     for p in parsed.into_iter().flatten() {
         let _ = validate(p.generate, &f.config, &f.tokenizer, &limits);
+    }
+    // The same body to vLLM's `/tokenize` and `/detokenize`.
+    let max_model_len = f.config.max_position_embeddings;
+    if let Ok(request) = moe_openai::tokenization::parse_tokenize(data, "m", true) {
+        let _ = request.tokenize(
+            &f.tokenizer,
+            Some(&f.qwen3),
+            ToolCallFormat::Hermes,
+            max_model_len,
+        );
+    }
+    let vocab = f.tokenizer.vocab_size();
+    if let Ok(request) = moe_openai::tokenization::parse_detokenize(data, "m", vocab, max_model_len)
+    {
+        let _ = request.detokenize(&f.tokenizer);
     }
 }
 
