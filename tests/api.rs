@@ -298,10 +298,22 @@ async fn stop_strings_end_the_text_before_them() {
             stop: vec![stop.clone()],
             ..greedy(&case.input_ids, 24)
         };
-        let got = generate(&mut client, req).await.unwrap();
+        let got = generate(&mut client, req.clone()).await.unwrap();
         assert_eq!(got.finish_reason, "stop", "stop {stop:?} in {text:?}");
         assert_eq!(got.pieces.concat(), text[..cut], "stop {stop:?}");
         assert!(got.ids.len() < 24);
+        // vLLM's include_stop_str_in_output: the same answer, the stop string kept.
+        let kept = GenerateRequest {
+            include_stop_str_in_output: true,
+            ..req
+        };
+        let kept = generate(&mut client, kept).await.unwrap();
+        assert_eq!(
+            kept.pieces.concat(),
+            text[..cut + stop.len()],
+            "stop {stop:?}"
+        );
+        assert_eq!((kept.ids, kept.finish_reason), (got.ids, got.finish_reason));
         checked += 1;
     }
     assert!(checked > 0, "no case had a usable stop string");
@@ -470,6 +482,73 @@ async fn stop_token_ids_end_the_answer_at_the_token() {
         err.message().contains("stop_token_ids"),
         "{}",
         err.message()
+    );
+}
+
+/// An end token's text: left out of the answer by default (the id is returned), kept with
+/// `include_stop_str_in_output`, as vLLM does; special tokens write their text only with
+/// `skip_special_tokens: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_tokens_and_special_tokens_write_text_only_on_request() {
+    let fixture = FIXTURES[1];
+    let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&fixture_dir(fixture)).unwrap();
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let case = &golden_cases(fixture)[0];
+    let full = generate(&mut client, greedy(&case.input_ids, 24))
+        .await
+        .unwrap();
+    // A stop id whose text is not empty, at its first place in the answer.
+    let (first, stop_id) = full
+        .ids
+        .iter()
+        .enumerate()
+        .skip(2)
+        .find(|(i, &t)| {
+            full.ids.iter().position(|&u| u == t) == Some(*i)
+                && tokenizer.decode(&[t]).is_ok_and(|x| !x.trim().is_empty())
+        })
+        .map(|(i, &t)| (i, t))
+        .expect("a token with text");
+    let ended = GenerateRequest {
+        stop_token_ids: vec![stop_id],
+        ..greedy(&case.input_ids, 24)
+    };
+    let got = generate(&mut client, ended.clone()).await.unwrap();
+    assert_eq!(got.ids, full.ids[..=first]);
+    assert_eq!(
+        got.pieces.concat(),
+        tokenizer.decode(&full.ids[..first]).unwrap()
+    );
+    let kept = GenerateRequest {
+        include_stop_str_in_output: true,
+        ..ended
+    };
+    let kept = generate(&mut client, kept).await.unwrap();
+    assert_eq!(kept.ids, got.ids);
+    assert_eq!(
+        kept.pieces.concat(),
+        tokenizer.decode(&full.ids[..=first]).unwrap()
+    );
+    // The end-of-sequence token forced three times (not ending the answer, with ignore_eos):
+    // no text by default, its own with skip_special_tokens false.
+    let eos = tokenizer.eos_id().unwrap();
+    let forced = GenerateRequest {
+        logit_bias: [(eos, 100.0)].into(),
+        ..greedy(&case.input_ids, 3)
+    };
+    let skipped = generate(&mut client, forced.clone()).await.unwrap();
+    assert_eq!(skipped.ids, [eos; 3]);
+    assert_eq!(skipped.pieces.concat(), "");
+    let written = GenerateRequest {
+        skip_special_tokens: Some(false),
+        ..forced
+    };
+    let written = generate(&mut client, written).await.unwrap();
+    assert_eq!(
+        written.pieces.concat(),
+        tokenizer.eos_token().unwrap().repeat(3)
     );
 }
 

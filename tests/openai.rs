@@ -231,6 +231,14 @@ async fn official_openai_client_gets_the_offline_tokens() {
     assert_eq!(got["completion_logprobs"].as_array().unwrap().len(), n);
     assert_eq!(floats(&got["completion_logprobs"]), completion.logprobs);
 
+    let named = |ids: &[u32]| {
+        json!(ids
+            .iter()
+            .map(|id| format!("token_id:{id}"))
+            .collect::<Vec<_>>())
+    };
+    assert_eq!(got["chat_token_ids"], named(&chat.output_ids));
+    assert_eq!(got["completion_token_ids"], named(&completion.output_ids));
     let chat_text = tokenizer.decode(&chat.output_ids).unwrap();
     assert_eq!(got["chat_stream"]["text"], chat_text);
     assert_eq!(got["chat_stream"]["finish_reason"], "length");

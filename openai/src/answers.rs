@@ -36,13 +36,23 @@ fn finish(msg: &GenerateResponse) -> Option<String> {
     (!msg.finish_reason.is_empty()).then(|| msg.finish_reason.clone())
 }
 
+/// How logprobs name a token: its text, or `token_id:N` (vLLM's
+/// `return_tokens_as_token_ids`, for clients that must know the exact ids).
+fn token_name(state: &HttpState, id: u32, as_ids: bool) -> String {
+    if as_ids {
+        format!("token_id:{id}")
+    } else {
+        state.tokenizer.token_text(id)
+    }
+}
+
 /// Chat-style logprobs of the tokens in `msg`.
-fn chat_logprobs(state: &HttpState, msg: &GenerateResponse) -> Vec<TokenLogprob> {
+fn chat_logprobs(state: &HttpState, msg: &GenerateResponse, as_ids: bool) -> Vec<TokenLogprob> {
     msg.token_ids
         .iter()
         .enumerate()
         .map(|(i, &id)| {
-            let token = state.tokenizer.token_text(id);
+            let token = token_name(state, id, as_ids);
             let top_logprobs = msg
                 .top_logprobs
                 .get(i)
@@ -51,7 +61,7 @@ fn chat_logprobs(state: &HttpState, msg: &GenerateResponse) -> Vec<TokenLogprob>
                         .iter()
                         .zip(&top.logprobs)
                         .map(|(&t, &lp)| {
-                            let token = state.tokenizer.token_text(t);
+                            let token = token_name(state, t, as_ids);
                             TopLogprob {
                                 bytes: token.as_bytes().to_vec(),
                                 token,
@@ -75,10 +85,11 @@ fn chat_logprobs(state: &HttpState, msg: &GenerateResponse) -> Vec<TokenLogprob>
 fn completion_logprobs(
     state: &HttpState,
     msg: &GenerateResponse,
+    as_ids: bool,
     into: &mut CompletionLogprobs,
     offset: &mut usize,
 ) {
-    for entry in chat_logprobs(state, msg) {
+    for entry in chat_logprobs(state, msg, as_ids) {
         into.text_offset.push(*offset);
         *offset += entry.token.len();
         into.token_logprobs.push(Some(entry.logprob));
@@ -99,11 +110,12 @@ fn completion_logprobs(
 fn echoed_prompt_logprobs(
     state: &HttpState,
     msg: &GenerateResponse,
+    as_ids: bool,
     into: &mut CompletionLogprobs,
     offset: &mut usize,
 ) {
     for (i, &id) in msg.prompt_token_ids.iter().enumerate() {
-        let token = state.tokenizer.token_text(id);
+        let token = token_name(state, id, as_ids);
         into.text_offset.push(*offset);
         *offset += token.len();
         let scored = i.checked_sub(1);
@@ -116,7 +128,7 @@ fn echoed_prompt_logprobs(
                     top.token_ids
                         .iter()
                         .zip(&top.logprobs)
-                        .map(|(&t, &lp)| (state.tokenizer.token_text(t), lp))
+                        .map(|(&t, &lp)| (token_name(state, t, as_ids), lp))
                         .collect()
                 })
                 .unwrap_or_default()
@@ -201,19 +213,22 @@ struct CompletionChoices {
     prompt_of: Vec<usize>,
     logprobs: bool,
     include_usage: bool,
+    tokens_as_ids: bool,
 }
 
 impl CompletionChoices {
     fn new(submitted: Vec<(Vec<Answers>, Parsed)>) -> Self {
-        let (logprobs, include_usage) = submitted
-            .first()
-            .map_or((false, false), |(_, p)| (p.logprobs, p.include_usage));
+        let (logprobs, include_usage, tokens_as_ids) =
+            submitted.first().map_or((false, false, false), |(_, p)| {
+                (p.logprobs, p.include_usage, p.tokens_as_ids)
+            });
         let mut out = Self {
             answers: Vec::new(),
             echoes: Vec::new(),
             prompt_of: Vec::new(),
             logprobs,
             include_usage,
+            tokens_as_ids,
         };
         for (prompt, (answers, parsed)) in submitted.into_iter().enumerate() {
             for a in answers {
@@ -260,6 +275,7 @@ pub async fn whole_completion(
         echoes,
         prompt_of,
         logprobs,
+        tokens_as_ids,
         ..
     } = CompletionChoices::new(submitted);
     let collected = collect_all(answers).await?;
@@ -275,10 +291,10 @@ pub async fn whole_completion(
                 let mut lp = CompletionLogprobs::default();
                 let mut offset = 0;
                 if let (Some(_), Some(first)) = (echo, first) {
-                    echoed_prompt_logprobs(state, first, &mut lp, &mut offset);
+                    echoed_prompt_logprobs(state, first, tokens_as_ids, &mut lp, &mut offset);
                 }
                 for m in &c.messages {
-                    completion_logprobs(state, m, &mut lp, &mut offset);
+                    completion_logprobs(state, m, tokens_as_ids, &mut lp, &mut offset);
                 }
                 lp
             });
@@ -361,7 +377,7 @@ pub async fn whole_chat(
                 content: c
                     .messages
                     .iter()
-                    .flat_map(|m| chat_logprobs(state, m))
+                    .flat_map(|m| chat_logprobs(state, m, parsed.tokens_as_ids))
                     .collect(),
             });
             let (message, finish_reason) = chat_message(
@@ -496,6 +512,7 @@ pub fn stream_completion(
         prompt_of,
         logprobs,
         include_usage,
+        tokens_as_ids,
     } = CompletionChoices::new(submitted);
     let created = super::unix_now();
     let model = state.model_name.clone();
@@ -509,9 +526,9 @@ pub fn stream_completion(
             let mut lp = CompletionLogprobs::default();
             if let Some(offset) = offsets.get_mut(index as usize) {
                 if echoing.is_some() {
-                    echoed_prompt_logprobs(&state, msg, &mut lp, offset);
+                    echoed_prompt_logprobs(&state, msg, tokens_as_ids, &mut lp, offset);
                 }
-                completion_logprobs(&state, msg, &mut lp, offset);
+                completion_logprobs(&state, msg, tokens_as_ids, &mut lp, offset);
             }
             lp
         });
@@ -682,7 +699,8 @@ pub fn stream_chat(
     id: String,
     parsed: &Parsed,
 ) -> EventStream {
-    let (logprobs, include_usage) = (parsed.logprobs, parsed.include_usage);
+    let (logprobs, include_usage, tokens_as_ids) =
+        (parsed.logprobs, parsed.include_usage, parsed.tokens_as_ids);
     let tools = parsed.tools.clone();
     // With tools, a choice's text streams as content until a call may be starting; the rest
     // is held until the choice ends, then sent as content or as calls.
@@ -765,7 +783,7 @@ pub fn stream_chat(
                     index,
                     delta,
                     logprobs: (logprobs && tools.is_none()).then(|| ChatLogprobs {
-                        content: chat_logprobs(&state, msg),
+                        content: chat_logprobs(&state, msg, tokens_as_ids),
                     }),
                     finish_reason,
                 }],

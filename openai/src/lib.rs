@@ -300,6 +300,8 @@ pub struct Parsed {
     /// each is answered as its own request with the same settings, its `n` choices numbered
     /// after the previous prompt's ([`Parsed::into_prompts`]).
     pub more_prompts: Vec<CompletionPrompt>,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens `token_id:N`.
+    pub tokens_as_ids: bool,
 }
 
 /// One prompt of a batched completion.
@@ -337,6 +339,7 @@ impl Parsed {
                 tools: self.tools.clone(),
                 reasoning: self.reasoning,
                 more_prompts: Vec::new(),
+                tokens_as_ids: self.tokens_as_ids,
             });
         }
         out.insert(0, self);
@@ -390,6 +393,10 @@ fn include_usage(
         Some(_) if !stream => Err(RouterError::invalid(
             "stream_options",
             "stream_options is only allowed with stream = true",
+        )),
+        Some(o) if o.continuous_usage_stats => Err(RouterError::invalid(
+            "stream_options",
+            "stream_options.continuous_usage_stats is not supported by this server",
         )),
         Some(o) => Ok(o.include_usage),
         None => Ok(false),
@@ -446,6 +453,8 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             bad_words: req.bad_words.unwrap_or_default(),
             truncate_prompt_tokens: truncate_prompt_tokens(req.truncate_prompt_tokens)?,
             structured_output_after: String::new(),
+            include_stop_str_in_output: req.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: req.skip_special_tokens,
         },
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
@@ -455,6 +464,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         tools: None,
         reasoning: None,
         more_prompts: prompts.collect(),
+        tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
     })
 }
 
@@ -865,6 +875,8 @@ pub fn render_chat(
             bad_words: req.bad_words.unwrap_or_default(),
             truncate_prompt_tokens: truncate,
             structured_output_after: grammar_after,
+            include_stop_str_in_output: req.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: req.skip_special_tokens,
         },
         stream: req.stream,
         logprobs: req.logprobs,
@@ -874,6 +886,7 @@ pub fn render_chat(
         tools: plan.answers,
         reasoning,
         more_prompts: Vec::new(),
+        tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
     })
 }
 
@@ -925,6 +938,19 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/deepseek-v3-tiny");
         Tokenizer::from_dir(&dir).expect("fixture tokenizer")
+    }
+
+    #[test]
+    fn continuous_usage_stats_are_refused() {
+        let body = br#"{"prompt": "x", "stream": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}}"#;
+        match parse_completion(body, "m") {
+            Err(RouterError::Invalid { param, .. }) => assert_eq!(param, Some("stream_options")),
+            other => panic!("{other:?}"),
+        }
+        let body = br#"{"prompt": "x", "stream": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": false}}"#;
+        assert!(parse_completion(body, "m").unwrap().include_usage);
     }
 
     /// A list of prompts is a batch: one request per prompt, each with its own echo and the

@@ -70,6 +70,12 @@ pub struct CompletionRequest {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's extension: words never generated.
     pub bad_words: Option<Vec<String>>,
+    /// vLLM's extension: the stop string (or end token's text) that ended the answer stays.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's extension: false writes special tokens' text.
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM's extension: logprobs name tokens `token_id:N` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -84,6 +90,9 @@ pub struct CompletionRequest {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's usage in every chunk: not implemented, refused when asked for.
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
 }
 
 /// A chat message's `content`: a string or a list of parts (only text parts are supported).
@@ -153,6 +162,12 @@ pub struct ChatRequest {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's extension: words never generated.
     pub bad_words: Option<Vec<String>>,
+    /// vLLM's extension: the stop string (or end token's text) that ended the answer stays.
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's extension: false writes special tokens' text.
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM's extension: logprobs name tokens `token_id:N` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 10] = [
+const NOT_IMPLEMENTED: [&str; 17] = [
     "functions",
     "function_call",
     "best_of",
@@ -24,6 +24,15 @@ const NOT_IMPLEMENTED: [&str; 10] = [
     // vLLM's per-request template: refused (vLLM too, unless trusted), not silently replaced
     // by the server's own.
     "chat_template",
+    // vLLM's extensions that change the answer or its shape.
+    "use_beam_search",
+    "length_penalty",
+    "logits_processors",
+    "guided_whitespace_pattern",
+    "prompt_logprobs",
+    "spaces_between_special_tokens",
+    // On chat (completions read it): the last message echoed in front of the answer.
+    "echo",
 ];
 
 /// The first field of `extra` (the request's fields this server does not read) that asks for
@@ -44,10 +53,18 @@ pub fn refuse_unimplemented(extra: &Map<String, Value>) -> Result<(), RouterErro
 
 /// Whether `value` leaves the output as if `name` were absent.
 fn is_no_op(name: &str, value: &Value) -> bool {
+    // vLLM's default for this one is true: false is the change.
+    if name == "spaces_between_special_tokens" {
+        return matches!(value, Value::Null | Value::Bool(true));
+    }
     match value {
         Value::Null | Value::Bool(false) => true,
         Value::Number(n) => {
-            let neutral = if name == "best_of" { 1.0 } else { 0.0 };
+            let neutral = if matches!(name, "best_of" | "length_penalty") {
+                1.0
+            } else {
+                0.0
+            };
             n.as_f64() == Some(neutral)
         }
         Value::String(s) => s.is_empty(),
@@ -76,6 +93,14 @@ mod tests {
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"suffix": "x"}), "suffix"),
             (json!({"best_of": 3}), "best_of"),
+            (json!({"use_beam_search": true}), "use_beam_search"),
+            (json!({"length_penalty": 0.5}), "length_penalty"),
+            (json!({"prompt_logprobs": 2}), "prompt_logprobs"),
+            (
+                json!({"spaces_between_special_tokens": false}),
+                "spaces_between_special_tokens",
+            ),
+            (json!({"echo": true}), "echo"),
         ] {
             match check(body.clone()) {
                 Err(RouterError::Invalid { param: Some(p), .. }) => {
@@ -91,6 +116,11 @@ mod tests {
         check(json!({
             "chat_template": "",
             "best_of": 1,
+            "length_penalty": 1.0,
+            "use_beam_search": false,
+            "spaces_between_special_tokens": true,
+            "prompt_logprobs": null,
+            "echo": false,
             "modalities": ["text"],
             "functions": null,
             "user": "u-1",

@@ -25,6 +25,15 @@ impl Decode for Tokenizer {
     }
 }
 
+/// The tokenizer writing special tokens' text too (a request's `skip_special_tokens: false`).
+pub struct WithSpecialTokens<'a>(pub &'a Tokenizer);
+
+impl Decode for WithSpecialTokens<'_> {
+    fn decode_text(&self, ids: &[u32]) -> Option<String> {
+        self.0.decode_with_special(ids).ok()
+    }
+}
+
 /// A sequence's decoded text that is not sent yet, and the decoder's place in its ids.
 #[derive(Debug, Default)]
 pub struct IncrementalText {
@@ -47,6 +56,15 @@ pub struct IncrementalText {
 }
 
 impl IncrementalText {
+    /// [`Self::update`] with `tokenizer`, special tokens skipped (the default) or written.
+    pub fn update_with(&mut self, tokenizer: &Tokenizer, skip_special_tokens: bool, ids: &[u32]) {
+        if skip_special_tokens {
+            self.update(tokenizer, ids)
+        } else {
+            self.update(&WithSpecialTokens(tokenizer), ids)
+        }
+    }
+
     /// Decodes what the last tokens of `ids` (the whole output so far) add to the text.
     pub fn update<D: Decode + ?Sized>(&mut self, tokenizer: &D, ids: &[u32]) {
         self.unsent.truncate(self.unsent.len() - self.tentative);
@@ -84,13 +102,14 @@ impl IncrementalText {
         }
     }
 
-    /// The next piece to send and whether a stop string ended the text there (the stop string
-    /// and anything after it are dropped). `last` sends everything left. Otherwise the last
-    /// (longest stop − 1) bytes are kept back, as they may still begin a stop string, and
-    /// nothing is sent while a character is incomplete.
-    pub fn next_piece(&mut self, stops: &[String], last: bool) -> (String, bool) {
-        if let Some(at) = self.find_stop(stops) {
-            return (self.take(at), true);
+    /// The next piece to send and whether a stop string ended the text there (anything after
+    /// it is dropped, and the stop string too unless `keep_stop`). `last` sends everything
+    /// left. Otherwise the last (longest stop − 1) bytes are kept back, as they may still
+    /// begin a stop string, and nothing is sent while a character is incomplete.
+    pub fn next_piece(&mut self, stops: &[String], last: bool, keep_stop: bool) -> (String, bool) {
+        if let Some((at, len)) = self.find_stop(stops) {
+            let end = if keep_stop { at + len } else { at };
+            return (self.take(end), true);
         }
         if last {
             return (self.take(self.unsent.len()), false);
@@ -106,10 +125,11 @@ impl IncrementalText {
         (self.take(end), false)
     }
 
-    /// Byte offset in `unsent` of the earliest stop string. A match not found before must end
-    /// in the new text, so it starts at most (longest − 1) bytes before it: only that tail is
-    /// searched, and the hold-back has kept it unsent.
-    fn find_stop(&mut self, stops: &[String]) -> Option<usize> {
+    /// Byte offset in `unsent` of the earliest stop string, and its length (the first listed
+    /// of those matching there). A match not found before must end in the new text, so it
+    /// starts at most (longest − 1) bytes before it: only that tail is searched, and the
+    /// hold-back has kept it unsent.
+    fn find_stop(&mut self, stops: &[String]) -> Option<(usize, usize)> {
         let longest = stops.iter().map(String::len).max()?;
         let mut from = self.new_from.saturating_sub(longest.saturating_sub(1));
         while !self.unsent.is_char_boundary(from) {
@@ -119,9 +139,9 @@ impl IncrementalText {
         self.scanned_bytes += tail.len() as u64;
         stops
             .iter()
-            .filter_map(|s| tail.find(s.as_str()))
-            .min()
-            .map(|at| from + at)
+            .filter_map(|s| tail.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, _)| at)
+            .map(|(at, len)| (from + at, len))
     }
 
     fn take(&mut self, end: usize) -> String {
@@ -232,7 +252,7 @@ mod tests {
         let mut pieces = Vec::new();
         for n in 1..=ids.len() {
             text.update(tok, &ids[..n]);
-            let (piece, stopped) = text.next_piece(stops, n == ids.len());
+            let (piece, stopped) = text.next_piece(stops, n == ids.len(), false);
             pieces.push(piece);
             if stopped {
                 return (pieces, Some(n), text);
@@ -288,12 +308,15 @@ mod tests {
         };
         let stops = ["xyz".to_string()];
         // Two bytes are kept back; "딥" is three bytes, so it waits whole.
-        assert_eq!(t.next_piece(&stops, false), ("abc".into(), false));
+        assert_eq!(t.next_piece(&stops, false, false), ("abc".into(), false));
         t.unsent.push_str("x\u{FFFD}");
         t.tentative = "\u{FFFD}".len();
         t.new_from = "딥".len();
-        assert_eq!(t.next_piece(&stops, false), (String::new(), false));
-        assert_eq!(t.next_piece(&[], true), ("딥x\u{FFFD}".into(), false));
+        assert_eq!(t.next_piece(&stops, false, false), (String::new(), false));
+        assert_eq!(
+            t.next_piece(&[], true, false),
+            ("딥x\u{FFFD}".into(), false)
+        );
     }
 
     #[test]
@@ -435,6 +458,57 @@ mod tests {
         assert!(stopped_runs > 20, "{stopped_runs}");
     }
 
+    /// vLLM's `include_stop_str_in_output`: the text ends after the earliest stop string
+    /// instead of before it (the first listed of those starting there), as found while the
+    /// text streams.
+    #[test]
+    fn a_kept_stop_string_ends_the_text() {
+        let tok = fixture("deepseek-v3-tiny");
+        let ids = tok.encode_raw("the cat sat on the mat, then ran").unwrap();
+        for (stops, want) in [
+            (vec!["mat", "sat on", "ran"], "the cat sat on"),
+            (vec!["sat", "sat on the"], "the cat sat"),
+            // Streamed: "sat" is whole before "sat on the" could be.
+            (vec!["sat on the", "sat"], "the cat sat"),
+            // Both whole at once: the earlier start wins, whatever the order.
+            (vec!["mat", "the mat"], "the cat sat on the mat"),
+        ] {
+            let stops: Vec<String> = stops.into_iter().map(String::from).collect();
+            let mut text = IncrementalText::default();
+            let mut out = String::new();
+            for n in 1..=ids.len() {
+                text.update(&tok, &ids[..n]);
+                let (piece, stopped) = text.next_piece(&stops, n == ids.len(), true);
+                out.push_str(&piece);
+                if stopped {
+                    break;
+                }
+            }
+            assert_eq!(out, want, "{stops:?}");
+        }
+    }
+
+    /// `skip_special_tokens: false` writes the special tokens' text.
+    #[test]
+    fn special_tokens_write_their_text_on_request() {
+        let tok = fixture("deepseek-v3-tiny");
+        let mut ids = tok.encode_prompt("Hi").unwrap();
+        ids.push(tok.eos_id().unwrap());
+        let eos = tok.eos_token().unwrap();
+        let decoded = |skip: bool| {
+            let mut text = IncrementalText::default();
+            (1..=ids.len())
+                .map(|n| {
+                    text.update_with(&tok, skip, &ids[..n]);
+                    text.next_piece(&[], n == ids.len(), false).0
+                })
+                .collect::<String>()
+        };
+        let (with, without) = (decoded(false), decoded(true));
+        assert!(with.ends_with(&eos) && with.contains("Hi"), "{with:?}");
+        assert_eq!(without, "Hi");
+    }
+
     #[test]
     fn earliest_stop_string_wins_across_tokens() {
         let tok = fixture("deepseek-v3-tiny");
@@ -472,7 +546,7 @@ mod tests {
         for n in 1..=ids.len() {
             text.update(&tok, &ids[..n]);
             let new = (text.unsent.len() - text.new_from) as u64;
-            let (_, stopped) = text.next_piece(&stops, n == ids.len());
+            let (_, stopped) = text.next_piece(&stops, n == ids.len(), false);
             assert!(!stopped);
             let step_decoded = text.decoded_tokens - decoded;
             let step_scanned = text.scanned_bytes - scanned;
@@ -513,7 +587,7 @@ mod tests {
             let step = text.decoded_tokens - decoded;
             decoded = text.decoded_tokens;
             assert!(step <= 3 * MAX_PENDING_TOKENS as u64, "{step}");
-            let (piece, _) = text.next_piece(&[], n == ids.len());
+            let (piece, _) = text.next_piece(&[], n == ids.len(), false);
             since_text = if piece.is_empty() { since_text + 1 } else { 0 };
             assert!(since_text <= MAX_PENDING_TOKENS, "token {n}");
             sent.push_str(&piece);

@@ -317,13 +317,17 @@ impl Scheduler {
         let mut text = IncrementalText::default();
         let ids = &request.resumed_ids;
         for i in 1..=ids.len() {
-            text.update(self.tokenizer.as_ref(), &ids[..i]);
+            text.update_with(
+                self.tokenizer.as_ref(),
+                request.skip_special_tokens,
+                &ids[..i],
+            );
             let stops: &[String] = if i < request.sampling.adjust.min_tokens {
                 &[]
             } else {
                 &request.stop
             };
-            let _already_sent = text.next_piece(stops, false);
+            let _already_sent = text.next_piece(stops, false, request.include_stop_text);
         }
         text
     }
@@ -721,7 +725,18 @@ impl Scheduler {
             .then(|| ops::log_softmax_at(logits, token as usize));
         let top =
             (s.request.top_logprobs > 0).then(|| top_logprobs(logits, s.request.top_logprobs));
-        s.text.update(self.tokenizer.as_ref(), &s.output);
+        // An end token's own text is left out unless the request keeps it (vLLM's rule).
+        let ends = s.request.ends_at(token, &self.eos_ids);
+        let shown = if ends && !s.request.include_stop_text {
+            &s.output[..s.output.len().saturating_sub(1)]
+        } else {
+            &s.output[..]
+        };
+        s.text.update_with(
+            self.tokenizer.as_ref(),
+            s.request.skip_special_tokens,
+            shown,
+        );
         // A grammar waiting for its start text (a reasoning model's `</think>`) starts with
         // the next token once the answer has written it.
         let started = s
@@ -737,7 +752,7 @@ impl Scheduler {
             .constraint
             .as_ref()
             .is_some_and(|c| c.is_finished());
-        let mut finish = if grammar_done || s.request.ends_at(token, &self.eos_ids) {
+        let mut finish = if grammar_done || ends {
             Some("stop")
         } else if s.output.len() >= s.request.max_new_tokens
             || s.cache.len >= self.dense.config().max_position_embeddings
@@ -754,7 +769,9 @@ impl Scheduler {
         } else {
             &s.request.stop
         };
-        let (piece, stopped) = s.text.next_piece(stop, finish.is_some());
+        let (piece, stopped) =
+            s.text
+                .next_piece(stop, finish.is_some(), s.request.include_stop_text);
         if stopped {
             finish = Some("stop");
         }

@@ -48,6 +48,11 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     /// Ids that end the answer (vLLM's `stop_token_ids`), kept in it.
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's `include_stop_str_in_output`: the stop string, or the text of the end token,
+    /// that ended the answer stays in its text.
+    pub include_stop_text: bool,
+    /// vLLM's `skip_special_tokens` (true unless the request says false).
+    pub skip_special_tokens: bool,
     /// vLLM's `allowed_token_ids`, one flag per vocabulary row (`None`: every id).
     pub allowed_tokens: Option<Vec<bool>>,
     /// vLLM's `bad_words`, as token sequences (tokenized at admission).
@@ -362,6 +367,8 @@ pub fn validate_ids(
         },
         stop: req.stop,
         stop_token_ids: req.stop_token_ids,
+        include_stop_text: req.include_stop_str_in_output,
+        skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
         allowed_tokens,
         bad_words: Vec::new(),
         ignore_eos: req.ignore_eos,

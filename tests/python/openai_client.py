@@ -105,6 +105,16 @@ def main():
         "top": [[x.logprob for x in t.top_logprobs] for t in lp.choices[0].logprobs.content],
     }
 
+    # vLLM's return_tokens_as_token_ids: tokens named by id, for clients that need them.
+    as_ids = client.chat.completions.create(
+        model=model, messages=spec["messages"], max_tokens=n, temperature=0, logprobs=True,
+        top_logprobs=1, extra_body={**extra, "return_tokens_as_token_ids": True})
+    out["chat_token_ids"] = [t.token for t in as_ids.choices[0].logprobs.content]
+    legacy_ids = client.completions.create(
+        model=model, prompt=spec["prompt"], max_tokens=n, temperature=0, logprobs=1,
+        extra_body={**extra, "return_tokens_as_token_ids": True})
+    out["completion_token_ids"] = legacy_ids.choices[0].logprobs.tokens
+
     legacy = client.completions.create(
         model=model, prompt=spec["prompt"], max_tokens=n, temperature=0, logprobs=2, extra_body=extra
     )
