@@ -794,6 +794,7 @@ pub fn render_chat(
     let req = chat.req;
     let reasoning = reasoning_parser.and_then(|p| {
         p.for_request(
+            &rendered,
             req.chat_template_kwargs.as_ref(),
             req.include_reasoning.unwrap_or(true),
         )

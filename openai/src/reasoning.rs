@@ -19,8 +19,10 @@ pub enum ReasoningParser {
     /// the prompt, so the answer is reasoning from its first token (an opening tag it writes
     /// anyway is dropped) until `</think>`; an answer cut off before it is all reasoning.
     DeepSeekR1,
-    /// Qwen3: reasoning only when the answer opens with `<think>` (with `enable_thinking`
-    /// false the template closes an empty block in the prompt and the answer is all content).
+    /// Qwen3: reasoning when the answer opens with `<think>` (the hybrid models' template
+    /// leaves it to the model; with `enable_thinking` false it closes an empty block in the
+    /// prompt and the answer is all content), or from the first token when the prompt ends
+    /// inside an open `<think>` (the thinking-only 2507 models' template), until `</think>`.
     Qwen3,
     /// DeepSeek-V3.1: as DeepSeek-R1 when the request asks the template to think
     /// (`chat_template_kwargs.thinking`), otherwise no reasoning at all.
@@ -43,10 +45,11 @@ impl FromStr for ReasoningParser {
 }
 
 impl ReasoningParser {
-    /// How one request's answer splits (`None`: it does not), given its
-    /// `chat_template_kwargs` and vLLM's `include_reasoning`.
+    /// How one request's answer splits (`None`: it does not), given its rendered `prompt`,
+    /// its `chat_template_kwargs` and vLLM's `include_reasoning`.
     pub fn for_request(
         self,
+        prompt: &str,
         template_kwargs: Option<&Map<String, Value>>,
         include_reasoning: bool,
     ) -> Option<ReasoningSplit> {
@@ -57,7 +60,7 @@ impl ReasoningParser {
         };
         let opens_in_prompt = match self {
             Self::DeepSeekR1 => true,
-            Self::Qwen3 => false,
+            Self::Qwen3 => prompt.trim_end().ends_with(START),
             Self::DeepSeekV3 if asked("thinking") || asked("enable_thinking") => true,
             Self::DeepSeekV3 => return None,
         };
@@ -204,7 +207,7 @@ mod tests {
     use super::*;
 
     fn rule(parser: ReasoningParser) -> ReasoningSplit {
-        parser.for_request(None, true).expect("splits")
+        parser.for_request("", None, true).expect("splits")
     }
 
     fn some(text: &str) -> Option<String> {
@@ -244,9 +247,34 @@ mod tests {
         assert_eq!(split_whole(qwen, ""), (None, None));
         assert_eq!(split_whole(qwen, "<thin"), (None, some("<thin")));
         let hidden = ReasoningParser::DeepSeekR1
-            .for_request(None, false)
+            .for_request("", None, false)
             .expect("splits");
         assert_eq!(split_whole(hidden, "why</think>so"), (None, some("so")));
+    }
+
+    /// Qwen3's thinking-only models (2507) open `<think>` in the prompt: their answer is
+    /// reasoning from its first token; the hybrid ones' answer opens the block itself.
+    #[test]
+    fn qwen3_reads_where_the_prompt_left_the_thinking() {
+        let qwen = ReasoningParser::Qwen3;
+        let open = qwen
+            .for_request("<|im_start|>assistant\n<think>\n", None, true)
+            .expect("splits");
+        assert_eq!(
+            split_whole(open, "hmm\n</think>\n\n42"),
+            (some("hmm\n"), some("\n\n42"))
+        );
+        let hybrid = qwen
+            .for_request("<|im_start|>assistant\n", None, true)
+            .expect("splits");
+        assert_eq!(
+            split_whole(hybrid, "hmm</think>42"),
+            (None, some("hmm</think>42"))
+        );
+        let closed = qwen
+            .for_request("<|im_start|>assistant\n<think>\n\n</think>\n\n", None, true)
+            .expect("splits");
+        assert_eq!(split_whole(closed, "42"), (None, some("42")));
     }
 
     #[test]
@@ -270,15 +298,20 @@ mod tests {
     fn deepseek_v3_thinks_only_when_asked() {
         let kwargs = |v: Value| v.as_object().cloned();
         let v3 = ReasoningParser::DeepSeekV3;
-        assert_eq!(v3.for_request(None, true), None);
+        assert_eq!(v3.for_request("", None, true), None);
         assert_eq!(
             v3.for_request(
+                "",
                 kwargs(serde_json::json!({"thinking": false})).as_ref(),
                 true
             ),
             None
         );
-        let on = v3.for_request(kwargs(serde_json::json!({"thinking": true})).as_ref(), true);
+        let on = v3.for_request(
+            "",
+            kwargs(serde_json::json!({"thinking": true})).as_ref(),
+            true,
+        );
         assert_eq!(on, Some(rule(ReasoningParser::DeepSeekR1)));
         assert_eq!("deepseek_r1".parse(), Ok(ReasoningParser::DeepSeekR1));
         assert!("llama".parse::<ReasoningParser>().is_err());

@@ -42,7 +42,7 @@ fn incremental(tok: &Tokenizer, ids: &[u32], stops: &[String]) -> usize {
     let mut sent = 0;
     for n in 1..=ids.len() {
         text.update(tok, &ids[..n]);
-        let (piece, stopped) = text.next_piece(stops, n == ids.len());
+        let (piece, stopped) = text.next_piece(stops, n == ids.len(), false);
         sent += piece.len();
         assert!(!stopped);
     }
