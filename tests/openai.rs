@@ -243,6 +243,14 @@ async fn official_openai_client_gets_the_offline_tokens() {
     assert_eq!(got["chat_stream"]["text"], chat_text);
     assert_eq!(got["chat_stream"]["finish_reason"], "length");
     assert_eq!(got["chat_stream"]["usage"], json!([chat_ids.len(), n]));
+    // Continuous usage: the prompt's tokens and the tokens so far in every chunk, rising by
+    // one a token to the whole answer's.
+    let running = got["continuous_usage"].as_array().unwrap();
+    assert_eq!(running.len(), n, "{running:?}");
+    for (i, u) in running.iter().enumerate() {
+        let p = chat_ids.len();
+        assert_eq!(u, &json!([p, i + 1, p + i + 1]));
+    }
     assert_eq!(got["chat_logprobs"]["text"], chat_text);
     assert_eq!(floats(&got["chat_logprobs"]["logprobs"]), chat.logprobs);
     for (top, chosen) in got["chat_logprobs"]["top"]

@@ -417,6 +417,7 @@ impl Relay {
     fn closing(&self, journey: &Journey) -> GenerateResponse {
         GenerateResponse {
             finish_reason: "length".into(),
+            prompt_tokens: journey.prompt_tokens,
             usage: Some(Usage {
                 prompt_tokens: journey.prompt_tokens,
                 completion_tokens: journey.sent_ids.len() as u32,

@@ -213,21 +213,30 @@ struct CompletionChoices {
     prompt_of: Vec<usize>,
     logprobs: bool,
     include_usage: bool,
+    continuous_usage: bool,
     tokens_as_ids: bool,
 }
 
 impl CompletionChoices {
     fn new(submitted: Vec<(Vec<Answers>, Parsed)>) -> Self {
-        let (logprobs, include_usage, tokens_as_ids) =
-            submitted.first().map_or((false, false, false), |(_, p)| {
-                (p.logprobs, p.include_usage, p.tokens_as_ids)
-            });
+        let (logprobs, include_usage, continuous_usage, tokens_as_ids) =
+            submitted
+                .first()
+                .map_or((false, false, false, false), |(_, p)| {
+                    (
+                        p.logprobs,
+                        p.include_usage,
+                        p.continuous_usage,
+                        p.tokens_as_ids,
+                    )
+                });
         let mut out = Self {
             answers: Vec::new(),
             echoes: Vec::new(),
             prompt_of: Vec::new(),
             logprobs,
             include_usage,
+            continuous_usage,
             tokens_as_ids,
         };
         for (prompt, (answers, parsed)) in submitted.into_iter().enumerate() {
@@ -470,6 +479,36 @@ where
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
+/// vLLM's continuous usage: every chunk of a choice carries its prompt's tokens and the tokens
+/// that choice has streamed so far.
+struct RunningUsage {
+    streamed: Vec<u32>,
+}
+
+impl RunningUsage {
+    fn new(choices: usize) -> Self {
+        Self {
+            streamed: vec![0; choices],
+        }
+    }
+
+    /// The usage after `msg`, choice `index`'s latest message.
+    fn after(&mut self, index: u32, msg: &GenerateResponse) -> Usage {
+        let completion_tokens = match self.streamed.get_mut(index as usize) {
+            Some(n) => {
+                *n += msg.token_ids.len() as u32;
+                *n
+            }
+            None => msg.token_ids.len() as u32,
+        };
+        Usage {
+            prompt_tokens: msg.prompt_tokens,
+            completion_tokens,
+            total_tokens: msg.prompt_tokens + completion_tokens,
+        }
+    }
+}
+
 /// Streams' usage: each choice's, summed once the last choice finished (each choice's
 /// prompt once: `prompt_of` says which prompt a choice answers).
 struct UsageTally {
@@ -512,11 +551,13 @@ pub fn stream_completion(
         prompt_of,
         logprobs,
         include_usage,
+        continuous_usage,
         tokens_as_ids,
     } = CompletionChoices::new(submitted);
     let created = super::unix_now();
     let model = state.model_name.clone();
     let mut offsets = vec![0; answers.len()];
+    let mut running = RunningUsage::new(answers.len());
     let mut tally = UsageTally::by_prompt(prompt_of);
     relay(answers, vec![], move |index, msg| {
         // A choice's first message carries the prompt's scores: echo goes in front of it.
@@ -547,7 +588,7 @@ pub fn stream_completion(
                 logprobs: lp,
                 finish_reason: finish(msg),
             }],
-            usage: None,
+            usage: continuous_usage.then(|| running.after(index, msg)),
         })];
         if let Some(usage) = tally.add(index, msg).filter(|_| include_usage) {
             events.push(json_event(&CompletionResponse {
@@ -701,6 +742,7 @@ pub fn stream_chat(
 ) -> EventStream {
     let (logprobs, include_usage, tokens_as_ids) =
         (parsed.logprobs, parsed.include_usage, parsed.tokens_as_ids);
+    let continuous_usage = parsed.continuous_usage;
     let tools = parsed.tools.clone();
     // With tools, a choice's text streams as content until a call may be starting; the rest
     // is held until the choice ends, then sent as content or as calls.
@@ -740,6 +782,7 @@ pub fn stream_chat(
         })
         .collect();
     let mut tally = UsageTally::new(answers.len());
+    let mut running = RunningUsage::new(answers.len());
     relay(answers, first, move |index, msg| {
         let (reasoning, text) = match splitters.get_mut(index as usize) {
             Some(Some(splitter)) => {
@@ -787,8 +830,11 @@ pub fn stream_chat(
                     }),
                     finish_reason,
                 }],
-                None,
+                continuous_usage.then(|| running.after(index, msg)),
             )));
+        } else if continuous_usage {
+            // Nothing sent for this message: its tokens count in the next chunk's usage.
+            running.after(index, msg);
         }
         if let Some(usage) = tally.add(index, msg).filter(|_| include_usage) {
             events.push(json_event(&chunk(vec![], Some(usage))));

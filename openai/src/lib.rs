@@ -287,6 +287,9 @@ pub struct Parsed {
     pub logprobs: bool,
     /// A stream ends with a chunk holding the usage (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Every streamed chunk carries the usage so far (vLLM's
+    /// `stream_options.continuous_usage_stats`).
+    pub continuous_usage: bool,
     /// Choices to generate (`n`).
     pub n: u32,
     /// Completions with `echo`: the prompt's text when it came as text (`None` inside: decode
@@ -334,6 +337,7 @@ impl Parsed {
                 stream: self.stream,
                 logprobs: self.logprobs,
                 include_usage: self.include_usage,
+                continuous_usage: self.continuous_usage,
                 n: self.n,
                 echo: p.echo,
                 tools: self.tools.clone(),
@@ -394,13 +398,14 @@ fn include_usage(
             "stream_options",
             "stream_options is only allowed with stream = true",
         )),
-        Some(o) if o.continuous_usage_stats => Err(RouterError::invalid(
-            "stream_options",
-            "stream_options.continuous_usage_stats is not supported by this server",
-        )),
         Some(o) => Ok(o.include_usage),
         None => Ok(false),
     }
+}
+
+/// vLLM's `stream_options.continuous_usage_stats` (streams only: checked with `include_usage`).
+fn continuous_usage(options: &Option<openai::StreamOptions>) -> bool {
+    options.as_ref().is_some_and(|o| o.continuous_usage_stats)
 }
 
 /// Parses and checks a `/v1/completions` body (everything but admission): pure, so it can be
@@ -459,6 +464,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
         include_usage,
+        continuous_usage: continuous_usage(&req.stream_options),
         n,
         echo,
         tools: None,
@@ -881,7 +887,8 @@ pub fn render_chat(
         },
         stream: req.stream,
         logprobs: req.logprobs,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        continuous_usage: continuous_usage(&req.stream_options),
         n: choices(req.n)?,
         echo: None,
         tools: plan.answers,
@@ -942,16 +949,13 @@ mod tests {
     }
 
     #[test]
-    fn continuous_usage_stats_are_refused() {
+    fn continuous_usage_stats_are_read_from_the_stream_options() {
         let body = br#"{"prompt": "x", "stream": true,
             "stream_options": {"include_usage": true, "continuous_usage_stats": true}}"#;
-        match parse_completion(body, "m") {
-            Err(RouterError::Invalid { param, .. }) => assert_eq!(param, Some("stream_options")),
-            other => panic!("{other:?}"),
-        }
-        let body = br#"{"prompt": "x", "stream": true,
-            "stream_options": {"include_usage": true, "continuous_usage_stats": false}}"#;
-        assert!(parse_completion(body, "m").unwrap().include_usage);
+        let parsed = parse_completion(body, "m").unwrap();
+        assert!(parsed.include_usage && parsed.continuous_usage);
+        let body = br#"{"prompt": "x", "stream": true, "stream_options": {"include_usage": true}}"#;
+        assert!(!parse_completion(body, "m").unwrap().continuous_usage);
     }
 
     /// A list of prompts is a batch: one request per prompt, each with its own echo and the

@@ -90,7 +90,7 @@ pub struct CompletionRequest {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
-    /// vLLM's usage in every chunk: not implemented, refused when asked for.
+    /// vLLM's: every chunk carries the usage so far (its choice's tokens).
     #[serde(default)]
     pub continuous_usage_stats: bool,
 }

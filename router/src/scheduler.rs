@@ -698,6 +698,7 @@ impl Scheduler {
         let prompt_tokens = s.request.input_ids.len() as u32;
         let mut response = GenerateResponse {
             finish_reason: "length".into(),
+            prompt_tokens,
             usage: Some(Usage {
                 prompt_tokens,
                 completion_tokens: 0,
@@ -776,6 +777,7 @@ impl Scheduler {
             finish = Some("stop");
         }
         let response = GenerateResponse {
+            prompt_tokens: s.request.input_ids.len() as u32,
             token_ids: vec![token],
             text: piece,
             logprobs: logprob.into_iter().collect(),

@@ -79,6 +79,17 @@ def main():
                 finish = choice.finish_reason
     out["chat_stream"] = {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
 
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far.
+    running = []
+    for chunk in client.chat.completions.create(
+            model=model, messages=spec["messages"], max_tokens=n, temperature=0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body=extra):
+        if chunk.choices and chunk.usage is not None:
+            running.append([chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+                            chunk.usage.total_tokens])
+    out["continuous_usage"] = running
+
     # Without stream_options.include_usage, OpenAI sends no usage chunk.
     plain = client.completions.create(
         model=model, prompt=spec["prompt"], max_tokens=n, temperature=0, stream=True,
