@@ -15,11 +15,8 @@
 //! (`race_rows`) by bisecting f32 values, and both evaluate the same sums at the same
 //! thresholds.
 //!
-//! A min-p draw (llama.cpp's and vLLM's `min_p`, applied before top-p) keeps the tokens at
-//! least `min_p` as likely as the likeliest: weight `>= min_p`, that is a logit at least
-//! `max + T ln(min_p)`, the **cut**, computed with `race.rs`'s `ln` in correctly rounded
-//! operations, so host and kernel keep the same tokens ([`min_p_floor`]). The nucleus is then
-//! found among the kept tokens only, and the race runs among it.
+//! After a min-p cut (`race.rs`'s `min_p_floor`) the nucleus is found among the kept tokens
+//! only: [`floor`] takes the lowest logit it may keep.
 
 /// Lanes of the fixed summation order: the kernel's threads per block.
 pub const SUM_LANES: usize = 256;
@@ -115,49 +112,6 @@ pub fn mass(logits: &[f32], weights: &[f64], threshold: f32) -> f64 {
         half /= 2;
     }
     lanes[0]
-}
-
-/// The logit below which min-p drops a token, for the largest drawable logit `max`: `max + T
-/// ln(min_p)` in f64 (`min_p` in (0, 1]; at 1 it is `max`). Its operations are the kernel's.
-pub fn min_p_cut(max: f32, temperature: f32, min_p: f32) -> f64 {
-    max as f64 + temperature as f64 * crate::race::ln(min_p as f64)
-}
-
-/// The smallest logit a min-p draw keeps (see the module's text): the tokens at or above it
-/// are the ones whose logit reaches [`min_p_cut`]. `None` when no token is drawable.
-pub fn min_p_floor(logits: &[f32], temperature: f32, min_p: f32) -> Option<f32> {
-    // `f32::max` passes over NaN; a row of -inf and NaN has nothing drawable.
-    let max = fold_lanes(logits, f32::NEG_INFINITY, |m, l| m.max(l));
-    if max == f32::NEG_INFINITY {
-        return None;
-    }
-    let cut = min_p_cut(max, temperature, min_p);
-    // The smallest f32 at least the cut: `l >= above` is `l as f64 >= cut`, in f32.
-    let mut above = cut as f32;
-    if (above as f64) < cut {
-        above = above.next_up();
-    }
-    let lowest = fold_lanes(
-        logits,
-        f32::INFINITY,
-        |m, l| if l >= above { m.min(l) } else { m },
-    );
-    Some(lowest)
-}
-
-/// `values` folded by `f` (an associative and commutative `max` or `min`) in 16 lanes, which
-/// the compiler vectorises where one running value would be a chain of dependent operations.
-fn fold_lanes(values: &[f32], start: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut lanes = [start; 16];
-    let chunks = values.chunks_exact(16);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = f(*lane, v);
-        }
-    }
-    let folded = tail.iter().fold(start, |m, &v| f(m, v));
-    lanes.into_iter().fold(folded, &f)
 }
 
 /// The floor of the top-`top_p` nucleus of `logits` at `temperature` (see the module's text),
@@ -389,7 +343,7 @@ mod tests {
                     // Among every token, and among those a min-p draw keeps.
                     for min_p in [0.0f32, 0.01, 0.2] {
                         let lowest = if min_p > 0.0 {
-                            min_p_floor(&logits, t, min_p).unwrap()
+                            crate::race::min_p_floor(&logits, t, min_p).unwrap()
                         } else {
                             f32::NEG_INFINITY
                         };
@@ -427,37 +381,5 @@ mod tests {
         assert_eq!(floor(&[3.0, -2.0, 1.0], 1.0, 1.0, 0.5), Some(1.0));
         // One dominant token: the nucleus of 0.9 is that token alone.
         assert_eq!(floor(&[0.0, 20.0, 1.0, 2.0], 1.0, 0.9, all), Some(20.0));
-    }
-
-    /// min-p keeps the tokens whose weight is at least `min_p` of the likeliest's: its floor
-    /// is the smallest logit within `T ln(1 / min_p)` of the largest.
-    #[test]
-    fn the_min_p_floor_keeps_the_tokens_near_the_likeliest() {
-        let logits = [1.0f32, 3.0, f32::NAN, 2.0, f32::NEG_INFINITY, 2.5, -4.0];
-        // At T 1, min_p 0.5 keeps logits >= 3 - ln 2 = 2.307: 3.0 and 2.5.
-        assert_eq!(min_p_floor(&logits, 1.0, 0.5), Some(2.5));
-        // At T 2 the cut is 3 - 2 ln 2 = 1.61: 2.0 joins.
-        assert_eq!(min_p_floor(&logits, 2.0, 0.5), Some(2.0));
-        // min_p 1 keeps the likeliest (and its ties) only; a tiny one, every drawable token.
-        assert_eq!(min_p_floor(&logits, 1.0, 1.0), Some(3.0));
-        assert_eq!(min_p_floor(&logits, 1.0, 1e-30), Some(-4.0));
-        assert_eq!(min_p_floor(&[f32::NAN, f32::NEG_INFINITY], 1.0, 0.1), None);
-        // Against libm's weights, on random rows: a token is kept exactly when its weight
-        // reaches min_p, except within rounding of the cut.
-        let mut rng = crate::sampling::Rng::seeded(4);
-        for _ in 0..200 {
-            let row: Vec<f32> = (0..50)
-                .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
-                .collect();
-            let (t, min_p) = (0.2 + rng.next_f64() as f32, rng.next_f64() as f32);
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let floor = min_p_floor(&row, t, min_p).unwrap();
-            for &l in &row {
-                let weight = ((l as f64 - max as f64) / t as f64).exp();
-                if (weight / min_p as f64 - 1.0).abs() > 1e-12 {
-                    assert_eq!(l >= floor, weight >= min_p as f64, "{l} {t} {min_p}");
-                }
-            }
-        }
     }
 }

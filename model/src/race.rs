@@ -9,6 +9,12 @@
 //! operations only (+, -, *, /, fma), which IEEE 754 defines to the bit on every machine; the
 //! kernel (`race_rows` in `gpu/kernels.cu`) spells the same operations with `__dadd_rn` and
 //! friends so that its compiler fuses nothing.
+//!
+//! A min-p draw (llama.cpp's and vLLM's `min_p`, applied before top-p) keeps the tokens at
+//! least `min_p` as likely as the likeliest: weight `>= min_p`, that is a logit at least
+//! `max + T ln(min_p)`, the **cut**, computed with [`ln`] in correctly rounded operations, so
+//! host and kernel keep the same tokens ([`min_p_floor`]). The nucleus is then found among
+//! the kept tokens only, and the race runs above both floors.
 
 use crate::counter_hash::mix64 as mix;
 use crate::nucleus::{self, LN2_HI, LN2_LO};
@@ -28,7 +34,7 @@ impl Race {
     /// The token this race draws from `logits`.
     pub fn draw(&self, logits: &[f32]) -> u32 {
         let lowest = if self.min_p > 0.0 {
-            match nucleus::min_p_floor(logits, self.temperature, self.min_p) {
+            match min_p_floor(logits, self.temperature, self.min_p) {
                 Some(lowest) => lowest,
                 None => return 0,
             }
@@ -55,6 +61,49 @@ impl Race {
             && self.top_p <= 1.0
             && (0.0..=1.0).contains(&self.min_p)
     }
+}
+
+/// The logit below which min-p drops a token, for the largest drawable logit `max`: `max + T
+/// ln(min_p)` in f64 (`min_p` in (0, 1]; at 1 it is `max`). Its operations are the kernel's.
+pub fn min_p_cut(max: f32, temperature: f32, min_p: f32) -> f64 {
+    max as f64 + temperature as f64 * ln(min_p as f64)
+}
+
+/// The smallest logit a min-p draw keeps (see the module's text): the tokens at or above it
+/// are the ones whose logit reaches [`min_p_cut`]. `None` when no token is drawable.
+pub fn min_p_floor(logits: &[f32], temperature: f32, min_p: f32) -> Option<f32> {
+    // `f32::max` passes over NaN; a row of -inf and NaN has nothing drawable.
+    let max = fold_lanes(logits, f32::NEG_INFINITY, |m, l| m.max(l));
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    let cut = min_p_cut(max, temperature, min_p);
+    // The smallest f32 at least the cut: `l >= above` is `l as f64 >= cut`, in f32.
+    let mut above = cut as f32;
+    if (above as f64) < cut {
+        above = above.next_up();
+    }
+    let lowest = fold_lanes(
+        logits,
+        f32::INFINITY,
+        |m, l| if l >= above { m.min(l) } else { m },
+    );
+    Some(lowest)
+}
+
+/// `values` folded by `f` (an associative and commutative `max` or `min`) in 16 lanes, which
+/// the compiler vectorises where one running value would be a chain of dependent operations.
+fn fold_lanes(values: &[f32], start: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [start; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, v);
+        }
+    }
+    let folded = tail.iter().fold(start, |m, &v| f(m, v));
+    lanes.into_iter().fold(folded, &f)
 }
 
 /// One race over one row of a step's logits, as a device runs it.
@@ -230,6 +279,38 @@ pub fn ln(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// min-p keeps the tokens whose weight is at least `min_p` of the likeliest's: its floor
+    /// is the smallest logit within `T ln(1 / min_p)` of the largest.
+    #[test]
+    fn the_min_p_floor_keeps_the_tokens_near_the_likeliest() {
+        let logits = [1.0f32, 3.0, f32::NAN, 2.0, f32::NEG_INFINITY, 2.5, -4.0];
+        // At T 1, min_p 0.5 keeps logits >= 3 - ln 2 = 2.307: 3.0 and 2.5.
+        assert_eq!(min_p_floor(&logits, 1.0, 0.5), Some(2.5));
+        // At T 2 the cut is 3 - 2 ln 2 = 1.61: 2.0 joins.
+        assert_eq!(min_p_floor(&logits, 2.0, 0.5), Some(2.0));
+        // min_p 1 keeps the likeliest (and its ties) only; a tiny one, every drawable token.
+        assert_eq!(min_p_floor(&logits, 1.0, 1.0), Some(3.0));
+        assert_eq!(min_p_floor(&logits, 1.0, 1e-30), Some(-4.0));
+        assert_eq!(min_p_floor(&[f32::NAN, f32::NEG_INFINITY], 1.0, 0.1), None);
+        // Against libm's weights, on random rows: a token is kept exactly when its weight
+        // reaches min_p, except within rounding of the cut.
+        let mut rng = crate::sampling::Rng::seeded(4);
+        for _ in 0..200 {
+            let row: Vec<f32> = (0..50)
+                .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
+                .collect();
+            let (t, min_p) = (0.2 + rng.next_f64() as f32, rng.next_f64() as f32);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let floor = min_p_floor(&row, t, min_p).unwrap();
+            for &l in &row {
+                let weight = ((l as f64 - max as f64) / t as f64).exp();
+                if (weight / min_p as f64 - 1.0).abs() > 1e-12 {
+                    assert_eq!(l >= floor, weight >= min_p as f64, "{l} {t} {min_p}");
+                }
+            }
+        }
+    }
 
     /// The kernel's constants (written as bits in `race_rows`'s `race_ln`) are these.
     #[test]

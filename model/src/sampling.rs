@@ -336,7 +336,7 @@ impl Sampler {
         let k = p.top_k.filter(|&k| k > 0).unwrap_or(logits.len());
         if p.min_p > 0.0 && k >= logits.len() {
             // Only the tokens min-p keeps are ranked, not the vocabulary.
-            let lowest = crate::nucleus::min_p_floor(logits, p.temperature, p.min_p);
+            let lowest = crate::race::min_p_floor(logits, p.temperature, p.min_p);
             let mut kept: Vec<(u32, f32)> = logits
                 .iter()
                 .enumerate()
@@ -361,9 +361,9 @@ impl Sampler {
             .map(|&(i, logit)| (i as usize, ((logit as f64 - max) / t).exp()))
             .collect();
         // min-p keeps the tokens whose weight (over the likeliest's) reaches `min_p`, by the
-        // race's rule (`nucleus::min_p_cut`): a prefix of the ranking.
+        // race's rule (`race::min_p_cut`): a prefix of the ranking.
         if self.params.min_p > 0.0 {
-            let cut = crate::nucleus::min_p_cut(best, self.params.temperature, self.params.min_p);
+            let cut = crate::race::min_p_cut(best, self.params.temperature, self.params.min_p);
             let keep = ranked
                 .iter()
                 .take_while(|&&(_, logit)| logit as f64 >= cut)
