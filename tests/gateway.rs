@@ -217,6 +217,35 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
             "{body}"
         );
     }
+    // What the gateway answers itself or per prompt is the router's: vLLM's tokenizer
+    // endpoints, and a batch of prompts (each its own request, maybe on either router).
+    let answers = [
+        ("/tokenize", json!({"prompt": "hello there"})),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "hi"}], "return_token_strs": true}),
+        ),
+        ("/detokenize", json!({"tokens": [5, 6, 7]})),
+        (
+            "/v1/completions",
+            json!({"prompt": ["hello", "the cat"], "n": 2, "max_tokens": 4, "temperature": 0,
+                   "ignore_eos": true}),
+        ),
+    ];
+    for (path, body) in answers {
+        let body = body.to_string();
+        let want = harness::http(&router_http, "POST", path, None, body.as_bytes()).await;
+        let got = harness::http(&gateway_http, "POST", path, None, body.as_bytes()).await;
+        assert_eq!(want.0, 200, "{path} {body}: {want:?}");
+        let answer = |text: &str| {
+            let mut v: Value = serde_json::from_str(text).unwrap();
+            for varying in ["id", "created"] {
+                v.as_object_mut().unwrap().remove(varying);
+            }
+            v
+        };
+        assert_eq!(answer(&got.1), answer(&want.1), "{path} {body}");
+    }
 }
 
 /// Eight greedy and eight seeded sampled streams (temperature 0.9, top_p 0.95), 400 tokens each.

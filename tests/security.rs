@@ -81,6 +81,26 @@ async fn api_keys_and_limits() {
     }
     let (status, _) = http(&http_addr, "GET", "/health", None, b"").await;
     assert_eq!(status, 200);
+    // vLLM's `/ping` too, GET or POST; its tokenizer endpoints and `/version` need the key
+    // (vLLM leaves its routes outside `/v1` open).
+    for method in ["GET", "POST"] {
+        assert_eq!(http(&http_addr, method, "/ping", None, b"").await.0, 200);
+    }
+    for (method, path, body) in [
+        ("POST", "/tokenize", r#"{"prompt": "hi"}"#),
+        ("POST", "/detokenize", r#"{"tokens": [1]}"#),
+        ("GET", "/version", ""),
+        ("GET", "/v1/models/x", ""),
+    ] {
+        let (s, b) = http(&http_addr, method, path, None, body.as_bytes()).await;
+        assert_eq!(
+            (s, error_type(&b)),
+            (401, "authentication_error".into()),
+            "{path}"
+        );
+        let (s, _) = http(&http_addr, method, path, Some(KEY), body.as_bytes()).await;
+        assert_ne!(s, 401, "{path}");
+    }
 
     // Admin apart from inference: an inference key reads status but cannot drain; the admin
     // key does both (an unknown node is NOT_FOUND: past the check); no key, neither.

@@ -2,7 +2,7 @@
 //! both serve: `GET /v1/models` (and `/v1/models/{model}`), `POST /v1/completions`,
 //! `POST /v1/chat/completions` (both streamed as server-sent events ending in `data: [DONE]`,
 //! or whole), vLLM's `POST /tokenize`, `POST /detokenize` and `GET /version`, and
-//! `GET /health`:
+//! `GET /health` (and vLLM's `/ping`):
 //! parsing, chat templates, tool calls, structured-output parameters, the rendering of
 //! answers. A parsed request goes to a [`Generator`]: a router's admission (the same as its
 //! gRPC API's, so the same request gives the same tokens on both), or a gateway's relay.
@@ -80,7 +80,9 @@ pub fn app(state: Arc<HttpState>) -> Router {
             Arc::clone(&state),
             require_key,
         ));
+    // `/ping` is vLLM's (SageMaker's) name for the same check.
     api.route("/health", get(health))
+        .route("/ping", get(health).post(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
