@@ -243,6 +243,11 @@ async fn official_openai_client_gets_the_offline_tokens() {
     assert_eq!(got["chat_stream"]["text"], chat_text);
     assert_eq!(got["chat_stream"]["finish_reason"], "length");
     assert_eq!(got["chat_stream"]["usage"], json!([chat_ids.len(), n]));
+    // With tools offered, streamed logprobs are every token's, the whole answer's.
+    let with_tools = &got["tools_logprobs"];
+    assert_eq!(with_tools["streamed"], with_tools["whole"]);
+    assert_eq!(with_tools["whole"].as_array().unwrap().len(), n);
+    assert_eq!(with_tools["tokens"], n);
     // Continuous usage: the prompt's tokens and the tokens so far in every chunk, rising by
     // one a token to the whole answer's.
     let running = got["continuous_usage"].as_array().unwrap();

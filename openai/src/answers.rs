@@ -783,7 +783,15 @@ pub fn stream_chat(
         .collect();
     let mut tally = UsageTally::new(answers.len());
     let mut running = RunningUsage::new(answers.len());
+    // Each choice's logprobs not sent yet: a message whose text is held (a tool call may be
+    // starting) sends no chunk, and its tokens' logprobs go with the next one.
+    let mut unsent_logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); answers.len()];
     relay(answers, first, move |index, msg| {
+        if logprobs {
+            if let Some(unsent) = unsent_logprobs.get_mut(index as usize) {
+                unsent.extend(chat_logprobs(&state, msg, tokens_as_ids));
+            }
+        }
         let (reasoning, text) = match splitters.get_mut(index as usize) {
             Some(Some(splitter)) => {
                 let piece = splitter.push(&msg.text, finish(msg).is_some());
@@ -825,8 +833,11 @@ pub fn stream_chat(
                 vec![ChatChunkChoice {
                     index,
                     delta,
-                    logprobs: (logprobs && tools.is_none()).then(|| ChatLogprobs {
-                        content: chat_logprobs(&state, msg, tokens_as_ids),
+                    logprobs: logprobs.then(|| ChatLogprobs {
+                        content: unsent_logprobs
+                            .get_mut(index as usize)
+                            .map(std::mem::take)
+                            .unwrap_or_default(),
                     }),
                     finish_reason,
                 }],

@@ -79,6 +79,26 @@ def main():
                 finish = choice.finish_reason
     out["chat_stream"] = {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
 
+    # Logprobs with tools offered: streamed, every token's (those of text held while a call
+    # might be starting go with the next chunk), the whole answer's.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    whole_t = client.chat.completions.create(
+        model=model, messages=spec["messages"], max_tokens=n, temperature=0, logprobs=True,
+        tools=tools, extra_body=extra)
+    streamed_lp = []
+    for chunk in client.chat.completions.create(
+            model=model, messages=spec["messages"], max_tokens=n, temperature=0, logprobs=True,
+            tools=tools, stream=True, extra_body=extra):
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                streamed_lp.extend(t.logprob for t in c.logprobs.content)
+    out["tools_logprobs"] = {
+        "whole": [t.logprob for t in whole_t.choices[0].logprobs.content],
+        "streamed": streamed_lp,
+        "tokens": whole_t.usage.completion_tokens,
+    }
+
     # vLLM's continuous_usage_stats: every chunk carries the usage so far.
     running = []
     for chunk in client.chat.completions.create(
