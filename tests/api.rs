@@ -11,6 +11,20 @@ use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{greedy, LocalCluster};
 use tonic::Code;
 
+/// A cluster of one node on `fixture`, serving, and a client of its router (keep the cluster
+/// alive while the client is used).
+async fn one_node(
+    fixture: &str,
+) -> (
+    LocalCluster,
+    moe_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
+) {
+    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
+    wait_serving(&cluster, 1).await;
+    let client = harness::inference(&cluster).await;
+    (cluster, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_and_health_checks() {
     let fixture = FIXTURES[0];
@@ -282,9 +296,7 @@ fn clean_stop(text: &str) -> Option<(String, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_end_the_text_before_them() {
     let fixture = FIXTURES[2];
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let mut checked = 0;
     for case in golden_cases(fixture) {
         let full = generate(&mut client, greedy(&case.input_ids, 24))
@@ -437,9 +449,7 @@ async fn prompt_logprobs_across_prefill_chunks_equal_the_offline_forward_pass() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_token_ids_end_the_answer_at_the_token() {
     let fixture = FIXTURES[1];
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let case = &golden_cases(fixture)[0];
     let full = generate(&mut client, greedy(&case.input_ids, 24))
         .await
@@ -492,9 +502,7 @@ async fn stop_token_ids_end_the_answer_at_the_token() {
 async fn end_tokens_and_special_tokens_write_text_only_on_request() {
     let fixture = FIXTURES[1];
     let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&fixture_dir(fixture)).unwrap();
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let case = &golden_cases(fixture)[0];
     let full = generate(&mut client, greedy(&case.input_ids, 24))
         .await
@@ -562,9 +570,7 @@ async fn a_grammar_after_a_start_text_leaves_the_answer_free_until_then() {
     use moe_proto::v1::structured_output::Kind;
     use moe_proto::v1::{Resume, StructuredOutput};
     let fixture = FIXTURES[0];
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let ids = &golden_cases(fixture)[0].input_ids;
     let free = generate(&mut client, greedy(ids, 12)).await.unwrap();
     let marker: String = free.pieces[..4].concat();
@@ -651,9 +657,7 @@ async fn a_grammar_after_a_start_text_leaves_the_answer_free_until_then() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_token_ids_are_the_only_ids_drawn() {
     let fixture = FIXTURES[2];
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let ids = &golden_cases(fixture)[0].input_ids;
     let free = generate(&mut client, greedy(ids, 8)).await.unwrap();
     let allowed = vec![free.ids[0], 7, 42, 300];
@@ -737,9 +741,7 @@ async fn allowed_token_ids_are_the_only_ids_drawn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_prompt_tokens_keeps_the_prompts_end() {
     let fixture = FIXTURES[0];
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let ids = &golden_cases(fixture)[0].input_ids;
     assert!(ids.len() > 3, "{ids:?}");
     let keep = ids.len() - 2;
@@ -770,9 +772,7 @@ async fn truncate_prompt_tokens_keeps_the_prompts_end() {
 async fn bad_words_never_appear() {
     let fixture = FIXTURES[2];
     let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&fixture_dir(fixture)).unwrap();
-    let cluster = LocalCluster::start(harness::spec(fixture_dir(fixture), 1)).unwrap();
-    wait_serving(&cluster, 1).await;
-    let mut client = harness::inference(&cluster).await;
+    let (_cluster, mut client) = one_node(fixture).await;
     let ids = &golden_cases(fixture)[0].input_ids;
     let free = generate(&mut client, greedy(ids, 16)).await.unwrap();
     // Pieces of the answer whose text reads back as the same tokens: one token, then two.
