@@ -24,6 +24,33 @@ impl TokenMask {
         }
     }
 
+    /// Every one of `len` tokens allowed (the bits past `len` clear, as the device reads them).
+    pub fn all(len: usize) -> Self {
+        let mut words = vec![u32::MAX; len.div_ceil(32)];
+        if let Some(last) = words.last_mut() {
+            let used = len % 32;
+            if used > 0 {
+                *last = (1u32 << used) - 1;
+            }
+        }
+        Self { words, len }
+    }
+
+    /// Token `id` no longer allowed (nothing when it is past the mask).
+    pub fn forbid(&mut self, id: usize) {
+        if id < self.len {
+            self.words[id / 32] &= !(1 << (id % 32));
+        }
+    }
+
+    /// Only the tokens both masks allow (`other`'s ids past its end are not allowed: its bits
+    /// there are clear).
+    pub fn and_with(&mut self, other: &TokenMask) {
+        for (i, word) in self.words.iter_mut().enumerate() {
+            *word &= other.words.get(i).copied().unwrap_or(0);
+        }
+    }
+
     pub fn allows(&self, id: usize) -> bool {
         id < self.len && self.words[id / 32] >> (id % 32) & 1 == 1
     }
@@ -110,6 +137,30 @@ pub struct RowMask<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `all`, `forbid` and `and_with` are the flag operations they stand for, tail bits clear.
+    #[test]
+    fn mask_operations_are_the_flags_ones() {
+        for len in [0usize, 1, 31, 32, 33, 100] {
+            let all = TokenMask::all(len);
+            assert_eq!(all, TokenMask::from_allowed(&vec![true; len]), "{len}");
+            let mut a = all.clone();
+            let mut flags = vec![true; len];
+            for id in (0..len + 3).step_by(3) {
+                a.forbid(id);
+                if let Some(f) = flags.get_mut(id) {
+                    *f = false;
+                }
+            }
+            assert_eq!(a, TokenMask::from_allowed(&flags), "{len}");
+            let other: Vec<bool> = (0..len / 2).map(|i| i % 2 == 0).collect();
+            a.and_with(&TokenMask::from_allowed(&other));
+            let both: Vec<bool> = (0..len)
+                .map(|i| flags[i] && other.get(i).copied().unwrap_or(false))
+                .collect();
+            assert_eq!(a, TokenMask::from_allowed(&both), "{len}");
+        }
+    }
 
     #[test]
     fn a_mask_allows_its_tokens_only() {

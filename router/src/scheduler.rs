@@ -417,11 +417,11 @@ impl Scheduler {
         // What each sampling feed's pick is made after: its mask (its grammar's, computed
         // below while the step runs, and its `allowed_token_ids` and `bad_words`) and its
         // logit edits. Before the constraints are taken out.
-        let restrictions: Vec<Option<Vec<bool>>> = plan
+        let restrictions: Vec<Option<TokenMask>> = plan
             .iter()
             .map(|f| {
                 let s = &running[f.seq];
-                picked_in_place(s, f).then(|| restriction_of(s, vocab))?
+                picked_in_place(s, f).then(|| restriction_mask_of(s, vocab))?
             })
             .collect();
         let slots: Vec<Option<MaskSlot>> = plan
@@ -432,7 +432,7 @@ impl Scheduler {
                 let slot = mask_slot_of(s, f, restriction.is_some())?;
                 if s.request.constraint.is_none() {
                     // Known now: no grammar to wait for.
-                    slot.fill(restriction.as_deref().map(TokenMask::from_allowed));
+                    slot.fill(restriction.clone());
                 }
                 Some(slot)
             })
@@ -466,30 +466,28 @@ impl Scheduler {
         }
         let count = constraints.len();
         let (logits, masks) = std::thread::scope(|scope| {
-            let masks =
-                scope.spawn(|| {
-                    // A slot this thread leaves empty (a grammar that panicked) is filled with
-                    // `None`: the step never waits for it in vain.
-                    let _fill = FillOnDrop(&slots);
-                    constraints
-                        .iter_mut()
-                        .map(|(feed, _, c)| {
-                            let allowed = c.allowed(vocab);
-                            if let Some(slot) = &slots[*feed] {
-                                let mask = allowed.as_ref().ok().map(|allowed| match &restrictions
-                                    [*feed]
-                                {
-                                    Some(restriction) => {
-                                        TokenMask::from_allowed(&both(allowed.clone(), restriction))
-                                    }
-                                    None => TokenMask::from_allowed(allowed),
-                                });
-                                slot.fill(mask);
-                            }
-                            allowed
-                        })
-                        .collect::<Vec<_>>()
-                });
+            let masks = scope.spawn(|| {
+                // A slot this thread leaves empty (a grammar that panicked) is filled with
+                // `None`: the step never waits for it in vain.
+                let _fill = FillOnDrop(&slots);
+                constraints
+                    .iter_mut()
+                    .map(|(feed, _, c)| {
+                        let allowed = c.allowed(vocab);
+                        if let Some(slot) = &slots[*feed] {
+                            let mask = allowed.as_ref().ok().map(|allowed| {
+                                let mut mask = TokenMask::from_allowed(allowed);
+                                if let Some(restriction) = &restrictions[*feed] {
+                                    mask.and_with(restriction);
+                                }
+                                mask
+                            });
+                            slot.fill(mask);
+                        }
+                        allowed
+                    })
+                    .collect::<Vec<_>>()
+            });
             let logits = self.forward(running, plan, &picks);
             let masks = masks
                 .join()
@@ -909,6 +907,31 @@ fn restriction_of(s: &Sequence, vocab: usize) -> Option<Vec<bool>> {
         }
     }
     Some(allowed)
+}
+
+/// [`restriction_of`] as bits, from the request's mask made at admission (what the device
+/// path sends; no flag per token is built).
+fn restriction_mask_of(s: &Sequence, vocab: usize) -> Option<TokenMask> {
+    let banned = s.request.banned_next(&s.output);
+    if s.request.allowed_mask.is_none() && banned.is_empty() {
+        return None;
+    }
+    let mut mask = match &s.request.allowed_mask {
+        Some(allowed) if allowed.len() >= vocab => allowed.clone(),
+        // A mask shorter than the vocabulary (never made so) leaves the rest allowed, as
+        // `restriction_of` does.
+        Some(allowed) => {
+            let flags: Vec<bool> = (0..vocab)
+                .map(|i| i >= allowed.len() || allowed.allows(i))
+                .collect();
+            TokenMask::from_allowed(&flags)
+        }
+        None => TokenMask::all(vocab),
+    };
+    for id in banned {
+        mask.forbid(id as usize);
+    }
+    Some(mask)
 }
 
 /// Whether [`restriction_of`] restricts anything, without building it.

@@ -1,5 +1,6 @@
 //! Every check on a Generate request, before anything is queued. Each failure names the field.
 
+use moe_model::token_mask::TokenMask;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{LogitAdjustments, ModelConfig, SamplingParams};
 
@@ -55,6 +56,8 @@ pub struct ValidRequest {
     pub skip_special_tokens: bool,
     /// vLLM's `allowed_token_ids`, one flag per vocabulary row (`None`: every id).
     pub allowed_tokens: Option<Vec<bool>>,
+    /// The same as bits, made once: what a device masks the row it keeps with.
+    pub allowed_mask: Option<TokenMask>,
     /// vLLM's `bad_words`, as token sequences (tokenized at admission).
     pub bad_words: Vec<Vec<u32>>,
     pub ignore_eos: bool,
@@ -369,6 +372,7 @@ pub fn validate_ids(
         stop_token_ids: req.stop_token_ids,
         include_stop_text: req.include_stop_str_in_output,
         skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
+        allowed_mask: allowed_tokens.as_deref().map(TokenMask::from_allowed),
         allowed_tokens,
         bad_words: Vec::new(),
         ignore_eos: req.ignore_eos,
