@@ -378,7 +378,7 @@ async fn nodes_hold_disjoint_slices_and_tokens_cross_once_per_node() {
 
 /// `prompt_logprobs` over gRPC with the prompt cut into several prefill chunks
 /// (`--max-batch-tokens 5`): every prompt token's logprob is the offline forward pass's, bit
-/// for bit, whether nothing is generated after it (`max_new_tokens` 0, the scores in the one
+/// for bit (and its rank), whether nothing is generated after it (`max_new_tokens` 0, the scores in the one
 /// message) or tokens are (the scores on the first message, the tokens the offline ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_logprobs_across_prefill_chunks_equal_the_offline_forward_pass() {
@@ -388,13 +388,18 @@ async fn prompt_logprobs_across_prefill_chunks_equal_the_offline_forward_pass() 
     let vocab = engine.config().vocab_size;
     let case = &golden_cases(fixture)[1];
     let logits = engine.prompt_logits(&case.input_ids).unwrap();
-    let expected: Vec<f32> = case.input_ids[1..]
+    let (expected, ranks): (Vec<f32>, Vec<u32>) = case.input_ids[1..]
         .iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            moe_model::backend::ops::log_softmax_at(&logits[i * vocab..(i + 1) * vocab], t as usize)
+        .zip(logits.chunks_exact(vocab))
+        .map(|(&t, row)| {
+            use moe_model::backend::ops::{log_softmax_at, rank_at};
+            (log_softmax_at(row, t as usize), rank_at(row, t as usize))
         })
-        .collect();
+        .unzip();
+    assert!(
+        ranks.iter().any(|&r| r > 1),
+        "some prompt token is not the likeliest"
+    );
     let mut spec = harness::spec(dir, 1);
     spec.router_args
         .extend(["--max-batch-tokens", "5"].map(String::from));
@@ -412,6 +417,7 @@ async fn prompt_logprobs_across_prefill_chunks_equal_the_offline_forward_pass() 
         let first = &messages[0];
         assert_eq!(first.prompt_token_ids, case.input_ids);
         assert_eq!(first.prompt_logprobs, expected, "{new_tokens} new tokens");
+        assert_eq!(first.prompt_ranks, ranks, "{new_tokens} new tokens");
         assert_eq!(first.prompt_top_logprobs.len(), expected.len());
         assert!(first
             .prompt_top_logprobs

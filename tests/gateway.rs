@@ -218,7 +218,8 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
         );
     }
     // What the gateway answers itself or per prompt is the router's: vLLM's tokenizer
-    // endpoints, and a batch of prompts (each its own request, maybe on either router).
+    // endpoints, a batch of prompts (each its own request, maybe on either router), and vLLM's
+    // prompt_logprobs (the ranks relayed).
     let answers = [
         ("/tokenize", json!({"prompt": "hello there"})),
         (
@@ -230,6 +231,11 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
             "/v1/completions",
             json!({"prompt": ["hello", "the cat"], "n": 2, "max_tokens": 4, "temperature": 0,
                    "ignore_eos": true}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "the cat sat", "max_tokens": 2, "temperature": 0,
+                   "prompt_logprobs": 2}),
         ),
     ];
     for (path, body) in answers {

@@ -67,6 +67,63 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// vLLM's `prompt_logprobs` as the official client read them: `[null, {id: {logprob, rank,
+/// decoded_token}}, ...]`, each position's own token first with the offline forward pass's
+/// logprob and rank, then the `k` likeliest others with ranks 1, 2, ... (on a completion
+/// asking for 3 alongside echo's 1, and on a chat asking for 0).
+fn check_prompt_logprobs(got: &Value, engine: &Engine, completion_ids: &[u32], chat_ids: &[u32]) {
+    let vocab = engine.config().vocab_size;
+    let check = |scores: &Value, ids: &[u32], k: usize| {
+        let logits = engine.prompt_logits(ids).unwrap();
+        let positions = scores.as_array().expect("a list of positions");
+        assert_eq!(positions.len(), ids.len());
+        assert_eq!(
+            positions[0],
+            Value::Null,
+            "the first token has nothing before it"
+        );
+        for (j, (position, &id)) in positions[1..].iter().zip(&ids[1..]).enumerate() {
+            let row = &logits[j * vocab..(j + 1) * vocab];
+            let entries = position.as_object().expect("a map of token ids");
+            let (first_id, own) = entries.iter().next().expect("the prompt's token");
+            assert_eq!(
+                first_id,
+                &id.to_string(),
+                "the prompt's own token comes first"
+            );
+            assert_eq!(
+                own["logprob"].as_f64().unwrap() as f32,
+                moe_model::backend::ops::log_softmax_at(row, id as usize)
+            );
+            let rank = moe_model::backend::ops::rank_at(row, id as usize);
+            assert_eq!(own["rank"], json!(rank));
+            assert!(own["decoded_token"].is_string());
+            let others: Vec<&Value> = entries.values().skip(1).collect();
+            let expected_others = if (rank as usize) <= k { k - 1 } else { k };
+            assert_eq!(others.len(), expected_others, "position {j}: {position}");
+            let mut last = f64::INFINITY;
+            for other in others {
+                let lp = other["logprob"].as_f64().unwrap();
+                assert!(lp <= last, "alternatives most likely first");
+                assert!(other["rank"].as_u64().unwrap() <= k as u64);
+                last = lp;
+            }
+        }
+    };
+    check(&got["completion"], completion_ids, 3);
+    check(&got["chat"], chat_ids, 0);
+    let echo_top = got["echo_top"].as_array().unwrap();
+    assert_eq!(echo_top.len(), completion_ids.len() + 2);
+    assert_eq!(echo_top[0], Value::Null);
+    assert!(
+        echo_top[1..].iter().all(|t| t == &json!(1)),
+        "echo shows its own one alternative: {echo_top:?}"
+    );
+    for case in ["stream", "too_many", "whole_vocabulary"] {
+        assert_eq!(got[case], json!([400, "prompt_logprobs"]), "{case}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_client_gets_the_offline_tokens() {
     let fixture = FIXTURES[0];
@@ -368,6 +425,7 @@ async fn official_openai_client_gets_the_offline_tokens() {
     );
     assert_eq!(echo["streamed"], echo["with_tokens"]);
     assert_eq!(echo["with_tokens_logprobs"], case.input_ids.len() + 4);
+    check_prompt_logprobs(&got["prompt_logprobs"], &engine, &case.input_ids, &chat_ids);
     assert_eq!(got["min_tokens"], json!([held.output_ids.len(), "stop"]));
     assert_eq!(held.output_ids.len(), 4, "three tokens, then the end token");
     assert_eq!(got["errors"]["no_op_values"], "length");

@@ -20,6 +20,7 @@ use super::tools::{tool_call_id, tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
 use crate::error::RouterError;
 use crate::generator::Answers;
+use crate::prompt_logprobs::{self, PositionLogprobs};
 use crate::reasoning::{split_whole, ReasoningSplit, ReasoningStream};
 use crate::tool_calls::partial_calls;
 use serde_json::Value;
@@ -105,12 +106,13 @@ fn completion_logprobs(
 }
 
 /// With `echo`, the prompt's tokens before the generated ones: the first has no logprob (no
-/// token before it), each other one its logprob given the ones before (`msg` is a choice's
-/// first message, which carries the prompt's scores).
+/// token before it), each other one its logprob given the ones before and its `shown` likeliest
+/// alternatives (`msg` is a choice's first message, which carries the prompt's scores, with
+/// more alternatives when `prompt_logprobs` asked for more).
 fn echoed_prompt_logprobs(
     state: &HttpState,
     msg: &GenerateResponse,
-    as_ids: bool,
+    (as_ids, shown): (bool, u32),
     into: &mut CompletionLogprobs,
     offset: &mut usize,
 ) {
@@ -128,6 +130,7 @@ fn echoed_prompt_logprobs(
                     top.token_ids
                         .iter()
                         .zip(&top.logprobs)
+                        .take(shown as usize)
                         .map(|(&t, &lp)| (token_name(state, t, as_ids), lp))
                         .collect()
                 })
@@ -147,6 +150,21 @@ fn echoed_text(state: &HttpState, echo: &Option<String>, msg: &GenerateResponse)
             .decode(&msg.prompt_token_ids)
             .unwrap_or_default(),
     }
+}
+
+/// vLLM's `prompt_logprobs` of the answer whose first message is `first`, when asked for.
+fn prompt_scores(
+    state: &HttpState,
+    first: Option<&GenerateResponse>,
+    k: Option<u32>,
+    as_ids: bool,
+) -> Option<Vec<Option<PositionLogprobs>>> {
+    let (k, first) = (k?, first?);
+    Some(prompt_logprobs::from_first_message(
+        first,
+        k as usize,
+        |id| token_name(state, id, as_ids),
+    ))
 }
 
 /// Everything a request produced, once it finished.
@@ -215,30 +233,31 @@ struct CompletionChoices {
     include_usage: bool,
     continuous_usage: bool,
     tokens_as_ids: bool,
+    prompt_logprobs: Option<u32>,
+    top_logprobs: u32,
 }
 
 impl CompletionChoices {
     fn new(submitted: Vec<(Vec<Answers>, Parsed)>) -> Self {
-        let (logprobs, include_usage, continuous_usage, tokens_as_ids) =
-            submitted
-                .first()
-                .map_or((false, false, false, false), |(_, p)| {
-                    (
-                        p.logprobs,
-                        p.include_usage,
-                        p.continuous_usage,
-                        p.tokens_as_ids,
-                    )
-                });
         let mut out = Self {
             answers: Vec::new(),
             echoes: Vec::new(),
             prompt_of: Vec::new(),
-            logprobs,
-            include_usage,
-            continuous_usage,
-            tokens_as_ids,
+            logprobs: false,
+            include_usage: false,
+            continuous_usage: false,
+            tokens_as_ids: false,
+            prompt_logprobs: None,
+            top_logprobs: 0,
         };
+        if let Some((_, p)) = submitted.first() {
+            out.logprobs = p.logprobs;
+            out.include_usage = p.include_usage;
+            out.continuous_usage = p.continuous_usage;
+            out.tokens_as_ids = p.tokens_as_ids;
+            out.prompt_logprobs = p.prompt_logprobs;
+            out.top_logprobs = p.top_logprobs;
+        }
         for (prompt, (answers, parsed)) in submitted.into_iter().enumerate() {
             for a in answers {
                 out.answers.push(a);
@@ -285,6 +304,8 @@ pub async fn whole_completion(
         prompt_of,
         logprobs,
         tokens_as_ids,
+        prompt_logprobs,
+        top_logprobs,
         ..
     } = CompletionChoices::new(submitted);
     let collected = collect_all(answers).await?;
@@ -300,7 +321,8 @@ pub async fn whole_completion(
                 let mut lp = CompletionLogprobs::default();
                 let mut offset = 0;
                 if let (Some(_), Some(first)) = (echo, first) {
-                    echoed_prompt_logprobs(state, first, tokens_as_ids, &mut lp, &mut offset);
+                    let shown = (tokens_as_ids, top_logprobs);
+                    echoed_prompt_logprobs(state, first, shown, &mut lp, &mut offset);
                 }
                 for m in &c.messages {
                     completion_logprobs(state, m, tokens_as_ids, &mut lp, &mut offset);
@@ -316,6 +338,7 @@ pub async fn whole_completion(
                 text,
                 logprobs,
                 finish_reason: c.finish_reason,
+                prompt_logprobs: prompt_scores(state, first, prompt_logprobs, tokens_as_ids),
             }
         })
         .collect();
@@ -378,6 +401,9 @@ pub async fn whole_chat(
     let logprobs = parsed.logprobs;
     let collected = collect_all(answers).await?;
     let usage = total_usage(collected.iter().map(|c| &c.usage));
+    // Every choice scored the same prompt: the first one's scores stand for all.
+    let first = collected.first().and_then(|c| c.messages.first());
+    let prompt_logprobs = prompt_scores(state, first, parsed.prompt_logprobs, parsed.tokens_as_ids);
     let choices = collected
         .into_iter()
         .enumerate()
@@ -416,6 +442,7 @@ pub async fn whole_chat(
             completion_tokens: 0,
             total_tokens: 0,
         }),
+        prompt_logprobs,
     })
 }
 
@@ -553,6 +580,8 @@ pub fn stream_completion(
         include_usage,
         continuous_usage,
         tokens_as_ids,
+        top_logprobs,
+        ..
     } = CompletionChoices::new(submitted);
     let created = super::unix_now();
     let model = state.model_name.clone();
@@ -567,7 +596,8 @@ pub fn stream_completion(
             let mut lp = CompletionLogprobs::default();
             if let Some(offset) = offsets.get_mut(index as usize) {
                 if echoing.is_some() {
-                    echoed_prompt_logprobs(&state, msg, tokens_as_ids, &mut lp, offset);
+                    let shown = (tokens_as_ids, top_logprobs);
+                    echoed_prompt_logprobs(&state, msg, shown, &mut lp, offset);
                 }
                 completion_logprobs(&state, msg, tokens_as_ids, &mut lp, offset);
             }
@@ -587,6 +617,8 @@ pub fn stream_completion(
                 text,
                 logprobs: lp,
                 finish_reason: finish(msg),
+                // Refused on streams (no chunk has a place for them).
+                prompt_logprobs: None,
             }],
             usage: continuous_usage.then(|| running.after(index, msg)),
         })];

@@ -17,6 +17,7 @@ pub mod listener;
 pub mod openai;
 pub mod partial_json;
 pub mod prompt_bytes;
+pub mod prompt_logprobs;
 pub mod reasoning;
 pub mod sibling;
 mod state;
@@ -307,6 +308,12 @@ pub struct Parsed {
     pub more_prompts: Vec<CompletionPrompt>,
     /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens `token_id:N`.
     pub tokens_as_ids: bool,
+    /// vLLM's `prompt_logprobs`: the prompt's scores with this many alternatives a token, in
+    /// the answer ([`prompt_logprobs`]).
+    pub prompt_logprobs: Option<u32>,
+    /// Alternatives shown a token in the logprobs (`logprobs` on completions, `top_logprobs`
+    /// on chat): an echoed prompt's are cut to it when `prompt_logprobs` asked for more.
+    pub top_logprobs: u32,
 }
 
 /// One prompt of a batched completion.
@@ -346,6 +353,8 @@ impl Parsed {
                 reasoning: self.reasoning,
                 more_prompts: Vec::new(),
                 tokens_as_ids: self.tokens_as_ids,
+                prompt_logprobs: self.prompt_logprobs,
+                top_logprobs: self.top_logprobs,
             });
         }
         out.insert(0, self);
@@ -418,6 +427,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
     let n = choices(req.n)?;
     unimplemented::refuse_unimplemented(&req.extra)?;
     let include_usage = include_usage(req.stream, &req.stream_options)?;
+    let prompt_logprobs = prompt_logprobs::requested(req.prompt_logprobs, req.stream)?;
     let mut prompts = completion_prompts(req.prompt, req.echo, n)?.into_iter();
     let Some(CompletionPrompt {
         prompt,
@@ -441,8 +451,11 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             logprobs: req.logprobs.is_some(),
             top_logprobs: req.logprobs.filter(|&k| k > 0),
             // With echo the prompt is scored too (its logprobs shown when `logprobs` is set),
-            // and max_tokens may be 0.
-            prompt_logprobs: req.echo.then(|| req.logprobs.unwrap_or(0)),
+            // and max_tokens may be 0; scored once for both when `prompt_logprobs` asks too.
+            prompt_logprobs: req
+                .echo
+                .then(|| req.logprobs.unwrap_or(0))
+                .max(prompt_logprobs),
             structured_output: structured_params::structured_output(
                 req.response_format.as_ref(),
                 req.structured_outputs.as_ref(),
@@ -473,6 +486,8 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
         reasoning: None,
         more_prompts: prompts.collect(),
         tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
+        prompt_logprobs,
+        top_logprobs: req.logprobs.unwrap_or(0),
     })
 }
 
@@ -797,6 +812,7 @@ pub fn render_chat(
     reasoning_parser: Option<reasoning::ReasoningParser>,
 ) -> Result<Parsed, RouterError> {
     let template = template.ok_or_else(no_chat_template)?;
+    let prompt_logprobs = prompt_logprobs::requested(chat.req.prompt_logprobs, chat.req.stream)?;
     let plan = chat.tool_plan(tool_format)?;
     let rendered = chat.prompt(template, plan.template_tools.as_ref())?;
     let req = chat.req;
@@ -870,7 +886,7 @@ pub fn render_chat(
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs.filter(|&k| k > 0),
-            prompt_logprobs: None,
+            prompt_logprobs,
             structured_output,
             logit_bias: logit_bias(req.logit_bias)?,
             resume: None,
@@ -897,6 +913,8 @@ pub fn render_chat(
         reasoning,
         more_prompts: Vec::new(),
         tokens_as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
+        prompt_logprobs,
+        top_logprobs: req.top_logprobs.unwrap_or(0),
     })
 }
 

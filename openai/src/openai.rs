@@ -2,6 +2,7 @@
 //! not read here land in `extra`: those that would change the output are refused
 //! (`unimplemented.rs`), the rest are ignored, as OpenAI-compatible servers do.
 
+use crate::prompt_logprobs::PositionLogprobs;
 use serde::{Deserialize, Serialize};
 
 /// `prompt`: a string, token ids, or a one-element list of either.
@@ -76,6 +77,8 @@ pub struct CompletionRequest {
     pub skip_special_tokens: Option<bool>,
     /// vLLM's extension: logprobs name tokens `token_id:N` instead of by their text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's extension: the prompt's tokens scored, with this many alternatives each.
+    pub prompt_logprobs: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -168,6 +171,8 @@ pub struct ChatRequest {
     pub skip_special_tokens: Option<bool>,
     /// vLLM's extension: logprobs name tokens `token_id:N` instead of by their text.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's extension: the rendered prompt's tokens scored, with this many alternatives each.
+    pub prompt_logprobs: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -213,6 +218,9 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<String>,
+    /// vLLM's, when the request asked for `prompt_logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -274,6 +282,9 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's, when the request asked for `prompt_logprobs`: the rendered prompt's scores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::RouterError;
 
 /// Parameters that change what is generated and are not implemented.
-const NOT_IMPLEMENTED: [&str; 17] = [
+const NOT_IMPLEMENTED: [&str; 16] = [
     "functions",
     "function_call",
     "best_of",
@@ -29,7 +29,6 @@ const NOT_IMPLEMENTED: [&str; 17] = [
     "length_penalty",
     "logits_processors",
     "guided_whitespace_pattern",
-    "prompt_logprobs",
     "spaces_between_special_tokens",
     // On chat (completions read it): the last message echoed in front of the answer.
     "echo",
@@ -95,7 +94,6 @@ mod tests {
             (json!({"best_of": 3}), "best_of"),
             (json!({"use_beam_search": true}), "use_beam_search"),
             (json!({"length_penalty": 0.5}), "length_penalty"),
-            (json!({"prompt_logprobs": 2}), "prompt_logprobs"),
             (
                 json!({"spaces_between_special_tokens": false}),
                 "spaces_between_special_tokens",
@@ -119,7 +117,6 @@ mod tests {
             "length_penalty": 1.0,
             "use_beam_search": false,
             "spaces_between_special_tokens": true,
-            "prompt_logprobs": null,
             "echo": false,
             "modalities": ["text"],
             "functions": null,

@@ -96,6 +96,7 @@ struct Sequence {
 #[derive(Default)]
 struct PromptScores {
     logprobs: Vec<f32>,
+    ranks: Vec<u32>,
     top: Vec<TopLogprobs>,
 }
 
@@ -115,6 +116,7 @@ impl Sequence {
             scores
                 .logprobs
                 .push(ops::log_softmax_at(row, target as usize));
+            scores.ranks.push(ops::rank_at(row, target as usize));
             if k > 0 {
                 scores.top.push(top_logprobs(row, k));
             }
@@ -126,6 +128,7 @@ impl Sequence {
         if let Some(scores) = self.prompt_scores.take() {
             response.prompt_token_ids = self.request.input_ids.clone();
             response.prompt_logprobs = scores.logprobs;
+            response.prompt_ranks = scores.ranks;
             response.prompt_top_logprobs = scores.top;
         }
     }

@@ -172,8 +172,7 @@ impl ValidRequest {
 pub use moe_openai::prompt_bytes::check_prompt_bytes;
 pub use moe_openai::sibling::SiblingPrefill;
 
-/// Most alternatives a request may ask for per token (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: u32 = 20;
+pub use moe_openai::prompt_logprobs::MAX_TOP_LOGPROBS;
 
 /// Most `stop_token_ids` a request may give (each is checked at every token).
 pub const MAX_STOP_TOKEN_IDS: usize = 64;

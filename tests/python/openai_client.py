@@ -301,6 +301,31 @@ def main():
         "streamed_usage": streamed_batch_usage,
         "too_many": too_many,
     }
+
+    # vLLM's prompt_logprobs: every prompt token after the first scored with its rank and the
+    # likeliest alternatives, on each completion choice and beside a chat's choices; echo's
+    # logprobs keep their own count of alternatives; refused on a stream and past 20.
+    def refused(**kw):
+        try:
+            client.completions.create(model=model, prompt=spec["prompt_ids"], max_tokens=1, **kw)
+            return "accepted"
+        except openai.BadRequestError as e:
+            return [e.status_code, e.body.get("param") if isinstance(e.body, dict) else None]
+
+    scored = client.completions.create(
+        model=model, prompt=spec["prompt_ids"], max_tokens=2, temperature=0, echo=True,
+        logprobs=1, extra_body={"prompt_logprobs": 3, "ignore_eos": True})
+    chat_scored = client.chat.completions.create(
+        model=model, messages=spec["messages"], max_tokens=1, temperature=0,
+        extra_body={"prompt_logprobs": 0})
+    out["prompt_logprobs"] = {
+        "completion": scored.model_dump()["choices"][0]["prompt_logprobs"],
+        "echo_top": [None if t is None else len(t) for t in scored.choices[0].logprobs.top_logprobs],
+        "chat": chat_scored.model_dump().get("prompt_logprobs"),
+        "stream": refused(stream=True, extra_body={"prompt_logprobs": 1}),
+        "too_many": refused(extra_body={"prompt_logprobs": 21}),
+        "whole_vocabulary": refused(extra_body={"prompt_logprobs": -1}),
+    }
     print(json.dumps(out))
 
 

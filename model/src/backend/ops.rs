@@ -69,6 +69,16 @@ pub fn log_softmax_at(x: &[f32], index: usize) -> f32 {
     (x[index] as f64 - log_sum_exp(x)) as f32
 }
 
+/// The rank of `x[index]` among `x`: how many values are at least it (1 for the largest; a
+/// tie ranks it after the others, as vLLM counts prompt tokens' ranks). NaN ranks behind all.
+pub fn rank_at(x: &[f32], index: usize) -> u32 {
+    let own = x[index];
+    if own.is_nan() {
+        return x.len() as u32;
+    }
+    x.iter().map(|&v| u32::from(v >= own)).sum()
+}
+
 /// log Σ exp(x), in f64; `x[i] - log_sum_exp(x)` is what [`log_softmax_at`] returns.
 pub fn log_sum_exp(x: &[f32]) -> f64 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -457,6 +467,17 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_counts_the_values_at_least_as_large() {
+        let x = [0.5, 2.0, -1.0, 2.0, f32::NAN, f32::NEG_INFINITY];
+        assert_eq!(rank_at(&x, 1), 2, "a tie ranks after the other");
+        assert_eq!(rank_at(&x, 3), 2);
+        assert_eq!(rank_at(&x, 0), 3);
+        assert_eq!(rank_at(&x, 2), 4);
+        assert_eq!(rank_at(&x, 5), 5);
+        assert_eq!(rank_at(&x, 4), 6, "NaN ranks last");
+    }
 
     #[test]
     fn softmax_sums_to_one() {
