@@ -1,26 +1,14 @@
-//! cuBLAS's GEMMs (column-major, as cuBLAS defines them) on the host: f32 and bf16 (and f16)
-//! operands, f32 or bf16 results, products summed in f64 over k ascending and rounded once. The
-//! summation order is not cuBLAS's (which is not specified); the GPU path's tests compare with
-//! a tolerance where they go through cuBLAS, and bitwise only through its own kernels.
+//! cuBLAS's entry points the GPU path calls (handles, streams, `GemmEx`, the strided and
+//! grouped batches): each GEMM checked as cuBLAS checks it and run on the host
+//! (`host_gemm`), or recorded where its stream is capturing. The summation order is not
+//! cuBLAS's (which is not specified); the GPU path's tests compare with a tolerance where they
+//! go through cuBLAS, and bitwise only through its own kernels.
 
 use std::ffi::{c_int, c_uint, c_void};
 
+use crate::host_gemm::{element_bytes, gemm_of};
 use crate::memory;
-
-pub type CublasStatus = c_uint;
-const CUBLAS_STATUS_SUCCESS: CublasStatus = 0;
-const CUBLAS_STATUS_NOT_INITIALIZED: CublasStatus = 1;
-const CUBLAS_STATUS_INVALID_VALUE: CublasStatus = 7;
-const CUBLAS_STATUS_EXECUTION_FAILED: CublasStatus = 13;
-const CUBLAS_STATUS_NOT_SUPPORTED: CublasStatus = 15;
-
-const CUDA_R_32F: c_uint = 0;
-const CUDA_R_16F: c_uint = 2;
-const CUDA_R_16BF: c_uint = 14;
-
-/// Compute types taken: 32F, 32F_PEDANTIC, and the fast modes, computed as 32F (TF32 and
-/// bf16 "fast" modes round the inputs on a GPU; this does not).
-const COMPUTE_32F: [c_uint; 5] = [68, 69, 74, 75, 77];
+use crate::status::*;
 
 /// A handle: the stream it was given (work runs at once, unless that stream is capturing).
 struct Handle {
@@ -68,17 +56,6 @@ unsafe fn stream_of(handle: *mut c_void) -> *mut c_void {
         .map_or(std::ptr::null_mut(), |h| h.stream)
 }
 
-/// Checks and runs GEMMs recorded in a graph, as when they were queued.
-pub(crate) unsafe fn run_gemms(gemms: &[Gemm], alpha: f32, beta: f32) -> crate::driver::CUresult {
-    for gemm in gemms {
-        if gemm.check().is_err() {
-            return crate::driver::CUDA_ERROR_LAUNCH_FAILED;
-        }
-        gemm.run(alpha, beta);
-    }
-    crate::driver::CUDA_SUCCESS
-}
-
 #[no_mangle]
 pub extern "C" fn cublasSetMathMode(handle: *mut c_void, _mode: c_uint) -> CublasStatus {
     if handle.is_null() {
@@ -97,190 +74,6 @@ pub extern "C" fn cublasSetWorkspace_v2(
         return CUBLAS_STATUS_NOT_INITIALIZED;
     }
     CUBLAS_STATUS_SUCCESS
-}
-
-fn element_bytes(dtype: c_uint) -> Option<usize> {
-    match dtype {
-        CUDA_R_32F => Some(4),
-        CUDA_R_16F | CUDA_R_16BF => Some(2),
-        _ => None,
-    }
-}
-
-/// Element `index` of a matrix of `dtype` at `base`, widened to f64.
-unsafe fn read(base: *const c_void, dtype: c_uint, index: usize) -> f64 {
-    match dtype {
-        CUDA_R_32F => f64::from(*base.cast::<f32>().add(index)),
-        CUDA_R_16BF => f64::from(half::bf16::from_bits(*base.cast::<u16>().add(index))),
-        _ => f64::from(half::f16::from_bits(*base.cast::<u16>().add(index))),
-    }
-}
-
-/// One column-major GEMM's operands, as cuBLAS takes them.
-#[derive(Clone)]
-pub(crate) struct Gemm {
-    trans_a: bool,
-    trans_b: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const c_void,
-    a_type: c_uint,
-    lda: usize,
-    b: *const c_void,
-    b_type: c_uint,
-    ldb: usize,
-    c: *mut c_void,
-    c_type: c_uint,
-    ldc: usize,
-}
-
-fn dim(value: c_int) -> Option<usize> {
-    usize::try_from(value).ok()
-}
-
-impl Gemm {
-    /// The checks cuBLAS makes (leading dimensions at least the stored rows), and that each
-    /// operand's extent lies inside one device allocation (a GPU would fault there).
-    fn check(&self) -> Result<(), CublasStatus> {
-        let (a_rows, a_cols) = if self.trans_a {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        };
-        let (b_rows, b_cols) = if self.trans_b {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        };
-        if self.lda < a_rows.max(1) || self.ldb < b_rows.max(1) || self.ldc < self.m.max(1) {
-            return Err(CUBLAS_STATUS_INVALID_VALUE);
-        }
-        let extent = |ld: usize, rows: usize, cols: usize, dtype: c_uint| {
-            if rows == 0 || cols == 0 {
-                0
-            } else {
-                ((cols - 1) * ld + rows) * element_bytes(dtype).unwrap_or(4)
-            }
-        };
-        let parts = [
-            (
-                "A",
-                self.a as usize,
-                extent(self.lda, a_rows, a_cols, self.a_type),
-            ),
-            (
-                "B",
-                self.b as usize,
-                extent(self.ldb, b_rows, b_cols, self.b_type),
-            ),
-            (
-                "C",
-                self.c as usize,
-                extent(self.ldc, self.m, self.n, self.c_type),
-            ),
-        ];
-        for (name, address, bytes) in parts {
-            if bytes > 0 && !memory::covers(address, bytes) {
-                eprintln!(
-                    "cuda emulator: GEMM {}x{}x{}: {name} ({bytes} bytes at {address:#x}) is not inside one allocation",
-                    self.m, self.n, self.k
-                );
-                return Err(CUBLAS_STATUS_EXECUTION_FAILED);
-            }
-        }
-        Ok(())
-    }
-
-    /// `C = alpha op(A) op(B) + beta C`; C is not read when beta is 0, as in cuBLAS.
-    unsafe fn run(&self, alpha: f32, beta: f32) {
-        let mut column = vec![0f64; self.k];
-        for j in 0..self.n {
-            for (l, v) in column.iter_mut().enumerate() {
-                let index = if self.trans_b {
-                    j + l * self.ldb
-                } else {
-                    l + j * self.ldb
-                };
-                *v = read(self.b, self.b_type, index);
-            }
-            for i in 0..self.m {
-                let mut sum = 0f64;
-                for (l, &b) in column.iter().enumerate() {
-                    let index = if self.trans_a {
-                        l + i * self.lda
-                    } else {
-                        i + l * self.lda
-                    };
-                    sum += read(self.a, self.a_type, index) * b;
-                }
-                let at = i + j * self.ldc;
-                let mut value = (f64::from(alpha) * sum) as f32;
-                if beta != 0.0 {
-                    let old = read(self.c, self.c_type, at) as f32;
-                    value += beta * old;
-                }
-                match self.c_type {
-                    CUDA_R_32F => *self.c.cast::<f32>().add(at) = value,
-                    _ => *self.c.cast::<u16>().add(at) = half::bf16::from_f32(value).to_bits(),
-                }
-            }
-        }
-    }
-}
-
-/// Validates the enums and sizes common to both entry points.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_of(
-    transa: c_uint,
-    transb: c_uint,
-    m: c_int,
-    n: c_int,
-    k: c_int,
-    a: *const c_void,
-    a_type: c_uint,
-    lda: c_int,
-    b: *const c_void,
-    b_type: c_uint,
-    ldb: c_int,
-    c: *mut c_void,
-    c_type: c_uint,
-    ldc: c_int,
-    compute: c_uint,
-) -> Result<Gemm, CublasStatus> {
-    let op = |t: c_uint| match t {
-        0 => Ok(false),
-        1 | 2 => Ok(true),
-        _ => Err(CUBLAS_STATUS_INVALID_VALUE),
-    };
-    if !COMPUTE_32F.contains(&compute)
-        || element_bytes(a_type).is_none()
-        || element_bytes(b_type).is_none()
-        || !matches!(c_type, CUDA_R_32F | CUDA_R_16BF)
-    {
-        return Err(CUBLAS_STATUS_NOT_SUPPORTED);
-    }
-    let (Some(m), Some(n), Some(k), Some(lda), Some(ldb), Some(ldc)) =
-        (dim(m), dim(n), dim(k), dim(lda), dim(ldb), dim(ldc))
-    else {
-        return Err(CUBLAS_STATUS_INVALID_VALUE);
-    };
-    Ok(Gemm {
-        trans_a: op(transa)?,
-        trans_b: op(transb)?,
-        m,
-        n,
-        k,
-        a,
-        a_type,
-        lda,
-        b,
-        b_type,
-        ldb,
-        c,
-        c_type,
-        ldc,
-    })
 }
 
 #[no_mangle]
@@ -372,13 +165,13 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
         }
         gemms.push(gemm.clone());
     }
-    let recorded = crate::graph::record(stream_of(handle), || crate::graph::Op::Gemms {
+    let recorded = crate::capture::record(stream_of(handle), || crate::capture::Op::Gemms {
         gemms: gemms.clone(),
         alpha,
         beta,
     });
     match recorded {
-        Some(crate::driver::CUDA_SUCCESS) => return CUBLAS_STATUS_SUCCESS,
+        Some(CUDA_SUCCESS) => return CUBLAS_STATUS_SUCCESS,
         Some(_) => return CUBLAS_STATUS_EXECUTION_FAILED,
         None => {}
     }
@@ -434,7 +227,7 @@ pub unsafe extern "C" fn cublasGemmGroupedBatchedEx(
     if handle.is_null() {
         return CUBLAS_STATUS_NOT_INITIALIZED;
     }
-    if crate::graph::refuse(stream_of(handle), "a grouped GEMM").is_some() {
+    if crate::capture::refuse(stream_of(handle), "a grouped GEMM").is_some() {
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     let Ok(groups) = usize::try_from(group_count) else {

@@ -5,23 +5,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::memory;
+use crate::status::*;
 
-pub type CUresult = c_uint;
 pub type CUdevice = c_int;
 pub type CUdeviceptr = u64;
-
-pub const CUDA_SUCCESS: CUresult = 0;
-pub const CUDA_ERROR_INVALID_VALUE: CUresult = 1;
-pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
-pub const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
-pub const CUDA_ERROR_INVALID_IMAGE: CUresult = 200;
-pub const CUDA_ERROR_INVALID_PTX: CUresult = 218;
-pub const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
-pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
-pub const CUDA_ERROR_NOT_READY: CUresult = 600;
-pub const CUDA_ERROR_MISALIGNED_ADDRESS: CUresult = 716;
-pub const CUDA_ERROR_LAUNCH_FAILED: CUresult = 719;
-pub const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
 
 /// What `cuDeviceGetName` answers, so that reports say where they ran.
 pub const DEVICE_NAME: &str = "CUDA emulator on the CPU (moe-cuda-emulator)";
@@ -295,19 +282,19 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: *mut c_void) -> CUresult {
-    crate::graph::forget(stream);
+    crate::capture::forget(stream);
     release::<u8>(stream)
 }
 
 #[no_mangle]
 pub extern "C" fn cuStreamSynchronize(stream: *mut c_void) -> CUresult {
-    crate::graph::refuse(stream, "a synchronisation of the capturing stream")
+    crate::capture::refuse(stream, "a synchronisation of the capturing stream")
         .unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]
 pub extern "C" fn cuStreamQuery(stream: *mut c_void) -> CUresult {
-    crate::graph::refuse(stream, "a query of the capturing stream").unwrap_or(CUDA_SUCCESS)
+    crate::capture::refuse(stream, "a query of the capturing stream").unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]
@@ -323,7 +310,7 @@ pub extern "C" fn cuStreamWaitEvent(
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     });
-    crate::graph::wait_event(stream, event, recorded).unwrap_or(CUDA_SUCCESS)
+    crate::capture::wait_event(stream, event, recorded).unwrap_or(CUDA_SUCCESS)
 }
 
 #[no_mangle]
@@ -332,7 +319,7 @@ pub unsafe extern "C" fn cuLaunchHostFunc(
     function: Option<unsafe extern "C" fn(*mut c_void)>,
     data: *mut c_void,
 ) -> CUresult {
-    if let Some(refused) = crate::graph::refuse(stream, "a host function") {
+    if let Some(refused) = crate::capture::refuse(stream, "a host function") {
         return refused;
     }
     match function {
@@ -361,7 +348,7 @@ pub unsafe extern "C" fn cuEventCreate(event: *mut *mut c_void, _flags: c_uint) 
 
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecord(event: *mut c_void, stream: *mut c_void) -> CUresult {
-    if let Some(captured) = crate::graph::record_event(stream, event) {
+    if let Some(captured) = crate::capture::record_event(stream, event) {
         return captured;
     }
     let Some(event) = event.cast::<Event>().as_ref() else {
@@ -478,7 +465,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(
     if ptr.is_null() || bytes == 0 {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    match crate::graph::allocate(stream, bytes) {
+    match crate::capture::allocate(stream, bytes) {
         Some(Ok(address)) => {
             *ptr = address as CUdeviceptr;
             CUDA_SUCCESS
@@ -500,7 +487,7 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
 
 #[no_mangle]
 pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, stream: *mut c_void) -> CUresult {
-    if let Some(status) = crate::graph::free(stream, ptr as usize) {
+    if let Some(status) = crate::capture::free(stream, ptr as usize) {
         return status;
     }
     cuMemFree_v2(ptr)
@@ -569,7 +556,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     len: usize,
     stream: *mut c_void,
 ) -> CUresult {
-    if let Some(refused) = crate::graph::refuse(stream, "a copy from host memory") {
+    if let Some(refused) = crate::capture::refuse(stream, "a copy from host memory") {
         return refused;
     }
     cuMemcpyHtoD_v2(dst, src, len)
@@ -597,7 +584,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     len: usize,
     stream: *mut c_void,
 ) -> CUresult {
-    if let Some(refused) = crate::graph::refuse(stream, "a copy to host memory") {
+    if let Some(refused) = crate::capture::refuse(stream, "a copy to host memory") {
         return refused;
     }
     cuMemcpyDtoH_v2(dst, src, len)
@@ -633,12 +620,12 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     {
         return e;
     }
-    let op = || crate::graph::Op::CopyDeviceToDevice {
+    let op = || crate::capture::Op::CopyDeviceToDevice {
         dst,
         src,
         bytes: len,
     };
-    if let Some(recorded) = crate::graph::record(stream, op) {
+    if let Some(recorded) = crate::capture::record(stream, op) {
         return recorded;
     }
     cuMemcpyDtoD_v2(dst, src, len)
@@ -653,7 +640,7 @@ pub unsafe extern "C" fn cuMemcpyPeerAsync(
     len: usize,
     stream: *mut c_void,
 ) -> CUresult {
-    if let Some(refused) = crate::graph::refuse(stream, "a peer copy") {
+    if let Some(refused) = crate::capture::refuse(stream, "a peer copy") {
         return refused;
     }
     cuMemcpyDtoD_v2(dst, src, len)
@@ -680,12 +667,12 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     if let Err(e) = device_range(dst, len, "memset") {
         return e;
     }
-    let op = || crate::graph::Op::Set8 {
+    let op = || crate::capture::Op::Set8 {
         dst,
         value,
         count: len,
     };
-    if let Some(recorded) = crate::graph::record(stream, op) {
+    if let Some(recorded) = crate::capture::record(stream, op) {
         return recorded;
     }
     cuMemsetD8_v2(dst, value, len)
@@ -719,8 +706,8 @@ pub unsafe extern "C" fn cuMemsetD32Async(
         Some(Err(e)) => return e,
         Some(Ok(())) => {}
     }
-    let op = || crate::graph::Op::Set32 { dst, value, count };
-    if let Some(recorded) = crate::graph::record(stream, op) {
+    let op = || crate::capture::Op::Set32 { dst, value, count };
+    if let Some(recorded) = crate::capture::record(stream, op) {
         return recorded;
     }
     cuMemsetD32_v2(dst, value, count)
@@ -871,14 +858,14 @@ pub unsafe extern "C" fn cuLaunchKernel(
     if let Err(e) = check_launch(function, grid, block, shared_bytes, params, extra) {
         return e;
     }
-    let op = || crate::graph::Op::Launch {
+    let op = || crate::capture::Op::Launch {
         function: function as usize,
         grid,
         block,
         shared_bytes,
         params: copy_params(function, params),
     };
-    if let Some(recorded) = crate::graph::record(stream, op) {
+    if let Some(recorded) = crate::capture::record(stream, op) {
         return recorded;
     }
     run_launch(function, grid, block, params)

@@ -19,16 +19,21 @@
 #![allow(clippy::missing_safety_doc, non_snake_case, clippy::too_many_arguments)]
 
 mod blas;
+mod capture;
 mod driver;
 mod graph;
+mod host_gemm;
 mod memory;
 mod nccl;
 mod ptx;
+mod status;
 
 pub use blas::*;
+pub use capture::*;
 pub use driver::*;
 pub use graph::*;
 pub use nccl::*;
+pub use status::*;
 
 #[cfg(test)]
 mod tests {
@@ -226,7 +231,7 @@ mod tests {
             assert_eq!(cuStreamBeginCapture_v2(stream, 0), 0);
             assert_eq!(
                 cuStreamWaitEvent(stream, event, 0),
-                crate::graph::CUDA_ERROR_STREAM_CAPTURE_ISOLATION
+                crate::capture::CUDA_ERROR_STREAM_CAPTURE_ISOLATION
             );
             let mut none = std::ptr::null_mut();
             assert_eq!(

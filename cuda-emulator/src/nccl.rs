@@ -289,7 +289,7 @@ pub unsafe extern "C" fn ncclSend(
     comm: *mut c_void,
     stream: *mut c_void,
 ) -> NcclResult {
-    if crate::graph::refuse(stream, "an NCCL send").is_some() {
+    if crate::capture::refuse(stream, "an NCCL send").is_some() {
         return NCCL_INVALID_USAGE;
     }
     enqueue(buffer as usize, count, datatype, peer, comm, true)
@@ -304,7 +304,7 @@ pub unsafe extern "C" fn ncclRecv(
     comm: *mut c_void,
     stream: *mut c_void,
 ) -> NcclResult {
-    if crate::graph::refuse(stream, "an NCCL receive").is_some() {
+    if crate::capture::refuse(stream, "an NCCL receive").is_some() {
         return NCCL_INVALID_USAGE;
     }
     enqueue(buffer as usize, count, datatype, peer, comm, false)

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, PushKernelArg};
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::fill::fill_uniform_f32;
-use super::fp8_gemm::DeviceFp8Matrix;
+use super::fp8_matrix::DeviceFp8Matrix;
 use super::kernels::grid;
 use crate::device::GpuDtype;
 
@@ -197,25 +197,6 @@ pub enum ActForm {
     F32,
     Bf16,
     Bf16Pair,
-}
-
-impl ActForm {
-    /// The activations GEMMs against `weights` take in the context's mode.
-    pub fn for_weights(ctx: &GpuContext, weights: &GpuBuffer) -> Self {
-        let tensor_cores = super::tensor_core_gemm::tensor_cores_take(ctx, weights);
-        match weights {
-            // The FP8 kernel and the exact ones take f32 activations, whatever the mode; the
-            // tensor-core kernel the mode's bf16 or bf16x2, over FP8 weights too.
-            _ if ctx.deterministic() => ActForm::F32,
-            GpuBuffer::Fp8(_) if tensor_cores && ctx.dtype() == GpuDtype::Bf16x2 => {
-                ActForm::Bf16Pair
-            }
-            GpuBuffer::Fp8(_) if tensor_cores => ActForm::Bf16,
-            GpuBuffer::F32(_) | GpuBuffer::Fp8(_) => ActForm::F32,
-            _ if ctx.dtype() == GpuDtype::Bf16x2 => ActForm::Bf16Pair,
-            _ => ActForm::Bf16,
-        }
-    }
 }
 
 /// Refuses a GEMM (`shape`, touching `extents` elements from its offsets into A, B and C)

@@ -14,7 +14,7 @@ use super::buffer::{check_gemm_bounds, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::expert_ffn::gemm_at;
-use super::fp8_gemm::DeviceFp8Matrix;
+use super::fp8_matrix::DeviceFp8Matrix;
 use super::kernels::{as_int, grid, row_grid};
 use super::segment_graphs::SegmentGraphs;
 use crate::backend::weight::Fp8Matrix;

@@ -18,7 +18,7 @@ use super::buffer::{ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::expert_ffn::{CudaOps, GpuMlp};
-use super::fp8_gemm::{GroupedOutput, FP8_TILE_ROWS};
+use super::grouped_launch::{GroupedOutput, FP8_TILE_ROWS};
 use super::grouped_launch::{GroupedWeights, TileTables};
 use super::kernels::as_int;
 use super::tensor_core_gemm::{PassOutput, TensorCoreWeights, TC_TILE_ROWS};
@@ -174,8 +174,9 @@ impl ChoiceFollowingExperts {
             .collect();
         if let Some(pairs) = fp8 {
             let (gate_up, down): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-            let alike =
-                |ms: &[&super::fp8_gemm::DeviceFp8Matrix]| ms.iter().all(|m| m.groups_with(ms[0]));
+            let alike = |ms: &[&super::fp8_matrix::DeviceFp8Matrix]| {
+                ms.iter().all(|m| m.groups_with(ms[0]))
+            };
             if !alike(&gate_up) || !alike(&down) {
                 return Ok(None);
             }

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 use super::buffer::{check_gemm_bounds, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::{GroupedOutput, FP8_TILE_ROWS};
+use super::grouped_launch::{GroupedOutput, FP8_TILE_ROWS};
 use super::grouped_launch::{GroupedWeights, UploadedTiles};
 use super::kernels::as_int;
 use crate::device::grouped_tiles::GroupedRowTiles;

@@ -69,7 +69,7 @@ mod tests {
         assert!(values.iter().all(|v| v.abs() <= 2.0 && v.is_finite()));
         assert!(values.iter().any(|&v| v > 1.0) && values.iter().any(|&v| v < -1.0));
 
-        let fp8 = crate::gpu::fp8_gemm::DeviceFp8Matrix::random(&ctx, 40, 300, 3).unwrap();
+        let fp8 = crate::gpu::fp8_matrix::DeviceFp8Matrix::random(&ctx, 40, 300, 3).unwrap();
         let bytes = stream.clone_dtoh(fp8.values()).unwrap();
         assert!(bytes.iter().all(|&b| b & 0x7f != 0x7f), "an e4m3 NaN code");
         assert!(bytes.iter().any(|&b| b & 0x80 != 0) && bytes.iter().any(|&b| b & 0x80 == 0));

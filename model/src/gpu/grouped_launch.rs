@@ -10,9 +10,34 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::buffer::GpuBuffer;
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::{DeviceFp8Matrix, GroupedOutput, FP8_TILE_ROWS};
+use super::fp8_matrix::DeviceFp8Matrix;
 use super::kernels::as_int;
 use crate::device::grouped_tiles::GroupedRowTiles;
+
+/// Rows per tile of a grouped FP8 launch's plan ([`GroupedRowTiles::plan`]; `FP8_TILE_ROWS` in
+/// kernels.cu).
+pub const FP8_TILE_ROWS: usize = 8;
+
+/// What a grouped launch writes: each weight row's product, or (the gate/up pass) SiLU of
+/// the gate half times the up half.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupedOutput {
+    Products,
+    SiluMul,
+}
+
+impl GroupedOutput {
+    /// Output columns for `n` weight rows; an error where the halves cannot pair.
+    pub(crate) fn width(self, n: usize) -> Result<usize, GpuError> {
+        match self {
+            GroupedOutput::Products => Ok(n),
+            GroupedOutput::SiluMul if n.is_multiple_of(2) => Ok(n / 2),
+            GroupedOutput::SiluMul => Err(GpuError::Shape(format!(
+                "a fused gate/up pass over {n} weight rows (not gate and up halves)"
+            ))),
+        }
+    }
+}
 
 /// Outputs per block (`FP8_TILE_N` in kernels.cu).
 const TILE_N: usize = 32;

@@ -10,9 +10,9 @@
 //! - [`dense_ops`]: the router's dense part on the GPU (attention with its KV cache, norms,
 //!   rotary, the gate's top-k, shared experts, lm_head): the steps of
 //!   [`crate::device_dense::DeviceDenseModel`] as cuBLAS calls and kernels.
-//! - [`fp8_gemm`]: FP8 weights kept as FP8 on the device (bytes and scales) and a GEMM that
-//!   widens them in the kernel, bitwise the CPU's GEMM and batch-invariant (not yet used by
-//!   the expert FFN or the dense part: they still upload widened weights).
+//! - [`fp8_matrix`]: FP8 weights kept as FP8 on the device (bytes and scales);
+//!   [`fp8_gemm`]: a GEMM that widens them in the kernel, bitwise the CPU's GEMM and
+//!   batch-invariant.
 //! - [`tensor_core_gemm`]: bf16 experts on the tensor cores (`--gpu-expert-gemm
 //!   tensor-cores`): one launch per pass over the grouped row tiles, batch-invariant.
 //! - [`row_moves`]: rows gathered per node and outputs placed back in pair order on the
@@ -37,6 +37,7 @@ pub mod exact_gemm;
 pub mod expert_ffn;
 pub mod fill;
 pub mod fp8_gemm;
+pub mod fp8_matrix;
 mod grouped_blas;
 pub(crate) mod grouped_launch;
 pub mod kernels;

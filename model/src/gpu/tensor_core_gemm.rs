@@ -14,10 +14,10 @@
 
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::buffer::GpuBuffer;
+use super::buffer::{ActForm, GpuBuffer};
 use super::context::GpuContext;
 use super::error::GpuError;
-use super::fp8_gemm::DeviceFp8Matrix;
+use super::fp8_matrix::DeviceFp8Matrix;
 use super::grouped_launch::{Fp8ScaleTables, SingleFp8Scales, TileTables};
 use super::kernels::as_int;
 use crate::device::row_gemm::RowGemm;
@@ -58,6 +58,26 @@ pub(crate) fn tensor_cores_take(ctx: &GpuContext, weights: &GpuBuffer) -> bool {
             }
             GpuBuffer::F32(_) | GpuBuffer::Bf16Pair { .. } => false,
         }
+}
+
+/// Here, beside the kernel whose choice decides it.
+impl ActForm {
+    /// The activations GEMMs against `weights` take in the context's mode.
+    pub fn for_weights(ctx: &GpuContext, weights: &GpuBuffer) -> Self {
+        let tensor_cores = tensor_cores_take(ctx, weights);
+        match weights {
+            // The FP8 kernel and the exact ones take f32 activations, whatever the mode; the
+            // tensor-core kernel the mode's bf16 or bf16x2, over FP8 weights too.
+            _ if ctx.deterministic() => ActForm::F32,
+            GpuBuffer::Fp8(_) if tensor_cores && ctx.dtype() == GpuDtype::Bf16x2 => {
+                ActForm::Bf16Pair
+            }
+            GpuBuffer::Fp8(_) if tensor_cores => ActForm::Bf16,
+            GpuBuffer::F32(_) | GpuBuffer::Fp8(_) => ActForm::F32,
+            _ if ctx.dtype() == GpuDtype::Bf16x2 => ActForm::Bf16Pair,
+            _ => ActForm::Bf16,
+        }
+    }
 }
 
 /// Whether the context runs FP8 experts whose scale blocks are `block_cols` wide on the tensor
@@ -721,7 +741,7 @@ mod tests {
     /// `f32` mode.
     #[test]
     fn fp8_experts_on_the_tensor_cores_give_the_scaled_products() {
-        use crate::gpu::fp8_gemm::DeviceFp8Matrix;
+        use crate::gpu::fp8_matrix::DeviceFp8Matrix;
         let Some(ctx) = crate::test_support::test_context(GpuDtype::Bf16x2) else {
             return;
         };
@@ -763,7 +783,7 @@ mod tests {
     /// outputs in the batch, bitwise.
     #[test]
     fn fp8_linear_on_the_tensor_cores_gives_the_scaled_products() {
-        use crate::gpu::fp8_gemm::DeviceFp8Matrix;
+        use crate::gpu::fp8_matrix::DeviceFp8Matrix;
         for dtype in [GpuDtype::Bf16x2, GpuDtype::Bf16] {
             let Some(ctx) = crate::test_support::test_context(dtype) else {
                 return;
@@ -818,7 +838,7 @@ mod tests {
     #[test]
     fn fp8_heads_on_the_tensor_cores_are_each_heads_linear() {
         use crate::device::shapes::StridedGemm;
-        use crate::gpu::fp8_gemm::DeviceFp8Matrix;
+        use crate::gpu::fp8_matrix::DeviceFp8Matrix;
         for dtype in [GpuDtype::Bf16x2, GpuDtype::Bf16] {
             let Some(ctx) = crate::test_support::test_context(dtype) else {
                 return;
