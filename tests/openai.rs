@@ -694,3 +694,82 @@ async fn reasoning_apart_and_template_fields_through_the_official_client() {
         "{got}"
     );
 }
+
+/// OpenAI's Responses API through the official client (`client.responses.create`), on Qwen3's
+/// real template with its reasoning parser: each response is the chat completion its body
+/// means (text, usage, reasoning apart, whole and as typed events numbered from 0), an answer
+/// cut by `max_output_tokens` is `incomplete`, a forced function call is a `function_call`
+/// item whose arguments validate and whose output goes back as input, `text.format` holds a
+/// JSON schema, and what needs storage or is not served is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_api_through_the_official_client() {
+    let template = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/templates/hub/qwen3.jinja"
+    );
+    let got = script_against_http(
+        FIXTURES[1],
+        &["--chat-template", template, "--reasoning-parser", "qwen3"],
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python/responses_client.py"),
+    )
+    .await;
+    let plain = &got["plain"];
+    assert_eq!(plain["text"], plain["chat_text"], "{got}");
+    assert_eq!(plain["usage"], plain["chat_usage"], "{got}");
+    assert_eq!(plain["status"], "incomplete", "{got}");
+    assert_eq!(plain["incomplete_reason"], "max_output_tokens", "{got}");
+    assert_eq!(plain["object"], "response");
+    assert_eq!(plain["kinds"], json!(["message"]), "{got}");
+    let streamed = &got["plain_streamed"];
+    assert_eq!(streamed["text"], plain["text"], "streamed = whole: {got}");
+    assert_eq!(streamed["last_text"], plain["text"], "{got}");
+    assert_eq!(streamed["last_status"], "incomplete", "{got}");
+    assert_eq!(streamed["numbered"], true, "{got}");
+    let types = streamed["types"].as_array().unwrap();
+    assert_eq!(types[0], "response.created");
+    assert_eq!(types[1], "response.in_progress");
+    assert!(
+        types
+            .iter()
+            .filter(|t| *t == "response.output_text.delta")
+            .count()
+            > 1,
+        "text streams in pieces: {got}"
+    );
+
+    let reasoning = &got["reasoning"];
+    assert_eq!(reasoning["kinds"], json!(["reasoning", "message"]), "{got}");
+    assert_eq!(reasoning["reasoning"], reasoning["chat_reasoning"], "{got}");
+    assert_eq!(reasoning["text"], reasoning["chat_text"], "{got}");
+    let reasoning_streamed = &got["reasoning_streamed"];
+    assert_eq!(
+        reasoning_streamed["reasoning"], reasoning["reasoning"],
+        "{got}"
+    );
+    assert_eq!(reasoning_streamed["text"], reasoning["text"], "{got}");
+
+    let call = &got["call"];
+    assert_eq!(call["name"], "get_weather", "{got}");
+    assert_eq!(call["valid"], true, "{got}");
+    assert!(
+        call["kinds"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("function_call")),
+        "{got}"
+    );
+    assert_eq!(got["call_streamed"]["has_arguments_done"], true, "{got}");
+    let follow = &got["follow_up"];
+    assert!(
+        follow["input_tokens"].as_u64() > follow["first_input_tokens"].as_u64(),
+        "the call and its output were rendered into the prompt: {got}"
+    );
+    assert_eq!(got["formatted"], true, "{got}");
+    let errors = &got["errors"];
+    assert_eq!(
+        errors["previous_response_id"],
+        json!([400, "previous_response_id"])
+    );
+    assert_eq!(errors["hosted_tool"], json!([400, "tools"]));
+    assert_eq!(errors["image"], json!([400, "input"]));
+}

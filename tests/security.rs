@@ -91,6 +91,7 @@ async fn api_keys_and_limits() {
         ("POST", "/detokenize", r#"{"tokens": [1]}"#),
         ("GET", "/version", ""),
         ("GET", "/v1/models/x", ""),
+        ("POST", "/v1/responses", r#"{"input": "hi"}"#),
     ] {
         let (s, b) = http(&http_addr, method, path, None, body.as_bytes()).await;
         assert_eq!(

@@ -22,6 +22,7 @@ use crate::error::RouterError;
 use crate::generator::Answers;
 use crate::prompt_logprobs::{self, PositionLogprobs};
 use crate::reasoning::{split_whole, ReasoningSplit, ReasoningStream};
+use crate::responses::{self, ResponseEvent, ResponseEvents, ResponseShape};
 use crate::tool_calls::partial_calls;
 use serde_json::Value;
 
@@ -475,10 +476,16 @@ fn merge(answers: Vec<Answers>) -> mpsc::Receiver<ChoiceMessage> {
     rx
 }
 
-/// Relays the choices' answers as events made by `chunk`; an error mid-stream becomes an
-/// error event. A client that goes away drops the receiver, which ends the task and frees the
-/// sequences.
-fn relay<F>(answers: Vec<Answers>, first: Vec<Event>, mut chunk: F) -> EventStream
+/// Relays the choices' answers as events made by `chunk`, then `data: [DONE]` (the chat and
+/// completions streams' end; the Responses stream ends with its last typed event); an error
+/// mid-stream becomes an error event. A client that goes away drops the receiver, which ends
+/// the task and frees the sequences.
+fn relay<F>(
+    answers: Vec<Answers>,
+    first: Vec<Event>,
+    done_marker: bool,
+    mut chunk: F,
+) -> EventStream
 where
     F: FnMut(u32, &GenerateResponse) -> Vec<Event> + Send + 'static,
 {
@@ -501,7 +508,9 @@ where
                 }
             }
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        if done_marker {
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        }
     });
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
@@ -588,7 +597,7 @@ pub fn stream_completion(
     let mut offsets = vec![0; answers.len()];
     let mut running = RunningUsage::new(answers.len());
     let mut tally = UsageTally::by_prompt(prompt_of);
-    relay(answers, vec![], move |index, msg| {
+    relay(answers, vec![], true, move |index, msg| {
         // A choice's first message carries the prompt's scores: echo goes in front of it.
         let echo = echoes.get(index as usize).and_then(Option::as_ref);
         let echoing = echo.filter(|_| !msg.prompt_token_ids.is_empty());
@@ -818,7 +827,7 @@ pub fn stream_chat(
     // Each choice's logprobs not sent yet: a message whose text is held (a tool call may be
     // starting) sends no chunk, and its tokens' logprobs go with the next one.
     let mut unsent_logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); answers.len()];
-    relay(answers, first, move |index, msg| {
+    relay(answers, first, true, move |index, msg| {
         if logprobs {
             if let Some(unsent) = unsent_logprobs.get_mut(index as usize) {
                 unsent.extend(chat_logprobs(&state, msg, tokens_as_ids));
@@ -883,6 +892,69 @@ pub fn stream_chat(
             events.push(json_event(&chunk(vec![], Some(usage))));
         }
         events
+    })
+}
+
+/// A Responses API answer, whole: the chat answer's parts as output items.
+pub async fn whole_response(
+    answers: Vec<Answers>,
+    id: String,
+    parsed: &Parsed,
+    shape: &ResponseShape,
+) -> Result<Value, ApiError> {
+    let Some(c) = collect_all(answers).await?.into_iter().next() else {
+        return Err(RouterError::Internal("a response without an answer".into()).into());
+    };
+    let finish_reason = c.finish_reason.clone();
+    let (message, _) = chat_message(
+        parsed.tools.as_ref(),
+        parsed.reasoning,
+        &id,
+        0,
+        c.text,
+        c.finish_reason,
+    );
+    let items = responses::output_items(&id, &message);
+    let usage = c.usage.unwrap_or_else(no_usage);
+    let created = (id.as_str(), super::unix_now());
+    Ok(responses::response_object(
+        shape,
+        created,
+        items,
+        Some(&usage),
+        finish_reason.as_deref(),
+    ))
+}
+
+fn no_usage() -> Usage {
+    Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+    }
+}
+
+/// A Responses API answer as its typed events (each SSE event named by its type).
+pub fn stream_response(
+    answers: Vec<Answers>,
+    id: String,
+    parsed: &Parsed,
+    shape: ResponseShape,
+) -> EventStream {
+    let splitter = parsed.reasoning.map(ReasoningStream::new);
+    let mut events =
+        ResponseEvents::new(id, super::unix_now(), shape, parsed.tools.clone(), splitter);
+    let typed = |(kind, body): ResponseEvent| {
+        Event::default().event(kind).data(serde_json::to_string(&body).unwrap_or_else(|e| {
+            format!("{{\"error\":{{\"message\":\"cannot encode an event: {e}\",\"type\":\"internal_error\"}}}}")
+        }))
+    };
+    let first = events.start().into_iter().map(typed).collect();
+    relay(answers, first, false, move |_, msg| {
+        let usage = usage(msg).unwrap_or_else(no_usage);
+        let reason = finish(msg);
+        let end = reason.as_deref().map(|r| (r, &usage));
+        events.next(&msg.text, end).into_iter().map(typed).collect()
     })
 }
 

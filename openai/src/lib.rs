@@ -19,6 +19,7 @@ pub mod partial_json;
 pub mod prompt_bytes;
 pub mod prompt_logprobs;
 pub mod reasoning;
+pub mod responses;
 pub mod sibling;
 mod state;
 mod structured_params;
@@ -73,6 +74,7 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/models/{*model}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses_create))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/version", get(version))
@@ -923,19 +925,63 @@ async fn chat_completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let read = |body: &[u8], model: &str, has_template| {
+        Ok((parse_chat_body(body, model, has_template)?, ()))
+    };
+    let origin = TraceOrigin::from_http(&headers, "chat");
+    let (answers, parsed, ()) = admit_chat(&state, body, read, origin).await?;
+    let id = state.request_id("chatcmpl");
+    if parsed.stream {
+        Ok(answers::stream_chat(state, answers, id, &parsed).into_response())
+    } else {
+        Ok(Json(answers::whole_chat(&state, answers, id, &parsed).await?).into_response())
+    }
+}
+
+/// OpenAI's Responses API: the body read as the chat request it means ([`responses`]), then
+/// served as one.
+async fn responses_create(
+    State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let read = |body: &[u8], model: &str, has_template| {
+        let (chat, shape) = responses::chat_body_of(body, model)?;
+        Ok((parse_chat_body(&chat, model, has_template)?, shape))
+    };
+    let origin = TraceOrigin::from_http(&headers, "response");
+    let (answers, parsed, shape) = admit_chat(&state, body, read, origin).await?;
+    let id = state.request_id("resp");
+    if parsed.stream {
+        Ok(answers::stream_response(answers, id, &parsed, shape).into_response())
+    } else {
+        Ok(Json(answers::whole_response(answers, id, &parsed, &shape).await?).into_response())
+    }
+}
+
+/// How a chat-shaped body is read (a chat body, or a Responses body as the chat body it
+/// means): into the chat body, and what its answer needs besides.
+type ChatReader<T> = fn(&[u8], &str, bool) -> Result<(ChatBody, T), RouterError>;
+
+/// A chat-shaped request read by `read` on the tokenizer's pool, its messages bounded, then
+/// rendered there and admitted.
+async fn admit_chat<T: Send + 'static>(
+    state: &Arc<HttpState>,
+    body: Bytes,
+    read: ChatReader<T>,
+    origin: TraceOrigin,
+) -> Result<(Vec<Answers>, Parsed, T), RouterError> {
     let model = state.model_name.clone();
     let has_template = state.chat_template.is_some();
     let tokenizing = state.generator.tokenizing();
-    let chat = tokenizing
-        .parse(body.len(), move || {
-            parse_chat_body(&body, &model, has_template)
-        })
+    let (chat, extra) = tokenizing
+        .parse(body.len(), move || read(&body, &model, has_template))
         .await??;
     // The messages are bounded before the template renders them.
     state
         .generator
         .check_prompt_bytes(chat.text_bytes(), "messages")?;
-    let render_state = Arc::clone(&state);
+    let render_state = Arc::clone(state);
     let parsed = tokenizing
         .tokenize(move |tokenizer| {
             render_chat(
@@ -948,14 +994,8 @@ async fn chat_completions(
             )
         })
         .await??;
-    let origin = TraceOrigin::from_http(&headers, "chat");
-    let (answers, parsed) = submit_choices(&state, parsed, origin).await?;
-    let id = state.request_id("chatcmpl");
-    if parsed.stream {
-        Ok(answers::stream_chat(state, answers, id, &parsed).into_response())
-    } else {
-        Ok(Json(answers::whole_chat(&state, answers, id, &parsed).await?).into_response())
-    }
+    let (answers, parsed) = submit_choices(state, parsed, origin).await?;
+    Ok((answers, parsed, extra))
 }
 
 #[cfg(test)]

@@ -115,7 +115,7 @@ pub fn http_request(data: &[u8]) {
     let limits = RequestLimits::default();
     // Also through Qwen3's real template with a reasoning parser: tools written by `tojson`,
     // the template's fields, reasoning and the grammar's start after it.
-    let qwen3 = parse_chat_body(data, "m", true).and_then(|chat| {
+    let render_qwen3 = |chat| {
         render_chat(
             chat,
             Some(&f.qwen3),
@@ -124,7 +124,12 @@ pub fn http_request(data: &[u8]) {
             ToolCallFormat::Hermes,
             Some(ReasoningParser::Qwen3),
         )
-    });
+    };
+    let qwen3 = parse_chat_body(data, "m", true).and_then(render_qwen3);
+    // And read as a Responses body, through the chat request it means.
+    let response = moe_openai::responses::chat_body_of(data, "m")
+        .and_then(|(chat, _)| parse_chat_body(&chat, "m", true))
+        .and_then(render_qwen3);
     let parsed = [
         parse_completion(data, "m"),
         parse_chat(
@@ -135,6 +140,7 @@ pub fn http_request(data: &[u8]) {
             f.config.max_position_embeddings,
         ),
         qwen3,
+        response,
     ];
     for p in parsed.into_iter().flatten() {
         let _ = validate(p.generate, &f.config, &f.tokenizer, &limits);
