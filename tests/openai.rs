@@ -550,6 +550,17 @@ async fn script_against_http(fixture: &str, args: &[&str], script: &'static str)
     serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap()
 }
 
+/// `script` against the Qwen3 fixture served with Qwen3's real chat template (from
+/// `tests/fixtures/templates/hub/`) and `--reasoning-parser qwen3`.
+async fn qwen3_thinking_script(script: &'static str) -> Value {
+    let template = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/templates/hub/qwen3.jinja"
+    );
+    let args = ["--chat-template", template, "--reasoning-parser", "qwen3"];
+    script_against_http(FIXTURES[1], &args, script).await
+}
+
 /// Tool calls with the official client, in the families' formats (test chat templates in
 /// `tests/fixtures/templates/`, and DeepSeek-V3.1's real one, given with `--chat-template`): `tool_choice: "required"` and
 /// a named function give a call whose arguments validate against the function's schema,
@@ -614,16 +625,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
 /// serve); vLLM's `min_p` at 1 leaves a draw at temperature 1 only the greedy token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reasoning_apart_and_template_fields_through_the_official_client() {
-    let template = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/templates/hub/qwen3.jinja"
-    );
-    let got = script_against_http(
-        FIXTURES[1],
-        &["--chat-template", template, "--reasoning-parser", "qwen3"],
-        concat!(env!("CARGO_MANIFEST_DIR"), "/python/reasoning.py"),
-    )
-    .await;
+    let got =
+        qwen3_thinking_script(concat!(env!("CARGO_MANIFEST_DIR"), "/python/reasoning.py")).await;
     let whole = &got["whole"];
     assert_eq!(
         whole["matches"], true,
@@ -703,15 +706,10 @@ async fn reasoning_apart_and_template_fields_through_the_official_client() {
 /// JSON schema, and what needs storage or is not served is a 400 naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_api_through_the_official_client() {
-    let template = concat!(
+    let got = qwen3_thinking_script(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/templates/hub/qwen3.jinja"
-    );
-    let got = script_against_http(
-        FIXTURES[1],
-        &["--chat-template", template, "--reasoning-parser", "qwen3"],
-        concat!(env!("CARGO_MANIFEST_DIR"), "/python/responses_client.py"),
-    )
+        "/python/responses_client.py"
+    ))
     .await;
     let plain = &got["plain"];
     assert_eq!(plain["text"], plain["chat_text"], "{got}");
@@ -758,7 +756,20 @@ async fn responses_api_through_the_official_client() {
             .contains(&json!("function_call")),
         "{got}"
     );
-    assert_eq!(got["call_streamed"]["has_arguments_done"], true, "{got}");
+    let call_streamed = &got["call_streamed"];
+    assert_eq!(call_streamed["has_arguments_done"], true, "{got}");
+    assert_eq!(
+        call_streamed["calls"], call["calls"],
+        "streamed = whole: {got}"
+    );
+    assert_eq!(
+        call_streamed["streamed_arguments"][0], call["calls"][0][1],
+        "the deltas add up to the arguments: {got}"
+    );
+    assert!(
+        call_streamed["argument_deltas"].as_u64() > Some(2),
+        "the arguments arrive piece by piece: {got}"
+    );
     let follow = &got["follow_up"];
     assert!(
         follow["input_tokens"].as_u64() > follow["first_input_tokens"].as_u64(),

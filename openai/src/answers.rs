@@ -934,16 +934,20 @@ fn no_usage() -> Usage {
     }
 }
 
-/// A Responses API answer as its typed events (each SSE event named by its type).
+/// A Responses API answer as its typed events (each SSE event named by its type): the text
+/// split from its reasoning and, with tools offered, read for calls as the chat stream reads
+/// it ([`HeldText`]: text goes out until a call may be starting, then each call's arguments
+/// as they are generated).
 pub fn stream_response(
     answers: Vec<Answers>,
     id: String,
     parsed: &Parsed,
     shape: ResponseShape,
 ) -> EventStream {
-    let splitter = parsed.reasoning.map(ReasoningStream::new);
-    let mut events =
-        ResponseEvents::new(id, super::unix_now(), shape, parsed.tools.clone(), splitter);
+    let mut splitter = parsed.reasoning.map(ReasoningStream::new);
+    let tools = parsed.tools.clone();
+    let mut held = HeldText::default();
+    let mut events = ResponseEvents::new(id.clone(), super::unix_now(), shape);
     let typed = |(kind, body): ResponseEvent| {
         Event::default().event(kind).data(serde_json::to_string(&body).unwrap_or_else(|e| {
             format!("{{\"error\":{{\"message\":\"cannot encode an event: {e}\",\"type\":\"internal_error\"}}}}")
@@ -951,10 +955,32 @@ pub fn stream_response(
     };
     let first = events.start().into_iter().map(typed).collect();
     relay(answers, first, false, move |_, msg| {
-        let usage = usage(msg).unwrap_or_else(no_usage);
         let reason = finish(msg);
-        let end = reason.as_deref().map(|r| (r, &usage));
-        events.next(&msg.text, end).into_iter().map(typed).collect()
+        let (reasoning, text) = match splitter.as_mut() {
+            Some(s) => {
+                let piece = s.push(&msg.text, reason.is_some());
+                (piece.reasoning, piece.content)
+            }
+            None => (String::new(), msg.text.clone()),
+        };
+        let mut out = Vec::new();
+        events.reasoning(&reasoning, &mut out);
+        match &tools {
+            None => events.text(&text, &mut out),
+            Some(t) => {
+                if let Some((delta, _)) = held.next(t, &id, 0, &text, reason.clone()) {
+                    events.text(delta.content.as_deref().unwrap_or(""), &mut out);
+                    for entry in delta.tool_calls.iter().flatten() {
+                        events.call(entry, &mut out);
+                    }
+                }
+            }
+        }
+        if let Some(reason) = reason {
+            let usage = usage(msg).unwrap_or_else(no_usage);
+            events.finish(&reason, &usage, &mut out);
+        }
+        out.into_iter().map(typed).collect()
     })
 }
 

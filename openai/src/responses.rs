@@ -13,8 +13,6 @@ use serde_json::{json, Map, Value};
 
 use crate::error::RouterError;
 use crate::openai::{ChatMessageOut, Usage};
-use crate::reasoning::ReasoningStream;
-use crate::tools::ToolAnswers;
 
 /// A Responses body: the fields read here; every other one is handed to the chat request
 /// (vLLM's sampling extensions, `seed`, `chat_template_kwargs`, ...), whose checks refuse what
@@ -425,10 +423,10 @@ fn message_item(id: &str, text: Option<&str>, status: &str) -> Value {
 }
 
 /// A chat tool call (`{id, function: {name, arguments}}`) as a function call item.
-fn function_call_item(id: &str, i: usize, call: &Value, status: &str) -> Value {
+fn function_call_item(id: &str, i: usize, call: &Value) -> Value {
     json!({"type": "function_call", "id": format!("fc-{id}-{i}"), "call_id": call["id"],
            "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-           "status": status})
+           "status": "completed"})
 }
 
 /// The output items of a finished answer, in order: its reasoning, its text, its calls.
@@ -443,29 +441,36 @@ pub fn output_items(id: &str, message: &ChatMessageOut) -> Vec<Value> {
         }
     }
     for (i, call) in message.tool_calls.iter().flatten().enumerate() {
-        items.push(function_call_item(id, i, call, "completed"));
+        items.push(function_call_item(id, i, call));
     }
     items
 }
 
-/// The item streaming now.
+/// The reasoning or message item streaming now.
 enum OpenItem {
     Reasoning { index: usize, text: String },
     Message { index: usize, text: String },
 }
 
-/// One stream's events: what is open, what finished, and the running sequence number. Fed
-/// the answer's pieces (already split from its reasoning where a parser is on); with tools
-/// offered the text is held until the answer ends, then read for calls.
+/// A function call streaming now: open until the answer ends (its arguments may grow while
+/// the next call starts).
+struct OpenCall {
+    index: usize,
+    /// The call's place in the answer (`delta.tool_calls[].index` of the chat stream).
+    call: u64,
+    item: Value,
+}
+
+/// One stream's events: what is open, what finished (with its output index), and the running
+/// sequence number. Fed the answer's reasoning and text as they are split from it, and its
+/// calls as the chat stream announces them (`HeldText`'s `delta.tool_calls` entries).
 pub struct ResponseEvents {
     id: String,
     created: u64,
     shape: ResponseShape,
-    tools: Option<ToolAnswers>,
-    splitter: Option<ReasoningStream>,
     open: Option<OpenItem>,
-    done: Vec<Value>,
-    held: String,
+    calls: Vec<OpenCall>,
+    done: Vec<(usize, Value)>,
     sequence: u64,
 }
 
@@ -473,22 +478,14 @@ pub struct ResponseEvents {
 pub type ResponseEvent = (&'static str, Value);
 
 impl ResponseEvents {
-    pub fn new(
-        id: String,
-        created: u64,
-        shape: ResponseShape,
-        tools: Option<ToolAnswers>,
-        splitter: Option<ReasoningStream>,
-    ) -> Self {
+    pub fn new(id: String, created: u64, shape: ResponseShape) -> Self {
         Self {
             id,
             created,
             shape,
-            tools,
-            splitter,
             open: None,
+            calls: Vec::new(),
             done: Vec::new(),
-            held: String::new(),
             sequence: 0,
         }
     }
@@ -502,11 +499,16 @@ impl ResponseEvents {
 
     fn object(&self, usage: Option<&Usage>, finish_reason: Option<&str>) -> Value {
         let output = match usage {
-            Some(_) => self.done.clone(),
+            Some(_) => self.done.iter().map(|(_, item)| item.clone()).collect(),
             None => Vec::new(),
         };
         let id = (self.id.as_str(), self.created);
         response_object(&self.shape, id, output, usage, finish_reason)
+    }
+
+    /// The next item's output index.
+    fn next_index(&self) -> usize {
+        self.done.len() + self.calls.len() + usize::from(self.open.is_some())
     }
 
     /// `response.created` and `response.in_progress`.
@@ -518,45 +520,14 @@ impl ResponseEvents {
         ]
     }
 
-    /// The events for one more piece of the answer; with `finish` (its finish reason and
-    /// usage) the last ones, ending with `response.completed` or `response.incomplete`.
-    pub fn next(&mut self, piece: &str, finish: Option<(&str, &Usage)>) -> Vec<ResponseEvent> {
-        let mut out = Vec::new();
-        let (reasoning, content) = match self.splitter.as_mut() {
-            Some(s) => {
-                let p = s.push(piece, finish.is_some());
-                (p.reasoning, p.content)
-            }
-            None => (String::new(), piece.to_string()),
-        };
-        if !reasoning.is_empty() {
-            self.stream_reasoning(&reasoning, &mut out);
+    /// More of the answer's reasoning.
+    pub fn reasoning(&mut self, text: &str, out: &mut Vec<ResponseEvent>) {
+        if text.is_empty() {
+            return;
         }
-        if !content.is_empty() {
-            match self.tools.is_some() {
-                true => self.held.push_str(&content),
-                false => self.stream_text(&content, &mut out),
-            }
-        }
-        if let Some((reason, usage)) = finish {
-            self.close(&mut out);
-            if let Some(tools) = self.tools.take() {
-                self.emit_held(&tools, &mut out);
-            }
-            let kind = match incomplete(Some(reason)) {
-                true => "response.incomplete",
-                false => "response.completed",
-            };
-            let response = self.object(Some(usage), Some(reason));
-            out.push(self.event(kind, json!({"response": response})));
-        }
-        out
-    }
-
-    fn stream_reasoning(&mut self, text: &str, out: &mut Vec<ResponseEvent>) {
         if !matches!(self.open, Some(OpenItem::Reasoning { .. })) {
             self.close(out);
-            let index = self.done.len();
+            let index = self.next_index();
             let item = json!({"type": "reasoning", "id": format!("rs-{}", self.id),
                               "summary": [], "content": [], "status": "in_progress"});
             out.push(self.event(
@@ -580,26 +551,12 @@ impl ResponseEvents {
         ));
     }
 
-    fn stream_text(&mut self, text: &str, out: &mut Vec<ResponseEvent>) {
-        if !matches!(self.open, Some(OpenItem::Message { .. })) {
-            self.close(out);
-            let index = self.done.len();
-            let item = message_item(&self.id, None, "in_progress");
-            let item_id = format!("msg-{}", self.id);
-            out.push(self.event(
-                "response.output_item.added",
-                json!({"output_index": index, "item": item}),
-            ));
-            out.push(self.event(
-                "response.content_part.added",
-                json!({"item_id": item_id, "output_index": index, "content_index": 0,
-                       "part": text_part("")}),
-            ));
-            self.open = Some(OpenItem::Message {
-                index,
-                text: String::new(),
-            });
+    /// More of the answer's text.
+    pub fn text(&mut self, text: &str, out: &mut Vec<ResponseEvent>) {
+        if text.is_empty() {
+            return;
         }
+        self.open_message(out);
         let Some(OpenItem::Message { index, text: all }) = self.open.as_mut() else {
             return;
         };
@@ -613,7 +570,88 @@ impl ResponseEvents {
         ));
     }
 
-    /// Ends the open item: its `.done` events, and it joins the finished output.
+    fn open_message(&mut self, out: &mut Vec<ResponseEvent>) {
+        if matches!(self.open, Some(OpenItem::Message { .. })) {
+            return;
+        }
+        self.close(out);
+        let index = self.next_index();
+        let item = message_item(&self.id, None, "in_progress");
+        let item_id = format!("msg-{}", self.id);
+        out.push(self.event(
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        ));
+        out.push(self.event(
+            "response.content_part.added",
+            json!({"item_id": item_id, "output_index": index, "content_index": 0,
+                   "part": text_part("")}),
+        ));
+        self.open = Some(OpenItem::Message {
+            index,
+            text: String::new(),
+        });
+    }
+
+    /// A call's piece as the chat stream gives it (`{"index", "id"?, "function": {"name"?,
+    /// "arguments"}}`): its item opened the first time, then its arguments' delta.
+    pub fn call(&mut self, entry: &Value, out: &mut Vec<ResponseEvent>) {
+        let call = entry["index"].as_u64().unwrap_or(0);
+        if !self.calls.iter().any(|c| c.call == call) {
+            self.close(out);
+            let index = self.next_index();
+            let item = json!({"type": "function_call", "id": format!("fc-{}-{call}", self.id),
+                              "call_id": entry["id"], "name": entry["function"]["name"],
+                              "arguments": "", "status": "in_progress"});
+            out.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": index, "item": item.clone()}),
+            ));
+            self.calls.push(OpenCall { index, call, item });
+        }
+        let fragment = entry["function"]["arguments"].as_str().unwrap_or("");
+        let Some(open) = self.calls.iter_mut().find(|c| c.call == call) else {
+            return;
+        };
+        if fragment.is_empty() {
+            return;
+        }
+        let arguments = open.item["arguments"].as_str().unwrap_or("").to_string() + fragment;
+        open.item["arguments"] = arguments.into();
+        let ids =
+            json!({"item_id": open.item["id"], "output_index": open.index, "delta": fragment});
+        out.push(self.event("response.function_call_arguments.delta", ids));
+    }
+
+    /// The answer's end: every open item's `.done` events, then `response.completed` (or
+    /// `response.incomplete` when the token budget cut it).
+    pub fn finish(&mut self, reason: &str, usage: &Usage, out: &mut Vec<ResponseEvent>) {
+        // An answer of nothing is still a message, as the whole answer gives it.
+        if self.open.is_none() && self.calls.is_empty() && self.done.is_empty() {
+            self.open_message(out);
+        }
+        self.close(out);
+        for mut open in std::mem::take(&mut self.calls) {
+            open.item["status"] = "completed".into();
+            let done = json!({"item_id": open.item["id"], "output_index": open.index,
+                              "arguments": open.item["arguments"], "name": open.item["name"]});
+            out.push(self.event("response.function_call_arguments.done", done));
+            out.push(self.event(
+                "response.output_item.done",
+                json!({"output_index": open.index, "item": open.item.clone()}),
+            ));
+            self.done.push((open.index, open.item));
+        }
+        self.done.sort_by_key(|(index, _)| *index);
+        let kind = match incomplete(Some(reason)) {
+            true => "response.incomplete",
+            false => "response.completed",
+        };
+        let response = self.object(Some(usage), Some(reason));
+        out.push(self.event(kind, json!({"response": response})));
+    }
+
+    /// Ends the open reasoning or message: its `.done` events, and it joins the finished output.
     fn close(&mut self, out: &mut Vec<ResponseEvent>) {
         match self.open.take() {
             None => {}
@@ -628,7 +666,7 @@ impl ResponseEvents {
                     "response.output_item.done",
                     json!({"output_index": index, "item": item.clone()}),
                 ));
-                self.done.push(item);
+                self.done.push((index, item));
             }
             Some(OpenItem::Message { index, text }) => {
                 let item = message_item(&self.id, Some(&text), "completed");
@@ -644,45 +682,8 @@ impl ResponseEvents {
                     "response.output_item.done",
                     json!({"output_index": index, "item": item.clone()}),
                 ));
-                self.done.push(item);
+                self.done.push((index, item));
             }
-        }
-    }
-
-    /// With tools: the held text read for calls, its text and each call as whole items.
-    fn emit_held(&mut self, tools: &ToolAnswers, out: &mut Vec<ResponseEvent>) {
-        let held = std::mem::take(&mut self.held);
-        let (content, calls) = match tools.format.parse(&held) {
-            Some((content, calls)) => (content, crate::tools::tool_calls_json(&self.id, 0, &calls)),
-            None => (held, Vec::new()),
-        };
-        if !content.is_empty() || calls.is_empty() {
-            self.stream_text(&content, out);
-            self.close(out);
-        }
-        for (i, call) in calls.iter().enumerate() {
-            let index = self.done.len();
-            let item = function_call_item(&self.id, i, call, "completed");
-            let mut added = item.clone();
-            added["arguments"] = "".into();
-            added["status"] = "in_progress".into();
-            out.push(self.event(
-                "response.output_item.added",
-                json!({"output_index": index, "item": added}),
-            ));
-            let ids = json!({"item_id": item["id"], "output_index": index});
-            let mut delta = ids.clone();
-            delta["delta"] = item["arguments"].clone();
-            out.push(self.event("response.function_call_arguments.delta", delta));
-            let mut done = ids;
-            done["arguments"] = item["arguments"].clone();
-            done["name"] = item["name"].clone();
-            out.push(self.event("response.function_call_arguments.done", done));
-            out.push(self.event(
-                "response.output_item.done",
-                json!({"output_index": index, "item": item.clone()}),
-            ));
-            self.done.push(item);
         }
     }
 }
@@ -690,7 +691,6 @@ impl ResponseEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reasoning::ReasoningParser;
 
     fn chat_of(body: Value) -> Result<Value, RouterError> {
         let (chat, _) = chat_body_of(body.to_string().as_bytes(), "m")?;
@@ -825,19 +825,14 @@ mod tests {
     /// the last event holding what the deltas built (as the whole answer's items).
     #[test]
     fn a_stream_opens_each_item_before_its_deltas_and_ends_with_the_whole_response() {
-        let split = ReasoningParser::Qwen3.for_request("", None, true);
-        let mut events = ResponseEvents::new(
-            "r".into(),
-            1,
-            ResponseShape::default(),
-            None,
-            split.map(ReasoningStream::new),
-        );
+        let mut events = ResponseEvents::new("r".into(), 1, ResponseShape::default());
         let mut all = events.start();
-        for piece in ["<think>ab", "c</think>", "Hel", "lo"] {
-            all.extend(events.next(piece, None));
+        events.reasoning("ab", &mut all);
+        events.reasoning("c", &mut all);
+        for piece in ["Hel", "lo", "!"] {
+            events.text(piece, &mut all);
         }
-        all.extend(events.next("!", Some(("stop", &usage()))));
+        events.finish("stop", &usage(), &mut all);
         assert_eq!(
             kinds(&all),
             [
@@ -864,10 +859,8 @@ mod tests {
         }
         let last = &all.last().unwrap().1["response"];
         assert_eq!(last["status"], "completed");
-        assert_eq!(last["output"][0]["content"][0]["text"], "abc");
-        assert_eq!(last["output"][1]["content"][0]["text"], "Hello!");
-        assert_eq!(last["output"][1]["id"], all[9].1["item_id"]);
         assert_eq!(last["usage"]["total_tokens"], 8);
+        assert_eq!(last["output"][1]["id"], all[9].1["item_id"]);
         let whole = output_items(
             "r",
             &ChatMessageOut {
@@ -880,10 +873,59 @@ mod tests {
         assert_eq!(last["output"], Value::Array(whole), "streamed = whole");
     }
 
+    /// Calls as the chat stream announces them: text first, then each call's item with its
+    /// arguments growing, closed at the end in their order; the same items as the whole answer.
     #[test]
-    fn an_answer_cut_by_its_budget_is_incomplete() {
-        let mut events = ResponseEvents::new("r".into(), 1, ResponseShape::default(), None, None);
-        let all = events.next("abc", Some(("length", &usage())));
+    fn calls_stream_their_arguments_and_end_as_the_whole_answers_items() {
+        let mut events = ResponseEvents::new("r".into(), 1, ResponseShape::default());
+        let mut all = Vec::new();
+        events.text("Let me look.", &mut all);
+        let first = json!({"index": 0, "id": "call-r-0-0", "type": "function",
+                           "function": {"name": "f", "arguments": "{\"a\""}});
+        events.call(&first, &mut all);
+        events.call(
+            &json!({"index": 0, "function": {"arguments": ": 1}"}}),
+            &mut all,
+        );
+        let second = json!({"index": 1, "id": "call-r-0-1", "type": "function",
+                            "function": {"name": "g", "arguments": "{}"}});
+        events.call(&second, &mut all);
+        events.finish("tool_calls", &usage(), &mut all);
+        let deltas: Vec<&Value> = all
+            .iter()
+            .filter(|(k, _)| *k == "response.function_call_arguments.delta")
+            .map(|(_, e)| &e["delta"])
+            .collect();
+        assert_eq!(deltas, [&json!("{\"a\""), &json!(": 1}"), &json!("{}")]);
+        let last = &all.last().unwrap().1["response"];
+        let calls = [
+            json!({"id": "call-r-0-0", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}),
+            json!({"id": "call-r-0-1", "type": "function", "function": {"name": "g", "arguments": "{}"}}),
+        ];
+        let whole = output_items(
+            "r",
+            &ChatMessageOut {
+                role: "assistant",
+                content: Some("Let me look.".into()),
+                reasoning_content: None,
+                tool_calls: Some(calls.to_vec()),
+            },
+        );
+        assert_eq!(last["output"], Value::Array(whole), "streamed = whole");
+        // Every item's index is its place in the output.
+        for (kind, e) in &all {
+            if *kind == "response.output_item.done" {
+                let at = e["output_index"].as_u64().unwrap() as usize;
+                assert_eq!(last["output"][at], e["item"]);
+            }
+        }
+    }
+
+    #[test]
+    fn an_answer_cut_by_its_budget_is_incomplete_and_an_empty_one_a_message() {
+        let mut events = ResponseEvents::new("r".into(), 1, ResponseShape::default());
+        let mut all = Vec::new();
+        events.finish("length", &usage(), &mut all);
         let (kind, last) = all.last().unwrap();
         assert_eq!(*kind, "response.incomplete");
         assert_eq!(last["response"]["status"], "incomplete");
@@ -891,5 +933,6 @@ mod tests {
             last["response"]["incomplete_details"]["reason"],
             "max_output_tokens"
         );
+        assert_eq!(last["response"]["output"][0]["content"][0]["text"], "");
     }
 }

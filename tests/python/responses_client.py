@@ -32,7 +32,7 @@ def status_of(call):
 def streamed(client, **kw):
     """The events of a streamed response: their types, the text and reasoning deltas joined,
     whether the sequence numbers count up from 0, and the last event's response."""
-    types, text, reasoning, numbers, last = [], "", "", [], None
+    types, text, reasoning, numbers, last, arguments = [], "", "", [], None, {}
     for event in client.responses.create(stream=True, **kw):
         types.append(event.type)
         numbers.append(event.sequence_number)
@@ -40,12 +40,17 @@ def streamed(client, **kw):
             text += event.delta
         if event.type == "response.reasoning_text.delta":
             reasoning += event.delta
+        if event.type == "response.function_call_arguments.delta":
+            arguments[event.item_id] = arguments.get(event.item_id, "") + event.delta
         if event.type in ("response.completed", "response.incomplete"):
             last = event.response
+    calls = [[o.name, o.arguments] for o in last.output if o.type == "function_call"] if last else []
     return {"types": types, "text": text, "reasoning": reasoning,
             "numbered": numbers == list(range(len(numbers))),
             "last_text": last.output_text if last else None,
-            "last_status": last.status if last else None}
+            "last_status": last.status if last else None,
+            "calls": calls, "streamed_arguments": list(arguments.values()),
+            "argument_deltas": types.count("response.function_call_arguments.delta")}
 
 
 def main():
@@ -103,10 +108,13 @@ def main():
         jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
         valid = True
     out["call"] = {"kinds": [o.type for o in called.output], "name": calls[0].name if calls else None,
-                   "valid": valid, "status": called.status}
+                   "valid": valid, "status": called.status,
+                   "calls": [[c.name, c.arguments] for c in calls]}
     call_stream = streamed(client, **forced_call)
     out["call_streamed"] = {"has_arguments_done": "response.function_call_arguments.done" in call_stream["types"],
-                            "last_status": call_stream["last_status"]}
+                            "last_status": call_stream["last_status"], "calls": call_stream["calls"],
+                            "streamed_arguments": call_stream["streamed_arguments"],
+                            "argument_deltas": call_stream["argument_deltas"]}
     follow = client.responses.create(
         model=model, tools=tools, max_output_tokens=4, temperature=0, extra_body=no_thinking,
         input=[{"role": "user", "content": "Weather in Oslo?"},
