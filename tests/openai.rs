@@ -426,6 +426,19 @@ async fn official_openai_client_gets_the_offline_tokens() {
     assert_eq!(echo["streamed"], echo["with_tokens"]);
     assert_eq!(echo["with_tokens_logprobs"], case.input_ids.len() + 4);
     check_prompt_logprobs(&got["prompt_logprobs"], &engine, &case.input_ids, &chat_ids);
+    let invoked = &got["invocations"];
+    assert_eq!(
+        invoked["chat"],
+        json!([200, got["chat_stream"]["text"]]),
+        "{invoked}"
+    );
+    assert_eq!(
+        invoked["completion"],
+        json!([200, got["completion"]["text"]]),
+        "{invoked}"
+    );
+    assert_eq!(invoked["response"], json!([200, "response"]), "{invoked}");
+    assert_eq!(invoked["neither"], 400, "{invoked}");
     assert_eq!(got["min_tokens"], json!([held.output_ids.len(), "stop"]));
     assert_eq!(held.output_ids.len(), 4, "three tokens, then the end token");
     assert_eq!(got["errors"]["no_op_values"], "length");

@@ -92,6 +92,7 @@ async fn api_keys_and_limits() {
         ("GET", "/version", ""),
         ("GET", "/v1/models/x", ""),
         ("POST", "/v1/responses", r#"{"input": "hi"}"#),
+        ("POST", "/invocations", r#"{"prompt": "hi"}"#),
     ] {
         let (s, b) = http(&http_addr, method, path, None, body.as_bytes()).await;
         assert_eq!(

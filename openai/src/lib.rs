@@ -75,6 +75,7 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses_create))
+        .route("/invocations", post(invocations))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/version", get(version))
@@ -959,6 +960,55 @@ async fn responses_create(
     }
 }
 
+/// Which API a SageMaker `/invocations` body is for, told by its fields as vLLM tells them:
+/// `messages` a chat, `prompt` a completion, `input` a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InvocationKind {
+    Chat,
+    Completion,
+    Response,
+}
+
+/// Reads only which of the three fields a body has (no value is kept).
+fn invocation_kind(body: &[u8]) -> Result<InvocationKind, RouterError> {
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        messages: Option<serde::de::IgnoredAny>,
+        prompt: Option<serde::de::IgnoredAny>,
+        input: Option<serde::de::IgnoredAny>,
+    }
+    let fields: Fields = parse(body)?;
+    match (fields.messages, fields.prompt, fields.input) {
+        (Some(_), _, _) => Ok(InvocationKind::Chat),
+        (None, Some(_), _) => Ok(InvocationKind::Completion),
+        (None, None, Some(_)) => Ok(InvocationKind::Response),
+        (None, None, None) => Err(RouterError::unnamed(
+            "cannot tell the request's API: expected a chat (`messages`), completion (`prompt`) \
+             or responses (`input`) body",
+        )),
+    }
+}
+
+/// SageMaker's single route (vLLM's `/invocations`): the body served by the API its fields
+/// name.
+async fn invocations(
+    state: State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let read = body.clone();
+    let kind = state
+        .generator
+        .tokenizing()
+        .parse(body.len(), move || invocation_kind(&read))
+        .await??;
+    match kind {
+        InvocationKind::Chat => chat_completions(state, headers, body).await,
+        InvocationKind::Completion => completions(state, headers, body).await,
+        InvocationKind::Response => responses_create(state, headers, body).await,
+    }
+}
+
 /// How a chat-shaped body is read (a chat body, or a Responses body as the chat body it
 /// means): into the chat body, and what its answer needs besides.
 type ChatReader<T> = fn(&[u8], &str, bool) -> Result<(ChatBody, T), RouterError>;
@@ -1006,6 +1056,26 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/deepseek-v3-tiny");
         Tokenizer::from_dir(&dir).expect("fixture tokenizer")
+    }
+
+    #[test]
+    fn an_invocation_goes_to_the_api_its_fields_name() {
+        for (body, kind) in [
+            (r#"{"messages": [], "prompt": "x"}"#, InvocationKind::Chat),
+            (
+                r#"{"prompt": [1, 2], "max_tokens": 3}"#,
+                InvocationKind::Completion,
+            ),
+            (
+                r#"{"input": "hi", "instructions": "x"}"#,
+                InvocationKind::Response,
+            ),
+        ] {
+            assert_eq!(invocation_kind(body.as_bytes()).unwrap(), kind, "{body}");
+        }
+        for body in [r#"{"model": "m"}"#, "not json", "[1]"] {
+            assert!(invocation_kind(body.as_bytes()).is_err(), "{body}");
+        }
     }
 
     #[test]

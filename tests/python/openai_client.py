@@ -79,6 +79,19 @@ def main():
                 finish = choice.finish_reason
     out["chat_stream"] = {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
 
+    # SageMaker's `/invocations`: the API its body's fields name.
+    chat_body = {"model": model, "messages": spec["messages"], "max_tokens": n, "temperature": 0, **extra}
+    completion_body = {"model": model, "prompt": spec["prompt"], "max_tokens": n, "temperature": 0, **extra}
+    invoked_chat = post("/invocations", chat_body)
+    invoked_completion = post("/invocations", completion_body)
+    invoked_response = post("/invocations", {"model": model, "input": "hi", "max_output_tokens": 2})
+    out["invocations"] = {
+        "chat": [invoked_chat[0], invoked_chat[1]["choices"][0]["message"]["content"]],
+        "completion": [invoked_completion[0], invoked_completion[1]["choices"][0]["text"]],
+        "response": [invoked_response[0], invoked_response[1].get("object")],
+        "neither": post("/invocations", {"model": model})[0],
+    }
+
     # Logprobs with tools offered: streamed, every token's (those of text held while a call
     # might be starting go with the next chunk), the whole answer's.
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
