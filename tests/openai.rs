@@ -748,6 +748,20 @@ async fn responses_api_through_the_official_client() {
         "text streams in pieces: {got}"
     );
 
+    let logprobs = &got["logprobs"];
+    assert_eq!(logprobs["whole"], logprobs["chat"], "{got}");
+    assert_eq!(logprobs["streamed"], logprobs["whole"], "{got}");
+    assert_eq!(logprobs["whole"].as_array().unwrap().len(), 6, "{got}");
+    assert_eq!(
+        logprobs["whole"][0][2].as_array().unwrap().len(),
+        2,
+        "{got}"
+    );
+    assert_eq!(
+        logprobs["delta_count"], 6,
+        "every token's logprobs once: {got}"
+    );
+
     let reasoning = &got["reasoning"];
     assert_eq!(reasoning["kinds"], json!(["reasoning", "message"]), "{got}");
     assert_eq!(reasoning["reasoning"], reasoning["chat_reasoning"], "{got}");

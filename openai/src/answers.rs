@@ -897,6 +897,7 @@ pub fn stream_chat(
 
 /// A Responses API answer, whole: the chat answer's parts as output items.
 pub async fn whole_response(
+    state: &HttpState,
     answers: Vec<Answers>,
     id: String,
     parsed: &Parsed,
@@ -906,6 +907,7 @@ pub async fn whole_response(
         return Err(RouterError::Internal("a response without an answer".into()).into());
     };
     let finish_reason = c.finish_reason.clone();
+    let logprobs = response_logprobs(state, parsed, &c.messages);
     let (message, _) = chat_message(
         parsed.tools.as_ref(),
         parsed.reasoning,
@@ -914,7 +916,7 @@ pub async fn whole_response(
         c.text,
         c.finish_reason,
     );
-    let items = responses::output_items(&id, &message);
+    let items = responses::output_items(&id, &message, &logprobs);
     let usage = c.usage.unwrap_or_else(no_usage);
     let created = (id.as_str(), super::unix_now());
     Ok(responses::response_object(
@@ -924,6 +926,28 @@ pub async fn whole_response(
         Some(&usage),
         finish_reason.as_deref(),
     ))
+}
+
+/// The tokens' logprobs in `messages` as output text logprobs, when the request asked for them.
+fn response_logprobs(
+    state: &HttpState,
+    parsed: &Parsed,
+    messages: &[GenerateResponse],
+) -> Vec<Value> {
+    if !parsed.logprobs {
+        return Vec::new();
+    }
+    messages
+        .iter()
+        .flat_map(|m| chat_logprobs(state, m, parsed.tokens_as_ids))
+        .filter_map(|lp| logprob_value(&lp))
+        .collect()
+}
+
+/// A token's logprobs as JSON with its floats written as f32 (as the chat answer writes them:
+/// `-2.1383862`, not the f64 widening `-2.1383862495422363` that `to_value` would keep).
+fn logprob_value(lp: &TokenLogprob) -> Option<Value> {
+    serde_json::from_str(&serde_json::to_string(lp).ok()?).ok()
 }
 
 fn no_usage() -> Usage {
@@ -939,11 +963,13 @@ fn no_usage() -> Usage {
 /// it ([`HeldText`]: text goes out until a call may be starting, then each call's arguments
 /// as they are generated).
 pub fn stream_response(
+    state: Arc<HttpState>,
     answers: Vec<Answers>,
     id: String,
     parsed: &Parsed,
     shape: ResponseShape,
 ) -> EventStream {
+    let (logprobs, as_ids) = (parsed.logprobs, parsed.tokens_as_ids);
     let mut splitter = parsed.reasoning.map(ReasoningStream::new);
     let tools = parsed.tools.clone();
     let mut held = HeldText::default();
@@ -963,6 +989,10 @@ pub fn stream_response(
             }
             None => (String::new(), msg.text.clone()),
         };
+        if logprobs {
+            let entries = chat_logprobs(&state, msg, as_ids);
+            events.add_logprobs(entries.iter().filter_map(logprob_value));
+        }
         let mut out = Vec::new();
         events.reasoning(&reasoning, &mut out);
         match &tools {

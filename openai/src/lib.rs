@@ -954,9 +954,12 @@ async fn responses_create(
     let (answers, parsed, shape) = admit_chat(&state, body, read, origin).await?;
     let id = state.request_id("resp");
     if parsed.stream {
-        Ok(answers::stream_response(answers, id, &parsed, shape).into_response())
+        Ok(answers::stream_response(state, answers, id, &parsed, shape).into_response())
     } else {
-        Ok(Json(answers::whole_response(answers, id, &parsed, &shape).await?).into_response())
+        Ok(
+            Json(answers::whole_response(&state, answers, id, &parsed, &shape).await?)
+                .into_response(),
+        )
     }
 }
 

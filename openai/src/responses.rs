@@ -1,12 +1,13 @@
 //! OpenAI's Responses API (`POST /v1/responses`, the official clients' `responses.create`), as
 //! vLLM and SGLang serve it, without storage: a body is turned into the chat request it means
 //! (`instructions` as the system message, `input` as the conversation, function tools and
-//! their calls and outputs, `text.format` as the response format, `max_output_tokens`), so it
+//! their calls and outputs, `text.format` as the response format, `max_output_tokens`,
+//! `include`d logprobs), so it
 //! is checked, rendered and generated exactly as `/v1/chat/completions` would; the answer comes
 //! back as output items (reasoning, a message, function calls), whole or as the typed stream
 //! of events (`response.created` ... `response.completed`). What needs a stored response
 //! (`previous_response_id`, `conversation`, `background`, item references) or is not
-//! implemented (hosted tools, `include`d logprobs) is a 400 naming it.
+//! implemented (hosted tools, images, other `include`s) is a 400 naming it.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -71,7 +72,11 @@ pub struct ResponseShape {
     parallel_tool_calls: bool,
     text: Value,
     metadata: Value,
+    top_logprobs: Option<u32>,
 }
+
+/// What `include` names to have each output text's token logprobs.
+const LOGPROBS_INCLUDE: &str = "message.output_text.logprobs";
 
 fn refuse(param: &'static str, why: &str) -> RouterError {
     RouterError::invalid(param, format!("`{param}` {why}"))
@@ -116,6 +121,14 @@ pub fn chat_body_of(
         set("tool_choice", chat_tool_choice(choice)?);
     }
     set("parallel_tool_calls", json!(req.parallel_tool_calls));
+    // Logprobs when `include` asks for them (or alternatives are asked for), each token with
+    // `top_logprobs` alternatives; the chat checks bound them.
+    let logprobs = req.include.iter().flatten().any(|i| i == LOGPROBS_INCLUDE)
+        || req.top_logprobs.is_some_and(|k| k > 0);
+    if logprobs {
+        set("logprobs", json!(true));
+        set("top_logprobs", json!(req.top_logprobs.filter(|&k| k > 0)));
+    }
     set("response_format", response_format(req.text.as_ref())?);
     let shape = ResponseShape {
         model: served_model.to_string(),
@@ -130,6 +143,7 @@ pub fn chat_body_of(
             .text
             .unwrap_or_else(|| json!({"format": {"type": "text"}})),
         metadata: req.metadata.unwrap_or(Value::Null),
+        top_logprobs: req.top_logprobs,
     };
     let body = serde_json::to_vec(&Value::Object(chat))
         .map_err(|e| RouterError::Internal(format!("cannot encode a chat body: {e}")))?;
@@ -156,11 +170,19 @@ fn refuse_stored_and_unimplemented(req: &ResponsesRequest) -> Result<(), RouterE
             "(a stored prompt template) is not supported",
         ));
     }
-    if req.include.as_ref().is_some_and(|i| !i.is_empty()) {
-        return Err(refuse("include", "is not supported by this server"));
-    }
-    if req.top_logprobs.is_some_and(|k| k > 0) {
-        return Err(refuse("top_logprobs", "is not supported on /v1/responses"));
+    // Encrypted reasoning is for stateless clients to send back: this server's reasoning
+    // items come back as text, so asking for it changes nothing.
+    let served = [LOGPROBS_INCLUDE, "reasoning.encrypted_content"];
+    if let Some(other) = req
+        .include
+        .iter()
+        .flatten()
+        .find(|i| !served.contains(&i.as_str()))
+    {
+        return Err(RouterError::invalid(
+            "include",
+            format!("`include` of `{other}` is not supported by this server"),
+        ));
     }
     if req.truncation.as_deref().is_some_and(|t| t != "disabled") {
         return Err(refuse(
@@ -397,6 +419,7 @@ pub fn response_object(
         "parallel_tool_calls": shape.parallel_tool_calls,
         "temperature": shape.temperature,
         "top_p": shape.top_p,
+        "top_logprobs": shape.top_logprobs,
         "tool_choice": shape.tool_choice,
         "tools": shape.tools,
         "text": shape.text,
@@ -413,13 +436,14 @@ fn reasoning_item(id: &str, text: &str) -> Value {
            "content": [{"type": "reasoning_text", "text": text}], "status": "completed"})
 }
 
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+fn text_part(text: &str, logprobs: &[Value]) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
 }
 
-fn message_item(id: &str, text: Option<&str>, status: &str) -> Value {
+fn message_item(id: &str, text: Option<(&str, &[Value])>, status: &str) -> Value {
+    let content: Vec<Value> = text.map(|(t, lp)| text_part(t, lp)).into_iter().collect();
     json!({"type": "message", "id": format!("msg-{id}"), "status": status, "role": "assistant",
-           "content": text.map(|t| vec![text_part(t)]).unwrap_or_default()})
+           "content": content})
 }
 
 /// A chat tool call (`{id, function: {name, arguments}}`) as a function call item.
@@ -429,15 +453,16 @@ fn function_call_item(id: &str, i: usize, call: &Value) -> Value {
            "status": "completed"})
 }
 
-/// The output items of a finished answer, in order: its reasoning, its text, its calls.
-pub fn output_items(id: &str, message: &ChatMessageOut) -> Vec<Value> {
+/// The output items of a finished answer, in order: its reasoning, its text (with every
+/// token's logprobs when asked for, as vLLM gives them), its calls.
+pub fn output_items(id: &str, message: &ChatMessageOut, logprobs: &[Value]) -> Vec<Value> {
     let mut items = Vec::new();
     if let Some(reasoning) = &message.reasoning_content {
         items.push(reasoning_item(id, reasoning));
     }
     if let Some(text) = message.content.as_deref() {
         if !text.is_empty() || message.tool_calls.is_none() {
-            items.push(message_item(id, Some(text), "completed"));
+            items.push(message_item(id, Some((text, logprobs)), "completed"));
         }
     }
     for (i, call) in message.tool_calls.iter().flatten().enumerate() {
@@ -472,6 +497,10 @@ pub struct ResponseEvents {
     calls: Vec<OpenCall>,
     done: Vec<(usize, Value)>,
     sequence: u64,
+    /// Every token's logprobs so far (the message's, as the whole answer's), and those not
+    /// yet sent with a text delta.
+    logprobs: Vec<Value>,
+    unsent_logprobs: Vec<Value>,
 }
 
 /// An event: its type, and its JSON (with `type` and `sequence_number`).
@@ -487,6 +516,17 @@ impl ResponseEvents {
             calls: Vec::new(),
             done: Vec::new(),
             sequence: 0,
+            logprobs: Vec::new(),
+            unsent_logprobs: Vec::new(),
+        }
+    }
+
+    /// More tokens' logprobs (when asked for): they go out with the next text delta, and
+    /// the message holds them all.
+    pub fn add_logprobs(&mut self, entries: impl IntoIterator<Item = Value>) {
+        for entry in entries {
+            self.logprobs.push(entry.clone());
+            self.unsent_logprobs.push(entry);
         }
     }
 
@@ -563,10 +603,11 @@ impl ResponseEvents {
         all.push_str(text);
         let index = *index;
         let item_id = format!("msg-{}", self.id);
+        let logprobs = std::mem::take(&mut self.unsent_logprobs);
         out.push(self.event(
             "response.output_text.delta",
             json!({"item_id": item_id, "output_index": index, "content_index": 0,
-                   "delta": text, "logprobs": []}),
+                   "delta": text, "logprobs": logprobs}),
         ));
     }
 
@@ -585,7 +626,7 @@ impl ResponseEvents {
         out.push(self.event(
             "response.content_part.added",
             json!({"item_id": item_id, "output_index": index, "content_index": 0,
-                   "part": text_part("")}),
+                   "part": text_part("", &[])}),
         ));
         self.open = Some(OpenItem::Message {
             index,
@@ -669,14 +710,15 @@ impl ResponseEvents {
                 self.done.push((index, item));
             }
             Some(OpenItem::Message { index, text }) => {
-                let item = message_item(&self.id, Some(&text), "completed");
+                // The message holds every token's logprobs, as the whole answer's does.
+                let item = message_item(&self.id, Some((&text, &self.logprobs)), "completed");
                 let ids = json!({"item_id": item["id"], "output_index": index, "content_index": 0});
                 let mut done = ids.clone();
                 done["text"] = text.as_str().into();
-                done["logprobs"] = json!([]);
+                done["logprobs"] = self.logprobs.clone().into();
                 out.push(self.event("response.output_text.done", done));
                 let mut part = ids;
-                part["part"] = text_part(&text);
+                part["part"] = text_part(&text, &self.logprobs);
                 out.push(self.event("response.content_part.done", part));
                 out.push(self.event(
                     "response.output_item.done",
@@ -770,7 +812,7 @@ mod tests {
             (json!({"input": "x", "conversation": "c"}), "conversation"),
             (json!({"input": "x", "background": true}), "background"),
             (
-                json!({"input": "x", "include": ["message.output_text.logprobs"]}),
+                json!({"input": "x", "include": ["file_search_call.results"]}),
                 "include",
             ),
             (
@@ -807,6 +849,57 @@ mod tests {
                        "background": false, "store": false}),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn included_logprobs_are_the_chat_requests_logprobs() {
+        let chat = chat_of(
+            json!({"input": "x", "include": ["message.output_text.logprobs",
+                                   "reasoning.encrypted_content"], "top_logprobs": 3}),
+        )
+        .unwrap();
+        assert_eq!(
+            (chat["logprobs"].clone(), chat["top_logprobs"].clone()),
+            (json!(true), json!(3))
+        );
+        let chat =
+            chat_of(json!({"input": "x", "include": ["message.output_text.logprobs"]})).unwrap();
+        assert_eq!(chat["logprobs"], true);
+        assert!(chat.get("top_logprobs").is_none());
+        assert!(chat_of(json!({"input": "x"}))
+            .unwrap()
+            .get("logprobs")
+            .is_none());
+    }
+
+    /// Each text delta carries the logprobs of the tokens since the last one; the message
+    /// holds them all.
+    #[test]
+    fn logprobs_go_out_with_the_text_and_the_message_holds_them_all() {
+        let mut events = ResponseEvents::new("r".into(), 1, ResponseShape::default());
+        let mut all = Vec::new();
+        let token = |t: &str| json!({"token": t, "logprob": -0.5, "bytes": t.as_bytes(), "top_logprobs": []});
+        events.add_logprobs([token("<think>"), token("a")]);
+        events.reasoning("a", &mut all);
+        events.add_logprobs([token("</think>"), token("Hi")]);
+        events.text("Hi", &mut all);
+        events.add_logprobs([token("!")]);
+        events.text("!", &mut all);
+        events.finish("stop", &usage(), &mut all);
+        let deltas: Vec<usize> = all
+            .iter()
+            .filter(|(k, _)| *k == "response.output_text.delta")
+            .map(|(_, e)| e["logprobs"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(deltas, [4, 1]);
+        let last = &all.last().unwrap().1["response"];
+        assert_eq!(
+            last["output"][1]["content"][0]["logprobs"]
+                .as_array()
+                .unwrap()
+                .len(),
+            5
+        );
     }
 
     fn kinds(events: &[ResponseEvent]) -> Vec<&'static str> {
@@ -869,6 +962,7 @@ mod tests {
                 reasoning_content: Some("abc".into()),
                 tool_calls: None,
             },
+            &[],
         );
         assert_eq!(last["output"], Value::Array(whole), "streamed = whole");
     }
@@ -910,6 +1004,7 @@ mod tests {
                 reasoning_content: None,
                 tool_calls: Some(calls.to_vec()),
             },
+            &[],
         );
         assert_eq!(last["output"], Value::Array(whole), "streamed = whole");
         // Every item's index is its place in the output.

@@ -77,6 +77,26 @@ def main():
     }
     out["plain_streamed"] = streamed(client, **plain)
 
+    # Logprobs asked for by `include`: the chat completion's, whole and streamed.
+    scored = dict(model=model, input="Say hello.", max_output_tokens=6, temperature=0,
+                  include=["message.output_text.logprobs"], top_logprobs=2,
+                  extra_body={"ignore_eos": True, **no_thinking})
+    lp = client.responses.create(**scored).output[0].content[0].logprobs
+    chat_lp = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True, **no_thinking}).choices[0].logprobs.content
+    delta_logprobs, final_lp = 0, None
+    for event in client.responses.create(stream=True, **scored):
+        if event.type == "response.output_text.delta":
+            delta_logprobs += len(event.logprobs or [])
+        if event.type == "response.incomplete":
+            final_lp = event.response.output[0].content[0].logprobs
+    pairs = lambda entries: [[e.token, e.logprob, [[t.token, t.logprob] for t in e.top_logprobs]]
+                             for e in entries or []]
+    out["logprobs"] = {"whole": pairs(lp), "chat": pairs(chat_lp), "streamed": pairs(final_lp),
+                       "delta_count": delta_logprobs}
+
     # Reasoning apart: a regex makes the tiny model think first, as in reasoning.py.
     forced = dict(model=model, input="Think, then answer.", max_output_tokens=60, temperature=1.0,
                   extra_body={"structured_outputs": {"regex": THOUGHT}, "seed": 3, **no_thinking})
