@@ -950,7 +950,8 @@ async fn responses_create(
         let (chat, shape) = responses::chat_body_of(body, model)?;
         Ok((parse_chat_body(&chat, model, has_template)?, shape))
     };
-    let origin = TraceOrigin::from_http(&headers, "response");
+    // gen_ai semantic conventions have no operation of its own for the Responses API: a chat.
+    let origin = TraceOrigin::from_http(&headers, "chat");
     let (answers, parsed, shape) = admit_chat(&state, body, read, origin).await?;
     let id = state.request_id("resp");
     if parsed.stream {

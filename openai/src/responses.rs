@@ -42,22 +42,20 @@ pub struct ResponsesRequest {
     top_logprobs: Option<u32>,
     truncation: Option<String>,
     max_tool_calls: Option<Value>,
-    // Bookkeeping: read so they are not handed on, never acted on.
-    #[allow(dead_code)]
-    store: Option<bool>,
-    #[allow(dead_code)]
-    user: Option<String>,
-    #[allow(dead_code)]
-    service_tier: Option<Value>,
-    #[allow(dead_code)]
-    safety_identifier: Option<Value>,
-    #[allow(dead_code)]
-    prompt_cache_key: Option<Value>,
-    #[allow(dead_code)]
-    stream_options: Option<Value>,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
+
+/// Responses fields that change nothing here and are not handed to the chat request
+/// (`stream_options` means other things there).
+const BOOKKEEPING: [&str; 6] = [
+    "store",
+    "user",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "stream_options",
+];
 
 /// What the response object repeats of its request.
 #[derive(Debug, Clone, Default)]
@@ -103,6 +101,9 @@ pub fn chat_body_of(
     }
     let tools = req.tools.clone().unwrap_or_default();
     let mut chat = req.extra.clone();
+    for field in BOOKKEEPING {
+        chat.remove(field);
+    }
     let mut set = |key: &str, value: Value| {
         if !value.is_null() {
             chat.insert(key.to_string(), value);
@@ -842,13 +843,13 @@ mod tests {
                 other => panic!("{body}: {other:?}"),
             }
         }
-        // Defaults clients send pass.
-        chat_of(
-            json!({"input": "x", "previous_response_id": null, "include": [],
-                       "reasoning": {"effort": null}, "truncation": "disabled",
-                       "background": false, "store": false}),
-        )
-        .unwrap();
+        // Defaults and bookkeeping clients send pass, and the chat body they become parses.
+        let body = json!({"input": "x", "previous_response_id": null, "include": [],
+                          "reasoning": {"effort": null}, "truncation": "disabled",
+                          "background": false, "store": true, "user": "u",
+                          "stream_options": {"include_obfuscation": false}});
+        let (chat, _) = chat_body_of(body.to_string().as_bytes(), "m").unwrap();
+        crate::parse_chat_body(&chat, "m", true).unwrap();
     }
 
     #[test]
