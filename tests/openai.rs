@@ -731,6 +731,7 @@ async fn responses_api_through_the_official_client() {
     assert_eq!(plain["incomplete_reason"], "max_output_tokens", "{got}");
     assert_eq!(plain["object"], "response");
     assert_eq!(plain["kinds"], json!(["message"]), "{got}");
+    assert_eq!(plain["reasoning_tokens"], 0, "no thinking: {got}");
     let streamed = &got["plain_streamed"];
     assert_eq!(streamed["text"], plain["text"], "streamed = whole: {got}");
     assert_eq!(streamed["last_text"], plain["text"], "{got}");
@@ -766,7 +767,17 @@ async fn responses_api_through_the_official_client() {
     assert_eq!(reasoning["kinds"], json!(["reasoning", "message"]), "{got}");
     assert_eq!(reasoning["reasoning"], reasoning["chat_reasoning"], "{got}");
     assert_eq!(reasoning["text"], reasoning["chat_text"], "{got}");
+    // The thinking's tokens: its text's and its two tags', fewer than the answer's.
+    let thinking = reasoning["tokens"][0].as_u64().unwrap_or(0);
+    assert!(
+        thinking >= 3 && thinking < reasoning["tokens"][1].as_u64().unwrap_or(0),
+        "{got}"
+    );
     let reasoning_streamed = &got["reasoning_streamed"];
+    assert_eq!(
+        reasoning_streamed["reasoning_tokens"], reasoning["tokens"][0],
+        "streamed = whole: {got}"
+    );
     assert_eq!(
         reasoning_streamed["reasoning"], reasoning["reasoning"],
         "{got}"

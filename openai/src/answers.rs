@@ -908,6 +908,15 @@ pub async fn whole_response(
     };
     let finish_reason = c.finish_reason.clone();
     let logprobs = response_logprobs(state, parsed, &c.messages);
+    // The thinking's tokens, counted message by message as a stream counts them.
+    let reasoning_tokens = parsed.reasoning.map_or(0, |split| {
+        let mut stream = ReasoningStream::new(split);
+        let last = c.messages.len().saturating_sub(1);
+        for (i, m) in c.messages.iter().enumerate() {
+            stream.push_tokens(&m.text, m.token_ids.len() as u32, i == last);
+        }
+        stream.reasoning_tokens()
+    });
     let (message, _) = chat_message(
         parsed.tools.as_ref(),
         parsed.reasoning,
@@ -923,7 +932,7 @@ pub async fn whole_response(
         shape,
         created,
         items,
-        Some(&usage),
+        Some((&usage, reasoning_tokens)),
         finish_reason.as_deref(),
     ))
 }
@@ -982,9 +991,10 @@ pub fn stream_response(
     let first = events.start().into_iter().map(typed).collect();
     relay(answers, first, false, move |_, msg| {
         let reason = finish(msg);
+        let tokens = msg.token_ids.len() as u32;
         let (reasoning, text) = match splitter.as_mut() {
             Some(s) => {
-                let piece = s.push(&msg.text, reason.is_some());
+                let piece = s.push_tokens(&msg.text, tokens, reason.is_some());
                 (piece.reasoning, piece.content)
             }
             None => (String::new(), msg.text.clone()),
@@ -1008,7 +1018,10 @@ pub fn stream_response(
         }
         if let Some(reason) = reason {
             let usage = usage(msg).unwrap_or_else(no_usage);
-            events.finish(&reason, &usage, &mut out);
+            let thinking = splitter
+                .as_ref()
+                .map_or(0, ReasoningStream::reasoning_tokens);
+            events.finish(&reason, (&usage, thinking), &mut out);
         }
         out.into_iter().map(typed).collect()
     })

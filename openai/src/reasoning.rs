@@ -114,6 +114,10 @@ pub struct ReasoningStream {
     held: String,
     /// Whether any reasoning was seen (a whole answer then has `reasoning_content`).
     reasoned: bool,
+    /// Tokens of the thinking so far (its tags included), and those of pieces not yet told
+    /// apart (whitespace, a tag's beginning).
+    reasoning_tokens: u32,
+    undecided_tokens: u32,
 }
 
 /// Where in `text` a tail starts that could still grow into `tag` (its length when none).
@@ -131,7 +135,32 @@ impl ReasoningStream {
             phase: Phase::Opening,
             held: String::new(),
             reasoned: false,
+            reasoning_tokens: 0,
+            undecided_tokens: 0,
         }
+    }
+
+    /// [`Self::push`] of a piece of `tokens` tokens, counting them as reasoning when the piece
+    /// falls inside the thinking or closes it (a piece that also starts the content counts
+    /// whole: pieces are a token or two).
+    pub fn push_tokens(&mut self, piece: &str, tokens: u32, last: bool) -> SplitPiece {
+        let before = self.phase;
+        let out = self.push(piece, last);
+        match (before, self.phase) {
+            (_, Phase::Opening) => self.undecided_tokens += tokens,
+            (Phase::Content, _) => {}
+            (Phase::Opening, Phase::Content) if !self.reasoned => self.undecided_tokens = 0,
+            _ => {
+                self.reasoning_tokens += std::mem::take(&mut self.undecided_tokens) + tokens;
+            }
+        }
+        out
+    }
+
+    /// The thinking's tokens so far (usage's `reasoning_tokens`), counted by
+    /// [`Self::push_tokens`].
+    pub fn reasoning_tokens(&self) -> u32 {
+        self.reasoning_tokens
     }
 
     /// Splits the next piece; with `last`, gives out everything held.
@@ -205,6 +234,43 @@ pub fn split_whole(split: ReasoningSplit, text: &str) -> (Option<String>, Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tokens inside the thinking count, its tags and the piece closing it included; an
+    /// answer that never thinks counts none, and neither does content after the thinking.
+    #[test]
+    fn reasoning_tokens_are_the_thinkings_own() {
+        let split = ReasoningSplit {
+            opens_in_prompt: false,
+            include: true,
+        };
+        let count = |pieces: &[&str]| {
+            let mut s = ReasoningStream::new(split);
+            for (i, p) in pieces.iter().enumerate() {
+                s.push_tokens(p, 1, i + 1 == pieces.len());
+            }
+            s.reasoning_tokens()
+        };
+        assert_eq!(
+            count(&["\n", "<think>", "a", "b", "</think>", "Hi", "!"]),
+            5
+        );
+        assert_eq!(count(&["<th", "ink>", "a", "</th", "ink>", "Hi"]), 5);
+        assert_eq!(
+            count(&["\n", "Hi", "<think>"]),
+            0,
+            "no thinking at the start"
+        );
+        assert_eq!(count(&["<think>a</think>Hi"]), 1);
+        let opened = ReasoningSplit {
+            opens_in_prompt: true,
+            include: false,
+        };
+        let mut s = ReasoningStream::new(opened);
+        for p in ["a", "b", "</think>", "c"] {
+            s.push_tokens(p, 1, false);
+        }
+        assert_eq!(s.reasoning_tokens(), 3, "counted when hidden too");
+    }
 
     fn rule(parser: ReasoningParser) -> ReasoningSplit {
         parser.for_request("", None, true).expect("splits")

@@ -387,7 +387,7 @@ pub fn response_object(
     shape: &ResponseShape,
     (id, created): (&str, u64),
     output: Vec<Value>,
-    usage: Option<&Usage>,
+    usage: Option<(&Usage, u32)>,
     finish_reason: Option<&str>,
 ) -> Value {
     let status = match (usage, incomplete(finish_reason)) {
@@ -395,12 +395,12 @@ pub fn response_object(
         (Some(_), true) => "incomplete",
         (Some(_), false) => "completed",
     };
-    let usage = usage.map(|u| {
+    let usage = usage.map(|(u, reasoning_tokens)| {
         json!({
             "input_tokens": u.prompt_tokens,
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": u.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": u.total_tokens,
         })
     });
@@ -538,7 +538,7 @@ impl ResponseEvents {
         (kind, body)
     }
 
-    fn object(&self, usage: Option<&Usage>, finish_reason: Option<&str>) -> Value {
+    fn object(&self, usage: Option<(&Usage, u32)>, finish_reason: Option<&str>) -> Value {
         let output = match usage {
             Some(_) => self.done.iter().map(|(_, item)| item.clone()).collect(),
             None => Vec::new(),
@@ -666,8 +666,8 @@ impl ResponseEvents {
     }
 
     /// The answer's end: every open item's `.done` events, then `response.completed` (or
-    /// `response.incomplete` when the token budget cut it).
-    pub fn finish(&mut self, reason: &str, usage: &Usage, out: &mut Vec<ResponseEvent>) {
+    /// `response.incomplete` when the token budget cut it); `usage` with the thinking's tokens.
+    pub fn finish(&mut self, reason: &str, usage: (&Usage, u32), out: &mut Vec<ResponseEvent>) {
         // An answer of nothing is still a message, as the whole answer gives it.
         if self.open.is_none() && self.calls.is_empty() && self.done.is_empty() {
             self.open_message(out);
@@ -886,7 +886,7 @@ mod tests {
         events.text("Hi", &mut all);
         events.add_logprobs([token("!")]);
         events.text("!", &mut all);
-        events.finish("stop", &usage(), &mut all);
+        events.finish("stop", (&usage(), 0), &mut all);
         let deltas: Vec<usize> = all
             .iter()
             .filter(|(k, _)| *k == "response.output_text.delta")
@@ -926,7 +926,7 @@ mod tests {
         for piece in ["Hel", "lo", "!"] {
             events.text(piece, &mut all);
         }
-        events.finish("stop", &usage(), &mut all);
+        events.finish("stop", (&usage(), 0), &mut all);
         assert_eq!(
             kinds(&all),
             [
@@ -985,7 +985,7 @@ mod tests {
         let second = json!({"index": 1, "id": "call-r-0-1", "type": "function",
                             "function": {"name": "g", "arguments": "{}"}});
         events.call(&second, &mut all);
-        events.finish("tool_calls", &usage(), &mut all);
+        events.finish("tool_calls", (&usage(), 0), &mut all);
         let deltas: Vec<&Value> = all
             .iter()
             .filter(|(k, _)| *k == "response.function_call_arguments.delta")
@@ -1021,7 +1021,7 @@ mod tests {
     fn an_answer_cut_by_its_budget_is_incomplete_and_an_empty_one_a_message() {
         let mut events = ResponseEvents::new("r".into(), 1, ResponseShape::default());
         let mut all = Vec::new();
-        events.finish("length", &usage(), &mut all);
+        events.finish("length", (&usage(), 0), &mut all);
         let (kind, last) = all.last().unwrap();
         assert_eq!(*kind, "response.incomplete");
         assert_eq!(last["response"]["status"], "incomplete");

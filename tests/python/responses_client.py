@@ -50,6 +50,7 @@ def streamed(client, **kw):
             "last_text": last.output_text if last else None,
             "last_status": last.status if last else None,
             "calls": calls, "streamed_arguments": list(arguments.values()),
+            "reasoning_tokens": last.usage.output_tokens_details.reasoning_tokens if last else None,
             "argument_deltas": types.count("response.function_call_arguments.delta")}
 
 
@@ -74,6 +75,7 @@ def main():
         "usage": [resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.total_tokens],
         "chat_usage": [chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens],
         "object": resp.object, "kinds": [o.type for o in resp.output],
+        "reasoning_tokens": resp.usage.output_tokens_details.reasoning_tokens,
     }
     out["plain_streamed"] = streamed(client, **plain)
 
@@ -111,6 +113,7 @@ def main():
         "chat_reasoning": getattr(chat.choices[0].message, "reasoning_content", None),
         "text": thought.output_text, "chat_text": chat.choices[0].message.content,
         "status": thought.status,
+        "tokens": [thought.usage.output_tokens_details.reasoning_tokens, thought.usage.output_tokens],
     }
     out["reasoning_streamed"] = streamed(client, **forced)
 
