@@ -904,3 +904,61 @@ async fn seeded_draws_in_a_cluster_are_the_offline_engines() {
     // The seeds and the cuts make each draw its own.
     assert_eq!(distinct.len(), draws.len());
 }
+
+/// `--scheduling-policy priority` (vLLM's): with one sequence running at a time, a request
+/// sent later with a lower `priority` runs before an earlier one with a higher value; the
+/// default policy refuses a non-zero priority by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_orders_the_waiting_queue() {
+    let case = &golden_cases(FIXTURES[0])[0];
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 1);
+    spec.router_args
+        .extend(["--scheduling-policy", "priority", "--max-running", "1"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let mut client = harness::inference(&cluster).await;
+    let request = |max_new: u32, priority: i32| {
+        let mut req = greedy(&case.input_ids, max_new);
+        req.ignore_eos = true;
+        req.priority = priority;
+        req
+    };
+    // A long request runs; two more wait behind it, the second more urgent.
+    let mut running = client.generate(request(300, 0)).await.unwrap().into_inner();
+    running
+        .message()
+        .await
+        .unwrap()
+        .expect("the first request runs");
+    let later = client.generate(request(4, 5)).await.unwrap().into_inner();
+    let urgent = client.generate(request(4, -5)).await.unwrap().into_inner();
+    let finish_time = |mut stream: tonic::Streaming<moe_proto::v1::GenerateResponse>| async move {
+        let mut first = None;
+        while let Some(msg) = stream.message().await.unwrap() {
+            first.get_or_insert_with(Instant::now);
+            if !msg.finish_reason.is_empty() {
+                return (first.unwrap(), Instant::now());
+            }
+        }
+        panic!("the answer ended without a finish reason")
+    };
+    let later = tokio::spawn(finish_time(later));
+    let urgent = tokio::spawn(finish_time(urgent));
+    while running.message().await.unwrap().is_some() {}
+    let (later_first, _) = later.await.unwrap();
+    let (_, urgent_done) = urgent.await.unwrap();
+    assert!(
+        urgent_done <= later_first,
+        "the more urgent request ran first, though it came later"
+    );
+
+    // Under the default policy, a priority is refused by name.
+    let (_default, mut client) = one_node(FIXTURES[0]).await;
+    let status = client.generate(request(2, 3)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("--scheduling-policy priority"),
+        "{status:?}"
+    );
+    client.generate(request(2, 0)).await.unwrap();
+}

@@ -439,6 +439,7 @@ async fn official_openai_client_gets_the_offline_tokens() {
     );
     assert_eq!(invoked["response"], json!([200, "response"]), "{invoked}");
     assert_eq!(invoked["neither"], 400, "{invoked}");
+    assert_eq!(got["priority"], json!([400, "priority"]));
     assert_eq!(got["min_tokens"], json!([held.output_ids.len(), "stop"]));
     assert_eq!(held.output_ids.len(), 4, "three tokens, then the end token");
     assert_eq!(got["errors"]["no_op_values"], "length");

@@ -281,6 +281,13 @@ fn logit_bias(
         .collect()
 }
 
+/// vLLM's `priority`, as the request's 32-bit one (the router refuses it unless its
+/// scheduling policy is `priority`).
+fn priority(p: Option<i64>) -> Result<i32, RouterError> {
+    i32::try_from(p.unwrap_or(0))
+        .map_err(|_| RouterError::invalid("priority", "priority must fit in 32 bits"))
+}
+
 fn top_k(k: Option<i64>) -> Option<u32> {
     k.filter(|&k| k > 0).map(|k| k.min(u32::MAX as i64) as u32)
 }
@@ -478,6 +485,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             structured_output_after: String::new(),
             include_stop_str_in_output: req.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: req.skip_special_tokens,
+            priority: priority(req.priority)?,
         },
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
@@ -905,6 +913,7 @@ pub fn render_chat(
             structured_output_after: grammar_after,
             include_stop_str_in_output: req.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: req.skip_special_tokens,
+            priority: priority(req.priority)?,
         },
         stream: req.stream,
         logprobs: req.logprobs,

@@ -79,6 +79,8 @@ pub struct CompletionRequest {
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM's extension: the prompt's tokens scored, with this many alternatives each.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM's extension: the waiting queue's order under `--scheduling-policy priority`.
+    pub priority: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -173,6 +175,8 @@ pub struct ChatRequest {
     pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM's extension: the rendered prompt's tokens scored, with this many alternatives each.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM's extension: the waiting queue's order under `--scheduling-policy priority`.
+    pub priority: Option<i64>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

@@ -96,6 +96,11 @@ pub struct Args {
     /// Requests waiting for admission at most; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
+    /// The waiting queue's order, as vLLM's `--scheduling-policy`: `fcfs` (arrival order; a
+    /// request's non-zero `priority` is refused) or `priority` (lowest `priority` first, equal
+    /// ones in arrival order).
+    #[arg(long, env = "MOE_SCHEDULING_POLICY", value_enum, default_value_t = SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: SchedulingPolicy,
     /// KV-cache memory budget in bytes.
     #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
     pub kv_cache_bytes: u64,
@@ -180,4 +185,11 @@ pub struct Args {
     /// Math threads (default: all cores).
     #[arg(long, env = "MOE_THREADS")]
     pub threads: Option<usize>,
+}
+
+/// How waiting requests are ordered (`--scheduling-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulingPolicy {
+    Fcfs,
+    Priority,
 }

@@ -355,6 +355,7 @@ fn admission(
             max_prompt_tokens,
             max_prompt_bytes,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
+            priority_scheduling: args.scheduling_policy == args::SchedulingPolicy::Priority,
             ..Default::default()
         },
     })

@@ -178,6 +178,14 @@ pub struct Scheduler {
     pub prefix_cache: Option<RefCell<PrefixCache>>,
 }
 
+/// Puts `item` in the waiting queue after every item of its priority or a lower one (lower
+/// is admitted first, as vLLM orders `priority`; equal ones keep their arrival order).
+fn enqueue<T>(queue: &mut VecDeque<T>, item: T, priority: impl Fn(&T) -> i32) {
+    let own = priority(&item);
+    let at = queue.partition_point(|waiting| priority(waiting) <= own);
+    queue.insert(at, item);
+}
+
 impl Scheduler {
     /// Runs until the submission channel closes.
     pub fn run(self, mut submissions: mpsc::Receiver<Submission>) {
@@ -189,12 +197,12 @@ impl Scheduler {
                 self.stats.waiting.store(0, Ordering::Relaxed);
                 self.stats.running.store(0, Ordering::Relaxed);
                 match submissions.blocking_recv() {
-                    Some(s) => waiting.push_back(s),
+                    Some(s) => enqueue(&mut waiting, s, |s| s.request.priority),
                     None => return,
                 }
             }
             while let Ok(s) = submissions.try_recv() {
-                waiting.push_back(s);
+                enqueue(&mut waiting, s, |s| s.request.priority);
             }
             let metrics = &self.metrics;
             let keep =
@@ -1048,5 +1056,21 @@ fn top_logprobs(logits: &[f32], k: usize) -> TopLogprobs {
             .map(|&i| (logits[i as usize] as f64 - log_sum) as f32)
             .collect(),
         token_ids: ids,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lower priorities first; equal ones in arrival order, wherever they arrive.
+    #[test]
+    fn the_waiting_queue_is_ordered_by_priority_then_arrival() {
+        let mut queue = VecDeque::new();
+        for (arrival, priority) in [(0, 0), (1, 5), (2, -5), (3, 0), (4, 5), (5, -5), (6, 0)] {
+            enqueue(&mut queue, (arrival, priority), |&(_, p)| p);
+        }
+        let order: Vec<i32> = queue.iter().map(|&(arrival, _)| arrival).collect();
+        assert_eq!(order, [2, 5, 0, 3, 6, 1, 4]);
     }
 }

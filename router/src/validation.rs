@@ -23,6 +23,8 @@ pub struct RequestLimits {
     pub max_prompt_bytes: usize,
     /// Admission to last token.
     pub request_timeout: Duration,
+    /// `--scheduling-policy priority`: requests' `priority` orders the waiting queue.
+    pub priority_scheduling: bool,
 }
 
 impl Default for RequestLimits {
@@ -33,6 +35,7 @@ impl Default for RequestLimits {
             max_prompt_tokens: usize::MAX,
             max_prompt_bytes: usize::MAX,
             request_timeout: Duration::from_secs(600),
+            priority_scheduling: false,
         }
     }
 }
@@ -76,6 +79,9 @@ pub struct ValidRequest {
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
     pub received: Instant,
     pub deadline: Instant,
+    /// Its place in the waiting queue: lower first (vLLM's `priority`; 0 unless
+    /// `--scheduling-policy priority`).
+    pub priority: i32,
 }
 
 /// Most `bad_words` a request may give, and their longest (each is matched at every token).
@@ -355,6 +361,16 @@ pub fn validate_ids(
         )));
     }
     let adjust = logit_adjustments(&req, config.vocab_size, max_new)?;
+    if req.priority != 0 && !limits.priority_scheduling {
+        return Err(RouterError::invalid(
+            "priority",
+            format!(
+                "priority {} needs priority scheduling: start the router with \
+                 --scheduling-policy priority",
+                req.priority
+            ),
+        ));
+    }
     Ok(ValidRequest {
         input_ids,
         resumed_ids,
@@ -383,6 +399,7 @@ pub fn validate_ids(
         sibling: None,
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
+        priority: req.priority,
     })
 }
 
@@ -504,6 +521,35 @@ mod tests {
             stop,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_priority_needs_the_priority_policy() {
+        let (config, tokenizer) = fixture();
+        let urgent = GenerateRequest {
+            priority: -3,
+            ..request(vec![])
+        };
+        let fcfs = RequestLimits::default();
+        match validate(urgent.clone(), &config, &tokenizer, &fcfs) {
+            Err(RouterError::Invalid {
+                param: Some("priority"),
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let by_priority = RequestLimits {
+            priority_scheduling: true,
+            ..RequestLimits::default()
+        };
+        let valid = validate(urgent, &config, &tokenizer, &by_priority).unwrap();
+        assert_eq!(valid.priority, -3);
+        assert_eq!(
+            validate(request(vec![]), &config, &tokenizer, &fcfs)
+                .unwrap()
+                .priority,
+            0
+        );
     }
 
     #[test]

@@ -91,6 +91,10 @@ def main():
         "response": [invoked_response[0], invoked_response[1].get("object")],
         "neither": post("/invocations", {"model": model})[0],
     }
+    # vLLM's `priority`: refused by name under the default first-come-first-served policy.
+    refused_priority = post("/v1/completions", {"model": model, "prompt": "x", "max_tokens": 1,
+                                                "priority": 2})
+    out["priority"] = [refused_priority[0], refused_priority[1].get("error", {}).get("param")]
 
     # Logprobs with tools offered: streamed, every token's (those of text held while a call
     # might be starting go with the next chunk), the whole answer's.
