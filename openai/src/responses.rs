@@ -86,21 +86,24 @@ pub fn chat_body_of(
     body: &[u8],
     served_model: &str,
 ) -> Result<(Vec<u8>, ResponseShape), RouterError> {
-    let req: ResponsesRequest = serde_json::from_slice(body)
+    let mut req: ResponsesRequest = serde_json::from_slice(body)
         .map_err(|e| RouterError::unnamed(format!("invalid JSON body: {e}")))?;
     refuse_stored_and_unimplemented(&req)?;
     let mut messages = Vec::new();
     if let Some(instructions) = req.instructions.as_ref().filter(|i| !i.is_empty()) {
         messages.push(json!({"role": "system", "content": instructions}));
     }
-    match req.input.clone() {
+    match req.input.take() {
         Some(Value::String(text)) => messages.push(json!({"role": "user", "content": text})),
         Some(Value::Array(items)) => push_items(&mut messages, items)?,
         None | Some(Value::Null) => {}
         Some(_) => return Err(refuse("input", "must be a string or a list of items")),
     }
-    let tools = req.tools.clone().unwrap_or_default();
-    let mut chat = req.extra.clone();
+    if messages.is_empty() {
+        return Err(refuse("input", "must not be empty"));
+    }
+    let tools = req.tools.take().unwrap_or_default();
+    let mut chat = std::mem::take(&mut req.extra);
     for field in BOOKKEEPING {
         chat.remove(field);
     }
@@ -837,6 +840,8 @@ mod tests {
                 json!({"input": "x", "text": {"format": {"type": "xml"}}}),
                 "text",
             ),
+            (json!({"input": []}), "input"),
+            (json!({"model": "m"}), "input"),
         ] {
             match chat_of(body.clone()) {
                 Err(RouterError::Invalid { param: Some(p), .. }) => assert_eq!(p, param, "{body}"),
