@@ -70,19 +70,7 @@ async fn concurrent_streams_equal_each_alone(micro_batches: u32) {
     let cluster = LocalCluster::start(spec).unwrap();
     wait_serving(&cluster, 2).await;
     let requests = harness::mixed_requests(&cases);
-    let mut tasks = Vec::new();
-    for (ids, n) in requests.clone() {
-        let mut client = harness::inference(&cluster).await;
-        tasks.push(tokio::spawn(async move {
-            generate(&mut client, greedy(&ids, n as u32)).await.unwrap()
-        }));
-    }
-    for (task, (ids, n)) in tasks.into_iter().zip(requests) {
-        let got = task.await.unwrap();
-        let alone = offline_greedy(&engine, &ids, n);
-        assert_eq!(got.ids, alone.output_ids);
-        assert_eq!(got.logprobs, alone.logprobs);
-    }
+    harness::concurrent_greedy_matches_offline(&cluster.router_addr, &engine, requests).await;
     let status = harness::status(&cluster).await;
     assert_eq!(status.requests_running, 0);
     assert_eq!(

@@ -106,20 +106,7 @@ async fn concurrent_streams_on_in_process_nodes_equal_each_alone() {
     let cases = golden_cases(fixture);
     let router = start(fixture, 3, &["--http-listen", "127.0.0.1:0"]);
     let requests = harness::mixed_requests(&cases);
-    let mut tasks = Vec::new();
-    for (ids, n) in requests.clone() {
-        let addr = format!("http://{}", router.grpc_addr);
-        tasks.push(tokio::spawn(async move {
-            let mut client = InferenceClient::connect(addr).await.unwrap();
-            generate(&mut client, greedy(&ids, n as u32)).await.unwrap()
-        }));
-    }
-    for (task, (ids, n)) in tasks.into_iter().zip(requests) {
-        let got = task.await.unwrap();
-        let alone = offline_greedy(&engine, &ids, n);
-        assert_eq!(got.ids, alone.output_ids);
-        assert_eq!(got.logprobs, alone.logprobs);
-    }
+    harness::concurrent_greedy_matches_offline(&router.grpc_addr, &engine, requests).await;
 
     let mut admin = AdminClient::connect(format!("http://{}", router.grpc_addr))
         .await

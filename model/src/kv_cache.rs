@@ -137,6 +137,14 @@ impl SequenceCache {
         self.blocks.truncate(self.layout.blocks_for(mark.len));
     }
 
+    /// Keeps only the first `len` positions (at most the current length): a speculative
+    /// step's rejected drafts go, with the blocks taken for them, as a rolled-back step's do.
+    pub fn truncate(&mut self, len: usize) {
+        self.rollback(&CacheMark {
+            len: len.min(self.len),
+        });
+    }
+
     /// Bytes held, for accounting (shared blocks counted in full); a device dense part holds
     /// as many in its pool for these blocks.
     pub fn bytes(&self) -> usize {

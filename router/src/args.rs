@@ -101,6 +101,14 @@ pub struct Args {
     /// ones in arrival order).
     #[arg(long, env = "MOE_SCHEDULING_POLICY", value_enum, default_value_t = SchedulingPolicy::Fcfs)]
     pub scheduling_policy: SchedulingPolicy,
+    /// Speculative decoding, as vLLM's `--speculative-config` JSON: `{"method": "ngram",
+    /// "num_speculative_tokens": K, "prompt_lookup_min": A, "prompt_lookup_max": B,
+    /// "disable_by_batch_size": N}` (prompt lookup: each decoding sequence feeds up to K draft
+    /// tokens that followed its latest A- to B-token suffix earlier in it, checked in the same
+    /// step). Tokens and logprobs are bitwise those without it, greedy or sampled; steps are
+    /// saved when drafts agree. Off unless given.
+    #[arg(long, env = "MOE_SPECULATIVE_CONFIG")]
+    pub speculative_config: Option<crate::speculative::SpeculativeConfig>,
     /// KV-cache memory budget in bytes.
     #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
     pub kv_cache_bytes: u64,

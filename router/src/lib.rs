@@ -4,7 +4,7 @@
 //!
 //! - [`args`]: command line.
 //! - [`validation`] → [`scheduler`] (continuous batching, [`kv_blocks`], [`prefix_cache`],
-//!   [`detokenize`]) →
+//!   [`detokenize`], drafts by [`speculative`]) →
 //!   [`expert_reach`] (the cluster's nodes, or `--in-process-nodes`) →
 //!   [`dispatch`] is the request path: [`dispatch_plan`] says what each node gets,
 //!   [`layer_exchange`] sends it over the nodes' [`node_link`] streams or the epoch's
@@ -41,5 +41,6 @@ pub mod request_metrics;
 pub mod request_trace;
 pub mod scheduler;
 pub mod server;
+pub mod speculative;
 pub mod structured;
 pub mod validation;

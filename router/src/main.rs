@@ -289,6 +289,7 @@ fn start_scheduler(
             max_running: args.max_running,
             micro_batches: args.micro_batches as usize,
             recovery_timeout,
+            speculation: args.speculative_config,
         },
         eos_ids: model.eos_ids.clone(),
         stalled_since: Default::default(),

@@ -124,6 +124,21 @@ impl RouterMetrics {
                     "Prompt tokens found in the prefix cache (not prefilled again); over the queried tokens, the hit rate.",
                     r.prefix_cache_hit_tokens.load(Ordering::Relaxed),
                 ),
+                (
+                    "moe_spec_decode_drafts_total",
+                    "Decode steps of a sequence that fed a speculative draft (--speculative-config).",
+                    r.spec_drafts.load(Ordering::Relaxed),
+                ),
+                (
+                    "moe_spec_decode_draft_tokens_total",
+                    "Draft tokens fed to be checked.",
+                    r.spec_draft_tokens.load(Ordering::Relaxed),
+                ),
+                (
+                    "moe_spec_decode_accepted_tokens_total",
+                    "Draft tokens the sampler then picked (over the draft tokens, the acceptance rate).",
+                    r.spec_accepted_tokens.load(Ordering::Relaxed),
+                ),
             ],
         );
     }
@@ -317,6 +332,9 @@ mod tests {
                 "moe_router_prompt_bytes_refused_total counter",
                 "moe_prefix_cache_queried_tokens_total counter",
                 "moe_prefix_cache_hit_tokens_total counter",
+                "moe_spec_decode_drafts_total counter",
+                "moe_spec_decode_draft_tokens_total counter",
+                "moe_spec_decode_accepted_tokens_total counter",
                 "moe_requests_running gauge",
                 "moe_requests_waiting gauge",
                 "moe_kv_cache_blocks_used gauge",

@@ -46,6 +46,11 @@ pub struct RequestMetrics {
     /// Prompt tokens of requests that looked up the prefix cache, and those it held.
     pub prefix_cache_queried_tokens: AtomicU64,
     pub prefix_cache_hit_tokens: AtomicU64,
+    /// Speculative decoding (`--speculative-config`): decode feeds that carried a draft, the
+    /// draft tokens fed, and those the sampler then picked (accepted).
+    pub spec_drafts: AtomicU64,
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
 }
 
 impl Default for RequestMetrics {
@@ -62,6 +67,9 @@ impl Default for RequestMetrics {
             prompt_bytes_refused: AtomicU64::new(0),
             prefix_cache_queried_tokens: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
+            spec_drafts: AtomicU64::new(0),
+            spec_draft_tokens: AtomicU64::new(0),
+            spec_accepted_tokens: AtomicU64::new(0),
         }
     }
 }

@@ -30,6 +30,7 @@ use crate::kv_blocks::{KvBlocks, KvReservation};
 use crate::prefix_cache::{PrefixCache, PrefixHit};
 use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
+use crate::speculative::SpeculativeConfig;
 use crate::structured::TokenConstraint;
 use crate::validation::ValidRequest;
 
@@ -67,6 +68,8 @@ pub struct SchedulerConfig {
     /// How long steps may keep failing on the cluster (no placement, nodes failing) before the
     /// requests in them are failed; until then they are retried, caches rolled back.
     pub recovery_timeout: Duration,
+    /// Drafts each decoding sequence feeds to be checked in its step (`--speculative-config`).
+    pub speculation: Option<SpeculativeConfig>,
 }
 
 struct Sequence {
@@ -90,6 +93,46 @@ struct Sequence {
     next_mask: Option<Result<Vec<bool>, String>>,
     /// The KV blocks this sequence adds (its shared prefix is counted by the prefix cache).
     blocks: KvReservation,
+    /// Its tokens so far, prompt then output, where drafts are looked up (empty when the
+    /// router does not speculate).
+    history: Vec<u32>,
+    /// The draft this step feeds after its last token (see [`Scheduler::propose_drafts`]).
+    draft: Vec<u32>,
+    /// When its drafts last missed entirely, and how often in a row (see [`DraftBackoff`]).
+    backoff: DraftBackoff,
+}
+
+/// Drafts that keep missing cost a wider step each time and save nothing (text that does not
+/// repeat itself): after a draft of which no token agreed, a sequence drafts again only after
+/// 1, 2, 4, ... steps (up to [`MAX_DRAFT_BACKOFF`]); a draft that agrees at all resets it.
+/// It decides only when a step drafts, never a token.
+#[derive(Debug, Default, Clone, Copy)]
+struct DraftBackoff {
+    misses: u32,
+    skip: u32,
+}
+
+/// Steps a sequence whose drafts keep missing waits at most before drafting again.
+const MAX_DRAFT_BACKOFF: u32 = 16;
+
+impl DraftBackoff {
+    /// Whether this step may draft (counting down a wait).
+    fn may_draft(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    fn record(&mut self, accepted: usize) {
+        if accepted > 0 {
+            *self = Self::default();
+        } else {
+            self.skip = (1u32 << self.misses.min(8)).min(MAX_DRAFT_BACKOFF);
+            self.misses = self.misses.saturating_add(1);
+        }
+    }
 }
 
 /// Logprobs of the prompt's tokens (each given the ones before it), filled chunk by chunk.
@@ -137,15 +180,33 @@ impl Sequence {
         self.prefilled == self.feed.len()
     }
 
-    /// The `n` tokens a step feeds it: its next prompt chunk, or the token it sampled last.
+    /// The `n` tokens a step feeds it: its next prompt chunk, or the token it sampled last and
+    /// the first `n - 1` of its draft.
     fn next_tokens(&self, n: usize) -> Vec<u32> {
         if self.prefilled < self.feed.len() {
             self.feed[self.prefilled..self.prefilled + n].to_vec()
         } else {
-            vec![*self
+            let last = *self
                 .output
                 .last()
-                .expect("a decoding sequence has sampled a token")]
+                .expect("a decoding sequence has sampled a token");
+            std::iter::once(last)
+                .chain(self.draft.iter().take(n - 1).copied())
+                .collect()
+        }
+    }
+
+    /// Positions its cache holds once every token but the last one sampled is fed: where a
+    /// decode stands, whether or not a step's drafts ran ahead of it.
+    fn positions(&self) -> usize {
+        (self.request.input_ids.len() + self.output.len()).saturating_sub(1)
+    }
+
+    /// Takes a sampled token into its output (and the history drafts are looked up in).
+    fn push_output(&mut self, token: u32, speculating: bool) {
+        self.output.push(token);
+        if speculating {
+            self.history.push(token);
         }
     }
 }
@@ -159,6 +220,9 @@ struct Feed {
     tokens: usize,
     /// Whether a token is sampled after them (a decode, or the prompt's last chunk).
     samples: bool,
+    /// Draft tokens fed after a decode's token (`tokens - 1` of them), each position then
+    /// sampled in turn while the picks agree with the draft.
+    drafts: usize,
 }
 
 pub struct Scheduler {
@@ -286,7 +350,14 @@ impl Scheduler {
             )
             .resumed_after(&s.request.resumed_ids);
             let text = self.resumed_text(&s.request);
+            let history = match self.config.speculation {
+                Some(_) => feed.clone(),
+                None => Vec::new(),
+            };
             running.push(Sequence {
+                history,
+                draft: Vec::new(),
+                backoff: DraftBackoff::default(),
                 prompt_scores,
                 next_mask: None,
                 sampler,
@@ -395,6 +466,7 @@ impl Scheduler {
 
     /// One model step over the running sequences.
     fn step(&self, running: &mut Vec<Sequence>) {
+        self.propose_drafts(running);
         let plan = self.plan(running);
         if plan.is_empty() {
             return;
@@ -512,8 +584,32 @@ impl Scheduler {
         logits
     }
 
-    /// What this step feeds: one token of every decoding sequence, then prefill chunks while
-    /// the token budget lasts.
+    /// Each decoding sequence's draft for this step (none without `--speculative-config`,
+    /// or with more sequences running than it drafts for): at most what its answer and the
+    /// model's positions have room for after the token it samples anyway.
+    fn propose_drafts(&self, running: &mut [Sequence]) {
+        let max_positions = self.dense.config().max_position_embeddings;
+        let speculation = self
+            .config
+            .speculation
+            .filter(|spec| spec.drafts_at(running.len()));
+        for s in running.iter_mut() {
+            s.draft.clear();
+            let Some(spec) = speculation.filter(|_| s.prefill_done()) else {
+                continue;
+            };
+            if !s.backoff.may_draft() {
+                continue;
+            }
+            let answer_room = s.request.max_new_tokens.saturating_sub(s.output.len() + 1);
+            let position_room = max_positions.saturating_sub(s.positions() + 1);
+            let limit = answer_room.min(position_room);
+            spec.drafter.propose(&s.history, limit, &mut s.draft);
+        }
+    }
+
+    /// What this step feeds: one token of every decoding sequence, then their drafts, then
+    /// prefill chunks while the token budget lasts.
     fn plan(&self, running: &[Sequence]) -> Vec<Feed> {
         let mut budget = self.config.max_batch_tokens.max(1);
         let mut plan = Vec::new();
@@ -523,9 +619,16 @@ impl Scheduler {
                     seq,
                     tokens: 1,
                     samples: true,
+                    drafts: 0,
                 });
                 budget -= 1;
             }
+        }
+        for f in plan.iter_mut() {
+            let drafts = running[f.seq].draft.len().min(budget);
+            f.tokens += drafts;
+            f.drafts = drafts;
+            budget -= drafts;
         }
         for (seq, s) in running.iter().enumerate() {
             let remaining = s.feed.len() - s.prefilled;
@@ -535,6 +638,7 @@ impl Scheduler {
                     seq,
                     tokens: chunk,
                     samples: chunk == remaining && s.request.max_new_tokens > 0,
+                    drafts: 0,
                 });
                 budget -= chunk;
             }
@@ -564,8 +668,9 @@ impl Scheduler {
                 let s = chosen[f.seq]
                     .take()
                     .expect("each sequence appears once in a step");
-                // A prompt being scored needs the logits of every position it feeds.
-                let all_logits = s.prompt_scores.is_some() && !s.prefill_done();
+                // A prompt being scored needs the logits of every position it feeds, a draft
+                // those of each position it is checked at.
+                let all_logits = (s.prompt_scores.is_some() && !s.prefill_done()) || f.drafts > 0;
                 StepSequence {
                     cache: &mut s.cache,
                     tokens,
@@ -623,6 +728,12 @@ impl Scheduler {
             if !f.samples {
                 continue;
             }
+            if f.drafts > 0 {
+                if self.check_draft(s, f, rows, vocab) {
+                    finished.push(f.seq);
+                }
+                continue;
+            }
             // The last position's logits (the only row unless the prompt is being scored).
             let row = &rows[rows.len() - vocab.min(rows.len())..];
             let sampled = match output {
@@ -636,21 +747,78 @@ impl Scheduler {
             let token = match sampled {
                 Ok(token) => token,
                 Err(why) => {
-                    let error = RouterError::Internal(format!("structured output: {why}"));
-                    self.metrics.finished(Outcome::Error);
-                    s.trace.failed(&error.to_string());
-                    let _ = s.responses.try_send(Err(error));
+                    self.fail_pick(s, &why);
                     finished.push(f.seq);
                     continue;
                 }
             };
-            s.output.push(token);
+            s.push_output(token, self.config.speculation.is_some());
             if self.emit(s, token, row) {
                 self.cache_blocks(s);
                 finished.push(f.seq);
             }
         }
         remove(running, &finished);
+    }
+
+    /// Samples a drafting feed's positions in turn, each row after the picks before it (the
+    /// rows are bitwise a decode's, so each pick is the one decoding would make), while the
+    /// picks agree with the draft fed; what was fed past the first disagreement leaves the
+    /// cache. True when the sequence finished.
+    fn check_draft(&self, s: &mut Sequence, f: &Feed, rows: &[f32], vocab: usize) -> bool {
+        let m = &self.metrics;
+        m.spec_drafts.fetch_add(1, Ordering::Relaxed);
+        m.spec_draft_tokens
+            .fetch_add(f.drafts as u64, Ordering::Relaxed);
+        if rows.len() != f.tokens * vocab {
+            let error = RouterError::Internal("a draft's logits did not come back".into());
+            self.fail(s, error);
+            return true;
+        }
+        let mut finished = false;
+        let mut accepted = 0;
+        for (j, row) in rows.chunks_exact(vocab).enumerate() {
+            let token = match sample_token(s, row) {
+                Ok(token) => token,
+                Err(why) => {
+                    self.fail_pick(s, &why);
+                    return true;
+                }
+            };
+            let agrees = j < f.drafts && s.draft.get(j) == Some(&token);
+            accepted += usize::from(agrees);
+            s.push_output(token, true);
+            if self.emit(s, token, row) {
+                finished = true;
+                break;
+            }
+            if !agrees {
+                break;
+            }
+        }
+        m.spec_accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        s.backoff.record(accepted);
+        s.cache.truncate(s.positions());
+        if finished {
+            self.cache_blocks(s);
+        }
+        finished
+    }
+
+    /// Fails a request whose next token could not be picked (its grammar broke).
+    fn fail_pick(&self, s: &mut Sequence, why: &str) {
+        self.fail(
+            s,
+            RouterError::Internal(format!("structured output: {why}")),
+        );
+    }
+
+    /// Ends a running request with `error`.
+    fn fail(&self, s: &mut Sequence, error: RouterError) {
+        self.metrics.finished(Outcome::Error);
+        s.trace.failed(&error.to_string());
+        let _ = s.responses.try_send(Err(error));
     }
 
     /// A step that failed left the caches as they were, so it can run again once the cluster
@@ -765,7 +933,7 @@ impl Scheduler {
         let mut finish = if grammar_done || ends {
             Some("stop")
         } else if s.output.len() >= s.request.max_new_tokens
-            || s.cache.len >= self.dense.config().max_position_embeddings
+            || s.positions() >= self.dense.config().max_position_embeddings
         {
             Some("length")
         } else {
@@ -887,7 +1055,8 @@ fn picked_in_place(s: &Sequence, f: &Feed) -> bool {
         || sampler
             .ranked_draw_k(moe_model::dense_step::MAX_RANKED_TOP_K)
             .is_some();
-    f.samples && !row_read_elsewhere(s) && device_draw
+    // A draft's rows are sampled one after another, each after the picks before it.
+    f.samples && f.drafts == 0 && !row_read_elsewhere(s) && device_draw
 }
 
 /// Where a feed's mask will arrive, so the dense part can mask the row it keeps
@@ -1062,6 +1231,29 @@ fn top_logprobs(logits: &[f32], k: usize) -> TopLogprobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Drafts that miss wait 1, 2, 4, ... steps (at most 16) before the next; one that agrees
+    /// resets the wait.
+    #[test]
+    fn missing_drafts_back_off_and_an_agreeing_one_resets() {
+        let mut backoff = DraftBackoff::default();
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            assert!(backoff.may_draft());
+            backoff.record(0);
+            let mut wait = 0;
+            while !backoff.may_draft() {
+                wait += 1;
+            }
+            waits.push(wait);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
+        backoff.record(0);
+        backoff.record(2);
+        assert!(backoff.may_draft());
+        backoff.record(0);
+        assert!(!backoff.may_draft());
+    }
 
     /// Lower priorities first; equal ones in arrival order, wherever they arrive.
     #[test]

@@ -271,3 +271,36 @@ pub fn mixed_requests(cases: &[crate::GoldenCase]) -> Vec<(Vec<u32>, usize)> {
         })
         .collect()
 }
+
+/// Sends `requests` (greedy, prompt and new tokens) to the router at `grpc_addr` all at once
+/// and checks every answer against the offline engine's alone: tokens and logprobs, bit for
+/// bit.
+pub async fn concurrent_greedy_matches_offline(
+    grpc_addr: &str,
+    engine: &moe_model::Engine,
+    requests: Vec<(Vec<u32>, usize)>,
+) {
+    let mut tasks = Vec::new();
+    for (ids, n) in requests.clone() {
+        let addr = format!("http://{grpc_addr}");
+        tasks.push(tokio::spawn(async move {
+            let mut client = InferenceClient::connect(addr).await.unwrap();
+            generate(&mut client, moe_tooling::greedy(&ids, n as u32))
+                .await
+                .unwrap()
+        }));
+    }
+    for (task, (ids, n)) in tasks.into_iter().zip(requests) {
+        let got = task.await.unwrap();
+        let alone = offline_greedy(engine, &ids, n);
+        assert_eq!(got.ids, alone.output_ids, "{ids:?}");
+        assert_eq!(got.logprobs, alone.logprobs, "{ids:?}: logprobs");
+    }
+}
+
+/// POSTs `body` to `path` at the HTTP API `addr` (no key) and returns the 200 answer's JSON.
+pub async fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let (status, text) = http(addr, "POST", path, None, body.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{path} {body}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+}

@@ -40,6 +40,10 @@ pub struct UpArgs {
     /// (`MOE_GPU_DTYPE`, else bf16x2).
     #[arg(long)]
     gpu_dtype: Option<moe_model::device::GpuDtype>,
+    /// The routers' speculative decoding (vLLM's JSON, `{"method": "ngram", ...}`); default:
+    /// each router's own (`MOE_SPECULATIVE_CONFIG`, else none).
+    #[arg(long)]
+    speculative_config: Option<String>,
     /// Where the router serves the OpenAI-compatible HTTP API (port 0: a free one).
     #[arg(long, env = "MOE_HTTP_LISTEN", default_value = "127.0.0.1:0")]
     http_listen: String,
@@ -60,6 +64,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let cluster = LocalCluster::start(LocalClusterSpec {
         router_args: [
             optional_flag("--transport", args.transport),
+            optional_flag("--speculative-config", args.speculative_config.as_deref()),
             vec!["--http-listen".to_string(), args.http_listen.clone()],
             args.device_args(),
         ]

@@ -1392,6 +1392,40 @@ mod tests {
         assert_eq!(forward(&mut undone, &[4]), expected);
     }
 
+    /// A speculative step (the last sampled token and a draft after it, every row's logits)
+    /// gives each row bitwise the logits decoding those tokens one by one gives, and cutting
+    /// the cache back to the part of the draft that agreed goes on exactly as decoding
+    /// would: the device dense part's half of the router's `--speculative-config`.
+    #[test]
+    fn a_draft_step_gives_the_decodes_logits_and_truncates_like_one() {
+        let (config, device, experts) = qwen_over_the_reference();
+        let vocab = config.vocab_size;
+        let mut decoded = device.new_cache();
+        step_alone(&device, &experts, &mut decoded, &[1, 2, 3]);
+        let one_by_one: Vec<f32> = [4, 5, 6]
+            .iter()
+            .flat_map(|&t| step_alone(&device, &experts, &mut decoded, &[t]).remove(0))
+            .collect();
+        let mut drafted = device.new_cache();
+        step_alone(&device, &experts, &mut drafted, &[1, 2, 3]);
+        let mut seqs = [StepSequence {
+            cache: &mut drafted,
+            tokens: &[4, 5, 6],
+            all_logits: true,
+        }];
+        let rows = device.forward(&mut seqs, &experts).unwrap();
+        assert_eq!(rows[0].len(), 3 * vocab);
+        assert_eq!(rows[0], one_by_one);
+        // The pick after 4 agreed with 5, the one after 5 did not: 6 goes, the pick (9) is fed.
+        drafted.truncate(5);
+        let mut straight = device.new_cache();
+        step_alone(&device, &experts, &mut straight, &[1, 2, 3, 4, 5]);
+        assert_eq!(
+            step_alone(&device, &experts, &mut drafted, &[9]),
+            step_alone(&device, &experts, &mut straight, &[9])
+        );
+    }
+
     /// Decode steps as replayed segments (the orchestration CUDA graphs take: inputs written
     /// into a bucket's buffers, padded to the bucket, cut at each MoE layer's routes) give the
     /// logits of launching each step as is, bit for bit, through host copies and with the

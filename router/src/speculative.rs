@@ -1,0 +1,194 @@
+//! `--speculative-config`: vLLM's JSON for speculative decoding, of which the `ngram` method
+//! (prompt lookup) is implemented.
+//!
+//! Drafts never change a token here: every token is still the sampler's pick from the model's
+//! own logits, and a verify step's logits are bitwise a decode's (the math is batch- and
+//! chunk-invariant), so speculation only saves steps when drafts agree.
+
+use moe_model::ngram_draft::NgramDrafter;
+use serde_json::{Map, Value};
+
+/// Draft tokens per step at most, and n-gram lengths at most: a step's verify rows and the
+/// lookup's work per token stay bounded.
+pub const MAX_SPECULATIVE_TOKENS: usize = 64;
+pub const MAX_NGRAM: usize = 64;
+
+/// How the scheduler speculates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculativeConfig {
+    pub drafter: NgramDrafter,
+    /// No drafts while more sequences than this run (vLLM's `disable_by_batch_size`): a full
+    /// batch is compute-bound and checking drafts costs more than it saves.
+    pub disable_by_batch_size: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpeculativeConfigError {
+    #[error("--speculative-config is not a JSON object: {0}")]
+    NotAnObject(String),
+    #[error("--speculative-config: unknown key `{0}` (known: method, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max, disable_by_batch_size)")]
+    UnknownKey(String),
+    #[error("--speculative-config: method `{0}` is not implemented (only `ngram` is)")]
+    UnsupportedMethod(String),
+    #[error("--speculative-config: `method` is required (`ngram`)")]
+    MissingMethod,
+    #[error("--speculative-config: `num_speculative_tokens` is required")]
+    MissingTokens,
+    #[error("--speculative-config: `{key}` must be an integer from {min} to {max}")]
+    OutOfRange {
+        key: &'static str,
+        min: usize,
+        max: usize,
+    },
+    #[error("--speculative-config: prompt_lookup_min ({min}) is above prompt_lookup_max ({max})")]
+    MinAboveMax { min: usize, max: usize },
+}
+
+impl std::str::FromStr for SpeculativeConfig {
+    type Err = SpeculativeConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let object: Map<String, Value> = match serde_json::from_str(text) {
+            Ok(Value::Object(object)) => object,
+            Ok(other) => return Err(SpeculativeConfigError::NotAnObject(other.to_string())),
+            Err(e) => return Err(SpeculativeConfigError::NotAnObject(e.to_string())),
+        };
+        const KNOWN: [&str; 6] = [
+            "method",
+            "model",
+            "num_speculative_tokens",
+            "prompt_lookup_min",
+            "prompt_lookup_max",
+            "disable_by_batch_size",
+        ];
+        if let Some(key) = object.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(SpeculativeConfigError::UnknownKey(key.clone()));
+        }
+        // vLLM names the method, or (its older form) gives `[ngram]` as the draft model.
+        let method = match (object.get("method"), object.get("model")) {
+            (Some(m), _) | (None, Some(m)) => m.as_str().unwrap_or_default().to_string(),
+            (None, None) => return Err(SpeculativeConfigError::MissingMethod),
+        };
+        if method != "ngram" && method != "[ngram]" {
+            return Err(SpeculativeConfigError::UnsupportedMethod(method));
+        }
+        let tokens = integer(&object, "num_speculative_tokens", MAX_SPECULATIVE_TOKENS)?
+            .ok_or(SpeculativeConfigError::MissingTokens)?;
+        let min = integer(&object, "prompt_lookup_min", MAX_NGRAM)?;
+        let max = integer(&object, "prompt_lookup_max", MAX_NGRAM)?;
+        // vLLM's defaults: both 5, or the one given for both.
+        let (min_ngram, max_ngram) = match (min, max) {
+            (None, None) => (5, 5),
+            (Some(n), None) | (None, Some(n)) => (n, n),
+            (Some(min), Some(max)) => (min, max),
+        };
+        if min_ngram > max_ngram {
+            return Err(SpeculativeConfigError::MinAboveMax {
+                min: min_ngram,
+                max: max_ngram,
+            });
+        }
+        Ok(Self {
+            drafter: NgramDrafter {
+                min_ngram,
+                max_ngram,
+                tokens,
+            },
+            disable_by_batch_size: integer(&object, "disable_by_batch_size", usize::MAX)?,
+        })
+    }
+}
+
+/// `key`'s value as an integer in 1..=`max`, if given.
+fn integer(
+    object: &Map<String, Value>,
+    key: &'static str,
+    max: usize,
+) -> Result<Option<usize>, SpeculativeConfigError> {
+    let Some(value) = object.get(key) else {
+        return Ok(None);
+    };
+    value
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| (1..=max).contains(n))
+        .map(Some)
+        .ok_or(SpeculativeConfigError::OutOfRange { key, min: 1, max })
+}
+
+impl SpeculativeConfig {
+    /// Whether a batch of `running` sequences drafts.
+    pub fn drafts_at(&self, running: usize) -> bool {
+        self.disable_by_batch_size.is_none_or(|n| running <= n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SpeculativeConfig, SpeculativeConfigError> {
+        text.parse()
+    }
+
+    #[test]
+    fn reads_vllms_ngram_config_with_its_defaults() {
+        let c = parse(r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}"#).unwrap();
+        assert_eq!(
+            c.drafter,
+            NgramDrafter {
+                min_ngram: 2,
+                max_ngram: 3,
+                tokens: 4
+            }
+        );
+        assert_eq!(c.disable_by_batch_size, None);
+        assert!(c.drafts_at(1000));
+        let c = parse(r#"{"method": "ngram", "num_speculative_tokens": 5}"#).unwrap();
+        assert_eq!((c.drafter.min_ngram, c.drafter.max_ngram), (5, 5));
+        let c = parse(r#"{"model": "[ngram]", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "disable_by_batch_size": 8}"#).unwrap();
+        assert_eq!((c.drafter.min_ngram, c.drafter.max_ngram), (3, 3));
+        assert!(c.drafts_at(8) && !c.drafts_at(9));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_honour_by_name() {
+        use SpeculativeConfigError::*;
+        assert!(matches!(parse("[1]"), Err(NotAnObject(_))));
+        assert!(matches!(parse("{"), Err(NotAnObject(_))));
+        assert_eq!(
+            parse(r#"{"method": "deepseek_mtp", "num_speculative_tokens": 1}"#),
+            Err(UnsupportedMethod("deepseek_mtp".into()))
+        );
+        assert_eq!(
+            parse(r#"{"num_speculative_tokens": 1}"#),
+            Err(MissingMethod)
+        );
+        assert_eq!(parse(r#"{"method": "ngram"}"#), Err(MissingTokens));
+        assert_eq!(
+            parse(
+                r#"{"method": "ngram", "num_speculative_tokens": 1, "draft_tensor_parallel_size": 1}"#
+            ),
+            Err(UnknownKey("draft_tensor_parallel_size".into()))
+        );
+        for bad in ["0", "65", "-1", "2.5", "\"3\""] {
+            let text = format!(r#"{{"method": "ngram", "num_speculative_tokens": {bad}}}"#);
+            assert!(
+                matches!(
+                    parse(&text),
+                    Err(OutOfRange {
+                        key: "num_speculative_tokens",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse(
+                r#"{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 3}"#
+            ),
+            Err(MinAboveMax { min: 4, max: 3 })
+        );
+    }
+}
