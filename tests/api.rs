@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use moe_model::Engine;
 use moe_proto::v1::GenerateRequest;
-use moe_tests::harness::{self, generate, python_grpc_client, wait_serving};
+use moe_tests::harness::{self, generate, metric_value, python_grpc_client, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{greedy, LocalCluster};
 use tonic::Code;
@@ -961,4 +961,117 @@ async fn priority_orders_the_waiting_queue() {
         "{status:?}"
     );
     client.generate(request(2, 0)).await.unwrap();
+}
+
+/// Under `--scheduling-policy priority`, a more urgent request that does not fit (no running
+/// slot left, or no KV budget) preempts a less urgent running one, as vLLM's scheduler does:
+/// the urgent answer ends first, the preempted one goes on where it stopped, and every answer
+/// is token for token and logprob for logprob what it is without a preemption (greedy, and
+/// seeded with a repetition penalty: the sampler resumes too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_more_urgent_request_preempts_and_changes_no_token() {
+    let fixture = FIXTURES[0];
+    let cases = golden_cases(fixture);
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let (low_prompt, urgent_prompt) = (&cases[0].input_ids, &cases[2].input_ids);
+    let low_request = |seeded: bool| {
+        let mut req = greedy(low_prompt, 48);
+        req.priority = 5;
+        if seeded {
+            req.temperature = Some(0.9);
+            req.seed = Some(17);
+            req.repetition_penalty = Some(1.2);
+        }
+        req
+    };
+    let mut urgent_request = greedy(urgent_prompt, 6);
+    urgent_request.priority = -5;
+
+    // The KV bytes of one block, from the default budget's block count: a budget of the low
+    // request's blocks and half a block leaves no room for the urgent one beside it.
+    let probe = start_with(&["--http-listen", "127.0.0.1:0"]).await;
+    let total = metric_of(&probe, "moe_kv_cache_blocks_total").await;
+    let block_bytes = ((1u64 << 30) as f64 / total).floor() as u64;
+    drop(probe);
+    let low_blocks = (low_prompt.len() + 48).div_ceil(16) as u64;
+    let budget = (block_bytes * low_blocks + block_bytes / 2).to_string();
+
+    for (how, flags) in [
+        ("no running slot", vec!["--max-running", "1"]),
+        ("no KV budget", vec!["--kv-cache-bytes", budget.as_str()]),
+    ] {
+        let mut flags = flags;
+        flags.extend(["--http-listen", "127.0.0.1:0"]);
+        let cluster = start_with(&flags).await;
+        let mut client = harness::inference(&cluster).await;
+        for seeded in [false, true] {
+            // Alone first: the answer a preemption must not change.
+            let alone = generate(&mut client, low_request(seeded)).await.unwrap();
+            let preempted_before = metric_of(&cluster, "moe_requests_preempted_total").await;
+            let mut low = client
+                .generate(low_request(seeded))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut low_ids = Vec::new();
+            let mut low_logprobs = Vec::new();
+            while low_ids.len() < 3 {
+                let msg = low.message().await.unwrap().expect("the low request runs");
+                low_ids.extend(msg.token_ids);
+                low_logprobs.extend(msg.logprobs);
+            }
+            let urgent = generate(&mut client, urgent_request.clone()).await.unwrap();
+            let urgent_done = Instant::now();
+            let mut low_finish = String::new();
+            while let Some(msg) = low.message().await.unwrap() {
+                low_ids.extend(msg.token_ids);
+                low_logprobs.extend(msg.logprobs);
+                low_finish = msg.finish_reason;
+            }
+            let low_done = Instant::now();
+            assert!(
+                urgent_done < low_done,
+                "{how}: the urgent request ended first"
+            );
+            let want = harness::offline_greedy(&engine, urgent_prompt, 6);
+            assert_eq!(urgent.ids, want.output_ids, "{how}");
+            assert_eq!(urgent.logprobs, want.logprobs, "{how}");
+            assert_eq!(
+                low_ids, alone.ids,
+                "{how}, seeded {seeded}: the preempted answer"
+            );
+            assert_eq!(low_logprobs, alone.logprobs, "{how}, seeded {seeded}");
+            assert_eq!(low_finish, "length");
+            if !seeded {
+                let want = harness::offline_greedy(&engine, low_prompt, 48);
+                assert_eq!(low_ids, want.output_ids, "{how}");
+            }
+            let preempted = metric_of(&cluster, "moe_requests_preempted_total").await;
+            assert!(
+                preempted > preempted_before,
+                "{how}, seeded {seeded}: no preemption counted"
+            );
+        }
+        let status = harness::status(&cluster).await;
+        assert_eq!(status.requests_running, 0, "{how}");
+        assert_eq!(
+            status.kv_blocks_used, status.kv_blocks_cached,
+            "{how}: every block back, but the cached ones"
+        );
+    }
+}
+
+async fn start_with(flags: &[&str]) -> LocalCluster {
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 1);
+    spec.router_args
+        .extend(["--scheduling-policy", "priority"].map(String::from));
+    spec.router_args.extend(flags.iter().map(|f| f.to_string()));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    cluster
+}
+
+async fn metric_of(cluster: &LocalCluster, name: &str) -> f64 {
+    let http = cluster.router_http_addr.as_deref().expect("--http-listen");
+    metric_value(&harness::scrape(http).await, name)
 }

@@ -11,7 +11,9 @@ use moe_model::Engine;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::DrainRequest;
-use moe_tests::harness::{self, expected_answers, serving_nodes, wait_serving, wait_status};
+use moe_tests::harness::{
+    self, expected_answers, metric_value, serving_nodes, wait_serving, wait_status,
+};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{greedy, GreedyLoad, LocalCluster};
 
@@ -40,13 +42,6 @@ async fn sigkill_mid_stream_loses_no_request_and_changes_no_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_two_micro_batches_loses_no_request_and_changes_no_token() {
     sigkill_mid_stream(2).await;
-}
-
-/// The value of the unlabelled sample `name` in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
 }
 
 /// SIGKILL of one of three nodes while 16 streams run: no request fails, every stream
@@ -138,8 +133,12 @@ async fn sigkill_mid_stream(micro_batches: u32) {
     let http_addr = cluster.router_http_addr.clone().expect("HTTP API");
     let (code, text) = harness::http(&http_addr, "GET", "/metrics", None, b"").await;
     assert_eq!(code, 200);
-    assert!(metric(&text, "moe_router_suspect_replans_total") >= after.suspect_replans as f64);
-    assert!(metric(&text, "moe_router_suspect_reports_total") >= after.suspect_reports as f64);
+    assert!(
+        metric_value(&text, "moe_router_suspect_replans_total") >= after.suspect_replans as f64
+    );
+    assert!(
+        metric_value(&text, "moe_router_suspect_reports_total") >= after.suspect_reports as f64
+    );
     eprintln!(
         "SIGKILL -> serving epoch {} on {:?} (suspect reports {}, suspect re-plans {}); first token after the kill {:?} later; longest token stall {:?}",
         after.serving_epoch,

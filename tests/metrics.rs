@@ -1,17 +1,9 @@
 //! `/metrics` on the router (HTTP API port and `--metrics-listen`) and on a node count exactly
 //! the traffic sent.
 
-use moe_tests::harness::{self, generate, http, wait_serving};
+use moe_tests::harness::{self, generate, http, metric_value, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{free_port, greedy, LocalCluster};
-
-/// The value of the sample `name` (with its labels, exactly as exposed).
-fn value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_and_node_metrics_count_the_requests() {
@@ -51,7 +43,9 @@ async fn router_and_node_metrics_count_the_requests() {
     let text = loop {
         let (status, text) = http(&http_addr, "GET", "/metrics", None, b"").await;
         assert_eq!(status, 200);
-        if value(&text, "moe_requests_running") == 0.0 || std::time::Instant::now() > deadline {
+        if metric_value(&text, "moe_requests_running") == 0.0
+            || std::time::Instant::now() > deadline
+        {
             break text;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -60,39 +54,48 @@ async fn router_and_node_metrics_count_the_requests() {
     assert_eq!(status, 200);
     assert!(separate.contains("# TYPE moe_requests_total counter"));
     assert_eq!(
-        value(&text, "moe_requests_total{finish_reason=\"length\"}"),
+        metric_value(&text, "moe_requests_total{finish_reason=\"length\"}"),
         3.0
     );
     assert_eq!(
-        value(&text, "moe_requests_total{finish_reason=\"error\"}"),
+        metric_value(&text, "moe_requests_total{finish_reason=\"error\"}"),
         0.0
     );
-    assert_eq!(value(&text, "moe_generation_tokens_total"), 15.0);
+    assert_eq!(metric_value(&text, "moe_generation_tokens_total"), 15.0);
     assert_eq!(
-        value(&text, "moe_prompt_tokens_total"),
+        metric_value(&text, "moe_prompt_tokens_total"),
         prompt_tokens as f64
     );
-    assert_eq!(value(&text, "moe_time_to_first_token_seconds_count"), 3.0);
-    assert_eq!(value(&text, "moe_inter_token_latency_seconds_count"), 12.0);
-    assert_eq!(value(&text, "moe_e2e_request_latency_seconds_count"), 3.0);
-    assert_eq!(value(&text, "moe_requests_running"), 0.0);
+    assert_eq!(
+        metric_value(&text, "moe_time_to_first_token_seconds_count"),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&text, "moe_inter_token_latency_seconds_count"),
+        12.0
+    );
+    assert_eq!(
+        metric_value(&text, "moe_e2e_request_latency_seconds_count"),
+        3.0
+    );
+    assert_eq!(metric_value(&text, "moe_requests_running"), 0.0);
     // With the requests done, only the prefix cache holds blocks.
     assert_eq!(
-        value(&text, "moe_kv_cache_blocks_used"),
-        value(&text, "moe_prefix_cache_blocks")
+        metric_value(&text, "moe_kv_cache_blocks_used"),
+        metric_value(&text, "moe_prefix_cache_blocks")
     );
     assert_eq!(
-        value(&text, "moe_prefix_cache_queried_tokens_total"),
+        metric_value(&text, "moe_prefix_cache_queried_tokens_total"),
         prompt_tokens as f64
     );
-    assert!(value(&text, "moe_placement_epoch") >= 1.0);
-    assert_eq!(value(&text, "moe_live_nodes"), 1.0);
-    assert_eq!(value(&text, "moe_is_planner"), 1.0);
+    assert!(metric_value(&text, "moe_placement_epoch") >= 1.0);
+    assert_eq!(metric_value(&text, "moe_live_nodes"), 1.0);
+    assert_eq!(metric_value(&text, "moe_is_planner"), 1.0);
     let node = &cluster.node_ids()[0];
-    let pairs = value(&text, &format!("moe_node_pairs_total{{node=\"{node}\"}}"));
+    let pairs = metric_value(&text, &format!("moe_node_pairs_total{{node=\"{node}\"}}"));
     assert!(pairs > 0.0);
     assert!(
-        value(
+        metric_value(
             &text,
             &format!("moe_dispatch_round_trip_seconds_count{{node=\"{node}\"}}")
         ) > 0.0
@@ -110,13 +113,16 @@ async fn router_and_node_metrics_count_the_requests() {
     let (status, node_text) = http(&node_metrics, "GET", "/metrics", None, b"").await;
     assert_eq!(status, 200);
     assert_eq!(
-        value(&node_text, "moe_node_expert_pairs_total"),
+        metric_value(&node_text, "moe_node_expert_pairs_total"),
         pairs,
         "the node saw what the router sent"
     );
-    assert!(value(&node_text, "moe_node_expert_batches_total") > 0.0);
-    assert_eq!(value(&node_text, "moe_node_refused_batches_total"), 0.0);
-    assert!(value(&node_text, "moe_node_ready_epoch") >= 1.0);
+    assert!(metric_value(&node_text, "moe_node_expert_batches_total") > 0.0);
+    assert_eq!(
+        metric_value(&node_text, "moe_node_refused_batches_total"),
+        0.0
+    );
+    assert!(metric_value(&node_text, "moe_node_ready_epoch") >= 1.0);
 
     // Every metric the Grafana dashboard queries is one the router or a node exports.
     let dashboard = std::fs::read_to_string(concat!(

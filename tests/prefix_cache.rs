@@ -3,16 +3,9 @@
 //! a batch; `--prefix-caching=false` turns it off.
 
 use moe_model::{Engine, GenerateOutput};
-use moe_tests::harness::{self, generate, offline_greedy, wait_serving};
+use moe_tests::harness::{self, generate, metric_value, offline_greedy, wait_serving};
 use moe_tests::{fixture_dir, FIXTURES};
 use moe_tooling::{greedy, LocalCluster};
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-}
 
 /// Prompts that share their first 22 tokens (five full 4-token blocks, then part of a sixth).
 fn prompts() -> Vec<Vec<u32>> {
@@ -83,13 +76,13 @@ async fn run(caching: bool) -> (f64, f64) {
     let queried: usize = prompts.iter().map(Vec::len).sum::<usize>() + prompts[0].len();
     if caching {
         assert_eq!(
-            metric(&text, "moe_prefix_cache_queried_tokens_total"),
+            metric_value(&text, "moe_prefix_cache_queried_tokens_total"),
             queried as f64
         );
     }
     (
-        metric(&text, "moe_prefix_cache_hit_tokens_total"),
-        metric(&text, "moe_prefix_cache_blocks"),
+        metric_value(&text, "moe_prefix_cache_hit_tokens_total"),
+        metric_value(&text, "moe_prefix_cache_blocks"),
     )
 }
 
@@ -145,7 +138,10 @@ async fn n_choices_prefill_their_prompt_once() {
     assert_eq!(texts, [text.as_str(); 3]);
     let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
     // 23 prompt tokens: five full 4-token blocks usable; choice 0 computes them.
-    assert_eq!(metric(&metrics, "moe_prefix_cache_hit_tokens_total"), 40.0);
+    assert_eq!(
+        metric_value(&metrics, "moe_prefix_cache_hit_tokens_total"),
+        40.0
+    );
 }
 
 /// Shared blocks are counted once: with a KV budget that holds a long request (whose prompt
@@ -196,7 +192,7 @@ async fn shared_blocks_count_once_in_the_kv_budget() {
     // The long one's prompt blocks are in the cache once its prefill is done.
     loop {
         let (_, text) = harness::http(&http, "GET", "/metrics", None, b"").await;
-        if metric(&text, "moe_prefix_cache_blocks") >= 9.0 {
+        if metric_value(&text, "moe_prefix_cache_blocks") >= 9.0 {
             break;
         }
         assert!(
@@ -248,5 +244,8 @@ async fn a_next_turn_reuses_the_answer_blocks_bitwise() {
     let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
     // 23 + 14 tokens went through the first request, 36 of them fed (its last token was
     // sampled, not fed): nine full blocks, all of which the second turn takes.
-    assert_eq!(metric(&metrics, "moe_prefix_cache_hit_tokens_total"), 36.0);
+    assert_eq!(
+        metric_value(&metrics, "moe_prefix_cache_hit_tokens_total"),
+        36.0
+    );
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{GenerateRequest, TokenizeRequest};
-use moe_tests::harness::{self, http, wait_serving};
+use moe_tests::harness::{self, http, metric_value, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{free_port, greedy, LocalCluster};
 use serde_json::{json, Value};
@@ -17,21 +17,13 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// The value of the sample `name` (with its labels, exactly as exposed).
-fn value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-}
-
 /// (tokenizer calls, prompts refused by the byte limit) from the router's `--metrics-listen`.
 async fn counts(metrics: &str) -> (f64, f64) {
     let (status, text) = http(metrics, "GET", "/metrics", None, b"").await;
     assert_eq!(status, 200, "{text}");
     (
-        value(&text, "moe_router_tokenize_seconds_count"),
-        value(&text, "moe_router_prompt_bytes_refused_total"),
+        metric_value(&text, "moe_router_tokenize_seconds_count"),
+        metric_value(&text, "moe_router_prompt_bytes_refused_total"),
     )
 }
 

@@ -5,7 +5,7 @@
 //! steps.
 
 use moe_model::Engine;
-use moe_tests::harness::{self, wait_serving};
+use moe_tests::harness::{self, metric_value, wait_serving};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{free_port, LocalCluster, SingleProcessRouter};
 use serde_json::{json, Value};
@@ -30,20 +30,6 @@ fn start(fixture: &str, speculate: bool) -> SingleProcessRouter {
         std::env::var_os("MOE_TEST_LOGS").is_some(),
     )
     .unwrap()
-}
-
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{page}"))
-}
-
-async fn metrics(router: &SingleProcessRouter) -> String {
-    let http = router.http_addr.as_deref().expect("--http-listen");
-    let (status, page) = harness::http(http, "GET", "/metrics", None, b"").await;
-    assert_eq!(status, 200);
-    page
 }
 
 /// The completion for `body` from the router's HTTP API at `http`, without what differs
@@ -104,7 +90,8 @@ async fn drafts_change_no_answer_and_save_steps() {
             .to_string();
         let middle: String = greedy_text.chars().skip(20).take(3).collect();
         let bodies = bodies(fixture, &prompt, &middle);
-        let steps_before = metric(&metrics(&plain).await, "moe_step_tokens_count");
+        let steps_before =
+            metric_value(&harness::scrape(&plain_http).await, "moe_step_tokens_count");
 
         // One at a time: the same answers, in fewer steps.
         let mut expected = Vec::new();
@@ -114,17 +101,20 @@ async fn drafts_change_no_answer_and_save_steps() {
             assert_eq!(got, want, "{fixture}: {body}");
             expected.push(want);
         }
-        let plain_page = metrics(&plain).await;
-        let page = metrics(&speculating).await;
-        let drafted = metric(&page, "moe_spec_decode_draft_tokens_total");
-        let accepted = metric(&page, "moe_spec_decode_accepted_tokens_total");
+        let plain_page = harness::scrape(&plain_http).await;
+        let page = harness::scrape(&spec_http).await;
+        let drafted = metric_value(&page, "moe_spec_decode_draft_tokens_total");
+        let accepted = metric_value(&page, "moe_spec_decode_accepted_tokens_total");
         assert!(
             accepted > 0.0 && accepted <= drafted,
             "{fixture}: {accepted} of {drafted} draft tokens accepted"
         );
-        assert_eq!(metric(&plain_page, "moe_spec_decode_drafts_total"), 0.0);
-        let plain_steps = metric(&plain_page, "moe_step_tokens_count") - steps_before;
-        let spec_steps = metric(&page, "moe_step_tokens_count");
+        assert_eq!(
+            metric_value(&plain_page, "moe_spec_decode_drafts_total"),
+            0.0
+        );
+        let plain_steps = metric_value(&plain_page, "moe_step_tokens_count") - steps_before;
+        let spec_steps = metric_value(&page, "moe_step_tokens_count");
         assert!(
             spec_steps < plain_steps,
             "{fixture}: {spec_steps} steps with drafts, {plain_steps} without"

@@ -194,7 +194,7 @@ impl Admission {
                 request: valid,
                 responses: tx,
                 trace,
-                waiting_slot,
+                waiting_slot: Some(waiting_slot),
             })
             .await
             .map_err(|_| RouterError::SchedulerStopped)?;

@@ -98,7 +98,8 @@ pub struct Args {
     pub max_waiting: usize,
     /// The waiting queue's order, as vLLM's `--scheduling-policy`: `fcfs` (arrival order; a
     /// request's non-zero `priority` is refused) or `priority` (lowest `priority` first, equal
-    /// ones in arrival order).
+    /// ones in arrival order; a request that does not fit preempts less urgent running ones,
+    /// which resume where they stopped with the same tokens).
     #[arg(long, env = "MOE_SCHEDULING_POLICY", value_enum, default_value_t = SchedulingPolicy::Fcfs)]
     pub scheduling_policy: SchedulingPolicy,
     /// Speculative decoding, as vLLM's `--speculative-config` JSON: `{"method": "ngram",

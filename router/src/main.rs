@@ -290,6 +290,7 @@ fn start_scheduler(
             micro_batches: args.micro_batches as usize,
             recovery_timeout,
             speculation: args.speculative_config,
+            preemption: args.scheduling_policy == args::SchedulingPolicy::Priority,
         },
         eos_ids: model.eos_ids.clone(),
         stalled_since: Default::default(),

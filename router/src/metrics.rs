@@ -125,6 +125,11 @@ impl RouterMetrics {
                     r.prefix_cache_hit_tokens.load(Ordering::Relaxed),
                 ),
                 (
+                    "moe_requests_preempted_total",
+                    "Running requests put back in the queue for a more urgent one (--scheduling-policy priority); each resumes where it stopped, with the same tokens.",
+                    r.preemptions.load(Ordering::Relaxed),
+                ),
+                (
                     "moe_spec_decode_drafts_total",
                     "Decode steps of a sequence that fed a speculative draft (--speculative-config).",
                     r.spec_drafts.load(Ordering::Relaxed),
@@ -332,6 +337,7 @@ mod tests {
                 "moe_router_prompt_bytes_refused_total counter",
                 "moe_prefix_cache_queried_tokens_total counter",
                 "moe_prefix_cache_hit_tokens_total counter",
+                "moe_requests_preempted_total counter",
                 "moe_spec_decode_drafts_total counter",
                 "moe_spec_decode_draft_tokens_total counter",
                 "moe_spec_decode_accepted_tokens_total counter",

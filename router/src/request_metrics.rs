@@ -51,6 +51,9 @@ pub struct RequestMetrics {
     pub spec_drafts: AtomicU64,
     pub spec_draft_tokens: AtomicU64,
     pub spec_accepted_tokens: AtomicU64,
+    /// Running requests put back in the queue for a more urgent one
+    /// (`--scheduling-policy priority`).
+    pub preemptions: AtomicU64,
 }
 
 impl Default for RequestMetrics {
@@ -70,6 +73,7 @@ impl Default for RequestMetrics {
             spec_drafts: AtomicU64::new(0),
             spec_draft_tokens: AtomicU64::new(0),
             spec_accepted_tokens: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
         }
     }
 }

@@ -73,6 +73,20 @@ impl RequestTrace {
         );
     }
 
+    /// Preempted by a more urgent request (`--scheduling-policy priority`): back in the
+    /// queue, to prefill again what its cached blocks do not hold.
+    pub fn preempted(&mut self, generated: usize) {
+        if self.request.is_none() {
+            return;
+        }
+        self.phase = tracing::info_span!(
+            target: "moe_router",
+            parent: &self.request,
+            "queue",
+            preempted_after_tokens = generated as u64
+        );
+    }
+
     /// The first token went out: prefill is over.
     pub fn first_token(&mut self) {
         self.phase = Span::none();

@@ -45,8 +45,31 @@ pub struct Submission {
     pub responses: ResponseSender,
     pub trace: RequestTrace,
     /// Its place under `--max-waiting` (see [`crate::admission::WaitingLimit`]): released when
-    /// the request starts running, or when it is dropped while waiting.
-    pub waiting_slot: tokio::sync::OwnedSemaphorePermit,
+    /// the request starts running, or when it is dropped while waiting. None for a request
+    /// put back in the queue by a preemption (it was admitted once).
+    pub waiting_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A submission in the waiting queue, and where it stands there.
+struct Queued {
+    submission: Submission,
+    place: QueuePlace,
+}
+
+/// What orders a request in the queue and what it keeps across a preemption: its arrival
+/// (the order among equal priorities, kept when it is preempted, so it goes back in front of
+/// later arrivals, a request's first choice in front of its other choices), how often it was
+/// preempted, and when its last token went out (so its latencies run on).
+#[derive(Debug, Clone, Copy)]
+struct QueuePlace {
+    arrival: u64,
+    preemptions: u32,
+    last_token_at: Option<Instant>,
+}
+
+/// The waiting queue's order: priority (lowest first), then arrival.
+fn queue_order(q: &Queued) -> (i32, u64) {
+    (q.submission.request.priority, q.place.arrival)
 }
 
 /// Gauges shared with the API and Admin services.
@@ -70,6 +93,9 @@ pub struct SchedulerConfig {
     pub recovery_timeout: Duration,
     /// Drafts each decoding sequence feeds to be checked in its step (`--speculative-config`).
     pub speculation: Option<SpeculativeConfig>,
+    /// Whether a waiting request that does not fit preempts less urgent running ones
+    /// (`--scheduling-policy priority`).
+    pub preemption: bool,
 }
 
 struct Sequence {
@@ -83,8 +109,9 @@ struct Sequence {
     output: Vec<u32>,
     sampler: Sampler,
     text: IncrementalText,
-    /// When the last token went out (for inter-token latency).
-    last_token_at: Option<Instant>,
+    /// Its place in the queue it came from, when its last token went out (for inter-token
+    /// latency) included.
+    place: QueuePlace,
     trace: RequestTrace,
     /// The prompt's token logprobs so far, when the request asked for them (sent with the
     /// first message).
@@ -242,31 +269,42 @@ pub struct Scheduler {
     pub prefix_cache: Option<RefCell<PrefixCache>>,
 }
 
-/// Puts `item` in the waiting queue after every item of its priority or a lower one (lower
-/// is admitted first, as vLLM orders `priority`; equal ones keep their arrival order).
-fn enqueue<T>(queue: &mut VecDeque<T>, item: T, priority: impl Fn(&T) -> i32) {
-    let own = priority(&item);
-    let at = queue.partition_point(|waiting| priority(waiting) <= own);
+/// Puts `item` in the waiting queue after every item that orders before it or equal (by
+/// [`queue_order`]: lower priorities are admitted first, as vLLM orders `priority`, equal
+/// ones in arrival order).
+fn enqueue<T, K: Ord>(queue: &mut VecDeque<T>, item: T, order: impl Fn(&T) -> K) {
+    let own = order(&item);
+    let at = queue.partition_point(|waiting| order(waiting) <= own);
     queue.insert(at, item);
 }
 
 impl Scheduler {
     /// Runs until the submission channel closes.
     pub fn run(self, mut submissions: mpsc::Receiver<Submission>) {
-        let mut waiting: VecDeque<Submission> = VecDeque::new();
+        let mut waiting: VecDeque<Queued> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
+        let mut arrivals = 0u64;
+        let mut arrive = |waiting: &mut VecDeque<Queued>, submission: Submission| {
+            let place = QueuePlace {
+                arrival: arrivals,
+                preemptions: 0,
+                last_token_at: None,
+            };
+            arrivals += 1;
+            enqueue(waiting, Queued { submission, place }, queue_order);
+        };
         loop {
             // Block only when there is nothing to do.
             if running.is_empty() && waiting.is_empty() {
                 self.stats.waiting.store(0, Ordering::Relaxed);
                 self.stats.running.store(0, Ordering::Relaxed);
                 match submissions.blocking_recv() {
-                    Some(s) => enqueue(&mut waiting, s, |s| s.request.priority),
+                    Some(s) => arrive(&mut waiting, s),
                     None => return,
                 }
             }
             while let Ok(s) = submissions.try_recv() {
-                enqueue(&mut waiting, s, |s| s.request.priority);
+                arrive(&mut waiting, s);
             }
             let metrics = &self.metrics;
             let keep =
@@ -284,14 +322,20 @@ impl Scheduler {
                     }
                 };
             running.retain_mut(|s| keep(&s.request, &s.responses, &mut s.trace));
-            waiting.retain_mut(|s| keep(&s.request, &s.responses, &mut s.trace));
+            waiting.retain_mut(|q| {
+                let s = &mut q.submission;
+                keep(&s.request, &s.responses, &mut s.trace)
+            });
             self.admit(&mut waiting, &mut running);
             self.stats.waiting.store(waiting.len(), Ordering::Relaxed);
             self.stats.running.store(running.len(), Ordering::Relaxed);
             if running.is_empty() {
                 if !waiting.is_empty() {
                     // Blocks are held by nobody and the head still does not fit: refuse it.
-                    if let Some(mut s) = waiting.pop_front() {
+                    if let Some(Queued {
+                        submission: mut s, ..
+                    }) = waiting.pop_front()
+                    {
                         let error = RouterError::KvBudget;
                         s.trace.failed(&error.to_string());
                         let _ = s.responses.try_send(Err(error));
@@ -305,42 +349,57 @@ impl Scheduler {
         }
     }
 
-    fn admit(&self, waiting: &mut VecDeque<Submission>, running: &mut Vec<Sequence>) {
-        while running.len() < self.config.max_running {
-            let Some(front) = waiting.front() else { break };
+    fn admit(&self, waiting: &mut VecDeque<Queued>, running: &mut Vec<Sequence>) {
+        while let Some(front) = waiting.front() {
+            let request = &front.submission.request;
+            let priority = request.priority;
+            if running.len() >= self.config.max_running {
+                if self.preempt_for(priority, waiting, running) {
+                    continue;
+                }
+                break;
+            }
             // A request's later choices wait for its first one's prefill, then share its blocks
             // through the prefix cache (the first is running, so this wait is a few steps at
             // most).
-            if self.prefix_cache.is_some()
-                && front.request.sibling.as_ref().is_some_and(|s| s.waiting())
+            if self.prefix_cache.is_some() && request.sibling.as_ref().is_some_and(|s| s.waiting())
             {
                 break;
             }
-            let tokens = front.request.input_ids.len() + front.request.max_new_tokens;
+            let tokens = request.input_ids.len() + request.max_new_tokens;
             // The cached prefix first: its blocks are then held, so making room below cannot
             // evict them, and the reservation counts only the blocks this sequence adds.
             let mut cache = SequenceCache::new(&self.kv_pool);
-            let feed: Vec<u32> = front
-                .request
+            let feed: Vec<u32> = request
                 .input_ids
                 .iter()
-                .chain(&front.request.resumed_ids)
+                .chain(&request.resumed_ids)
                 .copied()
                 .collect();
-            let hit = self.restore_prefix(&front.request, &feed, &mut cache);
+            let hit = self.restore_prefix(request, &feed, &mut cache);
             let Some(blocks) = self.reserve(self.kv.blocks_for(tokens) - hit.blocks) else {
+                drop(cache);
+                if self.preempt_for(priority, waiting, running) {
+                    continue;
+                }
                 break;
             };
-            let Some(mut s) = waiting.pop_front() else {
+            let Some(Queued {
+                submission: mut s,
+                place,
+            }) = waiting.pop_front()
+            else {
                 break;
             };
-            self.count_prefix_hit(&s.request, feed.len(), hit);
             s.trace.scheduled(s.request.input_ids.len());
             // No longer waiting: another request may be admitted.
             drop(s.waiting_slot);
-            self.metrics
-                .prompt_tokens
-                .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
+            if place.preemptions == 0 {
+                self.count_prefix_hit(&s.request, feed.len(), hit);
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
+            }
             let prompt_scores = s.request.prompt_logprobs.map(|_| PromptScores::default());
             let prefilled = hit.tokens;
             let sampler = Sampler::for_request(
@@ -368,11 +427,60 @@ impl Scheduler {
                 responses: s.responses,
                 cache,
                 prefilled,
-                last_token_at: None,
+                place,
                 trace: s.trace,
                 blocks,
             });
         }
+    }
+
+    /// Makes room for a waiting request of `priority` (`--scheduling-policy priority`, as
+    /// vLLM's preempts): puts the least urgent running request that is less urgent than it
+    /// (the latest to arrive among equals) back in the queue. Its full KV blocks stay as a
+    /// cached prefix, and it comes back as a resumed request (its tokens so far fed again,
+    /// through the cache where it still holds them; sampler, text and grammar where they
+    /// were), so its answer goes on exactly where it stopped, token for token. False when no
+    /// running request is less urgent.
+    fn preempt_for(
+        &self,
+        priority: i32,
+        waiting: &mut VecDeque<Queued>,
+        running: &mut Vec<Sequence>,
+    ) -> bool {
+        if !self.config.preemption {
+            return false;
+        }
+        let victim = running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.request.priority > priority)
+            .max_by_key(|(_, s)| (s.request.priority, s.place.arrival))
+            .map(|(i, _)| i);
+        let Some(i) = victim else {
+            return false;
+        };
+        let mut s = running.remove(i);
+        self.cache_blocks(&mut s);
+        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+        s.trace.preempted(s.output.len());
+        let mut request = s.request;
+        // Its prompt's logprobs went out with its first token, if one did.
+        if !s.output.is_empty() {
+            request.prompt_logprobs = None;
+        }
+        request.resumed_ids = s.output;
+        let place = QueuePlace {
+            preemptions: s.place.preemptions + 1,
+            ..s.place
+        };
+        let submission = Submission {
+            request,
+            responses: s.responses,
+            trace: s.trace,
+            waiting_slot: None,
+        };
+        enqueue(waiting, Queued { submission, place }, queue_order);
+        true
     }
 
     /// `want` KV blocks, evicting cached prefixes nobody is using while the budget has no room.
@@ -970,13 +1078,13 @@ impl Scheduler {
         s.attach_prompt_scores(&mut response);
         let now = Instant::now();
         let m = &self.metrics;
-        match s.last_token_at {
+        match s.place.last_token_at {
             None => m
                 .time_to_first_token
                 .observe((now - s.request.received).as_secs_f64()),
             Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
         }
-        s.last_token_at = Some(now);
+        s.place.last_token_at = Some(now);
         m.generation_tokens.fetch_add(1, Ordering::Relaxed);
         // The channel holds a whole answer (sized at submission), so it is never full: an error
         // means the client went away, and the sequence is dropped with its cache.
@@ -1260,9 +1368,13 @@ mod tests {
     fn the_waiting_queue_is_ordered_by_priority_then_arrival() {
         let mut queue = VecDeque::new();
         for (arrival, priority) in [(0, 0), (1, 5), (2, -5), (3, 0), (4, 5), (5, -5), (6, 0)] {
-            enqueue(&mut queue, (arrival, priority), |&(_, p)| p);
+            enqueue(&mut queue, (arrival, priority), |&(a, p)| (p, a));
         }
         let order: Vec<i32> = queue.iter().map(|&(arrival, _)| arrival).collect();
         assert_eq!(order, [2, 5, 0, 3, 6, 1, 4]);
+        // A preempted request goes back by its own arrival: before later ones of its priority.
+        enqueue(&mut queue, (-1, 0), |&(a, p)| (p, a));
+        let order: Vec<i32> = queue.iter().map(|&(arrival, _)| arrival).collect();
+        assert_eq!(order, [2, 5, -1, 0, 3, 6, 1, 4]);
     }
 }

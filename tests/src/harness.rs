@@ -304,3 +304,18 @@ pub async fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> serd
     assert_eq!(status, 200, "{path} {body}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
 }
+
+/// The value of the sample `name` (with its labels, exactly as exposed) in a Prometheus text
+/// exposition.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+/// The `/metrics` page at `addr` (an HTTP API or `--metrics-listen` address, no key).
+pub async fn scrape(addr: &str) -> String {
+    let (status, page) = http(addr, "GET", "/metrics", None, b"").await;
+    assert_eq!(status, 200, "{page}");
+    page
+}
