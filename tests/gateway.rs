@@ -265,6 +265,26 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
         };
         assert_eq!(answer(&got.1), answer(&want.1), "{path} {body}");
     }
+    // A conversation continued with `previous_response_id` through the gateway (which keeps
+    // the responses it served) answers as through a router.
+    let mut seconds = Vec::new();
+    for http in [&router_http, &gateway_http] {
+        let turn = json!({"input": "hello there", "max_output_tokens": 4, "temperature": 0});
+        let first = harness::post_json(http, "/v1/responses", &turn).await;
+        let turn = json!({"input": "and?", "previous_response_id": first["id"],
+                          "max_output_tokens": 4, "temperature": 0});
+        let second = harness::post_json(http, "/v1/responses", &turn).await;
+        let path = format!("/v1/responses/{}", second["id"].as_str().unwrap());
+        let (status, kept) = harness::http(http, "GET", &path, None, b"").await;
+        assert_eq!(status, 200, "{kept}");
+        let kept: Value = serde_json::from_str(&kept).unwrap();
+        assert_eq!(kept["output"], second["output"]);
+        seconds.push((
+            second["output"][0]["content"][0]["text"].clone(),
+            second["usage"].clone(),
+        ));
+    }
+    assert_eq!(seconds[0], seconds[1]);
 }
 
 /// Eight greedy and eight seeded sampled streams (temperature 0.9, top_p 0.95), 400 tokens each.

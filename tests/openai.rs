@@ -822,4 +822,36 @@ async fn responses_api_through_the_official_client() {
     );
     assert_eq!(errors["hosted_tool"], json!([400, "tools"]));
     assert_eq!(errors["image"], json!([400, "input"]));
+
+    let stored = &got["stored"];
+    assert_eq!(stored["second"], stored["chat"], "{got}");
+    assert_eq!(
+        stored["second_input_tokens"], stored["chat_input_tokens"],
+        "the conversation so far is the prompt: {got}"
+    );
+    assert!(
+        stored["third_input_tokens"].as_u64() > stored["second_input_tokens"].as_u64(),
+        "a streamed third turn sees the first two: {got}"
+    );
+    assert_eq!(stored["third_text"][0], stored["third_text"][1], "{got}");
+    assert!(
+        stored["previous"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("resp_"),
+        "{got}"
+    );
+    assert_eq!(stored["store"], json!([true, false]), "{got}");
+    assert_eq!(stored["retrieved"], json!([true, true]), "{got}");
+    assert_eq!(
+        stored["input_items"],
+        json!([["message", "user", "Again."]]),
+        "{got}"
+    );
+    assert_eq!(stored["gone"], json!([404, 404, 404]), "{got}");
+    assert_eq!(
+        stored["after_delete"],
+        json!([400, "previous_response_id"]),
+        "{got}"
+    );
 }

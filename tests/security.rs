@@ -92,6 +92,9 @@ async fn api_keys_and_limits() {
         ("GET", "/version", ""),
         ("GET", "/v1/models/x", ""),
         ("POST", "/v1/responses", r#"{"input": "hi"}"#),
+        ("GET", "/v1/responses/resp_x", ""),
+        ("DELETE", "/v1/responses/resp_x", ""),
+        ("GET", "/v1/responses/resp_x/input_items", ""),
         ("POST", "/invocations", r#"{"prompt": "hi"}"#),
     ] {
         let (s, b) = http(&http_addr, method, path, None, body.as_bytes()).await;

@@ -29,6 +29,11 @@ pub struct GatewayArgs {
     /// directory's name, as routers do).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Memory for stored Responses API answers (`store`, `previous_response_id`,
+    /// `GET`/`DELETE /v1/responses/{id}`), in bytes: the least recently used go first when it
+    /// is full; 0 stores none. Requests sent through the gateway are stored here.
+    #[arg(long, env = "MOE_RESPONSES_STORE_BYTES", default_value_t = 64 << 20)]
+    pub responses_store_bytes: usize,
     /// A Jinja chat template replacing the checkpoint's (as the routers' flag).
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,

@@ -216,7 +216,8 @@ fn openai_app(
         reasoning_parser: args.reasoning_parser,
         tool_call_parser: args.tool_call_parser,
     };
-    let state = http::HttpState::new(model, Arc::new(generator), api_keys)?;
+    let state = http::HttpState::new(model, Arc::new(generator), api_keys)?
+        .storing_responses(args.responses_store_bytes);
     Ok(http::app(Arc::new(state)))
 }
 

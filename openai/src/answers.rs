@@ -982,6 +982,12 @@ pub fn stream_response(
     let mut splitter = parsed.reasoning.map(ReasoningStream::new);
     let tools = parsed.tools.clone();
     let mut held = HeldText::default();
+    // What the finished response is stored with, when it is kept.
+    let mut shape = shape;
+    let mut keep = shape.store.then(|| {
+        let input = std::mem::take(&mut shape.input_items);
+        (shape.previous_response_id.clone(), input)
+    });
     let mut events = ResponseEvents::new(id.clone(), super::unix_now(), shape);
     let typed = |(kind, body): ResponseEvent| {
         Event::default().event(kind).data(serde_json::to_string(&body).unwrap_or_else(|e| {
@@ -1021,7 +1027,10 @@ pub fn stream_response(
             let thinking = splitter
                 .as_ref()
                 .map_or(0, ReasoningStream::reasoning_tokens);
-            events.finish(&reason, (&usage, thinking), &mut out);
+            let response = events.finish(&reason, (&usage, thinking), &mut out);
+            if let (Some((previous, input)), Some(store)) = (keep.take(), &state.responses) {
+                store.put(previous, input, response);
+            }
         }
         out.into_iter().map(typed).collect()
     })

@@ -36,7 +36,8 @@ impl From<RouterError> for ApiError {
             E::ModelNotFound { .. }
             | E::RouteNotFound
             | E::NodeNotFound(_)
-            | E::RouterNotFound(_) => (StatusCode::NOT_FOUND, "not_found_error"),
+            | E::RouterNotFound(_)
+            | E::ResponseNotFound(_) => (StatusCode::NOT_FOUND, "not_found_error"),
             E::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "authentication_error"),
             E::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_error"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

@@ -49,6 +49,9 @@ pub enum RouterError {
     NodeNotFound(String),
     #[error("this is not router {0:?}")]
     RouterNotFound(String),
+    /// `GET`/`DELETE /v1/responses/{id}` of an id not stored (or no longer).
+    #[error("no stored response has id `{0}` (never stored, deleted, or evicted for room)")]
+    ResponseNotFound(String),
 
     /// No valid key; the message says which key and how to send it.
     #[error("{0}")]
@@ -96,7 +99,8 @@ impl RouterError {
             Self::ModelNotFound { .. }
             | Self::RouteNotFound
             | Self::NodeNotFound(_)
-            | Self::RouterNotFound(_) => Code::NotFound,
+            | Self::RouterNotFound(_)
+            | Self::ResponseNotFound(_) => Code::NotFound,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Internal(_) => Code::Internal,

@@ -19,6 +19,7 @@ pub mod partial_json;
 pub mod prompt_bytes;
 pub mod prompt_logprobs;
 pub mod reasoning;
+pub mod response_store;
 pub mod responses;
 pub mod sibling;
 mod state;
@@ -44,9 +45,12 @@ use moe_model::chat_template::{ChatTemplate, RenderOptions, RESERVED_VARIABLES};
 use moe_model::tokenizer::Tokenizer;
 use moe_proto::v1::GenerateRequest;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::error::RouterError;
 use crate::generator::Answers;
+use crate::response_store::ResponseStore;
+use crate::responses::ResponseShape;
 use crate::sibling::SiblingPrefill;
 use crate::tool_calls::ToolCallFormat;
 use crate::trace_origin::TraceOrigin;
@@ -75,6 +79,11 @@ pub fn app(state: Arc<HttpState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses_create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses_retrieve).delete(responses_delete),
+        )
+        .route("/v1/responses/{id}/input_items", get(responses_input_items))
         .route("/invocations", post(invocations))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -935,8 +944,9 @@ async fn chat_completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let read = |body: &[u8], model: &str, has_template| {
-        Ok((parse_chat_body(body, model, has_template)?, ()))
+    let read = |body: &[u8], state: &HttpState| {
+        let has_template = state.chat_template.is_some();
+        Ok((parse_chat_body(body, &state.model_name, has_template)?, ()))
     };
     let origin = TraceOrigin::from_http(&headers, "chat");
     let (answers, parsed, ()) = admit_chat(&state, body, read, origin).await?;
@@ -955,22 +965,85 @@ async fn responses_create(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let read = |body: &[u8], model: &str, has_template| {
-        let (chat, shape) = responses::chat_body_of(body, model)?;
+    let read = |body: &[u8], state: &HttpState| {
+        let model = &state.model_name;
+        let (chat, shape) = responses::chat_body_of(body, model, state.responses.as_ref())?;
+        let has_template = state.chat_template.is_some();
         Ok((parse_chat_body(&chat, model, has_template)?, shape))
     };
     // gen_ai semantic conventions have no operation of its own for the Responses API: a chat.
     let origin = TraceOrigin::from_http(&headers, "chat");
     let (answers, parsed, shape) = admit_chat(&state, body, read, origin).await?;
-    let id = state.request_id("resp");
+    let id = state.response_id();
     if parsed.stream {
         Ok(answers::stream_response(state, answers, id, &parsed, shape).into_response())
     } else {
-        Ok(
-            Json(answers::whole_response(&state, answers, id, &parsed, &shape).await?)
-                .into_response(),
-        )
+        let response = answers::whole_response(&state, answers, id, &parsed, &shape).await?;
+        keep_response(&state, shape, &response);
+        Ok(Json(response).into_response())
     }
+}
+
+/// Keeps a finished response when its request asked for it (and the server stores them).
+fn keep_response(state: &HttpState, shape: ResponseShape, response: &Value) {
+    if let (true, Some(store)) = (shape.store, &state.responses) {
+        store.put(
+            shape.previous_response_id,
+            shape.input_items,
+            response.clone(),
+        );
+    }
+}
+
+/// The store, or a 404 naming the id when the server keeps none.
+fn response_store<'s>(state: &'s HttpState, id: &str) -> Result<&'s ResponseStore, ApiError> {
+    state
+        .responses
+        .as_ref()
+        .ok_or_else(|| RouterError::ResponseNotFound(id.to_string()).into())
+}
+
+/// `GET /v1/responses/{id}` (`client.responses.retrieve`): a stored response.
+async fn responses_retrieve(
+    State(state): State<Arc<HttpState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = response_store(&state, &id)?;
+    let response = store.get(&id).ok_or(RouterError::ResponseNotFound(id))?;
+    Ok(Json(response))
+}
+
+/// `DELETE /v1/responses/{id}` (`client.responses.delete`).
+async fn responses_delete(
+    State(state): State<Arc<HttpState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !response_store(&state, &id)?.delete(&id) {
+        return Err(RouterError::ResponseNotFound(id).into());
+    }
+    Ok(Json(
+        serde_json::json!({"id": id, "object": "response", "deleted": true}),
+    ))
+}
+
+/// `GET /v1/responses/{id}/input_items` (`client.responses.input_items.list`): the items that
+/// response answered (its own turn's), in order, as one page.
+async fn responses_input_items(
+    State(state): State<Arc<HttpState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = response_store(&state, &id)?;
+    let items = store
+        .input_items(&id)
+        .ok_or(RouterError::ResponseNotFound(id))?;
+    let id_of = |item: Option<&Value>| item.and_then(|i| i.get("id")).cloned();
+    Ok(Json(serde_json::json!({
+        "object": "list",
+        "first_id": id_of(items.first()),
+        "last_id": id_of(items.last()),
+        "has_more": false,
+        "data": items,
+    })))
 }
 
 /// Which API a SageMaker `/invocations` body is for, told by its fields as vLLM tells them:
@@ -1024,7 +1097,7 @@ async fn invocations(
 
 /// How a chat-shaped body is read (a chat body, or a Responses body as the chat body it
 /// means): into the chat body, and what its answer needs besides.
-type ChatReader<T> = fn(&[u8], &str, bool) -> Result<(ChatBody, T), RouterError>;
+type ChatReader<T> = fn(&[u8], &HttpState) -> Result<(ChatBody, T), RouterError>;
 
 /// A chat-shaped request read by `read` on the tokenizer's pool, its messages bounded, then
 /// rendered there and admitted.
@@ -1034,11 +1107,10 @@ async fn admit_chat<T: Send + 'static>(
     read: ChatReader<T>,
     origin: TraceOrigin,
 ) -> Result<(Vec<Answers>, Parsed, T), RouterError> {
-    let model = state.model_name.clone();
-    let has_template = state.chat_template.is_some();
     let tokenizing = state.generator.tokenizing();
+    let read_state = Arc::clone(state);
     let (chat, extra) = tokenizing
-        .parse(body.len(), move || read(&body, &model, has_template))
+        .parse(body.len(), move || read(&body, &read_state))
         .await??;
     // The messages are bounded before the template renders them.
     state

@@ -1,19 +1,20 @@
 //! OpenAI's Responses API (`POST /v1/responses`, the official clients' `responses.create`), as
-//! vLLM and SGLang serve it, without storage: a body is turned into the chat request it means
-//! (`instructions` as the system message, `input` as the conversation, function tools and
-//! their calls and outputs, `text.format` as the response format, `max_output_tokens`,
-//! `include`d logprobs), so it
-//! is checked, rendered and generated exactly as `/v1/chat/completions` would; the answer comes
-//! back as output items (reasoning, a message, function calls), whole or as the typed stream
-//! of events (`response.created` ... `response.completed`). What needs a stored response
-//! (`previous_response_id`, `conversation`, `background`, item references) or is not
-//! implemented (hosted tools, images, other `include`s) is a 400 naming it.
+//! vLLM and SGLang serve it: a body is turned into the chat request it means (`instructions`
+//! as the system message, the stored conversation `previous_response_id` names, then `input`,
+//! function tools and their calls and outputs, `text.format` as the response format,
+//! `max_output_tokens`, `include`d logprobs), so it is checked, rendered and generated exactly
+//! as `/v1/chat/completions` would; the answer comes back as output items (reasoning, a
+//! message, function calls), whole or as the typed stream of events (`response.created` ...
+//! `response.completed`), and is kept (`store`, by default) in the server's
+//! [`crate::response_store`]. What is not implemented (`conversation` objects, `background`,
+//! hosted tools, images, other `include`s) is a 400 naming it.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::RouterError;
 use crate::openai::{ChatMessageOut, Usage};
+use crate::response_store::ResponseStore;
 
 /// A Responses body: the fields read here; every other one is handed to the chat request
 /// (vLLM's sampling extensions, `seed`, `chat_template_kwargs`, ...), whose checks refuse what
@@ -34,6 +35,7 @@ pub struct ResponsesRequest {
     text: Option<Value>,
     reasoning: Option<Value>,
     metadata: Option<Value>,
+    store: Option<bool>,
     previous_response_id: Option<Value>,
     conversation: Option<Value>,
     background: Option<bool>,
@@ -48,8 +50,7 @@ pub struct ResponsesRequest {
 
 /// Responses fields that change nothing here and are not handed to the chat request
 /// (`stream_options` means other things there).
-const BOOKKEEPING: [&str; 6] = [
-    "store",
+const BOOKKEEPING: [&str; 5] = [
     "user",
     "service_tier",
     "safety_identifier",
@@ -71,6 +72,12 @@ pub struct ResponseShape {
     text: Value,
     metadata: Value,
     top_logprobs: Option<u32>,
+    /// The stored response this one follows.
+    pub previous_response_id: Option<String>,
+    /// Whether the answer is kept (asked for, and the server stores responses).
+    pub store: bool,
+    /// This turn's input as items, what a stored response keeps of its request.
+    pub input_items: Vec<Value>,
 }
 
 /// What `include` names to have each output text's token logprobs.
@@ -81,24 +88,47 @@ fn refuse(param: &'static str, why: &str) -> RouterError {
 }
 
 /// The chat body a Responses body means (JSON, for the chat parser), and what its answer
-/// repeats. Pure: the server parses the result as any chat body.
+/// repeats. The server parses the result as any chat body; `store`, when the server keeps
+/// responses, holds the conversations `previous_response_id` continues.
 pub fn chat_body_of(
     body: &[u8],
     served_model: &str,
+    store: Option<&ResponseStore>,
 ) -> Result<(Vec<u8>, ResponseShape), RouterError> {
     let mut req: ResponsesRequest = serde_json::from_slice(body)
         .map_err(|e| RouterError::unnamed(format!("invalid JSON body: {e}")))?;
-    refuse_stored_and_unimplemented(&req)?;
+    refuse_unimplemented(&req, store.is_some())?;
+    let previous_response_id = match req.previous_response_id.take() {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id),
+        Some(_) => return Err(refuse("previous_response_id", "must be a string")),
+    };
+    // The earlier turns (their instructions are not carried over, as OpenAI's are not).
+    let earlier = match (&previous_response_id, store) {
+        (Some(id), Some(store)) => store
+            .conversation(id)
+            .map_err(|e| RouterError::invalid("previous_response_id", e.to_string()))?,
+        _ => Vec::new(),
+    };
+    let input_items = match req.input.take() {
+        // As OpenAI lists a text input among a response's input items.
+        Some(Value::String(text)) => vec![json!({"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": text}]})],
+        Some(Value::Array(items)) => items,
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => return Err(refuse("input", "must be a string or a list of items")),
+    };
+    if input_items.is_empty() {
+        return Err(refuse("input", "must not be empty"));
+    }
     let mut messages = Vec::new();
     if let Some(instructions) = req.instructions.as_ref().filter(|i| !i.is_empty()) {
         messages.push(json!({"role": "system", "content": instructions}));
     }
-    match req.input.take() {
-        Some(Value::String(text)) => messages.push(json!({"role": "user", "content": text})),
-        Some(Value::Array(items)) => push_items(&mut messages, items)?,
-        None | Some(Value::Null) => {}
-        Some(_) => return Err(refuse("input", "must be a string or a list of items")),
-    }
+    push_items(
+        &mut messages,
+        earlier.into_iter().chain(input_items.iter().cloned()),
+    )?;
     if messages.is_empty() {
         return Err(refuse("input", "must not be empty"));
     }
@@ -148,25 +178,33 @@ pub fn chat_body_of(
             .unwrap_or_else(|| json!({"format": {"type": "text"}})),
         metadata: req.metadata.unwrap_or(Value::Null),
         top_logprobs: req.top_logprobs,
+        previous_response_id,
+        store: store.is_some() && req.store != Some(false),
+        input_items,
     };
     let body = serde_json::to_vec(&Value::Object(chat))
         .map_err(|e| RouterError::Internal(format!("cannot encode a chat body: {e}")))?;
     Ok((body, shape))
 }
 
-/// What needs a stored response or is not implemented: a 400 naming it (at a no-op value it
-/// passes, as clients send those by default).
-fn refuse_stored_and_unimplemented(req: &ResponsesRequest) -> Result<(), RouterError> {
+/// What is not implemented, or needs a store this server does not keep: a 400 naming it (at
+/// a no-op value it passes, as clients send those by default).
+fn refuse_unimplemented(req: &ResponsesRequest, storing: bool) -> Result<(), RouterError> {
     let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    let stored = "needs a stored response: this server stores none";
-    if set(&req.previous_response_id) {
-        return Err(refuse("previous_response_id", stored));
+    if set(&req.previous_response_id) && !storing {
+        return Err(refuse(
+            "previous_response_id",
+            "needs a stored response: this server stores none (--responses-store-bytes 0)",
+        ));
     }
     if set(&req.conversation) {
-        return Err(refuse("conversation", stored));
+        return Err(refuse(
+            "conversation",
+            "(a conversation object) is not supported: continue one with previous_response_id",
+        ));
     }
     if req.background == Some(true) {
-        return Err(refuse("background", stored));
+        return Err(refuse("background", "is not supported by this server"));
     }
     if set(&req.prompt) {
         return Err(refuse(
@@ -209,8 +247,11 @@ fn refuse_stored_and_unimplemented(req: &ResponsesRequest) -> Result<(), RouterE
 
 /// Input items as chat messages: messages (`developer` read as `system`), function calls
 /// (consecutive ones one assistant turn) and their outputs, reasoning kept with the assistant
-/// turn after it.
-fn push_items(messages: &mut Vec<Value>, items: Vec<Value>) -> Result<(), RouterError> {
+/// turn after it (a stored response's output items read the same way).
+fn push_items(
+    messages: &mut Vec<Value>,
+    items: impl IntoIterator<Item = Value>,
+) -> Result<(), RouterError> {
     let mut reasoning: Option<String> = None;
     for item in items {
         let kind = item
@@ -428,10 +469,10 @@ pub fn response_object(
         "tools": shape.tools,
         "text": shape.text,
         "reasoning": {"effort": null, "summary": null},
-        "store": false,
+        "store": shape.store,
         "background": false,
         "truncation": "disabled",
-        "previous_response_id": null,
+        "previous_response_id": shape.previous_response_id,
     })
 }
 
@@ -670,7 +711,13 @@ impl ResponseEvents {
 
     /// The answer's end: every open item's `.done` events, then `response.completed` (or
     /// `response.incomplete` when the token budget cut it); `usage` with the thinking's tokens.
-    pub fn finish(&mut self, reason: &str, usage: (&Usage, u32), out: &mut Vec<ResponseEvent>) {
+    /// Returns the whole response, as that last event carries it.
+    pub fn finish(
+        &mut self,
+        reason: &str,
+        usage: (&Usage, u32),
+        out: &mut Vec<ResponseEvent>,
+    ) -> Value {
         // An answer of nothing is still a message, as the whole answer gives it.
         if self.open.is_none() && self.calls.is_empty() && self.done.is_empty() {
             self.open_message(out);
@@ -693,7 +740,8 @@ impl ResponseEvents {
             false => "response.completed",
         };
         let response = self.object(Some(usage), Some(reason));
-        out.push(self.event(kind, json!({"response": response})));
+        out.push(self.event(kind, json!({"response": response.clone()})));
+        response
     }
 
     /// Ends the open reasoning or message: its `.done` events, and it joins the finished output.
@@ -739,8 +787,57 @@ mod tests {
     use super::*;
 
     fn chat_of(body: Value) -> Result<Value, RouterError> {
-        let (chat, _) = chat_body_of(body.to_string().as_bytes(), "m")?;
+        let (chat, _) = chat_body_of(body.to_string().as_bytes(), "m", None)?;
         Ok(serde_json::from_slice(&chat).unwrap())
+    }
+
+    /// A stored conversation comes before the new input, each turn's input then its output
+    /// (reasoning with the assistant turn after it); the earlier instructions are not carried
+    /// over; the shape says what to store and what the answer follows.
+    #[test]
+    fn previous_response_id_continues_the_stored_conversation() {
+        let store = ResponseStore::new(1 << 20);
+        let first = json!({"id": "resp_1", "output": [
+            {"type": "reasoning", "id": "rs", "summary": [], "content": [{"type": "reasoning_text", "text": "hmm"}]},
+            {"type": "message", "id": "msg", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Hi!", "annotations": [], "logprobs": []}]}
+        ]});
+        let first_input = vec![json!({"type": "message", "role": "user", "content": "Hello"})];
+        store.put(None, first_input, first);
+        let body = json!({"model": "m", "instructions": "Be terse.", "previous_response_id": "resp_1",
+                          "input": "And now?"});
+        let (chat, shape) = chat_body_of(body.to_string().as_bytes(), "m", Some(&store)).unwrap();
+        let chat: Value = serde_json::from_slice(&chat).unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi!", "reasoning_content": "hmm"},
+                {"role": "user", "content": "And now?"},
+            ])
+        );
+        assert_eq!(shape.previous_response_id.as_deref(), Some("resp_1"));
+        assert!(shape.store);
+        assert_eq!(
+            shape.input_items,
+            [json!({"type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": "And now?"}]})]
+        );
+        // `store: false` answers without keeping; an unknown id is a 400 naming the field.
+        let body = json!({"previous_response_id": "resp_1", "input": "x", "store": false});
+        let (_, shape) = chat_body_of(body.to_string().as_bytes(), "m", Some(&store)).unwrap();
+        assert!(!shape.store);
+        let body = json!({"previous_response_id": "resp_404", "input": "x"});
+        match chat_body_of(body.to_string().as_bytes(), "m", Some(&store)) {
+            Err(RouterError::Invalid {
+                param: Some("previous_response_id"),
+                message,
+            }) => {
+                assert!(message.contains("resp_404"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -807,7 +904,7 @@ mod tests {
     }
 
     #[test]
-    fn what_needs_storage_or_is_not_served_is_refused_by_name() {
+    fn what_is_not_served_is_refused_by_name() {
         for (body, param) in [
             (
                 json!({"input": "x", "previous_response_id": "resp-1"}),
@@ -853,7 +950,7 @@ mod tests {
                           "reasoning": {"effort": null}, "truncation": "disabled",
                           "background": false, "store": true, "user": "u",
                           "stream_options": {"include_obfuscation": false}});
-        let (chat, _) = chat_body_of(body.to_string().as_bytes(), "m").unwrap();
+        let (chat, _) = chat_body_of(body.to_string().as_bytes(), "m", None).unwrap();
         crate::parse_chat_body(&chat, "m", true).unwrap();
     }
 

@@ -69,6 +69,9 @@ pub struct HttpState {
     pub api_keys: ApiKeys,
     /// Numbers the response ids.
     pub next_id: AtomicU64,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`
+    /// (`--responses-store-bytes`; none when 0).
+    pub responses: Option<crate::response_store::ResponseStore>,
 }
 
 impl HttpState {
@@ -115,8 +118,23 @@ impl HttpState {
             created: unix_now(),
             api_keys,
             next_id: Default::default(),
+            responses: None,
             tokenizer,
         })
+    }
+
+    /// Keeps up to `capacity_bytes` of responses (`--responses-store-bytes`); 0 keeps none.
+    pub fn storing_responses(mut self, capacity_bytes: usize) -> Self {
+        self.responses =
+            (capacity_bytes > 0).then(|| crate::response_store::ResponseStore::new(capacity_bytes));
+        self
+    }
+
+    /// A Responses API id: random, since holding one is what reading, continuing or deleting
+    /// a stored response takes.
+    pub(super) fn response_id(&self) -> String {
+        use moe_cluster::auth::{hex, random_bytes};
+        format!("resp_{}", hex(&random_bytes::<16>()))
     }
 
     pub(super) fn request_id(&self, prefix: &str) -> String {

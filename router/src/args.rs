@@ -113,6 +113,11 @@ pub struct Args {
     /// KV-cache memory budget in bytes.
     #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
     pub kv_cache_bytes: u64,
+    /// Memory for stored Responses API answers (`store`, `previous_response_id`,
+    /// `GET`/`DELETE /v1/responses/{id}`), in bytes: the least recently used go first when it
+    /// is full; 0 stores none (`previous_response_id` is then refused).
+    #[arg(long, env = "MOE_RESPONSES_STORE_BYTES", default_value_t = 64 << 20)]
+    pub responses_store_bytes: usize,
     /// A Jinja chat template file to use instead of the checkpoint's (`tokenizer_config.json`).
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     pub chat_template: Option<std::path::PathBuf>,

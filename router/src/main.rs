@@ -443,6 +443,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         chat_template: args.chat_template.clone(),
         reasoning_parser: args.reasoning_parser,
         tool_call_parser: args.tool_call_parser,
+        responses_store_bytes: args.responses_store_bytes,
     };
     let (servers, http_address) = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -567,6 +568,7 @@ struct HttpParts<'a> {
     chat_template: Option<std::path::PathBuf>,
     reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
     tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
+    responses_store_bytes: usize,
 }
 
 /// Binds and starts `--http-listen` and `--metrics-listen`, if given, until `shutdown`.
@@ -619,11 +621,14 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         reasoning_parser: parts.reasoning_parser,
         tool_call_parser: parts.tool_call_parser,
     };
-    Ok(Arc::new(http::HttpState::new(
-        model,
-        Arc::new(generator),
-        parts.security.access.api.clone(),
-    )?))
+    Ok(Arc::new(
+        http::HttpState::new(
+            model,
+            Arc::new(generator),
+            parts.security.access.api.clone(),
+        )?
+        .storing_responses(parts.responses_store_bytes),
+    ))
 }
 
 /// Binds an HTTP listener; `announce`, if not empty, is printed with its address on stdout

@@ -48,6 +48,7 @@ def streamed(client, **kw):
     return {"types": types, "text": text, "reasoning": reasoning,
             "numbered": numbers == list(range(len(numbers))),
             "last_text": last.output_text if last else None,
+            "id": last.id if last else None,
             "last_status": last.status if last else None,
             "calls": calls, "streamed_arguments": list(arguments.values()),
             "reasoning_tokens": last.usage.output_tokens_details.reasoning_tokens if last else None,
@@ -161,6 +162,47 @@ def main():
         out["formatted"] = True
     except Exception as e:  # noqa: BLE001 - reported, the Rust test fails on it
         out["formatted"] = f"{formatted.output_text!r}: {e}"
+
+    # Stored: a second turn through previous_response_id is the chat completion of the whole
+    # conversation (the first turn's instructions not carried over); retrieve, input_items
+    # and delete; `store: False` keeps nothing.
+    turn = dict(model=model, max_output_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True, **no_thinking})
+    first = client.responses.create(instructions="Be terse.", input="Say hello.", **turn)
+    second = client.responses.create(previous_response_id=first.id, input="Again.", **turn)
+    chat = client.chat.completions.create(
+        model=model, max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Say hello."},
+                  {"role": "assistant", "content": first.output_text},
+                  {"role": "user", "content": "Again."}],
+        extra_body={"ignore_eos": True, **no_thinking})
+    third = streamed(client, previous_response_id=second.id, input="Once more.", **turn)
+    retrieved = client.responses.retrieve(first.id)
+    items = client.responses.input_items.list(second.id).data
+    unstored = client.responses.create(input="Say hello.", store=False, **turn)
+    client.responses.delete(first.id)
+    gone = []
+    for call in (lambda: client.responses.retrieve(first.id),
+                 lambda: client.responses.retrieve(unstored.id),
+                 lambda: client.responses.delete(first.id)):
+        try:
+            call()
+            gone.append(200)
+        except openai.NotFoundError as e:
+            gone.append(e.status_code)
+    out["stored"] = {
+        "second": second.output_text, "chat": chat.choices[0].message.content,
+        "previous": second.previous_response_id, "store": [first.store, unstored.store],
+        "second_input_tokens": second.usage.input_tokens,
+        "chat_input_tokens": chat.usage.prompt_tokens,
+        "third_input_tokens": client.responses.retrieve(third["id"]).usage.input_tokens,
+        "third_text": [third["text"], client.responses.retrieve(third["id"]).output_text],
+        "retrieved": [retrieved.id == first.id, retrieved.output_text == first.output_text],
+        "input_items": [[i.type, i.role, i.content[0].text] for i in items],
+        "gone": gone,
+        "after_delete": status_of(lambda: client.responses.create(
+            previous_response_id=first.id, input="x", **turn)),
+    }
 
     out["errors"] = {
         "previous_response_id": status_of(lambda: client.responses.create(

@@ -79,6 +79,8 @@ struct HttpFixture {
     template: Option<ChatTemplate>,
     /// Qwen3's real chat template (tools through `tojson`, reasoning, `enable_thinking`).
     qwen3: ChatTemplate,
+    /// Stored responses `resp_1` and `resp_2` (which follows it), for `previous_response_id`.
+    responses: moe_openai::response_store::ResponseStore,
 }
 
 fn http_fixture() -> &'static HttpFixture {
@@ -99,7 +101,19 @@ fn http_fixture() -> &'static HttpFixture {
                 .join("fixtures/templates/hub/qwen3.jinja"),
         )
         .expect("Qwen3's template");
+        let responses = moe_openai::response_store::ResponseStore::new(1 << 20);
+        let answer = |id: &str| {
+            serde_json::json!({"id": id, "output": [
+                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "t"}]},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+            ]})
+        };
+        let asked = || vec![serde_json::json!({"type": "message", "role": "user", "content": "q"})];
+        responses.put(None, asked(), answer("resp_1"));
+        responses.put(Some("resp_1".into()), asked(), answer("resp_2"));
         HttpFixture {
+            responses,
             config: ModelConfig::from_dir(&dir).expect("fixture config"),
             tokenizer,
             template,
@@ -127,7 +141,7 @@ pub fn http_request(data: &[u8]) {
     };
     let qwen3 = parse_chat_body(data, "m", true).and_then(render_qwen3);
     // And read as a Responses body, through the chat request it means.
-    let response = moe_openai::responses::chat_body_of(data, "m")
+    let response = moe_openai::responses::chat_body_of(data, "m", Some(&f.responses))
         .and_then(|(chat, _)| parse_chat_body(&chat, "m", true))
         .and_then(render_qwen3);
     let parsed = [
