@@ -963,6 +963,10 @@ async fn priority_orders_the_waiting_queue() {
     client.generate(request(2, 0)).await.unwrap();
 }
 
+/// Tokens of the less urgent request: enough that it is still running when the urgent one
+/// arrives.
+const LOW_TOKENS: u32 = 300;
+
 /// Under `--scheduling-policy priority`, a more urgent request that does not fit (no running
 /// slot left, or no KV budget) preempts a less urgent running one, as vLLM's scheduler does:
 /// the urgent answer ends first, the preempted one goes on where it stopped, and every answer
@@ -975,7 +979,7 @@ async fn a_more_urgent_request_preempts_and_changes_no_token() {
     let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let (low_prompt, urgent_prompt) = (&cases[0].input_ids, &cases[2].input_ids);
     let low_request = |seeded: bool| {
-        let mut req = greedy(low_prompt, 48);
+        let mut req = greedy(low_prompt, LOW_TOKENS);
         req.priority = 5;
         if seeded {
             req.temperature = Some(0.9);
@@ -993,7 +997,7 @@ async fn a_more_urgent_request_preempts_and_changes_no_token() {
     let total = metric_of(&probe, "moe_kv_cache_blocks_total").await;
     let block_bytes = ((1u64 << 30) as f64 / total).floor() as u64;
     drop(probe);
-    let low_blocks = (low_prompt.len() + 48).div_ceil(16) as u64;
+    let low_blocks = (low_prompt.len() + LOW_TOKENS as usize).div_ceil(16) as u64;
     let budget = (block_bytes * low_blocks + block_bytes / 2).to_string();
 
     for (how, flags) in [
@@ -1013,25 +1017,30 @@ async fn a_more_urgent_request_preempts_and_changes_no_token() {
                 .await
                 .unwrap()
                 .into_inner();
-            let mut low_ids = Vec::new();
-            let mut low_logprobs = Vec::new();
-            while low_ids.len() < 3 {
-                let msg = low.message().await.unwrap().expect("the low request runs");
-                low_ids.extend(msg.token_ids);
-                low_logprobs.extend(msg.logprobs);
-            }
+            // Read on its own task, so that its end is timed as it happens.
+            let (started, running) = tokio::sync::oneshot::channel();
+            let low = tokio::spawn(async move {
+                let (mut ids, mut logprobs, mut finish) = (Vec::new(), Vec::new(), String::new());
+                let mut started = Some(started);
+                while let Some(msg) = low.message().await.unwrap() {
+                    ids.extend(msg.token_ids);
+                    logprobs.extend(msg.logprobs);
+                    finish = msg.finish_reason;
+                    if ids.len() >= 3 {
+                        if let Some(started) = started.take() {
+                            let _ = started.send(());
+                        }
+                    }
+                }
+                (ids, logprobs, finish, Instant::now())
+            });
+            running.await.expect("the low request runs");
             let urgent = generate(&mut client, urgent_request.clone()).await.unwrap();
             let urgent_done = Instant::now();
-            let mut low_finish = String::new();
-            while let Some(msg) = low.message().await.unwrap() {
-                low_ids.extend(msg.token_ids);
-                low_logprobs.extend(msg.logprobs);
-                low_finish = msg.finish_reason;
-            }
-            let low_done = Instant::now();
+            let (low_ids, low_logprobs, low_finish, low_done) = low.await.unwrap();
             assert!(
                 urgent_done < low_done,
-                "{how}: the urgent request ended first"
+                "{how}: the urgent request ended first, though the other ran before it"
             );
             let want = harness::offline_greedy(&engine, urgent_prompt, 6);
             assert_eq!(urgent.ids, want.output_ids, "{how}");
@@ -1043,7 +1052,7 @@ async fn a_more_urgent_request_preempts_and_changes_no_token() {
             assert_eq!(low_logprobs, alone.logprobs, "{how}, seeded {seeded}");
             assert_eq!(low_finish, "length");
             if !seeded {
-                let want = harness::offline_greedy(&engine, low_prompt, 48);
+                let want = harness::offline_greedy(&engine, low_prompt, LOW_TOKENS as usize);
                 assert_eq!(low_ids, want.output_ids, "{how}");
             }
             let preempted = metric_of(&cluster, "moe_requests_preempted_total").await;

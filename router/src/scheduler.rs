@@ -353,17 +353,17 @@ impl Scheduler {
         while let Some(front) = waiting.front() {
             let request = &front.submission.request;
             let priority = request.priority;
+            // A request's later choices wait for its first one's prefill, then share its blocks
+            // through the prefix cache (the first is running, so this wait is a few steps at
+            // most; nothing is preempted for them meanwhile).
+            if self.prefix_cache.is_some() && request.sibling.as_ref().is_some_and(|s| s.waiting())
+            {
+                break;
+            }
             if running.len() >= self.config.max_running {
                 if self.preempt_for(priority, waiting, running) {
                     continue;
                 }
-                break;
-            }
-            // A request's later choices wait for its first one's prefill, then share its blocks
-            // through the prefix cache (the first is running, so this wait is a few steps at
-            // most).
-            if self.prefix_cache.is_some() && request.sibling.as_ref().is_some_and(|s| s.waiting())
-            {
                 break;
             }
             let tokens = request.input_ids.len() + request.max_new_tokens;
