@@ -62,21 +62,13 @@ async fn sixteen_concurrent_streams_in_two_micro_batches_equal_each_alone() {
 
 async fn concurrent_streams_equal_each_alone(micro_batches: u32) {
     let fixture = FIXTURES[1];
-    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
-    let cases = golden_cases(fixture);
-    let mut spec = harness::spec(fixture_dir(fixture), 2);
-    spec.router_args
-        .extend(["--micro-batches".into(), micro_batches.to_string()]);
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 2).await;
-    let requests = harness::mixed_requests(&cases);
-    harness::concurrent_greedy_matches_offline(&cluster.router_addr, &engine, requests).await;
-    let status = harness::status(&cluster).await;
-    assert_eq!(status.requests_running, 0);
-    assert_eq!(
-        status.kv_blocks_used, status.kv_blocks_cached,
-        "finished requests free their KV blocks (the prefix cache keeps its own)"
-    );
+    let batches = micro_batches.to_string();
+    let status = harness::cluster_matches_offline(
+        fixture_dir(fixture),
+        &golden_cases(fixture),
+        &["--micro-batches", &batches],
+    )
+    .await;
     if micro_batches > 1 {
         assert!(status.micro_batched_steps > 0, "no step was split");
     } else {

@@ -1,30 +1,34 @@
 //! Speculative decoding (`moe-router --speculative-config`, vLLM's `ngram` prompt-lookup
-//! drafts): every answer is bitwise the one a router without it gives (tokens, logprobs,
-//! texts, finish reasons), greedy or sampled, with penalties, stop strings, grammars and `n`,
-//! alone or in a batch, in one process or across expert nodes; and drafts that agree save
-//! steps.
+//! drafts and DeepSeek-V3's `deepseek_mtp`): every answer is bitwise the one a router without
+//! it gives (tokens, logprobs, texts, finish reasons), greedy or sampled, with penalties, stop
+//! strings, grammars and `n`, alone or in a batch, in one process or across expert nodes; and
+//! drafts that agree save steps.
 
-use moe_model::Engine;
-use moe_tests::harness::{self, metric_value, wait_serving};
+use moe_tests::harness::{self, metric_value};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
-use moe_tooling::{free_port, LocalCluster, SingleProcessRouter};
+use moe_tooling::{free_port, SingleProcessRouter};
 use serde_json::{json, Value};
 
 const SPECULATIVE_CONFIG: &str = r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#;
 
 fn start(fixture: &str, speculate: bool) -> SingleProcessRouter {
+    let config = speculate.then_some(SPECULATIVE_CONFIG);
+    start_at(&fixture_dir(fixture), config)
+}
+
+fn start_at(model: &std::path::Path, speculative_config: Option<&str>) -> SingleProcessRouter {
     let mut args: Vec<String> = vec![
         "--etcd".into(),
         format!("http://127.0.0.1:{}", free_port().expect("a free port")),
         "--http-listen".into(),
         "127.0.0.1:0".into(),
     ];
-    if speculate {
-        args.extend(["--speculative-config".into(), SPECULATIVE_CONFIG.into()]);
+    if let Some(config) = speculative_config {
+        args.extend(["--speculative-config".into(), config.into()]);
     }
     SingleProcessRouter::start(
         &harness::binary("moe-router"),
-        &fixture_dir(fixture),
+        model,
         2,
         &args,
         std::env::var_os("MOE_TEST_LOGS").is_some(),
@@ -134,48 +138,111 @@ async fn drafts_change_no_answer_and_save_steps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_speculating_cluster_gives_the_offline_tokens_in_a_batch() {
     // Two expert-node processes, a tight step budget (drafts cut to fit beside prefill
-    // chunks) and two micro-batches: the offline engine's tokens, bit for bit.
+    // chunks) and two micro-batches: the offline engine's tokens, bit for bit, and every
+    // block back, rejected drafts' included.
     let fixture = FIXTURES[0];
-    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let cases = golden_cases(fixture);
-    let mut spec = harness::spec(fixture_dir(fixture), 2);
-    spec.router_args.extend(
-        [
-            "--speculative-config",
-            SPECULATIVE_CONFIG,
-            "--max-batch-tokens",
-            "12",
-            "--micro-batches",
-            "2",
-        ]
-        .map(String::from),
-    );
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 2).await;
-    let requests = harness::mixed_requests(&cases);
-    harness::concurrent_greedy_matches_offline(&cluster.router_addr, &engine, requests).await;
-    let status = harness::status(&cluster).await;
-    assert_eq!(status.requests_running, 0);
-    assert_eq!(
-        status.kv_blocks_used, status.kv_blocks_cached,
-        "finished requests free their KV blocks, rejected drafts' included"
-    );
+    harness::cluster_matches_offline(fixture_dir(fixture), &cases, &tight(SPECULATIVE_CONFIG))
+        .await;
 }
 
+/// `--speculative-config CONFIG` with a 12-token step budget and two micro-batches.
+fn tight(config: &str) -> [&str; 6] {
+    [
+        "--speculative-config",
+        config,
+        "--max-batch-tokens",
+        "12",
+        "--micro-batches",
+        "2",
+    ]
+}
+
+/// A tiny DeepSeek-V3 with its multi-token-prediction layer (`moe gen-checkpoint
+/// --mtp-layers 1`'s), in a directory of this test process's.
+fn checkpoint_with_mtp(name: &str) -> std::path::PathBuf {
+    use moe_model::config::Family;
+    use moe_model::generator::{CheckpointPlan, Preset, WeightDtype};
+    let dir = std::env::temp_dir().join(format!("moe-mtp-{}-{name}", std::process::id()));
+    let mut plan = CheckpointPlan::new(Family::DeepseekV3, Preset::Tiny, WeightDtype::Bf16, 17);
+    plan.mtp_layers = 1;
+    plan.write(&dir).unwrap();
+    dir
+}
+
+const MTP_CONFIG: &str = r#"{"method": "deepseek_mtp", "num_speculative_tokens": 2}"#;
+
+/// DeepSeek-V3's own draft head: the same answers, one at a time and all at once, and it
+/// drafts (a random checkpoint's head seldom guesses right; what it saves on a trained model
+/// is docs/performance.md's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtp_drafts_change_no_answer() {
+    let dir = checkpoint_with_mtp("answers");
+    let model = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let plain = start_at(&dir, None);
+    let drafting = start_at(&dir, Some(MTP_CONFIG));
+    let plain_http = plain.http_addr.clone().expect("--http-listen");
+    let mtp_http = drafting.http_addr.clone().expect("--http-listen");
+    let prompt: Vec<u32> = golden_cases(FIXTURES[0])[0].input_ids.clone();
+    let bodies = bodies(&model, &prompt, "e");
+    let mut expected = Vec::new();
+    for body in &bodies {
+        let want = complete(plain_http.clone(), body.clone()).await;
+        assert!(want.get("choices").is_some(), "{want}");
+        let got = complete(mtp_http.clone(), body.clone()).await;
+        assert_eq!(got, want, "{body}");
+        expected.push(want);
+    }
+    let tasks: Vec<_> = bodies
+        .iter()
+        .map(|body| tokio::spawn(complete(mtp_http.clone(), body.clone())))
+        .collect();
+    for ((task, want), body) in tasks.into_iter().zip(&expected).zip(&bodies) {
+        assert_eq!(&task.await.unwrap(), want, "in a batch: {body}");
+    }
+    let page = harness::scrape(&mtp_http).await;
+    let drafted = metric_value(&page, "moe_spec_decode_draft_tokens_total");
+    let accepted = metric_value(&page, "moe_spec_decode_accepted_tokens_total");
+    assert!(drafted > 0.0, "the MTP head drafted nothing");
+    assert!(accepted <= drafted, "{accepted} of {drafted}");
+    drop((plain, drafting));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The head beside a cluster: its experts on the router, the main layers' on two expert-node
+/// processes, a tight step budget and two micro-batches: the offline engine's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtp_drafting_cluster_gives_the_offline_tokens_in_a_batch() {
+    let dir = checkpoint_with_mtp("cluster");
+    let cases = golden_cases(FIXTURES[0]);
+    harness::cluster_matches_offline(dir.clone(), &cases, &tight(MTP_CONFIG)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Refusals at start, by name: a method not implemented, and `deepseek_mtp` on checkpoints
+/// without the layer (the bundled DeepSeek-V3 fixture names one in its config but, written by
+/// transformers, holds none of its tensors; Qwen3-MoE has none).
 #[test]
 fn a_config_it_cannot_honour_stops_the_router_by_name() {
-    let out = std::process::Command::new(harness::binary("moe-router"))
-        .args(["--model", fixture_dir(FIXTURES[0]).to_str().unwrap()])
-        .args([
-            "--speculative-config",
-            r#"{"method": "deepseek_mtp", "num_speculative_tokens": 1}"#,
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let refusal = |fixture: &str, config: &str| {
+        let out = std::process::Command::new(harness::binary("moe-router"))
+            .args(["--model", fixture_dir(fixture).to_str().unwrap()])
+            .args(["--speculative-config", config])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = refusal(
+        FIXTURES[0],
+        r#"{"method": "eagle", "num_speculative_tokens": 1}"#,
+    );
     assert!(
-        stderr.contains("method `deepseek_mtp` is not implemented"),
+        stderr.contains("method `eagle` is not implemented"),
         "{stderr}"
     );
+    let stderr = refusal(FIXTURES[0], MTP_CONFIG);
+    assert!(stderr.contains("model.layers.3.eh_proj.weight"), "{stderr}");
+    let stderr = refusal(FIXTURES[1], MTP_CONFIG);
+    assert!(stderr.contains("DeepSeek-V3's"), "{stderr}");
 }

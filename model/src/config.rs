@@ -147,8 +147,9 @@ pub struct ModelConfig {
     /// `moe_layers[i]` is true when layer `i` is a MoE layer, false when it is a dense MLP.
     pub moe_layers: Vec<bool>,
     /// Multi-token-prediction layers the checkpoint ships after the main ones
-    /// (`num_nextn_predict_layers`; DeepSeek-V3 has one). The engine does not run them; they
-    /// count in the weights a deployment loads.
+    /// (`num_nextn_predict_layers`; DeepSeek-V3 has one). The offline engine does not run
+    /// them; a router drafts with the first (`--speculative-config` `deepseek_mtp`,
+    /// [`crate::mtp::MtpHead`]); they count in the weights a deployment loads.
     pub mtp_layers: usize,
 }
 
@@ -545,6 +546,21 @@ impl ModelConfig {
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.moe_layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// This config with its first multi-token-prediction layer as one more MoE layer after the
+    /// main ones (layer `num_layers`, where DeepSeek's checkpoints name it): the draft head's
+    /// tensors, experts and KV cache layer are found by that index. `None` without one.
+    pub fn with_mtp_layer(&self) -> Option<ModelConfig> {
+        if self.mtp_layers == 0 {
+            return None;
+        }
+        let mut config = self.clone();
+        config.moe_layers.resize(self.num_layers, false);
+        config.moe_layers.push(true);
+        config.num_layers += 1;
+        config.mtp_layers = 0;
+        Some(config)
     }
 
     /// Layers that are MoE layers, in order.

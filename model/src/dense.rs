@@ -14,7 +14,7 @@ use crate::kv_cache::{KvLayout, KvPool, LayerCache, SequenceCache, DEFAULT_BLOCK
 use crate::layers::attention::Attention;
 use crate::layers::gate::MoeGate;
 use crate::layers::mlp::Mlp;
-use crate::layers::rope::Rope;
+use crate::layers::rope::{Rope, RopeTable};
 use crate::routes::{combine, ExpertRoutes};
 use std::sync::Arc;
 
@@ -41,6 +41,125 @@ pub struct DecoderLayer {
     ffn: FeedForward,
 }
 
+/// What a decoder layer's step needs besides its rows and caches.
+pub(crate) struct LayerStep<'a> {
+    /// The layer's index: its tensors', its KV cache layer's and its routed experts'.
+    pub index: usize,
+    pub layout: &'a BatchLayout,
+    pub rope: &'a RopeTable,
+    pub config: &'a ModelConfig,
+    pub experts: &'a dyn ExpertBackend,
+}
+
+impl DecoderLayer {
+    /// Layer `layer` of `config` (a MoE layer where `config` says so).
+    pub(crate) fn load(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Self> {
+        let h = config.hidden_size;
+        let p = families::layer_prefix(layer);
+        let ffn = if config.is_moe_layer(layer) {
+            let names = families::moe_names(config, layer);
+            let gate = MoeGate::load(
+                ckpt,
+                &names.gate,
+                names.correction_bias.as_deref(),
+                &config.moe,
+                h,
+            )?;
+            let shared = match &names.shared {
+                Some(n) => Some(Mlp::load(
+                    ckpt,
+                    n,
+                    h,
+                    config.moe.intermediate_size * config.moe.n_shared_experts,
+                )?),
+                None => None,
+            };
+            FeedForward::Moe { gate, shared }
+        } else {
+            FeedForward::Dense(Mlp::load(
+                ckpt,
+                &families::dense_mlp_names(layer),
+                h,
+                config.dense_intermediate_size,
+            )?)
+        };
+        Ok(DecoderLayer {
+            input_norm: ckpt.load_f32(&format!("{p}.input_layernorm.weight"), &[h])?,
+            attention: families::load_attention(ckpt, config, layer)?,
+            post_attention_norm: ckpt
+                .load_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            ffn,
+        })
+    }
+
+    /// Adds the layer's attention and then its feed-forward to `hidden` (`[rows, hidden]`),
+    /// appending the step's keys to `caches`.
+    pub(crate) fn forward(
+        &self,
+        hidden: &mut [f32],
+        step: &LayerStep<'_>,
+        caches: &mut [LayerCache<'_>],
+    ) -> Result<()> {
+        let eps = step.config.rms_norm_eps;
+        let rows = step.layout.num_rows();
+        let normed = ops::rms_norm(hidden, &self.input_norm, eps);
+        let attn = self
+            .attention
+            .forward(&normed, step.layout, step.rope, caches);
+        add_in_place(hidden, &attn);
+        let normed = ops::rms_norm(hidden, &self.post_attention_norm, eps);
+        let ffn_out = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&normed, rows),
+            FeedForward::Moe { gate, shared } => {
+                let routes = gate.route(&normed, rows);
+                moe_combine(step, &normed, &routes, shared.as_ref())?
+            }
+        };
+        add_in_place(hidden, &ffn_out);
+        Ok(())
+    }
+}
+
+/// Routed experts through the backend, shared experts here, summed in canonical order.
+fn moe_combine(
+    step: &LayerStep<'_>,
+    normed: &[f32],
+    routes: &ExpertRoutes,
+    shared: Option<&Mlp>,
+) -> Result<Vec<f32>> {
+    let rows = routes.rows();
+    let (pair_out, shared_out) = rayon::join(
+        || step.experts.run_experts(step.index, normed, routes),
+        || shared.map(|m| m.forward(normed, rows)),
+    );
+    Ok(combine(
+        routes,
+        &pair_out?,
+        shared_out.as_deref(),
+        step.config.hidden_size,
+    ))
+}
+
+/// Hands each sequence that keeps them ([`SequenceCache::keep_hidden`]) its rows of the
+/// model's output, after the final norm (what lm_head reads): what a draft head (MTP) reads
+/// next, as vLLM and SGLang hand DeepSeek's MTP layer the target model's hidden states.
+fn keep_hidden(
+    seqs: &mut [StepSequence<'_>],
+    layout: &BatchLayout,
+    hidden: &[f32],
+    final_norm: &[f32],
+    eps: f32,
+) {
+    let h = final_norm.len();
+    for (s, span) in seqs.iter_mut().zip(&layout.seqs) {
+        if let Some(kept) = s.cache.kept_hidden_mut() {
+            kept.clear();
+            kept.extend_from_slice(&hidden[span.first_row * h..(span.first_row + span.len) * h]);
+            ops::rms_norm_rows(kept, final_norm, eps);
+        }
+    }
+}
+
 pub struct DenseModel {
     config: ModelConfig,
     /// `[vocab, hidden]`, row-major (looked up, never multiplied).
@@ -59,44 +178,9 @@ impl DenseModel {
         let h = config.hidden_size;
         let v = config.vocab_size;
         let embed = ckpt.load_native("model.embed_tokens.weight", &[v, h])?;
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for layer in 0..config.num_layers {
-            let p = families::layer_prefix(layer);
-            let ffn = if config.is_moe_layer(layer) {
-                let names = families::moe_names(config, layer);
-                let gate = MoeGate::load(
-                    ckpt,
-                    &names.gate,
-                    names.correction_bias.as_deref(),
-                    &config.moe,
-                    h,
-                )?;
-                let shared = match &names.shared {
-                    Some(n) => Some(Mlp::load(
-                        ckpt,
-                        n,
-                        h,
-                        config.moe.intermediate_size * config.moe.n_shared_experts,
-                    )?),
-                    None => None,
-                };
-                FeedForward::Moe { gate, shared }
-            } else {
-                FeedForward::Dense(Mlp::load(
-                    ckpt,
-                    &families::dense_mlp_names(layer),
-                    h,
-                    config.dense_intermediate_size,
-                )?)
-            };
-            layers.push(DecoderLayer {
-                input_norm: ckpt.load_f32(&format!("{p}.input_layernorm.weight"), &[h])?,
-                attention: families::load_attention(ckpt, config, layer)?,
-                post_attention_norm: ckpt
-                    .load_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                ffn,
-            });
-        }
+        let layers = (0..config.num_layers)
+            .map(|layer| DecoderLayer::load(ckpt, config, layer))
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = ckpt.load_f32("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             PackedMatrix::from_native(&[&embed], h)
@@ -150,23 +234,18 @@ impl DenseModel {
         }
 
         for (l, layer) in self.layers.iter().enumerate() {
-            let normed = ops::rms_norm(&hidden, &layer.input_norm, eps);
             let mut caches: Vec<LayerCache<'_>> =
                 seqs.iter_mut().map(|s| s.cache.layer(l)).collect();
-            let attn = layer
-                .attention
-                .forward(&normed, &layout, &rope, &mut caches);
-            add_in_place(&mut hidden, &attn);
-            let normed = ops::rms_norm(&hidden, &layer.post_attention_norm, eps);
-            let ffn_out = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&normed, rows),
-                FeedForward::Moe { gate, shared } => {
-                    let routes = gate.route(&normed, rows);
-                    self.moe_combine(l, &normed, &routes, shared.as_ref(), experts)?
-                }
+            let step = LayerStep {
+                index: l,
+                layout: &layout,
+                rope: &rope,
+                config: &self.config,
+                experts,
             };
-            add_in_place(&mut hidden, &ffn_out);
+            layer.forward(&mut hidden, &step, &mut caches)?;
         }
+        keep_hidden(seqs, &layout, &hidden, &self.final_norm, eps);
         for s in seqs.iter_mut() {
             s.cache.len += s.tokens.len();
         }
@@ -180,28 +259,6 @@ impl DenseModel {
         ops::rms_norm_rows(&mut selected, &self.final_norm, eps);
         let logits = self.lm_head.matmul(&selected, wanted.len());
         Ok(split_logits(seqs, &logits, self.config.vocab_size))
-    }
-
-    /// Routed experts through the backend, shared experts here, summed in canonical order.
-    fn moe_combine(
-        &self,
-        layer: usize,
-        normed: &[f32],
-        routes: &ExpertRoutes,
-        shared: Option<&Mlp>,
-        experts: &dyn ExpertBackend,
-    ) -> Result<Vec<f32>> {
-        let rows = routes.rows();
-        let (pair_out, shared_out) = rayon::join(
-            || experts.run_experts(layer, normed, routes),
-            || shared.map(|m| m.forward(normed, rows)),
-        );
-        Ok(combine(
-            routes,
-            &pair_out?,
-            shared_out.as_deref(),
-            self.config.hidden_size,
-        ))
     }
 
     /// An empty cache, its blocks from this model's pool.

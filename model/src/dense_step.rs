@@ -64,7 +64,11 @@ pub fn validate_step(config: &ModelConfig, seqs: &[StepSequence<'_>]) -> Result<
                 max: config.max_position_embeddings,
             });
         }
-        let expected = KvLayout::for_config(config, s.cache.layout().block_tokens);
+        // A cache may hold layers past the model's: a draft head's (MTP), after the main ones.
+        let expected = KvLayout {
+            num_layers: s.cache.layout().num_layers.max(config.num_layers),
+            ..KvLayout::for_config(config, s.cache.layout().block_tokens)
+        };
         if *s.cache.layout() != expected {
             return Err(ModelError::InvalidRequest(
                 "sequence cache belongs to another model".into(),

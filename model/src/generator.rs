@@ -168,7 +168,39 @@ fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
         attention_specs(config, &format!("{p}.self_attn"), &mut specs);
         ffn_specs(config, layer, &mut specs);
     }
+    if let Some(with_mtp) = config.with_mtp_layer() {
+        mtp_specs(&with_mtp, config.num_layers, &mut specs);
+    }
     specs
+}
+
+/// DeepSeek's multi-token-prediction layer, as its checkpoints name it (after the main
+/// layers): its norms, `eh_proj`, a MoE decoder layer and the shared head. The copy of the
+/// embedding DeepSeek's files repeat under it is left out (the main one is the same tensor).
+fn mtp_specs(config: &ModelConfig, layer: usize, specs: &mut Vec<TensorSpec>) {
+    let h = config.hidden_size;
+    let p = families::layer_prefix(layer);
+    for norm in ["enorm", "hnorm", "shared_head.norm"] {
+        specs.push((format!("{p}.{norm}.weight"), vec![h], Init::Norm));
+    }
+    specs.push((
+        format!("{p}.eh_proj.weight"),
+        vec![h, 2 * h],
+        Init::Linear { gain: 1.0 },
+    ));
+    specs.push((
+        format!("{p}.shared_head.head.weight"),
+        vec![config.vocab_size, h],
+        Init::Linear { gain: 3.0 },
+    ));
+    specs.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
+    specs.push((
+        format!("{p}.post_attention_layernorm.weight"),
+        vec![h],
+        Init::Norm,
+    ));
+    attention_specs(config, &format!("{p}.self_attn"), specs);
+    ffn_specs(config, layer, specs);
 }
 
 /// The attention tensors of a layer, named under `prefix`.
@@ -255,6 +287,9 @@ pub struct CheckpointPlan {
     pub seed: u64,
     /// `num_hidden_layers` instead of the preset's.
     pub layers: Option<usize>,
+    /// DeepSeek-V3's `num_nextn_predict_layers`: the multi-token-prediction layer written
+    /// after the main ones (0 or 1; the published model has 1).
+    pub mtp_layers: usize,
 }
 
 impl CheckpointPlan {
@@ -265,6 +300,7 @@ impl CheckpointPlan {
             dtype,
             seed,
             layers: None,
+            mtp_layers: 0,
         }
     }
 
@@ -279,6 +315,15 @@ impl CheckpointPlan {
                 )));
             }
             config_json["num_hidden_layers"] = json!(layers);
+        }
+        if self.mtp_layers > 0 {
+            if self.family != Family::DeepseekV3 || self.mtp_layers > 1 {
+                return Err(ModelError::InvalidRequest(
+                    "--mtp-layers: only DeepSeek-V3 has a multi-token-prediction layer, and one"
+                        .into(),
+                ));
+            }
+            config_json["num_nextn_predict_layers"] = json!(self.mtp_layers);
         }
         if self.dtype == WeightDtype::Fp8 {
             config_json["quantization_config"] = json!({

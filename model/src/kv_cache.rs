@@ -31,6 +31,9 @@ pub struct SequenceCache {
     blocks: Vec<Arc<KvBlock>>,
     /// Tokens cached so far (the next token's position).
     pub len: usize,
+    /// The last step's rows of the model's output (after its final norm), when kept for a
+    /// draft head ([`Self::keep_hidden`]): MTP drafts from them.
+    kept_hidden: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for SequenceCache {
@@ -50,7 +53,19 @@ impl SequenceCache {
             layout: *pool.layout(),
             blocks: Vec::new(),
             len: 0,
+            kept_hidden: None,
         }
+    }
+
+    /// Asks the CPU dense part to keep each step's last hidden rows here
+    /// ([`Self::kept_hidden_mut`]), for a draft head.
+    pub fn keep_hidden(&mut self) {
+        self.kept_hidden.get_or_insert_with(Vec::new);
+    }
+
+    /// The rows kept from the last step, `[rows fed, hidden]`; `None` unless asked for.
+    pub fn kept_hidden_mut(&mut self) -> Option<&mut Vec<f32>> {
+        self.kept_hidden.as_mut()
     }
 
     /// A cache for `config`'s model in blocks of [`DEFAULT_BLOCK_TOKENS`], from a pool of its

@@ -47,6 +47,7 @@ pub mod kv_cache;
 pub mod kv_pool;
 pub mod layers;
 pub mod logit_adjust;
+pub mod mtp;
 pub mod ngram_draft;
 pub mod nucleus;
 mod open_checkpoint;

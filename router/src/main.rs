@@ -8,6 +8,7 @@ use clap::Parser;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::dense::{load_dense, DenseStep};
 use moe_model::experts::ExpertSet;
+use moe_model::mtp::MtpHead;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
 use moe_proto::v1::admin_server::AdminServer;
@@ -174,6 +175,8 @@ struct DenseModel {
     /// One MoE layer's dispatch carries at most a step's tokens: the data plane's message
     /// limits follow from it.
     dispatch_bounds: DispatchRules,
+    /// The multi-token-prediction layer, with `--speculative-config` `deepseek_mtp`.
+    mtp: Option<Arc<MtpHead>>,
 }
 
 impl DenseModel {
@@ -191,6 +194,10 @@ impl DenseModel {
         drop(names);
         let dense: Arc<dyn DenseStep> = Arc::from(load_dense(&ckpt, &config, &device)?);
         tracing::info!(device = %dense.placement(), "dense part loaded");
+        let mtp = match args.speculative_config {
+            Some(spec) if spec.uses_mtp() => Some(load_mtp(&ckpt, &config, &device)?),
+            _ => None,
+        };
         let eos_ids = config.stop_ids(tokenizer.eos_id());
         Ok(Self {
             checkpoint: (args.in_process_nodes > 0).then_some(ckpt),
@@ -201,8 +208,31 @@ impl DenseModel {
             fingerprint,
             eos_ids,
             dispatch_bounds,
+            mtp,
         })
     }
+
+    /// The KV layout of every sequence: the model's layers, and the MTP head's after them.
+    fn kv_config(&self) -> &ModelConfig {
+        self.mtp.as_ref().map_or(&self.config, |head| head.config())
+    }
+}
+
+/// The checkpoint's MTP layer, for `deepseek_mtp` drafts: on a CPU dense part only (it reads
+/// the main model's hidden rows, which a device dense part does not hand back).
+fn load_mtp(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    device: &moe_model::experts::ExpertDevice,
+) -> anyhow::Result<Arc<MtpHead>> {
+    if !matches!(device, moe_model::experts::ExpertDevice::Cpu) {
+        anyhow::bail!(
+            "--speculative-config deepseek_mtp: the MTP head runs beside a CPU dense part only (not with --device cuda)"
+        );
+    }
+    let head = MtpHead::load(ckpt, config).context("--speculative-config deepseek_mtp")?;
+    tracing::info!(layer = head.kv_layer(), "MTP draft head loaded");
+    Ok(Arc::new(head))
 }
 
 /// The state the scheduler thread shares with the request handlers.
@@ -265,7 +295,7 @@ fn start_scheduler(
     let stats = Arc::new(SchedulerStats::default());
     let kv = Arc::new(KvBlocks::new(
         args.kv_cache_bytes,
-        model.config.kv_cache_bytes_per_token(),
+        model.kv_config().kv_cache_bytes_per_token(),
         args.kv_block_tokens,
     ));
     let requests = Arc::new(RequestMetrics::default());
@@ -282,7 +312,10 @@ fn start_scheduler(
         tokenizer: Arc::clone(&model.tokenizer),
         kv: Arc::clone(&kv),
         // One pool for every sequence's blocks and the cached ones, in `--kv-block-tokens`.
-        kv_pool: KvPool::new(KvLayout::for_config(&model.config, args.kv_block_tokens)),
+        kv_pool: KvPool::new(KvLayout::for_config(
+            model.kv_config(),
+            args.kv_block_tokens,
+        )),
         stats: Arc::clone(&stats),
         config: SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
@@ -300,6 +333,7 @@ fn start_scheduler(
         prefix_cache: args
             .prefix_caching
             .then(|| std::cell::RefCell::new(PrefixCache::new(args.kv_block_tokens))),
+        mtp: model.mtp.clone(),
     };
     std::thread::Builder::new()
         .name("scheduler".into())

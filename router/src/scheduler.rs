@@ -30,9 +30,10 @@ use crate::kv_blocks::{KvBlocks, KvReservation};
 use crate::prefix_cache::{PrefixCache, PrefixHit};
 use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
-use crate::speculative::SpeculativeConfig;
+use crate::speculative::{DraftMethod, SpeculativeConfig};
 use crate::structured::TokenConstraint;
 use crate::validation::ValidRequest;
+use moe_model::mtp::{MtpHead, MtpRows};
 
 /// Links from a step span to the other requests of its batch, at most.
 const MAX_STEP_LINKS: usize = 64;
@@ -127,6 +128,8 @@ struct Sequence {
     draft: Vec<u32>,
     /// When its drafts last missed entirely, and how often in a row (see [`DraftBackoff`]).
     backoff: DraftBackoff,
+    /// What the MTP head guessed after its last step, for the next (`deepseek_mtp`).
+    mtp_guess: Vec<u32>,
 }
 
 /// Drafts that keep missing cost a wider step each time and save nothing (text that does not
@@ -150,6 +153,11 @@ impl DraftBackoff {
         }
         self.skip -= 1;
         false
+    }
+
+    /// Whether the next step's [`Self::may_draft`] says yes.
+    fn drafts_next(&self) -> bool {
+        self.skip == 0
     }
 
     fn record(&mut self, accepted: usize) {
@@ -267,6 +275,10 @@ pub struct Scheduler {
     pub metrics: Arc<RequestMetrics>,
     /// Full prompt blocks kept for later requests (`--prefix-caching`, dense part on the CPU).
     pub prefix_cache: Option<RefCell<PrefixCache>>,
+    /// The checkpoint's multi-token-prediction layer, when it drafts (`deepseek_mtp`); then
+    /// every sequence's cache has its layer after the main ones, and keeps the main model's
+    /// last hidden rows for it.
+    pub mtp: Option<Arc<MtpHead>>,
 }
 
 /// Puts `item` in the waiting queue after every item that orders before it or equal (by
@@ -370,6 +382,9 @@ impl Scheduler {
             // The cached prefix first: its blocks are then held, so making room below cannot
             // evict them, and the reservation counts only the blocks this sequence adds.
             let mut cache = SequenceCache::new(&self.kv_pool);
+            if self.mtp.is_some() {
+                cache.keep_hidden();
+            }
             let feed: Vec<u32> = request
                 .input_ids
                 .iter()
@@ -417,6 +432,7 @@ impl Scheduler {
                 history,
                 draft: Vec::new(),
                 backoff: DraftBackoff::default(),
+                mtp_guess: Vec::new(),
                 prompt_scores,
                 next_mask: None,
                 sampler,
@@ -579,6 +595,8 @@ impl Scheduler {
         if plan.is_empty() {
             return;
         }
+        // Where each feed's rows start: the MTP head's rows after the step start there too.
+        let starts: Vec<usize> = plan.iter().map(|f| running[f.seq].cache.len).collect();
         let step_span = self.step_span(running, &plan);
         let _in_step = step_span.enter();
         self.experts.next_step(step_span.clone());
@@ -590,7 +608,7 @@ impl Scheduler {
                 if let Some(since) = self.stalled_since.take() {
                     tracing::info!(stalled_for = ?since.elapsed(), "steps succeed again");
                 }
-                self.advance(running, &plan, &logits);
+                self.advance(running, &plan, &logits, &starts);
             }
             Err(e) => self.step_failed(running, &plan, e),
         }
@@ -712,7 +730,97 @@ impl Scheduler {
             let answer_room = s.request.max_new_tokens.saturating_sub(s.output.len() + 1);
             let position_room = max_positions.saturating_sub(s.positions() + 1);
             let limit = answer_room.min(position_room);
-            spec.drafter.propose(&s.history, limit, &mut s.draft);
+            match spec.method {
+                DraftMethod::Ngram(drafter) => drafter.propose(&s.history, limit, &mut s.draft),
+                DraftMethod::Mtp { .. } => s.draft.extend(s.mtp_guess.iter().take(limit)),
+            }
+        }
+    }
+
+    /// The MTP head over what the step fed each sequence that goes on (the rows its cache
+    /// kept, each with the token after it: the prompt's next, or what was sampled), filling
+    /// the head's cache layer, and its guesses for each decoding sequence's next step. A head
+    /// that fails leaves no guesses: drafts are optional, never a request's failure.
+    fn guess_with_mtp(
+        &self,
+        head: &MtpHead,
+        running: &mut [Sequence],
+        plan: &[Feed],
+        starts: &[usize],
+        finished: &[usize],
+    ) {
+        let Some(spec) = self.config.speculation else {
+            return;
+        };
+        let DraftMethod::Mtp { tokens } = spec.method else {
+            return;
+        };
+        let drafting = spec.drafts_at(running.len() - finished.len());
+        let max_positions = self.dense.config().max_position_embeddings;
+        // Per feed that goes on: (sequence, first position, tokens after each row, drafts).
+        let mut parts: Vec<(usize, usize, Vec<u32>, usize)> = Vec::new();
+        for (f, &start) in plan.iter().zip(starts) {
+            let s = &mut running[f.seq];
+            s.mtp_guess.clear();
+            if finished.contains(&f.seq) || s.cache.len <= start {
+                continue;
+            }
+            let prompt = &s.request.input_ids;
+            let next: Option<Vec<u32>> = (start + 1..=s.cache.len)
+                .map(|pos| match pos.checked_sub(prompt.len()) {
+                    None => prompt.get(pos).copied(),
+                    Some(at) => s.output.get(at).copied(),
+                })
+                .collect();
+            let Some(next) = next else {
+                continue;
+            };
+            // Guesses only for a sequence that drafts next step (not waiting out a backoff):
+            // past the first, each guess is one more pass of the layer.
+            let drafts = if drafting && s.prefill_done() && s.backoff.drafts_next() {
+                let answer_room = s.request.max_new_tokens.saturating_sub(s.output.len() + 1);
+                let position_room = max_positions.saturating_sub(s.positions() + 1);
+                tokens.min(answer_room).min(position_room)
+            } else {
+                0
+            };
+            parts.push((f.seq, start, next, drafts));
+        }
+        let mut part_of = vec![None; running.len()];
+        for (k, part) in parts.iter().enumerate() {
+            part_of[part.0] = Some(k);
+        }
+        let h = head.config().hidden_size;
+        let mut which = Vec::with_capacity(parts.len());
+        let mut rows: Vec<MtpRows<'_>> = Vec::with_capacity(parts.len());
+        for (seq, s) in running.iter_mut().enumerate() {
+            let Some(k) = part_of[seq] else {
+                continue;
+            };
+            let (_, start, next, drafts) = &parts[k];
+            let mut hidden = s
+                .cache
+                .kept_hidden_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            hidden.truncate(next.len() * h);
+            which.push(seq);
+            rows.push(MtpRows {
+                cache: &mut s.cache,
+                start: *start,
+                hidden,
+                next,
+                drafts: *drafts,
+            });
+        }
+        match head.propose(&mut rows) {
+            Ok(guesses) => {
+                drop(rows);
+                for (seq, guess) in which.into_iter().zip(guesses) {
+                    running[seq].mtp_guess = guess;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the MTP head drafted nothing this step"),
         }
     }
 
@@ -806,8 +914,17 @@ impl Scheduler {
 
     /// Moves prefills on, samples where the plan says, streams the new tokens, and lets the
     /// sequences that finished go.
-    fn advance(&self, running: &mut Vec<Sequence>, plan: &[Feed], outputs: &[StepOutput]) {
+    fn advance(
+        &self,
+        running: &mut Vec<Sequence>,
+        plan: &[Feed],
+        outputs: &[StepOutput],
+        starts: &[usize],
+    ) {
         let mut finished = Vec::new();
+        // Prompts fed to the end this step whose blocks go to the prefix cache once the MTP
+        // head has written its rows in them (a cached block would be copied on that write).
+        let mut prompts_done = Vec::new();
         let vocab = self.dense.config().vocab_size;
         for (f, output) in plan.iter().zip(outputs) {
             let s = &mut running[f.seq];
@@ -822,9 +939,10 @@ impl Scheduler {
                 }
                 s.prefilled += f.tokens;
                 if s.prefilled == prompt_len {
-                    self.cache_blocks(s);
-                    if let Some(sibling) = &s.request.sibling {
-                        sibling.announce();
+                    if self.mtp.is_some() && s.request.max_new_tokens > 0 {
+                        prompts_done.push(f.seq);
+                    } else {
+                        self.prompt_fed(s, true);
                     }
                 }
                 if s.prefilled == prompt_len && s.request.max_new_tokens == 0 {
@@ -866,7 +984,26 @@ impl Scheduler {
                 finished.push(f.seq);
             }
         }
+        if let Some(head) = &self.mtp {
+            self.guess_with_mtp(head, running, plan, starts, &finished);
+        }
+        for seq in prompts_done {
+            // One that already finished cached its prompt and answer then.
+            let keep = !finished.contains(&seq);
+            self.prompt_fed(&mut running[seq], keep);
+        }
         remove(running, &finished);
+    }
+
+    /// A sequence's prompt is all fed: its blocks (when `cache`) go to the prefix cache, and
+    /// its later choices, waiting for them, may go.
+    fn prompt_fed(&self, s: &mut Sequence, cache: bool) {
+        if cache {
+            self.cache_blocks(s);
+        }
+        if let Some(sibling) = &s.request.sibling {
+            sibling.announce();
+        }
     }
 
     /// Samples a drafting feed's positions in turn, each row after the picks before it (the

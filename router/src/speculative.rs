@@ -1,5 +1,6 @@
-//! `--speculative-config`: vLLM's JSON for speculative decoding, of which the `ngram` method
-//! (prompt lookup) is implemented.
+//! `--speculative-config`: vLLM's JSON for speculative decoding, of which two methods are
+//! implemented: `ngram` (prompt lookup) and `deepseek_mtp` (DeepSeek-V3's own
+//! multi-token-prediction layer drafting, [`moe_model::mtp::MtpHead`]).
 //!
 //! Drafts never change a token here: every token is still the sampler's pick from the model's
 //! own logits, and a verify step's logits are bitwise a decode's (the math is batch- and
@@ -13,10 +14,20 @@ use serde_json::{Map, Value};
 pub const MAX_SPECULATIVE_TOKENS: usize = 64;
 pub const MAX_NGRAM: usize = 64;
 
+/// Where drafts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DraftMethod {
+    /// Looked up in the sequence's own tokens.
+    Ngram(NgramDrafter),
+    /// Guessed by the checkpoint's multi-token-prediction layer, `tokens` a step (the layer
+    /// reused on its own output past the first, as vLLM does).
+    Mtp { tokens: usize },
+}
+
 /// How the scheduler speculates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpeculativeConfig {
-    pub drafter: NgramDrafter,
+    pub method: DraftMethod,
     /// No drafts while more sequences than this run (vLLM's `disable_by_batch_size`): a full
     /// batch is compute-bound and checking drafts costs more than it saves.
     pub disable_by_batch_size: Option<usize>,
@@ -28,10 +39,14 @@ pub enum SpeculativeConfigError {
     NotAnObject(String),
     #[error("--speculative-config: unknown key `{0}` (known: method, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max, disable_by_batch_size)")]
     UnknownKey(String),
-    #[error("--speculative-config: method `{0}` is not implemented (only `ngram` is)")]
+    #[error(
+        "--speculative-config: method `{0}` is not implemented (`ngram` and `deepseek_mtp` are)"
+    )]
     UnsupportedMethod(String),
-    #[error("--speculative-config: `method` is required (`ngram`)")]
+    #[error("--speculative-config: `method` is required (`ngram` or `deepseek_mtp`)")]
     MissingMethod,
+    #[error("--speculative-config: `{0}` is the ngram method's, not deepseek_mtp's")]
+    NgramKeyForMtp(String),
     #[error("--speculative-config: `num_speculative_tokens` is required")]
     MissingTokens,
     #[error("--speculative-config: `{key}` must be an integer from {min} to {max}")]
@@ -69,11 +84,31 @@ impl std::str::FromStr for SpeculativeConfig {
             (Some(m), _) | (None, Some(m)) => m.as_str().unwrap_or_default().to_string(),
             (None, None) => return Err(SpeculativeConfigError::MissingMethod),
         };
-        if method != "ngram" && method != "[ngram]" {
-            return Err(SpeculativeConfigError::UnsupportedMethod(method));
+        let tokens = |object: &Map<String, Value>| {
+            integer(object, "num_speculative_tokens", MAX_SPECULATIVE_TOKENS)?
+                .ok_or(SpeculativeConfigError::MissingTokens)
+        };
+        let disable_by_batch_size = integer(&object, "disable_by_batch_size", usize::MAX)?;
+        match method.as_str() {
+            "ngram" | "[ngram]" => {}
+            // vLLM's name, and the shorter one its newer releases take for every MTP model.
+            "deepseek_mtp" | "mtp" => {
+                let key = ["prompt_lookup_min", "prompt_lookup_max"]
+                    .into_iter()
+                    .find(|k| object.contains_key(*k));
+                if let Some(key) = key {
+                    return Err(SpeculativeConfigError::NgramKeyForMtp(key.into()));
+                }
+                return Ok(Self {
+                    method: DraftMethod::Mtp {
+                        tokens: tokens(&object)?,
+                    },
+                    disable_by_batch_size,
+                });
+            }
+            _ => return Err(SpeculativeConfigError::UnsupportedMethod(method)),
         }
-        let tokens = integer(&object, "num_speculative_tokens", MAX_SPECULATIVE_TOKENS)?
-            .ok_or(SpeculativeConfigError::MissingTokens)?;
+        let tokens = tokens(&object)?;
         let min = integer(&object, "prompt_lookup_min", MAX_NGRAM)?;
         let max = integer(&object, "prompt_lookup_max", MAX_NGRAM)?;
         // vLLM's defaults: both 5, or the one given for both.
@@ -89,12 +124,12 @@ impl std::str::FromStr for SpeculativeConfig {
             });
         }
         Ok(Self {
-            drafter: NgramDrafter {
+            method: DraftMethod::Ngram(NgramDrafter {
                 min_ngram,
                 max_ngram,
                 tokens,
-            },
-            disable_by_batch_size: integer(&object, "disable_by_batch_size", usize::MAX)?,
+            }),
+            disable_by_batch_size,
         })
     }
 }
@@ -117,6 +152,11 @@ fn integer(
 }
 
 impl SpeculativeConfig {
+    /// Whether drafts come from the checkpoint's MTP layer.
+    pub fn uses_mtp(&self) -> bool {
+        matches!(self.method, DraftMethod::Mtp { .. })
+    }
+
     /// Whether a batch of `running` sequences drafts.
     pub fn drafts_at(&self, running: usize) -> bool {
         self.disable_by_batch_size.is_none_or(|n| running <= n)
@@ -135,20 +175,49 @@ mod tests {
     fn reads_vllms_ngram_config_with_its_defaults() {
         let c = parse(r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}"#).unwrap();
         assert_eq!(
-            c.drafter,
-            NgramDrafter {
+            c.method,
+            DraftMethod::Ngram(NgramDrafter {
                 min_ngram: 2,
                 max_ngram: 3,
                 tokens: 4
-            }
+            })
         );
         assert_eq!(c.disable_by_batch_size, None);
         assert!(c.drafts_at(1000));
+        let lookup = |c: SpeculativeConfig| match c.method {
+            DraftMethod::Ngram(d) => (d.min_ngram, d.max_ngram),
+            DraftMethod::Mtp { .. } => panic!("not ngram"),
+        };
         let c = parse(r#"{"method": "ngram", "num_speculative_tokens": 5}"#).unwrap();
-        assert_eq!((c.drafter.min_ngram, c.drafter.max_ngram), (5, 5));
+        assert_eq!(lookup(c), (5, 5));
         let c = parse(r#"{"model": "[ngram]", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "disable_by_batch_size": 8}"#).unwrap();
-        assert_eq!((c.drafter.min_ngram, c.drafter.max_ngram), (3, 3));
+        assert_eq!(lookup(c), (3, 3));
         assert!(c.drafts_at(8) && !c.drafts_at(9));
+        assert!(!c.uses_mtp());
+    }
+
+    #[test]
+    fn reads_vllms_deepseek_mtp_config() {
+        let c = parse(r#"{"method": "deepseek_mtp", "num_speculative_tokens": 1}"#).unwrap();
+        assert_eq!(c.method, DraftMethod::Mtp { tokens: 1 });
+        assert!(c.uses_mtp());
+        let c =
+            parse(r#"{"method": "mtp", "num_speculative_tokens": 3, "disable_by_batch_size": 4}"#)
+                .unwrap();
+        assert_eq!(c.method, DraftMethod::Mtp { tokens: 3 });
+        assert_eq!(c.disable_by_batch_size, Some(4));
+        assert_eq!(
+            parse(
+                r#"{"method": "deepseek_mtp", "num_speculative_tokens": 1, "prompt_lookup_max": 3}"#
+            ),
+            Err(SpeculativeConfigError::NgramKeyForMtp(
+                "prompt_lookup_max".into()
+            ))
+        );
+        assert_eq!(
+            parse(r#"{"method": "deepseek_mtp"}"#),
+            Err(SpeculativeConfigError::MissingTokens)
+        );
     }
 
     #[test]
@@ -157,8 +226,8 @@ mod tests {
         assert!(matches!(parse("[1]"), Err(NotAnObject(_))));
         assert!(matches!(parse("{"), Err(NotAnObject(_))));
         assert_eq!(
-            parse(r#"{"method": "deepseek_mtp", "num_speculative_tokens": 1}"#),
-            Err(UnsupportedMethod("deepseek_mtp".into()))
+            parse(r#"{"method": "eagle", "num_speculative_tokens": 1}"#),
+            Err(UnsupportedMethod("eagle".into()))
         );
         assert_eq!(
             parse(r#"{"num_speculative_tokens": 1}"#),

@@ -272,6 +272,31 @@ pub fn mixed_requests(cases: &[crate::GoldenCase]) -> Vec<(Vec<u32>, usize)> {
         .collect()
 }
 
+/// A cluster of two expert-node processes serving `model` (prompts from `cases`) with
+/// `router_args`: [`mixed_requests`] sent at once give the offline engine's tokens bit for
+/// bit, and once they end every KV block is back (the prefix cache keeps its own). Its
+/// status then, for more checks.
+pub async fn cluster_matches_offline(
+    model: PathBuf,
+    cases: &[crate::GoldenCase],
+    router_args: &[&str],
+) -> ClusterStatusResponse {
+    let engine = moe_model::Engine::load(&model).unwrap();
+    let mut spec = spec(model, 2);
+    spec.router_args
+        .extend(router_args.iter().map(|a| a.to_string()));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 2).await;
+    concurrent_greedy_matches_offline(&cluster.router_addr, &engine, mixed_requests(cases)).await;
+    let status = status(&cluster).await;
+    assert_eq!(status.requests_running, 0);
+    assert_eq!(
+        status.kv_blocks_used, status.kv_blocks_cached,
+        "finished requests free their KV blocks (the prefix cache keeps its own)"
+    );
+    status
+}
+
 /// Sends `requests` (greedy, prompt and new tokens) to the router at `grpc_addr` all at once
 /// and checks every answer against the offline engine's alone: tokens and logprobs, bit for
 /// bit.

@@ -49,6 +49,11 @@ pub struct GenCheckpointArgs {
     /// Layers instead of the preset's (DeepSeek-V3's first three are dense, so more than 3).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     layers: Option<u64>,
+    /// DeepSeek-V3's multi-token-prediction layer (`num_nextn_predict_layers`, 0 or 1; the
+    /// published model has 1), written after the main layers as DeepSeek's checkpoints hold
+    /// it: what `--speculative-config '{"method": "deepseek_mtp", ...}'` drafts with.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1))]
+    mtp_layers: u64,
     /// Write no weights: config, tokenizer and `synthetic_weights.json` (seed and dtype), from
     /// which every process that opens the directory generates the same weights a written
     /// checkpoint of this seed holds. For models larger than the disk.
@@ -75,6 +80,7 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
     };
     let mut plan = generator::CheckpointPlan::new(family, preset, dtype, args.seed);
     plan.layers = args.layers.map(|l| l as usize);
+    plan.mtp_layers = args.mtp_layers as usize;
     let (params, what) = if args.synthetic {
         (plan.write_synthetic(&args.out)?, "a synthetic ")
     } else {
