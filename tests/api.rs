@@ -130,7 +130,7 @@ async fn bad_requests_get_precise_statuses_and_cost_nothing() {
                 max_new_tokens: 1021,
                 ..request()
             },
-            "max_position_embeddings",
+            "maximum context length",
         ),
         (
             "temperature",

@@ -179,3 +179,62 @@ fn in_process_nodes_with_a_transport_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("65"));
 }
+
+/// `--max-model-len` (vLLM's): a shorter context than the checkpoint's, reported by
+/// `/v1/models` and `/tokenize`, bounding every request (in vLLM's words), and how long a chat
+/// without `max_tokens` may run; one longer than the checkpoint's stops the router by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_model_len_bounds_requests_and_is_reported() {
+    use serde_json::json;
+    let fixture = FIXTURES[0];
+    let router = start(
+        fixture,
+        1,
+        &["--http-listen", "127.0.0.1:0", "--max-model-len", "40"],
+    );
+    let http = router.http_addr.clone().expect("--http-listen");
+    let (status, models) = harness::http(&http, "GET", "/v1/models", None, b"").await;
+    assert_eq!(status, 200, "{models}");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 40);
+    let tokenized = harness::post_json(&http, "/tokenize", &json!({"prompt": "hi"})).await;
+    assert_eq!(tokenized["max_model_len"], 40);
+
+    let prompt: Vec<u32> = (5..15).collect();
+    let completion = |max_tokens: u32| {
+        json!({"model": fixture, "prompt": prompt, "max_tokens": max_tokens,
+               "temperature": 0, "ignore_eos": true})
+    };
+    let fits = harness::post_json(&http, "/v1/completions", &completion(30)).await;
+    assert_eq!(fits["usage"]["completion_tokens"], 30);
+    let body = completion(31).to_string();
+    let (status, text) =
+        harness::http(&http, "POST", "/v1/completions", None, body.as_bytes()).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("maximum context length is 40 tokens, but 41 were asked for"),
+        "{text}"
+    );
+    let chat = json!({"model": fixture, "messages": [{"role": "user", "content": "hi"}],
+                      "temperature": 0, "ignore_eos": true});
+    let answer = harness::post_json(&http, "/v1/chat/completions", &chat).await;
+    let usage = &answer["usage"];
+    let used =
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(used, 40, "{answer}");
+    drop(router);
+
+    let out = Command::new(harness::binary("moe-router"))
+        .args(["--model", &fixture_dir(fixture).display().to_string()])
+        .args(["--in-process-nodes", "1", "--max-model-len", "5000"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(no_etcd())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-model-len 5000") && stderr.contains("(1024)"),
+        "{stderr}"
+    );
+}

@@ -29,6 +29,12 @@ pub struct GatewayArgs {
     /// directory's name, as routers do).
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// The context a request may use, prompt and answer together, as vLLM's `--max-model-len`
+    /// (default and most: the checkpoint's `max_position_embeddings`): longer requests are
+    /// refused, a chat or completion without `max_tokens` may run up to it, and `/v1/models`
+    /// and `/tokenize` report it.
+    #[arg(long, env = "MOE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
     /// Memory for stored Responses API answers (`store`, `previous_response_id`,
     /// `GET`/`DELETE /v1/responses/{id}`), in bytes: the least recently used go first when it
     /// is full; 0 stores none. Requests sent through the gateway are stored here.

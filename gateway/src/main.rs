@@ -197,8 +197,11 @@ fn openai_app(
     metrics: &Arc<GatewayMetrics>,
     api_keys: moe_cluster::api_keys::ApiKeys,
 ) -> anyhow::Result<axum::Router> {
-    let config = ModelConfig::from_dir(&args.model)
+    let mut config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
+    if let Some(len) = args.max_model_len {
+        config.cap_context(len).map_err(anyhow::Error::msg)?;
+    }
     let generator = GatewayGenerator {
         intake: Arc::clone(intake),
         tokenizing: Tokenizing::new(

@@ -548,6 +548,21 @@ impl ModelConfig {
         self.moe_layers.get(layer).copied().unwrap_or(false)
     }
 
+    /// Serves a shorter context than the checkpoint's (vLLM's `--max-model-len`): prompt and
+    /// answer together stay within `max_model_len`, which becomes `max_position_embeddings`
+    /// for everything downstream (validation, the API's reports, the cache). The rope keeps
+    /// the checkpoint's own parameters. Longer than the checkpoint's is an error.
+    pub fn cap_context(&mut self, max_model_len: usize) -> std::result::Result<(), String> {
+        if max_model_len == 0 || max_model_len > self.max_position_embeddings {
+            return Err(format!(
+                "--max-model-len {max_model_len} must be from 1 to the model's max_position_embeddings ({})",
+                self.max_position_embeddings
+            ));
+        }
+        self.max_position_embeddings = max_model_len;
+        Ok(())
+    }
+
     /// This config with its first multi-token-prediction layer as one more MoE layer after the
     /// main ones (layer `num_layers`, where DeepSeek's checkpoints name it): the draft head's
     /// tensors, experts and KV cache layer are found by that index. `None` without one.

@@ -33,6 +33,12 @@ pub struct Args {
     /// `--max-connections`, `--max-tls-handshakes`, `--max-streams-per-connection`.
     #[command(flatten)]
     pub ports: moe_cluster::listener::PublicPortArgs,
+    /// The context a request may use, prompt and answer together, as vLLM's `--max-model-len`
+    /// (default and most: the checkpoint's `max_position_embeddings`): longer requests are
+    /// refused, a chat or completion without `max_tokens` may run up to it, and `/v1/models`
+    /// and `/tokenize` report it.
+    #[arg(long, env = "MOE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
     /// Longest prompt accepted, in tokens (default: the model's context length).
     #[arg(long, env = "MOE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,

@@ -182,8 +182,11 @@ struct DenseModel {
 impl DenseModel {
     fn load(args: &args::Args) -> anyhow::Result<Self> {
         let device = args.device.open()?;
-        let config = ModelConfig::from_dir(&args.model)
+        let mut config = ModelConfig::from_dir(&args.model)
             .with_context(|| format!("reading {}", args.model.display()))?;
+        if let Some(len) = args.max_model_len {
+            config.cap_context(len).map_err(anyhow::Error::msg)?;
+        }
         // A bound the data plane cannot carry is refused here rather than mid-request.
         let dispatch_bounds = DispatchRules::for_model(&config, args.max_batch_tokens);
         dispatch_bounds.check_message_limit("--max-batch-tokens")?;

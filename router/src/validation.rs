@@ -284,10 +284,12 @@ pub fn validate_ids(
             "max_new_tokens must be at least 1 (0 only to score the prompt: prompt_logprobs)",
         ));
     }
+    // vLLM's words for it.
     let max_pos = config.max_position_embeddings;
     if input_ids.len() + max_new > max_pos {
         return Err(RouterError::unnamed(format!(
-            "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings ({max_pos})",
+            "this model's maximum context length is {max_pos} tokens, but {} were asked for: {} in the prompt and {max_new} to generate",
+            input_ids.len() + max_new,
             input_ids.len()
         )));
     }
