@@ -46,6 +46,21 @@ async fn complete(http: String, body: Value) -> Value {
     answer
 }
 
+/// `moe_spec_decode_accepted_tokens_per_position_total`'s samples, position 1 first.
+fn accepted_per_position(page: &str) -> Vec<f64> {
+    let prefix = "moe_spec_decode_accepted_tokens_per_position_total{position=\"";
+    let mut samples: Vec<(usize, f64)> = page
+        .lines()
+        .filter_map(|l| {
+            let (position, value) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+            Some((position.parse().ok()?, value.parse().ok()?))
+        })
+        .collect();
+    samples.sort_by_key(|&(position, _)| position);
+    assert!(samples.iter().enumerate().all(|(k, &(p, _))| p == k + 1));
+    samples.into_iter().map(|(_, v)| v).collect()
+}
+
 /// Requests that sample every way a step can: greedy, seeded draws (top-p, top-k, min-p),
 /// penalties, a stop string inside the answer (so a step's picks stop part-way through its
 /// draft), a grammar, allowed tokens (loops the drafts catch), `n` choices, a budget shorter
@@ -112,6 +127,14 @@ async fn drafts_change_no_answer_and_save_steps() {
         assert!(
             accepted > 0.0 && accepted <= drafted,
             "{fixture}: {accepted} of {drafted} draft tokens accepted"
+        );
+        // By place in the draft: they add up, and a later place holds no more often.
+        let per_position = accepted_per_position(&page);
+        assert!(!per_position.is_empty() && per_position.len() <= 4);
+        assert_eq!(per_position.iter().sum::<f64>(), accepted);
+        assert!(
+            per_position.windows(2).all(|w| w[0] >= w[1]),
+            "{per_position:?}"
         );
         assert_eq!(
             metric_value(&plain_page, "moe_spec_decode_drafts_total"),

@@ -146,6 +146,18 @@ impl RouterMetrics {
                 ),
             ],
         );
+        let name = "moe_spec_decode_accepted_tokens_per_position_total";
+        family(
+            out,
+            name,
+            "counter",
+            "Draft tokens accepted, by their position in the draft (1: a draft's first token), up to the longest draft fed; over moe_spec_decode_drafts_total, how far drafts hold.",
+        );
+        let longest = r.spec_longest_draft.load(Ordering::Relaxed) as usize;
+        for (k, accepted) in r.spec_accepted_at.iter().take(longest).enumerate() {
+            let labels = format!("position=\"{}\"", k + 1);
+            sample(out, name, &labels, accepted.load(Ordering::Relaxed));
+        }
     }
 
     /// The batch, the KV budget, the placement and the planner, now.
@@ -341,6 +353,7 @@ mod tests {
                 "moe_spec_decode_drafts_total counter",
                 "moe_spec_decode_draft_tokens_total counter",
                 "moe_spec_decode_accepted_tokens_total counter",
+                "moe_spec_decode_accepted_tokens_per_position_total counter",
                 "moe_requests_running gauge",
                 "moe_requests_waiting gauge",
                 "moe_kv_cache_blocks_used gauge",

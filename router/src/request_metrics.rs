@@ -51,6 +51,11 @@ pub struct RequestMetrics {
     pub spec_drafts: AtomicU64,
     pub spec_draft_tokens: AtomicU64,
     pub spec_accepted_tokens: AtomicU64,
+    /// Accepted draft tokens by their place in the draft (index 0: a draft's first token), as
+    /// vLLM's `spec_decode_num_accepted_tokens_per_pos`: how far drafts hold, to choose
+    /// `num_speculative_tokens` by; and the longest draft fed, which bounds the places shown.
+    pub spec_accepted_at: [AtomicU64; crate::speculative::MAX_SPECULATIVE_TOKENS],
+    pub spec_longest_draft: AtomicU64,
     /// Running requests put back in the queue for a more urgent one
     /// (`--scheduling-policy priority`).
     pub preemptions: AtomicU64,
@@ -73,6 +78,8 @@ impl Default for RequestMetrics {
             spec_drafts: AtomicU64::new(0),
             spec_draft_tokens: AtomicU64::new(0),
             spec_accepted_tokens: AtomicU64::new(0),
+            spec_accepted_at: std::array::from_fn(|_| AtomicU64::new(0)),
+            spec_longest_draft: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
         }
     }

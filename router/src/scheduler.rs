@@ -1043,6 +1043,11 @@ impl Scheduler {
         }
         m.spec_accepted_tokens
             .fetch_add(accepted as u64, Ordering::Relaxed);
+        m.spec_longest_draft
+            .fetch_max(f.drafts as u64, Ordering::Relaxed);
+        for at in m.spec_accepted_at.iter().take(accepted) {
+            at.fetch_add(1, Ordering::Relaxed);
+        }
         s.backoff.record(accepted);
         s.cache.truncate(s.positions());
         if finished {
