@@ -107,7 +107,9 @@ async fn served_by(gateway: &mut InferenceClient<Channel>, request: GenerateRequ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
-    let (mut cluster, addrs) = two_routers(&[]).await;
+    // Routers with a shorter context than the checkpoint's (1024): the gateway, given none,
+    // learns theirs.
+    let (mut cluster, addrs) = two_routers_with(&["--max-model-len", "128"], &[]).await;
     let cache_aware = addrs.grpc.clone();
     let round_robin = cluster
         .add_gateway(
@@ -218,9 +220,19 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
         );
     }
     // What the gateway answers itself or per prompt is the router's: vLLM's tokenizer
-    // endpoints, a batch of prompts (each its own request, maybe on either router), vLLM's
-    // prompt_logprobs (the ranks relayed) and a Responses body.
+    // endpoints (the routers' context length), a batch of prompts (each its own request, maybe
+    // on either router), vLLM's prompt_logprobs (the ranks relayed), a Responses body, and a
+    // chat without max_tokens (run up to the routers' context, not the checkpoint's).
+    let (status, models) = harness::http(&gateway_http, "GET", "/v1/models", None, b"").await;
+    assert_eq!(status, 200, "{models}");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 128, "{models}");
     let answers = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                   "ignore_eos": true}),
+        ),
         ("/tokenize", json!({"prompt": "hello there"})),
         (
             "/tokenize",

@@ -11,9 +11,11 @@
 //! - [`intake`]: what a request gets before its first router (a seed, a span, block hashes);
 //!   [`relay`]: one request carried across routers.
 //! - [`service`]: the public gRPC services; [`openai`]: the OpenAI HTTP API (`moe-openai`, which
-//!   routers serve too, over the relay); [`metrics`]: the Prometheus page.
+//!   routers serve too, over the relay), whose context follows the routers'
+//!   ([`context_limit`]); [`metrics`]: the Prometheus page.
 
 pub mod args;
+pub mod context_limit;
 pub mod intake;
 pub mod metrics;
 pub mod openai;

@@ -7,6 +7,7 @@ use moe_cluster::listener::{accept_bounded, ConnectionLimits};
 use moe_cluster::metrics::{Histogram, LATENCY_BUCKETS};
 use moe_cluster::shutdown::Shutdown;
 use moe_gateway::args::GatewayArgs;
+use moe_gateway::context_limit::follow_context_limit;
 use moe_gateway::intake::Intake;
 use moe_gateway::metrics::GatewayMetrics;
 use moe_gateway::openai::GatewayGenerator;
@@ -88,7 +89,14 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         spawn_http(addr, "metrics", app, None, limits, shutdown.clone()).await?;
     }
     if let Some(addr) = &args.http_listen {
-        let app = openai_app(&args, &intake, tokenizer, &metrics, access.api.clone())?;
+        let (app, own, limit) =
+            openai_app(&args, &intake, tokenizer, &metrics, access.api.clone())?;
+        tokio::spawn(follow_context_limit(
+            own,
+            Arc::clone(&routers),
+            limit,
+            shutdown.clone(),
+        ));
         let tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
         spawn_http(addr, "http", app, tls, limits, shutdown.clone()).await?;
     }
@@ -189,14 +197,15 @@ fn relay(
     }))
 }
 
-/// The OpenAI API, as routers serve it, over the intake.
+/// The OpenAI API, as routers serve it, over the intake; with the gateway's own context and
+/// the limit that follows the routers'.
 fn openai_app(
     args: &GatewayArgs,
     intake: &Arc<Intake>,
     tokenizer: Arc<Tokenizer>,
     metrics: &Arc<GatewayMetrics>,
     api_keys: moe_cluster::api_keys::ApiKeys,
-) -> anyhow::Result<axum::Router> {
+) -> anyhow::Result<(axum::Router, usize, http::ContextLimit)> {
     let mut config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     if let Some(len) = args.max_model_len {
@@ -221,7 +230,12 @@ fn openai_app(
     };
     let state = http::HttpState::new(model, Arc::new(generator), api_keys)?
         .storing_responses(args.responses_store_bytes);
-    Ok(http::app(Arc::new(state)))
+    let limit = state.max_model_len.clone();
+    Ok((
+        http::app(Arc::new(state)),
+        config.max_position_embeddings,
+        limit,
+    ))
 }
 
 fn metrics_app(metrics: Arc<GatewayMetrics>, routers: Arc<RouterSet>) -> axum::Router {

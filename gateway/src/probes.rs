@@ -118,6 +118,7 @@ mod tests {
             serving_epoch: 1,
             http_address: String::new(),
             model: "m".into(),
+            max_model_len: 0,
             load: Default::default(),
         }
     }

@@ -133,6 +133,7 @@ fn record(address: &str) -> RouterRecord {
         serving_epoch: 1,
         http_address: String::new(),
         model: "fake".into(),
+        max_model_len: 0,
         load: RouterLoad::default(),
     }
 }

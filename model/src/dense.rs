@@ -6,7 +6,7 @@ use crate::backend::{ops, NativeWeight, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::dense_step::{logit_rows, split_logits, validate_step};
+use crate::dense_step::{logit_rows, split_logits, validate_step, VocabWeights};
 use crate::error::Result;
 use crate::expert_backend::ExpertBackend;
 use crate::families;
@@ -164,10 +164,10 @@ pub struct DenseModel {
     config: ModelConfig,
     /// `[vocab, hidden]`, row-major (looked up, never multiplied).
     /// `[vocab, hidden]`, in the checkpoint's precision (bf16 widens exactly on lookup).
-    embed: NativeWeight,
+    embed: Arc<NativeWeight>,
     layers: Vec<DecoderLayer>,
     final_norm: Vec<f32>,
-    lm_head: PackedMatrix,
+    lm_head: Arc<PackedMatrix>,
     rope: Rope,
     /// Every sequence's KV blocks.
     kv_pool: Arc<KvPool>,
@@ -189,10 +189,10 @@ impl DenseModel {
         };
         Ok(Self {
             config: config.clone(),
-            embed,
+            embed: Arc::new(embed),
             layers,
             final_norm,
-            lm_head,
+            lm_head: Arc::new(lm_head),
             rope: Rope::new(&config.rope),
             kv_pool: KvPool::new(KvLayout::for_config(config, DEFAULT_BLOCK_TOKENS)),
         })
@@ -286,6 +286,13 @@ impl DenseStep for DenseModel {
 
     fn new_cache(&self) -> SequenceCache {
         DenseModel::new_cache(self)
+    }
+
+    fn vocab_weights(&self) -> Option<VocabWeights> {
+        Some(VocabWeights {
+            embed: Arc::clone(&self.embed),
+            lm_head: Arc::clone(&self.lm_head),
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 //! CPU's [`crate::dense::DenseModel`], the device-generic
 //! [`crate::device_dense::DeviceDenseModel`] and the GPU's).
 
-use crate::backend::ops;
+use crate::backend::{ops, NativeWeight, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -12,6 +12,7 @@ use crate::expert_backend::ExpertBackend;
 use crate::kv_cache::{KvLayout, SequenceCache};
 use crate::logit_adjust::LogitEdits;
 use crate::token_mask::MaskSlot;
+use std::sync::Arc;
 
 /// What a step needs from each sequence: its cache and new tokens.
 pub struct StepSequence<'a> {
@@ -254,4 +255,19 @@ pub trait DenseStep: Send + Sync {
     }
     /// Where it runs, for logs and status (`cpu`, `cuda:0 (NVIDIA H200, bf16)`).
     fn placement(&self) -> String;
+    /// Its embedding and lm_head in host memory, for a draft head that shares them (DeepSeek's
+    /// MTP layer); `None` where they live on a device.
+    fn vocab_weights(&self) -> Option<VocabWeights> {
+        None
+    }
+}
+
+/// The embedding and lm_head of a model held on the host, shared rather than copied by a draft
+/// head whose checkpoint repeats them (DeepSeek-V3's are 3.7 GB in bf16).
+#[derive(Clone)]
+pub struct VocabWeights {
+    /// `[vocab, hidden]`, looked up.
+    pub embed: Arc<NativeWeight>,
+    /// `[vocab, hidden]` packed for the GEMM.
+    pub lm_head: Arc<PackedMatrix>,
 }

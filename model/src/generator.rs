@@ -175,8 +175,8 @@ fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
 }
 
 /// DeepSeek's multi-token-prediction layer, as its checkpoints name it (after the main
-/// layers): its norms, `eh_proj`, a MoE decoder layer and the shared head. The copy of the
-/// embedding DeepSeek's files repeat under it is left out (the main one is the same tensor).
+/// layers): its norms, `eh_proj`, a MoE decoder layer and the shared head's norm. Its embedding
+/// and head are [`tensor_copies`].
 fn mtp_specs(config: &ModelConfig, layer: usize, specs: &mut Vec<TensorSpec>) {
     let h = config.hidden_size;
     let p = families::layer_prefix(layer);
@@ -188,11 +188,6 @@ fn mtp_specs(config: &ModelConfig, layer: usize, specs: &mut Vec<TensorSpec>) {
         vec![h, 2 * h],
         Init::Linear { gain: 1.0 },
     ));
-    specs.push((
-        format!("{p}.shared_head.head.weight"),
-        vec![config.vocab_size, h],
-        Init::Linear { gain: 3.0 },
-    ));
     specs.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
     specs.push((
         format!("{p}.post_attention_layernorm.weight"),
@@ -201,6 +196,25 @@ fn mtp_specs(config: &ModelConfig, layer: usize, specs: &mut Vec<TensorSpec>) {
     ));
     attention_specs(config, &format!("{p}.self_attn"), specs);
     ffn_specs(config, layer, specs);
+}
+
+/// Tensors stored twice, `(copy, source)`: DeepSeek's files repeat the main model's embedding
+/// and lm_head under the MTP layer (`embed_tokens`, `shared_head.head`), which shares them.
+fn tensor_copies(config: &ModelConfig) -> Vec<(String, String)> {
+    if config.with_mtp_layer().is_none() {
+        return Vec::new();
+    }
+    let p = families::layer_prefix(config.num_layers);
+    vec![
+        (
+            format!("{p}.embed_tokens.weight"),
+            "model.embed_tokens.weight".to_string(),
+        ),
+        (
+            format!("{p}.shared_head.head.weight"),
+            "lm_head.weight".to_string(),
+        ),
+    ]
 }
 
 /// The attention tensors of a layer, named under `prefix`.
@@ -371,7 +385,7 @@ impl CheckpointPlan {
         };
         for (name, tensor) in weights.tensors() {
             weight_map.insert(name.to_string(), Value::String(shard_name(shard_index)));
-            let bytes = weights.generate(name, tensor);
+            let bytes = weights.generate(tensor);
             shard.add(name, tensor.info.dtype, tensor.info.shape.clone(), bytes);
             if num_shards > 1 && shard.total_bytes() >= SHARD_BYTES && shard_index + 1 < num_shards
             {
@@ -456,7 +470,7 @@ pub fn synthetic_weights(config: &ModelConfig, seed: u64, dtype: WeightDtype) ->
             WeightDtype::Bf16 | WeightDtype::Fp8 => stored.push((name, shape, Dtype::BF16, init)),
         }
     }
-    SyntheticWeights::new(seed, stored)
+    SyntheticWeights::new(seed, stored).with_copies(&tensor_copies(config))
 }
 
 /// Writes a random checkpoint for `family`/`preset` into `out`; returns its parameter count.

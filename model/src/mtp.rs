@@ -20,11 +20,13 @@ use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::dense::{DecoderLayer, LayerStep};
+use crate::dense_step::VocabWeights;
 use crate::error::{ModelError, Result};
 use crate::experts::ExpertSet;
 use crate::families;
 use crate::kv_cache::{LayerCache, SequenceCache};
 use crate::layers::rope::Rope;
+use std::sync::Arc;
 
 /// The first multi-token-prediction layer of a DeepSeek-V3 checkpoint, ready to draft.
 pub struct MtpHead {
@@ -32,7 +34,7 @@ pub struct MtpHead {
     config: ModelConfig,
     /// Its layer index: the main model's layer count.
     index: usize,
-    embed: NativeWeight,
+    embed: Arc<NativeWeight>,
     enorm: Vec<f32>,
     hnorm: Vec<f32>,
     /// `[hidden, 2 * hidden]`: the normed embedding and hidden state, concatenated, to one row.
@@ -40,8 +42,16 @@ pub struct MtpHead {
     layer: DecoderLayer,
     experts: ExpertSet,
     head_norm: Vec<f32>,
-    head: PackedMatrix,
+    head: Arc<PackedMatrix>,
     rope: Rope,
+    shared: SharedVocab,
+}
+
+/// Which of the main model's vocabulary weights the head uses in place of its own copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedVocab {
+    pub embed: bool,
+    pub lm_head: bool,
 }
 
 /// One sequence's rows for the head: positions `start..start + next.len()`.
@@ -64,8 +74,14 @@ impl MtpHead {
     /// Loads the head of a checkpoint whose config names one. An error names what is missing:
     /// a config without `num_nextn_predict_layers`, another family, or absent tensors (the
     /// bundled fixtures, written by transformers, carry none; `moe gen-checkpoint --mtp-layers
-    /// 1` writes them).
-    pub fn load(ckpt: &Checkpoint, main: &ModelConfig) -> Result<Self> {
+    /// 1` writes them). The layer's embedding and head are the main model's where its copies
+    /// hold the same bits (DeepSeek's do: its MTP module shares them), `main_vocab` then
+    /// serving both rather than a second copy.
+    pub fn load(
+        ckpt: &Checkpoint,
+        main: &ModelConfig,
+        main_vocab: Option<&VocabWeights>,
+    ) -> Result<Self> {
         if main.family != Family::DeepseekV3 {
             return Err(ModelError::InvalidRequest(
                 "multi-token prediction is DeepSeek-V3's: this checkpoint is another family".into(),
@@ -86,26 +102,21 @@ impl MtpHead {
                 expected: vec![h, 2 * h],
             });
         }
-        // DeepSeek's checkpoints repeat the embedding and the head under the layer; where an
-        // export leaves the copies out, the main model's are the same tensors.
-        let own_or_main = |own: String, main_name: &str| {
-            if ckpt.contains(&own) {
-                own
-            } else {
-                main_name.to_string()
-            }
+        let vocab = vocab_tensors(ckpt, main, &p);
+        let (embed, shared_embed) = match (main_vocab, vocab.embed_is_main) {
+            (Some(main), true) => (Arc::clone(&main.embed), true),
+            _ => (Arc::new(ckpt.load_native(&vocab.embed, &[v, h])?), false),
         };
-        let embed = ckpt.load_native(
-            &own_or_main(
-                format!("{p}.embed_tokens.weight"),
-                "model.embed_tokens.weight",
+        let (head, shared_head) = match (main_vocab, vocab.head_is_main) {
+            (Some(main), true) => (Arc::clone(&main.lm_head), true),
+            _ => (
+                Arc::new(PackedMatrix::from_native(
+                    &[&ckpt.load_native(&vocab.head, &[v, h])?],
+                    h,
+                )),
+                false,
             ),
-            &[v, h],
-        )?;
-        let head = ckpt.load_native(
-            &own_or_main(format!("{p}.shared_head.head.weight"), "lm_head.weight"),
-            &[v, h],
-        )?;
+        };
         let experts = ExpertSet::load(
             ckpt,
             &config,
@@ -120,10 +131,19 @@ impl MtpHead {
             layer: DecoderLayer::load(ckpt, &config, index)?,
             experts,
             head_norm: ckpt.load_f32(&format!("{p}.shared_head.norm.weight"), &[h])?,
-            head: PackedMatrix::from_native(&[&head], h),
+            head,
             rope: Rope::new(&config.rope),
             config,
+            shared: SharedVocab {
+                embed: shared_embed,
+                lm_head: shared_head,
+            },
         })
+    }
+
+    /// Which of the main model's vocabulary weights it shares.
+    pub fn shared_vocab(&self) -> SharedVocab {
+        self.shared
     }
 
     /// The main config with the head's layer after the main ones: what the caches it fills
@@ -297,10 +317,45 @@ impl MtpHead {
     }
 }
 
+/// The tensors the head reads its embedding and head from, and whether each is the main
+/// model's (absent under the layer, or stored there bit for bit).
+struct VocabTensors {
+    embed: String,
+    embed_is_main: bool,
+    head: String,
+    head_is_main: bool,
+}
+
+fn vocab_tensors(ckpt: &Checkpoint, main: &ModelConfig, prefix: &str) -> VocabTensors {
+    let main_embed = "model.embed_tokens.weight";
+    let main_head = if main.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+        main_embed
+    } else {
+        "lm_head.weight"
+    };
+    let own_or_main = |own: String, main_name: &str| {
+        if ckpt.contains(&own) {
+            let same = ckpt.same_values(&own, main_name);
+            (own, same)
+        } else {
+            (main_name.to_string(), true)
+        }
+    };
+    let (embed, embed_is_main) = own_or_main(format!("{prefix}.embed_tokens.weight"), main_embed);
+    let (head, head_is_main) = own_or_main(format!("{prefix}.shared_head.head.weight"), main_head);
+    VocabTensors {
+        embed,
+        embed_is_main,
+        head,
+        head_is_main,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dense::{DenseModel, StepSequence};
+    use crate::dense_step::DenseStep;
     use crate::generator::{CheckpointPlan, Preset, WeightDtype};
     use crate::kv_cache::{KvLayout, KvPool};
     use std::sync::Arc;
@@ -320,9 +375,10 @@ mod tests {
         plan.write_synthetic(&dir).unwrap();
         let config = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
-        let head = MtpHead::load(&ckpt, &config).unwrap();
+        let dense = DenseModel::load(&ckpt, &config).unwrap();
+        let head = MtpHead::load(&ckpt, &config, dense.vocab_weights().as_ref()).unwrap();
         let loaded = Loaded {
-            dense: DenseModel::load(&ckpt, &config).unwrap(),
+            dense,
             experts: ExpertSet::load_all(&ckpt, &config).unwrap(),
             pool: KvPool::new(KvLayout::for_config(head.config(), 16)),
             head,
@@ -468,6 +524,66 @@ mod tests {
         assert!(m.head.propose(&mut [rows]).is_err());
     }
 
+    /// DeepSeek's files repeat the embedding and lm_head under the layer: the head uses the
+    /// main model's (no second copy) and guesses what a head with its own copies does.
+    #[test]
+    fn the_head_shares_the_main_models_embedding_and_lm_head() {
+        let dir = std::env::temp_dir().join(format!("moe-mtp-{}-files", std::process::id()));
+        let mut plan = CheckpointPlan::new(Family::DeepseekV3, Preset::Tiny, WeightDtype::Bf16, 4);
+        plan.mtp_layers = 1;
+        plan.write(&dir).unwrap();
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        assert!(ckpt.contains("model.layers.3.shared_head.head.weight"));
+        assert!(ckpt.contains("model.layers.3.embed_tokens.weight"));
+        let dense = DenseModel::load(&ckpt, &config).unwrap();
+        let main = dense.vocab_weights().unwrap();
+        let shared = MtpHead::load(&ckpt, &config, Some(&main)).unwrap();
+        let own = MtpHead::load(&ckpt, &config, None).unwrap();
+        let both = SharedVocab {
+            embed: true,
+            lm_head: true,
+        };
+        assert_eq!(shared.shared_vocab(), both);
+        assert!(Arc::ptr_eq(&shared.embed, &main.embed));
+        assert!(Arc::ptr_eq(&shared.head, &main.lm_head));
+        assert_eq!(
+            own.shared_vocab(),
+            SharedVocab {
+                embed: false,
+                lm_head: false
+            }
+        );
+        let experts = ExpertSet::load_all(&ckpt, &config).unwrap();
+        let pool = KvPool::new(KvLayout::for_config(shared.config(), 16));
+        let h = config.hidden_size;
+        let tokens = [3u32, 9, 27, 81, 243, 5];
+        let guesses = |head: &MtpHead| {
+            let mut cache = SequenceCache::new(&pool);
+            cache.keep_hidden();
+            let mut step = [StepSequence {
+                cache: &mut cache,
+                tokens: &tokens,
+                all_logits: false,
+            }];
+            dense.forward(&mut step, &experts).unwrap();
+            let hidden = std::mem::take(cache.kept_hidden_mut().unwrap());
+            assert_eq!(hidden.len(), tokens.len() * h);
+            let next = [9u32, 27, 81, 243, 5, 7];
+            head.propose(&mut [MtpRows {
+                cache: &mut cache,
+                start: 0,
+                hidden,
+                next: &next,
+                drafts: 3,
+            }])
+            .unwrap()
+        };
+        assert_eq!(guesses(&shared), guesses(&own));
+        drop(ckpt);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_checkpoint_without_the_layer_is_refused_by_name() {
         let dir = std::env::temp_dir().join(format!("moe-mtp-{}-none", std::process::id()));
@@ -475,11 +591,17 @@ mod tests {
         plan.write_synthetic(&dir).unwrap();
         let config = ModelConfig::from_dir(&dir).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
-        let err = MtpHead::load(&ckpt, &config).err().unwrap().to_string();
+        let err = MtpHead::load(&ckpt, &config, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("num_nextn_predict_layers"), "{err}");
         let mut with_layer = config.clone();
         with_layer.mtp_layers = 1;
-        let err = MtpHead::load(&ckpt, &with_layer).err().unwrap().to_string();
+        let err = MtpHead::load(&ckpt, &with_layer, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("model.layers.3.eh_proj.weight"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

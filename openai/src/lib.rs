@@ -57,7 +57,7 @@ use crate::trace_origin::TraceOrigin;
 pub use api_error::ApiError;
 pub use generator::Generator;
 use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
-pub use state::{HttpState, ServedModel};
+pub use state::{ContextLimit, HttpState, ServedModel};
 use tools::TemplateMessage;
 
 pub fn unix_now() -> u64 {
@@ -173,7 +173,7 @@ fn model_card(state: &HttpState) -> ModelCard {
         object: "model",
         created: state.created,
         owned_by: "moe-cluster",
-        max_model_len: state.max_model_len,
+        max_model_len: state.max_model_len.get(),
     }
 }
 
@@ -220,7 +220,7 @@ async fn tokenize(
                 tokenizer,
                 render_state.chat_template.as_ref(),
                 render_state.tool_format,
-                render_state.max_model_len,
+                render_state.max_model_len.get(),
             )
         })
         .await??;
@@ -234,7 +234,7 @@ async fn detokenize(
     let (model, vocab, max_model_len) = (
         state.model_name.clone(),
         state.tokenizer.vocab_size(),
-        state.max_model_len,
+        state.max_model_len.get(),
     );
     let tokenizing = state.generator.tokenizing();
     let request = tokenizing
@@ -1123,7 +1123,7 @@ async fn admit_chat<T: Send + 'static>(
                 chat,
                 render_state.chat_template.as_ref(),
                 tokenizer,
-                render_state.max_model_len,
+                render_state.max_model_len.get(),
                 render_state.tool_format,
                 render_state.reasoning_parser,
             )

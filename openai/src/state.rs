@@ -2,7 +2,7 @@
 //! tool-call syntax), where requests go, and the keys.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use moe_model::chat_template::ChatTemplate;
@@ -53,6 +53,26 @@ pub enum ChatTemplateError {
     Compile(#[from] moe_model::ModelError),
 }
 
+/// The context a request may use, prompt and answer together (`--max-model-len`). A router's
+/// stays as it started; a gateway's follows its routers', so that a request it sizes (a chat
+/// without `max_tokens`) fits whichever router serves it.
+#[derive(Debug, Clone)]
+pub struct ContextLimit(Arc<AtomicUsize>);
+
+impl ContextLimit {
+    pub fn new(tokens: usize) -> Self {
+        Self(Arc::new(AtomicUsize::new(tokens)))
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, tokens: usize) {
+        self.0.store(tokens, Ordering::Relaxed);
+    }
+}
+
 pub struct HttpState {
     /// Where parsed requests go: this router's admission, or a gateway's routers.
     pub generator: Arc<dyn Generator>,
@@ -63,7 +83,7 @@ pub struct HttpState {
     /// How chat answers' reasoning is read, if at all.
     pub reasoning_parser: Option<ReasoningParser>,
     pub model_name: String,
-    pub max_model_len: usize,
+    pub max_model_len: ContextLimit,
     /// Unix time the server started (the model card's `created`).
     pub created: u64,
     pub api_keys: ApiKeys,
@@ -114,7 +134,7 @@ impl HttpState {
             tool_format,
             reasoning_parser: model.reasoning_parser,
             model_name: model.name,
-            max_model_len: model.config.max_position_embeddings,
+            max_model_len: ContextLimit::new(model.config.max_position_embeddings),
             created: unix_now(),
             api_keys,
             next_id: Default::default(),

@@ -198,7 +198,7 @@ impl DenseModel {
         let dense: Arc<dyn DenseStep> = Arc::from(load_dense(&ckpt, &config, &device)?);
         tracing::info!(device = %dense.placement(), "dense part loaded");
         let mtp = match args.speculative_config {
-            Some(spec) if spec.uses_mtp() => Some(load_mtp(&ckpt, &config, &device)?),
+            Some(spec) if spec.uses_mtp() => Some(load_mtp(&ckpt, &config, &*dense)?),
             _ => None,
         };
         let eos_ids = config.stop_ids(tokenizer.eos_id());
@@ -226,15 +226,23 @@ impl DenseModel {
 fn load_mtp(
     ckpt: &Checkpoint,
     config: &ModelConfig,
-    device: &moe_model::experts::ExpertDevice,
+    dense: &dyn DenseStep,
 ) -> anyhow::Result<Arc<MtpHead>> {
-    if !matches!(device, moe_model::experts::ExpertDevice::Cpu) {
+    // A CPU dense part is the one that hands its vocabulary weights over.
+    let Some(vocab) = dense.vocab_weights() else {
         anyhow::bail!(
             "--speculative-config deepseek_mtp: the MTP head runs beside a CPU dense part only (not with --device cuda)"
         );
-    }
-    let head = MtpHead::load(ckpt, config).context("--speculative-config deepseek_mtp")?;
-    tracing::info!(layer = head.kv_layer(), "MTP draft head loaded");
+    };
+    let head =
+        MtpHead::load(ckpt, config, Some(&vocab)).context("--speculative-config deepseek_mtp")?;
+    let shared = head.shared_vocab();
+    tracing::info!(
+        layer = head.kv_layer(),
+        shares_embedding = shared.embed,
+        shares_lm_head = shared.lm_head,
+        "MTP draft head loaded"
+    );
     Ok(Arc::new(head))
 }
 
@@ -697,8 +705,11 @@ fn planner_context(
     let config = &model.config;
     planner::PlannerContext {
         profile: moe_router::published_load::PublishedProfile::new(
-            http_address.map(|a| a.to_string()).unwrap_or_default(),
-            served_model_name(args),
+            moe_cluster::discovery::RouterProfile {
+                http_address: http_address.map(|a| a.to_string()).unwrap_or_default(),
+                model: served_model_name(args),
+                max_model_len: config.max_position_embeddings as u64,
+            },
             Arc::clone(&running.stats),
             Arc::clone(&running.kv),
         ),

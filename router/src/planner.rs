@@ -754,8 +754,11 @@ mod tests {
     fn context(discovery: &Discovery) -> PlannerContext {
         PlannerContext {
             profile: crate::published_load::PublishedProfile::new(
-                String::new(),
-                "m".into(),
+                moe_cluster::discovery::RouterProfile {
+                    model: "m".into(),
+                    max_model_len: 4096,
+                    ..Default::default()
+                },
                 Default::default(),
                 Arc::new(crate::kv_blocks::KvBlocks::new(1 << 20, 64, 16)),
             ),

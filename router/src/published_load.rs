@@ -1,12 +1,12 @@
 //! What a router publishes beside its address in `routers/<id>`: its OpenAI address, model
-//! name and load, which a gateway reads to route requests (least load, or to the router that
+//! name, context length and load, which a gateway reads to route requests (least load, or to the router that
 //! holds a prompt's prefix unless it is much busier).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_cluster::discovery::{RouterLoad, RouterRegistration};
+use moe_cluster::discovery::{RouterLoad, RouterProfile, RouterRegistration};
 
 use crate::kv_blocks::KvBlocks;
 use crate::scheduler::SchedulerStats;
@@ -15,23 +15,16 @@ use crate::scheduler::SchedulerStats;
 pub const LOAD_PERIOD: Duration = Duration::from_secs(1);
 
 pub struct PublishedProfile {
-    pub http_address: String,
-    pub model: String,
+    pub profile: RouterProfile,
     pub stats: Arc<SchedulerStats>,
     pub kv: Arc<KvBlocks>,
     last: Option<Instant>,
 }
 
 impl PublishedProfile {
-    pub fn new(
-        http_address: String,
-        model: String,
-        stats: Arc<SchedulerStats>,
-        kv: Arc<KvBlocks>,
-    ) -> Self {
+    pub fn new(profile: RouterProfile, stats: Arc<SchedulerStats>, kv: Arc<KvBlocks>) -> Self {
         Self {
-            http_address,
-            model,
+            profile,
             stats,
             kv,
             last: None,
@@ -52,7 +45,7 @@ impl PublishedProfile {
 
     /// Publishes the profile on a new registration.
     pub fn register(&mut self, registration: &RouterRegistration) {
-        registration.set_profile(&self.http_address, &self.model);
+        registration.set_profile(&self.profile);
         self.last = None;
         self.refresh(registration);
     }

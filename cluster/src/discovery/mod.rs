@@ -38,7 +38,7 @@ pub use etcd::connection::EtcdConnection;
 pub use keys::ClusterKeys;
 pub use memory::MemoryStore;
 pub use outage::Outage;
-pub use records::{NodeRecord, NodeState, RouterLoad, RouterRecord};
+pub use records::{NodeRecord, NodeState, RouterLoad, RouterProfile, RouterRecord};
 pub use registration::{NodeRegistration, RouterRegistration};
 pub use snapshot::{Membership, Snapshot};
 pub use watch::{Changes, Topic};

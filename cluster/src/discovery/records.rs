@@ -65,9 +65,22 @@ pub struct RouterRecord {
     /// The model name it serves (`/v1/models`).
     #[serde(default)]
     pub model: String,
+    /// The context a request may use there, prompt and answer (`--max-model-len`); 0 from
+    /// routers that predate it.
+    #[serde(default)]
+    pub max_model_len: u64,
     /// How loaded it is, refreshed about once a second: what a gateway balances on.
     #[serde(default)]
     pub load: RouterLoad,
+}
+
+/// What a router serves, published once per registration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterProfile {
+    /// Its OpenAI HTTP address ("" when it serves none).
+    pub http_address: String,
+    pub model: String,
+    pub max_model_len: u64,
 }
 
 /// A router's load as it publishes it.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::error::{encode, Result};
 use super::keys::ClusterKeys;
 use super::lease::LeasedKeys;
-use super::records::{NodeRecord, NodeState, RouterLoad, RouterRecord};
+use super::records::{NodeRecord, NodeState, RouterLoad, RouterProfile, RouterRecord};
 use super::store::LeaseClient;
 use crate::collective::CollectiveRecord;
 
@@ -96,6 +96,7 @@ impl RouterRegistration {
             serving_epoch: 0,
             http_address: String::new(),
             model: String::new(),
+            max_model_len: 0,
             load: RouterLoad::default(),
         };
         let key = keys.router(&router_id);
@@ -135,11 +136,12 @@ impl RouterRegistration {
         self.publish(|r| r.serving_epoch = epoch);
     }
 
-    /// Its OpenAI address ("" for none) and the model name it serves.
-    pub fn set_profile(&self, http_address: &str, model: &str) {
+    /// What it serves: its OpenAI address, model name and context.
+    pub fn set_profile(&self, profile: &RouterProfile) {
         self.publish(|r| {
-            r.http_address = http_address.to_string();
-            r.model = model.to_string();
+            r.http_address = profile.http_address.clone();
+            r.model = profile.model.clone();
+            r.max_model_len = profile.max_model_len;
         });
     }
 

@@ -219,6 +219,38 @@ impl Checkpoint {
         }
     }
 
+    /// Whether two names hold the same tensor, bit for bit (dtype, shape, bytes and, for FP8,
+    /// block scales): where a checkpoint stores one tensor twice (DeepSeek's MTP layer repeats
+    /// the embedding and lm_head), one copy in memory serves both. False if either is absent.
+    pub fn same_values(&self, a: &str, b: &str) -> bool {
+        if a == b {
+            return self.contains(a);
+        }
+        let (Some(ia), Some(ib)) = (self.info(a), self.info(b)) else {
+            return false;
+        };
+        if ia.dtype != ib.dtype || ia.shape != ib.shape {
+            return false;
+        }
+        let (scale_a, scale_b) = (format!("{a}_scale_inv"), format!("{b}_scale_inv"));
+        if ia.dtype == Dtype::F8E4M3
+            && (self.contains(&scale_a) || self.contains(&scale_b))
+            && !self.same_values(&scale_a, &scale_b)
+        {
+            return false;
+        }
+        match &self.store {
+            TensorStore::Files { files, index } => {
+                let (fa, fb) = (&files[index[a]], &files[index[b]]);
+                let equal = fa.bytes(ia) == fb.bytes(ib);
+                fa.release(ia);
+                fb.release(ib);
+                equal
+            }
+            TensorStore::Synthetic(weights) => weights.same_values(a, b),
+        }
+    }
+
     /// Whether a bf16 copy of the tensor holds exactly what the checkpoint does: bf16 tensors
     /// only. f16 and f32 tensors are wider, and so are FP8 ones once scaled: `f32(e4m3) *
     /// scale` carries the scale's 24-bit mantissa, which bf16 rounds (on the FP8 fixture that
@@ -457,4 +489,34 @@ pub fn fp8_block_of(dir: &Path) -> Option<(usize, usize)> {
             _ => DEFAULT_FP8_BLOCK,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `same_values` compares the stored bits: a copy under another name is the same, a tensor
+    /// one value or one dimension apart is not, nor is an absent name.
+    #[test]
+    fn same_values_compares_stored_bits() {
+        let dir = std::env::temp_dir().join(format!("moe-same-values-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5).collect();
+        let mut apart = values.clone();
+        apart[17] += 1.0;
+        let mut writer = SafetensorsWriter::default();
+        writer.add_bf16("a", vec![4, 6], &values);
+        writer.add_bf16("copy_of_a", vec![4, 6], &values);
+        writer.add_bf16("one_value_apart", vec![4, 6], &apart);
+        writer.add_bf16("reshaped", vec![6, 4], &values);
+        writer.add_f32("wider", vec![4, 6], &values);
+        writer.write(&dir.join("model.safetensors")).unwrap();
+        let ckpt = Checkpoint::open_files(&dir).unwrap();
+        assert!(ckpt.same_values("a", "copy_of_a"));
+        assert!(ckpt.same_values("a", "a"));
+        for other in ["one_value_apart", "reshaped", "wider", "absent"] {
+            assert!(!ckpt.same_values("a", other), "{other}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -44,6 +44,9 @@ pub enum Init {
 pub struct SyntheticTensor {
     pub info: TensorInfo,
     pub init: Init,
+    /// The stream its values are drawn from: its own name's, or (a copy, as DeepSeek's files
+    /// repeat the embedding under the MTP layer) the source tensor's.
+    key: u64,
 }
 
 /// A tensor to generate: name, shape, stored dtype, init.
@@ -72,12 +75,41 @@ impl SyntheticWeights {
                 begin: 0,
                 end: bytes,
             };
-            tensors.push((name, SyntheticTensor { info, init }));
+            let key = tensor_key(seed, &name);
+            tensors.push((name, SyntheticTensor { info, init, key }));
         }
         Self {
             seed,
             tensors,
             index,
+        }
+    }
+
+    /// Adds `(copy, source)` tensors holding their source's values, bit for bit: what a
+    /// checkpoint that stores one tensor under two names holds. A source it lacks is skipped.
+    pub fn with_copies(mut self, copies: &[(String, String)]) -> Self {
+        for (copy, source) in copies {
+            if let Some(&i) = self.index.get(source) {
+                let tensor = self.tensors[i].1.clone();
+                self.index.insert(copy.clone(), self.tensors.len());
+                self.tensors.push((copy.clone(), tensor));
+            }
+        }
+        self
+    }
+
+    /// Whether two names hold the same values (one a copy of the other, or the same name),
+    /// known without generating either.
+    pub fn same_values(&self, a: &str, b: &str) -> bool {
+        match (self.index.get(a), self.index.get(b)) {
+            (Some(&a), Some(&b)) => {
+                let (a, b) = (&self.tensors[a].1, &self.tensors[b].1);
+                a.key == b.key
+                    && a.init == b.init
+                    && a.info.dtype == b.info.dtype
+                    && a.info.shape == b.info.shape
+            }
+            _ => false,
         }
     }
 
@@ -94,8 +126,7 @@ impl SyntheticWeights {
     /// [`fill_fp8_codes`] makes it); `None` for any other tensor.
     pub fn fp8_codes_key(&self, name: &str) -> Option<u64> {
         let tensor = &self.tensors[*self.index.get(name)?].1;
-        (tensor.init == Init::Fp8Codes && tensor.info.dtype == Dtype::F8E4M3)
-            .then(|| tensor_key(self.seed, name))
+        (tensor.init == Init::Fp8Codes && tensor.info.dtype == Dtype::F8E4M3).then_some(tensor.key)
     }
 
     /// Tensors in layout order.
@@ -107,13 +138,13 @@ impl SyntheticWeights {
     /// `None` for a name this checkpoint does not have.
     pub fn bytes(&self, name: &str) -> Option<Vec<u8>> {
         let tensor = &self.tensors[*self.index.get(name)?].1;
-        Some(self.generate(name, tensor))
+        Some(self.generate(tensor))
     }
 
     /// Generates one tensor (in parallel chunks: a DeepSeek-V3 expert is 44M values).
-    pub fn generate(&self, name: &str, tensor: &SyntheticTensor) -> Vec<u8> {
+    pub fn generate(&self, tensor: &SyntheticTensor) -> Vec<u8> {
         let info = &tensor.info;
-        let key = tensor_key(self.seed, name);
+        let key = tensor.key;
         let size = info.dtype.size();
         let mut bytes = vec![0u8; info.end - info.begin];
         match (tensor.init, info.dtype) {
@@ -289,6 +320,25 @@ mod tests {
         assert!(a.bytes("missing").is_none());
         let names: Vec<&str> = a.tensors().map(|(n, _)| n).collect();
         assert_eq!(names, ["w", "n", "q", "q_scale_inv"]);
+    }
+
+    /// A copy holds its source's bytes, known without generating them; nothing else does.
+    #[test]
+    fn a_copy_holds_its_sources_values() {
+        let copies = [
+            ("w_again".to_string(), "w".to_string()),
+            ("q_again".to_string(), "q".to_string()),
+            ("ghost".to_string(), "absent".to_string()),
+        ];
+        let w = weights(3).with_copies(&copies);
+        assert_eq!(w.bytes("w_again"), w.bytes("w"));
+        assert_eq!(w.bytes("q_again"), w.bytes("q"));
+        assert_eq!(w.fp8_codes_key("q_again"), w.fp8_codes_key("q"));
+        assert!(w.same_values("w", "w_again"));
+        assert!(w.same_values("q_again", "q"));
+        assert!(!w.same_values("w", "q"));
+        assert!(!w.same_values("w", "ghost"));
+        assert!(w.info("ghost").is_none());
     }
 
     /// Values have the spread the init asks for; FP8 codes are never NaN and their scaled
