@@ -85,6 +85,76 @@ fn generate_json_matches_golden_on_every_fixture() {
     }
 }
 
+/// `--speculative-config` offline: the same JSON, logprobs included, bit for bit, on every
+/// fixture, plus how the drafts went (every token a step made or a draft token accepted).
+#[test]
+fn generate_speculating_offline_changes_no_token_or_logprob() {
+    let config = r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#;
+    let mut drafted_anywhere = 0;
+    for fixture in FIXTURES {
+        let dir = fixture_dir(fixture);
+        let case = &golden_cases(fixture)[0];
+        let common = [
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            &case.prompt,
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+        ];
+        let plain = last_json_line(&moe(&common));
+        assert!(plain.get("spec_decode").is_none(), "only when speculating");
+        let mut drafted = last_json_line(&moe(
+            &[&common[..], &["--speculative-config", config]].concat()
+        ));
+        let counts = drafted
+            .as_object_mut()
+            .unwrap()
+            .remove("spec_decode")
+            .expect("spec_decode");
+        assert_eq!(drafted, plain, "{fixture}");
+        let count = |key: &str| counts[key].as_u64().unwrap();
+        drafted_anywhere += count("draft_tokens");
+        assert!(
+            count("accepted_tokens") <= count("draft_tokens"),
+            "{counts}"
+        );
+        assert_eq!(count("steps") + count("accepted_tokens"), 24, "{counts}");
+    }
+    // (Qwen3's fixture answers with tokens found nowhere before them: it never drafts.)
+    assert!(drafted_anywhere > 0);
+    // Over a cluster the router's flag decides; a checkpoint without an MTP layer is refused.
+    let dir = fixture_dir(FIXTURES[0]);
+    let refused = moe(&[
+        "generate",
+        "--router",
+        "127.0.0.1:1",
+        "--input-ids",
+        "1,2",
+        "--speculative-config",
+        config,
+    ]);
+    assert!(!refused.status.success());
+    let mtp = moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input-ids",
+        "1,2",
+        "--speculative-config",
+        r#"{"method": "deepseek_mtp", "num_speculative_tokens": 1}"#,
+    ]);
+    assert!(!mtp.status.success());
+    let stderr = String::from_utf8_lossy(&mtp.stderr);
+    assert!(
+        stderr.contains("eh_proj") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
 /// Experts reached through in-process nodes over the layer exchange (`--in-process-nodes`)
 /// give the same JSON, logprobs included, bit for bit, on every fixture; so does `moe bench`
 /// run through them.

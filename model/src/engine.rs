@@ -15,7 +15,9 @@ use crate::error::{ModelError, Result};
 use crate::expert_backend::ExpertBackend;
 use crate::experts::{ExpertDevice, ExpertSet};
 use crate::kv_cache::SequenceCache;
+use crate::offline_drafts::{DraftCounts, DraftingSeq, MtpPart, OfflineDrafts};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::speculative::SpeculativeConfig;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,8 @@ pub struct GenerateOutput {
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
     pub step_logits: Option<Vec<Vec<f32>>>,
+    /// How its drafts went (all zero but the steps when the engine does not speculate).
+    pub drafts: DraftCounts,
 }
 
 pub struct Engine {
@@ -55,6 +59,10 @@ pub struct Engine {
     reach: Option<Box<dyn ExpertBackend + Send + Sync>>,
     tokenizer: Tokenizer,
     eos_ids: Vec<u32>,
+    /// How the checkpoint's weights are held (an MTP head loaded later holds its own alike).
+    weights: crate::checkpoint::WeightsDtype,
+    /// `--speculative-config`: drafts fed and checked in each decode step.
+    drafts: Option<OfflineDrafts>,
 }
 
 impl Engine {
@@ -96,7 +104,23 @@ impl Engine {
             reach: None,
             tokenizer,
             eos_ids,
+            weights: ckpt.weights_dtype(),
+            drafts: None,
         })
+    }
+
+    /// Speculates as `config` says (vLLM's `--speculative-config`), loading the MTP layer of
+    /// the checkpoint in `dir` for `deepseek_mtp`: the same tokens and logprobs, in fewer steps
+    /// where drafts agree.
+    pub fn speculating(mut self, dir: &Path, config: SpeculativeConfig) -> Result<Self> {
+        let ckpt = Checkpoint::open(dir)?.with_weights_dtype(self.weights);
+        self.drafts = Some(OfflineDrafts::load(
+            config,
+            &ckpt,
+            &self.config,
+            self.dense.as_ref(),
+        )?);
+        Ok(self)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -219,79 +243,180 @@ impl Engine {
     }
 
     /// Generates for several requests at once: one prefill step for all prompts, then decode
-    /// steps over the requests still running. Each request's tokens are what it would get alone.
+    /// steps over the requests still running (each feeding its draft after its token when the
+    /// engine speculates). Each request's tokens are what it would get alone.
     pub fn generate_batch(&self, reqs: &[GenerateRequest]) -> Result<Vec<GenerateOutput>> {
         for r in reqs {
             self.validate(r)?;
         }
-        let mut states: Vec<SeqState> = reqs
-            .iter()
-            .map(|r| SeqState {
-                cache: self.new_cache(),
-                sampler: Sampler::for_request(
-                    r.sampling.clone(),
-                    &r.input_ids,
-                    if r.ignore_eos { &[] } else { &self.eos_ids },
-                ),
-                pending: r.input_ids.clone(),
-                out: GenerateOutput {
-                    input_ids: r.input_ids.clone(),
-                    output_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    finish_reason: FinishReason::Length,
-                    step_logits: r.emit_logits.then(Vec::new),
-                },
-                done: r.max_new_tokens == 0,
-            })
-            .collect();
+        let mut states: Vec<SeqState> = reqs.iter().map(|r| self.start_state(r)).collect();
         loop {
             let active: Vec<usize> = (0..states.len()).filter(|&i| !states[i].done).collect();
             if active.is_empty() {
                 break;
             }
+            if let Some(drafts) = &self.drafts {
+                for &i in &active {
+                    let room = self.draft_room(&reqs[i], &states[i]);
+                    let state = &mut states[i];
+                    if !state.out.output_ids.is_empty() {
+                        drafts.propose(&mut state.drafting, &state.history, active.len(), room);
+                        state.pending.extend_from_slice(&state.drafting.draft);
+                    }
+                }
+            }
+            let starts: Vec<usize> = active.iter().map(|&i| states[i].cache.len).collect();
             let logits = {
                 let mut step: Vec<StepSequence<'_>> = Vec::with_capacity(active.len());
                 for state in states.iter_mut().filter(|s| !s.done) {
                     step.push(StepSequence {
                         cache: &mut state.cache,
                         tokens: &state.pending,
-                        all_logits: false,
+                        all_logits: !state.drafting.draft.is_empty(),
                     });
                 }
                 self.step(&mut step)?
             };
             for (&i, logits) in active.iter().zip(logits) {
-                let req = &reqs[i];
-                let state = &mut states[i];
-                let token = state.sampler.sample(&logits);
-                state
-                    .out
-                    .logprobs
-                    .push(ops::log_softmax_at(&logits, token as usize));
-                state.out.output_ids.push(token);
-                if let Some(all) = state.out.step_logits.as_mut() {
-                    all.push(logits);
-                }
-                state.pending = vec![token];
-                if !req.ignore_eos && self.eos_ids.contains(&token) {
-                    state.out.finish_reason = FinishReason::Stop;
-                    state.done = true;
-                } else if state.out.output_ids.len() >= req.max_new_tokens
-                    || state.cache.len >= self.config.max_position_embeddings
-                {
-                    state.done = true;
-                }
+                self.take_rows(&reqs[i], &mut states[i], &logits);
             }
+            self.guess_drafts(reqs, &mut states, &active, &starts);
         }
         Ok(states.into_iter().map(|s| s.out).collect())
+    }
+
+    fn start_state(&self, r: &GenerateRequest) -> SeqState {
+        let cache = self
+            .drafts
+            .as_ref()
+            .and_then(OfflineDrafts::new_cache)
+            .unwrap_or_else(|| self.new_cache());
+        SeqState {
+            cache,
+            sampler: Sampler::for_request(
+                r.sampling.clone(),
+                &r.input_ids,
+                if r.ignore_eos { &[] } else { &self.eos_ids },
+            ),
+            pending: r.input_ids.clone(),
+            history: r.input_ids.clone(),
+            out: GenerateOutput {
+                input_ids: r.input_ids.clone(),
+                output_ids: Vec::new(),
+                logprobs: Vec::new(),
+                finish_reason: FinishReason::Length,
+                step_logits: r.emit_logits.then(Vec::new),
+                drafts: DraftCounts::default(),
+            },
+            done: r.max_new_tokens == 0,
+            drafting: DraftingSeq::default(),
+        }
+    }
+
+    /// Draft tokens a decoding sequence may feed after its token: what its answer and the
+    /// model's positions have room for past the token it samples anyway.
+    fn draft_room(&self, req: &GenerateRequest, state: &SeqState) -> usize {
+        let answer = req
+            .max_new_tokens
+            .saturating_sub(state.out.output_ids.len() + 1);
+        let positions = self
+            .config
+            .max_position_embeddings
+            .saturating_sub(state.history.len());
+        answer.min(positions)
+    }
+
+    /// Samples a step's rows for one sequence in turn (one row, or one per fed token when it
+    /// drafted), while the picks agree with its draft; what was fed past the first
+    /// disagreement leaves its cache.
+    fn take_rows(&self, req: &GenerateRequest, state: &mut SeqState, logits: &[f32]) {
+        let vocab = self.config.vocab_size;
+        let drafted = state.drafting.draft.len();
+        let mut accepted = 0;
+        for (j, row) in logits.chunks_exact(vocab).enumerate() {
+            let token = state.sampler.sample(row);
+            state
+                .out
+                .logprobs
+                .push(ops::log_softmax_at(row, token as usize));
+            state.out.output_ids.push(token);
+            state.history.push(token);
+            if let Some(all) = state.out.step_logits.as_mut() {
+                all.push(row.to_vec());
+            }
+            if !req.ignore_eos && self.eos_ids.contains(&token) {
+                state.out.finish_reason = FinishReason::Stop;
+                state.done = true;
+            } else if state.out.output_ids.len() >= req.max_new_tokens
+                || state.history.len() > self.config.max_position_embeddings
+            {
+                state.done = true;
+            }
+            let agrees = j < drafted && state.drafting.draft[j] == token;
+            if state.done || !agrees {
+                break;
+            }
+            accepted += 1;
+        }
+        state.drafting.record(accepted);
+        state.drafting.draft.clear();
+        state.out.drafts = DraftCounts {
+            steps: state.out.drafts.steps + 1,
+            ..state.drafting.counts
+        };
+        // Every token but the last sampled is in the cache.
+        state.cache.truncate(state.history.len() - 1);
+        state.pending = vec![*state.history.last().unwrap_or(&0)];
+    }
+
+    /// Under MTP drafting: the head over the rows this step kept for each sequence that goes
+    /// on (from `starts`, its cache length before the step), for their next drafts.
+    fn guess_drafts(
+        &self,
+        reqs: &[GenerateRequest],
+        states: &mut [SeqState],
+        active: &[usize],
+        starts: &[usize],
+    ) {
+        let Some(drafts) = &self.drafts else {
+            return;
+        };
+        let rooms: Vec<usize> = active
+            .iter()
+            .map(|&i| self.draft_room(&reqs[i], &states[i]))
+            .collect();
+        let going_on = active.iter().filter(|&&i| !states[i].done).count();
+        let mut slot = vec![None; states.len()];
+        for (k, &i) in active.iter().enumerate() {
+            slot[i] = Some(k);
+        }
+        let mut parts = Vec::with_capacity(going_on);
+        for (state, k) in states.iter_mut().zip(slot) {
+            let Some(k) = k.filter(|&k| !state.done && state.cache.len > starts[k]) else {
+                continue;
+            };
+            // Row p holds position starts[k] + p; the token after it is at position + 1.
+            let next = &state.history[starts[k] + 1..=state.cache.len];
+            parts.push(MtpPart {
+                seq: &mut state.drafting,
+                cache: &mut state.cache,
+                start: starts[k],
+                next,
+                room: rooms[k],
+            });
+        }
+        drafts.guess(&mut parts, going_on);
     }
 }
 
 struct SeqState {
     cache: SequenceCache,
     sampler: Sampler,
-    /// Tokens to feed at the next step (the prompt, then each sampled token).
+    /// Tokens to feed at the next step (the prompt, then each sampled token and its draft).
     pending: Vec<u32>,
+    /// The prompt and the answer so far (what prompt lookup searches).
+    history: Vec<u32>,
     out: GenerateOutput,
     done: bool,
+    drafting: DraftingSeq,
 }

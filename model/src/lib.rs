@@ -50,11 +50,13 @@ pub mod logit_adjust;
 pub mod mtp;
 pub mod ngram_draft;
 pub mod nucleus;
+pub mod offline_drafts;
 mod open_checkpoint;
 mod open_device;
 pub mod race;
 pub mod routes;
 pub mod sampling;
+pub mod speculative;
 #[cfg(test)]
 mod test_support;
 pub mod token_mask;

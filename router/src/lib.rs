@@ -41,6 +41,6 @@ pub mod request_metrics;
 pub mod request_trace;
 pub mod scheduler;
 pub mod server;
-pub mod speculative;
+pub use moe_model::speculative;
 pub mod structured;
 pub mod validation;

@@ -30,10 +30,10 @@ use crate::kv_blocks::{KvBlocks, KvReservation};
 use crate::prefix_cache::{PrefixCache, PrefixHit};
 use crate::request_metrics::{Outcome, RequestMetrics};
 use crate::request_trace::RequestTrace;
-use crate::speculative::{DraftMethod, SpeculativeConfig};
 use crate::structured::TokenConstraint;
 use crate::validation::ValidRequest;
 use moe_model::mtp::{MtpHead, MtpRows};
+use moe_model::speculative::{DraftBackoff, DraftMethod, SpeculativeConfig};
 
 /// Links from a step span to the other requests of its batch, at most.
 const MAX_STEP_LINKS: usize = 64;
@@ -130,44 +130,6 @@ struct Sequence {
     backoff: DraftBackoff,
     /// What the MTP head guessed after its last step, for the next (`deepseek_mtp`).
     mtp_guess: Vec<u32>,
-}
-
-/// Drafts that keep missing cost a wider step each time and save nothing (text that does not
-/// repeat itself): after a draft of which no token agreed, a sequence drafts again only after
-/// 1, 2, 4, ... steps (up to [`MAX_DRAFT_BACKOFF`]); a draft that agrees at all resets it.
-/// It decides only when a step drafts, never a token.
-#[derive(Debug, Default, Clone, Copy)]
-struct DraftBackoff {
-    misses: u32,
-    skip: u32,
-}
-
-/// Steps a sequence whose drafts keep missing waits at most before drafting again.
-const MAX_DRAFT_BACKOFF: u32 = 16;
-
-impl DraftBackoff {
-    /// Whether this step may draft (counting down a wait).
-    fn may_draft(&mut self) -> bool {
-        if self.skip == 0 {
-            return true;
-        }
-        self.skip -= 1;
-        false
-    }
-
-    /// Whether the next step's [`Self::may_draft`] says yes.
-    fn drafts_next(&self) -> bool {
-        self.skip == 0
-    }
-
-    fn record(&mut self, accepted: usize) {
-        if accepted > 0 {
-            *self = Self::default();
-        } else {
-            self.skip = (1u32 << self.misses.min(8)).min(MAX_DRAFT_BACKOFF);
-            self.misses = self.misses.saturating_add(1);
-        }
-    }
 }
 
 /// Logprobs of the prompt's tokens (each given the ones before it), filled chunk by chunk.
@@ -1481,29 +1443,6 @@ fn top_logprobs(logits: &[f32], k: usize) -> TopLogprobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Drafts that miss wait 1, 2, 4, ... steps (at most 16) before the next; one that agrees
-    /// resets the wait.
-    #[test]
-    fn missing_drafts_back_off_and_an_agreeing_one_resets() {
-        let mut backoff = DraftBackoff::default();
-        let mut waits = Vec::new();
-        for _ in 0..7 {
-            assert!(backoff.may_draft());
-            backoff.record(0);
-            let mut wait = 0;
-            while !backoff.may_draft() {
-                wait += 1;
-            }
-            waits.push(wait);
-        }
-        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
-        backoff.record(0);
-        backoff.record(2);
-        assert!(backoff.may_draft());
-        backoff.record(0);
-        assert!(!backoff.may_draft());
-    }
 
     /// Lower priorities first; equal ones in arrival order, wherever they arrive.
     #[test]

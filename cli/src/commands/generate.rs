@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use moe_cluster::DeviceArgs;
+use moe_model::offline_drafts::DraftCounts;
+use moe_model::speculative::SpeculativeConfig;
 use moe_model::{Engine, FinishReason, GenerateRequest, LogitAdjustments, SamplingParams};
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::TokenizeRequest;
@@ -70,6 +72,12 @@ pub struct GenerateArgs {
     /// Stop strings (cluster only), repeatable.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Speculative decoding offline, as vLLM's `--speculative-config` JSON (`ngram` prompt
+    /// lookup, or `deepseek_mtp` with a checkpoint that has the layer): the same tokens and
+    /// logprobs, in fewer steps where drafts agree; `--json` adds `spec_decode` (drafts, draft
+    /// tokens, accepted tokens, steps). Offline only: over a cluster, the router's flag.
+    #[arg(long, env = "MOE_SPECULATIVE_CONFIG", conflicts_with = "router")]
+    pub speculative_config: Option<SpeculativeConfig>,
     #[command(flatten)]
     pub engine: DeviceArgs,
     #[command(flatten)]
@@ -86,6 +94,9 @@ struct GenerateJson<'a> {
     finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     step_logits: Option<&'a [Vec<f32>]>,
+    /// How the drafts went, with `--speculative-config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec_decode: Option<DraftCounts>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -101,8 +112,13 @@ fn offline(model: &Path, args: &GenerateArgs) -> anyhow::Result<()> {
         bail!("--stop is supported with --router only");
     }
     let device = args.engine.open()?;
-    let engine =
+    let mut engine =
         Engine::load_on(model, &device).with_context(|| format!("loading {}", model.display()))?;
+    if let Some(config) = args.speculative_config {
+        engine = engine
+            .speculating(model, config)
+            .context("--speculative-config")?;
+    }
     let engine = args.in_process.apply(engine, &device)?;
     let input_ids = match (&args.prompt, &args.input_ids) {
         (Some(text), _) => engine.tokenizer().encode_prompt(text)?,
@@ -140,6 +156,7 @@ fn offline(model: &Path, args: &GenerateArgs) -> anyhow::Result<()> {
             text,
             finish_reason: out.finish_reason,
             step_logits: out.step_logits.as_deref(),
+            spec_decode: args.speculative_config.map(|_| out.drafts),
         },
     )
 }
@@ -213,6 +230,7 @@ fn over_router(router: &str, args: &GenerateArgs) -> anyhow::Result<()> {
                 text,
                 finish_reason,
                 step_logits: None,
+                spec_decode: None,
             },
         )
     })

@@ -1,12 +1,12 @@
 //! `--speculative-config`: vLLM's JSON for speculative decoding, of which two methods are
 //! implemented: `ngram` (prompt lookup) and `deepseek_mtp` (DeepSeek-V3's own
-//! multi-token-prediction layer drafting, [`moe_model::mtp::MtpHead`]).
+//! multi-token-prediction layer drafting, [`crate::mtp::MtpHead`]).
 //!
 //! Drafts never change a token here: every token is still the sampler's pick from the model's
 //! own logits, and a verify step's logits are bitwise a decode's (the math is batch- and
 //! chunk-invariant), so speculation only saves steps when drafts agree.
 
-use moe_model::ngram_draft::NgramDrafter;
+use crate::ngram_draft::NgramDrafter;
 use serde_json::{Map, Value};
 
 /// Draft tokens per step at most, and n-gram lengths at most: a step's verify rows and the
@@ -163,6 +163,44 @@ impl SpeculativeConfig {
     }
 }
 
+/// Drafts that keep missing cost a wider step each time and save nothing (text that does not
+/// repeat itself): after a draft of which no token agreed, a sequence drafts again only after
+/// 1, 2, 4, ... steps (up to [`MAX_DRAFT_BACKOFF`]); a draft that agrees at all resets it.
+/// It decides only when a step drafts, never a token.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DraftBackoff {
+    misses: u32,
+    skip: u32,
+}
+
+/// Steps a sequence whose drafts keep missing waits at most before drafting again.
+const MAX_DRAFT_BACKOFF: u32 = 16;
+
+impl DraftBackoff {
+    /// Whether this step may draft (counting down a wait).
+    pub fn may_draft(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    /// Whether the next step's [`Self::may_draft`] says yes.
+    pub fn drafts_next(&self) -> bool {
+        self.skip == 0
+    }
+
+    pub fn record(&mut self, accepted: usize) {
+        if accepted > 0 {
+            *self = Self::default();
+        } else {
+            self.skip = (1u32 << self.misses.min(8)).min(MAX_DRAFT_BACKOFF);
+            self.misses = self.misses.saturating_add(1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +297,28 @@ mod tests {
             ),
             Err(MinAboveMax { min: 4, max: 3 })
         );
+    }
+
+    /// Drafts that miss wait 1, 2, 4, ... steps (at most 16) before the next; one that agrees
+    /// resets the wait.
+    #[test]
+    fn missing_drafts_back_off_and_an_agreeing_one_resets() {
+        let mut backoff = DraftBackoff::default();
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            assert!(backoff.may_draft());
+            backoff.record(0);
+            let mut wait = 0;
+            while !backoff.may_draft() {
+                wait += 1;
+            }
+            waits.push(wait);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
+        backoff.record(0);
+        backoff.record(2);
+        assert!(backoff.may_draft());
+        backoff.record(0);
+        assert!(!backoff.may_draft());
     }
 }
