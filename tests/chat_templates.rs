@@ -1,7 +1,7 @@
-//! Real models' chat templates (Qwen3, DeepSeek-V3-0324, DeepSeek-V3.1, Mixtral-8x7B-Instruct,
-//! in `tests/fixtures/templates/hub/`) render exactly as transformers renders them: every case
-//! of `cases.json` goes through the server's own parsing of a chat body and its template, and
-//! must give `golden.json`'s prompt (made by transformers with `make_golden.py`), or be refused
+//! Real models' chat templates (Qwen3, Qwen3-Coder, DeepSeek-V3-0324, DeepSeek-V3.1,
+//! Mixtral-8x7B-Instruct, in `tests/fixtures/templates/hub/`) render exactly as transformers
+//! renders them: every case of `cases.json` goes through the server's own parsing of a chat
+//! body and its template, and must give `golden.json`'s prompt (made by transformers with `make_golden.py`), or be refused
 //! where transformers fails. The prompt is the model's input: a space, a key order or a float's
 //! spelling that differs is a different conversation from the one it was trained on.
 

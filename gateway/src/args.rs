@@ -50,8 +50,9 @@ pub struct GatewayArgs {
     #[arg(long, env = "MOE_REASONING_PARSER")]
     pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
     /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
-    /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`. Default: the
-    /// model's family, DeepSeek-V3.1 told from V3 by its chat template.
+    /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`, `qwen3-coder`
+    /// (`qwen3_xml` too). Default: the model's family, DeepSeek-V3.1 told from V3 and
+    /// Qwen3-Coder from Qwen3 by their chat templates.
     #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
     pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     /// Prometheus `/metrics` on its own port.

@@ -23,7 +23,6 @@ use crate::generator::Answers;
 use crate::prompt_logprobs::{self, PositionLogprobs};
 use crate::reasoning::{split_whole, ReasoningSplit, ReasoningStream};
 use crate::responses::{self, ResponseEvent, ResponseEvents, ResponseShape};
-use crate::tool_calls::partial_calls;
 use serde_json::Value;
 
 fn usage(msg: &GenerateResponse) -> Option<Usage> {
@@ -370,7 +369,7 @@ fn chat_message(
     };
     let parsed = content
         .as_deref()
-        .and_then(|text| tools.and_then(|t| t.format.parse(text)));
+        .and_then(|text| tools.and_then(|t| t.parse(text)));
     if let Some((content, calls)) = parsed {
         return (
             ChatMessageOut {
@@ -677,7 +676,7 @@ impl HeldText {
     /// The `delta.tool_calls` entries for what the calls gained since the last message.
     fn call_deltas(&mut self, tools: &ToolAnswers, response_id: &str, choice: u32) -> Vec<Value> {
         let mut entries = Vec::new();
-        for (i, call) in partial_calls(tools.format, &self.text).iter().enumerate() {
+        for (i, call) in tools.partial_calls(&self.text).iter().enumerate() {
             entries.extend(self.call_delta(response_id, choice, i, &call.name, &call.arguments));
         }
         entries
@@ -739,7 +738,7 @@ impl HeldText {
         };
         let whole = std::mem::take(&mut self.text);
         let sent = std::mem::take(&mut self.sent);
-        let parsed = tools.format.parse(&whole);
+        let parsed = tools.parse(&whole);
         let (_, reason) = chat_message(
             Some(tools),
             None,
@@ -1087,6 +1086,7 @@ mod tests {
     fn stream(pieces: &[&str]) -> Streamed {
         let tools = ToolAnswers {
             format: ToolCallFormat::Hermes,
+            functions: Vec::new(),
         };
         let mut held = HeldText::default();
         let (mut contents, mut calls) = (Vec::new(), Vec::new());

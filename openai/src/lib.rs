@@ -30,6 +30,7 @@ pub mod tool_calls;
 pub mod tools;
 pub mod trace_origin;
 mod unimplemented;
+pub mod xml_tool_calls;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -8,6 +8,9 @@
 //! - DeepSeek-V3: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`.
 //! - DeepSeek-V3.1 (the same `model_type`; its chat template tells it apart):
 //!   `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`.
+//! - Qwen3-Coder (Qwen3-MoE's `model_type`; its chat template tells it apart): XML-like
+//!   `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>...` blocks whose
+//!   values are raw text (`xml_tool_calls.rs`).
 //!
 //! The grammars spell the markers as text: on the real checkpoints they are single special
 //! tokens, which these grammars reach byte by byte only (the bundled test vocabulary has no
@@ -17,6 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::partial_json::{json_container_prefix, key, string_literal};
+use crate::xml_tool_calls;
 
 /// A function the request offers (`tools[i].function`).
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +47,7 @@ pub enum ToolCallFormat {
     Hermes,
     DeepSeekV3,
     DeepSeekV31,
+    Qwen3Coder,
 }
 
 impl std::str::FromStr for ToolCallFormat {
@@ -54,8 +59,9 @@ impl std::str::FromStr for ToolCallFormat {
             "hermes" | "qwen3" => Ok(Self::Hermes),
             "deepseek_v3" | "deepseek-v3" => Ok(Self::DeepSeekV3),
             "deepseek_v31" | "deepseek-v31" | "deepseek-v3.1" => Ok(Self::DeepSeekV31),
+            "qwen3_coder" | "qwen3-coder" | "qwen3_xml" => Ok(Self::Qwen3Coder),
             other => Err(format!(
-                "unknown tool-call parser `{other}`: hermes, deepseek-v3 or deepseek-v31"
+                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31 or qwen3-coder"
             )),
         }
     }
@@ -99,14 +105,16 @@ impl ToolCallFormat {
 
     /// The format the model writes, by its `model_type` and the chat template it is served
     /// with: DeepSeek-V3.1 shares V3's `model_type`, and its template writes earlier calls
-    /// as `NAME<｜tool▁sep｜>ARGS`, with no `function` type and no fenced JSON.
+    /// as `NAME<｜tool▁sep｜>ARGS`, with no `function` type and no fenced JSON; Qwen3-Coder
+    /// shares Qwen3-MoE's, and its template writes `<function=NAME>` and `<parameter=KEY>`.
     pub fn for_model_and_template(model_type: &str, template: Option<&str>) -> Self {
         let family = Self::for_model(model_type);
         let v31 = template.is_some_and(|t| t.contains(DS_SEP) && !t.contains("```json"));
-        if family == ToolCallFormat::DeepSeekV3 && v31 {
-            ToolCallFormat::DeepSeekV31
-        } else {
-            family
+        let xml = template.is_some_and(|t| t.contains("<function=") && t.contains("<parameter="));
+        match family {
+            ToolCallFormat::DeepSeekV3 if v31 => ToolCallFormat::DeepSeekV31,
+            ToolCallFormat::Hermes if xml => ToolCallFormat::Qwen3Coder,
+            _ => family,
         }
     }
 
@@ -115,12 +123,16 @@ impl ToolCallFormat {
         match self {
             ToolCallFormat::Hermes => "<tool_call>",
             ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => DS_CALLS_BEGIN,
+            ToolCallFormat::Qwen3Coder => xml_tool_calls::CALL_OPEN,
         }
     }
 
     /// A Lark grammar (llguidance's dialect) that generates one call to one of `functions`
     /// (several in a row when `parallel`), arguments per each one's schema.
     pub fn grammar(&self, functions: &[FunctionSpec], parallel: bool) -> String {
+        if *self == ToolCallFormat::Qwen3Coder {
+            return xml_tool_calls::grammar(functions, parallel);
+        }
         let mut rules = Vec::new();
         let alternatives: Vec<String> = functions
             .iter()
@@ -152,7 +164,8 @@ impl ToolCallFormat {
                             literal(&format!("\n```{DS_CALL_END}"))
                         )
                     }
-                    ToolCallFormat::DeepSeekV31 => {
+                    // (Qwen3-Coder's is `xml_tool_calls::grammar`, returned above.)
+                    ToolCallFormat::DeepSeekV31 | ToolCallFormat::Qwen3Coder => {
                         rules.push(format!("a{i}: %json {}", arguments_schema(f)));
                         format!(
                             "{} a{i} {}",
@@ -173,7 +186,9 @@ impl ToolCallFormat {
                 literal(HERMES_OPEN),
                 literal(HERMES_CLOSE)
             ),
-            ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => format!(
+            ToolCallFormat::DeepSeekV3
+            | ToolCallFormat::DeepSeekV31
+            | ToolCallFormat::Qwen3Coder => format!(
                 "start: {} call{repeat} {}\ncall: {call}",
                 literal(DS_CALLS_BEGIN),
                 literal(DS_CALLS_END)
@@ -186,12 +201,18 @@ impl ToolCallFormat {
     }
 
     /// The text before any call and the calls, when `text` holds at least one well-formed
-    /// call; `None` when it is plain content.
-    pub fn parse(&self, text: &str) -> Option<(String, Vec<ParsedCall>)> {
+    /// call; `None` when it is plain content. `functions` (the request's) type Qwen3-Coder's
+    /// text values; the JSON formats carry their own types.
+    pub fn parse(
+        &self,
+        text: &str,
+        functions: &[FunctionSpec],
+    ) -> Option<(String, Vec<ParsedCall>)> {
         match self {
             ToolCallFormat::Hermes => parse_hermes(text),
             ToolCallFormat::DeepSeekV3 => parse_deepseek(text, split_v3_call),
             ToolCallFormat::DeepSeekV31 => parse_deepseek(text, split_v31_call),
+            ToolCallFormat::Qwen3Coder => xml_tool_calls::parse(text, functions),
         }
     }
 }
@@ -221,6 +242,7 @@ fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
         if let Some(raw) = partial_calls(
             ToolCallFormat::Hermes,
             &rest[start..start + open.len() + end],
+            &[],
         )
         .pop()
         .filter(|c| c.complete)
@@ -326,11 +348,16 @@ fn deepseek_v31_call(s: &str) -> Option<PartialCall> {
 
 /// The calls `text` (an answer so far) has started, in order, as far as they go; empty when
 /// no call has begun or one is written in another layout.
-pub fn partial_calls(format: ToolCallFormat, text: &str) -> Vec<PartialCall> {
+pub fn partial_calls(
+    format: ToolCallFormat,
+    text: &str,
+    functions: &[FunctionSpec],
+) -> Vec<PartialCall> {
     let (marker, read): (&str, fn(&str) -> Option<PartialCall>) = match format {
         ToolCallFormat::Hermes => (HERMES_OPEN.trim_end(), hermes_call),
         ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
         ToolCallFormat::DeepSeekV31 => (DS_CALL_BEGIN, deepseek_v31_call),
+        ToolCallFormat::Qwen3Coder => return xml_tool_calls::partial_calls(text, functions),
     };
     let mut calls = Vec::new();
     let mut rest = text;
@@ -353,7 +380,7 @@ mod tests {
     #[test]
     fn calls_are_parsed_from_each_format() {
         let hermes = "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
-        let (content, calls) = ToolCallFormat::Hermes.parse(hermes).unwrap();
+        let (content, calls) = ToolCallFormat::Hermes.parse(hermes, &[]).unwrap();
         assert_eq!(content, "Sure.");
         assert_eq!(
             calls,
@@ -365,11 +392,11 @@ mod tests {
         let ds = format!(
             "{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}now\n```json\n{{}}\n```{DS_CALL_END}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{\"city\": \"Paris\"}}\n```{DS_CALL_END}{DS_CALLS_END}"
         );
-        let (content, calls) = ToolCallFormat::DeepSeekV3.parse(&ds).unwrap();
+        let (content, calls) = ToolCallFormat::DeepSeekV3.parse(&ds, &[]).unwrap();
         assert_eq!(content, "");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1].arguments, r#"{"city": "Paris"}"#);
-        assert!(ToolCallFormat::Hermes.parse("just text").is_none());
+        assert!(ToolCallFormat::Hermes.parse("just text", &[]).is_none());
     }
 
     /// DeepSeek-V3.1 writes `NAME<｜tool▁sep｜>ARGS`: parsed whole and as it streams, forced by
@@ -380,22 +407,22 @@ mod tests {
         let whole = format!(
             "Checking.{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{\"city\": \"Paris\"}}{DS_CALL_END}{DS_CALL_BEGIN}now{DS_SEP}{{}}{DS_CALL_END}{DS_CALLS_END}"
         );
-        let (content, calls) = v31.parse(&whole).unwrap();
+        let (content, calls) = v31.parse(&whole, &[]).unwrap();
         assert_eq!(content, "Checking.");
         assert_eq!(calls[0].name, "get_weather");
         assert_eq!(calls[0].arguments, r#"{"city": "Paris"}"#);
         assert_eq!(calls[1].name, "now");
         assert!(
-            ToolCallFormat::DeepSeekV3.parse(&whole).is_none(),
+            ToolCallFormat::DeepSeekV3.parse(&whole, &[]).is_none(),
             "V3 reads another layout"
         );
         let head = format!("{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{\"ci");
-        let partial = partial_calls(v31, &head);
+        let partial = partial_calls(v31, &head, &[]);
         assert_eq!(
             (partial[0].name.as_str(), partial[0].arguments.as_str()),
             ("get_weather", "{\"ci")
         );
-        assert!(partial_calls(v31, &format!("{DS_CALL_BEGIN}get_wea")).is_empty());
+        assert!(partial_calls(v31, &format!("{DS_CALL_BEGIN}get_wea"), &[]).is_empty());
         let grammar = v31.grammar(
             &[FunctionSpec {
                 name: "now".into(),
@@ -423,6 +450,12 @@ mod tests {
         );
         assert_eq!(detect("qwen3_moe", "qwen3.jinja"), ToolCallFormat::Hermes);
         assert_eq!(
+            detect("qwen3_moe", "qwen3_coder.jinja"),
+            ToolCallFormat::Qwen3Coder
+        );
+        assert_eq!("qwen3_coder".parse(), Ok(ToolCallFormat::Qwen3Coder));
+        assert_eq!("qwen3_xml".parse(), Ok(ToolCallFormat::Qwen3Coder));
+        assert_eq!(
             ToolCallFormat::for_model_and_template("deepseek_v3", None),
             ToolCallFormat::DeepSeekV3
         );
@@ -436,7 +469,7 @@ mod tests {
         let mut seen = Vec::new();
         for end in 0..=whole.len() {
             if whole.is_char_boundary(end) {
-                seen.push(partial_calls(ToolCallFormat::Hermes, &whole[..end]));
+                seen.push(partial_calls(ToolCallFormat::Hermes, &whole[..end], &[]));
             }
         }
         // The name only once it is whole; arguments only ever grow.
@@ -460,16 +493,16 @@ mod tests {
         let head = format!(
             "{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_weather\n```json\n{{\"city\": \"Pa"
         );
-        let calls = partial_calls(ToolCallFormat::DeepSeekV3, &head);
+        let calls = partial_calls(ToolCallFormat::DeepSeekV3, &head, &[]);
         assert_eq!(calls[0].name, "get_weather");
         assert_eq!(calls[0].arguments, r#"{"city": "Pa"#);
         assert!(!calls[0].complete);
         let whole = format!("{head}ris\"}}\n```{DS_CALL_END}");
-        let calls = partial_calls(ToolCallFormat::DeepSeekV3, &whole);
+        let calls = partial_calls(ToolCallFormat::DeepSeekV3, &whole, &[]);
         assert_eq!(calls[0].arguments, r#"{"city": "Paris"}"#);
         assert!(calls[0].complete);
         // Not yet past the name: nothing.
         let early = format!("{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}get_wea");
-        assert!(partial_calls(ToolCallFormat::DeepSeekV3, &early).is_empty());
+        assert!(partial_calls(ToolCallFormat::DeepSeekV3, &early, &[]).is_empty());
     }
 }

@@ -17,10 +17,24 @@ pub struct ToolIn {
 }
 
 /// How a chat request's answer is read: for tool calls in `format`, when the request offers
-/// tools and does not say `tool_choice: "none"`.
+/// tools and does not say `tool_choice: "none"`; `functions` type the values of a format that
+/// writes them as text (Qwen3-Coder's).
 #[derive(Debug, Clone)]
 pub struct ToolAnswers {
     pub format: ToolCallFormat,
+    pub functions: Vec<FunctionSpec>,
+}
+
+impl ToolAnswers {
+    /// The text before the calls and the calls, if the answer made any.
+    pub fn parse(&self, text: &str) -> Option<(String, Vec<ParsedCall>)> {
+        self.format.parse(text, &self.functions)
+    }
+
+    /// The calls an answer so far has started, as far as they go.
+    pub fn partial_calls(&self, text: &str) -> Vec<crate::tool_calls::PartialCall> {
+        crate::tool_calls::partial_calls(self.format, text, &self.functions)
+    }
 }
 
 /// What a request's tools mean for it.
@@ -96,13 +110,14 @@ pub fn plan(
     }
     let template_tools = Some(serde_json::to_value(tools).unwrap_or(Value::Null));
     let parallel = parallel.unwrap_or(true);
+    let answers = ToolAnswers {
+        format,
+        functions: specs.clone(),
+    };
     let (forced, answers) = match choice.as_str() {
         "none" => (None, None),
-        "auto" => (None, Some(ToolAnswers { format })),
-        "required" => (
-            Some(format.grammar(&specs, parallel)),
-            Some(ToolAnswers { format }),
-        ),
+        "auto" => (None, Some(answers)),
+        "required" => (Some(format.grammar(&specs, parallel)), Some(answers)),
         named => {
             let name = named.trim_start_matches("function:");
             let chosen: Vec<FunctionSpec> =
@@ -113,10 +128,7 @@ pub fn plan(
                     format!("tool_choice names `{name}`, which is not among the tools"),
                 ));
             }
-            (
-                Some(format.grammar(&chosen, false)),
-                Some(ToolAnswers { format }),
-            )
+            (Some(format.grammar(&chosen, false)), Some(answers))
         }
     };
     Ok(ToolPlan {

@@ -673,7 +673,11 @@ mod tests {
         let compiler = GrammarCompiler::from_tokenizer_json(&json, 1).unwrap();
         use moe_openai::tool_calls::ToolCallFormat;
         use moe_proto::v1::structured_output::Kind;
-        for format in [ToolCallFormat::Hermes, ToolCallFormat::DeepSeekV3] {
+        for format in [
+            ToolCallFormat::Hermes,
+            ToolCallFormat::DeepSeekV3,
+            ToolCallFormat::Qwen3Coder,
+        ] {
             let grammar = format.grammar(&weather()[..1], false);
             let mut c = compiler
                 .compile(&StructuredOutput {
@@ -698,11 +702,87 @@ mod tests {
             }
             let text = String::from_utf8(out).unwrap();
             let (_, calls) = format
-                .parse(&text)
+                .parse(&text, &weather())
                 .unwrap_or_else(|| panic!("{format:?}: {text:?}"));
             assert_eq!(calls[0].name, "get_weather", "{text}");
             let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
             assert!(args["city"] == "Paris" || args["city"] == "Oslo", "{text}");
+        }
+    }
+
+    /// Qwen3-Coder's forced call: the answer it writes for a function with every kind of
+    /// parameter is accepted to the end (a text value holding `</p>` and newlines included),
+    /// a wrong name or a missing required parameter is not.
+    #[test]
+    fn a_forced_qwen3_coder_call_takes_its_own_syntax_only() {
+        use moe_openai::tool_calls::{FunctionSpec, ToolCallFormat};
+        use moe_proto::v1::structured_output::Kind;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let compiler = GrammarCompiler::from_tokenizer_json(&json, 1).unwrap();
+        let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+        let functions = vec![FunctionSpec {
+            name: "edit".into(),
+            description: None,
+            parameters: Some(serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "line": {"type": "integer", "minimum": -5},
+                    "dry_run": {"type": "boolean"},
+                    "mode": {"enum": ["insert", "replace"]},
+                    "options": {"type": "object", "properties": {"indent": {"type": "integer"}}}
+                },
+                "required": ["path", "line"]
+            })),
+        }];
+        let grammar = ToolCallFormat::Qwen3Coder.grammar(&functions, true);
+        let accepts = |text: &str| -> bool {
+            let mut c = compiler
+                .compile(&StructuredOutput {
+                    kind: Some(Kind::Grammar(grammar.clone())),
+                })
+                .unwrap_or_else(|e| panic!("{e:?}\n{grammar}"));
+            let ids = tokenizer.encode_raw(text).unwrap();
+            // Every token taken, and the answer may end there (the end token, id 1, allowed).
+            ids.iter().all(|&t| c.consume(t).is_ok())
+                && (c.is_finished() || c.allowed(2).is_ok_and(|a| a[1]))
+        };
+        let call = |path: &str, rest: &str| {
+            format!(
+                "<tool_call>\n<function=edit>\n<parameter=path>\n{path}\n</parameter>\n{rest}</function>\n</tool_call>"
+            )
+        };
+        let full = call(
+            "src/a.html\n<p>x</p>",
+            "<parameter=line>\n12\n</parameter>\n<parameter=dry_run>\ntrue\n</parameter>\n<parameter=mode>\nreplace\n</parameter>\n<parameter=options>\n{\"indent\":4}\n</parameter>\n",
+        );
+        assert!(accepts(&full), "{full}");
+        let minimal = call("a.rs", "<parameter=line>\n-3\n</parameter>\n");
+        assert!(accepts(&minimal));
+        assert!(accepts(&format!("{minimal}\n{full}")), "parallel calls");
+        let (_, calls) = ToolCallFormat::Qwen3Coder.parse(&full, &functions).unwrap();
+        let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert_eq!(args["path"], "src/a.html\n<p>x</p>");
+        assert_eq!(
+            (args["line"].clone(), args["dry_run"].clone()),
+            (12.into(), true.into())
+        );
+        assert_eq!(args["options"]["indent"], 4);
+        for wrong in [
+            call("a.rs", ""),
+            call("a.rs", "<parameter=line>\ntwelve\n</parameter>\n"),
+            call("a.rs", "<parameter=line>\n-6\n</parameter>\n"),
+            call(
+                "a.rs",
+                "<parameter=line>\n1\n</parameter>\n<parameter=mode>\ndelete\n</parameter>\n",
+            ),
+            minimal.replace("function=edit", "function=remove"),
+        ] {
+            assert!(!accepts(&wrong), "{wrong}");
         }
     }
 }
