@@ -81,6 +81,11 @@ fn structured_outputs_never_panic() {
 }
 
 #[test]
+fn tool_call_text_never_panics_and_qwen3_coder_streams_add_up() {
+    replay("tool_call_text", fuzz::tool_call_text);
+}
+
+#[test]
 fn collective_frame_streams_never_panic() {
     replay("collective_frames", fuzz::collective_frames);
 }

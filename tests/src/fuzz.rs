@@ -503,3 +503,53 @@ pub fn structured_output(data: &[u8]) {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// A model's answer (the first byte picks the tool-call syntax, the rest is the text) read for
+/// tool calls as a chat answer is: whole, and at prefixes as a stream reads it. A panic is a
+/// crash; so is a Qwen3-Coder stream whose arguments are not a prefix of the whole answer's
+/// (its fragments would not add up).
+pub fn tool_call_text(data: &[u8]) {
+    use moe_openai::tool_calls::{partial_calls, FunctionSpec, ToolCallFormat};
+
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let format = [
+        ToolCallFormat::Hermes,
+        ToolCallFormat::DeepSeekV3,
+        ToolCallFormat::DeepSeekV31,
+        ToolCallFormat::Qwen3Coder,
+    ][usize::from(selector) % 4];
+    let text = String::from_utf8_lossy(rest);
+    let functions = [FunctionSpec {
+        name: "f".into(),
+        description: None,
+        parameters: Some(serde_json::json!({"type": "object", "properties": {
+            "s": {"type": "string"}, "i": {"type": "integer"}, "n": {"type": "number"},
+            "b": {"type": "boolean"}, "o": {"type": "object"}, "a": {"type": ["array", "null"]},
+        }})),
+    }];
+    let whole = format.parse(&text, &functions);
+    let ends: Vec<usize> = (0..=text.len())
+        .filter(|&e| text.is_char_boundary(e))
+        .step_by(text.len() / 64 + 1)
+        .chain([text.len()])
+        .collect();
+    for end in ends {
+        let calls = partial_calls(format, &text[..end], &functions);
+        if format != ToolCallFormat::Qwen3Coder {
+            continue;
+        }
+        let Some((_, whole)) = &whole else {
+            continue;
+        };
+        for (call, done) in calls.iter().zip(whole) {
+            assert!(
+                done.arguments.starts_with(&call.arguments),
+                "{:?} then {:?}",
+                call.arguments,
+                done.arguments
+            );
+        }
+    }
+}
