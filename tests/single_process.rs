@@ -14,6 +14,19 @@ use moe_tests::{fixture_dir, golden_cases, FIXTURES, FP8_FIXTURE};
 use moe_tooling::{free_port, greedy, SingleProcessRouter};
 use serde_json::Value;
 
+/// What a router serving `model` with `extra` flags says as it refuses to start (it must).
+fn refused_at_start(model: &std::path::Path, extra: &[&str]) -> String {
+    let out = Command::new(harness::binary("moe-router"))
+        .args(["--model", &model.display().to_string()])
+        .args(["--in-process-nodes", "1", "--grpc-listen", "127.0.0.1:0"])
+        .args(extra)
+        .args(no_etcd())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{extra:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// etcd flags that point at a port nobody listens on: the router must not need them.
 fn no_etcd() -> Vec<String> {
     vec![
@@ -224,17 +237,111 @@ async fn max_model_len_bounds_requests_and_is_reported() {
     assert_eq!(used, 40, "{answer}");
     drop(router);
 
-    let out = Command::new(harness::binary("moe-router"))
-        .args(["--model", &fixture_dir(fixture).display().to_string()])
-        .args(["--in-process-nodes", "1", "--max-model-len", "5000"])
-        .args(["--grpc-listen", "127.0.0.1:0"])
-        .args(no_etcd())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(&fixture_dir(fixture), &["--max-model-len", "5000"]);
     assert!(
         stderr.contains("--max-model-len 5000") && stderr.contains("(1024)"),
+        "{stderr}"
+    );
+}
+
+/// `--generation-config` (vLLM's, `auto` by default): the checkpoint's
+/// `generation_config.json` gives the sampling of the fields a request leaves unset (the
+/// same answer as a request that asks for them, seeded), never of those it sets (an explicit
+/// `top_k: -1` stays off), and its `eos_token_id` list ends answers as config.json's does, the
+/// same in the offline engine; `vllm` ignores the sampling; a folder without the file stops
+/// the router by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoints_generation_config_fills_unset_sampling_and_ends_answers() {
+    use serde_json::json;
+    let fixture = FIXTURES[0];
+    let source = fixture_dir(fixture);
+    let prompt: Vec<u32> = golden_cases(fixture)[0].input_ids.clone();
+    // An extra end token: the fourth token greedy decoding gives.
+    let plain = Engine::load(&source).unwrap();
+    let greedy_ids = offline_greedy(&plain, &prompt, 8).output_ids;
+    let end = greedy_ids[3];
+    let stop_at = greedy_ids.iter().position(|&t| t == end).unwrap();
+    let dir = moe_tests::TempDir::new("generation-config");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(source.join(file), dir.0.join(file)).unwrap();
+    }
+    let generation = json!({"do_sample": true, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
+                            "eos_token_id": [1, end]});
+    std::fs::write(dir.0.join("generation_config.json"), generation.to_string()).unwrap();
+    // The offline engine stops there too.
+    let offline = Engine::load(&dir.0).unwrap();
+    let stopped = offline
+        .generate(&moe_model::GenerateRequest {
+            input_ids: prompt.clone(),
+            max_new_tokens: 8,
+            sampling: Default::default(),
+            ignore_eos: false,
+            emit_logits: false,
+        })
+        .unwrap();
+    assert_eq!(stopped.output_ids, greedy_ids[..=stop_at]);
+
+    let start_on = |extra: &[&str]| {
+        let mut args = no_etcd();
+        args.extend(["--http-listen", "127.0.0.1:0"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        SingleProcessRouter::start(&harness::binary("moe-router"), &dir.0, 1, &args, false).unwrap()
+    };
+    let completion = |extra: Value| {
+        let mut body = json!({"prompt": prompt, "max_tokens": 16, "seed": 5, "logprobs": 1,
+                              "ignore_eos": true});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let text_of = |answer: &Value| answer["choices"][0]["logprobs"]["tokens"].clone();
+    let auto = start_on(&[]);
+    let http = auto.http_addr.clone().expect("--http-listen");
+    let unset = harness::post_json(&http, "/v1/completions", &completion(json!({}))).await;
+    let asked = json!({"temperature": 0.7, "top_p": 0.9, "top_k": 5});
+    let explicit = harness::post_json(&http, "/v1/completions", &completion(asked)).await;
+    assert_eq!(text_of(&unset), text_of(&explicit), "{unset}\n{explicit}");
+    let off = json!({"temperature": 0.7, "top_p": 0.9, "top_k": -1});
+    let top_k_off = harness::post_json(&http, "/v1/completions", &completion(off)).await;
+    let api_defaults = json!({"temperature": 1.0, "top_p": 1.0, "top_k": -1});
+    let at_one = harness::post_json(&http, "/v1/completions", &completion(api_defaults)).await;
+    // The end token ends a greedy answer here as offline.
+    let greedy = json!({"temperature": 0, "ignore_eos": false, "max_tokens": 8});
+    let ended = harness::post_json(&http, "/v1/completions", &completion(greedy)).await;
+    assert_eq!(ended["choices"][0]["finish_reason"], "stop", "{ended}");
+    assert_eq!(
+        ended["usage"]["completion_tokens"].as_u64(),
+        Some(stop_at as u64 + 1),
+        "the end token counted, as vLLM counts it: {ended}"
+    );
+    drop(auto);
+
+    let vllm = start_on(&["--generation-config", "vllm"]);
+    let http = vllm.http_addr.clone().expect("--http-listen");
+    let unset_vllm = harness::post_json(&http, "/v1/completions", &completion(json!({}))).await;
+    assert_eq!(
+        text_of(&unset_vllm),
+        text_of(&at_one),
+        "vllm: the API's defaults"
+    );
+    // Seeded draws at other settings differ somewhere over 16 tokens on this model.
+    assert_ne!(text_of(&unset), text_of(&unset_vllm));
+    assert_ne!(
+        text_of(&explicit),
+        text_of(&top_k_off),
+        "top_k -1 stayed off"
+    );
+    drop(vllm);
+
+    let stderr = refused_at_start(&dir.0, &["--generation-config", "/nonexistent-folder"]);
+    assert!(
+        stderr.contains("--generation-config /nonexistent-folder"),
         "{stderr}"
     );
 }

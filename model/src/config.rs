@@ -212,11 +212,18 @@ impl ModelConfig {
         ids
     }
 
-    /// Reads `dir/config.json`.
+    /// Reads `dir/config.json`, and the end-of-sequence ids `dir/generation_config.json`
+    /// adds (transformers' `generate` stops at those too).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        Self::from_json_str(&text, &path)
+        let mut config = Self::from_json_str(&text, &path)?;
+        for id in crate::generation_config::GenerationConfig::from_dir(dir)?.eos_token_ids {
+            if !config.eos_token_ids.contains(&id) {
+                config.eos_token_ids.push(id);
+            }
+        }
+        Ok(config)
     }
 
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {

@@ -39,6 +39,7 @@ pub mod error;
 pub mod expert_backend;
 pub mod experts;
 pub mod families;
+pub mod generation_config;
 pub mod generator;
 #[cfg(feature = "cuda")]
 pub mod gpu;

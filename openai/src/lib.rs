@@ -298,8 +298,10 @@ fn priority(p: Option<i64>) -> Result<i32, RouterError> {
         .map_err(|_| RouterError::invalid("priority", "priority must fit in 32 bits"))
 }
 
+/// vLLM's `top_k`: -1 or 0 is off (kept as 0, so that a router's `--generation-config` default
+/// does not replace a request's explicit "off").
 fn top_k(k: Option<i64>) -> Option<u32> {
-    k.filter(|&k| k > 0).map(|k| k.min(u32::MAX as i64) as u32)
+    k.map(|k| k.clamp(0, u32::MAX as i64) as u32)
 }
 
 /// A request body turned into the generic request, before admission.

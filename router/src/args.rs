@@ -139,6 +139,13 @@ pub struct Args {
     /// Qwen3-Coder from Qwen3 by their chat templates.
     #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
     pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
+    /// Default sampling for the fields a request leaves unset, as vLLM's
+    /// `--generation-config`: `auto` (the checkpoint's `generation_config.json`: its
+    /// temperature, top_p, top_k, min_p and repetition_penalty, as its creators recommend),
+    /// `vllm` (none: the API's own defaults, temperature 1), or a folder holding a
+    /// `generation_config.json`.
+    #[arg(long, env = "MOE_GENERATION_CONFIG", default_value = "auto")]
+    pub generation_config: String,
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,

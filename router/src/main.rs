@@ -8,6 +8,7 @@ use clap::Parser;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::dense::{load_dense, DenseStep};
 use moe_model::experts::ExpertSet;
+use moe_model::generation_config::{GenerationConfig, SamplingDefaults};
 use moe_model::mtp::MtpHead;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
@@ -177,6 +178,8 @@ struct DenseModel {
     dispatch_bounds: DispatchRules,
     /// The multi-token-prediction layer, with `--speculative-config` `deepseek_mtp`.
     mtp: Option<Arc<MtpHead>>,
+    /// `--generation-config`: sampling for the fields a request leaves unset.
+    sampling_defaults: SamplingDefaults,
 }
 
 impl DenseModel {
@@ -202,6 +205,7 @@ impl DenseModel {
             _ => None,
         };
         let eos_ids = config.stop_ids(tokenizer.eos_id());
+        let sampling_defaults = sampling_defaults(&args.generation_config, &args.model)?;
         Ok(Self {
             checkpoint: (args.in_process_nodes > 0).then_some(ckpt),
             device,
@@ -212,6 +216,7 @@ impl DenseModel {
             eos_ids,
             dispatch_bounds,
             mtp,
+            sampling_defaults,
         })
     }
 
@@ -219,6 +224,37 @@ impl DenseModel {
     fn kv_config(&self) -> &ModelConfig {
         self.mtp.as_ref().map_or(&self.config, |head| head.config())
     }
+}
+
+/// `--generation-config`'s sampling defaults: the checkpoint's (`auto`), none (`vllm`), or a
+/// folder's.
+fn sampling_defaults(source: &str, model: &std::path::Path) -> anyhow::Result<SamplingDefaults> {
+    let dir = match source {
+        "vllm" => return Ok(SamplingDefaults::default()),
+        "auto" => model.to_path_buf(),
+        folder => {
+            let dir = std::path::PathBuf::from(folder);
+            let file = dir.join(moe_model::generation_config::FILE);
+            anyhow::ensure!(
+                file.is_file(),
+                "--generation-config {folder}: no {} there",
+                file.display()
+            );
+            dir
+        }
+    };
+    let defaults = GenerationConfig::from_dir(&dir)
+        .with_context(|| format!("--generation-config {source}"))?
+        .sampling;
+    if !defaults.is_empty() {
+        // vLLM says so too: answers differ from a server using the API's defaults.
+        tracing::info!(
+            ?defaults,
+            "default sampling from {}",
+            dir.join(moe_model::generation_config::FILE).display()
+        );
+    }
+    Ok(defaults)
 }
 
 /// The checkpoint's MTP layer, for `deepseek_mtp` drafts: on a CPU dense part only (it reads
@@ -403,6 +439,7 @@ fn admission(
             max_prompt_bytes,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
             priority_scheduling: args.scheduling_policy == args::SchedulingPolicy::Priority,
+            sampling_defaults: model.sampling_defaults,
             ..Default::default()
         },
     })

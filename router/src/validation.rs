@@ -1,5 +1,6 @@
 //! Every check on a Generate request, before anything is queued. Each failure names the field.
 
+use moe_model::generation_config::SamplingDefaults;
 use moe_model::token_mask::TokenMask;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{LogitAdjustments, ModelConfig, SamplingParams};
@@ -25,6 +26,8 @@ pub struct RequestLimits {
     pub request_timeout: Duration,
     /// `--scheduling-policy priority`: requests' `priority` orders the waiting queue.
     pub priority_scheduling: bool,
+    /// `--generation-config`: sampling for the fields a request leaves unset.
+    pub sampling_defaults: SamplingDefaults,
 }
 
 impl Default for RequestLimits {
@@ -36,6 +39,7 @@ impl Default for RequestLimits {
             max_prompt_bytes: usize::MAX,
             request_timeout: Duration::from_secs(600),
             priority_scheduling: false,
+            sampling_defaults: SamplingDefaults::default(),
         }
     }
 }
@@ -251,6 +255,13 @@ pub fn validate_ids(
     config: &ModelConfig,
     limits: &RequestLimits,
 ) -> Result<ValidRequest, RouterError> {
+    // The checkpoint's recommended sampling where the request gives none, as vLLM's.
+    let defaults = &limits.sampling_defaults;
+    req.temperature = req.temperature.or(defaults.temperature);
+    req.top_p = req.top_p.or(defaults.top_p);
+    req.top_k = req.top_k.or(defaults.top_k);
+    req.min_p = req.min_p.or(defaults.min_p);
+    req.repetition_penalty = req.repetition_penalty.or(defaults.repetition_penalty);
     // vLLM's left truncation, before any bound is checked.
     let mut input_ids = input_ids;
     if let Some(keep) = req.truncate_prompt_tokens.filter(|&k| k > 0) {
