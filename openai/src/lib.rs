@@ -12,6 +12,7 @@
 mod answers;
 mod api_error;
 pub mod error;
+pub mod function_calls;
 pub mod generator;
 pub mod listener;
 pub mod openai;

@@ -16,31 +16,11 @@
 //! tokens, which these grammars reach byte by byte only (the bundled test vocabulary has no
 //! special tokens for them).
 
-use serde::Deserialize;
 use serde_json::Value;
 
+pub use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
 use crate::partial_json::{json_container_prefix, key, string_literal};
 use crate::xml_tool_calls;
-
-/// A function the request offers (`tools[i].function`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct FunctionSpec {
-    pub name: String,
-    #[serde(default)]
-    pub description: Option<String>,
-    /// The arguments' JSON schema (absent: any object).
-    #[serde(default)]
-    pub parameters: Option<Value>,
-}
-
-/// A call found in the generated text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParsedCall {
-    pub name: String,
-    /// The arguments as JSON text (OpenAI's `function.arguments` is a string), as generated
-    /// (so a stream's argument fragments add up to it).
-    pub arguments: String,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolCallFormat {
@@ -301,16 +281,6 @@ fn parse_deepseek(
 // streaming tool parsers do. Only the layouts the grammars generate are read this way (Hermes:
 // `{"name": ..., "arguments": ...}` in that order; DeepSeek-V3's fenced JSON); a call written
 // otherwise is left to the parser that runs on the whole answer.
-
-/// One call as far as it has been generated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartialCall {
-    pub name: String,
-    /// The arguments' JSON text so far (never past its end).
-    pub arguments: String,
-    /// The arguments' text is whole.
-    pub complete: bool,
-}
 
 /// The text after `prefix` once `s` holds all of it; `None` while `s` is shorter (or differs).
 fn after<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {

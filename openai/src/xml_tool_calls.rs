@@ -20,7 +20,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::tool_calls::{FunctionSpec, ParsedCall, PartialCall};
+use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
 
 pub const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";

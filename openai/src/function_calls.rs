@@ -1,0 +1,35 @@
+//! The functions a request offers and the calls an answer makes, whichever syntax the model
+//! writes them in (`tool_calls.rs`, `xml_tool_calls.rs`).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A function the request offers (`tools[i].function`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The arguments' JSON schema (absent: any object).
+    #[serde(default)]
+    pub parameters: Option<Value>,
+}
+
+/// A call found in the generated text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCall {
+    pub name: String,
+    /// The arguments as JSON text (OpenAI's `function.arguments` is a string), as generated
+    /// (so a stream's argument fragments add up to it).
+    pub arguments: String,
+}
+
+/// One call as far as it has been generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialCall {
+    pub name: String,
+    /// The arguments' JSON text so far (never past its end).
+    pub arguments: String,
+    /// The arguments' text is whole.
+    pub complete: bool,
+}
