@@ -169,7 +169,7 @@ async fn bad_requests_get_precise_statuses_and_cost_nothing() {
     // The server still answers normally.
     let ok = generate(&mut client, request()).await.unwrap();
     assert_eq!(ok.ids.len(), 4);
-    let status = harness::status(&cluster).await;
+    let status = harness::settled_status(&cluster.router_addr).await;
     assert_eq!(status.kv_blocks_used, status.kv_blocks_cached);
 }
 
@@ -1061,7 +1061,7 @@ async fn a_more_urgent_request_preempts_and_changes_no_token() {
                 "{how}, seeded {seeded}: no preemption counted"
             );
         }
-        let status = harness::status(&cluster).await;
+        let status = harness::settled_status(&cluster.router_addr).await;
         assert_eq!(status.requests_running, 0, "{how}");
         assert_eq!(
             status.kv_blocks_used, status.kv_blocks_cached,

@@ -8,7 +8,7 @@ use std::process::Command;
 use moe_model::Engine;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::inference_client::InferenceClient;
-use moe_proto::v1::{ClusterStatusRequest, DrainRequest};
+use moe_proto::v1::DrainRequest;
 use moe_tests::harness::{self, generate, offline_greedy, python_grpc_client};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES, FP8_FIXTURE};
 use moe_tooling::{free_port, greedy, SingleProcessRouter};
@@ -121,14 +121,10 @@ async fn concurrent_streams_on_in_process_nodes_equal_each_alone() {
     let requests = harness::mixed_requests(&cases);
     harness::concurrent_greedy_matches_offline(&router.grpc_addr, &engine, requests).await;
 
+    let status = harness::settled_status(&router.grpc_addr).await;
     let mut admin = AdminClient::connect(format!("http://{}", router.grpc_addr))
         .await
         .unwrap();
-    let status = admin
-        .cluster_status(ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
     assert_eq!(status.in_process_nodes, 3);
     assert_eq!(status.serving_transport, "in-process");
     assert!(

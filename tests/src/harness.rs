@@ -66,7 +66,11 @@ pub async fn inference(cluster: &LocalCluster) -> InferenceClient<Channel> {
 }
 
 pub async fn status(cluster: &LocalCluster) -> ClusterStatusResponse {
-    let mut admin = AdminClient::connect(format!("http://{}", cluster.router_addr))
+    status_at(&cluster.router_addr).await
+}
+
+pub async fn status_at(router_addr: &str) -> ClusterStatusResponse {
+    let mut admin = AdminClient::connect(format!("http://{router_addr}"))
         .await
         .expect("router reachable");
     admin
@@ -74,6 +78,22 @@ pub async fn status(cluster: &LocalCluster) -> ClusterStatusResponse {
         .await
         .expect("status")
         .into_inner()
+}
+
+/// The router's status once its finished requests are gone: a stream's last message leaves
+/// before the scheduler drops the request and hands its KV blocks back, so a status read the
+/// moment an answer ends may still count them. Waits up to 10 s for no request running and
+/// every block back but the cached ones; returns the last status either way (callers assert).
+pub async fn settled_status(router_addr: &str) -> ClusterStatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status_at(router_addr).await;
+        let settled = s.requests_running == 0 && s.kv_blocks_used == s.kv_blocks_cached;
+        if settled || Instant::now() >= deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the router serves an epoch with `nodes` nodes; returns that status.
@@ -288,7 +308,7 @@ pub async fn cluster_matches_offline(
     let cluster = LocalCluster::start(spec).unwrap();
     wait_serving(&cluster, 2).await;
     concurrent_greedy_matches_offline(&cluster.router_addr, &engine, mixed_requests(cases)).await;
-    let status = status(&cluster).await;
+    let status = settled_status(&cluster.router_addr).await;
     assert_eq!(status.requests_running, 0);
     assert_eq!(
         status.kv_blocks_used, status.kv_blocks_cached,
