@@ -93,7 +93,11 @@ impl LocalEtcd {
             ));
             std::fs::create_dir_all(&dir)?;
             let mut etcd = Self::spawn(bin, &dir, client_port, peer_port, tls)?;
-            if wait_for_port(client_port, &mut etcd, Duration::from_secs(30)) {
+            // The port answering is not enough: another test's server may have taken it
+            // between `free_port` and etcd's bind (etcd then exits, address in use).
+            if wait_for_port(client_port, &mut etcd, Duration::from_secs(30))
+                && is_etcd(client_port, &mut etcd, tls.is_some())
+            {
                 return Ok(Self {
                     child: Some(etcd),
                     dir,
@@ -137,6 +141,29 @@ impl LocalEtcd {
         self.child = Some(etcd);
         Ok(())
     }
+}
+
+/// Whether the server on `port` is this etcd: still running a moment after the port
+/// answered, and (without TLS) answering etcd's `/health`.
+fn is_etcd(port: u16, etcd: &mut Child, tls: bool) -> bool {
+    use std::io::{Read, Write};
+    std::thread::sleep(Duration::from_millis(300));
+    if !matches!(etcd.try_wait(), Ok(None)) {
+        return false;
+    }
+    if tls {
+        return true;
+    }
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut answer = String::new();
+    stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && answer.contains("\"health\"")
 }
 
 impl Drop for LocalEtcd {
