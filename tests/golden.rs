@@ -148,6 +148,12 @@ fn qwen3_moe_matches_transformers() {
     check_fixture(FIXTURES[1]);
 }
 
+/// GLM-4.5: q/k/v biases, half-rotary heads, DeepSeek's gate and shared expert.
+#[test]
+fn glm4_moe_matches_transformers() {
+    check_fixture("glm4-moe-tiny");
+}
+
 #[test]
 fn mixtral_bf16_matches_transformers() {
     check_fixture(FIXTURES[2]);

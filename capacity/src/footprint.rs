@@ -227,12 +227,18 @@ fn attention_weights(config: &ModelConfig, format: WeightFormat) -> Weights {
             num_kv_heads,
             head_dim,
             qk_norm,
+            bias,
         } => {
             let norms = if qk_norm { 2 * head_dim } else { 0 };
+            let biases = if bias {
+                (num_heads + 2 * num_kv_heads) * head_dim
+            } else {
+                0
+            };
             Weights::matrix(format, num_heads * head_dim, h)
                 + Weights::matrix(format, num_kv_heads * head_dim, h).times(2.0)
                 + Weights::matrix(format, h, num_heads * head_dim)
-                + Weights::bf16(norms)
+                + Weights::bf16(norms + biases)
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum Family {
     DeepseekV3,
     Qwen3Moe,
     Mixtral,
+    /// GLM-4.5 / 4.6 and GLM-4.5-Air: GQA with q/k/v biases and half-rotary heads, then
+    /// DeepSeek-V3's MoE block (sigmoid gate, correction bias, shared expert).
+    Glm4Moe,
 }
 
 impl Family {
@@ -26,6 +29,7 @@ impl Family {
             "deepseek_v3" => Ok(Family::DeepseekV3),
             "qwen3_moe" => Ok(Family::Qwen3Moe),
             "mixtral" => Ok(Family::Mixtral),
+            "glm4_moe" => Ok(Family::Glm4Moe),
             other => Err(ModelError::UnsupportedModelType(other.to_string())),
         }
     }
@@ -35,6 +39,7 @@ impl Family {
             Family::DeepseekV3 => "deepseek_v3",
             Family::Qwen3Moe => "qwen3_moe",
             Family::Mixtral => "mixtral",
+            Family::Glm4Moe => "glm4_moe",
         }
     }
 }
@@ -42,12 +47,15 @@ impl Family {
 /// Attention flavour of a family.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttentionConfig {
-    /// Grouped-query attention (Qwen3-MoE, Mixtral); `qk_norm` is Qwen3's per-head RMSNorm.
+    /// Grouped-query attention (Qwen3-MoE, Mixtral, GLM-4.5); `qk_norm` is Qwen3's per-head
+    /// RMSNorm, `bias` GLM's q/k/v biases. The rotated dimensions per head are the rope's
+    /// (`RopeConfig::dim`: GLM rotates the first half of each head).
     Gqa {
         num_heads: usize,
         num_kv_heads: usize,
         head_dim: usize,
         qk_norm: bool,
+        bias: bool,
     },
     /// DeepSeek's Multi-head Latent Attention.
     Mla {
@@ -173,6 +181,11 @@ struct RawConfig {
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
+    /// GLM's share of each head that is rotated (top level in its hub files, inside
+    /// `rope_parameters` in transformers 5's).
+    partial_rotary_factor: Option<f64>,
+    attention_bias: Option<bool>,
+    use_qk_norm: Option<bool>,
     // MoE, by family
     num_experts: Option<usize>,
     num_local_experts: Option<usize>,
@@ -328,7 +341,7 @@ impl RawConfig {
                 };
                 Ok((mla, qk_rope))
             }
-            Family::Qwen3Moe | Family::Mixtral => {
+            Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe => {
                 let head_dim = self.head_dim.unwrap_or(self.hidden_size / num_heads);
                 let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
                 if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
@@ -339,22 +352,50 @@ impl RawConfig {
                 if !head_dim.is_multiple_of(2) {
                     return Err("head_dim must be even".into());
                 }
+                let glm = family == Family::Glm4Moe;
                 let gqa = AttentionConfig::Gqa {
                     num_heads,
                     num_kv_heads,
                     head_dim,
-                    qk_norm: family == Family::Qwen3Moe,
+                    qk_norm: family == Family::Qwen3Moe || (glm && self.use_qk_norm == Some(true)),
+                    bias: glm && self.attention_bias.unwrap_or(false),
                 };
-                Ok((gqa, head_dim))
+                Ok((gqa, self.rotary_dim(head_dim)?))
             }
         }
+    }
+
+    /// Rotated dimensions per head: all of them, or `partial_rotary_factor` of them (as
+    /// transformers computes it: `int(head_dim * factor)`), an even count.
+    fn rotary_dim(&self, head_dim: usize) -> std::result::Result<usize, String> {
+        let factor = self.partial_rotary_factor.or_else(|| {
+            self.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("partial_rotary_factor"))
+                .and_then(Value::as_f64)
+        });
+        let Some(factor) = factor else {
+            return Ok(head_dim);
+        };
+        if !(factor > 0.0 && factor <= 1.0) {
+            return Err(format!("partial_rotary_factor {factor} is not in (0, 1]"));
+        }
+        let dim = (head_dim as f64 * factor) as usize;
+        if dim == 0 || !dim.is_multiple_of(2) {
+            return Err(format!(
+                "partial_rotary_factor {factor} of head_dim {head_dim} leaves {dim} rotated dimensions: not a positive even count"
+            ));
+        }
+        Ok(dim)
     }
 
     /// How many routed experts there are (each family names them differently) and how many
     /// each token picks.
     fn routed_experts(&self, family: Family) -> std::result::Result<(usize, usize), String> {
         let num_experts = match family {
-            Family::DeepseekV3 => require(self.n_routed_experts, "n_routed_experts")?,
+            Family::DeepseekV3 | Family::Glm4Moe => {
+                require(self.n_routed_experts, "n_routed_experts")?
+            }
             Family::Qwen3Moe => require(self.num_experts, "num_experts")?,
             Family::Mixtral => require(self.num_local_experts, "num_local_experts")?,
         };
@@ -377,9 +418,12 @@ impl RawConfig {
     ) -> std::result::Result<(MoeConfig, Vec<bool>), String> {
         let num_layers = self.num_hidden_layers;
         let (gating, intermediate_size, n_shared_experts, moe_layers) = match family {
-            Family::DeepseekV3 => {
+            Family::DeepseekV3 | Family::Glm4Moe => {
                 let gating = self.deepseek_gating(num_experts)?;
-                let first_dense = self.first_k_dense_replace.unwrap_or(0);
+                // transformers' defaults when the file leaves it out: GLM's 1, ours 0.
+                let first_dense = self
+                    .first_k_dense_replace
+                    .unwrap_or(usize::from(family == Family::Glm4Moe));
                 let freq = self.moe_layer_freq.unwrap_or(1).max(1);
                 let layers = (0..num_layers)
                     .map(|i| i >= first_dense && i % freq == 0)

@@ -28,7 +28,7 @@ pub enum Preset {
     Small,
     Medium,
     /// The family's published dimensions and vocabulary: DeepSeek-V3 (671B), Qwen3-30B-A3B,
-    /// Mixtral-8x7B. Written as files this is hundreds of gigabytes; as a synthetic checkpoint
+    /// Mixtral-8x7B, GLM-4.5-Air. Written as files this is hundreds of gigabytes; as a synthetic checkpoint
     /// (`--synthetic`), a few kilobytes, usually with fewer layers (`--layers`).
     Full,
 }
@@ -110,6 +110,30 @@ pub fn preset_config(family: Family, preset: Preset) -> Value {
                 "max_position_embeddings": max_pos, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                 "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
                 "tie_word_embeddings": false, "attention_bias": false
+            })
+        }
+        (Family::Glm4Moe, p) => {
+            // Full: GLM-4.5-Air (106B, 12B active).
+            let (h, i, mi, l, nh, kv, hd, e, k) = match p {
+                Preset::Tiny => (64, 128, 32, 3, 4, 2, 32, 16, 4),
+                Preset::Small => (1024, 2816, 256, 8, 16, 4, 128, 64, 8),
+                Preset::Medium => (2048, 5632, 768, 8, 16, 4, 128, 128, 8),
+                Preset::Full => (4096, 10944, 1408, 46, 96, 8, 128, 128, 8),
+            };
+            let (max_pos, vocab) = match p {
+                Preset::Full => (131072, 151552),
+                _ => (4096, 512),
+            };
+            json!({
+                "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+                "hidden_size": h, "intermediate_size": i, "moe_intermediate_size": mi,
+                "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": kv, "head_dim": hd,
+                "n_routed_experts": e, "n_shared_experts": 1, "num_experts_per_tok": k,
+                "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": true,
+                "routed_scaling_factor": 1.0, "attention_bias": true, "use_qk_norm": false,
+                "partial_rotary_factor": 0.5, "max_position_embeddings": max_pos, "rope_theta": 1000000.0,
+                "rms_norm_eps": 1e-5, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1,
+                "hidden_act": "silu", "tie_word_embeddings": false
             })
         }
         (Family::Mixtral, p) => {
@@ -248,6 +272,11 @@ fn attention_specs(config: &ModelConfig, prefix: &str, specs: &mut Vec<TensorSpe
         if gqa.qk_norm {
             push("q_norm", vec![gqa.head_dim], Init::Norm);
             push("k_norm", vec![gqa.head_dim], Init::Norm);
+        }
+        if gqa.bias {
+            for (name, rows) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+                specs.push((format!("{prefix}.{name}.bias"), vec![rows], Init::Bias));
+            }
         }
     }
 }
@@ -506,7 +535,8 @@ mod tests {
     }
 
     /// The full presets are the published models: DeepSeek-V3 671B (without its multi-token
-    /// prediction module), Qwen3-30B-A3B, Mixtral-8x7B.
+    /// prediction module), Qwen3-30B-A3B, Mixtral-8x7B, GLM-4.5-Air (106B, without its MTP
+    /// layer).
     #[test]
     fn full_presets_have_the_published_parameter_counts() {
         let billions = |family| parameter_count(&config_of(family, Preset::Full)) as f64 / 1e9;
@@ -516,6 +546,8 @@ mod tests {
         assert!((30.0..31.0).contains(&qwen), "{qwen}");
         let mixtral = billions(Family::Mixtral);
         assert!((46.5..47.0).contains(&mixtral), "{mixtral}");
+        let glm_air = billions(Family::Glm4Moe);
+        assert!((105.5..107.0).contains(&glm_air), "{glm_air}");
     }
 
     /// A temporary directory, removed when dropped.
@@ -540,7 +572,12 @@ mod tests {
     #[test]
     fn written_and_synthetic_checkpoints_hold_the_same_tensors() {
         use crate::checkpoint::Checkpoint;
-        for family in [Family::DeepseekV3, Family::Qwen3Moe, Family::Mixtral] {
+        for family in [
+            Family::DeepseekV3,
+            Family::Qwen3Moe,
+            Family::Mixtral,
+            Family::Glm4Moe,
+        ] {
             for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Fp8] {
                 let scratch = Scratch::new(&format!("{family:?}-{}", dtype.name()));
                 let (files, generated) = (scratch.0.join("files"), scratch.0.join("synthetic"));

@@ -11,7 +11,14 @@ use std::path::{Path, PathBuf};
 use moe_model::checkpoint::SafetensorsFile;
 use serde_json::Value;
 
-pub const FIXTURES: [&str; 3] = ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"];
+/// The transformers-checked checkpoints, one per family (GLM-4.5's made here:
+/// `tests/fixtures/make_glm4_moe_tiny.py`).
+pub const FIXTURES: [&str; 4] = [
+    "deepseek-v3-tiny",
+    "qwen3-moe-tiny",
+    "mixtral-tiny",
+    "glm4-moe-tiny",
+];
 
 /// DeepSeek-V3 in DeepSeek's FP8 layout (e4m3 projections, 128x128 block scales, partial edge
 /// blocks), golden from transformers on its dequantized weights

@@ -15,6 +15,9 @@ enum Arch {
     Qwen3Moe,
     #[value(name = "mixtral")]
     Mixtral,
+    /// GLM-4.5 (`full`: GLM-4.5-Air's dimensions).
+    #[value(name = "glm4_moe")]
+    Glm4Moe,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,6 +69,7 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
         Arch::DeepseekV3 => Family::DeepseekV3,
         Arch::Qwen3Moe => Family::Qwen3Moe,
         Arch::Mixtral => Family::Mixtral,
+        Arch::Glm4Moe => Family::Glm4Moe,
     };
     let preset = match args.preset {
         PresetArg::Tiny => Preset::Tiny,

@@ -24,10 +24,13 @@ pub(super) enum DeviceAttention<O: DenseOps> {
     Mla(DeviceMla<O>),
 }
 
-/// Grouped-query attention with optional per-head q/k RMSNorm (Qwen3).
+/// Grouped-query attention with optional per-head q/k RMSNorm (Qwen3), q/k/v biases and
+/// partial rotary (GLM-4.5).
 pub(super) struct DeviceGqa<O: DenseOps> {
     /// `[(heads + 2 * kv_heads) * d, hidden]`.
     qkv: O::Matrix,
+    /// q, k and v biases stacked as `qkv`'s rows.
+    qkv_bias: Option<O::F32>,
     o: O::Matrix,
     q_norm: Option<O::F32>,
     k_norm: Option<O::F32>,
@@ -157,8 +160,19 @@ where
             let w = ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[d])?;
             Ok(Some(ops.upload_f32(&w)?))
         };
+        let qkv_bias = if shape.bias {
+            let mut stacked = Vec::new();
+            for (name, rows) in qkv {
+                let name = name.replace(".weight", ".bias");
+                stacked.extend(ckpt.load_f32(&name, &[rows])?);
+            }
+            Some(ops.upload_f32(&stacked)?)
+        } else {
+            None
+        };
         Ok(Self {
             qkv: upload_stacked(ops, ckpt, &qkv, hidden)?,
+            qkv_bias,
             o: upload_stacked(ops, ckpt, &[(o.as_str(), hidden)], shape.heads * d)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -185,7 +199,10 @@ where
         } = self.shape;
         let (q_width, kv_width) = (heads * d, kv_heads * d);
         let width = q_width + 2 * kv_width;
-        let qkv_out = ops.linear(x, rows, hidden, &self.qkv, width)?;
+        let mut qkv_out = ops.linear(x, rows, hidden, &self.qkv, width)?;
+        if let Some(bias) = &self.qkv_bias {
+            ops.add_bias(&mut qkv_out, bias, rows, width)?;
+        }
         let view = |offset| HeadView {
             offset,
             row_stride: width,
@@ -246,9 +263,18 @@ where
                     d,
                     self.eps,
                 )?;
-                ops.rope(&normed, packed, &mut rotated, packed, n_heads, false, step)?;
+                ops.rope(
+                    &normed,
+                    packed,
+                    &mut rotated,
+                    packed,
+                    n_heads,
+                    d,
+                    false,
+                    step,
+                )?;
             }
-            None => ops.rope(qkv_out, from, &mut rotated, packed, n_heads, false, step)?,
+            None => ops.rope(qkv_out, from, &mut rotated, packed, n_heads, d, false, step)?,
         }
         Ok(rotated)
     }
@@ -426,6 +452,7 @@ where
             &mut query,
             query_rope,
             heads,
+            self.shape.rope,
             self.interleaved,
             step,
         )?;
@@ -458,6 +485,7 @@ where
             &mut new_rows,
             HeadView::columns(lora, qk),
             1,
+            rope,
             self.interleaved,
             step,
         )?;

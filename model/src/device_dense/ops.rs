@@ -161,8 +161,9 @@ pub trait DenseOps {
         width: usize,
         eps: f32,
     ) -> Result<(), Self::Error>;
-    /// Rotary embedding of every `(row, head)` vector of `2 * step.rope_half`, out of place
-    /// (the interleaved layout is read as pairs and written as halves).
+    /// Rotary embedding of every `(row, head)` vector of `width`, out of place: its first
+    /// `2 * step.rope_half` values turn (the interleaved layout is read as pairs and written
+    /// as halves), the rest are copied (GLM turns half of each head).
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
@@ -171,6 +172,7 @@ pub trait DenseOps {
         out: &mut Self::F32,
         out_view: HeadView,
         heads: usize,
+        width: usize,
         interleaved: bool,
         step: &DeviceStep<Self>,
     ) -> Result<(), Self::Error>;
@@ -184,6 +186,14 @@ pub trait DenseOps {
     ) -> Result<(), Self::Error>;
     /// `acc[..len] += x[..len]`.
     fn add(&self, acc: &mut Self::F32, x: &Self::F32, len: usize) -> Result<(), Self::Error>;
+    /// `acc[r * width + c] += bias[c]` for `rows` rows: a projection's bias.
+    fn add_bias(
+        &self,
+        acc: &mut Self::F32,
+        bias: &Self::F32,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), Self::Error>;
     /// Writes row `r` of `src` (`width` values) into the pool `chunks` at `cache_offset` of
     /// the cache row (`cache_stride` values) of its sequence's position `row_pos[r]`
     /// ([`CacheBlocks`]).

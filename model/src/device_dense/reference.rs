@@ -374,13 +374,15 @@ impl DenseOps for HostDenseOps {
         out: &mut Vec<f32>,
         out_view: HeadView,
         heads: usize,
+        width: usize,
         interleaved: bool,
         step: &DeviceStep<Self>,
     ) -> Result<(), ModelError> {
         let half = step.rope_half;
-        check(x_view.end(step.rows, heads, 2 * half) <= x.len(), "rope in")?;
+        check(2 * half <= width, "rope width")?;
+        check(x_view.end(step.rows, heads, width) <= x.len(), "rope in")?;
         check(
-            out_view.end(step.rows, heads, 2 * half) <= out.len(),
+            out_view.end(step.rows, heads, width) <= out.len(),
             "rope out",
         )?;
         for r in 0..step.rows {
@@ -395,6 +397,9 @@ impl DenseOps for HostDenseOps {
                     let (cos, sin) = (step.cos[r * half + i], step.sin[r * half + i]);
                     out[oi + i] = x1 * cos - x2 * sin;
                     out[oi + half + i] = x2 * cos + x1 * sin;
+                }
+                for c in 2 * half..width {
+                    out[oi + c] = x[xi + c];
                 }
             }
         }
@@ -414,6 +419,21 @@ impl DenseOps for HostDenseOps {
     fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>, len: usize) -> Result<(), ModelError> {
         for (a, b) in acc[..len].iter_mut().zip(&x[..len]) {
             *a += b;
+        }
+        Ok(())
+    }
+    fn add_bias(
+        &self,
+        acc: &mut Vec<f32>,
+        bias: &Vec<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), ModelError> {
+        check(acc.len() >= rows * width && bias.len() >= width, "bias")?;
+        for row in acc[..rows * width].chunks_exact_mut(width.max(1)) {
+            for (a, b) in row.iter_mut().zip(bias) {
+                *a += b;
+            }
         }
         Ok(())
     }
@@ -804,6 +824,12 @@ mod tests {
     #[test]
     fn mixtral_on_the_device_path_matches_the_cpu_model() {
         device_matches_cpu("mixtral-tiny");
+    }
+
+    /// GLM-4.5's q/k/v biases and half-rotary heads.
+    #[test]
+    fn glm4_moe_on_the_device_path_matches_the_cpu_model() {
+        device_matches_cpu("glm4-moe-tiny");
     }
 
     /// With its experts on the same device (an expert set on the GPU of the dense part), a MoE

@@ -1,5 +1,9 @@
 //! Per-family checkpoint naming and layer construction. Each family file says where its
 //! tensors live; the shared layers do the math.
+//!
+//! GLM-4.5 (`glm4_moe`) has no file of its own: its MoE layers are named as DeepSeek-V3's
+//! (`mlp.gate.e_score_correction_bias`, `mlp.shared_experts`), its attention as Qwen3's
+//! plus `{q,k,v}_proj.bias`.
 
 pub mod deepseek_v3;
 pub mod mixtral;
@@ -22,6 +26,7 @@ pub fn expert_names(family: Family, layer: usize, expert: usize) -> MlpNames {
         Family::DeepseekV3 => deepseek_v3::expert_names(layer, expert),
         Family::Qwen3Moe => qwen3_moe::expert_names(layer, expert),
         Family::Mixtral => mixtral::expert_names(layer, expert),
+        Family::Glm4Moe => deepseek_v3::expert_names(layer, expert),
     }
 }
 
@@ -37,10 +42,11 @@ pub fn moe_names(config: &ModelConfig, layer: usize) -> MoeNames {
         Family::DeepseekV3 => deepseek_v3::moe_names(config, layer),
         Family::Qwen3Moe => qwen3_moe::moe_names(layer),
         Family::Mixtral => mixtral::moe_names(layer),
+        Family::Glm4Moe => deepseek_v3::moe_names(config, layer),
     }
 }
 
-/// Names of a dense layer's MLP (all three families use `mlp.{gate,up,down}_proj`).
+/// Names of a dense layer's MLP (every family uses `mlp.{gate,up,down}_proj`).
 pub fn dense_mlp_names(layer: usize) -> MlpNames {
     MlpNames::proj(&format!("{}.mlp", layer_prefix(layer)))
 }
@@ -48,6 +54,8 @@ pub fn dense_mlp_names(layer: usize) -> MlpNames {
 pub fn load_attention(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Attention> {
     match config.family {
         Family::DeepseekV3 => deepseek_v3::load_attention(ckpt, config, layer),
-        Family::Qwen3Moe | Family::Mixtral => qwen3_moe::load_gqa(ckpt, config, layer),
+        Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe => {
+            qwen3_moe::load_gqa(ckpt, config, layer)
+        }
     }
 }

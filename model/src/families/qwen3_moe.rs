@@ -21,8 +21,8 @@ pub fn moe_names(layer: usize) -> MoeNames {
     }
 }
 
-/// GQA attention as Qwen3-MoE and Mixtral name it (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
-/// plus Qwen3's `q_norm` / `k_norm`).
+/// GQA attention as Qwen3-MoE, Mixtral and GLM-4.5 name it (`q_proj`, `k_proj`, `v_proj`,
+/// `o_proj`, plus Qwen3's `q_norm` / `k_norm` and GLM's `*_proj.bias`).
 pub fn load_gqa(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Attention> {
     let shape = gqa_shape(config).ok_or_else(|| ModelError::Config {
         path: ckpt.dir().join("config.json"),

@@ -501,18 +501,22 @@ impl DenseOps for CudaDenseOps {
         out: &mut CudaSlice<f32>,
         out_view: HeadView,
         heads: usize,
+        width: usize,
         interleaved: bool,
         step: &DeviceStep<Self>,
     ) -> Result<(), GpuError> {
         let _serial = self.ctx.lock()?;
         let (rows, half) = (step.rows, step.rope_half);
-        if x_view.end(rows, heads, 2 * half) > x.len()
-            || out_view.end(rows, heads, 2 * half) > out.len()
+        if 2 * half > width
+            || x_view.end(rows, heads, width) > x.len()
+            || out_view.end(rows, heads, width) > out.len()
             || step.cos.len() < rows * half
         {
             return Err(shape_error("rotary"));
         }
-        if rows * heads * half == 0 {
+        // A thread per turned pair and per copied value.
+        let per_head = width - half;
+        if rows * heads * per_head == 0 {
             return Ok(());
         }
         let (x_at, out_at) = (ViewArgs::of(x_view)?, ViewArgs::of(out_view)?);
@@ -521,6 +525,7 @@ impl DenseOps for CudaDenseOps {
             int(heads, "heads")?,
             int(half, "rope half")?,
             i32::from(interleaved),
+            int(width, "rope width")?,
         );
         // SAFETY: both views were checked against their buffers, the table against the rows.
         unsafe {
@@ -537,7 +542,8 @@ impl DenseOps for CudaDenseOps {
                 .arg(&args.1)
                 .arg(&args.2)
                 .arg(&args.3)
-                .launch(grid(rows * heads * half))?;
+                .arg(&args.4)
+                .launch(grid(rows * heads * per_head))?;
         }
         Ok(())
     }
@@ -594,6 +600,35 @@ impl DenseOps for CudaDenseOps {
                 .arg(x)
                 .arg(&n)
                 .launch(grid(len))?;
+        }
+        Ok(())
+    }
+
+    fn add_bias(
+        &self,
+        acc: &mut CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), GpuError> {
+        let _serial = self.ctx.lock()?;
+        if acc.len() < rows * width || bias.len() < width {
+            return Err(shape_error("bias"));
+        }
+        if rows * width == 0 {
+            return Ok(());
+        }
+        let (n, w) = (long(rows * width), int(width, "bias width")?);
+        // SAFETY: sizes checked above.
+        unsafe {
+            self.ctx
+                .stream()
+                .launch_builder(&self.ctx.kernels().add_bias_rows)
+                .arg(acc)
+                .arg(bias)
+                .arg(&n)
+                .arg(&w)
+                .launch(grid(rows * width))?;
         }
         Ok(())
     }
@@ -1384,10 +1419,28 @@ mod tests {
         for interleaved in [false, true] {
             let mut rc = cuda.scratch(rows * heads * 2 * half).unwrap();
             let mut rh = vec![0.0; rows * heads * 2 * half];
-            cuda.rope(&xf, view, &mut rc, packed, heads, interleaved, &step_c)
-                .unwrap();
-            host.rope(&x, view, &mut rh, packed, heads, interleaved, &step_h)
-                .unwrap();
+            cuda.rope(
+                &xf,
+                view,
+                &mut rc,
+                packed,
+                heads,
+                2 * half,
+                interleaved,
+                &step_c,
+            )
+            .unwrap();
+            host.rope(
+                &x,
+                view,
+                &mut rh,
+                packed,
+                heads,
+                2 * half,
+                interleaved,
+                &step_h,
+            )
+            .unwrap();
             close(
                 &format!("rotary (interleaved {interleaved})"),
                 &down(&rc),

@@ -553,6 +553,11 @@ extern "C" __global__ void add_f32(float* acc, const float* x, long long n) {
     GRID_STRIDE(i, n) { acc[i] += x[i]; }
 }
 
+// A projection's bias on every row: acc[i] += bias[i % width].
+extern "C" __global__ void add_bias_rows(float* acc, const float* bias, long long n, int width) {
+    GRID_STRIDE(i, n) { acc[i] += bias[i % width]; }
+}
+
 #define NORM_THREADS 256
 
 // One block per (row, head): x * rsqrt(mean(x^2) + eps) * weight, reduced in a fixed tree.
@@ -585,14 +590,21 @@ extern "C" __global__ void rope_heads(const float* x, long long x_offset, int x_
                                       int x_head_stride, float* out, long long out_offset,
                                       int out_row_stride, int out_head_stride, const float* cos_t,
                                       const float* sin_t, int rows, int heads, int half,
-                                      int interleaved) {
-    GRID_STRIDE(i, (long long)rows * heads * half) {
-        long long r = i / ((long long)heads * half);
-        long long rest = i - r * heads * half;
-        long long h = rest / half;
-        long long j = rest - h * half;
+                                      int interleaved, int width) {
+    // Per head, threads j < half turn a pair; the others copy value half + j (the head's
+    // values past 2 * half, which GLM's partial rotary leaves as they are).
+    const long long per_head = width - half;
+    GRID_STRIDE(i, (long long)rows * heads * per_head) {
+        long long r = i / ((long long)heads * per_head);
+        long long rest = i - r * heads * per_head;
+        long long h = rest / per_head;
+        long long j = rest - h * per_head;
         const float* v = x + x_offset + r * x_row_stride + h * x_head_stride;
         float* o = out + out_offset + r * out_row_stride + h * out_head_stride;
+        if (j >= half) {
+            o[half + j] = v[half + j];
+            continue;
+        }
         float x1 = interleaved ? v[2 * j] : v[j];
         float x2 = interleaved ? v[2 * j + 1] : v[half + j];
         float c = cos_t[r * half + j], s = sin_t[r * half + j];

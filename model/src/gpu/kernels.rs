@@ -23,6 +23,7 @@ pub struct Kernels {
     pub convert_f32_to_bf16: CudaFunction,
     pub gather_bf16_rows: CudaFunction,
     pub add_f32: CudaFunction,
+    pub add_bias_rows: CudaFunction,
     pub rms_norm_heads: CudaFunction,
     pub rope_heads: CudaFunction,
     pub append_rows: CudaFunction,
@@ -59,7 +60,7 @@ pub struct Kernels {
 }
 
 /// Every kernel in [`SOURCE`], as loaded into [`Kernels`].
-pub const KERNEL_NAMES: [&str; 44] = [
+pub const KERNEL_NAMES: [&str; 45] = [
     "gather_rows_bf16",
     "gather_bf16_rows",
     "gather_rows_f32",
@@ -71,6 +72,7 @@ pub const KERNEL_NAMES: [&str; 44] = [
     "fill_e4m3",
     "convert_f32_to_bf16",
     "add_f32",
+    "add_bias_rows",
     "rms_norm_heads",
     "rope_heads",
     "append_rows",
@@ -152,6 +154,7 @@ impl Kernels {
             convert_f32_to_bf16: f("convert_f32_to_bf16")?,
             gather_bf16_rows: f("gather_bf16_rows")?,
             add_f32: f("add_f32")?,
+            add_bias_rows: f("add_bias_rows")?,
             rms_norm_heads: f("rms_norm_heads")?,
             rope_heads: f("rope_heads")?,
             append_rows: f("append_rows")?,

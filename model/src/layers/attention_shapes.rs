@@ -11,12 +11,14 @@ pub fn gqa_shape(config: &ModelConfig) -> Option<GqaShape> {
             num_kv_heads,
             head_dim,
             qk_norm,
+            bias,
         } => Some(GqaShape {
             hidden: config.hidden_size,
             heads: num_heads,
             kv_heads: num_kv_heads,
             head_dim,
             qk_norm,
+            bias,
         }),
         AttentionConfig::Mla { .. } => None,
     }

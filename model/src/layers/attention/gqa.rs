@@ -1,4 +1,5 @@
-//! Grouped-query attention with optional per-head q/k RMSNorm (Qwen3).
+//! Grouped-query attention with optional per-head q/k RMSNorm (Qwen3), q/k/v biases and
+//! rotary embeddings on part of each head (GLM-4.5).
 
 use crate::backend::{for_each_row, ops, PackedMatrix};
 use crate::batch::BatchLayout;
@@ -16,6 +17,8 @@ pub struct GqaShape {
     pub head_dim: usize,
     /// Qwen3's per-head RMSNorm of queries and keys.
     pub qk_norm: bool,
+    /// GLM's q/k/v projection biases.
+    pub bias: bool,
 }
 
 #[derive(Debug)]
@@ -23,6 +26,8 @@ pub struct GqaAttention {
     /// q, k and v projections stacked: `[(heads + 2 * kv_heads) * head_dim, hidden]`.
     qkv: PackedMatrix,
     o: PackedMatrix,
+    /// q, k and v biases stacked as `qkv`'s rows.
+    qkv_bias: Option<Vec<f32>>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     heads: usize,
@@ -46,6 +51,7 @@ impl GqaAttention {
             kv_heads,
             head_dim,
             qk_norm,
+            bias,
         } = shape;
         let q = ckpt.load_native(
             &format!("{prefix}.q_proj.weight"),
@@ -71,9 +77,21 @@ impl GqaAttention {
         } else {
             (None, None)
         };
+        let qkv_bias = if bias {
+            let mut stacked = Vec::with_capacity((heads + 2 * kv_heads) * head_dim);
+            for (name, rows) in [("q", heads), ("k", kv_heads), ("v", kv_heads)] {
+                stacked.extend(
+                    ckpt.load_f32(&format!("{prefix}.{name}_proj.bias"), &[rows * head_dim])?,
+                );
+            }
+            Some(stacked)
+        } else {
+            None
+        };
         Ok(Self {
             qkv: PackedMatrix::from_native(&[&q, &k, &v], hidden),
             o: PackedMatrix::from_native(&[&o], heads * head_dim),
+            qkv_bias,
             q_norm,
             k_norm,
             heads,
@@ -98,20 +116,27 @@ impl GqaAttention {
         let qkv_width = q_width + 2 * kv_width;
         let mut qkv = self.qkv.matmul(x, rows);
         for (r, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
+            if let Some(bias) = &self.qkv_bias {
+                for (x, b) in row.iter_mut().zip(bias) {
+                    *x += b;
+                }
+            }
             let (cos, sin) = rope.row(r);
+            // The first `2 * cos.len()` dimensions of each head turn; GLM's other half does not.
+            let rotated = 2 * cos.len();
             let (q, kv) = row.split_at_mut(q_width);
             let k = &mut kv[..kv_width];
             for head in q.chunks_exact_mut(d) {
                 if let Some(w) = &self.q_norm {
                     ops::rms_norm_rows(head, w, self.eps);
                 }
-                apply_rope(head, cos, sin, false);
+                apply_rope(&mut head[..rotated], cos, sin, false);
             }
             for head in k.chunks_exact_mut(d) {
                 if let Some(w) = &self.k_norm {
                     ops::rms_norm_rows(head, w, self.eps);
                 }
-                apply_rope(head, cos, sin, false);
+                apply_rope(&mut head[..rotated], cos, sin, false);
             }
         }
         for (cache, span) in caches.iter_mut().zip(&layout.seqs) {
