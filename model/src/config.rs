@@ -34,6 +34,13 @@ impl Family {
         }
     }
 
+    /// Whether the family's checkpoints ship multi-token-prediction layers of DeepSeek-V3's
+    /// design (`eh_proj`, `enorm`, `hnorm`, `shared_head` and a decoder layer after the main
+    /// ones): DeepSeek-V3's and GLM-4.5's do.
+    pub fn ships_mtp_layers(self) -> bool {
+        matches!(self, Family::DeepseekV3 | Family::Glm4Moe)
+    }
+
     pub fn model_type(self) -> &'static str {
         match self {
             Family::DeepseekV3 => "deepseek_v3",

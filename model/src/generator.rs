@@ -360,9 +360,9 @@ impl CheckpointPlan {
             config_json["num_hidden_layers"] = json!(layers);
         }
         if self.mtp_layers > 0 {
-            if self.family != Family::DeepseekV3 || self.mtp_layers > 1 {
+            if !self.family.ships_mtp_layers() || self.mtp_layers > 1 {
                 return Err(ModelError::InvalidRequest(
-                    "--mtp-layers: only DeepSeek-V3 has a multi-token-prediction layer, and one"
+                    "--mtp-layers: only DeepSeek-V3 and GLM-4.5 have a multi-token-prediction layer, and one"
                         .into(),
                 ));
             }

@@ -14,11 +14,14 @@
 //!
 //! The head holds its own routed experts (one layer's, on the CPU: about 1/61 of DeepSeek-V3's),
 //! so a cluster's placement stays the main layers'.
+//!
+//! GLM-4.5's MTP layer is the same module around its own decoder layer (GQA attention; vLLM's
+//! `glm4_moe_mtp.py`), so the same head drafts for it.
 
 use crate::backend::{ops, NativeWeight, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
-use crate::config::{Family, ModelConfig};
+use crate::config::ModelConfig;
 use crate::dense::{DecoderLayer, LayerStep};
 use crate::dense_step::VocabWeights;
 use crate::error::{ModelError, Result};
@@ -82,9 +85,10 @@ impl MtpHead {
         main: &ModelConfig,
         main_vocab: Option<&VocabWeights>,
     ) -> Result<Self> {
-        if main.family != Family::DeepseekV3 {
+        if !main.family.ships_mtp_layers() {
             return Err(ModelError::InvalidRequest(
-                "multi-token prediction is DeepSeek-V3's: this checkpoint is another family".into(),
+                "multi-token prediction is DeepSeek-V3's and GLM-4.5's: this checkpoint is another family"
+                    .into(),
             ));
         }
         let config = main.with_mtp_layer().ok_or_else(|| {
@@ -354,6 +358,7 @@ fn vocab_tensors(ckpt: &Checkpoint, main: &ModelConfig, prefix: &str) -> VocabTe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Family;
     use crate::dense::{DenseModel, StepSequence};
     use crate::dense_step::DenseStep;
     use crate::generator::{CheckpointPlan, Preset, WeightDtype};
@@ -369,8 +374,17 @@ mod tests {
 
     /// A tiny DeepSeek-V3 with its MTP layer (a synthetic checkpoint: weights from a seed).
     fn load(name: &str) -> Loaded {
-        let dir = std::env::temp_dir().join(format!("moe-mtp-{}-{name}", std::process::id()));
-        let mut plan = CheckpointPlan::new(Family::DeepseekV3, Preset::Tiny, WeightDtype::F32, 9);
+        load_family(name, Family::DeepseekV3)
+    }
+
+    /// A tiny checkpoint of `family` with its MTP layer.
+    fn load_family(name: &str, family: Family) -> Loaded {
+        let dir = std::env::temp_dir().join(format!(
+            "moe-mtp-{}-{name}-{}",
+            std::process::id(),
+            family.model_type()
+        ));
+        let mut plan = CheckpointPlan::new(family, Preset::Tiny, WeightDtype::F32, 9);
         plan.mtp_layers = 1;
         plan.write_synthetic(&dir).unwrap();
         let config = ModelConfig::from_dir(&dir).unwrap();
@@ -414,7 +428,12 @@ mod tests {
     /// chain of three reuses the layer on its own output.
     #[test]
     fn guesses_are_the_same_at_once_in_chunks_or_beside_another_sequence() {
-        let m = load("chunks");
+        for family in [Family::DeepseekV3, Family::Glm4Moe] {
+            guesses_do_not_depend_on_chunks_or_batch_mates(&load_family("chunks", family));
+        }
+    }
+
+    fn guesses_do_not_depend_on_chunks_or_batch_mates(m: &Loaded) {
         let h = m.head.config().hidden_size;
         assert_eq!(m.head.kv_layer(), 3);
         let prompt = tokens(40, 1);

@@ -172,10 +172,14 @@ mod tests {
     use crate::sampling::SamplingParams;
     use std::path::{Path, PathBuf};
 
-    /// A tiny DeepSeek-V3 with its MTP layer (weights from a seed).
-    fn checkpoint(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("moe-drafts-{}-{name}", std::process::id()));
-        let mut plan = CheckpointPlan::new(Family::DeepseekV3, Preset::Tiny, WeightDtype::F32, 5);
+    /// A tiny checkpoint of `family` with its MTP layer (weights from a seed).
+    fn checkpoint(name: &str, family: Family) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "moe-drafts-{}-{name}-{}",
+            std::process::id(),
+            family.model_type()
+        ));
+        let mut plan = CheckpointPlan::new(family, Preset::Tiny, WeightDtype::F32, 5);
         plan.mtp_layers = 1;
         plan.write_synthetic(&dir).unwrap();
         dir
@@ -252,15 +256,26 @@ mod tests {
     /// lookup drafts save steps where answers repeat.
     #[test]
     fn offline_drafts_change_no_answer() {
-        let dir = checkpoint("answers");
+        drafts_change_no_answer(
+            Family::DeepseekV3,
+            &[
+                r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#,
+                r#"{"method": "deepseek_mtp", "num_speculative_tokens": 2}"#,
+            ],
+        );
+        // GLM-4.5's MTP layer: the same module around its GQA decoder layer.
+        drafts_change_no_answer(
+            Family::Glm4Moe,
+            &[r#"{"method": "mtp", "num_speculative_tokens": 2}"#],
+        );
+    }
+
+    fn drafts_change_no_answer(family: Family, configs: &[&str]) {
+        let dir = checkpoint("answers", family);
         let reqs = requests();
         let plain = Engine::load(&dir).unwrap();
         let want = plain.generate_batch(&reqs).unwrap();
-        let configs = [
-            r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#,
-            r#"{"method": "deepseek_mtp", "num_speculative_tokens": 2}"#,
-        ];
-        for config in configs {
+        for &config in configs {
             let engine = speculating(&dir, config);
             let batch = engine.generate_batch(&reqs).unwrap();
             assert_eq!(answers(&batch), answers(&want), "{config}");

@@ -91,8 +91,9 @@ impl std::str::FromStr for SpeculativeConfig {
         let disable_by_batch_size = integer(&object, "disable_by_batch_size", usize::MAX)?;
         match method.as_str() {
             "ngram" | "[ngram]" => {}
-            // vLLM's name, and the shorter one its newer releases take for every MTP model.
-            "deepseek_mtp" | "mtp" => {
+            // vLLM's names (GLM-4.5's too), and the shorter one its newer releases take for
+            // every MTP model.
+            "deepseek_mtp" | "glm4_moe_mtp" | "mtp" => {
                 let key = ["prompt_lookup_min", "prompt_lookup_max"]
                     .into_iter()
                     .find(|k| object.contains_key(*k));

@@ -52,9 +52,9 @@ pub struct GenCheckpointArgs {
     /// Layers instead of the preset's (DeepSeek-V3's first three are dense, so more than 3).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     layers: Option<u64>,
-    /// DeepSeek-V3's multi-token-prediction layer (`num_nextn_predict_layers`, 0 or 1; the
-    /// published model has 1), written after the main layers as DeepSeek's checkpoints hold
-    /// it: what `--speculative-config '{"method": "deepseek_mtp", ...}'` drafts with.
+    /// The multi-token-prediction layer of DeepSeek-V3 or GLM-4.5 (`num_nextn_predict_layers`,
+    /// 0 or 1; the published models have 1), written after the main layers as their
+    /// checkpoints hold it: what `--speculative-config '{"method": "mtp", ...}'` drafts with.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1))]
     mtp_layers: u64,
     /// Write no weights: config, tokenizer and `synthetic_weights.json` (seed and dtype), from
