@@ -398,9 +398,9 @@ impl DenseOps for HostDenseOps {
                     out[oi + i] = x1 * cos - x2 * sin;
                     out[oi + half + i] = x2 * cos + x1 * sin;
                 }
-                for c in 2 * half..width {
-                    out[oi + c] = x[xi + c];
-                }
+                let pass = 2 * half..width;
+                out[oi + pass.start..oi + pass.end]
+                    .copy_from_slice(&x[xi + pass.start..xi + pass.end]);
             }
         }
         Ok(())
