@@ -576,7 +576,7 @@ async fn qwen3_thinking_script(script: &'static str) -> Value {
 }
 
 /// Tool calls with the official client, in the families' formats (test chat templates in
-/// `tests/fixtures/templates/`, Qwen3-Coder's layout among them, and DeepSeek-V3.1's real one, given with
+/// `tests/fixtures/templates/`, Qwen3-Coder's and GLM-4.5's layouts among them, and DeepSeek-V3.1's real one, given with
 /// `--chat-template`): `tool_choice: "required"` and
 /// a named function give a call whose arguments validate against the function's schema,
 /// finish reason `tool_calls`, whole and streamed; the tool's result then goes back through
@@ -591,6 +591,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         (FIXTURES[0], "hub/deepseek_v3_1.jinja"),
         // Qwen3-Coder's: XML-like calls whose values are text, typed by the schema.
         (FIXTURES[1], "qwen3_coder_tools.jinja"),
+        // GLM-4.5's: key and value pairs, strings raw (its family's format, by model_type).
+        (FIXTURES[3], "glm45_tools.jinja"),
     ] {
         let template = format!("{templates}/{template}");
         let got = script_against_http(
@@ -616,7 +618,7 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
             streamed["argument_deltas"][0].as_u64() > Some(2),
             "the arguments arrive piece by piece: {got}"
         );
-        if template.contains("qwen3_coder") {
+        if template.contains("qwen3_coder") || template.contains("glm45") {
             // A parameter at a time: `{`, the three parameters, `}` (JSON formats stream their
             // arguments as generated, in many more pieces).
             assert_eq!(streamed["argument_deltas"][0], 5, "{got}");

@@ -14,6 +14,7 @@ mod api_error;
 pub mod error;
 pub mod function_calls;
 pub mod generator;
+pub mod glm_tool_calls;
 pub mod listener;
 pub mod openai;
 pub mod partial_json;

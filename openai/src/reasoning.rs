@@ -23,6 +23,8 @@ pub enum ReasoningParser {
     /// leaves it to the model; with `enable_thinking` false it closes an empty block in the
     /// prompt and the answer is all content), or from the first token when the prompt ends
     /// inside an open `<think>` (the thinking-only 2507 models' template), until `</think>`.
+    /// GLM-4.5 (`glm45`) too: its answers open with `<think>`, and with `enable_thinking`
+    /// false its template closes an empty block in the prompt.
     Qwen3,
     /// DeepSeek-V3.1: as DeepSeek-R1 when the request asks the template to think
     /// (`chat_template_kwargs.thinking`), otherwise no reasoning at all.
@@ -35,10 +37,10 @@ impl FromStr for ReasoningParser {
     fn from_str(name: &str) -> Result<Self, String> {
         match name {
             "deepseek-r1" | "deepseek_r1" => Ok(Self::DeepSeekR1),
-            "qwen3" => Ok(Self::Qwen3),
+            "qwen3" | "glm45" | "glm4_moe" => Ok(Self::Qwen3),
             "deepseek-v3" | "deepseek_v3" => Ok(Self::DeepSeekV3),
             other => Err(format!(
-                "unknown reasoning parser `{other}`: deepseek-r1, qwen3 or deepseek-v3"
+                "unknown reasoning parser `{other}`: deepseek-r1, qwen3, deepseek-v3 or glm45"
             )),
         }
     }

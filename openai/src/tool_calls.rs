@@ -11,6 +11,8 @@
 //! - Qwen3-Coder (Qwen3-MoE's `model_type`; its chat template tells it apart): XML-like
 //!   `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>...` blocks whose
 //!   values are raw text (`xml_tool_calls.rs`).
+//! - GLM-4.5: `<tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n...</tool_call>`,
+//!   string values raw, others JSON (`glm_tool_calls.rs`).
 //!
 //! The grammars spell the markers as text: on the real checkpoints they are single special
 //! tokens, which these grammars reach byte by byte only (the bundled test vocabulary has no
@@ -20,7 +22,7 @@ use serde_json::Value;
 
 pub use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
 use crate::partial_json::{json_container_prefix, key, string_literal};
-use crate::xml_tool_calls;
+use crate::{glm_tool_calls, xml_tool_calls};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolCallFormat {
@@ -28,6 +30,7 @@ pub enum ToolCallFormat {
     DeepSeekV3,
     DeepSeekV31,
     Qwen3Coder,
+    Glm45,
 }
 
 impl std::str::FromStr for ToolCallFormat {
@@ -40,8 +43,9 @@ impl std::str::FromStr for ToolCallFormat {
             "deepseek_v3" | "deepseek-v3" => Ok(Self::DeepSeekV3),
             "deepseek_v31" | "deepseek-v31" | "deepseek-v3.1" => Ok(Self::DeepSeekV31),
             "qwen3_coder" | "qwen3-coder" | "qwen3_xml" => Ok(Self::Qwen3Coder),
+            "glm45" | "glm4_moe" | "glm-4.5" => Ok(Self::Glm45),
             other => Err(format!(
-                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31 or qwen3-coder"
+                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder or glm45"
             )),
         }
     }
@@ -79,6 +83,7 @@ impl ToolCallFormat {
     pub fn for_model(model_type: &str) -> Self {
         match model_type {
             "deepseek_v3" | "deepseek_v2" => ToolCallFormat::DeepSeekV3,
+            "glm4_moe" => ToolCallFormat::Glm45,
             _ => ToolCallFormat::Hermes,
         }
     }
@@ -104,14 +109,17 @@ impl ToolCallFormat {
             ToolCallFormat::Hermes => "<tool_call>",
             ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => DS_CALLS_BEGIN,
             ToolCallFormat::Qwen3Coder => xml_tool_calls::CALL_OPEN,
+            ToolCallFormat::Glm45 => glm_tool_calls::CALL_OPEN,
         }
     }
 
     /// A Lark grammar (llguidance's dialect) that generates one call to one of `functions`
     /// (several in a row when `parallel`), arguments per each one's schema.
     pub fn grammar(&self, functions: &[FunctionSpec], parallel: bool) -> String {
-        if *self == ToolCallFormat::Qwen3Coder {
-            return xml_tool_calls::grammar(functions, parallel);
+        match self {
+            ToolCallFormat::Qwen3Coder => return xml_tool_calls::grammar(functions, parallel),
+            ToolCallFormat::Glm45 => return glm_tool_calls::grammar(functions, parallel),
+            _ => {}
         }
         let mut rules = Vec::new();
         let alternatives: Vec<String> = functions
@@ -144,8 +152,10 @@ impl ToolCallFormat {
                             literal(&format!("\n```{DS_CALL_END}"))
                         )
                     }
-                    // (Qwen3-Coder's is `xml_tool_calls::grammar`, returned above.)
-                    ToolCallFormat::DeepSeekV31 | ToolCallFormat::Qwen3Coder => {
+                    // (Qwen3-Coder's and GLM's are their modules', returned above.)
+                    ToolCallFormat::DeepSeekV31
+                    | ToolCallFormat::Qwen3Coder
+                    | ToolCallFormat::Glm45 => {
                         rules.push(format!("a{i}: %json {}", arguments_schema(f)));
                         format!(
                             "{} a{i} {}",
@@ -168,7 +178,8 @@ impl ToolCallFormat {
             ),
             ToolCallFormat::DeepSeekV3
             | ToolCallFormat::DeepSeekV31
-            | ToolCallFormat::Qwen3Coder => format!(
+            | ToolCallFormat::Qwen3Coder
+            | ToolCallFormat::Glm45 => format!(
                 "start: {} call{repeat} {}\ncall: {call}",
                 literal(DS_CALLS_BEGIN),
                 literal(DS_CALLS_END)
@@ -193,6 +204,7 @@ impl ToolCallFormat {
             ToolCallFormat::DeepSeekV3 => parse_deepseek(text, split_v3_call),
             ToolCallFormat::DeepSeekV31 => parse_deepseek(text, split_v31_call),
             ToolCallFormat::Qwen3Coder => xml_tool_calls::parse(text, functions),
+            ToolCallFormat::Glm45 => glm_tool_calls::parse(text, functions),
         }
     }
 }
@@ -328,6 +340,7 @@ pub fn partial_calls(
         ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
         ToolCallFormat::DeepSeekV31 => (DS_CALL_BEGIN, deepseek_v31_call),
         ToolCallFormat::Qwen3Coder => return xml_tool_calls::partial_calls(text, functions),
+        ToolCallFormat::Glm45 => return glm_tool_calls::partial_calls(text, functions),
     };
     let mut calls = Vec::new();
     let mut rest = text;
@@ -425,6 +438,8 @@ mod tests {
         );
         assert_eq!("qwen3_coder".parse(), Ok(ToolCallFormat::Qwen3Coder));
         assert_eq!("qwen3_xml".parse(), Ok(ToolCallFormat::Qwen3Coder));
+        assert_eq!(detect("glm4_moe", "glm45.jinja"), ToolCallFormat::Glm45);
+        assert_eq!("glm45".parse(), Ok(ToolCallFormat::Glm45));
         assert_eq!(
             ToolCallFormat::for_model_and_template("deepseek_v3", None),
             ToolCallFormat::DeepSeekV3

@@ -240,7 +240,11 @@ pub fn grammar(functions: &[FunctionSpec], parallel: bool) -> String {
         for (j, (key, property)) in properties.iter().enumerate() {
             let rule = format!("f{i}p{j}");
             let open = literal(&format!("{PARAMETER_OPEN}{key}>\n"));
-            rules.push(format!("{rule}: {open} {}", value_rule(property, &literal)));
+            let close = format!("\n{PARAMETER_CLOSE}\n");
+            rules.push(format!(
+                "{rule}: {open} {}",
+                value_rule(property, &literal, &close)
+            ));
             body.push(if required.contains(&key.as_str()) {
                 rule
             } else {
@@ -275,9 +279,15 @@ pub fn grammar(functions: &[FunctionSpec], parallel: bool) -> String {
         .join("\n")
 }
 
-/// What a value of `property`'s type may be, then the parameter's close.
-fn value_rule(property: &Value, literal: &dyn Fn(&str) -> String) -> String {
-    let close = literal(&format!("\n{PARAMETER_CLOSE}\n"));
+/// What a value of `property`'s type may be, then the parameter's `close`; text values are
+/// the grammar's own `text_value` rule (which ends with the close). GLM-4.5's calls use it
+/// too (`glm_tool_calls.rs`).
+pub(crate) fn value_rule(
+    property: &Value,
+    literal: &dyn Fn(&str) -> String,
+    close: &str,
+) -> String {
+    let close = literal(close);
     if let Some(values) = property.get("enum").and_then(Value::as_array) {
         let choices: Vec<String> = values
             .iter()

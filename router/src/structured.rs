@@ -677,6 +677,7 @@ mod tests {
             ToolCallFormat::Hermes,
             ToolCallFormat::DeepSeekV3,
             ToolCallFormat::Qwen3Coder,
+            ToolCallFormat::Glm45,
         ] {
             let grammar = format.grammar(&weather()[..1], false);
             let mut c = compiler
@@ -713,18 +714,9 @@ mod tests {
     /// Qwen3-Coder's forced call: the answer it writes for a function with every kind of
     /// parameter is accepted to the end (a text value holding `</p>` and newlines included),
     /// a wrong name or a missing required parameter is not.
-    #[test]
-    fn a_forced_qwen3_coder_call_takes_its_own_syntax_only() {
-        use moe_openai::tool_calls::{FunctionSpec, ToolCallFormat};
-        use moe_proto::v1::structured_output::Kind;
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/deepseek-v3-tiny");
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
-                .unwrap();
-        let compiler = GrammarCompiler::from_tokenizer_json(&json, 1).unwrap();
-        let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&dir).unwrap();
-        let functions = vec![FunctionSpec {
+    /// A function with a parameter of every kind, for the forced-call tests.
+    fn edit_function() -> Vec<moe_openai::tool_calls::FunctionSpec> {
+        vec![moe_openai::tool_calls::FunctionSpec {
             name: "edit".into(),
             description: None,
             parameters: Some(serde_json::json!({
@@ -738,9 +730,25 @@ mod tests {
                 },
                 "required": ["path", "line"]
             })),
-        }];
-        let grammar = ToolCallFormat::Qwen3Coder.grammar(&functions, true);
-        let accepts = |text: &str| -> bool {
+        }]
+    }
+
+    /// Whether `format`'s grammar forcing parallel calls to `functions` takes a text whole,
+    /// the answer then allowed to end.
+    fn forced_call_acceptor(
+        format: moe_openai::tool_calls::ToolCallFormat,
+        functions: &[moe_openai::tool_calls::FunctionSpec],
+    ) -> impl Fn(&str) -> bool {
+        use moe_proto::v1::structured_output::Kind;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/deepseek-v3-tiny");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let compiler = GrammarCompiler::from_tokenizer_json(&json, 1).unwrap();
+        let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+        let grammar = format.grammar(functions, true);
+        move |text: &str| -> bool {
             let mut c = compiler
                 .compile(&StructuredOutput {
                     kind: Some(Kind::Grammar(grammar.clone())),
@@ -750,7 +758,14 @@ mod tests {
             // Every token taken, and the answer may end there (the end token, id 1, allowed).
             ids.iter().all(|&t| c.consume(t).is_ok())
                 && (c.is_finished() || c.allowed(2).is_ok_and(|a| a[1]))
-        };
+        }
+    }
+
+    #[test]
+    fn a_forced_qwen3_coder_call_takes_its_own_syntax_only() {
+        use moe_openai::tool_calls::ToolCallFormat;
+        let functions = edit_function();
+        let accepts = forced_call_acceptor(ToolCallFormat::Qwen3Coder, &functions);
         let call = |path: &str, rest: &str| {
             format!(
                 "<tool_call>\n<function=edit>\n<parameter=path>\n{path}\n</parameter>\n{rest}</function>\n</tool_call>"
@@ -781,6 +796,59 @@ mod tests {
                 "<parameter=line>\n1\n</parameter>\n<parameter=mode>\ndelete\n</parameter>\n",
             ),
             minimal.replace("function=edit", "function=remove"),
+        ] {
+            assert!(!accepts(&wrong), "{wrong}");
+        }
+    }
+
+    /// GLM-4.5's forced call: its template's layout accepted to the end (string values raw,
+    /// the others JSON), a wrong name, a missing required pair or a value outside its type
+    /// or bounds not.
+    #[test]
+    fn a_forced_glm45_call_takes_its_own_syntax_only() {
+        use moe_openai::tool_calls::ToolCallFormat;
+        let functions = edit_function();
+        let accepts = forced_call_acceptor(ToolCallFormat::Glm45, &functions);
+        let pair =
+            |k: &str, v: &str| format!("<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n");
+        let call = |path: &str, rest: &str| {
+            format!("<tool_call>edit\n{}{rest}</tool_call>", pair("path", path))
+        };
+        let full = call(
+            "src/a.html\n<p>x</p>",
+            &[
+                pair("line", "12"),
+                pair("dry_run", "true"),
+                pair("mode", "replace"),
+                pair("options", "{\"indent\":4}"),
+            ]
+            .concat(),
+        );
+        assert!(accepts(&full), "{full}");
+        let minimal = call("a.rs", &pair("line", "-3"));
+        assert!(accepts(&minimal));
+        assert!(accepts(&format!("{minimal}\n{full}")), "parallel calls");
+        let (_, calls) = ToolCallFormat::Glm45.parse(&full, &functions).unwrap();
+        let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert_eq!(args["path"], "src/a.html\n<p>x</p>");
+        assert_eq!(
+            (
+                args["line"].clone(),
+                args["dry_run"].clone(),
+                args["mode"].clone()
+            ),
+            (12.into(), true.into(), "replace".into())
+        );
+        assert_eq!(args["options"]["indent"], 4);
+        for wrong in [
+            call("a.rs", ""),
+            call("a.rs", &pair("line", "twelve")),
+            call("a.rs", &pair("line", "-6")),
+            call(
+                "a.rs",
+                &[pair("line", "1"), pair("mode", "delete")].concat(),
+            ),
+            minimal.replace("<tool_call>edit", "<tool_call>remove"),
         ] {
             assert!(!accepts(&wrong), "{wrong}");
         }

@@ -506,8 +506,8 @@ pub fn structured_output(data: &[u8]) {
 
 /// A model's answer (the first byte picks the tool-call syntax, the rest is the text) read for
 /// tool calls as a chat answer is: whole, and at prefixes as a stream reads it. A panic is a
-/// crash; so is a Qwen3-Coder stream whose arguments are not a prefix of the whole answer's
-/// (its fragments would not add up).
+/// crash; so is a Qwen3-Coder or GLM-4.5 stream whose arguments are not a prefix of the whole
+/// answer's (its fragments would not add up).
 pub fn tool_call_text(data: &[u8]) {
     use moe_openai::tool_calls::{partial_calls, FunctionSpec, ToolCallFormat};
 
@@ -519,7 +519,8 @@ pub fn tool_call_text(data: &[u8]) {
         ToolCallFormat::DeepSeekV3,
         ToolCallFormat::DeepSeekV31,
         ToolCallFormat::Qwen3Coder,
-    ][usize::from(selector) % 4];
+        ToolCallFormat::Glm45,
+    ][usize::from(selector) % 5];
     let text = String::from_utf8_lossy(rest);
     let functions = [FunctionSpec {
         name: "f".into(),
@@ -537,7 +538,7 @@ pub fn tool_call_text(data: &[u8]) {
         .collect();
     for end in ends {
         let calls = partial_calls(format, &text[..end], &functions);
-        if format != ToolCallFormat::Qwen3Coder {
+        if ![ToolCallFormat::Qwen3Coder, ToolCallFormat::Glm45].contains(&format) {
             continue;
         }
         let Some((_, whole)) = &whole else {
