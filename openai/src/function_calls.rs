@@ -33,3 +33,31 @@ pub struct PartialCall {
     /// The arguments' text is whole.
     pub complete: bool,
 }
+
+/// The distinct arguments a stream of `answer` shows for its one call, prefix by prefix
+/// (each asserted a prefix of the whole answer's `whole` arguments), for the tagged syntaxes'
+/// tests.
+#[cfg(test)]
+pub(crate) fn streamed_arguments(
+    answer: &str,
+    whole: &str,
+    partial: impl Fn(&str) -> Vec<PartialCall>,
+) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for end in (0..=answer.len()).filter(|&e| answer.is_char_boundary(e)) {
+        let calls = partial(&answer[..end]);
+        for call in &calls {
+            assert!(
+                whole.starts_with(&call.arguments),
+                "{:?} is not a prefix",
+                call.arguments
+            );
+        }
+        if let Some(call) = calls.last() {
+            if seen.last() != Some(&call.arguments) {
+                seen.push(call.arguments.clone());
+            }
+        }
+    }
+    seen
+}

@@ -14,10 +14,11 @@
 //! closes: fragments that add up to the whole answer's arguments. Where vLLM's parser also
 //! tries Python literals (`ast.literal_eval`: `True`, `'text'`), these stay text.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
-use crate::xml_tool_calls::{dumps, value_rule};
+use crate::tagged_call_grammar::{self, TaggedCallSyntax};
+use crate::xml_tool_calls::dumps;
 
 pub const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
@@ -144,71 +145,21 @@ fn typed_value(key: &str, raw: &str, properties: Option<&Value>) -> Value {
     serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
 }
 
+/// GLM-4.5's tags, for the grammar that forces a call.
+const SYNTAX: TaggedCallSyntax = TaggedCallSyntax {
+    call_open: |name| format!("{CALL_OPEN}{name}\n"),
+    call_close: CALL_CLOSE,
+    pair_open: |key| format!("{KEY_OPEN}{key}{KEY_CLOSE}\n{VALUE_OPEN}"),
+    value_close: "</arg_value>\n",
+    text_value: r#"/(?s:.*)<\/arg_value>\n/"#,
+    any_pair: r#""<arg_key>" /[A-Za-z0-9_.\-]+/ "</arg_key>\n<arg_value>" text_value"#,
+};
+
 /// A Lark grammar (llguidance's dialect) for one call to one of `functions` in this syntax
 /// (several, a newline apart, when `parallel`): the name line, then the pairs in the schema's
-/// order (the required ones present), each value as its type allows (text lazily up to the
-/// first `</arg_value>`).
+/// order (`tagged_call_grammar.rs`).
 pub fn grammar(functions: &[FunctionSpec], parallel: bool) -> String {
-    let literal = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let close = format!("{VALUE_CLOSE}\n");
-    let mut rules = vec![r#"text_value[lazy]: /(?s:.*)<\/arg_value>\n/"#.to_string()];
-    let mut alternatives = Vec::new();
-    for (i, f) in functions.iter().enumerate() {
-        let empty = Map::new();
-        let schema = f.parameters.as_ref();
-        let properties = schema
-            .and_then(|s| s.get("properties"))
-            .and_then(Value::as_object)
-            .unwrap_or(&empty);
-        let required: Vec<&str> = schema
-            .and_then(|s| s.get("required"))
-            .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let mut body = Vec::new();
-        for (j, (key, property)) in properties.iter().enumerate() {
-            let rule = format!("f{i}p{j}");
-            let open = literal(&format!("{KEY_OPEN}{key}{KEY_CLOSE}\n{VALUE_OPEN}"));
-            rules.push(format!(
-                "{rule}: {open} {}",
-                value_rule(property, &literal, &close)
-            ));
-            body.push(if required.contains(&key.as_str()) {
-                rule
-            } else {
-                format!("{rule}?")
-            });
-        }
-        if properties.is_empty() {
-            // Any arguments: keys as the model writes them, values as text.
-            rules.push(format!(
-                "f{i}any: {} /[A-Za-z0-9_.\\-]+/ {} text_value",
-                literal(KEY_OPEN),
-                literal(&format!("{KEY_CLOSE}\n{VALUE_OPEN}"))
-            ));
-            body.push(format!("f{i}any*"));
-        }
-        let open = literal(&format!("{CALL_OPEN}{}\n", f.name));
-        rules.push(format!(
-            "f{i}: {open} {} {}",
-            body.join(" "),
-            literal(CALL_CLOSE)
-        ));
-        alternatives.push(format!("f{i}"));
-    }
-    let start = if parallel {
-        "start: call (\"\\n\" call)*"
-    } else {
-        "start: call"
-    };
-    std::iter::once(start.to_string())
-        .chain(std::iter::once(format!(
-            "call: {}",
-            alternatives.join(" | ")
-        )))
-        .chain(rules)
-        .collect::<Vec<_>>()
-        .join("\n")
+    tagged_call_grammar::grammar(&SYNTAX, functions, parallel)
 }
 
 #[cfg(test)]
@@ -279,23 +230,10 @@ mod tests {
     #[test]
     fn partial_calls_grow_a_pair_at_a_time() {
         let whole = parse(ANSWER, &functions()).unwrap().1;
-        let mut seen = Vec::new();
-        for end in (0..=ANSWER.len()).filter(|&e| ANSWER.is_char_boundary(e)) {
-            let calls = partial_calls(&ANSWER[..end], &functions());
-            for call in &calls {
-                assert_eq!(call.name, "edit_file");
-                assert!(
-                    whole[0].arguments.starts_with(&call.arguments),
-                    "{:?} is not a prefix",
-                    call.arguments
-                );
-            }
-            if let Some(call) = calls.last() {
-                if seen.last() != Some(&call.arguments) {
-                    seen.push(call.arguments.clone());
-                }
-            }
-        }
+        assert_eq!(whole[0].name, "edit_file");
+        let seen = crate::function_calls::streamed_arguments(ANSWER, &whole[0].arguments, |text| {
+            partial_calls(text, &functions())
+        });
         assert_eq!(seen.first().map(String::as_str), Some("{"));
         assert_eq!(seen.last(), Some(&whole[0].arguments));
         assert_eq!(seen.len(), 1 + 7 + 1, "{seen:#?}");

@@ -26,6 +26,7 @@ pub mod responses;
 pub mod sibling;
 mod state;
 mod structured_params;
+pub mod tagged_call_grammar;
 pub mod tokenization;
 pub mod tokenizing;
 pub mod tool_calls;

@@ -21,6 +21,7 @@
 use serde_json::{Map, Value};
 
 use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
+use crate::tagged_call_grammar::{self, TaggedCallSyntax};
 
 pub const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
@@ -212,107 +213,22 @@ fn write_object(out: &mut String, fields: &Map<String, Value>) {
     out.push('}');
 }
 
+/// Qwen3-Coder's tags, for the grammar that forces a call.
+const SYNTAX: TaggedCallSyntax = TaggedCallSyntax {
+    call_open: |name| format!("{CALL_OPEN}\n{FUNCTION_OPEN}{name}>\n"),
+    call_close: "</function>\n</tool_call>",
+    pair_open: |key| format!("{PARAMETER_OPEN}{key}>\n"),
+    value_close: "\n</parameter>\n",
+    // Any text up to the first "\n</parameter>\n": a value that is text.
+    text_value: r#"/(?s:.*)\n<\/parameter>\n/"#,
+    any_pair: r#""<parameter=" /[A-Za-z0-9_.\-]+/ ">\n" text_value"#,
+};
+
 /// A Lark grammar (llguidance's dialect) for one call to one of `functions` in this syntax
 /// (several, a newline apart, when `parallel`): the function's name, its parameters in the
-/// schema's order (the required ones present), each value as its type allows: an enum's
-/// values; integers, numbers, booleans, objects and arrays as their JSON schema allows (bounds
-/// included); text otherwise (lazily, up to the first `\n</parameter>`).
+/// schema's order, each value as its type allows (`tagged_call_grammar.rs`).
 pub fn grammar(functions: &[FunctionSpec], parallel: bool) -> String {
-    let literal = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut rules = vec![
-        // Any text up to the first "\n</parameter>\n": a value that is text.
-        r#"text_value[lazy]: /(?s:.*)\n<\/parameter>\n/"#.to_string(),
-    ];
-    let mut alternatives = Vec::new();
-    for (i, f) in functions.iter().enumerate() {
-        let empty = Map::new();
-        let schema = f.parameters.as_ref();
-        let properties = schema
-            .and_then(|s| s.get("properties"))
-            .and_then(Value::as_object)
-            .unwrap_or(&empty);
-        let required: Vec<&str> = schema
-            .and_then(|s| s.get("required"))
-            .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let mut body = Vec::new();
-        for (j, (key, property)) in properties.iter().enumerate() {
-            let rule = format!("f{i}p{j}");
-            let open = literal(&format!("{PARAMETER_OPEN}{key}>\n"));
-            let close = format!("\n{PARAMETER_CLOSE}\n");
-            rules.push(format!(
-                "{rule}: {open} {}",
-                value_rule(property, &literal, &close)
-            ));
-            body.push(if required.contains(&key.as_str()) {
-                rule
-            } else {
-                format!("{rule}?")
-            });
-        }
-        if properties.is_empty() {
-            // Any parameters: names as the model writes them.
-            rules.push(format!(
-                "f{i}any: {} /[A-Za-z0-9_.\\-]+/ \">\\n\" text_value",
-                literal(PARAMETER_OPEN)
-            ));
-            body.push(format!("f{i}any*"));
-        }
-        let open = literal(&format!("{CALL_OPEN}\n{FUNCTION_OPEN}{}>\n", f.name));
-        let close = literal(&format!("{FUNCTION_CLOSE}\n{CALL_CLOSE}"));
-        rules.push(format!("f{i}: {open} {} {close}", body.join(" ")));
-        alternatives.push(format!("f{i}"));
-    }
-    let start = if parallel {
-        "start: call (\"\\n\" call)*"
-    } else {
-        "start: call"
-    };
-    std::iter::once(start.to_string())
-        .chain(std::iter::once(format!(
-            "call: {}",
-            alternatives.join(" | ")
-        )))
-        .chain(rules)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// What a value of `property`'s type may be, then the parameter's `close`; text values are
-/// the grammar's own `text_value` rule (which ends with the close). GLM-4.5's calls use it
-/// too (`glm_tool_calls.rs`).
-pub(crate) fn value_rule(
-    property: &Value,
-    literal: &dyn Fn(&str) -> String,
-    close: &str,
-) -> String {
-    let close = literal(close);
-    if let Some(values) = property.get("enum").and_then(Value::as_array) {
-        let choices: Vec<String> = values
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => literal(s),
-                other => literal(&other.to_string()),
-            })
-            .collect();
-        if !choices.is_empty() {
-            return format!("({}) {close}", choices.join(" | "));
-        }
-    }
-    let kind = property.get("type").and_then(Value::as_str).unwrap_or("");
-    if ["integer", "number", "boolean", "object", "array"].contains(&kind) {
-        // Their JSON is the text the parser reads back (`5`, `2.5`, `true`, `{...}`), and
-        // JSON schema bounds them (an integer's minimum, an object's properties).
-        let mut schema = property.clone();
-        if let Value::Object(fields) = &mut schema {
-            fields
-                .entry("x-guidance")
-                .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
-        }
-        return format!("%json {schema} {close}");
-    }
-    "text_value".to_string()
+    tagged_call_grammar::grammar(&SYNTAX, functions, parallel)
 }
 
 #[cfg(test)]
@@ -385,23 +301,10 @@ mod tests {
     #[test]
     fn partial_calls_grow_a_parameter_at_a_time() {
         let whole = parse(ANSWER, &functions()).unwrap().1;
-        let mut seen = Vec::new();
-        for end in (0..=ANSWER.len()).filter(|&e| ANSWER.is_char_boundary(e)) {
-            let calls = partial_calls(&ANSWER[..end], &functions());
-            for call in &calls {
-                assert_eq!(call.name, "search");
-                assert!(
-                    whole[0].arguments.starts_with(&call.arguments),
-                    "{:?} is not a prefix",
-                    call.arguments
-                );
-            }
-            if let Some(call) = calls.last() {
-                if seen.last() != Some(&call.arguments) {
-                    seen.push(call.arguments.clone());
-                }
-            }
-        }
+        assert_eq!(whole[0].name, "search");
+        let seen = crate::function_calls::streamed_arguments(ANSWER, &whole[0].arguments, |text| {
+            partial_calls(text, &functions())
+        });
         assert_eq!(seen.first().map(String::as_str), Some("{"));
         assert_eq!(seen.last(), Some(&whole[0].arguments));
         assert_eq!(seen.len(), 1 + 8 + 1, "{seen:#?}");
