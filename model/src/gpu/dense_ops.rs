@@ -1448,6 +1448,30 @@ mod tests {
                 1e-5,
             );
         }
+        // GLM's partial rotary: values past the turned ones are copied as they are.
+        let wide = 2 * half + 2;
+        let packed_wide = HeadView::packed(0, heads, wide);
+        let mut rc = cuda.scratch(rows * heads * wide).unwrap();
+        let mut rh = vec![0.0; rows * heads * wide];
+        cuda.rope(&xf, view, &mut rc, packed_wide, heads, wide, false, &step_c)
+            .unwrap();
+        host.rope(&x, view, &mut rh, packed_wide, heads, wide, false, &step_h)
+            .unwrap();
+        close("partial rotary", &down(&rc), &rh, 1e-5);
+        for (r, h) in [(0, 0), (rows - 1, heads - 1)] {
+            let at = (r * heads + h) * wide + 2 * half;
+            let from = view.offset + r * view.row_stride + h * view.head_stride + 2 * half;
+            assert_eq!(rh[at..at + 2], x[from..from + 2], "the pass-through values");
+        }
+        // A projection's bias on every row.
+        let bias = values(width, 6);
+        let mut bc = cuda.upload_f32(&x).unwrap();
+        let mut bh = x.clone();
+        cuda.add_bias(&mut bc, &cuda.upload_f32(&bias).unwrap(), rows, width)
+            .unwrap();
+        host.add_bias(&mut bh, &bias, rows, width).unwrap();
+        assert_eq!(down(&bc), bh, "bias rows, bitwise");
+        assert!(host.add_bias(&mut bh, &bias, rows + 1, width).is_err());
 
         // Append to the pool's two chunks (seq 0's first 4 positions already cached in block
         // 5), then GQA attention (4 query heads over 2 kv heads) through the block tables.
