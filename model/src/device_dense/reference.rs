@@ -1534,7 +1534,12 @@ mod tests {
     /// of one to five sequences.
     #[test]
     fn launched_steps_following_the_choices_give_the_host_routed_logits() {
-        for name in ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"] {
+        for name in [
+            "deepseek-v3-tiny",
+            "qwen3-moe-tiny",
+            "mixtral-tiny",
+            "glm4-moe-tiny",
+        ] {
             let dir = fixture(name);
             let config = ModelConfig::from_dir(&dir).unwrap();
             let ckpt = Checkpoint::open(&dir).unwrap();

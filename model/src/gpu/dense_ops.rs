@@ -1830,7 +1830,12 @@ mod tests {
         let Some(ctx) = gpu(GpuDtype::F32) else {
             return;
         };
-        for name in ["deepseek-v3-tiny", "qwen3-moe-tiny", "mixtral-tiny"] {
+        for name in [
+            "deepseek-v3-tiny",
+            "qwen3-moe-tiny",
+            "mixtral-tiny",
+            "glm4-moe-tiny",
+        ] {
             let dir = crate::test_support::fixture_dir(name);
             let config = ModelConfig::from_dir(&dir).unwrap();
             let ckpt = Checkpoint::open(&dir).unwrap();
