@@ -58,10 +58,10 @@ fn same_bits_held_as_stored_and_widened(dir: &std::path::Path, reqs: &[GenerateR
     }
 }
 
-fn same_bits_on_a_preset(preset: Preset, new_tokens: usize) {
+fn same_bits_on_a_preset(family: Family, preset: Preset, new_tokens: usize) {
     let tmp = TempDir::new("fp8");
-    let dir = tmp.path().join("ds-fp8");
-    write_checkpoint(Family::DeepseekV3, preset, &dir, 3, WeightDtype::Fp8).unwrap();
+    let dir = tmp.path().join("fp8");
+    write_checkpoint(family, preset, &dir, 3, WeightDtype::Fp8).unwrap();
     let vocab = moe_model::ModelConfig::from_dir(&dir).unwrap().vocab_size as u32;
     let reqs: Vec<GenerateRequest> = prompts(vocab)
         .into_iter()
@@ -81,16 +81,18 @@ fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_the_fixture
     same_bits_held_as_stored_and_widened(&fixture_dir(FP8_FIXTURE), &reqs);
 }
 
-/// The tiny preset: every dimension leaves partial 128-blocks.
+/// The tiny preset: every dimension leaves partial 128-blocks. GLM-4.5's too, in DeepSeek's
+/// block layout (q, k and v stacked into one GEMM, their biases added after it).
 #[test]
 fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_tiny() {
-    same_bits_on_a_preset(Preset::Tiny, 12);
+    same_bits_on_a_preset(Family::DeepseekV3, Preset::Tiny, 12);
+    same_bits_on_a_preset(Family::Glm4Moe, Preset::Tiny, 12);
 }
 
 /// The small preset (391M parameters): full blocks, MLA's kv_b split per head.
 #[test]
 fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_small() {
-    same_bits_on_a_preset(Preset::Small, 4);
+    same_bits_on_a_preset(Family::DeepseekV3, Preset::Small, 4);
 }
 
 /// Expert nodes holding FP8 experts (the fixture's) answer with the offline engine's tokens
