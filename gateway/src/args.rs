@@ -45,13 +45,14 @@ pub struct GatewayArgs {
     pub chat_template: Option<PathBuf>,
     /// Send chat answers' reasoning (`<think>...</think>`) apart from their content, as
     /// `reasoning_content` (vLLM's and SGLang's `--reasoning-parser`): `deepseek-r1`
-    /// (DeepSeek-R1, QwQ), `qwen3`, or `deepseek-v3` (DeepSeek-V3.1 when a request sets
-    /// `chat_template_kwargs.thinking`). Off by default: answers are returned whole.
+    /// (DeepSeek-R1, QwQ), `qwen3` (`glm45` too: GLM-4.5 follows Qwen3's rule), or
+    /// `deepseek-v3` (DeepSeek-V3.1 when a request sets `chat_template_kwargs.thinking`). Off
+    /// by default: answers are returned whole.
     #[arg(long, env = "MOE_REASONING_PARSER")]
     pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
     /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
     /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`, `qwen3-coder`
-    /// (`qwen3_xml` too). Default: the model's family, DeepSeek-V3.1 told from V3 and
+    /// (`qwen3_xml` too), `glm45`. Default: the model's family, DeepSeek-V3.1 told from V3 and
     /// Qwen3-Coder from Qwen3 by their chat templates.
     #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
     pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
