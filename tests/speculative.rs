@@ -4,6 +4,7 @@
 //! strings, grammars and `n`, alone or in a batch, in one process or across expert nodes; and
 //! drafts that agree save steps.
 
+use moe_model::config::Family;
 use moe_tests::harness::{self, metric_value};
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
 use moe_tooling::{free_port, SingleProcessRouter};
@@ -181,13 +182,20 @@ fn tight(config: &str) -> [&str; 6] {
     ]
 }
 
-/// A tiny DeepSeek-V3 with its multi-token-prediction layer (`moe gen-checkpoint
-/// --mtp-layers 1`'s), in a directory of this test process's.
+/// A tiny DeepSeek-V3 (or `family`) with its multi-token-prediction layer (`moe
+/// gen-checkpoint --mtp-layers 1`'s), in a directory of this test process's.
 fn checkpoint_with_mtp(name: &str) -> std::path::PathBuf {
-    use moe_model::config::Family;
+    checkpoint_of_family_with_mtp(name, Family::DeepseekV3)
+}
+
+fn checkpoint_of_family_with_mtp(name: &str, family: Family) -> std::path::PathBuf {
     use moe_model::generator::{CheckpointPlan, Preset, WeightDtype};
-    let dir = std::env::temp_dir().join(format!("moe-mtp-{}-{name}", std::process::id()));
-    let mut plan = CheckpointPlan::new(Family::DeepseekV3, Preset::Tiny, WeightDtype::Bf16, 17);
+    let dir = std::env::temp_dir().join(format!(
+        "moe-mtp-{}-{name}-{}",
+        std::process::id(),
+        family.model_type()
+    ));
+    let mut plan = CheckpointPlan::new(family, Preset::Tiny, WeightDtype::Bf16, 17);
     plan.mtp_layers = 1;
     plan.write(&dir).unwrap();
     dir
@@ -195,15 +203,21 @@ fn checkpoint_with_mtp(name: &str) -> std::path::PathBuf {
 
 const MTP_CONFIG: &str = r#"{"method": "deepseek_mtp", "num_speculative_tokens": 2}"#;
 
-/// DeepSeek-V3's own draft head: the same answers, one at a time and all at once, and it
-/// drafts (a random checkpoint's head seldom guesses right; what it saves on a trained model
-/// is docs/performance.md's).
+/// DeepSeek-V3's own draft head, and GLM-4.5's (`mtp`): the same answers, one at a time and
+/// all at once, and it drafts (a random checkpoint's head seldom guesses right; what it saves
+/// on a trained model is docs/performance.md's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtp_drafts_change_no_answer() {
-    let dir = checkpoint_with_mtp("answers");
+    mtp_answers_unchanged(Family::DeepseekV3, MTP_CONFIG).await;
+    let glm = r#"{"method": "mtp", "num_speculative_tokens": 2}"#;
+    mtp_answers_unchanged(Family::Glm4Moe, glm).await;
+}
+
+async fn mtp_answers_unchanged(family: Family, config: &str) {
+    let dir = checkpoint_of_family_with_mtp("answers", family);
     let model = dir.file_name().unwrap().to_str().unwrap().to_string();
     let plain = start_at(&dir, None);
-    let drafting = start_at(&dir, Some(MTP_CONFIG));
+    let drafting = start_at(&dir, Some(config));
     let plain_http = plain.http_addr.clone().expect("--http-listen");
     let mtp_http = drafting.http_addr.clone().expect("--http-listen");
     let prompt: Vec<u32> = golden_cases(FIXTURES[0])[0].input_ids.clone();
@@ -226,7 +240,7 @@ async fn mtp_drafts_change_no_answer() {
     let page = harness::scrape(&mtp_http).await;
     let drafted = metric_value(&page, "moe_spec_decode_draft_tokens_total");
     let accepted = metric_value(&page, "moe_spec_decode_accepted_tokens_total");
-    assert!(drafted > 0.0, "the MTP head drafted nothing");
+    assert!(drafted > 0.0, "{family:?}: the MTP head drafted nothing");
     assert!(accepted <= drafted, "{accepted} of {drafted}");
     drop((plain, drafting));
     let _ = std::fs::remove_dir_all(&dir);

@@ -40,10 +40,10 @@ pub enum SpeculativeConfigError {
     #[error("--speculative-config: unknown key `{0}` (known: method, num_speculative_tokens, prompt_lookup_min, prompt_lookup_max, disable_by_batch_size)")]
     UnknownKey(String),
     #[error(
-        "--speculative-config: method `{0}` is not implemented (`ngram` and `deepseek_mtp` are)"
+        "--speculative-config: method `{0}` is not implemented (`ngram` and `deepseek_mtp` or `mtp` are)"
     )]
     UnsupportedMethod(String),
-    #[error("--speculative-config: `method` is required (`ngram` or `deepseek_mtp`)")]
+    #[error("--speculative-config: `method` is required (`ngram`, `deepseek_mtp` or `mtp`)")]
     MissingMethod,
     #[error("--speculative-config: `{0}` is the ngram method's, not deepseek_mtp's")]
     NgramKeyForMtp(String),
