@@ -701,4 +701,82 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("num_local_experts"), "{err}");
     }
+
+    /// GLM-4.5-Air's published config.json (zai-org/GLM-4.5-Air): half-rotary heads of 128,
+    /// q/k/v biases, no q/k norm, DeepSeek's gate in one group, one dense layer, one MTP layer.
+    #[test]
+    fn glm_4_5_air_config_is_read_as_published() {
+        let cfg = parse(
+            r#"{"architectures": ["Glm4MoeForCausalLM"], "attention_bias": true,
+            "attention_dropout": 0.0, "pad_token_id": 151329,
+            "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 4096, "partial_rotary_factor": 0.5, "initializer_range": 0.02,
+            "intermediate_size": 10944, "max_position_embeddings": 131072,
+            "model_type": "glm4_moe", "moe_intermediate_size": 1408, "norm_topk_prob": true,
+            "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+            "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8,
+            "first_k_dense_replace": 1, "num_hidden_layers": 46, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 1000000,
+            "num_nextn_predict_layers": 1, "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16", "use_cache": true, "use_qk_norm": false,
+            "vocab_size": 151552}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.family, Family::Glm4Moe);
+        assert_eq!(
+            cfg.attention,
+            AttentionConfig::Gqa {
+                num_heads: 96,
+                num_kv_heads: 8,
+                head_dim: 128,
+                qk_norm: false,
+                bias: true,
+            }
+        );
+        assert_eq!((cfg.rope.dim, cfg.rope.theta), (64, 1e6));
+        assert_eq!(
+            cfg.moe.gating,
+            Gating::SigmoidGroupLimited {
+                n_group: 1,
+                topk_group: 1,
+                norm_topk_prob: true,
+                routed_scaling_factor: 1.0,
+            }
+        );
+        assert_eq!((cfg.moe.num_experts, cfg.moe.top_k), (128, 8));
+        assert_eq!(cfg.moe.n_shared_experts, 1);
+        assert_eq!(cfg.moe_layers[..2], [false, true]);
+        assert_eq!(cfg.mtp_layers, 1);
+        assert_eq!(cfg.eos_token_ids, [151329, 151336, 151338]);
+    }
+
+    /// A rotary share that leaves no or an odd number of rotated dimensions is refused by name;
+    /// transformers 5's form (inside `rope_parameters`) is read too.
+    #[test]
+    fn partial_rotary_factor_is_checked() {
+        let glm = |head_dim: usize, rope: &str| {
+            parse(&format!(
+                r#"{{"model_type":"glm4_moe","hidden_size":64,"vocab_size":10,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+                "head_dim":{head_dim},"intermediate_size":8,"moe_intermediate_size":8,
+                "n_routed_experts":4,"num_experts_per_tok":2,{rope}}}"#
+            ))
+        };
+        let dim = |c: ModelConfig| c.rope.dim;
+        assert_eq!(dim(glm(32, r#""partial_rotary_factor":0.5"#).unwrap()), 16);
+        let v5 = r#""rope_parameters":{"rope_type":"default","rope_theta":10000.0,"partial_rotary_factor":0.25}"#;
+        assert_eq!(dim(glm(32, v5).unwrap()), 8);
+        assert_eq!(dim(glm(32, r#""rope_theta":10000.0"#).unwrap()), 32);
+        for bad in [
+            r#""partial_rotary_factor":1.5"#,
+            r#""partial_rotary_factor":0"#,
+        ] {
+            let err = glm(32, bad).unwrap_err().to_string();
+            assert!(err.contains("partial_rotary_factor"), "{err}");
+        }
+        let err = glm(10, r#""partial_rotary_factor":0.5"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("5 rotated dimensions"), "{err}");
+    }
 }
