@@ -11,12 +11,14 @@
 //!
 //! The arguments are written as vLLM writes them (Python's `json.dumps`, `ensure_ascii=False`);
 //! a stream sends `{`, then each pair as its `</arg_value>` arrives, then `}` once the call
-//! closes: fragments that add up to the whole answer's arguments. Where vLLM's parser also
-//! tries Python literals (`ast.literal_eval`: `True`, `'text'`), these stay text.
+//! closes: fragments that add up to the whole answer's arguments. A value that is not JSON is
+//! read as a Python literal next (`True`, `'text'`, `(1, 2)`), as vLLM's `ast.literal_eval`
+//! fallback reads it (`python_literal.rs`).
 
 use serde_json::Value;
 
 use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
+use crate::python_literal;
 use crate::tagged_call_grammar::{self, TaggedCallSyntax};
 use crate::xml_tool_calls::dumps;
 
@@ -131,7 +133,7 @@ fn pairs(body: &str) -> Vec<(&str, &str)> {
 }
 
 /// A value as vLLM's parser reads it: as written when the key's schema type is `string`,
-/// else trimmed and read as JSON (trimmed text where that fails).
+/// else trimmed and read as JSON, then as a Python literal (trimmed text where both fail).
 fn typed_value(key: &str, raw: &str, properties: Option<&Value>) -> Value {
     let is_string = properties
         .and_then(|p| p.get(key))
@@ -142,7 +144,10 @@ fn typed_value(key: &str, raw: &str, properties: Option<&Value>) -> Value {
         return Value::String(raw.to_string());
     }
     let raw = raw.trim();
-    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+    serde_json::from_str(raw)
+        .ok()
+        .or_else(|| python_literal::parse(raw))
+        .unwrap_or_else(|| Value::String(raw.to_string()))
 }
 
 /// GLM-4.5's tags, for the grammar that forces a call.
@@ -200,6 +205,12 @@ mod tests {
             "{\"path\": \" README.md \", \"line\": 3, \"dry_run\": true, \
              \"options\": {\"indent\": 4}, \"notes\": [\"a\", 1.5, null], \
              \"text\": \"line one\\n<p>two</p>\", \"extra\": \"seven\"}"
+        );
+        // Python's literals where JSON fails, as vLLM's `ast.literal_eval` fallback.
+        let python = "<tool_call>f\n<arg_key>a</arg_key><arg_value>['x', True, None]</arg_value>\n</tool_call>";
+        assert_eq!(
+            parse(python, &[]).unwrap().1[0].arguments,
+            "{\"a\": [\"x\", true, null]}"
         );
         // Without the request's schema every value is read as JSON where it parses.
         let text =

@@ -20,6 +20,7 @@ pub mod openai;
 pub mod partial_json;
 pub mod prompt_bytes;
 pub mod prompt_logprobs;
+pub mod python_literal;
 pub mod reasoning;
 pub mod response_store;
 pub mod responses;
