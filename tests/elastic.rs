@@ -15,7 +15,7 @@ use moe_tests::harness::{
     self, expected_answers, metric_value, serving_nodes, wait_serving, wait_status,
 };
 use moe_tests::{fixture_dir, golden_cases, FIXTURES};
-use moe_tooling::{greedy, GreedyLoad, LocalCluster};
+use moe_tooling::{greedy, GreedyLoad, LocalCluster, LocalClusterSpec};
 
 /// Requests built from a fixture's golden prompts: `count` of them, `new_tokens` each, with
 /// prompts shortened a little per round so they differ.
@@ -412,13 +412,8 @@ async fn planner_router_stopped_finishes_its_streams_and_hands_planning_over_at_
     eprintln!("planner handover after SIGTERM: {handover:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
-    let fixture = FIXTURES[0];
-    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
-    // One prompt of a repeated token, over and over: the same few experts get most tokens.
-    let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
-    let answers = Arc::new(expected_answers(&engine, &skewed));
+/// Three nodes, and routers that measure load over 1.5 s windows and rebalance past 1.15.
+fn rebalancing_spec(fixture: &str) -> LocalClusterSpec {
     // 4 hot experts per layer (top-4 of one token) cannot spread evenly over 3 nodes.
     let mut spec = harness::spec(fixture_dir(fixture), 3);
     spec.router_args.extend(
@@ -434,7 +429,17 @@ async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
         ]
         .map(String::from),
     );
-    let cluster = LocalCluster::start(spec).unwrap();
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    // One prompt of a repeated token, over and over: the same few experts get most tokens.
+    let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
+    let answers = Arc::new(expected_answers(&engine, &skewed));
+    let cluster = LocalCluster::start(rebalancing_spec(fixture)).unwrap();
     let first = wait_serving(&cluster, 3).await;
     let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
     let measured = wait_status(&cluster.router_addr, MINUTE, "a measured window", |s| {
@@ -462,5 +467,76 @@ async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
         after.imbalance_ratio < before,
         "{} !< {before}",
         after.imbalance_ratio
+    );
+}
+
+/// The planner rebalances on every router's load: skewed traffic sent only to a router that
+/// does not plan reaches the planner through its load reports, and the planner, which
+/// dispatched nothing itself, replicates the hot experts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_on_a_router_that_does_not_plan_is_rebalanced_by_the_planner() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
+    let answers = Arc::new(expected_answers(&engine, &skewed));
+    let mut cluster = LocalCluster::start(rebalancing_spec(fixture)).unwrap();
+    let first = wait_serving(&cluster, 3).await;
+    let second = cluster.add_router(&[]).unwrap();
+    let routers = [cluster.router_addr.clone(), second];
+    for r in &routers {
+        wait_status(r, MINUTE, "both routers serve", |s| {
+            serving_nodes(s).len() == 3 && !s.planner_id.is_empty()
+        })
+        .await;
+    }
+    let (planner, follower) = if harness::status(&cluster).await.is_planner {
+        (routers[0].clone(), routers[1].clone())
+    } else {
+        (routers[1].clone(), routers[0].clone())
+    };
+    let load = GreedyLoad::start(vec![follower.clone()], answers, 3, None);
+    let measured = wait_status(&follower, MINUTE, "the follower measures its load", |s| {
+        s.imbalance_ratio > 0.0
+    })
+    .await;
+    let rebalanced = wait_status(&planner, MINUTE, "the planner rebalances", |s| {
+        s.rebalances >= 1 && s.replicas > 0
+    })
+    .await;
+    let planner_status = wait_status(&planner, MINUTE, "a window with both routers", |s| {
+        s.load_reporting_routers == 2 && s.cluster_imbalance_ratio > 0.0
+    })
+    .await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    eprintln!(
+        "follower's imbalance {:.3}; planner's own {:.3}, cluster {:.3} over {} routers; \
+         epoch {} -> {} with {} replicas",
+        measured.imbalance_ratio,
+        planner_status.imbalance_ratio,
+        planner_status.cluster_imbalance_ratio,
+        planner_status.load_reporting_routers,
+        first.serving_epoch,
+        rebalanced.latest_epoch,
+        rebalanced.replicas
+    );
+    assert!(
+        measured.imbalance_ratio > 1.15,
+        "{}",
+        measured.imbalance_ratio
+    );
+    assert_eq!(
+        planner_status.imbalance_ratio, 0.0,
+        "the planner dispatched nothing itself"
+    );
+    assert!(rebalanced.latest_epoch > first.serving_epoch);
+    let follower_status = wait_status(&follower, MINUTE, "the follower serves it", |s| {
+        s.serving_epoch >= rebalanced.latest_epoch && s.replicas > 0
+    })
+    .await;
+    assert_eq!(
+        follower_status.cluster_imbalance_ratio, 0.0,
+        "only the planner sums"
     );
 }

@@ -197,7 +197,7 @@ fn node_record(
         memory_bytes: args.memory_bytes,
         state: NodeState::Joining,
         fingerprint: model.fingerprint.clone(),
-        instance: instance_id(),
+        instance: moe_cluster::discovery::new_instance_id(),
         collectives: joinable_collectives(device, security.tls.is_some()),
         max_batch_rows: args.max_batch_rows,
         rows_on_wire: moe_cluster::collective::RowEncoding::for_device(
@@ -352,18 +352,4 @@ fn joinable_collectives(
     #[cfg(not(feature = "cuda"))]
     let _ = device;
     out
-}
-
-/// A random id for this process start (see `NodeRecord::instance`).
-fn instance_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
 }

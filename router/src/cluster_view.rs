@@ -173,6 +173,10 @@ pub struct ClusterView {
     pub planner_id: RwLock<Option<String>>,
     /// max node load / mean node load over the last load window, times 1000 (0: no traffic).
     pub imbalance_milli: AtomicU64,
+    /// On the planner: the same over every router's pairs (see `load_window`), and how many
+    /// routers that window counted.
+    pub cluster_imbalance_milli: AtomicU64,
+    pub load_reporting_routers: AtomicU64,
     pub rebalances: AtomicU64,
     /// MoE layers that had to be re-dispatched after a node failed.
     pub layer_retries: AtomicU64,
@@ -330,6 +334,10 @@ impl ClusterView {
 
     pub fn imbalance(&self) -> f64 {
         self.imbalance_milli.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    pub fn cluster_imbalance(&self) -> f64 {
+        self.cluster_imbalance_milli.load(Ordering::Relaxed) as f64 / 1000.0
     }
 }
 

@@ -31,6 +31,7 @@ pub mod expert_reach;
 pub mod inference_access;
 pub mod kv_blocks;
 pub mod layer_exchange;
+pub mod load_window;
 pub mod metrics;
 pub mod micro_batch;
 pub mod node_link;

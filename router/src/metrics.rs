@@ -163,7 +163,7 @@ impl RouterMetrics {
     /// The batch, the KV budget, the placement and the planner, now.
     fn render_gauges(&self, out: &mut String) {
         let (stats, view) = (&self.stats, &self.view);
-        let gauges: [(&str, &str, f64); 11] = [
+        let gauges: [(&str, &str, f64); 12] = [
             ("moe_requests_running", "Requests in the running batch.", stats.running.load(Ordering::Relaxed) as f64),
             ("moe_requests_waiting", "Requests waiting for admission.", stats.waiting.load(Ordering::Relaxed) as f64),
             ("moe_kv_cache_blocks_used", "KV-cache blocks reserved.", self.kv.used() as f64),
@@ -173,6 +173,7 @@ impl RouterMetrics {
             ("moe_placement_latest_epoch", "Newest placement epoch written to etcd.", view.latest().map(|p| p.epoch).unwrap_or(0) as f64),
             ("moe_live_nodes", "Expert nodes registered in etcd.", view.membership().nodes.len() as f64),
             ("moe_imbalance_ratio", "Sum over MoE layers of the busiest node's pairs / of the mean node's, last window.", view.imbalance()),
+            ("moe_cluster_imbalance_ratio", "On the planner: moe_imbalance_ratio over every router's pairs, what it rebalances on; 0 elsewhere.", view.cluster_imbalance()),
             ("moe_is_planner", "1 if this router is the elected planner.", f64::from(u8::from(view.is_planner.load(Ordering::Relaxed)))),
             ("moe_in_process_nodes", "Expert nodes running as threads of this router (--in-process-nodes); 0 on a cluster.", view.in_process_nodes.load(Ordering::Relaxed) as f64),
         ];
@@ -363,6 +364,7 @@ mod tests {
                 "moe_placement_latest_epoch gauge",
                 "moe_live_nodes gauge",
                 "moe_imbalance_ratio gauge",
+                "moe_cluster_imbalance_ratio gauge",
                 "moe_is_planner gauge",
                 "moe_in_process_nodes gauge",
                 "moe_rebalances_total counter",

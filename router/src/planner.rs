@@ -32,6 +32,7 @@ use moe_proto::v1::inference_server::InferenceServer;
 use tonic_health::server::HealthReporter;
 
 use crate::cluster_view::{ClusterView, ServingPlacement};
+use crate::load_window::{DispatchCounts, LoadShape, PeerLoads, WindowLoad};
 use crate::node_link::NodeLink;
 use crate::server::inference::InferenceService;
 
@@ -73,12 +74,10 @@ pub struct PlannerContext {
     pub profile: crate::published_load::PublishedProfile,
 }
 
-/// Dispatched load since the window started.
+/// This router's dispatch counters when the window started.
 struct LoadWindow {
     started: Instant,
-    experts: HashMap<ExpertId, u64>,
-    /// Pairs dispatched per (layer, node) at the window's start.
-    nodes: BTreeMap<(u32, String), u64>,
+    counts: DispatchCounts,
 }
 
 /// Why a round failed.
@@ -146,11 +145,15 @@ struct Planner {
     registration: Option<RouterRegistration>,
     links: BTreeMap<String, Arc<NodeLink>>,
     window: LoadWindow,
+    /// Random per process start, named in the load reports.
+    instance: String,
+    /// As the planner: the other routers' last load reports.
+    peers: PeerLoads,
     last_rebalance: Option<Instant>,
     was_planner: bool,
     outage: Outage,
-    /// The last closed window's imbalance ratio and per-expert load, until a round uses it.
-    pending_load: Option<(f64, HashMap<ExpertId, u64>)>,
+    /// The last closed window's load (this router's), until a round uses it.
+    pending_load: Option<WindowLoad>,
 }
 
 /// Pause after a wake-up, so that a burst of changes costs one round.
@@ -195,9 +198,10 @@ impl Planner {
             links: BTreeMap::new(),
             window: LoadWindow {
                 started: Instant::now(),
-                experts: HashMap::new(),
-                nodes: BTreeMap::new(),
+                counts: DispatchCounts::default(),
             },
+            instance: moe_cluster::discovery::new_instance_id(),
+            peers: PeerLoads::default(),
             last_rebalance: None,
             was_planner: false,
             outage: Default::default(),
@@ -273,70 +277,88 @@ impl Planner {
         );
     }
 
-    /// Closes the load window when due: the imbalance ratio of what this router dispatched.
+    /// Closes the load window when due: the imbalance ratio of what this router dispatched,
+    /// and its counts published for the planner (when rebalancing is on).
     fn measure_load(&mut self) {
         let policy = &self.ctx.rebalance;
         if self.window.started.elapsed() < policy.window {
             return;
         }
-        // Pairs per (layer, node) dispatched in the window.
-        let now: BTreeMap<(u32, String), u64> = self
-            .links
-            .iter()
-            .flat_map(|(id, l)| {
-                l.pairs_by_layer()
-                    .into_iter()
-                    .map(move |(layer, n)| ((layer, id.clone()), n))
-            })
-            .collect();
-        let serving = self.ctx.view.serving();
-        let serving_nodes: Vec<&str> = serving
-            .iter()
-            .flat_map(|s| s.links.iter().map(|l| l.node_id.as_str()))
-            .collect();
-        let mut per_layer: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
-        let mut total = 0u64;
-        for layer in now
-            .keys()
-            .map(|(l, _)| *l)
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let loads = serving_nodes
+        let now = DispatchCounts {
+            node_pairs: self
+                .links
                 .iter()
-                .map(|id| {
-                    let key = (layer, id.to_string());
-                    let n = now.get(&key).copied().unwrap_or(0);
-                    let delta = n - self.window.nodes.get(&key).copied().unwrap_or(0).min(n);
-                    total += delta;
-                    delta as f64
+                .flat_map(|(id, l)| {
+                    l.pairs_by_layer()
+                        .into_iter()
+                        .map(move |(layer, n)| ((layer, id.clone()), n))
                 })
-                .collect();
-            per_layer.insert(layer, loads);
-        }
-        let ratio = if total >= policy.min_pairs.max(1) {
-            moe_cluster::placement::imbalance_ratio(per_layer.into_values())
-        } else {
-            0.0
+                .collect(),
+            expert_tokens: self.ctx.view.expert_token_counts(),
         };
-        drop(serving);
-        self.window.nodes = now;
+        let window = now.since(&self.window.counts);
+        let ratio = window.imbalance(&self.serving_nodes(), policy.min_pairs);
         self.ctx
             .view
             .imbalance_milli
             .store((ratio * 1000.0).round() as u64, Ordering::Relaxed);
-        self.window.started = Instant::now();
-        let counts = self.ctx.view.expert_token_counts();
-        let window_load: HashMap<ExpertId, u64> = counts
+        if let Some(r) = self
+            .registration
+            .as_ref()
+            .filter(|_| policy.threshold > 0.0)
+        {
+            r.set_load_report(&now.to_report(&self.instance, self.ctx.num_experts));
+        }
+        self.window = LoadWindow {
+            started: Instant::now(),
+            counts: now,
+        };
+        self.pending_load = Some(window);
+    }
+
+    /// The nodes of the epoch this router serves.
+    fn serving_nodes(&self) -> Vec<String> {
+        self.ctx
+            .view
+            .serving()
             .iter()
-            .map(|(e, c)| {
-                (
-                    *e,
-                    c - self.window.experts.get(e).copied().unwrap_or(0).min(*c),
-                )
-            })
-            .collect();
-        self.window.experts = counts;
-        self.pending_load = Some((ratio, window_load));
+            .flat_map(|s| s.links.iter().map(|l| l.node_id.clone()))
+            .collect()
+    }
+
+    /// As the planner, at the end of its window: its own load plus what every other router
+    /// reported since (their reports unreadable: its own only). Returns the imbalance ratio
+    /// over all of it, and the load per expert.
+    async fn cluster_load(&mut self, own: WindowLoad) -> (f64, HashMap<ExpertId, u64>) {
+        let mut load = own;
+        let mut routers = 1;
+        match self.ctx.discovery.load_reports().await {
+            Ok(reports) => {
+                let shape = LoadShape {
+                    moe_layers: self.ctx.moe_layers.iter().map(|&l| l as u32).collect(),
+                    num_experts: self.ctx.num_experts,
+                };
+                let peers = self
+                    .peers
+                    .window(&reports, &self.ctx.view.router_id, &shape);
+                for (router, e) in &peers.refused {
+                    tracing::warn!(router, error = %e, "ignoring a router's load report");
+                }
+                load.add(&peers.load);
+                routers += peers.counted;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "load reports unreadable; balancing on this router's load")
+            }
+        }
+        let nodes = self.serving_nodes();
+        let ratio = load.imbalance(&nodes, self.ctx.rebalance.min_pairs);
+        let view = &self.ctx.view;
+        view.cluster_imbalance_milli
+            .store((ratio * 1000.0).round() as u64, Ordering::Relaxed);
+        view.load_reporting_routers
+            .store(routers as u64, Ordering::Relaxed);
+        (ratio, load.expert_tokens)
     }
 
     /// Reads the cluster; as the planner, plans and commits the next epoch; then follows the
@@ -344,7 +366,10 @@ impl Planner {
     async fn plan_once(&mut self) -> Result<(), RoundError> {
         let snapshot = self.ctx.discovery.snapshot().await?;
         let (local_suspects, is_planner) = self.observe(&snapshot.members);
-        let pending_load = self.pending_load.take();
+        let pending_load = match self.pending_load.take() {
+            Some(own) if is_planner => Some(self.cluster_load(own).await),
+            _ => None,
+        };
         let mut latest = snapshot.placement.clone();
         if is_planner {
             if let Some(planned) = self.plan(&snapshot, &local_suspects, pending_load)? {

@@ -61,6 +61,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             "combine_seconds": status.combine_seconds,
             "router_id": status.router_id, "planner_id": status.planner_id, "is_planner": status.is_planner,
             "imbalance_ratio": status.imbalance_ratio, "rebalances": status.rebalances,
+            "cluster_imbalance_ratio": status.cluster_imbalance_ratio,
+            "load_reporting_routers": status.load_reporting_routers,
             "replicas": status.replicas, "layer_retries": status.layer_retries,
             "serving_transport": status.serving_transport, "collective_layers": status.collective_layers,
             "collective_failures": status.collective_failures, "dense_device": status.dense_device,
@@ -92,6 +94,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.suspect_reports,
         status.suspect_replans
     );
+    if status.load_reporting_routers > 0 {
+        println!(
+            "  cluster imbalance {:.3} over {} routers' load (what the planner rebalances on)",
+            status.cluster_imbalance_ratio, status.load_reporting_routers
+        );
+    }
     if status.in_process_nodes > 0 {
         println!(
             "  routed experts on {} in-process nodes (no etcd, no expert-node processes)",

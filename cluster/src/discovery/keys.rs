@@ -89,6 +89,17 @@ impl ClusterKeys {
         format!("{}suspect/{node_id}/{router_id}", self.prefix)
     }
 
+    /// Prefix of the routers' load reports.
+    pub fn load_reports(&self) -> String {
+        format!("{}load/", self.prefix)
+    }
+
+    /// A router's `LoadReport`: what it dispatched since it started, per (layer, node) and
+    /// per (layer, expert), for the planner (on the router's lease; outside the snapshots).
+    pub fn load_report(&self, router_id: &str) -> String {
+        format!("{}load/{router_id}", self.prefix)
+    }
+
     /// The id under `prefix` (one of the prefixes above) of `key`: the first path segment.
     pub fn id_under<'a>(&self, prefix: &str, key: &'a str) -> Option<&'a str> {
         let rest = key.get(prefix.len()..)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::kv::{GuardedPut, Kv, Listing};
-use super::watch::WatchHub;
+use super::watch::{KeyRange, WatchHub};
 
 /// The shared store; clone it to hand it to another "process".
 #[derive(Clone, Default)]
@@ -150,11 +150,23 @@ impl MemoryStore {
     }
 
     pub(crate) fn list(&self, prefix: &str) -> Listing {
+        self.list_ranges(&[KeyRange {
+            key: prefix.to_string(),
+            prefix: true,
+        }])
+    }
+
+    /// Every key in `ranges`, at one revision (as etcd's read-only transaction gives them).
+    pub(crate) fn list_ranges(&self, ranges: &[KeyRange]) -> Listing {
         self.apply(|state| Listing {
-            kvs: state
-                .keys
-                .range(prefix.to_string()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
+            kvs: ranges
+                .iter()
+                .flat_map(|range| {
+                    state
+                        .keys
+                        .range(range.key.clone()..)
+                        .take_while(|(k, _)| range.contains(k))
+                })
                 .map(|(k, e)| Kv {
                     key: k.clone(),
                     value: e.value.clone(),

@@ -21,6 +21,7 @@ pub mod etcd;
 pub mod keys;
 pub(crate) mod kv;
 pub(crate) mod lease;
+pub mod load_report;
 pub mod memory;
 pub mod outage;
 pub mod records;
@@ -36,9 +37,12 @@ use std::time::Duration;
 pub use error::DiscoveryError;
 pub use etcd::connection::EtcdConnection;
 pub use keys::ClusterKeys;
+pub use load_report::{LoadReport, LoadReportError};
 pub use memory::MemoryStore;
 pub use outage::Outage;
-pub use records::{NodeRecord, NodeState, RouterLoad, RouterProfile, RouterRecord};
+pub use records::{
+    new_instance_id, NodeRecord, NodeState, RouterLoad, RouterProfile, RouterRecord,
+};
 pub use registration::{NodeRegistration, RouterRegistration};
 pub use snapshot::{Membership, Snapshot};
 pub use watch::{Changes, Topic};
@@ -113,7 +117,10 @@ impl Discovery {
 
     /// The members and the placement, read at one revision.
     pub async fn snapshot(&self) -> Result<Snapshot, DiscoveryError> {
-        let listing = self.store.list(self.keys.root()).await?;
+        let listing = self
+            .store
+            .list_ranges(&Snapshot::ranges(&self.keys))
+            .await?;
         Snapshot::parse(&self.keys, &listing)
     }
 
@@ -159,6 +166,29 @@ impl Discovery {
             .into_iter()
             .map(|kv| (kv.key, kv.value))
             .collect())
+    }
+
+    /// The routers' load reports by router id, each with the revision it was written at (a
+    /// new revision is a new report). Reports that are too large or malformed are skipped
+    /// with a warning: one bad writer must not blind the planner to the others.
+    pub async fn load_reports(
+        &self,
+    ) -> Result<BTreeMap<String, (i64, LoadReport)>, DiscoveryError> {
+        let prefix = self.keys.load_reports();
+        let listing = self.store.list(&prefix).await?;
+        let mut reports = BTreeMap::new();
+        for kv in listing.kvs {
+            let Some(router) = self.keys.id_under(&prefix, &kv.key) else {
+                continue;
+            };
+            match LoadReport::decode(&kv.value) {
+                Ok(report) => {
+                    reports.insert(router.to_string(), (kv.mod_revision, report));
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "ignoring a load report"),
+            }
+        }
+        Ok(reports)
     }
 
     /// Wakes the returned handle whenever something under `topics` changes. Over etcd the
@@ -397,5 +427,47 @@ mod tests {
         store.put(&discovery.keys().placement(), b"not json".to_vec());
         let err = discovery.snapshot().await.unwrap_err();
         assert!(matches!(err, DiscoveryError::Record { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn load_reports_stay_out_of_snapshots_are_read_apart_and_vanish_with_their_lease() {
+        let store = MemoryStore::new();
+        let discovery = Discovery::in_memory(&store, "c");
+        let router = elected(&discovery, "r1").await;
+        let report = LoadReport {
+            instance: "i".into(),
+            expert_tokens: [(1, vec![3, 0, 2, 1])].into(),
+            ..Default::default()
+        };
+        router.set_load_report(&report);
+        store.put(&discovery.keys().load_report("bad"), b"[1, 2]".to_vec());
+        let mut read = BTreeMap::new();
+        for _ in 0..500 {
+            read = discovery.load_reports().await.unwrap();
+            if !read.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            read.keys().collect::<Vec<_>>(),
+            ["r1"],
+            "the malformed one skipped"
+        );
+        assert_eq!(read["r1"].1, report);
+        // Not part of a snapshot: the same snapshot as one read with no report written.
+        let with_reports = discovery.snapshot().await.unwrap();
+        let listed = store.list(discovery.keys().root());
+        assert!(listed.kvs.iter().any(|kv| kv.key.contains("/load/")));
+        let snapshot_keys = store.list_ranges(&Snapshot::ranges(discovery.keys()));
+        assert!(snapshot_keys
+            .kvs
+            .iter()
+            .all(|kv| !kv.key.contains("/load/")));
+        assert_eq!(with_reports.members.routers.len(), 1);
+
+        assert!(store.expire_lease_of(&discovery.keys().load_report("r1")));
+        let read = discovery.load_reports().await.unwrap();
+        assert!(read.is_empty(), "{read:?}");
     }
 }

@@ -94,3 +94,18 @@ pub struct RouterLoad {
     pub kv_blocks_cached: u64,
     pub kv_blocks_total: u64,
 }
+
+/// A random id for one process start (a node's `NodeRecord::instance`, a router's
+/// `LoadReport::instance`): a restart under the same id is then told apart.
+pub fn new_instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}

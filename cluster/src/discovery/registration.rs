@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::error::{encode, Result};
 use super::keys::ClusterKeys;
 use super::lease::LeasedKeys;
+use super::load_report::LoadReport;
 use super::records::{NodeRecord, NodeState, RouterLoad, RouterProfile, RouterRecord};
 use super::store::LeaseClient;
 use crate::collective::CollectiveRecord;
@@ -147,6 +148,16 @@ impl RouterRegistration {
 
     pub fn set_load(&self, load: RouterLoad) {
         self.publish(|r| r.load = load);
+    }
+
+    /// Publishes what this router dispatched since it started, for the planner.
+    pub fn set_load_report(&self, report: &LoadReport) {
+        match report.encode() {
+            Ok(value) => self
+                .leased
+                .set(self.keys.load_report(&self.router_id), value),
+            Err(e) => tracing::warn!(error = %e, "load report not published"),
+        }
     }
 
     /// Changes the record and republishes it (written at once when it differs).

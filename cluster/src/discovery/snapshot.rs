@@ -7,6 +7,7 @@ use super::error::DiscoveryError;
 use super::keys::ClusterKeys;
 use super::kv::Listing;
 use super::records::{NodeRecord, RouterRecord};
+use super::watch::{KeyRange, Topic};
 use crate::placement::Placement;
 
 /// A snapshot of the cluster's live processes and requests.
@@ -52,6 +53,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The key ranges a snapshot reads: what the planner and the followers act on, not the
+    /// collective records or the routers' load reports (read on their own, when needed).
+    pub(crate) fn ranges(keys: &ClusterKeys) -> Vec<KeyRange> {
+        [
+            Topic::Members,
+            Topic::Routers,
+            Topic::Placement,
+            Topic::Drains,
+        ]
+        .into_iter()
+        .flat_map(|t| t.ranges(keys))
+        .collect()
+    }
+
     /// Parses a listing of the cluster's prefix. Malformed node and router records are skipped
     /// (one bad writer must not blind everyone); a malformed placement is an error.
     pub(crate) fn parse(keys: &ClusterKeys, listing: &Listing) -> Result<Self, DiscoveryError> {

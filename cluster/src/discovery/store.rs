@@ -9,6 +9,7 @@ use super::etcd::lease::EtcdLease;
 use super::etcd::EtcdStore;
 use super::kv::{GuardedPut, Listing};
 use super::memory::MemoryStore;
+use super::watch::KeyRange;
 
 #[derive(Clone)]
 pub(crate) enum Store {
@@ -21,6 +22,14 @@ impl Store {
         match self {
             Store::Etcd(etcd) => etcd.list(prefix).await,
             Store::Memory(memory) => Ok(memory.list(prefix)),
+        }
+    }
+
+    /// Every key in `ranges`, read at one revision.
+    pub(crate) async fn list_ranges(&self, ranges: &[KeyRange]) -> Result<Listing> {
+        match self {
+            Store::Etcd(etcd) => etcd.list_ranges(ranges).await,
+            Store::Memory(memory) => Ok(memory.list_ranges(ranges)),
         }
     }
 

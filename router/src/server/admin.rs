@@ -133,6 +133,8 @@ impl Admin for AdminService {
             is_planner: self.view.is_planner.load(Ordering::Relaxed),
             imbalance_ratio: self.view.imbalance(),
             rebalances: self.view.rebalances.load(Ordering::Relaxed),
+            cluster_imbalance_ratio: self.view.cluster_imbalance(),
+            load_reporting_routers: self.view.load_reporting_routers.load(Ordering::Relaxed) as u32,
             replicas: serving
                 .as_ref()
                 .map(|s| s.placement.replica_count() as u64)

@@ -7,10 +7,11 @@ pub(crate) mod watch;
 
 use std::sync::Mutex;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 
 use super::error::Result;
 use super::kv::{GuardedPut, Kv, Listing};
+use super::watch::KeyRange;
 use connection::EtcdConnection;
 
 /// Unary calls to etcd. The client is made on first use and dropped after a failed call, so
@@ -59,15 +60,31 @@ impl EtcdStore {
         let resp = self.checked(client.get(prefix, Some(options)).await)?;
         Ok(Listing {
             revision: resp.header().map(|h| h.revision()).unwrap_or(0),
-            kvs: resp
-                .kvs()
-                .iter()
-                .map(|kv| Kv {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    value: kv.value().to_vec(),
-                    mod_revision: kv.mod_revision(),
-                })
-                .collect(),
+            kvs: resp.kvs().iter().map(stored).collect(),
+        })
+    }
+
+    /// One read-only transaction with a range read per key range: every key at one revision,
+    /// and nothing outside the ranges (the routers' load reports stay out of the snapshots).
+    pub(crate) async fn list_ranges(&self, ranges: &[KeyRange]) -> Result<Listing> {
+        let mut client = self.client().await?;
+        let reads: Vec<TxnOp> = ranges
+            .iter()
+            .map(|r| {
+                let options = r.prefix.then(|| GetOptions::new().with_prefix());
+                TxnOp::get(r.key.clone(), options)
+            })
+            .collect();
+        let resp = self.checked(client.txn(Txn::new().and_then(reads)).await)?;
+        let mut kvs = Vec::new();
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(get) = op {
+                kvs.extend(get.kvs().iter().map(stored));
+            }
+        }
+        Ok(Listing {
+            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            kvs,
         })
     }
 
@@ -94,5 +111,14 @@ impl EtcdStore {
             ])
             .and_then([TxnOp::put(put.key, put.value, None)]);
         Ok(self.checked(client.txn(txn).await)?.succeeded())
+    }
+}
+
+/// A key as etcd returned it.
+fn stored(kv: &KeyValue) -> Kv {
+    Kv {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
     }
 }
