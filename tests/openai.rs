@@ -593,6 +593,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         (FIXTURES[1], "qwen3_coder_tools.jinja"),
         // GLM-4.5's: key and value pairs, strings raw (its family's format, by model_type).
         (FIXTURES[3], "glm45_tools.jinja"),
+        // GLM-4.7's: the same pairs back to back, told from GLM-4.5's by the template.
+        (FIXTURES[3], "glm47_tools.jinja"),
     ] {
         let template = format!("{templates}/{template}");
         let got = script_against_http(
@@ -618,7 +620,10 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
             streamed["argument_deltas"][0].as_u64() > Some(2),
             "the arguments arrive piece by piece: {got}"
         );
-        if template.contains("qwen3_coder") || template.contains("glm45") {
+        if ["qwen3_coder", "glm45", "glm47"]
+            .iter()
+            .any(|t| template.contains(t))
+        {
             // A parameter at a time: `{`, the three parameters, `}` (JSON formats stream their
             // arguments as generated, in many more pieces).
             assert_eq!(streamed["argument_deltas"][0], 5, "{got}");

@@ -9,6 +9,11 @@
 //! </tool_call>
 //! ```
 //!
+//! GLM-4.7 (vLLM's `glm47`) writes the same tags with nothing between them
+//! (`<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>`, and
+//! `<tool_call>NAME</tool_call>` without arguments): the parser reads both layouts; only the
+//! grammar that forces a call differs ([`Layout`]).
+//!
 //! The arguments are written as vLLM writes them (Python's `json.dumps`, `ensure_ascii=False`);
 //! a stream sends `{`, then each pair as its `</arg_value>` arrives, then `}` once the call
 //! closes: fragments that add up to the whole answer's arguments. A value that is not JSON is
@@ -74,13 +79,14 @@ fn blocks(text: &str) -> impl Iterator<Item = (&str, bool)> {
         })
 }
 
-/// One call: its name once a newline (or the first pair) ends it, and the pairs a
-/// `</arg_value>` closed; complete when `closed`.
+/// One call: its name once a newline, the first pair or the call's close ends it, and the
+/// pairs a `</arg_value>` closed; complete when `closed`.
 fn read_call(block: &str, functions: &[FunctionSpec], closed: bool) -> Option<PartialCall> {
     let name_end = [block.find('\n'), block.find(KEY_OPEN)]
         .into_iter()
         .flatten()
-        .min()?;
+        .min()
+        .or(closed.then_some(block.len()))?;
     let name = block[..name_end].trim().to_string();
     if name.is_empty() {
         return None;
@@ -150,8 +156,17 @@ fn typed_value(key: &str, raw: &str, properties: Option<&Value>) -> Value {
         .unwrap_or_else(|| Value::String(raw.to_string()))
 }
 
-/// GLM-4.5's tags, for the grammar that forces a call.
-const SYNTAX: TaggedCallSyntax = TaggedCallSyntax {
+/// How a version's chat template lays a call out, for the grammar that forces one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// GLM-4.5 and 4.6: a newline after the name and after each tag pair.
+    Lines,
+    /// GLM-4.7: the tags back to back.
+    Compact,
+}
+
+/// GLM-4.5's tags.
+const LINES: TaggedCallSyntax = TaggedCallSyntax {
     call_open: |name| format!("{CALL_OPEN}{name}\n"),
     call_close: CALL_CLOSE,
     pair_open: |key| format!("{KEY_OPEN}{key}{KEY_CLOSE}\n{VALUE_OPEN}"),
@@ -160,11 +175,25 @@ const SYNTAX: TaggedCallSyntax = TaggedCallSyntax {
     any_pair: r#""<arg_key>" /[A-Za-z0-9_.\-]+/ "</arg_key>\n<arg_value>" text_value"#,
 };
 
-/// A Lark grammar (llguidance's dialect) for one call to one of `functions` in this syntax
-/// (several, a newline apart, when `parallel`): the name line, then the pairs in the schema's
+/// GLM-4.7's.
+const COMPACT: TaggedCallSyntax = TaggedCallSyntax {
+    call_open: |name| format!("{CALL_OPEN}{name}"),
+    call_close: CALL_CLOSE,
+    pair_open: |key| format!("{KEY_OPEN}{key}{KEY_CLOSE}{VALUE_OPEN}"),
+    value_close: "</arg_value>",
+    text_value: r#"/(?s:.*)<\/arg_value>/"#,
+    any_pair: r#""<arg_key>" /[A-Za-z0-9_.\-]+/ "</arg_key><arg_value>" text_value"#,
+};
+
+/// A Lark grammar (llguidance's dialect) for one call to one of `functions` in `layout`
+/// (several, a newline apart, when `parallel`): the name, then the pairs in the schema's
 /// order (`tagged_call_grammar.rs`).
-pub fn grammar(functions: &[FunctionSpec], parallel: bool) -> String {
-    tagged_call_grammar::grammar(&SYNTAX, functions, parallel)
+pub fn grammar(layout: Layout, functions: &[FunctionSpec], parallel: bool) -> String {
+    let syntax = match layout {
+        Layout::Lines => &LINES,
+        Layout::Compact => &COMPACT,
+    };
+    tagged_call_grammar::grammar(syntax, functions, parallel)
 }
 
 #[cfg(test)]
@@ -222,6 +251,36 @@ mod tests {
         );
         assert!(parse("no calls at all", &functions()).is_none());
         assert!(parse("<tool_call>", &functions()).is_none());
+    }
+
+    /// GLM-4.7's layout: the same calls with nothing between the tags, and a call without
+    /// arguments closed right after its name.
+    #[test]
+    fn glm47_compact_calls_read_as_glm45_ones() {
+        let compact = ANSWER
+            .replace("edit_file\n", "edit_file")
+            .replace("</arg_key>\n", "</arg_key>")
+            .replace("</arg_value>\n", "</arg_value>");
+        assert!(!compact.contains("</arg_value>\n"));
+        assert_eq!(parse(&compact, &functions()), parse(ANSWER, &functions()));
+        let text = "<tool_call>get_time</tool_call><tool_call>edit_file<arg_key>line</arg_key><arg_value>2</arg_value></tool_call>";
+        let (_, calls) = parse(text, &functions()).unwrap();
+        let got: Vec<(&str, &str)> = calls
+            .iter()
+            .map(|c| (c.name.as_str(), c.arguments.as_str()))
+            .collect();
+        assert_eq!(got, [("get_time", "{}"), ("edit_file", "{\"line\": 2}")]);
+        // Streamed: the name counts once a pair or the close ends it.
+        let whole = parse(&compact, &functions()).unwrap().1;
+        let seen = crate::function_calls::streamed_arguments(&compact, &whole[0].arguments, |t| {
+            partial_calls(t, &functions())
+        });
+        assert_eq!(seen.len(), 1 + 7 + 1, "{seen:#?}");
+        assert!(partial_calls("<tool_call>get_time", &functions()).is_empty());
+        assert_eq!(
+            partial_calls("<tool_call>get_time</tool_call>", &functions())[0].arguments,
+            "{}"
+        );
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum ToolCallFormat {
     DeepSeekV31,
     Qwen3Coder,
     Glm45,
+    /// GLM-4.7: GLM-4.5's tags without the newlines between them.
+    Glm47,
 }
 
 impl std::str::FromStr for ToolCallFormat {
@@ -44,14 +46,18 @@ impl std::str::FromStr for ToolCallFormat {
             "deepseek_v31" | "deepseek-v31" | "deepseek-v3.1" => Ok(Self::DeepSeekV31),
             "qwen3_coder" | "qwen3-coder" | "qwen3_xml" => Ok(Self::Qwen3Coder),
             "glm45" | "glm4_moe" | "glm-4.5" => Ok(Self::Glm45),
+            "glm47" | "glm-4.7" => Ok(Self::Glm47),
             other => Err(format!(
-                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder or glm45"
+                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder, glm45 or glm47"
             )),
         }
     }
 }
 
 const HERMES_OPEN: &str = "<tool_call>\n";
+/// GLM-4.7's template tells the model its call layout so (GLM-4.5's puts a newline after the
+/// name).
+const GLM47_INSTRUCTION: &str = "<tool_call>{function-name}<arg_key>";
 const HERMES_CLOSE: &str = "\n</tool_call>";
 const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
@@ -91,14 +97,17 @@ impl ToolCallFormat {
     /// The format the model writes, by its `model_type` and the chat template it is served
     /// with: DeepSeek-V3.1 shares V3's `model_type`, and its template writes earlier calls
     /// as `NAME<｜tool▁sep｜>ARGS`, with no `function` type and no fenced JSON; Qwen3-Coder
-    /// shares Qwen3-MoE's, and its template writes `<function=NAME>` and `<parameter=KEY>`.
+    /// shares Qwen3-MoE's, and its template writes `<function=NAME>` and `<parameter=KEY>`;
+    /// GLM-4.7 shares GLM-4.5's, and its template shows the call's tags back to back.
     pub fn for_model_and_template(model_type: &str, template: Option<&str>) -> Self {
         let family = Self::for_model(model_type);
         let v31 = template.is_some_and(|t| t.contains(DS_SEP) && !t.contains("```json"));
         let xml = template.is_some_and(|t| t.contains("<function=") && t.contains("<parameter="));
+        let compact = template.is_some_and(|t| t.contains(GLM47_INSTRUCTION));
         match family {
             ToolCallFormat::DeepSeekV3 if v31 => ToolCallFormat::DeepSeekV31,
             ToolCallFormat::Hermes if xml => ToolCallFormat::Qwen3Coder,
+            ToolCallFormat::Glm45 if compact => ToolCallFormat::Glm47,
             _ => family,
         }
     }
@@ -109,7 +118,7 @@ impl ToolCallFormat {
             ToolCallFormat::Hermes => "<tool_call>",
             ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => DS_CALLS_BEGIN,
             ToolCallFormat::Qwen3Coder => xml_tool_calls::CALL_OPEN,
-            ToolCallFormat::Glm45 => glm_tool_calls::CALL_OPEN,
+            ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => glm_tool_calls::CALL_OPEN,
         }
     }
 
@@ -118,7 +127,16 @@ impl ToolCallFormat {
     pub fn grammar(&self, functions: &[FunctionSpec], parallel: bool) -> String {
         match self {
             ToolCallFormat::Qwen3Coder => return xml_tool_calls::grammar(functions, parallel),
-            ToolCallFormat::Glm45 => return glm_tool_calls::grammar(functions, parallel),
+            ToolCallFormat::Glm45 => {
+                return glm_tool_calls::grammar(glm_tool_calls::Layout::Lines, functions, parallel)
+            }
+            ToolCallFormat::Glm47 => {
+                return glm_tool_calls::grammar(
+                    glm_tool_calls::Layout::Compact,
+                    functions,
+                    parallel,
+                )
+            }
             _ => {}
         }
         let mut rules = Vec::new();
@@ -155,7 +173,8 @@ impl ToolCallFormat {
                     // (Qwen3-Coder's and GLM's are their modules', returned above.)
                     ToolCallFormat::DeepSeekV31
                     | ToolCallFormat::Qwen3Coder
-                    | ToolCallFormat::Glm45 => {
+                    | ToolCallFormat::Glm45
+                    | ToolCallFormat::Glm47 => {
                         rules.push(format!("a{i}: %json {}", arguments_schema(f)));
                         format!(
                             "{} a{i} {}",
@@ -179,7 +198,8 @@ impl ToolCallFormat {
             ToolCallFormat::DeepSeekV3
             | ToolCallFormat::DeepSeekV31
             | ToolCallFormat::Qwen3Coder
-            | ToolCallFormat::Glm45 => format!(
+            | ToolCallFormat::Glm45
+            | ToolCallFormat::Glm47 => format!(
                 "start: {} call{repeat} {}\ncall: {call}",
                 literal(DS_CALLS_BEGIN),
                 literal(DS_CALLS_END)
@@ -204,7 +224,7 @@ impl ToolCallFormat {
             ToolCallFormat::DeepSeekV3 => parse_deepseek(text, split_v3_call),
             ToolCallFormat::DeepSeekV31 => parse_deepseek(text, split_v31_call),
             ToolCallFormat::Qwen3Coder => xml_tool_calls::parse(text, functions),
-            ToolCallFormat::Glm45 => glm_tool_calls::parse(text, functions),
+            ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => glm_tool_calls::parse(text, functions),
         }
     }
 }
@@ -340,7 +360,9 @@ pub fn partial_calls(
         ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
         ToolCallFormat::DeepSeekV31 => (DS_CALL_BEGIN, deepseek_v31_call),
         ToolCallFormat::Qwen3Coder => return xml_tool_calls::partial_calls(text, functions),
-        ToolCallFormat::Glm45 => return glm_tool_calls::partial_calls(text, functions),
+        ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => {
+            return glm_tool_calls::partial_calls(text, functions)
+        }
     };
     let mut calls = Vec::new();
     let mut rest = text;
@@ -440,6 +462,18 @@ mod tests {
         assert_eq!("qwen3_xml".parse(), Ok(ToolCallFormat::Qwen3Coder));
         assert_eq!(detect("glm4_moe", "glm45.jinja"), ToolCallFormat::Glm45);
         assert_eq!("glm45".parse(), Ok(ToolCallFormat::Glm45));
+        // GLM-4.7's template: GLM-4.5's with the layout shown back to back.
+        let glm47 = template("glm45.jinja").replace(
+            "<tool_call>{function-name}\n<arg_key>",
+            "<tool_call>{function-name}<arg_key>",
+        );
+        assert_ne!(glm47, template("glm45.jinja"));
+        assert_eq!(
+            ToolCallFormat::for_model_and_template("glm4_moe", Some(&glm47)),
+            ToolCallFormat::Glm47
+        );
+        assert_eq!("glm47".parse(), Ok(ToolCallFormat::Glm47));
+        assert_eq!("glm-4.7".parse(), Ok(ToolCallFormat::Glm47));
         assert_eq!(
             ToolCallFormat::for_model_and_template("deepseek_v3", None),
             ToolCallFormat::DeepSeekV3

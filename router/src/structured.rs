@@ -678,6 +678,7 @@ mod tests {
             ToolCallFormat::DeepSeekV3,
             ToolCallFormat::Qwen3Coder,
             ToolCallFormat::Glm45,
+            ToolCallFormat::Glm47,
         ] {
             let grammar = format.grammar(&weather()[..1], false);
             let mut c = compiler
@@ -806,13 +807,32 @@ mod tests {
     /// or bounds not.
     #[test]
     fn a_forced_glm45_call_takes_its_own_syntax_only() {
+        forced_glm_calls(moe_openai::tool_calls::ToolCallFormat::Glm45, "\n");
+    }
+
+    /// GLM-4.7's: the same with the tags back to back, and GLM-4.5's layout refused.
+    #[test]
+    fn a_forced_glm47_call_takes_its_own_syntax_only() {
         use moe_openai::tool_calls::ToolCallFormat;
+        forced_glm_calls(ToolCallFormat::Glm47, "");
+        let accepts = forced_call_acceptor(ToolCallFormat::Glm47, &edit_function());
+        let lines = "<tool_call>edit\n<arg_key>path</arg_key>\n<arg_value>a</arg_value>\n<arg_key>line</arg_key>\n<arg_value>1</arg_value>\n</tool_call>";
+        assert!(!accepts(lines));
+        assert!(accepts(&lines.replace('\n', "")));
+    }
+
+    /// A GLM call in `format`, `gap` between its name and tags.
+    fn forced_glm_calls(format: moe_openai::tool_calls::ToolCallFormat, gap: &str) {
         let functions = edit_function();
-        let accepts = forced_call_acceptor(ToolCallFormat::Glm45, &functions);
-        let pair =
-            |k: &str, v: &str| format!("<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n");
+        let accepts = forced_call_acceptor(format, &functions);
+        let pair = |k: &str, v: &str| {
+            format!("<arg_key>{k}</arg_key>{gap}<arg_value>{v}</arg_value>{gap}")
+        };
         let call = |path: &str, rest: &str| {
-            format!("<tool_call>edit\n{}{rest}</tool_call>", pair("path", path))
+            format!(
+                "<tool_call>edit{gap}{}{rest}</tool_call>",
+                pair("path", path)
+            )
         };
         let full = call(
             "src/a.html\n<p>x</p>",
@@ -828,7 +848,7 @@ mod tests {
         let minimal = call("a.rs", &pair("line", "-3"));
         assert!(accepts(&minimal));
         assert!(accepts(&format!("{minimal}\n{full}")), "parallel calls");
-        let (_, calls) = ToolCallFormat::Glm45.parse(&full, &functions).unwrap();
+        let (_, calls) = format.parse(&full, &functions).unwrap();
         let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
         assert_eq!(args["path"], "src/a.html\n<p>x</p>");
         assert_eq!(
