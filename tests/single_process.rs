@@ -240,6 +240,74 @@ async fn max_model_len_bounds_requests_and_is_reported() {
     );
 }
 
+/// The generation config's `max_new_tokens`, as vLLM serves it: with `auto` the checkpoint's
+/// is the `max_tokens` of a chat request that gives none, not a cap; a folder's
+/// (`--generation-config DIR`) and `--override-generation-config`'s also cap every request,
+/// chat or completion; an override of a field that cannot be overridden stops the router by
+/// name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_new_tokens_is_chats_default_and_a_folders_or_an_overrides_caps_every_request() {
+    use serde_json::json;
+    let fixture = FIXTURES[0];
+    let source = fixture_dir(fixture);
+    let dir = moe_tests::TempDir::new("generation-max-new-tokens");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(source.join(file), dir.0.join(file)).unwrap();
+    }
+    let generation = json!({"max_new_tokens": 5});
+    std::fs::write(dir.0.join("generation_config.json"), generation.to_string()).unwrap();
+    let start_on = |extra: &[&str]| {
+        let mut args = no_etcd();
+        args.extend(["--http-listen", "127.0.0.1:0"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        SingleProcessRouter::start(&harness::binary("moe-router"), &dir.0, 1, &args, false).unwrap()
+    };
+    // Completion tokens of a chat (max_tokens: None = unset) and of a completion.
+    let lengths = |http: String| async move {
+        let chat = |max_tokens: Option<u32>| {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}],
+                                  "temperature": 0, "ignore_eos": true});
+            if let Some(n) = max_tokens {
+                body["max_tokens"] = n.into();
+            }
+            body
+        };
+        let used = |answer: Value| answer["usage"]["completion_tokens"].as_u64().unwrap();
+        let unset = used(harness::post_json(&http, "/v1/chat/completions", &chat(None)).await);
+        let nine = used(harness::post_json(&http, "/v1/chat/completions", &chat(Some(9))).await);
+        let completion = json!({"prompt": "hello", "max_tokens": 9, "temperature": 0,
+                                "ignore_eos": true});
+        let completed = used(harness::post_json(&http, "/v1/completions", &completion).await);
+        (unset, nine, completed)
+    };
+    let auto = start_on(&[]);
+    let got = lengths(auto.http_addr.clone().unwrap()).await;
+    assert_eq!(got, (5, 9, 9), "auto: the checkpoint's default, no cap");
+    drop(auto);
+    let folder = dir.0.to_str().unwrap().to_string();
+    let capped = start_on(&["--generation-config", &folder]);
+    let got = lengths(capped.http_addr.clone().unwrap()).await;
+    assert_eq!(got, (5, 5, 5), "a folder's: default and cap");
+    drop(capped);
+    let overridden = start_on(&["--override-generation-config", r#"{"max_new_tokens": 3}"#]);
+    let got = lengths(overridden.http_addr.clone().unwrap()).await;
+    assert_eq!(got, (3, 3, 3), "an override's: default and cap");
+    drop(overridden);
+    let stderr = refused_at_start(
+        &dir.0,
+        &["--override-generation-config", r#"{"stop": ["x"]}"#],
+    );
+    assert!(
+        stderr.contains("--override-generation-config: `stop` cannot be overridden"),
+        "{stderr}"
+    );
+}
+
 /// `--generation-config` (vLLM's, `auto` by default): the checkpoint's
 /// `generation_config.json` gives the sampling of the fields a request leaves unset (the
 /// same answer as a request that asks for them, seeded), never of those it sets (an explicit

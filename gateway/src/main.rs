@@ -227,6 +227,11 @@ fn openai_app(
         chat_template: args.chat_template.as_deref(),
         reasoning_parser: args.reasoning_parser,
         tool_call_parser: args.tool_call_parser,
+        // The checkpoint's default, as its routers' `--generation-config auto` has it (a
+        // router's `--override-generation-config` cap still applies there).
+        default_max_tokens: moe_model::generation_config::GenerationConfig::from_dir(&args.model)
+            .with_context(|| format!("reading {}", args.model.display()))?
+            .max_new_tokens,
     };
     let state = http::HttpState::new(model, Arc::new(generator), api_keys)?
         .storing_responses(args.responses_store_bytes);

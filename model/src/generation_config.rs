@@ -35,7 +35,20 @@ pub struct GenerationConfig {
     pub sampling: SamplingDefaults,
     /// Its `eos_token_id` (one id or a list).
     pub eos_token_ids: Vec<u32>,
+    /// Its `max_new_tokens`: vLLM's default `max_tokens` for requests that give none.
+    pub max_new_tokens: Option<u32>,
 }
+
+/// The fields `--override-generation-config` may set: the sampling ones and `max_new_tokens`
+/// (those vLLM's server takes from a generation config).
+pub const OVERRIDABLE: [&str; 6] = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+];
 
 impl GenerationConfig {
     /// `dir/generation_config.json`; the default (nothing) when the checkpoint has none. A
@@ -81,10 +94,37 @@ impl GenerationConfig {
             Some(id) => token_id(id).map(|id| vec![id]),
         }
         .ok_or_else(|| "eos_token_id is not a token id or a list of them".to_string())?;
+        let max_new_tokens = number("max_new_tokens", |n| n >= 1.0 && n.fract() == 0.0, ">= 1")?
+            .map(|n| n.min(f64::from(u32::MAX)) as u32);
         Ok(Self {
             sampling,
             eos_token_ids,
+            max_new_tokens,
         })
+    }
+
+    /// Sets the fields a JSON object gives (vLLM's `--override-generation-config`), checked
+    /// as the file's are; a field outside [`OVERRIDABLE`] is refused by name.
+    pub fn override_with(&mut self, text: &str) -> std::result::Result<(), String> {
+        let raw: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let Some(fields) = raw.as_object() else {
+            return Err("not a JSON object".into());
+        };
+        if let Some(other) = fields.keys().find(|k| !OVERRIDABLE.contains(&k.as_str())) {
+            return Err(format!(
+                "`{other}` cannot be overridden; these can: {}",
+                OVERRIDABLE.join(", ")
+            ));
+        }
+        let given = Self::from_json_str(text)?;
+        let (s, g) = (&mut self.sampling, given.sampling);
+        s.temperature = g.temperature.or(s.temperature);
+        s.top_p = g.top_p.or(s.top_p);
+        s.top_k = g.top_k.or(s.top_k);
+        s.min_p = g.min_p.or(s.min_p);
+        s.repetition_penalty = g.repetition_penalty.or(s.repetition_penalty);
+        self.max_new_tokens = given.max_new_tokens.or(self.max_new_tokens);
+        Ok(())
     }
 }
 
@@ -133,6 +173,8 @@ mod tests {
             (r#"{"eos_token_id": "x"}"#, "eos_token_id"),
             (r#"{"eos_token_id": [1, -2]}"#, "eos_token_id"),
             (r#"{"temperature": "hot"}"#, "temperature"),
+            (r#"{"max_new_tokens": 0}"#, "max_new_tokens"),
+            (r#"{"max_new_tokens": 2.5}"#, "max_new_tokens"),
         ] {
             let err = GenerationConfig::from_json_str(text).unwrap_err();
             assert!(err.contains(name), "{text}: {err}");
@@ -147,5 +189,35 @@ mod tests {
         let err = GenerationConfig::from_dir(&dir).unwrap_err().to_string();
         assert!(err.contains(FILE), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn max_new_tokens_is_read_and_overrides_replace_only_what_they_give() {
+        let mut config = GenerationConfig::from_json_str(
+            r#"{"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 2048, "eos_token_id": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(config.max_new_tokens, Some(2048));
+        config
+            .override_with(r#"{"temperature": 0.3, "max_new_tokens": 64}"#)
+            .unwrap();
+        assert_eq!(config.sampling.temperature, Some(0.3));
+        assert_eq!(config.sampling.top_p, Some(0.95), "kept");
+        assert_eq!(config.max_new_tokens, Some(64));
+        assert_eq!(config.eos_token_ids, [1], "not overridable, kept");
+        for (text, name) in [
+            (r#"{"eos_token_id": 2}"#, "eos_token_id"),
+            (r#"{"max_tokens": 5}"#, "max_tokens"),
+            (r#"{"top_k": 1.5}"#, "top_k"),
+            ("[1]", "object"),
+        ] {
+            let err = config.override_with(text).unwrap_err();
+            assert!(err.contains(name), "{text}: {err}");
+        }
+        assert_eq!(
+            config.max_new_tokens,
+            Some(64),
+            "a refused override changes nothing"
+        );
     }
 }

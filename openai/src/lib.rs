@@ -619,6 +619,7 @@ pub fn parse_chat(
         template,
         tokenizer,
         max_model_len,
+        None,
         ToolCallFormat::Hermes,
         None,
     )
@@ -830,11 +831,15 @@ pub fn parse_chat_body(
 
 /// The part of [`parse_chat`] that renders the template and tokenizes (CPU-heavy: the server
 /// runs it on the blocking pool).
+///
+/// A request without `max_tokens` (or `max_completion_tokens`) gets `default_max_tokens`
+/// (the generation config's `max_new_tokens`), else the rest of the context.
 pub fn render_chat(
     chat: ChatBody,
     template: Option<&ChatTemplate>,
     tokenizer: &Tokenizer,
     max_model_len: usize,
+    default_max_tokens: Option<u32>,
     tool_format: ToolCallFormat,
     reasoning_parser: Option<reasoning::ReasoningParser>,
 ) -> Result<Parsed, RouterError> {
@@ -893,7 +898,10 @@ pub fn render_chat(
     let max_tokens = req
         .max_completion_tokens
         .or(req.max_tokens)
-        .unwrap_or_else(|| max_model_len.saturating_sub(input_ids.len()).max(1) as u32);
+        .unwrap_or_else(|| {
+            let rest = max_model_len.saturating_sub(input_ids.len()).max(1) as u32;
+            default_max_tokens.map_or(rest, |d| d.min(rest))
+        });
     if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
         return Err(RouterError::invalid(
             "top_logprobs",
@@ -1131,6 +1139,7 @@ async fn admit_chat<T: Send + 'static>(
                 render_state.chat_template.as_ref(),
                 tokenizer,
                 render_state.max_model_len.get(),
+                render_state.default_max_tokens,
                 render_state.tool_format,
                 render_state.reasoning_parser,
             )

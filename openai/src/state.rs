@@ -28,6 +28,9 @@ pub struct ServedModel<'a> {
     /// `--tool-call-parser`: the tool-call syntax, when not the one the model and its
     /// template imply.
     pub tool_call_parser: Option<ToolCallFormat>,
+    /// `max_tokens` of a chat request that gives none (the generation config's
+    /// `max_new_tokens`); None: the rest of the context.
+    pub default_max_tokens: Option<u32>,
 }
 
 impl ServedModel<'_> {
@@ -84,6 +87,8 @@ pub struct HttpState {
     pub reasoning_parser: Option<ReasoningParser>,
     pub model_name: String,
     pub max_model_len: ContextLimit,
+    /// See [`ServedModel::default_max_tokens`].
+    pub default_max_tokens: Option<u32>,
     /// Unix time the server started (the model card's `created`).
     pub created: u64,
     pub api_keys: ApiKeys,
@@ -135,6 +140,7 @@ impl HttpState {
             reasoning_parser: model.reasoning_parser,
             model_name: model.name,
             max_model_len: ContextLimit::new(model.config.max_position_embeddings),
+            default_max_tokens: model.default_max_tokens,
             created: unix_now(),
             api_keys,
             next_id: Default::default(),

@@ -142,11 +142,17 @@ pub struct Args {
     pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     /// Default sampling for the fields a request leaves unset, as vLLM's
     /// `--generation-config`: `auto` (the checkpoint's `generation_config.json`: its
-    /// temperature, top_p, top_k, min_p and repetition_penalty, as its creators recommend),
-    /// `vllm` (none: the API's own defaults, temperature 1), or a folder holding a
-    /// `generation_config.json`.
+    /// temperature, top_p, top_k, min_p and repetition_penalty, as its creators recommend, and
+    /// its max_new_tokens as chat's default max_tokens), `vllm` (none: the API's own defaults,
+    /// temperature 1), or a folder holding a `generation_config.json` (its max_new_tokens
+    /// then also caps every request, as vLLM's).
     #[arg(long, env = "MOE_GENERATION_CONFIG", default_value = "auto")]
     pub generation_config: String,
+    /// JSON fields set over `--generation-config`'s, as vLLM's flag: `temperature`,
+    /// `top_p`, `top_k`, `min_p`, `repetition_penalty`, and `max_new_tokens` (the default
+    /// `max_tokens` of a chat request that gives none, and a cap on every request's output).
+    #[arg(long, env = "MOE_OVERRIDE_GENERATION_CONFIG")]
+    pub override_generation_config: Option<String>,
     /// Tokens per KV-cache block.
     #[arg(long, env = "MOE_KV_BLOCK_TOKENS", default_value_t = 16)]
     pub kv_block_tokens: usize,

@@ -28,6 +28,7 @@ pub mod dispatch;
 pub mod dispatch_plan;
 pub mod error;
 pub mod expert_reach;
+pub mod generation_defaults;
 pub mod inference_access;
 pub mod kv_blocks;
 pub mod layer_exchange;

@@ -8,7 +8,6 @@ use clap::Parser;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::dense::{load_dense, DenseStep};
 use moe_model::experts::ExpertSet;
-use moe_model::generation_config::{GenerationConfig, SamplingDefaults};
 use moe_model::mtp::MtpHead;
 use moe_model::tokenizer::Tokenizer;
 use moe_model::ModelConfig;
@@ -28,6 +27,7 @@ use moe_openai as http;
 use moe_router::cluster_view::ClusterView;
 use moe_router::collective::CollectiveSettings;
 use moe_router::expert_reach::{ExpertReach, InProcessExperts};
+use moe_router::generation_defaults::GenerationDefaults;
 use moe_router::inference_access::InferenceAccess;
 use moe_router::kv_blocks::KvBlocks;
 use moe_router::prefix_cache::PrefixCache;
@@ -178,8 +178,9 @@ struct DenseModel {
     dispatch_bounds: DispatchRules,
     /// The multi-token-prediction layer, with `--speculative-config` `deepseek_mtp`.
     mtp: Option<Arc<MtpHead>>,
-    /// `--generation-config`: sampling for the fields a request leaves unset.
-    sampling_defaults: SamplingDefaults,
+    /// `--generation-config` and `--override-generation-config`: what a request's unset
+    /// fields become, and the output cap.
+    generation: GenerationDefaults,
 }
 
 impl DenseModel {
@@ -205,7 +206,15 @@ impl DenseModel {
             _ => None,
         };
         let eos_ids = config.stop_ids(tokenizer.eos_id());
-        let sampling_defaults = sampling_defaults(&args.generation_config, &args.model)?;
+        let generation = GenerationDefaults::resolve(
+            &args.generation_config,
+            args.override_generation_config.as_deref(),
+            &args.model,
+        )?;
+        if generation != GenerationDefaults::default() {
+            // vLLM says so too: answers differ from a server using the API's defaults.
+            tracing::info!(?generation, "generation defaults");
+        }
         Ok(Self {
             checkpoint: (args.in_process_nodes > 0).then_some(ckpt),
             device,
@@ -216,7 +225,7 @@ impl DenseModel {
             eos_ids,
             dispatch_bounds,
             mtp,
-            sampling_defaults,
+            generation,
         })
     }
 
@@ -224,37 +233,6 @@ impl DenseModel {
     fn kv_config(&self) -> &ModelConfig {
         self.mtp.as_ref().map_or(&self.config, |head| head.config())
     }
-}
-
-/// `--generation-config`'s sampling defaults: the checkpoint's (`auto`), none (`vllm`), or a
-/// folder's.
-fn sampling_defaults(source: &str, model: &std::path::Path) -> anyhow::Result<SamplingDefaults> {
-    let dir = match source {
-        "vllm" => return Ok(SamplingDefaults::default()),
-        "auto" => model.to_path_buf(),
-        folder => {
-            let dir = std::path::PathBuf::from(folder);
-            let file = dir.join(moe_model::generation_config::FILE);
-            anyhow::ensure!(
-                file.is_file(),
-                "--generation-config {folder}: no {} there",
-                file.display()
-            );
-            dir
-        }
-    };
-    let defaults = GenerationConfig::from_dir(&dir)
-        .with_context(|| format!("--generation-config {source}"))?
-        .sampling;
-    if !defaults.is_empty() {
-        // vLLM says so too: answers differ from a server using the API's defaults.
-        tracing::info!(
-            ?defaults,
-            "default sampling from {}",
-            dir.join(moe_model::generation_config::FILE).display()
-        );
-    }
-    Ok(defaults)
 }
 
 /// The checkpoint's MTP layer, for `deepseek_mtp` drafts: on a CPU dense part only (it reads
@@ -439,7 +417,8 @@ fn admission(
             max_prompt_bytes,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
             priority_scheduling: args.scheduling_policy == args::SchedulingPolicy::Priority,
-            sampling_defaults: model.sampling_defaults,
+            sampling_defaults: model.generation.sampling,
+            max_tokens_cap: model.generation.max_tokens_cap,
             ..Default::default()
         },
     })
@@ -702,6 +681,7 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         chat_template: parts.chat_template.as_deref(),
         reasoning_parser: parts.reasoning_parser,
         tool_call_parser: parts.tool_call_parser,
+        default_max_tokens: parts.model.generation.default_max_tokens,
     };
     Ok(Arc::new(
         http::HttpState::new(

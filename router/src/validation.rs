@@ -28,6 +28,9 @@ pub struct RequestLimits {
     pub priority_scheduling: bool,
     /// `--generation-config`: sampling for the fields a request leaves unset.
     pub sampling_defaults: SamplingDefaults,
+    /// No request generates more tokens (`generation_defaults.rs`): a larger
+    /// `max_new_tokens` is cut to it, as vLLM's `override_max_tokens`.
+    pub max_tokens_cap: Option<u32>,
 }
 
 impl Default for RequestLimits {
@@ -40,6 +43,7 @@ impl Default for RequestLimits {
             request_timeout: Duration::from_secs(600),
             priority_scheduling: false,
             sampling_defaults: SamplingDefaults::default(),
+            max_tokens_cap: None,
         }
     }
 }
@@ -262,6 +266,9 @@ pub fn validate_ids(
     req.top_k = req.top_k.or(defaults.top_k);
     req.min_p = req.min_p.or(defaults.min_p);
     req.repetition_penalty = req.repetition_penalty.or(defaults.repetition_penalty);
+    if let Some(cap) = limits.max_tokens_cap {
+        req.max_new_tokens = req.max_new_tokens.min(cap);
+    }
     // vLLM's left truncation, before any bound is checked.
     let mut input_ids = input_ids;
     if let Some(keep) = req.truncate_prompt_tokens.filter(|&k| k > 0) {

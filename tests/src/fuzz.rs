@@ -135,6 +135,7 @@ pub fn http_request(data: &[u8]) {
             Some(&f.qwen3),
             &f.tokenizer,
             f.config.max_position_embeddings,
+            None,
             ToolCallFormat::Hermes,
             Some(ReasoningParser::Qwen3),
         )
