@@ -24,7 +24,8 @@ pub enum ReasoningParser {
     /// prompt and the answer is all content), or from the first token when the prompt ends
     /// inside an open `<think>` (the thinking-only 2507 models' template), until `</think>`.
     /// GLM-4.5 (`glm45`) too: its answers open with `<think>`, and with `enable_thinking`
-    /// false its template closes an empty block in the prompt.
+    /// false its template closes an empty block in the prompt; GLM-4.7's template opens the
+    /// block in the prompt, as Qwen3's thinking-only ones do.
     Qwen3,
     /// DeepSeek-V3.1: as DeepSeek-R1 when the request asks the template to think
     /// (`chat_template_kwargs.thinking`), otherwise no reasoning at all.
@@ -343,6 +344,36 @@ mod tests {
             .for_request("<|im_start|>assistant\n<think>\n\n</think>\n\n", None, true)
             .expect("splits");
         assert_eq!(split_whole(closed, "42"), (None, some("42")));
+    }
+
+    /// GLM-4.5's answers open `<think>` themselves; GLM-4.7's template opens it in the
+    /// generation prompt (`<|assistant|><think>`), and closes an empty block there with
+    /// `enable_thinking: false`: the one rule reads all three (`--reasoning-parser glm45`).
+    #[test]
+    fn glm_45_and_47_read_where_their_templates_leave_the_thinking() {
+        let glm: ReasoningParser = "glm45".parse().unwrap();
+        let glm45 = glm
+            .for_request("<|user|>\nhi<|assistant|>", None, true)
+            .unwrap();
+        assert_eq!(
+            split_whole(glm45, "<think>hmm</think>\n42"),
+            (some("hmm"), some("\n42"))
+        );
+        let glm47 = glm
+            .for_request("<|user|>hi<|assistant|><think>", None, true)
+            .unwrap();
+        assert_eq!(
+            split_whole(glm47, "hmm</think>42"),
+            (some("hmm"), some("42"))
+        );
+        assert_eq!(
+            split_whole(glm47, "cut off while thinking"),
+            (some("cut off while thinking"), None)
+        );
+        let off = glm
+            .for_request("<|user|>hi<|assistant|><think></think>", None, true)
+            .unwrap();
+        assert_eq!(split_whole(off, "42"), (None, some("42")));
     }
 
     #[test]
