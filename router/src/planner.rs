@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_cluster::discovery::{
-    Discovery, DiscoveryError, Membership, NodeState, Outage, RouterRegistration, Snapshot, Topic,
+    Discovery, DiscoveryError, LoadReport, Membership, NodeState, Outage, RouterRegistration,
+    Snapshot, Topic,
 };
 use moe_cluster::placement::{ExpertId, Placement};
 use moe_cluster::shutdown::Shutdown;
@@ -147,8 +148,9 @@ struct Planner {
     window: LoadWindow,
     /// Random per process start, named in the load reports.
     instance: String,
-    /// As the planner: the other routers' last load reports.
-    peers: PeerLoads,
+    /// As the planner: the other routers' last load reports, read first when it is elected
+    /// (their baselines, so that its first window counts their traffic too).
+    peers: Option<PeerLoads>,
     last_rebalance: Option<Instant>,
     was_planner: bool,
     outage: Outage,
@@ -201,7 +203,7 @@ impl Planner {
                 counts: DispatchCounts::default(),
             },
             instance: moe_cluster::discovery::new_instance_id(),
-            peers: PeerLoads::default(),
+            peers: None,
             last_rebalance: None,
             was_planner: false,
             outage: Default::default(),
@@ -316,6 +318,25 @@ impl Planner {
         self.pending_load = Some(window);
     }
 
+    /// Every router's load report, or None (logged) when they cannot be read: the planner
+    /// then balances on its own load.
+    async fn load_reports(&self) -> Option<BTreeMap<String, (i64, LoadReport)>> {
+        match self.ctx.discovery.load_reports().await {
+            Ok(reports) => Some(reports),
+            Err(e) => {
+                tracing::warn!(error = %e, "load reports unreadable; balancing on this router's load");
+                None
+            }
+        }
+    }
+
+    fn load_shape(&self) -> LoadShape {
+        LoadShape {
+            moe_layers: self.ctx.moe_layers.iter().map(|&l| l as u32).collect(),
+            num_experts: self.ctx.num_experts,
+        }
+    }
+
     /// The nodes of the epoch this router serves.
     fn serving_nodes(&self) -> Vec<String> {
         self.ctx
@@ -332,24 +353,15 @@ impl Planner {
     async fn cluster_load(&mut self, own: WindowLoad) -> (f64, HashMap<ExpertId, u64>) {
         let mut load = own;
         let mut routers = 1;
-        match self.ctx.discovery.load_reports().await {
-            Ok(reports) => {
-                let shape = LoadShape {
-                    moe_layers: self.ctx.moe_layers.iter().map(|&l| l as u32).collect(),
-                    num_experts: self.ctx.num_experts,
-                };
-                let peers = self
-                    .peers
-                    .window(&reports, &self.ctx.view.router_id, &shape);
-                for (router, e) in &peers.refused {
-                    tracing::warn!(router, error = %e, "ignoring a router's load report");
-                }
-                load.add(&peers.load);
-                routers += peers.counted;
+        if let Some(reports) = self.load_reports().await {
+            let shape = self.load_shape();
+            let peers = self.peers.get_or_insert_with(PeerLoads::default);
+            let window = peers.window(&reports, &self.ctx.view.router_id, &shape);
+            for (router, e) in &window.refused {
+                tracing::warn!(router, error = %e, "ignoring a router's load report");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "load reports unreadable; balancing on this router's load")
-            }
+            load.add(&window.load);
+            routers += window.counted;
         }
         let nodes = self.serving_nodes();
         let ratio = load.imbalance(&nodes, self.ctx.rebalance.min_pairs);
@@ -366,6 +378,15 @@ impl Planner {
     async fn plan_once(&mut self) -> Result<(), RoundError> {
         let snapshot = self.ctx.discovery.snapshot().await?;
         let (local_suspects, is_planner) = self.observe(&snapshot.members);
+        if !is_planner {
+            self.peers = None;
+        } else if self.peers.is_none() {
+            let mut peers = PeerLoads::default();
+            if let Some(reports) = self.load_reports().await {
+                peers.window(&reports, &self.ctx.view.router_id, &self.load_shape());
+            }
+            self.peers = Some(peers);
+        }
         let pending_load = match self.pending_load.take() {
             Some(own) if is_planner => Some(self.cluster_load(own).await),
             _ => None,
@@ -938,5 +959,56 @@ mod tests {
         planner.round().await;
         assert!(drains().await.is_empty());
         assert_eq!(placed_nodes(&discovery).await.0, 2);
+    }
+
+    /// An elected planner reads the other routers' reports at once, so its first closed
+    /// window already counts what they dispatched since; a follower reads none.
+    #[tokio::test]
+    async fn a_new_planner_counts_other_routers_from_its_first_window() {
+        let discovery = Discovery::in_memory(&MemoryStore::new(), "c");
+        let _nodes = [register(&discovery, "n1", "a").await];
+        let mut planner = elected(&discovery).await;
+        let peer = discovery
+            .register_router("r2", "127.0.0.1:3", TTL)
+            .await
+            .unwrap();
+        // Publishes r2's counts and waits until they can be read.
+        let publish = |pairs: u64| {
+            let counts = crate::load_window::DispatchCounts {
+                node_pairs: [((1, "n1".to_string()), pairs)].into(),
+                expert_tokens: [((1, 3), pairs)].into(),
+            };
+            let report = counts.to_report("peer-instance", 8);
+            peer.set_load_report(&report);
+            let discovery = discovery.clone();
+            async move {
+                for _ in 0..500 {
+                    let reports = discovery.load_reports().await.unwrap();
+                    if reports.get("r2").is_some_and(|(_, r)| *r == report) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("r2's report not published");
+            }
+        };
+        publish(100).await;
+        planner.round().await;
+        assert!(planner.peers.is_some(), "baselines read at election");
+        publish(160).await;
+        planner.pending_load = Some(WindowLoad::default());
+        planner.plan_once().await.unwrap();
+        let view = &planner.ctx.view;
+        assert_eq!(view.load_reporting_routers.load(Ordering::Relaxed), 2);
+
+        let mut follower = Planner::new(PlannerContext {
+            view: Arc::new(ClusterView::new("r3".into())),
+            ..context(&discovery)
+        });
+        follower.pending_load = Some(WindowLoad::default());
+        follower.round().await;
+        assert!(follower.peers.is_none());
+        let view = &follower.ctx.view;
+        assert_eq!(view.load_reporting_routers.load(Ordering::Relaxed), 0);
     }
 }
