@@ -539,4 +539,15 @@ async fn skewed_load_on_a_router_that_does_not_plan_is_rebalanced_by_the_planner
         follower_status.cluster_imbalance_ratio, 0.0,
         "only the planner sums"
     );
+    // The heat map: the planner's own counts are empty, everyone's are the follower's.
+    let sums = |s: &moe_proto::v1::ClusterStatusResponse| {
+        let experts = s.nodes.iter().flat_map(|n| &n.experts);
+        experts.fold((0, 0), |(own, all), e| {
+            (own + e.tokens, all + e.cluster_tokens)
+        })
+    };
+    let (own, everyones) = sums(&planner_status);
+    assert_eq!(own, 0, "the planner dispatched nothing");
+    assert!(everyones > 0, "the follower's tokens, through its reports");
+    assert_eq!(sums(&follower_status).1, 0, "only the planner sums");
 }

@@ -160,6 +160,8 @@ pub struct ClusterView {
     membership: RwLock<Membership>,
     /// Tokens dispatched per `(layer, expert)` since start.
     expert_tokens: RwLock<BTreeMap<ExpertId, Arc<AtomicU64>>>,
+    /// On the planner: the other routers' tokens per expert, as of their last load reports.
+    peer_expert_tokens: RwLock<HashMap<ExpertId, u64>>,
     /// Nodes whose data plane failed here: node id to (instance, when). The planner leaves
     /// them out of the next epoch until their lease ends, they restart, or the report expires.
     suspects: Mutex<HashMap<String, (String, Instant)>>,
@@ -258,6 +260,27 @@ impl ClusterView {
             .ok()
             .and_then(|m| m.get(&expert).map(|c| c.load(Ordering::Relaxed)))
             .unwrap_or(0)
+    }
+
+    /// Every router's tokens to `expert` as the planner knows them (0 where no peer counts
+    /// were given: on routers that do not plan).
+    pub fn cluster_expert_tokens(&self, expert: ExpertId) -> u64 {
+        let peers = self
+            .peer_expert_tokens
+            .read()
+            .ok()
+            .and_then(|m| m.get(&expert).copied());
+        match peers {
+            Some(n) => n + self.expert_tokens(expert),
+            None if self.is_planner.load(Ordering::Relaxed) => self.expert_tokens(expert),
+            None => 0,
+        }
+    }
+
+    pub fn set_peer_expert_tokens(&self, tokens: HashMap<ExpertId, u64>) {
+        if let Ok(mut m) = self.peer_expert_tokens.write() {
+            *m = tokens;
+        }
     }
 
     pub fn new(router_id: String) -> Self {

@@ -195,6 +195,17 @@ pub struct PeerWindow {
 }
 
 impl PeerLoads {
+    /// The peers' tokens per expert as of their last reports.
+    pub fn expert_totals(&self) -> HashMap<ExpertId, u64> {
+        let mut totals = HashMap::new();
+        for peer in self.last.values() {
+            for (e, n) in &peer.counts.expert_tokens {
+                *totals.entry(*e).or_default() += n;
+            }
+        }
+        totals
+    }
+
     /// What the peers dispatched since their reports this was last given; `own_id`'s report is
     /// skipped (the planner counts its own dispatches directly). Peers that left are forgotten.
     pub fn window(
@@ -361,6 +372,7 @@ mod tests {
             w.refused,
             vec![("p".to_string(), ReportError::UnknownLayer(7))]
         );
+        assert_eq!(peers.expert_totals()[&(1, 0)], 8, "the last report read");
         peers.window(&BTreeMap::new(), "me", &shape);
         assert!(peers.last.is_empty());
     }

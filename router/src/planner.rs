@@ -362,6 +362,7 @@ impl Planner {
             }
             load.add(&window.load);
             routers += window.counted;
+            self.ctx.view.set_peer_expert_tokens(peers.expert_totals());
         }
         let nodes = self.serving_nodes();
         let ratio = load.imbalance(&nodes, self.ctx.rebalance.min_pairs);
@@ -379,12 +380,15 @@ impl Planner {
         let snapshot = self.ctx.discovery.snapshot().await?;
         let (local_suspects, is_planner) = self.observe(&snapshot.members);
         if !is_planner {
-            self.peers = None;
+            if self.peers.take().is_some() {
+                self.ctx.view.set_peer_expert_tokens(HashMap::new());
+            }
         } else if self.peers.is_none() {
             let mut peers = PeerLoads::default();
             if let Some(reports) = self.load_reports().await {
                 peers.window(&reports, &self.ctx.view.router_id, &self.load_shape());
             }
+            self.ctx.view.set_peer_expert_tokens(peers.expert_totals());
             self.peers = Some(peers);
         }
         let pending_load = match self.pending_load.take() {

@@ -48,7 +48,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 json!({
                     "node_id": n.node_id, "address": n.address, "state": n.state, "ready_epoch": n.ready_epoch,
                     "dispatched_rows": n.dispatched_rows, "dispatched_pairs": n.dispatched_pairs, "rows_on_wire": n.rows_on_wire,
-                    "experts": n.experts.iter().map(|e| json!({"layer": e.layer, "expert": e.expert, "tokens": e.tokens})).collect::<Vec<_>>(),
+                    "experts": n.experts.iter().map(|e| json!({"layer": e.layer, "expert": e.expert, "tokens": e.tokens, "cluster_tokens": e.cluster_tokens})).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -135,6 +135,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     for n in &status.nodes {
         let tokens: u64 = n.experts.iter().map(|e| e.tokens).sum();
+        let everyones: u64 = n.experts.iter().map(|e| e.cluster_tokens).sum();
+        let tokens = if status.is_planner {
+            format!("{tokens} ({everyones} by every router)")
+        } else {
+            tokens.to_string()
+        };
         println!(
             "  {:<16} {:<22} {:<9} ready@{}  {} experts  {} tokens dispatched  rows as {}",
             n.node_id,

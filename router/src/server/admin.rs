@@ -69,6 +69,7 @@ impl Admin for AdminService {
                                 layer,
                                 expert,
                                 tokens: self.view.expert_tokens((layer, expert)),
+                                cluster_tokens: self.view.cluster_expert_tokens((layer, expert)),
                             })
                             .collect()
                     })
