@@ -249,3 +249,53 @@ async fn a_next_turn_reuses_the_answer_blocks_bitwise() {
         36.0
     );
 }
+
+/// vLLM's `cache_salt`: a salted request hits only blocks cached under its own salt (never an
+/// unsalted or another tenant's prompt), with the same tokens and logprobs as without the
+/// cache; an empty salt over HTTP and one over 256 bytes are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_salted_request_shares_blocks_only_with_its_own_salt() {
+    let dir = fixture_dir(FIXTURES[0]);
+    let engine = Engine::load(&dir).unwrap();
+    let prompt = &prompts()[0];
+    let want = offline_greedy(&engine, prompt, 6);
+    let mut spec = harness::spec(dir, 1);
+    spec.router_args
+        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let mut client = harness::inference(&cluster).await;
+    let hits = || async {
+        let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
+        metric_value(&metrics, "moe_prefix_cache_hit_tokens_total")
+    };
+    let mut hit_after = Vec::new();
+    for salt in ["", "tenant-a", "tenant-b", "tenant-a", ""] {
+        let mut request = greedy(prompt, 6);
+        request.cache_salt = salt.to_string();
+        let got = generate(&mut client, request).await.unwrap();
+        assert_eq!(got.ids, want.output_ids, "salt {salt:?}");
+        assert_eq!(got.logprobs, want.logprobs, "salt {salt:?}");
+        hit_after.push(hits().await);
+    }
+    // 23 tokens: five full blocks (20 tokens) are hits for a repeat under the same salt.
+    assert_eq!(hit_after, [0.0, 0.0, 0.0, 20.0, 40.0], "per salt only");
+
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": 2, "cache_salt": ""});
+    let (status, text) = harness::http(
+        &http,
+        "POST",
+        "/v1/completions",
+        None,
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("cache_salt"), "{text}");
+    let mut long = greedy(prompt, 2);
+    long.cache_salt = "s".repeat(257);
+    let err = generate(&mut client, long).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("cache_salt"), "{err}");
+}

@@ -51,8 +51,9 @@ impl Intake {
         } else {
             request.input_ids.clone()
         };
+        let blocks = prefix_blocks(&ids, &request.cache_salt);
         let mut journey = Journey::new(request, forward, span);
-        journey.blocks = prefix_blocks(&ids);
+        journey.blocks = blocks;
         journey.prompt_tokens = ids.len() as u32;
         journey.deadline = deadline;
         self.relay.start(journey).await

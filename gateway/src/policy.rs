@@ -31,9 +31,17 @@ impl RoutingPolicy {
     }
 }
 
-/// The chained hashes of `ids`' whole blocks: block i's hash covers blocks 0..=i.
-pub fn prefix_blocks(ids: &[u32]) -> Vec<u64> {
-    let mut previous = 0u64;
+/// The chained hashes of `ids`' whole blocks: block i's hash covers blocks 0..=i, and the
+/// request's `cache_salt` (routers share cached blocks only under the same salt, so a salted
+/// prompt's affinity is its salt's).
+pub fn prefix_blocks(ids: &[u32], salt: &str) -> Vec<u64> {
+    let mut previous = if salt.is_empty() {
+        0u64
+    } else {
+        let mut hasher = DefaultHasher::new();
+        salt.hash(&mut hasher);
+        hasher.finish()
+    };
     ids.chunks_exact(PREFIX_BLOCK_TOKENS)
         .map(|block| {
             let mut hasher = DefaultHasher::new();
@@ -161,25 +169,30 @@ mod tests {
 
     #[test]
     fn blocks_are_chained_whole_blocks() {
-        let a = prefix_blocks(&ids(1, 40));
+        let a = prefix_blocks(&ids(1, 40), "");
         assert_eq!(a.len(), 2);
         let mut b_ids = ids(1, 40);
         b_ids[20] = 7;
-        let b = prefix_blocks(&b_ids);
+        let b = prefix_blocks(&b_ids, "");
         assert_eq!(a[0], b[0]);
         assert_ne!(a[1], b[1]);
         // The same block after another prefix hashes differently.
         let mut c_ids = ids(1, 32);
         c_ids[0] = 9;
-        assert_ne!(prefix_blocks(&c_ids)[1], a[1]);
-        assert!(prefix_blocks(&ids(1, 15)).is_empty());
+        assert_ne!(prefix_blocks(&c_ids, "")[1], a[1]);
+        assert!(prefix_blocks(&ids(1, 15), "").is_empty());
+        // A salt starts chains of its own.
+        let salted = prefix_blocks(&ids(1, 40), "tenant");
+        assert_eq!(salted.len(), a.len());
+        assert!(salted.iter().all(|h| !a.contains(h)));
+        assert_eq!(salted, prefix_blocks(&ids(1, 40), "tenant"));
     }
 
     #[test]
     fn cache_aware_keeps_a_prefix_on_its_router_until_it_is_overloaded() {
         let chooser = RouterChooser::new(RoutingPolicy::CacheAware, 2);
-        let group_a = prefix_blocks(&ids(1, 64));
-        let group_b = prefix_blocks(&ids(2, 64));
+        let group_a = prefix_blocks(&ids(1, 64), "");
+        let group_b = prefix_blocks(&ids(2, 64), "");
         let at = |loads: [u32; 2]| {
             [
                 Candidate {

@@ -302,6 +302,18 @@ fn priority(p: Option<i64>) -> Result<i32, RouterError> {
         .map_err(|_| RouterError::invalid("priority", "priority must fit in 32 bits"))
 }
 
+/// vLLM's `cache_salt`: a string when given, and not an empty one (its length is the
+/// router's to bound).
+fn cache_salt(salt: Option<String>) -> Result<String, RouterError> {
+    match salt {
+        Some(s) if s.is_empty() => Err(RouterError::invalid(
+            "cache_salt",
+            "cache_salt must be a non-empty string if provided",
+        )),
+        salt => Ok(salt.unwrap_or_default()),
+    }
+}
+
 /// vLLM's `top_k`: -1 or 0 is off (kept as 0, so that a router's `--generation-config` default
 /// does not replace a request's explicit "off").
 fn top_k(k: Option<i64>) -> Option<u32> {
@@ -502,6 +514,7 @@ pub fn parse_completion(body: &[u8], served_model: &str) -> Result<Parsed, Route
             include_stop_str_in_output: req.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: req.skip_special_tokens,
             priority: priority(req.priority)?,
+            cache_salt: cache_salt(req.cache_salt)?,
         },
         stream: req.stream,
         logprobs: req.logprobs.is_some(),
@@ -938,6 +951,7 @@ pub fn render_chat(
             include_stop_str_in_output: req.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: req.skip_special_tokens,
             priority: priority(req.priority)?,
+            cache_salt: cache_salt(req.cache_salt)?,
         },
         stream: req.stream,
         logprobs: req.logprobs,

@@ -81,6 +81,8 @@ pub struct CompletionRequest {
     pub prompt_logprobs: Option<i64>,
     /// vLLM's extension: the waiting queue's order under `--scheduling-policy priority`.
     pub priority: Option<i64>,
+    /// vLLM's extension: prefix-cache hits only among requests with the same salt.
+    pub cache_salt: Option<String>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
@@ -177,6 +179,8 @@ pub struct ChatRequest {
     pub prompt_logprobs: Option<i64>,
     /// vLLM's extension: the waiting queue's order under `--scheduling-policy priority`.
     pub priority: Option<i64>,
+    /// vLLM's extension: prefix-cache hits only among requests with the same salt.
+    pub cache_salt: Option<String>,
     /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
     pub response_format: Option<serde_json::Value>,
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.

@@ -24,6 +24,22 @@ type BlockKey = (u64, u64);
 
 const ROOT: BlockKey = (0x6d6f_652d_7072_6566, 0x6978_2d63_6163_6865);
 
+/// Where a salt's chains start (`cache_salt`): the unsalted root, or one of the salt's own, so
+/// no block of one salt is ever the prefix of another's.
+fn root(salt: &str) -> BlockKey {
+    if salt.is_empty() {
+        return ROOT;
+    }
+    let half = |seed: u64| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        seed.hash(&mut h);
+        ROOT.hash(&mut h);
+        salt.hash(&mut h);
+        h.finish()
+    };
+    (half(0x2545_f491_4f6c_dd1d), half(0x5851_f42d_4c95_7f2d))
+}
+
 fn chain(parent: BlockKey, tokens: &[u32]) -> BlockKey {
     let half = |salt: u64| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -78,13 +94,15 @@ impl PrefixCache {
         self.blocks.len()
     }
 
-    /// Keys of the first `count` full blocks of `tokens`: (parent, key, token range).
+    /// Keys of the first `count` full blocks of `tokens` under `salt`: (parent, key, token
+    /// range).
     fn keys(
         &self,
         tokens: &[u32],
+        salt: &str,
         count: usize,
     ) -> Vec<(BlockKey, BlockKey, std::ops::Range<usize>)> {
-        let mut parent = ROOT;
+        let mut parent = root(salt);
         (0..count.min(tokens.len() / self.block_tokens))
             .map(|i| {
                 let range = i * self.block_tokens..(i + 1) * self.block_tokens;
@@ -98,8 +116,9 @@ impl PrefixCache {
 
     /// Starts `cache` (empty, on the host, in this cache's block size) with the blocks of the
     /// longest cached prefix of `prompt`, shared. Never the block holding the last prompt token:
-    /// the model must see at least one token to give the logits of the next.
-    pub fn restore(&mut self, prompt: &[u32], cache: &mut SequenceCache) -> PrefixHit {
+    /// the model must see at least one token to give the logits of the next. Only blocks
+    /// cached under the same `salt` count.
+    pub fn restore(&mut self, prompt: &[u32], salt: &str, cache: &mut SequenceCache) -> PrefixHit {
         self.clock += 1;
         let miss = PrefixHit {
             tokens: 0,
@@ -110,7 +129,7 @@ impl PrefixCache {
         }
         let usable = prompt.len().saturating_sub(1) / self.block_tokens;
         let mut found = Vec::new();
-        for (parent, key, range) in self.keys(prompt, usable) {
+        for (parent, key, range) in self.keys(prompt, salt, usable) {
             let Some(cached) = self.blocks.get_mut(&key) else {
                 break;
             };
@@ -136,6 +155,7 @@ impl PrefixCache {
     pub fn insert(
         &mut self,
         tokens: &[u32],
+        salt: &str,
         cache: &SequenceCache,
         owner: &mut KvReservation,
         kv: &KvBlocks,
@@ -145,7 +165,8 @@ impl PrefixCache {
         }
         self.clock += 1;
         let full = cache.full_blocks();
-        for ((parent, key, range), block) in self.keys(tokens, full.len()).into_iter().zip(full) {
+        let keys = self.keys(tokens, salt, full.len());
+        for ((parent, key, range), block) in keys.into_iter().zip(full) {
             if let Some(cached) = self.blocks.get_mut(&key) {
                 cached.last_used = self.clock;
                 continue;
@@ -240,6 +261,25 @@ mod tests {
         SequenceCache::new(pool())
     }
 
+    /// `cache_salt`: blocks cached under one salt are found only under the same salt; the
+    /// unsalted requests share among themselves.
+    #[test]
+    fn blocks_are_shared_only_under_the_same_salt() {
+        let kv = KvBlocks::new(1 << 20, 1, 4);
+        let mut owner = kv.reserve_blocks(3).unwrap();
+        let mut pc = PrefixCache::new(4);
+        let prompt: Vec<u32> = (0..11).collect();
+        pc.insert(&prompt, "tenant-a", &filled(11), &mut owner, &kv);
+        let hit = |pc: &mut PrefixCache, salt: &str| pc.restore(&prompt, salt, &mut empty()).tokens;
+        assert_eq!(hit(&mut pc, ""), 0);
+        assert_eq!(hit(&mut pc, "tenant-b"), 0);
+        assert_eq!(hit(&mut pc, "tenant-a"), 8);
+        let mut other_owner = kv.reserve_blocks(3).unwrap();
+        pc.insert(&prompt, "", &filled(11), &mut other_owner, &kv);
+        assert_eq!(pc.blocks(), 4, "the same tokens, cached once per salt");
+        assert_eq!(hit(&mut pc, ""), 8);
+    }
+
     #[test]
     fn a_shared_prefix_is_restored_row_for_row_without_a_copy() {
         let kv = KvBlocks::new(1 << 20, 1, 4);
@@ -247,7 +287,7 @@ mod tests {
         let mut pc = PrefixCache::new(4);
         let prompt: Vec<u32> = (0..11).collect();
         let source = filled(11);
-        pc.insert(&prompt, &source, &mut owner, &kv);
+        pc.insert(&prompt, "", &source, &mut owner, &kv);
         // 11 tokens: blocks [0, 4) and [4, 8) are full; [8, 11) is not. The two cached blocks
         // came out of the owner's reservation: the pool counts each block once.
         assert_eq!(pc.blocks(), 2);
@@ -257,7 +297,7 @@ mod tests {
         other.push(99);
         let mut cache = empty();
         assert_eq!(
-            pc.restore(&other, &mut cache),
+            pc.restore(&other, "", &mut cache),
             PrefixHit {
                 tokens: 8,
                 blocks: 2
@@ -278,10 +318,10 @@ mod tests {
         // Another first block: nothing is shared, even where later blocks match.
         let mut differs = prompt.clone();
         differs[0] = 7;
-        assert_eq!(pc.restore(&differs, &mut empty()).tokens, 0);
+        assert_eq!(pc.restore(&differs, "", &mut empty()).tokens, 0);
         // The whole prompt cached: its last block is still left to compute.
         let eight: Vec<u32> = (0..8).collect();
-        assert_eq!(pc.restore(&eight, &mut empty()).tokens, 4);
+        assert_eq!(pc.restore(&eight, "", &mut empty()).tokens, 4);
     }
 
     #[test]
@@ -293,16 +333,16 @@ mod tests {
         let b: Vec<u32> = (100..109).collect();
         {
             let mut none = kv.reserve_blocks(0).unwrap();
-            pc.insert(&a, &filled(9), &mut none, &kv);
+            pc.insert(&a, "", &filled(9), &mut none, &kv);
         }
         assert_eq!(kv.used(), 2);
         // A sequence holds a's first block.
         let mut holder = empty();
-        assert_eq!(pc.restore(&a, &mut holder).tokens, 8);
+        assert_eq!(pc.restore(&a, "", &mut holder).tokens, 8);
         // b needs two more: only one is free, a's blocks are in use and b's first is not given
         // up for its second, so one is cached.
         let mut none = kv.reserve_blocks(0).unwrap();
-        pc.insert(&b, &filled(9), &mut none, &kv);
+        pc.insert(&b, "", &filled(9), &mut none, &kv);
         assert_eq!((pc.blocks(), kv.used()), (3, 3));
         assert!(pc.evict_one());
         assert!(!pc.evict_one(), "a's blocks are in use");

@@ -513,7 +513,9 @@ impl Scheduler {
             blocks: 0,
         };
         match &self.prefix_cache {
-            Some(pc) if request.prompt_logprobs.is_none() => pc.borrow_mut().restore(feed, cache),
+            Some(pc) if request.prompt_logprobs.is_none() => {
+                pc.borrow_mut().restore(feed, &request.cache_salt, cache)
+            }
             _ => miss,
         }
     }
@@ -536,8 +538,13 @@ impl Scheduler {
             let held = s.cache.len;
             let prompt = &s.request.input_ids;
             let tokens: Vec<u32> = prompt.iter().chain(&s.output).take(held).copied().collect();
-            pc.borrow_mut()
-                .insert(&tokens, &s.cache, &mut s.blocks, &self.kv);
+            pc.borrow_mut().insert(
+                &tokens,
+                &s.request.cache_salt,
+                &s.cache,
+                &mut s.blocks,
+                &self.kv,
+            );
             self.count_cached_blocks();
         }
     }

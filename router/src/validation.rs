@@ -84,6 +84,8 @@ pub struct ValidRequest {
     pub pending_constraint: Option<PendingConstraint>,
     /// Choices of one request (`n`): how they share the prompt's prefill.
     pub sibling: Option<SiblingPrefill>,
+    /// vLLM's `cache_salt`: prefix-cache blocks are shared only under the same salt.
+    pub cache_salt: String,
     /// When it was accepted, and past when it ends with DEADLINE_EXCEEDED.
     pub received: Instant,
     pub deadline: Instant,
@@ -95,6 +97,8 @@ pub struct ValidRequest {
 /// Most `bad_words` a request may give, and their longest (each is matched at every token).
 pub const MAX_BAD_WORDS: usize = 64;
 pub const MAX_BAD_WORD_BYTES: usize = 256;
+/// Longest `cache_salt` (a tenant id or a random secret fits).
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
 
 fn check_bad_words(words: &[String]) -> Result<(), RouterError> {
     if words.len() > MAX_BAD_WORDS {
@@ -381,6 +385,12 @@ pub fn validate_ids(
         )));
     }
     let adjust = logit_adjustments(&req, config.vocab_size, max_new)?;
+    if req.cache_salt.len() > MAX_CACHE_SALT_BYTES {
+        return Err(RouterError::invalid(
+            "cache_salt",
+            format!("cache_salt must be at most {MAX_CACHE_SALT_BYTES} bytes"),
+        ));
+    }
     if req.priority != 0 && !limits.priority_scheduling {
         return Err(RouterError::invalid(
             "priority",
@@ -417,6 +427,7 @@ pub fn validate_ids(
         constraint: None,
         pending_constraint: None,
         sibling: None,
+        cache_salt: req.cache_salt,
         received: Instant::now(),
         deadline: Instant::now() + limits.request_timeout,
         priority: req.priority,
