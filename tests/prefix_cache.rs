@@ -271,6 +271,7 @@ async fn a_salted_request_shares_blocks_only_with_its_own_salt() {
         metric_value(&metrics, "moe_prefix_cache_hit_tokens_total")
     };
     let mut hit_after = Vec::new();
+    let mut cached = Vec::new();
     for salt in ["", "tenant-a", "tenant-b", "tenant-a", ""] {
         let mut request = greedy(prompt, 6);
         request.cache_salt = salt.to_string();
@@ -278,9 +279,12 @@ async fn a_salted_request_shares_blocks_only_with_its_own_salt() {
         assert_eq!(got.ids, want.output_ids, "salt {salt:?}");
         assert_eq!(got.logprobs, want.logprobs, "salt {salt:?}");
         hit_after.push(hits().await);
+        cached.push(got.cached_tokens);
     }
-    // 23 tokens: five full blocks (20 tokens) are hits for a repeat under the same salt.
+    // 23 tokens: five full blocks (20 tokens) are hits for a repeat under the same salt, and
+    // each answer's usage says so.
     assert_eq!(hit_after, [0.0, 0.0, 0.0, 20.0, 40.0], "per salt only");
+    assert_eq!(cached, [0, 0, 0, 20, 20]);
 
     let body = serde_json::json!({"prompt": prompt, "max_tokens": 2, "cache_salt": ""});
     let (status, text) = harness::http(
@@ -298,4 +302,64 @@ async fn a_salted_request_shares_blocks_only_with_its_own_salt() {
     let err = generate(&mut client, long).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("cache_salt"), "{err}");
+}
+
+/// vLLM's `--enable-prompt-tokens-details`: a repeated chat's usage says how many of its prompt
+/// tokens the prefix cache held (`prompt_tokens_details.cached_tokens`), and so does a
+/// repeated Responses call (`input_tokens_details`, always there); without the flag chat and
+/// completion usage have no details.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reports_the_cached_prompt_tokens() {
+    use serde_json::json;
+    let dir = fixture_dir(FIXTURES[0]);
+    let start = |details: bool| {
+        let mut spec = harness::spec(dir.clone(), 1);
+        spec.router_args.extend(
+            [
+                "--kv-block-tokens",
+                "4",
+                "--http-listen",
+                "127.0.0.1:0",
+                &format!("--enable-prompt-tokens-details={details}"),
+            ]
+            .map(String::from),
+        );
+        LocalCluster::start(spec).unwrap()
+    };
+    let chat = json!({"messages": [{"role": "user", "content": "Tell me about the cache, twice over."}],
+                      "max_tokens": 3, "temperature": 0});
+    let cluster = start(true);
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    let first = harness::post_json(&http, "/v1/chat/completions", &chat).await;
+    let again = harness::post_json(&http, "/v1/chat/completions", &chat).await;
+    let cached =
+        |a: &serde_json::Value| a["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert_eq!(cached(&first), Some(0), "{first}");
+    let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
+    let hit = cached(&again).unwrap();
+    assert!(hit > 0 && hit % 4 == 0 && hit < prompt, "{again}");
+    let responses = json!({"input": "Tell me about the cache, twice over.", "max_output_tokens": 3,
+                           "temperature": 0});
+    harness::post_json(&http, "/v1/responses", &responses).await;
+    let repeat = harness::post_json(&http, "/v1/responses", &responses).await;
+    let details = &repeat["usage"]["input_tokens_details"]["cached_tokens"];
+    assert!(details.as_u64() > Some(0), "{repeat}");
+    drop(cluster);
+
+    let plain = start(false);
+    wait_serving(&plain, 1).await;
+    let http = plain.router_http_addr.clone().unwrap();
+    harness::post_json(&http, "/v1/chat/completions", &chat).await;
+    let again = harness::post_json(&http, "/v1/chat/completions", &chat).await;
+    assert!(
+        again["usage"].get("prompt_tokens_details").is_none(),
+        "{again}"
+    );
+    let completion = json!({"prompt": "Tell me about the cache", "max_tokens": 2});
+    let answer = harness::post_json(&http, "/v1/completions", &completion).await;
+    assert!(
+        answer["usage"].get("prompt_tokens_details").is_none(),
+        "{answer}"
+    );
 }

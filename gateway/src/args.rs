@@ -40,6 +40,18 @@ pub struct GatewayArgs {
     /// is full; 0 stores none. Requests sent through the gateway are stored here.
     #[arg(long, env = "MOE_RESPONSES_STORE_BYTES", default_value_t = 64 << 20)]
     pub responses_store_bytes: usize,
+    /// vLLM's `--enable-prompt-tokens-details`: OpenAI usage shows
+    /// `prompt_tokens_details.cached_tokens`, the prompt tokens served from the prefix cache
+    /// (the Responses API's `input_tokens_details` always does).
+    #[arg(
+        long,
+        env = "MOE_ENABLE_PROMPT_TOKENS_DETAILS",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub enable_prompt_tokens_details: bool,
     /// A Jinja chat template replacing the checkpoint's (as the routers' flag).
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,

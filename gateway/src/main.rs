@@ -232,6 +232,7 @@ fn openai_app(
         default_max_tokens: moe_model::generation_config::GenerationConfig::from_dir(&args.model)
             .with_context(|| format!("reading {}", args.model.display()))?
             .max_new_tokens,
+        prompt_tokens_details: args.enable_prompt_tokens_details,
     };
     let state = http::HttpState::new(model, Arc::new(generator), api_keys)?
         .storing_responses(args.responses_store_bytes);

@@ -421,6 +421,7 @@ impl Relay {
             usage: Some(Usage {
                 prompt_tokens: journey.prompt_tokens,
                 completion_tokens: journey.sent_ids.len() as u32,
+                ..Default::default()
             }),
             ..Default::default()
         }

@@ -82,6 +82,7 @@ impl Inference for FakeRouter {
                     message.usage = Some(Usage {
                         prompt_tokens: request.input_ids.len() as u32,
                         completion_tokens: total as u32,
+                        cached_tokens: 0,
                     });
                 }
                 if tx.send(Ok(message)).await.is_err() {

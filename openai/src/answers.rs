@@ -13,8 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::openai::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatLogprobs, ChatMessageOut, ChatResponse,
-    CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob, TopLogprob,
-    Usage,
+    CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, PromptTokensDetails,
+    TokenLogprob, TopLogprob, Usage,
 };
 use super::tools::{tool_call_id, tool_calls_json, ToolAnswers};
 use super::{ApiError, HttpState, Parsed};
@@ -30,7 +30,19 @@ fn usage(msg: &GenerateResponse) -> Option<Usage> {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
         total_tokens: u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details: Some(PromptTokensDetails {
+            cached_tokens: u.cached_tokens,
+        }),
     })
+}
+
+/// `usage` as the API shows it: the prompt tokens' details only under
+/// `--enable-prompt-tokens-details`, as vLLM.
+fn shown(details: bool, mut usage: Usage) -> Usage {
+    if !details {
+        usage.prompt_tokens_details = None;
+    }
+    usage
 }
 
 fn finish(msg: &GenerateResponse) -> Option<String> {
@@ -211,10 +223,12 @@ async fn collect_all(answers: Vec<Answers>) -> Result<Vec<Collected>, ApiError> 
 fn total_usage<'a>(usages: impl IntoIterator<Item = &'a Option<Usage>>) -> Option<Usage> {
     let mut total: Option<Usage> = None;
     for u in usages.into_iter().flatten() {
+        // The prompt once: the first choice's count, and its cached part.
         let t = total.get_or_insert(Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: 0,
             total_tokens: u.prompt_tokens,
+            prompt_tokens_details: u.prompt_tokens_details,
         });
         t.completion_tokens += u.completion_tokens;
         t.total_tokens += u.completion_tokens;
@@ -281,13 +295,15 @@ fn usage_by_prompt(usages: &[Option<Usage>], prompt_of: &[usize]) -> Option<Usag
             .map(|(u, _)| u);
         if let Some(u) = total_usage(mine) {
             let t = total.get_or_insert(Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                total_tokens: 0,
+                prompt_tokens_details: Some(PromptTokensDetails::default()),
+                ..Usage::default()
             });
             t.prompt_tokens += u.prompt_tokens;
             t.completion_tokens += u.completion_tokens;
             t.total_tokens += u.total_tokens;
+            if let (Some(sum), Some(d)) = (&mut t.prompt_tokens_details, u.prompt_tokens_details) {
+                sum.cached_tokens += d.cached_tokens;
+            }
         }
     }
     total
@@ -348,7 +364,7 @@ pub async fn whole_completion(
         created: super::unix_now(),
         model: state.model_name.clone(),
         choices,
-        usage,
+        usage: usage.map(|u| shown(state.prompt_tokens_details, u)),
     })
 }
 
@@ -437,11 +453,7 @@ pub async fn whole_chat(
         created: super::unix_now(),
         model: state.model_name.clone(),
         choices,
-        usage: usage.unwrap_or(Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            total_tokens: 0,
-        }),
+        usage: shown(state.prompt_tokens_details, usage.unwrap_or_default()),
         prompt_logprobs,
     })
 }
@@ -540,6 +552,7 @@ impl RunningUsage {
             prompt_tokens: msg.prompt_tokens,
             completion_tokens,
             total_tokens: msg.prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
     }
 }
@@ -637,7 +650,7 @@ pub fn stream_completion(
                 created,
                 model: model.clone(),
                 choices: vec![],
-                usage: Some(usage),
+                usage: Some(shown(state.prompt_tokens_details, usage)),
             }));
         }
         events
@@ -783,6 +796,7 @@ pub fn stream_chat(
     let (logprobs, include_usage, tokens_as_ids) =
         (parsed.logprobs, parsed.include_usage, parsed.tokens_as_ids);
     let continuous_usage = parsed.continuous_usage;
+    let details = state.prompt_tokens_details;
     let tools = parsed.tools.clone();
     // With tools, a choice's text streams as content until a call may be starting; the rest
     // is held until the choice ends, then sent as content or as calls.
@@ -888,7 +902,7 @@ pub fn stream_chat(
             running.after(index, msg);
         }
         if let Some(usage) = tally.add(index, msg).filter(|_| include_usage) {
-            events.push(json_event(&chunk(vec![], Some(usage))));
+            events.push(json_event(&chunk(vec![], Some(shown(details, usage)))));
         }
         events
     })
@@ -959,11 +973,7 @@ fn logprob_value(lp: &TokenLogprob) -> Option<Value> {
 }
 
 fn no_usage() -> Usage {
-    Usage {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        total_tokens: 0,
-    }
+    Usage::default()
 }
 
 /// A Responses API answer as its typed events (each SSE event named by its type): the text
@@ -1039,7 +1049,8 @@ pub fn stream_response(
 mod tests {
     use super::*;
 
-    /// A batch's usage counts each prompt once, with all its choices' tokens.
+    /// A batch's usage counts each prompt once, with all its choices' tokens, and each
+    /// prompt's cached tokens once.
     #[test]
     fn a_batch_counts_each_prompt_once() {
         let u = |prompt_tokens, completion_tokens| {
@@ -1047,6 +1058,9 @@ mod tests {
                 prompt_tokens,
                 completion_tokens,
                 total_tokens: prompt_tokens + completion_tokens,
+                prompt_tokens_details: Some(PromptTokensDetails {
+                    cached_tokens: prompt_tokens / 2,
+                }),
             })
         };
         // Two prompts (7 and 3 tokens), two choices each.
@@ -1060,11 +1074,15 @@ mod tests {
             ),
             (10, 12, 22)
         );
+        assert_eq!(total.prompt_tokens_details.unwrap().cached_tokens, 3 + 1);
+        assert!(shown(false, total.clone()).prompt_tokens_details.is_none());
+        assert!(shown(true, total).prompt_tokens_details.is_some());
         let mut tally = UsageTally::by_prompt(vec![0, 1]);
         let msg = |prompt_tokens, completion_tokens| GenerateResponse {
             usage: Some(moe_proto::v1::Usage {
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens: 0,
             }),
             ..Default::default()
         };

@@ -442,7 +442,9 @@ pub fn response_object(
     let usage = usage.map(|(u, reasoning_tokens)| {
         json!({
             "input_tokens": u.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {
+                "cached_tokens": u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            },
             "output_tokens": u.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": u.total_tokens,
@@ -1014,6 +1016,7 @@ mod tests {
             prompt_tokens: 5,
             completion_tokens: 3,
             total_tokens: 8,
+            prompt_tokens_details: None,
         }
     }
 

@@ -31,6 +31,9 @@ pub struct ServedModel<'a> {
     /// `max_tokens` of a chat request that gives none (the generation config's
     /// `max_new_tokens`); None: the rest of the context.
     pub default_max_tokens: Option<u32>,
+    /// vLLM's `--enable-prompt-tokens-details`: usage shows the prompt tokens served from the
+    /// prefix cache (`prompt_tokens_details.cached_tokens`).
+    pub prompt_tokens_details: bool,
 }
 
 impl ServedModel<'_> {
@@ -89,6 +92,8 @@ pub struct HttpState {
     pub max_model_len: ContextLimit,
     /// See [`ServedModel::default_max_tokens`].
     pub default_max_tokens: Option<u32>,
+    /// See [`ServedModel::prompt_tokens_details`].
+    pub prompt_tokens_details: bool,
     /// Unix time the server started (the model card's `created`).
     pub created: u64,
     pub api_keys: ApiKeys,
@@ -141,6 +146,7 @@ impl HttpState {
             model_name: model.name,
             max_model_len: ContextLimit::new(model.config.max_position_embeddings),
             default_max_tokens: model.default_max_tokens,
+            prompt_tokens_details: model.prompt_tokens_details,
             created: unix_now(),
             api_keys,
             next_id: Default::default(),

@@ -124,6 +124,18 @@ pub struct Args {
     /// is full; 0 stores none (`previous_response_id` is then refused).
     #[arg(long, env = "MOE_RESPONSES_STORE_BYTES", default_value_t = 64 << 20)]
     pub responses_store_bytes: usize,
+    /// vLLM's `--enable-prompt-tokens-details`: OpenAI usage shows
+    /// `prompt_tokens_details.cached_tokens`, the prompt tokens served from the prefix cache
+    /// (the Responses API's `input_tokens_details` always does).
+    #[arg(
+        long,
+        env = "MOE_ENABLE_PROMPT_TOKENS_DETAILS",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub enable_prompt_tokens_details: bool,
     /// A Jinja chat template file to use instead of the checkpoint's (`tokenizer_config.json`).
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     pub chat_template: Option<std::path::PathBuf>,

@@ -505,6 +505,7 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         reasoning_parser: args.reasoning_parser,
         tool_call_parser: args.tool_call_parser,
         responses_store_bytes: args.responses_store_bytes,
+        prompt_tokens_details: args.enable_prompt_tokens_details,
     };
     let (servers, http_address) = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -630,6 +631,7 @@ struct HttpParts<'a> {
     reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
     tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     responses_store_bytes: usize,
+    prompt_tokens_details: bool,
 }
 
 /// Binds and starts `--http-listen` and `--metrics-listen`, if given, until `shutdown`.
@@ -682,6 +684,7 @@ fn http_state(parts: &HttpParts<'_>) -> anyhow::Result<Arc<http::HttpState>> {
         reasoning_parser: parts.reasoning_parser,
         tool_call_parser: parts.tool_call_parser,
         default_max_tokens: parts.model.generation.default_max_tokens,
+        prompt_tokens_details: parts.prompt_tokens_details,
     };
     Ok(Arc::new(
         http::HttpState::new(

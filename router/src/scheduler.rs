@@ -66,6 +66,9 @@ struct QueuePlace {
     arrival: u64,
     preemptions: u32,
     last_token_at: Option<Instant>,
+    /// Prompt tokens the prefix cache held when it was first admitted (its usage's
+    /// `cached_tokens`; a preempted sequence's own blocks found again do not count).
+    cached_tokens: u32,
 }
 
 /// The waiting queue's order: priority (lowest first), then arrival.
@@ -263,6 +266,7 @@ impl Scheduler {
                 arrival: arrivals,
                 preemptions: 0,
                 last_token_at: None,
+                cached_tokens: 0,
             };
             arrivals += 1;
             enqueue(waiting, Queued { submission, place }, queue_order);
@@ -363,7 +367,7 @@ impl Scheduler {
             };
             let Some(Queued {
                 submission: mut s,
-                place,
+                mut place,
             }) = waiting.pop_front()
             else {
                 break;
@@ -373,6 +377,7 @@ impl Scheduler {
             drop(s.waiting_slot);
             if place.preemptions == 0 {
                 self.count_prefix_hit(&s.request, feed.len(), hit);
+                place.cached_tokens = hit.tokens.min(s.request.input_ids.len()) as u32;
                 self.metrics
                     .prompt_tokens
                     .fetch_add(s.request.input_ids.len() as u64, Ordering::Relaxed);
@@ -1098,6 +1103,7 @@ impl Scheduler {
             usage: Some(Usage {
                 prompt_tokens,
                 completion_tokens: 0,
+                cached_tokens: s.place.cached_tokens,
             }),
             ..Default::default()
         };
@@ -1181,6 +1187,7 @@ impl Scheduler {
             usage: finish.map(|_| Usage {
                 prompt_tokens: s.request.input_ids.len() as u32,
                 completion_tokens: s.output.len() as u32,
+                cached_tokens: s.place.cached_tokens,
             }),
             top_logprobs: top.into_iter().collect(),
             ..Default::default()

@@ -122,6 +122,8 @@ pub struct Streamed {
     pub finish_reason: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Of the prompt's tokens, those the router's prefix cache held.
+    pub cached_tokens: u32,
 }
 
 pub async fn generate(
@@ -136,6 +138,7 @@ pub async fn generate(
         finish_reason: String::new(),
         prompt_tokens: 0,
         completion_tokens: 0,
+        cached_tokens: 0,
     };
     while let Some(msg) = stream.message().await? {
         out.ids.extend(&msg.token_ids);
@@ -147,6 +150,7 @@ pub async fn generate(
         if let Some(u) = msg.usage {
             out.prompt_tokens = u.prompt_tokens;
             out.completion_tokens = u.completion_tokens;
+            out.cached_tokens = u.cached_tokens;
         }
     }
     Ok(out)
