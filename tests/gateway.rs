@@ -273,6 +273,10 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
             for varying in ["created", "created_at"] {
                 v.as_object_mut().unwrap().remove(varying);
             }
+            // The second asking finds the first's prompt in the router's prefix cache.
+            if let Some(details) = v.pointer_mut("/usage/input_tokens_details") {
+                *details = Value::Null;
+            }
             v
         };
         assert_eq!(answer(&got.1), answer(&want.1), "{path} {body}");
@@ -291,10 +295,10 @@ async fn prefix_groups_stay_on_one_router_and_refusals_pass_through() {
         assert_eq!(status, 200, "{kept}");
         let kept: Value = serde_json::from_str(&kept).unwrap();
         assert_eq!(kept["output"], second["output"]);
-        seconds.push((
-            second["output"][0]["content"][0]["text"].clone(),
-            second["usage"].clone(),
-        ));
+        // Tokens are the same; the cached part depends on what each asking found.
+        let mut usage = second["usage"].clone();
+        usage["input_tokens_details"] = Value::Null;
+        seconds.push((second["output"][0]["content"][0]["text"].clone(), usage));
     }
     assert_eq!(seconds[0], seconds[1]);
 }
