@@ -19,6 +19,19 @@ fn prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// A router (one node) on the first fixture with 4-token KV blocks and an HTTP port, serving:
+/// the cluster and its HTTP address.
+async fn serving_in_small_blocks(extra: &[&str]) -> (LocalCluster, String) {
+    let mut spec = harness::spec(fixture_dir(FIXTURES[0]), 1);
+    spec.router_args
+        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
+    spec.router_args.extend(extra.iter().map(|a| a.to_string()));
+    let cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let http = cluster.router_http_addr.clone().unwrap();
+    (cluster, http)
+}
+
 /// Runs the prompts on a router with `--kv-block-tokens 4` and `caching` (first one alone,
 /// then the rest at once); checks every answer bit for bit and returns the hit tokens counted.
 async fn run(caching: bool) -> (f64, f64) {
@@ -31,19 +44,7 @@ async fn run(caching: bool) -> (f64, f64) {
         .map(|p| offline_greedy(&engine, p, n))
         .collect();
 
-    let mut spec = harness::spec(dir, 1);
-    spec.router_args.extend(
-        [
-            "--kv-block-tokens",
-            "4",
-            "--http-listen",
-            "127.0.0.1:0",
-            &format!("--prefix-caching={caching}"),
-        ]
-        .map(String::from),
-    );
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 1).await;
+    let (cluster, _) = serving_in_small_blocks(&[&format!("--prefix-caching={caching}")]).await;
     let mut client = harness::inference(&cluster).await;
 
     // The first fills the cache; the same prompt again then hits all but its last block.
@@ -110,12 +111,7 @@ async fn n_choices_prefill_their_prompt_once() {
     let prompt = &prompts()[0];
     let want = offline_greedy(&engine, prompt, 6);
     let text = engine.tokenizer().decode(&want.output_ids).unwrap();
-    let mut spec = harness::spec(dir, 1);
-    spec.router_args
-        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 1).await;
-    let http = cluster.router_http_addr.clone().unwrap();
+    let (_cluster, http) = serving_in_small_blocks(&[]).await;
     let body = serde_json::json!({
         "prompt": prompt, "max_tokens": 6, "n": 3, "temperature": 0, "ignore_eos": true,
     });
@@ -229,12 +225,7 @@ async fn a_next_turn_reuses_the_answer_blocks_bitwise() {
     second.extend([19, 23, 5]);
     let want = offline_greedy(&engine, &second, 8);
 
-    let mut spec = harness::spec(dir, 1);
-    spec.router_args
-        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 1).await;
-    let http = cluster.router_http_addr.clone().unwrap();
+    let (cluster, http) = serving_in_small_blocks(&[]).await;
     let mut client = harness::inference(&cluster).await;
     let got = generate(&mut client, greedy(first, 14)).await.unwrap();
     assert_eq!(got.ids, answer);
@@ -259,12 +250,7 @@ async fn a_salted_request_shares_blocks_only_with_its_own_salt() {
     let engine = Engine::load(&dir).unwrap();
     let prompt = &prompts()[0];
     let want = offline_greedy(&engine, prompt, 6);
-    let mut spec = harness::spec(dir, 1);
-    spec.router_args
-        .extend(["--kv-block-tokens", "4", "--http-listen", "127.0.0.1:0"].map(String::from));
-    let cluster = LocalCluster::start(spec).unwrap();
-    wait_serving(&cluster, 1).await;
-    let http = cluster.router_http_addr.clone().unwrap();
+    let (cluster, http) = serving_in_small_blocks(&[]).await;
     let mut client = harness::inference(&cluster).await;
     let hits = || async {
         let (_, metrics) = harness::http(&http, "GET", "/metrics", None, b"").await;
@@ -311,26 +297,12 @@ async fn a_salted_request_shares_blocks_only_with_its_own_salt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_reports_the_cached_prompt_tokens() {
     use serde_json::json;
-    let dir = fixture_dir(FIXTURES[0]);
-    let start = |details: bool| {
-        let mut spec = harness::spec(dir.clone(), 1);
-        spec.router_args.extend(
-            [
-                "--kv-block-tokens",
-                "4",
-                "--http-listen",
-                "127.0.0.1:0",
-                &format!("--enable-prompt-tokens-details={details}"),
-            ]
-            .map(String::from),
-        );
-        LocalCluster::start(spec).unwrap()
+    let start = |details: bool| async move {
+        serving_in_small_blocks(&[&format!("--enable-prompt-tokens-details={details}")]).await
     };
     let chat = json!({"messages": [{"role": "user", "content": "Tell me about the cache, twice over."}],
                       "max_tokens": 3, "temperature": 0});
-    let cluster = start(true);
-    wait_serving(&cluster, 1).await;
-    let http = cluster.router_http_addr.clone().unwrap();
+    let (cluster, http) = start(true).await;
     let first = harness::post_json(&http, "/v1/chat/completions", &chat).await;
     let again = harness::post_json(&http, "/v1/chat/completions", &chat).await;
     let cached =
@@ -347,9 +319,7 @@ async fn usage_reports_the_cached_prompt_tokens() {
     assert!(details.as_u64() > Some(0), "{repeat}");
     drop(cluster);
 
-    let plain = start(false);
-    wait_serving(&plain, 1).await;
-    let http = plain.router_http_addr.clone().unwrap();
+    let (_plain, http) = start(false).await;
     harness::post_json(&http, "/v1/chat/completions", &chat).await;
     let again = harness::post_json(&http, "/v1/chat/completions", &chat).await;
     assert!(
