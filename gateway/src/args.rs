@@ -25,52 +25,19 @@ pub struct GatewayArgs {
     /// `/v1/chat/completions`, `/health`, `/metrics`), as a router serves it.
     #[arg(long, env = "MOE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
-    /// The model name `/v1/models` lists and requests must name (default: the checkpoint
-    /// directory's name, as routers do).
-    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
     /// The context a request may use, prompt and answer together, as vLLM's `--max-model-len`
     /// (default and most: the checkpoint's `max_position_embeddings`): longer requests are
     /// refused, a chat or completion without `max_tokens` may run up to it, and `/v1/models`
     /// and `/tokenize` report it.
     #[arg(long, env = "MOE_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
-    /// Memory for stored Responses API answers (`store`, `previous_response_id`,
-    /// `GET`/`DELETE /v1/responses/{id}`), in bytes: the least recently used go first when it
-    /// is full; 0 stores none. Requests sent through the gateway are stored here.
-    #[arg(long, env = "MOE_RESPONSES_STORE_BYTES", default_value_t = 64 << 20)]
-    pub responses_store_bytes: usize,
-    /// vLLM's `--enable-prompt-tokens-details`: OpenAI usage shows
-    /// `prompt_tokens_details.cached_tokens`, the prompt tokens served from the prefix cache
-    /// (the Responses API's `input_tokens_details` always does).
-    #[arg(
-        long,
-        env = "MOE_ENABLE_PROMPT_TOKENS_DETAILS",
-        default_value_t = false,
-        action = clap::ArgAction::Set,
-        num_args = 0..=1,
-        default_missing_value = "true"
-    )]
-    pub enable_prompt_tokens_details: bool,
-    /// A Jinja chat template replacing the checkpoint's (as the routers' flag).
-    #[arg(long, env = "MOE_CHAT_TEMPLATE")]
-    pub chat_template: Option<PathBuf>,
-    /// Send chat answers' reasoning (`<think>...</think>`) apart from their content, as
-    /// `reasoning_content` (vLLM's and SGLang's `--reasoning-parser`): `deepseek-r1`
-    /// (DeepSeek-R1, QwQ), `qwen3` (`glm45` too: GLM-4.5 follows Qwen3's rule), or
-    /// `deepseek-v3` (DeepSeek-V3.1 when a request sets `chat_template_kwargs.thinking`). Off
-    /// by default: answers are returned whole.
-    #[arg(long, env = "MOE_REASONING_PARSER")]
-    pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
-    /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
-    /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`, `qwen3-coder`
-    /// (`qwen3_xml` too), `glm45`, `glm47`. Default: the model's family, DeepSeek-V3.1 told
-    /// from V3, Qwen3-Coder from Qwen3 and GLM-4.7 from GLM-4.5 by their chat templates.
-    #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
-    pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     /// Prometheus `/metrics` on its own port.
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// `--served-model-name`, `--chat-template`, `--reasoning-parser`, `--tool-call-parser`,
+    /// `--responses-store-bytes`, `--enable-prompt-tokens-details`.
+    #[command(flatten)]
+    pub openai: moe_openai::serving_flags::OpenAiFlags,
     /// Which router gets a new request. `cache-aware`: the router that last served the
     /// longest prefix of its prompt (its KV blocks are likely still cached there), unless
     /// that router is loaded well above the least loaded one; `least-load`: the router with

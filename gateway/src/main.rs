@@ -223,19 +223,19 @@ fn openai_app(
     let model = http::ServedModel {
         tokenizer,
         config: &config,
-        name: http::ServedModel::name_for(args.served_model_name.as_deref(), &args.model),
-        chat_template: args.chat_template.as_deref(),
-        reasoning_parser: args.reasoning_parser,
-        tool_call_parser: args.tool_call_parser,
+        name: http::ServedModel::name_for(args.openai.served_model_name.as_deref(), &args.model),
+        chat_template: args.openai.chat_template.as_deref(),
+        reasoning_parser: args.openai.reasoning_parser,
+        tool_call_parser: args.openai.tool_call_parser,
         // The checkpoint's default, as its routers' `--generation-config auto` has it (a
         // router's `--override-generation-config` cap still applies there).
         default_max_tokens: moe_model::generation_config::GenerationConfig::from_dir(&args.model)
             .with_context(|| format!("reading {}", args.model.display()))?
             .max_new_tokens,
-        prompt_tokens_details: args.enable_prompt_tokens_details,
+        prompt_tokens_details: args.openai.enable_prompt_tokens_details,
     };
     let state = http::HttpState::new(model, Arc::new(generator), api_keys)?
-        .storing_responses(args.responses_store_bytes);
+        .storing_responses(args.openai.responses_store_bytes);
     let limit = state.max_model_len.clone();
     Ok((
         http::app(Arc::new(state)),

@@ -24,6 +24,7 @@ pub mod python_literal;
 pub mod reasoning;
 pub mod response_store;
 pub mod responses;
+pub mod serving_flags;
 pub mod sibling;
 mod state;
 mod structured_params;

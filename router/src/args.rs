@@ -24,9 +24,10 @@ pub struct Args {
     /// Prometheus `/metrics` on its own address (it is also on the HTTP API port).
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// Model name for the HTTP API (default: the checkpoint directory's name).
-    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
+    /// `--served-model-name`, `--chat-template`, `--reasoning-parser`, `--tool-call-parser`,
+    /// `--responses-store-bytes`, `--enable-prompt-tokens-details`.
+    #[command(flatten)]
+    pub openai: moe_openai::serving_flags::OpenAiFlags,
     /// `--api-key-file`, `--admin-key-file`.
     #[command(flatten)]
     pub keys: moe_cluster::api_keys::KeyFileArgs,
@@ -119,39 +120,6 @@ pub struct Args {
     /// KV-cache memory budget in bytes.
     #[arg(long, env = "MOE_KV_CACHE_BYTES", default_value_t = 1 << 30)]
     pub kv_cache_bytes: u64,
-    /// Memory for stored Responses API answers (`store`, `previous_response_id`,
-    /// `GET`/`DELETE /v1/responses/{id}`), in bytes: the least recently used go first when it
-    /// is full; 0 stores none (`previous_response_id` is then refused).
-    #[arg(long, env = "MOE_RESPONSES_STORE_BYTES", default_value_t = 64 << 20)]
-    pub responses_store_bytes: usize,
-    /// vLLM's `--enable-prompt-tokens-details`: OpenAI usage shows
-    /// `prompt_tokens_details.cached_tokens`, the prompt tokens served from the prefix cache
-    /// (the Responses API's `input_tokens_details` always does).
-    #[arg(
-        long,
-        env = "MOE_ENABLE_PROMPT_TOKENS_DETAILS",
-        default_value_t = false,
-        action = clap::ArgAction::Set,
-        num_args = 0..=1,
-        default_missing_value = "true"
-    )]
-    pub enable_prompt_tokens_details: bool,
-    /// A Jinja chat template file to use instead of the checkpoint's (`tokenizer_config.json`).
-    #[arg(long, env = "MOE_CHAT_TEMPLATE")]
-    pub chat_template: Option<std::path::PathBuf>,
-    /// Send chat answers' reasoning (`<think>...</think>`) apart from their content, as
-    /// `reasoning_content` (vLLM's and SGLang's `--reasoning-parser`): `deepseek-r1`
-    /// (DeepSeek-R1, QwQ), `qwen3` (`glm45` too: GLM-4.5 follows Qwen3's rule), or
-    /// `deepseek-v3` (DeepSeek-V3.1 when a request sets `chat_template_kwargs.thinking`). Off
-    /// by default: answers are returned whole.
-    #[arg(long, env = "MOE_REASONING_PARSER")]
-    pub reasoning_parser: Option<moe_openai::reasoning::ReasoningParser>,
-    /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
-    /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`, `qwen3-coder`
-    /// (`qwen3_xml` too), `glm45`, `glm47`. Default: the model's family, DeepSeek-V3.1 told
-    /// from V3, Qwen3-Coder from Qwen3 and GLM-4.7 from GLM-4.5 by their chat templates.
-    #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
-    pub tool_call_parser: Option<moe_openai::tool_calls::ToolCallFormat>,
     /// Default sampling for the fields a request leaves unset, as vLLM's
     /// `--generation-config`: `auto` (the checkpoint's `generation_config.json`: its
     /// temperature, top_p, top_k, min_p and repetition_penalty, as its creators recommend, and

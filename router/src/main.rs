@@ -445,7 +445,7 @@ fn grammar_compiler(
 }
 
 fn served_model_name(args: &args::Args) -> String {
-    http::ServedModel::name_for(args.served_model_name.as_deref(), &args.model)
+    http::ServedModel::name_for(args.openai.served_model_name.as_deref(), &args.model)
 }
 
 async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Result<()> {
@@ -501,11 +501,11 @@ async fn serve(args: args::Args, handle: tokio::runtime::Handle) -> anyhow::Resu
         admission: &admission,
         security: &security,
         model_name,
-        chat_template: args.chat_template.clone(),
-        reasoning_parser: args.reasoning_parser,
-        tool_call_parser: args.tool_call_parser,
-        responses_store_bytes: args.responses_store_bytes,
-        prompt_tokens_details: args.enable_prompt_tokens_details,
+        chat_template: args.openai.chat_template.clone(),
+        reasoning_parser: args.openai.reasoning_parser,
+        tool_call_parser: args.openai.tool_call_parser,
+        responses_store_bytes: args.openai.responses_store_bytes,
+        prompt_tokens_details: args.openai.enable_prompt_tokens_details,
     };
     let (servers, http_address) = spawn_http_servers(&args, http, limits, &shutdown).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
