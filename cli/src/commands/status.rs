@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use moe_proto::v1::admin_client::AdminClient;
 use moe_proto::v1::gateway_client::GatewayClient;
-use moe_proto::v1::{ClusterStatusRequest, RoutersRequest};
+use moe_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, RoutersRequest};
 use serde_json::json;
 
 use crate::router_client::{channel, rpc_error, runtime, with_key};
@@ -133,6 +133,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             status.moe_layer_calls
         );
     }
+    print_nodes(&status);
+    Ok(())
+}
+
+/// One line per node: where it is, its state, experts and the tokens sent to them (on the
+/// planner, every router's too).
+fn print_nodes(status: &ClusterStatusResponse) {
     for n in &status.nodes {
         let tokens: u64 = n.experts.iter().map(|e| e.tokens).sum();
         let everyones: u64 = n.experts.iter().map(|e| e.cluster_tokens).sum();
@@ -156,7 +163,6 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             }
         );
     }
-    Ok(())
 }
 
 /// `moe status --gateway ADDR`: the gateway's Routers call.
