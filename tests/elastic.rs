@@ -1,5 +1,6 @@
 //! Elastic expert nodes with real processes: a node killed mid-stream, nodes added and drained
-//! while requests stream, etcd restarted, hot experts replicated, the planner router killed.
+//! while requests stream, etcd restarted, hot experts replicated or moved, the planner router
+//! killed.
 //! In every case no request fails and every answer equals the offline engine's: the same
 //! tokens with the same logprobs, bit for bit (`ExpectedAnswer::mismatch`), also for the
 //! streams that crossed a kill.
@@ -412,8 +413,9 @@ async fn planner_router_stopped_finishes_its_streams_and_hands_planning_over_at_
     eprintln!("planner handover after SIGTERM: {handover:?}");
 }
 
-/// Three nodes, and routers that measure load over 1.5 s windows and rebalance past 1.15.
-fn rebalancing_spec(fixture: &str) -> LocalClusterSpec {
+/// Three nodes, and routers that measure load over 1.5 s windows and rebalance past 1.15,
+/// with up to `redundant_experts` replicas per layer.
+fn rebalancing_spec(fixture: &str, redundant_experts: usize) -> LocalClusterSpec {
     // 4 hot experts per layer (top-4 of one token) cannot spread evenly over 3 nodes.
     let mut spec = harness::spec(fixture_dir(fixture), 3);
     spec.router_args.extend(
@@ -424,11 +426,11 @@ fn rebalancing_spec(fixture: &str) -> LocalClusterSpec {
             "1500",
             "--rebalance-min-pairs",
             "500",
-            "--redundant-experts",
-            "4",
         ]
         .map(String::from),
     );
+    spec.router_args
+        .extend(["--redundant-experts".into(), redundant_experts.to_string()]);
     spec
 }
 
@@ -439,7 +441,7 @@ async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
     // One prompt of a repeated token, over and over: the same few experts get most tokens.
     let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
     let answers = Arc::new(expected_answers(&engine, &skewed));
-    let cluster = LocalCluster::start(rebalancing_spec(fixture)).unwrap();
+    let cluster = LocalCluster::start(rebalancing_spec(fixture, 4)).unwrap();
     let first = wait_serving(&cluster, 3).await;
     let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
     let measured = wait_status(&cluster.router_addr, MINUTE, "a measured window", |s| {
@@ -470,6 +472,72 @@ async fn skewed_load_triggers_a_rebalance_that_lowers_the_imbalance() {
     );
 }
 
+/// Without replicas, a rebalance exchanges copies: the hot experts' only copies move off the
+/// node that holds several of them, every node keeps its number of experts, and every answer
+/// across the move is the offline engine's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_without_replicas_moves_hot_experts_between_nodes() {
+    let fixture = FIXTURES[0];
+    let engine = Engine::load(&fixture_dir(fixture)).unwrap();
+    let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
+    let answers = Arc::new(expected_answers(&engine, &skewed));
+    let mut spec = rebalancing_spec(fixture, 0);
+    spec.router_args
+        .extend(["--rebalance-max-swaps", "8"].map(String::from));
+    let cluster = LocalCluster::start(spec).unwrap();
+    let first = wait_serving(&cluster, 3).await;
+    let load = GreedyLoad::start(vec![cluster.router_addr.clone()], answers, 3, None);
+    let measured = wait_status(&cluster.router_addr, MINUTE, "a measured window", |s| {
+        s.imbalance_ratio > 0.0
+    })
+    .await;
+    let before = measured.imbalance_ratio;
+    let rebalanced = wait_status(&cluster.router_addr, MINUTE, "a rebalance", |s| {
+        s.rebalances >= 1 && s.serving_epoch == s.latest_epoch
+    })
+    .await;
+    // Two full windows on the new placement.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let after = harness::status(&cluster).await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.problems);
+    assert_eq!(report.mismatched, 0, "{:?}", report.problems);
+    let holdings = |s: &moe_proto::v1::ClusterStatusResponse| {
+        let mut nodes: Vec<(String, Vec<(u32, u32)>)> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                let experts = n.experts.iter().map(|e| (e.layer, e.expert)).collect();
+                (n.node_id.clone(), experts)
+            })
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let (was, now) = (holdings(&first), holdings(&rebalanced));
+    eprintln!(
+        "imbalance before {before:.3}, after {:.3}; epoch {} -> {}; {} replicas",
+        after.imbalance_ratio, first.serving_epoch, rebalanced.serving_epoch, rebalanced.replicas
+    );
+    assert!(before > 1.15, "the skewed load is imbalanced: {before}");
+    assert_eq!(rebalanced.replicas, 0, "no replica was asked for");
+    assert!(rebalanced.serving_epoch > first.serving_epoch);
+    assert_ne!(was, now, "experts moved between nodes");
+    for ((id, before), (same_id, after)) in was.iter().zip(&now) {
+        assert_eq!(id, same_id);
+        assert_eq!(
+            before.len(),
+            after.len(),
+            "{id} holds as many experts as before"
+        );
+    }
+    assert!(
+        after.imbalance_ratio < before,
+        "{} !< {before}",
+        after.imbalance_ratio
+    );
+}
+
 /// The planner rebalances on every router's load: skewed traffic sent only to a router that
 /// does not plan reaches the planner through its load reports, and the planner, which
 /// dispatched nothing itself, replicates the hot experts.
@@ -479,7 +547,7 @@ async fn skewed_load_on_a_router_that_does_not_plan_is_rebalanced_by_the_planner
     let engine = Engine::load(&fixture_dir(fixture)).unwrap();
     let skewed: Vec<(Vec<u32>, u32)> = vec![(vec![11; 48], 4)];
     let answers = Arc::new(expected_answers(&engine, &skewed));
-    let mut cluster = LocalCluster::start(rebalancing_spec(fixture)).unwrap();
+    let mut cluster = LocalCluster::start(rebalancing_spec(fixture, 4)).unwrap();
     let first = wait_serving(&cluster, 3).await;
     let second = cluster.add_router(&[]).unwrap();
     let routers = [cluster.router_addr.clone(), second];

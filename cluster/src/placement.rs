@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ClusterError;
 
+mod rebalance;
+
+pub use rebalance::RebalanceBudget;
+
 /// An expert address.
 pub type ExpertId = (u32, u32);
 
@@ -145,114 +149,6 @@ impl Placement {
         self.holders().values().map(|h| h.len() - 1).sum()
     }
 
-    /// Expected imbalance if every expert's `load` (tokens in a window) is split evenly over its
-    /// replicas, as dispatch does: see [`imbalance_ratio`].
-    pub fn expected_imbalance(&self, load: &HashMap<ExpertId, u64>) -> f64 {
-        let mut per_layer: BTreeMap<u32, BTreeMap<&str, f64>> = BTreeMap::new();
-        for (expert, nodes) in self.holders() {
-            let share = load.get(&expert).copied().unwrap_or(0) as f64 / nodes.len() as f64;
-            let layer = per_layer
-                .entry(expert.0)
-                .or_insert_with(|| self.nodes.keys().map(|id| (id.as_str(), 0.0)).collect());
-            for node in nodes {
-                *layer.entry(node).or_default() += share;
-            }
-        }
-        imbalance_ratio(per_layer.values().map(|l| l.values().copied().collect()))
-    }
-
-    /// Plans the next epoch with `redundant_per_layer` extra copies of each layer's hottest
-    /// experts, placed to even out the expected load (as DeepSeek's EPLB does). Every
-    /// non-replica assignment of `self` stays, so only the new replicas are loaded.
-    pub fn rebalance(
-        &self,
-        epoch: u64,
-        load: &HashMap<ExpertId, u64>,
-        redundant_per_layer: usize,
-    ) -> Placement {
-        // Start from one copy of each expert: its first holder by id.
-        let mut nodes: BTreeMap<String, NodeAssignment> = self
-            .nodes
-            .iter()
-            .map(|(id, a)| {
-                (
-                    id.clone(),
-                    NodeAssignment {
-                        address: a.address.clone(),
-                        experts: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        let mut layers: BTreeMap<u32, Vec<ExpertId>> = BTreeMap::new();
-        for (expert, holders) in self.holders() {
-            if let Some(first) = holders.first() {
-                if let Some(a) = nodes.get_mut(*first) {
-                    a.experts.push(expert);
-                }
-            }
-            layers.entry(expert.0).or_default().push(expert);
-        }
-        let node_count = nodes.len();
-        for (_, mut experts) in layers {
-            experts.sort_unstable();
-            let heat = |e: &ExpertId| load.get(e).copied().unwrap_or(0) as f64;
-            let mut copies: HashMap<ExpertId, usize> = experts.iter().map(|e| (*e, 1)).collect();
-            // Give each extra copy to the expert with the most load per copy.
-            for _ in 0..redundant_per_layer {
-                let Some(hottest) = experts
-                    .iter()
-                    .filter(|e| copies[e] < node_count && heat(e) > 0.0)
-                    .max_by(|a, b| {
-                        (heat(a) / copies[a] as f64)
-                            .total_cmp(&(heat(b) / copies[b] as f64))
-                            .then(b.cmp(a))
-                    })
-                    .copied()
-                else {
-                    break;
-                };
-                *copies.get_mut(&hottest).expect("expert of this layer") += 1;
-            }
-            // Per-node load of this layer with one copy each, then place extra copies hottest
-            // first on the least-loaded node that lacks the expert.
-            let mut node_load: BTreeMap<String, f64> =
-                nodes.keys().map(|id| (id.clone(), 0.0)).collect();
-            for (id, a) in &nodes {
-                for e in a.experts.iter().filter(|e| e.0 == experts[0].0) {
-                    *node_load.get_mut(id).expect("node") += heat(e) / copies[e] as f64;
-                }
-            }
-            let mut extra: Vec<ExpertId> =
-                experts.iter().filter(|e| copies[e] > 1).copied().collect();
-            extra.sort_by(|a, b| {
-                (heat(b) / copies[b] as f64)
-                    .total_cmp(&(heat(a) / copies[a] as f64))
-                    .then(a.cmp(b))
-            });
-            for e in extra {
-                for _ in 1..copies[&e] {
-                    let target = node_load
-                        .iter()
-                        .filter(|(id, _)| !nodes[*id].experts.contains(&e))
-                        .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
-                        .map(|(id, _)| id.clone());
-                    let Some(target) = target else { break };
-                    nodes.get_mut(&target).expect("node").experts.push(e);
-                    *node_load.get_mut(&target).expect("node") += heat(&e) / copies[&e] as f64;
-                }
-            }
-        }
-        for a in nodes.values_mut() {
-            a.experts.sort_unstable();
-        }
-        Placement {
-            epoch,
-            fingerprint: self.fingerprint.clone(),
-            nodes,
-        }
-    }
-
     pub fn experts_of(&self, node_id: &str) -> &[ExpertId] {
         self.nodes
             .get(node_id)
@@ -373,33 +269,5 @@ mod tests {
         assert_eq!(after.holders().len(), 16);
         let removed = Placement::plan(3, "f", &[1], 16, &nodes(&["a", "c"]), Some(&after)).unwrap();
         assert_eq!(after.moves_to(&removed), after.experts_of("b").len());
-    }
-
-    #[test]
-    fn rebalance_replicates_hot_experts_and_evens_the_load() {
-        let before = Placement::plan(1, "f", &[1], 8, &nodes(&["a", "b"]), None).unwrap();
-        // Experts 0 and 2 (both on a) take almost all the tokens.
-        let load: HashMap<ExpertId, u64> = (0..8u32)
-            .map(|e| ((1, e), if e == 0 || e == 2 { 1000 } else { 10 }))
-            .collect();
-        let imbalance = |p: &Placement| p.expected_imbalance(&load);
-        assert!(
-            before.experts_of("a").contains(&(1, 0)) && before.experts_of("a").contains(&(1, 2))
-        );
-        let after = before.rebalance(2, &load, 2);
-        assert_eq!(after.replica_count(), 2);
-        assert!(after.experts_of("b").contains(&(1, 0)) && after.experts_of("b").contains(&(1, 2)));
-        assert!(imbalance(&before) > 1.9, "{}", imbalance(&before));
-        assert!(imbalance(&after) < 1.1, "{}", imbalance(&after));
-        assert_eq!(
-            before.moves_to(&after),
-            2,
-            "only the new replicas are loaded"
-        );
-        // A membership change keeps the replicas of surviving nodes.
-        let grown =
-            Placement::plan(3, "f", &[1], 8, &nodes(&["a", "b", "c"]), Some(&after)).unwrap();
-        assert_eq!(grown.holders().len(), 8);
-        assert!(grown.replica_count() >= 1);
     }
 }

@@ -181,6 +181,11 @@ pub struct Args {
     /// Extra copies of hot experts per MoE layer a rebalance may place (default: experts / 8).
     #[arg(long, env = "MOE_REDUNDANT_EXPERTS")]
     pub redundant_experts: Option<usize>,
+    /// Exchanges per MoE layer a rebalance may make between a layer's busiest node and
+    /// another, each moving a hot expert's copy for a colder one, so even unreplicated experts
+    /// move off a node that holds several (default: experts / 8; 0: replicas only).
+    #[arg(long, env = "MOE_REBALANCE_MAX_SWAPS")]
+    pub rebalance_max_swaps: Option<usize>,
     /// Data plane to the expert nodes: `grpc` (a stream per node), or one collective per
     /// placement epoch over `tcp` (CPU clusters; no TLS) or `nccl` (GPUs). An epoch uses the
     /// collective once every node of it has joined, and gRPC before that, when some node

@@ -723,6 +723,8 @@ fn planner_context(
     http_address: Option<std::net::SocketAddr>,
 ) -> planner::PlannerContext {
     let config = &model.config;
+    // Of each layer, the extra copies and the exchanges a rebalance may make by default.
+    let an_eighth = (config.moe.num_experts / 8).max(1);
     planner::PlannerContext {
         profile: moe_router::published_load::PublishedProfile::new(
             moe_cluster::discovery::RouterProfile {
@@ -757,9 +759,10 @@ fn planner_context(
             threshold: args.rebalance_threshold,
             window: Duration::from_millis(args.rebalance_window_ms),
             min_pairs: args.rebalance_min_pairs,
-            redundant_per_layer: args
-                .redundant_experts
-                .unwrap_or((config.moe.num_experts / 8).max(1)),
+            budget: moe_cluster::placement::RebalanceBudget {
+                replicas_per_layer: args.redundant_experts.unwrap_or(an_eighth),
+                swaps_per_layer: args.rebalance_max_swaps.unwrap_or(an_eighth),
+            },
         },
     }
 }

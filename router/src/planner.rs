@@ -26,7 +26,7 @@ use moe_cluster::discovery::{
     Discovery, DiscoveryError, LoadReport, Membership, NodeState, Outage, RouterRegistration,
     Snapshot, Topic,
 };
-use moe_cluster::placement::{ExpertId, Placement};
+use moe_cluster::placement::{ExpertId, Placement, RebalanceBudget};
 use moe_cluster::shutdown::Shutdown;
 use moe_cluster::ClusterError;
 use moe_proto::v1::inference_server::InferenceServer;
@@ -46,8 +46,8 @@ pub struct RebalancePolicy {
     pub window: Duration,
     /// Fewest dispatched pairs in a window for its ratio to count.
     pub min_pairs: u64,
-    /// Extra expert copies per MoE layer a rebalance may place.
-    pub redundant_per_layer: usize,
+    /// Extra copies and exchanges of copies per MoE layer a rebalance may make.
+    pub budget: RebalanceBudget,
 }
 
 pub struct PlannerContext {
@@ -104,7 +104,8 @@ enum Why {
         /// Of `left`, the nodes still registered that a router saw fail.
         suspected: Vec<String>,
     },
-    /// The measured load was imbalanced past the threshold: hot experts get replicas.
+    /// The measured load was imbalanced past the threshold: hot experts get replicas, and
+    /// copies are exchanged between nodes.
     Rebalance {
         measured: f64,
         before: f64,
@@ -536,7 +537,7 @@ impl Planner {
         if !wanted {
             return None;
         }
-        let candidate = current.rebalance(current.epoch + 1, load, policy.redundant_per_layer);
+        let candidate = current.rebalance(current.epoch + 1, load, policy.budget);
         let before = current.expected_imbalance(load);
         let after = candidate.expected_imbalance(load);
         if after >= before * 0.95 || candidate == *current {
@@ -840,7 +841,10 @@ mod tests {
                 threshold: 0.0,
                 window: Duration::from_secs(30),
                 min_pairs: 1,
-                redundant_per_layer: 1,
+                budget: RebalanceBudget {
+                    replicas_per_layer: 1,
+                    swaps_per_layer: 1,
+                },
             },
         }
     }
