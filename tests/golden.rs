@@ -154,6 +154,13 @@ fn glm4_moe_matches_transformers() {
     check_fixture("glm4-moe-tiny");
 }
 
+/// GLM-4.7-Flash: DeepSeek-V3's latent attention without yarn, v heads wider than the
+/// no-rope q/k part, GLM's config names.
+#[test]
+fn glm4_moe_lite_matches_transformers() {
+    check_fixture(FIXTURES[4]);
+}
+
 #[test]
 fn mixtral_bf16_matches_transformers() {
     check_fixture(FIXTURES[2]);

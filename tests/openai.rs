@@ -595,6 +595,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         (FIXTURES[3], "glm45_tools.jinja"),
         // GLM-4.7's: the same pairs back to back, told from GLM-4.5's by the template.
         (FIXTURES[3], "glm47_tools.jinja"),
+        // GLM-4.7-Flash: GLM-4.7's calls by its model_type.
+        (FIXTURES[4], "glm47_tools.jinja"),
     ] {
         let template = format!("{templates}/{template}");
         let got = script_against_http(

@@ -21,6 +21,10 @@ pub enum Family {
     /// GLM-4.5 / 4.6 and GLM-4.5-Air: GQA with q/k/v biases and half-rotary heads, then
     /// DeepSeek-V3's MoE block (sigmoid gate, correction bias, shared expert).
     Glm4Moe,
+    /// GLM-4.7-Flash (`glm4_moe_lite`): DeepSeek-V3's Multi-head Latent Attention and MoE
+    /// block under GLM's names for its config (a dense first layer by default, optional
+    /// `mlp_layer_types`); the tensors are named as DeepSeek-V3's.
+    Glm4MoeLite,
 }
 
 impl Family {
@@ -30,15 +34,25 @@ impl Family {
             "qwen3_moe" => Ok(Family::Qwen3Moe),
             "mixtral" => Ok(Family::Mixtral),
             "glm4_moe" => Ok(Family::Glm4Moe),
+            "glm4_moe_lite" => Ok(Family::Glm4MoeLite),
             other => Err(ModelError::UnsupportedModelType(other.to_string())),
         }
     }
 
     /// Whether the family's checkpoints ship multi-token-prediction layers of DeepSeek-V3's
     /// design (`eh_proj`, `enorm`, `hnorm`, `shared_head` and a decoder layer after the main
-    /// ones): DeepSeek-V3's and GLM-4.5's do.
+    /// ones): DeepSeek-V3's, GLM-4.5's and GLM-4.7-Flash's do.
     pub fn ships_mtp_layers(self) -> bool {
-        matches!(self, Family::DeepseekV3 | Family::Glm4Moe)
+        matches!(
+            self,
+            Family::DeepseekV3 | Family::Glm4Moe | Family::Glm4MoeLite
+        )
+    }
+
+    /// Whether attention is DeepSeek's Multi-head Latent Attention (tensors named as
+    /// DeepSeek-V3's), not grouped-query attention.
+    pub fn latent_attention(self) -> bool {
+        matches!(self, Family::DeepseekV3 | Family::Glm4MoeLite)
     }
 
     pub fn model_type(self) -> &'static str {
@@ -47,6 +61,7 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Mixtral => "mixtral",
             Family::Glm4Moe => "glm4_moe",
+            Family::Glm4MoeLite => "glm4_moe_lite",
         }
     }
 }
@@ -206,6 +221,8 @@ struct RawConfig {
     topk_group: Option<usize>,
     routed_scaling_factor: Option<f64>,
     first_k_dense_replace: Option<usize>,
+    /// GLM-4.7-Flash's per-layer `"dense"` / `"sparse"` list (transformers 5 writes it).
+    mlp_layer_types: Option<Vec<String>>,
     num_nextn_predict_layers: Option<usize>,
     moe_layer_freq: Option<usize>,
     scoring_func: Option<String>,
@@ -261,6 +278,26 @@ impl ModelConfig {
         let raw: RawConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         raw.into_config(family).map_err(bad)
     }
+}
+
+/// GLM-4.7-Flash's `mlp_layer_types`: one `"dense"` or `"sparse"` per layer.
+fn sparse_layers(types: &[String], num_layers: usize) -> std::result::Result<Vec<bool>, String> {
+    if types.len() != num_layers {
+        return Err(format!(
+            "mlp_layer_types names {} layers, the model has {num_layers}",
+            types.len()
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "sparse" => Ok(true),
+            "dense" => Ok(false),
+            other => Err(format!(
+                "mlp_layer_types holds {other:?}: only \"dense\" and \"sparse\""
+            )),
+        })
+        .collect()
 }
 
 fn require<T>(value: Option<T>, key: &str) -> std::result::Result<T, String> {
@@ -332,10 +369,18 @@ impl RawConfig {
     ) -> std::result::Result<(AttentionConfig, usize), String> {
         let num_heads = self.num_attention_heads;
         match family {
-            Family::DeepseekV3 => {
+            Family::DeepseekV3 | Family::Glm4MoeLite => {
                 let qk_rope = require(self.qk_rope_head_dim, "qk_rope_head_dim")?;
                 if !qk_rope.is_multiple_of(2) {
                     return Err("qk_rope_head_dim must be even".into());
+                }
+                // GLM-4.7-Flash's file says 1.0; a part of the rope dims is not implemented.
+                let rotated = self.rotary_dim(qk_rope)?;
+                if rotated != qk_rope {
+                    return Err(format!(
+                        "partial_rotary_factor rotates {rotated} of {qk_rope} qk_rope_head_dim \
+                         dimensions: latent attention rotates all of them"
+                    ));
                 }
                 let mla = AttentionConfig::Mla {
                     num_heads,
@@ -400,7 +445,7 @@ impl RawConfig {
     /// each token picks.
     fn routed_experts(&self, family: Family) -> std::result::Result<(usize, usize), String> {
         let num_experts = match family {
-            Family::DeepseekV3 | Family::Glm4Moe => {
+            Family::DeepseekV3 | Family::Glm4Moe | Family::Glm4MoeLite => {
                 require(self.n_routed_experts, "n_routed_experts")?
             }
             Family::Qwen3Moe => require(self.num_experts, "num_experts")?,
@@ -425,16 +470,18 @@ impl RawConfig {
     ) -> std::result::Result<(MoeConfig, Vec<bool>), String> {
         let num_layers = self.num_hidden_layers;
         let (gating, intermediate_size, n_shared_experts, moe_layers) = match family {
-            Family::DeepseekV3 | Family::Glm4Moe => {
+            Family::DeepseekV3 | Family::Glm4Moe | Family::Glm4MoeLite => {
                 let gating = self.deepseek_gating(num_experts)?;
                 // transformers' defaults when the file leaves it out: GLM's 1, ours 0.
-                let first_dense = self
-                    .first_k_dense_replace
-                    .unwrap_or(usize::from(family == Family::Glm4Moe));
+                let glm = matches!(family, Family::Glm4Moe | Family::Glm4MoeLite);
+                let first_dense = self.first_k_dense_replace.unwrap_or(usize::from(glm));
                 let freq = self.moe_layer_freq.unwrap_or(1).max(1);
-                let layers = (0..num_layers)
-                    .map(|i| i >= first_dense && i % freq == 0)
-                    .collect();
+                let layers = match (&self.mlp_layer_types, family) {
+                    (Some(types), Family::Glm4MoeLite) => sparse_layers(types, num_layers)?,
+                    _ => (0..num_layers)
+                        .map(|i| i >= first_dense && i % freq == 0)
+                        .collect(),
+                };
                 (
                     gating,
                     require(self.moe_intermediate_size, "moe_intermediate_size")?,
@@ -748,6 +795,79 @@ mod tests {
         assert_eq!(cfg.moe_layers[..2], [false, true]);
         assert_eq!(cfg.mtp_layers, 1);
         assert_eq!(cfg.eos_token_ids, [151329, 151336, 151338]);
+    }
+
+    /// GLM-4.7-Flash's config.json keys and dimensions (zai-org/GLM-4.7-Flash, as vLLM's
+    /// config test writes them): latent attention with v heads wider than the no-rope part, no
+    /// yarn, DeepSeek's gate in one group, one dense layer, one MTP layer.
+    const GLM_4_7_FLASH: &str = r#"{"architectures": ["Glm4MoeLiteForCausalLM"],
+        "attention_bias": false, "attention_dropout": 0.0, "eos_token_id": [7, 9],
+        "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 10240, "max_position_embeddings": 202752,
+        "model_type": "glm4_moe_lite", "moe_intermediate_size": 1536, "topk_method": "noaux_tc",
+        "norm_topk_prob": true, "num_attention_heads": 20, "n_group": 1, "topk_group": 1,
+        "n_routed_experts": 64, "n_shared_experts": 1, "routed_scaling_factor": 1.8,
+        "num_experts_per_tok": 4, "first_k_dense_replace": 1, "num_hidden_layers": 47,
+        "num_key_value_heads": 20, "num_nextn_predict_layers": 1, "partial_rotary_factor": 1.0,
+        "kv_lora_rank": 512, "q_lora_rank": 768, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "rms_norm_eps": 1e-05, "rope_scaling": null,
+        "rope_theta": 1000000, "tie_word_embeddings": false, "dtype": "bfloat16",
+        "use_cache": true, "vocab_size": 154880}"#;
+
+    #[test]
+    fn glm_4_7_flash_config_is_read_as_published() {
+        let cfg = parse(GLM_4_7_FLASH).unwrap();
+        assert_eq!(cfg.family, Family::Glm4MoeLite);
+        assert!(cfg.family.latent_attention() && cfg.family.ships_mtp_layers());
+        assert_eq!(
+            cfg.attention,
+            AttentionConfig::Mla {
+                num_heads: 20,
+                q_lora_rank: Some(768),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 192,
+                qk_rope_head_dim: 64,
+                v_head_dim: 256,
+                rope_interleave: true,
+            }
+        );
+        assert_eq!((cfg.rope.dim, cfg.rope.theta), (64, 1e6));
+        assert_eq!(cfg.rope.scaling, RopeScaling::None);
+        assert_eq!(
+            cfg.moe.gating,
+            Gating::SigmoidGroupLimited {
+                n_group: 1,
+                topk_group: 1,
+                norm_topk_prob: true,
+                routed_scaling_factor: 1.8,
+            }
+        );
+        assert_eq!((cfg.moe.num_experts, cfg.moe.top_k), (64, 4));
+        assert_eq!(cfg.moe.intermediate_size, 1536);
+        assert_eq!(cfg.moe_layers.len(), 47);
+        assert_eq!(cfg.moe_layers[..3], [false, true, true]);
+        assert_eq!(cfg.mtp_layers, 1);
+        assert_eq!(cfg.eos_token_ids, [7, 9]);
+    }
+
+    /// transformers 5 writes `mlp_layer_types`; it decides, and a list that does not fit the
+    /// layers, an unknown kind or a partial rotation of latent heads is refused by name.
+    #[test]
+    fn glm_4_7_flash_layer_types_and_rotation_are_checked() {
+        let with = |key: &str, value: &str| {
+            let mut v: Value = serde_json::from_str(GLM_4_7_FLASH).unwrap();
+            v[key] = serde_json::from_str(value).unwrap();
+            v["num_hidden_layers"] = 3.into();
+            parse(&v.to_string())
+        };
+        let cfg = with("mlp_layer_types", r#"["dense", "dense", "sparse"]"#).unwrap();
+        assert_eq!(cfg.moe_layers, [false, false, true]);
+        let err = with("mlp_layer_types", r#"["dense", "sparse"]"#).unwrap_err();
+        assert!(err.to_string().contains("names 2 layers"), "{err}");
+        let err = with("mlp_layer_types", r#"["dense", "moe", "sparse"]"#).unwrap_err();
+        assert!(err.to_string().contains("\"moe\""), "{err}");
+        let err = with("partial_rotary_factor", "0.5").unwrap_err();
+        assert!(err.to_string().contains("rotates 32 of 64"), "{err}");
     }
 
     /// A rotary share that leaves no or an odd number of rotated dimensions is refused by name;

@@ -428,7 +428,7 @@ mod tests {
     /// chain of three reuses the layer on its own output.
     #[test]
     fn guesses_are_the_same_at_once_in_chunks_or_beside_another_sequence() {
-        for family in [Family::DeepseekV3, Family::Glm4Moe] {
+        for family in [Family::DeepseekV3, Family::Glm4Moe, Family::Glm4MoeLite] {
             guesses_do_not_depend_on_chunks_or_batch_mates(&load_family("chunks", family));
         }
     }

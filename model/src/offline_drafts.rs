@@ -268,6 +268,11 @@ mod tests {
             Family::Glm4Moe,
             &[r#"{"method": "mtp", "num_speculative_tokens": 2}"#],
         );
+        // GLM-4.7-Flash's: DeepSeek-V3's module under GLM's config.
+        drafts_change_no_answer(
+            Family::Glm4MoeLite,
+            &[r#"{"method": "mtp", "num_speculative_tokens": 2}"#],
+        );
     }
 
     fn drafts_change_no_answer(family: Family, configs: &[&str]) {

@@ -38,7 +38,7 @@ impl FromStr for ReasoningParser {
     fn from_str(name: &str) -> Result<Self, String> {
         match name {
             "deepseek-r1" | "deepseek_r1" => Ok(Self::DeepSeekR1),
-            "qwen3" | "glm45" | "glm4_moe" => Ok(Self::Qwen3),
+            "qwen3" | "glm45" | "glm4_moe" | "glm4_moe_lite" => Ok(Self::Qwen3),
             "deepseek-v3" | "deepseek_v3" => Ok(Self::DeepSeekV3),
             other => Err(format!(
                 "unknown reasoning parser `{other}`: deepseek-r1, qwen3, deepseek-v3 or glm45"

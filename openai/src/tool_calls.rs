@@ -90,6 +90,8 @@ impl ToolCallFormat {
         match model_type {
             "deepseek_v3" | "deepseek_v2" => ToolCallFormat::DeepSeekV3,
             "glm4_moe" => ToolCallFormat::Glm45,
+            // GLM-4.7-Flash: a GLM-4.7 model, whatever its template says.
+            "glm4_moe_lite" => ToolCallFormat::Glm47,
             _ => ToolCallFormat::Hermes,
         }
     }
@@ -474,6 +476,11 @@ mod tests {
         );
         assert_eq!("glm47".parse(), Ok(ToolCallFormat::Glm47));
         assert_eq!("glm-4.7".parse(), Ok(ToolCallFormat::Glm47));
+        // GLM-4.7-Flash is a GLM-4.7 model under any template.
+        assert_eq!(
+            detect("glm4_moe_lite", "glm45.jinja"),
+            ToolCallFormat::Glm47
+        );
         assert_eq!(
             ToolCallFormat::for_model_and_template("deepseek_v3", None),
             ToolCallFormat::DeepSeekV3

@@ -18,6 +18,9 @@ enum Arch {
     /// GLM-4.5 (`full`: GLM-4.5-Air's dimensions).
     #[value(name = "glm4_moe")]
     Glm4Moe,
+    /// GLM-4.7-Flash (`full`: its dimensions).
+    #[value(name = "glm4_moe_lite")]
+    Glm4MoeLite,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +73,7 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
         Arch::Qwen3Moe => Family::Qwen3Moe,
         Arch::Mixtral => Family::Mixtral,
         Arch::Glm4Moe => Family::Glm4Moe,
+        Arch::Glm4MoeLite => Family::Glm4MoeLite,
     };
     let preset = match args.preset {
         PresetArg::Tiny => Preset::Tiny,

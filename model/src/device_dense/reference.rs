@@ -832,6 +832,12 @@ mod tests {
         device_matches_cpu("glm4-moe-tiny");
     }
 
+    /// GLM-4.7-Flash's latent attention with v heads wider than the no-rope part, no yarn.
+    #[test]
+    fn glm4_moe_lite_on_the_device_path_matches_the_cpu_model() {
+        device_matches_cpu("glm4-moe-lite-tiny");
+    }
+
     /// With its experts on the same device (an expert set on the GPU of the dense part), a MoE
     /// layer's rows go to them in place and their outputs are combined where they come back:
     /// the same logits bit for bit as through host copies, and a step downloads only its
@@ -1539,6 +1545,7 @@ mod tests {
             "qwen3-moe-tiny",
             "mixtral-tiny",
             "glm4-moe-tiny",
+            "glm4-moe-lite-tiny",
         ] {
             let dir = fixture(name);
             let config = ModelConfig::from_dir(&dir).unwrap();

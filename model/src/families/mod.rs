@@ -3,7 +3,8 @@
 //!
 //! GLM-4.5 (`glm4_moe`) has no file of its own: its MoE layers are named as DeepSeek-V3's
 //! (`mlp.gate.e_score_correction_bias`, `mlp.shared_experts`), its attention as Qwen3's
-//! plus `{q,k,v}_proj.bias`.
+//! plus `{q,k,v}_proj.bias`. GLM-4.7-Flash (`glm4_moe_lite`) names everything as
+//! DeepSeek-V3 does.
 
 pub mod deepseek_v3;
 pub mod mixtral;
@@ -26,7 +27,7 @@ pub fn expert_names(family: Family, layer: usize, expert: usize) -> MlpNames {
         Family::DeepseekV3 => deepseek_v3::expert_names(layer, expert),
         Family::Qwen3Moe => qwen3_moe::expert_names(layer, expert),
         Family::Mixtral => mixtral::expert_names(layer, expert),
-        Family::Glm4Moe => deepseek_v3::expert_names(layer, expert),
+        Family::Glm4Moe | Family::Glm4MoeLite => deepseek_v3::expert_names(layer, expert),
     }
 }
 
@@ -42,7 +43,7 @@ pub fn moe_names(config: &ModelConfig, layer: usize) -> MoeNames {
         Family::DeepseekV3 => deepseek_v3::moe_names(config, layer),
         Family::Qwen3Moe => qwen3_moe::moe_names(layer),
         Family::Mixtral => mixtral::moe_names(layer),
-        Family::Glm4Moe => deepseek_v3::moe_names(config, layer),
+        Family::Glm4Moe | Family::Glm4MoeLite => deepseek_v3::moe_names(config, layer),
     }
 }
 
@@ -53,7 +54,9 @@ pub fn dense_mlp_names(layer: usize) -> MlpNames {
 
 pub fn load_attention(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Attention> {
     match config.family {
-        Family::DeepseekV3 => deepseek_v3::load_attention(ckpt, config, layer),
+        Family::DeepseekV3 | Family::Glm4MoeLite => {
+            deepseek_v3::load_attention(ckpt, config, layer)
+        }
         Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe => {
             qwen3_moe::load_gqa(ckpt, config, layer)
         }

@@ -1835,6 +1835,7 @@ mod tests {
             "qwen3-moe-tiny",
             "mixtral-tiny",
             "glm4-moe-tiny",
+            "glm4-moe-lite-tiny",
         ] {
             let dir = crate::test_support::fixture_dir(name);
             let config = ModelConfig::from_dir(&dir).unwrap();
