@@ -213,10 +213,11 @@ pub fn fingerprint(dir: &Path, tensor_names: &[&str]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn nodes(ids: &[&str]) -> BTreeMap<String, String> {
+    /// Node ids to addresses, as the planner passes live nodes.
+    pub(crate) fn nodes(ids: &[&str]) -> BTreeMap<String, String> {
         ids.iter()
             .map(|id| (id.to_string(), format!("{id}:1")))
             .collect()

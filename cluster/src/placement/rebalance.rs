@@ -235,12 +235,7 @@ impl Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn nodes(ids: &[&str]) -> BTreeMap<String, String> {
-        ids.iter()
-            .map(|id| (id.to_string(), format!("{id}:1")))
-            .collect()
-    }
+    use crate::placement::tests::nodes;
 
     fn budget(replicas_per_layer: usize, swaps_per_layer: usize) -> RebalanceBudget {
         RebalanceBudget {
