@@ -14,7 +14,7 @@ use moe_proto::v1::gateway_client::GatewayClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{DrainRouterRequest, GenerateRequest, RoutersRequest, RoutersResponse};
 use moe_tests::harness::{self, expected_answers, generate, wait_serving};
-use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tests::{fixture_dir, golden_cases, with_generation_config, FIXTURES};
 use moe_tooling::{greedy, GatewayAddrs, GreedyLoad, LocalCluster};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
@@ -789,4 +789,55 @@ async fn a_hung_router_fails_its_health_checks_and_gets_no_new_request() {
         "no failed health check counted for {hung_id}:\n{metrics}"
     );
     cluster.pause_router(&hung, false);
+}
+
+/// A chat without `max_tokens` is sized by the routers' generation defaults, not by the
+/// gateway's copy of the checkpoint: with `--generation-config vllm` on the router, the
+/// checkpoint's `max_new_tokens` (5) is no default there, and the gateway's answer is the
+/// router's own, run to the end of the context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_without_max_tokens_is_sized_by_the_routers_defaults() {
+    let model = with_generation_config(
+        &fixture_dir(FIXTURES[0]),
+        "gateway-generation",
+        &json!({"max_new_tokens": 5}),
+    );
+    let mut spec = harness::spec(model.path().to_path_buf(), 1);
+    spec.router_args.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--generation-config",
+            "vllm",
+            "--max-model-len",
+            "48",
+        ]
+        .map(String::from),
+    );
+    let mut cluster = LocalCluster::start(spec).unwrap();
+    wait_serving(&cluster, 1).await;
+    let args = ["--poll-ms", "100", "--http-listen", "127.0.0.1:0"].map(String::from);
+    let gateway = cluster
+        .add_gateway(&harness::binary("moe-gateway"), &args)
+        .unwrap();
+    wait_gateway_routers(&gateway.grpc, &cluster.router_addrs()).await;
+    let chat = json!({
+        "model": model.path().file_name().unwrap().to_str().unwrap(),
+        "messages": [{"role": "user", "content": "The software is provided as is"}],
+        "temperature": 0,
+    });
+    let router_http = cluster
+        .router_http_addr
+        .clone()
+        .expect("the router serves HTTP");
+    let direct = harness::post_json(&router_http, "/v1/chat/completions", &chat).await;
+    let gateway_http = gateway.http.clone().expect("gateway HTTP");
+    let through = harness::post_json(&gateway_http, "/v1/chat/completions", &chat).await;
+    let tokens = |answer: &Value| answer["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(tokens(&direct) > 5, "the router has no default: {direct}");
+    assert_eq!(tokens(&through), tokens(&direct), "{through} vs {direct}");
+    assert_eq!(
+        through["choices"][0]["message"]["content"],
+        direct["choices"][0]["message"]["content"]
+    );
 }

@@ -240,26 +240,6 @@ async fn max_model_len_bounds_requests_and_is_reported() {
     );
 }
 
-/// The checkpoint at `source` (its files linked) with `generation` as its
-/// `generation_config.json`, in a temporary folder named after `name`.
-fn with_generation_config(
-    source: &std::path::Path,
-    name: &str,
-    generation: &Value,
-) -> moe_tests::TempDir {
-    let dir = moe_tests::TempDir::new(name);
-    for file in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::os::unix::fs::symlink(source.join(file), dir.0.join(file)).unwrap();
-    }
-    std::fs::write(dir.0.join("generation_config.json"), generation.to_string()).unwrap();
-    dir
-}
-
 /// The generation config's `max_new_tokens`, as vLLM serves it: with `auto` the checkpoint's
 /// is the `max_tokens` of a chat request that gives none, not a cap; a folder's
 /// (`--generation-config DIR`) and `--override-generation-config`'s also cap every request,
@@ -270,7 +250,7 @@ async fn max_new_tokens_is_chats_default_and_a_folders_or_an_overrides_caps_ever
     use serde_json::json;
     let fixture = FIXTURES[0];
     let source = fixture_dir(fixture);
-    let dir = with_generation_config(
+    let dir = moe_tests::with_generation_config(
         &source,
         "generation-max-new-tokens",
         &json!({"max_new_tokens": 5}),
@@ -341,7 +321,7 @@ async fn the_checkpoints_generation_config_fills_unset_sampling_and_ends_answers
     let stop_at = greedy_ids.iter().position(|&t| t == end).unwrap();
     let generation = json!({"do_sample": true, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
                             "eos_token_id": [1, end]});
-    let dir = with_generation_config(&source, "generation-config", &generation);
+    let dir = moe_tests::with_generation_config(&source, "generation-config", &generation);
     // The offline engine stops there too.
     let offline = Engine::load(&dir.0).unwrap();
     let stopped = offline

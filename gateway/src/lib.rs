@@ -11,16 +11,16 @@
 //! - [`intake`]: what a request gets before its first router (a seed, a span, block hashes);
 //!   [`relay`]: one request carried across routers.
 //! - [`service`]: the public gRPC services; [`openai`]: the OpenAI HTTP API (`moe-openai`, which
-//!   routers serve too, over the relay), whose context follows the routers'
-//!   ([`context_limit`]); [`metrics`]: the Prometheus page.
+//!   routers serve too, over the relay), whose context and chats' default `max_tokens`
+//!   follow the routers' ([`published_limits`]); [`metrics`]: the Prometheus page.
 
 pub mod args;
-pub mod context_limit;
 pub mod intake;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod probes;
+pub mod published_limits;
 pub mod relay;
 pub mod router_set;
 pub mod service;

@@ -7,12 +7,12 @@ use moe_cluster::listener::{accept_bounded, ConnectionLimits};
 use moe_cluster::metrics::{Histogram, LATENCY_BUCKETS};
 use moe_cluster::shutdown::Shutdown;
 use moe_gateway::args::GatewayArgs;
-use moe_gateway::context_limit::follow_context_limit;
 use moe_gateway::intake::Intake;
 use moe_gateway::metrics::GatewayMetrics;
 use moe_gateway::openai::GatewayGenerator;
 use moe_gateway::policy::RouterChooser;
 use moe_gateway::probes::{probe_routers, ProbeTiming};
+use moe_gateway::published_limits::{follow_published_limits, OwnLimits, ServedLimits};
 use moe_gateway::relay::{Relay, RelaySettings};
 use moe_gateway::router_set::{follow_routers, RouterSet};
 use moe_gateway::service::{GatewayService, InferenceGateway};
@@ -89,12 +89,12 @@ async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         spawn_http(addr, "metrics", app, None, limits, shutdown.clone()).await?;
     }
     if let Some(addr) = &args.http_listen {
-        let (app, own, limit) =
+        let (app, own, served) =
             openai_app(&args, &intake, tokenizer, &metrics, access.api.clone())?;
-        tokio::spawn(follow_context_limit(
+        tokio::spawn(follow_published_limits(
             own,
             Arc::clone(&routers),
-            limit,
+            served,
             shutdown.clone(),
         ));
         let tls = public_tls.as_ref().map(|t| t.rustls()).transpose()?;
@@ -197,15 +197,15 @@ fn relay(
     }))
 }
 
-/// The OpenAI API, as routers serve it, over the intake; with the gateway's own context and
-/// the limit that follows the routers'.
+/// The OpenAI API, as routers serve it, over the intake; with the gateway's own limits and
+/// where it reads those that follow the routers'.
 fn openai_app(
     args: &GatewayArgs,
     intake: &Arc<Intake>,
     tokenizer: Arc<Tokenizer>,
     metrics: &Arc<GatewayMetrics>,
     api_keys: moe_cluster::api_keys::ApiKeys,
-) -> anyhow::Result<(axum::Router, usize, http::ContextLimit)> {
+) -> anyhow::Result<(axum::Router, OwnLimits, ServedLimits)> {
     let mut config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     if let Some(len) = args.max_model_len {
@@ -227,8 +227,8 @@ fn openai_app(
         chat_template: args.openai.chat_template.as_deref(),
         reasoning_parser: args.openai.reasoning_parser,
         tool_call_parser: args.openai.tool_call_parser,
-        // The checkpoint's default, as its routers' `--generation-config auto` has it (a
-        // router's `--override-generation-config` cap still applies there).
+        // The checkpoint's default, as routers' `--generation-config auto` has it, until
+        // routers publish theirs.
         default_max_tokens: moe_model::generation_config::GenerationConfig::from_dir(&args.model)
             .with_context(|| format!("reading {}", args.model.display()))?
             .max_new_tokens,
@@ -236,12 +236,15 @@ fn openai_app(
     };
     let state = http::HttpState::new(model, Arc::new(generator), api_keys)?
         .storing_responses(args.openai.responses_store_bytes);
-    let limit = state.max_model_len.clone();
-    Ok((
-        http::app(Arc::new(state)),
-        config.max_position_embeddings,
-        limit,
-    ))
+    let own = OwnLimits {
+        context: config.max_position_embeddings,
+        default_max_tokens: state.default_max_tokens.get(),
+    };
+    let served = ServedLimits {
+        context: state.max_model_len.clone(),
+        default_max_tokens: state.default_max_tokens.clone(),
+    };
+    Ok((http::app(Arc::new(state)), own, served))
 }
 
 fn metrics_app(metrics: Arc<GatewayMetrics>, routers: Arc<RouterSet>) -> axum::Router {

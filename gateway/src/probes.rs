@@ -120,6 +120,7 @@ mod tests {
             model: "m".into(),
             max_model_len: 0,
             load: Default::default(),
+            generation: None,
         }
     }
 

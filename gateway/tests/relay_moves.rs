@@ -136,6 +136,7 @@ fn record(address: &str) -> RouterRecord {
         model: "fake".into(),
         max_model_len: 0,
         load: RouterLoad::default(),
+        generation: None,
     }
 }
 

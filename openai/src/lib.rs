@@ -63,7 +63,7 @@ use crate::trace_origin::TraceOrigin;
 pub use api_error::ApiError;
 pub use generator::Generator;
 use openai::{ChatRequest, CompletionRequest, Content, ModelCard, ModelList, Prompt};
-pub use state::{ContextLimit, HttpState, ServedModel};
+pub use state::{ContextLimit, DefaultMaxTokens, HttpState, ServedModel};
 use tools::TemplateMessage;
 
 pub fn unix_now() -> u64 {
@@ -1154,7 +1154,7 @@ async fn admit_chat<T: Send + 'static>(
                 render_state.chat_template.as_ref(),
                 tokenizer,
                 render_state.max_model_len.get(),
-                render_state.default_max_tokens,
+                render_state.default_max_tokens.get(),
                 render_state.tool_format,
                 render_state.reasoning_parser,
             )

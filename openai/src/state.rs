@@ -59,6 +59,32 @@ pub enum ChatTemplateError {
     Compile(#[from] moe_model::ModelError),
 }
 
+/// `max_tokens` of a chat or Responses request that gives none (None: the rest of the
+/// context). A router's stays as its generation config set it; a gateway's follows what its
+/// routers publish, so that a chat sized here is sized as the router would size it.
+#[derive(Debug, Clone)]
+pub struct DefaultMaxTokens(Arc<AtomicU64>);
+
+impl DefaultMaxTokens {
+    /// Stored for None: no `u32` reaches it.
+    const NONE: u64 = u64::MAX;
+
+    pub fn new(tokens: Option<u32>) -> Self {
+        Self(Arc::new(AtomicU64::new(
+            tokens.map_or(Self::NONE, u64::from),
+        )))
+    }
+
+    pub fn get(&self) -> Option<u32> {
+        u32::try_from(self.0.load(Ordering::Relaxed)).ok()
+    }
+
+    pub fn set(&self, tokens: Option<u32>) {
+        self.0
+            .store(tokens.map_or(Self::NONE, u64::from), Ordering::Relaxed);
+    }
+}
+
 /// The context a request may use, prompt and answer together (`--max-model-len`). A router's
 /// stays as it started; a gateway's follows its routers', so that a request it sizes (a chat
 /// without `max_tokens`) fits whichever router serves it.
@@ -91,7 +117,7 @@ pub struct HttpState {
     pub model_name: String,
     pub max_model_len: ContextLimit,
     /// See [`ServedModel::default_max_tokens`].
-    pub default_max_tokens: Option<u32>,
+    pub default_max_tokens: DefaultMaxTokens,
     /// See [`ServedModel::prompt_tokens_details`].
     pub prompt_tokens_details: bool,
     /// Unix time the server started (the model card's `created`).
@@ -145,7 +171,7 @@ impl HttpState {
             reasoning_parser: model.reasoning_parser,
             model_name: model.name,
             max_model_len: ContextLimit::new(model.config.max_position_embeddings),
-            default_max_tokens: model.default_max_tokens,
+            default_max_tokens: DefaultMaxTokens::new(model.default_max_tokens),
             prompt_tokens_details: model.prompt_tokens_details,
             created: unix_now(),
             api_keys,

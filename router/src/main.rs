@@ -731,6 +731,9 @@ fn planner_context(
                 http_address: http_address.map(|a| a.to_string()).unwrap_or_default(),
                 model: served_model_name(args),
                 max_model_len: config.max_position_embeddings as u64,
+                generation: moe_cluster::discovery::PublishedGeneration {
+                    default_max_tokens: model.generation.default_max_tokens,
+                },
             },
             Arc::clone(&running.stats),
             Arc::clone(&running.kv),

@@ -131,6 +131,22 @@ impl Drop for TempDir {
     }
 }
 
+/// The checkpoint at `source` (its files linked) with `generation` as its
+/// `generation_config.json`, in a temporary folder named after `name`.
+pub fn with_generation_config(source: &Path, name: &str, generation: &Value) -> TempDir {
+    let dir = TempDir::new(name);
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(source.join(file), dir.0.join(file)).unwrap();
+    }
+    std::fs::write(dir.0.join("generation_config.json"), generation.to_string()).unwrap();
+    dir
+}
+
 /// One tensor as stored: name, dtype, shape, raw bytes.
 pub type RawTensor = (String, moe_model::checkpoint::Dtype, Vec<usize>, Vec<u8>);
 

@@ -41,7 +41,8 @@ pub use load_report::{LoadReport, LoadReportError};
 pub use memory::MemoryStore;
 pub use outage::Outage;
 pub use records::{
-    new_instance_id, NodeRecord, NodeState, RouterLoad, RouterProfile, RouterRecord,
+    new_instance_id, NodeRecord, NodeState, PublishedGeneration, RouterLoad, RouterProfile,
+    RouterRecord,
 };
 pub use registration::{NodeRegistration, RouterRegistration};
 pub use snapshot::{Membership, Snapshot};

@@ -72,6 +72,18 @@ pub struct RouterRecord {
     /// How loaded it is, refreshed about once a second: what a gateway balances on.
     #[serde(default)]
     pub load: RouterLoad,
+    /// The defaults it generates with, which a gateway rendering chats for it must apply as
+    /// it would; absent from routers that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<PublishedGeneration>,
+}
+
+/// A router's generation defaults as it publishes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedGeneration {
+    /// `max_tokens` of a chat or Responses request that gives none (`--generation-config`,
+    /// `--override-generation-config`); none: the rest of the context.
+    pub default_max_tokens: Option<u32>,
 }
 
 /// What a router serves, published once per registration.
@@ -81,6 +93,7 @@ pub struct RouterProfile {
     pub http_address: String,
     pub model: String,
     pub max_model_len: u64,
+    pub generation: PublishedGeneration,
 }
 
 /// A router's load as it publishes it.

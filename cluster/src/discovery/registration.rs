@@ -99,6 +99,7 @@ impl RouterRegistration {
             model: String::new(),
             max_model_len: 0,
             load: RouterLoad::default(),
+            generation: None,
         };
         let key = keys.router(&router_id);
         let initial = BTreeMap::from([(key.clone(), encode(&key, &record)?)]);
@@ -143,6 +144,7 @@ impl RouterRegistration {
             r.http_address = profile.http_address.clone();
             r.model = profile.model.clone();
             r.max_model_len = profile.max_model_len;
+            r.generation = Some(profile.generation);
         });
     }
 
