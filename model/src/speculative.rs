@@ -93,7 +93,7 @@ impl std::str::FromStr for SpeculativeConfig {
             "ngram" | "[ngram]" => {}
             // vLLM's names (GLM-4.5's too), and the shorter one its newer releases take for
             // every MTP model.
-            "deepseek_mtp" | "glm4_moe_mtp" | "glm4_moe_lite_mtp" | "mtp" => {
+            "deepseek_mtp" | "glm4_moe_mtp" | "mtp" => {
                 let key = ["prompt_lookup_min", "prompt_lookup_max"]
                     .into_iter()
                     .find(|k| object.contains_key(*k));
