@@ -443,6 +443,8 @@ struct RebalanceRun {
     rebalanced: moe_proto::v1::ClusterStatusResponse,
     /// Two full windows later.
     after: moe_proto::v1::ClusterStatusResponse,
+    /// The router's `/metrics` then, when it serves HTTP.
+    metrics: Option<String>,
 }
 
 /// Starts `spec`'s cluster and sends one prompt of a repeated token over and over (the same
@@ -465,6 +467,10 @@ async fn rebalance_under_skewed_load(spec: LocalClusterSpec, fixture: &str) -> R
     .await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let after = harness::status(&cluster).await;
+    let metrics = match cluster.router_http_addr.clone() {
+        Some(addr) => Some(harness::http(&addr, "GET", "/metrics", None, b"").await.1),
+        None => None,
+    };
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.problems);
     assert_eq!(report.mismatched, 0, "{:?}", report.problems);
@@ -485,6 +491,7 @@ async fn rebalance_under_skewed_load(spec: LocalClusterSpec, fixture: &str) -> R
         before,
         rebalanced,
         after,
+        metrics,
     }
 }
 
@@ -503,7 +510,7 @@ async fn skewed_load_without_replicas_moves_hot_experts_between_nodes() {
     let fixture = FIXTURES[0];
     let mut spec = rebalancing_spec(fixture, 0);
     spec.router_args
-        .extend(["--rebalance-max-swaps", "8"].map(String::from));
+        .extend(["--rebalance-max-swaps", "8", "--http-listen", "127.0.0.1:0"].map(String::from));
     let run = rebalance_under_skewed_load(spec, fixture).await;
     let holdings = |s: &moe_proto::v1::ClusterStatusResponse| {
         let mut nodes: Vec<(String, Vec<(u32, u32)>)> = s
@@ -520,6 +527,7 @@ async fn skewed_load_without_replicas_moves_hot_experts_between_nodes() {
     let (was, now) = (holdings(&run.first), holdings(&run.rebalanced));
     assert_eq!(run.rebalanced.replicas, 0, "no replica was asked for");
     assert_ne!(was, now, "experts moved between nodes");
+    let mut loads = 0;
     for ((id, before), (same_id, after)) in was.iter().zip(&now) {
         assert_eq!(id, same_id);
         assert_eq!(
@@ -527,7 +535,13 @@ async fn skewed_load_without_replicas_moves_hot_experts_between_nodes() {
             after.len(),
             "{id} holds as many experts as before"
         );
+        loads += after.iter().filter(|e| !before.contains(e)).count();
     }
+    // An exchange has both of its nodes load an expert; the metric counts every load.
+    assert!(loads >= 2, "{loads}");
+    let metrics = run.metrics.expect("the router serves HTTP");
+    let counted = metric_value(&metrics, "moe_rebalance_expert_loads_total");
+    assert!(counted >= loads as f64, "{counted} < {loads}");
     eprintln!(
         "without replicas: imbalance {:.3} -> {:.3}",
         run.before, run.after.imbalance_ratio

@@ -180,6 +180,9 @@ pub struct ClusterView {
     pub cluster_imbalance_milli: AtomicU64,
     pub load_reporting_routers: AtomicU64,
     pub rebalances: AtomicU64,
+    /// Expert copies those rebalances had nodes load (replicas, and both sides of exchanges):
+    /// what rebalancing cost in loading.
+    pub rebalance_expert_loads: AtomicU64,
     /// MoE layers that had to be re-dispatched after a node failed.
     pub layer_retries: AtomicU64,
     /// MoE layers sent over a collective, and collectives that failed mid-layer.

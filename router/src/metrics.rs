@@ -183,11 +183,16 @@ impl RouterMetrics {
     /// What the planner and the data plane have done since start.
     fn render_counters(&self, out: &mut String) {
         let view = &self.view;
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "moe_rebalances_total",
                 "Placements this router planned to rebalance load.",
                 &view.rebalances,
+            ),
+            (
+                "moe_rebalance_expert_loads_total",
+                "Expert copies nodes loaded for those rebalances (replicas and exchanges).",
+                &view.rebalance_expert_loads,
             ),
             (
                 "moe_layer_retries_total",
@@ -368,6 +373,7 @@ mod tests {
                 "moe_is_planner gauge",
                 "moe_in_process_nodes gauge",
                 "moe_rebalances_total counter",
+                "moe_rebalance_expert_loads_total counter",
                 "moe_layer_retries_total counter",
                 "moe_micro_batched_steps_total counter",
                 "moe_collective_layers_total counter",

@@ -592,6 +592,9 @@ impl Planner {
             Why::Rebalance { .. } => {
                 self.last_rebalance = Some(Instant::now());
                 view.rebalances.fetch_add(1, Ordering::Relaxed);
+                let loads = moved.unwrap_or_default() as u64;
+                view.rebalance_expert_loads
+                    .fetch_add(loads, Ordering::Relaxed);
             }
             Why::Membership { suspected, .. } if !suspected.is_empty() => {
                 view.suspect_replans.fetch_add(1, Ordering::Relaxed);
