@@ -161,6 +161,13 @@ fn glm4_moe_lite_matches_transformers() {
     check_fixture(FIXTURES[4]);
 }
 
+/// MiniMax-M2: one q/k RMSNorm over all heads, rotary on part of each head, Mixtral's names
+/// with DeepSeek's sigmoid gate in every layer.
+#[test]
+fn minimax_m2_matches_transformers() {
+    check_fixture(FIXTURES[5]);
+}
+
 #[test]
 fn mixtral_bf16_matches_transformers() {
     check_fixture(FIXTURES[2]);

@@ -2,7 +2,7 @@
 //! bytes they take in a weight format, and the work one token costs each part. Read from the
 //! same [`ModelConfig`] the engine loads, so the planner counts the model the cluster runs.
 
-use moe_model::config::{AttentionConfig, ModelConfig};
+use moe_model::config::{AttentionConfig, ModelConfig, QkNorm};
 use serde::Serialize;
 
 /// How the weights are stored on the GPUs.
@@ -229,7 +229,11 @@ fn attention_weights(config: &ModelConfig, format: WeightFormat) -> Weights {
             qk_norm,
             bias,
         } => {
-            let norms = if qk_norm { 2 * head_dim } else { 0 };
+            let norms = match qk_norm {
+                QkNorm::None => 0,
+                QkNorm::PerHead => 2 * head_dim,
+                QkNorm::AllHeads => (num_heads + num_kv_heads) * head_dim,
+            };
             let biases = if bias {
                 (num_heads + 2 * num_kv_heads) * head_dim
             } else {

@@ -25,6 +25,11 @@ pub enum Family {
     /// block under GLM's names for its config (a dense first layer by default, optional
     /// `mlp_layer_types`); the tensors are named as DeepSeek-V3's.
     Glm4MoeLite,
+    /// MiniMax-M2: GQA with one RMSNorm over all query (and all key) heads and rotary
+    /// embeddings on part of each head, then every layer a MoE of Mixtral's names with
+    /// DeepSeek-V3's sigmoid gate (a correction bias for the choice, no groups, no shared
+    /// expert).
+    MinimaxM2,
 }
 
 impl Family {
@@ -35,6 +40,7 @@ impl Family {
             "mixtral" => Ok(Family::Mixtral),
             "glm4_moe" => Ok(Family::Glm4Moe),
             "glm4_moe_lite" => Ok(Family::Glm4MoeLite),
+            "minimax_m2" => Ok(Family::MinimaxM2),
             other => Err(ModelError::UnsupportedModelType(other.to_string())),
         }
     }
@@ -62,21 +68,33 @@ impl Family {
             Family::Mixtral => "mixtral",
             Family::Glm4Moe => "glm4_moe",
             Family::Glm4MoeLite => "glm4_moe_lite",
+            Family::MinimaxM2 => "minimax_m2",
         }
     }
+}
+
+/// Which RMSNorm queries and keys get before the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Qwen3's: each head on its own, one weight of `head_dim` shared by the heads.
+    PerHead,
+    /// MiniMax-M2's (`qk_norm_type: "per_layer"`): all heads of a row at once, one weight per
+    /// element (`heads * head_dim` for queries, `kv_heads * head_dim` for keys).
+    AllHeads,
 }
 
 /// Attention flavour of a family.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttentionConfig {
-    /// Grouped-query attention (Qwen3-MoE, Mixtral, GLM-4.5); `qk_norm` is Qwen3's per-head
-    /// RMSNorm, `bias` GLM's q/k/v biases. The rotated dimensions per head are the rope's
+    /// Grouped-query attention (Qwen3-MoE, Mixtral, GLM-4.5, MiniMax-M2); `qk_norm` is Qwen3's
+    /// per-head or MiniMax-M2's all-heads RMSNorm, `bias` GLM's q/k/v biases. The rotated dimensions per head are the rope's
     /// (`RopeConfig::dim`: GLM rotates the first half of each head).
     Gqa {
         num_heads: usize,
         num_kv_heads: usize,
         head_dim: usize,
-        qk_norm: bool,
+        qk_norm: QkNorm,
         bias: bool,
     },
     /// DeepSeek's Multi-head Latent Attention.
@@ -223,6 +241,13 @@ struct RawConfig {
     first_k_dense_replace: Option<usize>,
     /// GLM-4.7-Flash's per-layer `"dense"` / `"sparse"` list (transformers 5 writes it).
     mlp_layer_types: Option<Vec<String>>,
+    // MiniMax-M2's names: rotated dimensions per head, where its q/k norm applies, whether
+    // the gate has a correction bias, its shared expert's width, each layer's attention kind.
+    rotary_dim: Option<usize>,
+    qk_norm_type: Option<String>,
+    use_routing_bias: Option<bool>,
+    shared_intermediate_size: Option<usize>,
+    attn_type_list: Option<Vec<u32>>,
     num_nextn_predict_layers: Option<usize>,
     moe_layer_freq: Option<usize>,
     scoring_func: Option<String>,
@@ -393,7 +418,7 @@ impl RawConfig {
                 };
                 Ok((mla, qk_rope))
             }
-            Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe => {
+            Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe | Family::MinimaxM2 => {
                 let head_dim = self.head_dim.unwrap_or(self.hidden_size / num_heads);
                 let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
                 if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
@@ -409,7 +434,7 @@ impl RawConfig {
                     num_heads,
                     num_kv_heads,
                     head_dim,
-                    qk_norm: family == Family::Qwen3Moe || (glm && self.use_qk_norm == Some(true)),
+                    qk_norm: self.qk_norm(family)?,
                     bias: glm && self.attention_bias.unwrap_or(false),
                 };
                 Ok((gqa, self.rotary_dim(head_dim)?))
@@ -417,9 +442,38 @@ impl RawConfig {
         }
     }
 
-    /// Rotated dimensions per head: all of them, or `partial_rotary_factor` of them (as
-    /// transformers computes it: `int(head_dim * factor)`), an even count.
+    /// The family's q/k norm: Qwen3's always, GLM's when `use_qk_norm`, MiniMax-M2's over all
+    /// heads unless `use_qk_norm` is false.
+    fn qk_norm(&self, family: Family) -> std::result::Result<QkNorm, String> {
+        Ok(match family {
+            Family::Qwen3Moe => QkNorm::PerHead,
+            Family::Glm4Moe if self.use_qk_norm == Some(true) => QkNorm::PerHead,
+            Family::MinimaxM2 if self.use_qk_norm != Some(false) => {
+                match self.qk_norm_type.as_deref() {
+                    None | Some("per_layer") => QkNorm::AllHeads,
+                    Some(other) => {
+                        return Err(format!(
+                            "qk_norm_type {other:?} is not supported (only \"per_layer\")"
+                        ))
+                    }
+                }
+            }
+            _ => QkNorm::None,
+        })
+    }
+
+    /// Rotated dimensions per head: all of them, MiniMax-M2's `rotary_dim`, or
+    /// `partial_rotary_factor` of them (as transformers computes it: `int(head_dim * factor)`),
+    /// an even count.
     fn rotary_dim(&self, head_dim: usize) -> std::result::Result<usize, String> {
+        if let Some(dim) = self.rotary_dim {
+            if dim == 0 || dim > head_dim || !dim.is_multiple_of(2) {
+                return Err(format!(
+                    "rotary_dim {dim} is not a positive even count of at most head_dim {head_dim}"
+                ));
+            }
+            return Ok(dim);
+        }
         let factor = self.partial_rotary_factor.or_else(|| {
             self.rope_parameters
                 .as_ref()
@@ -449,7 +503,9 @@ impl RawConfig {
                 require(self.n_routed_experts, "n_routed_experts")?
             }
             Family::Qwen3Moe => require(self.num_experts, "num_experts")?,
-            Family::Mixtral => require(self.num_local_experts, "num_local_experts")?,
+            Family::Mixtral | Family::MinimaxM2 => {
+                require(self.num_local_experts, "num_local_experts")?
+            }
         };
         let top_k = require(self.num_experts_per_tok, "num_experts_per_tok")?;
         if top_k == 0 || top_k > num_experts {
@@ -512,6 +568,12 @@ impl RawConfig {
                 0,
                 vec![true; num_layers],
             ),
+            Family::MinimaxM2 => (
+                self.minimax_gating()?,
+                dense_intermediate_size,
+                0,
+                vec![true; num_layers],
+            ),
         };
         let moe = MoeConfig {
             num_experts,
@@ -521,6 +583,38 @@ impl RawConfig {
             gating,
         };
         Ok((moe, moe_layers))
+    }
+
+    /// MiniMax-M2's gate and what it does not have: sigmoid scores with a correction bias for
+    /// the choice, top-k among all experts, renormalised, no scaling; no shared expert and no
+    /// linear-attention layers (MiniMax-01's `attn_type_list` 0).
+    fn minimax_gating(&self) -> std::result::Result<Gating, String> {
+        if let Some(f) = self.scoring_func.as_deref().filter(|f| *f != "sigmoid") {
+            return Err(format!(
+                "scoring_func {f:?} is not supported (only \"sigmoid\")"
+            ));
+        }
+        if self.use_routing_bias == Some(false) {
+            return Err("use_routing_bias false is not supported".into());
+        }
+        if let Some(width) = self.shared_intermediate_size.filter(|w| *w > 0) {
+            return Err(format!(
+                "shared_intermediate_size {width}: a shared expert is not supported here"
+            ));
+        }
+        if let Some(kinds) = &self.attn_type_list {
+            if let Some(layer) = kinds.iter().position(|k| *k != 1) {
+                return Err(format!(
+                    "attn_type_list: layer {layer} is not full attention (linear attention is not supported)"
+                ));
+            }
+        }
+        Ok(Gating::SigmoidGroupLimited {
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: true,
+            routed_scaling_factor: 1.0,
+        })
     }
 
     /// DeepSeek-V3's gate: sigmoid scores with `noaux_tc` group-limited top-k only.
@@ -776,7 +870,7 @@ mod tests {
                 num_heads: 96,
                 num_kv_heads: 8,
                 head_dim: 128,
-                qk_norm: false,
+                qk_norm: QkNorm::None,
                 bias: true,
             }
         );
@@ -868,6 +962,87 @@ mod tests {
         assert!(err.to_string().contains("\"moe\""), "{err}");
         let err = with("partial_rotary_factor", "0.5").unwrap_err();
         assert!(err.to_string().contains("rotates 32 of 64"), "{err}");
+    }
+
+    /// MiniMax-M2's config.json keys and dimensions (MiniMaxAI/MiniMax-M2; `attn_type_list`
+    /// cut to the layers of the test): one q/k norm over all heads, 64 of 128 dimensions
+    /// rotated, every layer MoE with a biased sigmoid gate and no shared expert.
+    fn minimax_m2(layers: usize, extra: &str) -> Result<ModelConfig> {
+        parse(&format!(
+            r#"{{"architectures": ["MiniMaxM2ForCausalLM"], "attn_type_list": {:?},
+            "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072,
+            "intermediate_size": 1536, "max_position_embeddings": 196608,
+            "model_type": "minimax_m2", "mtp_transformer_layers": 1, "num_attention_heads": 48,
+            "num_experts_per_tok": 8, "num_hidden_layers": {layers}, "num_key_value_heads": 8,
+            "num_local_experts": 256, "num_mtp_modules": 3, "qk_norm_type": "per_layer",
+            "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64,
+            "scoring_func": "sigmoid", "shared_intermediate_size": 0,
+            "tie_word_embeddings": false, "use_cache": true, "use_mtp": true,
+            "use_qk_norm": true, "use_routing_bias": true, "vocab_size": 200064{extra}}}"#,
+            vec![1; layers]
+        ))
+    }
+
+    #[test]
+    fn minimax_m2_config_is_read_as_published() {
+        let cfg = minimax_m2(62, "").unwrap();
+        assert_eq!(cfg.family, Family::MinimaxM2);
+        assert_eq!(
+            cfg.attention,
+            AttentionConfig::Gqa {
+                num_heads: 48,
+                num_kv_heads: 8,
+                head_dim: 128,
+                qk_norm: QkNorm::AllHeads,
+                bias: false,
+            }
+        );
+        assert_eq!((cfg.rope.dim, cfg.rope.theta), (64, 5e6));
+        assert_eq!(
+            cfg.moe.gating,
+            Gating::SigmoidGroupLimited {
+                n_group: 1,
+                topk_group: 1,
+                norm_topk_prob: true,
+                routed_scaling_factor: 1.0,
+            }
+        );
+        assert_eq!((cfg.moe.num_experts, cfg.moe.top_k), (256, 8));
+        assert_eq!(cfg.moe.intermediate_size, 1536);
+        assert_eq!(cfg.moe.n_shared_experts, 0);
+        assert!(cfg.moe_layers.iter().all(|&moe| moe) && cfg.moe_layers.len() == 62);
+        assert_eq!(
+            cfg.mtp_layers, 0,
+            "its MTP modules are not in the checkpoint"
+        );
+    }
+
+    /// What MiniMax-M2's loader does not implement is refused by name, not served wrongly.
+    #[test]
+    fn minimax_m2_settings_not_implemented_are_refused() {
+        for (extra, named) in [
+            (r#", "qk_norm_type": "per_head""#, "qk_norm_type"),
+            (r#", "use_routing_bias": false"#, "use_routing_bias"),
+            (
+                r#", "shared_intermediate_size": 512"#,
+                "shared_intermediate_size",
+            ),
+            (r#", "scoring_func": "softmax""#, "scoring_func"),
+            (r#", "rotary_dim": 130"#, "rotary_dim"),
+            (r#", "attn_type_list": [1, 0]"#, "linear attention"),
+        ] {
+            // A key given twice: serde_json keeps the last.
+            let err = minimax_m2(2, extra).unwrap_err();
+            assert!(err.to_string().contains(named), "{extra}: {err}");
+        }
+        let cfg = minimax_m2(2, r#", "use_qk_norm": false"#).unwrap();
+        assert!(matches!(
+            cfg.attention,
+            AttentionConfig::Gqa {
+                qk_norm: QkNorm::None,
+                ..
+            }
+        ));
     }
 
     /// A rotary share that leaves no or an odd number of rotated dimensions is refused by name;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::synthetic::{self, Init, SyntheticSpec, SyntheticWeights};
 use crate::checkpoint::{Dtype, SafetensorsWriter};
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, QkNorm};
 use crate::error::{ModelError, Result};
 use crate::families;
 use crate::layers::attention_shapes::{gqa_shape, mla_shape};
@@ -164,6 +164,31 @@ pub fn preset_config(family: Family, preset: Preset) -> Value {
                 "hidden_act": "silu", "tie_word_embeddings": false
             })
         }
+        (Family::MinimaxM2, p) => {
+            // Full: MiniMax-M2 (230B, 10B active).
+            let (h, i, l, nh, kv, hd, rd, e, k) = match p {
+                Preset::Tiny => (64, 32, 2, 4, 2, 32, 16, 16, 4),
+                Preset::Small => (1024, 256, 8, 16, 4, 64, 32, 64, 8),
+                Preset::Medium => (2048, 768, 8, 16, 4, 128, 64, 128, 8),
+                Preset::Full => (3072, 1536, 62, 48, 8, 128, 64, 256, 8),
+            };
+            let (max_pos, vocab) = match p {
+                Preset::Full => (196608, 200064),
+                _ => (4096, 512),
+            };
+            json!({
+                "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
+                "hidden_size": h, "intermediate_size": i, "num_hidden_layers": l,
+                "num_attention_heads": nh, "num_key_value_heads": kv, "head_dim": hd,
+                "rotary_dim": rd, "num_local_experts": e, "num_experts_per_tok": k,
+                "scoring_func": "sigmoid", "use_routing_bias": true, "use_qk_norm": true,
+                "qk_norm_type": "per_layer", "shared_intermediate_size": 0,
+                "attn_type_list": vec![1; l], "max_position_embeddings": max_pos,
+                "rope_theta": 5000000.0, "rms_norm_eps": 1e-6, "vocab_size": vocab,
+                "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+                "tie_word_embeddings": false
+            })
+        }
         (Family::Mixtral, p) => {
             let (h, i, l, nh, kv, e) = match p {
                 Preset::Tiny => (64, 48, 2, 4, 2, 8),
@@ -297,9 +322,14 @@ fn attention_specs(config: &ModelConfig, prefix: &str, specs: &mut Vec<TensorSpe
         push("k_proj", vec![kv_out, h], lin);
         push("v_proj", vec![kv_out, h], lin);
         push("o_proj", vec![h, q_out], lin);
-        if gqa.qk_norm {
-            push("q_norm", vec![gqa.head_dim], Init::Norm);
-            push("k_norm", vec![gqa.head_dim], Init::Norm);
+        let norm_widths = match gqa.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((gqa.head_dim, gqa.head_dim)),
+            QkNorm::AllHeads => Some((q_out, kv_out)),
+        };
+        if let Some((q, k)) = norm_widths {
+            push("q_norm", vec![q], Init::Norm);
+            push("k_norm", vec![k], Init::Norm);
         }
         if gqa.bias {
             for (name, rows) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {

@@ -11,14 +11,16 @@ use std::path::{Path, PathBuf};
 use moe_model::checkpoint::SafetensorsFile;
 use serde_json::Value;
 
-/// The transformers-checked checkpoints, one per family (GLM-4.5's and GLM-4.7-Flash's made
-/// here: `tests/fixtures/make_glm4_moe_tiny.py`, `make_glm4_moe_lite_tiny.py`).
-pub const FIXTURES: [&str; 5] = [
+/// The transformers-checked checkpoints, one per family (GLM-4.5's, GLM-4.7-Flash's and
+/// MiniMax-M2's made here: `tests/fixtures/make_glm4_moe_tiny.py`,
+/// `make_glm4_moe_lite_tiny.py`, `make_minimax_m2_tiny.py`).
+pub const FIXTURES: [&str; 6] = [
     "deepseek-v3-tiny",
     "qwen3-moe-tiny",
     "mixtral-tiny",
     "glm4-moe-tiny",
     "glm4-moe-lite-tiny",
+    "minimax-m2-tiny",
 ];
 
 /// DeepSeek-V3 in DeepSeek's FP8 layout (e4m3 projections, 128x128 block scales, partial edge

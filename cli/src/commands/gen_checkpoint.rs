@@ -21,6 +21,9 @@ enum Arch {
     /// GLM-4.7-Flash (`full`: its dimensions).
     #[value(name = "glm4_moe_lite")]
     Glm4MoeLite,
+    /// MiniMax-M2 (`full`: its dimensions).
+    #[value(name = "minimax_m2")]
+    MinimaxM2,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,6 +77,7 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
         Arch::Mixtral => Family::Mixtral,
         Arch::Glm4Moe => Family::Glm4Moe,
         Arch::Glm4MoeLite => Family::Glm4MoeLite,
+        Arch::MinimaxM2 => Family::MinimaxM2,
     };
     let preset = match args.preset {
         PresetArg::Tiny => Preset::Tiny,

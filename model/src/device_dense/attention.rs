@@ -9,7 +9,7 @@ use super::pool::PooledLayer;
 use super::weights::upload_stacked;
 use crate::backend::NativeWeight;
 use crate::checkpoint::Checkpoint;
-use crate::config::{AttentionConfig, ModelConfig};
+use crate::config::{AttentionConfig, ModelConfig, QkNorm};
 use crate::device::shapes::{AttentionSpec, HeadView, StridedGemm};
 use crate::device::MatrixPrecision;
 use crate::error::{ModelError, Result};
@@ -153,11 +153,13 @@ where
             (k.as_str(), shape.kv_heads * d),
             (v.as_str(), shape.kv_heads * d),
         ];
-        let norm = |name: &str| -> Result<Option<O::F32>> {
-            if !shape.qk_norm {
-                return Ok(None);
-            }
-            let w = ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[d])?;
+        let norm = |name: &str, heads: usize| -> Result<Option<O::F32>> {
+            let width = match shape.qk_norm {
+                QkNorm::None => return Ok(None),
+                QkNorm::PerHead => d,
+                QkNorm::AllHeads => heads * d,
+            };
+            let w = ckpt.load_f32(&format!("{prefix}.{name}.weight"), &[width])?;
             Ok(Some(ops.upload_f32(&w)?))
         };
         let qkv_bias = if shape.bias {
@@ -174,8 +176,8 @@ where
             qkv: upload_stacked(ops, ckpt, &qkv, hidden)?,
             qkv_bias,
             o: upload_stacked(ops, ckpt, &[(o.as_str(), hidden)], shape.heads * d)?,
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
+            q_norm: norm("q_norm", shape.heads)?,
+            k_norm: norm("k_norm", shape.kv_heads)?,
             shape,
             scale: config.softmax_scale(),
             eps: config.rms_norm_eps,
@@ -235,8 +237,8 @@ where
         Ok(ops.linear(&out, rows, q_width, &self.o, hidden)?)
     }
 
-    /// `n_heads` heads of the projection at `from`, normalised per head (Qwen3) and then
-    /// rotated, both out of place: `[rows, n_heads, head_dim]`.
+    /// `n_heads` heads of the projection at `from`, normalised (per head as Qwen3, or over all
+    /// of them as MiniMax-M2) and then rotated, both out of place: `[rows, n_heads, head_dim]`.
     fn rotate(
         &self,
         ops: &O,
@@ -252,15 +254,25 @@ where
         match norm {
             Some(w) => {
                 let mut normed = ops.scratch(rows * n_heads * d)?;
+                // Over all heads: one "head" as wide as all of them.
+                let (from_norm, to_norm, norm_heads, norm_width) = match self.shape.qk_norm {
+                    QkNorm::AllHeads => (
+                        HeadView::columns(from.offset, from.row_stride),
+                        HeadView::packed(0, 1, n_heads * d),
+                        1,
+                        n_heads * d,
+                    ),
+                    _ => (from, packed, n_heads, d),
+                };
                 ops.rms_norm(
                     qkv_out,
-                    from,
+                    from_norm,
                     w,
                     &mut normed,
-                    packed,
+                    to_norm,
                     rows,
-                    n_heads,
-                    d,
+                    norm_heads,
+                    norm_width,
                     self.eps,
                 )?;
                 ops.rope(

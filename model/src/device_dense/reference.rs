@@ -838,6 +838,12 @@ mod tests {
         device_matches_cpu("glm4-moe-lite-tiny");
     }
 
+    /// MiniMax-M2's q/k norms over all heads and partial rotary.
+    #[test]
+    fn minimax_m2_on_the_device_path_matches_the_cpu_model() {
+        device_matches_cpu("minimax-m2-tiny");
+    }
+
     /// With its experts on the same device (an expert set on the GPU of the dense part), a MoE
     /// layer's rows go to them in place and their outputs are combined where they come back:
     /// the same logits bit for bit as through host copies, and a step downloads only its
@@ -1546,6 +1552,7 @@ mod tests {
             "mixtral-tiny",
             "glm4-moe-tiny",
             "glm4-moe-lite-tiny",
+            "minimax-m2-tiny",
         ] {
             let dir = fixture(name);
             let config = ModelConfig::from_dir(&dir).unwrap();

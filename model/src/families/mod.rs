@@ -7,6 +7,7 @@
 //! DeepSeek-V3 does.
 
 pub mod deepseek_v3;
+pub mod minimax_m2;
 pub mod mixtral;
 pub mod qwen3_moe;
 
@@ -26,7 +27,7 @@ pub fn expert_names(family: Family, layer: usize, expert: usize) -> MlpNames {
     match family {
         Family::DeepseekV3 => deepseek_v3::expert_names(layer, expert),
         Family::Qwen3Moe => qwen3_moe::expert_names(layer, expert),
-        Family::Mixtral => mixtral::expert_names(layer, expert),
+        Family::Mixtral | Family::MinimaxM2 => mixtral::expert_names(layer, expert),
         Family::Glm4Moe | Family::Glm4MoeLite => deepseek_v3::expert_names(layer, expert),
     }
 }
@@ -43,6 +44,7 @@ pub fn moe_names(config: &ModelConfig, layer: usize) -> MoeNames {
         Family::DeepseekV3 => deepseek_v3::moe_names(config, layer),
         Family::Qwen3Moe => qwen3_moe::moe_names(layer),
         Family::Mixtral => mixtral::moe_names(layer),
+        Family::MinimaxM2 => minimax_m2::moe_names(layer),
         Family::Glm4Moe | Family::Glm4MoeLite => deepseek_v3::moe_names(config, layer),
     }
 }
@@ -57,7 +59,7 @@ pub fn load_attention(ckpt: &Checkpoint, config: &ModelConfig, layer: usize) -> 
         Family::DeepseekV3 | Family::Glm4MoeLite => {
             deepseek_v3::load_attention(ckpt, config, layer)
         }
-        Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe => {
+        Family::Qwen3Moe | Family::Mixtral | Family::Glm4Moe | Family::MinimaxM2 => {
             qwen3_moe::load_gqa(ckpt, config, layer)
         }
     }

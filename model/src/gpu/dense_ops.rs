@@ -1836,6 +1836,7 @@ mod tests {
             "mixtral-tiny",
             "glm4-moe-tiny",
             "glm4-moe-lite-tiny",
+            "minimax-m2-tiny",
         ] {
             let dir = crate::test_support::fixture_dir(name);
             let config = ModelConfig::from_dir(&dir).unwrap();

@@ -1,9 +1,10 @@
-//! Grouped-query attention with optional per-head q/k RMSNorm (Qwen3), q/k/v biases and
-//! rotary embeddings on part of each head (GLM-4.5).
+//! Grouped-query attention with optional q/k RMSNorm (Qwen3's per head, MiniMax-M2's over all
+//! heads), q/k/v biases and rotary embeddings on part of each head (GLM-4.5, MiniMax-M2).
 
 use crate::backend::{for_each_row, ops, PackedMatrix};
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
+use crate::config::QkNorm;
 use crate::error::Result;
 use crate::kv_cache::{KvRows, LayerCache};
 use crate::layers::rope::{apply_rope, RopeTable};
@@ -15,8 +16,8 @@ pub struct GqaShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Qwen3's per-head RMSNorm of queries and keys.
-    pub qk_norm: bool,
+    /// The RMSNorm of queries and keys, if any.
+    pub qk_norm: QkNorm,
     /// GLM's q/k/v projection biases.
     pub bias: bool,
 }
@@ -28,6 +29,7 @@ pub struct GqaAttention {
     o: PackedMatrix,
     /// q, k and v biases stacked as `qkv`'s rows.
     qkv_bias: Option<Vec<f32>>,
+    /// `head_dim` wide (per head), or all heads' width (MiniMax-M2).
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     heads: usize,
@@ -69,13 +71,17 @@ impl GqaAttention {
             &format!("{prefix}.o_proj.weight"),
             &[hidden, heads * head_dim],
         )?;
-        let (q_norm, k_norm) = if qk_norm {
-            (
-                Some(ckpt.load_f32(&format!("{prefix}.q_norm.weight"), &[head_dim])?),
-                Some(ckpt.load_f32(&format!("{prefix}.k_norm.weight"), &[head_dim])?),
-            )
-        } else {
-            (None, None)
+        let norm_widths = match qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((head_dim, head_dim)),
+            QkNorm::AllHeads => Some((heads * head_dim, kv_heads * head_dim)),
+        };
+        let (q_norm, k_norm) = match norm_widths {
+            Some((q, k)) => (
+                Some(ckpt.load_f32(&format!("{prefix}.q_norm.weight"), &[q])?),
+                Some(ckpt.load_f32(&format!("{prefix}.k_norm.weight"), &[k])?),
+            ),
+            None => (None, None),
         };
         let qkv_bias = if bias {
             let mut stacked = Vec::with_capacity((heads + 2 * kv_heads) * head_dim);
@@ -126,17 +132,14 @@ impl GqaAttention {
             let rotated = 2 * cos.len();
             let (q, kv) = row.split_at_mut(q_width);
             let k = &mut kv[..kv_width];
-            for head in q.chunks_exact_mut(d) {
-                if let Some(w) = &self.q_norm {
-                    ops::rms_norm_rows(head, w, self.eps);
+            for (part, norm) in [(q, &self.q_norm), (k, &self.k_norm)] {
+                // Per head, or over all heads at once: the weight's width says which.
+                if let Some(w) = norm {
+                    ops::rms_norm_rows(part, w, self.eps);
                 }
-                apply_rope(&mut head[..rotated], cos, sin, false);
-            }
-            for head in k.chunks_exact_mut(d) {
-                if let Some(w) = &self.k_norm {
-                    ops::rms_norm_rows(head, w, self.eps);
+                for head in part.chunks_exact_mut(d) {
+                    apply_rope(&mut head[..rotated], cos, sin, false);
                 }
-                apply_rope(&mut head[..rotated], cos, sin, false);
             }
         }
         for (cache, span) in caches.iter_mut().zip(&layout.seqs) {
