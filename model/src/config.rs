@@ -809,6 +809,16 @@ impl ModelConfig {
 mod tests {
     use super::*;
 
+    /// DeepSeek-V3's gate in one group, renormalised, scaled by `routed_scaling_factor`.
+    fn one_group_sigmoid(routed_scaling_factor: f32) -> Gating {
+        Gating::SigmoidGroupLimited {
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: true,
+            routed_scaling_factor,
+        }
+    }
+
     fn parse(json: &str) -> Result<ModelConfig> {
         ModelConfig::from_json_str(json, Path::new("config.json"))
     }
@@ -875,15 +885,7 @@ mod tests {
             }
         );
         assert_eq!((cfg.rope.dim, cfg.rope.theta), (64, 1e6));
-        assert_eq!(
-            cfg.moe.gating,
-            Gating::SigmoidGroupLimited {
-                n_group: 1,
-                topk_group: 1,
-                norm_topk_prob: true,
-                routed_scaling_factor: 1.0,
-            }
-        );
+        assert_eq!(cfg.moe.gating, one_group_sigmoid(1.0));
         assert_eq!((cfg.moe.num_experts, cfg.moe.top_k), (128, 8));
         assert_eq!(cfg.moe.n_shared_experts, 1);
         assert_eq!(cfg.moe_layers[..2], [false, true]);
@@ -927,15 +929,7 @@ mod tests {
         );
         assert_eq!((cfg.rope.dim, cfg.rope.theta), (64, 1e6));
         assert_eq!(cfg.rope.scaling, RopeScaling::None);
-        assert_eq!(
-            cfg.moe.gating,
-            Gating::SigmoidGroupLimited {
-                n_group: 1,
-                topk_group: 1,
-                norm_topk_prob: true,
-                routed_scaling_factor: 1.8,
-            }
-        );
+        assert_eq!(cfg.moe.gating, one_group_sigmoid(1.8));
         assert_eq!((cfg.moe.num_experts, cfg.moe.top_k), (64, 4));
         assert_eq!(cfg.moe.intermediate_size, 1536);
         assert_eq!(cfg.moe_layers.len(), 47);
@@ -998,15 +992,7 @@ mod tests {
             }
         );
         assert_eq!((cfg.rope.dim, cfg.rope.theta), (64, 5e6));
-        assert_eq!(
-            cfg.moe.gating,
-            Gating::SigmoidGroupLimited {
-                n_group: 1,
-                topk_group: 1,
-                norm_topk_prob: true,
-                routed_scaling_factor: 1.0,
-            }
-        );
+        assert_eq!(cfg.moe.gating, one_group_sigmoid(1.0));
         assert_eq!((cfg.moe.num_experts, cfg.moe.top_k), (256, 8));
         assert_eq!(cfg.moe.intermediate_size, 1536);
         assert_eq!(cfg.moe.n_shared_experts, 0);
