@@ -597,6 +597,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         (FIXTURES[3], "glm47_tools.jinja"),
         // GLM-4.7-Flash: GLM-4.7's calls by its model_type.
         (FIXTURES[4], "glm47_tools.jinja"),
+        // MiniMax-M2's: <invoke> calls with text values typed by the schema, by model_type.
+        (FIXTURES[5], "minimax_m2_tools.jinja"),
     ] {
         let template = format!("{templates}/{template}");
         let got = script_against_http(
@@ -622,7 +624,7 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
             streamed["argument_deltas"][0].as_u64() > Some(2),
             "the arguments arrive piece by piece: {got}"
         );
-        if ["qwen3_coder", "glm45", "glm47"]
+        if ["qwen3_coder", "glm45", "glm47", "minimax_m2"]
             .iter()
             .any(|t| template.contains(t))
         {

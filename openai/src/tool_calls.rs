@@ -33,6 +33,8 @@ pub enum ToolCallFormat {
     Glm45,
     /// GLM-4.7: GLM-4.5's tags without the newlines between them.
     Glm47,
+    /// MiniMax-M2: `<invoke name="NAME">` calls with `<parameter name="KEY">` text values.
+    MinimaxM2,
 }
 
 impl std::str::FromStr for ToolCallFormat {
@@ -47,8 +49,9 @@ impl std::str::FromStr for ToolCallFormat {
             "qwen3_coder" | "qwen3-coder" | "qwen3_xml" => Ok(Self::Qwen3Coder),
             "glm45" | "glm4_moe" | "glm-4.5" => Ok(Self::Glm45),
             "glm47" | "glm-4.7" => Ok(Self::Glm47),
+            "minimax_m2" | "minimax-m2" => Ok(Self::MinimaxM2),
             other => Err(format!(
-                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder, glm45 or glm47"
+                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder, glm45, glm47 or minimax-m2"
             )),
         }
     }
@@ -92,6 +95,7 @@ impl ToolCallFormat {
             "glm4_moe" => ToolCallFormat::Glm45,
             // GLM-4.7-Flash: a GLM-4.7 model, whatever its template says.
             "glm4_moe_lite" => ToolCallFormat::Glm47,
+            "minimax_m2" => ToolCallFormat::MinimaxM2,
             _ => ToolCallFormat::Hermes,
         }
     }
@@ -119,7 +123,8 @@ impl ToolCallFormat {
         match self {
             ToolCallFormat::Hermes => "<tool_call>",
             ToolCallFormat::DeepSeekV3 | ToolCallFormat::DeepSeekV31 => DS_CALLS_BEGIN,
-            ToolCallFormat::Qwen3Coder => xml_tool_calls::CALL_OPEN,
+            ToolCallFormat::Qwen3Coder => xml_tool_calls::QWEN3_CODER.block_open,
+            ToolCallFormat::MinimaxM2 => xml_tool_calls::MINIMAX_M2.block_open,
             ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => glm_tool_calls::CALL_OPEN,
         }
     }
@@ -128,7 +133,12 @@ impl ToolCallFormat {
     /// (several in a row when `parallel`), arguments per each one's schema.
     pub fn grammar(&self, functions: &[FunctionSpec], parallel: bool) -> String {
         match self {
-            ToolCallFormat::Qwen3Coder => return xml_tool_calls::grammar(functions, parallel),
+            ToolCallFormat::Qwen3Coder => {
+                return xml_tool_calls::grammar(&xml_tool_calls::QWEN3_CODER, functions, parallel)
+            }
+            ToolCallFormat::MinimaxM2 => {
+                return xml_tool_calls::grammar(&xml_tool_calls::MINIMAX_M2, functions, parallel)
+            }
             ToolCallFormat::Glm45 => {
                 return glm_tool_calls::grammar(glm_tool_calls::Layout::Lines, functions, parallel)
             }
@@ -172,9 +182,10 @@ impl ToolCallFormat {
                             literal(&format!("\n```{DS_CALL_END}"))
                         )
                     }
-                    // (Qwen3-Coder's and GLM's are their modules', returned above.)
+                    // (Qwen3-Coder's, MiniMax-M2's and GLM's are their modules', returned above.)
                     ToolCallFormat::DeepSeekV31
                     | ToolCallFormat::Qwen3Coder
+                    | ToolCallFormat::MinimaxM2
                     | ToolCallFormat::Glm45
                     | ToolCallFormat::Glm47 => {
                         rules.push(format!("a{i}: %json {}", arguments_schema(f)));
@@ -200,6 +211,7 @@ impl ToolCallFormat {
             ToolCallFormat::DeepSeekV3
             | ToolCallFormat::DeepSeekV31
             | ToolCallFormat::Qwen3Coder
+            | ToolCallFormat::MinimaxM2
             | ToolCallFormat::Glm45
             | ToolCallFormat::Glm47 => format!(
                 "start: {} call{repeat} {}\ncall: {call}",
@@ -225,7 +237,12 @@ impl ToolCallFormat {
             ToolCallFormat::Hermes => parse_hermes(text),
             ToolCallFormat::DeepSeekV3 => parse_deepseek(text, split_v3_call),
             ToolCallFormat::DeepSeekV31 => parse_deepseek(text, split_v31_call),
-            ToolCallFormat::Qwen3Coder => xml_tool_calls::parse(text, functions),
+            ToolCallFormat::Qwen3Coder => {
+                xml_tool_calls::parse(&xml_tool_calls::QWEN3_CODER, text, functions)
+            }
+            ToolCallFormat::MinimaxM2 => {
+                xml_tool_calls::parse(&xml_tool_calls::MINIMAX_M2, text, functions)
+            }
             ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => glm_tool_calls::parse(text, functions),
         }
     }
@@ -361,7 +378,12 @@ pub fn partial_calls(
         ToolCallFormat::Hermes => (HERMES_OPEN.trim_end(), hermes_call),
         ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
         ToolCallFormat::DeepSeekV31 => (DS_CALL_BEGIN, deepseek_v31_call),
-        ToolCallFormat::Qwen3Coder => return xml_tool_calls::partial_calls(text, functions),
+        ToolCallFormat::Qwen3Coder => {
+            return xml_tool_calls::partial_calls(&xml_tool_calls::QWEN3_CODER, text, functions)
+        }
+        ToolCallFormat::MinimaxM2 => {
+            return xml_tool_calls::partial_calls(&xml_tool_calls::MINIMAX_M2, text, functions)
+        }
         ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => {
             return glm_tool_calls::partial_calls(text, functions)
         }
@@ -476,6 +498,12 @@ mod tests {
         );
         assert_eq!("glm47".parse(), Ok(ToolCallFormat::Glm47));
         assert_eq!("glm-4.7".parse(), Ok(ToolCallFormat::Glm47));
+        // MiniMax-M2 by its model_type, or by name.
+        assert_eq!(
+            ToolCallFormat::for_model("minimax_m2"),
+            ToolCallFormat::MinimaxM2
+        );
+        assert_eq!("minimax-m2".parse(), Ok(ToolCallFormat::MinimaxM2));
         // GLM-4.7-Flash is a GLM-4.7 model under any template.
         assert_eq!(
             detect("glm4_moe_lite", "glm45.jinja"),

@@ -679,6 +679,7 @@ mod tests {
             ToolCallFormat::Qwen3Coder,
             ToolCallFormat::Glm45,
             ToolCallFormat::Glm47,
+            ToolCallFormat::MinimaxM2,
         ] {
             let grammar = format.grammar(&weather()[..1], false);
             let mut c = compiler
@@ -797,6 +798,45 @@ mod tests {
                 "<parameter=line>\n1\n</parameter>\n<parameter=mode>\ndelete\n</parameter>\n",
             ),
             minimal.replace("function=edit", "function=remove"),
+        ] {
+            assert!(!accepts(&wrong), "{wrong}");
+        }
+    }
+
+    /// MiniMax-M2's forced call: its `<invoke>` layout accepted to the end, values as their
+    /// types allow; Qwen3-Coder's tags, a wrong name or a value outside its type refused.
+    #[test]
+    fn a_forced_minimax_m2_call_takes_its_own_syntax_only() {
+        use moe_openai::tool_calls::ToolCallFormat;
+        let functions = edit_function();
+        let accepts = forced_call_acceptor(ToolCallFormat::MinimaxM2, &functions);
+        let call = |path: &str, rest: &str| {
+            format!(
+                "<minimax:tool_call>\n<invoke name=\"edit\">\n<parameter name=\"path\">{path}</parameter>\n{rest}</invoke>\n</minimax:tool_call>"
+            )
+        };
+        let full = call(
+            "src/a.html\n<p>x</p>",
+            "<parameter name=\"line\">12</parameter>\n<parameter name=\"dry_run\">true</parameter>\n<parameter name=\"mode\">replace</parameter>\n<parameter name=\"options\">{\"indent\":4}</parameter>\n",
+        );
+        assert!(accepts(&full), "{full}");
+        let minimal = call("a.rs", "<parameter name=\"line\">-3</parameter>\n");
+        assert!(accepts(&minimal));
+        assert!(accepts(&format!("{minimal}\n{full}")), "parallel calls");
+        let (_, calls) = ToolCallFormat::MinimaxM2.parse(&full, &functions).unwrap();
+        let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert_eq!(args["path"], "src/a.html\n<p>x</p>");
+        assert_eq!(
+            (args["line"].clone(), args["dry_run"].clone()),
+            (12.into(), true.into())
+        );
+        assert_eq!(args["options"]["indent"], 4);
+        for wrong in [
+            call("a.rs", ""),
+            call("a.rs", "<parameter name=\"line\">twelve</parameter>\n"),
+            call("a.rs", "<parameter name=\"line\">-6</parameter>\n"),
+            minimal.replace("name=\"edit\"", "name=\"remove\""),
+            "<tool_call>\n<function=edit>\n<parameter=path>\na.rs\n</parameter>\n<parameter=line>\n1\n</parameter>\n</function>\n</tool_call>".to_string(),
         ] {
             assert!(!accepts(&wrong), "{wrong}");
         }

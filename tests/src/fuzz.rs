@@ -507,8 +507,8 @@ pub fn structured_output(data: &[u8]) {
 
 /// A model's answer (the first byte picks the tool-call syntax, the rest is the text) read for
 /// tool calls as a chat answer is: whole, and at prefixes as a stream reads it. A panic is a
-/// crash; so is a Qwen3-Coder or GLM-4.5 stream whose arguments are not a prefix of the whole
-/// answer's (its fragments would not add up).
+/// crash; so is a Qwen3-Coder, GLM or MiniMax-M2 stream whose arguments are not a prefix of
+/// the whole answer's (its fragments would not add up).
 pub fn tool_call_text(data: &[u8]) {
     use moe_openai::tool_calls::{partial_calls, FunctionSpec, ToolCallFormat};
 
@@ -521,7 +521,9 @@ pub fn tool_call_text(data: &[u8]) {
         ToolCallFormat::DeepSeekV31,
         ToolCallFormat::Qwen3Coder,
         ToolCallFormat::Glm45,
-    ][usize::from(selector) % 5];
+        ToolCallFormat::Glm47,
+        ToolCallFormat::MinimaxM2,
+    ][usize::from(selector) % 7];
     let text = String::from_utf8_lossy(rest);
     let functions = [FunctionSpec {
         name: "f".into(),
@@ -539,7 +541,13 @@ pub fn tool_call_text(data: &[u8]) {
         .collect();
     for end in ends {
         let calls = partial_calls(format, &text[..end], &functions);
-        if ![ToolCallFormat::Qwen3Coder, ToolCallFormat::Glm45].contains(&format) {
+        let tagged = [
+            ToolCallFormat::Qwen3Coder,
+            ToolCallFormat::Glm45,
+            ToolCallFormat::Glm47,
+            ToolCallFormat::MinimaxM2,
+        ];
+        if !tagged.contains(&format) {
             continue;
         }
         let Some((_, whole)) = &whole else {
