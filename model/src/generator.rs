@@ -90,34 +90,8 @@ pub fn preset_config(family: Family, preset: Preset) -> Value {
                 "hidden_act": "silu", "tie_word_embeddings": false, "attention_bias": false
             })
         }
-        (Family::Glm4MoeLite, p) => {
-            // Full: GLM-4.7-Flash (30B, 3B active).
-            // (hidden, intermediate, moe_inter, layers, heads, experts, top_k, q_lora, kv_lora,
-            //  rope, nope, v)
-            let (h, i, mi, l, nh, e, k, ql, kvl, r, n, v) = match p {
-                Preset::Tiny => (64, 128, 32, 3, 4, 16, 4, 48, 32, 8, 16, 24),
-                Preset::Small => (1024, 2816, 256, 8, 16, 64, 4, 384, 256, 32, 64, 96),
-                Preset::Medium => (2048, 5632, 768, 6, 16, 64, 4, 768, 512, 64, 128, 192),
-                Preset::Full => (2048, 10240, 1536, 47, 20, 64, 4, 768, 512, 64, 192, 256),
-            };
-            let (max_pos, vocab) = match p {
-                Preset::Full => (202752, 154880),
-                _ => (4096, 512),
-            };
-            json!({
-                "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
-                "hidden_size": h, "intermediate_size": i, "moe_intermediate_size": mi,
-                "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nh,
-                "n_routed_experts": e, "n_shared_experts": 1, "num_experts_per_tok": k,
-                "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": true,
-                "routed_scaling_factor": 1.8, "topk_method": "noaux_tc",
-                "q_lora_rank": ql, "kv_lora_rank": kvl, "qk_rope_head_dim": r, "qk_nope_head_dim": n,
-                "v_head_dim": v, "partial_rotary_factor": 1.0, "rope_scaling": null,
-                "max_position_embeddings": max_pos, "rope_theta": 1000000.0,
-                "rms_norm_eps": 1e-5, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1,
-                "hidden_act": "silu", "tie_word_embeddings": false, "attention_bias": false
-            })
-        }
+        (Family::Glm4MoeLite, p) => glm4_moe_lite_preset(p),
+        (Family::MinimaxM2, p) => minimax_m2_preset(p),
         (Family::Qwen3Moe, p) => {
             let (h, i, mi, l, nh, kv, hd, e, k) = match p {
                 Preset::Tiny => (64, 128, 32, 3, 4, 2, 16, 16, 4),
@@ -164,31 +138,6 @@ pub fn preset_config(family: Family, preset: Preset) -> Value {
                 "hidden_act": "silu", "tie_word_embeddings": false
             })
         }
-        (Family::MinimaxM2, p) => {
-            // Full: MiniMax-M2 (230B, 10B active).
-            let (h, i, l, nh, kv, hd, rd, e, k) = match p {
-                Preset::Tiny => (64, 32, 2, 4, 2, 32, 16, 16, 4),
-                Preset::Small => (1024, 256, 8, 16, 4, 64, 32, 64, 8),
-                Preset::Medium => (2048, 768, 8, 16, 4, 128, 64, 128, 8),
-                Preset::Full => (3072, 1536, 62, 48, 8, 128, 64, 256, 8),
-            };
-            let (max_pos, vocab) = match p {
-                Preset::Full => (196608, 200064),
-                _ => (4096, 512),
-            };
-            json!({
-                "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
-                "hidden_size": h, "intermediate_size": i, "num_hidden_layers": l,
-                "num_attention_heads": nh, "num_key_value_heads": kv, "head_dim": hd,
-                "rotary_dim": rd, "num_local_experts": e, "num_experts_per_tok": k,
-                "scoring_func": "sigmoid", "use_routing_bias": true, "use_qk_norm": true,
-                "qk_norm_type": "per_layer", "shared_intermediate_size": 0,
-                "attn_type_list": vec![1; l], "max_position_embeddings": max_pos,
-                "rope_theta": 5000000.0, "rms_norm_eps": 1e-6, "vocab_size": vocab,
-                "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
-                "tie_word_embeddings": false
-            })
-        }
         (Family::Mixtral, p) => {
             let (h, i, l, nh, kv, e) = match p {
                 Preset::Tiny => (64, 48, 2, 4, 2, 8),
@@ -211,6 +160,63 @@ pub fn preset_config(family: Family, preset: Preset) -> Value {
             })
         }
     }
+}
+
+/// GLM-4.7-Flash's config at a preset's size.
+fn glm4_moe_lite_preset(p: Preset) -> Value {
+    // Full: GLM-4.7-Flash (30B, 3B active).
+    // (hidden, intermediate, moe_inter, layers, heads, experts, top_k, q_lora, kv_lora,
+    //  rope, nope, v)
+    let (h, i, mi, l, nh, e, k, ql, kvl, r, n, v) = match p {
+        Preset::Tiny => (64, 128, 32, 3, 4, 16, 4, 48, 32, 8, 16, 24),
+        Preset::Small => (1024, 2816, 256, 8, 16, 64, 4, 384, 256, 32, 64, 96),
+        Preset::Medium => (2048, 5632, 768, 6, 16, 64, 4, 768, 512, 64, 128, 192),
+        Preset::Full => (2048, 10240, 1536, 47, 20, 64, 4, 768, 512, 64, 192, 256),
+    };
+    let (max_pos, vocab) = match p {
+        Preset::Full => (202752, 154880),
+        _ => (4096, 512),
+    };
+    json!({
+        "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
+        "hidden_size": h, "intermediate_size": i, "moe_intermediate_size": mi,
+        "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nh,
+        "n_routed_experts": e, "n_shared_experts": 1, "num_experts_per_tok": k,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": true,
+        "routed_scaling_factor": 1.8, "topk_method": "noaux_tc",
+        "q_lora_rank": ql, "kv_lora_rank": kvl, "qk_rope_head_dim": r, "qk_nope_head_dim": n,
+        "v_head_dim": v, "partial_rotary_factor": 1.0, "rope_scaling": null,
+        "max_position_embeddings": max_pos, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-5, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1,
+        "hidden_act": "silu", "tie_word_embeddings": false, "attention_bias": false
+    })
+}
+
+/// MiniMax-M2's config at a preset's size.
+fn minimax_m2_preset(p: Preset) -> Value {
+    // Full: MiniMax-M2 (230B, 10B active).
+    let (h, i, l, nh, kv, hd, rd, e, k) = match p {
+        Preset::Tiny => (64, 32, 2, 4, 2, 32, 16, 16, 4),
+        Preset::Small => (1024, 256, 8, 16, 4, 64, 32, 64, 8),
+        Preset::Medium => (2048, 768, 8, 16, 4, 128, 64, 128, 8),
+        Preset::Full => (3072, 1536, 62, 48, 8, 128, 64, 256, 8),
+    };
+    let (max_pos, vocab) = match p {
+        Preset::Full => (196608, 200064),
+        _ => (4096, 512),
+    };
+    json!({
+        "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
+        "hidden_size": h, "intermediate_size": i, "num_hidden_layers": l,
+        "num_attention_heads": nh, "num_key_value_heads": kv, "head_dim": hd,
+        "rotary_dim": rd, "num_local_experts": e, "num_experts_per_tok": k,
+        "scoring_func": "sigmoid", "use_routing_bias": true, "use_qk_norm": true,
+        "qk_norm_type": "per_layer", "shared_intermediate_size": 0,
+        "attn_type_list": vec![1; l], "max_position_embeddings": max_pos,
+        "rope_theta": 5000000.0, "rms_norm_eps": 1e-6, "vocab_size": vocab,
+        "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+        "tie_word_embeddings": false
+    })
 }
 
 /// A tensor to write: name, shape, init.
