@@ -648,6 +648,46 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
     }
 }
 
+/// MiniMax-M2's template opens `<think>` in the prompt and the model writes only `</think>`:
+/// under `--reasoning-parser minimax_m2` an answer cut off while thinking is all
+/// `reasoning_content`; under `minimax_m2_append_think` (what MiniMax's guide runs, so
+/// clients send the thinking back) it is all content, the prompt's `<think>` before the
+/// model's own text, whole and streamed alike, the first streamed piece opening with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimax_m2_thinking_split_or_kept_in_the_content() {
+    let template = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/templates/minimax_m2_tools.jinja"
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/minimax_thinking.py");
+    for parser in ["minimax_m2", "minimax_m2_append_think"] {
+        let args = ["--chat-template", template, "--reasoning-parser", parser];
+        let got = script_against_http(FIXTURES[5], &args, script).await;
+        let raw = got["raw"].as_str().expect("raw text");
+        assert!(!raw.is_empty() && !raw.contains("</think>"), "{got}");
+        let (whole, streamed) = (&got["whole"], &got["streamed"]);
+        assert_eq!(whole["finish_reason"], "length", "{got}");
+        if parser == "minimax_m2" {
+            assert_eq!(whole["reasoning"], raw, "all thinking: {got}");
+            assert_eq!(whole["content"], Value::Null, "{got}");
+            assert_eq!(streamed["reasoning"], raw, "streamed = whole: {got}");
+            assert_eq!(streamed["content"], "", "{got}");
+        } else {
+            let kept = format!("<think>{raw}");
+            assert_eq!(whole["content"], kept.as_str(), "{got}");
+            assert_eq!(whole["reasoning"], Value::Null, "nothing split off: {got}");
+            assert_eq!(
+                streamed["content"],
+                kept.as_str(),
+                "streamed = whole: {got}"
+            );
+            assert_eq!(streamed["reasoning"], "", "{got}");
+            let first = streamed["first_content"].as_str().unwrap_or("");
+            assert!(first.starts_with("<think>") && first.len() > 7, "{got}");
+        }
+    }
+}
+
 /// `--reasoning-parser qwen3` with Qwen3's real chat template (`--chat-template`, from
 /// `tests/fixtures/templates/hub/`) through the official client: an answer forced (by a regex)
 /// to think first comes back with its reasoning apart, whole and streamed alike, and hidden

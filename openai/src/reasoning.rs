@@ -3,7 +3,9 @@
 //! own API's name, which SGLang and vLLM's clients read), the rest as `content`, where tool
 //! calls are then looked for. A stream splits exactly as the whole answer does: the same rule
 //! runs over the pieces as they come, holding back only a tail that could still grow into a
-//! tag.
+//! tag. MiniMax-M2's clients keep the thinking in the conversation instead (its template
+//! expects it back in later turns): `minimax_m2_append_think` leaves it in the content, with
+//! the opening tag the prompt wrote.
 
 use std::str::FromStr;
 
@@ -30,6 +32,12 @@ pub enum ReasoningParser {
     /// DeepSeek-V3.1: as DeepSeek-R1 when the request asks the template to think
     /// (`chat_template_kwargs.thinking`), otherwise no reasoning at all.
     DeepSeekV3,
+    /// MiniMax-M2 as its own guide serves it (vLLM's `minimax_m2_append_think`): nothing is
+    /// split off; the answer is all content, opened with the `<think>` its template put at
+    /// the end of the prompt, so a client that sends the message back gives the model its
+    /// thinking whole. (`minimax_m2`, which splits, is DeepSeek-R1's rule: M2 writes only the
+    /// closing tag, M2.5 both.)
+    MinimaxM2AppendThink,
 }
 
 impl FromStr for ReasoningParser {
@@ -40,8 +48,11 @@ impl FromStr for ReasoningParser {
             "deepseek-r1" | "deepseek_r1" => Ok(Self::DeepSeekR1),
             "qwen3" | "glm45" | "glm4_moe" | "glm4_moe_lite" => Ok(Self::Qwen3),
             "deepseek-v3" | "deepseek_v3" => Ok(Self::DeepSeekV3),
+            "minimax_m2" | "minimax-m2" => Ok(Self::DeepSeekR1),
+            "minimax_m2_append_think" | "minimax-m2-append-think" => Ok(Self::MinimaxM2AppendThink),
             other => Err(format!(
-                "unknown reasoning parser `{other}`: deepseek-r1, qwen3, deepseek-v3 or glm45"
+                "unknown reasoning parser `{other}`: deepseek-r1, qwen3, deepseek-v3, glm45, \
+                 minimax-m2 or minimax-m2-append-think"
             )),
         }
     }
@@ -63,13 +74,14 @@ impl ReasoningParser {
         };
         let opens_in_prompt = match self {
             Self::DeepSeekR1 => true,
-            Self::Qwen3 => prompt.trim_end().ends_with(START),
+            Self::Qwen3 | Self::MinimaxM2AppendThink => prompt.trim_end().ends_with(START),
             Self::DeepSeekV3 if asked("thinking") || asked("enable_thinking") => true,
             Self::DeepSeekV3 => return None,
         };
         Some(ReasoningSplit {
             opens_in_prompt,
             include: include_reasoning,
+            kept_in_content: self == Self::MinimaxM2AppendThink,
         })
     }
 }
@@ -91,6 +103,9 @@ pub struct ReasoningSplit {
     opens_in_prompt: bool,
     /// Whether the reasoning is sent at all (vLLM's `include_reasoning`).
     include: bool,
+    /// The thinking stays in the content, tags and all (the split only counts its tokens
+    /// and tells where a grammar starts).
+    kept_in_content: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +136,8 @@ pub struct ReasoningStream {
     /// apart (whitespace, a tag's beginning).
     reasoning_tokens: u32,
     undecided_tokens: u32,
+    /// Whether any text was given out yet (where a kept thinking's opening tag goes).
+    started: bool,
 }
 
 /// Where in `text` a tail starts that could still grow into `tag` (its length when none).
@@ -140,6 +157,7 @@ impl ReasoningStream {
             reasoned: false,
             reasoning_tokens: 0,
             undecided_tokens: 0,
+            started: false,
         }
     }
 
@@ -166,8 +184,26 @@ impl ReasoningStream {
         self.reasoning_tokens
     }
 
-    /// Splits the next piece; with `last`, gives out everything held.
+    /// Splits the next piece; with `last`, gives out everything held. A thinking kept in
+    /// the content is followed all the same (for its tokens) while the piece goes out as it
+    /// came, the first one after the prompt's opening tag.
     pub fn push(&mut self, piece: &str, last: bool) -> SplitPiece {
+        let split = self.split_piece(piece, last);
+        if !self.split.kept_in_content {
+            return split;
+        }
+        let opening = !std::mem::replace(&mut self.started, true) && self.split.opens_in_prompt;
+        SplitPiece {
+            reasoning: String::new(),
+            content: if opening {
+                format!("{START}{piece}")
+            } else {
+                piece.to_string()
+            },
+        }
+    }
+
+    fn split_piece(&mut self, piece: &str, last: bool) -> SplitPiece {
         self.held.push_str(piece);
         let mut out = SplitPiece::default();
         loop {
@@ -220,7 +256,7 @@ impl ReasoningStream {
 
     /// Whether the answer had a reasoning part to report (`reasoning_content` present).
     pub fn reasoned(&self) -> bool {
-        self.reasoned && self.split.include
+        self.reasoned && self.split.include && !self.split.kept_in_content
     }
 }
 
@@ -245,6 +281,7 @@ mod tests {
         let split = ReasoningSplit {
             opens_in_prompt: false,
             include: true,
+            kept_in_content: false,
         };
         let count = |pieces: &[&str]| {
             let mut s = ReasoningStream::new(split);
@@ -267,6 +304,7 @@ mod tests {
         let opened = ReasoningSplit {
             opens_in_prompt: true,
             include: false,
+            kept_in_content: false,
         };
         let mut s = ReasoningStream::new(opened);
         for p in ["a", "b", "</think>", "c"] {
@@ -376,6 +414,54 @@ mod tests {
         assert_eq!(split_whole(off, "42"), (None, some("42")));
     }
 
+    /// MiniMax-M2's two parsers: `minimax_m2` splits as DeepSeek-R1 does (M2 writes only the
+    /// closing tag, M2.5 both); `minimax_m2_append_think` gives the answer whole as content,
+    /// after the `<think>` its template opened, streamed as whole, its thinking's tokens
+    /// still counted and a grammar still waiting for `</think>`.
+    #[test]
+    fn minimax_m2_splits_or_keeps_the_thinking_in_the_content() {
+        let prompt = "<|im_start|>assistant\n<think>\n";
+        let split: ReasoningParser = "minimax_m2".parse().unwrap();
+        let split = split.for_request(prompt, None, true).unwrap();
+        assert_eq!(
+            split_whole(split, "hmm\n</think>\n\n42"),
+            (some("hmm\n"), some("\n\n42"))
+        );
+        assert_eq!(
+            split_whole(split, "<think>hmm</think>42"),
+            (some("hmm"), some("42"))
+        );
+        let kept: ReasoningParser = "minimax-m2-append-think".parse().unwrap();
+        assert_eq!(kept, ReasoningParser::MinimaxM2AppendThink);
+        let keep = kept.for_request(prompt, None, true).unwrap();
+        assert_eq!(
+            split_whole(keep, "hmm\n</think>\n\n42"),
+            (None, some("<think>hmm\n</think>\n\n42"))
+        );
+        assert_eq!(split_whole(keep, ""), (None, some("<think>")));
+        // A template that did not open the thinking: the answer's own tags, nothing added.
+        let unopened = kept.for_request("assistant\n", None, true).unwrap();
+        assert_eq!(
+            split_whole(unopened, "<think>a</think>b"),
+            (None, some("<think>a</think>b"))
+        );
+        let mut stream = ReasoningStream::new(keep);
+        let mut content = String::new();
+        for (i, piece) in ["hm", "m", "</th", "ink>", "42"].iter().enumerate() {
+            let out = stream.push_tokens(piece, 1, i == 4);
+            assert_eq!(out.reasoning, "");
+            content.push_str(&out.content);
+        }
+        assert_eq!(content, "<think>hmm</think>42");
+        assert!(!stream.reasoned(), "no reasoning_content");
+        assert_eq!(
+            stream.reasoning_tokens(),
+            4,
+            "the thinking's tokens still count"
+        );
+        assert_eq!(keep.grammar_start(prompt), Some("</think>"));
+    }
+
     #[test]
     fn a_grammar_starts_after_the_thinking_unless_the_prompt_closed_it() {
         let split = rule(ReasoningParser::Qwen3);
@@ -432,7 +518,11 @@ mod tests {
         };
         for _ in 0..2000 {
             let answer: String = (0..next(12)).map(|_| PARTS[next(PARTS.len())]).collect();
-            for parser in [ReasoningParser::DeepSeekR1, ReasoningParser::Qwen3] {
+            for parser in [
+                ReasoningParser::DeepSeekR1,
+                ReasoningParser::Qwen3,
+                ReasoningParser::MinimaxM2AppendThink,
+            ] {
                 let split = rule(parser);
                 let mut stream = ReasoningStream::new(split);
                 let (mut reasoning, mut content) = (String::new(), String::new());
