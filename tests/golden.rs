@@ -17,6 +17,7 @@ use moe_model::experts::ExpertDevice;
 use moe_model::{Engine, GenerateRequest, SamplingParams};
 use moe_tests::{
     fixture_dir, golden_cases, max_abs_diff, steps_to_compare_at, FIXTURES, FP8_FIXTURE,
+    KIMI_FIXTURE,
 };
 
 /// Where the experts run and the tolerance that goes with it.
@@ -178,6 +179,40 @@ fn mixtral_bf16_matches_transformers() {
 #[test]
 fn deepseek_v3_fp8_matches_transformers() {
     check_fixture(FP8_FIXTURE);
+}
+
+/// Kimi-K2: DeepSeek-V3's architecture under `kimi_k2` (one expert group, yarn with Kimi's
+/// betas), prompts encoded by its tiktoken ranks.
+#[test]
+fn kimi_k2_matches_transformers() {
+    check_fixture(KIMI_FIXTURE);
+}
+
+/// Kimi-K2's tokenizer, read from `tiktoken.model` and Kimi's class's settings, gives the ids
+/// tiktoken gives under that class (its pattern, every special token recognised in text, a
+/// run past 25,000 characters cut as the class cuts it), and decodes them back to the text.
+#[test]
+fn kimi_k2_tokenizer_matches_tiktoken() {
+    let dir = fixture_dir(KIMI_FIXTURE);
+    let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer loads");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let cases = golden["tokenizer_cases"].as_array().expect("tokenizer cases");
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let shown: String = text.chars().take(60).collect();
+        assert_eq!(tokenizer.encode_raw(text).unwrap(), want, "{shown:?}");
+        assert_eq!(tokenizer.encode_prompt(text).unwrap(), want, "no BOS: {shown:?}");
+        assert_eq!(tokenizer.decode_with_special(&want).unwrap(), text, "{shown:?}");
+    }
+    // Decoding skips Kimi's special tokens and keeps its tool-call markers (not special).
+    let marked = "<|im_user|>hi<|im_end|><|tool_call_begin|>";
+    let ids = tokenizer.encode_raw(marked).unwrap();
+    assert_eq!(tokenizer.decode(&ids).unwrap(), "hi<|tool_call_begin|>");
+    assert_eq!(tokenizer.eos_token().as_deref(), Some("[EOS]"));
+    assert!(tokenizer.chat_template().is_some_and(|t| t.contains("<|im_middle|>")));
 }
 
 /// Rounds the rows the routed experts get as a GPU node in `numerics` sees them (the expert

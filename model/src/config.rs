@@ -35,7 +35,9 @@ pub enum Family {
 impl Family {
     pub fn from_model_type(model_type: &str) -> Result<Self> {
         match model_type {
-            "deepseek_v3" => Ok(Family::DeepseekV3),
+            // Kimi-K2 is DeepSeek-V3's architecture under Moonshot's name (its config's
+            // `architectures` says `DeepseekV3ForCausalLM`).
+            "deepseek_v3" | "kimi_k2" => Ok(Family::DeepseekV3),
             "qwen3_moe" => Ok(Family::Qwen3Moe),
             "mixtral" => Ok(Family::Mixtral),
             "glm4_moe" => Ok(Family::Glm4Moe),

@@ -1,5 +1,8 @@
-//! The checkpoint's tokenizer (`tokenizer.json`) plus the settings of `tokenizer_config.json`
-//! that change encoding: whether BOS is added, the special tokens, the chat template.
+//! The checkpoint's tokenizer (`tokenizer.json`, or tiktoken ranks: [`tiktoken`]) plus the
+//! settings of `tokenizer_config.json` that change encoding: whether BOS is added, the special
+//! tokens, the chat template (or `chat_template.jinja` beside it, as transformers saves it).
+
+mod tiktoken;
 
 use std::path::Path;
 
@@ -14,6 +17,8 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     chat_template: Option<String>,
+    /// Kimi's class encodes a long text in pieces (`tiktoken::encode_pieces`).
+    encodes_in_pieces: bool,
 }
 
 fn special_token_content(config: &Value, key: &str) -> Option<String> {
@@ -26,43 +31,76 @@ fn special_token_content(config: &Value, key: &str) -> Option<String> {
 
 impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(ModelError::Tokenizer(format!(
-                "{} does not exist",
-                path.display()
-            )));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => serde_json::from_str(&text)
                 .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", config_path.display())))?,
             Err(_) => Value::Null,
         };
+        let path = dir.join("tokenizer.json");
+        let encodes_in_pieces = !path.exists() && tiktoken::present(dir);
+        let inner = if encodes_in_pieces {
+            tiktoken::load(dir, &config)?
+        } else if path.exists() {
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+                ModelError::Tokenizer(format!("cannot load {}: {e}", path.display()))
+            })?
+        } else {
+            return Err(ModelError::Tokenizer(format!(
+                "{} does not exist (nor {})",
+                path.display(),
+                tiktoken::RANKS_FILE
+            )));
+        };
         let id_of =
             |key: &str| special_token_content(&config, key).and_then(|t| inner.token_to_id(&t));
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = match std::fs::read_to_string(&template_file) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            Err(e) => {
+                return Err(ModelError::Tokenizer(format!(
+                    "{}: {e}",
+                    template_file.display()
+                )))
+            }
+        };
         Ok(Self {
             add_bos: config.get("add_bos_token").and_then(Value::as_bool),
             bos_id: id_of("bos_token"),
             eos_id: id_of("eos_token"),
-            chat_template: config
-                .get("chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            chat_template,
+            encodes_in_pieces,
             inner,
         })
+    }
+
+    /// The ids of `text`, encoded whole, or piece by piece where the tokenizer's own class
+    /// does so (Kimi's, for texts of tens of thousands of characters).
+    fn encode_ids(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let encode = |piece: &str| {
+            self.inner
+                .encode(piece, add_special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenizer(format!("cannot encode: {e}")))
+        };
+        if !self.encodes_in_pieces {
+            return encode(text);
+        }
+        let mut ids = Vec::new();
+        for piece in tiktoken::encode_pieces(text) {
+            ids.extend(encode(piece)?);
+        }
+        Ok(ids)
     }
 
     /// Encodes text as a prompt: the post-processor's special tokens, with BOS added or removed
     /// as `add_bos_token` says.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot encode prompt: {e}")))?;
-        let mut ids = encoding.get_ids().to_vec();
+        let mut ids = self.encode_ids(text, true)?;
         if let (Some(add), Some(bos)) = (self.add_bos, self.bos_id) {
             let has = ids.first() == Some(&bos);
             if add && !has {
@@ -77,11 +115,7 @@ impl Tokenizer {
     /// Encodes text exactly as written: no special tokens added (what transformers does with a
     /// rendered chat template, which writes its own).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot encode: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        self.encode_ids(text, false)
     }
 
     /// The text of one token, special tokens included (for logprobs listings).

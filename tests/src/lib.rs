@@ -28,6 +28,11 @@ pub const FIXTURES: [&str; 6] = [
 /// (`tests/fixtures/make_deepseek_v3_fp8_tiny.py`).
 pub const FP8_FIXTURE: &str = "deepseek-v3-fp8-tiny";
 
+/// Kimi-K2 (`kimi_k2`: DeepSeek-V3's architecture) with its tokenizer as Moonshot ships it,
+/// tiktoken ranks and no `tokenizer.json`; golden from transformers and tiktoken
+/// (`tests/fixtures/make_kimi_k2_tiny.py`).
+pub const KIMI_FIXTURE: &str = "kimi-k2-tiny";
+
 /// One golden case: prompt, ids and transformers' logits.
 pub struct GoldenCase {
     pub prompt: String,
