@@ -9,7 +9,7 @@ use moe_model::chat_template::{ChatMessage, ChatTemplate};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{Engine, LogitAdjustments, SamplingParams};
 use moe_tests::harness::{self, wait_serving};
-use moe_tests::{fixture_dir, golden_cases, FIXTURES};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES, KIMI_FIXTURE};
 use moe_tooling::LocalCluster;
 use serde_json::{json, Value};
 
@@ -599,6 +599,8 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
         (FIXTURES[4], "glm47_tools.jinja"),
         // MiniMax-M2's: <invoke> calls with text values typed by the schema, by model_type.
         (FIXTURES[5], "minimax_m2_tools.jinja"),
+        // Kimi-K2's (the checkpoint's own template): call sections whose ids the model writes.
+        (KIMI_FIXTURE, "kimi_k2_tools.jinja"),
     ] {
         let template = format!("{templates}/{template}");
         let got = script_against_http(
@@ -631,6 +633,13 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
             // A parameter at a time: `{`, the three parameters, `}` (JSON formats stream their
             // arguments as generated, in many more pieces).
             assert_eq!(streamed["argument_deltas"][0], 5, "{got}");
+        }
+        if template.contains("kimi_k2") {
+            // The model's own ids (`functions.NAME:IDX`), the same whole and streamed.
+            let id = got["named"]["ids"][0].as_str().unwrap_or("");
+            let index = id.strip_prefix("functions.get_weather:").unwrap_or("");
+            assert!(!index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()), "{got}");
+            assert_eq!(got["streamed"]["ids"], got["named"]["ids"], "{got}");
         }
         assert_eq!(got["auto"]["same"], true, "auto, streamed = whole: {got}");
         if got["auto"]["has_calls"] == false {

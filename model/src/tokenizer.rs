@@ -164,6 +164,13 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` would hold it (what llguidance reads
+    /// token bytes from), also for tokenizers built from tiktoken ranks.
+    pub fn hub_json(&self) -> Result<Value> {
+        serde_json::to_value(&self.inner)
+            .map_err(|e| ModelError::Tokenizer(format!("cannot write the tokenizer: {e}")))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

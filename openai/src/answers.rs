@@ -657,6 +657,14 @@ pub fn stream_completion(
     })
 }
 
+/// A call as a stream announces it: its name and id, and its arguments so far.
+#[derive(Clone, Copy)]
+struct CallSoFar<'a> {
+    name: &'a str,
+    arguments: &'a str,
+    id: Option<&'a str>,
+}
+
 /// A tool-enabled choice's streamed text: what went out as content, what is held because a
 /// tool call may be starting there, and how far each call went out (`delta.tool_calls`: a
 /// call's id and name once its name is whole, then its arguments as they grow).
@@ -690,7 +698,12 @@ impl HeldText {
     fn call_deltas(&mut self, tools: &ToolAnswers, response_id: &str, choice: u32) -> Vec<Value> {
         let mut entries = Vec::new();
         for (i, call) in tools.partial_calls(&self.text).iter().enumerate() {
-            entries.extend(self.call_delta(response_id, choice, i, &call.name, &call.arguments));
+            let announced = CallSoFar {
+                name: &call.name,
+                arguments: &call.arguments,
+                id: call.id.as_deref(),
+            };
+            entries.extend(self.call_delta(response_id, choice, i, announced));
         }
         entries
     }
@@ -701,9 +714,13 @@ impl HeldText {
         response_id: &str,
         choice: u32,
         i: usize,
-        name: &str,
-        arguments: &str,
+        call: CallSoFar<'_>,
     ) -> Option<Value> {
+        let CallSoFar {
+            name,
+            arguments,
+            id,
+        } = call;
         let announced = i < self.calls.len();
         if !announced {
             self.calls.resize(i + 1, 0);
@@ -715,7 +732,9 @@ impl HeldText {
         }
         let mut entry = serde_json::json!({"index": i, "function": {"arguments": fragment}});
         if !announced {
-            entry["id"] = tool_call_id(response_id, choice, i).into();
+            entry["id"] = id
+                .map_or_else(|| tool_call_id(response_id, choice, i), str::to_string)
+                .into();
             entry["type"] = "function".into();
             entry["function"]["name"] = name.into();
         }
@@ -768,7 +787,12 @@ impl HeldText {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, c)| {
-                        self.call_delta(response_id, index, i, &c.name, &c.arguments)
+                        let call = CallSoFar {
+                            name: &c.name,
+                            arguments: &c.arguments,
+                            id: c.id.as_deref(),
+                        };
+                        self.call_delta(response_id, index, i, call)
                     })
                     .collect();
                 (content.get(sent..).unwrap_or("").to_string(), Some(entries))

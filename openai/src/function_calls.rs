@@ -22,6 +22,19 @@ pub struct ParsedCall {
     /// The arguments as JSON text (OpenAI's `function.arguments` is a string), as generated
     /// (so a stream's argument fragments add up to it).
     pub arguments: String,
+    /// The id the model wrote for the call (Kimi-K2's `functions.NAME:IDX`, which its
+    /// template writes back into the conversation); the server makes one where it wrote none.
+    pub id: Option<String>,
+}
+
+impl From<PartialCall> for ParsedCall {
+    fn from(call: PartialCall) -> Self {
+        Self {
+            name: call.name,
+            arguments: call.arguments,
+            id: call.id,
+        }
+    }
 }
 
 /// One call as far as it has been generated.
@@ -32,6 +45,8 @@ pub struct PartialCall {
     pub arguments: String,
     /// The arguments' text is whole.
     pub complete: bool,
+    /// The id the model wrote for the call ([`ParsedCall::id`]).
+    pub id: Option<String>,
 }
 
 /// The distinct arguments a stream of `answer` shows for its one call, prefix by prefix

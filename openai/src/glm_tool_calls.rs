@@ -41,10 +41,7 @@ pub fn parse(text: &str, functions: &[FunctionSpec]) -> Option<(String, Vec<Pars
     let first = text.find(CALL_OPEN)?;
     let calls: Vec<ParsedCall> = blocks(&text[first..])
         .filter_map(|(block, _)| read_call(block, functions, true))
-        .map(|call| ParsedCall {
-            name: call.name,
-            arguments: call.arguments,
-        })
+        .map(ParsedCall::from)
         .collect();
     (!calls.is_empty()).then(|| (text[..first].trim_end().to_string(), calls))
 }
@@ -112,6 +109,7 @@ fn read_call(block: &str, functions: &[FunctionSpec], closed: bool) -> Option<Pa
         name,
         arguments,
         complete: closed,
+        id: None,
     })
 }
 

@@ -15,6 +15,7 @@ pub mod error;
 pub mod function_calls;
 pub mod generator;
 pub mod glm_tool_calls;
+pub mod kimi_tool_calls;
 pub mod listener;
 pub mod openai;
 pub mod partial_json;

@@ -13,6 +13,9 @@
 //!   values are raw text (`xml_tool_calls.rs`).
 //! - GLM-4.5: `<tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>\n...</tool_call>`,
 //!   string values raw, others JSON (`glm_tool_calls.rs`).
+//! - Kimi-K2 (DeepSeek-V3's `model_type` `kimi_k2`; its chat template tells it apart):
+//!   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>ARGS<|tool_call_end|>...`,
+//!   the model's id kept as the call's (`kimi_tool_calls.rs`).
 //!
 //! The grammars spell the markers as text: on the real checkpoints they are single special
 //! tokens, which these grammars reach byte by byte only (the bundled test vocabulary has no
@@ -22,6 +25,7 @@ use serde_json::Value;
 
 pub use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
 use crate::partial_json::{json_container_prefix, key, string_literal};
+use crate::kimi_tool_calls as kimi;
 use crate::{glm_tool_calls, xml_tool_calls};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +39,8 @@ pub enum ToolCallFormat {
     Glm47,
     /// MiniMax-M2: `<invoke name="NAME">` calls with `<parameter name="KEY">` text values.
     MinimaxM2,
+    /// Kimi-K2: a section of calls, each the model's own id (`functions.NAME:IDX`) and JSON.
+    KimiK2,
 }
 
 impl std::str::FromStr for ToolCallFormat {
@@ -50,8 +56,9 @@ impl std::str::FromStr for ToolCallFormat {
             "glm45" | "glm4_moe" | "glm-4.5" => Ok(Self::Glm45),
             "glm47" | "glm-4.7" => Ok(Self::Glm47),
             "minimax_m2" | "minimax-m2" => Ok(Self::MinimaxM2),
+            "kimi_k2" | "kimi-k2" => Ok(Self::KimiK2),
             other => Err(format!(
-                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder, glm45, glm47 or minimax-m2"
+                "unknown tool-call parser `{other}`: hermes, deepseek-v3, deepseek-v31, qwen3-coder, glm45, glm47, minimax-m2 or kimi-k2"
             )),
         }
     }
@@ -104,13 +111,16 @@ impl ToolCallFormat {
     /// with: DeepSeek-V3.1 shares V3's `model_type`, and its template writes earlier calls
     /// as `NAME<｜tool▁sep｜>ARGS`, with no `function` type and no fenced JSON; Qwen3-Coder
     /// shares Qwen3-MoE's, and its template writes `<function=NAME>` and `<parameter=KEY>`;
-    /// GLM-4.7 shares GLM-4.5's, and its template shows the call's tags back to back.
+    /// GLM-4.7 shares GLM-4.5's, and its template shows the call's tags back to back;
+    /// Kimi-K2 is DeepSeek-V3's architecture, and its template writes call sections.
     pub fn for_model_and_template(model_type: &str, template: Option<&str>) -> Self {
         let family = Self::for_model(model_type);
+        let kimi = template.is_some_and(|t| t.contains(kimi::SECTION_BEGIN));
         let v31 = template.is_some_and(|t| t.contains(DS_SEP) && !t.contains("```json"));
         let xml = template.is_some_and(|t| t.contains("<function=") && t.contains("<parameter="));
         let compact = template.is_some_and(|t| t.contains(GLM47_INSTRUCTION));
         match family {
+            ToolCallFormat::DeepSeekV3 if kimi => ToolCallFormat::KimiK2,
             ToolCallFormat::DeepSeekV3 if v31 => ToolCallFormat::DeepSeekV31,
             ToolCallFormat::Hermes if xml => ToolCallFormat::Qwen3Coder,
             ToolCallFormat::Glm45 if compact => ToolCallFormat::Glm47,
@@ -126,6 +136,7 @@ impl ToolCallFormat {
             ToolCallFormat::Qwen3Coder => xml_tool_calls::QWEN3_CODER.block_open,
             ToolCallFormat::MinimaxM2 => xml_tool_calls::MINIMAX_M2.block_open,
             ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => glm_tool_calls::CALL_OPEN,
+            ToolCallFormat::KimiK2 => kimi::SECTION_BEGIN,
         }
     }
 
@@ -182,6 +193,15 @@ impl ToolCallFormat {
                             literal(&format!("\n```{DS_CALL_END}"))
                         )
                     }
+                    ToolCallFormat::KimiK2 => {
+                        rules.push(format!("a{i}: %json {}", arguments_schema(f)));
+                        format!(
+                            "{} IDX {} a{i} {}",
+                            literal(&format!("{}functions.{}:", kimi::CALL_BEGIN, f.name)),
+                            literal(kimi::ARGUMENTS_BEGIN),
+                            literal(kimi::CALL_END)
+                        )
+                    }
                     // (Qwen3-Coder's, MiniMax-M2's and GLM's are their modules', returned above.)
                     ToolCallFormat::DeepSeekV31
                     | ToolCallFormat::Qwen3Coder
@@ -218,6 +238,12 @@ impl ToolCallFormat {
                 literal(DS_CALLS_BEGIN),
                 literal(DS_CALLS_END)
             ),
+            // The call's index: what the model writes (Kimi's template numbers calls).
+            ToolCallFormat::KimiK2 => format!(
+                "start: {} call{repeat} {}\ncall: {call}\nIDX: /[0-9]{{1,3}}/",
+                literal(kimi::SECTION_BEGIN),
+                literal(kimi::SECTION_END)
+            ),
         };
         std::iter::once(start)
             .chain(rules)
@@ -244,6 +270,7 @@ impl ToolCallFormat {
                 xml_tool_calls::parse(&xml_tool_calls::MINIMAX_M2, text, functions)
             }
             ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => glm_tool_calls::parse(text, functions),
+            ToolCallFormat::KimiK2 => kimi::parse(text),
         }
     }
 }
@@ -258,6 +285,7 @@ fn call_from_json(body: &str) -> Option<ParsedCall> {
     Some(ParsedCall {
         name,
         arguments: arguments.to_string(),
+        id: None,
     })
 }
 
@@ -321,6 +349,7 @@ fn parse_deepseek(
         calls.push(ParsedCall {
             name: name.trim().to_string(),
             arguments: args.to_string(),
+            id: None,
         });
         rest = &after[end + DS_CALL_END.len()..];
     }
@@ -339,12 +368,13 @@ fn after<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// The arguments as far as `s` (starting at the arguments' value) holds them.
-fn arguments(name: String, s: &str) -> Option<PartialCall> {
+pub(crate) fn arguments(name: String, s: &str) -> Option<PartialCall> {
     let (start, end, complete) = json_container_prefix(s)?;
     Some(PartialCall {
         name,
         arguments: s[start..end].to_string(),
         complete,
+        id: None,
     })
 }
 
@@ -387,6 +417,7 @@ pub fn partial_calls(
         ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => {
             return glm_tool_calls::partial_calls(text, functions)
         }
+        ToolCallFormat::KimiK2 => return kimi::partial_calls(text),
     };
     let mut calls = Vec::new();
     let mut rest = text;
@@ -415,7 +446,8 @@ mod tests {
             calls,
             vec![ParsedCall {
                 name: "get_weather".into(),
-                arguments: r#"{"city": "Oslo"}"#.into()
+                arguments: r#"{"city": "Oslo"}"#.into(),
+                id: None,
             }]
         );
         let ds = format!(

@@ -180,7 +180,8 @@ pub fn with_parsed_arguments(messages: &[TemplateMessage]) -> Option<Vec<Templat
     parsed_any.then_some(parsed)
 }
 
-/// OpenAI's `tool_calls` entries for `calls`, ids made from the response id.
+/// OpenAI's `tool_calls` entries for `calls`: the id the model wrote, or one made from the
+/// response id.
 /// A call's id: the same in a stream's deltas and in the whole answer.
 pub fn tool_call_id(response_id: &str, choice: u32, call: usize) -> String {
     format!("call-{response_id}-{choice}-{call}")
@@ -192,7 +193,7 @@ pub fn tool_calls_json(response_id: &str, choice: u32, calls: &[ParsedCall]) -> 
         .enumerate()
         .map(|(i, c)| {
             serde_json::json!({
-                "id": tool_call_id(response_id, choice, i),
+                "id": c.id.clone().unwrap_or_else(|| tool_call_id(response_id, choice, i)),
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments},
             })

@@ -96,10 +96,7 @@ pub fn parse(
         let block = block.split(tags.block_close).next().unwrap_or(block);
         for call in block.split(tags.function_open).skip(1) {
             if let Some(call) = read_function(tags, call, functions, true) {
-                calls.push(ParsedCall {
-                    name: call.name,
-                    arguments: call.arguments,
-                });
+                calls.push(ParsedCall::from(call));
             }
         }
     }
@@ -168,6 +165,7 @@ fn read_function(
         name,
         arguments,
         complete,
+        id: None,
     })
 }
 

@@ -399,7 +399,7 @@ fn admission(
     });
     tracing::info!(max_prompt_tokens, max_prompt_bytes, "prompt limits");
     Arc::new(admission::Admission {
-        grammar: grammar_compiler(args, model),
+        grammar: grammar_compiler(model),
         model_name,
         config: model.config.clone(),
         tokenizing: admission::Tokenizing::new(
@@ -426,14 +426,12 @@ fn admission(
 
 /// The structured-output compiler over the checkpoint's vocabulary; without one (a tokenizer
 /// llguidance cannot read) such requests are refused with a clear error.
-fn grammar_compiler(
-    args: &args::Args,
-    model: &DenseModel,
-) -> Option<Arc<moe_router::structured::GrammarCompiler>> {
+fn grammar_compiler(model: &DenseModel) -> Option<Arc<moe_router::structured::GrammarCompiler>> {
     let eos = model.eos_ids.first().copied().unwrap_or(0);
-    let compiled = std::fs::read_to_string(args.model.join("tokenizer.json"))
+    let compiled = model
+        .tokenizer
+        .hub_json()
         .map_err(|e| e.to_string())
-        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
         .and_then(|json| moe_router::structured::GrammarCompiler::from_tokenizer_json(&json, eos));
     match compiled {
         Ok(c) => Some(Arc::new(c)),

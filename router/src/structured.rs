@@ -680,6 +680,7 @@ mod tests {
             ToolCallFormat::Glm45,
             ToolCallFormat::Glm47,
             ToolCallFormat::MinimaxM2,
+            ToolCallFormat::KimiK2,
         ] {
             let grammar = format.grammar(&weather()[..1], false);
             let mut c = compiler

@@ -60,6 +60,7 @@ def main():
     out["named"] = {
         "finish_reason": c.finish_reason,
         "calls": [[t.function.name, valid(t.function.name, t.function.arguments)] for t in c.message.tool_calls or []],
+        "ids": [t.id for t in named_calls],
     }
     # Streamed (the named call): each call arrives as delta.tool_calls, its id and name first, then its
     # arguments piece by piece, adding up to the whole answer's.
@@ -82,6 +83,7 @@ def main():
         "arguments_equal": [e["arguments"] for e in calls_streamed] == [t.function.arguments for t in named_calls],
         "argument_deltas": [e["deltas"] for e in calls_streamed],
         "have_ids": all(e["id"] for e in calls_streamed),
+        "ids": [e["id"] for e in calls_streamed],
     }
     # tool_choice auto: the model may answer in text; streamed, the text comes in pieces
     # (held back only where a call could be starting) and adds up to the whole answer.

@@ -523,7 +523,8 @@ pub fn tool_call_text(data: &[u8]) {
         ToolCallFormat::Glm45,
         ToolCallFormat::Glm47,
         ToolCallFormat::MinimaxM2,
-    ][usize::from(selector) % 7];
+        ToolCallFormat::KimiK2,
+    ][usize::from(selector) % 8];
     let text = String::from_utf8_lossy(rest);
     let functions = [FunctionSpec {
         name: "f".into(),
