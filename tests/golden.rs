@@ -197,22 +197,34 @@ fn kimi_k2_tokenizer_matches_tiktoken() {
     let tokenizer = moe_model::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer loads");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let cases = golden["tokenizer_cases"].as_array().expect("tokenizer cases");
+    let cases = golden["tokenizer_cases"]
+        .as_array()
+        .expect("tokenizer cases");
     assert!(cases.len() >= 10);
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         let shown: String = text.chars().take(60).collect();
         assert_eq!(tokenizer.encode_raw(text).unwrap(), want, "{shown:?}");
-        assert_eq!(tokenizer.encode_prompt(text).unwrap(), want, "no BOS: {shown:?}");
-        assert_eq!(tokenizer.decode_with_special(&want).unwrap(), text, "{shown:?}");
+        assert_eq!(
+            tokenizer.encode_prompt(text).unwrap(),
+            want,
+            "no BOS: {shown:?}"
+        );
+        assert_eq!(
+            tokenizer.decode_with_special(&want).unwrap(),
+            text,
+            "{shown:?}"
+        );
     }
     // Decoding skips Kimi's special tokens and keeps its tool-call markers (not special).
     let marked = "<|im_user|>hi<|im_end|><|tool_call_begin|>";
     let ids = tokenizer.encode_raw(marked).unwrap();
     assert_eq!(tokenizer.decode(&ids).unwrap(), "hi<|tool_call_begin|>");
     assert_eq!(tokenizer.eos_token().as_deref(), Some("[EOS]"));
-    assert!(tokenizer.chat_template().is_some_and(|t| t.contains("<|im_middle|>")));
+    assert!(tokenizer
+        .chat_template()
+        .is_some_and(|t| t.contains("<|im_middle|>")));
 }
 
 /// Rounds the rows the routed experts get as a GPU node in `numerics` sees them (the expert

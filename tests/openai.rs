@@ -638,7 +638,10 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
             // The model's own ids (`functions.NAME:IDX`), the same whole and streamed.
             let id = got["named"]["ids"][0].as_str().unwrap_or("");
             let index = id.strip_prefix("functions.get_weather:").unwrap_or("");
-            assert!(!index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()), "{got}");
+            assert!(
+                !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()),
+                "{got}"
+            );
             assert_eq!(got["streamed"]["ids"], got["named"]["ids"], "{got}");
         }
         assert_eq!(got["auto"]["same"], true, "auto, streamed = whole: {got}");
@@ -662,21 +665,25 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
 /// `reasoning_content`; under `minimax_m2_append_think` (what MiniMax's guide runs, so
 /// clients send the thinking back) it is all content, the prompt's `<think>` before the
 /// model's own text, whole and streamed alike, the first streamed piece opening with it.
+/// Kimi-K2-Thinking's real template under `--reasoning-parser kimi_k2` splits as `minimax_m2`
+/// does (the model opens its own `<think>`, which the tiny one never writes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn minimax_m2_thinking_split_or_kept_in_the_content() {
-    let template = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/templates/minimax_m2_tools.jinja"
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/minimax_thinking.py");
-    for parser in ["minimax_m2", "minimax_m2_append_think"] {
-        let args = ["--chat-template", template, "--reasoning-parser", parser];
-        let got = script_against_http(FIXTURES[5], &args, script).await;
+async fn minimax_m2_and_kimi_k2_thinking_split_or_kept_in_the_content() {
+    let templates = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/templates");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/thinking_against_raw.py");
+    for (fixture, template, parser) in [
+        (FIXTURES[5], "minimax_m2_tools.jinja", "minimax_m2"),
+        (FIXTURES[5], "minimax_m2_tools.jinja", "minimax_m2_append_think"),
+        (KIMI_FIXTURE, "hub/kimi_k2_thinking.jinja", "kimi_k2"),
+    ] {
+        let template = format!("{templates}/{template}");
+        let args = ["--chat-template", &template, "--reasoning-parser", parser];
+        let got = script_against_http(fixture, &args, script).await;
         let raw = got["raw"].as_str().expect("raw text");
         assert!(!raw.is_empty() && !raw.contains("</think>"), "{got}");
         let (whole, streamed) = (&got["whole"], &got["streamed"]);
         assert_eq!(whole["finish_reason"], "length", "{got}");
-        if parser == "minimax_m2" {
+        if parser != "minimax_m2_append_think" {
             assert_eq!(whole["reasoning"], raw, "all thinking: {got}");
             assert_eq!(whole["content"], Value::Null, "{got}");
             assert_eq!(streamed["reasoning"], raw, "streamed = whole: {got}");

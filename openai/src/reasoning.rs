@@ -38,6 +38,11 @@ pub enum ReasoningParser {
     /// thinking whole. (`minimax_m2`, which splits, is DeepSeek-R1's rule: M2 writes only the
     /// closing tag, M2.5 both.)
     MinimaxM2AppendThink,
+    /// Kimi-K2-Thinking (vLLM's and SGLang's `kimi_k2`): as DeepSeek-R1 (reasoning from the
+    /// first token, an opening `<think>` dropped), and a tool-call section the model starts
+    /// ends the reasoning too (the section goes to the content, where calls are read);
+    /// `chat_template_kwargs.thinking: false` turns the split off.
+    KimiK2,
 }
 
 impl FromStr for ReasoningParser {
@@ -49,10 +54,11 @@ impl FromStr for ReasoningParser {
             "qwen3" | "glm45" | "glm4_moe" | "glm4_moe_lite" => Ok(Self::Qwen3),
             "deepseek-v3" | "deepseek_v3" => Ok(Self::DeepSeekV3),
             "minimax_m2" | "minimax-m2" => Ok(Self::DeepSeekR1),
+            "kimi_k2" | "kimi-k2" => Ok(Self::KimiK2),
             "minimax_m2_append_think" | "minimax-m2-append-think" => Ok(Self::MinimaxM2AppendThink),
             other => Err(format!(
                 "unknown reasoning parser `{other}`: deepseek-r1, qwen3, deepseek-v3, glm45, \
-                 minimax-m2 or minimax-m2-append-think"
+                 minimax-m2, minimax-m2-append-think or kimi-k2"
             )),
         }
     }
@@ -72,8 +78,14 @@ impl ReasoningParser {
                 .and_then(|k| k.get(name))
                 .is_some_and(|v| v.as_bool() == Some(true))
         };
+        let refused = |name: &str| {
+            template_kwargs
+                .and_then(|k| k.get(name))
+                .is_some_and(|v| v.as_bool() == Some(false))
+        };
         let opens_in_prompt = match self {
-            Self::DeepSeekR1 => true,
+            Self::KimiK2 if refused("thinking") => return None,
+            Self::DeepSeekR1 | Self::KimiK2 => true,
             Self::Qwen3 | Self::MinimaxM2AppendThink => prompt.trim_end().ends_with(START),
             Self::DeepSeekV3 if asked("thinking") || asked("enable_thinking") => true,
             Self::DeepSeekV3 => return None,
@@ -82,6 +94,7 @@ impl ReasoningParser {
             opens_in_prompt,
             include: include_reasoning,
             kept_in_content: self == Self::MinimaxM2AppendThink,
+            also_ends_at: (self == Self::KimiK2).then_some(crate::kimi_tool_calls::SECTION_BEGIN),
         })
     }
 }
@@ -106,6 +119,9 @@ pub struct ReasoningSplit {
     /// The thinking stays in the content, tags and all (the split only counts its tokens
     /// and tells where a grammar starts).
     kept_in_content: bool,
+    /// Text that ends the reasoning as `</think>` does, itself kept for the content (Kimi's
+    /// tool-call section).
+    also_ends_at: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,16 +242,20 @@ impl ReasoningStream {
                 }
                 Phase::Reasoning => {
                     self.reasoned = true;
-                    if let Some(at) = self.held.find(END) {
+                    if let Some((at, tag_len)) = self.reasoning_end() {
                         out.reasoning.push_str(&self.held[..at]);
-                        self.held.drain(..at + END.len());
+                        self.held.drain(..at + tag_len);
                         self.phase = Phase::Content;
                         continue;
                     }
                     let end = if last {
                         self.held.len()
                     } else {
-                        open_tail(&self.held, END)
+                        let other = self
+                            .split
+                            .also_ends_at
+                            .map_or(self.held.len(), |tag| open_tail(&self.held, tag));
+                        open_tail(&self.held, END).min(other)
                     };
                     out.reasoning.push_str(&self.held[..end]);
                     self.held.drain(..end);
@@ -252,6 +272,21 @@ impl ReasoningStream {
             out.reasoning.clear();
         }
         out
+    }
+
+    /// Where the held text's reasoning ends, and how much of it to drop there: `</think>`,
+    /// or the other end tag (kept), whichever comes first.
+    fn reasoning_end(&self) -> Option<(usize, usize)> {
+        let think = self.held.find(END).map(|at| (at, END.len()));
+        let other = self
+            .split
+            .also_ends_at
+            .and_then(|tag| self.held.find(tag))
+            .map(|at| (at, 0));
+        match (think, other) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether the answer had a reasoning part to report (`reasoning_content` present).
@@ -282,6 +317,7 @@ mod tests {
             opens_in_prompt: false,
             include: true,
             kept_in_content: false,
+            also_ends_at: None,
         };
         let count = |pieces: &[&str]| {
             let mut s = ReasoningStream::new(split);
@@ -305,6 +341,7 @@ mod tests {
             opens_in_prompt: true,
             include: false,
             kept_in_content: false,
+            also_ends_at: None,
         };
         let mut s = ReasoningStream::new(opened);
         for p in ["a", "b", "</think>", "c"] {
@@ -462,6 +499,43 @@ mod tests {
         assert_eq!(keep.grammar_start(prompt), Some("</think>"));
     }
 
+    /// Kimi-K2-Thinking: reasoning from the first token (its own `<think>` dropped), ended by
+    /// `</think>` or by a tool-call section, which stays in the content; streamed as whole;
+    /// off with `thinking: false`.
+    #[test]
+    fn kimi_k2_reasoning_ends_at_think_or_at_a_tool_section() {
+        let kimi: ReasoningParser = "kimi_k2".parse().unwrap();
+        let split = kimi.for_request("<|im_assistant|>assistant<|im_middle|>", None, true);
+        let split = split.unwrap();
+        assert_eq!(
+            split_whole(split, "<think>hmm</think>42"),
+            (some("hmm"), some("42"))
+        );
+        let section = "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0";
+        assert_eq!(
+            split_whole(split, &format!("call f{section}")),
+            (some("call f"), some(section))
+        );
+        assert_eq!(
+            split_whole(split, &format!("a</think>b{section}")),
+            (some("a"), some(&format!("b{section}")))
+        );
+        let answer = format!("<think>need a tool{section}<|tool_call_argument_begin|>{{}}");
+        let mut stream = ReasoningStream::new(split);
+        let (mut reasoning, mut content) = (String::new(), String::new());
+        let chars: Vec<char> = answer.chars().collect();
+        for (i, piece) in chars.chunks(3).enumerate() {
+            let piece: String = piece.iter().collect();
+            let out = stream.push(&piece, (i + 1) * 3 >= chars.len());
+            reasoning.push_str(&out.reasoning);
+            content.push_str(&out.content);
+        }
+        assert_eq!(reasoning, "need a tool");
+        assert!(content.starts_with(section), "{content}");
+        let off = serde_json::json!({"thinking": false});
+        assert_eq!(kimi.for_request("", off.as_object(), true), None);
+    }
+
     #[test]
     fn a_grammar_starts_after_the_thinking_unless_the_prompt_closed_it() {
         let split = rule(ReasoningParser::Qwen3);
@@ -506,8 +580,18 @@ mod tests {
     /// whole answer's, for both rules.
     #[test]
     fn random_answers_in_random_pieces_split_as_whole() {
-        const PARTS: [&str; 9] = [
-            "<think>", "</think>", "<th", "ink>", "</", "a", " ", "\n", "é",
+        const PARTS: [&str; 11] = [
+            "<think>",
+            "</think>",
+            "<th",
+            "ink>",
+            "</",
+            "a",
+            " ",
+            "\n",
+            "é",
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_",
         ];
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |n: usize| {
@@ -522,6 +606,7 @@ mod tests {
                 ReasoningParser::DeepSeekR1,
                 ReasoningParser::Qwen3,
                 ReasoningParser::MinimaxM2AppendThink,
+                ReasoningParser::KimiK2,
             ] {
                 let split = rule(parser);
                 let mut stream = ReasoningStream::new(split);

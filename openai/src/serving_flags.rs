@@ -19,16 +19,17 @@ pub struct OpenAiFlags {
     /// `reasoning_content` (vLLM's and SGLang's `--reasoning-parser`): `deepseek-r1`
     /// (DeepSeek-R1, QwQ; `minimax-m2` too), `qwen3` (`glm45` too: GLM-4.5 follows Qwen3's
     /// rule), or `deepseek-v3` (DeepSeek-V3.1 when a request sets
-    /// `chat_template_kwargs.thinking`); `minimax-m2-append-think` keeps MiniMax-M2's thinking
-    /// in the content, after the `<think>` its template opened. Off by default: answers are
-    /// returned whole.
+    /// `chat_template_kwargs.thinking`), `kimi-k2` (Kimi-K2-Thinking: as `deepseek-r1`, a
+    /// tool-call section ending the thinking too); `minimax-m2-append-think` keeps MiniMax-M2's
+    /// thinking in the content, after the `<think>` its template opened. Off by default:
+    /// answers are returned whole.
     #[arg(long, env = "MOE_REASONING_PARSER")]
     pub reasoning_parser: Option<ReasoningParser>,
     /// The tool-call syntax answers are read in and forced calls are written in (vLLM's
     /// `--tool-call-parser`): `hermes` (Qwen3), `deepseek-v3`, `deepseek-v31`, `qwen3-coder`
-    /// (`qwen3_xml` too), `glm45`, `glm47`, `minimax-m2`. Default: the model's family,
-    /// DeepSeek-V3.1 told from V3, Qwen3-Coder from Qwen3 and GLM-4.7 from GLM-4.5 by their chat
-    /// templates (GLM-4.7-Flash and MiniMax-M2 by their `model_type`).
+    /// (`qwen3_xml` too), `glm45`, `glm47`, `minimax-m2`, `kimi-k2`. Default: the model's
+    /// family, DeepSeek-V3.1 and Kimi-K2 told from V3, Qwen3-Coder from Qwen3 and GLM-4.7 from
+    /// GLM-4.5 by their chat templates (GLM-4.7-Flash and MiniMax-M2 by their `model_type`).
     #[arg(long, env = "MOE_TOOL_CALL_PARSER")]
     pub tool_call_parser: Option<ToolCallFormat>,
     /// Memory for stored Responses API answers (`store`, `previous_response_id`,

@@ -24,8 +24,8 @@
 use serde_json::Value;
 
 pub use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
-use crate::partial_json::{json_container_prefix, key, string_literal};
 use crate::kimi_tool_calls as kimi;
+use crate::partial_json::{json_container_prefix, key, string_literal};
 use crate::{glm_tool_calls, xml_tool_calls};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -313,7 +313,11 @@ mod tests {
         assert_eq!(pieces.len(), 2);
         assert_eq!(pieces[0].len(), MAX_RUN_CHARS);
         let mixed = format!("{} {}", "y".repeat(MAX_RUN_CHARS), "z".repeat(10));
-        assert_eq!(encode_pieces(&mixed), vec![mixed.as_str()], "no run too long");
+        assert_eq!(
+            encode_pieces(&mixed),
+            vec![mixed.as_str()],
+            "no run too long"
+        );
         let spaces = format!("a{}b", "\u{1c}".repeat(MAX_RUN_CHARS + 1));
         assert_eq!(encode_pieces(&spaces).len(), 2, "Python's isspace");
         let huge = "ab ".repeat(MAX_ENCODE_CHARS / 3 + 5);

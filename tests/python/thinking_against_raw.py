@@ -1,9 +1,9 @@
-"""MiniMax-M2's thinking through the official `openai` client, under the router's
-`--reasoning-parser` (`minimax_m2` or `minimax_m2_append_think`): one chat answer whole and
+"""A thinking model's answer through the official `openai` client, under the router's
+`--reasoning-parser` (`minimax_m2`, `minimax_m2_append_think`, `kimi_k2`): one chat answer whole and
 streamed, beside the raw text the model wrote for the same prompt (its tokens from vLLM's
 `/tokenize`, completed as they are). Prints one JSON object with what came back.
 
-usage: minimax_thinking.py HOST:PORT MODEL
+usage: thinking_against_raw.py HOST:PORT MODEL
 """
 import json
 import sys
