@@ -670,10 +670,17 @@ async fn forced_tool_calls_validate_in_both_families_formats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minimax_m2_and_kimi_k2_thinking_split_or_kept_in_the_content() {
     let templates = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/templates");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/thinking_against_raw.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/thinking_against_raw.py"
+    );
     for (fixture, template, parser) in [
         (FIXTURES[5], "minimax_m2_tools.jinja", "minimax_m2"),
-        (FIXTURES[5], "minimax_m2_tools.jinja", "minimax_m2_append_think"),
+        (
+            FIXTURES[5],
+            "minimax_m2_tools.jinja",
+            "minimax_m2_append_think",
+        ),
         (KIMI_FIXTURE, "hub/kimi_k2_thinking.jinja", "kimi_k2"),
     ] {
         let template = format!("{templates}/{template}");

@@ -339,6 +339,37 @@ mod tests {
         assert_eq!(sorted.len(), 256, "one character per byte");
     }
 
+    /// A benchmark, not a test: `bench/tiktoken_at_scale.sh` makes a vocabulary of Kimi's
+    /// size and a text in `MOE_TIKTOKEN_AT_SCALE`, this loads and encodes it (times printed,
+    /// ids written for the script to compare with tiktoken's).
+    #[test]
+    #[ignore]
+    fn tiktoken_at_scale() {
+        let Some(dir) = std::env::var_os("MOE_TIKTOKEN_AT_SCALE") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let start = std::time::Instant::now();
+        let tokenizer = crate::tokenizer::Tokenizer::from_dir(&dir).expect("loads");
+        println!(
+            "loaded {} tokens in {:.0} ms",
+            tokenizer.vocab_size(),
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        let text = std::fs::read_to_string(dir.join("text.txt")).expect("text");
+        let start = std::time::Instant::now();
+        let ids = tokenizer.encode_raw(&text).expect("encodes");
+        println!(
+            "encoded {} bytes -> {} ids in {:.0} ms",
+            text.len(),
+            ids.len(),
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        let json = serde_json::to_string(&ids).expect("ids");
+        std::fs::write(dir.join("ids.json"), json).expect("written");
+        assert_eq!(tokenizer.decode_with_special(&ids).expect("decodes"), text);
+    }
+
     #[test]
     fn malformed_rank_files_are_refused_by_line() {
         let dir = std::env::temp_dir().join(format!("moe-tiktoken-{}", std::process::id()));
