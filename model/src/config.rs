@@ -302,6 +302,22 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| bad("missing \"model_type\"".into()))?;
         let family = Family::from_model_type(model_type)?;
+        // Weights quantized otherwise (Kimi-K2-Thinking's INT4 `compressed-tensors`, GPTQ,
+        // AWQ) are stored under other tensor names: refused here by name, not at a missing
+        // tensor.
+        let quantization = value.get("quantization_config");
+        match quantization
+            .and_then(|q| q.get("quant_method"))
+            .and_then(Value::as_str)
+        {
+            None | Some("fp8") => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "quantization_config.quant_method {other:?} is not supported: only \
+                     DeepSeek's block-scaled \"fp8\" (and unquantized bf16, f16 or f32 weights)"
+                )))
+            }
+        }
         let raw: RawConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         raw.into_config(family).map_err(bad)
     }
@@ -830,6 +846,39 @@ mod tests {
         let err = parse(r#"{"model_type":"llama","hidden_size":8}"#).unwrap_err();
         assert!(matches!(err, ModelError::UnsupportedModelType(ref t) if t == "llama"));
         assert!(err.to_string().contains("llama"));
+        assert!(err.to_string().contains("kimi_k2"), "{err}");
+    }
+
+    /// Kimi-K2's config (moonshotai/Kimi-K2-Instruct: `kimi_k2`, DeepSeek-V3's architecture
+    /// with 384 experts, one group, Kimi's yarn betas, FP8 blocks) reads as DeepSeek-V3; a
+    /// checkpoint quantized another way (Kimi-K2-Thinking's INT4) is refused by name.
+    #[test]
+    fn kimi_k2_reads_as_deepseek_v3_and_other_quantizations_are_named() {
+        let kimi = r#"{"architectures": ["DeepseekV3ForCausalLM"], "bos_token_id": 163584,
+            "eos_token_id": 163585, "first_k_dense_replace": 1, "hidden_act": "silu",
+            "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+            "max_position_embeddings": 131072, "model_type": "kimi_k2",
+            "moe_intermediate_size": 2048, "n_group": 1, "n_routed_experts": 384,
+            "n_shared_experts": 1, "norm_topk_prob": true, "num_attention_heads": 64,
+            "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 64,
+            "num_nextn_predict_layers": 0, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "quantization_config": {"activation_scheme": "dynamic",
+            "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
+            "rms_norm_eps": 1e-06, "rope_theta": 50000.0, "routed_scaling_factor": 2.827,
+            "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+            "scoring_func": "sigmoid", "tie_word_embeddings": false, "topk_group": 1,
+            "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 163840}"#;
+        let cfg = parse(kimi).unwrap();
+        assert_eq!(cfg.family, Family::DeepseekV3);
+        assert_eq!(cfg.moe.num_experts, 384);
+        assert_eq!(cfg.vocab_size, 163840);
+        let int4 = kimi.replace(
+            r#""quant_method": "fp8""#,
+            r#""quant_method": "compressed-tensors""#,
+        );
+        let err = parse(&int4).unwrap_err().to_string();
+        assert!(err.contains("compressed-tensors"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,10 @@ pub enum ModelError {
     },
     #[error("invalid config {path}: {message}")]
     Config { path: PathBuf, message: String },
-    #[error("unsupported model_type {0:?} (supported: deepseek_v3, qwen3_moe, mixtral)")]
+    #[error(
+        "unsupported model_type {0:?} (supported: deepseek_v3, kimi_k2, qwen3_moe, mixtral, \
+         glm4_moe, glm4_moe_lite, minimax_m2)"
+    )]
     UnsupportedModelType(String),
     #[error("missing tensor {name} (expected shape {expected:?})")]
     MissingTensor { name: String, expected: Vec<usize> },
