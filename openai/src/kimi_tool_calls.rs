@@ -12,6 +12,8 @@
 use serde_json::Value;
 
 use crate::function_calls::{ParsedCall, PartialCall};
+#[cfg(test)]
+use crate::tool_calls::{partial_calls as calls_so_far, ToolCallFormat};
 
 pub const SECTION_BEGIN: &str = "<|tool_calls_section_begin|>";
 pub const SECTION_END: &str = "<|tool_calls_section_end|>";
@@ -51,32 +53,14 @@ pub fn parse(text: &str) -> Option<(String, Vec<ParsedCall>)> {
     (!calls.is_empty()).then(|| (text[..first].trim_end().to_string(), calls))
 }
 
-/// The calls `text` (an answer so far) has started, as far as they go: a call counts once its
-/// id is whole (its arguments' marker written), its arguments grow as generated.
-pub fn partial_calls(text: &str) -> Vec<PartialCall> {
-    let mut calls = Vec::new();
-    let Some(first) = text.find(SECTION_BEGIN) else {
-        return calls;
-    };
-    let mut rest = &text[first..];
-    while let Some(at) = rest.find(CALL_BEGIN) {
-        rest = &rest[at + CALL_BEGIN.len()..];
-        let Some((id, args)) = rest.split_once(ARGUMENTS_BEGIN) else {
-            break;
-        };
-        let id = id.trim();
-        let Some(name) = name_in(id) else { break };
-        let Some(mut call) = crate::tool_calls::arguments(name.to_string(), args) else {
-            break;
-        };
-        call.id = Some(id.to_string());
-        let complete = call.complete;
-        calls.push(call);
-        if !complete {
-            break;
-        }
-    }
-    calls
+/// One call as far as `s` (after its `<|tool_call_begin|>`) holds it: it counts once its id is
+/// whole (its arguments' marker written), its arguments grow as generated.
+pub fn read_call(s: &str) -> Option<PartialCall> {
+    let (id, args) = s.split_once(ARGUMENTS_BEGIN)?;
+    let id = id.trim();
+    let mut call = crate::tool_calls::arguments(name_in(id)?.to_string(), args)?;
+    call.id = Some(id.to_string());
+    Some(call)
 }
 
 #[cfg(test)]
@@ -107,6 +91,10 @@ mod tests {
         assert_eq!(name_in("functions.get_weather:x"), None);
     }
 
+    fn partial_calls(text: &str) -> Vec<PartialCall> {
+        calls_so_far(ToolCallFormat::KimiK2, text, &[])
+    }
+
     #[test]
     fn a_stream_sees_each_call_once_its_id_is_whole_and_its_arguments_grow() {
         let cut = ANSWER.find("Oslo").unwrap();
@@ -117,6 +105,11 @@ mod tests {
         assert!(!calls[0].complete);
         let name_only = &ANSWER[..ANSWER.find(ARGUMENTS_BEGIN).unwrap()];
         assert!(partial_calls(name_only).is_empty(), "the id may still grow");
+        let outside = ANSWER.replace(SECTION_BEGIN, "");
+        assert!(
+            partial_calls(&outside).is_empty(),
+            "calls count inside a section"
+        );
         let all = partial_calls(ANSWER);
         assert_eq!(all.len(), 2);
         assert!(all.iter().all(|c| c.complete));

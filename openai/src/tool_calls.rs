@@ -404,6 +404,7 @@ pub fn partial_calls(
     text: &str,
     functions: &[FunctionSpec],
 ) -> Vec<PartialCall> {
+    let mut text = text;
     let (marker, read): (&str, fn(&str) -> Option<PartialCall>) = match format {
         ToolCallFormat::Hermes => (HERMES_OPEN.trim_end(), hermes_call),
         ToolCallFormat::DeepSeekV3 => (DS_CALL_BEGIN, deepseek_call),
@@ -417,7 +418,14 @@ pub fn partial_calls(
         ToolCallFormat::Glm45 | ToolCallFormat::Glm47 => {
             return glm_tool_calls::partial_calls(text, functions)
         }
-        ToolCallFormat::KimiK2 => return kimi::partial_calls(text),
+        // Calls count only inside a section, as vLLM reads them.
+        ToolCallFormat::KimiK2 => match text.find(kimi::SECTION_BEGIN) {
+            Some(at) => {
+                text = &text[at..];
+                (kimi::CALL_BEGIN, kimi::read_call)
+            }
+            None => return Vec::new(),
+        },
     };
     let mut calls = Vec::new();
     let mut rest = text;
