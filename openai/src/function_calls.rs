@@ -4,6 +4,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::partial_json::json_container_prefix;
+
 /// A function the request offers (`tools[i].function`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct FunctionSpec {
@@ -47,6 +49,18 @@ pub struct PartialCall {
     pub complete: bool,
     /// The id the model wrote for the call ([`ParsedCall::id`]).
     pub id: Option<String>,
+}
+
+/// A call named `name` whose JSON arguments `s` (starting at their value) holds as far as it
+/// goes.
+pub(crate) fn arguments(name: String, s: &str) -> Option<PartialCall> {
+    let (start, end, complete) = json_container_prefix(s)?;
+    Some(PartialCall {
+        name,
+        arguments: s[start..end].to_string(),
+        complete,
+        id: None,
+    })
 }
 
 /// The distinct arguments a stream of `answer` shows for its one call, prefix by prefix

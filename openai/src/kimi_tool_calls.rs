@@ -11,9 +11,7 @@
 
 use serde_json::Value;
 
-use crate::function_calls::{ParsedCall, PartialCall};
-#[cfg(test)]
-use crate::tool_calls::{partial_calls as calls_so_far, ToolCallFormat};
+use crate::function_calls::{arguments, ParsedCall, PartialCall};
 
 pub const SECTION_BEGIN: &str = "<|tool_calls_section_begin|>";
 pub const SECTION_END: &str = "<|tool_calls_section_end|>";
@@ -58,16 +56,16 @@ pub fn parse(text: &str) -> Option<(String, Vec<ParsedCall>)> {
 pub fn read_call(s: &str) -> Option<PartialCall> {
     let (id, args) = s.split_once(ARGUMENTS_BEGIN)?;
     let id = id.trim();
-    let mut call = crate::tool_calls::arguments(name_in(id)?.to_string(), args)?;
+    let mut call = arguments(name_in(id)?.to_string(), args)?;
     call.id = Some(id.to_string());
     Some(call)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const ANSWER: &str = "Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Oslo\", \"days\": 2}<|tool_call_end|><|tool_call_begin|> functions.now:1 <|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>";
+    pub(crate) const ANSWER: &str = "Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Oslo\", \"days\": 2}<|tool_call_end|><|tool_call_begin|> functions.now:1 <|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>";
 
     #[test]
     fn calls_keep_the_models_ids_and_read_the_name_from_them() {
@@ -89,35 +87,5 @@ mod tests {
         assert!(parse(&bad_args).is_none());
         assert_eq!(name_in("get_weather:12"), Some("get_weather"));
         assert_eq!(name_in("functions.get_weather:x"), None);
-    }
-
-    fn partial_calls(text: &str) -> Vec<PartialCall> {
-        calls_so_far(ToolCallFormat::KimiK2, text, &[])
-    }
-
-    #[test]
-    fn a_stream_sees_each_call_once_its_id_is_whole_and_its_arguments_grow() {
-        let cut = ANSWER.find("Oslo").unwrap();
-        let calls = partial_calls(&ANSWER[..cut]);
-        assert_eq!(calls.len(), 1);
-        assert_eq!(calls[0].id.as_deref(), Some("functions.get_weather:0"));
-        assert_eq!(calls[0].arguments, "{\"city\": \"");
-        assert!(!calls[0].complete);
-        let name_only = &ANSWER[..ANSWER.find(ARGUMENTS_BEGIN).unwrap()];
-        assert!(partial_calls(name_only).is_empty(), "the id may still grow");
-        let outside = ANSWER.replace(SECTION_BEGIN, "");
-        assert!(
-            partial_calls(&outside).is_empty(),
-            "calls count inside a section"
-        );
-        let all = partial_calls(ANSWER);
-        assert_eq!(all.len(), 2);
-        assert!(all.iter().all(|c| c.complete));
-        let whole = parse(ANSWER).unwrap().1;
-        let streamed =
-            crate::function_calls::streamed_arguments(ANSWER, &whole[0].arguments, |t| {
-                partial_calls(t).into_iter().take(1).collect()
-            });
-        assert_eq!(streamed.last(), Some(&whole[0].arguments));
     }
 }

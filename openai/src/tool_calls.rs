@@ -23,9 +23,10 @@
 
 use serde_json::Value;
 
+use crate::function_calls::arguments;
 pub use crate::function_calls::{FunctionSpec, ParsedCall, PartialCall};
 use crate::kimi_tool_calls as kimi;
-use crate::partial_json::{json_container_prefix, key, string_literal};
+use crate::partial_json::{key, string_literal};
 use crate::{glm_tool_calls, xml_tool_calls};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,17 +368,6 @@ fn after<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     s.strip_prefix(prefix)
 }
 
-/// The arguments as far as `s` (starting at the arguments' value) holds them.
-pub(crate) fn arguments(name: String, s: &str) -> Option<PartialCall> {
-    let (start, end, complete) = json_container_prefix(s)?;
-    Some(PartialCall {
-        name,
-        arguments: s[start..end].to_string(),
-        complete,
-        id: None,
-    })
-}
-
 fn hermes_call(s: &str) -> Option<PartialCall> {
     let s = s.trim_start().strip_prefix('{')?;
     let (name, rest) = string_literal(key(s, "name")?)?;
@@ -444,6 +434,38 @@ pub fn partial_calls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kimi_calls(text: &str) -> Vec<PartialCall> {
+        partial_calls(ToolCallFormat::KimiK2, text, &[])
+    }
+
+    /// Kimi-K2's calls as a stream reads them (`kimi_tool_calls.rs`).
+    #[test]
+    fn a_stream_sees_each_call_once_its_id_is_whole_and_its_arguments_grow() {
+        let answer = kimi::tests::ANSWER;
+        let cut = answer.find("Oslo").unwrap();
+        let calls = kimi_calls(&answer[..cut]);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].id.as_deref(), Some("functions.get_weather:0"));
+        assert_eq!(calls[0].arguments, "{\"city\": \"");
+        assert!(!calls[0].complete);
+        let name_only = &answer[..answer.find(kimi::ARGUMENTS_BEGIN).unwrap()];
+        assert!(kimi_calls(name_only).is_empty(), "the id may still grow");
+        let outside = answer.replace(kimi::SECTION_BEGIN, "");
+        assert!(
+            kimi_calls(&outside).is_empty(),
+            "calls count inside a section"
+        );
+        let all = kimi_calls(answer);
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|c| c.complete));
+        let whole = kimi::parse(answer).unwrap().1;
+        let streamed =
+            crate::function_calls::streamed_arguments(answer, &whole[0].arguments, |t| {
+                kimi_calls(t).into_iter().take(1).collect()
+            });
+        assert_eq!(streamed.last(), Some(&whole[0].arguments));
+    }
 
     #[test]
     fn calls_are_parsed_from_each_format() {
