@@ -17,8 +17,9 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     chat_template: Option<String>,
-    /// Kimi's class encodes a long text in pieces (`tiktoken::encode_pieces`).
-    encodes_in_pieces: bool,
+    /// For tiktoken ranks, the encoder that encodes as tiktoken does (Kimi's class, which also
+    /// encodes a long text in pieces: `tiktoken::encode_pieces`).
+    tiktoken: Option<tiktoken::TiktokenEncoder>,
 }
 
 fn special_token_content(config: &Value, key: &str) -> Option<String> {
@@ -38,13 +39,14 @@ impl Tokenizer {
             Err(_) => Value::Null,
         };
         let path = dir.join("tokenizer.json");
-        let encodes_in_pieces = !path.exists() && tiktoken::present(dir);
-        let inner = if encodes_in_pieces {
-            tiktoken::load(dir, &config)?
+        let (inner, tiktoken) = if !path.exists() && tiktoken::present(dir) {
+            let (inner, encoder) = tiktoken::load(dir, &config)?;
+            (inner, Some(encoder))
         } else if path.exists() {
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+            let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
                 ModelError::Tokenizer(format!("cannot load {}: {e}", path.display()))
-            })?
+            })?;
+            (inner, None)
         } else {
             return Err(ModelError::Tokenizer(format!(
                 "{} does not exist (nor {})",
@@ -73,7 +75,7 @@ impl Tokenizer {
             bos_id: id_of("bos_token"),
             eos_id: id_of("eos_token"),
             chat_template,
-            encodes_in_pieces,
+            tiktoken,
             inner,
         })
     }
@@ -81,18 +83,16 @@ impl Tokenizer {
     /// The ids of `text`, encoded whole, or piece by piece where the tokenizer's own class
     /// does so (Kimi's, for texts of tens of thousands of characters).
     fn encode_ids(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let encode = |piece: &str| {
-            self.inner
-                .encode(piece, add_special)
+        let Some(encoder) = &self.tiktoken else {
+            return self
+                .inner
+                .encode(text, add_special)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| ModelError::Tokenizer(format!("cannot encode: {e}")))
+                .map_err(|e| ModelError::Tokenizer(format!("cannot encode: {e}")));
         };
-        if !self.encodes_in_pieces {
-            return encode(text);
-        }
         let mut ids = Vec::new();
         for piece in tiktoken::encode_pieces(text) {
-            ids.extend(encode(piece)?);
+            ids.extend(encoder.encode(piece)?);
         }
         Ok(ids)
     }

@@ -1,22 +1,23 @@
 //! Tokenizers shipped as tiktoken ranks (`tiktoken.model`) with a Python class instead of a
-//! `tokenizer.json`: Kimi-K2's `TikTokenTokenizer`. The ranks become a byte-level BPE whose
-//! merges reproduce tiktoken's rule (the adjacent pair whose concatenation has the lowest rank
-//! merges first; a piece that is a token whole stays one), split by the class's pattern, with
-//! its special tokens numbered after the ranks, so a prompt encodes to tiktoken's ids.
+//! `tokenizer.json`: Kimi-K2's `TikTokenTokenizer`. Text is encoded as tiktoken encodes it
+//! ([`TiktokenEncoder`]: the class's pattern, its special tokens numbered after the ranks, the
+//! ranks merged by tiktoken's rule), so a prompt gets tiktoken's ids; the ranks also become a
+//! byte-level BPE vocabulary (no merges: it never encodes) for decoding, token pieces and
+//! llguidance, as a `tokenizer.json` would give them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine as _;
 use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::AddedToken;
 
 use crate::error::{ModelError, Result};
+
+mod encoder;
+pub use encoder::TiktokenEncoder;
 
 /// The rank file's name, as Kimi's class names it.
 pub const RANKS_FILE: &str = "tiktoken.model";
@@ -129,31 +130,6 @@ fn piece_of(bytes: &[u8], chars: &[char; 256]) -> String {
     bytes.iter().map(|&b| chars[b as usize]).collect()
 }
 
-/// One merge per way a token splits into two tokens, ordered by the whole token's rank (then
-/// the parts' ranks): BPE then merges, at each step, the adjacent pair whose concatenation
-/// ranks lowest, as tiktoken does.
-fn merges_of(ranks: &[Vec<u8>], chars: &[char; 256]) -> Vec<(String, String)> {
-    let rank_of: HashMap<&[u8], usize> = ranks
-        .iter()
-        .enumerate()
-        .map(|(r, b)| (b.as_slice(), r))
-        .collect();
-    let mut merges: Vec<(usize, usize, usize)> = Vec::new();
-    for (rank, token) in ranks.iter().enumerate() {
-        for cut in 1..token.len() {
-            let (left, right) = token.split_at(cut);
-            if let (Some(&l), Some(&r)) = (rank_of.get(left), rank_of.get(right)) {
-                merges.push((rank, l, r));
-            }
-        }
-    }
-    merges.sort_unstable();
-    merges
-        .into_iter()
-        .map(|(_, l, r)| (piece_of(&ranks[l], chars), piece_of(&ranks[r], chars)))
-        .collect()
-}
-
 /// The special tokens after the ranks, by id: the config's `added_tokens_decoder` names
 /// where it has them, `<|reserved_token_{id}|>` elsewhere, and whether a decode skips each.
 fn special_tokens(config: &Value, first_id: usize) -> Result<Vec<AddedToken>> {
@@ -200,8 +176,10 @@ fn special_tokens(config: &Value, first_id: usize) -> Result<Vec<AddedToken>> {
     Ok(tokens)
 }
 
-/// Builds the tokenizer from `dir`'s ranks and its `tokenizer_config.json` (`config`).
-pub fn load(dir: &Path, config: &Value) -> Result<tokenizers::Tokenizer> {
+/// Builds the tokenizer from `dir`'s ranks and its `tokenizer_config.json` (`config`): the
+/// byte-level BPE that decodes (and that llguidance reads), and the encoder that encodes as
+/// tiktoken does.
+pub fn load(dir: &Path, config: &Value) -> Result<(tokenizers::Tokenizer, TiktokenEncoder)> {
     match config.get("tokenizer_class").and_then(Value::as_str) {
         Some("TikTokenTokenizer") => {}
         other => {
@@ -224,34 +202,28 @@ pub fn load(dir: &Path, config: &Value) -> Result<tokenizers::Tokenizer> {
     if vocab.len() != ranks.len() {
         return Err(invalid("two ranks hold the same bytes"));
     }
-    let merges = merges_of(&ranks, &chars);
     let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(true)
+        .vocab_and_merges(vocab, Vec::new())
         .build()
         .map_err(|e| invalid(format!("cannot build the BPE: {e}")))?;
-    let split = Split::new(
-        SplitPattern::Regex(KIMI_PATTERN.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| invalid(format!("the pattern: {e}")))?;
-    let pre = Sequence::new(vec![
-        PreTokenizerWrapper::Split(split),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
-    ]);
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(pre));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     // Added in id order from the first id after the ranks, each takes the next id.
-    for token in special_tokens(config, ranks.len())? {
+    let specials = special_tokens(config, ranks.len())?;
+    let by_id: Vec<(String, u32)> = specials
+        .iter()
+        .zip(ranks.len() as u32..)
+        .map(|(token, id)| (token.content.clone(), id))
+        .collect();
+    for token in specials {
         if token.special {
             tokenizer.add_special_tokens(&[token]);
         } else {
             tokenizer.add_tokens(&[token]);
         }
     }
-    Ok(tokenizer)
+    let encoder = TiktokenEncoder::new(&ranks, KIMI_PATTERN, &by_id)?;
+    Ok((tokenizer, encoder))
 }
 
 /// Where Kimi's class cuts a text before encoding each piece on its own: every
