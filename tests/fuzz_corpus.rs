@@ -86,6 +86,11 @@ fn tool_call_text_never_panics_and_qwen3_coder_streams_add_up() {
 }
 
 #[test]
+fn kimi_prompts_encode_and_decode_back() {
+    replay("tiktoken_text", fuzz::tiktoken_text);
+}
+
+#[test]
 fn collective_frame_streams_never_panic() {
     replay("collective_frames", fuzz::collective_frames);
 }

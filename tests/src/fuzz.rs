@@ -564,3 +564,20 @@ pub fn tool_call_text(data: &[u8]) {
         }
     }
 }
+
+/// A prompt through Kimi-K2's tokenizer (tiktoken ranks, `tests/fixtures/kimi-k2-tiny`): any
+/// text encodes without panicking, every id is in the vocabulary, and the ids decode back to
+/// the text (special tokens included) whatever regex pieces, special tokens or long runs it
+/// holds.
+pub fn tiktoken_text(data: &[u8]) {
+    static KIMI: OnceLock<Tokenizer> = OnceLock::new();
+    let tokenizer = KIMI.get_or_init(|| {
+        Tokenizer::from_dir(&crate::fixture_dir(crate::KIMI_FIXTURE)).expect("Kimi's tokenizer")
+    });
+    let text = String::from_utf8_lossy(data);
+    let ids = tokenizer.encode_raw(&text).expect("any text encodes");
+    let vocab = tokenizer.vocab_size() as u32;
+    assert!(ids.iter().all(|&id| id < vocab), "{ids:?}");
+    let back = tokenizer.decode_with_special(&ids).expect("ids decode");
+    assert_eq!(back, text, "{ids:?}");
+}
