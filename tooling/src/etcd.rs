@@ -126,20 +126,31 @@ impl LocalEtcd {
         }
     }
 
+    /// Starts etcd again on its own ports and data. While it was down, a client reconnecting
+    /// to its port can hold that very port for a moment (a loopback connect whose ephemeral
+    /// port is the one it dials connects to itself), and etcd then exits, address in use: a
+    /// failed start is retried for a while.
     pub fn restart(&mut self, bin: &Path) -> std::io::Result<()> {
         self.stop();
-        let mut etcd = Self::spawn(
-            bin,
-            &self.dir,
-            self.client_port,
-            self.peer_port,
-            self.tls.as_ref(),
-        )?;
-        if !wait_for_port(self.client_port, &mut etcd, Duration::from_secs(30)) {
-            return Err(std::io::Error::other("etcd did not restart"));
+        for _ in 0..10 {
+            let mut etcd = Self::spawn(
+                bin,
+                &self.dir,
+                self.client_port,
+                self.peer_port,
+                self.tls.as_ref(),
+            )?;
+            if wait_for_port(self.client_port, &mut etcd, Duration::from_secs(30))
+                && is_etcd(self.client_port, &mut etcd, self.tls.is_some())
+            {
+                self.child = Some(etcd);
+                return Ok(());
+            }
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+            std::thread::sleep(Duration::from_millis(500));
         }
-        self.child = Some(etcd);
-        Ok(())
+        Err(std::io::Error::other("etcd did not restart"))
     }
 }
 
