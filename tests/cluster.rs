@@ -3,12 +3,15 @@
 
 use moe_model::Engine;
 use moe_tests::harness::{self, generate, offline_greedy, wait_serving};
-use moe_tests::{fixture_dir, golden_cases, FIXTURES, KIMI_FIXTURE};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES, KIMI_FIXTURE, KIMI_INT4_FIXTURE};
 use moe_tooling::{greedy, LocalCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_on_one_two_and_three_nodes_matches_offline() {
-    for fixture in FIXTURES.into_iter().chain([KIMI_FIXTURE]) {
+    for fixture in FIXTURES
+        .into_iter()
+        .chain([KIMI_FIXTURE, KIMI_INT4_FIXTURE])
+    {
         let engine = Engine::load(&fixture_dir(fixture)).unwrap();
         let cases = golden_cases(fixture);
         let expected: Vec<_> = cases

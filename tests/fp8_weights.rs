@@ -6,7 +6,9 @@ use moe_model::checkpoint::WeightsDtype;
 use moe_model::generator::{write_checkpoint, CheckpointPlan, Preset, WeightDtype};
 use moe_model::{Engine, Family, GenerateOutput, GenerateRequest};
 use moe_tests::harness::{self, generate, wait_serving};
-use moe_tests::{fixture_dir, golden_cases, steps_to_compare, TempDir, FP8_FIXTURE};
+use moe_tests::{
+    fixture_dir, golden_cases, steps_to_compare, TempDir, FP8_FIXTURE, KIMI_INT4_FIXTURE,
+};
 use moe_tooling::{greedy, LocalCluster};
 
 fn request(input_ids: Vec<u32>, max_new_tokens: usize) -> GenerateRequest {
@@ -58,10 +60,10 @@ fn same_bits_held_as_stored_and_widened(dir: &std::path::Path, reqs: &[GenerateR
     }
 }
 
-fn same_bits_on_a_preset(family: Family, preset: Preset, new_tokens: usize) {
-    let tmp = TempDir::new("fp8");
-    let dir = tmp.path().join("fp8");
-    write_checkpoint(family, preset, &dir, 3, WeightDtype::Fp8).unwrap();
+fn same_bits_on_a_preset(family: Family, preset: Preset, dtype: WeightDtype, new_tokens: usize) {
+    let tmp = TempDir::new(dtype.name());
+    let dir = tmp.path().join(dtype.name());
+    write_checkpoint(family, preset, &dir, 3, dtype).unwrap();
     let vocab = moe_model::ModelConfig::from_dir(&dir).unwrap().vocab_size as u32;
     let reqs: Vec<GenerateRequest> = prompts(vocab)
         .into_iter()
@@ -81,18 +83,37 @@ fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_the_fixture
     same_bits_held_as_stored_and_widened(&fixture_dir(FP8_FIXTURE), &reqs);
 }
 
+/// Kimi-K2-Thinking's INT4 experts, held as their integers on 32-column groups, give the
+/// tokens and logprobs of their f32 dequantization bit for bit, alone and in a batch.
+#[test]
+fn int4_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_the_fixture() {
+    let reqs: Vec<GenerateRequest> = golden_cases(KIMI_INT4_FIXTURE)
+        .into_iter()
+        .map(|c| request(c.input_ids, 24))
+        .collect();
+    same_bits_held_as_stored_and_widened(&fixture_dir(KIMI_INT4_FIXTURE), &reqs);
+}
+
+/// `moe gen-checkpoint --dtype int4` (Kimi-K2-Thinking's layout) on the tiny presets, Mixtral's
+/// experts (`w1`/`w2`/`w3`) too.
+#[test]
+fn int4_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_tiny() {
+    same_bits_on_a_preset(Family::DeepseekV3, Preset::Tiny, WeightDtype::Int4, 12);
+    same_bits_on_a_preset(Family::Mixtral, Preset::Tiny, WeightDtype::Int4, 12);
+}
+
 /// The tiny preset: every dimension leaves partial 128-blocks. GLM-4.5's too, in DeepSeek's
 /// block layout (q, k and v stacked into one GEMM, their biases added after it).
 #[test]
 fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_tiny() {
-    same_bits_on_a_preset(Family::DeepseekV3, Preset::Tiny, 12);
-    same_bits_on_a_preset(Family::Glm4Moe, Preset::Tiny, 12);
+    same_bits_on_a_preset(Family::DeepseekV3, Preset::Tiny, WeightDtype::Fp8, 12);
+    same_bits_on_a_preset(Family::Glm4Moe, Preset::Tiny, WeightDtype::Fp8, 12);
 }
 
 /// The small preset (391M parameters): full blocks, MLA's kv_b split per head.
 #[test]
 fn fp8_weights_held_as_stored_give_the_dequantized_tokens_bitwise_on_small() {
-    same_bits_on_a_preset(Family::DeepseekV3, Preset::Small, 4);
+    same_bits_on_a_preset(Family::DeepseekV3, Preset::Small, WeightDtype::Fp8, 4);
 }
 
 /// Expert nodes holding FP8 experts (the fixture's) answer with the offline engine's tokens

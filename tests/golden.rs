@@ -17,7 +17,7 @@ use moe_model::experts::ExpertDevice;
 use moe_model::{Engine, GenerateRequest, SamplingParams};
 use moe_tests::{
     fixture_dir, golden_cases, max_abs_diff, steps_to_compare_at, FIXTURES, FP8_FIXTURE,
-    KIMI_FIXTURE,
+    KIMI_FIXTURE, KIMI_INT4_FIXTURE,
 };
 
 /// Where the experts run and the tolerance that goes with it.
@@ -186,6 +186,14 @@ fn deepseek_v3_fp8_matches_transformers() {
 #[test]
 fn kimi_k2_matches_transformers() {
     check_fixture(KIMI_FIXTURE);
+}
+
+/// Kimi-K2-Thinking's INT4 experts (compressed-tensors' packing, as Moonshot ships them), held
+/// as their integer values on their groups, give transformers' tokens on the dequantized
+/// weights.
+#[test]
+fn kimi_k2_thinking_int4_matches_transformers() {
+    check_fixture(KIMI_INT4_FIXTURE);
 }
 
 /// Kimi-K2's tokenizer, read from `tiktoken.model` and Kimi's class's settings, gives the ids

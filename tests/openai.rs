@@ -9,7 +9,7 @@ use moe_model::chat_template::{ChatMessage, ChatTemplate};
 use moe_model::tokenizer::Tokenizer;
 use moe_model::{Engine, LogitAdjustments, SamplingParams};
 use moe_tests::harness::{self, wait_serving};
-use moe_tests::{fixture_dir, golden_cases, FIXTURES, KIMI_FIXTURE};
+use moe_tests::{fixture_dir, golden_cases, FIXTURES, KIMI_FIXTURE, KIMI_INT4_FIXTURE};
 use moe_tooling::LocalCluster;
 use serde_json::{json, Value};
 
@@ -681,7 +681,8 @@ async fn minimax_m2_and_kimi_k2_thinking_split_or_kept_in_the_content() {
             "minimax_m2_tools.jinja",
             "minimax_m2_append_think",
         ),
-        (KIMI_FIXTURE, "hub/kimi_k2_thinking.jinja", "kimi_k2"),
+        // Kimi-K2-Thinking's INT4 checkpoint, whose own template this is.
+        (KIMI_INT4_FIXTURE, "hub/kimi_k2_thinking.jinja", "kimi_k2"),
     ] {
         let template = format!("{templates}/{template}");
         let args = ["--chat-template", &template, "--reasoning-parser", parser];

@@ -36,6 +36,19 @@ fn random_fp8_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
     PackedMatrix::from_native(&[&NativeWeight::Fp8(fp8)], k)
 }
 
+/// The same kind of matrix as Kimi-K2-Thinking's INT4 experts are held: integers in [-8, 7]
+/// as e4m3 bytes, one scale per 32 columns of each row.
+fn random_int4_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
+    let q: Vec<i8> = (0..n * k)
+        .map(|_| (rng.next_f64() * 16.0).floor() as i8 - 8)
+        .collect();
+    let words = moe_model::checkpoint::packed_int4::pack(&q, n, k);
+    let values = moe_model::checkpoint::packed_int4::unpack_to_e4m3(&words, n, k);
+    let scales = vec![0.006; n * k.div_ceil(32)];
+    let int4 = moe_model::backend::weight::Fp8Matrix::from_blocks(values, n, k, &scales, (1, 32));
+    PackedMatrix::from_native(&[&NativeWeight::Fp8(int4)], k)
+}
+
 fn random(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n)
         .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 0.05)
@@ -230,16 +243,40 @@ fn main() {
         }
     }
 
-    // The same matrix in FP8 with 128x128 block scales (a DeepSeek FP8 checkpoint's layout).
-    for tokens in [1usize, 4] {
-        let name = format!("stream_fp8_{tokens}x8192x16384");
+    // The same matrix in FP8 with 128x128 block scales (a DeepSeek FP8 checkpoint's layout),
+    // and as INT4 groups of 32 held as e4m3 (Kimi-K2-Thinking's experts): the same bytes, a K
+    // block cut at every group.
+    for (kind, tokens) in [("fp8", 1usize), ("fp8", 4), ("int4", 1), ("int4", 4)] {
+        let name = format!("stream_{kind}_{tokens}x8192x16384");
         if wants(&name) {
             let (n, k) = (16384usize, 8192usize);
-            let w = random_fp8_matrix(n, k, &mut rng);
+            let w = if kind == "fp8" {
+                random_fp8_matrix(n, k, &mut rng)
+            } else {
+                random_int4_matrix(n, k, &mut rng)
+            };
             let a = random(tokens * k, &mut rng);
             let mut c = vec![0.0f32; tokens * n];
             let s = time(|| w.matmul_into(&a, tokens, &mut c));
             results.push((name, s, (n * k) as f64));
+        }
+    }
+
+    // A Kimi-K2 expert's gate projection (7168 -> 2048) over a decode batch's rows, in FP8
+    // blocks of 128 and in INT4 groups of 32: what the shorter K blocks cost when compute binds.
+    for (kind, tokens) in [("fp8", 64usize), ("int4", 64)] {
+        let name = format!("gemm_{kind}_{tokens}x7168x2048");
+        if wants(&name) {
+            let (n, k) = (2048usize, 7168usize);
+            let w = if kind == "fp8" {
+                random_fp8_matrix(n, k, &mut rng)
+            } else {
+                random_int4_matrix(n, k, &mut rng)
+            };
+            let a = random(tokens * k, &mut rng);
+            let mut c = vec![0.0f32; tokens * n];
+            let s = time(|| w.matmul_into(&a, tokens, &mut c));
+            results.push((name, s, (2 * tokens * n * k) as f64));
         }
     }
 

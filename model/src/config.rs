@@ -302,19 +302,25 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| bad("missing \"model_type\"".into()))?;
         let family = Family::from_model_type(model_type)?;
-        // Weights quantized otherwise (Kimi-K2-Thinking's INT4 `compressed-tensors`, GPTQ,
-        // AWQ) are stored under other tensor names: refused here by name, not at a missing
-        // tensor.
+        // Weights quantized otherwise (GPTQ, AWQ, compressed-tensors schemes other than
+        // Kimi-K2-Thinking's INT4) are stored under other tensor names: refused here by name,
+        // not at a missing tensor.
         let quantization = value.get("quantization_config");
         match quantization
             .and_then(|q| q.get("quant_method"))
             .and_then(Value::as_str)
         {
             None | Some("fp8") => {}
+            Some("compressed-tensors") => {
+                let q = quantization.unwrap_or(&Value::Null);
+                crate::checkpoint::packed_int4::Int4Scheme::from_quantization_config(q)
+                    .map_err(|e| bad(format!("quantization_config: {e}")))?;
+            }
             Some(other) => {
                 return Err(bad(format!(
                     "quantization_config.quant_method {other:?} is not supported: only \
-                     DeepSeek's block-scaled \"fp8\" (and unquantized bf16, f16 or f32 weights)"
+                     DeepSeek's block-scaled \"fp8\", compressed-tensors' INT4 \
+                     \"pack-quantized\" (and unquantized bf16, f16 or f32 weights)"
                 )))
             }
         }
@@ -850,8 +856,8 @@ mod tests {
     }
 
     /// Kimi-K2's config (moonshotai/Kimi-K2-Instruct: `kimi_k2`, DeepSeek-V3's architecture
-    /// with 384 experts, one group, Kimi's yarn betas, FP8 blocks) reads as DeepSeek-V3; a
-    /// checkpoint quantized another way (Kimi-K2-Thinking's INT4) is refused by name.
+    /// with 384 experts, one group, Kimi's yarn betas, FP8 blocks) reads as DeepSeek-V3, and so
+    /// does Kimi-K2-Thinking's INT4 one; a checkpoint quantized another way is refused by name.
     #[test]
     fn kimi_k2_reads_as_deepseek_v3_and_other_quantizations_are_named() {
         let kimi = r#"{"architectures": ["DeepseekV3ForCausalLM"], "bos_token_id": 163584,
@@ -873,12 +879,23 @@ mod tests {
         assert_eq!(cfg.family, Family::DeepseekV3);
         assert_eq!(cfg.moe.num_experts, 384);
         assert_eq!(cfg.vocab_size, 163840);
-        let int4 = kimi.replace(
+        let unknown_int4 = kimi.replace(
             r#""quant_method": "fp8""#,
             r#""quant_method": "compressed-tensors""#,
         );
-        let err = parse(&int4).unwrap_err().to_string();
-        assert!(err.contains("compressed-tensors"), "{err}");
+        let err = parse(&unknown_int4).unwrap_err().to_string();
+        assert!(err.contains("compressed-tensors format"), "{err}");
+        let thinking = kimi.replace(
+            r#""quant_method": "fp8""#,
+            r#""quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"group_0": {"input_activations": null, "targets": ["Linear"],
+            "weights": {"actorder": null, "dynamic": false, "group_size": 32, "num_bits": 4,
+            "strategy": "group", "symmetric": true, "type": "int"}}}"#,
+        );
+        assert_eq!(parse(&thinking).unwrap().moe.num_experts, 384);
+        let gptq = kimi.replace(r#""quant_method": "fp8""#, r#""quant_method": "gptq""#);
+        let err = parse(&gptq).unwrap_err().to_string();
+        assert!(err.contains("\"gptq\" is not supported"), "{err}");
     }
 
     #[test]

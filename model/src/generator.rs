@@ -41,6 +41,9 @@ pub enum WeightDtype {
     /// block (partial edge blocks where the shape leaves them), everything else bf16, and a
     /// `quantization_config` in config.json.
     Fp8,
+    /// Kimi-K2-Thinking's layout: routed experts in compressed-tensors' INT4 (`weight_packed`,
+    /// a bf16 `weight_scale` per 32 columns, `weight_shape`), everything else bf16.
+    Int4,
 }
 
 /// DeepSeek's FP8 block.
@@ -50,6 +53,15 @@ const FP8_BLOCK: (usize, usize) = (128, 128);
 /// `kv_a_proj_with_mqa` included (as in DeepSeek-V3's own checkpoint).
 fn quantized(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && (name.ends_with("_proj.weight") || name.ends_with("_proj_with_mqa.weight"))
+}
+
+/// Kimi-K2-Thinking's INT4 group.
+const INT4_GROUP: usize = 32;
+
+/// Whether an INT4 checkpoint packs this tensor: the routed experts' matrices (Kimi-K2-Thinking
+/// leaves attention, shared experts and dense layers in bf16).
+fn packed_as_int4(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.contains(".experts.") && name.ends_with(".weight")
 }
 
 /// The hub `config.json` of a preset.
@@ -438,6 +450,18 @@ impl CheckpointPlan {
                 "weight_block_size": [FP8_BLOCK.0, FP8_BLOCK.1],
             });
         }
+        if self.dtype == WeightDtype::Int4 {
+            config_json["quantization_config"] = json!({
+                "quant_method": "compressed-tensors", "format": "pack-quantized",
+                "quantization_status": "compressed",
+                "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                           "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+                "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": null,
+                    "weights": {"num_bits": 4, "type": "int", "symmetric": true,
+                    "strategy": "group", "group_size": INT4_GROUP, "dynamic": false,
+                    "actorder": null}}},
+            });
+        }
         serde_json::to_string_pretty(&config_json)
             .map_err(|e| ModelError::InvalidRequest(e.to_string()))
     }
@@ -524,6 +548,7 @@ impl WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::Bf16 => "bf16",
             WeightDtype::Fp8 => "fp8",
+            WeightDtype::Int4 => "int4",
         }
     }
 
@@ -532,6 +557,7 @@ impl WeightDtype {
             "f32" => Some(WeightDtype::F32),
             "bf16" => Some(WeightDtype::Bf16),
             "fp8" => Some(WeightDtype::Fp8),
+            "int4" => Some(WeightDtype::Int4),
             _ => None,
         }
     }
@@ -560,7 +586,39 @@ pub fn synthetic_weights(config: &ModelConfig, seed: u64, dtype: WeightDtype) ->
                 stored.push((format!("{name}_scale_inv"), scale_shape, Dtype::F32, scales));
                 stored.push((name, shape, Dtype::F8E4M3, Init::Fp8Codes));
             }
-            WeightDtype::Bf16 | WeightDtype::Fp8 => stored.push((name, shape, Dtype::BF16, init)),
+            WeightDtype::Int4 if packed_as_int4(&name, &shape) => {
+                let gain = match init {
+                    Init::Linear { gain } => gain,
+                    _ => 1.0,
+                };
+                let (rows, cols) = (shape[0], shape[1]);
+                let base = name.strip_suffix(".weight").unwrap_or(&name);
+                let words = vec![rows, crate::checkpoint::packed_int4::packed_cols(cols)];
+                stored.push((
+                    format!("{base}.weight_packed"),
+                    words,
+                    Dtype::I32,
+                    Init::Int4Words { cols },
+                ));
+                let scales = Init::Int4Scales { gain, fan_in: cols };
+                let scale_shape = vec![rows, cols.div_ceil(INT4_GROUP)];
+                stored.push((
+                    format!("{base}.weight_scale"),
+                    scale_shape,
+                    Dtype::BF16,
+                    scales,
+                ));
+                let recorded = Init::Int4Shape { rows, cols };
+                stored.push((
+                    format!("{base}.weight_shape"),
+                    vec![2],
+                    Dtype::I64,
+                    recorded,
+                ));
+            }
+            WeightDtype::Bf16 | WeightDtype::Fp8 | WeightDtype::Int4 => {
+                stored.push((name, shape, Dtype::BF16, init))
+            }
         }
     }
     SyntheticWeights::new(seed, stored).with_copies(&tensor_copies(config))
@@ -642,7 +700,12 @@ mod tests {
             Family::Mixtral,
             Family::Glm4Moe,
         ] {
-            for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Fp8] {
+            for dtype in [
+                WeightDtype::F32,
+                WeightDtype::Bf16,
+                WeightDtype::Fp8,
+                WeightDtype::Int4,
+            ] {
                 let scratch = Scratch::new(&format!("{family:?}-{}", dtype.name()));
                 let (files, generated) = (scratch.0.join("files"), scratch.0.join("synthetic"));
                 let plan = CheckpointPlan::new(family, Preset::Tiny, dtype, 11);
@@ -666,9 +729,22 @@ mod tests {
                 for name in names {
                     let info = a.info(name).unwrap();
                     assert_eq!(info.dtype, b.info(name).unwrap().dtype, "{name}");
-                    let shape = info.shape.clone();
+                    let mut shape = info.shape.clone();
+                    let mut name = name.to_string();
+                    if let Some(base) = name.strip_suffix(".weight_shape") {
+                        let ints = |c: &Checkpoint| c.load_ints(&name, c.info(&name).unwrap());
+                        assert_eq!(ints(&a).unwrap(), ints(&b).unwrap(), "{base}");
+                        continue;
+                    }
+                    if let Some(base) = name.strip_suffix("_packed") {
+                        // An INT4 weight: compared as its values (`q * scale`).
+                        let recorded = format!("{base}_shape");
+                        let dims = a.load_ints(&recorded, a.info(&recorded).unwrap()).unwrap();
+                        shape = dims.iter().map(|&d| d as usize).collect();
+                        name = base.to_string();
+                    }
                     let bits = |c: &Checkpoint| -> Vec<u32> {
-                        c.load_f32(name, &shape)
+                        c.load_f32(&name, &shape)
                             .unwrap()
                             .iter()
                             .map(|v| v.to_bits())
@@ -704,7 +780,7 @@ mod tests {
         let marker = scratch.0.join(crate::checkpoint::synthetic::MARKER);
         for bad in [
             "{",
-            r#"{"seed": 1, "dtype": "int4"}"#,
+            r#"{"seed": 1, "dtype": "int3"}"#,
             r#"{"seed": -1, "dtype": "bf16"}"#,
             r#"{"seed": 1, "dtype": "bf16", "extra": 2}"#,
             &" ".repeat(10_000),

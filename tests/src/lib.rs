@@ -33,6 +33,11 @@ pub const FP8_FIXTURE: &str = "deepseek-v3-fp8-tiny";
 /// (`tests/fixtures/make_kimi_k2_tiny.py`).
 pub const KIMI_FIXTURE: &str = "kimi-k2-tiny";
 
+/// Kimi-K2-Thinking: its routed experts in compressed-tensors' INT4 (`pack-quantized`, a bf16
+/// scale per 32 columns, a partial group in each down projection), the rest bf16; golden from
+/// transformers on the dequantized weights (`tests/fixtures/make_kimi_k2_thinking_int4_tiny.py`).
+pub const KIMI_INT4_FIXTURE: &str = "kimi-k2-thinking-int4-tiny";
+
 /// One golden case: prompt, ids and transformers' logits.
 pub struct GoldenCase {
     pub prompt: String,

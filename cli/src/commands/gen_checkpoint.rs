@@ -41,6 +41,9 @@ enum DtypeArg {
     Bf16,
     /// DeepSeek's FP8 layout: projections in e4m3 with 128x128 block scales, the rest bf16.
     Fp8,
+    /// Kimi-K2-Thinking's layout: routed experts in compressed-tensors' INT4 (a bf16 scale per
+    /// 32 columns), the rest bf16.
+    Int4,
 }
 
 #[derive(Args)]
@@ -89,6 +92,7 @@ pub fn run(args: GenCheckpointArgs) -> anyhow::Result<()> {
         DtypeArg::F32 => WeightDtype::F32,
         DtypeArg::Bf16 => WeightDtype::Bf16,
         DtypeArg::Fp8 => WeightDtype::Fp8,
+        DtypeArg::Int4 => WeightDtype::Int4,
     };
     let mut plan = generator::CheckpointPlan::new(family, preset, dtype, args.seed);
     plan.layers = args.layers.map(|l| l as usize);

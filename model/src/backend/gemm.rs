@@ -540,6 +540,10 @@ impl PackedMatrix {
             Some(s) if s.grouped => self.k / FP8_GROUP * FP8_GROUP,
             _ => 0,
         };
+        if let (true, Some(scaled)) = (E::FP8 && rows > MR, scaled) {
+            let panel = panel.as_ptr().cast::<E4m3>();
+            return self.widened_product(panel, scaled, panels_here, grouped_k, a, first, rows, c);
+        }
         for kb in KBlocks::new(self.k, scaled) {
             let scales = scaled.map_or(std::ptr::null(), |s| s.panel_scales(p, kb.segment));
             let block = panel.as_ptr().add(kb.k0 * NR);
@@ -553,33 +557,72 @@ impl PackedMatrix {
                 panel_stride: self.k * NR,
                 scales_stride: scaled.map_or(0, |s| s.segment_starts.len() * NR),
             };
-            if E::FP8 && rows > MR {
-                // Several row tiles share this K block: widen it once into L1 (the same f32
-                // values each tile would compute) and run them over f32, the panels' blocks
-                // side by side.
-                WIDENED.with(|widened| {
-                    let mut widened = widened.borrow_mut();
-                    let count = panels_here.count;
-                    debug_assert!(widened.len() >= count * KC * NR, "a tile's panels fit");
-                    for (j, out) in widened.chunks_exact_mut(KC * NR).take(count).enumerate() {
-                        let panel_block = block.add(j * block_rows.panel_stride).cast::<E4m3>();
-                        let panel_scales = scales.add(j * block_rows.scales_stride);
-                        let grouped = block_rows.grouped_rows;
-                        widen_fp8_block(panel_block, panel_scales, kb.kc, grouped, out);
-                    }
-                    let null = std::ptr::null();
-                    let widened_rows = BlockRows {
-                        panel_stride: KC * NR,
-                        scales_stride: 0,
-                        grouped_rows: 0,
-                        ..block_rows
-                    };
-                    self.row_tiles(widened.as_ptr(), null, &widened_rows, a, first, rows, p, c);
-                });
-            } else {
-                self.row_tiles(block, scales, &block_rows, a, first, rows, p, c);
-            }
+            self.row_tiles(block, scales, &block_rows, a, first, rows, p, c);
         }
+    }
+
+    /// FP8 panels under several row tiles: each K block is widened once into L1 (the same f32
+    /// values each tile would compute, every scale segment inside it with its own scales) and
+    /// the tiles run over f32, the panels' blocks side by side. The blocks are `KC` long
+    /// whatever the segments (an INT4 checkpoint's are 32 columns): the widened values carry
+    /// their scales, and the chain of multiply-adds over k is the same.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn widened_product(
+        &self,
+        panel: *const E4m3,
+        scaled: &Scaled<'_>,
+        panels_here: PanelRange,
+        grouped_k: usize,
+        a: &InputRows<'_>,
+        first: usize,
+        rows: usize,
+        c: OutPtr,
+    ) {
+        let p = panels_here.first;
+        let last = p + panels_here.count - 1;
+        let count = panels_here.count;
+        let starts = scaled.segment_starts;
+        WIDENED.with(|widened| {
+            let mut widened = widened.borrow_mut();
+            debug_assert!(widened.len() >= count * KC * NR, "a tile's panels fit");
+            let mut segment = 0;
+            for kb in KBlocks::new(self.k, None) {
+                let end = kb.k0 + kb.kc;
+                for (j, out) in widened.chunks_exact_mut(KC * NR).take(count).enumerate() {
+                    let panel_start = panel.add(j * self.k * NR);
+                    // The block's pieces, one per scale segment it meets.
+                    let mut piece = kb.k0;
+                    let mut s = segment;
+                    while piece < end {
+                        while starts.get(s + 1).is_some_and(|&next| next <= piece) {
+                            s += 1;
+                        }
+                        let piece_end = starts.get(s + 1).map_or(end, |&next| next.min(end));
+                        let kc = piece_end - piece;
+                        let grouped = grouped_k.saturating_sub(piece).min(kc);
+                        let into = &mut out[(piece - kb.k0) * NR..(piece_end - kb.k0) * NR];
+                        let scales = scaled.panel_scales(p + j, s);
+                        widen_fp8_block(panel_start.add(piece * NR), scales, kc, grouped, into);
+                        piece = piece_end;
+                    }
+                    if j + 1 == count {
+                        segment = s;
+                    }
+                }
+                let widened_rows = BlockRows {
+                    k0: kb.k0,
+                    kc: kb.kc,
+                    grouped_rows: 0,
+                    cols: NR.min(self.n - last * NR),
+                    accumulate: kb.k0 > 0,
+                    panels: count,
+                    panel_stride: KC * NR,
+                    scales_stride: 0,
+                };
+                let null = std::ptr::null();
+                self.row_tiles(widened.as_ptr(), null, &widened_rows, a, first, rows, p, c);
+            }
+        });
     }
 
     /// Every row tile of rows `first..first + rows` over one K block `b` of panel `p`.
@@ -1428,6 +1471,19 @@ mod tests {
             (6, 16, 256),
             (40, 70, 600),
         ] {
+            // INT4 checkpoints' groups: a row's scale changes every 32 columns (grouped
+            // panels) or every 30 (not grouped), several times inside one K block.
+            for block in [(1, 32), (1, 30)] {
+                let int4 = NativeWeight::Fp8(fp8_matrix(n, k, block, 27));
+                let narrow = PackedMatrix::from_native(&[&int4], k);
+                let wide = PackedMatrix::from_rows(&int4.to_f32(), n, k);
+                let a = pseudo_random(m * k, 28);
+                assert_eq!(
+                    narrow.matmul(&a, m),
+                    wide.matmul(&a, m),
+                    "{m}x{n}x{k} {block:?}"
+                );
+            }
             let fp8 = NativeWeight::Fp8(fp8_matrix(n, k, (128, 128), 21));
             let narrow = PackedMatrix::from_native(&[&fp8], k);
             let wide = PackedMatrix::from_rows(&fp8.to_f32(), n, k);

@@ -6,6 +6,7 @@
 
 /// The FP8 codec lives with the math that widens it; checkpoints read and write it.
 pub use crate::backend::fp8;
+pub mod packed_int4;
 pub mod safetensors;
 pub mod synthetic;
 
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 use crate::backend::{self, NativeWeight};
 use crate::error::{ModelError, Result};
+use packed_int4::Int4Scheme;
 pub use safetensors::{Dtype, SafetensorsFile, SafetensorsWriter, TensorInfo};
 use synthetic::SyntheticWeights;
 
@@ -92,6 +94,9 @@ pub struct Checkpoint {
     store: TensorStore,
     /// FP8 block size (rows, cols) from `quantization_config.weight_block_size`.
     fp8_block: (usize, usize),
+    /// The INT4 scheme of a `compressed-tensors` checkpoint: its weights named `X.weight` are
+    /// stored as `X.weight_packed` and `X.weight_scale`.
+    int4: Option<Int4Scheme>,
     /// The precision [`Self::load_native`] gives.
     weights: WeightsDtype,
 }
@@ -160,6 +165,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             store: TensorStore::Files { files, index },
             fp8_block: read_fp8_block(dir),
+            int4: int4_scheme_of(dir),
             weights: process_weights_dtype(),
         })
     }
@@ -171,6 +177,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             store: TensorStore::Synthetic(weights),
             fp8_block: read_fp8_block(dir),
+            int4: int4_scheme_of(dir),
             weights: process_weights_dtype(),
         }
     }
@@ -269,6 +276,9 @@ impl Checkpoint {
     /// Loads a tensor as f32, checking its shape. FP8 weights are dequantised with their
     /// `weight_scale_inv` companion.
     pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        if let Some(matrix) = self.load_int4(name, expected)? {
+            return Ok(matrix.to_f32());
+        }
         let info = self.info(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.to_string(),
             expected: expected.to_vec(),
@@ -343,6 +353,11 @@ impl Checkpoint {
     /// its block scales) stay as they are, since the CPU GEMM widens them exactly; the shape is
     /// checked as in [`Self::load_f32`].
     pub fn load_native(&self, name: &str, expected: &[usize]) -> Result<NativeWeight> {
+        if self.weights == WeightsDtype::AsStored {
+            if let Some(matrix) = self.load_int4(name, expected)? {
+                return Ok(NativeWeight::Fp8(matrix));
+            }
+        }
         let stored = self
             .info(name)
             .filter(|info| info.shape == expected)
@@ -424,6 +439,94 @@ impl Checkpoint {
         )))
     }
 
+    /// Weight `name` of an INT4 checkpoint, held as FP8 values on its groups (see
+    /// [`packed_int4`]); `Ok(None)` where the checkpoint stores `name` itself (the parts
+    /// `compressed-tensors` leaves unquantized) or is not INT4. The packed words, scales and
+    /// recorded shape are all checked against `expected` before anything is allocated.
+    fn load_int4(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<backend::weight::Fp8Matrix>> {
+        let (Some(scheme), Some(names)) = (self.int4, packed_int4::packed_names(name)) else {
+            return Ok(None);
+        };
+        if self.contains(name) {
+            return Ok(None);
+        }
+        let Some(info) = self.info(&names.packed) else {
+            return Ok(None);
+        };
+        let &[rows, cols] = expected else {
+            return Err(ModelError::InvalidTensor {
+                name: names.packed,
+                message: format!("packed INT4 weights must be 2-D, expected {expected:?}"),
+            });
+        };
+        let packed_shape = [rows, packed_int4::packed_cols(cols)];
+        if info.dtype != Dtype::I32 || info.shape != packed_shape {
+            return Err(ModelError::InvalidTensor {
+                name: names.packed,
+                message: format!(
+                    "{} {:?}, expected I32 {packed_shape:?} for a [{rows}, {cols}] weight",
+                    info.dtype.name(),
+                    info.shape
+                ),
+            });
+        }
+        if let Some(shape) = self.info(&names.shape) {
+            let recorded = self.load_ints(&names.shape, shape)?;
+            if recorded != [rows as i64, cols as i64] {
+                return Err(ModelError::TensorShape {
+                    name: names.shape,
+                    expected: expected.to_vec(),
+                    actual: recorded.iter().map(|&d| d.max(0) as usize).collect(),
+                });
+            }
+        }
+        let scales = self.load_f32(&names.scale, &[rows, cols.div_ceil(scheme.group_size)])?;
+        if let Some(at) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(ModelError::InvalidTensor {
+                name: names.scale,
+                message: format!("scale {at} is not finite"),
+            });
+        }
+        let values = self.with_bytes(&names.packed, info, |words| {
+            packed_int4::unpack_to_e4m3(&words, rows, cols)
+        });
+        Ok(Some(backend::weight::Fp8Matrix::from_blocks(
+            values,
+            rows,
+            cols,
+            &scales,
+            (1, scheme.group_size),
+        )))
+    }
+
+    /// A small integer tensor (a recorded shape) as i64s.
+    pub(crate) fn load_ints(&self, name: &str, info: &TensorInfo) -> Result<Vec<i64>> {
+        if info.shape.iter().product::<usize>() > 8 {
+            return Err(ModelError::InvalidTensor {
+                name: name.to_string(),
+                message: format!("{:?} is not a shape", info.shape),
+            });
+        }
+        self.with_bytes(name, info, |bytes| match info.dtype {
+            Dtype::I64 => Ok(bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect()),
+            Dtype::I32 => Ok(bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
+                .collect()),
+            other => Err(ModelError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: other.name().to_string(),
+            }),
+        })
+    }
+
     /// Loads an optional tensor: `Ok(None)` when absent.
     pub fn load_f32_opt(&self, name: &str, expected: &[usize]) -> Result<Option<Vec<f32>>> {
         if self.contains(name) {
@@ -461,6 +564,16 @@ fn bf16_from_le_bytes(bytes: &[u8]) -> Vec<half::bf16> {
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
             .collect()
     }
+}
+
+/// The INT4 scheme of the checkpoint in `dir` (its config was checked when read: a scheme
+/// that does not parse here is refused there).
+fn int4_scheme_of(dir: &Path) -> Option<Int4Scheme> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let json = serde_json::from_str::<Value>(&text).ok()?;
+    Int4Scheme::from_quantization_config(json.get("quantization_config")?)
+        .ok()
+        .flatten()
 }
 
 fn read_fp8_block(dir: &Path) -> (usize, usize) {
@@ -518,5 +631,121 @@ mod tests {
             assert!(!ckpt.same_values("a", other), "{other}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    const INT4_CONFIG: &str = r#"{"quantization_config": {"quant_method": "compressed-tensors",
+        "format": "pack-quantized", "config_groups": {"group_0": {"targets": ["Linear"],
+        "weights": {"num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+        "group_size": 32}}}}}"#;
+
+    /// What [`int4_checkpoint`] writes wrong.
+    #[derive(Clone, Copy)]
+    enum Int4Fault {
+        None,
+        PackedShape,
+        PackedDtype,
+        RecordedShape,
+        NoScales,
+    }
+
+    /// A [5, 45] INT4 weight (a partial group of 13 columns, a row ending inside a word) and
+    /// its bf16 scales, written as compressed-tensors packs them; returns its `q * scale`.
+    fn int4_checkpoint(dir: &Path, fault: Int4Fault) -> Vec<f32> {
+        let (rows, cols, groups) = (5, 45, 2);
+        let q: Vec<i8> = (0..rows * cols)
+            .map(|i| ((i * 11 + 5) % 16) as i8 - 8)
+            .collect();
+        let scales: Vec<f32> = (0..rows * groups)
+            .map(|i| half::bf16::from_f32(0.0123 * (i + 1) as f32).to_f32())
+            .collect();
+        let mut writer = SafetensorsWriter::default();
+        let words = packed_int4::pack(&q, rows, cols);
+        match fault {
+            Int4Fault::PackedShape => {
+                writer.add("e.weight_packed", Dtype::I32, vec![rows, 5], vec![0; 100])
+            }
+            Int4Fault::PackedDtype => {
+                writer.add("e.weight_packed", Dtype::U8, vec![rows, 24], words)
+            }
+            _ => writer.add("e.weight_packed", Dtype::I32, vec![rows, 6], words),
+        }
+        if !matches!(fault, Int4Fault::NoScales) {
+            writer.add_bf16("e.weight_scale", vec![rows, groups], &scales);
+        }
+        let recorded = if matches!(fault, Int4Fault::RecordedShape) {
+            cols - 1
+        } else {
+            cols
+        };
+        let shape: Vec<u8> = [rows as i64, recorded as i64]
+            .iter()
+            .flat_map(|d| d.to_le_bytes())
+            .collect();
+        writer.add("e.weight_shape", Dtype::I64, vec![2], shape);
+        writer.add_bf16("dense.weight", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), INT4_CONFIG).unwrap();
+        writer.write(&dir.join("model.safetensors")).unwrap();
+        (0..rows * cols)
+            .map(|i| q[i] as f32 * scales[(i / cols) * groups + (i % cols) / 32])
+            .collect()
+    }
+
+    /// INT4 weights load as FP8 values on their groups: widened, they are `q * scale`
+    /// exactly; the GEMM over them gives the f32 copy's products bit for bit; weights the
+    /// scheme leaves unquantized load as stored.
+    #[test]
+    fn int4_weights_load_as_their_dequantized_values() {
+        let dir = std::env::temp_dir().join(format!("moe-int4-{}", std::process::id()));
+        let want = int4_checkpoint(&dir, Int4Fault::None);
+        let ckpt = Checkpoint::open_files(&dir).unwrap();
+        let held = ckpt.load_native("e.weight", &[5, 45]).unwrap();
+        let NativeWeight::Fp8(m) = &held else {
+            panic!("INT4 is held as FP8 values, not {held:?}")
+        };
+        assert_eq!(m.segment_starts, vec![0, 32]);
+        assert_eq!(held.to_f32(), want);
+        assert_eq!(ckpt.load_f32("e.weight", &[5, 45]).unwrap(), want);
+        let wide = ckpt.with_weights_dtype(WeightsDtype::F32);
+        assert_eq!(
+            wide.load_native("e.weight", &[5, 45]).unwrap(),
+            NativeWeight::F32(want.clone())
+        );
+        // One row tile, and enough rows that the K block is widened once for all tiles.
+        let packed = backend::PackedMatrix::from_native(&[&held], 45);
+        let reference = backend::PackedMatrix::from_rows(&want, 5, 45);
+        for m in [3, 40] {
+            let a: Vec<f32> = (0..m * 45)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            assert_eq!(packed.matmul(&a, m), reference.matmul(&a, m), "{m} rows");
+        }
+        let dense = wide.load_native("dense.weight", &[2, 3]).unwrap();
+        assert_eq!(dense.to_f32(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Packed words of another shape or dtype, a recorded shape that disagrees, missing scales:
+    /// each a typed error naming the tensor, before anything is unpacked.
+    #[test]
+    fn malformed_int4_weights_are_refused_by_name() {
+        let base = std::env::temp_dir().join(format!("moe-int4-bad-{}", std::process::id()));
+        let cases = [
+            ("weight_packed", Int4Fault::PackedShape),
+            ("weight_packed", Int4Fault::PackedDtype),
+            ("weight_shape", Int4Fault::RecordedShape),
+            ("weight_scale", Int4Fault::NoScales),
+        ];
+        for (i, (named, fault)) in cases.into_iter().enumerate() {
+            let dir = base.join(i.to_string());
+            int4_checkpoint(&dir, fault);
+            let ckpt = Checkpoint::open_files(&dir).unwrap();
+            let err = ckpt
+                .load_native("e.weight", &[5, 45])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "case {i}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

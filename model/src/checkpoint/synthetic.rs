@@ -37,6 +37,14 @@ pub enum Init {
     /// varies by up to ±25% around the one that gives the weight `gain / sqrt(fan_in)` standard
     /// deviation (distinct scales, so a block read with another block's scale shows).
     Fp8Scales { gain: f32, fan_in: usize },
+    /// The packed words of an INT4 weight with `cols` columns: uniform nibbles (each value
+    /// in [-8, 7]), zero past `cols` in a row's last word.
+    Int4Words { cols: usize },
+    /// The bf16 `weight_scale` of an INT4 weight: per group, ±25% around the scale that gives
+    /// the weight `gain / sqrt(fan_in)` standard deviation.
+    Int4Scales { gain: f32, fan_in: usize },
+    /// An INT4 weight's `weight_shape`: `[rows, cols]` as i64.
+    Int4Shape { rows: usize, cols: usize },
 }
 
 /// One tensor of a synthetic checkpoint: where it would live in a file, and how it is drawn.
@@ -156,6 +164,20 @@ impl SyntheticWeights {
                         fill_fp8_codes(key, c * CHUNK, out);
                     });
             }
+            (Init::Int4Words { cols }, _) => fill_int4_words(key, cols, &mut bytes),
+            (Init::Int4Scales { gain, fan_in }, _) => {
+                // Root mean square of uniform integers in [-8, 7]: sqrt(344 / 16).
+                let base = gain / (fan_in.max(1) as f32).sqrt() / 21.5f32.sqrt();
+                for (i, out) in bytes.chunks_exact_mut(2).enumerate() {
+                    let scale = base * (0.75 + 0.5 * unit(draw(key, i as u64)));
+                    out.copy_from_slice(&half::bf16::from_f32(scale).to_le_bytes());
+                }
+            }
+            (Init::Int4Shape { rows, cols }, _) => {
+                for (out, dim) in bytes.chunks_exact_mut(8).zip([rows, cols]) {
+                    out.copy_from_slice(&(dim as i64).to_le_bytes());
+                }
+            }
             (Init::Fp8Scales { gain, fan_in }, _) => {
                 let base = gain / (fan_in.max(1) as f32).sqrt() / fp8_code_rms();
                 for (i, out) in bytes.chunks_exact_mut(4).enumerate() {
@@ -205,7 +227,11 @@ impl ValueDraw {
             Init::Bias => (0.0, 0.05),
             Init::Linear { gain } => (0.0, gain * 3f32.sqrt() / (fan_in.max(1) as f32).sqrt()),
             // Not value inits; drawn as unit-width noise if ever asked for as one.
-            Init::Fp8Codes | Init::Fp8Scales { .. } => (0.0, 1.0),
+            Init::Fp8Codes
+            | Init::Fp8Scales { .. }
+            | Init::Int4Words { .. }
+            | Init::Int4Scales { .. }
+            | Init::Int4Shape { .. } => (0.0, 1.0),
         };
         ValueDraw { offset, width }
     }
@@ -226,6 +252,25 @@ fn fill_fp8_codes(key: u64, first: usize, out: &mut [u8]) {
             *code = fp8_code(bits);
         }
     }
+}
+
+/// Packed INT4 rows of `cols` values: random bytes (two uniform nibbles each), the nibbles past
+/// `cols` in a row's last word left zero as compressed-tensors pads them.
+fn fill_int4_words(key: u64, cols: usize, out: &mut [u8]) {
+    let row_bytes = crate::checkpoint::packed_int4::packed_cols(cols) * 4;
+    out.par_chunks_mut(row_bytes.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (g, group) in row.chunks_mut(8).enumerate() {
+                let bits = draw(key, ((r as u64) << 32) | g as u64).to_le_bytes();
+                group.copy_from_slice(&bits[..group.len()]);
+            }
+            let used = cols.div_ceil(2);
+            row[used..].fill(0);
+            if cols % 2 == 1 {
+                row[cols / 2] &= 0x0f;
+            }
+        });
 }
 
 /// Sign from bit 7, exponent 2^-3..2^0 from bits 3-4, mantissa from bits 0-2.
