@@ -36,8 +36,8 @@ fn random_fp8_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
     PackedMatrix::from_native(&[&NativeWeight::Fp8(fp8)], k)
 }
 
-/// The same kind of matrix as Kimi-K2-Thinking's INT4 experts are held: integers in [-8, 7]
-/// as e4m3 bytes, one scale per 32 columns of each row.
+/// The same kind of matrix as Kimi-K2-Thinking's INT4 experts: integers in [-8, 7], one scale
+/// per 32 columns of each row (packed as nibbles).
 fn random_int4_matrix(n: usize, k: usize, rng: &mut Rng) -> PackedMatrix {
     let q: Vec<i8> = (0..n * k)
         .map(|_| (rng.next_f64() * 16.0).floor() as i8 - 8)
@@ -243,13 +243,18 @@ fn main() {
         }
     }
 
-    // The same matrix in FP8 with 128x128 block scales (a DeepSeek FP8 checkpoint's layout),
-    // and as INT4 groups of 32 held as e4m3 (Kimi-K2-Thinking's experts): the same bytes, a K
-    // block cut at every group.
-    for (kind, tokens) in [("fp8", 1usize), ("fp8", 4), ("int4", 1), ("int4", 4)] {
-        let name = format!("stream_{kind}_{tokens}x8192x16384");
+    // Quantized matrices: FP8 with 128x128 block scales (a DeepSeek FP8 checkpoint's layout)
+    // and INT4 nibbles with a scale per 32 columns (Kimi-K2-Thinking's experts). Streamed by
+    // one and four rows over 8192x16384, and a Kimi-K2 expert's gate projection (7168 -> 2048)
+    // over 64 rows, where compute binds. Stream figures count a weight as one byte in both.
+    let cases = [("fp8", 1usize), ("fp8", 4), ("int4", 1), ("int4", 4)]
+        .map(|(kind, tokens)| (kind, tokens, format!("stream_{kind}_{tokens}x8192x16384")))
+        .into_iter()
+        .chain(["fp8", "int4"].map(|kind| (kind, 64, format!("gemm_{kind}_64x7168x2048"))));
+    for (kind, tokens, name) in cases {
         if wants(&name) {
-            let (n, k) = (16384usize, 8192usize);
+            let streams = name.starts_with("stream");
+            let (n, k) = if streams { (16384, 8192) } else { (2048, 7168) };
             let w = if kind == "fp8" {
                 random_fp8_matrix(n, k, &mut rng)
             } else {
@@ -258,25 +263,8 @@ fn main() {
             let a = random(tokens * k, &mut rng);
             let mut c = vec![0.0f32; tokens * n];
             let s = time(|| w.matmul_into(&a, tokens, &mut c));
-            results.push((name, s, (n * k) as f64));
-        }
-    }
-
-    // A Kimi-K2 expert's gate projection (7168 -> 2048) over a decode batch's rows, in FP8
-    // blocks of 128 and in INT4 groups of 32: what the shorter K blocks cost when compute binds.
-    for (kind, tokens) in [("fp8", 64usize), ("int4", 64)] {
-        let name = format!("gemm_{kind}_{tokens}x7168x2048");
-        if wants(&name) {
-            let (n, k) = (2048usize, 7168usize);
-            let w = if kind == "fp8" {
-                random_fp8_matrix(n, k, &mut rng)
-            } else {
-                random_int4_matrix(n, k, &mut rng)
-            };
-            let a = random(tokens * k, &mut rng);
-            let mut c = vec![0.0f32; tokens * n];
-            let s = time(|| w.matmul_into(&a, tokens, &mut c));
-            results.push((name, s, (2 * tokens * n * k) as f64));
+            let work = if streams { n * k } else { 2 * tokens * n * k };
+            results.push((name, s, work as f64));
         }
     }
 

@@ -51,6 +51,27 @@ pub(crate) fn fp8_matrix(
     crate::backend::weight::Fp8Matrix::from_blocks(values, n, k, &scales, block)
 }
 
+/// An `[n, k]` INT4 matrix as compressed-tensors stores one (random integers in [-8, 7], a
+/// random scale per `group` columns of each row), unpacked as the loader holds it.
+pub(crate) fn int4_matrix(
+    n: usize,
+    k: usize,
+    group: usize,
+    seed: u64,
+) -> crate::backend::weight::Fp8Matrix {
+    use crate::checkpoint::packed_int4;
+    let q: Vec<i8> = pseudo_random(n * k, seed)
+        .iter()
+        .map(|&x| ((x + 0.5) * 16.0).floor().clamp(0.0, 15.0) as i8 - 8)
+        .collect();
+    let values = packed_int4::unpack_to_e4m3(&packed_int4::pack(&q, n, k), n, k);
+    let scales: Vec<f32> = pseudo_random(n * k.div_ceil(group), seed + 1)
+        .iter()
+        .map(|&x| (x + 0.75) / 300.0)
+        .collect();
+    crate::backend::weight::Fp8Matrix::from_blocks(values, n, k, &scales, (1, group))
+}
+
 /// A bundled fixture: under `MOE_FIXTURES_DIR` when set (a test executable carried to another
 /// machine, as `ops/gpu-check.sh` does), else in this repository.
 pub(crate) fn fixture_dir(name: &str) -> std::path::PathBuf {

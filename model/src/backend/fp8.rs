@@ -17,6 +17,27 @@ pub fn e4m3_to_f32(byte: u8) -> f32 {
     }
 }
 
+/// The e4m3 byte of each stored INT4 nibble (`q + 8`, q in [-8, 7]): every such integer is
+/// exactly an e4m3 value (1.mmm x 2^(e - 7)).
+pub const E4M3_OF_STORED_INT4: [u8; 16] = {
+    let mut table = [0u8; 16];
+    let mut stored = 0;
+    while stored < 16 {
+        let q = stored as i32 - 8;
+        let magnitude = q.unsigned_abs();
+        let byte = if magnitude == 0 {
+            0
+        } else {
+            let p = 31 - magnitude.leading_zeros();
+            let fraction = ((magnitude << 3) >> p) & 0x7;
+            (((p + 7) << 3) | fraction) as u8
+        };
+        table[stored] = if q < 0 { byte | 0x80 } else { byte };
+        stored += 1;
+    }
+    table
+};
+
 /// Encodes an f32 as the nearest float8 e4m3fn, ties to even (saturating at ±448); used to
 /// write FP8 checkpoints.
 pub fn f32_to_e4m3(value: f32) -> u8 {

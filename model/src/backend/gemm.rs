@@ -57,6 +57,13 @@ enum Panels {
         scales: Vec<f32>,
         grouped: bool,
     },
+    /// Integers in [-8, 7] (compressed-tensors' INT4) as nibbles, two k-rows a byte, with a
+    /// scale per column and k segment as FP8's (`int4.rs`).
+    Int4 {
+        values: Vec<u8>,
+        segment_starts: Vec<usize>,
+        scales: Vec<f32>,
+    },
     /// Parts that share no panel type (an FP8 part beside a bf16 or f32 one, or FP8 parts cut
     /// on other k segments), each held in its own, their columns side by side: widening them
     /// all to f32 would hold a copy two to four times the checkpoint's bytes.
@@ -100,6 +107,7 @@ impl std::fmt::Debug for PackedMatrix {
             Panels::F32(_) => "f32",
             Panels::Bf16(_) => "bf16",
             Panels::Fp8 { .. } => "fp8",
+            Panels::Int4 { .. } => "int4",
             Panels::Stacked(_) => "stacked",
         };
         write!(f, "PackedMatrix[{} x {}, {dtype}]", self.n, self.k)
@@ -253,6 +261,9 @@ impl PackedMatrix {
             f.first()
                 .is_some_and(|first| f.iter().all(|m| m.segment_starts == first.segment_starts))
         }) {
+            if fp8.iter().all(|m| int4::holds_only_int4(m)) {
+                return Self::from_int4(&fp8, k);
+            }
             if fp8.iter().all(|m| scales_fit_the_kernel(m)) {
                 return Self::from_fp8(&fp8, k);
             }
@@ -315,19 +326,7 @@ impl PackedMatrix {
                 group_fp8_panel(panel);
             }
         }
-        let segments = segment_starts.len();
-        let num_panels = n.div_ceil(NR);
-        let mut scales = vec![0.0f32; num_panels * segments * NR];
-        let mut row = 0;
-        for m in parts {
-            for r in 0..m.rows {
-                let (panel, column) = (row / NR, row % NR);
-                for s in 0..segments {
-                    scales[(panel * segments + s) * NR + column] = m.scales[r * segments + s];
-                }
-                row += 1;
-            }
-        }
+        let scales = panel_scales(parts, segment_starts.len());
         Self {
             n,
             k,
@@ -366,12 +365,22 @@ impl PackedMatrix {
         }
     }
 
+    /// Whether the panels hold INT4 nibbles with scales (all of them, when parts are stacked).
+    pub fn is_int4(&self) -> bool {
+        match &self.panels {
+            Panels::Int4 { .. } => true,
+            Panels::Stacked(parts) => parts.iter().all(Self::is_int4),
+            _ => false,
+        }
+    }
+
     /// Bytes held by the packed panels.
     pub fn bytes(&self) -> usize {
         match &self.panels {
             Panels::F32(p) => p.len() * 4,
             Panels::Bf16(p) => p.len() * 2,
             Panels::Fp8 { values, scales, .. } => values.len() + scales.len() * 4,
+            Panels::Int4 { values, scales, .. } => values.len() + scales.len() * 4,
             Panels::Stacked(parts) => parts.iter().map(Self::bytes).sum(),
         }
     }
@@ -466,6 +475,18 @@ impl PackedMatrix {
                 };
                 self.product_of(values, &[scaled], rows, m, c, parallel)
             }
+            Panels::Int4 {
+                values,
+                segment_starts,
+                scales,
+            } => {
+                let scaled = Scaled {
+                    segment_starts,
+                    scales,
+                    grouped: false,
+                };
+                self.int4_product(values, &scaled, rows, m, c, parallel)
+            }
             Panels::Stacked(parts) => {
                 let mut first = 0;
                 for part in parts {
@@ -486,24 +507,35 @@ impl PackedMatrix {
         out: OutPtr,
         parallel: bool,
     ) {
+        self.row_blocks(m, E::BF16 || E::FP8, parallel, |panels_here, m0, rows| {
+            // SAFETY: these panels write only their columns of rows m0..m0+rows of c,
+            // disjoint across groups; `product` checked that every row of A lies in A.
+            unsafe { self.panel_product(panels, scaled.first(), panels_here, &a, m0, rows, out) }
+        });
+    }
+
+    /// Calls `run` over the product's row blocks, each with the groups of panels one tile
+    /// covers (in parallel when asked): row blocks small enough that their `[rows, k]` slab
+    /// of A stays in L2 while every panel passes over it.
+    fn row_blocks(
+        &self,
+        m: usize,
+        widens: bool,
+        parallel: bool,
+        run: impl Fn(PanelRange, usize, usize) + Sync,
+    ) {
         let num_panels = self.n.div_ceil(NR);
-        // Row blocks small enough that their [rows, k] slab of A stays in L2 while every panel
-        // passes over it.
         let block = (A_SLAB_FLOATS / self.k.max(1)).max(MIN_ROW_BLOCK) / MR * MR;
         let mut m0 = 0;
         while m0 < m {
             let rows = block.min(m - m0);
-            let group = panels_per_tile(rows, E::BF16 || E::FP8);
+            let group = panels_per_tile(rows, widens);
             let run = |g: usize| {
                 let panels_here = PanelRange {
                     first: g * group,
                     count: group.min(num_panels - g * group),
                 };
-                // SAFETY: these panels write only their columns of rows m0..m0+rows of c,
-                // disjoint across groups; `product` checked that every row of A lies in A.
-                unsafe {
-                    self.panel_product(panels, scaled.first(), panels_here, &a, m0, rows, out)
-                }
+                run(panels_here, m0, rows)
             };
             let groups = num_panels.div_ceil(group);
             if parallel {
@@ -542,7 +574,22 @@ impl PackedMatrix {
         };
         if let (true, Some(scaled)) = (E::FP8 && rows > MR, scaled) {
             let panel = panel.as_ptr().cast::<E4m3>();
-            return self.widened_product(panel, scaled, panels_here, grouped_k, a, first, rows, c);
+            let stride = self.k * NR;
+            let widen =
+                |j: usize, piece: usize, kc: usize, scales: *const f32, into: &mut [f32]| {
+                    let grouped = grouped_k.saturating_sub(piece).min(kc);
+                    // SAFETY: panel j of the tile holds k-rows piece..piece + kc (`widened_product`).
+                    unsafe {
+                        widen_fp8_block(
+                            panel.add(j * stride + piece * NR),
+                            scales,
+                            kc,
+                            grouped,
+                            into,
+                        )
+                    }
+                };
+            return self.widened_product(scaled, panels_here, widen, a, first, rows, c);
         }
         for kb in KBlocks::new(self.k, scaled) {
             let scales = scaled.map_or(std::ptr::null(), |s| s.panel_scales(p, kb.segment));
@@ -557,7 +604,7 @@ impl PackedMatrix {
                 panel_stride: self.k * NR,
                 scales_stride: scaled.map_or(0, |s| s.segment_starts.len() * NR),
             };
-            self.row_tiles(block, scales, &block_rows, a, first, rows, p, c);
+            self.row_tiles(block, scales, &block_rows, a, first, rows, p, c, micro_tile);
         }
     }
 
@@ -569,10 +616,9 @@ impl PackedMatrix {
     #[allow(clippy::too_many_arguments)]
     unsafe fn widened_product(
         &self,
-        panel: *const E4m3,
         scaled: &Scaled<'_>,
         panels_here: PanelRange,
-        grouped_k: usize,
+        widen: impl Fn(usize, usize, usize, *const f32, &mut [f32]),
         a: &InputRows<'_>,
         first: usize,
         rows: usize,
@@ -589,7 +635,6 @@ impl PackedMatrix {
             for kb in KBlocks::new(self.k, None) {
                 let end = kb.k0 + kb.kc;
                 for (j, out) in widened.chunks_exact_mut(KC * NR).take(count).enumerate() {
-                    let panel_start = panel.add(j * self.k * NR);
                     // The block's pieces, one per scale segment it meets.
                     let mut piece = kb.k0;
                     let mut s = segment;
@@ -598,11 +643,14 @@ impl PackedMatrix {
                             s += 1;
                         }
                         let piece_end = starts.get(s + 1).map_or(end, |&next| next.min(end));
-                        let kc = piece_end - piece;
-                        let grouped = grouped_k.saturating_sub(piece).min(kc);
                         let into = &mut out[(piece - kb.k0) * NR..(piece_end - kb.k0) * NR];
-                        let scales = scaled.panel_scales(p + j, s);
-                        widen_fp8_block(panel_start.add(piece * NR), scales, kc, grouped, into);
+                        widen(
+                            j,
+                            piece,
+                            piece_end - piece,
+                            scaled.panel_scales(p + j, s),
+                            into,
+                        );
                         piece = piece_end;
                     }
                     if j + 1 == count {
@@ -620,14 +668,25 @@ impl PackedMatrix {
                     scales_stride: 0,
                 };
                 let null = std::ptr::null();
-                self.row_tiles(widened.as_ptr(), null, &widened_rows, a, first, rows, p, c);
+                let tile = micro_tile::<f32>;
+                self.row_tiles(
+                    widened.as_ptr(),
+                    null,
+                    &widened_rows,
+                    a,
+                    first,
+                    rows,
+                    p,
+                    c,
+                    tile,
+                );
             }
         });
     }
 
     /// Every row tile of rows `first..first + rows` over one K block `b` of panel `p`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn row_tiles<E: PanelElement>(
+    unsafe fn row_tiles<E>(
         &self,
         b: *const E,
         scales: *const f32,
@@ -637,6 +696,7 @@ impl PackedMatrix {
         rows: usize,
         p: usize,
         c: OutPtr,
+        tile_product: unsafe fn(usize, &Tile<E>),
     ) {
         let mut m0 = first;
         while m0 < first + rows {
@@ -660,7 +720,7 @@ impl PackedMatrix {
                 panel_stride: block.panel_stride,
                 scales_stride: block.scales_stride,
             };
-            micro_tile(mr, &tile);
+            tile_product(mr, &tile);
             m0 += mr;
         }
     }
@@ -720,6 +780,24 @@ thread_local! {
     /// stay in L1).
     static WIDENED: std::cell::RefCell<Vec<f32>> =
         std::cell::RefCell::new(vec![0.0; MAX_TILE_PANELS * KC * NR]);
+}
+
+/// The scales of stacked parts (each row's per segment) laid out as the panels read them:
+/// `scales[(panel * segments + segment) * NR + column]`, zero for padding columns.
+fn panel_scales(parts: &[&Fp8Matrix], segments: usize) -> Vec<f32> {
+    let n: usize = parts.iter().map(|m| m.rows).sum();
+    let mut scales = vec![0.0f32; n.div_ceil(NR) * segments * NR];
+    let mut row = 0;
+    for m in parts {
+        for r in 0..m.rows {
+            let (panel, column) = (row / NR, row % NR);
+            for s in 0..segments {
+                scales[(panel * segments + s) * NR + column] = m.scales[r * segments + s];
+            }
+            row += 1;
+        }
+    }
+    scales
 }
 
 /// Widens `kc` k-rows of an FP8 panel into `out`, each value `f32(e4m3) * scale` of its
@@ -1222,6 +1300,8 @@ unsafe fn portable_tile<E: PanelElement>(mr: usize, t: &Tile<E>) {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+mod int4;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
@@ -1615,6 +1695,88 @@ mod tests {
         // Column 5's four rows lie in the group's sixth 32-bit lane, the first row lowest.
         assert_eq!(fp8_position(1, 5, 8), 4 * 5 + 1);
         assert_eq!(fp8_position(6, 15, 8), 64 + 4 * 15 + 2);
+    }
+
+    /// INT4 matrices (integers in [-8, 7], a scale per group of columns) pack as nibbles at
+    /// half FP8's bytes and give bitwise the products of their f32 widening: one to six rows
+    /// (the nibble tiles, K blocks cut at every group) and 40 (widened once per K block), odd
+    /// k (a last pair with one row), partial panels, groups of 32, 30 and 128, stacked parts,
+    /// serial and parallel, and against the portable nibble tile.
+    #[test]
+    fn int4_panels_match_their_f32_widening_bitwise() {
+        use crate::test_support::int4_matrix;
+        for &(n, k) in &[(17, 45), (70, 600), (33, 301), (40, 64)] {
+            for group in [32, 30, 128] {
+                let int4 = NativeWeight::Fp8(int4_matrix(n, k, group, 41));
+                let narrow = PackedMatrix::from_native(&[&int4], k);
+                let wide = PackedMatrix::from_rows(&int4.to_f32(), n, k);
+                assert!(narrow.is_int4(), "{n}x{k} in groups of {group}");
+                if k >= 300 {
+                    assert!(narrow.bytes() * 5 < wide.bytes(), "{}", narrow.bytes());
+                }
+                for m in [1, 2, 3, 5, 6, 7, 40] {
+                    let a = pseudo_random(m * k, 42);
+                    let want = wide.matmul(&a, m);
+                    let shape = format!("{m}x{n}x{k} in groups of {group}");
+                    assert_eq!(narrow.matmul(&a, m), want, "{shape}");
+                    assert_eq!(narrow.matmul_serial(&a, m), want, "{shape} serial");
+                }
+            }
+        }
+        // Stacked parts (an expert's gate and up), and the portable tile on one K block.
+        let (k, a) = (96, pseudo_random(3 * 96, 43));
+        let (x, y) = (
+            NativeWeight::Fp8(int4_matrix(20, k, 32, 44)),
+            NativeWeight::Fp8(int4_matrix(12, k, 32, 45)),
+        );
+        let stacked = PackedMatrix::from_native(&[&x, &y], k);
+        let whole: Vec<f32> = x.to_f32().into_iter().chain(y.to_f32()).collect();
+        assert!(stacked.is_int4());
+        let want = PackedMatrix::from_rows(&whole, 32, k).matmul(&a, 3);
+        assert_eq!(stacked.matmul(&a, 3), want);
+        let Panels::Int4 { values, scales, .. } = &stacked.panels else {
+            panic!("INT4 parts stack as INT4")
+        };
+        let mut portable = vec![0.0f32; 3 * 32];
+        for p in 0..2 {
+            // SAFETY: panel p's first group (32 k-rows) and its scales, three rows of A.
+            unsafe {
+                let tile = Tile {
+                    a: std::array::from_fn(|r| a[(r % 3) * k..].as_ptr()),
+                    b: values[p * (k / 2) * NR..].as_ptr(),
+                    scales: scales[p * 3 * NR..].as_ptr(),
+                    c: portable[p * NR..].as_mut_ptr(),
+                    ldc: 32,
+                    kc: 32,
+                    grouped_rows: 0,
+                    cols: NR,
+                    accumulate: false,
+                    prefetch: false,
+                    panels: 1,
+                    panel_stride: 0,
+                    scales_stride: 0,
+                };
+                int4::portable_int4_tile(3, &tile);
+            }
+        }
+        let first_group: Vec<f32> = whole
+            .chunks_exact(k)
+            .flat_map(|row| {
+                row[..32]
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, k - 32))
+            })
+            .collect();
+        let want = PackedMatrix::from_rows(&first_group, 32, k).matmul(&a, 3);
+        assert_eq!(portable, want);
+    }
+
+    /// A real FP8 matrix (values other than small integers) keeps its FP8 panels.
+    #[test]
+    fn fp8_matrices_that_are_not_int4_stay_fp8() {
+        let fp8 = NativeWeight::Fp8(fp8_matrix(20, 64, (1, 32), 46));
+        assert!(PackedMatrix::from_native(&[&fp8], 64).is_fp8());
     }
 
     /// A scale too large for the kernel's exact widening (2^120 times it overflows) packs the

@@ -4,13 +4,15 @@
 //! `c` of a row in bits `4 * (c % 8)` of word `c / 8`, stored plus 8), the scales in
 //! `weight_scale` `[rows, ceil(cols / group_size)]` and the shape in `weight_shape`.
 //!
-//! Every integer in [-8, 7] is exactly an e4m3 value, so such a matrix is held as an FP8 one
-//! whose scale segments are the groups: the GEMM then widens each weight to `q * scale`, the
-//! very f32 that dequantizing at load computes, and every guarantee of the FP8 path holds
-//! (bitwise the tokens of `--weights-dtype f32`). The cost: one byte a weight where the file
-//! has half of one (a nibble-widening kernel would hold the file's bytes).
+//! Every integer in [-8, 7] is exactly an e4m3 value, so a loaded matrix is an FP8 one whose
+//! scale segments are the groups: every path that takes FP8 weights takes it (the GPU's, the
+//! f32 widening), with `q * scale` as each weight, the very f32 that dequantizing computes. The
+//! CPU GEMM packs such a matrix back into nibbles (`backend/gemm/int4.rs`), so the one byte a
+//! weight lives only while one matrix is packed.
 
 use serde_json::Value;
+
+use crate::backend::fp8::E4M3_OF_STORED_INT4 as E4M3_OF_STORED;
 
 /// A checkpoint's INT4 scheme, read from `quantization_config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,27 +20,6 @@ pub struct Int4Scheme {
     /// Columns sharing one scale.
     pub group_size: usize,
 }
-
-/// The values 4-bit integers 0..16 (stored, i.e. q + 8) stand for, as e4m3 bytes.
-const E4M3_OF_STORED: [u8; 16] = {
-    let mut table = [0u8; 16];
-    let mut stored = 0;
-    while stored < 16 {
-        let q = stored as i32 - 8;
-        let magnitude = q.unsigned_abs();
-        // e4m3: 1.mmm x 2^(e - 7). 0 is 0x00; m in 1..=8 is 2^p x (1 + f/8).
-        let byte = if magnitude == 0 {
-            0
-        } else {
-            let p = 31 - magnitude.leading_zeros();
-            let fraction = ((magnitude << 3) >> p) & 0x7;
-            (((p + 7) << 3) | fraction) as u8
-        };
-        table[stored] = if q < 0 { byte | 0x80 } else { byte };
-        stored += 1;
-    }
-    table
-};
 
 impl Int4Scheme {
     /// The INT4 scheme a `quantization_config` describes; `Ok(None)` when it is not

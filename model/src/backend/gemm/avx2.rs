@@ -281,6 +281,87 @@ pub(super) unsafe fn tile_fp8_groups<const R: usize, const P: usize>(t: &Tile<E4
     store_sums(t, &acc);
 }
 
+/// A pair of k-rows of a nibble panel as two rows of `q * scale`, each as two 8-lane halves
+/// (columns 0..8 and 8..16), as the AVX-512 tiles make them.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn int4_pair_rows(b: *const u8, scales: (__m256, __m256)) -> [(__m256, __m256); 2] {
+    let bytes = _mm_loadu_si128(b as *const __m128i);
+    let halves = [
+        _mm256_cvtepu8_epi32(bytes),
+        _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)),
+    ];
+    let eight = _mm256_set1_epi32(8);
+    let mask = _mm256_set1_epi32(0xf);
+    let mut rows = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 2];
+    for (q, row) in rows.iter_mut().enumerate() {
+        let [low, high] = halves.map(|lanes| {
+            if q == 0 {
+                _mm256_sub_epi32(_mm256_and_si256(lanes, mask), eight)
+            } else {
+                _mm256_sub_epi32(_mm256_srli_epi32::<4>(lanes), eight)
+            }
+        });
+        *row = (
+            _mm256_mul_ps(_mm256_cvtepi32_ps(low), scales.0),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(high), scales.1),
+        );
+    }
+    rows
+}
+
+/// [`tile`] over nibble panels (`int4.rs`): a pair of k-rows at a time, the same FMA chains.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_int4<const R: usize, const P: usize>(t: &Tile<u8>) {
+    debug_assert_eq!(t.panels, P);
+    let mut acc = start_sums::<R, P, u8>(t);
+    let a_ptrs = t.a_rows::<R>();
+    let scales: [(__m256, __m256); P] = std::array::from_fn(|j| {
+        let at = t.scales.add(j * t.scales_stride);
+        (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
+    });
+    let lines = PanelLines::of_tile(t, P);
+    let pairs = t.kc / 2;
+    for pair in 0..pairs {
+        if t.prefetch {
+            lines.prefetch_ahead_of(pair);
+        }
+        for (j, scales) in scales.iter().enumerate() {
+            let rows = int4_pair_rows(t.b.add(j * t.panel_stride + pair * NR), *scales);
+            for (q, row) in rows.into_iter().enumerate() {
+                add_row_products(&mut acc, &a_ptrs, 2 * pair + q, j, row);
+            }
+        }
+    }
+    if t.kc % 2 == 1 {
+        for (j, scales) in scales.iter().enumerate() {
+            let [row, _] = int4_pair_rows(t.b.add(j * t.panel_stride + pairs * NR), *scales);
+            add_row_products(&mut acc, &a_ptrs, 2 * pairs, j, row);
+        }
+    }
+    store_sums(t, &acc);
+}
+
+/// `int4::widen_int4_block` eight lanes at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn widen_int4_block(
+    b: *const u8,
+    scales: *const f32,
+    kc: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() >= kc * NR);
+    let scales = (_mm256_loadu_ps(scales), _mm256_loadu_ps(scales.add(8)));
+    let out = out.as_mut_ptr();
+    for pair in 0..kc.div_ceil(2) {
+        let rows = int4_pair_rows(b.add(pair * NR), scales);
+        for (q, (low, high)) in rows.into_iter().enumerate().take(kc - 2 * pair) {
+            _mm256_storeu_ps(out.add((2 * pair + q) * NR), low);
+            _mm256_storeu_ps(out.add((2 * pair + q) * NR + 8), high);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -239,6 +239,79 @@ pub(super) unsafe fn widen_fp8_groups(
     }
 }
 
+/// A pair of k-rows of a nibble panel (16 bytes: column j's low nibble in row 2i, high in
+/// 2i + 1, each stored plus 8) as two rows of `q * scale`: zero-extended into 32-bit lanes,
+/// looked up (exact) and scaled (one rounding, as dequantizing).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn int4_pair_rows(b: *const u8, scales: __m512) -> [__m512; 2] {
+    // The sixteen values a nibble stands for; a permute reads only each lane's low four bits,
+    // so the low nibble needs no mask.
+    let values = _mm512_setr_ps(
+        -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+    );
+    let lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b as *const __m128i));
+    let low = _mm512_permutexvar_ps(lanes, values);
+    let high = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(lanes), values);
+    [_mm512_mul_ps(low, scales), _mm512_mul_ps(high, scales)]
+}
+
+/// [`tile`] over nibble panels (`int4.rs`): the k-rows a pair at a time, the same FMA chains in
+/// k order, so the same results as the f32 widening's.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn tile_int4<const R: usize, const P: usize>(t: &Tile<u8>) {
+    debug_assert_eq!(t.panels, P);
+    let mut acc = start_sums::<R, P, u8>(t);
+    let a_ptrs = t.a_rows::<R>();
+    let scales: [__m512; P] =
+        std::array::from_fn(|j| _mm512_loadu_ps(t.scales.add(j * t.scales_stride)));
+    let lines = PanelLines::of_tile(t, P);
+    let pairs = t.kc / 2;
+    for pair in 0..pairs {
+        if t.prefetch {
+            lines.prefetch_ahead_of(pair);
+        }
+        for j in 0..P {
+            let rows = int4_pair_rows(t.b.add(j * t.panel_stride + pair * NR), scales[j]);
+            for (q, row) in rows.into_iter().enumerate() {
+                for r in 0..R {
+                    let a = _mm512_set1_ps(*a_ptrs[r].add(2 * pair + q));
+                    acc[r][j] = _mm512_fmadd_ps(a, row, acc[r][j]);
+                }
+            }
+        }
+    }
+    if t.kc % 2 == 1 {
+        for j in 0..P {
+            let [row, _] = int4_pair_rows(t.b.add(j * t.panel_stride + pairs * NR), scales[j]);
+            for r in 0..R {
+                let a = _mm512_set1_ps(*a_ptrs[r].add(2 * pairs));
+                acc[r][j] = _mm512_fmadd_ps(a, row, acc[r][j]);
+            }
+        }
+    }
+    store_sums(t, &acc);
+}
+
+/// `int4::widen_int4_block` sixteen lanes at a time.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn widen_int4_block(
+    b: *const u8,
+    scales: *const f32,
+    kc: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() >= kc * NR);
+    let scales = _mm512_loadu_ps(scales);
+    let out = out.as_mut_ptr();
+    for pair in 0..kc.div_ceil(2) {
+        let rows = int4_pair_rows(b.add(pair * NR), scales);
+        for (q, row) in rows.into_iter().enumerate().take(kc - 2 * pair) {
+            _mm512_storeu_ps(out.add((2 * pair + q) * NR), row);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
