@@ -603,6 +603,7 @@ impl PackedMatrix {
                 panels: panels_here.count,
                 panel_stride: self.k * NR,
                 scales_stride: scaled.map_or(0, |s| s.segment_starts.len() * NR),
+                scale_rows: 0,
             };
             self.row_tiles(block, scales, &block_rows, a, first, rows, p, c, micro_tile);
         }
@@ -666,6 +667,7 @@ impl PackedMatrix {
                     panels: count,
                     panel_stride: KC * NR,
                     scales_stride: 0,
+                    scale_rows: 0,
                 };
                 let null = std::ptr::null();
                 let tile = micro_tile::<f32>;
@@ -719,6 +721,7 @@ impl PackedMatrix {
                 panels: block.panels,
                 panel_stride: block.panel_stride,
                 scales_stride: block.scales_stride,
+                scale_rows: block.scale_rows,
             };
             tile_product(mr, &tile);
             m0 += mr;
@@ -740,6 +743,9 @@ struct BlockRows {
     panel_stride: usize,
     /// Scales from one FP8 panel's to the next panel's (same segment).
     scales_stride: usize,
+    /// k-rows per scale segment inside the block, whose next segment's scales follow NR
+    /// floats on (INT4 nibble tiles reload them); 0: one segment for the whole block.
+    scale_rows: usize,
 }
 
 /// Adjacent panels computed together.
@@ -1085,6 +1091,8 @@ struct Tile<E> {
     panels: usize,
     panel_stride: usize,
     scales_stride: usize,
+    /// As [`BlockRows::scale_rows`].
+    scale_rows: usize,
 }
 
 impl<E> Tile<E> {
@@ -1117,6 +1125,7 @@ impl<E> Tile<E> {
             panels: 1,
             panel_stride: 0,
             scales_stride: 0,
+            scale_rows: self.scale_rows,
         }
     }
 }
@@ -1451,6 +1460,7 @@ mod tests {
                         panels: 1,
                         panel_stride: 0,
                         scales_stride: 0,
+                        scale_rows: 0,
                     };
                     unsafe { portable_tile(MR.min(m - m0), &t) };
                 }
@@ -1705,7 +1715,14 @@ mod tests {
     #[test]
     fn int4_panels_match_their_f32_widening_bitwise() {
         use crate::test_support::int4_matrix;
-        for &(n, k) in &[(17, 45), (70, 600), (33, 301), (40, 64)] {
+        for &(n, k) in &[
+            (17, 45),
+            (70, 600),
+            (33, 301),
+            (40, 64),
+            (17, 33),
+            (20, 289),
+        ] {
             for group in [32, 30, 128] {
                 let int4 = NativeWeight::Fp8(int4_matrix(n, k, group, 41));
                 let narrow = PackedMatrix::from_native(&[&int4], k);
@@ -1755,6 +1772,7 @@ mod tests {
                     panels: 1,
                     panel_stride: 0,
                     scales_stride: 0,
+                    scale_rows: 0,
                 };
                 int4::portable_int4_tile(3, &tile);
             }

@@ -316,15 +316,23 @@ pub(super) unsafe fn tile_int4<const R: usize, const P: usize>(t: &Tile<u8>) {
     debug_assert_eq!(t.panels, P);
     let mut acc = start_sums::<R, P, u8>(t);
     let a_ptrs = t.a_rows::<R>();
-    let scales: [(__m256, __m256); P] = std::array::from_fn(|j| {
-        let at = t.scales.add(j * t.scales_stride);
+    let load = |j: usize, segment: usize| {
+        let at = t.scales.add(j * t.scales_stride + segment * NR);
         (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
-    });
+    };
+    let mut scales: [(__m256, __m256); P] = std::array::from_fn(|j| load(j, 0));
     let lines = PanelLines::of_tile(t, P);
     let pairs = t.kc / 2;
+    let pairs_per_segment = (t.scale_rows / 2).max(1);
     for pair in 0..pairs {
         if t.prefetch {
             lines.prefetch_ahead_of(pair);
+        }
+        if t.scale_rows > 0 && pair > 0 && pair.is_multiple_of(pairs_per_segment) {
+            let segment = pair / pairs_per_segment;
+            for (j, s) in scales.iter_mut().enumerate() {
+                *s = load(j, segment);
+            }
         }
         for (j, scales) in scales.iter().enumerate() {
             let rows = int4_pair_rows(t.b.add(j * t.panel_stride + pair * NR), *scales);
@@ -334,6 +342,13 @@ pub(super) unsafe fn tile_int4<const R: usize, const P: usize>(t: &Tile<u8>) {
         }
     }
     if t.kc % 2 == 1 {
+        // The last row may start a segment of its own.
+        if t.scale_rows > 0 && pairs > 0 && pairs.is_multiple_of(pairs_per_segment) {
+            let segment = pairs / pairs_per_segment;
+            for (j, s) in scales.iter_mut().enumerate() {
+                *s = load(j, segment);
+            }
+        }
         for (j, scales) in scales.iter().enumerate() {
             let [row, _] = int4_pair_rows(t.b.add(j * t.panel_stride + pairs * NR), *scales);
             add_row_products(&mut acc, &a_ptrs, 2 * pairs, j, row);

@@ -121,7 +121,15 @@ impl PackedMatrix {
             return self.widened_product(scaled, panels_here, widen, a, first, rows, c);
         }
         let last = p + panels_here.count - 1;
-        for kb in KBlocks::new(self.k, Some(scaled)) {
+        // Groups of one even width that divides KC (Kimi's 32): the tiles reload scales at each
+        // group inside a K block. Otherwise the blocks are cut at every segment.
+        let group = uniform_group(scaled.segment_starts, self.k);
+        let blocks = KBlocks::new(self.k, if group.is_some() { None } else { Some(scaled) });
+        for kb in blocks {
+            let (segment, scale_rows) = match group {
+                Some(g) => (kb.k0 / g, g),
+                None => (kb.segment, 0),
+            };
             let block_rows = super::BlockRows {
                 k0: kb.k0,
                 kc: kb.kc,
@@ -131,12 +139,22 @@ impl PackedMatrix {
                 panels: panels_here.count,
                 panel_stride: stride,
                 scales_stride: scaled.segment_starts.len() * NR,
+                scale_rows,
             };
             let block = panel.add(kb.k0 / 2 * NR);
-            let scales = scaled.panel_scales(p, kb.segment);
+            let scales = scaled.panel_scales(p, segment);
             self.row_tiles(block, scales, &block_rows, a, first, rows, p, c, int4_tile);
         }
     }
+}
+
+/// The width of `segment_starts`' segments when they all start at multiples of one even width
+/// that divides `KC` (so every K block starts a segment and the tiles can step through them).
+fn uniform_group(segment_starts: &[usize], k: usize) -> Option<usize> {
+    let g = *segment_starts.get(1)?;
+    let uniform = segment_starts.len() == k.div_ceil(g)
+        && segment_starts.iter().enumerate().all(|(i, &s)| s == i * g);
+    (g.is_multiple_of(2) && super::KC.is_multiple_of(g) && uniform).then_some(g)
 }
 
 /// The f32 each stored nibble stands for before its scale.
@@ -210,8 +228,9 @@ pub(super) unsafe fn portable_int4_tile(mr: usize, t: &Tile<u8>) {
         for j in 0..t.cols {
             let c = t.c.add(r * t.ldc + j);
             let mut acc = if t.accumulate { *c } else { 0.0 };
-            let scale = *t.scales.add(j);
             for kk in 0..t.kc {
+                let segment = kk.checked_div(t.scale_rows).unwrap_or(0);
+                let scale = *t.scales.add(segment * NR + j);
                 let byte = *t.b.add(kk / 2 * NR + j);
                 let stored = if kk % 2 == 0 { byte & 0xf } else { byte >> 4 };
                 let w = nibble_value(stored) * scale;
